@@ -1,0 +1,344 @@
+//! The smee wire format: turning one SSE `data:` payload into an [`Event`].
+//!
+//! A smee webhook frame is one JSON object: every request header (lower-cased) at the top level,
+//! plus smee's own keys `body`, `query`, `timestamp`, and on some servers `rawdata` (raw body as a
+//! string) or `bodyB` (raw body, base64). The body is taken, in order of preference, from `bodyB`,
+//! `rawdata`, or the exact text of `body` as it stands in the frame. That last one is never
+//! parsed and re-serialised: key order, number format and escapes survive, which is what keeps a
+//! sender's signature valid through the relay.
+//!
+//! Decoding is pure: it returns the event plus the list of headers it refused, and the caller
+//! logs them with the event id. This keeps the rules testable without a connection.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::event::Event;
+
+/// smee's own keys: they describe the request, they are not headers of it.
+const SMEE_KEYS: [&str; 5] = ["body", "query", "timestamp", "rawdata", "bodyB"];
+
+/// Headers that must not be replayed: hop-by-hop headers belong to the connection the channel
+/// server saw, `host` names the channel server, `content-length` is recomputed for the new body.
+const NEVER_FORWARDED: [&str; 8] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Why a frame could not become an event at all. The event is skipped; the connection goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The `data:` payload is not JSON (a truncated frame usually ends up here).
+    #[error("data is not valid JSON ({0})")]
+    NotJson(serde_json::Error),
+    /// The payload is JSON, but not the object smee sends.
+    #[error("data is a JSON {0}, expected an object")]
+    NotAnObject(&'static str),
+    /// `bodyB` is present but is not base64.
+    #[error("bodyB is not valid base64 ({0})")]
+    BadBodyB(base64::DecodeError),
+    /// `bodyB` or `rawdata` is present but is not a string.
+    #[error("{0} is not a string")]
+    RawBodyNotString(&'static str),
+}
+
+/// A header (or query parameter) that was in the frame but will not be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dropped {
+    /// The value is a number, object, array, bool or null: a header value is always a string.
+    NonStringHeader { name: String, json: &'static str },
+    /// The name is not a valid HTTP header name.
+    InvalidHeaderName { name: String },
+    /// The value holds CR, LF, NUL or another byte HTTP forbids: a header injection attempt or
+    /// a broken sender. The value itself is not reported; it may be a secret.
+    InvalidHeaderValue { name: String },
+    /// A query parameter whose value is an object or null, which has no URL form.
+    UnsupportedQueryValue { name: String },
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dropped::NonStringHeader { name, json } => {
+                write!(f, "header {name:?} dropped: its value is a JSON {json}, not a string")
+            }
+            Dropped::InvalidHeaderName { name } => {
+                write!(f, "header {name:?} dropped: not a valid HTTP header name")
+            }
+            Dropped::InvalidHeaderValue { name } => write!(
+                f,
+                "header {name:?} dropped: its value contains CR, LF or another forbidden byte"
+            ),
+            Dropped::UnsupportedQueryValue { name } => {
+                write!(f, "query parameter {name:?} dropped: its value has no URL form")
+            }
+        }
+    }
+}
+
+/// A decoded frame: the event, and what was left out of it.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The event to spool and deliver.
+    pub event: Event,
+    /// Headers and query parameters the frame had but the event does not, for one warning each.
+    pub dropped: Vec<Dropped>,
+}
+
+/// Decode the `data:` payload of one smee webhook frame.
+pub fn decode(sse_id: Option<&str>, data: &str) -> Result<Decoded, WireError> {
+    let fields = parse_object(data)?;
+
+    let mut headers = Vec::new();
+    let mut query = Vec::new();
+    let mut dropped = Vec::new();
+    let mut timestamp_ms = None;
+    let mut body_text: Option<&RawValue> = None;
+    let mut rawdata: Option<&RawValue> = None;
+    let mut body_b: Option<&RawValue> = None;
+
+    for (name, raw) in fields.0 {
+        match name.as_ref() {
+            "body" => body_text = Some(raw),
+            "rawdata" => rawdata = Some(raw),
+            "bodyB" => body_b = Some(raw),
+            "timestamp" => timestamp_ms = parse_timestamp(raw),
+            "query" => decode_query(raw, &mut query, &mut dropped),
+            _ => decode_header(name, raw, &mut headers, &mut dropped),
+        }
+    }
+
+    let body = if let Some(raw) = body_b {
+        let text = json_string(raw).ok_or(WireError::RawBodyNotString("bodyB"))?;
+        Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(WireError::BadBodyB)?,
+        )
+    } else if let Some(raw) = rawdata {
+        let text = json_string(raw).ok_or(WireError::RawBodyNotString("rawdata"))?;
+        Bytes::from(text.into_owned())
+    } else if let Some(raw) = body_text {
+        Bytes::copy_from_slice(raw.get().as_bytes())
+    } else {
+        Bytes::new()
+    };
+
+    Ok(Decoded {
+        event: Event {
+            sse_id: sse_id.map(str::to_owned),
+            timestamp_ms,
+            headers,
+            query,
+            body,
+        },
+        dropped,
+    })
+}
+
+fn parse_object(data: &str) -> Result<Fields<'_>, WireError> {
+    let value: &RawValue = serde_json::from_str(data).map_err(WireError::NotJson)?;
+    match json_kind(value) {
+        "object" => serde_json::from_str(data).map_err(WireError::NotJson),
+        other => Err(WireError::NotAnObject(other)),
+    }
+}
+
+fn decode_header(
+    name: Cow<'_, str>,
+    raw: &RawValue,
+    headers: &mut Vec<(String, String)>,
+    dropped: &mut Vec<Dropped>,
+) {
+    let name = name.to_ascii_lowercase();
+    if NEVER_FORWARDED.contains(&name.as_str()) || name.starts_with("proxy-") {
+        return;
+    }
+    let Some(value) = json_string(raw) else {
+        if !SMEE_KEYS.contains(&name.as_str()) {
+            dropped.push(Dropped::NonStringHeader {
+                name,
+                json: json_kind(raw),
+            });
+        }
+        return;
+    };
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        dropped.push(Dropped::InvalidHeaderName { name });
+    } else if http::HeaderValue::from_bytes(value.as_bytes()).is_err() {
+        dropped.push(Dropped::InvalidHeaderValue { name });
+    } else {
+        headers.push((name, value.into_owned()));
+    }
+}
+
+fn decode_query(raw: &RawValue, query: &mut Vec<(String, String)>, dropped: &mut Vec<Dropped>) {
+    let Ok(serde_json::Value::Object(params)) = serde_json::from_str(raw.get()) else {
+        return;
+    };
+    for (name, value) in params {
+        let values = match value {
+            serde_json::Value::Array(items) => items,
+            single => vec![single],
+        };
+        for value in values {
+            match value {
+                serde_json::Value::String(s) => query.push((name.clone(), s)),
+                serde_json::Value::Number(n) => query.push((name.clone(), n.to_string())),
+                serde_json::Value::Bool(b) => query.push((name.clone(), b.to_string())),
+                _ => dropped.push(Dropped::UnsupportedQueryValue { name: name.clone() }),
+            }
+        }
+    }
+}
+
+fn parse_timestamp(raw: &RawValue) -> Option<u64> {
+    match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The decoded text of a JSON string, or `None` when the value is not a string.
+fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    raw.get()
+        .starts_with('"')
+        .then(|| serde_json::from_str::<Cow<'_, str>>(raw.get()).ok())
+        .flatten()
+}
+
+fn json_kind(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => "object",
+        Some(b'[') => "array",
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "bool",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}
+
+/// The members of a JSON object in document order, values left as raw text.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(entry) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(data: &str) -> Event {
+        decode(Some("1"), data).expect("frame decodes").event
+    }
+
+    #[test]
+    fn body_text_is_kept_byte_for_byte() {
+        let body = r#"{"z":1,"a":"caf\u00e9 \/ é","n":1.0,"big":12345678901234567890,"e":1e5}"#;
+        let data = format!(r#"{{"content-type":"application/json","body":{body},"timestamp":1}}"#);
+        assert_eq!(event(&data).body, body.as_bytes());
+    }
+
+    #[test]
+    fn raw_bodies_win_over_parsed_body() {
+        let e = event(r#"{"body":{"a":1},"rawdata":"a=1&b=2"}"#);
+        assert_eq!(e.body, "a=1&b=2");
+        let e = event(r#"{"body":{"a":1},"rawdata":"x","bodyB":"AAEC/w=="}"#);
+        assert_eq!(e.body.as_ref(), [0u8, 1, 2, 255]);
+    }
+
+    #[test]
+    fn missing_body_is_empty() {
+        assert!(event(r#"{"x-a":"1"}"#).body.is_empty());
+    }
+
+    #[test]
+    fn smee_keys_and_hop_by_hop_headers_are_not_headers() {
+        let e = event(
+            r#"{"host":"smee.io","content-length":"9","connection":"close","transfer-encoding":"chunked",
+               "proxy-authorization":"x","te":"trailers","x-github-event":"push","timestamp":1700000000000,
+               "query":{},"body":{}}"#,
+        );
+        assert_eq!(e.headers, vec![("x-github-event".into(), "push".into())]);
+        assert_eq!(e.timestamp_ms, Some(1_700_000_000_000));
+    }
+
+    #[test]
+    fn header_injection_is_dropped_and_reported() {
+        let d = decode(
+            None,
+            r#"{"x-ok":"1","x-evil":"a\r\nx-injected: 1","bad name":"v","x-num":5,"body":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.event.headers, vec![("x-ok".into(), "1".into())]);
+        assert_eq!(
+            d.dropped,
+            vec![
+                Dropped::InvalidHeaderValue {
+                    name: "x-evil".into()
+                },
+                Dropped::InvalidHeaderName {
+                    name: "bad name".into()
+                },
+                Dropped::NonStringHeader {
+                    name: "x-num".into(),
+                    json: "number"
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn query_values_flatten_in_order() {
+        let e = event(r#"{"query":{"a":"1","b":["2","3"],"c":4,"d":{"x":1}}}"#);
+        assert_eq!(
+            e.query,
+            vec![
+                ("a".to_string(), "1".to_string()),
+                ("b".into(), "2".into()),
+                ("b".into(), "3".into()),
+                ("c".into(), "4".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        assert!(matches!(decode(None, "not json"), Err(WireError::NotJson(_))));
+        assert!(matches!(decode(None, r#"{"body":"#), Err(WireError::NotJson(_))));
+        assert!(matches!(decode(None, "[1,2]"), Err(WireError::NotAnObject("array"))));
+        assert!(matches!(decode(None, r#"{"bodyB":"!!"}"#), Err(WireError::BadBodyB(_))));
+        assert!(matches!(decode(None, r#"{"rawdata":3}"#), Err(WireError::RawBodyNotString(_))));
+        assert!(matches!(decode(None, ""), Err(WireError::NotJson(_))));
+    }
+}
