@@ -44,6 +44,7 @@ impl Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
     /// Relay a channel to a local target (creates a channel when none is given).
     Forward(ForwardArgs),

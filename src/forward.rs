@@ -57,8 +57,7 @@ impl ForwardError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ForwardError::Status { status, .. } => {
-                status.is_server_error()
-                    || matches!(status.as_u16(), 408 | 425 | 429)
+                status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429)
             }
             ForwardError::Timeout(_) | ForwardError::Connection(_) => true,
         }

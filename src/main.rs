@@ -20,7 +20,13 @@ fn main() -> ExitCode {
         Err(e) if e.use_stderr() => {
             // One line that names the argument and the problem; --help has the rest.
             let rendered = e.render().to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
             return ExitCode::from(USAGE_ERROR);
         }
         Err(e) => {
@@ -30,7 +36,10 @@ fn main() -> ExitCode {
     };
     telemetry::init(cli.verbosity(), cli.log_format);
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

@@ -77,8 +77,16 @@ mod tests {
         let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
         assert!(delays.iter().all(|d| *d >= Duration::from_secs(1)));
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(30)));
-        assert!(delays[0] <= Duration::from_secs(2), "first delay {:?}", delays[0]);
-        assert_eq!(delays[11], Duration::from_secs(30), "the ceiling is reached");
+        assert!(
+            delays[0] <= Duration::from_secs(2),
+            "first delay {:?}",
+            delays[0]
+        );
+        assert_eq!(
+            delays[11],
+            Duration::from_secs(30),
+            "the ceiling is reached"
+        );
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_secs(2));
     }

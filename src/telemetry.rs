@@ -1,5 +1,7 @@
 //! Logging setup: `tracing` to stderr, as text or JSON, with `-v`/`-q` and `RUST_LOG`.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -22,12 +24,16 @@ pub fn init(verbosity: i8, format: LogFormat) {
         _ => "trace",
     };
     // Dependencies stay quiet unless asked for: their info lines are noise to a user.
-    let default = format!("{},smee_relay={ours}", if verbosity > 1 { "debug" } else { "warn" });
+    let default = format!(
+        "{},smee_relay={ours}",
+        if verbosity > 1 { "debug" } else { "warn" }
+    );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -162,7 +162,10 @@ mod tests {
             "ftp://x/y".parse::<ChannelUrl>(),
             Err(UrlError::Scheme("ftp".into()))
         );
-        assert!(matches!("nope".parse::<TargetUrl>(), Err(UrlError::Parse(_))));
+        assert!(matches!(
+            "nope".parse::<TargetUrl>(),
+            Err(UrlError::Parse(_))
+        ));
         assert_eq!(
             "http://127.0.0.1:0/".parse::<TargetUrl>(),
             Err(UrlError::PortZero)

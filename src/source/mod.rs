@@ -188,7 +188,9 @@ impl Source {
         lost("the stream ended".into(), connected_at)
     }
 
-    fn sse_client(&self) -> Result<impl eventsource_client::Client + use<>, eventsource_client::Error> {
+    fn sse_client(
+        &self,
+    ) -> Result<impl eventsource_client::Client + use<>, eventsource_client::Error> {
         let mut builder = ClientBuilder::for_url(self.config.channel.expose().as_str())?
             .header("Accept", "text/event-stream")?
             .reconnect(ReconnectOptions::reconnect(false).build());
@@ -205,12 +207,12 @@ fn decode_frame(frame: &eventsource_client::Event) -> Option<Event> {
     match wire::decode(frame.id.as_deref(), &frame.data) {
         Ok(decoded) => {
             for dropped in &decoded.dropped {
-                warn!(event = id, "{dropped}");
+                warn!(event = %id, "{dropped}");
             }
             Some(decoded.event)
         }
         Err(e) => {
-            warn!(event = id, "skipping malformed event: {e}");
+            warn!(event = %id, "skipping malformed event: {e}");
             None
         }
     }
@@ -256,7 +258,12 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         .headers()
         .get(http::header::LOCATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| fail(format!("it answered {} with no Location", response.status())))?;
+        .ok_or_else(|| {
+            fail(format!(
+                "it answered {} with no Location",
+                response.status()
+            ))
+        })?;
     let url = server.join(location).map_err(|e| fail(e.to_string()))?;
     url.as_str().parse().map_err(|e| fail(format!("{e}")))
 }

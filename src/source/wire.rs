@@ -72,7 +72,10 @@ impl fmt::Display for Dropped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Dropped::NonStringHeader { name, json } => {
-                write!(f, "header {name:?} dropped: its value is a JSON {json}, not a string")
+                write!(
+                    f,
+                    "header {name:?} dropped: its value is a JSON {json}, not a string"
+                )
             }
             Dropped::InvalidHeaderName { name } => {
                 write!(f, "header {name:?} dropped: not a valid HTTP header name")
@@ -82,7 +85,10 @@ impl fmt::Display for Dropped {
                 "header {name:?} dropped: its value contains CR, LF or another forbidden byte"
             ),
             Dropped::UnsupportedQueryValue { name } => {
-                write!(f, "query parameter {name:?} dropped: its value has no URL form")
+                write!(
+                    f,
+                    "query parameter {name:?} dropped: its value has no URL form"
+                )
             }
         }
     }
@@ -334,11 +340,26 @@ mod tests {
 
     #[test]
     fn bad_frames_are_errors_not_panics() {
-        assert!(matches!(decode(None, "not json"), Err(WireError::NotJson(_))));
-        assert!(matches!(decode(None, r#"{"body":"#), Err(WireError::NotJson(_))));
-        assert!(matches!(decode(None, "[1,2]"), Err(WireError::NotAnObject("array"))));
-        assert!(matches!(decode(None, r#"{"bodyB":"!!"}"#), Err(WireError::BadBodyB(_))));
-        assert!(matches!(decode(None, r#"{"rawdata":3}"#), Err(WireError::RawBodyNotString(_))));
+        assert!(matches!(
+            decode(None, "not json"),
+            Err(WireError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode(None, r#"{"body":"#),
+            Err(WireError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode(None, "[1,2]"),
+            Err(WireError::NotAnObject("array"))
+        ));
+        assert!(matches!(
+            decode(None, r#"{"bodyB":"!!"}"#),
+            Err(WireError::BadBodyB(_))
+        ));
+        assert!(matches!(
+            decode(None, r#"{"rawdata":3}"#),
+            Err(WireError::RawBodyNotString(_))
+        ));
         assert!(matches!(decode(None, ""), Err(WireError::NotJson(_))));
     }
 }

@@ -1,0 +1,378 @@
+//! `forward`: a smee channel relayed to a local target, through a fake channel and a fake
+//! target on loopback, with the real library (in process) or the real binary.
+
+mod support;
+
+use std::time::Duration;
+
+use smee_relay::relay::{self, ForwardOptions};
+use smee_relay::retry::BackoffPolicy;
+use smee_relay::source::SourceConfig;
+use support::{FakeChannel, FakeTarget, LogWatch, smee_relay};
+use tokio_util::sync::CancellationToken;
+
+/// Reconnect quickly: these tests are about what happens, not how long the waits are.
+const FAST_RECONNECT: BackoffPolicy = BackoffPolicy {
+    min: Duration::from_millis(10),
+    max: Duration::from_millis(50),
+};
+
+/// Relay `channel` to `target` in this process until the returned token is cancelled.
+async fn start_relay(
+    channel: &FakeChannel,
+    target: &FakeTarget,
+    idle_timeout: Duration,
+) -> CancellationToken {
+    let mut source = SourceConfig::new(channel.url("TestChannel123").parse().unwrap());
+    source.reconnect = FAST_RECONNECT;
+    source.idle_timeout = idle_timeout;
+    let options = ForwardOptions {
+        source,
+        target: target.url("/hook").parse().unwrap(),
+        target_timeout: Duration::from_secs(10),
+    };
+    let cancel = CancellationToken::new();
+    tokio::spawn(relay::forward(options, cancel.clone()));
+    channel.wait_connections(1).await;
+    cancel
+}
+
+fn webhook(seq: u64) -> String {
+    format!(
+        r#"{{"content-type":"application/json","x-github-event":"push","body":{{"seq":{seq}}},"query":{{}},"timestamp":1700000000000}}"#
+    )
+}
+
+#[tokio::test]
+async fn a_thousand_events_arrive_in_order() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    for seq in 0..1000 {
+        channel.send_webhook(seq + 1, &webhook(seq));
+    }
+    for (seq, request) in target.take(1000).await.into_iter().enumerate() {
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.uri, "/hook");
+        assert_eq!(request.body, format!(r#"{{"seq":{seq}}}"#));
+    }
+}
+
+#[tokio::test]
+async fn bodies_arrive_byte_exact() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    let bodies = [
+        r#"{"zeta":1,"alpha":2,"mid":{"b":1,"a":2}}"#,
+        r#"{"text":"café ☕ 日本語","escaped":"caf\u00e9","slash":"a\/b"}"#,
+        r#"{"float":1.0,"exp":1e5,"neg":-0.0,"big":123456789012345678901234567890}"#,
+        r#"{"spaced" : [ 1 , 2 ] ,"nested":{"deep":{"deeper":[{"x":null}]}}}"#,
+        r#"[1,"two",3.0]"#,
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        channel.send_webhook(
+            i as u64 + 1,
+            &format!(r#"{{"content-type":"application/json","body":{body}}}"#),
+        );
+    }
+    for (body, request) in bodies.iter().zip(target.take(bodies.len()).await) {
+        assert_eq!(request.body, body.as_bytes());
+        assert_eq!(
+            request.header("content-length"),
+            Some(&*body.len().to_string())
+        );
+    }
+}
+
+#[tokio::test]
+async fn headers_are_cleaned_and_injection_is_dropped() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    channel.send_webhook(
+        1,
+        &[
+            r#"{"host":"smee.io","content-length":"999","connection":"keep-alive","#,
+            r#""transfer-encoding":"chunked","keep-alive":"timeout=5","#,
+            r#""proxy-authorization":"Basic eA==","upgrade":"h2c","#,
+            r#""content-type":"application/json; charset=utf-8","#,
+            r#""x-hub-signature-256":"sha256=abc","x-evil":"a\r\nx-injected: yes","#,
+            r#""x-number":42,"bad header":"v","body":{"ok":true},"query":{},"#,
+            r#""timestamp":1700000000000}"#,
+        ]
+        .concat(),
+    );
+    let request = target.next().await;
+    assert_eq!(
+        request.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(request.header("x-hub-signature-256"), Some("sha256=abc"));
+    assert_eq!(request.header("content-length"), Some("11"));
+    assert_ne!(request.header("host"), Some("smee.io"));
+    for absent in [
+        "transfer-encoding",
+        "keep-alive",
+        "proxy-authorization",
+        "upgrade",
+        "x-evil",
+        "x-injected",
+        "x-number",
+        "timestamp",
+        "query",
+        "body",
+    ] {
+        assert!(request.header(absent).is_none(), "{absent} was forwarded");
+    }
+}
+
+#[tokio::test]
+async fn query_is_appended_to_the_target() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    channel.send_webhook(
+        1,
+        r#"{"body":{},"query":{"token":"a b&c","tag":["x","y"]}}"#,
+    );
+    assert_eq!(target.next().await.uri, "/hook?token=a+b%26c&tag=x&tag=y");
+}
+
+#[tokio::test]
+async fn reconnects_after_the_server_closes_the_stream() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    channel.send_webhook(7, &webhook(1));
+    target.next().await;
+    channel.close_all();
+    channel.wait_connections(2).await;
+    assert_eq!(channel.accept(1).as_deref(), Some("text/event-stream"));
+    assert_eq!(
+        channel.last_event_id(1).as_deref(),
+        Some("7"),
+        "Last-Event-ID lets a server that keeps events replay what was missed"
+    );
+    channel.send_webhook(1, &webhook(2));
+    assert_eq!(target.next().await.body, r#"{"seq":2}"#);
+}
+
+#[tokio::test]
+async fn idle_watchdog_drops_a_silent_connection() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    // The server sends `ready` and then nothing, like a half-open connection.
+    let _relay = start_relay(&channel, &target, Duration::from_millis(300)).await;
+
+    channel.wait_connections(2).await;
+    // The silent connection is still open on the server; only the new one gets the event.
+    channel.send_webhook(1, &webhook(1));
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_skipped_and_the_next_goes_out() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    target.answer_with(&[500]);
+    channel.send_webhook(1, &webhook(1));
+    channel.send_webhook(2, &webhook(2));
+    let bodies: Vec<_> = target.take(2).await.into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, [r#"{"seq":1}"#, r#"{"seq":2}"#]);
+}
+
+#[tokio::test]
+async fn a_page_that_is_not_an_event_stream_is_not_mistaken_for_one() {
+    let channel = FakeChannel::start().await;
+    channel.refuse_with(200, "text/html");
+    let target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+    // It keeps trying, rather than parsing HTML as a stream and waiting forever.
+    channel.wait_connections(3).await;
+}
+
+// -------------------------------------------------------------------------------------------
+// The binary
+// -------------------------------------------------------------------------------------------
+
+async fn spawn_forward(args: &[&str]) -> (tokio::process::Child, LogWatch) {
+    let mut child = smee_relay()
+        .arg("forward")
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    (child, logs)
+}
+
+#[tokio::test]
+async fn bad_frames_are_logged_with_their_id_and_skipped() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let port = target.addr.port().to_string();
+    let (_child, logs) = spawn_forward(&[
+        &channel.url("SecretChannelId"),
+        "--port",
+        &port,
+        "--path",
+        "/hook",
+    ])
+    .await;
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    channel.send_raw("id: 1\ndata: this is not json\n\n");
+    channel.send_raw("id: 2\ndata: [1,2,3]\n\n");
+    channel.send_raw("id: 3\ndata: {\"body\":{\"cut\":\n\n");
+    channel.send_webhook(4, r#"{"x-count":5,"body":{"n":4}}"#);
+    channel.send_webhook(5, r#"{"x-evil":"v\r\nx-injected: 1","body":{"n":5}}"#);
+    channel.send_raw("id: 6\nevent: surprise\ndata: {}\n\n");
+    channel.send_webhook(7, r#"{"x-github-event":"push","body":{"n":7}}"#);
+
+    let bodies: Vec<_> = target.take(3).await.into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, [r#"{"n":4}"#, r#"{"n":5}"#, r#"{"n":7}"#]);
+    logs.wait_for(&["event=1", "not valid JSON"]).await;
+    logs.wait_for(&["event=2", "JSON array, expected an object"])
+        .await;
+    logs.wait_for(&["event=3", "not valid JSON"]).await;
+    logs.wait_for(&["event=4", "x-count", "not a string"]).await;
+    logs.wait_for(&["event=5", "x-evil", "CR, LF"]).await;
+    logs.wait_for(&["POST /hook -> 200", "event 7, x-github-event=push"])
+        .await;
+    assert!(
+        !logs.all().contains("SecretChannelId"),
+        "the channel id must never be logged in full"
+    );
+    assert!(
+        logs.find(&["Secr…"]).is_some(),
+        "the channel shows as its first 4 characters"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    target.delay(Duration::from_millis(1500));
+    let (mut child, logs) =
+        spawn_forward(&[&channel.url("abcdef"), "-t", &target.url("/slow")]).await;
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    channel.send_webhook(1, &webhook(1));
+    // The request is being answered slowly; ask to stop in the middle of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().unwrap() as i32;
+    assert_eq!(unsafe_kill(pid, "TERM"), 0);
+    let status = tokio::time::timeout(support::PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+    logs.wait_for(&["POST /slow -> 200"]).await;
+}
+
+/// Send a signal with the `kill` command (no libc binding needed in tests).
+fn unsafe_kill(pid: i32, signal: &str) -> i32 {
+    std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .code()
+        .unwrap_or(-1)
+}
+
+async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(support::PATIENCE, smee_relay().args(args).output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn bad_arguments_exit_2_with_one_line() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["forward", "not a url"], "CHANNEL_URL"),
+        (
+            &["forward", "ftp://smee.io/x"],
+            "scheme must be http or https",
+        ),
+        (&["forward", "https://smee.io/x", "--port", "0"], "--port"),
+        (
+            &["forward", "https://smee.io/x", "--idle-timeout", "soon"],
+            "--idle-timeout",
+        ),
+        (
+            &["forward", "https://smee.io/x", "mailto:me@example.com"],
+            "TARGET_URL",
+        ),
+    ];
+    for (args, mentions) in cases {
+        let (code, _, stderr) = run_to_end(args).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(mentions), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_runtime_failure_exits_1() {
+    // A port nobody listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, _, stderr) =
+        run_to_end(&["new", "--server", &format!("http://127.0.0.1:{port}")]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot create a channel"), "{stderr}");
+}
+
+#[tokio::test]
+async fn new_prints_a_fresh_channel_url() {
+    let channel = FakeChannel::start().await;
+    let server = format!("http://{}", channel.addr);
+    let (code, stdout, stderr) = run_to_end(&["new", "--server", &server]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), format!("{server}/FreshChannel42"));
+}
+
+#[tokio::test]
+async fn forward_without_a_channel_creates_one() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let server = format!("http://{}", channel.addr);
+    let port = target.addr.port().to_string();
+    let (mut child, _logs) = spawn_forward(&["--server", &server, "-p", &port]).await;
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, &webhook(1));
+    assert_eq!(target.next().await.uri, "/");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut line = vec![0; 256];
+    let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut line)
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&line[..n]);
+    assert!(
+        printed.contains(&format!("{server}/FreshChannel42")),
+        "{printed}"
+    );
+}
