@@ -50,6 +50,65 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Create a new channel and print its URL.
     New(NewArgs),
+    /// Inspect and re-queue the events in the spool (works while the relay runs).
+    Events(EventsArgs),
+}
+
+/// Where the spool lives; shared by every command that touches it.
+#[derive(Debug, Args)]
+pub struct StateDirArg {
+    /// State directory (the spool). Default: $STATE_DIRECTORY (systemd), else
+    /// $XDG_STATE_HOME/smee-relay, else ~/.local/state/smee-relay.
+    #[arg(long, env = "SMEE_RELAY_STATE_DIR", global = true)]
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+
+    #[command(subcommand)]
+    pub command: EventsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// List events and how their deliveries stand (the most recent last).
+    List {
+        /// Only deliveries with this status.
+        #[arg(long, value_enum)]
+        status: Option<crate::spool::Status>,
+        /// How many rows at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one event: its deliveries, headers and body.
+    Show {
+        /// The event id (from `events list`).
+        id: u64,
+    },
+    /// Queue events again, at the tail, in order.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "dead", "since"])))]
+    Replay {
+        /// Event ids.
+        ids: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        dead: bool,
+        /// Every event received within this long (e.g. 1h).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Delete every dead letter (required: say what to delete).
+        #[arg(long, required = true)]
+        dead: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +150,22 @@ pub struct ForwardArgs {
     /// The smee server to create a channel on when no CHANNEL_URL is given.
     #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
     pub server: Url,
+
+    #[command(flatten)]
+    pub state: StateDirArg,
+
+    /// Keep delivered events this long, for `events replay`.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SMEE_RELAY_RETAIN")]
+    pub retain: Duration,
+
+    /// Spool size limit (e.g. 512MiB, 1GiB). Full: delivered events are pruned early, then new
+    /// events are refused with an error.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, env = "SMEE_RELAY_MAX_SPOOL_SIZE")]
+    pub max_spool_size: u64,
+
+    /// Stop retrying an event this old; it becomes a dead letter.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SMEE_RELAY_MAX_RETRY_AGE")]
+    pub max_retry_age: Duration,
 }
 
 impl ForwardArgs {
@@ -121,5 +196,53 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(format!("{e} (write it like 30s, 5m or 1h)")),
+    }
+}
+
+/// A size such as `1GiB`, `512MiB`, `64KiB`, `10MB` or a number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (write it like 512MiB or 1GiB)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(multiplier)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a usable size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("10 MB"), Ok(10_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("1PiB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 }

@@ -12,12 +12,15 @@
 //! - [`relay`] runs the `forward` command: source to target, one event at a time.
 
 pub mod cli;
+pub mod dispatch;
 pub mod event;
 pub mod forward;
 pub mod http;
+pub mod inspect;
 pub mod relay;
 pub mod retry;
 pub mod service;
 pub mod source;
+pub mod spool;
 pub mod telemetry;
 pub mod url;

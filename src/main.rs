@@ -7,10 +7,12 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 
-use smee_relay::cli::{Cli, Command, ForwardArgs};
+use smee_relay::cli::{Cli, Command, EventsArgs, EventsCommand, ForwardArgs};
+use smee_relay::dispatch::RetryPolicy;
 use smee_relay::relay::{self, ForwardOptions};
 use smee_relay::source::{self, SourceConfig};
-use smee_relay::{service, telemetry};
+use smee_relay::spool::{self, Limits, Replay, Spool};
+use smee_relay::{inspect, service, telemetry};
 
 const USAGE_ERROR: u8 = 2;
 
@@ -64,7 +66,47 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Forward(args) => forward(args).await,
+        Command::Events(args) => events(args),
     }
+}
+
+fn events(args: EventsArgs) -> anyhow::Result<()> {
+    let dir = spool::state_dir(args.state.state_dir.as_deref());
+    let spool = Spool::open(&dir)?;
+    match args.command {
+        EventsCommand::List {
+            status,
+            limit,
+            json,
+        } => {
+            let rows = spool.list(status, limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", inspect::table(&rows));
+            }
+        }
+        EventsCommand::Show { id } => {
+            let (event, records) = spool.get(id)?;
+            print!("{}", inspect::show(&event, &records));
+        }
+        EventsCommand::Replay { ids, dead, since } => {
+            let which = match (dead, since) {
+                (true, _) => Replay::Dead,
+                (false, Some(since)) => {
+                    Replay::ReceivedSince(spool::now_ms().saturating_sub(since.as_millis() as u64))
+                }
+                (false, None) => Replay::Ids(ids),
+            };
+            let queued = spool.replay(which)?;
+            println!("queued {queued} deliveries again");
+        }
+        EventsCommand::Purge { .. } => {
+            let purged = spool.purge_dead()?;
+            println!("purged {purged} dead letters");
+        }
+    }
+    Ok(())
 }
 
 async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
@@ -79,6 +121,10 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     };
     let mut source = SourceConfig::new(channel);
     source.idle_timeout = args.idle_timeout;
+    let retry = RetryPolicy {
+        max_age: args.max_retry_age,
+        ..RetryPolicy::DEFAULT
+    };
     let cancel = CancellationToken::new();
     service::cancel_on_signals(cancel.clone()).context("cannot install signal handlers")?;
     relay::forward(
@@ -86,6 +132,12 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
             source,
             target,
             target_timeout: args.target_timeout,
+            state_dir: spool::state_dir(args.state.state_dir.as_deref()),
+            retry,
+            retain: args.retain,
+            limits: Limits {
+                max_bytes: args.max_spool_size,
+            },
         },
         cancel,
     )

@@ -1,32 +1,37 @@
-//! The `forward` command's runtime: one channel, one target, events delivered one at a time in
-//! the order they arrived.
+//! The `forward` command's runtime: one channel, one target, through the spool.
 //!
-//! The source runs as its own task and hands events over a bounded queue; this module takes them
-//! off in order and delivers each before looking at the next. A failed delivery is logged with
-//! its status or error and skipped (durable retries come with the spool).
+//! ```text
+//! source --Event--> intake --append--> spool --queue--> route --> target
+//! ```
+//!
+//! Shutdown runs the pipe dry from the front: the source stops, the intake stores what it
+//! already took, the route finishes the delivery in flight (at most
+//! [`dispatch::SHUTDOWN_GRACE`]), and the writer commits the last marks before the spool closes.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::event::Event;
+use crate::dispatch::{self, Counters, RetryPolicy, SpoolWriter};
 use crate::forward::{Delivered, ForwardError, Forwarder};
 use crate::source::{SourceConfig, SourceError};
+use crate::spool::{Limits, SpoolError, StoredEvent};
 use crate::url::TargetUrl;
 
-/// How long a delivery in flight may still take once shutdown is asked for.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Events received but not yet delivered; beyond this the source waits (backpressure).
-const QUEUE_DEPTH: usize = 4096;
+/// Events received but not yet stored; beyond this the source waits (backpressure).
+const QUEUE_DEPTH: usize = 8192;
 
 /// Errors that stop `forward` from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
     #[error("cannot build the HTTP client for the target: {0}")]
     Target(#[from] reqwest::Error),
 }
@@ -40,67 +45,73 @@ pub struct ForwardOptions {
     pub target: TargetUrl,
     /// How long one delivery may take.
     pub target_timeout: Duration,
+    /// Where the spool lives.
+    pub state_dir: PathBuf,
+    /// How retries back off and when they give up.
+    pub retry: RetryPolicy,
+    /// How long delivered events stay in the spool for replay.
+    pub retain: Duration,
+    /// The spool's size limit.
+    pub limits: Limits,
 }
 
-/// Relay until `cancel` fires; then finish the delivery in flight (at most [`SHUTDOWN_GRACE`]).
+/// Relay until `cancel` fires, then shut down cleanly.
 pub async fn forward(options: ForwardOptions, cancel: CancellationToken) -> Result<(), RelayError> {
     let forwarder = Forwarder::new(options.target.clone(), options.target_timeout)?;
+    let channel = options.source.channel.clone();
+    let (spool, _lock) = dispatch::open_for_channel(&options.state_dir, &channel)?;
+    let source = options.source.build()?;
     info!(
-        channel = %options.source.channel,
+        %channel,
         target = %options.target,
+        spool = %spool.path().display(),
         "forwarding"
     );
-    let source = options.source.build()?;
+
+    let counters = Arc::new(Counters::default());
+    let (writer, writer_thread) = SpoolWriter::start(spool.clone(), options.limits);
     let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
     let source_task = tokio::spawn(source.run(events_tx, cancel.clone()));
-    deliver_in_order(events_rx, &forwarder, &cancel).await;
+    let intake_task = tokio::spawn(dispatch::intake(
+        events_rx,
+        writer.clone(),
+        channel.to_string(),
+        vec![options.target.to_string()],
+        counters.clone(),
+    ));
+    let prune_task = tokio::spawn(dispatch::prune_periodically(
+        spool.clone(),
+        options.retain,
+        cancel.clone(),
+    ));
+    dispatch::run_route(
+        spool,
+        writer.clone(),
+        forwarder,
+        options.retry,
+        counters,
+        cancel.clone(),
+    )
+    .await;
+
     cancel.cancel();
     let _ = source_task.await;
+    let _ = intake_task.await;
+    let _ = prune_task.await;
+    drop(writer);
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     Ok(())
 }
 
-async fn deliver_in_order(
-    mut events: mpsc::Receiver<Event>,
-    forwarder: &Forwarder,
-    cancel: &CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            next = events.recv() => match next {
-                Some(event) => event,
-                None => return,
-            },
-        };
-        let grace_over = async {
-            cancel.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
-        tokio::select! {
-            outcome = forwarder.deliver(&event, &[]) => log_delivery(forwarder, &event, &outcome),
-            _ = grace_over => {
-                warn!(
-                    event = event.sse_id.as_deref().unwrap_or("-"),
-                    "shutting down: the delivery in flight did not finish within {}",
-                    humantime::format_duration(SHUTDOWN_GRACE)
-                );
-                return;
-            }
-        }
-    }
-}
-
-/// One line per delivery: `POST /hook -> 200 in 3 ms (event 12, x-github-event=push)`.
+/// One line per attempt: `POST /hook -> 200 in 3 ms (event 12, x-github-event=push)`.
 pub fn log_delivery(
     forwarder: &Forwarder,
-    event: &Event,
+    event: &StoredEvent,
     outcome: &Result<Delivered, ForwardError>,
 ) {
-    let id = event.sse_id.as_deref().unwrap_or("-");
-    let about = match event.kind() {
-        Some(kind) => format!("event {id}, {kind}"),
-        None => format!("event {id}"),
+    let about = match crate::spool::event_kind(&event.event) {
+        Some(kind) => format!("event {}, {kind}", event.id),
+        None => format!("event {}", event.id),
     };
     let path = forwarder.target().path();
     match outcome {

@@ -296,10 +296,24 @@ async fn record(
 // The binary
 // ---------------------------------------------------------------------------------------------
 
-/// A `smee-relay` command with logs at debug level and no inherited `PORT` or `RUST_LOG`.
+/// A fresh, empty state directory under the cargo target dir.
+pub fn fresh_state_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("state-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `smee-relay` command with no inherited `PORT` or `RUST_LOG`, and its own fresh state dir
+/// (override with `--state-dir`).
 pub fn smee_relay() -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_smee-relay"));
     command
+        .env("SMEE_RELAY_STATE_DIR", fresh_state_dir())
+        .env_remove("STATE_DIRECTORY")
         .env_remove("PORT")
         .env_remove("RUST_LOG")
         .env_remove("SMEE_RELAY_LOG_FORMAT")

@@ -1,0 +1,416 @@
+//! From the source to the spool, and from the spool to each route, in order.
+//!
+//! Three kinds of tasks share one spool:
+//! - the **writer** (a thread, since redb is blocking): applies every queued append and mark in
+//!   one transaction, so commits are grouped and one fsync covers many events;
+//! - the **intake**: takes events from the source in batches and appends them; an event is on
+//!   disk before any route can see it. If the disk refuses, the batch is kept and retried;
+//! - one **route** task per target: reads its queue from the spool and delivers the head until
+//!   it succeeds or is given up on, then the next. Retries back off from 1 s to 5 min with
+//!   jitter, honouring `Retry-After`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::event::Event;
+use crate::forward::Forwarder;
+use crate::retry::BackoffPolicy;
+use crate::spool::{self, Limits, Outcome, Queued, Spool, SpoolError, Write};
+
+/// How long a delivery in flight may still take once shutdown is asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Most writes in one transaction; more wait for the next commit.
+const MAX_BATCH: usize = 4096;
+
+/// How many queued deliveries a route reads from disk at once.
+const READ_AHEAD: usize = 64;
+
+/// How often an idle route looks at the spool for events queued by another process
+/// (`smee-relay events replay`).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Counters the relay keeps about itself (exported as metrics later).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub refused: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+}
+
+struct Job {
+    write: Write,
+    /// For appends: where to say which ids were given.
+    reply: Option<oneshot::Sender<Result<Vec<Option<u64>>, String>>>,
+}
+
+/// A handle for sending writes to the writer thread. Cloneable; the thread ends when every
+/// handle is dropped, after applying what was sent.
+#[derive(Clone)]
+pub struct SpoolWriter {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Bumped after every commit that appended events, to wake idle routes.
+    appended: watch::Receiver<u64>,
+}
+
+impl SpoolWriter {
+    /// Start the writer thread.
+    pub fn start(spool: Arc<Spool>, limits: Limits) -> (SpoolWriter, std::thread::JoinHandle<()>) {
+        let (jobs_tx, mut jobs) = mpsc::unbounded_channel::<Job>();
+        let (appended_tx, appended) = watch::channel(0u64);
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || {
+                while let Some(first) = jobs.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match jobs.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut replies = Vec::new();
+                    let writes = batch
+                        .into_iter()
+                        .map(|job| {
+                            if let Some(reply) = job.reply {
+                                replies.push(reply);
+                            }
+                            job.write
+                        })
+                        .collect();
+                    match spool.write(writes, limits) {
+                        Ok(report) => {
+                            if report.pruned > 0 {
+                                warn!(
+                                    pruned = report.pruned,
+                                    "spool full: pruned delivered events early"
+                                );
+                            }
+                            let any = !replies.is_empty();
+                            for (reply, ids) in replies.into_iter().zip(report.appended) {
+                                let _ = reply.send(Ok(ids));
+                            }
+                            if any {
+                                appended_tx.send_modify(|n| *n += 1);
+                            }
+                        }
+                        Err(e) => {
+                            error!("cannot write to the spool: {e}");
+                            for reply in replies {
+                                let _ = reply.send(Err(e.to_string()));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("the spool writer thread starts");
+        (
+            SpoolWriter {
+                jobs: jobs_tx,
+                appended,
+            },
+            thread,
+        )
+    }
+
+    /// Append events and wait until they are on disk. Returns each event's id, or `None` if
+    /// the spool was full.
+    pub async fn append(
+        &self,
+        channel: &str,
+        routes: &[String],
+        events: Vec<Event>,
+    ) -> Result<Vec<Option<u64>>, String> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            write: Write::Append {
+                channel: channel.to_string(),
+                routes: routes.to_vec(),
+                events,
+            },
+            reply: Some(reply),
+        };
+        self.jobs
+            .send(job)
+            .map_err(|_| "the spool writer has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the spool writer has stopped".to_string())?
+    }
+
+    /// Record an attempt; applied with the next commit.
+    pub fn mark(&self, route: &str, queued: &Queued, outcome: Outcome) {
+        let job = Job {
+            write: Write::Mark {
+                route: route.to_string(),
+                seq: queued.seq,
+                event: queued.event.id,
+                outcome,
+            },
+            reply: None,
+        };
+        if self.jobs.send(job).is_err() {
+            error!("the spool writer has stopped: an attempt was not recorded");
+        }
+    }
+}
+
+/// Take events from the source and append them to the spool in batches, until the source is
+/// done. Nothing taken is dropped: a failed append is retried.
+pub async fn intake(
+    mut events: mpsc::Receiver<Event>,
+    writer: SpoolWriter,
+    channel: String,
+    routes: Vec<String>,
+    counters: Arc<Counters>,
+) {
+    let mut batch = Vec::new();
+    while events.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        loop {
+            match writer.append(&channel, &routes, batch.clone()).await {
+                Ok(ids) => {
+                    counters
+                        .received
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    for (event, id) in batch.iter().zip(&ids) {
+                        if id.is_none() {
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                            error!(
+                                event = event.sse_id.as_deref().unwrap_or("-"),
+                                "spool full: event refused; deliver, purge (smee-relay events purge --dead) \
+                                 or raise --max-spool-size"
+                            );
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    error!(
+                        events = batch.len(),
+                        "cannot store events, retrying in 1s (they are kept in memory): {e}"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// How a route retries.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Delays between attempts at the same event.
+    pub backoff: BackoffPolicy,
+    /// An event older than this is not retried again: it becomes a dead letter.
+    pub max_age: Duration,
+}
+
+impl RetryPolicy {
+    /// 1 s up to 5 min, for 24 h.
+    pub const DEFAULT: RetryPolicy = RetryPolicy {
+        backoff: BackoffPolicy {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        },
+        max_age: Duration::from_secs(24 * 3600),
+    };
+}
+
+/// Deliver `route`'s queue in order until `cancel` fires; the delivery in flight then has
+/// [`SHUTDOWN_GRACE`] to finish.
+pub async fn run_route(
+    spool: Arc<Spool>,
+    writer: SpoolWriter,
+    forwarder: Forwarder,
+    policy: RetryPolicy,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+) {
+    let route = forwarder.target().to_string();
+    let mut appended = writer.appended.clone();
+    // The last seq this task finished with. Marks are committed asynchronously, so the
+    // spool may still list it as pending for a moment; the cursor skips it.
+    let mut cursor = 0;
+    while !cancel.is_cancelled() {
+        let read = {
+            let (spool, route) = (spool.clone(), route.clone());
+            tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
+        };
+        let queued = match read {
+            Ok(Ok(queued)) => queued,
+            Ok(Err(e)) => {
+                error!(route, "cannot read the spool, retrying in 1s: {e}");
+                wait(&cancel, Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                error!(route, "spool reader failed: {e}");
+                return;
+            }
+        };
+        if queued.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            continue;
+        }
+        for item in queued {
+            let delivery = Delivery {
+                spool: &spool,
+                writer: &writer,
+                forwarder: &forwarder,
+                route: &route,
+                policy,
+                counters: &counters,
+                cancel: &cancel,
+            };
+            if !delivery.run(&item).await {
+                return;
+            }
+            cursor = item.seq;
+        }
+    }
+}
+
+/// Sleep, or return early on cancel.
+async fn wait(cancel: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// One queued event's way through its attempts.
+struct Delivery<'a> {
+    spool: &'a Spool,
+    writer: &'a SpoolWriter,
+    forwarder: &'a Forwarder,
+    route: &'a str,
+    policy: RetryPolicy,
+    counters: &'a Counters,
+    cancel: &'a CancellationToken,
+}
+
+impl Delivery<'_> {
+    /// Attempt until delivered or dead. Returns false if shutdown interrupted it (it stays
+    /// pending and is retried on the next start).
+    async fn run(&self, item: &Queued) -> bool {
+        let mut backoff = self.policy.backoff.start();
+        let mut attempts = item.attempts;
+        let delivery_id = self.spool.delivery_id(item.seq);
+        let extra = [("x-smee-relay-delivery", delivery_id.as_str())];
+        loop {
+            let grace_over = async {
+                self.cancel.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            let outcome = tokio::select! {
+                outcome = self.forwarder.deliver(&item.event.event, &extra) => outcome,
+                _ = grace_over => {
+                    warn!(
+                        event = item.event.id,
+                        "shutting down: the delivery in flight did not finish within {}; it stays queued",
+                        humantime::format_duration(SHUTDOWN_GRACE)
+                    );
+                    return false;
+                }
+            };
+            attempts += 1;
+            crate::relay::log_delivery(self.forwarder, &item.event, &outcome);
+            let error = match outcome {
+                Ok(done) => {
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    let status = done.status.as_u16();
+                    self.writer
+                        .mark(self.route, item, Outcome::Delivered { status });
+                    return true;
+                }
+                Err(error) => error,
+            };
+            let status = error.status().map(|s| s.as_u16());
+            let age = spool::age(item.event.received_ms);
+            if !error.is_retryable() || age > self.policy.max_age {
+                let why = if error.is_retryable() {
+                    format!(
+                        "gave up after {attempts} attempts over {} (--max-retry-age): {error}",
+                        humantime::format_duration(Duration::from_secs(age.as_secs()))
+                    )
+                } else {
+                    error.to_string()
+                };
+                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    event = item.event.id,
+                    "dead letter: {why}; replay it with `smee-relay events replay {}`",
+                    item.event.id
+                );
+                self.writer
+                    .mark(self.route, item, Outcome::Dead { status, error: why });
+                return true;
+            }
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            let delay = error.retry_after().unwrap_or_else(|| backoff.next_delay());
+            info!(
+                event = item.event.id,
+                attempt = attempts,
+                "retrying in {}",
+                humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+            );
+            self.writer.mark(
+                self.route,
+                item,
+                Outcome::Retry {
+                    status,
+                    error: error.to_string(),
+                },
+            );
+            wait(self.cancel, delay).await;
+            if self.cancel.is_cancelled() {
+                return false;
+            }
+        }
+    }
+}
+
+/// Prune delivered events older than `retain`, now and every minute, until `cancel`.
+pub async fn prune_periodically(spool: Arc<Spool>, retain: Duration, cancel: CancellationToken) {
+    loop {
+        let cutoff = spool::now_ms().saturating_sub(retain.as_millis() as u64);
+        let spool2 = spool.clone();
+        match tokio::task::spawn_blocking(move || spool2.prune(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(pruned = n, "pruned delivered events past --retain"),
+            Ok(Err(e)) => warn!("cannot prune the spool: {e}"),
+            Err(_) => return,
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// Open the spool for a channel, holding the channel's lock.
+pub fn open_for_channel(
+    state_dir: &std::path::Path,
+    channel: &crate::url::ChannelUrl,
+) -> Result<(Arc<Spool>, spool::ChannelLock), SpoolError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
+        path: state_dir.to_owned(),
+        source,
+    })?;
+    let lock =
+        spool::ChannelLock::acquire(state_dir, channel.expose().as_str(), &channel.to_string())?;
+    Ok((Arc::new(Spool::open(state_dir)?), lock))
+}

@@ -1,0 +1,866 @@
+//! The spool: a durable, ordered queue of events on disk (redb), the line of durability.
+//!
+//! SSE has no acknowledgements, so nothing upstream will ever resend an event. Every event is
+//! therefore committed here before any route sees it, and a route marks its delivery done only
+//! after the target accepted it. A crash or restart resumes from what is on disk.
+//!
+//! Layout (one database file, `spool.redb`, in the state directory):
+//!
+//! | table      | key                 | value                                   |
+//! |------------|---------------------|-----------------------------------------|
+//! | `meta`     | name                | counters: next event id, next seq, bytes |
+//! | `events`   | event id            | header JSON length, header JSON, body   |
+//! | `records`  | (event id, route)   | delivery record JSON: status, attempts  |
+//! | `pending`  | (route, seq)        | event id: the per-route FIFO            |
+//!
+//! A route (a target URL) reads its queue from `pending` in `seq` order; replaying an event adds
+//! it again at the tail with a new `seq`. The database is opened in redb's multi-writer mode so
+//! that `smee-relay events` can read and re-queue while the relay runs; two relays for the same
+//! channel are kept apart by a lock file instead (see [`ChannelLock`]).
+//!
+//! Writes are grouped: [`Spool::write`] applies a batch of appends and marks in one transaction
+//! with one fsync. The writer thread in `dispatch` feeds it whatever queued up during the last
+//! commit (group commit), which is what makes thousands of durable events per second possible.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{
+    Database, ReadableDatabase as _, ReadableTable, ReadableTableMetadata as _, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::event::Event;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const RECORDS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("records");
+const PENDING: TableDefinition<(&str, u64), u64> = TableDefinition::new("pending");
+
+const NEXT_EVENT: &str = "next_event";
+const NEXT_SEQ: &str = "next_seq";
+const STORED_BYTES: &str = "stored_bytes";
+const INSTANCE: &str = "instance";
+
+/// The spool's file name inside the state directory.
+pub const FILE_NAME: &str = "spool.redb";
+
+/// Errors at the spool boundary. All are about the disk, so none is retryable by waiting.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error(
+        "cannot open the spool {path}: {reason}. If the file is damaged, stop smee-relay, move it \
+         aside (mv {path} {path}.damaged) and start again; events still in it are then not delivered"
+    )]
+    Open { path: PathBuf, reason: String },
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another smee-relay already relays {channel} with state directory {dir}; stop it first, or \
+         give this one its own --state-dir"
+    )]
+    Locked { channel: String, dir: PathBuf },
+    #[error("spool {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("no event {0} in the spool (it may have been pruned)")]
+    NoSuchEvent(u64),
+}
+
+/// Where a delivery stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Waiting in its route's queue, or being retried.
+    Pending,
+    /// The target accepted it.
+    Delivered,
+    /// Given up on: a permanent refusal, or too old to keep retrying. Replayable.
+    Dead,
+}
+
+/// The state of one event's delivery to one route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub status: Status,
+    /// Attempts so far, across restarts.
+    pub attempts: u32,
+    /// The last HTTP status the target answered, if it answered.
+    pub last_status: Option<u16>,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    /// When this record last changed (ms since the epoch).
+    pub updated_ms: u64,
+    /// The position in the route's queue while pending; also names the delivery.
+    pub seq: u64,
+}
+
+/// What an attempt came to, as the spool records it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Delivered {
+        status: u16,
+    },
+    /// Failed, will be tried again.
+    Retry {
+        status: Option<u16>,
+        error: String,
+    },
+    /// Failed for good.
+    Dead {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// An event as stored: the webhook plus where and when it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: u64,
+    /// When the relay received it (ms since the epoch).
+    pub received_ms: u64,
+    /// The channel it came from, redacted (as it is shown in logs).
+    pub channel: String,
+    pub event: Event,
+}
+
+/// The part of a stored event that is not the body, serialised as JSON.
+#[derive(Serialize, Deserialize)]
+struct EventHeader {
+    received_ms: u64,
+    channel: String,
+    sse_id: Option<String>,
+    timestamp_ms: Option<u64>,
+    headers: Vec<(String, String)>,
+    query: Vec<(String, String)>,
+}
+
+/// One pending delivery, as a route reads it off its queue.
+#[derive(Clone, Debug)]
+pub struct Queued {
+    pub seq: u64,
+    pub event: StoredEvent,
+    pub attempts: u32,
+}
+
+/// One row of `events list`: an event and its delivery to one route.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub id: u64,
+    pub received_ms: u64,
+    pub channel: String,
+    pub route: String,
+    #[serde(flatten)]
+    pub record: DeliveryRecord,
+    /// `x-github-event=push`, or a Port `action`/`resourceType`, when the event says.
+    pub kind: Option<String>,
+}
+
+/// A write the spool applies in a batch.
+#[derive(Debug)]
+pub enum Write {
+    /// Store events from `channel` and queue each on every route.
+    Append {
+        channel: String,
+        routes: Vec<String>,
+        events: Vec<Event>,
+    },
+    /// Record an attempt at the head of `route`.
+    Mark {
+        route: String,
+        seq: u64,
+        event: u64,
+        outcome: Outcome,
+    },
+}
+
+/// What a batch of writes did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Per `Append`, in order: the ids given, or `None` for events refused (spool full).
+    pub appended: Vec<Vec<Option<u64>>>,
+    /// Delivered events pruned to make room.
+    pub pruned: u64,
+}
+
+/// Size limits the spool enforces on append.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Stored event bytes (headers and bodies) at most; beyond, delivered events are pruned
+    /// first, then new events refused.
+    pub max_bytes: u64,
+}
+
+/// The open spool.
+pub struct Spool {
+    /// The redb database, shared between the writer thread and readers.
+    db: Database,
+    /// For messages.
+    path: PathBuf,
+    /// A random id of this spool, so delivery ids from two machines never collide.
+    instance: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Spool {
+    /// Open (or create) the spool in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let path = state_dir.join(FILE_NAME);
+        let open_error = |reason: String| SpoolError::Open {
+            path: path.clone(),
+            reason,
+        };
+        let db = Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(&path)
+            .map_err(|e| open_error(e.to_string()))?;
+        let mut spool = Spool {
+            db,
+            path: path.clone(),
+            instance: 0,
+        };
+        spool.instance = spool.init_tables().map_err(|e| open_error(e.to_string()))?;
+        Ok(spool)
+    }
+
+    /// Create the tables if they are new; returns the instance id.
+    fn init_tables(&self) -> Result<u64, redb::Error> {
+        let txn = self.db.begin_write()?;
+        let instance = {
+            let mut meta = txn.open_table(META)?;
+            let existing = meta.get(INSTANCE)?.map(|v| v.value());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = u64::from_le_bytes(
+                        sha2::Sha256::digest(format!(
+                            "{:?}{}",
+                            SystemTime::now(),
+                            std::process::id()
+                        ))[..8]
+                            .try_into()
+                            .expect("8 bytes"),
+                    );
+                    meta.insert(INSTANCE, id)?;
+                    id
+                }
+            }
+        };
+        txn.open_table(EVENTS)?;
+        txn.open_table(RECORDS)?;
+        txn.open_table(PENDING)?;
+        txn.commit()?;
+        Ok(instance)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The id a target sees in `x-smee-relay-delivery`: the same for every attempt of one queued
+    /// delivery (so it can dedupe a redelivery), new for an explicit replay.
+    pub fn delivery_id(&self, seq: u64) -> String {
+        format!("{:016x}-{seq}", self.instance)
+    }
+
+    fn io(&self, e: impl Into<redb::Error>) -> SpoolError {
+        SpoolError::Io {
+            path: self.path.clone(),
+            reason: e.into().to_string(),
+        }
+    }
+
+    /// Apply `writes` in one transaction (one fsync).
+    pub fn write(&self, writes: Vec<Write>, limits: Limits) -> Result<WriteReport, SpoolError> {
+        self.write_txn(writes, limits).map_err(|e| self.io(e))
+    }
+
+    fn write_txn(&self, writes: Vec<Write>, limits: Limits) -> Result<WriteReport, redb::Error> {
+        let txn = self.db.begin_write()?;
+        let mut report = WriteReport::default();
+        {
+            let mut t = Tables::open(&txn)?;
+            let now = now_ms();
+            for write in writes {
+                match write {
+                    Write::Append {
+                        channel,
+                        routes,
+                        events,
+                    } => {
+                        let mut ids = Vec::with_capacity(events.len());
+                        for event in events {
+                            let encoded = encode(now, &channel, &event);
+                            let size = encoded.len() as u64;
+                            if t.counter(STORED_BYTES)? + size > limits.max_bytes {
+                                // Make room for more than this one event, so that a full spool
+                                // does not scan on every append.
+                                let headroom = limits.max_bytes / 10 + size;
+                                let target = limits.max_bytes.saturating_sub(headroom);
+                                report.pruned += t.prune_delivered(u64::MAX, Some(target))?;
+                            }
+                            if t.counter(STORED_BYTES)? + size > limits.max_bytes {
+                                ids.push(None);
+                                continue;
+                            }
+                            let id = t.bump(NEXT_EVENT, 1)?;
+                            t.events.insert(id, encoded.as_slice())?;
+                            t.bump(STORED_BYTES, size)?;
+                            for route in &routes {
+                                t.enqueue(id, route, 0, now)?;
+                            }
+                            ids.push(Some(id));
+                        }
+                        report.appended.push(ids);
+                    }
+                    Write::Mark {
+                        route,
+                        seq,
+                        event,
+                        outcome,
+                    } => t.mark(&route, seq, event, outcome, now)?,
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(report)
+    }
+
+    /// Up to `limit` deliveries queued on `route` after `after_seq`, in order.
+    pub fn pending(
+        &self,
+        route: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Queued>, SpoolError> {
+        let read = || -> Result<Vec<Queued>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let pending = txn.open_table(PENDING)?;
+            let events = txn.open_table(EVENTS)?;
+            let records = txn.open_table(RECORDS)?;
+            let mut out = Vec::new();
+            for entry in pending.range((route, after_seq.saturating_add(1))..=(route, u64::MAX))? {
+                let (key, id) = entry?;
+                let (seq, id) = (key.value().1, id.value());
+                let Some(bytes) = events.get(id)? else {
+                    continue;
+                };
+                let attempts = records
+                    .get((id, route))?
+                    .and_then(|r| serde_json::from_slice::<DeliveryRecord>(r.value()).ok())
+                    .map_or(0, |r| r.attempts);
+                if let Some(event) = decode(id, bytes.value()) {
+                    out.push(Queued {
+                        seq,
+                        event,
+                        attempts,
+                    });
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        };
+        read().map_err(|e| self.io(e))
+    }
+
+    /// One event and its delivery records.
+    pub fn get(&self, id: u64) -> Result<(StoredEvent, Vec<(String, DeliveryRecord)>), SpoolError> {
+        let read =
+            || -> Result<Option<(StoredEvent, Vec<(String, DeliveryRecord)>)>, redb::Error> {
+                let txn = self.db.begin_read()?;
+                let events = txn.open_table(EVENTS)?;
+                let records = txn.open_table(RECORDS)?;
+                let Some(event) = events.get(id)?.and_then(|b| decode(id, b.value())) else {
+                    return Ok(None);
+                };
+                let mut routes = Vec::new();
+                for entry in records.range((id, "")..(id + 1, ""))? {
+                    let (key, value) = entry?;
+                    if let Ok(record) = serde_json::from_slice(value.value()) {
+                        routes.push((key.value().1.to_string(), record));
+                    }
+                }
+                Ok(Some((event, routes)))
+            };
+        read()
+            .map_err(|e| self.io(e))?
+            .ok_or(SpoolError::NoSuchEvent(id))
+    }
+
+    /// The last `limit` rows (oldest first), optionally only those with `status`.
+    pub fn list(&self, status: Option<Status>, limit: usize) -> Result<Vec<Row>, SpoolError> {
+        let read = || -> Result<Vec<Row>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let records = txn.open_table(RECORDS)?;
+            let mut rows = std::collections::VecDeque::new();
+            for entry in records.iter()?.rev() {
+                let (key, value) = entry?;
+                let (id, route) = key.value();
+                let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
+                    continue;
+                };
+                if status.is_some_and(|s| s != record.status) {
+                    continue;
+                }
+                let Some(event) = events.get(id)?.and_then(|b| decode(id, b.value())) else {
+                    continue;
+                };
+                rows.push_front(Row {
+                    id,
+                    received_ms: event.received_ms,
+                    channel: event.channel.clone(),
+                    route: route.to_string(),
+                    record,
+                    kind: event_kind(&event.event),
+                });
+                if rows.len() >= limit {
+                    break;
+                }
+            }
+            Ok(rows.into())
+        };
+        read().map_err(|e| self.io(e))
+    }
+
+    /// Queue events again at the tail of their routes: the given ids, every dead letter, or
+    /// every event received since a time. Pending deliveries are left where they are. Returns
+    /// how many deliveries were queued.
+    pub fn replay(&self, which: Replay) -> Result<usize, SpoolError> {
+        let write = || -> Result<Result<usize, u64>, redb::Error> {
+            let txn = self.db.begin_write()?;
+            let queued = {
+                let mut t = Tables::open(&txn)?;
+                let mut targets = Vec::new();
+                for entry in t.records.iter()? {
+                    let (key, value) = entry?;
+                    let (id, route) = key.value();
+                    let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
+                        continue;
+                    };
+                    if record.status == Status::Pending {
+                        continue;
+                    }
+                    let wanted = match &which {
+                        Replay::Ids(ids) => ids.contains(&id),
+                        Replay::Dead => record.status == Status::Dead,
+                        Replay::ReceivedSince(since_ms) => t
+                            .events
+                            .get(id)?
+                            .and_then(|b| decode(id, b.value()))
+                            .is_some_and(|e| e.received_ms >= *since_ms),
+                    };
+                    if wanted {
+                        targets.push((id, route.to_string()));
+                    }
+                }
+                if let Replay::Ids(ids) = &which
+                    && let Some(missing) =
+                        ids.iter().find(|id| !targets.iter().any(|(t, _)| t == *id))
+                    && t.events.get(*missing)?.is_none()
+                {
+                    return Ok(Err(*missing));
+                }
+                let now = now_ms();
+                for (id, route) in &targets {
+                    t.enqueue(*id, route, 0, now)?;
+                }
+                targets.len()
+            };
+            txn.commit()?;
+            Ok(Ok(queued))
+        };
+        write()
+            .map_err(|e| self.io(e))?
+            .map_err(SpoolError::NoSuchEvent)
+    }
+
+    /// Forget every dead letter. Returns how many deliveries were removed.
+    pub fn purge_dead(&self) -> Result<usize, SpoolError> {
+        let write = || -> Result<usize, redb::Error> {
+            let txn = self.db.begin_write()?;
+            let removed = {
+                let mut t = Tables::open(&txn)?;
+                let mut dead = Vec::new();
+                for entry in t.records.iter()? {
+                    let (key, value) = entry?;
+                    let (id, route) = key.value();
+                    if serde_json::from_slice::<DeliveryRecord>(value.value())
+                        .is_ok_and(|r| r.status == Status::Dead)
+                    {
+                        dead.push((id, route.to_string()));
+                    }
+                }
+                for (id, route) in &dead {
+                    t.records.remove((*id, route.as_str()))?;
+                    t.drop_event_if_unreferenced(*id)?;
+                }
+                dead.len()
+            };
+            txn.commit()?;
+            Ok(removed)
+        };
+        write().map_err(|e| self.io(e))
+    }
+
+    /// Remove delivered events received before `older_than_ms`. Returns how many.
+    pub fn prune(&self, older_than_ms: u64) -> Result<u64, SpoolError> {
+        let write = || -> Result<u64, redb::Error> {
+            let txn = self.db.begin_write()?;
+            let pruned = Tables::open(&txn)?.prune_delivered(older_than_ms, None)?;
+            txn.commit()?;
+            Ok(pruned)
+        };
+        write().map_err(|e| self.io(e))
+    }
+
+    /// Stored bytes and the number of pending deliveries.
+    pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        let read = || -> Result<SpoolStats, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            Ok(SpoolStats {
+                stored_bytes: meta.get(STORED_BYTES)?.map_or(0, |v| v.value()),
+                pending: txn.open_table(PENDING)?.len()?,
+                events: txn.open_table(EVENTS)?.len()?,
+            })
+        };
+        read().map_err(|e| self.io(e))
+    }
+}
+
+/// Which events `replay` queues again.
+#[derive(Clone, Debug)]
+pub enum Replay {
+    Ids(Vec<u64>),
+    Dead,
+    /// Received at or after this time (ms since the epoch).
+    ReceivedSince(u64),
+}
+
+/// A snapshot of the spool's size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SpoolStats {
+    pub stored_bytes: u64,
+    pub pending: u64,
+    pub events: u64,
+}
+
+/// The tables of one write transaction, with the operations that keep them consistent.
+struct Tables<'txn> {
+    meta: redb::Table<'txn, &'static str, u64>,
+    events: redb::Table<'txn, u64, &'static [u8]>,
+    records: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
+    pending: redb::Table<'txn, (&'static str, u64), u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, redb::Error> {
+        Ok(Self {
+            meta: txn.open_table(META)?,
+            events: txn.open_table(EVENTS)?,
+            records: txn.open_table(RECORDS)?,
+            pending: txn.open_table(PENDING)?,
+        })
+    }
+
+    fn counter(&self, name: &str) -> Result<u64, redb::Error> {
+        Ok(self.meta.get(name)?.map_or(0, |v| v.value()))
+    }
+
+    /// Add `by` to a counter (saturating at 0 for negative use via `wrapping`); returns the
+    /// value before.
+    fn bump(&mut self, name: &str, by: u64) -> Result<u64, redb::Error> {
+        let before = self.counter(name)?;
+        self.meta.insert(name, before.wrapping_add(by))?;
+        Ok(before)
+    }
+
+    fn shrink(&mut self, name: &str, by: u64) -> Result<(), redb::Error> {
+        let before = self.counter(name)?;
+        self.meta.insert(name, before.saturating_sub(by))?;
+        Ok(())
+    }
+
+    /// Put event `id` at the tail of `route`'s queue.
+    fn enqueue(
+        &mut self,
+        id: u64,
+        route: &str,
+        attempts: u32,
+        now: u64,
+    ) -> Result<(), redb::Error> {
+        let seq = self.bump(NEXT_SEQ, 1)? + 1;
+        self.pending.insert((route, seq), id)?;
+        let record = DeliveryRecord {
+            status: Status::Pending,
+            attempts,
+            last_status: None,
+            last_error: None,
+            updated_ms: now,
+            seq,
+        };
+        self.put_record(id, route, &record)
+    }
+
+    fn put_record(
+        &mut self,
+        id: u64,
+        route: &str,
+        record: &DeliveryRecord,
+    ) -> Result<(), redb::Error> {
+        let json = serde_json::to_vec(record).expect("a record always serialises");
+        self.records.insert((id, route), json.as_slice())?;
+        Ok(())
+    }
+
+    fn mark(
+        &mut self,
+        route: &str,
+        seq: u64,
+        id: u64,
+        outcome: Outcome,
+        now: u64,
+    ) -> Result<(), redb::Error> {
+        let Some(mut record) = self
+            .records
+            .get((id, route))?
+            .and_then(|r| serde_json::from_slice::<DeliveryRecord>(r.value()).ok())
+        else {
+            return Ok(()); // purged meanwhile
+        };
+        if record.seq != seq || record.status != Status::Pending {
+            return Ok(()); // replayed or finished meanwhile: this mark is stale
+        }
+        record.attempts += 1;
+        record.updated_ms = now;
+        match outcome {
+            Outcome::Delivered { status } => {
+                record.status = Status::Delivered;
+                record.last_status = Some(status);
+                record.last_error = None;
+            }
+            Outcome::Retry { status, error } => {
+                record.last_status = status;
+                record.last_error = Some(error);
+            }
+            Outcome::Dead { status, error } => {
+                record.status = Status::Dead;
+                record.last_status = status;
+                record.last_error = Some(error);
+            }
+        }
+        if record.status != Status::Pending {
+            self.pending.remove((route, seq))?;
+        }
+        self.put_record(id, route, &record)
+    }
+
+    /// Remove events received before `older_than_ms` whose every delivery is done, oldest
+    /// first; with `target_bytes`, stop once the stored bytes are at most that. Returns how many.
+    fn prune_delivered(
+        &mut self,
+        older_than_ms: u64,
+        target_bytes: Option<u64>,
+    ) -> Result<u64, redb::Error> {
+        let mut candidates = Vec::new();
+        let mut current: Option<(u64, bool)> = None;
+        for entry in self.records.iter()? {
+            let (key, value) = entry?;
+            let id = key.value().0;
+            let delivered = serde_json::from_slice::<DeliveryRecord>(value.value())
+                .is_ok_and(|r| r.status == Status::Delivered);
+            match &mut current {
+                Some((cur, all)) if *cur == id => *all &= delivered,
+                _ => {
+                    if let Some((done, true)) = current.replace((id, delivered)) {
+                        candidates.push(done);
+                    }
+                }
+            }
+        }
+        if let Some((done, true)) = current {
+            candidates.push(done);
+        }
+        let mut pruned = 0;
+        for id in candidates {
+            if let Some(target) = target_bytes
+                && self.counter(STORED_BYTES)? <= target
+            {
+                break;
+            }
+            let received = self
+                .events
+                .get(id)?
+                .and_then(|b| decode(id, b.value()))
+                .map_or(0, |e| e.received_ms);
+            if received >= older_than_ms {
+                break;
+            }
+            let routes: Vec<String> = self
+                .records
+                .range((id, "")..(id + 1, ""))?
+                .filter_map(|e| e.ok().map(|(k, _)| k.value().1.to_string()))
+                .collect();
+            for route in routes {
+                self.records.remove((id, route.as_str()))?;
+            }
+            self.drop_event_if_unreferenced(id)?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
+    fn drop_event_if_unreferenced(&mut self, id: u64) -> Result<(), redb::Error> {
+        if self.records.range((id, "")..(id + 1, ""))?.next().is_none() {
+            let size = self
+                .events
+                .remove(id)?
+                .map_or(0, |b| b.value().len() as u64);
+            self.shrink(STORED_BYTES, size)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode(received_ms: u64, channel: &str, event: &Event) -> Vec<u8> {
+    let header = EventHeader {
+        received_ms,
+        channel: channel.to_string(),
+        sse_id: event.sse_id.clone(),
+        timestamp_ms: event.timestamp_ms,
+        headers: event.headers.clone(),
+        query: event.query.clone(),
+    };
+    let json = serde_json::to_vec(&header).expect("a header always serialises");
+    let mut out = Vec::with_capacity(4 + json.len() + event.body.len());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&event.body);
+    out
+}
+
+fn decode(id: u64, bytes: &[u8]) -> Option<StoredEvent> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let header: EventHeader = serde_json::from_slice(bytes.get(4..4 + len)?).ok()?;
+    Some(StoredEvent {
+        id,
+        received_ms: header.received_ms,
+        channel: header.channel,
+        event: Event {
+            sse_id: header.sse_id,
+            timestamp_ms: header.timestamp_ms,
+            headers: header.headers,
+            query: header.query,
+            body: Bytes::copy_from_slice(&bytes[4 + len..]),
+        },
+    })
+}
+
+/// What an event is, for a list: a GitHub event name, or a Port action on a resource type.
+pub fn event_kind(event: &Event) -> Option<String> {
+    if let Some(kind) = event.kind() {
+        return Some(kind);
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct PortShape {
+        action: Option<String>,
+        resource_type: Option<String>,
+        event: Option<Box<PortShape>>,
+    }
+    let shape: PortShape = serde_json::from_slice(&event.body).ok()?;
+    let shape = match shape.event {
+        Some(inner) => *inner,
+        None => shape,
+    };
+    match (shape.action, shape.resource_type) {
+        (Some(a), Some(r)) => Some(format!("{a} {r}")),
+        (Some(a), None) => Some(a),
+        _ => None,
+    }
+}
+
+/// Keeps two relays for the same channel from sharing a state directory: each holds an
+/// exclusive lock on a file named after a hash of the channel URL (not the URL: it is secret).
+#[derive(Debug)]
+pub struct ChannelLock {
+    /// The lock is held while this file is open.
+    _file: File,
+}
+
+impl ChannelLock {
+    pub fn acquire(state_dir: &Path, channel_url: &str, shown: &str) -> Result<Self, SpoolError> {
+        let digest = hex::encode(&sha2::Sha256::digest(channel_url.as_bytes())[..8]);
+        let path = state_dir.join(format!("channel-{digest}.lock"));
+        let io = |e: std::io::Error| SpoolError::Io {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(SpoolError::Locked {
+                channel: shown.to_string(),
+                dir: state_dir.to_owned(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+}
+
+/// The state directory: the flag or `SMEE_RELAY_STATE_DIR` (given as `explicit`), else
+/// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/smee-relay`, else
+/// `~/.local/state/smee-relay`.
+pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(dir) = explicit {
+        return dir.to_owned();
+    }
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env("STATE_DIRECTORY") {
+        // systemd may list several, separated by ':'; the first is ours.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return PathBuf::from(first);
+    }
+    if let Some(dir) = env("XDG_STATE_HOME") {
+        return dir.join("smee-relay");
+    }
+    env("HOME")
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".local/state/smee-relay")
+}
+
+/// How long ago `ms` was, for people.
+pub fn age(ms: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(ms))
+}
