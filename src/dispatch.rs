@@ -184,7 +184,7 @@ pub async fn intake(
                         if id.is_none() {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
                             error!(
-                                event = event.sse_id.as_deref().unwrap_or("-"),
+                                event = %event.sse_id.as_deref().unwrap_or("-"),
                                 "spool full: event refused; deliver, purge (smee-relay events purge --dead) \
                                  or raise --max-spool-size"
                             );

@@ -241,28 +241,19 @@ impl Spool {
     fn init_tables(&self) -> Result<u64, redb::Error> {
         let txn = self.db.begin_write()?;
         let instance = {
-            let mut meta = txn.open_table(META)?;
-            let existing = meta.get(INSTANCE)?.map(|v| v.value());
+            let mut t = Tables::open(&txn)?;
+            let existing = t.meta.get(INSTANCE)?.map(|v| v.value());
             match existing {
                 Some(id) => id,
                 None => {
-                    let id = u64::from_le_bytes(
-                        sha2::Sha256::digest(format!(
-                            "{:?}{}",
-                            SystemTime::now(),
-                            std::process::id()
-                        ))[..8]
-                            .try_into()
-                            .expect("8 bytes"),
-                    );
-                    meta.insert(INSTANCE, id)?;
+                    let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
+                    let digest = sha2::Sha256::digest(seed);
+                    let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+                    t.meta.insert(INSTANCE, id)?;
                     id
                 }
             }
         };
-        txn.open_table(EVENTS)?;
-        txn.open_table(RECORDS)?;
-        txn.open_table(PENDING)?;
         txn.commit()?;
         Ok(instance)
     }
@@ -277,23 +268,40 @@ impl Spool {
         format!("{:016x}-{seq}", self.instance)
     }
 
-    fn io(&self, e: impl Into<redb::Error>) -> SpoolError {
+    /// Run `f` in a read transaction.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, SpoolError> {
+        let run = || f(&self.db.begin_read()?);
+        run().map_err(|e| self.io(e))
+    }
+
+    /// Run `f` in a write transaction and commit it (one fsync).
+    fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
+    ) -> Result<T, SpoolError> {
+        let run = || {
+            let txn = self.db.begin_write()?;
+            let out = f(&mut Tables::open(&txn)?)?;
+            txn.commit()?;
+            Ok(out)
+        };
+        run().map_err(|e| self.io(e))
+    }
+
+    fn io(&self, e: redb::Error) -> SpoolError {
         SpoolError::Io {
             path: self.path.clone(),
-            reason: e.into().to_string(),
+            reason: e.to_string(),
         }
     }
 
     /// Apply `writes` in one transaction (one fsync).
     pub fn write(&self, writes: Vec<Write>, limits: Limits) -> Result<WriteReport, SpoolError> {
-        self.write_txn(writes, limits).map_err(|e| self.io(e))
-    }
-
-    fn write_txn(&self, writes: Vec<Write>, limits: Limits) -> Result<WriteReport, redb::Error> {
-        let txn = self.db.begin_write()?;
-        let mut report = WriteReport::default();
-        {
-            let mut t = Tables::open(&txn)?;
+        self.update(|t| {
+            let mut report = WriteReport::default();
             let now = now_ms();
             for write in writes {
                 match write {
@@ -317,11 +325,11 @@ impl Spool {
                                 ids.push(None);
                                 continue;
                             }
-                            let id = t.bump(NEXT_EVENT, 1)?;
+                            let id = t.bump(NEXT_EVENT, 1)? + 1;
                             t.events.insert(id, encoded.as_slice())?;
                             t.bump(STORED_BYTES, size)?;
                             for route in &routes {
-                                t.enqueue(id, route, 0, now)?;
+                                t.enqueue(id, route, now)?;
                             }
                             ids.push(Some(id));
                         }
@@ -335,9 +343,8 @@ impl Spool {
                     } => t.mark(&route, seq, event, outcome, now)?,
                 }
             }
-        }
-        txn.commit()?;
-        Ok(report)
+            Ok(report)
+        })
     }
 
     /// Up to `limit` deliveries queued on `route` after `after_seq`, in order.
@@ -347,8 +354,7 @@ impl Spool {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Queued>, SpoolError> {
-        let read = || -> Result<Vec<Queued>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        self.read(|txn| {
             let pending = txn.open_table(PENDING)?;
             let events = txn.open_table(EVENTS)?;
             let records = txn.open_table(RECORDS)?;
@@ -356,14 +362,8 @@ impl Spool {
             for entry in pending.range((route, after_seq.saturating_add(1))..=(route, u64::MAX))? {
                 let (key, id) = entry?;
                 let (seq, id) = (key.value().1, id.value());
-                let Some(bytes) = events.get(id)? else {
-                    continue;
-                };
-                let attempts = records
-                    .get((id, route))?
-                    .and_then(|r| serde_json::from_slice::<DeliveryRecord>(r.value()).ok())
-                    .map_or(0, |r| r.attempts);
-                if let Some(event) = decode(id, bytes.value()) {
+                let attempts = read_record(&records, id, route)?.map_or(0, |r| r.attempts);
+                if let Some(event) = read_event(&events, id)? {
                     out.push(Queued {
                         seq,
                         event,
@@ -375,42 +375,39 @@ impl Spool {
                 }
             }
             Ok(out)
-        };
-        read().map_err(|e| self.io(e))
+        })
     }
 
     /// One event and its delivery records.
-    pub fn get(&self, id: u64) -> Result<(StoredEvent, Vec<(String, DeliveryRecord)>), SpoolError> {
-        let read =
-            || -> Result<Option<(StoredEvent, Vec<(String, DeliveryRecord)>)>, redb::Error> {
-                let txn = self.db.begin_read()?;
-                let events = txn.open_table(EVENTS)?;
-                let records = txn.open_table(RECORDS)?;
-                let Some(event) = events.get(id)?.and_then(|b| decode(id, b.value())) else {
-                    return Ok(None);
-                };
-                let mut routes = Vec::new();
-                for entry in records.range((id, "")..(id + 1, ""))? {
-                    let (key, value) = entry?;
-                    if let Ok(record) = serde_json::from_slice(value.value()) {
-                        routes.push((key.value().1.to_string(), record));
-                    }
-                }
-                Ok(Some((event, routes)))
+    pub fn get(&self, id: u64) -> Result<EventWithRecords, SpoolError> {
+        self.read(|txn| {
+            let events = txn.open_table(EVENTS)?;
+            let records = txn.open_table(RECORDS)?;
+            let Some(event) = read_event(&events, id)? else {
+                return Ok(None);
             };
-        read()
-            .map_err(|e| self.io(e))?
-            .ok_or(SpoolError::NoSuchEvent(id))
+            let mut routes = Vec::new();
+            for entry in records.range((id, "")..(id + 1, ""))? {
+                let (key, value) = entry?;
+                if let Ok(record) = serde_json::from_slice(value.value()) {
+                    routes.push((key.value().1.to_string(), record));
+                }
+            }
+            Ok(Some((event, routes)))
+        })?
+        .ok_or(SpoolError::NoSuchEvent(id))
     }
 
     /// The last `limit` rows (oldest first), optionally only those with `status`.
     pub fn list(&self, status: Option<Status>, limit: usize) -> Result<Vec<Row>, SpoolError> {
-        let read = || -> Result<Vec<Row>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        self.read(|txn| {
             let events = txn.open_table(EVENTS)?;
             let records = txn.open_table(RECORDS)?;
             let mut rows = std::collections::VecDeque::new();
             for entry in records.iter()?.rev() {
+                if rows.len() >= limit {
+                    break;
+                }
                 let (key, value) = entry?;
                 let (id, route) = key.value();
                 let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
@@ -419,7 +416,7 @@ impl Spool {
                 if status.is_some_and(|s| s != record.status) {
                     continue;
                 }
-                let Some(event) = events.get(id)?.and_then(|b| decode(id, b.value())) else {
+                let Some(event) = read_event(&events, id)? else {
                     continue;
                 };
                 rows.push_front(Row {
@@ -430,119 +427,105 @@ impl Spool {
                     record,
                     kind: event_kind(&event.event),
                 });
-                if rows.len() >= limit {
-                    break;
-                }
             }
             Ok(rows.into())
-        };
-        read().map_err(|e| self.io(e))
+        })
     }
 
     /// Queue events again at the tail of their routes: the given ids, every dead letter, or
     /// every event received since a time. Pending deliveries are left where they are. Returns
     /// how many deliveries were queued.
     pub fn replay(&self, which: Replay) -> Result<usize, SpoolError> {
-        let write = || -> Result<Result<usize, u64>, redb::Error> {
-            let txn = self.db.begin_write()?;
-            let queued = {
-                let mut t = Tables::open(&txn)?;
-                let mut targets = Vec::new();
-                for entry in t.records.iter()? {
-                    let (key, value) = entry?;
-                    let (id, route) = key.value();
-                    let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
-                        continue;
-                    };
-                    if record.status == Status::Pending {
-                        continue;
-                    }
-                    let wanted = match &which {
+        if let Replay::Ids(ids) = &which {
+            for id in ids {
+                self.get(*id)?;
+            }
+        }
+        self.update(|t| {
+            let mut chosen = Vec::new();
+            for entry in t.records.iter()? {
+                let (key, value) = entry?;
+                let (id, route) = key.value();
+                let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
+                    continue;
+                };
+                let wanted = record.status != Status::Pending
+                    && match &which {
                         Replay::Ids(ids) => ids.contains(&id),
                         Replay::Dead => record.status == Status::Dead,
-                        Replay::ReceivedSince(since_ms) => t
-                            .events
-                            .get(id)?
-                            .and_then(|b| decode(id, b.value()))
-                            .is_some_and(|e| e.received_ms >= *since_ms),
+                        Replay::ReceivedSince(since_ms) => {
+                            read_event(&t.events, id)?.is_some_and(|e| e.received_ms >= *since_ms)
+                        }
                     };
-                    if wanted {
-                        targets.push((id, route.to_string()));
-                    }
+                if wanted {
+                    chosen.push((id, route.to_string()));
                 }
-                if let Replay::Ids(ids) = &which
-                    && let Some(missing) =
-                        ids.iter().find(|id| !targets.iter().any(|(t, _)| t == *id))
-                    && t.events.get(*missing)?.is_none()
-                {
-                    return Ok(Err(*missing));
-                }
-                let now = now_ms();
-                for (id, route) in &targets {
-                    t.enqueue(*id, route, 0, now)?;
-                }
-                targets.len()
-            };
-            txn.commit()?;
-            Ok(Ok(queued))
-        };
-        write()
-            .map_err(|e| self.io(e))?
-            .map_err(SpoolError::NoSuchEvent)
+            }
+            let now = now_ms();
+            for (id, route) in &chosen {
+                t.enqueue(*id, route, now)?;
+            }
+            Ok(chosen.len())
+        })
     }
 
     /// Forget every dead letter. Returns how many deliveries were removed.
     pub fn purge_dead(&self) -> Result<usize, SpoolError> {
-        let write = || -> Result<usize, redb::Error> {
-            let txn = self.db.begin_write()?;
-            let removed = {
-                let mut t = Tables::open(&txn)?;
-                let mut dead = Vec::new();
-                for entry in t.records.iter()? {
-                    let (key, value) = entry?;
-                    let (id, route) = key.value();
-                    if serde_json::from_slice::<DeliveryRecord>(value.value())
-                        .is_ok_and(|r| r.status == Status::Dead)
-                    {
-                        dead.push((id, route.to_string()));
-                    }
+        self.update(|t| {
+            let mut dead = Vec::new();
+            for entry in t.records.iter()? {
+                let (key, value) = entry?;
+                let (id, route) = key.value();
+                if serde_json::from_slice::<DeliveryRecord>(value.value())
+                    .is_ok_and(|r| r.status == Status::Dead)
+                {
+                    dead.push((id, route.to_string()));
                 }
-                for (id, route) in &dead {
-                    t.records.remove((*id, route.as_str()))?;
-                    t.drop_event_if_unreferenced(*id)?;
-                }
-                dead.len()
-            };
-            txn.commit()?;
-            Ok(removed)
-        };
-        write().map_err(|e| self.io(e))
+            }
+            for (id, route) in &dead {
+                t.records.remove((*id, route.as_str()))?;
+                t.drop_event_if_unreferenced(*id)?;
+            }
+            Ok(dead.len())
+        })
     }
 
     /// Remove delivered events received before `older_than_ms`. Returns how many.
     pub fn prune(&self, older_than_ms: u64) -> Result<u64, SpoolError> {
-        let write = || -> Result<u64, redb::Error> {
-            let txn = self.db.begin_write()?;
-            let pruned = Tables::open(&txn)?.prune_delivered(older_than_ms, None)?;
-            txn.commit()?;
-            Ok(pruned)
-        };
-        write().map_err(|e| self.io(e))
+        self.update(|t| t.prune_delivered(older_than_ms, None))
     }
 
     /// Stored bytes and the number of pending deliveries.
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
-        let read = || -> Result<SpoolStats, redb::Error> {
-            let txn = self.db.begin_read()?;
+        self.read(|txn| {
             let meta = txn.open_table(META)?;
             Ok(SpoolStats {
                 stored_bytes: meta.get(STORED_BYTES)?.map_or(0, |v| v.value()),
                 pending: txn.open_table(PENDING)?.len()?,
                 events: txn.open_table(EVENTS)?.len()?,
             })
-        };
-        read().map_err(|e| self.io(e))
+        })
     }
+}
+
+/// An event and its delivery records, one per route.
+pub type EventWithRecords = (StoredEvent, Vec<(String, DeliveryRecord)>);
+
+fn read_event(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<StoredEvent>, redb::Error> {
+    Ok(events.get(id)?.and_then(|bytes| decode(id, bytes.value())))
+}
+
+fn read_record(
+    records: &impl ReadableTable<(u64, &'static str), &'static [u8]>,
+    id: u64,
+    route: &str,
+) -> Result<Option<DeliveryRecord>, redb::Error> {
+    Ok(records
+        .get((id, route))?
+        .and_then(|r| serde_json::from_slice(r.value()).ok()))
 }
 
 /// Which events `replay` queues again.
@@ -584,8 +567,8 @@ impl<'txn> Tables<'txn> {
         Ok(self.meta.get(name)?.map_or(0, |v| v.value()))
     }
 
-    /// Add `by` to a counter (saturating at 0 for negative use via `wrapping`); returns the
-    /// value before.
+    /// Add `by` to a counter; returns the value before.
+
     fn bump(&mut self, name: &str, by: u64) -> Result<u64, redb::Error> {
         let before = self.counter(name)?;
         self.meta.insert(name, before.wrapping_add(by))?;
@@ -599,18 +582,12 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Put event `id` at the tail of `route`'s queue.
-    fn enqueue(
-        &mut self,
-        id: u64,
-        route: &str,
-        attempts: u32,
-        now: u64,
-    ) -> Result<(), redb::Error> {
+    fn enqueue(&mut self, id: u64, route: &str, now: u64) -> Result<(), redb::Error> {
         let seq = self.bump(NEXT_SEQ, 1)? + 1;
         self.pending.insert((route, seq), id)?;
         let record = DeliveryRecord {
             status: Status::Pending,
-            attempts,
+            attempts: 0,
             last_status: None,
             last_error: None,
             updated_ms: now,
@@ -638,11 +615,7 @@ impl<'txn> Tables<'txn> {
         outcome: Outcome,
         now: u64,
     ) -> Result<(), redb::Error> {
-        let Some(mut record) = self
-            .records
-            .get((id, route))?
-            .and_then(|r| serde_json::from_slice::<DeliveryRecord>(r.value()).ok())
-        else {
+        let Some(mut record) = read_record(&self.records, id, route)? else {
             return Ok(()); // purged meanwhile
         };
         if record.seq != seq || record.status != Status::Pending {
@@ -705,11 +678,7 @@ impl<'txn> Tables<'txn> {
             {
                 break;
             }
-            let received = self
-                .events
-                .get(id)?
-                .and_then(|b| decode(id, b.value()))
-                .map_or(0, |e| e.received_ms);
+            let received = read_event(&self.events, id)?.map_or(0, |e| e.received_ms);
             if received >= older_than_ms {
                 break;
             }
@@ -863,4 +832,161 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
 /// How long ago `ms` was, for people.
 pub fn age(ms: u64) -> Duration {
     Duration::from_millis(now_ms().saturating_sub(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTE: &str = "http://127.0.0.1:9/";
+    const ROOM: Limits = Limits { max_bytes: 1 << 20 };
+
+    fn event(n: u8) -> Event {
+        Event {
+            sse_id: Some(n.to_string()),
+            timestamp_ms: None,
+            headers: vec![("x-github-event".into(), "push".into())],
+            query: vec![],
+            body: Bytes::from(vec![b'a' + n; 100]),
+        }
+    }
+
+    fn append(spool: &Spool, events: Vec<Event>) -> Vec<u64> {
+        let write = Write::Append {
+            channel: "http://x/abcd…".into(),
+            routes: vec![ROUTE.into()],
+            events,
+        };
+        let report = spool.write(vec![write], ROOM).unwrap();
+        report.appended[0].iter().map(|id| id.unwrap()).collect()
+    }
+
+    fn mark(spool: &Spool, queued: &Queued, outcome: Outcome) {
+        let write = Write::Mark {
+            route: ROUTE.into(),
+            seq: queued.seq,
+            event: queued.event.id,
+            outcome,
+        };
+        spool.write(vec![write], ROOM).unwrap();
+    }
+
+    #[test]
+    fn events_round_trip_and_queue_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let ids = append(&spool, vec![event(0), event(1), event(2)]);
+        assert_eq!(ids, [1, 2, 3]);
+        let queued = spool.pending(ROUTE, 0, 10).unwrap();
+        assert_eq!(queued.iter().map(|q| q.event.id).collect::<Vec<_>>(), ids);
+        assert_eq!(queued[1].event.event, event(1));
+        assert_eq!(spool.pending(ROUTE, queued[0].seq, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn marks_move_deliveries_out_of_the_queue_and_replay_puts_them_back_at_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        append(&spool, vec![event(0), event(1), event(2)]);
+        let queued = spool.pending(ROUTE, 0, 10).unwrap();
+        let retry = Outcome::Retry {
+            status: Some(503),
+            error: "busy".into(),
+        };
+        mark(&spool, &queued[0], retry);
+        mark(
+            &spool,
+            &queued[0],
+            Outcome::Dead {
+                status: Some(400),
+                error: "bad".into(),
+            },
+        );
+        mark(&spool, &queued[1], Outcome::Delivered { status: 200 });
+
+        let pending: Vec<u64> = spool
+            .pending(ROUTE, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(pending, [3]);
+        let (_, records) = spool.get(1).unwrap();
+        assert_eq!(records[0].1.status, Status::Dead);
+        assert_eq!(records[0].1.attempts, 2);
+        assert_eq!(records[0].1.last_status, Some(400));
+
+        assert_eq!(spool.replay(Replay::Dead).unwrap(), 1);
+        let pending: Vec<u64> = spool
+            .pending(ROUTE, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(pending, [3, 1], "a replay goes to the tail");
+        assert!(matches!(
+            spool.replay(Replay::Ids(vec![99])),
+            Err(SpoolError::NoSuchEvent(99))
+        ));
+
+        // A mark for the old queue position is stale and changes nothing.
+        mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
+        assert_eq!(spool.get(1).unwrap().1[0].1.status, Status::Pending);
+    }
+
+    #[test]
+    fn prune_and_purge_free_the_bytes_they_account_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        append(&spool, vec![event(0), event(1), event(2)]);
+        let full = spool.stats().unwrap().stored_bytes;
+        let queued = spool.pending(ROUTE, 0, 10).unwrap();
+        mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
+        mark(
+            &spool,
+            &queued[1],
+            Outcome::Dead {
+                status: Some(404),
+                error: "gone".into(),
+            },
+        );
+
+        assert_eq!(
+            spool.prune(0).unwrap(),
+            0,
+            "nothing is older than the epoch"
+        );
+        assert_eq!(
+            spool.prune(u64::MAX).unwrap(),
+            1,
+            "only the delivered event goes"
+        );
+        assert!(matches!(spool.get(1), Err(SpoolError::NoSuchEvent(1))));
+        assert_eq!(spool.purge_dead().unwrap(), 1);
+        let stats = spool.stats().unwrap();
+        assert_eq!(stats.events, 1);
+        assert_eq!(stats.pending, 1);
+        assert_eq!(stats.stored_bytes, full / 3);
+    }
+
+    #[test]
+    fn a_full_spool_prunes_delivered_events_then_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        append(&spool, vec![event(0)]);
+        let one = spool.stats().unwrap().stored_bytes;
+        let limits = Limits { max_bytes: one * 2 };
+        let queued = spool.pending(ROUTE, 0, 10).unwrap();
+        mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
+        let write = |n| Write::Append {
+            channel: "http://x/abcd…".into(),
+            routes: vec![ROUTE.into()],
+            events: vec![event(n)],
+        };
+        let report = spool
+            .write(vec![write(1), write(2), write(3)], limits)
+            .unwrap();
+        assert_eq!(report.appended, [vec![Some(2)], vec![Some(3)], vec![None]]);
+        assert_eq!(report.pruned, 1, "the delivered event made room first");
+    }
 }

@@ -5,45 +5,17 @@ mod support;
 
 use std::time::Duration;
 
-use smee_relay::dispatch::RetryPolicy;
-use smee_relay::relay::{self, ForwardOptions};
-use smee_relay::retry::BackoffPolicy;
-use smee_relay::source::SourceConfig;
-use smee_relay::spool::Limits;
 use support::{FakeChannel, FakeTarget, LogWatch, smee_relay};
-use tokio_util::sync::CancellationToken;
 
-/// Reconnect quickly: these tests are about what happens, not how long the waits are.
-const FAST_RECONNECT: BackoffPolicy = BackoffPolicy {
-    min: Duration::from_millis(10),
-    max: Duration::from_millis(50),
-};
-
-/// Relay `channel` to `target` in this process until the returned token is cancelled.
+/// Relay `channel` to the target's `/hook` in this process, idle timeout as given.
 async fn start_relay(
     channel: &FakeChannel,
     target: &FakeTarget,
     idle_timeout: Duration,
-) -> CancellationToken {
-    let mut source = SourceConfig::new(channel.url("TestChannel123").parse().unwrap());
-    source.reconnect = FAST_RECONNECT;
-    source.idle_timeout = idle_timeout;
-    let options = ForwardOptions {
-        source,
-        target: target.url("/hook").parse().unwrap(),
-        target_timeout: Duration::from_secs(10),
-        state_dir: support::fresh_state_dir(),
-        retry: RetryPolicy {
-            backoff: FAST_RECONNECT,
-            ..RetryPolicy::DEFAULT
-        },
-        retain: Duration::from_secs(3600),
-        limits: Limits { max_bytes: 1 << 30 },
-    };
-    let cancel = CancellationToken::new();
-    tokio::spawn(relay::forward(options, cancel.clone()));
-    channel.wait_connections(1).await;
-    cancel
+) -> support::Relay {
+    let mut options = support::relay_options(channel, &target.url("/hook"));
+    options.source.idle_timeout = idle_timeout;
+    support::Relay::start(channel, options).await
 }
 
 fn webhook(seq: u64) -> String {

@@ -23,7 +23,11 @@ use tokio::sync::{Notify, mpsc};
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 async fn serve(router: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on("127.0.0.1:0".parse().unwrap(), router).await
+}
+
+async fn serve_on(addr: SocketAddr, router: Router) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     addr
@@ -203,8 +207,8 @@ impl Received {
 
 #[derive(Default)]
 struct TargetScript {
-    /// Statuses to answer, in order; when empty, 200.
-    statuses: VecDeque<u16>,
+    /// Statuses to answer, in order, with a `Retry-After` if given; when empty, 200.
+    statuses: VecDeque<(u16, Option<u64>)>,
     /// How long to wait before answering.
     delay: Duration,
 }
@@ -216,14 +220,27 @@ pub struct FakeTarget {
     script: Arc<Mutex<TargetScript>>,
 }
 
+/// A loopback address with nothing listening on it (yet): a target that is down.
+pub fn unused_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 impl FakeTarget {
     pub async fn start() -> Self {
+        Self::start_on(unused_addr()).await
+    }
+
+    /// Start on a given address: a target that was down comes up.
+    pub async fn start_on(addr: SocketAddr) -> Self {
         let (tx, received) = mpsc::unbounded_channel();
         let script = Arc::new(Mutex::new(TargetScript::default()));
         let router = Router::new()
             .fallback(record)
             .with_state((tx, script.clone()));
-        let addr = serve(router).await;
+        let addr = serve_on(addr, router).await;
         Self {
             addr,
             received,
@@ -237,7 +254,14 @@ impl FakeTarget {
 
     /// Answer the next requests with these statuses (then 200 again).
     pub fn answer_with(&self, statuses: &[u16]) {
-        self.script.lock().unwrap().statuses.extend(statuses);
+        let mut script = self.script.lock().unwrap();
+        script.statuses.extend(statuses.iter().map(|s| (*s, None)));
+    }
+
+    /// Answer the next request with `status` and `Retry-After: seconds`.
+    pub fn answer_with_retry_after(&self, status: u16, seconds: u64) {
+        let mut script = self.script.lock().unwrap();
+        script.statuses.push_back((status, Some(seconds)));
     }
 
     /// Wait this long before answering each request.
@@ -275,12 +299,15 @@ type TargetShared = (mpsc::UnboundedSender<Received>, Arc<Mutex<TargetScript>>);
 async fn record(
     State((tx, script)): State<TargetShared>,
     request: axum::extract::Request,
-) -> StatusCode {
+) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let (status, delay) = {
         let mut script = script.lock().unwrap();
-        (script.statuses.pop_front().unwrap_or(200), script.delay)
+        (
+            script.statuses.pop_front().unwrap_or((200, None)),
+            script.delay,
+        )
     };
     tokio::time::sleep(delay).await;
     let _ = tx.send(Received {
@@ -289,7 +316,13 @@ async fn record(
         headers: parts.headers,
         body,
     });
-    StatusCode::from_u16(status).unwrap()
+    let mut response = StatusCode::from_u16(status.0).unwrap().into_response();
+    if let Some(seconds) = status.1 {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, seconds.to_string().parse().unwrap());
+    }
+    response
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,5 +403,72 @@ impl LogWatch {
 
     pub fn all(&self) -> String {
         self.lines.lock().unwrap().join("\n")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay, in process
+// ---------------------------------------------------------------------------------------------
+
+/// Reconnect and retry quickly: tests are about what happens, not how long the waits are.
+pub const FAST: smee_relay::retry::BackoffPolicy = smee_relay::retry::BackoffPolicy {
+    min: Duration::from_millis(10),
+    max: Duration::from_millis(50),
+};
+
+/// Options for relaying a channel on `channel` to `target`, with fast retries and a fresh
+/// state dir.
+pub fn relay_options(channel: &FakeChannel, target: &str) -> smee_relay::relay::ForwardOptions {
+    let mut source =
+        smee_relay::source::SourceConfig::new(channel.url("TestChannel123").parse().unwrap());
+    source.reconnect = FAST;
+    smee_relay::relay::ForwardOptions {
+        source,
+        target: target.parse().unwrap(),
+        target_timeout: Duration::from_secs(10),
+        state_dir: fresh_state_dir(),
+        retry: smee_relay::dispatch::RetryPolicy {
+            backoff: FAST,
+            ..smee_relay::dispatch::RetryPolicy::DEFAULT
+        },
+        retain: Duration::from_secs(3600),
+        limits: smee_relay::spool::Limits { max_bytes: 1 << 30 },
+    }
+}
+
+/// A relay running in this process; stopped (gracefully) when dropped or by [`Relay::stop`].
+pub struct Relay {
+    pub cancel: tokio_util::sync::CancellationToken,
+    pub state_dir: std::path::PathBuf,
+    task: Option<tokio::task::JoinHandle<Result<(), smee_relay::relay::RelayError>>>,
+}
+
+impl Relay {
+    /// Start relaying and wait until the channel has a new subscriber.
+    pub async fn start(channel: &FakeChannel, options: smee_relay::relay::ForwardOptions) -> Self {
+        let before = channel.connections();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let state_dir = options.state_dir.clone();
+        let task = tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+        channel.wait_connections(before + 1).await;
+        Self {
+            cancel,
+            state_dir,
+            task: Some(task),
+        }
+    }
+
+    /// Stop and wait until the spool is closed.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }

@@ -1,0 +1,305 @@
+//! The spool's guarantees, black-box: nothing received is lost while the target is down, fails,
+//! or the relay is killed; order holds; refusals become dead letters that can be replayed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{FakeChannel, FakeTarget, LogWatch, Relay, relay_options, smee_relay, unused_addr};
+
+fn webhook(seq: u64) -> String {
+    format!(r#"{{"content-type":"application/json","body":{{"seq":{seq}}}}}"#)
+}
+
+fn seqs(requests: &[support::Received]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect()
+}
+
+fn expected(range: std::ops::Range<u64>) -> Vec<String> {
+    range.map(|n| format!(r#"{{"seq":{n}}}"#)).collect()
+}
+
+#[tokio::test]
+async fn events_sent_while_the_target_is_down_arrive_in_order_once_it_is_up() {
+    let channel = FakeChannel::start().await;
+    let addr = unused_addr();
+    let relay = Relay::start(
+        &channel,
+        relay_options(&channel, &format!("http://{addr}/hook")),
+    )
+    .await;
+
+    for n in 0..50 {
+        channel.send_webhook(n + 1, &webhook(n));
+    }
+    // Let a few attempts fail against the closed port.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut target = FakeTarget::start_on(addr).await;
+    let got = target.take(50).await;
+    assert_eq!(seqs(&got), expected(0..50));
+    target.assert_quiet(Duration::from_millis(200)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_with_the_same_delivery_id_and_order_holds() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = Relay::start(&channel, relay_options(&channel, &target.url("/hook"))).await;
+
+    target.answer_with(&[500, 502, 503, 504]);
+    for n in 0..3 {
+        channel.send_webhook(n + 1, &webhook(n));
+    }
+    let got = target.take(7).await;
+    let bodies = seqs(&got);
+    assert_eq!(
+        bodies[..5],
+        [
+            expected(0..1),
+            expected(0..1),
+            expected(0..1),
+            expected(0..1),
+            expected(0..1)
+        ]
+        .concat()
+    );
+    assert_eq!(bodies[5..], expected(1..3));
+    let first_id = got[0].header("x-smee-relay-delivery").unwrap();
+    assert!(
+        got[..5]
+            .iter()
+            .all(|r| r.header("x-smee-relay-delivery") == Some(first_id))
+    );
+    assert_ne!(got[5].header("x-smee-relay-delivery"), Some(first_id));
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = Relay::start(&channel, relay_options(&channel, &target.url("/hook"))).await;
+
+    target.answer_with_retry_after(429, 1);
+    channel.send_webhook(1, &webhook(0));
+    target.next().await;
+    let refused_at = Instant::now();
+    target.next().await;
+    assert!(
+        refused_at.elapsed() >= Duration::from_millis(900),
+        "retried after {:?}, before Retry-After: 1",
+        refused_at.elapsed()
+    );
+}
+
+async fn events_cli(state_dir: &std::path::Path, args: &[&str]) -> String {
+    let output = smee_relay()
+        .arg("events")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "events {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let relay = Relay::start(&channel, relay_options(&channel, &target.url("/hook"))).await;
+
+    target.answer_with(&[400]);
+    channel.send_webhook(1, r#"{"x-github-event":"issues","body":{"seq":0}}"#);
+    channel.send_webhook(2, &webhook(1));
+    assert_eq!(
+        seqs(&target.take(2).await),
+        expected(0..2),
+        "the next event proceeds"
+    );
+
+    // Marks are committed asynchronously; wait until the dead letter is on disk.
+    let dead = tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let json = events_cli(&relay.state_dir, &["list", "--status", "dead", "--json"]).await;
+            let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+            if rows.as_array().is_some_and(|r| !r.is_empty()) {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead[0]["id"], 1);
+    assert_eq!(dead[0]["status"], "dead");
+    assert_eq!(dead[0]["last_status"], 400);
+    assert_eq!(dead[0]["kind"], "x-github-event=issues");
+    assert_eq!(dead[0]["route"], target.url("/hook"));
+
+    let table = events_cli(&relay.state_dir, &["list"]).await;
+    assert!(
+        table.contains("dead") && table.contains("delivered"),
+        "{table}"
+    );
+    let shown = events_cli(&relay.state_dir, &["show", "1"]).await;
+    assert!(
+        shown.contains("x-github-event: issues") && shown.contains(r#"{"seq":0}"#),
+        "{shown}"
+    );
+
+    // Replayed from another process while the relay runs: it goes out again.
+    let said = events_cli(&relay.state_dir, &["replay", "--dead"]).await;
+    assert_eq!(said.trim(), "queued 1 deliveries again");
+    assert_eq!(seqs(&[target.next().await]), expected(0..1));
+
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_spool_refuses_new_events_when_full_and_says_so() {
+    let channel = FakeChannel::start().await;
+    let addr = unused_addr(); // the target is down: nothing is delivered, nothing can be pruned
+    let state_dir = support::fresh_state_dir();
+    let mut child = smee_relay()
+        .args([
+            "forward",
+            &channel.url("FullChannel"),
+            &format!("http://{addr}/"),
+        ])
+        .args(["--max-spool-size", "4KiB", "--state-dir"])
+        .arg(&state_dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    let big = format!(r#"{{"body":{{"pad":"{}"}}}}"#, "x".repeat(1000));
+    for n in 0..10 {
+        channel.send_webhook(n + 1, &big);
+    }
+    logs.wait_for(&["ERROR", "spool full: event refused", "event=10"])
+        .await;
+    let spool = smee_relay::spool::Spool::open(&state_dir).unwrap();
+    let stats = spool.stats().unwrap();
+    assert!(stats.stored_bytes <= 4096, "{stats:?}");
+    let refused = logs.all().matches("spool full: event refused").count() as u64;
+    assert_eq!(
+        stats.events + refused,
+        10,
+        "every event is either stored or refused out loud"
+    );
+}
+
+#[tokio::test]
+async fn the_same_channel_twice_in_one_state_dir_is_refused_at_once() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let options = relay_options(&channel, &target.url("/"));
+    let _first = Relay::start(&channel, options.clone()).await;
+
+    let second = smee_relay::relay::forward(options.clone(), Default::default()).await;
+    let message = second.unwrap_err().to_string();
+    assert!(
+        message.contains("another smee-relay already relays"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("TestChannel123"),
+        "the channel id is secret: {message}"
+    );
+
+    // A different channel shares the state dir without trouble.
+    let mut other = options;
+    other.source.channel = channel.url("OtherChannel").parse().unwrap();
+    let _second = Relay::start(&channel, other).await;
+}
+
+#[tokio::test]
+async fn a_damaged_spool_is_reported_with_what_to_do() {
+    let dir = support::fresh_state_dir();
+    std::fs::write(
+        dir.join("spool.redb"),
+        b"this is not a database, just some bytes",
+    )
+    .unwrap();
+    let output = smee_relay()
+        .args(["events", "list", "--state-dir"])
+        .arg(&dir)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("spool.redb") && stderr.contains("move it aside"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
+    let channel = FakeChannel::start().await;
+    let addr = unused_addr();
+    let state_dir = support::fresh_state_dir();
+    let spawn = || {
+        let mut child = smee_relay()
+            .args([
+                "forward",
+                &channel.url("KillChannel"),
+                &format!("http://{addr}/"),
+            ])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        (child, logs)
+    };
+
+    // The target is down: everything stays queued.
+    let (mut first, logs) = spawn();
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    for n in 0..20 {
+        channel.send_webhook(n + 1, &webhook(n));
+    }
+    // Each event is on disk before the first attempt; the 20th attempt's failure proves all 20 arrived.
+    logs.wait_for(&["failed", "event 1)"]).await;
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let out = smee_relay()
+                .args(["events", "list", "--json", "--state-dir"])
+                .arg(&state_dir)
+                .output()
+                .await
+                .unwrap();
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if rows.as_array().is_some_and(|r| r.len() == 20) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+
+    let mut target = FakeTarget::start_on(addr).await;
+    let (_second, _logs) = spawn();
+    let got = target.take(20).await;
+    assert_eq!(seqs(&got), expected(0..20));
+}
