@@ -568,7 +568,6 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Add `by` to a counter; returns the value before.
-
     fn bump(&mut self, name: &str, by: u64) -> Result<u64, redb::Error> {
         let before = self.counter(name)?;
         self.meta.insert(name, before.wrapping_add(by))?;
