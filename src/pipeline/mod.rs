@@ -1,0 +1,10 @@
+//! The Port pipeline: decode an entity change, diff it, evaluate rules with alert state, and
+//! produce alerts.
+//!
+//! ```text
+//! Event --port::decode--> Change --diff--> changed properties
+//!                            \--rules (+ state)--> Alert
+//! ```
+
+pub mod diff;
+pub mod port;
