@@ -7,4 +7,5 @@
 //! ```
 
 pub mod diff;
+pub mod jq;
 pub mod port;
