@@ -12,6 +12,7 @@
 //! - [`relay`] runs the `forward` command: source to target, one event at a time.
 
 pub mod cli;
+pub mod config;
 pub mod dispatch;
 pub mod event;
 pub mod forward;

@@ -49,22 +49,22 @@ fn compile(code: &str) -> Result<Filter, JqError> {
         .map_err(|errors| {
             let (_, error) = errors.into_iter().next().expect("an error");
             match error {
-                jaq_core::load::Error::Lex(errs) => errs
-                    .first()
-                    .map(|(expect, found)| JqError {
-                        offset: at(found),
-                        message: format!("expected {}", expect.as_str()),
-                    }),
-                jaq_core::load::Error::Parse(errs) => errs
-                    .first()
-                    .map(|(expect, found)| JqError {
-                        offset: at(found),
-                        message: format!(
-                            "expected {}{}",
-                            expect.as_str(),
-                            if found.is_empty() { " before the end".to_string() } else { format!(", found {found:?}") }
-                        ),
-                    }),
+                jaq_core::load::Error::Lex(errs) => errs.first().map(|(expect, found)| JqError {
+                    offset: at(found),
+                    message: format!("expected {}", expect.as_str()),
+                }),
+                jaq_core::load::Error::Parse(errs) => errs.first().map(|(expect, found)| JqError {
+                    offset: at(found),
+                    message: format!(
+                        "expected {}{}",
+                        expect.as_str(),
+                        if found.is_empty() {
+                            " before the end".to_string()
+                        } else {
+                            format!(", found {found:?}")
+                        }
+                    ),
+                }),
                 jaq_core::load::Error::Io(errs) => errs.first().map(|(path, e)| JqError {
                     offset: at(path),
                     message: e.clone(),
@@ -79,10 +79,7 @@ fn compile(code: &str) -> Result<Filter, JqError> {
         .with_funs(funs)
         .compile(modules)
         .map_err(|errors| {
-            let undefined = errors
-                .into_iter()
-                .flat_map(|(_, errs)| errs)
-                .next();
+            let undefined = errors.into_iter().flat_map(|(_, errs)| errs).next();
             match undefined {
                 Some((name, kind)) => JqError {
                     offset: at(name),
@@ -133,13 +130,25 @@ mod tests {
     #[test]
     fn conditions_evaluate_like_jq() {
         let locked = JqCondition::new(".properties.locked == true").unwrap();
-        assert_eq!(locked.holds(&json!({"properties": {"locked": true}})), Ok(true));
-        assert_eq!(locked.holds(&json!({"properties": {"locked": false}})), Ok(false));
+        assert_eq!(
+            locked.holds(&json!({"properties": {"locked": true}})),
+            Ok(true)
+        );
+        assert_eq!(
+            locked.holds(&json!({"properties": {"locked": false}})),
+            Ok(false)
+        );
         assert_eq!(locked.holds(&json!(null)), Ok(false));
         let any = JqCondition::new(r#".properties.tags | any(. == "prod")"#).unwrap();
-        assert_eq!(any.holds(&json!({"properties": {"tags": ["dev", "prod"]}})), Ok(true));
+        assert_eq!(
+            any.holds(&json!({"properties": {"tags": ["dev", "prod"]}})),
+            Ok(true)
+        );
         let cpu = JqCondition::new(".properties.cpuUtil > 80 and .title != null").unwrap();
-        assert_eq!(cpu.holds(&json!({"title": "x", "properties": {"cpuUtil": 81}})), Ok(true));
+        assert_eq!(
+            cpu.holds(&json!({"title": "x", "properties": {"cpuUtil": 81}})),
+            Ok(true)
+        );
     }
 
     #[test]

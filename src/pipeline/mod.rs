@@ -9,3 +9,5 @@
 pub mod diff;
 pub mod jq;
 pub mod port;
+pub mod rules;
+pub mod state;

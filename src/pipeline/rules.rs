@@ -1,0 +1,175 @@
+//! Rules: which entities they watch, and what the entity after a change says about them.
+//!
+//! A rule only judges ([`Verdict`]); what to send follows from the verdict and the alert's state
+//! (see `state`). Thresholds have hysteresis: between `clear_below` and `above` the verdict is
+//! [`Verdict::Keep`], so a value hovering around the threshold neither fires nor resolves.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::jq::JqCondition;
+use super::port::Change;
+
+/// A compiled `[[rule]]`.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// Unique; names the alert.
+    pub name: String,
+    /// Only entities of this blueprint, if set.
+    pub blueprint: Option<String>,
+    pub condition: Condition,
+    /// How long the condition must hold before firing.
+    pub hold: Duration,
+    pub severity: String,
+}
+
+/// What makes a rule fire.
+#[derive(Clone, Debug)]
+pub enum Condition {
+    Above {
+        property: String,
+        above: f64,
+        clear_below: f64,
+    },
+    Below {
+        property: String,
+        below: f64,
+        clear_above: f64,
+    },
+    In {
+        property: String,
+        values: Vec<Value>,
+    },
+    NotIn {
+        property: String,
+        values: Vec<Value>,
+    },
+    /// A jq condition over the entity after the change.
+    When(JqCondition),
+}
+
+/// What a rule makes of an entity's state after a change.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// The condition holds: fire (after the hold).
+    Bad,
+    /// The condition does not hold: resolve.
+    Good,
+    /// Inside the hysteresis band: whatever the state is, it stays.
+    Keep,
+    /// The rule cannot judge (missing property, wrong type, jq error); state stays.
+    Skip(String),
+}
+
+impl Rule {
+    /// Whether this rule watches the entity of `change`.
+    pub fn watches(&self, change: &Change) -> bool {
+        change.resource_type == "entity"
+            && self
+                .blueprint
+                .as_deref()
+                .is_none_or(|b| change.blueprint() == Some(b))
+    }
+
+    /// The property this rule watches, if it watches one.
+    pub fn property(&self) -> Option<&str> {
+        match &self.condition {
+            Condition::Above { property, .. }
+            | Condition::Below { property, .. }
+            | Condition::In { property, .. }
+            | Condition::NotIn { property, .. } => Some(property),
+            Condition::When(_) => None,
+        }
+    }
+
+    /// The condition in words, for alerts: `above 80 (clears below 70)`.
+    pub fn threshold(&self) -> String {
+        let list = |values: &[Value]| {
+            values
+                .iter()
+                .map(|v| super::diff::show(Some(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match &self.condition {
+            Condition::Above {
+                above, clear_below, ..
+            } if clear_below < above => format!("above {above} (clears below {clear_below})"),
+            Condition::Above { above, .. } => format!("above {above}"),
+            Condition::Below {
+                below, clear_above, ..
+            } if clear_above > below => format!("below {below} (clears above {clear_above})"),
+            Condition::Below { below, .. } => format!("below {below}"),
+            Condition::In { values, .. } => format!("in [{}]", list(values)),
+            Condition::NotIn { values, .. } => format!("not in [{}]", list(values)),
+            Condition::When(jq) => format!("when {}", jq.code()),
+        }
+    }
+
+    /// Judge the entity after `change`. Only for changes this rule [`Rule::watches`], and not
+    /// for deletions (those resolve by themselves).
+    pub fn judge(&self, change: &Change) -> Verdict {
+        let after = change.after.as_ref();
+        let value = |property: &str| after.and_then(|e| e.properties.get(property));
+        let number = |property: &str| -> Result<f64, Verdict> {
+            match value(property) {
+                None => Err(Verdict::Skip(format!("property {property} is missing"))),
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    Verdict::Skip(format!("property {property} is not a number ({v})"))
+                }),
+            }
+        };
+        let judged = match &self.condition {
+            Condition::Above {
+                property,
+                above,
+                clear_below,
+            } => number(property).map(|v| {
+                if v > *above {
+                    Verdict::Bad
+                } else if v < *clear_below {
+                    Verdict::Good
+                } else {
+                    Verdict::Keep
+                }
+            }),
+            Condition::Below {
+                property,
+                below,
+                clear_above,
+            } => number(property).map(|v| {
+                if v < *below {
+                    Verdict::Bad
+                } else if v > *clear_above {
+                    Verdict::Good
+                } else {
+                    Verdict::Keep
+                }
+            }),
+            Condition::In { property, values } | Condition::NotIn { property, values } => {
+                match value(property) {
+                    None => Err(Verdict::Skip(format!("property {property} is missing"))),
+                    Some(v) => {
+                        let listed = values.contains(v);
+                        let bad = listed == matches!(self.condition, Condition::In { .. });
+                        Ok(if bad { Verdict::Bad } else { Verdict::Good })
+                    }
+                }
+            }
+            Condition::When(jq) => {
+                let input = change
+                    .raw
+                    .pointer("/diff/after")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                match jq.holds(&input) {
+                    Ok(true) => Ok(Verdict::Bad),
+                    Ok(false) => Ok(Verdict::Good),
+                    Err(e) => Err(Verdict::Skip(e)),
+                }
+            }
+        };
+        judged.unwrap_or_else(|skip| skip)
+    }
+}
