@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::event::Event;
-use crate::forward::Forwarder;
+use crate::forward::{Delivered, ForwardError, Forwarder};
 use crate::retry::BackoffPolicy;
-use crate::spool::{self, Limits, Outcome, Queued, Spool, SpoolError, Write};
+use crate::spool::{self, Limits, Outcome, Queued, Spool, SpoolError, StoredEvent, Write};
+use futures::future::BoxFuture;
 
 /// How long a delivery in flight may still take once shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -35,6 +36,60 @@ const READ_AHEAD: usize = 64;
 /// (`smee-relay events replay`).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// Somewhere a route delivers to: an HTTP target, Slack, stdout.
+pub trait Sink: Send + Sync {
+    /// How delivery lines name it: `POST /hook`, `slack`. Never a secret.
+    fn describe(&self) -> String;
+    /// Deliver one event; `delivery_id` is stable across attempts of one queued delivery.
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+        delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Delivered, ForwardError>>;
+    /// The least time between two deliveries (Slack allows about one message per second).
+    fn min_interval(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl Sink for Forwarder {
+    fn describe(&self) -> String {
+        format!("POST {}", self.target().path())
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+        delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+        Box::pin(async move {
+            let extra = [("x-smee-relay-delivery", delivery_id)];
+            Forwarder::deliver(self, &event.event, &extra).await
+        })
+    }
+}
+
+/// One line per attempt: `POST /hook -> 200 in 3 ms (event 12, x-github-event=push)`.
+pub fn log_delivery(
+    sink: &dyn Sink,
+    event: &StoredEvent,
+    outcome: &Result<Delivered, ForwardError>,
+) {
+    let about = match spool::event_kind(&event.event) {
+        Some(kind) => format!("event {}, {kind}", event.id),
+        None => format!("event {}", event.id),
+    };
+    let what = sink.describe();
+    match outcome {
+        Ok(done) => info!(
+            "{what} -> {} in {} ms ({about})",
+            done.status.as_u16(),
+            done.elapsed.as_millis()
+        ),
+        Err(e) => warn!("{what} failed: {e} ({about})"),
+    }
+}
+
 /// Counters the relay keeps about itself (exported as metrics later).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -45,10 +100,11 @@ pub struct Counters {
     pub dead: AtomicU64,
 }
 
+/// Writes that commit together, in one transaction.
 struct Job {
-    write: Write,
-    /// For appends: where to say which ids were given.
-    reply: Option<oneshot::Sender<Result<Vec<Option<u64>>, String>>>,
+    writes: Vec<Write>,
+    /// Where to say the job is committed: per `Append` in it, the ids given.
+    reply: Option<oneshot::Sender<Result<Vec<Vec<Option<u64>>>, String>>>,
 }
 
 /// A handle for sending writes to the writer thread. Cloneable; the thread ends when every
@@ -76,16 +132,18 @@ impl SpoolWriter {
                             Err(_) => break,
                         }
                     }
+                    // Each job's appends, so the report can be handed back per job.
                     let mut replies = Vec::new();
-                    let writes = batch
-                        .into_iter()
-                        .map(|job| {
-                            if let Some(reply) = job.reply {
-                                replies.push(reply);
-                            }
-                            job.write
-                        })
-                        .collect();
+                    let mut writes = Vec::new();
+                    for job in batch {
+                        let appends = job
+                            .writes
+                            .iter()
+                            .filter(|w| matches!(w, Write::Append { .. }))
+                            .count();
+                        replies.push((job.reply, appends));
+                        writes.extend(job.writes);
+                    }
                     match spool.write(writes, limits) {
                         Ok(report) => {
                             if report.pruned > 0 {
@@ -94,9 +152,14 @@ impl SpoolWriter {
                                     "spool full: pruned delivered events early"
                                 );
                             }
-                            let any = !replies.is_empty();
-                            for (reply, ids) in replies.into_iter().zip(report.appended) {
-                                let _ = reply.send(Ok(ids));
+                            let mut appended = report.appended.into_iter();
+                            let mut any = false;
+                            for (reply, appends) in replies {
+                                any |= appends > 0;
+                                let ids: Vec<_> = appended.by_ref().take(appends).collect();
+                                if let Some(reply) = reply {
+                                    let _ = reply.send(Ok(ids));
+                                }
                             }
                             if any {
                                 appended_tx.send_modify(|n| *n += 1);
@@ -104,8 +167,10 @@ impl SpoolWriter {
                         }
                         Err(e) => {
                             error!("cannot write to the spool: {e}");
-                            for reply in replies {
-                                let _ = reply.send(Err(e.to_string()));
+                            for (reply, _) in replies {
+                                if let Some(reply) = reply {
+                                    let _ = reply.send(Err(e.to_string()));
+                                }
                             }
                         }
                     }
@@ -121,6 +186,19 @@ impl SpoolWriter {
         )
     }
 
+    /// Commit `writes` together and wait until they are on disk. Returns, per `Append`, each
+    /// event's id, or `None` if the spool was full.
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Vec<Option<u64>>>, String> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            writes,
+            reply: Some(reply),
+        };
+        let stopped = || "the spool writer has stopped".to_string();
+        self.jobs.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// Append events and wait until they are on disk. Returns each event's id, or `None` if
     /// the spool was full.
     pub async fn append(
@@ -129,32 +207,29 @@ impl SpoolWriter {
         routes: &[String],
         events: Vec<Event>,
     ) -> Result<Vec<Option<u64>>, String> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            write: Write::Append {
-                channel: channel.to_string(),
-                routes: routes.to_vec(),
-                events,
-            },
-            reply: Some(reply),
+        let write = Write::Append {
+            channel: channel.to_string(),
+            routes: routes.to_vec(),
+            events,
         };
-        self.jobs
-            .send(job)
-            .map_err(|_| "the spool writer has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the spool writer has stopped".to_string())?
+        let mut appended = self.commit(vec![write]).await?;
+        Ok(appended.pop().unwrap_or_default())
+    }
+
+    /// A receiver that changes after every commit that appended events.
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.clone()
     }
 
     /// Record an attempt; applied with the next commit.
     pub fn mark(&self, route: &str, queued: &Queued, outcome: Outcome) {
         let job = Job {
-            write: Write::Mark {
+            writes: vec![Write::Mark {
                 route: route.to_string(),
                 seq: queued.seq,
                 event: queued.event.id,
                 outcome,
-            },
+            }],
             reply: None,
         };
         if self.jobs.send(job).is_err() {
@@ -230,12 +305,12 @@ impl RetryPolicy {
 pub async fn run_route(
     spool: Arc<Spool>,
     writer: SpoolWriter,
-    forwarder: Forwarder,
+    route: String,
+    sink: Arc<dyn Sink>,
     policy: RetryPolicy,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) {
-    let route = forwarder.target().to_string();
     let mut appended = writer.appended.clone();
     // The last seq this task finished with. Marks are committed asynchronously, so the
     // spool may still list it as pending for a moment; the cursor skips it.
@@ -269,7 +344,7 @@ pub async fn run_route(
             let delivery = Delivery {
                 spool: &spool,
                 writer: &writer,
-                forwarder: &forwarder,
+                sink: sink.as_ref(),
                 route: &route,
                 policy,
                 counters: &counters,
@@ -295,7 +370,7 @@ async fn wait(cancel: &CancellationToken, delay: Duration) {
 struct Delivery<'a> {
     spool: &'a Spool,
     writer: &'a SpoolWriter,
-    forwarder: &'a Forwarder,
+    sink: &'a dyn Sink,
     route: &'a str,
     policy: RetryPolicy,
     counters: &'a Counters,
@@ -309,14 +384,14 @@ impl Delivery<'_> {
         let mut backoff = self.policy.backoff.start();
         let mut attempts = item.attempts;
         let delivery_id = self.spool.delivery_id(item.seq);
-        let extra = [("x-smee-relay-delivery", delivery_id.as_str())];
         loop {
+            let started = tokio::time::Instant::now();
             let grace_over = async {
                 self.cancel.cancelled().await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
             };
             let outcome = tokio::select! {
-                outcome = self.forwarder.deliver(&item.event.event, &extra) => outcome,
+                outcome = self.sink.deliver(&item.event, &delivery_id) => outcome,
                 _ = grace_over => {
                     warn!(
                         event = item.event.id,
@@ -327,7 +402,9 @@ impl Delivery<'_> {
                 }
             };
             attempts += 1;
-            crate::relay::log_delivery(self.forwarder, &item.event, &outcome);
+            log_delivery(self.sink, &item.event, &outcome);
+            // Pace deliveries the sink asks to be paced (Slack: one message a second).
+            tokio::time::sleep_until(started + self.sink.min_interval()).await;
             let error = match outcome {
                 Ok(done) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);

@@ -13,11 +13,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dispatch;
 pub mod event;
 pub mod forward;
 pub mod http;
 pub mod inspect;
+pub mod notify;
 pub mod pipeline;
 pub mod relay;
 pub mod retry;

@@ -1,31 +1,19 @@
-//! The `forward` command's runtime: one channel, one target, through the spool.
-//!
-//! ```text
-//! source --Event--> intake --append--> spool --queue--> route --> target
-//! ```
-//!
-//! Shutdown runs the pipe dry from the front: the source stops, the intake stores what it
-//! already took, the route finishes the delivery in flight (at most
-//! [`dispatch::SHUTDOWN_GRACE`]), and the writer commits the last marks before the spool closes.
+//! The `forward` command: one channel, one target, through the spool (see `daemon` for the
+//! runtime it shares with `run`).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::dispatch::{self, Counters, RetryPolicy, SpoolWriter};
-use crate::forward::{Delivered, ForwardError, Forwarder};
+use crate::daemon::{self, ChannelPlan, Plan};
+use crate::dispatch::RetryPolicy;
 use crate::source::{SourceConfig, SourceError};
-use crate::spool::{Limits, SpoolError, StoredEvent};
+use crate::spool::{Limits, SpoolError};
 use crate::url::TargetUrl;
 
-/// Events received but not yet stored; beyond this the source waits (backpressure).
-const QUEUE_DEPTH: usize = 8192;
-
-/// Errors that stop `forward` from starting.
+/// Errors that stop the relay from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
@@ -57,69 +45,23 @@ pub struct ForwardOptions {
 
 /// Relay until `cancel` fires, then shut down cleanly.
 pub async fn forward(options: ForwardOptions, cancel: CancellationToken) -> Result<(), RelayError> {
-    let forwarder = Forwarder::new(options.target.clone(), options.target_timeout)?;
-    let channel = options.source.channel.clone();
-    let (spool, _lock) = dispatch::open_for_channel(&options.state_dir, &channel)?;
-    let source = options.source.build()?;
     info!(
-        %channel,
+        channel = %options.source.channel,
         target = %options.target,
-        spool = %spool.path().display(),
         "forwarding"
     );
-
-    let counters = Arc::new(Counters::default());
-    let (writer, writer_thread) = SpoolWriter::start(spool.clone(), options.limits);
-    let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
-    let source_task = tokio::spawn(source.run(events_tx, cancel.clone()));
-    let intake_task = tokio::spawn(dispatch::intake(
-        events_rx,
-        writer.clone(),
-        channel.to_string(),
-        vec![options.target.to_string()],
-        counters.clone(),
-    ));
-    let prune_task = tokio::spawn(dispatch::prune_periodically(
-        spool.clone(),
-        options.retain,
-        cancel.clone(),
-    ));
-    dispatch::run_route(
-        spool,
-        writer.clone(),
-        forwarder,
-        options.retry,
-        counters,
-        cancel.clone(),
-    )
-    .await;
-
-    cancel.cancel();
-    let _ = source_task.await;
-    let _ = intake_task.await;
-    let _ = prune_task.await;
-    drop(writer);
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    Ok(())
-}
-
-/// One line per attempt: `POST /hook -> 200 in 3 ms (event 12, x-github-event=push)`.
-pub fn log_delivery(
-    forwarder: &Forwarder,
-    event: &StoredEvent,
-    outcome: &Result<Delivered, ForwardError>,
-) {
-    let about = match crate::spool::event_kind(&event.event) {
-        Some(kind) => format!("event {}, {kind}", event.id),
-        None => format!("event {}", event.id),
+    let plan = Plan {
+        channels: vec![ChannelPlan {
+            source: options.source,
+            forward: vec![options.target],
+            pipeline: false,
+        }],
+        pipeline: None,
+        state_dir: options.state_dir,
+        target_timeout: options.target_timeout,
+        retry: options.retry,
+        retain: options.retain,
+        limits: options.limits,
     };
-    let path = forwarder.target().path();
-    match outcome {
-        Ok(done) => info!(
-            "POST {path} -> {} in {} ms ({about})",
-            done.status.as_u16(),
-            done.elapsed.as_millis()
-        ),
-        Err(e) => warn!("POST {path} failed: {e} ({about})"),
-    }
+    daemon::run(plan, cancel).await
 }

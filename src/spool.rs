@@ -12,6 +12,7 @@
 //! | `events`   | event id            | header JSON length, header JSON, body   |
 //! | `records`  | (event id, route)   | delivery record JSON: status, attempts  |
 //! | `pending`  | (route, seq)        | event id: the per-route FIFO            |
+//! | `alert_states` | rule and entity | the pipeline's alert state (JSON)       |
 //!
 //! A route (a target URL) reads its queue from `pending` in `seq` order; replaying an event adds
 //! it again at the tail with a new `seq`. The database is opened in redb's multi-writer mode so
@@ -39,6 +40,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RECORDS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("records");
 const PENDING: TableDefinition<(&str, u64), u64> = TableDefinition::new("pending");
+const ALERT_STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("alert_states");
 
 const NEXT_EVENT: &str = "next_event";
 const NEXT_SEQ: &str = "next_seq";
@@ -177,6 +179,8 @@ pub enum Write {
         event: u64,
         outcome: Outcome,
     },
+    /// Store (or with `None`, forget) the pipeline's state under `key`.
+    State { key: String, value: Option<Vec<u8>> },
 }
 
 /// What a batch of writes did.
@@ -341,6 +345,14 @@ impl Spool {
                         event,
                         outcome,
                     } => t.mark(&route, seq, event, outcome, now)?,
+                    Write::State { key, value } => match value {
+                        Some(value) => {
+                            t.states.insert(key.as_str(), value.as_slice())?;
+                        }
+                        None => {
+                            t.states.remove(key.as_str())?;
+                        }
+                    },
                 }
             }
             Ok(report)
@@ -495,6 +507,19 @@ impl Spool {
         self.update(|t| t.prune_delivered(older_than_ms, None))
     }
 
+    /// Every stored pipeline state.
+    pub fn states(&self) -> Result<Vec<(String, Vec<u8>)>, SpoolError> {
+        self.read(|txn| {
+            let states = txn.open_table(ALERT_STATES)?;
+            let mut out = Vec::new();
+            for entry in states.iter()? {
+                let (key, value) = entry?;
+                out.push((key.value().to_string(), value.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
     /// Stored bytes and the number of pending deliveries.
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.read(|txn| {
@@ -551,6 +576,7 @@ struct Tables<'txn> {
     events: redb::Table<'txn, u64, &'static [u8]>,
     records: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     pending: redb::Table<'txn, (&'static str, u64), u64>,
+    states: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -560,6 +586,7 @@ impl<'txn> Tables<'txn> {
             events: txn.open_table(EVENTS)?,
             records: txn.open_table(RECORDS)?,
             pending: txn.open_table(PENDING)?,
+            states: txn.open_table(ALERT_STATES)?,
         })
     }
 

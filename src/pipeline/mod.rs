@@ -2,12 +2,417 @@
 //! produce alerts.
 //!
 //! ```text
-//! Event --port::decode--> Change --diff--> changed properties
-//!                            \--rules (+ state)--> Alert
+//! Event --verify--> --port::decode--> Change --rules::judge--> Verdict --state::step--> Alert
+//!                                          \--diff--> what else changed (shown in the alert)
 //! ```
+//!
+//! [`Pipeline::evaluate`] is pure: it takes an event, the current alert states and the time,
+//! and returns the alerts to send and the states to store. The runtime (in `daemon`) persists
+//! both in one spool transaction, together with marking the event done, so an event delivered
+//! twice never alerts twice and a restart neither re-alerts nor forgets.
 
 pub mod diff;
 pub mod jq;
 pub mod port;
 pub mod rules;
 pub mod state;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::Event;
+use crate::verify::{SignatureError, Verifier};
+use port::{Action, Change};
+use rules::{Rule, Verdict};
+use state::{Phase, Transition};
+
+/// FIRING or RESOLVED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AlertStatus {
+    Firing,
+    Resolved,
+}
+
+impl std::fmt::Display for AlertStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AlertStatus::Firing => "FIRING",
+            AlertStatus::Resolved => "RESOLVED",
+        })
+    }
+}
+
+/// One property change, as an alert shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShownChange {
+    pub property: String,
+    pub before: String,
+    pub after: String,
+}
+
+/// Something to tell people: a rule started or stopped firing for an entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub status: AlertStatus,
+    pub rule: String,
+    pub severity: String,
+    /// The entity identifier.
+    pub entity: String,
+    /// The entity title (or identifier).
+    pub title: String,
+    pub blueprint: Option<String>,
+    /// The watched property and its values around the change, for property rules.
+    pub property: Option<ShownChange>,
+    /// The condition in words: `above 80 (clears below 70)`.
+    pub threshold: String,
+    /// The other properties that changed in the same event.
+    pub other_changes: Vec<ShownChange>,
+    /// `CREATE`, `UPDATE`, `DELETE`.
+    pub action: String,
+    pub triggered_by: Option<String>,
+    pub triggered_at: Option<String>,
+    /// The entity's page in Port.
+    pub entity_url: Option<String>,
+    /// Properties whose value is an http(s) URL (dashboards, error trackers...).
+    pub links: Vec<(String, String)>,
+    /// Why, when it is not the condition itself (e.g. "entity deleted", "held for 5m").
+    pub note: Option<String>,
+}
+
+/// An alert state as stored: the phase, and for a pending alert the alert to send when the
+/// hold is over (the event that started it may be long gone by then).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AlertState {
+    pub phase: Phase,
+    pub draft: Option<Alert>,
+    /// The last alert sent, kept so a resolve can say what fired.
+    pub fired: Option<Alert>,
+}
+
+/// The key of an alert state: rule and entity.
+pub fn state_key(rule: &str, entity: &str) -> String {
+    format!("{rule}\u{1f}{entity}")
+}
+
+/// What the pipeline made of one event.
+#[derive(Debug)]
+pub enum Evaluation {
+    /// Not a Port entity change: nothing to do (it is still forwarded).
+    NotPort(String),
+    /// The signature did not verify: never evaluated.
+    Rejected(SignatureError),
+    Evaluated {
+        change: Box<Change>,
+        alerts: Vec<Alert>,
+        /// New states to store (only those that changed).
+        states: BTreeMap<String, AlertState>,
+        /// Rules that could not judge: (rule, entity, reason).
+        skipped: Vec<(String, String, String)>,
+    },
+}
+
+/// The compiled pipeline: rules, signature check, links.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub rules: Vec<Rule>,
+    pub verifier: Option<Verifier>,
+    /// Base URL of the Port app, for entity links.
+    pub app_url: String,
+}
+
+impl Pipeline {
+    /// Evaluate one event against the current states at `now_ms`.
+    pub fn evaluate(
+        &self,
+        event: &Event,
+        current: &dyn Fn(&str) -> AlertState,
+        now_ms: u64,
+    ) -> Evaluation {
+        if let Some(verifier) = &self.verifier
+            && let Err(e) = verifier.verify(
+                event.header("x-port-signature"),
+                event.header("x-port-timestamp"),
+                &event.body,
+                now_ms,
+            )
+        {
+            return Evaluation::Rejected(e);
+        }
+        let change = match port::decode(&event.body) {
+            Ok(change) => change,
+            Err(e) => return Evaluation::NotPort(e.to_string()),
+        };
+        let Some(entity) = change.entity().map(str::to_owned) else {
+            return Evaluation::NotPort("the change names no entity".into());
+        };
+        let changed = diff::properties(&change);
+        let mut alerts = Vec::new();
+        let mut states = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.watches(&change)) {
+            let key = state_key(&rule.name, &entity);
+            let mut state = current(&key);
+            let draft = self.alert(rule, &change, &changed, AlertStatus::Firing);
+            let (phase, transition) = if change.action == Action::Delete {
+                state::entity_deleted(state.phase)
+            } else {
+                let verdict = rule.judge(&change);
+                if let Verdict::Skip(reason) = &verdict {
+                    skipped.push((rule.name.clone(), entity.clone(), reason.clone()));
+                }
+                state::step(state.phase, &verdict, rule.hold, now_ms)
+            };
+            let before = state.clone();
+            state.phase = phase;
+            match transition {
+                Some(Transition::Fire) => {
+                    state.fired = Some(draft.clone());
+                    state.draft = None;
+                    alerts.push(draft);
+                }
+                Some(Transition::Resolve) => {
+                    let mut resolved = self.alert(rule, &change, &changed, AlertStatus::Resolved);
+                    if change.action == Action::Delete {
+                        resolved.note = Some("entity deleted".into());
+                    }
+                    state.fired = None;
+                    alerts.push(resolved);
+                }
+                None => {
+                    state.draft = matches!(phase, Phase::Pending { .. }).then_some(draft);
+                }
+            }
+            if state != before {
+                states.insert(key, state);
+            }
+        }
+        Evaluation::Evaluated {
+            change: Box::new(change),
+            alerts,
+            states,
+            skipped,
+        }
+    }
+
+    /// Pending alerts whose hold is over at `now_ms`: the alerts and their new states.
+    pub fn mature<'a>(
+        &self,
+        states: impl Iterator<Item = (&'a String, &'a AlertState)>,
+        now_ms: u64,
+    ) -> Vec<(String, AlertState, Alert)> {
+        let mut out = Vec::new();
+        for (key, state) in states {
+            let rule = key.split('\u{1f}').next().unwrap_or("");
+            let Some(rule) = self.rules.iter().find(|r| r.name == rule) else {
+                continue;
+            };
+            if let (phase, Some(Transition::Fire)) = state::tick(state.phase, rule.hold, now_ms)
+                && let Some(mut alert) = state.draft.clone()
+            {
+                alert.note = Some(format!(
+                    "held for {}",
+                    humantime::format_duration(rule.hold)
+                ));
+                let next = AlertState {
+                    phase,
+                    draft: None,
+                    fired: Some(alert.clone()),
+                };
+                out.push((key.clone(), next, alert));
+            }
+        }
+        out
+    }
+
+    /// The earliest time a pending alert is due, if any is pending.
+    pub fn next_due<'a>(
+        &self,
+        states: impl Iterator<Item = (&'a String, &'a AlertState)>,
+    ) -> Option<u64> {
+        states
+            .filter_map(|(key, state)| {
+                let rule = key.split('\u{1f}').next()?;
+                let rule = self.rules.iter().find(|r| r.name == rule)?;
+                state::due_at(state.phase, rule.hold)
+            })
+            .min()
+    }
+
+    fn alert(
+        &self,
+        rule: &Rule,
+        change: &Change,
+        changed: &[diff::PropertyChange],
+        status: AlertStatus,
+    ) -> Alert {
+        let entity = change.entity().unwrap_or("").to_string();
+        let shown = |c: &diff::PropertyChange| ShownChange {
+            property: c.name.clone(),
+            before: diff::show(c.before.as_ref()),
+            after: diff::show(c.after.as_ref()),
+        };
+        let property = rule.property().map(|name| {
+            changed
+                .iter()
+                .find(|c| c.name == name)
+                .map(shown)
+                .unwrap_or_else(|| {
+                    let now = change.after.as_ref().and_then(|e| e.properties.get(name));
+                    ShownChange {
+                        property: name.to_string(),
+                        before: diff::show(now),
+                        after: diff::show(now),
+                    }
+                })
+        });
+        let snapshot = change.after.as_ref().or(change.before.as_ref());
+        let links = snapshot
+            .map(|e| {
+                e.properties
+                    .iter()
+                    .filter_map(|(name, value)| match value {
+                        Value::String(url)
+                            if url.starts_with("https://") || url.starts_with("http://") =>
+                        {
+                            Some((name.clone(), url.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let blueprint = change.blueprint().map(str::to_owned);
+        let entity_url = blueprint.as_ref().map(|b| {
+            format!(
+                "{}/{b}Entity?identifier={}",
+                self.app_url,
+                url_escape(&entity)
+            )
+        });
+        Alert {
+            status,
+            rule: rule.name.clone(),
+            severity: rule.severity.clone(),
+            title: change.title().unwrap_or(&entity).to_string(),
+            entity,
+            blueprint,
+            property,
+            threshold: rule.threshold(),
+            other_changes: changed
+                .iter()
+                .filter(|c| Some(c.name.as_str()) != rule.property())
+                .map(shown)
+                .collect(),
+            action: change.action.to_string(),
+            triggered_by: change.trigger.by.user_id.clone(),
+            triggered_at: change.trigger.at.clone(),
+            entity_url,
+            links,
+            note: None,
+        }
+    }
+}
+
+fn url_escape(text: &str) -> String {
+    reqwest::Url::parse_with_params("http://x/", [("v", text)])
+        .map(|u| u.query().unwrap_or("").trim_start_matches("v=").to_string())
+        .unwrap_or_else(|_| text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// The rules of the fixtures' README.
+    pub(crate) fn fixture_rules() -> Vec<Rule> {
+        let config = crate::config::parse(
+            r#"
+[[channel]]
+url = "http://127.0.0.1:1/c"
+pipeline = true
+[[rule]]
+name = "cpu-high"
+blueprint = "DeploymentConfig"
+property = "cpuUtil"
+above = 80
+clear_below = 70
+[[rule]]
+name = "unhealthy"
+blueprint = "DeploymentConfig"
+property = "healthStatus"
+not_in = ["Healthy"]
+"#,
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        config.rules
+    }
+
+    const FILES: [&str; 9] = [
+        "01-create",
+        "02-cpu-25-to-87",
+        "03-cpu-87-to-91",
+        "04-health-healthy-to-degraded",
+        "05-cpu-91-to-75",
+        "06-cpu-75-to-60",
+        "07-health-degraded-to-healthy",
+        "08-cpu-60-to-95",
+        "09-delete",
+    ];
+
+    #[test]
+    fn the_fixture_sequence_alerts_exactly_as_documented() {
+        let pipeline = Pipeline {
+            rules: fixture_rules(),
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+        };
+        for shape in ["legacy", "automation"] {
+            let mut states: HashMap<String, AlertState> = HashMap::new();
+            let mut sent = Vec::new();
+            for file in FILES {
+                let path = format!(
+                    "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
+                    env!("CARGO_MANIFEST_DIR")
+                );
+                let event = Event {
+                    sse_id: None,
+                    timestamp_ms: None,
+                    headers: vec![],
+                    query: vec![],
+                    body: std::fs::read(path).unwrap().into(),
+                };
+                let current = |key: &str| states.get(key).cloned().unwrap_or_default();
+                let Evaluation::Evaluated {
+                    alerts,
+                    states: new,
+                    ..
+                } = pipeline.evaluate(&event, &current, 1_000)
+                else {
+                    panic!("{file} did not evaluate");
+                };
+                states.extend(new);
+                for alert in alerts {
+                    sent.push(format!("{file}: {} {}", alert.rule, alert.status));
+                }
+            }
+            assert_eq!(
+                sent,
+                [
+                    "02-cpu-25-to-87: cpu-high FIRING",
+                    "04-health-healthy-to-degraded: unhealthy FIRING",
+                    "06-cpu-75-to-60: cpu-high RESOLVED",
+                    "07-health-degraded-to-healthy: unhealthy RESOLVED",
+                    "08-cpu-60-to-95: cpu-high FIRING",
+                    "09-delete: cpu-high RESOLVED",
+                ],
+                "{shape}"
+            );
+        }
+    }
+}

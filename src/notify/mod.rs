@@ -1,0 +1,141 @@
+//! Telling people: alerts as Slack messages, or as text on stdout when no Slack is configured.
+
+pub mod slack;
+
+use std::fmt::Write as _;
+
+use crate::pipeline::Alert;
+
+/// The alert's one-line headline: `FIRING cpu-high: Notification Service Production`.
+pub fn headline(alert: &Alert) -> String {
+    format!("{} {}: {}", alert.status, alert.rule, alert.title)
+}
+
+/// An alert as a readable block of text (stdout, the demo).
+pub fn text(alert: &Alert) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", headline(alert));
+    let _ = writeln!(
+        out,
+        "  entity:    {} ({})",
+        alert.entity,
+        alert.blueprint.as_deref().unwrap_or("-")
+    );
+    if let Some(p) = &alert.property {
+        let _ = writeln!(out, "  {}: {} -> {}", p.property, p.before, p.after);
+    }
+    let _ = writeln!(out, "  condition: {}", alert.threshold);
+    let _ = writeln!(out, "  severity:  {}", alert.severity);
+    if let Some(note) = &alert.note {
+        let _ = writeln!(out, "  note:      {note}");
+    }
+    for c in &alert.other_changes {
+        let _ = writeln!(
+            out,
+            "  also:      {}: {} -> {}",
+            c.property, c.before, c.after
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  by:        {} at {}",
+        alert.triggered_by.as_deref().unwrap_or("-"),
+        alert.triggered_at.as_deref().unwrap_or("-")
+    );
+    if let Some(url) = &alert.entity_url {
+        let _ = writeln!(out, "  port:      {url}");
+    }
+    for (name, url) in &alert.links {
+        let _ = writeln!(out, "  {name}: {url}");
+    }
+    out
+}
+
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use http::StatusCode;
+
+use crate::dispatch::Sink;
+use crate::event::Event;
+use crate::forward::{Delivered, ForwardError, Forwarder};
+use crate::spool::StoredEvent;
+
+/// The route name alerts are queued on in the spool.
+pub const ALERT_ROUTE: &str = "alerts";
+
+/// Where spooled alerts go.
+pub enum AlertSink {
+    /// A Slack incoming webhook. Its URL is a secret: this sink only ever calls itself "slack".
+    Slack(Forwarder),
+    /// Printed to stdout, one block per alert.
+    Stdout,
+}
+
+/// An alert as it travels through the spool: JSON in an event body.
+pub fn to_event(alert: &Alert) -> Event {
+    Event {
+        sse_id: None,
+        timestamp_ms: None,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            (
+                "x-smee-relay-alert".into(),
+                format!("{} {}", alert.rule, alert.status),
+            ),
+        ],
+        query: vec![],
+        body: serde_json::to_vec(alert)
+            .expect("an alert serialises")
+            .into(),
+    }
+}
+
+impl Sink for AlertSink {
+    fn describe(&self) -> String {
+        match self {
+            AlertSink::Slack(_) => "slack".into(),
+            AlertSink::Stdout => "stdout".into(),
+        }
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+        _delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let alert: Alert =
+                serde_json::from_slice(&event.event.body).map_err(|e| ForwardError::Status {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    retry_after: None,
+                    body: format!("not an alert: {e}"),
+                })?;
+            match self {
+                AlertSink::Stdout => {
+                    println!("{}", text(&alert));
+                    Ok(Delivered {
+                        status: StatusCode::OK,
+                        elapsed: started.elapsed(),
+                    })
+                }
+                AlertSink::Slack(forwarder) => {
+                    let message = Event {
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        body: slack::message(&alert).to_string().into(),
+                        ..event.event.clone()
+                    };
+                    forwarder.deliver(&message, &[]).await
+                }
+            }
+        })
+    }
+
+    fn min_interval(&self) -> Duration {
+        match self {
+            AlertSink::Slack(_) => Duration::from_secs(1),
+            AlertSink::Stdout => Duration::ZERO,
+        }
+    }
+}
