@@ -100,11 +100,14 @@ pub struct Counters {
     pub dead: AtomicU64,
 }
 
+/// Per `Append` in a job, each event's id (`None`: refused, the spool is full).
+pub type Appended = Vec<Vec<Option<u64>>>;
+
 /// Writes that commit together, in one transaction.
 struct Job {
     writes: Vec<Write>,
     /// Where to say the job is committed: per `Append` in it, the ids given.
-    reply: Option<oneshot::Sender<Result<Vec<Vec<Option<u64>>>, String>>>,
+    reply: Option<oneshot::Sender<Result<Appended, String>>>,
 }
 
 /// A handle for sending writes to the writer thread. Cloneable; the thread ends when every
@@ -188,7 +191,7 @@ impl SpoolWriter {
 
     /// Commit `writes` together and wait until they are on disk. Returns, per `Append`, each
     /// event's id, or `None` if the spool was full.
-    pub async fn commit(&self, writes: Vec<Write>) -> Result<Vec<Vec<Option<u64>>>, String> {
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<Appended, String> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             writes,
