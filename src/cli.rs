@@ -50,6 +50,10 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Create a new channel and print its URL.
     New(NewArgs),
+    /// Run as a daemon from a config file: channels, targets, Port rules, Slack.
+    Run(RunArgs),
+    /// Validate a config file; with --event, show what the rules would do with one payload.
+    Check(CheckArgs),
     /// Inspect and re-queue the events in the spool (works while the relay runs).
     Events(EventsArgs),
 }
@@ -143,16 +147,23 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "90s", value_parser = parse_duration, env = "SMEE_RELAY_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
 
-    /// How long the target may take to answer one delivery.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "SMEE_RELAY_TARGET_TIMEOUT")]
-    pub target_timeout: Duration,
-
     /// The smee server to create a channel on when no CHANNEL_URL is given.
     #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
     pub server: Url,
 
     #[command(flatten)]
+    pub delivery: DeliveryArgs,
+}
+
+/// How events are kept and retried; shared by `forward` and `run`.
+#[derive(Debug, Args)]
+pub struct DeliveryArgs {
+    #[command(flatten)]
     pub state: StateDirArg,
+
+    /// How long a target may take to answer one delivery.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "SMEE_RELAY_TARGET_TIMEOUT")]
+    pub target_timeout: Duration,
 
     /// Keep delivered events this long, for `events replay`.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SMEE_RELAY_RETAIN")]
@@ -166,6 +177,28 @@ pub struct ForwardArgs {
     /// Stop retrying an event this old; it becomes a dead letter.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SMEE_RELAY_MAX_RETRY_AGE")]
     pub max_retry_age: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The config file (TOML).
+    #[arg(short, long, env = "SMEE_RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The config file (TOML).
+    #[arg(short, long, env = "SMEE_RELAY_CONFIG")]
+    pub config: std::path::PathBuf,
+
+    /// A webhook body (Port payload JSON): show the change, the diff, and what each rule would
+    /// send for it, starting from no alert.
+    #[arg(long)]
+    pub event: Option<std::path::PathBuf>,
 }
 
 impl ForwardArgs {

@@ -1,5 +1,5 @@
 //! The `smee-relay` binary: parse the command line, set up logging, run, and map the outcome to
-//! an exit code (0 success, 1 runtime failure, 2 usage error).
+//! an exit code (0 success, 1 runtime failure, 2 usage or config error).
 
 use std::process::ExitCode;
 
@@ -7,8 +7,15 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
 
-use smee_relay::cli::{Cli, Command, EventsArgs, EventsCommand, ForwardArgs};
+use smee_relay::cli::{
+    CheckArgs, Cli, Command, DeliveryArgs, EventsArgs, EventsCommand, ForwardArgs, RunArgs,
+};
+use smee_relay::config::{self, ConfigError};
+use smee_relay::daemon::{self, ChannelPlan, Plan};
 use smee_relay::dispatch::RetryPolicy;
+use smee_relay::forward::Forwarder;
+use smee_relay::notify::AlertSink;
+use smee_relay::pipeline::Pipeline;
 use smee_relay::relay::{self, ForwardOptions};
 use smee_relay::source::{self, SourceConfig};
 use smee_relay::spool::{self, Limits, Replay, Spool};
@@ -50,6 +57,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(USAGE_ERROR)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
@@ -66,8 +77,125 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Forward(args) => forward(args).await,
+        Command::Run(args) => run_config(args).await,
+        Command::Check(args) => check(args),
         Command::Events(args) => events(args),
     }
+}
+
+fn retry_policy(delivery: &DeliveryArgs) -> RetryPolicy {
+    RetryPolicy {
+        max_age: delivery.max_retry_age,
+        ..RetryPolicy::DEFAULT
+    }
+}
+
+fn stop_on_signals() -> anyhow::Result<CancellationToken> {
+    let cancel = CancellationToken::new();
+    service::cancel_on_signals(cancel.clone()).context("cannot install signal handlers")?;
+    Ok(cancel)
+}
+
+async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let target = args.target_url().context("invalid target")?;
+    let channel = match args.channel_url() {
+        Some(channel) => channel,
+        None => {
+            let channel = source::create_channel(&args.server).await?;
+            println!("Forwarding {} to {target}", channel.expose());
+            channel
+        }
+    };
+    let mut source = SourceConfig::new(channel);
+    source.idle_timeout = args.idle_timeout;
+    let delivery = &args.delivery;
+    let options = ForwardOptions {
+        source,
+        target,
+        target_timeout: delivery.target_timeout,
+        state_dir: spool::state_dir(delivery.state.state_dir.as_deref()),
+        retry: retry_policy(delivery),
+        retain: delivery.retain,
+        limits: Limits {
+            max_bytes: delivery.max_spool_size,
+        },
+    };
+    relay::forward(options, stop_on_signals()?).await?;
+    Ok(())
+}
+
+fn load_config(path: &std::path::Path) -> Result<config::Config, ConfigError> {
+    config::load(path, &|name| std::env::var(name).ok())
+}
+
+async fn run_config(args: RunArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.config)?;
+    let delivery = &args.delivery;
+    let state_dir = match (&delivery.state.state_dir, &config.state_dir) {
+        (Some(flag), _) => flag.clone(),
+        (None, Some(file)) => file.clone(),
+        (None, None) => spool::state_dir(None),
+    };
+    let uses_pipeline = config.channels.iter().any(|c| c.pipeline);
+    let pipeline = if uses_pipeline {
+        let sink = match &config.slack {
+            Some(url) => AlertSink::Slack(Forwarder::new(
+                url.0.as_str().parse().context("slack webhook_url")?,
+                delivery.target_timeout,
+            )?),
+            None => AlertSink::Stdout,
+        };
+        let pipeline = Pipeline {
+            rules: config.rules.clone(),
+            verifier: config.verifier.clone(),
+            app_url: config.app_url.clone(),
+        };
+        Some((pipeline, sink))
+    } else {
+        None
+    };
+    let channels = config
+        .channels
+        .iter()
+        .map(|c| {
+            let mut source = SourceConfig::new(c.url.clone());
+            source.idle_timeout = c.idle_timeout;
+            ChannelPlan {
+                source,
+                forward: c.forward.clone(),
+                pipeline: c.pipeline,
+            }
+        })
+        .collect();
+    let plan = Plan {
+        channels,
+        pipeline,
+        state_dir,
+        target_timeout: delivery.target_timeout,
+        retry: retry_policy(delivery),
+        retain: delivery.retain,
+        limits: Limits {
+            max_bytes: delivery.max_spool_size,
+        },
+    };
+    daemon::run(plan, stop_on_signals()?).await?;
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.config)?;
+    let Some(event) = args.event else {
+        println!(
+            "{}: ok ({} channels, {} rules)",
+            args.config.display(),
+            config.channels.len(),
+            config.rules.len()
+        );
+        return Ok(());
+    };
+    let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
+    print!("{}", inspect::check_event(&config, &body));
+    Ok(())
 }
 
 fn events(args: EventsArgs) -> anyhow::Result<()> {
@@ -106,41 +234,5 @@ fn events(args: EventsArgs) -> anyhow::Result<()> {
             println!("purged {purged} dead letters");
         }
     }
-    Ok(())
-}
-
-async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
-    let target = args.target_url().context("invalid target")?;
-    let channel = match args.channel_url() {
-        Some(channel) => channel,
-        None => {
-            let channel = source::create_channel(&args.server).await?;
-            println!("Forwarding {} to {target}", channel.expose());
-            channel
-        }
-    };
-    let mut source = SourceConfig::new(channel);
-    source.idle_timeout = args.idle_timeout;
-    let retry = RetryPolicy {
-        max_age: args.max_retry_age,
-        ..RetryPolicy::DEFAULT
-    };
-    let cancel = CancellationToken::new();
-    service::cancel_on_signals(cancel.clone()).context("cannot install signal handlers")?;
-    relay::forward(
-        ForwardOptions {
-            source,
-            target,
-            target_timeout: args.target_timeout,
-            state_dir: spool::state_dir(args.state.state_dir.as_deref()),
-            retry,
-            retain: args.retain,
-            limits: Limits {
-                max_bytes: args.max_spool_size,
-            },
-        },
-        cancel,
-    )
-    .await?;
     Ok(())
 }
