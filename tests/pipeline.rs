@@ -1,0 +1,386 @@
+//! The Port pipeline end to end: the real binary with `run --config`, a fake channel sending
+//! the DeploymentConfig fixtures, and a fake Slack.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{KeyInit, Mac};
+use support::{FakeChannel, FakeTarget, LogWatch, smee_relay};
+
+const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/xoxSECRETtoken";
+
+const FILES: [&str; 9] = [
+    "01-create",
+    "02-cpu-25-to-87",
+    "03-cpu-87-to-91",
+    "04-health-healthy-to-degraded",
+    "05-cpu-91-to-75",
+    "06-cpu-75-to-60",
+    "07-health-degraded-to-healthy",
+    "08-cpu-60-to-95",
+    "09-delete",
+];
+
+fn fixture(shape: &str, file: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// A smee frame carrying `body` with these headers.
+fn frame(body: &str, headers: &[(&str, &str)]) -> String {
+    let mut fields: Vec<String> = headers
+        .iter()
+        .map(|(k, v)| format!("{}:{}", serde_json::json!(k), serde_json::json!(v)))
+        .collect();
+    fields.push(r#""content-type":"application/json""#.into());
+    fields.push(format!(r#""body":{body}"#));
+    format!("{{{}}}", fields.join(","))
+}
+
+fn sign(secret: &str, timestamp: &str, body: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+fn write_config(dir: &Path, channel: &str, slack: &str, extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[channel]]
+url = "{channel}"
+pipeline = true
+
+[slack]
+webhook_url_env = "TEST_SLACK_WEBHOOK"
+
+{extra}
+
+[[rule]]
+name = "cpu-high"
+blueprint = "DeploymentConfig"
+property = "cpuUtil"
+above = 80
+clear_below = 70
+
+[[rule]]
+name = "unhealthy"
+blueprint = "DeploymentConfig"
+property = "healthStatus"
+not_in = ["Healthy"]
+severity = "critical"
+"#
+        ),
+    )
+    .unwrap();
+    let _ = slack;
+    path
+}
+
+struct Daemon {
+    child: tokio::process::Child,
+    logs: LogWatch,
+}
+
+async fn start(config: &Path, state_dir: &Path, slack: &str, channel: &FakeChannel) -> Daemon {
+    let before = channel.connections();
+    let mut child = smee_relay()
+        .args(["run", "--config"])
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("TEST_SLACK_WEBHOOK", slack)
+        .env("TEST_PORT_SECRET", "test-secret")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(before + 1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    Daemon { child, logs }
+}
+
+async fn stop(mut daemon: Daemon) -> LogWatch {
+    let pid = daemon.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = daemon.child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    daemon.logs
+}
+
+/// The Slack message's header text.
+fn header(request: &support::Received) -> String {
+    let message: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+    message["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes() {
+    for shape in ["legacy", "automation"] {
+        let channel = FakeChannel::start().await;
+        let mut slack = FakeTarget::start().await;
+        let dir = support::fresh_state_dir();
+        let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
+        let daemon = start(
+            &config,
+            &dir.join("state"),
+            &slack.url(SLACK_PATH),
+            &channel,
+        )
+        .await;
+
+        for (n, file) in FILES.iter().enumerate() {
+            channel.send_webhook(n as u64 + 1, &frame(&fixture(shape, file), &[]));
+        }
+        let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
+        let title = "Notification Service Production";
+        assert_eq!(
+            got,
+            [
+                format!("FIRING cpu-high: {title}"),
+                format!("FIRING unhealthy: {title}"),
+                format!("RESOLVED cpu-high: {title}"),
+                format!("RESOLVED unhealthy: {title}"),
+                format!("FIRING cpu-high: {title}"),
+                format!("RESOLVED cpu-high: {title}"),
+            ],
+            "{shape}"
+        );
+        slack.assert_quiet(Duration::from_millis(1500)).await;
+        let logs = stop(daemon).await;
+        assert!(
+            !logs.all().contains("SECRET"),
+            "the Slack webhook URL must never be logged"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_slack_message_carries_what_people_need() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
+    let _daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+
+    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    let request = slack.next().await;
+    assert_eq!(request.uri, SLACK_PATH);
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    let text = String::from_utf8_lossy(&request.body).into_owned();
+    let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fallback = message["text"].as_str().unwrap();
+    assert!(
+        fallback.starts_with("FIRING cpu-high: Notification Service Production"),
+        "{fallback}"
+    );
+    assert!(fallback.contains("cpuUtil 25 → 87"), "{fallback}");
+    for needle in [
+        "app.getport.io/DeploymentConfigEntity?identifier=notification-service-prod",
+        "DeploymentConfig",
+        "25 → 87",
+        "above 80 (clears below 70)",
+        "warning",
+        "h2Mf13aRSCYQCUPIcqufoP4XRLwAt8Od@clients",
+        "2026-11-20T10:01:00.000Z",
+        r#""url":"https://newrelic.com""#,
+        r#""url":"https://sentry.io/""#,
+        r##""color":"#ecb22e""##,
+    ] {
+        assert!(text.contains(needle), "{needle} missing from {text}");
+    }
+}
+
+#[tokio::test]
+async fn signed_events_pass_and_a_tampered_one_is_rejected() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let config = write_config(
+        &dir,
+        &channel.url("PipelineChannel"),
+        "",
+        "[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n",
+    );
+    let state = dir.join("state");
+    let daemon = start(&config, &state, &slack.url(SLACK_PATH), &channel).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+
+    // Tampered: signed, then the cpu value changed. Rejected, so no FIRING.
+    let body = fixture("automation", "02-cpu-25-to-87");
+    let signature = sign("test-secret", &now, &body);
+    let tampered = body.replace("\"cpuUtil\":87", "\"cpuUtil\":99");
+    let headers = [
+        ("x-port-timestamp", now.as_str()),
+        ("x-port-signature", signature.as_str()),
+    ];
+    channel.send_webhook(1, &frame(&tampered, &headers));
+    daemon.logs.wait_for(&["rejected", "does not match"]).await;
+    // Unsigned: rejected too.
+    channel.send_webhook(2, &frame(&body, &[]));
+    daemon
+        .logs
+        .wait_for(&["rejected", "no x-port-signature"])
+        .await;
+    // Signed and intact: evaluated.
+    channel.send_webhook(3, &frame(&body, &headers));
+    assert_eq!(
+        header(&slack.next().await),
+        "FIRING cpu-high: Notification Service Production"
+    );
+    slack.assert_quiet(Duration::from_millis(1200)).await;
+    assert!(!daemon.logs.all().contains("test-secret"));
+}
+
+#[tokio::test]
+async fn slack_429_waits_for_retry_after_and_sends_once() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    slack.answer_with_retry_after(429, 1);
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
+    let daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+
+    channel.send_webhook(1, &frame(&fixture("legacy", "02-cpu-25-to-87"), &[]));
+    let first = slack.next().await;
+    let refused_at = std::time::Instant::now();
+    let second = slack.next().await;
+    assert!(refused_at.elapsed() >= Duration::from_millis(900));
+    assert_eq!(header(&first), header(&second));
+    slack.assert_quiet(Duration::from_millis(1500)).await;
+    daemon.logs.wait_for(&["slack -> 200"]).await;
+}
+
+#[tokio::test]
+async fn a_restart_neither_realerts_nor_forgets() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let state = dir.join("state");
+    let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
+    let webhook = slack.url(SLACK_PATH);
+
+    let daemon = start(&config, &state, &webhook, &channel).await;
+    for (n, file) in FILES[..2].iter().enumerate() {
+        channel.send_webhook(n as u64 + 1, &frame(&fixture("legacy", file), &[]));
+    }
+    assert_eq!(
+        header(&slack.next().await),
+        "FIRING cpu-high: Notification Service Production"
+    );
+    stop(daemon).await;
+
+    let _daemon = start(&config, &state, &webhook, &channel).await;
+    for (n, file) in FILES[2..6].iter().enumerate() {
+        channel.send_webhook(n as u64 + 10, &frame(&fixture("legacy", file), &[]));
+    }
+    let got: Vec<String> = slack.take(2).await.iter().map(header).collect();
+    assert_eq!(
+        got,
+        [
+            "FIRING unhealthy: Notification Service Production",
+            "RESOLVED cpu-high: Notification Service Production"
+        ]
+    );
+    slack.assert_quiet(Duration::from_millis(1500)).await;
+}
+
+#[tokio::test]
+async fn check_validates_and_explains() {
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, "https://smee.io/abc", "", "");
+    let run = |args: Vec<String>| async move {
+        let out = smee_relay()
+            .env(
+                "TEST_SLACK_WEBHOOK",
+                "https://hooks.slack.com/services/T/B/X",
+            )
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config_arg = config.display().to_string();
+    let (code, stdout, _) = run(vec!["check".into(), "--config".into(), config_arg.clone()]).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("ok (1 channels, 2 rules)"), "{stdout}");
+
+    let event = format!(
+        "{}/tests/fixtures/port/deployment-config/automation/04-health-healthy-to-degraded.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (code, stdout, _) = run(vec![
+        "check".into(),
+        "--config".into(),
+        config_arg.clone(),
+        "--event".into(),
+        event,
+    ])
+    .await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("healthStatus: Healthy -> Degraded"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "rule unhealthy: would send\nFIRING unhealthy: Notification Service Production"
+        ),
+        "{stdout}"
+    );
+    // From no alert, cpuUtil 91 is above 80 too.
+    assert!(
+        stdout.contains("rule cpu-high: would send\nFIRING cpu-high"),
+        "{stdout}"
+    );
+
+    let broken = std::fs::read_to_string(&config).unwrap().replace(
+        "not_in = [\"Healthy\"]",
+        "not_in = [\"Healthy\"]\nwhen = '.x =='",
+    );
+    std::fs::write(&config, broken).unwrap();
+    let (code, _, stderr) = run(vec!["check".into(), "--config".into(), config_arg]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("config.toml:") && stderr.contains("give only one of"),
+        "{stderr}"
+    );
+}
