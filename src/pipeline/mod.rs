@@ -415,4 +415,90 @@ not_in = ["Healthy"]
             );
         }
     }
+
+    fn event(body: &str) -> Event {
+        Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: body.as_bytes().to_vec().into(),
+        }
+    }
+
+    fn update(properties: &str) -> String {
+        format!(
+            r#"{{"action":"UPDATE","resourceType":"entity","context":{{"blueprint":"DeploymentConfig","entity":"svc"}},
+               "diff":{{"before":{{"identifier":"svc","properties":{{}}}},"after":{{"identifier":"svc","title":"Svc","properties":{properties}}}}}}}"#
+        )
+    }
+
+    fn with_rules(extra: &str) -> Pipeline {
+        let config = crate::config::parse(
+            &format!("[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{extra}"),
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        Pipeline {
+            rules: config.rules,
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+        }
+    }
+
+    #[test]
+    fn a_held_alert_fires_when_its_time_comes_unless_it_recovers() {
+        let pipeline = with_rules(
+            "[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n",
+        );
+        let mut states: HashMap<String, AlertState> = HashMap::new();
+        let t0 = 1_000_000;
+        let evaluate = |states: &HashMap<String, AlertState>, body: &str, at: u64| {
+            let current = |k: &str| states.get(k).cloned().unwrap_or_default();
+            match pipeline.evaluate(&event(body), &current, at) {
+                Evaluation::Evaluated { alerts, states, .. } => (alerts, states),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (alerts, new) = evaluate(&states, &update(r#"{"cpu":90}"#), t0);
+        assert!(alerts.is_empty(), "held, not sent");
+        states.extend(new);
+        assert_eq!(pipeline.next_due(states.iter()), Some(t0 + 300_000));
+        assert!(pipeline.mature(states.iter(), t0 + 299_999).is_empty());
+        let matured = pipeline.mature(states.iter(), t0 + 300_000);
+        assert_eq!(matured.len(), 1);
+        assert_eq!(matured[0].2.status, AlertStatus::Firing);
+        assert_eq!(matured[0].2.note.as_deref(), Some("held for 5m"));
+
+        // Recovering within the hold sends nothing, ever.
+        let (alerts, new) = evaluate(&states, &update(r#"{"cpu":50}"#), t0 + 60_000);
+        assert!(alerts.is_empty());
+        states.extend(new);
+        assert!(pipeline.mature(states.iter(), t0 + 3_600_000).is_empty());
+    }
+
+    #[test]
+    fn jq_rules_and_unjudgeable_values() {
+        let pipeline = with_rules(
+            "[[rule]]\nname = \"locked\"\nwhen = '.properties.locked == true'\n[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\n",
+        );
+        let current = |_: &str| AlertState::default();
+        let Evaluation::Evaluated { alerts, skipped, .. } =
+            pipeline.evaluate(&event(&update(r#"{"locked":true,"cpu":"high"}"#)), &current, 1)
+        else {
+            panic!()
+        };
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].rule, "locked");
+        assert_eq!(alerts[0].threshold, "when .properties.locked == true");
+        assert_eq!(
+            skipped,
+            [("hot".to_string(), "svc".to_string(), r#"property cpu is not a number ("high")"#.to_string())]
+        );
+        assert!(matches!(
+            pipeline.evaluate(&event(r#"{"ref":"main"}"#), &current, 1),
+            Evaluation::NotPort(_)
+        ));
+    }
 }
