@@ -384,3 +384,41 @@ async fn check_validates_and_explains() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn for_holds_the_alert_and_then_fires_it() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let config = dir.join("held.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[channel]]\nurl = \"{}\"\npipeline = true\n[slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n\
+             [[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"2s\"\n",
+            channel.url("HeldChannel")
+        ),
+    )
+    .unwrap();
+    let _daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+
+    let sent_at = std::time::Instant::now();
+    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    let request = slack.next().await;
+    assert!(
+        sent_at.elapsed() >= Duration::from_secs(2),
+        "fired after {:?}",
+        sent_at.elapsed()
+    );
+    assert_eq!(
+        header(&request),
+        "FIRING cpu-high: Notification Service Production"
+    );
+    assert!(String::from_utf8_lossy(&request.body).contains("held for 2s"));
+}

@@ -449,9 +449,8 @@ not_in = ["Healthy"]
 
     #[test]
     fn a_held_alert_fires_when_its_time_comes_unless_it_recovers() {
-        let pipeline = with_rules(
-            "[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n",
-        );
+        let pipeline =
+            with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n");
         let mut states: HashMap<String, AlertState> = HashMap::new();
         let t0 = 1_000_000;
         let evaluate = |states: &HashMap<String, AlertState>, body: &str, at: u64| {
@@ -484,8 +483,13 @@ not_in = ["Healthy"]
             "[[rule]]\nname = \"locked\"\nwhen = '.properties.locked == true'\n[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\n",
         );
         let current = |_: &str| AlertState::default();
-        let Evaluation::Evaluated { alerts, skipped, .. } =
-            pipeline.evaluate(&event(&update(r#"{"locked":true,"cpu":"high"}"#)), &current, 1)
+        let Evaluation::Evaluated {
+            alerts, skipped, ..
+        } = pipeline.evaluate(
+            &event(&update(r#"{"locked":true,"cpu":"high"}"#)),
+            &current,
+            1,
+        )
         else {
             panic!()
         };
@@ -494,7 +498,11 @@ not_in = ["Healthy"]
         assert_eq!(alerts[0].threshold, "when .properties.locked == true");
         assert_eq!(
             skipped,
-            [("hot".to_string(), "svc".to_string(), r#"property cpu is not a number ("high")"#.to_string())]
+            [(
+                "hot".to_string(),
+                "svc".to_string(),
+                r#"property cpu is not a number ("high")"#.to_string()
+            )]
         );
         assert!(matches!(
             pipeline.evaluate(&event(r#"{"ref":"main"}"#), &current, 1),
