@@ -52,7 +52,7 @@ fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     )
 }
 
-fn write_config(dir: &Path, channel: &str, slack: &str, extra: &str) -> PathBuf {
+fn write_config(dir: &Path, channel: &str, extra: &str) -> PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(
         &path,
@@ -84,7 +84,6 @@ severity = "critical"
         ),
     )
     .unwrap();
-    let _ = slack;
     path
 }
 
@@ -109,6 +108,22 @@ async fn start(config: &Path, state_dir: &Path, slack: &str, channel: &FakeChann
     channel.wait_connections(before + 1).await;
     logs.wait_for(&["connected to channel"]).await;
     Daemon { child, logs }
+}
+
+/// A fake channel, a fake Slack, and the daemon running the fixture rules (plus `extra`).
+async fn setup(extra: &str) -> (FakeChannel, FakeTarget, Daemon) {
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, &channel.url("PipelineChannel"), extra);
+    let daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+    (channel, slack, daemon)
 }
 
 async fn stop(mut daemon: Daemon) -> LogWatch {
@@ -137,7 +152,7 @@ async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes
         let channel = FakeChannel::start().await;
         let mut slack = FakeTarget::start().await;
         let dir = support::fresh_state_dir();
-        let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
+        let config = write_config(&dir, &channel.url("PipelineChannel"), "");
         let daemon = start(
             &config,
             &dir.join("state"),
@@ -174,17 +189,7 @@ async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes
 
 #[tokio::test]
 async fn the_slack_message_carries_what_people_need() {
-    let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
-    let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
-    let _daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
+    let (channel, mut slack, _daemon) = setup("").await;
 
     channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
     let request = slack.next().await;
@@ -216,17 +221,8 @@ async fn the_slack_message_carries_what_people_need() {
 
 #[tokio::test]
 async fn signed_events_pass_and_a_tampered_one_is_rejected() {
-    let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
-    let config = write_config(
-        &dir,
-        &channel.url("PipelineChannel"),
-        "",
-        "[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n",
-    );
-    let state = dir.join("state");
-    let daemon = start(&config, &state, &slack.url(SLACK_PATH), &channel).await;
+    let (channel, mut slack, daemon) =
+        setup("[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n").await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -261,18 +257,8 @@ async fn signed_events_pass_and_a_tampered_one_is_rejected() {
 
 #[tokio::test]
 async fn slack_429_waits_for_retry_after_and_sends_once() {
-    let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
+    let (channel, mut slack, daemon) = setup("").await;
     slack.answer_with_retry_after(429, 1);
-    let dir = support::fresh_state_dir();
-    let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
-    let daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
 
     channel.send_webhook(1, &frame(&fixture("legacy", "02-cpu-25-to-87"), &[]));
     let first = slack.next().await;
@@ -290,7 +276,7 @@ async fn a_restart_neither_realerts_nor_forgets() {
     let mut slack = FakeTarget::start().await;
     let dir = support::fresh_state_dir();
     let state = dir.join("state");
-    let config = write_config(&dir, &channel.url("PipelineChannel"), "", "");
+    let config = write_config(&dir, &channel.url("PipelineChannel"), "");
     let webhook = slack.url(SLACK_PATH);
 
     let daemon = start(&config, &state, &webhook, &channel).await;
@@ -321,7 +307,7 @@ async fn a_restart_neither_realerts_nor_forgets() {
 #[tokio::test]
 async fn check_validates_and_explains() {
     let dir = support::fresh_state_dir();
-    let config = write_config(&dir, "https://smee.io/abc", "", "");
+    let config = write_config(&dir, "https://smee.io/abc", "");
     let run = |args: Vec<String>| async move {
         let out = smee_relay()
             .env(
