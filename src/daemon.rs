@@ -345,3 +345,77 @@ async fn commit(writer: &SpoolWriter, writes: Vec<Write>) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn for_holds_the_alert_on_the_paused_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let config = crate::config::parse(
+            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
+             [[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n",
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let pipeline = Pipeline {
+            rules: config.rules,
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+        };
+        let body = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
+        ))
+        .unwrap();
+        let event = crate::event::Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: body.into(),
+        };
+        writer
+            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event])
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_pipeline(
+            spool.clone(),
+            writer.clone(),
+            pipeline,
+            cancel.clone(),
+        ));
+        let alerts = || spool.pending(ALERT_ROUTE, 0, 10).unwrap();
+        // Waits in real time (the writer is a thread); blocking tasks also keep the paused
+        // clock from jumping ahead meanwhile.
+        let settle =
+            || tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(50)));
+        while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
+            settle().await.unwrap();
+        }
+        assert!(alerts().is_empty(), "held: nothing yet");
+        tokio::time::sleep(Duration::from_secs(4 * 60)).await;
+        assert!(alerts().is_empty(), "still held after 4 minutes");
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        for _ in 0..100 {
+            if !alerts().is_empty() {
+                break;
+            }
+            settle().await.unwrap();
+        }
+        let sent = alerts();
+        assert_eq!(sent.len(), 1, "fired once the 5 minutes were over");
+        let alert: crate::pipeline::Alert =
+            serde_json::from_slice(&sent[0].event.event.body).unwrap();
+        assert_eq!(alert.note.as_deref(), Some("held for 5m"));
+        cancel.cancel();
+        task.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+}

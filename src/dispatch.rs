@@ -494,3 +494,104 @@ pub fn open_for_channel(
         spool::ChannelLock::acquire(state_dir, channel.expose().as_str(), &channel.to_string())?;
     Ok((Arc::new(Spool::open(state_dir)?), lock))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use http::StatusCode;
+    use tokio::time::Instant;
+
+    /// A sink that answers from a script and notes when each attempt came.
+    struct Scripted {
+        answers: Mutex<Vec<Result<Delivered, ForwardError>>>,
+        attempts: Mutex<Vec<Instant>>,
+    }
+
+    impl Sink for Scripted {
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+        fn deliver<'a>(
+            &'a self,
+            _event: &'a StoredEvent,
+            _delivery_id: &'a str,
+        ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+            self.attempts.lock().unwrap().push(Instant::now());
+            let answer = self.answers.lock().unwrap().remove(0);
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn status(code: u16, retry_after: Option<u64>) -> Result<Delivered, ForwardError> {
+        Err(ForwardError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            retry_after: retry_after.map(Duration::from_secs),
+            body: String::new(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_exponentially_and_honour_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let event = Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: "{}".into(),
+        };
+        writer
+            .append("c", &["r".to_string()], vec![event])
+            .await
+            .unwrap();
+        let ok = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+        });
+        let sink = Arc::new(Scripted {
+            answers: Mutex::new(vec![
+                status(503, None),
+                status(503, None),
+                status(503, None),
+                status(429, Some(7)),
+                ok,
+            ]),
+            attempts: Mutex::new(Vec::new()),
+        });
+        let cancel = CancellationToken::new();
+        let route = tokio::spawn(run_route(
+            spool.clone(),
+            writer.clone(),
+            "r".into(),
+            sink.clone(),
+            RetryPolicy::DEFAULT,
+            Arc::new(Counters::default()),
+            cancel.clone(),
+        ));
+        while sink.attempts.lock().unwrap().len() < 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let at = sink.attempts.lock().unwrap().clone();
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        // Jitter puts each backoff delay between d and 2d: 1 s, then 2 s, then 4 s.
+        for (gap, base) in gaps.iter().zip([1u64, 2, 4]) {
+            assert!(
+                *gap >= Duration::from_secs(base) && *gap <= Duration::from_secs(2 * base),
+                "gap {gap:?} for base {base}s (all: {gaps:?})"
+            );
+        }
+        assert_eq!(
+            gaps[3],
+            Duration::from_secs(7),
+            "Retry-After: 7 is waited exactly"
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+}
