@@ -183,7 +183,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 
 /// An error and its causes on one line: reqwest's own message alone is often just
 /// "error sending request".
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -21,9 +21,10 @@ use sync_wrapper::{SyncFuture, SyncStream};
 #[error("no bytes received for {} (idle timeout); the connection is presumed dead", humantime::format_duration(*.0))]
 pub struct IdleTimeout(pub Duration);
 
-/// A reqwest error with its URL removed: the URL holds the channel id, a secret.
+/// A reqwest error with its URL removed (the URL holds the channel id, a secret), shown with
+/// its causes: "error sending request" alone does not say "connection refused".
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
+#[error("{}", crate::forward::error_chain(.0))]
 struct RequestError(reqwest::Error);
 
 /// Streams a channel over reqwest, ending the stream after `idle_timeout` of silence.
