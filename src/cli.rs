@@ -177,6 +177,10 @@ pub struct DeliveryArgs {
     /// Stop retrying an event this old; it becomes a dead letter.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SMEE_RELAY_MAX_RETRY_AGE")]
     pub max_retry_age: Duration,
+
+    /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR", env = "SMEE_RELAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

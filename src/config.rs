@@ -22,6 +22,8 @@ use crate::verify::Verifier;
 pub struct ConfigFile {
     /// Where the spool and alert state live. Default: as for `--state-dir`.
     pub state_dir: Option<PathBuf>,
+    /// Serve `/healthz` and `/metrics` on this address (`--metrics-listen` wins).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The channels to subscribe to.
     #[serde(default, rename = "channel")]
     pub channels: Vec<Spanned<ChannelConfig>>,
@@ -162,6 +164,7 @@ pub struct Channel {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub state_dir: Option<PathBuf>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub channels: Vec<Channel>,
     pub rules: Vec<Rule>,
     /// Present when `[port]` names a client secret.
@@ -330,6 +333,7 @@ pub fn parse(
     }
     Ok(Config {
         state_dir: file.state_dir,
+        metrics_listen: file.metrics_listen,
         channels,
         rules,
         verifier,

@@ -23,8 +23,10 @@ use crate::forward::Forwarder;
 use crate::notify::{self, ALERT_ROUTE, AlertSink};
 use crate::pipeline::{AlertState, Evaluation, Pipeline};
 use crate::relay::RelayError;
+use crate::service;
 use crate::source::SourceConfig;
 use crate::spool::{self, Limits, Outcome, Spool, Write};
+use crate::telemetry::{self, Health};
 use crate::url::TargetUrl;
 
 /// The route name the pipeline reads its events from.
@@ -52,6 +54,8 @@ pub struct Plan {
     pub retry: RetryPolicy,
     pub retain: Duration,
     pub limits: Limits,
+    /// Where to serve `/healthz` and `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Run `plan` until `cancel` fires.
@@ -74,6 +78,18 @@ pub async fn run(plan: Plan, cancel: CancellationToken) -> Result<(), RelayError
 
     let counters = Arc::new(Counters::default());
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
+    let health = Arc::new(Health {
+        channels: Default::default(),
+        spool_writable: writer.writable(),
+    });
+    if let Some(addr) = plan.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RelayError::Listen(addr, e))?;
+        let handle = telemetry::install_metrics().map_err(RelayError::Metrics)?;
+        info!(%addr, "serving /healthz and /metrics");
+        tasks_spawn_serve(listener, health.clone(), handle, cancel.clone());
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut front = tokio::task::JoinSet::new();
 
@@ -125,6 +141,11 @@ pub async fn run(plan: Plan, cancel: CancellationToken) -> Result<(), RelayError
         info!(channel = %channel.source.channel, routes = ?routes, "subscribing");
         let shown = channel.source.channel.to_string();
         let source = channel.source.build()?;
+        health
+            .channels
+            .lock()
+            .expect("not poisoned")
+            .push(source.status());
         let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
         front.spawn(source.run(events_tx, cancel.clone()));
         front.spawn(dispatch::intake(
@@ -140,6 +161,14 @@ pub async fn run(plan: Plan, cancel: CancellationToken) -> Result<(), RelayError
         plan.retain,
         cancel.clone(),
     ));
+    tasks.spawn(report_status(
+        spool.clone(),
+        health.clone(),
+        counters.clone(),
+        cancel.clone(),
+    ));
+    service::notify(&[sd_notify::NotifyState::Ready]);
+    service::spawn_watchdog(cancel.clone());
 
     cancel.cancelled().await;
     // Sources stop at once; intakes then store what they took and end.
@@ -149,6 +178,56 @@ pub async fn run(plan: Plan, cancel: CancellationToken) -> Result<(), RelayError
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     drop(locks);
     Ok(())
+}
+
+fn tasks_spawn_serve(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(telemetry::serve(listener, health, handle, cancel));
+}
+
+/// Every few seconds: spool gauges for `/metrics`, and a status line for `systemctl status`.
+async fn report_status(
+    spool: Arc<Spool>,
+    health: Arc<Health>,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        let stats = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.stats()).await
+        };
+        if let Ok(Ok(stats)) = stats {
+            metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
+            metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
+            let (up, all) = {
+                let channels = health.channels.lock().expect("not poisoned");
+                let up = channels
+                    .iter()
+                    .filter(|c| c.connected.load(Relaxed))
+                    .count();
+                (up, channels.len())
+            };
+            let line = format!(
+                "{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {} pending",
+                counters.received.load(Relaxed),
+                counters.delivered.load(Relaxed),
+                counters.retried.load(Relaxed),
+                counters.dead.load(Relaxed),
+                stats.pending,
+            );
+            service::notify(&[sd_notify::NotifyState::Status(&line)]);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// A clock that follows tokio's (so tests can pause and advance it) from the wall-clock time
@@ -200,6 +279,7 @@ async fn run_pipeline(
             if commit(&writer, writes).await {
                 for (key, state, alert) in matured {
                     info!(rule = %alert.rule, entity = %alert.entity, "{}", notify::headline(&alert));
+                    count_alert(&alert);
                     states.insert(key, state);
                 }
             }
@@ -293,11 +373,21 @@ async fn run_pipeline(
             }
             for alert in &alerts {
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", notify::headline(alert));
+                count_alert(alert);
             }
             states.extend(new_states);
             cursor = item.seq;
         }
     }
+}
+
+fn count_alert(alert: &crate::pipeline::Alert) {
+    metrics::counter!(
+        "smee_relay_alerts_total",
+        "rule" => alert.rule.clone(),
+        "status" => alert.status.to_string()
+    )
+    .increment(1);
 }
 
 fn load_states(spool: &Spool) -> HashMap<String, AlertState> {

@@ -90,7 +90,8 @@ pub fn log_delivery(
     }
 }
 
-/// Counters the relay keeps about itself (exported as metrics later).
+/// Counters the relay keeps about itself: read back for the systemd status line, and
+/// recorded as Prometheus metrics at the same time.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub received: AtomicU64,
@@ -98,6 +99,36 @@ pub struct Counters {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
+}
+
+impl Counters {
+    fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("smee_relay_events_received_total").increment(n);
+    }
+
+    fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("smee_relay_events_refused_total").increment(1);
+    }
+
+    fn delivered(&self, route: &str, elapsed: Duration) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("smee_relay_deliveries_total", "route" => route.to_string()).increment(1);
+        metrics::histogram!("smee_relay_delivery_seconds", "route" => route.to_string())
+            .record(elapsed.as_secs_f64());
+    }
+
+    fn retried(&self, route: &str) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("smee_relay_retries_total", "route" => route.to_string()).increment(1);
+    }
+
+    fn dead(&self, route: &str) {
+        self.dead.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("smee_relay_dead_letters_total", "route" => route.to_string())
+            .increment(1);
+    }
 }
 
 /// Per `Append` in a job, each event's id (`None`: refused, the spool is full).
@@ -115,6 +146,8 @@ struct Job {
 #[derive(Clone)]
 pub struct SpoolWriter {
     jobs: mpsc::UnboundedSender<Job>,
+    /// False after a failed commit, true after a good one (for `/healthz`).
+    writable: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped after every commit that appended events, to wake idle routes.
     appended: watch::Receiver<u64>,
 }
@@ -124,6 +157,8 @@ impl SpoolWriter {
     pub fn start(spool: Arc<Spool>, limits: Limits) -> (SpoolWriter, std::thread::JoinHandle<()>) {
         let (jobs_tx, mut jobs) = mpsc::unbounded_channel::<Job>();
         let (appended_tx, appended) = watch::channel(0u64);
+        let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writable_flag = writable.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || {
@@ -147,7 +182,9 @@ impl SpoolWriter {
                         replies.push((job.reply, appends));
                         writes.extend(job.writes);
                     }
-                    match spool.write(writes, limits) {
+                    let result = spool.write(writes, limits);
+                    writable_flag.store(result.is_ok(), Ordering::Relaxed);
+                    match result {
                         Ok(report) => {
                             if report.pruned > 0 {
                                 warn!(
@@ -183,6 +220,7 @@ impl SpoolWriter {
         (
             SpoolWriter {
                 jobs: jobs_tx,
+                writable,
                 appended,
             },
             thread,
@@ -217,6 +255,11 @@ impl SpoolWriter {
         };
         let mut appended = self.commit(vec![write]).await?;
         Ok(appended.pop().unwrap_or_default())
+    }
+
+    /// Whether the last commit succeeded.
+    pub fn writable(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.writable.clone()
     }
 
     /// A receiver that changes after every commit that appended events.
@@ -255,12 +298,10 @@ pub async fn intake(
         loop {
             match writer.append(&channel, &routes, batch.clone()).await {
                 Ok(ids) => {
-                    counters
-                        .received
-                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    counters.received(ids.len() as u64);
                     for (event, id) in batch.iter().zip(&ids) {
                         if id.is_none() {
-                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                            counters.refused();
                             error!(
                                 event = %event.sse_id.as_deref().unwrap_or("-"),
                                 "spool full: event refused; deliver, purge (smee-relay events purge --dead) \
@@ -410,7 +451,7 @@ impl Delivery<'_> {
             tokio::time::sleep_until(started + self.sink.min_interval()).await;
             let error = match outcome {
                 Ok(done) => {
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.counters.delivered(self.route, done.elapsed);
                     let status = done.status.as_u16();
                     self.writer
                         .mark(self.route, item, Outcome::Delivered { status });
@@ -429,7 +470,7 @@ impl Delivery<'_> {
                 } else {
                     error.to_string()
                 };
-                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.counters.dead(self.route);
                 warn!(
                     event = item.event.id,
                     "dead letter: {why}; replay it with `smee-relay events replay {}`",
@@ -439,7 +480,7 @@ impl Delivery<'_> {
                     .mark(self.route, item, Outcome::Dead { status, error: why });
                 return true;
             }
-            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            self.counters.retried(self.route);
             let delay = error.retry_after().unwrap_or_else(|| backoff.next_delay());
             info!(
                 event = item.event.id,

@@ -119,6 +119,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
         limits: Limits {
             max_bytes: delivery.max_spool_size,
         },
+        metrics_listen: delivery.metrics_listen,
     };
     relay::forward(options, stop_on_signals()?).await?;
     Ok(())
@@ -177,6 +178,7 @@ async fn run_config(args: RunArgs) -> anyhow::Result<()> {
         limits: Limits {
             max_bytes: delivery.max_spool_size,
         },
+        metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
     };
     daemon::run(plan, stop_on_signals()?).await?;
     Ok(())

@@ -22,6 +22,10 @@ pub enum RelayError {
     Spool(#[from] SpoolError),
     #[error("cannot build the HTTP client for the target: {0}")]
     Target(#[from] reqwest::Error),
+    #[error("cannot listen on {0} for /healthz and /metrics: {1}")]
+    Listen(std::net::SocketAddr, std::io::Error),
+    #[error("cannot start metrics: {0}")]
+    Metrics(String),
 }
 
 /// Everything `forward` needs.
@@ -41,6 +45,8 @@ pub struct ForwardOptions {
     pub retain: Duration,
     /// The spool's size limit.
     pub limits: Limits,
+    /// Where to serve `/healthz` and `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Relay until `cancel` fires, then shut down cleanly.
@@ -62,6 +68,7 @@ pub async fn forward(options: ForwardOptions, cancel: CancellationToken) -> Resu
         retry: options.retry,
         retain: options.retain,
         limits: options.limits,
+        metrics_listen: options.metrics_listen,
     };
     daemon::run(plan, cancel).await
 }

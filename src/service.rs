@@ -1,7 +1,9 @@
-//! Process lifecycle: signals become a cancellation that every task watches.
+//! Process lifecycle: signals become a cancellation that every task watches, and systemd hears
+//! how the service is doing (`sd_notify`: READY, STATUS, WATCHDOG, RELOADING, STOPPING).
 //!
 //! The first SIGINT or SIGTERM asks for a graceful stop (deliveries in flight may finish); a
 //! second one means "now" and exits at once, as users expect from Ctrl-C pressed twice.
+//! Without `NOTIFY_SOCKET` (not under systemd) every notification is a no-op.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +24,7 @@ pub fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
             };
             if round == 0 {
                 info!(signal = name, "shutting down");
+                notify(&[sd_notify::NotifyState::Stopping]);
                 cancel.cancel();
             } else {
                 warn!(signal = name, "second signal: exiting now");
@@ -30,4 +33,40 @@ pub fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// Tell systemd something; failures are logged, never fatal.
+pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Ping the systemd watchdog at half its interval for as long as this task runs. It runs on
+/// the event loop, so a stuck loop stops the pings and systemd restarts the service.
+pub fn spawn_watchdog(cancel: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval / 2);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticks.tick() => notify(&[sd_notify::NotifyState::Watchdog]),
+            }
+        }
+    });
+}
+
+/// SIGHUP, as a stream of reload requests.
+pub fn reload_requests() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(rx)
 }

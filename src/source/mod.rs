@@ -14,6 +14,7 @@
 pub mod transport;
 pub mod wire;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_client::{Client as _, ClientBuilder, ReconnectOptions, SSE};
@@ -25,6 +26,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::event::Event;
 use crate::retry::BackoffPolicy;
+use crate::telemetry::ChannelStatus;
 use crate::url::ChannelUrl;
 use transport::WatchdogTransport;
 
@@ -65,10 +67,15 @@ impl SourceConfig {
     pub fn build(self) -> Result<Source, SourceError> {
         let client = crate::http::client_builder().build()?;
         let transport = WatchdogTransport::new(client, self.idle_timeout);
+        let status = Arc::new(ChannelStatus::new(
+            self.channel.to_string(),
+            self.idle_timeout,
+        ));
         Ok(Source {
             config: self,
             transport,
             last_event_id: None,
+            status,
         })
     }
 }
@@ -82,6 +89,8 @@ pub struct Source {
     /// The id of the last frame received, sent back as `Last-Event-ID` on reconnect so that a
     /// server that keeps events can replay what was missed.
     last_event_id: Option<String>,
+    /// Liveness for `/healthz`, metrics and the systemd status line.
+    status: Arc<ChannelStatus>,
 }
 
 /// Why one connection ended.
@@ -97,6 +106,11 @@ enum Ended {
 }
 
 impl Source {
+    /// This source's liveness, shared with whoever reports on it.
+    pub fn status(&self) -> Arc<ChannelStatus> {
+        self.status.clone()
+    }
+
     /// Receive events and send them to `events` until `cancel` fires or the receiver is dropped.
     pub async fn run(mut self, events: mpsc::Sender<Event>, cancel: CancellationToken) {
         let channel = self.config.channel.clone();
@@ -114,6 +128,8 @@ impl Source {
             else {
                 return;
             };
+            self.status.set_connected(false);
+            self.status.reconnecting();
             if connected_for >= HEALTHY_AFTER {
                 backoff.reset();
             }
@@ -143,6 +159,9 @@ impl Source {
         };
         let mut stream = client.stream();
         while let Some(item) = stream.next().await {
+            if item.is_ok() {
+                self.status.saw_bytes();
+            }
             match item {
                 Ok(SSE::Connected(details)) => {
                     let response = details.response();
@@ -162,6 +181,7 @@ impl Source {
                         );
                     }
                     connected_at = Some(Instant::now());
+                    self.status.set_connected(true);
                     info!(channel = %self.config.channel, "connected to channel");
                 }
                 Ok(SSE::Comment(_)) => trace!("comment received"),

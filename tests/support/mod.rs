@@ -433,6 +433,7 @@ pub fn relay_options(channel: &FakeChannel, target: &str) -> smee_relay::relay::
         },
         retain: Duration::from_secs(3600),
         limits: smee_relay::spool::Limits { max_bytes: 1 << 30 },
+        metrics_listen: None,
     }
 }
 
