@@ -42,7 +42,7 @@ async fn main() {
         rx,
         writer.clone(),
         "bench".into(),
-        vec!["http://127.0.0.1:1/".into()],
+        tokio::sync::watch::channel(vec!["http://127.0.0.1:1/".to_string()]).1,
         counters.clone(),
     ));
     let events: Vec<Event> = (0..EVENTS).map(event).collect();

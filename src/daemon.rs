@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -58,25 +58,19 @@ pub struct Plan {
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
-/// Run `plan` until `cancel` fires.
-pub async fn run(plan: Plan, cancel: CancellationToken) -> Result<(), RelayError> {
+/// Run `plan` until `cancel` fires. Each plan received on `reloads` replaces the running one
+/// (SIGHUP): channels that stay keep their connection, targets and rules are swapped in place.
+pub async fn run(
+    plan: Plan,
+    mut reloads: mpsc::Receiver<Plan>,
+    cancel: CancellationToken,
+) -> Result<(), RelayError> {
     std::fs::create_dir_all(&plan.state_dir).map_err(|source| spool::SpoolError::StateDir {
         path: plan.state_dir.clone(),
         source,
     })?;
-    let mut locks = Vec::new();
-    for channel in &plan.channels {
-        let url = &channel.source.channel;
-        locks.push(spool::ChannelLock::acquire(
-            &plan.state_dir,
-            url.expose().as_str(),
-            &url.to_string(),
-        )?);
-    }
     let spool = Arc::new(Spool::open(&plan.state_dir)?);
     info!(spool = %spool.path().display(), "spool open");
-
-    let counters = Arc::new(Counters::default());
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
     let health = Arc::new(Health {
         channels: Default::default(),
@@ -90,94 +84,292 @@ pub async fn run(plan: Plan, cancel: CancellationToken) -> Result<(), RelayError
         info!(%addr, "serving /healthz and /metrics");
         tasks_spawn_serve(listener, health.clone(), handle, cancel.clone());
     }
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut front = tokio::task::JoinSet::new();
-
-    // Routes: one per distinct target, plus the pipeline and its alerts.
-    let targets: BTreeSet<String> = plan
-        .channels
-        .iter()
-        .flat_map(|c| c.forward.iter().map(|t| t.to_string()))
-        .collect();
-    for target in &targets {
-        let target_url: TargetUrl = target.parse().expect("it was a TargetUrl");
-        let forwarder = Forwarder::new(target_url, plan.target_timeout)?;
-        tasks.spawn(dispatch::run_route(
+    let mut runtime = Runtime {
+        spool: spool.clone(),
+        writer,
+        counters: Arc::new(Counters::default()),
+        health: health.clone(),
+        cancel: cancel.clone(),
+        state_dir: plan.state_dir.clone(),
+        routes: HashMap::new(),
+        channels: HashMap::new(),
+        pipeline: None,
+    };
+    let retain = plan.retain;
+    runtime.apply(plan)?;
+    let background = [
+        tokio::spawn(dispatch::prune_periodically(
             spool.clone(),
-            writer.clone(),
-            target.clone(),
-            Arc::new(forwarder),
-            plan.retry,
-            counters.clone(),
+            retain,
             cancel.clone(),
-        ));
-    }
-    if let Some((pipeline, sink)) = plan.pipeline {
-        let sink: Arc<dyn Sink> = Arc::new(sink);
-        info!(rules = pipeline.rules.len(), alerts = %sink.describe(), "pipeline on");
-        tasks.spawn(run_pipeline(
+        )),
+        tokio::spawn(report_status(
             spool.clone(),
-            writer.clone(),
-            pipeline,
+            health,
+            runtime.counters.clone(),
             cancel.clone(),
-        ));
-        tasks.spawn(dispatch::run_route(
-            spool.clone(),
-            writer.clone(),
-            ALERT_ROUTE.to_string(),
-            sink,
-            plan.retry,
-            counters.clone(),
-            cancel.clone(),
-        ));
-    }
-
-    // Channels: a source and an intake each.
-    for channel in plan.channels {
-        let mut routes: Vec<String> = channel.forward.iter().map(|t| t.to_string()).collect();
-        if channel.pipeline {
-            routes.push(PIPELINE_ROUTE.to_string());
-        }
-        info!(channel = %channel.source.channel, routes = ?routes, "subscribing");
-        let shown = channel.source.channel.to_string();
-        let source = channel.source.build()?;
-        health
-            .channels
-            .lock()
-            .expect("not poisoned")
-            .push(source.status());
-        let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
-        front.spawn(source.run(events_tx, cancel.clone()));
-        front.spawn(dispatch::intake(
-            events_rx,
-            writer.clone(),
-            shown,
-            routes,
-            counters.clone(),
-        ));
-    }
-    tasks.spawn(dispatch::prune_periodically(
-        spool.clone(),
-        plan.retain,
-        cancel.clone(),
-    ));
-    tasks.spawn(report_status(
-        spool.clone(),
-        health.clone(),
-        counters.clone(),
-        cancel.clone(),
-    ));
+        )),
+    ];
     service::notify(&[sd_notify::NotifyState::Ready]);
     service::spawn_watchdog(cancel.clone());
 
-    cancel.cancelled().await;
-    // Sources stop at once; intakes then store what they took and end.
-    while front.join_next().await.is_some() {}
-    while tasks.join_next().await.is_some() {}
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(plan) = reloads.recv() => {
+                service::notify(&[sd_notify::NotifyState::Reloading]);
+                match runtime.apply(plan) {
+                    Ok(()) => info!("config reloaded"),
+                    Err(e) => error!("config reload incomplete: {e}"),
+                }
+                service::notify(&[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
+    // Sources stop at once; intakes then store what they took; routes finish what is in flight.
+    let Runtime {
+        writer,
+        routes,
+        channels,
+        pipeline,
+        ..
+    } = runtime;
+    for channel in channels.into_values() {
+        channel.stop().await;
+    }
+    for route in routes.into_values() {
+        route.stop().await;
+    }
+    if let Some(pipeline) = pipeline {
+        pipeline.task.stop().await;
+        pipeline.alerts.stop().await;
+    }
+    for task in background {
+        let _ = task.await;
+    }
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    drop(locks);
     Ok(())
+}
+
+/// A task that can be stopped on its own.
+struct Task {
+    cancel: CancellationToken,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Task {
+    async fn stop(self) {
+        self.cancel.cancel();
+        for handle in self.handles {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// A subscribed channel: its source and intake, and the routes its events go to.
+struct ChannelTask {
+    task: Task,
+    /// What the channel was started with: a change of these restarts it.
+    idle_timeout: Duration,
+    routes: watch::Sender<Vec<String>>,
+    /// Liveness, for `/healthz`.
+    status: Arc<telemetry::ChannelStatus>,
+    /// Held while the channel runs.
+    _lock: spool::ChannelLock,
+}
+
+impl ChannelTask {
+    async fn stop(self) {
+        self.task.stop().await;
+    }
+}
+
+struct PipelineTask {
+    task: Task,
+    rules: watch::Sender<Arc<Pipeline>>,
+    alerts: Task,
+}
+
+/// The running parts, keyed so a reload can tell what stays, what goes and what is new.
+struct Runtime {
+    spool: Arc<Spool>,
+    writer: SpoolWriter,
+    counters: Arc<Counters>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    state_dir: PathBuf,
+    /// One delivery route per target URL.
+    routes: HashMap<String, Task>,
+    /// Keyed by the full channel URL.
+    channels: HashMap<String, ChannelTask>,
+    pipeline: Option<PipelineTask>,
+}
+
+impl Runtime {
+    /// Make the running parts match `plan`.
+    fn apply(&mut self, plan: Plan) -> Result<(), RelayError> {
+        if plan.state_dir != self.state_dir {
+            warn!("state_dir changed; that takes a restart, the running spool stays");
+        }
+        // Routes: one per distinct target.
+        let targets: BTreeSet<String> = plan
+            .channels
+            .iter()
+            .flat_map(|c| c.forward.iter().map(|t| t.to_string()))
+            .collect();
+        for gone in self
+            .routes
+            .keys()
+            .filter(|t| !targets.contains(*t))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            info!(target = %gone, "target removed; its queued events stay in the spool");
+            let task = self.routes.remove(&gone).expect("listed");
+            tokio::spawn(task.stop());
+        }
+        for target in targets {
+            if self.routes.contains_key(&target) {
+                continue;
+            }
+            let target_url: TargetUrl = target.parse().expect("it was a TargetUrl");
+            let forwarder = Forwarder::new(target_url, plan.target_timeout)?;
+            let task = self.route(target.clone(), Arc::new(forwarder), plan.retry);
+            self.routes.insert(target, task);
+        }
+
+        // The pipeline and its alert route.
+        match (plan.pipeline, self.pipeline.take()) {
+            (None, None) => {}
+            (None, Some(old)) => {
+                info!("pipeline off");
+                tokio::spawn(async move {
+                    old.task.stop().await;
+                    old.alerts.stop().await;
+                });
+            }
+            (Some((pipeline, sink)), old) => {
+                let sink: Arc<dyn Sink> = Arc::new(sink);
+                info!(rules = pipeline.rules.len(), alerts = %sink.describe(), "pipeline on");
+                let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
+                let pipeline = Arc::new(pipeline);
+                let (task, rules) = match old {
+                    Some(old) => {
+                        tokio::spawn(old.alerts.stop());
+                        let _ = old.rules.send(pipeline);
+                        (old.task, old.rules)
+                    }
+                    None => {
+                        let (rules, rules_rx) = watch::channel(pipeline);
+                        let cancel = self.cancel.child_token();
+                        let handle = tokio::spawn(run_pipeline(
+                            self.spool.clone(),
+                            self.writer.clone(),
+                            rules_rx,
+                            cancel.clone(),
+                        ));
+                        (
+                            Task {
+                                cancel,
+                                handles: vec![handle],
+                            },
+                            rules,
+                        )
+                    }
+                };
+                self.pipeline = Some(PipelineTask {
+                    task,
+                    rules,
+                    alerts,
+                });
+            }
+        }
+
+        // Channels: keep those that stay, stop those that go, start the new ones.
+        let mut wanted: HashMap<String, ChannelPlan> = plan
+            .channels
+            .into_iter()
+            .map(|c| (c.source.channel.expose().to_string(), c))
+            .collect();
+        for key in self.channels.keys().cloned().collect::<Vec<_>>() {
+            let stays = wanted
+                .get(&key)
+                .is_some_and(|c| c.source.idle_timeout == self.channels[&key].idle_timeout);
+            if !stays {
+                let old = self.channels.remove(&key).expect("listed");
+                tokio::spawn(old.stop());
+            }
+        }
+        for (key, channel) in wanted.drain() {
+            let routes = routes_of(&channel);
+            if let Some(running) = self.channels.get(&key) {
+                running.routes.send_replace(routes);
+                continue;
+            }
+            let url = channel.source.channel.clone();
+            let lock = spool::ChannelLock::acquire(
+                &self.state_dir,
+                url.expose().as_str(),
+                &url.to_string(),
+            )?;
+            info!(channel = %url, routes = ?routes, "subscribing");
+            let source = channel.source.clone().build()?;
+            let status = source.status();
+            let (routes_tx, routes_rx) = watch::channel(routes);
+            let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
+            let cancel = self.cancel.child_token();
+            let handles = vec![
+                tokio::spawn(source.run(events_tx, cancel.clone())),
+                tokio::spawn(dispatch::intake(
+                    events_rx,
+                    self.writer.clone(),
+                    url.to_string(),
+                    routes_rx,
+                    self.counters.clone(),
+                )),
+            ];
+            self.channels.insert(
+                key,
+                ChannelTask {
+                    task: Task { cancel, handles },
+                    idle_timeout: channel.source.idle_timeout,
+                    routes: routes_tx,
+                    status,
+                    _lock: lock,
+                },
+            );
+        }
+        *self.health.channels.lock().expect("not poisoned") =
+            self.channels.values().map(|c| c.status.clone()).collect();
+        Ok(())
+    }
+
+    fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
+        let cancel = self.cancel.child_token();
+        let handle = tokio::spawn(dispatch::run_route(
+            self.spool.clone(),
+            self.writer.clone(),
+            name,
+            sink,
+            retry,
+            self.counters.clone(),
+            cancel.clone(),
+        ));
+        Task {
+            cancel,
+            handles: vec![handle],
+        }
+    }
+}
+
+/// The spool routes a channel's events are queued on.
+fn routes_of(channel: &ChannelPlan) -> Vec<String> {
+    let mut routes: Vec<String> = channel.forward.iter().map(|t| t.to_string()).collect();
+    if channel.pipeline {
+        routes.push(PIPELINE_ROUTE.to_string());
+    }
+    routes
 }
 
 fn tasks_spawn_serve(
@@ -256,7 +448,7 @@ impl Clock {
 async fn run_pipeline(
     spool: Arc<Spool>,
     writer: SpoolWriter,
-    pipeline: Pipeline,
+    rules: watch::Receiver<Arc<Pipeline>>,
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
@@ -266,6 +458,8 @@ async fn run_pipeline(
     let mut appended = writer.appended();
     let mut cursor = 0;
     while !cancel.is_cancelled() {
+        // The rules as of now: a reload swaps them between events.
+        let pipeline = rules.borrow().clone();
         // Held alerts whose time has come.
         let matured = pipeline.mature(states.iter(), clock.now_ms());
         if !matured.is_empty() {
@@ -474,10 +668,11 @@ mod tests {
             .await
             .unwrap();
         let cancel = CancellationToken::new();
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
         let task = tokio::spawn(run_pipeline(
             spool.clone(),
             writer.clone(),
-            pipeline,
+            rules_rx,
             cancel.clone(),
         ));
         let alerts = || spool.pending(ALERT_ROUTE, 0, 10).unwrap();

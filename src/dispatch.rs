@@ -290,11 +290,13 @@ pub async fn intake(
     mut events: mpsc::Receiver<Event>,
     writer: SpoolWriter,
     channel: String,
-    routes: Vec<String>,
+    routes: watch::Receiver<Vec<String>>,
     counters: Arc<Counters>,
 ) {
     let mut batch = Vec::new();
     while events.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // The routes as of now: a reload may change them between batches.
+        let routes = routes.borrow().clone();
         loop {
             match writer.append(&channel, &routes, batch.clone()).await {
                 Ok(ids) => {

@@ -130,6 +130,30 @@ fn load_config(path: &std::path::Path) -> Result<config::Config, ConfigError> {
 }
 
 async fn run_config(args: RunArgs) -> anyhow::Result<()> {
+    let plan = plan_from_config(&args)?;
+    let cancel = stop_on_signals()?;
+    let mut hangups = service::reload_requests().context("cannot install the SIGHUP handler")?;
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    // SIGHUP: read the file again; an invalid file is logged and the running config stays.
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!(config = %args.config.display(), "SIGHUP: reloading the config");
+            match plan_from_config(&args) {
+                Ok(plan) => {
+                    if reload_tx.send(plan).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!("config not reloaded, the running one stays:\n{e:#}"),
+            }
+        }
+    });
+    daemon::run(plan, reloads, cancel).await?;
+    Ok(())
+}
+
+/// The runtime plan `run` carries out: the config file, with the flags on top.
+fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let config = load_config(&args.config)?;
     let delivery = &args.delivery;
     let state_dir = match (&delivery.state.state_dir, &config.state_dir) {
@@ -168,7 +192,7 @@ async fn run_config(args: RunArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let plan = Plan {
+    Ok(Plan {
         channels,
         pipeline,
         state_dir,
@@ -179,9 +203,7 @@ async fn run_config(args: RunArgs) -> anyhow::Result<()> {
             max_bytes: delivery.max_spool_size,
         },
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
-    };
-    daemon::run(plan, stop_on_signals()?).await?;
-    Ok(())
+    })
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {

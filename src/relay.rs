@@ -70,5 +70,7 @@ pub async fn forward(options: ForwardOptions, cancel: CancellationToken) -> Resu
         limits: options.limits,
         metrics_listen: options.metrics_listen,
     };
-    daemon::run(plan, cancel).await
+    // `forward` has no config file to reload.
+    let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
+    daemon::run(plan, reloads, cancel).await
 }
