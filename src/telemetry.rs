@@ -59,7 +59,7 @@ pub fn init(verbosity: i8, format: LogFormat) {
         );
     match (format, journal) {
         (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.event_format(JournalFormat::default()).init(),
+        (LogFormat::Text, true) => builder.event_format(JournalFormat).init(),
         (LogFormat::Text, false) => builder.init(),
     }
 }

@@ -1,0 +1,274 @@
+//! Running under systemd: readiness, watchdog and stop notifications on a fake NOTIFY_SOCKET,
+//! config reload on SIGHUP, and the /healthz and /metrics endpoints.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::Duration;
+
+use support::{FakeChannel, FakeTarget, LogWatch, smee_relay, unused_addr};
+
+fn kill(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+}
+
+/// Receives what the service tells systemd.
+struct FakeSystemd {
+    socket: UnixDatagram,
+    pub path: std::path::PathBuf,
+}
+
+impl FakeSystemd {
+    fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(support::PATIENCE)).unwrap();
+        Self { socket, path }
+    }
+
+    /// The next message that contains `needle`.
+    fn wait_for(&self, needle: &str) -> String {
+        let mut buf = vec![0; 4096];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {needle:?} from the service: {e}"));
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if message.contains(needle) {
+                return message;
+            }
+        }
+    }
+}
+
+fn rules_config(dir: &Path, channel: &str, rules: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[channel]]\nurl = \"{channel}\"\npipeline = true\n\
+             [slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n{rules}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+const UNHEALTHY: &str =
+    "[[rule]]\nname = \"unhealthy\"\nproperty = \"healthStatus\"\nnot_in = [\"Healthy\"]\n";
+const CPU_HIGH: &str = "[[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\n";
+
+fn fixture_frame(shape: &str, file: &str) -> String {
+    let body = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    format!(r#"{{"content-type":"application/json","body":{body}}}"#)
+}
+
+fn slack_header(request: &support::Received) -> String {
+    let message: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+    message["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn it_tells_systemd_ready_watchdog_status_and_stopping() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let systemd = FakeSystemd::new(&dir);
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("NotifyChannel"), &target.url("/")])
+        .env("NOTIFY_SOCKET", &systemd.path)
+        .env("WATCHDOG_USEC", "200000")
+        .spawn()
+        .unwrap();
+    let socket = std::sync::Arc::new(systemd);
+    let s = socket.clone();
+    tokio::task::spawn_blocking(move || s.wait_for("READY=1"))
+        .await
+        .unwrap();
+    let s = socket.clone();
+    tokio::task::spawn_blocking(move || s.wait_for("WATCHDOG=1"))
+        .await
+        .unwrap();
+    let s = socket.clone();
+    let status = tokio::task::spawn_blocking(move || s.wait_for("STATUS="))
+        .await
+        .unwrap();
+    assert!(
+        status.contains("channels connected") && status.contains("pending"),
+        "{status}"
+    );
+    kill(&child, "TERM");
+    let s = socket.clone();
+    tokio::task::spawn_blocking(move || s.wait_for("STOPPING=1"))
+        .await
+        .unwrap();
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let config = rules_config(&dir, &channel.url("ReloadChannel"), UNHEALTHY);
+    let mut child = smee_relay()
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("TEST_SLACK_WEBHOOK", slack.url("/hook"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    // Add cpu-high and reload: it takes effect without a new connection.
+    rules_config(
+        &dir,
+        &channel.url("ReloadChannel"),
+        &format!("{UNHEALTHY}{CPU_HIGH}"),
+    );
+    kill(&child, "HUP");
+    logs.wait_for(&["config reloaded"]).await;
+    channel.send_webhook(1, &fixture_frame("legacy", "02-cpu-25-to-87"));
+    assert_eq!(
+        slack_header(&slack.next().await),
+        "FIRING cpu-high: Notification Service Production"
+    );
+
+    // A broken config is refused; the running rules stay.
+    std::fs::write(&config, "[[channel]]\nurl = 3\n").unwrap();
+    kill(&child, "HUP");
+    logs.wait_for(&["config not reloaded"]).await;
+    channel.send_webhook(2, &fixture_frame("legacy", "04-health-healthy-to-degraded"));
+    assert_eq!(
+        slack_header(&slack.next().await),
+        "FIRING unhealthy: Notification Service Production"
+    );
+    assert_eq!(
+        channel.connections(),
+        1,
+        "reloads never dropped the connection"
+    );
+}
+
+#[tokio::test]
+async fn healthz_turns_503_when_the_channel_goes_silent() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let addr = unused_addr();
+    let _child = smee_relay()
+        .args(["forward", &channel.url("SilentChannel"), &target.url("/")])
+        .args([
+            "--idle-timeout",
+            "1s",
+            "--metrics-listen",
+            &addr.to_string(),
+        ])
+        .spawn()
+        .unwrap();
+    channel.wait_connections(1).await;
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let health = |client: reqwest::Client| async move {
+        match client.get(format!("http://{addr}/healthz")).send().await {
+            Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+            Err(_) => None,
+        }
+    };
+    let found = tokio::time::timeout(support::PATIENCE, async {
+        let mut seen_ok = false;
+        loop {
+            match health(client.clone()).await {
+                Some((200, _)) => seen_ok = true,
+                Some((503, body)) if seen_ok => return body,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("healthz went 200 then 503");
+    let body: serde_json::Value = serde_json::from_str(&found).unwrap();
+    assert_eq!(body["status"], "unhealthy");
+    let reason = body["reasons"][0].as_str().unwrap();
+    assert!(
+        reason.contains("has sent nothing for") && reason.contains("Sile…"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let addr = unused_addr();
+    let _child = smee_relay()
+        .args(["forward", &channel.url("MetricsChannel"), &target.url("/m")])
+        .args(["--metrics-listen", &addr.to_string()])
+        .spawn()
+        .unwrap();
+    channel.wait_connections(1).await;
+    target.answer_with(&[503]);
+    for n in 0..5 {
+        channel.send_webhook(n + 1, &format!(r#"{{"body":{{"n":{n}}}}}"#));
+    }
+    target.take(6).await;
+    let route = target.url("/m");
+    let expected = [
+        "smee_relay_events_received_total 5".to_string(),
+        format!("smee_relay_deliveries_total{{route=\"{route}\"}} 5"),
+        format!("smee_relay_retries_total{{route=\"{route}\"}} 1"),
+        "smee_relay_channel_connected{channel=\"http://".to_string(),
+        format!("smee_relay_delivery_seconds_count{{route=\"{route}\"}} 5"),
+    ];
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let text = tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let text = client
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if expected.iter().all(|e| text.contains(e.as_str())) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(text.is_ok(), "metrics never showed {expected:?}");
+}
+
+#[tokio::test]
+async fn under_journald_lines_carry_priorities_and_no_timestamps() {
+    let port = unused_addr().port();
+    let out = smee_relay()
+        .args(["new", "--server", &format!("http://127.0.0.1:{port}")])
+        .env("JOURNAL_STREAM", "8:12345")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().next().unwrap_or_default();
+    assert!(line.starts_with("<3>cannot create a channel"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}') && !stderr.contains("Z "),
+        "{stderr}"
+    );
+}
