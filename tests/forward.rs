@@ -240,8 +240,7 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
     channel.send_webhook(1, &webhook(1));
     // The request is being answered slowly; ask to stop in the middle of it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = child.id().unwrap() as i32;
-    assert_eq!(unsafe_kill(pid, "TERM"), 0);
+    support::signal(&child, "TERM");
     let status = tokio::time::timeout(support::PATIENCE, child.wait())
         .await
         .unwrap()
@@ -249,17 +248,6 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(target.next().await.body, r#"{"seq":1}"#);
     logs.wait_for(&["POST /slow -> 200"]).await;
-}
-
-/// Send a signal with the `kill` command (no libc binding needed in tests).
-fn unsafe_kill(pid: i32, signal: &str) -> i32 {
-    std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .code()
-        .unwrap_or(-1)
 }
 
 async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {

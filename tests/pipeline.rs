@@ -24,13 +24,7 @@ const FILES: [&str; 9] = [
     "09-delete",
 ];
 
-fn fixture(shape: &str, file: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-}
+use support::{port_fixture as fixture, slack_header as header};
 
 /// A smee frame carrying `body` with these headers.
 fn frame(body: &str, headers: &[(&str, &str)]) -> String {
@@ -127,39 +121,16 @@ async fn setup(extra: &str) -> (FakeChannel, FakeTarget, Daemon) {
 }
 
 async fn stop(mut daemon: Daemon) -> LogWatch {
-    let pid = daemon.child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    support::signal(&daemon.child, "TERM");
     let status = daemon.child.wait().await.unwrap();
     assert_eq!(status.code(), Some(0));
     daemon.logs
 }
 
-/// The Slack message's header text.
-fn header(request: &support::Received) -> String {
-    let message: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
-    message["blocks"][0]["text"]["text"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test]
 async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes() {
     for shape in ["legacy", "automation"] {
-        let channel = FakeChannel::start().await;
-        let mut slack = FakeTarget::start().await;
-        let dir = support::fresh_state_dir();
-        let config = write_config(&dir, &channel.url("PipelineChannel"), "");
-        let daemon = start(
-            &config,
-            &dir.join("state"),
-            &slack.url(SLACK_PATH),
-            &channel,
-        )
-        .await;
+        let (channel, mut slack, daemon) = setup("").await;
 
         for (n, file) in FILES.iter().enumerate() {
             channel.send_webhook(n as u64 + 1, &frame(&fixture(shape, file), &[]));

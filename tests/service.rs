@@ -9,13 +9,7 @@ use std::time::Duration;
 
 use support::{FakeChannel, FakeTarget, LogWatch, smee_relay, unused_addr};
 
-fn kill(child: &tokio::process::Child, signal: &str) {
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid])
-        .status()
-        .unwrap();
-}
+use support::{signal as kill, slack_header};
 
 /// Receives what the service tells systemd.
 struct FakeSystemd {
@@ -65,20 +59,8 @@ const UNHEALTHY: &str =
 const CPU_HIGH: &str = "[[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\n";
 
 fn fixture_frame(shape: &str, file: &str) -> String {
-    let body = std::fs::read_to_string(format!(
-        "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    let body = support::port_fixture(shape, file);
     format!(r#"{{"content-type":"application/json","body":{body}}}"#)
-}
-
-fn slack_header(request: &support::Received) -> String {
-    let message: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
-    message["blocks"][0]["text"]["text"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test]

@@ -473,3 +473,35 @@ impl Drop for Relay {
         self.cancel.cancel();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Small shared helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Send `signal` (e.g. "TERM", "HUP") to a child process, with the `kill` command.
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("the child is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The bytes of a Port fixture (`shape`: legacy or automation; `file` without `.json`).
+pub fn port_fixture(shape: &str, file: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// The header line of a Slack message the fake Slack received.
+pub fn slack_header(request: &Received) -> String {
+    let message: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+    message["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
