@@ -48,6 +48,7 @@ fn sign(secret: &str, timestamp: &str, body: &str) -> String {
 
 fn write_config(dir: &Path, channel: &str, extra: &str) -> PathBuf {
     let path = dir.join("config.toml");
+    let rules = include_str!("fixtures/port/rules.toml");
     std::fs::write(
         &path,
         format!(
@@ -61,20 +62,7 @@ webhook_url_env = "TEST_SLACK_WEBHOOK"
 
 {extra}
 
-[[rule]]
-name = "cpu-high"
-blueprint = "DeploymentConfig"
-property = "cpuUtil"
-above = 80
-clear_below = 70
-
-[[rule]]
-name = "unhealthy"
-blueprint = "DeploymentConfig"
-property = "healthStatus"
-not_in = ["Healthy"]
-severity = "critical"
-"#
+{rules}"#
         ),
     )
     .unwrap();

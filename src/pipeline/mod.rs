@@ -330,22 +330,10 @@ mod tests {
     /// The rules of the fixtures' README.
     pub(crate) fn fixture_rules() -> Vec<Rule> {
         let config = crate::config::parse(
-            r#"
-[[channel]]
-url = "http://127.0.0.1:1/c"
-pipeline = true
-[[rule]]
-name = "cpu-high"
-blueprint = "DeploymentConfig"
-property = "cpuUtil"
-above = 80
-clear_below = 70
-[[rule]]
-name = "unhealthy"
-blueprint = "DeploymentConfig"
-property = "healthStatus"
-not_in = ["Healthy"]
-"#,
+            &format!(
+                "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{}",
+                include_str!("../../tests/fixtures/port/rules.toml")
+            ),
             "test",
             &|_| None,
         )
