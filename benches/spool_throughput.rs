@@ -42,6 +42,7 @@ async fn main() {
         rx,
         writer.clone(),
         "bench".into(),
+        None,
         tokio::sync::watch::channel(vec!["http://127.0.0.1:1/".to_string()]).1,
         counters.clone(),
     ));

@@ -314,7 +314,11 @@ impl Runtime {
                 &url.to_string(),
             )?;
             info!(channel = %url, routes = ?routes, "subscribing");
-            let source = channel.source.clone().build()?;
+            // Resume after the last event stored, for servers that replay (smee-relay serve).
+            let cursor_key = spool::channel_key(url.expose().as_str());
+            let mut source_config = channel.source.clone();
+            source_config.last_event_id = self.spool.cursor(&cursor_key)?;
+            let source = source_config.build()?;
             let status = source.status();
             let (routes_tx, routes_rx) = watch::channel(routes);
             let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
@@ -325,6 +329,7 @@ impl Runtime {
                     events_rx,
                     self.writer.clone(),
                     url.to_string(),
+                    Some(cursor_key),
                     routes_rx,
                     self.counters.clone(),
                 )),
@@ -610,6 +615,7 @@ fn alert_append(alerts: Vec<crate::event::Event>) -> Write {
         channel: PIPELINE_ROUTE.into(),
         routes: vec![ALERT_ROUTE.into()],
         events: alerts,
+        cursor: None,
     }
 }
 
@@ -664,7 +670,7 @@ mod tests {
             body: body.into(),
         };
         writer
-            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event])
+            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event], None)
             .await
             .unwrap();
         let cancel = CancellationToken::new();

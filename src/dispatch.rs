@@ -241,17 +241,23 @@ impl SpoolWriter {
     }
 
     /// Append events and wait until they are on disk. Returns each event's id, or `None` if
-    /// the spool was full.
+    /// the spool was full. `cursor`: the channel's key, to remember the last SSE id by.
     pub async fn append(
         &self,
         channel: &str,
         routes: &[String],
         events: Vec<Event>,
+        cursor_key: Option<&str>,
     ) -> Result<Vec<Option<u64>>, String> {
+        let cursor = cursor_key.and_then(|key| {
+            let last = events.iter().rev().find_map(|e| e.sse_id.clone())?;
+            Some((key.to_string(), last))
+        });
         let write = Write::Append {
             channel: channel.to_string(),
             routes: routes.to_vec(),
             events,
+            cursor,
         };
         let mut appended = self.commit(vec![write]).await?;
         Ok(appended.pop().unwrap_or_default())
@@ -290,6 +296,7 @@ pub async fn intake(
     mut events: mpsc::Receiver<Event>,
     writer: SpoolWriter,
     channel: String,
+    cursor_key: Option<String>,
     routes: watch::Receiver<Vec<String>>,
     counters: Arc<Counters>,
 ) {
@@ -298,7 +305,10 @@ pub async fn intake(
         // The routes as of now: a reload may change them between batches.
         let routes = routes.borrow().clone();
         loop {
-            match writer.append(&channel, &routes, batch.clone()).await {
+            let appended = writer
+                .append(&channel, &routes, batch.clone(), cursor_key.as_deref())
+                .await;
+            match appended {
                 Ok(ids) => {
                     counters.received(ids.len() as u64);
                     for (event, id) in batch.iter().zip(&ids) {
@@ -588,7 +598,7 @@ mod tests {
             body: "{}".into(),
         };
         writer
-            .append("c", &["r".to_string()], vec![event])
+            .append("c", &["r".to_string()], vec![event], None)
             .await
             .unwrap();
         let ok = Ok(Delivered {

@@ -23,6 +23,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod relay;
 pub mod retry;
+pub mod serve;
 pub mod service;
 pub mod source;
 pub mod spool;

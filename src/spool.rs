@@ -13,6 +13,7 @@
 //! | `records`  | (event id, route)   | delivery record JSON: status, attempts  |
 //! | `pending`  | (route, seq)        | event id: the per-route FIFO            |
 //! | `alert_states` | rule and entity | the pipeline's alert state (JSON)       |
+//! | `cursors`  | channel key         | the last SSE id stored, for `Last-Event-ID` after a restart |
 //!
 //! A route (a target URL) reads its queue from `pending` in `seq` order; replaying an event adds
 //! it again at the tail with a new `seq`. The database is opened in redb's multi-writer mode so
@@ -41,6 +42,7 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RECORDS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("records");
 const PENDING: TableDefinition<(&str, u64), u64> = TableDefinition::new("pending");
 const ALERT_STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("alert_states");
+const CURSORS: TableDefinition<&str, &str> = TableDefinition::new("cursors");
 
 const NEXT_EVENT: &str = "next_event";
 const NEXT_SEQ: &str = "next_seq";
@@ -171,6 +173,9 @@ pub enum Write {
         channel: String,
         routes: Vec<String>,
         events: Vec<Event>,
+        /// The channel's key and the SSE id of the last event, stored with the events so a
+        /// restart resumes from exactly what is on disk.
+        cursor: Option<(String, String)>,
     },
     /// Record an attempt at the head of `route`.
     Mark {
@@ -313,7 +318,11 @@ impl Spool {
                         channel,
                         routes,
                         events,
+                        cursor,
                     } => {
+                        if let Some((key, id)) = &cursor {
+                            t.cursors.insert(key.as_str(), id.as_str())?;
+                        }
                         let mut ids = Vec::with_capacity(events.len());
                         for event in events {
                             let encoded = encode(now, &channel, &event);
@@ -507,6 +516,14 @@ impl Spool {
         self.update(|t| t.prune_delivered(older_than_ms, None))
     }
 
+    /// The last SSE id stored for a channel (see [`channel_key`]).
+    pub fn cursor(&self, key: &str) -> Result<Option<String>, SpoolError> {
+        self.read(|txn| {
+            let cursors = txn.open_table(CURSORS)?;
+            Ok(cursors.get(key)?.map(|v| v.value().to_string()))
+        })
+    }
+
     /// Every stored pipeline state.
     pub fn states(&self) -> Result<Vec<(String, Vec<u8>)>, SpoolError> {
         self.read(|txn| {
@@ -577,6 +594,7 @@ struct Tables<'txn> {
     records: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     pending: redb::Table<'txn, (&'static str, u64), u64>,
     states: redb::Table<'txn, &'static str, &'static [u8]>,
+    cursors: redb::Table<'txn, &'static str, &'static str>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -587,6 +605,7 @@ impl<'txn> Tables<'txn> {
             records: txn.open_table(RECORDS)?,
             pending: txn.open_table(PENDING)?,
             states: txn.open_table(ALERT_STATES)?,
+            cursors: txn.open_table(CURSORS)?,
         })
     }
 
@@ -800,10 +819,14 @@ pub struct ChannelLock {
     _file: File,
 }
 
+/// A channel's name on disk: a hash of its URL (the URL itself is a secret).
+pub fn channel_key(channel_url: &str) -> String {
+    hex::encode(&sha2::Sha256::digest(channel_url.as_bytes())[..8])
+}
+
 impl ChannelLock {
     pub fn acquire(state_dir: &Path, channel_url: &str, shown: &str) -> Result<Self, SpoolError> {
-        let digest = hex::encode(&sha2::Sha256::digest(channel_url.as_bytes())[..8]);
-        let path = state_dir.join(format!("channel-{digest}.lock"));
+        let path = state_dir.join(format!("channel-{}.lock", channel_key(channel_url)));
         let io = |e: std::io::Error| SpoolError::Io {
             path: path.clone(),
             reason: e.to_string(),
@@ -882,6 +905,7 @@ mod tests {
             channel: "http://x/abcd…".into(),
             routes: vec![ROUTE.into()],
             events,
+            cursor: None,
         };
         let report = spool.write(vec![write], ROOM).unwrap();
         report.appended[0].iter().map(|id| id.unwrap()).collect()
@@ -1008,6 +1032,7 @@ mod tests {
             channel: "http://x/abcd…".into(),
             routes: vec![ROUTE.into()],
             events: vec![event(n)],
+            cursor: None,
         };
         let report = spool
             .write(vec![write(1), write(2), write(3)], limits)

@@ -52,6 +52,10 @@ pub struct SourceConfig {
     pub idle_timeout: Duration,
     /// Delays between reconnects.
     pub reconnect: BackoffPolicy,
+    /// Sent as `Authorization: Bearer` (for `smee-relay serve --token`). A secret.
+    pub token: Option<String>,
+    /// Where to resume: sent as `Last-Event-ID` on the first connection.
+    pub last_event_id: Option<String>,
 }
 
 impl SourceConfig {
@@ -61,6 +65,8 @@ impl SourceConfig {
             channel,
             idle_timeout: Duration::from_secs(90),
             reconnect: BackoffPolicy::RECONNECT,
+            token: None,
+            last_event_id: None,
         }
     }
 
@@ -72,9 +78,9 @@ impl SourceConfig {
             self.idle_timeout,
         ));
         Ok(Source {
+            last_event_id: self.last_event_id.clone(),
             config: self,
             transport,
-            last_event_id: None,
             status,
         })
     }
@@ -213,7 +219,12 @@ impl Source {
     ) -> Result<impl eventsource_client::Client + use<>, eventsource_client::Error> {
         let mut builder = ClientBuilder::for_url(self.config.channel.expose().as_str())?
             .header("Accept", "text/event-stream")?
+            // Ask smee-relay servers for exact bodies; other servers ignore it.
+            .header(crate::serve::RAW_OPT_IN, "1")?
             .reconnect(ReconnectOptions::reconnect(false).build());
+        if let Some(token) = &self.config.token {
+            builder = builder.header("Authorization", &format!("Bearer {token}"))?;
+        }
         if let Some(id) = &self.last_event_id {
             builder = builder.last_event_id(id.clone());
         }

@@ -1,0 +1,433 @@
+//! `smee-relay serve`: a self-hosted, smee-compatible channel server.
+//!
+//! What it adds over smee.io, and why:
+//! - **replay**: event ids are unique per channel and keep growing across server restarts (they
+//!   start from the clock), so a client reconnecting with `Last-Event-ID` gets what it missed,
+//!   including events posted while nobody was connected;
+//! - **raw bodies**: a subscriber that sends `x-smee-relay-raw: 1` also gets `bodyB`, the exact
+//!   bytes of every POST, so any sender's signature verifies and form or binary bodies survive.
+//!   Others get smee's standard shape, with no key that smee-client would forward as a header;
+//! - **any content type**, up to `--max-body`;
+//! - **bounded memory**: each channel keeps its recent events (count, bytes and age limits); a
+//!   subscriber that falls further behind than the live buffer is disconnected and catches up by
+//!   replay;
+//! - **optional tokens** for subscribers and posters (`Authorization: Bearer`).
+//!
+//! Buffers live in memory: a restart of the server forgets them (clients still never see an id
+//! twice). Disk persistence (`--state-dir`) is not built yet.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine as _;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// The header a subscriber sends to receive exact bodies (`bodyB`).
+pub const RAW_OPT_IN: &str = "x-smee-relay-raw";
+
+/// How the server is run.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Largest POST body accepted.
+    pub max_body: usize,
+    /// Most events kept per channel for replay.
+    pub max_events: usize,
+    /// Most bytes kept for replay, across all channels.
+    pub max_bytes: usize,
+    /// How long an event is kept for replay.
+    pub retain: Duration,
+    /// Required from subscribers (`GET`), if set.
+    pub subscribe_token: Option<String>,
+    /// Required from posters (`POST`), if set.
+    pub post_token: Option<String>,
+    /// Interval of `ping` events (smee.io: 30 s).
+    pub ping: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_body: 25 << 20,
+            max_events: 1000,
+            max_bytes: 64 << 20,
+            retain: Duration::from_secs(3600),
+            subscribe_token: None,
+            post_token: None,
+            ping: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One posted webhook, as kept for replay.
+struct Posted {
+    id: u64,
+    received_ms: u64,
+    headers: Vec<(String, String)>,
+    query: serde_json::Map<String, serde_json::Value>,
+    content_type: String,
+    body: Bytes,
+}
+
+impl Posted {
+    fn size(&self) -> usize {
+        self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
+    /// The smee `data:` payload: headers, `body`, `query`, `timestamp`, and with `raw`,
+    /// `bodyB` (the exact bytes).
+    fn data(&self, raw: bool) -> String {
+        let mut map = serde_json::Map::new();
+        for (name, value) in &self.headers {
+            map.insert(name.clone(), value.clone().into());
+        }
+        map.insert("body".into(), parsed_body(&self.content_type, &self.body));
+        map.insert("query".into(), self.query.clone().into());
+        map.insert("timestamp".into(), self.received_ms.into());
+        if raw {
+            map.insert(
+                "bodyB".into(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(&self.body)
+                    .into(),
+            );
+        }
+        serde_json::Value::Object(map).to_string()
+    }
+
+    fn frame(&self, raw: bool) -> String {
+        format!("id: {}\ndata: {}\n\n", self.id, self.data(raw))
+    }
+}
+
+/// `body` as smee shows it: parsed JSON, form fields as an object, else the text.
+fn parsed_body(content_type: &str, body: &[u8]) -> serde_json::Value {
+    if content_type.contains("json")
+        && let Ok(value) = serde_json::from_slice(body)
+    {
+        return value;
+    }
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        let fields: serde_json::Map<String, serde_json::Value> = reqwest::Url::parse("http://x/")
+            .ok()
+            .map(|mut u| {
+                u.set_query(Some(&String::from_utf8_lossy(body)));
+                u.query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned().into()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return fields.into();
+    }
+    String::from_utf8_lossy(body).into_owned().into()
+}
+
+struct Channel {
+    next_id: u64,
+    events: VecDeque<Arc<Posted>>,
+    live: broadcast::Sender<Arc<Posted>>,
+}
+
+struct Hub {
+    config: ServeConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Hub {
+    /// Store a webhook and hand it to live subscribers.
+    fn post(&self, name: &str, make: impl FnOnce(u64) -> Posted) -> u64 {
+        let mut channels = self.channels.lock().expect("not poisoned");
+        let channel = channels.entry(name.to_string()).or_insert_with(new_channel);
+        let posted = Arc::new(make(channel.next_id));
+        channel.next_id += 1;
+        let id = posted.id;
+        channel.events.push_back(posted.clone());
+        let _ = channel.live.send(posted);
+        self.evict(&mut channels);
+        id
+    }
+
+    /// Drop what is too old, too many, or beyond the byte budget (oldest first).
+    fn evict(&self, channels: &mut HashMap<String, Channel>) {
+        let cutoff = crate::spool::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
+        let mut total = 0;
+        for channel in channels.values_mut() {
+            while channel.events.len() > self.config.max_events
+                || channel
+                    .events
+                    .front()
+                    .is_some_and(|e| e.received_ms < cutoff)
+            {
+                channel.events.pop_front();
+            }
+            total += channel.events.iter().map(|e| e.size()).sum::<usize>();
+        }
+        while total > self.config.max_bytes {
+            let oldest = channels
+                .values_mut()
+                .filter(|c| !c.events.is_empty())
+                .min_by_key(|c| c.events.front().map(|e| e.received_ms));
+            match oldest.and_then(|c| c.events.pop_front()) {
+                Some(gone) => total -= gone.size(),
+                None => break,
+            }
+        }
+    }
+}
+
+fn new_channel() -> Channel {
+    // Ids start from the clock, so they keep growing across server restarts and a client's
+    // remembered Last-Event-ID never hides new events.
+    let start = crate::spool::now_ms().saturating_mul(1000);
+    Channel {
+        next_id: start,
+        events: VecDeque::new(),
+        live: broadcast::channel(1024).0,
+    }
+}
+
+/// Serve until `cancel`. Returns the address it listens on once bound.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: ServeConfig,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let max_body = config.max_body;
+    let hub = Arc::new(Hub {
+        config,
+        channels: Mutex::new(HashMap::new()),
+    });
+    let router = Router::new()
+        .route("/new", get(new_channel_redirect).head(new_channel_redirect))
+        .route("/{channel}", get(subscribe).post(post))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(hub);
+    info!(addr = %listener.local_addr()?, "serving smee channels");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+}
+
+/// Bind `addr` and serve (the `serve` command).
+pub async fn run(
+    addr: SocketAddr,
+    config: ServeConfig,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve(listener, config, cancel).await
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn authorized(headers: &HeaderMap, token: &Option<String>) -> bool {
+    let Some(token) = token else { return true };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time compare: a token is a secret.
+    given.is_some_and(|given| {
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+async fn new_channel_redirect(headers: HeaderMap) -> Response {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let proto = text("x-forwarded-proto").unwrap_or("http");
+    let host = text("x-forwarded-host")
+        .or(text("host"))
+        .unwrap_or("localhost");
+    let id: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(16)
+        .collect();
+    (
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, format!("{proto}://{host}/{id}"))],
+    )
+        .into_response()
+}
+
+async fn post(
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !valid_name(&name) {
+        return (StatusCode::BAD_REQUEST, "bad channel name").into_response();
+    }
+    if !authorized(&headers, &hub.config.post_token) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let kept: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "host" | "content-length" | "authorization"))
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut params = serde_json::Map::new();
+    for (k, v) in query {
+        params.insert(k, v.into());
+    }
+    hub.post(&name, |id| Posted {
+        id,
+        received_ms: crate::spool::now_ms(),
+        headers: kept,
+        query: params,
+        content_type,
+        body,
+    });
+    (StatusCode::OK, "ok").into_response()
+}
+
+async fn subscribe(
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !valid_name(&name) {
+        return (StatusCode::BAD_REQUEST, "bad channel name").into_response();
+    }
+    if !authorized(&headers, &hub.config.subscribe_token) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_stream {
+        return page(&hub, &name).into_response();
+    }
+    let raw = headers.contains_key(RAW_OPT_IN);
+    let last_seen: Option<u64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    // Subscribe before taking the backlog, under one lock, so nothing falls in between.
+    let (backlog, mut live) = {
+        let mut channels = hub.channels.lock().expect("not poisoned");
+        let channel = channels.entry(name.clone()).or_insert_with(new_channel);
+        let backlog: Vec<Arc<Posted>> = match last_seen {
+            Some(seen) => channel
+                .events
+                .iter()
+                .filter(|e| e.id > seen)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        (backlog, channel.live.subscribe())
+    };
+    let ping = hub.config.ping;
+    let stream = async_stream(move |tx| async move {
+        let send = |text: String| tx.send(Ok::<_, std::io::Error>(Bytes::from(text)));
+        if send("event: ready\ndata: {}\n\n".into()).await.is_err() {
+            return;
+        }
+        let mut newest = last_seen.unwrap_or(0);
+        for event in backlog {
+            newest = event.id;
+            if send(event.frame(raw)).await.is_err() {
+                return;
+            }
+        }
+        let mut pings = tokio::time::interval(ping);
+        pings.tick().await;
+        loop {
+            let text = tokio::select! {
+                _ = pings.tick() => "event: ping\ndata: {}\n\n".to_string(),
+                next = live.recv() => match next {
+                    Ok(event) if event.id <= newest => continue,
+                    Ok(event) => { newest = event.id; event.frame(raw) }
+                    // Fell behind the live buffer: end the stream; the client reconnects
+                    // with Last-Event-ID and catches up from the replay buffer.
+                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if send(text).await.is_err() {
+                return;
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// A stream fed by a task through a small channel: memory per subscriber stays bounded, and a
+/// slow reader slows only its own task.
+fn async_stream<F, Fut>(
+    produce: F,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(produce(tx));
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// The page a browser sees: the channel's recent events.
+fn page(hub: &Hub, name: &str) -> Html<String> {
+    let channels = hub.channels.lock().expect("not poisoned");
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut rows = String::new();
+    if let Some(channel) = channels.get(name) {
+        for event in channel.events.iter().rev().take(50) {
+            rows.push_str(&format!(
+                "<li><code>{}</code> {} bytes, {}</li>",
+                event.id,
+                event.body.len(),
+                escape(&event.content_type)
+            ));
+        }
+    }
+    Html(format!(
+        "<!doctype html><title>smee-relay channel</title><h1>Channel {}</h1>\
+         <p>Subscribe with <code>smee-relay forward URL --port 3000</code>. Recent events:</p><ul>{rows}</ul>",
+        escape(&crate::url::redact(name))
+    ))
+}
