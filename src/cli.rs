@@ -56,6 +56,52 @@ pub enum Command {
     Check(CheckArgs),
     /// Inspect and re-queue the events in the spool (works while the relay runs).
     Events(EventsArgs),
+    /// Run a smee-compatible channel server that keeps raw bodies and replays missed events.
+    Serve(ServeArgs),
+    /// See the whole product work in one process, with no account and no network.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3333", env = "SMEE_RELAY_LISTEN")]
+    pub listen: std::net::SocketAddr,
+
+    /// Largest POST body accepted (413 beyond).
+    #[arg(long, default_value = "25MiB", value_parser = parse_size)]
+    pub max_body: u64,
+
+    /// Keep events this long for replay.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub retain: Duration,
+
+    /// Keep at most this many events per channel for replay.
+    #[arg(long, default_value_t = 1000)]
+    pub max_events: usize,
+
+    /// Keep at most this many bytes of events for replay, across channels.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub max_buffer: u64,
+
+    /// Require `Authorization: Bearer TOKEN` from subscribers and posters.
+    #[arg(long, env = "SMEE_RELAY_SERVE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Require this token from subscribers only (overrides --token for them).
+    #[arg(long, hide_env_values = true)]
+    pub subscribe_token: Option<String>,
+
+    /// Require this token from posters only (overrides --token for them).
+    #[arg(long, hide_env_values = true)]
+    pub post_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Also send the alerts to this Slack incoming webhook.
+    #[arg(long, value_parser = parse_http_url, env = "SLACK_WEBHOOK_URL", hide_env_values = true)]
+    pub slack_webhook: Option<Url>,
 }
 
 /// Where the spool lives; shared by every command that touches it.
@@ -150,6 +196,10 @@ pub struct ForwardArgs {
     /// The smee server to create a channel on when no CHANNEL_URL is given.
     #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
     pub server: Url,
+
+    /// Token for a `smee-relay serve --token` channel (sent as `Authorization: Bearer`).
+    #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 
     #[command(flatten)]
     pub delivery: DeliveryArgs,

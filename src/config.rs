@@ -54,6 +54,10 @@ pub struct ChannelConfig {
     /// Reconnect when the channel sends nothing for this long.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Token for a `smee-relay serve --token` server (a secret: prefer `token_env`).
+    pub token: Option<String>,
+    /// The environment variable holding the token.
+    pub token_env: Option<String>,
 }
 
 fn default_idle_timeout() -> Duration {
@@ -158,6 +162,7 @@ pub struct Channel {
     pub forward: Vec<TargetUrl>,
     pub pipeline: bool,
     pub idle_timeout: Duration,
+    pub token: Option<String>,
 }
 
 /// A validated config, secrets resolved.
@@ -247,11 +252,19 @@ pub fn parse(
                     if forward.is_empty() && !c.pipeline {
                         problems.push(at_line(at, "this channel has no forward targets and pipeline = false: nothing would use it".into()));
                     }
+                    let token = match secret(&c.token, &c.token_env, "token") {
+                        Ok(token) => token,
+                        Err(e) => {
+                            problems.push(at_line(at, e));
+                            None
+                        }
+                    };
                     channels.push(Channel {
                         url,
                         forward,
                         pipeline: c.pipeline,
                         idle_timeout: c.idle_timeout,
+                        token,
                     });
                 }
                 // The URL may be a secret; say what is wrong without repeating it.

@@ -317,7 +317,9 @@ impl Runtime {
             // Resume after the last event stored, for servers that replay (smee-relay serve).
             let cursor_key = spool::channel_key(url.expose().as_str());
             let mut source_config = channel.source.clone();
-            source_config.last_event_id = self.spool.cursor(&cursor_key)?;
+            if let Some(stored) = self.spool.cursor(&cursor_key)? {
+                source_config.last_event_id = Some(stored);
+            }
             let source = source_config.build()?;
             let status = source.status();
             let (routes_tx, routes_rx) = watch::channel(routes);

@@ -43,7 +43,9 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    telemetry::init(cli.verbosity(), cli.log_format);
+    // The demo's output is its alerts: keep its logs to warnings unless asked.
+    let quieter = i8::from(matches!(cli.command, Command::Demo(_)));
+    telemetry::init(cli.verbosity() - quieter, cli.log_format);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -80,7 +82,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run_config(args).await,
         Command::Check(args) => check(args),
         Command::Events(args) => events(args),
+        Command::Serve(args) => serve(args).await,
+        Command::Demo(args) => {
+            smee_relay::demo::run(args.slack_webhook).await?;
+            Ok(())
+        }
     }
+}
+
+async fn serve(args: smee_relay::cli::ServeArgs) -> anyhow::Result<()> {
+    let config = smee_relay::serve::ServeConfig {
+        max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        max_events: args.max_events,
+        max_bytes: usize::try_from(args.max_buffer).unwrap_or(usize::MAX),
+        retain: args.retain,
+        subscribe_token: args.subscribe_token.or(args.token.clone()),
+        post_token: args.post_token.or(args.token),
+        ..Default::default()
+    };
+    smee_relay::serve::run(args.listen, config, stop_on_signals()?)
+        .await
+        .with_context(|| format!("cannot serve on {}", args.listen))
 }
 
 fn retry_policy(delivery: &DeliveryArgs) -> RetryPolicy {
@@ -108,6 +130,7 @@ async fn forward(args: ForwardArgs) -> anyhow::Result<()> {
     };
     let mut source = SourceConfig::new(channel);
     source.idle_timeout = args.idle_timeout;
+    source.token = args.token.clone();
     let delivery = &args.delivery;
     let options = ForwardOptions {
         source,
@@ -164,11 +187,11 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let uses_pipeline = config.channels.iter().any(|c| c.pipeline);
     let pipeline = if uses_pipeline {
         let sink = match &config.slack {
-            Some(url) => AlertSink::Slack(Forwarder::new(
+            Some(url) => AlertSink::slack(Forwarder::new(
                 url.0.as_str().parse().context("slack webhook_url")?,
                 delivery.target_timeout,
             )?),
-            None => AlertSink::Stdout,
+            None => AlertSink::stdout(),
         };
         let pipeline = Pipeline {
             rules: config.rules.clone(),
@@ -185,6 +208,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         .map(|c| {
             let mut source = SourceConfig::new(c.url.clone());
             source.idle_timeout = c.idle_timeout;
+            source.token = c.token.clone();
             ChannelPlan {
                 source,
                 forward: c.forward.clone(),

@@ -64,12 +64,32 @@ use crate::spool::StoredEvent;
 /// The route name alerts are queued on in the spool.
 pub const ALERT_ROUTE: &str = "alerts";
 
-/// Where spooled alerts go.
-pub enum AlertSink {
-    /// A Slack incoming webhook. Its URL is a secret: this sink only ever calls itself "slack".
-    Slack(Forwarder),
-    /// Printed to stdout, one block per alert.
-    Stdout,
+/// Where spooled alerts go: Slack, stdout, or both; and, for the demo, a channel that hears
+/// of every alert delivered.
+#[derive(Default)]
+pub struct AlertSink {
+    /// A Slack incoming webhook. Its URL is a secret: this sink only calls itself "slack".
+    pub slack: Option<Forwarder>,
+    /// Print each alert, one block per alert, once it is delivered.
+    pub stdout: bool,
+    /// Told of each alert once it is delivered.
+    pub delivered: Option<tokio::sync::mpsc::UnboundedSender<Alert>>,
+}
+
+impl AlertSink {
+    pub fn slack(forwarder: Forwarder) -> Self {
+        Self {
+            slack: Some(forwarder),
+            ..Self::default()
+        }
+    }
+
+    pub fn stdout() -> Self {
+        Self {
+            stdout: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// An alert as it travels through the spool: JSON in an event body.
@@ -93,9 +113,11 @@ pub fn to_event(alert: &Alert) -> Event {
 
 impl Sink for AlertSink {
     fn describe(&self) -> String {
-        match self {
-            AlertSink::Slack(_) => "slack".into(),
-            AlertSink::Stdout => "stdout".into(),
+        match (&self.slack, self.stdout) {
+            (Some(_), true) => "slack+stdout".into(),
+            (Some(_), false) => "slack".into(),
+            (None, true) => "stdout".into(),
+            (None, false) => "alerts".into(),
         }
     }
 
@@ -112,30 +134,35 @@ impl Sink for AlertSink {
                     retry_after: None,
                     body: format!("not an alert: {e}"),
                 })?;
-            match self {
-                AlertSink::Stdout => {
-                    println!("{}", text(&alert));
-                    Ok(Delivered {
-                        status: StatusCode::OK,
-                        elapsed: started.elapsed(),
-                    })
-                }
-                AlertSink::Slack(forwarder) => {
+            let done = match &self.slack {
+                Some(forwarder) => {
                     let message = Event {
                         headers: vec![("content-type".into(), "application/json".into())],
                         body: slack::message(&alert).to_string().into(),
                         ..event.event.clone()
                     };
-                    forwarder.deliver(&message, &[]).await
+                    forwarder.deliver(&message, &[]).await?
                 }
+                None => Delivered {
+                    status: StatusCode::OK,
+                    elapsed: started.elapsed(),
+                },
+            };
+            if self.stdout {
+                println!("{}", text(&alert));
             }
+            if let Some(delivered) = &self.delivered {
+                let _ = delivered.send(alert);
+            }
+            Ok(done)
         })
     }
 
     fn min_interval(&self) -> Duration {
-        match self {
-            AlertSink::Slack(_) => Duration::from_secs(1),
-            AlertSink::Stdout => Duration::ZERO,
+        if self.slack.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
         }
     }
 }

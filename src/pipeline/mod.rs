@@ -301,8 +301,10 @@ impl Pipeline {
             blueprint,
             property,
             threshold: rule.threshold(),
+            // On deletion every property "changes" to nothing: listing them says nothing.
             other_changes: changed
                 .iter()
+                .filter(|_| change.action != Action::Delete)
                 .filter(|c| Some(c.name.as_str()) != rule.property())
                 .map(shown)
                 .collect(),

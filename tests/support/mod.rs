@@ -286,6 +286,11 @@ impl FakeTarget {
         all
     }
 
+    /// Forget whatever arrives within `wait`.
+    pub async fn drain(&mut self, wait: Duration) {
+        while let Ok(Some(_)) = tokio::time::timeout(wait, self.received.recv()).await {}
+    }
+
     /// Assert nothing more arrives for `wait`.
     pub async fn assert_quiet(&mut self, wait: Duration) {
         if let Ok(Some(extra)) = tokio::time::timeout(wait, self.received.recv()).await {

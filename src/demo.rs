@@ -1,0 +1,214 @@
+//! `smee-relay demo`: the whole product in one process, with no account and no network.
+//!
+//! It starts `serve` on a free loopback port, subscribes the pipeline to a fresh channel with
+//! the example rules (cpu-high and unhealthy), posts the DeploymentConfig sequence (the Port
+//! fixtures, embedded in the binary), and prints every alert the pipeline sends, one block per
+//! alert. With `--slack-webhook` it sends them to Slack as well. Everything goes through the
+//! real path: SSE, the spool (in a temporary state directory), the rules and alert state.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::{ChannelPlan, Plan};
+use crate::dispatch::RetryPolicy;
+use crate::forward::Forwarder;
+use crate::notify::AlertSink;
+use crate::pipeline::Pipeline;
+use crate::relay::RelayError;
+use crate::source::SourceConfig;
+
+/// The example rules: the ones the fixtures' README documents.
+const RULES: &str = include_str!("../tests/fixtures/port/rules.toml");
+
+/// The DeploymentConfig sequence, as Port Automation webhook bodies.
+const SEQUENCE: [(&str, &str); 9] = [
+    (
+        "01-create",
+        include_str!("../tests/fixtures/port/deployment-config/automation/01-create.json"),
+    ),
+    (
+        "02-cpu-25-to-87",
+        include_str!("../tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"),
+    ),
+    (
+        "03-cpu-87-to-91",
+        include_str!("../tests/fixtures/port/deployment-config/automation/03-cpu-87-to-91.json"),
+    ),
+    (
+        "04-health-healthy-to-degraded",
+        include_str!(
+            "../tests/fixtures/port/deployment-config/automation/04-health-healthy-to-degraded.json"
+        ),
+    ),
+    (
+        "05-cpu-91-to-75",
+        include_str!("../tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"),
+    ),
+    (
+        "06-cpu-75-to-60",
+        include_str!("../tests/fixtures/port/deployment-config/automation/06-cpu-75-to-60.json"),
+    ),
+    (
+        "07-health-degraded-to-healthy",
+        include_str!(
+            "../tests/fixtures/port/deployment-config/automation/07-health-degraded-to-healthy.json"
+        ),
+    ),
+    (
+        "08-cpu-60-to-95",
+        include_str!("../tests/fixtures/port/deployment-config/automation/08-cpu-60-to-95.json"),
+    ),
+    (
+        "09-delete",
+        include_str!("../tests/fixtures/port/deployment-config/automation/09-delete.json"),
+    ),
+];
+
+/// How many alerts the sequence produces with the example rules.
+const EXPECTED_ALERTS: usize = 6;
+
+/// What can stop the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot start the demo server: {0}")]
+    Serve(std::io::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    #[error("cannot post to the demo channel: {0}")]
+    Post(String),
+    #[error("only {got} of {EXPECTED_ALERTS} alerts arrived within {}", humantime::format_duration(*.within))]
+    Incomplete { got: usize, within: Duration },
+}
+
+/// Run the demo; print the alerts to stdout.
+pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
+    let started = Instant::now();
+    let cancel = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(DemoError::Serve)?;
+    let addr = listener.local_addr().map_err(DemoError::Serve)?;
+    let server = tokio::spawn(crate::serve::serve(
+        listener,
+        crate::serve::ServeConfig::default(),
+        cancel.clone(),
+    ));
+    let channel = format!("http://{addr}/demo");
+    println!(
+        "smee-relay demo: a channel server on {addr}, the example rules, and a DeploymentConfig entity changing 9 times.\n"
+    );
+
+    let rules = crate::config::parse(
+        &format!("[[channel]]\nurl = \"{channel}\"\npipeline = true\n{RULES}"),
+        "built-in demo rules",
+        &|_| None,
+    )
+    .expect("the built-in rules are valid")
+    .rules;
+    let (delivered_tx, mut delivered) = tokio::sync::mpsc::unbounded_channel();
+    let slack = match slack {
+        Some(url) => Some(
+            Forwarder::new(
+                url.as_str()
+                    .parse()
+                    .map_err(|e| DemoError::Post(format!("{e}")))?,
+                Duration::from_secs(10),
+            )
+            .map_err(RelayError::from)?,
+        ),
+        None => None,
+    };
+    let sink = AlertSink {
+        slack,
+        stdout: false,
+        delivered: Some(delivered_tx),
+    };
+    let mut source = SourceConfig::new(channel.parse().expect("a loopback URL"));
+    // The server keeps what is posted: start from the beginning of the channel.
+    source.last_event_id = Some("0".into());
+    let state_dir = std::env::temp_dir().join(format!(
+        "smee-relay-demo-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let plan = Plan {
+        channels: vec![ChannelPlan {
+            source,
+            forward: vec![],
+            pipeline: true,
+        }],
+        pipeline: Some((
+            Pipeline {
+                rules,
+                verifier: None,
+                app_url: "https://app.getport.io".into(),
+            },
+            sink,
+        )),
+        state_dir: state_dir.clone(),
+        target_timeout: Duration::from_secs(10),
+        retry: RetryPolicy::DEFAULT,
+        retain: Duration::from_secs(3600),
+        limits: crate::spool::Limits {
+            max_bytes: 64 << 20,
+        },
+        metrics_listen: None,
+    };
+    let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
+    let relay = tokio::spawn(crate::daemon::run(plan, reloads, cancel.clone()));
+
+    let outcome = post_and_collect(&channel, &mut delivered).await;
+    cancel.cancel();
+    let relayed = relay.await;
+    let _ = server.await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    if let Ok(Err(e)) = relayed {
+        return Err(e.into());
+    }
+    let got = outcome?;
+    println!(
+        "{got} alerts from 9 changes in {} ms: FIRING when a rule starts to hold, RESOLVED when it stops, nothing in between.",
+        started.elapsed().as_millis()
+    );
+    println!(
+        "Next: `smee-relay check --config systemd/config.example.toml`, then `smee-relay run --config ...`."
+    );
+    Ok(())
+}
+
+/// Post the sequence, then print alerts as they are delivered until all have come.
+async fn post_and_collect(
+    channel: &str,
+    delivered: &mut tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::Alert>,
+) -> Result<usize, DemoError> {
+    let client = crate::http::client_builder()
+        .build()
+        .map_err(|e| DemoError::Post(e.to_string()))?;
+    for (name, body) in SEQUENCE {
+        let response = client
+            .post(channel)
+            .header("content-type", "application/json")
+            .header("x-demo-change", name)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| DemoError::Post(e.without_url().to_string()))?;
+        if !response.status().is_success() {
+            return Err(DemoError::Post(format!("{name}: {}", response.status())));
+        }
+    }
+    let within = Duration::from_secs(8);
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = 0;
+    while got < EXPECTED_ALERTS {
+        match tokio::time::timeout_at(deadline, delivered.recv()).await {
+            Ok(Some(alert)) => {
+                got += 1;
+                println!("{}", crate::notify::text(&alert));
+            }
+            _ => return Err(DemoError::Incomplete { got, within }),
+        }
+    }
+    Ok(got)
+}

@@ -1,0 +1,266 @@
+//! `smee-relay serve` with our own client, and `smee-relay demo`.
+
+mod support;
+
+use std::time::Duration;
+
+use smee_relay::serve::{ServeConfig, serve};
+use support::{FakeTarget, smee_relay};
+use tokio_util::sync::CancellationToken;
+
+/// A channel server in this process; stopped when the token is dropped... or cancelled.
+async fn start_server(config: ServeConfig) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(serve(listener, config, cancel.clone()));
+    (format!("http://{addr}"), cancel)
+}
+
+fn client() -> reqwest::Client {
+    smee_relay::http::client_builder().build().unwrap()
+}
+
+async fn post(url: &str, content_type: &str, body: &'static [u8]) -> u16 {
+    post_with(url, content_type, body, None).await
+}
+
+async fn post_with(url: &str, content_type: &str, body: &'static [u8], token: Option<&str>) -> u16 {
+    let mut request = client().post(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Relay options pointing at a channel on our server instead of the fake channel.
+fn options_for(channel: &str, target: &FakeTarget) -> smee_relay::relay::ForwardOptions {
+    let mut options = relay_options_stub(&target.url("/hook"));
+    options.source.channel = channel.parse().unwrap();
+    options
+}
+
+fn relay_options_stub(target: &str) -> smee_relay::relay::ForwardOptions {
+    // relay_options wants a FakeChannel only for its URL; any URL will do before we replace it.
+    let mut source =
+        smee_relay::source::SourceConfig::new("http://127.0.0.1:9/placeholder".parse().unwrap());
+    source.reconnect = support::FAST;
+    smee_relay::relay::ForwardOptions {
+        source,
+        target: target.parse().unwrap(),
+        target_timeout: Duration::from_secs(10),
+        state_dir: support::fresh_state_dir(),
+        retry: smee_relay::dispatch::RetryPolicy {
+            backoff: support::FAST,
+            ..smee_relay::dispatch::RetryPolicy::DEFAULT
+        },
+        retain: Duration::from_secs(3600),
+        limits: smee_relay::spool::Limits { max_bytes: 1 << 30 },
+        metrics_listen: None,
+    }
+}
+
+/// Start a relay to our server and wait until it is subscribed (a first event goes through).
+async fn start_relay(
+    options: smee_relay::relay::ForwardOptions,
+    channel: &str,
+    target: &mut FakeTarget,
+) -> tokio_util::sync::CancellationToken {
+    start_relay_with(options, channel, target, None).await
+}
+
+/// As [`start_relay`], posting with `token`. A first-time client gets no backlog (as on
+/// smee.io), so probes are posted until one comes through: then it is subscribed.
+async fn start_relay_with(
+    options: smee_relay::relay::ForwardOptions,
+    channel: &str,
+    target: &mut FakeTarget,
+    token: Option<&str>,
+) -> tokio_util::sync::CancellationToken {
+    let cancel = CancellationToken::new();
+    tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            assert_eq!(
+                post_with(channel, "application/json", br#"{"probe":true}"#, token).await,
+                200
+            );
+            if tokio::time::timeout(Duration::from_millis(200), target.next())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the relay subscribed");
+    // Probes posted before the subscription may still arrive by replay; let them drain.
+    target.drain(Duration::from_millis(300)).await;
+    cancel
+}
+
+#[tokio::test]
+async fn bodies_arrive_byte_exact_whatever_their_type() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/exact");
+    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+
+    let cases: [(&str, &[u8]); 4] = [
+        (
+            "application/json",
+            b"{\"b\": 1,  \"a\":[1.0, 2e3], \"s\":\"caf\\u00e9\"}",
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            b"payload=%7B%22a%22%3A1%7D&x=a+b",
+        ),
+        (
+            "text/plain; charset=utf-8",
+            "naïve text\r\nwith lines".as_bytes(),
+        ),
+        ("application/octet-stream", &[0, 159, 146, 150, 255, 10]),
+    ];
+    for (content_type, body) in cases {
+        let body: &'static [u8] = Box::leak(body.to_vec().into_boxed_slice());
+        assert_eq!(post(&channel, content_type, body).await, 200);
+        let got = target.next().await;
+        assert_eq!(got.body.as_ref(), body, "{content_type}");
+        assert_eq!(got.header("content-type"), Some(content_type));
+    }
+}
+
+#[tokio::test]
+async fn events_posted_while_the_client_was_stopped_arrive_after_it_restarts() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/replay");
+    let options = options_for(&channel, &target);
+    let relay = start_relay(options.clone(), &channel, &mut target).await;
+    relay.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for body in [&b"{\"n\":1}"[..], b"{\"n\":2}"] {
+        assert_eq!(post(&channel, "application/json", body).await, 200);
+    }
+    // Same state dir: the client resumes from the last id it stored.
+    let cancel = CancellationToken::new();
+    tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+    let got: Vec<_> = target.take(2).await.into_iter().map(|r| r.body).collect();
+    assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
+    target.assert_quiet(Duration::from_millis(300)).await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn tokens_keep_strangers_out() {
+    let config = ServeConfig {
+        subscribe_token: Some("sub-secret".into()),
+        post_token: Some("post-secret".into()),
+        ..ServeConfig::default()
+    };
+    let (server, _stop) = start_server(config).await;
+    let channel = format!("{server}/guarded");
+    let c = client();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(c.post(&channel).body("{}").send().await.unwrap()),
+        401
+    );
+    let sse = c.get(&channel).header("accept", "text/event-stream");
+    assert_eq!(status(sse.send().await.unwrap()), 401);
+
+    let mut target = FakeTarget::start().await;
+    let mut options = options_for(&channel, &target);
+    options.source.token = Some("sub-secret".into());
+    let cancel = start_relay_with(options, &channel, &mut target, Some("post-secret")).await;
+    let posted = c
+        .post(&channel)
+        .bearer_auth("post-secret")
+        .header("content-type", "application/json")
+        .body(r#"{"ok":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status().as_u16(), 200);
+    assert_eq!(target.next().await.body, r#"{"ok":1}"#);
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn limits_names_and_new_channels() {
+    let config = ServeConfig {
+        max_body: 1024,
+        ..ServeConfig::default()
+    };
+    let (server, _stop) = start_server(config).await;
+    let c = client();
+    let big = c
+        .post(format!("{server}/big"))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status().as_u16(), 413);
+    let bad = c
+        .post(format!("{server}/bad.name"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let new = c
+        .head(format!("{server}/new"))
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "hooks.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(new.status().as_u16(), 307);
+    let location = new.headers()["location"].to_str().unwrap();
+    assert!(
+        location.starts_with("https://hooks.example.org/") && location.len() > 30,
+        "{location}"
+    );
+    let page = c.get(format!("{server}/big")).send().await.unwrap();
+    assert!(page.text().await.unwrap().contains("<h1>Channel big</h1>"));
+}
+
+#[tokio::test]
+async fn the_demo_shows_the_six_alerts_and_exits_0() {
+    let started = std::time::Instant::now();
+    let out = smee_relay().arg("demo").output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let headlines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("FIRING") || l.starts_with("RESOLVED"))
+        .collect();
+    let title = "Notification Service Production";
+    assert_eq!(
+        headlines,
+        [
+            format!("FIRING cpu-high: {title}"),
+            format!("FIRING unhealthy: {title}"),
+            format!("RESOLVED cpu-high: {title}"),
+            format!("RESOLVED unhealthy: {title}"),
+            format!("FIRING cpu-high: {title}"),
+            format!("RESOLVED cpu-high: {title}"),
+        ]
+    );
+    assert!(stdout.contains("cpuUtil: 25 -> 87") && stdout.contains("note:      entity deleted"));
+}
