@@ -264,3 +264,81 @@ async fn the_demo_shows_the_six_alerts_and_exits_0() {
     );
     assert!(stdout.contains("cpuUtil: 25 -> 87") && stdout.contains("note:      entity deleted"));
 }
+
+/// smee-client's `smee` command: `$SMEE_CLIENT_BIN` (set by `.ci/run`, which installs
+/// smee-client 5 from npm), else an install into the cargo target dir when npm is at hand.
+fn smee_client() -> Option<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("SMEE_CLIENT_BIN") {
+        return Some(bin.into());
+    }
+    let prefix = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("smee-client-5");
+    let bin = prefix.join("node_modules/.bin/smee");
+    if !bin.exists() {
+        let installed = std::process::Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .arg("smee-client@5")
+            .status();
+        if !installed.is_ok_and(|s| s.success()) {
+            return None;
+        }
+    }
+    Some(bin)
+}
+
+#[tokio::test]
+async fn smee_client_5_relays_through_serve_unchanged() {
+    let Some(smee) = smee_client() else {
+        // CI always has it (.ci/run installs it and sets SMEE_CLIENT_BIN); say so loudly here.
+        eprintln!("SKIPPED: smee-client 5 is not installed and npm is not available");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide smee-client (SMEE_CLIENT_BIN)"
+        );
+        return;
+    };
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/peer");
+    let _client = tokio::process::Command::new(&smee)
+        .args(["-u", &channel, "-t", &target.url("/hook")])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            assert_eq!(
+                post(&channel, "application/json", br#"{"probe":true}"#).await,
+                200
+            );
+            if tokio::time::timeout(Duration::from_millis(300), target.next())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("smee-client subscribed and relayed");
+    target.drain(Duration::from_millis(300)).await;
+
+    let sent = client()
+        .post(format!("{channel}?ref=main"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .body(r#"{"action":"opened","number":7}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status().as_u16(), 200);
+    let got = target.next().await;
+    let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(body, serde_json::json!({"action": "opened", "number": 7}));
+    assert_eq!(got.header("x-github-event"), Some("push"));
+    assert!(
+        got.header("bodyb").is_none(),
+        "no raw-body key leaks to clients that did not ask"
+    );
+}
