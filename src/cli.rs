@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Require this token from posters only (overrides --token for them).
     #[arg(long, hide_env_values = true)]
     pub post_token: Option<String>,
+
+    /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.
+    #[arg(long)]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

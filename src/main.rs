@@ -98,6 +98,7 @@ async fn serve(args: smee_relay::cli::ServeArgs) -> anyhow::Result<()> {
         retain: args.retain,
         subscribe_token: args.subscribe_token.or(args.token.clone()),
         post_token: args.post_token.or(args.token),
+        state_dir: args.state_dir,
         ..Default::default()
     };
     smee_relay::serve::run(args.listen, config, stop_on_signals()?)

@@ -13,8 +13,8 @@
 //!   replay;
 //! - **optional tokens** for subscribers and posters (`Authorization: Bearer`).
 //!
-//! Buffers live in memory: a restart of the server forgets them (clients still never see an id
-//! twice). Disk persistence (`--state-dir`) is not built yet.
+//! Buffers live in memory, and with `--state-dir` also on disk (`serve.redb`): a post is
+//! answered 200 only once it is stored, and a restarted server replays what it had.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub post_token: Option<String>,
     /// Interval of `ping` events (smee.io: 30 s).
     pub ping: Duration,
+    /// Keep buffers on disk here, so they survive a restart of the server.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -64,6 +66,7 @@ impl Default for ServeConfig {
             subscribe_token: None,
             post_token: None,
             ping: Duration::from_secs(30),
+            state_dir: None,
         }
     }
 }
@@ -145,47 +148,73 @@ struct Channel {
 struct Hub {
     config: ServeConfig,
     channels: Mutex<HashMap<String, Channel>>,
+    /// The buffers on disk, with `--state-dir`.
+    store: Option<Arc<Store>>,
+    /// Posts are stored and sent one at a time, so live subscribers see ids in order.
+    post_order: tokio::sync::Mutex<()>,
+    /// Ends every stream on shutdown (a graceful shutdown waits for open connections).
+    shutdown: CancellationToken,
 }
 
 impl Hub {
-    /// Store a webhook and hand it to live subscribers.
-    fn post(&self, name: &str, make: impl FnOnce(u64) -> Posted) -> u64 {
-        let mut channels = self.channels.lock().expect("not poisoned");
-        let channel = channels.entry(name.to_string()).or_insert_with(new_channel);
-        let posted = Arc::new(make(channel.next_id));
-        channel.next_id += 1;
-        let id = posted.id;
-        channel.events.push_back(posted.clone());
-        let _ = channel.live.send(posted);
-        self.evict(&mut channels);
-        id
+    /// Store a webhook (on disk first, with `--state-dir`) and hand it to live subscribers.
+    async fn post(&self, name: &str, make: impl FnOnce(u64) -> Posted) -> Result<u64, String> {
+        let _in_order = self.post_order.lock().await;
+        let (posted, evicted) = {
+            let mut channels = self.channels.lock().expect("not poisoned");
+            let channel = channels.entry(name.to_string()).or_insert_with(new_channel);
+            let posted = Arc::new(make(channel.next_id));
+            channel.next_id += 1;
+            channel.events.push_back(posted.clone());
+            (posted, self.evict(&mut channels))
+        };
+        if let Some(store) = &self.store {
+            let (store, name, stored) = (store.clone(), name.to_string(), posted.clone());
+            tokio::task::spawn_blocking(move || store.save(&name, &stored, &evicted))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        let channels = self.channels.lock().expect("not poisoned");
+        if let Some(channel) = channels.get(name) {
+            let _ = channel.live.send(posted.clone());
+        }
+        Ok(posted.id)
     }
 
-    /// Drop what is too old, too many, or beyond the byte budget (oldest first).
-    fn evict(&self, channels: &mut HashMap<String, Channel>) {
+    /// Drop what is too old, too many, or beyond the byte budget (oldest first). Returns what
+    /// went, as (channel, id).
+    fn evict(&self, channels: &mut HashMap<String, Channel>) -> Vec<(String, u64)> {
+        let mut evicted = Vec::new();
         let cutoff = crate::spool::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
         let mut total = 0;
-        for channel in channels.values_mut() {
+        for (name, channel) in channels.iter_mut() {
             while channel.events.len() > self.config.max_events
                 || channel
                     .events
                     .front()
                     .is_some_and(|e| e.received_ms < cutoff)
             {
-                channel.events.pop_front();
+                if let Some(gone) = channel.events.pop_front() {
+                    evicted.push((name.clone(), gone.id));
+                }
             }
             total += channel.events.iter().map(|e| e.size()).sum::<usize>();
         }
         while total > self.config.max_bytes {
             let oldest = channels
-                .values_mut()
-                .filter(|c| !c.events.is_empty())
-                .min_by_key(|c| c.events.front().map(|e| e.received_ms));
-            match oldest.and_then(|c| c.events.pop_front()) {
-                Some(gone) => total -= gone.size(),
+                .iter_mut()
+                .filter(|(_, c)| !c.events.is_empty())
+                .min_by_key(|(_, c)| c.events.front().map(|e| e.received_ms));
+            match oldest.and_then(|(name, c)| Some((name.clone(), c.events.pop_front()?))) {
+                Some((name, gone)) => {
+                    total -= gone.size();
+                    evicted.push((name, gone.id));
+                }
                 None => break,
             }
         }
+        evicted
     }
 }
 
@@ -207,9 +236,21 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let max_body = config.max_body;
+    let (store, channels) = match &config.state_dir {
+        Some(dir) => {
+            let store = Store::open(dir)?;
+            let channels = store.load()?;
+            info!(path = %store.path.display(), channels = channels.len(), "server buffers restored");
+            (Some(Arc::new(store)), channels)
+        }
+        None => (None, HashMap::new()),
+    };
     let hub = Arc::new(Hub {
         config,
-        channels: Mutex::new(HashMap::new()),
+        channels: Mutex::new(channels),
+        store,
+        post_order: tokio::sync::Mutex::new(()),
+        shutdown: cancel.clone(),
     });
     let router = Router::new()
         .route("/new", get(new_channel_redirect).head(new_channel_redirect))
@@ -299,15 +340,23 @@ async fn post(
     for (k, v) in query {
         params.insert(k, v.into());
     }
-    hub.post(&name, |id| Posted {
-        id,
-        received_ms: crate::spool::now_ms(),
-        headers: kept,
-        query: params,
-        content_type,
-        body,
-    });
-    (StatusCode::OK, "ok").into_response()
+    let stored = hub
+        .post(&name, |id| Posted {
+            id,
+            received_ms: crate::spool::now_ms(),
+            headers: kept,
+            query: params,
+            content_type,
+            body,
+        })
+        .await;
+    match stored {
+        Ok(_) => (StatusCode::OK, "ok").into_response(),
+        Err(e) => {
+            tracing::error!(channel = %crate::url::redact(&name), "cannot store a posted event: {e}");
+            (StatusCode::SERVICE_UNAVAILABLE, "cannot store the event").into_response()
+        }
+    }
 }
 
 async fn subscribe(
@@ -349,6 +398,7 @@ async fn subscribe(
         (backlog, channel.live.subscribe())
     };
     let ping = hub.config.ping;
+    let shutdown = hub.shutdown.clone();
     let stream = async_stream(move |tx| async move {
         let send = |text: String| tx.send(Ok::<_, std::io::Error>(Bytes::from(text)));
         if send("event: ready\ndata: {}\n\n".into()).await.is_err() {
@@ -365,6 +415,7 @@ async fn subscribe(
         pings.tick().await;
         loop {
             let text = tokio::select! {
+                _ = shutdown.cancelled() => return,
                 _ = pings.tick() => "event: ping\ndata: {}\n\n".to_string(),
                 next = live.recv() => match next {
                     Ok(event) if event.id <= newest => continue,
@@ -430,4 +481,103 @@ fn page(hub: &Hub, name: &str) -> Html<String> {
          <p>Subscribe with <code>smee-relay forward URL --port 3000</code>. Recent events:</p><ul>{rows}</ul>",
         escape(&crate::url::redact(name))
     ))
+}
+
+/// The server's buffers on disk (`serve.redb` in `--state-dir`).
+struct Store {
+    db: redb::Database,
+    path: std::path::PathBuf,
+}
+
+const STORED: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("posted");
+
+/// The part of a posted event that is not its body.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredHead {
+    received_ms: u64,
+    headers: Vec<(String, String)>,
+    query: serde_json::Map<String, serde_json::Value>,
+    content_type: String,
+}
+
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Store {
+    fn open(dir: &std::path::Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("serve.redb");
+        let db = redb::Database::create(&path).map_err(|e| {
+            io_error(format!(
+                "cannot open {}: {e}; if it is damaged, move it aside and start again",
+                path.display()
+            ))
+        })?;
+        Ok(Self { db, path })
+    }
+
+    fn load(&self) -> std::io::Result<HashMap<String, Channel>> {
+        use redb::{ReadableDatabase as _, ReadableTable as _};
+        let txn = self.db.begin_read().map_err(io_error)?;
+        let mut channels: HashMap<String, Channel> = HashMap::new();
+        let table = match txn.open_table(STORED) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(channels),
+            Err(e) => return Err(io_error(e)),
+        };
+        for entry in table.iter().map_err(io_error)? {
+            let (key, value) = entry.map_err(io_error)?;
+            let (name, id) = key.value();
+            let bytes = value.value();
+            let Some(len) = bytes
+                .get(..4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize)
+            else {
+                continue;
+            };
+            let Some(head) = bytes
+                .get(4..4 + len)
+                .and_then(|h| serde_json::from_slice::<StoredHead>(h).ok())
+            else {
+                continue;
+            };
+            let channel = channels.entry(name.to_string()).or_insert_with(new_channel);
+            channel.next_id = channel.next_id.max(id + 1);
+            channel.events.push_back(Arc::new(Posted {
+                id,
+                received_ms: head.received_ms,
+                headers: head.headers,
+                query: head.query,
+                content_type: head.content_type,
+                body: Bytes::copy_from_slice(&bytes[4 + len..]),
+            }));
+        }
+        Ok(channels)
+    }
+
+    fn save(&self, name: &str, posted: &Posted, evicted: &[(String, u64)]) -> std::io::Result<()> {
+        let head = serde_json::to_vec(&StoredHead {
+            received_ms: posted.received_ms,
+            headers: posted.headers.clone(),
+            query: posted.query.clone(),
+            content_type: posted.content_type.clone(),
+        })
+        .map_err(io_error)?;
+        let mut value = Vec::with_capacity(4 + head.len() + posted.body.len());
+        value.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        value.extend_from_slice(&head);
+        value.extend_from_slice(&posted.body);
+        let txn = self.db.begin_write().map_err(io_error)?;
+        {
+            let mut table = txn.open_table(STORED).map_err(io_error)?;
+            table
+                .insert((name, posted.id), value.as_slice())
+                .map_err(io_error)?;
+            for (channel, id) in evicted {
+                table.remove((channel.as_str(), *id)).map_err(io_error)?;
+            }
+        }
+        txn.commit().map_err(io_error)
+    }
 }

@@ -342,3 +342,31 @@ async fn smee_client_5_relays_through_serve_unchanged() {
         "no raw-body key leaks to clients that did not ask"
     );
 }
+
+#[tokio::test]
+async fn with_a_state_dir_the_server_survives_its_own_restart() {
+    let dir = support::fresh_state_dir();
+    let config = ServeConfig {
+        state_dir: Some(dir.join("server")),
+        ..ServeConfig::default()
+    };
+    let (server, stop) = start_server(config.clone()).await;
+    for body in [&b"{\"n\":1}"[..], b"{\"n\":2}"] {
+        assert_eq!(
+            post(&format!("{server}/kept"), "application/json", body).await,
+            200
+        );
+    }
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (server, _stop) = start_server(config).await;
+    let mut target = FakeTarget::start().await;
+    let mut options = options_for(&format!("{server}/kept"), &target);
+    options.source.last_event_id = Some("0".into()); // from the start of the channel
+    let cancel = CancellationToken::new();
+    tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+    let got: Vec<_> = target.take(2).await.into_iter().map(|r| r.body).collect();
+    assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
+    cancel.cancel();
+}
