@@ -370,3 +370,72 @@ async fn with_a_state_dir_the_server_survives_its_own_restart() {
     assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_replay() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let addr = server.trim_start_matches("http://").to_string();
+    // A subscriber that reads nothing.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "GET /slow HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
+    let channel = format!("{server}/slow");
+    let poster = client();
+    for _ in 0..2000 {
+        let sent = poster
+            .post(&channel)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status().as_u16(), 200);
+    }
+    // The server did not buffer 2000 events for it: it ended the stream.
+    let mut received = Vec::new();
+    tokio::time::timeout(support::PATIENCE, slow.read_to_end(&mut received))
+        .await
+        .expect("the server closed the lagging stream")
+        .unwrap();
+    let text = String::from_utf8_lossy(&received);
+    let last_id = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .last()
+        .expect("some events came before the cut")
+        .to_string();
+    let seen = text.matches("\nid: ").count();
+    assert!(seen < 2000, "it was cut off before the end ({seen} events)");
+
+    // Reconnecting with Last-Event-ID replays the rest still kept (at most 1000 per channel).
+    let replay = client()
+        .get(&channel)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = replay.bytes_stream();
+    let mut got = 0;
+    let mut buffer = String::new();
+    while got == 0 {
+        use futures::StreamExt as _;
+        let chunk = tokio::time::timeout(support::PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        got = buffer.matches("\nid: ").count() + usize::from(buffer.starts_with("id: "));
+    }
+    assert!(got > 0, "the missed events are replayed");
+}
