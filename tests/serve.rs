@@ -409,8 +409,8 @@ async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_replay() {
     let text = String::from_utf8_lossy(&received);
     let last_id = text
         .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("id: "))
         .expect("some events came before the cut")
         .to_string();
     let seen = text.matches("\nid: ").count();
@@ -425,17 +425,21 @@ async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_replay() {
         .await
         .unwrap();
     let mut stream = replay.bytes_stream();
-    let mut got = 0;
     let mut buffer = String::new();
-    while got == 0 {
+    let first_replayed = loop {
         use futures::StreamExt as _;
         let chunk = tokio::time::timeout(support::PATIENCE, stream.next())
             .await
-            .unwrap()
+            .expect("replay arrives")
             .unwrap()
             .unwrap();
         buffer.push_str(&String::from_utf8_lossy(&chunk));
-        got = buffer.matches("\nid: ").count() + usize::from(buffer.starts_with("id: "));
-    }
-    assert!(got > 0, "the missed events are replayed");
+        if let Some(id) = buffer.lines().find_map(|l| l.strip_prefix("id: ")) {
+            break id.parse::<u64>().unwrap();
+        }
+    };
+    assert!(
+        first_replayed > last_id.parse::<u64>().unwrap(),
+        "replay starts after the last event the subscriber saw"
+    );
 }
