@@ -443,3 +443,33 @@ async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_replay() {
         "replay starts after the last event the subscriber saw"
     );
 }
+
+#[tokio::test]
+async fn the_demo_can_also_send_its_alerts_to_slack() {
+    let mut slack = FakeTarget::start().await;
+    let out = smee_relay()
+        .args(["demo", "--slack-webhook", &slack.url("/services/T/B/demo")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers: Vec<String> = slack
+        .take(6)
+        .await
+        .iter()
+        .map(support::slack_header)
+        .collect();
+    assert_eq!(
+        headers[0],
+        "FIRING cpu-high: Notification Service Production"
+    );
+    assert_eq!(
+        headers[5],
+        "RESOLVED cpu-high: Notification Service Production"
+    );
+}
