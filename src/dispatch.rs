@@ -273,20 +273,28 @@ impl SpoolWriter {
         self.appended.clone()
     }
 
-    /// Record an attempt; applied with the next commit.
-    pub fn mark(&self, route: &str, queued: &Queued, outcome: Outcome) {
+    /// Record several attempts in one commit (and empty `marks`).
+    pub fn flush(&self, marks: &mut Vec<Write>) {
+        if marks.is_empty() {
+            return;
+        }
         let job = Job {
-            writes: vec![Write::Mark {
-                route: route.to_string(),
-                seq: queued.seq,
-                event: queued.event.id,
-                outcome,
-            }],
+            writes: std::mem::take(marks),
             reply: None,
         };
         if self.jobs.send(job).is_err() {
-            error!("the spool writer has stopped: an attempt was not recorded");
+            error!("the spool writer has stopped: attempts were not recorded");
         }
+    }
+}
+
+/// The write that records an attempt at `queued` on `route`.
+fn mark(route: &str, queued: &Queued, outcome: Outcome) -> Write {
+    Write::Mark {
+        route: route.to_string(),
+        seq: queued.seq,
+        event: queued.event.id,
+        outcome,
     }
 }
 
@@ -396,6 +404,10 @@ pub async fn run_route(
             }
             continue;
         }
+        // Finished deliveries are recorded together, once per read-ahead batch (or before a
+        // retry waits): one commit instead of one per event. A crash before that commit only
+        // redelivers them, which at-least-once allows and the delivery id lets targets spot.
+        let mut marks = Vec::new();
         for item in queued {
             let delivery = Delivery {
                 spool: &spool,
@@ -406,11 +418,13 @@ pub async fn run_route(
                 counters: &counters,
                 cancel: &cancel,
             };
-            if !delivery.run(&item).await {
+            if !delivery.run(&item, &mut marks).await {
+                writer.flush(&mut marks);
                 return;
             }
             cursor = item.seq;
         }
+        writer.flush(&mut marks);
     }
 }
 
@@ -434,9 +448,10 @@ struct Delivery<'a> {
 }
 
 impl Delivery<'_> {
-    /// Attempt until delivered or dead. Returns false if shutdown interrupted it (it stays
-    /// pending and is retried on the next start).
-    async fn run(&self, item: &Queued) -> bool {
+    /// Attempt until delivered or dead; the final mark goes into `marks` for the caller to
+    /// commit. Returns false if shutdown interrupted it (it stays pending and is retried on
+    /// the next start).
+    async fn run(&self, item: &Queued, marks: &mut Vec<Write>) -> bool {
         let mut backoff = self.policy.backoff.start();
         let mut attempts = item.attempts;
         let delivery_id = self.spool.delivery_id(item.seq);
@@ -465,8 +480,7 @@ impl Delivery<'_> {
                 Ok(done) => {
                     self.counters.delivered(self.route, done.elapsed);
                     let status = done.status.as_u16();
-                    self.writer
-                        .mark(self.route, item, Outcome::Delivered { status });
+                    marks.push(mark(self.route, item, Outcome::Delivered { status }));
                     return true;
                 }
                 Err(error) => error,
@@ -488,8 +502,7 @@ impl Delivery<'_> {
                     "dead letter: {why}; replay it with `smee-relay events replay {}`",
                     item.event.id
                 );
-                self.writer
-                    .mark(self.route, item, Outcome::Dead { status, error: why });
+                marks.push(mark(self.route, item, Outcome::Dead { status, error: why }));
                 return true;
             }
             self.counters.retried(self.route);
@@ -500,14 +513,16 @@ impl Delivery<'_> {
                 "retrying in {}",
                 humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
             );
-            self.writer.mark(
+            // What finished before this one is recorded now, not after the wait.
+            marks.push(mark(
                 self.route,
                 item,
                 Outcome::Retry {
                     status,
                     error: error.to_string(),
                 },
-            );
+            ));
+            self.writer.flush(marks);
             wait(self.cancel, delay).await;
             if self.cancel.is_cancelled() {
                 return false;
