@@ -67,6 +67,26 @@ fn relay_options_stub(target: &str) -> smee_relay::relay::ForwardOptions {
     }
 }
 
+/// Post probes until one reaches `target`: then whoever relays `channel` is subscribed (a
+/// first-time subscriber gets no backlog, as on smee.io). Later probes are drained.
+async fn wait_subscribed(channel: &str, target: &mut FakeTarget, token: Option<&str>) {
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let probe = post_with(channel, "application/json", br#"{"probe":true}"#, token);
+            assert_eq!(probe.await, 200);
+            if tokio::time::timeout(Duration::from_millis(300), target.next())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the client subscribed and relayed a probe");
+    target.drain(Duration::from_millis(300)).await;
+}
+
 /// Start a relay to our server and wait until it is subscribed (a first event goes through).
 async fn start_relay(
     options: smee_relay::relay::ForwardOptions,
@@ -86,24 +106,7 @@ async fn start_relay_with(
 ) -> tokio_util::sync::CancellationToken {
     let cancel = CancellationToken::new();
     tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            assert_eq!(
-                post_with(channel, "application/json", br#"{"probe":true}"#, token).await,
-                200
-            );
-            if tokio::time::timeout(Duration::from_millis(200), target.next())
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the relay subscribed");
-    // Probes posted before the subscription may still arrive by replay; let them drain.
-    target.drain(Duration::from_millis(300)).await;
+    wait_subscribed(channel, target, token).await;
     cancel
 }
 
@@ -306,23 +309,7 @@ async fn smee_client_5_relays_through_serve_unchanged() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            assert_eq!(
-                post(&channel, "application/json", br#"{"probe":true}"#).await,
-                200
-            );
-            if tokio::time::timeout(Duration::from_millis(300), target.next())
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("smee-client subscribed and relayed");
-    target.drain(Duration::from_millis(300)).await;
+    wait_subscribed(&channel, &mut target, None).await;
 
     let sent = client()
         .post(format!("{channel}?ref=main"))
