@@ -81,7 +81,10 @@ pub async fn run(
             .await
             .map_err(|e| RelayError::Listen(addr, e))?;
         let handle = telemetry::install_metrics().map_err(RelayError::Metrics)?;
-        info!(%addr, "serving /healthz and /metrics");
+        let bound = listener
+            .local_addr()
+            .map_err(|e| RelayError::Listen(addr, e))?;
+        info!(addr = %bound, "serving /healthz and /metrics");
         tasks_spawn_serve(listener, health.clone(), handle, cancel.clone());
     }
     let mut runtime = Runtime {

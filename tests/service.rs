@@ -9,6 +9,20 @@ use std::time::Duration;
 
 use support::{FakeChannel, FakeTarget, LogWatch, smee_relay, unused_addr};
 
+/// Start `smee-relay` with `--metrics-listen 127.0.0.1:0`; returns it and the address it bound.
+async fn with_metrics(args: &[&str]) -> (tokio::process::Child, String) {
+    let mut child = smee_relay()
+        .args(args)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let line = logs.wait_for(&["serving /healthz and /metrics"]).await;
+    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    (child, addr)
+}
+
 use support::{signal as kill, slack_header};
 
 /// Receives what the service tells systemd.
@@ -196,12 +210,8 @@ async fn healthz_turns_503_when_the_channel_goes_silent() {
 async fn metrics_count_what_happened() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
-    let addr = unused_addr();
-    let _child = smee_relay()
-        .args(["forward", &channel.url("MetricsChannel"), &target.url("/m")])
-        .args(["--metrics-listen", &addr.to_string()])
-        .spawn()
-        .unwrap();
+    let (_child, addr) =
+        with_metrics(&["forward", &channel.url("MetricsChannel"), &target.url("/m")]).await;
     channel.wait_connections(1).await;
     target.answer_with(&[503]);
     for n in 0..5 {

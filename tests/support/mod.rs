@@ -230,7 +230,7 @@ pub fn unused_addr() -> SocketAddr {
 
 impl FakeTarget {
     pub async fn start() -> Self {
-        Self::start_on(unused_addr()).await
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
     }
 
     /// Start on a given address: a target that was down comes up.
