@@ -235,6 +235,9 @@ impl Spool {
         };
         let db = Database::builder()
             .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            // The spool is written once and read about once per event: a small cache serves it,
+            // and redb's default (1 GiB) would let resident memory grow with the file.
+            .set_cache_size(4 << 20)
             .create(&path)
             .map_err(|e| open_error(e.to_string()))?;
         let mut spool = Spool {
