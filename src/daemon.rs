@@ -85,7 +85,12 @@ pub async fn run(
             .local_addr()
             .map_err(|e| RelayError::Listen(addr, e))?;
         info!(addr = %bound, "serving /healthz and /metrics");
-        tasks_spawn_serve(listener, health.clone(), handle, cancel.clone());
+        tokio::spawn(telemetry::serve(
+            listener,
+            health.clone(),
+            handle,
+            cancel.clone(),
+        ));
     }
     let mut runtime = Runtime {
         spool: spool.clone(),
@@ -380,15 +385,6 @@ fn routes_of(channel: &ChannelPlan) -> Vec<String> {
         routes.push(PIPELINE_ROUTE.to_string());
     }
     routes
-}
-
-fn tasks_spawn_serve(
-    listener: tokio::net::TcpListener,
-    health: Arc<Health>,
-    handle: metrics_exporter_prometheus::PrometheusHandle,
-    cancel: CancellationToken,
-) {
-    tokio::spawn(telemetry::serve(listener, health, handle, cancel));
 }
 
 /// Every few seconds: spool gauges for `/metrics`, and a status line for `systemctl status`.

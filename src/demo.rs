@@ -21,8 +21,9 @@ use crate::source::SourceConfig;
 /// The example rules: the ones the fixtures' README documents.
 const RULES: &str = include_str!("../tests/fixtures/port/rules.toml");
 
-/// The DeploymentConfig sequence, as Port Automation webhook bodies.
-const SEQUENCE: [(&str, &str); 9] = [
+/// The DeploymentConfig sequence (fixture names and Port Automation webhook bodies); tests use
+/// the names to load the legacy shape too.
+pub const SEQUENCE: [(&str, &str); 9] = [
     (
         "01-create",
         include_str!("../tests/fixtures/port/deployment-config/automation/01-create.json"),
@@ -65,8 +66,18 @@ const SEQUENCE: [(&str, &str); 9] = [
     ),
 ];
 
+/// What the sequence must send with the example rules, in order (the fixtures' README).
+pub const EXPECTED: [&str; 6] = [
+    "FIRING cpu-high: Notification Service Production",
+    "FIRING unhealthy: Notification Service Production",
+    "RESOLVED cpu-high: Notification Service Production",
+    "RESOLVED unhealthy: Notification Service Production",
+    "FIRING cpu-high: Notification Service Production",
+    "RESOLVED cpu-high: Notification Service Production",
+];
+
 /// How many alerts the sequence produces with the example rules.
-const EXPECTED_ALERTS: usize = 6;
+const EXPECTED_ALERTS: usize = EXPECTED.len();
 
 /// What can stop the demo.
 #[derive(Debug, thiserror::Error)]

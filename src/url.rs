@@ -124,10 +124,6 @@ impl TargetUrl {
     pub fn path(&self) -> &str {
         self.0.path()
     }
-
-    pub fn as_url(&self) -> &Url {
-        &self.0
-    }
 }
 
 impl FromStr for TargetUrl {

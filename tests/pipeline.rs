@@ -12,17 +12,13 @@ use support::{FakeChannel, FakeTarget, LogWatch, smee_relay};
 
 const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/xoxSECRETtoken";
 
-const FILES: [&str; 9] = [
-    "01-create",
-    "02-cpu-25-to-87",
-    "03-cpu-87-to-91",
-    "04-health-healthy-to-degraded",
-    "05-cpu-91-to-75",
-    "06-cpu-75-to-60",
-    "07-health-degraded-to-healthy",
-    "08-cpu-60-to-95",
-    "09-delete",
-];
+/// The fixture names, in order.
+fn files() -> Vec<&'static str> {
+    smee_relay::demo::SEQUENCE
+        .iter()
+        .map(|(name, _)| *name)
+        .collect()
+}
 
 use support::{port_fixture as fixture, slack_header as header};
 
@@ -120,23 +116,11 @@ async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes
     for shape in ["legacy", "automation"] {
         let (channel, mut slack, daemon) = setup("").await;
 
-        for (n, file) in FILES.iter().enumerate() {
+        for (n, file) in files().iter().enumerate() {
             channel.send_webhook(n as u64 + 1, &frame(&fixture(shape, file), &[]));
         }
         let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
-        let title = "Notification Service Production";
-        assert_eq!(
-            got,
-            [
-                format!("FIRING cpu-high: {title}"),
-                format!("FIRING unhealthy: {title}"),
-                format!("RESOLVED cpu-high: {title}"),
-                format!("RESOLVED unhealthy: {title}"),
-                format!("FIRING cpu-high: {title}"),
-                format!("RESOLVED cpu-high: {title}"),
-            ],
-            "{shape}"
-        );
+        assert_eq!(got, smee_relay::demo::EXPECTED, "{shape}");
         slack.assert_quiet(Duration::from_millis(1500)).await;
         let logs = stop(daemon).await;
         assert!(
@@ -239,7 +223,7 @@ async fn a_restart_neither_realerts_nor_forgets() {
     let webhook = slack.url(SLACK_PATH);
 
     let daemon = start(&config, &state, &webhook, &channel).await;
-    for (n, file) in FILES[..2].iter().enumerate() {
+    for (n, file) in files()[..2].iter().enumerate() {
         channel.send_webhook(n as u64 + 1, &frame(&fixture("legacy", file), &[]));
     }
     assert_eq!(
@@ -249,7 +233,7 @@ async fn a_restart_neither_realerts_nor_forgets() {
     stop(daemon).await;
 
     let _daemon = start(&config, &state, &webhook, &channel).await;
-    for (n, file) in FILES[2..6].iter().enumerate() {
+    for (n, file) in files()[2..6].iter().enumerate() {
         channel.send_webhook(n as u64 + 10, &frame(&fixture("legacy", file), &[]));
     }
     let got: Vec<String> = slack.take(2).await.iter().map(header).collect();

@@ -343,18 +343,6 @@ mod tests {
         config.rules
     }
 
-    const FILES: [&str; 9] = [
-        "01-create",
-        "02-cpu-25-to-87",
-        "03-cpu-87-to-91",
-        "04-health-healthy-to-degraded",
-        "05-cpu-91-to-75",
-        "06-cpu-75-to-60",
-        "07-health-degraded-to-healthy",
-        "08-cpu-60-to-95",
-        "09-delete",
-    ];
-
     #[test]
     fn the_fixture_sequence_alerts_exactly_as_documented() {
         let pipeline = Pipeline {
@@ -365,7 +353,7 @@ mod tests {
         for shape in ["legacy", "automation"] {
             let mut states: HashMap<String, AlertState> = HashMap::new();
             let mut sent = Vec::new();
-            for file in FILES {
+            for (file, _) in crate::demo::SEQUENCE {
                 let path = format!(
                     "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
                     env!("CARGO_MANIFEST_DIR")
