@@ -75,6 +75,14 @@ pub fn log_delivery(
     event: &StoredEvent,
     outcome: &Result<Delivered, ForwardError>,
 ) {
+    // Describing the event may parse its body: skip it when the line would not be written.
+    let written = match outcome {
+        Ok(_) => tracing::enabled!(tracing::Level::INFO),
+        Err(_) => tracing::enabled!(tracing::Level::WARN),
+    };
+    if !written {
+        return;
+    }
     let about = match spool::event_kind(&event.event) {
         Some(kind) => format!("event {}, {kind}", event.id),
         None => format!("event {}", event.id),

@@ -792,8 +792,13 @@ fn decode(id: u64, bytes: &[u8]) -> Option<StoredEvent> {
 
 /// What an event is, for a list: a GitHub event name, or a Port action on a resource type.
 pub fn event_kind(event: &Event) -> Option<String> {
+    /// Port events are small; a large body is not parsed just to label it.
+    const SNIFF_LIMIT: usize = 256 << 10;
     if let Some(kind) = event.kind() {
         return Some(kind);
+    }
+    if event.body.len() > SNIFF_LIMIT {
+        return None;
     }
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
