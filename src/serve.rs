@@ -4,9 +4,9 @@
 //! - **replay**: event ids are unique per channel and keep growing across server restarts (they
 //!   start from the clock), so a client reconnecting with `Last-Event-ID` gets what it missed,
 //!   including events posted while nobody was connected;
-//! - **raw bodies**: a subscriber that sends `x-smee-relay-raw: 1` also gets `bodyB`, the exact
-//!   bytes of every POST, so any sender's signature verifies and form or binary bodies survive.
-//!   Others get smee's standard shape, with no key that smee-client would forward as a header;
+//! - **raw bodies**: a subscriber that sends `x-smee-relay-raw: 1` gets `bodyB`, the exact
+//!   bytes of every POST, in place of `body`, so any sender's signature verifies and form or
+//!   binary bodies survive. Others get smee's standard shape, with no key that smee-client would forward as a header;
 //! - **any content type**, up to `--max-body`;
 //! - **bounded memory**: each channel keeps its recent events (count, bytes and age limits); a
 //!   subscriber that falls further behind than the live buffer is disconnected and catches up by
@@ -91,24 +91,24 @@ impl Posted {
                 .sum::<usize>()
     }
 
-    /// The smee `data:` payload: headers, `body`, `query`, `timestamp`, and with `raw`,
-    /// `bodyB` (the exact bytes).
+    /// The smee `data:` payload: headers, `query`, `timestamp`, and the body: as `body` (smee's
+    /// parsed form), or with `raw` as `bodyB` (the exact bytes) instead. Not both: a raw
+    /// subscriber never reads `body`, and sending it too would more than double each frame.
     fn data(&self, raw: bool) -> String {
         let mut map = serde_json::Map::new();
         for (name, value) in &self.headers {
             map.insert(name.clone(), value.clone().into());
         }
-        map.insert("body".into(), parsed_body(&self.content_type, &self.body));
+        let body = if raw {
+            base64::engine::general_purpose::STANDARD
+                .encode(&self.body)
+                .into()
+        } else {
+            parsed_body(&self.content_type, &self.body)
+        };
+        map.insert((if raw { "bodyB" } else { "body" }).into(), body);
         map.insert("query".into(), self.query.clone().into());
         map.insert("timestamp".into(), self.received_ms.into());
-        if raw {
-            map.insert(
-                "bodyB".into(),
-                base64::engine::general_purpose::STANDARD
-                    .encode(&self.body)
-                    .into(),
-            );
-        }
         serde_json::Value::Object(map).to_string()
     }
 
