@@ -219,11 +219,18 @@ fn parse_timestamp(raw: &RawValue) -> Option<u64> {
 }
 
 /// The decoded text of a JSON string, or `None` when the value is not a string.
+/// A JSON string's text: borrowed from the frame when it has no escapes (as base64 never
+/// does: serde's `Cow<str>` would copy it, a second frame-sized buffer for a large body).
 fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
-    raw.get()
-        .starts_with('"')
-        .then(|| serde_json::from_str::<Cow<'_, str>>(raw.get()).ok())
-        .flatten()
+    if !raw.get().starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(raw.get()) {
+        Ok(text) => Some(Cow::Borrowed(text)),
+        Err(_) => serde_json::from_str::<String>(raw.get())
+            .ok()
+            .map(Cow::Owned),
+    }
 }
 
 fn json_kind(raw: &RawValue) -> &'static str {
