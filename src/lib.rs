@@ -20,6 +20,7 @@ pub mod event;
 pub mod forward;
 pub mod http;
 pub mod inspect;
+pub mod memory;
 pub mod notify;
 pub mod pipeline;
 pub mod relay;

@@ -24,6 +24,7 @@ use smee_relay::{inspect, service, telemetry};
 const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    smee_relay::memory::return_large_buffers();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {

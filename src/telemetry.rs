@@ -42,10 +42,8 @@ pub fn init(verbosity: i8, format: LogFormat) {
         1 => "debug",
         _ => "trace",
     };
-    // eventsource_client warns about every failed connection in its own words; the source
-    // already logs each one with its reason.
     let default = format!(
-        "{},eventsource_client=error,smee_relay={ours}",
+        "{},smee_relay={ours}",
         if verbosity > 1 { "debug" } else { "warn" }
     );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -332,3 +332,46 @@ async fn forward_without_a_channel_creates_one() {
         "{printed}"
     );
 }
+
+/// A large body (in the spool it is stored in pieces) arrives whole and exact, even when the
+/// frame reaches the relay a few bytes at a time and lines end in CRLF.
+#[tokio::test]
+async fn a_large_binary_body_arrives_exact() {
+    use base64::Engine as _;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    let body: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&body);
+    let frame = format!(
+        "id: 1\r\ndata: {{\"content-type\":\"application/octet-stream\",\"bodyB\":\"{encoded}\"}}\r\n\r\n"
+    );
+    let (head, tail) = frame.split_at(100);
+    for piece in head.as_bytes().chunks(7) {
+        channel.send_raw(piece.to_vec());
+    }
+    channel.send_raw(tail.to_string());
+    let request = target.next().await;
+    assert_eq!(request.body.len(), body.len());
+    assert!(request.body == body, "the body differs");
+}
+
+/// Regression: a byte that is not UTF-8 inside a frame ended the connection (the SSE parser
+/// of eventsource-client refused the line), so on smee.io, which does not replay, the frames
+/// after it were lost. The spec says to replace such bytes; the stream goes on.
+#[tokio::test]
+async fn regression_invalid_utf8_in_a_frame_does_not_end_the_connection() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    channel.send_raw(&b"id: 1\ndata: {\"x-note\":\"caf\xE9\",\"body\":{\"n\":1}}\n\n"[..]);
+    channel.send_webhook(2, &webhook(2));
+    let first = target.next().await;
+    assert_eq!(first.body, r#"{"n":1}"#);
+    let note = first.headers.get("x-note").map(|v| v.as_bytes().to_vec());
+    assert_eq!(note.as_deref(), Some("caf\u{FFFD}".as_bytes()));
+    assert_eq!(target.next().await.body, r#"{"seq":2}"#);
+    assert_eq!(channel.connections(), 1, "no reconnect");
+}

@@ -5,30 +5,38 @@
 //! the order the channel sent it. When the connection ends for any reason (the server closed
 //! it, a network error, the idle watchdog in [`transport`]) it logs why and reconnects, forever,
 //! with exponential backoff and jitter; a connection that stayed up for a healthy minute resets
-//! the backoff. Reconnection is done here rather than inside `eventsource-client`, so that each
-//! disconnect is logged with its reason and each new connection is a fresh, known state.
+//! the backoff. Each disconnect is logged with its reason.
+//!
+//! The idle watchdog lives here too: every wait for the response head and for each chunk of
+//! the stream is bounded by the idle timeout. A half-open TCP connection (the peer vanished,
+//! nothing says so) looks exactly like that, and smee pings every 30 s, so silence means the
+//! connection is dead.
 //!
 //! Bad frames never stop the source: a frame that cannot be decoded is logged with its id and
 //! reason and skipped; the next frame is decoded as usual.
+//!
+//! The HTTP side is reqwest (one HTTP and TLS stack for the whole binary); the event-stream
+//! format is parsed by [`sse`]. Until 2026-11 this was `eventsource-client` 0.18.0 over a reqwest
+//! transport; its parser held every frame three times, which broke the memory budget for large
+//! webhooks (see [`sse`] and BENCHMARKS.md), and reconnection was already ours.
 
-pub mod transport;
+pub mod sse;
 pub mod wire;
+
+use std::collections::VecDeque;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventsource_client::{Client as _, ClientBuilder, ReconnectOptions, SSE};
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::event::Event;
 use crate::retry::BackoffPolicy;
 use crate::telemetry::ChannelStatus;
 use crate::url::ChannelUrl;
-use transport::WatchdogTransport;
 
 /// How long a connection must stay up before the reconnect backoff starts over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
@@ -72,7 +80,6 @@ impl SourceConfig {
 
     pub fn build(self) -> Result<Source, SourceError> {
         let client = crate::http::client_builder().build()?;
-        let transport = WatchdogTransport::new(client, self.idle_timeout);
         let status = Arc::new(ChannelStatus::new(
             self.channel.to_string(),
             self.idle_timeout,
@@ -80,7 +87,7 @@ impl SourceConfig {
         Ok(Source {
             last_event_id: self.last_event_id.clone(),
             config: self,
-            transport,
+            client,
             status,
         })
     }
@@ -90,8 +97,8 @@ impl SourceConfig {
 pub struct Source {
     /// What to connect to and how patiently.
     config: SourceConfig,
-    /// HTTP under the SSE client, with the idle watchdog.
-    transport: WatchdogTransport,
+    /// HTTP client for the stream (no overall timeout: the stream is meant to last).
+    client: reqwest::Client,
     /// The id of the last frame received, sent back as `Last-Event-ID` on reconnect so that a
     /// server that keeps events can replay what was missed.
     last_event_id: Option<String>,
@@ -154,86 +161,121 @@ impl Source {
 
     /// One connection, from request to its end.
     async fn connect_once(&mut self, events: &mpsc::Sender<Event>) -> Ended {
-        let mut connected_at: Option<Instant> = None;
+        let idle = self.config.idle_timeout;
         let lost = |reason: String, connected_at: Option<Instant>| Ended::Lost {
             reason,
             connected_for: connected_at.map_or(Duration::ZERO, |t| t.elapsed()),
         };
-        let client = match self.sse_client() {
-            Ok(client) => client,
-            Err(e) => return lost(format!("cannot build the request: {e}"), None),
+        let mut response = match tokio::time::timeout(idle, self.request().send()).await {
+            Err(_) => return lost(idle_timeout(idle), None),
+            Ok(Err(e)) => return lost(error_chain(&e.without_url()), None),
+            Ok(Ok(response)) => response,
         };
-        let mut stream = client.stream();
-        while let Some(item) = stream.next().await {
-            if item.is_ok() {
-                self.status.saw_bytes();
-            }
-            match item {
-                Ok(SSE::Connected(details)) => {
-                    let response = details.response();
-                    let content_type = response
-                        .get_header_value("content-type")
-                        .ok()
-                        .flatten()
-                        .unwrap_or("");
-                    if !content_type.starts_with("text/event-stream") {
-                        return lost(
-                            format!(
-                                "the server answered {} with content-type {content_type:?}, not an \
-                                 event stream; check that the URL is a smee channel",
-                                response.status()
-                            ),
-                            None,
-                        );
-                    }
-                    connected_at = Some(Instant::now());
-                    self.status.set_connected(true);
-                    info!(channel = %self.config.channel, "connected to channel");
+        self.status.saw_bytes();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !status.is_success() {
+            return lost(format!("the server answered {status}"), None);
+        }
+        if !content_type.starts_with("text/event-stream") {
+            return lost(
+                format!(
+                    "the server answered {status} with content-type {content_type:?}, not an \
+                     event stream; check that the URL is a smee channel"
+                ),
+                None,
+            );
+        }
+        let connected_at = Some(Instant::now());
+        self.status.set_connected(true);
+        info!(channel = %self.config.channel, "connected to channel");
+
+        let mut parser = sse::Parser::new();
+        let mut items = VecDeque::new();
+        loop {
+            let chunk = match tokio::time::timeout(idle, response.chunk()).await {
+                Err(_) => return lost(idle_timeout(idle), connected_at),
+                Ok(Err(e)) => return lost(error_chain(&e.without_url()), connected_at),
+                Ok(Ok(None)) if parser.mid_frame() => {
+                    return lost(
+                        "the server closed the stream in the middle of a frame (the partial \
+                         frame is discarded)"
+                            .into(),
+                        connected_at,
+                    );
                 }
-                Ok(SSE::Comment(_)) => trace!("comment received"),
-                Ok(SSE::Event(frame)) => {
-                    if frame.id.is_some() {
-                        self.last_event_id.clone_from(&frame.id);
-                    }
-                    match frame.event_type.as_str() {
-                        "ready" => debug!("channel ready"),
-                        "ping" => trace!("ping received"),
-                        "message" => {
-                            if let Some(event) = decode_frame(&frame)
-                                && events.send(event).await.is_err()
-                            {
-                                return Ended::ConsumerGone;
-                            }
-                        }
-                        other => debug!(event_type = other, "skipping event of unknown type"),
-                    }
+                Ok(Ok(None)) => return lost("the server closed the stream".into(), connected_at),
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            self.status.saw_bytes();
+            parser.feed(&chunk, &mut items);
+            drop(chunk);
+            while let Some(item) = items.pop_front() {
+                if !self.handle(item, events).await {
+                    return Ended::ConsumerGone;
                 }
-                Err(e) => return lost(describe(&e), connected_at),
             }
         }
-        lost("the stream ended".into(), connected_at)
     }
 
-    fn sse_client(
-        &self,
-    ) -> Result<impl eventsource_client::Client + use<>, eventsource_client::Error> {
-        let mut builder = ClientBuilder::for_url(self.config.channel.expose().as_str())?
-            .header("Accept", "text/event-stream")?
-            // Ask smee-relay servers for exact bodies; other servers ignore it.
-            .header(crate::serve::RAW_OPT_IN, "1")?
-            .reconnect(ReconnectOptions::reconnect(false).build());
+    /// Act on one parsed item. Returns false if the consumer is gone.
+    async fn handle(&mut self, item: sse::Item, events: &mpsc::Sender<Event>) -> bool {
+        let frame = match item {
+            sse::Item::Frame(frame) => frame,
+            sse::Item::Oversized { id, bytes } => {
+                error!(
+                    event = %id.as_deref().unwrap_or("-"),
+                    "skipping a frame of {} MiB: over the {} MiB limit",
+                    bytes >> 20,
+                    sse::MAX_FRAME >> 20
+                );
+                return true;
+            }
+        };
+        if frame.id.is_some() {
+            self.last_event_id.clone_from(&frame.id);
+        }
+        match frame.event.as_str() {
+            "ready" => debug!("channel ready"),
+            "ping" => trace!("ping received"),
+            "message" => {
+                if let Some(event) = decode_frame(frame)
+                    && events.send(event).await.is_err()
+                {
+                    return false;
+                }
+            }
+            other => debug!(event_type = other, "skipping event of unknown type"),
+        }
+        true
+    }
+
+    /// The subscription request: asks smee-relay servers for exact bodies (others ignore
+    /// the header), and resumes after the last event seen.
+    fn request(&self) -> reqwest::RequestBuilder {
+        let mut request = self
+            .client
+            .get(self.config.channel.expose().clone())
+            .header(http::header::ACCEPT, "text/event-stream")
+            .header(http::header::CACHE_CONTROL, "no-cache")
+            .header(crate::serve::RAW_OPT_IN, "1");
         if let Some(token) = &self.config.token {
-            builder = builder.header("Authorization", &format!("Bearer {token}"))?;
+            request = request.bearer_auth(token);
         }
         if let Some(id) = &self.last_event_id {
-            builder = builder.last_event_id(id.clone());
+            request = request.header("last-event-id", id);
         }
-        Ok(builder.build_with_transport(self.transport.clone()))
+        request
     }
 }
 
-/// Decode a webhook frame, logging (not failing on) anything wrong with it.
-fn decode_frame(frame: &eventsource_client::Event) -> Option<Event> {
+/// Decode a webhook frame, logging (not failing on) anything wrong with it. The frame is
+/// dropped as soon as it is decoded, so a large one is not held next to its body.
+fn decode_frame(frame: sse::Frame) -> Option<Event> {
     let id = frame.id.as_deref().unwrap_or("-");
     match wire::decode(frame.id.as_deref(), &frame.data) {
         Ok(decoded) => {
@@ -249,23 +291,16 @@ fn decode_frame(frame: &eventsource_client::Event) -> Option<Event> {
     }
 }
 
-/// A disconnect reason a person can act on.
-fn describe(error: &eventsource_client::Error) -> String {
-    use eventsource_client::Error as E;
-    match error {
-        E::UnexpectedResponse(response, _) => format!("the server answered {}", response.status()),
-        E::Eof => "the server closed the stream".into(),
-        E::UnexpectedEof => {
-            "the server closed the stream in the middle of a frame (the partial frame is discarded)"
-                .into()
-        }
-        E::InvalidLine(line) => format!("malformed SSE line ({line})"),
-        E::Transport(e) => match std::error::Error::source(e) {
-            Some(inner) => inner.to_string(),
-            None => e.to_string(),
-        },
-        other => other.to_string(),
-    }
+fn idle_timeout(idle: Duration) -> String {
+    format!(
+        "no bytes received for {} (idle timeout); the connection is presumed dead",
+        humantime::format_duration(idle)
+    )
+}
+
+/// An error and its causes, with the URL (which holds the channel id) already removed.
+fn error_chain(error: &reqwest::Error) -> String {
+    crate::forward::error_chain(error)
 }
 
 fn round_to_ms(d: Duration) -> Duration {
