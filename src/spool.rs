@@ -186,7 +186,8 @@ pub enum Write {
     Append {
         channel: String,
         routes: Vec<String>,
-        events: Vec<Event>,
+        /// Shared, so that an append that failed can be tried again without a copy.
+        events: std::sync::Arc<[Event]>,
         /// The channel's key and the SSE id of the last event, stored with the events so a
         /// restart resumes from exactly what is on disk.
         cursor: Option<(String, String)>,
@@ -312,7 +313,10 @@ impl Spool {
     ) -> Result<T, SpoolError> {
         let run = || {
             let txn = self.db.begin_write()?;
-            let out = f(&mut Tables::open(&txn)?)?;
+            let mut tables = Tables::open(&txn)?;
+            let out = f(&mut tables)?;
+            tables.store_counters()?;
+            drop(tables);
             txn.commit()?;
             Ok(out)
         };
@@ -343,8 +347,8 @@ impl Spool {
                             t.cursors.insert(key.as_str(), id.as_str())?;
                         }
                         let mut ids = Vec::with_capacity(events.len());
-                        for event in events {
-                            let row = EventRow::new(now, &channel, &event);
+                        for event in events.iter() {
+                            let row = EventRow::new(now, &channel, event);
                             let size = row.stored_size();
                             if t.counter(STORED_BYTES)? + size > limits.max_bytes {
                                 // Make room for more than this one event, so that a full spool
@@ -648,6 +652,9 @@ struct Tables<'txn> {
     pending: redb::Table<'txn, (&'static str, u64), u64>,
     states: redb::Table<'txn, &'static str, &'static [u8]>,
     cursors: redb::Table<'txn, &'static str, &'static str>,
+    /// The `meta` counters this transaction read or changed, written back once at the end: a
+    /// batch of events then costs one read and one write of each, not several per event.
+    counters: Vec<(&'static str, u64, bool)>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -660,23 +667,48 @@ impl<'txn> Tables<'txn> {
             pending: txn.open_table(PENDING)?,
             states: txn.open_table(ALERT_STATES)?,
             cursors: txn.open_table(CURSORS)?,
+            counters: Vec::new(),
         })
     }
 
-    fn counter(&self, name: &str) -> Result<u64, redb::Error> {
-        Ok(self.meta.get(name)?.map_or(0, |v| v.value()))
+    /// A counter's slot in `counters`, read from `meta` the first time.
+    fn slot(&mut self, name: &'static str) -> Result<&mut (&'static str, u64, bool), redb::Error> {
+        let at = match self.counters.iter().position(|c| c.0 == name) {
+            Some(at) => at,
+            None => {
+                let value = self.meta.get(name)?.map_or(0, |v| v.value());
+                self.counters.push((name, value, false));
+                self.counters.len() - 1
+            }
+        };
+        Ok(&mut self.counters[at])
+    }
+
+    fn counter(&mut self, name: &'static str) -> Result<u64, redb::Error> {
+        Ok(self.slot(name)?.1)
     }
 
     /// Add `by` to a counter; returns the value before.
-    fn bump(&mut self, name: &str, by: u64) -> Result<u64, redb::Error> {
-        let before = self.counter(name)?;
-        self.meta.insert(name, before.wrapping_add(by))?;
+    fn bump(&mut self, name: &'static str, by: u64) -> Result<u64, redb::Error> {
+        let slot = self.slot(name)?;
+        let before = slot.1;
+        *slot = (name, before.wrapping_add(by), true);
         Ok(before)
     }
 
-    fn shrink(&mut self, name: &str, by: u64) -> Result<(), redb::Error> {
-        let before = self.counter(name)?;
-        self.meta.insert(name, before.saturating_sub(by))?;
+    fn shrink(&mut self, name: &'static str, by: u64) -> Result<(), redb::Error> {
+        let slot = self.slot(name)?;
+        *slot = (name, slot.1.saturating_sub(by), true);
+        Ok(())
+    }
+
+    /// Write back the counters that changed.
+    fn store_counters(&mut self) -> Result<(), redb::Error> {
+        for (name, value, changed) in std::mem::take(&mut self.counters) {
+            if changed {
+                self.meta.insert(name, value)?;
+            }
+        }
         Ok(())
     }
 
@@ -1003,7 +1035,7 @@ mod tests {
         let write = Write::Append {
             channel: "http://x/abcd…".into(),
             routes: vec![ROUTE.into()],
-            events,
+            events: events.into(),
             cursor: None,
         };
         let report = spool.write(vec![write], ROOM).unwrap();
@@ -1045,7 +1077,7 @@ mod tests {
         let write = Write::Append {
             channel: "c".into(),
             routes: vec![ROUTE.into()],
-            events: vec![large.clone(), event(1)],
+            events: vec![large.clone(), event(1)].into(),
             cursor: None,
         };
         spool.write(vec![write], room).unwrap();
@@ -1091,7 +1123,7 @@ mod tests {
         let write = Write::Append {
             channel: "c".into(),
             routes: vec![ROUTE.into()],
-            events: vec![big.clone(), big.clone(), big],
+            events: vec![big.clone(), big.clone(), big].into(),
             cursor: None,
         };
         spool.write(vec![write], room).unwrap();
@@ -1196,7 +1228,7 @@ mod tests {
         let write = |n| Write::Append {
             channel: "http://x/abcd…".into(),
             routes: vec![ROUTE.into()],
-            events: vec![event(n)],
+            events: vec![event(n)].into(),
             cursor: None,
         };
         let report = spool
