@@ -155,11 +155,14 @@ pub fn decode(sse_id: Option<&str>, data: &str) -> Result<Decoded, WireError> {
 }
 
 fn parse_object(data: &str) -> Result<Fields<'_>, WireError> {
-    let value: &RawValue = serde_json::from_str(data).map_err(WireError::NotJson)?;
-    match json_kind(value) {
-        "object" => serde_json::from_str(data).map_err(WireError::NotJson),
-        other => Err(WireError::NotAnObject(other)),
-    }
+    serde_json::from_str(data).or_else(|error| {
+        // Only on failure, a second look to say what it is instead (an array, a number...).
+        let value: &RawValue = serde_json::from_str(data).map_err(WireError::NotJson)?;
+        match json_kind(value) {
+            "object" => Err(WireError::NotJson(error)),
+            other => Err(WireError::NotAnObject(other)),
+        }
+    })
 }
 
 fn decode_header(
