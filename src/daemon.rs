@@ -615,7 +615,7 @@ fn alert_append(alerts: Vec<crate::event::Event>) -> Write {
     Write::Append {
         channel: PIPELINE_ROUTE.into(),
         routes: vec![ALERT_ROUTE.into()],
-        events: alerts,
+        events: alerts.into(),
         cursor: None,
     }
 }
@@ -671,7 +671,7 @@ mod tests {
             body: body.into(),
         };
         writer
-            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event], None)
+            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event].into(), None)
             .await
             .unwrap();
         let cancel = CancellationToken::new();

@@ -30,7 +30,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const MAX_BATCH: usize = 4096;
 
 /// How many queued deliveries a route reads from disk at once.
-const READ_AHEAD: usize = 64;
+const READ_AHEAD: usize = 256;
 
 /// How often an idle route looks at the spool for events queued by another process
 /// (`smee-relay events replay`).
@@ -217,7 +217,7 @@ impl SpoolWriter {
         &self,
         channel: &str,
         routes: &[String],
-        events: Vec<Event>,
+        events: Arc<[Event]>,
         cursor_key: Option<&str>,
     ) -> Result<Vec<Option<u64>>, String> {
         let cursor = cursor_key.and_then(|key| {
@@ -401,8 +401,9 @@ pub async fn intake(
     routes: watch::Receiver<Vec<String>>,
     counters: Arc<Counters>,
 ) {
-    let mut batch = Vec::new();
-    while events.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut received = Vec::new();
+    while events.recv_many(&mut received, MAX_BATCH).await > 0 {
+        let batch: Arc<[Event]> = std::mem::take(&mut received).into();
         // The routes as of now: a reload may change them between batches.
         let routes = routes.borrow().clone();
         loop {
@@ -433,7 +434,6 @@ pub async fn intake(
                 }
             }
         }
-        batch.clear();
     }
 }
 
@@ -711,7 +711,7 @@ mod tests {
             body: "{}".into(),
         };
         writer
-            .append("c", &["r".to_string()], vec![event], None)
+            .append("c", &["r".to_string()], vec![event].into(), None)
             .await
             .unwrap();
         let ok = Ok(Delivered {
