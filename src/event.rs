@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// One webhook, decoded from the channel and ready to replay.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// The SSE `id:` the channel gave this frame. smee.io restarts the counter on every
     /// connection, so it is only good for logs that tie a delivery to what the channel sent.
