@@ -7,6 +7,9 @@
 use std::sync::Once;
 use std::time::Duration;
 
+/// How smee-relay names itself to the servers it calls.
+pub const USER_AGENT: &str = concat!("smee-relay/", env!("CARGO_PKG_VERSION"));
+
 /// A reqwest client builder with TLS ready, no redirects followed, and a connect timeout.
 ///
 /// Redirects are not followed because every caller here either must see them (`new` reads the
@@ -20,5 +23,5 @@ pub fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
-        .user_agent(concat!("smee-relay/", env!("CARGO_PKG_VERSION")))
+        .user_agent(USER_AGENT)
 }

@@ -120,6 +120,11 @@ impl TargetUrl {
         url
     }
 
+    /// Whether requests to it go in the clear (`http`), as to a port on this machine.
+    pub fn is_plain_http(&self) -> bool {
+        self.0.scheme() == "http"
+    }
+
     /// The path and query, for a short log line.
     pub fn path(&self) -> &str {
         self.0.path()
