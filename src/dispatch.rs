@@ -245,7 +245,7 @@ impl SpoolWriter {
     }
 
     /// Record finished attempts (and empty `marks`) without waiting: they are committed with
-    /// the next append, or within [`MARK_DELAY`].
+    /// the next append, or within 200 ms (`MARK_DELAY`).
     pub fn flush(&self, marks: &mut Vec<Write>) {
         if marks.is_empty() {
             return;

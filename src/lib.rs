@@ -1,15 +1,20 @@
 //! smee-relay: receive webhooks from a smee.io channel and replay them to local services,
-//! without losing, reordering or mangling them.
+//! without losing, reordering or mangling them; optionally judge Port entity changes and alert
+//! Slack.
 //!
 //! Data flows one way (see `DESIGN.md` in the repository):
 //!
 //! ```text
-//! channel --SSE--> source --Event--> relay (in order) --> forward --> HTTP target
+//! channel --SSE--> source --Event--> dispatch::intake --> spool (redb, fsync)
+//!     spool --> dispatch::run_route --> forward --> HTTP target
+//!     spool --> pipeline (Port decode, diff, rules, state) --> spool --> notify (Slack/stdout)
 //! ```
 //!
-//! - [`source`] keeps the SSE connection alive and decodes smee frames into [`event::Event`]s;
-//! - [`forward`] replays an event to a target over HTTP;
-//! - [`relay`] runs the `forward` command: source to target, one event at a time.
+//! - [`source`] keeps the SSE connection alive ([`source::sse`] parses the stream,
+//!   [`source::wire`] decodes smee frames into [`event::Event`]s);
+//! - [`dispatch`] stores events and delivers each route's queue in order; [`spool`] is the disk;
+//! - [`forward`] replays an event to a target over HTTP; [`pipeline`] and [`notify`] do alerts;
+//! - [`daemon`] runs all of it for `forward` and `run`; [`serve`] is the channel server.
 
 pub mod cli;
 pub mod config;

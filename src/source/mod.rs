@@ -3,7 +3,7 @@
 //!
 //! [`Source::run`] connects, decodes each webhook frame into an [`Event`] and hands it on, in
 //! the order the channel sent it. When the connection ends for any reason (the server closed
-//! it, a network error, the idle watchdog in [`transport`]) it logs why and reconnects, forever,
+//! it, a network error, the idle watchdog below) it logs why and reconnects, forever,
 //! with exponential backoff and jitter; a connection that stayed up for a healthy minute resets
 //! the backoff. Each disconnect is logged with its reason.
 //!
