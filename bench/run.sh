@@ -4,7 +4,8 @@
 # one client after another. Per client and workload: delivered, out of order, p50/p99 end-to-end
 # latency, CPU microseconds per event (utime+stime from /proc), peak RSS (VmHWM) and its growth
 # over the RSS before the load. Then the spool and pipeline throughput benchmarks, and a check of
-# the performance budgets (docs: BENCHMARKS.md).
+# the performance budgets (docs: BENCHMARKS.md), and what one POST costs through reqwest and
+# through the relay's own delivery path.
 #
 # Usage: bench/run.sh [workloads...]   (default: a b c d)
 #   a: 5,000 events of 1 KiB, as fast as the server takes them
@@ -79,6 +80,7 @@ done
 echo "running the spool and pipeline throughput benchmarks" >&2
 spool_line=$(cargo bench --locked --bench spool_throughput 2>/dev/null | grep '^spool')
 pipeline_line=$(cargo bench --locked --bench pipeline_throughput 2>/dev/null | grep '^pipeline')
+http_line=$(target/release/examples/http_client_cost "$target")
 
 printf '%s\n' "${rows[@]}" >"$peers/rows"
 budgets=$(python3 - "$peers/rows" <<'PY'
@@ -142,10 +144,11 @@ notes=$( [ -f BENCHMARKS.md ] && awk -v m="$marker" 'found { print } $0 == m { f
   echo
   echo "$budgets"
   echo
-  echo "Throughput of the parts (same run):"
+  echo "The parts, measured in the same run:"
   echo
   echo "- \`cargo bench --bench spool_throughput\`: $spool_line"
   echo "- \`cargo bench --bench pipeline_throughput\`: $pipeline_line"
+  echo "- \`examples/http_client_cost.rs\` (against the same target): $http_line"
   echo
   echo "$marker"
   [ -n "$notes" ] && echo "$notes"
