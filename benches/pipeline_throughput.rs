@@ -26,7 +26,7 @@ fn main() {
         verifier: None,
         app_url: "https://app.getport.io".into(),
     };
-    let events: Vec<Event> = smee_relay::demo::SEQUENCE
+    let events: Vec<Event> = smee_relay::commands::demo::SEQUENCE
         .iter()
         .map(|(_, body)| Event {
             headers: vec![("content-type".into(), "application/json".into())],

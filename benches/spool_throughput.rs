@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use smee_relay::dispatch::{self, Counters, SpoolWriter};
+use smee_relay::counters::Counters;
 use smee_relay::event::Event;
+use smee_relay::spool::intake;
+use smee_relay::spool::writer::SpoolWriter;
 use smee_relay::spool::{Limits, Spool};
 use tokio::sync::mpsc;
 
@@ -38,7 +40,7 @@ async fn main() {
     let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 34 });
     let counters = Arc::new(Counters::default());
     let (tx, rx) = mpsc::channel(8192);
-    let intake = tokio::spawn(dispatch::intake(
+    let intake = tokio::spawn(intake::intake(
         rx,
         writer.clone(),
         "bench".into(),

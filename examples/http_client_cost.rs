@@ -1,5 +1,5 @@
 //! Benchmark: the CPU one sequential POST of 1 KiB costs this process, through reqwest (as
-//! `smee_relay::http::client_builder` makes it) and through `smee_relay::forward::Forwarder`
+//! `smee_relay::http::client_builder` makes it) and through `smee_relay::delivery::forward::Forwarder`
 //! (hyper's pooled client for plain http). Why the relay does not use reqwest for local targets
 //! (see bench/run.sh and BENCHMARKS.md). Usage: `http_client_cost TARGET_BASE` (a bench_target).
 //!
@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use smee_relay::delivery::forward::Forwarder;
 use smee_relay::event::Event;
-use smee_relay::forward::Forwarder;
 
 const POSTS: u32 = 5000;
 

@@ -13,8 +13,8 @@ use toml::Spanned;
 
 use crate::pipeline::jq::JqCondition;
 use crate::pipeline::rules::{Condition, Rule};
+use crate::pipeline::signature::Verifier;
 use crate::url::{ChannelUrl, TargetUrl};
-use crate::verify::Verifier;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]

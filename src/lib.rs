@@ -2,38 +2,53 @@
 //! without losing, reordering or mangling them; optionally judge Port entity changes and alert
 //! Slack.
 //!
-//! Data flows one way (see `DESIGN.md` in the repository):
+//! Data flows one way (`ARCHITECTURE.md` in the repository has the whole picture):
 //!
 //! ```text
-//! channel --SSE--> source --Event--> dispatch::intake --> spool (redb, fsync)
-//!     spool --> dispatch::run_route --> forward --> HTTP target
-//!     spool --> pipeline (Port decode, diff, rules, state) --> spool --> notify (Slack/stdout)
+//! channel --SSE--> source --Event--> spool::intake --> spool (redb, fsync)
+//!     spool --> delivery (one route per target) --> delivery::forward --> HTTP target
+//!     spool --> pipeline::runner (Port decode, diff, rules, state) --> spool --> notify (Slack/stdout)
 //! ```
 //!
-//! - [`source`] keeps the SSE connection alive ([`source::sse`] parses the stream,
-//!   [`source::wire`] decodes smee frames into [`event::Event`]s);
-//! - [`dispatch`] stores events and delivers each route's queue in order; [`spool`] is the disk;
-//! - [`forward`] replays an event to a target over HTTP; [`pipeline`] and [`notify`] do alerts;
-//! - [`daemon`] runs all of it for `forward` and `run`; [`serve`] is the channel server.
+//! The modules, upstream first. A module uses only those above it in this list (a test in
+//! `tests/layout.rs` holds the line):
+//!
+//! - leaves every stage shares: [`clock`], [`error`], [`url`], [`event`], [`counters`],
+//!   [`retry`], [`http`], [`memory`];
+//! - [`source`] keeps the SSE connection alive and decodes smee frames into [`event::Event`]s;
+//! - [`spool`] is the disk: the writer thread, the intake, the lock, the queries;
+//! - [`delivery`] delivers each route's queue in order; [`delivery::forward`] is HTTP;
+//! - [`pipeline`] judges Port changes; [`notify`] sends the alerts;
+//! - [`server`] is `smee-relay serve`, the channel server;
+//! - [`config`] reads the config file into the components' settings;
+//! - [`service`] runs it all as a daemon (systemd, signals, reload, health, metrics);
+//! - [`commands`] are what the command line asks for; [`cli`] is the command line.
+
+pub mod clock;
+pub mod counters;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod memory;
+pub mod retry;
+pub mod url;
+
+pub mod source;
+
+pub mod spool;
+
+pub mod delivery;
+
+pub mod pipeline;
+
+pub mod notify;
+
+pub mod server;
+
+pub mod config;
+
+pub mod service;
+
+pub mod commands;
 
 pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod demo;
-pub mod dispatch;
-pub mod event;
-pub mod forward;
-pub mod http;
-pub mod inspect;
-pub mod memory;
-pub mod notify;
-pub mod pipeline;
-pub mod relay;
-pub mod retry;
-pub mod serve;
-pub mod service;
-pub mod source;
-pub mod spool;
-pub mod telemetry;
-pub mod url;
-pub mod verify;

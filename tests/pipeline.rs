@@ -14,7 +14,7 @@ const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/xoxSECRETtoken";
 
 /// The fixture names, in order.
 fn files() -> Vec<&'static str> {
-    smee_relay::demo::SEQUENCE
+    smee_relay::commands::demo::SEQUENCE
         .iter()
         .map(|(name, _)| *name)
         .collect()
@@ -120,7 +120,7 @@ async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes
             channel.send_webhook(n as u64 + 1, &frame(&fixture(shape, file), &[]));
         }
         let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
-        assert_eq!(got, smee_relay::demo::EXPECTED, "{shape}");
+        assert_eq!(got, smee_relay::commands::demo::EXPECTED, "{shape}");
         slack.assert_quiet(Duration::from_millis(1500)).await;
         let logs = stop(daemon).await;
         assert!(

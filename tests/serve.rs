@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use smee_relay::serve::{ServeConfig, serve};
+use smee_relay::server::{ServeConfig, serve};
 use support::{FakeTarget, smee_relay};
 use tokio_util::sync::CancellationToken;
 
@@ -41,25 +41,28 @@ async fn post_with(url: &str, content_type: &str, body: &'static [u8], token: Op
 }
 
 /// Relay options pointing at a channel on our server instead of the fake channel.
-fn options_for(channel: &str, target: &FakeTarget) -> smee_relay::relay::ForwardOptions {
+fn options_for(
+    channel: &str,
+    target: &FakeTarget,
+) -> smee_relay::commands::forward::ForwardOptions {
     let mut options = relay_options_stub(&target.url("/hook"));
     options.source.channel = channel.parse().unwrap();
     options
 }
 
-fn relay_options_stub(target: &str) -> smee_relay::relay::ForwardOptions {
+fn relay_options_stub(target: &str) -> smee_relay::commands::forward::ForwardOptions {
     // relay_options wants a FakeChannel only for its URL; any URL will do before we replace it.
     let mut source =
         smee_relay::source::SourceConfig::new("http://127.0.0.1:9/placeholder".parse().unwrap());
     source.reconnect = support::FAST;
-    smee_relay::relay::ForwardOptions {
+    smee_relay::commands::forward::ForwardOptions {
         source,
         target: target.parse().unwrap(),
         target_timeout: Duration::from_secs(10),
         state_dir: support::fresh_state_dir(),
-        retry: smee_relay::dispatch::RetryPolicy {
+        retry: smee_relay::delivery::RetryPolicy {
             backoff: support::FAST,
-            ..smee_relay::dispatch::RetryPolicy::DEFAULT
+            ..smee_relay::delivery::RetryPolicy::DEFAULT
         },
         retain: Duration::from_secs(3600),
         limits: smee_relay::spool::Limits { max_bytes: 1 << 30 },
@@ -89,7 +92,7 @@ async fn wait_subscribed(channel: &str, target: &mut FakeTarget, token: Option<&
 
 /// Start a relay to our server and wait until it is subscribed (a first event goes through).
 async fn start_relay(
-    options: smee_relay::relay::ForwardOptions,
+    options: smee_relay::commands::forward::ForwardOptions,
     channel: &str,
     target: &mut FakeTarget,
 ) -> tokio_util::sync::CancellationToken {
@@ -99,13 +102,16 @@ async fn start_relay(
 /// As [`start_relay`], posting with `token`. A first-time client gets no backlog (as on
 /// smee.io), so probes are posted until one comes through: then it is subscribed.
 async fn start_relay_with(
-    options: smee_relay::relay::ForwardOptions,
+    options: smee_relay::commands::forward::ForwardOptions,
     channel: &str,
     target: &mut FakeTarget,
     token: Option<&str>,
 ) -> tokio_util::sync::CancellationToken {
     let cancel = CancellationToken::new();
-    tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+    tokio::spawn(smee_relay::commands::forward::forward(
+        options,
+        cancel.clone(),
+    ));
     wait_subscribed(channel, target, token).await;
     cancel
 }
@@ -156,7 +162,10 @@ async fn events_posted_while_the_client_was_stopped_arrive_after_it_restarts() {
     }
     // Same state dir: the client resumes from the last id it stored.
     let cancel = CancellationToken::new();
-    tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+    tokio::spawn(smee_relay::commands::forward::forward(
+        options,
+        cancel.clone(),
+    ));
     let got: Vec<_> = target.take(2).await.into_iter().map(|r| r.body).collect();
     assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
     target.assert_quiet(Duration::from_millis(300)).await;
@@ -253,7 +262,7 @@ async fn the_demo_shows_the_six_alerts_and_exits_0() {
         .lines()
         .filter(|l| l.starts_with("FIRING") || l.starts_with("RESOLVED"))
         .collect();
-    assert_eq!(headlines, smee_relay::demo::EXPECTED);
+    assert_eq!(headlines, smee_relay::commands::demo::EXPECTED);
     assert!(stdout.contains("cpuUtil: 25 -> 87") && stdout.contains("note:      entity deleted"));
 }
 
@@ -341,7 +350,10 @@ async fn with_a_state_dir_the_server_survives_its_own_restart() {
     let mut options = options_for(&format!("{server}/kept"), &target);
     options.source.last_event_id = Some("0".into()); // from the start of the channel
     let cancel = CancellationToken::new();
-    tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+    tokio::spawn(smee_relay::commands::forward::forward(
+        options,
+        cancel.clone(),
+    ));
     let got: Vec<_> = target.take(2).await.into_iter().map(|r| r.body).collect();
     assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
     cancel.cancel();

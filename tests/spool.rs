@@ -209,7 +209,7 @@ async fn the_same_channel_twice_in_one_state_dir_is_refused_at_once() {
     let options = relay_options(&channel, &target.url("/"));
     let _first = Relay::start(&channel, options.clone()).await;
 
-    let second = smee_relay::relay::forward(options.clone(), Default::default()).await;
+    let second = smee_relay::commands::forward::forward(options.clone(), Default::default()).await;
     let message = second.unwrap_err().to_string();
     assert!(
         message.contains("another smee-relay already relays"),

@@ -1,20 +1,24 @@
-//! Telling people: alerts as Slack messages, or as text on stdout when no Slack is configured.
+//! Telling people: the alert outbox's route delivers each alert as a Slack message, or as text
+//! on stdout when no Slack is configured. It reads alerts the pipeline spooled; it never judges.
 
 pub mod slack;
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
+use http::StatusCode;
+
+use crate::delivery::Sink;
+use crate::delivery::forward::{Delivered, ForwardError, Forwarder};
+use crate::event::Event;
 use crate::pipeline::Alert;
-
-/// The alert's one-line headline: `FIRING cpu-high: Notification Service Production`.
-pub fn headline(alert: &Alert) -> String {
-    format!("{} {}: {}", alert.status, alert.rule, alert.title)
-}
+use crate::spool::StoredEvent;
 
 /// An alert as a readable block of text (stdout, the demo).
 pub fn text(alert: &Alert) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{}", headline(alert));
+    let _ = writeln!(out, "{}", alert.headline());
     let _ = writeln!(
         out,
         "  entity:    {} ({})",
@@ -51,19 +55,6 @@ pub fn text(alert: &Alert) -> String {
     out
 }
 
-use std::time::{Duration, Instant};
-
-use futures::future::BoxFuture;
-use http::StatusCode;
-
-use crate::dispatch::Sink;
-use crate::event::Event;
-use crate::forward::{Delivered, ForwardError, Forwarder};
-use crate::spool::StoredEvent;
-
-/// The route name alerts are queued on in the spool.
-pub const ALERT_ROUTE: &str = "alerts";
-
 /// Where spooled alerts go: Slack, stdout, or both; and, for the demo, a channel that hears
 /// of every alert delivered.
 #[derive(Default)]
@@ -89,25 +80,6 @@ impl AlertSink {
             stdout: true,
             ..Self::default()
         }
-    }
-}
-
-/// An alert as it travels through the spool: JSON in an event body.
-pub fn to_event(alert: &Alert) -> Event {
-    Event {
-        sse_id: None,
-        timestamp_ms: None,
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            (
-                "x-smee-relay-alert".into(),
-                format!("{} {}", alert.rule, alert.status),
-            ),
-        ],
-        query: vec![],
-        body: serde_json::to_vec(alert)
-            .expect("an alert serialises")
-            .into(),
     }
 }
 

@@ -3,7 +3,6 @@
 
 use serde_json::{Value, json};
 
-use super::headline;
 use crate::pipeline::{Alert, AlertStatus};
 
 /// The JSON body to POST to a Slack incoming webhook for `alert`.
@@ -77,7 +76,7 @@ pub fn message(alert: &Alert) -> Value {
             .collect();
         details.push(json!({"type": "actions", "elements": buttons}));
     }
-    let title = headline(alert);
+    let title = alert.headline();
     let fallback = match &alert.property {
         Some(p) => format!(
             "{title} ({} {} → {}, {})",

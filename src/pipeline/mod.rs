@@ -7,7 +7,7 @@
 //! ```
 //!
 //! [`Pipeline::evaluate`] is pure: it takes an event, the current alert states and the time,
-//! and returns the alerts to send and the states to store. The runtime (in `daemon`) persists
+//! and returns the alerts to send and the states to store. The [`runner`] persists
 //! both in one spool transaction, together with marking the event done, so an event delivered
 //! twice never alerts twice and a restart neither re-alerts nor forgets.
 
@@ -15,6 +15,8 @@ pub mod diff;
 pub mod jq;
 pub mod port;
 pub mod rules;
+pub mod runner;
+pub mod signature;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -23,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::Event;
-use crate::verify::{SignatureError, Verifier};
 use port::{Action, Change};
 use rules::{Rule, Verdict};
+use signature::{SignatureError, Verifier};
 use state::{Phase, Transition};
 
 /// FIRING or RESOLVED.
@@ -80,6 +82,38 @@ pub struct Alert {
     pub links: Vec<(String, String)>,
     /// Why, when it is not the condition itself (e.g. "entity deleted", "held for 5m").
     pub note: Option<String>,
+}
+
+/// The route name the pipeline reads its events from.
+pub const PIPELINE_ROUTE: &str = "pipeline";
+
+/// The route alerts are queued on: the alert outbox, which `notify` delivers.
+pub const ALERT_ROUTE: &str = "alerts";
+
+impl Alert {
+    /// The alert's one-line headline: `FIRING cpu-high: Notification Service Production`.
+    pub fn headline(&self) -> String {
+        format!("{} {}: {}", self.status, self.rule, self.title)
+    }
+
+    /// An alert as it travels through the spool: JSON in an event body.
+    pub fn to_event(&self) -> Event {
+        Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                (
+                    "x-smee-relay-alert".into(),
+                    format!("{} {}", self.rule, self.status),
+                ),
+            ],
+            query: vec![],
+            body: serde_json::to_vec(self)
+                .expect("an alert serialises")
+                .into(),
+        }
+    }
 }
 
 /// An alert state as stored: the phase, and for a pending alert the alert to send when the
@@ -353,7 +387,7 @@ mod tests {
         for shape in ["legacy", "automation"] {
             let mut states: HashMap<String, AlertState> = HashMap::new();
             let mut sent = Vec::new();
-            for (file, _) in crate::demo::SEQUENCE {
+            for (file, _) in crate::commands::demo::SEQUENCE {
                 let path = format!(
                     "{}/tests/fixtures/port/deployment-config/{shape}/{file}.json",
                     env!("CARGO_MANIFEST_DIR")

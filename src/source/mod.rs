@@ -21,6 +21,7 @@
 //! webhooks (see [`sse`] and BENCHMARKS.md), and reconnection was already ours.
 
 pub mod sse;
+pub mod status;
 pub mod wire;
 
 use std::collections::VecDeque;
@@ -35,8 +36,8 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::event::Event;
 use crate::retry::BackoffPolicy;
-use crate::telemetry::ChannelStatus;
 use crate::url::ChannelUrl;
+use status::ChannelStatus;
 
 /// How long a connection must stay up before the reconnect backoff starts over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
@@ -262,7 +263,7 @@ impl Source {
             .get(self.config.channel.expose().clone())
             .header(http::header::ACCEPT, "text/event-stream")
             .header(http::header::CACHE_CONTROL, "no-cache")
-            .header(crate::serve::RAW_OPT_IN, "1");
+            .header(wire::RAW_OPT_IN, "1");
         if let Some(token) = &self.config.token {
             request = request.bearer_auth(token);
         }
@@ -300,7 +301,7 @@ fn idle_timeout(idle: Duration) -> String {
 
 /// An error and its causes, with the URL (which holds the channel id) already removed.
 fn error_chain(error: &reqwest::Error) -> String {
-    crate::forward::error_chain(error)
+    crate::error::chain(error)
 }
 
 fn round_to_ms(d: Duration) -> Duration {

@@ -21,6 +21,9 @@ use serde_json::value::RawValue;
 
 use crate::event::Event;
 
+/// The header a subscriber sends to receive exact bodies (`bodyB`).
+pub const RAW_OPT_IN: &str = "x-smee-relay-raw";
+
 /// smee's own keys: they describe the request, they are not headers of it.
 const SMEE_KEYS: [&str; 5] = ["body", "query", "timestamp", "rawdata", "bodyB"];
 

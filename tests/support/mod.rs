@@ -423,18 +423,21 @@ pub const FAST: smee_relay::retry::BackoffPolicy = smee_relay::retry::BackoffPol
 
 /// Options for relaying a channel on `channel` to `target`, with fast retries and a fresh
 /// state dir.
-pub fn relay_options(channel: &FakeChannel, target: &str) -> smee_relay::relay::ForwardOptions {
+pub fn relay_options(
+    channel: &FakeChannel,
+    target: &str,
+) -> smee_relay::commands::forward::ForwardOptions {
     let mut source =
         smee_relay::source::SourceConfig::new(channel.url("TestChannel123").parse().unwrap());
     source.reconnect = FAST;
-    smee_relay::relay::ForwardOptions {
+    smee_relay::commands::forward::ForwardOptions {
         source,
         target: target.parse().unwrap(),
         target_timeout: Duration::from_secs(10),
         state_dir: fresh_state_dir(),
-        retry: smee_relay::dispatch::RetryPolicy {
+        retry: smee_relay::delivery::RetryPolicy {
             backoff: FAST,
-            ..smee_relay::dispatch::RetryPolicy::DEFAULT
+            ..smee_relay::delivery::RetryPolicy::DEFAULT
         },
         retain: Duration::from_secs(3600),
         limits: smee_relay::spool::Limits { max_bytes: 1 << 30 },
@@ -446,16 +449,22 @@ pub fn relay_options(channel: &FakeChannel, target: &str) -> smee_relay::relay::
 pub struct Relay {
     pub cancel: tokio_util::sync::CancellationToken,
     pub state_dir: std::path::PathBuf,
-    task: Option<tokio::task::JoinHandle<Result<(), smee_relay::relay::RelayError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), smee_relay::service::daemon::DaemonError>>>,
 }
 
 impl Relay {
     /// Start relaying and wait until the channel has a new subscriber.
-    pub async fn start(channel: &FakeChannel, options: smee_relay::relay::ForwardOptions) -> Self {
+    pub async fn start(
+        channel: &FakeChannel,
+        options: smee_relay::commands::forward::ForwardOptions,
+    ) -> Self {
         let before = channel.connections();
         let cancel = tokio_util::sync::CancellationToken::new();
         let state_dir = options.state_dir.clone();
-        let task = tokio::spawn(smee_relay::relay::forward(options, cancel.clone()));
+        let task = tokio::spawn(smee_relay::commands::forward::forward(
+            options,
+            cancel.clone(),
+        ));
         channel.wait_connections(before + 1).await;
         Self {
             cancel,

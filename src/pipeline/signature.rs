@@ -107,7 +107,7 @@ impl Verifier {
 mod tests {
     use super::*;
 
-    const VECTORS: &str = include_str!("../tests/fixtures/port/signatures.json");
+    const VECTORS: &str = include_str!("../../tests/fixtures/port/signatures.json");
 
     fn fixture(file: &str) -> Vec<u8> {
         std::fs::read(format!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use reqwest::Url;
 
-use crate::telemetry::LogFormat;
+use crate::service::logging::LogFormat;
 use crate::url::{ChannelUrl, TargetUrl, parse_http_url};
 
 /// Relay webhooks from a smee.io channel to a local service, without losing, reordering or

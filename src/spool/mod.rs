@@ -19,15 +19,14 @@
 //! A route (a target URL) reads its queue from `pending` in `seq` order; replaying an event adds
 //! it again at the tail with a new `seq`. The database is opened in redb's multi-writer mode so
 //! that `smee-relay events` can read and re-queue while the relay runs; two relays for the same
-//! channel are kept apart by a lock file instead (see [`ChannelLock`]).
+//! channel are kept apart by a lock file instead (see [`lock::ChannelLock`]).
 //!
 //! Writes are grouped: [`Spool::write`] applies a batch of appends and marks in one transaction
-//! with one fsync. The writer thread in `dispatch` feeds it whatever queued up during the last
+//! with one fsync. The [`writer`] thread feeds it whatever queued up during the last
 //! commit (group commit), which is what makes thousands of durable events per second possible.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use redb::{
@@ -36,7 +35,14 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use crate::clock::now_ms;
 use crate::event::Event;
+
+pub mod intake;
+pub mod lock;
+pub mod writer;
+
+pub use crate::clock::age;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -228,12 +234,6 @@ pub struct Spool {
     path: PathBuf,
     /// A random id of this spool, so delivery ids from two machines never collide.
     instance: u64,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Spool {
@@ -940,78 +940,6 @@ pub fn event_kind(event: &Event) -> Option<String> {
         (Some(a), None) => Some(a),
         _ => None,
     }
-}
-
-/// Keeps two relays for the same channel from sharing a state directory: each holds an
-/// exclusive lock on a file named after a hash of the channel URL (not the URL: it is secret).
-#[derive(Debug)]
-pub struct ChannelLock {
-    /// The lock is held while this file is open.
-    _file: File,
-}
-
-/// A channel's name on disk: a hash of its URL (the URL itself is a secret).
-pub fn channel_key(channel_url: &str) -> String {
-    hex::encode(&sha2::Sha256::digest(channel_url.as_bytes())[..8])
-}
-
-impl ChannelLock {
-    pub fn acquire(state_dir: &Path, channel_url: &str, shown: &str) -> Result<Self, SpoolError> {
-        let path = state_dir.join(format!("channel-{}.lock", channel_key(channel_url)));
-        let io = |e: std::io::Error| SpoolError::Io {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(SpoolError::Locked {
-                channel: shown.to_string(),
-                dir: state_dir.to_owned(),
-            }),
-            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
-        }
-    }
-}
-
-/// The state directory: the flag or `SMEE_RELAY_STATE_DIR` (given as `explicit`), else
-/// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/smee-relay`, else
-/// `~/.local/state/smee-relay`.
-pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
-    if let Some(dir) = explicit {
-        return dir.to_owned();
-    }
-    let env = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(dir) = env("STATE_DIRECTORY") {
-        // systemd may list several, separated by ':'; the first is ours.
-        let first = dir
-            .to_string_lossy()
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        return PathBuf::from(first);
-    }
-    if let Some(dir) = env("XDG_STATE_HOME") {
-        return dir.join("smee-relay");
-    }
-    env("HOME")
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join(".local/state/smee-relay")
-}
-
-/// How long ago `ms` was, for people.
-pub fn age(ms: u64) -> Duration {
-    Duration::from_millis(now_ms().saturating_sub(ms))
 }
 
 #[cfg(test)]

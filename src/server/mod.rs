@@ -32,9 +32,6 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// The header a subscriber sends to receive exact bodies (`bodyB`).
-pub const RAW_OPT_IN: &str = "x-smee-relay-raw";
-
 /// How the server is run.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -186,7 +183,7 @@ impl Hub {
     /// went, as (channel, id).
     fn evict(&self, channels: &mut HashMap<String, Channel>) -> Vec<(String, u64)> {
         let mut evicted = Vec::new();
-        let cutoff = crate::spool::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
+        let cutoff = crate::clock::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
         let mut total = 0;
         for (name, channel) in channels.iter_mut() {
             while channel.events.len() > self.config.max_events
@@ -221,7 +218,7 @@ impl Hub {
 fn new_channel() -> Channel {
     // Ids start from the clock, so they keep growing across server restarts and a client's
     // remembered Last-Event-ID never hides new events.
-    let start = crate::spool::now_ms().saturating_mul(1000);
+    let start = crate::clock::now_ms().saturating_mul(1000);
     Channel {
         next_id: start,
         events: VecDeque::new(),
@@ -343,7 +340,7 @@ async fn post(
     let stored = hub
         .post(&name, |id| Posted {
             id,
-            received_ms: crate::spool::now_ms(),
+            received_ms: crate::clock::now_ms(),
             headers: kept,
             query: params,
             content_type,
@@ -377,7 +374,7 @@ async fn subscribe(
     if !wants_stream {
         return page(&hub, &name).into_response();
     }
-    let raw = headers.contains_key(RAW_OPT_IN);
+    let raw = headers.contains_key(crate::source::wire::RAW_OPT_IN);
     let last_seen: Option<u64> = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -188,7 +188,7 @@ impl Forwarder {
         if error.is_timeout() {
             ForwardError::Timeout(self.timeout)
         } else {
-            ForwardError::Connection(error_chain(&error.without_url()))
+            ForwardError::Connection(crate::error::chain(&error.without_url()))
         }
     }
 }
@@ -206,7 +206,7 @@ async fn post_plain(
     mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<Answer, ForwardError> {
-    let broken = |e: &dyn std::error::Error| ForwardError::Connection(error_chain(e));
+    let broken = |e: &dyn std::error::Error| ForwardError::Connection(crate::error::chain(e));
     if !headers.contains_key(http::header::USER_AGENT) {
         headers.insert(
             http::header::USER_AGENT,
@@ -280,22 +280,6 @@ fn headers(event: &Event, extra: &[(&str, &str)]) -> HeaderMap {
 /// `Retry-After` as seconds; the HTTP-date form is rare from local targets and is ignored.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// An error and its causes on one line: reqwest's own message alone is often just
-/// "error sending request".
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -10,59 +10,58 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::{ChannelPlan, Plan};
-use crate::dispatch::RetryPolicy;
-use crate::forward::Forwarder;
+use crate::delivery::RetryPolicy;
+use crate::delivery::forward::Forwarder;
 use crate::notify::AlertSink;
 use crate::pipeline::Pipeline;
-use crate::relay::RelayError;
+use crate::service::daemon::{self, ChannelPlan, DaemonError, Plan};
 use crate::source::SourceConfig;
 
 /// The example rules: the ones the fixtures' README documents.
-const RULES: &str = include_str!("../tests/fixtures/port/rules.toml");
+const RULES: &str = include_str!("../../tests/fixtures/port/rules.toml");
 
 /// The DeploymentConfig sequence (fixture names and Port Automation webhook bodies); tests use
 /// the names to load the legacy shape too.
 pub const SEQUENCE: [(&str, &str); 9] = [
     (
         "01-create",
-        include_str!("../tests/fixtures/port/deployment-config/automation/01-create.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/01-create.json"),
     ),
     (
         "02-cpu-25-to-87",
-        include_str!("../tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"),
     ),
     (
         "03-cpu-87-to-91",
-        include_str!("../tests/fixtures/port/deployment-config/automation/03-cpu-87-to-91.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/03-cpu-87-to-91.json"),
     ),
     (
         "04-health-healthy-to-degraded",
         include_str!(
-            "../tests/fixtures/port/deployment-config/automation/04-health-healthy-to-degraded.json"
+            "../../tests/fixtures/port/deployment-config/automation/04-health-healthy-to-degraded.json"
         ),
     ),
     (
         "05-cpu-91-to-75",
-        include_str!("../tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"),
     ),
     (
         "06-cpu-75-to-60",
-        include_str!("../tests/fixtures/port/deployment-config/automation/06-cpu-75-to-60.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/06-cpu-75-to-60.json"),
     ),
     (
         "07-health-degraded-to-healthy",
         include_str!(
-            "../tests/fixtures/port/deployment-config/automation/07-health-degraded-to-healthy.json"
+            "../../tests/fixtures/port/deployment-config/automation/07-health-degraded-to-healthy.json"
         ),
     ),
     (
         "08-cpu-60-to-95",
-        include_str!("../tests/fixtures/port/deployment-config/automation/08-cpu-60-to-95.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/08-cpu-60-to-95.json"),
     ),
     (
         "09-delete",
-        include_str!("../tests/fixtures/port/deployment-config/automation/09-delete.json"),
+        include_str!("../../tests/fixtures/port/deployment-config/automation/09-delete.json"),
     ),
 ];
 
@@ -85,7 +84,7 @@ pub enum DemoError {
     #[error("cannot start the demo server: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
-    Relay(#[from] RelayError),
+    Relay(#[from] DaemonError),
     #[error("cannot post to the demo channel: {0}")]
     Post(String),
     #[error("only {got} of {EXPECTED_ALERTS} alerts arrived within {}", humantime::format_duration(*.within))]
@@ -100,9 +99,9 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         .await
         .map_err(DemoError::Serve)?;
     let addr = listener.local_addr().map_err(DemoError::Serve)?;
-    let server = tokio::spawn(crate::serve::serve(
+    let server = tokio::spawn(crate::server::serve(
         listener,
-        crate::serve::ServeConfig::default(),
+        crate::server::ServeConfig::default(),
         cancel.clone(),
     ));
     let channel = format!("http://{addr}/demo");
@@ -126,7 +125,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
                     .map_err(|e| DemoError::Post(format!("{e}")))?,
                 Duration::from_secs(10),
             )
-            .map_err(RelayError::from)?,
+            .map_err(|e| DemoError::Relay(DaemonError::Target(e)))?,
         ),
         None => None,
     };
@@ -167,7 +166,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         metrics_listen: None,
     };
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
-    let relay = tokio::spawn(crate::daemon::run(plan, reloads, cancel.clone()));
+    let relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));
 
     let outcome = post_and_collect(&channel, &mut delivered).await;
     cancel.cancel();

@@ -1,0 +1,106 @@
+//! `smee-relay check`: validate a config file, and show what each rule would send for one event.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+
+use crate::cli::CheckArgs;
+
+/// Validate the file; with `--event`, evaluate that event against every rule.
+pub fn run(args: CheckArgs) -> anyhow::Result<()> {
+    let config = super::load_config(&args.config)?;
+    let Some(event) = args.event else {
+        println!(
+            "{}: ok ({} channels, {} rules)",
+            args.config.display(),
+            config.channels.len(),
+            config.rules.len()
+        );
+        return Ok(());
+    };
+    let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
+    print!("{}", check_event(&config, &body));
+    Ok(())
+}
+
+/// `check --event`: the change, its diff, and what each rule would send for it, starting from
+/// no alert (no stored state, no signature check: a file has no headers).
+fn check_event(config: &crate::config::Config, body: &[u8]) -> String {
+    use crate::pipeline::{Evaluation, Pipeline, diff, port};
+
+    let mut out = String::new();
+    let change = match port::decode(body) {
+        Ok(change) => change,
+        Err(e) => {
+            return format!(
+                "not a Port entity change: {e}\nthe pipeline would ignore it (it is still forwarded)\n"
+            );
+        }
+    };
+    let _ = writeln!(
+        out,
+        "change: {} {} {}/{} ({:?})",
+        change.action,
+        change.resource_type,
+        change.blueprint().unwrap_or("-"),
+        change.entity().unwrap_or("-"),
+        change.title().unwrap_or("-")
+    );
+    for c in diff::properties(&change) {
+        let _ = writeln!(
+            out,
+            "  {}: {} -> {}",
+            c.name,
+            diff::show(c.before.as_ref()),
+            diff::show(c.after.as_ref())
+        );
+    }
+    for rule in &config.rules {
+        if !rule.watches(&change) {
+            let _ = writeln!(out, "\nrule {}: does not watch this entity", rule.name);
+            continue;
+        }
+        let one = Pipeline {
+            rules: vec![rule.clone()],
+            verifier: None,
+            app_url: config.app_url.clone(),
+        };
+        let event = crate::event::Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: bytes::Bytes::copy_from_slice(body),
+        };
+        let _ = write!(out, "\nrule {}: ", rule.name);
+        match one.evaluate(&event, &|_| Default::default(), crate::clock::now_ms()) {
+            Evaluation::Evaluated {
+                alerts,
+                skipped,
+                states,
+                ..
+            } => {
+                if let Some((_, _, reason)) = skipped.first() {
+                    let _ = writeln!(out, "cannot judge: {reason}");
+                } else if alerts.is_empty() && states.values().any(|s| s.draft.is_some()) {
+                    let _ = writeln!(
+                        out,
+                        "would hold for {} before firing",
+                        humantime::format_duration(rule.hold)
+                    );
+                } else if alerts.is_empty() {
+                    let _ = writeln!(out, "condition does not hold: nothing to send");
+                } else {
+                    let _ = writeln!(out, "would send");
+                    for alert in alerts {
+                        out.push_str(&crate::notify::text(&alert));
+                    }
+                }
+            }
+            other => {
+                let _ = writeln!(out, "{other:?}");
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,98 @@
+//! `smee-relay forward`: one channel, one target, through the spool (the daemon's runtime with
+//! a plan of one channel and no config file).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use anyhow::Context as _;
+
+use super::{retry_policy, stop_on_signals};
+use crate::cli::ForwardArgs;
+use crate::delivery::RetryPolicy;
+use crate::service::daemon::{self, ChannelPlan, DaemonError, Plan};
+use crate::source::SourceConfig;
+use crate::spool::Limits;
+use crate::url::TargetUrl;
+
+/// Everything `forward` needs.
+#[derive(Clone, Debug)]
+pub struct ForwardOptions {
+    /// The channel and how to stay connected to it.
+    pub source: SourceConfig,
+    /// Where to replay events.
+    pub target: TargetUrl,
+    /// How long one delivery may take.
+    pub target_timeout: Duration,
+    /// Where the spool lives.
+    pub state_dir: PathBuf,
+    /// How retries back off and when they give up.
+    pub retry: RetryPolicy,
+    /// How long delivered events stay in the spool for replay.
+    pub retain: Duration,
+    /// The spool's size limit.
+    pub limits: Limits,
+    /// Where to serve `/healthz` and `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Relay until `cancel` fires, then shut down cleanly.
+pub async fn forward(
+    options: ForwardOptions,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    info!(
+        channel = %options.source.channel,
+        target = %options.target,
+        "forwarding"
+    );
+    let plan = Plan {
+        channels: vec![ChannelPlan {
+            source: options.source,
+            forward: vec![options.target],
+            pipeline: false,
+        }],
+        pipeline: None,
+        state_dir: options.state_dir,
+        target_timeout: options.target_timeout,
+        retry: options.retry,
+        retain: options.retain,
+        limits: options.limits,
+        metrics_listen: options.metrics_listen,
+    };
+    // `forward` has no config file to reload.
+    let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
+    daemon::run(plan, reloads, cancel).await
+}
+
+pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
+    let target = args.target_url().context("invalid target")?;
+    let channel = match args.channel_url() {
+        Some(channel) => channel,
+        None => {
+            let channel = crate::source::create_channel(&args.server).await?;
+            println!("Forwarding {} to {target}", channel.expose());
+            channel
+        }
+    };
+    let mut source = SourceConfig::new(channel);
+    source.idle_timeout = args.idle_timeout;
+    source.token = args.token.clone();
+    let delivery = &args.delivery;
+    let options = ForwardOptions {
+        source,
+        target,
+        target_timeout: delivery.target_timeout,
+        state_dir: crate::spool::lock::state_dir(delivery.state.state_dir.as_deref()),
+        retry: retry_policy(delivery),
+        retain: delivery.retain,
+        limits: Limits {
+            max_bytes: delivery.max_spool_size,
+        },
+        metrics_listen: delivery.metrics_listen,
+    };
+    forward(options, stop_on_signals()?).await?;
+    Ok(())
+}

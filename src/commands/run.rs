@@ -1,0 +1,91 @@
+//! `smee-relay run --config FILE`: the daemon, from a config file, reloaded on SIGHUP.
+
+use anyhow::Context as _;
+
+use super::{load_config, retry_policy, stop_on_signals};
+use crate::cli::RunArgs;
+use crate::delivery::forward::Forwarder;
+use crate::notify::AlertSink;
+use crate::pipeline::Pipeline;
+use crate::service::daemon::{self, ChannelPlan, Plan};
+use crate::service::systemd;
+use crate::source::SourceConfig;
+use crate::spool::Limits;
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let plan = plan_from_config(&args)?;
+    let cancel = stop_on_signals()?;
+    let mut hangups = systemd::reload_requests().context("cannot install the SIGHUP handler")?;
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    // SIGHUP: read the file again; an invalid file is logged and the running config stays.
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!(config = %args.config.display(), "SIGHUP: reloading the config");
+            match plan_from_config(&args) {
+                Ok(plan) => {
+                    if reload_tx.send(plan).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!("config not reloaded, the running one stays:\n{e:#}"),
+            }
+        }
+    });
+    daemon::run(plan, reloads, cancel).await?;
+    Ok(())
+}
+
+/// The runtime plan `run` carries out: the config file, with the flags on top.
+fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
+    let config = load_config(&args.config)?;
+    let delivery = &args.delivery;
+    let state_dir = match (&delivery.state.state_dir, &config.state_dir) {
+        (Some(flag), _) => flag.clone(),
+        (None, Some(file)) => file.clone(),
+        (None, None) => crate::spool::lock::state_dir(None),
+    };
+    let uses_pipeline = config.channels.iter().any(|c| c.pipeline);
+    let pipeline = if uses_pipeline {
+        let sink = match &config.slack {
+            Some(url) => AlertSink::slack(Forwarder::new(
+                url.0.as_str().parse().context("slack webhook_url")?,
+                delivery.target_timeout,
+            )?),
+            None => AlertSink::stdout(),
+        };
+        let pipeline = Pipeline {
+            rules: config.rules.clone(),
+            verifier: config.verifier.clone(),
+            app_url: config.app_url.clone(),
+        };
+        Some((pipeline, sink))
+    } else {
+        None
+    };
+    let channels = config
+        .channels
+        .iter()
+        .map(|c| {
+            let mut source = SourceConfig::new(c.url.clone());
+            source.idle_timeout = c.idle_timeout;
+            source.token = c.token.clone();
+            ChannelPlan {
+                source,
+                forward: c.forward.clone(),
+                pipeline: c.pipeline,
+            }
+        })
+        .collect();
+    Ok(Plan {
+        channels,
+        pipeline,
+        state_dir,
+        target_timeout: delivery.target_timeout,
+        retry: retry_policy(delivery),
+        retain: delivery.retain,
+        limits: Limits {
+            max_bytes: delivery.max_spool_size,
+        },
+        metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
+    })
+}

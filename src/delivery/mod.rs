@@ -1,0 +1,398 @@
+//! From the spool to each route, in order: one task per route reads its queue and delivers the
+//! head until it succeeds or is given up on, then the next. Retries back off from 1 s to 5 min
+//! with jitter, honouring `Retry-After`. What a route delivers to is a [`Sink`]: an HTTP target
+//! ([`forward`]), or Slack and stdout (the `notify` module implements the trait).
+//!
+//! This module never writes to the spool directly: finished attempts become marks that the
+//! spool's writer thread commits.
+
+pub mod forward;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::counters::Counters;
+use crate::retry::BackoffPolicy;
+use crate::spool::{self, Outcome, Queued, Spool, StoredEvent, Write, writer::SpoolWriter};
+use forward::{Delivered, ForwardError, Forwarder};
+
+/// How long a delivery in flight may still take once shutdown is asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How many queued deliveries a route reads from disk at once.
+const READ_AHEAD: usize = 256;
+
+/// How often an idle route looks at the spool for events queued by another process
+/// (`smee-relay events replay`).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Somewhere a route delivers to: an HTTP target, Slack, stdout.
+pub trait Sink: Send + Sync {
+    /// How delivery lines name it: `POST /hook`, `slack`. Never a secret.
+    fn describe(&self) -> String;
+    /// Deliver one event; `delivery_id` is stable across attempts of one queued delivery.
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+        delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Delivered, ForwardError>>;
+    /// The least time between two deliveries (Slack allows about one message per second).
+    fn min_interval(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl Sink for Forwarder {
+    fn describe(&self) -> String {
+        format!("POST {}", self.target().path())
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        event: &'a StoredEvent,
+        delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+        Box::pin(async move {
+            let extra = [("x-smee-relay-delivery", delivery_id)];
+            Forwarder::deliver(self, &event.event, &extra).await
+        })
+    }
+}
+
+/// One line per attempt: `POST /hook -> 200 in 3 ms (event 12, x-github-event=push)`.
+pub fn log_delivery(
+    sink: &dyn Sink,
+    event: &StoredEvent,
+    outcome: &Result<Delivered, ForwardError>,
+) {
+    // Describing the event may parse its body: skip it when the line would not be written.
+    let written = match outcome {
+        Ok(_) => tracing::enabled!(tracing::Level::INFO),
+        Err(_) => tracing::enabled!(tracing::Level::WARN),
+    };
+    if !written {
+        return;
+    }
+    let about = match spool::event_kind(&event.event) {
+        Some(kind) => format!("event {}, {kind}", event.id),
+        None => format!("event {}", event.id),
+    };
+    let what = sink.describe();
+    match outcome {
+        Ok(done) => info!(
+            "{what} -> {} in {} ms ({about})",
+            done.status.as_u16(),
+            done.elapsed.as_millis()
+        ),
+        Err(e) => warn!("{what} failed: {e} ({about})"),
+    }
+}
+
+/// How a route retries.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Delays between attempts at the same event.
+    pub backoff: BackoffPolicy,
+    /// An event older than this is not retried again: it becomes a dead letter.
+    pub max_age: Duration,
+}
+
+impl RetryPolicy {
+    /// 1 s up to 5 min, for 24 h.
+    pub const DEFAULT: RetryPolicy = RetryPolicy {
+        backoff: BackoffPolicy {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        },
+        max_age: Duration::from_secs(24 * 3600),
+    };
+}
+
+/// The write that records an attempt at `queued` on `route`.
+fn mark(route: &str, queued: &Queued, outcome: Outcome) -> Write {
+    Write::Mark {
+        route: route.to_string(),
+        seq: queued.seq,
+        event: queued.event.id,
+        outcome,
+    }
+}
+
+/// Deliver `route`'s queue in order until `cancel` fires; the delivery in flight then has
+/// [`SHUTDOWN_GRACE`] to finish.
+pub async fn run_route(
+    spool: Arc<Spool>,
+    writer: SpoolWriter,
+    route: String,
+    sink: Arc<dyn Sink>,
+    policy: RetryPolicy,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+) {
+    let mut appended = writer.appended();
+    // The last seq this task finished with. Marks are committed asynchronously, so the
+    // spool may still list it as pending for a moment; the cursor skips it.
+    let mut cursor = 0;
+    while !cancel.is_cancelled() {
+        let read = {
+            let (spool, route) = (spool.clone(), route.clone());
+            tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
+        };
+        let queued = match read {
+            Ok(Ok(queued)) => queued,
+            Ok(Err(e)) => {
+                error!(route, "cannot read the spool, retrying in 1s: {e}");
+                wait(&cancel, Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                error!(route, "spool reader failed: {e}");
+                return;
+            }
+        };
+        if queued.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            continue;
+        }
+        // Finished deliveries are recorded together, once per read-ahead batch (or before a
+        // retry waits): one commit instead of one per event. A crash before that commit only
+        // redelivers them, which at-least-once allows and the delivery id lets targets spot.
+        let mut marks = Vec::new();
+        for item in queued {
+            let delivery = Delivery {
+                spool: &spool,
+                writer: &writer,
+                sink: sink.as_ref(),
+                route: &route,
+                policy,
+                counters: &counters,
+                cancel: &cancel,
+            };
+            if !delivery.run(&item, &mut marks).await {
+                writer.flush(&mut marks);
+                return;
+            }
+            cursor = item.seq;
+        }
+        writer.flush(&mut marks);
+    }
+}
+
+/// Sleep, or return early on cancel.
+async fn wait(cancel: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// One queued event's way through its attempts.
+struct Delivery<'a> {
+    spool: &'a Spool,
+    writer: &'a SpoolWriter,
+    sink: &'a dyn Sink,
+    route: &'a str,
+    policy: RetryPolicy,
+    counters: &'a Counters,
+    cancel: &'a CancellationToken,
+}
+
+impl Delivery<'_> {
+    /// Attempt until delivered or dead; the final mark goes into `marks` for the caller to
+    /// commit. Returns false if shutdown interrupted it (it stays pending and is retried on
+    /// the next start).
+    async fn run(&self, item: &Queued, marks: &mut Vec<Write>) -> bool {
+        let mut backoff = self.policy.backoff.start();
+        let mut attempts = item.attempts;
+        let delivery_id = self.spool.delivery_id(item.seq);
+        loop {
+            let started = tokio::time::Instant::now();
+            let grace_over = async {
+                self.cancel.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            let outcome = tokio::select! {
+                outcome = self.sink.deliver(&item.event, &delivery_id) => outcome,
+                _ = grace_over => {
+                    warn!(
+                        event = item.event.id,
+                        "shutting down: the delivery in flight did not finish within {}; it stays queued",
+                        humantime::format_duration(SHUTDOWN_GRACE)
+                    );
+                    return false;
+                }
+            };
+            attempts += 1;
+            log_delivery(self.sink, &item.event, &outcome);
+            // Pace deliveries the sink asks to be paced (Slack: one message a second). Only
+            // then: even an elapsed timer costs a turn of tokio's 1 ms timer wheel, which
+            // capped delivery at 1,000 events/s (bench/run.sh).
+            let pace = self.sink.min_interval();
+            if !pace.is_zero() {
+                tokio::time::sleep_until(started + pace).await;
+            }
+            let error = match outcome {
+                Ok(done) => {
+                    self.counters.delivered(self.route, done.elapsed);
+                    let status = done.status.as_u16();
+                    marks.push(mark(self.route, item, Outcome::Delivered { status }));
+                    return true;
+                }
+                Err(error) => error,
+            };
+            let status = error.status().map(|s| s.as_u16());
+            let age = spool::age(item.event.received_ms);
+            if !error.is_retryable() || age > self.policy.max_age {
+                let why = if error.is_retryable() {
+                    format!(
+                        "gave up after {attempts} attempts over {} (--max-retry-age): {error}",
+                        humantime::format_duration(Duration::from_secs(age.as_secs()))
+                    )
+                } else {
+                    error.to_string()
+                };
+                self.counters.dead(self.route);
+                warn!(
+                    event = item.event.id,
+                    "dead letter: {why}; replay it with `smee-relay events replay {}`",
+                    item.event.id
+                );
+                marks.push(mark(self.route, item, Outcome::Dead { status, error: why }));
+                return true;
+            }
+            self.counters.retried(self.route);
+            let delay = error.retry_after().unwrap_or_else(|| backoff.next_delay());
+            info!(
+                event = item.event.id,
+                attempt = attempts,
+                "retrying in {}",
+                humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+            );
+            // What finished before this one is recorded now, not after the wait.
+            marks.push(mark(
+                self.route,
+                item,
+                Outcome::Retry {
+                    status,
+                    error: error.to_string(),
+                },
+            ));
+            self.writer.flush(marks);
+            wait(self.cancel, delay).await;
+            if self.cancel.is_cancelled() {
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+    use crate::spool::Limits;
+    use std::sync::Mutex;
+
+    use http::StatusCode;
+    use tokio::time::Instant;
+
+    /// A sink that answers from a script and notes when each attempt came.
+    struct Scripted {
+        answers: Mutex<Vec<Result<Delivered, ForwardError>>>,
+        attempts: Mutex<Vec<Instant>>,
+    }
+
+    impl Sink for Scripted {
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+        fn deliver<'a>(
+            &'a self,
+            _event: &'a StoredEvent,
+            _delivery_id: &'a str,
+        ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+            self.attempts.lock().unwrap().push(Instant::now());
+            let answer = self.answers.lock().unwrap().remove(0);
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn status(code: u16, retry_after: Option<u64>) -> Result<Delivered, ForwardError> {
+        Err(ForwardError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            retry_after: retry_after.map(Duration::from_secs),
+            body: String::new(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_exponentially_and_honour_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let event = Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: "{}".into(),
+        };
+        writer
+            .append("c", &["r".to_string()], vec![event].into(), None)
+            .await
+            .unwrap();
+        let ok = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+        });
+        let sink = Arc::new(Scripted {
+            answers: Mutex::new(vec![
+                status(503, None),
+                status(503, None),
+                status(503, None),
+                status(429, Some(7)),
+                ok,
+            ]),
+            attempts: Mutex::new(Vec::new()),
+        });
+        let cancel = CancellationToken::new();
+        let route = tokio::spawn(run_route(
+            spool.clone(),
+            writer.clone(),
+            "r".into(),
+            sink.clone(),
+            RetryPolicy::DEFAULT,
+            Arc::new(Counters::default()),
+            cancel.clone(),
+        ));
+        while sink.attempts.lock().unwrap().len() < 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let at = sink.attempts.lock().unwrap().clone();
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        // Jitter puts each backoff delay between d and 2d: 1 s, then 2 s, then 4 s.
+        for (gap, base) in gaps.iter().zip([1u64, 2, 4]) {
+            assert!(
+                *gap >= Duration::from_secs(base) && *gap <= Duration::from_secs(2 * base),
+                "gap {gap:?} for base {base}s (all: {gaps:?})"
+            );
+        }
+        assert_eq!(
+            gaps[3],
+            Duration::from_secs(7),
+            "Retry-After: 7 is waited exactly"
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+}

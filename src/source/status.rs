@@ -1,0 +1,50 @@
+//! A channel's liveness as its source sees it: connected or not, when bytes last arrived, how
+//! often it reconnected. The source writes it; `/healthz` and the status line read it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// One channel's connection, as the source reports it.
+pub struct ChannelStatus {
+    /// The channel, redacted.
+    pub name: String,
+    /// Silence longer than this is unhealthy.
+    pub idle_timeout: Duration,
+    pub connected: AtomicBool,
+    /// When anything last arrived (ms since the epoch; 0: never).
+    pub last_bytes_ms: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl ChannelStatus {
+    pub fn new(name: String, idle_timeout: Duration) -> Self {
+        Self {
+            name,
+            idle_timeout,
+            connected: AtomicBool::new(false),
+            last_bytes_ms: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        }
+    }
+
+    /// Something arrived on the connection.
+    pub fn saw_bytes(&self) {
+        self.last_bytes_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+        metrics::gauge!("smee_relay_channel_connected", "channel" => self.name.clone())
+            .set(if connected { 1.0 } else { 0.0 });
+        if connected {
+            self.saw_bytes();
+        }
+    }
+
+    pub fn reconnecting(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("smee_relay_reconnects_total", "channel" => self.name.clone())
+            .increment(1);
+    }
+}

@@ -1,0 +1,78 @@
+//! The intake: takes events from a source and appends them to the spool in batches. An event
+//! is on disk before any route can see it; if the disk refuses, the batch is kept and retried.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::Spool;
+use super::writer::{MAX_BATCH, SpoolWriter};
+use crate::counters::Counters;
+use crate::event::Event;
+
+/// Take events from the source and append them to the spool in batches, until the source is
+/// done. Nothing taken is dropped: a failed append is retried.
+pub async fn intake(
+    mut events: mpsc::Receiver<Event>,
+    writer: SpoolWriter,
+    channel: String,
+    cursor_key: Option<String>,
+    routes: watch::Receiver<Vec<String>>,
+    counters: Arc<Counters>,
+) {
+    let mut received = Vec::new();
+    while events.recv_many(&mut received, MAX_BATCH).await > 0 {
+        let batch: Arc<[Event]> = std::mem::take(&mut received).into();
+        // The routes as of now: a reload may change them between batches.
+        let routes = routes.borrow().clone();
+        loop {
+            let appended = writer
+                .append(&channel, &routes, batch.clone(), cursor_key.as_deref())
+                .await;
+            match appended {
+                Ok(ids) => {
+                    counters.received(ids.len() as u64);
+                    for (event, id) in batch.iter().zip(&ids) {
+                        if id.is_none() {
+                            counters.refused();
+                            error!(
+                                event = %event.sse_id.as_deref().unwrap_or("-"),
+                                "spool full: event refused; deliver, purge (smee-relay events purge --dead) \
+                                 or raise --max-spool-size"
+                            );
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    error!(
+                        events = batch.len(),
+                        "cannot store events, retrying in 1s (they are kept in memory): {e}"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Prune delivered events older than `retain`, now and every minute, until `cancel`.
+pub async fn prune_periodically(spool: Arc<Spool>, retain: Duration, cancel: CancellationToken) {
+    loop {
+        let cutoff = crate::clock::now_ms().saturating_sub(retain.as_millis() as u64);
+        let spool2 = spool.clone();
+        match tokio::task::spawn_blocking(move || spool2.prune(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(pruned = n, "pruned delivered events past --retain"),
+            Ok(Err(e)) => warn!("cannot prune the spool: {e}"),
+            Err(_) => return,
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
