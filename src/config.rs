@@ -14,6 +14,7 @@ use toml::Spanned;
 use crate::pipeline::jq::JqCondition;
 use crate::pipeline::rules::{Condition, Rule};
 use crate::pipeline::signature::Verifier;
+use crate::secret::{ExposeSecret as _, SecretString};
 use crate::url::{ChannelUrl, TargetUrl};
 
 /// The whole file.
@@ -42,7 +43,7 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct ChannelConfig {
     /// The channel URL (a secret: prefer `url_env`).
-    pub url: Option<String>,
+    pub url: Option<SecretString>,
     /// The environment variable holding the channel URL.
     pub url_env: Option<String>,
     /// Targets each event is replayed to, each with the spool's guarantees.
@@ -55,7 +56,7 @@ pub struct ChannelConfig {
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Token for a `smee-relay serve --token` server (a secret: prefer `token_env`).
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// The environment variable holding the token.
     pub token_env: Option<String>,
 }
@@ -70,7 +71,7 @@ fn default_idle_timeout() -> Duration {
 pub struct PortConfig {
     /// The Port client secret that signs webhooks (a secret: prefer `client_secret_env`).
     /// When set, unsigned or badly signed events are rejected by the pipeline.
-    pub client_secret: Option<String>,
+    pub client_secret: Option<SecretString>,
     /// The environment variable holding the client secret.
     pub client_secret_env: Option<String>,
     /// How far `x-port-timestamp` may be from now.
@@ -105,7 +106,7 @@ fn default_app_url() -> String {
 #[serde(deny_unknown_fields)]
 pub struct SlackConfig {
     /// The incoming-webhook URL (a secret: prefer `webhook_url_env`).
-    pub webhook_url: Option<String>,
+    pub webhook_url: Option<SecretString>,
     /// The environment variable holding the webhook URL.
     pub webhook_url_env: Option<String>,
 }
@@ -162,7 +163,7 @@ pub struct Channel {
     pub forward: Vec<TargetUrl>,
     pub pipeline: bool,
     pub idle_timeout: Duration,
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
 }
 
 /// A validated config, secrets resolved.
@@ -219,16 +220,16 @@ pub fn parse(
     let at_line =
         |offset: usize, message: String| format!("{origin}:{}: {message}", line_of(offset));
 
-    let secret = |literal: &Option<String>,
+    let secret = |literal: &Option<SecretString>,
                   var: &Option<String>,
                   what: &str|
-     -> Result<Option<String>, String> {
+     -> Result<Option<SecretString>, String> {
         match (literal, var) {
             (Some(_), Some(_)) => Err(format!("give {what} or {what}_env, not both")),
             (Some(value), None) => Ok(Some(value.clone())),
             (None, Some(name)) => env(name)
                 .filter(|v| !v.is_empty())
-                .map(Some)
+                .map(|v| Some(SecretString::from(v)))
                 .ok_or_else(|| format!("{what}_env names {name}, which is not set")),
             (None, None) => Ok(None),
         }
@@ -239,7 +240,7 @@ pub fn parse(
         let at = spanned.span().start;
         let c = spanned.get_ref();
         match secret(&c.url, &c.url_env, "url") {
-            Ok(Some(url)) => match url.parse::<ChannelUrl>() {
+            Ok(Some(url)) => match url.expose_secret().parse::<ChannelUrl>() {
                 Ok(url) => {
                     let mut forward = Vec::new();
                     for target in &c.forward {
@@ -318,7 +319,7 @@ pub fn parse(
     let slack = match &file.slack {
         None => None,
         Some(s) => match secret(&s.webhook_url, &s.webhook_url_env, "webhook_url") {
-            Ok(Some(url)) => match crate::url::parse_http_url(&url) {
+            Ok(Some(url)) => match crate::url::parse_http_url(url.expose_secret()) {
                 Ok(url) => Some(SecretUrl(url)),
                 Err(e) => {
                     problems.push(format!("{origin}: [slack] webhook_url: {e}"));
@@ -495,8 +496,39 @@ when = '.properties.locked == true'
         assert_eq!(config.channels.len(), 1);
         assert_eq!(config.rules.len(), 3);
         assert!(config.verifier.is_some());
-        assert!(!format!("{config:?}").contains("hooks.slack.com/services/T/B/X"));
-        assert!(!format!("{config:?}").contains("s3cret"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hooks.slack.com/services/T/B/X"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn regression_debug_of_a_config_shows_no_secret() {
+        let text = r#"
+[[channel]]
+url = "https://smee.io/ChannelSecretId123"
+token = "token-secret-456"
+pipeline = true
+[port]
+client_secret = "port-secret-789"
+[slack]
+webhook_url = "https://hooks.slack.com/services/T0/B0/slack-secret-0"
+[[rule]]
+name = "hot"
+property = "cpuUtil"
+above = 80
+"#;
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let config = parse(text, "c.toml", &no_env).unwrap();
+        for shown in [format!("{file:?}"), format!("{config:?}")] {
+            for secret in [
+                "ChannelSecretId123",
+                "token-secret-456",
+                "port-secret-789",
+                "slack-secret-0",
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! The modules, upstream first. A module uses only those above it in this list (a test in
 //! `tests/layout.rs` holds the line):
 //!
-//! - leaves every stage shares: [`clock`], [`error`], [`url`], [`event`], [`counters`],
+//! - leaves every stage shares: [`clock`], [`error`], [`secret`], [`url`], [`event`], [`counters`],
 //!   [`retry`], [`http`], [`memory`];
 //! - [`source`] keeps the SSE connection alive and decodes smee frames into [`event::Event`]s;
 //! - [`spool`] is the disk: the writer thread, the intake, the lock, the queries;
@@ -31,6 +31,7 @@ pub mod event;
 pub mod http;
 pub mod memory;
 pub mod retry;
+pub mod secret;
 pub mod url;
 
 pub mod source;

@@ -202,8 +202,8 @@ pub struct ForwardArgs {
     pub server: Url,
 
     /// Token for a `smee-relay serve --token` channel (sent as `Authorization: Bearer`).
-    #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub token: Option<crate::secret::SecretString>,
 
     #[command(flatten)]
     pub delivery: DeliveryArgs,
@@ -335,5 +335,20 @@ mod tests {
     fn the_cli_is_well_formed() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn regression_debug_of_the_arguments_shows_no_token_or_channel_id() {
+        let cli = Cli::try_parse_from([
+            "smee-relay",
+            "forward",
+            "https://smee.io/ChannelSecretId123",
+            "--token",
+            "token-secret-456",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("token-secret-456"), "{shown}");
+        assert!(!shown.contains("ChannelSecretId123"), "{shown}");
     }
 }

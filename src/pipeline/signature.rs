@@ -11,6 +11,8 @@ use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use crate::secret::{ExposeSecret as _, SecretString};
+
 /// Why a signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
@@ -29,29 +31,17 @@ pub enum SignatureError {
 }
 
 /// Checks signatures with one client secret.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Verifier {
-    /// The Port client secret. Never printed: `Debug` hides it.
-    secret: Vec<u8>,
+    /// The Port client secret, the HMAC key. Never printed: `Debug` hides it.
+    secret: SecretString,
     /// How far the timestamp may be from now, either way.
     tolerance: Duration,
 }
 
-impl std::fmt::Debug for Verifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("secret", &"<redacted>")
-            .field("tolerance", &self.tolerance)
-            .finish()
-    }
-}
-
 impl Verifier {
-    pub fn new(secret: impl Into<Vec<u8>>, tolerance: Duration) -> Self {
-        Self {
-            secret: secret.into(),
-            tolerance,
-        }
+    pub fn new(secret: SecretString, tolerance: Duration) -> Self {
+        Self { secret, tolerance }
     }
 
     /// Check `signature` and `timestamp` (the header values) for `body`, at `now_ms`.
@@ -88,7 +78,8 @@ impl Verifier {
         if candidates.is_empty() {
             return Err(SignatureError::UnsupportedScheme);
         }
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key");
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose_secret().as_bytes())
+            .expect("HMAC takes any key");
         mac.update(timestamp.as_bytes());
         mac.update(b".");
         mac.update(body);
@@ -121,7 +112,7 @@ mod tests {
     fn every_fixture_vector_verifies_and_tampering_is_caught() {
         let vectors: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
         let secret = vectors["secret"].as_str().unwrap();
-        let verifier = Verifier::new(secret, Duration::from_secs(300));
+        let verifier = Verifier::new(secret.into(), Duration::from_secs(300));
         let files = vectors["files"].as_array().unwrap();
         assert_eq!(files.len(), 18);
         for v in files {
@@ -140,7 +131,7 @@ mod tests {
                 verifier.verify(Some(sig), Some(ts), &tampered, at),
                 Err(SignatureError::Mismatch)
             );
-            let wrong = Verifier::new("other-secret", Duration::from_secs(300));
+            let wrong = Verifier::new("other-secret".into(), Duration::from_secs(300));
             assert_eq!(
                 wrong.verify(Some(sig), Some(ts), &body, at),
                 Err(SignatureError::Mismatch)
@@ -150,7 +141,7 @@ mod tests {
 
     #[test]
     fn the_window_is_enforced_in_seconds_and_milliseconds() {
-        let verifier = Verifier::new("s", Duration::from_secs(300));
+        let verifier = Verifier::new("s".into(), Duration::from_secs(300));
         let now_ms = 1_800_000_000_000;
         let sign = |ts: &str| {
             let mut mac = Hmac::<Sha256>::new_from_slice(b"s").unwrap();
@@ -184,7 +175,10 @@ mod tests {
             verifier.verify(Some("v0,abc"), Some("1800000000"), b"", now_ms),
             Err(SignatureError::UnsupportedScheme)
         );
-        let shown = format!("{:?}", Verifier::new("hunter2-secret", Duration::ZERO));
+        let shown = format!(
+            "{:?}",
+            Verifier::new("hunter2-secret".into(), Duration::ZERO)
+        );
         assert!(
             !shown.contains("hunter2") && shown.contains("<redacted>"),
             "{shown}"

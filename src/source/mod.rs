@@ -36,6 +36,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::event::Event;
 use crate::retry::BackoffPolicy;
+use crate::secret::{ExposeSecret as _, SecretString};
 use crate::url::ChannelUrl;
 use status::ChannelStatus;
 
@@ -62,7 +63,7 @@ pub struct SourceConfig {
     /// Delays between reconnects.
     pub reconnect: BackoffPolicy,
     /// Sent as `Authorization: Bearer` (for `smee-relay serve --token`). A secret.
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// Where to resume: sent as `Last-Event-ID` on the first connection.
     pub last_event_id: Option<String>,
 }
@@ -265,7 +266,7 @@ impl Source {
             .header(http::header::CACHE_CONTROL, "no-cache")
             .header(wire::RAW_OPT_IN, "1");
         if let Some(token) = &self.config.token {
-            request = request.bearer_auth(token);
+            request = request.bearer_auth(token.expose_secret());
         }
         if let Some(id) = &self.last_event_id {
             request = request.header("last-event-id", id);
