@@ -5,9 +5,9 @@
 //! `mmap` and returns them on free, but after the first free it raises that threshold to the
 //! freed size, so later large buffers come from the heap, where a freed hole is kept rather than
 //! returned and the next buffer often does not fit it. Resident memory then climbs with every
-//! large event instead of falling back (BENCHMARKS.md: one 10 MiB event grew the process by
-//! 105 MiB). Fixing the threshold keeps large buffers on `mmap`, so memory is given back as soon
-//! as an event has passed.
+//! large event instead of falling back (BENCHMARKS.md has the measurements). Fixing the
+//! threshold keeps large buffers on `mmap`, so memory is given back as soon as an event has
+//! passed.
 
 /// Buffers at least this large are mapped on their own and unmapped when freed.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -106,8 +106,7 @@ enum Engine {
     /// Plain http, the usual target (a port on this machine): hyper's pooled client, which
     /// reqwest itself is built on, without reqwest's per-request layers (redirect and retry
     /// policies that parse the URL twice, boxed bodies, timeouts). `examples/http_client_cost.rs`
-    /// measures them on loopback: 4 to 10 µs of CPU per request (BENCHMARKS.md), against a
-    /// budget of about 70 µs for the relay's whole work per event.
+    /// measures the difference on loopback; BENCHMARKS.md has the figures.
     Plain(Box<Client<HttpConnector, Full<Bytes>>>),
     /// https (Slack, a remote target): reqwest, for rustls and the platform's certificates.
     Tls(reqwest::Client),

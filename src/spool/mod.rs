@@ -58,9 +58,9 @@ const STORED_BYTES: &str = "stored_bytes";
 const INSTANCE: &str = "instance";
 
 /// Bodies larger than this are stored apart, in pieces of this size. redb keeps a value in one
-/// page of the next power of two and fills it in memory before the commit, so a 10 MiB body
-/// stored whole cost 16 MiB of memory at once; pieces go through redb's bounded write buffer.
-/// (A piece plus its key fits a 64 KiB page.)
+/// page of the next power of two and fills it in memory before the commit, so a large body
+/// stored whole costs up to twice its size in memory at once; pieces go through redb's bounded
+/// write buffer. (A piece plus its key fits a 64 KiB page.)
 pub const BODY_CHUNK: usize = 63 << 10;
 
 /// About how many body bytes one [`Spool::pending`] read returns at most.
@@ -252,8 +252,8 @@ impl Spool {
             .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
             // The spool is written once and read about once per event, soon after, while the
             // kernel's page cache still has it: a small cache serves it. redb's default (1 GiB)
-            // would let resident memory grow with the file; 4 MiB cost 3 MiB of peak memory in
-            // bench/run.sh for no CPU saved.
+            // would let resident memory grow with the file, and a larger cache measured no CPU
+            // saved (BENCHMARKS.md).
             .set_cache_size(1 << 20)
             .create(&path)
             .map_err(|e| open_error(e.to_string()))?;
