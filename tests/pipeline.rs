@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
-use support::{FakeChannel, FakeTarget, LogWatch, smee_relay};
-
-const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/xoxSECRETtoken";
+use support::{FakeChannel, FakeSlack, FakeTarget, LogWatch, SLACK_PATH, smee_relay};
 
 /// The fixture names, in order.
 fn files() -> Vec<&'static str> {
@@ -72,42 +70,33 @@ struct Daemon {
 
 async fn start(config: &Path, state_dir: &Path, slack: &str, channel: &FakeChannel) -> Daemon {
     let before = channel.connections();
-    let mut child = smee_relay()
-        .args(["run", "--config"])
-        .arg(config)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .env("TEST_SLACK_WEBHOOK", slack)
-        .env("TEST_PORT_SECRET", "test-secret")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) = support::spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("TEST_SLACK_WEBHOOK", slack)
+            .env("TEST_PORT_SECRET", "test-secret"),
+    );
     channel.wait_connections(before + 1).await;
     logs.wait_for(&["connected to channel"]).await;
     Daemon { child, logs }
 }
 
 /// A fake channel, a fake Slack, and the daemon running the fixture rules (plus `extra`).
-async fn setup(extra: &str) -> (FakeChannel, FakeTarget, Daemon) {
+async fn setup(extra: &str) -> (FakeChannel, FakeSlack, Daemon) {
     let channel = FakeChannel::start().await;
-    let slack = FakeTarget::start().await;
+    let slack = FakeSlack::start().await;
     let dir = support::fresh_state_dir();
     let config = write_config(&dir, &channel.url("PipelineChannel"), extra);
-    let daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
+    let daemon = start(&config, &dir.join("state"), &slack.webhook_url(), &channel).await;
     (channel, slack, daemon)
 }
 
 async fn stop(mut daemon: Daemon) -> LogWatch {
     support::signal(&daemon.child, "TERM");
-    let status = daemon.child.wait().await.unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(support::exit_code(&mut daemon.child).await, Some(0));
     daemon.logs
 }
 
@@ -119,7 +108,7 @@ async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes
         for (n, file) in files().iter().enumerate() {
             channel.send_webhook(n as u64 + 1, &frame(&fixture(shape, file), &[]));
         }
-        let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
+        let got = slack.headlines(6).await;
         assert_eq!(got, smee_relay::commands::demo::EXPECTED, "{shape}");
         slack.assert_quiet(Duration::from_millis(1500)).await;
         let logs = stop(daemon).await;
@@ -216,18 +205,19 @@ async fn slack_429_waits_for_retry_after_and_sends_once() {
 #[tokio::test]
 async fn a_restart_neither_realerts_nor_forgets() {
     let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
+    let mut slack = FakeSlack::start().await;
+    let dir = support::temp_dir();
+    let dir = dir.path();
     let state = dir.join("state");
-    let config = write_config(&dir, &channel.url("PipelineChannel"), "");
-    let webhook = slack.url(SLACK_PATH);
+    let config = write_config(dir, &channel.url("PipelineChannel"), "");
+    let webhook = slack.webhook_url();
 
     let daemon = start(&config, &state, &webhook, &channel).await;
     for (n, file) in files()[..2].iter().enumerate() {
         channel.send_webhook(n as u64 + 1, &frame(&fixture("legacy", file), &[]));
     }
     assert_eq!(
-        header(&slack.next().await),
+        slack.next_headline().await,
         "FIRING cpu-high: Notification Service Production"
     );
     stop(daemon).await;
@@ -236,7 +226,7 @@ async fn a_restart_neither_realerts_nor_forgets() {
     for (n, file) in files()[2..6].iter().enumerate() {
         channel.send_webhook(n as u64 + 10, &frame(&fixture("legacy", file), &[]));
     }
-    let got: Vec<String> = slack.take(2).await.iter().map(header).collect();
+    let got = slack.headlines(2).await;
     assert_eq!(
         got,
         [
@@ -249,23 +239,19 @@ async fn a_restart_neither_realerts_nor_forgets() {
 
 #[tokio::test]
 async fn check_validates_and_explains() {
-    let dir = support::fresh_state_dir();
-    let config = write_config(&dir, "https://smee.io/abc", "");
+    let dir = support::temp_dir();
+    let config = write_config(dir.path(), "https://smee.io/abc", "");
     let run = |args: Vec<String>| async move {
-        let out = smee_relay()
-            .env(
-                "TEST_SLACK_WEBHOOK",
-                "https://hooks.slack.com/services/T/B/X",
-            )
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        let out = support::run_to_end(
+            smee_relay()
+                .env(
+                    "TEST_SLACK_WEBHOOK",
+                    "https://hooks.slack.com/services/T/B/X",
+                )
+                .args(args),
         )
+        .await;
+        (out.code, out.stdout, out.stderr)
     };
     let config_arg = config.display().to_string();
     let (code, stdout, _) = run(vec!["check".into(), "--config".into(), config_arg.clone()]).await;
@@ -318,7 +304,8 @@ async fn check_validates_and_explains() {
 async fn for_holds_the_alert_and_then_fires_it() {
     let channel = FakeChannel::start().await;
     let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
+    let dir = support::temp_dir();
+    let dir = dir.path();
     let config = dir.join("held.toml");
     std::fs::write(
         &config,

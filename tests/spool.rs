@@ -35,8 +35,19 @@ async fn events_sent_while_the_target_is_down_arrive_in_order_once_it_is_up() {
     for n in 0..50 {
         channel.send_webhook(n + 1, &webhook(n));
     }
-    // Let a few attempts fail against the closed port.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The target comes up only after attempts have failed against the closed port and all 50
+    // events are stored.
+    support::wait_for(
+        support::PATIENCE,
+        "failed attempts on the spool",
+        || async {
+            let rows = events_json(&relay.state_dir, &["list", "--json"]).await;
+            let rows = rows.as_array()?;
+            (rows.len() == 50 && rows.iter().any(|r| r["attempts"].as_u64() > Some(1)))
+                .then_some(())
+        },
+    )
+    .await;
     let mut target = FakeTarget::start_on(addr).await;
     let got = target.take(50).await;
     assert_eq!(seqs(&got), expected(0..50));
@@ -112,6 +123,11 @@ async fn events_cli(state_dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// `events ARGS` (with `--json` among them) as JSON.
+async fn events_json(state_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&events_cli(state_dir, args).await).unwrap()
+}
+
 #[tokio::test]
 async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
     let channel = FakeChannel::start().await;
@@ -128,18 +144,13 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
     );
 
     // Marks are committed asynchronously; wait until the dead letter is on disk.
-    let dead = tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let json = events_cli(&relay.state_dir, &["list", "--status", "dead", "--json"]).await;
-            let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
-            if rows.as_array().is_some_and(|r| !r.is_empty()) {
-                return rows;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let dead = support::wait_for(support::PATIENCE, "a dead letter on disk", || async {
+        let rows = events_json(&relay.state_dir, &["list", "--status", "dead", "--json"]).await;
+        rows.as_array()
+            .is_some_and(|r| !r.is_empty())
+            .then_some(rows)
     })
-    .await
-    .unwrap();
+    .await;
     assert_eq!(dead[0]["id"], 1);
     assert_eq!(dead[0]["status"], "dead");
     assert_eq!(dead[0]["last_status"], 400);
@@ -169,7 +180,8 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
 async fn the_spool_refuses_new_events_when_full_and_says_so() {
     let channel = FakeChannel::start().await;
     let addr = unused_addr(); // the target is down: nothing is delivered, nothing can be pruned
-    let state_dir = support::fresh_state_dir();
+    let state_dir = support::temp_dir();
+    let state_dir = state_dir.path();
     let mut child = smee_relay()
         .args([
             "forward",
@@ -177,7 +189,7 @@ async fn the_spool_refuses_new_events_when_full_and_says_so() {
             &format!("http://{addr}/"),
         ])
         .args(["--max-spool-size", "4KiB", "--state-dir"])
-        .arg(&state_dir)
+        .arg(state_dir)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -191,7 +203,7 @@ async fn the_spool_refuses_new_events_when_full_and_says_so() {
     }
     logs.wait_for(&["ERROR", "spool full: event refused", "event=10"])
         .await;
-    let spool = smee_relay::spool::Spool::open(&state_dir).unwrap();
+    let spool = smee_relay::spool::Spool::open(state_dir).unwrap();
     let stats = spool.stats().unwrap();
     assert!(stats.stored_bytes <= 4096, "{stats:?}");
     let refused = logs.all().matches("spool full: event refused").count() as u64;
@@ -228,7 +240,8 @@ async fn the_same_channel_twice_in_one_state_dir_is_refused_at_once() {
 
 #[tokio::test]
 async fn a_damaged_spool_is_reported_with_what_to_do() {
-    let dir = support::fresh_state_dir();
+    let dir = support::temp_dir();
+    let dir = dir.path();
     std::fs::write(
         dir.join("spool.redb"),
         b"this is not a database, just some bytes",
@@ -236,7 +249,7 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
     .unwrap();
     let output = smee_relay()
         .args(["events", "list", "--state-dir"])
-        .arg(&dir)
+        .arg(dir)
         .output()
         .await
         .unwrap();
@@ -252,7 +265,8 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
 async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     let channel = FakeChannel::start().await;
     let addr = unused_addr();
-    let state_dir = support::fresh_state_dir();
+    let state_dir = support::temp_dir();
+    let state_dir = state_dir.path();
     let spawn = || {
         let mut child = smee_relay()
             .args([
@@ -261,7 +275,7 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
                 &format!("http://{addr}/"),
             ])
             .arg("--state-dir")
-            .arg(&state_dir)
+            .arg(state_dir)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -278,23 +292,11 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     }
     // Each event is on disk before the first attempt; the 20th attempt's failure proves all 20 arrived.
     logs.wait_for(&["failed", "event 1)"]).await;
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let out = smee_relay()
-                .args(["events", "list", "--json", "--state-dir"])
-                .arg(&state_dir)
-                .output()
-                .await
-                .unwrap();
-            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            if rows.as_array().is_some_and(|r| r.len() == 20) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    support::wait_for(support::PATIENCE, "20 events on disk", || async {
+        let rows = events_json(state_dir, &["list", "--json"]).await;
+        rows.as_array().is_some_and(|r| r.len() == 20).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
     first.start_kill().unwrap(); // SIGKILL
     first.wait().await.unwrap();
 
