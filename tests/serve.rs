@@ -240,15 +240,10 @@ async fn limits_names_and_new_channels() {
 #[tokio::test]
 async fn the_demo_shows_the_six_alerts_and_exits_0() {
     let started = std::time::Instant::now();
-    let out = smee_relay().arg("demo").output().await.unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::run_to_end(smee_relay().arg("demo")).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(started.elapsed() < Duration::from_secs(10));
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = out.stdout;
     let headlines: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("FIRING") || l.starts_with("RESOLVED"))
@@ -418,17 +413,13 @@ async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_replay() {
 #[tokio::test]
 async fn the_demo_can_also_send_its_alerts_to_slack() {
     let mut slack = FakeTarget::start().await;
-    let out = smee_relay()
-        .args(["demo", "--slack-webhook", &slack.url("/services/T/B/demo")])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::run_to_end(smee_relay().args([
+        "demo",
+        "--slack-webhook",
+        &slack.url("/services/T/B/demo"),
+    ]))
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
     let headers: Vec<String> = slack
         .take(6)
         .await

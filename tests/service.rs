@@ -245,13 +245,13 @@ async fn metrics_count_what_happened() {
 #[tokio::test]
 async fn under_journald_lines_carry_priorities_and_no_timestamps() {
     let port = unused_addr().port();
-    let out = smee_relay()
-        .args(["new", "--server", &format!("http://127.0.0.1:{port}")])
-        .env("JOURNAL_STREAM", "8:12345")
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["new", "--server", &format!("http://127.0.0.1:{port}")])
+            .env("JOURNAL_STREAM", "8:12345"),
+    )
+    .await;
+    let stderr = out.stderr;
     let line = stderr.lines().next().unwrap_or_default();
     assert!(line.starts_with("<3>cannot create a channel"), "{stderr}");
     assert!(

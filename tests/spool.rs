@@ -107,20 +107,16 @@ async fn retry_after_is_honoured() {
 }
 
 async fn events_cli(state_dir: &std::path::Path, args: &[&str]) -> String {
-    let output = smee_relay()
-        .arg("events")
-        .args(args)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "events {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    let output = support::run_to_end(
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(state_dir),
+    )
+    .await;
+    assert_eq!(output.code, Some(0), "events {args:?}: {}", output.stderr);
+    output.stdout
 }
 
 /// `events ARGS` (with `--json` among them) as JSON.
@@ -247,14 +243,14 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
         b"this is not a database, just some bytes",
     )
     .unwrap();
-    let output = smee_relay()
-        .args(["events", "list", "--state-dir"])
-        .arg(dir)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--state-dir"])
+            .arg(dir),
+    )
+    .await;
+    let stderr = output.stderr;
+    assert_eq!(output.code, Some(1), "{stderr}");
     assert!(
         stderr.contains("spool.redb") && stderr.contains("move it aside"),
         "{stderr}"

@@ -530,12 +530,18 @@ impl std::ops::DerefMut for FakeSlack {
 // The binary
 // ---------------------------------------------------------------------------------------------
 
-/// A `smee-relay` command with no inherited `PORT` or `RUST_LOG`, and its own fresh state dir
-/// (override with `--state-dir`).
+/// A `smee-relay` command with no inherited `PORT` or `RUST_LOG`, and its own state dir
+/// (override with `--state-dir`): a new path under this binary's scratch dir, created only by a
+/// command that uses it.
 pub fn smee_relay() -> tokio::process::Command {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let state_dir = scratch_root().join(format!(
+        "command-state-{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_smee-relay"));
     command
-        .env("SMEE_RELAY_STATE_DIR", fresh_state_dir())
+        .env("SMEE_RELAY_STATE_DIR", state_dir)
         .env_remove("STATE_DIRECTORY")
         .env_remove("PORT")
         .env_remove("RUST_LOG")
