@@ -51,8 +51,14 @@ async fn events_sent_while_the_target_is_down_arrive_in_order_once_it_is_up() {
     let mut target = FakeTarget::start_on(addr).await;
     let got = target.take(50).await;
     assert_eq!(seqs(&got), expected(0..50));
-    target.assert_quiet(Duration::from_millis(200)).await;
+    let state_dir = relay.state_dir.clone();
     relay.stop().await;
+    target.assert_no_more();
+    let stats = smee_relay::spool::Spool::open(&state_dir)
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!(stats.events, 50, "each event stored once: {stats:?}");
 }
 
 #[tokio::test]
@@ -139,13 +145,20 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
         "the next event proceeds"
     );
 
-    // Marks are committed asynchronously; wait until the dead letter is on disk.
-    let dead = support::wait_for(support::PATIENCE, "a dead letter on disk", || async {
-        let rows = events_json(&relay.state_dir, &["list", "--status", "dead", "--json"]).await;
-        rows.as_array()
-            .is_some_and(|r| !r.is_empty())
-            .then_some(rows)
-    })
+    // Marks are committed asynchronously; wait until both outcomes are on disk.
+    let dead = support::wait_for(
+        support::PATIENCE,
+        "a dead letter and a delivery on disk",
+        || async {
+            let rows = events_json(&relay.state_dir, &["list", "--json"]).await;
+            let with = |status: &str| -> Vec<serde_json::Value> {
+                let rows = rows.as_array().into_iter().flatten();
+                rows.filter(|r| r["status"] == status).cloned().collect()
+            };
+            let dead = with("dead");
+            (!dead.is_empty() && !with("delivered").is_empty()).then_some(dead)
+        },
+    )
     .await;
     assert_eq!(dead[0]["id"], 1);
     assert_eq!(dead[0]["status"], "dead");

@@ -437,7 +437,16 @@ impl FakeTarget {
         while let Ok(Some(_)) = tokio::time::timeout(wait, self.received.recv()).await {}
     }
 
-    /// Assert nothing more arrives for `wait`.
+    /// Assert that no request came beyond those taken. Exact once the sender has stopped: a
+    /// request is recorded before it is answered, so whatever a stopped sender sent is here.
+    pub fn assert_no_more(&mut self) {
+        if let Ok(extra) = self.received.try_recv() {
+            panic!("unexpected request: {extra:?}");
+        }
+    }
+
+    /// Assert nothing more arrives for `wait`: for a sender that is still running; prefer
+    /// [`FakeTarget::assert_no_more`] after stopping it.
     pub async fn assert_quiet(&mut self, wait: Duration) {
         if let Ok(Some(extra)) = tokio::time::timeout(wait, self.received.recv()).await {
             panic!("unexpected request: {extra:?}");
