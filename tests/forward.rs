@@ -172,15 +172,7 @@ async fn a_page_that_is_not_an_event_stream_is_not_mistaken_for_one() {
 // -------------------------------------------------------------------------------------------
 
 async fn spawn_forward(args: &[&str]) -> (tokio::process::Child, LogWatch) {
-    let mut child = smee_relay()
-        .arg("forward")
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
-    (child, logs)
+    support::spawn_logged(smee_relay().arg("forward").args(args))
 }
 
 #[tokio::test]
@@ -231,35 +223,26 @@ async fn bad_frames_are_logged_with_their_id_and_skipped() {
 async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
-    target.delay(Duration::from_millis(1500));
+    target.hold();
     let (mut child, logs) =
         spawn_forward(&[&channel.url("abcdef"), "-t", &target.url("/slow")]).await;
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
 
     channel.send_webhook(1, &webhook(1));
-    // The request is being answered slowly; ask to stop in the middle of it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request is in flight and unanswered; ask to stop in the middle of it.
+    target.wait_arrived(1).await;
     support::signal(&child, "TERM");
-    let status = tokio::time::timeout(support::PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    logs.wait_for(&["shutting down"]).await;
+    target.release();
+    assert_eq!(support::exit_code(&mut child).await, Some(0));
     assert_eq!(target.next().await.body, r#"{"seq":1}"#);
     logs.wait_for(&["POST /slow -> 200"]).await;
 }
 
 async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(support::PATIENCE, smee_relay().args(args).output())
-        .await
-        .unwrap()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let output = support::run_to_end(smee_relay().args(args)).await;
+    (output.code, output.stdout, output.stderr)
 }
 
 #[tokio::test]
@@ -293,11 +276,7 @@ async fn bad_arguments_exit_2_naming_the_argument_and_the_problem() {
 #[tokio::test]
 async fn a_runtime_failure_exits_1() {
     // A port nobody listens on: bind one, note it, close it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::unused_addr().port();
     let (code, _, stderr) =
         run_to_end(&["new", "--server", &format!("http://127.0.0.1:{port}")]).await;
     assert_eq!(code, Some(1), "{stderr}");
@@ -323,12 +302,13 @@ async fn forward_without_a_channel_creates_one() {
     channel.wait_connections(1).await;
     channel.send_webhook(1, &webhook(1));
     assert_eq!(target.next().await.uri, "/");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut line = vec![0; 256];
-    let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut line)
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let printed = tokio::time::timeout(support::PATIENCE, lines.next_line())
         .await
-        .unwrap();
-    let printed = String::from_utf8_lossy(&line[..n]);
+        .expect("a line on stdout")
+        .unwrap()
+        .unwrap_or_default();
     assert!(
         printed.contains(&format!("{server}/FreshChannel42")),
         "{printed}"

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
-use support::{FakeChannel, FakeTarget, LogWatch, smee_relay};
-
-const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/xoxSECRETtoken";
+use support::{FakeChannel, FakeSlack, FakeTarget, LogWatch, SLACK_PATH, smee_relay};
 
 /// The fixture names, in order.
 fn files() -> Vec<&'static str> {
@@ -68,46 +66,100 @@ webhook_url_env = "TEST_SLACK_WEBHOOK"
 struct Daemon {
     child: tokio::process::Child,
     logs: LogWatch,
+    state_dir: PathBuf,
+}
+
+/// Wait until the daemon has evaluated (or rejected) `events` events and delivered `alerts`
+/// alerts, as its spool records them, then stop it: Slack must have had nothing beyond what the
+/// test took, and the spool must hold exactly `alerts` alerts, all delivered.
+async fn stop_when_done(
+    daemon: Daemon,
+    slack: &mut FakeTarget,
+    events: usize,
+    alerts: usize,
+) -> LogWatch {
+    // A route's rows in the spool, and how many of them have one of `done`'s statuses.
+    let account = |rows: &serde_json::Value, route: &str, done: &[&str]| -> (usize, usize) {
+        let rows: Vec<_> = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["route"] == route)
+            .collect();
+        let finished = rows
+            .iter()
+            .filter(|r| done.iter().any(|d| r["status"] == *d))
+            .count();
+        (rows.len(), finished)
+    };
+    let state_dir = daemon.state_dir.clone();
+    let list = || async {
+        let out = support::run_to_end(
+            smee_relay()
+                .args([
+                    "events",
+                    "list",
+                    "--json",
+                    "--limit",
+                    "10000",
+                    "--state-dir",
+                ])
+                .arg(&state_dir),
+        )
+        .await;
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let what = format!("{events} events evaluated and {alerts} alerts delivered");
+    support::wait_for(support::PATIENCE, &what, || async {
+        let rows = list().await;
+        let evaluated = account(&rows, "pipeline", &["delivered", "dead"]);
+        let sent = account(&rows, "alerts", &["delivered"]);
+        (evaluated == (events, events) && sent.1 >= alerts).then_some(())
+    })
+    .await;
+    let logs = stop(daemon).await;
+    slack.assert_no_more();
+    assert_eq!(
+        account(&list().await, "alerts", &["delivered"]),
+        (alerts, alerts),
+        "alerts in the spool"
+    );
+    logs
 }
 
 async fn start(config: &Path, state_dir: &Path, slack: &str, channel: &FakeChannel) -> Daemon {
     let before = channel.connections();
-    let mut child = smee_relay()
-        .args(["run", "--config"])
-        .arg(config)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .env("TEST_SLACK_WEBHOOK", slack)
-        .env("TEST_PORT_SECRET", "test-secret")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) = support::spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("TEST_SLACK_WEBHOOK", slack)
+            .env("TEST_PORT_SECRET", "test-secret"),
+    );
     channel.wait_connections(before + 1).await;
     logs.wait_for(&["connected to channel"]).await;
-    Daemon { child, logs }
+    Daemon {
+        child,
+        logs,
+        state_dir: state_dir.to_owned(),
+    }
 }
 
 /// A fake channel, a fake Slack, and the daemon running the fixture rules (plus `extra`).
-async fn setup(extra: &str) -> (FakeChannel, FakeTarget, Daemon) {
+async fn setup(extra: &str) -> (FakeChannel, FakeSlack, Daemon) {
     let channel = FakeChannel::start().await;
-    let slack = FakeTarget::start().await;
+    let slack = FakeSlack::start().await;
     let dir = support::fresh_state_dir();
     let config = write_config(&dir, &channel.url("PipelineChannel"), extra);
-    let daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
+    let daemon = start(&config, &dir.join("state"), &slack.webhook_url(), &channel).await;
     (channel, slack, daemon)
 }
 
 async fn stop(mut daemon: Daemon) -> LogWatch {
     support::signal(&daemon.child, "TERM");
-    let status = daemon.child.wait().await.unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(support::exit_code(&mut daemon.child).await, Some(0));
     daemon.logs
 }
 
@@ -119,10 +171,9 @@ async fn the_fixture_sequence_sends_exactly_the_documented_alerts_in_both_shapes
         for (n, file) in files().iter().enumerate() {
             channel.send_webhook(n as u64 + 1, &frame(&fixture(shape, file), &[]));
         }
-        let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
+        let got = slack.headlines(6).await;
         assert_eq!(got, smee_relay::commands::demo::EXPECTED, "{shape}");
-        slack.assert_quiet(Duration::from_millis(1500)).await;
-        let logs = stop(daemon).await;
+        let logs = stop_when_done(daemon, &mut slack, files().len(), 6).await;
         assert!(
             !logs.all().contains("SECRET"),
             "the Slack webhook URL must never be logged"
@@ -194,8 +245,8 @@ async fn signed_events_pass_and_a_tampered_one_is_rejected() {
         header(&slack.next().await),
         "FIRING cpu-high: Notification Service Production"
     );
-    slack.assert_quiet(Duration::from_millis(1200)).await;
-    assert!(!daemon.logs.all().contains("test-secret"));
+    let logs = stop_when_done(daemon, &mut slack, 3, 1).await;
+    assert!(!logs.all().contains("test-secret"));
 }
 
 #[tokio::test]
@@ -209,34 +260,35 @@ async fn slack_429_waits_for_retry_after_and_sends_once() {
     let second = slack.next().await;
     assert!(refused_at.elapsed() >= Duration::from_millis(900));
     assert_eq!(header(&first), header(&second));
-    slack.assert_quiet(Duration::from_millis(1500)).await;
     daemon.logs.wait_for(&["slack -> 200"]).await;
+    stop_when_done(daemon, &mut slack, 1, 1).await;
 }
 
 #[tokio::test]
 async fn a_restart_neither_realerts_nor_forgets() {
     let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
+    let mut slack = FakeSlack::start().await;
+    let dir = support::temp_dir();
+    let dir = dir.path();
     let state = dir.join("state");
-    let config = write_config(&dir, &channel.url("PipelineChannel"), "");
-    let webhook = slack.url(SLACK_PATH);
+    let config = write_config(dir, &channel.url("PipelineChannel"), "");
+    let webhook = slack.webhook_url();
 
     let daemon = start(&config, &state, &webhook, &channel).await;
     for (n, file) in files()[..2].iter().enumerate() {
         channel.send_webhook(n as u64 + 1, &frame(&fixture("legacy", file), &[]));
     }
     assert_eq!(
-        header(&slack.next().await),
+        slack.next_headline().await,
         "FIRING cpu-high: Notification Service Production"
     );
-    stop(daemon).await;
+    stop_when_done(daemon, &mut slack, 2, 1).await;
 
-    let _daemon = start(&config, &state, &webhook, &channel).await;
+    let daemon = start(&config, &state, &webhook, &channel).await;
     for (n, file) in files()[2..6].iter().enumerate() {
         channel.send_webhook(n as u64 + 10, &frame(&fixture("legacy", file), &[]));
     }
-    let got: Vec<String> = slack.take(2).await.iter().map(header).collect();
+    let got = slack.headlines(2).await;
     assert_eq!(
         got,
         [
@@ -244,28 +296,25 @@ async fn a_restart_neither_realerts_nor_forgets() {
             "RESOLVED cpu-high: Notification Service Production"
         ]
     );
-    slack.assert_quiet(Duration::from_millis(1500)).await;
+    // Over both runs: six events evaluated once each, three alerts in all.
+    stop_when_done(daemon, &mut slack, 6, 3).await;
 }
 
 #[tokio::test]
 async fn check_validates_and_explains() {
-    let dir = support::fresh_state_dir();
-    let config = write_config(&dir, "https://smee.io/abc", "");
+    let dir = support::temp_dir();
+    let config = write_config(dir.path(), "https://smee.io/abc", "");
     let run = |args: Vec<String>| async move {
-        let out = smee_relay()
-            .env(
-                "TEST_SLACK_WEBHOOK",
-                "https://hooks.slack.com/services/T/B/X",
-            )
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        let out = support::run_to_end(
+            smee_relay()
+                .env(
+                    "TEST_SLACK_WEBHOOK",
+                    "https://hooks.slack.com/services/T/B/X",
+                )
+                .args(args),
         )
+        .await;
+        (out.code, out.stdout, out.stderr)
     };
     let config_arg = config.display().to_string();
     let (code, stdout, _) = run(vec!["check".into(), "--config".into(), config_arg.clone()]).await;
@@ -318,7 +367,8 @@ async fn check_validates_and_explains() {
 async fn for_holds_the_alert_and_then_fires_it() {
     let channel = FakeChannel::start().await;
     let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
+    let dir = support::temp_dir();
+    let dir = dir.path();
     let config = dir.join("held.toml");
     std::fs::write(
         &config,

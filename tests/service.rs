@@ -5,25 +5,22 @@ mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::time::Duration;
 
-use support::{FakeChannel, FakeTarget, LogWatch, smee_relay, unused_addr};
+use support::{FakeChannel, FakeSlack, FakeTarget, smee_relay, unused_addr};
 
 /// Start `smee-relay` with `--metrics-listen 127.0.0.1:0`; returns it and the address it bound.
 async fn with_metrics(args: &[&str]) -> (tokio::process::Child, String) {
-    let mut child = smee_relay()
-        .args(args)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) = support::spawn_logged(
+        smee_relay()
+            .args(args)
+            .args(["--metrics-listen", "127.0.0.1:0"]),
+    );
     let line = logs.wait_for(&["serving /healthz and /metrics"]).await;
     let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
     (child, addr)
 }
 
-use support::{signal as kill, slack_header};
+use support::signal as kill;
 
 /// Receives what the service tells systemd.
 struct FakeSystemd {
@@ -81,8 +78,8 @@ fn fixture_frame(shape: &str, file: &str) -> String {
 async fn it_tells_systemd_ready_watchdog_status_and_stopping() {
     let channel = FakeChannel::start().await;
     let target = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
-    let systemd = FakeSystemd::new(&dir);
+    let dir = support::temp_dir();
+    let systemd = FakeSystemd::new(dir.path());
     let mut child = smee_relay()
         .args(["forward", &channel.url("NotifyChannel"), &target.url("/")])
         .env("NOTIFY_SOCKET", &systemd.path)
@@ -111,29 +108,28 @@ async fn it_tells_systemd_ready_watchdog_status_and_stopping() {
     tokio::task::spawn_blocking(move || s.wait_for("STOPPING=1"))
         .await
         .unwrap();
-    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(support::exit_code(&mut child).await, Some(0));
 }
 
 #[tokio::test]
 async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken() {
     let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
-    let dir = support::fresh_state_dir();
-    let config = rules_config(&dir, &channel.url("ReloadChannel"), UNHEALTHY);
-    let mut child = smee_relay()
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("TEST_SLACK_WEBHOOK", slack.url("/hook"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let mut slack = FakeSlack::start().await;
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let config = rules_config(dir, &channel.url("ReloadChannel"), UNHEALTHY);
+    let (child, logs) = support::spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("TEST_SLACK_WEBHOOK", slack.webhook_url()),
+    );
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
 
     // Add cpu-high and reload: it takes effect without a new connection.
     rules_config(
-        &dir,
+        dir,
         &channel.url("ReloadChannel"),
         &format!("{UNHEALTHY}{CPU_HIGH}"),
     );
@@ -141,7 +137,7 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
     logs.wait_for(&["config reloaded"]).await;
     channel.send_webhook(1, &fixture_frame("legacy", "02-cpu-25-to-87"));
     assert_eq!(
-        slack_header(&slack.next().await),
+        slack.next_headline().await,
         "FIRING cpu-high: Notification Service Production"
     );
 
@@ -151,7 +147,7 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
     logs.wait_for(&["config not reloaded"]).await;
     channel.send_webhook(2, &fixture_frame("legacy", "04-health-healthy-to-degraded"));
     assert_eq!(
-        slack_header(&slack.next().await),
+        slack.next_headline().await,
         "FIRING unhealthy: Notification Service Production"
     );
     assert_eq!(
@@ -184,19 +180,20 @@ async fn healthz_turns_503_when_the_channel_goes_silent() {
             Err(_) => None,
         }
     };
-    let found = tokio::time::timeout(support::PATIENCE, async {
-        let mut seen_ok = false;
-        loop {
-            match health(client.clone()).await {
-                Some((200, _)) => seen_ok = true,
-                Some((503, body)) if seen_ok => return body,
+    let seen_ok = std::cell::Cell::new(false);
+    let found = support::wait_for(support::PATIENCE, "healthz went 200 then 503", || {
+        let answer = health(client.clone());
+        let seen_ok = &seen_ok;
+        async move {
+            match answer.await {
+                Some((200, _)) => seen_ok.set(true),
+                Some((503, body)) if seen_ok.get() => return Some(body),
                 _ => {}
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
         }
     })
-    .await
-    .expect("healthz went 200 then 503");
+    .await;
     let body: serde_json::Value = serde_json::from_str(&found).unwrap();
     assert_eq!(body["status"], "unhealthy");
     let reason = body["reasons"][0].as_str().unwrap();
@@ -227,36 +224,34 @@ async fn metrics_count_what_happened() {
         format!("smee_relay_delivery_seconds_count{{route=\"{route}\"}} 5"),
     ];
     let client = smee_relay::http::client_builder().build().unwrap();
-    let text = tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let text = client
-                .get(format!("http://{addr}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if expected.iter().all(|e| text.contains(e.as_str())) {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let what = format!("/metrics showing {expected:?}");
+    support::wait_for(support::PATIENCE, &what, || async {
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        expected
+            .iter()
+            .all(|e| text.contains(e.as_str()))
+            .then_some(())
     })
     .await;
-    assert!(text.is_ok(), "metrics never showed {expected:?}");
 }
 
 #[tokio::test]
 async fn under_journald_lines_carry_priorities_and_no_timestamps() {
     let port = unused_addr().port();
-    let out = smee_relay()
-        .args(["new", "--server", &format!("http://127.0.0.1:{port}")])
-        .env("JOURNAL_STREAM", "8:12345")
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["new", "--server", &format!("http://127.0.0.1:{port}")])
+            .env("JOURNAL_STREAM", "8:12345"),
+    )
+    .await;
+    let stderr = out.stderr;
     let line = stderr.lines().next().unwrap_or_default();
     assert!(line.starts_with("<3>cannot create a channel"), "{stderr}");
     assert!(

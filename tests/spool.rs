@@ -35,13 +35,30 @@ async fn events_sent_while_the_target_is_down_arrive_in_order_once_it_is_up() {
     for n in 0..50 {
         channel.send_webhook(n + 1, &webhook(n));
     }
-    // Let a few attempts fail against the closed port.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The target comes up only after attempts have failed against the closed port and all 50
+    // events are stored.
+    support::wait_for(
+        support::PATIENCE,
+        "failed attempts on the spool",
+        || async {
+            let rows = events_json(&relay.state_dir, &["list", "--json"]).await;
+            let rows = rows.as_array()?;
+            (rows.len() == 50 && rows.iter().any(|r| r["attempts"].as_u64() > Some(1)))
+                .then_some(())
+        },
+    )
+    .await;
     let mut target = FakeTarget::start_on(addr).await;
     let got = target.take(50).await;
     assert_eq!(seqs(&got), expected(0..50));
-    target.assert_quiet(Duration::from_millis(200)).await;
+    let state_dir = relay.state_dir.clone();
     relay.stop().await;
+    target.assert_no_more();
+    let stats = smee_relay::spool::Spool::open(&state_dir)
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!(stats.events, 50, "each event stored once: {stats:?}");
 }
 
 #[tokio::test]
@@ -96,20 +113,21 @@ async fn retry_after_is_honoured() {
 }
 
 async fn events_cli(state_dir: &std::path::Path, args: &[&str]) -> String {
-    let output = smee_relay()
-        .arg("events")
-        .args(args)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "events {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    let output = support::run_to_end(
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(state_dir),
+    )
+    .await;
+    assert_eq!(output.code, Some(0), "events {args:?}: {}", output.stderr);
+    output.stdout
+}
+
+/// `events ARGS` (with `--json` among them) as JSON.
+async fn events_json(state_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&events_cli(state_dir, args).await).unwrap()
 }
 
 #[tokio::test]
@@ -127,19 +145,21 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
         "the next event proceeds"
     );
 
-    // Marks are committed asynchronously; wait until the dead letter is on disk.
-    let dead = tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let json = events_cli(&relay.state_dir, &["list", "--status", "dead", "--json"]).await;
-            let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
-            if rows.as_array().is_some_and(|r| !r.is_empty()) {
-                return rows;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap();
+    // Marks are committed asynchronously; wait until both outcomes are on disk.
+    let dead = support::wait_for(
+        support::PATIENCE,
+        "a dead letter and a delivery on disk",
+        || async {
+            let rows = events_json(&relay.state_dir, &["list", "--json"]).await;
+            let with = |status: &str| -> Vec<serde_json::Value> {
+                let rows = rows.as_array().into_iter().flatten();
+                rows.filter(|r| r["status"] == status).cloned().collect()
+            };
+            let dead = with("dead");
+            (!dead.is_empty() && !with("delivered").is_empty()).then_some(dead)
+        },
+    )
+    .await;
     assert_eq!(dead[0]["id"], 1);
     assert_eq!(dead[0]["status"], "dead");
     assert_eq!(dead[0]["last_status"], 400);
@@ -169,7 +189,8 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
 async fn the_spool_refuses_new_events_when_full_and_says_so() {
     let channel = FakeChannel::start().await;
     let addr = unused_addr(); // the target is down: nothing is delivered, nothing can be pruned
-    let state_dir = support::fresh_state_dir();
+    let state_dir = support::temp_dir();
+    let state_dir = state_dir.path();
     let mut child = smee_relay()
         .args([
             "forward",
@@ -177,7 +198,7 @@ async fn the_spool_refuses_new_events_when_full_and_says_so() {
             &format!("http://{addr}/"),
         ])
         .args(["--max-spool-size", "4KiB", "--state-dir"])
-        .arg(&state_dir)
+        .arg(state_dir)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -191,7 +212,7 @@ async fn the_spool_refuses_new_events_when_full_and_says_so() {
     }
     logs.wait_for(&["ERROR", "spool full: event refused", "event=10"])
         .await;
-    let spool = smee_relay::spool::Spool::open(&state_dir).unwrap();
+    let spool = smee_relay::spool::Spool::open(state_dir).unwrap();
     let stats = spool.stats().unwrap();
     assert!(stats.stored_bytes <= 4096, "{stats:?}");
     let refused = logs.all().matches("spool full: event refused").count() as u64;
@@ -228,20 +249,21 @@ async fn the_same_channel_twice_in_one_state_dir_is_refused_at_once() {
 
 #[tokio::test]
 async fn a_damaged_spool_is_reported_with_what_to_do() {
-    let dir = support::fresh_state_dir();
+    let dir = support::temp_dir();
+    let dir = dir.path();
     std::fs::write(
         dir.join("spool.redb"),
         b"this is not a database, just some bytes",
     )
     .unwrap();
-    let output = smee_relay()
-        .args(["events", "list", "--state-dir"])
-        .arg(&dir)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--state-dir"])
+            .arg(dir),
+    )
+    .await;
+    let stderr = output.stderr;
+    assert_eq!(output.code, Some(1), "{stderr}");
     assert!(
         stderr.contains("spool.redb") && stderr.contains("move it aside"),
         "{stderr}"
@@ -252,7 +274,8 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
 async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     let channel = FakeChannel::start().await;
     let addr = unused_addr();
-    let state_dir = support::fresh_state_dir();
+    let state_dir = support::temp_dir();
+    let state_dir = state_dir.path();
     let spawn = || {
         let mut child = smee_relay()
             .args([
@@ -261,7 +284,7 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
                 &format!("http://{addr}/"),
             ])
             .arg("--state-dir")
-            .arg(&state_dir)
+            .arg(state_dir)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -278,23 +301,11 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     }
     // Each event is on disk before the first attempt; the 20th attempt's failure proves all 20 arrived.
     logs.wait_for(&["failed", "event 1)"]).await;
-    tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let out = smee_relay()
-                .args(["events", "list", "--json", "--state-dir"])
-                .arg(&state_dir)
-                .output()
-                .await
-                .unwrap();
-            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            if rows.as_array().is_some_and(|r| r.len() == 20) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    support::wait_for(support::PATIENCE, "20 events on disk", || async {
+        let rows = events_json(state_dir, &["list", "--json"]).await;
+        rows.as_array().is_some_and(|r| r.len() == 20).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
     first.start_kill().unwrap(); // SIGKILL
     first.wait().await.unwrap();
 

@@ -308,6 +308,8 @@ mod tests {
     struct Scripted {
         answers: Mutex<Vec<Result<Delivered, ForwardError>>>,
         attempts: Mutex<Vec<Instant>>,
+        /// How many attempts so far, for the test to wait on.
+        attempted: tokio::sync::watch::Sender<usize>,
     }
 
     impl Sink for Scripted {
@@ -320,6 +322,7 @@ mod tests {
             _delivery_id: &'a str,
         ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
             self.attempts.lock().unwrap().push(Instant::now());
+            self.attempted.send_modify(|n| *n += 1);
             let answer = self.answers.lock().unwrap().remove(0);
             Box::pin(async move { answer })
         }
@@ -362,7 +365,9 @@ mod tests {
                 ok,
             ]),
             attempts: Mutex::new(Vec::new()),
+            attempted: tokio::sync::watch::Sender::new(0),
         });
+        let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
         let route = tokio::spawn(run_route(
             spool.clone(),
@@ -373,9 +378,12 @@ mod tests {
             Arc::new(Counters::default()),
             cancel.clone(),
         ));
-        while sink.attempts.lock().unwrap().len() < 5 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // On the paused clock: the route's backoff timers are what move time on; the deadline
+        // is far beyond the 1 + 2 + 4 (+ jitter) + 7 s the script takes.
+        tokio::time::timeout(Duration::from_secs(120), attempted.wait_for(|n| *n >= 5))
+            .await
+            .expect("five attempts within the deadline")
+            .unwrap();
         let at = sink.attempts.lock().unwrap().clone();
         let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
         // Jitter puts each backoff delay between d and 2d: 1 s, then 2 s, then 4 s.

@@ -265,25 +265,39 @@ mod tests {
         let cancel = CancellationToken::new();
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
         let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
-        let alerts = || spool.pending(ALERT_ROUTE, 0, 10).unwrap();
-        // Waits in real time (the writer is a thread); blocking tasks also keep the paused
-        // clock from jumping ahead meanwhile.
-        let settle =
-            || tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(50)));
-        while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
-            settle().await.unwrap();
-        }
-        assert!(alerts().is_empty(), "held: nothing yet");
+        let alerts = |spool: &Spool| spool.pending(ALERT_ROUTE, 0, 10).unwrap();
+        // The writer is a thread: what it commits is waited for in real time, inside a
+        // blocking task, which also keeps the paused clock from jumping ahead meanwhile.
+        let wait_real = |what: &'static str, cond: fn(&Spool) -> bool| {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !cond(&spool) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "waited in vain: {what}"
+                    );
+                    // The poll interval (real time), not a wait for the condition itself.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        wait_real("the event evaluated", |spool| {
+            spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
+        })
+        .await
+        .unwrap();
+        assert!(alerts(&spool).is_empty(), "held: nothing yet");
+        // The paused clock: these return when tokio's time has moved on, at once in real time.
         tokio::time::sleep(Duration::from_secs(4 * 60)).await;
-        assert!(alerts().is_empty(), "still held after 4 minutes");
+        assert!(alerts(&spool).is_empty(), "still held after 4 minutes");
         tokio::time::sleep(Duration::from_secs(61)).await;
-        for _ in 0..100 {
-            if !alerts().is_empty() {
-                break;
-            }
-            settle().await.unwrap();
-        }
-        let sent = alerts();
+        wait_real("the held alert committed", |spool| {
+            !spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty()
+        })
+        .await
+        .unwrap();
+        let sent = alerts(&spool);
         assert_eq!(sent.len(), 1, "fired once the 5 minutes were over");
         let alert: Alert = serde_json::from_slice(&sent[0].event.event.body).unwrap();
         assert_eq!(alert.note.as_deref(), Some("held for 5m"));

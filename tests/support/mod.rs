@@ -1,26 +1,125 @@
-//! In-process fakes for black-box tests, all on 127.0.0.1 port 0:
-//! - [`FakeChannel`]: a smee-compatible SSE server whose frames the test writes byte by byte;
-//! - [`FakeTarget`]: an HTTP server that records every request and answers as scripted.
+//! What every black-box test shares, so each test file holds only its tests:
+//! - fakes, all on 127.0.0.1 port 0: [`FakeChannel`] (a smee-compatible SSE server whose frames
+//!   the test writes byte by byte), [`FakeTarget`] (an HTTP server that records every request
+//!   and answers as scripted), [`FakeSlack`] (a fake target at a Slack-like webhook URL);
+//! - temp dirs that are removed: [`temp_dir`] (removed when dropped) and [`fresh_state_dir`]
+//!   (removed when the test binary exits);
+//! - waiting: [`wait_until`] and [`wait_for`] poll a condition until a deadline. Tests never
+//!   sleep for a fixed time and hope; timers inside the library are tested on tokio's paused
+//!   clock in its own unit tests;
+//! - the real binary ([`smee_relay`], [`spawn_logged`], [`run_to_end`], [`LogWatch`]) and the
+//!   relay in process ([`Relay`]).
 //!
-//! Plus helpers to run the real binary.
+//! It must not hold assertions about the product: those belong in the tests.
 #![allow(dead_code)] // each test file uses a different part of this module
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
-/// How long a test waits for something that should happen promptly.
+/// How long a test waits for something that should happen promptly. Generous, because a
+/// loaded machine is slow; a passing test never waits it out.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------------
+
+/// The first pause between two checks of a condition; it doubles up to [`POLL_MAX`], so a
+/// condition that holds at once costs nothing and a slow one costs few checks.
+const POLL_MIN: Duration = Duration::from_millis(5);
+/// The longest pause between two checks.
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// Wait until `cond` holds; panic naming `what` if it does not within `deadline`.
+pub async fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(deadline, what, || std::future::ready(cond().then_some(()))).await
+}
+
+/// Wait until `probe` returns `Some`, and return its value; panic naming `what` if it does not
+/// within `deadline`. For conditions that take a request to check (an endpoint, a CLI run).
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    let mut pause = POLL_MIN;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        let now = tokio::time::Instant::now();
+        assert!(now < give_up, "waited {deadline:?} in vain for: {what}");
+        // The poll interval, not a wait for the condition itself.
+        tokio::time::sleep(pause.min(give_up - now)).await;
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Temp dirs
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh, empty directory, removed (with all in it) when the value is dropped, also when
+/// the test fails. Hold it as long as anything uses the directory.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("smee-relay-test-")
+        .tempdir_in(scratch_root())
+        .expect("a temp dir")
+}
+
+/// A fresh, empty state directory that lives until this test binary exits, for helpers that
+/// hand out a path and cannot hold a [`temp_dir`] guard (a spawned command, [`relay_options`]).
+pub fn fresh_state_dir() -> PathBuf {
+    tempfile::Builder::new()
+        .prefix("state-")
+        .tempdir_in(scratch_root())
+        .expect("a state dir")
+        .keep()
+}
+
+/// This test binary's own directory under the cargo target dir: every temp dir of the run lives
+/// in it, and it is removed when the process exits (a `static` is never dropped, so an `atexit`
+/// hook does it; the test harness ends through `exit`, on success and on failure alike).
+static SCRATCH_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+fn scratch_root() -> &'static Path {
+    SCRATCH_ROOT.get_or_init(|| {
+        let root = tempfile::Builder::new()
+            .prefix("smee-relay-tests-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("a scratch dir")
+            .keep();
+        // SAFETY: registers a plain `extern "C" fn()` that touches only a `static`, as `atexit`
+        // expects.
+        let registered = unsafe { libc::atexit(remove_scratch_root) };
+        assert_eq!(registered, 0, "atexit");
+        root
+    })
+}
+
+extern "C" fn remove_scratch_root() {
+    // Children spawned with `kill_on_drop` may still be exiting; their open files do not keep
+    // the directory from being removed.
+    if let Some(root) = SCRATCH_ROOT.get() {
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
 
 async fn serve(router: Router) -> SocketAddr {
     serve_on("127.0.0.1:0".parse().unwrap(), router).await
@@ -145,7 +244,7 @@ async fn new_channel(headers: HeaderMap) -> Response {
 
 async fn subscribe(
     State((state, connected)): State<ChannelShared>,
-    Path(_channel): Path<String>,
+    axum::extract::Path(_channel): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let text = |name: &str| {
@@ -209,15 +308,27 @@ impl Received {
 struct TargetScript {
     /// Statuses to answer, in order, with a `Retry-After` if given; when empty, 200.
     statuses: VecDeque<(u16, Option<u64>)>,
-    /// How long to wait before answering.
+    /// How long to wait before answering: a slow target.
     delay: Duration,
+}
+
+/// What the server side of a [`FakeTarget`] shares with the test.
+struct TargetShared {
+    received: mpsc::UnboundedSender<Received>,
+    script: Mutex<TargetScript>,
+    /// Requests that reached the server, answered or not (a test can act while one is in
+    /// flight).
+    arrived: AtomicUsize,
+    arrivals: Notify,
+    /// While true, answers wait (see [`FakeTarget::hold`]).
+    held: watch::Sender<bool>,
 }
 
 /// An HTTP server that records requests and answers as the test scripts.
 pub struct FakeTarget {
     pub addr: SocketAddr,
     received: mpsc::UnboundedReceiver<Received>,
-    script: Arc<Mutex<TargetScript>>,
+    shared: Arc<TargetShared>,
 }
 
 /// A loopback address with nothing listening on it (yet): a target that is down.
@@ -236,15 +347,19 @@ impl FakeTarget {
     /// Start on a given address: a target that was down comes up.
     pub async fn start_on(addr: SocketAddr) -> Self {
         let (tx, received) = mpsc::unbounded_channel();
-        let script = Arc::new(Mutex::new(TargetScript::default()));
-        let router = Router::new()
-            .fallback(record)
-            .with_state((tx, script.clone()));
+        let shared = Arc::new(TargetShared {
+            received: tx,
+            script: Mutex::default(),
+            arrived: AtomicUsize::new(0),
+            arrivals: Notify::new(),
+            held: watch::Sender::new(false),
+        });
+        let router = Router::new().fallback(record).with_state(shared.clone());
         let addr = serve_on(addr, router).await;
         Self {
             addr,
             received,
-            script,
+            shared,
         }
     }
 
@@ -254,19 +369,50 @@ impl FakeTarget {
 
     /// Answer the next requests with these statuses (then 200 again).
     pub fn answer_with(&self, statuses: &[u16]) {
-        let mut script = self.script.lock().unwrap();
+        let mut script = self.shared.script.lock().unwrap();
         script.statuses.extend(statuses.iter().map(|s| (*s, None)));
     }
 
     /// Answer the next request with `status` and `Retry-After: seconds`.
     pub fn answer_with_retry_after(&self, status: u16, seconds: u64) {
-        let mut script = self.script.lock().unwrap();
+        let mut script = self.shared.script.lock().unwrap();
         script.statuses.push_back((status, Some(seconds)));
     }
 
-    /// Wait this long before answering each request.
+    /// Wait this long before answering each request (a slow target).
     pub fn delay(&self, delay: Duration) {
-        self.script.lock().unwrap().delay = delay;
+        self.shared.script.lock().unwrap().delay = delay;
+    }
+
+    /// Hold every answer until [`FakeTarget::release`]: the test decides when a request in
+    /// flight ends.
+    pub fn hold(&self) {
+        self.shared.held.send_replace(true);
+    }
+
+    /// Answer the held requests, and the next ones at once.
+    pub fn release(&self) {
+        self.shared.held.send_replace(false);
+    }
+
+    /// How many requests have reached the server so far, answered or not.
+    pub fn arrived(&self) -> usize {
+        self.shared.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Wait until `n` requests in all have reached the server (answered or not).
+    pub async fn wait_arrived(&self, n: usize) {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let arrivals = self.shared.arrivals.notified();
+                if self.arrived() >= n {
+                    return;
+                }
+                arrivals.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {n} requests, {} arrived", self.arrived()));
     }
 
     /// The next request, or a panic after [`PATIENCE`].
@@ -291,7 +437,16 @@ impl FakeTarget {
         while let Ok(Some(_)) = tokio::time::timeout(wait, self.received.recv()).await {}
     }
 
-    /// Assert nothing more arrives for `wait`.
+    /// Assert that no request came beyond those taken. Exact once the sender has stopped: a
+    /// request is recorded before it is answered, so whatever a stopped sender sent is here.
+    pub fn assert_no_more(&mut self) {
+        if let Ok(extra) = self.received.try_recv() {
+            panic!("unexpected request: {extra:?}");
+        }
+    }
+
+    /// Assert nothing more arrives for `wait`: for a sender that is still running; prefer
+    /// [`FakeTarget::assert_no_more`] after stopping it.
     pub async fn assert_quiet(&mut self, wait: Duration) {
         if let Ok(Some(extra)) = tokio::time::timeout(wait, self.received.recv()).await {
             panic!("unexpected request: {extra:?}");
@@ -299,23 +454,27 @@ impl FakeTarget {
     }
 }
 
-type TargetShared = (mpsc::UnboundedSender<Received>, Arc<Mutex<TargetScript>>);
-
 async fn record(
-    State((tx, script)): State<TargetShared>,
+    State(shared): State<Arc<TargetShared>>,
     request: axum::extract::Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    shared.arrived.fetch_add(1, Ordering::SeqCst);
+    shared.arrivals.notify_waiters();
     let (status, delay) = {
-        let mut script = script.lock().unwrap();
+        let mut script = shared.script.lock().unwrap();
         (
             script.statuses.pop_front().unwrap_or((200, None)),
             script.delay,
         )
     };
-    tokio::time::sleep(delay).await;
-    let _ = tx.send(Received {
+    // A slow target, as scripted: part of the fake's behaviour, not a wait of the test's.
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let _ = shared.held.subscribe().wait_for(|held| !held).await;
+    let _ = shared.received.send(Received {
         method: parts.method.to_string(),
         uri: parts.uri.to_string(),
         headers: parts.headers,
@@ -331,26 +490,67 @@ async fn record(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fake Slack
+// ---------------------------------------------------------------------------------------------
+
+/// The path of [`FakeSlack`]'s webhook URL: it looks like a real one, secret parts included, so
+/// a test can check that none of it is logged.
+pub const SLACK_PATH: &str = "/services/T0SECRET/B0SECRET/xoxSECRETtoken";
+
+/// A Slack incoming webhook: a [`FakeTarget`] (all of its methods work on it) that reads each
+/// message's headline.
+pub struct FakeSlack(FakeTarget);
+
+impl FakeSlack {
+    pub async fn start() -> Self {
+        Self(FakeTarget::start().await)
+    }
+
+    /// The webhook URL to configure.
+    pub fn webhook_url(&self) -> String {
+        self.0.url(SLACK_PATH)
+    }
+
+    /// The headline of the next message.
+    pub async fn next_headline(&mut self) -> String {
+        slack_header(&self.0.next().await)
+    }
+
+    /// The headlines of the next `n` messages, in order.
+    pub async fn headlines(&mut self, n: usize) -> Vec<String> {
+        self.0.take(n).await.iter().map(slack_header).collect()
+    }
+}
+
+impl std::ops::Deref for FakeSlack {
+    type Target = FakeTarget;
+    fn deref(&self) -> &FakeTarget {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for FakeSlack {
+    fn deref_mut(&mut self) -> &mut FakeTarget {
+        &mut self.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The binary
 // ---------------------------------------------------------------------------------------------
 
-/// A fresh, empty state directory under the cargo target dir.
-pub fn fresh_state_dir() -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("state-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A `smee-relay` command with no inherited `PORT` or `RUST_LOG`, and its own fresh state dir
-/// (override with `--state-dir`).
+/// A `smee-relay` command with no inherited `PORT` or `RUST_LOG`, and its own state dir
+/// (override with `--state-dir`): a new path under this binary's scratch dir, created only by a
+/// command that uses it.
 pub fn smee_relay() -> tokio::process::Command {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let state_dir = scratch_root().join(format!(
+        "command-state-{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_smee-relay"));
     command
-        .env("SMEE_RELAY_STATE_DIR", fresh_state_dir())
+        .env("SMEE_RELAY_STATE_DIR", state_dir)
         .env_remove("STATE_DIRECTORY")
         .env_remove("PORT")
         .env_remove("RUST_LOG")
@@ -411,6 +611,46 @@ impl LogWatch {
     }
 }
 
+/// Spawn `command` with its stderr watched (stdout piped too, for a test that reads it).
+pub fn spawn_logged(command: &mut tokio::process::Command) -> (tokio::process::Child, LogWatch) {
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    (child, logs)
+}
+
+/// What a command that ran to its end said.
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `command` to its end (within [`PATIENCE`]).
+pub async fn run_to_end(command: &mut tokio::process::Command) -> Output {
+    let output = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .expect("the command ended in time")
+        .unwrap();
+    Output {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Wait until the child exits (within [`PATIENCE`]) and return its exit code.
+pub async fn exit_code(child: &mut tokio::process::Child) -> Option<i32> {
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("the process exited in time")
+        .unwrap()
+        .code()
+}
+
 // ---------------------------------------------------------------------------------------------
 // The relay, in process
 // ---------------------------------------------------------------------------------------------
@@ -427,8 +667,16 @@ pub fn relay_options(
     channel: &FakeChannel,
     target: &str,
 ) -> smee_relay::commands::forward::ForwardOptions {
-    let mut source =
-        smee_relay::source::SourceConfig::new(channel.url("TestChannel123").parse().unwrap());
+    relay_options_for(&channel.url("TestChannel123"), target)
+}
+
+/// Options for relaying the channel at `channel_url` (any channel server) to `target`, with
+/// fast retries and a fresh state dir.
+pub fn relay_options_for(
+    channel_url: &str,
+    target: &str,
+) -> smee_relay::commands::forward::ForwardOptions {
+    let mut source = smee_relay::source::SourceConfig::new(channel_url.parse().unwrap());
     source.reconnect = FAST;
     smee_relay::commands::forward::ForwardOptions {
         source,
@@ -459,13 +707,19 @@ impl Relay {
         options: smee_relay::commands::forward::ForwardOptions,
     ) -> Self {
         let before = channel.connections();
+        let relay = Self::spawn(options);
+        channel.wait_connections(before + 1).await;
+        relay
+    }
+
+    /// Start relaying, without waiting for anything (the caller knows what to wait for).
+    pub fn spawn(options: smee_relay::commands::forward::ForwardOptions) -> Self {
         let cancel = tokio_util::sync::CancellationToken::new();
         let state_dir = options.state_dir.clone();
         let task = tokio::spawn(smee_relay::commands::forward::forward(
             options,
             cancel.clone(),
         ));
-        channel.wait_connections(before + 1).await;
         Self {
             cancel,
             state_dir,
@@ -473,11 +727,20 @@ impl Relay {
         }
     }
 
-    /// Stop and wait until the spool is closed.
+    /// Ask it to stop, without waiting (see [`Relay::stop`]).
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Stop and wait (within [`PATIENCE`]) until the spool is closed.
     pub async fn stop(mut self) {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("the relay stopped in time")
+                .unwrap()
+                .unwrap();
         }
     }
 }
