@@ -22,7 +22,7 @@
 //! - [`server`] is `smee-relay serve`, the channel server;
 //! - [`config`] reads the config file into the components' settings;
 //! - [`service`] runs it all as a daemon (systemd, signals, reload, health, metrics);
-//! - [`commands`] are what the command line asks for; [`cli`] is the command line.
+//! - [`cli`] is the command line (clap types only); [`commands`] carry out what it asks for.
 
 pub mod clock;
 pub mod counters;
@@ -50,6 +50,6 @@ pub mod config;
 
 pub mod service;
 
-pub mod commands;
-
 pub mod cli;
+
+pub mod commands;

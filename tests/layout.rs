@@ -1,5 +1,5 @@
 //! The layout rule, checked: data flows one way through `src/`, and a module may only use the
-//! modules above it in [`ORDER`] (leaves first, `cli` last); there is no import cycle between
+//! modules above it in [`ORDER`] (leaves first, `commands` last); there is no import cycle between
 //! any two modules. Leaves may use one another, but not in a cycle.
 //!
 //! A plain-text scan, no compiler: comments and string literals are blanked, items behind
@@ -23,20 +23,14 @@ const ORDER: &[&[&str]] = &[
     &["server"],
     &["config"],
     &["service"],
-    &["commands"],
     &["cli"],
+    &["commands"],
 ];
 
 /// Imports against the flow that the tree has today, each with why and what ends it. Listed
 /// here, printed on every run, and an entry that no longer occurs fails the test, so this
 /// list only shrinks. Cycles are never excused.
-const KNOWN_EXCEPTIONS: &[(&str, &str, &str)] = &[(
-    "commands",
-    "cli",
-    "each subcommand takes its clap `…Args` struct; ends when `cli` turns its arguments into \
-     each command's own options (as `commands::forward::ForwardOptions`) and `commands` no \
-     longer names a clap type",
-)];
+const KNOWN_EXCEPTIONS: &[(&str, &str, &str)] = &[];
 
 /// Files that are not modules in the flow: the crate root declares the modules, and `main.rs`
 /// (its own crate, using the library as `smee_relay::`) sits above them all.
