@@ -139,7 +139,10 @@ pub async fn run(
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
-    let _backstop = backstop(cancel.clone(), plan.retry.shutdown_timeout + SHUTDOWN_MARGIN);
+    let _backstop = backstop(
+        cancel.clone(),
+        plan.retry.shutdown_timeout + SHUTDOWN_MARGIN,
+    );
     runtime.apply(plan).await?;
     let background = [
         tokio::spawn(spool::intake::prune_periodically(
@@ -490,7 +493,9 @@ impl Runtime {
         match self.spool.cursor(&cursor_key) {
             Ok(Some(stored)) => source_config.last_event_id = Some(stored),
             Ok(None) => {}
-            Err(e) => warn!(channel = %url, "cannot read where the channel stopped, starting without Last-Event-ID: {e}"),
+            Err(e) => {
+                warn!(channel = %url, "cannot read where the channel stopped, starting without Last-Event-ID: {e}")
+            }
         }
         // It was built once already while the plan was checked; the same client builds again.
         let source = match source_config.build() {

@@ -183,7 +183,10 @@ mod tests {
 
     #[test]
     fn control_characters_are_escaped_and_plain_text_is_borrowed() {
-        assert!(matches!(escape_control("push ok ünïcode \\x"), Cow::Borrowed(_)));
+        assert!(matches!(
+            escape_control("push ok ünïcode \\x"),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(
             escape_control("a\u{1b}[31mred\u{7}\r\nfake line\u{9b}\u{202e}"),
             "a\\x1b[31mred\\x07\\r\\nfake line\\u{9b}\\u{202e}"
