@@ -365,6 +365,7 @@ async fn regression_sigterm_ends_within_the_shutdown_timeout_against_a_hanging_t
         .unwrap()
         .unwrap();
     let took = asked.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM (--shutdown-timeout 1s)");
     assert_eq!(status.code(), Some(0));
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
@@ -428,19 +429,17 @@ async fn regression_a_closed_stderr_stops_neither_delivery_nor_shutdown() {
     stop(child).await;
 }
 
-fn metrics_text(addr: &str) -> impl std::future::Future<Output = String> + '_ {
-    async move {
-        smee_relay::http::client_builder()
-            .build()
-            .unwrap()
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
+async fn metrics_text(addr: &str) -> String {
+    smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Regression (item 16): credentials in a target URL were printed in logs, `/metrics` and
