@@ -249,8 +249,9 @@ struct RouteTask {
 /// regardless: recording the last marks and closing the spool take milliseconds, not seconds.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
 
-/// Once `cancel` fires, exit the process if it is still running `bound` later. On a thread of
-/// its own, so a wedged event loop cannot hold it up; dropping the guard disarms it.
+/// Once `cancel` fires, exit the process if it is still running `bound` later. The wait is on a
+/// thread of its own, so a task that blocks the event loop during shutdown (a hung disk) cannot
+/// hold it up. Dropping the returned guard (when `run` returns) disarms it.
 fn backstop(cancel: CancellationToken, bound: Duration) -> std::sync::mpsc::Sender<()> {
     let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
     tokio::spawn(async move {
