@@ -544,3 +544,33 @@ async fn regression_control_characters_from_events_are_escaped_in_logs() {
     );
     stop(child).await;
 }
+
+/// Regression (item 7): `Retry-After: 999999999` parked the route for decades. It waits
+/// `--max-retry-after` instead, and says so.
+#[tokio::test]
+async fn regression_a_huge_retry_after_waits_max_retry_after_and_is_logged() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    target.answer_with_retry_after(503, 999_999_999);
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Capped"), &target.url("/hook")])
+        .args(["--max-retry-after", "1s"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &seq(1));
+    target.next().await;
+    let first = Instant::now();
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+    assert!(
+        first.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        first.elapsed()
+    );
+    logs.wait_for(&["Retry-After", "waiting 1s instead", "--max-retry-after"])
+        .await;
+    stop(child).await;
+}
