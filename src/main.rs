@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use std::io::Write as _;
+
 use clap::Parser as _;
 
 use smee_relay::cli::{Cli, Command};
@@ -38,10 +40,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(smee_relay::commands::run(cli.command)) {
+    let code = match runtime.block_on(smee_relay::commands::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
-            eprintln!("{e}");
+            // Not eprintln!: it panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "{e}");
             ExitCode::from(USAGE_ERROR)
         }
         Err(e) => {
@@ -49,5 +52,7 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    logging::flush();
+    code
 }

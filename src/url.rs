@@ -3,7 +3,9 @@
 //! A smee channel URL is a capability: whoever knows it can read every webhook sent to it. So
 //! [`ChannelUrl`] never prints its id in full (only the first 4 characters), and the full URL is
 //! reached only through [`ChannelUrl::expose`], which makes every use that could leak it visible
-//! in review. [`TargetUrl`] is where webhooks are replayed to; it is not secret.
+//! in review. [`TargetUrl`] is where webhooks are replayed to; it is not secret, but the
+//! credentials it may carry (`http://user:pw@host/hook`) are: they are taken out of the URL,
+//! sent as Basic auth (as curl does), and shown as `user:***` wherever the URL is displayed.
 
 use std::fmt;
 use std::str::FromStr;
@@ -97,8 +99,29 @@ impl fmt::Debug for ChannelUrl {
 }
 
 /// Where webhooks are replayed to, e.g. `http://127.0.0.1:3000/webhook`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TargetUrl(Url);
+///
+/// Displays (and debug-prints) with its password as `***`; that form also names the target's
+/// route in the spool, logs and `/metrics`, so the password is never stored or shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TargetUrl {
+    /// The URL requests go to, without user or password (those travel in `Authorization`).
+    url: Url,
+    /// The user and password from the URL, percent-decoded: sent as Basic auth. A secret.
+    credentials: Option<Credentials>,
+}
+
+/// `user:password` from a URL. Debug never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+struct Credentials {
+    /// As written in the URL (percent-encoded), for display.
+    shown_user: String,
+    /// Decoded, for the header.
+    user: String,
+    /// Decoded, for the header; empty when the URL has none (curl sends `user:` then too).
+    password: String,
+    /// Whether the URL had a password at all (`user@` shows as is, `user:pw@` as `user:***@`).
+    has_password: bool,
+}
 
 impl TargetUrl {
     /// The target on this machine at `port` and `path`, as `--port` and `--path` describe it.
@@ -111,9 +134,9 @@ impl TargetUrl {
     }
 
     /// The URL to request for an event with these query parameters (appended to any the
-    /// target already has).
+    /// target already has). It carries no credentials: see [`TargetUrl::authorization`].
     pub fn with_query(&self, query: &[(String, String)]) -> Url {
-        let mut url = self.0.clone();
+        let mut url = self.url.clone();
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
@@ -122,25 +145,85 @@ impl TargetUrl {
 
     /// Whether requests to it go in the clear (`http`), as to a port on this machine.
     pub fn is_plain_http(&self) -> bool {
-        self.0.scheme() == "http"
+        self.url.scheme() == "http"
     }
 
-    /// The path and query, for a short log line.
+    /// The path, without the query.
     pub fn path(&self) -> &str {
-        self.0.path()
+        self.url.path()
+    }
+
+    /// How log lines name the target: `host:port/path`, with `user:***@` in front when the URL
+    /// has credentials (the port is always shown, so two local services are told apart).
+    pub fn short(&self) -> String {
+        // An IPv6 host comes with its brackets.
+        let host = self.url.host_str().unwrap_or("");
+        let port = self
+            .url
+            .port_or_known_default()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
+        format!("{}{host}{port}{}", self.userinfo(), self.url.path())
+    }
+
+    /// `Authorization: Basic ...` for the credentials in the URL, if it had any. Marked
+    /// sensitive, so http's Debug does not print it.
+    pub fn authorization(&self) -> Option<http::HeaderValue> {
+        use base64::Engine as _;
+        let c = self.credentials.as_ref()?;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.user, c.password));
+        let mut value = http::HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    /// `user:***@`, `user@` or nothing.
+    fn userinfo(&self) -> String {
+        match &self.credentials {
+            Some(c) if c.has_password => format!("{}:***@", c.shown_user),
+            Some(c) => format!("{}@", c.shown_user),
+            None => String::new(),
+        }
     }
 }
 
 impl FromStr for TargetUrl {
     type Err = UrlError;
     fn from_str(text: &str) -> Result<Self, UrlError> {
-        parse_http_url(text).map(TargetUrl)
+        let mut url = parse_http_url(text)?;
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let credentials =
+            (!url.username().is_empty() || url.password().is_some()).then(|| Credentials {
+                shown_user: url.username().to_string(),
+                user: decode(url.username()),
+                password: decode(url.password().unwrap_or("")),
+                has_password: url.password().is_some(),
+            });
+        // An http(s) URL with a host always accepts these.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Ok(TargetUrl { url, credentials })
     }
 }
 
 impl fmt::Display for TargetUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        let url = self.url.as_str();
+        match url.split_once("://") {
+            Some((scheme, rest)) => write!(f, "{scheme}://{}{rest}", self.userinfo()),
+            None => f.write_str(url),
+        }
+    }
+}
+
+impl fmt::Debug for TargetUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TargetUrl({self})")
     }
 }
 
@@ -183,5 +266,37 @@ mod tests {
             t.with_query(&q).as_str(),
             "http://127.0.0.1:3000/hook?a+b=1%262"
         );
+    }
+
+    #[test]
+    fn credentials_are_sent_as_basic_auth_and_shown_redacted() {
+        let t: TargetUrl = "http://alice:s%3Acret@127.0.0.1:3000/hook?x=1"
+            .parse()
+            .unwrap();
+        assert_eq!(t.to_string(), "http://alice:***@127.0.0.1:3000/hook?x=1");
+        assert_eq!(
+            format!("{t:?}"),
+            "TargetUrl(http://alice:***@127.0.0.1:3000/hook?x=1)"
+        );
+        assert_eq!(t.short(), "alice:***@127.0.0.1:3000/hook");
+        assert_eq!(
+            t.with_query(&[]).as_str(),
+            "http://127.0.0.1:3000/hook?x=1",
+            "the request URL carries no credentials"
+        );
+        let auth = t.authorization().unwrap();
+        assert!(auth.is_sensitive());
+        // base64("alice:s:cret"): the password is percent-decoded, as curl does.
+        assert_eq!(auth.to_str().unwrap(), "Basic YWxpY2U6czpjcmV0");
+        let user_only: TargetUrl = "https://bot@example.com/h".parse().unwrap();
+        assert_eq!(user_only.to_string(), "https://bot@example.com/h");
+        assert_eq!(user_only.short(), "bot@example.com:443/h");
+        assert_eq!(
+            user_only.authorization().unwrap().to_str().unwrap(),
+            "Basic Ym90Og=="
+        );
+        let plain = TargetUrl::local(3000, "/hook").unwrap();
+        assert!(plain.authorization().is_none());
+        assert_eq!(plain.short(), "127.0.0.1:3000/hook");
     }
 }

@@ -207,8 +207,9 @@ async fn bad_frames_are_logged_with_their_id_and_skipped() {
     logs.wait_for(&["event=3", "not valid JSON"]).await;
     logs.wait_for(&["event=4", "x-count", "not a string"]).await;
     logs.wait_for(&["event=5", "x-evil", "CR, LF"]).await;
-    logs.wait_for(&["POST /hook -> 200", "x-github-event=push"])
-        .await;
+    // The target is named host:port/path, so two local services are told apart.
+    let line = format!("POST 127.0.0.1:{port}/hook -> 200");
+    logs.wait_for(&[&line, "x-github-event=push"]).await;
     assert!(
         !logs.all().contains("SecretChannelId"),
         "the channel id must never be logged in full"
@@ -237,7 +238,8 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
     target.release();
     assert_eq!(support::exit_code(&mut child).await, Some(0));
     assert_eq!(target.next().await.body, r#"{"seq":1}"#);
-    logs.wait_for(&["POST /slow -> 200"]).await;
+    logs.wait_for(&[&format!("POST {}/slow -> 200", target.addr)])
+        .await;
 }
 
 async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {

@@ -235,6 +235,15 @@ pub struct DeliveryArgs {
     /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR", env = "SMEE_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// The longest Retry-After obeyed (seconds or an HTTP-date); a longer one waits this long.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "SMEE_RELAY_MAX_RETRY_AFTER")]
+    pub max_retry_after: Duration,
+
+    /// On SIGTERM/SIGINT, how long a delivery in flight may still take; then it is cut off and
+    /// stays queued. Keep it below systemd's TimeoutStopSec (30s in the shipped units).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "SMEE_RELAY_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

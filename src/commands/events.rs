@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::cli::{EventsArgs, EventsCommand};
+use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, StoredEvent};
 
 /// Run one `events` subcommand against the spool in the state directory.
@@ -69,8 +70,9 @@ fn table(rows: &[Row]) -> String {
             row.record.attempts,
             row.route,
             row.channel,
-            row.kind.as_deref().unwrap_or("-"),
-            last
+            // What a sender chose goes to a terminal: its control characters escaped.
+            escape_control(row.kind.as_deref().unwrap_or("-")),
+            escape_control(&last)
         );
     }
     out

@@ -68,6 +68,10 @@ pub async fn forward(
 }
 
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
+    // First, so no SIGHUP can end the process from here on.
+    let cancel = stop_on_signals()?;
+    crate::service::systemd::ignore_hangups("forward")
+        .context("cannot install the SIGHUP handler")?;
     let target = args.target_url().context("invalid target")?;
     let channel = match args.channel_url() {
         Some(channel) => channel,
@@ -93,6 +97,6 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         },
         metrics_listen: delivery.metrics_listen,
     };
-    forward(options, stop_on_signals()?).await?;
+    forward(options, cancel).await?;
     Ok(())
 }

@@ -56,6 +56,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn retry_policy(delivery: &DeliveryArgs) -> RetryPolicy {
     RetryPolicy {
         max_age: delivery.max_retry_age,
+        max_retry_after: delivery.max_retry_after,
+        shutdown_timeout: delivery.shutdown_timeout,
         ..RetryPolicy::DEFAULT
     }
 }

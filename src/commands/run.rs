@@ -13,11 +13,13 @@ use crate::source::SourceConfig;
 use crate::spool::Limits;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let plan = plan_from_config(&args)?;
+    // Signals first, so a SIGHUP that comes early is a reload request, never the end.
     let cancel = stop_on_signals()?;
     let mut hangups = systemd::reload_requests().context("cannot install the SIGHUP handler")?;
+    let plan = plan_from_config(&args)?;
     let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
-    // SIGHUP: read the file again; an invalid file is logged and the running config stays.
+    // SIGHUP: read the file again; an invalid file is refused whole, with its reasons on the
+    // one log line (journald shows it at priority err), and the running config stays.
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             tracing::info!(config = %args.config.display(), "SIGHUP: reloading the config");
@@ -27,7 +29,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         return;
                     }
                 }
-                Err(e) => tracing::error!("config not reloaded, the running one stays:\n{e:#}"),
+                Err(e) => tracing::error!(
+                    "config not reloaded, the running one stays: {}",
+                    format!("{e:#}").replace('\n', "; ")
+                ),
             }
         }
     });

@@ -8,6 +8,10 @@
 //! directly; https targets (Slack, a remote service) get reqwest. Both sit behind
 //! [`Forwarder::deliver`], so either can be replaced here alone.
 //!
+//! Credentials in the target URL (`http://user:pw@host/hook`) go as `Authorization: Basic`
+//! on both paths, as curl sends them; they replace an `authorization` header the event may
+//! carry, because the operator who wrote the URL meant them for this target.
+//!
 //! [`ForwardError`] sorts failures into retryable (the target is down, slow, or says "later")
 //! and permanent (it refused this request), which is all a retry loop needs to know.
 
@@ -98,6 +102,8 @@ pub struct Forwarder {
     engine: Engine,
     /// How long one delivery may take, answer included.
     timeout: Duration,
+    /// `Basic ...` from the URL's credentials, computed once (sensitive: Debug hides it).
+    authorization: Option<HeaderValue>,
 }
 
 /// The HTTP client for one target, by scheme.
@@ -138,6 +144,7 @@ impl Forwarder {
             Engine::Tls(client)
         };
         Ok(Self {
+            authorization: target.authorization(),
             target,
             engine,
             timeout,
@@ -156,7 +163,10 @@ impl Forwarder {
     ) -> Result<Delivered, ForwardError> {
         let started = Instant::now();
         let url = self.target.with_query(&event.query);
-        let headers = headers(event, extra);
+        let mut headers = headers(event, extra);
+        if let Some(authorization) = &self.authorization {
+            headers.insert(http::header::AUTHORIZATION, authorization.clone());
+        }
         let answer = match &self.engine {
             Engine::Plain(client) => {
                 let exchange = post_plain(client, url.as_str(), headers, event.body.clone());
@@ -276,9 +286,21 @@ fn headers(event: &Event, extra: &[(&str, &str)]) -> HeaderMap {
     map
 }
 
-/// `Retry-After` as seconds; the HTTP-date form is rare from local targets and is ignored.
+/// `Retry-After` as a wait from now: delta-seconds (`120`) or an HTTP-date (`Wed, 21 Oct 2026
+/// 07:28:00 GMT`; one in the past means no wait). Unbounded here: a route caps it
+/// (`--max-retry-after`). Anything else is ignored (the route's own backoff applies).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    parse_retry_after_at(value, std::time::SystemTime::now())
+}
+
+fn parse_retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time", for the cap to judge.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -362,6 +384,95 @@ mod tests {
         target.deliver(&event(&[]), &[]).await.unwrap();
         assert_eq!(rx.recv().await.unwrap(), "GitHub-Hookshot/abc");
         assert_eq!(rx.recv().await.unwrap(), crate::http::USER_AGENT);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let at = |v: &str| parse_retry_after_at(v, now);
+        assert_eq!(at(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(at("999999999"), Some(Duration::from_secs(999_999_999)));
+        assert_eq!(
+            at("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX)),
+            "beyond u64 is still a wait, for the cap to shorten"
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(at(&later), Some(Duration::from_secs(90)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(at(&earlier), Some(Duration::ZERO));
+        assert_eq!(at("soon"), None);
+        assert_eq!(at("-5"), None);
+        assert_eq!(at(""), None);
+    }
+
+    #[tokio::test]
+    async fn credentials_in_the_url_go_as_basic_auth() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: AxumHeaders| {
+                let tx = tx.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    tx.send(auth).unwrap();
+                }
+            }),
+        );
+        let port = serve(app).await;
+        let target = forwarder(
+            &format!("http://alice:wonder%20land@127.0.0.1:{port}/hook"),
+            Duration::from_secs(5),
+        );
+        // The URL's credentials win over an authorization header the event carries.
+        target
+            .deliver(&event(&[("authorization", "Bearer from-the-sender")]), &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap().as_deref(),
+            Some("Basic YWxpY2U6d29uZGVyIGxhbmQ="),
+            "base64 of alice:wonder land"
+        );
+        assert!(!format!("{target:?}").contains("wonder"), "{target:?}");
+    }
+
+    #[tokio::test]
+    async fn the_reqwest_engine_sends_the_credentials_too() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: AxumHeaders| {
+                let tx = tx.clone();
+                async move {
+                    let auth = headers
+                        .get_all("authorization")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .collect::<Vec<_>>();
+                    tx.send(auth).unwrap();
+                }
+            }),
+        );
+        let port = serve(app).await;
+        // The engine https targets get, pointed at a plain-http server (no certificate to
+        // trust in a test): the same request path, credentials included.
+        let https = forwarder("https://bob:pw@127.0.0.1:1/hook", Duration::from_secs(5));
+        assert!(matches!(https.engine, Engine::Tls(_)));
+        let target = Forwarder {
+            target: format!("http://bob:pw@127.0.0.1:{port}/hook")
+                .parse()
+                .unwrap(),
+            ..https
+        };
+        target.deliver(&event(&[]), &[]).await.unwrap();
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            ["Basic Ym9iOnB3"],
+            "one header, base64 of bob:pw"
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,9 @@
 //! From the spool to each route, in order: one task per route reads its queue and delivers the
 //! head until it succeeds or is given up on, then the next. Retries back off from 1 s to 5 min
-//! with jitter, honouring `Retry-After`. What a route delivers to is a [`Sink`]: an HTTP target
+//! with jitter, honouring `Retry-After` up to a cap (`--max-retry-after`). Told to stop, a route
+//! stops at an event boundary: the delivery in flight gets until the shutdown deadline
+//! (`--shutdown-timeout`), the rest of what it read ahead stays queued, and what it finished is
+//! committed before it returns, so whoever takes the route over next starts where it stopped. What a route delivers to is a [`Sink`]: an HTTP target
 //! ([`forward`]), or Slack and stdout (the `notify` module implements the trait).
 //!
 //! This module never writes to the spool directly: finished attempts become marks that the
@@ -20,9 +23,6 @@ use crate::retry::BackoffPolicy;
 use crate::spool::{self, Outcome, Queued, Spool, StoredEvent, Write, writer::SpoolWriter};
 use forward::{Delivered, ForwardError, Forwarder};
 
-/// How long a delivery in flight may still take once shutdown is asked for.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// How many queued deliveries a route reads from disk at once.
 const READ_AHEAD: usize = 256;
 
@@ -32,7 +32,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Somewhere a route delivers to: an HTTP target, Slack, stdout.
 pub trait Sink: Send + Sync {
-    /// How delivery lines name it: `POST /hook`, `slack`. Never a secret.
+    /// How delivery lines name it: `POST 127.0.0.1:3000/hook`, `slack`. Never a secret.
     fn describe(&self) -> String;
     /// Deliver one event; `delivery_id` is stable across attempts of one queued delivery.
     fn deliver<'a>(
@@ -48,7 +48,7 @@ pub trait Sink: Send + Sync {
 
 impl Sink for Forwarder {
     fn describe(&self) -> String {
-        format!("POST {}", self.target().path())
+        format!("POST {}", self.target().short())
     }
 
     fn deliver<'a>(
@@ -63,7 +63,7 @@ impl Sink for Forwarder {
     }
 }
 
-/// One line per attempt: `POST /hook -> 200 in 3 ms (event 12, x-github-event=push)`.
+/// One line per attempt: `POST 127.0.0.1:3000/hook -> 200 in 3 ms (event 12, x-github-event=push)`.
 pub fn log_delivery(
     sink: &dyn Sink,
     event: &StoredEvent,
@@ -99,17 +99,48 @@ pub struct RetryPolicy {
     pub backoff: BackoffPolicy,
     /// An event older than this is not retried again: it becomes a dead letter.
     pub max_age: Duration,
+    /// The longest `Retry-After` obeyed: a target (or Slack) asking for more waits this long
+    /// instead, so one answer cannot park a route for years.
+    pub max_retry_after: Duration,
+    /// How long the delivery in flight may still take once the route is told to stop
+    /// (shutdown, or a reload that replaces the route); then it is cut off and stays queued.
+    pub shutdown_timeout: Duration,
 }
 
 impl RetryPolicy {
-    /// 1 s up to 5 min, for 24 h.
+    /// 1 s up to 5 min, for 24 h; `Retry-After` up to 1 h; 5 s to stop.
     pub const DEFAULT: RetryPolicy = RetryPolicy {
         backoff: BackoffPolicy {
             min: Duration::from_secs(1),
             max: Duration::from_secs(300),
         },
         max_age: Duration::from_secs(24 * 3600),
+        max_retry_after: Duration::from_secs(3600),
+        shutdown_timeout: Duration::from_secs(5),
     };
+
+    /// The wait before the next attempt: what the target asked for (capped, and the cap
+    /// logged), else the next backoff delay.
+    fn delay(
+        &self,
+        asked: Option<Duration>,
+        backoff: &mut crate::retry::Backoff,
+        event: u64,
+    ) -> Duration {
+        match asked {
+            Some(asked) if asked > self.max_retry_after => {
+                warn!(
+                    event,
+                    "the target asked to wait {} (Retry-After); waiting {} instead (--max-retry-after)",
+                    humantime::format_duration(Duration::from_secs(asked.as_secs())),
+                    humantime::format_duration(self.max_retry_after)
+                );
+                self.max_retry_after
+            }
+            Some(asked) => asked,
+            None => backoff.next_delay(),
+        }
+    }
 }
 
 /// The write that records an attempt at `queued` on `route`.
@@ -123,7 +154,8 @@ fn mark(route: &str, queued: &Queued, outcome: Outcome) -> Write {
 }
 
 /// Deliver `route`'s queue in order until `cancel` fires; the delivery in flight then has
-/// [`SHUTDOWN_GRACE`] to finish.
+/// the policy's `shutdown_timeout` to finish. On return, every attempt it finished is
+/// committed.
 pub async fn run_route(
     spool: Arc<Spool>,
     writer: SpoolWriter,
@@ -167,6 +199,10 @@ pub async fn run_route(
         // redelivers them, which at-least-once allows and the delivery id lets targets spot.
         let mut marks = Vec::new();
         for item in queued {
+            // Stop at an event boundary: what was read ahead stays queued for the next owner.
+            if cancel.is_cancelled() {
+                break;
+            }
             let delivery = Delivery {
                 spool: &spool,
                 writer: &writer,
@@ -177,12 +213,19 @@ pub async fn run_route(
                 cancel: &cancel,
             };
             if !delivery.run(&item, &mut marks).await {
-                writer.flush(&mut marks);
-                return;
+                break;
             }
             cursor = item.seq;
         }
         writer.flush(&mut marks);
+    }
+    // Wait until what this route finished is on disk (a commit waits for the marks queued
+    // before it): a route that takes over after a reload must not deliver them again.
+    if let Err(e) = writer.commit(Vec::new()).await {
+        error!(
+            route,
+            "cannot record the last deliveries: {e}; they may be repeated"
+        );
     }
 }
 
@@ -217,15 +260,15 @@ impl Delivery<'_> {
             let started = tokio::time::Instant::now();
             let grace_over = async {
                 self.cancel.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tokio::time::sleep(self.policy.shutdown_timeout).await;
             };
             let outcome = tokio::select! {
                 outcome = self.sink.deliver(&item.event, &delivery_id) => outcome,
                 _ = grace_over => {
                     warn!(
                         event = item.event.id,
-                        "shutting down: the delivery in flight did not finish within {}; it stays queued",
-                        humantime::format_duration(SHUTDOWN_GRACE)
+                        "stopping: the delivery in flight did not finish within {} (--shutdown-timeout); it stays queued",
+                        humantime::format_duration(self.policy.shutdown_timeout)
                     );
                     return false;
                 }
@@ -237,7 +280,11 @@ impl Delivery<'_> {
             // capped delivery at 1,000 events/s (bench/run.sh).
             let pace = self.sink.min_interval();
             if !pace.is_zero() {
-                tokio::time::sleep_until(started + pace).await;
+                // Not past a stop: the next delivery will not come from this route.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(started + pace) => {}
+                    _ = self.cancel.cancelled() => {}
+                }
             }
             let error = match outcome {
                 Ok(done) => {
@@ -269,7 +316,9 @@ impl Delivery<'_> {
                 return true;
             }
             self.counters.retried(self.route);
-            let delay = error.retry_after().unwrap_or_else(|| backoff.next_delay());
+            let delay = self
+                .policy
+                .delay(error.retry_after(), &mut backoff, item.event.id);
             info!(
                 event = item.event.id,
                 attempt = attempts,
@@ -400,6 +449,176 @@ mod tests {
         );
         cancel.cancel();
         route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A sink that takes `delay` to answer 200 and counts attempts (started and finished).
+    struct Slow {
+        delay: Duration,
+        started: Mutex<u32>,
+        finished: Mutex<u32>,
+    }
+
+    impl Sink for Slow {
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+        fn deliver<'a>(
+            &'a self,
+            _event: &'a StoredEvent,
+            _delivery_id: &'a str,
+        ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+            *self.started.lock().unwrap() += 1;
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                *self.finished.lock().unwrap() += 1;
+                Ok(Delivered {
+                    status: StatusCode::OK,
+                    elapsed: self.delay,
+                })
+            })
+        }
+    }
+
+    fn one_event() -> Event {
+        Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: "{}".into(),
+        }
+    }
+
+    /// A spool with `n` events queued on route "r", and its writer.
+    async fn spool_with(
+        n: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Spool>,
+        SpoolWriter,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let events: Vec<Event> = (0..n).map(|_| one_event()).collect();
+        writer
+            .append("c", &["r".to_string()], events.into(), None)
+            .await
+            .unwrap();
+        (dir, spool, writer, thread)
+    }
+
+    fn start_route(
+        spool: &Arc<Spool>,
+        writer: &SpoolWriter,
+        sink: Arc<dyn Sink>,
+        cancel: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run_route(
+            spool.clone(),
+            writer.clone(),
+            "r".into(),
+            sink,
+            RetryPolicy::DEFAULT,
+            Arc::new(Counters::default()),
+            cancel.clone(),
+        ))
+    }
+
+    /// Regression (issue 16, item 7): `Retry-After: 999999999` parked a route for decades.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_huge_retry_after_is_capped_at_max_retry_after() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let ok = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+        });
+        let sink = Arc::new(Scripted {
+            answers: Mutex::new(vec![status(429, Some(999_999_999)), ok]),
+            attempts: Mutex::new(Vec::new()),
+            attempted: tokio::sync::watch::Sender::new(0),
+        });
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        while sink.attempts.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        let at = sink.attempts.lock().unwrap().clone();
+        assert_eq!(
+            at[1] - at[0],
+            RetryPolicy::DEFAULT.max_retry_after,
+            "waited the cap (1 h), not 31 years"
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Regression (issue 16, item 2): a stopped route went on through its whole read-ahead
+    /// batch. It now finishes the delivery in flight, leaves the rest queued, and has recorded
+    /// what it finished by the time it returns.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_stopped_route_stops_at_an_event_boundary() {
+        let (_dir, spool, writer, thread) = spool_with(5).await;
+        let sink = Arc::new(Slow {
+            delay: Duration::from_secs(2),
+            started: Mutex::new(0),
+            finished: Mutex::new(0),
+        });
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        while *sink.started.lock().unwrap() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        route.await.unwrap();
+        assert_eq!(*sink.started.lock().unwrap(), 1, "nothing after the stop");
+        assert_eq!(
+            *sink.finished.lock().unwrap(),
+            1,
+            "the one in flight finished"
+        );
+        assert_eq!(
+            spool.pending("r", 0, 10).unwrap().len(),
+            4,
+            "the finished one is recorded, the rest stay queued"
+        );
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A delivery that outlasts the shutdown timeout is cut off there and stays queued.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_delivery_is_cut_off_at_the_shutdown_timeout() {
+        let (_dir, spool, writer, thread) = spool_with(3).await;
+        let sink = Arc::new(Slow {
+            delay: Duration::from_secs(3600),
+            started: Mutex::new(0),
+            finished: Mutex::new(0),
+        });
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        while *sink.started.lock().unwrap() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stopped_at = Instant::now();
+        cancel.cancel();
+        route.await.unwrap();
+        assert_eq!(
+            stopped_at.elapsed(),
+            RetryPolicy::DEFAULT.shutdown_timeout,
+            "cut off exactly at the deadline"
+        );
+        assert_eq!(*sink.finished.lock().unwrap(), 0);
+        assert_eq!(
+            spool.pending("r", 0, 10).unwrap().len(),
+            3,
+            "all still queued"
+        );
         drop(writer);
         thread.join().unwrap();
     }

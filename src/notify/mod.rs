@@ -4,6 +4,7 @@
 pub mod slack;
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -121,7 +122,8 @@ impl Sink for AlertSink {
                 },
             };
             if self.stdout {
-                println!("{}", text(&alert));
+                // Not println!: it panics (and ends the alert route) when stdout is closed.
+                let _ = writeln!(std::io::stdout().lock(), "{}", text(&alert));
             }
             if let Some(delivered) = &self.delivered {
                 let _ = delivered.send(alert);

@@ -7,9 +7,17 @@
 //!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
 //! config file. Shutdown runs the pipe dry from the front: sources stop, intakes store what they
-//! took, routes finish the delivery in flight, the writer commits the last marks.
+//! took, routes finish the delivery in flight (cut off at `--shutdown-timeout`), the writer
+//! commits the last marks; a backstop exits the process if that ever takes much longer.
+//!
+//! A reload (SIGHUP) is a handover, in two steps. First everything that can fail is done aside
+//! (HTTP clients for new targets, locks for new channels, what cannot change without a restart
+//! is checked): a failure refuses the whole reload and the running config stays. Then each part
+//! that changes is stopped at an event boundary, its last marks committed, before its
+//! replacement starts from where it stopped: a route, the alert route, a channel whose settings
+//! changed (it keeps its lock). Two owners of one queue never run at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +33,7 @@ use crate::delivery::forward::Forwarder;
 use crate::delivery::{self, RetryPolicy, Sink};
 use crate::notify::AlertSink;
 use crate::pipeline::{ALERT_ROUTE, PIPELINE_ROUTE, Pipeline, runner};
+use crate::secret::{ExposeSecret as _, SecretString};
 use crate::source::status::ChannelStatus;
 use crate::source::{SourceConfig, SourceError};
 use crate::spool::lock::ChannelLock;
@@ -41,6 +50,16 @@ pub enum DaemonError {
     Spool(#[from] SpoolError),
     #[error("cannot build the HTTP client for a target")]
     Target(#[source] reqwest::Error),
+    #[error("cannot build the HTTP client for {0}")]
+    TargetClient(String, #[source] reqwest::Error),
+    #[error("{what} changed from {from} to {to}; that takes a restart")]
+    NeedsRestart {
+        what: &'static str,
+        from: String,
+        to: String,
+    },
+    #[error("targets {0} differ only in their credentials; give each target once")]
+    SameTarget(String),
     #[error("cannot listen on {0} for /healthz and /metrics")]
     Listen(std::net::SocketAddr, #[source] std::io::Error),
     #[error("cannot start metrics")]
@@ -114,12 +133,18 @@ pub async fn run(
         health: health.clone(),
         cancel: cancel.clone(),
         state_dir: plan.state_dir.clone(),
+        metrics_listen: plan.metrics_listen,
         routes: HashMap::new(),
         channels: HashMap::new(),
         pipeline: None,
     };
     let retain = plan.retain;
-    runtime.apply(plan)?;
+    // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
+    let _backstop = backstop(
+        cancel.clone(),
+        plan.retry.shutdown_timeout + SHUTDOWN_MARGIN,
+    );
+    runtime.apply(plan).await?;
     let background = [
         tokio::spawn(spool::intake::prune_periodically(
             spool.clone(),
@@ -141,9 +166,13 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             Some(plan) = reloads.recv() => {
                 systemd::notify(&[sd_notify::NotifyState::Reloading]);
-                match runtime.apply(plan) {
-                    Ok(()) => info!("config reloaded"),
-                    Err(e) => error!("config reload incomplete: {e}"),
+                match runtime.apply(plan).await {
+                    Ok(changes) if changes.is_empty() => info!("config reloaded: nothing changed"),
+                    Ok(changes) => info!("config reloaded: {}", changes.join("; ")),
+                    Err(e) => error!(
+                        "config not reloaded, the running one stays: {}",
+                        crate::error::chain(&e)
+                    ),
                 }
                 systemd::notify(&[sd_notify::NotifyState::Ready]);
             }
@@ -161,7 +190,7 @@ pub async fn run(
         channel.stop().await;
     }
     for route in routes.into_values() {
-        route.stop().await;
+        route.task.stop().await;
     }
     if let Some(pipeline) = pipeline {
         pipeline.task.stop().await;
@@ -193,19 +222,69 @@ impl Task {
 /// A subscribed channel: its source and intake, and the routes its events go to.
 struct ChannelTask {
     task: Task,
-    /// What the channel was started with: a change of these restarts it.
-    idle_timeout: Duration,
+    /// What the source was started with: a change of these settings restarts it.
+    source: SourceConfig,
     routes: watch::Sender<Vec<String>>,
     /// Liveness, for `/healthz`.
     status: Arc<ChannelStatus>,
-    /// Held while the channel runs.
-    _lock: ChannelLock,
+    /// Held while the channel runs, and handed to its successor when its settings change.
+    lock: ChannelLock,
 }
 
 impl ChannelTask {
-    async fn stop(self) {
+    /// Stop the source, let the intake store what it took, and give the lock back.
+    async fn stop(self) -> ChannelLock {
         self.task.stop().await;
+        self.lock
     }
+}
+
+/// A delivery route to a target.
+struct RouteTask {
+    /// The target it was started for (with its credentials): a change restarts the route.
+    target: TargetUrl,
+    task: Task,
+}
+
+/// How much longer than `--shutdown-timeout` a shutdown may take before the process exits
+/// regardless: recording the last marks and closing the spool take milliseconds, not seconds.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+
+/// Once `cancel` fires, exit the process if it is still running `bound` later. The wait is on a
+/// thread of its own, so a task that blocks the event loop during shutdown (a hung disk) cannot
+/// hold it up. Dropping the returned guard (when `run` returns) disarms it.
+fn backstop(cancel: CancellationToken, bound: Duration) -> std::sync::mpsc::Sender<()> {
+    let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(bound) {
+                error!(
+                    "shutdown did not finish within {}; exiting now (undelivered events stay in the spool)",
+                    humantime::format_duration(bound)
+                );
+                super::logging::exit(1);
+            }
+        });
+    });
+    disarm
+}
+
+/// The spool route a target's events are queued on: the target as displayed, credentials
+/// redacted, so the password is never stored in the spool nor shown in `/metrics`.
+fn route_name(target: &TargetUrl) -> String {
+    target.to_string()
+}
+
+/// Whether a running source can keep going with `new`'s settings.
+fn same_source(running: &SourceConfig, new: &SourceConfig) -> bool {
+    running.idle_timeout == new.idle_timeout
+        && expose(&running.token) == expose(&new.token)
+        && running.reconnect == new.reconnect
+}
+
+fn expose(token: &Option<SecretString>) -> Option<&str> {
+    token.as_ref().map(|t| t.expose_secret())
 }
 
 struct PipelineTask {
@@ -222,66 +301,147 @@ struct Runtime {
     health: Arc<Health>,
     cancel: CancellationToken,
     state_dir: PathBuf,
-    /// One delivery route per target URL.
-    routes: HashMap<String, Task>,
+    /// Where `/healthz` and `/metrics` are served: bound once, at start.
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// One delivery route per target, by route name.
+    routes: HashMap<String, RouteTask>,
     /// Keyed by the full channel URL.
     channels: HashMap<String, ChannelTask>,
     pipeline: Option<PipelineTask>,
 }
 
 impl Runtime {
-    /// Make the running parts match `plan`.
-    fn apply(&mut self, plan: Plan) -> Result<(), DaemonError> {
+    /// Make the running parts match `plan`, or change nothing and say why. Returns what
+    /// changed, for the log.
+    async fn apply(&mut self, plan: Plan) -> Result<Vec<String>, DaemonError> {
+        // 1. Everything that can fail, with nothing running touched.
         if plan.state_dir != self.state_dir {
-            warn!("state_dir changed; that takes a restart, the running spool stays");
+            return Err(DaemonError::NeedsRestart {
+                what: "state_dir",
+                from: self.state_dir.display().to_string(),
+                to: plan.state_dir.display().to_string(),
+            });
         }
-        // Routes: one per distinct target.
-        let targets: BTreeSet<String> = plan
-            .channels
-            .iter()
-            .flat_map(|c| c.forward.iter().map(|t| t.to_string()))
-            .collect();
-        for gone in self
-            .routes
-            .keys()
-            .filter(|t| !targets.contains(*t))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            info!(target = %gone, "target removed; its queued events stay in the spool");
-            let task = self.routes.remove(&gone).expect("listed");
-            tokio::spawn(task.stop());
+        if plan.metrics_listen != self.metrics_listen {
+            let show = |a: Option<std::net::SocketAddr>| a.map_or("none".into(), |a| a.to_string());
+            return Err(DaemonError::NeedsRestart {
+                what: "metrics_listen",
+                from: show(self.metrics_listen),
+                to: show(plan.metrics_listen),
+            });
         }
-        for target in targets {
-            if self.routes.contains_key(&target) {
+        let mut targets: BTreeMap<String, TargetUrl> = BTreeMap::new();
+        for target in plan.channels.iter().flat_map(|c| &c.forward) {
+            let name = route_name(target);
+            match targets.get(&name) {
+                Some(seen) if seen != target => return Err(DaemonError::SameTarget(name)),
+                _ => targets.insert(name, target.clone()),
+            };
+        }
+        let mut new_routes = Vec::new();
+        for (name, target) in &targets {
+            if self.routes.get(name).is_some_and(|r| r.target == *target) {
                 continue;
             }
-            let target_url: TargetUrl = target.parse().expect("it was a TargetUrl");
-            let forwarder =
-                Forwarder::new(target_url, plan.target_timeout).map_err(DaemonError::Target)?;
-            let task = self.route(target.clone(), Arc::new(forwarder), plan.retry);
-            self.routes.insert(target, task);
+            let forwarder = Forwarder::new(target.clone(), plan.target_timeout)
+                .map_err(|e| DaemonError::TargetClient(target.to_string(), e))?;
+            new_routes.push((name.clone(), target.clone(), Arc::new(forwarder)));
+        }
+        let stale_routes: Vec<String> = self
+            .routes
+            .iter()
+            .filter(|(name, r)| targets.get(*name) != Some(&r.target))
+            .map(|(name, _)| name.clone())
+            .collect();
+
+        let wanted: HashMap<String, ChannelPlan> = plan
+            .channels
+            .into_iter()
+            .map(|c| (c.source.channel.expose().to_string(), c))
+            .collect();
+        // Channels to start: new ones with their lock taken now, and running ones whose
+        // settings changed (they keep their own lock).
+        let mut to_start: Vec<(String, ChannelPlan, Option<ChannelLock>)> = Vec::new();
+        for (key, channel) in &wanted {
+            match self.channels.get(key) {
+                Some(running) if same_source(&running.source, &channel.source) => {}
+                Some(_) => {
+                    channel.source.clone().build()?;
+                    to_start.push((key.clone(), channel.clone(), None));
+                }
+                None => {
+                    let url = &channel.source.channel;
+                    let lock = ChannelLock::acquire(
+                        &self.state_dir,
+                        url.expose().as_str(),
+                        &url.to_string(),
+                    )?;
+                    channel.source.clone().build()?;
+                    to_start.push((key.clone(), channel.clone(), Some(lock)));
+                }
+            }
+        }
+
+        // 2. The handover: stop what goes or changes (at an event boundary, its marks
+        // committed), then start what replaces it. Nothing here fails.
+        let mut changes = Vec::new();
+        let mut kept_locks = HashMap::new();
+        let stopping: Vec<String> = self
+            .channels
+            .keys()
+            .filter(|key| !wanted.contains_key(*key) || to_start.iter().any(|(k, ..)| k == *key))
+            .cloned()
+            .collect();
+        for key in stopping {
+            let old = self.channels.remove(&key).expect("listed");
+            let shown = old.source.channel.to_string();
+            let lock = old.stop().await;
+            if wanted.contains_key(&key) {
+                changes.push(format!("channel {shown} reconnects with its new settings"));
+                kept_locks.insert(key, lock);
+            } else {
+                changes.push(format!("channel {shown} removed"));
+            }
+        }
+        for (key, running) in &self.channels {
+            running.routes.send_replace(routes_of(&wanted[key]));
+        }
+        for name in stale_routes {
+            let old = self.routes.remove(&name).expect("listed");
+            old.task.stop().await;
+            if !targets.contains_key(&name) {
+                info!(target = %name, "target removed; its queued events stay in the spool");
+                changes.push(format!("target {name} removed"));
+            }
+        }
+        for (name, target, forwarder) in new_routes {
+            let task = self.route(name.clone(), forwarder, plan.retry);
+            changes.push(format!("target {name} started"));
+            self.routes.insert(name, RouteTask { target, task });
         }
 
         // The pipeline and its alert route.
         match (plan.pipeline, self.pipeline.take()) {
             (None, None) => {}
             (None, Some(old)) => {
-                info!("pipeline off");
-                tokio::spawn(async move {
-                    old.task.stop().await;
-                    old.alerts.stop().await;
-                });
+                old.task.stop().await;
+                old.alerts.stop().await;
+                changes.push("pipeline off".into());
             }
             (Some((pipeline, sink)), old) => {
                 let sink: Arc<dyn Sink> = Arc::new(sink);
-                info!(rules = pipeline.rules.len(), alerts = %sink.describe(), "pipeline on");
-                let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
+                changes.push(format!(
+                    "pipeline on ({} rules, alerts to {})",
+                    pipeline.rules.len(),
+                    sink.describe()
+                ));
                 let pipeline = Arc::new(pipeline);
                 let (task, rules) = match old {
                     Some(old) => {
-                        tokio::spawn(old.alerts.stop());
-                        let _ = old.rules.send(pipeline);
+                        // The runner takes the new rules between events; the alert route
+                        // hands over to one with the new sink.
+                        old.rules.send_replace(pipeline);
+                        old.alerts.stop().await;
                         (old.task, old.rules)
                     }
                     None => {
@@ -302,6 +462,7 @@ impl Runtime {
                         )
                     }
                 };
+                let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
                 self.pipeline = Some(PipelineTask {
                     task,
                     rules,
@@ -310,67 +471,68 @@ impl Runtime {
             }
         }
 
-        // Channels: keep those that stay, stop those that go, start the new ones.
-        let mut wanted: HashMap<String, ChannelPlan> = plan
-            .channels
-            .into_iter()
-            .map(|c| (c.source.channel.expose().to_string(), c))
-            .collect();
-        for key in self.channels.keys().cloned().collect::<Vec<_>>() {
-            let stays = wanted
-                .get(&key)
-                .is_some_and(|c| c.source.idle_timeout == self.channels[&key].idle_timeout);
-            if !stays {
-                let old = self.channels.remove(&key).expect("listed");
-                tokio::spawn(old.stop());
-            }
-        }
-        for (key, channel) in wanted.drain() {
-            let routes = routes_of(&channel);
-            if let Some(running) = self.channels.get(&key) {
-                running.routes.send_replace(routes);
+        for (key, channel, lock) in to_start {
+            let is_new = lock.is_some();
+            let Some(lock) = lock.or_else(|| kept_locks.remove(&key)) else {
                 continue;
+            };
+            if let Some(running) = self.start_channel(&channel, lock) {
+                if is_new {
+                    changes.push(format!("channel {} added", channel.source.channel));
+                }
+                self.channels.insert(key, running);
             }
-            let url = channel.source.channel.clone();
-            let lock =
-                ChannelLock::acquire(&self.state_dir, url.expose().as_str(), &url.to_string())?;
-            info!(channel = %url, routes = ?routes, "subscribing");
-            // Resume after the last event stored, for servers that replay (smee-relay serve).
-            let cursor_key = spool::lock::channel_key(url.expose().as_str());
-            let mut source_config = channel.source.clone();
-            if let Some(stored) = self.spool.cursor(&cursor_key)? {
-                source_config.last_event_id = Some(stored);
-            }
-            let source = source_config.build()?;
-            let status = source.status();
-            let (routes_tx, routes_rx) = watch::channel(routes);
-            let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
-            let cancel = self.cancel.child_token();
-            let handles = vec![
-                tokio::spawn(source.run(events_tx, cancel.clone())),
-                tokio::spawn(spool::intake::intake(
-                    events_rx,
-                    self.writer.clone(),
-                    url.to_string(),
-                    Some(cursor_key),
-                    routes_rx,
-                    self.counters.clone(),
-                )),
-            ];
-            self.channels.insert(
-                key,
-                ChannelTask {
-                    task: Task { cancel, handles },
-                    idle_timeout: channel.source.idle_timeout,
-                    routes: routes_tx,
-                    status,
-                    _lock: lock,
-                },
-            );
         }
         *self.health.channels.lock().expect("not poisoned") =
             self.channels.values().map(|c| c.status.clone()).collect();
-        Ok(())
+        Ok(changes)
+    }
+
+    /// Subscribe to a channel, resuming after the last event stored (for servers that replay,
+    /// such as smee-relay serve). `None` (logged) if its source cannot be built.
+    fn start_channel(&self, channel: &ChannelPlan, lock: ChannelLock) -> Option<ChannelTask> {
+        let url = channel.source.channel.clone();
+        let routes = routes_of(channel);
+        info!(channel = %url, routes = ?routes, "subscribing");
+        let cursor_key = spool::lock::channel_key(url.expose().as_str());
+        let mut source_config = channel.source.clone();
+        match self.spool.cursor(&cursor_key) {
+            Ok(Some(stored)) => source_config.last_event_id = Some(stored),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(channel = %url, "cannot read where the channel stopped, starting without Last-Event-ID: {e}")
+            }
+        }
+        // It was built once already while the plan was checked; the same client builds again.
+        let source = match source_config.build() {
+            Ok(source) => source,
+            Err(e) => {
+                error!(channel = %url, "cannot subscribe: {}", crate::error::chain(&e));
+                return None;
+            }
+        };
+        let status = source.status();
+        let (routes_tx, routes_rx) = watch::channel(routes);
+        let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
+        let cancel = self.cancel.child_token();
+        let handles = vec![
+            tokio::spawn(source.run(events_tx, cancel.clone())),
+            tokio::spawn(spool::intake::intake(
+                events_rx,
+                self.writer.clone(),
+                url.to_string(),
+                Some(cursor_key),
+                routes_rx,
+                self.counters.clone(),
+            )),
+        ];
+        Some(ChannelTask {
+            task: Task { cancel, handles },
+            source: channel.source.clone(),
+            routes: routes_tx,
+            status,
+            lock,
+        })
     }
 
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
@@ -393,7 +555,7 @@ impl Runtime {
 
 /// The spool routes a channel's events are queued on.
 fn routes_of(channel: &ChannelPlan) -> Vec<String> {
-    let mut routes: Vec<String> = channel.forward.iter().map(|t| t.to_string()).collect();
+    let mut routes: Vec<String> = channel.forward.iter().map(route_name).collect();
     if channel.pipeline {
         routes.push(PIPELINE_ROUTE.to_string());
     }

@@ -3,11 +3,24 @@
 //! Logs go to stderr as text or JSON. Under systemd (`JOURNAL_STREAM` set) text lines carry no
 //! colour and no timestamp (journald adds its own) and start with a syslog priority (`<3>` for
 //! errors, `<4>` warnings, `<6>` info, `<7>` debug), so `journalctl -p err` works.
+//!
+//! Logging never stops delivery. Lines go to stderr from a thread of their own
+//! (`tracing-appender`, lossy: past 128k queued lines new ones are dropped rather than waited
+//! for), through a writer that ignores write errors: a log reader that exited (EPIPE) or a
+//! stalled one costs log lines, never a panic in a task or a blocked event loop.
+//!
+//! Every text line is one line of printable text: control characters in messages and fields
+//! (an SSE id, an event name, an entity id: whatever a sender chose) are escaped by
+//! [`escape_control`], so no sender can move the cursor, recolour a terminal or forge a line.
+//! JSON lines are escaped by JSON itself.
 
+use std::borrow::Cow;
 use std::io::IsTerminal as _;
+use std::sync::Mutex;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::MakeExt as _;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -21,8 +34,11 @@ pub enum LogFormat {
     Json,
 }
 
+/// Keeps the log thread's queue flushed at exit; taken by [`flush`].
+static GUARD: Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = Mutex::new(None);
+
 /// Install the global subscriber. `verbosity` is the count of `-v` minus the count of `-q`;
-/// `RUST_LOG`, when set, overrides it.
+/// `RUST_LOG`, when set, overrides it. Call [`flush`] before the process ends.
 pub fn init(verbosity: i8, format: LogFormat) {
     let ours = match verbosity {
         i8::MIN..=-2 => "error",
@@ -37,17 +53,91 @@ pub fn init(verbosity: i8, format: LogFormat) {
     );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(Forgiving(std::io::stderr()));
+    if let Ok(mut slot) = GUARD.lock() {
+        *slot = Some(guard);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .log_internal_errors(false)
         .with_target(false)
         .with_ansi(
             !journal && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         );
+    let fields = || {
+        tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+            let text = format!("{value:?}");
+            if field.name() == "message" {
+                writer.write_str(&escape_control(&text))
+            } else {
+                write!(writer, "{}={}", field.name(), escape_control(&text))
+            }
+        })
+        .delimited(" ")
+    };
     match (format, journal) {
         (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.event_format(JournalFormat).init(),
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Text, true) => builder
+            .fmt_fields(fields())
+            .event_format(JournalFormat)
+            .init(),
+        (LogFormat::Text, false) => builder.fmt_fields(fields()).init(),
+    }
+}
+
+/// Write out the lines still queued (waiting a moment at most). Before the process ends.
+pub fn flush() {
+    let guard = GUARD.lock().ok().and_then(|mut slot| slot.take());
+    drop(guard);
+}
+
+/// End the process now with `code`, after writing out the queued log lines.
+pub fn exit(code: i32) -> ! {
+    flush();
+    std::process::exit(code)
+}
+
+/// Text as it may appear in a log line or on a terminal: control characters (C0, DEL, C1),
+/// line and paragraph separators and bidi overrides become visible escapes (`\x1b`, `\n`,
+/// `\u{202e}`); everything else, `\` included, is left as it is.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    fn hostile(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(hostile) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if hostile(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if hostile(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// stderr that never fails: a closed pipe or a full disk loses the line, nothing else.
+struct Forgiving<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Forgiving<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
     }
 }
 
@@ -84,5 +174,38 @@ where
         }
         ctx.format_fields(writer.by_ref(), event)?;
         writeln!(writer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_borrowed() {
+        assert!(matches!(
+            escape_control("push ok ünïcode \\x"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape_control("a\u{1b}[31mred\u{7}\r\nfake line\u{9b}\u{202e}"),
+            "a\\x1b[31mred\\x07\\r\\nfake line\\u{9b}\\u{202e}"
+        );
+    }
+
+    #[test]
+    fn a_failing_writer_is_forgiven() {
+        struct Broken;
+        impl std::io::Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+        }
+        let mut w = Forgiving(Broken);
+        assert_eq!(std::io::Write::write(&mut w, b"line\n").unwrap(), 5);
+        assert!(std::io::Write::flush(&mut w).is_ok());
     }
 }

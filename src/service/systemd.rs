@@ -4,6 +4,9 @@
 //! The first SIGINT or SIGTERM asks for a graceful stop (deliveries in flight may finish); a
 //! second one means "now" and exits at once, as users expect from Ctrl-C pressed twice.
 //! Without `NOTIFY_SOCKET` (not under systemd) every notification is a no-op.
+//!
+//! SIGHUP never kills a long-running mode: `run` reloads its config ([`reload_requests`]);
+//! a mode with nothing to reload says so and goes on ([`ignore_hangups`]).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +31,7 @@ pub fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
                 cancel.cancel();
             } else {
                 warn!(signal = name, "second signal: exiting now");
-                std::process::exit(FORCED_EXIT);
+                super::logging::exit(FORCED_EXIT);
             }
         }
     });
@@ -57,6 +60,20 @@ pub fn spawn_watchdog(cancel: CancellationToken) {
             }
         }
     });
+}
+
+/// Take SIGHUP (whose default action ends the process, exit 129) and only log it: for modes
+/// with no config file to reload. `mode` names the command in the line.
+pub fn ignore_hangups(mode: &'static str) -> std::io::Result<()> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            info!(
+                "SIGHUP: `{mode}` has no config file to reload and logs to stderr; ignored, still running"
+            );
+        }
+    });
+    Ok(())
 }
 
 /// SIGHUP, as a stream of reload requests.

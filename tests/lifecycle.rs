@@ -1,0 +1,576 @@
+//! The daemon's promises under reload, shutdown and broken pipes (issue 16, items 1, 2, 4, 10
+//! and 16), with the real binary against fakes on loopback.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{FakeChannel, FakeTarget, LogWatch, signal, slack_header, smee_relay};
+
+/// A config with the fixture rules on one pipeline channel, alerts to the fake Slack, plus
+/// `extra` (top-level keys go first, so they stay top-level).
+fn write_config(path: &Path, channel: &str, top: &str, extra: &str) {
+    let rules = include_str!("fixtures/port/rules.toml");
+    std::fs::write(
+        path,
+        format!(
+            "{top}\n[[channel]]\nurl = \"{channel}\"\npipeline = true\n{extra}\n\
+             [slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n\n{rules}"
+        ),
+    )
+    .unwrap();
+}
+
+fn fixture_frame(file: &str) -> String {
+    let body = support::port_fixture("legacy", file);
+    format!(r#"{{"content-type":"application/json","body":{body}}}"#)
+}
+
+/// `smee-relay run --config` with stderr watched.
+fn spawn_run(config: &Path, slack: &str, journal: bool) -> (tokio::process::Child, LogWatch) {
+    let mut command = smee_relay();
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("TEST_SLACK_WEBHOOK", slack)
+        .stderr(std::process::Stdio::piped());
+    if journal {
+        command.env("JOURNAL_STREAM", "8:12345");
+    }
+    let mut child = command.spawn().unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    (child, logs)
+}
+
+fn count(logs: &LogWatch, needle: &str) -> usize {
+    logs.all().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Wait until `needle` has been logged at least `n` times.
+async fn wait_count(logs: &LogWatch, needle: &str, n: usize) {
+    tokio::time::timeout(support::PATIENCE, async {
+        while count(logs, needle) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{needle:?} not logged {n} times:\n{}", logs.all()));
+}
+
+async fn stop(mut child: tokio::process::Child) {
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(support::PATIENCE, child.wait())
+        .await
+        .expect("stopped in time")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Regression (item 1): each SIGHUP started a new alert route while the old one was still
+/// going through its read-ahead, so 6 expected alerts came out as 11. Now a reload hands
+/// over: reloads all through the sequence, and each alert is sent exactly once.
+#[tokio::test]
+async fn regression_reloads_during_the_fixture_sequence_send_each_alert_once() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    // Slow enough that reloads land while alerts are queued and in flight.
+    slack.delay(Duration::from_millis(150));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let state = "";
+    write_config(&config, &channel.url("ReloadStorm"), state, "");
+    let (child, logs) = spawn_run(&config, &slack.url("/hook"), false);
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    let mut reloads = 0;
+    for (n, (file, _)) in smee_relay::commands::demo::SEQUENCE.iter().enumerate() {
+        channel.send_webhook(n as u64 + 1, &fixture_frame(file));
+        // Alternate the config (an extra rule that never fires changes the pipeline) and
+        // reload twice per event, waiting for each reload so none is coalesced.
+        for extra in [
+            "[[rule]]\nname = \"never\"\nproperty = \"nope\"\nabove = 1e9\n",
+            "",
+        ] {
+            let rules = include_str!("fixtures/port/rules.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "{state}\n[[channel]]\nurl = \"{}\"\npipeline = true\n\
+                     [slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n\n{rules}\n{extra}",
+                    channel.url("ReloadStorm")
+                ),
+            )
+            .unwrap();
+            signal(&child, "HUP");
+            reloads += 1;
+            wait_count(&logs, "config reloaded", reloads).await;
+        }
+    }
+    let got: Vec<String> = slack.take(6).await.iter().map(slack_header).collect();
+    assert_eq!(got, smee_relay::commands::demo::EXPECTED);
+    slack.assert_quiet(Duration::from_secs(2)).await;
+    assert_eq!(channel.connections(), 1, "rule changes never reconnect");
+    assert!(count(&logs, "config not reloaded") == 0, "{}", logs.all());
+    stop(child).await;
+}
+
+/// Regression (item 1): a reload that changed `idle_timeout` re-took the daemon's own channel
+/// lock, failed, and dropped the channel. Now the channel reconnects with the new setting,
+/// keeping its lock, and events flow on.
+#[tokio::test]
+async fn regression_a_reload_that_changes_idle_timeout_keeps_the_channel() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let hook = target.url("/hook");
+    let write = |idle: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[channel]]\nurl = \"{}\"\nforward = [\"{}\"]\nidle_timeout = \"{idle}\"\n",
+                channel.url("IdleChange"),
+                hook
+            ),
+        )
+        .unwrap();
+    };
+    write("90s");
+    let (child, logs) = spawn_run(&config, "http://127.0.0.1:1/unused", false);
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    assert_eq!(target.next().await.body, r#"{"n":1}"#);
+
+    write("60s");
+    signal(&child, "HUP");
+    logs.wait_for(&["config reloaded", "reconnects with its new settings"])
+        .await;
+    channel.wait_connections(2).await;
+    wait_count(&logs, "connected to channel", 2).await;
+    channel.send_webhook(2, r#"{"body":{"n":2}}"#);
+    assert_eq!(target.next().await.body, r#"{"n":2}"#);
+    assert!(count(&logs, "config not reloaded") == 0, "{}", logs.all());
+    assert!(!logs.all().contains("already"), "{}", logs.all());
+    stop(child).await;
+}
+
+/// Regression (item 1): a changed channel `token` was ignored until a restart.
+#[tokio::test]
+async fn regression_a_changed_token_takes_effect_on_reload() {
+    use smee_relay::server::{ServeConfig, serve};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(serve(
+        listener,
+        ServeConfig {
+            subscribe_token: Some("new-token".into()),
+            post_token: Some("new-token".into()),
+            ..Default::default()
+        },
+        cancel.clone(),
+    ));
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let hook = target.url("/hook");
+    let write = |token: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[channel]]\nurl = \"{server}/TokenChannel\"\nforward = [\"{}\"]\ntoken = \"{token}\"\n",
+                hook
+            ),
+        )
+        .unwrap();
+    };
+    write("old-token");
+    let (child, logs) = spawn_run(&config, "http://127.0.0.1:1/unused", false);
+    logs.wait_for(&["401"]).await;
+
+    write("new-token");
+    signal(&child, "HUP");
+    logs.wait_for(&["config reloaded", "reconnects with its new settings"])
+        .await;
+    logs.wait_for(&["connected to channel"]).await;
+    let status = smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .post(format!("{server}/TokenChannel"))
+        .bearer_auth("new-token")
+        .header("content-type", "application/json")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    assert_eq!(target.next().await.body, r#"{"n":1}"#);
+    assert!(!logs.all().contains("new-token") && !logs.all().contains("old-token"));
+    stop(child).await;
+    cancel.cancel();
+}
+
+/// Item 1: a reload that cannot take effect is refused whole, on one journald line at
+/// priority err with its reason, and the running config goes on.
+#[tokio::test]
+async fn a_refused_reload_is_one_err_line_with_its_reason_and_the_old_config_runs_on() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    write_config(&config, &channel.url("Refused"), "", "");
+    let (child, logs) = spawn_run(&config, &slack.url("/hook"), true);
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    // Something that takes a restart.
+    let listen = format!("metrics_listen = \"{}\"", support::unused_addr());
+    write_config(&config, &channel.url("Refused"), &listen, "");
+    signal(&child, "HUP");
+    let line = logs.wait_for(&["config not reloaded"]).await;
+    assert!(
+        line.starts_with("<3>config not reloaded, the running one stays: "),
+        "{line}"
+    );
+    assert!(
+        line.contains("metrics_listen changed from none to") && line.contains("takes a restart"),
+        "{line}"
+    );
+
+    // A file with two problems: both reasons, still one line.
+    std::fs::write(&config, "[[channel]]\nurl = 3\nbogus = 1\n").unwrap();
+    signal(&child, "HUP");
+    wait_count(&logs, "config not reloaded", 2).await;
+    let lines: Vec<String> = logs
+        .all()
+        .lines()
+        .filter(|l| l.contains("config not reloaded"))
+        .map(str::to_owned)
+        .collect();
+    assert!(lines[1].starts_with("<3>"), "{}", lines[1]);
+    assert!(
+        lines[1].contains("config.toml"),
+        "the reason is on the line: {}",
+        lines[1]
+    );
+    assert!(
+        logs.all().lines().all(|l| l.starts_with('<')),
+        "every journald line has its priority:\n{}",
+        logs.all()
+    );
+
+    // The old config still runs.
+    channel.send_webhook(1, &fixture_frame("02-cpu-25-to-87"));
+    assert_eq!(
+        slack_header(&slack.next().await),
+        "FIRING cpu-high: Notification Service Production"
+    );
+    assert_eq!(channel.connections(), 1);
+    stop(child).await;
+}
+
+/// A target whose answers hang while `hang` is set (it notes each arrival), and are 200
+/// (recorded) once it is cleared.
+struct Switchable {
+    addr: std::net::SocketAddr,
+    hang: Arc<AtomicBool>,
+    arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Switchable {
+    async fn start() -> Self {
+        use axum::routing::post;
+        let hang = Arc::new(AtomicBool::new(true));
+        let (tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let h = hang.clone();
+        let app = axum::Router::new().route(
+            "/slow",
+            post(move |body: String| {
+                let (hang, tx) = (h.clone(), tx.clone());
+                async move {
+                    if hang.load(Ordering::SeqCst) {
+                        let _ = tx.send(format!("hung {body}"));
+                        std::future::pending::<()>().await;
+                    }
+                    let _ = tx.send(body);
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            addr,
+            hang,
+            arrived,
+        }
+    }
+
+    async fn next(&mut self) -> String {
+        tokio::time::timeout(support::PATIENCE, self.arrived.recv())
+            .await
+            .expect("the target received nothing in time")
+            .unwrap()
+    }
+}
+
+fn seq(n: u64) -> String {
+    format!(r#"{{"content-type":"application/json","body":{{"seq":{n}}}}}"#)
+}
+
+/// Regression (item 2): SIGTERM waited for the route's whole read-ahead batch (16.5 s against
+/// a slow target). Now the request in flight gets `--shutdown-timeout`, the rest stays in the
+/// spool and goes out, in order, after a restart.
+#[tokio::test]
+async fn regression_sigterm_ends_within_the_shutdown_timeout_against_a_hanging_target() {
+    let channel = FakeChannel::start().await;
+    let mut target = Switchable::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/slow", target.addr);
+    let spawn = || {
+        let mut child = smee_relay()
+            .args([
+                "forward",
+                &channel.url("Bounded"),
+                &url,
+                "--shutdown-timeout",
+                "1s",
+            ])
+            .arg("--state-dir")
+            .arg(state.path())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        (child, logs)
+    };
+    let (mut child, logs) = spawn();
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    for n in 1..=3 {
+        channel.send_webhook(n, &seq(n));
+    }
+    assert_eq!(target.next().await, r#"hung {"seq":1}"#);
+
+    let asked = Instant::now();
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(support::PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let took = asked.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM (--shutdown-timeout 1s)");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "stopped {took:?} after SIGTERM, with --shutdown-timeout 1s"
+    );
+    logs.wait_for(&["did not finish within 1s", "stays queued"])
+        .await;
+
+    // Nothing was lost: after a restart all three go out, in order.
+    target.hang.store(false, Ordering::SeqCst);
+    let (child, _logs) = spawn();
+    for n in 1..=3 {
+        assert_eq!(target.next().await, format!(r#"{{"seq":{n}}}"#));
+    }
+    stop(child).await;
+}
+
+/// Regression (item 4): SIGHUP ended `forward` (exit 129). It is logged and ignored.
+#[tokio::test]
+async fn regression_sighup_does_not_end_forward() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Hangup"), &target.url("/hook")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    for round in 1..=3 {
+        signal(&child, "HUP");
+        wait_count(&logs, "SIGHUP", round).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    channel.send_webhook(1, &seq(1));
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+    stop(child).await;
+}
+
+/// Regression (item 10): with stderr a closed pipe (the log reader exited), logging panicked
+/// in tasks: deliveries stopped and SIGTERM was ignored.
+#[tokio::test]
+async fn regression_a_closed_stderr_stops_neither_delivery_nor_shutdown() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("NoReader"), &target.url("/hook")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    channel.wait_connections(1).await;
+    // The reader goes away: every log line from now on meets EPIPE.
+    drop(child.stderr.take());
+    for n in 1..=20 {
+        channel.send_webhook(n, &seq(n));
+    }
+    for n in 1..=20 {
+        assert_eq!(target.next().await.body, format!(r#"{{"seq":{n}}}"#));
+    }
+    stop(child).await;
+}
+
+async fn metrics_text(addr: &str) -> String {
+    smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Regression (item 16): credentials in a target URL were printed in logs, `/metrics` and
+/// `events list`, and never sent. They go as Basic auth now, and show as `user:***`.
+#[tokio::test]
+async fn regression_target_credentials_go_as_basic_auth_and_are_never_shown() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("http://alice:pa%24%24word@{}/hook", target.addr);
+    let metrics = support::unused_addr().to_string();
+    let mut child = smee_relay()
+        .args([
+            "forward",
+            &channel.url("Creds"),
+            &url,
+            "--metrics-listen",
+            &metrics,
+        ])
+        .arg("--state-dir")
+        .arg(state.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, &seq(1));
+    let request = target.next().await;
+    // base64("alice:pa$$word"): percent-decoded, as curl sends it.
+    assert_eq!(
+        request.header("authorization"),
+        Some("Basic YWxpY2U6cGEkJHdvcmQ=")
+    );
+    let shown = format!("alice:***@{}/hook", target.addr);
+    logs.wait_for(&[&format!("POST {shown} -> 200")]).await;
+
+    let route = format!("route=\"http://{shown}\"");
+    let text = tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let text = metrics_text(&metrics).await;
+            if text.contains(&route) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the route label shows in /metrics");
+    let list = smee_relay()
+        .args(["events", "list", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .await
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.contains(&shown), "{list}");
+    stop(child).await;
+    for (what, text) in [
+        ("logs", logs.all()),
+        ("/metrics", text),
+        ("events list", list),
+    ] {
+        assert!(
+            !text.contains("word") && !text.contains("pa%24"),
+            "{what} shows the password:\n{text}"
+        );
+    }
+}
+
+/// Regression (item 16): control characters in event-derived text (an SSE id, an event name)
+/// reached the logs raw, so a sender could drive the reader's terminal or forge lines.
+#[tokio::test]
+async fn regression_control_characters_from_events_are_escaped_in_logs() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Escapes"), &target.url("/hook")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    // A bad frame whose id clears the screen, and a Port-shaped body whose action paints red
+    // and forges a second line.
+    channel.send_raw("id: 7\u{1b}[2J\ndata: not json\n\n");
+    channel.send_webhook(
+        8,
+        r#"{"body":{"action":"\u001b[31mUPDATE\nERROR forged","resourceType":"entity"}}"#,
+    );
+    target.next().await;
+    logs.wait_for(&["\\x1b[2J"]).await;
+    let line = logs
+        .wait_for(&["POST ", "\\x1b[31mUPDATE\\nERROR forged"])
+        .await;
+    assert!(line.contains("-> 200"), "{line}");
+    assert!(!logs.all().contains('\u{1b}'), "{}", logs.all());
+    assert!(
+        !logs.all().lines().any(|l| l.starts_with("ERROR forged")),
+        "{}",
+        logs.all()
+    );
+    stop(child).await;
+}
+
+/// Regression (item 7): `Retry-After: 999999999` parked the route for decades. It waits
+/// `--max-retry-after` instead, and says so.
+#[tokio::test]
+async fn regression_a_huge_retry_after_waits_max_retry_after_and_is_logged() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    target.answer_with_retry_after(503, 999_999_999);
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Capped"), &target.url("/hook")])
+        .args(["--max-retry-after", "1s"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &seq(1));
+    target.next().await;
+    let first = Instant::now();
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+    assert!(
+        first.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        first.elapsed()
+    );
+    logs.wait_for(&["Retry-After", "waiting 1s instead", "--max-retry-after"])
+        .await;
+    stop(child).await;
+}
