@@ -6,8 +6,10 @@
 //!                                          \--diff--> what else changed (shown in the alert)
 //! ```
 //!
-//! [`Pipeline::evaluate`] is pure: it takes an event, the current alert states and the time,
-//! and returns the alerts to send and the states to store. The [`runner`] persists
+//! [`Pipeline::evaluate`] is pure apart from `when` conditions, which run in a bounded jq
+//! worker process ([`jq::JqEngine`]): it takes an event, the current alert states and the time,
+//! and returns the alerts to send and the states to store. It blocks while a `when` condition
+//! runs (at most the jq time budget per rule), so callers run it off the async workers. The [`runner`] persists
 //! both in one spool transaction, together with marking the event done, so an event delivered
 //! twice never alerts twice and a restart neither re-alerts nor forgets.
 
@@ -145,7 +147,21 @@ pub enum Evaluation {
         states: BTreeMap<String, AlertState>,
         /// Rules that could not judge: (rule, entity, reason).
         skipped: Vec<(String, String, String)>,
+        /// Rules whose jq condition failed for this event (an error, or a time, memory or
+        /// recursion bound exceeded): (rule, entity, kind, reason). Their state is unchanged.
+        failed: Vec<RuleFailure>,
     },
+}
+
+/// A rule whose evaluation failed for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleFailure {
+    pub rule: String,
+    pub entity: String,
+    /// A fixed word (`timeout`, `bound`, `error`, ...), used as a metrics label.
+    pub kind: &'static str,
+    /// What happened, in words.
+    pub reason: String,
 }
 
 /// The compiled pipeline: rules, signature check, links.
@@ -155,22 +171,28 @@ pub struct Pipeline {
     pub verifier: Option<Verifier>,
     /// Base URL of the Port app, for entity links.
     pub app_url: String,
+    /// Runs `when` conditions within their time and memory bounds.
+    pub jq: jq::JqEngine,
 }
 
 impl Pipeline {
-    /// Evaluate one event against the current states at `now_ms`.
+    /// Evaluate one event against the current states at `now_ms`. `received_ms` is when the
+    /// event reached the channel: the signature's age is judged against it, not against now,
+    /// so an event delayed by an outage, a backlog or a replay still verifies, while an old
+    /// signed body posted afresh does not (see [`received_ms`]).
     pub fn evaluate(
         &self,
         event: &Event,
         current: &dyn Fn(&str) -> AlertState,
         now_ms: u64,
+        received_ms: u64,
     ) -> Evaluation {
         if let Some(verifier) = &self.verifier
             && let Err(e) = verifier.verify(
                 event.header("x-port-signature"),
                 event.header("x-port-timestamp"),
                 &event.body,
-                now_ms,
+                received_ms,
             )
         {
             return Evaluation::Rejected(e);
@@ -186,6 +208,7 @@ impl Pipeline {
         let mut alerts = Vec::new();
         let mut states = BTreeMap::new();
         let mut skipped = Vec::new();
+        let mut failed = Vec::new();
         for rule in self.rules.iter().filter(|r| r.watches(&change)) {
             let key = state_key(&rule.name, &entity);
             let mut state = current(&key);
@@ -193,9 +216,18 @@ impl Pipeline {
             let (phase, transition) = if change.action == Action::Delete {
                 state::entity_deleted(state.phase)
             } else {
-                let verdict = rule.judge(&change);
-                if let Verdict::Skip(reason) = &verdict {
-                    skipped.push((rule.name.clone(), entity.clone(), reason.clone()));
+                let verdict = rule.judge(&change, &self.jq);
+                match &verdict {
+                    Verdict::Skip(reason) => {
+                        skipped.push((rule.name.clone(), entity.clone(), reason.clone()));
+                    }
+                    Verdict::Failed { kind, reason } => failed.push(RuleFailure {
+                        rule: rule.name.clone(),
+                        entity: entity.clone(),
+                        kind,
+                        reason: reason.clone(),
+                    }),
+                    _ => {}
                 }
                 state::step(state.phase, &verdict, rule.hold, now_ms)
             };
@@ -228,6 +260,7 @@ impl Pipeline {
             alerts,
             states,
             skipped,
+            failed,
         }
     }
 
@@ -352,6 +385,13 @@ impl Pipeline {
     }
 }
 
+/// When an event reached the channel, for the signature's age: the channel server's receive
+/// time (the smee frame's `timestamp`), else when the relay stored it. Never the time of
+/// evaluation: a backlog or a replay must not age a valid event out of its window.
+pub fn received_ms(event: &Event, stored_ms: u64) -> u64 {
+    event.timestamp_ms.unwrap_or(stored_ms)
+}
+
 fn url_escape(text: &str) -> String {
     reqwest::Url::parse_with_params("http://x/", [("v", text)])
         .map(|u| u.query().unwrap_or("").trim_start_matches("v=").to_string())
@@ -383,6 +423,7 @@ mod tests {
             rules: fixture_rules(),
             verifier: None,
             app_url: "https://app.getport.io".into(),
+            jq: jq::JqEngine::here(),
         };
         for shape in ["legacy", "automation"] {
             let mut states: HashMap<String, AlertState> = HashMap::new();
@@ -404,7 +445,7 @@ mod tests {
                     alerts,
                     states: new,
                     ..
-                } = pipeline.evaluate(&event, &current, 1_000)
+                } = pipeline.evaluate(&event, &current, 1_000, 1_000)
                 else {
                     panic!("{file} did not evaluate");
                 };
@@ -456,6 +497,7 @@ mod tests {
             rules: config.rules,
             verifier: None,
             app_url: "https://app.getport.io".into(),
+            jq: jq::JqEngine::here(),
         }
     }
 
@@ -467,7 +509,7 @@ mod tests {
         let t0 = 1_000_000;
         let evaluate = |states: &HashMap<String, AlertState>, body: &str, at: u64| {
             let current = |k: &str| states.get(k).cloned().unwrap_or_default();
-            match pipeline.evaluate(&event(body), &current, at) {
+            match pipeline.evaluate(&event(body), &current, at, at) {
                 Evaluation::Evaluated { alerts, states, .. } => (alerts, states),
                 other => panic!("{other:?}"),
             }
@@ -501,6 +543,7 @@ mod tests {
             &event(&update(r#"{"locked":true,"cpu":"high"}"#)),
             &current,
             1,
+            1,
         )
         else {
             panic!()
@@ -517,7 +560,7 @@ mod tests {
             )]
         );
         assert!(matches!(
-            pipeline.evaluate(&event(r#"{"ref":"main"}"#), &current, 1),
+            pipeline.evaluate(&event(r#"{"ref":"main"}"#), &current, 1, 1),
             Evaluation::NotPort(_)
         ));
     }
