@@ -678,4 +678,142 @@ when = '.properties.locked == true'
             .to_string();
         assert!(e.starts_with("c.toml:21:"), "{e}");
     }
+
+    /// A minimal valid config with `extra` spliced in at the given place.
+    fn with(channel_extra: &str, rest: &str) -> String {
+        format!(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n{channel_extra}\n\
+             [[rule]]\nname = \"r\"\nproperty = \"cpu\"\nabove = 80\n{rest}"
+        )
+    }
+
+    /// The error for `text`, which must be refused.
+    fn refused(text: &str, env: &dyn Fn(&str) -> Option<String>) -> String {
+        match parse(text, "c.toml", env) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn config_accepts_nonsense_zero_idle_timeout() {
+        let e = refused(&with("idle_timeout = \"0s\"", ""), &no_env);
+        assert!(
+            e.starts_with("c.toml:4:") && e.contains("more than zero"),
+            "{e}"
+        );
+        let e = refused(&with("idle_timeout = \"soon\"", ""), &no_env);
+        assert!(
+            e.starts_with("c.toml:4:") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = refused(&with("", "[port]\nsignature_tolerance = \"0s\"\n"), &no_env);
+        assert!(
+            e.starts_with("c.toml:10:") && e.contains("more than zero"),
+            "{e}"
+        );
+        let e = refused(&with("", "[jq]\ntimeout = \"0ms\"\n"), &no_env);
+        assert!(
+            e.starts_with("c.toml:10:") && e.contains("more than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_accepts_nonsense_empty_client_secret() {
+        let e = refused(&with("", "[port]\nclient_secret = \"\"\n"), &no_env);
+        assert!(e.starts_with("c.toml:10:") && e.contains("empty"), "{e}");
+        let e = refused(&with("", "[port]\nclient_secret = \"  \"\n"), &no_env);
+        assert!(e.starts_with("c.toml:10:") && e.contains("empty"), "{e}");
+        // From the environment: an empty variable is as good as unset.
+        let env = |_: &str| Some(String::new());
+        let e = refused(&with("", "[port]\nclient_secret_env = \"SECRET\"\n"), &env);
+        assert!(e.contains("SECRET, which is not set"), "{e}");
+    }
+
+    #[test]
+    fn config_accepts_nonsense_non_finite_thresholds() {
+        for (key, value, line) in [
+            ("above", "nan", 8),
+            ("above", "inf", 8),
+            ("above", "-inf", 8),
+            ("clear_below", "nan", 9),
+        ] {
+            let text = if key == "above" {
+                with("", "").replace("above = 80", &format!("above = {value}"))
+            } else {
+                with("", &format!("{key} = {value}\n"))
+            };
+            let e = refused(&text, &no_env);
+            assert!(
+                e.starts_with(&format!("c.toml:{line}:")) && e.contains("finite number"),
+                "{key} = {value}: {e}"
+            );
+        }
+        let below = with("", "").replace("above = 80", "below = nan");
+        let e = refused(&below, &no_env);
+        assert!(e.starts_with("c.toml:8:") && e.contains("finite"), "{e}");
+    }
+
+    #[test]
+    fn config_accepts_nonsense_empty_value_lists() {
+        for key in ["in", "not_in"] {
+            let text = with("", "").replace("above = 80", &format!("{key} = []"));
+            let e = refused(&text, &no_env);
+            assert!(
+                e.starts_with("c.toml:8:") && e.contains("empty list"),
+                "{key}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_accepts_nonsense_token_with_a_newline() {
+        let e = refused(&with("token = \"abc\\ndef\"", ""), &no_env);
+        assert!(
+            e.starts_with("c.toml:4:") && e.contains("control character"),
+            "{e}"
+        );
+        assert!(!e.contains("abc"), "the token is never repeated: {e}");
+        let e = refused(&with("token = \"\"", ""), &no_env);
+        assert!(e.starts_with("c.toml:4:") && e.contains("empty"), "{e}");
+        // From the environment (a trailing newline from `echo` into an env file, say): the
+        // channel's line.
+        let env = |_: &str| Some("abc\n".to_string());
+        let e = refused(&with("token_env = \"TOKEN\"", ""), &env);
+        assert!(e.starts_with("c.toml:1:") && !e.contains("abc"), "{e}");
+        assert!(
+            e.contains("the value of TOKEN") && e.contains("control character"),
+            "{e}"
+        );
+        let e = refused(
+            &with("", "").replace("name = \"r\"", "name = \"a\\u001fb\""),
+            &no_env,
+        );
+        assert!(
+            e.starts_with("c.toml:5:") && e.contains("control character"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn jq_bounds_are_read_and_checked() {
+        let config = parse(
+            &with("", "[jq]\ntimeout = \"250ms\"\nmax_memory_mib = 128\n"),
+            "c.toml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(config.jq.timeout, Duration::from_millis(250));
+        assert_eq!(config.jq.max_memory, 128 << 20);
+        assert_eq!(
+            parse(&with("", ""), "c.toml", &no_env).unwrap().jq,
+            JqLimits::default()
+        );
+        let e = refused(&with("", "[jq]\nmax_memory_mib = 1\n"), &no_env);
+        assert!(
+            e.starts_with("c.toml:10:") && e.contains("between 64"),
+            "{e}"
+        );
+    }
 }

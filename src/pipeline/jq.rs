@@ -456,7 +456,7 @@ impl Worker {
             String::from_utf8_lossy(&kept)
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
+                .filter(|l| !l.is_empty() && !l.starts_with("note: run with"))
                 .collect::<Vec<_>>()
                 .join("; ")
         };

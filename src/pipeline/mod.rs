@@ -564,4 +564,84 @@ mod tests {
             Evaluation::NotPort(_)
         ));
     }
+
+    /// Item: a signature's age was judged at evaluation, so a backlog or an outage longer than
+    /// the tolerance rejected valid alerts for good. It is judged against the channel's receive
+    /// time now; an old signed body posted afresh is still rejected.
+    #[test]
+    fn signature_age_is_judged_against_when_the_channel_received_the_event() {
+        let vectors: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/port/signatures.json"))
+                .unwrap();
+        let pipeline = Pipeline {
+            verifier: Some(Verifier::new(
+                vectors["secret"].as_str().unwrap(),
+                std::time::Duration::from_secs(300),
+            )),
+            ..with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n")
+        };
+        let current = |_: &str| AlertState::default();
+        let days = 24 * 3_600_000;
+        for v in vectors["files"].as_array().unwrap() {
+            let path = format!(
+                "{}/tests/fixtures/port/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                v["file"].as_str().unwrap()
+            );
+            let signed_ms = v["x-port-timestamp"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1000;
+            let signed = |timestamp_ms| Event {
+                timestamp_ms,
+                headers: vec![
+                    (
+                        "x-port-timestamp".into(),
+                        v["x-port-timestamp"].as_str().unwrap().into(),
+                    ),
+                    (
+                        "x-port-signature".into(),
+                        v["x-port-signature"].as_str().unwrap().into(),
+                    ),
+                ],
+                body: std::fs::read(&path).unwrap().into(),
+                ..Event::default()
+            };
+            // Evaluated 10 days late (an outage, a backlog, a replay): the channel got it 2 s
+            // after it was signed, so it verifies.
+            let late = signed_ms + 10 * days;
+            let event = signed(Some(signed_ms + 2_000));
+            let at = received_ms(&event, late);
+            assert!(
+                !matches!(
+                    pipeline.evaluate(&event, &current, late, at),
+                    Evaluation::Rejected(_)
+                ),
+                "{v}"
+            );
+            // No frame timestamp: the spool's receive time stands in.
+            let event = signed(None);
+            let at = received_ms(&event, signed_ms + 1_000);
+            assert!(
+                !matches!(
+                    pipeline.evaluate(&event, &current, late, at),
+                    Evaluation::Rejected(_)
+                ),
+                "{v}"
+            );
+            // The same signed body posted to the channel afresh: the channel's timestamp is
+            // now, far from x-port-timestamp.
+            let event = signed(Some(late));
+            let at = received_ms(&event, late);
+            assert!(
+                matches!(
+                    pipeline.evaluate(&event, &current, late, at),
+                    Evaluation::Rejected(SignatureError::OutsideWindow { .. })
+                ),
+                "{v}"
+            );
+        }
+    }
 }

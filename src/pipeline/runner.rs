@@ -288,13 +288,14 @@ fn say_skipped(id: u64, subject: &str, done: &Evaluated) {
     if id == done.event {
         info!(
             event = id,
-            entity, "pipeline: event {id} was already evaluated at {at}, no alert re-sent"
+            entity,
+            "pipeline: event {id} was already evaluated at {at}; replayed, it is not evaluated again and no alert is sent"
         );
     } else {
         info!(
             event = id,
             entity,
-            "pipeline: event {id} is not evaluated: event {} for the same entity was evaluated after it, at {at}; judging this older change now could send a stale alert, so none is sent",
+            "pipeline: event {id} is older than event {}, evaluated for the same entity at {at}; replayed, it is not evaluated (it could only repeat an alert or send a stale one) and no alert is sent",
             done.event
         );
     }
