@@ -522,7 +522,7 @@ when = '[limit(1e9; repeat("x" * 10000))] | length > 0'
         ("hungry", "memory or recursion bound"),
     ] {
         assert!(
-            stderr.contains(&format!("config.toml:"))
+            stderr.contains("config.toml:")
                 && stderr.contains(&format!("rule {rule:?}: when:"))
                 && stderr.contains(why),
             "{rule}: {stderr}"
