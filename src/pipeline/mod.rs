@@ -387,9 +387,15 @@ impl Pipeline {
 
 /// When an event reached the channel, for the signature's age: the channel server's receive
 /// time (the smee frame's `timestamp`), else when the relay stored it. Never the time of
-/// evaluation: a backlog or a replay must not age a valid event out of its window.
+/// evaluation: a backlog or a replay must not age a valid event out of its window. A frame
+/// time after the relay stored the event (beyond a minute of clock skew) cannot be true and is
+/// not used.
 pub fn received_ms(event: &Event, stored_ms: u64) -> u64 {
-    event.timestamp_ms.unwrap_or(stored_ms)
+    const SKEW_MS: u64 = 60_000;
+    event
+        .timestamp_ms
+        .filter(|&t| t <= stored_ms.saturating_add(SKEW_MS))
+        .unwrap_or(stored_ms)
 }
 
 fn url_escape(text: &str) -> String {
@@ -631,6 +637,9 @@ mod tests {
                 ),
                 "{v}"
             );
+            // A frame time later than the relay stored it is not believed.
+            let future = signed(Some(late));
+            assert_eq!(received_ms(&future, signed_ms + 1_000), signed_ms + 1_000);
             // The same signed body posted to the channel afresh: the channel's timestamp is
             // now, far from x-port-timestamp.
             let event = signed(Some(late));

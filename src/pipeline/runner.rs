@@ -434,4 +434,91 @@ mod tests {
         drop(writer);
         thread.join().unwrap();
     }
+
+    /// A rejected event was never judged: once the cause is fixed (here, the secret), replaying
+    /// it evaluates it, and it alerts once; replaying it again sends nothing. An older event of
+    /// the same entity replayed after it is not judged either (it would be stale).
+    #[tokio::test]
+    async fn a_rejected_event_is_judged_on_replay_and_never_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let config = crate::config::parse(
+            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
+             [[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let unsigned = Pipeline {
+            rules: config.rules,
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+            jq: super::super::jq::JqEngine::here(),
+        };
+        let strict = Pipeline {
+            verifier: Some(super::super::signature::Verifier::new(
+                "secret",
+                Duration::from_secs(300),
+            )),
+            ..unsigned.clone()
+        };
+        let fixture = |name: &str| crate::event::Event {
+            body: std::fs::read(format!(
+                "{}/tests/fixtures/port/deployment-config/automation/{name}.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+            .into(),
+            ..Default::default()
+        };
+        let routes = [PIPELINE_ROUTE.to_string()];
+        let ids = writer
+            .append(
+                "c",
+                &routes,
+                vec![fixture("01-create"), fixture("02-cpu-25-to-87")].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        let (older, hot) = (ids[0].unwrap(), ids[1].unwrap());
+        let cancel = CancellationToken::new();
+        let (rules, rules_rx) = watch::channel(Arc::new(strict));
+        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let settled = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the pipeline is stuck"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        settled().await;
+        let dead = spool.list(Some(crate::spool::Status::Dead), 10).unwrap();
+        assert_eq!(dead.len(), 2, "unsigned: both rejected");
+        assert!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty());
+
+        // The secret requirement is dropped (a reload); the rejected event is replayed.
+        rules.send(Arc::new(unsigned)).unwrap();
+        spool.replay(crate::spool::Replay::Ids(vec![hot])).unwrap();
+        writer.commit(vec![]).await.unwrap();
+        settled().await;
+        let alerts = spool.pending(ALERT_ROUTE, 0, 10).unwrap();
+        assert_eq!(alerts.len(), 1, "judged once replayed");
+
+        // Again, and the older event of the same entity: nothing more.
+        spool
+            .replay(crate::spool::Replay::Ids(vec![hot, older]))
+            .unwrap();
+        writer.commit(vec![]).await.unwrap();
+        settled().await;
+        assert_eq!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().len(), 1);
+        cancel.cancel();
+        task.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
 }
