@@ -86,7 +86,11 @@ fn bound_failures_say_what_happened() {
         )
         .unwrap_err()
         .to_string();
-    assert!(memory.contains("memory allocation"), "{memory}");
+    assert!(
+        memory.contains("went over its memory budget")
+            && memory.contains("jq worker: memory budget exceeded"),
+        "{memory}"
+    );
     let slow = jq
         .holds(&condition("last(repeat(1))"), &entity)
         .unwrap_err()

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -481,6 +482,7 @@ impl Drop for Worker {
 fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt as _;
     match (status.code(), status.signal()) {
+        (Some(OVER_BUDGET), _) => "went over its memory budget".into(),
         (Some(code), _) => format!("exited with status {code}"),
         (None, Some(6)) => "aborted (SIGABRT)".into(),
         (None, Some(9)) => "was killed (SIGKILL)".into(),
@@ -548,28 +550,109 @@ fn reply(out: &mut impl Write, answer: &Answer) -> std::io::Result<()> {
     out.flush()
 }
 
-/// Bound the worker itself: its address space (a runaway generator fails to allocate and the
-/// worker aborts, not the daemon), no core dumps (an abort is expected, not a bug to keep), and
-/// on Linux, die with the parent (a looping worker must not outlive a killed daemon).
+/// Bound the worker itself. Memory: the [`BoundedAlloc`] budget, which works everywhere (the
+/// shipped systemd unit forbids `setrlimit`), plus an `RLIMIT_AS` backstop at twice that where
+/// allowed. No core dumps: an overflowing stack aborts, and that is expected, not a bug to keep.
+/// On Linux, die with the parent: a looping worker must not outlive a killed daemon.
 fn bound_this_process(max_memory: u64) {
-    // SAFETY: setrlimit and prctl take plain values and only affect this process.
+    BUDGET.store(
+        usize::try_from(max_memory).unwrap_or(usize::MAX),
+        Ordering::Relaxed,
+    );
+    let backstop = max_memory.saturating_mul(2).saturating_add(64 << 20);
+    // SAFETY: setrlimit and prctl take plain values and only affect this process; a refusal
+    // (EPERM under a seccomp filter) leaves the allocator budget as the bound.
     unsafe {
         let memory = libc::rlimit {
-            rlim_cur: max_memory as libc::rlim_t,
-            rlim_max: max_memory as libc::rlim_t,
+            rlim_cur: backstop as libc::rlim_t,
+            rlim_max: backstop as libc::rlim_t,
         };
         libc::setrlimit(libc::RLIMIT_AS, &memory);
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
         #[cfg(target_os = "linux")]
         {
+            libc::prctl(libc::PR_SET_DUMPABLE, 0);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // The parent may have died before the prctl: then stdin is closed too, and the
             // loop ends at once.
         }
+    }
+}
+
+/// The worker's memory budget in bytes; 0 (the daemon, and every other command) is no budget.
+static BUDGET: AtomicUsize = AtomicUsize::new(0);
+/// Bytes the worker holds from the allocator, counted only while a budget is set.
+static HELD: AtomicIsize = AtomicIsize::new(0);
+
+/// The process's allocator: the system one, with a byte budget that only the jq worker sets
+/// (the daemon pays one relaxed load per allocation). Past the budget the worker exits at once
+/// with [`OVER_BUDGET`], before the allocation: a runaway generator ends there, in the worker.
+pub struct BoundedAlloc;
+
+/// The worker's exit status when it went over its memory budget.
+const OVER_BUDGET: i32 = 3;
+
+impl BoundedAlloc {
+    #[inline]
+    fn admit(grow: usize) {
+        let budget = BUDGET.load(Ordering::Relaxed);
+        if budget == 0 {
+            return;
+        }
+        let held = HELD.fetch_add(grow as isize, Ordering::Relaxed) + grow as isize;
+        if held > budget as isize {
+            over_budget();
+        }
+    }
+
+    #[inline]
+    fn release(shrink: usize) {
+        if BUDGET.load(Ordering::Relaxed) != 0 {
+            HELD.fetch_sub(shrink as isize, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cold]
+fn over_budget() -> ! {
+    const MESSAGE: &[u8] = b"jq worker: memory budget exceeded\n";
+    // SAFETY: write and _exit are async-signal-safe and allocate nothing (we are inside the
+    // allocator).
+    unsafe {
+        libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+        libc::_exit(OVER_BUDGET)
+    }
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the budget only counts.
+unsafe impl std::alloc::GlobalAlloc for BoundedAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::admit(layout.size());
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::admit(layout.size());
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        Self::release(layout.size());
+        // SAFETY: the caller's contract, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            Self::admit(new_size - layout.size());
+        }
+        // SAFETY: the caller's contract, passed on.
+        let moved = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if new_size < layout.size() && !moved.is_null() {
+            Self::release(layout.size() - new_size);
+        }
+        moved
     }
 }
 
