@@ -49,7 +49,7 @@ pub struct JqConfig {
     /// Wall-clock time per evaluation.
     #[serde(default = "default_jq_timeout", deserialize_with = "positive_duration")]
     pub timeout: Duration,
-    /// Address space of the jq worker process, in MiB.
+    /// Memory the jq worker process may allocate, in MiB.
     #[serde(default = "default_jq_memory", deserialize_with = "jq_memory")]
     pub max_memory_mib: u64,
 }

@@ -1,9 +1,17 @@
 //! jq conditions (`when = '.properties.locked == true'`), evaluated with jaq, the way Port users
 //! already write them in Automations.
 //!
-//! A condition is compiled once when the config is loaded, to report syntax errors with their
-//! position, and again for each evaluation: jaq's compiled filters are not `Send`, and compiling
-//! a one-line condition costs microseconds, which is nothing next to a webhook.
+//! A condition is compiled when the config is loaded, to report syntax errors with their
+//! position (and refused if too long or nested too deep for the parser's stack).
+//!
+//! It is evaluated in a worker process ([`JqEngine`]), never in the daemon: jaq has no fuel or
+//! depth limit and a thread cannot be stopped, so a condition that loops, recurses or allocates
+//! without end would freeze or crash the daemon. The worker is this same binary started with
+//! [`WORKER_ARG`] ([`worker_main`]); it compiles each condition once and answers one JSON line
+//! per request. The daemon gives each evaluation a time budget and kills the worker past it; the
+//! worker bounds its own memory ([`BoundedAlloc`]) and its stack bounds recursion. A worker that
+//! was killed or died is replaced on the next evaluation. This module must not log: the caller
+//! decides how a failure is reported (once per rule, counted).
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write};
@@ -210,8 +218,8 @@ fn evaluate_here(filter: &Filter, input: &[u8]) -> Result<bool, JqFailure> {
 pub struct JqLimits {
     /// Wall-clock time one evaluation may take; past it, the worker is killed.
     pub timeout: Duration,
-    /// Address space of the worker process (`RLIMIT_AS`), which bounds what a generator can
-    /// allocate.
+    /// Bytes the worker process may allocate (see [`BoundedAlloc`]), which bounds what a
+    /// generator can collect.
     pub max_memory: u64,
 }
 
