@@ -340,6 +340,7 @@ impl JqEngine {
 
 /// One running worker process and the threads that read its output.
 struct Worker {
+    /// The process, to kill past the budget and to learn how it died.
     child: Child,
     /// Requests go here, one JSON line each.
     stdin: ChildStdin,

@@ -156,7 +156,9 @@ pub enum Evaluation {
 /// A rule whose evaluation failed for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleFailure {
+    /// The rule's name (a metrics label: names are few and chosen by the operator).
     pub rule: String,
+    /// The entity it failed on, for the log line.
     pub entity: String,
     /// A fixed word (`timeout`, `bound`, `error`, ...), used as a metrics label.
     pub kind: &'static str,

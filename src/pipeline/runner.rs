@@ -64,6 +64,7 @@ pub async fn run(
     let mut warned: HashSet<(String, String, String)> = HashSet::new();
     // One error line per (rule, kind of failure): a hostile rule fails on every event.
     let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
+    // Per entity, the last event evaluated for it: a replayed event at or below it is skipped.
     let mut appended = writer.appended();
     let mut cursor = 0;
     while !cancel.is_cancelled() {
