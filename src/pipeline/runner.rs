@@ -57,6 +57,8 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
+    // `evaluated`: per entity, the last event evaluated for it; a replayed event at or below it
+    // is skipped.
     let (loaded, mut evaluated) = load_states(&spool);
     // Shared with the blocking evaluation; the copy-on-write below is free once it returned.
     let mut states = Arc::new(loaded);
@@ -64,7 +66,6 @@ pub async fn run(
     let mut warned: HashSet<(String, String, String)> = HashSet::new();
     // One error line per (rule, kind of failure): a hostile rule fails on every event.
     let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
-    // Per entity, the last event evaluated for it: a replayed event at or below it is skipped.
     let mut appended = writer.appended();
     let mut cursor = 0;
     while !cancel.is_cancelled() {
