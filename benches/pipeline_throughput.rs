@@ -25,6 +25,10 @@ fn main() {
         rules: config.rules,
         verifier: None,
         app_url: "https://app.getport.io".into(),
+        jq: smee_relay::pipeline::jq::JqEngine::with_program(
+            env!("CARGO_BIN_EXE_smee-relay").into(),
+            config.jq,
+        ),
     };
     let events: Vec<Event> = smee_relay::commands::demo::SEQUENCE
         .iter()
@@ -41,7 +45,7 @@ fn main() {
     for round in 0..ROUNDS {
         for event in &events {
             let current = |key: &str| states.get(key).cloned().unwrap_or_default();
-            match pipeline.evaluate(event, &current, round as u64 * 1000) {
+            match pipeline.evaluate(event, &current, round as u64 * 1000, round as u64 * 1000) {
                 Evaluation::Evaluated {
                     alerts: fired,
                     states: changed,

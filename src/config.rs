@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::pipeline::jq::JqCondition;
+use crate::pipeline::jq::{JqCondition, JqLimits};
 use crate::pipeline::rules::{Condition, Rule};
 use crate::pipeline::signature::Verifier;
 use crate::secret::{ExposeSecret as _, SecretString};
@@ -36,6 +36,120 @@ pub struct ConfigFile {
     /// Alert rules, evaluated on every Port entity change of a `pipeline = true` channel.
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleConfig>>,
+    /// Bounds on each evaluation of a `when` condition.
+    #[serde(default)]
+    pub jq: JqConfig,
+}
+
+/// `[jq]`: what one evaluation of a `when` condition may cost. A condition that loops,
+/// recurses or allocates without end is stopped at these bounds, counted as a failed
+/// evaluation of its rule, and the others go on.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JqConfig {
+    /// Wall-clock time per evaluation.
+    #[serde(default = "default_jq_timeout", deserialize_with = "positive_duration")]
+    pub timeout: Duration,
+    /// Memory the jq worker process may allocate, in MiB.
+    #[serde(default = "default_jq_memory", deserialize_with = "jq_memory")]
+    pub max_memory_mib: u64,
+}
+
+impl Default for JqConfig {
+    fn default() -> Self {
+        Self {
+            timeout: default_jq_timeout(),
+            max_memory_mib: default_jq_memory(),
+        }
+    }
+}
+
+fn default_jq_timeout() -> Duration {
+    JqLimits::default().timeout
+}
+
+fn default_jq_memory() -> u64 {
+    JqLimits::default().max_memory >> 20
+}
+
+/// The worker itself needs some address space to start (its binary, stack, allocator).
+const MIN_JQ_MEMORY_MIB: u64 = 64;
+
+fn jq_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let mib = u64::deserialize(d)?;
+    if !(MIN_JQ_MEMORY_MIB..=1 << 20).contains(&mib) {
+        return Err(serde::de::Error::custom(format!(
+            "max_memory_mib must be between {MIN_JQ_MEMORY_MIB} and 1048576, not {mib}"
+        )));
+    }
+    Ok(mib)
+}
+
+/// A duration like `90s` that is more than zero: a zero timeout or tolerance would make the
+/// relay reconnect in a loop or refuse every signature.
+fn positive_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let duration = humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!("{text:?} is not a duration like \"30s\": {e}"))
+    })?;
+    if duration.is_zero() {
+        return Err(serde::de::Error::custom(format!(
+            "{text:?}: must be more than zero"
+        )));
+    }
+    Ok(duration)
+}
+
+/// A threshold: a finite number (`nan` never compares, `inf` is never crossed).
+fn finite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let value = f64::deserialize(d)?;
+    if !value.is_finite() {
+        return Err(serde::de::Error::custom(format!(
+            "{value} is not a usable threshold: give a finite number"
+        )));
+    }
+    Ok(Some(value))
+}
+
+/// `in` / `not_in`: at least one value (an empty list would never fire, or always).
+fn values<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<serde_json::Value>>, D::Error> {
+    let values = Vec::<serde_json::Value>::deserialize(d)?;
+    if values.is_empty() {
+        return Err(serde::de::Error::custom(
+            "an empty list: give at least one value (with none, the rule would never fire, or always)",
+        ));
+    }
+    Ok(Some(values))
+}
+
+/// A literal secret or name: not empty, no control characters (a newline in a token would
+/// make an invalid header on every connection).
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(d)?;
+    check_text(&value).map_err(serde::de::Error::custom)?;
+    Ok(Some(value))
+}
+
+/// [`text`] for a secret: the checked value goes straight into a [`SecretString`].
+fn secret_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(text(d)?.map(SecretString::from))
+}
+
+/// Why `value` is not usable as a secret, URL or name; the value itself is never repeated
+/// (it may be a secret).
+fn check_text(value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Err("empty: give a value, or leave the key out".into());
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "contains a control character ({:?}): a stray newline from copying it?",
+            c
+        ));
+    }
+    Ok(())
 }
 
 /// One `[[channel]]`.
@@ -43,6 +157,7 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct ChannelConfig {
     /// The channel URL (a secret: prefer `url_env`).
+    #[serde(default, deserialize_with = "secret_text")]
     pub url: Option<SecretString>,
     /// The environment variable holding the channel URL.
     pub url_env: Option<String>,
@@ -53,9 +168,13 @@ pub struct ChannelConfig {
     #[serde(default)]
     pub pipeline: bool,
     /// Reconnect when the channel sends nothing for this long.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "positive_duration"
+    )]
     pub idle_timeout: Duration,
     /// Token for a `smee-relay serve --token` server (a secret: prefer `token_env`).
+    #[serde(default, deserialize_with = "secret_text")]
     pub token: Option<SecretString>,
     /// The environment variable holding the token.
     pub token_env: Option<String>,
@@ -71,11 +190,12 @@ fn default_idle_timeout() -> Duration {
 pub struct PortConfig {
     /// The Port client secret that signs webhooks (a secret: prefer `client_secret_env`).
     /// When set, unsigned or badly signed events are rejected by the pipeline.
+    #[serde(default, deserialize_with = "secret_text")]
     pub client_secret: Option<SecretString>,
     /// The environment variable holding the client secret.
     pub client_secret_env: Option<String>,
-    /// How far `x-port-timestamp` may be from now.
-    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    /// How far `x-port-timestamp` may be from when the event reached the channel.
+    #[serde(default = "default_tolerance", deserialize_with = "positive_duration")]
     pub signature_tolerance: Duration,
     /// The Port app, for entity links in alerts.
     #[serde(default = "default_app_url")]
@@ -106,6 +226,7 @@ fn default_app_url() -> String {
 #[serde(deny_unknown_fields)]
 pub struct SlackConfig {
     /// The incoming-webhook URL (a secret: prefer `webhook_url_env`).
+    #[serde(default, deserialize_with = "secret_text")]
     pub webhook_url: Option<SecretString>,
     /// The environment variable holding the webhook URL.
     pub webhook_url_env: Option<String>,
@@ -122,17 +243,22 @@ pub struct RuleConfig {
     /// The property watched by `above`, `below`, `in` and `not_in`.
     pub property: Option<String>,
     /// Fire when the property is above this.
+    #[serde(default, deserialize_with = "finite")]
     pub above: Option<f64>,
     /// With `above`: resolve only when the value falls below this (hysteresis). Default: `above`.
+    #[serde(default, deserialize_with = "finite")]
     pub clear_below: Option<f64>,
     /// Fire when the property is below this.
+    #[serde(default, deserialize_with = "finite")]
     pub below: Option<f64>,
     /// With `below`: resolve only when the value rises above this. Default: `below`.
+    #[serde(default, deserialize_with = "finite")]
     pub clear_above: Option<f64>,
     /// Fire while the property is one of these values.
-    #[serde(rename = "in")]
+    #[serde(rename = "in", default, deserialize_with = "values")]
     pub in_: Option<Vec<serde_json::Value>>,
     /// Fire while the property is none of these values.
+    #[serde(default, deserialize_with = "values")]
     pub not_in: Option<Vec<serde_json::Value>>,
     /// Fire while this jq condition holds over the entity after the change.
     pub when: Option<Spanned<String>>,
@@ -176,6 +302,8 @@ pub struct Config {
     /// Present when `[port]` names a client secret.
     pub verifier: Option<Verifier>,
     pub app_url: String,
+    /// Bounds on each evaluation of a `when` condition.
+    pub jq: JqLimits,
     /// The Slack webhook. A secret: never logged.
     pub slack: Option<SecretUrl>,
 }
@@ -227,10 +355,13 @@ pub fn parse(
         match (literal, var) {
             (Some(_), Some(_)) => Err(format!("give {what} or {what}_env, not both")),
             (Some(value), None) => Ok(Some(value.clone())),
-            (None, Some(name)) => env(name)
-                .filter(|v| !v.is_empty())
-                .map(|v| Some(SecretString::from(v)))
-                .ok_or_else(|| format!("{what}_env names {name}, which is not set")),
+            (None, Some(name)) => match env(name).filter(|v| !v.is_empty()) {
+                None => Err(format!("{what}_env names {name}, which is not set")),
+                Some(value) => match check_text(&value) {
+                    Ok(()) => Ok(Some(SecretString::from(value))),
+                    Err(e) => Err(format!("{what}_env: the value of {name} is {e}")),
+                },
+            },
             (None, None) => Ok(None),
         }
     };
@@ -289,7 +420,7 @@ pub fn parse(
                 format!("rule {:?}: the name is used twice", r.name),
             ));
         }
-        match rule(r) {
+        match rule(r, format!("{origin}:{}", line_of(at))) {
             Ok(rule) => rules.push(rule),
             Err((offset, message)) => problems.push(at_line(
                 offset.unwrap_or(at),
@@ -353,11 +484,15 @@ pub fn parse(
         verifier,
         app_url: file.port.app_url.trim_end_matches('/').to_string(),
         slack,
+        jq: JqLimits {
+            timeout: file.jq.timeout,
+            max_memory: file.jq.max_memory_mib << 20,
+        },
     })
 }
 
 /// Build a rule, or say what is wrong (with the offset of the `when` string for jq errors).
-fn rule(r: &RuleConfig) -> Result<Rule, (Option<usize>, String)> {
+fn rule(r: &RuleConfig, origin: String) -> Result<Rule, (Option<usize>, String)> {
     let plain = |message: &str| (None, message.to_string());
     let given = [
         r.above.is_some(),
@@ -430,12 +565,17 @@ fn rule(r: &RuleConfig) -> Result<Rule, (Option<usize>, String)> {
     if r.name.trim().is_empty() {
         return Err(plain("the name is empty"));
     }
+    if let Err(e) = check_text(&r.name) {
+        // The name keys the rule's alert state: no control characters there either.
+        return Err((None, format!("name: {e}")));
+    }
     Ok(Rule {
         name: r.name.clone(),
         blueprint: r.blueprint.clone(),
         condition,
         hold: r.hold,
         severity: r.severity.clone(),
+        origin,
     })
 }
 
@@ -574,5 +714,143 @@ above = 80
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("c.toml:21:"), "{e}");
+    }
+
+    /// A minimal valid config with `extra` spliced in at the given place.
+    fn with(channel_extra: &str, rest: &str) -> String {
+        format!(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n{channel_extra}\n\
+             [[rule]]\nname = \"r\"\nproperty = \"cpu\"\nabove = 80\n{rest}"
+        )
+    }
+
+    /// The error for `text`, which must be refused.
+    fn refused(text: &str, env: &dyn Fn(&str) -> Option<String>) -> String {
+        match parse(text, "c.toml", env) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn config_accepts_nonsense_zero_idle_timeout() {
+        let e = refused(&with("idle_timeout = \"0s\"", ""), &no_env);
+        assert!(
+            e.starts_with("c.toml:4:") && e.contains("more than zero"),
+            "{e}"
+        );
+        let e = refused(&with("idle_timeout = \"soon\"", ""), &no_env);
+        assert!(
+            e.starts_with("c.toml:4:") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = refused(&with("", "[port]\nsignature_tolerance = \"0s\"\n"), &no_env);
+        assert!(
+            e.starts_with("c.toml:10:") && e.contains("more than zero"),
+            "{e}"
+        );
+        let e = refused(&with("", "[jq]\ntimeout = \"0ms\"\n"), &no_env);
+        assert!(
+            e.starts_with("c.toml:10:") && e.contains("more than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_accepts_nonsense_empty_client_secret() {
+        let e = refused(&with("", "[port]\nclient_secret = \"\"\n"), &no_env);
+        assert!(e.starts_with("c.toml:10:") && e.contains("empty"), "{e}");
+        let e = refused(&with("", "[port]\nclient_secret = \"  \"\n"), &no_env);
+        assert!(e.starts_with("c.toml:10:") && e.contains("empty"), "{e}");
+        // From the environment: an empty variable is as good as unset.
+        let env = |_: &str| Some(String::new());
+        let e = refused(&with("", "[port]\nclient_secret_env = \"SECRET\"\n"), &env);
+        assert!(e.contains("SECRET, which is not set"), "{e}");
+    }
+
+    #[test]
+    fn config_accepts_nonsense_non_finite_thresholds() {
+        for (key, value, line) in [
+            ("above", "nan", 8),
+            ("above", "inf", 8),
+            ("above", "-inf", 8),
+            ("clear_below", "nan", 9),
+        ] {
+            let text = if key == "above" {
+                with("", "").replace("above = 80", &format!("above = {value}"))
+            } else {
+                with("", &format!("{key} = {value}\n"))
+            };
+            let e = refused(&text, &no_env);
+            assert!(
+                e.starts_with(&format!("c.toml:{line}:")) && e.contains("finite number"),
+                "{key} = {value}: {e}"
+            );
+        }
+        let below = with("", "").replace("above = 80", "below = nan");
+        let e = refused(&below, &no_env);
+        assert!(e.starts_with("c.toml:8:") && e.contains("finite"), "{e}");
+    }
+
+    #[test]
+    fn config_accepts_nonsense_empty_value_lists() {
+        for key in ["in", "not_in"] {
+            let text = with("", "").replace("above = 80", &format!("{key} = []"));
+            let e = refused(&text, &no_env);
+            assert!(
+                e.starts_with("c.toml:8:") && e.contains("empty list"),
+                "{key}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_accepts_nonsense_token_with_a_newline() {
+        let e = refused(&with("token = \"abc\\ndef\"", ""), &no_env);
+        assert!(
+            e.starts_with("c.toml:4:") && e.contains("control character"),
+            "{e}"
+        );
+        assert!(!e.contains("abc"), "the token is never repeated: {e}");
+        let e = refused(&with("token = \"\"", ""), &no_env);
+        assert!(e.starts_with("c.toml:4:") && e.contains("empty"), "{e}");
+        // From the environment (a trailing newline from `echo` into an env file, say): the
+        // channel's line.
+        let env = |_: &str| Some("abc\n".to_string());
+        let e = refused(&with("token_env = \"TOKEN\"", ""), &env);
+        assert!(e.starts_with("c.toml:1:") && !e.contains("abc"), "{e}");
+        assert!(
+            e.contains("the value of TOKEN") && e.contains("control character"),
+            "{e}"
+        );
+        let e = refused(
+            &with("", "").replace("name = \"r\"", "name = \"a\\u001fb\""),
+            &no_env,
+        );
+        assert!(
+            e.starts_with("c.toml:5:") && e.contains("control character"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn jq_bounds_are_read_and_checked() {
+        let config = parse(
+            &with("", "[jq]\ntimeout = \"250ms\"\nmax_memory_mib = 128\n"),
+            "c.toml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(config.jq.timeout, Duration::from_millis(250));
+        assert_eq!(config.jq.max_memory, 128 << 20);
+        assert_eq!(
+            parse(&with("", ""), "c.toml", &no_env).unwrap().jq,
+            JqLimits::default()
+        );
+        let e = refused(&with("", "[jq]\nmax_memory_mib = 1\n"), &no_env);
+        assert!(
+            e.starts_with("c.toml:10:") && e.contains("between 64"),
+            "{e}"
+        );
     }
 }

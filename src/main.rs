@@ -13,7 +13,16 @@ use smee_relay::service::logging;
 
 const USAGE_ERROR: u8 = 2;
 
+/// The system allocator, with the byte budget only the jq worker sets (see pipeline::jq).
+#[global_allocator]
+static ALLOCATOR: smee_relay::pipeline::jq::BoundedAlloc = smee_relay::pipeline::jq::BoundedAlloc;
+
 fn main() -> ExitCode {
+    // The bounded jq worker the pipeline starts is this binary (see pipeline::jq).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(smee_relay::pipeline::jq::WORKER_ARG) {
+        return ExitCode::from(smee_relay::pipeline::jq::worker_main(&args[1..]) as u8);
+    }
     smee_relay::memory::return_large_buffers();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

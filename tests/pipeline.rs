@@ -401,3 +401,263 @@ async fn for_holds_the_alert_and_then_fires_it() {
     );
     assert!(String::from_utf8_lossy(&request.body).contains("held for 2s"));
 }
+
+/// The fixture's signature vector for `file` (under tests/fixtures/port): its timestamp (s)
+/// and signature.
+fn vector(file: &str) -> (String, String) {
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/port/signatures.json")).unwrap();
+    let v = vectors["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["file"] == file)
+        .unwrap();
+    (
+        v["x-port-timestamp"].as_str().unwrap().to_string(),
+        v["x-port-signature"].as_str().unwrap().to_string(),
+    )
+}
+
+/// `frame` with the channel server's receive time, as smee.io puts it in every frame.
+fn frame_at(body: &str, headers: &[(&str, &str)], timestamp_ms: u64) -> String {
+    let frame = frame(body, headers);
+    format!(
+        "{},\"timestamp\":{timestamp_ms}}}",
+        frame.strip_suffix('}').unwrap()
+    )
+}
+
+/// Item 5: the signature's age was judged when the pipeline evaluated, so a signed event that
+/// reached the channel in time but was evaluated after the tolerance (a backlog, an outage, a
+/// replay) was rejected for good. The fixture vectors were signed in 2024: their frames say
+/// the channel received them 2 s later, and they verify; the same body posted afresh does not.
+#[tokio::test]
+async fn signature_age_is_judged_against_the_channels_receive_time() {
+    let (channel, mut slack, daemon) =
+        setup("[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n").await;
+    let file = "deployment-config/automation/02-cpu-25-to-87.json";
+    let (timestamp, signature) = vector(file);
+    let headers = [
+        ("x-port-timestamp", timestamp.as_str()),
+        ("x-port-signature", signature.as_str()),
+    ];
+    let body = fixture("automation", "02-cpu-25-to-87");
+    let signed_ms = timestamp.parse::<u64>().unwrap() * 1000;
+
+    // Posted afresh now (a captured request replayed to the channel): rejected.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    channel.send_webhook(1, &frame_at(&body, &headers, now_ms));
+    daemon
+        .logs
+        .wait_for(&["event=1", "rejected", "beyond the 5m tolerance"])
+        .await;
+    // Received by the channel 2 s after it was signed, evaluated long after: verified.
+    channel.send_webhook(2, &frame_at(&body, &headers, signed_ms + 2_000));
+    assert_eq!(
+        header(&slack.next().await),
+        "FIRING cpu-high: Notification Service Production"
+    );
+    slack.assert_quiet(Duration::from_millis(1000)).await;
+    stop(daemon).await;
+}
+
+/// Run `smee-relay` with `args` to the end: exit code, stdout, stderr.
+async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = smee_relay()
+        .args(args)
+        .env(
+            "TEST_SLACK_WEBHOOK",
+            "https://hooks.slack.com/services/T/B/X",
+        )
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Item 6: `events replay` of pipeline events ran the rules again and could re-send alerts
+/// whose transition had already happened. Replaying the whole fixture sequence sends nothing,
+/// and the log says why for each event.
+#[tokio::test]
+async fn replaying_the_whole_fixture_sequence_sends_no_alert_again() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let state = dir.join("state");
+    let config = write_config(&dir, &channel.url("PipelineChannel"), "");
+    let daemon = start(&config, &state, &slack.url(SLACK_PATH), &channel).await;
+    let files = files();
+    for (n, file) in files.iter().enumerate() {
+        channel.send_webhook(n as u64 + 1, &frame(&fixture("legacy", file), &[]));
+    }
+    let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
+    assert_eq!(got, smee_relay::commands::demo::EXPECTED);
+
+    let state_arg = state.to_str().unwrap();
+    let (code, listed, stderr) =
+        run_to_end(&["events", "list", "--json", "--state-dir", state_arg]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    let ids: Vec<String> = rows
+        .iter()
+        .filter(|r| r["route"] == "pipeline")
+        .map(|r| r["id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), files.len(), "{listed}");
+    let mut args = vec!["events", "replay", "--state-dir", state_arg];
+    args.extend(ids.iter().map(String::as_str));
+    let (code, _, stderr) = run_to_end(&args).await;
+    assert_eq!(code, Some(0), "{stderr}");
+
+    for id in &ids {
+        daemon
+            .logs
+            .wait_for(&[&format!("event {id} "), "replayed, it is not evaluated"])
+            .await;
+    }
+    slack.assert_quiet(Duration::from_millis(1500)).await;
+    // Replayed again after a restart: the marks are on disk.
+    stop(daemon).await;
+    let daemon = start(&config, &state, &slack.url(SLACK_PATH), &channel).await;
+    let (code, _, stderr) = run_to_end(&args).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    daemon
+        .logs
+        .wait_for(&[
+            &format!("event {} was already evaluated", ids.last().unwrap()),
+            "no alert is sent",
+        ])
+        .await;
+    slack.assert_quiet(Duration::from_millis(1500)).await;
+    stop(daemon).await;
+}
+
+/// Item 13: a hostile or buggy jq rule took the daemon down: endless recursion overflowed the
+/// stack (exit 134), an endless loop froze every route, a generator grew without bound. Each now
+/// fails on its own, is logged once and counted, and the other rules still alert.
+#[tokio::test]
+async fn hostile_jq_rules_fail_alone_and_the_other_rules_still_alert() {
+    let hostile = r#"
+[jq]
+timeout = "500ms"
+
+[[rule]]
+name = "spin"
+when = 'def f: f; f'
+
+[[rule]]
+name = "deep"
+when = 'def f: 1 + f; f'
+
+[[rule]]
+name = "hungry"
+when = '[limit(1e9; repeat("x" * 10000))] | length > 0'
+"#;
+    // `check` refuses them: they cannot finish even on an empty entity.
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, "https://smee.io/abc", hostile);
+    let (code, _, stderr) = run_to_end(&["check", "--config", config.to_str().unwrap()]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    for (rule, why) in [
+        ("spin", "longer than its 500ms budget"),
+        ("deep", "overflowed its stack"),
+        ("hungry", "memory or recursion bound"),
+    ] {
+        assert!(
+            stderr.contains("config.toml:")
+                && stderr.contains(&format!("rule {rule:?}: when:"))
+                && stderr.contains(why),
+            "{rule}: {stderr}"
+        );
+    }
+
+    // `run` keeps going with them.
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let config = write_config(&dir, &channel.url("PipelineChannel"), hostile);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}")).unwrap();
+    let daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+    let line = daemon
+        .logs
+        .wait_for(&["serving /healthz and /metrics"])
+        .await;
+    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    for (n, file) in files().iter().enumerate() {
+        channel.send_webhook(n as u64 + 1, &frame(&fixture("automation", file), &[]));
+    }
+    let got: Vec<String> = slack.take(6).await.iter().map(header).collect();
+    assert_eq!(got, smee_relay::commands::demo::EXPECTED);
+    slack.assert_quiet(Duration::from_millis(1000)).await;
+    let logs = daemon.logs.all();
+    for rule in ["spin", "deep", "hungry"] {
+        assert_eq!(
+            logs.matches(&format!("rule {rule} failed for event"))
+                .count(),
+            1,
+            "logged once: {logs}"
+        );
+    }
+    let metrics = smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Every event but the deletion, which resolves without judging.
+    let events = files().len() - 1;
+    assert!(
+        metrics.contains(&format!(
+            "smee_relay_rule_errors_total{{rule=\"spin\",kind=\"timeout\"}} {events}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("smee_relay_rule_errors_total{rule=\"deep\",kind=\"bound\"}"),
+        "{metrics}"
+    );
+    stop(daemon).await;
+}
+
+/// Item 14: nonsense in the config was accepted. `check` and `run` refuse it with file:line and
+/// exit 2 (the cases one by one are config's unit tests).
+#[tokio::test]
+async fn config_nonsense_is_refused_by_check_and_run_with_exit_2() {
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, "https://smee.io/abc", "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("pipeline = true", "pipeline = true\nidle_timeout = \"0s\"");
+    std::fs::write(&config, text).unwrap();
+    for command in ["check", "run"] {
+        let state = dir.join("state");
+        let mut args = vec![command, "--config", config.to_str().unwrap()];
+        if command == "run" {
+            args.extend(["--state-dir", state.to_str().unwrap()]);
+        }
+        let (code, _, stderr) = run_to_end(&args).await;
+        assert_eq!(code, Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("config.toml:5:") && stderr.contains("more than zero"),
+            "{command}: {stderr}"
+        );
+    }
+}

@@ -9,6 +9,8 @@ use crate::cli::CheckArgs;
 /// Validate the file; with `--event`, evaluate that event against every rule.
 pub fn run(args: CheckArgs) -> anyhow::Result<()> {
     let config = super::load_config(&args.config)?;
+    let jq = crate::pipeline::jq::JqEngine::new(config.jq);
+    probe_conditions(&config, &jq)?;
     let Some(event) = args.event else {
         println!(
             "{}: ok ({} channels, {} rules)",
@@ -19,13 +21,51 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
-    print!("{}", check_event(&config, &body));
+    print!("{}", check_event(&config, &jq, &body));
     Ok(())
+}
+
+/// Run each `when` condition once on an entity with no properties, within its bounds: one that
+/// cannot finish even there (an endless loop or recursion, a runaway generator) would fail on
+/// every event, so `check` refuses it. A jq error there is fine: real entities have properties.
+fn probe_conditions(
+    config: &crate::config::Config,
+    jq: &crate::pipeline::jq::JqEngine,
+) -> Result<(), crate::config::ConfigError> {
+    use crate::pipeline::jq::JqFailure;
+    use crate::pipeline::rules::Condition;
+
+    let probe = serde_json::json!({"identifier": "probe", "title": "probe", "properties": {}});
+    let mut problems = Vec::new();
+    for rule in &config.rules {
+        let Condition::When(condition) = &rule.condition else {
+            continue;
+        };
+        if let Err(e @ (JqFailure::Timeout { .. } | JqFailure::Crashed { .. })) =
+            jq.holds(condition, &probe)
+        {
+            problems.push(format!(
+                "{}: rule {:?}: when: on an entity with no properties, {}",
+                rule.origin,
+                rule.name,
+                crate::error::chain(&e)
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::config::ConfigError { problems })
+    }
 }
 
 /// `check --event`: the change, its diff, and what each rule would send for it, starting from
 /// no alert (no stored state, no signature check: a file has no headers).
-fn check_event(config: &crate::config::Config, body: &[u8]) -> String {
+fn check_event(
+    config: &crate::config::Config,
+    jq: &crate::pipeline::jq::JqEngine,
+    body: &[u8],
+) -> String {
     use crate::pipeline::{Evaluation, Pipeline, diff, port};
 
     let mut out = String::new();
@@ -64,6 +104,7 @@ fn check_event(config: &crate::config::Config, body: &[u8]) -> String {
             rules: vec![rule.clone()],
             verifier: None,
             app_url: config.app_url.clone(),
+            jq: jq.clone(),
         };
         let event = crate::event::Event {
             sse_id: None,
@@ -73,7 +114,8 @@ fn check_event(config: &crate::config::Config, body: &[u8]) -> String {
             body: bytes::Bytes::copy_from_slice(body),
         };
         let _ = write!(out, "\nrule {}: ", rule.name);
-        match one.evaluate(&event, &|_| Default::default(), crate::clock::now_ms()) {
+        let now = crate::clock::now_ms();
+        match one.evaluate(&event, &|_| Default::default(), now, now) {
             Evaluation::Evaluated {
                 alerts,
                 skipped,

@@ -153,6 +153,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
                 rules,
                 verifier: None,
                 app_url: "https://app.getport.io".into(),
+                jq: crate::pipeline::jq::JqEngine::new(Default::default()),
             },
             sink,
         )),

@@ -62,6 +62,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             rules: config.rules.clone(),
             verifier: config.verifier.clone(),
             app_url: config.app_url.clone(),
+            jq: crate::pipeline::jq::JqEngine::new(config.jq),
         };
         Some((pipeline, sink))
     } else {

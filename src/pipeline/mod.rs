@@ -6,8 +6,10 @@
 //!                                          \--diff--> what else changed (shown in the alert)
 //! ```
 //!
-//! [`Pipeline::evaluate`] is pure: it takes an event, the current alert states and the time,
-//! and returns the alerts to send and the states to store. The [`runner`] persists
+//! [`Pipeline::evaluate`] is pure apart from `when` conditions, which run in a bounded jq
+//! worker process ([`jq::JqEngine`]): it takes an event, the current alert states and the time,
+//! and returns the alerts to send and the states to store. It blocks while a `when` condition
+//! runs (at most the jq time budget per rule), so callers run it off the async workers. The [`runner`] persists
 //! both in one spool transaction, together with marking the event done, so an event delivered
 //! twice never alerts twice and a restart neither re-alerts nor forgets.
 
@@ -145,7 +147,23 @@ pub enum Evaluation {
         states: BTreeMap<String, AlertState>,
         /// Rules that could not judge: (rule, entity, reason).
         skipped: Vec<(String, String, String)>,
+        /// Rules whose jq condition failed for this event (an error, or a time, memory or
+        /// recursion bound exceeded): (rule, entity, kind, reason). Their state is unchanged.
+        failed: Vec<RuleFailure>,
     },
+}
+
+/// A rule whose evaluation failed for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleFailure {
+    /// The rule's name (a metrics label: names are few and chosen by the operator).
+    pub rule: String,
+    /// The entity it failed on, for the log line.
+    pub entity: String,
+    /// A fixed word (`timeout`, `bound`, `error`, ...), used as a metrics label.
+    pub kind: &'static str,
+    /// What happened, in words.
+    pub reason: String,
 }
 
 /// The compiled pipeline: rules, signature check, links.
@@ -155,22 +173,28 @@ pub struct Pipeline {
     pub verifier: Option<Verifier>,
     /// Base URL of the Port app, for entity links.
     pub app_url: String,
+    /// Runs `when` conditions within their time and memory bounds.
+    pub jq: jq::JqEngine,
 }
 
 impl Pipeline {
-    /// Evaluate one event against the current states at `now_ms`.
+    /// Evaluate one event against the current states at `now_ms`. `received_ms` is when the
+    /// event reached the channel: the signature's age is judged against it, not against now,
+    /// so an event delayed by an outage, a backlog or a replay still verifies, while an old
+    /// signed body posted afresh does not (see [`received_ms`]).
     pub fn evaluate(
         &self,
         event: &Event,
         current: &dyn Fn(&str) -> AlertState,
         now_ms: u64,
+        received_ms: u64,
     ) -> Evaluation {
         if let Some(verifier) = &self.verifier
             && let Err(e) = verifier.verify(
                 event.header("x-port-signature"),
                 event.header("x-port-timestamp"),
                 &event.body,
-                now_ms,
+                received_ms,
             )
         {
             return Evaluation::Rejected(e);
@@ -186,6 +210,7 @@ impl Pipeline {
         let mut alerts = Vec::new();
         let mut states = BTreeMap::new();
         let mut skipped = Vec::new();
+        let mut failed = Vec::new();
         for rule in self.rules.iter().filter(|r| r.watches(&change)) {
             let key = state_key(&rule.name, &entity);
             let mut state = current(&key);
@@ -193,9 +218,18 @@ impl Pipeline {
             let (phase, transition) = if change.action == Action::Delete {
                 state::entity_deleted(state.phase)
             } else {
-                let verdict = rule.judge(&change);
-                if let Verdict::Skip(reason) = &verdict {
-                    skipped.push((rule.name.clone(), entity.clone(), reason.clone()));
+                let verdict = rule.judge(&change, &self.jq);
+                match &verdict {
+                    Verdict::Skip(reason) => {
+                        skipped.push((rule.name.clone(), entity.clone(), reason.clone()));
+                    }
+                    Verdict::Failed { kind, reason } => failed.push(RuleFailure {
+                        rule: rule.name.clone(),
+                        entity: entity.clone(),
+                        kind,
+                        reason: reason.clone(),
+                    }),
+                    _ => {}
                 }
                 state::step(state.phase, &verdict, rule.hold, now_ms)
             };
@@ -228,6 +262,7 @@ impl Pipeline {
             alerts,
             states,
             skipped,
+            failed,
         }
     }
 
@@ -352,6 +387,19 @@ impl Pipeline {
     }
 }
 
+/// When an event reached the channel, for the signature's age: the channel server's receive
+/// time (the smee frame's `timestamp`), else when the relay stored it. Never the time of
+/// evaluation: a backlog or a replay must not age a valid event out of its window. A frame
+/// time after the relay stored the event (beyond a minute of clock skew) cannot be true and is
+/// not used.
+pub fn received_ms(event: &Event, stored_ms: u64) -> u64 {
+    const SKEW_MS: u64 = 60_000;
+    event
+        .timestamp_ms
+        .filter(|&t| t <= stored_ms.saturating_add(SKEW_MS))
+        .unwrap_or(stored_ms)
+}
+
 fn url_escape(text: &str) -> String {
     reqwest::Url::parse_with_params("http://x/", [("v", text)])
         .map(|u| u.query().unwrap_or("").trim_start_matches("v=").to_string())
@@ -383,6 +431,7 @@ mod tests {
             rules: fixture_rules(),
             verifier: None,
             app_url: "https://app.getport.io".into(),
+            jq: jq::JqEngine::here(),
         };
         for shape in ["legacy", "automation"] {
             let mut states: HashMap<String, AlertState> = HashMap::new();
@@ -404,7 +453,7 @@ mod tests {
                     alerts,
                     states: new,
                     ..
-                } = pipeline.evaluate(&event, &current, 1_000)
+                } = pipeline.evaluate(&event, &current, 1_000, 1_000)
                 else {
                     panic!("{file} did not evaluate");
                 };
@@ -456,6 +505,7 @@ mod tests {
             rules: config.rules,
             verifier: None,
             app_url: "https://app.getport.io".into(),
+            jq: jq::JqEngine::here(),
         }
     }
 
@@ -467,7 +517,7 @@ mod tests {
         let t0 = 1_000_000;
         let evaluate = |states: &HashMap<String, AlertState>, body: &str, at: u64| {
             let current = |k: &str| states.get(k).cloned().unwrap_or_default();
-            match pipeline.evaluate(&event(body), &current, at) {
+            match pipeline.evaluate(&event(body), &current, at, at) {
                 Evaluation::Evaluated { alerts, states, .. } => (alerts, states),
                 other => panic!("{other:?}"),
             }
@@ -501,6 +551,7 @@ mod tests {
             &event(&update(r#"{"locked":true,"cpu":"high"}"#)),
             &current,
             1,
+            1,
         )
         else {
             panic!()
@@ -517,8 +568,91 @@ mod tests {
             )]
         );
         assert!(matches!(
-            pipeline.evaluate(&event(r#"{"ref":"main"}"#), &current, 1),
+            pipeline.evaluate(&event(r#"{"ref":"main"}"#), &current, 1, 1),
             Evaluation::NotPort(_)
         ));
+    }
+
+    /// Item: a signature's age was judged at evaluation, so a backlog or an outage longer than
+    /// the tolerance rejected valid alerts for good. It is judged against the channel's receive
+    /// time now; an old signed body posted afresh is still rejected.
+    #[test]
+    fn signature_age_is_judged_against_when_the_channel_received_the_event() {
+        let vectors: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/port/signatures.json"))
+                .unwrap();
+        let pipeline = Pipeline {
+            verifier: Some(Verifier::new(
+                vectors["secret"].as_str().unwrap().into(),
+                std::time::Duration::from_secs(300),
+            )),
+            ..with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n")
+        };
+        let current = |_: &str| AlertState::default();
+        let days = 24 * 3_600_000;
+        for v in vectors["files"].as_array().unwrap() {
+            let path = format!(
+                "{}/tests/fixtures/port/{}",
+                env!("CARGO_MANIFEST_DIR"),
+                v["file"].as_str().unwrap()
+            );
+            let signed_ms = v["x-port-timestamp"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1000;
+            let signed = |timestamp_ms| Event {
+                timestamp_ms,
+                headers: vec![
+                    (
+                        "x-port-timestamp".into(),
+                        v["x-port-timestamp"].as_str().unwrap().into(),
+                    ),
+                    (
+                        "x-port-signature".into(),
+                        v["x-port-signature"].as_str().unwrap().into(),
+                    ),
+                ],
+                body: std::fs::read(&path).unwrap().into(),
+                ..Event::default()
+            };
+            // Evaluated 10 days late (an outage, a backlog, a replay): the channel got it 2 s
+            // after it was signed, so it verifies.
+            let late = signed_ms + 10 * days;
+            let event = signed(Some(signed_ms + 2_000));
+            let at = received_ms(&event, late);
+            assert!(
+                !matches!(
+                    pipeline.evaluate(&event, &current, late, at),
+                    Evaluation::Rejected(_)
+                ),
+                "{v}"
+            );
+            // No frame timestamp: the spool's receive time stands in.
+            let event = signed(None);
+            let at = received_ms(&event, signed_ms + 1_000);
+            assert!(
+                !matches!(
+                    pipeline.evaluate(&event, &current, late, at),
+                    Evaluation::Rejected(_)
+                ),
+                "{v}"
+            );
+            // A frame time later than the relay stored it is not believed.
+            let future = signed(Some(late));
+            assert_eq!(received_ms(&future, signed_ms + 1_000), signed_ms + 1_000);
+            // The same signed body posted to the channel afresh: the channel's timestamp is
+            // now, far from x-port-timestamp.
+            let event = signed(Some(late));
+            let at = received_ms(&event, late);
+            assert!(
+                matches!(
+                    pipeline.evaluate(&event, &current, late, at),
+                    Evaluation::Rejected(SignatureError::OutsideWindow { .. })
+                ),
+                "{v}"
+            );
+        }
     }
 }

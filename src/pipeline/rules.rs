@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::jq::JqCondition;
+use super::jq::{JqCondition, JqEngine};
 use super::port::Change;
 
 /// A compiled `[[rule]]`.
@@ -22,6 +22,8 @@ pub struct Rule {
     /// How long the condition must hold before firing.
     pub hold: Duration,
     pub severity: String,
+    /// Where it was written (`config.toml:12`), for messages about it.
+    pub origin: String,
 }
 
 /// What makes a rule fire.
@@ -58,8 +60,16 @@ pub enum Verdict {
     Good,
     /// Inside the hysteresis band: whatever the state is, it stays.
     Keep,
-    /// The rule cannot judge (missing property, wrong type, jq error); state stays.
+    /// The rule cannot judge (missing property, wrong type); state stays.
     Skip(String),
+    /// The rule's jq condition failed for this entity (a jq error, no value, or a bound
+    /// exceeded: time, memory, recursion); state stays, and the failure is counted.
+    Failed {
+        /// A fixed word for the kind of failure (`timeout`, `bound`, `error`...), a metrics label.
+        kind: &'static str,
+        /// The failure in words.
+        reason: String,
+    },
 }
 
 impl Rule {
@@ -108,8 +118,9 @@ impl Rule {
     }
 
     /// Judge the entity after `change`. Only for changes this rule [`Rule::watches`], and not
-    /// for deletions (those resolve by themselves).
-    pub fn judge(&self, change: &Change) -> Verdict {
+    /// for deletions (those resolve by themselves). A `when` condition runs on `jq`, which may
+    /// block for up to its time budget.
+    pub fn judge(&self, change: &Change, jq: &JqEngine) -> Verdict {
         let after = change.after.as_ref();
         let value = |property: &str| after.and_then(|e| e.properties.get(property));
         let number = |property: &str| -> Result<f64, Verdict> {
@@ -157,16 +168,19 @@ impl Rule {
                     }
                 }
             }
-            Condition::When(jq) => {
+            Condition::When(condition) => {
                 let input = change
                     .raw
                     .pointer("/diff/after")
                     .cloned()
                     .unwrap_or(Value::Null);
-                match jq.holds(&input) {
+                match jq.holds(condition, &input) {
                     Ok(true) => Ok(Verdict::Bad),
                     Ok(false) => Ok(Verdict::Good),
-                    Err(e) => Err(Verdict::Skip(e)),
+                    Err(e) => Err(Verdict::Failed {
+                        kind: e.kind(),
+                        reason: crate::error::chain(&e),
+                    }),
                 }
             }
         };

@@ -2,6 +2,16 @@
 //! against the rules, and commits the new alert states, the alerts (into the alert outbox, a
 //! route like any other) and the event's "done" mark in one transaction. Held alerts (`for`)
 //! fire here when their time comes.
+//!
+//! Each event is evaluated at most once: with the states, the same transaction records, per
+//! entity, the last event evaluated for it (`evaluated` marks, kept beside the alert states).
+//! Event ids grow with arrival, so an event that comes back (`events replay`) with an id not
+//! above its entity's mark is either the one already evaluated or older than one that was;
+//! judging it again could only repeat an alert or send a stale one, so it is skipped with an
+//! info line saying so. (Forward routes do redeliver on replay; this is the pipeline only.)
+//!
+//! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
+//! and may take up to its time budget; the async workers (other routes) never wait for it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,7 +21,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline};
+use serde::{Deserialize, Serialize};
+
+use super::{ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
@@ -45,9 +57,15 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
-    let mut states = load_states(&spool);
+    // `evaluated`: per entity, the last event evaluated for it; a replayed event at or below it
+    // is skipped.
+    let (loaded, mut evaluated) = load_states(&spool);
+    // Shared with the blocking evaluation; the copy-on-write below is free once it returned.
+    let mut states = Arc::new(loaded);
     // One warning per (rule, entity, reason), not one per event.
     let mut warned: HashSet<(String, String, String)> = HashSet::new();
+    // One error line per (rule, kind of failure): a hostile rule fails on every event.
+    let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
     let mut appended = writer.appended();
     let mut cursor = 0;
     while !cancel.is_cancelled() {
@@ -64,6 +82,7 @@ pub async fn run(
             }
             writes.push(alert_append(alerts));
             if commit(&writer, writes).await {
+                let states = Arc::make_mut(&mut states);
                 for (key, state, alert) in matured {
                     info!(rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                     count_alert(&alert);
@@ -99,22 +118,54 @@ pub async fn run(
             continue;
         }
         for item in queued {
-            let current = |key: &str| states.get(key).cloned().unwrap_or_default();
-            let evaluation = pipeline.evaluate(&item.event.event, &current, clock.now_ms());
+            let id = item.event.id;
             let mark = |outcome| Write::Mark {
                 route: PIPELINE_ROUTE.into(),
                 seq: item.seq,
                 event: item.event.id,
                 outcome,
             };
-            let id = item.event.id;
-            let (writes, new_states, alerts) = match evaluation {
+            let subject = subject(&item.event.event);
+            if let Some((key, done)) = subject
+                .as_ref()
+                .and_then(|key| Some((key, evaluated.get(key)?)))
+                && id <= done.event
+            {
+                say_skipped(id, key, done);
+                if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
+            let now = clock.now_ms();
+            let received = super::received_ms(&item.event.event, item.event.received_ms);
+            let evaluation = {
+                let (pipeline, states, event) =
+                    (pipeline.clone(), states.clone(), item.event.event.clone());
+                tokio::task::spawn_blocking(move || {
+                    let current = |key: &str| states.get(key).cloned().unwrap_or_default();
+                    pipeline.evaluate(&event, &current, now, received)
+                })
+                .await
+            };
+            let Ok(evaluation) = evaluation else {
+                // The evaluation panicked (a bug, never input: bounds live in the worker).
+                error!(
+                    event = id,
+                    "pipeline: evaluating the event failed; it stays queued"
+                );
+                break;
+            };
+            // Whether the rules judged the event (so it must never be judged again).
+            let (mut writes, new_states, alerts, judged) = match evaluation {
                 Evaluation::NotPort(reason) => {
                     tracing::debug!(event = id, "pipeline: not a Port event ({reason})");
                     (
                         vec![mark(Outcome::Delivered { status: 200 })],
                         Default::default(),
                         Vec::new(),
+                        false,
                     )
                 }
                 Evaluation::Rejected(e) => {
@@ -130,12 +181,15 @@ pub async fn run(
                         })],
                         Default::default(),
                         Vec::new(),
+                        // Never judged: a replay (after fixing the secret, say) may judge it.
+                        false,
                     )
                 }
                 Evaluation::Evaluated {
                     alerts,
                     states: new_states,
                     skipped,
+                    failed,
                     ..
                 } => {
                     for (rule, entity, reason) in skipped {
@@ -145,15 +199,48 @@ pub async fn run(
                             warned.insert(key);
                         }
                     }
+                    for failure in failed {
+                        metrics::counter!(
+                            "smee_relay_rule_errors_total",
+                            "rule" => failure.rule.clone(),
+                            "kind" => failure.kind
+                        )
+                        .increment(1);
+                        if failed_once.insert((failure.rule.clone(), failure.kind)) {
+                            error!(
+                                event = id,
+                                rule = %failure.rule,
+                                entity = %failure.entity,
+                                "rule {} failed for event {id}: {}; its state is unchanged, other rules go on (logged once per rule and kind; counted in smee_relay_rule_errors_total)",
+                                failure.rule,
+                                failure.reason
+                            );
+                        }
+                    }
                     let mut writes: Vec<Write> =
                         new_states.iter().map(|(k, s)| state_write(k, s)).collect();
                     if !alerts.is_empty() {
                         writes.push(alert_append(alerts.iter().map(Alert::to_event).collect()));
                     }
                     writes.push(mark(Outcome::Delivered { status: 200 }));
-                    (writes, new_states, alerts)
+                    (writes, new_states, alerts, true)
                 }
             };
+            let done = subject.filter(|_| judged).map(|key| {
+                (
+                    key,
+                    Evaluated {
+                        event: id,
+                        at_ms: now,
+                    },
+                )
+            });
+            if let Some((key, done)) = &done {
+                writes.push(Write::State {
+                    key: format!("{EVALUATED_PREFIX}{key}"),
+                    value: Some(serde_json::to_vec(done).expect("a mark serialises")),
+                });
+            }
             if !commit(&writer, writes).await {
                 // Not recorded: stop here and read the queue again from this event.
                 break;
@@ -162,9 +249,57 @@ pub async fn run(
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                 count_alert(alert);
             }
-            states.extend(new_states);
+            Arc::make_mut(&mut states).extend(new_states);
+            if let Some((key, done)) = done {
+                evaluated.insert(key, done);
+            }
             cursor = item.seq;
         }
+    }
+}
+
+/// Where the pipeline's per-entity "evaluated" marks live among the alert states: a prefix no
+/// state key has (those start with a rule name, which cannot hold control characters).
+const EVALUATED_PREFIX: &str = "\u{1e}evaluated\u{1f}";
+
+/// The last event evaluated for one entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Evaluated {
+    /// Its spool id: an event with an id not above it comes back from a replay.
+    event: u64,
+    /// When it was evaluated (ms since the epoch), for the log line that skips a replay.
+    at_ms: u64,
+}
+
+/// The entity an event is about, `blueprint` and identifier, if it is a Port entity change.
+fn subject(event: &crate::event::Event) -> Option<String> {
+    let change = port::decode(&event.body).ok()?;
+    Some(format!(
+        "{}\u{1f}{}",
+        change.blueprint().unwrap_or(""),
+        change.entity()?
+    ))
+}
+
+/// Say why a replayed event is not evaluated again.
+fn say_skipped(id: u64, subject: &str, done: &Evaluated) {
+    let entity = subject.split('\u{1f}').nth(1).unwrap_or(subject);
+    let at = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_millis(done.at_ms),
+    );
+    if id == done.event {
+        info!(
+            event = id,
+            entity,
+            "pipeline: event {id} was already evaluated at {at}; replayed, it is not evaluated again and no alert is sent"
+        );
+    } else {
+        info!(
+            event = id,
+            entity,
+            "pipeline: event {id} is older than event {}, evaluated for the same entity at {at}; replayed, it is not evaluated (it could only repeat an alert or send a stale one) and no alert is sent",
+            done.event
+        );
     }
 }
 
@@ -177,17 +312,25 @@ fn count_alert(alert: &Alert) {
     .increment(1);
 }
 
-fn load_states(spool: &Spool) -> HashMap<String, AlertState> {
+/// The alert states, and the per-entity "evaluated" marks.
+fn load_states(spool: &Spool) -> (HashMap<String, AlertState>, HashMap<String, Evaluated>) {
+    let mut states = HashMap::new();
+    let mut evaluated = HashMap::new();
     match spool.states() {
-        Ok(stored) => stored
-            .into_iter()
-            .filter_map(|(key, bytes)| Some((key, serde_json::from_slice(&bytes).ok()?)))
-            .collect(),
-        Err(e) => {
-            error!("cannot read alert states, starting from OK: {e}");
-            HashMap::new()
+        Ok(stored) => {
+            for (key, bytes) in stored {
+                if let Some(subject) = key.strip_prefix(EVALUATED_PREFIX) {
+                    if let Ok(mark) = serde_json::from_slice(&bytes) {
+                        evaluated.insert(subject.to_string(), mark);
+                    }
+                } else if let Ok(state) = serde_json::from_slice(&bytes) {
+                    states.insert(key, state);
+                }
+            }
         }
+        Err(e) => error!("cannot read alert states, starting from OK: {e}"),
     }
+    (states, evaluated)
 }
 
 fn state_write(key: &str, state: &AlertState) -> Write {
@@ -245,6 +388,7 @@ mod tests {
             rules: config.rules,
             verifier: None,
             app_url: "https://app.getport.io".into(),
+            jq: super::super::jq::JqEngine::here(),
         };
         let body = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -301,6 +445,93 @@ mod tests {
         assert_eq!(sent.len(), 1, "fired once the 5 minutes were over");
         let alert: Alert = serde_json::from_slice(&sent[0].event.event.body).unwrap();
         assert_eq!(alert.note.as_deref(), Some("held for 5m"));
+        cancel.cancel();
+        task.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A rejected event was never judged: once the cause is fixed (here, the secret), replaying
+    /// it evaluates it, and it alerts once; replaying it again sends nothing. An older event of
+    /// the same entity replayed after it is not judged either (it would be stale).
+    #[tokio::test]
+    async fn a_rejected_event_is_judged_on_replay_and_never_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let config = crate::config::parse(
+            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
+             [[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let unsigned = Pipeline {
+            rules: config.rules,
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+            jq: super::super::jq::JqEngine::here(),
+        };
+        let strict = Pipeline {
+            verifier: Some(super::super::signature::Verifier::new(
+                "secret".into(),
+                Duration::from_secs(300),
+            )),
+            ..unsigned.clone()
+        };
+        let fixture = |name: &str| crate::event::Event {
+            body: std::fs::read(format!(
+                "{}/tests/fixtures/port/deployment-config/automation/{name}.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+            .into(),
+            ..Default::default()
+        };
+        let routes = [PIPELINE_ROUTE.to_string()];
+        let ids = writer
+            .append(
+                "c",
+                &routes,
+                vec![fixture("01-create"), fixture("02-cpu-25-to-87")].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        let (older, hot) = (ids[0].unwrap(), ids[1].unwrap());
+        let cancel = CancellationToken::new();
+        let (rules, rules_rx) = watch::channel(Arc::new(strict));
+        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let settled = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the pipeline is stuck"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        settled().await;
+        let dead = spool.list(Some(crate::spool::Status::Dead), 10).unwrap();
+        assert_eq!(dead.len(), 2, "unsigned: both rejected");
+        assert!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty());
+
+        // The secret requirement is dropped (a reload); the rejected event is replayed.
+        rules.send(Arc::new(unsigned)).unwrap();
+        spool.replay(crate::spool::Replay::Ids(vec![hot])).unwrap();
+        writer.commit(vec![]).await.unwrap();
+        settled().await;
+        let alerts = spool.pending(ALERT_ROUTE, 0, 10).unwrap();
+        assert_eq!(alerts.len(), 1, "judged once replayed");
+
+        // Again, and the older event of the same entity: nothing more.
+        spool
+            .replay(crate::spool::Replay::Ids(vec![hot, older]))
+            .unwrap();
+        writer.commit(vec![]).await.unwrap();
+        settled().await;
+        assert_eq!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().len(), 1);
         cancel.cancel();
         task.await.unwrap();
         drop(writer);

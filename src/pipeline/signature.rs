@@ -2,8 +2,9 @@
 //! `"{x-port-timestamp}.{raw body}"`, keyed with the Port client secret.
 //!
 //! The comparison is constant-time (`hmac`'s `verify_slice`). The timestamp may be in seconds or
-//! milliseconds; it must lie within the tolerance window of `now`, so a captured request cannot
-//! be replayed later.
+//! milliseconds; it must lie within the tolerance window of when the event reached the channel
+//! (the caller passes that time: see `pipeline::received_ms`), so a captured request posted again
+//! later is refused, while a valid event that waited in a backlog or is replayed still verifies.
 
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ pub enum SignatureError {
     MissingTimestamp,
     #[error("x-port-timestamp is not a number")]
     BadTimestamp,
-    #[error("x-port-timestamp is {} away from now, beyond the {} tolerance", humantime::format_duration(*.skew), humantime::format_duration(*.tolerance))]
+    #[error("x-port-timestamp is {} away from when the channel received the event, beyond the {} tolerance", humantime::format_duration(*.skew), humantime::format_duration(*.tolerance))]
     OutsideWindow { skew: Duration, tolerance: Duration },
     #[error("x-port-signature has no v1 signature")]
     UnsupportedScheme,
@@ -35,7 +36,7 @@ pub enum SignatureError {
 pub struct Verifier {
     /// The Port client secret, the HMAC key. Never printed: `Debug` hides it.
     secret: SecretString,
-    /// How far the timestamp may be from now, either way.
+    /// How far the timestamp may be from when the event reached the channel, either way.
     tolerance: Duration,
 }
 
@@ -44,13 +45,14 @@ impl Verifier {
         Self { secret, tolerance }
     }
 
-    /// Check `signature` and `timestamp` (the header values) for `body`, at `now_ms`.
+    /// Check `signature` and `timestamp` (the header values) for `body`, which reached the
+    /// channel at `received_ms`.
     pub fn verify(
         &self,
         signature: Option<&str>,
         timestamp: Option<&str>,
         body: &[u8],
-        now_ms: u64,
+        received_ms: u64,
     ) -> Result<(), SignatureError> {
         let signature = signature.ok_or(SignatureError::MissingSignature)?;
         let timestamp = timestamp.ok_or(SignatureError::MissingTimestamp)?.trim();
@@ -63,7 +65,7 @@ impl Verifier {
         } else {
             number.saturating_mul(1000)
         };
-        let skew = Duration::from_millis(sent_ms.abs_diff(now_ms));
+        let skew = Duration::from_millis(sent_ms.abs_diff(received_ms));
         if skew > self.tolerance {
             return Err(SignatureError::OutsideWindow {
                 skew: Duration::from_secs(skew.as_secs()),

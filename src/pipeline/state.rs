@@ -40,7 +40,7 @@ pub fn step(
     now_ms: u64,
 ) -> (Phase, Option<Transition>) {
     match (phase, verdict) {
-        (_, Verdict::Keep | Verdict::Skip(_)) => (phase, None),
+        (_, Verdict::Keep | Verdict::Skip(_) | Verdict::Failed { .. }) => (phase, None),
         (Phase::Ok, Verdict::Bad) if hold.is_zero() => {
             (Phase::Firing { since_ms: now_ms }, Some(Transition::Fire))
         }
