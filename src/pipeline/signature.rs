@@ -182,7 +182,7 @@ mod tests {
             Verifier::new("hunter2-secret".into(), Duration::ZERO)
         );
         assert!(
-            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            !shown.contains("hunter2") && shown.contains("REDACTED"),
             "{shown}"
         );
     }
