@@ -36,6 +36,9 @@ pub struct ConfigFile {
     /// Alert rules, evaluated on every Port entity change of a `pipeline = true` channel.
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleConfig>>,
+    /// Self-service action runs to execute, on the runs of a `pipeline = true` channel.
+    #[serde(default, rename = "action")]
+    pub actions: Vec<Spanned<crate::actions::ActionConfig>>,
 }
 
 /// One `[[channel]]`.
@@ -80,6 +83,17 @@ pub struct PortConfig {
     /// The Port app, for entity links in alerts.
     #[serde(default = "default_app_url")]
     pub app_url: String,
+    /// The Port client id, to report action runs (with the client secret).
+    pub client_id: Option<String>,
+    /// The environment variable holding the client id.
+    pub client_id_env: Option<String>,
+    /// Port's API: `https://api.port.io`, or `https://api.us.port.io` for the US region.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// Report the outcome of Automation runs the pipeline evaluates (not implemented yet:
+    /// refused when true, so nobody relies on it silently).
+    #[serde(default)]
+    pub report_automation_runs: bool,
 }
 
 impl Default for PortConfig {
@@ -89,12 +103,20 @@ impl Default for PortConfig {
             client_secret_env: None,
             signature_tolerance: default_tolerance(),
             app_url: default_app_url(),
+            client_id: None,
+            client_id_env: None,
+            api_url: default_api_url(),
+            report_automation_runs: false,
         }
     }
 }
 
 fn default_tolerance() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_api_url() -> String {
+    crate::notify::port::DEFAULT_API_URL.into()
 }
 
 fn default_app_url() -> String {
@@ -178,6 +200,10 @@ pub struct Config {
     pub app_url: String,
     /// The Slack webhook. A secret: never logged.
     pub slack: Option<SecretUrl>,
+    /// `[[action]]`s, validated.
+    pub actions: Vec<crate::actions::ActionSpec>,
+    /// Port's API credentials, present when `[port]` has a client id and secret.
+    pub port_api: Option<crate::notify::port::PortApi>,
 }
 
 /// A URL that must not be printed (a Slack webhook holds its credential in the path).
@@ -298,9 +324,9 @@ pub fn parse(
         }
     }
     let pipelines = file.channels.iter().any(|c| c.get_ref().pipeline);
-    if pipelines && file.rules.is_empty() {
+    if pipelines && file.rules.is_empty() && file.actions.is_empty() {
         problems.push(format!(
-            "{origin}: a channel has pipeline = true but there is no [[rule]]"
+            "{origin}: a channel has pipeline = true but there is no [[rule]] or [[action]]"
         ));
     }
 
@@ -338,6 +364,7 @@ pub fn parse(
             }
         },
     };
+    let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(format!("{origin}: [port] app_url: {e}"));
     }
@@ -353,7 +380,104 @@ pub fn parse(
         verifier,
         app_url: file.port.app_url.trim_end_matches('/').to_string(),
         slack,
+        actions,
+        port_api,
     })
+}
+
+/// `[[action]]`s and Port's API credentials.
+fn actions_config(
+    file: &ConfigFile,
+    at_line: &dyn Fn(usize, String) -> String,
+    secret: &dyn Fn(
+        &Option<SecretString>,
+        &Option<String>,
+        &str,
+    ) -> Result<Option<SecretString>, String>,
+    problems: &mut Vec<String>,
+    origin: &str,
+) -> (
+    Vec<crate::actions::ActionSpec>,
+    Option<crate::notify::port::PortApi>,
+) {
+    let port = &file.port;
+    let client_secret = secret(
+        &port.client_secret,
+        &port.client_secret_env,
+        "client_secret",
+    )
+    .ok()
+    .flatten();
+    let client_id = match secret(
+        &port.client_id.clone().map(SecretString::from),
+        &port.client_id_env,
+        "client_id",
+    ) {
+        Ok(id) => id,
+        Err(e) => {
+            problems.push(format!("{origin}: [port] {e}"));
+            None
+        }
+    };
+    let api_url = match crate::url::parse_http_url(&port.api_url) {
+        Ok(url) => url.as_str().trim_end_matches('/').to_string(),
+        Err(e) => {
+            problems.push(format!("{origin}: [port] api_url: {e}"));
+            String::new()
+        }
+    };
+    let port_api = match (client_id, client_secret) {
+        (Some(id), Some(secret)) => Some(crate::notify::port::PortApi {
+            api_url,
+            client_id: id.expose_secret().to_string(),
+            client_secret: secret,
+        }),
+        _ => None,
+    };
+    if port.report_automation_runs {
+        problems.push(format!(
+            "{origin}: [port] report_automation_runs is not supported yet; remove it"
+        ));
+    }
+    let secret_vars: Vec<&str> = [&port.client_secret_env, &port.client_id_env]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let mut actions: Vec<crate::actions::ActionSpec> = Vec::new();
+    for spanned in &file.actions {
+        let at = spanned.span().start;
+        match spanned
+            .get_ref()
+            .compile(client_secret_given(port), &secret_vars)
+        {
+            Ok(action) => {
+                if actions.iter().any(|a| a.name == action.name) {
+                    problems.push(at_line(
+                        at,
+                        format!("action {:?}: defined twice", action.name),
+                    ));
+                }
+                actions.push(action);
+            }
+            Err(e) => problems.push(at_line(at, format!("[[action]]: {e}"))),
+        }
+    }
+    if !file.actions.is_empty() && port_api.is_none() {
+        problems.push(format!(
+            "{origin}: [[action]] reports runs to Port: set [port] client_id (or client_id_env) and client_secret (or client_secret_env)"
+        ));
+    }
+    if !file.actions.is_empty() && !file.channels.iter().any(|c| c.get_ref().pipeline) {
+        problems.push(format!(
+            "{origin}: [[action]] needs a channel with pipeline = true to receive runs"
+        ));
+    }
+    (actions, port_api)
+}
+
+fn client_secret_given(port: &PortConfig) -> bool {
+    port.client_secret.is_some() || port.client_secret_env.is_some()
 }
 
 /// Build a rule, or say what is wrong (with the offset of the `when` string for jq errors).

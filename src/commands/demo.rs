@@ -164,6 +164,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
             max_bytes: 64 << 20,
         },
         metrics_listen: None,
+        actions: None,
     };
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
     let relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));

@@ -62,6 +62,17 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     } else {
         None
     };
+    let actions = match (&config.port_api, config.actions.is_empty()) {
+        (Some(api), false) => Some((
+            crate::actions::runner::Actions {
+                actions: config.actions.clone(),
+                verifier: config.verifier.clone(),
+                retry: retry_policy(delivery),
+            },
+            crate::notify::port::PortReporter::new(api.clone())?,
+        )),
+        _ => None,
+    };
     let channels = config
         .channels
         .iter()
@@ -87,5 +98,6 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             max_bytes: delivery.max_spool_size,
         },
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
+        actions,
     })
 }

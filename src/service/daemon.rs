@@ -71,6 +71,11 @@ pub struct Plan {
     pub limits: Limits,
     /// Where to serve `/healthz` and `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Self-service action runs (on `pipeline` channels) and the Port API their reports go to.
+    pub actions: Option<(
+        crate::actions::runner::Actions,
+        crate::notify::port::PortReporter,
+    )>,
 }
 
 /// Run `plan` until `cancel` fires. Each plan received on `reloads` replaces the running one
@@ -117,6 +122,7 @@ pub async fn run(
         routes: HashMap::new(),
         channels: HashMap::new(),
         pipeline: None,
+        actions: None,
     };
     let retain = plan.retain;
     runtime.apply(plan)?;
@@ -155,6 +161,7 @@ pub async fn run(
         routes,
         channels,
         pipeline,
+        actions,
         ..
     } = runtime;
     for channel in channels.into_values() {
@@ -166,6 +173,10 @@ pub async fn run(
     if let Some(pipeline) = pipeline {
         pipeline.task.stop().await;
         pipeline.alerts.stop().await;
+    }
+    if let Some(actions) = actions {
+        actions.task.stop().await;
+        actions.reports.stop().await;
     }
     for task in background {
         let _ = task.await;
@@ -227,6 +238,14 @@ struct Runtime {
     /// Keyed by the full channel URL.
     channels: HashMap<String, ChannelTask>,
     pipeline: Option<PipelineTask>,
+    /// The actions route and the Port reports route.
+    actions: Option<ActionsTask>,
+}
+
+struct ActionsTask {
+    task: Task,
+    config: watch::Sender<Arc<crate::actions::runner::Actions>>,
+    reports: Task,
 }
 
 impl Runtime {
@@ -310,6 +329,9 @@ impl Runtime {
             }
         }
 
+        let actions_on = plan.actions.is_some();
+        self.apply_actions(plan.actions, plan.retry);
+
         // Channels: keep those that stay, stop those that go, start the new ones.
         let mut wanted: HashMap<String, ChannelPlan> = plan
             .channels
@@ -326,7 +348,7 @@ impl Runtime {
             }
         }
         for (key, channel) in wanted.drain() {
-            let routes = routes_of(&channel);
+            let routes = routes_of(&channel, actions_on);
             if let Some(running) = self.channels.get(&key) {
                 running.routes.send_replace(routes);
                 continue;
@@ -373,6 +395,60 @@ impl Runtime {
         Ok(())
     }
 
+    /// Start, swap or stop the actions route and its Port reports route.
+    fn apply_actions(
+        &mut self,
+        plan: Option<(
+            crate::actions::runner::Actions,
+            crate::notify::port::PortReporter,
+        )>,
+        retry: RetryPolicy,
+    ) {
+        use crate::actions::{REPORT_ROUTE, runner};
+        match (plan, self.actions.take()) {
+            (None, None) => {}
+            (None, Some(old)) => {
+                info!("actions off; runs queued for them stay in the spool");
+                tokio::spawn(async move {
+                    old.task.stop().await;
+                    old.reports.stop().await;
+                });
+            }
+            (Some((actions, reporter)), old) => {
+                info!(actions = actions.actions.len(), "actions on");
+                let reports = self.route(REPORT_ROUTE.to_string(), Arc::new(reporter), retry);
+                let actions = Arc::new(actions);
+                let (task, config) = match old {
+                    Some(old) => {
+                        tokio::spawn(old.reports.stop());
+                        let _ = old.config.send(actions);
+                        (old.task, old.config)
+                    }
+                    None => {
+                        let (config, config_rx) = watch::channel(actions);
+                        let cancel = self.cancel.child_token();
+                        let handle = tokio::spawn(runner::run(
+                            self.spool.clone(),
+                            self.writer.clone(),
+                            config_rx,
+                            cancel.clone(),
+                        ));
+                        let task = Task {
+                            cancel,
+                            handles: vec![handle],
+                        };
+                        (task, config)
+                    }
+                };
+                self.actions = Some(ActionsTask {
+                    task,
+                    config,
+                    reports,
+                });
+            }
+        }
+    }
+
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
         let cancel = self.cancel.child_token();
         let handle = tokio::spawn(delivery::run_route(
@@ -392,10 +468,13 @@ impl Runtime {
 }
 
 /// The spool routes a channel's events are queued on.
-fn routes_of(channel: &ChannelPlan) -> Vec<String> {
+fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
     let mut routes: Vec<String> = channel.forward.iter().map(|t| t.to_string()).collect();
     if channel.pipeline {
         routes.push(PIPELINE_ROUTE.to_string());
+    }
+    if channel.pipeline && actions {
+        routes.push(crate::actions::ACTIONS_ROUTE.to_string());
     }
     routes
 }
