@@ -62,6 +62,10 @@ pub async fn run(
     config: watch::Receiver<Arc<Actions>>,
     cancel: CancellationToken,
 ) {
+    let mut executing = JoinSet::new();
+    let at_start = config.borrow().clone();
+    recover(&spool, &writer, &at_start, &mut executing, &cancel).await;
+    // Read after recovery, which settles the runs a restart interrupted.
     let mut runs: HashMap<String, RunPhase> = match stored_runs(&spool) {
         Ok(runs) => runs.into_iter().map(|(id, s)| (id, s.run_phase)).collect(),
         Err(e) => {
@@ -69,9 +73,6 @@ pub async fn run(
             return;
         }
     };
-    let mut executing = JoinSet::new();
-    let at_start = config.borrow().clone();
-    recover(&spool, &writer, &at_start, &mut executing, &cancel).await;
     let mut appended = writer.appended();
     let mut cursor = 0;
     while !cancel.is_cancelled() {
