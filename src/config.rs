@@ -385,15 +385,15 @@ pub fn parse(
     })
 }
 
+/// Resolves a literal-or-`_env` secret (the closure inside [`parse`]).
+type SecretLookup<'a> = dyn Fn(&Option<SecretString>, &Option<String>, &str) -> Result<Option<SecretString>, String>
+    + 'a;
+
 /// `[[action]]`s and Port's API credentials.
 fn actions_config(
     file: &ConfigFile,
     at_line: &dyn Fn(usize, String) -> String,
-    secret: &dyn Fn(
-        &Option<SecretString>,
-        &Option<String>,
-        &str,
-    ) -> Result<Option<SecretString>, String>,
+    secret: &SecretLookup<'_>,
     problems: &mut Vec<String>,
     origin: &str,
 ) -> (
