@@ -595,6 +595,72 @@ async fn the_four_fixtures_each_run_their_handler_once_and_report_logs_and_one_s
     for secret in [SECRET, "token-1"] {
         assert!(!logs.all().contains(secret), "{secret} in the relay's logs");
     }
+
+    // `events list` shows the runs with their status.
+    let listed = smee_relay()
+        .args(["events", "list", "--state-dir"])
+        .arg(setup.dir.join("state"))
+        .output()
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for run in [
+        "r_act01legacy",
+        "r_act02trigger",
+        "r_act03context",
+        "r_act04create",
+    ] {
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(run))
+            .unwrap_or_else(|| panic!("{run} not listed:\n{listed}"));
+        assert!(
+            line.contains("SUCCESS") && line.contains("exit 0 in"),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_event_shows_the_handler_and_what_would_be_reported() {
+    let setup = Setup::new(ALL_FOUR).await;
+    let fixtures = format!("{}/tests/fixtures/port/actions", env!("CARGO_MANIFEST_DIR"));
+    let check = |file: &str| {
+        let mut command = smee_relay();
+        command
+            .args(["check", "--config"])
+            .arg(&setup.config)
+            .arg("--event")
+            .arg(format!("{fixtures}/{file}.json"))
+            .env("TEST_PORT_SECRET", SECRET)
+            .env("TEST_PORT_CLIENT_ID", CLIENT_ID);
+        async move {
+            let out = command.output().await.unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let out = check("01-legacy-run-message").await;
+    assert!(
+        out.contains("action run r_act01legacy (action restart_deployment"),
+        "{out}"
+    );
+    assert!(out.contains("restart.sh"), "{out}");
+    assert!(
+        out.contains("PORT_ENTITY=notification-service-prod"),
+        "{out}"
+    );
+    assert!(
+        out.contains("PATCH /v1/actions/runs/r_act01legacy"),
+        "{out}"
+    );
+    let out = check("04-create-no-entity").await;
+    assert!(
+        out.contains("scaffold.sh") && out.contains("PORT_ENTITY= "),
+        "{out}"
+    );
+    let out = check("03-port-context").await;
+    assert!(out.contains("action run r_act03context"), "{out}");
 }
 
 #[tokio::test]

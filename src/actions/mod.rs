@@ -426,6 +426,38 @@ pub fn stored_runs(
         .collect())
 }
 
+/// `events list`: the action runs the spool knows, with their status (empty when none).
+pub fn runs_table(runs: &[(String, RunState)]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<24}  {:<24}  {:>6}  {:<9}  SUMMARY\n",
+        "ACTION RUN", "ACTION", "EVENT", "STATUS"
+    );
+    let mut runs: Vec<&(String, RunState)> = runs.iter().collect();
+    runs.sort_by_key(|(_, state)| state.started_ms);
+    for (run, state) in runs {
+        let (status, summary) = match &state.run_phase {
+            RunPhase::Running => (
+                "running".to_string(),
+                format!(
+                    "started {} ago",
+                    humantime::format_duration(Duration::from_secs(
+                        crate::clock::age(state.started_ms).as_secs()
+                    ))
+                ),
+            ),
+            RunPhase::Done { status, summary } => (status.to_string(), summary.clone()),
+        };
+        out.push_str(&format!(
+            "{run:<24}  {:<24}  {:>6}  {status:<9}  {summary}\n",
+            state.action, state.event
+        ));
+    }
+    out
+}
+
 /// What `check --event` shows for one body: the handler that would run and what would be
 /// reported, or why nothing would.
 pub fn explain(actions: &[ActionSpec], body: &[u8]) -> String {
