@@ -959,3 +959,23 @@ forward = "{}"
     setup.port.wait_finished(&["r_act04create"]).await;
     assert_eq!(setup.port.finishes("r_act04create")[0]["status"], "FAILURE");
 }
+
+#[tokio::test]
+async fn the_demo_shows_an_action_run_end_to_end() {
+    let out = smee_relay().arg("demo").output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "Port run r_act01legacy log: restarting notification-service-prod (run r_act01legacy)",
+        "Port run r_act01legacy log: reason: CPU above 90% for 10 minutes",
+        r#"Port run r_act01legacy status: {"status":"SUCCESS""#,
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}

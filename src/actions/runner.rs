@@ -108,28 +108,6 @@ pub async fn run(
             };
             let done = mark(Outcome::Delivered { status: 200 });
             let event = &item.event.event;
-            if let Some(verifier) = &actions.verifier
-                && let Err(e) = verifier.verify(
-                    event.header("x-port-signature"),
-                    event.header("x-port-timestamp"),
-                    &event.body,
-                    crate::clock::now_ms(),
-                )
-            {
-                warn!(
-                    event = id,
-                    "action run rejected: {e}; nothing runs, nothing is reported"
-                );
-                let dead = mark(Outcome::Dead {
-                    status: None,
-                    error: format!("signature rejected: {e}"),
-                });
-                if !commit(&writer, vec![dead]).await {
-                    break;
-                }
-                cursor = item.seq;
-                continue;
-            }
             let body: Option<serde_json::Value> = serde_json::from_slice(&event.body).ok();
             let run = body.as_ref().and_then(decode_run);
             let (Some(body), Some(run)) = (body, run) else {
@@ -152,6 +130,30 @@ pub async fn run(
                 cursor = item.seq;
                 continue;
             };
+            // Only a run that would execute is judged: other events on the channel are not
+            // this route's business (the pipeline checks their signatures itself).
+            if let Some(verifier) = &actions.verifier
+                && let Err(e) = verifier.verify(
+                    event.header("x-port-signature"),
+                    event.header("x-port-timestamp"),
+                    &event.body,
+                    crate::clock::now_ms(),
+                )
+            {
+                warn!(
+                    event = id,
+                    "action run rejected: {e}; nothing runs, nothing is reported"
+                );
+                let dead = mark(Outcome::Dead {
+                    status: None,
+                    error: format!("signature rejected: {e}"),
+                });
+                if !commit(&writer, vec![dead]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
             if let Some(phase) = runs.get(&run.run_id) {
                 let was = match phase {
                     RunPhase::Running => "still running".to_string(),
