@@ -90,8 +90,8 @@ pub struct PortConfig {
     /// Port's API: `https://api.port.io`, or `https://api.us.port.io` for the US region.
     #[serde(default = "default_api_url")]
     pub api_url: String,
-    /// Report the outcome of Automation runs the pipeline evaluates (not implemented yet:
-    /// refused when true, so nobody relies on it silently).
+    /// Report the outcome of Automation runs (webhook bodies with `run.id`) once the pipeline
+    /// has evaluated them: the alerts sent, or "no rule matched".
     #[serde(default)]
     pub report_automation_runs: bool,
 }
@@ -204,6 +204,8 @@ pub struct Config {
     pub actions: Vec<crate::actions::ActionSpec>,
     /// Port's API credentials, present when `[port]` has a client id and secret.
     pub port_api: Option<crate::notify::port::PortApi>,
+    /// `[port] report_automation_runs`.
+    pub report_automation_runs: bool,
 }
 
 /// A URL that must not be printed (a Slack webhook holds its credential in the path).
@@ -382,6 +384,7 @@ pub fn parse(
         slack,
         actions,
         port_api,
+        report_automation_runs: file.port.report_automation_runs,
     })
 }
 
@@ -434,9 +437,9 @@ fn actions_config(
         }),
         _ => None,
     };
-    if port.report_automation_runs {
+    if port.report_automation_runs && (port_api.is_none() || !client_secret_given(port)) {
         problems.push(format!(
-            "{origin}: [port] report_automation_runs is not supported yet; remove it"
+            "{origin}: [port] report_automation_runs needs client_id (or client_id_env) and client_secret (or client_secret_env)"
         ));
     }
     let secret_vars: Vec<&str> = [&port.client_secret_env, &port.client_id_env]

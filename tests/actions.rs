@@ -979,3 +979,51 @@ async fn the_demo_shows_an_action_run_end_to_end() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("WARN"), "{stderr}");
 }
+
+#[tokio::test]
+async fn automation_runs_get_the_pipelines_outcome_reported() {
+    let setup = Setup::new(&format!(
+        "{ALL_FOUR}\n{}",
+        include_str!("fixtures/port/rules.toml")
+    ))
+    .await;
+    handler(&setup.dir, "restart.sh", "");
+    // `[port] report_automation_runs = true` goes in the [port] table of the header.
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
+    std::fs::write(&setup.config, config).unwrap();
+    let _daemon = setup.start().await;
+    let automation = |file: &str| support::port_fixture("automation", file);
+    setup
+        .channel
+        .send_webhook(1, &signed_frame(&automation("01-create"), SECRET));
+    setup
+        .channel
+        .send_webhook(2, &signed_frame(&automation("02-cpu-25-to-87"), SECRET));
+    // A forged one: the pipeline rejects it, and nothing is reported for its run id.
+    setup.channel.send_webhook(
+        3,
+        &signed_frame(&automation("03-cpu-87-to-91"), "not-the-secret"),
+    );
+    setup
+        .port
+        .wait_finished(&["r_fixture00", "r_fixture01"])
+        .await;
+    let created = &setup.port.finishes("r_fixture00")[0];
+    assert_eq!(created["status"], "SUCCESS");
+    assert_eq!(created["summary"], "no rule matched");
+    let fired = &setup.port.finishes("r_fixture01")[0];
+    assert_eq!(fired["status"], "SUCCESS");
+    assert_eq!(fired["summary"], "cpu-high FIRING sent to stdout");
+    // Judged after the two before it, on the same ordered route: nothing for the forged run.
+    setup.send(4, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    assert!(
+        setup
+            .port
+            .calls()
+            .iter()
+            .all(|c| !c.path.contains("r_fixture02"))
+    );
+}

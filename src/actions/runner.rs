@@ -41,6 +41,9 @@ pub struct Actions {
     pub verifier: Option<Verifier>,
     /// How a forward handler is retried (5xx, network), and until when.
     pub retry: RetryPolicy,
+    /// Report an Automation run's outcome once the pipeline has evaluated it; the name of
+    /// where alerts go (`Slack`, `stdout`), for the summary. `None`: off.
+    pub automation_runs: Option<String>,
 }
 
 /// One log message to Port at most this long (Port refuses bodies over 1 MiB; JSON escaping
@@ -121,6 +124,53 @@ pub async fn run(
             let (found, errors) = find_action(&actions.actions, &run, &body);
             for e in errors {
                 warn!(event = id, run = %run.run_id, "{e}");
+            }
+            if found.is_none()
+                && let Some(alerts_to) = &actions.automation_runs
+                && !runs.contains_key(&run.run_id)
+                && crate::pipeline::port::decode(&event.body).is_ok()
+                && actions.verifier.as_ref().is_some_and(|v| {
+                    v.verify(
+                        event.header("x-port-signature"),
+                        event.header("x-port-timestamp"),
+                        &event.body,
+                        crate::clock::now_ms(),
+                    )
+                    .is_ok()
+                })
+            {
+                // An Automation run: its outcome is what the pipeline made of it.
+                let Some(finish) =
+                    automation_outcome(&spool, &item.event, alerts_to, &cancel).await
+                else {
+                    break;
+                };
+                let status = finish.status.unwrap_or(Terminal::Failure);
+                info!(event = id, run = %run.run_id, "automation run: {status}: {}", finish.summary.as_deref().unwrap_or(""));
+                let state = RunState {
+                    action: "automation".into(),
+                    event: id,
+                    started_ms: crate::clock::now_ms(),
+                    run_phase: RunPhase::Done {
+                        status,
+                        summary: finish.summary.clone().unwrap_or_default(),
+                    },
+                };
+                let report = Report::Finish {
+                    run: run.run_id.clone(),
+                    finish,
+                };
+                let writes = vec![
+                    reports_append(vec![report]),
+                    state_write(&run.run_id, &state),
+                    done,
+                ];
+                if !commit(&writer, writes).await {
+                    break;
+                }
+                runs.insert(run.run_id.clone(), state.run_phase);
+                cursor = item.seq;
+                continue;
             }
             let Some(spec) = found else {
                 debug!(event = id, run = %run.run_id, "actions: no [[action]] handles this run");
@@ -253,6 +303,87 @@ async fn recover(
         };
         finish_writes_commit(writer, &run_id, &state, vec![log], finish, cancel).await;
     }
+}
+
+/// What the pipeline made of an Automation run's event: FAILURE if it rejected it, else
+/// SUCCESS naming the alerts it produced. Waits until the pipeline has judged it; `None` on
+/// shutdown.
+async fn automation_outcome(
+    spool: &Arc<Spool>,
+    stored: &crate::spool::StoredEvent,
+    alerts_to: &str,
+    cancel: &CancellationToken,
+) -> Option<Finish> {
+    use crate::pipeline::{Alert, PIPELINE_ROUTE};
+    use crate::spool::Status;
+    let change = crate::pipeline::port::decode(&stored.event.body).ok()?;
+    let id = stored.id;
+    let (status, error) = loop {
+        let spool_ = spool.clone();
+        let record = tokio::task::spawn_blocking(move || spool_.get(id))
+            .await
+            .ok()?;
+        let record = record.ok().and_then(|(_, records)| {
+            records
+                .into_iter()
+                .find(|(route, _)| route == PIPELINE_ROUTE)
+                .map(|(_, r)| r)
+        });
+        match record {
+            Some(r) if r.status != Status::Pending => break (r.status, r.last_error),
+            // Not (yet) judged: the pipeline runs beside this route.
+            _ => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    };
+    if status == Status::Dead {
+        return Some(Finish {
+            status: Some(Terminal::Failure),
+            summary: Some(format!(
+                "the pipeline could not evaluate it: {}",
+                error.unwrap_or_default()
+            )),
+            ..Finish::default()
+        });
+    }
+    // Its alerts were queued with its mark, after it: the alert events for this entity and
+    // this change (same trigger time) among the next events stored.
+    let entity = change.entity().unwrap_or("").to_string();
+    let at = change.trigger.at.clone();
+    let spool_ = spool.clone();
+    let headlines = tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        for next in id + 1..=id + 256 {
+            let Ok((event, _)) = spool_.get(next) else {
+                continue;
+            };
+            if event.event.header("x-smee-relay-alert").is_none() {
+                continue;
+            }
+            if let Ok(alert) = serde_json::from_slice::<Alert>(&event.event.body)
+                && alert.entity == entity
+                && alert.triggered_at == at
+            {
+                found.push(format!("{} {}", alert.rule, alert.status));
+            }
+        }
+        found
+    })
+    .await
+    .unwrap_or_default();
+    let summary = if headlines.is_empty() {
+        "no rule matched".to_string()
+    } else {
+        format!("{} sent to {alerts_to}", headlines.join(", "))
+    };
+    Some(Finish {
+        status: Some(Terminal::Success),
+        summary: Some(summary),
+        ..Finish::default()
+    })
 }
 
 /// Everything one execution needs.

@@ -186,6 +186,7 @@ fn demo_actions(
             Duration::from_secs(300),
         )),
         retry: RetryPolicy::DEFAULT,
+        automation_runs: None,
     };
     let reporter = crate::notify::port::PortReporter::new(crate::notify::port::PortApi {
         api_url: api_url.to_string(),

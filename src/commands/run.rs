@@ -62,12 +62,21 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     } else {
         None
     };
-    let actions = match (&config.port_api, config.actions.is_empty()) {
-        (Some(api), false) => Some((
+    let wanted = !config.actions.is_empty() || config.report_automation_runs;
+    let actions = match (&config.port_api, wanted) {
+        (Some(api), true) => Some((
             crate::actions::runner::Actions {
                 actions: config.actions.clone(),
                 verifier: config.verifier.clone(),
                 retry: retry_policy(delivery),
+                automation_runs: config.report_automation_runs.then(|| {
+                    if config.slack.is_some() {
+                        "Slack"
+                    } else {
+                        "stdout"
+                    }
+                    .to_string()
+                }),
             },
             crate::notify::port::PortReporter::new(api.clone())?,
         )),
