@@ -416,10 +416,15 @@ api_url = "{api}"
     }
 
     async fn start(&self) -> Daemon {
+        self.start_with(&[]).await
+    }
+
+    async fn start_with(&self, flags: &[&str]) -> Daemon {
         let before = self.channel.connections();
         let mut child = smee_relay()
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(flags)
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .env("TEST_PORT_SECRET", SECRET)
@@ -1025,5 +1030,72 @@ async fn automation_runs_get_the_pipelines_outcome_reported() {
             .calls()
             .iter()
             .all(|c| !c.path.contains("r_fixture02"))
+    );
+}
+
+#[tokio::test]
+async fn long_output_is_sent_in_batches_under_ports_limit_and_a_refused_entity_is_logged() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(
+        &setup.dir,
+        "restart.sh",
+        r#"seq 1 60000
+echo '::port:: {"entity": {"blueprint": "Refused", "identifier": "nope"}}'"#,
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let calls: Vec<Call> = setup
+        .port
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/runs/r_act01legacy/logs"))
+        .collect();
+    assert!(calls.len() >= 3, "batched: {} calls", calls.len());
+    for call in &calls {
+        assert!(
+            call.body.to_string().len() < 1 << 20,
+            "a log call over 1 MiB"
+        );
+    }
+    let logs = setup.port.logs("r_act01legacy");
+    let numbers: Vec<&str> = logs.lines().filter(|l| l.parse::<u32>().is_ok()).collect();
+    assert_eq!(numbers.len(), 60000, "every line, once");
+    assert_eq!(numbers.first(), Some(&"1"));
+    assert_eq!(numbers.last(), Some(&"60000"));
+    assert!(
+        logs.contains("Port refused entity nope of blueprint Refused: 422"),
+        "{}",
+        &logs[logs.len().saturating_sub(500)..]
+    );
+    assert_eq!(setup.port.finishes("r_act01legacy")[0]["status"], "SUCCESS");
+}
+
+#[tokio::test]
+async fn a_forward_handler_is_retried_on_5xx_then_fails_at_the_retry_age() {
+    let mut target = support::FakeTarget::start().await;
+    let setup = Setup::new(&format!(
+        "[[action]]\nidentifier = \"restart_deployment\"\nforward = \"{}\"\n\n[[action]]\nidentifier = \"scaffold_service\"\nforward = \"{}\"\n",
+        target.url("/restart"),
+        target.url("/scaffold")
+    ))
+    .await;
+    // The first run: 503 once, then 200. The second: 503 until the retry age (2s) is over.
+    target.answer_with(&[503, 200, 503, 503, 503, 503, 503, 503, 503, 503]);
+    let _daemon = setup.start_with(&["--max-retry-age", "2s"]).await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(setup.port.finishes("r_act01legacy")[0]["status"], "SUCCESS");
+    let logs = setup.port.logs("r_act01legacy");
+    assert!(logs.contains("handler answered 503; retrying in"), "{logs}");
+    target.take(2).await;
+    setup.send(2, "04-create-no-entity");
+    setup.port.wait_finished(&["r_act04create"]).await;
+    let finish = &setup.port.finishes("r_act04create")[0];
+    assert_eq!(finish["status"], "FAILURE");
+    let summary = finish["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("handler answered 503; gave up after "),
+        "{summary}"
     );
 }

@@ -110,10 +110,8 @@ impl PortReporter {
             ));
         };
         let lifetime = Duration::from_secs(parsed["expiresIn"].as_u64().unwrap_or(3600));
-        // Renew shortly before it expires, so a call never carries a token about to lapse.
-        let margin = (lifetime / 10).min(Duration::from_secs(60));
         let token = SecretString::from(token.to_string());
-        *cached = Some((token.clone(), Instant::now() + lifetime - margin));
+        *cached = Some((token.clone(), Instant::now() + usable_for(lifetime)));
         Ok(token)
     }
 
@@ -322,6 +320,12 @@ fn preview(body: &str) -> String {
     body.chars().take(200).collect()
 }
 
+/// How long a token that lives `lifetime` is used: renewed shortly before it expires (a tenth
+/// of its life, at most a minute), so no call carries a token about to lapse.
+fn usable_for(lifetime: Duration) -> Duration {
+    lifetime - (lifetime / 10).min(Duration::from_secs(60))
+}
+
 /// `x-ratelimit-reset` is the epoch second the window resets at.
 fn rate_limit_wait(value: &str) -> Option<Duration> {
     let reset_ms = value.trim().parse::<u64>().ok()?.checked_mul(1000)?;
@@ -340,4 +344,37 @@ fn escape(segment: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_renewed_shortly_before_it_expires() {
+        assert_eq!(
+            usable_for(Duration::from_secs(3600)),
+            Duration::from_secs(3540)
+        );
+        assert_eq!(usable_for(Duration::from_secs(60)), Duration::from_secs(54));
+        assert_eq!(usable_for(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_rate_limit_reset_is_waited_for() {
+        let in_3s = (crate::clock::now_ms() / 1000 + 3).to_string();
+        let wait = rate_limit_wait(&in_3s).unwrap();
+        assert!(
+            wait > Duration::from_secs(1) && wait <= Duration::from_secs(3),
+            "{wait:?}"
+        );
+        assert_eq!(rate_limit_wait("0"), Some(Duration::from_millis(100)));
+        assert_eq!(rate_limit_wait("soon"), None);
+    }
+
+    #[test]
+    fn run_ids_are_one_path_segment() {
+        assert_eq!(escape("r_abc-1.2~"), "r_abc-1.2~");
+        assert_eq!(escape("../x y"), "..%2Fx%20y");
+    }
 }
