@@ -926,8 +926,8 @@ async fn a_forward_handler_reports_by_its_answer_4xx_is_failure_at_once() {
 identifier = "restart_deployment"
 forward = "{}"
 [action.report]
-summary = '.body.message'
-link = '.body.url'
+summary = '"restarted " + .body.context.entity + " (" + (.response.statusCode | tostring) + ")"'
+link = '.response.json.url'
 
 [[action]]
 identifier = "scaffold_service"
@@ -953,12 +953,17 @@ forward = "{}"
     setup.port.wait_finished(&["r_act01legacy"]).await;
     let finish = &setup.port.finishes("r_act01legacy")[0];
     assert_eq!(finish["status"], "SUCCESS");
-    let summary = finish["summary"].as_str().unwrap();
-    assert!(summary.starts_with("handler answered 200 in"), "{summary}");
-    // The fake answers no JSON: the mapping's failure is told in the run log.
+    // The jq mapping over port-agent's context: the run body and the handler's response.
+    assert_eq!(
+        finish["summary"], "restarted notification-service-prod (200)",
+        "{finish}"
+    );
+    assert!(
+        finish.get("link").is_none(),
+        "no JSON answer, no link: {finish}"
+    );
     let logs = setup.port.logs("r_act01legacy");
     assert!(logs.contains("POST 127.0.0.1:"), "{logs}");
-    assert!(logs.contains("report.summary"), "{logs}");
     setup.send(2, "04-create-no-entity");
     target.next().await;
     setup.port.wait_finished(&["r_act04create"]).await;

@@ -793,6 +793,11 @@ async fn run_forward(
         let problem = match answer {
             Ok(response) => {
                 let status = response.status();
+                let headers: serde_json::Map<String, serde_json::Value> = response
+                    .headers()
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.into())))
+                    .collect();
                 let body = response.bytes().await.unwrap_or_default();
                 let ms = started.elapsed().as_millis();
                 logs.line(&format!("POST {shown} -> {} in {ms} ms", status.as_u16()))
@@ -807,9 +812,12 @@ async fn run_forward(
                     } else {
                         Terminal::Failure
                     };
-                    return Some(
-                        map_answer(status.as_u16(), &body, &x.body, default, mapping, logs).await,
-                    );
+                    let answer = Answer {
+                        status: status.as_u16(),
+                        headers,
+                        body: &body,
+                    };
+                    return Some(map_answer(answer, &x.body, default, mapping, logs).await);
                 }
                 format!("handler answered {}", status.as_u16())
             }
@@ -844,23 +852,35 @@ async fn run_forward(
     }
 }
 
-/// The report for a handler's answer: by status, or by the jq mappings over
-/// `{"status": N, "body": answer, "request": run body}`.
-async fn map_answer(
+/// A forward handler's answer.
+struct Answer<'a> {
     status: u16,
-    body: &[u8],
+    headers: serde_json::Map<String, serde_json::Value>,
+    body: &'a [u8],
+}
+
+/// The report for a handler's answer: by status, or by the jq mappings over the context
+/// port-agent's `report` mappings see: `{"body": run body, "request": {"body": run body},
+/// "response": {"statusCode", "headers", "text", "json"}}`.
+async fn map_answer(
+    answer: Answer<'_>,
     request: &[u8],
     default: Terminal,
     mapping: &ReportMapping,
     logs: &mut LogBatch,
 ) -> (Terminal, String, Finish) {
-    let parsed = |bytes: &[u8]| {
-        serde_json::from_slice(bytes).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
-        })
-    };
-    let input =
-        serde_json::json!({"status": status, "body": parsed(body), "request": parsed(request)});
+    let status = answer.status;
+    let run_body: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
+    let input = serde_json::json!({
+        "body": run_body,
+        "request": {"body": run_body},
+        "response": {
+            "statusCode": status,
+            "headers": answer.headers,
+            "text": String::from_utf8_lossy(answer.body),
+            "json": serde_json::from_slice::<serde_json::Value>(answer.body).ok(),
+        },
+    });
     let mut finish = Finish::default();
     let mut terminal = default;
     let mut problems = Vec::new();
