@@ -39,6 +39,9 @@ pub struct ConfigFile {
     /// Bounds on each evaluation of a `when` condition.
     #[serde(default)]
     pub jq: JqConfig,
+    /// Self-service action runs to execute, on the runs of a `pipeline = true` channel.
+    #[serde(default, rename = "action")]
+    pub actions: Vec<Spanned<crate::actions::ActionConfig>>,
 }
 
 /// `[jq]`: what one evaluation of a `when` condition may cost. A condition that loops,
@@ -200,6 +203,17 @@ pub struct PortConfig {
     /// The Port app, for entity links in alerts.
     #[serde(default = "default_app_url")]
     pub app_url: String,
+    /// The Port client id, to report action runs (with the client secret).
+    pub client_id: Option<String>,
+    /// The environment variable holding the client id.
+    pub client_id_env: Option<String>,
+    /// Port's API: `https://api.port.io`, or `https://api.us.port.io` for the US region.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// Report the outcome of Automation runs (webhook bodies with `run.id`) once the pipeline
+    /// has evaluated them: the alerts sent, or "no rule matched".
+    #[serde(default)]
+    pub report_automation_runs: bool,
 }
 
 impl Default for PortConfig {
@@ -209,12 +223,20 @@ impl Default for PortConfig {
             client_secret_env: None,
             signature_tolerance: default_tolerance(),
             app_url: default_app_url(),
+            client_id: None,
+            client_id_env: None,
+            api_url: default_api_url(),
+            report_automation_runs: false,
         }
     }
 }
 
 fn default_tolerance() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_api_url() -> String {
+    crate::notify::port::DEFAULT_API_URL.into()
 }
 
 fn default_app_url() -> String {
@@ -306,6 +328,12 @@ pub struct Config {
     pub jq: JqLimits,
     /// The Slack webhook. A secret: never logged.
     pub slack: Option<SecretUrl>,
+    /// `[[action]]`s, validated.
+    pub actions: Vec<crate::actions::ActionSpec>,
+    /// Port's API credentials, present when `[port]` has a client id and secret.
+    pub port_api: Option<crate::notify::port::PortApi>,
+    /// `[port] report_automation_runs`.
+    pub report_automation_runs: bool,
 }
 
 /// A URL that must not be printed (a Slack webhook holds its credential in the path).
@@ -429,9 +457,9 @@ pub fn parse(
         }
     }
     let pipelines = file.channels.iter().any(|c| c.get_ref().pipeline);
-    if pipelines && file.rules.is_empty() {
+    if pipelines && file.rules.is_empty() && file.actions.is_empty() {
         problems.push(format!(
-            "{origin}: a channel has pipeline = true but there is no [[rule]]"
+            "{origin}: a channel has pipeline = true but there is no [[rule]] or [[action]]"
         ));
     }
 
@@ -469,6 +497,7 @@ pub fn parse(
             }
         },
     };
+    let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(format!("{origin}: [port] app_url: {e}"));
     }
@@ -488,7 +517,105 @@ pub fn parse(
             timeout: file.jq.timeout,
             max_memory: file.jq.max_memory_mib << 20,
         },
+        actions,
+        port_api,
+        report_automation_runs: file.port.report_automation_runs,
     })
+}
+
+/// Resolves a literal-or-`_env` secret (the closure inside [`parse`]).
+type SecretLookup<'a> = dyn Fn(&Option<SecretString>, &Option<String>, &str) -> Result<Option<SecretString>, String>
+    + 'a;
+
+/// `[[action]]`s and Port's API credentials.
+fn actions_config(
+    file: &ConfigFile,
+    at_line: &dyn Fn(usize, String) -> String,
+    secret: &SecretLookup<'_>,
+    problems: &mut Vec<String>,
+    origin: &str,
+) -> (
+    Vec<crate::actions::ActionSpec>,
+    Option<crate::notify::port::PortApi>,
+) {
+    let port = &file.port;
+    let client_secret = secret(
+        &port.client_secret,
+        &port.client_secret_env,
+        "client_secret",
+    )
+    .ok()
+    .flatten();
+    let client_id = match secret(
+        &port.client_id.clone().map(SecretString::from),
+        &port.client_id_env,
+        "client_id",
+    ) {
+        Ok(id) => id,
+        Err(e) => {
+            problems.push(format!("{origin}: [port] {e}"));
+            None
+        }
+    };
+    let api_url = match crate::url::parse_http_url(&port.api_url) {
+        Ok(url) => url.as_str().trim_end_matches('/').to_string(),
+        Err(e) => {
+            problems.push(format!("{origin}: [port] api_url: {e}"));
+            String::new()
+        }
+    };
+    let port_api = match (client_id, client_secret) {
+        (Some(id), Some(secret)) => Some(crate::notify::port::PortApi {
+            api_url,
+            client_id: id.expose_secret().to_string(),
+            client_secret: secret,
+        }),
+        _ => None,
+    };
+    if port.report_automation_runs && (port_api.is_none() || !client_secret_given(port)) {
+        problems.push(format!(
+            "{origin}: [port] report_automation_runs needs client_id (or client_id_env) and client_secret (or client_secret_env)"
+        ));
+    }
+    let secret_vars: Vec<&str> = [&port.client_secret_env, &port.client_id_env]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let mut actions: Vec<crate::actions::ActionSpec> = Vec::new();
+    for spanned in &file.actions {
+        let at = spanned.span().start;
+        match spanned
+            .get_ref()
+            .compile(client_secret_given(port), &secret_vars)
+        {
+            Ok(action) => {
+                if actions.iter().any(|a| a.name == action.name) {
+                    problems.push(at_line(
+                        at,
+                        format!("action {:?}: defined twice", action.name),
+                    ));
+                }
+                actions.push(action);
+            }
+            Err(e) => problems.push(at_line(at, format!("[[action]]: {e}"))),
+        }
+    }
+    if !file.actions.is_empty() && port_api.is_none() {
+        problems.push(format!(
+            "{origin}: [[action]] reports runs to Port: set [port] client_id (or client_id_env) and client_secret (or client_secret_env)"
+        ));
+    }
+    if !file.actions.is_empty() && !file.channels.iter().any(|c| c.get_ref().pipeline) {
+        problems.push(format!(
+            "{origin}: [[action]] needs a channel with pipeline = true to receive runs"
+        ));
+    }
+    (actions, port_api)
+}
+
+fn client_secret_given(port: &PortConfig) -> bool {
+    port.client_secret.is_some() || port.client_secret_env.is_some()
 }
 
 /// Build a rule, or say what is wrong (with the offset of the `when` string for jq errors).

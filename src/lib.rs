@@ -18,7 +18,8 @@
 //! - [`source`] keeps the SSE connection alive and decodes smee frames into [`event::Event`]s;
 //! - [`spool`] is the disk: the writer thread, the intake, the lock, the queries;
 //! - [`delivery`] delivers each route's queue in order; [`delivery::forward`] is HTTP;
-//! - [`pipeline`] judges Port changes; [`notify`] sends the alerts;
+//! - [`pipeline`] judges Port changes; [`actions`] runs Port self-service action runs;
+//!   [`notify`] sends the alerts and the run reports;
 //! - [`server`] is `smee-relay serve`, the channel server;
 //! - [`config`] reads the config file into the components' settings;
 //! - [`service`] runs it all as a daemon (systemd, signals, reload, health, metrics);
@@ -41,6 +42,8 @@ pub mod spool;
 pub mod delivery;
 
 pub mod pipeline;
+
+pub mod actions;
 
 pub mod notify;
 

@@ -18,10 +18,16 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             config.channels.len(),
             config.rules.len()
         );
+        if !config.actions.is_empty() {
+            println!("{} [[action]] handlers", config.actions.len());
+        }
         return Ok(());
     };
     let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
     print!("{}", check_event(&config, &jq, &body));
+    if !config.actions.is_empty() {
+        print!("\n{}", crate::actions::explain(&config.actions, &body, &jq));
+    }
     Ok(())
 }
 

@@ -5,6 +5,10 @@
 //! fixtures, embedded in the binary), and prints every alert the pipeline sends, one block per
 //! alert. With `--slack-webhook` it sends them to Slack as well. Everything goes through the
 //! real path: SSE, the spool (in a temporary state directory), the rules and alert state.
+//!
+//! Then a Port self-service action run (`restart_deployment`, signed as Port signs) goes the same
+//! way to a local command, and its log lines and final status are reported to an embedded fake
+//! Port API, which prints them as Port would record them.
 
 use std::time::{Duration, Instant};
 
@@ -89,6 +93,157 @@ pub enum DemoError {
     Post(String),
     #[error("only {got} of {EXPECTED_ALERTS} alerts arrived within {}", humantime::format_duration(*.within))]
     Incomplete { got: usize, within: Duration },
+    #[error("the action run's final status did not reach the fake Port API within 10s")]
+    ActionRun,
+}
+
+/// The demo's Port client secret: signs the action run and authenticates to the fake API.
+const DEMO_SECRET: &str = "demo-secret";
+
+/// The action run the demo posts (Port's default body for a migrated action).
+const ACTION_RUN: &str =
+    include_str!("../../tests/fixtures/port/actions/01-legacy-run-message.json");
+
+/// The demo's handler: a fixed script (arguments are never built from the payload); the run's
+/// details come in `PORT_*` variables and the body on stdin.
+const HANDLER: &str = r#"echo "restarting $PORT_ENTITY (run $PORT_RUN_ID)"
+echo "reason: $(grep -o '"reason":"[^"]*"' | cut -d'"' -f4)"
+echo "3/3 pods ready"
+echo '::port:: {"link": "https://grafana.example.com/d/deploys", "statusLabel": "restarted"}'"#;
+
+/// What the fake Port API heard, in order, as lines to print.
+type Recorded = tokio::sync::mpsc::UnboundedReceiver<(bool, String)>;
+
+/// An embedded stand-in for Port's API on a loopback port: issues a token, records run logs
+/// and the final PATCH. Returns its URL and what it records (`true` for the final status).
+async fn fake_port_api() -> std::io::Result<(String, Recorded)> {
+    use axum::routing::{patch, post};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
+    let (logs, finish) = (tx.clone(), tx);
+    let router = axum::Router::new()
+        .route(
+            "/v1/auth/access_token",
+            post(|| async {
+                axum::Json(
+                    serde_json::json!({"ok": true, "accessToken": "demo-token", "expiresIn": 3600}),
+                )
+            }),
+        )
+        .route(
+            "/v1/actions/runs/{run}/logs",
+            post(
+                move |axum::extract::Path(run): axum::extract::Path<String>, body: String| {
+                    let logs = logs.clone();
+                    async move {
+                        let body: serde_json::Value =
+                            serde_json::from_str(&body).unwrap_or_default();
+                        for line in body["message"].as_str().unwrap_or("").lines() {
+                            let _ = logs.send((false, format!("  Port run {run} log: {line}")));
+                        }
+                        axum::Json(serde_json::json!({"ok": true}))
+                    }
+                },
+            ),
+        )
+        .route(
+            "/v1/actions/runs/{run}",
+            patch(
+                move |axum::extract::Path(run): axum::extract::Path<String>, body: String| {
+                    let finish = finish.clone();
+                    async move {
+                        let _ = finish.send((true, format!("  Port run {run} status: {body}")));
+                        axum::Json(serde_json::json!({"ok": true}))
+                    }
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((format!("http://{addr}"), rx))
+}
+
+/// The demo's one `[[action]]` and its reporter to the fake Port API.
+fn demo_actions(
+    api_url: &str,
+) -> (
+    crate::actions::runner::Actions,
+    crate::notify::port::PortReporter,
+) {
+    let config: crate::actions::ActionConfig = toml::from_str(&format!(
+        "identifier = \"restart_deployment\"\ncommand = [\"/bin/sh\", \"-c\", {}]\ntimeout = \"30s\"",
+        toml::Value::String(HANDLER.into())
+    ))
+    .expect("the demo action parses");
+    let action = config.compile(true, &[]).expect("the demo action is valid");
+    let secret = crate::secret::SecretString::from(DEMO_SECRET.to_string());
+    let actions = crate::actions::runner::Actions {
+        actions: vec![action],
+        verifier: Some(crate::pipeline::signature::Verifier::new(
+            secret.clone(),
+            Duration::from_secs(300),
+        )),
+        retry: RetryPolicy::DEFAULT,
+        automation_runs: None,
+        jq: crate::pipeline::jq::JqEngine::new(Default::default()),
+    };
+    let reporter = crate::notify::port::PortReporter::new(crate::notify::port::PortApi {
+        api_url: api_url.to_string(),
+        client_id: "demo-client".into(),
+        client_secret: secret,
+    })
+    .expect("an HTTP client builds");
+    (actions, reporter)
+}
+
+/// Post a signed action run and print what the fake Port API records, until its final status.
+async fn action_run(channel: &str, recorded: &mut Recorded) -> Result<(), DemoError> {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    println!(
+        "Now a self-service action run: Port's `restart_deployment` button, handled by a local command.\n"
+    );
+    let timestamp = (crate::clock::now_ms() / 1000).to_string();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(DEMO_SECRET.as_bytes())
+        .expect("HMAC takes any key");
+    mac.update(format!("{timestamp}.{ACTION_RUN}").as_bytes());
+    let signature = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    let client = crate::http::client_builder()
+        .build()
+        .map_err(|e| DemoError::Post(e.to_string()))?;
+    let response = client
+        .post(channel)
+        .header("content-type", "application/json")
+        .header("x-port-timestamp", &timestamp)
+        .header("x-port-signature", signature)
+        .body(ACTION_RUN)
+        .send()
+        .await
+        .map_err(|e| DemoError::Post(e.without_url().to_string()))?;
+    if !response.status().is_success() {
+        return Err(DemoError::Post(format!(
+            "action run: {}",
+            response.status()
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, recorded.recv()).await {
+            Ok(Some((last, line))) => {
+                println!("{line}");
+                if last {
+                    println!();
+                    return Ok(());
+                }
+            }
+            _ => return Err(DemoError::ActionRun),
+        }
+    }
 }
 
 /// Run the demo; print the alerts to stdout.
@@ -117,6 +272,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     .expect("the built-in rules are valid")
     .rules;
     let (delivered_tx, mut delivered) = tokio::sync::mpsc::unbounded_channel();
+    let (port_api, mut recorded) = fake_port_api().await.map_err(DemoError::Serve)?;
     let slack = match slack {
         Some(url) => Some(
             Forwarder::new(
@@ -165,11 +321,17 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
             max_bytes: 64 << 20,
         },
         metrics_listen: None,
+        actions: Some(demo_actions(&port_api)),
     };
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
     let relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));
 
-    let outcome = post_and_collect(&channel, &mut delivered).await;
+    let mut outcome = post_and_collect(&channel, &mut delivered).await;
+    if outcome.is_ok()
+        && let Err(e) = action_run(&channel, &mut recorded).await
+    {
+        outcome = Err(e);
+    }
     cancel.cancel();
     let relayed = relay.await;
     let _ = server.await;
@@ -179,7 +341,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     }
     let got = outcome?;
     println!(
-        "{got} alerts from 9 changes in {} ms: FIRING when a rule starts to hold, RESOLVED when it stops, nothing in between.",
+        "{got} alerts from 9 changes and one action run reported to Port, in {} ms: FIRING when a rule starts to hold, RESOLVED when it stops, nothing in between.",
         started.elapsed().as_millis()
     );
     println!(

@@ -22,6 +22,10 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", table(&rows));
+                print!(
+                    "{}",
+                    crate::actions::runs_table(&crate::actions::stored_runs(&spool)?)
+                );
             }
         }
         EventsCommand::Show { id } => {

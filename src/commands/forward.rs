@@ -61,6 +61,7 @@ pub async fn forward(
         retain: options.retain,
         limits: options.limits,
         metrics_listen: options.metrics_listen,
+        actions: None,
     };
     // `forward` has no config file to reload.
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);

@@ -50,6 +50,8 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         (None, None) => crate::spool::lock::state_dir(None),
     };
     let uses_pipeline = config.channels.iter().any(|c| c.pipeline);
+    // One bounded jq worker for the rules' and the actions' `when` conditions.
+    let jq = crate::pipeline::jq::JqEngine::new(config.jq);
     let pipeline = if uses_pipeline {
         let sink = match &config.slack {
             Some(url) => AlertSink::slack(Forwarder::new(
@@ -62,11 +64,32 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             rules: config.rules.clone(),
             verifier: config.verifier.clone(),
             app_url: config.app_url.clone(),
-            jq: crate::pipeline::jq::JqEngine::new(config.jq),
+            jq: jq.clone(),
         };
         Some((pipeline, sink))
     } else {
         None
+    };
+    let wanted = !config.actions.is_empty() || config.report_automation_runs;
+    let actions = match (&config.port_api, wanted) {
+        (Some(api), true) => Some((
+            crate::actions::runner::Actions {
+                actions: config.actions.clone(),
+                verifier: config.verifier.clone(),
+                jq: jq.clone(),
+                retry: retry_policy(delivery),
+                automation_runs: config.report_automation_runs.then(|| {
+                    if config.slack.is_some() {
+                        "Slack"
+                    } else {
+                        "stdout"
+                    }
+                    .to_string()
+                }),
+            },
+            crate::notify::port::PortReporter::new(api.clone())?,
+        )),
+        _ => None,
     };
     let channels = config
         .channels
@@ -93,5 +116,6 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             max_bytes: delivery.max_spool_size,
         },
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
+        actions,
     })
 }

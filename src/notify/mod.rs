@@ -1,6 +1,7 @@
 //! Telling people: the alert outbox's route delivers each alert as a Slack message, or as text
 //! on stdout when no Slack is configured. It reads alerts the pipeline spooled; it never judges.
 
+pub mod port;
 pub mod slack;
 
 use std::fmt::Write as _;

@@ -90,6 +90,11 @@ pub struct Plan {
     pub limits: Limits,
     /// Where to serve `/healthz` and `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Self-service action runs (on `pipeline` channels) and the Port API their reports go to.
+    pub actions: Option<(
+        crate::actions::runner::Actions,
+        crate::notify::port::PortReporter,
+    )>,
 }
 
 /// Run `plan` until `cancel` fires. Each plan received on `reloads` replaces the running one
@@ -137,6 +142,7 @@ pub async fn run(
         routes: HashMap::new(),
         channels: HashMap::new(),
         pipeline: None,
+        actions: None,
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
@@ -184,6 +190,7 @@ pub async fn run(
         routes,
         channels,
         pipeline,
+        actions,
         ..
     } = runtime;
     for channel in channels.into_values() {
@@ -195,6 +202,10 @@ pub async fn run(
     if let Some(pipeline) = pipeline {
         pipeline.task.stop().await;
         pipeline.alerts.stop().await;
+    }
+    if let Some(actions) = actions {
+        actions.task.stop().await;
+        actions.reports.stop().await;
     }
     for task in background {
         let _ = task.await;
@@ -308,6 +319,14 @@ struct Runtime {
     /// Keyed by the full channel URL.
     channels: HashMap<String, ChannelTask>,
     pipeline: Option<PipelineTask>,
+    /// The actions route and the Port reports route.
+    actions: Option<ActionsTask>,
+}
+
+struct ActionsTask {
+    task: Task,
+    config: watch::Sender<Arc<crate::actions::runner::Actions>>,
+    reports: Task,
 }
 
 impl Runtime {
@@ -403,8 +422,11 @@ impl Runtime {
                 changes.push(format!("channel {shown} removed"));
             }
         }
+        let actions_on = plan.actions.is_some();
         for (key, running) in &self.channels {
-            running.routes.send_replace(routes_of(&wanted[key]));
+            running
+                .routes
+                .send_replace(routes_of(&wanted[key], actions_on));
         }
         for name in stale_routes {
             let old = self.routes.remove(&name).expect("listed");
@@ -471,12 +493,15 @@ impl Runtime {
             }
         }
 
+        self.apply_actions(plan.actions, plan.retry, &mut changes)
+            .await;
+
         for (key, channel, lock) in to_start {
             let is_new = lock.is_some();
             let Some(lock) = lock.or_else(|| kept_locks.remove(&key)) else {
                 continue;
             };
-            if let Some(running) = self.start_channel(&channel, lock) {
+            if let Some(running) = self.start_channel(&channel, lock, actions_on) {
                 if is_new {
                     changes.push(format!("channel {} added", channel.source.channel));
                 }
@@ -490,9 +515,14 @@ impl Runtime {
 
     /// Subscribe to a channel, resuming after the last event stored (for servers that replay,
     /// such as smee-relay serve). `None` (logged) if its source cannot be built.
-    fn start_channel(&self, channel: &ChannelPlan, lock: ChannelLock) -> Option<ChannelTask> {
+    fn start_channel(
+        &self,
+        channel: &ChannelPlan,
+        lock: ChannelLock,
+        actions_on: bool,
+    ) -> Option<ChannelTask> {
         let url = channel.source.channel.clone();
-        let routes = routes_of(channel);
+        let routes = routes_of(channel, actions_on);
         info!(channel = %url, routes = ?routes, "subscribing");
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
         let mut source_config = channel.source.clone();
@@ -535,6 +565,61 @@ impl Runtime {
         })
     }
 
+    /// Start, swap or stop the actions route and its Port reports route, handing over as the
+    /// pipeline does: the runner takes the new actions between runs, the reports route stops
+    /// (its marks committed) before the new one starts.
+    async fn apply_actions(
+        &mut self,
+        plan: Option<(
+            crate::actions::runner::Actions,
+            crate::notify::port::PortReporter,
+        )>,
+        retry: RetryPolicy,
+        changes: &mut Vec<String>,
+    ) {
+        use crate::actions::{REPORT_ROUTE, runner};
+        match (plan, self.actions.take()) {
+            (None, None) => {}
+            (None, Some(old)) => {
+                old.task.stop().await;
+                old.reports.stop().await;
+                changes.push("actions off; runs queued for them stay in the spool".into());
+            }
+            (Some((actions, reporter)), old) => {
+                changes.push(format!("actions on ({})", actions.actions.len()));
+                let actions = Arc::new(actions);
+                let (task, config) = match old {
+                    Some(old) => {
+                        old.config.send_replace(actions);
+                        old.reports.stop().await;
+                        (old.task, old.config)
+                    }
+                    None => {
+                        let (config, config_rx) = watch::channel(actions);
+                        let cancel = self.cancel.child_token();
+                        let handle = tokio::spawn(runner::run(
+                            self.spool.clone(),
+                            self.writer.clone(),
+                            config_rx,
+                            cancel.clone(),
+                        ));
+                        let task = Task {
+                            cancel,
+                            handles: vec![handle],
+                        };
+                        (task, config)
+                    }
+                };
+                let reports = self.route(REPORT_ROUTE.to_string(), Arc::new(reporter), retry);
+                self.actions = Some(ActionsTask {
+                    task,
+                    config,
+                    reports,
+                });
+            }
+        }
+    }
+
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
         let cancel = self.cancel.child_token();
         let handle = tokio::spawn(delivery::run_route(
@@ -554,10 +639,16 @@ impl Runtime {
 }
 
 /// The spool routes a channel's events are queued on.
-fn routes_of(channel: &ChannelPlan) -> Vec<String> {
+fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
     let mut routes: Vec<String> = channel.forward.iter().map(route_name).collect();
     if channel.pipeline {
         routes.push(PIPELINE_ROUTE.to_string());
+    }
+    if channel.pipeline && actions {
+        routes.push(crate::actions::ACTIONS_ROUTE.to_string());
+    }
+    if channel.pipeline && actions {
+        routes.push(crate::actions::ACTIONS_ROUTE.to_string());
     }
     routes
 }

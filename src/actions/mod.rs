@@ -1,0 +1,613 @@
+//! Port self-service action runs: recognise a run in a webhook body, pick the `[[action]]`
+//! that handles it, execute its handler once, and turn what the handler says into report
+//! messages for Port (logs, entities, one terminal status).
+//!
+//! ```text
+//! spool --route "actions"--> runner (verify, decode run, match, state) --> command | forward
+//!                                  \--> spool --route "port-reports"--> notify::port (Port API)
+//! ```
+//!
+//! This module owns the run's state machine (stored in the spool, so a run executes once even
+//! when delivered twice or across a restart) and the report messages' format. It never talks to
+//! Port itself: reports are spooled like alerts and delivered by `notify::port`, and it never
+//! holds Port credentials, so a handler cannot be given them.
+
+pub mod runner;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::Event;
+use crate::pipeline::jq::JqCondition;
+
+/// The route action runs are read from (queued for `pipeline = true` channels when there is an
+/// `[[action]]`).
+pub const ACTIONS_ROUTE: &str = "actions";
+
+/// The route report messages for Port are queued on; `notify::port` delivers them.
+pub const REPORT_ROUTE: &str = "port-reports";
+
+/// The prefix of run states in the spool's state table (apart from alert states).
+pub const STATE_PREFIX: &str = "action-run\u{1f}";
+
+/// The line prefix a handler prints to tell Port more than a log line (see the README).
+pub const DIRECTIVE: &str = "::port::";
+
+/// What a restart does to a run whose handler was executing when the relay died.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInterrupt {
+    /// Report FAILURE "interrupted by restart" and do not run it again (the safe default: the
+    /// handler may have done half its work).
+    #[default]
+    Fail,
+    /// Run the handler again from the start (for idempotent handlers).
+    Rerun,
+}
+
+/// One `[[action]]` as written in the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// Matches the body's `action` (a string) or `action.identifier`.
+    pub identifier: Option<String>,
+    /// Or: a jq condition over the whole body, for custom bodies.
+    pub when: Option<String>,
+    /// A program and its arguments, run with the body on stdin. Never built from the payload.
+    pub command: Option<Vec<String>>,
+    /// Or: a local HTTP handler the body is POSTed to.
+    pub forward: Option<String>,
+    /// Bounds a command's run, and each answer of a forward handler.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// What a restart does to a run that was executing.
+    #[serde(default)]
+    pub on_interrupt: OnInterrupt,
+    /// More environment variables a command may see (beyond `PATH`, `HOME`, `LANG`, ...).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// jq over a forward handler's answer (`{status, body}`): what to report.
+    pub report: Option<ReportMappingConfig>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `[action.report]`: jq expressions over `{"status": <http status>, "body": <answer>}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportMappingConfig {
+    /// Yields "SUCCESS" or "FAILURE"; default: by the HTTP status.
+    pub status: Option<String>,
+    /// Yields the run's summary.
+    pub summary: Option<String>,
+    /// Yields a link (string) or links (array of strings).
+    pub link: Option<String>,
+}
+
+/// The jq mappings, compiled.
+#[derive(Clone, Debug, Default)]
+pub struct ReportMapping {
+    pub status: Option<JqCondition>,
+    pub summary: Option<JqCondition>,
+    pub link: Option<JqCondition>,
+}
+
+/// What runs an action.
+#[derive(Clone, Debug)]
+pub enum Handler {
+    /// argv; the body on stdin.
+    Command(Vec<String>),
+    /// POST the body here.
+    Forward {
+        url: reqwest::Url,
+        report: ReportMapping,
+    },
+}
+
+/// How an action is recognised.
+#[derive(Clone, Debug)]
+pub enum Matcher {
+    Identifier(String),
+    When(JqCondition),
+}
+
+/// A validated `[[action]]`.
+#[derive(Clone, Debug)]
+pub struct ActionSpec {
+    /// Names the action in logs and in stored run state: its identifier, or its `when`.
+    pub name: String,
+    pub matcher: Matcher,
+    pub handler: Handler,
+    pub timeout: Duration,
+    pub on_interrupt: OnInterrupt,
+    /// Extra variables passed through to a command.
+    pub env: Vec<String>,
+}
+
+/// Environment variables a command inherits from the relay when set: what programs need to
+/// run at all, nothing that could carry a credential.
+pub const ENV_ALLOW: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
+
+impl ActionConfig {
+    /// Validate into an [`ActionSpec`]; `signed`: whether `[port]` has a client secret;
+    /// `secret_vars`: the variables holding Port credentials (never passed to a handler).
+    pub fn compile(&self, signed: bool, secret_vars: &[&str]) -> Result<ActionSpec, String> {
+        let matcher = match (&self.identifier, &self.when) {
+            (Some(id), None) if !id.is_empty() => Matcher::Identifier(id.clone()),
+            (None, Some(when)) => {
+                Matcher::When(JqCondition::new(when).map_err(|e| format!("when: {e}"))?)
+            }
+            (Some(_), Some(_)) => return Err("give identifier or when, not both".into()),
+            _ => return Err("an action needs identifier or when".into()),
+        };
+        let name = match &matcher {
+            Matcher::Identifier(id) => id.clone(),
+            Matcher::When(c) => format!("when {}", c.code()),
+        };
+        let handler = match (&self.command, &self.forward) {
+            (Some(argv), None) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err("command must name a program".into());
+                }
+                if !signed {
+                    return Err("a command handler runs only signed runs: set [port] client_secret or client_secret_env".into());
+                }
+                if self.report.is_some() {
+                    return Err(
+                        "report mappings go with forward; a command prints ::port:: lines".into(),
+                    );
+                }
+                Handler::Command(argv.clone())
+            }
+            (None, Some(url)) => {
+                let url = crate::url::parse_http_url(url).map_err(|e| format!("forward: {e}"))?;
+                let compile = |code: &Option<String>, what: &str| {
+                    code.as_deref()
+                        .map(JqCondition::new)
+                        .transpose()
+                        .map_err(|e| format!("report.{what}: {e}"))
+                };
+                let report = match &self.report {
+                    Some(r) => ReportMapping {
+                        status: compile(&r.status, "status")?,
+                        summary: compile(&r.summary, "summary")?,
+                        link: compile(&r.link, "link")?,
+                    },
+                    None => ReportMapping::default(),
+                };
+                Handler::Forward { url, report }
+            }
+            (Some(_), Some(_)) => return Err("give command or forward, not both".into()),
+            (None, None) => return Err("an action needs command or forward".into()),
+        };
+        for var in &self.env {
+            if var.starts_with("PORT_") || secret_vars.contains(&var.as_str()) {
+                return Err(format!(
+                    "env: {var} may hold Port credentials or run variables; a handler never gets those"
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err("timeout must be more than 0s".into());
+        }
+        Ok(ActionSpec {
+            name,
+            matcher,
+            handler,
+            timeout: self.timeout,
+            on_interrupt: self.on_interrupt,
+            env: self.env.clone(),
+        })
+    }
+}
+
+/// What a body says about its run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    /// The action's identifier, when the body names it.
+    pub action: Option<String>,
+    /// The entity the run is on; none for a CREATE action.
+    pub entity: Option<String>,
+    pub blueprint: Option<String>,
+}
+
+fn text(value: &Value, path: &[&str]) -> Option<String> {
+    let mut at = value;
+    for key in path {
+        at = at.get(key)?;
+    }
+    at.as_str().filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+/// Find the run in a body: its id at `context.runId`, `run.id` or `port_context.runId`.
+/// `None`: not an action run.
+pub fn decode_run(body: &Value) -> Option<RunInfo> {
+    let run_id = text(body, &["context", "runId"])
+        .or_else(|| text(body, &["run", "id"]))
+        .or_else(|| text(body, &["port_context", "runId"]))?;
+    let action = text(body, &["action"]).or_else(|| text(body, &["action", "identifier"]));
+    let entity = text(body, &["context", "entity"])
+        .or_else(|| text(body, &["entity", "identifier"]))
+        .or_else(|| text(body, &["port_context", "entity"]))
+        .or_else(|| text(body, &["payload", "entity", "identifier"]));
+    let blueprint = text(body, &["context", "blueprint"])
+        .or_else(|| text(body, &["entity", "blueprint"]))
+        .or_else(|| text(body, &["action", "blueprint"]))
+        .or_else(|| text(body, &["port_context", "blueprint"]));
+    Some(RunInfo {
+        run_id,
+        action,
+        entity,
+        blueprint,
+    })
+}
+
+/// The first action that handles this run. A `when` that fails to evaluate does not match
+/// (the error is returned beside, for the log).
+pub fn find_action<'a>(
+    actions: &'a [ActionSpec],
+    run: &RunInfo,
+    body: &Value,
+    jq: &crate::pipeline::jq::JqEngine,
+) -> (Option<&'a ActionSpec>, Vec<String>) {
+    let mut errors = Vec::new();
+    for action in actions {
+        let hit = match &action.matcher {
+            Matcher::Identifier(id) => run.action.as_deref() == Some(id.as_str()),
+            Matcher::When(condition) => match jq.holds(condition, body) {
+                Ok(hit) => hit,
+                Err(e) => {
+                    errors.push(format!("action {:?}: {e}", action.name));
+                    false
+                }
+            },
+        };
+        if hit {
+            return (Some(action), errors);
+        }
+    }
+    (None, errors)
+}
+
+/// SUCCESS or FAILURE: how a run ends in Port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Terminal {
+    Success,
+    Failure,
+}
+
+impl std::fmt::Display for Terminal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Terminal::Success => "SUCCESS",
+            Terminal::Failure => "FAILURE",
+        })
+    }
+}
+
+/// The end of a run, as `PATCH /v1/actions/runs/{id}` carries it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Finish {
+    pub status: Option<Terminal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_run_id: Option<String>,
+}
+
+/// One message for Port about one run, as it travels through the spool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Report {
+    /// `POST /v1/actions/runs/{run}/logs`.
+    Log { run: String, message: String },
+    /// `POST /v1/blueprints/{blueprint}/entities?upsert=true&run_id={run}`.
+    Entity {
+        run: String,
+        blueprint: String,
+        entity: Value,
+    },
+    /// `PATCH /v1/actions/runs/{run}`: the terminal status, sent once.
+    Finish { run: String, finish: Finish },
+}
+
+impl Report {
+    pub fn run(&self) -> &str {
+        match self {
+            Report::Log { run, .. } | Report::Entity { run, .. } | Report::Finish { run, .. } => {
+                run
+            }
+        }
+    }
+
+    /// `log`, `entity` or `finish`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Report::Log { .. } => "log",
+            Report::Entity { .. } => "entity",
+            Report::Finish { .. } => "finish",
+        }
+    }
+
+    /// The message as a spooled event.
+    pub fn to_event(&self) -> Event {
+        Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                (
+                    "x-smee-relay-report".into(),
+                    format!("{} {}", self.kind(), self.run()),
+                ),
+            ],
+            query: vec![],
+            body: serde_json::to_vec(self)
+                .expect("a report serialises")
+                .into(),
+        }
+    }
+}
+
+/// What a handler asked for with a `::port::` line.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Directive {
+    pub summary: Option<String>,
+    pub link: Option<Links>,
+    pub status_label: Option<String>,
+    pub external_run_id: Option<String>,
+    /// An entity to upsert and tie to the run: Port's entity JSON plus `blueprint`.
+    pub entity: Option<serde_json::Map<String, Value>>,
+}
+
+/// One link or several.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Links {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Parse a handler's output line: `None` if it is a plain log line, else the directive or why
+/// it is not one.
+pub fn parse_directive(line: &str) -> Option<Result<Directive, String>> {
+    let rest = line.trim_start().strip_prefix(DIRECTIVE)?;
+    Some(serde_json::from_str::<Directive>(rest.trim()).map_err(|e| e.to_string()))
+}
+
+/// The stored state of a run: what makes it execute once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The `[[action]]` name that handles it.
+    pub action: String,
+    /// The spool id of the event that started it (to run it again under `rerun`).
+    pub event: u64,
+    /// When execution started (ms since the epoch).
+    pub started_ms: u64,
+    pub run_phase: RunPhase,
+}
+
+/// Executing, or done with its terminal status queued for Port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RunPhase {
+    Running,
+    Done { status: Terminal, summary: String },
+}
+
+/// The spool state key of a run.
+pub fn state_key(run_id: &str) -> String {
+    format!("{STATE_PREFIX}{run_id}")
+}
+
+/// Every stored run state, by run id (for `events list` and the runner's start).
+pub fn stored_runs(
+    spool: &crate::spool::Spool,
+) -> Result<Vec<(String, RunState)>, crate::spool::SpoolError> {
+    Ok(spool
+        .states()?
+        .into_iter()
+        .filter_map(|(key, bytes)| {
+            let run = key.strip_prefix(STATE_PREFIX)?.to_string();
+            Some((run, serde_json::from_slice(&bytes).ok()?))
+        })
+        .collect())
+}
+
+/// `events list`: the action runs the spool knows, with their status (empty when none).
+pub fn runs_table(runs: &[(String, RunState)]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<24}  {:<24}  {:>6}  {:<9}  SUMMARY\n",
+        "ACTION RUN", "ACTION", "EVENT", "STATUS"
+    );
+    let mut runs: Vec<&(String, RunState)> = runs.iter().collect();
+    runs.sort_by_key(|(_, state)| state.started_ms);
+    for (run, state) in runs {
+        let (status, summary) = match &state.run_phase {
+            RunPhase::Running => (
+                "running".to_string(),
+                format!(
+                    "started {} ago",
+                    humantime::format_duration(Duration::from_secs(
+                        crate::clock::age(state.started_ms).as_secs()
+                    ))
+                ),
+            ),
+            RunPhase::Done { status, summary } => (status.to_string(), summary.clone()),
+        };
+        out.push_str(&format!(
+            "{run:<24}  {:<24}  {:>6}  {status:<9}  {summary}\n",
+            state.action, state.event
+        ));
+    }
+    out
+}
+
+/// What `check --event` shows for one body: the handler that would run and what would be
+/// reported, or why nothing would.
+pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::JqEngine) -> String {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return "action run: the body is not JSON: no handler runs".into();
+    };
+    let Some(run) = decode_run(&value) else {
+        return "action run: none (no context.runId, run.id or port_context.runId)".into();
+    };
+    let mut out = format!(
+        "action run {} (action {}, entity {}, blueprint {})\n",
+        run.run_id,
+        run.action.as_deref().unwrap_or("-"),
+        run.entity.as_deref().unwrap_or("-"),
+        run.blueprint.as_deref().unwrap_or("-"),
+    );
+    let (found, errors) = find_action(actions, &run, &value, jq);
+    for e in errors {
+        out.push_str(&format!("  warning: {e}\n"));
+    }
+    match found {
+        None => out.push_str("  no [[action]] matches: nothing runs, nothing is reported\n"),
+        Some(action) => {
+            match &action.handler {
+                Handler::Command(argv) => out.push_str(&format!(
+                    "  handler: command {:?} (timeout {}), body on stdin, env PORT_RUN_ID={} PORT_ACTION={} PORT_ENTITY={} PORT_BLUEPRINT={}\n",
+                    argv,
+                    humantime::format_duration(action.timeout),
+                    run.run_id,
+                    run.action.as_deref().unwrap_or(""),
+                    run.entity.as_deref().unwrap_or(""),
+                    run.blueprint.as_deref().unwrap_or(""),
+                )),
+                Handler::Forward { url, .. } => out.push_str(&format!(
+                    "  handler: POST {url} (timeout {})\n",
+                    humantime::format_duration(action.timeout)
+                )),
+            }
+            out.push_str(&format!(
+                "  reported to Port: each output line as a log of run {0}; then PATCH /v1/actions/runs/{0} with SUCCESS (exit 0 / 2xx) or FAILURE\n",
+                run.run_id
+            ));
+            out.push_str("  (the run executes only if x-port-signature verifies)\n");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Value {
+        let path = format!(
+            "{}/tests/fixtures/port/actions/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_fixture_names_its_run() {
+        let cases = [
+            (
+                "01-legacy-run-message",
+                "r_act01legacy",
+                Some("restart_deployment"),
+                Some("notification-service-prod"),
+            ),
+            (
+                "02-trigger-data",
+                "r_act02trigger",
+                Some("restart_deployment"),
+                Some("notification-service-prod"),
+            ),
+            (
+                "03-port-context",
+                "r_act03context",
+                None,
+                Some("notification-service-prod"),
+            ),
+            (
+                "04-create-no-entity",
+                "r_act04create",
+                Some("scaffold_service"),
+                None,
+            ),
+        ];
+        for (file, id, action, entity) in cases {
+            let run = decode_run(&fixture(file)).unwrap();
+            assert_eq!(run.run_id, id, "{file}");
+            assert_eq!(run.action.as_deref(), action, "{file}");
+            assert_eq!(run.entity.as_deref(), entity, "{file}");
+        }
+        assert!(decode_run(&serde_json::json!({"ref": "main"})).is_none());
+    }
+
+    #[test]
+    fn directives_parse_and_plain_lines_do_not() {
+        assert_eq!(parse_directive("restarting pod 1/3"), None);
+        let d = parse_directive(r#"::port:: {"link": "https://ci/1", "statusLabel": "done"}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.link, Some(Links::One("https://ci/1".into())));
+        assert_eq!(d.status_label.as_deref(), Some("done"));
+        assert!(parse_directive("::port:: {oops").unwrap().is_err());
+        assert!(parse_directive(r#"::port:: {"nope": 1}"#).unwrap().is_err());
+    }
+
+    #[test]
+    fn identifier_xor_when_and_a_command_needs_a_secret() {
+        let parse = |toml_text: &str, signed| {
+            let config: ActionConfig = toml::from_str(toml_text).unwrap();
+            config.compile(signed, &["MY_SECRET"])
+        };
+        assert!(parse("identifier = \"a\"\ncommand = [\"/bin/true\"]", true).is_ok());
+        assert!(
+            parse("identifier = \"a\"\ncommand = [\"/bin/true\"]", false)
+                .unwrap_err()
+                .contains("client_secret")
+        );
+        assert!(parse("command = [\"/bin/true\"]", true).is_err());
+        assert!(
+            parse(
+                "identifier = \"a\"\nwhen = \".x\"\ncommand = [\"/bin/true\"]",
+                true
+            )
+            .is_err()
+        );
+        assert!(
+            parse(
+                "when = \".port_context.runId != null\"\nforward = \"http://127.0.0.1:1/\"",
+                false
+            )
+            .is_ok()
+        );
+        assert!(
+            parse(
+                "identifier = \"a\"\ncommand = [\"/bin/true\"]\nenv = [\"MY_SECRET\"]",
+                true
+            )
+            .is_err()
+        );
+        assert!(
+            parse(
+                "identifier = \"a\"\ncommand = [\"/bin/true\"]\nenv = [\"PORT_CLIENT_SECRET\"]",
+                true
+            )
+            .is_err()
+        );
+    }
+}

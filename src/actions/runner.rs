@@ -1,0 +1,985 @@
+//! The actions route: reads action runs off the spool in order, checks the signature, finds the
+//! `[[action]]`, and executes its handler once per run id. A run's state ("running", then
+//! "done") and its report messages are committed to the spool, so:
+//!
+//! - the run state and the event's mark are one transaction: a run delivered twice, even while
+//!   its handler still runs, executes once;
+//! - the terminal status and the "done" state are one transaction: it is queued exactly once,
+//!   after every log line of the run, and nothing is queued for the run after it;
+//! - a run found "running" at start was interrupted (kill -9, power loss, stop): `on_interrupt`
+//!   decides between FAILURE "interrupted by restart" and running it again.
+//!
+//! It never calls Port: reports go to the `port-reports` route. It never gives a handler Port
+//! credentials: a command gets a clean environment.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    ACTIONS_ROUTE, ActionSpec, ENV_ALLOW, Finish, Handler, Links, REPORT_ROUTE, Report,
+    ReportMapping, RunInfo, RunPhase, RunState, Terminal, decode_run, find_action, parse_directive,
+    state_key, stored_runs,
+};
+use crate::delivery::RetryPolicy;
+use crate::pipeline::signature::Verifier;
+use crate::spool::writer::SpoolWriter;
+use crate::spool::{Outcome, Spool, Write};
+
+/// The actions in force (swapped on reload) and how they are checked.
+#[derive(Clone, Debug)]
+pub struct Actions {
+    pub actions: Vec<ActionSpec>,
+    /// Checks `x-port-signature`; required by config when a command handler exists.
+    pub verifier: Option<Verifier>,
+    /// How a forward handler is retried (5xx, network), and until when.
+    pub retry: RetryPolicy,
+    /// Report an Automation run's outcome once the pipeline has evaluated it; the name of
+    /// where alerts go (`Slack`, `stdout`), for the summary. `None`: off.
+    pub automation_runs: Option<String>,
+    /// Evaluates `when` matchers within the `[jq]` bounds (a worker process).
+    pub jq: crate::pipeline::jq::JqEngine,
+}
+
+/// One log message to Port at most this long (Port refuses bodies over 1 MiB; JSON escaping
+/// can grow text up to six times).
+const LOG_BATCH: usize = 128 << 10;
+/// A longer output line is cut here.
+const MAX_LINE: usize = 16 << 10;
+/// Log lines are sent at most this often per run (Port rate-limits its API).
+const LOG_PACE: Duration = Duration::from_secs(1);
+/// After a command exits, how long its output may still be read (a background child may keep
+/// the pipe open).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Execute the actions route's runs until `cancel` fires. Running handlers are then killed;
+/// their runs stay "running" and `on_interrupt` decides at the next start.
+pub async fn run(
+    spool: Arc<Spool>,
+    writer: SpoolWriter,
+    config: watch::Receiver<Arc<Actions>>,
+    cancel: CancellationToken,
+) {
+    let mut executing = JoinSet::new();
+    let at_start = config.borrow().clone();
+    recover(&spool, &writer, &at_start, &mut executing, &cancel).await;
+    // Read after recovery, which settles the runs a restart interrupted.
+    let mut runs: HashMap<String, RunPhase> = match stored_runs(&spool) {
+        Ok(runs) => runs.into_iter().map(|(id, s)| (id, s.run_phase)).collect(),
+        Err(e) => {
+            error!("cannot read action run states: {e}; the actions route does not start");
+            return;
+        }
+    };
+    let mut appended = writer.appended();
+    let mut cursor = 0;
+    while !cancel.is_cancelled() {
+        while executing.try_join_next().is_some() {}
+        let actions = config.borrow().clone();
+        let queued = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.pending(ACTIONS_ROUTE, cursor, 64)).await
+        };
+        let queued = match queued {
+            Ok(Ok(queued)) => queued,
+            Ok(Err(e)) => {
+                error!("actions cannot read the spool: {e}");
+                Vec::new()
+            }
+            Err(_) => break,
+        };
+        if queued.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        for item in queued {
+            let id = item.event.id;
+            let mark = |outcome| Write::Mark {
+                route: ACTIONS_ROUTE.into(),
+                seq: item.seq,
+                event: id,
+                outcome,
+            };
+            let done = mark(Outcome::Delivered { status: 200 });
+            let event = &item.event.event;
+            let body: Option<serde_json::Value> = serde_json::from_slice(&event.body).ok();
+            let run = body.as_ref().and_then(decode_run);
+            let (Some(body), Some(run)) = (body, run) else {
+                debug!(event = id, "actions: not an action run");
+                if !commit(&writer, vec![done]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            };
+            // `when` matchers run in the jq worker and block for up to its time budget: off
+            // the async workers, as the pipeline's rules are.
+            let (found, errors) = {
+                let (specs, run, body) = (actions.clone(), run.clone(), body.clone());
+                match tokio::task::spawn_blocking(move || {
+                    let (found, errors) = find_action(&specs.actions, &run, &body, &specs.jq);
+                    (found.map(|a| a.name.clone()), errors)
+                })
+                .await
+                {
+                    Ok((name, errors)) => (
+                        name.and_then(|n| actions.actions.iter().find(|a| a.name == n)),
+                        errors,
+                    ),
+                    Err(e) => (None, vec![format!("matching actions failed: {e}")]),
+                }
+            };
+            for e in errors {
+                warn!(event = id, run = %run.run_id, "{e}");
+            }
+            if found.is_none()
+                && let Some(alerts_to) = &actions.automation_runs
+                && !runs.contains_key(&run.run_id)
+                && crate::pipeline::port::decode(&event.body).is_ok()
+                && actions.verifier.as_ref().is_some_and(|v| {
+                    v.verify(
+                        event.header("x-port-signature"),
+                        event.header("x-port-timestamp"),
+                        &event.body,
+                        crate::clock::now_ms(),
+                    )
+                    .is_ok()
+                })
+            {
+                // An Automation run: its outcome is what the pipeline made of it.
+                let Some(finish) =
+                    automation_outcome(&spool, &item.event, alerts_to, &cancel).await
+                else {
+                    break;
+                };
+                let status = finish.status.unwrap_or(Terminal::Failure);
+                info!(event = id, run = %run.run_id, "automation run: {status}: {}", finish.summary.as_deref().unwrap_or(""));
+                let state = RunState {
+                    action: "automation".into(),
+                    event: id,
+                    started_ms: crate::clock::now_ms(),
+                    run_phase: RunPhase::Done {
+                        status,
+                        summary: finish.summary.clone().unwrap_or_default(),
+                    },
+                };
+                let report = Report::Finish {
+                    run: run.run_id.clone(),
+                    finish,
+                };
+                let writes = vec![
+                    reports_append(vec![report]),
+                    state_write(&run.run_id, &state),
+                    done,
+                ];
+                if !commit(&writer, writes).await {
+                    break;
+                }
+                runs.insert(run.run_id.clone(), state.run_phase);
+                cursor = item.seq;
+                continue;
+            }
+            let Some(spec) = found else {
+                debug!(event = id, run = %run.run_id, "actions: no [[action]] handles this run");
+                if !commit(&writer, vec![done]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            };
+            // Only a run that would execute is judged: other events on the channel are not
+            // this route's business (the pipeline checks their signatures itself).
+            if let Some(verifier) = &actions.verifier
+                && let Err(e) = verifier.verify(
+                    event.header("x-port-signature"),
+                    event.header("x-port-timestamp"),
+                    &event.body,
+                    crate::clock::now_ms(),
+                )
+            {
+                warn!(
+                    event = id,
+                    "action run rejected: {e}; nothing runs, nothing is reported"
+                );
+                let dead = mark(Outcome::Dead {
+                    status: None,
+                    error: format!("signature rejected: {e}"),
+                });
+                if !commit(&writer, vec![dead]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
+            if let Some(phase) = runs.get(&run.run_id) {
+                let was = match phase {
+                    RunPhase::Running => "still running".to_string(),
+                    RunPhase::Done { status, .. } => format!("done, {status}"),
+                };
+                info!(event = id, run = %run.run_id, "run delivered again ({was}): not executed again");
+                if !commit(&writer, vec![done]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
+            let state = RunState {
+                action: spec.name.clone(),
+                event: id,
+                started_ms: crate::clock::now_ms(),
+                run_phase: RunPhase::Running,
+            };
+            let writes = vec![state_write(&run.run_id, &state), done];
+            if !commit(&writer, writes).await {
+                break;
+            }
+            runs.insert(run.run_id.clone(), RunPhase::Running);
+            cursor = item.seq;
+            info!(event = id, run = %run.run_id, action = %spec.name, "action run: executing");
+            executing.spawn(execute(Execution {
+                writer: writer.clone(),
+                spec: spec.clone(),
+                run,
+                body: event.body.clone(),
+                received_ms: item.event.received_ms,
+                retry: actions.retry,
+                state,
+                cancel: cancel.clone(),
+            }));
+        }
+        // What finished meanwhile: known as done for duplicates that arrive later.
+        if let Ok(stored) = stored_runs(&spool) {
+            for (id, state) in stored {
+                runs.insert(id, state.run_phase);
+            }
+        }
+    }
+    // Handlers are killed by `cancel`; wait for them to leave.
+    while executing.join_next().await.is_some() {}
+}
+
+/// Runs found "running" at start: the relay stopped while their handler executed.
+async fn recover(
+    spool: &Arc<Spool>,
+    writer: &SpoolWriter,
+    actions: &Actions,
+    executing: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) {
+    let Ok(stored) = stored_runs(spool) else {
+        return;
+    };
+    for (run_id, state) in stored {
+        if state.run_phase != RunPhase::Running {
+            continue;
+        }
+        let spec = actions.actions.iter().find(|a| a.name == state.action);
+        let rerun = spec.filter(|s| s.on_interrupt == super::OnInterrupt::Rerun);
+        if let Some(spec) = rerun {
+            match spool.get(state.event) {
+                Ok((event, _)) => {
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&event.event.body).unwrap_or_default();
+                    if let Some(run) = decode_run(&body) {
+                        warn!(run = %run_id, action = %spec.name, "run was interrupted by a restart; running it again (on_interrupt = \"rerun\")");
+                        executing.spawn(execute(Execution {
+                            writer: writer.clone(),
+                            spec: spec.clone(),
+                            run,
+                            body: event.event.body.clone(),
+                            received_ms: event.received_ms,
+                            retry: actions.retry,
+                            state,
+                            cancel: cancel.clone(),
+                        }));
+                        continue;
+                    }
+                }
+                Err(e) => warn!(run = %run_id, "cannot run it again: {e}"),
+            }
+        }
+        warn!(run = %run_id, action = %state.action, "run was interrupted by a restart: reporting FAILURE");
+        let finish = Finish {
+            status: Some(Terminal::Failure),
+            summary: Some("interrupted by restart".into()),
+            ..Finish::default()
+        };
+        let log = Report::Log {
+            run: run_id.clone(),
+            message: "smee-relay restarted while the handler was running; it is not run again (on_interrupt = \"fail\")".into(),
+        };
+        finish_writes_commit(writer, &run_id, &state, vec![log], finish, cancel).await;
+    }
+}
+
+/// What the pipeline made of an Automation run's event: FAILURE if it rejected it, else
+/// SUCCESS naming the alerts it produced. Waits until the pipeline has judged it; `None` on
+/// shutdown.
+async fn automation_outcome(
+    spool: &Arc<Spool>,
+    stored: &crate::spool::StoredEvent,
+    alerts_to: &str,
+    cancel: &CancellationToken,
+) -> Option<Finish> {
+    use crate::pipeline::{Alert, PIPELINE_ROUTE};
+    use crate::spool::Status;
+    let change = crate::pipeline::port::decode(&stored.event.body).ok()?;
+    let id = stored.id;
+    let (status, error) = loop {
+        let spool_ = spool.clone();
+        let record = tokio::task::spawn_blocking(move || spool_.get(id))
+            .await
+            .ok()?;
+        let record = record.ok().and_then(|(_, records)| {
+            records
+                .into_iter()
+                .find(|(route, _)| route == PIPELINE_ROUTE)
+                .map(|(_, r)| r)
+        });
+        match record {
+            Some(r) if r.status != Status::Pending => break (r.status, r.last_error),
+            // Not (yet) judged: the pipeline runs beside this route.
+            _ => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    };
+    if status == Status::Dead {
+        return Some(Finish {
+            status: Some(Terminal::Failure),
+            summary: Some(format!(
+                "the pipeline could not evaluate it: {}",
+                error.unwrap_or_default()
+            )),
+            ..Finish::default()
+        });
+    }
+    // Its alerts were queued with its mark, after it: the alert events for this entity and
+    // this change (same trigger time) among the next events stored.
+    let entity = change.entity().unwrap_or("").to_string();
+    let at = change.trigger.at.clone();
+    let spool_ = spool.clone();
+    let headlines = tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        for next in id + 1..=id + 256 {
+            let Ok((event, _)) = spool_.get(next) else {
+                continue;
+            };
+            if event.event.header("x-smee-relay-alert").is_none() {
+                continue;
+            }
+            if let Ok(alert) = serde_json::from_slice::<Alert>(&event.event.body)
+                && alert.entity == entity
+                && alert.triggered_at == at
+            {
+                found.push(format!("{} {}", alert.rule, alert.status));
+            }
+        }
+        found
+    })
+    .await
+    .unwrap_or_default();
+    let summary = if headlines.is_empty() {
+        "no rule matched".to_string()
+    } else {
+        format!("{} sent to {alerts_to}", headlines.join(", "))
+    };
+    Some(Finish {
+        status: Some(Terminal::Success),
+        summary: Some(summary),
+        ..Finish::default()
+    })
+}
+
+/// Everything one execution needs.
+struct Execution {
+    writer: SpoolWriter,
+    spec: ActionSpec,
+    run: RunInfo,
+    body: Bytes,
+    /// When the event arrived: a forward handler is retried until `retry.max_age` after it.
+    received_ms: u64,
+    retry: RetryPolicy,
+    state: RunState,
+    cancel: CancellationToken,
+}
+
+/// Collects a run's log lines into paced messages under Port's size limit.
+struct LogBatch {
+    writer: SpoolWriter,
+    run: String,
+    text: String,
+    last_sent: tokio::time::Instant,
+}
+
+impl LogBatch {
+    fn new(writer: SpoolWriter, run: String) -> Self {
+        Self {
+            writer,
+            run,
+            text: String::new(),
+            last_sent: tokio::time::Instant::now() - LOG_PACE,
+        }
+    }
+
+    async fn line(&mut self, line: &str) {
+        if self.text.len() + line.len() + 1 > LOG_BATCH {
+            self.send().await;
+        }
+        if !self.text.is_empty() {
+            self.text.push('\n');
+        }
+        self.text.push_str(line);
+    }
+
+    /// Send what is collected if the pace allows.
+    async fn tick(&mut self) {
+        if !self.text.is_empty() && self.last_sent.elapsed() >= LOG_PACE {
+            self.send().await;
+        }
+    }
+
+    /// Queue the collected lines now (durably).
+    async fn send(&mut self) {
+        if let Some(report) = self.take() {
+            let writes = vec![reports_append(vec![report])];
+            while !commit(&self.writer, writes_clone(&writes)).await {}
+            self.last_sent = tokio::time::Instant::now();
+        }
+    }
+
+    fn take(&mut self) -> Option<Report> {
+        (!self.text.is_empty()).then(|| Report::Log {
+            run: self.run.clone(),
+            message: std::mem::take(&mut self.text),
+        })
+    }
+}
+
+/// `Write` is not `Clone` (it shares its events); rebuild an append for a retry.
+fn writes_clone(writes: &[Write]) -> Vec<Write> {
+    writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Append {
+                channel,
+                routes,
+                events,
+                cursor,
+            } => Some(Write::Append {
+                channel: channel.clone(),
+                routes: routes.clone(),
+                events: events.clone(),
+                cursor: cursor.clone(),
+            }),
+            Write::State { key, value } => Some(Write::State {
+                key: key.clone(),
+                value: value.clone(),
+            }),
+            Write::Mark { .. } => None,
+        })
+        .collect()
+}
+
+/// What a handler said with `::port::` lines.
+#[derive(Default)]
+struct Said {
+    finish: Finish,
+}
+
+impl Said {
+    /// Apply a directive line; returns an entity to upsert, or a problem for the run log.
+    fn apply(&mut self, line: &str, run: &str) -> Result<Option<Report>, String> {
+        let directive = match parse_directive(line) {
+            None => return Err(String::new()),
+            Some(Err(e)) => {
+                return Err(format!(
+                    "not a valid {} line ({e}): {line}",
+                    super::DIRECTIVE
+                ));
+            }
+            Some(Ok(d)) => d,
+        };
+        if directive.summary.is_some() {
+            self.finish.summary = directive.summary;
+        }
+        match directive.link {
+            Some(Links::One(link)) => self.finish.link.push(link),
+            Some(Links::Many(links)) => self.finish.link.extend(links),
+            None => {}
+        }
+        if directive.status_label.is_some() {
+            self.finish.status_label = directive.status_label;
+        }
+        if directive.external_run_id.is_some() {
+            self.finish.external_run_id = directive.external_run_id;
+        }
+        if let Some(mut entity) = directive.entity {
+            let Some(serde_json::Value::String(blueprint)) = entity.remove("blueprint") else {
+                return Err(format!("an entity needs \"blueprint\" (a string): {line}"));
+            };
+            return Ok(Some(Report::Entity {
+                run: run.to_string(),
+                blueprint,
+                entity: serde_json::Value::Object(entity),
+            }));
+        }
+        Ok(None)
+    }
+}
+
+async fn execute(x: Execution) {
+    let started = tokio::time::Instant::now();
+    let mut logs = LogBatch::new(x.writer.clone(), x.run.run_id.clone());
+    let outcome = match &x.spec.handler {
+        Handler::Command(argv) => run_command(&x, argv, &mut logs).await,
+        Handler::Forward { url, report } => run_forward(&x, url, report, &mut logs).await,
+    };
+    let Some((status, summary, mut finish)) = outcome else {
+        // Stopped: the run stays "running" for on_interrupt at the next start.
+        logs.send().await;
+        return;
+    };
+    let took =
+        humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64));
+    let summary = summary.replace("{took}", &took.to_string());
+    finish.summary = Some(match finish.summary.take() {
+        Some(said) if status == Terminal::Success => said,
+        Some(said) => format!("{said} ({summary})"),
+        None => summary,
+    });
+    finish.status = Some(status);
+    info!(run = %x.run.run_id, action = %x.spec.name, "action run: {status}: {}", finish.summary.as_deref().unwrap_or(""));
+    let last = logs.take().into_iter().collect();
+    finish_writes_commit(&x.writer, &x.run.run_id, &x.state, last, finish, &x.cancel).await;
+}
+
+/// Queue the last logs and the terminal status, and mark the run done, in one transaction.
+async fn finish_writes_commit(
+    writer: &SpoolWriter,
+    run_id: &str,
+    state: &RunState,
+    mut reports: Vec<Report>,
+    finish: Finish,
+    cancel: &CancellationToken,
+) {
+    let status = finish.status.unwrap_or(Terminal::Failure);
+    let summary = finish.summary.clone().unwrap_or_default();
+    reports.push(Report::Finish {
+        run: run_id.to_string(),
+        finish,
+    });
+    let done = RunState {
+        run_phase: RunPhase::Done { status, summary },
+        ..state.clone()
+    };
+    let writes = vec![reports_append(reports), state_write(run_id, &done)];
+    while !commit(writer, writes_clone(&writes)).await {
+        if cancel.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Run a command: the body on stdin, each output line a log; exit status, timeout. `None`:
+/// stopped by shutdown.
+async fn run_command(
+    x: &Execution,
+    argv: &[String],
+    logs: &mut LogBatch,
+) -> Option<(Terminal, String, Finish)> {
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command.args(&argv[1..]).env_clear();
+    for var in ENV_ALLOW
+        .iter()
+        .map(|s| s.to_string())
+        .chain(x.spec.env.iter().cloned())
+    {
+        if let Some(value) = std::env::var_os(&var) {
+            command.env(var, value);
+        }
+    }
+    command
+        .env("PORT_RUN_ID", &x.run.run_id)
+        .env("PORT_ACTION", x.run.action.as_deref().unwrap_or(""))
+        .env("PORT_ENTITY", x.run.entity.as_deref().unwrap_or(""))
+        .env("PORT_BLUEPRINT", x.run.blueprint.as_deref().unwrap_or(""))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group: a timeout kills the handler and whatever it started.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let message = format!("cannot start {}: {e}", argv[0]);
+            logs.line(&message).await;
+            return Some((Terminal::Failure, message, Finish::default()));
+        }
+    };
+    let pid = child.id();
+    if let Some(mut stdin) = child.stdin.take() {
+        let body = x.body.clone();
+        // A handler that does not read stdin closes it: that is not an error.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&body).await;
+        });
+    }
+    let (lines_tx, mut lines) = mpsc::channel::<String>(256);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(read_lines(tokio::io::BufReader::new(out), lines_tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(read_lines(tokio::io::BufReader::new(err), lines_tx.clone()));
+    }
+    drop(lines_tx);
+    let kill_group = || {
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) with a negative pid signals the process group we created.
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
+    };
+    let mut said = Said::default();
+    let mut tick = tokio::time::interval(LOG_PACE);
+    let deadline = tokio::time::sleep(x.spec.timeout);
+    tokio::pin!(deadline);
+    let drain = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(drain);
+    let mut exited: Option<std::process::ExitStatus> = None;
+    let mut timed_out = false;
+    let mut output_open = true;
+    while output_open || exited.is_none() {
+        tokio::select! {
+            line = lines.recv(), if output_open => match line {
+                Some(line) => match said.apply(&line, &x.run.run_id) {
+                    Err(problem) if problem.is_empty() => logs.line(&line).await,
+                    Err(problem) => {
+                        logs.line(&line).await;
+                        logs.line(&format!("smee-relay: {problem}")).await;
+                    }
+                    Ok(Some(entity)) => {
+                        logs.send().await;
+                        let writes = vec![reports_append(vec![entity])];
+                        while !commit(&x.writer, writes_clone(&writes)).await {}
+                    }
+                    Ok(None) => {}
+                },
+                None => output_open = false,
+            },
+            _ = tick.tick() => logs.tick().await,
+            status = child.wait(), if exited.is_none() => {
+                exited = Some(status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(1 << 8)));
+                drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
+            }
+            _ = &mut deadline, if exited.is_none() && !timed_out => {
+                timed_out = true;
+                kill_group();
+            }
+            _ = &mut drain, if exited.is_some() => {
+                logs.line("smee-relay: the handler exited but something it started still holds its output; not read further").await;
+                kill_group();
+                output_open = false;
+            }
+            _ = x.cancel.cancelled() => {
+                kill_group();
+                let _ = child.wait().await;
+                warn!(run = %x.run.run_id, "stopping: the handler was killed; the run is settled at the next start (on_interrupt)");
+                return None;
+            }
+        }
+    }
+    let status = exited.expect("the loop ends after exit");
+    use std::os::unix::process::ExitStatusExt as _;
+    Some(if timed_out {
+        let limit = humantime::format_duration(x.spec.timeout);
+        let message = format!("timed out after {limit}; process group killed");
+        logs.line(&format!("smee-relay: {message}")).await;
+        (Terminal::Failure, message, said.finish)
+    } else if status.success() {
+        (Terminal::Success, "exit 0 in {took}".into(), said.finish)
+    } else if let Some(code) = status.code() {
+        (
+            Terminal::Failure,
+            format!("exit code {code} after {{took}}"),
+            said.finish,
+        )
+    } else {
+        let signal = status.signal().unwrap_or(0);
+        (
+            Terminal::Failure,
+            format!("killed by signal {signal} after {{took}}"),
+            said.finish,
+        )
+    })
+}
+
+/// Read lines of at most [`MAX_LINE`] bytes (the rest of a longer line is dropped).
+async fn read_lines(mut reader: impl AsyncBufRead + Unpin, lines: mpsc::Sender<String>) {
+    let mut line = Vec::new();
+    let mut cut = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) if !buf.is_empty() => buf,
+            _ => break,
+        };
+        let end = memchr::memchr(b'\n', buf);
+        let piece = &buf[..end.unwrap_or(buf.len())];
+        let room = MAX_LINE.saturating_sub(line.len());
+        cut |= piece.len() > room;
+        line.extend_from_slice(&piece[..piece.len().min(room)]);
+        let used = end.map_or(buf.len(), |i| i + 1);
+        reader.consume(used);
+        if end.is_some() {
+            let mut text = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            if std::mem::take(&mut cut) {
+                text.push_str(" [line cut]");
+            }
+            line.clear();
+            if lines.send(text).await.is_err() {
+                return;
+            }
+        }
+    }
+    if !line.is_empty() {
+        let _ = lines
+            .send(String::from_utf8_lossy(&line).into_owned())
+            .await;
+    }
+}
+
+/// POST the body to a local handler: 2xx SUCCESS, 4xx FAILURE at once, 5xx and network errors
+/// retried until the retry age. `None`: stopped by shutdown.
+async fn run_forward(
+    x: &Execution,
+    url: &reqwest::Url,
+    mapping: &ReportMapping,
+    logs: &mut LogBatch,
+) -> Option<(Terminal, String, Finish)> {
+    let client = match crate::http::client_builder()
+        .no_proxy()
+        .timeout(x.spec.timeout)
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => {
+            return Some((
+                Terminal::Failure,
+                format!("cannot build an HTTP client: {e}"),
+                Finish::default(),
+            ));
+        }
+    };
+    let mut backoff = x.retry.backoff.start();
+    let mut attempts = 0u32;
+    let shown = format!(
+        "{}:{}{}",
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0),
+        url.path()
+    );
+    loop {
+        attempts += 1;
+        let started = tokio::time::Instant::now();
+        let sent = client
+            .post(url.clone())
+            .header("content-type", "application/json")
+            .header("x-port-run-id", &x.run.run_id)
+            .body(x.body.clone())
+            .send();
+        let answer = tokio::select! {
+            answer = sent => answer,
+            _ = x.cancel.cancelled() => return None,
+        };
+        let problem = match answer {
+            Ok(response) => {
+                let status = response.status();
+                let headers: serde_json::Map<String, serde_json::Value> = response
+                    .headers()
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.into())))
+                    .collect();
+                let body = response.bytes().await.unwrap_or_default();
+                let ms = started.elapsed().as_millis();
+                logs.line(&format!("POST {shown} -> {} in {ms} ms", status.as_u16()))
+                    .await;
+                let preview = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+                if !preview.trim().is_empty() {
+                    logs.line(&preview).await;
+                }
+                if status.is_success() || status.is_client_error() || !status.is_server_error() {
+                    let default = if status.is_success() {
+                        Terminal::Success
+                    } else {
+                        Terminal::Failure
+                    };
+                    let answer = Answer {
+                        status: status.as_u16(),
+                        headers,
+                        body: &body,
+                    };
+                    return Some(map_answer(answer, &x.body, default, mapping, logs).await);
+                }
+                format!("handler answered {}", status.as_u16())
+            }
+            Err(e) => {
+                let e = crate::error::chain(&e);
+                logs.line(&format!("POST {shown} failed: {e}")).await;
+                format!("cannot reach the handler: {e}")
+            }
+        };
+        let age = crate::spool::age(x.received_ms);
+        if age > x.retry.max_age {
+            return Some((
+                Terminal::Failure,
+                format!(
+                    "{problem}; gave up after {attempts} attempts over {}",
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                ),
+                Finish::default(),
+            ));
+        }
+        let delay = backoff.next_delay();
+        logs.line(&format!(
+            "smee-relay: {problem}; retrying in {}",
+            humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+        ))
+        .await;
+        logs.tick().await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = x.cancel.cancelled() => return None,
+        }
+    }
+}
+
+/// A forward handler's answer.
+struct Answer<'a> {
+    status: u16,
+    headers: serde_json::Map<String, serde_json::Value>,
+    body: &'a [u8],
+}
+
+/// The report for a handler's answer: by status, or by the jq mappings over the context
+/// port-agent's `report` mappings see: `{"body": run body, "request": {"body": run body},
+/// "response": {"statusCode", "headers", "text", "json"}}`.
+async fn map_answer(
+    answer: Answer<'_>,
+    request: &[u8],
+    default: Terminal,
+    mapping: &ReportMapping,
+    logs: &mut LogBatch,
+) -> (Terminal, String, Finish) {
+    let status = answer.status;
+    let run_body: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
+    let input = serde_json::json!({
+        "body": run_body,
+        "request": {"body": run_body},
+        "response": {
+            "statusCode": status,
+            "headers": answer.headers,
+            "text": String::from_utf8_lossy(answer.body),
+            "json": serde_json::from_slice::<serde_json::Value>(answer.body).ok(),
+        },
+    });
+    let mut finish = Finish::default();
+    let mut terminal = default;
+    let mut problems = Vec::new();
+    if let Some(expr) = &mapping.status {
+        match expr.output(&input) {
+            Ok(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("SUCCESS") => {
+                terminal = Terminal::Success
+            }
+            Ok(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("FAILURE") => {
+                terminal = Terminal::Failure
+            }
+            Ok(other) => problems.push(format!(
+                "report.status gave {other}, not \"SUCCESS\" or \"FAILURE\""
+            )),
+            Err(e) => problems.push(format!("report.status: {e}")),
+        }
+    }
+    if let Some(expr) = &mapping.summary {
+        match expr.output(&input) {
+            Ok(serde_json::Value::String(s)) => finish.summary = Some(s),
+            Ok(serde_json::Value::Null) => {}
+            Ok(other) => finish.summary = Some(other.to_string()),
+            Err(e) => problems.push(format!("report.summary: {e}")),
+        }
+    }
+    if let Some(expr) = &mapping.link {
+        match expr.output(&input) {
+            Ok(serde_json::Value::String(s)) => finish.link.push(s),
+            Ok(serde_json::Value::Array(items)) => finish.link.extend(
+                items
+                    .into_iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned)),
+            ),
+            Ok(serde_json::Value::Null) => {}
+            Ok(other) => problems.push(format!("report.link gave {other}, not a string or a list")),
+            Err(e) => problems.push(format!("report.link: {e}")),
+        }
+    }
+    for p in problems {
+        logs.line(&format!("smee-relay: {p}")).await;
+    }
+    (
+        terminal,
+        format!("handler answered {status} in {{took}}"),
+        finish,
+    )
+}
+
+fn reports_append(reports: Vec<Report>) -> Write {
+    Write::Append {
+        channel: ACTIONS_ROUTE.into(),
+        routes: vec![REPORT_ROUTE.into()],
+        events: reports
+            .iter()
+            .map(Report::to_event)
+            .collect::<Vec<_>>()
+            .into(),
+        cursor: None,
+    }
+}
+
+fn state_write(run_id: &str, state: &RunState) -> Write {
+    Write::State {
+        key: state_key(run_id),
+        value: Some(serde_json::to_vec(state).expect("a run state serialises")),
+    }
+}
+
+/// Commit and wait; false (logged, after a pause) if it failed.
+async fn commit(writer: &SpoolWriter, writes: Vec<Write>) -> bool {
+    match writer.commit(writes).await {
+        Ok(appended) => {
+            if appended.iter().flatten().any(Option::is_none) {
+                error!("spool full: a report for Port was refused");
+            }
+            true
+        }
+        Err(e) => {
+            error!("actions cannot commit, retrying in 1s: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            false
+        }
+    }
+}

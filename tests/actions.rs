@@ -1,0 +1,1106 @@
+//! Port self-service actions end to end: the real binary with `run --config`, a fake channel
+//! sending the action-run fixtures (signed), local handlers (shell scripts), and a fake Port
+//! API recording what Port would: each run's log lines and its terminal status.
+
+mod support;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{patch, post};
+use base64::Engine as _;
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+use support::{FakeChannel, LogWatch, PATIENCE, smee_relay};
+
+const SECRET: &str = "test-secret";
+const CLIENT_ID: &str = "test-client-id";
+
+// ---------------------------------------------------------------------------------------------
+// A fake Port API
+// ---------------------------------------------------------------------------------------------
+
+/// One call Port received (token calls apart).
+#[derive(Clone, Debug)]
+struct Call {
+    method: &'static str,
+    path: String,
+    body: Value,
+    status: u16,
+}
+
+#[derive(Default)]
+struct PortState {
+    calls: Vec<Call>,
+    tokens_issued: u32,
+    valid_tokens: Vec<String>,
+    /// Answer every call, token endpoint included, with 503.
+    down: bool,
+    /// Calls answered while down.
+    refused_while_down: u32,
+    /// Runs whose every call gets this status and error.
+    refuse_run: HashMap<String, (u16, &'static str)>,
+    /// Runs that already have a terminal status (a second one is 422, as in Port).
+    finished: Vec<String>,
+    /// Scripted answers for the next run calls: (status, x-ratelimit-reset).
+    script: VecDeque<(u16, Option<u64>)>,
+    /// Entities upserted: (blueprint, run_id query, body).
+    entities: Vec<(String, String, Value)>,
+}
+
+#[derive(Clone)]
+struct FakePort {
+    addr: std::net::SocketAddr,
+    state: Arc<Mutex<PortState>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+type Shared = (Arc<Mutex<PortState>>, Arc<tokio::sync::Notify>);
+
+impl FakePort {
+    async fn start() -> Self {
+        let state = Arc::new(Mutex::new(PortState::default()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let router = Router::new()
+            .route("/v1/auth/access_token", post(token))
+            .route("/v1/actions/runs/{run}/logs", post(log))
+            .route("/v1/actions/runs/{run}", patch(finish))
+            .route("/v1/blueprints/{blueprint}/entities", post(entity))
+            .with_state((state.clone(), changed.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Self {
+            addr,
+            state,
+            changed,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut PortState) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    /// Wait until `check` holds over the state.
+    async fn wait(&self, what: &str, check: impl Fn(&PortState) -> bool) {
+        let done = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let changed = self.changed.notified();
+                if check(&self.state.lock().unwrap()) {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await;
+        if done.is_err() {
+            panic!(
+                "fake Port: {what} did not happen; calls: {:#?}",
+                self.calls()
+            );
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.with(|s| s.calls.clone())
+    }
+
+    /// Accepted terminal statuses of `run`.
+    fn finishes(&self, run: &str) -> Vec<Value> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == "PATCH" && c.path.ends_with(run) && c.status == 200)
+            .map(|c| c.body)
+            .collect()
+    }
+
+    /// Accepted log messages of `run`, joined.
+    fn logs(&self, run: &str) -> String {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.path.contains(&format!("/runs/{run}/logs")) && c.status == 200)
+            .map(|c| c.body["message"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn wait_finished(&self, runs: &[&str]) {
+        let runs: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+        self.wait(&format!("terminal status of {runs:?}"), move |s| {
+            runs.iter().all(|r| s.finished.contains(r))
+        })
+        .await;
+    }
+}
+
+fn answer(status: u16, body: Value) -> Response {
+    (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
+}
+
+async fn token(State((state, changed)): State<Shared>, body: String) -> Response {
+    let mut s = state.lock().unwrap();
+    changed.notify_waiters();
+    if s.down {
+        s.refused_while_down += 1;
+        return answer(503, json!({"ok": false, "error": "unavailable"}));
+    }
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
+    if body["clientId"] != CLIENT_ID || body["clientSecret"] != SECRET {
+        return answer(401, json!({"ok": false, "error": "unauthorized"}));
+    }
+    s.tokens_issued += 1;
+    let token = format!("token-{}", s.tokens_issued);
+    s.valid_tokens.push(token.clone());
+    answer(
+        200,
+        json!({"ok": true, "accessToken": token, "expiresIn": 3600, "tokenType": "Bearer"}),
+    )
+}
+
+/// The common part of every run call: auth, down, scripts, refusals. `Err`: answered.
+#[allow(clippy::result_large_err)] // a test fake: the answer is built once per call
+fn gate(
+    s: &mut PortState,
+    headers: &HeaderMap,
+    method: &'static str,
+    path: String,
+    run: &str,
+    body: &Value,
+) -> Result<(), Response> {
+    let mut record = |status: u16| {
+        s.calls.push(Call {
+            method,
+            path: path.clone(),
+            body: body.clone(),
+            status,
+        })
+    };
+    if s.down {
+        s.refused_while_down += 1;
+        record(503);
+        return Err(answer(503, json!({"ok": false, "error": "unavailable"})));
+    }
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !s.valid_tokens.iter().any(|t| t == bearer) {
+        record(401);
+        return Err(answer(401, json!({"ok": false, "error": "unauthorized"})));
+    }
+    if let Some((status, reset)) = s.script.pop_front() {
+        record(status);
+        let mut response = answer(status, json!({"ok": false, "error": "scripted"}));
+        if let Some(reset) = reset {
+            response
+                .headers_mut()
+                .insert("x-ratelimit-reset", reset.to_string().parse().unwrap());
+        }
+        return Err(response);
+    }
+    if let Some((status, error)) = s.refuse_run.get(run).copied() {
+        record(status);
+        return Err(answer(
+            status,
+            json!({"ok": false, "error": error, "message": "refused"}),
+        ));
+    }
+    Ok(())
+}
+
+async fn log(
+    State((state, changed)): State<Shared>,
+    UrlPath(run): UrlPath<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    changed.notify_waiters();
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
+    let path = format!("/v1/actions/runs/{run}/logs");
+    if let Err(response) = gate(&mut s, &headers, "POST", path.clone(), &run, &body) {
+        return response;
+    }
+    if s.finished.contains(&run) {
+        s.calls.push(Call {
+            method: "POST",
+            path,
+            body,
+            status: 422,
+        });
+        return answer(422, json!({"ok": false, "error": "run_already_finished"}));
+    }
+    s.calls.push(Call {
+        method: "POST",
+        path,
+        body,
+        status: 200,
+    });
+    answer(200, json!({"ok": true}))
+}
+
+async fn finish(
+    State((state, changed)): State<Shared>,
+    UrlPath(run): UrlPath<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    changed.notify_waiters();
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
+    let path = format!("/v1/actions/runs/{run}");
+    if let Err(response) = gate(&mut s, &headers, "PATCH", path.clone(), &run, &body) {
+        return response;
+    }
+    let status = if s.finished.contains(&run) { 422 } else { 200 };
+    if status == 200 {
+        s.finished.push(run);
+    }
+    s.calls.push(Call {
+        method: "PATCH",
+        path,
+        body,
+        status,
+    });
+    answer(status, json!({"ok": status == 200}))
+}
+
+async fn entity(
+    State((state, changed)): State<Shared>,
+    UrlPath(blueprint): UrlPath<String>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    changed.notify_waiters();
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
+    let run = query.get("run_id").cloned().unwrap_or_default();
+    let path = format!("/v1/blueprints/{blueprint}/entities");
+    if let Err(response) = gate(&mut s, &headers, "POST", path.clone(), &run, &body) {
+        return response;
+    }
+    let status = if blueprint == "Refused" { 422 } else { 200 };
+    s.calls.push(Call {
+        method: "POST",
+        path,
+        body: body.clone(),
+        status,
+    });
+    if status == 200 && query.get("upsert").map(String::as_str) == Some("true") {
+        s.entities.push((blueprint, run, body));
+    }
+    answer(
+        status,
+        json!({"ok": status == 200, "error": "invalid_request"}),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay and its handlers
+// ---------------------------------------------------------------------------------------------
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/port/actions/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn sign(secret: &str, timestamp: &str, body: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// A smee frame carrying `body`, signed with `secret` as Port signs (timestamp now).
+fn signed_frame(body: &str, secret: &str) -> String {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let signature = sign(secret, &timestamp, body);
+    format!(
+        r#"{{"x-port-timestamp":"{timestamp}","x-port-signature":"{signature}","content-type":"application/json","body":{body}}}"#
+    )
+}
+
+/// A handler script in `dir`: records each execution (run id) in `dir/executions`, its
+/// environment in `dir/env-<run>`, its stdin in `dir/stdin-<run>`, then runs `tail`.
+fn handler(dir: &Path, name: &str, tail: &str) -> PathBuf {
+    let path = dir.join(name);
+    let dir = dir.display();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n\
+             echo \"$PORT_RUN_ID\" >> {dir}/executions\n\
+             env > {dir}/env-$PORT_RUN_ID\n\
+             cat > {dir}/stdin-$PORT_RUN_ID\n\
+             echo \"run $PORT_RUN_ID of $PORT_ACTION on [$PORT_ENTITY]\"\n\
+             echo \"to stderr\" >&2\n\
+             {tail}\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn executions(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("executions"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+struct Setup {
+    channel: FakeChannel,
+    port: FakePort,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    /// A fake channel and Port, and a config with `actions` (TOML) under the usual header.
+    async fn new(actions: &str) -> Self {
+        let channel = FakeChannel::start().await;
+        let port = FakePort::start().await;
+        let dir = support::fresh_state_dir();
+        let config = dir.join("config.toml");
+        let actions = actions.replace("DIR", &dir.display().to_string());
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[[channel]]
+url = "{channel}"
+pipeline = true
+
+[port]
+client_id_env = "TEST_PORT_CLIENT_ID"
+client_secret_env = "TEST_PORT_SECRET"
+api_url = "{api}"
+
+{actions}
+"#,
+                channel = channel.url("ActionsChannel"),
+                api = port.url(),
+            ),
+        )
+        .unwrap();
+        Self {
+            channel,
+            port,
+            dir,
+            config,
+        }
+    }
+
+    async fn start(&self) -> Daemon {
+        self.start_with(&[]).await
+    }
+
+    async fn start_with(&self, flags: &[&str]) -> Daemon {
+        let before = self.channel.connections();
+        let mut child = smee_relay()
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .args(flags)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .env("TEST_PORT_SECRET", SECRET)
+            .env("TEST_PORT_CLIENT_ID", CLIENT_ID)
+            .env("PORT_CLIENT_SECRET", "leaked-if-seen")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        self.channel.wait_connections(before + 1).await;
+        logs.wait_for(&["connected to channel"]).await;
+        Daemon { child, logs }
+    }
+
+    fn send(&self, id: u64, fixture_name: &str) {
+        self.channel
+            .send_webhook(id, &signed_frame(&fixture(fixture_name), SECRET));
+    }
+}
+
+struct Daemon {
+    child: tokio::process::Child,
+    logs: LogWatch,
+}
+
+impl Daemon {
+    async fn stop(mut self) -> LogWatch {
+        support::signal(&self.child, "TERM");
+        let status = self.child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(0));
+        self.logs
+    }
+}
+
+async fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let done = tokio::time::timeout(PATIENCE, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "{what} did not happen");
+}
+
+const ALL_FOUR: &str = r#"
+[[action]]
+identifier = "restart_deployment"
+command = ["DIR/restart.sh"]
+
+[[action]]
+identifier = "scaffold_service"
+command = ["DIR/scaffold.sh"]
+
+[[action]]
+when = '.port_context.runId != null'
+command = ["DIR/restart.sh"]
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_four_fixtures_each_run_their_handler_once_and_report_logs_and_one_status() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(
+        &setup.dir,
+        "restart.sh",
+        r#"echo '::port:: {"link": "https://ci.example/1", "statusLabel": "restarted"}'"#,
+    );
+    handler(
+        &setup.dir,
+        "scaffold.sh",
+        r#"echo '::port:: {"entity": {"blueprint": "Service", "identifier": "billing-api", "title": "Billing API", "properties": {"language": "rust"}}}'"#,
+    );
+    let daemon = setup.start().await;
+    let files = [
+        ("01-legacy-run-message", "r_act01legacy"),
+        ("02-trigger-data", "r_act02trigger"),
+        ("03-port-context", "r_act03context"),
+        ("04-create-no-entity", "r_act04create"),
+    ];
+    for (n, (file, _)) in files.iter().enumerate() {
+        setup.send(n as u64 + 1, file);
+    }
+    let runs: Vec<&str> = files.iter().map(|(_, run)| *run).collect();
+    setup.port.wait_finished(&runs).await;
+
+    // Delivered again after it finished: not executed, not reported again.
+    setup.send(5, "01-legacy-run-message");
+    daemon
+        .logs
+        .wait_for(&["r_act01legacy", "run delivered again (done, SUCCESS)"])
+        .await;
+
+    let mut executed = executions(&setup.dir);
+    executed.sort();
+    let mut expected: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+    expected.sort();
+    assert_eq!(executed, expected, "each run executed exactly once");
+    for (file, run) in files {
+        let finishes = setup.port.finishes(run);
+        assert_eq!(finishes.len(), 1, "{run}: one terminal status");
+        assert_eq!(finishes[0]["status"], "SUCCESS", "{run}");
+        assert!(
+            finishes[0]["summary"]
+                .as_str()
+                .unwrap()
+                .starts_with("exit 0 in"),
+            "{finishes:?}"
+        );
+        let logs = setup.port.logs(run);
+        assert!(logs.contains(&format!("run {run} of")), "{run}: {logs}");
+        assert!(
+            logs.contains("to stderr"),
+            "{run}: stderr is logged too: {logs}"
+        );
+        assert!(
+            !logs.contains("::port::"),
+            "directives are not log lines: {logs}"
+        );
+        // The handler got the exact body, and no Port credentials.
+        let stdin = std::fs::read_to_string(setup.dir.join(format!("stdin-{run}"))).unwrap();
+        assert_eq!(stdin, fixture(file), "{run}: the body on stdin");
+        let env = std::fs::read_to_string(setup.dir.join(format!("env-{run}"))).unwrap();
+        assert!(env.contains(&format!("PORT_RUN_ID={run}")), "{env}");
+        for secret in [SECRET, CLIENT_ID, "leaked-if-seen", "token-"] {
+            assert!(
+                !env.contains(secret),
+                "{run}: the handler saw {secret}: {env}"
+            );
+        }
+        assert!(!env.contains("TEST_PORT"), "{env}");
+    }
+    // Legacy and trigger-data shapes name the action; the CREATE run has no entity.
+    let env = std::fs::read_to_string(setup.dir.join("env-r_act04create")).unwrap();
+    assert!(env.lines().any(|l| l == "PORT_ENTITY="), "{env}");
+    assert!(
+        env.lines().any(|l| l == "PORT_ACTION=scaffold_service"),
+        "{env}"
+    );
+    assert!(
+        setup
+            .port
+            .logs("r_act01legacy")
+            .contains("of restart_deployment on [notification-service-prod]")
+    );
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["link"], json!(["https://ci.example/1"]));
+    assert_eq!(finish["statusLabel"], "restarted");
+    // The entity tied to the CREATE run, upserted before its status.
+    let entities = setup.port.with(|s| s.entities.clone());
+    assert_eq!(entities.len(), 1, "{entities:?}");
+    assert_eq!(entities[0].0, "Service");
+    assert_eq!(entities[0].1, "r_act04create");
+    assert_eq!(entities[0].2["identifier"], "billing-api");
+    assert!(entities[0].2.get("blueprint").is_none());
+    // Nothing is sent for a run after its terminal status.
+    for run in runs {
+        let calls = setup.port.calls();
+        let last_finish = calls
+            .iter()
+            .rposition(|c| c.method == "PATCH" && c.path.ends_with(run))
+            .unwrap();
+        assert!(
+            !calls[last_finish + 1..]
+                .iter()
+                .any(|c| c.path.contains(&format!("/runs/{run}"))),
+            "{run}: a call after its terminal status"
+        );
+    }
+    let logs = daemon.stop().await;
+    for secret in [SECRET, "token-1"] {
+        assert!(!logs.all().contains(secret), "{secret} in the relay's logs");
+    }
+
+    // `events list` shows the runs with their status.
+    let listed = smee_relay()
+        .args(["events", "list", "--state-dir"])
+        .arg(setup.dir.join("state"))
+        .output()
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for run in [
+        "r_act01legacy",
+        "r_act02trigger",
+        "r_act03context",
+        "r_act04create",
+    ] {
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(run))
+            .unwrap_or_else(|| panic!("{run} not listed:\n{listed}"));
+        assert!(
+            line.contains("SUCCESS") && line.contains("exit 0 in"),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_event_shows_the_handler_and_what_would_be_reported() {
+    let setup = Setup::new(ALL_FOUR).await;
+    let fixtures = format!("{}/tests/fixtures/port/actions", env!("CARGO_MANIFEST_DIR"));
+    let check = |file: &str| {
+        let mut command = smee_relay();
+        command
+            .args(["check", "--config"])
+            .arg(&setup.config)
+            .arg("--event")
+            .arg(format!("{fixtures}/{file}.json"))
+            .env("TEST_PORT_SECRET", SECRET)
+            .env("TEST_PORT_CLIENT_ID", CLIENT_ID);
+        async move {
+            let out = command.output().await.unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let out = check("01-legacy-run-message").await;
+    assert!(
+        out.contains("action run r_act01legacy (action restart_deployment"),
+        "{out}"
+    );
+    assert!(out.contains("restart.sh"), "{out}");
+    assert!(
+        out.contains("PORT_ENTITY=notification-service-prod"),
+        "{out}"
+    );
+    assert!(
+        out.contains("PATCH /v1/actions/runs/r_act01legacy"),
+        "{out}"
+    );
+    let out = check("04-create-no-entity").await;
+    assert!(
+        out.contains("scaffold.sh") && out.contains("PORT_ENTITY= "),
+        "{out}"
+    );
+    let out = check("03-port-context").await;
+    assert!(out.contains("action run r_act03context"), "{out}");
+}
+
+#[tokio::test]
+async fn a_failing_handler_reports_failure_with_its_exit_code() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "echo 'pod not found'; exit 3");
+    let _daemon = setup.start().await;
+    setup.send(1, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    let finish = &setup.port.finishes("r_act02trigger")[0];
+    assert_eq!(finish["status"], "FAILURE");
+    let summary = finish["summary"].as_str().unwrap();
+    assert!(summary.starts_with("exit code 3 after "), "{summary}");
+    assert!(setup.port.logs("r_act02trigger").contains("pod not found"));
+}
+
+#[tokio::test]
+async fn a_handler_that_overruns_its_timeout_is_killed_with_its_children() {
+    let setup = Setup::new(
+        r#"
+[[action]]
+identifier = "restart_deployment"
+command = ["DIR/restart.sh"]
+timeout = "1s"
+"#,
+    )
+    .await;
+    let pidfile = setup.dir.join("child.pid");
+    handler(
+        &setup.dir,
+        "restart.sh",
+        &format!("sleep 60 & echo $! > {}; wait", pidfile.display()),
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "FAILURE");
+    assert_eq!(
+        finish["summary"], "timed out after 1s; process group killed",
+        "{finish}"
+    );
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    wait_until("the handler's child is gone", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_delivered_twice_while_running_executes_once() {
+    let setup = Setup::new(ALL_FOUR).await;
+    let go = setup.dir.join("go");
+    handler(
+        &setup.dir,
+        "restart.sh",
+        &format!("while [ ! -e {} ]; do sleep 0.05; done", go.display()),
+    );
+    let daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || executions(&setup.dir).len() == 1).await;
+    setup.send(2, "01-legacy-run-message");
+    daemon
+        .logs
+        .wait_for(&["r_act01legacy", "run delivered again (still running)"])
+        .await;
+    std::fs::write(&go, "").unwrap();
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(executions(&setup.dir), ["r_act01legacy"]);
+    assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
+}
+
+#[tokio::test]
+async fn a_forged_signature_runs_nothing_and_reports_nothing() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    let daemon = setup.start().await;
+    setup.channel.send_webhook(
+        1,
+        &signed_frame(&fixture("01-legacy-run-message"), "not-the-secret"),
+    );
+    daemon
+        .logs
+        .wait_for(&["action run rejected", "does not match"])
+        .await;
+    // A signed run after it goes through: the forged one was judged, not left behind.
+    setup.send(2, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    assert_eq!(executions(&setup.dir), ["r_act02trigger"]);
+    assert!(
+        setup
+            .port
+            .calls()
+            .iter()
+            .all(|c| !c.path.contains("r_act01legacy")),
+        "nothing reported for the forged run"
+    );
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "sleep 60");
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || executions(&setup.dir).len() == 1).await;
+    daemon.child.kill().await.unwrap(); // SIGKILL
+    daemon.child.wait().await.unwrap();
+
+    let daemon = setup.start().await;
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "FAILURE");
+    assert_eq!(finish["summary"], "interrupted by restart");
+    // The smee channel may deliver it again (it is in the spool anyway): still not run again.
+    setup.send(2, "01-legacy-run-message");
+    daemon
+        .logs
+        .wait_for(&["r_act01legacy", "run delivered again (done, FAILURE)"])
+        .await;
+    assert_eq!(executions(&setup.dir), ["r_act01legacy"]);
+    assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_with_on_interrupt_rerun_runs_it_again() {
+    let setup = Setup::new(
+        r#"
+[[action]]
+identifier = "restart_deployment"
+command = ["DIR/restart.sh"]
+on_interrupt = "rerun"
+"#,
+    )
+    .await;
+    // The first execution hangs; the second finishes.
+    let marker = setup.dir.join("first-done");
+    handler(
+        &setup.dir,
+        "restart.sh",
+        &format!(
+            "if [ -e {m} ]; then exit 0; fi; touch {m}; sleep 60",
+            m = marker.display()
+        ),
+    );
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || marker.exists()).await;
+    daemon.child.kill().await.unwrap();
+    daemon.child.wait().await.unwrap();
+
+    let _daemon = setup.start().await;
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(executions(&setup.dir), ["r_act01legacy", "r_act01legacy"]);
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "SUCCESS");
+}
+
+#[tokio::test]
+async fn an_expired_token_is_renewed_once_and_the_report_goes_through() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(
+        setup.port.with(|s| s.tokens_issued),
+        1,
+        "the token is cached"
+    );
+    // Port forgets the token (it expired early): the next call gets 401, then a new token.
+    setup.port.with(|s| s.valid_tokens.clear());
+    setup.send(2, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    assert_eq!(setup.port.with(|s| s.tokens_issued), 2);
+    let unauthorized = setup
+        .port
+        .calls()
+        .iter()
+        .filter(|c| c.status == 401)
+        .count();
+    assert_eq!(unauthorized, 1, "one 401, then a fresh token");
+}
+
+#[tokio::test]
+async fn a_422_ends_reporting_for_that_run_with_one_warning() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    setup.port.with(|s| {
+        s.refuse_run
+            .insert("r_act01legacy".into(), (422, "run_synchronized_error"));
+    });
+    let daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.send(2, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    let refused: Vec<Call> = setup
+        .port
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.contains("r_act01legacy"))
+        .collect();
+    assert_eq!(refused.len(), 1, "no retry storm: {refused:#?}");
+    assert_eq!(refused[0].status, 422);
+    let logs = daemon.stop().await;
+    let warnings = logs
+        .all()
+        .lines()
+        .filter(|l| l.contains("reporting for this run ends"))
+        .count();
+    assert_eq!(warnings, 1, "{}", logs.all());
+}
+
+#[tokio::test]
+async fn port_down_for_a_while_then_back_delays_the_reports_and_loses_nothing() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    setup.port.with(|s| s.down = true);
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup
+        .port
+        .wait("two refused attempts", |s| s.refused_while_down >= 2)
+        .await;
+    // Back, but rate-limited once: 429 with a reset a second away.
+    let reset = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1;
+    setup.port.with(|s| {
+        s.down = false;
+        s.script.push_back((429, Some(reset)));
+    });
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(executions(&setup.dir), ["r_act01legacy"]);
+    assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
+    assert!(
+        setup
+            .port
+            .logs("r_act01legacy")
+            .contains("run r_act01legacy of")
+    );
+    assert!(setup.port.calls().iter().any(|c| c.status == 429));
+}
+
+#[tokio::test]
+async fn a_forward_handler_reports_by_its_answer_4xx_is_failure_at_once() {
+    let mut target = support::FakeTarget::start().await;
+    let setup = Setup::new(&format!(
+        r#"
+[[action]]
+identifier = "restart_deployment"
+forward = "{}"
+[action.report]
+summary = '"restarted " + .body.context.entity + " (" + (.response.statusCode | tostring) + ")"'
+link = '.response.json.url'
+
+[[action]]
+identifier = "scaffold_service"
+forward = "{}"
+"#,
+        target.url("/restart"),
+        target.url("/scaffold")
+    ))
+    .await;
+    target.answer_with(&[200, 400]);
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    let request = target.next().await;
+    assert_eq!(request.uri, "/restart");
+    assert!(
+        request.header("authorization").is_none(),
+        "no Port token for handlers"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&request.body),
+        fixture("01-legacy-run-message")
+    );
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "SUCCESS");
+    // The jq mapping over port-agent's context: the run body and the handler's response.
+    assert_eq!(
+        finish["summary"], "restarted notification-service-prod (200)",
+        "{finish}"
+    );
+    assert!(
+        finish.get("link").is_none(),
+        "no JSON answer, no link: {finish}"
+    );
+    let logs = setup.port.logs("r_act01legacy");
+    assert!(logs.contains("POST 127.0.0.1:"), "{logs}");
+    setup.send(2, "04-create-no-entity");
+    target.next().await;
+    setup.port.wait_finished(&["r_act04create"]).await;
+    assert_eq!(setup.port.finishes("r_act04create")[0]["status"], "FAILURE");
+}
+
+#[tokio::test]
+async fn the_demo_shows_an_action_run_end_to_end() {
+    let out = smee_relay().arg("demo").output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "Port run r_act01legacy log: restarting notification-service-prod (run r_act01legacy)",
+        "Port run r_act01legacy log: reason: CPU above 90% for 10 minutes",
+        r#"Port run r_act01legacy status: {"status":"SUCCESS""#,
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}
+
+#[tokio::test]
+async fn automation_runs_get_the_pipelines_outcome_reported() {
+    let setup = Setup::new(&format!(
+        "{ALL_FOUR}\n{}",
+        include_str!("fixtures/port/rules.toml")
+    ))
+    .await;
+    handler(&setup.dir, "restart.sh", "");
+    // `[port] report_automation_runs = true` goes in the [port] table of the header.
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
+    std::fs::write(&setup.config, config).unwrap();
+    let _daemon = setup.start().await;
+    let automation = |file: &str| support::port_fixture("automation", file);
+    setup
+        .channel
+        .send_webhook(1, &signed_frame(&automation("01-create"), SECRET));
+    setup
+        .channel
+        .send_webhook(2, &signed_frame(&automation("02-cpu-25-to-87"), SECRET));
+    // A forged one: the pipeline rejects it, and nothing is reported for its run id.
+    setup.channel.send_webhook(
+        3,
+        &signed_frame(&automation("03-cpu-87-to-91"), "not-the-secret"),
+    );
+    setup
+        .port
+        .wait_finished(&["r_fixture00", "r_fixture01"])
+        .await;
+    let created = &setup.port.finishes("r_fixture00")[0];
+    assert_eq!(created["status"], "SUCCESS");
+    assert_eq!(created["summary"], "no rule matched");
+    let fired = &setup.port.finishes("r_fixture01")[0];
+    assert_eq!(fired["status"], "SUCCESS");
+    assert_eq!(fired["summary"], "cpu-high FIRING sent to stdout");
+    // Judged after the two before it, on the same ordered route: nothing for the forged run.
+    setup.send(4, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    assert!(
+        setup
+            .port
+            .calls()
+            .iter()
+            .all(|c| !c.path.contains("r_fixture02"))
+    );
+}
+
+#[tokio::test]
+async fn long_output_is_sent_in_batches_under_ports_limit_and_a_refused_entity_is_logged() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(
+        &setup.dir,
+        "restart.sh",
+        r#"seq 1 60000
+echo '::port:: {"entity": {"blueprint": "Refused", "identifier": "nope"}}'"#,
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let calls: Vec<Call> = setup
+        .port
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/runs/r_act01legacy/logs"))
+        .collect();
+    assert!(calls.len() >= 3, "batched: {} calls", calls.len());
+    for call in &calls {
+        assert!(
+            call.body.to_string().len() < 1 << 20,
+            "a log call over 1 MiB"
+        );
+    }
+    let logs = setup.port.logs("r_act01legacy");
+    let numbers: Vec<&str> = logs.lines().filter(|l| l.parse::<u32>().is_ok()).collect();
+    assert_eq!(numbers.len(), 60000, "every line, once");
+    assert_eq!(numbers.first(), Some(&"1"));
+    assert_eq!(numbers.last(), Some(&"60000"));
+    assert!(
+        logs.contains("Port refused entity nope of blueprint Refused: 422"),
+        "{}",
+        &logs[logs.len().saturating_sub(500)..]
+    );
+    assert_eq!(setup.port.finishes("r_act01legacy")[0]["status"], "SUCCESS");
+}
+
+#[tokio::test]
+async fn a_forward_handler_is_retried_on_5xx_then_fails_at_the_retry_age() {
+    let mut target = support::FakeTarget::start().await;
+    let setup = Setup::new(&format!(
+        "[[action]]\nidentifier = \"restart_deployment\"\nforward = \"{}\"\n\n[[action]]\nidentifier = \"scaffold_service\"\nforward = \"{}\"\n",
+        target.url("/restart"),
+        target.url("/scaffold")
+    ))
+    .await;
+    // The first run: 503 once, then 200. The second: 503 until the retry age (2s) is over.
+    target.answer_with(&[503, 200, 503, 503, 503, 503, 503, 503, 503, 503]);
+    let _daemon = setup.start_with(&["--max-retry-age", "2s"]).await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(setup.port.finishes("r_act01legacy")[0]["status"], "SUCCESS");
+    let logs = setup.port.logs("r_act01legacy");
+    assert!(logs.contains("handler answered 503; retrying in"), "{logs}");
+    target.take(2).await;
+    setup.send(2, "04-create-no-entity");
+    setup.port.wait_finished(&["r_act04create"]).await;
+    let finish = &setup.port.finishes("r_act04create")[0];
+    assert_eq!(finish["status"], "FAILURE");
+    let summary = finish["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("handler answered 503; gave up after "),
+        "{summary}"
+    );
+}
