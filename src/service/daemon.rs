@@ -9,7 +9,7 @@
 //! config file. Shutdown runs the pipe dry from the front: sources stop, intakes store what they
 //! took, routes finish the delivery in flight, the writer commits the last marks.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -212,6 +212,8 @@ struct PipelineTask {
     task: Task,
     rules: watch::Sender<Arc<Pipeline>>,
     alerts: Task,
+    /// One pipeline per state dir: its alert state and queues are the state dir's.
+    _lock: Arc<ChannelLock>,
 }
 
 /// The running parts, keyed so a reload can tell what stays, what goes and what is new.
@@ -222,7 +224,7 @@ struct Runtime {
     health: Arc<Health>,
     cancel: CancellationToken,
     state_dir: PathBuf,
-    /// One delivery route per target URL.
+    /// One delivery route per (channel, target), by [`spool::route_key`].
     routes: HashMap<String, Task>,
     /// Keyed by the full channel URL.
     channels: HashMap<String, ChannelTask>,
@@ -235,34 +237,18 @@ impl Runtime {
         if plan.state_dir != self.state_dir {
             warn!("state_dir changed; that takes a restart, the running spool stays");
         }
-        // Routes: one per distinct target.
-        let targets: BTreeSet<String> = plan
+        // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
+        // Started after the channels below: those take their locks first.
+        let targets: HashMap<String, TargetUrl> = plan
             .channels
             .iter()
-            .flat_map(|c| c.forward.iter().map(|t| t.to_string()))
+            .flat_map(|c| {
+                let channel = spool::lock::channel_key(c.source.channel.expose().as_str());
+                c.forward
+                    .iter()
+                    .map(move |t| (spool::route_key(&channel, &t.to_string()), t.clone()))
+            })
             .collect();
-        for gone in self
-            .routes
-            .keys()
-            .filter(|t| !targets.contains(*t))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            info!(target = %gone, "target removed; its queued events stay in the spool");
-            let task = self.routes.remove(&gone).expect("listed");
-            tokio::spawn(task.stop());
-        }
-        for target in targets {
-            if self.routes.contains_key(&target) {
-                continue;
-            }
-            let target_url: TargetUrl = target.parse().expect("it was a TargetUrl");
-            let forwarder =
-                Forwarder::new(target_url, plan.target_timeout).map_err(DaemonError::Target)?;
-            let task = self.route(target.clone(), Arc::new(forwarder), plan.retry);
-            self.routes.insert(target, task);
-        }
-
         // The pipeline and its alert route.
         match (plan.pipeline, self.pipeline.take()) {
             (None, None) => {}
@@ -274,15 +260,19 @@ impl Runtime {
                 });
             }
             (Some((pipeline, sink)), old) => {
+                let lock = match &old {
+                    Some(_) => None,
+                    None => Some(Arc::new(ChannelLock::pipeline(&self.state_dir)?)),
+                };
                 let sink: Arc<dyn Sink> = Arc::new(sink);
                 info!(rules = pipeline.rules.len(), alerts = %sink.describe(), "pipeline on");
                 let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
                 let pipeline = Arc::new(pipeline);
-                let (task, rules) = match old {
+                let (task, rules, lock) = match old {
                     Some(old) => {
                         tokio::spawn(old.alerts.stop());
                         let _ = old.rules.send(pipeline);
-                        (old.task, old.rules)
+                        (old.task, old.rules, old._lock)
                     }
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
@@ -299,6 +289,7 @@ impl Runtime {
                                 handles: vec![handle],
                             },
                             rules,
+                            lock.expect("taken above"),
                         )
                     }
                 };
@@ -306,6 +297,7 @@ impl Runtime {
                     task,
                     rules,
                     alerts,
+                    _lock: lock,
                 });
             }
         }
@@ -337,6 +329,14 @@ impl Runtime {
             info!(channel = %url, routes = ?routes, "subscribing");
             // Resume after the last event stored, for servers that replay (smee-relay serve).
             let cursor_key = spool::lock::channel_key(url.expose().as_str());
+            let legacy_key = spool::lock::legacy_channel_key(url.expose().as_str());
+            let targets: Vec<String> = channel.forward.iter().map(|t| t.to_string()).collect();
+            let adopted =
+                self.spool
+                    .adopt_legacy(&cursor_key, &legacy_key, &url.to_string(), &targets)?;
+            if adopted > 0 {
+                info!(channel = %url, deliveries = adopted, "spool upgraded: queued deliveries moved to this channel's queues");
+            }
             let mut source_config = channel.source.clone();
             if let Some(stored) = self.spool.cursor(&cursor_key)? {
                 source_config.last_event_id = Some(stored);
@@ -370,6 +370,27 @@ impl Runtime {
         }
         *self.health.channels.lock().expect("not poisoned") =
             self.channels.values().map(|c| c.status.clone()).collect();
+
+        for gone in self
+            .routes
+            .keys()
+            .filter(|t| !targets.contains_key(*t))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            info!(target = %spool::route_name(&gone), "target removed; its queued events stay in the spool");
+            let task = self.routes.remove(&gone).expect("listed");
+            tokio::spawn(task.stop());
+        }
+        for (route, target_url) in targets {
+            if self.routes.contains_key(&route) {
+                continue;
+            }
+            let forwarder =
+                Forwarder::new(target_url, plan.target_timeout).map_err(DaemonError::Target)?;
+            let task = self.route(route.clone(), Arc::new(forwarder), plan.retry);
+            self.routes.insert(route, task);
+        }
         Ok(())
     }
 
@@ -393,7 +414,12 @@ impl Runtime {
 
 /// The spool routes a channel's events are queued on.
 fn routes_of(channel: &ChannelPlan) -> Vec<String> {
-    let mut routes: Vec<String> = channel.forward.iter().map(|t| t.to_string()).collect();
+    let key = spool::lock::channel_key(channel.source.channel.expose().as_str());
+    let mut routes: Vec<String> = channel
+        .forward
+        .iter()
+        .map(|t| spool::route_key(&key, &t.to_string()))
+        .collect();
     if channel.pipeline {
         routes.push(PIPELINE_ROUTE.to_string());
     }
@@ -424,8 +450,12 @@ async fn report_status(
                     .count();
                 (up, channels.len())
             };
+            let paused = spool
+                .write_error()
+                .map(|why| format!("intake paused, the spool does not take writes: {why}; "))
+                .unwrap_or_default();
             let line = format!(
-                "{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {} pending",
+                "{paused}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {} pending",
                 counters.received.load(Relaxed),
                 counters.delivered.load(Relaxed),
                 counters.retried.load(Relaxed),
