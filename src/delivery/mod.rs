@@ -142,14 +142,25 @@ pub async fn run_route(
     // The last seq this task finished with. Marks are committed asynchronously, so the
     // spool may still list it as pending for a moment; the cursor skips it.
     let mut cursor = 0;
+    // Whether the spool's refusal to be read was logged (once per outage, e.g. a full disk).
+    let mut said = false;
     while !cancel.is_cancelled() {
         let read = {
             let (spool, route) = (spool.clone(), route.clone());
             tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
         };
         let queued = match read {
-            Ok(Ok(queued)) => queued,
+            Ok(Ok(queued)) => {
+                if std::mem::take(&mut said) {
+                    info!(route = spool::route_name(&route), "the spool reads again");
+                }
+                queued
+            }
             Ok(Err(e)) => {
+                if std::mem::replace(&mut said, true) {
+                    wait(&cancel, Duration::from_secs(1)).await;
+                    continue;
+                }
                 error!(
                     route = spool::route_name(&route),
                     "cannot read the spool, retrying in 1s: {}",

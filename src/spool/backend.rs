@@ -87,23 +87,34 @@ impl StorageBackend for Dyn {
     }
 }
 
-/// Forwards every call to a FileBackend, failing writes with "no space left on device" while
-/// `full` is set: a full disk, without filling one.
+/// Forwards every call to a FileBackend and, while `full` is set, fails what a full disk
+/// fails with "no space left on device": a write that needs a new block (beyond the blocks
+/// written so far; growing the file with `set_len` makes holes, which take blocks only when
+/// written). Overwriting written blocks still succeeds, as it does on a real full disk.
 #[cfg(test)]
 #[derive(Debug)]
 pub(crate) struct DiskFull {
     pub(crate) inner: FileBackend,
     pub(crate) full: Arc<std::sync::atomic::AtomicBool>,
+    /// The 4 KiB blocks of the file that have been written (shared by every open of it).
+    pub(crate) allocated: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
 }
 
 #[cfg(test)]
 impl DiskFull {
-    fn check(&self) -> Result<(), std::io::Error> {
+    const BLOCK: u64 = 4096;
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), std::io::Error> {
+        let blocks = offset / Self::BLOCK..(offset + len as u64).div_ceil(Self::BLOCK);
+        let mut allocated = self.allocated.lock().expect("not poisoned");
         if self.full.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
-        } else {
-            Ok(())
+            if blocks.clone().all(|b| allocated.contains(&b)) {
+                return Ok(());
+            }
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
+        allocated.extend(blocks);
+        Ok(())
     }
 }
 
@@ -116,16 +127,13 @@ impl StorageBackend for DiskFull {
         self.inner.read(offset, out)
     }
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        if len > self.inner.len()? {
-            self.check()?;
-        }
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> Result<(), std::io::Error> {
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.check()?;
+        self.check(offset, data.len())?;
         self.inner.write(offset, data)
     }
     fn close(&self) -> Result<(), std::io::Error> {

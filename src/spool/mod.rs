@@ -401,10 +401,20 @@ impl Spool {
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, SpoolError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        // After a failed write, redb refuses reads too until the database is opened again.
+        if self.needs_reopen.load(Relaxed) {
+            self.reopen().inspect_err(|e| self.failed(e))?;
+        }
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
         let run = || f(&db.begin_read()?);
-        run().map_err(|e| self.io(e))
+        run().map_err(|e| {
+            if matches!(e, redb::Error::PreviousIo) {
+                self.needs_reopen.store(true, Relaxed);
+            }
+            self.io(e)
+        })
     }
 
     /// Run `f` in a write transaction and commit it (one fsync).
@@ -1525,5 +1535,141 @@ mod tests {
             .unwrap();
         assert_eq!(report.appended, [vec![Some(2)], vec![Some(3)], vec![None]]);
         assert_eq!(report.pruned, 1, "the delivered event made room first");
+    }
+
+    /// Rewrite the spool's `meta.format` (None: as version 1 had none).
+    fn set_format(dir: &Path, format: Option<u64>) {
+        let db = Database::create(dir.join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            match format {
+                Some(v) => meta.insert(FORMAT, v).unwrap(),
+                None => meta.remove(FORMAT).unwrap(),
+            };
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_version_1_spool_keeps_its_queued_events_in_order_under_the_new_queue_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = "http://127.0.0.1:9/hook".to_string();
+        {
+            // What version 1 wrote: queues named by the target alone.
+            let spool = Spool::open(dir.path()).unwrap();
+            let append = |channel: &str, n: u8| Write::Append {
+                channel: channel.into(),
+                routes: vec![target.clone()],
+                events: vec![event(n)].into(),
+                cursor: Some(("legacykey".into(), n.to_string())),
+            };
+            let writes = [
+                append("https://smee.io/Mine…", 0),
+                append("https://smee.io/Othe…", 1),
+                append("https://smee.io/Mine…", 2),
+                append("https://smee.io/Mine…", 3),
+            ];
+            spool.write(&writes, ROOM).unwrap();
+        }
+        set_format(dir.path(), None);
+
+        let spool = Spool::open(dir.path()).unwrap();
+        let mine = route_key("newkey", &target);
+        let moved = spool
+            .adopt_legacy(
+                "newkey",
+                "legacykey",
+                "https://smee.io/Mine…",
+                std::slice::from_ref(&target),
+            )
+            .unwrap();
+        assert_eq!(moved, 3);
+        let ids: Vec<u64> = spool
+            .pending(&mine, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(ids, [1, 3, 4], "the channel's events, in their order");
+        let theirs: Vec<u64> = spool
+            .pending(&target, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(
+            theirs,
+            [2],
+            "another channel's event waits for its own relay"
+        );
+        assert_eq!(spool.cursor("newkey").unwrap().as_deref(), Some("3"));
+        assert_eq!(
+            spool.list(None, 10).unwrap()[0].route,
+            target,
+            "shown by target"
+        );
+
+        // The other channel's relay takes the rest; then the upgrade is complete.
+        spool
+            .adopt_legacy(
+                "otherkey",
+                "x",
+                "https://smee.io/Othe…",
+                std::slice::from_ref(&target),
+            )
+            .unwrap();
+        assert_eq!(
+            spool
+                .pending(&route_key("otherkey", &target), 0, 10)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            spool
+                .read(|txn| Ok(txn.open_table(META)?.get(LEGACY)?.is_none()))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn a_spool_from_a_newer_version_is_refused_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Spool::open(dir.path()).unwrap());
+        set_format(dir.path(), Some(FORMAT_VERSION + 1));
+        let Err(e) = Spool::open(dir.path()) else {
+            panic!("opened a newer spool");
+        };
+        assert!(e.needs_the_user());
+        assert!(e.to_string().contains("format version 3"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_creation_leaves_no_empty_spool_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A creation cut short leaves only the temporary file, which the next open replaces.
+        std::fs::write(dir.path().join("spool.redb.new"), b"").unwrap();
+        drop(Spool::open(dir.path()).unwrap());
+        assert!(!dir.path().join("spool.redb.new").exists());
+        std::fs::write(dir.path().join(FILE_NAME), b"").unwrap();
+        let Err(e) = Spool::open(dir.path()) else {
+            panic!("started over an empty spool");
+        };
+        assert!(
+            matches!(
+                e,
+                SpoolError::Damaged {
+                    why: Damage::Empty,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(),
+            0,
+            "left as it was"
+        );
     }
 }

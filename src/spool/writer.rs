@@ -355,3 +355,131 @@ impl WriterThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::Counters;
+    use crate::spool::backend::{DiskFull, Factory};
+    use crate::spool::{Outcome, intake};
+    use std::sync::atomic::AtomicBool;
+
+    fn event(n: u64) -> Event {
+        Event {
+            sse_id: Some(n.to_string()),
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: format!("{{\"n\":{n}}}").into(),
+        }
+    }
+
+    /// Wait for `done`, up to a deadline.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn bodies(spool: &Spool) -> Vec<String> {
+        spool
+            .pending("r", 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|q| String::from_utf8_lossy(&q.event.event.body).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn disk_full_pauses_intake_keeps_what_was_stored_and_resumes_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let factory = {
+            let full = full.clone();
+            let allocated = Arc::default();
+            Factory::wrapping(move |inner| {
+                Box::new(DiskFull {
+                    inner,
+                    full: full.clone(),
+                    allocated: Arc::clone(&allocated),
+                })
+            })
+        };
+        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let intake = tokio::spawn(intake::intake(
+            rx,
+            writer.clone(),
+            "c".into(),
+            None,
+            watch::channel(vec!["r".to_string()]).1,
+            Arc::new(Counters::default()),
+        ));
+        for n in 0..3 {
+            tx.send(event(n)).await.unwrap();
+        }
+        until("3 events stored", || bodies(&spool).len() == 3).await;
+        let first = spool.pending("r", 0, 1).unwrap().remove(0);
+
+        // The disk fills up: the next events are not stored, and the spool says why.
+        full.store(true, Ordering::SeqCst);
+        tx.send(event(3)).await.unwrap();
+        let writable = writer.writable();
+        until("the spool reported not writable", || {
+            !writable.load(Ordering::Relaxed)
+        })
+        .await;
+        let why = spool.write_error().expect("a reason");
+        assert!(why.contains("No space left on device"), "{why}");
+        let health = crate::service::health::Health {
+            channels: Default::default(),
+            spool_writable: writer.writable(),
+        };
+        assert!(!health.problems().is_empty(), "/healthz turns 503");
+        // A delivery that finishes meanwhile is kept (journal) and committed later.
+        writer
+            .finish(Write::Mark {
+                route: "r".into(),
+                seq: first.seq,
+                event: first.event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            })
+            .unwrap();
+
+        // Space returns: without a restart, what was stored is all there, the held event is
+        // stored and the mark committed. (Meanwhile reads fail too: redb needs room to open
+        // the file again.)
+        full.store(false, Ordering::SeqCst);
+        until("the held event stored", || {
+            spool
+                .pending("r", 0, usize::MAX)
+                .is_ok_and(|_| bodies(&spool) == [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#])
+        })
+        .await;
+        until("writable again", || writable.load(Ordering::Relaxed)).await;
+        assert_eq!(spool.write_error(), None);
+        tx.send(event(4)).await.unwrap();
+        until("new events flow", || bodies(&spool).len() == 4).await;
+
+        // Shutting down while the disk is full ends within a bound, saying what is lost.
+        full.store(true, Ordering::SeqCst);
+        tx.send(event(5)).await.unwrap();
+        until("the spool reported not writable", || {
+            !writable.load(Ordering::Relaxed)
+        })
+        .await;
+        drop(tx);
+        tokio::time::timeout(GIVE_UP_BOUND, intake)
+            .await
+            .expect("the intake stops within its bound")
+            .unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// `intake::GIVE_UP_AFTER_STOP` plus a retry and slack.
+    const GIVE_UP_BOUND: Duration = Duration::from_secs(10);
+}
