@@ -409,7 +409,10 @@ impl Spool {
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
         let run = || f(&db.begin_read()?);
-        run().map_err(|e| {
+        // Damage that the open did not see can make redb panic on a read: name the file.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|panic| self.panicked(panic))?;
+        result.map_err(|e| {
             if matches!(e, redb::Error::PreviousIo) {
                 self.needs_reopen.store(true, Relaxed);
             }
@@ -458,6 +461,14 @@ impl Spool {
                 self.failed(&e);
                 Err(e)
             }
+        }
+    }
+
+    /// A panic in redb while reading or writing: damage the open did not find.
+    fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> SpoolError {
+        SpoolError::Damaged {
+            path: self.path.clone(),
+            why: Damage::Panic(panic_message(&*panic)),
         }
     }
 
@@ -872,12 +883,20 @@ fn open_existing(path: &Path, backend: &backend::Factory) -> Result<(Database, u
         let db = builder()
             .create_with_backend(backend)
             .map_err(|e| match e {
-                redb::DatabaseError::Storage(redb::StorageError::Io(e)) => io(redb::Error::Io(e)),
+                // An error from the system (disk full, permissions) is about the disk; what
+                // else redb says (a bad magic number, a checksum) is about the contents.
+                redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                    if e.raw_os_error().is_some() =>
+                {
+                    io(redb::Error::Io(e))
+                }
                 e => damaged(Damage::Redb(e.to_string())),
             })?;
         let instance = upgrade(&db).map_err(|e| match e {
             UpgradeError::Newer(v) => damaged(Damage::NewerFormat(v)),
-            UpgradeError::Redb(redb::Error::Io(e)) => io(redb::Error::Io(e)),
+            UpgradeError::Redb(redb::Error::Io(e)) if e.raw_os_error().is_some() => {
+                io(redb::Error::Io(e))
+            }
             UpgradeError::Redb(e) => damaged(Damage::Redb(e.to_string())),
         })?;
         Ok((db, instance))
@@ -900,6 +919,7 @@ impl<E: Into<redb::Error>> From<E> for UpgradeError {
 /// version is version 1: its forward queues are adopted later ([`Spool::adopt_legacy`]).
 fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
     let txn = db.begin_write()?;
+    let mut changed = false;
     let instance = {
         let t = Tables::open(&txn)?;
         let mut meta = t.meta;
@@ -908,6 +928,7 @@ fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
             return Err(UpgradeError::Newer(v));
         }
         if format.is_none() {
+            changed = true;
             meta.insert(FORMAT, FORMAT_VERSION)?;
             if !t.records.is_empty()? {
                 meta.insert(LEGACY, 1)?;
@@ -917,13 +938,19 @@ fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
         match instance {
             Some(id) => id,
             None => {
+                changed = true;
                 let id = new_instance();
                 meta.insert(INSTANCE, id)?;
                 id
             }
         }
     };
-    txn.commit()?;
+    // An open that changes nothing costs no commit (and no fsync): `events list` opens often.
+    if changed {
+        txn.commit()?;
+    } else {
+        txn.abort()?;
+    }
     Ok(instance)
 }
 
@@ -936,13 +963,15 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
-    result.map_err(|panic| {
-        panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into())
-    })
+    result.map_err(|panic| panic_message(&*panic))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Whether a queue name is of format version 1: a forward queue named by its target alone.
