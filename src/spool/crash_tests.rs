@@ -178,7 +178,7 @@ fn event(n: usize) -> Event {
         // Some bodies are stored in pieces, so those paths crash too.
         body: Bytes::from(vec![
             b'a' + (n % 26) as u8;
-            if n % 5 == 0 { 70_000 } else { 100 }
+            if n.is_multiple_of(5) { 70_000 } else { 100 }
         ]),
     }
 }
