@@ -439,31 +439,35 @@ async fn report_status(
             let spool = spool.clone();
             tokio::task::spawn_blocking(move || spool.stats()).await
         };
-        if let Ok(Ok(stats)) = stats {
-            metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
-            metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
-            let (up, all) = {
-                let channels = health.channels.lock().expect("not poisoned");
-                let up = channels
-                    .iter()
-                    .filter(|c| c.connected.load(Relaxed))
-                    .count();
-                (up, channels.len())
-            };
-            let paused = spool
-                .write_error()
-                .map(|why| format!("intake paused, the spool does not take writes: {why}; "))
-                .unwrap_or_default();
-            let line = format!(
-                "{paused}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {} pending",
-                counters.received.load(Relaxed),
-                counters.delivered.load(Relaxed),
-                counters.retried.load(Relaxed),
-                counters.dead.load(Relaxed),
-                stats.pending,
-            );
-            systemd::notify(&[sd_notify::NotifyState::Status(&line)]);
-        }
+        // While the spool cannot be read (a full disk), the line still says why.
+        let pending = match stats {
+            Ok(Ok(stats)) => {
+                metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
+                metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
+                stats.pending.to_string()
+            }
+            _ => "?".into(),
+        };
+        let (up, all) = {
+            let channels = health.channels.lock().expect("not poisoned");
+            let up = channels
+                .iter()
+                .filter(|c| c.connected.load(Relaxed))
+                .count();
+            (up, channels.len())
+        };
+        let paused = spool
+            .write_error()
+            .map(|why| format!("intake paused, the spool does not take writes: {why}; "))
+            .unwrap_or_default();
+        let line = format!(
+            "{paused}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
+            counters.received.load(Relaxed),
+            counters.delivered.load(Relaxed),
+            counters.retried.load(Relaxed),
+            counters.dead.load(Relaxed),
+        );
+        systemd::notify(&[sd_notify::NotifyState::Status(&line)]);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -128,6 +128,14 @@ impl Journal {
         Ok(then())
     }
 
+    /// On a clean stop: delete the journal if every mark in it is committed.
+    pub(crate) fn close(&self) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.uncommitted.is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
     /// The oldest `n` recorded marks are committed to the spool.
     pub(crate) fn committed(&self, n: usize) {
         if n == 0 {

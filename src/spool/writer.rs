@@ -274,6 +274,9 @@ impl WriterThread {
                              they are in the delivery journal and applied on the next start"
                         );
                     }
+                    if let Some(journal) = &self.journal {
+                        journal.close();
+                    }
                     return;
                 }
             }
