@@ -1,7 +1,7 @@
 //! The runtime every mode shares: channels in, spool, routes out.
 //!
 //! ```text
-//! channel --SSE--> source --> intake --append--> spool --+--> route (per target) --> HTTP
+//! channel --SSE--> source --> intake --append--> spool --+--> route (per channel and target) --> HTTP
 //!                                                        +--> pipeline --alerts--> spool --> route "alerts" --> Slack/stdout
 //! ```
 //!
