@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             let _ = writeln!(std::io::stderr(), "{e}");
             ExitCode::from(USAGE_ERROR)
         }
+        Err(e) if needs_the_user(&e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(USAGE_ERROR)
+        }
         Err(e) => {
             // The whole chain on one line: `delivering to ...: connection refused (os error 111)`.
             tracing::error!("{e:#}");
@@ -64,4 +68,20 @@ fn main() -> ExitCode {
     };
     logging::flush();
     code
+}
+
+/// A damaged spool, or a channel or pipeline another relay holds: nothing to retry, the user
+/// must act (exit 2).
+fn needs_the_user(e: &anyhow::Error) -> bool {
+    use smee_relay::service::daemon::DaemonError;
+    use smee_relay::spool::SpoolError;
+    e.chain().any(|cause| {
+        let spool = cause.downcast_ref::<SpoolError>().or_else(|| {
+            match cause.downcast_ref::<DaemonError>() {
+                Some(DaemonError::Spool(e)) => Some(e),
+                _ => None,
+            }
+        });
+        spool.is_some_and(SpoolError::needs_the_user)
+    })
 }

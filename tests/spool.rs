@@ -233,7 +233,7 @@ async fn the_same_channel_twice_in_one_state_dir_is_refused_at_once() {
     let second = smee_relay::commands::forward::forward(options.clone(), Default::default()).await;
     let message = second.unwrap_err().to_string();
     assert!(
-        message.contains("another smee-relay already relays"),
+        message.contains("another smee-relay (pid ") && message.contains(") already relays"),
         "{message}"
     );
     assert!(
@@ -263,10 +263,171 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
     )
     .await;
     let stderr = output.stderr;
-    assert_eq!(output.code, Some(1), "{stderr}");
+    assert_eq!(output.code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("spool.redb") && stderr.contains("move it aside"),
+        stderr.contains("spool.redb") && stderr.contains("move the file aside"),
         "{stderr}"
+    );
+}
+
+/// A spool with a few events in it, as a relay would have left it.
+fn spool_with_events(dir: &std::path::Path) -> u64 {
+    let spool = smee_relay::spool::Spool::open(dir).unwrap();
+    let events: Vec<smee_relay::event::Event> = (0..200)
+        .map(|n| smee_relay::event::Event {
+            sse_id: Some(n.to_string()),
+            timestamp_ms: None,
+            headers: vec![("x-github-event".into(), "push".into())],
+            query: vec![],
+            body: vec![b'x'; 2000].into(),
+        })
+        .collect();
+    let write = smee_relay::spool::Write::Append {
+        channel: "c".into(),
+        routes: vec!["k http://127.0.0.1:9/".into()],
+        events: events.into(),
+        cursor: None,
+    };
+    spool
+        .write(&[write], smee_relay::spool::Limits { max_bytes: 1 << 30 })
+        .unwrap();
+    std::fs::metadata(spool.path()).unwrap().len()
+}
+
+/// Run the relay (and `events list`) over the state dir: both must refuse with exit 2, name
+/// the file and say what to do, and leave the file as it was.
+async fn assert_refused(dir: &std::path::Path, why: &str) {
+    let file = dir.join("spool.redb");
+    let before = std::fs::read(&file).unwrap();
+    for args in [
+        vec!["events", "list"],
+        vec!["forward", "http://127.0.0.1:9/Chan", "http://127.0.0.1:9/"],
+    ] {
+        let output = smee_relay()
+            .args(&args)
+            .arg("--state-dir")
+            .arg(dir)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?} ({why}): {stderr}");
+        assert!(
+            stderr.contains(&file.display().to_string())
+                && stderr.contains("move the file aside")
+                && !stderr.contains("panicked"),
+            "{args:?} ({why}): {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            before,
+            "{why}: the file is left as it was"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_empty_spool_file_is_refused_not_started_over() {
+    let dir = support::fresh_state_dir();
+    spool_with_events(&dir);
+    std::fs::File::create(dir.join("spool.redb")).unwrap(); // truncated to 0 bytes
+    assert_refused(&dir, "0 bytes").await;
+}
+
+#[tokio::test]
+async fn heavy_spool_corruption_exits_2_naming_the_file_instead_of_panicking() {
+    // Garbage over the header, over the middle, over everything: each is refused cleanly.
+    for (n, (from, to)) in [(0.0, 0.05), (0.2, 0.9), (0.0, 1.0), (0.5, 1.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = support::fresh_state_dir();
+        let len = spool_with_events(&dir) as usize;
+        let file = dir.join("spool.redb");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 + n as u64;
+        for byte in &mut bytes[(len as f64 * from) as usize..(len as f64 * to) as usize] {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        std::fs::write(&file, bytes).unwrap();
+        assert_refused(&dir, &format!("garbage over {from}..{to}")).await;
+    }
+}
+
+#[tokio::test]
+async fn relays_of_two_channels_sharing_a_state_dir_and_a_target_deliver_only_their_own() {
+    let (first, second) = (FakeChannel::start().await, FakeChannel::start().await);
+    let mut target = FakeTarget::start().await;
+    // Slow, so that each relay's route has time to find the other's queued events (the bug).
+    target.delay(Duration::from_millis(20));
+    let a = relay_options(&first, &target.url("/hook"));
+    let mut b = relay_options(&second, &target.url("/hook"));
+    b.state_dir = a.state_dir.clone();
+    let _a = Relay::start(&first, a).await;
+    let _b = Relay::start(&second, b).await;
+
+    for n in 0..20 {
+        first.send_webhook(n + 1, &format!(r#"{{"body":{{"a":{n}}}}}"#));
+        second.send_webhook(n + 1, &format!(r#"{{"body":{{"b":{n}}}}}"#));
+    }
+    let got = seqs(&target.take(40).await);
+    target.assert_quiet(Duration::from_millis(1500)).await;
+    let of = |channel: &str| -> Vec<String> {
+        got.iter()
+            .filter(|body| body.contains(channel))
+            .cloned()
+            .collect()
+    };
+    let want = |channel: &str| -> Vec<String> {
+        (0..20).map(|n| format!(r#"{{"{channel}":{n}}}"#)).collect()
+    };
+    assert_eq!(
+        of("\"a\""),
+        want("a"),
+        "the first channel's, once each, in order"
+    );
+    assert_eq!(
+        of("\"b\""),
+        want("b"),
+        "the second channel's, once each, in order"
+    );
+}
+
+#[tokio::test]
+async fn another_spelling_of_a_running_channel_exits_2_naming_the_holder_pid() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let options = relay_options(&channel, &target.url("/"));
+    let state_dir = options.state_dir.clone();
+    let _first = Relay::start(&channel, options).await;
+
+    // Upper-case scheme and host, the default path's trailing slash, a query.
+    let spelling = format!(
+        "HTTP://127.0.0.1:{}/TestChannel123/?x=1",
+        channel.addr.port()
+    );
+    let output = smee_relay()
+        .args(["forward", &spelling, &target.url("/")])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another smee-relay (pid {}) already relays",
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("TestChannel123"),
+        "the channel id is secret: {stderr}"
     );
 }
 

@@ -7,7 +7,12 @@
 //! ([`forward`]), or Slack and stdout (the `notify` module implements the trait).
 //!
 //! This module never writes to the spool directly: finished attempts become marks that the
-//! spool's writer thread commits.
+//! spool's writer thread commits. A finished delivery (delivered, or given up on) is recorded
+//! with [`SpoolWriter::finish`] before the route starts the next one, so a crash of the process
+//! repeats at most the delivery in flight on each route.
+//!
+//! A route's name is its queue's key ([`spool::route_key`]: channel and target); logs and
+//! metrics show only its target ([`spool::route_name`]).
 
 pub mod forward;
 
@@ -169,20 +174,38 @@ pub async fn run_route(
     // The last seq this task finished with. Marks are committed asynchronously, so the
     // spool may still list it as pending for a moment; the cursor skips it.
     let mut cursor = 0;
+    // Whether the spool's refusal to be read was logged (once per outage, e.g. a full disk).
+    let mut said = false;
     while !cancel.is_cancelled() {
         let read = {
             let (spool, route) = (spool.clone(), route.clone());
             tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
         };
         let queued = match read {
-            Ok(Ok(queued)) => queued,
+            Ok(Ok(queued)) => {
+                if std::mem::take(&mut said) {
+                    info!(route = spool::route_name(&route), "the spool reads again");
+                }
+                queued
+            }
             Ok(Err(e)) => {
-                error!(route, "cannot read the spool, retrying in 1s: {e}");
+                if std::mem::replace(&mut said, true) {
+                    wait(&cancel, Duration::from_secs(1)).await;
+                    continue;
+                }
+                error!(
+                    route = spool::route_name(&route),
+                    "cannot read the spool, retrying in 1s: {}",
+                    crate::error::chain(&e)
+                );
                 wait(&cancel, Duration::from_secs(1)).await;
                 continue;
             }
             Err(e) => {
-                error!(route, "spool reader failed: {e}");
+                error!(
+                    route = spool::route_name(&route),
+                    "spool reader failed: {e}"
+                );
                 return;
             }
         };
@@ -194,9 +217,7 @@ pub async fn run_route(
             }
             continue;
         }
-        // Finished deliveries are recorded together, once per read-ahead batch (or before a
-        // retry waits): one commit instead of one per event. A crash before that commit only
-        // redelivers them, which at-least-once allows and the delivery id lets targets spot.
+        // Attempts that did not finish a delivery (retries) ride along with the next commit.
         let mut marks = Vec::new();
         for item in queued {
             // Stop at an event boundary: what was read ahead stays queued for the next owner.
@@ -208,6 +229,7 @@ pub async fn run_route(
                 writer: &writer,
                 sink: sink.as_ref(),
                 route: &route,
+                label: spool::route_name(&route),
                 policy,
                 counters: &counters,
                 cancel: &cancel,
@@ -242,16 +264,19 @@ struct Delivery<'a> {
     spool: &'a Spool,
     writer: &'a SpoolWriter,
     sink: &'a dyn Sink,
+    /// The queue's key, for marks.
     route: &'a str,
+    /// What logs and metrics call the route: its target (no channel key in labels).
+    label: &'a str,
     policy: RetryPolicy,
     counters: &'a Counters,
     cancel: &'a CancellationToken,
 }
 
 impl Delivery<'_> {
-    /// Attempt until delivered or dead; the final mark goes into `marks` for the caller to
-    /// commit. Returns false if shutdown interrupted it (it stays pending and is retried on
-    /// the next start).
+    /// Attempt until delivered or dead, and record the outcome ([`Delivery::finish`]); marks
+    /// of failed attempts go into `marks` for the caller to commit. Returns false if shutdown
+    /// interrupted it (it stays pending and is retried on the next start).
     async fn run(&self, item: &Queued, marks: &mut Vec<Write>) -> bool {
         let mut backoff = self.policy.backoff.start();
         let mut attempts = item.attempts;
@@ -288,10 +313,11 @@ impl Delivery<'_> {
             }
             let error = match outcome {
                 Ok(done) => {
-                    self.counters.delivered(self.route, done.elapsed);
+                    self.counters.delivered(self.label, done.elapsed);
                     let status = done.status.as_u16();
-                    marks.push(mark(self.route, item, Outcome::Delivered { status }));
-                    return true;
+                    return self
+                        .finish(mark(self.route, item, Outcome::Delivered { status }))
+                        .await;
                 }
                 Err(error) => error,
             };
@@ -306,16 +332,17 @@ impl Delivery<'_> {
                 } else {
                     error.to_string()
                 };
-                self.counters.dead(self.route);
+                self.counters.dead(self.label);
                 warn!(
                     event = item.event.id,
                     "dead letter: {why}; replay it with `smee-relay events replay {}`",
                     item.event.id
                 );
-                marks.push(mark(self.route, item, Outcome::Dead { status, error: why }));
-                return true;
+                return self
+                    .finish(mark(self.route, item, Outcome::Dead { status, error: why }))
+                    .await;
             }
-            self.counters.retried(self.route);
+            self.counters.retried(self.label);
             let delay = self
                 .policy
                 .delay(error.retry_after(), &mut backoff, item.event.id);
@@ -338,6 +365,34 @@ impl Delivery<'_> {
             wait(self.cancel, delay).await;
             if self.cancel.is_cancelled() {
                 return false;
+            }
+        }
+    }
+}
+
+impl Delivery<'_> {
+    /// Record a finished delivery before the route goes on. While that fails (the disk is
+    /// full), the route waits rather than deliver more than a crash could account for; false if
+    /// shutdown came first (the delivery is then repeated after the restart).
+    async fn finish(&self, mark: Write) -> bool {
+        let mut said = false;
+        loop {
+            match self.writer.finish(mark.clone()) {
+                Ok(()) => return true,
+                Err(e) => {
+                    if !said {
+                        said = true;
+                        error!(
+                            route = self.label,
+                            "cannot record a finished delivery, pausing this route until it can: {}",
+                            crate::error::chain(&e)
+                        );
+                    }
+                    wait(self.cancel, Duration::from_secs(1)).await;
+                    if self.cancel.is_cancelled() {
+                        return false;
+                    }
+                }
             }
         }
     }

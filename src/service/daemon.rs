@@ -1,7 +1,7 @@
 //! The runtime every mode shares: channels in, spool, routes out.
 //!
 //! ```text
-//! channel --SSE--> source --> intake --append--> spool --+--> route (per target) --> HTTP
+//! channel --SSE--> source --> intake --append--> spool --+--> route (per channel and target) --> HTTP
 //!                                                        +--> pipeline --alerts--> spool --> route "alerts" --> Slack/stdout
 //! ```
 //!
@@ -281,10 +281,16 @@ fn backstop(cancel: CancellationToken, bound: Duration) -> std::sync::mpsc::Send
     disarm
 }
 
-/// The spool route a target's events are queued on: the target as displayed, credentials
-/// redacted, so the password is never stored in the spool nor shown in `/metrics`.
+/// How a target is named in queues and logs: as displayed, credentials redacted, so the
+/// password is never stored in the spool nor shown in `/metrics`.
 fn route_name(target: &TargetUrl) -> String {
     target.to_string()
+}
+
+/// The spool queue of `channel`'s deliveries to `target` ([`spool::route_key`]).
+fn route_key(channel: &ChannelPlan, target: &TargetUrl) -> String {
+    let channel_key = spool::lock::channel_key(channel.source.channel.expose().as_str());
+    spool::route_key(&channel_key, &route_name(target))
 }
 
 /// Whether a running source can keep going with `new`'s settings.
@@ -302,6 +308,8 @@ struct PipelineTask {
     task: Task,
     rules: watch::Sender<Arc<Pipeline>>,
     alerts: Task,
+    /// One pipeline per state dir: its alert state and queues are the state dir's.
+    _lock: Arc<ChannelLock>,
 }
 
 /// The running parts, keyed so a reload can tell what stays, what goes and what is new.
@@ -349,13 +357,18 @@ impl Runtime {
                 to: show(plan.metrics_listen),
             });
         }
+        // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
         let mut targets: BTreeMap<String, TargetUrl> = BTreeMap::new();
-        for target in plan.channels.iter().flat_map(|c| &c.forward) {
-            let name = route_name(target);
-            match targets.get(&name) {
-                Some(seen) if seen != target => return Err(DaemonError::SameTarget(name)),
-                _ => targets.insert(name, target.clone()),
-            };
+        for channel in &plan.channels {
+            for target in &channel.forward {
+                let key = route_key(channel, target);
+                match targets.get(&key) {
+                    Some(seen) if seen != target => {
+                        return Err(DaemonError::SameTarget(route_name(target)));
+                    }
+                    _ => targets.insert(key, target.clone()),
+                };
+            }
         }
         let mut new_routes = Vec::new();
         for (name, target) in &targets {
@@ -401,6 +414,12 @@ impl Runtime {
             }
         }
 
+        // One relay with a pipeline per state dir: its alert state and queues are the dir's.
+        let pipeline_lock = match (&plan.pipeline, &self.pipeline) {
+            (Some(_), None) => Some(Arc::new(ChannelLock::pipeline(&self.state_dir)?)),
+            _ => None,
+        };
+
         // 2. The handover: stop what goes or changes (at an event boundary, its marks
         // committed), then start what replaces it. Nothing here fails.
         let mut changes = Vec::new();
@@ -432,14 +451,14 @@ impl Runtime {
             let old = self.routes.remove(&name).expect("listed");
             old.task.stop().await;
             if !targets.contains_key(&name) {
-                info!(target = %name, "target removed; its queued events stay in the spool");
-                changes.push(format!("target {name} removed"));
+                info!(target = %spool::route_name(&name), "target removed; its queued events stay in the spool");
+                changes.push(format!("target {} removed", spool::route_name(&name)));
             }
         }
-        for (name, target, forwarder) in new_routes {
-            let task = self.route(name.clone(), forwarder, plan.retry);
-            changes.push(format!("target {name} started"));
-            self.routes.insert(name, RouteTask { target, task });
+        for (key, target, forwarder) in new_routes {
+            let task = self.route(key.clone(), forwarder, plan.retry);
+            changes.push(format!("target {} started", spool::route_name(&key)));
+            self.routes.insert(key, RouteTask { target, task });
         }
 
         // The pipeline and its alert route.
@@ -458,13 +477,13 @@ impl Runtime {
                     sink.describe()
                 ));
                 let pipeline = Arc::new(pipeline);
-                let (task, rules) = match old {
+                let (task, rules, lock) = match old {
                     Some(old) => {
                         // The runner takes the new rules between events; the alert route
                         // hands over to one with the new sink.
                         old.rules.send_replace(pipeline);
                         old.alerts.stop().await;
-                        (old.task, old.rules)
+                        (old.task, old.rules, old._lock)
                     }
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
@@ -481,6 +500,7 @@ impl Runtime {
                                 handles: vec![handle],
                             },
                             rules,
+                            pipeline_lock.clone().expect("taken in step 1"),
                         )
                     }
                 };
@@ -489,6 +509,7 @@ impl Runtime {
                     task,
                     rules,
                     alerts,
+                    _lock: lock,
                 });
             }
         }
@@ -525,6 +546,25 @@ impl Runtime {
         let routes = routes_of(channel, actions_on);
         info!(channel = %url, routes = ?routes, "subscribing");
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
+        // A spool from before queues were per channel: this channel's share moves over.
+        let legacy_key = spool::lock::legacy_channel_key(url.expose().as_str());
+        let targets: Vec<String> = channel.forward.iter().map(route_name).collect();
+        match self
+            .spool
+            .adopt_legacy(&cursor_key, &legacy_key, &url.to_string(), &targets)
+        {
+            Ok(0) => {}
+            Ok(adopted) => info!(
+                channel = %url,
+                deliveries = adopted,
+                "spool upgraded: queued deliveries moved to this channel's queues"
+            ),
+            Err(e) => error!(
+                channel = %url,
+                "cannot move this channel's queued deliveries from the old spool layout: {}",
+                crate::error::chain(&e)
+            ),
+        }
         let mut source_config = channel.source.clone();
         match self.spool.cursor(&cursor_key) {
             Ok(Some(stored)) => source_config.last_event_id = Some(stored),
@@ -640,12 +680,13 @@ impl Runtime {
 
 /// The spool routes a channel's events are queued on.
 fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
-    let mut routes: Vec<String> = channel.forward.iter().map(route_name).collect();
+    let mut routes: Vec<String> = channel
+        .forward
+        .iter()
+        .map(|t| route_key(channel, t))
+        .collect();
     if channel.pipeline {
         routes.push(PIPELINE_ROUTE.to_string());
-    }
-    if channel.pipeline && actions {
-        routes.push(crate::actions::ACTIONS_ROUTE.to_string());
     }
     if channel.pipeline && actions {
         routes.push(crate::actions::ACTIONS_ROUTE.to_string());
@@ -666,27 +707,35 @@ async fn report_status(
             let spool = spool.clone();
             tokio::task::spawn_blocking(move || spool.stats()).await
         };
-        if let Ok(Ok(stats)) = stats {
-            metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
-            metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
-            let (up, all) = {
-                let channels = health.channels.lock().expect("not poisoned");
-                let up = channels
-                    .iter()
-                    .filter(|c| c.connected.load(Relaxed))
-                    .count();
-                (up, channels.len())
-            };
-            let line = format!(
-                "{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {} pending",
-                counters.received.load(Relaxed),
-                counters.delivered.load(Relaxed),
-                counters.retried.load(Relaxed),
-                counters.dead.load(Relaxed),
-                stats.pending,
-            );
-            systemd::notify(&[sd_notify::NotifyState::Status(&line)]);
-        }
+        // While the spool cannot be read (a full disk), the line still says why.
+        let pending = match stats {
+            Ok(Ok(stats)) => {
+                metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
+                metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
+                stats.pending.to_string()
+            }
+            _ => "?".into(),
+        };
+        let (up, all) = {
+            let channels = health.channels.lock().expect("not poisoned");
+            let up = channels
+                .iter()
+                .filter(|c| c.connected.load(Relaxed))
+                .count();
+            (up, channels.len())
+        };
+        let paused = spool
+            .write_error()
+            .map(|why| format!("intake paused, the spool does not take writes: {why}; "))
+            .unwrap_or_default();
+        let line = format!(
+            "{paused}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
+            counters.received.load(Relaxed),
+            counters.delivered.load(Relaxed),
+            counters.retried.load(Relaxed),
+            counters.dead.load(Relaxed),
+        );
+        systemd::notify(&[sd_notify::NotifyState::Status(&line)]);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -13,8 +13,13 @@ use super::writer::{MAX_BATCH, SpoolWriter};
 use crate::counters::Counters;
 use crate::event::Event;
 
+/// After the source has stopped (shutdown), how long the intake still tries to store what it
+/// holds while the spool refuses writes, before it gives up on it (and says how much).
+const GIVE_UP_AFTER_STOP: Duration = Duration::from_secs(5);
+
 /// Take events from the source and append them to the spool in batches, until the source is
-/// done. Nothing taken is dropped: a failed append is retried.
+/// done. Nothing taken is dropped while the relay runs: a failed append (disk full) pauses the
+/// intake, says so once, and is retried every second until the spool takes writes again.
 pub async fn intake(
     mut events: mpsc::Receiver<Event>,
     writer: SpoolWriter,
@@ -28,12 +33,23 @@ pub async fn intake(
         let batch: Arc<[Event]> = std::mem::take(&mut received).into();
         // The routes as of now: a reload may change them between batches.
         let routes = routes.borrow().clone();
+        let mut paused: Option<std::time::Instant> = None;
+        let mut stopped: Option<std::time::Instant> = None;
         loop {
             let appended = writer
                 .append(&channel, &routes, batch.clone(), cursor_key.as_deref())
                 .await;
             match appended {
                 Ok(ids) => {
+                    if let Some(since) = paused {
+                        info!(
+                            channel,
+                            "the spool takes writes again: intake resumed after {}",
+                            humantime::format_duration(Duration::from_secs(
+                                since.elapsed().as_secs()
+                            ))
+                        );
+                    }
                     counters.received(ids.len() as u64);
                     for (event, id) in batch.iter().zip(&ids) {
                         if id.is_none() {
@@ -48,10 +64,30 @@ pub async fn intake(
                     break;
                 }
                 Err(e) => {
-                    error!(
-                        events = batch.len(),
-                        "cannot store events, retrying in 1s (they are kept in memory): {e}"
-                    );
+                    if paused.is_none() {
+                        paused = Some(std::time::Instant::now());
+                        error!(
+                            channel,
+                            events = batch.len(),
+                            "intake paused: cannot store events ({}); they are kept in memory \
+                             and stored when the spool takes writes again (tried every second)",
+                            crate::error::chain(&e)
+                        );
+                    }
+                    // Shutting down: the source is gone. Try a little longer, then say what is lost.
+                    if events.is_closed() {
+                        let since = *stopped.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= GIVE_UP_AFTER_STOP {
+                            let waiting = batch.len() + events.len();
+                            error!(
+                                channel,
+                                events = waiting,
+                                "stopping while the spool refuses writes: {waiting} received events \
+                                 were never stored and are lost"
+                            );
+                            return;
+                        }
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

@@ -11,19 +11,35 @@
 //! | `meta`     | name                | counters: next event id, next seq, bytes |
 //! | `events`   | event id            | header JSON length, header JSON, body (if small) |
 //! | `body_chunks` | (event id, n)    | a large body, in pieces of [`BODY_CHUNK`] |
-//! | `records`  | (event id, route)   | delivery record JSON: status, attempts  |
-//! | `pending`  | (route, seq)        | event id: the per-route FIFO            |
+//! | `records`  | (event id, queue)   | delivery record JSON: status, attempts  |
+//! | `pending`  | (queue, seq)        | event id: the per-queue FIFO            |
 //! | `alert_states` | rule and entity | the pipeline's alert state (JSON)       |
 //! | `cursors`  | channel key         | the last SSE id stored, for `Last-Event-ID` after a restart |
 //!
-//! A route (a target URL) reads its queue from `pending` in `seq` order; replaying an event adds
-//! it again at the tail with a new `seq`. The database is opened in redb's multi-writer mode so
+//! A queue is named by [`route_key`]: the channel's key and the target URL, so two relays that
+//! share a state directory and a target never deliver each other's events. The pipeline's and
+//! the alerts' queues (`pipeline`, `alerts`) belong to the state directory as a whole, as the
+//! alert state does; one relay at a time may run a pipeline there ([`lock::StateLock`]). A route
+//! reads its queue from `pending` in `seq` order; replaying an event adds it again at the tail
+//! with a new `seq`.
+//!
+//! Format versions (`meta.format`): 1 named a forward queue by the target URL alone; 2 (this
+//! one) by [`route_key`]. A version-1 spool is upgraded in place: its queued deliveries keep
+//! their `seq` (so their order) and move to the new key when the relay of their channel starts
+//! ([`Spool::adopt_legacy`]). A newer version than this build knows is refused. The database is opened in redb's multi-writer mode so
 //! that `smee-relay events` can read and re-queue while the relay runs; two relays for the same
 //! channel are kept apart by a lock file instead (see [`lock::ChannelLock`]).
 //!
 //! Writes are grouped: [`Spool::write`] applies a batch of appends and marks in one transaction
 //! with one fsync. The [`writer`] thread feeds it whatever queued up during the last
 //! commit (group commit), which is what makes thousands of durable events per second possible.
+//! Finished deliveries are also written at once to a small per-process [`journal`], so that a
+//! process crash forgets none of them even before their group commit.
+//!
+//! The file is never created empty in place (a new spool is built under a temporary name and
+//! renamed), so an empty or unreadable `spool.redb` is damage: it is refused with what to do,
+//! never started over. A failed write (disk full) makes redb refuse every later one until the
+//! database is opened again; the next write does that by itself.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -38,7 +54,11 @@ use sha2::Digest as _;
 use crate::clock::now_ms;
 use crate::event::Event;
 
+mod backend;
+#[cfg(test)]
+mod crash_tests;
 pub mod intake;
+pub(crate) mod journal;
 pub mod lock;
 pub mod writer;
 
@@ -56,6 +76,23 @@ const NEXT_EVENT: &str = "next_event";
 const NEXT_SEQ: &str = "next_seq";
 const STORED_BYTES: &str = "stored_bytes";
 const INSTANCE: &str = "instance";
+const FORMAT: &str = "format";
+/// Set while a version-1 spool still has deliveries under queue names of that version.
+const LEGACY: &str = "legacy_queues";
+
+/// The spool format this build writes (see the module header).
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The queue of deliveries from the channel with key `channel_key` ([`lock::channel_key`]) to
+/// `target`. A URL has no spaces, so the key splits back unambiguously.
+pub fn route_key(channel_key: &str, target: &str) -> String {
+    format!("{channel_key} {target}")
+}
+
+/// What a queue is shown as: the target of a forward queue, or `pipeline` / `alerts`.
+pub fn route_name(key: &str) -> &str {
+    key.split_once(' ').map_or(key, |(_, target)| target)
+}
 
 /// Bodies larger than this are stored apart, in pieces of this size. redb keeps a value in one
 /// page of the next power of two and fills it in memory before the commit, so a large body
@@ -69,28 +106,86 @@ pub const READ_BYTES: usize = 1 << 20;
 /// The spool's file name inside the state directory.
 pub const FILE_NAME: &str = "spool.redb";
 
-/// Errors at the spool boundary. All are about the disk, so none is retryable by waiting.
+/// Errors at the spool boundary. All are about the disk, so none is retryable by waiting,
+/// except [`SpoolError::Io`] when the disk was full.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error(
-        "cannot open the spool {path}: {reason}. If the file is damaged, stop smee-relay, move it \
-         aside (mv {path} {path}.damaged) and start again; events still in it are then not delivered"
+        "the spool {path} is damaged: {why}. smee-relay does not start over a spool that held \
+         events. Stop it, move the file aside (mv {path} {path}.damaged) and start again; to see \
+         what is still readable in it, put it alone in a directory as spool.redb and run \
+         `smee-relay events list --state-dir THAT_DIR`",
+        path = path.display()
     )]
-    Open { path: PathBuf, reason: String },
-    #[error("cannot create the state directory {path}: {source}")]
+    Damaged { path: PathBuf, why: Damage },
+    #[error("cannot create the state directory {path}", path = path.display())]
     StateDir {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error(
-        "another smee-relay already relays {channel} with state directory {dir}; stop it first, or \
-         give this one its own --state-dir"
+        "another smee-relay{holder} already {what} with state directory {dir}; stop it first, or \
+         give this one its own --state-dir",
+        holder = pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+        dir = dir.display()
     )]
-    Locked { channel: String, dir: PathBuf },
-    #[error("spool {path}: {reason}")]
-    Io { path: PathBuf, reason: String },
+    Locked {
+        /// `relays CHANNEL` or `runs the pipeline`.
+        what: String,
+        dir: PathBuf,
+        /// The holder's pid, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
+    #[error("lock file {path}", path = path.display())]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool {path}", path = path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("the spool is being opened again after a failed write; try again")]
+    Reopening,
+    #[error("the spool writer has stopped")]
+    WriterStopped,
+    #[error("the commit this write was part of failed")]
+    Commit(#[source] std::sync::Arc<SpoolError>),
+    #[error("cannot record a finished delivery in the journal {path}", path = path.display())]
+    Journal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no event {0} in the spool (it may have been pruned)")]
     NoSuchEvent(u64),
+}
+
+impl SpoolError {
+    /// Whether the user must act before smee-relay can run (exit code 2): a damaged spool, a
+    /// state directory another relay holds.
+    pub fn needs_the_user(&self) -> bool {
+        matches!(self, SpoolError::Damaged { .. } | SpoolError::Locked { .. })
+    }
+}
+
+/// What is wrong with a damaged spool.
+#[derive(Debug, thiserror::Error)]
+pub enum Damage {
+    #[error("the file is empty (0 bytes), but a spool is never empty once created")]
+    Empty,
+    #[error("{0}")]
+    Redb(String),
+    #[error("reading it crashed the database library ({0})")]
+    Panic(String),
+    #[error(
+        "its format version {0} is newer than this smee-relay writes ({FORMAT_VERSION}); use a newer smee-relay"
+    )]
+    NewerFormat(u64),
 }
 
 /// Where a delivery stands.
@@ -122,7 +217,7 @@ pub struct DeliveryRecord {
 }
 
 /// What an attempt came to, as the spool records it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Delivered {
         status: u16,
@@ -186,7 +281,7 @@ pub struct Row {
 }
 
 /// A write the spool applies in a batch.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Write {
     /// Store events from `channel` and queue each on every route.
     Append {
@@ -228,8 +323,15 @@ pub struct Limits {
 
 /// The open spool.
 pub struct Spool {
-    /// The redb database, shared between the writer thread and readers.
-    db: Database,
+    /// The redb database, shared between the writer thread and readers. `None` only while it is
+    /// being opened again after a failed write (redb refuses all writes after one fails).
+    db: std::sync::RwLock<Option<Database>>,
+    /// Set by a failed write: the next write opens the database again first.
+    needs_reopen: std::sync::atomic::AtomicBool,
+    /// Why the last write failed, until one succeeds (for systemd's STATUS= line).
+    write_error: std::sync::Mutex<Option<String>>,
+    /// How the file is opened: the plain file, or in tests a backend that injects faults.
+    backend: backend::Factory,
     /// For messages.
     path: PathBuf,
     /// A random id of this spool, so delivery ids from two machines never collide.
@@ -239,52 +341,49 @@ pub struct Spool {
 impl Spool {
     /// Open (or create) the spool in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Spool, SpoolError> {
+        Self::open_with(state_dir, backend::Factory::file())
+    }
+
+    /// Open (or create) the spool in `state_dir` through `backend`.
+    pub(crate) fn open_with(
+        state_dir: &Path,
+        backend: backend::Factory,
+    ) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
             path: state_dir.to_owned(),
             source,
         })?;
         let path = state_dir.join(FILE_NAME);
-        let open_error = |reason: String| SpoolError::Open {
-            path: path.clone(),
-            reason,
-        };
-        let db = Database::builder()
-            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
-            // The spool is written once and read about once per event, soon after, while the
-            // kernel's page cache still has it: a small cache serves it. redb's default (1 GiB)
-            // would let resident memory grow with the file, and a larger cache measured no CPU
-            // saved (BENCHMARKS.md).
-            .set_cache_size(1 << 20)
-            .create(&path)
-            .map_err(|e| open_error(e.to_string()))?;
-        let mut spool = Spool {
-            db,
-            path: path.clone(),
-            instance: 0,
-        };
-        spool.instance = spool.init_tables().map_err(|e| open_error(e.to_string()))?;
-        Ok(spool)
+        if !path.exists() {
+            create_new(&path, &backend)?;
+        }
+        let (db, instance) = open_existing(&path, &backend)?;
+        Ok(Spool {
+            db: std::sync::RwLock::new(Some(db)),
+            needs_reopen: false.into(),
+            write_error: Default::default(),
+            backend,
+            path,
+            instance,
+        })
     }
 
-    /// Create the tables if they are new; returns the instance id.
-    fn init_tables(&self) -> Result<u64, redb::Error> {
-        let txn = self.db.begin_write()?;
-        let instance = {
-            let mut t = Tables::open(&txn)?;
-            let existing = t.meta.get(INSTANCE)?.map(|v| v.value());
-            match existing {
-                Some(id) => id,
-                None => {
-                    let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
-                    let digest = sha2::Sha256::digest(seed);
-                    let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-                    t.meta.insert(INSTANCE, id)?;
-                    id
-                }
-            }
-        };
-        txn.commit()?;
-        Ok(instance)
+    /// Why writes fail, while they do.
+    pub fn write_error(&self) -> Option<String> {
+        self.write_error.lock().expect("not poisoned").clone()
+    }
+
+    /// Open the database again (after a failed write left redb refusing every later one).
+    fn reopen(&self) -> Result<(), SpoolError> {
+        let mut db = self.db.write().expect("not poisoned");
+        // Close the old handle first: the file cannot be opened twice in one process.
+        drop(db.take());
+        let (fresh, _) = open_existing(&self.path, &self.backend)?;
+        *db = Some(fresh);
+        self.needs_reopen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(spool = %self.path.display(), "spool opened again after a failed write");
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -302,8 +401,23 @@ impl Spool {
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, SpoolError> {
-        let run = || f(&self.db.begin_read()?);
-        run().map_err(|e| self.io(e))
+        use std::sync::atomic::Ordering::Relaxed;
+        // After a failed write, redb refuses reads too until the database is opened again.
+        if self.needs_reopen.load(Relaxed) {
+            self.reopen().inspect_err(|e| self.failed(e))?;
+        }
+        let db = self.db.read().expect("not poisoned");
+        let db = db.as_ref().ok_or(SpoolError::Reopening)?;
+        let run = || f(&db.begin_read()?);
+        // Damage that the open did not see can make redb panic on a read: name the file.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|panic| self.panicked(panic))?;
+        result.map_err(|e| {
+            if matches!(e, redb::Error::PreviousIo) {
+                self.needs_reopen.store(true, Relaxed);
+            }
+            self.io(e)
+        })
     }
 
     /// Run `f` in a write transaction and commit it (one fsync).
@@ -311,8 +425,14 @@ impl Spool {
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
     ) -> Result<T, SpoolError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.needs_reopen.load(Relaxed) {
+            self.reopen().inspect_err(|e| self.failed(e))?;
+        }
+        let db = self.db.read().expect("not poisoned");
+        let db = db.as_ref().ok_or(SpoolError::Reopening)?;
         let run = || {
-            let txn = self.db.begin_write()?;
+            let txn = db.begin_write()?;
             let mut tables = Tables::open(&txn)?;
             let out = f(&mut tables)?;
             tables.store_counters()?;
@@ -320,18 +440,55 @@ impl Spool {
             txn.commit()?;
             Ok(out)
         };
-        run().map_err(|e| self.io(e))
+        match run() {
+            Ok(out) => {
+                if self
+                    .write_error
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .is_some()
+                {
+                    tracing::info!(spool = %self.path.display(), "the spool takes writes again");
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                // Whatever failed, redb may now refuse every later write (PreviousIo): open it
+                // again before the next one. An open of a healthy file is cheap.
+                self.needs_reopen.store(true, Relaxed);
+                let e = self.io(e);
+                self.failed(&e);
+                Err(e)
+            }
+        }
     }
 
-    fn io(&self, e: redb::Error) -> SpoolError {
+    /// A panic in redb while reading or writing: damage the open did not find.
+    fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> SpoolError {
+        SpoolError::Damaged {
+            path: self.path.clone(),
+            why: Damage::Panic(panic_message(&*panic)),
+        }
+    }
+
+    fn failed(&self, e: &SpoolError) {
+        *self.write_error.lock().expect("not poisoned") = Some(crate::error::chain(e));
+    }
+
+    fn io(&self, source: redb::Error) -> SpoolError {
         SpoolError::Io {
             path: self.path.clone(),
-            reason: e.to_string(),
+            source,
         }
     }
 
     /// Apply `writes` in one transaction (one fsync).
-    pub fn write(&self, writes: Vec<Write>, limits: Limits) -> Result<WriteReport, SpoolError> {
+    pub fn write<'w>(
+        &self,
+        writes: impl IntoIterator<Item = &'w Write>,
+        limits: Limits,
+    ) -> Result<WriteReport, SpoolError> {
         self.update(|t| {
             let mut report = WriteReport::default();
             let now = now_ms();
@@ -343,12 +500,12 @@ impl Spool {
                         events,
                         cursor,
                     } => {
-                        if let Some((key, id)) = &cursor {
+                        if let Some((key, id)) = cursor {
                             t.cursors.insert(key.as_str(), id.as_str())?;
                         }
                         let mut ids = Vec::with_capacity(events.len());
                         for event in events.iter() {
-                            let row = EventRow::new(now, &channel, event);
+                            let row = EventRow::new(now, channel, event);
                             let size = row.stored_size();
                             if t.counter(STORED_BYTES)? + size > limits.max_bytes {
                                 // Make room for more than this one event, so that a full spool
@@ -364,7 +521,7 @@ impl Spool {
                             let id = t.bump(NEXT_EVENT, 1)? + 1;
                             t.put_event(id, &row)?;
                             t.bump(STORED_BYTES, size)?;
-                            for route in &routes {
+                            for route in routes {
                                 t.enqueue(id, route, now)?;
                             }
                             ids.push(Some(id));
@@ -376,7 +533,7 @@ impl Spool {
                         seq,
                         event,
                         outcome,
-                    } => t.mark(&route, seq, event, outcome, now)?,
+                    } => t.mark(route, *seq, *event, outcome, now)?,
                     Write::State { key, value } => match value {
                         Some(value) => {
                             t.states.insert(key.as_str(), value.as_slice())?;
@@ -440,7 +597,7 @@ impl Spool {
             for entry in records.range((id, "")..(id + 1, ""))? {
                 let (key, value) = entry?;
                 if let Ok(record) = serde_json::from_slice(value.value()) {
-                    routes.push((key.value().1.to_string(), record));
+                    routes.push((route_name(key.value().1).to_string(), record));
                 }
             }
             Ok(Some((event, routes)))
@@ -473,7 +630,7 @@ impl Spool {
                     id,
                     received_ms: event.received_ms,
                     channel: event.channel.clone(),
-                    route: route.to_string(),
+                    route: route_name(route).to_string(),
                     record,
                     kind: event_kind(&event.event),
                 });
@@ -540,6 +697,67 @@ impl Spool {
         })
     }
 
+    /// Move the version-1 deliveries of one channel to their version-2 queues: those queued
+    /// on one of `targets` by the target URL alone, of events received from the channel shown
+    /// as `shown` (its redacted name, which is what version 1 stored). Each keeps its `seq`, so
+    /// its place in line. The channel's `Last-Event-ID` moves from `legacy_cursor` (its key in
+    /// version 1) to `channel_key` unless one is already there. Returns how many moved.
+    pub fn adopt_legacy(
+        &self,
+        channel_key: &str,
+        legacy_cursor: &str,
+        shown: &str,
+        targets: &[String],
+    ) -> Result<usize, SpoolError> {
+        let legacy = self.read(|txn| Ok(txn.open_table(META)?.get(LEGACY)?.is_some()))?;
+        if !legacy {
+            return Ok(0);
+        }
+        self.update(|t| {
+            if t.cursors.get(channel_key)?.is_none() {
+                let old = t
+                    .cursors
+                    .remove(legacy_cursor)?
+                    .map(|v| v.value().to_string());
+                if let Some(old) = old {
+                    t.cursors.insert(channel_key, old.as_str())?;
+                }
+            }
+            let mut moving = Vec::new();
+            let mut left = false;
+            for entry in t.records.iter()? {
+                let (key, value) = entry?;
+                let (id, route) = key.value();
+                if !is_legacy(route) {
+                    continue;
+                }
+                let ours = targets.iter().any(|t| t == route)
+                    && read_event(&t.events, id)?.is_some_and(|e| e.channel == shown);
+                if !ours {
+                    left = true;
+                    continue;
+                }
+                if let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) {
+                    moving.push((id, route.to_string(), record));
+                }
+            }
+            for (id, route, record) in &moving {
+                let key = route_key(channel_key, route);
+                t.records.remove((*id, route.as_str()))?;
+                t.put_record(*id, &key, record)?;
+                if record.status == Status::Pending
+                    && t.pending.remove((route.as_str(), record.seq))?.is_some()
+                {
+                    t.pending.insert((key.as_str(), record.seq), *id)?;
+                }
+            }
+            if !left {
+                t.meta.remove(LEGACY)?;
+            }
+            Ok(moving.len())
+        })
+    }
+
     /// Remove delivered events received before `older_than_ms`. Returns how many.
     pub fn prune(&self, older_than_ms: u64) -> Result<u64, SpoolError> {
         self.update(|t| t.prune_delivered(older_than_ms, None))
@@ -577,6 +795,188 @@ impl Spool {
             })
         })
     }
+}
+
+/// The builder every open uses.
+fn builder() -> redb::Builder {
+    let mut builder = Database::builder();
+    builder
+        .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+        // The spool is written once and read about once per event, soon after, while the
+        // kernel's page cache still has it: a small cache serves it. redb's default (1 GiB)
+        // would let resident memory grow with the file, and a larger cache measured no CPU
+        // saved (BENCHMARKS.md).
+        .set_cache_size(1 << 20);
+    builder
+}
+
+/// A fresh random instance id.
+fn new_instance() -> u64 {
+    let seed = format!("{:?}{}", SystemTime::now(), std::process::id());
+    let digest = sha2::Sha256::digest(seed);
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// Create a new spool at `path`: built under a temporary name, then renamed, so that a file
+/// named `spool.redb` always holds an initialised spool (and an empty one is damage).
+fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError> {
+    let fresh = path.with_extension("redb.new");
+    let io = |source: redb::Error| SpoolError::Io {
+        path: fresh.clone(),
+        source,
+    };
+    // A leftover from a crash during an earlier creation never held events.
+    let _ = std::fs::remove_file(&fresh);
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&fresh)
+        .map_err(|e| io(redb::Error::Io(e)))?;
+    let db = builder()
+        .create_with_backend(backend.wrap(file).map_err(|e| io(e.into()))?)
+        .map_err(|e| io(e.into()))?;
+    let init = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        {
+            let t = Tables::open(&txn)?;
+            let mut meta = t.meta;
+            meta.insert(INSTANCE, new_instance())?;
+            meta.insert(FORMAT, FORMAT_VERSION)?;
+        }
+        txn.commit()?;
+        Ok(())
+    };
+    init().map_err(io)?;
+    drop(db);
+    std::fs::rename(&fresh, path).map_err(|e| io(redb::Error::Io(e)))?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Open the spool at `path`, which exists; returns it and its instance id. Damage (an empty
+/// file, a file redb cannot read or panics on, a newer format) is refused, never started over.
+fn open_existing(path: &Path, backend: &backend::Factory) -> Result<(Database, u64), SpoolError> {
+    let damaged = |why| SpoolError::Damaged {
+        path: path.to_owned(),
+        why,
+    };
+    let io = |source: redb::Error| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io(redb::Error::Io(e)))?;
+    if file.metadata().map_err(|e| io(redb::Error::Io(e)))?.len() == 0 {
+        return Err(damaged(Damage::Empty));
+    }
+    let backend = backend.wrap(file).map_err(|e| io(e.into()))?;
+    // Heavy damage makes redb panic rather than return an error; catch it, to name the file.
+    let opened = catch_panic(move || -> Result<(Database, u64), SpoolError> {
+        let db = builder()
+            .create_with_backend(backend)
+            .map_err(|e| match e {
+                // An error from the system (disk full, permissions) is about the disk; what
+                // else redb says (a bad magic number, a checksum) is about the contents.
+                redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                    if e.raw_os_error().is_some() =>
+                {
+                    io(redb::Error::Io(e))
+                }
+                e => damaged(Damage::Redb(e.to_string())),
+            })?;
+        let instance = upgrade(&db).map_err(|e| match e {
+            UpgradeError::Newer(v) => damaged(Damage::NewerFormat(v)),
+            UpgradeError::Redb(redb::Error::Io(e)) if e.raw_os_error().is_some() => {
+                io(redb::Error::Io(e))
+            }
+            UpgradeError::Redb(e) => damaged(Damage::Redb(e.to_string())),
+        })?;
+        Ok((db, instance))
+    });
+    opened.unwrap_or_else(|panic| Err(damaged(Damage::Panic(panic))))
+}
+
+enum UpgradeError {
+    Newer(u64),
+    Redb(redb::Error),
+}
+
+impl<E: Into<redb::Error>> From<E> for UpgradeError {
+    fn from(e: E) -> Self {
+        UpgradeError::Redb(e.into())
+    }
+}
+
+/// Check the format version and record it; returns the instance id. A spool without a
+/// version is version 1: its forward queues are adopted later ([`Spool::adopt_legacy`]).
+fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
+    let txn = db.begin_write()?;
+    let mut changed = false;
+    let instance = {
+        let t = Tables::open(&txn)?;
+        let mut meta = t.meta;
+        let format = meta.get(FORMAT)?.map(|v| v.value());
+        if let Some(v) = format.filter(|v| *v > FORMAT_VERSION) {
+            return Err(UpgradeError::Newer(v));
+        }
+        if format.is_none() {
+            changed = true;
+            meta.insert(FORMAT, FORMAT_VERSION)?;
+            if !t.records.is_empty()? {
+                meta.insert(LEGACY, 1)?;
+            }
+        }
+        let instance = meta.get(INSTANCE)?.map(|v| v.value());
+        match instance {
+            Some(id) => id,
+            None => {
+                changed = true;
+                let id = new_instance();
+                meta.insert(INSTANCE, id)?;
+                id
+            }
+        }
+    };
+    // An open that changes nothing costs no commit (and no fsync): `events list` opens often.
+    if changed {
+        txn.commit()?;
+    } else {
+        txn.abort()?;
+    }
+    Ok(instance)
+}
+
+/// Run `f`, turning a panic into its message. The panic hook is silenced meanwhile: the caller
+/// reports the panic itself, with the file's name and what to do.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.map_err(|panic| panic_message(&*panic))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Whether a queue name is of format version 1: a forward queue named by its target alone.
+fn is_legacy(route: &str) -> bool {
+    !route.contains(' ') && route != "pipeline" && route != "alerts"
 }
 
 /// An event and its delivery records, one per route.
@@ -754,7 +1154,7 @@ impl<'txn> Tables<'txn> {
         route: &str,
         seq: u64,
         id: u64,
-        outcome: Outcome,
+        outcome: &Outcome,
         now: u64,
     ) -> Result<(), redb::Error> {
         let Some(mut record) = read_record(&self.records, id, route)? else {
@@ -768,17 +1168,17 @@ impl<'txn> Tables<'txn> {
         match outcome {
             Outcome::Delivered { status } => {
                 record.status = Status::Delivered;
-                record.last_status = Some(status);
+                record.last_status = Some(*status);
                 record.last_error = None;
             }
             Outcome::Retry { status, error } => {
-                record.last_status = status;
-                record.last_error = Some(error);
+                record.last_status = *status;
+                record.last_error = Some(error.clone());
             }
             Outcome::Dead { status, error } => {
                 record.status = Status::Dead;
-                record.last_status = status;
-                record.last_error = Some(error);
+                record.last_status = *status;
+                record.last_error = Some(error.clone());
             }
         }
         if record.status != Status::Pending {
@@ -966,7 +1366,7 @@ mod tests {
             events: events.into(),
             cursor: None,
         };
-        let report = spool.write(vec![write], ROOM).unwrap();
+        let report = spool.write(&[write], ROOM).unwrap();
         report.appended[0].iter().map(|id| id.unwrap()).collect()
     }
 
@@ -977,7 +1377,7 @@ mod tests {
             event: queued.event.id,
             outcome,
         };
-        spool.write(vec![write], ROOM).unwrap();
+        spool.write(&[write], ROOM).unwrap();
     }
 
     #[test]
@@ -1008,7 +1408,7 @@ mod tests {
             events: vec![large.clone(), event(1)].into(),
             cursor: None,
         };
-        spool.write(vec![write], room).unwrap();
+        spool.write(&[write], room).unwrap();
         assert_eq!(
             spool
                 .read(|txn| Ok(txn.open_table(BODY_CHUNKS)?.len()?))
@@ -1054,7 +1454,7 @@ mod tests {
             events: vec![big.clone(), big.clone(), big].into(),
             cursor: None,
         };
-        spool.write(vec![write], room).unwrap();
+        spool.write(&[write], room).unwrap();
         assert_eq!(spool.pending(ROUTE, 0, 64).unwrap().len(), 2);
     }
 
@@ -1160,9 +1560,145 @@ mod tests {
             cursor: None,
         };
         let report = spool
-            .write(vec![write(1), write(2), write(3)], limits)
+            .write(&[write(1), write(2), write(3)], limits)
             .unwrap();
         assert_eq!(report.appended, [vec![Some(2)], vec![Some(3)], vec![None]]);
         assert_eq!(report.pruned, 1, "the delivered event made room first");
+    }
+
+    /// Rewrite the spool's `meta.format` (None: as version 1 had none).
+    fn set_format(dir: &Path, format: Option<u64>) {
+        let db = Database::create(dir.join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            match format {
+                Some(v) => meta.insert(FORMAT, v).unwrap(),
+                None => meta.remove(FORMAT).unwrap(),
+            };
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_version_1_spool_keeps_its_queued_events_in_order_under_the_new_queue_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = "http://127.0.0.1:9/hook".to_string();
+        {
+            // What version 1 wrote: queues named by the target alone.
+            let spool = Spool::open(dir.path()).unwrap();
+            let append = |channel: &str, n: u8| Write::Append {
+                channel: channel.into(),
+                routes: vec![target.clone()],
+                events: vec![event(n)].into(),
+                cursor: Some(("legacykey".into(), n.to_string())),
+            };
+            let writes = [
+                append("https://smee.io/Mine…", 0),
+                append("https://smee.io/Othe…", 1),
+                append("https://smee.io/Mine…", 2),
+                append("https://smee.io/Mine…", 3),
+            ];
+            spool.write(&writes, ROOM).unwrap();
+        }
+        set_format(dir.path(), None);
+
+        let spool = Spool::open(dir.path()).unwrap();
+        let mine = route_key("newkey", &target);
+        let moved = spool
+            .adopt_legacy(
+                "newkey",
+                "legacykey",
+                "https://smee.io/Mine…",
+                std::slice::from_ref(&target),
+            )
+            .unwrap();
+        assert_eq!(moved, 3);
+        let ids: Vec<u64> = spool
+            .pending(&mine, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(ids, [1, 3, 4], "the channel's events, in their order");
+        let theirs: Vec<u64> = spool
+            .pending(&target, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(
+            theirs,
+            [2],
+            "another channel's event waits for its own relay"
+        );
+        assert_eq!(spool.cursor("newkey").unwrap().as_deref(), Some("3"));
+        assert_eq!(
+            spool.list(None, 10).unwrap()[0].route,
+            target,
+            "shown by target"
+        );
+
+        // The other channel's relay takes the rest; then the upgrade is complete.
+        spool
+            .adopt_legacy(
+                "otherkey",
+                "x",
+                "https://smee.io/Othe…",
+                std::slice::from_ref(&target),
+            )
+            .unwrap();
+        assert_eq!(
+            spool
+                .pending(&route_key("otherkey", &target), 0, 10)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            spool
+                .read(|txn| Ok(txn.open_table(META)?.get(LEGACY)?.is_none()))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn a_spool_from_a_newer_version_is_refused_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Spool::open(dir.path()).unwrap());
+        set_format(dir.path(), Some(FORMAT_VERSION + 1));
+        let Err(e) = Spool::open(dir.path()) else {
+            panic!("opened a newer spool");
+        };
+        assert!(e.needs_the_user());
+        assert!(e.to_string().contains("format version 3"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_creation_leaves_no_empty_spool_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A creation cut short leaves only the temporary file, which the next open replaces.
+        std::fs::write(dir.path().join("spool.redb.new"), b"").unwrap();
+        drop(Spool::open(dir.path()).unwrap());
+        assert!(!dir.path().join("spool.redb.new").exists());
+        std::fs::write(dir.path().join(FILE_NAME), b"").unwrap();
+        let Err(e) = Spool::open(dir.path()) else {
+            panic!("started over an empty spool");
+        };
+        assert!(
+            matches!(
+                e,
+                SpoolError::Damaged {
+                    why: Damage::Empty,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(),
+            0,
+            "left as it was"
+        );
     }
 }

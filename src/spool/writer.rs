@@ -1,15 +1,21 @@
 //! The writer thread: every write to the spool goes through it, so commits are grouped and one
 //! fsync covers many events. redb is blocking and allows one writer at a time; a thread that
 //! owns the writes is what lets appends and delivery marks from every task share a commit.
+//!
+//! Finished deliveries also go to the process's [`Journal`] at once ([`SpoolWriter::finish`]),
+//! so that a crash of the process before their group commit forgets none of them. A commit that
+//! fails (disk full) keeps the marks it carried and tries them again; appends are answered with
+//! the error and their senders retry.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
-use super::{Limits, Spool, Write};
+use super::journal::Journal;
+use super::{Limits, Spool, SpoolError, Write};
 use crate::event::Event;
 
 /// Most writes in one transaction; more wait for the next commit.
@@ -23,13 +29,20 @@ struct Job {
     writes: Vec<Write>,
     /// Where to say the job is committed: per `Append` in it, the ids given. `None` for
     /// delivery marks, which nobody waits for.
-    reply: Option<oneshot::Sender<Result<Appended, String>>>,
+    reply: Option<oneshot::Sender<Result<Appended, SpoolError>>>,
+    /// How many of the writes are marks also recorded in the journal: once committed, the
+    /// journal may forget them.
+    journaled: usize,
 }
 
 /// How long finished deliveries may wait for a commit that someone waits for (an append) to
-/// ride along with, before they get one of their own. A crash forgets at most this much, and
-/// forgetting a delivery only repeats it.
+/// ride along with, before they get one of their own. They are in the journal meanwhile, so a
+/// process crash forgets none of them; a power loss forgets at most this much (and forgetting a
+/// delivery only repeats it).
 const MARK_DELAY: Duration = Duration::from_millis(200);
+
+/// After a failed commit, how long until the marks it carried are tried again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// While events arrive faster than commits finish, the least time from one commit to the
 /// next: each commit is an fsync plus a few pages, so under load fewer, larger commits cost
@@ -45,11 +58,47 @@ pub struct SpoolWriter {
     writable: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped after every commit that appended events, to wake idle routes.
     appended: watch::Receiver<u64>,
+    /// Where finished deliveries are recorded before their commit; `None` if it could not be
+    /// created (then a crash repeats what finished since the last commit).
+    journal: Option<Arc<Journal>>,
 }
 
 impl SpoolWriter {
-    /// Start the writer thread.
+    /// Start the writer thread. First applies the journals of relays that died (so their
+    /// finished deliveries are not repeated), then starts this process's journal.
     pub fn start(spool: Arc<Spool>, limits: Limits) -> (SpoolWriter, std::thread::JoinHandle<()>) {
+        let dir = spool.path().parent().map(std::path::Path::to_owned);
+        let journal = match dir.map(|dir| Journal::start(&dir)) {
+            Some(Ok((journal, orphans))) => {
+                if !orphans.marks.is_empty() {
+                    match spool.write(&orphans.marks, limits) {
+                        Ok(_) => {
+                            info!(
+                                marks = orphans.marks.len(),
+                                "applied the delivery journal of a relay that stopped without committing it"
+                            );
+                            orphans.remove();
+                        }
+                        // The journals stay; the next start tries again.
+                        Err(e) => warn!(
+                            "cannot apply the delivery journal of a relay that stopped: {}; \
+                             what it recorded may be delivered again",
+                            crate::error::chain(&e)
+                        ),
+                    }
+                }
+                Some(Arc::new(journal))
+            }
+            Some(Err(e)) => {
+                warn!(
+                    "cannot start the delivery journal in {}: {e}; after a crash, deliveries \
+                     finished since the last commit are repeated",
+                    spool.path().display()
+                );
+                None
+            }
+            None => None,
+        };
         let (jobs_tx, jobs) = std::sync::mpsc::channel::<Job>();
         let (appended_tx, appended) = watch::channel(0u64);
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -59,6 +108,7 @@ impl SpoolWriter {
             jobs,
             appended: appended_tx,
             writable: writable.clone(),
+            journal: journal.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -69,6 +119,7 @@ impl SpoolWriter {
                 jobs: jobs_tx,
                 writable,
                 appended,
+                journal,
             },
             thread,
         )
@@ -76,15 +127,15 @@ impl SpoolWriter {
 
     /// Commit `writes` together and wait until they are on disk. Returns, per `Append`, each
     /// event's id, or `None` if the spool was full.
-    pub async fn commit(&self, writes: Vec<Write>) -> Result<Appended, String> {
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<Appended, SpoolError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             writes,
             reply: Some(reply),
+            journaled: 0,
         };
-        let stopped = || "the spool writer has stopped".to_string();
-        self.jobs.send(job).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.jobs.send(job).map_err(|_| SpoolError::WriterStopped)?;
+        answer.await.map_err(|_| SpoolError::WriterStopped)?
     }
 
     /// Append events and wait until they are on disk. Returns each event's id, or `None` if
@@ -95,7 +146,7 @@ impl SpoolWriter {
         routes: &[String],
         events: Arc<[Event]>,
         cursor_key: Option<&str>,
-    ) -> Result<Vec<Option<u64>>, String> {
+    ) -> Result<Vec<Option<u64>>, SpoolError> {
         let cursor = cursor_key.and_then(|key| {
             let last = events.iter().rev().find_map(|e| e.sse_id.clone())?;
             Some((key.to_string(), last))
@@ -120,15 +171,40 @@ impl SpoolWriter {
         self.appended.clone()
     }
 
-    /// Record finished attempts (and empty `marks`) without waiting: they are committed with
-    /// the next append, or within 200 ms (`MARK_DELAY`).
+    /// Record a finished delivery (a `Write::Mark` that delivered or gave up): in the journal
+    /// now, so that a crash of the process from here on does not repeat it, and in the spool
+    /// with the next commit (within `MARK_DELAY`). Call it before starting the next delivery
+    /// of the same route. An error means the journal could not be written (disk full): the
+    /// mark was not sent, and the caller should try again rather than go on.
+    pub fn finish(&self, mark: Write) -> Result<(), SpoolError> {
+        let Some(journal) = &self.journal else {
+            self.send(vec![mark], 0);
+            return Ok(());
+        };
+        journal
+            .record(&mark, || ())
+            .map_err(|source| SpoolError::Journal {
+                path: journal.path().to_owned(),
+                source,
+            })?;
+        // Sent under no lock: the writer counts journaled marks, not their order.
+        self.send(vec![mark], 1);
+        Ok(())
+    }
+
+    /// Record attempts that did not finish a delivery (and empty `marks`) without waiting:
+    /// they are committed with the next append, or within `MARK_DELAY`.
     pub fn flush(&self, marks: &mut Vec<Write>) {
-        if marks.is_empty() {
-            return;
+        if !marks.is_empty() {
+            self.send(std::mem::take(marks), 0);
         }
+    }
+
+    fn send(&self, writes: Vec<Write>, journaled: usize) {
         let job = Job {
-            writes: std::mem::take(marks),
+            writes,
             reply: None,
+            journaled,
         };
         if self.jobs.send(job).is_err() {
             error!("the spool writer has stopped: attempts were not recorded");
@@ -146,36 +222,35 @@ struct WriterThread {
     appended: watch::Sender<u64>,
     /// The last commit's outcome, for `/healthz`.
     writable: Arc<std::sync::atomic::AtomicBool>,
+    /// Told how many journaled marks each commit made durable.
+    journal: Option<Arc<Journal>>,
 }
 
 impl WriterThread {
     fn run(self) {
         use std::sync::mpsc::RecvTimeoutError;
-        use std::time::Instant;
         let mut batch: Vec<Job> = Vec::new();
-        // When the batch's oldest unawaited mark arrived; it is committed by MARK_DELAY after.
-        let mut marks_since: Option<Instant> = None;
+        // When the batch's unawaited marks are due: MARK_DELAY after the oldest arrived, or
+        // RETRY_DELAY after a commit of them failed.
+        let mut marks_due: Option<Instant> = None;
         // Until when to let writes gather before the next commit (COMMIT_PACE).
         let mut gather_until: Option<Instant> = None;
         loop {
             // Wait for work: anything, if the batch is empty; otherwise only until the batch is
-            // due (a job someone awaits is due once the pace allows, marks after MARK_DELAY).
+            // due (a job someone awaits is due once the pace allows, marks when marks_due).
             let awaited = batch.iter().any(|job| job.reply.is_some());
-            let due = match (awaited, marks_since) {
-                (true, _) => gather_until,
-                (false, Some(since)) => Some(since + MARK_DELAY),
-                (false, None) => None,
-            };
-            let received = match due {
-                None => self.jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(due) => self
+            let due = if awaited { gather_until } else { marks_due };
+            let received = match (due, batch.is_empty()) {
+                (None, true) => self.jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                (None, false) => Err(RecvTimeoutError::Timeout),
+                (Some(due), _) => self
                     .jobs
                     .recv_timeout(due.saturating_duration_since(Instant::now())),
             };
             match received {
                 Ok(job) => {
-                    if job.reply.is_none() && marks_since.is_none() {
-                        marks_since = Some(Instant::now());
+                    if job.reply.is_none() && marks_due.is_none() {
+                        marks_due = Some(Instant::now() + MARK_DELAY);
                     }
                     batch.push(job);
                     // Take what else is queued, without waiting.
@@ -193,36 +268,41 @@ impl WriterThread {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    if !batch.is_empty() {
-                        self.commit(std::mem::take(&mut batch));
+                    if !batch.is_empty() && self.commit(std::mem::take(&mut batch)).is_err() {
+                        error!(
+                            "stopping with finished deliveries not committed to the spool; \
+                             they are in the delivery journal and applied on the next start"
+                        );
+                    }
+                    if let Some(journal) = &self.journal {
+                        journal.close();
                     }
                     return;
                 }
             }
             let started = Instant::now();
-            let events = self.commit(std::mem::take(&mut batch));
-            marks_since = None;
-            gather_until = (events > 1).then(|| started + COMMIT_PACE);
+            match self.commit(std::mem::take(&mut batch)) {
+                Ok(events) => {
+                    marks_due = None;
+                    gather_until = (events > 1).then(|| started + COMMIT_PACE);
+                }
+                Err(kept) => {
+                    marks_due = (!kept.is_empty()).then(|| Instant::now() + RETRY_DELAY);
+                    gather_until = None;
+                    batch = kept;
+                }
+            }
         }
     }
 
     /// Apply `batch` in one transaction and answer each job. Returns how many events it
-    /// appended.
-    fn commit(&self, batch: Vec<Job>) -> usize {
-        // Each job's appends, so the report can be handed back per job.
-        let mut replies = Vec::new();
-        let mut writes = Vec::new();
-        for job in batch {
-            let appends = job
-                .writes
-                .iter()
-                .filter(|w| matches!(w, Write::Append { .. }))
-                .count();
-            replies.push((job.reply, appends));
-            writes.extend(job.writes);
-        }
-        let result = self.spool.write(writes, self.limits);
-        self.writable.store(result.is_ok(), Ordering::Relaxed);
+    /// appended, or, if it failed, the jobs nobody waits for (marks), to try again.
+    fn commit(&self, batch: Vec<Job>) -> Result<usize, Vec<Job>> {
+        // The jobs keep their writes, in case they must be kept for another try.
+        let result = self
+            .spool
+            .write(batch.iter().flat_map(|job| &job.writes), self.limits);
+        let was_writable = self.writable.swap(result.is_ok(), Ordering::Relaxed);
         match result {
             Ok(report) => {
                 if report.pruned > 0 {
@@ -233,26 +313,176 @@ impl WriterThread {
                 }
                 let events = report.appended.iter().map(Vec::len).sum();
                 let mut appended = report.appended.into_iter();
-                for (reply, appends) in replies {
+                let mut journaled = 0;
+                for job in batch {
+                    journaled += job.journaled;
+                    let appends = job
+                        .writes
+                        .iter()
+                        .filter(|w| matches!(w, Write::Append { .. }))
+                        .count();
                     let ids: Vec<_> = appended.by_ref().take(appends).collect();
-                    if let Some(reply) = reply {
+                    if let Some(reply) = job.reply {
                         let _ = reply.send(Ok(ids));
                     }
+                }
+                if let Some(journal) = &self.journal {
+                    journal.committed(journaled);
                 }
                 if events > 0 {
                     self.appended.send_modify(|n| *n += 1);
                 }
-                events
+                Ok(events)
             }
             Err(e) => {
-                error!("cannot write to the spool: {e}");
-                for (reply, _) in replies {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(e.to_string()));
+                // Once per outage, not once per try: the spool tells when it takes writes again.
+                if was_writable {
+                    error!(
+                        "cannot write to the spool: {}; new events wait (intake paused) and \
+                         /healthz answers 503 until it takes writes again",
+                        crate::error::chain(&e)
+                    );
+                }
+                let e = Arc::new(e);
+                let mut kept = Vec::new();
+                for job in batch {
+                    match job.reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(SpoolError::Commit(e.clone())));
+                        }
+                        None => kept.push(job),
                     }
                 }
-                0
+                Err(kept)
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::Counters;
+    use crate::spool::backend::{DiskFull, Factory};
+    use crate::spool::{Outcome, intake};
+    use std::sync::atomic::AtomicBool;
+
+    fn event(n: u64) -> Event {
+        Event {
+            sse_id: Some(n.to_string()),
+            timestamp_ms: None,
+            headers: vec![],
+            query: vec![],
+            body: format!("{{\"n\":{n}}}").into(),
+        }
+    }
+
+    /// Wait for `done`, up to a deadline.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn bodies(spool: &Spool) -> Vec<String> {
+        spool
+            .pending("r", 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|q| String::from_utf8_lossy(&q.event.event.body).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn disk_full_pauses_intake_keeps_what_was_stored_and_resumes_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let factory = {
+            let full = full.clone();
+            let allocated = Arc::default();
+            Factory::wrapping(move |inner| {
+                Box::new(DiskFull {
+                    inner,
+                    full: full.clone(),
+                    allocated: Arc::clone(&allocated),
+                })
+            })
+        };
+        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let intake = tokio::spawn(intake::intake(
+            rx,
+            writer.clone(),
+            "c".into(),
+            None,
+            watch::channel(vec!["r".to_string()]).1,
+            Arc::new(Counters::default()),
+        ));
+        for n in 0..3 {
+            tx.send(event(n)).await.unwrap();
+        }
+        until("3 events stored", || bodies(&spool).len() == 3).await;
+        let first = spool.pending("r", 0, 1).unwrap().remove(0);
+
+        // The disk fills up: the next events are not stored, and the spool says why.
+        full.store(true, Ordering::SeqCst);
+        tx.send(event(3)).await.unwrap();
+        let writable = writer.writable();
+        until("the spool reported not writable", || {
+            !writable.load(Ordering::Relaxed)
+        })
+        .await;
+        let why = spool.write_error().expect("a reason");
+        assert!(why.contains("No space left on device"), "{why}");
+        let health = crate::service::health::Health {
+            channels: Default::default(),
+            spool_writable: writer.writable(),
+        };
+        assert!(!health.problems().is_empty(), "/healthz turns 503");
+        // A delivery that finishes meanwhile is kept (journal) and committed later.
+        writer
+            .finish(Write::Mark {
+                route: "r".into(),
+                seq: first.seq,
+                event: first.event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            })
+            .unwrap();
+
+        // Space returns: without a restart, what was stored is all there, the held event is
+        // stored and the mark committed. (Meanwhile reads fail too: redb needs room to open
+        // the file again.)
+        full.store(false, Ordering::SeqCst);
+        until("the held event stored", || {
+            spool
+                .pending("r", 0, usize::MAX)
+                .is_ok_and(|_| bodies(&spool) == [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#])
+        })
+        .await;
+        until("writable again", || writable.load(Ordering::Relaxed)).await;
+        assert_eq!(spool.write_error(), None);
+        tx.send(event(4)).await.unwrap();
+        until("new events flow", || bodies(&spool).len() == 4).await;
+
+        // Shutting down while the disk is full ends within a bound, saying what is lost.
+        full.store(true, Ordering::SeqCst);
+        tx.send(event(5)).await.unwrap();
+        until("the spool reported not writable", || {
+            !writable.load(Ordering::Relaxed)
+        })
+        .await;
+        drop(tx);
+        tokio::time::timeout(GIVE_UP_BOUND, intake)
+            .await
+            .expect("the intake stops within its bound")
+            .unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// `intake::GIVE_UP_AFTER_STOP` plus a retry and slack.
+    const GIVE_UP_BOUND: Duration = Duration::from_secs(10);
 }

@@ -432,6 +432,14 @@ impl FakeTarget {
         all
     }
 
+    /// The next request if one arrives within `wait`.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<Received> {
+        tokio::time::timeout(wait, self.received.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Forget whatever arrives within `wait`.
     pub async fn drain(&mut self, wait: Duration) {
         while let Ok(Some(_)) = tokio::time::timeout(wait, self.received.recv()).await {}
