@@ -373,7 +373,18 @@ async fn a_subscriber_that_falls_behind_is_cut_off_and_catches_up_by_replay() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Subscribed once `ready` arrives (no fixed sleep).
+    let mut ready = Vec::new();
+    tokio::time::timeout(support::PATIENCE, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&ready).contains("event: ready") {
+            let n = slow.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the subscription ended early");
+            ready.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the subscription opened");
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
     let channel = format!("{server}/slow");
     let poster = client();

@@ -352,10 +352,7 @@ impl Hub {
     /// replay buffer empty.
     pub(super) fn trim(&self, channels: &mut Channels, more: usize) -> bool {
         let cutoff = crate::clock::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
-        loop {
-            let Some((name, id, received)) = channels.order.front().cloned() else {
-                break;
-            };
+        while let Some((name, id, received)) = channels.order.front().cloned() {
             let reason = if received < cutoff {
                 Reason::Age
             } else if self.stats.held.load(Ordering::Relaxed) + more > self.limit() {

@@ -267,7 +267,7 @@ mod tests {
                     .create(true)
                     .truncate(false)
                     .open(&file)
-                    .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e.into())))?;
+                    .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
                 redb::Builder::new().create_with_backend(FullDisk {
                     inner: redb::backends::FileBackend::new(handle)?,
                     full: full.clone(),
