@@ -235,10 +235,17 @@ async fn a_stalled_subscriber_is_cut_off_within_the_budget_and_resumes() {
         ..ServeConfig::default()
     })
     .await;
-    let mut stalled = raw_subscriber(&server, "/stall", None).await;
+    // A small receive buffer, so the kernel does not read on its behalf for long.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(b"GET /stall HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
     read_until(&mut stalled, "event: ready").await;
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(32 << 10)).into_bytes();
-    for i in 0..240 {
+    for i in 0..400 {
         assert_eq!(
             post(&format!("{}/stall", server.url), body.clone())
                 .await

@@ -216,17 +216,13 @@ async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), Bod
             .map_err(BodyError::Memory)?;
         parts.push(data);
     }
-    let body = match parts.len() {
-        0 => Bytes::new(),
-        1 => parts.pop().expect("one"),
-        _ => {
-            let mut joined = Vec::with_capacity(len);
-            for part in parts {
-                joined.extend_from_slice(&part);
-            }
-            Bytes::from(joined)
-        }
-    };
+    // Always a copy of exactly its size: a piece hyper hands over may share a larger read
+    // buffer, which the event would then pin for as long as it is kept, uncounted.
+    let mut joined = Vec::with_capacity(len);
+    for part in parts {
+        joined.extend_from_slice(&part);
+    }
+    let body = Bytes::from(joined);
     Ok((body, charge))
 }
 
