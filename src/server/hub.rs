@@ -333,6 +333,10 @@ impl Hub {
         };
         {
             let mut channels = hub.lock();
+            let names: Vec<Arc<str>> = channels.map.keys().cloned().collect();
+            for name in names {
+                hub.trim_count(&mut channels, &name);
+            }
             hub.trim(&mut channels, 0);
         }
         hub
@@ -363,23 +367,28 @@ impl Hub {
             channels.order.pop_front();
             self.drop_event(channels, &name, id, reason);
         }
-        // Per-channel count limits (the global queue keeps a stale entry; skipped later).
+        self.stats.held.load(Ordering::Relaxed) + more <= self.limit()
+    }
+
+    /// `--max-events` for one channel (only a post makes a channel longer). The global queue
+    /// keeps stale entries for what goes here; they are skipped when reached.
+    fn trim_count(&self, channels: &mut Channels, name: &Arc<str>) {
         let max_events = self.config.max_events;
+        let Some(channel) = channels.map.get_mut(name) else {
+            return;
+        };
         let mut over = Vec::new();
-        for (name, channel) in channels.map.iter_mut() {
-            while channel.events.len() > max_events {
-                if let Some(gone) = channel.events.pop_front() {
-                    channel.evicted_upto = channel.evicted_upto.max(gone.id);
-                    cut_lagging(channel, gone.id, &self.stats);
-                    over.push((name.clone(), gone.id));
-                }
+        while channel.events.len() > max_events {
+            if let Some(gone) = channel.events.pop_front() {
+                channel.evicted_upto = channel.evicted_upto.max(gone.id);
+                cut_lagging(channel, gone.id, &self.stats);
+                over.push((name.clone(), gone.id));
             }
         }
         self.stats
             .evicted_count
             .fetch_add(over.len() as u64, Ordering::Relaxed);
         channels.unstored.extend(over);
-        self.stats.held.load(Ordering::Relaxed) + more <= self.limit()
     }
 
     fn drop_event(&self, channels: &mut Channels, name: &Arc<str>, id: u64, reason: Reason) {
@@ -489,8 +498,9 @@ impl Hub {
         channel.live.send_replace(posted.id);
         channels
             .order
-            .push_back((key, posted.id, posted.received_ms));
+            .push_back((key.clone(), posted.id, posted.received_ms));
         self.stats.posts.fetch_add(1, Ordering::Relaxed);
+        self.trim_count(&mut channels, &key);
         self.trim(&mut channels, 0);
         Ok(posted.id)
     }
