@@ -3,11 +3,14 @@
 
 Usage: bench/serve_load.py BINARY memory [--max-memory 64MiB]
        bench/serve_load.py BINARY loris
+       bench/serve_load.py fanout HOST:PORT [EVENTS]   (any smee-shaped server, e.g. smee.io's)
 
 memory: 10,000 channels x 3 events of 32 KiB, with one subscriber that never reads; prints the
         server's peak RSS (VmHWM) against --max-memory, and what /metrics says.
 loris:  800 connections that send a request head a byte at a time; a normal post and a
         subscription meanwhile must be served within 1 s; then the slow ones must be gone.
+fanout: 1,000 subscribers on one channel, then EVENTS (default 200) posts one after another;
+        posts/s until every subscriber has every event, and p50/p99 post-to-receive latency.
 Standard library only; everything on 127.0.0.1.
 """
 import asyncio
@@ -153,7 +156,75 @@ async def loris(binary):
           f"shed read_timeout {m.get(TIMEOUT, 0):.0f}")
 
 
+async def subscriber(addr, path, events, got, ready):
+    reader, writer = await asyncio.open_connection(*addr)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+    await writer.drain()
+    buffer = b""
+    readied = False
+    count = 0
+    while count < events:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise SystemExit("a subscription ended")
+        now = time.monotonic()
+        buffer += chunk
+        if not readied and b"ready" in buffer:
+            readied = True
+            ready.release()
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            m = re.search(rb'"seq":(\d+)', line)
+            if line.startswith(b"data:") and m:
+                got.append((int(m.group(1)), now))
+                count += 1
+    writer.close()
+
+
+async def fanout(addr, events):
+    path = "/fanout" + str(int(time.time()))
+    got = []
+    ready = asyncio.Semaphore(0)
+    tasks = []
+    for _ in range(1000):
+        tasks.append(asyncio.create_task(subscriber(addr, path, events, got, ready)))
+    for _ in range(1000):
+        await asyncio.wait_for(ready.acquire(), 60)
+    sent = {}
+    reader, writer = await asyncio.open_connection(*addr)
+    start_time = time.monotonic()
+    for seq in range(events):
+        body = b'{"seq":%d,"pad":"%s"}' % (seq, b"x" * 1000)
+        sent[seq] = time.monotonic()
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        m = re.search(rb"content-length: (\d+)", head, re.I)
+        if m:
+            await reader.readexactly(int(m.group(1)))
+        else:  # chunked
+            while True:
+                size = int((await reader.readline()).strip(), 16)
+                await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+    await asyncio.wait_for(asyncio.gather(*tasks), 600)
+    took = max(t for _, t in got) - start_time
+    latencies = sorted((t - sent[seq]) * 1000 for seq, t in got)
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    print(f"fanout: {events} posts x 1,000 subscribers: {len(got)} deliveries in {took:.2f} s, "
+          f"{events / took:.0f} posts/s fully delivered, latency p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms")
+
+
 def main():
+    if sys.argv[1] == "fanout":
+        host, port = sys.argv[2].split(":")
+        events = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+        asyncio.run(fanout((host, int(port)), events))
+        return
     binary, what = sys.argv[1], sys.argv[2]
     if what == "memory":
         limit = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--max-memory" else "256MiB"
