@@ -47,7 +47,9 @@ pub(super) enum HubError {
     Store(#[source] StoreError),
 }
 
-/// Counters for `/metrics` (no channel ids: label values are a small fixed set).
+/// Counters for `/metrics` (no channel ids: label values are a small fixed set). Gauges are
+/// what is open or held now; `evicted_*` count events dropped by reason, `shed_*` connections
+/// the server closed by reason, `refused_*` requests answered 503/403 by reason.
 #[derive(Default)]
 pub(super) struct Stats {
     /// Bytes held now, all charges together.
@@ -122,11 +124,17 @@ impl AsRef<[u8]> for ChargedFrame {
 
 /// One posted webhook, as kept for replay.
 pub(super) struct Posted {
+    /// Unique and increasing in its channel (the SSE `id:`, for Last-Event-ID).
     pub id: u64,
+    /// When the server took it (smee's `timestamp`).
     pub received_ms: u64,
+    /// The sender's headers that are text, minus host, length and authorization.
     pub headers: Vec<(String, String)>,
+    /// The POST's query parameters (smee's `query`).
     pub query: serde_json::Map<String, serde_json::Value>,
+    /// How to show `body` the smee way.
     pub content_type: String,
+    /// The exact bytes posted (an exact-size allocation, as counted).
     pub body: Bytes,
     /// The SSE frames, made once on first use and shared by every subscriber: smee's shape
     /// (`[0]`) and the raw one with `bodyB` (`[1]`).
@@ -271,6 +279,7 @@ enum Reason {
 }
 
 pub(super) struct Channels {
+    /// The channels by name.
     pub map: HashMap<Arc<str>, Channel>,
     /// Every kept event in post order, (channel, id, received): the global oldest is at the
     /// front. Entries of events already gone from their channel are skipped when reached.
@@ -280,8 +289,11 @@ pub(super) struct Channels {
 }
 
 pub(super) struct Hub {
+    /// The limits.
     pub config: ServeConfig,
+    /// Every channel, under one lock held only for short, non-blocking work.
     pub channels: Mutex<Channels>,
+    /// Counters for `/metrics` and the budget.
     pub stats: Arc<Stats>,
     /// The buffers on disk, with `--state-dir`.
     pub store: Option<Arc<Store>>,
@@ -484,7 +496,7 @@ impl Hub {
             );
             let saved = tokio::task::spawn_blocking(move || store.save(&owned, &stored, &gone))
                 .await
-                .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+                .unwrap_or_else(|e| Err(StoreError::Task(e)));
             if let Err(e) = saved {
                 self.lock().unstored.extend(unstored);
                 self.store_failed(&e);
@@ -572,7 +584,7 @@ impl Hub {
         let (owned, gone) = (store.clone(), unstored.clone());
         let done = tokio::task::spawn_blocking(move || owned.remove(&gone))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+            .unwrap_or_else(|e| Err(StoreError::Task(e)));
         match done {
             Ok(()) => self.store_recovered(),
             Err(e) => {

@@ -25,8 +25,8 @@ pub enum StoreError {
     Read(PathBuf, #[source] redb::Error),
     #[error("cannot encode an event's headers")]
     Encode(#[source] serde_json::Error),
-    #[error("the storage task failed: {0}")]
-    Task(String),
+    #[error("the storage task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// Opens the database; called again after a failed write.
