@@ -219,22 +219,21 @@ async fn limits_names_and_new_channels() {
         .send()
         .await
         .unwrap();
-    assert_eq!(bad.status().as_u16(), 400);
+    assert_eq!(bad.status().as_u16(), 404);
     let new = c
         .head(format!("{server}/new"))
-        .header("x-forwarded-proto", "https")
-        .header("x-forwarded-host", "hooks.example.org")
+        .header("host", "hooks.example.org")
         .send()
         .await
         .unwrap();
     assert_eq!(new.status().as_u16(), 307);
     let location = new.headers()["location"].to_str().unwrap();
     assert!(
-        location.starts_with("https://hooks.example.org/") && location.len() > 30,
+        location.starts_with("http://hooks.example.org/") && location.len() >= 25 + 22,
         "{location}"
     );
     let page = c.get(format!("{server}/big")).send().await.unwrap();
-    assert!(page.text().await.unwrap().contains("<h1>Channel big</h1>"));
+    assert!(page.text().await.unwrap().contains("new EventSource("));
 }
 
 #[tokio::test]

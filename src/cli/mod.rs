@@ -80,9 +80,46 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     pub max_events: usize,
 
-    /// Keep at most this many bytes of events for replay, across channels.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    pub max_buffer: u64,
+    /// Hold at most this much for clients: replay buffers, channels, subscribers and bodies
+    /// being read, all together. The oldest replay data is evicted first (counted in /metrics).
+    #[arg(long, alias = "max-buffer", default_value = "256MiB", value_parser = parse_size)]
+    pub max_memory: u64,
+
+    /// Keep at most this many channels; past it, new channels get 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_channels: usize,
+
+    /// Drop a channel, with its events, after this long with no post and no subscriber.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub channel_ttl: Duration,
+
+    /// Accept at most this many subscribers on one channel.
+    #[arg(long, default_value_t = 256)]
+    pub max_subscribers: usize,
+
+    /// Keep at most this many connections open; more are closed as they come.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// A request head, or a whole POST body, must arrive within this (event streams are exempt).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+
+    /// Serve HTTPS with this PEM certificate chain (re-read on SIGHUP).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key for --tls-cert (re-read on SIGHUP).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Believe X-Forwarded-For, -Proto and -Host (only behind a proxy that sets them).
+    #[arg(long)]
+    pub trust_proxy: bool,
+
+    /// Accept posts only from these networks (comma-separated CIDRs or addresses).
+    #[arg(long, value_delimiter = ',', value_parser = parse_net)]
+    pub allow_post_from: Vec<ipnet::IpNet>,
 
     /// Require `Authorization: Bearer TOKEN` from subscribers and posters.
     #[arg(long, env = "SMEE_RELAY_SERVE_TOKEN", hide_env_values = true)]
@@ -99,6 +136,14 @@ pub struct ServeArgs {
     /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.
     #[arg(long)]
     pub state_dir: Option<std::path::PathBuf>,
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is not a CIDR (10.0.0.0/8) or an IP address"))
 }
 
 #[derive(Debug, Args)]

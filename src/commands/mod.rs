@@ -38,17 +38,40 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     let config = crate::server::ServeConfig {
-        max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        max_body: to_usize(args.max_body),
         max_events: args.max_events,
-        max_bytes: usize::try_from(args.max_buffer).unwrap_or(usize::MAX),
+        max_memory: to_usize(args.max_memory),
         retain: args.retain,
+        max_channels: args.max_channels,
+        channel_ttl: args.channel_ttl,
+        max_subscribers: args.max_subscribers,
+        max_connections: args.max_connections,
+        read_timeout: args.read_timeout,
         subscribe_token: args.subscribe_token.or(args.token.clone()),
         post_token: args.post_token.or(args.token),
+        allow_post_from: args.allow_post_from,
+        trust_proxy: args.trust_proxy,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| crate::server::TlsFiles { cert, key }),
         state_dir: args.state_dir,
         ..Default::default()
     };
-    crate::server::run(args.listen, config, stop_on_signals()?)
+    // SIGHUP re-reads the TLS certificate; it never stops the server (its default action
+    // would: exit 129).
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let notify = reload.clone();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            notify.notify_one();
+        }
+    });
+    crate::server::run(args.listen, config, stop_on_signals()?, reload)
         .await
         .with_context(|| format!("cannot serve on {}", args.listen))
 }

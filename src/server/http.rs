@@ -1,0 +1,543 @@
+//! The HTTP surface of `serve`: routes, request checks (names, tokens, allow-list, sizes, body
+//! read timeout), JSON errors, the SSE response, `/metrics`, `/healthz` and the channel page.
+//! It holds no state of its own: everything kept is in [`Hub`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::BodyExt as _;
+
+use super::Peer;
+use super::hub::{Charge, Hub, HubError, Posted, Stats};
+
+/// The channel page: one file, no build step, no CDN.
+const PAGE: &str = include_str!("page.html");
+
+/// Names that are routes, not channels.
+const RESERVED: [&str; 3] = ["new", "metrics", "healthz"];
+
+pub(super) fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/new", get(new_channel_redirect).head(new_channel_redirect))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/{channel}", get(subscribe).post(post))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(hub)
+}
+
+/// Every error is `{"error": "..."}` with a reason a person can act on.
+fn json_error(status: StatusCode, reason: impl std::fmt::Display) -> Response {
+    let body = serde_json::json!({ "error": reason.to_string() }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn not_found() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "no such route; channels are /CHANNEL (letters, digits, - and _; at most 64)",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "channels take GET (subscribe, or the page in a browser) and POST (a webhook)",
+    )
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !RESERVED.contains(&name)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn bad_name() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "no such channel: a channel name is 1-64 letters, digits, - or _",
+    )
+}
+
+fn authorized(headers: &HeaderMap, token: &Option<String>) -> bool {
+    let Some(token) = token else { return true };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time compare: a token is a secret.
+    given.is_some_and(|given| {
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+fn unauthorized() -> Response {
+    json_error(
+        StatusCode::UNAUTHORIZED,
+        "this server wants `Authorization: Bearer TOKEN`",
+    )
+}
+
+fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The client's address: the socket's, or with `--trust-proxy` the last one the proxy added
+/// to `X-Forwarded-For`.
+fn client_ip(hub: &Hub, peer: &Peer, headers: &HeaderMap) -> IpAddr {
+    if hub.config.trust_proxy
+        && let Some(ip) = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|v| v.trim().parse::<IpAddr>().ok())
+            .next_back()
+    {
+        return ip;
+    }
+    peer.addr
+}
+
+/// A channel id: 22 characters drawn from the OS CSPRNG (about 131 bits), as the URL is the
+/// only secret a smee channel has.
+pub(super) fn channel_id() -> Result<String, getrandom::Error> {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut id = String::with_capacity(22);
+    while id.len() < 22 {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        // Rejection sampling: 248 = 4 x 62, so each kept byte picks a letter uniformly.
+        for b in bytes.into_iter().filter(|b| *b < 248) {
+            if id.len() < 22 {
+                id.push(char::from(ALPHABET[usize::from(b % 62)]));
+            }
+        }
+    }
+    Ok(id)
+}
+
+async fn new_channel_redirect(
+    State(hub): State<Arc<Hub>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    if !hub.can_create() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            HubError::TooManyChannels(hub.config.max_channels),
+        );
+    }
+    let scheme = if peer.tls { "https" } else { "http" };
+    let (proto, host) = if hub.config.trust_proxy {
+        (
+            text(&headers, "x-forwarded-proto").unwrap_or(scheme),
+            text(&headers, "x-forwarded-host").or(text(&headers, "host")),
+        )
+    } else {
+        (scheme, text(&headers, "host"))
+    };
+    let id = match channel_id() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!("the OS random generator failed: {e}");
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot draw a channel id from the OS random generator",
+            );
+        }
+    };
+    (
+        StatusCode::TEMPORARY_REDIRECT,
+        [(
+            header::LOCATION,
+            format!("{proto}://{}/{id}", host.unwrap_or("localhost")),
+        )],
+    )
+        .into_response()
+}
+
+fn hub_error(error: HubError) -> Response {
+    let status = match error {
+        HubError::TooManyChannels(_)
+        | HubError::TooManySubscribers(_)
+        | HubError::MemoryFull
+        | HubError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    json_error(status, crate::error::chain(&error))
+}
+
+/// Why a body could not be read.
+enum BodyError {
+    TooLarge,
+    Timeout,
+    Broken,
+    Memory(HubError),
+}
+
+/// Read a body within `--read-timeout` and `--max-body`, charging it to the budget as it comes.
+async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), BodyError> {
+    let deadline = tokio::time::Instant::now() + hub.config.read_timeout;
+    let mut body = body;
+    let mut charge = None;
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(BodyError::Broken),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > hub.config.max_body {
+            return Err(BodyError::TooLarge);
+        }
+        hub.reserve(&mut charge, data.len())
+            .map_err(BodyError::Memory)?;
+        parts.push(data);
+    }
+    // Always a copy of exactly its size: a piece hyper hands over may share a larger read
+    // buffer, which the event would then pin for as long as it is kept, uncounted.
+    let mut joined = Vec::with_capacity(len);
+    for part in parts {
+        joined.extend_from_slice(&part);
+    }
+    let body = Bytes::from(joined);
+    Ok((body, charge))
+}
+
+async fn post(
+    State(hub): State<Arc<Hub>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !valid_name(&name) {
+        return bad_name();
+    }
+    if !hub.config.allow_post_from.is_empty() {
+        let ip = client_ip(&hub, &peer, &headers);
+        if !hub
+            .config
+            .allow_post_from
+            .iter()
+            .any(|net| net.contains(&ip))
+        {
+            hub.stats.refused_forbidden.fetch_add(1, Ordering::Relaxed);
+            return json_error(
+                StatusCode::FORBIDDEN,
+                format!("posts from {ip} are not allowed here (--allow-post-from)"),
+            );
+        }
+    }
+    if !authorized(&headers, &hub.config.post_token) {
+        return unauthorized();
+    }
+    let too_large = || {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is larger than this server's --max-body of {} bytes",
+                hub.config.max_body
+            ),
+        )
+    };
+    let declared = text(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > hub.config.max_body as u64) {
+        return too_large();
+    }
+    let (body, _reading) = match read_body(&hub, body).await {
+        Ok(read) => read,
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::Timeout) => {
+            return json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within --read-timeout ({})",
+                    humantime::format_duration(hub.config.read_timeout)
+                ),
+            );
+        }
+        Err(BodyError::Broken) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "the body ended early or was broken",
+            );
+        }
+        Err(BodyError::Memory(e)) => return hub_error(e),
+    };
+    let mut dropped = 0u64;
+    let kept: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "host" | "content-length" | "authorization"))
+        .filter_map(|(name, value)| match value.to_str() {
+            Ok(value) => Some((name.to_string(), value.to_string())),
+            Err(_) => {
+                dropped += 1;
+                None
+            }
+        })
+        .collect();
+    if dropped > 0 {
+        hub.stats
+            .headers_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        tracing::debug!(dropped, "dropped headers that are not UTF-8 text");
+    }
+    let content_type = text(&headers, "content-type").unwrap_or("").to_string();
+    let mut params = serde_json::Map::new();
+    for (k, v) in query {
+        params.insert(k, v.into());
+    }
+    let stats = hub.stats.clone();
+    let stored = hub
+        .post(&name, |id| {
+            Posted::new(
+                &stats,
+                id,
+                crate::clock::now_ms(),
+                kept,
+                params,
+                content_type,
+                body,
+            )
+        })
+        .await;
+    match stored {
+        Ok(_) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"ok":true}"#,
+        )
+            .into_response(),
+        Err(e) => {
+            if let HubError::Store(cause) = &e {
+                tracing::warn!(channel = %crate::url::redact(&name), "cannot store a posted event: {}", crate::error::chain(cause));
+            }
+            hub_error(e)
+        }
+    }
+}
+
+async fn subscribe(
+    State(hub): State<Arc<Hub>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !valid_name(&name) {
+        return bad_name();
+    }
+    let wants_stream = text(&headers, "accept").is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_stream {
+        // The page holds no events itself; its stream asks for the token like any subscriber.
+        return Html(PAGE).into_response();
+    }
+    if !authorized(&headers, &hub.config.subscribe_token) {
+        return unauthorized();
+    }
+    let raw = headers.contains_key(crate::source::wire::RAW_OPT_IN)
+        || query.get("raw").is_some_and(|v| v == "1");
+    let replay_all = query.get("replay").is_some_and(|v| v == "all");
+    let last_seen: Option<u64> =
+        text(&headers, "last-event-id").and_then(|v| v.trim().parse().ok());
+    let subscription = match hub.subscribe(&name, last_seen, replay_all, raw, peer.kill) {
+        Ok(subscription) => subscription,
+        Err(e) => return hub_error(e),
+    };
+    let pings = subscription_pings(hub.config.ping);
+    let body = futures::stream::unfold(
+        (subscription, pings),
+        |(mut subscription, mut pings)| async move {
+            let chunk = subscription.next(&mut pings).await?;
+            Some((Ok::<_, std::io::Error>(chunk), (subscription, pings)))
+        },
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+fn subscription_pings(every: std::time::Duration) -> tokio::time::Interval {
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pings
+}
+
+async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
+    if hub.stats.store_healthy.load(Ordering::Relaxed) {
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"ok":true}"#,
+        )
+            .into_response()
+    } else {
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cannot write to --state-dir (disk full?); retried every second",
+        )
+    }
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
+    super::hub::warn_evicting(&hub.stats);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&hub.stats, hub.config.max_memory),
+    )
+        .into_response()
+}
+
+/// Prometheus text; labels take only the fixed values below (never a channel id).
+fn render_metrics(s: &Stats, limit: usize) -> String {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, values: &[(&str, u64)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in values {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    metric(
+        "smee_relay_serve_channels",
+        "gauge",
+        "Channels held.",
+        &[("", s.channels.load(Ordering::Relaxed) as u64)],
+    );
+    metric(
+        "smee_relay_serve_subscribers",
+        "gauge",
+        "Open subscriptions.",
+        &[("", s.subscribers.load(Ordering::Relaxed) as u64)],
+    );
+    metric(
+        "smee_relay_serve_connections",
+        "gauge",
+        "Open connections.",
+        &[("", s.connections.load(Ordering::Relaxed) as u64)],
+    );
+    metric(
+        "smee_relay_serve_bytes_held",
+        "gauge",
+        "Bytes held for clients (replay, frames, channels, subscribers, bodies being read).",
+        &[("", s.held.load(Ordering::Relaxed) as u64)],
+    );
+    metric(
+        "smee_relay_serve_memory_limit_bytes",
+        "gauge",
+        "--max-memory.",
+        &[("", limit as u64)],
+    );
+    metric(
+        "smee_relay_serve_posts_total",
+        "counter",
+        "Posts stored.",
+        &[("", get(&s.posts))],
+    );
+    metric(
+        "smee_relay_serve_evicted_events_total",
+        "counter",
+        "Events dropped from replay buffers, by reason.",
+        &[
+            ("{reason=\"memory\"}", get(&s.evicted_memory)),
+            ("{reason=\"age\"}", get(&s.evicted_age)),
+            ("{reason=\"count\"}", get(&s.evicted_count)),
+            ("{reason=\"channel_ttl\"}", get(&s.evicted_ttl)),
+        ],
+    );
+    metric(
+        "smee_relay_serve_channels_expired_total",
+        "counter",
+        "Channels dropped after --channel-ttl without use.",
+        &[("", get(&s.channels_expired))],
+    );
+    metric(
+        "smee_relay_serve_shed_connections_total",
+        "counter",
+        "Connections closed by the server, by reason.",
+        &[
+            ("{reason=\"max_connections\"}", get(&s.shed_max_connections)),
+            ("{reason=\"read_timeout\"}", get(&s.shed_read_timeout)),
+            ("{reason=\"write_stall\"}", get(&s.shed_write_stall)),
+            ("{reason=\"lagging_subscriber\"}", get(&s.shed_lagging)),
+            ("{reason=\"tls_handshake\"}", get(&s.shed_tls_handshake)),
+        ],
+    );
+    metric(
+        "smee_relay_serve_refused_total",
+        "counter",
+        "Requests refused, by reason.",
+        &[
+            ("{reason=\"max_channels\"}", get(&s.refused_channel_cap)),
+            (
+                "{reason=\"max_subscribers\"}",
+                get(&s.refused_subscriber_cap),
+            ),
+            ("{reason=\"memory\"}", get(&s.refused_memory)),
+            ("{reason=\"allow_post_from\"}", get(&s.refused_forbidden)),
+        ],
+    );
+    metric(
+        "smee_relay_serve_headers_dropped_total",
+        "counter",
+        "Posted headers dropped because their value is not UTF-8 text.",
+        &[("", get(&s.headers_dropped))],
+    );
+    metric(
+        "smee_relay_serve_store_errors_total",
+        "counter",
+        "Failed writes to --state-dir.",
+        &[("", get(&s.store_errors))],
+    );
+    metric(
+        "smee_relay_serve_store_healthy",
+        "gauge",
+        "1 while writes to --state-dir work.",
+        &[("", u64::from(s.store_healthy.load(Ordering::Relaxed)))],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_ids_are_long_varied_and_url_safe() {
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| channel_id().unwrap()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert!(id.len() >= 16 && valid_name(id), "{id}");
+        }
+    }
+}

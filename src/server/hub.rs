@@ -1,0 +1,782 @@
+//! The channels: replay buffers, live wake-ups, the one memory budget, eviction and the
+//! channel cap and time-to-live. It owns every byte `serve` holds on behalf of clients; it
+//! does no HTTP (that is `http`) and touches the disk only through [`Store`].
+//!
+//! Memory is accounted by [`Charge`]s, each released when what it stands for is freed (an
+//! event, a cached frame, a channel, a subscriber, a body being read), so the figure in
+//! `/metrics` is what is really held, including a frame still pinned by a slow socket.
+//! Subscribers hold no queue of their own: each keeps a cursor into its channel's replay
+//! buffer, and one that lost events to eviction is disconnected (it resumes with
+//! `Last-Event-ID`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use base64::Engine as _;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::ServeConfig;
+use super::store::{Store, StoreError};
+
+/// What a channel costs besides its events: map entry, name, buffer header, wake-up cell.
+pub(super) const CHANNEL_OVERHEAD: usize = 512;
+/// What an event costs besides its bytes: the struct, its slots in the channel's and the
+/// global queue, allocator slack.
+pub(super) const EVENT_OVERHEAD: usize = 256;
+/// What a subscriber costs besides the frame it is sending: its task, stream state and
+/// hyper's read buffer.
+pub(super) const SUBSCRIBER_OVERHEAD: usize = 16 << 10;
+/// Frames go to hyper in pieces of this size, so a slow socket pins at most a slice of a
+/// shared frame, never a private copy.
+const CHUNK: usize = 64 << 10;
+
+/// Why a post or a subscription was refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HubError {
+    #[error("the server holds its maximum of {0} channels; use an existing channel or try later")]
+    TooManyChannels(usize),
+    #[error("this channel has its maximum of {0} subscribers")]
+    TooManySubscribers(usize),
+    #[error("the server's memory budget (--max-memory) is full even after evicting replay data")]
+    MemoryFull,
+    #[error("cannot store the event")]
+    Store(#[source] StoreError),
+}
+
+/// Counters for `/metrics` (no channel ids: label values are a small fixed set). Gauges are
+/// what is open or held now; `evicted_*` count events dropped by reason, `shed_*` connections
+/// the server closed by reason, `refused_*` requests answered 503/403 by reason.
+#[derive(Default)]
+pub(super) struct Stats {
+    /// Bytes held now, all charges together.
+    pub held: AtomicUsize,
+    pub channels: AtomicUsize,
+    pub subscribers: AtomicUsize,
+    pub connections: AtomicUsize,
+    pub posts: AtomicU64,
+    pub evicted_memory: AtomicU64,
+    pub evicted_age: AtomicU64,
+    pub evicted_count: AtomicU64,
+    pub evicted_ttl: AtomicU64,
+    pub channels_expired: AtomicU64,
+    pub shed_max_connections: AtomicU64,
+    pub shed_read_timeout: AtomicU64,
+    pub shed_write_stall: AtomicU64,
+    pub shed_lagging: AtomicU64,
+    pub shed_tls_handshake: AtomicU64,
+    pub refused_channel_cap: AtomicU64,
+    pub refused_subscriber_cap: AtomicU64,
+    pub refused_memory: AtomicU64,
+    pub refused_forbidden: AtomicU64,
+    pub headers_dropped: AtomicU64,
+    pub store_errors: AtomicU64,
+    /// False from a failed disk write until a write succeeds again.
+    pub store_healthy: AtomicBool,
+}
+
+/// Bytes held on behalf of something; given back when dropped.
+pub(super) struct Charge {
+    /// The counters the bytes are counted in.
+    stats: Arc<Stats>,
+    /// How many bytes this charge stands for now.
+    bytes: usize,
+}
+
+impl Charge {
+    pub(super) fn new(stats: &Arc<Stats>, bytes: usize) -> Self {
+        stats.held.fetch_add(bytes, Ordering::Relaxed);
+        Self {
+            stats: stats.clone(),
+            bytes,
+        }
+    }
+
+    pub(super) fn grow(&mut self, bytes: usize) {
+        self.stats.held.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes += bytes;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.stats.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A frame's bytes with their charge: freed (and uncounted) when the last slice goes, which
+/// may be after its event was evicted, if a socket still holds a piece.
+struct ChargedFrame {
+    /// The `id:`/`data:` text.
+    text: String,
+    /// Its share of the budget.
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for ChargedFrame {
+    fn as_ref(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
+}
+
+/// One posted webhook, as kept for replay.
+pub(super) struct Posted {
+    /// Unique and increasing in its channel (the SSE `id:`, for Last-Event-ID).
+    pub id: u64,
+    /// When the server took it (smee's `timestamp`).
+    pub received_ms: u64,
+    /// The sender's headers that are text, minus host, length and authorization.
+    pub headers: Vec<(String, String)>,
+    /// The POST's query parameters (smee's `query`).
+    pub query: serde_json::Map<String, serde_json::Value>,
+    /// How to show `body` the smee way.
+    pub content_type: String,
+    /// The exact bytes posted (an exact-size allocation, as counted).
+    pub body: Bytes,
+    /// The SSE frames, made once on first use and shared by every subscriber: smee's shape
+    /// (`[0]`) and the raw one with `bodyB` (`[1]`).
+    frames: [OnceLock<Bytes>; 2],
+    /// Budget for the fields above (frames carry their own).
+    _charge: Charge,
+    /// For the frames' charges.
+    stats: Arc<Stats>,
+}
+
+impl Posted {
+    pub(super) fn new(
+        stats: &Arc<Stats>,
+        id: u64,
+        received_ms: u64,
+        headers: Vec<(String, String)>,
+        query: serde_json::Map<String, serde_json::Value>,
+        content_type: String,
+        body: Bytes,
+    ) -> Self {
+        let size = EVENT_OVERHEAD
+            + body.len()
+            + content_type.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 48)
+                .sum::<usize>()
+            + query
+                .iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(16, str::len) + 48)
+                .sum::<usize>();
+        Self {
+            id,
+            received_ms,
+            headers,
+            query,
+            content_type,
+            body,
+            frames: [OnceLock::new(), OnceLock::new()],
+            _charge: Charge::new(stats, size),
+            stats: stats.clone(),
+        }
+    }
+
+    /// The smee `data:` payload: headers, `query`, `timestamp`, and the body: as `body` (smee's
+    /// parsed form), or with `raw` as `bodyB` (the exact bytes) instead. Not both: a raw
+    /// subscriber never reads `body`, and sending it too would more than double each frame.
+    pub(super) fn data(&self, raw: bool) -> String {
+        let mut map = serde_json::Map::new();
+        for (name, value) in &self.headers {
+            map.insert(name.clone(), value.clone().into());
+        }
+        let body = if raw {
+            base64::engine::general_purpose::STANDARD
+                .encode(&self.body)
+                .into()
+        } else {
+            parsed_body(&self.content_type, &self.body)
+        };
+        map.insert((if raw { "bodyB" } else { "body" }).into(), body);
+        map.insert("query".into(), self.query.clone().into());
+        map.insert("timestamp".into(), self.received_ms.into());
+        serde_json::Value::Object(map).to_string()
+    }
+
+    /// The whole SSE frame, shared.
+    fn frame(&self, raw: bool) -> Bytes {
+        self.frames[usize::from(raw)]
+            .get_or_init(|| {
+                let text = format!("id: {}\ndata: {}\n\n", self.id, self.data(raw));
+                let charge = Charge::new(&self.stats, text.len());
+                Bytes::from_owner(ChargedFrame {
+                    text,
+                    _charge: charge,
+                })
+            })
+            .clone()
+    }
+}
+
+/// `body` as smee shows it: parsed JSON, form fields as an object, else the text.
+fn parsed_body(content_type: &str, body: &[u8]) -> serde_json::Value {
+    if content_type.contains("json")
+        && let Ok(value) = serde_json::from_slice(body)
+    {
+        return value;
+    }
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        let fields: serde_json::Map<String, serde_json::Value> = reqwest::Url::parse("http://x/")
+            .ok()
+            .map(|mut u| {
+                u.set_query(Some(&String::from_utf8_lossy(body)));
+                u.query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned().into()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return fields.into();
+    }
+    String::from_utf8_lossy(body).into_owned().into()
+}
+
+pub(super) struct Channel {
+    /// The id the next post gets.
+    pub next_id: u64,
+    /// Replay buffer, oldest first, ids increasing.
+    pub events: VecDeque<Arc<Posted>>,
+    /// Highest id dropped from `events`: a subscriber whose cursor is below it lost events.
+    evicted_upto: u64,
+    /// The newest id, for waking subscribers (a watch cell is a few words; no ring).
+    live: watch::Sender<u64>,
+    /// Open subscriptions: their cursors, and how to cut their connections.
+    watchers: Vec<Arc<Watcher>>,
+    /// Last post or last subscriber leaving, for `--channel-ttl`.
+    last_used_ms: u64,
+    /// The channel's own budget.
+    _charge: Charge,
+}
+
+impl Channel {
+    fn new(stats: &Arc<Stats>, name: &str) -> Self {
+        // Ids start from the clock, so they keep growing across server restarts and a client's
+        // remembered Last-Event-ID never hides new events.
+        let start = crate::clock::now_ms().saturating_mul(1000);
+        Self {
+            next_id: start,
+            events: VecDeque::new(),
+            evicted_upto: 0,
+            live: watch::channel(0).0,
+            watchers: Vec::new(),
+            last_used_ms: crate::clock::now_ms(),
+            _charge: Charge::new(stats, CHANNEL_OVERHEAD + name.len()),
+        }
+    }
+}
+
+/// Why an event left the replay buffer (a `/metrics` label).
+#[derive(Clone, Copy)]
+enum Reason {
+    Memory,
+    Age,
+}
+
+pub(super) struct Channels {
+    /// The channels by name.
+    pub map: HashMap<Arc<str>, Channel>,
+    /// Every kept event in post order, (channel, id, received): the global oldest is at the
+    /// front. Entries of events already gone from their channel are skipped when reached.
+    order: VecDeque<(Arc<str>, u64, u64)>,
+    /// Evicted events still to be deleted from disk (with the next write).
+    pub unstored: Vec<(Arc<str>, u64)>,
+}
+
+pub(super) struct Hub {
+    /// The limits.
+    pub config: ServeConfig,
+    /// Every channel, under one lock held only for short, non-blocking work.
+    pub channels: Mutex<Channels>,
+    /// Counters for `/metrics` and the budget.
+    pub stats: Arc<Stats>,
+    /// The buffers on disk, with `--state-dir`.
+    pub store: Option<Arc<Store>>,
+    /// Posts are stored and published one at a time, so the global order is post order and
+    /// live subscribers see ids in order.
+    post_order: tokio::sync::Mutex<()>,
+    /// Ends every stream on shutdown, after a final comment.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Hub {
+    pub(super) fn new(
+        config: ServeConfig,
+        store: Option<Arc<Store>>,
+        stats: Arc<Stats>,
+        restored: Vec<(String, Vec<Posted>)>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        stats.store_healthy.store(true, Ordering::Relaxed);
+        let mut channels = Channels {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            unstored: Vec::new(),
+        };
+        let mut all = Vec::new();
+        for (name, events) in restored {
+            let name: Arc<str> = name.into();
+            let mut channel = Channel::new(&stats, &name);
+            for event in events {
+                channel.next_id = channel.next_id.max(event.id + 1);
+                all.push((event.received_ms, name.clone(), event.id));
+                channel.events.push_back(Arc::new(event));
+            }
+            channels.map.insert(name, channel);
+        }
+        all.sort();
+        channels.order = all
+            .into_iter()
+            .map(|(received, name, id)| (name, id, received))
+            .collect();
+        stats.channels.store(channels.map.len(), Ordering::Relaxed);
+        let hub = Self {
+            config,
+            channels: Mutex::new(channels),
+            stats,
+            store,
+            post_order: tokio::sync::Mutex::new(()),
+            shutdown,
+        };
+        {
+            let mut channels = hub.lock();
+            let names: Vec<Arc<str>> = channels.map.keys().cloned().collect();
+            for name in names {
+                hub.trim_count(&mut channels, &name);
+            }
+            hub.trim(&mut channels, 0);
+        }
+        hub
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Channels> {
+        // A panic while holding this lock is a bug; the data stays consistent enough to serve.
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn limit(&self) -> usize {
+        self.config.max_memory
+    }
+
+    /// Make room for `more` bytes: drop what is too old or too many, then the globally oldest
+    /// events while over the budget. False if the budget cannot take `more` even with every
+    /// replay buffer empty.
+    pub(super) fn trim(&self, channels: &mut Channels, more: usize) -> bool {
+        let cutoff = crate::clock::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
+        while let Some((name, id, received)) = channels.order.front().cloned() {
+            let reason = if received < cutoff {
+                Reason::Age
+            } else if self.stats.held.load(Ordering::Relaxed) + more > self.limit() {
+                Reason::Memory
+            } else {
+                break;
+            };
+            channels.order.pop_front();
+            self.drop_event(channels, &name, id, reason);
+        }
+        self.stats.held.load(Ordering::Relaxed) + more <= self.limit()
+    }
+
+    /// `--max-events` for one channel (only a post makes a channel longer). The global queue
+    /// keeps stale entries for what goes here; they are skipped when reached.
+    fn trim_count(&self, channels: &mut Channels, name: &Arc<str>) {
+        let max_events = self.config.max_events;
+        let Some(channel) = channels.map.get_mut(name) else {
+            return;
+        };
+        let mut over = Vec::new();
+        while channel.events.len() > max_events {
+            if let Some(gone) = channel.events.pop_front() {
+                channel.evicted_upto = channel.evicted_upto.max(gone.id);
+                cut_lagging(channel, gone.id, &self.stats);
+                over.push((name.clone(), gone.id));
+            }
+        }
+        self.stats
+            .evicted_count
+            .fetch_add(over.len() as u64, Ordering::Relaxed);
+        channels.unstored.extend(over);
+    }
+
+    fn drop_event(&self, channels: &mut Channels, name: &Arc<str>, id: u64, reason: Reason) {
+        let Some(channel) = channels.map.get_mut(name) else {
+            return;
+        };
+        if channel.events.front().is_none_or(|e| e.id != id) {
+            return; // already gone (count limit or expiry)
+        }
+        channel.events.pop_front();
+        channel.evicted_upto = channel.evicted_upto.max(id);
+        cut_lagging(channel, id, &self.stats);
+        let counter = match reason {
+            Reason::Memory => &self.stats.evicted_memory,
+            Reason::Age => &self.stats.evicted_age,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        channels.unstored.push((name.clone(), id));
+    }
+
+    /// Charge `bytes` for a body being read, evicting replay data to make room.
+    pub(super) fn reserve(
+        &self,
+        charge: &mut Option<Charge>,
+        bytes: usize,
+    ) -> Result<(), HubError> {
+        let mut channels = self.lock();
+        if !self.trim(&mut channels, bytes) {
+            self.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
+            return Err(HubError::MemoryFull);
+        }
+        match charge {
+            Some(charge) => charge.grow(bytes),
+            None => *charge = Some(Charge::new(&self.stats, bytes)),
+        }
+        Ok(())
+    }
+
+    /// Whether a new channel may be made now.
+    pub(super) fn can_create(&self) -> bool {
+        self.lock().map.len() < self.config.max_channels
+    }
+
+    fn channel_mut<'a>(
+        &self,
+        channels: &'a mut Channels,
+        name: &str,
+    ) -> Result<(Arc<str>, &'a mut Channel), HubError> {
+        if !channels.map.contains_key(name) {
+            if channels.map.len() >= self.config.max_channels {
+                self.stats
+                    .refused_channel_cap
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(HubError::TooManyChannels(self.config.max_channels));
+            }
+            let key: Arc<str> = name.into();
+            channels
+                .map
+                .insert(key.clone(), Channel::new(&self.stats, name));
+            self.stats.channels.fetch_add(1, Ordering::Relaxed);
+        }
+        let (key, channel) = channels
+            .map
+            .get_key_value(name)
+            .map(|(k, _)| k.clone())
+            .zip(channels.map.get_mut(name))
+            .expect("just inserted");
+        Ok((key, channel))
+    }
+
+    /// Store a webhook (on disk first, with `--state-dir`) and hand it to live subscribers.
+    /// Only a stored event is published, so a 503 never leaves a copy behind to be delivered.
+    pub(super) async fn post(
+        &self,
+        name: &str,
+        make: impl FnOnce(u64) -> Posted,
+    ) -> Result<u64, HubError> {
+        let _in_order = self.post_order.lock().await;
+        let (posted, unstored) = {
+            let mut channels = self.lock();
+            let (_, channel) = self.channel_mut(&mut channels, name)?;
+            let posted = Arc::new(make(channel.next_id));
+            channel.next_id += 1;
+            channel.last_used_ms = crate::clock::now_ms();
+            (posted, std::mem::take(&mut channels.unstored))
+        };
+        if let Some(store) = &self.store {
+            let (store, owned, stored, gone) = (
+                store.clone(),
+                name.to_string(),
+                posted.clone(),
+                unstored.clone(),
+            );
+            let saved = tokio::task::spawn_blocking(move || store.save(&owned, &stored, &gone))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Task(e)));
+            if let Err(e) = saved {
+                self.lock().unstored.extend(unstored);
+                self.store_failed(&e);
+                return Err(HubError::Store(e));
+            }
+            self.store_recovered();
+        }
+        let mut channels = self.lock();
+        let (key, channel) = self.channel_mut(&mut channels, name)?;
+        channel.events.push_back(posted.clone());
+        channel.live.send_replace(posted.id);
+        channels
+            .order
+            .push_back((key.clone(), posted.id, posted.received_ms));
+        self.stats.posts.fetch_add(1, Ordering::Relaxed);
+        self.trim_count(&mut channels, &key);
+        self.trim(&mut channels, 0);
+        Ok(posted.id)
+    }
+
+    fn store_failed(&self, e: &StoreError) {
+        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        if self.stats.store_healthy.swap(false, Ordering::Relaxed) {
+            error!(
+                "cannot store posted events; posts get 503 and /healthz 503 until a write \
+                 succeeds again (retried with every post and every second): {}",
+                crate::error::chain(e)
+            );
+        }
+    }
+
+    fn store_recovered(&self) {
+        if !self.stats.store_healthy.swap(true, Ordering::Relaxed) {
+            info!("storing posted events again");
+        }
+    }
+
+    /// Every second: age limits, expired channels, deletions owed to the disk, and a probe of
+    /// a failed store so `/healthz` recovers without waiting for a post.
+    pub(super) async fn sweep(&self) {
+        let now = crate::clock::now_ms();
+        let ttl = self.config.channel_ttl.as_millis() as u64;
+        let unstored = {
+            let mut channels = self.lock();
+            self.trim(&mut channels, 0);
+            let expired: Vec<Arc<str>> = channels
+                .map
+                .iter()
+                .filter(|(_, c)| c.watchers.is_empty() && now.saturating_sub(c.last_used_ms) >= ttl)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in expired {
+                if let Some(channel) = channels.map.remove(&name) {
+                    self.stats
+                        .evicted_ttl
+                        .fetch_add(channel.events.len() as u64, Ordering::Relaxed);
+                    self.stats.channels_expired.fetch_add(1, Ordering::Relaxed);
+                    self.stats.channels.fetch_sub(1, Ordering::Relaxed);
+                    let ids: Vec<_> = channel
+                        .events
+                        .iter()
+                        .map(|e| (name.clone(), e.id))
+                        .collect();
+                    channels.unstored.extend(ids);
+                }
+            }
+            if channels.order.len()
+                > 2 * channels.map.values().map(|c| c.events.len()).sum::<usize>() + 64
+            {
+                // Stale entries (count limits, expiry) pile up in a quiet server: compact.
+                let Channels { map, order, .. } = &mut *channels;
+                order.retain(|(name, id, _)| {
+                    map.get(name)
+                        .is_some_and(|c| c.events.front().is_some_and(|e| e.id <= *id))
+                });
+            }
+            std::mem::take(&mut channels.unstored)
+        };
+        let Some(store) = &self.store else { return };
+        let healthy = self.stats.store_healthy.load(Ordering::Relaxed);
+        if unstored.is_empty() && healthy {
+            return;
+        }
+        let _in_order = self.post_order.lock().await;
+        let (owned, gone) = (store.clone(), unstored.clone());
+        let done = tokio::task::spawn_blocking(move || owned.remove(&gone))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e)));
+        match done {
+            Ok(()) => self.store_recovered(),
+            Err(e) => {
+                self.lock().unstored.extend(unstored);
+                self.store_failed(&e);
+            }
+        }
+    }
+
+    /// Open a subscription: replay from `last_seen` (all kept events with `replay_all`), then
+    /// live events.
+    pub(super) fn subscribe(
+        self: &Arc<Self>,
+        name: &str,
+        last_seen: Option<u64>,
+        replay_all: bool,
+        raw: bool,
+        kill: tokio_util::sync::CancellationToken,
+    ) -> Result<Subscription, HubError> {
+        let mut channels = self.lock();
+        let max = self.config.max_subscribers;
+        let (key, channel) = self.channel_mut(&mut channels, name)?;
+        if channel.watchers.len() >= max {
+            self.stats
+                .refused_subscriber_cap
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(HubError::TooManySubscribers(max));
+        }
+        self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
+        let cursor = if replay_all {
+            0
+        } else {
+            last_seen.unwrap_or(channel.next_id.saturating_sub(1))
+        };
+        // Events at or below `evicted_upto` are gone for everyone: not this one's loss.
+        let cursor = cursor.max(channel.evicted_upto);
+        let watcher = Arc::new(Watcher {
+            cursor: AtomicU64::new(cursor),
+            kill,
+        });
+        channel.watchers.push(watcher.clone());
+        Ok(Subscription {
+            watcher,
+            hub: self.clone(),
+            name: key,
+            cursor,
+            raw,
+            live: channel.live.subscribe(),
+            pending: Bytes::new(),
+            ready_sent: false,
+            final_sent: false,
+            _charge: Charge::new(&self.stats, SUBSCRIBER_OVERHEAD),
+        })
+    }
+}
+
+/// What the hub knows of a subscription, to cut it when eviction passes its cursor: a socket
+/// that stopped reading never asks for its next event, so it cannot notice by itself.
+pub(super) struct Watcher {
+    /// Last id taken by the subscription.
+    cursor: AtomicU64,
+    /// Closes the subscription's connection.
+    kill: tokio_util::sync::CancellationToken,
+}
+
+/// Cut the subscriptions of `channel` that had not yet taken event `id`, just evicted.
+fn cut_lagging(channel: &Channel, id: u64, stats: &Stats) {
+    for watcher in &channel.watchers {
+        if watcher.cursor.load(Ordering::Relaxed) < id && !watcher.kill.is_cancelled() {
+            watcher.kill.cancel();
+            stats.shed_lagging.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What comes after a cursor.
+enum Next {
+    Event(Arc<Posted>),
+    Nothing,
+    Lagged,
+}
+
+/// One subscriber: a cursor into its channel's replay buffer.
+pub(super) struct Subscription {
+    /// Shared with the channel.
+    watcher: Arc<Watcher>,
+    hub: Arc<Hub>,
+    name: Arc<str>,
+    /// Last id sent.
+    cursor: u64,
+    /// `bodyB` frames instead of smee's.
+    raw: bool,
+    /// Wakes on each post to the channel.
+    live: watch::Receiver<u64>,
+    /// The rest of the frame being sent.
+    pending: Bytes,
+    /// The `ready` event went out.
+    ready_sent: bool,
+    /// The shutdown comment went out.
+    final_sent: bool,
+    /// Budget for the subscriber itself.
+    _charge: Charge,
+}
+
+impl Subscription {
+    fn next_event(&self) -> Next {
+        let channels = self.hub.lock();
+        let Some(channel) = channels.map.get(&self.name) else {
+            return Next::Lagged;
+        };
+        if channel.evicted_upto > self.cursor {
+            return Next::Lagged;
+        }
+        let start = channel.events.partition_point(|e| e.id <= self.cursor);
+        match channel.events.get(start) {
+            Some(event) => Next::Event(event.clone()),
+            None => Next::Nothing,
+        }
+    }
+
+    /// The next piece of the stream; None ends it.
+    pub(super) async fn next(&mut self, pings: &mut tokio::time::Interval) -> Option<Bytes> {
+        loop {
+            if self.final_sent {
+                return None;
+            }
+            if self.hub.shutdown.is_cancelled() {
+                self.final_sent = true;
+                return Some(Bytes::from_static(b": the server is shutting down\n\n"));
+            }
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(CHUNK);
+                return Some(self.pending.split_to(n));
+            }
+            if !self.ready_sent {
+                self.ready_sent = true;
+                return Some(Bytes::from_static(b"event: ready\ndata: {}\n\n"));
+            }
+            self.live.borrow_and_update();
+            match self.next_event() {
+                Next::Event(event) => {
+                    self.cursor = event.id;
+                    self.watcher.cursor.store(event.id, Ordering::Relaxed);
+                    self.pending = event.frame(self.raw);
+                    continue;
+                }
+                Next::Lagged => {
+                    // Fell behind the replay buffer: end the stream; the client reconnects
+                    // with Last-Event-ID and catches up from what is kept.
+                    if !self.watcher.kill.is_cancelled() {
+                        self.watcher.kill.cancel();
+                        self.hub.stats.shed_lagging.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return None;
+                }
+                Next::Nothing => {}
+            }
+            tokio::select! {
+                _ = self.hub.shutdown.cancelled() => {}
+                _ = pings.tick() => return Some(Bytes::from_static(b"event: ping\ndata: {}\n\n")),
+                changed = self.live.changed() => if changed.is_err() { return None },
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+        let mut channels = self.hub.lock();
+        if let Some(channel) = channels.map.get_mut(&self.name) {
+            channel.watchers.retain(|w| !Arc::ptr_eq(w, &self.watcher));
+            channel.last_used_ms = crate::clock::now_ms();
+        }
+    }
+}
+
+/// Run [`Hub::sweep`] every `every` until shutdown.
+pub(super) async fn sweeper(hub: Arc<Hub>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = ticks.tick() => hub.sweep().await,
+        }
+    }
+}
+
+/// Log once that the budget was hit, so an operator knows replay got shorter.
+pub(super) fn warn_evicting(stats: &Stats) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if stats.evicted_memory.load(Ordering::Relaxed) > 0 && !WARNED.swap(true, Ordering::Relaxed) {
+        warn!("the memory budget (--max-memory) is full: the oldest replay data is being evicted");
+    }
+}

@@ -1,0 +1,325 @@
+//! The server's buffers on disk (`serve.redb` in `--state-dir`), so a restarted server replays
+//! what it had. It owns the redb handle and its recovery: after a failed write (a full disk)
+//! redb refuses every later write, so the handle is dropped and reopened on the next attempt,
+//! and writes work again as soon as space returns. It knows nothing of HTTP or budgets.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+
+use super::hub::{Posted, Stats};
+
+const STORED: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("posted");
+
+/// Why the store could not open, read or write.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create {0}")]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("cannot open {0}; if it is damaged, move it aside and start again")]
+    Open(PathBuf, #[source] redb::DatabaseError),
+    #[error("cannot write to {0}")]
+    Write(PathBuf, #[source] redb::Error),
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] redb::Error),
+    #[error("cannot encode an event's headers")]
+    Encode(#[source] serde_json::Error),
+    #[error("the storage task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Opens the database; called again after a failed write.
+type Opener = Box<dyn Fn() -> Result<redb::Database, redb::DatabaseError> + Send + Sync>;
+
+pub struct Store {
+    /// The file, for messages.
+    pub path: PathBuf,
+    /// How to (re)open it.
+    opener: Opener,
+    /// The open handle; None after a failed write, until it reopens.
+    db: Mutex<Option<redb::Database>>,
+}
+
+/// The part of a posted event that is not its body.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredHead {
+    received_ms: u64,
+    headers: Vec<(String, String)>,
+    query: serde_json::Map<String, serde_json::Value>,
+    content_type: String,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir(dir.to_path_buf(), e))?;
+        let path = dir.join("serve.redb");
+        let file = path.clone();
+        Self::open_with(path, Box::new(move || redb::Database::create(&file)))
+    }
+
+    /// With a custom way to open (tests inject storage faults this way).
+    pub fn open_with(path: PathBuf, opener: Opener) -> Result<Self, StoreError> {
+        let db = opener().map_err(|e| StoreError::Open(path.clone(), e))?;
+        Ok(Self {
+            path,
+            opener,
+            db: Mutex::new(Some(db)),
+        })
+    }
+
+    /// Run `work` in a write transaction, reopening a handle a failed write left unusable.
+    fn write(
+        &self,
+        work: impl FnOnce(&mut redb::Table<'_, (&str, u64), &[u8]>) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        if db.is_none() {
+            *db = Some((self.opener)().map_err(|e| StoreError::Open(self.path.clone(), e))?);
+        }
+        let handle = db.as_ref().expect("opened above");
+        let result = (|| -> Result<(), redb::Error> {
+            let txn = handle.begin_write()?;
+            {
+                let mut table = txn.open_table(STORED)?;
+                work(&mut table)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // redb refuses every write after an I/O error until it is reopened (and repaired).
+            *db = None;
+            return Err(StoreError::Write(self.path.clone(), e));
+        }
+        Ok(())
+    }
+
+    pub(super) fn load(
+        &self,
+        stats: &Arc<Stats>,
+    ) -> Result<Vec<(String, Vec<Posted>)>, StoreError> {
+        use redb::{ReadableDatabase as _, ReadableTable as _};
+        let read = |e: redb::Error| StoreError::Read(self.path.clone(), e);
+        let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(db) = db.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let txn = db.begin_read().map_err(|e| read(e.into()))?;
+        let mut channels: Vec<(String, Vec<Posted>)> = Vec::new();
+        let table = match txn.open_table(STORED) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(channels),
+            Err(e) => return Err(read(e.into())),
+        };
+        for entry in table.iter().map_err(|e| read(e.into()))? {
+            let (key, value) = entry.map_err(|e| read(e.into()))?;
+            let (name, id) = key.value();
+            let bytes = value.value();
+            let Some(len) = bytes
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map(|b| u32::from_le_bytes(b) as usize)
+            else {
+                continue;
+            };
+            let Some(head) = bytes
+                .get(4..4 + len)
+                .and_then(|h| serde_json::from_slice::<StoredHead>(h).ok())
+            else {
+                continue;
+            };
+            if channels.last().is_none_or(|(last, _)| last != name) {
+                channels.push((name.to_string(), Vec::new()));
+            }
+            let posted = Posted::new(
+                stats,
+                id,
+                head.received_ms,
+                head.headers,
+                head.query,
+                head.content_type,
+                Bytes::copy_from_slice(&bytes[4 + len..]),
+            );
+            channels.last_mut().expect("pushed").1.push(posted);
+        }
+        Ok(channels)
+    }
+
+    /// Store `posted` and delete `evicted`, in one transaction.
+    pub(super) fn save(
+        &self,
+        name: &str,
+        posted: &Posted,
+        evicted: &[(Arc<str>, u64)],
+    ) -> Result<(), StoreError> {
+        let head = serde_json::to_vec(&StoredHead {
+            received_ms: posted.received_ms,
+            headers: posted.headers.clone(),
+            query: posted.query.clone(),
+            content_type: posted.content_type.clone(),
+        })
+        .map_err(StoreError::Encode)?;
+        let mut value = Vec::with_capacity(4 + head.len() + posted.body.len());
+        value.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        value.extend_from_slice(&head);
+        value.extend_from_slice(&posted.body);
+        self.write(|table| {
+            table.insert((name, posted.id), value.as_slice())?;
+            for (channel, id) in evicted {
+                table.remove((&**channel, *id))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Delete `evicted` (also a probe that the disk takes writes again).
+    pub(super) fn remove(&self, evicted: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
+        self.write(|table| {
+            for (channel, id) in evicted {
+                table.remove((&**channel, *id))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Bound;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::{BackendError, StorageBackend};
+
+    use super::*;
+
+    /// A file backend whose writes fail with "no space left" while `full` is set.
+    #[derive(Debug)]
+    struct FullDisk {
+        inner: redb::backends::FileBackend,
+        full: Arc<AtomicBool>,
+    }
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(28)
+    }
+
+    impl StorageBackend for FullDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            if self.full.load(Ordering::SeqCst) && len > self.inner.len()? {
+                return Err(enospc());
+            }
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(enospc());
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(enospc());
+            }
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+
+    fn faulty_store(path: PathBuf, full: Arc<AtomicBool>) -> Store {
+        let file = path.clone();
+        Store::open_with(
+            path,
+            Box::new(move || {
+                let handle = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&file)
+                    .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+                redb::Builder::new().create_with_backend(FullDisk {
+                    inner: redb::backends::FileBackend::new(handle)?,
+                    full: full.clone(),
+                })
+            }),
+        )
+        .unwrap()
+    }
+
+    fn event(stats: &Arc<Stats>, id: u64) -> Posted {
+        Posted::new(
+            stats,
+            id,
+            id,
+            vec![("x-n".into(), id.to_string())],
+            serde_json::Map::new(),
+            "application/json".into(),
+            Bytes::from(format!("{{\"n\":{id}}}")),
+        )
+    }
+
+    /// Issue 16 item 12: after ENOSPC the store stayed unusable until restart.
+    #[test]
+    fn a_full_disk_fails_writes_and_they_work_again_once_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.redb");
+        let full = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let store = faulty_store(path.clone(), full.clone());
+        store.save("ch", &event(&stats, 1), &[]).unwrap();
+
+        full.store(true, Ordering::SeqCst);
+        let failed = store.save("ch", &event(&stats, 2), &[]);
+        assert!(
+            failed.is_err(),
+            "a write to a full disk fails (and the post gets 503)"
+        );
+        assert!(store.save("ch", &event(&stats, 3), &[]).is_err());
+
+        full.store(false, Ordering::SeqCst);
+        store
+            .save("ch", &event(&stats, 4), &[])
+            .expect("writes work again by themselves once space returns");
+        drop(store);
+
+        let reopened = faulty_store(path, full);
+        let loaded = reopened.load(&stats).unwrap();
+        let ids: Vec<u64> = loaded[0].1.iter().map(|e| e.id).collect();
+        assert_eq!(
+            ids,
+            [1, 4],
+            "every acknowledged event is kept, nothing else"
+        );
+    }
+}

@@ -1,0 +1,659 @@
+//! `serve` facing the internet: the memory budget, caps, timeouts, bad input, drain, signals,
+//! TLS and the allow-list. Every server listens on 127.0.0.1:0; waits are conditions with
+//! deadlines.
+
+mod support;
+
+use std::time::Duration;
+
+use smee_relay::server::{ServeConfig, serve, serve_with_reload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    url: String,
+    addr: String,
+    cancel: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn start(config: ServeConfig) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let cancel = CancellationToken::new();
+    let run = serve(listener, config, cancel.clone());
+    let done = tokio::spawn(async move { run.await.unwrap() });
+    Server {
+        url: format!("http://{addr}"),
+        addr,
+        cancel,
+        done,
+    }
+}
+
+fn client() -> reqwest::Client {
+    smee_relay::http::client_builder().build().unwrap()
+}
+
+/// A value from `/metrics` (the line starting with `name`, labels included).
+async fn metric(server: &Server, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Wait until `metric(name)` satisfies `ok`.
+async fn wait_metric(server: &Server, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        let value = metric(server, name).await;
+        if ok(value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn post(url: &str, body: Vec<u8>) -> reqwest::Response {
+    client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn error_of(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let json: serde_json::Value = response.json().await.expect("a JSON error body");
+    (
+        status,
+        json["error"].as_str().expect("an error reason").to_string(),
+    )
+}
+
+/// A raw subscriber on `path` that reads nothing until asked.
+async fn raw_subscriber(
+    server: &Server,
+    path: &str,
+    last_id: Option<&str>,
+) -> tokio::net::TcpStream {
+    let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+    socket
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{resume}\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    socket
+}
+
+/// Read from `socket` until `needle` has been seen (or panic after the deadline).
+async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    tokio::time::timeout(support::PATIENCE, async {
+        let mut buf = [0u8; 16384];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {needle:?}: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(&seen)));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn memory_stays_within_the_budget_and_evictions_are_counted() {
+    let limit = 2 << 20;
+    let server = start(ServeConfig {
+        max_memory: limit,
+        ..ServeConfig::default()
+    })
+    .await;
+    let body = vec![b'7'; 32 << 10];
+    for i in 0..200 {
+        let sent = post(&format!("{}/ch{}", server.url, i % 40), body.clone()).await;
+        assert_eq!(sent.status().as_u16(), 200);
+        if i % 10 == 9 {
+            let held = metric(&server, "smee_relay_serve_bytes_held").await;
+            assert!(held <= limit as f64, "held {held} > {limit}");
+        }
+    }
+    let evicted = metric(
+        &server,
+        "smee_relay_serve_evicted_events_total{reason=\"memory\"}",
+    )
+    .await;
+    assert!(evicted > 100.0, "{evicted} evictions counted");
+    // The newest events are the ones kept.
+    let mut replay = raw_subscriber(&server, "/ch39", Some("0")).await;
+    read_until(&mut replay, "id: ").await;
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn channels_cost_no_ring_up_front_and_the_cap_answers_503_json() {
+    let server = start(ServeConfig {
+        max_channels: 200,
+        ..ServeConfig::default()
+    })
+    .await;
+    for i in 0..200 {
+        assert_eq!(
+            post(&format!("{}/c{i}", server.url), b"{}".to_vec())
+                .await
+                .status(),
+            200
+        );
+    }
+    // 200 channels with one small event each: a few hundred bytes apiece, not a ring each.
+    let held = metric(&server, "smee_relay_serve_bytes_held").await;
+    assert!(held < 200.0 * 2048.0, "200 tiny channels hold {held} bytes");
+
+    let (status, reason) =
+        error_of(post(&format!("{}/one-more", server.url), b"{}".to_vec()).await).await;
+    assert_eq!(status, 503);
+    assert!(reason.contains("maximum of 200 channels"), "{reason}");
+    let subscribe = client()
+        .get(format!("{}/another", server.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(subscribe).await.0, 503);
+    let new = client()
+        .get(format!("{}/new", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(new).await.0, 503);
+    // Existing channels work on.
+    assert_eq!(
+        post(&format!("{}/c7", server.url), b"{}".to_vec())
+            .await
+            .status(),
+        200
+    );
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn an_unused_channel_expires_with_its_events() {
+    let server = start(ServeConfig {
+        channel_ttl: Duration::from_millis(50),
+        ..ServeConfig::default()
+    })
+    .await;
+    assert_eq!(
+        post(&format!("{}/brief", server.url), b"{}".to_vec())
+            .await
+            .status(),
+        200
+    );
+    wait_metric(&server, "smee_relay_serve_channels_expired_total", |n| {
+        n >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&server, "smee_relay_serve_channels").await, 0.0);
+    assert_eq!(
+        metric(
+            &server,
+            "smee_relay_serve_evicted_events_total{reason=\"channel_ttl\"}"
+        )
+        .await,
+        1.0
+    );
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_stalled_subscriber_is_cut_off_within_the_budget_and_resumes() {
+    let limit = 4 << 20;
+    let server = start(ServeConfig {
+        max_memory: limit,
+        ..ServeConfig::default()
+    })
+    .await;
+    // A small receive buffer, so the kernel does not read on its behalf for long.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(b"GET /stall HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut stalled, "event: ready").await;
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(32 << 10)).into_bytes();
+    for i in 0..400 {
+        assert_eq!(
+            post(&format!("{}/stall", server.url), body.clone())
+                .await
+                .status(),
+            200
+        );
+        if i % 10 != 9 {
+            continue;
+        }
+        let held = metric(&server, "smee_relay_serve_bytes_held").await;
+        assert!(
+            held <= limit as f64,
+            "held {held} > {limit} with a stalled subscriber"
+        );
+    }
+    wait_metric(
+        &server,
+        "smee_relay_serve_shed_connections_total{reason=\"lagging_subscriber\"}",
+        |n| n >= 1.0,
+    )
+    .await;
+    // It reads what it was sent, then the end of the stream.
+    let mut got = Vec::new();
+    tokio::time::timeout(support::PATIENCE, stalled.read_to_end(&mut got))
+        .await
+        .expect("the stalled subscriber was disconnected")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    let last = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("id: "))
+        .expect("some events")
+        .to_string();
+    let mut resumed = raw_subscriber(&server, "/stall", Some(&last)).await;
+    let replay = read_until(&mut resumed, "\nid: ").await;
+    let first: u64 = replay
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(first > last.parse::<u64>().unwrap());
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn slow_loris_heads_and_bodies_are_cut_at_the_read_timeout() {
+    let server = start(ServeConfig {
+        read_timeout: Duration::from_millis(300),
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut loris = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    loris
+        .write_all(b"POST /x HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(support::PATIENCE, loris.read_to_end(&mut rest))
+        .await
+        .expect("the server closed a head that never ended")
+        .ok();
+    wait_metric(
+        &server,
+        "smee_relay_serve_shed_connections_total{reason=\"read_timeout\"}",
+        |n| n >= 1.0,
+    )
+    .await;
+
+    let mut body = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    body.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    let answer = read_until(&mut body, "}").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--read-timeout"), "{answer}");
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_counted() {
+    let server = start(ServeConfig {
+        max_connections: 2,
+        ..ServeConfig::default()
+    })
+    .await;
+    let _a = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    // `/metrics` itself needs a connection: wait until both idle ones are counted by trying.
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        let mut third = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        third
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(support::PATIENCE, third.read_to_end(&mut got)).await;
+        if got.is_empty() {
+            break; // closed unanswered: shed
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never shed");
+    }
+    drop((_a, _b));
+    wait_metric(
+        &server,
+        "smee_relay_serve_shed_connections_total{reason=\"max_connections\"}",
+        |n| n >= 1.0,
+    )
+    .await;
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn subscribers_per_channel_are_bounded() {
+    let server = start(ServeConfig {
+        max_subscribers: 1,
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut first = raw_subscriber(&server, "/busy", None).await;
+    read_until(&mut first, "event: ready").await;
+    let second = client()
+        .get(format!("{}/busy", server.url))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let (status, reason) = error_of(second).await;
+    assert_eq!(status, 503);
+    assert!(reason.contains("maximum of 1 subscribers"), "{reason}");
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn bad_input_gets_json_errors_and_odd_headers_are_counted() {
+    let server = start(ServeConfig {
+        max_body: 1024,
+        ..ServeConfig::default()
+    })
+    .await;
+    let (status, reason) =
+        error_of(post(&format!("{}/big", server.url), vec![b'x'; 2048]).await).await;
+    assert_eq!(status, 413);
+    assert!(reason.contains("--max-body"), "{reason}");
+    for bad in ["bad.name", "%00", &"x".repeat(65)] {
+        let (status, reason) =
+            error_of(post(&format!("{}/{bad}", server.url), b"{}".to_vec()).await).await;
+        assert_eq!(status, 404, "{bad}");
+        assert!(reason.contains("channel"), "{reason}");
+    }
+    let (status, _) = error_of(
+        client()
+            .delete(format!("{}/ch", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 405);
+
+    let mut subscriber = raw_subscriber(&server, "/odd", None).await;
+    read_until(&mut subscriber, "event: ready").await;
+    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    raw.write_all(b"POST /odd HTTP/1.1\r\nHost: x\r\nX-Good: yes\r\nX-Bad: \xff\xfe\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let event = read_until(&mut subscriber, "x-good").await;
+    assert!(!event.contains("x-bad"), "{event}");
+    assert_eq!(
+        metric(&server, "smee_relay_serve_headers_dropped_total").await,
+        1.0
+    );
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn shutdown_sends_subscribers_a_final_comment_and_closes() {
+    let server = start(ServeConfig::default()).await;
+    let mut subscriber = raw_subscriber(&server, "/drain", None).await;
+    read_until(&mut subscriber, "event: ready").await;
+    server.cancel.cancel();
+    let mut rest = Vec::new();
+    tokio::time::timeout(support::PATIENCE, subscriber.read_to_end(&mut rest))
+        .await
+        .expect("the socket closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).contains(": the server is shutting down"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    tokio::time::timeout(support::PATIENCE, server.done)
+        .await
+        .expect("serve returned after the drain")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn posts_only_from_allowed_networks() {
+    let server = start(ServeConfig {
+        allow_post_from: vec!["10.0.0.0/8".parse().unwrap()],
+        trust_proxy: true,
+        ..ServeConfig::default()
+    })
+    .await;
+    let (status, reason) =
+        error_of(post(&format!("{}/ch", server.url), b"{}".to_vec()).await).await;
+    assert_eq!(status, 403);
+    assert!(reason.contains("127.0.0.1"), "{reason}");
+    let proxied = client()
+        .post(format!("{}/ch", server.url))
+        .header("x-forwarded-for", "192.0.2.1, 10.1.2.3")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), 200, "the proxy's last hop is the client");
+    server.cancel.cancel();
+}
+
+#[tokio::test]
+async fn sighup_does_not_kill_serve() {
+    let mut child = support::smee_relay()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = support::LogWatch::new(child.stderr.take().unwrap());
+    let line = logs.wait_for(&["serving smee channels"]).await;
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("the address is logged")
+        .to_string();
+    let pid = child.id().unwrap() as i32;
+    for _ in 0..3 {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    }
+    logs.wait_for(&["SIGHUP"]).await;
+    let health = client()
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(support::PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A CA and a leaf for 127.0.0.1 signed by it, from the openssl tool: (CA cert, leaf cert,
+/// leaf key), PEM.
+fn certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let file = |suffix: &str| dir.join(format!("{name}.{suffix}"));
+    let openssl = |args: &[&str]| {
+        let made = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package openssl) makes the test certificates");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    };
+    let (ca, ca_key, csr, leaf, key) = (
+        format!("{name}-ca.crt"),
+        format!("{name}-ca.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.key"),
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ];
+    args.extend(ec);
+    openssl(&args);
+    let mut args = vec![
+        "req",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ];
+    args.extend(ec);
+    openssl(&args);
+    std::fs::write(
+        file("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    let ext = format!("{name}.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+        "-out",
+        &leaf,
+    ]);
+    (dir.join(ca), dir.join(leaf), dir.join(key))
+}
+
+fn trusting(cert: &std::path::Path) -> reqwest::Client {
+    let pem = std::fs::read(cert).unwrap();
+    smee_relay::http::client_builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_serves_https_and_a_reload_picks_up_a_new_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first_ca, first_cert, first_key) = certificate(dir.path(), "first");
+    let (second_ca, second_cert, second_key) = certificate(dir.path(), "second");
+    let (cert, key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&first_cert, &cert).unwrap();
+    std::fs::copy(&first_key, &key).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let config = ServeConfig {
+        tls: Some(smee_relay::server::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        ..ServeConfig::default()
+    };
+    tokio::spawn(serve_with_reload(
+        listener,
+        config,
+        cancel.clone(),
+        reload.clone(),
+    ));
+    let url = format!("https://{addr}/healthz");
+    assert_eq!(
+        trusting(&first_ca).get(&url).send().await.unwrap().status(),
+        200
+    );
+    assert!(trusting(&second_ca).get(&url).send().await.is_err());
+
+    std::fs::copy(&second_cert, &cert).unwrap();
+    std::fs::copy(&second_key, &key).unwrap();
+    reload.notify_one();
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while trusting(&second_ca).get(&url).send().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // `/new` hands out https URLs with 22-character ids.
+    let new = trusting(&second_ca)
+        .get(format!("https://{addr}/new"))
+        .send()
+        .await
+        .unwrap();
+    let location = new.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&format!("https://{addr}/")),
+        "{location}"
+    );
+    assert_eq!(location.rsplit('/').next().unwrap().len(), 22);
+    cancel.cancel();
+}
