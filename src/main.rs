@@ -3,9 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
-use smee_relay::cli::{Cli, Command};
+use smee_relay::cli::{Command, Invocation};
 use smee_relay::config::ConfigError;
 use smee_relay::service::logging;
 
@@ -13,8 +11,13 @@ const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     smee_relay::memory::return_large_buffers();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // As `smee`, smee-client's command line; `smee-relay -u … -t …` is `forward`.
+    let cli = match smee_relay::cli::parse(std::env::args_os()) {
+        Ok(Invocation::Run(cli)) => cli,
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) if e.use_stderr() => {
             let _ = e.print();
             return ExitCode::from(USAGE_ERROR);

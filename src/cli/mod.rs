@@ -1,5 +1,11 @@
 //! Command-line definitions (clap). Only the shape of the CLI lives here; `main` turns it into
 //! calls to the library.
+//!
+//! Two spellings lead to `forward`: invoked as `smee` (a symlink or a copy), the command line is
+//! smee-client's ([`smee`]); and `smee-relay -u URL -t TARGET` with no subcommand is `forward`
+//! ([`parse`] inserts the word). Neither may change what `smee-relay forward` accepts.
+
+pub mod smee;
 
 use std::time::Duration;
 
@@ -184,10 +190,10 @@ pub struct ForwardArgs {
           conflicts_with_all = ["port", "path"])]
     pub target_flag: Option<TargetUrl>,
 
-    /// Local port to replay webhooks to, on 127.0.0.1.
-    #[arg(short = 'p', long, env = "PORT", default_value_t = 3000,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub port: u16,
+    /// Local port to replay webhooks to, on 127.0.0.1. Default: $PORT, else 3000. ($PORT is only
+    /// this default: a target given another way wins over it.)
+    #[arg(short = 'p', long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
 
     /// Path on the local port to replay webhooks to.
     #[arg(short = 'P', long, default_value = "/")]
@@ -198,8 +204,13 @@ pub struct ForwardArgs {
     pub idle_timeout: Duration,
 
     /// The smee server to create a channel on when no CHANNEL_URL is given.
-    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
+    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
+
+    /// Forward the query string each webhook came with to the target. Always on; accepted so that
+    /// smee-client's command line works unchanged.
+    #[arg(long = "query-forwarding")]
+    pub query_forwarding: bool,
 
     /// Token for a `smee-relay serve --token` channel (sent as `Authorization: Bearer`).
     #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true)]
@@ -260,12 +271,17 @@ pub struct CheckArgs {
 }
 
 impl ForwardArgs {
-    /// The target, from whichever spelling was used.
-    pub fn target_url(&self) -> Result<TargetUrl, crate::url::UrlError> {
-        match self.target.clone().or_else(|| self.target_flag.clone()) {
-            Some(target) => Ok(target),
-            None => TargetUrl::local(self.port, &self.path),
+    /// The target, from whichever spelling was used; else `127.0.0.1:<--port or $PORT or
+    /// 3000><--path>`.
+    pub fn target_url(&self) -> Result<TargetUrl, TargetError> {
+        if let Some(target) = self.target.clone().or_else(|| self.target_flag.clone()) {
+            return Ok(target);
         }
+        let port = match self.port {
+            Some(port) => port,
+            None => port_from_env(std::env::var("PORT").ok().as_deref())?,
+        };
+        Ok(TargetUrl::local(port, &self.path)?)
     }
 
     /// The channel, from whichever spelling was used.
@@ -274,10 +290,84 @@ impl ForwardArgs {
     }
 }
 
+/// Why no target could be made from the arguments.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("PORT in the environment is {0:?}, not a port (1-65535): give --port or --target")]
+    EnvPort(String),
+    #[error(transparent)]
+    Url(#[from] crate::url::UrlError),
+}
+
+/// The default port: `$PORT` when set (as smee-client reads it), else 3000.
+fn port_from_env(port: Option<&str>) -> Result<u16, TargetError> {
+    match port {
+        None | Some("") => Ok(3000),
+        Some(text) => match text.trim().parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(TargetError::EnvPort(text.to_string())),
+        },
+    }
+}
+
+/// Parse a command line: as smee-client's when the program is called `smee`, else as
+/// smee-relay's, where `-u/--url`, `-t/--target`, `-p/--port` or `-P/--path` before any
+/// subcommand mean `forward`.
+pub fn parse(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<Invocation, clap::Error> {
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    let program = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_stem())
+        .and_then(|n| n.to_str())
+        .unwrap_or("smee-relay");
+    if program == "smee" {
+        return smee::parse(args);
+    }
+    if let Some(at) = forward_flags_at(&args) {
+        args.insert(at, "forward".into());
+    }
+    Cli::try_parse_from(args).map(|cli| Invocation::Run(Box::new(cli)))
+}
+
+/// What a command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run a command.
+    Run(Box<Cli>),
+    /// Print this and exit 0 (`smee -v`).
+    Print(String),
+}
+
+/// Where `forward` belongs when the command line starts (after global flags) with one of
+/// smee-client's flags instead of a subcommand.
+fn forward_flags_at(args: &[std::ffi::OsString]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(arg) = args.get(i).and_then(|a| a.to_str()) {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        match flag {
+            "--log-format" if !arg.contains('=') => i += 2,
+            "--log-format" | "--verbose" | "--quiet" => i += 1,
+            _ if arg.starts_with('-')
+                && !arg.starts_with("--")
+                && arg.len() > 1
+                && arg[1..].chars().all(|c| c == 'v' || c == 'q') =>
+            {
+                i += 1
+            }
+            "--url" | "--target" | "--port" | "--path" => return Some(i),
+            _ if ["-u", "-t", "-p", "-P"].iter().any(|f| arg.starts_with(f)) => return Some(i),
+            _ => return None,
+        }
+    }
+    None
+}
+
 #[derive(Debug, Args)]
 pub struct NewArgs {
     /// The smee server to create the channel on.
-    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
+    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
 }
 
@@ -329,6 +419,56 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("1PiB").is_err());
         assert!(parse_size("0").is_err());
+    }
+
+    fn args(line: &str) -> Vec<std::ffi::OsString> {
+        line.split_whitespace().map(Into::into).collect()
+    }
+
+    #[test]
+    fn top_level_smee_flags_mean_forward() {
+        for line in [
+            "smee-relay -u https://smee.io/abc -t http://127.0.0.1:3000/events",
+            "smee-relay --url https://smee.io/abc --port 4000",
+            "smee-relay -q --log-format json -u https://smee.io/abc -P /hook",
+            "smee-relay -vv --url=https://smee.io/abc",
+        ] {
+            let Ok(Invocation::Run(cli)) = parse(args(line)) else {
+                panic!("{line}: not a run");
+            };
+            let Command::Forward(forward) = cli.command else {
+                panic!("{line}: not forward");
+            };
+            assert_eq!(
+                forward.channel_url().unwrap().expose().as_str(),
+                "https://smee.io/abc"
+            );
+        }
+        let Ok(Invocation::Run(cli)) = parse(args("smee-relay events list")) else {
+            panic!()
+        };
+        assert!(matches!(cli.command, Command::Events(_)));
+    }
+
+    #[test]
+    fn port_from_env_is_only_a_default() {
+        assert_eq!(port_from_env(None).unwrap(), 3000);
+        assert_eq!(port_from_env(Some("4567")).unwrap(), 4567);
+        let error = port_from_env(Some("web")).unwrap_err().to_string();
+        assert!(error.contains("PORT in the environment"), "{error}");
+        // A target given on the command line never reads PORT, so PORT cannot conflict.
+        let Ok(Invocation::Run(cli)) = parse(args(
+            "smee-relay forward https://smee.io/abc http://127.0.0.1:9/x",
+        )) else {
+            panic!()
+        };
+        let Command::Forward(forward) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            forward.target_url().unwrap().to_string(),
+            "http://127.0.0.1:9/x"
+        );
     }
 
     #[test]
