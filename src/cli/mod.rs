@@ -109,8 +109,9 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Also send the alerts to this Slack incoming webhook.
-    #[arg(long, value_parser = parse_http_url, env = "SLACK_WEBHOOK_URL", hide_env_values = true)]
+    /// Also send the alerts to this Slack incoming webhook. Only when given here: the demo never
+    /// posts to a webhook it found in the environment.
+    #[arg(long, value_parser = parse_http_url)]
     pub slack_webhook: Option<Url>,
 }
 

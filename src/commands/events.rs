@@ -46,32 +46,62 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `events list` as a table, one row per (event, route), oldest first.
+/// `events list` as a table, one row per (event, route), oldest first. Columns are as wide as
+/// their widest cell, so rows line up whatever the routes and errors are.
 fn table(rows: &[Row]) -> String {
+    const HEADER: [&str; 8] = [
+        "ID", "RECEIVED", "STATUS", "ATTEMPTS", "TARGET", "CHANNEL", "KIND", "LAST",
+    ];
+    // Numbers read right-aligned; words left-aligned.
+    const RIGHT: [bool; 8] = [true, true, false, true, false, false, false, false];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|row| {
+            let last = match (&row.record.last_status, &row.record.last_error) {
+                (_, Some(error)) => error.clone(),
+                (Some(status), None) => status.to_string(),
+                (None, None) => "-".into(),
+            };
+            [
+                row.id.to_string(),
+                format!("{} ago", short_age(spool::age(row.received_ms))),
+                format!("{:?}", row.record.status).to_lowercase(),
+                row.record.attempts.to_string(),
+                row.route.clone(),
+                row.channel.clone(),
+                row.kind.clone().unwrap_or_else(|| "-".into()),
+                // One row per line, whatever the error said.
+                last.replace(['\n', '\r'], " "),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>6}  {:>9}  {:<9}  {:>8}  {:<28}  {:<22}  {:<20}  LAST",
-        "ID", "RECEIVED", "STATUS", "ATTEMPTS", "TARGET", "CHANNEL", "KIND"
-    );
-    for row in rows {
-        let last = match (&row.record.last_status, &row.record.last_error) {
-            (_, Some(error)) => error.clone(),
-            (Some(status), None) => status.to_string(),
-            (None, None) => "-".into(),
-        };
-        let _ = writeln!(
-            out,
-            "{:>6}  {:>9}  {:<9}  {:>8}  {:<28}  {:<22}  {:<20}  {}",
-            row.id,
-            format!("{} ago", short_age(spool::age(row.received_ms))),
-            format!("{:?}", row.record.status).to_lowercase(),
-            row.record.attempts,
-            row.route,
-            row.channel,
-            row.kind.as_deref().unwrap_or("-"),
-            last
-        );
+    let header = HEADER.map(String::from);
+    for row in std::iter::once(&header).chain(&cells) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = " ".repeat(widths[i] - cell.chars().count());
+            if RIGHT[i] {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                // The last column needs no trailing spaces.
+                if i + 1 < row.len() {
+                    line.push_str(&pad);
+                }
+            }
+        }
+        let _ = writeln!(out, "{line}");
     }
     out
 }
@@ -125,5 +155,56 @@ fn short_age(age: Duration) -> String {
         60..3600 => format!("{}m", secs / 60),
         3600..86400 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Status;
+
+    fn row(id: u64, route: &str, channel: &str, error: Option<&str>) -> Row {
+        Row {
+            id,
+            received_ms: crate::clock::now_ms(),
+            channel: channel.into(),
+            route: route.into(),
+            record: DeliveryRecord {
+                status: Status::Pending,
+                attempts: 12,
+                last_status: Some(503),
+                last_error: error.map(String::from),
+                updated_ms: 0,
+                seq: id,
+            },
+            kind: Some("x-github-event=push".into()),
+        }
+    }
+
+    #[test]
+    fn regression_events_table_columns_line_up_whatever_their_width() {
+        let rows = [
+            row(7, "http://127.0.0.1:3000/", "https://smee.io/AbCd…", None),
+            row(
+                123456,
+                "https://a-much-longer-target.example.com:8443/webhooks/github",
+                "http://127.0.0.1:3333/x/secr…",
+                Some("connection refused\nsecond line"),
+            ),
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for column in ["TARGET", "CHANNEL", "KIND", "LAST"] {
+            // In characters, as a terminal shows them (the redacted ids end in `…`).
+            let at = lines[0][..lines[0].find(column).unwrap()].chars().count();
+            for line in &lines[1..] {
+                // Each cell starts where its header does, after two spaces.
+                let chars: Vec<char> = line.chars().collect();
+                assert_eq!(chars[at - 2..at], [' ', ' '], "{column}:\n{text}");
+                assert_ne!(chars[at], ' ', "{column}:\n{text}");
+            }
+        }
+        assert!(lines[2].ends_with("connection refused second line"));
     }
 }

@@ -52,6 +52,19 @@ pub enum SourceError {
     NewChannel { server: String, reason: String },
 }
 
+/// Why the channel refused a subscription, with what to do when a token is the answer.
+fn refused(status: http::StatusCode, has_token: bool) -> String {
+    match (status, has_token) {
+        (http::StatusCode::UNAUTHORIZED, false) => format!(
+            "the server answered {status}: the channel requires a token: --token or token_env"
+        ),
+        (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN, true) => format!(
+            "the server answered {status}: the channel refused the token; check --token or token_env"
+        ),
+        _ => format!("the server answered {status}"),
+    }
+}
+
 /// What a source needs to know.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -180,7 +193,7 @@ impl Source {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if !status.is_success() {
-            return lost(format!("the server answered {status}"), None);
+            return lost(refused(status, self.config.token.is_some()), None);
         }
         if !content_type.starts_with("text/event-stream") {
             return lost(
@@ -320,7 +333,7 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         .head(new)
         .send()
         .await
-        .map_err(|e| fail(e.without_url().to_string()))?;
+        .map_err(|e| fail(error_chain(&e.without_url())))?;
     let location = response
         .headers()
         .get(http::header::LOCATION)
