@@ -66,6 +66,27 @@ pub enum Command {
     Serve(ServeArgs),
     /// See the whole product work in one process, with no account and no network.
     Demo(DemoArgs),
+    /// Write shell completions or man pages (for packagers).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// What to write.
+    #[arg(value_enum)]
+    pub what: Generated,
+    /// The directory to write into (created if missing).
+    pub dir: std::path::PathBuf,
+}
+
+/// The files `generate` writes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Generated {
+    /// bash, zsh and fish completions for `smee-relay` and `smee`.
+    Completions,
+    /// Man pages: smee-relay(1), one per subcommand, and smee(1).
+    Man,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod check;
 pub mod demo;
 mod events;
 pub mod forward;
+mod generate;
 mod run;
 
 use anyhow::Context as _;
@@ -34,6 +35,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             demo::run(args.slack_webhook).await?;
             Ok(())
         }
+        Command::Generate(args) => generate::run(&args),
     }
 }
 
@@ -114,6 +116,9 @@ mod tests {
         assert_eq!(secret("../outside", Some(&inner)), None);
         // PATH is set in every test environment: the environment wins.
         std::fs::write(dir.path().join("PATH"), "not this").unwrap();
-        assert_ne!(secret("PATH", Some(dir.path())).as_deref(), Some("not this"));
+        assert_ne!(
+            secret("PATH", Some(dir.path())).as_deref(),
+            Some("not this")
+        );
     }
 }
