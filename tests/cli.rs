@@ -48,3 +48,131 @@ async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("FIRING cpu-high"));
     slack.assert_quiet(Duration::from_millis(200)).await;
 }
+
+/// A spool with two delivered events in it (a query, a header with a quote), and its directory.
+async fn spool_with_two_events() -> std::path::PathBuf {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let relay = support::Relay::start(
+        &channel,
+        support::relay_options(&channel, &target.url("/hook")),
+    )
+    .await;
+    channel.send_webhook(
+        1,
+        r#"{"content-type":"application/json","x-github-event":"it's","body":{"n":1,"s":"a b"},"query":{"a":"1 2"}}"#,
+    );
+    channel.send_webhook(
+        2,
+        r#"{"content-type":"application/json","x-github-event":"push","body":[2],"query":{}}"#,
+    );
+    target.take(2).await;
+    let state_dir = relay.state_dir.clone();
+    relay.stop().await;
+    state_dir
+}
+
+async fn events(state_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn events_export_gosmee_writes_scripts_that_replay_the_same_request() {
+    let state_dir = spool_with_two_events().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = events(
+        &state_dir,
+        &[
+            "export",
+            "--format",
+            "gosmee",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut scripts: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .collect();
+    scripts.sort();
+    assert_eq!(scripts.len(), 2);
+    for script in &scripts {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(script).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111, "{script:?} is not executable");
+        assert!(script.with_extension("json").exists());
+    }
+
+    let mut other = FakeTarget::start().await;
+    let status = tokio::process::Command::new(&scripts[0])
+        .arg(other.url("/replayed"))
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let got = other.next().await;
+    assert_eq!(got.uri, "/replayed?a=1+2");
+    assert_eq!(&got.body[..], br#"{"n":1,"s":"a b"}"#);
+    assert_eq!(got.header("x-github-event"), Some("it's"));
+    assert_eq!(got.header("content-type"), Some("application/json"));
+}
+
+#[tokio::test]
+async fn events_export_ndjson_has_one_line_per_event_with_the_exact_body() {
+    let state_dir = spool_with_two_events().await;
+    let out = events(&state_dir, &["export"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["body"], r#"{"n":1,"s":"a b"}"#);
+    assert_eq!(lines[1]["body"], "[2]");
+    assert_eq!(lines[0]["query"], serde_json::json!([["a", "1 2"]]));
+}
+
+#[tokio::test]
+async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
+    let state_dir = spool_with_two_events().await;
+    let mut other = FakeTarget::start().await;
+    let out = events(
+        &state_dir,
+        &["replay", "--since", "1h", "--to", &other.url("/again")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 2 of 2 events"));
+    let got = other.take(2).await;
+    assert_eq!(got[0].uri, "/again?a=1+2");
+    assert_eq!(&got[1].body[..], b"[2]");
+
+    other.answer_with(&[500]);
+    let out = events(
+        &state_dir,
+        &["replay", "--since", "1h", "--to", &other.url("/again")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 of 2 events were not accepted"),
+        "{stderr}"
+    );
+}

@@ -173,17 +173,37 @@ pub enum EventsCommand {
         /// The event id (from `events list`).
         id: u64,
     },
-    /// Queue events again, at the tail, in order.
+    /// Queue events again, at the tail, in order; with --to, POST them to another URL now.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "dead", "since"])))]
     Replay {
-        /// Event ids.
-        ids: Vec<u64>,
-        /// Every dead letter.
+        #[command(flatten)]
+        which: EventSelection,
+        /// POST the events to this URL now, in order, instead of queueing them again (the
+        /// spool is not changed). A progress bar shows on a terminal.
+        #[arg(long, value_name = "URL")]
+        to: Option<TargetUrl>,
+        /// With --to: how long one POST may take.
+        #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "to")]
+        timeout: Duration,
+    },
+    /// Write events out: NDJSON (one object per line), or gosmee's layout (for each event a
+    /// `<timestamp>.json` body and an executable `<timestamp>.sh` that replays it with curl).
+    Export {
+        #[command(flatten)]
+        which: EventSelection,
+        /// Every event in the spool (the default when nothing else is selected).
         #[arg(long)]
-        dead: bool,
-        /// Every event received within this long (e.g. 1h).
-        #[arg(long, value_parser = parse_duration)]
-        since: Option<Duration>,
+        all: bool,
+        /// The output format.
+        #[arg(long, value_enum, default_value = "ndjson")]
+        format: ExportFormat,
+        /// Write into this directory (created if missing); NDJSON goes to DIR/events.ndjson.
+        /// Without it, NDJSON goes to stdout. Required for gosmee.
+        #[arg(long, required_if_eq("format", "gosmee"))]
+        dir: Option<std::path::PathBuf>,
+        /// gosmee: where the scripts POST by default (a script's first argument overrides it).
+        #[arg(long, default_value = "http://127.0.0.1:3000/")]
+        target: TargetUrl,
     },
     /// Delete dead letters.
     Purge {
@@ -191,6 +211,28 @@ pub enum EventsCommand {
         #[arg(long, required = true)]
         dead: bool,
     },
+}
+
+/// Which events an `events` subcommand works on.
+#[derive(Debug, Args)]
+pub struct EventSelection {
+    /// Event ids.
+    pub ids: Vec<u64>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub dead: bool,
+    /// Every event received within this long (e.g. 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
+}
+
+/// How `events export` writes events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per line: id, received, channel, headers, query, body (text, or base64).
+    Ndjson,
+    /// gosmee's --saveDir layout: `<timestamp>.json` and an executable `<timestamp>.sh`.
+    Gosmee,
 }
 
 #[derive(Debug, Args)]

@@ -29,7 +29,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(args).await,
         Command::Run(args) => run::run(args).await,
         Command::Check(args) => check::run(args),
-        Command::Events(args) => events::run(args),
+        Command::Events(args) => events::run(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => {
             demo::run(args.slack_webhook).await?;
