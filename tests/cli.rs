@@ -176,3 +176,83 @@ async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn ignore_event_skips_those_events_by_name_and_relays_the_rest() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Chan1"), &target.url("/hook")])
+        .args(["--ignore-event", "ping", "--ignore-event", "ISSUES"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    for (id, header, name) in [
+        (1, "x-github-event", "ping"),
+        (2, "x-github-event", "issues"),
+        (3, "x-gitea-event", "Ping"),
+        (4, "x-github-event", "push"),
+    ] {
+        channel.send_webhook(
+            id,
+            &format!(r#"{{"{header}":"{name}","body":{{"id":{id}}},"query":{{}}}}"#),
+        );
+    }
+    let got = target.next().await;
+    assert_eq!(got.header("x-github-event"), Some("push"));
+    target.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.txt");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    for (file, needle) in [
+        (dir.path().join("missing.pem"), "cannot read --cacert"),
+        (not_pem, "holds no PEM certificate"),
+    ] {
+        let out = tokio::time::timeout(
+            PATIENCE,
+            smee_relay()
+                .args([
+                    "forward",
+                    "http://127.0.0.1:9/x",
+                    "http://127.0.0.1:9/y",
+                    "--cacert",
+                ])
+                .arg(&file)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(stderr.contains(&*file.display().to_string()), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn insecure_is_loudly_warned_about() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args([
+            "forward",
+            &channel.url("Chan2"),
+            &target.url("/"),
+            "--insecure",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let line = logs.wait_for(&["WARN", "--insecure", "NOT verified"]).await;
+    assert!(line.contains("--cacert"), "{line}");
+}

@@ -271,6 +271,11 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
 
+    /// Skip events with this name (x-github-event, x-gitlab-event, x-gitea-event, x-event-key
+    /// ...), e.g. `--ignore-event ping`. Repeatable. Skipped events are not kept.
+    #[arg(long, value_name = "NAME")]
+    pub ignore_event: Vec<String>,
+
     /// Forward the query string each webhook came with to the target. Always on; accepted so that
     /// smee-client's command line works unchanged.
     #[arg(long = "query-forwarding")]
@@ -310,6 +315,21 @@ pub struct DeliveryArgs {
     /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR", env = "SMEE_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS trust for every outbound connection (channels, https targets, Slack).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Also trust the certificates in this PEM file (a private CA).
+    #[arg(long, value_name = "FILE", env = "SMEE_RELAY_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+
+    /// Verify no TLS certificate at all (a development proxy only; logged as a warning).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Args)]

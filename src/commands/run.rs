@@ -13,6 +13,8 @@ use crate::source::SourceConfig;
 use crate::spool::Limits;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let tls = &args.delivery.tls;
+    crate::http::set_trust(tls.cacert.as_deref(), tls.insecure)?;
     let plan = plan_from_config(&args)?;
     let cancel = stop_on_signals()?;
     let mut hangups = systemd::reload_requests().context("cannot install the SIGHUP handler")?;
@@ -27,7 +29,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         return;
                     }
                 }
-                Err(e) => tracing::error!("config not reloaded, the running one stays:\n{e:#}"),
+                // One line: journald gives a second line no priority of its own.
+                Err(e) => tracing::error!("config not reloaded, the running one stays: {e:#}"),
             }
         }
     });

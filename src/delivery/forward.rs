@@ -132,8 +132,8 @@ impl Forwarder {
                 .build(connector);
             Engine::Plain(Box::new(client))
         } else {
+            // https targets and Slack honour HTTPS_PROXY/NO_PROXY (crate::http).
             let client = crate::http::client_builder()
-                .no_proxy()
                 .timeout(timeout)
                 .build()?;
             Engine::Tls(client)

@@ -78,6 +78,28 @@ pub struct SourceConfig {
     pub token: Option<String>,
     /// Where to resume: sent as `Last-Event-ID` on the first connection.
     pub last_event_id: Option<String>,
+    /// Event names to skip (`--ignore-event`, gosmee's flag): matched, ignoring case, against
+    /// the sender's event header ([`EVENT_HEADERS`]). Skipped events are never spooled.
+    pub ignore_events: Vec<String>,
+}
+
+/// Headers that name a webhook's event, by sender: GitHub, GitLab, Gitea, Gogs, Bitbucket.
+pub const EVENT_HEADERS: [&str; 5] = [
+    "x-github-event",
+    "x-gitlab-event",
+    "x-gitea-event",
+    "x-gogs-event",
+    "x-event-key",
+];
+
+/// Whether `event` is one of the `ignored` event names.
+fn is_ignored(event: &Event, ignored: &[String]) -> bool {
+    !ignored.is_empty()
+        && EVENT_HEADERS.iter().any(|header| {
+            event
+                .header(header)
+                .is_some_and(|name| ignored.iter().any(|i| i.eq_ignore_ascii_case(name)))
+        })
 }
 
 impl SourceConfig {
@@ -89,6 +111,7 @@ impl SourceConfig {
             reconnect: BackoffPolicy::RECONNECT,
             token: None,
             last_event_id: None,
+            ignore_events: Vec::new(),
         }
     }
 
@@ -257,9 +280,12 @@ impl Source {
             "ready" => debug!("channel ready"),
             "ping" => trace!("ping received"),
             "message" => {
-                if let Some(event) = decode_frame(frame)
-                    && events.send(event).await.is_err()
-                {
+                let Some(event) = decode_frame(frame) else {
+                    return true;
+                };
+                if is_ignored(&event, &self.config.ignore_events) {
+                    debug!(kind = ?event.kind(), "ignoring event (--ignore-event)");
+                } else if events.send(event).await.is_err() {
                     return false;
                 }
             }
