@@ -256,3 +256,34 @@ async fn insecure_is_loudly_warned_about() {
     let line = logs.wait_for(&["WARN", "--insecure", "NOT verified"]).await;
     assert!(line.contains("--cacert"), "{line}");
 }
+
+#[tokio::test]
+async fn config_takes_ignore_events_cacert_and_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        r#"
+cacert = "/etc/smee-relay/ca.pem"
+insecure = false
+
+[[channel]]
+url = "https://smee.io/AbCdEfGh"
+forward = ["http://127.0.0.1:3000/hook"]
+ignore_events = ["ping", "issues"]
+"#,
+    )
+    .unwrap();
+    let out = smee_relay()
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

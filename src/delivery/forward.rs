@@ -133,9 +133,7 @@ impl Forwarder {
             Engine::Plain(Box::new(client))
         } else {
             // https targets and Slack honour HTTPS_PROXY/NO_PROXY (crate::http).
-            let client = crate::http::client_builder()
-                .timeout(timeout)
-                .build()?;
+            let client = crate::http::client_builder().timeout(timeout).build()?;
             Engine::Tls(client)
         };
         Ok(Self {
