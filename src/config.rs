@@ -25,6 +25,11 @@ pub struct ConfigFile {
     pub state_dir: Option<PathBuf>,
     /// Serve `/healthz` and `/metrics` on this address (`--metrics-listen` wins).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Also trust this PEM file's CA certificates (`--cacert` wins). Read at start.
+    pub cacert: Option<PathBuf>,
+    /// Verify no TLS certificate (`--insecure`); warned about at start.
+    #[serde(default)]
+    pub insecure: bool,
     /// The channels to subscribe to.
     #[serde(default, rename = "channel")]
     pub channels: Vec<Spanned<ChannelConfig>>,
@@ -181,6 +186,9 @@ pub struct ChannelConfig {
     pub token: Option<SecretString>,
     /// The environment variable holding the token.
     pub token_env: Option<String>,
+    /// Event names to skip (`--ignore-event`).
+    #[serde(default)]
+    pub ignore_events: Vec<String>,
 }
 
 fn default_idle_timeout() -> Duration {
@@ -312,6 +320,7 @@ pub struct Channel {
     pub pipeline: bool,
     pub idle_timeout: Duration,
     pub token: Option<SecretString>,
+    pub ignore_events: Vec<String>,
 }
 
 /// A validated config, secrets resolved.
@@ -319,6 +328,8 @@ pub struct Channel {
 pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub cacert: Option<PathBuf>,
+    pub insecure: bool,
     pub channels: Vec<Channel>,
     pub rules: Vec<Rule>,
     /// Present when `[port]` names a client secret.
@@ -425,6 +436,7 @@ pub fn parse(
                         pipeline: c.pipeline,
                         idle_timeout: c.idle_timeout,
                         token,
+                        ignore_events: c.ignore_events.clone(),
                     });
                 }
                 // The URL may be a secret; say what is wrong without repeating it.
@@ -508,6 +520,8 @@ pub fn parse(
     Ok(Config {
         state_dir: file.state_dir,
         metrics_listen: file.metrics_listen,
+        cacert: file.cacert,
+        insecure: file.insecure,
         channels,
         rules,
         verifier,

@@ -3,8 +3,14 @@
 //! reqwest is built without a default TLS crypto provider so that the whole binary carries one
 //! TLS stack (rustls with `ring`). That provider must be installed before any client is built;
 //! [`client_builder`] does it, so no caller can forget.
+//!
+//! TLS trust is set once for the process ([`set_trust`]: `--cacert`, `--insecure`), before any
+//! client is built, so every client (channels, https targets, Slack) trusts alike. Proxy
+//! variables (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`) are honoured by every client
+//! built here, as reqwest reads them; plain-http targets go through hyper directly, without a
+//! proxy (they are local services).
 
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 /// How smee-relay names itself to the servers it calls.
@@ -20,8 +26,76 @@ pub fn client_builder() -> reqwest::ClientBuilder {
         // Fails only if another provider was installed first, which is just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
-        .user_agent(USER_AGENT)
+        .user_agent(USER_AGENT);
+    if let Some(trust) = TRUST.get() {
+        for cert in &trust.extra_roots {
+            builder = builder.add_root_certificate(cert.clone());
+        }
+        builder = builder.danger_accept_invalid_certs(trust.insecure);
+    }
+    builder
+}
+
+/// What every TLS client trusts beyond the system's roots.
+struct Trust {
+    /// From `--cacert FILE` (PEM, one or more certificates): a private CA.
+    extra_roots: Vec<reqwest::Certificate>,
+    /// `--insecure`: no certificate is verified (a development proxy). Loudly warned about.
+    insecure: bool,
+}
+
+static TRUST: OnceLock<Trust> = OnceLock::new();
+
+/// Why `--cacert` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("cannot read --cacert {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--cacert {path} holds no PEM certificate")]
+    Parse {
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("--cacert {path} holds no PEM certificate")]
+    Empty { path: String },
+}
+
+/// Trust `cacert`'s certificates too, or (insecure) nothing at all, in every client built from
+/// now on. Call once, before building clients; later calls are ignored.
+pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(), TrustError> {
+    let mut extra_roots = Vec::new();
+    if let Some(path) = cacert {
+        let shown = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| TrustError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        extra_roots =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| TrustError::Parse {
+                path: shown.clone(),
+                source,
+            })?;
+        if extra_roots.is_empty() {
+            return Err(TrustError::Empty { path: shown });
+        }
+    }
+    if insecure {
+        tracing::warn!(
+            "--insecure: TLS certificates are NOT verified; anyone on the path can read and change \
+             webhooks and secrets. Use --cacert FILE to trust a private CA instead."
+        );
+    }
+    let _ = TRUST.set(Trust {
+        extra_roots,
+        insecure,
+    });
+    Ok(())
 }

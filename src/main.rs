@@ -5,9 +5,7 @@ use std::process::ExitCode;
 
 use std::io::Write as _;
 
-use clap::Parser as _;
-
-use smee_relay::cli::{Cli, Command};
+use smee_relay::cli::{Command, Invocation};
 use smee_relay::config::ConfigError;
 use smee_relay::service::logging;
 
@@ -24,8 +22,13 @@ fn main() -> ExitCode {
         return ExitCode::from(smee_relay::pipeline::jq::worker_main(&args[1..]) as u8);
     }
     smee_relay::memory::return_large_buffers();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // As `smee`, smee-client's command line; `smee-relay -u … -t …` is `forward`.
+    let cli = match smee_relay::cli::parse(std::env::args_os()) {
+        Ok(Invocation::Run(cli)) => cli,
+        Ok(Invocation::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) if e.use_stderr() => {
             let _ = e.print();
             return ExitCode::from(USAGE_ERROR);

@@ -1,5 +1,11 @@
 //! Command-line definitions (clap). Only the shape of the CLI lives here; `main` turns it into
 //! calls to the library.
+//!
+//! Two spellings lead to `forward`: invoked as `smee` (a symlink or a copy), the command line is
+//! smee-client's ([`smee`]); and `smee-relay -u URL -t TARGET` with no subcommand is `forward`
+//! ([`parse`] inserts the word). Neither may change what `smee-relay forward` accepts.
+
+pub mod smee;
 
 use std::time::Duration;
 
@@ -60,6 +66,27 @@ pub enum Command {
     Serve(ServeArgs),
     /// See the whole product work in one process, with no account and no network.
     Demo(DemoArgs),
+    /// Write shell completions or man pages (for packagers).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// What to write.
+    #[arg(value_enum)]
+    pub what: Generated,
+    /// The directory to write into (created if missing).
+    pub dir: std::path::PathBuf,
+}
+
+/// The files `generate` writes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Generated {
+    /// bash, zsh and fish completions for `smee-relay` and `smee`.
+    Completions,
+    /// Man pages: smee-relay(1), one per subcommand, and smee(1).
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -148,8 +175,9 @@ fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Also send the alerts to this Slack incoming webhook.
-    #[arg(long, value_parser = parse_http_url, env = "SLACK_WEBHOOK_URL", hide_env_values = true)]
+    /// Also send the alerts to this Slack incoming webhook. Only when given here: the demo never
+    /// posts to a webhook it found in the environment.
+    #[arg(long, value_parser = parse_http_url)]
     pub slack_webhook: Option<Url>,
 }
 
@@ -190,17 +218,37 @@ pub enum EventsCommand {
         /// The event id (from `events list`).
         id: u64,
     },
-    /// Queue events again, at the tail, in order.
+    /// Queue events again, at the tail, in order; with --to, POST them to another URL now.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "dead", "since"])))]
     Replay {
-        /// Event ids.
-        ids: Vec<u64>,
-        /// Every dead letter.
+        #[command(flatten)]
+        which: EventSelection,
+        /// POST the events to this URL now, in order, instead of queueing them again (the
+        /// spool is not changed). A progress bar shows on a terminal.
+        #[arg(long, value_name = "URL")]
+        to: Option<TargetUrl>,
+        /// With --to: how long one POST may take.
+        #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "to")]
+        timeout: Duration,
+    },
+    /// Write events out: NDJSON (one object per line), or gosmee's layout (for each event a
+    /// `<timestamp>.json` body and an executable `<timestamp>.sh` that replays it with curl).
+    Export {
+        #[command(flatten)]
+        which: EventSelection,
+        /// Every event in the spool (the default when nothing else is selected).
         #[arg(long)]
-        dead: bool,
-        /// Every event received within this long (e.g. 1h).
-        #[arg(long, value_parser = parse_duration)]
-        since: Option<Duration>,
+        all: bool,
+        /// The output format.
+        #[arg(long, value_enum, default_value = "ndjson")]
+        format: ExportFormat,
+        /// Write into this directory (created if missing); NDJSON goes to DIR/events.ndjson.
+        /// Without it, NDJSON goes to stdout. Required for gosmee.
+        #[arg(long, required_if_eq("format", "gosmee"))]
+        dir: Option<std::path::PathBuf>,
+        /// gosmee: where the scripts POST by default (a script's first argument overrides it).
+        #[arg(long, default_value = "http://127.0.0.1:3000/")]
+        target: TargetUrl,
     },
     /// Delete dead letters.
     Purge {
@@ -208,6 +256,28 @@ pub enum EventsCommand {
         #[arg(long, required = true)]
         dead: bool,
     },
+}
+
+/// Which events an `events` subcommand works on.
+#[derive(Debug, Args)]
+pub struct EventSelection {
+    /// Event ids.
+    pub ids: Vec<u64>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub dead: bool,
+    /// Every event received within this long (e.g. 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
+}
+
+/// How `events export` writes events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per line: id, received, channel, headers, query, body (text, or base64).
+    Ndjson,
+    /// gosmee's --saveDir layout: `<timestamp>.json` and an executable `<timestamp>.sh`.
+    Gosmee,
 }
 
 #[derive(Debug, Args)]
@@ -229,10 +299,10 @@ pub struct ForwardArgs {
           conflicts_with_all = ["port", "path"])]
     pub target_flag: Option<TargetUrl>,
 
-    /// Local port to replay webhooks to, on 127.0.0.1.
-    #[arg(short = 'p', long, env = "PORT", default_value_t = 3000,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub port: u16,
+    /// Local port to replay webhooks to, on 127.0.0.1. Default: $PORT, else 3000. ($PORT is only
+    /// this default: a target given another way wins over it.)
+    #[arg(short = 'p', long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
 
     /// Path on the local port to replay webhooks to.
     #[arg(short = 'P', long, default_value = "/")]
@@ -243,8 +313,18 @@ pub struct ForwardArgs {
     pub idle_timeout: Duration,
 
     /// The smee server to create a channel on when no CHANNEL_URL is given.
-    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
+    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
+
+    /// Skip events with this name (x-github-event, x-gitlab-event, x-gitea-event, x-event-key
+    /// ...), e.g. `--ignore-event ping`. Repeatable. Skipped events are not kept.
+    #[arg(long, value_name = "NAME")]
+    pub ignore_event: Vec<String>,
+
+    /// Forward the query string each webhook came with to the target. Always on; accepted so that
+    /// smee-client's command line works unchanged.
+    #[arg(long = "query-forwarding")]
+    pub query_forwarding: bool,
 
     /// Token for a `smee-relay serve --token` channel (sent as `Authorization: Bearer`).
     #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
@@ -289,6 +369,21 @@ pub struct DeliveryArgs {
     /// stays queued. Keep it below systemd's TimeoutStopSec (30s in the shipped units).
     #[arg(long, default_value = "5s", value_parser = parse_duration, env = "SMEE_RELAY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Duration,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS trust for every outbound connection (channels, https targets, Slack).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Also trust the certificates in this PEM file (a private CA).
+    #[arg(long, value_name = "FILE", env = "SMEE_RELAY_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+
+    /// Verify no TLS certificate at all (a development proxy only; logged as a warning).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -314,12 +409,17 @@ pub struct CheckArgs {
 }
 
 impl ForwardArgs {
-    /// The target, from whichever spelling was used.
-    pub fn target_url(&self) -> Result<TargetUrl, crate::url::UrlError> {
-        match self.target.clone().or_else(|| self.target_flag.clone()) {
-            Some(target) => Ok(target),
-            None => TargetUrl::local(self.port, &self.path),
+    /// The target, from whichever spelling was used; else `127.0.0.1:<--port or $PORT or
+    /// 3000><--path>`.
+    pub fn target_url(&self) -> Result<TargetUrl, TargetError> {
+        if let Some(target) = self.target.clone().or_else(|| self.target_flag.clone()) {
+            return Ok(target);
         }
+        let port = match self.port {
+            Some(port) => port,
+            None => port_from_env(std::env::var("PORT").ok().as_deref())?,
+        };
+        Ok(TargetUrl::local(port, &self.path)?)
     }
 
     /// The channel, from whichever spelling was used.
@@ -328,10 +428,84 @@ impl ForwardArgs {
     }
 }
 
+/// Why no target could be made from the arguments.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("PORT in the environment is {0:?}, not a port (1-65535): give --port or --target")]
+    EnvPort(String),
+    #[error(transparent)]
+    Url(#[from] crate::url::UrlError),
+}
+
+/// The default port: `$PORT` when set (as smee-client reads it), else 3000.
+fn port_from_env(port: Option<&str>) -> Result<u16, TargetError> {
+    match port {
+        None | Some("") => Ok(3000),
+        Some(text) => match text.trim().parse::<u16>() {
+            Ok(port) if port > 0 => Ok(port),
+            _ => Err(TargetError::EnvPort(text.to_string())),
+        },
+    }
+}
+
+/// Parse a command line: as smee-client's when the program is called `smee`, else as
+/// smee-relay's, where `-u/--url`, `-t/--target`, `-p/--port` or `-P/--path` before any
+/// subcommand mean `forward`.
+pub fn parse(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<Invocation, clap::Error> {
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    let program = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_stem())
+        .and_then(|n| n.to_str())
+        .unwrap_or("smee-relay");
+    if program == "smee" {
+        return smee::parse(args);
+    }
+    if let Some(at) = forward_flags_at(&args) {
+        args.insert(at, "forward".into());
+    }
+    Cli::try_parse_from(args).map(|cli| Invocation::Run(Box::new(cli)))
+}
+
+/// What a command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run a command.
+    Run(Box<Cli>),
+    /// Print this and exit 0 (`smee -v`).
+    Print(String),
+}
+
+/// Where `forward` belongs when the command line starts (after global flags) with one of
+/// smee-client's flags instead of a subcommand.
+fn forward_flags_at(args: &[std::ffi::OsString]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(arg) = args.get(i).and_then(|a| a.to_str()) {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        match flag {
+            "--log-format" if !arg.contains('=') => i += 2,
+            "--log-format" | "--verbose" | "--quiet" => i += 1,
+            _ if arg.starts_with('-')
+                && !arg.starts_with("--")
+                && arg.len() > 1
+                && arg[1..].chars().all(|c| c == 'v' || c == 'q') =>
+            {
+                i += 1
+            }
+            "--url" | "--target" | "--port" | "--path" => return Some(i),
+            _ if ["-u", "-t", "-p", "-P"].iter().any(|f| arg.starts_with(f)) => return Some(i),
+            _ => return None,
+        }
+    }
+    None
+}
+
 #[derive(Debug, Args)]
 pub struct NewArgs {
     /// The smee server to create the channel on.
-    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url)]
+    #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
 }
 
@@ -383,6 +557,56 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("1PiB").is_err());
         assert!(parse_size("0").is_err());
+    }
+
+    fn args(line: &str) -> Vec<std::ffi::OsString> {
+        line.split_whitespace().map(Into::into).collect()
+    }
+
+    #[test]
+    fn top_level_smee_flags_mean_forward() {
+        for line in [
+            "smee-relay -u https://smee.io/abc -t http://127.0.0.1:3000/events",
+            "smee-relay --url https://smee.io/abc --port 4000",
+            "smee-relay -q --log-format json -u https://smee.io/abc -P /hook",
+            "smee-relay -vv --url=https://smee.io/abc",
+        ] {
+            let Ok(Invocation::Run(cli)) = parse(args(line)) else {
+                panic!("{line}: not a run");
+            };
+            let Command::Forward(forward) = cli.command else {
+                panic!("{line}: not forward");
+            };
+            assert_eq!(
+                forward.channel_url().unwrap().expose().as_str(),
+                "https://smee.io/abc"
+            );
+        }
+        let Ok(Invocation::Run(cli)) = parse(args("smee-relay events list")) else {
+            panic!()
+        };
+        assert!(matches!(cli.command, Command::Events(_)));
+    }
+
+    #[test]
+    fn port_from_env_is_only_a_default() {
+        assert_eq!(port_from_env(None).unwrap(), 3000);
+        assert_eq!(port_from_env(Some("4567")).unwrap(), 4567);
+        let error = port_from_env(Some("web")).unwrap_err().to_string();
+        assert!(error.contains("PORT in the environment"), "{error}");
+        // A target given on the command line never reads PORT, so PORT cannot conflict.
+        let Ok(Invocation::Run(cli)) = parse(args(
+            "smee-relay forward https://smee.io/abc http://127.0.0.1:9/x",
+        )) else {
+            panic!()
+        };
+        let Command::Forward(forward) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            forward.target_url().unwrap().to_string(),
+            "http://127.0.0.1:9/x"
+        );
     }
 
     #[test]

@@ -1,14 +1,22 @@
-//! `smee-relay events`: what is in the spool, for people (a table) and scripts (JSON).
+//! `smee-relay events`: what is in the spool, for people (a table) and scripts (JSON); and
+//! events taken out of it: exported to files (NDJSON, gosmee's layout) or replayed to another
+//! URL. It reads the spool and changes it only through the spool's own `replay` and `purge`.
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
-use crate::cli::{EventsArgs, EventsCommand};
+use anyhow::Context as _;
+use base64::Engine as _;
+
+use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat};
+use crate::delivery::forward::Forwarder;
 use crate::service::logging::escape_control;
-use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, StoredEvent};
+use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
+use crate::url::TargetUrl;
 
 /// Run one `events` subcommand against the spool in the state directory.
-pub fn run(args: EventsArgs) -> anyhow::Result<()> {
+pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
     let spool = Spool::open(&dir)?;
     match args.command {
@@ -32,7 +40,37 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
             let (event, records) = spool.get(id)?;
             print!("{}", show(&event, &records));
         }
-        EventsCommand::Replay { ids, dead, since } => {
+        EventsCommand::Replay {
+            which,
+            to: Some(to),
+            timeout,
+        } => {
+            let ids = select(&spool, &which)?;
+            replay_to(&spool, &ids, to, timeout).await?;
+        }
+        EventsCommand::Export {
+            which,
+            all: _,
+            format,
+            dir,
+            target,
+        } => {
+            // Nothing selected means everything.
+            let ids = if which.ids.is_empty() && !which.dead && which.since.is_none() {
+                all_ids(&spool)?
+            } else {
+                select(&spool, &which)?
+            };
+            let written = export(&spool, &ids, format, dir.as_deref(), &target)?;
+            if let Some(dir) = dir {
+                eprintln!("exported {written} events to {}", dir.display());
+            }
+        }
+        EventsCommand::Replay {
+            which: EventSelection { ids, dead, since },
+            to: None,
+            ..
+        } => {
             let which = match (dead, since) {
                 (true, _) => Replay::Dead,
                 (false, Some(since)) => Replay::ReceivedSince(
@@ -51,33 +89,274 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `events list` as a table, one row per (event, route), oldest first.
-fn table(rows: &[Row]) -> String {
+/// The ids of every event in the spool, oldest first.
+fn all_ids(spool: &Spool) -> anyhow::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = spool.list(None, usize::MAX)?.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The event ids a selection names, oldest first, each once.
+fn select(spool: &Spool, which: &EventSelection) -> anyhow::Result<Vec<u64>> {
+    let mut ids = which.ids.clone();
+    if which.dead || which.since.is_some() {
+        let status = which.dead.then_some(Status::Dead);
+        let since = which
+            .since
+            .map(|since| crate::clock::now_ms().saturating_sub(since.as_millis() as u64));
+        ids.extend(
+            spool
+                .list(status, usize::MAX)?
+                .iter()
+                .filter(|row| since.is_none_or(|since| row.received_ms >= since))
+                .map(|row| row.id),
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// POST each event to `to` now, in order, and say how each went. A failure does not stop the
+/// rest; it makes the command fail at the end.
+async fn replay_to(
+    spool: &Spool,
+    ids: &[u64],
+    to: TargetUrl,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let forwarder =
+        Forwarder::new(to.clone(), timeout).context("cannot build the HTTP client for --to")?;
+    // Drawn only on a terminal (indicatif hides it otherwise), and only when it helps.
+    let progress = if ids.len() > 1 {
+        indicatif::ProgressBar::new(ids.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut failed = 0usize;
+    for &id in ids {
+        let (event, _) = spool.get(id)?;
+        let delivery = format!("replay-{id}");
+        match forwarder
+            .deliver(&event.event, &[("x-smee-relay-delivery", &delivery)])
+            .await
+        {
+            Ok(done) => progress.println(format!(
+                "event {id}: POST {} -> {}",
+                to.path(),
+                done.status.as_u16()
+            )),
+            Err(e) => {
+                failed += 1;
+                progress.println(format!(
+                    "event {id}: POST {} failed: {}",
+                    to.path(),
+                    crate::error::chain(&e)
+                ));
+            }
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    println!(
+        "replayed {} of {} events to {to}",
+        ids.len() - failed,
+        ids.len()
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} events were not accepted by {to}", ids.len());
+    }
+    Ok(())
+}
+
+/// Write the events out; returns how many.
+fn export(
+    spool: &Spool,
+    ids: &[u64],
+    format: ExportFormat,
+    dir: Option<&Path>,
+    target: &TargetUrl,
+) -> anyhow::Result<usize> {
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut ndjson: Box<dyn std::io::Write> = match (format, dir) {
+        (ExportFormat::Ndjson, Some(dir)) => {
+            let path = dir.join("events.ndjson");
+            Box::new(std::io::BufWriter::new(
+                std::fs::File::create(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?,
+            ))
+        }
+        _ => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    for &id in ids {
+        let (event, _) = spool.get(id)?;
+        match (format, dir) {
+            (ExportFormat::Gosmee, Some(dir)) => write_gosmee(dir, &event, target)?,
+            _ => {
+                serde_json::to_writer(&mut ndjson, &ndjson_line(&event))?;
+                ndjson.write_all(b"\n")?;
+            }
+        }
+    }
+    ndjson.flush()?;
+    Ok(ids.len())
+}
+
+/// One event as an NDJSON line: the body as text when it is UTF-8, else as base64.
+fn ndjson_line(event: &StoredEvent) -> serde_json::Value {
+    let body = &event.event.body;
+    let mut line = serde_json::json!({
+        "id": event.id,
+        "received": rfc3339(event.received_ms),
+        "channel": event.channel,
+        "headers": event.event.headers,
+        "query": event.event.query,
+    });
+    match std::str::from_utf8(body) {
+        Ok(text) => line["body"] = text.into(),
+        Err(_) => {
+            line["body_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(body)
+                .into()
+        }
+    }
+    line
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// gosmee's layout: `<timestamp>.json` holds the exact body; `<timestamp>.sh` POSTs it with the
+/// event's headers and query, to `target` or the script's first argument. The event id keeps
+/// names unique when two events share a millisecond.
+fn write_gosmee(dir: &Path, event: &StoredEvent, target: &TargetUrl) -> anyhow::Result<()> {
+    let stem = format!(
+        "{}-{}",
+        rfc3339(event.received_ms).replace(':', "-"),
+        event.id
+    );
+    let json = dir.join(format!("{stem}.json"));
+    std::fs::write(&json, &event.event.body)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    let script = dir.join(format!("{stem}.sh"));
+    std::fs::write(&script, gosmee_script(event, &stem, target))
+        .with_context(|| format!("cannot write {}", script.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", script.display()))?;
+    Ok(())
+}
+
+fn gosmee_script(event: &StoredEvent, stem: &str, target: &TargetUrl) -> String {
+    // The query exactly as forwarding appends it (the target's own query has none here).
+    let query = match "http://x/".parse::<TargetUrl>() {
+        Ok(base) => base
+            .with_query(&event.event.query)
+            .query()
+            .unwrap_or("")
+            .to_string(),
+        Err(_) => String::new(),
+    };
     let mut out = String::new();
+    let _ = writeln!(out, "#!/usr/bin/env bash");
     let _ = writeln!(
         out,
-        "{:>6}  {:>9}  {:<9}  {:>8}  {:<28}  {:<22}  {:<20}  LAST",
-        "ID", "RECEIVED", "STATUS", "ATTEMPTS", "TARGET", "CHANNEL", "KIND"
+        "# Event {} received {} from {} (smee-relay events export --format gosmee).",
+        event.id,
+        rfc3339(event.received_ms),
+        event.channel
     );
-    for row in rows {
-        let last = match (&row.record.last_status, &row.record.last_error) {
-            (_, Some(error)) => error.clone(),
-            (Some(status), None) => status.to_string(),
-            (None, None) => "-".into(),
-        };
-        let _ = writeln!(
-            out,
-            "{:>6}  {:>9}  {:<9}  {:>8}  {:<28}  {:<22}  {:<20}  {}",
-            row.id,
-            format!("{} ago", short_age(spool::age(row.received_ms))),
-            format!("{:?}", row.record.status).to_lowercase(),
-            row.record.attempts,
-            row.route,
-            row.channel,
-            // What a sender chose goes to a terminal: its control characters escaped.
-            escape_control(row.kind.as_deref().unwrap_or("-")),
-            escape_control(&last)
-        );
+    let _ = writeln!(out, "# Usage: ./{stem}.sh [TARGET_URL]");
+    let _ = writeln!(out, "set -euo pipefail");
+    let _ = writeln!(out, "target=${{1:-{}}}", quote(&target.to_string()));
+    let _ = writeln!(out, "cd \"$(dirname \"$0\")\"");
+    let _ = write!(out, "exec curl -sS --fail-with-body -X POST");
+    if query.is_empty() {
+        let _ = write!(out, " \"$target\"");
+    } else {
+        let _ = write!(out, " \"$target\"{}", quote(&format!("?{query}")));
+    }
+    for (name, value) in &event.event.headers {
+        let _ = write!(out, " \\\n  -H {}", quote(&format!("{name}: {value}")));
+    }
+    let _ = writeln!(
+        out,
+        " \\\n  --data-binary @{}",
+        quote(&format!("{stem}.json"))
+    );
+    out
+}
+
+/// `text` as one single-quoted shell word.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// `events list` as a table, one row per (event, route), oldest first. Columns are as wide as
+/// their widest cell, so rows line up whatever the routes and errors are.
+fn table(rows: &[Row]) -> String {
+    const HEADER: [&str; 8] = [
+        "ID", "RECEIVED", "STATUS", "ATTEMPTS", "TARGET", "CHANNEL", "KIND", "LAST",
+    ];
+    // Numbers read right-aligned; words left-aligned.
+    const RIGHT: [bool; 8] = [true, true, false, true, false, false, false, false];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|row| {
+            let last = match (&row.record.last_status, &row.record.last_error) {
+                (_, Some(error)) => error.clone(),
+                (Some(status), None) => status.to_string(),
+                (None, None) => "-".into(),
+            };
+            [
+                row.id.to_string(),
+                format!("{} ago", short_age(spool::age(row.received_ms))),
+                format!("{:?}", row.record.status).to_lowercase(),
+                row.record.attempts.to_string(),
+                row.route.clone(),
+                row.channel.clone(),
+                // What a sender chose goes to a terminal: its control characters escaped
+                // (which also keeps one row per line).
+                escape_control(row.kind.as_deref().unwrap_or("-")).into_owned(),
+                escape_control(&last).into_owned(),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header = HEADER.map(String::from);
+    for row in std::iter::once(&header).chain(&cells) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = " ".repeat(widths[i] - cell.chars().count());
+            if RIGHT[i] {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                // The last column needs no trailing spaces.
+                if i + 1 < row.len() {
+                    line.push_str(&pad);
+                }
+            }
+        }
+        let _ = writeln!(out, "{line}");
     }
     out
 }
@@ -131,5 +410,56 @@ fn short_age(age: Duration) -> String {
         60..3600 => format!("{}m", secs / 60),
         3600..86400 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Status;
+
+    fn row(id: u64, route: &str, channel: &str, error: Option<&str>) -> Row {
+        Row {
+            id,
+            received_ms: crate::clock::now_ms(),
+            channel: channel.into(),
+            route: route.into(),
+            record: DeliveryRecord {
+                status: Status::Pending,
+                attempts: 12,
+                last_status: Some(503),
+                last_error: error.map(String::from),
+                updated_ms: 0,
+                seq: id,
+            },
+            kind: Some("x-github-event=push".into()),
+        }
+    }
+
+    #[test]
+    fn regression_events_table_columns_line_up_whatever_their_width() {
+        let rows = [
+            row(7, "http://127.0.0.1:3000/", "https://smee.io/AbCd…", None),
+            row(
+                123456,
+                "https://a-much-longer-target.example.com:8443/webhooks/github",
+                "http://127.0.0.1:3333/x/secr…",
+                Some("connection refused\nsecond line"),
+            ),
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for column in ["TARGET", "CHANNEL", "KIND", "LAST"] {
+            // In characters, as a terminal shows them (the redacted ids end in `…`).
+            let at = lines[0][..lines[0].find(column).unwrap()].chars().count();
+            for line in &lines[1..] {
+                // Each cell starts where its header does, after two spaces.
+                let chars: Vec<char> = line.chars().collect();
+                assert_eq!(chars[at - 2..at], [' ', ' '], "{column}:\n{text}");
+                assert_ne!(chars[at], ' ', "{column}:\n{text}");
+            }
+        }
+        assert!(lines[2].ends_with("connection refused second line"));
     }
 }

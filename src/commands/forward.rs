@@ -74,6 +74,8 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     crate::service::systemd::ignore_hangups("forward")
         .context("cannot install the SIGHUP handler")?;
     let target = args.target_url().context("invalid target")?;
+    let tls = &args.delivery.tls;
+    crate::http::set_trust(tls.cacert.as_deref(), tls.insecure)?;
     let channel = match args.channel_url() {
         Some(channel) => channel,
         None => {
@@ -85,6 +87,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let mut source = SourceConfig::new(channel);
     source.idle_timeout = args.idle_timeout;
     source.token = args.token.clone();
+    source.ignore_events = args.ignore_event.clone();
     let delivery = &args.delivery;
     let options = ForwardOptions {
         source,

@@ -6,6 +6,7 @@ mod check;
 pub mod demo;
 mod events;
 pub mod forward;
+mod generate;
 mod run;
 
 use anyhow::Context as _;
@@ -28,12 +29,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(args).await,
         Command::Run(args) => run::run(args).await,
         Command::Check(args) => check::run(args),
-        Command::Events(args) => events::run(args),
+        Command::Events(args) => events::run(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => {
             demo::run(args.slack_webhook).await?;
             Ok(())
         }
+        Command::Generate(args) => generate::run(&args),
     }
 }
 
@@ -92,6 +94,56 @@ fn stop_on_signals() -> anyhow::Result<CancellationToken> {
     Ok(cancel)
 }
 
+/// Load the config; a `*_env = "NAME"` key reads the environment variable NAME, else the
+/// systemd credential NAME (`LoadCredential=NAME:/path` puts it in `$CREDENTIALS_DIRECTORY`).
 fn load_config(path: &std::path::Path) -> Result<config::Config, ConfigError> {
-    config::load(path, &|name| std::env::var(name).ok())
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    config::load(path, &|name| secret(name, credentials.as_deref()))
+}
+
+/// A secret by name: the environment first, then a credential file of that name. A credential's
+/// one trailing newline (as `echo` or an editor leaves it) is not part of the secret.
+fn secret(name: &str, credentials: Option<&std::path::Path>) -> Option<String> {
+    if let Ok(value) = std::env::var(name) {
+        return Some(value);
+    }
+    // A name with a path separator could read files outside the credentials directory.
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return None;
+    }
+    let text = std::fs::read_to_string(credentials?.join(name)).ok()?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Some(text.strip_suffix('\r').unwrap_or(text).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_the_environment_then_systemd_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("SMEE_RELAY_TEST_CREDENTIAL"),
+            "https://hooks.slack.com/services/T/B/X\n",
+        )
+        .unwrap();
+        assert_eq!(
+            secret("SMEE_RELAY_TEST_CREDENTIAL", Some(dir.path())).as_deref(),
+            Some("https://hooks.slack.com/services/T/B/X")
+        );
+        assert_eq!(secret("SMEE_RELAY_TEST_MISSING", Some(dir.path())), None);
+        assert_eq!(secret("SMEE_RELAY_TEST_CREDENTIAL", None), None);
+        // No escape from the credentials directory.
+        std::fs::write(dir.path().join("outside"), "x").unwrap();
+        let inner = dir.path().join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        assert_eq!(secret("../outside", Some(&inner)), None);
+        // PATH is set in every test environment: the environment wins.
+        std::fs::write(dir.path().join("PATH"), "not this").unwrap();
+        assert_ne!(
+            secret("PATH", Some(dir.path())).as_deref(),
+            Some("not this")
+        );
+    }
 }

@@ -44,6 +44,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let config = load_config(&args.config)?;
     let delivery = &args.delivery;
+    // TLS trust is set once, at start; a reload cannot change it.
+    let tls = &delivery.tls;
+    crate::http::set_trust(
+        tls.cacert.as_deref().or(config.cacert.as_deref()),
+        tls.insecure || config.insecure,
+    )?;
     let state_dir = match (&delivery.state.state_dir, &config.state_dir) {
         (Some(flag), _) => flag.clone(),
         (None, Some(file)) => file.clone(),
@@ -98,6 +104,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             let mut source = SourceConfig::new(c.url.clone());
             source.idle_timeout = c.idle_timeout;
             source.token = c.token.clone();
+            source.ignore_events = c.ignore_events.clone();
             ChannelPlan {
                 source,
                 forward: c.forward.clone(),

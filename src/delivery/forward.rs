@@ -137,10 +137,8 @@ impl Forwarder {
                 .build(connector);
             Engine::Plain(Box::new(client))
         } else {
-            let client = crate::http::client_builder()
-                .no_proxy()
-                .timeout(timeout)
-                .build()?;
+            // https targets and Slack honour HTTPS_PROXY/NO_PROXY (crate::http).
+            let client = crate::http::client_builder().timeout(timeout).build()?;
             Engine::Tls(client)
         };
         Ok(Self {

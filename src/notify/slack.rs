@@ -1,5 +1,9 @@
 //! Slack incoming-webhook messages: Block Kit plus a coloured attachment, and a plain `text`
 //! fallback with the same words (notifications and screen readers use it).
+//!
+//! Slack answers 400 to a message over any Block Kit limit, which would turn the alert into a
+//! dead letter; so every block is fitted to Slack's limits here ([`fit_blocks`]), cutting with
+//! an ellipsis. The plain `text` is never cut: it keeps the full words.
 
 use serde_json::{Value, json};
 
@@ -65,11 +69,10 @@ pub fn message(alert: &Alert) -> Value {
             "elements": context.iter().map(|t| json!({"type": "mrkdwn", "text": t})).collect::<Vec<_>>()
         }));
     }
-    if !alert.links.is_empty() {
-        let buttons: Vec<Value> = alert
-            .links
+    // One actions block holds at most 25 buttons: more links take more blocks.
+    for links in alert.links.chunks(limits::BUTTONS_PER_ACTIONS) {
+        let buttons: Vec<Value> = links
             .iter()
-            .take(25) // Slack's limit per actions block
             .map(|(name, url)| {
                 json!({"type": "button", "text": {"type": "plain_text", "text": name}, "url": url})
             })
@@ -84,11 +87,98 @@ pub fn message(alert: &Alert) -> Value {
         ),
         None => format!("{title} ({})", alert.threshold),
     };
+    let mut header = vec![json!({"type": "header", "text": {"type": "plain_text", "text": title}})];
+    fit_blocks(&mut header);
+    fit_blocks(&mut details);
     json!({
         "text": fallback,
-        "blocks": [{"type": "header", "text": {"type": "plain_text", "text": truncate(&title, 150)}}],
+        "blocks": header,
         "attachments": [{"color": color, "fallback": fallback, "blocks": details}],
     })
+}
+
+/// Slack's Block Kit limits (https://api.slack.com/reference/block-kit), in characters.
+pub mod limits {
+    /// Blocks in one message (or one attachment).
+    pub const BLOCKS: usize = 50;
+    /// A header block's text.
+    pub const HEADER_TEXT: usize = 150;
+    /// A section's text, and any other text object (context elements).
+    pub const SECTION_TEXT: usize = 3000;
+    /// Each of a section's fields.
+    pub const FIELD_TEXT: usize = 2000;
+    /// Fields in one section.
+    pub const FIELDS: usize = 10;
+    /// Elements in one context block.
+    pub const CONTEXT_ELEMENTS: usize = 10;
+    /// A button's label.
+    pub const BUTTON_TEXT: usize = 75;
+    /// A button's URL: a cut URL would lead somewhere else, so a longer one drops the button.
+    pub const BUTTON_URL: usize = 3000;
+    /// Buttons in one actions block.
+    pub const BUTTONS_PER_ACTIONS: usize = 25;
+}
+
+/// Fit `blocks` to Slack's limits: texts cut with an ellipsis, lists cut to their maximum, and
+/// past 50 blocks the last one kept says how many were left out.
+pub fn fit_blocks(blocks: &mut Vec<Value>) {
+    if blocks.len() > limits::BLOCKS {
+        let left_out = blocks.len() - (limits::BLOCKS - 1);
+        blocks.truncate(limits::BLOCKS - 1);
+        blocks.push(json!({
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": format!("_{left_out} more blocks not shown_")}]
+        }));
+    }
+    for block in blocks {
+        match block["type"].as_str() {
+            Some("header") => fit_text(&mut block["text"], limits::HEADER_TEXT),
+            Some("section") => {
+                if block.get("text").is_some() {
+                    fit_text(&mut block["text"], limits::SECTION_TEXT);
+                }
+                if let Some(fields) = block.get_mut("fields").and_then(Value::as_array_mut) {
+                    fields.truncate(limits::FIELDS);
+                    fields
+                        .iter_mut()
+                        .for_each(|f| fit_text(f, limits::FIELD_TEXT));
+                }
+            }
+            Some("context") => {
+                if let Some(elements) = block.get_mut("elements").and_then(Value::as_array_mut) {
+                    elements.truncate(limits::CONTEXT_ELEMENTS);
+                    elements
+                        .iter_mut()
+                        .for_each(|e| fit_text(e, limits::SECTION_TEXT));
+                }
+            }
+            Some("actions") => {
+                if let Some(elements) = block.get_mut("elements").and_then(Value::as_array_mut) {
+                    elements.retain(|b| {
+                        b["url"]
+                            .as_str()
+                            .is_none_or(|u| u.chars().count() <= limits::BUTTON_URL)
+                    });
+                    elements.truncate(limits::BUTTONS_PER_ACTIONS);
+                    elements
+                        .iter_mut()
+                        .for_each(|b| fit_text(&mut b["text"], limits::BUTTON_TEXT));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Cut a text object's `text` to `max` characters.
+fn fit_text(object: &mut Value, max: usize) {
+    let mrkdwn = object["type"] == "mrkdwn";
+    if let Some(text) = object.get_mut("text")
+        && let Some(s) = text.as_str()
+        && s.chars().count() > max
+    {
+        *text = Value::String(truncate(s, max, mrkdwn));
+    }
 }
 
 fn field(name: &str, value: &str) -> Value {
@@ -102,10 +192,189 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn truncate(text: &str, max: usize) -> String {
+/// `text` cut to at most `max` characters, the last being `…`. In mrkdwn the cut never splits
+/// an escape (`&amp;`) or a link (`<url|label>`): those are dropped whole.
+fn truncate(text: &str, max: usize, mrkdwn: bool) -> String {
     if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        text.chars().take(max - 1).chain(['…']).collect()
+        return text.to_string();
+    }
+    let mut kept: String = text.chars().take(max.saturating_sub(1)).collect();
+    if mrkdwn {
+        if let Some(amp) = kept.rfind('&')
+            && !kept[amp..].contains(';')
+        {
+            kept.truncate(amp);
+        }
+        if let Some(open) = kept.rfind('<')
+            && !kept[open..].contains('>')
+        {
+            kept.truncate(open);
+        }
+    }
+    kept.push('…');
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::ShownChange;
+
+    fn alert() -> Alert {
+        Alert {
+            status: AlertStatus::Firing,
+            rule: "cpu-high".into(),
+            severity: "critical".into(),
+            entity: "svc-prod".into(),
+            title: "Notification Service".into(),
+            blueprint: Some("service".into()),
+            property: Some(ShownChange {
+                property: "cpuUtil".into(),
+                before: "60".into(),
+                after: "95".into(),
+            }),
+            threshold: "above 80".into(),
+            other_changes: vec![],
+            action: "UPDATE".into(),
+            triggered_by: Some("alice".into()),
+            triggered_at: Some("2026-11-29T10:00:00Z".into()),
+            entity_url: None,
+            links: vec![],
+            note: None,
+        }
+    }
+
+    fn chars(value: &Value) -> usize {
+        value.as_str().unwrap().chars().count()
+    }
+
+    fn details(message: &Value) -> &Vec<Value> {
+        message["attachments"][0]["blocks"].as_array().unwrap()
+    }
+
+    #[test]
+    fn a_long_title_is_cut_to_150_in_the_header_and_kept_whole_in_text() {
+        let mut alert = alert();
+        alert.title = "word ".repeat(100);
+        let message = message(&alert);
+        let header = &message["blocks"][0]["text"]["text"];
+        assert_eq!(chars(header), limits::HEADER_TEXT);
+        assert!(header.as_str().unwrap().ends_with('…'));
+        assert!(message["text"].as_str().unwrap().contains(&alert.title));
+    }
+
+    #[test]
+    fn a_long_property_value_is_cut_to_2000_in_its_field_and_kept_whole_in_text() {
+        let mut alert = alert();
+        let value = "x".repeat(5000);
+        alert.property.as_mut().unwrap().after = value.clone();
+        let message = message(&alert);
+        let fields = details(&message)[0]["fields"].as_array().unwrap();
+        let field = fields
+            .iter()
+            .find(|f| f["text"].as_str().unwrap().starts_with("*cpuUtil*"))
+            .unwrap();
+        assert_eq!(chars(&field["text"]), limits::FIELD_TEXT);
+        assert!(field["text"].as_str().unwrap().ends_with('…'));
+        assert!(message["text"].as_str().unwrap().contains(&value));
+    }
+
+    #[test]
+    fn a_long_section_text_is_cut_to_3000() {
+        let mut blocks = vec![json!({
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": "y".repeat(4000)}
+        })];
+        fit_blocks(&mut blocks);
+        assert_eq!(chars(&blocks[0]["text"]["text"]), limits::SECTION_TEXT);
+    }
+
+    #[test]
+    fn long_other_changes_are_cut_to_3000_in_context_without_half_an_escape() {
+        let mut alert = alert();
+        alert.other_changes = (0..200)
+            .map(|i| ShownChange {
+                property: format!("property{i}"),
+                before: "a & b".into(),
+                after: "c < d".into(),
+            })
+            .collect();
+        let message = message(&alert);
+        let context = details(&message)
+            .iter()
+            .find(|b| b["type"] == "context")
+            .unwrap();
+        let text = context["elements"][0]["text"].as_str().unwrap();
+        assert!(text.chars().count() <= limits::SECTION_TEXT);
+        // The cut never leaves half an escape behind.
+        let before_ellipsis = text.trim_end_matches('…');
+        assert!(!before_ellipsis.ends_with('&'));
+        assert!(
+            before_ellipsis
+                .rfind('&')
+                .is_none_or(|i| before_ellipsis[i..].contains(';'))
+        );
+    }
+
+    #[test]
+    fn a_long_link_name_is_cut_to_75_on_its_button() {
+        let mut alert = alert();
+        let name = "Grafana dashboard for the notification service ".repeat(4);
+        alert.links = vec![(name.clone(), "https://grafana.example.com/d/1".into())];
+        let message = message(&alert);
+        let actions = details(&message)
+            .iter()
+            .find(|b| b["type"] == "actions")
+            .unwrap();
+        let label = &actions["elements"][0]["text"]["text"];
+        assert_eq!(chars(label), limits::BUTTON_TEXT);
+        assert!(label.as_str().unwrap().ends_with('…'));
+    }
+
+    #[test]
+    fn more_than_25_links_take_more_actions_blocks_none_lost() {
+        let mut alert = alert();
+        alert.links = (0..30)
+            .map(|i| (format!("link {i}"), format!("https://example.com/{i}")))
+            .collect();
+        let message = message(&alert);
+        let buttons: usize = details(&message)
+            .iter()
+            .filter(|b| b["type"] == "actions")
+            .map(|b| b["elements"].as_array().unwrap().len())
+            .inspect(|n| assert!(*n <= limits::BUTTONS_PER_ACTIONS))
+            .sum();
+        assert_eq!(buttons, 30);
+    }
+
+    #[test]
+    fn more_than_50_blocks_keep_49_and_say_how_many_were_left_out() {
+        let mut blocks: Vec<Value> = (0..60)
+            .map(|i| json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("{i}")}}))
+            .collect();
+        fit_blocks(&mut blocks);
+        assert_eq!(blocks.len(), limits::BLOCKS);
+        assert_eq!(blocks[48]["text"]["text"], "48");
+        assert_eq!(
+            blocks[49]["elements"][0]["text"],
+            "_11 more blocks not shown_"
+        );
+    }
+
+    #[test]
+    fn a_message_within_limits_is_unchanged() {
+        let message = message(&alert());
+        assert_eq!(
+            message["blocks"][0]["text"]["text"],
+            "FIRING cpu-high: Notification Service"
+        );
+        assert_eq!(details(&message)[0]["fields"].as_array().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn mrkdwn_cuts_never_split_a_link() {
+        let text = format!("see <https://example.com/{}|here>", "p".repeat(100));
+        let cut = truncate(&text, 40, true);
+        assert_eq!(cut, "see …");
     }
 }

@@ -53,6 +53,19 @@ pub enum SourceError {
     NewChannel { server: String, reason: String },
 }
 
+/// Why the channel refused a subscription, with what to do when a token is the answer.
+fn refused(status: http::StatusCode, has_token: bool) -> String {
+    match (status, has_token) {
+        (http::StatusCode::UNAUTHORIZED, false) => format!(
+            "the server answered {status}: the channel requires a token: --token or token_env"
+        ),
+        (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN, true) => format!(
+            "the server answered {status}: the channel refused the token; check --token or token_env"
+        ),
+        _ => format!("the server answered {status}"),
+    }
+}
+
 /// What a source needs to know.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -66,6 +79,28 @@ pub struct SourceConfig {
     pub token: Option<SecretString>,
     /// Where to resume: sent as `Last-Event-ID` on the first connection.
     pub last_event_id: Option<String>,
+    /// Event names to skip (`--ignore-event`, gosmee's flag): matched, ignoring case, against
+    /// the sender's event header ([`EVENT_HEADERS`]). Skipped events are never spooled.
+    pub ignore_events: Vec<String>,
+}
+
+/// Headers that name a webhook's event, by sender: GitHub, GitLab, Gitea, Gogs, Bitbucket.
+pub const EVENT_HEADERS: [&str; 5] = [
+    "x-github-event",
+    "x-gitlab-event",
+    "x-gitea-event",
+    "x-gogs-event",
+    "x-event-key",
+];
+
+/// Whether `event` is one of the `ignored` event names.
+fn is_ignored(event: &Event, ignored: &[String]) -> bool {
+    !ignored.is_empty()
+        && EVENT_HEADERS.iter().any(|header| {
+            event
+                .header(header)
+                .is_some_and(|name| ignored.iter().any(|i| i.eq_ignore_ascii_case(name)))
+        })
 }
 
 impl SourceConfig {
@@ -77,6 +112,7 @@ impl SourceConfig {
             reconnect: BackoffPolicy::RECONNECT,
             token: None,
             last_event_id: None,
+            ignore_events: Vec::new(),
         }
     }
 
@@ -181,7 +217,7 @@ impl Source {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if !status.is_success() {
-            return lost(format!("the server answered {status}"), None);
+            return lost(refused(status, self.config.token.is_some()), None);
         }
         if !content_type.starts_with("text/event-stream") {
             return lost(
@@ -245,9 +281,12 @@ impl Source {
             "ready" => debug!("channel ready"),
             "ping" => trace!("ping received"),
             "message" => {
-                if let Some(event) = decode_frame(frame)
-                    && events.send(event).await.is_err()
-                {
+                let Some(event) = decode_frame(frame) else {
+                    return true;
+                };
+                if is_ignored(&event, &self.config.ignore_events) {
+                    debug!(kind = ?event.kind(), "ignoring event (--ignore-event)");
+                } else if events.send(event).await.is_err() {
                     return false;
                 }
             }
@@ -321,7 +360,7 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         .head(new)
         .send()
         .await
-        .map_err(|e| fail(e.without_url().to_string()))?;
+        .map_err(|e| fail(error_chain(&e.without_url())))?;
     let location = response
         .headers()
         .get(http::header::LOCATION)

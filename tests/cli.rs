@@ -1,0 +1,289 @@
+//! The command line as a newcomer meets it: hints in errors, and nothing done that was not asked
+//! for. Real binary; fake channel and targets on loopback.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::{FakeChannel, FakeTarget, LogWatch, PATIENCE, smee_relay};
+
+#[tokio::test]
+async fn regression_a_channel_answering_401_says_a_token_is_needed() {
+    let channel = FakeChannel::start().await;
+    channel.refuse_with(401, "text/plain");
+    let target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Private1"), &target.url("/")])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let line = logs
+        .wait_for(&["401", "the channel requires a token: --token or token_env"])
+        .await;
+    assert!(!line.contains("Private1"), "channel id leaked: {line}");
+}
+
+#[tokio::test]
+async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
+    let mut slack = FakeTarget::start().await;
+    let output = tokio::time::timeout(
+        PATIENCE * 3,
+        smee_relay()
+            .arg("demo")
+            .env("SLACK_WEBHOOK_URL", slack.url("/services/T/B/X"))
+            .output(),
+    )
+    .await
+    .expect("the demo finished in time")
+    .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("FIRING cpu-high"));
+    slack.assert_quiet(Duration::from_millis(200)).await;
+}
+
+/// A spool with two delivered events in it (a query, a header with a quote), and its directory.
+async fn spool_with_two_events() -> std::path::PathBuf {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let relay = support::Relay::start(
+        &channel,
+        support::relay_options(&channel, &target.url("/hook")),
+    )
+    .await;
+    channel.send_webhook(
+        1,
+        r#"{"content-type":"application/json","x-github-event":"it's","body":{"n":1,"s":"a b"},"query":{"a":"1 2"}}"#,
+    );
+    channel.send_webhook(
+        2,
+        r#"{"content-type":"application/json","x-github-event":"push","body":[2],"query":{}}"#,
+    );
+    target.take(2).await;
+    let state_dir = relay.state_dir.clone();
+    relay.stop().await;
+    state_dir
+}
+
+async fn events(state_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        PATIENCE,
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn events_export_gosmee_writes_scripts_that_replay_the_same_request() {
+    let state_dir = spool_with_two_events().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = events(
+        &state_dir,
+        &[
+            "export",
+            "--format",
+            "gosmee",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut scripts: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .collect();
+    scripts.sort();
+    assert_eq!(scripts.len(), 2);
+    for script in &scripts {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(script).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111, "{script:?} is not executable");
+        assert!(script.with_extension("json").exists());
+    }
+
+    let mut other = FakeTarget::start().await;
+    let status = tokio::process::Command::new(&scripts[0])
+        .arg(other.url("/replayed"))
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let got = other.next().await;
+    assert_eq!(got.uri, "/replayed?a=1+2");
+    assert_eq!(&got.body[..], br#"{"n":1,"s":"a b"}"#);
+    assert_eq!(got.header("x-github-event"), Some("it's"));
+    assert_eq!(got.header("content-type"), Some("application/json"));
+}
+
+#[tokio::test]
+async fn events_export_ndjson_has_one_line_per_event_with_the_exact_body() {
+    let state_dir = spool_with_two_events().await;
+    let out = events(&state_dir, &["export"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["body"], r#"{"n":1,"s":"a b"}"#);
+    assert_eq!(lines[1]["body"], "[2]");
+    assert_eq!(lines[0]["query"], serde_json::json!([["a", "1 2"]]));
+}
+
+#[tokio::test]
+async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
+    let state_dir = spool_with_two_events().await;
+    let mut other = FakeTarget::start().await;
+    let out = events(
+        &state_dir,
+        &["replay", "--since", "1h", "--to", &other.url("/again")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 2 of 2 events"));
+    let got = other.take(2).await;
+    assert_eq!(got[0].uri, "/again?a=1+2");
+    assert_eq!(&got[1].body[..], b"[2]");
+
+    other.answer_with(&[500]);
+    let out = events(
+        &state_dir,
+        &["replay", "--since", "1h", "--to", &other.url("/again")],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 of 2 events were not accepted"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn ignore_event_skips_those_events_by_name_and_relays_the_rest() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("Chan1"), &target.url("/hook")])
+        .args(["--ignore-event", "ping", "--ignore-event", "ISSUES"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    for (id, header, name) in [
+        (1, "x-github-event", "ping"),
+        (2, "x-github-event", "issues"),
+        (3, "x-gitea-event", "Ping"),
+        (4, "x-github-event", "push"),
+    ] {
+        channel.send_webhook(
+            id,
+            &format!(r#"{{"{header}":"{name}","body":{{"id":{id}}},"query":{{}}}}"#),
+        );
+    }
+    let got = target.next().await;
+    assert_eq!(got.header("x-github-event"), Some("push"));
+    target.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.txt");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    for (file, needle) in [
+        (dir.path().join("missing.pem"), "cannot read --cacert"),
+        (not_pem, "holds no PEM certificate"),
+    ] {
+        let out = tokio::time::timeout(
+            PATIENCE,
+            smee_relay()
+                .args([
+                    "forward",
+                    "http://127.0.0.1:9/x",
+                    "http://127.0.0.1:9/y",
+                    "--cacert",
+                ])
+                .arg(&file)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(stderr.contains(&*file.display().to_string()), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn insecure_is_loudly_warned_about() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args([
+            "forward",
+            &channel.url("Chan2"),
+            &target.url("/"),
+            "--insecure",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let line = logs.wait_for(&["WARN", "--insecure", "NOT verified"]).await;
+    assert!(line.contains("--cacert"), "{line}");
+}
+
+#[tokio::test]
+async fn config_takes_ignore_events_cacert_and_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        r#"
+cacert = "/etc/smee-relay/ca.pem"
+insecure = false
+
+[[channel]]
+url = "https://smee.io/AbCdEfGh"
+forward = ["http://127.0.0.1:3000/hook"]
+ignore_events = ["ping", "issues"]
+"#,
+    )
+    .unwrap();
+    let out = smee_relay()
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
