@@ -58,6 +58,8 @@ pub struct ChannelConfig {
     pub token: Option<String>,
     /// The environment variable holding the token.
     pub token_env: Option<String>,
+    /// Frames larger than this (e.g. "128MiB") are skipped, logged and counted.
+    pub max_frame: Option<String>,
 }
 
 fn default_idle_timeout() -> Duration {
@@ -163,6 +165,8 @@ pub struct Channel {
     pub pipeline: bool,
     pub idle_timeout: Duration,
     pub token: Option<String>,
+    /// The frame size limit for this channel's source.
+    pub max_frame: usize,
 }
 
 /// A validated config, secrets resolved.
@@ -259,12 +263,21 @@ pub fn parse(
                             None
                         }
                     };
+                    let max_frame = match c.max_frame.as_deref().map(crate::memory::parse_size) {
+                        None => crate::source::DEFAULT_MAX_FRAME,
+                        Some(Ok(size)) => usize::try_from(size).unwrap_or(usize::MAX),
+                        Some(Err(e)) => {
+                            problems.push(at_line(at, format!("max_frame: {e}")));
+                            crate::source::DEFAULT_MAX_FRAME
+                        }
+                    };
                     channels.push(Channel {
                         url,
                         forward,
                         pipeline: c.pipeline,
                         idle_timeout: c.idle_timeout,
                         token,
+                        max_frame,
                     });
                 }
                 // The URL may be a secret; say what is wrong without repeating it.

@@ -69,6 +69,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             let mut source = SourceConfig::new(c.url.clone());
             source.idle_timeout = c.idle_timeout;
             source.token = c.token.clone();
+            source.max_frame = c.max_frame;
             ChannelPlan {
                 source,
                 forward: c.forward.clone(),
