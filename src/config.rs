@@ -513,6 +513,24 @@ when = '.properties.locked == true'
     }
 
     #[test]
+    fn max_frame_is_a_size_per_channel() {
+        let channel = |extra: &str| {
+            format!(
+                "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:3000/\"]\n{extra}\n"
+            )
+        };
+        let config = parse(&channel(""), "c.toml", &no_env).unwrap();
+        assert_eq!(
+            config.channels[0].max_frame,
+            crate::source::DEFAULT_MAX_FRAME
+        );
+        let config = parse(&channel("max_frame = \"16MiB\""), "c.toml", &no_env).unwrap();
+        assert_eq!(config.channels[0].max_frame, 16 << 20);
+        let e = parse(&channel("max_frame = \"lots\""), "c.toml", &no_env).unwrap_err();
+        assert!(e.to_string().contains("c.toml:1: max_frame"), "{e}");
+    }
+
+    #[test]
     fn problems_name_their_line() {
         let e = parse(GOOD, "c.toml", &no_env).unwrap_err().to_string();
         assert!(
