@@ -18,7 +18,10 @@ fuzz_target!(|input: &[u8]| {
     if let Ok(decoded) = wire::decode(id, data) {
         for (name, value) in &decoded.event.headers {
             assert!(!name.starts_with("x-smee-relay-"), "{name}");
-            assert!(http::HeaderName::from_bytes(name.as_bytes()).is_ok(), "{name}");
+            assert!(
+                http::HeaderName::from_bytes(name.as_bytes()).is_ok(),
+                "{name}"
+            );
             assert!(http::HeaderValue::from_str(value).is_ok(), "{name}");
         }
     }
