@@ -189,6 +189,8 @@ pub struct ChannelConfig {
     /// Event names to skip (`--ignore-event`).
     #[serde(default)]
     pub ignore_events: Vec<String>,
+    /// Frames larger than this (e.g. "128MiB") are skipped, logged and counted.
+    pub max_frame: Option<String>,
 }
 
 fn default_idle_timeout() -> Duration {
@@ -321,6 +323,8 @@ pub struct Channel {
     pub idle_timeout: Duration,
     pub token: Option<SecretString>,
     pub ignore_events: Vec<String>,
+    /// The frame size limit for this channel's source.
+    pub max_frame: usize,
 }
 
 /// A validated config, secrets resolved.
@@ -430,6 +434,14 @@ pub fn parse(
                             None
                         }
                     };
+                    let max_frame = match c.max_frame.as_deref().map(crate::memory::parse_size) {
+                        None => crate::source::DEFAULT_MAX_FRAME,
+                        Some(Ok(size)) => usize::try_from(size).unwrap_or(usize::MAX),
+                        Some(Err(e)) => {
+                            problems.push(at_line(at, format!("max_frame: {e}")));
+                            crate::source::DEFAULT_MAX_FRAME
+                        }
+                    };
                     channels.push(Channel {
                         url,
                         forward,
@@ -437,6 +449,7 @@ pub fn parse(
                         idle_timeout: c.idle_timeout,
                         token,
                         ignore_events: c.ignore_events.clone(),
+                        max_frame,
                     });
                 }
                 // The URL may be a secret; say what is wrong without repeating it.
@@ -810,6 +823,24 @@ above = 80
                 assert!(!shown.contains(secret), "{secret} in {shown}");
             }
         }
+    }
+
+    #[test]
+    fn max_frame_is_a_size_per_channel() {
+        let channel = |extra: &str| {
+            format!(
+                "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:3000/\"]\n{extra}\n"
+            )
+        };
+        let config = parse(&channel(""), "c.toml", &no_env).unwrap();
+        assert_eq!(
+            config.channels[0].max_frame,
+            crate::source::DEFAULT_MAX_FRAME
+        );
+        let config = parse(&channel("max_frame = \"16MiB\""), "c.toml", &no_env).unwrap();
+        assert_eq!(config.channels[0].max_frame, 16 << 20);
+        let e = parse(&channel("max_frame = \"lots\""), "c.toml", &no_env).unwrap_err();
+        assert!(e.to_string().contains("c.toml:1: max_frame"), "{e}");
     }
 
     #[test]

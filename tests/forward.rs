@@ -341,21 +341,118 @@ async fn a_large_binary_body_arrives_exact() {
     assert!(request.body == body, "the body differs");
 }
 
-/// Regression: a byte that is not UTF-8 inside a frame ended the connection (the SSE parser
-/// of eventsource-client refused the line), so on smee.io, which does not replay, the frames
-/// after it were lost. The spec says to replace such bytes; the stream goes on.
+/// A byte that is not UTF-8 inside a frame makes the SSE parser (eventsource-client) refuse
+/// that frame. Regression (before our own parser): the refusal ended the connection, so on
+/// smee.io, which does not replay, the frames after it were lost. Now the refused frame is
+/// skipped and counted, and the stream goes on after it on the same connection.
 #[tokio::test]
-async fn regression_invalid_utf8_in_a_frame_does_not_end_the_connection() {
+async fn regression_invalid_utf8_in_a_frame_loses_nothing_else() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
 
-    channel.send_raw(&b"id: 1\ndata: {\"x-note\":\"caf\xE9\",\"body\":{\"n\":1}}\n\n"[..]);
+    let mut burst = format!("id: 1\ndata: {}\n\n", webhook(1)).into_bytes();
+    burst.extend_from_slice(b"id: 2\ndata: {\"x-note\":\"caf\xE9\",\"body\":{\"n\":2}}\n\n");
+    burst.extend_from_slice(format!("id: 3\ndata: {}\n\n", webhook(3)).as_bytes());
+    channel.send_raw(burst);
+    channel.send_webhook(4, &webhook(4));
+    let bodies: Vec<_> = target.take(3).await.into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, [r#"{"seq":1}"#, r#"{"seq":3}"#, r#"{"seq":4}"#]);
+    assert_eq!(channel.connections(), 1, "no reconnect");
+}
+
+/// Issue 16 item 11. Regression: an `id:` holding a control character was kept as
+/// Last-Event-ID, and every reconnect failed building its request. It is never the resume
+/// point: the reconnect resumes after the last usable id, and the stream keeps working.
+#[tokio::test]
+async fn regression_an_id_with_a_control_character_does_not_break_reconnects() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    channel.send_webhook(7, &webhook(1));
+    channel.send_raw(format!("id: a\x01b\ndata: {}\n\n", webhook(2)));
+    channel.send_raw(format!("id: n\0ul\ndata: {}\n\n", webhook(3)));
+    assert_eq!(target.take(3).await.len(), 3);
+    channel.close_all();
+    channel.wait_connections(2).await;
+    assert_eq!(channel.last_event_id(1).as_deref(), Some("7"));
+    channel.send_webhook(8, &webhook(4));
+    assert_eq!(target.next().await.body, r#"{"seq":4}"#);
+}
+
+/// Issue 16 item 11, after a restart: a spool whose stored resume point is not a valid header
+/// (written by an older version) still connects, without `Last-Event-ID`.
+#[tokio::test]
+async fn regression_a_stored_cursor_with_a_control_character_still_connects() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let options = support::relay_options(&channel, &target.url("/hook"));
+    {
+        let spool = smee_relay::spool::Spool::open(&options.state_dir).unwrap();
+        let key = smee_relay::spool::lock::channel_key(options.source.channel.expose().as_str());
+        spool
+            .write(
+                &[smee_relay::spool::Write::Append {
+                    channel: options.source.channel.to_string(),
+                    routes: vec![],
+                    events: std::sync::Arc::from([]),
+                    cursor: Some((key, "a\x01b".into())),
+                }],
+                options.limits,
+            )
+            .unwrap();
+    }
+    let _relay = support::Relay::start(&channel, options).await;
+    assert_eq!(channel.last_event_id(0), None);
+    channel.send_webhook(1, &webhook(1));
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+}
+
+/// Issue 16 item 9. Regression: a sender posting the relay's own headers had them forwarded,
+/// passing for the relay (`x-smee-relay-delivery` is what targets deduplicate on).
+#[tokio::test]
+async fn regression_a_forged_relay_header_never_reaches_the_target() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let _relay = start_relay(&channel, &target, Duration::from_secs(90)).await;
+
+    channel.send_webhook(
+        1,
+        r#"{"x-smee-relay-delivery":"forged","x-smee-relay-alert":"forged","x-smee-relay-recovered":"forged","body":{}}"#,
+    );
+    let request = target.next().await;
+    for (name, value) in &request.headers {
+        assert_ne!(value.as_bytes(), b"forged", "{name} was forwarded as sent");
+    }
+    let delivery = request.header("x-smee-relay-delivery").unwrap();
+    assert_ne!(delivery, "forged");
+}
+
+/// Issue 16 item 17: a frame over `--max-frame` is skipped with one log line and counted; the
+/// relay holds no more than the limit for it, and the next frame arrives.
+#[tokio::test]
+async fn a_frame_over_max_frame_is_skipped_with_one_log_line() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let port = target.addr.port().to_string();
+    let (_child, logs) = spawn_forward(&[
+        &channel.url("abcdef"),
+        "--port",
+        &port,
+        "--max-frame",
+        "64KiB",
+    ])
+    .await;
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+
+    let pad = "x".repeat(100 << 10);
+    channel.send_webhook(1, &format!(r#"{{"body":{{"pad":"{pad}"}}}}"#));
     channel.send_webhook(2, &webhook(2));
-    let first = target.next().await;
-    assert_eq!(first.body, r#"{"n":1}"#);
-    let note = first.headers.get("x-note").map(|v| v.as_bytes().to_vec());
-    assert_eq!(note.as_deref(), Some("caf\u{FFFD}".as_bytes()));
     assert_eq!(target.next().await.body, r#"{"seq":2}"#);
+    let line = logs.wait_for(&["ERROR", "64 KiB limit"]).await;
+    assert!(line.contains("--max-frame"), "{line}");
+    assert_eq!(logs.all().matches("64 KiB limit").count(), 1);
     assert_eq!(channel.connections(), 1, "no reconnect");
 }

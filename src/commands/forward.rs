@@ -88,6 +88,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     source.idle_timeout = args.idle_timeout;
     source.token = args.token.clone();
     source.ignore_events = args.ignore_event.clone();
+    source.max_frame = usize::try_from(args.max_frame).unwrap_or(usize::MAX);
     let delivery = &args.delivery;
     let options = ForwardOptions {
         source,

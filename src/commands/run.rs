@@ -105,6 +105,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             source.idle_timeout = c.idle_timeout;
             source.token = c.token.clone();
             source.ignore_events = c.ignore_events.clone();
+            source.max_frame = c.max_frame;
             ChannelPlan {
                 source,
                 forward: c.forward.clone(),

@@ -3,32 +3,31 @@
 //!
 //! [`Source::run`] connects, decodes each webhook frame into an [`Event`] and hands it on, in
 //! the order the channel sent it. When the connection ends for any reason (the server closed
-//! it, a network error, the idle watchdog below) it logs why and reconnects, forever,
-//! with exponential backoff and jitter; a connection that stayed up for a healthy minute resets
-//! the backoff. Each disconnect is logged with its reason.
+//! it, a network error, the idle watchdog) it logs why and reconnects, forever, with
+//! exponential backoff and jitter, sending `Last-Event-ID` so that a server that keeps events
+//! (`smee-relay serve`) replays what was missed; a connection that stayed up for a healthy
+//! minute resets the backoff.
 //!
-//! The idle watchdog lives here too: every wait for the response head and for each chunk of
-//! the stream is bounded by the idle timeout. A half-open TCP connection (the peer vanished,
-//! nothing says so) looks exactly like that, and smee pings every 30 s, so silence means the
-//! connection is dead.
+//! The event-stream format is parsed by `eventsource-client` (its own reconnection is off:
+//! each disconnect is ours to log, with its reason). Its HTTP is reqwest, through
+//! [`transport`], which also holds the idle watchdog, the frame size limit and the
+//! workarounds the crate needs.
 //!
-//! Bad frames never stop the source: a frame that cannot be decoded is logged with its id and
-//! reason and skipped; the next frame is decoded as usual.
-//!
-//! The HTTP side is reqwest (one HTTP and TLS stack for the whole binary); the event-stream
-//! format is parsed by [`sse`]. Until 2026-11 this was `eventsource-client` 0.18.0 over a reqwest
-//! transport; its parser held every frame three times, which broke the memory budget for large
-//! webhooks (see [`sse`] and BENCHMARKS.md), and reconnection was already ours.
+//! Bad frames never stop the source and are counted (`smee_relay_bad_frames_total`): a frame
+//! the crate refuses (a line that is not UTF-8) or one over the size limit is skipped and the
+//! stream goes on after it on the same connection; a frame that is not a smee webhook is
+//! logged with its id and skipped. An `id:` that cannot be sent back as a header (control
+//! characters, non-ASCII) is never kept as the resume point.
 
-pub mod sse;
 pub mod status;
+pub mod transport;
 pub mod wire;
-
-use std::collections::VecDeque;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventsource_client::{Client as _, ClientBuilder, ReconnectOptions, SSE};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -39,9 +38,13 @@ use crate::retry::BackoffPolicy;
 use crate::secret::{ExposeSecret as _, SecretString};
 use crate::url::ChannelUrl;
 use status::ChannelStatus;
+use transport::Transport;
 
 /// How long a connection must stay up before the reconnect backoff starts over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+/// The default frame size limit (`--max-frame`, `max_frame`).
+pub const DEFAULT_MAX_FRAME: usize = 128 << 20;
 
 /// Errors that stop a source before it starts. Once running, a source never fails: it
 /// reconnects.
@@ -51,19 +54,11 @@ pub enum SourceError {
     HttpClient(#[from] reqwest::Error),
     #[error("cannot create a channel on {server}: {reason}")]
     NewChannel { server: String, reason: String },
-}
-
-/// Why the channel refused a subscription, with what to do when a token is the answer.
-fn refused(status: http::StatusCode, has_token: bool) -> String {
-    match (status, has_token) {
-        (http::StatusCode::UNAUTHORIZED, false) => format!(
-            "the server answered {status}: the channel requires a token: --token or token_env"
-        ),
-        (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN, true) => format!(
-            "the server answered {status}: the channel refused the token; check --token or token_env"
-        ),
-        _ => format!("the server answered {status}"),
-    }
+    /// The token cannot be sent as a header (a newline, say). The token is not shown.
+    #[error(
+        "the channel token is not a valid HTTP header value (control characters or non-ASCII?)"
+    )]
+    InvalidToken,
 }
 
 /// What a source needs to know.
@@ -77,8 +72,11 @@ pub struct SourceConfig {
     pub reconnect: BackoffPolicy,
     /// Sent as `Authorization: Bearer` (for `smee-relay serve --token`). A secret.
     pub token: Option<SecretString>,
-    /// Where to resume: sent as `Last-Event-ID` on the first connection.
+    /// Where to resume: sent as `Last-Event-ID` on the first connection (the spool's cursor).
     pub last_event_id: Option<String>,
+    /// Frames larger than this are skipped (logged and counted), so that a sender cannot make
+    /// the relay hold more than this for one frame.
+    pub max_frame: usize,
     /// Event names to skip (`--ignore-event`, gosmee's flag): matched, ignoring case, against
     /// the sender's event header ([`EVENT_HEADERS`]). Skipped events are never spooled.
     pub ignore_events: Vec<String>,
@@ -103,6 +101,19 @@ fn is_ignored(event: &Event, ignored: &[String]) -> bool {
         })
 }
 
+/// Why the server refused the subscription, with a hint when a token is the likely cause.
+fn refused(status: http::StatusCode, has_token: bool) -> String {
+    match (status, has_token) {
+        (http::StatusCode::UNAUTHORIZED, false) => format!(
+            "the server answered {status}: the channel requires a token: --token or token_env"
+        ),
+        (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN, true) => format!(
+            "the server answered {status}: the channel refused the token; check --token or token_env"
+        ),
+        _ => format!("the server answered {status}"),
+    }
+}
+
 impl SourceConfig {
     /// The defaults `forward` uses: a 90 s idle timeout, reconnecting from 1 s up to 30 s.
     pub fn new(channel: ChannelUrl) -> Self {
@@ -112,36 +123,69 @@ impl SourceConfig {
             reconnect: BackoffPolicy::RECONNECT,
             token: None,
             last_event_id: None,
+            max_frame: DEFAULT_MAX_FRAME,
             ignore_events: Vec::new(),
         }
     }
 
     pub fn build(self) -> Result<Source, SourceError> {
+        if let Some(token) = &self.token
+            && http::HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).is_err()
+        {
+            return Err(SourceError::InvalidToken);
+        }
         let client = crate::http::client_builder().build()?;
         let status = Arc::new(ChannelStatus::new(
             self.channel.to_string(),
             self.idle_timeout,
         ));
+        let transport = Transport::new(client, self.idle_timeout, self.max_frame, status.clone());
+        // A cursor stored by an older version may not be sendable: start without it rather
+        // than fail every connection.
+        let last_event_id = match self.last_event_id.clone() {
+            Some(id) if !sendable_id(&id) => {
+                warn!(
+                    channel = %self.channel,
+                    "the stored resume point {:?} is not a valid Last-Event-ID header; \
+                     connecting without one",
+                    id.escape_debug().to_string()
+                );
+                None
+            }
+            id => id,
+        };
         Ok(Source {
-            last_event_id: self.last_event_id.clone(),
+            last_event_id,
             config: self,
-            client,
+            transport,
             status,
+            connected_at: None,
+            bad_id: None,
         })
     }
+}
+
+/// Whether an SSE id can go back to the server as `Last-Event-ID` (as the crate sends it).
+fn sendable_id(id: &str) -> bool {
+    http::HeaderValue::from_str(id).is_ok()
 }
 
 /// A running subscription to one channel.
 pub struct Source {
     /// What to connect to and how patiently.
     config: SourceConfig,
-    /// HTTP client for the stream (no overall timeout: the stream is meant to last).
-    client: reqwest::Client,
+    /// HTTP under the SSE client: the connection, the idle watchdog, resuming after a bad
+    /// frame.
+    transport: Transport,
     /// The id of the last frame received, sent back as `Last-Event-ID` on reconnect so that a
-    /// server that keeps events can replay what was missed.
+    /// server that keeps events can replay what was missed. Always a valid header value.
     last_event_id: Option<String>,
     /// Liveness for `/healthz`, metrics and the systemd status line.
     status: Arc<ChannelStatus>,
+    /// When the current connection came up (kept across a resume after a bad frame).
+    connected_at: Option<Instant>,
+    /// The last unsendable id warned about, so that a stream of them warns once.
+    bad_id: Option<String>,
 }
 
 /// Why one connection ended.
@@ -154,6 +198,9 @@ enum Ended {
         /// How long it was up, to decide whether the backoff starts over.
         connected_for: Duration,
     },
+    /// A frame was refused (by the crate, or over the size limit): skip it and go on reading
+    /// the same connection.
+    BadFrame { reason: String, kind: &'static str },
 }
 
 impl Source {
@@ -166,19 +213,48 @@ impl Source {
     pub async fn run(mut self, events: mpsc::Sender<Event>, cancel: CancellationToken) {
         let channel = self.config.channel.clone();
         let mut backoff = self.config.reconnect.start();
+        let mut resume = false;
         loop {
-            info!(%channel, "connecting to channel");
+            if !resume {
+                info!(%channel, "connecting to channel");
+            }
             let ended = tokio::select! {
-                _ = cancel.cancelled() => return,
-                ended = self.connect_once(&events) => ended,
+                _ = cancel.cancelled() => {
+                    self.transport.close();
+                    return;
+                }
+                ended = self.connect_once(&events, resume) => ended,
             };
-            let Ended::Lost {
-                reason,
-                connected_for,
-            } = ended
-            else {
-                return;
+            resume = false;
+            let (reason, connected_for) = match ended {
+                Ended::ConsumerGone => {
+                    self.transport.close();
+                    return;
+                }
+                Ended::BadFrame { reason, kind } => {
+                    self.status.bad_frame(kind);
+                    if self.transport.resume_next() {
+                        let after = self.last_event_id.as_deref().unwrap_or("-");
+                        if kind == "too_large" {
+                            error!(%channel, after_event = %after, "skipping {reason}");
+                        } else {
+                            warn!(%channel, after_event = %after, "skipping a bad frame: {reason}");
+                        }
+                        resume = true;
+                        continue;
+                    }
+                    (
+                        format!("{reason}; the connection ended with it"),
+                        self.connected_for(),
+                    )
+                }
+                Ended::Lost {
+                    reason,
+                    connected_for,
+                } => (reason, connected_for),
             };
+            self.transport.close();
+            self.connected_at = None;
             self.status.set_connected(false);
             self.status.reconnecting();
             if connected_for >= HEALTHY_AFTER {
@@ -188,6 +264,7 @@ impl Source {
             warn!(
                 %channel,
                 retry_in = %humantime::format_duration(round_to_ms(delay)),
+                resume_after = %self.last_event_id.as_deref().unwrap_or("-"),
                 "disconnected from channel: {reason}"
             );
             tokio::select! {
@@ -197,91 +274,105 @@ impl Source {
         }
     }
 
-    /// One connection, from request to its end.
-    async fn connect_once(&mut self, events: &mpsc::Sender<Event>) -> Ended {
-        let idle = self.config.idle_timeout;
-        let lost = |reason: String, connected_at: Option<Instant>| Ended::Lost {
-            reason,
-            connected_for: connected_at.map_or(Duration::ZERO, |t| t.elapsed()),
-        };
-        let mut response = match tokio::time::timeout(idle, self.request().send()).await {
-            Err(_) => return lost(idle_timeout(idle), None),
-            Ok(Err(e)) => return lost(error_chain(&e.without_url()), None),
-            Ok(Ok(response)) => response,
-        };
-        self.status.saw_bytes();
-        let status = response.status();
-        let content_type = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !status.is_success() {
-            return lost(refused(status, self.config.token.is_some()), None);
-        }
-        if !content_type.starts_with("text/event-stream") {
-            return lost(
-                format!(
-                    "the server answered {status} with content-type {content_type:?}, not an \
-                     event stream; check that the URL is a smee channel"
-                ),
-                None,
-            );
-        }
-        let connected_at = Some(Instant::now());
-        self.status.set_connected(true);
-        info!(channel = %self.config.channel, "connected to channel");
-
-        let mut parser = sse::Parser::new();
-        let mut items = VecDeque::new();
-        loop {
-            let chunk = match tokio::time::timeout(idle, response.chunk()).await {
-                Err(_) => return lost(idle_timeout(idle), connected_at),
-                Ok(Err(e)) => return lost(error_chain(&e.without_url()), connected_at),
-                Ok(Ok(None)) if parser.mid_frame() => {
-                    return lost(
-                        "the server closed the stream in the middle of a frame (the partial \
-                         frame is discarded)"
-                            .into(),
-                        connected_at,
-                    );
-                }
-                Ok(Ok(None)) => return lost("the server closed the stream".into(), connected_at),
-                Ok(Ok(Some(chunk))) => chunk,
-            };
-            self.status.saw_bytes();
-            parser.feed(&chunk, &mut items);
-            drop(chunk);
-            while let Some(item) = items.pop_front() {
-                if !self.handle(item, events).await {
-                    return Ended::ConsumerGone;
-                }
-            }
-        }
+    fn connected_for(&self) -> Duration {
+        self.connected_at.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
-    /// Act on one parsed item. Returns false if the consumer is gone.
-    async fn handle(&mut self, item: sse::Item, events: &mpsc::Sender<Event>) -> bool {
-        let frame = match item {
-            sse::Item::Frame(frame) => frame,
-            sse::Item::Oversized { id, bytes } => {
-                error!(
-                    event = %id.as_deref().unwrap_or("-"),
-                    "skipping a frame of {} MiB: over the {} MiB limit",
-                    bytes >> 20,
-                    sse::MAX_FRAME >> 20
-                );
-                return true;
-            }
+    /// One connection (or, with `resume`, the rest of the open one after a bad frame), from
+    /// request to its end.
+    async fn connect_once(&mut self, events: &mpsc::Sender<Event>, resume: bool) -> Ended {
+        let lost = |this: &Self, reason: String| Ended::Lost {
+            reason,
+            connected_for: this.connected_for(),
         };
-        if frame.id.is_some() {
-            self.last_event_id.clone_from(&frame.id);
+        let client = match self.sse_client() {
+            Ok(client) => client,
+            Err(e) => return lost(self, format!("cannot build the request: {e}")),
+        };
+        let mut stream = client.stream();
+        // Set when the crate refused a frame: what it still holds is read out before we go on.
+        let mut refused: Option<Ended> = None;
+        while let Some(item) = stream.next().await {
+            let frame = match item {
+                Ok(SSE::Connected(details)) => {
+                    let response = details.response();
+                    let content_type = response
+                        .get_header_value("content-type")
+                        .ok()
+                        .flatten()
+                        .unwrap_or("");
+                    if !content_type.starts_with("text/event-stream") {
+                        return lost(
+                            self,
+                            format!(
+                                "the server answered {} with content-type {content_type:?}, not \
+                                 an event stream; check that the URL is a smee channel",
+                                response.status()
+                            ),
+                        );
+                    }
+                    if !resume {
+                        self.connected_at = Some(Instant::now());
+                        self.status.set_connected(true);
+                        info!(channel = %self.config.channel, "connected to channel");
+                    }
+                    continue;
+                }
+                Ok(SSE::Comment(_)) => {
+                    trace!("comment received");
+                    continue;
+                }
+                Ok(SSE::Event(frame)) => frame,
+                Err(e) => match classify(e, self.config.token.is_some()) {
+                    Ended::BadFrame { reason, kind } if kind != "too_large" => {
+                        // The crate stops reading but still hands out the frames it had
+                        // finished before the refused one.
+                        refused.get_or_insert(Ended::BadFrame { reason, kind });
+                        continue;
+                    }
+                    Ended::Lost { reason, .. } => return lost(self, reason),
+                    other => return other,
+                },
+            };
+            if !self.handle(frame, events).await {
+                return Ended::ConsumerGone;
+            }
         }
-        match frame.event.as_str() {
+        refused.unwrap_or_else(|| lost(self, "the server closed the stream".into()))
+    }
+
+    /// Act on one event. Returns false if the consumer is gone.
+    async fn handle(
+        &mut self,
+        frame: eventsource_client::Event,
+        events: &mpsc::Sender<Event>,
+    ) -> bool {
+        let id = match frame.id {
+            Some(id) if sendable_id(&id) => {
+                self.last_event_id = Some(id.clone());
+                Some(id)
+            }
+            Some(id) => {
+                // Kept neither as the resume point nor in the spool: sent back, it would make
+                // every reconnect fail.
+                if self.bad_id.as_ref() != Some(&id) {
+                    warn!(
+                        channel = %self.config.channel,
+                        "ignoring event id {:?}: not a valid Last-Event-ID header value",
+                        id.escape_debug().to_string()
+                    );
+                    self.bad_id = Some(id);
+                }
+                None
+            }
+            None => None,
+        };
+        match frame.event_type.as_str() {
             "ready" => debug!("channel ready"),
             "ping" => trace!("ping received"),
             "message" => {
-                let Some(event) = decode_frame(frame) else {
+                let data = frame.data;
+                let Some(event) = self.decode_frame(id, data) else {
                     return true;
                 };
                 if is_ignored(&event, &self.config.ignore_events) {
@@ -295,53 +386,98 @@ impl Source {
         true
     }
 
-    /// The subscription request: asks smee-relay servers for exact bodies (others ignore
-    /// the header), and resumes after the last event seen.
-    fn request(&self) -> reqwest::RequestBuilder {
-        let mut request = self
-            .client
-            .get(self.config.channel.expose().clone())
-            .header(http::header::ACCEPT, "text/event-stream")
-            .header(http::header::CACHE_CONTROL, "no-cache")
-            .header(wire::RAW_OPT_IN, "1");
+    /// Decode a webhook frame, logging (not failing on) anything wrong with it. The frame is
+    /// dropped as soon as it is decoded, so a large one is not held next to its body.
+    fn decode_frame(&self, id: Option<String>, data: String) -> Option<Event> {
+        let shown = id.as_deref().unwrap_or("-");
+        match wire::decode(id.as_deref(), &data) {
+            Ok(decoded) => {
+                for dropped in &decoded.dropped {
+                    warn!(event = %shown, "{dropped}");
+                }
+                Some(decoded.event)
+            }
+            Err(e) => {
+                self.status.bad_frame("malformed");
+                warn!(event = %shown, "skipping malformed event: {e}");
+                None
+            }
+        }
+    }
+
+    /// The SSE client for one connection: asks smee-relay servers for exact bodies (others
+    /// ignore the header), and resumes after the last event seen.
+    fn sse_client(
+        &self,
+    ) -> Result<impl eventsource_client::Client + use<>, eventsource_client::Error> {
+        let mut builder = ClientBuilder::for_url(self.config.channel.expose().as_str())?
+            .header(wire::RAW_OPT_IN, "1")?
+            .reconnect(
+                ReconnectOptions::reconnect(false)
+                    .retry_initial(false)
+                    .build(),
+            );
         if let Some(token) = &self.config.token {
-            request = request.bearer_auth(token.expose_secret());
+            builder = builder.header(
+                "Authorization",
+                &format!("Bearer {}", token.expose_secret()),
+            )?;
         }
         if let Some(id) = &self.last_event_id {
-            request = request.header("last-event-id", id);
+            builder = builder.last_event_id(id.clone());
         }
-        request
+        Ok(builder.build_with_transport(self.transport.clone()))
     }
 }
 
-/// Decode a webhook frame, logging (not failing on) anything wrong with it. The frame is
-/// dropped as soon as it is decoded, so a large one is not held next to its body.
-fn decode_frame(frame: sse::Frame) -> Option<Event> {
-    let id = frame.id.as_deref().unwrap_or("-");
-    match wire::decode(frame.id.as_deref(), &frame.data) {
-        Ok(decoded) => {
-            for dropped in &decoded.dropped {
-                warn!(event = %id, "{dropped}");
+/// A disconnect reason a person can act on, or a bad frame to skip.
+fn classify(error: eventsource_client::Error, has_token: bool) -> Ended {
+    use eventsource_client::Error as E;
+    let lost = |reason: String| Ended::Lost {
+        reason,
+        connected_for: Duration::ZERO,
+    };
+    match error {
+        E::UnexpectedResponse(response, _) => match http::StatusCode::from_u16(response.status()) {
+            Ok(status) => lost(refused(status, has_token)),
+            Err(_) => lost(format!("the server answered {}", response.status())),
+        },
+        E::Eof => lost("the server closed the stream".into()),
+        E::UnexpectedEof => lost(
+            "the server closed the stream in the middle of a frame (the partial frame is \
+             discarded)"
+                .into(),
+        ),
+        E::InvalidLine(line) => Ended::BadFrame {
+            reason: format!("the SSE parser refused a line ({line})"),
+            kind: "refused",
+        },
+        E::InvalidEvent => Ended::BadFrame {
+            reason: "the SSE parser refused an empty frame".into(),
+            kind: "refused",
+        },
+        E::Transport(e) => {
+            if let Some(too_large) = e.inner().downcast_ref::<transport::FrameTooLarge>() {
+                return Ended::BadFrame {
+                    reason: too_large.to_string(),
+                    kind: "too_large",
+                };
             }
-            Some(decoded.event)
+            lost(e.inner().to_string())
         }
-        Err(e) => {
-            warn!(event = %id, "skipping malformed event: {e}");
-            None
-        }
+        other => lost(other.to_string()),
     }
 }
 
-fn idle_timeout(idle: Duration) -> String {
-    format!(
-        "no bytes received for {} (idle timeout); the connection is presumed dead",
-        humantime::format_duration(idle)
-    )
-}
-
-/// An error and its causes, with the URL (which holds the channel id) already removed.
-fn error_chain(error: &reqwest::Error) -> String {
-    crate::error::chain(error)
+/// A size for people: `128 MiB`, `1.5 KiB`, `17 bytes`.
+pub(crate) fn mib(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
+    }
 }
 
 fn round_to_ms(d: Duration) -> Duration {
@@ -360,7 +496,7 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         .head(new)
         .send()
         .await
-        .map_err(|e| fail(error_chain(&e.without_url())))?;
+        .map_err(|e| fail(crate::error::chain(&e.without_url())))?;
     let location = response
         .headers()
         .get(http::header::LOCATION)
@@ -373,4 +509,237 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         })?;
     let url = server.join(location).map_err(|e| fail(e.to_string()))?;
     url.as_str().parse().map_err(|e| fail(format!("{e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::atomic::Ordering;
+
+    /// A source whose connections are served by `bodies` (one per connection), then by a
+    /// loopback port where nothing listens.
+    fn source_with(bodies: Vec<Vec<Bytes>>, max_frame: usize) -> Source {
+        let mut config = SourceConfig::new("http://127.0.0.1:9/TestChannel123".parse().unwrap());
+        config.reconnect = BackoffPolicy {
+            min: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        };
+        config.max_frame = max_frame;
+        let source = config.build().unwrap();
+        for body in bodies {
+            source.transport.push_canned(body);
+        }
+        source
+    }
+
+    /// Run `source` until an event with id `last` arrives; return every event before it.
+    async fn events_until(source: Source, last: &str) -> Vec<Event> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(source.run(tx, cancel.clone()));
+        let mut events = Vec::new();
+        let collect = async {
+            while let Some(event) = rx.recv().await {
+                if event.sse_id.as_deref() == Some(last) {
+                    return;
+                }
+                events.push(event);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), collect)
+            .await
+            .expect("the last event arrives");
+        cancel.cancel();
+        task.await.unwrap();
+        events
+    }
+
+    fn webhook(id: &str, n: u32) -> String {
+        format!("id: {id}\ndata: {{\"x-n\":\"{n}\",\"body\":{{\"n\":{n}}}}}\n\n")
+    }
+
+    fn chunks(parts: &[&[u8]]) -> Vec<Bytes> {
+        parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+    }
+
+    fn bodies(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+            .collect()
+    }
+
+    /// A line that is not UTF-8 makes the crate refuse its frame. That frame is counted and
+    /// skipped; the frames before it in the same chunk and everything after it arrive, on the
+    /// same connection.
+    #[tokio::test]
+    async fn a_frame_the_parser_refuses_is_counted_and_nothing_else_is_lost() {
+        let stream = [
+            webhook("1", 1).as_bytes(),
+            b"id: 2\ndata: {\"x-note\":\"caf\xE9\",\"body\":{}}\n\n",
+            webhook("3", 3).as_bytes(),
+            webhook("end", 0).as_bytes(),
+        ]
+        .concat();
+        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
+        let status = source.status();
+        let events = events_until(source, "end").await;
+        assert_eq!(bodies(&events), [r#"{"n":1}"#, r#"{"n":3}"#]);
+        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(status.reconnects.load(Ordering::Relaxed), 0, "no reconnect");
+    }
+
+    /// The bad line arrives in pieces, the rest of its frame in later chunks.
+    #[tokio::test]
+    async fn a_refused_frame_split_over_chunks_is_skipped_to_its_end() {
+        let source = source_with(
+            vec![chunks(&[
+                b"id: 1\ndata: {\"body\":",
+                b"\"\xFF",
+                b"\"}\ndata: more\n",
+                b"\nid: 2\ndata: {\"body\":{\"n\":2}}\n\n",
+                webhook("end", 0).as_bytes(),
+            ])],
+            DEFAULT_MAX_FRAME,
+        );
+        let status = source.status();
+        let events = events_until(source, "end").await;
+        assert_eq!(bodies(&events), [r#"{"n":2}"#]);
+        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 1);
+    }
+
+    /// Issue 16 item 17: a frame over the limit is skipped without holding more than the limit,
+    /// counted, and the next frame arrives.
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_skipped_and_counted() {
+        let big = format!("id: 1\ndata: {{\"body\":\"{}\"}}\n\n", "x".repeat(5000));
+        let mut parts: Vec<&[u8]> = big.as_bytes().chunks(100).collect();
+        let next = webhook("2", 2);
+        let end = webhook("end", 0);
+        parts.push(next.as_bytes());
+        parts.push(end.as_bytes());
+        let source = source_with(vec![chunks(&parts)], 1000);
+        let status = source.status();
+        let events = events_until(source, "end").await;
+        assert_eq!(bodies(&events), [r#"{"n":2}"#]);
+        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(status.reconnects.load(Ordering::Relaxed), 0);
+    }
+
+    /// Issue 16 item 11: an id with a control character is not kept as the resume point or in
+    /// the event (it would be stored as the spool's cursor), an id with NUL is ignored as the
+    /// SSE spec says, and the stream goes on.
+    #[tokio::test]
+    async fn regression_an_id_with_a_control_character_is_never_the_resume_point() {
+        let stream = [
+            webhook("7", 1).as_bytes(),
+            webhook("a\x1b[31mb", 2).as_bytes(),
+            webhook("n\0ul", 3).as_bytes(),
+            webhook("end", 0).as_bytes(),
+        ]
+        .concat();
+        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
+        let events = events_until(source, "end").await;
+        assert_eq!(bodies(&events), [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
+        let ids: Vec<_> = events.iter().map(|e| e.sse_id.as_deref()).collect();
+        // The NUL id is ignored: the frame keeps the last id, as the spec says.
+        assert_eq!(ids, [Some("7"), None, None]);
+    }
+
+    #[test]
+    fn regression_a_stored_cursor_that_is_not_a_header_value_is_dropped() {
+        for bad in ["a\nb", "x\0", "\u{1b}[31m", "\u{7f}"] {
+            let mut config = SourceConfig::new("http://127.0.0.1:9/abcd".parse().unwrap());
+            config.last_event_id = Some(bad.into());
+            assert_eq!(config.build().unwrap().last_event_id, None, "{bad:?}");
+        }
+        let mut config = SourceConfig::new("http://127.0.0.1:9/abcd".parse().unwrap());
+        config.last_event_id = Some("42".into());
+        assert_eq!(config.build().unwrap().last_event_id.as_deref(), Some("42"));
+    }
+
+    #[test]
+    fn a_token_that_is_not_a_header_value_is_refused_at_start() {
+        let mut config = SourceConfig::new("http://127.0.0.1:9/abcd".parse().unwrap());
+        config.token = Some("secret\nx".into());
+        assert!(matches!(config.build(), Err(SourceError::InvalidToken)));
+    }
+
+    mod split {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One SSE frame as a server could write it, plus comments around it.
+        fn frame() -> impl Strategy<Value = String> {
+            (
+                prop::option::of("[a-z0-9]{1,6}"),
+                prop::option::of(prop::sample::select(vec!["message", "ping", "ready", "x"])),
+                prop::collection::vec("[ -~&&[^\"\\\\]]{0,12}", 1..3),
+                prop::sample::select(vec!["\n", "\r\n", "\r"]),
+                any::<bool>(),
+            )
+                .prop_map(|(id, event, values, eol, comment)| {
+                    let mut f = String::new();
+                    if comment {
+                        f.push_str(&format!(": keep-alive{eol}"));
+                    }
+                    if let Some(id) = id {
+                        f.push_str(&format!("id: {id}{eol}"));
+                    }
+                    if let Some(event) = event {
+                        f.push_str(&format!("event:{event}{eol}"));
+                    }
+                    // smee's shape: one JSON object; extra data lines join with LF inside it.
+                    f.push_str(&format!(
+                        "data: {{\"x-a\":\"{}\",\"body\":{{\"v\":[",
+                        values[0]
+                    ));
+                    for (i, v) in values.iter().enumerate() {
+                        if i > 0 {
+                            f.push_str(&format!(",{eol}data: "));
+                        }
+                        f.push_str(&format!("\"{v}\""));
+                    }
+                    f.push_str(&format!("]}}}}{eol}{eol}"));
+                    f
+                })
+        }
+
+        fn run(chunks: Vec<Bytes>) -> Vec<Event> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(events_until(source_with(vec![chunks], 1 << 20), "end"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Any split of a byte stream into chunks yields the same events, through the real
+            /// eventsource-client path and our transport.
+            #[test]
+            fn any_split_yields_the_same_events(
+                frames in prop::collection::vec(frame(), 1..8),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            ) {
+                let stream = format!("{}{}", frames.concat(), webhook("end", 0)).into_bytes();
+                let whole = run(vec![Bytes::from(stream.clone())]);
+                let mut at: Vec<usize> = cuts.iter().map(|i| i.index(stream.len())).collect();
+                at.sort_unstable();
+                at.dedup();
+                let mut pieces = Vec::new();
+                let mut from = 0;
+                for cut in at.into_iter().chain([stream.len()]) {
+                    pieces.push(Bytes::copy_from_slice(&stream[from..cut]));
+                    from = cut;
+                }
+                let split = run(pieces);
+                prop_assert_eq!(&split, &whole);
+                let messages = frames.iter().filter(|f| !f.contains("event:") || f.contains("event:message")).count();
+                prop_assert_eq!(whole.len(), messages);
+            }
+        }
+    }
 }

@@ -14,6 +14,9 @@ pub struct ChannelStatus {
     /// When anything last arrived (ms since the epoch; 0: never).
     pub last_bytes_ms: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Frames skipped because they could not be read (refused by the SSE parser, over the size
+    /// limit, or not a smee webhook): nothing is dropped without being counted.
+    pub bad_frames: AtomicU64,
 }
 
 impl ChannelStatus {
@@ -24,6 +27,7 @@ impl ChannelStatus {
             connected: AtomicBool::new(false),
             last_bytes_ms: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            bad_frames: AtomicU64::new(0),
         }
     }
 
@@ -46,5 +50,16 @@ impl ChannelStatus {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("smee_relay_reconnects_total", "channel" => self.name.clone())
             .increment(1);
+    }
+
+    /// A frame was skipped; `kind` says why (`refused`, `too_large`, `malformed`).
+    pub fn bad_frame(&self, kind: &'static str) {
+        self.bad_frames.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(
+            "smee_relay_bad_frames_total",
+            "channel" => self.name.clone(),
+            "kind" => kind
+        )
+        .increment(1);
     }
 }

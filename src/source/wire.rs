@@ -40,6 +40,11 @@ const NEVER_FORWARDED: [&str; 8] = [
     "upgrade",
 ];
 
+/// The prefix of every header the relay itself sets on what it sends (`x-smee-relay-delivery`,
+/// `-alert`, `-recovered`, and `x-smee-relay-raw` on subscriptions). A sender could post them
+/// to pass for the relay, so they are never taken from a frame.
+const OWN_HEADER_PREFIX: &str = "x-smee-relay-";
+
 /// Why a frame could not become an event at all. The event is skipped; the connection goes on.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -69,6 +74,8 @@ pub enum Dropped {
     InvalidHeaderValue { name: String },
     /// A query parameter whose value is an object or null, which has no URL form.
     UnsupportedQueryValue { name: String },
+    /// A header only the relay may set (`x-smee-relay-*`): a sender posted it.
+    OwnHeader { name: String },
 }
 
 impl fmt::Display for Dropped {
@@ -86,6 +93,10 @@ impl fmt::Display for Dropped {
             Dropped::InvalidHeaderValue { name } => write!(
                 f,
                 "header {name:?} dropped: its value contains CR, LF or another forbidden byte"
+            ),
+            Dropped::OwnHeader { name } => write!(
+                f,
+                "header {name:?} dropped: only smee-relay itself sets x-smee-relay-* headers"
             ),
             Dropped::UnsupportedQueryValue { name } => {
                 write!(
@@ -176,6 +187,10 @@ fn decode_header(
 ) {
     let name = name.to_ascii_lowercase();
     if NEVER_FORWARDED.contains(&name.as_str()) || name.starts_with("proxy-") {
+        return;
+    }
+    if name.starts_with(OWN_HEADER_PREFIX) {
+        dropped.push(Dropped::OwnHeader { name });
         return;
     }
     let Some(value) = json_string(raw) else {
@@ -335,6 +350,25 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Issue 16 item 9: a sender could pass for the relay by posting its headers.
+    #[test]
+    fn regression_the_relays_own_headers_are_never_taken_from_a_frame() {
+        let d = decode(
+            Some("1"),
+            r#"{"x-smee-relay-delivery":"forged","X-Smee-Relay-Alert":"forged","x-smee-relay-raw":"1",
+               "x-smee-relay-recovered":"github","x-smee-relay-future":"x","x-smee-relayed":"kept","body":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d.event.headers,
+            vec![("x-smee-relayed".into(), "kept".into())]
+        );
+        assert_eq!(d.dropped.len(), 5);
+        assert!(d.dropped.iter().all(
+            |x| matches!(x, Dropped::OwnHeader { name } if name.starts_with("x-smee-relay-"))
+        ));
     }
 
     #[test]
