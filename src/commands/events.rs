@@ -460,6 +460,7 @@ mod tests {
                 assert_ne!(chars[at], ' ', "{column}:\n{text}");
             }
         }
-        assert!(lines[2].ends_with("connection refused second line"));
+        // One row per line: the newline is shown escaped, as every control character is.
+        assert!(lines[2].ends_with(r"connection refused\nsecond line"), "{text}");
     }
 }
