@@ -19,6 +19,7 @@ const ORDER: &[&[&str]] = &[
     &["spool"],
     &["delivery"],
     &["pipeline"],
+    &["actions"],
     &["notify"],
     &["server"],
     &["config"],

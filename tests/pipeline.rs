@@ -604,13 +604,14 @@ when = '[limit(1e9; repeat("x" * 10000))] | length > 0'
     assert_eq!(got, smee_relay::commands::demo::EXPECTED);
     slack.assert_quiet(Duration::from_millis(1000)).await;
     let logs = daemon.logs.all();
-    for rule in ["spin", "deep", "hungry"] {
-        assert_eq!(
-            logs.matches(&format!("rule {rule} failed for event"))
-                .count(),
-            1,
-            "logged once: {logs}"
-        );
+    // Logged once per rule and kind of failure, not once per event. `hungry` allocates without
+    // end: on a loaded machine it can meet the time budget before the memory budget, so it may
+    // show both kinds (never more than once each).
+    for (rule, most) in [("spin", 1), ("deep", 1), ("hungry", 2)] {
+        let count = logs
+            .matches(&format!("rule {rule} failed for event"))
+            .count();
+        assert!((1..=most).contains(&count), "{rule} logged {count} times: {logs}");
     }
     let metrics = smee_relay::http::client_builder()
         .build()
