@@ -611,7 +611,10 @@ when = '[limit(1e9; repeat("x" * 10000))] | length > 0'
         let count = logs
             .matches(&format!("rule {rule} failed for event"))
             .count();
-        assert!((1..=most).contains(&count), "{rule} logged {count} times: {logs}");
+        assert!(
+            (1..=most).contains(&count),
+            "{rule} logged {count} times: {logs}"
+        );
     }
     let metrics = smee_relay::http::client_builder()
         .build()

@@ -461,6 +461,9 @@ mod tests {
             }
         }
         // One row per line: the newline is shown escaped, as every control character is.
-        assert!(lines[2].ends_with(r"connection refused\nsecond line"), "{text}");
+        assert!(
+            lines[2].ends_with(r"connection refused\nsecond line"),
+            "{text}"
+        );
     }
 }
