@@ -162,6 +162,7 @@ async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
     let got = other.take(2).await;
     assert_eq!(got[0].uri, "/again?a=1+2");
     assert_eq!(&got[1].body[..], b"[2]");
+    let first_id = got[0].header("x-smee-relay-delivery").unwrap().to_string();
 
     other.answer_with(&[500]);
     let out = events(
@@ -175,6 +176,28 @@ async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
         stderr.contains("1 of 2 events were not accepted"),
         "{stderr}"
     );
+    // Regression: without a terminal the progress bar is hidden, and the per-event lines went
+    // with it; the reason for a refusal must still be said.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("failed: target answered 500"), "{stdout}");
+    // Regression: every replay is a new delivery, so a target that drops repeats takes it.
+    let again = other.take(2).await;
+    assert_ne!(
+        again[0].header("x-smee-relay-delivery"),
+        Some(first_id.as_str())
+    );
+}
+
+/// Regression: `events list` with a mistyped --state-dir created an empty spool there and
+/// showed an empty table, which reads as "nothing queued".
+#[tokio::test]
+async fn regression_events_with_a_state_dir_holding_no_spool_says_so() {
+    let dir = support::temp_dir();
+    let out = events(&dir.path().join("typo"), &["list"]).await;
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no spool at"), "{stderr}");
+    assert!(!dir.path().join("typo").exists());
 }
 
 #[tokio::test]

@@ -194,7 +194,39 @@ async fn tokens_keep_strangers_out() {
         .await
         .unwrap();
     assert_eq!(posted.status().as_u16(), 200);
-    assert_eq!(target.next().await.body, r#"{"ok":1}"#);
+    let got = target.next().await;
+    assert_eq!(got.body, r#"{"ok":1}"#);
+    // The post token is the server's, never passed on to the target.
+    assert_eq!(got.header("authorization"), None);
+    relay.stop().await;
+}
+
+/// Regression: `serve` dropped every sender's `Authorization` header, even with no post token
+/// to protect, so webhooks that authenticate with Basic or Bearer auth broke silently.
+#[tokio::test]
+async fn regression_a_senders_authorization_passes_when_serve_requires_no_post_token() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let channel = format!("{server}/senderauth");
+    let mut target = FakeTarget::start().await;
+    let options = options_for(&channel, &target);
+    let relay = start_relay(options, &channel, &mut target).await;
+    let posted = client()
+        .post(&channel)
+        .bearer_auth("the-senders-own")
+        .header("content-type", "application/json")
+        .body(r#"{"auth":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status().as_u16(), 200);
+    let got = target.next().await;
+    assert_eq!(got.body, r#"{"auth":1}"#);
+    assert_eq!(
+        got.header("authorization"),
+        Some("Bearer the-senders-own"),
+        "{:?}",
+        got.headers
+    );
     relay.stop().await;
 }
 

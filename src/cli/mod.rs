@@ -149,16 +149,16 @@ pub struct ServeArgs {
     pub allow_post_from: Vec<ipnet::IpNet>,
 
     /// Require `Authorization: Bearer TOKEN` from subscribers and posters.
-    #[arg(long, env = "SMEE_RELAY_SERVE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[arg(long, env = "SMEE_RELAY_SERVE_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub token: Option<crate::secret::SecretString>,
 
     /// Require this token from subscribers only (overrides --token for them).
-    #[arg(long, hide_env_values = true)]
-    pub subscribe_token: Option<String>,
+    #[arg(long, hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub subscribe_token: Option<crate::secret::SecretString>,
 
     /// Require this token from posters only (overrides --token for them).
-    #[arg(long, hide_env_values = true)]
-    pub post_token: Option<String>,
+    #[arg(long, hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub post_token: Option<crate::secret::SecretString>,
 
     /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.
     #[arg(long)]

@@ -18,6 +18,15 @@ use crate::url::TargetUrl;
 /// Run one `events` subcommand against the spool in the state directory.
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
+    // Opening creates a spool: a mistyped --state-dir would show an empty one and look like
+    // "nothing queued".
+    let file = dir.join(spool::FILE_NAME);
+    if !file.exists() {
+        anyhow::bail!(
+            "no spool at {}: is --state-dir the relay's state directory (see `smee-relay forward --help`)?",
+            file.display()
+        );
+    }
     let spool = Spool::open(&dir)?;
     match args.command {
         EventsCommand::List {
@@ -138,22 +147,32 @@ async fn replay_to(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // Each line above the bar on a terminal; plain lines otherwise (a hidden bar prints nothing).
+    let say = |line: String| {
+        if progress.is_hidden() {
+            println!("{line}");
+        } else {
+            progress.println(line);
+        }
+    };
+    // A new delivery id for every replay, so a target that drops repeats takes this one.
+    let run = crate::clock::now_ms();
     let mut failed = 0usize;
     for &id in ids {
         let (event, _) = spool.get(id)?;
-        let delivery = format!("replay-{id}");
+        let delivery = format!("replay-{id}-{run}");
         match forwarder
             .deliver(&event.event, &[("x-smee-relay-delivery", &delivery)])
             .await
         {
-            Ok(done) => progress.println(format!(
+            Ok(done) => say(format!(
                 "event {id}: POST {} -> {}",
                 to.path(),
                 done.status.as_u16()
             )),
             Err(e) => {
                 failed += 1;
-                progress.println(format!(
+                say(format!(
                     "event {id}: POST {} failed: {}",
                     to.path(),
                     crate::error::chain(&e)

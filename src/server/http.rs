@@ -16,6 +16,7 @@ use axum::routing::get;
 use http_body_util::BodyExt as _;
 
 use super::Peer;
+use crate::secret::{ExposeSecret as _, SecretString};
 use super::hub::{Charge, Hub, HubError, Posted, Stats};
 
 /// The channel page: one file, no build step, no CDN.
@@ -70,8 +71,9 @@ fn bad_name() -> Response {
     )
 }
 
-fn authorized(headers: &HeaderMap, token: &Option<String>) -> bool {
+fn authorized(headers: &HeaderMap, token: &Option<SecretString>) -> bool {
     let Some(token) = token else { return true };
+    let token = token.expose_secret();
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -289,9 +291,16 @@ async fn post(
         Err(BodyError::Memory(e)) => return hub_error(e),
     };
     let mut dropped = 0u64;
+    // `authorization` is the post token's when one is required (never passed on); otherwise
+    // it is the sender's own, and a webhook's header like any other.
+    let ours = hub.config.post_token.is_some();
     let kept: Vec<(String, String)> = headers
         .iter()
-        .filter(|(name, _)| !matches!(name.as_str(), "host" | "content-length" | "authorization"))
+        .filter(|(name, _)| match name.as_str() {
+            "host" | "content-length" => false,
+            "authorization" => !ours,
+            _ => true,
+        })
         .filter_map(|(name, value)| match value.to_str() {
             Ok(value) => Some((name.to_string(), value.to_string())),
             Err(_) => {

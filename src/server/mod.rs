@@ -36,6 +36,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::secret::SecretString;
+
 pub use store::StoreError;
 pub use tls::{TlsError, TlsFiles};
 
@@ -66,9 +68,9 @@ pub struct ServeConfig {
     /// How long shutdown waits for connections to finish their response.
     pub drain: Duration,
     /// Required from subscribers (`GET`), if set.
-    pub subscribe_token: Option<String>,
+    pub subscribe_token: Option<SecretString>,
     /// Required from posters (`POST`), if set.
-    pub post_token: Option<String>,
+    pub post_token: Option<SecretString>,
     /// Posts are accepted only from these networks, if set.
     pub allow_post_from: Vec<ipnet::IpNet>,
     /// Believe `X-Forwarded-For`/`-Proto`/`-Host` (only behind a proxy that sets them).
