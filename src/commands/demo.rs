@@ -345,7 +345,9 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         started.elapsed().as_millis()
     );
     println!(
-        "Next: `smee-relay check --config systemd/config.example.toml`, then `smee-relay run --config ...`."
+        "Next: the example config reads its secrets from the environment; with the example's \
+         values: `(set -a; . systemd/smee-relay.env.example; smee-relay check --config \
+         systemd/config.example.toml)`, then `smee-relay run --config ...` with your own."
     );
     Ok(())
 }
