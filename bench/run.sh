@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 workloads=("$@")
 [ $# -eq 0 ] && workloads=(a b c d)
 
-cargo build --release --locked --bin smee-relay --examples >/dev/null
-relay=target/release/smee-relay
+cargo build --profile dist --locked --bin smee-relay --examples >/dev/null
+relay=target/dist/smee-relay
 peers=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$peers"' EXIT
 echo "installing smee-client 5 and pysmee into $peers" >&2
@@ -30,7 +30,7 @@ python3 -m venv "$peers/py" && "$peers/py/bin/pip" install -q pysmee >/dev/null
 "$relay" serve --listen 127.0.0.1:0 >/dev/null 2>"$peers/serve.log" &
 for _ in $(seq 50); do grep -q 'serving smee channels' "$peers/serve.log" && break; sleep 0.1; done
 server="http://$(sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' "$peers/serve.log" | head -1)"
-target/release/examples/bench_target >"$peers/target.port" &
+target/dist/examples/bench_target >"$peers/target.port" &
 for _ in $(seq 50); do [ -s "$peers/target.port" ] && break; sleep 0.1; done
 target="http://127.0.0.1:$(cat "$peers/target.port")"
 ticks=$(getconf CLK_TCK)
@@ -52,7 +52,7 @@ run_client() { # name workload
   local before rss_before result after rss
   before=$(cpu_ticks "$pid")
   rss_before=$(status_kib "$pid" VmRSS)
-  result=$(target/release/examples/bench_load "$channel" "$target" "$workload")
+  result=$(target/dist/examples/bench_load "$channel" "$target" "$workload")
   after=$(cpu_ticks "$pid")
   rss=$(status_kib "$pid" VmHWM)
   kill "$pid"; wait "$pid" 2>/dev/null || true
@@ -80,7 +80,7 @@ done
 echo "running the spool and pipeline throughput benchmarks" >&2
 spool_line=$(cargo bench --locked --bench spool_throughput 2>/dev/null | grep '^spool')
 pipeline_line=$(cargo bench --locked --bench pipeline_throughput 2>/dev/null | grep '^pipeline')
-http_line=$(target/release/examples/http_client_cost "$target")
+http_line=$(target/dist/examples/http_client_cost "$target")
 
 printf '%s\n' "${rows[@]}" >"$peers/rows"
 budgets=$(python3 - "$peers/rows" <<'PY'

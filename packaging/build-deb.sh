@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build the Debian package: the binary (profile $PROFILE, default release), then what it ships
+# Build the Debian package: the binary (profile $PROFILE, default dist), then what it ships
 # besides (completions and man pages from `smee-relay generate`, the units with /usr/bin paths),
 # then `cargo deb --no-build`. Prints the path of the .deb on its last line.
 # Needs cargo-deb (`cargo install cargo-deb --locked`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-profile=${PROFILE:-release}
+profile=${PROFILE:-dist}
 command -v cargo-deb >/dev/null || { echo "cargo-deb is missing: cargo install cargo-deb --locked" >&2; exit 1; }
 
 cargo build --locked --profile "$profile" --bin smee-relay >&2
