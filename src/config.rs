@@ -410,12 +410,25 @@ pub fn parse(
     };
 
     let mut channels = Vec::new();
+    // Where each channel was first given, by its identity (what the spool's lock keys on).
+    let mut seen_channels: std::collections::HashMap<String, usize> = Default::default();
     for spanned in &file.channels {
         let at = spanned.span().start;
         let c = spanned.get_ref();
         match secret(&c.url, &c.url_env, "url") {
             Ok(Some(url)) => match url.expose_secret().parse::<ChannelUrl>() {
                 Ok(url) => {
+                    let identity = crate::spool::lock::channel_identity(url.expose().as_str());
+                    if let Some(first) = seen_channels.insert(identity, line_of(at)) {
+                        problems.push(at_line(
+                            at,
+                            format!(
+                                "this channel is the one at line {first} again (URLs that differ \
+                                 only in letter case, a default port, a trailing slash or a query \
+                                 name one channel): give it once, with all its targets"
+                            ),
+                        ));
+                    }
                     let mut forward = Vec::new();
                     for target in &c.forward {
                         match target.parse::<TargetUrl>() {
@@ -841,6 +854,19 @@ above = 80
         assert_eq!(config.channels[0].max_frame, 16 << 20);
         let e = parse(&channel("max_frame = \"lots\""), "c.toml", &no_env).unwrap_err();
         assert!(e.to_string().contains("c.toml:1: max_frame"), "{e}");
+    }
+
+    /// Regression: `check` passed two spellings of one channel, which `run` then refused with
+    /// "another smee-relay (pid N)", its own pid.
+    #[test]
+    fn regression_one_channel_given_twice_is_refused_with_both_lines() {
+        let text = "[[channel]]\nurl = \"https://smee.io/dupch\"\nforward = [\"http://127.0.0.1:3000/\"]\n\
+                    [[channel]]\nurl = \"https://SMEE.io/dupch/\"\nforward = [\"http://127.0.0.1:3000/\"]\n";
+        let e = parse(text, "c.toml", &no_env).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml:4: this channel is the one at line 1 again"),
+            "{e}"
+        );
     }
 
     #[test]

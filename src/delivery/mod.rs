@@ -346,6 +346,10 @@ impl Delivery<'_> {
             let delay = self
                 .policy
                 .delay(error.retry_after(), &mut backoff, item.event.id);
+            // Never wait past the event's --max-retry-age: the queue behind it would wait too.
+            // The attempt after that age decides (a dead letter if it fails).
+            let left = self.policy.max_age.saturating_sub(age);
+            let delay = delay.min(left.max(Duration::from_secs(1)));
             info!(
                 event = item.event.id,
                 attempt = attempts,
@@ -572,15 +576,60 @@ mod tests {
         sink: Arc<dyn Sink>,
         cancel: &CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
+        start_route_with(spool, writer, sink, cancel, RetryPolicy::DEFAULT)
+    }
+
+    fn start_route_with(
+        spool: &Arc<Spool>,
+        writer: &SpoolWriter,
+        sink: Arc<dyn Sink>,
+        cancel: &CancellationToken,
+        policy: RetryPolicy,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(run_route(
             spool.clone(),
             writer.clone(),
             "r".into(),
             sink,
-            RetryPolicy::DEFAULT,
+            policy,
             Arc::new(Counters::default()),
             cancel.clone(),
         ))
+    }
+
+    /// Regression: a long Retry-After (within --max-retry-after) parked the queue past the
+    /// event's --max-retry-age; the wait now ends when the retry age does.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_retry_after_never_waits_past_max_retry_age() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let ok = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+        });
+        let sink = Arc::new(Scripted {
+            answers: Mutex::new(vec![status(503, Some(3600)), ok]),
+            attempts: Mutex::new(Vec::new()),
+            attempted: tokio::sync::watch::Sender::new(0),
+        });
+        let cancel = CancellationToken::new();
+        let policy = RetryPolicy {
+            max_age: Duration::from_secs(600),
+            ..RetryPolicy::DEFAULT
+        };
+        let route = start_route_with(&spool, &writer, sink.clone(), &cancel, policy);
+        while sink.attempts.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        let at = sink.attempts.lock().unwrap().clone();
+        assert!(
+            at[1] - at[0] <= Duration::from_secs(660),
+            "waited {:?}, past the 10 min retry age",
+            at[1] - at[0]
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
     }
 
     /// Regression (issue 16, item 7): `Retry-After: 999999999` parked a route for decades.

@@ -16,8 +16,8 @@ use axum::routing::get;
 use http_body_util::BodyExt as _;
 
 use super::Peer;
-use crate::secret::{ExposeSecret as _, SecretString};
 use super::hub::{Charge, Hub, HubError, Posted, Stats};
+use crate::secret::{ExposeSecret as _, SecretString};
 
 /// The channel page: one file, no build step, no CDN.
 const PAGE: &str = include_str!("page.html");
