@@ -230,6 +230,42 @@ async fn regression_a_senders_authorization_passes_when_serve_requires_no_post_t
     relay.stop().await;
 }
 
+/// Regression: a subscriber resuming from before events the server had already evicted
+/// (`--max-events`, `--retain`, `--max-memory`) silently skipped them; it is now told with an
+/// `event: gap` frame right after `ready` (smee-client ignores named events it does not know).
+#[tokio::test]
+async fn regression_a_resume_past_evicted_events_is_told_not_silent() {
+    let config = ServeConfig {
+        max_events: 2,
+        ..ServeConfig::default()
+    };
+    let (server, _stop) = start_server(config).await;
+    let channel = format!("{server}/evicting");
+    for body in [&b"[1]"[..], b"[2]", b"[3]", b"[4]", b"[5]"] {
+        assert_eq!(post(&channel, "application/json", body).await, 200);
+    }
+    let mut stream = client()
+        .get(&channel)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "1")
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    tokio::time::timeout(support::PATIENCE, async {
+        while !seen.contains("[5]") {
+            let chunk = stream.chunk().await.unwrap().expect("the stream goes on");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the kept events arrive");
+    let gap = seen.find("event: gap\ndata: {\"after\":1,\"upto\":");
+    let ready = seen.find("event: ready");
+    assert!(gap.is_some() && ready < gap, "{seen}");
+    assert!(!seen.contains("[3]") && seen.contains("[4]"), "{seen}");
+}
+
 #[tokio::test]
 async fn limits_names_and_new_channels() {
     let config = ServeConfig {

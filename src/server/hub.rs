@@ -619,7 +619,19 @@ impl Hub {
         } else {
             last_seen.unwrap_or(channel.next_id.saturating_sub(1))
         };
-        // Events at or below `evicted_upto` are gone for everyone: not this one's loss.
+        // Events at or below `evicted_upto` are gone for everyone. A subscriber that resumes
+        // from before them missed them: it is told (an `event: gap` frame, which smee-client
+        // ignores and smee-relay's client logs) and so is this log, never silence.
+        let gap = last_seen
+            .filter(|&seen| !replay_all && seen < channel.evicted_upto)
+            .map(|seen| (seen, channel.evicted_upto));
+        if let Some((seen, upto)) = gap {
+            warn!(
+                channel = %crate::url::redact(name),
+                "a subscriber resumed after event {seen}, but events up to {upto} were already \
+                 evicted (--max-events, --retain, --max-memory or --channel-ttl): it missed them"
+            );
+        }
         let cursor = cursor.max(channel.evicted_upto);
         let watcher = Arc::new(Watcher {
             cursor: AtomicU64::new(cursor),
@@ -634,6 +646,7 @@ impl Hub {
             raw,
             live: channel.live.subscribe(),
             pending: Bytes::new(),
+            gap,
             ready_sent: false,
             final_sent: false,
             _charge: Charge::new(&self.stats, SUBSCRIBER_OVERHEAD),
@@ -681,6 +694,9 @@ pub(super) struct Subscription {
     live: watch::Receiver<u64>,
     /// The rest of the frame being sent.
     pending: Bytes,
+    /// Events this subscriber resumed after (`Last-Event-ID`) and the last one already
+    /// evicted: told once, right after `ready`.
+    gap: Option<(u64, u64)>,
     /// The `ready` event went out.
     ready_sent: bool,
     /// The shutdown comment went out.
@@ -722,6 +738,11 @@ impl Subscription {
             if !self.ready_sent {
                 self.ready_sent = true;
                 return Some(Bytes::from_static(b"event: ready\ndata: {}\n\n"));
+            }
+            if let Some((after, upto)) = self.gap.take() {
+                return Some(Bytes::from(format!(
+                    "event: gap\ndata: {{\"after\":{after},\"upto\":{upto}}}\n\n"
+                )));
             }
             self.live.borrow_and_update();
             match self.next_event() {

@@ -370,6 +370,16 @@ impl Source {
         match frame.event_type.as_str() {
             "ready" => debug!("channel ready"),
             "ping" => trace!("ping received"),
+            // `smee-relay serve` says so when it evicted events this relay had not taken.
+            "gap" => {
+                self.status.bad_frame("gap");
+                warn!(
+                    channel = %self.config.channel,
+                    "the channel server no longer had events posted since this relay last took \
+                     one ({}): they are lost; raise its --max-events, --retain or --max-memory",
+                    frame.data.chars().take(200).collect::<String>()
+                );
+            }
             "message" => {
                 let data = frame.data;
                 let Some(event) = self.decode_frame(id, data) else {
