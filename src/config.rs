@@ -147,7 +147,7 @@ fn secret_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretSt
 
 /// Why `value` is not usable as a secret, URL or name; the value itself is never repeated
 /// (it may be a secret).
-fn check_text(value: &str) -> Result<(), String> {
+fn check_text(value: &str) -> Result<(), crate::error::Invalid> {
     if value.trim().is_empty() {
         return Err("empty: give a value, or leave the key out".into());
     }
@@ -155,7 +155,8 @@ fn check_text(value: &str) -> Result<(), String> {
         return Err(format!(
             "contains a control character ({:?}): a stray newline from copying it?",
             c
-        ));
+        )
+        .into());
     }
     Ok(())
 }
@@ -394,15 +395,15 @@ pub fn parse(
     let secret = |literal: &Option<SecretString>,
                   var: &Option<String>,
                   what: &str|
-     -> Result<Option<SecretString>, String> {
+     -> Result<Option<SecretString>, crate::error::Invalid> {
         match (literal, var) {
-            (Some(_), Some(_)) => Err(format!("give {what} or {what}_env, not both")),
+            (Some(_), Some(_)) => Err(format!("give {what} or {what}_env, not both").into()),
             (Some(value), None) => Ok(Some(value.clone())),
             (None, Some(name)) => match env(name).filter(|v| !v.is_empty()) {
-                None => Err(format!("{what}_env names {name}, which is not set")),
+                None => Err(format!("{what}_env names {name}, which is not set").into()),
                 Some(value) => match check_text(&value) {
                     Ok(()) => Ok(Some(SecretString::from(value))),
-                    Err(e) => Err(format!("{what}_env: the value of {name} is {e}")),
+                    Err(e) => Err(format!("{what}_env: the value of {name} is {e}").into()),
                 },
             },
             (None, None) => Ok(None),
@@ -443,7 +444,7 @@ pub fn parse(
                     let token = match secret(&c.token, &c.token_env, "token") {
                         Ok(token) => token,
                         Err(e) => {
-                            problems.push(at_line(at, e));
+                            problems.push(at_line(at, e.0));
                             None
                         }
                     };
@@ -469,7 +470,7 @@ pub fn parse(
                 Err(e) => problems.push(at_line(at, format!("channel url: {e}"))),
             },
             Ok(None) => problems.push(at_line(at, "a channel needs url or url_env".into())),
-            Err(e) => problems.push(at_line(at, e)),
+            Err(e) => problems.push(at_line(at, e.0)),
         }
     }
     if file.channels.is_empty() {
@@ -564,7 +565,11 @@ pub fn parse(
 }
 
 /// Resolves a literal-or-`_env` secret (the closure inside [`parse`]).
-type SecretLookup<'a> = dyn Fn(&Option<SecretString>, &Option<String>, &str) -> Result<Option<SecretString>, String>
+type SecretLookup<'a> = dyn Fn(
+        &Option<SecretString>,
+        &Option<String>,
+        &str,
+    ) -> Result<Option<SecretString>, crate::error::Invalid>
     + 'a;
 
 /// `[[action]]`s and Port's API credentials.

@@ -16,3 +16,22 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A value that is not acceptable, and why, in words. For validation (a flag, a config value, a
+/// handler's output line), where the message is the whole story: there is no underlying cause
+/// to keep, unlike an I/O or HTTP error, which keeps its source.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}

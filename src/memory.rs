@@ -26,7 +26,7 @@ pub fn return_large_buffers() {
 
 /// A size as people write it, for flags and the config alike: `1GiB`, `512MiB`, `64KiB`,
 /// `10MB` or a number of bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, crate::error::Invalid> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -43,10 +43,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)").into()),
     };
     number
         .checked_mul(multiplier)
         .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?} is not a usable size"))
+        .ok_or_else(|| format!("{text:?} is not a usable size").into())
 }

@@ -137,7 +137,11 @@ pub const ENV_ALLOW: &[&str] = &[
 impl ActionConfig {
     /// Validate into an [`ActionSpec`]; `signed`: whether `[port]` has a client secret;
     /// `secret_vars`: the variables holding Port credentials (never passed to a handler).
-    pub fn compile(&self, signed: bool, secret_vars: &[&str]) -> Result<ActionSpec, String> {
+    pub fn compile(
+        &self,
+        signed: bool,
+        secret_vars: &[&str],
+    ) -> Result<ActionSpec, crate::error::Invalid> {
         let matcher = match (&self.identifier, &self.when) {
             (Some(id), None) if !id.is_empty() => Matcher::Identifier(id.clone()),
             (None, Some(when)) => {
@@ -190,7 +194,8 @@ impl ActionConfig {
             if var.starts_with("PORT_") || secret_vars.contains(&var.as_str()) {
                 return Err(format!(
                     "env: {var} may hold Port credentials or run variables; a handler never gets those"
-                ));
+                )
+                .into());
             }
         }
         if self.timeout.is_zero() {
@@ -384,9 +389,9 @@ pub enum Links {
 
 /// Parse a handler's output line: `None` if it is a plain log line, else the directive or why
 /// it is not one.
-pub fn parse_directive(line: &str) -> Option<Result<Directive, String>> {
+pub fn parse_directive(line: &str) -> Option<Result<Directive, crate::error::Invalid>> {
     let rest = line.trim_start().strip_prefix(DIRECTIVE)?;
-    Some(serde_json::from_str::<Directive>(rest.trim()).map_err(|e| e.to_string()))
+    Some(serde_json::from_str::<Directive>(rest.trim()).map_err(|e| e.to_string().into()))
 }
 
 /// The stored state of a run: what makes it execute once.
@@ -578,6 +583,7 @@ mod tests {
         assert!(
             parse("identifier = \"a\"\ncommand = [\"/bin/true\"]", false)
                 .unwrap_err()
+                .0
                 .contains("client_secret")
         );
         assert!(parse("command = [\"/bin/true\"]", true).is_err());

@@ -502,16 +502,21 @@ struct Said {
 
 impl Said {
     /// Apply a directive line; returns an entity to upsert, or a problem for the run log.
-    fn apply(&mut self, line: &str, run: &str) -> Result<Option<Report>, String> {
-        let directive = match parse_directive(line) {
-            None => return Err(String::new()),
-            Some(Err(e)) => {
-                return Err(format!(
+    /// `None`: the line is no directive, just output.
+    fn apply(
+        &mut self,
+        line: &str,
+        run: &str,
+    ) -> Option<Result<Option<Report>, crate::error::Invalid>> {
+        let directive = match parse_directive(line)? {
+            Err(e) => {
+                return Some(Err(format!(
                     "not a valid {} line ({e}): {line}",
                     super::DIRECTIVE
-                ));
+                )
+                .into()));
             }
-            Some(Ok(d)) => d,
+            Ok(d) => d,
         };
         if directive.summary.is_some() {
             self.finish.summary = directive.summary;
@@ -529,15 +534,18 @@ impl Said {
         }
         if let Some(mut entity) = directive.entity {
             let Some(serde_json::Value::String(blueprint)) = entity.remove("blueprint") else {
-                return Err(format!("an entity needs \"blueprint\" (a string): {line}"));
+                return Some(Err(format!(
+                    "an entity needs \"blueprint\" (a string): {line}"
+                )
+                .into()));
             };
-            return Ok(Some(Report::Entity {
+            return Some(Ok(Some(Report::Entity {
                 run: run.to_string(),
                 blueprint,
                 entity: serde_json::Value::Object(entity),
-            }));
+            })));
         }
-        Ok(None)
+        Some(Ok(None))
     }
 }
 
@@ -668,17 +676,17 @@ async fn run_command(
         tokio::select! {
             line = lines.recv(), if output_open => match line {
                 Some(line) => match said.apply(&line, &x.run.run_id) {
-                    Err(problem) if problem.is_empty() => logs.line(&line).await,
-                    Err(problem) => {
+                    None => logs.line(&line).await,
+                    Some(Err(problem)) => {
                         logs.line(&line).await;
                         logs.line(&format!("smee-relay: {problem}")).await;
                     }
-                    Ok(Some(entity)) => {
+                    Some(Ok(Some(entity))) => {
                         logs.send().await;
                         let writes = vec![reports_append(vec![entity])];
                         while !commit(&x.writer, writes_clone(&writes)).await {}
                     }
-                    Ok(None) => {}
+                    Some(Ok(None)) => {}
                 },
                 None => output_open = false,
             },

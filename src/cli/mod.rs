@@ -166,11 +166,11 @@ pub struct ServeArgs {
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.
-fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+fn parse_net(text: &str) -> Result<ipnet::IpNet, crate::error::Invalid> {
     let text = text.trim();
     text.parse::<ipnet::IpNet>()
         .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| format!("`{text}` is not a CIDR (10.0.0.0/8) or an IP address"))
+        .map_err(|_| format!("`{text}` is not a CIDR (10.0.0.0/8) or an IP address").into())
 }
 
 #[derive(Debug, Args)]
@@ -515,16 +515,16 @@ pub struct NewArgs {
 }
 
 /// A duration such as `90s`, `5m` or `1h 30m`, rejecting zero.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
     match humantime::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
         Ok(d) => Ok(d),
-        Err(e) => Err(format!("{e} (write it like 30s, 5m or 1h)")),
+        Err(e) => Err(format!("{e} (write it like 30s, 5m or 1h)").into()),
     }
 }
 
 /// A size such as `1GiB`, `512MiB`, `64KiB`, `10MB` or a number of bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, crate::error::Invalid> {
     crate::memory::parse_size(text)
 }
 

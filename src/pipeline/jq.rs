@@ -668,15 +668,20 @@ unsafe impl std::alloc::GlobalAlloc for BoundedAlloc {
 impl JqCondition {
     /// The first value the expression yields for `input`, as JSON (report mappings of
     /// `[[action]]`, which want a string or a list rather than a truth value).
-    pub fn output(&self, input: &serde_json::Value) -> Result<serde_json::Value, String> {
+    pub fn output(
+        &self,
+        input: &serde_json::Value,
+    ) -> Result<serde_json::Value, crate::error::Invalid> {
         let filter = compile(&self.code).map_err(|e| e.to_string())?;
         let bytes = serde_json::to_vec(input).map_err(|e| e.to_string())?;
         let input = jaq_json::read::parse_single(&bytes).map_err(|e| format!("{e:?}"))?;
         let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
         let mut outputs = filter.id.run((ctx, input)).map(unwrap_valr);
         match outputs.next() {
-            Some(Ok(value)) => serde_json::from_str(&value.to_string()).map_err(|e| e.to_string()),
-            Some(Err(e)) => Err(format!("jq error: {e:?}")),
+            Some(Ok(value)) => {
+                serde_json::from_str(&value.to_string()).map_err(|e| e.to_string().into())
+            }
+            Some(Err(e)) => Err(format!("jq error: {e:?}").into()),
             None => Err("the expression produced no value".into()),
         }
     }

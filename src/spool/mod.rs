@@ -901,7 +901,7 @@ fn open_existing(path: &Path, backend: &backend::Factory) -> Result<(Database, u
         })?;
         Ok((db, instance))
     });
-    opened.unwrap_or_else(|panic| Err(damaged(Damage::Panic(panic))))
+    opened.unwrap_or_else(|panic| Err(damaged(Damage::Panic(panic.0))))
 }
 
 enum UpgradeError {
@@ -956,14 +956,14 @@ fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
 
 /// Run `f`, turning a panic into its message. The panic hook is silenced meanwhile: the caller
 /// reports the panic itself, with the file's name and what to do.
-fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, crate::error::Invalid> {
     static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = HOOK.lock().unwrap_or_else(|e| e.into_inner());
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
-    result.map_err(|panic| panic_message(&*panic))
+    result.map_err(|panic| panic_message(&*panic).into())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
