@@ -85,6 +85,20 @@ impl AlertSink {
     }
 }
 
+/// What an outbox (alerts, Port reports) holds: JSON its producer wrote into the event body.
+/// Anything else can never be delivered, so it is a permanent refusal (a dead letter), not a
+/// retry.
+fn from_outbox<T: serde::de::DeserializeOwned>(
+    event: &StoredEvent,
+    what: &str,
+) -> Result<T, ForwardError> {
+    serde_json::from_slice(&event.event.body).map_err(|e| ForwardError::Status {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        retry_after: None,
+        body: format!("not {what}: {e}"),
+    })
+}
+
 impl Sink for AlertSink {
     fn describe(&self) -> String {
         match (&self.slack, self.stdout) {
@@ -102,12 +116,7 @@ impl Sink for AlertSink {
     ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let alert: Alert =
-                serde_json::from_slice(&event.event.body).map_err(|e| ForwardError::Status {
-                    status: StatusCode::UNPROCESSABLE_ENTITY,
-                    retry_after: None,
-                    body: format!("not an alert: {e}"),
-                })?;
+            let alert: Alert = from_outbox(event, "an alert")?;
             let done = match &self.slack {
                 Some(forwarder) => {
                     let message = Event {

@@ -275,12 +275,7 @@ impl Sink for PortReporter {
     ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let report: Report =
-                serde_json::from_slice(&event.event.body).map_err(|e| ForwardError::Status {
-                    status: StatusCode::UNPROCESSABLE_ENTITY,
-                    retry_after: None,
-                    body: format!("not a report for Port: {e}"),
-                })?;
+            let report: Report = super::from_outbox(event, "a report for Port")?;
             let status = self.report(&report).await?;
             if status.is_success()
                 && status != StatusCode::NO_CONTENT
