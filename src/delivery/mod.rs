@@ -420,6 +420,16 @@ mod tests {
         attempted: tokio::sync::watch::Sender<usize>,
     }
 
+    impl Scripted {
+        fn new(answers: Vec<Result<Delivered, ForwardError>>) -> Self {
+            Self {
+                answers: Mutex::new(answers),
+                attempts: Mutex::new(Vec::new()),
+                attempted: tokio::sync::watch::Sender::new(0),
+            }
+        }
+    }
+
     impl Sink for Scripted {
         fn describe(&self) -> String {
             "scripted".into()
@@ -464,17 +474,13 @@ mod tests {
             status: StatusCode::OK,
             elapsed: Duration::ZERO,
         });
-        let sink = Arc::new(Scripted {
-            answers: Mutex::new(vec![
-                status(503, None),
-                status(503, None),
-                status(503, None),
-                status(429, Some(7)),
-                ok,
-            ]),
-            attempts: Mutex::new(Vec::new()),
-            attempted: tokio::sync::watch::Sender::new(0),
-        });
+        let sink = Arc::new(Scripted::new(vec![
+            status(503, None),
+            status(503, None),
+            status(503, None),
+            status(429, Some(7)),
+            ok,
+        ]));
         let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
         let route = tokio::spawn(run_route(
@@ -606,11 +612,7 @@ mod tests {
             status: StatusCode::OK,
             elapsed: Duration::ZERO,
         });
-        let sink = Arc::new(Scripted {
-            answers: Mutex::new(vec![status(503, Some(3600)), ok]),
-            attempts: Mutex::new(Vec::new()),
-            attempted: tokio::sync::watch::Sender::new(0),
-        });
+        let sink = Arc::new(Scripted::new(vec![status(503, Some(3600)), ok]));
         let cancel = CancellationToken::new();
         let policy = RetryPolicy {
             max_age: Duration::from_secs(600),
@@ -640,11 +642,7 @@ mod tests {
             status: StatusCode::OK,
             elapsed: Duration::ZERO,
         });
-        let sink = Arc::new(Scripted {
-            answers: Mutex::new(vec![status(429, Some(999_999_999)), ok]),
-            attempts: Mutex::new(Vec::new()),
-            attempted: tokio::sync::watch::Sender::new(0),
-        });
+        let sink = Arc::new(Scripted::new(vec![status(429, Some(999_999_999)), ok]));
         let cancel = CancellationToken::new();
         let route = start_route(&spool, &writer, sink.clone(), &cancel);
         while sink.attempts.lock().unwrap().len() < 2 {
