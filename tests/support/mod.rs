@@ -13,6 +13,8 @@
 //! It must not hold assertions about the product: those belong in the tests.
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod nats;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;

