@@ -192,6 +192,92 @@ pub struct ChannelConfig {
     pub ignore_events: Vec<String>,
     /// Frames larger than this (e.g. "128MiB") are skipped, logged and counted.
     pub max_frame: Option<String>,
+    /// Recover the GitHub deliveries this channel missed, after every gap.
+    pub github_catch_up: Option<GithubCatchUpConfig>,
+}
+
+/// `[channel.github_catch_up]`: the GitHub hook that posts to this channel, whose deliveries
+/// the daemon compares with the spool after every gap (`smee-relay catch-up github`'s flags).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubCatchUpConfig {
+    /// `OWNER/REPO` of a repository hook.
+    pub repo: Option<String>,
+    /// The organisation of an organisation hook.
+    pub org: Option<String>,
+    /// The hook's id.
+    pub hook: u64,
+    /// The API base. Default: `$GITHUB_API_URL`, else https://api.github.com.
+    pub api_url: Option<String>,
+    /// The environment variable (or systemd credential) holding the token. Default GITHUB_TOKEN.
+    pub token_env: Option<String>,
+    /// A file holding the token (relative: also looked up in `$CREDENTIALS_DIRECTORY`).
+    pub token_file: Option<PathBuf>,
+    /// How far back each run looks. Keep it within `--retain`.
+    #[serde(
+        default = "default_catch_up_since",
+        deserialize_with = "positive_duration"
+    )]
+    pub since: Duration,
+}
+
+fn default_catch_up_since() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `[channel.github_catch_up]`, resolved: the hook, its API, the token.
+fn github_catch_up(
+    c: &GithubCatchUpConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::source::github::CatchUp, crate::error::Invalid> {
+    use crate::source::github::{self, HookOwner};
+    let owner = match (&c.repo, &c.org) {
+        (Some(repo), None) => HookOwner::repo(repo)?,
+        (None, Some(org)) => HookOwner::org(org)?,
+        _ => {
+            return Err(
+                "github_catch_up: give repo = \"OWNER/REPO\" or org = \"ORG\" (one)".into(),
+            );
+        }
+    };
+    let api_url = c
+        .api_url
+        .clone()
+        .or_else(|| env("GITHUB_API_URL").filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| github::DEFAULT_API_URL.into());
+    let api_url = crate::url::parse_http_url(&api_url)
+        .map_err(|e| format!("github_catch_up api_url: {e}"))?;
+    let token = match (&c.token_file, &c.token_env) {
+        (Some(_), Some(_)) => {
+            return Err("github_catch_up: give token_env or token_file, not both".into());
+        }
+        (Some(path), None) => {
+            let credentials = env("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            github::read_token_file(path, credentials.as_deref())
+                .map_err(|e| format!("github_catch_up: {e}"))?
+        }
+        (None, name) => {
+            let name = name.as_deref().unwrap_or("GITHUB_TOKEN");
+            match env(name).filter(|v| !v.is_empty()) {
+                Some(token) => SecretString::from(token),
+                None => {
+                    return Err(format!(
+                        "github_catch_up: the token variable {name} is not set (token_env, or token_file)"
+                    )
+                    .into());
+                }
+            }
+        }
+    };
+    Ok(github::CatchUp {
+        hook: github::HookConfig {
+            owner,
+            hook: c.hook,
+            api_url,
+            token,
+        },
+        since: c.since,
+    })
 }
 
 fn default_idle_timeout() -> Duration {
@@ -326,6 +412,8 @@ pub struct Channel {
     pub ignore_events: Vec<String>,
     /// The frame size limit for this channel's source.
     pub max_frame: usize,
+    /// `[channel.github_catch_up]`, resolved.
+    pub github_catch_up: Option<crate::source::github::CatchUp>,
 }
 
 /// A validated config, secrets resolved.
@@ -456,7 +544,17 @@ pub fn parse(
                             crate::source::DEFAULT_MAX_FRAME
                         }
                     };
+                    let github_catch_up =
+                        match c.github_catch_up.as_ref().map(|g| github_catch_up(g, env)) {
+                            None => None,
+                            Some(Ok(catch_up)) => Some(catch_up),
+                            Some(Err(e)) => {
+                                problems.push(at_line(at, e.0));
+                                None
+                            }
+                        };
                     channels.push(Channel {
+                        github_catch_up,
                         url,
                         forward,
                         pipeline: c.pipeline,
@@ -840,6 +938,53 @@ above = 80
             ] {
                 assert!(!shown.contains(secret), "{secret} in {shown}");
             }
+        }
+    }
+
+    #[test]
+    fn a_channel_may_catch_up_from_a_github_hook() {
+        let channel = |block: &str| {
+            format!(
+                "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:3000/\"]\n\
+                 [channel.github_catch_up]\n{block}\n"
+            )
+        };
+        let env = |name: &str| match name {
+            "GITHUB_TOKEN" => Some("ghp_secret_token".to_string()),
+            "GITHUB_API_URL" => Some("https://ghe.example.com/api/v3".to_string()),
+            _ => None,
+        };
+        let config = parse(&channel("repo = \"o/r\"\nhook = 7"), "c.toml", &env).unwrap();
+        let catch_up = config.channels[0].github_catch_up.as_ref().unwrap();
+        assert_eq!(catch_up.hook.hook, 7);
+        assert_eq!(catch_up.since, Duration::from_secs(3600));
+        assert_eq!(
+            catch_up.hook.api_url.as_str(),
+            "https://ghe.example.com/api/v3"
+        );
+        assert!(!format!("{config:?}").contains("ghp_secret_token"));
+        let config = parse(
+            &channel("org = \"o\"\nhook = 7\nsince = \"2h\""),
+            "c.toml",
+            &env,
+        )
+        .unwrap();
+        let catch_up = config.channels[0].github_catch_up.as_ref().unwrap();
+        assert_eq!(catch_up.since, Duration::from_secs(7200));
+        for (block, problem) in [
+            ("hook = 7", "give repo = \"OWNER/REPO\" or org"),
+            (
+                "repo = \"o/r\"\norg = \"o\"\nhook = 7",
+                "give repo = \"OWNER/REPO\" or org",
+            ),
+            ("repo = \"o\"\nhook = 7", "is not OWNER/REPO"),
+            (
+                "repo = \"o/r\"\nhook = 7\ntoken_env = \"NOPE\"",
+                "NOPE is not set",
+            ),
+        ] {
+            let e = parse(&channel(block), "c.toml", &env).unwrap_err();
+            assert!(e.to_string().contains(problem), "{block}: {e}");
         }
     }
 

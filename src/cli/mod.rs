@@ -62,6 +62,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Inspect and re-queue the events in the spool (works while the relay runs).
     Events(EventsArgs),
+    /// Recover webhooks a channel missed while no relay listened, from a sender that kept them
+    /// (GitHub's hook deliveries), and queue them (works while the relay runs).
+    CatchUp(CatchUpArgs),
     /// Run a smee-compatible channel server that keeps raw bodies and replays missed events.
     Serve(ServeArgs),
     /// See the whole product work in one process, with no account and no network.
@@ -256,6 +259,63 @@ pub enum EventsCommand {
         #[arg(long, required = true)]
         dead: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct CatchUpArgs {
+    #[command(subcommand)]
+    pub command: CatchUpCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CatchUpCommand {
+    /// Compare a GitHub hook's recent deliveries with the spool and queue the missing ones,
+    /// oldest first, marked `x-smee-relay-recovered: github` (payload re-serialised as compact
+    /// JSON, `x-hub-signature*` dropped: GitHub's API does not return the signed bytes).
+    Github(GithubCatchUpArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("hook_owner").required(true).args(["repo", "org"])))]
+pub struct GithubCatchUpArgs {
+    /// The repository of a repository hook.
+    #[arg(long, value_name = "OWNER/REPO", value_parser = crate::source::github::HookOwner::repo)]
+    pub repo: Option<crate::source::github::HookOwner>,
+    /// The organisation of an organisation hook.
+    #[arg(long, value_name = "ORG", value_parser = crate::source::github::HookOwner::org)]
+    pub org: Option<crate::source::github::HookOwner>,
+    /// The hook's id (the number in its settings URL).
+    #[arg(long, value_name = "ID")]
+    pub hook: u64,
+    /// Look at deliveries made within this long. Keep it within the relay's --retain (24h by
+    /// default): older events are pruned from the spool and would look missing.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub since: Duration,
+    /// List what would be recovered; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The GitHub API (GitHub Enterprise Server: https://HOST/api/v3).
+    #[arg(long, env = "GITHUB_API_URL", default_value = crate::source::github::DEFAULT_API_URL,
+          value_parser = parse_http_url)]
+    pub api_url: Url,
+    /// The environment variable (or systemd credential in $CREDENTIALS_DIRECTORY) holding the
+    /// token.
+    #[arg(long, value_name = "NAME", default_value = "GITHUB_TOKEN")]
+    pub token_env: String,
+    /// A file holding the token (relative: also looked up in $CREDENTIALS_DIRECTORY).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The relay's config: its state directory, the channel's queues and ignore_events.
+    #[arg(short, long, env = "SMEE_RELAY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// The channel the hook posts to. Default: the config's only channel. Without --config,
+    /// required: its queues are those the spool has for it.
+    #[arg(long, value_name = "URL")]
+    pub channel: Option<ChannelUrl>,
+    #[command(flatten)]
+    pub state: StateDirArg,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Which events an `events` subcommand works on.

@@ -342,9 +342,7 @@ fn table(rows: &[Row]) -> String {
                 row.record.attempts.to_string(),
                 row.route.clone(),
                 row.channel.clone(),
-                // What a sender chose goes to a terminal: its control characters escaped
-                // (which also keeps one row per line).
-                escape_control(row.kind.as_deref().unwrap_or("-")).into_owned(),
+                kind_cell(row),
                 escape_control(&last).into_owned(),
             ]
         })
@@ -378,6 +376,18 @@ fn table(rows: &[Row]) -> String {
         let _ = writeln!(out, "{line}");
     }
     out
+}
+
+/// The KIND cell: the event's kind, and `(recovered: github)` for an event catch-up recovered
+/// after a gap rather than received live.
+fn kind_cell(row: &Row) -> String {
+    // What a sender chose goes to a terminal: its control characters escaped (which also keeps
+    // one row per line).
+    let kind = escape_control(row.kind.as_deref().unwrap_or("-")).into_owned();
+    match &row.recovered {
+        Some(from) => format!("{kind} (recovered: {})", escape_control(from)),
+        None => kind,
+    }
 }
 
 /// `events show`: deliveries, then the request as it would be replayed.
@@ -452,6 +462,7 @@ mod tests {
                 seq: id,
             },
             kind: Some("x-github-event=push".into()),
+            recovered: None,
         }
     }
 

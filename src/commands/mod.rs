@@ -2,6 +2,7 @@
 //! (and, for `run` and `check`, the config file) into the runtime's settings and runs them.
 //! `main` only parses, sets up logging and maps the outcome to an exit code.
 
+mod catch_up;
 mod check;
 pub mod demo;
 mod events;
@@ -30,6 +31,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args).await,
         Command::Check(args) => check::run(args),
         Command::Events(args) => events::run(args).await,
+        Command::CatchUp(args) => catch_up::run(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => {
             demo::run(args.slack_webhook).await?;

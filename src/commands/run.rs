@@ -106,6 +106,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             source.token = c.token.clone();
             source.ignore_events = c.ignore_events.clone();
             source.max_frame = c.max_frame;
+            source.github_catch_up = c.github_catch_up.clone();
             ChannelPlan {
                 source,
                 forward: c.forward.clone(),

@@ -298,6 +298,20 @@ fn same_source(running: &SourceConfig, new: &SourceConfig) -> bool {
     running.idle_timeout == new.idle_timeout
         && expose(&running.token) == expose(&new.token)
         && running.reconnect == new.reconnect
+        && catch_up_settings(running) == catch_up_settings(new)
+}
+
+/// A channel's GitHub catch-up settings, comparable (a change restarts the channel with them).
+fn catch_up_settings(source: &SourceConfig) -> Option<(String, u64, String, &str, Duration)> {
+    source.github_catch_up.as_ref().map(|c| {
+        (
+            c.hook.owner.to_string(),
+            c.hook.hook,
+            c.hook.api_url.to_string(),
+            c.hook.token.expose_secret(),
+            c.since,
+        )
+    })
 }
 
 fn expose(token: &Option<SecretString>) -> Option<&str> {
@@ -585,7 +599,23 @@ impl Runtime {
         let (routes_tx, routes_rx) = watch::channel(routes);
         let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
         let cancel = self.cancel.child_token();
-        let handles = vec![
+        // Subscribed before the source runs, so its first connection counts as a gap's end.
+        let catch_up = channel.source.github_catch_up.clone().map(|config| {
+            let to = super::catch_up::Destination {
+                channel: url.to_string(),
+                routes: routes_rx.borrow().clone(),
+                ignore_events: channel.source.ignore_events.clone(),
+            };
+            super::catch_up::after_gaps(
+                self.spool.clone(),
+                config,
+                to,
+                routes_rx.clone(),
+                status.connects.subscribe(),
+                cancel.clone(),
+            )
+        });
+        let mut handles = vec![
             tokio::spawn(source.run(events_tx, cancel.clone())),
             tokio::spawn(spool::intake::intake(
                 events_rx,
@@ -596,6 +626,7 @@ impl Runtime {
                 self.counters.clone(),
             )),
         ];
+        handles.extend(catch_up.map(tokio::spawn));
         Some(ChannelTask {
             task: Task { cancel, handles },
             source: channel.source.clone(),
@@ -679,7 +710,7 @@ impl Runtime {
 }
 
 /// The spool routes a channel's events are queued on.
-fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
+pub fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
     let mut routes: Vec<String> = channel
         .forward
         .iter()

@@ -5,6 +5,7 @@
 //! This is the top of the runtime: it may use every module above it and nothing uses it but
 //! `commands`.
 
+pub mod catch_up;
 pub mod daemon;
 pub mod health;
 pub mod logging;

@@ -19,6 +19,7 @@
 //! logged with its id and skipped. An `id:` that cannot be sent back as a header (control
 //! characters, non-ASCII) is never kept as the resume point.
 
+pub mod github;
 pub mod status;
 pub mod transport;
 pub mod wire;
@@ -80,6 +81,9 @@ pub struct SourceConfig {
     /// Event names to skip (`--ignore-event`, gosmee's flag): matched, ignoring case, against
     /// the sender's event header ([`EVENT_HEADERS`]). Skipped events are never spooled.
     pub ignore_events: Vec<String>,
+    /// A GitHub hook whose missed deliveries are recovered after every gap of this channel
+    /// (`[channel.github_catch_up]`); the daemon runs it (`service::catch_up`).
+    pub github_catch_up: Option<github::CatchUp>,
 }
 
 /// Headers that name a webhook's event, by sender: GitHub, GitLab, Gitea, Gogs, Bitbucket.
@@ -125,6 +129,7 @@ impl SourceConfig {
             last_event_id: None,
             max_frame: DEFAULT_MAX_FRAME,
             ignore_events: Vec::new(),
+            github_catch_up: None,
         }
     }
 

@@ -17,6 +17,9 @@ pub struct ChannelStatus {
     /// Frames skipped because they could not be read (refused by the SSE parser, over the size
     /// limit, or not a smee webhook): nothing is dropped without being counted.
     pub bad_frames: AtomicU64,
+    /// How many times the channel connected: a change is the end of a gap (or the start),
+    /// after which what the channel missed can be recovered from elsewhere (catch-up).
+    pub connects: tokio::sync::watch::Sender<u64>,
 }
 
 impl ChannelStatus {
@@ -28,6 +31,7 @@ impl ChannelStatus {
             last_bytes_ms: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
+            connects: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -43,6 +47,7 @@ impl ChannelStatus {
             .set(if connected { 1.0 } else { 0.0 });
         if connected {
             self.saw_bytes();
+            self.connects.send_modify(|n| *n += 1);
         }
     }
 

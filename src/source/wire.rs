@@ -29,7 +29,7 @@ const SMEE_KEYS: [&str; 5] = ["body", "query", "timestamp", "rawdata", "bodyB"];
 
 /// Headers that must not be replayed: hop-by-hop headers belong to the connection the channel
 /// server saw, `host` names the channel server, `content-length` is recomputed for the new body.
-const NEVER_FORWARDED: [&str; 8] = [
+pub(crate) const NEVER_FORWARDED: [&str; 8] = [
     "host",
     "content-length",
     "connection",
@@ -43,7 +43,7 @@ const NEVER_FORWARDED: [&str; 8] = [
 /// The prefix of every header the relay itself sets on what it sends (`x-smee-relay-delivery`,
 /// `-alert`, `-recovered`, and `x-smee-relay-raw` on subscriptions). A sender could post them
 /// to pass for the relay, so they are never taken from a frame.
-const OWN_HEADER_PREFIX: &str = "x-smee-relay-";
+pub(crate) const OWN_HEADER_PREFIX: &str = "x-smee-relay-";
 
 /// Why a frame could not become an event at all. The event is skipped; the connection goes on.
 #[derive(Debug, thiserror::Error)]

@@ -278,6 +278,11 @@ pub struct Row {
     pub record: DeliveryRecord,
     /// `x-github-event=push`, or a Port `action`/`resourceType`, when the event says.
     pub kind: Option<String>,
+    /// Where the event was recovered from after a gap (`github`: catch-up), if it did not
+    /// come live from the channel (its `x-smee-relay-recovered` header, which no live event
+    /// can carry: the source drops the relay's own headers from frames).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<String>,
 }
 
 /// A write the spool applies in a batch.
@@ -633,6 +638,10 @@ impl Spool {
                     route: route_name(route).to_string(),
                     record,
                     kind: event_kind(&event.event),
+                    recovered: event
+                        .event
+                        .header("x-smee-relay-recovered")
+                        .map(String::from),
                 });
             }
             Ok(rows.into())
@@ -694,6 +703,70 @@ impl Spool {
                 t.drop_event_if_unreferenced(*id)?;
             }
             Ok(dead.len())
+        })
+    }
+
+    /// The values of header `name` on the stored events from `channel` (as shown, redacted):
+    /// e.g. the GitHub delivery GUIDs the spool already has. Events pruned are not seen.
+    pub fn header_values(
+        &self,
+        channel: &str,
+        name: &str,
+    ) -> Result<std::collections::HashSet<String>, SpoolError> {
+        self.read(|txn| header_values(&txn.open_table(EVENTS)?, channel, name))
+    }
+
+    /// The queues events of the channel with key `channel_key` ([`lock::channel_key`]) have
+    /// been queued on: the routes of a `forward` relay when there is no config to say them.
+    pub fn channel_routes(&self, channel_key: &str) -> Result<Vec<String>, SpoolError> {
+        let prefix = format!("{channel_key} ");
+        self.read(|txn| {
+            let mut routes = std::collections::BTreeSet::new();
+            for entry in txn.open_table(RECORDS)?.iter()? {
+                let (key, _) = entry?;
+                let route = key.value().1;
+                if route.starts_with(&prefix) {
+                    routes.insert(route.to_string());
+                }
+            }
+            Ok(routes.into_iter().collect())
+        })
+    }
+
+    /// Append `events` from `channel` to each of `routes`, in order, except those whose header
+    /// `name` has a value already stored for the channel (checked in the same transaction, so
+    /// two runs at once cannot both add one). Returns per event its new id, or `None` when it
+    /// was there already. Used for events recovered from elsewhere (GitHub's deliveries): they
+    /// queue behind what is queued, as if they arrived now. The size limit is not applied: they
+    /// are few, and what `--max-spool-size` the relay runs with is not known here.
+    pub fn append_missing(
+        &self,
+        channel: &str,
+        routes: &[String],
+        events: &[Event],
+        name: &str,
+    ) -> Result<Vec<Option<u64>>, SpoolError> {
+        self.update(|t| {
+            let mut seen = header_values(&t.events, channel, name)?;
+            let now = now_ms();
+            let mut ids = Vec::with_capacity(events.len());
+            for event in events {
+                if let Some(value) = event.header(name)
+                    && !seen.insert(value.to_string())
+                {
+                    ids.push(None);
+                    continue;
+                }
+                let row = EventRow::new(now, channel, event);
+                let id = t.bump(NEXT_EVENT, 1)? + 1;
+                t.put_event(id, &row)?;
+                t.bump(STORED_BYTES, row.stored_size())?;
+                for route in routes {
+                    t.enqueue(id, route, now)?;
+                }
+                ids.push(Some(id));
+            }
+            Ok(ids)
         })
     }
 
@@ -992,6 +1065,25 @@ fn read_event(
         .get(id)?
         .and_then(|bytes| decode(id, bytes.value()))
         .map(|(event, _)| event))
+}
+
+/// The values of header `name` on the events from `channel` (see [`Spool::header_values`]).
+fn header_values(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    channel: &str,
+    name: &str,
+) -> Result<std::collections::HashSet<String>, redb::Error> {
+    let mut values = std::collections::HashSet::new();
+    for entry in events.iter()? {
+        let (id, bytes) = entry?;
+        if let Some((event, _)) = decode(id.value(), bytes.value())
+            && event.channel == channel
+            && let Some(value) = event.event.header(name)
+        {
+            values.insert(value.to_string());
+        }
+    }
+    Ok(values)
 }
 
 /// An event with its body, wherever the body is stored. `None` if it is missing or damaged.

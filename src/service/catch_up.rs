@@ -1,0 +1,253 @@
+//! Catch-up: recover what a channel missed while no relay listened, from a sender that kept it
+//! (GitHub's hook deliveries, through `source::github`), and queue it like live events.
+//!
+//! One run lists the hook's deliveries since a time, compares their GUIDs with the
+//! `x-github-delivery` headers of the channel's events in the spool, fetches each missing one
+//! (a GUID once, however often GitHub redelivered it) and appends them, oldest first, to the
+//! channel's queues in one transaction that checks the GUIDs again (two runs at once add each
+//! once). Routes of a running relay pick them up as they do `events replay`'s (an idle route
+//! looks at its queue every second), so `smee-relay catch-up` works whether the daemon runs or
+//! not. The daemon runs it itself after every gap of a channel that has a
+//! `[channel.github_catch_up]` block ([`after_gaps`]).
+//!
+//! This module does not decide which channel or routes: the command and the daemon say.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::source::github::{self, DELIVERY_HEADER, DeliverySummary, GithubError, HookClient};
+use crate::spool::{Spool, SpoolError};
+
+/// The least time between two catch-ups of one channel run by the daemon: a channel that
+/// reconnects again and again costs GitHub one listing per this, not one per reconnect.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why a catch-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error("cannot read the deliveries of the GitHub hook")]
+    Github(#[from] GithubError),
+    #[error("cannot compare with or add to the spool")]
+    Spool(#[from] SpoolError),
+    #[error("the spool task stopped")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Where recovered events go.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    /// The channel as shown (redacted): what the spool records events under.
+    pub channel: String,
+    /// The queues the channel's events go on ([`crate::spool::route_key`], `pipeline`, ...).
+    pub routes: Vec<String>,
+    /// Event names the channel skips (`ignore_events`): skipped when recovered too.
+    pub ignore_events: Vec<String>,
+}
+
+/// What one run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Deliveries GitHub listed since the time asked (redeliveries included).
+    pub listed: usize,
+    /// Distinct GUIDs among them.
+    pub guids: usize,
+    /// Missing from the spool, oldest first: recovered, or with a dry run, what would be.
+    pub missing: Vec<DeliverySummary>,
+    /// Event ids given to what was recovered, in order (empty on a dry run).
+    pub recovered: Vec<u64>,
+    /// Missing ones the channel's `ignore_events` skips.
+    pub ignored: usize,
+}
+
+/// Recover the deliveries of `client`'s hook since `since_ms` that `to`'s channel does not
+/// have. With `dry_run`, only say which (and `spool` may be `None`: none exists yet).
+pub async fn github(
+    spool: Option<&Arc<Spool>>,
+    client: &mut HookClient,
+    to: &Destination,
+    since_ms: u64,
+    dry_run: bool,
+) -> Result<Report, CatchUpError> {
+    let listed = client.deliveries(since_ms).await?;
+    // No spool (a dry run before the relay ever ran): nothing is stored, all is missing.
+    let have = match spool {
+        Some(spool) => {
+            let (spool, channel) = (spool.clone(), to.channel.clone());
+            tokio::task::spawn_blocking(move || spool.header_values(&channel, DELIVERY_HEADER))
+                .await??
+        }
+        None => HashSet::new(),
+    };
+    let mut report = Report {
+        listed: listed.len(),
+        ..Report::default()
+    };
+    let mut seen = HashSet::new();
+    for delivery in listed {
+        // Oldest first: a GUID's first attempt stands for its redeliveries (same payload).
+        if seen.insert(delivery.guid.clone()) && !have.contains(&delivery.guid) {
+            report.missing.push(delivery);
+        }
+    }
+    report.guids = seen.len();
+    let Some(spool) = spool.filter(|_| !dry_run && !report.missing.is_empty()) else {
+        return Ok(report);
+    };
+    let mut events = Vec::with_capacity(report.missing.len());
+    for delivery in &report.missing {
+        match client.event(delivery, &to.ignore_events).await? {
+            Some(event) => events.push(event),
+            None => report.ignored += 1,
+        }
+    }
+    let ids = {
+        let (spool, to) = (spool.clone(), to.clone());
+        tokio::task::spawn_blocking(move || {
+            spool.append_missing(&to.channel, &to.routes, &events, DELIVERY_HEADER)
+        })
+        .await??
+    };
+    report.recovered = ids.into_iter().flatten().collect();
+    metrics::counter!("smee_relay_catch_up_recovered_total", "source" => "github")
+        .increment(report.recovered.len() as u64);
+    Ok(report)
+}
+
+/// The daemon's catch-up for one channel: a run at every change of `connects` (the channel
+/// connected: at start, and after every gap), at most one per [`MIN_INTERVAL`] (changes in
+/// between are folded into one run at its end), until `cancel`. A failed run is logged and
+/// counted; the next gap tries again.
+pub async fn after_gaps(
+    spool: Arc<Spool>,
+    config: github::CatchUp,
+    to: Destination,
+    mut routes: watch::Receiver<Vec<String>>,
+    connects: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let mut client = match HookClient::new(config.hook.clone()) {
+        Ok(client) => client,
+        Err(e) => {
+            warn!(channel = %to.channel, "GitHub catch-up off: {}", crate::error::chain(&e));
+            return;
+        }
+    };
+    let mut gaps = Gaps {
+        connects,
+        last_run: None,
+    };
+    while gaps.next(&cancel).await {
+        let to = Destination {
+            routes: routes.borrow_and_update().clone(),
+            ..to.clone()
+        };
+        let since_ms = crate::clock::now_ms().saturating_sub(config.since.as_millis() as u64);
+        let run = github(Some(&spool), &mut client, &to, since_ms, false);
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            outcome = run => outcome,
+        };
+        match outcome {
+            Ok(report) => {
+                metrics::counter!("smee_relay_catch_up_runs_total", "source" => "github", "outcome" => "ok")
+                    .increment(1);
+                if report.recovered.is_empty() {
+                    info!(channel = %to.channel, "GitHub catch-up: {} missed nothing ({} deliveries since {})",
+                        client.describe(), report.guids, humantime::format_duration(config.since));
+                } else {
+                    info!(channel = %to.channel, "GitHub catch-up: recovered {} deliveries the channel missed from {} (events {})",
+                        report.recovered.len(), client.describe(), ids(&report.recovered));
+                }
+            }
+            Err(e) => {
+                metrics::counter!("smee_relay_catch_up_runs_total", "source" => "github", "outcome" => "failed")
+                    .increment(1);
+                warn!(channel = %to.channel, "GitHub catch-up failed, the next gap tries again \
+                      (or run `smee-relay catch-up github`): {}", crate::error::chain(&e));
+            }
+        }
+    }
+}
+
+/// When the daemon's catch-up runs: at a change of the channel's connection count, at most
+/// once per [`MIN_INTERVAL`].
+struct Gaps {
+    /// The channel's connection count ([`crate::source::status::ChannelStatus::connects`]).
+    connects: watch::Receiver<u64>,
+    /// When the last run started.
+    last_run: Option<tokio::time::Instant>,
+}
+
+impl Gaps {
+    /// Wait until a run is due; `false` once `cancel` fires or the channel is gone.
+    async fn next(&mut self, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            changed = self.connects.changed() => if changed.is_err() { return false },
+        }
+        if let Some(last) = self.last_run {
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep_until(last + MIN_INTERVAL) => {}
+            }
+        }
+        // Whatever connected meanwhile is covered by this run.
+        self.connects.borrow_and_update();
+        self.last_run = Some(tokio::time::Instant::now());
+        true
+    }
+}
+
+/// `3-5, 9` style is overkill here: ids joined by commas, at most 20.
+fn ids(ids: &[u64]) -> String {
+    let mut text: Vec<String> = ids.iter().take(20).map(u64::to_string).collect();
+    if ids.len() > 20 {
+        text.push("…".into());
+    }
+    text.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The debounce, on tokio's paused clock: connects in quick succession make one run now and
+    /// one at the end of the interval, not one each.
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_within_the_interval_fold_into_one_run() {
+        let (tx, rx) = watch::channel(0u64);
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let cancel = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let task = {
+            let runs = runs.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut gaps = Gaps {
+                    connects: rx,
+                    last_run: None,
+                };
+                while gaps.next(&cancel).await {
+                    runs.lock().unwrap().push(start.elapsed());
+                }
+            })
+        };
+        for _ in 0..3 {
+            tx.send_modify(|n| *n += 1);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        tokio::time::sleep(MIN_INTERVAL * 2).await;
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            *runs.lock().unwrap(),
+            [Duration::ZERO, MIN_INTERVAL],
+            "one run at the first connect, one for the two after it"
+        );
+    }
+}

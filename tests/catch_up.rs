@@ -1,0 +1,522 @@
+//! `smee-relay catch-up github` and `[channel.github_catch_up]`, against a fake GitHub API on
+//! 127.0.0.1 (deliveries listed newest first, paged by a `cursor` in the `Link` header; delivery
+//! details; a 403 with `retry-after`; 401 for a bad token) and the real binary.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use support::{FakeChannel, FakeTarget, run_to_end, smee_relay, spawn_logged, temp_dir};
+
+const TOKEN: &str = "ghp_test_token_that_must_not_be_printed";
+/// The fake lists this many deliveries per page, whatever `per_page` asks, so paging is used.
+const PAGE: usize = 4;
+
+/// One delivery the fake GitHub kept.
+#[derive(Clone)]
+struct Delivery {
+    id: u64,
+    guid: String,
+    /// Seconds before now.
+    age_s: u64,
+    redelivery: bool,
+    payload: Value,
+}
+
+#[derive(Default)]
+struct GithubState {
+    /// Oldest first; listed newest first.
+    deliveries: Vec<Delivery>,
+    /// `http://127.0.0.1:PORT`, for the `Link` header.
+    base: String,
+    /// Answer the next delivery detail with 403 and `retry-after: 1` (a secondary limit).
+    limit_next_detail: AtomicBool,
+    list_requests: AtomicUsize,
+    /// The ids of delivery details asked for, rate-limited ones included.
+    detail_requests: Mutex<Vec<u64>>,
+}
+
+struct FakeGithub {
+    url: String,
+    state: Arc<GithubState>,
+}
+
+fn rfc3339(age_s: u64) -> String {
+    let at = std::time::SystemTime::now() - Duration::from_secs(age_s);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// `None` when the token is right; else GitHub's 401.
+fn refused(headers: &HeaderMap) -> Option<Response> {
+    let expected = format!("Bearer {TOKEN}");
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str()) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [("content-type", "application/json")],
+            r#"{"message":"Bad credentials","documentation_url":"https://docs.github.com/rest"}"#,
+        )
+            .into_response(),
+    )
+}
+
+async fn list(
+    State(state): State<Arc<GithubState>>,
+    UrlPath((owner, name, hook)): UrlPath<(String, String, u64)>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refused(&headers) {
+        return refused;
+    }
+    state.list_requests.fetch_add(1, Ordering::SeqCst);
+    assert_eq!(query.get("per_page").map(String::as_str), Some("100"));
+    let start: usize = query
+        .get("cursor")
+        .map(|c| c.strip_prefix("v1_").unwrap().parse().unwrap())
+        .unwrap_or(0);
+    let newest_first: Vec<&Delivery> = state.deliveries.iter().rev().collect();
+    let page: Vec<Value> = newest_first
+        .iter()
+        .skip(start)
+        .take(PAGE)
+        .map(|d| {
+            json!({
+                "id": d.id, "guid": d.guid, "delivered_at": rfc3339(d.age_s),
+                "redelivery": d.redelivery, "duration": 0.2, "status": "Bad Gateway",
+                "status_code": 502, "event": "push", "action": null,
+                "installation_id": null, "repository_id": 1
+            })
+        })
+        .collect();
+    let mut response = axum::Json(page).into_response();
+    if start + PAGE < newest_first.len() {
+        let next = format!(
+            "<{}/{owner}/{name}/hooks/{hook}/deliveries?per_page=100&cursor=v1_{}>; rel=\"next\"",
+            state.base,
+            start + PAGE
+        );
+        response.headers_mut().insert("link", next.parse().unwrap());
+    }
+    response
+}
+
+async fn detail(
+    State(state): State<Arc<GithubState>>,
+    UrlPath((_, _, _, id)): UrlPath<(String, String, u64, u64)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refused(&headers) {
+        return refused;
+    }
+    state.detail_requests.lock().unwrap().push(id);
+    if state.limit_next_detail.swap(false, Ordering::SeqCst) {
+        return (
+            StatusCode::FORBIDDEN,
+            [("retry-after", "1"), ("content-type", "application/json")],
+            r#"{"message":"You have exceeded a secondary rate limit."}"#,
+        )
+            .into_response();
+    }
+    let Some(d) = state.deliveries.iter().find(|d| d.id == id) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    axum::Json(json!({
+        "id": d.id, "guid": d.guid, "delivered_at": rfc3339(d.age_s),
+        "redelivery": d.redelivery, "event": "push", "status_code": 502,
+        "request": {
+            "headers": {
+                "Accept": "*/*", "content-type": "application/json",
+                "User-Agent": "GitHub-Hookshot/abc", "X-GitHub-Delivery": d.guid,
+                "X-GitHub-Event": "push", "X-GitHub-Hook-ID": "42",
+                "X-Hub-Signature": "sha1=0000", "X-Hub-Signature-256": "sha256=0000"
+            },
+            "payload": d.payload
+        },
+        "response": { "headers": {}, "payload": "" }
+    }))
+    .into_response()
+}
+
+impl FakeGithub {
+    async fn start(deliveries: Vec<Delivery>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(GithubState {
+            deliveries,
+            base: format!("{url}/repos"),
+            ..Default::default()
+        });
+        // Org hooks answer the same; the Link header then points at /repos, which is fine:
+        // only its cursor is used.
+        let router = axum::Router::new()
+            .route("/repos/{owner}/{repo}/hooks/{hook}/deliveries", get(list))
+            .route(
+                "/repos/{owner}/{repo}/hooks/{hook}/deliveries/{id}",
+                get(detail),
+            )
+            .route(
+                "/orgs/{org}/hooks/{hook}/deliveries",
+                get(
+                    |state: State<Arc<GithubState>>,
+                     UrlPath((org, hook)): UrlPath<(String, u64)>,
+                     query,
+                     headers| async move {
+                        list(state, UrlPath((org, "org".into(), hook)), query, headers).await
+                    },
+                ),
+            )
+            .route(
+                "/orgs/{org}/hooks/{hook}/deliveries/{id}",
+                get(
+                    |state: State<Arc<GithubState>>,
+                     UrlPath((org, hook, id)): UrlPath<(String, u64, u64)>,
+                     headers| async move {
+                        detail(state, UrlPath((org, String::new(), hook, id)), headers).await
+                    },
+                ),
+            )
+            .with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Self { url, state }
+    }
+}
+
+/// `n` deliveries, a minute apart, the newest a minute ago; payload `{"n": i, ...}`.
+fn deliveries(n: u64) -> Vec<Delivery> {
+    (0..n)
+        .map(|i| Delivery {
+            id: 1000 + i,
+            guid: format!("guid-{i}"),
+            age_s: (n - i) * 60,
+            redelivery: false,
+            payload: json!({ "n": i, "ref": "refs/heads/main", "pusher": { "name": "octo" } }),
+        })
+        .collect()
+}
+
+/// The payload as GitHub's API would give it back, re-serialised compactly.
+fn compact(d: &Delivery) -> String {
+    serde_json::to_string(&d.payload).unwrap()
+}
+
+/// The smee frame of delivery `d` as it arrives live (signature included).
+fn live_frame(d: &Delivery) -> String {
+    json!({
+        "x-github-delivery": d.guid, "x-github-event": "push",
+        "content-type": "application/json", "x-hub-signature-256": "sha256=live",
+        "body": d.payload, "timestamp": 1_700_000_000_000u64
+    })
+    .to_string()
+}
+
+fn write_config(dir: &Path, channel: &str, target: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("relay.toml");
+    let state = dir.join("state");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = {state:?}\n[[channel]]\nurl = {channel:?}\nforward = [{target:?}]\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn catch_up(config: &Path, github: &FakeGithub) -> tokio::process::Command {
+    let mut command = smee_relay();
+    command
+        .args([
+            "catch-up",
+            "github",
+            "--repo",
+            "octo-org/octo-repo",
+            "--hook",
+            "42",
+        ])
+        .arg("--config")
+        .arg(config)
+        .args(["--api-url", &github.url])
+        .env("GITHUB_TOKEN", TOKEN)
+        .env_remove("GITHUB_API_URL")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    command
+}
+
+/// `events list --json` of a state dir.
+async fn listed(state: &Path) -> Vec<Value> {
+    let out = run_to_end(
+        smee_relay()
+            .args(["events", "list", "--json", "--limit", "1000", "--state-dir"])
+            .arg(state),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// The acceptance test of the issue: 3 of 10 deliveries never reached the relay; catch-up
+/// recovers exactly those 3, in order, and the running daemon delivers them; a second run
+/// recovers nothing. A redelivery of a missing GUID is recovered once; a 403 with retry-after
+/// is waited out.
+#[tokio::test]
+async fn three_missed_deliveries_are_recovered_in_order_once_and_delivered_by_the_running_daemon() {
+    let mut all = deliveries(10);
+    // GitHub redelivered guid-5 (after the outage) under a new id: one GUID, recovered once.
+    all.push(Delivery {
+        id: 2000,
+        redelivery: true,
+        age_s: 5,
+        ..all[5].clone()
+    });
+    let github = FakeGithub::start(all.clone()).await;
+    github.state.limit_next_detail.store(true, Ordering::SeqCst);
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        &channel.url("CatchUpChannel"),
+        &target.url("/hook"),
+        "",
+    );
+    let (_daemon, logs) = spawn_logged(smee_relay().args(["run", "--config"]).arg(&config));
+    logs.wait_for(&["connected to channel"]).await;
+
+    let missed = [2usize, 5, 8];
+    for (i, d) in all[..10].iter().enumerate() {
+        if !missed.contains(&i) {
+            channel.send_webhook(i as u64 + 1, &live_frame(d));
+        }
+    }
+    let live = target.take(7).await;
+    assert!(
+        live.iter()
+            .all(|r| r.header("x-smee-relay-recovered").is_none())
+    );
+
+    let out = run_to_end(catch_up(&config, &github).args(["--since", "2h"])).await;
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("11 deliveries (10 GUIDs) since 2h, 3 missing from the spool"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("recovered 3 deliveries"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains(TOKEN) && !out.stderr.contains(TOKEN));
+
+    let recovered = target.take(3).await;
+    for (request, &i) in recovered.iter().zip(&missed) {
+        assert_eq!(request.uri, "/hook");
+        assert_eq!(request.body, compact(&all[i]).as_bytes(), "delivery {i}");
+        assert_eq!(
+            request.header("x-github-delivery"),
+            Some(all[i].guid.as_str())
+        );
+        assert_eq!(request.header("x-github-event"), Some("push"));
+        assert_eq!(request.header("x-smee-relay-recovered"), Some("github"));
+        assert_eq!(request.header("x-hub-signature-256"), None);
+        assert_eq!(request.header("x-hub-signature"), None);
+    }
+    // Paged: 11 deliveries, 4 a page. Details: the 3 missing, one of them asked twice (403).
+    assert_eq!(github.state.list_requests.load(Ordering::SeqCst), 3);
+    let details = github.state.detail_requests.lock().unwrap().clone();
+    assert_eq!(details, [1002, 1002, 1005, 1008]);
+
+    // Again: nothing is missing any more.
+    let out = run_to_end(catch_up(&config, &github).args(["--since", "2h"])).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("0 missing"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("recovered 0 deliveries"),
+        "{}",
+        out.stdout
+    );
+    let rows = listed(&dir.path().join("state")).await;
+    assert_eq!(rows.len(), 10, "{rows:?}");
+    let marked: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["recovered"] == "github")
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(marked, [8, 9, 10]);
+    // The table says it too.
+    let table = run_to_end(
+        smee_relay()
+            .args(["events", "list", "--state-dir"])
+            .arg(dir.path().join("state")),
+    )
+    .await;
+    assert_eq!(
+        table.stdout.matches("(recovered: github)").count(),
+        3,
+        "{}",
+        table.stdout
+    );
+}
+
+/// A dry run lists and changes nothing (it does not even create a spool); `--since` leaves
+/// older deliveries alone; an organisation hook works; with the daemon stopped, what catch-up
+/// queued is delivered when it starts.
+#[tokio::test]
+async fn a_dry_run_changes_nothing_since_is_respected_and_a_stopped_daemon_delivers_on_start() {
+    let mut all = deliveries(5);
+    // Two from before --since.
+    for (i, d) in all.iter_mut().take(2).enumerate() {
+        d.age_s = 3 * 3600 + i as u64;
+    }
+    let github = FakeGithub::start(all.clone()).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        &channel.url("StoppedChannel"),
+        &target.url("/hook"),
+        "",
+    );
+    let org = || {
+        let mut command = smee_relay();
+        command
+            .args(["catch-up", "github", "--org", "octo-org", "--hook", "42"])
+            .arg("--config")
+            .arg(&config)
+            .args(["--api-url", &github.url, "--since", "2h"])
+            .env("GITHUB_TOKEN", TOKEN)
+            .env_remove("GITHUB_API_URL");
+        command
+    };
+    let out = run_to_end(org().arg("--dry-run")).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("would recover 3 deliveries"),
+        "{}",
+        out.stdout
+    );
+    for d in &all[2..] {
+        assert!(out.stdout.contains(&d.guid), "{}", out.stdout);
+    }
+    for d in &all[..2] {
+        assert!(!out.stdout.contains(&d.guid), "{}", out.stdout);
+    }
+    assert!(github.state.detail_requests.lock().unwrap().is_empty());
+    assert!(
+        !dir.path().join("state").exists(),
+        "a dry run creates nothing"
+    );
+
+    let out = run_to_end(&mut org()).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("recovered 3 deliveries"),
+        "{}",
+        out.stdout
+    );
+    // A dry run now finds nothing missing, and still changes nothing.
+    let out = run_to_end(org().arg("--dry-run")).await;
+    assert!(out.stdout.contains("would recover 0"), "{}", out.stdout);
+    assert_eq!(listed(&dir.path().join("state")).await.len(), 3);
+
+    let (_daemon, _logs) = spawn_logged(smee_relay().args(["run", "--config"]).arg(&config));
+    let delivered = target.take(3).await;
+    for (request, d) in delivered.iter().zip(&all[2..]) {
+        assert_eq!(request.body, compact(d).as_bytes());
+        assert_eq!(request.header("x-smee-relay-recovered"), Some("github"));
+    }
+}
+
+/// A bad token: a clear error that says what to check, with GitHub's message, exit 1, and the
+/// token never shown. No token at all: a usage error, exit 2.
+#[tokio::test]
+async fn a_bad_token_is_a_clear_error() {
+    let github = FakeGithub::start(deliveries(3)).await;
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/BadTokenCh",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(catch_up(&config, &github).env("GITHUB_TOKEN", "ghp_wrong_secret")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("refused the token (401: Bad credentials)"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--token-env"), "{}", out.stderr);
+    assert!(!out.stderr.contains("ghp_wrong_secret"), "{}", out.stderr);
+
+    let out = run_to_end(catch_up(&config, &github).env_remove("GITHUB_TOKEN")).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("GITHUB_TOKEN is not set"),
+        "{}",
+        out.stderr
+    );
+
+    // A token file works where the variable is missing (systemd credentials).
+    let token_file = dir.path().join("github-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let out = run_to_end(
+        catch_up(&config, &github)
+            .env_remove("GITHUB_TOKEN")
+            .arg("--dry-run")
+            .arg("--token-file")
+            .arg(&token_file),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("would recover 3"), "{}", out.stdout);
+}
+
+/// `[channel.github_catch_up]`: the daemon catches up by itself when the channel connects.
+#[tokio::test]
+async fn the_daemon_catches_up_when_the_channel_connects() {
+    let all = deliveries(4);
+    let github = FakeGithub::start(all.clone()).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = temp_dir();
+    let extra = format!(
+        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
+         token_env = \"TEST_GITHUB_TOKEN\"\nsince = \"2h\"\n",
+        github.url
+    );
+    let config = write_config(
+        dir.path(),
+        &channel.url("DaemonCatchUp"),
+        &target.url("/hook"),
+        &extra,
+    );
+    let (_daemon, logs) = spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("TEST_GITHUB_TOKEN", TOKEN),
+    );
+    let delivered = target.take(4).await;
+    for (request, d) in delivered.iter().zip(&all) {
+        assert_eq!(request.body, compact(d).as_bytes());
+        assert_eq!(request.header("x-smee-relay-recovered"), Some("github"));
+    }
+    logs.wait_for(&["GitHub catch-up: recovered 4"]).await;
+    assert!(!logs.all().contains(TOKEN));
+}
