@@ -15,7 +15,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use support::{FakeChannel, FakeTarget, run_to_end, smee_relay, spawn_logged, temp_dir};
+use support::{FakeChannel, FakeTarget, run_to_end, spawn_logged, temp_dir};
+
+/// The binary, with the state directory the config names (not the one the support gives each
+/// command): the daemon and catch-up must share it.
+fn smee_relay() -> tokio::process::Command {
+    let mut command = support::smee_relay();
+    command.env_remove("SMEE_RELAY_STATE_DIR");
+    command
+}
 
 const TOKEN: &str = "ghp_test_token_that_must_not_be_printed";
 /// The fake lists this many deliveries per page, whatever `per_page` asks, so paging is used.
