@@ -336,7 +336,7 @@ impl HookClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.limiter.ready().await;
+            self.limiter.ready().await?;
             let request = |e| GithubError::Request {
                 url: shown(&url),
                 source: e,
@@ -355,13 +355,13 @@ impl HookClient {
             let now_s = crate::clock::now_ms() / 1000;
             let body = response.bytes().await.map_err(request)?;
             if (200..300).contains(&status) {
-                self.limiter.saw(&headers, now_s)?;
+                self.limiter.saw(&headers, now_s);
                 return Ok((headers, body));
             }
             if let Some(wait) = rate_limit_wait(status, &headers, now_s)
                 && attempt < RATE_LIMITED_ATTEMPTS
             {
-                self.limiter.wait_for(wait)?;
+                self.limiter.wait_for(wait);
                 tracing::warn!(
                     "GitHub API rate limit ({status}): waiting {} before trying again",
                     humantime::format_duration(wait)
@@ -440,40 +440,40 @@ pub fn rate_limit_wait(status: u16, headers: &HeaderMap, now_s: u64) -> Option<D
 }
 
 /// Keeps requests within what GitHub announced: after an answer that used up the limit, the
-/// next request waits until the reset.
+/// next request waits until the reset. A wait beyond [`MAX_RATE_WAIT`] is an error, but only
+/// when a request has to wait: a run whose last answer used up the limit still succeeds.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    /// No request before this.
-    not_before: Option<Instant>,
+    /// No request before this; with how long that was when it was set (for the message).
+    not_before: Option<(Instant, Duration)>,
 }
 
 impl RateLimiter {
-    /// Wait until a request may be made.
-    pub async fn ready(&mut self) {
-        if let Some(at) = self.not_before.take() {
+    /// Wait until a request may be made; an error, at once, if that is beyond the bound.
+    pub async fn ready(&mut self) -> Result<(), GithubError> {
+        if let Some((at, wait)) = self.not_before.take() {
+            if wait > MAX_RATE_WAIT {
+                return Err(GithubError::RateLimited { wait });
+            }
             tokio::time::sleep_until(at).await;
         }
+        Ok(())
     }
 
     /// Take note of a successful answer's rate-limit headers.
-    pub fn saw(&mut self, headers: &HeaderMap, now_s: u64) -> Result<(), GithubError> {
+    pub fn saw(&mut self, headers: &HeaderMap, now_s: u64) {
         let number =
             |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
         if number("x-ratelimit-remaining") == Some(0)
             && let Some(reset) = number("x-ratelimit-reset")
         {
-            self.wait_for(Duration::from_secs(reset.saturating_sub(now_s).max(1)))?;
+            self.wait_for(Duration::from_secs(reset.saturating_sub(now_s).max(1)));
         }
-        Ok(())
     }
 
-    /// The next request waits `wait`; refused beyond [`MAX_RATE_WAIT`].
-    pub fn wait_for(&mut self, wait: Duration) -> Result<(), GithubError> {
-        if wait > MAX_RATE_WAIT {
-            return Err(GithubError::RateLimited { wait });
-        }
-        self.not_before = Some(Instant::now() + wait);
-        Ok(())
+    /// The next request waits `wait`.
+    pub fn wait_for(&mut self, wait: Duration) {
+        self.not_before = Some((Instant::now() + wait, wait));
     }
 }
 
@@ -568,47 +568,46 @@ mod tests {
     async fn a_used_up_limit_makes_the_next_request_wait_until_the_reset() {
         let mut limiter = RateLimiter::default();
         let now_s = 1_000_000;
-        limiter
-            .saw(
-                &headers(&[
-                    ("x-ratelimit-remaining", "0"),
-                    ("x-ratelimit-reset", "1000120"),
-                ]),
-                now_s,
-            )
-            .unwrap();
+        limiter.saw(
+            &headers(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1000120"),
+            ]),
+            now_s,
+        );
         let start = Instant::now();
-        limiter.ready().await;
+        limiter.ready().await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(120));
         // Once waited, the next request goes at once.
         let start = Instant::now();
-        limiter.ready().await;
+        limiter.ready().await.unwrap();
         assert_eq!(start.elapsed(), Duration::ZERO);
         // Remaining requests: no wait.
-        limiter
-            .saw(&headers(&[("x-ratelimit-remaining", "12")]), now_s)
-            .unwrap();
-        limiter.ready().await;
+        limiter.saw(&headers(&[("x-ratelimit-remaining", "12")]), now_s);
+        limiter.ready().await.unwrap();
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_beyond_the_bound_is_an_error_at_once() {
         let mut limiter = RateLimiter::default();
-        let e = limiter
-            .saw(
-                &headers(&[
-                    ("x-ratelimit-remaining", "0"),
-                    ("x-ratelimit-reset", "5000"),
-                ]),
-                1000,
-            )
-            .unwrap_err();
+        // Noted without error: no request may need to wait.
+        limiter.saw(
+            &headers(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "5000"),
+            ]),
+            1000,
+        );
+        let start = Instant::now();
+        let e = limiter.ready().await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::ZERO);
         assert!(matches!(e, GithubError::RateLimited { .. }), "{e}");
         assert!(e.to_string().contains("run it again later"), "{e}");
-        let start = Instant::now();
-        limiter.ready().await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
+        // A secondary limit within the bound is waited out.
+        limiter.wait_for(MAX_RATE_WAIT);
+        limiter.ready().await.unwrap();
+        assert_eq!(start.elapsed(), MAX_RATE_WAIT);
     }
 
     #[test]
