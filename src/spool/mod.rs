@@ -1484,6 +1484,60 @@ mod tests {
         assert_eq!(spool.pending(ROUTE, queued[0].seq, 10).unwrap().len(), 2);
     }
 
+    /// Catch-up's append: a GUID the channel has (live, or recovered by an earlier run, or
+    /// twice in one batch) is not added again; other channels' GUIDs do not count; the rest
+    /// queue in the order given.
+    #[test]
+    fn append_missing_adds_each_guid_of_a_channel_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let with_guid = |n: u8, guid: &str| {
+            let mut e = event(n);
+            e.headers.push(("x-github-delivery".into(), guid.into()));
+            e
+        };
+        append(&spool, vec![with_guid(0, "g0")]);
+        let channel = "http://x/abcd…";
+        let route = route_key("k", ROUTE);
+        let ids = spool
+            .append_missing(
+                channel,
+                std::slice::from_ref(&route),
+                &[
+                    with_guid(1, "g0"),
+                    with_guid(2, "g2"),
+                    with_guid(3, "g2"),
+                    with_guid(4, "g4"),
+                ],
+                "x-github-delivery",
+            )
+            .unwrap();
+        assert_eq!(ids, [None, Some(2), None, Some(3)]);
+        let queued: Vec<u64> = spool
+            .pending(&route, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(queued, [2, 3]);
+        assert_eq!(
+            spool.header_values(channel, "x-github-delivery").unwrap(),
+            ["g0", "g2", "g4"].map(String::from).into()
+        );
+        // Another channel has none of them.
+        let other = spool
+            .append_missing(
+                "http://y/efgh…",
+                &[],
+                &[with_guid(5, "g2")],
+                "x-github-delivery",
+            )
+            .unwrap();
+        assert_eq!(other, [Some(4)]);
+        assert_eq!(spool.channel_routes("k").unwrap(), [route]);
+        assert!(spool.channel_routes("other").unwrap().is_empty());
+    }
+
     #[test]
     fn a_large_body_is_stored_in_pieces_and_counted_and_removed_whole() {
         let dir = tempfile::tempdir().unwrap();
