@@ -203,7 +203,7 @@ impl Gaps {
     }
 }
 
-/// `3-5, 9` style is overkill here: ids joined by commas, at most 20.
+/// Event ids for a log line: joined by commas, at most 20 (then `…`).
 fn ids(ids: &[u64]) -> String {
     let mut text: Vec<String> = ids.iter().take(20).map(u64::to_string).collect();
     if ids.len() > 20 {
