@@ -680,4 +680,110 @@ mod tests {
         drop(writer);
         thread.join().unwrap();
     }
+
+    /// A snapshot and live events share one queue: a live event older than what the snapshot
+    /// read (by Port's `updatedAt`) is stale and sends nothing; a newer one is judged.
+    #[tokio::test]
+    async fn a_live_event_older_than_the_snapshot_loses_and_a_newer_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let config = crate::config::parse(
+            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
+             [[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let pipeline = Pipeline {
+            rules: config.rules,
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+            jq: super::super::jq::JqEngine::here(),
+        };
+        let entity = |cpu: u32, at: &str| {
+            serde_json::json!({"identifier": "svc", "blueprint": "DeploymentConfig",
+                "properties": {"cpuUtil": cpu}, "updatedAt": at})
+        };
+        let live = |cpu: u32, at: &str| crate::event::Event {
+            body: serde_json::json!({"action": "UPDATE", "resourceType": "entity",
+                "context": {"blueprint": "DeploymentConfig", "entity": "svc"},
+                "diff": {"before": entity(70, "2026-11-20T09:00:00Z"), "after": entity(cpu, at)}})
+            .to_string()
+            .into_bytes()
+            .into(),
+            ..Default::default()
+        };
+        let snapshot = reconcile::Snapshot {
+            blueprint: "DeploymentConfig".into(),
+            fetched_at_ms: 1,
+            why: reconcile::Why::default(),
+            entities: vec![entity(95, "2026-11-20T10:05:00Z")],
+        };
+        let routes = [PIPELINE_ROUTE.to_string()];
+        writer
+            .append(
+                reconcile::CHANNEL,
+                &routes,
+                vec![snapshot.to_event()].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        // Posted before the snapshot's state, delivered after it: stale.
+        writer
+            .append(
+                "c",
+                &routes,
+                vec![live(50, "2026-11-20T10:03:00Z")].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
+        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let settled = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the pipeline is stuck"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        settled().await;
+        let said = |spool: &Spool| -> Vec<String> {
+            spool
+                .pending(ALERT_ROUTE, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|q| {
+                    let alert: Alert = serde_json::from_slice(&q.event.event.body).unwrap();
+                    alert.headline()
+                })
+                .collect()
+        };
+        assert_eq!(
+            said(&spool),
+            ["FIRING hot: svc"],
+            "the stale event resolved nothing"
+        );
+        writer
+            .append(
+                "c",
+                &routes,
+                vec![live(50, "2026-11-20T10:10:00Z")].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        settled().await;
+        assert_eq!(said(&spool), ["FIRING hot: svc", "RESOLVED hot: svc"]);
+        cancel.cancel();
+        task.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
 }
