@@ -4,7 +4,8 @@
 //! report, never loses it.
 //!
 //! - the token (`POST /v1/auth/access_token`) is cached until shortly before `expiresIn`; a 401
-//!   fetches a new one once and tries again;
+//!   fetches a new one once and tries again (the client, shared with the reconciler, is
+//!   [`crate::pipeline::port_api`]);
 //! - 429 waits until `x-ratelimit-reset`; 5xx and network errors back off (the route's retry);
 //! - 404 and 422 (`run_synchronized_error`: Port owns the run's status) end reporting for that
 //!   run with one warning; what is still queued for it is dropped without a call;

@@ -6,6 +6,10 @@
 //!                                          \--diff--> what else changed (shown in the alert)
 //! ```
 //!
+//! [`reconcile`] closes the gaps smee.io leaves: it reads Port's current entities back after a
+//! gap and stores them as snapshots the runner judges like events (as UPDATEs from the stored
+//! state). [`port_api`] is Port's API client, shared with the run reporter downstream.
+//!
 //! [`Pipeline::evaluate`] is pure apart from `when` conditions, which run in a bounded jq
 //! worker process ([`jq::JqEngine`]): it takes an event, the current alert states and the time,
 //! and returns the alerts to send and the states to store. It blocks while a `when` condition

@@ -3,6 +3,7 @@
 //! ```text
 //! channel --SSE--> source --> intake --append--> spool --+--> route (per channel and target) --> HTTP
 //!                                                        +--> pipeline --alerts--> spool --> route "alerts" --> Slack/stdout
+//! Port API --reconciler (at start, on each pipeline channel's reconnect, every interval)--> spool --> pipeline
 //! ```
 //!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
