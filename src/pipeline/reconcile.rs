@@ -622,7 +622,16 @@ pub async fn run(
             );
             warned_unwatched = true;
         }
-        let wait = match reconcile_once(client.as_ref(), &writer, &blueprints, &why).await {
+        // A stop does not wait for Port (a call may take its whole timeout): the snapshot not
+        // yet stored is read again at the next start.
+        let result = tokio::select! {
+            _ = cancel.cancelled() => {
+                store_alive(&writer, crate::clock::now_ms()).await;
+                return;
+            }
+            result = reconcile_once(client.as_ref(), &writer, &blueprints, &why) => result,
+        };
+        let wait = match result {
             Ok(read) => {
                 let now = crate::clock::now_ms();
                 metrics::counter!("smee_relay_reconciliations_total", "result" => "ok")
@@ -1002,6 +1011,47 @@ mod tests {
             alive_since(&spool).is_some(),
             "a clean stop records when the relay was last up"
         );
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A catalog that never answers (Port hanging until the call's timeout).
+    struct Hanging;
+
+    impl Catalog for Hanging {
+        fn entities<'a>(
+            &'a self,
+            _blueprint: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<Value>, ReconcileError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// Item: a stop waited for Port's answer (up to the call timeout, past the shutdown
+    /// deadline); it no longer does, and still records when the relay was last up.
+    #[tokio::test]
+    async fn a_stop_does_not_wait_for_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            Arc::new(Hanging),
+            DEFAULT_INTERVAL,
+            rules_rx,
+            Arc::new(Gaps::default()),
+            cancel.clone(),
+        ));
+        tokio::task::yield_now().await;
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stopped without waiting for Port")
+            .unwrap();
+        assert!(alive_since(&spool).is_some());
         drop(writer);
         thread.join().unwrap();
     }
