@@ -412,6 +412,10 @@ impl Gaps {
 /// Report every (re)connection of `status`'s channel to `gaps`, until `cancel`.
 pub async fn watch_channel(status: Arc<ChannelStatus>, gaps: Arc<Gaps>, cancel: CancellationToken) {
     let mut connections = status.connections();
+    // The source runs beside this watcher and may have connected before it subscribed.
+    if *connections.borrow_and_update() > 0 {
+        gaps.report(status.name.clone(), status.disconnected_at_ms());
+    }
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -1054,5 +1058,36 @@ mod tests {
         assert!(alive_since(&spool).is_some());
         drop(writer);
         thread.join().unwrap();
+    }
+
+    /// Every connection of a pipeline channel is a gap to close: the first one since the relay
+    /// last stopped, each later one since its connection ended.
+    #[tokio::test(start_paused = true)]
+    async fn every_connection_of_a_channel_reports_a_gap_with_its_start() {
+        let status = Arc::new(ChannelStatus::new(
+            "http://x/Pipe…".into(),
+            Duration::from_secs(90),
+        ));
+        let gaps = Arc::new(Gaps::default());
+        let cancel = CancellationToken::new();
+        // Connected before its watcher ran: still reported.
+        status.set_connected(true);
+        let watcher = tokio::spawn(watch_channel(status.clone(), gaps.clone(), cancel.clone()));
+        let first = tokio::time::timeout(Duration::from_secs(60), gaps.next())
+            .await
+            .expect("the first connection is reported");
+        assert_eq!(
+            (first.kind, first.since_ms, first.channels.clone()),
+            (WhyKind::Reconnect, None, vec!["http://x/Pipe…".to_string()])
+        );
+        status.set_connected(false);
+        let dropped = status
+            .disconnected_at_ms()
+            .expect("the end of the connection is kept");
+        status.set_connected(true);
+        let second = gaps.next().await;
+        assert_eq!(second.since_ms, Some(dropped));
+        cancel.cancel();
+        watcher.await.unwrap();
     }
 }
