@@ -311,6 +311,11 @@ pub struct PortConfig {
     /// has evaluated them: the alerts sent, or "no rule matched".
     #[serde(default)]
     pub report_automation_runs: bool,
+    /// How often to read the watched blueprints' entities from Port and judge them against the
+    /// alert state, closing the gaps smee.io leaves (also at start and after every reconnect):
+    /// a duration of 1 minute or more, or `"off"`. Default `"15m"` when `client_id` and
+    /// `client_secret` are set.
+    pub reconcile: Option<toml::Spanned<String>>,
 }
 
 impl Default for PortConfig {
@@ -324,6 +329,7 @@ impl Default for PortConfig {
             client_id_env: None,
             api_url: default_api_url(),
             report_automation_runs: false,
+            reconcile: None,
         }
     }
 }
@@ -438,6 +444,9 @@ pub struct Config {
     pub port_api: Option<crate::notify::port::PortApi>,
     /// `[port] report_automation_runs`.
     pub report_automation_runs: bool,
+    /// `[port] reconcile`: how often to reconcile alert state with Port, when it is on (Port
+    /// API credentials, a pipeline channel and a rule with a blueprint).
+    pub reconcile: Option<Duration>,
 }
 
 /// A URL that must not be printed (a Slack webhook holds its credential in the path).
@@ -638,6 +647,7 @@ pub fn parse(
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(format!("{origin}: [port] app_url: {e}"));
     }
+    let reconcile = reconcile_config(&file, port_api.is_some(), &rules, &at_line, &mut problems);
 
     if !problems.is_empty() {
         return Err(ConfigError { problems });
@@ -659,7 +669,57 @@ pub fn parse(
         actions,
         port_api,
         report_automation_runs: file.port.report_automation_runs,
+        reconcile,
     })
+}
+
+/// `[port] reconcile`: the interval, if reconciliation runs.
+fn reconcile_config(
+    file: &ConfigFile,
+    credentials: bool,
+    rules: &[Rule],
+    at_line: &dyn Fn(usize, String) -> String,
+    problems: &mut Vec<String>,
+) -> Option<Duration> {
+    use crate::pipeline::reconcile::{DEFAULT_INTERVAL, MIN_INTERVAL};
+    let interval = match &file.port.reconcile {
+        None => DEFAULT_INTERVAL,
+        Some(text) if text.get_ref().trim() == "off" => return None,
+        Some(text) => {
+            let at = text.span().start;
+            let value = text.get_ref();
+            let interval = match humantime::parse_duration(value.trim()) {
+                Ok(interval) => interval,
+                Err(e) => {
+                    problems.push(at_line(
+                        at,
+                        format!("[port] reconcile = {value:?} is not a duration like \"15m\" or \"off\": {e}"),
+                    ));
+                    return None;
+                }
+            };
+            if interval < MIN_INTERVAL {
+                problems.push(at_line(
+                    at,
+                    format!(
+                        "[port] reconcile = {value:?} is shorter than the 1 minute minimum (each reconciliation reads every watched blueprint from Port's API); give \"1m\" or more, or \"off\""
+                    ),
+                ));
+                return None;
+            }
+            if !credentials {
+                problems.push(at_line(
+                    at,
+                    "[port] reconcile reads entities from Port's API: set client_id (or client_id_env) and client_secret (or client_secret_env), or reconcile = \"off\"".into(),
+                ));
+                return None;
+            }
+            interval
+        }
+    };
+    let pipelines = file.channels.iter().any(|c| c.get_ref().pipeline);
+    let watched = rules.iter().any(|r| r.blueprint.is_some());
+    (credentials && pipelines && watched).then_some(interval)
 }
 
 /// Resolves a literal-or-`_env` secret (the closure inside [`parse`]).

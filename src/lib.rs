@@ -8,6 +8,7 @@
 //! channel --SSE--> source --Event--> spool::intake --> spool (redb, fsync)
 //!     spool --> delivery (one route per target) --> delivery::forward --> HTTP target
 //!     spool --> pipeline::runner (Port decode, diff, rules, state) --> spool --> notify (Slack/stdout)
+//!     Port API --> pipeline::reconcile (after a gap) --> spool --> pipeline::runner
 //! ```
 //!
 //! The modules, upstream first. A module uses only those above it in this list (a test in

@@ -21,6 +21,12 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         if !config.actions.is_empty() {
             println!("{} [[action]] handlers", config.actions.len());
         }
+        if let Some(interval) = config.reconcile {
+            println!(
+                "Port reconciliation every {}, at start and after every reconnect",
+                humantime::format_duration(interval)
+            );
+        }
         return Ok(());
     };
     let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;

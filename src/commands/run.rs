@@ -126,5 +126,10 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         },
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
         actions,
+        reconcile: config
+            .port_api
+            .clone()
+            .zip(config.reconcile)
+            .map(|(api, interval)| crate::service::daemon::ReconcilePlan { api, interval }),
     })
 }

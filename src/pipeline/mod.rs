@@ -6,6 +6,10 @@
 //!                                          \--diff--> what else changed (shown in the alert)
 //! ```
 //!
+//! [`reconcile`] closes the gaps smee.io leaves: it reads Port's current entities back after a
+//! gap and stores them as snapshots the runner judges like events (as UPDATEs from the stored
+//! state). [`port_api`] is Port's API client, shared with the run reporter downstream.
+//!
 //! [`Pipeline::evaluate`] is pure apart from `when` conditions, which run in a bounded jq
 //! worker process ([`jq::JqEngine`]): it takes an event, the current alert states and the time,
 //! and returns the alerts to send and the states to store. It blocks while a `when` condition
@@ -16,6 +20,8 @@
 pub mod diff;
 pub mod jq;
 pub mod port;
+pub mod port_api;
+pub mod reconcile;
 pub mod rules;
 pub mod runner;
 pub mod signature;
@@ -153,6 +159,21 @@ pub enum Evaluation {
     },
 }
 
+/// What the rules made of one change ([`Pipeline::judge`]).
+#[derive(Debug)]
+pub struct Judged {
+    /// The change judged.
+    pub change: Change,
+    /// Alerts to send.
+    pub alerts: Vec<Alert>,
+    /// New states to store (only those that changed).
+    pub states: BTreeMap<String, AlertState>,
+    /// Rules that could not judge: (rule, entity, reason).
+    pub skipped: Vec<(String, String, String)>,
+    /// Rules whose jq condition failed.
+    pub failed: Vec<RuleFailure>,
+}
+
 /// A rule whose evaluation failed for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleFailure {
@@ -203,9 +224,28 @@ impl Pipeline {
             Ok(change) => change,
             Err(e) => return Evaluation::NotPort(e.to_string()),
         };
-        let Some(entity) = change.entity().map(str::to_owned) else {
+        if change.entity().is_none() {
             return Evaluation::NotPort("the change names no entity".into());
-        };
+        }
+        let judged = self.judge(change, current, now_ms);
+        Evaluation::Evaluated {
+            change: Box::new(judged.change),
+            alerts: judged.alerts,
+            states: judged.states,
+            skipped: judged.skipped,
+            failed: judged.failed,
+        }
+    }
+
+    /// Judge one decoded change that names an entity (a live one, or one the reconciliation
+    /// made from Port's current state) against the current states at `now_ms`.
+    pub fn judge(
+        &self,
+        change: Change,
+        current: &dyn Fn(&str) -> AlertState,
+        now_ms: u64,
+    ) -> Judged {
+        let entity = change.entity().unwrap_or("").to_owned();
         let changed = diff::properties(&change);
         let mut alerts = Vec::new();
         let mut states = BTreeMap::new();
@@ -257,8 +297,8 @@ impl Pipeline {
                 states.insert(key, state);
             }
         }
-        Evaluation::Evaluated {
-            change: Box::new(change),
+        Judged {
+            change,
             alerts,
             states,
             skipped,

@@ -23,7 +23,9 @@ use tracing::{error, info, warn};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port};
+use super::{
+    ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port, reconcile,
+};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
@@ -125,11 +127,31 @@ pub async fn run(
                 event: item.event.id,
                 outcome,
             };
+            if reconcile::is_snapshot(&item.event) {
+                if judge_snapshot(
+                    &item,
+                    &pipeline,
+                    &mut states,
+                    &mut evaluated,
+                    &writer,
+                    clock.now_ms(),
+                )
+                .await
+                .is_none()
+                {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
             let subject = subject(&item.event.event);
+            let changed_ms = subject.as_ref().and_then(|(_, at)| *at);
+            let subject = subject.map(|(key, _)| key);
             if let Some((key, done)) = subject
                 .as_ref()
                 .and_then(|key| Some((key, evaluated.get(key)?)))
-                && id <= done.event
+                && (id <= done.event
+                    || matches!((changed_ms, done.updated_ms), (Some(now), Some(then)) if now < then))
             {
                 say_skipped(id, key, done);
                 if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
@@ -232,6 +254,7 @@ pub async fn run(
                     Evaluated {
                         event: id,
                         at_ms: now,
+                        updated_ms: changed_ms,
                     },
                 )
             });
@@ -258,6 +281,113 @@ pub async fn run(
     }
 }
 
+/// Judge a reconciliation snapshot and commit what it found, like any event: the new states,
+/// the alerts, the per-entity marks and the snapshot's own mark, in one transaction. `None`
+/// when the commit failed (the snapshot stays queued and is judged again).
+async fn judge_snapshot(
+    item: &crate::spool::Queued,
+    pipeline: &Arc<Pipeline>,
+    states: &mut Arc<HashMap<String, AlertState>>,
+    evaluated: &mut HashMap<String, Evaluated>,
+    writer: &SpoolWriter,
+    now: u64,
+) -> Option<()> {
+    let id = item.event.id;
+    let mark = |outcome| Write::Mark {
+        route: PIPELINE_ROUTE.into(),
+        seq: item.seq,
+        event: id,
+        outcome,
+    };
+    let snapshot: reconcile::Snapshot = match serde_json::from_slice(&item.event.event.body) {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            // Only the relay writes these; one it cannot read is kept, dead, for inspection.
+            error!(
+                event = id,
+                "pipeline: reconciliation snapshot {id} cannot be read ({e}); it is not judged"
+            );
+            let dead = Outcome::Dead {
+                status: None,
+                error: format!("unreadable reconciliation snapshot: {e}"),
+            };
+            return commit(writer, vec![mark(dead)]).await.then_some(());
+        }
+    };
+    let seen: HashMap<String, reconcile::Seen> = evaluated
+        .iter()
+        .map(|(k, e)| {
+            (
+                k.clone(),
+                reconcile::Seen {
+                    event: e.event,
+                    updated_ms: e.updated_ms,
+                },
+            )
+        })
+        .collect();
+    let outcome = {
+        let (pipeline, states, snapshot) = (pipeline.clone(), states.clone(), snapshot.clone());
+        tokio::task::spawn_blocking(move || {
+            reconcile::judge_snapshot(
+                &pipeline,
+                &snapshot,
+                &states,
+                &|k| seen.get(k).copied(),
+                id,
+                now,
+            )
+        })
+        .await
+        .ok()?
+    };
+    for (rule, entity, reason) in &outcome.skipped {
+        tracing::debug!(rule = %rule, entity = %entity, "reconciliation: rule cannot judge: {reason}");
+    }
+    let mut writes: Vec<Write> = outcome
+        .states
+        .iter()
+        .map(|(k, s)| state_write(k, s))
+        .collect();
+    if !outcome.alerts.is_empty() {
+        writes.push(alert_append(
+            outcome.alerts.iter().map(Alert::to_event).collect(),
+        ));
+    }
+    let marks: Vec<(String, Evaluated)> = outcome
+        .seen
+        .iter()
+        .map(|(key, updated_ms)| {
+            (
+                key.clone(),
+                Evaluated {
+                    event: id,
+                    at_ms: now,
+                    updated_ms: *updated_ms,
+                },
+            )
+        })
+        .collect();
+    for (key, done) in &marks {
+        writes.push(Write::State {
+            key: format!("{EVALUATED_PREFIX}{key}"),
+            value: Some(serde_json::to_vec(done).expect("a mark serialises")),
+        });
+    }
+    writes.push(mark(Outcome::Delivered { status: 200 }));
+    if !commit(writer, writes).await {
+        return None;
+    }
+    reconcile::report(&snapshot.blueprint, id, &outcome);
+    for alert in &outcome.alerts {
+        info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
+        count_alert(alert);
+    }
+    Arc::make_mut(states).extend(outcome.states);
+    evaluated.extend(marks);
+    Some(())
+}
+
 /// Where the pipeline's per-entity "evaluated" marks live among the alert states: a prefix no
 /// state key has (those start with a rule name, which cannot hold control characters).
 const EVALUATED_PREFIX: &str = "\u{1e}evaluated\u{1f}";
@@ -269,15 +399,19 @@ struct Evaluated {
     event: u64,
     /// When it was evaluated (ms since the epoch), for the log line that skips a replay.
     at_ms: u64,
+    /// Port's time of the change judged (`updatedAt`), when it said: a change older than it
+    /// (a live event that arrives after a reconciliation read a newer state) is stale.
+    #[serde(default)]
+    updated_ms: Option<u64>,
 }
 
-/// The entity an event is about, `blueprint` and identifier, if it is a Port entity change.
-fn subject(event: &crate::event::Event) -> Option<String> {
+/// The entity an event is about, `blueprint` and identifier, if it is a Port entity change,
+/// and Port's time of the change when it says.
+fn subject(event: &crate::event::Event) -> Option<(String, Option<u64>)> {
     let change = port::decode(&event.body).ok()?;
-    Some(format!(
-        "{}\u{1f}{}",
-        change.blueprint().unwrap_or(""),
-        change.entity()?
+    Some((
+        reconcile::subject(change.blueprint().unwrap_or(""), change.entity()?),
+        reconcile::change_time_ms(&change),
     ))
 }
 
@@ -287,7 +421,14 @@ fn say_skipped(id: u64, subject: &str, done: &Evaluated) {
     let at = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + Duration::from_millis(done.at_ms),
     );
-    if id == done.event {
+    if id > done.event {
+        info!(
+            event = id,
+            entity,
+            "pipeline: event {id} changes the entity at a time before the change judged at {at} (event {}, or Port's state read by reconciliation); the newer one stands and no alert is sent",
+            done.event
+        );
+    } else if id == done.event {
         info!(
             event = id,
             entity,
@@ -323,6 +464,8 @@ fn load_states(spool: &Spool) -> (HashMap<String, AlertState>, HashMap<String, E
                     if let Ok(mark) = serde_json::from_slice(&bytes) {
                         evaluated.insert(subject.to_string(), mark);
                     }
+                } else if key.starts_with('\u{1e}') {
+                    // The reconciler's own records, not alert states.
                 } else if let Ok(state) = serde_json::from_slice(&bytes) {
                     states.insert(key, state);
                 }
@@ -532,6 +675,112 @@ mod tests {
         writer.commit(vec![]).await.unwrap();
         settled().await;
         assert_eq!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().len(), 1);
+        cancel.cancel();
+        task.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A snapshot and live events share one queue: a live event older than what the snapshot
+    /// read (by Port's `updatedAt`) is stale and sends nothing; a newer one is judged.
+    #[tokio::test]
+    async fn a_live_event_older_than_the_snapshot_loses_and_a_newer_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let config = crate::config::parse(
+            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
+             [[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let pipeline = Pipeline {
+            rules: config.rules,
+            verifier: None,
+            app_url: "https://app.getport.io".into(),
+            jq: super::super::jq::JqEngine::here(),
+        };
+        let entity = |cpu: u32, at: &str| {
+            serde_json::json!({"identifier": "svc", "blueprint": "DeploymentConfig",
+                "properties": {"cpuUtil": cpu}, "updatedAt": at})
+        };
+        let live = |cpu: u32, at: &str| crate::event::Event {
+            body: serde_json::json!({"action": "UPDATE", "resourceType": "entity",
+                "context": {"blueprint": "DeploymentConfig", "entity": "svc"},
+                "diff": {"before": entity(70, "2026-11-20T09:00:00Z"), "after": entity(cpu, at)}})
+            .to_string()
+            .into_bytes()
+            .into(),
+            ..Default::default()
+        };
+        let snapshot = reconcile::Snapshot {
+            blueprint: "DeploymentConfig".into(),
+            fetched_at_ms: 1,
+            why: reconcile::Why::default(),
+            entities: vec![entity(95, "2026-11-20T10:05:00Z")],
+        };
+        let routes = [PIPELINE_ROUTE.to_string()];
+        writer
+            .append(
+                reconcile::CHANNEL,
+                &routes,
+                vec![snapshot.to_event()].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        // Posted before the snapshot's state, delivered after it: stale.
+        writer
+            .append(
+                "c",
+                &routes,
+                vec![live(50, "2026-11-20T10:03:00Z")].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
+        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let settled = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the pipeline is stuck"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        settled().await;
+        let said = |spool: &Spool| -> Vec<String> {
+            spool
+                .pending(ALERT_ROUTE, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|q| {
+                    let alert: Alert = serde_json::from_slice(&q.event.event.body).unwrap();
+                    alert.headline()
+                })
+                .collect()
+        };
+        assert_eq!(
+            said(&spool),
+            ["FIRING hot: svc"],
+            "the stale event resolved nothing"
+        );
+        writer
+            .append(
+                "c",
+                &routes,
+                vec![live(50, "2026-11-20T10:10:00Z")].into(),
+                None,
+            )
+            .await
+            .unwrap();
+        settled().await;
+        assert_eq!(said(&spool), ["FIRING hot: svc", "RESOLVED hot: svc"]);
         cancel.cancel();
         task.await.unwrap();
         drop(writer);

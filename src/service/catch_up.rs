@@ -118,7 +118,7 @@ pub async fn github(
     Ok(report)
 }
 
-/// The daemon's catch-up for one channel: a run at every change of `connects` (the channel
+/// The daemon's catch-up for one channel: a run at every change of connections (the channel
 /// connected: at start, and after every gap), at most one per [`MIN_INTERVAL`] (changes in
 /// between are folded into one run at its end), until `cancel`. A failed run is logged and
 /// counted; the next gap tries again.
@@ -177,7 +177,7 @@ pub async fn after_gaps(
 /// When the daemon's catch-up runs: at a change of the channel's connection count, at most
 /// once per [`MIN_INTERVAL`].
 struct Gaps {
-    /// The channel's connection count ([`crate::source::status::ChannelStatus::connects`]).
+    /// The channel's connection count ([`crate::source::status::ChannelStatus::connections`]).
     connects: watch::Receiver<u64>,
     /// When the last run started.
     last_run: Option<tokio::time::Instant>,

@@ -3,6 +3,7 @@
 //! ```text
 //! channel --SSE--> source --> intake --append--> spool --+--> route (per channel and target) --> HTTP
 //!                                                        +--> pipeline --alerts--> spool --> route "alerts" --> Slack/stdout
+//! Port API --reconciler (at start, on each pipeline channel's reconnect, every interval)--> spool --> pipeline
 //! ```
 //!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
@@ -32,6 +33,8 @@ use crate::counters::Counters;
 use crate::delivery::forward::Forwarder;
 use crate::delivery::{self, RetryPolicy, Sink};
 use crate::notify::AlertSink;
+use crate::pipeline::port_api::PortClient;
+use crate::pipeline::reconcile::{self, Gaps};
 use crate::pipeline::{ALERT_ROUTE, PIPELINE_ROUTE, Pipeline, runner};
 use crate::secret::{ExposeSecret as _, SecretString};
 use crate::source::status::ChannelStatus;
@@ -95,6 +98,15 @@ pub struct Plan {
         crate::actions::runner::Actions,
         crate::notify::port::PortReporter,
     )>,
+    /// Reconciling alert state with Port's API (`[port] reconcile`), when the pipeline runs.
+    pub reconcile: Option<ReconcilePlan>,
+}
+
+/// What the reconciler needs: Port's API and how often to read it.
+#[derive(Clone, Debug)]
+pub struct ReconcilePlan {
+    pub api: crate::pipeline::port_api::PortApi,
+    pub interval: Duration,
 }
 
 /// Run `plan` until `cancel` fires. Each plan received on `reloads` replaces the running one
@@ -143,6 +155,8 @@ pub async fn run(
         channels: HashMap::new(),
         pipeline: None,
         actions: None,
+        gaps: Arc::new(Gaps::default()),
+        reconciler: None,
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
@@ -191,10 +205,14 @@ pub async fn run(
         channels,
         pipeline,
         actions,
+        reconciler,
         ..
     } = runtime;
     for channel in channels.into_values() {
         channel.stop().await;
+    }
+    if let Some(reconciler) = reconciler {
+        reconciler.task.stop().await;
     }
     for route in routes.into_values() {
         route.task.stop().await;
@@ -343,6 +361,16 @@ struct Runtime {
     pipeline: Option<PipelineTask>,
     /// The actions route and the Port reports route.
     actions: Option<ActionsTask>,
+    /// Where the watchers of pipeline channels report reconnections, for the reconciler.
+    gaps: Arc<Gaps>,
+    /// The Port reconciler, when it runs.
+    reconciler: Option<ReconcilerTask>,
+}
+
+/// The running reconciler and what it was started with (a reload that changes it restarts it).
+struct ReconcilerTask {
+    plan: ReconcilePlan,
+    task: Task,
 }
 
 struct ActionsTask {
@@ -427,6 +455,21 @@ impl Runtime {
                 }
             }
         }
+
+        // The reconciler's client, if it (re)starts: built now, so a failure refuses the reload.
+        let reconcile = match plan.reconcile.filter(|_| plan.pipeline.is_some()) {
+            Some(wanted)
+                if !self.reconciler.as_ref().is_some_and(|r| {
+                    r.plan.api.same_as(&wanted.api) && r.plan.interval == wanted.interval
+                }) =>
+            {
+                let client = PortClient::new(wanted.api.clone())
+                    .map_err(|e| DaemonError::TargetClient("Port's API".into(), e))?;
+                Reconcile::Start(wanted, Arc::new(client))
+            }
+            Some(_) => Reconcile::Keep,
+            None => Reconcile::Off,
+        };
 
         // One relay with a pipeline per state dir: its alert state and queues are the dir's.
         let pipeline_lock = match (&plan.pipeline, &self.pipeline) {
@@ -530,6 +573,7 @@ impl Runtime {
 
         self.apply_actions(plan.actions, plan.retry, &mut changes)
             .await;
+        self.apply_reconcile(reconcile, &mut changes).await;
 
         for (key, channel, lock) in to_start {
             let is_new = lock.is_some();
@@ -611,7 +655,7 @@ impl Runtime {
                 config,
                 to,
                 routes_rx.clone(),
-                status.connects.subscribe(),
+                status.connections(),
                 cancel.clone(),
             )
         });
@@ -627,6 +671,15 @@ impl Runtime {
             )),
         ];
         handles.extend(catch_up.map(tokio::spawn));
+        if channel.pipeline {
+            // Events posted while it was not connected are gone: each (re)connection asks the
+            // reconciler to read Port's state.
+            handles.push(tokio::spawn(reconcile::watch_channel(
+                status.clone(),
+                self.gaps.clone(),
+                cancel.clone(),
+            )));
+        }
         Some(ChannelTask {
             task: Task { cancel, handles },
             source: channel.source.clone(),
@@ -691,6 +744,46 @@ impl Runtime {
         }
     }
 
+    /// Start, restart or stop the reconciler. It follows the pipeline's rules as they are
+    /// swapped, so only a change of its own settings restarts it (which reconciles at once).
+    async fn apply_reconcile(&mut self, wanted: Reconcile, changes: &mut Vec<String>) {
+        let start = match wanted {
+            Reconcile::Keep => return,
+            Reconcile::Off => None,
+            Reconcile::Start(plan, client) => Some((plan, client)),
+        };
+        if let Some(old) = self.reconciler.take() {
+            old.task.stop().await;
+            if start.is_none() {
+                changes.push("Port reconciliation off".into());
+            }
+        }
+        let (Some((plan, client)), Some(pipeline)) = (start, &self.pipeline) else {
+            return;
+        };
+        changes.push(format!(
+            "Port reconciliation every {}, at start and after every reconnect",
+            humantime::format_duration(plan.interval)
+        ));
+        let cancel = self.cancel.child_token();
+        let handle = tokio::spawn(reconcile::run(
+            self.spool.clone(),
+            self.writer.clone(),
+            client,
+            plan.interval,
+            pipeline.rules.subscribe(),
+            self.gaps.clone(),
+            cancel.clone(),
+        ));
+        self.reconciler = Some(ReconcilerTask {
+            plan,
+            task: Task {
+                cancel,
+                handles: vec![handle],
+            },
+        });
+    }
+
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
         let cancel = self.cancel.child_token();
         let handle = tokio::spawn(delivery::run_route(
@@ -707,6 +800,16 @@ impl Runtime {
             handles: vec![handle],
         }
     }
+}
+
+/// What a reload does to the reconciler.
+enum Reconcile {
+    /// Keep the running one: nothing it depends on changed.
+    Keep,
+    /// (Re)start it with this plan and client.
+    Start(ReconcilePlan, Arc<PortClient>),
+    /// Stop it, if it runs.
+    Off,
 }
 
 /// The spool routes a channel's events are queued on.

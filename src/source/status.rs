@@ -17,9 +17,12 @@ pub struct ChannelStatus {
     /// Frames skipped because they could not be read (refused by the SSE parser, over the size
     /// limit, or not a smee webhook): nothing is dropped without being counted.
     pub bad_frames: AtomicU64,
-    /// How many times the channel connected: a change is the end of a gap (or the start),
-    /// after which what the channel missed can be recovered from elsewhere (catch-up).
-    pub connects: tokio::sync::watch::Sender<u64>,
+    /// How many times the channel has connected, watched by whoever must act on a gap (the
+    /// Port reconciler, GitHub catch-up): events posted between two connections are gone on smee.io.
+    connections: tokio::sync::watch::Sender<u64>,
+    /// When the last connection ended (ms since the epoch; 0: none has), so a gap can say
+    /// since when it lasted.
+    disconnected_at_ms: AtomicU64,
 }
 
 impl ChannelStatus {
@@ -31,7 +34,8 @@ impl ChannelStatus {
             last_bytes_ms: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
-            connects: tokio::sync::watch::Sender::new(0),
+            connections: tokio::sync::watch::Sender::new(0),
+            disconnected_at_ms: AtomicU64::new(0),
         }
     }
 
@@ -42,13 +46,26 @@ impl ChannelStatus {
     }
 
     pub fn set_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Relaxed);
+        let was = self.connected.swap(connected, Ordering::Relaxed);
         metrics::gauge!("smee_relay_channel_connected", "channel" => self.name.clone())
             .set(if connected { 1.0 } else { 0.0 });
         if connected {
             self.saw_bytes();
-            self.connects.send_modify(|n| *n += 1);
+            self.connections.send_modify(|n| *n += 1);
+        } else if was {
+            self.disconnected_at_ms
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
         }
+    }
+
+    /// Watch the number of connections made so far: it changes on every (re)connection.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.subscribe()
+    }
+
+    /// When the last connection ended, if one has (ms since the epoch).
+    pub fn disconnected_at_ms(&self) -> Option<u64> {
+        Some(self.disconnected_at_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
     }
 
     pub fn reconnecting(&self) {

@@ -1,0 +1,269 @@
+//! Port's REST API, as smee-relay calls it: who we are to Port ([`PortApi`]), the access token
+//! (`POST /v1/auth/access_token`, cached until shortly before `expiresIn`; a 401 fetches a new
+//! one once and tries again), and the shape of one call and its answer.
+//!
+//! Two users share it: the reconciler (`pipeline::reconcile`, reading entities) and the run
+//! reporter (`notify::port`, writing run logs and statuses). It sits here, upstream of both,
+//! because the layout lets a module use only those above it. It never logs the client secret
+//! or the token, and never decides what a status means to its caller: [`Answer`] carries the
+//! status, the rate-limit wait and the body.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use tracing::debug;
+
+use crate::delivery::forward::ForwardError;
+use crate::secret::{ExposeSecret as _, SecretString};
+
+/// Port's default API (EU); the US region is `https://api.us.port.io`.
+pub const DEFAULT_API_URL: &str = "https://api.port.io";
+
+/// How long one call to Port may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A 429 without a usable reset header waits this long.
+const DEFAULT_RATE_WAIT: Duration = Duration::from_secs(10);
+
+/// Who smee-relay is to Port's API.
+#[derive(Clone, Debug)]
+pub struct PortApi {
+    /// The API base, without a trailing slash.
+    pub api_url: String,
+    /// The client id (not a secret, but shown only where the operator needs it).
+    pub client_id: String,
+    /// Never logged; `Debug` redacts it.
+    pub client_secret: SecretString,
+}
+
+impl PortApi {
+    /// Whether `other` is the same API with the same credentials (a reload that changes none
+    /// of them keeps the running client and its token).
+    pub fn same_as(&self, other: &PortApi) -> bool {
+        self.api_url == other.api_url
+            && self.client_id == other.client_id
+            && self.client_secret.expose_secret() == other.client_secret.expose_secret()
+    }
+}
+
+/// An HTTP client for Port's API with a cached access token.
+pub struct PortClient {
+    /// Where to call and with which credentials.
+    api: PortApi,
+    /// One connection pool for every call.
+    client: reqwest::Client,
+    /// The access token and when to stop using it.
+    token: tokio::sync::Mutex<Option<(SecretString, Instant)>>,
+}
+
+/// Port's answer to one call.
+pub struct Answer {
+    pub status: StatusCode,
+    /// For a 429: how long `x-ratelimit-reset` asks to wait (or a default).
+    pub retry_after: Option<Duration>,
+    /// The body, as text (Port answers JSON).
+    pub body: String,
+}
+
+impl PortClient {
+    pub fn new(api: PortApi) -> Result<Self, reqwest::Error> {
+        let client = crate::http::client_builder()
+            .timeout(CALL_TIMEOUT)
+            .build()?;
+        Ok(Self {
+            api,
+            client,
+            token: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Who this client calls Port as.
+    pub fn api(&self) -> &PortApi {
+        &self.api
+    }
+
+    /// A token, from the cache or fresh.
+    async fn token(&self, fresh: bool) -> Result<SecretString, ForwardError> {
+        let mut cached = self.token.lock().await;
+        if !fresh
+            && let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(token.clone());
+        }
+        let body = json!({
+            "clientId": self.api.client_id,
+            "clientSecret": self.api.client_secret.expose_secret(),
+        });
+        let url = format!("{}/v1/auth/access_token", self.api.api_url);
+        let answer = self
+            .send(self.client.post(url).json_body(Some(&body)))
+            .await?;
+        if !answer.status.is_success() {
+            return Err(match answer.status.as_u16() {
+                // Wrong credentials may be fixed by a reload: retry, with a hint.
+                401 | 403 => ForwardError::Connection(format!(
+                    "Port refused the credentials ({}): check [port] client_id and client_secret",
+                    answer.status.as_u16()
+                )),
+                _ => status_error(answer),
+            });
+        }
+        let parsed: Value = serde_json::from_str(&answer.body).unwrap_or_default();
+        let Some(token) = parsed["accessToken"].as_str() else {
+            return Err(ForwardError::Connection(
+                "Port's token answer has no accessToken".into(),
+            ));
+        };
+        let lifetime = Duration::from_secs(parsed["expiresIn"].as_u64().unwrap_or(3600));
+        let token = SecretString::from(token.to_string());
+        *cached = Some((token.clone(), Instant::now() + usable_for(lifetime)));
+        Ok(token)
+    }
+
+    /// Call Port with the token (and a JSON body, if any); a 401 gets a fresh token and one
+    /// more try.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer, ForwardError> {
+        let url = format!("{}{path}", self.api.api_url);
+        let mut fresh = false;
+        loop {
+            let token = self.token(fresh).await?;
+            let request = self
+                .client
+                .request(method.clone(), &url)
+                .bearer_auth(token.expose_secret())
+                .json_body(body);
+            let answer = self.send(request).await?;
+            if answer.status == StatusCode::UNAUTHORIZED && !fresh {
+                debug!("Port answered 401: fetching a new token");
+                fresh = true;
+                continue;
+            }
+            if answer.status == StatusCode::UNAUTHORIZED {
+                return Err(ForwardError::Connection(
+                    "Port answered 401 with a fresh token: check [port] client_id and client_secret".into(),
+                ));
+            }
+            return Ok(answer);
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Answer, ForwardError> {
+        let response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                ForwardError::Timeout(CALL_TIMEOUT)
+            } else {
+                ForwardError::Connection(crate::error::chain(&e))
+            }
+        })?;
+        let status = response.status();
+        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            response
+                .headers()
+                .get("x-ratelimit-reset")
+                .and_then(|v| v.to_str().ok())
+                .and_then(rate_limit_wait)
+                .unwrap_or(DEFAULT_RATE_WAIT)
+        });
+        let body = response.text().await.unwrap_or_default();
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    }
+}
+
+/// A JSON body on a request (reqwest is built without its `json` feature).
+trait JsonBody {
+    fn json_body(self, body: Option<&Value>) -> Self;
+}
+
+impl JsonBody for reqwest::RequestBuilder {
+    fn json_body(self, body: Option<&Value>) -> Self {
+        match body {
+            Some(body) => self
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+            None => self,
+        }
+    }
+}
+
+/// An answer that is not what the caller wanted, as a retryable-or-not delivery error.
+pub fn status_error(answer: Answer) -> ForwardError {
+    ForwardError::Status {
+        status: answer.status,
+        retry_after: answer.retry_after,
+        body: preview(&answer.body),
+    }
+}
+
+/// The start of a body, for a log line.
+pub fn preview(body: &str) -> String {
+    body.chars().take(200).collect()
+}
+
+/// How long a token that lives `lifetime` is used: renewed shortly before it expires (a tenth
+/// of its life, at most a minute), so no call carries a token about to lapse.
+fn usable_for(lifetime: Duration) -> Duration {
+    lifetime - (lifetime / 10).min(Duration::from_secs(60))
+}
+
+/// `x-ratelimit-reset` is the epoch second the window resets at.
+fn rate_limit_wait(value: &str) -> Option<Duration> {
+    let reset_ms = value.trim().parse::<u64>().ok()?.checked_mul(1000)?;
+    let wait = Duration::from_millis(reset_ms.saturating_sub(crate::clock::now_ms()));
+    Some(wait.clamp(Duration::from_millis(100), Duration::from_secs(300)))
+}
+
+/// A run id or blueprint as one path segment.
+pub fn escape(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_renewed_shortly_before_it_expires() {
+        assert_eq!(
+            usable_for(Duration::from_secs(3600)),
+            Duration::from_secs(3540)
+        );
+        assert_eq!(usable_for(Duration::from_secs(60)), Duration::from_secs(54));
+        assert_eq!(usable_for(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_rate_limit_reset_is_waited_for() {
+        let in_3s = (crate::clock::now_ms() / 1000 + 3).to_string();
+        let wait = rate_limit_wait(&in_3s).unwrap();
+        assert!(
+            wait > Duration::from_secs(1) && wait <= Duration::from_secs(3),
+            "{wait:?}"
+        );
+        assert_eq!(rate_limit_wait("0"), Some(Duration::from_millis(100)));
+        assert_eq!(rate_limit_wait("soon"), None);
+    }
+
+    #[test]
+    fn run_ids_are_one_path_segment() {
+        assert_eq!(escape("r_abc-1.2~"), "r_abc-1.2~");
+        assert_eq!(escape("../x y"), "..%2Fx%20y");
+    }
+}
