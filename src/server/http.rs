@@ -392,14 +392,12 @@ async fn post_to_stream(
     };
     drop(posted);
     match cluster.publish(name, payload).await {
-        Ok(_) => {
-            (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                r#"{"ok":true}"#,
-            )
-                .into_response()
-        }
+        Ok(_) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"ok":true}"#,
+        )
+            .into_response(),
         Err(e @ PublishError::TooLarge(..)) => json_error(StatusCode::PAYLOAD_TOO_LARGE, e),
         Err(e) => {
             tracing::warn!(
@@ -494,11 +492,7 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     if let Some(cluster) = &hub.cluster {
         cluster.render_metrics(&mut text);
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Prometheus text; labels take only the fixed values below (never a channel id).

@@ -252,7 +252,11 @@ impl Cluster {
     }
 
     /// Store an encoded event in the stream; its sequence once JetStream confirmed it.
-    pub(super) async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<u64, PublishError> {
+    pub(super) async fn publish(
+        &self,
+        channel: &str,
+        payload: Vec<u8>,
+    ) -> Result<u64, PublishError> {
         if payload.len() > self.max_payload {
             return Err(PublishError::TooLarge(payload.len(), self.max_payload));
         }
@@ -315,9 +319,8 @@ impl Cluster {
     pub(super) fn render_metrics(&self, out: &mut String) {
         let s = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let connected = u64::from(
-            self.client.connection_state() == async_nats::connection::State::Connected,
-        );
+        let connected =
+            u64::from(self.client.connection_state() == async_nats::connection::State::Connected);
         let mut metric = |name: &str, kind: &str, help: &str, values: &[(&str, u64)]| {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
             for (labels, value) in values {
@@ -537,7 +540,8 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                 .as_str()
                 .strip_prefix(&cluster.stream)
                 .and_then(|rest| rest.strip_prefix('.'));
-            let posted = channel.and_then(|_| super::store::decode(&hub.stats, seq, &message.payload));
+            let posted =
+                channel.and_then(|_| super::store::decode(&hub.stats, seq, &message.payload));
             match (channel, posted) {
                 (Some(channel), Some(posted)) => {
                     hub.insert_fed(channel, posted);
@@ -545,7 +549,10 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                 }
                 _ => {
                     cluster.stats.undecodable.fetch_add(1, Ordering::Relaxed);
-                    warn!(seq, "skipped a stream message that is not an event posted to serve");
+                    warn!(
+                        seq,
+                        "skipped a stream message that is not an event posted to serve"
+                    );
                 }
             }
             if pending == 0 && !cluster.stats.caught_up.swap(true, Ordering::Relaxed) {
@@ -553,7 +560,10 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
             }
         }
         cluster.stats.feed_restarts.fetch_add(1, Ordering::Relaxed);
-        debug!(last, "the stream's consumer ended: starting it again from the next sequence");
+        debug!(
+            last,
+            "the stream's consumer ended: starting it again from the next sequence"
+        );
     }
 }
 
@@ -582,6 +592,9 @@ mod tests {
         }
         assert!(unseen.ranges.len() <= MAX_UNSEEN);
         assert_eq!(unseen.after(2), Some(100 + 3 * (MAX_UNSEEN as u64 * 2 - 1)));
-        assert_eq!(unseen.ranges[0].0, 1, "merging only widens the oldest range");
+        assert_eq!(
+            unseen.ranges[0].0, 1,
+            "merging only widens the oldest range"
+        );
     }
 }
