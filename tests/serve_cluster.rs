@@ -488,3 +488,31 @@ async fn forward_subscribed_to_replica_b_relays_what_is_posted_to_replica_a() {
     assert_eq!(got, sent, "in order, byte-exact");
     target.assert_quiet(Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn a_replica_whose_stream_was_reset_says_so_instead_of_serving_repeated_ids() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &[]).await;
+    let mut on_a = Sse::open(&a.channel("reset"), None).await;
+    for n in 0..5 {
+        post_ok(&a.channel("reset"), format!("old {n}").as_bytes()).await;
+    }
+    on_a.take(5).await;
+    // NATS loses its store; another replica creates the stream anew, from sequence 1.
+    let (_old_store, port) = nats.stop().await;
+    let fresh = NatsServer::start_again(support::temp_dir(), port).await;
+    let b = Replica::start(&fresh.url, &[]).await;
+    post_ok(&b.channel("reset"), b"new history").await;
+    let reason = support::wait_for(PATIENCE, "A's /healthz fails", || async {
+        let response = get(format!("{}/healthz", a.url)).await.ok()?;
+        if response.status().as_u16() != 503 {
+            return None;
+        }
+        let text = response.text().await.ok()?;
+        text.contains("reset").then_some(text)
+    })
+    .await;
+    assert!(reason.contains("restart this replica"), "{reason}");
+    assert_eq!(a.metric("smee_relay_serve_nats_stream_reset").await, 1);
+    let _ = b;
+}

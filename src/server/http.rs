@@ -538,7 +538,7 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
     metric(
         "smee_relay_serve_posts_total",
         "counter",
-        "Posts stored.",
+        "Posts stored (with --nats-url: events read from the stream, every replica's).",
         &[("", get(&s.posts))],
     );
     metric(

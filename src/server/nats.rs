@@ -128,6 +128,10 @@ pub(super) struct NatsStats {
     /// The feed has once reached the end of the stream: until then, this replica's replay
     /// buffers are incomplete and `/healthz` says so.
     pub caught_up: AtomicBool,
+    /// The stream's sequence went back below what was fed (the stream was deleted, or NATS
+    /// lost its store): new events would have ids this replica's clients already passed, so
+    /// it stops claiming health until it is restarted.
+    pub stream_reset: AtomicBool,
 }
 
 /// A replica's link to the cluster.
@@ -309,6 +313,12 @@ impl Cluster {
                 ));
             }
         }
+        if self.stats.stream_reset.load(Ordering::Relaxed) {
+            return Err(format!(
+                "the JetStream stream {} was reset (its sequence went back): restart this replica",
+                self.stream
+            ));
+        }
         if !self.stats.caught_up.load(Ordering::Relaxed) {
             return Err("still reading the channels' history from JetStream".into());
         }
@@ -354,6 +364,12 @@ impl Cluster {
                 ("{reason=\"timeout\"}", get(&s.publish_timeouts)),
                 ("{reason=\"refused\"}", get(&s.publish_errors)),
             ],
+        );
+        metric(
+            "smee_relay_serve_nats_stream_reset",
+            "gauge",
+            "1 once the stream's sequence went back (restart this replica).",
+            &[("", u64::from(s.stream_reset.load(Ordering::Relaxed)))],
         );
         metric(
             "smee_relay_serve_nats_fed_total",
@@ -449,10 +465,35 @@ impl Unseen {
     }
 }
 
+/// How often the feed compares its position with the stream's (lag while idle, resets).
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Compare the stream's last sequence with the last one fed: the lag, or a reset.
+async fn check_stream(cluster: &Cluster, last: u64) {
+    let info = tokio::time::timeout(CHECK_EVERY, cluster.js.get_stream(&cluster.stream)).await;
+    let Ok(Ok(stream)) = info else { return };
+    let newest = stream.cached_info().state.last_sequence;
+    if newest < last {
+        if !cluster.stats.stream_reset.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                stream = %cluster.stream,
+                newest,
+                fed = last,
+                "the stream's sequence went back (deleted, or NATS lost its store): ids would \
+                 repeat, so /healthz fails until this replica is restarted"
+            );
+        }
+        return;
+    }
+    cluster.stats.lag.store(newest - last, Ordering::Relaxed);
+}
+
 /// Read the stream into `hub`, in order, until shutdown: an ordered consumer from the start
 /// of the stream, started again from the next sequence whenever it fails.
 pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
     let mut last = 0u64;
+    let mut checks = tokio::time::interval(CHECK_EVERY);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pause = Duration::from_millis(100);
     loop {
         let deliver_policy = if last == 0 {
@@ -504,6 +545,10 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
         loop {
             let next = tokio::select! {
                 _ = hub.shutdown.cancelled() => return,
+                _ = checks.tick() => {
+                    check_stream(&cluster, last).await;
+                    continue;
+                }
                 next = messages.next() => next,
             };
             let message = match next {
