@@ -182,6 +182,10 @@ pub struct ServeArgs {
     #[arg(long, default_value = "SMEE_SERVE", requires = "nats_url")]
     pub nats_stream: String,
 
+    /// Copies of the stream in a NATS cluster (3 survives the loss of a NATS node).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), requires = "nats_url")]
+    pub nats_replicas: u8,
+
     /// /healthz fails once NATS has been unreachable this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "nats_url")]
     pub nats_grace: Duration,

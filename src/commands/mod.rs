@@ -65,6 +65,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tls_ca: args.nats_tls_ca,
             stream: args.nats_stream,
             grace: args.nats_grace,
+            replicas: usize::from(args.nats_replicas),
             ..crate::server::NatsConfig::new(url)
         }),
         ..Default::default()

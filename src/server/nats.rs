@@ -52,6 +52,8 @@ pub struct NatsConfig {
     pub stream: String,
     /// How long NATS may be unreachable before `/healthz` fails.
     pub grace: Duration,
+    /// Copies of the stream in a NATS cluster (1 on a single server; 3 survives a lost node).
+    pub replicas: usize,
 }
 
 impl NatsConfig {
@@ -66,6 +68,7 @@ impl NatsConfig {
             tls_ca: None,
             stream: Self::DEFAULT_STREAM.to_string(),
             grace: Duration::from_secs(10),
+            replicas: 1,
         }
     }
 }
@@ -228,6 +231,7 @@ impl Cluster {
             max_messages_per_subject: i64::try_from(limits.max_events).unwrap_or(i64::MAX),
             discard: jetstream::stream::DiscardPolicy::Old,
             storage: jetstream::stream::StorageType::File,
+            num_replicas: config.replicas,
             ..Default::default()
         };
         js.create_or_update_stream(stream)
