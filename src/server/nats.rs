@@ -517,7 +517,6 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                     ..Default::default()
                 })
                 .await?;
-            // The stream's state now: what "caught up" means for an empty stream.
             Ok::<_, async_nats::Error>(consumer.messages().await?)
         };
         let mut messages = tokio::select! {
