@@ -576,6 +576,11 @@ impl Hub {
         let mut channels = self.lock();
         channels.unseen.add(from, to);
         channels.last_fed = channels.last_fed.max(to);
+        // A live subscriber may have lost some of them: cut it, so it resumes with
+        // Last-Event-ID and is told of the gap (its channel's or not, nobody knows).
+        for channel in channels.map.values() {
+            cut_lagging(channel, to, &self.stats);
+        }
     }
 
     fn store_failed(&self, e: &StoreError) {
@@ -865,5 +870,43 @@ pub(super) fn warn_evicting(stats: &Stats) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     if stats.evicted_memory.load(Ordering::Relaxed) > 0 && !WARNED.swap(true, Ordering::Relaxed) {
         warn!("the memory budget (--max-memory) is full: the oldest replay data is being evicted");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Arc<Hub> {
+        let stats = Arc::new(Stats::default());
+        Arc::new(Hub::new(
+            ServeConfig::default(),
+            None,
+            stats,
+            Vec::new(),
+            tokio_util::sync::CancellationToken::new(),
+            None,
+        ))
+    }
+
+    #[test]
+    fn sequences_the_feed_never_saw_cut_live_subscribers_and_are_told_on_resume() {
+        let hub = hub();
+        let kill = tokio_util::sync::CancellationToken::new();
+        let live = hub
+            .subscribe("ch", Some(4), false, false, kill.clone())
+            .unwrap();
+        assert_eq!(live.gap, None);
+        hub.unseen(5, 9);
+        assert!(kill.is_cancelled(), "a subscriber before the hole is cut");
+        let resumed = hub
+            .subscribe("ch", Some(4), false, false, Default::default())
+            .unwrap();
+        assert_eq!(resumed.gap, Some((4, 9)));
+        let after = hub
+            .subscribe("ch", Some(9), false, false, Default::default())
+            .unwrap();
+        assert_eq!(after.gap, None, "nothing unseen after 9");
+        drop(live);
     }
 }
