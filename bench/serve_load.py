@@ -3,7 +3,7 @@
 
 Usage: bench/serve_load.py BINARY memory [--max-memory 64MiB]
        bench/serve_load.py BINARY loris
-       bench/serve_load.py fanout HOST:PORT [EVENTS]   (any smee-shaped server, e.g. smee.io's)
+       bench/serve_load.py fanout HOST:PORT[,HOST:PORT...] [EVENTS]   (any smee-shaped server)
 
 memory: 10,000 channels x 3 events of 32 KiB, with one subscriber that never reads; prints the
         server's peak RSS (VmHWM) against --max-memory, and what /metrics says.
@@ -11,6 +11,8 @@ loris:  800 connections that send a request head a byte at a time; a normal post
         subscription meanwhile must be served within 1 s; then the slow ones must be gone.
 fanout: 1,000 subscribers on one channel, then EVENTS (default 200) posts one after another;
         posts/s until every subscriber has every event, and p50/p99 post-to-receive latency.
+        With several addresses (`serve --nats-url` replicas), subscribers are spread over them
+        round robin and every post goes to the first.
 Standard library only; everything on 127.0.0.1.
 """
 import asyncio
@@ -181,13 +183,14 @@ async def subscriber(addr, path, events, got, ready):
     writer.close()
 
 
-async def fanout(addr, events):
+async def fanout(addrs, events):
+    addr = addrs[0]
     path = "/fanout" + str(int(time.time()))
     got = []
     ready = asyncio.Semaphore(0)
     tasks = []
-    for _ in range(1000):
-        tasks.append(asyncio.create_task(subscriber(addr, path, events, got, ready)))
+    for n in range(1000):
+        tasks.append(asyncio.create_task(subscriber(addrs[n % len(addrs)], path, events, got, ready)))
     for _ in range(1000):
         await asyncio.wait_for(ready.acquire(), 60)
     sent = {}
@@ -215,15 +218,15 @@ async def fanout(addr, events):
     took = max(t for _, t in got) - start_time
     latencies = sorted((t - sent[seq]) * 1000 for seq, t in got)
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
-    print(f"fanout: {events} posts x 1,000 subscribers: {len(got)} deliveries in {took:.2f} s, "
+    print(f"fanout: {events} posts x 1,000 subscribers on {len(addrs)} server(s): {len(got)} deliveries in {took:.2f} s, "
           f"{events / took:.0f} posts/s fully delivered, latency p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms")
 
 
 def main():
     if sys.argv[1] == "fanout":
-        host, port = sys.argv[2].split(":")
+        addrs = [(h, int(p)) for h, p in (a.split(":") for a in sys.argv[2].split(","))]
         events = int(sys.argv[3]) if len(sys.argv) > 3 else 200
-        asyncio.run(fanout((host, int(port)), events))
+        asyncio.run(fanout(addrs, events))
         return
     binary, what = sys.argv[1], sys.argv[2]
     if what == "memory":

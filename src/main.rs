@@ -73,12 +73,18 @@ fn main() -> ExitCode {
     code
 }
 
-/// A damaged spool, or a channel or pipeline another relay holds: nothing to retry, the user
-/// must act (exit 2).
+/// A damaged spool, a channel or pipeline another relay holds, or `serve` unable to join its
+/// NATS cluster: nothing to retry, the user must act (exit 2).
 fn needs_the_user(e: &anyhow::Error) -> bool {
     use smee_relay::service::daemon::DaemonError;
     use smee_relay::spool::SpoolError;
     e.chain().any(|cause| {
+        if cause
+            .downcast_ref::<smee_relay::server::ServeError>()
+            .is_some_and(smee_relay::server::ServeError::needs_the_user)
+        {
+            return true;
+        }
         let spool = cause.downcast_ref::<SpoolError>().or_else(|| {
             match cause.downcast_ref::<DaemonError>() {
                 Some(DaemonError::Spool(e)) => Some(e),

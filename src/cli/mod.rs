@@ -164,8 +164,34 @@ pub struct ServeArgs {
     pub post_token: Option<crate::secret::SecretString>,
 
     /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nats_url")]
     pub state_dir: Option<std::path::PathBuf>,
+
+    /// Share channels with other `serve` replicas through NATS JetStream (e.g.
+    /// nats://127.0.0.1:4222; comma-separate several): the stream holds the events, and
+    /// --retain, --max-events and --max-memory become its limits.
+    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub nats_url: Option<crate::secret::SecretString>,
+
+    /// A NATS credentials file (.creds: JWT and NKey seed) for --nats-url.
+    #[arg(long, env = "SMEE_RELAY_NATS_CREDENTIALS", requires = "nats_url")]
+    pub nats_credentials: Option<std::path::PathBuf>,
+
+    /// Trust the CA certificates in this PEM file for NATS over TLS (and require TLS).
+    #[arg(long, env = "SMEE_RELAY_NATS_TLS_CA", requires = "nats_url")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// The JetStream stream the replicas share (subjects STREAM.CHANNEL).
+    #[arg(long, default_value = "SMEE_SERVE", requires = "nats_url")]
+    pub nats_stream: String,
+
+    /// Copies of the stream in a NATS cluster (3 survives the loss of a NATS node).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), requires = "nats_url")]
+    pub nats_replicas: u8,
+
+    /// /healthz fails once NATS has been unreachable this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "nats_url")]
+    pub nats_grace: Duration,
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.

@@ -62,6 +62,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .zip(args.tls_key)
             .map(|(cert, key)| crate::server::TlsFiles { cert, key }),
         state_dir: args.state_dir,
+        nats: args.nats_url.map(|url| crate::server::NatsConfig {
+            credentials: args.nats_credentials,
+            tls_ca: args.nats_tls_ca,
+            stream: args.nats_stream,
+            grace: args.nats_grace,
+            replicas: usize::from(args.nats_replicas),
+            ..crate::server::NatsConfig::new(url)
+        }),
         ..Default::default()
     };
     // SIGHUP re-reads the TLS certificate; it never stops the server (its default action

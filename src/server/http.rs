@@ -320,6 +320,9 @@ async fn post(
     for (k, v) in query {
         params.insert(k, v.into());
     }
+    if let Some(cluster) = &hub.cluster {
+        return post_to_stream(&hub, cluster, &name, kept, params, content_type, body).await;
+    }
     let stats = hub.stats.clone();
     let stored = hub
         .post(&name, |id| {
@@ -346,6 +349,67 @@ async fn post(
                 tracing::warn!(channel = %crate::url::redact(&name), "cannot store a posted event: {}", crate::error::chain(cause));
             }
             hub_error(e)
+        }
+    }
+}
+
+/// With `--nats-url`: store the post in the stream and answer once JetStream confirmed it.
+/// Subscribers get it from the feed, like every replica's.
+async fn post_to_stream(
+    hub: &Hub,
+    cluster: &super::nats::Cluster,
+    name: &str,
+    headers: Vec<(String, String)>,
+    query: serde_json::Map<String, serde_json::Value>,
+    content_type: String,
+    body: Bytes,
+) -> Response {
+    use super::nats::PublishError;
+    if !hub.may_post(name) {
+        hub.stats
+            .refused_channel_cap
+            .fetch_add(1, Ordering::Relaxed);
+        return hub_error(HubError::TooManyChannels(hub.config.max_channels));
+    }
+    // The id is the stream's sequence, known only once stored; the payload does not hold it.
+    let posted = Posted::new(
+        &hub.stats,
+        0,
+        crate::clock::now_ms(),
+        headers,
+        query,
+        content_type,
+        body,
+    );
+    let payload = match super::store::encode(&posted) {
+        Ok(payload) => payload,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot encode the request's headers: {e}"),
+            );
+        }
+    };
+    drop(posted);
+    match cluster.publish(name, payload).await {
+        Ok(_) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"ok":true}"#,
+        )
+            .into_response(),
+        Err(e @ PublishError::TooLarge(..)) => json_error(StatusCode::PAYLOAD_TOO_LARGE, e),
+        Err(e) => {
+            tracing::warn!(
+                channel = %crate::url::redact(name),
+                "cannot store a posted event in JetStream: {}",
+                crate::error::chain(&e)
+            );
+            let mut response = json_error(StatusCode::SERVICE_UNAVAILABLE, crate::error::chain(&e));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+            response
         }
     }
 }
@@ -402,6 +466,11 @@ fn subscription_pings(every: std::time::Duration) -> tokio::time::Interval {
 }
 
 async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
+    if let Some(cluster) = &hub.cluster
+        && let Err(reason) = cluster.health()
+    {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, reason);
+    }
     if hub.stats.store_healthy.load(Ordering::Relaxed) {
         (
             StatusCode::OK,
@@ -419,11 +488,11 @@ async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     super::hub::warn_evicting(&hub.stats);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&hub.stats, hub.config.max_memory),
-    )
-        .into_response()
+    let mut text = render_metrics(&hub.stats, hub.config.max_memory);
+    if let Some(cluster) = &hub.cluster {
+        cluster.render_metrics(&mut text);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Prometheus text; labels take only the fixed values below (never a channel id).
@@ -469,7 +538,7 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
     metric(
         "smee_relay_serve_posts_total",
         "counter",
-        "Posts stored.",
+        "Posts stored (with --nats-url: events read from the stream, every replica's).",
         &[("", get(&s.posts))],
     );
     metric(

@@ -286,6 +286,10 @@ pub(super) struct Channels {
     order: VecDeque<(Arc<str>, u64, u64)>,
     /// Evicted events still to be deleted from disk (with the next write).
     pub unstored: Vec<(Arc<str>, u64)>,
+    /// With `--nats-url`: stream sequences this replica never saw, for gap reports.
+    unseen: super::nats::Unseen,
+    /// With `--nats-url`: the last stream sequence fed, so a new channel's first id is above it.
+    last_fed: u64,
 }
 
 pub(super) struct Hub {
@@ -302,6 +306,8 @@ pub(super) struct Hub {
     post_order: tokio::sync::Mutex<()>,
     /// Ends every stream on shutdown, after a final comment.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// With `--nats-url`: posts go to the stream, and events come only from its feed.
+    pub cluster: Option<Arc<super::nats::Cluster>>,
 }
 
 impl Hub {
@@ -311,12 +317,15 @@ impl Hub {
         stats: Arc<Stats>,
         restored: Vec<(String, Vec<Posted>)>,
         shutdown: tokio_util::sync::CancellationToken,
+        cluster: Option<Arc<super::nats::Cluster>>,
     ) -> Self {
         stats.store_healthy.store(true, Ordering::Relaxed);
         let mut channels = Channels {
             map: HashMap::new(),
             order: VecDeque::new(),
             unstored: Vec::new(),
+            unseen: Default::default(),
+            last_fed: 0,
         };
         let mut all = Vec::new();
         for (name, events) in restored {
@@ -342,6 +351,7 @@ impl Hub {
             store,
             post_order: tokio::sync::Mutex::new(()),
             shutdown,
+            cluster,
         };
         {
             let mut channels = hub.lock();
@@ -449,17 +459,31 @@ impl Hub {
         channels: &'a mut Channels,
         name: &str,
     ) -> Result<(Arc<str>, &'a mut Channel), HubError> {
+        self.channel_entry(channels, name, false)
+    }
+
+    /// The channel, made if new; past `--max-channels` only if `force`d (an event the stream
+    /// already holds is never refused).
+    fn channel_entry<'a>(
+        &self,
+        channels: &'a mut Channels,
+        name: &str,
+        force: bool,
+    ) -> Result<(Arc<str>, &'a mut Channel), HubError> {
         if !channels.map.contains_key(name) {
-            if channels.map.len() >= self.config.max_channels {
+            if !force && channels.map.len() >= self.config.max_channels {
                 self.stats
                     .refused_channel_cap
                     .fetch_add(1, Ordering::Relaxed);
                 return Err(HubError::TooManyChannels(self.config.max_channels));
             }
             let key: Arc<str> = name.into();
-            channels
-                .map
-                .insert(key.clone(), Channel::new(&self.stats, name));
+            let mut channel = Channel::new(&self.stats, name);
+            if self.cluster.is_some() {
+                // Ids are stream sequences: the next one is above everything fed so far.
+                channel.next_id = channels.last_fed + 1;
+            }
+            channels.map.insert(key.clone(), channel);
             self.stats.channels.fetch_add(1, Ordering::Relaxed);
         }
         let (key, channel) = channels
@@ -515,6 +539,48 @@ impl Hub {
         self.trim_count(&mut channels, &key);
         self.trim(&mut channels, 0);
         Ok(posted.id)
+    }
+
+    /// Whether a post to `name` may be taken: the channel exists or one more fits.
+    pub(super) fn may_post(&self, name: &str) -> bool {
+        let channels = self.lock();
+        channels.map.contains_key(name) || channels.map.len() < self.config.max_channels
+    }
+
+    /// With `--nats-url`: an event read from the stream (in stream order, `id` its sequence)
+    /// joins its channel's replay buffer and wakes its subscribers.
+    pub(super) fn insert_fed(&self, name: &str, posted: Posted) {
+        let mut channels = self.lock();
+        channels.last_fed = channels.last_fed.max(posted.id);
+        let Ok((key, channel)) = self.channel_entry(&mut channels, name, true) else {
+            return;
+        };
+        let posted = Arc::new(posted);
+        channel.next_id = posted.id + 1;
+        channel.last_used_ms = crate::clock::now_ms();
+        channel.events.push_back(posted.clone());
+        channel.live.send_replace(posted.id);
+        channels
+            .order
+            .push_back((key.clone(), posted.id, posted.received_ms));
+        self.stats.posts.fetch_add(1, Ordering::Relaxed);
+        self.trim_count(&mut channels, &key);
+        self.trim(&mut channels, 0);
+    }
+
+    /// With `--nats-url`: stream sequences `from..=to` were deleted before the feed read them.
+    pub(super) fn unseen(&self, from: u64, to: u64) {
+        if from > to {
+            return;
+        }
+        let mut channels = self.lock();
+        channels.unseen.add(from, to);
+        channels.last_fed = channels.last_fed.max(to);
+        // A live subscriber may have lost some of them: cut it, so it resumes with
+        // Last-Event-ID and is told of the gap (its channel's or not, nobody knows).
+        for channel in channels.map.values() {
+            cut_lagging(channel, to, &self.stats);
+        }
     }
 
     fn store_failed(&self, e: &StoreError) {
@@ -622,9 +688,14 @@ impl Hub {
         // Events at or below `evicted_upto` are gone for everyone. A subscriber that resumes
         // from before them missed them: it is told (an `event: gap` frame, which smee-client
         // ignores and smee-relay's client logs) and so is this log, never silence.
-        let gap = last_seen
-            .filter(|&seen| !replay_all && seen < channel.evicted_upto)
-            .map(|seen| (seen, channel.evicted_upto));
+        let evicted_upto = channel.evicted_upto;
+        let gap = last_seen.filter(|_| !replay_all).and_then(|seen| {
+            // With `--nats-url`, also sequences this replica never saw (which channel they
+            // were is unknown: told as a possible gap rather than kept quiet).
+            let upto = evicted_upto.max(channels.unseen.after(seen).unwrap_or(0));
+            (seen < upto).then_some((seen, upto))
+        });
+        let (_, channel) = self.channel_mut(&mut channels, name)?;
         if let Some((seen, upto)) = gap {
             warn!(
                 channel = %crate::url::redact(name),
@@ -799,5 +870,43 @@ pub(super) fn warn_evicting(stats: &Stats) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     if stats.evicted_memory.load(Ordering::Relaxed) > 0 && !WARNED.swap(true, Ordering::Relaxed) {
         warn!("the memory budget (--max-memory) is full: the oldest replay data is being evicted");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Arc<Hub> {
+        let stats = Arc::new(Stats::default());
+        Arc::new(Hub::new(
+            ServeConfig::default(),
+            None,
+            stats,
+            Vec::new(),
+            tokio_util::sync::CancellationToken::new(),
+            None,
+        ))
+    }
+
+    #[test]
+    fn sequences_the_feed_never_saw_cut_live_subscribers_and_are_told_on_resume() {
+        let hub = hub();
+        let kill = tokio_util::sync::CancellationToken::new();
+        let live = hub
+            .subscribe("ch", Some(4), false, false, kill.clone())
+            .unwrap();
+        assert_eq!(live.gap, None);
+        hub.unseen(5, 9);
+        assert!(kill.is_cancelled(), "a subscriber before the hole is cut");
+        let resumed = hub
+            .subscribe("ch", Some(4), false, false, Default::default())
+            .unwrap();
+        assert_eq!(resumed.gap, Some((4, 9)));
+        let after = hub
+            .subscribe("ch", Some(9), false, false, Default::default())
+            .unwrap();
+        assert_eq!(after.gap, None, "nothing unseen after 9");
+        drop(live);
     }
 }

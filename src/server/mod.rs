@@ -19,11 +19,14 @@
 //! This module owns the accept loop and connection lifecycle (limits, TLS handshake, timeouts,
 //! graceful drain). Requests are handled in [`http`], buffers in [`hub`], the disk in [`store`].
 //! Buffers live in memory, and with `--state-dir` also on disk (`serve.redb`): a post is
-//! answered 200 only once it is stored, and a restarted server replays what it had.
+//! answered 200 only once it is stored, and a restarted server replays what it had. With
+//! `--nats-url` ([`nats`]) the history is a JetStream stream shared by every replica instead:
+//! posts are answered once the stream holds them, and the buffers are fed from the stream.
 
 mod http;
 mod hub;
 mod io;
+mod nats;
 mod store;
 mod tls;
 
@@ -38,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::secret::SecretString;
 
+pub use nats::{NatsConfig, NatsError};
 pub use store::StoreError;
 pub use tls::{TlsError, TlsFiles};
 
@@ -81,6 +85,9 @@ pub struct ServeConfig {
     pub ping: Duration,
     /// Keep buffers on disk here, so they survive a restart of the server.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Share channels with other replicas through NATS JetStream: the stream is the history
+    /// (`state_dir` is not used then).
+    pub nats: Option<NatsConfig>,
 }
 
 impl Default for ServeConfig {
@@ -104,6 +111,7 @@ impl Default for ServeConfig {
             tls: None,
             ping: Duration::from_secs(30),
             state_dir: None,
+            nats: None,
         }
     }
 }
@@ -119,6 +127,16 @@ pub enum ServeError {
     Store(#[source] StoreError),
     #[error("cannot load the TLS certificate")]
     Tls(#[source] TlsError),
+    #[error("cannot join the cluster")]
+    Nats(#[source] NatsError),
+}
+
+impl ServeError {
+    /// Nothing to retry: the user must act (a wrong address, NATS not running, a bad
+    /// certificate), so `main` exits 2.
+    pub fn needs_the_user(&self) -> bool {
+        matches!(self, Self::Nats(_))
+    }
 }
 
 /// Who is on the other end of a connection, for the allow-list and redirects.
@@ -149,7 +167,16 @@ pub async fn serve_with_reload(
     reload: Arc<Notify>,
 ) -> Result<(), ServeError> {
     let stats = Arc::new(hub::Stats::default());
+    let cluster = match &config.nats {
+        Some(nats) => Some(Arc::new(
+            nats::Cluster::connect(nats, &config)
+                .await
+                .map_err(ServeError::Nats)?,
+        )),
+        None => None,
+    };
     let (store, restored) = match &config.state_dir {
+        Some(_) if cluster.is_some() => (None, Vec::new()),
         Some(dir) => {
             let store = store::Store::open(dir).map_err(ServeError::Store)?;
             let restored = store.load(&stats).map_err(ServeError::Store)?;
@@ -172,8 +199,12 @@ pub async fn serve_with_reload(
         stats.clone(),
         restored,
         stop.clone(),
+        cluster.clone(),
     ));
     tokio::spawn(hub::sweeper(hub.clone(), Duration::from_secs(1)));
+    if let Some(cluster) = cluster {
+        tokio::spawn(nats::feed(cluster, hub.clone()));
+    }
     let router = http::router(hub.clone());
     let addr = listener.local_addr().map_err(ServeError::Address)?;
     info!(%addr, tls = tls.is_some(), "serving smee channels");

@@ -50,6 +50,42 @@ struct StoredHead {
     content_type: String,
 }
 
+/// A posted event as bytes: the head's length (u32, little-endian), the head as JSON, the body.
+/// The same bytes are a message of the JetStream stream with `--nats-url`.
+pub(super) fn encode(posted: &Posted) -> Result<Vec<u8>, serde_json::Error> {
+    let head = serde_json::to_vec(&StoredHead {
+        received_ms: posted.received_ms,
+        headers: posted.headers.clone(),
+        query: posted.query.clone(),
+        content_type: posted.content_type.clone(),
+    })?;
+    let mut value = Vec::with_capacity(4 + head.len() + posted.body.len());
+    value.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    value.extend_from_slice(&head);
+    value.extend_from_slice(&posted.body);
+    Ok(value)
+}
+
+/// The event [`encode`] wrote, as event `id`; None if the bytes are not such an event.
+pub(super) fn decode(stats: &Arc<Stats>, id: u64, bytes: &[u8]) -> Option<Posted> {
+    let len = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(|b| u32::from_le_bytes(b) as usize)?;
+    let head = bytes
+        .get(4..4usize.checked_add(len)?)
+        .and_then(|h| serde_json::from_slice::<StoredHead>(h).ok())?;
+    Some(Posted::new(
+        stats,
+        id,
+        head.received_ms,
+        head.headers,
+        head.query,
+        head.content_type,
+        Bytes::copy_from_slice(&bytes[4 + len..]),
+    ))
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir(dir.to_path_buf(), e))?;
@@ -115,32 +151,12 @@ impl Store {
         for entry in table.iter().map_err(|e| read(e.into()))? {
             let (key, value) = entry.map_err(|e| read(e.into()))?;
             let (name, id) = key.value();
-            let bytes = value.value();
-            let Some(len) = bytes
-                .get(..4)
-                .and_then(|b| b.try_into().ok())
-                .map(|b| u32::from_le_bytes(b) as usize)
-            else {
-                continue;
-            };
-            let Some(head) = bytes
-                .get(4..4 + len)
-                .and_then(|h| serde_json::from_slice::<StoredHead>(h).ok())
-            else {
+            let Some(posted) = decode(stats, id, value.value()) else {
                 continue;
             };
             if channels.last().is_none_or(|(last, _)| last != name) {
                 channels.push((name.to_string(), Vec::new()));
             }
-            let posted = Posted::new(
-                stats,
-                id,
-                head.received_ms,
-                head.headers,
-                head.query,
-                head.content_type,
-                Bytes::copy_from_slice(&bytes[4 + len..]),
-            );
             channels.last_mut().expect("pushed").1.push(posted);
         }
         Ok(channels)
@@ -153,17 +169,7 @@ impl Store {
         posted: &Posted,
         evicted: &[(Arc<str>, u64)],
     ) -> Result<(), StoreError> {
-        let head = serde_json::to_vec(&StoredHead {
-            received_ms: posted.received_ms,
-            headers: posted.headers.clone(),
-            query: posted.query.clone(),
-            content_type: posted.content_type.clone(),
-        })
-        .map_err(StoreError::Encode)?;
-        let mut value = Vec::with_capacity(4 + head.len() + posted.body.len());
-        value.extend_from_slice(&(head.len() as u32).to_le_bytes());
-        value.extend_from_slice(&head);
-        value.extend_from_slice(&posted.body);
+        let value = encode(posted).map_err(StoreError::Encode)?;
         self.write(|table| {
             table.insert((name, posted.id), value.as_slice())?;
             for (channel, id) in evicted {
