@@ -181,6 +181,11 @@ pub async fn run(
                 let writes = vec![
                     reports_append(vec![report]),
                     state_write(&run.run_id, &state),
+                    // Read: the pipeline's verdict has served.
+                    Write::State {
+                        key: crate::pipeline::runner::verdict_key(id),
+                        value: None,
+                    },
                     done,
                 ];
                 if !commit(&writer, writes).await {
@@ -332,9 +337,9 @@ async fn automation_outcome(
     alerts_to: &str,
     cancel: &CancellationToken,
 ) -> Option<Finish> {
-    use crate::pipeline::{Alert, PIPELINE_ROUTE};
+    use crate::pipeline::PIPELINE_ROUTE;
+    use crate::pipeline::runner::{EventVerdict, verdict_key};
     use crate::spool::Status;
-    let change = crate::pipeline::port::decode(&stored.event.body).ok()?;
     let id = stored.id;
     let (status, error) = loop {
         let spool_ = spool.clone();
@@ -367,39 +372,44 @@ async fn automation_outcome(
             ..Finish::default()
         });
     }
-    // Its alerts were queued with its mark, after it: the alert events for this entity and
-    // this change (same trigger time) among the next events stored.
-    let entity = change.entity().unwrap_or("").to_string();
-    let at = change.trigger.at.clone();
+    // The pipeline recorded its verdict in the commit that settled the event: it is there now.
     let spool_ = spool.clone();
-    let headlines = tokio::task::spawn_blocking(move || {
-        let mut found = Vec::new();
-        for next in id + 1..=id + 256 {
-            let Ok((event, _)) = spool_.get(next) else {
-                continue;
-            };
-            if event.event.header("x-smee-relay-alert").is_none() {
-                continue;
-            }
-            if let Ok(alert) = serde_json::from_slice::<Alert>(&event.event.body)
-                && alert.entity == entity
-                && alert.triggered_at == at
-            {
-                found.push(format!("{} {}", alert.rule, alert.status));
-            }
+    let verdict = tokio::task::spawn_blocking(move || spool_.state(&verdict_key(id)))
+        .await
+        .ok()?;
+    let verdict = match verdict {
+        Ok(Some(bytes)) => serde_json::from_slice::<EventVerdict>(&bytes).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(event = id, "cannot read the pipeline's verdict: {e}");
+            None
         }
-        found
-    })
-    .await
-    .unwrap_or_default();
-    let summary = if headlines.is_empty() {
-        "no rule matched".to_string()
-    } else {
-        format!("{} sent to {alerts_to}", headlines.join(", "))
     };
+    let Some(verdict) = verdict else {
+        // Settled without a verdict: not judged (an event replayed after a newer one of its
+        // entity, or judged before reporting was turned on).
+        return Some(Finish {
+            status: Some(Terminal::Success),
+            summary: Some("not evaluated by the pipeline (already judged or replayed)".into()),
+            ..Finish::default()
+        });
+    };
+    let sent = (!verdict.alerts.is_empty())
+        .then(|| format!("{} sent to {alerts_to}", verdict.alerts.join(", ")));
+    if !verdict.failed.is_empty() {
+        let mut summary = verdict.failed.join("; ");
+        if let Some(sent) = sent {
+            summary = format!("{summary}; {sent}");
+        }
+        return Some(Finish {
+            status: Some(Terminal::Failure),
+            summary: Some(summary),
+            ..Finish::default()
+        });
+    }
     Some(Finish {
         status: Some(Terminal::Success),
-        summary: Some(summary),
+        summary: Some(sent.unwrap_or_else(|| "no rule matched".to_string())),
         ..Finish::default()
     })
 }
@@ -989,5 +999,175 @@ async fn commit(writer: &SpoolWriter, writes: Vec<Write>) -> bool {
             tokio::time::sleep(Duration::from_secs(1)).await;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{PIPELINE_ROUTE, Pipeline};
+    use crate::spool::Limits;
+
+    const SECRET: &str = "automation-secret";
+
+    fn signed(body: Vec<u8>) -> crate::event::Event {
+        use base64::Engine as _;
+        use hmac::{KeyInit as _, Mac as _};
+        let timestamp = (crate::clock::now_ms() / 1000).to_string();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(&body);
+        let signature = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        crate::event::Event {
+            headers: vec![
+                ("x-port-timestamp".into(), timestamp),
+                ("x-port-signature".into(), signature),
+            ],
+            body: body.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Bug: the outcome of an Automation run was found by scanning the 256 spool ids after
+    /// its event for the alerts it produced. With more than 256 events stored between an
+    /// event and its evaluation (a backlog, a busy channel), the alert was out of reach and
+    /// the run was reported "no rule matched". The pipeline now records its verdict in the
+    /// commit that settles the event, and the report says exactly that.
+    #[tokio::test]
+    async fn automation_outcome_is_right_with_more_than_256_interleaved_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let config = crate::config::parse(
+            &format!(
+                "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{}",
+                include_str!("../../tests/fixtures/port/rules.toml")
+            ),
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let verifier =
+            crate::pipeline::signature::Verifier::new(SECRET.into(), Duration::from_secs(300));
+        let pipeline = Pipeline {
+            rules: config.rules,
+            verifier: Some(verifier.clone()),
+            app_url: "https://app.getport.io".into(),
+            jq: crate::pipeline::jq::JqEngine::here(),
+            record_verdicts: true,
+        };
+        let actions = Actions {
+            actions: vec![],
+            verifier: Some(verifier),
+            retry: RetryPolicy::DEFAULT,
+            automation_runs: Some("stdout".into()),
+            jq: crate::pipeline::jq::JqEngine::here(),
+        };
+        // The nine Automation events of the fixtures, each followed by 40 other events (not
+        // Port's): 369 events, all stored before anything is evaluated.
+        let fixtures = [
+            ("01-create", "no rule matched"),
+            ("02-cpu-25-to-87", "cpu-high FIRING sent to stdout"),
+            ("03-cpu-87-to-91", "no rule matched"),
+            (
+                "04-health-healthy-to-degraded",
+                "unhealthy FIRING sent to stdout",
+            ),
+            ("05-cpu-91-to-75", "no rule matched"),
+            ("06-cpu-75-to-60", "cpu-high RESOLVED sent to stdout"),
+            (
+                "07-health-degraded-to-healthy",
+                "unhealthy RESOLVED sent to stdout",
+            ),
+            ("08-cpu-60-to-95", "cpu-high FIRING sent to stdout"),
+            ("09-delete", "cpu-high RESOLVED sent to stdout"),
+        ];
+        let mut events = Vec::new();
+        for (name, _) in fixtures {
+            let body = std::fs::read(format!(
+                "{}/tests/fixtures/port/deployment-config/automation/{name}.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap();
+            events.push(signed(body));
+            for n in 0..40 {
+                events.push(crate::event::Event {
+                    body: format!("{{\"other\": {n}}}").into_bytes().into(),
+                    ..Default::default()
+                });
+            }
+        }
+        assert!(events.len() > 256);
+        let routes = [PIPELINE_ROUTE.to_string(), ACTIONS_ROUTE.to_string()];
+        writer
+            .append("c", &routes, events.into(), None)
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
+        let (_actions, actions_rx) = watch::channel(Arc::new(actions));
+        let tasks = [
+            tokio::spawn(crate::pipeline::runner::run(
+                spool.clone(),
+                writer.clone(),
+                rules_rx,
+                cancel.clone(),
+            )),
+            tokio::spawn(run(
+                spool.clone(),
+                writer.clone(),
+                actions_rx,
+                cancel.clone(),
+            )),
+        ];
+        let finishes = || -> Vec<(String, Finish)> {
+            spool
+                .pending(REPORT_ROUTE, 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter_map(|q| match serde_json::from_slice(&q.event.event.body) {
+                    Ok(Report::Finish { run, finish }) => Some((run, finish)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while finishes().len() < fixtures.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited in vain for the reports: {:?}",
+                finishes()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = finishes();
+        for (n, (name, summary)) in fixtures.iter().enumerate() {
+            let run = format!("r_fixture{n:02}");
+            let (_, finish) = got
+                .iter()
+                .find(|(r, _)| *r == run)
+                .unwrap_or_else(|| panic!("no report for {run} ({name}): {got:?}"));
+            assert_eq!(finish.status, Some(Terminal::Success), "{name}");
+            assert_eq!(finish.summary.as_deref(), Some(*summary), "{name}");
+        }
+        // Each verdict was read and removed with its report: nothing is left behind.
+        let left: Vec<String> = spool
+            .states()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.contains("verdict"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        cancel.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        drop(writer);
+        thread.join().unwrap();
     }
 }

@@ -310,6 +310,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
                 verifier: None,
                 app_url: "https://app.getport.io".into(),
                 jq: crate::pipeline::jq::JqEngine::new(Default::default()),
+                record_verdicts: false,
             },
             sink,
         )),

@@ -784,6 +784,14 @@ impl Spool {
         })
     }
 
+    /// One stored pipeline state, by key.
+    pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        self.read(|txn| {
+            let states = txn.open_table(ALERT_STATES)?;
+            Ok(states.get(key)?.map(|v| v.value().to_vec()))
+        })
+    }
+
     /// Stored bytes and the number of pending deliveries.
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.read(|txn| {
