@@ -1104,3 +1104,92 @@ async fn a_forward_handler_is_retried_on_5xx_then_fails_at_the_retry_age() {
         "{summary}"
     );
 }
+
+/// Bug: `[action.report]` mappings ran in the daemon with jaq and no bound, so a mapping that
+/// loops froze the actions route (and one that grows without end took the daemon's memory).
+/// They run in the jq worker now, within `[jq]`'s time and memory bounds and a size limit on
+/// the value: such a mapping fails that run's report with the reason, and the daemon goes on.
+#[tokio::test]
+async fn hostile_report_mappings_fail_their_run_and_the_daemon_keeps_running() {
+    let mut target = support::FakeTarget::start().await;
+    let url = target.url("/handler");
+    let setup = Setup::new(&format!(
+        r#"
+[jq]
+timeout = "300ms"
+max_memory_mib = 64
+
+[[action]]
+when = '.run.id == "r_act02trigger"'
+forward = "{url}"
+[action.report]
+summary = '"fine " + (.response.statusCode | tostring)'
+
+[[action]]
+identifier = "restart_deployment"
+forward = "{url}"
+[action.report]
+summary = 'last(repeat(1))'
+
+[[action]]
+identifier = "scaffold_service"
+forward = "{url}"
+[action.report]
+summary = '[range(100000)]'
+
+[[action]]
+when = '.port_context.runId != null'
+forward = "{url}"
+[action.report]
+link = '"x" * 100000000'
+"#
+    ))
+    .await;
+    target.answer_with(&[200, 200, 200, 200]);
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    setup.send(2, "04-create-no-entity");
+    setup.port.wait_finished(&["r_act04create"]).await;
+    setup.send(3, "03-port-context");
+    setup.port.wait_finished(&["r_act03context"]).await;
+    setup.send(4, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    target.take(4).await;
+    for (run, why) in [
+        (
+            "r_act01legacy",
+            "[action.report] summary: the condition ran longer than its 300ms budget",
+        ),
+        (
+            "r_act04create",
+            "[action.report] summary: the expression's value is 588891 bytes as JSON, over the 65536 byte limit",
+        ),
+        (
+            "r_act03context",
+            "[action.report] link: the condition exceeded its memory or recursion bound",
+        ),
+    ] {
+        let finishes = setup.port.finishes(run);
+        assert_eq!(finishes.len(), 1, "{run}");
+        assert_eq!(finishes[0]["status"], "FAILURE", "{run}: {}", finishes[0]);
+        let summary = finishes[0]["summary"].as_str().unwrap();
+        assert!(
+            summary.starts_with("report mapping failed: ") && summary.contains(why),
+            "{run}: {summary}"
+        );
+        assert!(
+            setup.port.logs(run).contains(why),
+            "{run}: {}",
+            setup.port.logs(run)
+        );
+    }
+    // The worker was replaced after each kill: the next mapping works.
+    let fine = &setup.port.finishes("r_act02trigger")[0];
+    assert_eq!(fine["status"], "SUCCESS", "{fine}");
+    assert_eq!(fine["summary"], "fine 200");
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+}

@@ -259,6 +259,7 @@ pub async fn run(
                 body: event.body.clone(),
                 received_ms: item.event.received_ms,
                 retry: actions.retry,
+                jq: actions.jq.clone(),
                 state,
                 cancel: cancel.clone(),
             }));
@@ -305,6 +306,7 @@ async fn recover(
                             body: event.event.body.clone(),
                             received_ms: event.received_ms,
                             retry: actions.retry,
+                            jq: actions.jq.clone(),
                             state,
                             cancel: cancel.clone(),
                         }));
@@ -423,6 +425,8 @@ struct Execution {
     /// When the event arrived: a forward handler is retried until `retry.max_age` after it.
     received_ms: u64,
     retry: RetryPolicy,
+    /// Evaluates a forward handler's `[action.report]` mappings within the `[jq]` bounds.
+    jq: crate::pipeline::jq::JqEngine,
     state: RunState,
     cancel: CancellationToken,
 }
@@ -853,7 +857,7 @@ async fn run_forward(
                         headers,
                         body: &body,
                     };
-                    return Some(map_answer(answer, &x.body, default, mapping, logs).await);
+                    return Some(map_answer(answer, &x.body, default, mapping, &x.jq, logs).await);
                 }
                 format!("handler answered {}", status.as_u16())
             }
@@ -903,6 +907,7 @@ async fn map_answer(
     request: &[u8],
     default: Terminal,
     mapping: &ReportMapping,
+    jq: &crate::pipeline::jq::JqEngine,
     logs: &mut LogBatch,
 ) -> (Terminal, String, Finish) {
     let status = answer.status;
@@ -917,11 +922,39 @@ async fn map_answer(
             "json": serde_json::from_slice::<serde_json::Value>(answer.body).ok(),
         },
     });
+    // In the jq worker, within the `[jq]` time and memory bounds (a mapping that loops or
+    // grows without end fails this report, never the daemon), off the async workers.
+    let (status_out, summary_out, link_out) = {
+        let (jq, mapping) = (jq.clone(), mapping.clone());
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let run = |expr: &Option<crate::pipeline::jq::JqCondition>| {
+                expr.as_ref().map(|e| jq.output(e, &input))
+            };
+            (
+                run(&mapping.status),
+                run(&mapping.summary),
+                run(&mapping.link),
+            )
+        })
+        .await;
+        match evaluated {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                let failed = || {
+                    Some(Err(crate::pipeline::jq::JqFailure::Worker(
+                        std::io::Error::other(e.to_string()),
+                    )))
+                };
+                (failed(), failed(), failed())
+            }
+        }
+    };
     let mut finish = Finish::default();
     let mut terminal = default;
     let mut problems = Vec::new();
-    if let Some(expr) = &mapping.status {
-        match expr.output(&input) {
+    let mut failed = Vec::new();
+    if let Some(output) = status_out {
+        match output {
             Ok(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("SUCCESS") => {
                 terminal = Terminal::Success
             }
@@ -931,19 +964,19 @@ async fn map_answer(
             Ok(other) => problems.push(format!(
                 "report.status gave {other}, not \"SUCCESS\" or \"FAILURE\""
             )),
-            Err(e) => problems.push(format!("report.status: {e}")),
+            Err(e) => failed.push(("status", e)),
         }
     }
-    if let Some(expr) = &mapping.summary {
-        match expr.output(&input) {
+    if let Some(output) = summary_out {
+        match output {
             Ok(serde_json::Value::String(s)) => finish.summary = Some(s),
             Ok(serde_json::Value::Null) => {}
             Ok(other) => finish.summary = Some(other.to_string()),
-            Err(e) => problems.push(format!("report.summary: {e}")),
+            Err(e) => failed.push(("summary", e)),
         }
     }
-    if let Some(expr) = &mapping.link {
-        match expr.output(&input) {
+    if let Some(output) = link_out {
+        match output {
             Ok(serde_json::Value::String(s)) => finish.link.push(s),
             Ok(serde_json::Value::Array(items)) => finish.link.extend(
                 items
@@ -952,8 +985,23 @@ async fn map_answer(
             ),
             Ok(serde_json::Value::Null) => {}
             Ok(other) => problems.push(format!("report.link gave {other}, not a string or a list")),
-            Err(e) => problems.push(format!("report.link: {e}")),
+            Err(e) => failed.push(("link", e)),
         }
+    }
+    // A mapping that went past a bound (it loops, grows or yields a huge value) fails the run
+    // with the reason: its report cannot be trusted. A plain jq error is noted in the run's log.
+    let mut past_bounds = Vec::new();
+    for (field, e) in failed {
+        let said = format!("[action.report] {field}: {e}");
+        if matches!(e.kind(), "timeout" | "bound" | "output" | "worker") {
+            past_bounds.push(said.clone());
+        }
+        problems.push(said);
+    }
+    if !past_bounds.is_empty() {
+        warn!(run = %logs.run, "{}", past_bounds.join("; "));
+        terminal = Terminal::Failure;
+        finish.summary = Some(format!("report mapping failed: {}", past_bounds.join("; ")));
     }
     for p in problems {
         logs.line(&format!("smee-relay: {p}")).await;
