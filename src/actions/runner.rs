@@ -252,6 +252,7 @@ pub async fn run(
             runs.insert(run.run_id.clone(), RunPhase::Running);
             cursor = item.seq;
             info!(event = id, run = %run.run_id, action = %spec.name, "action run: executing");
+            count_started(&spec.name);
             executing.spawn(execute(Execution {
                 writer: writer.clone(),
                 spec: spec.clone(),
@@ -299,6 +300,7 @@ async fn recover(
                         serde_json::from_slice(&event.event.body).unwrap_or_default();
                     if let Some(run) = decode_run(&body) {
                         warn!(run = %run_id, action = %spec.name, "run was interrupted by a restart; running it again (on_interrupt = \"rerun\")");
+                        count_started(&spec.name);
                         executing.spawn(execute(Execution {
                             writer: writer.clone(),
                             spec: spec.clone(),
@@ -317,6 +319,7 @@ async fn recover(
             }
         }
         warn!(run = %run_id, action = %state.action, "run was interrupted by a restart: reporting FAILURE");
+        count_finished(&state.action, "interrupted");
         let finish = Finish {
             status: Some(Terminal::Failure),
             summary: Some("interrupted by restart".into()),
@@ -414,6 +417,25 @@ async fn automation_outcome(
         summary: Some(sent.unwrap_or_else(|| "no rule matched".to_string())),
         ..Finish::default()
     })
+}
+
+/// How a command's timeout summary starts (also how [`execute`] tells it apart, for metrics).
+const TIMED_OUT: &str = "timed out after";
+
+/// A run ended: counted by action and outcome (`success`, `failure`, `timeout`, `interrupted`).
+fn count_finished(action: &str, outcome: &'static str) {
+    metrics::counter!(
+        "smee_relay_action_runs_finished_total",
+        "action" => action.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+/// A handler started (a first run, or a rerun after a restart).
+fn count_started(action: &str) {
+    metrics::counter!("smee_relay_action_runs_started_total", "action" => action.to_string())
+        .increment(1);
 }
 
 /// Everything one execution needs.
@@ -575,6 +597,16 @@ async fn execute(x: Execution) {
         logs.send().await;
         return;
     };
+    metrics::histogram!("smee_relay_action_run_seconds", "action" => x.spec.name.clone())
+        .record(started.elapsed().as_secs_f64());
+    count_finished(
+        &x.spec.name,
+        match status {
+            Terminal::Success => "success",
+            Terminal::Failure if summary.starts_with(TIMED_OUT) => "timeout",
+            Terminal::Failure => "failure",
+        },
+    );
     let took =
         humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64));
     let summary = summary.replace("{took}", &took.to_string());
@@ -730,7 +762,7 @@ async fn run_command(
     use std::os::unix::process::ExitStatusExt as _;
     Some(if timed_out {
         let limit = humantime::format_duration(x.spec.timeout);
-        let message = format!("timed out after {limit}; process group killed");
+        let message = format!("{TIMED_OUT} {limit}; process group killed");
         logs.line(&format!("smee-relay: {message}")).await;
         (Terminal::Failure, message, said.finish)
     } else if status.success() {
@@ -999,6 +1031,8 @@ async fn map_answer(
         problems.push(said);
     }
     if !past_bounds.is_empty() {
+        metrics::counter!("smee_relay_action_report_errors_total", "kind" => "mapping")
+            .increment(past_bounds.len() as u64);
         warn!(run = %logs.run, "{}", past_bounds.join("; "));
         terminal = Terminal::Failure;
         finish.summary = Some(format!("report mapping failed: {}", past_bounds.join("; ")));
