@@ -321,6 +321,12 @@ pub struct ForwardArgs {
     #[arg(long, value_name = "NAME")]
     pub ignore_event: Vec<String>,
 
+    /// Also write each received event into DIR, in gosmee's --saveDir layout (the same as
+    /// `events export --format gosmee`): `<timestamp>.json` and an executable `<timestamp>.sh`
+    /// that replays it with curl. A failed write is a warning; delivery never waits for it.
+    #[arg(long, value_name = "DIR", alias = "saveDir")]
+    pub save_dir: Option<std::path::PathBuf>,
+
     /// Forward the query string each webhook came with to the target. Always on; accepted so that
     /// smee-client's command line works unchanged.
     #[arg(long = "query-forwarding")]

@@ -303,6 +303,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
             source,
             forward: vec![],
             pipeline: true,
+            save_dir: None,
         }],
         pipeline: Some((
             Pipeline {

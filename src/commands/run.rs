@@ -111,6 +111,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
                 source,
                 forward: c.forward.clone(),
                 pipeline: c.pipeline,
+                save_dir: None,
             }
         })
         .collect();

@@ -76,6 +76,8 @@ pub struct ChannelPlan {
     pub forward: Vec<TargetUrl>,
     /// Whether the pipeline evaluates this channel's events.
     pub pipeline: bool,
+    /// `forward --save-dir`: each received event is also written here in gosmee's layout.
+    pub save_dir: Option<PathBuf>,
 }
 
 /// Everything the runtime needs.
@@ -587,13 +589,19 @@ impl Runtime {
         let cancel = self.cancel.child_token();
         let handles = vec![
             tokio::spawn(source.run(events_tx, cancel.clone())),
-            tokio::spawn(spool::intake::intake(
+            tokio::spawn(spool::intake::intake_saving(
                 events_rx,
                 self.writer.clone(),
                 url.to_string(),
                 Some(cursor_key),
                 routes_rx,
                 self.counters.clone(),
+                // The scripts POST to the channel's first target by default.
+                channel
+                    .save_dir
+                    .clone()
+                    .zip(channel.forward.first().cloned())
+                    .map(|(dir, target)| spool::export::SaveDir::start(dir, target)),
             )),
         ];
         Some(ChannelTask {

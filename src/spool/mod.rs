@@ -57,6 +57,7 @@ use crate::event::Event;
 mod backend;
 #[cfg(test)]
 mod crash_tests;
+pub mod export;
 pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
