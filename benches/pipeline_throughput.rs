@@ -29,6 +29,7 @@ fn main() {
             env!("CARGO_BIN_EXE_smee-relay").into(),
             config.jq,
         ),
+        record_verdicts: false,
     };
     let events: Vec<Event> = smee_relay::commands::demo::SEQUENCE
         .iter()

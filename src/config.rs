@@ -171,8 +171,9 @@ pub struct ChannelConfig {
     /// The environment variable holding the channel URL.
     pub url_env: Option<String>,
     /// Targets each event is replayed to, each with the spool's guarantees.
+    /// (Spanned: a bad target is reported at its own line, not the `[[channel]]` header's.)
     #[serde(default)]
-    pub forward: Vec<String>,
+    pub forward: Vec<Spanned<String>>,
     /// Run the rules on this channel's events.
     #[serde(default)]
     pub pipeline: bool,
@@ -190,8 +191,9 @@ pub struct ChannelConfig {
     /// Event names to skip (`--ignore-event`).
     #[serde(default)]
     pub ignore_events: Vec<String>,
-    /// Frames larger than this (e.g. "128MiB") are skipped, logged and counted.
-    pub max_frame: Option<String>,
+    /// Frames larger than this (e.g. "128MiB") are skipped, logged and counted. (Spanned: a
+    /// bad size is reported at its own line.)
+    pub max_frame: Option<Spanned<String>>,
     /// Recover the GitHub deliveries this channel missed, after every gap.
     pub github_catch_up: Option<GithubCatchUpConfig>,
 }
@@ -529,10 +531,12 @@ pub fn parse(
                     }
                     let mut forward = Vec::new();
                     for target in &c.forward {
-                        match target.parse::<TargetUrl>() {
+                        match target.get_ref().parse::<TargetUrl>() {
                             Ok(t) => forward.push(t),
-                            Err(e) => problems
-                                .push(at_line(at, format!("forward target {target:?}: {e}"))),
+                            Err(e) => problems.push(at_line(
+                                target.span().start,
+                                format!("forward target {:?}: {e}", target.get_ref()),
+                            )),
                         }
                     }
                     if forward.is_empty() && !c.pipeline {
@@ -545,13 +549,16 @@ pub fn parse(
                             None
                         }
                     };
-                    let max_frame = match c.max_frame.as_deref().map(crate::memory::parse_size) {
+                    let max_frame = match &c.max_frame {
                         None => crate::source::DEFAULT_MAX_FRAME,
-                        Some(Ok(size)) => usize::try_from(size).unwrap_or(usize::MAX),
-                        Some(Err(e)) => {
-                            problems.push(at_line(at, format!("max_frame: {e}")));
-                            crate::source::DEFAULT_MAX_FRAME
-                        }
+                        Some(text) => match crate::memory::parse_size(text.get_ref()) {
+                            Ok(size) => usize::try_from(size).unwrap_or(usize::MAX),
+                            Err(e) => {
+                                problems
+                                    .push(at_line(text.span().start, format!("max_frame: {e}")));
+                                crate::source::DEFAULT_MAX_FRAME
+                            }
+                        },
                     };
                     let github_catch_up =
                         match c.github_catch_up.as_ref().map(|g| github_catch_up(g, env)) {
@@ -1063,7 +1070,29 @@ above = 80
         let config = parse(&channel("max_frame = \"16MiB\""), "c.toml", &no_env).unwrap();
         assert_eq!(config.channels[0].max_frame, 16 << 20);
         let e = parse(&channel("max_frame = \"lots\""), "c.toml", &no_env).unwrap_err();
-        assert!(e.to_string().contains("c.toml:1: max_frame"), "{e}");
+        assert!(e.to_string().contains("c.toml:4: max_frame"), "{e}");
+    }
+
+    /// Bug: errors found after deserialization (a bad forward target, a bad `max_frame`) were
+    /// reported at the `[[channel]]` header's line, not at the offending key's. Errors toml
+    /// finds itself (a wrong type, an unknown key) already point at the key.
+    #[test]
+    fn regression_config_errors_point_at_the_offending_key_not_the_table_header() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = false\n\
+                    forward = [\n  \"http://127.0.0.1:3000/\",\n  \"not a url\",\n]\n\
+                    max_frame = \"huge\"\n";
+        let e = parse(text, "c.toml", &no_env).unwrap_err().to_string();
+        assert!(e.contains("c.toml:6: forward target \"not a url\""), "{e}");
+        assert!(e.contains("c.toml:8: max_frame"), "{e}");
+        let e = parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://x/\"]\n\
+             idle_timeout = 5\n",
+            "c.toml",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.toml:4: invalid type"), "{e}");
     }
 
     /// Regression: `check` passed two spellings of one channel, which `run` then refused with

@@ -1104,3 +1104,183 @@ async fn a_forward_handler_is_retried_on_5xx_then_fails_at_the_retry_age() {
         "{summary}"
     );
 }
+
+/// Bug: `[action.report]` mappings ran in the daemon with jaq and no bound, so a mapping that
+/// loops froze the actions route (and one that grows without end took the daemon's memory).
+/// They run in the jq worker now, within `[jq]`'s time and memory bounds and a size limit on
+/// the value: such a mapping fails that run's report with the reason, and the daemon goes on.
+#[tokio::test]
+async fn hostile_report_mappings_fail_their_run_and_the_daemon_keeps_running() {
+    let mut target = support::FakeTarget::start().await;
+    let url = target.url("/handler");
+    let setup = Setup::new(&format!(
+        r#"
+[jq]
+timeout = "1s"
+max_memory_mib = 64
+
+[[action]]
+when = '.run.id == "r_act02trigger"'
+forward = "{url}"
+[action.report]
+summary = '"fine " + (.response.statusCode | tostring)'
+
+[[action]]
+identifier = "restart_deployment"
+forward = "{url}"
+[action.report]
+summary = 'last(repeat(1))'
+
+[[action]]
+identifier = "scaffold_service"
+forward = "{url}"
+[action.report]
+summary = '"x" * 100000'
+
+[[action]]
+when = '.port_context.runId != null'
+forward = "{url}"
+[action.report]
+link = '"x" * 100000000'
+"#
+    ))
+    .await;
+    target.answer_with(&[200, 200, 200, 200]);
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    setup.send(2, "04-create-no-entity");
+    setup.port.wait_finished(&["r_act04create"]).await;
+    setup.send(3, "03-port-context");
+    setup.port.wait_finished(&["r_act03context"]).await;
+    setup.send(4, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    target.take(4).await;
+    for (run, why) in [
+        (
+            "r_act01legacy",
+            "[action.report] summary: the condition ran longer than its 1s budget",
+        ),
+        (
+            "r_act04create",
+            "[action.report] summary: the expression's value is 100002 bytes as JSON, over the 65536 byte limit",
+        ),
+        (
+            "r_act03context",
+            "[action.report] link: the condition exceeded its memory or recursion bound",
+        ),
+    ] {
+        let finishes = setup.port.finishes(run);
+        assert_eq!(finishes.len(), 1, "{run}");
+        assert_eq!(finishes[0]["status"], "FAILURE", "{run}: {}", finishes[0]);
+        let summary = finishes[0]["summary"].as_str().unwrap();
+        assert!(
+            summary.starts_with("report mapping failed: ") && summary.contains(why),
+            "{run}: {summary}"
+        );
+        assert!(
+            setup.port.logs(run).contains(why),
+            "{run}: {}",
+            setup.port.logs(run)
+        );
+    }
+    // The worker was replaced after each kill: the next mapping works.
+    let fine = &setup.port.finishes("r_act02trigger")[0];
+    assert_eq!(fine["status"], "SUCCESS", "{fine}");
+    assert_eq!(fine["summary"], "fine 200");
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+}
+
+/// `/metrics` counts action runs: started, and finished by outcome (success, failure, timeout,
+/// interrupted), their duration, and reports Port did not take.
+#[tokio::test]
+async fn action_runs_are_counted_in_metrics() {
+    let setup = Setup::new(
+        r#"
+[[action]]
+identifier = "restart_deployment"
+command = ["DIR/restart.sh"]
+
+[[action]]
+identifier = "scaffold_service"
+command = ["DIR/scaffold.sh"]
+
+[[action]]
+when = '.port_context.runId != null'
+command = ["DIR/slow.sh"]
+timeout = "1s"
+"#,
+    )
+    .await;
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &setup.config,
+        format!("metrics_listen = \"127.0.0.1:0\"\n{text}"),
+    )
+    .unwrap();
+    // The first run hangs until a kill -9; the next one of the same action succeeds.
+    handler(
+        &setup.dir,
+        "restart.sh",
+        r#"if [ "$PORT_RUN_ID" = r_act01legacy ]; then sleep 60; fi"#,
+    );
+    handler(&setup.dir, "scaffold.sh", "exit 3");
+    handler(&setup.dir, "slow.sh", "sleep 60");
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || executions(&setup.dir).len() == 1).await;
+    daemon.child.kill().await.unwrap(); // SIGKILL
+    daemon.child.wait().await.unwrap();
+
+    // Port answers the first report after the restart with 503 (retried).
+    setup.port.with(|s| s.script.push_back((503, None)));
+    let daemon = setup.start().await;
+    let line = daemon
+        .logs
+        .wait_for(&["serving /healthz and /metrics"])
+        .await;
+    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    setup.send(2, "04-create-no-entity");
+    setup.send(3, "03-port-context");
+    setup.send(4, "02-trigger-data");
+    setup
+        .port
+        .wait_finished(&[
+            "r_act01legacy",
+            "r_act04create",
+            "r_act03context",
+            "r_act02trigger",
+        ])
+        .await;
+    let metrics = smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let when = "when .port_context.runId != null";
+    for line in [
+        "smee_relay_action_runs_started_total{action=\"restart_deployment\"} 1".to_string(),
+        "smee_relay_action_runs_started_total{action=\"scaffold_service\"} 1".into(),
+        format!("smee_relay_action_runs_started_total{{action=\"{when}\"}} 1"),
+        "smee_relay_action_runs_finished_total{action=\"restart_deployment\",outcome=\"interrupted\"} 1".into(),
+        "smee_relay_action_runs_finished_total{action=\"restart_deployment\",outcome=\"success\"} 1".into(),
+        "smee_relay_action_runs_finished_total{action=\"scaffold_service\",outcome=\"failure\"} 1".into(),
+        format!("smee_relay_action_runs_finished_total{{action=\"{when}\",outcome=\"timeout\"}} 1"),
+        "smee_relay_action_run_seconds_count{action=\"scaffold_service\"} 1".into(),
+        format!("smee_relay_action_run_seconds_count{{action=\"{when}\"}} 1"),
+        "smee_relay_action_report_errors_total{kind=\"5xx\"} 1".into(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+}

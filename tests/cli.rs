@@ -310,3 +310,126 @@ ignore_events = ["ping", "issues"]
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Waits until `dir` holds `n` files ending in `.sh`, and returns them sorted.
+async fn scripts_in(dir: &std::path::Path, n: usize) -> Vec<std::path::PathBuf> {
+    support::wait_for(PATIENCE, "the saved events", || async {
+        let mut scripts: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+            .collect();
+        scripts.sort();
+        (scripts.len() == n && scripts.iter().all(|s| s.with_extension("json").exists()))
+            .then_some(scripts)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forward_save_dir_writes_each_event_in_gosmees_layout_and_failures_never_block_delivery() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let save_dir = saved.path().join("events");
+    let mut child = smee_relay()
+        .args(["forward", &channel.url("SaveDir1"), &target.url("/hook")])
+        .arg("--save-dir")
+        .arg(&save_dir)
+        .arg("--state-dir")
+        .arg(state.path())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    channel.wait_connections(1).await;
+    channel.send_webhook(
+        1,
+        r#"{"content-type":"application/json","x-github-event":"it's","body":{"n":1,"s":"a b"},"query":{"a":"1 2"}}"#,
+    );
+    channel.send_webhook(
+        2,
+        r#"{"content-type":"application/json","x-github-event":"push","body":[2],"query":{}}"#,
+    );
+    target.take(2).await;
+    let scripts = scripts_in(&save_dir, 2).await;
+    use std::os::unix::fs::PermissionsExt as _;
+    for script in &scripts {
+        let mode = std::fs::metadata(script).unwrap().permissions().mode();
+        assert_eq!(mode & 0o111, 0o111, "{script:?} is not executable");
+    }
+    assert_eq!(
+        std::fs::read(scripts[1].with_extension("json")).unwrap(),
+        b"[2]"
+    );
+    // A script replays its event: by default to the forward target, here to another.
+    let mut other = FakeTarget::start().await;
+    let status = tokio::process::Command::new(&scripts[0])
+        .arg(other.url("/replayed"))
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let got = other.next().await;
+    assert_eq!(got.uri, "/replayed?a=1+2");
+    assert_eq!(&got.body[..], br#"{"n":1,"s":"a b"}"#);
+    assert_eq!(got.header("x-github-event"), Some("it's"));
+    let default_target = std::fs::read_to_string(&scripts[0]).unwrap();
+    assert!(
+        default_target.contains(&target.url("/hook")),
+        "{default_target}"
+    );
+
+    // The directory becomes unwritable (a file in its place): events are still delivered, in
+    // order, with one warning.
+    std::fs::remove_dir_all(&save_dir).unwrap();
+    std::fs::write(&save_dir, "not a directory").unwrap();
+    for id in 3..=5 {
+        channel.send_webhook(
+            id,
+            &format!(r#"{{"content-type":"application/json","body":{{"n":{id}}},"query":{{}}}}"#),
+        );
+    }
+    let got: Vec<Vec<u8>> = target
+        .take(3)
+        .await
+        .into_iter()
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            br#"{"n":3}"#.to_vec(),
+            br#"{"n":4}"#.to_vec(),
+            br#"{"n":5}"#.to_vec()
+        ]
+    );
+    logs.wait_for(&["--save-dir: cannot create", "delivered all the same"])
+        .await;
+    // Writable again: saving resumes.
+    std::fs::remove_file(&save_dir).unwrap();
+    channel.send_webhook(
+        6,
+        r#"{"content-type":"application/json","body":{"n":6},"query":{}}"#,
+    );
+    target.next().await;
+    support::wait_until(PATIENCE, "event 6 saved", || {
+        std::fs::read_dir(&save_dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                e.path().extension().is_some_and(|x| x == "json")
+                    && std::fs::read(e.path()).is_ok_and(|b| b == br#"{"n":6}"#)
+                    && e.path().with_extension("sh").exists()
+            })
+        })
+    })
+    .await;
+    assert!(
+        logs.all().matches("--save-dir: cannot").count() == 1,
+        "warned once: {}",
+        logs.all()
+    );
+}

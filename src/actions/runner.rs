@@ -181,6 +181,11 @@ pub async fn run(
                 let writes = vec![
                     reports_append(vec![report]),
                     state_write(&run.run_id, &state),
+                    // Read: the pipeline's verdict has served.
+                    Write::State {
+                        key: crate::pipeline::runner::verdict_key(id),
+                        value: None,
+                    },
                     done,
                 ];
                 if !commit(&writer, writes).await {
@@ -247,6 +252,7 @@ pub async fn run(
             runs.insert(run.run_id.clone(), RunPhase::Running);
             cursor = item.seq;
             info!(event = id, run = %run.run_id, action = %spec.name, "action run: executing");
+            count_started(&spec.name);
             executing.spawn(execute(Execution {
                 writer: writer.clone(),
                 spec: spec.clone(),
@@ -254,6 +260,7 @@ pub async fn run(
                 body: event.body.clone(),
                 received_ms: item.event.received_ms,
                 retry: actions.retry,
+                jq: actions.jq.clone(),
                 state,
                 cancel: cancel.clone(),
             }));
@@ -293,6 +300,7 @@ async fn recover(
                         serde_json::from_slice(&event.event.body).unwrap_or_default();
                     if let Some(run) = decode_run(&body) {
                         warn!(run = %run_id, action = %spec.name, "run was interrupted by a restart; running it again (on_interrupt = \"rerun\")");
+                        count_started(&spec.name);
                         executing.spawn(execute(Execution {
                             writer: writer.clone(),
                             spec: spec.clone(),
@@ -300,6 +308,7 @@ async fn recover(
                             body: event.event.body.clone(),
                             received_ms: event.received_ms,
                             retry: actions.retry,
+                            jq: actions.jq.clone(),
                             state,
                             cancel: cancel.clone(),
                         }));
@@ -310,6 +319,7 @@ async fn recover(
             }
         }
         warn!(run = %run_id, action = %state.action, "run was interrupted by a restart: reporting FAILURE");
+        count_finished(&state.action, "interrupted");
         let finish = Finish {
             status: Some(Terminal::Failure),
             summary: Some("interrupted by restart".into()),
@@ -332,9 +342,9 @@ async fn automation_outcome(
     alerts_to: &str,
     cancel: &CancellationToken,
 ) -> Option<Finish> {
-    use crate::pipeline::{Alert, PIPELINE_ROUTE};
+    use crate::pipeline::PIPELINE_ROUTE;
+    use crate::pipeline::runner::{EventVerdict, verdict_key};
     use crate::spool::Status;
-    let change = crate::pipeline::port::decode(&stored.event.body).ok()?;
     let id = stored.id;
     let (status, error) = loop {
         let spool_ = spool.clone();
@@ -367,41 +377,65 @@ async fn automation_outcome(
             ..Finish::default()
         });
     }
-    // Its alerts were queued with its mark, after it: the alert events for this entity and
-    // this change (same trigger time) among the next events stored.
-    let entity = change.entity().unwrap_or("").to_string();
-    let at = change.trigger.at.clone();
+    // The pipeline recorded its verdict in the commit that settled the event: it is there now.
     let spool_ = spool.clone();
-    let headlines = tokio::task::spawn_blocking(move || {
-        let mut found = Vec::new();
-        for next in id + 1..=id + 256 {
-            let Ok((event, _)) = spool_.get(next) else {
-                continue;
-            };
-            if event.event.header("x-smee-relay-alert").is_none() {
-                continue;
-            }
-            if let Ok(alert) = serde_json::from_slice::<Alert>(&event.event.body)
-                && alert.entity == entity
-                && alert.triggered_at == at
-            {
-                found.push(format!("{} {}", alert.rule, alert.status));
-            }
+    let verdict = tokio::task::spawn_blocking(move || spool_.state(&verdict_key(id)))
+        .await
+        .ok()?;
+    let verdict = match verdict {
+        Ok(Some(bytes)) => serde_json::from_slice::<EventVerdict>(&bytes).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(event = id, "cannot read the pipeline's verdict: {e}");
+            None
         }
-        found
-    })
-    .await
-    .unwrap_or_default();
-    let summary = if headlines.is_empty() {
-        "no rule matched".to_string()
-    } else {
-        format!("{} sent to {alerts_to}", headlines.join(", "))
     };
+    let Some(verdict) = verdict else {
+        // Settled without a verdict: not judged (an event replayed after a newer one of its
+        // entity, or judged before reporting was turned on).
+        return Some(Finish {
+            status: Some(Terminal::Success),
+            summary: Some("not evaluated by the pipeline (already judged or replayed)".into()),
+            ..Finish::default()
+        });
+    };
+    let sent = (!verdict.alerts.is_empty())
+        .then(|| format!("{} sent to {alerts_to}", verdict.alerts.join(", ")));
+    if !verdict.failed.is_empty() {
+        let mut summary = verdict.failed.join("; ");
+        if let Some(sent) = sent {
+            summary = format!("{summary}; {sent}");
+        }
+        return Some(Finish {
+            status: Some(Terminal::Failure),
+            summary: Some(summary),
+            ..Finish::default()
+        });
+    }
     Some(Finish {
         status: Some(Terminal::Success),
-        summary: Some(summary),
+        summary: Some(sent.unwrap_or_else(|| "no rule matched".to_string())),
         ..Finish::default()
     })
+}
+
+/// How a command's timeout summary starts (also how [`execute`] tells it apart, for metrics).
+const TIMED_OUT: &str = "timed out after";
+
+/// A run ended: counted by action and outcome (`success`, `failure`, `timeout`, `interrupted`).
+fn count_finished(action: &str, outcome: &'static str) {
+    metrics::counter!(
+        "smee_relay_action_runs_finished_total",
+        "action" => action.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+/// A handler started (a first run, or a rerun after a restart).
+fn count_started(action: &str) {
+    metrics::counter!("smee_relay_action_runs_started_total", "action" => action.to_string())
+        .increment(1);
 }
 
 /// Everything one execution needs.
@@ -413,6 +447,8 @@ struct Execution {
     /// When the event arrived: a forward handler is retried until `retry.max_age` after it.
     received_ms: u64,
     retry: RetryPolicy,
+    /// Evaluates a forward handler's `[action.report]` mappings within the `[jq]` bounds.
+    jq: crate::pipeline::jq::JqEngine,
     state: RunState,
     cancel: CancellationToken,
 }
@@ -561,6 +597,16 @@ async fn execute(x: Execution) {
         logs.send().await;
         return;
     };
+    metrics::histogram!("smee_relay_action_run_seconds", "action" => x.spec.name.clone())
+        .record(started.elapsed().as_secs_f64());
+    count_finished(
+        &x.spec.name,
+        match status {
+            Terminal::Success => "success",
+            Terminal::Failure if summary.starts_with(TIMED_OUT) => "timeout",
+            Terminal::Failure => "failure",
+        },
+    );
     let took =
         humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64));
     let summary = summary.replace("{took}", &took.to_string());
@@ -716,7 +762,7 @@ async fn run_command(
     use std::os::unix::process::ExitStatusExt as _;
     Some(if timed_out {
         let limit = humantime::format_duration(x.spec.timeout);
-        let message = format!("timed out after {limit}; process group killed");
+        let message = format!("{TIMED_OUT} {limit}; process group killed");
         logs.line(&format!("smee-relay: {message}")).await;
         (Terminal::Failure, message, said.finish)
     } else if status.success() {
@@ -843,7 +889,7 @@ async fn run_forward(
                         headers,
                         body: &body,
                     };
-                    return Some(map_answer(answer, &x.body, default, mapping, logs).await);
+                    return Some(map_answer(answer, &x.body, default, mapping, &x.jq, logs).await);
                 }
                 format!("handler answered {}", status.as_u16())
             }
@@ -893,6 +939,7 @@ async fn map_answer(
     request: &[u8],
     default: Terminal,
     mapping: &ReportMapping,
+    jq: &crate::pipeline::jq::JqEngine,
     logs: &mut LogBatch,
 ) -> (Terminal, String, Finish) {
     let status = answer.status;
@@ -907,11 +954,39 @@ async fn map_answer(
             "json": serde_json::from_slice::<serde_json::Value>(answer.body).ok(),
         },
     });
+    // In the jq worker, within the `[jq]` time and memory bounds (a mapping that loops or
+    // grows without end fails this report, never the daemon), off the async workers.
+    let (status_out, summary_out, link_out) = {
+        let (jq, mapping) = (jq.clone(), mapping.clone());
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let run = |expr: &Option<crate::pipeline::jq::JqCondition>| {
+                expr.as_ref().map(|e| jq.output(e, &input))
+            };
+            (
+                run(&mapping.status),
+                run(&mapping.summary),
+                run(&mapping.link),
+            )
+        })
+        .await;
+        match evaluated {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                let failed = || {
+                    Some(Err(crate::pipeline::jq::JqFailure::Worker(
+                        std::io::Error::other(e.to_string()),
+                    )))
+                };
+                (failed(), failed(), failed())
+            }
+        }
+    };
     let mut finish = Finish::default();
     let mut terminal = default;
     let mut problems = Vec::new();
-    if let Some(expr) = &mapping.status {
-        match expr.output(&input) {
+    let mut failed = Vec::new();
+    if let Some(output) = status_out {
+        match output {
             Ok(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("SUCCESS") => {
                 terminal = Terminal::Success
             }
@@ -921,19 +996,19 @@ async fn map_answer(
             Ok(other) => problems.push(format!(
                 "report.status gave {other}, not \"SUCCESS\" or \"FAILURE\""
             )),
-            Err(e) => problems.push(format!("report.status: {e}")),
+            Err(e) => failed.push(("status", e)),
         }
     }
-    if let Some(expr) = &mapping.summary {
-        match expr.output(&input) {
+    if let Some(output) = summary_out {
+        match output {
             Ok(serde_json::Value::String(s)) => finish.summary = Some(s),
             Ok(serde_json::Value::Null) => {}
             Ok(other) => finish.summary = Some(other.to_string()),
-            Err(e) => problems.push(format!("report.summary: {e}")),
+            Err(e) => failed.push(("summary", e)),
         }
     }
-    if let Some(expr) = &mapping.link {
-        match expr.output(&input) {
+    if let Some(output) = link_out {
+        match output {
             Ok(serde_json::Value::String(s)) => finish.link.push(s),
             Ok(serde_json::Value::Array(items)) => finish.link.extend(
                 items
@@ -942,8 +1017,25 @@ async fn map_answer(
             ),
             Ok(serde_json::Value::Null) => {}
             Ok(other) => problems.push(format!("report.link gave {other}, not a string or a list")),
-            Err(e) => problems.push(format!("report.link: {e}")),
+            Err(e) => failed.push(("link", e)),
         }
+    }
+    // A mapping that went past a bound (it loops, grows or yields a huge value) fails the run
+    // with the reason: its report cannot be trusted. A plain jq error is noted in the run's log.
+    let mut past_bounds = Vec::new();
+    for (field, e) in failed {
+        let said = format!("[action.report] {field}: {e}");
+        if matches!(e.kind(), "timeout" | "bound" | "output" | "worker") {
+            past_bounds.push(said.clone());
+        }
+        problems.push(said);
+    }
+    if !past_bounds.is_empty() {
+        metrics::counter!("smee_relay_action_report_errors_total", "kind" => "mapping")
+            .increment(past_bounds.len() as u64);
+        warn!(run = %logs.run, "{}", past_bounds.join("; "));
+        terminal = Terminal::Failure;
+        finish.summary = Some(format!("report mapping failed: {}", past_bounds.join("; ")));
     }
     for p in problems {
         logs.line(&format!("smee-relay: {p}")).await;
@@ -989,5 +1081,175 @@ async fn commit(writer: &SpoolWriter, writes: Vec<Write>) -> bool {
             tokio::time::sleep(Duration::from_secs(1)).await;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{PIPELINE_ROUTE, Pipeline};
+    use crate::spool::Limits;
+
+    const SECRET: &str = "automation-secret";
+
+    fn signed(body: Vec<u8>) -> crate::event::Event {
+        use base64::Engine as _;
+        use hmac::{KeyInit as _, Mac as _};
+        let timestamp = (crate::clock::now_ms() / 1000).to_string();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(&body);
+        let signature = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        crate::event::Event {
+            headers: vec![
+                ("x-port-timestamp".into(), timestamp),
+                ("x-port-signature".into(), signature),
+            ],
+            body: body.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Bug: the outcome of an Automation run was found by scanning the 256 spool ids after
+    /// its event for the alerts it produced. With more than 256 events stored between an
+    /// event and its evaluation (a backlog, a busy channel), the alert was out of reach and
+    /// the run was reported "no rule matched". The pipeline now records its verdict in the
+    /// commit that settles the event, and the report says exactly that.
+    #[tokio::test]
+    async fn automation_outcome_is_right_with_more_than_256_interleaved_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let config = crate::config::parse(
+            &format!(
+                "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{}",
+                include_str!("../../tests/fixtures/port/rules.toml")
+            ),
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let verifier =
+            crate::pipeline::signature::Verifier::new(SECRET.into(), Duration::from_secs(300));
+        let pipeline = Pipeline {
+            rules: config.rules,
+            verifier: Some(verifier.clone()),
+            app_url: "https://app.getport.io".into(),
+            jq: crate::pipeline::jq::JqEngine::here(),
+            record_verdicts: true,
+        };
+        let actions = Actions {
+            actions: vec![],
+            verifier: Some(verifier),
+            retry: RetryPolicy::DEFAULT,
+            automation_runs: Some("stdout".into()),
+            jq: crate::pipeline::jq::JqEngine::here(),
+        };
+        // The nine Automation events of the fixtures, each followed by 40 other events (not
+        // Port's): 369 events, all stored before anything is evaluated.
+        let fixtures = [
+            ("01-create", "no rule matched"),
+            ("02-cpu-25-to-87", "cpu-high FIRING sent to stdout"),
+            ("03-cpu-87-to-91", "no rule matched"),
+            (
+                "04-health-healthy-to-degraded",
+                "unhealthy FIRING sent to stdout",
+            ),
+            ("05-cpu-91-to-75", "no rule matched"),
+            ("06-cpu-75-to-60", "cpu-high RESOLVED sent to stdout"),
+            (
+                "07-health-degraded-to-healthy",
+                "unhealthy RESOLVED sent to stdout",
+            ),
+            ("08-cpu-60-to-95", "cpu-high FIRING sent to stdout"),
+            ("09-delete", "cpu-high RESOLVED sent to stdout"),
+        ];
+        let mut events = Vec::new();
+        for (name, _) in fixtures {
+            let body = std::fs::read(format!(
+                "{}/tests/fixtures/port/deployment-config/automation/{name}.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap();
+            events.push(signed(body));
+            for n in 0..40 {
+                events.push(crate::event::Event {
+                    body: format!("{{\"other\": {n}}}").into_bytes().into(),
+                    ..Default::default()
+                });
+            }
+        }
+        assert!(events.len() > 256);
+        let routes = [PIPELINE_ROUTE.to_string(), ACTIONS_ROUTE.to_string()];
+        writer
+            .append("c", &routes, events.into(), None)
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
+        let (_actions, actions_rx) = watch::channel(Arc::new(actions));
+        let tasks = [
+            tokio::spawn(crate::pipeline::runner::run(
+                spool.clone(),
+                writer.clone(),
+                rules_rx,
+                cancel.clone(),
+            )),
+            tokio::spawn(run(
+                spool.clone(),
+                writer.clone(),
+                actions_rx,
+                cancel.clone(),
+            )),
+        ];
+        let finishes = || -> Vec<(String, Finish)> {
+            spool
+                .pending(REPORT_ROUTE, 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter_map(|q| match serde_json::from_slice(&q.event.event.body) {
+                    Ok(Report::Finish { run, finish }) => Some((run, finish)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while finishes().len() < fixtures.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited in vain for the reports: {:?}",
+                finishes()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = finishes();
+        for (n, (name, summary)) in fixtures.iter().enumerate() {
+            let run = format!("r_fixture{n:02}");
+            let (_, finish) = got
+                .iter()
+                .find(|(r, _)| *r == run)
+                .unwrap_or_else(|| panic!("no report for {run} ({name}): {got:?}"));
+            assert_eq!(finish.status, Some(Terminal::Success), "{name}");
+            assert_eq!(finish.summary.as_deref(), Some(*summary), "{name}");
+        }
+        // Each verdict was read and removed with its report: nothing is left behind.
+        let left: Vec<String> = spool
+            .states()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.contains("verdict"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        cancel.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        drop(writer);
+        thread.join().unwrap();
     }
 }

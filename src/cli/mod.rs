@@ -407,6 +407,12 @@ pub struct ForwardArgs {
     #[arg(long, value_name = "NAME")]
     pub ignore_event: Vec<String>,
 
+    /// Also write each received event into DIR, in gosmee's --saveDir layout (the same as
+    /// `events export --format gosmee`): `<timestamp>.json` and an executable `<timestamp>.sh`
+    /// that replays it with curl. A failed write is a warning; delivery never waits for it.
+    #[arg(long, value_name = "DIR", alias = "saveDir")]
+    pub save_dir: Option<std::path::PathBuf>,
+
     /// Forward the query string each webhook came with to the target. Always on; accepted so that
     /// smee-client's command line works unchanged.
     #[arg(long = "query-forwarding")]
@@ -453,7 +459,8 @@ pub struct DeliveryArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// The longest Retry-After obeyed (seconds or an HTTP-date); a longer one waits this long.
-    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "SMEE_RELAY_MAX_RETRY_AFTER")]
+    /// At most 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_max_retry_after, env = "SMEE_RELAY_MAX_RETRY_AFTER")]
     pub max_retry_after: Duration,
 
     /// On SIGTERM/SIGINT, how long a delivery in flight may still take; then it is cut off and
@@ -609,6 +616,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
     }
 }
 
+/// The longest `--max-retry-after` accepted: a week. Past it, a wait is not a retry but an
+/// outage (events older than `--max-retry-age`, 24h by default, are dead letters anyway), and
+/// a value of years is a typo.
+const MAX_RETRY_AFTER_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `--max-retry-after`: a duration of at most [`MAX_RETRY_AFTER_LIMIT`].
+pub fn parse_max_retry_after(text: &str) -> Result<Duration, crate::error::Invalid> {
+    let duration = parse_duration(text)?;
+    if duration > MAX_RETRY_AFTER_LIMIT {
+        return Err(format!(
+            "{} is longer than the 7d limit: a target asking to wait longer is down, and events older than --max-retry-age are dead letters anyway (write it like 1h or 1d)",
+            humantime::format_duration(duration)
+        )
+        .into());
+    }
+    Ok(duration)
+}
+
 /// A size such as `1GiB`, `512MiB`, `64KiB`, `10MB` or a number of bytes.
 pub fn parse_size(text: &str) -> Result<u64, crate::error::Invalid> {
     crate::memory::parse_size(text)
@@ -656,6 +681,31 @@ mod tests {
             panic!()
         };
         assert!(matches!(cli.command, Command::Events(_)));
+    }
+
+    /// Bug: `--max-retry-after` took absurd values (100 years) without a word. It is bounded
+    /// at 7 days, with a clear error when parsed.
+    #[test]
+    fn regression_max_retry_after_is_bounded_with_a_clear_error() {
+        let line = "smee-relay forward https://smee.io/abc http://127.0.0.1:1/ --max-retry-after";
+        let error = match parse(args(&format!("{line} 100years"))) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("100 years accepted"),
+        };
+        assert!(
+            error.contains("--max-retry-after") && error.contains("longer than the 7d limit"),
+            "{error}"
+        );
+        let Ok(Invocation::Run(cli)) = parse(args(&format!("{line} 7d"))) else {
+            panic!("7d refused")
+        };
+        let Command::Forward(forward) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            forward.delivery.max_retry_after,
+            Duration::from_secs(7 * 24 * 3600)
+        );
     }
 
     #[test]

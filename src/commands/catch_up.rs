@@ -116,6 +116,7 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<(Option<Arc<Spool>>, 
         source: SourceConfig::new(channel.url.clone()),
         forward: channel.forward.clone(),
         pipeline: channel.pipeline,
+        save_dir: None,
     };
     let to = Destination {
         channel: channel.url.to_string(),

@@ -117,6 +117,7 @@ fn check_event(
             verifier: None,
             app_url: config.app_url.clone(),
             jq: jq.clone(),
+            record_verdicts: false,
         };
         let event = crate::event::Event {
             sse_id: None,

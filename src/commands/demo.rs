@@ -303,6 +303,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
             source,
             forward: vec![],
             pipeline: true,
+            save_dir: None,
         }],
         pipeline: Some((
             Pipeline {
@@ -310,6 +311,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
                 verifier: None,
                 app_url: "https://app.getport.io".into(),
                 jq: crate::pipeline::jq::JqEngine::new(Default::default()),
+                record_verdicts: false,
             },
             sink,
         )),

@@ -217,7 +217,12 @@ fn export(
     for &id in ids {
         let (event, _) = spool.get(id)?;
         match (format, dir) {
-            (ExportFormat::Gosmee, Some(dir)) => write_gosmee(dir, &event, target)?,
+            (ExportFormat::Gosmee, Some(dir)) => spool::export::write_gosmee(
+                dir,
+                &event,
+                target,
+                "smee-relay events export --format gosmee",
+            )?,
             _ => {
                 serde_json::to_writer(&mut ndjson, &ndjson_line(&event))?;
                 ndjson.write_all(b"\n")?;
@@ -233,7 +238,7 @@ fn ndjson_line(event: &StoredEvent) -> serde_json::Value {
     let body = &event.event.body;
     let mut line = serde_json::json!({
         "id": event.id,
-        "received": rfc3339(event.received_ms),
+        "received": spool::export::rfc3339(event.received_ms),
         "channel": event.channel,
         "headers": event.event.headers,
         "query": event.event.query,
@@ -247,76 +252,6 @@ fn ndjson_line(event: &StoredEvent) -> serde_json::Value {
         }
     }
     line
-}
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// gosmee's layout: `<timestamp>.json` holds the exact body; `<timestamp>.sh` POSTs it with the
-/// event's headers and query, to `target` or the script's first argument. The event id keeps
-/// names unique when two events share a millisecond.
-fn write_gosmee(dir: &Path, event: &StoredEvent, target: &TargetUrl) -> anyhow::Result<()> {
-    let stem = format!(
-        "{}-{}",
-        rfc3339(event.received_ms).replace(':', "-"),
-        event.id
-    );
-    let json = dir.join(format!("{stem}.json"));
-    std::fs::write(&json, &event.event.body)
-        .with_context(|| format!("cannot write {}", json.display()))?;
-    let script = dir.join(format!("{stem}.sh"));
-    std::fs::write(&script, gosmee_script(event, &stem, target))
-        .with_context(|| format!("cannot write {}", script.display()))?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot make {} executable", script.display()))?;
-    Ok(())
-}
-
-fn gosmee_script(event: &StoredEvent, stem: &str, target: &TargetUrl) -> String {
-    // The query exactly as forwarding appends it (the target's own query has none here).
-    let query = match "http://x/".parse::<TargetUrl>() {
-        Ok(base) => base
-            .with_query(&event.event.query)
-            .query()
-            .unwrap_or("")
-            .to_string(),
-        Err(_) => String::new(),
-    };
-    let mut out = String::new();
-    let _ = writeln!(out, "#!/usr/bin/env bash");
-    let _ = writeln!(
-        out,
-        "# Event {} received {} from {} (smee-relay events export --format gosmee).",
-        event.id,
-        rfc3339(event.received_ms),
-        event.channel
-    );
-    let _ = writeln!(out, "# Usage: ./{stem}.sh [TARGET_URL]");
-    let _ = writeln!(out, "set -euo pipefail");
-    let _ = writeln!(out, "target=${{1:-{}}}", quote(&target.to_string()));
-    let _ = writeln!(out, "cd \"$(dirname \"$0\")\"");
-    let _ = write!(out, "exec curl -sS --fail-with-body -X POST");
-    if query.is_empty() {
-        let _ = write!(out, " \"$target\"");
-    } else {
-        let _ = write!(out, " \"$target\"{}", quote(&format!("?{query}")));
-    }
-    for (name, value) in &event.event.headers {
-        let _ = write!(out, " \\\n  -H {}", quote(&format!("{name}: {value}")));
-    }
-    let _ = writeln!(
-        out,
-        " \\\n  --data-binary @{}",
-        quote(&format!("{stem}.json"))
-    );
-    out
-}
-
-/// `text` as one single-quoted shell word.
-fn quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// `events list` as a table, one row per (event, route), oldest first. Columns are as wide as

@@ -43,6 +43,15 @@ pub async fn forward(
     options: ForwardOptions,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
+    forward_saving(options, None, cancel).await
+}
+
+/// [`forward`], also writing each received event into `save_dir` in gosmee's layout.
+pub async fn forward_saving(
+    options: ForwardOptions,
+    save_dir: Option<PathBuf>,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
     info!(
         channel = %options.source.channel,
         target = %options.target,
@@ -53,6 +62,7 @@ pub async fn forward(
             source: options.source,
             forward: vec![options.target],
             pipeline: false,
+            save_dir,
         }],
         pipeline: None,
         state_dir: options.state_dir,
@@ -103,6 +113,6 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         },
         metrics_listen: delivery.metrics_listen,
     };
-    forward(options, cancel).await?;
+    forward_saving(options, args.save_dir.clone(), cancel).await?;
     Ok(())
 }

@@ -71,6 +71,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             verifier: config.verifier.clone(),
             app_url: config.app_url.clone(),
             jq: jq.clone(),
+            record_verdicts: config.report_automation_runs,
         };
         Some((pipeline, sink))
     } else {
@@ -111,6 +112,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
                 source,
                 forward: c.forward.clone(),
                 pipeline: c.pipeline,
+                save_dir: None,
             }
         })
         .collect();

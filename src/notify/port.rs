@@ -61,6 +61,7 @@ impl PortReporter {
     fn end(&self, run: &str, answer: &Answer) {
         let mut ended = self.ended.lock().expect("not poisoned");
         if ended.insert(run.to_string()) {
+            count_error("ended");
             warn!(
                 run,
                 "Port answered {} ({}): reporting for this run ends; what is still queued for it is dropped",
@@ -122,6 +123,7 @@ impl PortReporter {
                         preview(&answer.body)
                     );
                     warn!(run, "{message}");
+                    count_error("entity_refused");
                     let told = self
                         .call(
                             reqwest::Method::POST,
@@ -163,7 +165,19 @@ impl Sink for PortReporter {
         Box::pin(async move {
             let started = Instant::now();
             let report: Report = super::from_outbox(event, "a report for Port")?;
-            let status = self.report(&report).await?;
+            let status = self.report(&report).await.inspect_err(|e| {
+                count_error(match e {
+                    ForwardError::Status { status, .. } if status.is_server_error() => "5xx",
+                    ForwardError::Status { status, .. }
+                        if *status == StatusCode::TOO_MANY_REQUESTS =>
+                    {
+                        "429"
+                    }
+                    ForwardError::Status { .. } => "4xx",
+                    ForwardError::Timeout(_) => "timeout",
+                    ForwardError::Connection(_) => "network",
+                })
+            })?;
             if status.is_success()
                 && status != StatusCode::NO_CONTENT
                 && let Some(delivered) = &self.delivered
@@ -176,4 +190,11 @@ impl Sink for PortReporter {
             })
         })
     }
+}
+
+/// A report Port did not take (`smee_relay_action_report_errors_total{kind}`): `5xx`, `429`,
+/// `4xx`, `timeout`, `network` for a failed call (retried or dead by the route's rules),
+/// `ended` when a 404 or 422 ends a run's reporting, `entity_refused` for an entity Port refused.
+fn count_error(kind: &'static str) {
+    metrics::counter!("smee_relay_action_report_errors_total", "kind" => kind).increment(1);
 }

@@ -1,5 +1,6 @@
 //! jq conditions (`when = '.properties.locked == true'`), evaluated with jaq, the way Port users
-//! already write them in Automations.
+//! already write them in Automations, and `[action.report]` mappings (the same, yielding a
+//! value: [`JqEngine::output`]).
 //!
 //! A condition is compiled when the config is loaded, to report syntax errors with their
 //! position (and refused if too long or nested too deep for the parser's stack).
@@ -183,6 +184,9 @@ pub enum JqFailure {
     /// The worker could not be started or spoken to.
     #[error("the jq worker is unavailable")]
     Worker(#[source] std::io::Error),
+    /// A mapping's value is longer than [`MAX_OUTPUT`] as JSON.
+    #[error("the expression's value is {len} bytes as JSON, over the {limit} byte limit")]
+    OutputTooLarge { len: usize, limit: usize },
 }
 
 impl JqFailure {
@@ -195,6 +199,7 @@ impl JqFailure {
             JqFailure::Timeout { .. } => "timeout",
             JqFailure::Crashed { .. } => "bound",
             JqFailure::Worker(_) => "worker",
+            JqFailure::OutputTooLarge { .. } => "output",
         }
     }
 }
@@ -208,6 +213,33 @@ fn evaluate_here(filter: &Filter, input: &[u8]) -> Result<bool, JqFailure> {
     let mut outputs = filter.id.run((ctx, input)).map(unwrap_valr);
     match outputs.next() {
         Some(Ok(value)) => Ok(jaq_core::ValT::as_bool(&value)),
+        Some(Err(e)) => Err(JqFailure::Runtime(e.to_string())),
+        None => Err(JqFailure::NoOutput),
+    }
+}
+
+/// The longest value (as JSON) a report mapping may yield: it becomes a summary, a status or
+/// links on one run, and a worker answer is one line the daemon reads whole.
+pub const MAX_OUTPUT: usize = 64 << 10;
+
+/// The first value `filter` yields for the JSON `input`, as JSON text, here, in this thread:
+/// unbounded in time and memory, so only the worker process (and tests) call it.
+fn output_here(filter: &Filter, input: &[u8]) -> Result<String, JqFailure> {
+    let input =
+        jaq_json::read::parse_single(input).map_err(|e| JqFailure::Input(format!("{e:?}")))?;
+    let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
+    let mut outputs = filter.id.run((ctx, input)).map(unwrap_valr);
+    match outputs.next() {
+        Some(Ok(value)) => {
+            let text = value.to_string();
+            if text.len() > MAX_OUTPUT {
+                return Err(JqFailure::OutputTooLarge {
+                    len: text.len(),
+                    limit: MAX_OUTPUT,
+                });
+            }
+            Ok(text)
+        }
         Some(Err(e)) => Err(JqFailure::Runtime(e.to_string())),
         None => Err(JqFailure::NoOutput),
     }
@@ -306,6 +338,36 @@ impl JqEngine {
         condition: &JqCondition,
         input: &serde_json::Value,
     ) -> Result<bool, JqFailure> {
+        match self.ask(condition, input, Mode::Holds)? {
+            Answer::Holds(holds) => Ok(holds),
+            _ => Err(out_of_step()),
+        }
+    }
+
+    /// The first value `expression` yields for `input` (a report mapping of `[[action]]`,
+    /// which wants a string or a list rather than a truth value), within the same bounds as
+    /// [`holds`](Self::holds), and at most [`MAX_OUTPUT`] bytes as JSON. Blocks for at most
+    /// about the time budget.
+    pub fn output(
+        &self,
+        expression: &JqCondition,
+        input: &serde_json::Value,
+    ) -> Result<serde_json::Value, JqFailure> {
+        match self.ask(expression, input, Mode::Output)? {
+            Answer::Output(text) => serde_json::from_str(&text).map_err(|e| {
+                JqFailure::Worker(std::io::Error::other(format!("unreadable value: {e}")))
+            }),
+            _ => Err(out_of_step()),
+        }
+    }
+
+    /// One evaluation in `mode`; the answer is a value of that mode, never a failure.
+    fn ask(
+        &self,
+        condition: &JqCondition,
+        input: &serde_json::Value,
+        mode: Mode,
+    ) -> Result<Answer, JqFailure> {
         let bytes = serde_json::to_vec(input).map_err(|e| JqFailure::Input(e.to_string()))?;
         let mut engine = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *engine {
@@ -313,7 +375,10 @@ impl JqEngine {
             Engine::Here => {
                 let filter =
                     compile(&condition.code).map_err(|e| JqFailure::Runtime(e.to_string()))?;
-                evaluate_here(&filter, &bytes)
+                match mode {
+                    Mode::Holds => evaluate_here(&filter, &bytes).map(Answer::Holds),
+                    Mode::Output => output_here(&filter, &bytes).map(Answer::Output),
+                }
             }
             Engine::Worker {
                 program,
@@ -324,7 +389,7 @@ impl JqEngine {
                     Some(worker) => worker,
                     None => running.insert(Worker::start(program, *limits)?),
                 };
-                let outcome = worker.ask(&condition.code, &bytes, limits.timeout);
+                let outcome = worker.ask(&condition.code, &bytes, mode, limits.timeout);
                 if let Err(
                     JqFailure::Timeout { .. } | JqFailure::Crashed { .. } | JqFailure::Worker(_),
                 ) = &outcome
@@ -336,6 +401,22 @@ impl JqEngine {
             }
         }
     }
+}
+
+/// An answer of the other mode than asked: the worker is out of step.
+fn out_of_step() -> JqFailure {
+    JqFailure::Worker(std::io::Error::other("the worker answered out of step"))
+}
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    /// Whether the first value is truthy (a `when` condition).
+    #[default]
+    Holds,
+    /// The first value itself (a report mapping).
+    Output,
 }
 
 /// One running worker process and the threads that read its output.
@@ -362,6 +443,9 @@ struct Request<'a> {
     /// The entity, as JSON.
     #[serde(borrow)]
     input: &'a serde_json::value::RawValue,
+    /// What is asked; absent is [`Mode::Holds`].
+    #[serde(default)]
+    mode: Mode,
 }
 
 /// The worker's answer to one request.
@@ -369,9 +453,13 @@ struct Request<'a> {
 #[serde(rename_all = "snake_case")]
 enum Answer {
     Holds(bool),
+    /// The first value, as JSON text (at most [`MAX_OUTPUT`] bytes).
+    Output(String),
     Runtime(String),
     NoOutput,
     Input(String),
+    /// The value was longer than [`MAX_OUTPUT`]: (its length).
+    TooLarge(usize),
 }
 
 impl Worker {
@@ -422,10 +510,18 @@ impl Worker {
         })
     }
 
-    fn ask(&mut self, code: &str, input: &[u8], budget: Duration) -> Result<bool, JqFailure> {
+    fn ask(
+        &mut self,
+        code: &str,
+        input: &[u8],
+        mode: Mode,
+        budget: Duration,
+    ) -> Result<Answer, JqFailure> {
         // `input` is serialised JSON already: one line, as serde_json writes no newlines.
-        let mut line = Vec::with_capacity(code.len() + input.len() + 24);
-        line.extend_from_slice(b"{\"code\":");
+        let mut line = Vec::with_capacity(code.len() + input.len() + 40);
+        line.extend_from_slice(b"{\"mode\":");
+        serde_json::to_writer(&mut line, &mode).map_err(|e| JqFailure::Input(e.to_string()))?;
+        line.extend_from_slice(b",\"code\":");
         serde_json::to_writer(&mut line, code).map_err(|e| JqFailure::Input(e.to_string()))?;
         line.extend_from_slice(b",\"input\":");
         line.extend_from_slice(input);
@@ -439,7 +535,11 @@ impl Worker {
         }
         match self.answers.recv_timeout(budget) {
             Ok(answer) => match serde_json::from_str::<Answer>(&answer) {
-                Ok(Answer::Holds(holds)) => Ok(holds),
+                Ok(answer @ (Answer::Holds(_) | Answer::Output(_))) => Ok(answer),
+                Ok(Answer::TooLarge(len)) => Err(JqFailure::OutputTooLarge {
+                    len,
+                    limit: MAX_OUTPUT,
+                }),
                 Ok(Answer::Runtime(e)) => Err(JqFailure::Runtime(e)),
                 Ok(Answer::NoOutput) => Err(JqFailure::NoOutput),
                 Ok(Answer::Input(e)) => Err(JqFailure::Input(e)),
@@ -537,10 +637,16 @@ pub fn worker_main(args: &[String]) -> i32 {
                     }
                 }
                 let filter = &filters[request.code.as_str()];
-                match evaluate_here(filter, request.input.get().as_bytes()) {
-                    Ok(holds) => Answer::Holds(holds),
+                let input = request.input.get().as_bytes();
+                let outcome = match request.mode {
+                    Mode::Holds => evaluate_here(filter, input).map(Answer::Holds),
+                    Mode::Output => output_here(filter, input).map(Answer::Output),
+                };
+                match outcome {
+                    Ok(answer) => answer,
                     Err(JqFailure::NoOutput) => Answer::NoOutput,
                     Err(JqFailure::Input(e)) => Answer::Input(e),
+                    Err(JqFailure::OutputTooLarge { len, .. }) => Answer::TooLarge(len),
                     Err(other) => Answer::Runtime(other.to_string()),
                 }
             }
@@ -662,28 +768,6 @@ unsafe impl std::alloc::GlobalAlloc for BoundedAlloc {
             Self::release(layout.size() - new_size);
         }
         moved
-    }
-}
-
-impl JqCondition {
-    /// The first value the expression yields for `input`, as JSON (report mappings of
-    /// `[[action]]`, which want a string or a list rather than a truth value).
-    pub fn output(
-        &self,
-        input: &serde_json::Value,
-    ) -> Result<serde_json::Value, crate::error::Invalid> {
-        let filter = compile(&self.code).map_err(|e| e.to_string())?;
-        let bytes = serde_json::to_vec(input).map_err(|e| e.to_string())?;
-        let input = jaq_json::read::parse_single(&bytes).map_err(|e| format!("{e:?}"))?;
-        let ctx = Ctx::<data::JustLut<Val>>::new(&filter.lut, Vars::new([]));
-        let mut outputs = filter.id.run((ctx, input)).map(unwrap_valr);
-        match outputs.next() {
-            Some(Ok(value)) => {
-                serde_json::from_str(&value.to_string()).map_err(|e| e.to_string().into())
-            }
-            Some(Err(e)) => Err(format!("jq error: {e:?}").into()),
-            None => Err("the expression produced no value".into()),
-        }
     }
 }
 

@@ -196,6 +196,11 @@ pub struct Pipeline {
     pub app_url: String,
     /// Runs `when` conditions within their time and memory bounds.
     pub jq: jq::JqEngine,
+    /// Record, for each judged event that carries a run id (an Automation's WEBHOOK), what
+    /// came of it ([`runner::EventVerdict`]), in the commit that settles the event: the
+    /// actions route reports exactly that to Port (`[port] report_automation_runs`). Off,
+    /// nothing is recorded (nobody would read and remove it).
+    pub record_verdicts: bool,
 }
 
 impl Pipeline {
@@ -472,6 +477,7 @@ mod tests {
             verifier: None,
             app_url: "https://app.getport.io".into(),
             jq: jq::JqEngine::here(),
+            record_verdicts: false,
         };
         for shape in ["legacy", "automation"] {
             let mut states: HashMap<String, AlertState> = HashMap::new();
@@ -546,6 +552,7 @@ mod tests {
             verifier: None,
             app_url: "https://app.getport.io".into(),
             jq: jq::JqEngine::here(),
+            record_verdicts: false,
         }
     }
 

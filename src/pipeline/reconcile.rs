@@ -740,6 +740,7 @@ mod tests {
             verifier: None,
             app_url: "https://app.getport.io".into(),
             jq: super::super::jq::JqEngine::here(),
+            record_verdicts: false,
         }
     }
 

@@ -221,6 +221,10 @@ pub async fn run(
                             warned.insert(key);
                         }
                     }
+                    let failed_now: Vec<String> = failed
+                        .iter()
+                        .map(|f| format!("rule {} failed: {}", f.rule, f.reason))
+                        .collect();
                     for failure in failed {
                         metrics::counter!(
                             "smee_relay_rule_errors_total",
@@ -241,6 +245,21 @@ pub async fn run(
                     }
                     let mut writes: Vec<Write> =
                         new_states.iter().map(|(k, s)| state_write(k, s)).collect();
+                    if pipeline.record_verdicts && carries_run(&item.event.event.body) {
+                        let verdict = EventVerdict {
+                            alerts: alerts
+                                .iter()
+                                .map(|a| format!("{} {}", a.rule, a.status))
+                                .collect(),
+                            failed: failed_now.clone(),
+                        };
+                        writes.push(Write::State {
+                            key: verdict_key(id),
+                            value: Some(
+                                serde_json::to_vec(&verdict).expect("a verdict serialises"),
+                            ),
+                        });
+                    }
                     if !alerts.is_empty() {
                         writes.push(alert_append(alerts.iter().map(Alert::to_event).collect()));
                     }
@@ -388,6 +407,37 @@ async fn judge_snapshot(
     Some(())
 }
 
+/// What the pipeline made of one judged event that carries a run id, recorded in the
+/// commit that settles the event (so whoever sees the event settled finds it) when
+/// [`Pipeline::record_verdicts`](super::Pipeline) is on. The actions route reads it to report
+/// an Automation run's outcome, and removes it in the commit that queues that report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventVerdict {
+    /// The alerts it produced, as headlines (`cpu-high FIRING`): the run's summary.
+    pub alerts: Vec<String>,
+    /// Rules whose condition failed on it (`rule x failed: why`): the run failed.
+    pub failed: Vec<String>,
+}
+
+/// The state key of an event's [`EventVerdict`]: a prefix no alert state or run state has.
+pub fn verdict_key(event: u64) -> String {
+    format!("{VERDICT_PREFIX}{event}")
+}
+
+const VERDICT_PREFIX: &str = "\u{1e}verdict\u{1f}";
+
+/// Whether a body names a run (an Automation's WEBHOOK: `run.id`; the legacy shape's
+/// `context.runId`; a self-service run's `port_context.runId`): the places the actions route
+/// looks for one.
+fn carries_run(body: &[u8]) -> bool {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    ["/run/id", "/context/runId", "/port_context/runId"]
+        .iter()
+        .any(|path| value.pointer(path).is_some_and(|v| v.is_string()))
+}
+
 /// Where the pipeline's per-entity "evaluated" marks live among the alert states: a prefix no
 /// state key has (those start with a rule name, which cannot hold control characters).
 const EVALUATED_PREFIX: &str = "\u{1e}evaluated\u{1f}";
@@ -460,7 +510,9 @@ fn load_states(spool: &Spool) -> (HashMap<String, AlertState>, HashMap<String, E
     match spool.states() {
         Ok(stored) => {
             for (key, bytes) in stored {
-                if let Some(subject) = key.strip_prefix(EVALUATED_PREFIX) {
+                if key.starts_with(VERDICT_PREFIX) {
+                    // The actions route's to read, not an alert state.
+                } else if let Some(subject) = key.strip_prefix(EVALUATED_PREFIX) {
                     if let Ok(mark) = serde_json::from_slice(&bytes) {
                         evaluated.insert(subject.to_string(), mark);
                     }
@@ -532,6 +584,7 @@ mod tests {
             verifier: None,
             app_url: "https://app.getport.io".into(),
             jq: super::super::jq::JqEngine::here(),
+            record_verdicts: false,
         };
         let body = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -614,6 +667,7 @@ mod tests {
             verifier: None,
             app_url: "https://app.getport.io".into(),
             jq: super::super::jq::JqEngine::here(),
+            record_verdicts: false,
         };
         let strict = Pipeline {
             verifier: Some(super::super::signature::Verifier::new(
@@ -700,6 +754,7 @@ mod tests {
             verifier: None,
             app_url: "https://app.getport.io".into(),
             jq: super::super::jq::JqEngine::here(),
+            record_verdicts: false,
         };
         let entity = |cpu: u32, at: &str| {
             serde_json::json!({"identifier": "svc", "blueprint": "DeploymentConfig",

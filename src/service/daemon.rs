@@ -79,6 +79,8 @@ pub struct ChannelPlan {
     pub forward: Vec<TargetUrl>,
     /// Whether the pipeline evaluates this channel's events.
     pub pipeline: bool,
+    /// `forward --save-dir`: each received event is also written here in gosmee's layout.
+    pub save_dir: Option<PathBuf>,
 }
 
 /// Everything the runtime needs.
@@ -661,13 +663,19 @@ impl Runtime {
         });
         let mut handles = vec![
             tokio::spawn(source.run(events_tx, cancel.clone())),
-            tokio::spawn(spool::intake::intake(
+            tokio::spawn(spool::intake::intake_saving(
                 events_rx,
                 self.writer.clone(),
                 url.to_string(),
                 Some(cursor_key),
                 routes_rx,
                 self.counters.clone(),
+                // The scripts POST to the channel's first target by default.
+                channel
+                    .save_dir
+                    .clone()
+                    .zip(channel.forward.first().cloned())
+                    .map(|(dir, target)| spool::export::SaveDir::start(dir, target)),
             )),
         ];
         handles.extend(catch_up.map(tokio::spawn));

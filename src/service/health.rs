@@ -21,6 +21,13 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         .set_buckets(&[
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ])?
+        // An action run takes seconds to minutes (its `timeout` defaults to 10m).
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("smee_relay_action_run_seconds".into()),
+            &[
+                0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+            ],
+        )?
         .install_recorder()
 }
 

@@ -166,6 +166,7 @@ impl SourceConfig {
             status,
             connected_at: None,
             bad_id: None,
+            unknown_types: Default::default(),
         })
     }
 }
@@ -191,7 +192,13 @@ pub struct Source {
     connected_at: Option<Instant>,
     /// The last unsendable id warned about, so that a stream of them warns once.
     bad_id: Option<String>,
+    /// Event types not understood and already warned about: one warning per type. At most
+    /// [`UNKNOWN_TYPES_KEPT`], so a server inventing types cannot grow it.
+    unknown_types: std::collections::HashSet<String>,
 }
+
+/// How many unknown event types are remembered (and warned about) per channel.
+const UNKNOWN_TYPES_KEPT: usize = 32;
 
 /// Why one connection ended.
 enum Ended {
@@ -396,7 +403,24 @@ impl Source {
                     return false;
                 }
             }
-            other => debug!(event_type = other, "skipping event of unknown type"),
+            other => {
+                // Counted always; warned once per type (a newer server may send a type this
+                // version does not know: a skipped event must not go unnoticed).
+                self.status.bad_frame("unknown_type");
+                let shown: String = other.chars().take(64).collect();
+                if self.unknown_types.len() < UNKNOWN_TYPES_KEPT
+                    && self.unknown_types.insert(shown.clone())
+                {
+                    warn!(
+                        channel = %self.config.channel,
+                        event_type = %shown.escape_debug(),
+                        "skipping events of unknown type {:?}: this version relays only \"message\" events (warned once per type; counted in smee_relay_bad_frames_total{{kind=\"unknown_type\"}})",
+                        shown
+                    );
+                } else {
+                    debug!(event_type = other, "skipping event of unknown type");
+                }
+            }
         }
         true
     }
@@ -603,6 +627,67 @@ mod tests {
         assert_eq!(bodies(&events), [r#"{"n":1}"#, r#"{"n":3}"#]);
         assert_eq!(status.bad_frames.load(Ordering::Relaxed), 1);
         assert_eq!(status.reconnects.load(Ordering::Relaxed), 0, "no reconnect");
+    }
+
+    /// A tracing subscriber for this thread that keeps what is logged.
+    fn capture_logs() -> (
+        Arc<std::sync::Mutex<Vec<u8>>>,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        #[derive(Clone)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf(Default::default());
+        let kept = buf.0.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || buf.clone())
+            .finish();
+        (kept, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Bug: an event of a type the relay does not know was skipped with a debug line only, so
+    /// events a newer server sends differently vanished unnoticed. It is warned about once per
+    /// type, and counted with the skipped frames.
+    #[tokio::test]
+    async fn events_of_an_unknown_type_are_warned_once_per_type_and_counted() {
+        let (logs, _guard) = capture_logs();
+        let stream = [
+            webhook("1", 1).as_bytes(),
+            b"event: webhook2\nid: 2\ndata: {\"body\":{\"n\":2}}\n\n",
+            b"event: webhook2\nid: 3\ndata: {\"body\":{\"n\":3}}\n\n",
+            b"event: other\nid: 4\ndata: {}\n\n",
+            webhook("end", 0).as_bytes(),
+        ]
+        .concat();
+        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
+        let status = source.status();
+        let events = events_until(source, "end").await;
+        assert_eq!(bodies(&events), [r#"{"n":1}"#]);
+        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 3);
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            logs.matches("skipping events of unknown type \"webhook2\"")
+                .count(),
+            1,
+            "{logs}"
+        );
+        assert_eq!(
+            logs.matches("skipping events of unknown type \"other\"")
+                .count(),
+            1,
+            "{logs}"
+        );
+        assert!(logs.contains(" WARN "), "{logs}");
     }
 
     /// The bad line arrives in pieces, the rest of its frame in later chunks.

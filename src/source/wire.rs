@@ -128,6 +128,21 @@ pub fn decode(sse_id: Option<&str>, data: &str) -> Result<Decoded, WireError> {
     let mut body_text: Option<&RawValue> = None;
     let mut rawdata: Option<&RawValue> = None;
     let mut body_b: Option<&RawValue> = None;
+    // Headers the request's own `Connection:` names are hop-by-hop too (RFC 9110 7.6.1): they
+    // belonged to the connection the channel server saw, like the fixed list.
+    let listed: Vec<String> = fields
+        .0
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .filter_map(|(_, raw)| json_string(raw))
+        .flat_map(|value| {
+            value
+                .split(',')
+                .map(|token| token.trim().to_ascii_lowercase())
+                .filter(|token| !token.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
 
     for (name, raw) in fields.0 {
         match name.as_ref() {
@@ -136,6 +151,7 @@ pub fn decode(sse_id: Option<&str>, data: &str) -> Result<Decoded, WireError> {
             "bodyB" => body_b = Some(raw),
             "timestamp" => timestamp_ms = parse_timestamp(raw),
             "query" => decode_query(raw, &mut query, &mut dropped),
+            _ if listed.iter().any(|l| name.eq_ignore_ascii_case(l)) => {}
             _ => decode_header(name, raw, &mut headers, &mut dropped),
         }
     }
@@ -325,6 +341,22 @@ mod tests {
         );
         assert_eq!(e.headers, vec![("x-github-event".into(), "push".into())]);
         assert_eq!(e.timestamp_ms, Some(1_700_000_000_000));
+    }
+
+    /// Bug: headers named in the request's `Connection:` header (hop-by-hop by that listing)
+    /// were forwarded to targets; only the fixed hop-by-hop list was stripped.
+    #[test]
+    fn headers_listed_in_connection_are_hop_by_hop_and_not_forwarded() {
+        let e = event(
+            r#"{"x-before":"1","Connection":"keep-alive, X-Before ,x-after","x-after":"2",
+               "x-github-event":"push","query":{},"body":{"a":1}}"#,
+        );
+        assert_eq!(e.headers, vec![("x-github-event".into(), "push".into())]);
+        assert_eq!(e.body.as_ref(), br#"{"a":1}"#);
+        // smee's own keys are never headers: naming them changes nothing.
+        let e = event(r#"{"connection":"body, query","query":{"q":"1"},"body":{"a":1}}"#);
+        assert_eq!(e.body.as_ref(), br#"{"a":1}"#);
+        assert_eq!(e.query, vec![("q".into(), "1".into())]);
     }
 
     #[test]

@@ -21,12 +21,26 @@ const GIVE_UP_AFTER_STOP: Duration = Duration::from_secs(5);
 /// done. Nothing taken is dropped while the relay runs: a failed append (disk full) pauses the
 /// intake, says so once, and is retried every second until the spool takes writes again.
 pub async fn intake(
+    events: mpsc::Receiver<Event>,
+    writer: SpoolWriter,
+    channel: String,
+    cursor_key: Option<String>,
+    routes: watch::Receiver<Vec<String>>,
+    counters: Arc<Counters>,
+) {
+    intake_saving(events, writer, channel, cursor_key, routes, counters, None).await
+}
+
+/// [`intake`], and each event stored is also offered to `save` (`forward --save-dir`), which
+/// never makes the intake wait.
+pub async fn intake_saving(
     mut events: mpsc::Receiver<Event>,
     writer: SpoolWriter,
     channel: String,
     cursor_key: Option<String>,
     routes: watch::Receiver<Vec<String>>,
     counters: Arc<Counters>,
+    save: Option<super::export::SaveDir>,
 ) {
     let mut received = Vec::new();
     while events.recv_many(&mut received, MAX_BATCH).await > 0 {
@@ -51,7 +65,16 @@ pub async fn intake(
                         );
                     }
                     counters.received(ids.len() as u64);
+                    let received_ms = crate::clock::now_ms();
                     for (event, id) in batch.iter().zip(&ids) {
+                        if let (Some(save), Some(id)) = (&save, id) {
+                            save.offer(super::StoredEvent {
+                                id: *id,
+                                received_ms,
+                                channel: channel.clone(),
+                                event: event.clone(),
+                            });
+                        }
                         if id.is_none() {
                             counters.refused();
                             error!(

@@ -57,6 +57,7 @@ use crate::event::Event;
 mod backend;
 #[cfg(test)]
 mod crash_tests;
+pub mod export;
 pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
@@ -854,6 +855,14 @@ impl Spool {
                 out.push((key.value().to_string(), value.value().to_vec()));
             }
             Ok(out)
+        })
+    }
+
+    /// One stored pipeline state, by key.
+    pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        self.read(|txn| {
+            let states = txn.open_table(ALERT_STATES)?;
+            Ok(states.get(key)?.map(|v| v.value().to_vec()))
         })
     }
 
