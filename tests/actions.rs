@@ -866,7 +866,19 @@ async fn a_422_ends_reporting_for_that_run_with_one_warning() {
     let daemon = setup.start().await;
     setup.send(1, "01-legacy-run-message");
     setup.send(2, "02-trigger-data");
+    // The two runs execute side by side: the second can finish before the first is reported,
+    // so wait for the first run's refusal too, and stop the daemon before counting (a stopped
+    // daemon makes no more calls; whatever it had not sent yet stays queued, not retried).
     setup.port.wait_finished(&["r_act02trigger"]).await;
+    setup
+        .port
+        .wait("the refusal of r_act01legacy", |s| {
+            s.calls
+                .iter()
+                .any(|c| c.path.contains("r_act01legacy") && c.status == 422)
+        })
+        .await;
+    let logs = daemon.stop().await;
     let refused: Vec<Call> = setup
         .port
         .calls()
@@ -875,7 +887,6 @@ async fn a_422_ends_reporting_for_that_run_with_one_warning() {
         .collect();
     assert_eq!(refused.len(), 1, "no retry storm: {refused:#?}");
     assert_eq!(refused[0].status, 422);
-    let logs = daemon.stop().await;
     let warnings = logs
         .all()
         .lines()
