@@ -6,6 +6,7 @@
 # inclusive (`--children`) report.
 #
 # Usage: bench/profile.sh WORKLOAD [PROFILE]   (a or b as in bench/run.sh; profile: release)
+# Environment as bench/run.sh: BENCH_RELAY, BENCH_TARGET, BENCH_WIRE_PROXY.
 # Writes perf.data and the reports into a temp dir and prints its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,17 +16,27 @@ dir=target/$profile
 out=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
-"$dir/smee-relay" serve --listen 127.0.0.1:0 --smee-wire >/dev/null 2>"$out/serve.log" &
+relay=${BENCH_RELAY:-$dir/smee-relay}
+if [ "${BENCH_WIRE_PROXY:-0}" = 1 ]; then
+  "$relay" serve --listen 127.0.0.1:0 >/dev/null 2>"$out/serve.log" &
+else
+  "$relay" serve --listen 127.0.0.1:0 --smee-wire >/dev/null 2>"$out/serve.log" &
+fi
 for _ in $(seq 50); do grep -q 'serving smee channels' "$out/serve.log" && break; sleep 0.1; done
 server="http://$(sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' "$out/serve.log" | head -1)"
-"$dir/examples/bench_target" >"$out/target.port" &
+if [ "${BENCH_WIRE_PROXY:-0}" = 1 ]; then
+  python3 bench/smee_wire_proxy.py "${server#http://}" >"$out/proxy.port" &
+  for _ in $(seq 50); do [ -s "$out/proxy.port" ] && break; sleep 0.1; done
+  server="http://127.0.0.1:$(cat "$out/proxy.port")"
+fi
+"${BENCH_TARGET:-$dir/examples/bench_target}" >"$out/target.port" &
 for _ in $(seq 50); do [ -s "$out/target.port" ] && break; sleep 0.1; done
 target="http://127.0.0.1:$(cat "$out/target.port")"
 
 run() { # tag: perf, strace or plain
   local tag=$1 pid watcher=
   local channel="$server/profile-$tag-$RANDOM"
-  SMEE_RELAY_STATE_DIR="$out/state-$tag" "$dir/smee-relay" forward "$channel" "$target/hook" 2>/dev/null &
+  SMEE_RELAY_STATE_DIR="$out/state-$tag" "$relay" forward "$channel" "$target/hook" 2>/dev/null &
   pid=$!
   sleep 2
   case $tag in

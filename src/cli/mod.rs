@@ -163,6 +163,11 @@ pub struct ServeArgs {
     /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.
     #[arg(long)]
     pub state_dir: Option<std::path::PathBuf>,
+
+    /// Send every subscriber smee.io's frames only (the body re-serialised), ignoring the raw
+    /// opt-in, as smee.io does: to see what a relay gets through smee.io, and to benchmark on it.
+    #[arg(long)]
+    pub smee_wire: bool,
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.

@@ -60,6 +60,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .zip(args.tls_key)
             .map(|(cert, key)| crate::server::TlsFiles { cert, key }),
         state_dir: args.state_dir,
+        smee_wire: args.smee_wire,
         ..Default::default()
     };
     // SIGHUP re-reads the TLS certificate; it never stops the server (its default action

@@ -7,7 +7,8 @@
 //! - **raw bodies**: a subscriber that sends `x-smee-relay-raw: 1` gets `bodyB`, the exact
 //!   bytes of every POST, in place of `body`, so any sender's signature verifies and form or
 //!   binary bodies survive. Others get smee's standard shape, with no key that smee-client would
-//!   forward as a header;
+//!   forward as a header. `--smee-wire` ([`ServeConfig::smee_wire`]) ignores the opt-in, so
+//!   that a relay (or the benchmark) sees exactly what smee.io would send it;
 //! - **one memory budget** (`--max-memory`) for replay buffers, channels, subscribers and bodies
 //!   being read ([`hub`]); oldest replay data is evicted first and counted; a subscriber that
 //!   loses events to eviction is disconnected and resumes with `Last-Event-ID`;
@@ -81,6 +82,9 @@ pub struct ServeConfig {
     pub ping: Duration,
     /// Keep buffers on disk here, so they survive a restart of the server.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Ignore the raw opt-in: every subscriber gets smee.io's frame shape, so that a relay (or a
+    /// benchmark) sees exactly what it would get through smee.io.
+    pub smee_wire: bool,
 }
 
 impl Default for ServeConfig {
@@ -104,6 +108,7 @@ impl Default for ServeConfig {
             tls: None,
             ping: Duration::from_secs(30),
             state_dir: None,
+            smee_wire: false,
         }
     }
 }
