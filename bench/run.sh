@@ -72,9 +72,10 @@ start_client() { # name channel tag; prints the pid
   case $name in
     # Default logging (one line per delivery), as a user runs it; every client's output goes
     # to /dev/null alike.
+    # (stdout too: the caller reads this function's output, which must end when it returns)
     smee-relay|"smee-relay (raw)")
-      SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$relay" forward "$channel" "$target/hook" 2>/dev/null & ;;
-    floor) "$dir/examples/floor" "$channel" "$target/hook" 2>/dev/null & ;;
+      SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$relay" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
+    floor) "$dir/examples/floor" "$channel" "$target/hook" >/dev/null 2>&1 & ;;
     smee-client) "$peers/npm/node_modules/.bin/smee" -u "$channel" -t "$target/hook" >/dev/null 2>&1 & ;;
     pysmee) "$peers/py/bin/pysmee" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
   esac
