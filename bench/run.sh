@@ -34,7 +34,10 @@ profile=${BENCH_PROFILE:-dist}
 out=${BENCH_OUT:-BENCHMARKS.md}
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
-[ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --profile "$profile" --locked --bin smee-relay --examples >/dev/null
+# Only the examples this run uses: each is a separate (fat-)LTO link of minutes.
+examples=(--example bench_load --example bench_target --example floor)
+[ "${BENCH_PARTS:-0}" = 1 ] && examples+=(--example http_client_cost)
+[ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --profile "$profile" --locked --bin smee-relay "${examples[@]}" >/dev/null
 dir=target/$profile
 [ "$profile" = dev ] && dir=target/debug
 relay=${BENCH_RELAY:-$dir/smee-relay}
