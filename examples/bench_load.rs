@@ -1,7 +1,7 @@
 //! Benchmark peer: posts a workload to a channel, then waits for the counting target to have
 //! it all (see bench/run.sh). Usage: `bench_load CHANNEL_URL TARGET_BASE a|b|c|d`
 //! - a: 5,000 events of 1 KiB, as fast as the server takes them;
-//! - b: 2,000 events at 200 per second;
+//! - b: 1,000 events at 200 per second;
 //! - c: 200 events of 1 MiB;
 //! - d: 1 event of 10 MiB.
 //!
@@ -30,7 +30,7 @@ async fn main() {
     let (channel, target, workload) = (&args[1], &args[2], args[3].as_str());
     let (count, size, rate): (u64, usize, Option<u64>) = match workload {
         "a" => (5000, 1024, None),
-        "b" => (2000, 1024, Some(200)),
+        "b" => (1000, 1024, Some(200)),
         "c" => (200, 1 << 20, None),
         "d" => (1, 10 << 20, None),
         other => panic!("unknown workload {other}"),

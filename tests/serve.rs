@@ -144,6 +144,56 @@ async fn bodies_arrive_byte_exact_whatever_their_type() {
 }
 
 #[tokio::test]
+async fn with_smee_wire_the_raw_opt_in_is_ignored_as_on_smee_io() {
+    let config = ServeConfig {
+        smee_wire: true,
+        ..ServeConfig::default()
+    };
+    let (server, _stop) = start_server(config).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/wire");
+    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+
+    // Pretty-printed JSON comes out as smee.io sends it: parsed and re-serialised, compact.
+    assert_eq!(
+        post(
+            &channel,
+            "application/json",
+            b"{\"b\": 1,\n  \"a\": [1, 2]}"
+        )
+        .await,
+        200
+    );
+    let got = target.next().await;
+    assert_eq!(got.body, r#"{"b":1,"a":[1,2]}"#);
+
+    // And a raw subscription by query gets `body`, never `bodyB`.
+    let response = client()
+        .get(format!("{channel}?raw=1"))
+        .header("accept", "text/event-stream")
+        .header("x-smee-relay-raw", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut stream = response.bytes_stream();
+    assert_eq!(post(&channel, "application/json", b"{\"n\": 7}").await, 200);
+    let mut seen = String::new();
+    while !seen.contains("\"n\":7") {
+        let chunk = tokio::time::timeout(support::PATIENCE, futures::StreamExt::next(&mut stream))
+            .await
+            .expect("the frame arrives")
+            .expect("the stream stays open")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(r#""body":{"n":7}"#), "{seen}");
+    assert!(!seen.contains("bodyB"), "{seen}");
+    assert_eq!(target.next().await.body, r#"{"n":7}"#);
+    target.assert_no_more();
+}
+
+#[tokio::test]
 async fn events_posted_while_the_client_was_stopped_arrive_after_it_restarts() {
     let (server, _stop) = start_server(ServeConfig::default()).await;
     let mut target = FakeTarget::start().await;

@@ -192,6 +192,11 @@ pub struct ServeArgs {
     /// /healthz fails once NATS has been unreachable this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "nats_url")]
     pub nats_grace: Duration,
+
+    /// Send every subscriber smee.io's frames only (the body re-serialised), ignoring the raw
+    /// opt-in, as smee.io does: to see what a relay gets through smee.io, and to benchmark on it.
+    #[arg(long)]
+    pub smee_wire: bool,
 }
 
 /// A CIDR (`10.0.0.0/8`) or a single address.

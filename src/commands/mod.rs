@@ -70,6 +70,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             replicas: usize::from(args.nats_replicas),
             ..crate::server::NatsConfig::new(url)
         }),
+        smee_wire: args.smee_wire,
         ..Default::default()
     };
     // SIGHUP re-reads the TLS certificate; it never stops the server (its default action

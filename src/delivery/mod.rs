@@ -176,7 +176,21 @@ pub async fn run_route(
     let mut cursor = 0;
     // Whether the spool's refusal to be read was logged (once per outage, e.g. a full disk).
     let mut said = false;
+    // Whether the last read took the whole queue and nothing was appended since: then the
+    // route waits for the next append without reading an empty queue again (at everyday rates
+    // that second read was one more blocking-pool handoff and read transaction per event).
+    let mut drained = false;
     while !cancel.is_cancelled() {
+        if std::mem::take(&mut drained) && !appended.has_changed().unwrap_or(true) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+        // Seen before reading: an append from here on is either in this read or wakes the next
+        // wait.
+        appended.borrow_and_update();
         let read = {
             let (spool, route) = (spool.clone(), route.clone());
             tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
@@ -217,11 +231,15 @@ pub async fn run_route(
             }
             continue;
         }
+        let bytes: usize = queued.iter().map(|q| q.event.event.body.len()).sum();
+        let whole_queue = queued.len() < READ_AHEAD && bytes < spool::READ_BYTES;
         // Attempts that did not finish a delivery (retries) ride along with the next commit.
         let mut marks = Vec::new();
+        let mut interrupted = false;
         for item in queued {
             // Stop at an event boundary: what was read ahead stays queued for the next owner.
             if cancel.is_cancelled() {
+                interrupted = true;
                 break;
             }
             let delivery = Delivery {
@@ -235,11 +253,13 @@ pub async fn run_route(
                 cancel: &cancel,
             };
             if !delivery.run(&item, &mut marks).await {
+                interrupted = true;
                 break;
             }
             cursor = item.seq;
         }
         writer.flush(&mut marks);
+        drained = whole_queue && !interrupted;
     }
     // Wait until what this route finished is on disk (a commit waits for the marks queued
     // before it): a route that takes over after a reload must not deliver them again.

@@ -432,8 +432,9 @@ async fn subscribe(
     if !authorized(&headers, &hub.config.subscribe_token) {
         return unauthorized();
     }
-    let raw = headers.contains_key(crate::source::wire::RAW_OPT_IN)
-        || query.get("raw").is_some_and(|v| v == "1");
+    let raw = !hub.config.smee_wire
+        && (headers.contains_key(crate::source::wire::RAW_OPT_IN)
+            || query.get("raw").is_some_and(|v| v == "1"));
     let replay_all = query.get("replay").is_some_and(|v| v == "all");
     let last_seen: Option<u64> =
         text(&headers, "last-event-id").and_then(|v| v.trim().parse().ok());

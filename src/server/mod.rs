@@ -7,7 +7,8 @@
 //! - **raw bodies**: a subscriber that sends `x-smee-relay-raw: 1` gets `bodyB`, the exact
 //!   bytes of every POST, in place of `body`, so any sender's signature verifies and form or
 //!   binary bodies survive. Others get smee's standard shape, with no key that smee-client would
-//!   forward as a header;
+//!   forward as a header. `--smee-wire` ([`ServeConfig::smee_wire`]) ignores the opt-in, so
+//!   that a relay (or the benchmark) sees exactly what smee.io would send it;
 //! - **one memory budget** (`--max-memory`) for replay buffers, channels, subscribers and bodies
 //!   being read ([`hub`]); oldest replay data is evicted first and counted; a subscriber that
 //!   loses events to eviction is disconnected and resumes with `Last-Event-ID`;
@@ -88,6 +89,9 @@ pub struct ServeConfig {
     /// Share channels with other replicas through NATS JetStream: the stream is the history
     /// (`state_dir` is not used then).
     pub nats: Option<NatsConfig>,
+    /// Ignore the raw opt-in: every subscriber gets smee.io's frame shape, so that a relay (or a
+    /// benchmark) sees exactly what it would get through smee.io.
+    pub smee_wire: bool,
 }
 
 impl Default for ServeConfig {
@@ -112,6 +116,7 @@ impl Default for ServeConfig {
             ping: Duration::from_secs(30),
             state_dir: None,
             nats: None,
+            smee_wire: false,
         }
     }
 }

@@ -260,6 +260,20 @@ struct EventHeader {
     chunked_len: Option<u64>,
 }
 
+/// [`EventHeader`] as it is written: borrowed from the event, so that storing one copies
+/// nothing before serialising (same fields, same order, same JSON).
+#[derive(Serialize)]
+struct EventHeaderRef<'a> {
+    received_ms: u64,
+    channel: &'a str,
+    sse_id: Option<&'a str>,
+    timestamp_ms: Option<u64>,
+    headers: &'a [(String, String)],
+    query: &'a [(String, String)],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunked_len: Option<u64>,
+}
+
 /// One pending delivery, as a route reads it off its queue.
 #[derive(Clone, Debug)]
 pub struct Queued {
@@ -1368,20 +1382,22 @@ struct EventRow<'a> {
 impl<'a> EventRow<'a> {
     fn new(received_ms: u64, channel: &str, event: &'a Event) -> Self {
         let chunked = event.body.len() > BODY_CHUNK;
-        let header = EventHeader {
+        let header = EventHeaderRef {
             received_ms,
-            channel: channel.to_string(),
-            sse_id: event.sse_id.clone(),
+            channel,
+            sse_id: event.sse_id.as_deref(),
             timestamp_ms: event.timestamp_ms,
-            headers: event.headers.clone(),
-            query: event.query.clone(),
+            headers: &event.headers,
+            query: &event.query,
             chunked_len: chunked.then_some(event.body.len() as u64),
         };
-        let json = serde_json::to_vec(&header).expect("a header always serialises");
         let inline: &[u8] = if chunked { &[] } else { &event.body };
-        let mut row = Vec::with_capacity(4 + json.len() + inline.len());
-        row.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        row.extend_from_slice(&json);
+        // The header is serialised in place, after room for its length: one buffer per event.
+        let mut row = Vec::with_capacity(256 + inline.len());
+        row.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut row, &header).expect("a header always serialises");
+        let len = (row.len() - 4) as u32;
+        row[..4].copy_from_slice(&len.to_le_bytes());
         row.extend_from_slice(inline);
         EventRow {
             row,
