@@ -47,6 +47,51 @@ pub struct ConfigFile {
     /// Self-service action runs to execute, on the runs of a `pipeline = true` channel.
     #[serde(default, rename = "action")]
     pub actions: Vec<Spanned<crate::actions::ActionConfig>>,
+    /// Relays on several machines sharing the work through NATS JetStream.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: relays with the same `name` on one NATS JetStream share channels, routes and
+/// alert state (see `src/cluster`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `nats://host:4222` or `tls://…` (may hold a password: prefer `nats_url_env`).
+    /// `--nats-url` / `SMEE_RELAY_NATS_URL` wins.
+    #[serde(default, deserialize_with = "secret_text")]
+    pub nats_url: Option<SecretString>,
+    /// The environment variable holding the URL.
+    pub nats_url_env: Option<String>,
+    /// Relays with the same name share the work. Letters, digits, `-`, `_`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// A NATS credentials file (`.creds`: JWT and nkey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// A PEM CA bundle to trust for the NATS server's TLS certificate (implies TLS).
+    pub ca_file: Option<PathBuf>,
+    /// How long a delivery in flight may go without news from its instance before another
+    /// takes it over: the failover time.
+    #[serde(default = "default_ack_wait", deserialize_with = "positive_duration")]
+    pub ack_wait: Duration,
+    /// How long NATS may be unreachable before `/healthz` fails.
+    #[serde(default = "default_health_grace", deserialize_with = "positive_duration")]
+    pub health_grace: Duration,
+    /// How far apart instances may publish one frame and still store it once.
+    #[serde(default = "default_dedupe_window", deserialize_with = "positive_duration")]
+    pub dedupe_window: Duration,
+}
+
+fn default_cluster_name() -> String {
+    "default".into()
+}
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_health_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_dedupe_window() -> Duration {
+    Duration::from_secs(2 * 3600)
 }
 
 /// `[jq]`: what one evaluation of a `when` condition may cost. A condition that loops,
@@ -350,6 +395,8 @@ pub struct Config {
     pub port_api: Option<crate::notify::port::PortApi>,
     /// `[port] report_automation_runs`.
     pub report_automation_runs: bool,
+    /// `[cluster]`, validated (its URL a secret).
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 /// A URL that must not be printed (a Slack webhook holds its credential in the path).
@@ -536,6 +583,45 @@ pub fn parse(
             }
         },
     };
+    let cluster = match &file.cluster {
+        None => None,
+        Some(c) => {
+            let url = match secret(&c.nats_url, &c.nats_url_env, "nats_url") {
+                Ok(url) => url,
+                Err(e) => {
+                    problems.push(format!("{origin}: [cluster] {e}"));
+                    None
+                }
+            };
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            {
+                problems.push(format!(
+                    "{origin}: [cluster] name {:?}: use letters, digits, '-' and '_'",
+                    c.name
+                ));
+            }
+            if c.ack_wait < Duration::from_millis(500) {
+                problems.push(format!(
+                    "{origin}: [cluster] ack_wait must be at least 500ms"
+                ));
+            }
+            // No URL here is fine when --nats-url gives it; `run` checks that.
+            let mut settings = crate::cluster::Settings::new(
+                url.unwrap_or_else(|| SecretString::from(String::new())),
+                c.name.clone(),
+            );
+            settings.credentials = c.credentials_file.clone();
+            settings.ca = c.ca_file.clone();
+            settings.ack_wait = c.ack_wait;
+            settings.health_grace = c.health_grace;
+            settings.dedupe_window = c.dedupe_window;
+            Some(settings)
+        }
+    };
     let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(format!("{origin}: [port] app_url: {e}"));
@@ -545,6 +631,7 @@ pub fn parse(
         return Err(ConfigError { problems });
     }
     Ok(Config {
+        cluster,
         state_dir: file.state_dir,
         metrics_listen: file.metrics_listen,
         cacert: file.cacert,

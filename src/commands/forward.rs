@@ -62,6 +62,7 @@ pub async fn forward(
         limits: options.limits,
         metrics_listen: options.metrics_listen,
         actions: None,
+        cluster: None,
     };
     // `forward` has no config file to reload.
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);

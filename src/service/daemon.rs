@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use super::health::{self, Health};
 use super::systemd;
+use crate::cluster::{Cluster, ClusterError};
 use crate::counters::Counters;
 use crate::delivery::forward::Forwarder;
 use crate::delivery::{self, RetryPolicy, Sink};
@@ -64,6 +65,10 @@ pub enum DaemonError {
     Listen(std::net::SocketAddr, #[source] std::io::Error),
     #[error("cannot start metrics")]
     Metrics(#[source] metrics_exporter_prometheus::BuildError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("[cluster] changed; that takes a restart")]
+    ClusterChanged,
 }
 
 /// Events received but not yet stored; beyond this a source waits (backpressure).
@@ -95,6 +100,8 @@ pub struct Plan {
         crate::actions::runner::Actions,
         crate::notify::port::PortReporter,
     )>,
+    /// `[cluster]`: share the work with other relays through NATS JetStream.
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 /// Run `plan` until `cancel` fires. Each plan received on `reloads` replaces the running one
@@ -108,12 +115,18 @@ pub async fn run(
         path: plan.state_dir.clone(),
         source,
     })?;
+    // NATS first: unreachable at start is the user's to fix (exit 2), before anything runs.
+    let cluster = match &plan.cluster {
+        Some(settings) => Some(Cluster::connect(settings.clone()).await?),
+        None => None,
+    };
     let spool = Arc::new(Spool::open(&plan.state_dir)?);
     info!(spool = %spool.path().display(), "spool open");
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
     let health = Arc::new(Health {
         channels: Default::default(),
         spool_writable: writer.writable(),
+        cluster: cluster.clone(),
     });
     if let Some(addr) = plan.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -143,6 +156,9 @@ pub async fn run(
         channels: HashMap::new(),
         pipeline: None,
         actions: None,
+        cluster,
+        handed_back: false,
+        shutdown_timeout: plan.retry.shutdown_timeout,
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
@@ -161,6 +177,7 @@ pub async fn run(
             spool.clone(),
             health,
             runtime.counters.clone(),
+            runtime.cluster.clone(),
             cancel.clone(),
         )),
     ];
@@ -289,8 +306,57 @@ fn route_name(target: &TargetUrl) -> String {
 
 /// The spool queue of `channel`'s deliveries to `target` ([`spool::route_key`]).
 fn route_key(channel: &ChannelPlan, target: &TargetUrl) -> String {
-    let channel_key = spool::lock::channel_key(channel.source.channel.expose().as_str());
-    spool::route_key(&channel_key, &route_name(target))
+    spool::route_key(&channel_key(channel), &route_name(target))
+}
+
+/// A channel's key in the spool (and, hashed, its subject in a cluster).
+fn channel_key(channel: &ChannelPlan) -> String {
+    spool::lock::channel_key(channel.source.channel.expose().as_str())
+}
+
+/// The outbox never gives up: a frame waits in the local spool until NATS has it. Retries
+/// stay frequent so it is published soon after NATS returns.
+fn outbox_policy(shutdown_timeout: Duration) -> RetryPolicy {
+    RetryPolicy {
+        backoff: crate::retry::BackoffPolicy {
+            min: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        },
+        max_age: Duration::from_secs(100 * 365 * 24 * 3600),
+        max_retry_after: Duration::from_secs(2),
+        shutdown_timeout,
+    }
+}
+
+/// Publishing to the cluster's stream, as a delivery route (the outbox).
+struct Publish {
+    cluster: Cluster,
+    /// The channel's spool key: its subject and its frames' message ids derive from it.
+    channel_key: String,
+}
+
+impl Sink for Publish {
+    fn describe(&self) -> String {
+        format!("NATS publish (cluster {})", self.cluster.settings().name)
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        event: &'a spool::StoredEvent,
+        _delivery_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<delivery::forward::Delivered, delivery::forward::ForwardError>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            self.cluster
+                .publish(&self.channel_key, &event.channel, &event.event, event.received_ms)
+                .await
+                .map(|_| delivery::forward::Delivered {
+                    status: reqwest::StatusCode::OK,
+                    elapsed: started.elapsed(),
+                })
+                .map_err(|e| delivery::forward::ForwardError::Connection(crate::error::chain(&e)))
+        })
+    }
 }
 
 /// Whether a running source can keep going with `new`'s settings.
@@ -329,6 +395,13 @@ struct Runtime {
     pipeline: Option<PipelineTask>,
     /// The actions route and the Port reports route.
     actions: Option<ActionsTask>,
+    /// `[cluster]`: routes are fed from NATS consumers, receipts published to NATS.
+    cluster: Option<Cluster>,
+    /// Whether the local copies of cluster deliveries an earlier run left unfinished were
+    /// handed back (once, before the first route starts).
+    handed_back: bool,
+    /// `--shutdown-timeout` as of the last plan, for the outbox routes.
+    shutdown_timeout: Duration,
 }
 
 struct ActionsTask {
@@ -357,11 +430,18 @@ impl Runtime {
                 to: show(plan.metrics_listen),
             });
         }
+        let shown = |c: &Option<crate::cluster::Settings>| c.as_ref().map(|c| (c.shown_url(), c.name.clone()));
+        if shown(&plan.cluster) != self.cluster.as_ref().map(|c| (c.settings().shown_url(), c.settings().name.clone())) {
+            return Err(DaemonError::ClusterChanged);
+        }
         // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
         let mut targets: BTreeMap<String, TargetUrl> = BTreeMap::new();
+        // In a cluster, each route's consumer reads its channel's subject.
+        let mut route_channels: HashMap<String, String> = HashMap::new();
         for channel in &plan.channels {
             for target in &channel.forward {
                 let key = route_key(channel, target);
+                route_channels.insert(key.clone(), channel_key(channel));
                 match targets.get(&key) {
                     Some(seen) if seen != target => {
                         return Err(DaemonError::SameTarget(route_name(target)));
@@ -423,6 +503,7 @@ impl Runtime {
         // 2. The handover: stop what goes or changes (at an event boundary, its marks
         // committed), then start what replaces it. Nothing here fails.
         let mut changes = Vec::new();
+        self.shutdown_timeout = plan.retry.shutdown_timeout;
         let mut kept_locks = HashMap::new();
         let stopping: Vec<String> = self
             .channels
@@ -445,7 +526,7 @@ impl Runtime {
         for (key, running) in &self.channels {
             running
                 .routes
-                .send_replace(routes_of(&wanted[key], actions_on));
+                .send_replace(routes_of(&wanted[key], actions_on, self.cluster.is_some()));
         }
         for name in stale_routes {
             let old = self.routes.remove(&name).expect("listed");
@@ -455,8 +536,42 @@ impl Runtime {
                 changes.push(format!("target {} removed", spool::route_name(&name)));
             }
         }
+        if let Some(cluster) = &self.cluster
+            && !std::mem::replace(&mut self.handed_back, true)
+        {
+            let mut routes: Vec<String> = targets.keys().cloned().collect();
+            routes.extend([
+                PIPELINE_ROUTE.to_string(),
+                crate::actions::ACTIONS_ROUTE.to_string(),
+            ]);
+            let spool = self.spool.clone();
+            let writer = self.writer.clone();
+            let count = tokio::task::spawn_blocking(move || {
+                crate::cluster::hand_back(&spool, &writer, &routes)
+            })
+            .await
+            .unwrap_or(0);
+            if count > 0 {
+                info!(
+                    deliveries = count,
+                    cluster = %cluster.settings().name,
+                    "handed back to the cluster the deliveries the last run took but did not finish"
+                );
+            }
+        }
+        let pipeline_subjects: Vec<String> = match &self.cluster {
+            Some(cluster) => wanted
+                .values()
+                .filter(|c| c.pipeline)
+                .map(|c| cluster.subject(&channel_key(c)))
+                .collect(),
+            None => Vec::new(),
+        };
         for (key, target, forwarder) in new_routes {
-            let task = self.route(key.clone(), forwarder, plan.retry);
+            let mut task = self.route(key.clone(), forwarder, plan.retry);
+            if let Some(channel) = route_channels.get(&key) {
+                self.feed(&mut task, &key, vec![self.subject(channel)]);
+            }
             changes.push(format!("target {} started", spool::route_name(&key)));
             self.routes.insert(key, RouteTask { target, task });
         }
@@ -488,17 +603,24 @@ impl Runtime {
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
                         let cancel = self.cancel.child_token();
+                        let shared = self
+                            .cluster
+                            .as_ref()
+                            .map(|cluster| cluster.shared_state("alert-states"));
                         let handle = tokio::spawn(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             rules_rx,
+                            shared,
                             cancel.clone(),
                         ));
+                        let mut task = Task {
+                            cancel,
+                            handles: vec![handle],
+                        };
+                        self.feed(&mut task, PIPELINE_ROUTE, pipeline_subjects.clone());
                         (
-                            Task {
-                                cancel,
-                                handles: vec![handle],
-                            },
+                            task,
                             rules,
                             pipeline_lock.clone().expect("taken in step 1"),
                         )
@@ -514,7 +636,7 @@ impl Runtime {
             }
         }
 
-        self.apply_actions(plan.actions, plan.retry, &mut changes)
+        self.apply_actions(plan.actions, plan.retry, &mut changes, &pipeline_subjects)
             .await;
 
         for (key, channel, lock) in to_start {
@@ -543,7 +665,7 @@ impl Runtime {
         actions_on: bool,
     ) -> Option<ChannelTask> {
         let url = channel.source.channel.clone();
-        let routes = routes_of(channel, actions_on);
+        let routes = routes_of(channel, actions_on, self.cluster.is_some());
         info!(channel = %url, routes = ?routes, "subscribing");
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
         // A spool from before queues were per channel: this channel's share moves over.
@@ -585,7 +707,7 @@ impl Runtime {
         let (routes_tx, routes_rx) = watch::channel(routes);
         let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
         let cancel = self.cancel.child_token();
-        let handles = vec![
+        let mut handles = vec![
             tokio::spawn(source.run(events_tx, cancel.clone())),
             tokio::spawn(spool::intake::intake(
                 events_rx,
@@ -596,6 +718,23 @@ impl Runtime {
                 self.counters.clone(),
             )),
         ];
+        if let Some(cluster) = &self.cluster {
+            // The outbox: what this instance received, published until NATS has it.
+            let outbox = crate::cluster::outbox_route(&channel_key(channel));
+            let sink = Arc::new(Publish {
+                cluster: cluster.clone(),
+                channel_key: channel_key(channel),
+            });
+            handles.push(tokio::spawn(delivery::run_route(
+                self.spool.clone(),
+                self.writer.clone(),
+                outbox,
+                sink,
+                outbox_policy(self.shutdown_timeout),
+                self.counters.clone(),
+                cancel.clone(),
+            )));
+        }
         Some(ChannelTask {
             task: Task { cancel, handles },
             source: channel.source.clone(),
@@ -616,6 +755,7 @@ impl Runtime {
         )>,
         retry: RetryPolicy,
         changes: &mut Vec<String>,
+        pipeline_subjects: &[String],
     ) {
         use crate::actions::{REPORT_ROUTE, runner};
         match (plan, self.actions.take()) {
@@ -643,10 +783,15 @@ impl Runtime {
                             config_rx,
                             cancel.clone(),
                         ));
-                        let task = Task {
+                        let mut task = Task {
                             cancel,
                             handles: vec![handle],
                         };
+                        self.feed(
+                            &mut task,
+                            crate::actions::ACTIONS_ROUTE,
+                            pipeline_subjects.to_vec(),
+                        );
                         (task, config)
                     }
                 };
@@ -658,6 +803,31 @@ impl Runtime {
                 });
             }
         }
+    }
+
+    /// In a cluster: feed local `route` from its NATS consumer on `subjects`, as part of `task`.
+    fn feed(&self, task: &mut Task, route: &str, subjects: Vec<String>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        if subjects.is_empty() {
+            return;
+        }
+        task.handles.push(tokio::spawn(cluster.clone().feed(
+            route.to_string(),
+            subjects,
+            self.spool.clone(),
+            self.writer.clone(),
+            task.cancel.clone(),
+        )));
+    }
+
+    /// A channel's subject in the cluster's stream.
+    fn subject(&self, channel_key: &str) -> String {
+        self.cluster
+            .as_ref()
+            .map(|c| c.subject(channel_key))
+            .unwrap_or_default()
     }
 
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
@@ -678,8 +848,12 @@ impl Runtime {
     }
 }
 
-/// The spool routes a channel's events are queued on.
-fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
+/// The spool routes a channel's events are queued on: in a cluster, only its outbox (the
+/// routes are fed from NATS).
+fn routes_of(channel: &ChannelPlan, actions: bool, cluster: bool) -> Vec<String> {
+    if cluster {
+        return vec![crate::cluster::outbox_route(&channel_key(channel))];
+    }
     let mut routes: Vec<String> = channel
         .forward
         .iter()
@@ -699,6 +873,7 @@ async fn report_status(
     spool: Arc<Spool>,
     health: Arc<Health>,
     counters: Arc<Counters>,
+    cluster: Option<Cluster>,
     cancel: CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -728,8 +903,23 @@ async fn report_status(
             .write_error()
             .map(|why| format!("intake paused, the spool does not take writes: {why}; "))
             .unwrap_or_default();
+        // In a cluster: whether NATS is there, and which routes this instance delivers.
+        let cluster_part = match &cluster {
+            Some(cluster) => {
+                let connected = cluster.connected();
+                metrics::gauge!("smee_relay_cluster_connected").set(if connected { 1.0 } else { 0.0 });
+                let routes = cluster.delivering(Duration::from_secs(60));
+                format!(
+                    "cluster {} ({}), delivering: {}; ",
+                    cluster.settings().name,
+                    if connected { "NATS up" } else { "NATS DOWN, receipts kept locally" },
+                    if routes.is_empty() { "none".to_string() } else { routes.join(", ") }
+                )
+            }
+            None => String::new(),
+        };
         let line = format!(
-            "{paused}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
+            "{paused}{cluster_part}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
             counters.received.load(Relaxed),
             counters.delivered.load(Relaxed),
             counters.retried.load(Relaxed),
