@@ -74,11 +74,24 @@ pub struct ClusterConfig {
     #[serde(default = "default_ack_wait", deserialize_with = "positive_duration")]
     pub ack_wait: Duration,
     /// How long NATS may be unreachable before `/healthz` fails.
-    #[serde(default = "default_health_grace", deserialize_with = "positive_duration")]
+    #[serde(
+        default = "default_health_grace",
+        deserialize_with = "positive_duration"
+    )]
     pub health_grace: Duration,
     /// How far apart instances may publish one frame and still store it once.
-    #[serde(default = "default_dedupe_window", deserialize_with = "positive_duration")]
+    #[serde(
+        default = "default_dedupe_window",
+        deserialize_with = "positive_duration"
+    )]
     pub dedupe_window: Duration,
+    /// Copies of the stream and alert state across NATS servers (3 on a 3-node NATS cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 fn default_cluster_name() -> String {
@@ -619,6 +632,10 @@ pub fn parse(
             settings.ack_wait = c.ack_wait;
             settings.health_grace = c.health_grace;
             settings.dedupe_window = c.dedupe_window;
+            settings.replicas = c.replicas;
+            if !(1..=5).contains(&c.replicas) {
+                problems.push(format!("{origin}: [cluster] replicas must be 1 to 5"));
+            }
             Some(settings)
         }
     };

@@ -69,6 +69,9 @@ pub struct Settings {
     pub dedupe_window: Duration,
     /// How long the stream keeps frames (consumers further behind than this lose them).
     pub max_age: Duration,
+    /// Copies of the stream and the KV bucket across NATS servers: 3 on a 3-node NATS
+    /// cluster, so losing one server loses no frame, ack or alert state.
+    pub replicas: usize,
 }
 
 impl Settings {
@@ -83,6 +86,7 @@ impl Settings {
             health_grace: Duration::from_secs(30),
             dedupe_window: Duration::from_secs(2 * 3600),
             max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
         }
     }
 
@@ -126,9 +130,7 @@ fn redact_url(url: &str) -> String {
 pub enum ClusterError {
     #[error("cannot read the NATS credentials file {0}")]
     Credentials(PathBuf, #[source] std::io::Error),
-    #[error(
-        "cannot connect to NATS at {0} (is nats-server running with -js, and reachable?)"
-    )]
+    #[error("cannot connect to NATS at {0} (is nats-server running with -js, and reachable?)")]
     Connect(String, #[source] async_nats::ConnectError),
     #[error("cannot create the JetStream stream {0} (is JetStream enabled on the server: -js?)")]
     Stream(String, #[source] async_nats::Error),
@@ -239,6 +241,7 @@ impl Cluster {
             storage: stream::StorageType::File,
             duplicate_window: settings.dedupe_window,
             max_age: settings.max_age,
+            num_replicas: settings.replicas,
             ..Default::default()
         })
         .await
@@ -251,6 +254,7 @@ impl Cluster {
                     bucket: bucket.clone(),
                     history: 1,
                     storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
                     ..Default::default()
                 })
                 .await
@@ -361,6 +365,11 @@ impl Cluster {
     ) {
         let label = crate::spool::route_name(&route).to_string();
         let durable = format!("route_{}", short_hash(&route));
+        let names = RouteNames {
+            label: label.clone(),
+            route: route.clone(),
+            floor_key: format!("floor.{durable}"),
+        };
         let mut said = false;
         while !cancel.is_cancelled() {
             let consumer = match self.consumer(&durable, &subjects).await {
@@ -415,8 +424,7 @@ impl Cluster {
                     }
                     None => break,
                 };
-                self.handle(&label, &route, message, &spool, &writer, &cancel)
-                    .await;
+                self.handle(&names, message, &spool, &writer, &cancel).await;
             }
         }
     }
@@ -424,13 +432,35 @@ impl Cluster {
     /// One message: into the local queue, wait for its delivery, ack.
     async fn handle(
         &self,
-        label: &str,
-        route: &str,
+        names: &RouteNames,
         message: jetstream::Message,
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
         cancel: &CancellationToken,
     ) {
+        let RouteNames {
+            label,
+            route,
+            floor_key,
+        } = names;
+        let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
+        let stream_seq = message.info().map(|info| info.stream_sequence).ok();
+        // A NATS server that crashed may forget acks it confirmed (consumer state is flushed
+        // lazily); the route's floor (the last stream sequence delivered, kept in KV beside
+        // the message data) says what was delivered whatever the consumer remembers.
+        if let Some(seq) = stream_seq
+            && let Ok(Some(floor)) = self.kv.get(floor_key).await
+            && let Some(floor) = std::str::from_utf8(&floor)
+                .ok()
+                .and_then(|f| f.parse::<u64>().ok())
+            && seq <= floor
+        {
+            info!(route = %label, stream_seq = seq, "already delivered (NATS forgot its ack); not delivering it again");
+            metrics::counter!("smee_relay_cluster_skipped_total", "route" => label.to_string())
+                .increment(1);
+            let _ = message.double_ack().await;
+            return;
+        }
         if let Ok(info) = message.info() {
             if info.delivered > 1 {
                 metrics::counter!("smee_relay_cluster_redeliveries_total", "route" => label.to_string())
@@ -462,14 +492,16 @@ impl Cluster {
             events: Arc::from(vec![envelope.event]),
             cursor: None,
         };
-        let id = loop {
-            match writer.commit(vec![write.clone()]).await {
+        let id = {
+            match writer.commit(vec![write]).await {
                 Ok(ids) => match ids.first().and_then(|ids| ids.first()).copied().flatten() {
-                    Some(id) => break id,
+                    Some(id) => id,
                     None => {
                         // Spool full: leave the message to NATS (another instance, or later).
                         warn!(route = %label, "the local spool is full; handing the delivery back to the cluster");
-                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
                         return;
                     }
                 },
@@ -521,6 +553,11 @@ impl Cluster {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return;
         }
+        if let Some(seq) = stream_seq
+            && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
+        {
+            warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
+        }
         if let Err(e) = message.double_ack().await {
             warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
         }
@@ -558,6 +595,16 @@ impl Cluster {
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+}
+
+/// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.
+struct RouteNames {
+    /// The target as shown (no channel key).
+    label: String,
+    /// The local spool route.
+    route: String,
+    /// The KV key of the last stream sequence delivered on it.
+    floor_key: String,
 }
 
 /// Whether `route` has no delivery of `event` pending in the local spool any more.

@@ -86,7 +86,9 @@ pub async fn run(
         }
         // Held alerts whose time has come.
         let matured = pipeline.mature(states.iter(), clock.now_ms());
-        if !matured.is_empty() && let Some(shared) = &shared {
+        if !matured.is_empty()
+            && let Some(shared) = &shared
+        {
             let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
             if !store_shared(shared, &states, changes, revision).await {
                 // Another instance moved first (it fires them) or NATS is away: read again.
@@ -140,7 +142,9 @@ pub async fn run(
         for (n, item) in queued.into_iter().enumerate() {
             let id = item.event.id;
             // In a cluster, each event is judged against the states as they are now.
-            if n > 0 && let Some(shared) = &shared {
+            if n > 0
+                && let Some(shared) = &shared
+            {
                 match load_shared(shared).await {
                     Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
                     None => break,
@@ -300,12 +304,17 @@ async fn load_shared(shared: &SharedState) -> Option<(HashMap<String, AlertState
         Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes) {
             Ok(states) => Some((states, revision)),
             Err(e) => {
-                error!("the cluster's alert states are not what a relay writes ({e}); starting from OK");
+                error!(
+                    "the cluster's alert states are not what a relay writes ({e}); starting from OK"
+                );
                 Some((HashMap::new(), revision))
             }
         },
         Err(e) => {
-            warn!("cannot read the cluster's alert states, waiting: {}", crate::error::chain(&e));
+            warn!(
+                "cannot read the cluster's alert states, waiting: {}",
+                crate::error::chain(&e)
+            );
             None
         }
     }
@@ -329,9 +338,18 @@ async fn store_shared(
     }
     let bytes = serde_json::to_vec(&next).expect("states serialise");
     match shared.store(bytes.into(), revision).await {
-        Ok(won) => won,
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::debug!(
+                "the cluster's alert states changed meanwhile (another instance); judging again"
+            );
+            false
+        }
         Err(e) => {
-            warn!("cannot store the cluster's alert states, waiting: {}", crate::error::chain(&e));
+            warn!(
+                "cannot store the cluster's alert states, waiting: {}",
+                crate::error::chain(&e)
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
             false
         }
@@ -495,7 +513,13 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules_rx,
+            None,
+            cancel.clone(),
+        ));
         let alerts = |spool: &Spool| spool.pending(ALERT_ROUTE, 0, 10).unwrap();
         // The writer is a thread: what it commits is waited for in real time, inside a
         // blocking task, which also keeps the paused clock from jumping ahead meanwhile.
@@ -588,7 +612,13 @@ mod tests {
         let (older, hot) = (ids[0].unwrap(), ids[1].unwrap());
         let cancel = CancellationToken::new();
         let (rules, rules_rx) = watch::channel(Arc::new(strict));
-        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules_rx,
+            None,
+            cancel.clone(),
+        ));
         let settled = || async {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {

@@ -344,11 +344,19 @@ impl Sink for Publish {
         &'a self,
         event: &'a spool::StoredEvent,
         _delivery_id: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<delivery::forward::Delivered, delivery::forward::ForwardError>> {
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<delivery::forward::Delivered, delivery::forward::ForwardError>,
+    > {
         Box::pin(async move {
             let started = std::time::Instant::now();
             self.cluster
-                .publish(&self.channel_key, &event.channel, &event.event, event.received_ms)
+                .publish(
+                    &self.channel_key,
+                    &event.channel,
+                    &event.event,
+                    event.received_ms,
+                )
                 .await
                 .map(|_| delivery::forward::Delivered {
                     status: reqwest::StatusCode::OK,
@@ -430,8 +438,15 @@ impl Runtime {
                 to: show(plan.metrics_listen),
             });
         }
-        let shown = |c: &Option<crate::cluster::Settings>| c.as_ref().map(|c| (c.shown_url(), c.name.clone()));
-        if shown(&plan.cluster) != self.cluster.as_ref().map(|c| (c.settings().shown_url(), c.settings().name.clone())) {
+        let shown = |c: &Option<crate::cluster::Settings>| {
+            c.as_ref().map(|c| (c.shown_url(), c.name.clone()))
+        };
+        if shown(&plan.cluster)
+            != self
+                .cluster
+                .as_ref()
+                .map(|c| (c.settings().shown_url(), c.settings().name.clone()))
+        {
             return Err(DaemonError::ClusterChanged);
         }
         // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
@@ -524,9 +539,11 @@ impl Runtime {
         }
         let actions_on = plan.actions.is_some();
         for (key, running) in &self.channels {
-            running
-                .routes
-                .send_replace(routes_of(&wanted[key], actions_on, self.cluster.is_some()));
+            running.routes.send_replace(routes_of(
+                &wanted[key],
+                actions_on,
+                self.cluster.is_some(),
+            ));
         }
         for name in stale_routes {
             let old = self.routes.remove(&name).expect("listed");
@@ -619,11 +636,7 @@ impl Runtime {
                             handles: vec![handle],
                         };
                         self.feed(&mut task, PIPELINE_ROUTE, pipeline_subjects.clone());
-                        (
-                            task,
-                            rules,
-                            pipeline_lock.clone().expect("taken in step 1"),
-                        )
+                        (task, rules, pipeline_lock.clone().expect("taken in step 1"))
                     }
                 };
                 let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
@@ -907,13 +920,25 @@ async fn report_status(
         let cluster_part = match &cluster {
             Some(cluster) => {
                 let connected = cluster.connected();
-                metrics::gauge!("smee_relay_cluster_connected").set(if connected { 1.0 } else { 0.0 });
+                metrics::gauge!("smee_relay_cluster_connected").set(if connected {
+                    1.0
+                } else {
+                    0.0
+                });
                 let routes = cluster.delivering(Duration::from_secs(60));
                 format!(
                     "cluster {} ({}), delivering: {}; ",
                     cluster.settings().name,
-                    if connected { "NATS up" } else { "NATS DOWN, receipts kept locally" },
-                    if routes.is_empty() { "none".to_string() } else { routes.join(", ") }
+                    if connected {
+                        "NATS up"
+                    } else {
+                        "NATS DOWN, receipts kept locally"
+                    },
+                    if routes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        routes.join(", ")
+                    }
                 )
             }
             None => String::new(),
