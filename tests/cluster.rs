@@ -382,8 +382,18 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     let nats = NatsServer::start().await;
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
+    let metrics = support::unused_addr();
     let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
-    let instances = start_cluster(2, &channel, &body, &[]).await;
+    // The first instance serves /healthz.
+    let watched = format!("metrics_listen = \"{metrics}\"\n{body}");
+    let mut instances = start_cluster(1, &channel, &watched, &[]).await;
+    instances.extend(start_cluster(1, &channel, &body, &[]).await);
+    let healthz = format!("http://{metrics}/healthz");
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let health = || async {
+        let response = client.get(&healthz).send().await.ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    };
 
     for n in 0..10 {
         channel.send_webhook(n as u64 + 1, &frame(n));
@@ -399,9 +409,22 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     for n in 10..20 {
         channel.send_webhook(n as u64 + 1, &frame(n));
     }
+    // Past the grace (1s here), /healthz says NATS is unreachable.
+    let reasons = support::wait_for(support::PATIENCE, "/healthz failing on NATS", || async {
+        health()
+            .await
+            .filter(|(status, body)| *status == 503 && body.contains("NATS"))
+            .map(|(_, body)| body)
+    })
+    .await;
+    assert!(reasons.contains("unreachable for"), "{reasons}");
     let _nats = NatsServer::start_again(store, port).await;
     let rest = take_until_seen(&mut target, 10..20, FAILOVER_PATIENCE).await;
     target.assert_quiet(Duration::from_secs(3)).await;
+    support::wait_for(support::PATIENCE, "/healthz passing again", || async {
+        health().await.filter(|(status, _)| *status == 200)
+    })
+    .await;
     // Nothing lost, in order. The delivery in flight when NATS died (delivered, its ack not
     // yet recorded) may come once more; nothing else does (the route's floor in KV).
     let all: Vec<usize> = first.iter().chain(&rest).copied().collect();
