@@ -1160,4 +1160,25 @@ above = 80
             "{e}"
         );
     }
+
+    #[test]
+    fn cluster_is_read_with_defaults_and_its_url_stays_secret() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://app:hunter2@10.0.0.1:4222\"\nname = \"prod\"\nreplicas = 3\n";
+        let config = parse(text, "c.toml", &no_env).unwrap();
+        let cluster = config.cluster.clone().expect("[cluster] read");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.replicas, 3);
+        assert_eq!(cluster.ack_wait, Duration::from_secs(30));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(cluster.shown_url(), "nats://app:***@10.0.0.1:4222");
+
+        let bad = text
+            .replace("\"prod\"", "\"no spaces\"")
+            .replace("replicas = 3", "replicas = 9");
+        let e = parse(&bad, "c.toml", &no_env).unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(all.contains("[cluster] name \"no spaces\""), "{all}");
+        assert!(all.contains("replicas must be 1 to 5"), "{all}");
+    }
 }

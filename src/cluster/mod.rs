@@ -110,7 +110,14 @@ impl std::fmt::Debug for Settings {
 
 /// `nats://user:secret@host` -> `nats://user:***@host`; a token alone (`nats://tok@host`)
 /// is hidden whole.
-fn redact_url(url: &str) -> String {
+fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact_one(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -228,8 +235,16 @@ impl Cluster {
             }
         });
         let shown = settings.shown_url();
+        // `nats://a:4222,nats://b:4222`: the client fails over between the servers.
+        let servers: Vec<&str> = settings
+            .url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
         let client = options
-            .connect(settings.url.expose_secret())
+            .connect(servers)
             .await
             .map_err(|e| ClusterError::Connect(shown.clone(), e))?;
         status.connected.store(true, Ordering::Relaxed);
@@ -733,6 +748,10 @@ mod tests {
             "nats://***@nats.example"
         );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("nats://u:p1@a:4222, nats://u:p2@b:4222"),
+            "nats://u:***@a:4222,nats://u:***@b:4222"
+        );
         let settings = Settings::new(
             SecretString::from("tls://u:pw@h:1".to_string()),
             "prod".into(),
