@@ -377,6 +377,7 @@ impl Cluster {
         spool: Arc<Spool>,
         writer: SpoolWriter,
         cancel: CancellationToken,
+        route_done: CancellationToken,
     ) {
         let label = crate::spool::route_name(&route).to_string();
         let durable = format!("route_{}", short_hash(&route));
@@ -439,7 +440,8 @@ impl Cluster {
                     }
                     None => break,
                 };
-                self.handle(&names, message, &spool, &writer, &cancel).await;
+                self.handle(&names, message, &spool, &writer, &route_done)
+                    .await;
             }
         }
     }
@@ -451,7 +453,7 @@ impl Cluster {
         message: jetstream::Message,
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
-        cancel: &CancellationToken,
+        route_done: &CancellationToken,
     ) {
         let RouteNames {
             label,
@@ -533,15 +535,8 @@ impl Cluster {
         let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
         let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
         // Told to stop, the local route finishes the delivery in flight within its shutdown
-        // timeout; wait that long (and a little), then hand it back.
-        let mut deadline: Option<tokio::time::Instant> = None;
+        // timeout, or leaves it queued; once it has returned, the spool says which.
         let done = loop {
-            let stop = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => cancel.cancelled().await,
-                }
-            };
             tokio::select! {
                 signal = finished.recv() => match signal {
                     Ok((r, e)) if r == route && e == id => break true,
@@ -556,9 +551,8 @@ impl Cluster {
                     if finished_in_spool(spool, route, id).await { break true; }
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
-                _ = stop => {
-                    if deadline.is_some() { break false; }
-                    deadline = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                _ = route_done.cancelled() => {
+                    break finished_in_spool(spool, route, id).await;
                 }
             }
         };

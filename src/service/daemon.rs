@@ -236,6 +236,22 @@ pub async fn run(
 struct Task {
     cancel: CancellationToken,
     handles: Vec<tokio::task::JoinHandle<()>>,
+    /// Fires once the task that consumes the local queue (the first handle) has returned,
+    /// its last marks committed: a cluster feeder then knows whether its message was finished.
+    done: CancellationToken,
+}
+
+/// Spawn what consumes a local queue; the token fires once it has returned.
+fn spawn_local(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    let done = CancellationToken::new();
+    let fired = done.clone();
+    let handle = tokio::spawn(async move {
+        work.await;
+        fired.cancel();
+    });
+    (handle, done)
 }
 
 impl Task {
@@ -624,7 +640,7 @@ impl Runtime {
                             .cluster
                             .as_ref()
                             .map(|cluster| cluster.shared_state("alert-states"));
-                        let handle = tokio::spawn(runner::run(
+                        let (handle, done) = spawn_local(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             rules_rx,
@@ -634,6 +650,7 @@ impl Runtime {
                         let mut task = Task {
                             cancel,
                             handles: vec![handle],
+                            done,
                         };
                         self.feed(&mut task, PIPELINE_ROUTE, pipeline_subjects.clone());
                         (task, rules, pipeline_lock.clone().expect("taken in step 1"))
@@ -749,7 +766,11 @@ impl Runtime {
             )));
         }
         Some(ChannelTask {
-            task: Task { cancel, handles },
+            task: Task {
+                cancel,
+                handles,
+                done: CancellationToken::new(),
+            },
             source: channel.source.clone(),
             routes: routes_tx,
             status,
@@ -790,7 +811,7 @@ impl Runtime {
                     None => {
                         let (config, config_rx) = watch::channel(actions);
                         let cancel = self.cancel.child_token();
-                        let handle = tokio::spawn(runner::run(
+                        let (handle, done) = spawn_local(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             config_rx,
@@ -799,6 +820,7 @@ impl Runtime {
                         let mut task = Task {
                             cancel,
                             handles: vec![handle],
+                            done,
                         };
                         self.feed(
                             &mut task,
@@ -832,6 +854,7 @@ impl Runtime {
             self.spool.clone(),
             self.writer.clone(),
             task.cancel.clone(),
+            task.done.clone(),
         )));
     }
 
@@ -845,7 +868,7 @@ impl Runtime {
 
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
         let cancel = self.cancel.child_token();
-        let handle = tokio::spawn(delivery::run_route(
+        let (handle, done) = spawn_local(delivery::run_route(
             self.spool.clone(),
             self.writer.clone(),
             name,
@@ -857,6 +880,7 @@ impl Runtime {
         Task {
             cancel,
             handles: vec![handle],
+            done,
         }
     }
 }
