@@ -5,6 +5,11 @@
 //!                                                        +--> pipeline --alerts--> spool --> route "alerts" --> Slack/stdout
 //! ```
 //!
+//! With `[cluster]` (see [`crate::cluster`]) the intake queues each channel's events on one
+//! local route only, its outbox, whose sink publishes them to NATS; each delivery route (and
+//! the pipeline and actions queues) is fed from its shared NATS consumer instead of the intake.
+//! The alert and Port report routes stay local to the instance that produced them.
+//!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
 //! config file. Shutdown runs the pipe dry from the front: sources stop, intakes store what they
 //! took, routes finish the delivery in flight (cut off at `--shutdown-timeout`), the writer
