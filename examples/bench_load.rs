@@ -65,8 +65,16 @@ async fn main() {
             .json()
             .await
             .unwrap();
-        let delivered = report["delivered"].as_u64().unwrap_or(0);
-        if delivered >= count || last.1.elapsed() > Duration::from_secs(15) {
+        // Distinct events: a relay cluster may repeat the one in flight at a failover.
+        let delivered = report["distinct"]
+            .as_u64()
+            .or(report["delivered"].as_u64())
+            .unwrap_or(0);
+        let patience = std::env::var("BENCH_PATIENCE_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(15);
+        if delivered >= count || last.1.elapsed() > Duration::from_secs(patience) {
             break report;
         }
         if delivered != last.0 {

@@ -19,6 +19,11 @@ struct Seen {
     count: u64,
     out_of_order: u64,
     latencies_us: Vec<u64>,
+    /// Distinct seqs (a relay cluster may repeat the delivery in flight at a failover).
+    distinct: std::collections::HashSet<u64>,
+    /// When the last request arrived, and the longest gap between two arrivals (failover).
+    last_at_us: Option<u64>,
+    max_gap_us: u64,
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -51,6 +56,11 @@ async fn record(State(seen): State<Shared>, body: Bytes) -> &'static str {
     }
     seen.last_seq = Some(seen.last_seq.map_or(seq, |last| last.max(seq)));
     seen.count += 1;
+    seen.distinct.insert(seq);
+    if let Some(last) = seen.last_at_us {
+        seen.max_gap_us = seen.max_gap_us.max(at.saturating_sub(last));
+    }
+    seen.last_at_us = Some(at);
     seen.latencies_us.push(at.saturating_sub(sent));
     "ok"
 }
@@ -67,11 +77,13 @@ async fn report(State(seen): State<Shared>) -> String {
         }
     };
     format!(
-        r#"{{"delivered":{},"out_of_order":{},"p50_ms":{:.2},"p99_ms":{:.2}}}"#,
+        r#"{{"delivered":{},"distinct":{},"out_of_order":{},"p50_ms":{:.2},"p99_ms":{:.2},"max_gap_ms":{:.1}}}"#,
         seen.count,
+        seen.distinct.len(),
         seen.out_of_order,
         pct(0.50),
-        pct(0.99)
+        pct(0.99),
+        seen.max_gap_us as f64 / 1000.0
     )
 }
 

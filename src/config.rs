@@ -47,6 +47,64 @@ pub struct ConfigFile {
     /// Self-service action runs to execute, on the runs of a `pipeline = true` channel.
     #[serde(default, rename = "action")]
     pub actions: Vec<Spanned<crate::actions::ActionConfig>>,
+    /// Relays on several machines sharing the work through NATS JetStream.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: relays with the same `name` on one NATS JetStream share channels, routes and
+/// alert state (see `src/cluster`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `nats://host:4222` or `tls://…` (may hold a password: prefer `nats_url_env`).
+    /// `--nats-url` / `SMEE_RELAY_NATS_URL` wins.
+    #[serde(default, deserialize_with = "secret_text")]
+    pub nats_url: Option<SecretString>,
+    /// The environment variable holding the URL.
+    pub nats_url_env: Option<String>,
+    /// Relays with the same name share the work. Letters, digits, `-`, `_`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// A NATS credentials file (`.creds`: JWT and nkey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// A PEM CA bundle to trust for the NATS server's TLS certificate (implies TLS).
+    pub ca_file: Option<PathBuf>,
+    /// How long a delivery in flight may go without news from its instance before another
+    /// takes it over: the failover time.
+    #[serde(default = "default_ack_wait", deserialize_with = "positive_duration")]
+    pub ack_wait: Duration,
+    /// How long NATS may be unreachable before `/healthz` fails.
+    #[serde(
+        default = "default_health_grace",
+        deserialize_with = "positive_duration"
+    )]
+    pub health_grace: Duration,
+    /// How far apart instances may publish one frame and still store it once.
+    #[serde(
+        default = "default_dedupe_window",
+        deserialize_with = "positive_duration"
+    )]
+    pub dedupe_window: Duration,
+    /// Copies of the stream and alert state across NATS servers (3 on a 3-node NATS cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+fn default_cluster_name() -> String {
+    "default".into()
+}
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_health_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_dedupe_window() -> Duration {
+    Duration::from_secs(2 * 3600)
 }
 
 /// `[jq]`: what one evaluation of a `when` condition may cost. A condition that loops,
@@ -449,6 +507,8 @@ pub struct Config {
     /// `[port] reconcile`: how often to reconcile alert state with Port, when it is on (Port
     /// API credentials, a pipeline channel and a rule with a blueprint).
     pub reconcile: Option<Duration>,
+    /// `[cluster]`, validated (its URL a secret).
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 /// A URL that must not be printed (a Slack webhook holds its credential in the path).
@@ -650,6 +710,49 @@ pub fn parse(
             }
         },
     };
+    let cluster = match &file.cluster {
+        None => None,
+        Some(c) => {
+            let url = match secret(&c.nats_url, &c.nats_url_env, "nats_url") {
+                Ok(url) => url,
+                Err(e) => {
+                    problems.push(format!("{origin}: [cluster] {e}"));
+                    None
+                }
+            };
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            {
+                problems.push(format!(
+                    "{origin}: [cluster] name {:?}: use letters, digits, '-' and '_'",
+                    c.name
+                ));
+            }
+            if c.ack_wait < Duration::from_millis(500) {
+                problems.push(format!(
+                    "{origin}: [cluster] ack_wait must be at least 500ms"
+                ));
+            }
+            // No URL here is fine when --nats-url gives it; `run` checks that.
+            let mut settings = crate::cluster::Settings::new(
+                url.unwrap_or_else(|| SecretString::from(String::new())),
+                c.name.clone(),
+            );
+            settings.credentials = c.credentials_file.clone();
+            settings.ca = c.ca_file.clone();
+            settings.ack_wait = c.ack_wait;
+            settings.health_grace = c.health_grace;
+            settings.dedupe_window = c.dedupe_window;
+            settings.replicas = c.replicas;
+            if !(1..=5).contains(&c.replicas) {
+                problems.push(format!("{origin}: [cluster] replicas must be 1 to 5"));
+            }
+            Some(settings)
+        }
+    };
     let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(format!("{origin}: [port] app_url: {e}"));
@@ -660,6 +763,7 @@ pub fn parse(
         return Err(ConfigError { problems });
     }
     Ok(Config {
+        cluster,
         state_dir: file.state_dir,
         metrics_listen: file.metrics_listen,
         cacert: file.cacert,
@@ -1289,5 +1393,26 @@ above = 80
             e.starts_with("c.toml:10:") && e.contains("between 64"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cluster_is_read_with_defaults_and_its_url_stays_secret() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://app:hunter2@10.0.0.1:4222\"\nname = \"prod\"\nreplicas = 3\n";
+        let config = parse(text, "c.toml", &no_env).unwrap();
+        let cluster = config.cluster.clone().expect("[cluster] read");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.replicas, 3);
+        assert_eq!(cluster.ack_wait, Duration::from_secs(30));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(cluster.shown_url(), "nats://app:***@10.0.0.1:4222");
+
+        let bad = text
+            .replace("\"prod\"", "\"no spaces\"")
+            .replace("replicas = 3", "replicas = 9");
+        let e = parse(&bad, "c.toml", &no_env).unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(all.contains("[cluster] name \"no spaces\""), "{all}");
+        assert!(all.contains("replicas must be 1 to 5"), "{all}");
     }
 }

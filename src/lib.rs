@@ -18,6 +18,7 @@
 //!   [`retry`], [`http`], [`memory`];
 //! - [`source`] keeps the SSE connection alive and decodes smee frames into [`event::Event`]s;
 //! - [`spool`] is the disk: the writer thread, the intake, the lock, the queries;
+//! - [`cluster`] is the shared spool of relays on several machines (NATS JetStream);
 //! - [`delivery`] delivers each route's queue in order; [`delivery::forward`] is HTTP;
 //! - [`pipeline`] judges Port changes; [`actions`] runs Port self-service action runs;
 //!   [`notify`] sends the alerts and the run reports;
@@ -39,6 +40,8 @@ pub mod url;
 pub mod source;
 
 pub mod spool;
+
+pub mod cluster;
 
 pub mod delivery;
 

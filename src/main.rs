@@ -85,6 +85,13 @@ fn needs_the_user(e: &anyhow::Error) -> bool {
         {
             return true;
         }
+        // NATS unreachable at start (or JetStream off): the user's to fix.
+        if matches!(
+            cause.downcast_ref::<DaemonError>(),
+            Some(DaemonError::Cluster(_))
+        ) {
+            return true;
+        }
         let spool = cause.downcast_ref::<SpoolError>().or_else(|| {
             match cause.downcast_ref::<DaemonError>() {
                 Some(DaemonError::Spool(e)) => Some(e),

@@ -17,6 +17,7 @@ const ORDER: &[&[&str]] = &[
     ],
     &["source"],
     &["spool"],
+    &["cluster"],
     &["delivery"],
     &["pipeline"],
     &["actions"],

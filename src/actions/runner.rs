@@ -1197,6 +1197,7 @@ mod tests {
                 spool.clone(),
                 writer.clone(),
                 rules_rx,
+                None,
                 cancel.clone(),
             )),
             tokio::spawn(run(

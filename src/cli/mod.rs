@@ -497,6 +497,11 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub delivery: DeliveryArgs,
+
+    /// Join the relays sharing this NATS JetStream (cluster mode; `[cluster]` in the config
+    /// names it and sets the rest). May hold a password: prefer the environment variable.
+    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub nats_url: Option<crate::secret::SecretString>,
 }
 
 #[derive(Debug, Args)]

@@ -120,7 +120,7 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<(Option<Arc<Spool>>, 
     };
     let to = Destination {
         channel: channel.url.to_string(),
-        routes: routes_of(&plan, actions),
+        routes: routes_of(&plan, actions, config.cluster.is_some()),
         ignore_events: channel.ignore_events.clone(),
     };
     // A relay that has not run yet: the spool is made, and it delivers them when it starts.

@@ -325,6 +325,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         metrics_listen: None,
         actions: Some(demo_actions(&port_api)),
         reconcile: None,
+        cluster: None,
     };
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
     let relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));

@@ -73,6 +73,7 @@ pub async fn forward_saving(
         metrics_listen: options.metrics_listen,
         actions: None,
         reconcile: None,
+        cluster: None,
     };
     // `forward` has no config file to reload.
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);

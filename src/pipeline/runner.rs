@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port, reconcile,
 };
+use crate::cluster::SharedState;
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
@@ -56,6 +57,7 @@ pub async fn run(
     spool: Arc<Spool>,
     writer: SpoolWriter,
     rules: watch::Receiver<Arc<Pipeline>>,
+    shared: Option<SharedState>,
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
@@ -70,11 +72,31 @@ pub async fn run(
     let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
     let mut appended = writer.appended();
     let mut cursor = 0;
+    // In a cluster, the revision of the shared states `states` was read at.
+    let mut revision = 0;
     while !cancel.is_cancelled() {
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
+        if let Some(shared) = &shared {
+            match load_shared(shared).await {
+                Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
+                None => {
+                    wait(&cancel, Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
         // Held alerts whose time has come.
         let matured = pipeline.mature(states.iter(), clock.now_ms());
+        if !matured.is_empty()
+            && let Some(shared) = &shared
+        {
+            let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
+            if !store_shared(shared, &states, changes, revision).await {
+                // Another instance moved first (it fires them) or NATS is away: read again.
+                continue;
+            }
+        }
         if !matured.is_empty() {
             let mut writes = Vec::new();
             let mut alerts = Vec::new();
@@ -119,8 +141,17 @@ pub async fn run(
             }
             continue;
         }
-        for item in queued {
+        for (n, item) in queued.into_iter().enumerate() {
             let id = item.event.id;
+            // In a cluster, each event is judged against the states as they are now.
+            if n > 0
+                && let Some(shared) = &shared
+            {
+                match load_shared(shared).await {
+                    Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
+                    None => break,
+                }
+            }
             let mark = |outcome| Write::Mark {
                 route: PIPELINE_ROUTE.into(),
                 seq: item.seq,
@@ -283,6 +314,14 @@ pub async fn run(
                     value: Some(serde_json::to_vec(done).expect("a mark serialises")),
                 });
             }
+            // Compare-and-set first: of two instances judging with the same states, one wins
+            // and sends; the other judges again against the winner's states.
+            if let Some(shared) = &shared
+                && !new_states.is_empty()
+                && !store_shared(shared, &states, new_states.clone(), revision).await
+            {
+                break;
+            }
             if !commit(&writer, writes).await {
                 // Not recorded: stop here and read the queue again from this event.
                 break;
@@ -436,6 +475,72 @@ fn carries_run(body: &[u8]) -> bool {
     ["/run/id", "/context/runId", "/port_context/runId"]
         .iter()
         .any(|path| value.pointer(path).is_some_and(|v| v.is_string()))
+}
+
+/// The cluster's alert states and their revision; `None` (logged) if NATS cannot say.
+async fn load_shared(shared: &SharedState) -> Option<(HashMap<String, AlertState>, u64)> {
+    match shared.load().await {
+        Ok((None, revision)) => Some((HashMap::new(), revision)),
+        Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes) {
+            Ok(states) => Some((states, revision)),
+            Err(e) => {
+                error!(
+                    "the cluster's alert states are not what a relay writes ({e}); starting from OK"
+                );
+                Some((HashMap::new(), revision))
+            }
+        },
+        Err(e) => {
+            warn!(
+                "cannot read the cluster's alert states, waiting: {}",
+                crate::error::chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Store `states` with `changes` if the cluster's states are still at `revision`. False if
+/// another instance changed them first (or NATS is away, logged): nothing is sent then.
+async fn store_shared(
+    shared: &SharedState,
+    states: &HashMap<String, AlertState>,
+    changes: impl IntoIterator<Item = (String, AlertState)>,
+    revision: u64,
+) -> bool {
+    let mut next = states.clone();
+    for (key, state) in changes {
+        if state == AlertState::default() {
+            next.remove(&key);
+        } else {
+            next.insert(key, state);
+        }
+    }
+    let bytes = serde_json::to_vec(&next).expect("states serialise");
+    match shared.store(bytes.into(), revision).await {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::debug!(
+                "the cluster's alert states changed meanwhile (another instance); judging again"
+            );
+            false
+        }
+        Err(e) => {
+            warn!(
+                "cannot store the cluster's alert states, waiting: {}",
+                crate::error::chain(&e)
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            false
+        }
+    }
+}
+
+async fn wait(cancel: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
 }
 
 /// Where the pipeline's per-entity "evaluated" marks live among the alert states: a prefix no
@@ -604,7 +709,13 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules_rx,
+            None,
+            cancel.clone(),
+        ));
         let alerts = |spool: &Spool| spool.pending(ALERT_ROUTE, 0, 10).unwrap();
         // The writer is a thread: what it commits is waited for in real time, inside a
         // blocking task, which also keeps the paused clock from jumping ahead meanwhile.
@@ -698,7 +809,13 @@ mod tests {
         let (older, hot) = (ids[0].unwrap(), ids[1].unwrap());
         let cancel = CancellationToken::new();
         let (rules, rules_rx) = watch::channel(Arc::new(strict));
-        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules_rx,
+            None,
+            cancel.clone(),
+        ));
         let settled = || async {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
@@ -797,7 +914,13 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = tokio::spawn(run(spool.clone(), writer.clone(), rules_rx, cancel.clone()));
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules_rx,
+            None,
+            cancel.clone(),
+        ));
         let settled = || async {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {

@@ -6,6 +6,11 @@
 //! Port API --reconciler (at start, on each pipeline channel's reconnect, every interval)--> spool --> pipeline
 //! ```
 //!
+//! With `[cluster]` (see [`crate::cluster`]) the intake queues each channel's events on one
+//! local route only, its outbox, whose sink publishes them to NATS; each delivery route (and
+//! the pipeline and actions queues) is fed from its shared NATS consumer instead of the intake.
+//! The alert and Port report routes stay local to the instance that produced them.
+//!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
 //! config file. Shutdown runs the pipe dry from the front: sources stop, intakes store what they
 //! took, routes finish the delivery in flight (cut off at `--shutdown-timeout`), the writer
@@ -29,6 +34,7 @@ use tracing::{error, info, warn};
 
 use super::health::{self, Health};
 use super::systemd;
+use crate::cluster::{Cluster, ClusterError};
 use crate::counters::Counters;
 use crate::delivery::forward::Forwarder;
 use crate::delivery::{self, RetryPolicy, Sink};
@@ -67,6 +73,10 @@ pub enum DaemonError {
     Listen(std::net::SocketAddr, #[source] std::io::Error),
     #[error("cannot start metrics")]
     Metrics(#[source] metrics_exporter_prometheus::BuildError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("[cluster] changed; that takes a restart")]
+    ClusterChanged,
 }
 
 /// Events received but not yet stored; beyond this a source waits (backpressure).
@@ -102,6 +112,8 @@ pub struct Plan {
     )>,
     /// Reconciling alert state with Port's API (`[port] reconcile`), when the pipeline runs.
     pub reconcile: Option<ReconcilePlan>,
+    /// `[cluster]`: share the work with other relays through NATS JetStream.
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 /// What the reconciler needs: Port's API and how often to read it.
@@ -122,12 +134,18 @@ pub async fn run(
         path: plan.state_dir.clone(),
         source,
     })?;
+    // NATS first: unreachable at start is the user's to fix (exit 2), before anything runs.
+    let cluster = match &plan.cluster {
+        Some(settings) => Some(Cluster::connect(settings.clone()).await?),
+        None => None,
+    };
     let spool = Arc::new(Spool::open(&plan.state_dir)?);
     info!(spool = %spool.path().display(), "spool open");
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
     let health = Arc::new(Health {
         channels: Default::default(),
         spool_writable: writer.writable(),
+        cluster: cluster.clone(),
     });
     if let Some(addr) = plan.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -159,6 +177,9 @@ pub async fn run(
         actions: None,
         gaps: Arc::new(Gaps::default()),
         reconciler: None,
+        cluster,
+        handed_back: false,
+        shutdown_timeout: plan.retry.shutdown_timeout,
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
@@ -177,6 +198,7 @@ pub async fn run(
             spool.clone(),
             health,
             runtime.counters.clone(),
+            runtime.cluster.clone(),
             cancel.clone(),
         )),
     ];
@@ -239,6 +261,22 @@ pub async fn run(
 struct Task {
     cancel: CancellationToken,
     handles: Vec<tokio::task::JoinHandle<()>>,
+    /// Fires once the task that consumes the local queue (the first handle) has returned,
+    /// its last marks committed: a cluster feeder then knows whether its message was finished.
+    done: CancellationToken,
+}
+
+/// Spawn what consumes a local queue; the token fires once it has returned.
+fn spawn_local(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    let done = CancellationToken::new();
+    let fired = done.clone();
+    let handle = tokio::spawn(async move {
+        work.await;
+        fired.cancel();
+    });
+    (handle, done)
 }
 
 impl Task {
@@ -309,8 +347,65 @@ fn route_name(target: &TargetUrl) -> String {
 
 /// The spool queue of `channel`'s deliveries to `target` ([`spool::route_key`]).
 fn route_key(channel: &ChannelPlan, target: &TargetUrl) -> String {
-    let channel_key = spool::lock::channel_key(channel.source.channel.expose().as_str());
-    spool::route_key(&channel_key, &route_name(target))
+    spool::route_key(&channel_key(channel), &route_name(target))
+}
+
+/// A channel's key in the spool (and, hashed, its subject in a cluster).
+fn channel_key(channel: &ChannelPlan) -> String {
+    spool::lock::channel_key(channel.source.channel.expose().as_str())
+}
+
+/// The outbox never gives up: a frame waits in the local spool until NATS has it. Retries
+/// stay frequent so it is published soon after NATS returns.
+fn outbox_policy(shutdown_timeout: Duration) -> RetryPolicy {
+    RetryPolicy {
+        backoff: crate::retry::BackoffPolicy {
+            min: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        },
+        max_age: Duration::from_secs(100 * 365 * 24 * 3600),
+        max_retry_after: Duration::from_secs(2),
+        shutdown_timeout,
+    }
+}
+
+/// Publishing to the cluster's stream, as a delivery route (the outbox).
+struct Publish {
+    cluster: Cluster,
+    /// The channel's spool key: its subject and its frames' message ids derive from it.
+    channel_key: String,
+}
+
+impl Sink for Publish {
+    fn describe(&self) -> String {
+        format!("NATS publish (cluster {})", self.cluster.settings().name)
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        event: &'a spool::StoredEvent,
+        _delivery_id: &'a str,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<delivery::forward::Delivered, delivery::forward::ForwardError>,
+    > {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            self.cluster
+                .publish(
+                    &self.channel_key,
+                    &event.channel,
+                    &event.event,
+                    event.received_ms,
+                )
+                .await
+                .map(|_| delivery::forward::Delivered {
+                    status: reqwest::StatusCode::OK,
+                    elapsed: started.elapsed(),
+                })
+                .map_err(|e| delivery::forward::ForwardError::Connection(crate::error::chain(&e)))
+        })
+    }
 }
 
 /// Whether a running source can keep going with `new`'s settings.
@@ -363,6 +458,13 @@ struct Runtime {
     pipeline: Option<PipelineTask>,
     /// The actions route and the Port reports route.
     actions: Option<ActionsTask>,
+    /// `[cluster]`: routes are fed from NATS consumers, receipts published to NATS.
+    cluster: Option<Cluster>,
+    /// Whether the local copies of cluster deliveries an earlier run left unfinished were
+    /// handed back (once, before the first route starts).
+    handed_back: bool,
+    /// `--shutdown-timeout` as of the last plan, for the outbox routes.
+    shutdown_timeout: Duration,
     /// Where the watchers of pipeline channels report reconnections, for the reconciler.
     gaps: Arc<Gaps>,
     /// The Port reconciler, when it runs.
@@ -401,11 +503,25 @@ impl Runtime {
                 to: show(plan.metrics_listen),
             });
         }
+        let shown = |c: &Option<crate::cluster::Settings>| {
+            c.as_ref().map(|c| (c.shown_url(), c.name.clone()))
+        };
+        if shown(&plan.cluster)
+            != self
+                .cluster
+                .as_ref()
+                .map(|c| (c.settings().shown_url(), c.settings().name.clone()))
+        {
+            return Err(DaemonError::ClusterChanged);
+        }
         // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
         let mut targets: BTreeMap<String, TargetUrl> = BTreeMap::new();
+        // In a cluster, each route's consumer reads its channel's subject.
+        let mut route_channels: HashMap<String, String> = HashMap::new();
         for channel in &plan.channels {
             for target in &channel.forward {
                 let key = route_key(channel, target);
+                route_channels.insert(key.clone(), channel_key(channel));
                 match targets.get(&key) {
                     Some(seen) if seen != target => {
                         return Err(DaemonError::SameTarget(route_name(target)));
@@ -459,7 +575,18 @@ impl Runtime {
         }
 
         // The reconciler's client, if it (re)starts: built now, so a failure refuses the reload.
-        let reconcile = match plan.reconcile.filter(|_| plan.pipeline.is_some()) {
+        // In a cluster every instance would judge its own snapshot and send its own alerts:
+        // reconciliation does not yet go through the shared alert state, so it stays off there.
+        if plan.reconcile.is_some() && plan.pipeline.is_some() && self.cluster.is_some() {
+            warn!(
+                "Port reconciliation is off in cluster mode (it does not yet use the cluster's \
+                 shared alert state); set [port] reconcile = \"off\" to silence this"
+            );
+        }
+        let reconcile = match plan
+            .reconcile
+            .filter(|_| plan.pipeline.is_some() && self.cluster.is_none())
+        {
             Some(wanted)
                 if !self.reconciler.as_ref().is_some_and(|r| {
                     r.plan.api.same_as(&wanted.api) && r.plan.interval == wanted.interval
@@ -482,6 +609,7 @@ impl Runtime {
         // 2. The handover: stop what goes or changes (at an event boundary, its marks
         // committed), then start what replaces it. Nothing here fails.
         let mut changes = Vec::new();
+        self.shutdown_timeout = plan.retry.shutdown_timeout;
         let mut kept_locks = HashMap::new();
         let stopping: Vec<String> = self
             .channels
@@ -502,9 +630,11 @@ impl Runtime {
         }
         let actions_on = plan.actions.is_some();
         for (key, running) in &self.channels {
-            running
-                .routes
-                .send_replace(routes_of(&wanted[key], actions_on));
+            running.routes.send_replace(routes_of(
+                &wanted[key],
+                actions_on,
+                self.cluster.is_some(),
+            ));
         }
         for name in stale_routes {
             let old = self.routes.remove(&name).expect("listed");
@@ -514,8 +644,42 @@ impl Runtime {
                 changes.push(format!("target {} removed", spool::route_name(&name)));
             }
         }
+        if let Some(cluster) = &self.cluster
+            && !std::mem::replace(&mut self.handed_back, true)
+        {
+            let mut routes: Vec<String> = targets.keys().cloned().collect();
+            routes.extend([
+                PIPELINE_ROUTE.to_string(),
+                crate::actions::ACTIONS_ROUTE.to_string(),
+            ]);
+            let spool = self.spool.clone();
+            let writer = self.writer.clone();
+            let count = tokio::task::spawn_blocking(move || {
+                crate::cluster::hand_back(&spool, &writer, &routes)
+            })
+            .await
+            .unwrap_or(0);
+            if count > 0 {
+                info!(
+                    deliveries = count,
+                    cluster = %cluster.settings().name,
+                    "handed back to the cluster the deliveries the last run took but did not finish"
+                );
+            }
+        }
+        let pipeline_subjects: Vec<String> = match &self.cluster {
+            Some(cluster) => wanted
+                .values()
+                .filter(|c| c.pipeline)
+                .map(|c| cluster.subject(&channel_key(c)))
+                .collect(),
+            None => Vec::new(),
+        };
         for (key, target, forwarder) in new_routes {
-            let task = self.route(key.clone(), forwarder, plan.retry);
+            let mut task = self.route(key.clone(), forwarder, plan.retry);
+            if let Some(channel) = route_channels.get(&key) {
+                self.feed(&mut task, &key, vec![self.subject(channel)]);
+            }
             changes.push(format!("target {} started", spool::route_name(&key)));
             self.routes.insert(key, RouteTask { target, task });
         }
@@ -547,20 +711,24 @@ impl Runtime {
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
                         let cancel = self.cancel.child_token();
-                        let handle = tokio::spawn(runner::run(
+                        let shared = self
+                            .cluster
+                            .as_ref()
+                            .map(|cluster| cluster.shared_state("alert-states"));
+                        let (handle, done) = spawn_local(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             rules_rx,
+                            shared,
                             cancel.clone(),
                         ));
-                        (
-                            Task {
-                                cancel,
-                                handles: vec![handle],
-                            },
-                            rules,
-                            pipeline_lock.clone().expect("taken in step 1"),
-                        )
+                        let mut task = Task {
+                            cancel,
+                            handles: vec![handle],
+                            done,
+                        };
+                        self.feed(&mut task, PIPELINE_ROUTE, pipeline_subjects.clone());
+                        (task, rules, pipeline_lock.clone().expect("taken in step 1"))
                     }
                 };
                 let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
@@ -573,7 +741,7 @@ impl Runtime {
             }
         }
 
-        self.apply_actions(plan.actions, plan.retry, &mut changes)
+        self.apply_actions(plan.actions, plan.retry, &mut changes, &pipeline_subjects)
             .await;
         self.apply_reconcile(reconcile, &mut changes).await;
 
@@ -603,7 +771,7 @@ impl Runtime {
         actions_on: bool,
     ) -> Option<ChannelTask> {
         let url = channel.source.channel.clone();
-        let routes = routes_of(channel, actions_on);
+        let routes = routes_of(channel, actions_on, self.cluster.is_some());
         info!(channel = %url, routes = ?routes, "subscribing");
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
         // A spool from before queues were per channel: this channel's share moves over.
@@ -688,8 +856,29 @@ impl Runtime {
                 cancel.clone(),
             )));
         }
+        if let Some(cluster) = &self.cluster {
+            // The outbox: what this instance received, published until NATS has it.
+            let outbox = crate::cluster::outbox_route(&channel_key(channel));
+            let sink = Arc::new(Publish {
+                cluster: cluster.clone(),
+                channel_key: channel_key(channel),
+            });
+            handles.push(tokio::spawn(delivery::run_route(
+                self.spool.clone(),
+                self.writer.clone(),
+                outbox,
+                sink,
+                outbox_policy(self.shutdown_timeout),
+                self.counters.clone(),
+                cancel.clone(),
+            )));
+        }
         Some(ChannelTask {
-            task: Task { cancel, handles },
+            task: Task {
+                cancel,
+                handles,
+                done: CancellationToken::new(),
+            },
             source: channel.source.clone(),
             routes: routes_tx,
             status,
@@ -708,6 +897,7 @@ impl Runtime {
         )>,
         retry: RetryPolicy,
         changes: &mut Vec<String>,
+        pipeline_subjects: &[String],
     ) {
         use crate::actions::{REPORT_ROUTE, runner};
         match (plan, self.actions.take()) {
@@ -729,16 +919,22 @@ impl Runtime {
                     None => {
                         let (config, config_rx) = watch::channel(actions);
                         let cancel = self.cancel.child_token();
-                        let handle = tokio::spawn(runner::run(
+                        let (handle, done) = spawn_local(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             config_rx,
                             cancel.clone(),
                         ));
-                        let task = Task {
+                        let mut task = Task {
                             cancel,
                             handles: vec![handle],
+                            done,
                         };
+                        self.feed(
+                            &mut task,
+                            crate::actions::ACTIONS_ROUTE,
+                            pipeline_subjects.to_vec(),
+                        );
                         (task, config)
                     }
                 };
@@ -788,13 +984,40 @@ impl Runtime {
             task: Task {
                 cancel,
                 handles: vec![handle],
+                done: CancellationToken::new(),
             },
         });
     }
 
+    /// In a cluster: feed local `route` from its NATS consumer on `subjects`, as part of `task`.
+    fn feed(&self, task: &mut Task, route: &str, subjects: Vec<String>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        if subjects.is_empty() {
+            return;
+        }
+        task.handles.push(tokio::spawn(cluster.clone().feed(
+            route.to_string(),
+            subjects,
+            self.spool.clone(),
+            self.writer.clone(),
+            task.cancel.clone(),
+            task.done.clone(),
+        )));
+    }
+
+    /// A channel's subject in the cluster's stream.
+    fn subject(&self, channel_key: &str) -> String {
+        self.cluster
+            .as_ref()
+            .map(|c| c.subject(channel_key))
+            .unwrap_or_default()
+    }
+
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
         let cancel = self.cancel.child_token();
-        let handle = tokio::spawn(delivery::run_route(
+        let (handle, done) = spawn_local(delivery::run_route(
             self.spool.clone(),
             self.writer.clone(),
             name,
@@ -806,6 +1029,7 @@ impl Runtime {
         Task {
             cancel,
             handles: vec![handle],
+            done,
         }
     }
 }
@@ -820,8 +1044,12 @@ enum Reconcile {
     Off,
 }
 
-/// The spool routes a channel's events are queued on.
-pub fn routes_of(channel: &ChannelPlan, actions: bool) -> Vec<String> {
+/// The spool routes a channel's events are queued on: in a cluster, only its outbox (the
+/// routes are fed from NATS).
+pub fn routes_of(channel: &ChannelPlan, actions: bool, cluster: bool) -> Vec<String> {
+    if cluster {
+        return vec![crate::cluster::outbox_route(&channel_key(channel))];
+    }
     let mut routes: Vec<String> = channel
         .forward
         .iter()
@@ -841,6 +1069,7 @@ async fn report_status(
     spool: Arc<Spool>,
     health: Arc<Health>,
     counters: Arc<Counters>,
+    cluster: Option<Cluster>,
     cancel: CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -870,8 +1099,35 @@ async fn report_status(
             .write_error()
             .map(|why| format!("intake paused, the spool does not take writes: {why}; "))
             .unwrap_or_default();
+        // In a cluster: whether NATS is there, and which routes this instance delivers.
+        let cluster_part = match &cluster {
+            Some(cluster) => {
+                let connected = cluster.connected();
+                metrics::gauge!("smee_relay_cluster_connected").set(if connected {
+                    1.0
+                } else {
+                    0.0
+                });
+                let routes = cluster.delivering(Duration::from_secs(60));
+                format!(
+                    "cluster {} ({}), delivering: {}; ",
+                    cluster.settings().name,
+                    if connected {
+                        "NATS up"
+                    } else {
+                        "NATS DOWN, receipts kept locally"
+                    },
+                    if routes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        routes.join(", ")
+                    }
+                )
+            }
+            None => String::new(),
+        };
         let line = format!(
-            "{paused}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
+            "{paused}{cluster_part}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
             counters.received.load(Relaxed),
             counters.delivered.load(Relaxed),
             counters.retried.load(Relaxed),

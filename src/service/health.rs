@@ -37,6 +37,8 @@ pub struct Health {
     pub channels: std::sync::Mutex<Vec<Arc<ChannelStatus>>>,
     /// False after a failed spool commit, true again after a good one (set by the writer).
     pub spool_writable: Arc<AtomicBool>,
+    /// In a cluster: NATS unreachable past the grace period is a problem.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Health {
@@ -57,6 +59,9 @@ impl Health {
                     humantime::format_duration(channel.idle_timeout)
                 ));
             }
+        }
+        if let Some(problem) = self.cluster.as_ref().and_then(|c| c.problem()) {
+            problems.push(problem);
         }
         if !self.spool_writable.load(Ordering::Relaxed) {
             problems.push("the spool does not take writes (see the log)".into());

@@ -61,7 +61,13 @@ pub struct SpoolWriter {
     /// Where finished deliveries are recorded before their commit; `None` if it could not be
     /// created (then a crash repeats what finished since the last commit).
     journal: Option<Arc<Journal>>,
+    /// Told `(route, event id)` of each finished delivery as soon as it is durable (journaled
+    /// or committed): the cluster's consumers ack an event on NATS only after that.
+    finished: tokio::sync::broadcast::Sender<(String, u64)>,
 }
+
+/// How many finished deliveries a slow listener of [`SpoolWriter::finished`] may fall behind.
+const FINISHED_BACKLOG: usize = 1024;
 
 impl SpoolWriter {
     /// Start the writer thread. First applies the journals of relays that died (so their
@@ -120,6 +126,7 @@ impl SpoolWriter {
                 writable,
                 appended,
                 journal,
+                finished: tokio::sync::broadcast::channel(FINISHED_BACKLOG).0,
             },
             thread,
         )
@@ -134,8 +141,18 @@ impl SpoolWriter {
             reply: Some(reply),
             journaled: 0,
         };
+        let marks: Vec<(String, u64)> = writes_finished(&job.writes).collect();
         self.jobs.send(job).map_err(|_| SpoolError::WriterStopped)?;
-        answer.await.map_err(|_| SpoolError::WriterStopped)?
+        let appended = answer.await.map_err(|_| SpoolError::WriterStopped)??;
+        for mark in marks {
+            let _ = self.finished.send(mark);
+        }
+        Ok(appended)
+    }
+
+    /// `(route, event id)` of each delivery finished from now on, once it is durable.
+    pub fn finished(&self) -> tokio::sync::broadcast::Receiver<(String, u64)> {
+        self.finished.subscribe()
     }
 
     /// Append events and wait until they are on disk. Returns each event's id, or `None` if
@@ -177,7 +194,9 @@ impl SpoolWriter {
     /// of the same route. An error means the journal could not be written (disk full): the
     /// mark was not sent, and the caller should try again rather than go on.
     pub fn finish(&self, mark: Write) -> Result<(), SpoolError> {
+        let done: Vec<(String, u64)> = writes_finished(std::slice::from_ref(&mark)).collect();
         let Some(journal) = &self.journal else {
+            // Durable only once committed: listeners find it in the spool then.
             self.send(vec![mark], 0);
             return Ok(());
         };
@@ -189,6 +208,9 @@ impl SpoolWriter {
             })?;
         // Sent under no lock: the writer counts journaled marks, not their order.
         self.send(vec![mark], 1);
+        for mark in done {
+            let _ = self.finished.send(mark);
+        }
         Ok(())
     }
 
@@ -210,6 +232,19 @@ impl SpoolWriter {
             error!("the spool writer has stopped: attempts were not recorded");
         }
     }
+}
+
+/// The deliveries among `writes` that finished (delivered or given up on).
+fn writes_finished(writes: &[Write]) -> impl Iterator<Item = (String, u64)> + '_ {
+    writes.iter().filter_map(|write| match write {
+        Write::Mark {
+            route,
+            event,
+            outcome: super::Outcome::Delivered { .. } | super::Outcome::Dead { .. },
+            ..
+        } => Some((route.clone(), *event)),
+        _ => None,
+    })
 }
 
 /// The thread that owns every write to the spool (redb is blocking, and one writer at a time
@@ -440,6 +475,7 @@ mod tests {
         let health = crate::service::health::Health {
             channels: Default::default(),
             spool_writable: writer.writable(),
+            cluster: None,
         };
         assert!(!health.problems().is_empty(), "/healthz turns 503");
         // A delivery that finishes meanwhile is kept (journal) and committed later.

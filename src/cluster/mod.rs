@@ -1,0 +1,771 @@
+//! Cluster mode (`[cluster]`): relays on several machines share the work through NATS
+//! JetStream. The cluster is a shared spool: this module owns the connection, the stream the
+//! frames are published to, the durable consumers (one per route, shared by every instance) and
+//! the KV bucket that holds the alert state.
+//!
+//! ```text
+//! channel --SSE--> intake --> local spool, route "outbox" --publish (Nats-Msg-Id)--> stream
+//! stream --durable consumer per route (one in flight)--> local spool, the route's queue --> run_route
+//! ```
+//!
+//! Every instance subscribes to every channel and publishes every frame it receives; the
+//! message id is a hash of the frame (identical on every instance), so the stream stores it
+//! once. Each route's consumer has at most one message in flight cluster-wide
+//! (`max_ack_pending = 1`): the instance that got it queues it on its local spool, where the
+//! ordinary route (`delivery::run_route`) delivers it, and acks it on NATS only once that
+//! delivery is durable (journaled). An instance that dies stops renewing its lease (progress
+//! acks) and another takes the message over after the ack wait.
+//!
+//! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
+//! pipeline does; this module only stores its bytes with compare-and-set).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::event::Event;
+use crate::secret::{ExposeSecret as _, SecretString};
+use crate::spool::writer::SpoolWriter;
+use crate::spool::{Outcome, Spool, Write};
+
+/// The local spool route a channel's frames wait on until they are published.
+pub fn outbox_route(channel_key: &str) -> String {
+    crate::spool::route_key(channel_key, "nats-outbox")
+}
+
+/// Whether a local spool route is a cluster outbox (never delivered by a consumer).
+pub fn is_outbox(route: &str) -> bool {
+    crate::spool::route_name(route) == "nats-outbox"
+}
+
+/// `[cluster]`: where NATS is and how this relay joins it.
+#[derive(Clone)]
+pub struct Settings {
+    /// `nats://host:4222` (may hold a user and password: a secret).
+    pub url: SecretString,
+    /// Relays with the same name share the stream, the consumers and the alert state.
+    pub name: String,
+    /// A NATS credentials file (JWT and nkey seed), if the server wants one.
+    pub credentials: Option<PathBuf>,
+    /// A CA bundle (PEM) to trust for `tls://` servers, beyond the system roots.
+    pub ca: Option<PathBuf>,
+    /// How long a route's message in flight may go without news from the instance holding it
+    /// before another instance takes it over (the failover time).
+    pub ack_wait: Duration,
+    /// How long NATS may be unreachable before `/healthz` fails.
+    pub health_grace: Duration,
+    /// How far apart two instances' copies of one frame may be published and still be stored
+    /// once (JetStream's duplicate window).
+    pub dedupe_window: Duration,
+    /// How long the stream keeps frames (consumers further behind than this lose them).
+    pub max_age: Duration,
+    /// Copies of the stream and the KV bucket across NATS servers: 3 on a 3-node NATS
+    /// cluster, so losing one server loses no frame, ack or alert state.
+    pub replicas: usize,
+}
+
+impl Settings {
+    /// The defaults for a URL and name.
+    pub fn new(url: SecretString, name: String) -> Settings {
+        Settings {
+            url,
+            name,
+            credentials: None,
+            ca: None,
+            ack_wait: Duration::from_secs(30),
+            health_grace: Duration::from_secs(30),
+            dedupe_window: Duration::from_secs(2 * 3600),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
+        }
+    }
+
+    /// The URL for logs: the password, if any, redacted.
+    pub fn shown_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &self.shown_url())
+            .field("name", &self.name)
+            .field("credentials", &self.credentials)
+            .field("ca", &self.ca)
+            .field("ack_wait", &self.ack_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `nats://user:secret@host` -> `nats://user:***@host`; a token alone (`nats://tok@host`)
+/// is hidden whole.
+fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact_one(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(split) => split,
+        None => return url.to_string(),
+    };
+    let auth = match auth.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{auth}@{host}")
+}
+
+/// What stops the cluster from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read the NATS credentials file {0}")]
+    Credentials(PathBuf, #[source] std::io::Error),
+    #[error("cannot connect to NATS at {0} (is nats-server running with -js, and reachable?)")]
+    Connect(String, #[source] async_nats::ConnectError),
+    #[error("cannot create the JetStream stream {0} (is JetStream enabled on the server: -js?)")]
+    Stream(String, #[source] async_nats::Error),
+    #[error("cannot create the JetStream KV bucket {0}")]
+    Bucket(String, #[source] async_nats::Error),
+    #[error("invalid cluster name {0:?}: use letters, digits, '-' and '_'")]
+    Name(String),
+}
+
+/// A JetStream operation that failed (the caller retries).
+#[derive(Debug, thiserror::Error)]
+#[error("NATS: {0}")]
+pub struct NatsError(#[source] pub async_nats::Error);
+
+/// How a frame travels in the stream.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    /// The channel as displayed (secret parts redacted): the local spool's `channel` field.
+    channel: String,
+    /// When the publishing instance received it (ms since the epoch).
+    received_ms: u64,
+    event: Event,
+}
+
+/// Live figures for `/metrics`, `/healthz` and STATUS=.
+#[derive(Default)]
+pub struct ClusterStatus {
+    /// Whether the connection is up.
+    pub connected: AtomicBool,
+    /// When it went down (ms since the epoch), 0 while up.
+    pub down_since_ms: AtomicU64,
+    /// Per route (display name): when this instance last took a message of it (ms).
+    pub delivering: Mutex<HashMap<String, u64>>,
+}
+
+/// A connection to the cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    stream_name: String,
+    settings: Arc<Settings>,
+    kv: kv::Store,
+    pub status: Arc<ClusterStatus>,
+}
+
+impl Cluster {
+    /// Connect, and create the stream and the KV bucket if they do not exist. Fails (and the
+    /// daemon exits 2) if NATS is unreachable now.
+    pub async fn connect(settings: Settings) -> Result<Cluster, ClusterError> {
+        if settings.name.is_empty()
+            || !settings
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ClusterError::Name(settings.name.clone()));
+        }
+        let status = Arc::new(ClusterStatus::default());
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("smee-relay/{}", settings.name))
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(path) = &settings.credentials {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| ClusterError::Credentials(path.clone(), e))?;
+        }
+        if let Some(ca) = &settings.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let events = status.clone();
+        options = options.event_callback(move |event| {
+            let status = events.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if !status.connected.swap(true, Ordering::Relaxed) {
+                            info!("NATS connection is back");
+                        }
+                        status.down_since_ms.store(0, Ordering::Relaxed);
+                    }
+                    async_nats::Event::Disconnected => {
+                        status.connected.store(false, Ordering::Relaxed);
+                        let _ = status.down_since_ms.compare_exchange(
+                            0,
+                            crate::clock::now_ms(),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                        warn!("NATS connection lost; receipts stay in the local spool until it returns");
+                    }
+                    other => info!("NATS: {other}"),
+                }
+            }
+        });
+        let shown = settings.shown_url();
+        // `nats://a:4222,nats://b:4222`: the client fails over between the servers.
+        let servers: Vec<&str> = settings
+            .url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = options
+            .connect(servers)
+            .await
+            .map_err(|e| ClusterError::Connect(shown.clone(), e))?;
+        status.connected.store(true, Ordering::Relaxed);
+        let js = jetstream::new(client.clone());
+        let stream_name = format!("SMEE_{}", settings.name);
+        js.get_or_create_stream(stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![format!("smee.{}.>", settings.name)],
+            storage: stream::StorageType::File,
+            duplicate_window: settings.dedupe_window,
+            max_age: settings.max_age,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ClusterError::Stream(stream_name.clone(), e.into()))?;
+        let bucket = format!("smee_{}_alerts", settings.name);
+        let kv = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::Bucket(bucket.clone(), e.into()))?,
+        };
+        info!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        Ok(Cluster {
+            js,
+            client,
+            stream_name,
+            settings: Arc::new(settings),
+            kv,
+            status,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The subject a channel's frames are published on (the channel's key hashed: it holds
+    /// the channel id, a secret, and has characters a subject cannot).
+    pub fn subject(&self, channel_key: &str) -> String {
+        format!("smee.{}.ch.{}", self.settings.name, short_hash(channel_key))
+    }
+
+    /// Publish one received frame, stored once however many instances publish it (within the
+    /// dedupe window). Returns whether the stream already had it.
+    pub async fn publish(
+        &self,
+        channel_key: &str,
+        channel: &str,
+        event: &Event,
+        received_ms: u64,
+    ) -> Result<bool, NatsError> {
+        let id = message_id(channel_key, event);
+        let payload = serde_json::to_vec(&Envelope {
+            channel: channel.to_string(),
+            received_ms,
+            event: event.clone(),
+        })
+        .map_err(|e| NatsError(e.into()))?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(payload))
+            .message_id(id);
+        let ack = self
+            .js
+            .send_publish(self.subject(channel_key), publish)
+            .await
+            .map_err(|e| NatsError(e.into()))?
+            .await
+            .map_err(|e| NatsError(e.into()))?;
+        Ok(ack.duplicate)
+    }
+
+    /// Why `/healthz` should fail, if NATS has been unreachable for longer than the grace.
+    pub fn problem(&self) -> Option<String> {
+        let since = self.status.down_since_ms.load(Ordering::Relaxed);
+        if since == 0 || self.status.connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        let down = Duration::from_millis(crate::clock::now_ms().saturating_sub(since));
+        (down > self.settings.health_grace).then(|| {
+            format!(
+                "NATS at {} unreachable for {} (grace {})",
+                self.settings.shown_url(),
+                humantime::format_duration(Duration::from_secs(down.as_secs())),
+                humantime::format_duration(self.settings.health_grace)
+            )
+        })
+    }
+
+    /// The routes (display names) this instance took a message of within `recent`.
+    pub fn delivering(&self, recent: Duration) -> Vec<String> {
+        let now = crate::clock::now_ms();
+        let mut routes: Vec<String> = self
+            .status
+            .delivering
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) <= recent.as_millis() as u64)
+            .map(|(route, _)| route.clone())
+            .collect();
+        routes.sort();
+        routes
+    }
+
+    /// The alert state, shared by every instance.
+    pub fn shared_state(&self, key: &str) -> SharedState {
+        SharedState {
+            kv: self.kv.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    /// Feed local `route` from its durable consumer (on `subjects`) until `cancel`: take one
+    /// message, queue it on the local spool, wait until the local route finished it (durably),
+    /// then ack it. While it is being delivered the lease is renewed (progress acks), so a
+    /// slow target never hands it to another instance; a dead instance stops renewing.
+    pub async fn feed(
+        self,
+        route: String,
+        subjects: Vec<String>,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        cancel: CancellationToken,
+        route_done: CancellationToken,
+    ) {
+        let label = crate::spool::route_name(&route).to_string();
+        let durable = format!("route_{}", short_hash(&route));
+        let names = RouteNames {
+            label: label.clone(),
+            route: route.clone(),
+            floor_key: format!("floor.{durable}"),
+        };
+        let mut said = false;
+        while !cancel.is_cancelled() {
+            let consumer = match self.consumer(&durable, &subjects).await {
+                Ok(consumer) => consumer,
+                Err(e) => {
+                    if !std::mem::replace(&mut said, true) {
+                        warn!(route = %label, "cannot reach the route's NATS consumer, retrying: {}", crate::error::chain(&e));
+                    }
+                    sleep(&cancel, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(1)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(10))
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(e) => {
+                    if !std::mem::replace(&mut said, true) {
+                        warn!(route = %label, "cannot pull from the route's NATS consumer, retrying: {e}");
+                    }
+                    sleep(&cancel, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            said = false;
+            let mut lag_every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = lag_every.tick() => {
+                        if let Ok(info) = consumer.get_info().await {
+                            metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => label.clone())
+                                .set((info.num_pending + info.num_ack_pending as u64) as f64);
+                            metrics::gauge!("smee_relay_cluster_consumer_redelivered", "route" => label.clone())
+                                .set(info.num_redelivered as f64);
+                        }
+                        continue;
+                    }
+                    next = messages.next() => next,
+                };
+                let message = match next {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        // Heartbeats missed (NATS down) and the like: pull again.
+                        warn!(route = %label, "NATS consumer: {e}; pulling again");
+                        break;
+                    }
+                    None => break,
+                };
+                self.handle(&names, message, &spool, &writer, &route_done)
+                    .await;
+            }
+        }
+    }
+
+    /// One message: into the local queue, wait for its delivery, ack.
+    async fn handle(
+        &self,
+        names: &RouteNames,
+        message: jetstream::Message,
+        spool: &Arc<Spool>,
+        writer: &SpoolWriter,
+        route_done: &CancellationToken,
+    ) {
+        let RouteNames {
+            label,
+            route,
+            floor_key,
+        } = names;
+        let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
+        let stream_seq = message.info().map(|info| info.stream_sequence).ok();
+        // A NATS server that crashed may forget acks it confirmed (consumer state is flushed
+        // lazily); the route's floor (the last stream sequence delivered, kept in KV beside
+        // the message data) says what was delivered whatever the consumer remembers.
+        if let Some(seq) = stream_seq
+            && let Ok(Some(floor)) = self.kv.get(floor_key).await
+            && let Some(floor) = std::str::from_utf8(&floor)
+                .ok()
+                .and_then(|f| f.parse::<u64>().ok())
+            && seq <= floor
+        {
+            info!(route = %label, stream_seq = seq, "already delivered (NATS forgot its ack); not delivering it again");
+            metrics::counter!("smee_relay_cluster_skipped_total", "route" => label.to_string())
+                .increment(1);
+            let _ = message.double_ack().await;
+            return;
+        }
+        if let Ok(info) = message.info() {
+            if info.delivered > 1 {
+                metrics::counter!("smee_relay_cluster_redeliveries_total", "route" => label.to_string())
+                    .increment(1);
+                info!(route = %label, stream_seq = info.stream_sequence, attempt = info.delivered, "taking over a delivery another instance did not finish");
+            }
+            metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => label.to_string())
+                .set(info.pending as f64);
+            tracing::debug!(route = %label, stream_seq = info.stream_sequence, "took a delivery from the cluster");
+        }
+        self.status
+            .delivering
+            .lock()
+            .expect("not poisoned")
+            .insert(label.to_string(), crate::clock::now_ms());
+        let envelope: Envelope = match serde_json::from_slice(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                // Not what a relay publishes: no instance could ever deliver it.
+                error!(route = %label, "a message in the cluster stream is not a relay frame ({e}); it is not delivered (terminated)");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let mut finished = writer.finished();
+        let write = Write::Append {
+            channel: envelope.channel,
+            routes: vec![route.to_string()],
+            events: Arc::from(vec![envelope.event]),
+            cursor: None,
+        };
+        let id = {
+            match writer.commit(vec![write]).await {
+                Ok(ids) => match ids.first().and_then(|ids| ids.first()).copied().flatten() {
+                    Some(id) => id,
+                    None => {
+                        // Spool full: leave the message to NATS (another instance, or later).
+                        warn!(route = %label, "the local spool is full; handing the delivery back to the cluster");
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        return;
+                    }
+                },
+                Err(e) => {
+                    warn!(route = %label, "cannot queue a cluster delivery on the local spool: {e}; handing it back");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
+                }
+            }
+        };
+        // Renew the lease well within the ack wait.
+        let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
+        let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
+        // Told to stop, the local route finishes the delivery in flight within its shutdown
+        // timeout, or leaves it queued; once it has returned, the spool says which.
+        let done = loop {
+            tokio::select! {
+                signal = finished.recv() => match signal {
+                    Ok((r, e)) if r == route && e == id => break true,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if finished_in_spool(spool, route, id).await { break true; }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break false,
+                },
+                _ = renew_every.tick() => {
+                    // The spool may have it (no journal: marks come with commits).
+                    if finished_in_spool(spool, route, id).await { break true; }
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                _ = route_done.cancelled() => {
+                    break finished_in_spool(spool, route, id).await;
+                }
+            }
+        };
+        if !done {
+            // Another instance takes it now rather than after the ack wait; the local copy is
+            // handed back at the next start ([`hand_back`]).
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return;
+        }
+        if let Some(seq) = stream_seq
+            && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
+        {
+            warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
+        }
+        if let Err(e) = message.double_ack().await {
+            warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
+        }
+    }
+
+    async fn consumer(
+        &self,
+        durable: &str,
+        subjects: &[String],
+    ) -> Result<consumer::PullConsumer, NatsError> {
+        let stream = self
+            .js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| NatsError(e.into()))?;
+        let mut config = consumer::pull::Config {
+            durable_name: Some(durable.to_string()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.settings.ack_wait,
+            max_ack_pending: 1,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        match subjects {
+            [one] => config.filter_subject = one.clone(),
+            many => config.filter_subjects = many.to_vec(),
+        }
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| NatsError(e.into()))
+    }
+
+    /// Whether the client is connected now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.
+struct RouteNames {
+    /// The target as shown (no channel key).
+    label: String,
+    /// The local spool route.
+    route: String,
+    /// The KV key of the last stream sequence delivered on it.
+    floor_key: String,
+}
+
+/// Whether `route` has no delivery of `event` pending in the local spool any more.
+async fn finished_in_spool(spool: &Arc<Spool>, route: &str, event: u64) -> bool {
+    let (spool, route) = (spool.clone(), route.to_string());
+    tokio::task::spawn_blocking(move || {
+        spool
+            .pending(&route, 0, usize::MAX)
+            .map(|queued| !queued.iter().any(|q| q.event.id == event))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// At start, local deliveries of cluster routes that an earlier run of this instance took but
+/// did not finish are given back: NATS never got their ack, so it redelivers them (to this
+/// instance or another) and delivering the local copy too would repeat them. Returns how many.
+pub fn hand_back(spool: &Spool, writer: &SpoolWriter, routes: &[String]) -> usize {
+    let mut marks = Vec::new();
+    for route in routes {
+        if let Ok(queued) = spool.pending(route, 0, usize::MAX) {
+            for item in queued {
+                marks.push(Write::Mark {
+                    route: route.clone(),
+                    seq: item.seq,
+                    event: item.event.id,
+                    outcome: Outcome::Dead {
+                        status: None,
+                        error: "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it".into(),
+                    },
+                });
+            }
+        }
+    }
+    let count = marks.len();
+    for mark in marks {
+        let _ = writer.finish(mark);
+    }
+    count
+}
+
+/// Stored once, whichever instance publishes it: a hash of the channel and the frame as
+/// received (for smee.io, its data line holds smee's receive timestamp, so two posts of the
+/// same body differ).
+pub fn message_id(channel_key: &str, event: &Event) -> String {
+    let mut hash = sha2::Sha256::new();
+    hash.update(channel_key.as_bytes());
+    hash.update([0]);
+    hash.update(serde_json::to_vec(event).expect("an event serialises"));
+    hex::encode(hash.finalize())
+}
+
+fn short_hash(text: &str) -> String {
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    hex::encode(&digest[..8])
+}
+
+async fn sleep(cancel: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// One value in the cluster's KV bucket, changed only with compare-and-set on its revision.
+#[derive(Clone)]
+pub struct SharedState {
+    kv: kv::Store,
+    key: String,
+}
+
+impl SharedState {
+    /// The value and its revision (0: none yet).
+    pub async fn load(&self) -> Result<(Option<Bytes>, u64), NatsError> {
+        match self.kv.entry(self.key.clone()).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                Ok((Some(entry.value), entry.revision))
+            }
+            Ok(Some(entry)) => Ok((None, entry.revision)),
+            Ok(None) => Ok((None, 0)),
+            Err(e) => Err(NatsError(e.into())),
+        }
+    }
+
+    /// Store `value` if the key is still at `revision` (0: absent). `Ok(false)`: another
+    /// instance changed it first; load and decide again.
+    pub async fn store(&self, value: Bytes, revision: u64) -> Result<bool, NatsError> {
+        let result = if revision == 0 {
+            self.kv
+                .create(&self.key, value)
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => None,
+                    _ => Some(NatsError(e.into())),
+                })
+        } else {
+            self.kv
+                .update(&self.key, value, revision)
+                .await
+                .map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => None,
+                    _ => Some(NatsError(e.into())),
+                })
+        };
+        match result {
+            Ok(_) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(e)) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_logs_hide_passwords_and_tokens() {
+        assert_eq!(
+            redact_url("nats://app:s3cret@nats.example:4222"),
+            "nats://app:***@nats.example:4222"
+        );
+        assert_eq!(
+            redact_url("nats://T0KEN@nats.example"),
+            "nats://***@nats.example"
+        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("nats://u:p1@a:4222, nats://u:p2@b:4222"),
+            "nats://u:***@a:4222,nats://u:***@b:4222"
+        );
+        let settings = Settings::new(
+            SecretString::from("tls://u:pw@h:1".to_string()),
+            "prod".into(),
+        );
+        assert!(!format!("{settings:?}").contains("pw"));
+    }
+
+    #[test]
+    fn the_message_id_is_the_frame_s_not_the_instance_s() {
+        let event = Event {
+            sse_id: Some("1700000000000".into()),
+            timestamp_ms: Some(1_700_000_000_000),
+            headers: vec![("x-github-event".into(), "push".into())],
+            query: vec![],
+            body: Bytes::from_static(b"{\"a\":1}"),
+        };
+        assert_eq!(message_id("ch", &event), message_id("ch", &event.clone()));
+        assert_ne!(message_id("ch", &event), message_id("other", &event));
+        let mut later = event.clone();
+        later.timestamp_ms = Some(1_700_000_000_001);
+        assert_ne!(message_id("ch", &event), message_id("ch", &later));
+    }
+}
