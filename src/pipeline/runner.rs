@@ -672,6 +672,18 @@ mod tests {
     use super::*;
     use crate::spool::Limits;
 
+    /// Wait (real time, a deadline) until the pipeline route has nothing pending.
+    async fn settled(spool: &Spool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pipeline is stuck"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn for_holds_the_alert_on_the_paused_clock() {
         let dir = tempfile::tempdir().unwrap();
@@ -816,17 +828,7 @@ mod tests {
             None,
             cancel.clone(),
         ));
-        let settled = || async {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the pipeline is stuck"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        settled().await;
+        settled(&spool).await;
         let dead = spool.list(Some(crate::spool::Status::Dead), 10).unwrap();
         assert_eq!(dead.len(), 2, "unsigned: both rejected");
         assert!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty());
@@ -835,7 +837,7 @@ mod tests {
         rules.send(Arc::new(unsigned)).unwrap();
         spool.replay(crate::spool::Replay::Ids(vec![hot])).unwrap();
         writer.commit(vec![]).await.unwrap();
-        settled().await;
+        settled(&spool).await;
         let alerts = spool.pending(ALERT_ROUTE, 0, 10).unwrap();
         assert_eq!(alerts.len(), 1, "judged once replayed");
 
@@ -844,7 +846,7 @@ mod tests {
             .replay(crate::spool::Replay::Ids(vec![hot, older]))
             .unwrap();
         writer.commit(vec![]).await.unwrap();
-        settled().await;
+        settled(&spool).await;
         assert_eq!(spool.pending(ALERT_ROUTE, 0, 10).unwrap().len(), 1);
         cancel.cancel();
         task.await.unwrap();
@@ -921,17 +923,7 @@ mod tests {
             None,
             cancel.clone(),
         ));
-        let settled = || async {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the pipeline is stuck"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        settled().await;
+        settled(&spool).await;
         let said = |spool: &Spool| -> Vec<String> {
             spool
                 .pending(ALERT_ROUTE, 0, 10)
@@ -957,7 +949,7 @@ mod tests {
             )
             .await
             .unwrap();
-        settled().await;
+        settled(&spool).await;
         assert_eq!(said(&spool), ["FIRING hot: svc", "RESOLVED hot: svc"]);
         cancel.cancel();
         task.await.unwrap();
