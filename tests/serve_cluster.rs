@@ -516,3 +516,88 @@ async fn a_replica_whose_stream_was_reset_says_so_instead_of_serving_repeated_id
     assert_eq!(a.metric("smee_relay_serve_nats_stream_reset").await, 1);
     let _ = b;
 }
+
+#[tokio::test]
+async fn user_and_password_in_the_nats_url_are_sent_to_the_server() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "s3cret%pw"]).await;
+    // The password is percent-encoded in the URL, as URLs want (`%25` is `%`).
+    let url = format!("nats://relay:s3cret%25pw@127.0.0.1:{}", nats.port);
+    let a = Replica::start(&url, &[]).await;
+    post_ok(&a.channel("creds"), b"{\"n\":1}").await;
+    assert_eq!(a.metric("smee_relay_serve_nats_published_total").await, 1);
+}
+
+#[tokio::test]
+async fn a_token_in_the_nats_url_is_sent_to_the_server() {
+    let nats = NatsServer::start_with(&["--auth", "t0ken-abc"]).await;
+    let url = format!("nats://t0ken-abc@127.0.0.1:{}", nats.port);
+    let a = Replica::start(&url, &[]).await;
+    post_ok(&a.channel("token"), b"{\"n\":1}").await;
+}
+
+#[tokio::test]
+async fn a_wrong_nats_password_is_told_as_such_once_without_the_password() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "right"]).await;
+    let url = format!("nats://relay:wr0ngpw@127.0.0.1:{}", nats.port);
+    let output = support::run_to_end(support::smee_relay().args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--nats-url",
+        &url,
+    ]))
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    let err = output
+        .stderr
+        .lines()
+        .find(|l| l.contains("cannot connect to NATS"))
+        .unwrap_or_else(|| panic!("no connect error in:\n{}", output.stderr));
+    assert!(!output.stderr.contains("wr0ngpw"), "{}", output.stderr);
+    assert!(err.contains("check the user and password"), "{err}");
+    assert!(!err.contains("is nats-server running"), "{err}");
+    assert_eq!(err.matches("authorization violation").count(), 1, "{err}");
+    assert!(!err.contains(": nats"), "{err}");
+}
+
+#[tokio::test]
+async fn a_comma_separated_nats_url_list_is_accepted() {
+    let nats = NatsServer::start().await;
+    let unused = support::unused_addr();
+    let list = format!("nats://{unused}, {}", nats.url);
+    let a = Replica::start(&list, &[]).await;
+    post_ok(&a.channel("list"), b"{\"n\":1}").await;
+}
+
+#[tokio::test]
+async fn the_nats_password_never_appears_in_the_logs_at_vv() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "vvs3cretpw"]).await;
+    let url = format!("nats://relay:vvs3cretpw@127.0.0.1:{}", nats.port);
+    let a = Replica::start(&url, &["-vv"]).await;
+    post_ok(&a.channel("vv"), b"{\"n\":1}").await;
+    // A reconnect logs the servers again.
+    let nats = nats.restart().await;
+    let channel = a.channel("vv");
+    support::wait_for(PATIENCE, "posts are stored again", || async {
+        (post(&channel, b"{\"n\":2}").await < 300).then_some(())
+    })
+    .await;
+    let logs = a.logs.all();
+    // Before, async-nats's DEBUG "attempting connection server=ServerAddr(Url { .. password:
+    // Some(..) })" carried it.
+    assert!(!logs.contains("vvs3cretpw"), "{logs}");
+    drop(nats);
+}
+
+#[tokio::test]
+async fn an_empty_nats_url_is_a_usage_error_not_a_lookup_of_an_empty_host() {
+    let output = support::run_to_end(
+        support::smee_relay()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SMEE_RELAY_NATS_URL", ""),
+    )
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    assert!(output.stderr.contains("--nats-url"), "{}", output.stderr);
+    assert!(output.stderr.contains("empty"), "{}", output.stderr);
+}

@@ -78,8 +78,17 @@ impl NatsConfig {
 pub enum NatsError {
     #[error("cannot read the NATS credentials file {0}")]
     Credentials(std::path::PathBuf, #[source] std::io::Error),
-    #[error("cannot connect to NATS at {0} (is nats-server running, and the URL right?)")]
-    Connect(String, #[source] async_nats::ConnectError),
+    #[error("cannot connect to NATS at {url}: {cause} ({hint})")]
+    Connect {
+        /// The URL(s), credentials out.
+        url: String,
+        /// What failed, in the client's words, each cause once.
+        cause: String,
+        /// What to check, by the kind of failure.
+        hint: &'static str,
+    },
+    #[error("--nats-url `{0}`: {1}")]
+    Url(String, &'static str),
     #[error(
         "cannot create or update the JetStream stream {0} (is JetStream enabled: `nats-server -js`?)"
     )]
@@ -161,6 +170,102 @@ fn valid_stream_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Credentials a `--nats-url` carried in its userinfo.
+#[derive(Debug, PartialEq)]
+enum UrlAuth {
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://TOKEN@host`.
+    Token(String),
+}
+
+/// `--nats-url`, split: the servers without their userinfo (so the client never logs a
+/// password with the address), and the credentials, given to the client as options (it does
+/// not send a URL's own userinfo).
+fn parse_urls(urls: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlAuth>), NatsError> {
+    let bad = |why| NatsError::Url(redact_url(urls), why);
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| bad("its user or password is not UTF-8 once percent-decoded"))
+    };
+    let mut addrs = Vec::new();
+    let mut auth: Option<UrlAuth> = None;
+    for one in urls.split(',').map(str::trim) {
+        if one.is_empty() {
+            return Err(bad(
+                "a server in the list is empty (comma-separate nats://HOST:PORT)",
+            ));
+        }
+        let (scheme, rest) = match one.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, one),
+        };
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, rest),
+        };
+        if let Some(userinfo) = userinfo {
+            let this = match userinfo.split_once(':') {
+                Some((user, password)) => UrlAuth::UserPassword(decode(user)?, decode(password)?),
+                None => UrlAuth::Token(decode(userinfo)?),
+            };
+            match &auth {
+                Some(earlier) if *earlier != this => {
+                    return Err(bad(
+                        "its servers carry different credentials; give them once",
+                    ));
+                }
+                _ => auth = Some(this),
+            }
+        }
+        let bare = match scheme {
+            Some(scheme) => format!("{scheme}://{host}"),
+            None => host.to_string(),
+        };
+        let addr = bare
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|_| bad("not a server address (nats://HOST:PORT, tls://HOST:PORT)"))?;
+        addrs.push(addr);
+    }
+    Ok((addrs, auth))
+}
+
+/// What to check when the connection failed, by how it failed.
+fn connect_hint(kind: async_nats::ConnectErrorKind) -> &'static str {
+    use async_nats::ConnectErrorKind as K;
+    match kind {
+        K::AuthorizationViolation | K::Authentication => {
+            "check the user and password or token in --nats-url, or --nats-credentials"
+        }
+        K::Tls => "check --nats-tls-ca and the server's certificate and name",
+        K::Dns => "check the host name in --nats-url",
+        K::ServerParse => "check --nats-url",
+        K::TimedOut | K::Io | K::MaxReconnects => "is nats-server running, and the URL right?",
+    }
+}
+
+/// The client's error with each cause once: its own message repeats its source's.
+fn connect_cause(e: &async_nats::ConnectError) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut push = |text: String| {
+        for part in text.split(": ") {
+            let part = part.trim().to_string();
+            if !part.is_empty() && part != "nats" && !parts.contains(&part) {
+                parts.push(part);
+            }
+        }
+    };
+    push(e.kind().to_string());
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
 /// The URL(s) for messages: passwords and tokens out.
 pub(super) fn redact_url(urls: &str) -> String {
     urls.split(',')
@@ -189,6 +294,7 @@ impl Cluster {
             return Err(NatsError::StreamName(config.stream.clone()));
         }
         let shown = redact_url(config.url.expose_secret());
+        let (addrs, auth) = parse_urls(config.url.expose_secret())?;
         let stats = Arc::new(NatsStats::default());
         let mut options = async_nats::ConnectOptions::new()
             .name("smee-relay serve")
@@ -212,13 +318,24 @@ impl Cluster {
                 .await
                 .map_err(|e| NatsError::Credentials(path.clone(), e))?;
         }
+        match auth {
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token),
+            None => {}
+        }
         if let Some(ca) = &config.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client = options
-            .connect(config.url.expose_secret())
+            .connect(addrs)
             .await
-            .map_err(|e| NatsError::Connect(shown.clone(), e))?;
+            .map_err(|e| NatsError::Connect {
+                url: shown.clone(),
+                cause: connect_cause(&e),
+                hint: connect_hint(e.kind()),
+            })?;
         let max_payload = client.server_info().max_payload;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(ACK_TIMEOUT);
@@ -618,6 +735,34 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_nats_url_are_taken_out_of_the_addresses_and_decoded() {
+        let (addrs, auth) =
+            parse_urls("nats://us%40r:p%3Ass@h:4222, nats://us%40r:p%3Ass@g:4223").unwrap();
+        assert_eq!(
+            auth,
+            Some(UrlAuth::UserPassword("us@r".into(), "p:ss".into()))
+        );
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs.iter().all(|a| !a.has_user_pass()));
+        let (_, auth) = parse_urls("tls://T0K@h:4222").unwrap();
+        assert_eq!(auth, Some(UrlAuth::Token("T0K".into())));
+        let (addrs, auth) = parse_urls("127.0.0.1:4222").unwrap();
+        assert_eq!((addrs.len(), auth), (1, None));
+        assert!(matches!(
+            parse_urls("nats://a:b@h:1,nats://c:d@g:2"),
+            Err(NatsError::Url(..))
+        ));
+        assert!(matches!(
+            parse_urls("nats://h:1,,nats://g:2"),
+            Err(NatsError::Url(..))
+        ));
+        let Err(e) = parse_urls("nats://u:pw@h:notaport") else {
+            panic!("a bad port")
+        };
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
 
     #[test]
     fn urls_lose_their_credentials() {
