@@ -195,6 +195,20 @@ impl Sse {
         frames
     }
 
+    /// The server ends the stream (cuts the subscriber) within the patience.
+    async fn wait_end(&mut self) {
+        let ended = tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.stream.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the subscription was not cut");
+    }
+
     /// Nothing more arrives within `wait` (a positive check, after the expected frames).
     async fn assert_quiet(&mut self, wait: Duration) {
         if let Ok(frame) = tokio::time::timeout(wait, self.next_frame()).await {
@@ -489,32 +503,110 @@ async fn forward_subscribed_to_replica_b_relays_what_is_posted_to_replica_a() {
     target.assert_quiet(Duration::from_millis(300)).await;
 }
 
+/// Post until the replica stores it (it may be reconnecting or recreating the stream).
+async fn post_until_ok(url: &str, body: &[u8]) {
+    support::wait_for(PATIENCE, "a post is stored", || async {
+        (post(url, body).await == 200).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
-async fn a_replica_whose_stream_was_reset_says_so_instead_of_serving_repeated_ids() {
+async fn a_stream_lost_with_the_nats_store_is_recreated_and_its_reset_is_told_as_a_gap_not_silence()
+{
     let nats = NatsServer::start().await;
     let a = Replica::start(&nats.url, &[]).await;
     let mut on_a = Sse::open(&a.channel("reset"), None).await;
     for n in 0..5 {
         post_ok(&a.channel("reset"), format!("old {n}").as_bytes()).await;
     }
-    on_a.take(5).await;
-    // NATS loses its store; another replica creates the stream anew, from sequence 1.
+    let old_last = on_a.take(5).await[4].id.unwrap();
+    // NATS loses its store: the stream is gone, and its sequence starts again from 1.
     let (_old_store, port) = nats.stop().await;
     let fresh = NatsServer::start_again(support::temp_dir(), port).await;
+    // A creates the stream again (posts are stored, not 503 forever) ...
+    post_until_ok(&a.channel("reset"), b"new 0").await;
+    a.wait_healthy().await;
+    // ... drops its copy and cuts its subscribers, so they resume ...
+    on_a.wait_end().await;
+    // ... and a resume from the old stream's id is told of the reset, then gets the new
+    // stream's events, instead of waiting silently for ids above 5.
+    let mut resumed = Sse::open(&a.channel("reset"), Some(old_last)).await;
+    let gap = resumed.next().await;
+    assert_eq!(gap.event.as_deref(), Some("gap"), "{gap:?}");
+    let gap: serde_json::Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(
+        (gap["after"].as_u64(), gap["reset"].as_bool()),
+        (Some(old_last), Some(true))
+    );
+    let first_new = resumed.next().await;
+    assert_eq!(first_new.body(), b"new 0");
+    assert!(first_new.id.unwrap() < old_last, "{first_new:?}");
+    // Another replica's posts to the new stream reach A's subscribers (not skipped as "<= 5").
     let b = Replica::start(&fresh.url, &[]).await;
-    post_ok(&b.channel("reset"), b"new history").await;
-    let reason = support::wait_for(PATIENCE, "A's /healthz fails", || async {
-        let response = get(format!("{}/healthz", a.url)).await.ok()?;
-        if response.status().as_u16() != 503 {
-            return None;
-        }
-        let text = response.text().await.ok()?;
-        text.contains("reset").then_some(text)
+    for n in 1..7 {
+        post_ok(&b.channel("reset"), format!("new {n}").as_bytes()).await;
+    }
+    for n in 1..7 {
+        assert_eq!(resumed.next().await.body(), format!("new {n}").as_bytes());
+    }
+    assert!(a.metric("smee_relay_serve_nats_stream_reset").await >= 1);
+    assert_eq!(a.metric("smee_relay_serve_nats_stream_writable").await, 1);
+}
+
+#[tokio::test]
+async fn a_last_event_id_beyond_the_streams_sequence_is_told_as_a_reset_not_silence() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &[]).await;
+    post_ok(&a.channel("beyond"), b"only").await;
+    // An id from an earlier stream (this replica never saw it: no reset is known here).
+    let mut resumed = Sse::open(&a.channel("beyond"), Some(1000)).await;
+    let gap = resumed.next().await;
+    assert_eq!(gap.event.as_deref(), Some("gap"), "{gap:?}");
+    assert!(gap.data.contains("\"reset\":true"), "{gap:?}");
+    assert_eq!(resumed.next().await.body(), b"only");
+}
+
+#[tokio::test]
+async fn a_deleted_stream_is_created_again_and_posts_are_stored() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &["--max-events", "7"]).await;
+    post_ok(&a.channel("del"), b"before").await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream("SMEE_SERVE").await.unwrap();
+    post_until_ok(&a.channel("del"), b"after").await;
+    let mut stream = js.get_stream("SMEE_SERVE").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.config.max_messages_per_subject, 7,
+        "created with the replica's limits"
+    );
+    // A notices the new stream (its periodic check), drops the deleted history and reads
+    // the new one: "after" only, with the new stream's sequence.
+    support::wait_for(PATIENCE, "A saw the reset", || async {
+        (a.metric("smee_relay_serve_nats_stream_reset").await >= 1).then_some(())
     })
     .await;
-    assert!(reason.contains("restart this replica"), "{reason}");
-    assert_eq!(a.metric("smee_relay_serve_nats_stream_reset").await, 1);
-    let _ = b;
+    let mut on_a = Sse::open(&a.channel("del"), Some(0)).await;
+    let after = on_a.next().await;
+    assert_eq!((after.body(), after.id), (b"after".to_vec(), Some(1)));
+    a.wait_healthy().await;
+}
+
+#[tokio::test]
+async fn a_post_jetstream_refuses_for_its_size_gets_413_not_503() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &[]).await;
+    post_ok(&a.channel("size"), b"small").await;
+    // The stream's limit shrinks after the replica started (as a lowered limit would).
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("SMEE_SERVE").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 2048;
+    js.update_stream(config).await.unwrap();
+    assert_eq!(post(&a.channel("size"), &[b'x'; 4096]).await, 413);
 }
 
 #[tokio::test]

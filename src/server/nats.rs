@@ -89,10 +89,19 @@ pub enum NatsError {
     },
     #[error("--nats-url `{0}`: {1}")]
     Url(String, &'static str),
-    #[error(
-        "cannot create or update the JetStream stream {0} (is JetStream enabled: `nats-server -js`?)"
-    )]
-    Stream(String, #[source] jetstream::context::CreateStreamError),
+    #[error("cannot create or update the JetStream stream {name} ({hint})")]
+    Stream {
+        /// The stream's name.
+        name: String,
+        /// What to check, by the refusal.
+        hint: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("--nats-tls-ca {0}: cannot read it")]
+    TlsCaUnreadable(std::path::PathBuf, #[source] std::io::Error),
+    #[error("--nats-tls-ca {0}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    TlsCaNotPem(std::path::PathBuf),
     #[error("`{0}` is not a stream name: use letters, digits, - and _")]
     StreamName(String),
 }
@@ -140,10 +149,13 @@ pub(super) struct NatsStats {
     /// The feed has once reached the end of the stream: until then, this replica's replay
     /// buffers are incomplete and `/healthz` says so.
     pub caught_up: AtomicBool,
-    /// The stream's sequence went back below what was fed (the stream was deleted, or NATS
-    /// lost its store): new events would have ids this replica's clients already passed, so
-    /// it stops claiming health until it is restarted.
-    pub stream_reset: AtomicBool,
+    /// Times the stream was found reset (its sequence went back, or it was created anew:
+    /// deleted, or NATS lost its store): this replica dropped its copy, cut its subscribers
+    /// (they resume and are told `event: gap`) and read the new stream from its start.
+    pub stream_resets: AtomicU64,
+    /// The stream can be written: it exists (or was created again). While it cannot,
+    /// `/healthz` fails (posts get 503).
+    pub writable: AtomicBool,
 }
 
 /// A replica's link to the cluster.
@@ -154,8 +166,8 @@ pub(super) struct Cluster {
     js: jetstream::Context,
     /// The stream's name, also the subjects' prefix.
     stream: String,
-    /// The server's largest message.
-    max_payload: usize,
+    /// The stream as configured (limits from the flags): to create it again when it is lost.
+    config: jetstream::stream::Config,
     /// How long NATS may be away before `/healthz` fails.
     grace: Duration,
     /// Figures.
@@ -326,6 +338,13 @@ impl Cluster {
             None => {}
         }
         if let Some(ca) = &config.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| NatsError::TlsCaUnreadable(ca.clone(), e))?;
+            if !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+            {
+                return Err(NatsError::TlsCaNotPem(ca.clone()));
+            }
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client = options
@@ -351,9 +370,21 @@ impl Cluster {
             num_replicas: config.replicas,
             ..Default::default()
         };
-        js.create_or_update_stream(stream)
+        if let Ok(mut existing) = js.get_stream(&config.stream).await {
+            warn_changed_limits(
+                &config.stream,
+                &existing.info().await.ok().map(|i| i.config.clone()),
+                &stream,
+            );
+        }
+        js.create_or_update_stream(stream.clone())
             .await
-            .map_err(|e| NatsError::Stream(config.stream.clone(), e))?;
+            .map_err(|e| NatsError::Stream {
+                hint: stream_hint(&e, config.replicas),
+                name: config.stream.clone(),
+                source: e,
+            })?;
+        stats.writable.store(true, Ordering::Relaxed);
         if limits.max_body + HEAD_ALLOWANCE > max_payload {
             warn!(
                 max_payload,
@@ -366,7 +397,7 @@ impl Cluster {
             client,
             js,
             stream: config.stream.clone(),
-            max_payload,
+            config: stream,
             grace: config.grace,
             stats,
         })
@@ -376,15 +407,39 @@ impl Cluster {
         format!("{}.{channel}", self.stream)
     }
 
-    /// Store an encoded event in the stream; its sequence once JetStream confirmed it.
+    /// Store an encoded event in the stream; its sequence once JetStream confirmed it. A
+    /// stream found missing is created again (with the configured limits) and the event
+    /// published once more.
     pub(super) async fn publish(
         &self,
         channel: &str,
         payload: Vec<u8>,
     ) -> Result<u64, PublishError> {
-        if payload.len() > self.max_payload {
-            return Err(PublishError::TooLarge(payload.len(), self.max_payload));
+        // The server's current limit (a reloaded config may have lowered it since connect).
+        let max_payload = self.client.server_info().max_payload;
+        if payload.len() > max_payload {
+            return Err(PublishError::TooLarge(payload.len(), max_payload));
         }
+        let payload = bytes::Bytes::from(payload);
+        match self.publish_once(channel, payload.clone()).await {
+            Err(PublishError::Refused(e))
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
+            {
+                self.stats.writable.store(false, Ordering::Relaxed);
+                if self.ensure_stream().await.is_err() {
+                    return Err(PublishError::Refused(e));
+                }
+                self.publish_once(channel, payload).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        payload: bytes::Bytes,
+    ) -> Result<u64, PublishError> {
         // While disconnected the client would queue the message and send it on reconnect,
         // after this post was answered 503: refuse before it is queued.
         if self.client.connection_state() != async_nats::connection::State::Connected {
@@ -393,7 +448,10 @@ impl Cluster {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(PublishError::Unavailable);
         }
-        let sent = self.js.publish(self.subject(channel), payload.into()).await;
+        let sent = self
+            .js
+            .publish(self.subject(channel), payload.clone())
+            .await;
         let ack = match sent {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
@@ -401,6 +459,7 @@ impl Cluster {
         match ack {
             Ok(ack) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
+                self.stats.writable.store(true, Ordering::Relaxed);
                 Ok(ack.sequence)
             }
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
@@ -413,11 +472,47 @@ impl Cluster {
                     .fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Unavailable)
             }
+            Err(e) if too_large(&e) => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                let max_payload = self.client.server_info().max_payload;
+                Err(PublishError::TooLarge(payload.len(), max_payload))
+            }
             Err(e) => {
                 self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Refused(e))
             }
         }
+    }
+
+    /// The stream's state, creating it again (with the configured limits) when it is gone.
+    async fn ensure_stream(&self) -> Result<jetstream::stream::Info, async_nats::Error> {
+        match self.js.get_stream(&self.stream).await {
+            Ok(stream) => Ok(stream.cached_info().clone()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(api)
+                        if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                let mut created = self.js.create_stream(self.config.clone()).await?;
+                warn!(
+                    stream = %self.stream,
+                    "the JetStream stream was missing (deleted, or NATS lost its store): \
+                     created it again with this replica's limits"
+                );
+                Ok(created.info().await?.clone())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The stream's last sequence, if NATS answers: a Last-Event-ID above it is from a stream
+    /// that was reset.
+    pub(super) async fn stream_last_sequence(&self) -> Option<u64> {
+        let asked = tokio::time::timeout(ACK_TIMEOUT, self.js.get_stream(&self.stream)).await;
+        let Ok(Ok(stream)) = asked else { return None };
+        Some(stream.cached_info().state.last_sequence)
     }
 
     /// Whether `/healthz` may say ok: connected (or not away longer than the grace period) and
@@ -434,9 +529,10 @@ impl Cluster {
                 ));
             }
         }
-        if self.stats.stream_reset.load(Ordering::Relaxed) {
+        if !self.stats.writable.load(Ordering::Relaxed) {
             return Err(format!(
-                "the JetStream stream {} was reset (its sequence went back): restart this replica",
+                "the JetStream stream {} cannot be written (missing, and not created again \
+                 yet); posts get 503",
                 self.stream
             ));
         }
@@ -488,9 +584,15 @@ impl Cluster {
         );
         metric(
             "smee_relay_serve_nats_stream_reset",
+            "counter",
+            "Times the stream was found reset or created anew (its copy here was dropped and read again).",
+            &[("", get(&s.stream_resets))],
+        );
+        metric(
+            "smee_relay_serve_nats_stream_writable",
             "gauge",
-            "1 once the stream's sequence went back (restart this replica).",
-            &[("", u64::from(s.stream_reset.load(Ordering::Relaxed)))],
+            "1 while the stream exists (or could be created again).",
+            &[("", u64::from(s.writable.load(Ordering::Relaxed)))],
         );
         metric(
             "smee_relay_serve_nats_fed_total",
@@ -527,6 +629,76 @@ impl Cluster {
             "counter",
             "Times the feed started its consumer again.",
             &[("", get(&s.feed_restarts))],
+        );
+    }
+}
+
+/// JetStream's (or the client's) refusal of a message for its size.
+fn too_large(e: &jetstream::context::PublishError) -> bool {
+    if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
+        return true;
+    }
+    let text = crate::error::chain(e).to_ascii_lowercase();
+    text.contains("maximum payload") || text.contains("message size exceeds maximum")
+}
+
+/// What to check when the stream could not be created, by the refusal.
+fn stream_hint(e: &jetstream::context::CreateStreamError, replicas: usize) -> String {
+    let text = crate::error::chain(e).to_ascii_lowercase();
+    if replicas > 1
+        && (text.contains("replicas") || text.contains("insufficient") || text.contains("peers"))
+    {
+        return format!(
+            "--nats-replicas {replicas} exceeds the NATS cluster's size: a single server \
+             keeps 1 copy; use at most as many as there are JetStream servers"
+        );
+    }
+    if text.contains("timed out") || text.contains("no responders") || text.contains("not enabled")
+    {
+        return "is JetStream enabled: `nats-server -js`?".into();
+    }
+    "check the stream's limits against the account's JetStream limits".into()
+}
+
+/// Log at WARN what this replica changes in an existing stream's limits (replicas started
+/// with different limit flags overwrite each other's: the last one started wins).
+fn warn_changed_limits(
+    name: &str,
+    old: &Option<jetstream::stream::Config>,
+    new: &jetstream::stream::Config,
+) {
+    let Some(old) = old else { return };
+    let mut changes = Vec::new();
+    if old.max_age != new.max_age {
+        changes.push(format!(
+            "max age {:?} -> {:?} (--retain)",
+            old.max_age, new.max_age
+        ));
+    }
+    if old.max_messages_per_subject != new.max_messages_per_subject {
+        changes.push(format!(
+            "messages per channel {} -> {} (--max-events)",
+            old.max_messages_per_subject, new.max_messages_per_subject
+        ));
+    }
+    if old.max_bytes != new.max_bytes {
+        changes.push(format!(
+            "bytes {} -> {} (--max-memory)",
+            old.max_bytes, new.max_bytes
+        ));
+    }
+    if old.num_replicas != new.num_replicas {
+        changes.push(format!(
+            "replicas {} -> {} (--nats-replicas)",
+            old.num_replicas, new.num_replicas
+        ));
+    }
+    if !changes.is_empty() {
+        warn!(
+            stream = %name,
+            "changing the existing stream's limits, which every replica shares: {} (start every \
+             replica with the same limit flags)",
+            changes.join(", ")
         );
     }
 }
@@ -589,34 +761,66 @@ impl Unseen {
 /// How often the feed compares its position with the stream's (lag while idle, resets).
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// Compare the stream's last sequence with the last one fed: the lag, or a reset.
-async fn check_stream(cluster: &Cluster, last: u64) {
-    let info = tokio::time::timeout(CHECK_EVERY, cluster.js.get_stream(&cluster.stream)).await;
-    let Ok(Ok(stream)) = info else { return };
-    let newest = stream.cached_info().state.last_sequence;
-    if newest < last {
-        if !cluster.stats.stream_reset.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                stream = %cluster.stream,
-                newest,
-                fed = last,
-                "the stream's sequence went back (deleted, or NATS lost its store): ids would \
-                 repeat, so /healthz fails until this replica is restarted"
-            );
+/// What the feed remembers of the stream it reads, to notice it was replaced.
+#[derive(Default)]
+struct Seen {
+    /// The last stream sequence fed.
+    last: u64,
+    /// When the stream was created, as NATS says: another value means a new stream.
+    created: Option<i128>,
+}
+
+/// Compare the stream with what was fed (creating it again when it is gone): the lag, and
+/// whether it was reset (its sequence went back below what was fed, or it was created anew).
+/// On a reset the hub drops its copy and tells its subscribers; the caller reads the stream
+/// again from its start.
+async fn check_stream(cluster: &Cluster, hub: &Hub, seen: &mut Seen) -> bool {
+    let info = tokio::time::timeout(CHECK_EVERY, cluster.ensure_stream()).await;
+    let info = match info {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            if cluster.stats.writable.swap(false, Ordering::Relaxed) {
+                warn!(stream = %cluster.stream, "the JetStream stream is missing and cannot be created again: {e}");
+            }
+            return false;
         }
-        return;
+        Err(_) => return false,
+    };
+    cluster.stats.writable.store(true, Ordering::Relaxed);
+    let newest = info.state.last_sequence;
+    let created = info.created.unix_timestamp_nanos();
+    let replaced = seen.created.is_some_and(|before| before != created);
+    seen.created = Some(created);
+    if newest < seen.last || replaced {
+        cluster.stats.stream_resets.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            stream = %cluster.stream,
+            newest,
+            fed = seen.last,
+            "the stream was reset (deleted, or NATS lost its store): dropping this replica's copy \
+             and reading it again; subscribers are cut and told of a gap when they resume"
+        );
+        hub.reset_stream(seen.last);
+        seen.last = 0;
+        cluster.stats.last_sequence.store(0, Ordering::Relaxed);
+        return true;
     }
-    cluster.stats.lag.store(newest - last, Ordering::Relaxed);
+    cluster
+        .stats
+        .lag
+        .store(newest - seen.last, Ordering::Relaxed);
+    false
 }
 
 /// Read the stream into `hub`, in order, until shutdown: an ordered consumer from the start
 /// of the stream, started again from the next sequence whenever it fails.
 pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
-    let mut last = 0u64;
+    let mut seen = Seen::default();
     let mut checks = tokio::time::interval(CHECK_EVERY);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pause = Duration::from_millis(100);
     loop {
+        let last = seen.last;
         let deliver_policy = if last == 0 {
             DeliverPolicy::All
         } else {
@@ -642,6 +846,7 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                 Ok(messages) => messages,
                 Err(e) => {
                     debug!("cannot start reading the stream (retrying): {e}");
+                    check_stream(&cluster, &hub, &mut seen).await;
                     tokio::select! {
                         _ = hub.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(pause) => {}
@@ -666,7 +871,9 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
             let next = tokio::select! {
                 _ = hub.shutdown.cancelled() => return,
                 _ = checks.tick() => {
-                    check_stream(&cluster, last).await;
+                    if check_stream(&cluster, &hub, &mut seen).await {
+                        break;
+                    }
                     continue;
                 }
                 next = messages.next() => next,
@@ -687,7 +894,9 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                 continue;
             };
             let (seq, pending) = (info.stream_sequence, info.pending);
+            let last = seen.last;
             if seq <= last {
+                // Only a redelivery: a stream that went back is caught by `check_stream`.
                 continue;
             }
             if seq > last + 1 {
@@ -697,7 +906,7 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                     .fetch_add(seq - last - 1, Ordering::Relaxed);
                 hub.unseen(last + 1, seq - 1);
             }
-            last = seq;
+            seen.last = seq;
             cluster.stats.last_sequence.store(seq, Ordering::Relaxed);
             cluster.stats.lag.store(pending, Ordering::Relaxed);
             let channel = message
@@ -726,7 +935,7 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
         }
         cluster.stats.feed_restarts.fetch_add(1, Ordering::Relaxed);
         debug!(
-            last,
+            last = seen.last,
             "the stream's consumer ended: starting it again from the next sequence"
         );
     }
