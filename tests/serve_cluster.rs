@@ -693,3 +693,54 @@ async fn an_empty_nats_url_is_a_usage_error_not_a_lookup_of_an_empty_host() {
     assert!(output.stderr.contains("--nats-url"), "{}", output.stderr);
     assert!(output.stderr.contains("empty"), "{}", output.stderr);
 }
+
+/// `serve --nats-url URL extra...` run to its end (a start that must fail).
+async fn serve_fails(url: &str, extra: &[&str]) -> String {
+    let output = support::run_to_end(
+        support::smee_relay()
+            .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", url])
+            .args(extra),
+    )
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    output.stderr
+}
+
+#[tokio::test]
+async fn nats_replicas_beyond_a_single_server_say_so_not_is_jetstream_enabled() {
+    let nats = NatsServer::start().await;
+    let err = serve_fails(&nats.url, &["--nats-replicas", "3"]).await;
+    assert!(err.contains("--nats-replicas 3 exceeds"), "{err}");
+    assert!(!err.contains("is JetStream enabled"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_or_non_pem_nats_tls_ca_is_refused_at_start_naming_the_file() {
+    let nats = NatsServer::start().await;
+    let dir = support::temp_dir();
+    let missing = dir.path().join("missing-ca.pem");
+    let err = serve_fails(&nats.url, &["--nats-tls-ca", missing.to_str().unwrap()]).await;
+    assert!(err.contains("missing-ca.pem"), "{err}");
+    assert!(!err.contains("is nats-server running"), "{err}");
+    let empty = dir.path().join("empty-ca.pem");
+    std::fs::write(&empty, b"").unwrap();
+    let err = serve_fails(&nats.url, &["--nats-tls-ca", empty.to_str().unwrap()]).await;
+    assert!(
+        err.contains("empty-ca.pem") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_changes_the_streams_limits_warns_old_to_new() {
+    let nats = NatsServer::start().await;
+    let _a = Replica::start(&nats.url, &["--max-events", "10"]).await;
+    let b = Replica::start(&nats.url, &["--max-events", "20"]).await;
+    let line = b
+        .logs
+        .wait_for(&["WARN", "changing the existing stream's limits"])
+        .await;
+    assert!(line.contains("10 -> 20 (--max-events)"), "{line}");
+    let same = Replica::start(&nats.url, &["--max-events", "20"]).await;
+    assert!(same.logs.find(&["changing the existing stream"]).is_none());
+}
