@@ -595,6 +595,22 @@ async fn a_deleted_stream_is_created_again_and_posts_are_stored() {
 }
 
 #[tokio::test]
+async fn a_post_above_a_max_payload_lowered_after_connect_gets_413_not_503() {
+    let dir = support::temp_dir();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 1048576\n").unwrap();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let a = Replica::start(&nats.url, &[]).await;
+    post_ok(&a.channel("lowered"), b"small").await;
+    std::fs::write(&conf, "max_payload: 65536\n").unwrap();
+    nats.reload().await;
+    // Whether the client heard of the new limit yet or the server cut it for the message:
+    // the sender is told its post is too large, not to retry.
+    assert_eq!(post(&a.channel("lowered"), &[b'x'; 100_000]).await, 413);
+    post_until_ok(&a.channel("lowered"), b"small again").await;
+}
+
+#[tokio::test]
 async fn a_post_jetstream_refuses_for_its_size_gets_413_not_503() {
     let nats = NatsServer::start().await;
     let a = Replica::start(&nats.url, &[]).await;

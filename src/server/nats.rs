@@ -462,6 +462,14 @@ impl Cluster {
                 self.stats.writable.store(true, Ordering::Relaxed);
                 Ok(ack.sequence)
             }
+            // nats-server closes the connection on a message above its max_payload (lowered
+            // by a config reload after connect); the client reconnects and learns the new
+            // limit. The post was refused for its size: 413, not a 503 a sender retries.
+            Err(_) if payload.len() > self.client.server_info().max_payload => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                let max_payload = self.client.server_info().max_payload;
+                Err(PublishError::TooLarge(payload.len(), max_payload))
+            }
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
                 self.stats.publish_timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Timeout)

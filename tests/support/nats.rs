@@ -54,6 +54,18 @@ impl NatsServer {
         Self::spawn(store, None, args).await
     }
 
+    /// Make the server reload its config file (`-c`, given to [`NatsServer::start_with`]).
+    pub async fn reload(&self) {
+        let pid = self.child.id().expect("nats-server runs");
+        let status = tokio::process::Command::new(nats_server_bin())
+            .arg("--signal")
+            .arg(format!("reload={pid}"))
+            .status()
+            .await
+            .expect("run nats-server --signal");
+        assert!(status.success(), "nats-server --signal reload failed");
+    }
+
     /// Kill the server (as a crash would) and start it again on the same port and store.
     pub async fn restart(self) -> NatsServer {
         let NatsServer {
