@@ -760,3 +760,17 @@ async fn a_replica_that_changes_the_streams_limits_warns_old_to_new() {
     let same = Replica::start(&nats.url, &["--max-events", "20"]).await;
     assert!(same.logs.find(&["changing the existing stream"]).is_none());
 }
+
+#[tokio::test]
+async fn state_dir_with_nats_url_is_a_usage_error() {
+    let dir = support::temp_dir();
+    let err = serve_fails(
+        "nats://127.0.0.1:4222",
+        &["--state-dir", dir.path().to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        err.contains("--state-dir") && err.contains("--nats-url"),
+        "{err}"
+    );
+}
