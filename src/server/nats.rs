@@ -10,6 +10,10 @@
 //! stream's limits (`--retain` is its max age, `--max-events` its per-channel message limit,
 //! `--max-memory` its byte limit); the hub applies the same limits to its copy.
 //!
+//! A stream found missing is created again with the configured limits; a stream found reset
+//! (its sequence went back, or it was created anew) makes the hub drop its copy and cut its
+//! subscribers, which resume and are told `event: gap` with `"reset":true`: never silence.
+//!
 //! It must not decide what a frame looks like (that is [`Hub`]'s `Posted`) nor answer HTTP
 //! (that is `http`), and it never accepts a post it could not store: while NATS is away,
 //! posts get 503.
@@ -809,6 +813,8 @@ async fn check_stream(cluster: &Cluster, hub: &Hub, seen: &mut Seen) -> bool {
              and reading it again; subscribers are cut and told of a gap when they resume"
         );
         hub.reset_stream(seen.last);
+        // Its replay buffers are empty until the new stream is read: /healthz says so.
+        cluster.stats.caught_up.store(false, Ordering::Relaxed);
         seen.last = 0;
         cluster.stats.last_sequence.store(0, Ordering::Relaxed);
         return true;
