@@ -195,6 +195,20 @@ impl Sse {
         frames
     }
 
+    /// The server ends the stream (cuts the subscriber) within the patience.
+    async fn wait_end(&mut self) {
+        let ended = tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.stream.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the subscription was not cut");
+    }
+
     /// Nothing more arrives within `wait` (a positive check, after the expected frames).
     async fn assert_quiet(&mut self, wait: Duration) {
         if let Ok(frame) = tokio::time::timeout(wait, self.next_frame()).await {
@@ -489,30 +503,274 @@ async fn forward_subscribed_to_replica_b_relays_what_is_posted_to_replica_a() {
     target.assert_quiet(Duration::from_millis(300)).await;
 }
 
+/// Post until the replica stores it (it may be reconnecting or recreating the stream).
+async fn post_until_ok(url: &str, body: &[u8]) {
+    support::wait_for(PATIENCE, "a post is stored", || async {
+        (post(url, body).await == 200).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
-async fn a_replica_whose_stream_was_reset_says_so_instead_of_serving_repeated_ids() {
+async fn a_stream_lost_with_the_nats_store_is_recreated_and_its_reset_is_told_as_a_gap_not_silence()
+{
     let nats = NatsServer::start().await;
     let a = Replica::start(&nats.url, &[]).await;
     let mut on_a = Sse::open(&a.channel("reset"), None).await;
     for n in 0..5 {
         post_ok(&a.channel("reset"), format!("old {n}").as_bytes()).await;
     }
-    on_a.take(5).await;
-    // NATS loses its store; another replica creates the stream anew, from sequence 1.
+    let old_last = on_a.take(5).await[4].id.unwrap();
+    // NATS loses its store: the stream is gone, and its sequence starts again from 1.
     let (_old_store, port) = nats.stop().await;
     let fresh = NatsServer::start_again(support::temp_dir(), port).await;
+    // A creates the stream again (posts are stored, not 503 forever) ...
+    post_until_ok(&a.channel("reset"), b"new 0").await;
+    a.wait_healthy().await;
+    // ... drops its copy and cuts its subscribers, so they resume ...
+    on_a.wait_end().await;
+    // ... and a resume from the old stream's id is told of the reset, then gets the new
+    // stream's events, instead of waiting silently for ids above 5.
+    let mut resumed = Sse::open(&a.channel("reset"), Some(old_last)).await;
+    let gap = resumed.next().await;
+    assert_eq!(gap.event.as_deref(), Some("gap"), "{gap:?}");
+    let gap: serde_json::Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(
+        (gap["after"].as_u64(), gap["reset"].as_bool()),
+        (Some(old_last), Some(true))
+    );
+    let first_new = resumed.next().await;
+    assert_eq!(first_new.body(), b"new 0");
+    assert!(first_new.id.unwrap() < old_last, "{first_new:?}");
+    // Another replica's posts to the new stream reach A's subscribers (not skipped as "<= 5").
     let b = Replica::start(&fresh.url, &[]).await;
-    post_ok(&b.channel("reset"), b"new history").await;
-    let reason = support::wait_for(PATIENCE, "A's /healthz fails", || async {
-        let response = get(format!("{}/healthz", a.url)).await.ok()?;
-        if response.status().as_u16() != 503 {
-            return None;
-        }
-        let text = response.text().await.ok()?;
-        text.contains("reset").then_some(text)
+    for n in 1..7 {
+        post_ok(&b.channel("reset"), format!("new {n}").as_bytes()).await;
+    }
+    for n in 1..7 {
+        assert_eq!(resumed.next().await.body(), format!("new {n}").as_bytes());
+    }
+    assert!(a.metric("smee_relay_serve_nats_stream_reset").await >= 1);
+    assert_eq!(a.metric("smee_relay_serve_nats_stream_writable").await, 1);
+}
+
+#[tokio::test]
+async fn a_last_event_id_beyond_the_streams_sequence_is_told_as_a_reset_not_silence() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &[]).await;
+    post_ok(&a.channel("beyond"), b"only").await;
+    // An id from an earlier stream (this replica never saw it: no reset is known here).
+    let mut resumed = Sse::open(&a.channel("beyond"), Some(1000)).await;
+    let gap = resumed.next().await;
+    assert_eq!(gap.event.as_deref(), Some("gap"), "{gap:?}");
+    assert!(gap.data.contains("\"reset\":true"), "{gap:?}");
+    assert_eq!(resumed.next().await.body(), b"only");
+}
+
+#[tokio::test]
+async fn a_deleted_stream_is_created_again_and_posts_are_stored() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &["--max-events", "7"]).await;
+    post_ok(&a.channel("del"), b"before").await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream("SMEE_SERVE").await.unwrap();
+    post_until_ok(&a.channel("del"), b"after").await;
+    let mut stream = js.get_stream("SMEE_SERVE").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.config.max_messages_per_subject, 7,
+        "created with the replica's limits"
+    );
+    // A notices the new stream (its periodic check), drops the deleted history and reads
+    // the new one: "after" only, with the new stream's sequence.
+    support::wait_for(PATIENCE, "A saw the reset", || async {
+        (a.metric("smee_relay_serve_nats_stream_reset").await >= 1).then_some(())
     })
     .await;
-    assert!(reason.contains("restart this replica"), "{reason}");
-    assert_eq!(a.metric("smee_relay_serve_nats_stream_reset").await, 1);
-    let _ = b;
+    let mut on_a = Sse::open(&a.channel("del"), Some(0)).await;
+    let after = on_a.next().await;
+    assert_eq!((after.body(), after.id), (b"after".to_vec(), Some(1)));
+    a.wait_healthy().await;
+}
+
+#[tokio::test]
+async fn a_post_above_a_max_payload_lowered_after_connect_gets_413_not_503() {
+    let dir = support::temp_dir();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 1048576\n").unwrap();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let a = Replica::start(&nats.url, &[]).await;
+    post_ok(&a.channel("lowered"), b"small").await;
+    std::fs::write(&conf, "max_payload: 65536\n").unwrap();
+    nats.reload().await;
+    // Whether the client heard of the new limit yet or the server cut it for the message:
+    // the sender is told its post is too large, not to retry.
+    assert_eq!(post(&a.channel("lowered"), &[b'x'; 100_000]).await, 413);
+    post_until_ok(&a.channel("lowered"), b"small again").await;
+}
+
+#[tokio::test]
+async fn a_post_jetstream_refuses_for_its_size_gets_413_not_503() {
+    let nats = NatsServer::start().await;
+    let a = Replica::start(&nats.url, &[]).await;
+    post_ok(&a.channel("size"), b"small").await;
+    // The stream's limit shrinks after the replica started (as a lowered limit would).
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("SMEE_SERVE").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 2048;
+    js.update_stream(config).await.unwrap();
+    assert_eq!(post(&a.channel("size"), &[b'x'; 4096]).await, 413);
+}
+
+#[tokio::test]
+async fn user_and_password_in_the_nats_url_are_sent_to_the_server() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "s3cret%pw"]).await;
+    // The password is percent-encoded in the URL, as URLs want (`%25` is `%`).
+    let url = format!("nats://relay:s3cret%25pw@127.0.0.1:{}", nats.port);
+    let a = Replica::start(&url, &[]).await;
+    post_ok(&a.channel("creds"), b"{\"n\":1}").await;
+    assert_eq!(a.metric("smee_relay_serve_nats_published_total").await, 1);
+}
+
+#[tokio::test]
+async fn a_token_in_the_nats_url_is_sent_to_the_server() {
+    let nats = NatsServer::start_with(&["--auth", "t0ken-abc"]).await;
+    let url = format!("nats://t0ken-abc@127.0.0.1:{}", nats.port);
+    let a = Replica::start(&url, &[]).await;
+    post_ok(&a.channel("token"), b"{\"n\":1}").await;
+}
+
+#[tokio::test]
+async fn a_wrong_nats_password_is_told_as_such_once_without_the_password() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "right"]).await;
+    let url = format!("nats://relay:wr0ngpw@127.0.0.1:{}", nats.port);
+    let output = support::run_to_end(support::smee_relay().args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--nats-url",
+        &url,
+    ]))
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    let err = output
+        .stderr
+        .lines()
+        .find(|l| l.contains("cannot connect to NATS"))
+        .unwrap_or_else(|| panic!("no connect error in:\n{}", output.stderr));
+    assert!(!output.stderr.contains("wr0ngpw"), "{}", output.stderr);
+    assert!(err.contains("check the user and password"), "{err}");
+    assert!(!err.contains("is nats-server running"), "{err}");
+    assert_eq!(err.matches("authorization violation").count(), 1, "{err}");
+    assert!(!err.contains(": nats"), "{err}");
+}
+
+#[tokio::test]
+async fn a_comma_separated_nats_url_list_is_accepted() {
+    let nats = NatsServer::start().await;
+    let unused = support::unused_addr();
+    let list = format!("nats://{unused}, {}", nats.url);
+    let a = Replica::start(&list, &[]).await;
+    post_ok(&a.channel("list"), b"{\"n\":1}").await;
+}
+
+#[tokio::test]
+async fn the_nats_password_never_appears_in_the_logs_at_vv() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "vvs3cretpw"]).await;
+    let url = format!("nats://relay:vvs3cretpw@127.0.0.1:{}", nats.port);
+    let a = Replica::start(&url, &["-vv"]).await;
+    post_ok(&a.channel("vv"), b"{\"n\":1}").await;
+    // A reconnect logs the servers again.
+    let nats = nats.restart().await;
+    let channel = a.channel("vv");
+    support::wait_for(PATIENCE, "posts are stored again", || async {
+        (post(&channel, b"{\"n\":2}").await < 300).then_some(())
+    })
+    .await;
+    let logs = a.logs.all();
+    // Before, async-nats's DEBUG "attempting connection server=ServerAddr(Url { .. password:
+    // Some(..) })" carried it.
+    assert!(!logs.contains("vvs3cretpw"), "{logs}");
+    drop(nats);
+}
+
+#[tokio::test]
+async fn an_empty_nats_url_is_a_usage_error_not_a_lookup_of_an_empty_host() {
+    let output = support::run_to_end(
+        support::smee_relay()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SMEE_RELAY_NATS_URL", ""),
+    )
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    assert!(output.stderr.contains("--nats-url"), "{}", output.stderr);
+    assert!(output.stderr.contains("empty"), "{}", output.stderr);
+}
+
+/// `serve --nats-url URL extra...` run to its end (a start that must fail).
+async fn serve_fails(url: &str, extra: &[&str]) -> String {
+    let output = support::run_to_end(
+        support::smee_relay()
+            .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", url])
+            .args(extra),
+    )
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    output.stderr
+}
+
+#[tokio::test]
+async fn nats_replicas_beyond_a_single_server_say_so_not_is_jetstream_enabled() {
+    let nats = NatsServer::start().await;
+    let err = serve_fails(&nats.url, &["--nats-replicas", "3"]).await;
+    assert!(err.contains("--nats-replicas 3 exceeds"), "{err}");
+    assert!(!err.contains("is JetStream enabled"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_or_non_pem_nats_tls_ca_is_refused_at_start_naming_the_file() {
+    let nats = NatsServer::start().await;
+    let dir = support::temp_dir();
+    let missing = dir.path().join("missing-ca.pem");
+    let err = serve_fails(&nats.url, &["--nats-tls-ca", missing.to_str().unwrap()]).await;
+    assert!(err.contains("missing-ca.pem"), "{err}");
+    assert!(!err.contains("is nats-server running"), "{err}");
+    let empty = dir.path().join("empty-ca.pem");
+    std::fs::write(&empty, b"").unwrap();
+    let err = serve_fails(&nats.url, &["--nats-tls-ca", empty.to_str().unwrap()]).await;
+    assert!(
+        err.contains("empty-ca.pem") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_changes_the_streams_limits_warns_old_to_new() {
+    let nats = NatsServer::start().await;
+    let _a = Replica::start(&nats.url, &["--max-events", "10"]).await;
+    let b = Replica::start(&nats.url, &["--max-events", "20"]).await;
+    let line = b
+        .logs
+        .wait_for(&["WARN", "changing the existing stream's limits"])
+        .await;
+    assert!(line.contains("10 -> 20 (--max-events)"), "{line}");
+    let same = Replica::start(&nats.url, &["--max-events", "20"]).await;
+    assert!(same.logs.find(&["changing the existing stream"]).is_none());
+}
+
+#[tokio::test]
+async fn state_dir_with_nats_url_is_a_usage_error() {
+    let dir = support::temp_dir();
+    let err = serve_fails(
+        "nats://127.0.0.1:4222",
+        &["--state-dir", dir.path().to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        err.contains("--state-dir") && err.contains("--nats-url"),
+        "{err}"
+    );
 }

@@ -170,7 +170,7 @@ pub struct ServeArgs {
     /// Share channels with other `serve` replicas through NATS JetStream (e.g.
     /// nats://127.0.0.1:4222; comma-separate several): the stream holds the events, and
     /// --retain, --max-events and --max-memory become its limits.
-    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = parse_nats_url)]
     pub nats_url: Option<crate::secret::SecretString>,
 
     /// A NATS credentials file (.creds: JWT and NKey seed) for --nats-url.
@@ -615,6 +615,19 @@ pub struct NewArgs {
     /// The smee server to create the channel on.
     #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
+}
+
+/// `--nats-url`: not empty (an empty `SMEE_RELAY_NATS_URL=` would otherwise be looked up as a
+/// host named "").
+fn parse_nats_url(value: &str) -> Result<crate::secret::SecretString, crate::error::Invalid> {
+    if value.trim().is_empty() {
+        return Err(
+            "empty: give nats://HOST:PORT (comma-separate several), or leave the flag and \
+             SMEE_RELAY_NATS_URL unset to serve without NATS"
+                .into(),
+        );
+    }
+    Ok(crate::secret::SecretString::from(value))
 }
 
 /// A duration such as `90s`, `5m` or `1h 30m`, rejecting zero.

@@ -438,10 +438,19 @@ async fn subscribe(
     let replay_all = query.get("replay").is_some_and(|v| v == "all");
     let last_seen: Option<u64> =
         text(&headers, "last-event-id").and_then(|v| v.trim().parse().ok());
-    let subscription = match hub.subscribe(&name, last_seen, replay_all, raw, peer.kill) {
-        Ok(subscription) => subscription,
-        Err(e) => return hub_error(e),
+    // With `--nats-url`, an id above everything fed may be from a stream since reset: ask the
+    // stream where it is (a lagging replica's feed is merely behind it).
+    let stream_last = match (&hub.cluster, last_seen) {
+        (Some(cluster), Some(seen)) if !replay_all && seen > hub.fed_upto() => {
+            cluster.stream_last_sequence().await
+        }
+        _ => None,
     };
+    let subscription =
+        match hub.subscribe(&name, last_seen, replay_all, raw, peer.kill, stream_last) {
+            Ok(subscription) => subscription,
+            Err(e) => return hub_error(e),
+        };
     let pings = subscription_pings(hub.config.ping);
     let body = futures::stream::unfold(
         (subscription, pings),

@@ -290,6 +290,10 @@ pub(super) struct Channels {
     unseen: super::nats::Unseen,
     /// With `--nats-url`: the last stream sequence fed, so a new channel's first id is above it.
     last_fed: u64,
+    /// With `--nats-url`: the highest id handed out from a stream that was since reset. A
+    /// Last-Event-ID above what was fed and at most this is from the old stream: told as a
+    /// gap and replayed from the new stream's start.
+    reset_upto: u64,
 }
 
 pub(super) struct Hub {
@@ -326,6 +330,7 @@ impl Hub {
             unstored: Vec::new(),
             unseen: Default::default(),
             last_fed: 0,
+            reset_upto: 0,
         };
         let mut all = Vec::new();
         for (name, events) in restored {
@@ -568,6 +573,35 @@ impl Hub {
         self.trim(&mut channels, 0);
     }
 
+    /// With `--nats-url`: the stream was reset (deleted, or NATS lost its store) after the feed
+    /// read up to `fed`: its ids start again from 1. Drop every channel's events and cut every
+    /// subscriber: it resumes with its Last-Event-ID, above the new stream's, and is told of a
+    /// gap (see [`Hub::subscribe`]) rather than waiting silently for ids it already passed.
+    pub(super) fn reset_stream(&self, fed: u64) {
+        let mut channels = self.lock();
+        let upto = channels.last_fed.max(fed);
+        channels.reset_upto = channels.reset_upto.max(upto);
+        channels.last_fed = 0;
+        channels.unseen = super::nats::Unseen::default();
+        channels.order.clear();
+        for channel in channels.map.values_mut() {
+            channel.events.clear();
+            channel.evicted_upto = 0;
+            channel.next_id = 1;
+            for watcher in &channel.watchers {
+                if !watcher.kill.is_cancelled() {
+                    watcher.kill.cancel();
+                    self.stats.shed_lagging.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// With `--nats-url`: the last stream sequence fed.
+    pub(super) fn fed_upto(&self) -> u64 {
+        self.lock().last_fed
+    }
+
     /// With `--nats-url`: stream sequences `from..=to` were deleted before the feed read them.
     pub(super) fn unseen(&self, from: u64, to: u64) {
         if from > to {
@@ -669,6 +703,7 @@ impl Hub {
         replay_all: bool,
         raw: bool,
         kill: tokio_util::sync::CancellationToken,
+        stream_last: Option<u64>,
     ) -> Result<Subscription, HubError> {
         let mut channels = self.lock();
         let max = self.config.max_subscribers;
@@ -695,7 +730,24 @@ impl Hub {
             let upto = evicted_upto.max(channels.unseen.after(seen).unwrap_or(0));
             (seen < upto).then_some((seen, upto))
         });
+        // With `--nats-url`: a Last-Event-ID above every sequence fed that is from a stream
+        // since reset (or above the stream's own last sequence, `stream_last`) will never
+        // come: the subscriber is told of the reset and gets the new stream's events.
+        let reset_gap = match last_seen {
+            Some(seen) if self.cluster.is_some() && !replay_all && seen > channels.last_fed => {
+                seen <= channels.reset_upto || stream_last.is_some_and(|last| seen > last)
+            }
+            _ => false,
+        };
         let (_, channel) = self.channel_mut(&mut channels, name)?;
+        if reset_gap {
+            warn!(
+                channel = %crate::url::redact(name),
+                "a subscriber resumed after event {}, beyond the stream's sequence (it was \
+                 reset): told of a gap, and given the channel's events from the new stream",
+                last_seen.unwrap_or(0)
+            );
+        }
         if let Some((seen, upto)) = gap {
             warn!(
                 channel = %crate::url::redact(name),
@@ -703,7 +755,16 @@ impl Hub {
                  evicted (--max-events, --retain, --max-memory or --channel-ttl): it missed them"
             );
         }
-        let cursor = cursor.max(channel.evicted_upto);
+        let cursor = if reset_gap {
+            0
+        } else {
+            cursor.max(channel.evicted_upto)
+        };
+        let gap = if reset_gap {
+            last_seen.map(|seen| (seen, 0))
+        } else {
+            gap
+        };
         let watcher = Arc::new(Watcher {
             cursor: AtomicU64::new(cursor),
             kill,
@@ -811,6 +872,12 @@ impl Subscription {
                 return Some(Bytes::from_static(b"event: ready\ndata: {}\n\n"));
             }
             if let Some((after, upto)) = self.gap.take() {
+                if upto == 0 {
+                    // The stream was reset: ids start again below `after`.
+                    return Some(Bytes::from(format!(
+                        "event: gap\ndata: {{\"after\":{after},\"reset\":true}}\n\n"
+                    )));
+                }
                 return Some(Bytes::from(format!(
                     "event: gap\ndata: {{\"after\":{after},\"upto\":{upto}}}\n\n"
                 )));
@@ -894,17 +961,17 @@ mod tests {
         let hub = hub();
         let kill = tokio_util::sync::CancellationToken::new();
         let live = hub
-            .subscribe("ch", Some(4), false, false, kill.clone())
+            .subscribe("ch", Some(4), false, false, kill.clone(), None)
             .unwrap();
         assert_eq!(live.gap, None);
         hub.unseen(5, 9);
         assert!(kill.is_cancelled(), "a subscriber before the hole is cut");
         let resumed = hub
-            .subscribe("ch", Some(4), false, false, Default::default())
+            .subscribe("ch", Some(4), false, false, Default::default(), None)
             .unwrap();
         assert_eq!(resumed.gap, Some((4, 9)));
         let after = hub
-            .subscribe("ch", Some(9), false, false, Default::default())
+            .subscribe("ch", Some(9), false, false, Default::default(), None)
             .unwrap();
         assert_eq!(after.gap, None, "nothing unseen after 9");
         drop(live);

@@ -10,6 +10,10 @@
 //! stream's limits (`--retain` is its max age, `--max-events` its per-channel message limit,
 //! `--max-memory` its byte limit); the hub applies the same limits to its copy.
 //!
+//! A stream found missing is created again with the configured limits; a stream found reset
+//! (its sequence went back, or it was created anew) makes the hub drop its copy and cut its
+//! subscribers, which resume and are told `event: gap` with `"reset":true`: never silence.
+//!
 //! It must not decide what a frame looks like (that is [`Hub`]'s `Posted`) nor answer HTTP
 //! (that is `http`), and it never accepts a post it could not store: while NATS is away,
 //! posts get 503.
@@ -78,12 +82,30 @@ impl NatsConfig {
 pub enum NatsError {
     #[error("cannot read the NATS credentials file {0}")]
     Credentials(std::path::PathBuf, #[source] std::io::Error),
-    #[error("cannot connect to NATS at {0} (is nats-server running, and the URL right?)")]
-    Connect(String, #[source] async_nats::ConnectError),
-    #[error(
-        "cannot create or update the JetStream stream {0} (is JetStream enabled: `nats-server -js`?)"
-    )]
-    Stream(String, #[source] jetstream::context::CreateStreamError),
+    #[error("cannot connect to NATS at {url}: {cause} ({hint})")]
+    Connect {
+        /// The URL(s), credentials out.
+        url: String,
+        /// What failed, in the client's words, each cause once.
+        cause: String,
+        /// What to check, by the kind of failure.
+        hint: &'static str,
+    },
+    #[error("--nats-url `{0}`: {1}")]
+    Url(String, &'static str),
+    #[error("cannot create or update the JetStream stream {name} ({hint})")]
+    Stream {
+        /// The stream's name.
+        name: String,
+        /// What to check, by the refusal.
+        hint: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("--nats-tls-ca {0}: cannot read it")]
+    TlsCaUnreadable(std::path::PathBuf, #[source] std::io::Error),
+    #[error("--nats-tls-ca {0}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    TlsCaNotPem(std::path::PathBuf),
     #[error("`{0}` is not a stream name: use letters, digits, - and _")]
     StreamName(String),
 }
@@ -131,10 +153,13 @@ pub(super) struct NatsStats {
     /// The feed has once reached the end of the stream: until then, this replica's replay
     /// buffers are incomplete and `/healthz` says so.
     pub caught_up: AtomicBool,
-    /// The stream's sequence went back below what was fed (the stream was deleted, or NATS
-    /// lost its store): new events would have ids this replica's clients already passed, so
-    /// it stops claiming health until it is restarted.
-    pub stream_reset: AtomicBool,
+    /// Times the stream was found reset (its sequence went back, or it was created anew:
+    /// deleted, or NATS lost its store): this replica dropped its copy, cut its subscribers
+    /// (they resume and are told `event: gap`) and read the new stream from its start.
+    pub stream_resets: AtomicU64,
+    /// The stream can be written: it exists (or was created again). While it cannot,
+    /// `/healthz` fails (posts get 503).
+    pub writable: AtomicBool,
 }
 
 /// A replica's link to the cluster.
@@ -145,8 +170,8 @@ pub(super) struct Cluster {
     js: jetstream::Context,
     /// The stream's name, also the subjects' prefix.
     stream: String,
-    /// The server's largest message.
-    max_payload: usize,
+    /// The stream as configured (limits from the flags): to create it again when it is lost.
+    config: jetstream::stream::Config,
     /// How long NATS may be away before `/healthz` fails.
     grace: Duration,
     /// Figures.
@@ -159,6 +184,102 @@ fn valid_stream_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Credentials a `--nats-url` carried in its userinfo.
+#[derive(Debug, PartialEq)]
+enum UrlAuth {
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://TOKEN@host`.
+    Token(String),
+}
+
+/// `--nats-url`, split: the servers without their userinfo (so the client never logs a
+/// password with the address), and the credentials, given to the client as options (it does
+/// not send a URL's own userinfo).
+fn parse_urls(urls: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlAuth>), NatsError> {
+    let bad = |why| NatsError::Url(redact_url(urls), why);
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| bad("its user or password is not UTF-8 once percent-decoded"))
+    };
+    let mut addrs = Vec::new();
+    let mut auth: Option<UrlAuth> = None;
+    for one in urls.split(',').map(str::trim) {
+        if one.is_empty() {
+            return Err(bad(
+                "a server in the list is empty (comma-separate nats://HOST:PORT)",
+            ));
+        }
+        let (scheme, rest) = match one.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, one),
+        };
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, rest),
+        };
+        if let Some(userinfo) = userinfo {
+            let this = match userinfo.split_once(':') {
+                Some((user, password)) => UrlAuth::UserPassword(decode(user)?, decode(password)?),
+                None => UrlAuth::Token(decode(userinfo)?),
+            };
+            match &auth {
+                Some(earlier) if *earlier != this => {
+                    return Err(bad(
+                        "its servers carry different credentials; give them once",
+                    ));
+                }
+                _ => auth = Some(this),
+            }
+        }
+        let bare = match scheme {
+            Some(scheme) => format!("{scheme}://{host}"),
+            None => host.to_string(),
+        };
+        let addr = bare
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|_| bad("not a server address (nats://HOST:PORT, tls://HOST:PORT)"))?;
+        addrs.push(addr);
+    }
+    Ok((addrs, auth))
+}
+
+/// What to check when the connection failed, by how it failed.
+fn connect_hint(kind: async_nats::ConnectErrorKind) -> &'static str {
+    use async_nats::ConnectErrorKind as K;
+    match kind {
+        K::AuthorizationViolation | K::Authentication => {
+            "check the user and password or token in --nats-url, or --nats-credentials"
+        }
+        K::Tls => "check --nats-tls-ca and the server's certificate and name",
+        K::Dns => "check the host name in --nats-url",
+        K::ServerParse => "check --nats-url",
+        K::TimedOut | K::Io | K::MaxReconnects => "is nats-server running, and the URL right?",
+    }
+}
+
+/// The client's error with each cause once: its own message repeats its source's.
+fn connect_cause(e: &async_nats::ConnectError) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut push = |text: String| {
+        for part in text.split(": ") {
+            let part = part.trim().to_string();
+            if !part.is_empty() && part != "nats" && !parts.contains(&part) {
+                parts.push(part);
+            }
+        }
+    };
+    push(e.kind().to_string());
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ")
 }
 
 /// The URL(s) for messages: passwords and tokens out.
@@ -189,6 +310,7 @@ impl Cluster {
             return Err(NatsError::StreamName(config.stream.clone()));
         }
         let shown = redact_url(config.url.expose_secret());
+        let (addrs, auth) = parse_urls(config.url.expose_secret())?;
         let stats = Arc::new(NatsStats::default());
         let mut options = async_nats::ConnectOptions::new()
             .name("smee-relay serve")
@@ -212,13 +334,31 @@ impl Cluster {
                 .await
                 .map_err(|e| NatsError::Credentials(path.clone(), e))?;
         }
+        match auth {
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token),
+            None => {}
+        }
         if let Some(ca) = &config.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| NatsError::TlsCaUnreadable(ca.clone(), e))?;
+            if !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+            {
+                return Err(NatsError::TlsCaNotPem(ca.clone()));
+            }
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client = options
-            .connect(config.url.expose_secret())
+            .connect(addrs)
             .await
-            .map_err(|e| NatsError::Connect(shown.clone(), e))?;
+            .map_err(|e| NatsError::Connect {
+                url: shown.clone(),
+                cause: connect_cause(&e),
+                hint: connect_hint(e.kind()),
+            })?;
         let max_payload = client.server_info().max_payload;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(ACK_TIMEOUT);
@@ -234,9 +374,21 @@ impl Cluster {
             num_replicas: config.replicas,
             ..Default::default()
         };
-        js.create_or_update_stream(stream)
+        if let Ok(mut existing) = js.get_stream(&config.stream).await {
+            warn_changed_limits(
+                &config.stream,
+                &existing.info().await.ok().map(|i| i.config.clone()),
+                &stream,
+            );
+        }
+        js.create_or_update_stream(stream.clone())
             .await
-            .map_err(|e| NatsError::Stream(config.stream.clone(), e))?;
+            .map_err(|e| NatsError::Stream {
+                hint: stream_hint(&e, config.replicas),
+                name: config.stream.clone(),
+                source: e,
+            })?;
+        stats.writable.store(true, Ordering::Relaxed);
         if limits.max_body + HEAD_ALLOWANCE > max_payload {
             warn!(
                 max_payload,
@@ -249,7 +401,7 @@ impl Cluster {
             client,
             js,
             stream: config.stream.clone(),
-            max_payload,
+            config: stream,
             grace: config.grace,
             stats,
         })
@@ -259,15 +411,39 @@ impl Cluster {
         format!("{}.{channel}", self.stream)
     }
 
-    /// Store an encoded event in the stream; its sequence once JetStream confirmed it.
+    /// Store an encoded event in the stream; its sequence once JetStream confirmed it. A
+    /// stream found missing is created again (with the configured limits) and the event
+    /// published once more.
     pub(super) async fn publish(
         &self,
         channel: &str,
         payload: Vec<u8>,
     ) -> Result<u64, PublishError> {
-        if payload.len() > self.max_payload {
-            return Err(PublishError::TooLarge(payload.len(), self.max_payload));
+        // The server's current limit (a reloaded config may have lowered it since connect).
+        let max_payload = self.client.server_info().max_payload;
+        if payload.len() > max_payload {
+            return Err(PublishError::TooLarge(payload.len(), max_payload));
         }
+        let payload = bytes::Bytes::from(payload);
+        match self.publish_once(channel, payload.clone()).await {
+            Err(PublishError::Refused(e))
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
+            {
+                self.stats.writable.store(false, Ordering::Relaxed);
+                if self.ensure_stream().await.is_err() {
+                    return Err(PublishError::Refused(e));
+                }
+                self.publish_once(channel, payload).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        payload: bytes::Bytes,
+    ) -> Result<u64, PublishError> {
         // While disconnected the client would queue the message and send it on reconnect,
         // after this post was answered 503: refuse before it is queued.
         if self.client.connection_state() != async_nats::connection::State::Connected {
@@ -276,7 +452,10 @@ impl Cluster {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(PublishError::Unavailable);
         }
-        let sent = self.js.publish(self.subject(channel), payload.into()).await;
+        let sent = self
+            .js
+            .publish(self.subject(channel), payload.clone())
+            .await;
         let ack = match sent {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
@@ -284,7 +463,16 @@ impl Cluster {
         match ack {
             Ok(ack) => {
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
+                self.stats.writable.store(true, Ordering::Relaxed);
                 Ok(ack.sequence)
+            }
+            // nats-server closes the connection on a message above its max_payload (lowered
+            // by a config reload after connect); the client reconnects and learns the new
+            // limit. The post was refused for its size: 413, not a 503 a sender retries.
+            Err(_) if payload.len() > self.client.server_info().max_payload => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                let max_payload = self.client.server_info().max_payload;
+                Err(PublishError::TooLarge(payload.len(), max_payload))
             }
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
                 self.stats.publish_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -296,11 +484,47 @@ impl Cluster {
                     .fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Unavailable)
             }
+            Err(e) if too_large(&e) => {
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                let max_payload = self.client.server_info().max_payload;
+                Err(PublishError::TooLarge(payload.len(), max_payload))
+            }
             Err(e) => {
                 self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Refused(e))
             }
         }
+    }
+
+    /// The stream's state, creating it again (with the configured limits) when it is gone.
+    async fn ensure_stream(&self) -> Result<jetstream::stream::Info, async_nats::Error> {
+        match self.js.get_stream(&self.stream).await {
+            Ok(stream) => Ok(stream.cached_info().clone()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(api)
+                        if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                let mut created = self.js.create_stream(self.config.clone()).await?;
+                warn!(
+                    stream = %self.stream,
+                    "the JetStream stream was missing (deleted, or NATS lost its store): \
+                     created it again with this replica's limits"
+                );
+                Ok(created.info().await?.clone())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The stream's last sequence, if NATS answers: a Last-Event-ID above it is from a stream
+    /// that was reset.
+    pub(super) async fn stream_last_sequence(&self) -> Option<u64> {
+        let asked = tokio::time::timeout(ACK_TIMEOUT, self.js.get_stream(&self.stream)).await;
+        let Ok(Ok(stream)) = asked else { return None };
+        Some(stream.cached_info().state.last_sequence)
     }
 
     /// Whether `/healthz` may say ok: connected (or not away longer than the grace period) and
@@ -317,9 +541,10 @@ impl Cluster {
                 ));
             }
         }
-        if self.stats.stream_reset.load(Ordering::Relaxed) {
+        if !self.stats.writable.load(Ordering::Relaxed) {
             return Err(format!(
-                "the JetStream stream {} was reset (its sequence went back): restart this replica",
+                "the JetStream stream {} cannot be written (missing, and not created again \
+                 yet); posts get 503",
                 self.stream
             ));
         }
@@ -371,9 +596,15 @@ impl Cluster {
         );
         metric(
             "smee_relay_serve_nats_stream_reset",
+            "counter",
+            "Times the stream was found reset or created anew (its copy here was dropped and read again).",
+            &[("", get(&s.stream_resets))],
+        );
+        metric(
+            "smee_relay_serve_nats_stream_writable",
             "gauge",
-            "1 once the stream's sequence went back (restart this replica).",
-            &[("", u64::from(s.stream_reset.load(Ordering::Relaxed)))],
+            "1 while the stream exists (or could be created again).",
+            &[("", u64::from(s.writable.load(Ordering::Relaxed)))],
         );
         metric(
             "smee_relay_serve_nats_fed_total",
@@ -410,6 +641,76 @@ impl Cluster {
             "counter",
             "Times the feed started its consumer again.",
             &[("", get(&s.feed_restarts))],
+        );
+    }
+}
+
+/// JetStream's (or the client's) refusal of a message for its size.
+fn too_large(e: &jetstream::context::PublishError) -> bool {
+    if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
+        return true;
+    }
+    let text = crate::error::chain(e).to_ascii_lowercase();
+    text.contains("maximum payload") || text.contains("message size exceeds maximum")
+}
+
+/// What to check when the stream could not be created, by the refusal.
+fn stream_hint(e: &jetstream::context::CreateStreamError, replicas: usize) -> String {
+    let text = crate::error::chain(e).to_ascii_lowercase();
+    if replicas > 1
+        && (text.contains("replicas") || text.contains("insufficient") || text.contains("peers"))
+    {
+        return format!(
+            "--nats-replicas {replicas} exceeds the NATS cluster's size: a single server \
+             keeps 1 copy; use at most as many as there are JetStream servers"
+        );
+    }
+    if text.contains("timed out") || text.contains("no responders") || text.contains("not enabled")
+    {
+        return "is JetStream enabled: `nats-server -js`?".into();
+    }
+    "check the stream's limits against the account's JetStream limits".into()
+}
+
+/// Log at WARN what this replica changes in an existing stream's limits (replicas started
+/// with different limit flags overwrite each other's: the last one started wins).
+fn warn_changed_limits(
+    name: &str,
+    old: &Option<jetstream::stream::Config>,
+    new: &jetstream::stream::Config,
+) {
+    let Some(old) = old else { return };
+    let mut changes = Vec::new();
+    if old.max_age != new.max_age {
+        changes.push(format!(
+            "max age {:?} -> {:?} (--retain)",
+            old.max_age, new.max_age
+        ));
+    }
+    if old.max_messages_per_subject != new.max_messages_per_subject {
+        changes.push(format!(
+            "messages per channel {} -> {} (--max-events)",
+            old.max_messages_per_subject, new.max_messages_per_subject
+        ));
+    }
+    if old.max_bytes != new.max_bytes {
+        changes.push(format!(
+            "bytes {} -> {} (--max-memory)",
+            old.max_bytes, new.max_bytes
+        ));
+    }
+    if old.num_replicas != new.num_replicas {
+        changes.push(format!(
+            "replicas {} -> {} (--nats-replicas)",
+            old.num_replicas, new.num_replicas
+        ));
+    }
+    if !changes.is_empty() {
+        warn!(
+            stream = %name,
+            "changing the existing stream's limits, which every replica shares: {} (start every \
+             replica with the same limit flags)",
+            changes.join(", ")
         );
     }
 }
@@ -472,34 +773,68 @@ impl Unseen {
 /// How often the feed compares its position with the stream's (lag while idle, resets).
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// Compare the stream's last sequence with the last one fed: the lag, or a reset.
-async fn check_stream(cluster: &Cluster, last: u64) {
-    let info = tokio::time::timeout(CHECK_EVERY, cluster.js.get_stream(&cluster.stream)).await;
-    let Ok(Ok(stream)) = info else { return };
-    let newest = stream.cached_info().state.last_sequence;
-    if newest < last {
-        if !cluster.stats.stream_reset.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                stream = %cluster.stream,
-                newest,
-                fed = last,
-                "the stream's sequence went back (deleted, or NATS lost its store): ids would \
-                 repeat, so /healthz fails until this replica is restarted"
-            );
+/// What the feed remembers of the stream it reads, to notice it was replaced.
+#[derive(Default)]
+struct Seen {
+    /// The last stream sequence fed.
+    last: u64,
+    /// When the stream was created, as NATS says: another value means a new stream.
+    created: Option<i128>,
+}
+
+/// Compare the stream with what was fed (creating it again when it is gone): the lag, and
+/// whether it was reset (its sequence went back below what was fed, or it was created anew).
+/// On a reset the hub drops its copy and tells its subscribers; the caller reads the stream
+/// again from its start.
+async fn check_stream(cluster: &Cluster, hub: &Hub, seen: &mut Seen) -> bool {
+    let info = tokio::time::timeout(CHECK_EVERY, cluster.ensure_stream()).await;
+    let info = match info {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            if cluster.stats.writable.swap(false, Ordering::Relaxed) {
+                warn!(stream = %cluster.stream, "the JetStream stream is missing and cannot be created again: {e}");
+            }
+            return false;
         }
-        return;
+        Err(_) => return false,
+    };
+    cluster.stats.writable.store(true, Ordering::Relaxed);
+    let newest = info.state.last_sequence;
+    let created = info.created.unix_timestamp_nanos();
+    let replaced = seen.created.is_some_and(|before| before != created);
+    seen.created = Some(created);
+    if newest < seen.last || replaced {
+        cluster.stats.stream_resets.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            stream = %cluster.stream,
+            newest,
+            fed = seen.last,
+            "the stream was reset (deleted, or NATS lost its store): dropping this replica's copy \
+             and reading it again; subscribers are cut and told of a gap when they resume"
+        );
+        hub.reset_stream(seen.last);
+        // Its replay buffers are empty until the new stream is read: /healthz says so.
+        cluster.stats.caught_up.store(false, Ordering::Relaxed);
+        seen.last = 0;
+        cluster.stats.last_sequence.store(0, Ordering::Relaxed);
+        return true;
     }
-    cluster.stats.lag.store(newest - last, Ordering::Relaxed);
+    cluster
+        .stats
+        .lag
+        .store(newest - seen.last, Ordering::Relaxed);
+    false
 }
 
 /// Read the stream into `hub`, in order, until shutdown: an ordered consumer from the start
 /// of the stream, started again from the next sequence whenever it fails.
 pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
-    let mut last = 0u64;
+    let mut seen = Seen::default();
     let mut checks = tokio::time::interval(CHECK_EVERY);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pause = Duration::from_millis(100);
     loop {
+        let last = seen.last;
         let deliver_policy = if last == 0 {
             DeliverPolicy::All
         } else {
@@ -525,6 +860,7 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                 Ok(messages) => messages,
                 Err(e) => {
                     debug!("cannot start reading the stream (retrying): {e}");
+                    check_stream(&cluster, &hub, &mut seen).await;
                     tokio::select! {
                         _ = hub.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(pause) => {}
@@ -549,7 +885,9 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
             let next = tokio::select! {
                 _ = hub.shutdown.cancelled() => return,
                 _ = checks.tick() => {
-                    check_stream(&cluster, last).await;
+                    if check_stream(&cluster, &hub, &mut seen).await {
+                        break;
+                    }
                     continue;
                 }
                 next = messages.next() => next,
@@ -570,7 +908,9 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                 continue;
             };
             let (seq, pending) = (info.stream_sequence, info.pending);
+            let last = seen.last;
             if seq <= last {
+                // Only a redelivery: a stream that went back is caught by `check_stream`.
                 continue;
             }
             if seq > last + 1 {
@@ -580,7 +920,7 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
                     .fetch_add(seq - last - 1, Ordering::Relaxed);
                 hub.unseen(last + 1, seq - 1);
             }
-            last = seq;
+            seen.last = seq;
             cluster.stats.last_sequence.store(seq, Ordering::Relaxed);
             cluster.stats.lag.store(pending, Ordering::Relaxed);
             let channel = message
@@ -609,7 +949,7 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
         }
         cluster.stats.feed_restarts.fetch_add(1, Ordering::Relaxed);
         debug!(
-            last,
+            last = seen.last,
             "the stream's consumer ended: starting it again from the next sequence"
         );
     }
@@ -618,6 +958,34 @@ pub(super) async fn feed(cluster: Arc<Cluster>, hub: Arc<Hub>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_nats_url_are_taken_out_of_the_addresses_and_decoded() {
+        let (addrs, auth) =
+            parse_urls("nats://us%40r:p%3Ass@h:4222, nats://us%40r:p%3Ass@g:4223").unwrap();
+        assert_eq!(
+            auth,
+            Some(UrlAuth::UserPassword("us@r".into(), "p:ss".into()))
+        );
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs.iter().all(|a| !a.has_user_pass()));
+        let (_, auth) = parse_urls("tls://T0K@h:4222").unwrap();
+        assert_eq!(auth, Some(UrlAuth::Token("T0K".into())));
+        let (addrs, auth) = parse_urls("127.0.0.1:4222").unwrap();
+        assert_eq!((addrs.len(), auth), (1, None));
+        assert!(matches!(
+            parse_urls("nats://a:b@h:1,nats://c:d@g:2"),
+            Err(NatsError::Url(..))
+        ));
+        assert!(matches!(
+            parse_urls("nats://h:1,,nats://g:2"),
+            Err(NatsError::Url(..))
+        ));
+        let Err(e) = parse_urls("nats://u:pw@h:notaport") else {
+            panic!("a bad port")
+        };
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
 
     #[test]
     fn urls_lose_their_credentials() {

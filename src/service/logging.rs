@@ -47,11 +47,21 @@ pub fn init(verbosity: i8, format: LogFormat) {
         1 => "debug",
         _ => "trace",
     };
+    // async-nats logs its server addresses (with a URL's userinfo) and connection details at
+    // DEBUG: whatever -v or RUST_LOG say, it never logs below INFO.
     let default = format!(
-        "{},smee_relay={ours}",
-        if verbosity > 1 { "debug" } else { "warn" }
+        "{base},smee_relay={ours},async_nats={base_nats}",
+        base = if verbosity > 1 { "debug" } else { "warn" },
+        base_nats = if verbosity > 1 { "info" } else { "warn" },
     );
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(from_env) => from_env.add_directive(
+            "async_nats=info"
+                .parse()
+                .expect("a constant, valid directive"),
+        ),
+        Err(_) => EnvFilter::new(default),
+    };
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)

@@ -45,7 +45,25 @@ impl NatsServer {
     /// Start a JetStream-enabled server on a free loopback port and wait until it listens.
     pub async fn start() -> NatsServer {
         let store = super::temp_dir();
-        Self::spawn(store, None).await
+        Self::spawn(store, None, &[]).await
+    }
+
+    /// [`NatsServer::start`] with more nats-server flags (e.g. `--user u --pass p`, `--auth T`).
+    pub async fn start_with(args: &[&str]) -> NatsServer {
+        let store = super::temp_dir();
+        Self::spawn(store, None, args).await
+    }
+
+    /// Make the server reload its config file (`-c`, given to [`NatsServer::start_with`]).
+    pub async fn reload(&self) {
+        let pid = self.child.id().expect("nats-server runs");
+        let status = tokio::process::Command::new(nats_server_bin())
+            .arg("--signal")
+            .arg(format!("reload={pid}"))
+            .status()
+            .await
+            .expect("run nats-server --signal");
+        assert!(status.success(), "nats-server --signal reload failed");
     }
 
     /// Kill the server (as a crash would) and start it again on the same port and store.
@@ -57,7 +75,7 @@ impl NatsServer {
             ..
         } = self;
         let _ = child.kill().await;
-        Self::spawn(store, Some(port)).await
+        Self::spawn(store, Some(port), &[]).await
     }
 
     /// Kill the server and keep it down; the store stays for [`NatsServer::start_again`].
@@ -68,14 +86,15 @@ impl NatsServer {
 
     /// Start a server again on a store and port that [`NatsServer::stop`] returned.
     pub async fn start_again(store: tempfile::TempDir, port: u16) -> NatsServer {
-        Self::spawn(store, Some(port)).await
+        Self::spawn(store, Some(port), &[]).await
     }
 
-    async fn spawn(store: tempfile::TempDir, port: Option<u16>) -> NatsServer {
+    async fn spawn(store: tempfile::TempDir, port: Option<u16>, extra: &[&str]) -> NatsServer {
         let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
         let mut child = tokio::process::Command::new(nats_server_bin())
             .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
             .arg(store.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
