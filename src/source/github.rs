@@ -471,9 +471,12 @@ impl RateLimiter {
         }
     }
 
-    /// The next request waits `wait`.
+    /// The next request waits `wait`. GitHub's headers are input: a wait too long for the clock
+    /// (`retry-after: 18446744073709551615`) must not overflow it; beyond the bound it is an
+    /// error in [`Self::ready`] anyway, so the deadline is clamped just past it.
     pub fn wait_for(&mut self, wait: Duration) {
-        self.not_before = Some((Instant::now() + wait, wait));
+        let clamped = wait.min(MAX_RATE_WAIT + Duration::from_secs(1));
+        self.not_before = Some((Instant::now() + clamped, wait));
     }
 }
 
@@ -608,6 +611,37 @@ mod tests {
         limiter.wait_for(MAX_RATE_WAIT);
         limiter.ready().await.unwrap();
         assert_eq!(start.elapsed(), MAX_RATE_WAIT);
+    }
+
+    /// Regression: an absurd `retry-after` or `x-ratelimit-reset` overflowed `Instant` and
+    /// panicked the catch-up (the daemon's task died silently).
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_rate_limit_wait_is_an_error_not_a_panic() {
+        for wait in [
+            rate_limit_wait(403, &headers(&[("retry-after", "18446744073709551615")]), 5),
+            rate_limit_wait(
+                429,
+                &headers(&[
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "18446744073709551615"),
+                ]),
+                5,
+            ),
+        ] {
+            let mut limiter = RateLimiter::default();
+            limiter.wait_for(wait.unwrap());
+            let e = limiter.ready().await.unwrap_err();
+            assert!(e.to_string().contains("run it again later"), "{e}");
+        }
+        let mut limiter = RateLimiter::default();
+        limiter.saw(
+            &headers(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "18446744073709551615"),
+            ]),
+            5,
+        );
+        assert!(limiter.ready().await.is_err());
     }
 
     #[test]
