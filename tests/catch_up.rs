@@ -49,6 +49,14 @@ struct GithubState {
     /// Answer the next delivery detail with 403 and `retry-after: 1` (a secondary limit).
     limit_next_detail: AtomicBool,
     list_requests: AtomicUsize,
+    /// Delivery ids whose detail answers 404 (GitHub no longer has them).
+    gone: Mutex<Vec<u64>>,
+    /// The first list page carries an entry that does not decode.
+    bad_entry: AtomicBool,
+    /// Every list page links to the first page again (a cursor loop).
+    loop_cursor: AtomicBool,
+    /// The list answers a page of 5 MB.
+    huge_list: AtomicBool,
     /// The ids of delivery details asked for, rate-limited ones included.
     detail_requests: Mutex<Vec<u64>>,
 }
@@ -88,14 +96,34 @@ async fn list(
     if let Some(refused) = refused(&headers) {
         return refused;
     }
-    state.list_requests.fetch_add(1, Ordering::SeqCst);
+    let requests = state.list_requests.fetch_add(1, Ordering::SeqCst);
     assert_eq!(query.get("per_page").map(String::as_str), Some("100"));
+    if state.huge_list.load(Ordering::SeqCst) {
+        return (
+            [("content-type", "application/json")],
+            format!("[\"{}\"]", "x".repeat(5 << 20)),
+        )
+            .into_response();
+    }
+    if state.loop_cursor.load(Ordering::SeqCst) {
+        assert!(requests < 50, "the client follows a cursor loop");
+        let page = (0..PAGE)
+            .map(|i| json!({"id": i, "guid": format!("loop-{i}"), "delivered_at": rfc3339(1)}))
+            .collect::<Vec<_>>();
+        let mut response = axum::Json(page).into_response();
+        let next = format!(
+            "<{}/{owner}/{name}/hooks/{hook}/deliveries?per_page=100&cursor=v1_4>; rel=\"next\"",
+            state.base
+        );
+        response.headers_mut().insert("link", next.parse().unwrap());
+        return response;
+    }
     let start: usize = query
         .get("cursor")
         .map(|c| c.strip_prefix("v1_").unwrap().parse().unwrap())
         .unwrap_or(0);
     let newest_first: Vec<&Delivery> = state.deliveries.iter().rev().collect();
-    let page: Vec<Value> = newest_first
+    let mut page: Vec<Value> = newest_first
         .iter()
         .skip(start)
         .take(PAGE)
@@ -108,6 +136,9 @@ async fn list(
             })
         })
         .collect();
+    if start == 0 && state.bad_entry.load(Ordering::SeqCst) {
+        page.insert(1, json!({"id": "not-a-number", "guid": "guid-bad"}));
+    }
     let mut response = axum::Json(page).into_response();
     if start + PAGE < newest_first.len() {
         let next = format!(
@@ -134,6 +165,14 @@ async fn detail(
             StatusCode::FORBIDDEN,
             [("retry-after", "1"), ("content-type", "application/json")],
             r#"{"message":"You have exceeded a secondary rate limit."}"#,
+        )
+            .into_response();
+    }
+    if state.gone.lock().unwrap().contains(&id) {
+        return (
+            StatusCode::NOT_FOUND,
+            [("content-type", "application/json")],
+            r#"{"message":"Not Found"}"#,
         )
             .into_response();
     }
@@ -527,4 +566,99 @@ async fn the_daemon_catches_up_when_the_channel_connects() {
     }
     logs.wait_for(&["GitHub catch-up: recovered 4"]).await;
     assert!(!logs.all().contains(TOKEN));
+}
+
+/// Regression: one delivery GitHub answers 404 for, or one list entry that does not decode,
+/// aborted the whole catch-up and recovered nothing. Now they are skipped and named, the rest
+/// recovered in order, and the exit code says something failed.
+#[tokio::test]
+async fn one_bad_delivery_does_not_abort_the_catch_up() {
+    let all = deliveries(6);
+    let github = FakeGithub::start(all.clone()).await;
+    github.state.gone.lock().unwrap().push(all[2].id);
+    github.state.bad_entry.store(true, Ordering::SeqCst);
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/OneBadDelivery",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(&mut catch_up(&config, &github)).await;
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("recovered 5 deliveries"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains(&all[2].guid) && l.contains("FAILED") && l.contains("404")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("guid-bad"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("2 deliveries") && out.stderr.contains("could not be recovered"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(listed(&dir.path().join("state")).await.len(), 5);
+    let expected: Vec<&str> = all
+        .iter()
+        .filter(|d| d.id != all[2].id)
+        .map(|d| d.guid.as_str())
+        .collect();
+    assert_eq!(recovered_in_order(&out.stdout), expected, "{}", out.stdout);
+}
+
+/// Regression: the delivery list's paging had no page cap and no repeated-cursor check (a
+/// cursor loop ran for ever), and a response body was read whole whatever its size.
+#[tokio::test]
+async fn a_cursor_loop_or_a_huge_list_page_is_a_clear_error() {
+    let github = FakeGithub::start(deliveries(2)).await;
+    github.state.loop_cursor.store(true, Ordering::SeqCst);
+    let dir = temp_dir();
+    let config = write_config(dir.path(), "https://smee.io/LoopCh", "http://127.0.0.1:9/", "");
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("twice (a loop)"), "{}", out.stderr);
+
+    let github = FakeGithub::start(deliveries(2)).await;
+    github.state.huge_list.store(true, Ordering::SeqCst);
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("larger than"), "{}", out.stderr);
+}
+
+/// More missed deliveries than one batch: appended in bounded batches, still in order, each
+/// once.
+#[tokio::test]
+async fn a_long_outage_is_appended_in_batches_in_order() {
+    let all = deliveries(120);
+    let github = FakeGithub::start(all.clone()).await;
+    let dir = temp_dir();
+    let config = write_config(dir.path(), "https://smee.io/LongOutage", "http://127.0.0.1:9/", "");
+    let out = run_to_end(catch_up(&config, &github).args(["--since", "1d"])).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(listed(&dir.path().join("state")).await.len(), 120);
+    let expected: Vec<&str> = all.iter().map(|d| d.guid.as_str()).collect();
+    assert_eq!(recovered_in_order(&out.stdout), expected, "{}", out.stdout);
+}
+
+/// The GUIDs catch-up printed as recovered, checked to have got increasing event ids (so they
+/// were appended in that order).
+fn recovered_in_order(stdout: &str) -> Vec<&str> {
+    let mut last = 0;
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let (_, id) = line.rsplit_once("  event ")?;
+            let id: u64 = id.trim().parse().ok()?;
+            assert!(id > last, "event ids out of order: {stdout}");
+            last = id;
+            line.split_whitespace().nth(1)
+        })
+        .collect()
 }

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use crate::cli::{CatchUpArgs, CatchUpCommand, GithubCatchUpArgs};
 use crate::config::ConfigError;
 use crate::secret::SecretString;
-use crate::service::catch_up::{self, Destination, Report};
+use crate::service::catch_up::{self, Destination, Fate, Report};
 use crate::service::daemon::{ChannelPlan, routes_of};
 use crate::source::SourceConfig;
 use crate::source::github::{self, HookClient, HookConfig};
@@ -65,6 +65,13 @@ async fn run_github(args: GithubCatchUpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("catch-up of {} failed", client.describe()))?;
     print!("{}", summary(&report, &client.describe(), &args));
+    if report.failures() > 0 {
+        anyhow::bail!(
+            "{} deliveries of {} could not be recovered (marked FAILED above); the others were",
+            report.failures(),
+            client.describe()
+        );
+    }
     Ok(())
 }
 
@@ -171,14 +178,13 @@ fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
         humantime::format_duration(args.since),
         report.missing.len()
     );
-    for (i, d) in report.missing.iter().enumerate() {
-        let id = if args.dry_run {
-            "-".to_string()
-        } else {
-            report
-                .recovered
-                .get(i)
-                .map_or("-".into(), |id| format!("event {id}"))
+    for (d, fate) in report.missing.iter().zip(&report.fates) {
+        let id = match fate {
+            Fate::Pending => "-".to_string(),
+            Fate::Recovered(id) => format!("event {id}"),
+            Fate::Ignored => "ignored (ignore_events)".into(),
+            Fate::AlreadyThere => "stored meanwhile".into(),
+            Fate::Failed(why) => format!("FAILED: {}", escape(why)),
         };
         let _ = writeln!(
             out,
@@ -193,6 +199,9 @@ fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
             d.status_code
         );
     }
+    for bad in &report.unreadable {
+        let _ = writeln!(out, "  FAILED: {}", escape(bad));
+    }
     if args.dry_run {
         let _ = writeln!(
             out,
@@ -202,10 +211,15 @@ fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
     } else {
         let _ = writeln!(
             out,
-            "recovered {} deliveries into the spool{}",
+            "recovered {} deliveries into the spool{}{}",
             report.recovered.len(),
             if report.ignored > 0 {
                 format!(" ({} skipped by ignore_events)", report.ignored)
+            } else {
+                String::new()
+            },
+            if report.failures() > 0 {
+                format!("; {} could not be recovered", report.failures())
             } else {
                 String::new()
             }

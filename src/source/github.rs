@@ -40,6 +40,16 @@ pub const MAX_RATE_WAIT: Duration = Duration::from_secs(15 * 60);
 /// How many times one request is tried when GitHub answers with a rate limit.
 const RATE_LIMITED_ATTEMPTS: u32 = 5;
 
+/// The largest delivery detail read: GitHub caps a payload at 25 MB; headers and JSON escaping
+/// come on top.
+const DETAIL_BODY_MAX: usize = 32 * 1024 * 1024;
+
+/// The largest page of the delivery list read (100 short summaries are a few tens of KB).
+const LIST_BODY_MAX: usize = 4 * 1024 * 1024;
+
+/// More list pages than this (100 deliveries each) is a loop in GitHub's cursor, not a history.
+const MAX_LIST_PAGES: usize = 1000;
+
 /// GitHub's default API (GitHub Enterprise Server: `https://HOST/api/v3`).
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
 
@@ -178,8 +188,34 @@ pub enum GithubError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot read the GitHub API's answer from {url}")]
+    Body {
+        url: String,
+        #[source]
+        source: crate::http::BodyError,
+    },
+    #[error("the GitHub API's delivery list at {url} {why}; run again with a shorter --since")]
+    Paging { url: String, why: String },
     #[error("the GitHub API base URL {0:?} cannot take a path")]
     BadApiUrl(String),
+}
+
+impl GithubError {
+    /// Whether the error is about one delivery (its detail is gone, or unreadable), so the
+    /// others can still be recovered; the others (the token, the rate limit, GitHub down)
+    /// concern every request.
+    pub fn concerns_one_delivery(&self) -> bool {
+        match self {
+            GithubError::Status { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 401 | 403 | 429)
+            }
+            GithubError::Decode { .. } => true,
+            GithubError::Body { source, .. } => {
+                matches!(source, crate::http::BodyError::TooLarge { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One entry of a hook's delivery list.
@@ -275,23 +311,37 @@ impl HookClient {
 
     /// The hook's deliveries made at `since_ms` or later, oldest first. Stops paging at the
     /// first page that reaches back before `since_ms`.
-    pub async fn deliveries(&mut self, since_ms: u64) -> Result<Vec<DeliverySummary>, GithubError> {
+    /// An entry that does not decode is not fatal: it is in [`Listing::unreadable`].
+    pub async fn deliveries(&mut self, since_ms: u64) -> Result<Listing, GithubError> {
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         let mut cursor: Option<String> = None;
-        loop {
+        let mut cursors = std::collections::HashSet::new();
+        for _ in 0..MAX_LIST_PAGES {
             let mut url = self.url(&[])?;
             url.query_pairs_mut().append_pair("per_page", "100");
             if let Some(cursor) = &cursor {
                 url.query_pairs_mut().append_pair("cursor", cursor);
             }
-            let (headers, body) = self.get(url.clone()).await?;
-            let page: Vec<DeliverySummary> =
+            let (headers, body) = self.get(url.clone(), LIST_BODY_MAX).await?;
+            let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&body).map_err(|source| GithubError::Decode {
                     url: shown(&url),
                     source,
                 })?;
             let mut reached_since = page.is_empty();
-            for delivery in page {
+            for entry in page {
+                let delivery = match DeliverySummary::deserialize(&entry) {
+                    Ok(delivery) => delivery,
+                    Err(e) => {
+                        unreadable.push(format!(
+                            "list entry (id {}, guid {}): {e}",
+                            entry["id"],
+                            entry["guid"]
+                        ));
+                        continue;
+                    }
+                };
                 // A time that does not parse is kept: better compared than lost.
                 if delivery.delivered_ms().is_some_and(|ms| ms < since_ms) {
                     reached_since = true;
@@ -300,15 +350,55 @@ impl HookClient {
                 out.push(delivery);
             }
             cursor = next_cursor(&headers);
-            if reached_since || cursor.is_none() {
-                break;
+            match &cursor {
+                _ if reached_since => return Ok(Listing::new(out, unreadable)),
+                None => return Ok(Listing::new(out, unreadable)),
+                Some(next) if !cursors.insert(next.clone()) => {
+                    return Err(GithubError::Paging {
+                        url: shown(&url),
+                        why: format!("gave the cursor {next:?} twice (a loop)"),
+                    });
+                }
+                Some(_) => {}
             }
         }
+        Err(GithubError::Paging {
+            url: shown(&self.url(&[])?),
+            why: format!("did not end after {MAX_LIST_PAGES} pages"),
+        })
+    }
+}
+
+/// A hook's deliveries since a time.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Oldest first.
+    pub deliveries: Vec<DeliverySummary>,
+    /// Entries that did not decode (what could be read of them, and why): one bad entry does
+    /// not hide the others.
+    pub unreadable: Vec<String>,
+}
+
+impl Listing {
+    fn new(deliveries: Vec<DeliverySummary>, unreadable: Vec<String>) -> Self {
+        Self {
+            deliveries: oldest_first(deliveries),
+            unreadable,
+        }
+    }
+}
+
+/// Deliveries in the order they were sent.
+fn oldest_first(mut out: Vec<DeliverySummary>) -> Vec<DeliverySummary> {
+    {
         // GitHub lists newest first; events go in in the order they were sent. Equal times keep
         // GitHub's order of ids.
         out.sort_by_key(|d| (d.delivered_ms().unwrap_or(0), d.id));
-        Ok(out)
     }
+    out
+}
+
+impl HookClient {
 
     /// One delivery as the event GitHub posted (see the module header for what differs).
     pub async fn event(
@@ -317,7 +407,7 @@ impl HookClient {
         ignore_events: &[String],
     ) -> Result<Option<Event>, GithubError> {
         let url = self.url(&[&delivery.id.to_string()])?;
-        let (_, body) = self.get(url.clone()).await?;
+        let (_, body) = self.get(url.clone(), DETAIL_BODY_MAX).await?;
         let detail: DeliveryDetail =
             serde_json::from_slice(&body).map_err(|source| GithubError::Decode {
                 url: shown(&url),
@@ -332,7 +422,12 @@ impl HookClient {
     }
 
     /// GET `url` with the token, obeying rate limits; the headers and body of a 2xx answer.
-    async fn get(&mut self, url: reqwest::Url) -> Result<(HeaderMap, bytes::Bytes), GithubError> {
+    /// A body past `limit` bytes is an error.
+    async fn get(
+        &mut self,
+        url: reqwest::Url,
+        limit: usize,
+    ) -> Result<(HeaderMap, bytes::Bytes), GithubError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -353,7 +448,12 @@ impl HookClient {
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let now_s = crate::clock::now_ms() / 1000;
-            let body = response.bytes().await.map_err(request)?;
+            let body = crate::http::read_capped(response, limit)
+                .await
+                .map_err(|source| GithubError::Body {
+                    url: shown(&url),
+                    source,
+                })?;
             if (200..300).contains(&status) {
                 self.limiter.saw(&headers, now_s);
                 return Ok((headers, body));
