@@ -22,6 +22,9 @@ pub const DEFAULT_API_URL: &str = "https://api.port.io";
 
 /// How long one call to Port may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read from Port (a page of entities is far smaller): a broken or hostile
+/// answer must not fill memory.
+const MAX_BODY: usize = 16 * 1024 * 1024;
 /// A 429 without a usable reset header waits this long.
 const DEFAULT_RATE_WAIT: Duration = Duration::from_secs(10);
 
@@ -106,7 +109,20 @@ impl PortClient {
                     "Port refused the credentials ({}): check [port] client_id and client_secret",
                     answer.status.as_u16()
                 )),
-                _ => status_error(answer),
+                // Never the body: a token endpoint's error may echo the credentials sent.
+                status => ForwardError::Status {
+                    status: answer.status,
+                    retry_after: answer.retry_after,
+                    body: format!(
+                        "from the token endpoint (its answer is not shown: it may echo the \
+                         credentials){}",
+                        if status == 400 {
+                            "; check [port] client_id and client_secret"
+                        } else {
+                            ""
+                        }
+                    ),
+                },
             });
         }
         let parsed: Value = serde_json::from_str(&answer.body).unwrap_or_default();
@@ -170,7 +186,10 @@ impl PortClient {
                 .and_then(rate_limit_wait)
                 .unwrap_or(DEFAULT_RATE_WAIT)
         });
-        let body = response.text().await.unwrap_or_default();
+        let body = crate::http::read_capped(response, MAX_BODY)
+            .await
+            .map_err(|e| ForwardError::Connection(crate::error::chain(&e)))?;
+        let body = String::from_utf8_lossy(&body).into_owned();
         Ok(Answer {
             status,
             retry_after,

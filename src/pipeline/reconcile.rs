@@ -60,6 +60,10 @@ const RETRY: BackoffPolicy = BackoffPolicy {
 /// More pages than this for one blueprint is a loop in Port's cursor, not a catalog.
 const MAX_PAGES: usize = 10_000;
 
+/// More entities than this in one blueprint is refused with a clear error: a snapshot is held
+/// in memory and stored as one event.
+const MAX_ENTITIES: usize = 200_000;
+
 /// Where the reconciler keeps the last time it knew the relay was up (a clean stop, or a
 /// reconciliation that succeeded): the start of the gap at the next start. A prefix no alert
 /// state key has (rule names cannot hold control characters).
@@ -429,11 +433,12 @@ pub async fn watch_channel(status: Arc<ChannelStatus>, gaps: Arc<Gaps>, cancel: 
 /// Why a reconciliation failed. Each is retried with backoff; the daemon keeps running.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("cannot read the entities of blueprint {blueprint} from Port")]
+    #[error("cannot read the entities of blueprint {blueprint} from Port: {}", port_reason(.cause))]
     Call {
         blueprint: String,
-        #[source]
-        source: ForwardError,
+        /// Said in Port's words by [`port_reason`] (not a `#[source]`: its own wording is
+        /// about a forwarding target).
+        cause: ForwardError,
     },
     #[error("Port answered {status} for the entities of blueprint {blueprint}: {body}")]
     Status {
@@ -449,6 +454,13 @@ pub enum ReconcileError {
     Shape { blueprint: String, body: String },
     #[error("Port's paging for blueprint {0} did not end after {MAX_PAGES} pages")]
     Paging(String),
+    #[error("Port's paging for blueprint {0} gave the cursor {1:?} twice (a loop)")]
+    CursorLoop(String, String),
+    #[error(
+        "blueprint {0} has more than {MAX_ENTITIES} entities in Port: too many to reconcile \
+         (name a narrower blueprint in the rules)"
+    )]
+    TooMany(String),
     #[error("cannot store the snapshot in the spool")]
     Spool(#[source] SpoolError),
     #[error("the spool is full: the snapshot was refused")]
@@ -461,11 +473,28 @@ impl ReconcileError {
         match self {
             ReconcileError::Status { retry_after, .. } => *retry_after,
             ReconcileError::Call {
-                source: ForwardError::Status { retry_after, .. },
+                cause: ForwardError::Status { retry_after, .. },
                 ..
             } => *retry_after,
             _ => None,
         }
+    }
+}
+
+/// What went wrong with a call to Port, in Port's words (a [`ForwardError`] speaks of a target).
+fn port_reason(error: &ForwardError) -> String {
+    match error {
+        ForwardError::Status { status, body, .. } if body.is_empty() => {
+            format!("Port answered {status}")
+        }
+        ForwardError::Status { status, body, .. } => format!("Port answered {status}: {body}"),
+        ForwardError::Timeout(wait) => format!(
+            "Port did not answer within {}",
+            humantime::format_duration(*wait)
+        ),
+        // The client's own messages (refused credentials) already name Port.
+        ForwardError::Connection(message) if message.starts_with("Port ") => message.clone(),
+        ForwardError::Connection(message) => format!("cannot reach Port: {message}"),
     }
 }
 
@@ -492,6 +521,7 @@ impl Catalog for PortClient {
 pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, ReconcileError> {
     let mut entities = Vec::new();
     let mut from: Option<String> = None;
+    let mut cursors = std::collections::HashSet::new();
     for _ in 0..MAX_PAGES {
         let mut path = format!("/v1/blueprints/{}/entities", escape(blueprint));
         if let Some(cursor) = &from {
@@ -501,9 +531,9 @@ pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, R
         let answer = client
             .call(reqwest::Method::GET, &path, None)
             .await
-            .map_err(|source| ReconcileError::Call {
+            .map_err(|cause| ReconcileError::Call {
                 blueprint: blueprint.into(),
-                source,
+                cause,
             })?;
         if !answer.status.is_success() {
             return Err(ReconcileError::Status {
@@ -521,8 +551,16 @@ pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, R
             });
         };
         entities.extend(page);
+        if entities.len() > MAX_ENTITIES {
+            return Err(ReconcileError::TooMany(blueprint.into()));
+        }
         match parsed["next"].as_str() {
-            Some(next) if !next.is_empty() => from = Some(next.to_string()),
+            Some(next) if !next.is_empty() => {
+                if !cursors.insert(next.to_string()) {
+                    return Err(ReconcileError::CursorLoop(blueprint.into(), next.into()));
+                }
+                from = Some(next.to_string())
+            }
             _ => return Ok(entities),
         }
     }
@@ -724,6 +762,84 @@ mod tests {
     use std::collections::VecDeque;
 
     const BP: &str = "DeploymentConfig";
+
+    /// A Port on 127.0.0.1 whose token endpoint answers `token` (status, body) and whose
+    /// entities endpoint answers `entities` (status, body), both the same every time.
+    async fn fake_port(token: (u16, String), entities: (u16, String)) -> PortClient {
+        use axum::routing::{get, post};
+        let reply = |(status, body): (u16, String)| {
+            move || {
+                let body = body.clone();
+                async move {
+                    (
+                        http::StatusCode::from_u16(status).unwrap(),
+                        [("content-type", "application/json")],
+                        body,
+                    )
+                }
+            }
+        };
+        let app = axum::Router::new()
+            .route("/v1/auth/access_token", post(reply(token)))
+            .route("/v1/blueprints/{bp}/entities", get(reply(entities)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        PortClient::new(super::super::port_api::PortApi {
+            api_url: url,
+            client_id: "id".into(),
+            client_secret: crate::secret::SecretString::from("the-client-secret".to_string()),
+        })
+        .unwrap()
+    }
+
+    fn token_ok() -> (u16, String) {
+        (200, r#"{"accessToken":"t","expiresIn":3600}"#.into())
+    }
+
+    /// Regression: Port's paging followed a cursor that came back again for 10 000 pages.
+    #[tokio::test]
+    async fn a_repeated_port_cursor_is_a_loop_error() {
+        let client = fake_port(
+            token_ok(),
+            (200, r#"{"entities":[{"identifier":"a"}],"next":"c1"}"#.into()),
+        )
+        .await;
+        let e = fetch(&client, BP).await.unwrap_err();
+        assert!(matches!(e, ReconcileError::CursorLoop(..)), "{e}");
+        assert!(e.to_string().contains("twice (a loop)"), "{e}");
+    }
+
+    /// Regression: Port's answers were read whole, whatever their size.
+    #[tokio::test]
+    async fn a_huge_port_answer_is_refused() {
+        let client = fake_port(token_ok(), (200, "x".repeat(17 << 20))).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    /// Regression: a token endpoint's error body (which may echo the client secret) was put in
+    /// the error, Port's errors read "target answered", and refused credentials read "cannot
+    /// reach target".
+    #[tokio::test]
+    async fn port_errors_say_port_and_never_show_the_token_endpoint_body() {
+        let echo = r#"{"error":"bad","clientSecret":"the-client-secret"}"#.to_string();
+        let client = fake_port((500, echo.clone()), (200, "{}".into())).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(!e.contains("the-client-secret"), "{e}");
+        assert!(e.contains("Port answered 500"), "{e}");
+        assert!(!e.contains("target"), "{e}");
+
+        let client = fake_port((401, echo), (200, "{}".into())).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(!e.contains("the-client-secret"), "{e}");
+        assert!(e.contains("Port refused the credentials (401)"), "{e}");
+        assert!(!e.contains("cannot reach"), "{e}");
+
+        let client = fake_port(token_ok(), (503, r#"{"down":1}"#.into())).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(e.contains("Port answered 503"), "{e}");
+    }
 
     fn pipeline() -> Pipeline {
         let config = crate::config::parse(
