@@ -61,7 +61,11 @@ pub async fn read_capped(
         return Err(BodyError::TooLarge { limit });
     }
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(e.without_url()))?
+    {
         if body.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge { limit });
         }

@@ -295,7 +295,7 @@ impl HookClient {
     /// `…/hooks/{id}/deliveries` with `rest` path segments after it.
     fn url(&self, rest: &[&str]) -> Result<reqwest::Url, GithubError> {
         let mut url = self.config.api_url.clone();
-        let bad = || GithubError::BadApiUrl(self.config.api_url.to_string());
+        let bad = || GithubError::BadApiUrl(shown(&self.config.api_url));
         {
             let mut path = url.path_segments_mut().map_err(|_| bad())?;
             path.pop_if_empty();
@@ -432,9 +432,10 @@ impl HookClient {
         loop {
             attempt += 1;
             self.limiter.ready().await?;
-            let request = |e| GithubError::Request {
+            // reqwest's error would show the whole URL (a password in it too): `url` says it.
+            let request = |e: reqwest::Error| GithubError::Request {
                 url: shown(&url),
-                source: e,
+                source: e.without_url(),
             };
             let response = self
                 .http
@@ -468,7 +469,7 @@ impl HookClient {
                 );
                 continue;
             }
-            let message = api_message(&body);
+            let message = without_token(api_message(&body), self.config.token.expose_secret());
             return Err(match status {
                 401 => GithubError::Unauthorized { status, message },
                 _ => GithubError::Status {
@@ -481,11 +482,27 @@ impl HookClient {
     }
 }
 
-/// The URL without its query (no secrets are in it, but cursors are long and say nothing).
+/// The URL for a message: without its query (cursors are long and say nothing) and without
+/// any user or password it carries (`--api-url https://user:pass@ghe/...`: secrets).
 fn shown(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     url.set_query(None);
+    if !url.username().is_empty() || url.password().is_some() {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        return url.to_string().replacen("://", "://[redacted]@", 1);
+    }
     url.to_string()
+}
+
+/// `message` with every occurrence of `token` replaced: GitHub's error messages may quote
+/// what was sent.
+fn without_token(message: String, token: &str) -> String {
+    if token.is_empty() {
+        message
+    } else {
+        message.replace(token, "[redacted token]")
+    }
 }
 
 /// `: <GitHub's message>`, if the answer has one.
@@ -796,6 +813,33 @@ mod tests {
         let event = recovered_event(form, &summary);
         assert_eq!(&event.body[..], b"payload=%7B%22a%22%3A%22b+c%26d%22%7D");
         assert_eq!(event.header("x-github-delivery"), Some("g-1"));
+    }
+
+    /// Regression: GitHub's error `message` echoing the token, and an API URL with a password,
+    /// were printed verbatim.
+    #[tokio::test]
+    async fn the_token_and_url_passwords_never_reach_an_error() {
+        use axum::routing::get;
+        let app = axum::Router::new().fallback(get(|| async {
+            (
+                http::StatusCode::UNPROCESSABLE_ENTITY,
+                r#"{"message":"token ghp_secret_value is not valid here"}"#,
+            )
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut client = HookClient::new(HookConfig {
+            owner: HookOwner::org("o").unwrap(),
+            hook: 1,
+            api_url: format!("http://user:url-password@{addr}/api").parse().unwrap(),
+            token: SecretString::from("ghp_secret_value".to_string()),
+        })
+        .unwrap();
+        let e = crate::error::chain(&client.deliveries(0).await.unwrap_err());
+        assert!(!e.contains("ghp_secret_value"), "{e}");
+        assert!(!e.contains("url-password"), "{e}");
+        assert!(e.contains("422") && e.contains("[redacted token]"), "{e}");
     }
 
     #[test]
