@@ -153,7 +153,7 @@ pub fn port_time_ms(text: &str) -> Option<u64> {
 }
 
 /// When a change happened as Port says: the entity's `updatedAt` after it, or for a deletion
-/// the trigger's time.
+/// the trigger's time (made [`credible`]).
 pub fn change_time_ms(change: &port::Change) -> Option<u64> {
     change
         .after
@@ -161,6 +161,29 @@ pub fn change_time_ms(change: &port::Change) -> Option<u64> {
         .and_then(|e| e.updated_at.as_deref())
         .or(change.trigger.at.as_deref())
         .and_then(port_time_ms)
+        .map(credible)
+}
+
+/// How far ahead of this host's clock Port's time may be (clocks drift a little).
+const FUTURE_SLACK_MS: u64 = 5 * 60 * 1000;
+
+/// A Port time more than [`FUTURE_SLACK_MS`] ahead of our clock is taken as now: an
+/// `updatedAt` of 2099 would otherwise make every later change look older than it (stale) and
+/// mute the entity's alerts until 2099. Warned once per process.
+pub fn credible(ms: u64) -> u64 {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let now = crate::clock::now_ms();
+    if ms <= now.saturating_add(FUTURE_SLACK_MS) {
+        return ms;
+    }
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        warn!(
+            "Port gave a time ({}) more than 5 minutes ahead of this host's clock; such times are \
+             taken as now, so they cannot make later changes look stale (check the clocks)",
+            rfc3339(ms)
+        );
+    }
+    now
 }
 
 /// One blueprint's entities as Port had them: the body of a synthetic event.
@@ -267,7 +290,10 @@ pub fn judge_snapshot(
             continue;
         }
         let key = subject(blueprint, identifier);
-        let updated_ms = entity["updatedAt"].as_str().and_then(port_time_ms);
+        let updated_ms = entity["updatedAt"]
+            .as_str()
+            .and_then(port_time_ms)
+            .map(credible);
         if let Some(last) = seen(&key)
             && (last.event > id
                 || matches!((updated_ms, last.updated_ms), (Some(now), Some(then)) if now < then))
@@ -1019,6 +1045,32 @@ mod tests {
         );
         let out = judge(&pipeline, &snapshot(vec![]), &mut states2, &mut seen2, 7);
         assert!(out.alerts.is_empty(), "{:?}", said(&out));
+    }
+
+    /// Regression: an `updatedAt` in the future (2099) recorded as the entity's last change made
+    /// every later change look stale, muting its alerts.
+    #[test]
+    fn a_future_updated_at_does_not_mute_later_changes() {
+        let pipeline = pipeline();
+        let mut states = HashMap::new();
+        let mut seen = HashMap::new();
+        judge(
+            &pipeline,
+            &snapshot(vec![entity("a", 60, "2099-01-01T00:00:00Z")]),
+            &mut states,
+            &mut seen,
+            5,
+        );
+        let later = rfc3339(crate::clock::now_ms() + 1000);
+        let out = judge(
+            &pipeline,
+            &snapshot(vec![entity("a", 95, &later)]),
+            &mut states,
+            &mut seen,
+            6,
+        );
+        assert_eq!((out.compared, out.newer_live), (1, 0));
+        assert_eq!(out.alerts.len(), 1, "{:?}", said(&out));
     }
 
     #[test]
