@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::port_api::{PortClient, escape, preview};
 use super::state::Phase;
@@ -50,6 +50,14 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15 * 60);
 
 /// The shortest interval accepted: each reconciliation reads whole blueprints from Port.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The least time between two reads of Port when a gap asks for one: a channel that
+/// reconnects again and again costs one read per this (as catch-up's `MIN_INTERVAL`).
+const MIN_GAP_SPACING: Duration = Duration::from_secs(60);
+
+/// How long the start's reconciliation waits for the first connection of a pipeline channel,
+/// to cover it too.
+const START_GRACE: Duration = Duration::from_secs(5);
 
 /// Retrying a failed reconciliation: from 1 s up to 5 minutes (or what a 429 asks).
 const RETRY: BackoffPolicy = BackoffPolicy {
@@ -494,6 +502,20 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// Whether Port refused the request itself (a 4xx other than 401, 403 and 429: the
+    /// blueprint does not exist, say): a configuration problem, not an outage to retry.
+    pub fn is_configuration(&self) -> bool {
+        let status = match self {
+            ReconcileError::Status { status, .. } => *status,
+            ReconcileError::Call {
+                cause: ForwardError::Status { status, .. },
+                ..
+            } => *status,
+            _ => return false,
+        };
+        status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 429)
+    }
+
     /// How long Port asked to wait, if it did.
     fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -598,6 +620,7 @@ pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, R
 async fn reconcile_once(
     client: &dyn Catalog,
     writer: &SpoolWriter,
+    pipeline: &Pipeline,
     blueprints: &BTreeSet<String>,
     why: &Why,
 ) -> Result<usize, ReconcileError> {
@@ -605,7 +628,31 @@ async fn reconcile_once(
     let mut read = 0;
     for blueprint in blueprints {
         let fetched_at_ms = crate::clock::now_ms();
-        let entities = client.entities(blueprint).await?;
+        let entities = match client.entities(blueprint).await {
+            Ok(entities) => entities,
+            Err(e) if e.is_configuration() => {
+                // Retrying cannot help: the rules name what Port does not have. The others
+                // are still reconciled; this one is tried again at the next interval.
+                let rules: Vec<&str> = pipeline
+                    .rules
+                    .iter()
+                    .filter(|r| r.blueprint.as_deref() == Some(blueprint.as_str()))
+                    .map(|r| r.name.as_str())
+                    .collect();
+                metrics::counter!("smee_relay_reconciliations_total", "result" => "config_error")
+                    .increment(1);
+                error!(
+                    blueprint = %blueprint,
+                    "Port reconciliation skips blueprint {blueprint} (rules {}): {}; check the \
+                     rules' blueprint (Port's blueprint identifier) and the client's access; \
+                     tried again at the next interval",
+                    rules.join(", "),
+                    crate::error::chain(&e)
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         read += entities.len();
         snapshots.push(
             Snapshot {
@@ -679,6 +726,22 @@ pub async fn run(
         since_ms: started_since,
         channels: Vec::new(),
     };
+    // The channels feeding the pipeline connect just after the start: their first connection
+    // is folded into the start's reconciliation (one read of Port, not two), waiting for it
+    // a little.
+    tokio::select! {
+        _ = cancel.cancelled() => {
+            store_alive(&writer, crate::clock::now_ms()).await;
+            return;
+        }
+        _ = tokio::time::sleep(START_GRACE) => {}
+        mut gap = gaps.next() => {
+            if gap.since_ms.is_none() {
+                gap.since_ms = started_since;
+            }
+            why.merge(gap);
+        }
+    }
     let mut backoff = RETRY.start();
     let mut warned_unwatched = false;
     loop {
@@ -692,13 +755,15 @@ pub async fn run(
         }
         // A stop does not wait for Port (a call may take its whole timeout): the snapshot not
         // yet stored is read again at the next start.
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => {
                 store_alive(&writer, crate::clock::now_ms()).await;
                 return;
             }
-            result = reconcile_once(client.as_ref(), &writer, &blueprints, &why) => result,
+            result = reconcile_once(client.as_ref(), &writer, &pipeline, &blueprints, &why) => result,
         };
+        let failed = result.is_err();
         let wait = match result {
             Ok(read) => {
                 let now = crate::clock::now_ms();
@@ -734,18 +799,32 @@ pub async fn run(
                 wait
             }
         };
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                // A clean stop: the next start's gap begins now.
-                store_alive(&writer, crate::clock::now_ms()).await;
-                return;
-            }
-            _ = tokio::time::sleep(wait) => {}
-            mut gap = gaps.next() => {
-                if gap.since_ms.is_none() {
-                    gap.since_ms = started_since;
+        // The next call: at the interval (or the retry) with no gap; a gap brings it forward,
+        // but never closer than MIN_GAP_SPACING to the last call, nor before a retry's wait
+        // (a 429's, or the backoff) ends: a flapping channel must not hammer Port.
+        let next = tokio::time::Instant::now() + wait;
+        let earliest = if failed {
+            next
+        } else {
+            (started + MIN_GAP_SPACING).min(next)
+        };
+        let mut gap_pending = false;
+        loop {
+            let deadline = if gap_pending { earliest } else { next };
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    // A clean stop: the next start's gap begins now.
+                    store_alive(&writer, crate::clock::now_ms()).await;
+                    return;
                 }
-                why.merge(gap);
+                _ = tokio::time::sleep_until(deadline) => break,
+                mut gap = gaps.next() => {
+                    if gap.since_ms.is_none() {
+                        gap.since_ms = started_since;
+                    }
+                    why.merge(gap);
+                    gap_pending = true;
+                }
             }
         }
         if cancel.is_cancelled() {
@@ -1139,9 +1218,10 @@ mod tests {
             gaps.clone(),
             cancel.clone(),
         ));
-        // At once at start; a 500 backs off 1 to 2 s (jitter); a 429 waits what it asked.
+        // At start (after waiting the grace for a first connection none reports); a 500 backs
+        // off 1 to 2 s (jitter); a 429 waits what it asked.
         let first = asked.recv().await.unwrap();
-        assert_eq!(first - t0, Duration::ZERO);
+        assert_eq!(first - t0, START_GRACE);
         let second = asked.recv().await.unwrap();
         assert!(
             (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&(second - first)),
@@ -1184,6 +1264,107 @@ mod tests {
             alive_since(&spool).is_some(),
             "a clean stop records when the relay was last up"
         );
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Regression: every start read Port twice (the start, then the first connection of the
+    /// channel 30 ms later), and a reconnection called Port at once, through a 429's wait and
+    /// the backoff.
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_respect_the_429_wait_and_spacing_and_the_first_connection_folds_into_start()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
+        let catalog = Arc::new(Scripted {
+            answers: Mutex::new(VecDeque::from([
+                Ok(vec![entity("a", 60, "2026-11-20T10:00:00Z")]),
+                Err(status(429, Some(Duration::from_secs(30)))),
+            ])),
+            asked: asked_tx,
+        });
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
+        let gaps = Arc::new(Gaps::default());
+        let cancel = CancellationToken::new();
+        let t0 = tokio::time::Instant::now();
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            catalog,
+            Duration::from_secs(15 * 60),
+            rules_rx,
+            gaps.clone(),
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        gaps.report("http://x/Pipe…".into(), None);
+        let first = asked.recv().await.unwrap();
+        assert_eq!(first - t0, Duration::from_millis(30));
+        // A reconnect right after: not before the spacing.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        gaps.report("http://x/Pipe…".into(), Some(5));
+        let second = asked.recv().await.unwrap();
+        assert_eq!(second - first, MIN_GAP_SPACING);
+        // Port answered 429 (wait 30 s): a reconnect does not call before.
+        gaps.report("http://x/Pipe…".into(), Some(6));
+        let third = asked.recv().await.unwrap();
+        assert_eq!(third - second, Duration::from_secs(30));
+        cancel.cancel();
+        task.await.unwrap();
+        let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
+        let whys: Vec<Why> = queued
+            .iter()
+            .map(|q| serde_json::from_slice::<Snapshot>(&q.event.event.body).unwrap().why)
+            .collect();
+        assert_eq!(whys[0].kind, WhyKind::Start, "{whys:?}");
+        assert_eq!(whys[0].channels, ["http://x/Pipe…"]);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A catalog that answers per blueprint: 404 for `Missing`.
+    struct ByBlueprint;
+
+    impl Catalog for ByBlueprint {
+        fn entities<'a>(
+            &'a self,
+            blueprint: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<Value>, ReconcileError>> {
+            let answer = if blueprint == "Missing" {
+                Err(ReconcileError::Status {
+                    blueprint: blueprint.into(),
+                    status: http::StatusCode::NOT_FOUND,
+                    retry_after: None,
+                    body: r#"{"error":"not_found"}"#.into(),
+                })
+            } else {
+                Ok(vec![entity("a", 60, "2026-11-20T10:00:00Z")])
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// Regression: a blueprint Port does not have (404) failed the whole reconciliation, retried
+    /// for ever as an outage; now it is skipped with an error and the others are reconciled.
+    #[tokio::test]
+    async fn a_blueprint_port_does_not_have_is_skipped_not_retried_as_an_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let blueprints = BTreeSet::from(["Missing".to_string(), BP.to_string()]);
+        let read = reconcile_once(&ByBlueprint, &writer, &pipeline(), &blueprints, &Why::default())
+            .await
+            .unwrap();
+        assert_eq!(read, 1);
+        let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
+        assert_eq!(queued.len(), 1);
+        let snapshot: Snapshot = serde_json::from_slice(&queued[0].event.event.body).unwrap();
+        assert_eq!(snapshot.blueprint, BP);
+        assert!(status(500, None).is_configuration() == false);
+        assert!(!status(429, None).is_configuration());
+        assert!(status(404, None).is_configuration());
         drop(writer);
         thread.join().unwrap();
     }
