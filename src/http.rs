@@ -54,10 +54,7 @@ pub async fn read_capped(
     mut response: reqwest::Response,
     limit: usize,
 ) -> Result<bytes::Bytes, BodyError> {
-    if response
-        .content_length()
-        .is_some_and(|n| n > limit as u64)
-    {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
     let mut body = bytes::BytesMut::new();

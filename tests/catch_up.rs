@@ -620,7 +620,12 @@ async fn a_cursor_loop_or_a_huge_list_page_is_a_clear_error() {
     let github = FakeGithub::start(deliveries(2)).await;
     github.state.loop_cursor.store(true, Ordering::SeqCst);
     let dir = temp_dir();
-    let config = write_config(dir.path(), "https://smee.io/LoopCh", "http://127.0.0.1:9/", "");
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/LoopCh",
+        "http://127.0.0.1:9/",
+        "",
+    );
     let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("twice (a loop)"), "{}", out.stderr);
@@ -639,7 +644,12 @@ async fn a_long_outage_is_appended_in_batches_in_order() {
     let all = deliveries(120);
     let github = FakeGithub::start(all.clone()).await;
     let dir = temp_dir();
-    let config = write_config(dir.path(), "https://smee.io/LongOutage", "http://127.0.0.1:9/", "");
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/LongOutage",
+        "http://127.0.0.1:9/",
+        "",
+    );
     let out = run_to_end(catch_up(&config, &github).args(["--since", "1d"])).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(listed(&dir.path().join("state")).await.len(), 120);

@@ -282,9 +282,7 @@ mod tests {
         let app = axum::Router::new()
             .route(
                 "/v1/auth/access_token",
-                post(|| async {
-                    r#"{"accessToken":"t","expiresIn":18446744073709551615}"#
-                }),
+                post(|| async { r#"{"accessToken":"t","expiresIn":18446744073709551615}"# }),
             )
             .route("/v1/x", get(|| async { "{}" }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

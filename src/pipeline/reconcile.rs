@@ -52,8 +52,9 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15 * 60);
 pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The least time between two reads of Port when a gap asks for one: a channel that
-/// reconnects again and again costs one read per this (as catch-up's `MIN_INTERVAL`).
-const MIN_GAP_SPACING: Duration = Duration::from_secs(60);
+/// reconnects again and again costs one read per this (as catch-up's `MIN_INTERVAL`). The
+/// daemon's default; `SMEE_RELAY_RECONCILE_GAP_SPACING` changes it (tests, a lab Port).
+pub const MIN_GAP_SPACING: Duration = Duration::from_secs(60);
 
 /// How long the start's reconciliation waits for the first connection of a pipeline channel,
 /// to cover it too.
@@ -710,6 +711,7 @@ pub async fn run(
     writer: SpoolWriter,
     client: Arc<dyn Catalog>,
     interval: Duration,
+    gap_spacing: Duration,
     rules: watch::Receiver<Arc<Pipeline>>,
     gaps: Arc<Gaps>,
     cancel: CancellationToken,
@@ -806,7 +808,7 @@ pub async fn run(
         let earliest = if failed {
             next
         } else {
-            (started + MIN_GAP_SPACING).min(next)
+            (started + gap_spacing).min(next)
         };
         let mut gap_pending = false;
         loop {
@@ -907,7 +909,10 @@ mod tests {
     async fn a_repeated_port_cursor_is_a_loop_error() {
         let client = fake_port(
             token_ok(),
-            (200, r#"{"entities":[{"identifier":"a"}],"next":"c1"}"#.into()),
+            (
+                200,
+                r#"{"entities":[{"identifier":"a"}],"next":"c1"}"#.into(),
+            ),
         )
         .await;
         let e = fetch(&client, BP).await.unwrap_err();
@@ -1214,6 +1219,7 @@ mod tests {
             writer.clone(),
             catalog,
             interval,
+            MIN_GAP_SPACING,
             rules_rx,
             gaps.clone(),
             cancel.clone(),
@@ -1294,6 +1300,7 @@ mod tests {
             writer.clone(),
             catalog,
             Duration::from_secs(15 * 60),
+            MIN_GAP_SPACING,
             rules_rx,
             gaps.clone(),
             cancel.clone(),
@@ -1316,7 +1323,11 @@ mod tests {
         let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
         let whys: Vec<Why> = queued
             .iter()
-            .map(|q| serde_json::from_slice::<Snapshot>(&q.event.event.body).unwrap().why)
+            .map(|q| {
+                serde_json::from_slice::<Snapshot>(&q.event.event.body)
+                    .unwrap()
+                    .why
+            })
             .collect();
         assert_eq!(whys[0].kind, WhyKind::Start, "{whys:?}");
         assert_eq!(whys[0].channels, ["http://x/Pipe…"]);
@@ -1354,9 +1365,15 @@ mod tests {
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
         let blueprints = BTreeSet::from(["Missing".to_string(), BP.to_string()]);
-        let read = reconcile_once(&ByBlueprint, &writer, &pipeline(), &blueprints, &Why::default())
-            .await
-            .unwrap();
+        let read = reconcile_once(
+            &ByBlueprint,
+            &writer,
+            &pipeline(),
+            &blueprints,
+            &Why::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(read, 1);
         let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
         assert_eq!(queued.len(), 1);
@@ -1395,6 +1412,7 @@ mod tests {
             writer.clone(),
             Arc::new(Hanging),
             DEFAULT_INTERVAL,
+            MIN_GAP_SPACING,
             rules_rx,
             Arc::new(Gaps::default()),
             cancel.clone(),

@@ -336,8 +336,7 @@ impl HookClient {
                     Err(e) => {
                         unreadable.push(format!(
                             "list entry (id {}, guid {}): {e}",
-                            entry["id"],
-                            entry["guid"]
+                            entry["id"], entry["guid"]
                         ));
                         continue;
                     }
@@ -399,7 +398,6 @@ fn oldest_first(mut out: Vec<DeliverySummary>) -> Vec<DeliverySummary> {
 }
 
 impl HookClient {
-
     /// One delivery as the event GitHub posted (see the module header for what differs).
     pub async fn event(
         &mut self,
@@ -832,7 +830,9 @@ mod tests {
         let mut client = HookClient::new(HookConfig {
             owner: HookOwner::org("o").unwrap(),
             hook: 1,
-            api_url: format!("http://user:url-password@{addr}/api").parse().unwrap(),
+            api_url: format!("http://user:url-password@{addr}/api")
+                .parse()
+                .unwrap(),
             token: SecretString::from("ghp_secret_value".to_string()),
         })
         .unwrap();
