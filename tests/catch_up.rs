@@ -672,3 +672,117 @@ fn recovered_in_order(stdout: &str) -> Vec<&str> {
         })
         .collect()
 }
+
+/// Regression: with `--config` and no `state_dir`, catch-up silently made a new spool in the
+/// default state directory while the daemon's was elsewhere. It refuses now, and says the
+/// spool it uses.
+#[tokio::test]
+async fn a_config_without_state_dir_does_not_create_a_spool_elsewhere() {
+    let github = FakeGithub::start(deliveries(3)).await;
+    let dir = temp_dir();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[[channel]]\nurl = \"https://smee.io/NoStateDir\"\nforward = [\"http://127.0.0.1:9/\"]\n",
+    )
+    .unwrap();
+    let home = dir.path().join("home");
+    let out = run_to_end(
+        catch_up(&config, &github)
+            .env("HOME", &home)
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env_remove("STATE_DIRECTORY"),
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("no spool at"), "{}", out.stderr);
+    assert!(out.stderr.contains("--state-dir"), "{}", out.stderr);
+    assert!(!home.exists(), "nothing was created");
+
+    let state = dir.path().join("chosen");
+    let out = run_to_end(
+        catch_up(&config, &github)
+            .arg("--dry-run")
+            .arg("--state-dir")
+            .arg(&state),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!("spool: {}", state.display())),
+        "{}",
+        out.stdout
+    );
+}
+
+/// Regression: with `--config`, the channel's `[channel.github_catch_up]` block was ignored
+/// (repo, hook, api_url, token all had to be given again); `--token-env` with `--token-file`,
+/// an empty token variable and `--hook 0` were not refused clearly; `--ignore-event` did not
+/// exist.
+#[tokio::test]
+async fn the_config_block_supplies_the_flags_and_bad_token_flags_are_refused() {
+    let github = FakeGithub::start(deliveries(3)).await;
+    let dir = temp_dir();
+    let block = format!(
+        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
+         token_env = \"BLOCK_TOKEN\"\nsince = \"2h\"\n",
+        github.url
+    );
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/BlockCh",
+        "http://127.0.0.1:9/",
+        &block,
+    );
+    let bare = || {
+        let mut command = smee_relay();
+        command
+            .args(["catch-up", "github", "--dry-run", "--config"])
+            .arg(&config)
+            .env("BLOCK_TOKEN", TOKEN)
+            .env_remove("GITHUB_TOKEN")
+            .env_remove("GITHUB_API_URL")
+            .env_remove("CREDENTIALS_DIRECTORY");
+        command
+    };
+    let out = run_to_end(&mut bare()).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("would recover 3"), "{}", out.stdout);
+    assert!(out.stdout.contains("since 2h"), "{}", out.stdout);
+
+    let out = run_to_end(bare().args(["--token-env", "X", "--token-file", "/nonexistent"])).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be used with"), "{}", out.stderr);
+
+    let out = run_to_end(
+        bare()
+            .args(["--token-env", "EMPTY_TOKEN"])
+            .env("EMPTY_TOKEN", ""),
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("EMPTY_TOKEN is empty"),
+        "{}",
+        out.stderr
+    );
+
+    let out = run_to_end(bare().args(["--hook", "0"])).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+
+    // Recovering for real with --ignore-event push: all three are skipped.
+    let out = run_to_end(
+        smee_relay()
+            .args(["catch-up", "github", "--ignore-event", "push", "--config"])
+            .arg(&config)
+            .env("BLOCK_TOKEN", TOKEN)
+            .env_remove("GITHUB_API_URL"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("3 skipped by ignore_events"),
+        "{}",
+        out.stdout
+    );
+}

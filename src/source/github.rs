@@ -323,7 +323,25 @@ impl HookClient {
             if let Some(cursor) = &cursor {
                 url.query_pairs_mut().append_pair("cursor", cursor);
             }
-            let (headers, body) = self.get(url.clone(), LIST_BODY_MAX).await?;
+            let (headers, body) =
+                self.get(url.clone(), LIST_BODY_MAX)
+                    .await
+                    .map_err(|e| match e {
+                        // GitHub answers 404, not 403, for a hook the token may not read.
+                        GithubError::Status {
+                            status: 404,
+                            url,
+                            message,
+                        } => GithubError::Status {
+                            status: 404,
+                            url,
+                            message: format!(
+                                "{message}; check the repo/org and hook id, and that the token can \
+                             read the hook (admin:repo_hook / admin:org_hook)"
+                            ),
+                        },
+                        e => e,
+                    })?;
             let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&body).map_err(|source| GithubError::Decode {
                     url: shown(&url),
