@@ -750,6 +750,22 @@ async fn the_config_block_supplies_the_flags_and_bad_token_flags_are_refused() {
     assert!(out.stdout.contains("would recover 3"), "{}", out.stdout);
     assert!(out.stdout.contains("since 2h"), "{}", out.stdout);
 
+    // Regression: `check` said nothing of a channel's catch-up block.
+    let out = run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("BLOCK_TOKEN", TOKEN),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("GitHub catch-up from hook 42 of repository octo-org/octo-repo"),
+        "{}",
+        out.stdout
+    );
+
     let out = run_to_end(bare().args(["--token-env", "X", "--token-file", "/nonexistent"])).await;
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("cannot be used with"), "{}", out.stderr);

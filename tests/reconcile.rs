@@ -461,4 +461,24 @@ async fn check_refuses_a_reconcile_interval_under_a_minute() {
         )
         .unwrap();
     }
+    // Regression: with reconcile set but no rule naming a blueprint, check said it reconciled.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("reconcile = \"30s\"", "reconcile = \"2m\"")
+        .replace("blueprint = \"DeploymentConfig\"", "");
+    std::fs::write(&path, &text).unwrap();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("TEST_SLACK_WEBHOOK", "http://127.0.0.1:1/hook")
+            .env("TEST_PORT_SECRET", "test-secret"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("not active: no rule names a blueprint"),
+        "{}",
+        out.stdout
+    );
 }

@@ -22,10 +22,28 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             println!("{} [[action]] handlers", config.actions.len());
         }
         if let Some(interval) = config.reconcile {
-            println!(
-                "Port reconciliation every {}, at start and after every reconnect",
-                humantime::format_duration(interval)
-            );
+            if config.rules.iter().any(|r| r.blueprint.is_some()) {
+                println!(
+                    "Port reconciliation every {}, at start and after every reconnect",
+                    humantime::format_duration(interval)
+                );
+            } else {
+                println!(
+                    "Port reconciliation is set but not active: no rule names a blueprint (it \
+                     reads the blueprints the rules name; add blueprint = \"...\" to a rule)"
+                );
+            }
+        }
+        for channel in &config.channels {
+            if let Some(catch_up) = &channel.github_catch_up {
+                println!(
+                    "channel {}: GitHub catch-up from hook {} of {} after every gap, looking back {}",
+                    channel.url,
+                    catch_up.hook.hook,
+                    catch_up.hook.owner,
+                    humantime::format_duration(catch_up.since)
+                );
+            }
         }
         return Ok(());
     };
