@@ -390,6 +390,15 @@ pub fn judge_snapshot(
         out.deleted += 1;
         let judged = pipeline.judge(change, &|k| current(k, &out), now_ms);
         for mut alert in judged.alerts {
+            // What fired, for "before" (as for an UPDATE above): the value the alert was about.
+            if alert.status == AlertStatus::Resolved
+                && let Some(fired) = current(&super::state_key(&alert.rule, &entity), &out)
+                    .fired
+                    .and_then(|f| f.property)
+                && let Some(property) = alert.property.as_mut()
+            {
+                property.before = fired.after;
+            }
             alert.note = Some(format!("entity deleted; {note}"));
             out.alerts.push(alert);
         }
@@ -1081,6 +1090,12 @@ mod tests {
         let deleted = snapshot(vec![entity("a", 50, &t(9))]);
         let out = judge(&pipeline, &deleted, &mut states, &mut seen, 6);
         assert_eq!(said(&out), ["RESOLVED cpu-high b"]);
+        // Regression: the deleted entity's RESOLVED did not show the value that fired.
+        let property = out.alerts[0].property.as_ref().unwrap();
+        assert_eq!(
+            (property.before.as_str(), property.after.as_str()),
+            ("99", "-")
+        );
         assert!(
             out.alerts[0]
                 .note
