@@ -715,6 +715,8 @@ async fn store_alive(writer: &SpoolWriter, at_ms: u64) {
 /// Reconcile at start, on every gap reported to `gaps`, and every `interval`, until `cancel`.
 /// A failure (Port down, 429, 5xx) is retried with backoff and keeps its reason, so the alerts
 /// it eventually finds still say which gap they close.
+// Each is a separate handle the daemon owns; a struct for them would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     spool: Arc<Spool>,
     writer: SpoolWriter,
@@ -1394,7 +1396,7 @@ mod tests {
         assert_eq!(queued.len(), 1);
         let snapshot: Snapshot = serde_json::from_slice(&queued[0].event.event.body).unwrap();
         assert_eq!(snapshot.blueprint, BP);
-        assert!(status(500, None).is_configuration() == false);
+        assert!(!status(500, None).is_configuration());
         assert!(!status(429, None).is_configuration());
         assert!(status(404, None).is_configuration());
         drop(writer);
