@@ -4,8 +4,9 @@
 //! One run lists the hook's deliveries since a time, compares their GUIDs with the
 //! `x-github-delivery` headers of the channel's events in the spool, fetches each missing one
 //! (a GUID once, however often GitHub redelivered it) and appends them, oldest first, to the
-//! channel's queues in one transaction that checks the GUIDs again (two runs at once add each
-//! once). Routes of a running relay pick them up as they do `events replay`'s (an idle route
+//! channel's queues in bounded batches, each one transaction that checks the GUIDs again (two
+//! runs at once add each once). A delivery that cannot be fetched is skipped and reported; the
+//! others are recovered in order. Routes of a running relay pick them up as they do `events replay`'s (an idle route
 //! looks at its queue every second), so `smee-relay catch-up` works whether the daemon runs or
 //! not. The daemon runs it itself after every gap of a channel that has a
 //! `[channel.github_catch_up]` block ([`after_gaps`]).
