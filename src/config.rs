@@ -300,6 +300,12 @@ fn github_catch_up(
             );
         }
     };
+    if c.hook == 0 {
+        return Err(
+            "github_catch_up: hook = 0 is not a hook id (the number in the hook's settings URL)"
+                .into(),
+        );
+    }
     let api_url = c
         .api_url
         .clone()
@@ -318,8 +324,13 @@ fn github_catch_up(
         }
         (None, name) => {
             let name = name.as_deref().unwrap_or("GITHUB_TOKEN");
-            match env(name).filter(|v| !v.is_empty()) {
-                Some(token) => SecretString::from(token),
+            match env(name) {
+                Some(token) if token.trim().is_empty() => {
+                    return Err(
+                        format!("github_catch_up: the token variable {name} is empty").into(),
+                    );
+                }
+                Some(token) => SecretString::from(token.trim_end_matches(['\r', '\n']).to_string()),
                 None => {
                     return Err(format!(
                         "github_catch_up: the token variable {name} is not set (token_env, or token_file)"
@@ -1122,6 +1133,7 @@ above = 80
         };
         let env = |name: &str| match name {
             "GITHUB_TOKEN" => Some("ghp_secret_token".to_string()),
+            "EMPTY" => Some(String::new()),
             "GITHUB_API_URL" => Some("https://ghe.example.com/api/v3".to_string()),
             _ => None,
         };
@@ -1152,6 +1164,12 @@ above = 80
             (
                 "repo = \"o/r\"\nhook = 7\ntoken_env = \"NOPE\"",
                 "NOPE is not set",
+            ),
+            // Regression: hook = 0 and an empty token variable were taken.
+            ("repo = \"o/r\"\nhook = 0", "hook = 0 is not a hook id"),
+            (
+                "repo = \"o/r\"\nhook = 7\ntoken_env = \"EMPTY\"",
+                "EMPTY is empty",
             ),
         ] {
             let e = parse(&channel(block), "c.toml", &env).unwrap_err();

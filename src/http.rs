@@ -39,6 +39,38 @@ pub fn client_builder() -> reqwest::ClientBuilder {
     builder
 }
 
+/// Why an answer's body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the answer's body is larger than {limit} bytes, more than such an answer can be")]
+    TooLarge { limit: usize },
+    #[error("the answer's body broke off")]
+    Read(#[source] reqwest::Error),
+}
+
+/// `response`'s body, refused once it passes `limit` bytes: a server's answer is input, and
+/// a broken or hostile one must not fill memory.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(e.without_url()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// What every TLS client trusts beyond the system's roots.
 struct Trust {
     /// From `--cacert FILE` (PEM, one or more certificates): a private CA.

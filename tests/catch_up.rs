@@ -49,6 +49,14 @@ struct GithubState {
     /// Answer the next delivery detail with 403 and `retry-after: 1` (a secondary limit).
     limit_next_detail: AtomicBool,
     list_requests: AtomicUsize,
+    /// Delivery ids whose detail answers 404 (GitHub no longer has them).
+    gone: Mutex<Vec<u64>>,
+    /// The first list page carries an entry that does not decode.
+    bad_entry: AtomicBool,
+    /// Every list page links to the first page again (a cursor loop).
+    loop_cursor: AtomicBool,
+    /// The list answers a page of 5 MB.
+    huge_list: AtomicBool,
     /// The ids of delivery details asked for, rate-limited ones included.
     detail_requests: Mutex<Vec<u64>>,
 }
@@ -88,14 +96,34 @@ async fn list(
     if let Some(refused) = refused(&headers) {
         return refused;
     }
-    state.list_requests.fetch_add(1, Ordering::SeqCst);
+    let requests = state.list_requests.fetch_add(1, Ordering::SeqCst);
     assert_eq!(query.get("per_page").map(String::as_str), Some("100"));
+    if state.huge_list.load(Ordering::SeqCst) {
+        return (
+            [("content-type", "application/json")],
+            format!("[\"{}\"]", "x".repeat(5 << 20)),
+        )
+            .into_response();
+    }
+    if state.loop_cursor.load(Ordering::SeqCst) {
+        assert!(requests < 50, "the client follows a cursor loop");
+        let page = (0..PAGE)
+            .map(|i| json!({"id": i, "guid": format!("loop-{i}"), "delivered_at": rfc3339(1)}))
+            .collect::<Vec<_>>();
+        let mut response = axum::Json(page).into_response();
+        let next = format!(
+            "<{}/{owner}/{name}/hooks/{hook}/deliveries?per_page=100&cursor=v1_4>; rel=\"next\"",
+            state.base
+        );
+        response.headers_mut().insert("link", next.parse().unwrap());
+        return response;
+    }
     let start: usize = query
         .get("cursor")
         .map(|c| c.strip_prefix("v1_").unwrap().parse().unwrap())
         .unwrap_or(0);
     let newest_first: Vec<&Delivery> = state.deliveries.iter().rev().collect();
-    let page: Vec<Value> = newest_first
+    let mut page: Vec<Value> = newest_first
         .iter()
         .skip(start)
         .take(PAGE)
@@ -108,6 +136,9 @@ async fn list(
             })
         })
         .collect();
+    if start == 0 && state.bad_entry.load(Ordering::SeqCst) {
+        page.insert(1, json!({"id": "not-a-number", "guid": "guid-bad"}));
+    }
     let mut response = axum::Json(page).into_response();
     if start + PAGE < newest_first.len() {
         let next = format!(
@@ -134,6 +165,14 @@ async fn detail(
             StatusCode::FORBIDDEN,
             [("retry-after", "1"), ("content-type", "application/json")],
             r#"{"message":"You have exceeded a secondary rate limit."}"#,
+        )
+            .into_response();
+    }
+    if state.gone.lock().unwrap().contains(&id) {
+        return (
+            StatusCode::NOT_FOUND,
+            [("content-type", "application/json")],
+            r#"{"message":"Not Found"}"#,
         )
             .into_response();
     }
@@ -527,4 +566,239 @@ async fn the_daemon_catches_up_when_the_channel_connects() {
     }
     logs.wait_for(&["GitHub catch-up: recovered 4"]).await;
     assert!(!logs.all().contains(TOKEN));
+}
+
+/// Regression: one delivery GitHub answers 404 for, or one list entry that does not decode,
+/// aborted the whole catch-up and recovered nothing. Now they are skipped and named, the rest
+/// recovered in order, and the exit code says something failed.
+#[tokio::test]
+async fn one_bad_delivery_does_not_abort_the_catch_up() {
+    let all = deliveries(6);
+    let github = FakeGithub::start(all.clone()).await;
+    github.state.gone.lock().unwrap().push(all[2].id);
+    github.state.bad_entry.store(true, Ordering::SeqCst);
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/OneBadDelivery",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(&mut catch_up(&config, &github)).await;
+    assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("recovered 5 deliveries"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains(&all[2].guid) && l.contains("FAILED") && l.contains("404")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("guid-bad"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("2 deliveries") && out.stderr.contains("could not be recovered"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(listed(&dir.path().join("state")).await.len(), 5);
+    let expected: Vec<&str> = all
+        .iter()
+        .filter(|d| d.id != all[2].id)
+        .map(|d| d.guid.as_str())
+        .collect();
+    assert_eq!(recovered_in_order(&out.stdout), expected, "{}", out.stdout);
+}
+
+/// Regression: the delivery list's paging had no page cap and no repeated-cursor check (a
+/// cursor loop ran for ever), and a response body was read whole whatever its size.
+#[tokio::test]
+async fn a_cursor_loop_or_a_huge_list_page_is_a_clear_error() {
+    let github = FakeGithub::start(deliveries(2)).await;
+    github.state.loop_cursor.store(true, Ordering::SeqCst);
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/LoopCh",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("twice (a loop)"), "{}", out.stderr);
+
+    let github = FakeGithub::start(deliveries(2)).await;
+    github.state.huge_list.store(true, Ordering::SeqCst);
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("larger than"), "{}", out.stderr);
+}
+
+/// More missed deliveries than one batch: appended in bounded batches, still in order, each
+/// once.
+#[tokio::test]
+async fn a_long_outage_is_appended_in_batches_in_order() {
+    let all = deliveries(120);
+    let github = FakeGithub::start(all.clone()).await;
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/LongOutage",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(catch_up(&config, &github).args(["--since", "1d"])).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(listed(&dir.path().join("state")).await.len(), 120);
+    let expected: Vec<&str> = all.iter().map(|d| d.guid.as_str()).collect();
+    assert_eq!(recovered_in_order(&out.stdout), expected, "{}", out.stdout);
+}
+
+/// The GUIDs catch-up printed as recovered, checked to have got increasing event ids (so they
+/// were appended in that order).
+fn recovered_in_order(stdout: &str) -> Vec<&str> {
+    let mut last = 0;
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let (_, id) = line.rsplit_once("  event ")?;
+            let id: u64 = id.trim().parse().ok()?;
+            assert!(id > last, "event ids out of order: {stdout}");
+            last = id;
+            line.split_whitespace().nth(1)
+        })
+        .collect()
+}
+
+/// Regression: with `--config` and no `state_dir`, catch-up silently made a new spool in the
+/// default state directory while the daemon's was elsewhere. It refuses now, and says the
+/// spool it uses.
+#[tokio::test]
+async fn a_config_without_state_dir_does_not_create_a_spool_elsewhere() {
+    let github = FakeGithub::start(deliveries(3)).await;
+    let dir = temp_dir();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[[channel]]\nurl = \"https://smee.io/NoStateDir\"\nforward = [\"http://127.0.0.1:9/\"]\n",
+    )
+    .unwrap();
+    let home = dir.path().join("home");
+    let out = run_to_end(
+        catch_up(&config, &github)
+            .env("HOME", &home)
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env_remove("STATE_DIRECTORY"),
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("no spool at"), "{}", out.stderr);
+    assert!(out.stderr.contains("--state-dir"), "{}", out.stderr);
+    assert!(!home.exists(), "nothing was created");
+
+    let state = dir.path().join("chosen");
+    let out = run_to_end(
+        catch_up(&config, &github)
+            .arg("--dry-run")
+            .arg("--state-dir")
+            .arg(&state),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!("spool: {}", state.display())),
+        "{}",
+        out.stdout
+    );
+}
+
+/// Regression: with `--config`, the channel's `[channel.github_catch_up]` block was ignored
+/// (repo, hook, api_url, token all had to be given again); `--token-env` with `--token-file`,
+/// an empty token variable and `--hook 0` were not refused clearly; `--ignore-event` did not
+/// exist.
+#[tokio::test]
+async fn the_config_block_supplies_the_flags_and_bad_token_flags_are_refused() {
+    let github = FakeGithub::start(deliveries(3)).await;
+    let dir = temp_dir();
+    let block = format!(
+        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
+         token_env = \"BLOCK_TOKEN\"\nsince = \"2h\"\n",
+        github.url
+    );
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/BlockCh",
+        "http://127.0.0.1:9/",
+        &block,
+    );
+    let bare = || {
+        let mut command = smee_relay();
+        command
+            .args(["catch-up", "github", "--dry-run", "--config"])
+            .arg(&config)
+            .env("BLOCK_TOKEN", TOKEN)
+            .env_remove("GITHUB_TOKEN")
+            .env_remove("GITHUB_API_URL")
+            .env_remove("CREDENTIALS_DIRECTORY");
+        command
+    };
+    let out = run_to_end(&mut bare()).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("would recover 3"), "{}", out.stdout);
+    assert!(out.stdout.contains("since 2h"), "{}", out.stdout);
+
+    // Regression: `check` said nothing of a channel's catch-up block.
+    let out = run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("BLOCK_TOKEN", TOKEN),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("GitHub catch-up from hook 42 of repository octo-org/octo-repo"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run_to_end(bare().args(["--token-env", "X", "--token-file", "/nonexistent"])).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be used with"), "{}", out.stderr);
+
+    let out = run_to_end(
+        bare()
+            .args(["--token-env", "EMPTY_TOKEN"])
+            .env("EMPTY_TOKEN", ""),
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("EMPTY_TOKEN is empty"),
+        "{}",
+        out.stderr
+    );
+
+    let out = run_to_end(bare().args(["--hook", "0"])).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+
+    // Recovering for real with --ignore-event push: all three are skipped.
+    let out = run_to_end(
+        smee_relay()
+            .args(["catch-up", "github", "--ignore-event", "push", "--config"])
+            .arg(&config)
+            .env("BLOCK_TOKEN", TOKEN)
+            .env_remove("GITHUB_API_URL"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("3 skipped by ignore_events"),
+        "{}",
+        out.stdout
+    );
 }

@@ -182,7 +182,10 @@ async fn start(config: &Path, state: &Path, slack: &FakeSlack, channel: &FakeCha
             .arg(state)
             .args(["--metrics-listen", "127.0.0.1:0"])
             .env("TEST_SLACK_WEBHOOK", slack.webhook_url())
-            .env("TEST_PORT_SECRET", "test-secret"),
+            .env("TEST_PORT_SECRET", "test-secret")
+            // Reconnects here come seconds apart; the default spacing (60 s) would slow the
+            // test, not change what it checks.
+            .env("SMEE_RELAY_RECONCILE_GAP_SPACING", "100ms"),
     );
     let line = logs.wait_for(&["serving /healthz and /metrics"]).await;
     let metrics = line.rsplit("addr=").next().unwrap().trim().to_string();
@@ -286,15 +289,16 @@ async fn missed_changes_are_found_by_reconciliation_once_and_nothing_else_is_sen
     port.set_cpu("a", 60, 0);
     port.set_cpu("b", 10, 0);
 
-    // A first run learns the state: reconciled at start and on the first connection, nothing
-    // to say.
+    // A first run learns the state: reconciled once at start (the first connection is folded
+    // into it), nothing to say.
     let daemon = start(&config, &state, &slack, &channel).await;
-    daemon.wait_judged(2).await;
+    daemon.wait_judged(1).await;
     daemon.stop().await;
     slack.assert_no_more();
-    assert!(
-        port.with(|s| s.pages) >= 4,
-        "two entities, one per page, twice"
+    assert_eq!(
+        port.with(|s| s.pages),
+        2,
+        "two entities, one per page, once"
     );
 
     // While it is stopped, cpuUtil of a goes from 60 to 95 (the webhook went to nobody).
@@ -308,7 +312,7 @@ async fn missed_changes_are_found_by_reconciliation_once_and_nothing_else_is_sen
         "{}",
         text(&fired)
     );
-    daemon.wait_judged(2).await;
+    daemon.wait_judged(1).await;
     wait_alerts(&state, 1).await;
 
     // While the channel is down, a goes back to 50 and b goes up to 99: one RESOLVED and one
@@ -457,4 +461,24 @@ async fn check_refuses_a_reconcile_interval_under_a_minute() {
         )
         .unwrap();
     }
+    // Regression: with reconcile set but no rule naming a blueprint, check said it reconciled.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("reconcile = \"30s\"", "reconcile = \"2m\"")
+        .replace("blueprint = \"DeploymentConfig\"", "");
+    std::fs::write(&path, &text).unwrap();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("TEST_SLACK_WEBHOOK", "http://127.0.0.1:1/hook")
+            .env("TEST_PORT_SECRET", "test-secret"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("not active: no rule names a blueprint"),
+        "{}",
+        out.stdout
+    );
 }

@@ -307,35 +307,41 @@ pub enum CatchUpCommand {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("hook_owner").required(true).args(["repo", "org"])))]
+#[command(group(clap::ArgGroup::new("hook_owner").args(["repo", "org"])))]
 pub struct GithubCatchUpArgs {
-    /// The repository of a repository hook.
+    /// The repository of a repository hook. Default: the channel's `[channel.github_catch_up]`.
     #[arg(long, value_name = "OWNER/REPO", value_parser = crate::source::github::HookOwner::repo)]
     pub repo: Option<crate::source::github::HookOwner>,
     /// The organisation of an organisation hook.
     #[arg(long, value_name = "ORG", value_parser = crate::source::github::HookOwner::org)]
     pub org: Option<crate::source::github::HookOwner>,
-    /// The hook's id (the number in its settings URL).
-    #[arg(long, value_name = "ID")]
-    pub hook: u64,
-    /// Look at deliveries made within this long. Keep it within the relay's --retain (24h by
-    /// default): older events are pruned from the spool and would look missing.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    pub since: Duration,
+    /// The hook's id (the number in its settings URL). Default: the channel's
+    /// `[channel.github_catch_up]` hook.
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub hook: Option<u64>,
+    /// Look at deliveries made within this long (default: the block's `since`, else 1h). Keep
+    /// it within the relay's --retain (24h by default): older events are pruned from the spool
+    /// and would look missing.
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
     /// List what would be recovered; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// The GitHub API (GitHub Enterprise Server: https://HOST/api/v3).
-    #[arg(long, env = "GITHUB_API_URL", default_value = crate::source::github::DEFAULT_API_URL,
-          value_parser = parse_http_url)]
-    pub api_url: Url,
+    /// The GitHub API (GitHub Enterprise Server: https://HOST/api/v3). Default: the block's
+    /// `api_url`, else https://api.github.com.
+    #[arg(long, env = "GITHUB_API_URL", value_parser = parse_http_url)]
+    pub api_url: Option<Url>,
     /// The environment variable (or systemd credential in $CREDENTIALS_DIRECTORY) holding the
-    /// token.
-    #[arg(long, value_name = "NAME", default_value = "GITHUB_TOKEN")]
-    pub token_env: String,
+    /// token. Default: the block's token, else GITHUB_TOKEN.
+    #[arg(long, value_name = "NAME")]
+    pub token_env: Option<String>,
     /// A file holding the token (relative: also looked up in $CREDENTIALS_DIRECTORY).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "token_env")]
     pub token_file: Option<std::path::PathBuf>,
+    /// An event name the channel skips (the relay's --ignore-event / ignore_events): not
+    /// recovered either. Repeatable; added to the config's.
+    #[arg(long = "ignore-event", value_name = "EVENT")]
+    pub ignore_events: Vec<String>,
     /// The relay's config: its state directory, the channel's queues and ignore_events.
     #[arg(short, long, env = "SMEE_RELAY_CONFIG")]
     pub config: Option<std::path::PathBuf>,

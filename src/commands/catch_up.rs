@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use crate::cli::{CatchUpArgs, CatchUpCommand, GithubCatchUpArgs};
 use crate::config::ConfigError;
 use crate::secret::SecretString;
-use crate::service::catch_up::{self, Destination, Report};
+use crate::service::catch_up::{self, Destination, Fate, Report};
 use crate::service::daemon::{ChannelPlan, routes_of};
 use crate::source::SourceConfig;
 use crate::source::github::{self, HookClient, HookConfig};
@@ -33,45 +33,96 @@ fn usage(message: String) -> anyhow::Error {
 
 async fn run_github(args: GithubCatchUpArgs) -> anyhow::Result<()> {
     crate::http::set_trust(args.tls.cacert.as_deref(), args.tls.insecure)?;
-    let owner = args
-        .repo
-        .clone()
-        .or_else(|| args.org.clone())
-        .expect("clap requires --repo or --org");
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-    let token = match &args.token_file {
-        Some(path) => github::read_token_file(path, credentials.as_deref())
-            .map_err(|e| usage(format!("--token-file: {e}")))?,
-        None => super::secret(&args.token_env, credentials.as_deref())
-            .filter(|t| !t.is_empty())
-            .map(SecretString::from)
-            .ok_or_else(|| {
-                usage(format!(
-                    "no GitHub token: {} is not set (--token-env NAME names another variable; \
-                     --token-file PATH reads a file)",
-                    args.token_env
-                ))
-            })?,
+    let (spool, to, block, dir) = destination(&args)?;
+    let block = block.as_ref();
+    let owner = match (args.repo.clone().or_else(|| args.org.clone()), block) {
+        (Some(owner), _) => owner,
+        (None, Some(block)) => block.hook.owner.clone(),
+        (None, None) => {
+            return Err(usage(
+                "say whose hook: --repo OWNER/REPO or --org ORG (or give --config with the \
+                 channel's [channel.github_catch_up] block)"
+                    .into(),
+            ));
+        }
     };
-    let (spool, to) = destination(&args)?;
+    let hook = match (args.hook, block) {
+        (Some(hook), _) => hook,
+        (None, Some(block)) => block.hook.hook,
+        (None, None) => {
+            return Err(usage(
+                "say which hook: --hook ID (the number in the hook's settings URL)".into(),
+            ));
+        }
+    };
+    let api_url = match (&args.api_url, block) {
+        (Some(url), _) => url.clone(),
+        (None, Some(block)) => block.hook.api_url.clone(),
+        (None, None) => github::DEFAULT_API_URL.parse().expect("a valid URL"),
+    };
+    let since = args
+        .since
+        .or(block.map(|b| b.since))
+        .unwrap_or(std::time::Duration::from_secs(3600));
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let token = match (&args.token_file, &args.token_env, block) {
+        (Some(path), _, _) => github::read_token_file(path, credentials.as_deref())
+            .map_err(|e| usage(format!("--token-file: {e}")))?,
+        (None, None, Some(block)) => block.hook.token.clone(),
+        (None, name, _) => {
+            let name = name.as_deref().unwrap_or("GITHUB_TOKEN");
+            match super::secret(name, credentials.as_deref()) {
+                Some(token) if token.trim().is_empty() => {
+                    return Err(usage(format!(
+                        "no GitHub token: {name} is empty (--token-env NAME names another \
+                         variable; --token-file PATH reads a file)"
+                    )));
+                }
+                Some(token) => SecretString::from(token.trim_end_matches(['\r', '\n']).to_string()),
+                None => {
+                    return Err(usage(format!(
+                        "no GitHub token: {name} is not set (--token-env NAME names another \
+                         variable; --token-file PATH reads a file)"
+                    )));
+                }
+            }
+        }
+    };
+    println!("spool: {}", dir.display());
     let mut client = HookClient::new(HookConfig {
         owner,
-        hook: args.hook,
-        api_url: args.api_url.clone(),
+        hook,
+        api_url,
         token,
     })?;
-    let since_ms = crate::clock::now_ms().saturating_sub(args.since.as_millis() as u64);
+    let since_ms = crate::clock::now_ms().saturating_sub(since.as_millis() as u64);
     let report = catch_up::github(spool.as_ref(), &mut client, &to, since_ms, args.dry_run)
         .await
         .with_context(|| format!("catch-up of {} failed", client.describe()))?;
-    print!("{}", summary(&report, &client.describe(), &args));
+    print!("{}", summary(&report, &client.describe(), &args, since));
+    if report.failures() > 0 {
+        anyhow::bail!(
+            "{} deliveries of {} could not be recovered (marked FAILED above); the others were",
+            report.failures(),
+            client.describe()
+        );
+    }
     Ok(())
 }
 
+/// What [`destination`] found: the spool (`None` only for a dry run before the relay ever
+/// ran: a dry run creates nothing), where recovered events go, the channel's
+/// `[channel.github_catch_up]` block (defaults for the flags), and the state directory.
+type Found = (
+    Option<Arc<Spool>>,
+    Destination,
+    Option<github::CatchUp>,
+    std::path::PathBuf,
+);
+
 /// The spool, and the channel and queues the recovered events go to: from the config, or
 /// without one, the queues the spool already has for `--channel`.
-/// The spool is `None` only for a dry run before the relay ever ran: a dry run creates nothing.
-fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<(Option<Arc<Spool>>, Destination)> {
+fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<Found> {
     let Some(path) = &args.config else {
         let Some(channel) = &args.channel else {
             return Err(usage(
@@ -99,16 +150,16 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<(Option<Arc<Spool>>, 
         let to = Destination {
             channel: channel.to_string(),
             routes,
-            ignore_events: Vec::new(),
+            ignore_events: args.ignore_events.clone(),
         };
-        return Ok((Some(Arc::new(spool)), to));
+        return Ok((Some(Arc::new(spool)), to, None, dir));
     };
     let config = super::load_config(path)?;
     let channel = pick_channel(&config.channels, args.channel.as_ref())?;
-    let dir = match (&args.state.state_dir, &config.state_dir) {
-        (Some(flag), _) => flag.clone(),
-        (None, Some(file)) => file.clone(),
-        (None, None) => spool::lock::state_dir(None),
+    let (dir, chosen) = match (&args.state.state_dir, &config.state_dir) {
+        (Some(flag), _) => (flag.clone(), true),
+        (None, Some(file)) => (file.clone(), true),
+        (None, None) => (spool::lock::state_dir(None), false),
     };
     let actions =
         config.port_api.is_some() && (!config.actions.is_empty() || config.report_automation_runs);
@@ -118,17 +169,30 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<(Option<Arc<Spool>>, 
         pipeline: channel.pipeline,
         save_dir: None,
     };
+    let mut ignore_events = channel.ignore_events.clone();
+    ignore_events.extend(args.ignore_events.iter().cloned());
     let to = Destination {
         channel: channel.url.to_string(),
         routes: routes_of(&plan, actions, config.cluster.is_some()),
-        ignore_events: channel.ignore_events.clone(),
+        ignore_events,
     };
+    let block = channel.github_catch_up.clone();
+    let exists = dir.join(spool::FILE_NAME).exists();
+    // The daemon may run with another state directory (systemd's StateDirectory, a
+    // --state-dir flag) than the default: a new spool here would hold what it never sees.
+    if !exists && !chosen {
+        return Err(usage(format!(
+            "no spool at {}: the config names no state_dir, so the relay's spool is not known; \
+             give --state-dir DIR (the relay's state directory)",
+            dir.join(spool::FILE_NAME).display()
+        )));
+    }
     // A relay that has not run yet: the spool is made, and it delivers them when it starts.
-    if args.dry_run && !dir.join(spool::FILE_NAME).exists() {
-        return Ok((None, to));
+    if args.dry_run && !exists {
+        return Ok((None, to, block, dir));
     }
     let spool = Spool::open(&dir)?;
-    Ok((Some(Arc::new(spool)), to))
+    Ok((Some(Arc::new(spool)), to, block, dir))
 }
 
 /// The channel `--channel` names (by what identifies a channel), or the only one.
@@ -160,7 +224,12 @@ fn pick_channel<'c>(
 }
 
 /// What was found, one line per missing delivery, then the outcome.
-fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
+fn summary(
+    report: &Report,
+    hook: &str,
+    args: &GithubCatchUpArgs,
+    since: std::time::Duration,
+) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
@@ -168,17 +237,16 @@ fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
         "{hook}: {} deliveries ({} GUIDs) since {}, {} missing from the spool",
         report.listed,
         report.guids,
-        humantime::format_duration(args.since),
+        humantime::format_duration(since),
         report.missing.len()
     );
-    for (i, d) in report.missing.iter().enumerate() {
-        let id = if args.dry_run {
-            "-".to_string()
-        } else {
-            report
-                .recovered
-                .get(i)
-                .map_or("-".into(), |id| format!("event {id}"))
+    for (d, fate) in report.missing.iter().zip(&report.fates) {
+        let id = match fate {
+            Fate::Pending => "-".to_string(),
+            Fate::Recovered(id) => format!("event {id}"),
+            Fate::Ignored => "ignored (ignore_events)".into(),
+            Fate::AlreadyThere => "stored meanwhile".into(),
+            Fate::Failed(why) => format!("FAILED: {}", escape(why)),
         };
         let _ = writeln!(
             out,
@@ -193,6 +261,9 @@ fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
             d.status_code
         );
     }
+    for bad in &report.unreadable {
+        let _ = writeln!(out, "  FAILED: {}", escape(bad));
+    }
     if args.dry_run {
         let _ = writeln!(
             out,
@@ -202,10 +273,15 @@ fn summary(report: &Report, hook: &str, args: &GithubCatchUpArgs) -> String {
     } else {
         let _ = writeln!(
             out,
-            "recovered {} deliveries into the spool{}",
+            "recovered {} deliveries into the spool{}{}",
             report.recovered.len(),
             if report.ignored > 0 {
                 format!(" ({} skipped by ignore_events)", report.ignored)
+            } else {
+                String::new()
+            },
+            if report.failures() > 0 {
+                format!("; {} could not be recovered", report.failures())
             } else {
                 String::new()
             }

@@ -21,11 +21,30 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         if !config.actions.is_empty() {
             println!("{} [[action]] handlers", config.actions.len());
         }
+        let watched = config.rules.iter().any(|r| r.blueprint.is_some());
+        let pipelines = config.channels.iter().any(|c| c.pipeline);
         if let Some(interval) = config.reconcile {
             println!(
                 "Port reconciliation every {}, at start and after every reconnect",
                 humantime::format_duration(interval)
             );
+        } else if config.port_api.is_some() && pipelines && !watched {
+            // Credentials make reconciliation the default: say why it does not run.
+            println!(
+                "Port reconciliation is not active: no rule names a blueprint (it reads the \
+                 blueprints the rules name; add blueprint = \"...\" to a rule)"
+            );
+        }
+        for channel in &config.channels {
+            if let Some(catch_up) = &channel.github_catch_up {
+                println!(
+                    "channel {}: GitHub catch-up from hook {} of {} after every gap, looking back {}",
+                    channel.url,
+                    catch_up.hook.hook,
+                    catch_up.hook.owner,
+                    humantime::format_duration(catch_up.since)
+                );
+            }
         }
         return Ok(());
     };

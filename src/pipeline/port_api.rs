@@ -22,6 +22,9 @@ pub const DEFAULT_API_URL: &str = "https://api.port.io";
 
 /// How long one call to Port may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read from Port (a page of entities is far smaller): a broken or hostile
+/// answer must not fill memory.
+const MAX_BODY: usize = 16 * 1024 * 1024;
 /// A 429 without a usable reset header waits this long.
 const DEFAULT_RATE_WAIT: Duration = Duration::from_secs(10);
 
@@ -106,7 +109,20 @@ impl PortClient {
                     "Port refused the credentials ({}): check [port] client_id and client_secret",
                     answer.status.as_u16()
                 )),
-                _ => status_error(answer),
+                // Never the body: a token endpoint's error may echo the credentials sent.
+                status => ForwardError::Status {
+                    status: answer.status,
+                    retry_after: answer.retry_after,
+                    body: format!(
+                        "from the token endpoint (its answer is not shown: it may echo the \
+                         credentials){}",
+                        if status == 400 {
+                            "; check [port] client_id and client_secret"
+                        } else {
+                            ""
+                        }
+                    ),
+                },
             });
         }
         let parsed: Value = serde_json::from_str(&answer.body).unwrap_or_default();
@@ -170,7 +186,10 @@ impl PortClient {
                 .and_then(rate_limit_wait)
                 .unwrap_or(DEFAULT_RATE_WAIT)
         });
-        let body = response.text().await.unwrap_or_default();
+        let body = crate::http::read_capped(response, MAX_BODY)
+            .await
+            .map_err(|e| ForwardError::Connection(crate::error::chain(&e)))?;
+        let body = String::from_utf8_lossy(&body).into_owned();
         Ok(Answer {
             status,
             retry_after,
@@ -211,9 +230,15 @@ pub fn preview(body: &str) -> String {
 
 /// How long a token that lives `lifetime` is used: renewed shortly before it expires (a tenth
 /// of its life, at most a minute), so no call carries a token about to lapse.
+/// `expiresIn` is Port's input: a lifetime beyond [`MAX_TOKEN_LIFE`] is taken as that (a huge
+/// one would overflow the clock), so a token is fetched again at least daily.
 fn usable_for(lifetime: Duration) -> Duration {
+    let lifetime = lifetime.min(MAX_TOKEN_LIFE);
     lifetime - (lifetime / 10).min(Duration::from_secs(60))
 }
+
+/// The longest a token is kept, whatever `expiresIn` says.
+const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 
 /// `x-ratelimit-reset` is the epoch second the window resets at.
 fn rate_limit_wait(value: &str) -> Option<Duration> {
@@ -247,6 +272,34 @@ mod tests {
         );
         assert_eq!(usable_for(Duration::from_secs(60)), Duration::from_secs(54));
         assert_eq!(usable_for(Duration::ZERO), Duration::ZERO);
+    }
+
+    /// Regression: a token answer with an absurd `expiresIn` overflowed `Instant` and panicked
+    /// the caller (the reconciler's or the reporter's task).
+    #[tokio::test]
+    async fn an_absurd_expires_in_is_clamped_not_a_panic() {
+        use axum::routing::{get, post};
+        let app = axum::Router::new()
+            .route(
+                "/v1/auth/access_token",
+                post(|| async { r#"{"accessToken":"t","expiresIn":18446744073709551615}"# }),
+            )
+            .route("/v1/x", get(|| async { "{}" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = PortClient::new(PortApi {
+            api_url: url,
+            client_id: "id".into(),
+            client_secret: SecretString::from("s".to_string()),
+        })
+        .unwrap();
+        let answer = client
+            .call(reqwest::Method::GET, "/v1/x", None)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(usable_for(Duration::from_secs(u64::MAX)) <= MAX_TOKEN_LIFE);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::port_api::{PortClient, escape, preview};
 use super::state::Phase;
@@ -51,6 +51,15 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15 * 60);
 /// The shortest interval accepted: each reconciliation reads whole blueprints from Port.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The least time between two reads of Port when a gap asks for one: a channel that
+/// reconnects again and again costs one read per this (as catch-up's `MIN_INTERVAL`). The
+/// daemon's default; `SMEE_RELAY_RECONCILE_GAP_SPACING` changes it (tests, a lab Port).
+pub const MIN_GAP_SPACING: Duration = Duration::from_secs(60);
+
+/// How long the start's reconciliation waits for the first connection of a pipeline channel,
+/// to cover it too.
+const START_GRACE: Duration = Duration::from_secs(5);
+
 /// Retrying a failed reconciliation: from 1 s up to 5 minutes (or what a 429 asks).
 const RETRY: BackoffPolicy = BackoffPolicy {
     min: Duration::from_secs(1),
@@ -59,6 +68,10 @@ const RETRY: BackoffPolicy = BackoffPolicy {
 
 /// More pages than this for one blueprint is a loop in Port's cursor, not a catalog.
 const MAX_PAGES: usize = 10_000;
+
+/// More entities than this in one blueprint is refused with a clear error: a snapshot is held
+/// in memory and stored as one event.
+const MAX_ENTITIES: usize = 200_000;
 
 /// Where the reconciler keeps the last time it knew the relay was up (a clean stop, or a
 /// reconciliation that succeeded): the start of the gap at the next start. A prefix no alert
@@ -149,7 +162,7 @@ pub fn port_time_ms(text: &str) -> Option<u64> {
 }
 
 /// When a change happened as Port says: the entity's `updatedAt` after it, or for a deletion
-/// the trigger's time.
+/// the trigger's time (made [`credible`]).
 pub fn change_time_ms(change: &port::Change) -> Option<u64> {
     change
         .after
@@ -157,6 +170,29 @@ pub fn change_time_ms(change: &port::Change) -> Option<u64> {
         .and_then(|e| e.updated_at.as_deref())
         .or(change.trigger.at.as_deref())
         .and_then(port_time_ms)
+        .map(credible)
+}
+
+/// How far ahead of this host's clock Port's time may be (clocks drift a little).
+const FUTURE_SLACK_MS: u64 = 5 * 60 * 1000;
+
+/// A Port time more than [`FUTURE_SLACK_MS`] ahead of our clock is taken as now: an
+/// `updatedAt` of 2099 would otherwise make every later change look older than it (stale) and
+/// mute the entity's alerts until 2099. Warned once per process.
+pub fn credible(ms: u64) -> u64 {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let now = crate::clock::now_ms();
+    if ms <= now.saturating_add(FUTURE_SLACK_MS) {
+        return ms;
+    }
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        warn!(
+            "Port gave a time ({}) more than 5 minutes ahead of this host's clock; such times are \
+             taken as now, so they cannot make later changes look stale (check the clocks)",
+            rfc3339(ms)
+        );
+    }
+    now
 }
 
 /// One blueprint's entities as Port had them: the body of a synthetic event.
@@ -263,7 +299,10 @@ pub fn judge_snapshot(
             continue;
         }
         let key = subject(blueprint, identifier);
-        let updated_ms = entity["updatedAt"].as_str().and_then(port_time_ms);
+        let updated_ms = entity["updatedAt"]
+            .as_str()
+            .and_then(port_time_ms)
+            .map(credible);
         if let Some(last) = seen(&key)
             && (last.event > id
                 || matches!((updated_ms, last.updated_ms), (Some(now), Some(then)) if now < then))
@@ -351,6 +390,15 @@ pub fn judge_snapshot(
         out.deleted += 1;
         let judged = pipeline.judge(change, &|k| current(k, &out), now_ms);
         for mut alert in judged.alerts {
+            // What fired, for "before" (as for an UPDATE above): the value the alert was about.
+            if alert.status == AlertStatus::Resolved
+                && let Some(fired) = current(&super::state_key(&alert.rule, &entity), &out)
+                    .fired
+                    .and_then(|f| f.property)
+                && let Some(property) = alert.property.as_mut()
+            {
+                property.before = fired.after;
+            }
             alert.note = Some(format!("entity deleted; {note}"));
             out.alerts.push(alert);
         }
@@ -429,11 +477,12 @@ pub async fn watch_channel(status: Arc<ChannelStatus>, gaps: Arc<Gaps>, cancel: 
 /// Why a reconciliation failed. Each is retried with backoff; the daemon keeps running.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("cannot read the entities of blueprint {blueprint} from Port")]
+    #[error("cannot read the entities of blueprint {blueprint} from Port: {}", port_reason(.cause))]
     Call {
         blueprint: String,
-        #[source]
-        source: ForwardError,
+        /// Said in Port's words by [`port_reason`] (not a `#[source]`: its own wording is
+        /// about a forwarding target).
+        cause: ForwardError,
     },
     #[error("Port answered {status} for the entities of blueprint {blueprint}: {body}")]
     Status {
@@ -449,6 +498,13 @@ pub enum ReconcileError {
     Shape { blueprint: String, body: String },
     #[error("Port's paging for blueprint {0} did not end after {MAX_PAGES} pages")]
     Paging(String),
+    #[error("Port's paging for blueprint {0} gave the cursor {1:?} twice (a loop)")]
+    CursorLoop(String, String),
+    #[error(
+        "blueprint {0} has more than {MAX_ENTITIES} entities in Port: too many to reconcile \
+         (name a narrower blueprint in the rules)"
+    )]
+    TooMany(String),
     #[error("cannot store the snapshot in the spool")]
     Spool(#[source] SpoolError),
     #[error("the spool is full: the snapshot was refused")]
@@ -456,16 +512,47 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// Whether Port refused the request itself (a 4xx other than 401, 403 and 429: the
+    /// blueprint does not exist, say): a configuration problem, not an outage to retry.
+    pub fn is_configuration(&self) -> bool {
+        let status = match self {
+            ReconcileError::Status { status, .. } => *status,
+            ReconcileError::Call {
+                cause: ForwardError::Status { status, .. },
+                ..
+            } => *status,
+            _ => return false,
+        };
+        status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 429)
+    }
+
     /// How long Port asked to wait, if it did.
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ReconcileError::Status { retry_after, .. } => *retry_after,
             ReconcileError::Call {
-                source: ForwardError::Status { retry_after, .. },
+                cause: ForwardError::Status { retry_after, .. },
                 ..
             } => *retry_after,
             _ => None,
         }
+    }
+}
+
+/// What went wrong with a call to Port, in Port's words (a [`ForwardError`] speaks of a target).
+fn port_reason(error: &ForwardError) -> String {
+    match error {
+        ForwardError::Status { status, body, .. } if body.is_empty() => {
+            format!("Port answered {status}")
+        }
+        ForwardError::Status { status, body, .. } => format!("Port answered {status}: {body}"),
+        ForwardError::Timeout(wait) => format!(
+            "Port did not answer within {}",
+            humantime::format_duration(*wait)
+        ),
+        // The client's own messages (refused credentials) already name Port.
+        ForwardError::Connection(message) if message.starts_with("Port ") => message.clone(),
+        ForwardError::Connection(message) => format!("cannot reach Port: {message}"),
     }
 }
 
@@ -492,6 +579,7 @@ impl Catalog for PortClient {
 pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, ReconcileError> {
     let mut entities = Vec::new();
     let mut from: Option<String> = None;
+    let mut cursors = std::collections::HashSet::new();
     for _ in 0..MAX_PAGES {
         let mut path = format!("/v1/blueprints/{}/entities", escape(blueprint));
         if let Some(cursor) = &from {
@@ -501,9 +589,9 @@ pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, R
         let answer = client
             .call(reqwest::Method::GET, &path, None)
             .await
-            .map_err(|source| ReconcileError::Call {
+            .map_err(|cause| ReconcileError::Call {
                 blueprint: blueprint.into(),
-                source,
+                cause,
             })?;
         if !answer.status.is_success() {
             return Err(ReconcileError::Status {
@@ -521,8 +609,16 @@ pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, R
             });
         };
         entities.extend(page);
+        if entities.len() > MAX_ENTITIES {
+            return Err(ReconcileError::TooMany(blueprint.into()));
+        }
         match parsed["next"].as_str() {
-            Some(next) if !next.is_empty() => from = Some(next.to_string()),
+            Some(next) if !next.is_empty() => {
+                if !cursors.insert(next.to_string()) {
+                    return Err(ReconcileError::CursorLoop(blueprint.into(), next.into()));
+                }
+                from = Some(next.to_string())
+            }
             _ => return Ok(entities),
         }
     }
@@ -534,6 +630,7 @@ pub async fn fetch(client: &PortClient, blueprint: &str) -> Result<Vec<Value>, R
 async fn reconcile_once(
     client: &dyn Catalog,
     writer: &SpoolWriter,
+    pipeline: &Pipeline,
     blueprints: &BTreeSet<String>,
     why: &Why,
 ) -> Result<usize, ReconcileError> {
@@ -541,7 +638,31 @@ async fn reconcile_once(
     let mut read = 0;
     for blueprint in blueprints {
         let fetched_at_ms = crate::clock::now_ms();
-        let entities = client.entities(blueprint).await?;
+        let entities = match client.entities(blueprint).await {
+            Ok(entities) => entities,
+            Err(e) if e.is_configuration() => {
+                // Retrying cannot help: the rules name what Port does not have. The others
+                // are still reconciled; this one is tried again at the next interval.
+                let rules: Vec<&str> = pipeline
+                    .rules
+                    .iter()
+                    .filter(|r| r.blueprint.as_deref() == Some(blueprint.as_str()))
+                    .map(|r| r.name.as_str())
+                    .collect();
+                metrics::counter!("smee_relay_reconciliations_total", "result" => "config_error")
+                    .increment(1);
+                error!(
+                    blueprint = %blueprint,
+                    "Port reconciliation skips blueprint {blueprint} (rules {}): {}; check the \
+                     rules' blueprint (Port's blueprint identifier) and the client's access; \
+                     tried again at the next interval",
+                    rules.join(", "),
+                    crate::error::chain(&e)
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         read += entities.len();
         snapshots.push(
             Snapshot {
@@ -594,11 +715,14 @@ async fn store_alive(writer: &SpoolWriter, at_ms: u64) {
 /// Reconcile at start, on every gap reported to `gaps`, and every `interval`, until `cancel`.
 /// A failure (Port down, 429, 5xx) is retried with backoff and keeps its reason, so the alerts
 /// it eventually finds still say which gap they close.
+// Each is a separate handle the daemon owns; a struct for them would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     spool: Arc<Spool>,
     writer: SpoolWriter,
     client: Arc<dyn Catalog>,
     interval: Duration,
+    gap_spacing: Duration,
     rules: watch::Receiver<Arc<Pipeline>>,
     gaps: Arc<Gaps>,
     cancel: CancellationToken,
@@ -615,6 +739,22 @@ pub async fn run(
         since_ms: started_since,
         channels: Vec::new(),
     };
+    // The channels feeding the pipeline connect just after the start: their first connection
+    // is folded into the start's reconciliation (one read of Port, not two), waiting for it
+    // a little.
+    tokio::select! {
+        _ = cancel.cancelled() => {
+            store_alive(&writer, crate::clock::now_ms()).await;
+            return;
+        }
+        _ = tokio::time::sleep(START_GRACE) => {}
+        mut gap = gaps.next() => {
+            if gap.since_ms.is_none() {
+                gap.since_ms = started_since;
+            }
+            why.merge(gap);
+        }
+    }
     let mut backoff = RETRY.start();
     let mut warned_unwatched = false;
     loop {
@@ -628,13 +768,15 @@ pub async fn run(
         }
         // A stop does not wait for Port (a call may take its whole timeout): the snapshot not
         // yet stored is read again at the next start.
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = cancel.cancelled() => {
                 store_alive(&writer, crate::clock::now_ms()).await;
                 return;
             }
-            result = reconcile_once(client.as_ref(), &writer, &blueprints, &why) => result,
+            result = reconcile_once(client.as_ref(), &writer, &pipeline, &blueprints, &why) => result,
         };
+        let failed = result.is_err();
         let wait = match result {
             Ok(read) => {
                 let now = crate::clock::now_ms();
@@ -670,18 +812,32 @@ pub async fn run(
                 wait
             }
         };
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                // A clean stop: the next start's gap begins now.
-                store_alive(&writer, crate::clock::now_ms()).await;
-                return;
-            }
-            _ = tokio::time::sleep(wait) => {}
-            mut gap = gaps.next() => {
-                if gap.since_ms.is_none() {
-                    gap.since_ms = started_since;
+        // The next call: at the interval (or the retry) with no gap; a gap brings it forward,
+        // but never closer than MIN_GAP_SPACING to the last call, nor before a retry's wait
+        // (a 429's, or the backoff) ends: a flapping channel must not hammer Port.
+        let next = tokio::time::Instant::now() + wait;
+        let earliest = if failed {
+            next
+        } else {
+            (started + gap_spacing).min(next)
+        };
+        let mut gap_pending = false;
+        loop {
+            let deadline = if gap_pending { earliest } else { next };
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    // A clean stop: the next start's gap begins now.
+                    store_alive(&writer, crate::clock::now_ms()).await;
+                    return;
                 }
-                why.merge(gap);
+                _ = tokio::time::sleep_until(deadline) => break,
+                mut gap = gaps.next() => {
+                    if gap.since_ms.is_none() {
+                        gap.since_ms = started_since;
+                    }
+                    why.merge(gap);
+                    gap_pending = true;
+                }
             }
         }
         if cancel.is_cancelled() {
@@ -724,6 +880,87 @@ mod tests {
     use std::collections::VecDeque;
 
     const BP: &str = "DeploymentConfig";
+
+    /// A Port on 127.0.0.1 whose token endpoint answers `token` (status, body) and whose
+    /// entities endpoint answers `entities` (status, body), both the same every time.
+    async fn fake_port(token: (u16, String), entities: (u16, String)) -> PortClient {
+        use axum::routing::{get, post};
+        let reply = |(status, body): (u16, String)| {
+            move || {
+                let body = body.clone();
+                async move {
+                    (
+                        http::StatusCode::from_u16(status).unwrap(),
+                        [("content-type", "application/json")],
+                        body,
+                    )
+                }
+            }
+        };
+        let app = axum::Router::new()
+            .route("/v1/auth/access_token", post(reply(token)))
+            .route("/v1/blueprints/{bp}/entities", get(reply(entities)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        PortClient::new(super::super::port_api::PortApi {
+            api_url: url,
+            client_id: "id".into(),
+            client_secret: crate::secret::SecretString::from("the-client-secret".to_string()),
+        })
+        .unwrap()
+    }
+
+    fn token_ok() -> (u16, String) {
+        (200, r#"{"accessToken":"t","expiresIn":3600}"#.into())
+    }
+
+    /// Regression: Port's paging followed a cursor that came back again for 10 000 pages.
+    #[tokio::test]
+    async fn a_repeated_port_cursor_is_a_loop_error() {
+        let client = fake_port(
+            token_ok(),
+            (
+                200,
+                r#"{"entities":[{"identifier":"a"}],"next":"c1"}"#.into(),
+            ),
+        )
+        .await;
+        let e = fetch(&client, BP).await.unwrap_err();
+        assert!(matches!(e, ReconcileError::CursorLoop(..)), "{e}");
+        assert!(e.to_string().contains("twice (a loop)"), "{e}");
+    }
+
+    /// Regression: Port's answers were read whole, whatever their size.
+    #[tokio::test]
+    async fn a_huge_port_answer_is_refused() {
+        let client = fake_port(token_ok(), (200, "x".repeat(17 << 20))).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    /// Regression: a token endpoint's error body (which may echo the client secret) was put in
+    /// the error, Port's errors read "target answered", and refused credentials read "cannot
+    /// reach target".
+    #[tokio::test]
+    async fn port_errors_say_port_and_never_show_the_token_endpoint_body() {
+        let echo = r#"{"error":"bad","clientSecret":"the-client-secret"}"#.to_string();
+        let client = fake_port((500, echo.clone()), (200, "{}".into())).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(!e.contains("the-client-secret"), "{e}");
+        assert!(e.contains("Port answered 500"), "{e}");
+        assert!(!e.contains("target"), "{e}");
+
+        let client = fake_port((401, echo), (200, "{}".into())).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(!e.contains("the-client-secret"), "{e}");
+        assert!(e.contains("Port refused the credentials (401)"), "{e}");
+        assert!(!e.contains("cannot reach"), "{e}");
+
+        let client = fake_port(token_ok(), (503, r#"{"down":1}"#.into())).await;
+        let e = crate::error::chain(&fetch(&client, BP).await.unwrap_err());
+        assert!(e.contains("Port answered 503"), "{e}");
+    }
 
     fn pipeline() -> Pipeline {
         let config = crate::config::parse(
@@ -855,6 +1092,12 @@ mod tests {
         let deleted = snapshot(vec![entity("a", 50, &t(9))]);
         let out = judge(&pipeline, &deleted, &mut states, &mut seen, 6);
         assert_eq!(said(&out), ["RESOLVED cpu-high b"]);
+        // Regression: the deleted entity's RESOLVED did not show the value that fired.
+        let property = out.alerts[0].property.as_ref().unwrap();
+        assert_eq!(
+            (property.before.as_str(), property.after.as_str()),
+            ("99", "-")
+        );
         assert!(
             out.alerts[0]
                 .note
@@ -903,6 +1146,32 @@ mod tests {
         );
         let out = judge(&pipeline, &snapshot(vec![]), &mut states2, &mut seen2, 7);
         assert!(out.alerts.is_empty(), "{:?}", said(&out));
+    }
+
+    /// Regression: an `updatedAt` in the future (2099) recorded as the entity's last change made
+    /// every later change look stale, muting its alerts.
+    #[test]
+    fn a_future_updated_at_does_not_mute_later_changes() {
+        let pipeline = pipeline();
+        let mut states = HashMap::new();
+        let mut seen = HashMap::new();
+        judge(
+            &pipeline,
+            &snapshot(vec![entity("a", 60, "2099-01-01T00:00:00Z")]),
+            &mut states,
+            &mut seen,
+            5,
+        );
+        let later = rfc3339(crate::clock::now_ms() + 1000);
+        let out = judge(
+            &pipeline,
+            &snapshot(vec![entity("a", 95, &later)]),
+            &mut states,
+            &mut seen,
+            6,
+        );
+        assert_eq!((out.compared, out.newer_live), (1, 0));
+        assert_eq!(out.alerts.len(), 1, "{:?}", said(&out));
     }
 
     #[test]
@@ -967,13 +1236,15 @@ mod tests {
             writer.clone(),
             catalog,
             interval,
+            MIN_GAP_SPACING,
             rules_rx,
             gaps.clone(),
             cancel.clone(),
         ));
-        // At once at start; a 500 backs off 1 to 2 s (jitter); a 429 waits what it asked.
+        // At start (after waiting the grace for a first connection none reports); a 500 backs
+        // off 1 to 2 s (jitter); a 429 waits what it asked.
         let first = asked.recv().await.unwrap();
-        assert_eq!(first - t0, Duration::ZERO);
+        assert_eq!(first - t0, START_GRACE);
         let second = asked.recv().await.unwrap();
         assert!(
             (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&(second - first)),
@@ -1020,6 +1291,118 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// Regression: every start read Port twice (the start, then the first connection of the
+    /// channel 30 ms later), and a reconnection called Port at once, through a 429's wait and
+    /// the backoff.
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_respect_the_429_wait_and_spacing_and_the_first_connection_folds_into_start()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
+        let catalog = Arc::new(Scripted {
+            answers: Mutex::new(VecDeque::from([
+                Ok(vec![entity("a", 60, "2026-11-20T10:00:00Z")]),
+                Err(status(429, Some(Duration::from_secs(30)))),
+            ])),
+            asked: asked_tx,
+        });
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
+        let gaps = Arc::new(Gaps::default());
+        let cancel = CancellationToken::new();
+        let t0 = tokio::time::Instant::now();
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            catalog,
+            Duration::from_secs(15 * 60),
+            MIN_GAP_SPACING,
+            rules_rx,
+            gaps.clone(),
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        gaps.report("http://x/Pipe…".into(), None);
+        let first = asked.recv().await.unwrap();
+        assert_eq!(first - t0, Duration::from_millis(30));
+        // A reconnect right after: not before the spacing.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        gaps.report("http://x/Pipe…".into(), Some(5));
+        let second = asked.recv().await.unwrap();
+        assert_eq!(second - first, MIN_GAP_SPACING);
+        // Port answered 429 (wait 30 s): a reconnect does not call before.
+        gaps.report("http://x/Pipe…".into(), Some(6));
+        let third = asked.recv().await.unwrap();
+        assert_eq!(third - second, Duration::from_secs(30));
+        cancel.cancel();
+        task.await.unwrap();
+        let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
+        let whys: Vec<Why> = queued
+            .iter()
+            .map(|q| {
+                serde_json::from_slice::<Snapshot>(&q.event.event.body)
+                    .unwrap()
+                    .why
+            })
+            .collect();
+        assert_eq!(whys[0].kind, WhyKind::Start, "{whys:?}");
+        assert_eq!(whys[0].channels, ["http://x/Pipe…"]);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A catalog that answers per blueprint: 404 for `Missing`.
+    struct ByBlueprint;
+
+    impl Catalog for ByBlueprint {
+        fn entities<'a>(
+            &'a self,
+            blueprint: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<Value>, ReconcileError>> {
+            let answer = if blueprint == "Missing" {
+                Err(ReconcileError::Status {
+                    blueprint: blueprint.into(),
+                    status: http::StatusCode::NOT_FOUND,
+                    retry_after: None,
+                    body: r#"{"error":"not_found"}"#.into(),
+                })
+            } else {
+                Ok(vec![entity("a", 60, "2026-11-20T10:00:00Z")])
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// Regression: a blueprint Port does not have (404) failed the whole reconciliation, retried
+    /// for ever as an outage; now it is skipped with an error and the others are reconciled.
+    #[tokio::test]
+    async fn a_blueprint_port_does_not_have_is_skipped_not_retried_as_an_outage() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let blueprints = BTreeSet::from(["Missing".to_string(), BP.to_string()]);
+        let read = reconcile_once(
+            &ByBlueprint,
+            &writer,
+            &pipeline(),
+            &blueprints,
+            &Why::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read, 1);
+        let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
+        assert_eq!(queued.len(), 1);
+        let snapshot: Snapshot = serde_json::from_slice(&queued[0].event.event.body).unwrap();
+        assert_eq!(snapshot.blueprint, BP);
+        assert!(!status(500, None).is_configuration());
+        assert!(!status(429, None).is_configuration());
+        assert!(status(404, None).is_configuration());
+        drop(writer);
+        thread.join().unwrap();
+    }
+
     /// A catalog that never answers (Port hanging until the call's timeout).
     struct Hanging;
 
@@ -1046,6 +1429,7 @@ mod tests {
             writer.clone(),
             Arc::new(Hanging),
             DEFAULT_INTERVAL,
+            MIN_GAP_SPACING,
             rules_rx,
             Arc::new(Gaps::default()),
             cancel.clone(),

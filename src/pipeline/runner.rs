@@ -577,10 +577,22 @@ fn say_skipped(id: u64, subject: &str, done: &Evaluated) {
         std::time::UNIX_EPOCH + Duration::from_millis(done.at_ms),
     );
     if id > done.event {
+        // The time that wins is Port's time of the change judged, not when it was judged.
+        let winning = done.updated_ms.map_or_else(
+            || format!("judged at {at}"),
+            |ms| {
+                format!(
+                    "of {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(ms)
+                    )
+                )
+            },
+        );
         info!(
             event = id,
             entity,
-            "pipeline: event {id} changes the entity at a time before the change judged at {at} (event {}, or Port's state read by reconciliation); the newer one stands and no alert is sent",
+            "pipeline: event {id} changes the entity at a time before the change {winning} (event {}, or Port's state read by reconciliation); the newer one stands and no alert is sent",
             done.event
         );
     } else if id == done.event {

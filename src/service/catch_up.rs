@@ -4,8 +4,9 @@
 //! One run lists the hook's deliveries since a time, compares their GUIDs with the
 //! `x-github-delivery` headers of the channel's events in the spool, fetches each missing one
 //! (a GUID once, however often GitHub redelivered it) and appends them, oldest first, to the
-//! channel's queues in one transaction that checks the GUIDs again (two runs at once add each
-//! once). Routes of a running relay pick them up as they do `events replay`'s (an idle route
+//! channel's queues in bounded batches, each one transaction that checks the GUIDs again (two
+//! runs at once add each once). A delivery that cannot be fetched is skipped and reported; the
+//! others are recovered in order. Routes of a running relay pick them up as they do `events replay`'s (an idle route
 //! looks at its queue every second), so `smee-relay catch-up` works whether the daemon runs or
 //! not. The daemon runs it itself after every gap of a channel that has a
 //! `[channel.github_catch_up]` block ([`after_gaps`]).
@@ -49,6 +50,29 @@ pub struct Destination {
     pub ignore_events: Vec<String>,
 }
 
+/// At most this many recovered events are held before they are appended: a long outage's
+/// deliveries (each up to 25 MB) go in in bounded batches, in order, not all at once.
+const BATCH_EVENTS: usize = 50;
+
+/// ... and at most this many bytes of bodies.
+const BATCH_BYTES: usize = 64 * 1024 * 1024;
+
+/// What became of one missing delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Not fetched: a dry run, or the run stopped before it.
+    Pending,
+    /// Appended to the spool as this event.
+    Recovered(u64),
+    /// The channel's `ignore_events` skips its event.
+    Ignored,
+    /// Stored meanwhile (another run, or the live channel, added its GUID first).
+    AlreadyThere,
+    /// Could not be fetched (GitHub answered 404 for it, its detail did not decode, ...): the
+    /// reason. The others were recovered all the same.
+    Failed(String),
+}
+
 /// What one run found.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -58,14 +82,36 @@ pub struct Report {
     pub guids: usize,
     /// Missing from the spool, oldest first: recovered, or with a dry run, what would be.
     pub missing: Vec<DeliverySummary>,
+    /// What became of each of `missing` (same order).
+    pub fates: Vec<Fate>,
     /// Event ids given to what was recovered, in order (empty on a dry run).
     pub recovered: Vec<u64>,
     /// Missing ones the channel's `ignore_events` skips.
     pub ignored: usize,
+    /// List entries GitHub gave that could not be read (what was readable of them, and why):
+    /// not compared, not recovered.
+    pub unreadable: Vec<String>,
+}
+
+impl Report {
+    /// How many deliveries could not be recovered (failed details and unreadable list entries).
+    pub fn failures(&self) -> usize {
+        self.unreadable.len()
+            + self
+                .fates
+                .iter()
+                .filter(|f| matches!(f, Fate::Failed(_)))
+                .count()
+    }
 }
 
 /// Recover the deliveries of `client`'s hook since `since_ms` that `to`'s channel does not
 /// have. With `dry_run`, only say which (and `spool` may be `None`: none exists yet).
+///
+/// A delivery that cannot be fetched (a 404 for it, a detail that does not decode, one larger
+/// than GitHub sends) is skipped, warned and reported ([`Fate::Failed`]); the others are
+/// recovered in order. An error that concerns every request (the token refused, the rate limit,
+/// GitHub unreachable) ends the run; what was fetched before it is appended first.
 pub async fn github(
     spool: Option<&Arc<Spool>>,
     client: &mut HookClient,
@@ -73,7 +119,11 @@ pub async fn github(
     since_ms: u64,
     dry_run: bool,
 ) -> Result<Report, CatchUpError> {
-    let listed = client.deliveries(since_ms).await?;
+    let listing = client.deliveries(since_ms).await?;
+    for bad in &listing.unreadable {
+        warn!(channel = %to.channel, "GitHub catch-up: a delivery listed by {} cannot be read and is skipped: {bad}", client.describe());
+    }
+    let listed = listing.deliveries;
     // No spool (a dry run before the relay ever ran): nothing is stored, all is missing.
     let have = match spool {
         Some(spool) => {
@@ -85,6 +135,7 @@ pub async fn github(
     };
     let mut report = Report {
         listed: listed.len(),
+        unreadable: listing.unreadable,
         ..Report::default()
     };
     let mut seen = HashSet::new();
@@ -95,16 +146,60 @@ pub async fn github(
         }
     }
     report.guids = seen.len();
+    report.fates = vec![Fate::Pending; report.missing.len()];
     let Some(spool) = spool.filter(|_| !dry_run && !report.missing.is_empty()) else {
         return Ok(report);
     };
-    let mut events = Vec::with_capacity(report.missing.len());
-    for delivery in &report.missing {
-        match client.event(delivery, &to.ignore_events).await? {
-            Some(event) => events.push(event),
-            None => report.ignored += 1,
+    // Fetched, not yet appended: (index in `missing`, event).
+    let mut batch: Vec<(usize, crate::event::Event)> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut stopped = None;
+    for i in 0..report.missing.len() {
+        let delivery = &report.missing[i];
+        match client.event(delivery, &to.ignore_events).await {
+            Ok(Some(event)) => {
+                batch_bytes += event.body.len();
+                batch.push((i, event));
+            }
+            Ok(None) => {
+                report.ignored += 1;
+                report.fates[i] = Fate::Ignored;
+            }
+            Err(e) if e.concerns_one_delivery() => {
+                let reason = crate::error::chain(&e);
+                warn!(channel = %to.channel, "GitHub catch-up: delivery {} ({}) cannot be recovered and is skipped: {reason}", delivery.guid, delivery.id);
+                report.fates[i] = Fate::Failed(reason);
+            }
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        }
+        if batch.len() >= BATCH_EVENTS || batch_bytes >= BATCH_BYTES {
+            append(spool, to, std::mem::take(&mut batch), &mut report).await?;
+            batch_bytes = 0;
         }
     }
+    append(spool, to, batch, &mut report).await?;
+    metrics::counter!("smee_relay_catch_up_recovered_total", "source" => "github")
+        .increment(report.recovered.len() as u64);
+    match stopped {
+        Some(e) => Err(e.into()),
+        None => Ok(report),
+    }
+}
+
+/// Append one batch (in order; the GUIDs checked again in the same transaction).
+async fn append(
+    spool: &Arc<Spool>,
+    to: &Destination,
+    batch: Vec<(usize, crate::event::Event)>,
+    report: &mut Report,
+) -> Result<(), CatchUpError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let (index, events): (Vec<usize>, Vec<_>) = batch.into_iter().unzip();
     let ids = {
         let (spool, to) = (spool.clone(), to.clone());
         tokio::task::spawn_blocking(move || {
@@ -112,10 +207,16 @@ pub async fn github(
         })
         .await??
     };
-    report.recovered = ids.into_iter().flatten().collect();
-    metrics::counter!("smee_relay_catch_up_recovered_total", "source" => "github")
-        .increment(report.recovered.len() as u64);
-    Ok(report)
+    for (i, id) in index.into_iter().zip(ids) {
+        report.fates[i] = match id {
+            Some(id) => {
+                report.recovered.push(id);
+                Fate::Recovered(id)
+            }
+            None => Fate::AlreadyThere,
+        };
+    }
+    Ok(())
 }
 
 /// The daemon's catch-up for one channel: a run at every change of connections (the channel
@@ -156,6 +257,10 @@ pub async fn after_gaps(
             Ok(report) => {
                 metrics::counter!("smee_relay_catch_up_runs_total", "source" => "github", "outcome" => "ok")
                     .increment(1);
+                if report.failures() > 0 {
+                    warn!(channel = %to.channel, "GitHub catch-up: {} deliveries from {} could not be recovered (see above); run `smee-relay catch-up github` to see which",
+                        report.failures(), client.describe());
+                }
                 if report.recovered.is_empty() {
                     info!(channel = %to.channel, "GitHub catch-up: {} missed nothing ({} deliveries since {})",
                         client.describe(), report.guids, humantime::format_duration(config.since));

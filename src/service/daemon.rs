@@ -975,6 +975,7 @@ impl Runtime {
             self.writer.clone(),
             client,
             plan.interval,
+            gap_spacing(),
             pipeline.rules.subscribe(),
             self.gaps.clone(),
             cancel.clone(),
@@ -1139,4 +1140,14 @@ async fn report_status(
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
+}
+
+/// The least time between two reconciliations asked for by gaps:
+/// `SMEE_RELAY_RECONCILE_GAP_SPACING` (a duration, for tests and a lab Port), else
+/// [`reconcile::MIN_GAP_SPACING`].
+fn gap_spacing() -> Duration {
+    std::env::var("SMEE_RELAY_RECONCILE_GAP_SPACING")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(reconcile::MIN_GAP_SPACING)
 }

@@ -40,6 +40,16 @@ pub const MAX_RATE_WAIT: Duration = Duration::from_secs(15 * 60);
 /// How many times one request is tried when GitHub answers with a rate limit.
 const RATE_LIMITED_ATTEMPTS: u32 = 5;
 
+/// The largest delivery detail read: GitHub caps a payload at 25 MB; headers and JSON escaping
+/// come on top.
+const DETAIL_BODY_MAX: usize = 32 * 1024 * 1024;
+
+/// The largest page of the delivery list read (100 short summaries are a few tens of KB).
+const LIST_BODY_MAX: usize = 4 * 1024 * 1024;
+
+/// More list pages than this (100 deliveries each) is a loop in GitHub's cursor, not a history.
+const MAX_LIST_PAGES: usize = 1000;
+
 /// GitHub's default API (GitHub Enterprise Server: `https://HOST/api/v3`).
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
 
@@ -178,8 +188,34 @@ pub enum GithubError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot read the GitHub API's answer from {url}")]
+    Body {
+        url: String,
+        #[source]
+        source: crate::http::BodyError,
+    },
+    #[error("the GitHub API's delivery list at {url} {why}; run again with a shorter --since")]
+    Paging { url: String, why: String },
     #[error("the GitHub API base URL {0:?} cannot take a path")]
     BadApiUrl(String),
+}
+
+impl GithubError {
+    /// Whether the error is about one delivery (its detail is gone, or unreadable), so the
+    /// others can still be recovered; the others (the token, the rate limit, GitHub down)
+    /// concern every request.
+    pub fn concerns_one_delivery(&self) -> bool {
+        match self {
+            GithubError::Status { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 401 | 403 | 429)
+            }
+            GithubError::Decode { .. } => true,
+            GithubError::Body { source, .. } => {
+                matches!(source, crate::http::BodyError::TooLarge { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One entry of a hook's delivery list.
@@ -259,7 +295,7 @@ impl HookClient {
     /// `…/hooks/{id}/deliveries` with `rest` path segments after it.
     fn url(&self, rest: &[&str]) -> Result<reqwest::Url, GithubError> {
         let mut url = self.config.api_url.clone();
-        let bad = || GithubError::BadApiUrl(self.config.api_url.to_string());
+        let bad = || GithubError::BadApiUrl(shown(&self.config.api_url));
         {
             let mut path = url.path_segments_mut().map_err(|_| bad())?;
             path.pop_if_empty();
@@ -275,23 +311,54 @@ impl HookClient {
 
     /// The hook's deliveries made at `since_ms` or later, oldest first. Stops paging at the
     /// first page that reaches back before `since_ms`.
-    pub async fn deliveries(&mut self, since_ms: u64) -> Result<Vec<DeliverySummary>, GithubError> {
+    /// An entry that does not decode is not fatal: it is in [`Listing::unreadable`].
+    pub async fn deliveries(&mut self, since_ms: u64) -> Result<Listing, GithubError> {
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         let mut cursor: Option<String> = None;
-        loop {
+        let mut cursors = std::collections::HashSet::new();
+        for _ in 0..MAX_LIST_PAGES {
             let mut url = self.url(&[])?;
             url.query_pairs_mut().append_pair("per_page", "100");
             if let Some(cursor) = &cursor {
                 url.query_pairs_mut().append_pair("cursor", cursor);
             }
-            let (headers, body) = self.get(url.clone()).await?;
-            let page: Vec<DeliverySummary> =
+            let (headers, body) =
+                self.get(url.clone(), LIST_BODY_MAX)
+                    .await
+                    .map_err(|e| match e {
+                        // GitHub answers 404, not 403, for a hook the token may not read.
+                        GithubError::Status {
+                            status: 404,
+                            url,
+                            message,
+                        } => GithubError::Status {
+                            status: 404,
+                            url,
+                            message: format!(
+                                "{message}; check the repo/org and hook id, and that the token can \
+                             read the hook (admin:repo_hook / admin:org_hook)"
+                            ),
+                        },
+                        e => e,
+                    })?;
+            let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&body).map_err(|source| GithubError::Decode {
                     url: shown(&url),
                     source,
                 })?;
             let mut reached_since = page.is_empty();
-            for delivery in page {
+            for entry in page {
+                let delivery = match DeliverySummary::deserialize(&entry) {
+                    Ok(delivery) => delivery,
+                    Err(e) => {
+                        unreadable.push(format!(
+                            "list entry (id {}, guid {}): {e}",
+                            entry["id"], entry["guid"]
+                        ));
+                        continue;
+                    }
+                };
                 // A time that does not parse is kept: better compared than lost.
                 if delivery.delivered_ms().is_some_and(|ms| ms < since_ms) {
                     reached_since = true;
@@ -300,16 +367,55 @@ impl HookClient {
                 out.push(delivery);
             }
             cursor = next_cursor(&headers);
-            if reached_since || cursor.is_none() {
-                break;
+            match &cursor {
+                _ if reached_since => return Ok(Listing::new(out, unreadable)),
+                None => return Ok(Listing::new(out, unreadable)),
+                Some(next) if !cursors.insert(next.clone()) => {
+                    return Err(GithubError::Paging {
+                        url: shown(&url),
+                        why: format!("gave the cursor {next:?} twice (a loop)"),
+                    });
+                }
+                Some(_) => {}
             }
         }
+        Err(GithubError::Paging {
+            url: shown(&self.url(&[])?),
+            why: format!("did not end after {MAX_LIST_PAGES} pages"),
+        })
+    }
+}
+
+/// A hook's deliveries since a time.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Oldest first.
+    pub deliveries: Vec<DeliverySummary>,
+    /// Entries that did not decode (what could be read of them, and why): one bad entry does
+    /// not hide the others.
+    pub unreadable: Vec<String>,
+}
+
+impl Listing {
+    fn new(deliveries: Vec<DeliverySummary>, unreadable: Vec<String>) -> Self {
+        Self {
+            deliveries: oldest_first(deliveries),
+            unreadable,
+        }
+    }
+}
+
+/// Deliveries in the order they were sent.
+fn oldest_first(mut out: Vec<DeliverySummary>) -> Vec<DeliverySummary> {
+    {
         // GitHub lists newest first; events go in in the order they were sent. Equal times keep
         // GitHub's order of ids.
         out.sort_by_key(|d| (d.delivered_ms().unwrap_or(0), d.id));
-        Ok(out)
     }
+    out
+}
 
+impl HookClient {
     /// One delivery as the event GitHub posted (see the module header for what differs).
     pub async fn event(
         &mut self,
@@ -317,7 +423,7 @@ impl HookClient {
         ignore_events: &[String],
     ) -> Result<Option<Event>, GithubError> {
         let url = self.url(&[&delivery.id.to_string()])?;
-        let (_, body) = self.get(url.clone()).await?;
+        let (_, body) = self.get(url.clone(), DETAIL_BODY_MAX).await?;
         let detail: DeliveryDetail =
             serde_json::from_slice(&body).map_err(|source| GithubError::Decode {
                 url: shown(&url),
@@ -332,14 +438,20 @@ impl HookClient {
     }
 
     /// GET `url` with the token, obeying rate limits; the headers and body of a 2xx answer.
-    async fn get(&mut self, url: reqwest::Url) -> Result<(HeaderMap, bytes::Bytes), GithubError> {
+    /// A body past `limit` bytes is an error.
+    async fn get(
+        &mut self,
+        url: reqwest::Url,
+        limit: usize,
+    ) -> Result<(HeaderMap, bytes::Bytes), GithubError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.limiter.ready().await?;
-            let request = |e| GithubError::Request {
+            // reqwest's error would show the whole URL (a password in it too): `url` says it.
+            let request = |e: reqwest::Error| GithubError::Request {
                 url: shown(&url),
-                source: e,
+                source: e.without_url(),
             };
             let response = self
                 .http
@@ -353,7 +465,12 @@ impl HookClient {
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let now_s = crate::clock::now_ms() / 1000;
-            let body = response.bytes().await.map_err(request)?;
+            let body = crate::http::read_capped(response, limit)
+                .await
+                .map_err(|source| GithubError::Body {
+                    url: shown(&url),
+                    source,
+                })?;
             if (200..300).contains(&status) {
                 self.limiter.saw(&headers, now_s);
                 return Ok((headers, body));
@@ -368,7 +485,7 @@ impl HookClient {
                 );
                 continue;
             }
-            let message = api_message(&body);
+            let message = without_token(api_message(&body), self.config.token.expose_secret());
             return Err(match status {
                 401 => GithubError::Unauthorized { status, message },
                 _ => GithubError::Status {
@@ -381,11 +498,27 @@ impl HookClient {
     }
 }
 
-/// The URL without its query (no secrets are in it, but cursors are long and say nothing).
+/// The URL for a message: without its query (cursors are long and say nothing) and without
+/// any user or password it carries (`--api-url https://user:pass@ghe/...`: secrets).
 fn shown(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     url.set_query(None);
+    if !url.username().is_empty() || url.password().is_some() {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        return url.to_string().replacen("://", "://[redacted]@", 1);
+    }
     url.to_string()
+}
+
+/// `message` with every occurrence of `token` replaced: GitHub's error messages may quote
+/// what was sent.
+fn without_token(message: String, token: &str) -> String {
+    if token.is_empty() {
+        message
+    } else {
+        message.replace(token, "[redacted token]")
+    }
 }
 
 /// `: <GitHub's message>`, if the answer has one.
@@ -471,9 +604,12 @@ impl RateLimiter {
         }
     }
 
-    /// The next request waits `wait`.
+    /// The next request waits `wait`. GitHub's headers are input: a wait too long for the clock
+    /// (`retry-after: 18446744073709551615`) must not overflow it; beyond the bound it is an
+    /// error in [`Self::ready`] anyway, so the deadline is clamped just past it.
     pub fn wait_for(&mut self, wait: Duration) {
-        self.not_before = Some((Instant::now() + wait, wait));
+        let clamped = wait.min(MAX_RATE_WAIT + Duration::from_secs(1));
+        self.not_before = Some((Instant::now() + clamped, wait));
     }
 }
 
@@ -610,6 +746,37 @@ mod tests {
         assert_eq!(start.elapsed(), MAX_RATE_WAIT);
     }
 
+    /// Regression: an absurd `retry-after` or `x-ratelimit-reset` overflowed `Instant` and
+    /// panicked the catch-up (the daemon's task died silently).
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_rate_limit_wait_is_an_error_not_a_panic() {
+        for wait in [
+            rate_limit_wait(403, &headers(&[("retry-after", "18446744073709551615")]), 5),
+            rate_limit_wait(
+                429,
+                &headers(&[
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "18446744073709551615"),
+                ]),
+                5,
+            ),
+        ] {
+            let mut limiter = RateLimiter::default();
+            limiter.wait_for(wait.unwrap());
+            let e = limiter.ready().await.unwrap_err();
+            assert!(e.to_string().contains("run it again later"), "{e}");
+        }
+        let mut limiter = RateLimiter::default();
+        limiter.saw(
+            &headers(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "18446744073709551615"),
+            ]),
+            5,
+        );
+        assert!(limiter.ready().await.is_err());
+    }
+
     #[test]
     fn the_next_cursor_comes_from_the_link_header() {
         let link = r#"<https://api.github.com/repos/o/r/hooks/1/deliveries?per_page=100&cursor=v1_12>; rel="next", <https://api.github.com/x?cursor=v1_1>; rel="prev""#;
@@ -662,6 +829,35 @@ mod tests {
         let event = recovered_event(form, &summary);
         assert_eq!(&event.body[..], b"payload=%7B%22a%22%3A%22b+c%26d%22%7D");
         assert_eq!(event.header("x-github-delivery"), Some("g-1"));
+    }
+
+    /// Regression: GitHub's error `message` echoing the token, and an API URL with a password,
+    /// were printed verbatim.
+    #[tokio::test]
+    async fn the_token_and_url_passwords_never_reach_an_error() {
+        use axum::routing::get;
+        let app = axum::Router::new().fallback(get(|| async {
+            (
+                http::StatusCode::UNPROCESSABLE_ENTITY,
+                r#"{"message":"token ghp_secret_value is not valid here"}"#,
+            )
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut client = HookClient::new(HookConfig {
+            owner: HookOwner::org("o").unwrap(),
+            hook: 1,
+            api_url: format!("http://user:url-password@{addr}/api")
+                .parse()
+                .unwrap(),
+            token: SecretString::from("ghp_secret_value".to_string()),
+        })
+        .unwrap();
+        let e = crate::error::chain(&client.deliveries(0).await.unwrap_err());
+        assert!(!e.contains("ghp_secret_value"), "{e}");
+        assert!(!e.contains("url-password"), "{e}");
+        assert!(e.contains("422") && e.contains("[redacted token]"), "{e}");
     }
 
     #[test]
