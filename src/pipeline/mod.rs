@@ -452,7 +452,7 @@ fn url_escape(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
@@ -540,7 +540,9 @@ mod tests {
         )
     }
 
-    fn with_rules(extra: &str) -> Pipeline {
+    /// A pipeline with `extra` (TOML `[[rule]]`s) as its rules, unsigned: the tests' one way
+    /// to build one (also used by the runner's and reconciliation's tests).
+    pub(crate) fn with_rules(extra: &str) -> Pipeline {
         let config = crate::config::parse(
             &format!("[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{extra}"),
             "test",

@@ -963,22 +963,7 @@ mod tests {
     }
 
     fn pipeline() -> Pipeline {
-        let config = crate::config::parse(
-            &format!(
-                "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{}",
-                include_str!("../../tests/fixtures/port/rules.toml")
-            ),
-            "test",
-            &|_| None,
-        )
-        .unwrap();
-        Pipeline {
-            rules: config.rules,
-            verifier: None,
-            app_url: "https://app.getport.io".into(),
-            jq: super::super::jq::JqEngine::here(),
-            record_verdicts: false,
-        }
+        super::super::tests::with_rules(include_str!("../../tests/fixtures/port/rules.toml"))
     }
 
     fn entity(id: &str, cpu: u32, updated: &str) -> Value {

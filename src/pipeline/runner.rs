@@ -701,20 +701,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-        let config = crate::config::parse(
-            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
-             [[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n",
-            "test",
-            &|_| None,
-        )
-        .unwrap();
-        let pipeline = Pipeline {
-            rules: config.rules,
-            verifier: None,
-            app_url: "https://app.getport.io".into(),
-            jq: super::super::jq::JqEngine::here(),
-            record_verdicts: false,
-        };
+        let pipeline = super::super::tests::with_rules(
+            "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n",
+        );
         let body = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
@@ -790,20 +779,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-        let config = crate::config::parse(
-            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
-             [[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n",
-            "test",
-            &|_| None,
-        )
-        .unwrap();
-        let unsigned = Pipeline {
-            rules: config.rules,
-            verifier: None,
-            app_url: "https://app.getport.io".into(),
-            jq: super::super::jq::JqEngine::here(),
-            record_verdicts: false,
-        };
+        let unsigned = super::super::tests::with_rules(
+            "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+        );
         let strict = Pipeline {
             verifier: Some(super::super::signature::Verifier::new(
                 "secret".into(),
@@ -873,20 +851,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-        let config = crate::config::parse(
-            "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n\
-             [[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpuUtil\"\nabove = 80\n",
-            "test",
-            &|_| None,
-        )
-        .unwrap();
-        let pipeline = Pipeline {
-            rules: config.rules,
-            verifier: None,
-            app_url: "https://app.getport.io".into(),
-            jq: super::super::jq::JqEngine::here(),
-            record_verdicts: false,
-        };
+        let pipeline = super::super::tests::with_rules(
+            "[[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+        );
         let entity = |cpu: u32, at: &str| {
             serde_json::json!({"identifier": "svc", "blueprint": "DeploymentConfig",
                 "properties": {"cpuUtil": cpu}, "updatedAt": at})
