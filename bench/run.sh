@@ -21,7 +21,9 @@
 # smee-relay binary to measure, e.g. target/dist/smee-relay with BENCH_PROFILE=release for the
 # peers), BENCH_NO_BUILD=1 (use what is built), BENCH_TARGET (the counting target binary),
 # BENCH_WIRE_PROXY=1 (smee.io's wire through bench/smee_wire_proxy.py, for a `serve` without
-# --smee-wire), BENCH_PARTS=1 to also run
+# --smee-wire), BENCH_COMPARE (a second smee-relay binary, e.g. target/release/smee-relay,
+# measured in the same run as the row "smee-relay (BENCH_COMPARE_LABEL)", default label
+# "compare"), BENCH_CLIENTS (which clients, space-separated; default all), BENCH_PARTS=1 to also run
 # the spool and pipeline benches and the HTTP client cost, BENCH_OUT (default BENCHMARKS.md; `-`
 # prints the report instead of writing it).
 # Writes the results to the top of BENCH_OUT (above the line the script keeps as a marker; the
@@ -41,6 +43,7 @@ examples=(--example bench_load --example bench_target --example floor)
 dir=target/$profile
 [ "$profile" = dev ] && dir=target/debug
 relay=${BENCH_RELAY:-$dir/smee-relay}
+compare_name="smee-relay (${BENCH_COMPARE_LABEL:-compare})"
 peers=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$peers"' EXIT
 echo "installing smee-client 5 and pysmee into $peers" >&2
@@ -78,6 +81,8 @@ start_client() { # name channel tag; prints the pid
     # (stdout too: the caller reads this function's output, which must end when it returns)
     smee-relay|"smee-relay (raw)")
       SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$relay" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
+    "$compare_name")
+      SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$BENCH_COMPARE" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
     floor) "$dir/examples/floor" "$channel" "$target/hook" >/dev/null 2>&1 & ;;
     smee-client) "$peers/npm/node_modules/.bin/smee" -u "$channel" -t "$target/hook" >/dev/null 2>&1 & ;;
     pysmee) "$peers/py/bin/pysmee" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
@@ -117,6 +122,7 @@ PY
 # in clock ticks, converted to ms). The server pings every 30 s, as smee.io does.
 run_idle() {
   local names=(smee-relay smee-client pysmee) pids=() before=() name i
+  [ -n "${BENCH_COMPARE:-}" ] && names+=("$compare_name")
   [ -x "$dir/examples/floor" ] && names+=(floor)
   for name in "${names[@]}"; do
     pids+=("$(start_client "$name" "$server/idle-${name//[^a-z]/}-$RANDOM" "idle-${name//[^a-z]/}")")
@@ -144,6 +150,14 @@ for workload in "${workloads[@]}"; do
   [ "$workload" = c ] && clients=(smee-relay floor smee-client)
   [ -x "$dir/examples/floor" ] || clients=("${clients[@]/floor}")
   [ "$workload" != c ] && clients+=("smee-relay (raw)")
+  [ -n "${BENCH_COMPARE:-}" ] && clients=("${clients[0]}" "$compare_name" "${clients[@]:1}")
+  if [ -n "${BENCH_CLIENTS:-}" ]; then
+    wanted=() # keep the order above, only the named ones
+    for client in "${clients[@]}"; do
+      [[ " $BENCH_CLIENTS " == *" $client "* || ( $client == "$compare_name" ) ]] && wanted+=("$client")
+    done
+    clients=("${wanted[@]}")
+  fi
   for client in "${clients[@]}"; do
     [ -n "$client" ] || continue
     rows+=("$(run_client "$client" "$workload")")
