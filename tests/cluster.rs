@@ -439,3 +439,178 @@ async fn nats_restarted_mid_stream_loses_nothing() {
         "only the last before the crash: {all:?}"
     );
 }
+
+/// A pipeline with one rule that fires at once (no `for`) and a Slack webhook.
+fn alerts_config(channel: &str, slack: &str, nats: &str) -> String {
+    format!(
+        r#"
+[[channel]]
+url = "{channel}"
+pipeline = true
+
+[slack]
+webhook_url = "{slack}"
+
+[[rule]]
+name = "cpu-high"
+blueprint = "DeploymentConfig"
+property = "cpuUtil"
+above = 80
+clear_below = 70
+
+[cluster]
+nats_url = "{nats}"
+name = "notify"
+ack_wait = "{ACK_WAIT}"
+"#
+    )
+}
+
+/// The cpu 25 -> 87 change of the fixtures, on entity `n` of its own (`Svc-NN`): one FIRING
+/// each.
+fn firing_frame(n: usize) -> String {
+    let body = support::port_fixture("automation", "02-cpu-25-to-87")
+        .replace("notification-service-prod", &format!("svc-{n:02}"))
+        .replace("Notification Service Production", &format!("Svc-{n:02}"));
+    port_frame(&body)
+}
+
+/// Which entity a Slack message is about (`Svc-NN` in its header).
+fn entity_of(request: &support::Received) -> usize {
+    let header = support::slack_header(request);
+    let at = header.find("Svc-").unwrap_or_else(|| panic!("{header}"));
+    header[at + 4..at + 6].parse().unwrap()
+}
+
+/// The instances that took a delivery of the alert route from the cluster.
+fn alert_deliverers(instances: &[Instance]) -> usize {
+    instances
+        .iter()
+        .filter(|i| {
+            i.logs
+                .find(&["took a delivery from the cluster", "route=alerts"])
+                .is_some()
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_pacing_holds_across_two_instances_and_each_alert_arrives_once_in_order() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let instances = start_cluster(2, &channel, &body, &[]).await;
+
+    const ALERTS: usize = 8;
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    let mut received = Vec::new();
+    for _ in 0..ALERTS {
+        received.push(slack.next().await);
+    }
+    let entities: Vec<usize> = received.iter().map(entity_of).collect();
+    assert_eq!(
+        entities,
+        (0..ALERTS).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    // One message a second per webhook, cluster-wide: the route's next delivery, whichever
+    // instance takes it, starts a pace after the last one started. (A little slack for the
+    // loopback's own jitter between two arrivals.)
+    let gaps: Vec<Duration> = received
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    eprintln!("gaps between Slack messages: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
+        "paced at one a second: {gaps:?}"
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    let deliverers = alert_deliverers(&instances);
+    eprintln!("instances that delivered alerts: {deliverers}");
+    assert_eq!(
+        deliverers, 2,
+        "both instances delivered alerts: the pace held across them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_instance_delivering_an_alert_hands_over_each_alert_once_in_order() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let mut instances = start_cluster(3, &channel, &body, &[]).await;
+
+    const ALERTS: usize = 5;
+    // The first alert is held at Slack: the instance delivering it is mid-delivery.
+    slack.hold();
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    slack.wait_arrived(1).await;
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance holding the alert delivery",
+        || {
+            let found = instances.iter().position(|i| {
+                i.logs
+                    .find(&["took a delivery from the cluster", "route=alerts"])
+                    .is_some()
+            });
+            std::future::ready(found)
+        },
+    )
+    .await;
+    let killed_at = tokio::time::Instant::now();
+    instances[holder].child.start_kill().unwrap();
+    instances[holder].child.wait().await.unwrap();
+    slack.release();
+
+    let mut all = Vec::new();
+    let deadline = tokio::time::Instant::now() + FAILOVER_PATIENCE;
+    while !(0..ALERTS).all(|n| all.contains(&n)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(request) = slack.try_next(left).await else {
+            panic!("not every alert arrived within {FAILOVER_PATIENCE:?}: {all:?}");
+        };
+        all.push(entity_of(&request));
+    }
+    let failover = killed_at.elapsed();
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    while let Some(request) = slack.try_next(Duration::ZERO).await {
+        all.push(entity_of(&request));
+    }
+    eprintln!(
+        "alert failover: {failover:?}, duplicates: {}, arrivals: {all:?}",
+        all.len() - ALERTS
+    );
+    assert!(
+        all.len() <= ALERTS + 1,
+        "at most the alert in flight repeats: {all:?}"
+    );
+    assert_eq!(
+        all.iter().filter(|n| **n != 0).count(),
+        ALERTS - 1,
+        "only alert 0 (in flight at the kill) may repeat: {all:?}"
+    );
+    assert_eq!(
+        first_arrivals(&all),
+        (0..ALERTS).collect::<Vec<_>>(),
+        "in order"
+    );
+    assert!(
+        instances
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != holder)
+            .any(|(_, i)| i
+                .logs
+                .find(&["taking over a delivery another instance did not finish"])
+                .is_some()),
+        "a survivor took the alert in flight over"
+    );
+}

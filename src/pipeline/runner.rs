@@ -104,7 +104,7 @@ pub async fn run(
                 writes.push(state_write(key, state));
                 alerts.push(Alert::to_event(alert));
             }
-            writes.push(alert_append(alerts));
+            writes.push(alert_append(alerts, shared.as_ref().map(|_| revision)));
             if commit(&writer, writes).await {
                 let states = Arc::make_mut(&mut states);
                 for (key, state, alert) in matured {
@@ -292,7 +292,10 @@ pub async fn run(
                         });
                     }
                     if !alerts.is_empty() {
-                        writes.push(alert_append(alerts.iter().map(Alert::to_event).collect()));
+                        writes.push(alert_append(
+                            alerts.iter().map(Alert::to_event).collect(),
+                            shared.as_ref().map(|_| revision),
+                        ));
                     }
                     writes.push(mark(Outcome::Delivered { status: 200 }));
                     (writes, new_states, alerts, true)
@@ -408,8 +411,10 @@ async fn judge_snapshot(
         .map(|(k, s)| state_write(k, s))
         .collect();
     if !outcome.alerts.is_empty() {
+        // Snapshots are judged outside a cluster only (reconciliation is off there).
         writes.push(alert_append(
             outcome.alerts.iter().map(Alert::to_event).collect(),
+            None,
         ));
     }
     let marks: Vec<(String, Evaluated)> = outcome
@@ -653,10 +658,25 @@ fn state_write(key: &str, state: &AlertState) -> Write {
     }
 }
 
-fn alert_append(alerts: Vec<crate::event::Event>) -> Write {
+/// The alerts of one commit, onto the alert route; in a cluster (`cluster_revision`: the
+/// revision of the shared states the compare-and-set moved from) onto the alerts' outbox
+/// instead, which publishes them to the cluster, where whichever instance takes them from the
+/// alert route's consumer delivers them. Each is named by that revision and its place in the
+/// commit: only one compare-and-set moves from a revision, so the name is the alert's
+/// cluster-wide, and the outbox publishing it again (an ack lost, a restart) stores it once.
+fn alert_append(mut alerts: Vec<crate::event::Event>, cluster_revision: Option<u64>) -> Write {
+    let route = match cluster_revision {
+        Some(revision) => {
+            for (n, alert) in alerts.iter_mut().enumerate() {
+                alert.sse_id = Some(format!("alerts@{revision}#{n}"));
+            }
+            crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE))
+        }
+        None => ALERT_ROUTE.into(),
+    };
     Write::Append {
         channel: PIPELINE_ROUTE.into(),
-        routes: vec![ALERT_ROUTE.into()],
+        routes: vec![route],
         events: alerts.into(),
         cursor: None,
     }
