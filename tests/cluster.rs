@@ -614,3 +614,225 @@ async fn kill_9_of_the_instance_delivering_an_alert_hands_over_each_alert_once_i
         "a survivor took the alert in flight over"
     );
 }
+
+/// A Port API with the DeploymentConfig entities a test sets: a token, and the entity listing
+/// (one page).
+#[derive(Clone, Default)]
+struct FakePort {
+    entities: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl FakePort {
+    async fn start(&self) -> String {
+        use axum::routing::{get, post};
+        let entities = self.entities.clone();
+        let router = axum::Router::new()
+            .route(
+                "/v1/auth/access_token",
+                post(|| async {
+                    axum::Json(serde_json::json!({
+                        "ok": true, "accessToken": "tok", "expiresIn": 3600, "tokenType": "Bearer"
+                    }))
+                }),
+            )
+            .route(
+                "/v1/blueprints/{blueprint}/entities",
+                get(move || {
+                    let entities = entities.lock().unwrap().clone();
+                    async move { axum::Json(serde_json::json!({"ok": true, "entities": entities})) }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    /// Entity `id` with this cpuUtil, changed in Port at 10:`minute`.
+    fn set_cpu(&self, id: &str, cpu: u32, minute: u32) {
+        let entity = serde_json::json!({
+            "identifier": id,
+            "title": format!("Service {id}"),
+            "blueprint": "DeploymentConfig",
+            "properties": {"cpuUtil": cpu, "healthStatus": "Healthy"},
+            "relations": {},
+            "updatedAt": format!("2026-11-20T10:{minute:02}:00.000Z"),
+        });
+        let mut entities = self.entities.lock().unwrap();
+        match entities.iter_mut().find(|e| e["identifier"] == id) {
+            Some(old) => *old = entity,
+            None => entities.push(entity),
+        }
+    }
+}
+
+/// How many reconciliation snapshots an instance has judged.
+fn snapshots_judged(instance: &Instance) -> usize {
+    instance
+        .logs
+        .all()
+        .matches("reconciliation of blueprint DeploymentConfig")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_reconciling_the_same_gap_send_each_alert_once() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let port = FakePort::default();
+    let port_url = port.start().await;
+    // Changed in Port while no relay listened: a is over the threshold, b is not.
+    port.set_cpu("a", 95, 1);
+    port.set_cpu("b", 10, 1);
+    let body = format!(
+        r#"{}
+[port]
+client_id = "test-client"
+client_secret = "test-secret"
+api_url = "{port_url}"
+reconcile = "1h"
+"#,
+        alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url)
+    );
+    // Reconnects come seconds apart here; the default spacing (60 s) would only slow the test.
+    let instances = start_cluster(
+        2,
+        &channel,
+        &body,
+        &[("SMEE_RELAY_RECONCILE_GAP_SPACING", "100ms")],
+    )
+    .await;
+    // Both reconcile at start and judge their snapshots against the shared states: one
+    // FIRING.
+    for instance in &instances {
+        support::wait_until(support::PATIENCE, "a snapshot judged", || {
+            snapshots_judged(instance) >= 1
+        })
+        .await;
+    }
+    let headline = slack.next_headline().await;
+    assert!(
+        headline.contains("FIRING") && headline.contains("Service a"),
+        "{headline}"
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+
+    // a recovers in Port while the channel is down; both instances reconnect, both read the
+    // gap, one RESOLVED.
+    port.set_cpu("a", 40, 2);
+    let (connections, judged): (usize, Vec<usize>) = (
+        channel.connections(),
+        instances.iter().map(snapshots_judged).collect(),
+    );
+    channel.close_all();
+    channel.wait_connections(connections + 2).await;
+    for (instance, before) in instances.iter().zip(judged) {
+        support::wait_until(support::PATIENCE, "the gap's snapshot judged", || {
+            snapshots_judged(instance) > before
+        })
+        .await;
+    }
+    let headline = slack.next_headline().await;
+    assert!(
+        headline.contains("RESOLVED") && headline.contains("Service a"),
+        "{headline}"
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    let lost = instances
+        .iter()
+        .filter(|i| {
+            i.logs
+                .find(&["the cluster's alert states changed meanwhile"])
+                .is_some()
+        })
+        .count();
+    eprintln!("instances whose compare-and-set lost at least once: {lost}");
+}
+
+/// A smee frame carrying a Port change signed as Port signs it with `secret` (with Port API
+/// credentials configured, the pipeline checks signatures).
+fn signed_port_frame(body: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    let signature = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    format!(
+        r#"{{"x-port-timestamp":"{timestamp}","x-port-signature":"{signature}","content-type":"application/json","body":{body}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_a_change_another_instance_judged_sends_nothing() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let port = FakePort::default();
+    let port_url = port.start().await;
+    let entity = "notification-service-prod";
+    port.set_cpu(entity, 25, 0);
+    let body = format!(
+        r#"{}
+[port]
+client_id = "test-client"
+client_secret = "test-secret"
+api_url = "{port_url}"
+reconcile = "1h"
+"#,
+        alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url)
+    );
+    let instances = start_cluster(
+        2,
+        &channel,
+        &body,
+        &[("SMEE_RELAY_RECONCILE_GAP_SPACING", "100ms")],
+    )
+    .await;
+    for instance in &instances {
+        support::wait_until(support::PATIENCE, "the start's snapshot judged", || {
+            snapshots_judged(instance) >= 1
+        })
+        .await;
+    }
+    // Live: cpu 25 -> 87 at 10:01 fires, 75 -> 60 at 10:05 resolves (judged by whichever
+    // instance takes each from the pipeline's consumer).
+    for (n, fixture) in ["02-cpu-25-to-87", "06-cpu-75-to-60"].iter().enumerate() {
+        channel.send_webhook(
+            n as u64 + 1,
+            &signed_port_frame(&support::port_fixture("automation", fixture), "test-secret"),
+        );
+    }
+    let headlines = slack.headlines(2).await;
+    assert!(headlines[0].contains("FIRING"), "{headlines:?}");
+    assert!(headlines[1].contains("RESOLVED"), "{headlines:?}");
+    // Port's listing lags: it still says 87 as of 10:01. Both instances reconcile; the
+    // change of 10:05 is newer, whichever instance judged it, so nothing fires again.
+    port.set_cpu(entity, 87, 1);
+    let (connections, judged): (usize, Vec<usize>) = (
+        channel.connections(),
+        instances.iter().map(snapshots_judged).collect(),
+    );
+    channel.close_all();
+    channel.wait_connections(connections + 2).await;
+    for (instance, before) in instances.iter().zip(judged) {
+        support::wait_until(support::PATIENCE, "the gap's snapshot judged", || {
+            snapshots_judged(instance) > before
+        })
+        .await;
+    }
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    let left = instances
+        .iter()
+        .filter(|i| i.logs.find(&["1 left to newer live events"]).is_some())
+        .count();
+    assert_eq!(left, 2, "both left the entity to the newer live change");
+}

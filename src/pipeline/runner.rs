@@ -74,12 +74,17 @@ pub async fn run(
     let mut cursor = 0;
     // In a cluster, the revision of the shared states `states` was read at.
     let mut revision = 0;
+    // In a cluster, per entity, Port's time of the latest change any instance judged (the
+    // shared counterpart of `evaluated`'s `updated_ms`).
+    let mut changed: HashMap<String, u64> = HashMap::new();
     while !cancel.is_cancelled() {
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
         if let Some(shared) = &shared {
             match load_shared(shared).await {
-                Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
+                Some((loaded, at)) => {
+                    (states, changed, revision) = (Arc::new(loaded.states), loaded.changed, at)
+                }
                 None => {
                     wait(&cancel, Duration::from_secs(1)).await;
                     continue;
@@ -92,7 +97,7 @@ pub async fn run(
             && let Some(shared) = &shared
         {
             let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
-            if !store_shared(shared, &states, changes, revision).await {
+            if !store_shared(shared, &states, &changed, changes, [], revision).await {
                 // Another instance moved first (it fires them) or NATS is away: read again.
                 continue;
             }
@@ -148,7 +153,9 @@ pub async fn run(
                 && let Some(shared) = &shared
             {
                 match load_shared(shared).await {
-                    Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
+                    Some((loaded, at)) => {
+                        (states, changed, revision) = (Arc::new(loaded.states), loaded.changed, at)
+                    }
                     None => break,
                 }
             }
@@ -159,6 +166,11 @@ pub async fn run(
                 outcome,
             };
             if reconcile::is_snapshot(&item.event) {
+                let cluster = shared.as_ref().map(|shared| Shared {
+                    state: shared,
+                    changed: &changed,
+                    revision,
+                });
                 if judge_snapshot(
                     &item,
                     &pipeline,
@@ -166,6 +178,7 @@ pub async fn run(
                     &mut evaluated,
                     &writer,
                     clock.now_ms(),
+                    cluster,
                 )
                 .await
                 .is_none()
@@ -185,6 +198,28 @@ pub async fn run(
                     || matches!((changed_ms, done.updated_ms), (Some(now), Some(then)) if now < then))
             {
                 say_skipped(id, key, done);
+                if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
+            // In a cluster, a change older than one another instance judged (or a
+            // reconciliation read) is stale in the same way.
+            if shared.is_some()
+                && let Some(key) = &subject
+                && let (Some(now), Some(then)) = (changed_ms, changed.get(key).copied())
+                && now < then
+            {
+                let entity = key.split('\u{1f}').nth(1).unwrap_or(key);
+                info!(
+                    event = id,
+                    entity,
+                    "pipeline: event {id} changes the entity at a time before the change of {} the cluster judged (or Port's state read by reconciliation); the newer one stands and no alert is sent",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(then)
+                    )
+                );
                 if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
                     break;
                 }
@@ -318,10 +353,25 @@ pub async fn run(
                 });
             }
             // Compare-and-set first: of two instances judging with the same states, one wins
-            // and sends; the other judges again against the winner's states.
+            // and sends; the other judges again against the winner's states. The change's
+            // Port time goes with it, so a reconciliation on any instance knows it.
+            let newer_mark: Vec<(String, u64)> = match (&done, changed_ms) {
+                (Some((key, _)), Some(at)) if changed.get(key).is_none_or(|then| *then < at) => {
+                    vec![(key.clone(), at)]
+                }
+                _ => Vec::new(),
+            };
             if let Some(shared) = &shared
-                && !new_states.is_empty()
-                && !store_shared(shared, &states, new_states.clone(), revision).await
+                && (!new_states.is_empty() || !newer_mark.is_empty())
+                && !store_shared(
+                    shared,
+                    &states,
+                    &changed,
+                    new_states.clone(),
+                    newer_mark.clone(),
+                    revision,
+                )
+                .await
             {
                 break;
             }
@@ -334,6 +384,7 @@ pub async fn run(
                 count_alert(alert);
             }
             Arc::make_mut(&mut states).extend(new_states);
+            changed.extend(newer_mark);
             if let Some((key, done)) = done {
                 evaluated.insert(key, done);
             }
@@ -352,6 +403,7 @@ async fn judge_snapshot(
     evaluated: &mut HashMap<String, Evaluated>,
     writer: &SpoolWriter,
     now: u64,
+    cluster: Option<Shared<'_>>,
 ) -> Option<()> {
     let id = item.event.id;
     let mark = |outcome| Write::Mark {
@@ -375,7 +427,7 @@ async fn judge_snapshot(
             return commit(writer, vec![mark(dead)]).await.then_some(());
         }
     };
-    let seen: HashMap<String, reconcile::Seen> = evaluated
+    let mut seen: HashMap<String, reconcile::Seen> = evaluated
         .iter()
         .map(|(k, e)| {
             (
@@ -387,6 +439,17 @@ async fn judge_snapshot(
             )
         })
         .collect();
+    // In a cluster, the changes other instances judged count too: by Port's time (their
+    // spool ids are theirs, not comparable with this snapshot's).
+    if let Some(cluster) = &cluster {
+        for (key, at) in cluster.changed {
+            let entry = seen.entry(key.clone()).or_insert(reconcile::Seen {
+                event: 0,
+                updated_ms: None,
+            });
+            entry.updated_ms = Some(entry.updated_ms.map_or(*at, |then| then.max(*at)));
+        }
+    }
     let outcome = {
         let (pipeline, states, snapshot) = (pipeline.clone(), states.clone(), snapshot.clone());
         tokio::task::spawn_blocking(move || {
@@ -411,10 +474,9 @@ async fn judge_snapshot(
         .map(|(k, s)| state_write(k, s))
         .collect();
     if !outcome.alerts.is_empty() {
-        // Snapshots are judged outside a cluster only (reconciliation is off there).
         writes.push(alert_append(
             outcome.alerts.iter().map(Alert::to_event).collect(),
-            None,
+            cluster.as_ref().map(|c| c.revision),
         ));
     }
     let marks: Vec<(String, Evaluated)> = outcome
@@ -438,6 +500,30 @@ async fn judge_snapshot(
         });
     }
     writes.push(mark(Outcome::Delivered { status: 200 }));
+    // In a cluster, compare-and-set first, as for a live event: of two instances judging
+    // snapshots of the same gap against the same states, one wins and sends; the other is
+    // judged again (by the caller) against the winner's states, and finds nothing to send.
+    if let Some(cluster) = &cluster {
+        let marks: Vec<(String, u64)> = outcome
+            .seen
+            .iter()
+            .filter_map(|(key, at)| Some((key.clone(), (*at)?)))
+            .filter(|(key, at)| cluster.changed.get(key).is_none_or(|then| then < at))
+            .collect();
+        if (!outcome.states.is_empty() || !marks.is_empty())
+            && !store_shared(
+                cluster.state,
+                states,
+                cluster.changed,
+                outcome.states.clone(),
+                marks,
+                cluster.revision,
+            )
+            .await
+        {
+            return None;
+        }
+    }
     if !commit(writer, writes).await {
         return None;
     }
@@ -482,17 +568,47 @@ fn carries_run(body: &[u8]) -> bool {
         .any(|path| value.pointer(path).is_some_and(|v| v.is_string()))
 }
 
+/// What the cluster's KV holds for the pipeline: one value, changed only with
+/// compare-and-set on its revision.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SharedAlerts {
+    /// The alert states, by rule and entity.
+    states: HashMap<String, AlertState>,
+    /// Per entity, Port's time of the latest change judged (live or by reconciliation), by
+    /// any instance: a change older than it is stale, and a snapshot read before it loses.
+    #[serde(default)]
+    changed: HashMap<String, u64>,
+}
+
+/// The shared value as [`judge_snapshot`] judges against it in a cluster.
+struct Shared<'a> {
+    state: &'a SharedState,
+    /// [`SharedAlerts::changed`] as read.
+    changed: &'a HashMap<String, u64>,
+    /// The revision it was read at.
+    revision: u64,
+}
+
 /// The cluster's alert states and their revision; `None` (logged) if NATS cannot say.
-async fn load_shared(shared: &SharedState) -> Option<(HashMap<String, AlertState>, u64)> {
+async fn load_shared(shared: &SharedState) -> Option<(SharedAlerts, u64)> {
     match shared.load().await {
-        Ok((None, revision)) => Some((HashMap::new(), revision)),
-        Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes) {
-            Ok(states) => Some((states, revision)),
+        Ok((None, revision)) => Some((SharedAlerts::default(), revision)),
+        // The first cluster releases stored the states alone.
+        Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes).or_else(|e| {
+            serde_json::from_slice(&bytes)
+                .map(|states| SharedAlerts {
+                    states,
+                    changed: HashMap::new(),
+                })
+                .map_err(|_| e)
+        }) {
+            Ok(loaded) => Some((loaded, revision)),
             Err(e) => {
                 error!(
                     "the cluster's alert states are not what a relay writes ({e}); starting from OK"
                 );
-                Some((HashMap::new(), revision))
+                Some((SharedAlerts::default(), revision))
             }
         },
         Err(e) => {
@@ -510,17 +626,23 @@ async fn load_shared(shared: &SharedState) -> Option<(HashMap<String, AlertState
 async fn store_shared(
     shared: &SharedState,
     states: &HashMap<String, AlertState>,
+    changed: &HashMap<String, u64>,
     changes: impl IntoIterator<Item = (String, AlertState)>,
+    marks: impl IntoIterator<Item = (String, u64)>,
     revision: u64,
 ) -> bool {
-    let mut next = states.clone();
+    let mut next = SharedAlerts {
+        states: states.clone(),
+        changed: changed.clone(),
+    };
     for (key, state) in changes {
         if state == AlertState::default() {
-            next.remove(&key);
+            next.states.remove(&key);
         } else {
-            next.insert(key, state);
+            next.states.insert(key, state);
         }
     }
+    next.changed.extend(marks);
     let bytes = serde_json::to_vec(&next).expect("states serialise");
     match shared.store(bytes.into(), revision).await {
         Ok(true) => true,

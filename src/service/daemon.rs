@@ -591,18 +591,10 @@ impl Runtime {
         }
 
         // The reconciler's client, if it (re)starts: built now, so a failure refuses the reload.
-        // In a cluster every instance would judge its own snapshot and send its own alerts:
-        // reconciliation does not yet go through the shared alert state, so it stays off there.
-        if plan.reconcile.is_some() && plan.pipeline.is_some() && self.cluster.is_some() {
-            warn!(
-                "Port reconciliation is off in cluster mode (it does not yet use the cluster's \
-                 shared alert state); set [port] reconcile = \"off\" to silence this"
-            );
-        }
-        let reconcile = match plan
-            .reconcile
-            .filter(|_| plan.pipeline.is_some() && self.cluster.is_none())
-        {
+        // In a cluster every instance reconciles; the runner judges each snapshot against the
+        // cluster's alert states with compare-and-set, so a gap two instances both read sends
+        // each alert once.
+        let reconcile = match plan.reconcile.filter(|_| plan.pipeline.is_some()) {
             Some(wanted)
                 if !self.reconciler.as_ref().is_some_and(|r| {
                     r.plan.api.same_as(&wanted.api) && r.plan.interval == wanted.interval
