@@ -362,7 +362,8 @@ pub async fn run(
                 _ => Vec::new(),
             };
             if let Some(shared) = &shared
-                && (!new_states.is_empty() || !newer_mark.is_empty())
+                // Alerts always move the revision: it names them (`alert_append`).
+                && (!new_states.is_empty() || !newer_mark.is_empty() || !alerts.is_empty())
                 && !store_shared(
                     shared,
                     &states,
@@ -510,7 +511,7 @@ async fn judge_snapshot(
             .filter_map(|(key, at)| Some((key.clone(), (*at)?)))
             .filter(|(key, at)| cluster.changed.get(key).is_none_or(|then| then < at))
             .collect();
-        if (!outcome.states.is_empty() || !marks.is_empty())
+        if (!outcome.states.is_empty() || !marks.is_empty() || !outcome.alerts.is_empty())
             && !store_shared(
                 cluster.state,
                 states,
