@@ -16,6 +16,11 @@
 //! delivery is durable (journaled). An instance that dies stops renewing its lease (progress
 //! acks) and another takes the message over after the ack wait.
 //!
+//! What a relay produces (alerts, Port run reports) travels the same way under a key of its
+//! own ([`produced_key`]): a local outbox publishes it, and the alert (reports) route is fed
+//! from its consumer, so whichever instance is alive delivers it. A paced route (Slack) acks
+//! only after its pace wait ([`Cluster::feed_paced`]): the pace holds cluster-wide.
+//!
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
 

@@ -10,6 +10,11 @@
 //! judging it again could only repeat an alert or send a stale one, so it is skipped with an
 //! info line saying so. (Forward routes do redeliver on replay; this is the pipeline only.)
 //!
+//! In a cluster the states are the cluster's (one KV value, with, per entity, Port's time of
+//! the latest change judged): each event, held alert and reconciliation snapshot is judged
+//! against them as they are now and written with compare-and-set before anything is committed
+//! locally; the alerts go to the alerts' outbox, named by the revision that write moved from.
+//!
 //! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
 //! and may take up to its time budget; the async workers (other routes) never wait for it.
 
