@@ -482,6 +482,15 @@ fn entity_of(request: &support::Received) -> usize {
     header[at + 4..at + 6].parse().unwrap()
 }
 
+/// The instance that took a delivery of the alert route from the cluster, if one did.
+fn alert_holder(instances: &[Instance]) -> Option<usize> {
+    instances.iter().position(|i| {
+        i.logs
+            .find(&["took a delivery from the cluster", "route=alerts"])
+            .is_some()
+    })
+}
+
 /// The instances that took a delivery of the alert route from the cluster.
 fn alert_deliverers(instances: &[Instance]) -> usize {
     instances
@@ -835,4 +844,48 @@ reconcile = "1h"
         .filter(|i| i.logs.find(&["1 left to newer live events"]).is_some())
         .count();
     assert_eq!(left, 2, "both left the entity to the newer live change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_mid_pace_does_not_let_the_next_instance_send_early() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let instances = start_cluster(2, &channel, &body, &[]).await;
+
+    const ALERTS: usize = 3;
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    // The instance that sent the first alert is stopped during its pace wait: the route cuts
+    // the wait short, and the ack must wait it out, or the other instance sends at once.
+    slack.wait_arrived(1).await;
+    // Only one alert is in flight cluster-wide: the one instance that took one has it.
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance that took the first alert",
+        || std::future::ready(alert_holder(&instances)),
+    )
+    .await;
+    support::signal(&instances[holder].child, "TERM");
+    let mut received = Vec::new();
+    for _ in 0..ALERTS {
+        received.push(slack.next().await);
+    }
+    let entities: Vec<usize> = received.iter().map(entity_of).collect();
+    assert_eq!(
+        entities,
+        (0..ALERTS).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    let gaps: Vec<Duration> = received
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    eprintln!("gaps across the stop: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
+        "paced across the stop: {gaps:?}"
+    );
 }
