@@ -587,6 +587,18 @@ struct SharedAlerts {
     changed: HashMap<String, u64>,
 }
 
+/// How long the cluster keeps an entity's change time ([`SharedAlerts::changed`]): far longer
+/// than a snapshot or an event waits between Port and its judgement.
+const MARK_HORIZON: Duration = Duration::from_secs(24 * 3600);
+
+/// Drop the change times more than [`MARK_HORIZON`] older than the newest.
+fn prune_marks(changed: &mut HashMap<String, u64>) {
+    if let Some(newest) = changed.values().max().copied() {
+        let horizon = newest.saturating_sub(MARK_HORIZON.as_millis() as u64);
+        changed.retain(|_, at| *at >= horizon);
+    }
+}
+
 /// The shared value as [`judge_snapshot`] judges against it in a cluster.
 struct Shared<'a> {
     state: &'a SharedState,
@@ -649,6 +661,11 @@ async fn store_shared(
         }
     }
     next.changed.extend(marks);
+    // One mark per entity changed would grow the one KV value without end (NATS caps a value
+    // at its max payload, 1 MiB by default); a mark only has to outlive the snapshots and
+    // events in flight when it was written, so those far older than the newest go. (Port's
+    // times against Port's times: the relay's clock plays no part.)
+    prune_marks(&mut next.changed);
     let bytes = serde_json::to_vec(&next).expect("states serialise");
     match shared.store(bytes.into(), revision).await {
         Ok(true) => true,
@@ -833,6 +850,38 @@ mod tests {
     use crate::spool::Limits;
 
     /// Wait (real time, a deadline) until the pipeline route has nothing pending.
+    #[test]
+    fn the_shared_change_times_keep_a_day_behind_the_newest() {
+        let day = MARK_HORIZON.as_millis() as u64;
+        let mut changed: HashMap<String, u64> = [
+            ("old".to_string(), 1_000),
+            ("edge".to_string(), 5_000),
+            ("new".to_string(), 5_000 + day),
+        ]
+        .into();
+        prune_marks(&mut changed);
+        let mut kept: Vec<&str> = changed.keys().map(String::as_str).collect();
+        kept.sort();
+        assert_eq!(kept, ["edge", "new"]);
+    }
+
+    #[test]
+    fn the_shared_value_reads_both_layouts() {
+        let states: HashMap<String, AlertState> =
+            [("cpu\u{1f}a".to_string(), AlertState::default())].into();
+        let state = &serde_json::to_string(&states).unwrap();
+        let legacy: Result<SharedAlerts, _> = serde_json::from_str(state);
+        assert!(
+            legacy.is_err(),
+            "the states alone are not taken for the new layout"
+        );
+        let states: HashMap<String, AlertState> = serde_json::from_str(state).unwrap();
+        let now = format!(r#"{{"states":{state},"changed":{{"x":1}}}}"#);
+        let read: SharedAlerts = serde_json::from_str(&now).unwrap();
+        assert_eq!(read.states, states);
+        assert_eq!(read.changed.get("x"), Some(&1));
+    }
+
     async fn settled(spool: &Spool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {
