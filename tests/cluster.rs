@@ -580,15 +580,18 @@ async fn kill_9_of_the_instance_delivering_an_alert_hands_over_each_alert_once_i
     slack.release();
 
     let mut all = Vec::new();
+    let mut first_after_kill = None;
     let deadline = tokio::time::Instant::now() + FAILOVER_PATIENCE;
     while !(0..ALERTS).all(|n| all.contains(&n)) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(request) = slack.try_next(left).await else {
             panic!("not every alert arrived within {FAILOVER_PATIENCE:?}: {all:?}");
         };
+        first_after_kill.get_or_insert_with(|| killed_at.elapsed());
         all.push(entity_of(&request));
     }
     let failover = killed_at.elapsed();
+    eprintln!("kill -9 -> next Slack message: {first_after_kill:?}");
     slack.assert_quiet(Duration::from_secs(3)).await;
     while let Some(request) = slack.try_next(Duration::ZERO).await {
         all.push(entity_of(&request));
