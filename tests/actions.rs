@@ -1295,3 +1295,96 @@ timeout = "1s"
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cluster mode
+// ---------------------------------------------------------------------------------------------
+
+/// Whether every report of `run` is in the cluster's stream: the last message on the reports'
+/// subject is its terminal status.
+async fn reports_published(nats: &str, cluster: &str, run: &str) -> bool {
+    use sha2::Digest as _;
+    let Ok(client) = async_nats::connect(nats).await else {
+        return false;
+    };
+    let js = async_nats::jetstream::new(client);
+    let Ok(stream) = js.get_stream(format!("SMEE_{cluster}")).await else {
+        return false;
+    };
+    // The subject the relay publishes what it produced for the reports route on.
+    let key = sha2::Sha256::digest(b"produced/port-reports");
+    let subject = format!("smee.{cluster}.ch.{}", hex::encode(&key[..8]));
+    stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .is_ok_and(|m| String::from_utf8_lossy(&m.payload).contains(&format!("finish {run}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_kill_9_of_the_reporting_instance_hands_the_port_reports_over() {
+    let nats = support::nats::NatsServer::start().await;
+    let setup = Setup::new(&format!(
+        "{ALL_FOUR}\n[cluster]\nnats_url = \"{}\"\nname = \"reports\"\nack_wait = \"2s\"\n",
+        nats.url
+    ))
+    .await;
+    handler(&setup.dir, "restart.sh", "");
+    let spawn = |name: &str| {
+        support::spawn_logged(
+            smee_relay()
+                .args(["run", "--config"])
+                .arg(&setup.config)
+                .arg("--state-dir")
+                .arg(setup.dir.join(name))
+                .env("TEST_PORT_SECRET", SECRET)
+                .env("TEST_PORT_CLIENT_ID", CLIENT_ID)
+                .env("RUST_LOG", "info,smee_relay::cluster=debug"),
+        )
+    };
+    // Port is down: the instance that takes the run's first report keeps retrying it.
+    setup.port.with(|s| s.down = true);
+    let (mut a, a_logs) = spawn("state-a");
+    a_logs.wait_for(&["joined the cluster"]).await;
+    setup.channel.wait_connections(1).await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the run executed", || {
+        executions(&setup.dir) == ["r_act01legacy"]
+    })
+    .await;
+    setup
+        .port
+        .wait("two refused attempts", |s| s.refused_while_down >= 2)
+        .await;
+    support::wait_for(PATIENCE, "every report in the stream", || async {
+        reports_published(&nats.url, "reports", "r_act01legacy")
+            .await
+            .then_some(())
+    })
+    .await;
+    a_logs
+        .wait_for(&["took a delivery from the cluster", "route=port"])
+        .await;
+    let (_b, b_logs) = spawn("state-b");
+    b_logs.wait_for(&["joined the cluster"]).await;
+    setup.channel.wait_connections(2).await;
+
+    // The reporting instance dies; Port comes back; the other instance reports, once each.
+    a.start_kill().unwrap();
+    a.wait().await.unwrap();
+    setup.port.with(|s| s.down = false);
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
+    let logs = setup.port.logs("r_act01legacy");
+    assert_eq!(
+        logs.matches("run r_act01legacy of").count(),
+        1,
+        "each log line once: {logs}"
+    );
+    assert_eq!(executions(&setup.dir), ["r_act01legacy"], "run once");
+    assert!(
+        b_logs
+            .find(&["taking over a delivery another instance did not finish"])
+            .is_some(),
+        "the survivor took the report in flight over"
+    );
+}

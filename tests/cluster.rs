@@ -439,3 +439,456 @@ async fn nats_restarted_mid_stream_loses_nothing() {
         "only the last before the crash: {all:?}"
     );
 }
+
+/// A pipeline with one rule that fires at once (no `for`) and a Slack webhook.
+fn alerts_config(channel: &str, slack: &str, nats: &str) -> String {
+    format!(
+        r#"
+[[channel]]
+url = "{channel}"
+pipeline = true
+
+[slack]
+webhook_url = "{slack}"
+
+[[rule]]
+name = "cpu-high"
+blueprint = "DeploymentConfig"
+property = "cpuUtil"
+above = 80
+clear_below = 70
+
+[cluster]
+nats_url = "{nats}"
+name = "notify"
+ack_wait = "{ACK_WAIT}"
+"#
+    )
+}
+
+/// The cpu 25 -> 87 change of the fixtures, on entity `n` of its own (`Svc-NN`): one FIRING
+/// each.
+fn firing_frame(n: usize) -> String {
+    let body = support::port_fixture("automation", "02-cpu-25-to-87")
+        .replace("notification-service-prod", &format!("svc-{n:02}"))
+        .replace("Notification Service Production", &format!("Svc-{n:02}"));
+    port_frame(&body)
+}
+
+/// Which entity a Slack message is about (`Svc-NN` in its header).
+fn entity_of(request: &support::Received) -> usize {
+    let header = support::slack_header(request);
+    let at = header.find("Svc-").unwrap_or_else(|| panic!("{header}"));
+    header[at + 4..at + 6].parse().unwrap()
+}
+
+/// The instance that took a delivery of the alert route from the cluster, if one did.
+fn alert_holder(instances: &[Instance]) -> Option<usize> {
+    instances.iter().position(|i| {
+        i.logs
+            .find(&["took a delivery from the cluster", "route=alerts"])
+            .is_some()
+    })
+}
+
+/// The instances that took a delivery of the alert route from the cluster.
+fn alert_deliverers(instances: &[Instance]) -> usize {
+    instances
+        .iter()
+        .filter(|i| {
+            i.logs
+                .find(&["took a delivery from the cluster", "route=alerts"])
+                .is_some()
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_pacing_holds_across_two_instances_and_each_alert_arrives_once_in_order() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let instances = start_cluster(2, &channel, &body, &[]).await;
+
+    const ALERTS: usize = 8;
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    let mut received = Vec::new();
+    for _ in 0..ALERTS {
+        received.push(slack.next().await);
+    }
+    let entities: Vec<usize> = received.iter().map(entity_of).collect();
+    assert_eq!(
+        entities,
+        (0..ALERTS).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    // One message a second per webhook, cluster-wide: the route's next delivery, whichever
+    // instance takes it, starts a pace after the last one started. (A little slack for the
+    // loopback's own jitter between two arrivals.)
+    let gaps: Vec<Duration> = received
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    eprintln!("gaps between Slack messages: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
+        "paced at one a second: {gaps:?}"
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    let deliverers = alert_deliverers(&instances);
+    eprintln!("instances that delivered alerts: {deliverers}");
+    assert_eq!(
+        deliverers, 2,
+        "both instances delivered alerts: the pace held across them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_instance_delivering_an_alert_hands_over_each_alert_once_in_order() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let mut instances = start_cluster(3, &channel, &body, &[]).await;
+
+    const ALERTS: usize = 5;
+    // The first alert is held at Slack: the instance delivering it is mid-delivery.
+    slack.hold();
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    slack.wait_arrived(1).await;
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance holding the alert delivery",
+        || {
+            let found = instances.iter().position(|i| {
+                i.logs
+                    .find(&["took a delivery from the cluster", "route=alerts"])
+                    .is_some()
+            });
+            std::future::ready(found)
+        },
+    )
+    .await;
+    let killed_at = tokio::time::Instant::now();
+    instances[holder].child.start_kill().unwrap();
+    instances[holder].child.wait().await.unwrap();
+    slack.release();
+
+    let mut all = Vec::new();
+    let mut first_after_kill = None;
+    let deadline = tokio::time::Instant::now() + FAILOVER_PATIENCE;
+    while !(0..ALERTS).all(|n| all.contains(&n)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(request) = slack.try_next(left).await else {
+            panic!("not every alert arrived within {FAILOVER_PATIENCE:?}: {all:?}");
+        };
+        first_after_kill.get_or_insert_with(|| killed_at.elapsed());
+        all.push(entity_of(&request));
+    }
+    let failover = killed_at.elapsed();
+    eprintln!("kill -9 -> next Slack message: {first_after_kill:?}");
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    while let Some(request) = slack.try_next(Duration::ZERO).await {
+        all.push(entity_of(&request));
+    }
+    eprintln!(
+        "alert failover: {failover:?}, duplicates: {}, arrivals: {all:?}",
+        all.len() - ALERTS
+    );
+    assert!(
+        all.len() <= ALERTS + 1,
+        "at most the alert in flight repeats: {all:?}"
+    );
+    assert_eq!(
+        all.iter().filter(|n| **n != 0).count(),
+        ALERTS - 1,
+        "only alert 0 (in flight at the kill) may repeat: {all:?}"
+    );
+    assert_eq!(
+        first_arrivals(&all),
+        (0..ALERTS).collect::<Vec<_>>(),
+        "in order"
+    );
+    assert!(
+        instances
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != holder)
+            .any(|(_, i)| i
+                .logs
+                .find(&["taking over a delivery another instance did not finish"])
+                .is_some()),
+        "a survivor took the alert in flight over"
+    );
+}
+
+/// A Port API with the DeploymentConfig entities a test sets: a token, and the entity listing
+/// (one page).
+#[derive(Clone, Default)]
+struct FakePort {
+    entities: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl FakePort {
+    async fn start(&self) -> String {
+        use axum::routing::{get, post};
+        let entities = self.entities.clone();
+        let router = axum::Router::new()
+            .route(
+                "/v1/auth/access_token",
+                post(|| async {
+                    axum::Json(serde_json::json!({
+                        "ok": true, "accessToken": "tok", "expiresIn": 3600, "tokenType": "Bearer"
+                    }))
+                }),
+            )
+            .route(
+                "/v1/blueprints/{blueprint}/entities",
+                get(move || {
+                    let entities = entities.lock().unwrap().clone();
+                    async move { axum::Json(serde_json::json!({"ok": true, "entities": entities})) }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    /// Entity `id` with this cpuUtil, changed in Port at 10:`minute`.
+    fn set_cpu(&self, id: &str, cpu: u32, minute: u32) {
+        let entity = serde_json::json!({
+            "identifier": id,
+            "title": format!("Service {id}"),
+            "blueprint": "DeploymentConfig",
+            "properties": {"cpuUtil": cpu, "healthStatus": "Healthy"},
+            "relations": {},
+            "updatedAt": format!("2026-11-20T10:{minute:02}:00.000Z"),
+        });
+        let mut entities = self.entities.lock().unwrap();
+        match entities.iter_mut().find(|e| e["identifier"] == id) {
+            Some(old) => *old = entity,
+            None => entities.push(entity),
+        }
+    }
+}
+
+/// How many reconciliation snapshots an instance has judged.
+fn snapshots_judged(instance: &Instance) -> usize {
+    instance
+        .logs
+        .all()
+        .matches("reconciliation of blueprint DeploymentConfig")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_reconciling_the_same_gap_send_each_alert_once() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let port = FakePort::default();
+    let port_url = port.start().await;
+    // Changed in Port while no relay listened: a is over the threshold, b is not.
+    port.set_cpu("a", 95, 1);
+    port.set_cpu("b", 10, 1);
+    let body = format!(
+        r#"{}
+[port]
+client_id = "test-client"
+client_secret = "test-secret"
+api_url = "{port_url}"
+reconcile = "1h"
+"#,
+        alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url)
+    );
+    // Reconnects come seconds apart here; the default spacing (60 s) would only slow the test.
+    let instances = start_cluster(
+        2,
+        &channel,
+        &body,
+        &[("SMEE_RELAY_RECONCILE_GAP_SPACING", "100ms")],
+    )
+    .await;
+    // Both reconcile at start and judge their snapshots against the shared states: one
+    // FIRING.
+    for instance in &instances {
+        support::wait_until(support::PATIENCE, "a snapshot judged", || {
+            snapshots_judged(instance) >= 1
+        })
+        .await;
+    }
+    let headline = slack.next_headline().await;
+    assert!(
+        headline.contains("FIRING") && headline.contains("Service a"),
+        "{headline}"
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+
+    // a recovers in Port while the channel is down; both instances reconnect, both read the
+    // gap, one RESOLVED.
+    port.set_cpu("a", 40, 2);
+    let (connections, judged): (usize, Vec<usize>) = (
+        channel.connections(),
+        instances.iter().map(snapshots_judged).collect(),
+    );
+    channel.close_all();
+    channel.wait_connections(connections + 2).await;
+    for (instance, before) in instances.iter().zip(judged) {
+        support::wait_until(support::PATIENCE, "the gap's snapshot judged", || {
+            snapshots_judged(instance) > before
+        })
+        .await;
+    }
+    let headline = slack.next_headline().await;
+    assert!(
+        headline.contains("RESOLVED") && headline.contains("Service a"),
+        "{headline}"
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    let lost = instances
+        .iter()
+        .filter(|i| {
+            i.logs
+                .find(&["the cluster's alert states changed meanwhile"])
+                .is_some()
+        })
+        .count();
+    eprintln!("instances whose compare-and-set lost at least once: {lost}");
+}
+
+/// A smee frame carrying a Port change signed as Port signs it with `secret` (with Port API
+/// credentials configured, the pipeline checks signatures).
+fn signed_port_frame(body: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    let signature = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    format!(
+        r#"{{"x-port-timestamp":"{timestamp}","x-port-signature":"{signature}","content-type":"application/json","body":{body}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_a_change_another_instance_judged_sends_nothing() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let port = FakePort::default();
+    let port_url = port.start().await;
+    let entity = "notification-service-prod";
+    port.set_cpu(entity, 25, 0);
+    let body = format!(
+        r#"{}
+[port]
+client_id = "test-client"
+client_secret = "test-secret"
+api_url = "{port_url}"
+reconcile = "1h"
+"#,
+        alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url)
+    );
+    let instances = start_cluster(
+        2,
+        &channel,
+        &body,
+        &[("SMEE_RELAY_RECONCILE_GAP_SPACING", "100ms")],
+    )
+    .await;
+    for instance in &instances {
+        support::wait_until(support::PATIENCE, "the start's snapshot judged", || {
+            snapshots_judged(instance) >= 1
+        })
+        .await;
+    }
+    // Live: cpu 25 -> 87 at 10:01 fires, 75 -> 60 at 10:05 resolves (judged by whichever
+    // instance takes each from the pipeline's consumer).
+    for (n, fixture) in ["02-cpu-25-to-87", "06-cpu-75-to-60"].iter().enumerate() {
+        channel.send_webhook(
+            n as u64 + 1,
+            &signed_port_frame(&support::port_fixture("automation", fixture), "test-secret"),
+        );
+    }
+    let headlines = slack.headlines(2).await;
+    assert!(headlines[0].contains("FIRING"), "{headlines:?}");
+    assert!(headlines[1].contains("RESOLVED"), "{headlines:?}");
+    // Port's listing lags: it still says 87 as of 10:01. Both instances reconcile; the
+    // change of 10:05 is newer, whichever instance judged it, so nothing fires again.
+    port.set_cpu(entity, 87, 1);
+    let (connections, judged): (usize, Vec<usize>) = (
+        channel.connections(),
+        instances.iter().map(snapshots_judged).collect(),
+    );
+    channel.close_all();
+    channel.wait_connections(connections + 2).await;
+    for (instance, before) in instances.iter().zip(judged) {
+        support::wait_until(support::PATIENCE, "the gap's snapshot judged", || {
+            snapshots_judged(instance) > before
+        })
+        .await;
+    }
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    let left = instances
+        .iter()
+        .filter(|i| i.logs.find(&["1 left to newer live events"]).is_some())
+        .count();
+    assert_eq!(left, 2, "both left the entity to the newer live change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_mid_pace_does_not_let_the_next_instance_send_early() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let instances = start_cluster(2, &channel, &body, &[]).await;
+
+    const ALERTS: usize = 3;
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    // The instance that sent the first alert is stopped during its pace wait: the route cuts
+    // the wait short, and the ack must wait it out, or the other instance sends at once.
+    slack.wait_arrived(1).await;
+    // Only one alert is in flight cluster-wide: the one instance that took one has it.
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance that took the first alert",
+        || std::future::ready(alert_holder(&instances)),
+    )
+    .await;
+    support::signal(&instances[holder].child, "TERM");
+    let mut received = Vec::new();
+    for _ in 0..ALERTS {
+        received.push(slack.next().await);
+    }
+    let entities: Vec<usize> = received.iter().map(entity_of).collect();
+    assert_eq!(
+        entities,
+        (0..ALERTS).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    let gaps: Vec<Duration> = received
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    eprintln!("gaps across the stop: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
+        "paced across the stop: {gaps:?}"
+    );
+}

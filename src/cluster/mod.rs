@@ -16,6 +16,11 @@
 //! delivery is durable (journaled). An instance that dies stops renewing its lease (progress
 //! acks) and another takes the message over after the ack wait.
 //!
+//! What a relay produces (alerts, Port run reports) travels the same way under a key of its
+//! own ([`produced_key`]): a local outbox publishes it, and the alert (reports) route is fed
+//! from its consumer, so whichever instance is alive delivers it. A paced route (Slack) acks
+//! only after its pace wait ([`Cluster::feed_paced`]): the pace holds cluster-wide.
+//!
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
 
@@ -46,6 +51,29 @@ pub fn outbox_route(channel_key: &str) -> String {
 /// Whether a local spool route is a cluster outbox (never delivered by a consumer).
 pub fn is_outbox(route: &str) -> bool {
     crate::spool::route_name(route) == "nats-outbox"
+}
+
+/// The key under which what this relay produces for route `route` (alerts, Port run reports)
+/// is published: its stream subject and its local outbox derive from it, as a channel's do from
+/// the channel's key. Channel keys are hashes of URLs, so the two never meet.
+pub fn produced_key(route: &str) -> String {
+    format!("produced/{route}")
+}
+
+/// The message id of something produced (an alert, a Port report) that its producer did not
+/// name itself: the local event's id and receive time name it, so the outbox re-publishing it
+/// (an ack lost, a restart) stores it once. Producers that can name what produced it across
+/// instances (the pipeline: the alert-state revision its compare-and-set moved from) put
+/// that name in the event's `sse_id`, and the id is then the frame's own ([`message_id`]).
+pub fn produced_message_id(key: &str, event: &Event, local_id: u64, received_ms: u64) -> String {
+    if event.sse_id.is_some() {
+        return message_id(key, event);
+    }
+    let mut hash = sha2::Sha256::new();
+    hash.update(message_id(key, event).as_bytes());
+    hash.update(local_id.to_be_bytes());
+    hash.update(received_ms.to_be_bytes());
+    hex::encode(hash.finalize())
 }
 
 /// `[cluster]`: where NATS is and how this relay joins it.
@@ -305,7 +333,25 @@ impl Cluster {
         event: &Event,
         received_ms: u64,
     ) -> Result<bool, NatsError> {
-        let id = message_id(channel_key, event);
+        self.publish_as(
+            channel_key,
+            message_id(channel_key, event),
+            channel,
+            event,
+            received_ms,
+        )
+        .await
+    }
+
+    /// Publish under message id `id` (what [`Cluster::publish`] does with the frame's own).
+    pub async fn publish_as(
+        &self,
+        channel_key: &str,
+        id: String,
+        channel: &str,
+        event: &Event,
+        received_ms: u64,
+    ) -> Result<bool, NatsError> {
         let payload = serde_json::to_vec(&Envelope {
             channel: channel.to_string(),
             received_ms,
@@ -379,6 +425,35 @@ impl Cluster {
         cancel: CancellationToken,
         route_done: CancellationToken,
     ) {
+        self.feed_paced(
+            route,
+            subjects,
+            spool,
+            writer,
+            cancel,
+            route_done,
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    /// [`Cluster::feed`] for a route whose sink is paced (Slack: `pace` between two messages).
+    /// With one message in flight cluster-wide and the ack sent only after the local route's
+    /// pace wait, the next delivery of the route, whichever instance takes it, starts at least
+    /// `pace` after this one started. The route cuts its pace wait short when told to stop; the
+    /// ack then waits the pace out here, so a stop (a reload, a shutdown) that hands the route
+    /// to another instance does not hand it over early either.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn feed_paced(
+        self,
+        route: String,
+        subjects: Vec<String>,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        cancel: CancellationToken,
+        route_done: CancellationToken,
+        pace: Duration,
+    ) {
         let label = crate::spool::route_name(&route).to_string();
         let durable = format!("route_{}", short_hash(&route));
         let names = RouteNames {
@@ -440,7 +515,11 @@ impl Cluster {
                     }
                     None => break,
                 };
-                self.handle(&names, message, &spool, &writer, &route_done)
+                let paced = Paced {
+                    pace,
+                    cancel: &cancel,
+                };
+                self.handle(&names, message, &spool, &writer, &route_done, paced)
                     .await;
             }
         }
@@ -454,6 +533,7 @@ impl Cluster {
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
         route_done: &CancellationToken,
+        paced: Paced<'_>,
     ) {
         let RouteNames {
             label,
@@ -562,6 +642,11 @@ impl Cluster {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return;
         }
+        if !paced.pace.is_zero() && paced.cancel.is_cancelled() {
+            // The route skipped its pace wait (told to stop): wait it out before the ack
+            // lets another instance send the next one.
+            tokio::time::sleep(paced.pace).await;
+        }
         if let Some(seq) = stream_seq
             && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
         {
@@ -604,6 +689,14 @@ impl Cluster {
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+}
+
+/// A fed route's pacing: the least time between two of its deliveries, cluster-wide.
+struct Paced<'a> {
+    /// The sink's least interval (zero: not paced).
+    pace: Duration,
+    /// The feed's (and the route's) stop: once it fired, the route no longer paced.
+    cancel: &'a CancellationToken,
 }
 
 /// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.

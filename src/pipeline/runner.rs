@@ -10,6 +10,11 @@
 //! judging it again could only repeat an alert or send a stale one, so it is skipped with an
 //! info line saying so. (Forward routes do redeliver on replay; this is the pipeline only.)
 //!
+//! In a cluster the states are the cluster's (one KV value, with, per entity, Port's time of
+//! the latest change judged): each event, held alert and reconciliation snapshot is judged
+//! against them as they are now and written with compare-and-set before anything is committed
+//! locally; the alerts go to the alerts' outbox, named by the revision that write moved from.
+//!
 //! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
 //! and may take up to its time budget; the async workers (other routes) never wait for it.
 
@@ -74,12 +79,17 @@ pub async fn run(
     let mut cursor = 0;
     // In a cluster, the revision of the shared states `states` was read at.
     let mut revision = 0;
+    // In a cluster, per entity, Port's time of the latest change any instance judged (the
+    // shared counterpart of `evaluated`'s `updated_ms`).
+    let mut changed: HashMap<String, u64> = HashMap::new();
     while !cancel.is_cancelled() {
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
         if let Some(shared) = &shared {
             match load_shared(shared).await {
-                Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
+                Some((loaded, at)) => {
+                    (states, changed, revision) = (Arc::new(loaded.states), loaded.changed, at)
+                }
                 None => {
                     wait(&cancel, Duration::from_secs(1)).await;
                     continue;
@@ -92,7 +102,7 @@ pub async fn run(
             && let Some(shared) = &shared
         {
             let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
-            if !store_shared(shared, &states, changes, revision).await {
+            if !store_shared(shared, &states, &changed, changes, [], revision).await {
                 // Another instance moved first (it fires them) or NATS is away: read again.
                 continue;
             }
@@ -104,7 +114,7 @@ pub async fn run(
                 writes.push(state_write(key, state));
                 alerts.push(Alert::to_event(alert));
             }
-            writes.push(alert_append(alerts));
+            writes.push(alert_append(alerts, shared.as_ref().map(|_| revision)));
             if commit(&writer, writes).await {
                 let states = Arc::make_mut(&mut states);
                 for (key, state, alert) in matured {
@@ -148,7 +158,9 @@ pub async fn run(
                 && let Some(shared) = &shared
             {
                 match load_shared(shared).await {
-                    Some((loaded, at)) => (states, revision) = (Arc::new(loaded), at),
+                    Some((loaded, at)) => {
+                        (states, changed, revision) = (Arc::new(loaded.states), loaded.changed, at)
+                    }
                     None => break,
                 }
             }
@@ -159,6 +171,11 @@ pub async fn run(
                 outcome,
             };
             if reconcile::is_snapshot(&item.event) {
+                let cluster = shared.as_ref().map(|shared| Shared {
+                    state: shared,
+                    changed: &changed,
+                    revision,
+                });
                 if judge_snapshot(
                     &item,
                     &pipeline,
@@ -166,6 +183,7 @@ pub async fn run(
                     &mut evaluated,
                     &writer,
                     clock.now_ms(),
+                    cluster,
                 )
                 .await
                 .is_none()
@@ -185,6 +203,28 @@ pub async fn run(
                     || matches!((changed_ms, done.updated_ms), (Some(now), Some(then)) if now < then))
             {
                 say_skipped(id, key, done);
+                if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
+            // In a cluster, a change older than one another instance judged (or a
+            // reconciliation read) is stale in the same way.
+            if shared.is_some()
+                && let Some(key) = &subject
+                && let (Some(now), Some(then)) = (changed_ms, changed.get(key).copied())
+                && now < then
+            {
+                let entity = key.split('\u{1f}').nth(1).unwrap_or(key);
+                info!(
+                    event = id,
+                    entity,
+                    "pipeline: event {id} changes the entity at a time before the change of {} the cluster judged (or Port's state read by reconciliation); the newer one stands and no alert is sent",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(then)
+                    )
+                );
                 if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
                     break;
                 }
@@ -292,7 +332,10 @@ pub async fn run(
                         });
                     }
                     if !alerts.is_empty() {
-                        writes.push(alert_append(alerts.iter().map(Alert::to_event).collect()));
+                        writes.push(alert_append(
+                            alerts.iter().map(Alert::to_event).collect(),
+                            shared.as_ref().map(|_| revision),
+                        ));
                     }
                     writes.push(mark(Outcome::Delivered { status: 200 }));
                     (writes, new_states, alerts, true)
@@ -315,10 +358,26 @@ pub async fn run(
                 });
             }
             // Compare-and-set first: of two instances judging with the same states, one wins
-            // and sends; the other judges again against the winner's states.
+            // and sends; the other judges again against the winner's states. The change's
+            // Port time goes with it, so a reconciliation on any instance knows it.
+            let newer_mark: Vec<(String, u64)> = match (&done, changed_ms) {
+                (Some((key, _)), Some(at)) if changed.get(key).is_none_or(|then| *then < at) => {
+                    vec![(key.clone(), at)]
+                }
+                _ => Vec::new(),
+            };
             if let Some(shared) = &shared
-                && !new_states.is_empty()
-                && !store_shared(shared, &states, new_states.clone(), revision).await
+                // Alerts always move the revision: it names them (`alert_append`).
+                && (!new_states.is_empty() || !newer_mark.is_empty() || !alerts.is_empty())
+                && !store_shared(
+                    shared,
+                    &states,
+                    &changed,
+                    new_states.clone(),
+                    newer_mark.clone(),
+                    revision,
+                )
+                .await
             {
                 break;
             }
@@ -331,6 +390,7 @@ pub async fn run(
                 count_alert(alert);
             }
             Arc::make_mut(&mut states).extend(new_states);
+            changed.extend(newer_mark);
             if let Some((key, done)) = done {
                 evaluated.insert(key, done);
             }
@@ -349,6 +409,7 @@ async fn judge_snapshot(
     evaluated: &mut HashMap<String, Evaluated>,
     writer: &SpoolWriter,
     now: u64,
+    cluster: Option<Shared<'_>>,
 ) -> Option<()> {
     let id = item.event.id;
     let mark = |outcome| Write::Mark {
@@ -372,7 +433,7 @@ async fn judge_snapshot(
             return commit(writer, vec![mark(dead)]).await.then_some(());
         }
     };
-    let seen: HashMap<String, reconcile::Seen> = evaluated
+    let mut seen: HashMap<String, reconcile::Seen> = evaluated
         .iter()
         .map(|(k, e)| {
             (
@@ -384,6 +445,17 @@ async fn judge_snapshot(
             )
         })
         .collect();
+    // In a cluster, the changes other instances judged count too: by Port's time (their
+    // spool ids are theirs, not comparable with this snapshot's).
+    if let Some(cluster) = &cluster {
+        for (key, at) in cluster.changed {
+            let entry = seen.entry(key.clone()).or_insert(reconcile::Seen {
+                event: 0,
+                updated_ms: None,
+            });
+            entry.updated_ms = Some(entry.updated_ms.map_or(*at, |then| then.max(*at)));
+        }
+    }
     let outcome = {
         let (pipeline, states, snapshot) = (pipeline.clone(), states.clone(), snapshot.clone());
         tokio::task::spawn_blocking(move || {
@@ -410,6 +482,7 @@ async fn judge_snapshot(
     if !outcome.alerts.is_empty() {
         writes.push(alert_append(
             outcome.alerts.iter().map(Alert::to_event).collect(),
+            cluster.as_ref().map(|c| c.revision),
         ));
     }
     let marks: Vec<(String, Evaluated)> = outcome
@@ -433,6 +506,30 @@ async fn judge_snapshot(
         });
     }
     writes.push(mark(Outcome::Delivered { status: 200 }));
+    // In a cluster, compare-and-set first, as for a live event: of two instances judging
+    // snapshots of the same gap against the same states, one wins and sends; the other is
+    // judged again (by the caller) against the winner's states, and finds nothing to send.
+    if let Some(cluster) = &cluster {
+        let marks: Vec<(String, u64)> = outcome
+            .seen
+            .iter()
+            .filter_map(|(key, at)| Some((key.clone(), (*at)?)))
+            .filter(|(key, at)| cluster.changed.get(key).is_none_or(|then| then < at))
+            .collect();
+        if (!outcome.states.is_empty() || !marks.is_empty() || !outcome.alerts.is_empty())
+            && !store_shared(
+                cluster.state,
+                states,
+                cluster.changed,
+                outcome.states.clone(),
+                marks,
+                cluster.revision,
+            )
+            .await
+        {
+            return None;
+        }
+    }
     if !commit(writer, writes).await {
         return None;
     }
@@ -477,17 +574,59 @@ fn carries_run(body: &[u8]) -> bool {
         .any(|path| value.pointer(path).is_some_and(|v| v.is_string()))
 }
 
+/// What the cluster's KV holds for the pipeline: one value, changed only with
+/// compare-and-set on its revision.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SharedAlerts {
+    /// The alert states, by rule and entity.
+    states: HashMap<String, AlertState>,
+    /// Per entity, Port's time of the latest change judged (live or by reconciliation), by
+    /// any instance: a change older than it is stale, and a snapshot read before it loses.
+    #[serde(default)]
+    changed: HashMap<String, u64>,
+}
+
+/// How long the cluster keeps an entity's change time ([`SharedAlerts::changed`]): far longer
+/// than a snapshot or an event waits between Port and its judgement.
+const MARK_HORIZON: Duration = Duration::from_secs(24 * 3600);
+
+/// Drop the change times more than [`MARK_HORIZON`] older than the newest.
+fn prune_marks(changed: &mut HashMap<String, u64>) {
+    if let Some(newest) = changed.values().max().copied() {
+        let horizon = newest.saturating_sub(MARK_HORIZON.as_millis() as u64);
+        changed.retain(|_, at| *at >= horizon);
+    }
+}
+
+/// The shared value as [`judge_snapshot`] judges against it in a cluster.
+struct Shared<'a> {
+    state: &'a SharedState,
+    /// [`SharedAlerts::changed`] as read.
+    changed: &'a HashMap<String, u64>,
+    /// The revision it was read at.
+    revision: u64,
+}
+
 /// The cluster's alert states and their revision; `None` (logged) if NATS cannot say.
-async fn load_shared(shared: &SharedState) -> Option<(HashMap<String, AlertState>, u64)> {
+async fn load_shared(shared: &SharedState) -> Option<(SharedAlerts, u64)> {
     match shared.load().await {
-        Ok((None, revision)) => Some((HashMap::new(), revision)),
-        Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes) {
-            Ok(states) => Some((states, revision)),
+        Ok((None, revision)) => Some((SharedAlerts::default(), revision)),
+        // The first cluster releases stored the states alone.
+        Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes).or_else(|e| {
+            serde_json::from_slice(&bytes)
+                .map(|states| SharedAlerts {
+                    states,
+                    changed: HashMap::new(),
+                })
+                .map_err(|_| e)
+        }) {
+            Ok(loaded) => Some((loaded, revision)),
             Err(e) => {
                 error!(
                     "the cluster's alert states are not what a relay writes ({e}); starting from OK"
                 );
-                Some((HashMap::new(), revision))
+                Some((SharedAlerts::default(), revision))
             }
         },
         Err(e) => {
@@ -505,17 +644,28 @@ async fn load_shared(shared: &SharedState) -> Option<(HashMap<String, AlertState
 async fn store_shared(
     shared: &SharedState,
     states: &HashMap<String, AlertState>,
+    changed: &HashMap<String, u64>,
     changes: impl IntoIterator<Item = (String, AlertState)>,
+    marks: impl IntoIterator<Item = (String, u64)>,
     revision: u64,
 ) -> bool {
-    let mut next = states.clone();
+    let mut next = SharedAlerts {
+        states: states.clone(),
+        changed: changed.clone(),
+    };
     for (key, state) in changes {
         if state == AlertState::default() {
-            next.remove(&key);
+            next.states.remove(&key);
         } else {
-            next.insert(key, state);
+            next.states.insert(key, state);
         }
     }
+    next.changed.extend(marks);
+    // One mark per entity changed would grow the one KV value without end (NATS caps a value
+    // at its max payload, 1 MiB by default); a mark only has to outlive the snapshots and
+    // events in flight when it was written, so those far older than the newest go. (Port's
+    // times against Port's times: the relay's clock plays no part.)
+    prune_marks(&mut next.changed);
     let bytes = serde_json::to_vec(&next).expect("states serialise");
     match shared.store(bytes.into(), revision).await {
         Ok(true) => true,
@@ -653,10 +803,25 @@ fn state_write(key: &str, state: &AlertState) -> Write {
     }
 }
 
-fn alert_append(alerts: Vec<crate::event::Event>) -> Write {
+/// The alerts of one commit, onto the alert route; in a cluster (`cluster_revision`: the
+/// revision of the shared states the compare-and-set moved from) onto the alerts' outbox
+/// instead, which publishes them to the cluster, where whichever instance takes them from the
+/// alert route's consumer delivers them. Each is named by that revision and its place in the
+/// commit: only one compare-and-set moves from a revision, so the name is the alert's
+/// cluster-wide, and the outbox publishing it again (an ack lost, a restart) stores it once.
+fn alert_append(mut alerts: Vec<crate::event::Event>, cluster_revision: Option<u64>) -> Write {
+    let route = match cluster_revision {
+        Some(revision) => {
+            for (n, alert) in alerts.iter_mut().enumerate() {
+                alert.sse_id = Some(format!("alerts@{revision}#{n}"));
+            }
+            crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE))
+        }
+        None => ALERT_ROUTE.into(),
+    };
     Write::Append {
         channel: PIPELINE_ROUTE.into(),
-        routes: vec![ALERT_ROUTE.into()],
+        routes: vec![route],
         events: alerts.into(),
         cursor: None,
     }
@@ -685,6 +850,38 @@ mod tests {
     use crate::spool::Limits;
 
     /// Wait (real time, a deadline) until the pipeline route has nothing pending.
+    #[test]
+    fn the_shared_change_times_keep_a_day_behind_the_newest() {
+        let day = MARK_HORIZON.as_millis() as u64;
+        let mut changed: HashMap<String, u64> = [
+            ("old".to_string(), 1_000),
+            ("edge".to_string(), 5_000),
+            ("new".to_string(), 5_000 + day),
+        ]
+        .into();
+        prune_marks(&mut changed);
+        let mut kept: Vec<&str> = changed.keys().map(String::as_str).collect();
+        kept.sort();
+        assert_eq!(kept, ["edge", "new"]);
+    }
+
+    #[test]
+    fn the_shared_value_reads_both_layouts() {
+        let states: HashMap<String, AlertState> =
+            [("cpu\u{1f}a".to_string(), AlertState::default())].into();
+        let state = &serde_json::to_string(&states).unwrap();
+        let legacy: Result<SharedAlerts, _> = serde_json::from_str(state);
+        assert!(
+            legacy.is_err(),
+            "the states alone are not taken for the new layout"
+        );
+        let states: HashMap<String, AlertState> = serde_json::from_str(state).unwrap();
+        let now = format!(r#"{{"states":{state},"changed":{{"x":1}}}}"#);
+        let read: SharedAlerts = serde_json::from_str(&now).unwrap();
+        assert_eq!(read.states, states);
+        assert_eq!(read.changed.get("x"), Some(&1));
+    }
+
     async fn settled(spool: &Spool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty() {

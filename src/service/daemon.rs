@@ -9,7 +9,9 @@
 //! With `[cluster]` (see [`crate::cluster`]) the intake queues each channel's events on one
 //! local route only, its outbox, whose sink publishes them to NATS; each delivery route (and
 //! the pipeline and actions queues) is fed from its shared NATS consumer instead of the intake.
-//! The alert and Port report routes stay local to the instance that produced them.
+//! What the pipeline and the actions produce (alerts, Port reports) goes the same way: queued
+//! on a local outbox, published, and delivered by whichever instance takes it from the alert
+//! (or reports) route's consumer.
 //!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
 //! config file. Shutdown runs the pipe dry from the front: sources stop, intakes store what they
@@ -374,6 +376,9 @@ struct Publish {
     cluster: Cluster,
     /// The channel's spool key: its subject and its frames' message ids derive from it.
     channel_key: String,
+    /// What this relay produced (alerts, Port reports: [`crate::cluster::produced_key`]),
+    /// not frames every instance receives: named by its producer, or by the local event.
+    produced: bool,
 }
 
 impl Sink for Publish {
@@ -391,9 +396,20 @@ impl Sink for Publish {
     > {
         Box::pin(async move {
             let started = std::time::Instant::now();
-            self.cluster
-                .publish(
+            let id = if self.produced {
+                crate::cluster::produced_message_id(
                     &self.channel_key,
+                    &event.event,
+                    event.id,
+                    event.received_ms,
+                )
+            } else {
+                crate::cluster::message_id(&self.channel_key, &event.event)
+            };
+            self.cluster
+                .publish_as(
+                    &self.channel_key,
+                    id,
                     &event.channel,
                     &event.event,
                     event.received_ms,
@@ -575,18 +591,10 @@ impl Runtime {
         }
 
         // The reconciler's client, if it (re)starts: built now, so a failure refuses the reload.
-        // In a cluster every instance would judge its own snapshot and send its own alerts:
-        // reconciliation does not yet go through the shared alert state, so it stays off there.
-        if plan.reconcile.is_some() && plan.pipeline.is_some() && self.cluster.is_some() {
-            warn!(
-                "Port reconciliation is off in cluster mode (it does not yet use the cluster's \
-                 shared alert state); set [port] reconcile = \"off\" to silence this"
-            );
-        }
-        let reconcile = match plan
-            .reconcile
-            .filter(|_| plan.pipeline.is_some() && self.cluster.is_none())
-        {
+        // In a cluster every instance reconciles; the runner judges each snapshot against the
+        // cluster's alert states with compare-and-set, so a gap two instances both read sends
+        // each alert once.
+        let reconcile = match plan.reconcile.filter(|_| plan.pipeline.is_some()) {
             Some(wanted)
                 if !self.reconciler.as_ref().is_some_and(|r| {
                     r.plan.api.same_as(&wanted.api) && r.plan.interval == wanted.interval
@@ -651,6 +659,8 @@ impl Runtime {
             routes.extend([
                 PIPELINE_ROUTE.to_string(),
                 crate::actions::ACTIONS_ROUTE.to_string(),
+                ALERT_ROUTE.to_string(),
+                reports_delivery_route(),
             ]);
             let spool = self.spool.clone();
             let writer = self.writer.clone();
@@ -731,7 +741,15 @@ impl Runtime {
                         (task, rules, pipeline_lock.clone().expect("taken in step 1"))
                     }
                 };
-                let alerts = self.route(ALERT_ROUTE.to_string(), sink, plan.retry);
+                // In a cluster the runner queues alerts on their outbox; the alert route is
+                // fed from the cluster.
+                let alerts = self.produced_route(
+                    ALERT_ROUTE.to_string(),
+                    crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE)),
+                    ALERT_ROUTE,
+                    sink,
+                    plan.retry,
+                );
                 self.pipeline = Some(PipelineTask {
                     task,
                     rules,
@@ -862,6 +880,7 @@ impl Runtime {
             let sink = Arc::new(Publish {
                 cluster: cluster.clone(),
                 channel_key: channel_key(channel),
+                produced: false,
             });
             handles.push(tokio::spawn(delivery::run_route(
                 self.spool.clone(),
@@ -938,7 +957,18 @@ impl Runtime {
                         (task, config)
                     }
                 };
-                let reports = self.route(REPORT_ROUTE.to_string(), Arc::new(reporter), retry);
+                // In a cluster the runner's report queue is the outbox; the reporter's route
+                // is fed from the cluster.
+                let reports = match &self.cluster {
+                    None => self.route(REPORT_ROUTE.to_string(), Arc::new(reporter), retry),
+                    Some(_) => self.produced_route(
+                        reports_delivery_route(),
+                        REPORT_ROUTE.to_string(),
+                        REPORT_ROUTE,
+                        Arc::new(reporter),
+                        retry,
+                    ),
+                };
                 self.actions = Some(ActionsTask {
                     task,
                     config,
@@ -1008,6 +1038,51 @@ impl Runtime {
         )));
     }
 
+    /// The route delivering what this relay produces (alerts, Port reports) to `sink`. In a
+    /// cluster it is three parts, stopped together: the producer's queue `outbox` published to
+    /// the stream under [`crate::cluster::produced_key`]`(produced)`, the durable consumer
+    /// that feeds local `route` (one in flight cluster-wide, paced as the sink asks), and the
+    /// route delivering it. Outside a cluster, just the route.
+    fn produced_route(
+        &self,
+        route: String,
+        outbox: String,
+        produced: &str,
+        sink: Arc<dyn Sink>,
+        retry: RetryPolicy,
+    ) -> Task {
+        let Some(cluster) = &self.cluster else {
+            return self.route(route, sink, retry);
+        };
+        let key = crate::cluster::produced_key(produced);
+        let pace = sink.min_interval();
+        let mut task = self.route(route.clone(), sink, retry);
+        task.handles.push(tokio::spawn(cluster.clone().feed_paced(
+            route,
+            vec![cluster.subject(&key)],
+            self.spool.clone(),
+            self.writer.clone(),
+            task.cancel.clone(),
+            task.done.clone(),
+            pace,
+        )));
+        let publish = Arc::new(Publish {
+            cluster: cluster.clone(),
+            channel_key: key,
+            produced: true,
+        });
+        task.handles.push(tokio::spawn(delivery::run_route(
+            self.spool.clone(),
+            self.writer.clone(),
+            outbox,
+            publish,
+            outbox_policy(self.shutdown_timeout),
+            self.counters.clone(),
+            task.cancel.clone(),
+        )));
+        task
+    }
+
     /// A channel's subject in the cluster's stream.
     fn subject(&self, channel_key: &str) -> String {
         self.cluster
@@ -1033,6 +1108,16 @@ impl Runtime {
             done,
         }
     }
+}
+
+/// In a cluster, the local route the Port reporter delivers from (fed from the cluster);
+/// the actions runner's own queue, [`crate::actions::REPORT_ROUTE`], is then the reports'
+/// outbox.
+fn reports_delivery_route() -> String {
+    spool::route_key(
+        &crate::cluster::produced_key(crate::actions::REPORT_ROUTE),
+        "port",
+    )
 }
 
 /// What a reload does to the reconciler.

@@ -298,6 +298,8 @@ pub struct Received {
     pub uri: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it reached the server (before any hold or scripted delay): for pacing checks.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -468,6 +470,7 @@ async fn record(
     State(shared): State<Arc<TargetShared>>,
     request: axum::extract::Request,
 ) -> Response {
+    let at = std::time::Instant::now();
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     shared.arrived.fetch_add(1, Ordering::SeqCst);
@@ -489,6 +492,7 @@ async fn record(
         uri: parts.uri.to_string(),
         headers: parts.headers,
         body,
+        at,
     });
     let mut response = StatusCode::from_u16(status.0).unwrap().into_response();
     if let Some(seconds) = status.1 {
