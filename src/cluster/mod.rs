@@ -18,6 +18,12 @@
 //!
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
+//!
+//! What the cluster knows about its events (for `smee-relay events` in cluster mode) is in
+//! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
+//! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
+
+pub mod inspect;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -160,6 +166,9 @@ struct Envelope {
     /// When the publishing instance received it (ms since the epoch).
     received_ms: u64,
     event: Event,
+    /// For a replay (`events replay` in cluster mode): the stream sequence it replays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replay_of: Option<u64>,
 }
 
 /// Live figures for `/metrics`, `/healthz` and STATUS=.
@@ -182,6 +191,9 @@ pub struct Cluster {
     settings: Arc<Settings>,
     kv: kv::Store,
     pub status: Arc<ClusterStatus>,
+    /// Per local route, the cluster delivery it is delivering now and the id targets see for
+    /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
+    in_flight: Arc<Mutex<HashMap<String, (Event, String)>>>,
 }
 
 impl Cluster {
@@ -283,7 +295,21 @@ impl Cluster {
             settings: Arc::new(settings),
             kv,
             status,
+            in_flight: Default::default(),
         })
+    }
+
+    /// The `x-smee-relay-delivery` of the cluster delivery `event` on local `route`, if it is
+    /// one: the cluster's name, the route and the stream sequence, so it is the same on every
+    /// instance (a target can drop the one repeat a failover may make) and new for a replay
+    /// (a new stream sequence).
+    pub fn delivery_id(&self, route: &str, event: &Event) -> Option<String> {
+        let in_flight = self.in_flight.lock().expect("not poisoned");
+        // Compared whole: anything else queued on the route locally keeps its local id.
+        in_flight
+            .get(route)
+            .filter(|(taken, _)| taken == event)
+            .map(|(_, id)| id.clone())
     }
 
     pub fn settings(&self) -> &Settings {
@@ -310,6 +336,7 @@ impl Cluster {
             channel: channel.to_string(),
             received_ms,
             event: event.clone(),
+            replay_of: None,
         })
         .map_err(|e| NatsError(e.into()))?;
         let publish = jetstream::message::PublishMessage::build()
@@ -380,15 +407,20 @@ impl Cluster {
         route_done: CancellationToken,
     ) {
         let label = crate::spool::route_name(&route).to_string();
-        let durable = format!("route_{}", short_hash(&route));
+        let hash = short_hash(&route);
+        let durable = format!("route_{hash}");
         let names = RouteNames {
             label: label.clone(),
             route: route.clone(),
             floor_key: format!("floor.{durable}"),
+            hash: hash.clone(),
         };
+        // The route also reads its own replay subject: `events replay` re-queues there.
+        let mut subjects = subjects;
+        subjects.push(self.replay_subject(&hash));
         let mut said = false;
         while !cancel.is_cancelled() {
-            let consumer = match self.consumer(&durable, &subjects).await {
+            let consumer = match self.consumer(&durable, &label, &subjects).await {
                 Ok(consumer) => consumer,
                 Err(e) => {
                     if !std::mem::replace(&mut said, true) {
@@ -459,6 +491,7 @@ impl Cluster {
             label,
             route,
             floor_key,
+            hash,
         } = names;
         let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
         let stream_seq = message.info().map(|info| info.stream_sequence).ok();
@@ -503,6 +536,51 @@ impl Cluster {
             }
         };
         let mut finished = writer.finished();
+        if let Some(seq) = stream_seq {
+            let id = format!("{}-{hash}-{seq}", self.settings.name);
+            self.in_flight
+                .lock()
+                .expect("not poisoned")
+                .insert(route.to_string(), (envelope.event.clone(), id));
+        }
+        let done = self
+            .deliver_locally(names, &message, envelope, spool, writer, route_done, &mut finished)
+            .await;
+        self.in_flight.lock().expect("not poisoned").remove(route);
+        let Some(id) = done else {
+            return;
+        };
+        // A dead letter is recorded in the cluster before the ack, so that whichever instance
+        // runs `events list` sees it, and `events replay` can re-queue it.
+        if let Some(seq) = stream_seq
+            && let Some(dead) = dead_in_spool(spool, route, id).await
+        {
+            self.record_dead(hash, label, seq, dead).await;
+        }
+        if let Some(seq) = stream_seq
+            && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
+        {
+            warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
+        }
+        if let Err(e) = message.double_ack().await {
+            warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
+        }
+    }
+
+    /// Queue `envelope` on the local route and wait until it is finished there (delivered or
+    /// dead): its local event id. None: not finished here (handed back to the cluster).
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_locally(
+        &self,
+        names: &RouteNames,
+        message: &jetstream::Message,
+        envelope: Envelope,
+        spool: &Arc<Spool>,
+        writer: &SpoolWriter,
+        route_done: &CancellationToken,
+        finished: &mut tokio::sync::broadcast::Receiver<(String, u64)>,
+    ) -> Option<u64> {
+        let (label, route) = (names.label.as_str(), names.route.as_str());
         let write = Write::Append {
             channel: envelope.channel,
             routes: vec![route.to_string()],
@@ -519,7 +597,7 @@ impl Cluster {
                         let _ = message
                             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                             .await;
-                        return;
+                        return None;
                     }
                 },
                 Err(e) => {
@@ -527,7 +605,7 @@ impl Cluster {
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                         .await;
-                    return;
+                    return None;
                 }
             }
         };
@@ -560,21 +638,15 @@ impl Cluster {
             // Another instance takes it now rather than after the ack wait; the local copy is
             // handed back at the next start ([`hand_back`]).
             let _ = message.ack_with(AckKind::Nak(None)).await;
-            return;
+            return None;
         }
-        if let Some(seq) = stream_seq
-            && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
-        {
-            warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
-        }
-        if let Err(e) = message.double_ack().await {
-            warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
-        }
+        Some(id)
     }
 
     async fn consumer(
         &self,
         durable: &str,
+        label: &str,
         subjects: &[String],
     ) -> Result<consumer::PullConsumer, NatsError> {
         let stream = self
@@ -584,6 +656,8 @@ impl Cluster {
             .map_err(|e| NatsError(e.into()))?;
         let mut config = consumer::pull::Config {
             durable_name: Some(durable.to_string()),
+            // What `events list` calls the route (its target as shown, no channel key).
+            description: Some(label.to_string()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.settings.ack_wait,
             max_ack_pending: 1,
@@ -600,6 +674,51 @@ impl Cluster {
             .map_err(|e| NatsError(e.into()))
     }
 
+    /// The subject `events replay` re-queues a route's events on (read by that route only).
+    fn replay_subject(&self, route_hash: &str) -> String {
+        format!("smee.{}.replay.{route_hash}", self.settings.name)
+    }
+
+    /// Record in KV that the route hashed `hash` gave up on stream message `seq`, so that
+    /// every instance lists it and can replay it. Tried a few times: NATS is usually there
+    /// (the message's ack goes the same way right after).
+    async fn record_dead(
+        &self,
+        hash: &str,
+        label: &str,
+        seq: u64,
+        record: crate::spool::DeliveryRecord,
+    ) {
+        let dead = inspect::DeadLetter {
+            route: label.to_string(),
+            route_hash: hash.to_string(),
+            stream_seq: seq,
+            status: record.last_status,
+            error: record.last_error.unwrap_or_default(),
+            attempts: record.attempts,
+            at_ms: crate::clock::now_ms(),
+            replayed_as: None,
+        };
+        let value = Bytes::from(serde_json::to_vec(&dead).expect("a dead letter serialises"));
+        let key = inspect::dead_key(hash, seq);
+        let mut last = None;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            match self.kv.put(&key, value.clone()).await {
+                Ok(_) => {
+                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay --dead` on any instance re-queues it");
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            warn!(route = %label, stream_seq = seq, "cannot record the dead letter in the cluster ({e}); it is only in this instance's spool (`smee-relay events list --local`)");
+        }
+    }
+
     /// Whether the client is connected now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
@@ -614,6 +733,29 @@ struct RouteNames {
     route: String,
     /// The KV key of the last stream sequence delivered on it.
     floor_key: String,
+    /// The route's key hashed: its consumer, replay subject and dead letters are named by it.
+    hash: String,
+}
+
+/// How the local route gave up on `event`, if it did (a dead letter): its record there.
+async fn dead_in_spool(
+    spool: &Arc<Spool>,
+    route: &str,
+    event: u64,
+) -> Option<crate::spool::DeliveryRecord> {
+    let (spool, name) = (spool.clone(), crate::spool::route_name(route).to_string());
+    tokio::task::spawn_blocking(move || {
+        let (_, records) = spool.get(event).ok()?;
+        records
+            .into_iter()
+            .find(|(route, record)| {
+                *route == name && record.status == crate::spool::Status::Dead
+            })
+            .map(|(_, record)| record)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Whether `route` has no delivery of `event` pending in the local spool any more.
