@@ -617,9 +617,7 @@ pub fn load_cluster(
         (Some(_), Some(_)) => Err("give nats_url or nats_url_env, not both".to_string().into()),
         (Some(url), None) => Ok(Some(url.clone())),
         // Not set in this shell is fine when --nats-url gives it; `events` checks that.
-        (None, Some(name)) => Ok(env(name)
-            .filter(|v| !v.is_empty())
-            .map(SecretString::from)),
+        (None, Some(name)) => Ok(env(name).filter(|v| !v.is_empty()).map(SecretString::from)),
         (None, None) => Ok(None),
     };
     let mut problems = Vec::new();

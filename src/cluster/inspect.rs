@@ -248,7 +248,12 @@ impl Cluster {
         let stream = self.js.get_stream(&self.stream_name).await.map_err(nats)?;
         let message = match stream.get_raw_message(seq).await {
             Ok(message) => message,
-            Err(e) if matches!(e.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
                 return Ok(None);
             }
             Err(e) => return Err(nats(e)),

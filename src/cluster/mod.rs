@@ -193,7 +193,7 @@ pub struct Cluster {
     pub status: Arc<ClusterStatus>,
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
-    in_flight: Arc<Mutex<HashMap<String, (Event, String)>>>,
+    in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
 }
 
 impl Cluster {
@@ -308,8 +308,27 @@ impl Cluster {
         // Compared whole: anything else queued on the route locally keeps its local id.
         in_flight
             .get(route)
-            .filter(|(taken, _)| taken == event)
-            .map(|(_, id)| id.clone())
+            .filter(|taken| taken.event == *event)
+            .map(|taken| taken.delivery_id.clone())
+    }
+
+    /// Told by local `route`'s target of each attempt at `event`: `Err` holds the target's
+    /// status, if it answered, and why it failed. A cluster delivery that the route finishes
+    /// after a failed attempt was given up on: [`Cluster::feed`] records it as a dead letter.
+    pub fn attempted(
+        &self,
+        route: &str,
+        event: &Event,
+        outcome: Result<(), (Option<u16>, String)>,
+    ) {
+        let mut in_flight = self.in_flight.lock().expect("not poisoned");
+        if let Some(taken) = in_flight
+            .get_mut(route)
+            .filter(|taken| taken.event == *event)
+        {
+            taken.attempts += 1;
+            taken.failed = outcome.err();
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -537,25 +556,43 @@ impl Cluster {
         };
         let mut finished = writer.finished();
         if let Some(seq) = stream_seq {
-            let id = format!("{}-{hash}-{seq}", self.settings.name);
+            let taken = InFlight {
+                event: envelope.event.clone(),
+                delivery_id: format!("{}-{hash}-{seq}", self.settings.name),
+                attempts: 0,
+                failed: None,
+            };
             self.in_flight
                 .lock()
                 .expect("not poisoned")
-                .insert(route.to_string(), (envelope.event.clone(), id));
+                .insert(route.to_string(), taken);
         }
         let done = self
-            .deliver_locally(names, &message, envelope, spool, writer, route_done, &mut finished)
+            .deliver_locally(
+                names,
+                &message,
+                envelope,
+                spool,
+                writer,
+                route_done,
+                &mut finished,
+            )
             .await;
-        self.in_flight.lock().expect("not poisoned").remove(route);
-        let Some(id) = done else {
+        let taken = self.in_flight.lock().expect("not poisoned").remove(route);
+        if done.is_none() {
             return;
-        };
-        // A dead letter is recorded in the cluster before the ack, so that whichever instance
-        // runs `events list` sees it, and `events replay` can re-queue it.
+        }
+        // Finished after a failed attempt: given up on. Recorded in the cluster before the
+        // ack, so that whichever instance runs `events list` sees it, and any can replay it.
         if let Some(seq) = stream_seq
-            && let Some(dead) = dead_in_spool(spool, route, id).await
+            && let Some(InFlight {
+                attempts,
+                failed: Some((status, error)),
+                ..
+            }) = taken
         {
-            self.record_dead(hash, label, seq, dead).await;
+            self.record_dead(hash, label, seq, status, error, attempts)
+                .await;
         }
         if let Some(seq) = stream_seq
             && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
@@ -687,15 +724,17 @@ impl Cluster {
         hash: &str,
         label: &str,
         seq: u64,
-        record: crate::spool::DeliveryRecord,
+        status: Option<u16>,
+        error: String,
+        attempts: u32,
     ) {
         let dead = inspect::DeadLetter {
             route: label.to_string(),
             route_hash: hash.to_string(),
             stream_seq: seq,
-            status: record.last_status,
-            error: record.last_error.unwrap_or_default(),
-            attempts: record.attempts,
+            status,
+            error,
+            attempts,
             at_ms: crate::clock::now_ms(),
             replayed_as: None,
         };
@@ -725,6 +764,19 @@ impl Cluster {
     }
 }
 
+/// The cluster delivery a local route is delivering now.
+struct InFlight {
+    /// The event, to tell it from anything else on the local queue.
+    event: Event,
+    /// What its target sees in `x-smee-relay-delivery`.
+    delivery_id: String,
+    /// Attempts this instance made at it.
+    attempts: u32,
+    /// How the last attempt failed (the target's status, if it answered, and why); None after
+    /// a success.
+    failed: Option<(Option<u16>, String)>,
+}
+
 /// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.
 struct RouteNames {
     /// The target as shown (no channel key).
@@ -735,27 +787,6 @@ struct RouteNames {
     floor_key: String,
     /// The route's key hashed: its consumer, replay subject and dead letters are named by it.
     hash: String,
-}
-
-/// How the local route gave up on `event`, if it did (a dead letter): its record there.
-async fn dead_in_spool(
-    spool: &Arc<Spool>,
-    route: &str,
-    event: u64,
-) -> Option<crate::spool::DeliveryRecord> {
-    let (spool, name) = (spool.clone(), crate::spool::route_name(route).to_string());
-    tokio::task::spawn_blocking(move || {
-        let (_, records) = spool.get(event).ok()?;
-        records
-            .into_iter()
-            .find(|(route, record)| {
-                *route == name && record.status == crate::spool::Status::Dead
-            })
-            .map(|(_, record)| record)
-    })
-    .await
-    .ok()
-    .flatten()
 }
 
 /// Whether `route` has no delivery of `event` pending in the local spool any more.

@@ -117,9 +117,7 @@ fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::
         Some(path) => {
             let credentials =
                 std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-            crate::config::load_cluster(path, &|name| {
-                super::secret(name, credentials.as_deref())
-            })?
+            crate::config::load_cluster(path, &|name| super::secret(name, credentials.as_deref()))?
         }
         None => None,
     };

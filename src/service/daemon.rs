@@ -410,7 +410,8 @@ impl Sink for Publish {
 
 /// A cluster route's target: each cluster delivery carries the cluster's delivery id
 /// ([`Cluster::delivery_id`]), the same on every instance, so a target can drop the one repeat
-/// a failover may make.
+/// a failover may make; and the cluster hears how each attempt went, to record a dead letter
+/// where every instance sees it.
 struct ClusterDeliveryId {
     inner: Arc<dyn Sink>,
     cluster: Cluster,
@@ -433,9 +434,20 @@ impl Sink for ClusterDeliveryId {
     > {
         Box::pin(async move {
             let id = self.cluster.delivery_id(&self.route, &event.event);
-            self.inner
+            let outcome = self
+                .inner
                 .deliver(event, id.as_deref().unwrap_or(delivery_id))
-                .await
+                .await;
+            // The cluster records a dead letter from the last attempt's failure.
+            self.cluster.attempted(
+                &self.route,
+                &event.event,
+                match &outcome {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err((e.status().map(|s| s.as_u16()), e.to_string())),
+                },
+            );
+            outcome
         })
     }
 
