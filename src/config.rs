@@ -1477,4 +1477,33 @@ above = 80
         assert!(all.contains("[cluster] name \"no spaces\""), "{all}");
         assert!(all.contains("replicas must be 1 to 5"), "{all}");
     }
+
+    #[test]
+    fn events_read_only_the_cluster_table_and_not_the_secrets_the_rest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        // [slack] names a variable this shell does not have: `events` must not care.
+        std::fs::write(
+            &path,
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n\
+             [slack]\nwebhook_url_env = \"NOT_SET_HERE\"\n\
+             [cluster]\nnats_url_env = \"NATS_URL\"\nname = \"prod\"\n",
+        )
+        .unwrap();
+        let env = |name: &str| (name == "NATS_URL").then(|| "nats://10.0.0.1:4222".to_string());
+        let cluster = load_cluster(&path, &env).unwrap().expect("[cluster] read");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.shown_url(), "nats://10.0.0.1:4222");
+        // Unset here: an empty URL, which `events` asks for with --nats-url.
+        let cluster = load_cluster(&path, &no_env).unwrap().unwrap();
+        assert!(cluster.shown_url().is_empty());
+        std::fs::write(&path, "[[channel]]\nurl = \"https://smee.io/abc\"\n").unwrap();
+        assert!(load_cluster(&path, &no_env).unwrap().is_none());
+        std::fs::write(&path, "[cluster]\nname = \"no spaces\"\n").unwrap();
+        let e = load_cluster(&path, &no_env).unwrap_err();
+        assert!(
+            e.problems.join("\n").contains("name \"no spaces\""),
+            "{e:?}"
+        );
+    }
 }
