@@ -44,6 +44,10 @@ use crate::secret::{ExposeSecret as _, SecretString};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
+/// How many messages each pull asks for. One is in flight per route cluster-wide whatever
+/// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.
+const PULL_BATCH: usize = 4;
+
 /// The local spool route a channel's frames wait on until they are published.
 pub fn outbox_route(channel_key: &str) -> String {
     crate::spool::route_key(channel_key, "nats-outbox")
@@ -451,7 +455,10 @@ impl Cluster {
             };
             let messages = consumer
                 .stream()
-                .max_messages_per_batch(1)
+                // More than one, so that a pull request is waiting at the server when this
+                // instance acks: the next message (one in flight at most, `max_ack_pending`)
+                // comes at once, not after one more request's round trip.
+                .max_messages_per_batch(PULL_BATCH)
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(10))
                 .messages()
@@ -594,12 +601,23 @@ impl Cluster {
             self.record_dead(hash, label, seq, status, error, attempts)
                 .await;
         }
-        if let Some(seq) = stream_seq
-            && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
-        {
-            warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
-        }
-        if let Err(e) = message.double_ack().await {
+        let floored = match stream_seq {
+            Some(seq) => match self.kv.put(floor_key, seq.to_string().into()).await {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
+                    false
+                }
+            },
+            None => false,
+        };
+        if floored {
+            // The floor (confirmed) already says it was delivered: an ack NATS loses costs a
+            // redelivery that the floor skips, not a repeat, so the ack is not waited for.
+            if let Err(e) = message.ack().await {
+                warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
+            }
+        } else if let Err(e) = message.double_ack().await {
             warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
         }
     }
