@@ -521,6 +521,9 @@ impl Cluster {
         } = names;
         let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
         let stream_seq = message.info().map(|info| info.stream_sequence).ok();
+        // Where a message's time goes (debug log at the end): the floor read, the local
+        // queue and delivery, and the floor write and ack.
+        let took = std::time::Instant::now();
         // A NATS server that crashed may forget acks it confirmed (consumer state is flushed
         // lazily); the route's floor (the last stream sequence delivered, kept in KV beside
         // the message data) says what was delivered whatever the consumer remembers.
@@ -574,6 +577,7 @@ impl Cluster {
                 .expect("not poisoned")
                 .insert(route.to_string(), taken);
         }
+        let checked = took.elapsed();
         let done = self
             .deliver_locally(
                 names,
@@ -601,6 +605,7 @@ impl Cluster {
             self.record_dead(hash, label, seq, status, error, attempts)
                 .await;
         }
+        let delivered = took.elapsed();
         let floored = match stream_seq {
             Some(seq) => match self.kv.put(floor_key, seq.to_string().into()).await {
                 Ok(_) => true,
@@ -620,6 +625,14 @@ impl Cluster {
         } else if let Err(e) = message.double_ack().await {
             warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
         }
+        tracing::debug!(
+            route = %label,
+            stream_seq,
+            checked_us = checked.as_micros() as u64,
+            delivered_us = (delivered - checked).as_micros() as u64,
+            acked_us = (took.elapsed() - delivered).as_micros() as u64,
+            "cluster delivery done"
+        );
     }
 
     /// Queue `envelope` on the local route and wait until it is finished there (delivered or
