@@ -619,3 +619,28 @@ async fn the_repeat_after_a_kill_9_carries_the_same_delivery_id() {
     distinct.dedup();
     assert_eq!(distinct.len(), EVENTS, "{ids:?}");
 }
+
+#[tokio::test]
+async fn events_for_a_cluster_that_does_not_exist_say_so_and_create_nothing() {
+    let nats = NatsServer::start().await;
+    let dir = support::temp_dir();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--nats-url", &nats.url])
+            .arg("--state-dir")
+            .arg(dir.path()),
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(r#"no cluster "default""#),
+        "{}",
+        out.stderr
+    );
+    // Nothing was created: opening it still fails.
+    let settings = smee_relay::cluster::Settings::new(
+        smee_relay::secret::SecretString::from(nats.url.clone()),
+        "default".into(),
+    );
+    assert!(smee_relay::cluster::Cluster::open(settings).await.is_err());
+}

@@ -490,3 +490,80 @@ impl Cluster {
 fn to_bytes(letter: &DeadLetter) -> Bytes {
     Bytes::from(serde_json::to_vec(letter).expect("a dead letter serialises"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, subject: &str) -> ClusterEvent {
+        ClusterEvent {
+            seq,
+            subject: subject.into(),
+            channel: "https://smee.io/abc…".into(),
+            received_ms: 1,
+            event: Event::default(),
+            replay_of: None,
+        }
+    }
+
+    fn route(
+        label: &str,
+        hash: &str,
+        subjects: &[&str],
+        floor: u64,
+        in_flight: Option<u64>,
+    ) -> Route {
+        Route {
+            label: label.into(),
+            hash: hash.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            floor,
+            in_flight,
+        }
+    }
+
+    #[test]
+    fn each_route_reading_the_subject_says_where_the_event_stands() {
+        let letter = DeadLetter {
+            route: "b".into(),
+            route_hash: "hb".into(),
+            stream_seq: 3,
+            status: Some(400),
+            error: "target answered 400".into(),
+            attempts: 1,
+            at_ms: 1,
+            replayed_as: Some(9),
+        };
+        let view = View {
+            routes: vec![
+                route("a", "ha", &["ch", "replay.ha"], 4, Some(5)),
+                route("b", "hb", &["ch", "replay.hb"], 2, None),
+                route("other", "ho", &["other-ch"], 100, None),
+            ],
+            dead: HashMap::from([(("hb".to_string(), 3), (letter, 7))]),
+        };
+        let states = |seq: u64, subject: &str| -> Vec<(String, State)> {
+            view.rows(&event(seq, subject))
+                .into_iter()
+                .map(|r| (r.route, r.status))
+                .collect()
+        };
+        // At or below the floor: delivered; the one out: in flight; the rest pending. A route
+        // of another channel has no row.
+        assert_eq!(
+            states(3, "ch"),
+            [("a".into(), State::Delivered), ("b".into(), State::Dead)]
+        );
+        assert_eq!(
+            states(5, "ch"),
+            [("a".into(), State::InFlight), ("b".into(), State::Pending)]
+        );
+        // A replay is one route's only.
+        assert_eq!(states(9, "replay.hb"), [("b".into(), State::Pending)]);
+        let dead = &view.rows(&event(3, "ch"))[1];
+        assert_eq!(
+            (dead.last_status, dead.attempts, dead.replayed_as),
+            (Some(400), Some(1), Some(9))
+        );
+    }
+}

@@ -155,6 +155,10 @@ pub enum ClusterError {
     Bucket(String, #[source] async_nats::Error),
     #[error("invalid cluster name {0:?}: use letters, digits, '-' and '_'")]
     Name(String),
+    #[error(
+        "no cluster {0:?} on this NATS ({1} not found): is [cluster] name the relays' name, and have they run?"
+    )]
+    NoCluster(String, String, #[source] async_nats::Error),
 }
 
 /// A JetStream operation that failed (the caller retries).
@@ -204,6 +208,16 @@ impl Cluster {
     /// Connect, and create the stream and the KV bucket if they do not exist. Fails (and the
     /// daemon exits 2) if NATS is unreachable now.
     pub async fn connect(settings: Settings) -> Result<Cluster, ClusterError> {
+        Cluster::join(settings, true).await
+    }
+
+    /// Connect to a cluster that exists (for `smee-relay events`): a mistyped name is an
+    /// error, not a new empty stream.
+    pub async fn open(settings: Settings) -> Result<Cluster, ClusterError> {
+        Cluster::join(settings, false).await
+    }
+
+    async fn join(settings: Settings, create: bool) -> Result<Cluster, ClusterError> {
         if settings.name.is_empty()
             || !settings
                 .name
@@ -266,6 +280,11 @@ impl Cluster {
         status.connected.store(true, Ordering::Relaxed);
         let js = jetstream::new(client.clone());
         let stream_name = format!("SMEE_{}", settings.name);
+        if !create {
+            js.get_stream(&stream_name).await.map_err(|e| {
+                ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
+            })?;
+        }
         js.get_or_create_stream(stream::Config {
             name: stream_name.clone(),
             subjects: vec![format!("smee.{}.>", settings.name)],
@@ -280,6 +299,13 @@ impl Cluster {
         let bucket = format!("smee_{}_alerts", settings.name);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
+            Err(e) if !create => {
+                return Err(ClusterError::NoCluster(
+                    settings.name.clone(),
+                    bucket.clone(),
+                    e.into(),
+                ));
+            }
             Err(_) => js
                 .create_key_value(kv::Config {
                     bucket: bucket.clone(),

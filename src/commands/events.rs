@@ -25,7 +25,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     if !args.local
         && let Some(settings) = cluster_settings(&args)?
     {
-        let cluster = crate::cluster::Cluster::connect(settings).await?;
+        let cluster = crate::cluster::Cluster::open(settings).await?;
         return run_cluster(&cluster, args.command).await;
     }
     let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
