@@ -545,6 +545,89 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     parse(&text, &path.display().to_string(), env)
 }
 
+/// `[cluster]` validated (its URL, if given, already read: `url`); problems go to `problems`.
+fn cluster_settings(
+    c: &ClusterConfig,
+    url: Result<Option<SecretString>, crate::error::Invalid>,
+    origin: &str,
+    problems: &mut Vec<String>,
+) -> crate::cluster::Settings {
+    let url = match url {
+        Ok(url) => url,
+        Err(e) => {
+            problems.push(format!("{origin}: [cluster] {e}"));
+            None
+        }
+    };
+    if c.name.is_empty()
+        || !c
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+    {
+        problems.push(format!(
+            "{origin}: [cluster] name {:?}: use letters, digits, '-' and '_'",
+            c.name
+        ));
+    }
+    if c.ack_wait < Duration::from_millis(500) {
+        problems.push(format!(
+            "{origin}: [cluster] ack_wait must be at least 500ms"
+        ));
+    }
+    // No URL here is fine when --nats-url gives it; `run` checks that.
+    let mut settings = crate::cluster::Settings::new(
+        url.unwrap_or_else(|| SecretString::from(String::new())),
+        c.name.clone(),
+    );
+    settings.credentials = c.credentials_file.clone();
+    settings.ca = c.ca_file.clone();
+    settings.ack_wait = c.ack_wait;
+    settings.health_grace = c.health_grace;
+    settings.dedupe_window = c.dedupe_window;
+    settings.replicas = c.replicas;
+    if !(1..=5).contains(&c.replicas) {
+        problems.push(format!("{origin}: [cluster] replicas must be 1 to 5"));
+    }
+    settings
+}
+
+/// Only `[cluster]` of the config at `path` (for `smee-relay events`, which needs nothing
+/// else: the rest of the file, and the secrets it names, are not read).
+pub fn load_cluster(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<crate::cluster::Settings>, ConfigError> {
+    /// The one table wanted; the others are left unread.
+    #[derive(Deserialize)]
+    struct ClusterOnly {
+        cluster: Option<ClusterConfig>,
+    }
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        problems: vec![format!("{origin}: cannot read: {e}")],
+    })?;
+    let file: ClusterOnly = toml::from_str(&text).map_err(|e| ConfigError {
+        problems: vec![format!("{origin}: {}", e.message())],
+    })?;
+    let Some(c) = file.cluster else {
+        return Ok(None);
+    };
+    let url = match (&c.nats_url, &c.nats_url_env) {
+        (Some(_), Some(_)) => Err("give nats_url or nats_url_env, not both".to_string().into()),
+        (Some(url), None) => Ok(Some(url.clone())),
+        // Not set in this shell is fine when --nats-url gives it; `events` checks that.
+        (None, Some(name)) => Ok(env(name).filter(|v| !v.is_empty()).map(SecretString::from)),
+        (None, None) => Ok(None),
+    };
+    let mut problems = Vec::new();
+    let settings = cluster_settings(&c, url, &origin, &mut problems);
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    Ok(Some(settings))
+}
+
 /// Validate config `text` (from `origin`, for messages).
 pub fn parse(
     text: &str,
@@ -721,49 +804,10 @@ pub fn parse(
             }
         },
     };
-    let cluster = match &file.cluster {
-        None => None,
-        Some(c) => {
-            let url = match secret(&c.nats_url, &c.nats_url_env, "nats_url") {
-                Ok(url) => url,
-                Err(e) => {
-                    problems.push(format!("{origin}: [cluster] {e}"));
-                    None
-                }
-            };
-            if c.name.is_empty()
-                || !c
-                    .name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-            {
-                problems.push(format!(
-                    "{origin}: [cluster] name {:?}: use letters, digits, '-' and '_'",
-                    c.name
-                ));
-            }
-            if c.ack_wait < Duration::from_millis(500) {
-                problems.push(format!(
-                    "{origin}: [cluster] ack_wait must be at least 500ms"
-                ));
-            }
-            // No URL here is fine when --nats-url gives it; `run` checks that.
-            let mut settings = crate::cluster::Settings::new(
-                url.unwrap_or_else(|| SecretString::from(String::new())),
-                c.name.clone(),
-            );
-            settings.credentials = c.credentials_file.clone();
-            settings.ca = c.ca_file.clone();
-            settings.ack_wait = c.ack_wait;
-            settings.health_grace = c.health_grace;
-            settings.dedupe_window = c.dedupe_window;
-            settings.replicas = c.replicas;
-            if !(1..=5).contains(&c.replicas) {
-                problems.push(format!("{origin}: [cluster] replicas must be 1 to 5"));
-            }
-            Some(settings)
-        }
-    };
+    let cluster = file.cluster.as_ref().map(|c| {
+        let url = secret(&c.nats_url, &c.nats_url_env, "nats_url");
+        cluster_settings(c, url, origin, &mut problems)
+    });
     let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(format!("{origin}: [port] app_url: {e}"));
@@ -1432,5 +1476,34 @@ above = 80
         let all = e.problems.join("\n");
         assert!(all.contains("[cluster] name \"no spaces\""), "{all}");
         assert!(all.contains("replicas must be 1 to 5"), "{all}");
+    }
+
+    #[test]
+    fn events_read_only_the_cluster_table_and_not_the_secrets_the_rest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        // [slack] names a variable this shell does not have: `events` must not care.
+        std::fs::write(
+            &path,
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n\
+             [slack]\nwebhook_url_env = \"NOT_SET_HERE\"\n\
+             [cluster]\nnats_url_env = \"NATS_URL\"\nname = \"prod\"\n",
+        )
+        .unwrap();
+        let env = |name: &str| (name == "NATS_URL").then(|| "nats://10.0.0.1:4222".to_string());
+        let cluster = load_cluster(&path, &env).unwrap().expect("[cluster] read");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.shown_url(), "nats://10.0.0.1:4222");
+        // Unset here: an empty URL, which `events` asks for with --nats-url.
+        let cluster = load_cluster(&path, &no_env).unwrap().unwrap();
+        assert!(cluster.shown_url().is_empty());
+        std::fs::write(&path, "[[channel]]\nurl = \"https://smee.io/abc\"\n").unwrap();
+        assert!(load_cluster(&path, &no_env).unwrap().is_none());
+        std::fs::write(&path, "[cluster]\nname = \"no spaces\"\n").unwrap();
+        let e = load_cluster(&path, &no_env).unwrap_err();
+        assert!(
+            e.problems.join("\n").contains("name \"no spaces\""),
+            "{e:?}"
+        );
     }
 }

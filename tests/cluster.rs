@@ -892,3 +892,208 @@ async fn a_stop_mid_pace_does_not_let_the_next_instance_send_early() {
         "paced across the stop: {gaps:?}"
     );
 }
+
+/// `smee-relay events ARGS` as run on `instance`'s machine: its config (with `[cluster]`) and
+/// its state directory.
+async fn events_on(instance: &Instance, args: &[&str]) -> support::Output {
+    let dir = instance._dir.path();
+    let out = support::run_to_end(
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("state")),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "events {args:?}: {}", out.stderr);
+    out
+}
+
+/// `events list --json` on `instance`: the cluster's rows.
+async fn cluster_rows(instance: &Instance) -> Vec<serde_json::Value> {
+    let out = events_on(instance, &["list", "--json"]).await;
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_made_by_one_instance_is_listed_and_replayed_from_another_and_delivered_once()
+{
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(3, &channel, &body, &[]).await;
+
+    // Event 0 is refused for good (400: a dead letter at once), event 1 is delivered.
+    target.answer_with(&[400]);
+    channel.send_webhook(1, &frame(0));
+    channel.send_webhook(2, &frame(1));
+    let seen = take_until_seen(&mut target, 0..2, support::PATIENCE).await;
+    assert_eq!(seen, vec![0, 1]);
+    let gave_up = support::wait_for(support::PATIENCE, "the dead letter recorded", || {
+        std::future::ready(instances.iter().position(|i| {
+            i.logs
+                .find(&["dead letter recorded in the cluster"])
+                .is_some()
+        }))
+    })
+    .await;
+    let other = &instances[(gave_up + 1) % instances.len()];
+    let third = &instances[(gave_up + 2) % instances.len()];
+
+    // Another instance lists it: the cluster's view, not its own spool.
+    let rows = support::wait_for(support::PATIENCE, "both rows settled", || async {
+        let rows = cluster_rows(other).await;
+        let settled = rows.len() == 2 && rows[1]["status"] == "delivered";
+        settled.then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0]["status"], "dead", "{rows:?}");
+    assert_eq!(rows[0]["last_status"], 400, "{rows:?}");
+    assert_eq!(rows[0]["route"], target.url("/hook"), "{rows:?}");
+    let dead_id = rows[0]["id"].as_u64().unwrap();
+    let table = events_on(other, &["list"]).await.stdout;
+    eprintln!("{table}");
+    assert!(
+        table.contains("dead") && table.contains("delivered"),
+        "{table}"
+    );
+    let shown = events_on(other, &["show", &dead_id.to_string()])
+        .await
+        .stdout;
+    assert!(shown.contains("dead"), "{shown}");
+    assert!(shown.contains(r#"{"n":0}"#), "{shown}");
+    let dead_only = events_on(third, &["list", "--status", "dead", "--json"]).await;
+    let dead_only: Vec<serde_json::Value> = serde_json::from_str(&dead_only.stdout).unwrap();
+    assert_eq!(dead_only.len(), 1, "{dead_only:?}");
+
+    // Replayed from another instance: delivered once, by whichever instance takes it.
+    let out = events_on(other, &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    let again = target.next().await;
+    assert_eq!(n_of(&again.body), 0);
+    target.assert_quiet(Duration::from_secs(3)).await;
+    // A second replay of the dead letters finds none left.
+    let out = events_on(third, &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 0 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    target.assert_quiet(Duration::from_secs(1)).await;
+
+    // Every instance now sees the dead letter replayed, and its replay delivered.
+    let rows = support::wait_for(support::PATIENCE, "the replay delivered", || async {
+        let rows = cluster_rows(third).await;
+        let settled = rows.len() == 3 && rows[2]["status"] == "delivered";
+        settled.then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0]["status"], "dead");
+    let replay_id = rows[2]["id"].as_u64().unwrap();
+    assert_eq!(rows[0]["replayed_as"], replay_id, "{rows:?}");
+    assert_eq!(rows[2]["replay_of"], dead_id, "{rows:?}");
+    // The local view is still there.
+    let local = events_on(&instances[gave_up], &["list", "--local", "--json"]).await;
+    let local: Vec<serde_json::Value> = serde_json::from_str(&local.stdout).unwrap();
+    assert!(local.iter().any(|r| r["status"] == "dead"), "{local:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repeat_after_a_kill_9_carries_the_same_delivery_id() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let mut instances = start_cluster(2, &channel, &body, &[]).await;
+
+    const EVENTS: usize = 3;
+    target.hold();
+    for n in 0..EVENTS {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    target.wait_arrived(1).await;
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance holding the delivery",
+        || {
+            let found = instances.iter().position(|i| {
+                i.logs
+                    .find(&["took a delivery from the cluster", "stream_seq=1"])
+                    .is_some()
+            });
+            std::future::ready(found)
+        },
+    )
+    .await;
+    instances[holder].child.start_kill().unwrap();
+    instances[holder].child.wait().await.unwrap();
+    target.release();
+
+    // The survivor repeats the held delivery, then delivers the rest.
+    take_until_seen(&mut target, 0..EVENTS, FAILOVER_PATIENCE).await;
+    target.assert_quiet(Duration::from_secs(3)).await;
+    // Every request that reached the target, the one the killed instance never heard back
+    // about included.
+    let requests = target.arrivals();
+    let ids: Vec<(usize, String)> = requests
+        .iter()
+        .map(|r| {
+            let id = r.header("x-smee-relay-delivery").expect("a delivery id");
+            (n_of(&r.body), id.to_string())
+        })
+        .collect();
+    eprintln!("arrivals: {ids:?}");
+    let of = |n: usize| -> Vec<&String> {
+        ids.iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, id)| id)
+            .collect()
+    };
+    let first = of(0);
+    assert_eq!(first.len(), 2, "the held delivery and its repeat: {ids:?}");
+    assert_eq!(
+        first[0], first[1],
+        "the repeat carries the same id: {ids:?}"
+    );
+    assert!(
+        first[0].starts_with("test-"),
+        "named after the cluster: {ids:?}"
+    );
+    // Each event has its own.
+    let mut distinct: Vec<&String> = ids.iter().map(|(_, id)| id).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), EVENTS, "{ids:?}");
+}
+
+#[tokio::test]
+async fn events_for_a_cluster_that_does_not_exist_say_so_and_create_nothing() {
+    let nats = NatsServer::start().await;
+    let dir = support::temp_dir();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--nats-url", &nats.url])
+            .arg("--state-dir")
+            .arg(dir.path()),
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(r#"no cluster "default""#),
+        "{}",
+        out.stderr
+    );
+    // Nothing was created: opening it still fails.
+    let settings = smee_relay::cluster::Settings::new(
+        smee_relay::secret::SecretString::from(nats.url.clone()),
+        "default".into(),
+    );
+    assert!(smee_relay::cluster::Cluster::open(settings).await.is_err());
+}

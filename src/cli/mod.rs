@@ -229,6 +229,20 @@ pub struct EventsArgs {
     #[command(flatten)]
     pub state: StateDirArg,
 
+    /// The relay's config: with `[cluster]` in it, the events are the cluster's (from NATS:
+    /// every frame once, ids are stream sequences), not this machine's spool. Only
+    /// `[cluster]` is read.
+    #[arg(long, env = "SMEE_RELAY_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+
+    /// The cluster's NATS (cluster mode, as `run --nats-url`); wins over the config's URL.
+    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg, global = true)]
+    pub nats_url: Option<crate::secret::SecretString>,
+
+    /// This machine's spool, even in cluster mode (the deliveries this instance made).
+    #[arg(long, global = true)]
+    pub local: bool,
+
     #[command(subcommand)]
     pub command: EventsCommand,
 }

@@ -23,6 +23,12 @@
 //!
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
+//!
+//! What the cluster knows about its events (for `smee-relay events` in cluster mode) is in
+//! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
+//! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
+
+pub mod inspect;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,6 +48,10 @@ use crate::event::Event;
 use crate::secret::{ExposeSecret as _, SecretString};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
+
+/// How many messages each pull asks for. One is in flight per route cluster-wide whatever
+/// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.
+const PULL_BATCH: usize = 4;
 
 /// The local spool route a channel's frames wait on until they are published.
 pub fn outbox_route(channel_key: &str) -> String {
@@ -173,6 +183,10 @@ pub enum ClusterError {
     Bucket(String, #[source] async_nats::Error),
     #[error("invalid cluster name {0:?}: use letters, digits, '-' and '_'")]
     Name(String),
+    #[error(
+        "no cluster {0:?} on this NATS ({1} not found): is [cluster] name the relays' name, and have they run?"
+    )]
+    NoCluster(String, String, #[source] async_nats::Error),
 }
 
 /// A JetStream operation that failed (the caller retries).
@@ -188,6 +202,9 @@ struct Envelope {
     /// When the publishing instance received it (ms since the epoch).
     received_ms: u64,
     event: Event,
+    /// For a replay (`events replay` in cluster mode): the stream sequence it replays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replay_of: Option<u64>,
 }
 
 /// Live figures for `/metrics`, `/healthz` and STATUS=.
@@ -210,12 +227,25 @@ pub struct Cluster {
     settings: Arc<Settings>,
     kv: kv::Store,
     pub status: Arc<ClusterStatus>,
+    /// Per local route, the cluster delivery it is delivering now and the id targets see for
+    /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
+    in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
 }
 
 impl Cluster {
     /// Connect, and create the stream and the KV bucket if they do not exist. Fails (and the
     /// daemon exits 2) if NATS is unreachable now.
     pub async fn connect(settings: Settings) -> Result<Cluster, ClusterError> {
+        Cluster::join(settings, true).await
+    }
+
+    /// Connect to a cluster that exists (for `smee-relay events`): a mistyped name is an
+    /// error, not a new empty stream.
+    pub async fn open(settings: Settings) -> Result<Cluster, ClusterError> {
+        Cluster::join(settings, false).await
+    }
+
+    async fn join(settings: Settings, create: bool) -> Result<Cluster, ClusterError> {
         if settings.name.is_empty()
             || !settings
                 .name
@@ -278,6 +308,11 @@ impl Cluster {
         status.connected.store(true, Ordering::Relaxed);
         let js = jetstream::new(client.clone());
         let stream_name = format!("SMEE_{}", settings.name);
+        if !create {
+            js.get_stream(&stream_name).await.map_err(|e| {
+                ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
+            })?;
+        }
         js.get_or_create_stream(stream::Config {
             name: stream_name.clone(),
             subjects: vec![format!("smee.{}.>", settings.name)],
@@ -292,6 +327,13 @@ impl Cluster {
         let bucket = format!("smee_{}_alerts", settings.name);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
+            Err(e) if !create => {
+                return Err(ClusterError::NoCluster(
+                    settings.name.clone(),
+                    bucket.clone(),
+                    e.into(),
+                ));
+            }
             Err(_) => js
                 .create_key_value(kv::Config {
                     bucket: bucket.clone(),
@@ -311,7 +353,40 @@ impl Cluster {
             settings: Arc::new(settings),
             kv,
             status,
+            in_flight: Default::default(),
         })
+    }
+
+    /// The `x-smee-relay-delivery` of the cluster delivery `event` on local `route`, if it is
+    /// one: the cluster's name, the route and the stream sequence, so it is the same on every
+    /// instance (a target can drop the one repeat a failover may make) and new for a replay
+    /// (a new stream sequence).
+    pub fn delivery_id(&self, route: &str, event: &Event) -> Option<String> {
+        let in_flight = self.in_flight.lock().expect("not poisoned");
+        // Compared whole: anything else queued on the route locally keeps its local id.
+        in_flight
+            .get(route)
+            .filter(|taken| taken.event == *event)
+            .map(|taken| taken.delivery_id.clone())
+    }
+
+    /// Told by local `route`'s target of each attempt at `event`: `Err` holds the target's
+    /// status, if it answered, and why it failed. A cluster delivery that the route finishes
+    /// after a failed attempt was given up on: [`Cluster::feed`] records it as a dead letter.
+    pub fn attempted(
+        &self,
+        route: &str,
+        event: &Event,
+        outcome: Result<(), (Option<u16>, String)>,
+    ) {
+        let mut in_flight = self.in_flight.lock().expect("not poisoned");
+        if let Some(taken) = in_flight
+            .get_mut(route)
+            .filter(|taken| taken.event == *event)
+        {
+            taken.attempts += 1;
+            taken.failed = outcome.err();
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -356,6 +431,7 @@ impl Cluster {
             channel: channel.to_string(),
             received_ms,
             event: event.clone(),
+            replay_of: None,
         })
         .map_err(|e| NatsError(e.into()))?;
         let publish = jetstream::message::PublishMessage::build()
@@ -455,15 +531,20 @@ impl Cluster {
         pace: Duration,
     ) {
         let label = crate::spool::route_name(&route).to_string();
-        let durable = format!("route_{}", short_hash(&route));
+        let hash = short_hash(&route);
+        let durable = format!("route_{hash}");
         let names = RouteNames {
             label: label.clone(),
             route: route.clone(),
             floor_key: format!("floor.{durable}"),
+            hash: hash.clone(),
         };
+        // The route also reads its own replay subject: `events replay` re-queues there.
+        let mut subjects = subjects;
+        subjects.push(self.replay_subject(&hash));
         let mut said = false;
         while !cancel.is_cancelled() {
-            let consumer = match self.consumer(&durable, &subjects).await {
+            let consumer = match self.consumer(&durable, &label, &subjects).await {
                 Ok(consumer) => consumer,
                 Err(e) => {
                     if !std::mem::replace(&mut said, true) {
@@ -475,7 +556,10 @@ impl Cluster {
             };
             let messages = consumer
                 .stream()
-                .max_messages_per_batch(1)
+                // More than one, so that a pull request is waiting at the server when this
+                // instance acks: the next message (one in flight at most, `max_ack_pending`)
+                // comes at once, not after one more request's round trip.
+                .max_messages_per_batch(PULL_BATCH)
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(10))
                 .messages()
@@ -539,9 +623,13 @@ impl Cluster {
             label,
             route,
             floor_key,
+            hash,
         } = names;
         let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
         let stream_seq = message.info().map(|info| info.stream_sequence).ok();
+        // Where a message's time goes (debug log at the end): the floor read, the local
+        // queue and delivery, and the floor write and ack.
+        let took = std::time::Instant::now();
         // A NATS server that crashed may forget acks it confirmed (consumer state is flushed
         // lazily); the route's floor (the last stream sequence delivered, kept in KV beside
         // the message data) says what was delivered whatever the consumer remembers.
@@ -583,6 +671,95 @@ impl Cluster {
             }
         };
         let mut finished = writer.finished();
+        if let Some(seq) = stream_seq {
+            let taken = InFlight {
+                event: envelope.event.clone(),
+                delivery_id: format!("{}-{hash}-{seq}", self.settings.name),
+                attempts: 0,
+                failed: None,
+            };
+            self.in_flight
+                .lock()
+                .expect("not poisoned")
+                .insert(route.to_string(), taken);
+        }
+        let checked = took.elapsed();
+        let done = self
+            .deliver_locally(
+                names,
+                &message,
+                envelope,
+                spool,
+                writer,
+                route_done,
+                &mut finished,
+            )
+            .await;
+        let taken = self.in_flight.lock().expect("not poisoned").remove(route);
+        if done.is_none() {
+            return;
+        }
+        if !paced.pace.is_zero() && paced.cancel.is_cancelled() {
+            // The route skipped its pace wait (told to stop): wait it out before the ack
+            // lets another instance send the next one.
+            tokio::time::sleep(paced.pace).await;
+        }
+        // Finished after a failed attempt: given up on. Recorded in the cluster before the
+        // ack, so that whichever instance runs `events list` sees it, and any can replay it.
+        if let Some(seq) = stream_seq
+            && let Some(InFlight {
+                attempts,
+                failed: Some((status, error)),
+                ..
+            }) = taken
+        {
+            self.record_dead(hash, label, seq, status, error, attempts)
+                .await;
+        }
+        let delivered = took.elapsed();
+        let floored = match stream_seq {
+            Some(seq) => match self.kv.put(floor_key, seq.to_string().into()).await {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
+                    false
+                }
+            },
+            None => false,
+        };
+        if floored {
+            // The floor (confirmed) already says it was delivered: an ack NATS loses costs a
+            // redelivery that the floor skips, not a repeat, so the ack is not waited for.
+            if let Err(e) = message.ack().await {
+                warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
+            }
+        } else if let Err(e) = message.double_ack().await {
+            warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
+        }
+        tracing::debug!(
+            route = %label,
+            stream_seq,
+            checked_us = checked.as_micros() as u64,
+            delivered_us = (delivered - checked).as_micros() as u64,
+            acked_us = (took.elapsed() - delivered).as_micros() as u64,
+            "cluster delivery done"
+        );
+    }
+
+    /// Queue `envelope` on the local route and wait until it is finished there (delivered or
+    /// dead): its local event id. None: not finished here (handed back to the cluster).
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_locally(
+        &self,
+        names: &RouteNames,
+        message: &jetstream::Message,
+        envelope: Envelope,
+        spool: &Arc<Spool>,
+        writer: &SpoolWriter,
+        route_done: &CancellationToken,
+        finished: &mut tokio::sync::broadcast::Receiver<(String, u64)>,
+    ) -> Option<u64> {
+        let (label, route) = (names.label.as_str(), names.route.as_str());
         let write = Write::Append {
             channel: envelope.channel,
             routes: vec![route.to_string()],
@@ -599,7 +776,7 @@ impl Cluster {
                         let _ = message
                             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                             .await;
-                        return;
+                        return None;
                     }
                 },
                 Err(e) => {
@@ -607,7 +784,7 @@ impl Cluster {
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                         .await;
-                    return;
+                    return None;
                 }
             }
         };
@@ -640,26 +817,15 @@ impl Cluster {
             // Another instance takes it now rather than after the ack wait; the local copy is
             // handed back at the next start ([`hand_back`]).
             let _ = message.ack_with(AckKind::Nak(None)).await;
-            return;
+            return None;
         }
-        if !paced.pace.is_zero() && paced.cancel.is_cancelled() {
-            // The route skipped its pace wait (told to stop): wait it out before the ack
-            // lets another instance send the next one.
-            tokio::time::sleep(paced.pace).await;
-        }
-        if let Some(seq) = stream_seq
-            && let Err(e) = self.kv.put(floor_key, seq.to_string().into()).await
-        {
-            warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
-        }
-        if let Err(e) = message.double_ack().await {
-            warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
-        }
+        Some(id)
     }
 
     async fn consumer(
         &self,
         durable: &str,
+        label: &str,
         subjects: &[String],
     ) -> Result<consumer::PullConsumer, NatsError> {
         let stream = self
@@ -669,6 +835,8 @@ impl Cluster {
             .map_err(|e| NatsError(e.into()))?;
         let mut config = consumer::pull::Config {
             durable_name: Some(durable.to_string()),
+            // What `events list` calls the route (its target as shown, no channel key).
+            description: Some(label.to_string()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.settings.ack_wait,
             max_ack_pending: 1,
@@ -685,6 +853,53 @@ impl Cluster {
             .map_err(|e| NatsError(e.into()))
     }
 
+    /// The subject `events replay` re-queues a route's events on (read by that route only).
+    fn replay_subject(&self, route_hash: &str) -> String {
+        format!("smee.{}.replay.{route_hash}", self.settings.name)
+    }
+
+    /// Record in KV that the route hashed `hash` gave up on stream message `seq`, so that
+    /// every instance lists it and can replay it. Tried a few times: NATS is usually there
+    /// (the message's ack goes the same way right after).
+    async fn record_dead(
+        &self,
+        hash: &str,
+        label: &str,
+        seq: u64,
+        status: Option<u16>,
+        error: String,
+        attempts: u32,
+    ) {
+        let dead = inspect::DeadLetter {
+            route: label.to_string(),
+            route_hash: hash.to_string(),
+            stream_seq: seq,
+            status,
+            error,
+            attempts,
+            at_ms: crate::clock::now_ms(),
+            replayed_as: None,
+        };
+        let value = Bytes::from(serde_json::to_vec(&dead).expect("a dead letter serialises"));
+        let key = inspect::dead_key(hash, seq);
+        let mut last = None;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            match self.kv.put(&key, value.clone()).await {
+                Ok(_) => {
+                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay --dead` on any instance re-queues it");
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            warn!(route = %label, stream_seq = seq, "cannot record the dead letter in the cluster ({e}); it is only in this instance's spool (`smee-relay events list --local`)");
+        }
+    }
+
     /// Whether the client is connected now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
@@ -699,6 +914,19 @@ struct Paced<'a> {
     cancel: &'a CancellationToken,
 }
 
+/// The cluster delivery a local route is delivering now.
+struct InFlight {
+    /// The event, to tell it from anything else on the local queue.
+    event: Event,
+    /// What its target sees in `x-smee-relay-delivery`.
+    delivery_id: String,
+    /// Attempts this instance made at it.
+    attempts: u32,
+    /// How the last attempt failed (the target's status, if it answered, and why); None after
+    /// a success.
+    failed: Option<(Option<u16>, String)>,
+}
+
 /// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.
 struct RouteNames {
     /// The target as shown (no channel key).
@@ -707,6 +935,8 @@ struct RouteNames {
     route: String,
     /// The KV key of the last stream sequence delivered on it.
     floor_key: String,
+    /// The route's key hashed: its consumer, replay subject and dead letters are named by it.
+    hash: String,
 }
 
 /// Whether `route` has no delivery of `event` pending in the local spool any more.

@@ -1,6 +1,10 @@
 //! `smee-relay events`: what is in the spool, for people (a table) and scripts (JSON); and
 //! events taken out of it: exported to files (NDJSON, gosmee's layout) or replayed to another
 //! URL. It reads the spool and changes it only through the spool's own `replay` and `purge`.
+//!
+//! In cluster mode (`[cluster]` in `--config`, or `--nats-url`; not with `--local`), `list`,
+//! `show`, `replay` and `purge --dead` are the cluster's (see `cluster::inspect`): the same
+//! answer from every instance.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,8 +19,15 @@ use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
 use crate::url::TargetUrl;
 
-/// Run one `events` subcommand against the spool in the state directory.
+/// Run one `events` subcommand against the spool in the state directory, or in cluster mode
+/// against the cluster.
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    if !args.local
+        && let Some(settings) = cluster_settings(&args)?
+    {
+        let cluster = crate::cluster::Cluster::open(settings).await?;
+        return run_cluster(&cluster, args.command).await;
+    }
     let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
     // Opening creates a spool: a mistyped --state-dir would show an empty one and look like
     // "nothing queued".
@@ -96,6 +107,179 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `[cluster]` from `--config`, with `--nats-url` on top (alone, it names cluster `default`,
+/// as for `run`).
+fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
+    use crate::secret::ExposeSecret as _;
+    let file = match &args.config {
+        Some(path) => {
+            let credentials =
+                std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+            crate::config::load_cluster(path, &|name| super::secret(name, credentials.as_deref()))?
+        }
+        None => None,
+    };
+    let settings = match (&args.nats_url, file) {
+        (None, None) => return Ok(None),
+        (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
+        (Some(url), Some(mut file)) => {
+            file.url = url.clone();
+            file
+        }
+        (None, Some(file)) => file,
+    };
+    if settings.url.expose_secret().is_empty() {
+        anyhow::bail!(
+            "[cluster] needs nats_url or nats_url_env (set in this shell), or --nats-url / SMEE_RELAY_NATS_URL; --local shows this machine's spool instead"
+        );
+    }
+    Ok(Some(settings))
+}
+
+/// One `events` subcommand against the cluster.
+async fn run_cluster(
+    cluster: &crate::cluster::Cluster,
+    command: EventsCommand,
+) -> anyhow::Result<()> {
+    use crate::cluster::inspect::Which;
+    let name = cluster.settings().name.clone();
+    match command {
+        EventsCommand::List {
+            status,
+            limit,
+            json,
+        } => {
+            let rows = cluster.list(status, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", cluster_table(&rows));
+            }
+        }
+        EventsCommand::Show { id } => {
+            let (event, rows) = cluster.show(id).await?;
+            print!("{}", show_cluster(&event, &rows));
+        }
+        EventsCommand::Replay {
+            which: EventSelection { ids, dead, since },
+            to: None,
+            ..
+        } => {
+            let which = match (dead, since) {
+                (true, _) => Which::Dead,
+                (false, Some(since)) => Which::ReceivedSince(
+                    crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
+                ),
+                (false, None) => Which::Ids(ids),
+            };
+            let queued = cluster.replay(which).await?;
+            println!("queued {queued} deliveries again (cluster {name})");
+        }
+        EventsCommand::Purge { .. } => {
+            let purged = cluster.purge_dead().await?;
+            println!("purged {purged} dead letters (cluster {name})");
+        }
+        EventsCommand::Replay { to: Some(_), .. } | EventsCommand::Export { .. } => {
+            anyhow::bail!(
+                "in cluster mode, `events replay --to` and `events export` read this machine's spool: add --local (its ids are the local ones `events list --local` shows)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `events list` in cluster mode, laid out as the local table.
+fn cluster_table(rows: &[crate::cluster::inspect::Row]) -> String {
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row.id.to_string(),
+                format!("{} ago", short_age(spool::age(row.received_ms))),
+                state_name(row.status).to_string(),
+                row.attempts.map_or("-".into(), |a| a.to_string()),
+                row.route.clone(),
+                row.channel.clone(),
+                escape_control(row.kind.as_deref().unwrap_or("-")).into_owned(),
+                escape_control(&cluster_last(row)).into_owned(),
+            ]
+        })
+        .collect();
+    layout(&cells)
+}
+
+fn state_name(state: crate::cluster::inspect::State) -> &'static str {
+    use crate::cluster::inspect::State;
+    match state {
+        State::Pending => "pending",
+        State::InFlight => "in-flight",
+        State::Delivered => "delivered",
+        State::Dead => "dead",
+    }
+}
+
+/// The LAST cell of a cluster row: why it is dead, and what it replays or was replayed as.
+fn cluster_last(row: &crate::cluster::inspect::Row) -> String {
+    let mut parts = Vec::new();
+    if let Some(of) = row.replay_of {
+        parts.push(format!("replay of {of}"));
+    }
+    match (&row.last_error, row.last_status) {
+        (Some(error), _) if !error.is_empty() => parts.push(error.clone()),
+        (_, Some(status)) => parts.push(status.to_string()),
+        _ => {}
+    }
+    match row.replayed_as {
+        Some(0) => parts.push("being replayed".into()),
+        Some(seq) => parts.push(format!("replayed as {seq}")),
+        None => {}
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// `events show` in cluster mode.
+fn show_cluster(
+    event: &crate::cluster::inspect::ClusterEvent,
+    rows: &[crate::cluster::inspect::Row],
+) -> String {
+    let stored = StoredEvent {
+        id: event.seq,
+        received_ms: event.received_ms,
+        channel: event.channel.clone(),
+        event: event.event.clone(),
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "event {} (cluster stream sequence)", event.seq);
+    let _ = writeln!(
+        out,
+        "received {} ago from {}",
+        short_age(spool::age(event.received_ms)),
+        event.channel
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "  -> {}: {}{}",
+            row.route,
+            state_name(row.status),
+            match cluster_last(row).as_str() {
+                "-" => String::new(),
+                last => format!(", {}", escape_control(last)),
+            }
+        );
+    }
+    // The request, as the local `show` prints it.
+    let request = show(&stored, &[]);
+    let request = request.split_once('\n').map_or("", |(_, rest)| rest);
+    let request = request.split_once('\n').map_or("", |(_, rest)| rest);
+    out.push_str(request);
+    out
 }
 
 /// The ids of every event in the spool, oldest first.
@@ -257,11 +441,6 @@ fn ndjson_line(event: &StoredEvent) -> serde_json::Value {
 /// `events list` as a table, one row per (event, route), oldest first. Columns are as wide as
 /// their widest cell, so rows line up whatever the routes and errors are.
 fn table(rows: &[Row]) -> String {
-    const HEADER: [&str; 8] = [
-        "ID", "RECEIVED", "STATUS", "ATTEMPTS", "TARGET", "CHANNEL", "KIND", "LAST",
-    ];
-    // Numbers read right-aligned; words left-aligned.
-    const RIGHT: [bool; 8] = [true, true, false, true, false, false, false, false];
     let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|row| {
@@ -282,15 +461,25 @@ fn table(rows: &[Row]) -> String {
             ]
         })
         .collect();
+    layout(&cells)
+}
+
+/// The rows under their header, each column as wide as its widest cell.
+fn layout(cells: &[[String; 8]]) -> String {
+    const HEADER: [&str; 8] = [
+        "ID", "RECEIVED", "STATUS", "ATTEMPTS", "TARGET", "CHANNEL", "KIND", "LAST",
+    ];
+    // Numbers read right-aligned; words left-aligned.
+    const RIGHT: [bool; 8] = [true, true, false, true, false, false, false, false];
     let mut widths = HEADER.map(|h| h.chars().count());
-    for row in &cells {
+    for row in cells {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     let header = HEADER.map(String::from);
-    for row in std::iter::once(&header).chain(&cells) {
+    for row in std::iter::once(&header).chain(cells) {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i > 0 {

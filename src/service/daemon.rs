@@ -424,6 +424,54 @@ impl Sink for Publish {
     }
 }
 
+/// A cluster route's target: each cluster delivery carries the cluster's delivery id
+/// ([`Cluster::delivery_id`]), the same on every instance, so a target can drop the one repeat
+/// a failover may make; and the cluster hears how each attempt went, to record a dead letter
+/// where every instance sees it.
+struct ClusterDeliveryId {
+    inner: Arc<dyn Sink>,
+    cluster: Cluster,
+    /// The local spool route it delivers.
+    route: String,
+}
+
+impl Sink for ClusterDeliveryId {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        event: &'a spool::StoredEvent,
+        delivery_id: &'a str,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<delivery::forward::Delivered, delivery::forward::ForwardError>,
+    > {
+        Box::pin(async move {
+            let id = self.cluster.delivery_id(&self.route, &event.event);
+            let outcome = self
+                .inner
+                .deliver(event, id.as_deref().unwrap_or(delivery_id))
+                .await;
+            // The cluster records a dead letter from the last attempt's failure.
+            self.cluster.attempted(
+                &self.route,
+                &event.event,
+                match &outcome {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err((e.status().map(|s| s.as_u16()), e.to_string())),
+                },
+            );
+            outcome
+        })
+    }
+
+    fn min_interval(&self) -> Duration {
+        self.inner.min_interval()
+    }
+}
+
 /// Whether a running source can keep going with `new`'s settings.
 fn same_source(running: &SourceConfig, new: &SourceConfig) -> bool {
     running.idle_timeout == new.idle_timeout
@@ -686,6 +734,14 @@ impl Runtime {
             None => Vec::new(),
         };
         for (key, target, forwarder) in new_routes {
+            let forwarder: Arc<dyn Sink> = match &self.cluster {
+                Some(cluster) => Arc::new(ClusterDeliveryId {
+                    inner: forwarder,
+                    cluster: cluster.clone(),
+                    route: key.clone(),
+                }),
+                None => forwarder,
+            };
             let mut task = self.route(key.clone(), forwarder, plan.retry);
             if let Some(channel) = route_channels.get(&key) {
                 self.feed(&mut task, &key, vec![self.subject(channel)]);

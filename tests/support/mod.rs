@@ -326,6 +326,9 @@ struct TargetShared {
     arrivals: Notify,
     /// While true, answers wait (see [`FakeTarget::hold`]).
     held: watch::Sender<bool>,
+    /// Every request as it reached the server, answered or not (see
+    /// [`FakeTarget::arrivals`]).
+    arrival_log: Mutex<Vec<Received>>,
 }
 
 /// An HTTP server that records requests and answers as the test scripts.
@@ -357,6 +360,7 @@ impl FakeTarget {
             arrived: AtomicUsize::new(0),
             arrivals: Notify::new(),
             held: watch::Sender::new(false),
+            arrival_log: Mutex::default(),
         });
         let router = Router::new().fallback(record).with_state(shared.clone());
         let addr = serve_on(addr, router).await;
@@ -402,6 +406,12 @@ impl FakeTarget {
     /// How many requests have reached the server so far, answered or not.
     pub fn arrived(&self) -> usize {
         self.shared.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Every request that reached the server so far, in arrival order, answered or not (one
+    /// whose sender died before the answer included).
+    pub fn arrivals(&self) -> Vec<Received> {
+        self.shared.arrival_log.lock().unwrap().clone()
     }
 
     /// Wait until `n` requests in all have reached the server (answered or not).
@@ -473,6 +483,13 @@ async fn record(
     let at = std::time::Instant::now();
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    shared.arrival_log.lock().unwrap().push(Received {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+        at,
+    });
     shared.arrived.fetch_add(1, Ordering::SeqCst);
     shared.arrivals.notify_waiters();
     let (status, delay) = {
