@@ -369,7 +369,7 @@ const RACY: std::time::Duration = std::time::Duration::from_secs(2);
 /// whether anyone wrote since, this process or another (`smee-relay events replay`), without a
 /// read transaction (which in redb's multi-writer mode takes file locks and reads the header).
 #[derive(Clone, Debug, Default)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// The file's modification time, size and inode; `None` if it could not be looked at
     /// (then it counts as changed).
     stamp: Option<(SystemTime, u64, u64)>,
@@ -411,7 +411,7 @@ impl Spool {
 
     /// Look at the spool file now: take this before a read, so that any write after the read
     /// began shows in [`Spool::changed_since`].
-    pub fn look(&self) -> Seen {
+    pub(crate) fn look(&self) -> Seen {
         Seen {
             stamp: self.stamp(),
             at: Some(SystemTime::now()),
@@ -420,7 +420,7 @@ impl Spool {
 
     /// Whether the spool may have been written since `seen` was taken (one `statx`). False only
     /// when the file's stamp is the same and was already old when `seen` was taken.
-    pub fn changed_since(&self, seen: &Seen) -> bool {
+    pub(crate) fn changed_since(&self, seen: &Seen) -> bool {
         let (Some(stamp), Some(at)) = (seen.stamp, seen.at) else {
             return true;
         };
@@ -924,7 +924,7 @@ impl Spool {
     /// [`Spool::prune`], also returning when the oldest delivered event left was received
     /// (`None`: none is left), so that the caller knows when the next prune can find anything
     /// while nobody writes. Nothing pruned, nothing is committed.
-    pub fn prune_due(&self, older_than_ms: u64) -> Result<(u64, Option<u64>), SpoolError> {
+    pub(crate) fn prune_due(&self, older_than_ms: u64) -> Result<(u64, Option<u64>), SpoolError> {
         self.update_if(
             |t| {
                 let mut next = None;
