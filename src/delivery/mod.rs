@@ -31,8 +31,8 @@ use forward::{Delivered, ForwardError, Forwarder};
 /// How many queued deliveries a route reads from disk at once.
 const READ_AHEAD: usize = 256;
 
-/// How often an idle route looks at the spool for events queued by another process
-/// (`smee-relay events replay`).
+/// How often an idle route looks at the spool file for events queued by another process
+/// (`smee-relay events replay`): one `statx`, and a read only if the file changed.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Somewhere a route delivers to: an HTTP target, Slack, stdout.
@@ -180,17 +180,20 @@ pub async fn run_route(
     // route waits for the next append without reading an empty queue again (at everyday rates
     // that second read was one more blocking-pool handoff and read transaction per event).
     let mut drained = false;
+    // The spool file as it was before the last read: an idle route reads again only once it
+    // changed (another process's write has no other way to wake it).
+    let mut seen = spool::Seen::default();
     while !cancel.is_cancelled() {
-        if std::mem::take(&mut drained) && !appended.has_changed().unwrap_or(true) {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = appended.changed() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
-            }
+        if std::mem::take(&mut drained)
+            && !appended.has_changed().unwrap_or(true)
+            && !idle(&spool, &mut appended, &seen, &cancel).await
+        {
+            return;
         }
         // Seen before reading: an append from here on is either in this read or wakes the next
-        // wait.
+        // wait, and another process's write from here on changes the file after `seen`.
         appended.borrow_and_update();
+        seen = spool.look();
         let read = {
             let (spool, route) = (spool.clone(), route.clone());
             tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
@@ -224,10 +227,8 @@ pub async fn run_route(
             }
         };
         if queued.is_empty() {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = appended.changed() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
+            if !idle(&spool, &mut appended, &seen, &cancel).await {
+                return;
             }
             continue;
         }
@@ -268,6 +269,29 @@ pub async fn run_route(
             route,
             "cannot record the last deliveries: {e}; they may be repeated"
         );
+    }
+}
+
+/// Wait until there may be something to read: an append by this process, or a change of the
+/// spool file since `seen` (looked at every [`IDLE_POLL`]). False if cancelled first. An idle
+/// route thus costs a timer and a `statx` a second, not a read transaction on the blocking pool.
+async fn idle(
+    spool: &Spool,
+    appended: &mut tokio::sync::watch::Receiver<u64>,
+    seen: &spool::Seen,
+    cancel: &CancellationToken,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            // Once the writer is gone, only the file tells.
+            Ok(()) = appended.changed() => return true,
+            _ = tokio::time::sleep(IDLE_POLL) => {
+                if spool.changed_since(seen) {
+                    return true;
+                }
+            }
+        }
     }
 }
 
@@ -621,6 +645,68 @@ mod tests {
             Arc::new(Counters::default()),
             cancel.clone(),
         ))
+    }
+
+    /// Make the spool file look long untouched, as an idle relay's file is after a while (the
+    /// paused clock moves tokio's time, not the file system's).
+    fn age_the_file(spool: &Spool) {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(spool.path())
+            .unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        file.set_modified(old).unwrap();
+    }
+
+    /// An idle route does not read the spool (one `statx` a second instead of a read
+    /// transaction), and an event another process queues (`smee-relay events replay`, which
+    /// does not wake this process) is still delivered within about [`IDLE_POLL`].
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_route_reads_nothing_yet_sees_another_process_replay() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let ok = || {
+            Ok(Delivered {
+                status: StatusCode::OK,
+                elapsed: Duration::ZERO,
+            })
+        };
+        let sink = Arc::new(Scripted::new(vec![ok(), ok()]));
+        let mut attempted = sink.attempted.subscribe();
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        attempted.wait_for(|n| *n == 1).await.unwrap();
+        // The mark is on disk, then the file stands still.
+        writer.commit(Vec::new()).await.unwrap();
+        age_the_file(&spool);
+        // One read may follow: the file changed since the route last looked.
+        tokio::time::sleep(IDLE_POLL * 3).await;
+        let reads = spool.reads();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(
+            spool.reads(),
+            reads,
+            "an idle route read the spool during 10 minutes in which nobody wrote it"
+        );
+        // Another process re-queues the event: a write to the file, no wake-up in this one.
+        let queued_at = tokio::time::Instant::now();
+        let id = spool.list(None, 10).unwrap()[0].id;
+        assert_eq!(
+            spool.replay(crate::spool::Replay::Ids(vec![id])).unwrap(),
+            1
+        );
+        tokio::time::timeout(Duration::from_secs(60), attempted.wait_for(|n| *n == 2))
+            .await
+            .expect("the replayed event is delivered")
+            .unwrap();
+        assert!(
+            queued_at.elapsed() <= IDLE_POLL * 2,
+            "delivered {:?} after the replay",
+            queued_at.elapsed()
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
     }
 
     /// Regression: a long Retry-After (within --max-retry-after) parked the queue past the

@@ -35,6 +35,10 @@ use crate::cluster::SharedState;
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
+/// How often an idle pipeline looks at the spool file for events queued by another process
+/// (`smee-relay events replay`): one `statx`, and a read only if the file changed.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
 /// A clock that follows tokio's (so tests can pause and advance it) from the wall-clock time
 /// at start.
 #[derive(Clone, Copy)]
@@ -125,6 +129,9 @@ pub async fn run(
             }
         }
 
+        // Before the read: another process's write from here on (`events replay`) changes the
+        // file after `seen`.
+        let seen = spool.look();
         let queued = {
             let spool = spool.clone();
             tokio::task::spawn_blocking(move || spool.pending(PIPELINE_ROUTE, cursor, 64)).await
@@ -138,16 +145,27 @@ pub async fn run(
             Err(_) => return,
         };
         if queued.is_empty() {
-            let now = clock.now_ms();
-            let wait = pipeline
-                .next_due(states.iter())
-                .map_or(Duration::from_secs(1), |due| {
-                    Duration::from_millis(due.saturating_sub(now)).min(Duration::from_secs(1))
-                });
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = appended.changed() => {}
-                _ = tokio::time::sleep(wait) => {}
+            // Wait for an append, a held alert's time, or (looked at every second, one `statx`)
+            // a write by another process. In a cluster the states live in NATS and may change
+            // anywhere: read again every second as before.
+            loop {
+                let now = clock.now_ms();
+                let due = pipeline
+                    .next_due(states.iter())
+                    .map(|due| Duration::from_millis(due.saturating_sub(now)));
+                let wait = due.map_or(IDLE_POLL, |due| due.min(IDLE_POLL));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = appended.changed() => break,
+                    _ = tokio::time::sleep(wait) => {
+                        if shared.is_some()
+                            || due.is_some_and(|due| due <= wait)
+                            || spool.changed_since(&seen)
+                        {
+                            break;
+                        }
+                    }
+                }
             }
             continue;
         }
@@ -962,6 +980,64 @@ mod tests {
         assert_eq!(sent.len(), 1, "fired once the 5 minutes were over");
         let alert: Alert = serde_json::from_slice(&sent[0].event.event.body).unwrap();
         assert_eq!(alert.note.as_deref(), Some("held for 5m"));
+        cancel.cancel();
+        task.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// An idle pipeline does not read the spool while nobody writes it (one `statx` a second),
+    /// and still takes an event appended later.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_pipeline_reads_nothing_until_the_spool_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+        let pipeline = super::super::tests::with_rules(
+            "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+        );
+        // The file looks long untouched, as an idle relay's does (the paused clock moves
+        // tokio's time, not the file system's).
+        std::fs::File::options()
+            .write(true)
+            .open(spool.path())
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules_rx,
+            None,
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let reads = spool.reads();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(spool.reads(), reads, "read during 10 idle minutes");
+        let body = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
+        ))
+        .unwrap();
+        let event = crate::event::Event {
+            body: body.into(),
+            ..Default::default()
+        };
+        writer
+            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event].into(), None)
+            .await
+            .unwrap();
+        // Real time: the evaluation and the writer are threads.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no alert");
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2)))
+                .await
+                .unwrap();
+        }
         cancel.cancel();
         task.await.unwrap();
         drop(writer);

@@ -1215,19 +1215,33 @@ async fn report_status(
     cancel: CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    // The spool's figures change only when the file does: an idle relay reads them once, not
+    // every few seconds (the file as it was before the last read, and what that read said).
+    let mut last: Option<(spool::Seen, String)> = None;
     loop {
-        let stats = {
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.stats()).await
-        };
-        // While the spool cannot be read (a full disk), the line still says why.
-        let pending = match stats {
-            Ok(Ok(stats)) => {
-                metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
-                metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
-                stats.pending.to_string()
+        let pending = match &last {
+            Some((seen, pending)) if !spool.changed_since(seen) => pending.clone(),
+            _ => {
+                let seen = spool.look();
+                let stats = {
+                    let spool = spool.clone();
+                    tokio::task::spawn_blocking(move || spool.stats()).await
+                };
+                // While the spool cannot be read (a full disk), the line still says why.
+                match stats {
+                    Ok(Ok(stats)) => {
+                        metrics::gauge!("smee_relay_spool_pending").set(stats.pending as f64);
+                        metrics::gauge!("smee_relay_spool_bytes").set(stats.stored_bytes as f64);
+                        let pending = stats.pending.to_string();
+                        last = Some((seen, pending.clone()));
+                        pending
+                    }
+                    _ => {
+                        last = None;
+                        "?".into()
+                    }
+                }
             }
-            _ => "?".into(),
         };
         let (up, all) = {
             let channels = health.channels.lock().expect("not poisoned");

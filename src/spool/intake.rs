@@ -118,16 +118,34 @@ pub async fn intake_saving(
     }
 }
 
-/// Prune delivered events older than `retain`, now and every minute, until `cancel`.
+/// Prune delivered events older than `retain`, now and every minute, until `cancel`. A minute
+/// in which nobody wrote the spool and no delivered event grew old enough is skipped without a
+/// read: pruning decodes every delivery record, which an idle relay should not do each minute.
 pub async fn prune_periodically(spool: Arc<Spool>, retain: Duration, cancel: CancellationToken) {
+    // What the file looked like at the last prune, and when the oldest delivered event left
+    // then was received (`None`: none was left).
+    let mut last: Option<(crate::spool::Seen, Option<u64>)> = None;
     loop {
         let cutoff = crate::clock::now_ms().saturating_sub(retain.as_millis() as u64);
-        let spool2 = spool.clone();
-        match tokio::task::spawn_blocking(move || spool2.prune(cutoff)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => info!(pruned = n, "pruned delivered events past --retain"),
-            Ok(Err(e)) => warn!("cannot prune the spool: {e}"),
-            Err(_) => return,
+        let nothing_due = last.as_ref().is_some_and(|(seen, oldest)| {
+            oldest.is_none_or(|received| received >= cutoff) && !spool.changed_since(seen)
+        });
+        if !nothing_due {
+            let spool2 = spool.clone();
+            let seen = spool.look();
+            match tokio::task::spawn_blocking(move || spool2.prune_due(cutoff)).await {
+                Ok(Ok((pruned, oldest))) => {
+                    if pruned > 0 {
+                        info!(pruned, "pruned delivered events past --retain");
+                    }
+                    last = Some((seen, oldest));
+                }
+                Ok(Err(e)) => {
+                    warn!("cannot prune the spool: {e}");
+                    last = None;
+                }
+                Err(_) => return,
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

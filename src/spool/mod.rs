@@ -356,6 +356,26 @@ pub struct Spool {
     path: PathBuf,
     /// A random id of this spool, so delivery ids from two machines never collide.
     instance: u64,
+    /// Read transactions begun, so tests can pin that an idle relay does not read.
+    reads: std::sync::atomic::AtomicU64,
+}
+
+/// How recent a modification time must be for a [`Seen`] to be trusted not to hide a later
+/// write: a file system stamps times from a coarse clock, so two writes within one tick (a few
+/// ms; a second or two on some file systems) can leave the same time and size.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the spool file looked like just before a reader read it: one `statx` later tells
+/// whether anyone wrote since, this process or another (`smee-relay events replay`), without a
+/// read transaction (which in redb's multi-writer mode takes file locks and reads the header).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Seen {
+    /// The file's modification time, size and inode; `None` if it could not be looked at
+    /// (then it counts as changed).
+    stamp: Option<(SystemTime, u64, u64)>,
+    /// When it was looked at: a modification time closer to this than [`RACY`] counts as
+    /// changed, since a write in the same clock tick would leave the same stamp.
+    at: Option<SystemTime>,
 }
 
 impl Spool {
@@ -385,7 +405,40 @@ impl Spool {
             backend,
             path,
             instance,
+            reads: 0.into(),
         })
+    }
+
+    /// Look at the spool file now: take this before a read, so that any write after the read
+    /// began shows in [`Spool::changed_since`].
+    pub(crate) fn look(&self) -> Seen {
+        Seen {
+            stamp: self.stamp(),
+            at: Some(SystemTime::now()),
+        }
+    }
+
+    /// Whether the spool may have been written since `seen` was taken (one `statx`). False only
+    /// when the file's stamp is the same and was already old when `seen` was taken.
+    pub(crate) fn changed_since(&self, seen: &Seen) -> bool {
+        let (Some(stamp), Some(at)) = (seen.stamp, seen.at) else {
+            return true;
+        };
+        let settled = at.duration_since(stamp.0).is_ok_and(|old| old >= RACY);
+        !settled || self.stamp() != Some(stamp)
+    }
+
+    /// The spool file's modification time, size and inode.
+    fn stamp(&self) -> Option<(SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some((meta.modified().ok()?, meta.len(), meta.ino()))
+    }
+
+    /// How many read transactions this handle began.
+    #[cfg(test)]
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Why writes fail, while they do.
@@ -428,6 +481,7 @@ impl Spool {
         }
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
+        self.reads.fetch_add(1, Relaxed);
         let run = || f(&db.begin_read()?);
         // Damage that the open did not see can make redb panic on a read: name the file.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
@@ -445,6 +499,16 @@ impl Spool {
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
     ) -> Result<T, SpoolError> {
+        self.update_if(f, |_| true)
+    }
+
+    /// Run `f` in a write transaction; commit it if `wrote` says `f` changed anything, else
+    /// abort it (no write, no fsync: an idle file keeps its stamp, see [`Spool::look`]).
+    fn update_if<T>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
+        wrote: impl FnOnce(&T) -> bool,
+    ) -> Result<T, SpoolError> {
         use std::sync::atomic::Ordering::Relaxed;
         if self.needs_reopen.load(Relaxed) {
             self.reopen().inspect_err(|e| self.failed(e))?;
@@ -455,6 +519,11 @@ impl Spool {
             let txn = db.begin_write()?;
             let mut tables = Tables::open(&txn)?;
             let out = f(&mut tables)?;
+            if !wrote(&out) {
+                drop(tables);
+                txn.abort()?;
+                return Ok(out);
+            }
             tables.store_counters()?;
             drop(tables);
             txn.commit()?;
@@ -532,7 +601,8 @@ impl Spool {
                                 // does not scan on every append.
                                 let headroom = limits.max_bytes / 10 + size;
                                 let target = limits.max_bytes.saturating_sub(headroom);
-                                report.pruned += t.prune_delivered(u64::MAX, Some(target))?;
+                                report.pruned +=
+                                    t.prune_delivered(u64::MAX, Some(target), &mut None)?;
                             }
                             if t.counter(STORED_BYTES)? + size > limits.max_bytes {
                                 ids.push(None);
@@ -848,7 +918,21 @@ impl Spool {
 
     /// Remove delivered events received before `older_than_ms`. Returns how many.
     pub fn prune(&self, older_than_ms: u64) -> Result<u64, SpoolError> {
-        self.update(|t| t.prune_delivered(older_than_ms, None))
+        Ok(self.prune_due(older_than_ms)?.0)
+    }
+
+    /// [`Spool::prune`], also returning when the oldest delivered event left was received
+    /// (`None`: none is left), so that the caller knows when the next prune can find anything
+    /// while nobody writes. Nothing pruned, nothing is committed.
+    pub(crate) fn prune_due(&self, older_than_ms: u64) -> Result<(u64, Option<u64>), SpoolError> {
+        self.update_if(
+            |t| {
+                let mut next = None;
+                let pruned = t.prune_delivered(older_than_ms, None, &mut next)?;
+                Ok((pruned, next))
+            },
+            |(pruned, _)| *pruned > 0,
+        )
     }
 
     /// The last SSE id stored for a channel (see [`channel_key`]).
@@ -1304,10 +1388,13 @@ impl<'txn> Tables<'txn> {
 
     /// Remove events received before `older_than_ms` whose every delivery is done, oldest
     /// first; with `target_bytes`, stop once the stored bytes are at most that. Returns how many.
+    /// `next` is set to when the first delivered event left was received, if one is left for
+    /// being too new.
     fn prune_delivered(
         &mut self,
         older_than_ms: u64,
         target_bytes: Option<u64>,
+        next: &mut Option<u64>,
     ) -> Result<u64, redb::Error> {
         let mut candidates = Vec::new();
         let mut current: Option<(u64, bool)> = None;
@@ -1337,6 +1424,7 @@ impl<'txn> Tables<'txn> {
             }
             let received = read_event(&self.events, id)?.map_or(0, |e| e.received_ms);
             if received >= older_than_ms {
+                *next = Some(received);
                 break;
             }
             let routes: Vec<String> = self
@@ -1678,6 +1766,55 @@ mod tests {
         // A mark for the old queue position is stale and changes nothing.
         mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
         assert_eq!(spool.get(1).unwrap().1[0].1.status, Status::Pending);
+    }
+
+    /// Make the spool file look long untouched (as an idle relay's is after a while).
+    fn age_the_file(spool: &Spool) {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(spool.path())
+            .unwrap();
+        file.set_modified(SystemTime::now() - std::time::Duration::from_secs(3600))
+            .unwrap();
+    }
+
+    /// An idle relay's prune and status reads must find out from the file's stamp that nothing
+    /// changed; a prune that finds nothing must not write (which would change the stamp).
+    #[test]
+    fn a_prune_that_finds_nothing_leaves_the_file_alone_and_says_when_to_look_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        append(&spool, vec![event(0), event(1)]);
+        let queued = spool.pending(ROUTE, 0, 10).unwrap();
+        mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
+        let received = spool.get(1).unwrap().0.received_ms;
+
+        age_the_file(&spool);
+        let seen = spool.look();
+        assert!(!spool.changed_since(&seen), "nobody wrote");
+        assert_eq!(
+            spool.prune_due(received).unwrap(),
+            (0, Some(received)),
+            "the delivered event is not old enough; it will be at its receive time"
+        );
+        assert!(!spool.changed_since(&seen), "a prune of nothing wrote");
+
+        // Any write shows, here the second event's delivery.
+        mark(&spool, &queued[1], Outcome::Delivered { status: 200 });
+        assert!(spool.changed_since(&seen));
+        assert_eq!(spool.prune_due(u64::MAX).unwrap(), (2, None));
+    }
+
+    /// A stamp taken while the file's modification time is recent is not trusted: a write in
+    /// the same clock tick would leave the same time and size.
+    #[test]
+    fn a_recently_written_file_always_counts_as_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        append(&spool, vec![event(0)]);
+        let seen = spool.look();
+        assert!(spool.changed_since(&seen));
+        assert!(spool.changed_since(&Seen::default()));
     }
 
     #[test]
