@@ -83,7 +83,7 @@ start_client() { # name channel tag; prints the pid
       SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$relay" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
     "$compare_name")
       SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$BENCH_COMPARE" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
-    floor) "$dir/examples/floor" "$channel" "$target/hook" >/dev/null 2>&1 & ;;
+    floor) "$dir/examples/floor" "$channel" "$target/hook" >/dev/null 2>"$peers/floor-$tag.err" & ;;
     smee-client) "$peers/npm/node_modules/.bin/smee" -u "$channel" -t "$target/hook" >/dev/null 2>&1 & ;;
     pysmee) "$peers/py/bin/pysmee" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
   esac
@@ -99,6 +99,10 @@ run_client() { # name workload
   pid=$(start_client "$name" "$channel" "$tag")
   sleep 2 # let it subscribe (a first-time subscriber gets no backlog, as on smee.io)
   local before rss_before result after rss
+  if [ ! -e "/proc/$pid" ]; then
+    echo "bench: $name exited before the load ($(cat "$peers"/*"$tag"*.err 2>/dev/null | tail -1))" >&2
+    return 1
+  fi
   before=$(cpu_ticks "$pid")
   rss_before=$(status_kib "$pid" VmRSS)
   result=$("$dir/examples/bench_load" "$channel" "$target" "$workload")

@@ -36,8 +36,14 @@ async fn main() {
         .build_with_transport(transport);
     let mut stream = sse.stream();
     while let Some(item) = stream.next().await {
-        let Ok(SSE::Event(frame)) = item else {
-            continue;
+        let frame = match item {
+            Ok(SSE::Event(frame)) => frame,
+            Ok(_) => continue,
+            Err(e) => {
+                // No reconnects here: say why the loop ends, for the benchmark's log.
+                eprintln!("floor: the stream failed: {e:?}");
+                continue;
+            }
         };
         if frame.event_type != "message" {
             continue;
@@ -45,4 +51,5 @@ async fn main() {
         let decoded = wire::decode(frame.id.as_deref(), &frame.data).unwrap();
         forwarder.deliver(&decoded.event, &[]).await.unwrap();
     }
+    eprintln!("floor: the stream ended");
 }
