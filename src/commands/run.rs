@@ -31,7 +31,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::error!(
                     "config not reloaded, the running one stays: {}",
-                    format!("{e:#}").replace('\n', "; ")
+                    crate::error::chain(e.as_ref()).replace('\n', "; ")
                 ),
             }
         }
