@@ -52,59 +52,32 @@ pub struct ConfigFile {
 }
 
 /// `[cluster]`: relays with the same `name` on one NATS JetStream share channels, routes and
-/// alert state (see `src/cluster`).
+/// alert state (see `src/cluster`). Each value is `Spanned` and checked after parsing, so that
+/// every problem is reported, each at its own line (a serde check would stop at the first).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `nats://host:4222` or `tls://…` (may hold a password: prefer `nats_url_env`).
     /// `--nats-url` / `SMEE_RELAY_NATS_URL` wins.
-    #[serde(default, deserialize_with = "secret_text")]
-    pub nats_url: Option<SecretString>,
+    pub nats_url: Option<Spanned<SecretString>>,
     /// The environment variable holding the URL.
-    pub nats_url_env: Option<String>,
-    /// Relays with the same name share the work. Letters, digits, `-`, `_`.
-    #[serde(default = "default_cluster_name")]
-    pub name: String,
+    pub nats_url_env: Option<Spanned<String>>,
+    /// Relays with the same name share the work. Letters, digits, `-`, `_`. Default `default`.
+    pub name: Option<Spanned<String>>,
     /// A NATS credentials file (`.creds`: JWT and nkey seed).
     pub credentials_file: Option<PathBuf>,
     /// A PEM CA bundle to trust for the NATS server's TLS certificate (implies TLS).
     pub ca_file: Option<PathBuf>,
     /// How long a delivery in flight may go without news from its instance before another
-    /// takes it over: the failover time.
-    #[serde(default = "default_ack_wait", deserialize_with = "positive_duration")]
-    pub ack_wait: Duration,
-    /// How long NATS may be unreachable before `/healthz` fails.
-    #[serde(
-        default = "default_health_grace",
-        deserialize_with = "positive_duration"
-    )]
-    pub health_grace: Duration,
-    /// How far apart instances may publish one frame and still store it once.
-    #[serde(
-        default = "default_dedupe_window",
-        deserialize_with = "positive_duration"
-    )]
-    pub dedupe_window: Duration,
+    /// takes it over: the failover time. Default 30s.
+    pub ack_wait: Option<Spanned<String>>,
+    /// How long NATS may be unreachable before `/healthz` fails. Default 30s.
+    pub health_grace: Option<Spanned<String>>,
+    /// How far apart instances may publish one frame and still store it once. Default 2h.
+    pub dedupe_window: Option<Spanned<String>>,
     /// Copies of the stream and alert state across NATS servers (3 on a 3-node NATS cluster).
-    #[serde(default = "default_replicas")]
-    pub replicas: usize,
-}
-
-fn default_replicas() -> usize {
-    1
-}
-
-fn default_cluster_name() -> String {
-    "default".into()
-}
-fn default_ack_wait() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_health_grace() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_dedupe_window() -> Duration {
-    Duration::from_secs(2 * 3600)
+    /// Default 1. (i64: a negative value is reported as out of range, at its line.)
+    pub replicas: Option<Spanned<i64>>,
 }
 
 /// `[jq]`: what one evaluation of a `when` condition may cost. A condition that loops,
@@ -154,14 +127,15 @@ fn jq_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 /// A duration like `90s` that is more than zero: a zero timeout or tolerance would make the
 /// relay reconnect in a loop or refuse every signature.
 fn positive_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    let duration = humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!("{text:?} is not a duration like \"30s\": {e}"))
-    })?;
+    parse_positive_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// [`positive_duration`] on a value already read.
+fn parse_positive_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like \"30s\": {e}"))?;
     if duration.is_zero() {
-        return Err(serde::de::Error::custom(format!(
-            "{text:?}: must be more than zero"
-        )));
+        return Err(format!("{text:?}: must be more than zero").into());
     }
     Ok(duration)
 }
@@ -545,51 +519,126 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     parse(&text, &path.display().to_string(), env)
 }
 
-/// `[cluster]` validated (its URL, if given, already read: `url`); problems go to `problems`.
+/// Where `[cluster]`'s URL comes from, for [`cluster_settings`].
+enum ClusterUrlEnv<'a> {
+    /// `run` and `check`: `nats_url_env` must name a variable that is set.
+    Required(&'a dyn Fn(&str) -> Option<String>),
+    /// `events`: not set in this shell is fine when `--nats-url` gives it (`events` checks).
+    Optional(&'a dyn Fn(&str) -> Option<String>),
+}
+
+/// `[cluster]` validated, and its problems, each at its key's line (`at_line`), in file order:
+/// a file with several mistakes shows them all at once.
 fn cluster_settings(
     c: &ClusterConfig,
-    url: Result<Option<SecretString>, crate::error::Invalid>,
-    origin: &str,
-    problems: &mut Vec<String>,
-) -> crate::cluster::Settings {
-    let url = match url {
-        Ok(url) => url,
-        Err(e) => {
-            problems.push(format!("{origin}: [cluster] {e}"));
-            None
-        }
+    env: ClusterUrlEnv<'_>,
+    at_line: &dyn Fn(usize, String) -> String,
+) -> (crate::cluster::Settings, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut problem = |at: usize, message: String| {
+        problems.push((at, at_line(at, format!("[cluster] {message}"))));
     };
-    if c.name.is_empty()
-        || !c
-            .name
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-    {
-        problems.push(format!(
-            "{origin}: [cluster] name {:?}: use letters, digits, '-' and '_'",
-            c.name
-        ));
+    let mut url = None;
+    match (&c.nats_url, &c.nats_url_env) {
+        (Some(literal), Some(_)) => problem(
+            literal.span().start,
+            "give nats_url or nats_url_env, not both".into(),
+        ),
+        (Some(literal), None) => {
+            let value = literal.get_ref().expose_secret();
+            match check_text(value).and_then(|()| crate::url::check_nats_urls(value)) {
+                Ok(()) => url = Some(literal.get_ref().clone()),
+                Err(e) => problem(literal.span().start, format!("nats_url: {e}")),
+            }
+        }
+        (None, Some(name)) => {
+            let (lookup, required) = match env {
+                ClusterUrlEnv::Required(lookup) => (lookup, true),
+                ClusterUrlEnv::Optional(lookup) => (lookup, false),
+            };
+            let at = name.span().start;
+            let name = name.get_ref();
+            match lookup(name).filter(|v| !v.is_empty()) {
+                None if required => {
+                    problem(at, format!("nats_url_env names {name}, which is not set"))
+                }
+                None => {}
+                Some(value) => {
+                    match check_text(&value).and_then(|()| crate::url::check_nats_urls(&value)) {
+                        Ok(()) => url = Some(SecretString::from(value)),
+                        Err(e) => problem(at, format!("nats_url_env: the value of {name} is {e}")),
+                    }
+                }
+            }
+        }
+        // No URL here is fine when --nats-url gives it; `run` checks that.
+        (None, None) => {}
     }
-    if c.ack_wait < Duration::from_millis(500) {
-        problems.push(format!(
-            "{origin}: [cluster] ack_wait must be at least 500ms"
-        ));
-    }
-    // No URL here is fine when --nats-url gives it; `run` checks that.
+    let name = match &c.name {
+        Some(name) => {
+            let valid = !name.get_ref().is_empty()
+                && name
+                    .get_ref()
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+            if !valid {
+                problem(
+                    name.span().start,
+                    format!(
+                        "name {:?}: use letters, digits, '-' and '_'",
+                        name.get_ref()
+                    ),
+                );
+            }
+            name.get_ref().clone()
+        }
+        None => "default".to_string(),
+    };
     let mut settings = crate::cluster::Settings::new(
         url.unwrap_or_else(|| SecretString::from(String::new())),
-        c.name.clone(),
+        name,
     );
+    let mut duration = |key: &str, value: &Option<Spanned<String>>, minimum: Duration| {
+        let value = value.as_ref()?;
+        match parse_positive_duration(value.get_ref()) {
+            Ok(d) if d < minimum => problem(
+                value.span().start,
+                format!(
+                    "{key} must be at least {}",
+                    humantime::format_duration(minimum)
+                ),
+            ),
+            Ok(d) => return Some(d),
+            Err(e) => problem(value.span().start, format!("{key}: {e}")),
+        }
+        None
+    };
+    if let Some(d) = duration("ack_wait", &c.ack_wait, Duration::from_millis(500)) {
+        settings.ack_wait = d;
+    }
+    if let Some(d) = duration("health_grace", &c.health_grace, Duration::ZERO) {
+        settings.health_grace = d;
+    }
+    if let Some(d) = duration("dedupe_window", &c.dedupe_window, Duration::ZERO) {
+        settings.dedupe_window = d;
+    }
+    if let Some(replicas) = &c.replicas {
+        match usize::try_from(*replicas.get_ref()) {
+            Ok(n @ 1..=5) => settings.replicas = n,
+            _ => problem(
+                replicas.span().start,
+                format!(
+                    "replicas = {}: must be 1 to 5 (1 on a single NATS server, 3 on a 3-node \
+                     NATS cluster)",
+                    replicas.get_ref()
+                ),
+            ),
+        }
+    }
     settings.credentials = c.credentials_file.clone();
     settings.ca = c.ca_file.clone();
-    settings.ack_wait = c.ack_wait;
-    settings.health_grace = c.health_grace;
-    settings.dedupe_window = c.dedupe_window;
-    settings.replicas = c.replicas;
-    if !(1..=5).contains(&c.replicas) {
-        problems.push(format!("{origin}: [cluster] replicas must be 1 to 5"));
-    }
-    settings
+    problems.sort_by_key(|(at, _)| *at);
+    (settings, problems.into_iter().map(|(_, p)| p).collect())
 }
 
 /// Only `[cluster]` of the config at `path` (for `smee-relay events`, which needs nothing
@@ -607,21 +656,19 @@ pub fn load_cluster(
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         problems: vec![format!("{origin}: cannot read: {e}")],
     })?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let file: ClusterOnly = toml::from_str(&text).map_err(|e| ConfigError {
-        problems: vec![format!("{origin}: {}", e.message())],
+        problems: vec![match e.span() {
+            Some(span) => format!("{origin}:{}: {}", line_of(span.start), e.message()),
+            None => format!("{origin}: {}", e.message()),
+        }],
     })?;
     let Some(c) = file.cluster else {
         return Ok(None);
     };
-    let url = match (&c.nats_url, &c.nats_url_env) {
-        (Some(_), Some(_)) => Err("give nats_url or nats_url_env, not both".to_string().into()),
-        (Some(url), None) => Ok(Some(url.clone())),
-        // Not set in this shell is fine when --nats-url gives it; `events` checks that.
-        (None, Some(name)) => Ok(env(name).filter(|v| !v.is_empty()).map(SecretString::from)),
-        (None, None) => Ok(None),
-    };
-    let mut problems = Vec::new();
-    let settings = cluster_settings(&c, url, &origin, &mut problems);
+    let at_line =
+        |offset: usize, message: String| format!("{origin}:{}: {message}", line_of(offset));
+    let (settings, problems) = cluster_settings(&c, ClusterUrlEnv::Optional(env), &at_line);
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -805,8 +852,9 @@ pub fn parse(
         },
     };
     let cluster = file.cluster.as_ref().map(|c| {
-        let url = secret(&c.nats_url, &c.nats_url_env, "nats_url");
-        cluster_settings(c, url, origin, &mut problems)
+        let (settings, found) = cluster_settings(c, ClusterUrlEnv::Required(env), &at_line);
+        problems.extend(found);
+        settings
     });
     let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
@@ -1475,7 +1523,79 @@ above = 80
         let e = parse(&bad, "c.toml", &no_env).unwrap_err();
         let all = e.problems.join("\n");
         assert!(all.contains("[cluster] name \"no spaces\""), "{all}");
-        assert!(all.contains("replicas must be 1 to 5"), "{all}");
+        assert!(all.contains("replicas = 9: must be 1 to 5"), "{all}");
+    }
+
+    /// `check` said ok for NATS URLs that `run` then refused when connecting: a bad scheme, a
+    /// host that does not parse, in a list. Now both refuse them when the file is read, at the
+    /// key's line, with what a URL should look like, and without the password.
+    #[test]
+    fn regression_check_accepts_a_nats_url_that_run_refuses() {
+        let config = |url: &str| {
+            format!(
+                "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                 [cluster]\nname = \"prod\"\nnats_url = \"{url}\"\n"
+            )
+        };
+        let e = refused(&config("htp://u:hunter2@host:4222"), &no_env);
+        assert!(
+            e.starts_with("c.toml:6: [cluster] nats_url: scheme must be nats"),
+            "{e}"
+        );
+        assert!(e.contains("expected nats://HOST:PORT"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = refused(&config("nats://a:4222, nats://bad host:4222"), &no_env);
+        assert!(
+            e.starts_with("c.toml:6: [cluster] nats_url: server 2 of 2: not a URL"),
+            "{e}"
+        );
+        // From the environment: at nats_url_env's line.
+        let text = config("x").replace("nats_url = \"x\"", "nats_url_env = \"NATS_URL\"");
+        let env = |name: &str| (name == "NATS_URL").then(|| "htp://host:4222".to_string());
+        let e = refused(&text, &env);
+        assert!(
+            e.starts_with("c.toml:6: [cluster] nats_url_env: the value of NATS_URL is scheme"),
+            "{e}"
+        );
+        assert!(parse(&config("nats://a:4222, tls://b:4222"), "c.toml", &no_env).is_ok());
+    }
+
+    /// `[cluster]` problems had no line (`bad.toml: [cluster] name ...`), and a bad duration
+    /// stopped parsing so only it was reported. Now each is at its key's line, all of them, in
+    /// file order.
+    #[test]
+    fn regression_cluster_errors_have_no_line_and_only_one_is_reported() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://h:4222\"\nname = \"\"\nreplicas = 0\n\
+                    ack_wait = \"0s\"\nhealth_grace = \"soon\"\ndedupe_window = \"1h\"\n";
+        let e = parse(text, "c.toml", &no_env).unwrap_err();
+        assert_eq!(
+            e.problems,
+            [
+                r#"c.toml:6: [cluster] name "": use letters, digits, '-' and '_'"#,
+                "c.toml:7: [cluster] replicas = 0: must be 1 to 5 (1 on a single NATS server, 3 \
+                 on a 3-node NATS cluster)",
+                r#"c.toml:8: [cluster] ack_wait: "0s": must be more than zero"#,
+                r#"c.toml:9: [cluster] health_grace: "soon" is not a duration like "30s": expected number at 0"#,
+            ]
+        );
+        let e = refused(&text.replace("\"0s\"", "\"100ms\""), &no_env);
+        assert!(
+            e.contains("c.toml:8: [cluster] ack_wait must be at least 500ms"),
+            "{e}"
+        );
+        // `events` reads `[cluster]` alone, with the same lines.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[cluster]\n\nname = \"prod.eu\"\n").unwrap();
+        let e = load_cluster(&path, &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            e.ends_with(r#"c.toml:3: [cluster] name "prod.eu": use letters, digits, '-' and '_'"#),
+            "{e}"
+        );
     }
 
     #[test]

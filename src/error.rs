@@ -35,3 +35,30 @@ impl From<&str> for Invalid {
         Self(message.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cannot connect to NATS ...: IO error: Connection refused (os error 111): Connection
+    /// refused (os error 111)`: async-nats's error shows its I/O cause in its own text, and
+    /// anyhow's `{:#}` printed that cause again. `chain` names each cause once.
+    #[test]
+    fn regression_errors_repeat_their_cause() {
+        let refused = std::io::Error::from_raw_os_error(111);
+        let nats = async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Io, refused);
+        let e = anyhow::Error::new(nats).context("cannot connect to NATS at nats://h:4222");
+        let line = chain(e.as_ref());
+        assert_eq!(line.matches("(os error 111)").count(), 1, "{line}");
+        assert!(
+            line.starts_with("cannot connect to NATS at nats://h:4222: IO error: "),
+            "{line}"
+        );
+        // A cause not in the text yet is kept.
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(111)).context("sending");
+        assert_eq!(
+            chain(e.as_ref()),
+            format!("sending: {}", std::io::Error::from_raw_os_error(111))
+        );
+    }
+}

@@ -60,12 +60,13 @@ fn main() -> ExitCode {
             ExitCode::from(USAGE_ERROR)
         }
         Err(e) if needs_the_user(&e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", smee_relay::error::chain(e.as_ref()));
             ExitCode::from(USAGE_ERROR)
         }
         Err(e) => {
-            // The whole chain on one line: `delivering to ...: connection refused (os error 111)`.
-            tracing::error!("{e:#}");
+            // The whole chain on one line: `delivering to ...: connection refused (os error 111)`,
+            // each cause once (anyhow's `{:#}` repeats a cause its error's text already holds).
+            tracing::error!("{}", smee_relay::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     };

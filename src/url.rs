@@ -40,6 +40,63 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
     Ok(url)
 }
 
+/// Check a NATS server list as `async-nats` reads it (`nats://a:4222,tls://b:4222`; a bare
+/// `host:port` means `nats://`), so a typo is refused when the config is read, by `check` as by
+/// `run`, not when `run` connects. The URLs are not repeated in the message: they may hold a
+/// password; the server's place in the list says which one.
+pub fn check_nats_urls(text: &str) -> Result<(), crate::error::Invalid> {
+    let servers: Vec<&str> = text.split(',').map(str::trim).collect();
+    if servers.iter().all(|s| s.is_empty()) {
+        return Err("no server: give nats://HOST:PORT (comma-separate several)".into());
+    }
+    let many = servers.len() > 1;
+    for (n, server) in servers.iter().enumerate() {
+        let which = if many {
+            format!("server {} of {}: ", n + 1, servers.len())
+        } else {
+            String::new()
+        };
+        let problem = nats_server_problem(server);
+        if let Some(problem) = problem {
+            return Err(format!(
+                "{which}{problem} (expected nats://HOST:PORT, tls://, ws:// or wss://; \
+                 comma-separate several servers)"
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// What is wrong with one server address of a NATS list, if anything.
+fn nats_server_problem(server: &str) -> Option<String> {
+    if server.is_empty() {
+        return Some("empty (a stray comma?)".into());
+    }
+    let parsed = if server.contains("://") {
+        Url::parse(server)
+    } else {
+        Url::parse(&format!("nats://{server}"))
+    };
+    let url = match parsed {
+        Ok(url) => url,
+        Err(e) => return Some(format!("not a URL ({e})")),
+    };
+    if !matches!(url.scheme(), "nats" | "tls" | "ws" | "wss") {
+        return Some(format!(
+            "scheme must be nats, tls, ws or wss, not {:?}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Some("no host".into());
+    }
+    if url.port() == Some(0) {
+        return Some("port 0 is not a port you can connect to".into());
+    }
+    None
+}
+
 /// A smee channel URL, e.g. `https://smee.io/AbCdEf123`. Displays as `https://smee.io/AbCd…`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChannelUrl(Url);
@@ -298,5 +355,39 @@ mod tests {
         let plain = TargetUrl::local(3000, "/hook").unwrap();
         assert!(plain.authorization().is_none());
         assert_eq!(plain.short(), "127.0.0.1:3000/hook");
+    }
+
+    /// What `async-nats` accepts passes; what it would refuse at connect is refused here, with
+    /// the server's place in the list and no password.
+    #[test]
+    fn nats_urls_are_checked_as_the_client_reads_them() {
+        for ok in [
+            "nats://10.0.0.1:4222",
+            "nats://a:4222, nats://b:4222",
+            "tls://app:hunter2@nats.example:4222",
+            "ws://h:80,wss://h:443",
+            "host:4222",
+        ] {
+            assert_eq!(check_nats_urls(ok), Ok(()), "{ok}");
+        }
+        let e = check_nats_urls("htp://host:4222").unwrap_err().0;
+        assert!(
+            e.contains(r#"scheme must be nats, tls, ws or wss, not "htp""#),
+            "{e}"
+        );
+        let e = check_nats_urls("nats://a:4222, nats://bad host:4222")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("server 2 of 2: not a URL"), "{e}");
+        let e = check_nats_urls("nats://u:hunter2@a:4222,").unwrap_err().0;
+        assert!(e.contains("server 2 of 2: empty"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(
+            check_nats_urls(" , ")
+                .unwrap_err()
+                .0
+                .starts_with("no server")
+        );
+        assert!(check_nats_urls("nats://:4222").is_err());
     }
 }

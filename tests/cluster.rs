@@ -972,7 +972,7 @@ async fn a_dead_letter_made_by_one_instance_is_listed_and_replayed_from_another_
     // Replayed from another instance: delivered once, by whichever instance takes it.
     let out = events_on(other, &["replay", "--dead"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );

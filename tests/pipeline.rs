@@ -319,7 +319,7 @@ async fn check_validates_and_explains() {
     let config_arg = config.display().to_string();
     let (code, stdout, _) = run(vec!["check".into(), "--config".into(), config_arg.clone()]).await;
     assert_eq!(code, Some(0));
-    assert!(stdout.contains("ok (1 channels, 2 rules)"), "{stdout}");
+    assert!(stdout.contains("ok (1 channel, 2 rules)"), "{stdout}");
 
     let event = format!(
         "{}/tests/fixtures/port/deployment-config/automation/04-health-healthy-to-degraded.json",

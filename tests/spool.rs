@@ -179,7 +179,7 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
 
     // Replayed from another process while the relay runs: it goes out again.
     let said = events_cli(&relay.state_dir, &["replay", "--dead"]).await;
-    assert_eq!(said.trim(), "queued 1 deliveries again");
+    assert_eq!(said.trim(), "queued 1 delivery again");
     assert_eq!(seqs(&[target.next().await]), expected(0..1));
 
     relay.stop().await;

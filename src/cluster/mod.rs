@@ -28,6 +28,7 @@
 //! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
 //! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
 
+mod diagnose;
 pub mod inspect;
 
 use std::collections::HashMap;
@@ -175,12 +176,15 @@ fn redact_one(url: &str) -> String {
 pub enum ClusterError {
     #[error("cannot read the NATS credentials file {0}")]
     Credentials(PathBuf, #[source] std::io::Error),
-    #[error("cannot connect to NATS at {0} (is nats-server running with -js, and reachable?)")]
-    Connect(String, #[source] async_nats::ConnectError),
-    #[error("cannot create the JetStream stream {0} (is JetStream enabled on the server: -js?)")]
-    Stream(String, #[source] async_nats::Error),
-    #[error("cannot create the JetStream KV bucket {0}")]
-    Bucket(String, #[source] async_nats::Error),
+    /// The URL, and a hint chosen from the error (see `diagnose`).
+    #[error("cannot connect to NATS at {0}{1}")]
+    Connect(String, &'static str, #[source] async_nats::ConnectError),
+    /// The stream's name, and a hint chosen from what NATS said.
+    #[error("cannot create the JetStream stream {0}{1}")]
+    Stream(String, String, #[source] async_nats::Error),
+    /// The bucket's name, and a hint chosen from what NATS said.
+    #[error("cannot create the JetStream KV bucket {0}{1}")]
+    Bucket(String, String, #[source] async_nats::Error),
     #[error("invalid cluster name {0:?}: use letters, digits, '-' and '_'")]
     Name(String),
     #[error(
@@ -268,11 +272,15 @@ impl Cluster {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let events = status.clone();
+        // One client error a minute while NATS stays away (the client retries every ~2 s).
+        let repeats = Arc::new(Mutex::new(diagnose::Repeats::default()));
         options = options.event_callback(move |event| {
             let status = events.clone();
+            let repeats = repeats.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
+                        repeats.lock().unwrap_or_else(|p| p.into_inner()).reset();
                         if !status.connected.swap(true, Ordering::Relaxed) {
                             info!("NATS connection is back");
                         }
@@ -287,6 +295,15 @@ impl Cluster {
                             Ordering::Relaxed,
                         );
                         warn!("NATS connection lost; receipts stay in the local spool until it returns");
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        let line = repeats
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .note(&format!("client error: {e}"), std::time::Instant::now());
+                        if let Some(line) = line {
+                            info!("NATS: {line}");
+                        }
                     }
                     other => info!("NATS: {other}"),
                 }
@@ -304,7 +321,7 @@ impl Cluster {
         let client = options
             .connect(servers)
             .await
-            .map_err(|e| ClusterError::Connect(shown.clone(), e))?;
+            .map_err(|e| ClusterError::Connect(shown.clone(), diagnose::connect_hint(&e), e))?;
         status.connected.store(true, Ordering::Relaxed);
         let js = jetstream::new(client.clone());
         let stream_name = format!("SMEE_{}", settings.name);
@@ -323,7 +340,10 @@ impl Cluster {
             ..Default::default()
         })
         .await
-        .map_err(|e| ClusterError::Stream(stream_name.clone(), e.into()))?;
+        .map_err(|e| {
+            let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+            ClusterError::Stream(stream_name.clone(), hint, e.into())
+        })?;
         let bucket = format!("smee_{}_alerts", settings.name);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -343,7 +363,10 @@ impl Cluster {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| ClusterError::Bucket(bucket.clone(), e.into()))?,
+                .map_err(|e| {
+                    let hint = diagnose::bucket_hint(&e, settings.replicas);
+                    ClusterError::Bucket(bucket.clone(), hint, e.into())
+                })?,
         };
         info!(nats = %shown, cluster = %settings.name, "joined the cluster");
         Ok(Cluster {

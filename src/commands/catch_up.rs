@@ -102,8 +102,8 @@ async fn run_github(args: GithubCatchUpArgs) -> anyhow::Result<()> {
     print!("{}", summary(&report, &client.describe(), &args, since));
     if report.failures() > 0 {
         anyhow::bail!(
-            "{} deliveries of {} could not be recovered (marked FAILED above); the others were",
-            report.failures(),
+            "{} of {} could not be recovered (marked FAILED above); the others were",
+            super::count(report.failures(), "delivery", "deliveries"),
             client.describe()
         );
     }
@@ -208,16 +208,16 @@ fn pick_channel<'c>(
                 .find(|c| spool::lock::channel_identity(c.url.expose().as_str()) == identity)
                 .ok_or_else(|| {
                     usage(format!(
-                        "--channel {url} is not one of the config's {} channels",
-                        channels.len()
+                        "--channel {url} is not one of the config's {}",
+                        super::count(channels.len(), "channel", "channels")
                     ))
                 })
         }
         None => match channels {
             [only] => Ok(only),
             _ => Err(usage(format!(
-                "the config has {} channels: say which one the hook posts to with --channel URL",
-                channels.len()
+                "the config has {}: say which one the hook posts to with --channel URL",
+                super::count(channels.len(), "channel", "channels")
             ))),
         },
     }
@@ -234,9 +234,9 @@ fn summary(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{hook}: {} deliveries ({} GUIDs) since {}, {} missing from the spool",
-        report.listed,
-        report.guids,
+        "{hook}: {} ({}) since {}, {} missing from the spool",
+        super::count(report.listed, "delivery", "deliveries"),
+        super::count(report.guids, "GUID", "GUIDs"),
         humantime::format_duration(since),
         report.missing.len()
     );
@@ -267,14 +267,14 @@ fn summary(
     if args.dry_run {
         let _ = writeln!(
             out,
-            "dry run: would recover {} deliveries",
-            report.missing.len()
+            "dry run: would recover {}",
+            super::count(report.missing.len(), "delivery", "deliveries")
         );
     } else {
         let _ = writeln!(
             out,
-            "recovered {} deliveries into the spool{}{}",
-            report.recovered.len(),
+            "recovered {} into the spool{}{}",
+            super::count(report.recovered.len(), "delivery", "deliveries"),
             if report.ignored > 0 {
                 format!(" ({} skipped by ignore_events)", report.ignored)
             } else {

@@ -12,14 +12,16 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
     let jq = crate::pipeline::jq::JqEngine::new(config.jq);
     probe_conditions(&config, &jq)?;
     let Some(event) = args.event else {
-        println!(
-            "{}: ok ({} channels, {} rules)",
-            args.config.display(),
-            config.channels.len(),
-            config.rules.len()
-        );
+        println!("{}: ok ({})", args.config.display(), summary(&config));
         if !config.actions.is_empty() {
-            println!("{} [[action]] handlers", config.actions.len());
+            println!(
+                "{}",
+                super::count(
+                    config.actions.len(),
+                    "[[action]] handler",
+                    "[[action]] handlers"
+                )
+            );
         }
         let watched = config.rules.iter().any(|r| r.blueprint.is_some());
         let pipelines = config.channels.iter().any(|c| c.pipeline);
@@ -54,6 +56,31 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         print!("\n{}", crate::actions::explain(&config.actions, &body, &jq));
     }
     Ok(())
+}
+
+/// What `check` validated, for its `ok (...)` line: the counts, and the cluster it would join
+/// (not contacted: `check` reads the file only; `run` connects, and says what NATS refuses).
+fn summary(config: &crate::config::Config) -> String {
+    use crate::secret::ExposeSecret as _;
+    let mut out = format!(
+        "{}, {}",
+        super::count(config.channels.len(), "channel", "channels"),
+        super::count(config.rules.len(), "rule", "rules")
+    );
+    if let Some(cluster) = &config.cluster {
+        let at = if cluster.url.expose_secret().is_empty() {
+            "at the URL --nats-url / SMEE_RELAY_NATS_URL gives".to_string()
+        } else {
+            format!("at {}", cluster.shown_url())
+        };
+        let _ = write!(
+            out,
+            ", cluster {:?} {at}, {} — not contacted; run connects",
+            cluster.name,
+            super::count(cluster.replicas, "replica", "replicas")
+        );
+    }
+    out
 }
 
 /// Run each `when` condition once on an entity with no properties, within its bounds: one that
@@ -177,4 +204,38 @@ fn check_event(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> crate::config::Config {
+        crate::config::parse(text, "c.toml", &|_| None).unwrap()
+    }
+
+    /// `check` said `ok (1 channels, 0 rules)` for a config with `[cluster]`: a wrong plural,
+    /// and not a word about the cluster it checked (or that it did not contact NATS).
+    #[test]
+    fn regression_check_says_1_channels_and_nothing_of_the_cluster() {
+        let one =
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n";
+        assert_eq!(summary(&config(one)), "1 channel, 0 rules");
+        let two = format!("{one}{}", one.replace("abc", "def"));
+        assert_eq!(summary(&config(&two)), "2 channels, 0 rules");
+        let clustered = format!(
+            "{one}[cluster]\nnats_url = \"nats://app:hunter2@host:4222\"\nname = \"prod\"\n"
+        );
+        assert_eq!(
+            summary(&config(&clustered)),
+            "1 channel, 0 rules, cluster \"prod\" at nats://app:***@host:4222, 1 replica — not \
+             contacted; run connects"
+        );
+        let from_flag = format!("{one}[cluster]\nname = \"prod\"\nreplicas = 3\n");
+        assert_eq!(
+            summary(&config(&from_flag)),
+            "1 channel, 0 rules, cluster \"prod\" at the URL --nats-url / \
+             SMEE_RELAY_NATS_URL gives, 3 replicas — not contacted; run connects"
+        );
+    }
 }

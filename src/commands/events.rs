@@ -83,7 +83,11 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             };
             let written = export(&spool, &ids, format, dir.as_deref(), &target)?;
             if let Some(dir) = dir {
-                eprintln!("exported {written} events to {}", dir.display());
+                eprintln!(
+                    "exported {} to {}",
+                    super::count(written, "event", "events"),
+                    dir.display()
+                );
             }
         }
         EventsCommand::Replay {
@@ -99,7 +103,10 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 (false, None) => Replay::Ids(ids),
             };
             let queued = spool.replay(which)?;
-            println!("queued {queued} deliveries again");
+            println!(
+                "queued {} again",
+                super::count(queued, "delivery", "deliveries")
+            );
         }
         EventsCommand::Purge { .. } => {
             let purged = spool.purge_dead()?;
@@ -175,7 +182,10 @@ async fn run_cluster(
                 (false, None) => Which::Ids(ids),
             };
             let queued = cluster.replay(which).await?;
-            println!("queued {queued} deliveries again (cluster {name})");
+            println!(
+                "queued {} again (cluster {name})",
+                super::count(queued, "delivery", "deliveries")
+            );
         }
         EventsCommand::Purge { .. } => {
             let purged = cluster.purge_dead().await?;
@@ -367,12 +377,15 @@ async fn replay_to(
     }
     progress.finish_and_clear();
     println!(
-        "replayed {} of {} events to {to}",
+        "replayed {} of {} to {to}",
         ids.len() - failed,
-        ids.len()
+        super::count(ids.len(), "event", "events")
     );
     if failed > 0 {
-        anyhow::bail!("{failed} of {} events were not accepted by {to}", ids.len());
+        anyhow::bail!(
+            "{failed} of {} not accepted by {to}",
+            super::count(ids.len(), "event was", "events were")
+        );
     }
     Ok(())
 }

@@ -18,6 +18,11 @@ use crate::config::{self, ConfigError};
 use crate::delivery::RetryPolicy;
 use crate::service::systemd;
 
+/// `1 channel`, `2 channels`, `0 rules`: a count as a sentence says it.
+pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Run one command to its end.
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -156,5 +161,13 @@ mod tests {
             secret("PATH", Some(dir.path())).as_deref(),
             Some("not this")
         );
+    }
+
+    /// The CLI printed `1 channels`, `queued 1 deliveries again`.
+    #[test]
+    fn regression_counts_of_one_were_plural() {
+        assert_eq!(count(1, "delivery", "deliveries"), "1 delivery");
+        assert_eq!(count(0, "delivery", "deliveries"), "0 deliveries");
+        assert_eq!(count(2, "channel", "channels"), "2 channels");
     }
 }

@@ -31,7 +31,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::error!(
                     "config not reloaded, the running one stays: {}",
-                    format!("{e:#}").replace('\n', "; ")
+                    crate::error::chain(e.as_ref()).replace('\n', "; ")
                 ),
             }
         }
@@ -145,6 +145,14 @@ fn cluster_settings(
     use crate::secret::ExposeSecret as _;
     let settings = match (&args.nats_url, file) {
         (None, None) => return Ok(None),
+        // The flag is checked as the config's URL is (not by clap, whose message would
+        // repeat the value, password and all).
+        (Some(url), _) if let Err(e) = crate::url::check_nats_urls(url.expose_secret()) => {
+            return Err(crate::config::ConfigError {
+                problems: vec![format!("--nats-url / SMEE_RELAY_NATS_URL: {e}")],
+            }
+            .into());
+        }
         (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
         (Some(url), Some(mut file)) => {
             file.url = url.clone();
