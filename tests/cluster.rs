@@ -42,13 +42,33 @@ fn config(dir: &std::path::Path, body: &str) -> PathBuf {
 
 fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
     let dir = support::temp_dir();
-    let path = config(dir.path(), config_body);
+    let (child, logs) = start_in(dir.path(), config_body, env);
+    Instance {
+        child,
+        logs,
+        _dir: dir,
+    }
+}
+
+/// Start `instance` again (after a kill), on the same state directory.
+fn restart(instance: &mut Instance, config_body: &str) {
+    let (child, logs) = start_in(instance._dir.path(), config_body, &[]);
+    instance.child = child;
+    instance.logs = logs;
+}
+
+fn start_in(
+    dir: &std::path::Path,
+    config_body: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, LogWatch) {
+    let path = config(dir, config_body);
     let mut command = smee_relay();
     command
         .args(["run", "--config"])
         .arg(&path)
         .arg("--state-dir")
-        .arg(dir.path().join("state"))
+        .arg(dir.join("state"))
         .env(
             "RUST_LOG",
             "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
@@ -56,12 +76,7 @@ fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
     for (k, v) in env {
         command.env(k, v);
     }
-    let (child, logs) = spawn_logged(&mut command);
-    Instance {
-        child,
-        logs,
-        _dir: dir,
-    }
+    spawn_logged(&mut command)
 }
 
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
@@ -1096,4 +1111,70 @@ async fn events_for_a_cluster_that_does_not_exist_say_so_and_create_nothing() {
         "default".into(),
     );
     assert!(smee_relay::cluster::Cluster::open(settings).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_killed_instance_restarting_does_not_deliver_its_handed_back_copy_locally() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let mut instances = start_cluster(2, &channel, &body, &[]).await;
+
+    // The first delivery is held at the target, and its instance killed mid-delivery: its
+    // local copy stays queued in its spool.
+    target.hold();
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(1).await;
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance holding the delivery",
+        || {
+            let found = instances.iter().position(|i| {
+                i.logs
+                    .find(&["took a delivery from the cluster", "stream_seq=1"])
+                    .is_some()
+            });
+            std::future::ready(found)
+        },
+    )
+    .await;
+    instances[holder].child.start_kill().unwrap();
+    instances[holder].child.wait().await.unwrap();
+    target.release();
+    // The survivor takes it over (the one repeat, with the cluster's id).
+    support::wait_until(FAILOVER_PATIENCE, "the takeover", || target.arrived() >= 2).await;
+
+    // The killed instance comes back: it hands its copy back, and must not deliver it.
+    restart(&mut instances[holder], &body);
+    instances[holder]
+        .logs
+        .wait_for(&["handed back to the cluster the deliveries"])
+        .await;
+    // A new event shows the restarted instance's routes are running.
+    channel.send_webhook(2, &frame(1));
+    support::wait_until(support::PATIENCE, "event 1", || {
+        target.arrivals().iter().any(|r| n_of(&r.body) == 1)
+    })
+    .await;
+    while target.try_next(Duration::ZERO).await.is_some() {}
+    target.assert_quiet(Duration::from_secs(2)).await;
+    let ids: Vec<(usize, String)> = target
+        .arrivals()
+        .iter()
+        .map(|r| {
+            let id = r.header("x-smee-relay-delivery").expect("a delivery id");
+            (n_of(&r.body), id.to_string())
+        })
+        .collect();
+    eprintln!("arrivals: {ids:?}");
+    assert!(
+        ids.iter().all(|(_, id)| id.starts_with("test-")),
+        "every delivery is the cluster's (no local id): {ids:?}"
+    );
+    assert_eq!(
+        ids.iter().filter(|(n, _)| *n == 0).count(),
+        2,
+        "event 0: the held delivery and its one repeat: {ids:?}"
+    );
 }

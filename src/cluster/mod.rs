@@ -955,29 +955,57 @@ async fn finished_in_spool(spool: &Arc<Spool>, route: &str, event: u64) -> bool 
 /// At start, local deliveries of cluster routes that an earlier run of this instance took but
 /// did not finish are given back: NATS never got their ack, so it redelivers them (to this
 /// instance or another) and delivering the local copy too would repeat them. Returns how many.
-pub fn hand_back(spool: &Spool, writer: &SpoolWriter, routes: &[String]) -> usize {
-    let mut marks = Vec::new();
-    for route in routes {
-        if let Ok(queued) = spool.pending(route, 0, usize::MAX) {
-            for item in queued {
-                marks.push(Write::Mark {
-                    route: route.clone(),
-                    seq: item.seq,
-                    event: item.event.id,
-                    outcome: Outcome::Dead {
-                        status: None,
-                        error: "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it".into(),
-                    },
-                });
+///
+/// The marks are committed (not only journaled) before this returns: a route reads its queue
+/// from the spool file, so a mark still waiting for its group commit would let the route,
+/// started right after, deliver the handed-back copy under its local id.
+pub async fn hand_back(spool: Arc<Spool>, writer: &SpoolWriter, routes: Vec<String>) -> usize {
+    let queued = tokio::task::spawn_blocking(move || {
+        let mut marks = Vec::new();
+        for route in routes {
+            if let Ok(queued) = spool.pending(&route, 0, usize::MAX) {
+                for item in queued {
+                    marks.push(Write::Mark {
+                        route: route.clone(),
+                        seq: item.seq,
+                        event: item.event.id,
+                        outcome: Outcome::Dead {
+                            status: None,
+                            error: HANDED_BACK.into(),
+                        },
+                    });
+                }
+            }
+        }
+        marks
+    })
+    .await
+    .unwrap_or_default();
+    let count = queued.len();
+    if count == 0 {
+        return 0;
+    }
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match writer.commit(queued.clone()).await {
+            Ok(_) => return count,
+            Err(e) => {
+                // Starting the routes now would deliver the copies: wait for the disk.
+                error!(
+                    "cannot record that the deliveries the last run left unfinished are handed back to the cluster ({}); retrying before the routes start",
+                    crate::error::chain(&e)
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    let count = marks.len();
-    for mark in marks {
-        let _ = writer.finish(mark);
-    }
-    count
 }
+
+/// Why a local copy of a cluster delivery is marked dead at start ([`hand_back`]): it is not a
+/// dead letter, and no local replay may deliver it (the cluster does).
+pub const HANDED_BACK: &str =
+    "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it";
 
 /// Stored once, whichever instance publishes it: a hash of the channel and the frame as
 /// received (for smee.io, its data line holds smee's receive timestamp, so two posts of the

@@ -710,13 +710,7 @@ impl Runtime {
                 ALERT_ROUTE.to_string(),
                 reports_delivery_route(),
             ]);
-            let spool = self.spool.clone();
-            let writer = self.writer.clone();
-            let count = tokio::task::spawn_blocking(move || {
-                crate::cluster::hand_back(&spool, &writer, &routes)
-            })
-            .await
-            .unwrap_or(0);
+            let count = crate::cluster::hand_back(self.spool.clone(), &self.writer, routes).await;
             if count > 0 {
                 info!(
                     deliveries = count,
