@@ -1178,3 +1178,66 @@ async fn regression_a_killed_instance_restarting_does_not_deliver_its_handed_bac
         "event 0: the held delivery and its one repeat: {ids:?}"
     );
 }
+
+/// Wait until `events list` on `instance` shows stream event `id` delivered.
+async fn wait_delivered(instance: &Instance, id: u64) {
+    support::wait_for(support::PATIENCE, "the event delivered", || async {
+        let rows = cluster_rows(instance).await;
+        rows.iter()
+            .any(|r| r["id"] == id && r["status"] == "delivered")
+            .then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_since_neither_stops_at_an_old_replay_copy_nor_replays_copies() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Event 0 (stream 1), old enough to be out of a 5 s window; then event 1 (stream 2).
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    let sent = tokio::time::Instant::now();
+    wait_delivered(one, 1).await;
+    support::wait_until(Duration::from_secs(10), "event 0 out of the window", || {
+        sent.elapsed() > Duration::from_secs(7)
+    })
+    .await;
+    channel.send_webhook(2, &frame(1));
+    assert_eq!(n_of(&target.next().await.body), 1);
+    wait_delivered(one, 2).await;
+    // Event 0 replayed: its copy (stream 3), at the end of the stream, keeps its old receive
+    // time.
+    let out = events_on(one, &["replay", "1"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(one, 3).await;
+
+    // Received in the last 5 s: event 1 only (not the copy of event 0, nor event 0).
+    let out = events_on(one, &["replay", "--since", "5s"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 1);
+    wait_delivered(one, 4).await;
+    // Again: still event 1 alone, not also the copy the last replay made (stream 4).
+    let out = events_on(one, &["replay", "--since", "5s"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 1);
+    target.assert_quiet(Duration::from_secs(1)).await;
+}

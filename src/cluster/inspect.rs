@@ -22,6 +22,11 @@ use crate::event::Event;
 /// How many stream messages `events list` reads back at most, looking for rows.
 const SCAN: u64 = 10_000;
 
+/// How far apart the instances' clocks may be: `events replay --since` reads originals this
+/// much older than the window before it stops, since the stream is in receipt order only as
+/// far as the clocks of the instances that published agree.
+const CLOCK_SKEW: u64 = 60_000;
+
 /// The KV key of the dead letter of stream message `seq` on the route hashed `hash`.
 pub(super) fn dead_key(hash: &str, seq: u64) -> String {
     format!("dead.{hash}.{seq}")
@@ -405,8 +410,16 @@ impl Cluster {
                 let mut seq = last;
                 while seq >= first.max(1) {
                     match self.event(seq).await? {
-                        // Received order is stream order, give or take the instances' clocks.
-                        Some(event) if event.received_ms < since => break,
+                        // A replay copy keeps its original's receive time, wherever it sits
+                        // in the stream: it neither counts as received in the window (its
+                        // original does, and is replayed itself) nor says where to stop.
+                        Some(event) if event.replay_of.is_some() => {}
+                        // Originals are in receipt order, give or take the instances' clocks:
+                        // the scan goes that much further back before it stops.
+                        Some(event) if event.received_ms < since.saturating_sub(CLOCK_SKEW) => {
+                            break;
+                        }
+                        Some(event) if event.received_ms < since => {}
                         Some(event) => events.push(event),
                         None => {}
                     }
