@@ -1241,3 +1241,39 @@ async fn regression_replay_since_neither_stops_at_an_old_replay_copy_nor_replays
     assert_eq!(n_of(&target.next().await.body), 1);
     target.assert_quiet(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the_local_id() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Stream event 1; locally the outbox took id 1 and the delivery's copy a later one.
+    target.answer_with(&[400]);
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    let line = one.logs.wait_for(&["dead letter:"]).await;
+    assert!(
+        line.contains("`smee-relay events replay 1`"),
+        "the hint names the stream sequence: {line}"
+    );
+    let delivery = one.logs.wait_for(&["failed:", "(event "]).await;
+    assert!(
+        delivery.contains("event 1 in the cluster"),
+        "the delivery line names the stream sequence: {delivery}"
+    );
+    // And the hint works: the replay it names is the cluster's.
+    one.logs
+        .wait_for(&["dead letter recorded in the cluster"])
+        .await;
+    let out = events_on(one, &["replay", "1"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+}

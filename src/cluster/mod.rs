@@ -370,6 +370,15 @@ impl Cluster {
             .map(|taken| taken.delivery_id.clone())
     }
 
+    /// The stream sequence of the cluster delivery `event` on local `route`, if it is one.
+    pub fn stream_seq(&self, route: &str, event: &Event) -> Option<u64> {
+        let in_flight = self.in_flight.lock().expect("not poisoned");
+        in_flight
+            .get(route)
+            .filter(|taken| taken.event == *event)
+            .map(|taken| taken.seq)
+    }
+
     /// Told by local `route`'s target of each attempt at `event`: `Err` holds the target's
     /// status, if it answered, and why it failed. A cluster delivery that the route finishes
     /// after a failed attempt was given up on: [`Cluster::feed`] records it as a dead letter.
@@ -674,6 +683,7 @@ impl Cluster {
         if let Some(seq) = stream_seq {
             let taken = InFlight {
                 event: envelope.event.clone(),
+                seq,
                 delivery_id: format!("{}-{hash}-{seq}", self.settings.name),
                 attempts: 0,
                 failed: None,
@@ -889,7 +899,7 @@ impl Cluster {
             }
             match self.kv.put(&key, value.clone()).await {
                 Ok(_) => {
-                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay --dead` on any instance re-queues it");
+                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay {seq}` (or `--dead`) on any instance re-queues it");
                     return;
                 }
                 Err(e) => last = Some(e),
@@ -918,6 +928,8 @@ struct Paced<'a> {
 struct InFlight {
     /// The event, to tell it from anything else on the local queue.
     event: Event,
+    /// Its stream sequence: its id in `events list` and `events replay`.
+    seq: u64,
     /// What its target sees in `x-smee-relay-delivery`.
     delivery_id: String,
     /// Attempts this instance made at it.
