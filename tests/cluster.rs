@@ -1277,3 +1277,47 @@ async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the
     );
     assert_eq!(n_of(&target.next().await.body), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_local_without_to_is_refused_in_cluster_mode() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // A dead letter, in the cluster and in this machine's spool.
+    target.answer_with(&[400]);
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    one.logs
+        .wait_for(&["dead letter recorded in the cluster"])
+        .await;
+    let dir = one._dir.path();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["events", "replay", "--dead", "--local", "--config"])
+            .arg(dir.join("config.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("state")),
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "refused: {}", out.stdout);
+    assert!(
+        out.stderr.contains("--local` is refused") && out.stderr.contains("--to URL"),
+        "says why and what to do: {}",
+        out.stderr
+    );
+    // Nothing was queued locally: nothing is delivered outside the cluster.
+    target.assert_quiet(Duration::from_secs(2)).await;
+    // The cluster's replay is the way.
+    let out = events_on(one, &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+    target.assert_quiet(Duration::from_secs(1)).await;
+}

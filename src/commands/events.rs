@@ -22,6 +22,18 @@ use crate::url::TargetUrl;
 /// Run one `events` subcommand against the spool in the state directory, or in cluster mode
 /// against the cluster.
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    if args.local
+        && matches!(args.command, EventsCommand::Replay { to: None, .. })
+        && (args.nats_url.is_some() || config_cluster(&args)?.is_some())
+    {
+        // The local spool of a cluster instance holds copies of cluster deliveries (each
+        // delivered, or handed back, through the cluster, which has its own record of them):
+        // queued again locally, they would be delivered outside the cluster, beside whatever
+        // the cluster delivers or replays.
+        anyhow::bail!(
+            "in cluster mode `events replay --local` is refused: this machine's spool holds copies of the cluster's deliveries, and re-queuing them locally would deliver them a second time, outside the cluster. Replay through the cluster instead (without --local: `smee-relay events replay ID...|--dead|--since`, ids from `smee-relay events list`), or add `--to URL` to POST this machine's copies somewhere now"
+        );
+    }
     if !args.local
         && let Some(settings) = cluster_settings(&args)?
     {
@@ -113,14 +125,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
 /// as for `run`).
 fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
     use crate::secret::ExposeSecret as _;
-    let file = match &args.config {
-        Some(path) => {
-            let credentials =
-                std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-            crate::config::load_cluster(path, &|name| super::secret(name, credentials.as_deref()))?
-        }
-        None => None,
-    };
+    let file = config_cluster(args)?;
     let settings = match (&args.nats_url, file) {
         (None, None) => return Ok(None),
         (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
@@ -136,6 +141,17 @@ fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::
         );
     }
     Ok(Some(settings))
+}
+
+/// `[cluster]` of `--config`, if it has one (its URL may be empty: `nats_url_env` unset).
+fn config_cluster(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    Ok(crate::config::load_cluster(path, &|name| {
+        super::secret(name, credentials.as_deref())
+    })?)
 }
 
 /// One `events` subcommand against the cluster.
