@@ -1010,7 +1010,7 @@ async fn a_dead_letter_made_by_one_instance_is_listed_and_replayed_from_another_
         settled.then_some(rows)
     })
     .await;
-    assert_eq!(rows[0]["status"], "dead");
+    assert_eq!(rows[0]["status"], "replayed");
     let replay_id = rows[2]["id"].as_u64().unwrap();
     assert_eq!(rows[0]["replayed_as"], replay_id, "{rows:?}");
     assert_eq!(rows[2]["replay_of"], dead_id, "{rows:?}");
@@ -1319,5 +1319,84 @@ async fn regression_replay_local_without_to_is_refused_in_cluster_mode() {
         out.stdout
     );
     assert_eq!(n_of(&target.next().await.body), 0);
+    target.assert_quiet(Duration::from_secs(1)).await;
+}
+
+/// The `status` of each row of `events list --json ARGS` on `instance`, by id.
+async fn statuses(instance: &Instance, args: &[&str]) -> Vec<(u64, String)> {
+    let mut all = vec!["list", "--json"];
+    all.extend(args);
+    let out = events_on(instance, &all).await;
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    rows.iter()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replayed_and_purged_dead_letters_are_not_listed_as_dead_or_delivered() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Two dead letters (stream 1 and 2).
+    target.answer_with(&[400, 400]);
+    channel.send_webhook(1, &frame(0));
+    channel.send_webhook(2, &frame(1));
+    take_until_seen(&mut target, 0..2, support::PATIENCE).await;
+    support::wait_for(support::PATIENCE, "both dead letters recorded", || async {
+        (statuses(one, &["--status", "dead"]).await.len() == 2).then_some(())
+    })
+    .await;
+    // One replayed (stream 3), the other purged.
+    let out = events_on(one, &["replay", "1"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(one, 3).await;
+    let out = events_on(one, &["purge", "--dead"]).await;
+    assert!(
+        out.stdout.contains("purged 1 dead letters"),
+        "{}",
+        out.stdout
+    );
+
+    let all = statuses(one, &[]).await;
+    assert_eq!(
+        all,
+        [
+            (1, "replayed".to_string()),
+            (2, "purged".to_string()),
+            (3, "delivered".to_string())
+        ],
+        "{all:?}"
+    );
+    assert_eq!(statuses(one, &["--status", "dead"]).await, []);
+    assert_eq!(
+        statuses(one, &["--status", "purged"]).await,
+        [(2, "purged".to_string())]
+    );
+    assert_eq!(statuses(one, &["--status", "in-flight"]).await, []);
+    let table = events_on(one, &["list"]).await.stdout;
+    assert!(table.contains("dead (purged)"), "{table}");
+    // Neither is replayed by --dead again.
+    let out = events_on(one, &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 0 deliveries again"),
+        "{}",
+        out.stdout
+    );
     target.assert_quiet(Duration::from_secs(1)).await;
 }

@@ -889,6 +889,7 @@ impl Cluster {
             attempts,
             at_ms: crate::clock::now_ms(),
             replayed_as: None,
+            purged_ms: None,
         };
         let value = Bytes::from(serde_json::to_vec(&dead).expect("a dead letter serialises"));
         let key = inspect::dead_key(hash, seq);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::Engine as _;
 
-use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat};
+use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat, ListStatus};
 use crate::delivery::forward::Forwarder;
 use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
@@ -57,6 +57,21 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             limit,
             json,
         } => {
+            let status = match status {
+                None => None,
+                Some(ListStatus::Pending) => Some(Status::Pending),
+                Some(ListStatus::Delivered) => Some(Status::Delivered),
+                Some(ListStatus::Dead) => Some(Status::Dead),
+                Some(
+                    other @ (ListStatus::InFlight | ListStatus::Replayed | ListStatus::Purged),
+                ) => {
+                    anyhow::bail!(
+                        "--status {} is a cluster status (events list without --local, with [cluster] in --config); this machine's spool has pending, delivered and dead",
+                        clap::ValueEnum::to_possible_value(&other)
+                            .map_or_else(String::new, |v| v.get_name().to_string())
+                    )
+                }
+            };
             let rows = spool.list(status, limit)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -167,6 +182,15 @@ async fn run_cluster(
             limit,
             json,
         } => {
+            use crate::cluster::inspect::Filter;
+            let status = status.map(|status| match status {
+                ListStatus::Pending => Filter::Pending,
+                ListStatus::InFlight => Filter::InFlight,
+                ListStatus::Delivered => Filter::Delivered,
+                ListStatus::Dead => Filter::Dead,
+                ListStatus::Replayed => Filter::Replayed,
+                ListStatus::Purged => Filter::Purged,
+            });
             let rows = cluster.list(status, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -233,6 +257,8 @@ fn state_name(state: crate::cluster::inspect::State) -> &'static str {
         State::InFlight => "in-flight",
         State::Delivered => "delivered",
         State::Dead => "dead",
+        State::Replayed => "replayed",
+        State::Purged => "dead (purged)",
     }
 }
 
