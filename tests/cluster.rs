@@ -1400,3 +1400,47 @@ async fn regression_replayed_and_purged_dead_letters_are_not_listed_as_dead_or_d
     );
     target.assert_quiet(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn regression_events_commands_stay_quiet_on_stderr_and_suggest_local_when_nats_is_down() {
+    let nats = NatsServer::start().await;
+    let settings = smee_relay::cluster::Settings::new(
+        smee_relay::secret::SecretString::from(nats.url.clone()),
+        "test".into(),
+    );
+    smee_relay::cluster::Cluster::connect(settings)
+        .await
+        .expect("the cluster is created");
+    let dir = support::temp_dir();
+    let body = forward_config(
+        "http://127.0.0.1:9/ch",
+        "http://127.0.0.1:9/hook",
+        &nats.url,
+    );
+    let path = config(dir.path(), &body);
+    let events_list = || async {
+        support::run_to_end(
+            smee_relay()
+                .args(["events", "list", "--config"])
+                .arg(&path)
+                .arg("--state-dir")
+                .arg(dir.path().join("state")),
+        )
+        .await
+    };
+    let out = events_list().await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("joined the cluster") && !out.stderr.contains("INFO"),
+        "a read-only command logs no INFO: {}",
+        out.stderr
+    );
+    let _gone = nats.stop().await;
+    let out = events_list().await;
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("cannot connect to NATS") && out.stderr.contains("`--local`"),
+        "says what else to do: {}",
+        out.stderr
+    );
+}

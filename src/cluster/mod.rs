@@ -345,7 +345,12 @@ impl Cluster {
                 .await
                 .map_err(|e| ClusterError::Bucket(bucket.clone(), e.into()))?,
         };
-        info!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        if create {
+            info!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        } else {
+            // A command reading the cluster (`events`): its output is what it prints.
+            tracing::debug!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        }
         Ok(Cluster {
             js,
             client,

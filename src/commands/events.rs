@@ -37,7 +37,15 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     if !args.local
         && let Some(settings) = cluster_settings(&args)?
     {
-        let cluster = crate::cluster::Cluster::open(settings).await?;
+        let cluster = match crate::cluster::Cluster::open(settings).await {
+            Ok(cluster) => cluster,
+            Err(e @ crate::cluster::ClusterError::Connect(..)) => {
+                return Err(anyhow::Error::new(e).context(
+                    "cannot read the cluster's events (`--local` reads this machine's spool instead)",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         return run_cluster(&cluster, args.command).await;
     }
     let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
