@@ -1444,3 +1444,57 @@ async fn regression_events_commands_stay_quiet_on_stderr_and_suggest_local_when_
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_route_stopped_by_a_reload_does_not_deliver_its_copy_locally_when_restarted() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let elsewhere = forward_config(&channel.url("ch"), &target.url("/other"), &nats.url);
+    let env = [("SMEE_RELAY_SHUTDOWN_TIMEOUT", "1s")];
+    let mut instances = start_cluster(1, &channel, &body, &env).await;
+    let one = &mut instances[0];
+
+    // The delivery is held at the target while a reload removes the route: cut off, it stays
+    // queued locally and goes back to the cluster.
+    target.hold();
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(1).await;
+    config(one._dir.path(), &elsewhere);
+    support::signal(&one.child, "HUP");
+    one.logs.wait_for(&["config reloaded", "removed"]).await;
+    target.release();
+    // The route comes back: the cluster redelivers the event, and only the cluster.
+    config(one._dir.path(), &body);
+    support::signal(&one.child, "HUP");
+    support::wait_until(FAILOVER_PATIENCE, "the redelivery", || {
+        target
+            .arrivals()
+            .iter()
+            .filter(|r| n_of(&r.body) == 0)
+            .count()
+            >= 2
+    })
+    .await;
+    while target.try_next(Duration::ZERO).await.is_some() {}
+    target.assert_quiet(Duration::from_secs(2)).await;
+    let ids: Vec<(usize, String)> = target
+        .arrivals()
+        .iter()
+        .map(|r| {
+            let id = r.header("x-smee-relay-delivery").expect("a delivery id");
+            (n_of(&r.body), id.to_string())
+        })
+        .collect();
+    eprintln!("arrivals: {ids:?}");
+    assert!(
+        ids.iter().all(|(_, id)| id.starts_with("test-")),
+        "every delivery is the cluster's (no local id): {ids:?}"
+    );
+    assert_eq!(
+        ids.len(),
+        2,
+        "the cut-off delivery and its one repeat: {ids:?}"
+    );
+}

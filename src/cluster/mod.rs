@@ -829,8 +829,11 @@ impl Cluster {
             }
         };
         if !done {
-            // Another instance takes it now rather than after the ack wait; the local copy is
-            // handed back at the next start ([`hand_back`]).
+            // The route stopped (a reload, a shutdown) and left it queued. The local copy is
+            // handed back now, before the nak: a route started after a reload reads the same
+            // queue, and would deliver it under its local id beside the cluster's redelivery.
+            // (A crash leaves it to [`hand_back`] at the next start.)
+            hand_back_one(spool, writer, route, id).await;
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return None;
         }
@@ -1020,8 +1023,38 @@ pub async fn hand_back(spool: Arc<Spool>, writer: &SpoolWriter, routes: Vec<Stri
     }
 }
 
-/// Why a local copy of a cluster delivery is marked dead at start ([`hand_back`]): it is not a
-/// dead letter, and no local replay may deliver it (the cluster does).
+/// Hand back local event `event`, still queued on `route`, to the cluster (see [`hand_back`]).
+async fn hand_back_one(spool: &Arc<Spool>, writer: &SpoolWriter, route: &str, event: u64) {
+    let (spool, owned) = (spool.clone(), route.to_string());
+    let queued = tokio::task::spawn_blocking(move || {
+        spool
+            .pending(&owned, 0, usize::MAX)
+            .map(|queued| queued.into_iter().find(|q| q.event.id == event))
+    })
+    .await;
+    let Ok(Ok(Some(item))) = queued else {
+        return;
+    };
+    let mark = Write::Mark {
+        route: route.to_string(),
+        seq: item.seq,
+        event,
+        outcome: Outcome::Dead {
+            status: None,
+            error: HANDED_BACK.into(),
+        },
+    };
+    if let Err(e) = writer.commit(vec![mark]).await {
+        warn!(
+            route = %crate::spool::route_name(route),
+            "cannot record that a delivery is handed back to the cluster ({}); a route started on this queue before the next restart may deliver it again",
+            crate::error::chain(&e)
+        );
+    }
+}
+
+/// Why a local copy of a cluster delivery is marked dead when handed back ([`hand_back`]): it is
+/// not a dead letter, and no local replay may deliver it (the cluster does).
 pub const HANDED_BACK: &str =
     "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it";
 
