@@ -1055,7 +1055,7 @@ async fn hand_back_one(spool: &Arc<Spool>, writer: &SpoolWriter, route: &str, ev
 
 /// Why a local copy of a cluster delivery is marked dead when handed back ([`hand_back`]): it is
 /// not a dead letter, and no local replay may deliver it (the cluster does).
-pub const HANDED_BACK: &str =
+const HANDED_BACK: &str =
     "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it";
 
 /// Stored once, whichever instance publishes it: a hash of the channel and the frame as
