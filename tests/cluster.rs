@@ -42,13 +42,33 @@ fn config(dir: &std::path::Path, body: &str) -> PathBuf {
 
 fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
     let dir = support::temp_dir();
-    let path = config(dir.path(), config_body);
+    let (child, logs) = start_in(dir.path(), config_body, env);
+    Instance {
+        child,
+        logs,
+        _dir: dir,
+    }
+}
+
+/// Start `instance` again (after a kill), on the same state directory.
+fn restart(instance: &mut Instance, config_body: &str) {
+    let (child, logs) = start_in(instance._dir.path(), config_body, &[]);
+    instance.child = child;
+    instance.logs = logs;
+}
+
+fn start_in(
+    dir: &std::path::Path,
+    config_body: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, LogWatch) {
+    let path = config(dir, config_body);
     let mut command = smee_relay();
     command
         .args(["run", "--config"])
         .arg(&path)
         .arg("--state-dir")
-        .arg(dir.path().join("state"))
+        .arg(dir.join("state"))
         .env(
             "RUST_LOG",
             "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
@@ -56,12 +76,7 @@ fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
     for (k, v) in env {
         command.env(k, v);
     }
-    let (child, logs) = spawn_logged(&mut command);
-    Instance {
-        child,
-        logs,
-        _dir: dir,
-    }
+    spawn_logged(&mut command)
 }
 
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
@@ -995,7 +1010,7 @@ async fn a_dead_letter_made_by_one_instance_is_listed_and_replayed_from_another_
         settled.then_some(rows)
     })
     .await;
-    assert_eq!(rows[0]["status"], "dead");
+    assert_eq!(rows[0]["status"], "replayed");
     let replay_id = rows[2]["id"].as_u64().unwrap();
     assert_eq!(rows[0]["replayed_as"], replay_id, "{rows:?}");
     assert_eq!(rows[2]["replay_of"], dead_id, "{rows:?}");
@@ -1096,4 +1111,390 @@ async fn events_for_a_cluster_that_does_not_exist_say_so_and_create_nothing() {
         "default".into(),
     );
     assert!(smee_relay::cluster::Cluster::open(settings).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_killed_instance_restarting_does_not_deliver_its_handed_back_copy_locally() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let mut instances = start_cluster(2, &channel, &body, &[]).await;
+
+    // The first delivery is held at the target, and its instance killed mid-delivery: its
+    // local copy stays queued in its spool.
+    target.hold();
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(1).await;
+    let holder = support::wait_for(
+        support::PATIENCE,
+        "the instance holding the delivery",
+        || {
+            let found = instances.iter().position(|i| {
+                i.logs
+                    .find(&["took a delivery from the cluster", "stream_seq=1"])
+                    .is_some()
+            });
+            std::future::ready(found)
+        },
+    )
+    .await;
+    instances[holder].child.start_kill().unwrap();
+    instances[holder].child.wait().await.unwrap();
+    target.release();
+    // The survivor takes it over (the one repeat, with the cluster's id).
+    support::wait_until(FAILOVER_PATIENCE, "the takeover", || target.arrived() >= 2).await;
+
+    // The killed instance comes back: it hands its copy back, and must not deliver it.
+    restart(&mut instances[holder], &body);
+    instances[holder]
+        .logs
+        .wait_for(&["handed back to the cluster the deliveries"])
+        .await;
+    // A new event shows the restarted instance's routes are running.
+    channel.send_webhook(2, &frame(1));
+    support::wait_until(support::PATIENCE, "event 1", || {
+        target.arrivals().iter().any(|r| n_of(&r.body) == 1)
+    })
+    .await;
+    while target.try_next(Duration::ZERO).await.is_some() {}
+    target.assert_quiet(Duration::from_secs(2)).await;
+    let ids: Vec<(usize, String)> = target
+        .arrivals()
+        .iter()
+        .map(|r| {
+            let id = r.header("x-smee-relay-delivery").expect("a delivery id");
+            (n_of(&r.body), id.to_string())
+        })
+        .collect();
+    eprintln!("arrivals: {ids:?}");
+    assert!(
+        ids.iter().all(|(_, id)| id.starts_with("test-")),
+        "every delivery is the cluster's (no local id): {ids:?}"
+    );
+    assert_eq!(
+        ids.iter().filter(|(n, _)| *n == 0).count(),
+        2,
+        "event 0: the held delivery and its one repeat: {ids:?}"
+    );
+}
+
+/// Wait until `events list` on `instance` shows stream event `id` delivered.
+async fn wait_delivered(instance: &Instance, id: u64) {
+    support::wait_for(support::PATIENCE, "the event delivered", || async {
+        let rows = cluster_rows(instance).await;
+        rows.iter()
+            .any(|r| r["id"] == id && r["status"] == "delivered")
+            .then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_since_neither_stops_at_an_old_replay_copy_nor_replays_copies() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Event 0 (stream 1), old enough to be out of a 5 s window; then event 1 (stream 2).
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    let sent = tokio::time::Instant::now();
+    wait_delivered(one, 1).await;
+    support::wait_until(Duration::from_secs(10), "event 0 out of the window", || {
+        sent.elapsed() > Duration::from_secs(7)
+    })
+    .await;
+    channel.send_webhook(2, &frame(1));
+    assert_eq!(n_of(&target.next().await.body), 1);
+    wait_delivered(one, 2).await;
+    // Event 0 replayed: its copy (stream 3), at the end of the stream, keeps its old receive
+    // time.
+    let out = events_on(one, &["replay", "1"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(one, 3).await;
+
+    // Received in the last 5 s: event 1 only (not the copy of event 0, nor event 0).
+    let out = events_on(one, &["replay", "--since", "5s"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 1);
+    wait_delivered(one, 4).await;
+    // Again: still event 1 alone, not also the copy the last replay made (stream 4).
+    let out = events_on(one, &["replay", "--since", "5s"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 1);
+    target.assert_quiet(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the_local_id() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Stream event 1; locally the outbox took id 1 and the delivery's copy a later one.
+    target.answer_with(&[400]);
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    let line = one.logs.wait_for(&["dead letter:"]).await;
+    assert!(
+        line.contains("`smee-relay events replay 1`"),
+        "the hint names the stream sequence: {line}"
+    );
+    let delivery = one.logs.wait_for(&["failed:", "(event "]).await;
+    assert!(
+        delivery.contains("event 1 in the cluster"),
+        "the delivery line names the stream sequence: {delivery}"
+    );
+    // And the hint works: the replay it names is the cluster's.
+    one.logs
+        .wait_for(&["dead letter recorded in the cluster"])
+        .await;
+    let out = events_on(one, &["replay", "1"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_local_without_to_is_refused_in_cluster_mode() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // A dead letter, in the cluster and in this machine's spool.
+    target.answer_with(&[400]);
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    one.logs
+        .wait_for(&["dead letter recorded in the cluster"])
+        .await;
+    let dir = one._dir.path();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["events", "replay", "--dead", "--local", "--config"])
+            .arg(dir.join("config.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("state")),
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "refused: {}", out.stdout);
+    assert!(
+        out.stderr.contains("--local` is refused") && out.stderr.contains("--to URL"),
+        "says why and what to do: {}",
+        out.stderr
+    );
+    // Nothing was queued locally: nothing is delivered outside the cluster.
+    target.assert_quiet(Duration::from_secs(2)).await;
+    // The cluster's replay is the way.
+    let out = events_on(one, &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+    target.assert_quiet(Duration::from_secs(1)).await;
+}
+
+/// The `status` of each row of `events list --json ARGS` on `instance`, by id.
+async fn statuses(instance: &Instance, args: &[&str]) -> Vec<(u64, String)> {
+    let mut all = vec!["list", "--json"];
+    all.extend(args);
+    let out = events_on(instance, &all).await;
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    rows.iter()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replayed_and_purged_dead_letters_are_not_listed_as_dead_or_delivered() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Two dead letters (stream 1 and 2).
+    target.answer_with(&[400, 400]);
+    channel.send_webhook(1, &frame(0));
+    channel.send_webhook(2, &frame(1));
+    take_until_seen(&mut target, 0..2, support::PATIENCE).await;
+    support::wait_for(support::PATIENCE, "both dead letters recorded", || async {
+        (statuses(one, &["--status", "dead"]).await.len() == 2).then_some(())
+    })
+    .await;
+    // One replayed (stream 3), the other purged.
+    let out = events_on(one, &["replay", "1"]).await;
+    assert!(
+        out.stdout.contains("queued 1 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(one, 3).await;
+    let out = events_on(one, &["purge", "--dead"]).await;
+    assert!(
+        out.stdout.contains("purged 1 dead letters"),
+        "{}",
+        out.stdout
+    );
+
+    let all = statuses(one, &[]).await;
+    assert_eq!(
+        all,
+        [
+            (1, "replayed".to_string()),
+            (2, "purged".to_string()),
+            (3, "delivered".to_string())
+        ],
+        "{all:?}"
+    );
+    assert_eq!(statuses(one, &["--status", "dead"]).await, []);
+    assert_eq!(
+        statuses(one, &["--status", "purged"]).await,
+        [(2, "purged".to_string())]
+    );
+    assert_eq!(statuses(one, &["--status", "in-flight"]).await, []);
+    let table = events_on(one, &["list"]).await.stdout;
+    assert!(table.contains("dead (purged)"), "{table}");
+    // Neither is replayed by --dead again.
+    let out = events_on(one, &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 0 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    target.assert_quiet(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn regression_events_commands_stay_quiet_on_stderr_and_suggest_local_when_nats_is_down() {
+    let nats = NatsServer::start().await;
+    let settings = smee_relay::cluster::Settings::new(
+        smee_relay::secret::SecretString::from(nats.url.clone()),
+        "test".into(),
+    );
+    smee_relay::cluster::Cluster::connect(settings)
+        .await
+        .expect("the cluster is created");
+    let dir = support::temp_dir();
+    let body = forward_config(
+        "http://127.0.0.1:9/ch",
+        "http://127.0.0.1:9/hook",
+        &nats.url,
+    );
+    let path = config(dir.path(), &body);
+    let events_list = || async {
+        support::run_to_end(
+            smee_relay()
+                .args(["events", "list", "--config"])
+                .arg(&path)
+                .arg("--state-dir")
+                .arg(dir.path().join("state")),
+        )
+        .await
+    };
+    let out = events_list().await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("joined the cluster") && !out.stderr.contains("INFO"),
+        "a read-only command logs no INFO: {}",
+        out.stderr
+    );
+    let _gone = nats.stop().await;
+    let out = events_list().await;
+    assert_ne!(out.code, Some(0), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("cannot connect to NATS") && out.stderr.contains("`--local`"),
+        "says what else to do: {}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_route_stopped_by_a_reload_does_not_deliver_its_copy_locally_when_restarted() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let elsewhere = forward_config(&channel.url("ch"), &target.url("/other"), &nats.url);
+    let env = [("SMEE_RELAY_SHUTDOWN_TIMEOUT", "1s")];
+    let mut instances = start_cluster(1, &channel, &body, &env).await;
+    let one = &mut instances[0];
+
+    // The delivery is held at the target while a reload removes the route: cut off, it stays
+    // queued locally and goes back to the cluster.
+    target.hold();
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(1).await;
+    config(one._dir.path(), &elsewhere);
+    support::signal(&one.child, "HUP");
+    one.logs.wait_for(&["config reloaded", "removed"]).await;
+    target.release();
+    // The route comes back: the cluster redelivers the event, and only the cluster.
+    config(one._dir.path(), &body);
+    support::signal(&one.child, "HUP");
+    support::wait_until(FAILOVER_PATIENCE, "the redelivery", || {
+        target
+            .arrivals()
+            .iter()
+            .filter(|r| n_of(&r.body) == 0)
+            .count()
+            >= 2
+    })
+    .await;
+    while target.try_next(Duration::ZERO).await.is_some() {}
+    target.assert_quiet(Duration::from_secs(2)).await;
+    let ids: Vec<(usize, String)> = target
+        .arrivals()
+        .iter()
+        .map(|r| {
+            let id = r.header("x-smee-relay-delivery").expect("a delivery id");
+            (n_of(&r.body), id.to_string())
+        })
+        .collect();
+    eprintln!("arrivals: {ids:?}");
+    assert!(
+        ids.iter().all(|(_, id)| id.starts_with("test-")),
+        "every delivery is the cluster's (no local id): {ids:?}"
+    );
+    assert_eq!(
+        ids.len(),
+        2,
+        "the cut-off delivery and its one repeat: {ids:?}"
+    );
 }

@@ -247,13 +247,29 @@ pub struct EventsArgs {
     pub command: EventsCommand,
 }
 
+/// `events list --status`: the statuses `list` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListStatus {
+    /// Queued (in cluster mode, in flight too).
+    Pending,
+    /// Cluster mode: held by an instance delivering it now.
+    InFlight,
+    Delivered,
+    /// Given up on, not yet replayed (nor, in cluster mode, purged).
+    Dead,
+    /// Cluster mode: a dead letter replayed.
+    Replayed,
+    /// Cluster mode: a dead letter purged (never delivered).
+    Purged,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
     /// List events and how their deliveries stand (the most recent last).
     List {
-        /// Only deliveries with this status.
+        /// Only deliveries with this status (in-flight, replayed and purged: cluster mode).
         #[arg(long, value_enum)]
-        status: Option<crate::spool::Status>,
+        status: Option<ListStatus>,
         /// How many rows at most.
         #[arg(long, default_value_t = 50)]
         limit: usize,

@@ -22,6 +22,11 @@ use crate::event::Event;
 /// How many stream messages `events list` reads back at most, looking for rows.
 const SCAN: u64 = 10_000;
 
+/// How far apart the instances' clocks may be: `events replay --since` reads originals this
+/// much older than the window before it stops, since the stream is in receipt order only as
+/// far as the clocks of the instances that published agree.
+const CLOCK_SKEW: u64 = 60_000;
+
 /// The KV key of the dead letter of stream message `seq` on the route hashed `hash`.
 pub(super) fn dead_key(hash: &str, seq: u64) -> String {
     format!("dead.{hash}.{seq}")
@@ -46,6 +51,10 @@ pub struct DeadLetter {
     pub at_ms: u64,
     /// The stream message that replays it, once replayed (0: a replay is being published).
     pub replayed_as: Option<u64>,
+    /// When `events purge --dead` gave up on it for good (ms since the epoch): kept, so that
+    /// `events list` says it was not delivered rather than calling it delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_ms: Option<u64>,
 }
 
 /// Where one event's delivery to one route stands, cluster-wide.
@@ -60,6 +69,42 @@ pub enum State {
     Delivered,
     /// Given up on by the instance that held it; replayable from any instance.
     Dead,
+    /// A dead letter replayed (its copy is another row, `replay of` it).
+    Replayed,
+    /// A dead letter purged (`events purge --dead`): never delivered, and no longer replayed
+    /// by `--dead`.
+    Purged,
+}
+
+/// What `events list --status` keeps, in cluster mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Pending or in flight: not yet delivered.
+    Pending,
+    InFlight,
+    Delivered,
+    /// Dead letters not yet replayed or purged.
+    Dead,
+    Replayed,
+    Purged,
+}
+
+impl Filter {
+    fn keeps(self, state: State) -> bool {
+        match self {
+            Filter::Pending => matches!(state, State::Pending | State::InFlight),
+            Filter::InFlight => state == State::InFlight,
+            Filter::Delivered => state == State::Delivered,
+            Filter::Dead => state == State::Dead,
+            Filter::Replayed => state == State::Replayed,
+            Filter::Purged => state == State::Purged,
+        }
+    }
+
+    /// Whether only rows of recorded dead letters can match (found from KV, not the stream).
+    fn dead_only(self) -> bool {
+        matches!(self, Filter::Dead | Filter::Replayed | Filter::Purged)
+    }
 }
 
 /// One frame in the stream.
@@ -155,6 +200,8 @@ impl View {
             .map(|route| {
                 let dead = self.dead.get(&(route.hash.clone(), event.seq));
                 let status = match dead {
+                    Some((d, _)) if d.replayed_as.is_some() => State::Replayed,
+                    Some((d, _)) if d.purged_ms.is_some() => State::Purged,
                     Some(_) => State::Dead,
                     None if event.seq <= route.floor => State::Delivered,
                     None if route.in_flight == Some(event.seq) => State::InFlight,
@@ -279,19 +326,9 @@ impl Cluster {
     }
 
     /// `events list`: the last `limit` (event, route) rows, oldest first, with `status` only.
-    pub async fn list(
-        &self,
-        status: Option<crate::spool::Status>,
-        limit: usize,
-    ) -> Result<Vec<Row>, NatsError> {
-        use crate::spool::Status;
+    pub async fn list(&self, status: Option<Filter>, limit: usize) -> Result<Vec<Row>, NatsError> {
         let view = self.view().await?;
-        let wanted = |row: &Row| match status {
-            None => true,
-            Some(Status::Dead) => row.status == State::Dead,
-            Some(Status::Delivered) => row.status == State::Delivered,
-            Some(Status::Pending) => matches!(row.status, State::Pending | State::InFlight),
-        };
+        let wanted = |row: &Row| status.is_none_or(|filter| filter.keeps(row.status));
         let mut groups: Vec<Vec<Row>> = Vec::new();
         let mut found = 0;
         let take = |event: ClusterEvent, groups: &mut Vec<Vec<Row>>| {
@@ -300,7 +337,7 @@ impl Cluster {
             groups.push(rows);
             count
         };
-        if status == Some(Status::Dead) {
+        if status.is_some_and(Filter::dead_only) {
             // Dead letters are few and anywhere in the stream: read them, not the stream.
             let mut seqs: Vec<u64> = view.dead.keys().map(|(_, seq)| *seq).collect();
             seqs.sort_unstable();
@@ -348,7 +385,8 @@ impl Cluster {
         let pick = |event: ClusterEvent, chosen: &mut Vec<(String, ClusterEvent)>| {
             for row in view.rows(&event) {
                 let replayed = row.replayed_as.is_some();
-                if (row.status == State::Delivered || row.status == State::Dead) && !replayed {
+                let done = matches!(row.status, State::Delivered | State::Dead | State::Purged);
+                if done && !replayed {
                     let hash = view
                         .routes
                         .iter()
@@ -365,7 +403,7 @@ impl Cluster {
                 let mut seqs: Vec<u64> = view
                     .dead
                     .values()
-                    .filter(|(d, _)| d.replayed_as.is_none())
+                    .filter(|(d, _)| d.replayed_as.is_none() && d.purged_ms.is_none())
                     .map(|(d, _)| d.stream_seq)
                     .collect();
                 seqs.sort_unstable();
@@ -405,8 +443,16 @@ impl Cluster {
                 let mut seq = last;
                 while seq >= first.max(1) {
                     match self.event(seq).await? {
-                        // Received order is stream order, give or take the instances' clocks.
-                        Some(event) if event.received_ms < since => break,
+                        // A replay copy keeps its original's receive time, wherever it sits
+                        // in the stream: it neither counts as received in the window (its
+                        // original does, and is replayed itself) nor says where to stop.
+                        Some(event) if event.replay_of.is_some() => {}
+                        // Originals are in receipt order, give or take the instances' clocks:
+                        // the scan goes that much further back before it stops.
+                        Some(event) if event.received_ms < since.saturating_sub(CLOCK_SKEW) => {
+                            break;
+                        }
+                        Some(event) if event.received_ms < since => {}
                         Some(event) => events.push(event),
                         None => {}
                     }
@@ -477,13 +523,29 @@ impl Cluster {
         Ok(ack.sequence)
     }
 
-    /// `events purge --dead`: forget the cluster's dead letters. Returns how many.
+    /// `events purge --dead`: give up on the cluster's dead letters for good (`--dead` no
+    /// longer replays them; `list` shows them `purged`, not delivered). Returns how many.
     pub async fn purge_dead(&self) -> Result<usize, NatsError> {
         let view = self.view().await?;
-        for (hash, seq) in view.dead.keys() {
-            self.kv.delete(dead_key(hash, *seq)).await.map_err(nats)?;
+        let mut purged = 0;
+        for ((hash, seq), (letter, revision)) in &view.dead {
+            if letter.replayed_as.is_some() || letter.purged_ms.is_some() {
+                continue;
+            }
+            let mut letter = letter.clone();
+            letter.purged_ms = Some(crate::clock::now_ms());
+            match self
+                .kv
+                .update(dead_key(hash, *seq), to_bytes(&letter), *revision)
+                .await
+            {
+                Ok(_) => purged += 1,
+                // Being replayed, or purged, by someone else just now.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => return Err(nats(e)),
+            }
         }
-        Ok(view.dead.len())
+        Ok(purged)
     }
 }
 
@@ -533,6 +595,7 @@ mod tests {
             attempts: 1,
             at_ms: 1,
             replayed_as: Some(9),
+            purged_ms: None,
         };
         let view = View {
             routes: vec![
@@ -552,7 +615,10 @@ mod tests {
         // of another channel has no row.
         assert_eq!(
             states(3, "ch"),
-            [("a".into(), State::Delivered), ("b".into(), State::Dead)]
+            [
+                ("a".into(), State::Delivered),
+                ("b".into(), State::Replayed)
+            ]
         );
         assert_eq!(
             states(5, "ch"),

@@ -368,7 +368,12 @@ impl Cluster {
                     ClusterError::Bucket(bucket.clone(), hint, e.into())
                 })?,
         };
-        info!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        if create {
+            info!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        } else {
+            // A command reading the cluster (`events`): its output is what it prints.
+            tracing::debug!(nats = %shown, cluster = %settings.name, "joined the cluster");
+        }
         Ok(Cluster {
             js,
             client,
@@ -391,6 +396,15 @@ impl Cluster {
             .get(route)
             .filter(|taken| taken.event == *event)
             .map(|taken| taken.delivery_id.clone())
+    }
+
+    /// The stream sequence of the cluster delivery `event` on local `route`, if it is one.
+    pub fn stream_seq(&self, route: &str, event: &Event) -> Option<u64> {
+        let in_flight = self.in_flight.lock().expect("not poisoned");
+        in_flight
+            .get(route)
+            .filter(|taken| taken.event == *event)
+            .map(|taken| taken.seq)
     }
 
     /// Told by local `route`'s target of each attempt at `event`: `Err` holds the target's
@@ -697,6 +711,7 @@ impl Cluster {
         if let Some(seq) = stream_seq {
             let taken = InFlight {
                 event: envelope.event.clone(),
+                seq,
                 delivery_id: format!("{}-{hash}-{seq}", self.settings.name),
                 attempts: 0,
                 failed: None,
@@ -837,8 +852,11 @@ impl Cluster {
             }
         };
         if !done {
-            // Another instance takes it now rather than after the ack wait; the local copy is
-            // handed back at the next start ([`hand_back`]).
+            // The route stopped (a reload, a shutdown) and left it queued. The local copy is
+            // handed back now, before the nak: a route started after a reload reads the same
+            // queue, and would deliver it under its local id beside the cluster's redelivery.
+            // (A crash leaves it to [`hand_back`] at the next start.)
+            hand_back_one(spool, writer, route, id).await;
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return None;
         }
@@ -902,6 +920,7 @@ impl Cluster {
             attempts,
             at_ms: crate::clock::now_ms(),
             replayed_as: None,
+            purged_ms: None,
         };
         let value = Bytes::from(serde_json::to_vec(&dead).expect("a dead letter serialises"));
         let key = inspect::dead_key(hash, seq);
@@ -912,7 +931,7 @@ impl Cluster {
             }
             match self.kv.put(&key, value.clone()).await {
                 Ok(_) => {
-                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay --dead` on any instance re-queues it");
+                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay {seq}` (or `--dead`) on any instance re-queues it");
                     return;
                 }
                 Err(e) => last = Some(e),
@@ -941,6 +960,8 @@ struct Paced<'a> {
 struct InFlight {
     /// The event, to tell it from anything else on the local queue.
     event: Event,
+    /// Its stream sequence: its id in `events list` and `events replay`.
+    seq: u64,
     /// What its target sees in `x-smee-relay-delivery`.
     delivery_id: String,
     /// Attempts this instance made at it.
@@ -978,29 +999,87 @@ async fn finished_in_spool(spool: &Arc<Spool>, route: &str, event: u64) -> bool 
 /// At start, local deliveries of cluster routes that an earlier run of this instance took but
 /// did not finish are given back: NATS never got their ack, so it redelivers them (to this
 /// instance or another) and delivering the local copy too would repeat them. Returns how many.
-pub fn hand_back(spool: &Spool, writer: &SpoolWriter, routes: &[String]) -> usize {
-    let mut marks = Vec::new();
-    for route in routes {
-        if let Ok(queued) = spool.pending(route, 0, usize::MAX) {
-            for item in queued {
-                marks.push(Write::Mark {
-                    route: route.clone(),
-                    seq: item.seq,
-                    event: item.event.id,
-                    outcome: Outcome::Dead {
-                        status: None,
-                        error: "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it".into(),
-                    },
-                });
+///
+/// The marks are committed (not only journaled) before this returns: a route reads its queue
+/// from the spool file, so a mark still waiting for its group commit would let the route,
+/// started right after, deliver the handed-back copy under its local id.
+pub async fn hand_back(spool: Arc<Spool>, writer: &SpoolWriter, routes: Vec<String>) -> usize {
+    let queued = tokio::task::spawn_blocking(move || {
+        let mut marks = Vec::new();
+        for route in routes {
+            if let Ok(queued) = spool.pending(&route, 0, usize::MAX) {
+                for item in queued {
+                    marks.push(Write::Mark {
+                        route: route.clone(),
+                        seq: item.seq,
+                        event: item.event.id,
+                        outcome: Outcome::Dead {
+                            status: None,
+                            error: HANDED_BACK.into(),
+                        },
+                    });
+                }
+            }
+        }
+        marks
+    })
+    .await
+    .unwrap_or_default();
+    let count = queued.len();
+    if count == 0 {
+        return 0;
+    }
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match writer.commit(queued.clone()).await {
+            Ok(_) => return count,
+            Err(e) => {
+                // Starting the routes now would deliver the copies: wait for the disk.
+                error!(
+                    "cannot record that the deliveries the last run left unfinished are handed back to the cluster ({}); retrying before the routes start",
+                    crate::error::chain(&e)
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    let count = marks.len();
-    for mark in marks {
-        let _ = writer.finish(mark);
-    }
-    count
 }
+
+/// Hand back local event `event`, still queued on `route`, to the cluster (see [`hand_back`]).
+async fn hand_back_one(spool: &Arc<Spool>, writer: &SpoolWriter, route: &str, event: u64) {
+    let (spool, owned) = (spool.clone(), route.to_string());
+    let queued = tokio::task::spawn_blocking(move || {
+        spool
+            .pending(&owned, 0, usize::MAX)
+            .map(|queued| queued.into_iter().find(|q| q.event.id == event))
+    })
+    .await;
+    let Ok(Ok(Some(item))) = queued else {
+        return;
+    };
+    let mark = Write::Mark {
+        route: route.to_string(),
+        seq: item.seq,
+        event,
+        outcome: Outcome::Dead {
+            status: None,
+            error: HANDED_BACK.into(),
+        },
+    };
+    if let Err(e) = writer.commit(vec![mark]).await {
+        warn!(
+            route = %crate::spool::route_name(route),
+            "cannot record that a delivery is handed back to the cluster ({}); a route started on this queue before the next restart may deliver it again",
+            crate::error::chain(&e)
+        );
+    }
+}
+
+/// Why a local copy of a cluster delivery is marked dead when handed back ([`hand_back`]): it is
+/// not a dead letter, and no local replay may deliver it (the cluster does).
+const HANDED_BACK: &str =
+    "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it";
 
 /// Stored once, whichever instance publishes it: a hash of the channel and the frame as
 /// received (for smee.io, its data line holds smee's receive timestamp, so two posts of the

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::Engine as _;
 
-use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat};
+use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat, ListStatus};
 use crate::delivery::forward::Forwarder;
 use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
@@ -22,10 +22,30 @@ use crate::url::TargetUrl;
 /// Run one `events` subcommand against the spool in the state directory, or in cluster mode
 /// against the cluster.
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    if args.local
+        && matches!(args.command, EventsCommand::Replay { to: None, .. })
+        && (args.nats_url.is_some() || config_cluster(&args)?.is_some())
+    {
+        // The local spool of a cluster instance holds copies of cluster deliveries (each
+        // delivered, or handed back, through the cluster, which has its own record of them):
+        // queued again locally, they would be delivered outside the cluster, beside whatever
+        // the cluster delivers or replays.
+        anyhow::bail!(
+            "in cluster mode `events replay --local` is refused: this machine's spool holds copies of the cluster's deliveries, and re-queuing them locally would deliver them a second time, outside the cluster. Replay through the cluster instead (without --local: `smee-relay events replay ID...|--dead|--since`, ids from `smee-relay events list`), or add `--to URL` to POST this machine's copies somewhere now"
+        );
+    }
     if !args.local
         && let Some(settings) = cluster_settings(&args)?
     {
-        let cluster = crate::cluster::Cluster::open(settings).await?;
+        let cluster = match crate::cluster::Cluster::open(settings).await {
+            Ok(cluster) => cluster,
+            Err(e @ crate::cluster::ClusterError::Connect(..)) => {
+                return Err(anyhow::Error::new(e).context(
+                    "cannot read the cluster's events (`--local` reads this machine's spool instead)",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         return run_cluster(&cluster, args.command).await;
     }
     let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
@@ -45,6 +65,21 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             limit,
             json,
         } => {
+            let status = match status {
+                None => None,
+                Some(ListStatus::Pending) => Some(Status::Pending),
+                Some(ListStatus::Delivered) => Some(Status::Delivered),
+                Some(ListStatus::Dead) => Some(Status::Dead),
+                Some(
+                    other @ (ListStatus::InFlight | ListStatus::Replayed | ListStatus::Purged),
+                ) => {
+                    anyhow::bail!(
+                        "--status {} is a cluster status (events list without --local, with [cluster] in --config); this machine's spool has pending, delivered and dead",
+                        clap::ValueEnum::to_possible_value(&other)
+                            .map_or_else(String::new, |v| v.get_name().to_string())
+                    )
+                }
+            };
             let rows = spool.list(status, limit)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -120,14 +155,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
 /// as for `run`).
 fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
     use crate::secret::ExposeSecret as _;
-    let file = match &args.config {
-        Some(path) => {
-            let credentials =
-                std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-            crate::config::load_cluster(path, &|name| super::secret(name, credentials.as_deref()))?
-        }
-        None => None,
-    };
+    let file = config_cluster(args)?;
     let settings = match (&args.nats_url, file) {
         (None, None) => return Ok(None),
         (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
@@ -145,6 +173,17 @@ fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::
     Ok(Some(settings))
 }
 
+/// `[cluster]` of `--config`, if it has one (its URL may be empty: `nats_url_env` unset).
+fn config_cluster(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    Ok(crate::config::load_cluster(path, &|name| {
+        super::secret(name, credentials.as_deref())
+    })?)
+}
+
 /// One `events` subcommand against the cluster.
 async fn run_cluster(
     cluster: &crate::cluster::Cluster,
@@ -158,6 +197,15 @@ async fn run_cluster(
             limit,
             json,
         } => {
+            use crate::cluster::inspect::Filter;
+            let status = status.map(|status| match status {
+                ListStatus::Pending => Filter::Pending,
+                ListStatus::InFlight => Filter::InFlight,
+                ListStatus::Delivered => Filter::Delivered,
+                ListStatus::Dead => Filter::Dead,
+                ListStatus::Replayed => Filter::Replayed,
+                ListStatus::Purged => Filter::Purged,
+            });
             let rows = cluster.list(status, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -227,6 +275,8 @@ fn state_name(state: crate::cluster::inspect::State) -> &'static str {
         State::InFlight => "in-flight",
         State::Delivered => "delivered",
         State::Dead => "dead",
+        State::Replayed => "replayed",
+        State::Purged => "dead (purged)",
     }
 }
 

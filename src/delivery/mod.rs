@@ -49,6 +49,12 @@ pub trait Sink: Send + Sync {
     fn min_interval(&self) -> Duration {
         Duration::ZERO
     }
+    /// In cluster mode, the stream sequence of the cluster delivery `event` is: the id
+    /// `smee-relay events list` shows and `events replay` takes, so delivery lines and the
+    /// dead-letter hint give it rather than the local id. None: a local delivery.
+    fn cluster_seq(&self, _event: &StoredEvent) -> Option<u64> {
+        None
+    }
 }
 
 impl Sink for Forwarder {
@@ -82,9 +88,13 @@ pub fn log_delivery(
     if !written {
         return;
     }
-    let about = match spool::event_kind(&event.event) {
-        Some(kind) => format!("event {}, {kind}", event.id),
+    let id = match sink.cluster_seq(event) {
+        Some(seq) => format!("event {seq} in the cluster (local {})", event.id),
         None => format!("event {}", event.id),
+    };
+    let about = match spool::event_kind(&event.event) {
+        Some(kind) => format!("{id}, {kind}"),
+        None => id,
     };
     let what = sink.describe();
     match outcome {
@@ -377,11 +387,19 @@ impl Delivery<'_> {
                     error.to_string()
                 };
                 self.counters.dead(self.label);
-                warn!(
-                    event = item.event.id,
-                    "dead letter: {why}; replay it with `smee-relay events replay {}`",
-                    item.event.id
-                );
+                match self.sink.cluster_seq(&item.event) {
+                    // `events replay` takes the cluster's ids in cluster mode.
+                    Some(seq) => warn!(
+                        event = item.event.id,
+                        stream_seq = seq,
+                        "dead letter: {why}; replay it with `smee-relay events replay {seq}` (the cluster's id, from any instance)"
+                    ),
+                    None => warn!(
+                        event = item.event.id,
+                        "dead letter: {why}; replay it with `smee-relay events replay {}`",
+                        item.event.id
+                    ),
+                }
                 return self
                     .finish(mark(self.route, item, Outcome::Dead { status, error: why }))
                     .await;

@@ -470,6 +470,10 @@ impl Sink for ClusterDeliveryId {
     fn min_interval(&self) -> Duration {
         self.inner.min_interval()
     }
+
+    fn cluster_seq(&self, event: &spool::StoredEvent) -> Option<u64> {
+        self.cluster.stream_seq(&self.route, &event.event)
+    }
 }
 
 /// Whether a running source can keep going with `new`'s settings.
@@ -710,13 +714,7 @@ impl Runtime {
                 ALERT_ROUTE.to_string(),
                 reports_delivery_route(),
             ]);
-            let spool = self.spool.clone();
-            let writer = self.writer.clone();
-            let count = tokio::task::spawn_blocking(move || {
-                crate::cluster::hand_back(&spool, &writer, &routes)
-            })
-            .await
-            .unwrap_or(0);
+            let count = crate::cluster::hand_back(self.spool.clone(), &self.writer, routes).await;
             if count > 0 {
                 info!(
                     deliveries = count,
@@ -1112,6 +1110,13 @@ impl Runtime {
         };
         let key = crate::cluster::produced_key(produced);
         let pace = sink.min_interval();
+        // As a forward target's: the cluster hears of each attempt (a dead letter is recorded
+        // in the cluster, replayable from any instance) and logs give the stream sequence.
+        let sink: Arc<dyn Sink> = Arc::new(ClusterDeliveryId {
+            inner: sink,
+            cluster: cluster.clone(),
+            route: route.clone(),
+        });
         let mut task = self.route(route.clone(), sink, retry);
         task.handles.push(tokio::spawn(cluster.clone().feed_paced(
             route,
