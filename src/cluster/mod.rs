@@ -28,6 +28,7 @@
 //! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
 //! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
 
+pub mod envelope;
 pub mod inspect;
 
 use std::collections::HashMap;
@@ -39,7 +40,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt as _;
-use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -48,6 +48,8 @@ use crate::event::Event;
 use crate::secret::{ExposeSecret as _, SecretString};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
+pub use envelope::PublishError;
+use envelope::{Envelope, OpenError};
 
 /// How many messages each pull asks for. One is in flight per route cluster-wide whatever
 /// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.
@@ -194,19 +196,6 @@ pub enum ClusterError {
 #[error("NATS: {0}")]
 pub struct NatsError(#[source] pub async_nats::Error);
 
-/// How a frame travels in the stream.
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    /// The channel as displayed (secret parts redacted): the local spool's `channel` field.
-    channel: String,
-    /// When the publishing instance received it (ms since the epoch).
-    received_ms: u64,
-    event: Event,
-    /// For a replay (`events replay` in cluster mode): the stream sequence it replays.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    replay_of: Option<u64>,
-}
-
 /// Live figures for `/metrics`, `/healthz` and STATUS=.
 #[derive(Default)]
 pub struct ClusterStatus {
@@ -226,6 +215,8 @@ pub struct Cluster {
     stream_name: String,
     settings: Arc<Settings>,
     kv: kv::Store,
+    /// The object store bucket holding bodies too large for one message ([`envelope`]).
+    bodies: jetstream::object_store::ObjectStore,
     pub status: Arc<ClusterStatus>,
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
@@ -345,6 +336,10 @@ impl Cluster {
                 .await
                 .map_err(|e| ClusterError::Bucket(bucket.clone(), e.into()))?,
         };
+        let bodies =
+            envelope::bodies_bucket(&js, &settings.name, settings.max_age, settings.replicas)
+                .await
+                .map_err(|e| ClusterError::Bucket(envelope::bucket_name(&settings.name), e))?;
         info!(nats = %shown, cluster = %settings.name, "joined the cluster");
         Ok(Cluster {
             js,
@@ -352,6 +347,7 @@ impl Cluster {
             stream_name,
             settings: Arc::new(settings),
             kv,
+            bodies,
             status,
             in_flight: Default::default(),
         })
@@ -407,7 +403,7 @@ impl Cluster {
         channel: &str,
         event: &Event,
         received_ms: u64,
-    ) -> Result<bool, NatsError> {
+    ) -> Result<bool, PublishError> {
         self.publish_as(
             channel_key,
             message_id(channel_key, event),
@@ -426,24 +422,16 @@ impl Cluster {
         channel: &str,
         event: &Event,
         received_ms: u64,
-    ) -> Result<bool, NatsError> {
-        let payload = serde_json::to_vec(&Envelope {
+    ) -> Result<bool, PublishError> {
+        let envelope = Envelope {
             channel: channel.to_string(),
             received_ms,
             event: event.clone(),
             replay_of: None,
-        })
-        .map_err(|e| NatsError(e.into()))?;
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(payload))
-            .message_id(id);
+        };
         let ack = self
-            .js
-            .send_publish(self.subject(channel_key), publish)
-            .await
-            .map_err(|e| NatsError(e.into()))?
-            .await
-            .map_err(|e| NatsError(e.into()))?;
+            .publish_envelope(self.subject(channel_key), id, &envelope)
+            .await?;
         Ok(ack.duplicate)
     }
 
@@ -661,12 +649,22 @@ impl Cluster {
             .lock()
             .expect("not poisoned")
             .insert(label.to_string(), crate::clock::now_ms());
-        let envelope: Envelope = match serde_json::from_slice(&message.payload) {
+        let envelope = match self
+            .open_envelope(message.headers.as_ref(), &message.payload)
+            .await
+        {
             Ok(envelope) => envelope,
-            Err(e) => {
-                // Not what a relay publishes: no instance could ever deliver it.
-                error!(route = %label, "a message in the cluster stream is not a relay frame ({e}); it is not delivered (terminated)");
+            Err(OpenError::Invalid(why)) => {
+                // No instance could ever deliver it.
+                error!(route = %label, stream_seq, "a message in the cluster stream cannot be delivered: {why}; it is not delivered (terminated)");
                 let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                warn!(route = %label, stream_seq, "cannot read a cluster delivery: {}; handing it back", crate::error::chain(&e));
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
                 return;
             }
         };
