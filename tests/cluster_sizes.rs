@@ -266,3 +266,34 @@ async fn frames_published_before_the_upgrade_are_still_delivered() {
         "nothing terminated"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_larger_than_nats_may_store_is_a_dead_letter_and_the_queue_behind_it_proceeds() {
+    let dir = support::temp_dir();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        "max_payload: 65536\njetstream { max_file_store: 2MB }\n",
+    )
+    .unwrap();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let config = forward_config(&channel.url("nospace"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &config).await;
+
+    channel.send_webhook(1, &frame(&body(0, 3 * 1024 * 1024)));
+    let next = body(1, 10);
+    channel.send_webhook(2, &frame(&next));
+
+    let got = take(&mut target, 1).await;
+    assert_eq!(got[0], next.as_bytes(), "the frame behind it went");
+    let line = instances[0]
+        .logs
+        .wait_for(&["dead letter", "NATS cannot take event"])
+        .await;
+    assert!(
+        line.contains("no room for its body") && line.contains("max_file_store"),
+        "says why and what to do: {line}"
+    );
+}

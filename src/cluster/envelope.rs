@@ -42,6 +42,19 @@ const BODY_LEN: &str = "Smee-Relay-Body-Len";
 /// `max_payload` so a body that nearly fills it goes to the object store, not to a refusal.
 const SLACK: usize = 512;
 
+/// JetStream's answers that a body does not fit the storage it may use (insufficient
+/// resources, account resources exceeded, storage resources exceeded, message over the
+/// stream's maximum): retrying the same body does not make room.
+const NO_ROOM: [&str; 4] = [
+    "error code 10023",
+    "error code 10002",
+    "error code 10047",
+    "error code 10054",
+];
+
+/// Uploads this process started: part of each upload's nuid.
+static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The largest chunk an object is stored in (the client's default).
 const MAX_CHUNK: usize = 128 * 1024;
 
@@ -232,44 +245,117 @@ impl Cluster {
     /// Store `body` (too large for one message) in the bodies' bucket under `id`'s object,
     /// once: an object already there with the same length is the same body (the name is a
     /// hash of the message id, itself a hash of the event). Returns the object's name.
+    ///
+    /// Written as the client's `put` writes it (chunks on `$O.<bucket>.C.<nuid>`, then the
+    /// object's info on `$O.<bucket>.M.<name>`, so `get` reads it), but with a nuid of its own:
+    /// a failed upload purges the chunks it wrote, where `put` would leave them taking the
+    /// JetStream storage whose lack made it fail, until the bucket's max age.
     async fn store_body(
         &self,
         id: &str,
         body: &Bytes,
         max_payload: usize,
     ) -> Result<String, PublishError> {
+        use base64::Engine as _;
         let name = object_name(id);
-        if let Ok(info) = self.bodies.info(&name).await
+        let earlier = self.bodies.info(&name).await.ok();
+        if let Some(info) = &earlier
             && !info.deleted
             && info.size == body.len()
         {
             return Ok(name);
         }
-        let meta = object_store::ObjectMetadata {
-            name: name.clone(),
-            // Each chunk is one message: it must fit the server's max_payload.
-            chunk_size: Some(MAX_CHUNK.min(max_payload.saturating_sub(SLACK).max(1024))),
-            ..Default::default()
+        let bucket = bucket_name(&self.settings.name);
+        let nuid = {
+            let mut hash = sha2::Sha256::new();
+            hash.update(name.as_bytes());
+            hash.update(crate::clock::now_ms().to_be_bytes());
+            hash.update(std::process::id().to_be_bytes());
+            hash.update(
+                UPLOADS
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    .to_be_bytes(),
+            );
+            hex::encode(&hash.finalize()[..12])
         };
-        let mut reader: &[u8] = body;
-        match self.bodies.put(meta, &mut reader).await {
-            Ok(_) => Ok(name),
-            Err(e) => {
-                // Larger than the account may ever store: no retry can succeed.
-                if let Ok(account) = self.js.query_account().await {
-                    if let Some(limit) = account.limits.max_storage
-                        && limit >= 0
-                        && body.len() as i64 > limit
-                    {
-                        return Err(PublishError::Refused(format!(
-                            "the body ({} bytes) is larger than this NATS account may store in JetStream ({limit} bytes); it is not published: raise the account's JetStream max_file_store, or lower --max-frame",
-                            body.len()
-                        )));
-                    }
-                }
-                Err(PublishError::Nats(NatsError(e.into())))
+        let chunks_subject = format!("$O.{bucket}.C.{nuid}");
+        // Each chunk is one message: it must fit the server's max_payload.
+        let chunk_size = MAX_CHUNK.min(max_payload.saturating_sub(SLACK).max(1024));
+        let uploaded = async {
+            let mut chunks = 0;
+            let mut at = 0;
+            while at < body.len() {
+                let end = (at + chunk_size).min(body.len());
+                self.js
+                    .publish(chunks_subject.clone(), body.slice(at..end))
+                    .await?
+                    .await?;
+                chunks += 1;
+                at = end;
             }
+            let info = object_store::ObjectInfo {
+                name: name.clone(),
+                description: None,
+                metadata: Default::default(),
+                headers: None,
+                options: Some(object_store::ObjectOptions {
+                    link: None,
+                    max_chunk_size: Some(chunk_size),
+                }),
+                bucket: bucket.clone(),
+                nuid: nuid.clone(),
+                size: body.len(),
+                chunks,
+                modified: None,
+                digest: Some(format!(
+                    "SHA-256={}",
+                    base64::engine::general_purpose::URL_SAFE.encode(sha2::Sha256::digest(body))
+                )),
+                deleted: false,
+            };
+            let mut headers = HeaderMap::new();
+            // The object's latest info replaces the ones before it.
+            headers.insert("Nats-Rollup", "sub");
+            let info = serde_json::to_vec(&info)?;
+            let meta_subject = format!(
+                "$O.{bucket}.M.{}",
+                base64::engine::general_purpose::URL_SAFE.encode(&name)
+            );
+            self.js
+                .publish_with_headers(meta_subject, headers, info.into())
+                .await?
+                .await?;
+            Ok::<(), async_nats::Error>(())
         }
+        .await;
+        let objects = format!("OBJ_{bucket}");
+        if let Err(e) = uploaded {
+            if let Ok(stream) = self.js.get_stream(&objects).await {
+                let _ = stream.purge().filter(&chunks_subject).await;
+            }
+            let error = crate::error::chain(&*e);
+            if NO_ROOM.iter().any(|code| error.contains(code)) {
+                // JetStream has no room for it: retrying would hold every frame behind it
+                // (those that fit still go).
+                return Err(PublishError::Refused(format!(
+                    "NATS has no room for its body ({} bytes) in the object store bucket {bucket}: {error}; it is not published (this instance's spool keeps it as a dead letter: `smee-relay events list --local`): free JetStream storage or raise its limits (max_file_store, the account's), or lower --max-frame",
+                    body.len(),
+                )));
+            }
+            return Err(PublishError::Nats(NatsError(e)));
+        }
+        // A different body stored under the name before (it cannot be the same event's):
+        // its chunks are no longer read.
+        if let Some(info) = earlier
+            && info.nuid != nuid
+            && let Ok(stream) = self.js.get_stream(&objects).await
+        {
+            let _ = stream
+                .purge()
+                .filter(format!("$O.{bucket}.C.{}", info.nuid))
+                .await;
+        }
+        Ok(name)
     }
 
     /// Read a message back: this format (the body as the payload, or in the object store),
