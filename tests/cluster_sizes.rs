@@ -173,7 +173,20 @@ async fn frames_chunked_through_a_small_max_payload_arrive_whole() {
     for (i, b) in bodies.iter().enumerate() {
         channel.send_webhook(i as u64 + 1, &frame(b));
     }
-    let got = take(&mut target, bodies.len()).await;
+    // Headers travel in a NATS header as JSON: quotes, backslashes and non-ASCII too.
+    let note = r#"caf\u00e9 \u2713 \"q\" back\\slash"#;
+    channel.send_webhook(
+        9,
+        &format!(r#"{{"content-type":"application/json","x-note":"{note}","body":{{"n":4}}}}"#),
+    );
+    let got = take(&mut target, bodies.len() + 1).await;
+    let noted = target.arrivals().last().cloned().expect("arrived");
+    assert_eq!(n_of(&noted.body), 4);
+    assert_eq!(
+        noted.headers.get("x-note").map(|v| v.as_bytes()),
+        Some("café ✓ \"q\" back\\slash".as_bytes()),
+        "the header as sent"
+    );
     for (sent, got) in bodies.iter().zip(&got) {
         assert!(
             got == sent.as_bytes(),
