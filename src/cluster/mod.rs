@@ -24,11 +24,14 @@
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
 //!
+//! How an event travels in a stream message (its body raw, or in the cluster's object store
+//! when the message would exceed the server's `max_payload`) is in [`envelope`].
+//!
 //! What the cluster knows about its events (for `smee-relay events` in cluster mode) is in
 //! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
 //! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
 
-pub mod envelope;
+mod envelope;
 pub mod inspect;
 
 use std::collections::HashMap;
