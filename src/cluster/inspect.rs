@@ -305,8 +305,13 @@ impl Cluster {
             }
             Err(e) => return Err(nats(e)),
         };
-        let Ok(envelope) = serde_json::from_slice::<Envelope>(&message.payload) else {
-            return Ok(None);
+        let envelope = match self
+            .open_envelope(Some(&message.headers), &message.payload)
+            .await
+        {
+            Ok(envelope) => envelope,
+            Err(super::OpenError::Invalid(_)) => return Ok(None),
+            Err(super::OpenError::Fetch(e)) => return Err(NatsError(e)),
         };
         Ok(Some(ClusterEvent {
             seq,
@@ -498,28 +503,28 @@ impl Cluster {
     /// Publish a copy of `event` on the replay subject of the route hashed `hash`: its new
     /// stream sequence.
     async fn publish_replay(&self, hash: &str, event: &ClusterEvent) -> Result<u64, NatsError> {
-        let payload = serde_json::to_vec(&Envelope {
+        let envelope = Envelope {
             channel: event.channel.clone(),
             received_ms: event.received_ms,
             event: event.event.clone(),
             replay_of: Some(event.seq),
-        })
-        .map_err(nats)?;
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
         // Never a duplicate of the original (or of an earlier replay).
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(payload))
-            .message_id(format!("replay.{hash}.{}.{nanos}", event.seq));
         let ack = self
-            .js
-            .send_publish(self.replay_subject(hash), publish)
+            .publish_envelope(
+                self.replay_subject(hash),
+                format!("replay.{hash}.{}.{nanos}", event.seq),
+                &envelope,
+            )
             .await
-            .map_err(nats)?
-            .await
-            .map_err(nats)?;
+            .map_err(|e| match e {
+                super::PublishError::Nats(e) => e,
+                refused => NatsError(refused.into()),
+            })?;
         Ok(ack.sequence)
     }
 

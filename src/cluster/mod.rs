@@ -24,11 +24,15 @@
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
 //!
+//! How an event travels in a stream message (its body raw, or in the cluster's object store
+//! when the message would exceed the server's `max_payload`) is in [`envelope`].
+//!
 //! What the cluster knows about its events (for `smee-relay events` in cluster mode) is in
 //! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
 //! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
 
 mod diagnose;
+mod envelope;
 pub mod inspect;
 
 use std::collections::HashMap;
@@ -40,7 +44,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt as _;
-use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -49,6 +52,8 @@ use crate::event::Event;
 use crate::secret::{ExposeSecret as _, SecretString};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
+pub use envelope::PublishError;
+use envelope::{Envelope, OpenError};
 
 /// How many messages each pull asks for. One is in flight per route cluster-wide whatever
 /// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.
@@ -198,19 +203,6 @@ pub enum ClusterError {
 #[error("NATS: {0}")]
 pub struct NatsError(#[source] pub async_nats::Error);
 
-/// How a frame travels in the stream.
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    /// The channel as displayed (secret parts redacted): the local spool's `channel` field.
-    channel: String,
-    /// When the publishing instance received it (ms since the epoch).
-    received_ms: u64,
-    event: Event,
-    /// For a replay (`events replay` in cluster mode): the stream sequence it replays.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    replay_of: Option<u64>,
-}
-
 /// Live figures for `/metrics`, `/healthz` and STATUS=.
 #[derive(Default)]
 pub struct ClusterStatus {
@@ -230,6 +222,8 @@ pub struct Cluster {
     stream_name: String,
     settings: Arc<Settings>,
     kv: kv::Store,
+    /// The object store bucket holding bodies too large for one message ([`envelope`]).
+    bodies: jetstream::object_store::ObjectStore,
     pub status: Arc<ClusterStatus>,
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
@@ -368,6 +362,13 @@ impl Cluster {
                     ClusterError::Bucket(bucket.clone(), hint, e.into())
                 })?,
         };
+        let bodies =
+            envelope::bodies_bucket(&js, &settings.name, settings.max_age, settings.replicas)
+                .await
+                .map_err(|e| {
+                    let hint = diagnose::bucket_hint(&*e, settings.replicas);
+                    ClusterError::Bucket(envelope::bucket_name(&settings.name), hint, e)
+                })?;
         if create {
             info!(nats = %shown, cluster = %settings.name, "joined the cluster");
         } else {
@@ -380,6 +381,7 @@ impl Cluster {
             stream_name,
             settings: Arc::new(settings),
             kv,
+            bodies,
             status,
             in_flight: Default::default(),
         })
@@ -444,7 +446,7 @@ impl Cluster {
         channel: &str,
         event: &Event,
         received_ms: u64,
-    ) -> Result<bool, NatsError> {
+    ) -> Result<bool, PublishError> {
         self.publish_as(
             channel_key,
             message_id(channel_key, event),
@@ -463,24 +465,16 @@ impl Cluster {
         channel: &str,
         event: &Event,
         received_ms: u64,
-    ) -> Result<bool, NatsError> {
-        let payload = serde_json::to_vec(&Envelope {
+    ) -> Result<bool, PublishError> {
+        let envelope = Envelope {
             channel: channel.to_string(),
             received_ms,
             event: event.clone(),
             replay_of: None,
-        })
-        .map_err(|e| NatsError(e.into()))?;
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(Bytes::from(payload))
-            .message_id(id);
+        };
         let ack = self
-            .js
-            .send_publish(self.subject(channel_key), publish)
-            .await
-            .map_err(|e| NatsError(e.into()))?
-            .await
-            .map_err(|e| NatsError(e.into()))?;
+            .publish_envelope(self.subject(channel_key), id, &envelope)
+            .await?;
         Ok(ack.duplicate)
     }
 
@@ -698,12 +692,22 @@ impl Cluster {
             .lock()
             .expect("not poisoned")
             .insert(label.to_string(), crate::clock::now_ms());
-        let envelope: Envelope = match serde_json::from_slice(&message.payload) {
+        let envelope = match self
+            .open_envelope(message.headers.as_ref(), &message.payload)
+            .await
+        {
             Ok(envelope) => envelope,
-            Err(e) => {
-                // Not what a relay publishes: no instance could ever deliver it.
-                error!(route = %label, "a message in the cluster stream is not a relay frame ({e}); it is not delivered (terminated)");
+            Err(OpenError::Invalid(why)) => {
+                // No instance could ever deliver it.
+                error!(route = %label, stream_seq, "a message in the cluster stream cannot be delivered: {why}; it is not delivered (terminated)");
                 let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                warn!(route = %label, stream_seq, "cannot read a cluster delivery: {}; handing it back", crate::error::chain(&e));
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
                 return;
             }
         };
@@ -1088,8 +1092,23 @@ pub fn message_id(channel_key: &str, event: &Event) -> String {
     let mut hash = sha2::Sha256::new();
     hash.update(channel_key.as_bytes());
     hash.update([0]);
-    hash.update(serde_json::to_vec(event).expect("an event serialises"));
+    // Streamed into the hash: the JSON of a large body (an array of numbers) is never held.
+    serde_json::to_writer(HashWriter(&mut hash), event).expect("an event serialises");
     hex::encode(hash.finalize())
+}
+
+/// Feeds what is written to it into a hash.
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn short_hash(text: &str) -> String {
@@ -1188,6 +1207,11 @@ mod tests {
             body: Bytes::from_static(b"{\"a\":1}"),
         };
         assert_eq!(message_id("ch", &event), message_id("ch", &event.clone()));
+        // The id every earlier version gave it: instances of both versions store it once.
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"ch\0");
+        hash.update(serde_json::to_vec(&event).unwrap());
+        assert_eq!(message_id("ch", &event), hex::encode(hash.finalize()));
         assert_ne!(message_id("ch", &event), message_id("other", &event));
         let mut later = event.clone();
         later.timestamp_ms = Some(1_700_000_000_001);

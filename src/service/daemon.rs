@@ -419,7 +419,28 @@ impl Sink for Publish {
                     status: reqwest::StatusCode::OK,
                     elapsed: started.elapsed(),
                 })
-                .map_err(|e| delivery::forward::ForwardError::Connection(crate::error::chain(&e)))
+                .map_err(|e| {
+                    if e.is_permanent() {
+                        // Retrying can never succeed: a dead letter on the outbox, so the
+                        // frames behind it are published (the warning names the event).
+                        delivery::forward::ForwardError::Status {
+                            status: reqwest::StatusCode::PAYLOAD_TOO_LARGE,
+                            retry_after: None,
+                            body: format!(
+                                "NATS cannot take event {} ({} bytes{}): {e}",
+                                event.id,
+                                event.event.body.len(),
+                                event
+                                    .event
+                                    .kind()
+                                    .map(|k| format!(", {k}"))
+                                    .unwrap_or_default()
+                            ),
+                        }
+                    } else {
+                        delivery::forward::ForwardError::Connection(crate::error::chain(&e))
+                    }
+                })
         })
     }
 }
