@@ -570,9 +570,13 @@ fn cluster_settings(
             c.name
         ));
     }
-    if c.ack_wait < Duration::from_millis(500) {
+    // The alert route's next message, on any instance, may start once the last one's ack
+    // lands or its ack_wait runs out: Slack's pace of one a second holds cluster-wide only
+    // when ack_wait is not shorter than it.
+    if c.ack_wait < Duration::from_secs(1) {
         problems.push(format!(
-            "{origin}: [cluster] ack_wait must be at least 500ms"
+            "{origin}: [cluster] ack_wait = \"{}\" must be at least 1s (Slack's pace of one message a second holds across the cluster only with ack_wait of 1s or more)",
+            humantime::format_duration(c.ack_wait)
         ));
     }
     // No URL here is fine when --nats-url gives it; `run` checks that.
@@ -1476,6 +1480,22 @@ above = 80
         let all = e.problems.join("\n");
         assert!(all.contains("[cluster] name \"no spaces\""), "{all}");
         assert!(all.contains("replicas must be 1 to 5"), "{all}");
+    }
+
+    #[test]
+    fn an_ack_wait_under_the_slack_pace_is_refused() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"600ms\"\n";
+        let all = parse(text, "c.toml", &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains("c.toml: [cluster] ack_wait = \"600ms\" must be at least 1s"),
+            "{all}"
+        );
+        let one = text.replace("600ms", "1s");
+        assert!(parse(&one, "c.toml", &no_env).is_ok());
     }
 
     #[test]

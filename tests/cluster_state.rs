@@ -254,3 +254,35 @@ async fn a_firing_whose_write_landed_without_an_answer_is_still_sent() {
         .await;
     slack.assert_quiet(Duration::from_secs(3)).await;
 }
+
+/// SIGHUP compared only `[cluster]`'s shown URL and name: a new ack_wait (or replicas,
+/// credentials, the NATS password...) logged "config reloaded" and applied nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changing_any_cluster_setting_says_it_takes_a_restart() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    let dir = support::temp_dir();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &body).unwrap();
+    let mut command = smee_relay();
+    command
+        .args(["run", "--config"])
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"));
+    let (child, logs) = spawn_logged(&mut command);
+    logs.wait_for(&["joined the cluster"]).await;
+    std::fs::write(
+        &path,
+        body.replace("ack_wait = \"2s\"", "ack_wait = \"3s\""),
+    )
+    .unwrap();
+    support::signal(&child, "HUP");
+    let line = logs
+        .wait_for(&["[cluster] changed; that takes a restart"])
+        .await;
+    assert!(!line.contains("config reloaded"), "{line}");
+    assert!(logs.find(&["config reloaded"]).is_none(), "nothing applied");
+}
