@@ -10,10 +10,12 @@
 //! judging it again could only repeat an alert or send a stale one, so it is skipped with an
 //! info line saying so. (Forward routes do redeliver on replay; this is the pipeline only.)
 //!
-//! In a cluster the states are the cluster's (one KV value, with, per entity, Port's time of
-//! the latest change judged): each event, held alert and reconciliation snapshot is judged
-//! against them as they are now and written with compare-and-set before anything is committed
-//! locally; the alerts go to the alerts' outbox, named by the revision that write moved from.
+//! In a cluster the states are the cluster's (KV values spread by entity over [`SHARDS`]
+//! shards, with, per entity, Port's time of the latest change judged): each event, held alert
+//! and reconciliation snapshot is judged against them as they are now and written, shard by
+//! shard, with compare-and-set before anything is committed locally; the alerts go to the
+//! alerts' outbox, named by the unique token of the write that landed them (a write NATS did
+//! not answer is read back: if its token is there, it landed).
 //!
 //! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
 //! and may take up to its time budget; the async workers (other routes) never wait for it.
@@ -214,12 +216,15 @@ pub async fn run(
                 outcome,
             };
             if reconcile::is_snapshot(&item.event) {
-                let cluster = view.as_mut().map(|view| (view, &cancel));
+                let cluster = view.as_mut().map(|view| InCluster {
+                    view,
+                    changed: &mut changed,
+                    cancel: &cancel,
+                });
                 if judge_snapshot(
                     &item,
                     &pipeline,
                     &mut states,
-                    &mut changed,
                     &mut evaluated,
                     &writer,
                     clock.now_ms(),
@@ -474,11 +479,10 @@ async fn judge_snapshot(
     item: &crate::spool::Queued,
     pipeline: &Arc<Pipeline>,
     states: &mut Arc<HashMap<String, AlertState>>,
-    changed: &mut HashMap<String, u64>,
     evaluated: &mut HashMap<String, Evaluated>,
     writer: &SpoolWriter,
     now: u64,
-    mut cluster: Option<(&mut ClusterView, &CancellationToken)>,
+    mut cluster: Option<InCluster<'_>>,
 ) -> Option<()> {
     let id = item.event.id;
     let mark = |outcome| Write::Mark {
@@ -516,7 +520,7 @@ async fn judge_snapshot(
         .collect();
     // In a cluster, the changes other instances judged count too: by Port's time (their
     // spool ids are theirs, not comparable with this snapshot's).
-    if cluster.is_some() {
+    if let Some(InCluster { changed, .. }) = &cluster {
         for (key, at) in changed.iter() {
             let entry = seen.entry(key.clone()).or_insert(reconcile::Seen {
                 event: 0,
@@ -549,7 +553,12 @@ async fn judge_snapshot(
     // nothing to send. Each shard's states and alerts are committed once its write landed, so
     // a later shard losing its write repeats nothing of an earlier one's.
     let mut committed: HashSet<usize> = HashSet::new();
-    if let Some((view, cancel)) = &mut cluster {
+    if let Some(InCluster {
+        view,
+        changed,
+        cancel,
+    }) = &mut cluster
+    {
         let marks: Vec<(String, u64)> = outcome
             .seen
             .iter()
@@ -760,6 +769,15 @@ struct ClusterView {
     writes: u64,
     /// Whether a shard too large to store was reported (once, not per attempt).
     too_large_said: HashSet<usize>,
+}
+
+/// What [`judge_snapshot`] needs in a cluster.
+struct InCluster<'a> {
+    view: &'a mut ClusterView,
+    /// The union of the shards' change times, as read (and as this judgement moves them).
+    changed: &'a mut HashMap<String, u64>,
+    /// Ends a wait on NATS.
+    cancel: &'a CancellationToken,
 }
 
 /// What became of a compare-and-set.
