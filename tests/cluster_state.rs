@@ -286,3 +286,34 @@ async fn a_reload_changing_any_cluster_setting_says_it_takes_a_restart() {
     assert!(!line.contains("config reloaded"), "{line}");
     assert!(logs.find(&["config reloaded"]).is_none(), "nothing applied");
 }
+
+/// Releases before the shards kept the whole alert state in one KV value (`alert-states`):
+/// an alert firing there is still known, and resolves, after the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_value_state_of_earlier_releases_is_carried_over() {
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "smee_state_alerts".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let legacy = r#"{"states":{"cpu-high\u001fsvc-old":{"phase":{"phase":"firing","since_ms":1},"draft":null,"fired":null}},"changed":{}}"#;
+    kv.put("alert-states", legacy.into()).await.unwrap();
+    let (channel, mut slack, instance) = one_instance(&nats.url).await;
+    instance
+        .logs
+        .wait_for(&["carried the cluster's alert state over"])
+        .await;
+    // cpu 75 -> 60 clears the alert: only a FIRING state (the old value's) resolves.
+    channel.send_webhook(1, &frame_for("06-cpu-75-to-60", "svc-old"));
+    let headline = slack.next_headline().await;
+    assert!(headline.contains("RESOLVED"), "{headline}");
+    assert!(
+        matches!(kv.get("alert-states").await, Ok(None)),
+        "the one value is gone"
+    );
+}
