@@ -752,6 +752,7 @@ fn prune_marks(changed: &mut HashMap<String, u64>, newest: u64) {
 /// One shard as this instance last read it.
 #[derive(Clone, Default)]
 struct Part {
+    /// Its value.
     alerts: SharedAlerts,
     /// Its KV revision (0: absent).
     revision: u64,
@@ -760,12 +761,15 @@ struct Part {
 /// The cluster's alert state as this instance last read it, shard by shard, with the union
 /// the rules judge against.
 struct ClusterView {
+    /// The KV values under `alert-states` (the old single value itself, and the shards).
     shared: SharedState,
+    /// Each shard as last read or written, by shard number: what a write builds on.
     parts: Vec<Part>,
     /// The bucket's last revision when every shard was last read: unchanged, nothing to read.
     read_at: Option<u64>,
-    /// This run's prefix of write tokens (random), and how many writes it made.
+    /// This run's prefix of write tokens (random): no other run, here or elsewhere, has it.
     instance: String,
+    /// How many writes this run made: with `instance`, a token no other write carries.
     writes: u64,
     /// Whether a shard too large to store was reported (once, not per attempt).
     too_large_said: HashSet<usize>,
