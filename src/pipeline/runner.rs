@@ -97,7 +97,7 @@ pub async fn run(
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
         if let Some(view) = &mut view
-            && !view.refresh_all(&mut states, &mut changed).await
+            && !view.refresh_all(false, &mut states, &mut changed).await
         {
             wait(&cancel, Duration::from_secs(1)).await;
             continue;
@@ -195,11 +195,9 @@ pub async fn run(
             let id = item.event.id;
             // In a cluster, each event is judged against the states as they are now: its
             // entity's shard (a snapshot: every shard) read again.
-            if n > 0
-                && let Some(view) = &mut view
-            {
+            if let Some(view) = &mut view {
                 let read = if reconcile::is_snapshot(&item.event) {
-                    view.refresh_all(&mut states, &mut changed).await
+                    view.refresh_all(true, &mut states, &mut changed).await
                 } else if let Some((key, _)) = subject(&item.event.event) {
                     view.refresh_one(&key, &mut states, &mut changed).await
                 } else {
@@ -705,6 +703,10 @@ const SHARDS: usize = 256;
 /// the reason) rather than stored in state every instance reads.
 pub(crate) const MAX_ENTITY_BYTES: usize = 1024;
 
+/// How often, at most, every shard is read while the bucket moves (see
+/// [`ClusterView::walked`]).
+const WALK_EVERY: Duration = Duration::from_secs(1);
+
 /// How many of the latest write tokens a shard keeps: an instance whose write got no answer
 /// finds its token there as long as fewer writes followed.
 const WRITE_TOKENS: usize = 32;
@@ -767,6 +769,12 @@ struct ClusterView {
     parts: Vec<Part>,
     /// The bucket's last revision when every shard was last read: unchanged, nothing to read.
     read_at: Option<u64>,
+    /// When every shard was last read. The bucket also holds the routes' floors, which move
+    /// with every delivery, so a moved bucket is read again at most every [`WALK_EVERY`] (an
+    /// event reads its own shard anyway; held alerts are checked against shards this fresh).
+    walked: Option<tokio::time::Instant>,
+    /// A write lost to another instance's: read every shard at the next chance.
+    stale: bool,
     /// This run's prefix of write tokens (random): no other run, here or elsewhere, has it.
     instance: String,
     /// How many writes this run made: with `instance`, a token no other write carries.
@@ -804,6 +812,8 @@ impl ClusterView {
             shared,
             parts: vec![Part::default(); SHARDS],
             read_at: None,
+            walked: None,
+            stale: false,
             instance: hex::encode(bytes),
             writes: 0,
             too_large_said: HashSet::new(),
@@ -881,12 +891,17 @@ impl ClusterView {
     }
 
     /// Read every shard that changed since the last full read (none when the bucket did not
-    /// move). False (logged) if NATS cannot say.
+    /// move; not again within [`WALK_EVERY`] unless `now` or a write was lost). False (logged)
+    /// if NATS cannot say.
     async fn refresh_all(
         &mut self,
+        now: bool,
         states: &mut Arc<HashMap<String, AlertState>>,
         changed: &mut HashMap<String, u64>,
     ) -> bool {
+        if !now && !self.stale && self.walked.is_some_and(|at| at.elapsed() < WALK_EVERY) {
+            return true;
+        }
         let at = match self.shared.bucket_revision().await {
             Ok(at) => at,
             Err(e) => {
@@ -898,6 +913,8 @@ impl ClusterView {
             }
         };
         if self.read_at == Some(at) {
+            self.walked = Some(tokio::time::Instant::now());
+            self.stale = false;
             return true;
         }
         if self.read_at.is_none() && !self.migrate().await {
@@ -919,6 +936,8 @@ impl ClusterView {
         }
         if all {
             self.read_at = Some(at);
+            self.walked = Some(tokio::time::Instant::now());
+            self.stale = false;
         }
         all
     }
@@ -1042,12 +1061,18 @@ impl ClusterView {
                     alerts: next,
                     revision: landed,
                 };
+                // The bucket's revisions count every write: landing right after the last full
+                // read, this was the only write since, and a full read would find nothing new.
+                if self.read_at == Some(landed - 1) {
+                    self.read_at = Some(landed);
+                }
                 Stored::Landed(token)
             }
             Err(StoreError::Moved) => {
                 tracing::debug!(
                     "the cluster's alert states changed meanwhile (another instance); judging again"
                 );
+                self.stale = true;
                 Stored::Lost
             }
             Err(e @ StoreError::TooLarge { .. }) => {
