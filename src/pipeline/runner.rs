@@ -191,7 +191,7 @@ pub async fn run(
             }
             continue;
         }
-        for (n, item) in queued.into_iter().enumerate() {
+        for item in queued {
             let id = item.event.id;
             // In a cluster, each event is judged against the states as they are now: its
             // entity's shard (a snapshot: every shard) read again.
