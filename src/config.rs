@@ -598,28 +598,36 @@ fn cluster_settings(
         url.unwrap_or_else(|| SecretString::from(String::new())),
         name,
     );
-    let mut duration = |key: &str, value: &Option<Spanned<String>>, minimum: Duration| {
-        let value = value.as_ref()?;
-        match parse_positive_duration(value.get_ref()) {
-            Ok(d) if d < minimum => problem(
-                value.span().start,
-                format!(
-                    "{key} must be at least {}",
-                    humantime::format_duration(minimum)
+    // `why`: the reason for the minimum, said with the problem.
+    let mut duration =
+        |key: &str, value: &Option<Spanned<String>>, minimum: Duration, why: &str| {
+            let value = value.as_ref()?;
+            match parse_positive_duration(value.get_ref()) {
+                Ok(d) if d < minimum => problem(
+                    value.span().start,
+                    format!(
+                        "{key} = {:?} must be at least {}{why}",
+                        value.get_ref(),
+                        humantime::format_duration(minimum)
+                    ),
                 ),
-            ),
-            Ok(d) => return Some(d),
-            Err(e) => problem(value.span().start, format!("{key}: {e}")),
-        }
-        None
-    };
-    if let Some(d) = duration("ack_wait", &c.ack_wait, Duration::from_millis(500)) {
+                Ok(d) => return Some(d),
+                Err(e) => problem(value.span().start, format!("{key}: {e}")),
+            }
+            None
+        };
+    // The alert route's next message, on any instance, may start once the last one's ack
+    // lands or its ack_wait runs out: Slack's pace of one a second holds cluster-wide only
+    // when ack_wait is not shorter than it.
+    let slack_pace = " (Slack's pace of one message a second holds across the cluster only \
+                      with ack_wait of 1s or more)";
+    if let Some(d) = duration("ack_wait", &c.ack_wait, Duration::from_secs(1), slack_pace) {
         settings.ack_wait = d;
     }
-    if let Some(d) = duration("health_grace", &c.health_grace, Duration::ZERO) {
+    if let Some(d) = duration("health_grace", &c.health_grace, Duration::ZERO, "") {
         settings.health_grace = d;
     }
-    if let Some(d) = duration("dedupe_window", &c.dedupe_window, Duration::ZERO) {
+    if let Some(d) = duration("dedupe_window", &c.dedupe_window, Duration::ZERO, "") {
         settings.dedupe_window = d;
     }
     if let Some(replicas) = &c.replicas {
@@ -1581,7 +1589,7 @@ above = 80
         );
         let e = refused(&text.replace("\"0s\"", "\"100ms\""), &no_env);
         assert!(
-            e.contains("c.toml:8: [cluster] ack_wait must be at least 500ms"),
+            e.contains("c.toml:8: [cluster] ack_wait = \"100ms\" must be at least 1s"),
             "{e}"
         );
         // `events` reads `[cluster]` alone, with the same lines.
@@ -1596,6 +1604,22 @@ above = 80
             e.ends_with(r#"c.toml:3: [cluster] name "prod.eu": use letters, digits, '-' and '_'"#),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_ack_wait_under_the_slack_pace_is_refused() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"600ms\"\n";
+        let all = parse(text, "c.toml", &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains("c.toml:6: [cluster] ack_wait = \"600ms\" must be at least 1s"),
+            "{all}"
+        );
+        let one = text.replace("600ms", "1s");
+        assert!(parse(&one, "c.toml", &no_env).is_ok());
     }
 
     #[test]

@@ -1215,7 +1215,7 @@ async fn regression_replay_since_neither_stops_at_an_old_replay_copy_nor_replays
     // time.
     let out = events_on(one, &["replay", "1"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );
@@ -1225,7 +1225,7 @@ async fn regression_replay_since_neither_stops_at_an_old_replay_copy_nor_replays
     // Received in the last 5 s: event 1 only (not the copy of event 0, nor event 0).
     let out = events_on(one, &["replay", "--since", "5s"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );
@@ -1234,7 +1234,7 @@ async fn regression_replay_since_neither_stops_at_an_old_replay_copy_nor_replays
     // Again: still event 1 alone, not also the copy the last replay made (stream 4).
     let out = events_on(one, &["replay", "--since", "5s"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );
@@ -1271,7 +1271,7 @@ async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the
         .await;
     let out = events_on(one, &["replay", "1"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );
@@ -1314,7 +1314,7 @@ async fn regression_replay_local_without_to_is_refused_in_cluster_mode() {
     // The cluster's replay is the way.
     let out = events_on(one, &["replay", "--dead"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );
@@ -1360,7 +1360,7 @@ async fn regression_replayed_and_purged_dead_letters_are_not_listed_as_dead_or_d
     // One replayed (stream 3), the other purged.
     let out = events_on(one, &["replay", "1"]).await;
     assert!(
-        out.stdout.contains("queued 1 deliveries again"),
+        out.stdout.contains("queued 1 delivery again"),
         "{}",
         out.stdout
     );
@@ -1368,7 +1368,7 @@ async fn regression_replayed_and_purged_dead_letters_are_not_listed_as_dead_or_d
     wait_delivered(one, 3).await;
     let out = events_on(one, &["purge", "--dead"]).await;
     assert!(
-        out.stdout.contains("purged 1 dead letters"),
+        out.stdout.contains("purged 1 dead letter"),
         "{}",
         out.stdout
     );

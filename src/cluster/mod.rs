@@ -516,6 +516,7 @@ impl Cluster {
         SharedState {
             kv: self.kv.clone(),
             key: key.to_string(),
+            max_payload: self.client.server_info().max_payload,
         }
     }
 
@@ -1123,14 +1124,42 @@ async fn sleep(cancel: &CancellationToken, delay: Duration) {
     }
 }
 
-/// One value in the cluster's KV bucket, changed only with compare-and-set on its revision.
+/// Values in the cluster's KV bucket under one name (`<name>` itself, and `<name>.<part>`),
+/// each changed only with compare-and-set on its revision.
 #[derive(Clone)]
 pub struct SharedState {
     kv: kv::Store,
     key: String,
+    /// The largest message the server takes: a value over it is refused here, without
+    /// asking (NATS would refuse it every time).
+    max_payload: usize,
+}
+
+/// Why a compare-and-set did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer changed the value first: load and decide again.
+    #[error("changed meanwhile by another writer")]
+    Moved,
+    /// The value can never be stored (over NATS's max payload): retrying cannot help.
+    #[error("a value of {size} bytes is over the NATS server's max_payload of {max} bytes")]
+    TooLarge { size: usize, max: usize },
+    /// NATS did not answer (a timeout, a dropped connection, a leader change): the write may
+    /// or may not have landed; read the value again to tell.
+    #[error("no answer from NATS, the write may have landed")]
+    Uncertain(#[source] NatsError),
 }
 
 impl SharedState {
+    /// The value named `<this name>.<part>`.
+    pub fn part(&self, part: &str) -> SharedState {
+        SharedState {
+            kv: self.kv.clone(),
+            key: format!("{}.{part}", self.key),
+            max_payload: self.max_payload,
+        }
+    }
+
     /// The value and its revision (0: none yet).
     pub async fn load(&self) -> Result<(Option<Bytes>, u64), NatsError> {
         match self.kv.entry(self.key.clone()).await {
@@ -1143,30 +1172,59 @@ impl SharedState {
         }
     }
 
-    /// Store `value` if the key is still at `revision` (0: absent). `Ok(false)`: another
-    /// instance changed it first; load and decide again.
-    pub async fn store(&self, value: Bytes, revision: u64) -> Result<bool, NatsError> {
-        let result = if revision == 0 {
+    /// The last revision of the whole bucket: unchanged, no value in it changed.
+    pub async fn bucket_revision(&self) -> Result<u64, NatsError> {
+        self.kv
+            .stream
+            .get_info()
+            .await
+            .map(|info| info.state.last_sequence)
+            .map_err(|e| NatsError(e.into()))
+    }
+
+    /// Delete the value if it is still at `revision`.
+    pub async fn remove(&self, revision: u64) -> Result<(), NatsError> {
+        self.kv
+            .delete_expect_revision(&self.key, Some(revision))
+            .await
+            .map_err(|e| NatsError(e.into()))
+    }
+
+    /// Store `value` if the key is still at `revision` (0: absent); the new revision.
+    pub async fn try_store(&self, value: Bytes, revision: u64) -> Result<u64, StoreError> {
+        if value.len() > self.max_payload {
+            return Err(StoreError::TooLarge {
+                size: value.len(),
+                max: self.max_payload,
+            });
+        }
+        if revision == 0 {
             self.kv
                 .create(&self.key, value)
                 .await
                 .map_err(|e| match e.kind() {
-                    kv::CreateErrorKind::AlreadyExists => None,
-                    _ => Some(NatsError(e.into())),
+                    kv::CreateErrorKind::AlreadyExists => StoreError::Moved,
+                    _ => StoreError::Uncertain(NatsError(e.into())),
                 })
         } else {
             self.kv
                 .update(&self.key, value, revision)
                 .await
                 .map_err(|e| match e.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => None,
-                    _ => Some(NatsError(e.into())),
+                    kv::UpdateErrorKind::WrongLastRevision => StoreError::Moved,
+                    _ => StoreError::Uncertain(NatsError(e.into())),
                 })
-        };
-        match result {
+        }
+    }
+
+    /// Store `value` if the key is still at `revision` (0: absent). `Ok(false)`: another
+    /// instance changed it first; load and decide again.
+    pub async fn store(&self, value: Bytes, revision: u64) -> Result<bool, NatsError> {
+        match self.try_store(value, revision).await {
             Ok(_) => Ok(true),
-            Err(None) => Ok(false),
-            Err(Some(e)) => Err(e),
+            Err(StoreError::Moved) => Ok(false),
+            Err(StoreError::Uncertain(e)) => Err(e),
+            Err(e @ StoreError::TooLarge { .. }) => Err(NatsError(e.to_string().into())),
         }
     }
 }

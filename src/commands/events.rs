@@ -145,7 +145,10 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
         EventsCommand::Purge { .. } => {
             let purged = spool.purge_dead()?;
-            println!("purged {purged} dead letters");
+            println!(
+                "purged {}",
+                super::count(purged, "dead letter", "dead letters")
+            );
         }
     }
     Ok(())
@@ -237,7 +240,10 @@ async fn run_cluster(
         }
         EventsCommand::Purge { .. } => {
             let purged = cluster.purge_dead().await?;
-            println!("purged {purged} dead letters (cluster {name})");
+            println!(
+                "purged {} (cluster {name})",
+                super::count(purged as usize, "dead letter", "dead letters")
+            );
         }
         EventsCommand::Replay { to: Some(_), .. } | EventsCommand::Export { .. } => {
             anyhow::bail!(

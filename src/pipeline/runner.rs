@@ -10,10 +10,12 @@
 //! judging it again could only repeat an alert or send a stale one, so it is skipped with an
 //! info line saying so. (Forward routes do redeliver on replay; this is the pipeline only.)
 //!
-//! In a cluster the states are the cluster's (one KV value, with, per entity, Port's time of
-//! the latest change judged): each event, held alert and reconciliation snapshot is judged
-//! against them as they are now and written with compare-and-set before anything is committed
-//! locally; the alerts go to the alerts' outbox, named by the revision that write moved from.
+//! In a cluster the states are the cluster's (KV values spread by entity over [`SHARDS`]
+//! shards, with, per entity, Port's time of the latest change judged): each event, held alert
+//! and reconciliation snapshot is judged against them as they are now and written, shard by
+//! shard, with compare-and-set before anything is committed locally; the alerts go to the
+//! alerts' outbox, named by the unique token of the write that landed them (a write NATS did
+//! not answer is read back: if its token is there, it landed).
 //!
 //! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
 //! and may take up to its time budget; the async workers (other routes) never wait for it.
@@ -31,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port, reconcile,
 };
-use crate::cluster::SharedState;
+use crate::cluster::{SharedState, StoreError};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
@@ -73,6 +75,13 @@ pub async fn run(
     // `evaluated`: per entity, the last event evaluated for it; a replayed event at or below it
     // is skipped.
     let (loaded, mut evaluated) = load_states(&spool);
+    // In a cluster the states are the cluster's, read shard by shard below.
+    let mut view = shared.map(ClusterView::new);
+    let loaded = if view.is_some() {
+        HashMap::new()
+    } else {
+        loaded
+    };
     // Shared with the blocking evaluation; the copy-on-write below is free once it returned.
     let mut states = Arc::new(loaded);
     // One warning per (rule, entity, reason), not one per event.
@@ -81,44 +90,54 @@ pub async fn run(
     let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
     let mut appended = writer.appended();
     let mut cursor = 0;
-    // In a cluster, the revision of the shared states `states` was read at.
-    let mut revision = 0;
     // In a cluster, per entity, Port's time of the latest change any instance judged (the
     // shared counterpart of `evaluated`'s `updated_ms`).
     let mut changed: HashMap<String, u64> = HashMap::new();
     while !cancel.is_cancelled() {
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
-        if let Some(shared) = &shared {
-            match load_shared(shared).await {
-                Some((loaded, at)) => {
-                    (states, changed, revision) = (Arc::new(loaded.states), loaded.changed, at)
-                }
-                None => {
-                    wait(&cancel, Duration::from_secs(1)).await;
-                    continue;
-                }
-            }
-        }
-        // Held alerts whose time has come.
-        let matured = pipeline.mature(states.iter(), clock.now_ms());
-        if !matured.is_empty()
-            && let Some(shared) = &shared
+        if let Some(view) = &mut view
+            && !view.refresh_all(false, &mut states, &mut changed).await
         {
-            let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
-            if !store_shared(shared, &states, &changed, changes, [], revision).await {
-                // Another instance moved first (it fires them) or NATS is away: read again.
-                continue;
-            }
+            wait(&cancel, Duration::from_secs(1)).await;
+            continue;
         }
-        if !matured.is_empty() {
+        // Held alerts whose time has come; in a cluster, shard by shard, each written with
+        // compare-and-set before its alerts are committed.
+        let matured = pipeline.mature(states.iter(), clock.now_ms());
+        let mut groups: std::collections::BTreeMap<usize, Vec<_>> = Default::default();
+        for entry in matured {
+            let n = if view.is_some() {
+                shard_of(&entry.0)
+            } else {
+                0
+            };
+            groups.entry(n).or_default().push(entry);
+        }
+        let mut lost = false;
+        for (n, matured) in groups {
+            let token = match &mut view {
+                Some(view) => {
+                    let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
+                    match view.store(n, changes, [], &cancel).await {
+                        Stored::Landed(token) => Some(token),
+                        Stored::Lost => {
+                            // Another instance moved first (it fires them) or NATS is away:
+                            // read again.
+                            lost = true;
+                            break;
+                        }
+                    }
+                }
+                None => None,
+            };
             let mut writes = Vec::new();
             let mut alerts = Vec::new();
             for (key, state, alert) in &matured {
                 writes.push(state_write(key, state));
                 alerts.push(Alert::to_event(alert));
             }
-            writes.push(alert_append(alerts, shared.as_ref().map(|_| revision)));
+            writes.push(alert_append(alerts, token.as_deref()));
             if commit(&writer, writes).await {
                 let states = Arc::make_mut(&mut states);
                 for (key, state, alert) in matured {
@@ -127,6 +146,9 @@ pub async fn run(
                     states.insert(key, state);
                 }
             }
+        }
+        if lost {
+            continue;
         }
 
         // Before the read: another process's write from here on (`events replay`) changes the
@@ -158,7 +180,7 @@ pub async fn run(
                     _ = cancel.cancelled() => return,
                     _ = appended.changed() => break,
                     _ = tokio::time::sleep(wait) => {
-                        if shared.is_some()
+                        if view.is_some()
                             || due.is_some_and(|due| due <= wait)
                             || spool.changed_since(&seen)
                         {
@@ -169,17 +191,20 @@ pub async fn run(
             }
             continue;
         }
-        for (n, item) in queued.into_iter().enumerate() {
+        for item in queued {
             let id = item.event.id;
-            // In a cluster, each event is judged against the states as they are now.
-            if n > 0
-                && let Some(shared) = &shared
-            {
-                match load_shared(shared).await {
-                    Some((loaded, at)) => {
-                        (states, changed, revision) = (Arc::new(loaded.states), loaded.changed, at)
-                    }
-                    None => break,
+            // In a cluster, each event is judged against the states as they are now: its
+            // entity's shard (a snapshot: every shard) read again.
+            if let Some(view) = &mut view {
+                let read = if reconcile::is_snapshot(&item.event) {
+                    view.refresh_all(true, &mut states, &mut changed).await
+                } else if let Some((key, _)) = subject(&item.event.event) {
+                    view.refresh_one(&key, &mut states, &mut changed).await
+                } else {
+                    true
+                };
+                if !read {
+                    break;
                 }
             }
             let mark = |outcome| Write::Mark {
@@ -189,10 +214,10 @@ pub async fn run(
                 outcome,
             };
             if reconcile::is_snapshot(&item.event) {
-                let cluster = shared.as_ref().map(|shared| Shared {
-                    state: shared,
-                    changed: &changed,
-                    revision,
+                let cluster = view.as_mut().map(|view| InCluster {
+                    view,
+                    changed: &mut changed,
+                    cancel: &cancel,
                 });
                 if judge_snapshot(
                     &item,
@@ -214,6 +239,31 @@ pub async fn run(
             let subject = subject(&item.event.event);
             let changed_ms = subject.as_ref().and_then(|(_, at)| *at);
             let subject = subject.map(|(key, _)| key);
+            // An entity named by kilobytes is hostile or broken: refused before it is judged
+            // (and so before it is stored in state every instance reads).
+            if let Some(key) = &subject
+                && key.len() > MAX_ENTITY_BYTES
+            {
+                metrics::counter!("smee_relay_pipeline_refused_total", "reason" => "entity_too_long")
+                    .increment(1);
+                error!(
+                    event = id,
+                    "pipeline: event {id} names an entity of {} bytes (blueprint and identifier), over the {MAX_ENTITY_BYTES} the pipeline judges; refused as bad input, not judged (a dead letter of the pipeline route; counted in smee_relay_pipeline_refused_total)",
+                    key.len()
+                );
+                let dead = Outcome::Dead {
+                    status: None,
+                    error: format!(
+                        "entity of {} bytes, over the {MAX_ENTITY_BYTES} the pipeline judges",
+                        key.len()
+                    ),
+                };
+                if !commit(&writer, vec![mark(dead)]).await {
+                    break;
+                }
+                cursor = item.seq;
+                continue;
+            }
             if let Some((key, done)) = subject
                 .as_ref()
                 .and_then(|key| Some((key, evaluated.get(key)?)))
@@ -229,7 +279,7 @@ pub async fn run(
             }
             // In a cluster, a change older than one another instance judged (or a
             // reconciliation read) is stale in the same way.
-            if shared.is_some()
+            if view.is_some()
                 && let Some(key) = &subject
                 && let (Some(now), Some(then)) = (changed_ms, changed.get(key).copied())
                 && now < then
@@ -349,17 +399,11 @@ pub async fn run(
                             ),
                         });
                     }
-                    if !alerts.is_empty() {
-                        writes.push(alert_append(
-                            alerts.iter().map(Alert::to_event).collect(),
-                            shared.as_ref().map(|_| revision),
-                        ));
-                    }
                     writes.push(mark(Outcome::Delivered { status: 200 }));
                     (writes, new_states, alerts, true)
                 }
             };
-            let done = subject.filter(|_| judged).map(|key| {
+            let done = subject.clone().filter(|_| judged).map(|key| {
                 (
                     key,
                     Evaluated {
@@ -384,20 +428,29 @@ pub async fn run(
                 }
                 _ => Vec::new(),
             };
-            if let Some(shared) = &shared
-                // Alerts always move the revision: it names them (`alert_append`).
+            let mut token = None;
+            if let Some(view) = &mut view
+                // Alerts always make a write: its token names them (`alert_append`).
                 && (!new_states.is_empty() || !newer_mark.is_empty() || !alerts.is_empty())
-                && !store_shared(
-                    shared,
-                    &states,
-                    &changed,
-                    new_states.clone(),
-                    newer_mark.clone(),
-                    revision,
-                )
-                .await
             {
-                break;
+                // One entity, one shard: its states and its change time hash alike.
+                let n = subject
+                    .as_deref()
+                    .or_else(|| new_states.keys().next().map(String::as_str))
+                    .map_or(0, shard_of);
+                match view
+                    .store(n, new_states.clone(), newer_mark.clone(), &cancel)
+                    .await
+                {
+                    Stored::Landed(landed) => token = Some(landed),
+                    Stored::Lost => break,
+                }
+            }
+            if !alerts.is_empty() {
+                writes.push(alert_append(
+                    alerts.iter().map(Alert::to_event).collect(),
+                    token.as_deref(),
+                ));
             }
             if !commit(&writer, writes).await {
                 // Not recorded: stop here and read the queue again from this event.
@@ -427,7 +480,7 @@ async fn judge_snapshot(
     evaluated: &mut HashMap<String, Evaluated>,
     writer: &SpoolWriter,
     now: u64,
-    cluster: Option<Shared<'_>>,
+    mut cluster: Option<InCluster<'_>>,
 ) -> Option<()> {
     let id = item.event.id;
     let mark = |outcome| Write::Mark {
@@ -465,8 +518,8 @@ async fn judge_snapshot(
         .collect();
     // In a cluster, the changes other instances judged count too: by Port's time (their
     // spool ids are theirs, not comparable with this snapshot's).
-    if let Some(cluster) = &cluster {
-        for (key, at) in cluster.changed {
+    if let Some(InCluster { changed, .. }) = &cluster {
+        for (key, at) in changed.iter() {
             let entry = seen.entry(key.clone()).or_insert(reconcile::Seen {
                 event: 0,
                 updated_ms: None,
@@ -492,16 +545,85 @@ async fn judge_snapshot(
     for (rule, entity, reason) in &outcome.skipped {
         tracing::debug!(rule = %rule, entity = %entity, "reconciliation: rule cannot judge: {reason}");
     }
-    let mut writes: Vec<Write> = outcome
-        .states
-        .iter()
-        .map(|(k, s)| state_write(k, s))
-        .collect();
-    if !outcome.alerts.is_empty() {
-        writes.push(alert_append(
-            outcome.alerts.iter().map(Alert::to_event).collect(),
-            cluster.as_ref().map(|c| c.revision),
-        ));
+    // In a cluster, compare-and-set first, as for a live event, shard by shard: of two
+    // instances judging snapshots of the same gap against the same states, one wins and
+    // sends; the other is judged again (by the caller) against the winner's states, and finds
+    // nothing to send. Each shard's states and alerts are committed once its write landed, so
+    // a later shard losing its write repeats nothing of an earlier one's.
+    let mut committed: HashSet<usize> = HashSet::new();
+    if let Some(InCluster {
+        view,
+        changed,
+        cancel,
+    }) = &mut cluster
+    {
+        let marks: Vec<(String, u64)> = outcome
+            .seen
+            .iter()
+            .filter_map(|(key, at)| Some((key.clone(), (*at)?)))
+            .filter(|(key, at)| changed.get(key).is_none_or(|then| then < at))
+            .collect();
+        let mut shards: std::collections::BTreeSet<usize> = Default::default();
+        shards.extend(outcome.states.keys().map(|k| shard_of(k)));
+        shards.extend(marks.iter().map(|(k, _)| shard_of(k)));
+        shards.extend(
+            outcome
+                .alerts
+                .iter()
+                .map(|a| shard_of(&super::state_key(&a.rule, &a.entity))),
+        );
+        for n in shards {
+            let changes: Vec<(String, AlertState)> = outcome
+                .states
+                .iter()
+                .filter(|(k, _)| shard_of(k) == n)
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect();
+            let shard_marks: Vec<(String, u64)> = marks
+                .iter()
+                .filter(|(k, _)| shard_of(k) == n)
+                .cloned()
+                .collect();
+            let alerts: Vec<&Alert> = outcome
+                .alerts
+                .iter()
+                .filter(|a| shard_of(&super::state_key(&a.rule, &a.entity)) == n)
+                .collect();
+            let token = match view
+                .store(n, changes.clone(), shard_marks.clone(), cancel)
+                .await
+            {
+                Stored::Landed(token) => token,
+                Stored::Lost => return None,
+            };
+            let mut writes: Vec<Write> = changes.iter().map(|(k, s)| state_write(k, s)).collect();
+            if !alerts.is_empty() {
+                writes.push(alert_append(
+                    alerts.iter().map(|a| Alert::to_event(a)).collect(),
+                    Some(&token),
+                ));
+            }
+            if !commit(writer, writes).await {
+                return None;
+            }
+            for alert in alerts {
+                info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
+                count_alert(alert);
+            }
+            Arc::make_mut(states).extend(changes);
+            changed.extend(shard_marks);
+            committed.insert(n);
+        }
+    }
+    let mut writes: Vec<Write> = Vec::new();
+    if cluster.is_none() {
+        writes.extend(outcome.states.iter().map(|(k, s)| state_write(k, s)));
+        if !outcome.alerts.is_empty() {
+            writes.push(alert_append(
+                outcome.alerts.iter().map(Alert::to_event).collect(),
+                None,
+            ));
+        }
     }
     let marks: Vec<(String, Evaluated)> = outcome
         .seen
@@ -524,39 +646,17 @@ async fn judge_snapshot(
         });
     }
     writes.push(mark(Outcome::Delivered { status: 200 }));
-    // In a cluster, compare-and-set first, as for a live event: of two instances judging
-    // snapshots of the same gap against the same states, one wins and sends; the other is
-    // judged again (by the caller) against the winner's states, and finds nothing to send.
-    if let Some(cluster) = &cluster {
-        let marks: Vec<(String, u64)> = outcome
-            .seen
-            .iter()
-            .filter_map(|(key, at)| Some((key.clone(), (*at)?)))
-            .filter(|(key, at)| cluster.changed.get(key).is_none_or(|then| then < at))
-            .collect();
-        if (!outcome.states.is_empty() || !marks.is_empty() || !outcome.alerts.is_empty())
-            && !store_shared(
-                cluster.state,
-                states,
-                cluster.changed,
-                outcome.states.clone(),
-                marks,
-                cluster.revision,
-            )
-            .await
-        {
-            return None;
-        }
-    }
     if !commit(writer, writes).await {
         return None;
     }
     reconcile::report(&snapshot.blueprint, id, &outcome);
-    for alert in &outcome.alerts {
-        info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
-        count_alert(alert);
+    if cluster.is_none() {
+        for alert in &outcome.alerts {
+            info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
+            count_alert(alert);
+        }
+        Arc::make_mut(states).extend(outcome.states);
     }
-    Arc::make_mut(states).extend(outcome.states);
     evaluated.extend(marks);
     Some(())
 }
@@ -592,9 +692,41 @@ fn carries_run(body: &[u8]) -> bool {
         .any(|path| value.pointer(path).is_some_and(|v| v.is_string()))
 }
 
-/// What the cluster's KV holds for the pipeline: one value, changed only with
+/// How many KV values the cluster's alert state is spread over (`alert-states.<n>`), each
+/// holding the entities whose identifier hashes to it. NATS caps one value at its
+/// `max_payload` (1 MiB by default); spread this wide the state holds well over a million
+/// entities, and a judgement compare-and-sets only the part its entity is in.
+const SHARDS: usize = 256;
+
+/// The longest entity (blueprint and identifier) the pipeline judges, in bytes. Port's
+/// identifiers are far shorter; a longer one is hostile or broken input, refused (dead, with
+/// the reason) rather than stored in state every instance reads.
+pub(crate) const MAX_ENTITY_BYTES: usize = 1024;
+
+/// How often, at most, every shard is read while the bucket moves (see
+/// [`ClusterView::walked`]).
+const WALK_EVERY: Duration = Duration::from_secs(1);
+
+/// How many of the latest write tokens a shard keeps: an instance whose write got no answer
+/// finds its token there as long as fewer writes followed.
+const WRITE_TOKENS: usize = 32;
+
+/// The shard of a state key (`rule<US>entity`) or a change-time key (`blueprint<US>entity`):
+/// by the entity, so all of an entity's states and its change time share one shard. FNV-1a:
+/// the same on every instance and every release (std's hasher promises neither).
+fn shard_of(key: &str) -> usize {
+    let entity = key.split_once('\u{1f}').map_or(key, |(_, entity)| entity);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in entity.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % SHARDS as u64) as usize
+}
+
+/// What one shard of the cluster's alert state holds: a KV value, changed only with
 /// compare-and-set on its revision.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SharedAlerts {
     /// The alert states, by rule and entity.
@@ -603,103 +735,389 @@ struct SharedAlerts {
     /// any instance: a change older than it is stale, and a snapshot read before it loses.
     #[serde(default)]
     changed: HashMap<String, u64>,
+    /// The tokens of the latest writes, newest last: a writer that got no answer from NATS
+    /// reads the value again and finds its own token if its write landed.
+    #[serde(default)]
+    writes: Vec<String>,
 }
 
 /// How long the cluster keeps an entity's change time ([`SharedAlerts::changed`]): far longer
 /// than a snapshot or an event waits between Port and its judgement.
 const MARK_HORIZON: Duration = Duration::from_secs(24 * 3600);
 
-/// Drop the change times more than [`MARK_HORIZON`] older than the newest.
-fn prune_marks(changed: &mut HashMap<String, u64>) {
-    if let Some(newest) = changed.values().max().copied() {
-        let horizon = newest.saturating_sub(MARK_HORIZON.as_millis() as u64);
-        changed.retain(|_, at| *at >= horizon);
-    }
+/// Drop the change times more than [`MARK_HORIZON`] older than `newest`.
+fn prune_marks(changed: &mut HashMap<String, u64>, newest: u64) {
+    let horizon = newest.saturating_sub(MARK_HORIZON.as_millis() as u64);
+    changed.retain(|_, at| *at >= horizon);
 }
 
-/// The shared value as [`judge_snapshot`] judges against it in a cluster.
-struct Shared<'a> {
-    state: &'a SharedState,
-    /// [`SharedAlerts::changed`] as read.
-    changed: &'a HashMap<String, u64>,
-    /// The revision it was read at.
+/// One shard as this instance last read it.
+#[derive(Clone, Default)]
+struct Part {
+    /// Its value.
+    alerts: SharedAlerts,
+    /// Its KV revision (0: absent).
     revision: u64,
 }
 
-/// The cluster's alert states and their revision; `None` (logged) if NATS cannot say.
-async fn load_shared(shared: &SharedState) -> Option<(SharedAlerts, u64)> {
-    match shared.load().await {
-        Ok((None, revision)) => Some((SharedAlerts::default(), revision)),
+/// The cluster's alert state as this instance last read it, shard by shard, with the union
+/// the rules judge against.
+struct ClusterView {
+    /// The KV values under `alert-states` (the old single value itself, and the shards).
+    shared: SharedState,
+    /// Each shard as last read or written, by shard number: what a write builds on.
+    parts: Vec<Part>,
+    /// The bucket's last revision when every shard was last read: unchanged, nothing to read.
+    read_at: Option<u64>,
+    /// When every shard was last read. The bucket also holds the routes' floors, which move
+    /// with every delivery, so a moved bucket is read again at most every [`WALK_EVERY`] (an
+    /// event reads its own shard anyway; held alerts are checked against shards this fresh).
+    walked: Option<tokio::time::Instant>,
+    /// A write lost to another instance's: read every shard at the next chance.
+    stale: bool,
+    /// This run's prefix of write tokens (random): no other run, here or elsewhere, has it.
+    instance: String,
+    /// How many writes this run made: with `instance`, a token no other write carries.
+    writes: u64,
+    /// Whether a shard too large to store was reported (once, not per attempt).
+    too_large_said: HashSet<usize>,
+}
+
+/// What [`judge_snapshot`] needs in a cluster.
+struct InCluster<'a> {
+    view: &'a mut ClusterView,
+    /// The union of the shards' change times, as read (and as this judgement moves them).
+    changed: &'a mut HashMap<String, u64>,
+    /// Ends a wait on NATS.
+    cancel: &'a CancellationToken,
+}
+
+/// What became of a compare-and-set.
+enum Stored {
+    /// It landed; the alerts of that write are named by its token.
+    Landed(String),
+    /// Another instance moved first (or NATS refused or is away, logged): read and judge
+    /// again.
+    Lost,
+}
+
+impl ClusterView {
+    fn new(shared: SharedState) -> ClusterView {
+        let mut bytes = [0u8; 8];
+        // No randomness at all is not worth stopping for: the time tells runs apart too.
+        if getrandom::fill(&mut bytes).is_err() {
+            bytes = crate::clock::now_ms().to_be_bytes();
+        }
+        ClusterView {
+            shared,
+            parts: vec![Part::default(); SHARDS],
+            read_at: None,
+            walked: None,
+            stale: false,
+            instance: hex::encode(bytes),
+            writes: 0,
+            too_large_said: HashSet::new(),
+        }
+    }
+
+    /// Put a shard read from NATS in place, in the union maps too.
+    fn replace(
+        &mut self,
+        n: usize,
+        part: Part,
+        states: &mut Arc<HashMap<String, AlertState>>,
+        changed: &mut HashMap<String, u64>,
+    ) {
+        let old = std::mem::replace(&mut self.parts[n], part);
+        if old.revision == self.parts[n].revision && old.revision != 0 {
+            return;
+        }
+        let union = Arc::make_mut(states);
+        for key in old.alerts.states.keys() {
+            union.remove(key);
+        }
+        for key in old.alerts.changed.keys() {
+            changed.remove(key);
+        }
+        let new = &self.parts[n].alerts;
+        union.extend(new.states.iter().map(|(k, v)| (k.clone(), v.clone())));
+        changed.extend(new.changed.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+
+    /// Read shard `n`; `None` (logged) if NATS cannot say.
+    async fn load_part(&self, n: usize) -> Option<Part> {
+        match self.shared.part(&n.to_string()).load().await {
+            Ok((None, revision)) => Some(Part {
+                alerts: SharedAlerts::default(),
+                revision,
+            }),
+            Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes) {
+                Ok(alerts) => Some(Part { alerts, revision }),
+                Err(e) => {
+                    error!(
+                        "the cluster's alert states (shard {n}) are not what a relay writes ({e}); starting it from OK"
+                    );
+                    Some(Part {
+                        alerts: SharedAlerts::default(),
+                        revision,
+                    })
+                }
+            },
+            Err(e) => {
+                warn!(
+                    "cannot read the cluster's alert states, waiting: {}",
+                    crate::error::chain(&e)
+                );
+                None
+            }
+        }
+    }
+
+    /// Read the shard of `key` again. False (logged) if NATS cannot say.
+    async fn refresh_one(
+        &mut self,
+        key: &str,
+        states: &mut Arc<HashMap<String, AlertState>>,
+        changed: &mut HashMap<String, u64>,
+    ) -> bool {
+        let n = shard_of(key);
+        match self.load_part(n).await {
+            Some(part) => {
+                self.replace(n, part, states, changed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Read every shard that changed since the last full read (none when the bucket did not
+    /// move; not again within [`WALK_EVERY`] unless `now` or a write was lost). False (logged)
+    /// if NATS cannot say.
+    async fn refresh_all(
+        &mut self,
+        now: bool,
+        states: &mut Arc<HashMap<String, AlertState>>,
+        changed: &mut HashMap<String, u64>,
+    ) -> bool {
+        if !now && !self.stale && self.walked.is_some_and(|at| at.elapsed() < WALK_EVERY) {
+            return true;
+        }
+        let at = match self.shared.bucket_revision().await {
+            Ok(at) => at,
+            Err(e) => {
+                warn!(
+                    "cannot read the cluster's alert states, waiting: {}",
+                    crate::error::chain(&e)
+                );
+                return false;
+            }
+        };
+        if self.read_at == Some(at) {
+            self.walked = Some(tokio::time::Instant::now());
+            self.stale = false;
+            return true;
+        }
+        if self.read_at.is_none() && !self.migrate().await {
+            return false;
+        }
+        use futures::StreamExt;
+        let this = &*self;
+        let loaded: Vec<(usize, Option<Part>)> = futures::stream::iter(0..SHARDS)
+            .map(|n| async move { (n, this.load_part(n).await) })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut all = true;
+        for (n, part) in loaded {
+            match part {
+                Some(part) => self.replace(n, part, states, changed),
+                None => all = false,
+            }
+        }
+        if all {
+            self.read_at = Some(at);
+            self.walked = Some(tokio::time::Instant::now());
+            self.stale = false;
+        }
+        all
+    }
+
+    /// Releases before the shards kept the whole state in one value (`alert-states`): spread
+    /// it over the shards (those not yet written) and remove it. False if NATS cannot say.
+    async fn migrate(&mut self) -> bool {
+        let (bytes, revision) = match self.shared.load().await {
+            Ok((Some(bytes), revision)) => (bytes, revision),
+            Ok((None, _)) => return true,
+            Err(e) => {
+                warn!(
+                    "cannot read the cluster's alert states, waiting: {}",
+                    crate::error::chain(&e)
+                );
+                return false;
+            }
+        };
+        #[derive(Deserialize)]
+        struct Legacy {
+            states: HashMap<String, AlertState>,
+            #[serde(default)]
+            changed: HashMap<String, u64>,
+        }
         // The first cluster releases stored the states alone.
-        Ok((Some(bytes), revision)) => match serde_json::from_slice(&bytes).or_else(|e| {
+        let legacy: Legacy = match serde_json::from_slice(&bytes).or_else(|e| {
             serde_json::from_slice(&bytes)
-                .map(|states| SharedAlerts {
+                .map(|states| Legacy {
                     states,
                     changed: HashMap::new(),
                 })
                 .map_err(|_| e)
         }) {
-            Ok(loaded) => Some((loaded, revision)),
+            Ok(legacy) => legacy,
             Err(e) => {
                 error!(
-                    "the cluster's alert states are not what a relay writes ({e}); starting from OK"
+                    "the cluster's old alert state is not what a relay writes ({e}); not carried over"
                 );
-                Some((SharedAlerts::default(), revision))
+                let _ = self.shared.remove(revision).await;
+                return true;
             }
-        },
-        Err(e) => {
-            warn!(
-                "cannot read the cluster's alert states, waiting: {}",
-                crate::error::chain(&e)
-            );
-            None
+        };
+        let mut parts = vec![SharedAlerts::default(); SHARDS];
+        for (key, state) in legacy.states {
+            parts[shard_of(&key)].states.insert(key, state);
         }
+        for (key, at) in legacy.changed {
+            parts[shard_of(&key)].changed.insert(key, at);
+        }
+        for (n, part) in parts.into_iter().enumerate() {
+            if part.states.is_empty() && part.changed.is_empty() {
+                continue;
+            }
+            let bytes = serde_json::to_vec(&part).expect("states serialise");
+            // Created only where no shard is yet: another instance may have carried it over.
+            if let Err(e) = self
+                .shared
+                .part(&n.to_string())
+                .store(bytes.into(), 0)
+                .await
+            {
+                warn!(
+                    "cannot carry the cluster's old alert state over, waiting: {}",
+                    crate::error::chain(&e)
+                );
+                return false;
+            }
+        }
+        if let Err(e) = self.shared.remove(revision).await {
+            tracing::debug!("the old alert state was removed meanwhile: {e}");
+        }
+        info!("carried the cluster's alert state over from one KV value to {SHARDS} shards");
+        true
     }
-}
 
-/// Store `states` with `changes` if the cluster's states are still at `revision`. False if
-/// another instance changed them first (or NATS is away, logged): nothing is sent then.
-async fn store_shared(
-    shared: &SharedState,
-    states: &HashMap<String, AlertState>,
-    changed: &HashMap<String, u64>,
-    changes: impl IntoIterator<Item = (String, AlertState)>,
-    marks: impl IntoIterator<Item = (String, u64)>,
-    revision: u64,
-) -> bool {
-    let mut next = SharedAlerts {
-        states: states.clone(),
-        changed: changed.clone(),
-    };
-    for (key, state) in changes {
-        if state == AlertState::default() {
-            next.states.remove(&key);
-        } else {
-            next.states.insert(key, state);
+    /// Store `changes` and `marks` (all of shard `n`) if shard `n` is still at the revision it
+    /// was read at. After a write NATS gave no answer to, the shard is read again: if it
+    /// carries this write's token, the write landed.
+    async fn store(
+        &mut self,
+        n: usize,
+        changes: impl IntoIterator<Item = (String, AlertState)>,
+        marks: impl IntoIterator<Item = (String, u64)>,
+        cancel: &CancellationToken,
+    ) -> Stored {
+        let part = &self.parts[n];
+        let revision = part.revision;
+        let mut next = part.alerts.clone();
+        for (key, state) in changes {
+            if state == AlertState::default() {
+                next.states.remove(&key);
+            } else {
+                next.states.insert(key, state);
+            }
         }
-    }
-    next.changed.extend(marks);
-    // One mark per entity changed would grow the one KV value without end (NATS caps a value
-    // at its max payload, 1 MiB by default); a mark only has to outlive the snapshots and
-    // events in flight when it was written, so those far older than the newest go. (Port's
-    // times against Port's times: the relay's clock plays no part.)
-    prune_marks(&mut next.changed);
-    let bytes = serde_json::to_vec(&next).expect("states serialise");
-    match shared.store(bytes.into(), revision).await {
-        Ok(true) => true,
-        Ok(false) => {
-            tracing::debug!(
-                "the cluster's alert states changed meanwhile (another instance); judging again"
-            );
-            false
-        }
-        Err(e) => {
-            warn!(
-                "cannot store the cluster's alert states, waiting: {}",
-                crate::error::chain(&e)
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            false
+        next.changed.extend(marks);
+        // A mark only has to outlive the snapshots and events in flight when it was written,
+        // so those far older than the newest any shard holds go. (Port's times against
+        // Port's times: the relay's clock plays no part.)
+        let newest = self
+            .parts
+            .iter()
+            .flat_map(|p| p.alerts.changed.values())
+            .chain(next.changed.values())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        prune_marks(&mut next.changed, newest);
+        self.writes += 1;
+        let token = format!("{}-{}", self.instance, self.writes);
+        next.writes.push(token.clone());
+        let excess = next.writes.len().saturating_sub(WRITE_TOKENS);
+        next.writes.drain(..excess);
+        let bytes = serde_json::to_vec(&next).expect("states serialise");
+        let target = self.shared.part(&n.to_string());
+        match target.try_store(bytes.into(), revision).await {
+            Ok(landed) => {
+                // What this instance knows the shard holds now: the next event on it need not
+                // lose a compare-and-set to learn it.
+                self.parts[n] = Part {
+                    alerts: next,
+                    revision: landed,
+                };
+                // The bucket's revisions count every write: landing right after the last full
+                // read, this was the only write since, and a full read would find nothing new.
+                if self.read_at == Some(landed - 1) {
+                    self.read_at = Some(landed);
+                }
+                Stored::Landed(token)
+            }
+            Err(StoreError::Moved) => {
+                tracing::debug!(
+                    "the cluster's alert states changed meanwhile (another instance); judging again"
+                );
+                self.stale = true;
+                Stored::Lost
+            }
+            Err(e @ StoreError::TooLarge { .. }) => {
+                // Never going to land: say so once, and do not spin on it.
+                if self.too_large_said.insert(n) {
+                    error!(
+                        "cannot store the cluster's alert states (shard {n}): {e}; no alert for its entities until it shrinks (raise max_payload on the NATS server); retrying every 30s"
+                    );
+                }
+                wait(cancel, Duration::from_secs(30)).await;
+                Stored::Lost
+            }
+            Err(StoreError::Uncertain(e)) => {
+                warn!(
+                    "no answer from NATS to a write of the cluster's alert states ({}); reading it again to tell whether it landed",
+                    crate::error::chain(&e)
+                );
+                loop {
+                    if cancel.is_cancelled() {
+                        return Stored::Lost;
+                    }
+                    let Ok((value, now_at)) = target.load().await else {
+                        wait(cancel, Duration::from_secs(1)).await;
+                        continue;
+                    };
+                    let read = value
+                        .and_then(|bytes| serde_json::from_slice::<SharedAlerts>(&bytes).ok())
+                        .unwrap_or_default();
+                    let tokens = read.writes;
+                    if tokens.contains(&token) {
+                        info!(
+                            "the write of the cluster's alert states NATS did not answer landed; its alerts go out"
+                        );
+                        // The shard as read may hold later writes too: the next read of it
+                        // (its revision differs from the one this instance knows) takes them.
+                        return Stored::Landed(token);
+                    }
+                    if now_at != revision && tokens.len() >= WRITE_TOKENS {
+                        error!(
+                            "cannot tell whether a write of the cluster's alert states NATS did not answer landed ({WRITE_TOKENS} writes followed it); if it did, its alerts are lost"
+                        );
+                    }
+                    return Stored::Lost;
+                }
+            }
         }
     }
 }
@@ -821,17 +1239,17 @@ fn state_write(key: &str, state: &AlertState) -> Write {
     }
 }
 
-/// The alerts of one commit, onto the alert route; in a cluster (`cluster_revision`: the
-/// revision of the shared states the compare-and-set moved from) onto the alerts' outbox
-/// instead, which publishes them to the cluster, where whichever instance takes them from the
-/// alert route's consumer delivers them. Each is named by that revision and its place in the
-/// commit: only one compare-and-set moves from a revision, so the name is the alert's
-/// cluster-wide, and the outbox publishing it again (an ack lost, a restart) stores it once.
-fn alert_append(mut alerts: Vec<crate::event::Event>, cluster_revision: Option<u64>) -> Write {
-    let route = match cluster_revision {
-        Some(revision) => {
+/// The alerts of one commit, onto the alert route; in a cluster (`cluster_write`: the token
+/// of the compare-and-set that landed them) onto the alerts' outbox instead, which publishes
+/// them to the cluster, where whichever instance takes them from the alert route's consumer
+/// delivers them. Each is named by that token and its place in the commit: a token names one
+/// write, so the name is the alert's cluster-wide, and the outbox publishing it again (an ack
+/// lost, a restart) stores it once.
+fn alert_append(mut alerts: Vec<crate::event::Event>, cluster_write: Option<&str>) -> Write {
+    let route = match cluster_write {
+        Some(token) => {
             for (n, alert) in alerts.iter_mut().enumerate() {
-                alert.sse_id = Some(format!("alerts@{revision}#{n}"));
+                alert.sse_id = Some(format!("alerts@{token}#{n}"));
             }
             crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE))
         }
@@ -877,27 +1295,35 @@ mod tests {
             ("new".to_string(), 5_000 + day),
         ]
         .into();
-        prune_marks(&mut changed);
+        prune_marks(&mut changed, 5_000 + day);
         let mut kept: Vec<&str> = changed.keys().map(String::as_str).collect();
         kept.sort();
         assert_eq!(kept, ["edge", "new"]);
     }
 
     #[test]
-    fn the_shared_value_reads_both_layouts() {
-        let states: HashMap<String, AlertState> =
-            [("cpu\u{1f}a".to_string(), AlertState::default())].into();
-        let state = &serde_json::to_string(&states).unwrap();
-        let legacy: Result<SharedAlerts, _> = serde_json::from_str(state);
-        assert!(
-            legacy.is_err(),
-            "the states alone are not taken for the new layout"
+    fn an_entity_s_states_and_change_time_share_a_shard_and_shards_spread() {
+        let entity = "notification-service-prod";
+        let n = shard_of(&crate::pipeline::state_key("cpu-high", entity));
+        assert_eq!(n, shard_of(&reconcile::subject("DeploymentConfig", entity)));
+        assert_eq!(
+            n,
+            shard_of(&crate::pipeline::state_key("other-rule", entity))
         );
-        let states: HashMap<String, AlertState> = serde_json::from_str(state).unwrap();
-        let now = format!(r#"{{"states":{state},"changed":{{"x":1}}}}"#);
-        let read: SharedAlerts = serde_json::from_str(&now).unwrap();
-        assert_eq!(read.states, states);
+        // Stable across releases: the shards of a running cluster must not move.
+        assert_eq!(shard_of("r\u{1f}svc-00001"), shard_of("bp\u{1f}svc-00001"));
+        let used: HashSet<usize> = (0..10_000)
+            .map(|i| shard_of(&format!("bp\u{1f}svc-{i:05}")))
+            .collect();
+        assert_eq!(used.len(), SHARDS, "ten thousand entities use every shard");
+    }
+
+    #[test]
+    fn a_shard_value_reads_without_tokens() {
+        let read: SharedAlerts =
+            serde_json::from_str(r#"{"states":{},"changed":{"x":1}}"#).unwrap();
         assert_eq!(read.changed.get("x"), Some(&1));
+        assert!(read.writes.is_empty());
     }
 
     async fn settled(spool: &Spool) {

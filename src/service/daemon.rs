@@ -81,6 +81,42 @@ pub enum DaemonError {
     ClusterChanged,
 }
 
+/// Whether two `[cluster]` tables are the same in every setting (secrets compared, not
+/// shown).
+fn same_cluster(
+    a: Option<&crate::cluster::Settings>,
+    b: Option<&crate::cluster::Settings>,
+) -> bool {
+    use crate::secret::ExposeSecret;
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            // Destructured, so a setting added later cannot be forgotten here.
+            let crate::cluster::Settings {
+                url,
+                name,
+                credentials,
+                ca,
+                ack_wait,
+                health_grace,
+                dedupe_window,
+                max_age,
+                replicas,
+            } = a;
+            url.expose_secret() == b.url.expose_secret()
+                && *name == b.name
+                && *credentials == b.credentials
+                && *ca == b.ca
+                && *ack_wait == b.ack_wait
+                && *health_grace == b.health_grace
+                && *dedupe_window == b.dedupe_window
+                && *max_age == b.max_age
+                && *replicas == b.replicas
+        }
+        _ => false,
+    }
+}
+
 /// Events received but not yet stored; beyond this a source waits (backpressure).
 const QUEUE_DEPTH: usize = 8192;
 
@@ -592,15 +628,12 @@ impl Runtime {
                 to: show(plan.metrics_listen),
             });
         }
-        let shown = |c: &Option<crate::cluster::Settings>| {
-            c.as_ref().map(|c| (c.shown_url(), c.name.clone()))
-        };
-        if shown(&plan.cluster)
-            != self
-                .cluster
-                .as_ref()
-                .map(|c| (c.settings().shown_url(), c.settings().name.clone()))
-        {
+        // Every setting, the URL's password included (compared, never shown): the cluster
+        // connection was made with them, and none of them changes without a restart.
+        if !same_cluster(
+            plan.cluster.as_ref(),
+            self.cluster.as_ref().map(|c| c.settings()),
+        ) {
             return Err(DaemonError::ClusterChanged);
         }
         // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
