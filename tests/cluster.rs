@@ -879,6 +879,19 @@ async fn a_stop_mid_pace_does_not_let_the_next_instance_send_early() {
     // The instance that sent the first alert is stopped during its pace wait: the route cuts
     // the wait short, and the ack must wait it out, or the other instance sends at once.
     slack.wait_arrived(1).await;
+    // Every alert published first (3 frames + 3 alerts in the stream): an alert its instance
+    // judged but had not yet published when stopped would wait for that instance to start
+    // again (the README's "late" window), which is not what this test is about.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    support::wait_for(support::PATIENCE, "all alerts published", || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("SMEE_notify").await.ok()?;
+            (stream.info().await.ok()?.state.messages >= 2 * ALERTS as u64).then_some(())
+        }
+    })
+    .await;
     // Only one alert is in flight cluster-wide: the one instance that took one has it.
     let holder = support::wait_for(
         support::PATIENCE,
