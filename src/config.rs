@@ -649,6 +649,38 @@ fn cluster_settings(
     (settings, problems.into_iter().map(|(_, p)| p).collect())
 }
 
+/// `[cluster]` with `--nats-url` / `SMEE_RELAY_NATS_URL` on top, for `run` and `events`: the flag
+/// alone joins cluster `default`. The flag is checked as the config's URL is (not by clap, whose
+/// message would repeat the value, password and all). `Ok(None)`: no cluster asked for.
+pub fn cluster_with_flag(
+    flag: Option<&SecretString>,
+    file: Option<crate::cluster::Settings>,
+) -> Result<Option<crate::cluster::Settings>, ConfigError> {
+    let refuse = |problem: String| ConfigError {
+        problems: vec![problem],
+    };
+    let settings = match (flag, file) {
+        (None, None) => return Ok(None),
+        (Some(url), _) if let Err(e) = crate::url::check_nats_urls(url.expose_secret()) => {
+            return Err(refuse(format!("--nats-url / SMEE_RELAY_NATS_URL: {e}")));
+        }
+        (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
+        (Some(url), Some(mut file)) => {
+            file.url = url.clone();
+            file
+        }
+        (None, Some(file)) => file,
+    };
+    if settings.url.expose_secret().is_empty() {
+        return Err(refuse(
+            "[cluster] needs nats_url or nats_url_env (set in this shell), or --nats-url / \
+             SMEE_RELAY_NATS_URL"
+                .into(),
+        ));
+    }
+    Ok(Some(settings))
+}
+
 /// Only `[cluster]` of the config at `path` (for `smee-relay events`, which needs nothing
 /// else: the rest of the file, and the secrets it names, are not read).
 pub fn load_cluster(
@@ -1620,6 +1652,38 @@ above = 80
         );
         let one = text.replace("600ms", "1s");
         assert!(parse(&one, "c.toml", &no_env).is_ok());
+    }
+
+    #[test]
+    fn run_and_events_put_the_nats_url_flag_on_top_of_the_cluster_table_alike() {
+        let secret = |s: &str| SecretString::from(s.to_string());
+        assert!(cluster_with_flag(None, None).unwrap().is_none());
+        let alone = cluster_with_flag(Some(&secret("nats://h:4222")), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(alone.name, "default");
+        let mut file = crate::cluster::Settings::new(secret("nats://file:4222"), "prod".into());
+        file.replicas = 3;
+        let over = cluster_with_flag(Some(&secret("nats://flag:4222")), Some(file.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(over.url.expose_secret(), "nats://flag:4222");
+        assert_eq!((over.name.as_str(), over.replicas), ("prod", 3));
+        // A bad flag is refused without repeating it (it may hold a password).
+        let bad = cluster_with_flag(Some(&secret("htp://u:hunter2@h:4222")), Some(file))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.starts_with("--nats-url / SMEE_RELAY_NATS_URL: "),
+            "{bad}"
+        );
+        assert!(!bad.contains("hunter2"), "{bad}");
+        // `nats_url_env` unset and no flag: said, not a connection to "".
+        let empty = crate::cluster::Settings::new(secret(""), "prod".into());
+        let missing = cluster_with_flag(None, Some(empty))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("[cluster] needs nats_url"), "{missing}");
     }
 
     #[test]

@@ -157,23 +157,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
 /// `[cluster]` from `--config`, with `--nats-url` on top (alone, it names cluster `default`,
 /// as for `run`).
 fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
-    use crate::secret::ExposeSecret as _;
     let file = config_cluster(args)?;
-    let settings = match (&args.nats_url, file) {
-        (None, None) => return Ok(None),
-        (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
-        (Some(url), Some(mut file)) => {
-            file.url = url.clone();
-            file
-        }
-        (None, Some(file)) => file,
-    };
-    if settings.url.expose_secret().is_empty() {
-        anyhow::bail!(
-            "[cluster] needs nats_url or nats_url_env (set in this shell), or --nats-url / SMEE_RELAY_NATS_URL; --local shows this machine's spool instead"
-        );
-    }
-    Ok(Some(settings))
+    crate::config::cluster_with_flag(args.nats_url.as_ref(), file)
+        .map_err(|e| anyhow::anyhow!("{e}; --local shows this machine's spool instead"))
 }
 
 /// `[cluster]` of `--config`, if it has one (its URL may be empty: `nats_url_env` unset).

@@ -133,37 +133,6 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             .clone()
             .zip(config.reconcile)
             .map(|(api, interval)| crate::service::daemon::ReconcilePlan { api, interval }),
-        cluster: cluster_settings(args, config.cluster)?,
+        cluster: crate::config::cluster_with_flag(args.nats_url.as_ref(), config.cluster)?,
     })
-}
-
-/// `[cluster]` with `--nats-url` on top: the flag alone joins cluster `default`.
-fn cluster_settings(
-    args: &RunArgs,
-    file: Option<crate::cluster::Settings>,
-) -> anyhow::Result<Option<crate::cluster::Settings>> {
-    use crate::secret::ExposeSecret as _;
-    let settings = match (&args.nats_url, file) {
-        (None, None) => return Ok(None),
-        // The flag is checked as the config's URL is (not by clap, whose message would
-        // repeat the value, password and all).
-        (Some(url), _) if let Err(e) = crate::url::check_nats_urls(url.expose_secret()) => {
-            return Err(crate::config::ConfigError {
-                problems: vec![format!("--nats-url / SMEE_RELAY_NATS_URL: {e}")],
-            }
-            .into());
-        }
-        (Some(url), None) => crate::cluster::Settings::new(url.clone(), "default".into()),
-        (Some(url), Some(mut file)) => {
-            file.url = url.clone();
-            file
-        }
-        (None, Some(file)) => file,
-    };
-    if settings.url.expose_secret().is_empty() {
-        anyhow::bail!(
-            "[cluster] needs nats_url or nats_url_env, or --nats-url / SMEE_RELAY_NATS_URL"
-        );
-    }
-    Ok(Some(settings))
 }
