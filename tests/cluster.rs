@@ -13,7 +13,7 @@ use support::nats::{FAILOVER_PATIENCE, NatsServer};
 use support::{FakeChannel, FakeSlack, FakeTarget, LogWatch, smee_relay, spawn_logged};
 
 /// The ack wait the tests configure: failover within about this long.
-const ACK_WAIT: &str = "2s";
+const ACK_WAIT: &str = support::nats::ACK_WAIT;
 
 /// A smee frame whose body says which event it is.
 fn frame(n: usize) -> String {
@@ -79,20 +79,9 @@ fn start_in(
     spawn_logged(&mut command)
 }
 
+/// This file's forwarding config (cluster `test`).
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
-    format!(
-        r#"
-[[channel]]
-url = "{channel}"
-forward = ["{target}"]
-
-[cluster]
-nats_url = "{nats}"
-name = "test"
-ack_wait = "{ACK_WAIT}"
-health_grace = "1s"
-"#
-    )
+    support::nats::forward_config(channel, target, nats, "test")
 }
 
 /// Start `count` instances and wait until each is subscribed and has joined the cluster.
@@ -455,30 +444,9 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     );
 }
 
-/// A pipeline with one rule that fires at once (no `for`) and a Slack webhook.
+/// This file's pipeline config (cluster `notify`).
 fn alerts_config(channel: &str, slack: &str, nats: &str) -> String {
-    format!(
-        r#"
-[[channel]]
-url = "{channel}"
-pipeline = true
-
-[slack]
-webhook_url = "{slack}"
-
-[[rule]]
-name = "cpu-high"
-blueprint = "DeploymentConfig"
-property = "cpuUtil"
-above = 80
-clear_below = 70
-
-[cluster]
-nats_url = "{nats}"
-name = "notify"
-ack_wait = "{ACK_WAIT}"
-"#
-    )
+    support::nats::alerts_config(channel, slack, nats, "notify")
 }
 
 /// The cpu 25 -> 87 change of the fixtures, on entity `n` of its own (`Svc-NN`): one FIRING

@@ -40,19 +40,9 @@ fn start_instance(config_body: &str) -> Instance {
     }
 }
 
+/// This file's forwarding config (cluster `sizes`).
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
-    format!(
-        r#"
-[[channel]]
-url = "{channel}"
-forward = ["{target}"]
-
-[cluster]
-nats_url = "{nats}"
-name = "sizes"
-ack_wait = "2s"
-"#
-    )
+    support::nats::forward_config(channel, target, nats, "sizes")
 }
 
 async fn start_cluster(count: usize, channel: &FakeChannel, config_body: &str) -> Vec<Instance> {

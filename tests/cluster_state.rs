@@ -41,30 +41,9 @@ fn start_instance(config_body: &str) -> Instance {
     }
 }
 
-/// A pipeline with one rule that fires at once (no `for`).
+/// This file's pipeline config (cluster `state`).
 fn alerts_config(channel: &str, slack: &str, nats: &str) -> String {
-    format!(
-        r#"
-[[channel]]
-url = "{channel}"
-pipeline = true
-
-[slack]
-webhook_url = "{slack}"
-
-[[rule]]
-name = "cpu-high"
-blueprint = "DeploymentConfig"
-property = "cpuUtil"
-above = 80
-clear_below = 70
-
-[cluster]
-nats_url = "{nats}"
-name = "state"
-ack_wait = "2s"
-"#
-    )
+    support::nats::alerts_config(channel, slack, nats, "state")
 }
 
 /// A Port change of the fixtures on an entity of its own.

@@ -134,3 +134,51 @@ impl NatsServer {
 
 /// How long a cluster test waits for a failover: the consumers' ack wait plus slack.
 pub const FAILOVER_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The `ack_wait` of the configs below: short, so failover tests stay short.
+pub const ACK_WAIT: &str = "2s";
+
+/// A relay config joining cluster `name` on `nats` (`ack_wait` [`ACK_WAIT`]), forwarding
+/// `channel` to `target`.
+pub fn forward_config(channel: &str, target: &str, nats: &str, name: &str) -> String {
+    format!(
+        r#"
+[[channel]]
+url = "{channel}"
+forward = ["{target}"]
+
+[cluster]
+nats_url = "{nats}"
+name = "{name}"
+ack_wait = "{ACK_WAIT}"
+health_grace = "1s"
+"#
+    )
+}
+
+/// A relay config joining cluster `name` on `nats` with the pipeline on `channel`: one rule
+/// that fires at once (no `for`), and a Slack webhook.
+pub fn alerts_config(channel: &str, slack: &str, nats: &str, name: &str) -> String {
+    format!(
+        r#"
+[[channel]]
+url = "{channel}"
+pipeline = true
+
+[slack]
+webhook_url = "{slack}"
+
+[[rule]]
+name = "cpu-high"
+blueprint = "DeploymentConfig"
+property = "cpuUtil"
+above = 80
+clear_below = 70
+
+[cluster]
+nats_url = "{nats}"
+name = "{name}"
+ack_wait = "{ACK_WAIT}"
+"#
+    )
+}
