@@ -12,9 +12,6 @@ use std::time::Duration;
 use support::nats::{FAILOVER_PATIENCE, NatsServer};
 use support::{FakeChannel, FakeSlack, FakeTarget, LogWatch, smee_relay, spawn_logged};
 
-/// The ack wait the tests configure: failover within about this long.
-const ACK_WAIT: &str = support::nats::ACK_WAIT;
-
 /// A smee frame whose body says which event it is.
 fn frame(n: usize) -> String {
     format!(r#"{{"content-type":"application/json","x-github-event":"push","body":{{"n":{n}}}}}"#)
@@ -228,30 +225,15 @@ async fn kill_9_of_the_delivering_instance_hands_over_with_at_most_the_in_flight
     );
 }
 
+/// The pipeline config with the rule held 1 s (`for`), cluster `alerts`.
 fn pipeline_config(channel: &str, slack: &str, nats: &str) -> String {
-    format!(
-        r#"
-[[channel]]
-url = "{channel}"
-pipeline = true
-
-[slack]
-webhook_url = "{slack}"
-
-[[rule]]
-name = "cpu-high"
-blueprint = "DeploymentConfig"
-property = "cpuUtil"
-above = 80
-clear_below = 70
-for = "1s"
-
-[cluster]
-nats_url = "{nats}"
-name = "alerts"
-ack_wait = "{ACK_WAIT}"
-"#
-    )
+    let config = support::nats::alerts_config(channel, slack, nats, "alerts")
+        .replace("clear_below = 70\n", "clear_below = 70\nfor = \"1s\"\n");
+    assert!(
+        config.contains("for = \"1s\""),
+        "the rule is held: {config}"
+    );
+    config
 }
 
 /// A smee frame carrying a Port change.
