@@ -1471,3 +1471,61 @@ async fn regression_a_route_stopped_by_a_reload_does_not_deliver_its_copy_locall
         "the cut-off delivery and its one repeat: {ids:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_forever() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+
+    // Two dead letters (stream 1 and 2).
+    target.answer_with(&[400, 400]);
+    channel.send_webhook(1, &frame(0));
+    channel.send_webhook(2, &frame(1));
+    take_until_seen(&mut target, 0..2, support::PATIENCE).await;
+    support::wait_for(support::PATIENCE, "both dead letters recorded", || async {
+        (statuses(one, &["--status", "dead"]).await.len() == 2).then_some(())
+    })
+    .await;
+    // The stream lets message 1 go (as `max_age` would).
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("SMEE_test").await.unwrap();
+    assert!(stream.delete_message(1).await.unwrap());
+
+    let out = events_on(one, &["purge", "--dead"]).await;
+    assert!(
+        out.stdout.contains("purged 1 dead letter")
+            && out
+                .stdout
+                .contains("forgot 1 dead letter whose event the stream no longer holds"),
+        "{}",
+        out.stdout
+    );
+    // Only the record of the event still in the stream is left.
+    let kv = js.get_key_value("smee_test_alerts").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    let mut dead = Vec::new();
+    while let Some(key) = futures::StreamExt::next(&mut keys).await {
+        let key = key.unwrap();
+        if key.starts_with("dead.") {
+            dead.push(key);
+        }
+    }
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].ends_with(".2"), "{dead:?}");
+    assert_eq!(
+        statuses(one, &["--status", "purged"]).await,
+        [(2, "purged".to_string())]
+    );
+    // A second purge has nothing left to do.
+    let out = events_on(one, &["purge", "--dead"]).await;
+    assert!(
+        out.stdout.contains("purged 0 dead letters") && !out.stdout.contains("forgot"),
+        "{}",
+        out.stdout
+    );
+}

@@ -529,11 +529,27 @@ impl Cluster {
     }
 
     /// `events purge --dead`: give up on the cluster's dead letters for good (`--dead` no
-    /// longer replays them; `list` shows them `purged`, not delivered). Returns how many.
-    pub async fn purge_dead(&self) -> Result<usize, NatsError> {
+    /// longer replays them; `list` shows them `purged`, not delivered). Also forgets, whatever
+    /// their state, the records of dead letters whose message the stream no longer holds (aged
+    /// out by `max_age`, or deleted): nothing can list or replay them, and without this the
+    /// bucket would keep every dead letter ever recorded.
+    pub async fn purge_dead(&self) -> Result<Purged, NatsError> {
         let view = self.view().await?;
-        let mut purged = 0;
+        let mut done = Purged::default();
         for ((hash, seq), (letter, revision)) in &view.dead {
+            if self.event(*seq).await?.is_none() {
+                match self
+                    .kv
+                    .purge_expect_revision(dead_key(hash, *seq), Some(*revision))
+                    .await
+                {
+                    Ok(()) => done.forgotten += 1,
+                    // Changed by someone else just now: left for the next purge.
+                    Err(e) if e.kind() == kv::PurgeErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(nats(e)),
+                }
+                continue;
+            }
             if letter.replayed_as.is_some() || letter.purged_ms.is_some() {
                 continue;
             }
@@ -544,14 +560,23 @@ impl Cluster {
                 .update(dead_key(hash, *seq), to_bytes(&letter), *revision)
                 .await
             {
-                Ok(_) => purged += 1,
+                Ok(_) => done.purged += 1,
                 // Being replayed, or purged, by someone else just now.
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
                 Err(e) => return Err(nats(e)),
             }
         }
-        Ok(purged)
+        Ok(done)
     }
+}
+
+/// What `events purge --dead` did in the cluster.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Purged {
+    /// Dead letters given up on now.
+    pub purged: usize,
+    /// Records of dead letters whose message the stream no longer holds, removed.
+    pub forgotten: usize,
 }
 
 fn to_bytes(letter: &DeadLetter) -> Bytes {

@@ -225,11 +225,17 @@ async fn run_cluster(
             );
         }
         EventsCommand::Purge { .. } => {
-            let purged = cluster.purge_dead().await?;
+            let done = cluster.purge_dead().await?;
             println!(
                 "purged {} (cluster {name})",
-                super::count(purged as usize, "dead letter", "dead letters")
+                super::count(done.purged, "dead letter", "dead letters")
             );
+            if done.forgotten > 0 {
+                println!(
+                    "forgot {} whose event the stream no longer holds",
+                    super::count(done.forgotten, "dead letter", "dead letters")
+                );
+            }
         }
         EventsCommand::Replay { to: Some(_), .. } | EventsCommand::Export { .. } => {
             anyhow::bail!(
