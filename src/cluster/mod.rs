@@ -30,6 +30,12 @@
 //! What the cluster knows about its events (for `smee-relay events` in cluster mode) is in
 //! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
 //! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
+//!
+//! Test-only: debug builds honour `SMEE_RELAY_FAULT` ([`fault`]), which the cluster tests use
+//! to stop an instance at an exact point (`abort-after-alert-state-write`: the pipeline aborts
+//! the process right after a FIRING's alert-state write landed, before its local commit;
+//! `hold-alert-publish=<path>`: the alerts' outbox does not publish while `<path>` exists).
+//! Release builds have no such hook.
 
 mod diagnose;
 mod envelope;
@@ -90,6 +96,18 @@ pub fn produced_message_id(key: &str, event: &Event, local_id: u64, received_ms:
     hash.update(local_id.to_be_bytes());
     hash.update(received_ms.to_be_bytes());
     hex::encode(hash.finalize())
+}
+
+/// Test-only fault injection, in debug builds only (see the module header): the argument of
+/// `SMEE_RELAY_FAULT` when it names `fault` (`fault` alone: an empty argument).
+#[cfg(debug_assertions)]
+pub fn fault(fault: &str) -> Option<String> {
+    let value = std::env::var("SMEE_RELAY_FAULT").ok()?;
+    match value.split_once('=') {
+        Some((name, arg)) if name == fault => Some(arg.to_string()),
+        None if value == fault => Some(String::new()),
+        _ => None,
+    }
 }
 
 /// `[cluster]`: where NATS is and how this relay joins it.

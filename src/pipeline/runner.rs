@@ -445,6 +445,17 @@ pub async fn run(
                     Stored::Landed(landed) => token = Some(landed),
                     Stored::Lost => break,
                 }
+                // Test-only (debug builds, `SMEE_RELAY_FAULT`): a crash right here, the
+                // write landed and nothing committed locally.
+                #[cfg(debug_assertions)]
+                if alerts.iter().any(|a| a.status == super::AlertStatus::Firing)
+                    && crate::cluster::fault("abort-after-alert-state-write").is_some()
+                {
+                    eprintln!(
+                        "fault injected: abort after the alert-state write of event {id}"
+                    );
+                    std::process::abort();
+                }
             }
             if !alerts.is_empty() {
                 writes.push(alert_append(

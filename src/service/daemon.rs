@@ -431,6 +431,16 @@ impl Sink for Publish {
         Result<delivery::forward::Delivered, delivery::forward::ForwardError>,
     > {
         Box::pin(async move {
+            // Test-only (debug builds, `SMEE_RELAY_FAULT`): hold the alerts' publish.
+            #[cfg(debug_assertions)]
+            if self.produced
+                && self.channel_key == crate::cluster::produced_key(ALERT_ROUTE)
+                && let Some(path) = crate::cluster::fault("hold-alert-publish")
+            {
+                while std::path::Path::new(&path).exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             let started = std::time::Instant::now();
             let id = if self.produced {
                 crate::cluster::produced_message_id(
