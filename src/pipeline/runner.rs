@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port, reconcile,
 };
-use crate::cluster::{SharedState, StoreError};
+use crate::cluster::{Cluster, SharedState, StoreError};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
@@ -68,7 +68,7 @@ pub async fn run(
     spool: Arc<Spool>,
     writer: SpoolWriter,
     rules: watch::Receiver<Arc<Pipeline>>,
-    shared: Option<SharedState>,
+    cluster: Option<Cluster>,
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
@@ -76,7 +76,9 @@ pub async fn run(
     // is skipped.
     let (loaded, mut evaluated) = load_states(&spool);
     // In a cluster the states are the cluster's, read shard by shard below.
-    let mut view = shared.map(ClusterView::new);
+    let mut view = cluster
+        .as_ref()
+        .map(|cluster| ClusterView::new(cluster.shared_state("alert-states")));
     let loaded = if view.is_some() {
         HashMap::new()
     } else {
@@ -119,7 +121,7 @@ pub async fn run(
             let token = match &mut view {
                 Some(view) => {
                     let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
-                    match view.store(n, changes, [], &cancel).await {
+                    match view.store(n, changes, [], None, &cancel).await {
                         Stored::Landed(token) => Some(token),
                         Stored::Lost => {
                             // Another instance moved first (it fires them) or NATS is away:
@@ -261,6 +263,62 @@ pub async fn run(
                 if !commit(&writer, vec![mark(dead)]).await {
                     break;
                 }
+                cursor = item.seq;
+                continue;
+            }
+            // In a cluster, what this event is cluster-wide: its stream message.
+            let judged_as = judged_as(cluster.as_ref(), &item.event.event);
+            // An event another instance judged (its alert-state write landed) and did not
+            // finish (it died before its commit, or before its alerts were published and the
+            // event acked): not judged again, which would find nothing to send; the write
+            // recorded the alerts it implies, and they are committed here under its names.
+            if let (Some(view), Some(key), Some(of)) = (&view, &subject, &judged_as)
+                && let Some(record) = view.judged(shard_of(key), of).cloned()
+            {
+                let entity = key.split_once('\u{1f}').map_or(key.as_str(), |(_, e)| e);
+                let mut writes: Vec<Write> = states
+                    .iter()
+                    .filter(|(k, _)| k.split_once('\u{1f}').is_some_and(|(_, e)| e == entity))
+                    .map(|(k, s)| state_write(k, s))
+                    .collect();
+                if !record.alerts.is_empty() {
+                    writes.push(alert_append(
+                        record.alerts.iter().map(Alert::to_event).collect(),
+                        Some(&record.token),
+                    ));
+                }
+                let done = Evaluated {
+                    event: id,
+                    at_ms: clock.now_ms(),
+                    updated_ms: changed_ms,
+                };
+                writes.push(Write::State {
+                    key: format!("{EVALUATED_PREFIX}{key}"),
+                    value: Some(serde_json::to_vec(&done).expect("a mark serialises")),
+                });
+                writes.push(mark(Outcome::Delivered { status: 200 }));
+                if !commit(&writer, writes).await {
+                    break;
+                }
+                info!(
+                    event = id,
+                    entity,
+                    "pipeline: took over another instance's judgement of event {id} (its alert-state write landed, it did not finish); re-sent its {} alerts (the stream drops any it already published)",
+                    record.alerts.len()
+                );
+                if record.untold > 0 {
+                    error!(
+                        event = id,
+                        entity,
+                        "pipeline: {} alerts of that judgement were too large to keep in the cluster's alert state (over {JUDGED_BYTES} bytes) and cannot be re-sent: they are lost",
+                        record.untold
+                    );
+                }
+                for alert in &record.alerts {
+                    info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
+                    count_alert(alert);
+                }
+                evaluated.insert(key.clone(), done);
                 cursor = item.seq;
                 continue;
             }
@@ -438,8 +496,9 @@ pub async fn run(
                     .as_deref()
                     .or_else(|| new_states.keys().next().map(String::as_str))
                     .map_or(0, shard_of);
+                let record = judged_as.clone().map(|of| (of, alerts.clone()));
                 match view
-                    .store(n, new_states.clone(), newer_mark.clone(), &cancel)
+                    .store(n, new_states.clone(), newer_mark.clone(), record, &cancel)
                     .await
                 {
                     Stored::Landed(landed) => token = Some(landed),
@@ -448,12 +507,12 @@ pub async fn run(
                 // Test-only (debug builds, `SMEE_RELAY_FAULT`): a crash right here, the
                 // write landed and nothing committed locally.
                 #[cfg(debug_assertions)]
-                if alerts.iter().any(|a| a.status == super::AlertStatus::Firing)
+                if alerts
+                    .iter()
+                    .any(|a| a.status == super::AlertStatus::Firing)
                     && crate::cluster::fault("abort-after-alert-state-write").is_some()
                 {
-                    eprintln!(
-                        "fault injected: abort after the alert-state write of event {id}"
-                    );
+                    eprintln!("fault injected: abort after the alert-state write of event {id}");
                     std::process::abort();
                 }
             }
@@ -601,7 +660,7 @@ async fn judge_snapshot(
                 .filter(|a| shard_of(&super::state_key(&a.rule, &a.entity)) == n)
                 .collect();
             let token = match view
-                .store(n, changes.clone(), shard_marks.clone(), cancel)
+                .store(n, changes.clone(), shard_marks.clone(), None, cancel)
                 .await
             {
                 Stored::Landed(token) => token,
@@ -750,6 +809,62 @@ struct SharedAlerts {
     /// reads the value again and finds its own token if its write landed.
     #[serde(default)]
     writes: Vec<String>,
+    /// What the latest writes judged, and the alerts each implies (bounded: those of the
+    /// last [`WRITE_TOKENS`] writes, at most [`JUDGED_BYTES`] of alerts): an instance that
+    /// takes over a judgement whose writer did not finish re-sends them under the same names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    judged: Vec<Judged>,
+}
+
+/// One judgement a shard write landed, recorded beside the state it wrote.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Judged {
+    /// What was judged, named alike on every instance ([`judged_as`]).
+    of: String,
+    /// The token of the write: its alerts are named by it (`alerts@<token>#<n>`).
+    token: String,
+    /// The alerts the write implies, in their order in the commit ([`alert_append`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    alerts: Vec<Alert>,
+    /// How many alerts it implied beyond what a record keeps ([`JUDGED_BYTES`]): a takeover
+    /// cannot re-send those, and says so.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    untold: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The most bytes of alerts (as JSON) a shard keeps in its [`Judged`] records: the records
+/// fill at most this much of a shard (NATS caps a value at `max_payload`, 1 MiB by default).
+/// The oldest records go first; a judgement whose own alerts are over it keeps only its count.
+const JUDGED_BYTES: usize = 64 * 1024;
+
+/// What a live event from the cluster is, the same on every instance that takes it: its stream
+/// sequence, and a hash of its body (a stream created again restarts its sequences). None for
+/// an event that did not come from the cluster's pipeline route.
+fn judged_as(cluster: Option<&Cluster>, event: &crate::event::Event) -> Option<String> {
+    use sha2::Digest as _;
+    let seq = cluster?.stream_seq(PIPELINE_ROUTE, event)?;
+    let digest = sha2::Sha256::digest(&event.body);
+    Some(format!("live {seq} {}", hex::encode(&digest[..6])))
+}
+
+/// Keep the records of writes still among `writes`, newest first within [`JUDGED_BYTES`].
+fn trim_judged(judged: &mut Vec<Judged>, writes: &[String]) {
+    judged.retain(|record| writes.contains(&record.token));
+    let mut total = 0;
+    let mut keep = judged.len();
+    for (at, record) in judged.iter().enumerate().rev() {
+        total += serde_json::to_vec(&record.alerts).map_or(0, |bytes| bytes.len());
+        if total > JUDGED_BYTES {
+            break;
+        }
+        keep = at;
+    }
+    judged.drain(..keep);
 }
 
 /// How long the cluster keeps an entity's change time ([`SharedAlerts::changed`]): far longer
@@ -853,6 +968,15 @@ impl ClusterView {
         let new = &self.parts[n].alerts;
         union.extend(new.states.iter().map(|(k, v)| (k.clone(), v.clone())));
         changed.extend(new.changed.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+
+    /// The record of judgement `of` in shard `n` as last read, if a write of it landed.
+    fn judged(&self, n: usize, of: &str) -> Option<&Judged> {
+        self.parts[n]
+            .alerts
+            .judged
+            .iter()
+            .find(|record| record.of == of)
     }
 
     /// Read shard `n`; `None` (logged) if NATS cannot say.
@@ -1032,6 +1156,7 @@ impl ClusterView {
         n: usize,
         changes: impl IntoIterator<Item = (String, AlertState)>,
         marks: impl IntoIterator<Item = (String, u64)>,
+        judged: Option<(String, Vec<Alert>)>,
         cancel: &CancellationToken,
     ) -> Stored {
         let part = &self.parts[n];
@@ -1062,6 +1187,21 @@ impl ClusterView {
         next.writes.push(token.clone());
         let excess = next.writes.len().saturating_sub(WRITE_TOKENS);
         next.writes.drain(..excess);
+        if let Some((of, alerts)) = judged {
+            let size = serde_json::to_vec(&alerts).map_or(0, |bytes| bytes.len());
+            let (alerts, untold) = if size > JUDGED_BYTES {
+                (Vec::new(), alerts.len())
+            } else {
+                (alerts, 0)
+            };
+            next.judged.push(Judged {
+                of,
+                token: token.clone(),
+                alerts,
+                untold,
+            });
+        }
+        trim_judged(&mut next.judged, &next.writes);
         let bytes = serde_json::to_vec(&next).expect("states serialise");
         let target = self.shared.part(&n.to_string());
         match target.try_store(bytes.into(), revision).await {

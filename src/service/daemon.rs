@@ -839,15 +839,11 @@ impl Runtime {
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
                         let cancel = self.cancel.child_token();
-                        let shared = self
-                            .cluster
-                            .as_ref()
-                            .map(|cluster| cluster.shared_state("alert-states"));
                         let (handle, done) = spawn_local(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             rules_rx,
-                            shared,
+                            self.cluster.clone(),
                             cancel.clone(),
                         ));
                         let mut task = Task {
@@ -855,7 +851,7 @@ impl Runtime {
                             handles: vec![handle],
                             done,
                         };
-                        self.feed(&mut task, PIPELINE_ROUTE, pipeline_subjects.clone());
+                        self.feed_pipeline(&mut task, pipeline_subjects.clone());
                         (task, rules, pipeline_lock.clone().expect("taken in step 1"))
                     }
                 };
@@ -1154,6 +1150,27 @@ impl Runtime {
             task.cancel.clone(),
             task.done.clone(),
         )));
+    }
+
+    /// In a cluster: feed the pipeline route from its NATS consumer, acking each event once
+    /// the alerts its judgement produced are published ([`Cluster::feed_producing`]).
+    fn feed_pipeline(&self, task: &mut Task, subjects: Vec<String>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        if subjects.is_empty() {
+            return;
+        }
+        task.handles
+            .push(tokio::spawn(cluster.clone().feed_producing(
+                PIPELINE_ROUTE.to_string(),
+                subjects,
+                crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE)),
+                self.spool.clone(),
+                self.writer.clone(),
+                task.cancel.clone(),
+                task.done.clone(),
+            )));
     }
 
     /// The route delivering what this relay produces (alerts, Port reports) to `sink`. In a
