@@ -1475,6 +1475,64 @@ mod tests {
             serde_json::from_str(r#"{"states":{},"changed":{"x":1}}"#).unwrap();
         assert_eq!(read.changed.get("x"), Some(&1));
         assert!(read.writes.is_empty());
+        assert!(read.judged.is_empty());
+    }
+
+    fn alert(entity: &str, note_bytes: usize) -> Alert {
+        Alert {
+            status: super::super::AlertStatus::Firing,
+            rule: "cpu-high".into(),
+            severity: "warning".into(),
+            entity: entity.into(),
+            title: entity.into(),
+            blueprint: None,
+            property: None,
+            threshold: "above 80".into(),
+            other_changes: vec![],
+            action: "UPDATE".into(),
+            triggered_by: None,
+            triggered_at: None,
+            entity_url: None,
+            links: vec![],
+            note: Some("x".repeat(note_bytes)),
+        }
+    }
+
+    #[test]
+    fn a_shard_keeps_the_judgements_of_its_last_writes_within_their_byte_bound() {
+        let record = |n: usize, bytes: usize| Judged {
+            of: format!("live {n} ab"),
+            token: format!("t-{n}"),
+            alerts: vec![alert("svc", bytes)],
+            untold: 0,
+        };
+        // Only writes whose token the shard still keeps.
+        let mut judged: Vec<Judged> = (0..40).map(|n| record(n, 10)).collect();
+        let writes: Vec<String> = (8..40).map(|n| format!("t-{n}")).collect();
+        trim_judged(&mut judged, &writes);
+        assert_eq!(judged.len(), WRITE_TOKENS);
+        assert_eq!(judged[0].token, "t-8");
+        // Within the byte bound, the newest kept.
+        let mut judged: Vec<Judged> = (0..8).map(|n| record(n, JUDGED_BYTES / 3)).collect();
+        let writes: Vec<String> = (0..8).map(|n| format!("t-{n}")).collect();
+        trim_judged(&mut judged, &writes);
+        let kept: Vec<&str> = judged.iter().map(|j| j.token.as_str()).collect();
+        assert_eq!(kept, ["t-6", "t-7"]);
+        // A record rebuilds the alert events the judging instance committed, byte for byte
+        // (the stream's dedupe compares them by a hash of the whole event).
+        let one = alert("svc", 5);
+        let shard = SharedAlerts {
+            judged: vec![Judged {
+                of: "live 1 ab".into(),
+                token: "t-1".into(),
+                alerts: vec![one.clone()],
+                untold: 0,
+            }],
+            ..Default::default()
+        };
+        let read: SharedAlerts =
+            serde_json::from_slice(&serde_json::to_vec(&shard).unwrap()).unwrap();
+        assert_eq!(read.judged[0].alerts[0].to_event(), one.to_event());
     }
 
     async fn settled(spool: &Spool) {
