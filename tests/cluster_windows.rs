@@ -179,3 +179,36 @@ async fn a_stall_between_the_local_commit_and_the_publish_keeps_the_alerts_in_or
 fn release(hold: &Path) {
     std::fs::remove_file(hold).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_an_alert_committed_but_unpublished_hands_it_over_at_once() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body =
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "stop");
+    let dir = support::temp_dir();
+    let hold = dir.path().join("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let fault = format!("hold-alert-publish={}", hold.display());
+    let mut a = join(&channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    a.logs.wait_for(&["FIRING cpu-high"]).await;
+    let b = join(&channel, &body, &[]).await;
+
+    // Stopped with its FIRING committed and not published: it hands the change back, and B
+    // sends the FIRING without waiting for A to come back (nor for the ack wait).
+    support::signal(&a.child, "TERM");
+    a.logs
+        .wait_for(&["handing the delivery back to the cluster"])
+        .await;
+    a.child.wait().await.unwrap();
+    let firing = next_headline(&mut slack, "FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+    b.logs
+        .wait_for(&["took over another instance's judgement"])
+        .await;
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    release(&hold);
+}
