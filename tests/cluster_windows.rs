@@ -88,7 +88,7 @@ async fn a_crash_after_the_alert_state_write_before_the_local_commit_loses_no_al
     // Both carry the fault: whichever judges the FIRING dies right after its state write
     // landed. The other one takes the change over (and judges the RESOLVED, no FIRING).
     let fault = [("SMEE_RELAY_FAULT", "abort-after-alert-state-write")];
-    let mut instances = vec![
+    let mut instances = [
         join(&channel, &body, &fault).await,
         join(&channel, &body, &fault).await,
     ];
