@@ -212,3 +212,39 @@ async fn a_stop_with_an_alert_committed_but_unpublished_hands_it_over_at_once() 
     slack.assert_quiet(Duration::from_secs(3)).await;
     release(&hold);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_held_alert_s_write_before_its_local_commit_loses_no_alert() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body =
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "held")
+            .replace("clear_below = 70\n", "clear_below = 70\nfor = \"1s\"\n");
+    assert!(body.contains("for = \"1s\""), "the rule is held: {body}");
+    // Whichever instance's write of the held FIRING lands first dies right after it; the
+    // other one (its own timer then finds the alert fired) sends it from the record.
+    let fault = [("SMEE_RELAY_FAULT", "abort-after-held-alert-write")];
+    let mut instances = [
+        join(&channel, &body, &fault).await,
+        join(&channel, &body, &fault).await,
+    ];
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    let aborted = support::wait_for(
+        FAILOVER_PATIENCE,
+        "an instance aborting after a held alert's write",
+        || {
+            let found = instances
+                .iter()
+                .position(|i| i.logs.find(&["fault injected: abort after"]).is_some());
+            std::future::ready(found)
+        },
+    )
+    .await;
+    instances[aborted].child.wait().await.unwrap();
+
+    let firing = next_headline(&mut slack, "the held FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+    slack.assert_quiet(Duration::from_secs(3)).await;
+}

@@ -76,9 +76,14 @@ pub async fn run(
     // is skipped.
     let (loaded, mut evaluated) = load_states(&spool);
     // In a cluster the states are the cluster's, read shard by shard below.
-    let mut view = cluster
-        .as_ref()
-        .map(|cluster| ClusterView::new(cluster.shared_state("alert-states")));
+    let mut view = cluster.as_ref().map(|cluster| {
+        let settings = cluster.settings();
+        // A re-sent alert must reach the stream while it still drops the first copy.
+        let resend_within = settings
+            .dedupe_window
+            .saturating_sub(settings.ack_wait + Duration::from_secs(60));
+        ClusterView::new(cluster.shared_state("alert-states"), resend_within)
+    });
     let loaded = if view.is_some() {
         HashMap::new()
     } else {
@@ -99,7 +104,8 @@ pub async fn run(
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
         if let Some(view) = &mut view
-            && !view.refresh_all(false, &mut states, &mut changed).await
+            && (!view.refresh_all(false, &mut states, &mut changed).await
+                || !resend_recorded(view, &writer).await)
         {
             wait(&cancel, Duration::from_secs(1)).await;
             continue;
@@ -121,8 +127,21 @@ pub async fn run(
             let token = match &mut view {
                 Some(view) => {
                     let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
-                    match view.store(n, changes, [], None, &cancel).await {
-                        Stored::Landed(token) => Some(token),
+                    let record = (
+                        HELD.to_string(),
+                        matured.iter().map(|(_, _, alert)| alert.clone()).collect(),
+                    );
+                    match view.store(n, changes, [], Some(record), &cancel).await {
+                        Stored::Landed(token) => {
+                            // Test-only (debug builds, `SMEE_RELAY_FAULT`): a crash right
+                            // here, the write landed and nothing committed locally.
+                            #[cfg(debug_assertions)]
+                            if crate::cluster::fault("abort-after-held-alert-write").is_some() {
+                                eprintln!("fault injected: abort after a held alert's write");
+                                std::process::abort();
+                            }
+                            Some(token)
+                        }
                         Stored::Lost => {
                             // Another instance moved first (it fires them) or NATS is away:
                             // read again.
@@ -205,7 +224,7 @@ pub async fn run(
                 } else {
                     true
                 };
-                if !read {
+                if !read || !resend_recorded(view, &writer).await {
                     break;
                 }
             }
@@ -660,7 +679,16 @@ async fn judge_snapshot(
                 .filter(|a| shard_of(&super::state_key(&a.rule, &a.entity)) == n)
                 .collect();
             let token = match view
-                .store(n, changes.clone(), shard_marks.clone(), None, cancel)
+                .store(
+                    n,
+                    changes.clone(),
+                    shard_marks.clone(),
+                    Some((
+                        RECONCILED.to_string(),
+                        alerts.iter().map(|a| (*a).clone()).collect(),
+                    )),
+                    cancel,
+                )
                 .await
             {
                 Stored::Landed(token) => token,
@@ -831,6 +859,47 @@ struct Judged {
     /// cannot re-send those, and says so.
     #[serde(default, skip_serializing_if = "is_zero")]
     untold: usize,
+    /// When it was written (ms since the epoch, the writer's clock): a record of a held alert
+    /// or a reconciliation is re-sent by the instances that read it only while the stream
+    /// still drops a repeat ([`ClusterView::resend_within`]).
+    #[serde(default)]
+    at_ms: u64,
+}
+
+/// [`Judged::of`] for held alerts (`for`) coming due, judged without a stream message.
+const HELD: &str = "held";
+
+/// [`Judged::of`] for a reconciliation snapshot's alerts, judged without a stream message.
+const RECONCILED: &str = "reconciled";
+
+/// Commit the alerts of the held alerts and reconciliations other instances judged, as
+/// [`ClusterView::replace`] found them, under their writers' names: the stream stores each
+/// once whoever publishes it, so an alert whose writer died before its commit, or stalled or
+/// stopped before its publish, is sent anyway, and before any change this instance judges
+/// after reading it. False (logged) if the commit failed; they are tried again.
+async fn resend_recorded(view: &mut ClusterView, writer: &SpoolWriter) -> bool {
+    if view.resend.is_empty() {
+        return true;
+    }
+    let records = std::mem::take(&mut view.resend);
+    let writes: Vec<Write> = records
+        .iter()
+        .map(|record| {
+            alert_append(
+                record.alerts.iter().map(Alert::to_event).collect(),
+                Some(&record.token),
+            )
+        })
+        .collect();
+    if !commit(writer, writes).await {
+        view.resend = records;
+        return false;
+    }
+    tracing::debug!(
+        "queued again {} alerts of held alerts or reconciliations another instance judged (the stream drops those it already has)",
+        records.iter().map(|r| r.alerts.len()).sum::<usize>()
+    );
+    true
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -907,6 +976,13 @@ struct ClusterView {
     writes: u64,
     /// Whether a shard too large to store was reported (once, not per attempt).
     too_large_said: HashSet<usize>,
+    /// Records of held alerts and reconciliations that other instances (or an earlier run of
+    /// this one) wrote, read for the first time: their alerts are queued again
+    /// ([`resend_recorded`]).
+    resend: Vec<Judged>,
+    /// How recent such a record must be to be re-sent: the stream's `dedupe_window` less the
+    /// `ack_wait` and a minute, so the stream still drops the repeat.
+    resend_within: Duration,
 }
 
 /// What [`judge_snapshot`] needs in a cluster.
@@ -928,7 +1004,7 @@ enum Stored {
 }
 
 impl ClusterView {
-    fn new(shared: SharedState) -> ClusterView {
+    fn new(shared: SharedState, resend_within: Duration) -> ClusterView {
         let mut bytes = [0u8; 8];
         // No randomness at all is not worth stopping for: the time tells runs apart too.
         if getrandom::fill(&mut bytes).is_err() {
@@ -943,6 +1019,8 @@ impl ClusterView {
             instance: hex::encode(bytes),
             writes: 0,
             too_large_said: HashSet::new(),
+            resend: Vec::new(),
+            resend_within,
         }
     }
 
@@ -957,6 +1035,19 @@ impl ClusterView {
         let old = std::mem::replace(&mut self.parts[n], part);
         if old.revision == self.parts[n].revision && old.revision != 0 {
             return;
+        }
+        let now = crate::clock::now_ms();
+        let own = format!("{}-", self.instance);
+        for record in &self.parts[n].alerts.judged {
+            let fresh = !old.alerts.judged.iter().any(|o| o.token == record.token);
+            if fresh
+                && !record.alerts.is_empty()
+                && (record.of == HELD || record.of == RECONCILED)
+                && !record.token.starts_with(&own)
+                && now.saturating_sub(record.at_ms) < self.resend_within.as_millis() as u64
+            {
+                self.resend.push(record.clone());
+            }
         }
         let union = Arc::make_mut(states);
         for key in old.alerts.states.keys() {
@@ -1199,6 +1290,7 @@ impl ClusterView {
                 token: token.clone(),
                 alerts,
                 untold,
+                at_ms: crate::clock::now_ms(),
             });
         }
         trim_judged(&mut next.judged, &next.writes);
@@ -1505,6 +1597,7 @@ mod tests {
             token: format!("t-{n}"),
             alerts: vec![alert("svc", bytes)],
             untold: 0,
+            at_ms: 0,
         };
         // Only writes whose token the shard still keeps.
         let mut judged: Vec<Judged> = (0..40).map(|n| record(n, 10)).collect();
@@ -1527,6 +1620,7 @@ mod tests {
                 token: "t-1".into(),
                 alerts: vec![one.clone()],
                 untold: 0,
+                at_ms: 0,
             }],
             ..Default::default()
         };
