@@ -17,6 +17,18 @@
 //! alerts' outbox, named by the unique token of the write that landed them (a write NATS did
 //! not answer is read back: if its token is there, it landed).
 //!
+//! Each such write also records, in the shard, what it judged and the alerts it implies
+//! ([`Judged`]). A live event is named by its stream message: an instance taking over an
+//! event whose judgement landed but was never acked (the cluster feed acks the pipeline's
+//! events only once their alerts are published) finds the record, does not judge again, and
+//! commits the recorded alerts under the same names (the stream drops what was published
+//! already). Held alerts and reconciliations have no stream message: every other instance
+//! that reads their record queues its alerts again under the same names, so whatever becomes
+//! of their writer, they are published, and before any later change of the entity.
+//!
+//! Test-only: debug builds abort the process right after an alert-state write when
+//! `SMEE_RELAY_FAULT` asks (see `cluster`'s module header).
+//!
 //! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
 //! and may take up to its time budget; the async workers (other routes) never wait for it.
 
@@ -884,6 +896,7 @@ async fn resend_recorded(view: &mut ClusterView, writer: &SpoolWriter) -> bool {
     let records = std::mem::take(&mut view.resend);
     let writes: Vec<Write> = records
         .iter()
+        .filter(|record| !record.alerts.is_empty())
         .map(|record| {
             alert_append(
                 record.alerts.iter().map(Alert::to_event).collect(),
@@ -891,9 +904,16 @@ async fn resend_recorded(view: &mut ClusterView, writer: &SpoolWriter) -> bool {
             )
         })
         .collect();
-    if !commit(writer, writes).await {
+    if !writes.is_empty() && !commit(writer, writes).await {
         view.resend = records;
         return false;
+    }
+    for record in records.iter().filter(|record| record.untold > 0) {
+        // Sent by their writer unless it died first: this instance cannot tell, nor re-send.
+        warn!(
+            "{} alerts of a held alert or reconciliation another instance judged were too large to keep in the cluster's alert state (over {JUDGED_BYTES} bytes): if that instance stopped before publishing them, they are lost",
+            record.untold
+        );
     }
     tracing::debug!(
         "queued again {} alerts of held alerts or reconciliations another instance judged (the stream drops those it already has)",
@@ -1041,7 +1061,7 @@ impl ClusterView {
         for record in &self.parts[n].alerts.judged {
             let fresh = !old.alerts.judged.iter().any(|o| o.token == record.token);
             if fresh
-                && !record.alerts.is_empty()
+                && (!record.alerts.is_empty() || record.untold > 0)
                 && (record.of == HELD || record.of == RECONCILED)
                 && !record.token.starts_with(&own)
                 && now.saturating_sub(record.at_ms) < self.resend_within.as_millis() as u64
