@@ -34,6 +34,7 @@
 //! Test-only: debug builds honour `SMEE_RELAY_FAULT` ([`fault`]), which the cluster tests use
 //! to stop an instance at an exact point (`abort-after-alert-state-write`: the pipeline aborts
 //! the process right after a FIRING's alert-state write landed, before its local commit;
+//! `abort-after-held-alert-write`: the same after a held alert's write;
 //! `hold-alert-publish=<path>`: the alerts' outbox does not publish while `<path>` exists).
 //! Release builds have no such hook.
 
