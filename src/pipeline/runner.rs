@@ -142,6 +142,7 @@ pub async fn run(
                     let record = (
                         HELD.to_string(),
                         matured.iter().map(|(_, _, alert)| alert.clone()).collect(),
+                        Vec::new(),
                     );
                     match view.store(n, changes, [], Some(record), &cancel).await {
                         Stored::Landed(token) => {
@@ -318,6 +319,20 @@ pub async fn run(
                         Some(&record.token),
                     ));
                 }
+                if pipeline.record_verdicts && carries_run(&item.event.event.body) {
+                    let verdict = EventVerdict {
+                        alerts: record
+                            .alerts
+                            .iter()
+                            .map(|a| format!("{} {}", a.rule, a.status))
+                            .collect(),
+                        failed: record.failed.clone(),
+                    };
+                    writes.push(Write::State {
+                        key: verdict_key(id),
+                        value: Some(serde_json::to_vec(&verdict).expect("a verdict serialises")),
+                    });
+                }
                 let done = Evaluated {
                     event: id,
                     at_ms: clock.now_ms(),
@@ -408,7 +423,7 @@ pub async fn run(
                 break;
             };
             // Whether the rules judged the event (so it must never be judged again).
-            let (mut writes, new_states, alerts, judged) = match evaluation {
+            let (mut writes, new_states, alerts, judged, failed_now) = match evaluation {
                 Evaluation::NotPort(reason) => {
                     tracing::debug!(event = id, "pipeline: not a Port event ({reason})");
                     (
@@ -416,6 +431,7 @@ pub async fn run(
                         Default::default(),
                         Vec::new(),
                         false,
+                        Vec::new(),
                     )
                 }
                 Evaluation::Rejected(e) => {
@@ -433,6 +449,7 @@ pub async fn run(
                         Vec::new(),
                         // Never judged: a replay (after fixing the secret, say) may judge it.
                         false,
+                        Vec::new(),
                     )
                 }
                 Evaluation::Evaluated {
@@ -489,7 +506,7 @@ pub async fn run(
                         });
                     }
                     writes.push(mark(Outcome::Delivered { status: 200 }));
-                    (writes, new_states, alerts, true)
+                    (writes, new_states, alerts, true, failed_now)
                 }
             };
             let done = subject.clone().filter(|_| judged).map(|key| {
@@ -527,7 +544,9 @@ pub async fn run(
                     .as_deref()
                     .or_else(|| new_states.keys().next().map(String::as_str))
                     .map_or(0, shard_of);
-                let record = judged_as.clone().map(|of| (of, alerts.clone()));
+                let record = judged_as
+                    .clone()
+                    .map(|of| (of, alerts.clone(), failed_now.clone()));
                 match view
                     .store(n, new_states.clone(), newer_mark.clone(), record, &cancel)
                     .await
@@ -698,6 +717,7 @@ async fn judge_snapshot(
                     Some((
                         RECONCILED.to_string(),
                         alerts.iter().map(|a| (*a).clone()).collect(),
+                        Vec::new(),
                     )),
                     cancel,
                 )
@@ -876,6 +896,10 @@ struct Judged {
     /// still drops a repeat ([`ClusterView::resend_within`]).
     #[serde(default)]
     at_ms: u64,
+    /// Rules whose condition failed on a live event (`rule x failed: why`): a takeover records
+    /// the same verdict for the actions route's run report ([`EventVerdict`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    failed: Vec<String>,
 }
 
 /// [`Judged::of`] for held alerts (`for`) coming due, judged without a stream message.
@@ -1267,7 +1291,7 @@ impl ClusterView {
         n: usize,
         changes: impl IntoIterator<Item = (String, AlertState)>,
         marks: impl IntoIterator<Item = (String, u64)>,
-        judged: Option<(String, Vec<Alert>)>,
+        judged: Option<(String, Vec<Alert>, Vec<String>)>,
         cancel: &CancellationToken,
     ) -> Stored {
         let part = &self.parts[n];
@@ -1298,7 +1322,7 @@ impl ClusterView {
         next.writes.push(token.clone());
         let excess = next.writes.len().saturating_sub(WRITE_TOKENS);
         next.writes.drain(..excess);
-        if let Some((of, alerts)) = judged {
+        if let Some((of, alerts, failed)) = judged {
             let size = serde_json::to_vec(&alerts).map_or(0, |bytes| bytes.len());
             let (alerts, untold) = if size > JUDGED_BYTES {
                 (Vec::new(), alerts.len())
@@ -1311,6 +1335,7 @@ impl ClusterView {
                 alerts,
                 untold,
                 at_ms: crate::clock::now_ms(),
+                failed,
             });
         }
         trim_judged(&mut next.judged, &next.writes);
@@ -1618,6 +1643,7 @@ mod tests {
             alerts: vec![alert("svc", bytes)],
             untold: 0,
             at_ms: 0,
+            failed: vec![],
         };
         // Only writes whose token the shard still keeps.
         let mut judged: Vec<Judged> = (0..40).map(|n| record(n, 10)).collect();
@@ -1641,6 +1667,7 @@ mod tests {
                 alerts: vec![one.clone()],
                 untold: 0,
                 at_ms: 0,
+                failed: vec![],
             }],
             ..Default::default()
         };
