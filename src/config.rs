@@ -519,6 +519,10 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     parse(&text, &path.display().to_string(), env)
 }
 
+/// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
+/// takeover takes beyond the ack wait (reading the judgement back, committing, publishing).
+const DEDUPE_MARGIN: Duration = Duration::from_secs(60);
+
 /// Where `[cluster]`'s URL comes from, for [`cluster_settings`].
 enum ClusterUrlEnv<'a> {
     /// `run` and `check`: `nats_url_env` must name a variable that is set.
@@ -627,8 +631,37 @@ fn cluster_settings(
     if let Some(d) = duration("health_grace", &c.health_grace, Duration::ZERO, "") {
         settings.health_grace = d;
     }
-    if let Some(d) = duration("dedupe_window", &c.dedupe_window, Duration::ZERO, "") {
+    let dedupe_set = duration("dedupe_window", &c.dedupe_window, Duration::ZERO, "");
+    if let Some(d) = dedupe_set {
         settings.dedupe_window = d;
+    }
+    // A pipeline event whose instance published its alerts and then stalled or died before
+    // the ack is taken over up to ack_wait later, and its alerts are published again under
+    // the same names: the stream drops that repeat only within its duplicate window.
+    let covers = settings.ack_wait + DEDUPE_MARGIN;
+    if settings.dedupe_window < covers {
+        let key = match (&c.dedupe_window, &c.ack_wait) {
+            (Some(dedupe), _) if dedupe_set.is_some() => Some(("dedupe_window", dedupe)),
+            (_, Some(ack)) if dedupe_set.is_none() && c.dedupe_window.is_none() => {
+                Some(("ack_wait", ack))
+            }
+            _ => None,
+        };
+        if let Some((key, value)) = key {
+            problem(
+                value.span().start,
+                format!(
+                    "{key} = {:?}: dedupe_window ({}) must be at least ack_wait ({}) plus {} \
+                     (an alert another instance re-sends after a takeover comes up to ack_wait \
+                     after the first, and the stream drops it as a repeat only within \
+                     dedupe_window)",
+                    value.get_ref(),
+                    humantime::format_duration(settings.dedupe_window),
+                    humantime::format_duration(settings.ack_wait),
+                    humantime::format_duration(DEDUPE_MARGIN)
+                ),
+            );
+        }
     }
     if let Some(replicas) = &c.replicas {
         match usize::try_from(*replicas.get_ref()) {
@@ -1635,6 +1668,37 @@ above = 80
         assert!(
             e.ends_with(r#"c.toml:3: [cluster] name "prod.eu": use letters, digits, '-' and '_'"#),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_dedupe_window_that_cannot_cover_a_takeover_is_refused() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"30s\"\n\
+                    dedupe_window = \"80s\"\n";
+        let all = parse(text, "c.toml", &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains(
+                "c.toml:7: [cluster] dedupe_window = \"80s\": dedupe_window (1m 20s) must be at \
+                 least ack_wait (30s) plus 1m"
+            ),
+            "{all}"
+        );
+        assert!(parse(&text.replace("80s", "90s"), "c.toml", &no_env).is_ok());
+        // The default window (2h) against a longer ack_wait: said at ack_wait.
+        let long = text
+            .replace("dedupe_window = \"80s\"\n", "")
+            .replace("30s", "3h");
+        let all = parse(&long, "c.toml", &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains("c.toml:6: [cluster] ack_wait = \"3h\": dedupe_window (2h) must be"),
+            "{all}"
         );
     }
 

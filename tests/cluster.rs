@@ -526,9 +526,9 @@ async fn kill_9_of_the_instance_delivering_an_alert_hands_over_each_alert_once_i
         channel.send_webhook(n as u64 + 1, &firing_frame(n));
     }
     slack.wait_arrived(1).await;
-    // Every change judged and its alert published first: killing an instance between its
-    // state write and its local commit loses that judgement's alerts (the README's "lost"
-    // window), which is not what this test is about.
+    // Every change judged and its alert published first: a kill between a state write and
+    // the publish is a takeover of the judgement (tests/cluster_windows.rs), not what this
+    // test is about.
     wait_published(&nats, 2 * ALERTS).await;
     let holder = support::wait_for(
         support::PATIENCE,

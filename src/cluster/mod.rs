@@ -30,6 +30,13 @@
 //! What the cluster knows about its events (for `smee-relay events` in cluster mode) is in
 //! [`inspect`]: the stream, each route's floor, and the dead letters, which the instance that
 //! gave up records in KV (`dead.<route>.<stream seq>`) so every instance sees them.
+//!
+//! Test-only: debug builds honour `SMEE_RELAY_FAULT` ([`fault`]), which the cluster tests use
+//! to stop an instance at an exact point (`abort-after-alert-state-write`: the pipeline aborts
+//! the process right after a FIRING's alert-state write landed, before its local commit;
+//! `abort-after-held-alert-write`: the same after a held alert's write;
+//! `hold-alert-publish=<path>`: the alerts' outbox does not publish while `<path>` exists).
+//! Release builds have no such hook.
 
 mod diagnose;
 mod envelope;
@@ -90,6 +97,18 @@ pub fn produced_message_id(key: &str, event: &Event, local_id: u64, received_ms:
     hash.update(local_id.to_be_bytes());
     hash.update(received_ms.to_be_bytes());
     hex::encode(hash.finalize())
+}
+
+/// Test-only fault injection, in debug builds only (see the module header): the argument of
+/// `SMEE_RELAY_FAULT` when it names `fault` (`fault` alone: an empty argument).
+#[cfg(debug_assertions)]
+pub fn fault(fault: &str) -> Option<String> {
+    let value = std::env::var("SMEE_RELAY_FAULT").ok()?;
+    match value.split_once('=') {
+        Some((name, arg)) if name == fault => Some(arg.to_string()),
+        None if value == fault => Some(String::new()),
+        _ => None,
+    }
 }
 
 /// `[cluster]`: where NATS is and how this relay joins it.
@@ -562,6 +581,53 @@ impl Cluster {
         route_done: CancellationToken,
         pace: Duration,
     ) {
+        self.feed_with(
+            route, subjects, spool, writer, cancel, route_done, pace, None,
+        )
+        .await
+    }
+
+    /// [`Cluster::feed`] for a route whose deliveries produce something onto local outbox
+    /// `outbox` (the pipeline: alerts). A message is acked only once what its delivery
+    /// produced is in the stream, not merely committed locally: an instance that dies or
+    /// stalls before publishing it has not acked it, so another takes the message over, in
+    /// order, before the next one (which must not overtake what this one produced).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn feed_producing(
+        self,
+        route: String,
+        subjects: Vec<String>,
+        outbox: String,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        cancel: CancellationToken,
+        route_done: CancellationToken,
+    ) {
+        self.feed_with(
+            route,
+            subjects,
+            spool,
+            writer,
+            cancel,
+            route_done,
+            Duration::ZERO,
+            Some(outbox),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn feed_with(
+        self,
+        route: String,
+        subjects: Vec<String>,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        cancel: CancellationToken,
+        route_done: CancellationToken,
+        pace: Duration,
+        outbox: Option<String>,
+    ) {
         let label = crate::spool::route_name(&route).to_string();
         let hash = short_hash(&route);
         let durable = format!("route_{hash}");
@@ -570,6 +636,7 @@ impl Cluster {
             route: route.clone(),
             floor_key: format!("floor.{durable}"),
             hash: hash.clone(),
+            outbox,
         };
         // The route also reads its own replay subject: `events replay` re-queues there.
         let mut subjects = subjects;
@@ -631,6 +698,10 @@ impl Cluster {
                     }
                     None => break,
                 };
+                if self.overtaken(&consumer, &message).await {
+                    info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
+                    continue;
+                }
                 let paced = Paced {
                     pace,
                     cancel: &cancel,
@@ -638,6 +709,31 @@ impl Cluster {
                 self.handle(&names, message, &spool, &writer, &route_done, paced)
                     .await;
             }
+        }
+    }
+
+    /// Whether `message` reached this instance after its ack wait ran out (its connection
+    /// stalled with the message on the way): the consumer delivered since (one in flight
+    /// cluster-wide: the message again, to another instance), so delivering it here too would
+    /// repeat it, beside or after the other's. Asked of the server only for a message
+    /// published longer than the ack wait ago: a fresher one cannot have run out.
+    async fn overtaken(
+        &self,
+        consumer: &consumer::PullConsumer,
+        message: &jetstream::Message,
+    ) -> bool {
+        let Ok(info) = message.info() else {
+            return false;
+        };
+        // A second's margin for the clocks of this machine and the server's to differ.
+        let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+        let age_ms = (crate::clock::now_ms() as i64).saturating_sub(published_ms);
+        if age_ms.saturating_add(1000) < self.settings.ack_wait.as_millis() as i64 {
+            return false;
+        }
+        match consumer.get_info().await {
+            Ok(now) => now.delivered.consumer_sequence > info.consumer_sequence,
+            Err(_) => false,
         }
     }
 
@@ -656,6 +752,7 @@ impl Cluster {
             route,
             floor_key,
             hash,
+            ..
         } = names;
         let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
         let stream_seq = message.info().map(|info| info.stream_sequence).ok();
@@ -740,6 +837,14 @@ impl Cluster {
             .await;
         let taken = self.in_flight.lock().expect("not poisoned").remove(route);
         if done.is_none() {
+            return;
+        }
+        // What the delivery produced is published before the ack (see `feed_producing`).
+        if let Some(outbox) = &names.outbox
+            && !self
+                .wait_published(label, outbox, &message, spool, route_done, &mut finished)
+                .await
+        {
             return;
         }
         if !paced.pace.is_zero() && paced.cancel.is_cancelled() {
@@ -868,6 +973,55 @@ impl Cluster {
         Some(id)
     }
 
+    /// Wait until local `outbox` has published (or given up on) everything queued on it now,
+    /// renewing the lease of `message` meanwhile. False: the route stopped first, and the
+    /// message is handed back (nak) so another instance takes it over at once; it finds the
+    /// judgement recorded in the cluster and publishes the same alerts under the same names.
+    async fn wait_published(
+        &self,
+        label: &str,
+        outbox: &str,
+        message: &jetstream::Message,
+        spool: &Arc<Spool>,
+        route_done: &CancellationToken,
+        finished: &mut tokio::sync::broadcast::Receiver<(String, u64)>,
+    ) -> bool {
+        let mut left = pending_ids(spool, outbox).await;
+        let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
+        let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
+        while !left.is_empty() {
+            tokio::select! {
+                signal = finished.recv() => match signal {
+                    Ok((r, e)) if r == outbox => { left.remove(&e); }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let now = pending_ids(spool, outbox).await;
+                        left.retain(|id| now.contains(id));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+                },
+                _ = renew_every.tick() => {
+                    let now = pending_ids(spool, outbox).await;
+                    left.retain(|id| now.contains(id));
+                    if !left.is_empty() {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
+                _ = route_done.cancelled() => {
+                    let now = pending_ids(spool, outbox).await;
+                    left.retain(|id| now.contains(id));
+                    if left.is_empty() {
+                        break;
+                    }
+                    info!(route = %label, "stopping with what this delivery produced not yet published; handing the delivery back to the cluster, which publishes it again under the same names");
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     async fn consumer(
         &self,
         durable: &str,
@@ -986,6 +1140,22 @@ struct RouteNames {
     floor_key: String,
     /// The route's key hashed: its consumer, replay subject and dead letters are named by it.
     hash: String,
+    /// The local outbox what the route's deliveries produce goes to, if the ack waits for it
+    /// to be published ([`Cluster::feed_producing`]).
+    outbox: Option<String>,
+}
+
+/// The local events queued on `route` now (none if the spool cannot say: nothing to wait for).
+async fn pending_ids(spool: &Arc<Spool>, route: &str) -> std::collections::HashSet<u64> {
+    let (spool, route) = (spool.clone(), route.to_string());
+    tokio::task::spawn_blocking(move || {
+        spool
+            .pending(&route, 0, usize::MAX)
+            .map(|queued| queued.iter().map(|q| q.event.id).collect())
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// Whether `route` has no delivery of `event` pending in the local spool any more.

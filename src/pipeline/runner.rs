@@ -17,6 +17,18 @@
 //! alerts' outbox, named by the unique token of the write that landed them (a write NATS did
 //! not answer is read back: if its token is there, it landed).
 //!
+//! Each such write also records, in the shard, what it judged and the alerts it implies
+//! ([`Judged`]). A live event is named by its stream message: an instance taking over an
+//! event whose judgement landed but was never acked (the cluster feed acks the pipeline's
+//! events only once their alerts are published) finds the record, does not judge again, and
+//! commits the recorded alerts under the same names (the stream drops what was published
+//! already). Held alerts and reconciliations have no stream message: every other instance
+//! that reads their record queues its alerts again under the same names, so whatever becomes
+//! of their writer, they are published, and before any later change of the entity.
+//!
+//! Test-only: debug builds abort the process right after an alert-state write when
+//! `SMEE_RELAY_FAULT` asks (see `cluster`'s module header).
+//!
 //! Evaluation runs on tokio's blocking pool: a `when` condition runs in the jq worker process
 //! and may take up to its time budget; the async workers (other routes) never wait for it.
 
@@ -33,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ALERT_ROUTE, Alert, AlertState, Evaluation, PIPELINE_ROUTE, Pipeline, port, reconcile,
 };
-use crate::cluster::{SharedState, StoreError};
+use crate::cluster::{Cluster, SharedState, StoreError};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
@@ -68,7 +80,7 @@ pub async fn run(
     spool: Arc<Spool>,
     writer: SpoolWriter,
     rules: watch::Receiver<Arc<Pipeline>>,
-    shared: Option<SharedState>,
+    cluster: Option<Cluster>,
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
@@ -76,7 +88,14 @@ pub async fn run(
     // is skipped.
     let (loaded, mut evaluated) = load_states(&spool);
     // In a cluster the states are the cluster's, read shard by shard below.
-    let mut view = shared.map(ClusterView::new);
+    let mut view = cluster.as_ref().map(|cluster| {
+        let settings = cluster.settings();
+        // A re-sent alert must reach the stream while it still drops the first copy.
+        let resend_within = settings
+            .dedupe_window
+            .saturating_sub(settings.ack_wait + Duration::from_secs(60));
+        ClusterView::new(cluster.shared_state("alert-states"), resend_within)
+    });
     let loaded = if view.is_some() {
         HashMap::new()
     } else {
@@ -97,7 +116,8 @@ pub async fn run(
         // The rules as of now: a reload swaps them between events.
         let pipeline = rules.borrow().clone();
         if let Some(view) = &mut view
-            && !view.refresh_all(false, &mut states, &mut changed).await
+            && (!view.refresh_all(false, &mut states, &mut changed).await
+                || !resend_recorded(view, &writer).await)
         {
             wait(&cancel, Duration::from_secs(1)).await;
             continue;
@@ -119,8 +139,22 @@ pub async fn run(
             let token = match &mut view {
                 Some(view) => {
                     let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
-                    match view.store(n, changes, [], &cancel).await {
-                        Stored::Landed(token) => Some(token),
+                    let record = (
+                        HELD.to_string(),
+                        matured.iter().map(|(_, _, alert)| alert.clone()).collect(),
+                        Vec::new(),
+                    );
+                    match view.store(n, changes, [], Some(record), &cancel).await {
+                        Stored::Landed(token) => {
+                            // Test-only (debug builds, `SMEE_RELAY_FAULT`): a crash right
+                            // here, the write landed and nothing committed locally.
+                            #[cfg(debug_assertions)]
+                            if crate::cluster::fault("abort-after-held-alert-write").is_some() {
+                                eprintln!("fault injected: abort after a held alert's write");
+                                std::process::abort();
+                            }
+                            Some(token)
+                        }
                         Stored::Lost => {
                             // Another instance moved first (it fires them) or NATS is away:
                             // read again.
@@ -203,7 +237,7 @@ pub async fn run(
                 } else {
                     true
                 };
-                if !read {
+                if !read || !resend_recorded(view, &writer).await {
                     break;
                 }
             }
@@ -264,6 +298,76 @@ pub async fn run(
                 cursor = item.seq;
                 continue;
             }
+            // In a cluster, what this event is cluster-wide: its stream message.
+            let judged_as = judged_as(cluster.as_ref(), &item.event.event);
+            // An event another instance judged (its alert-state write landed) and did not
+            // finish (it died before its commit, or before its alerts were published and the
+            // event acked): not judged again, which would find nothing to send; the write
+            // recorded the alerts it implies, and they are committed here under its names.
+            if let (Some(view), Some(key), Some(of)) = (&view, &subject, &judged_as)
+                && let Some(record) = view.judged(shard_of(key), of).cloned()
+            {
+                let entity = key.split_once('\u{1f}').map_or(key.as_str(), |(_, e)| e);
+                let mut writes: Vec<Write> = states
+                    .iter()
+                    .filter(|(k, _)| k.split_once('\u{1f}').is_some_and(|(_, e)| e == entity))
+                    .map(|(k, s)| state_write(k, s))
+                    .collect();
+                if !record.alerts.is_empty() {
+                    writes.push(alert_append(
+                        record.alerts.iter().map(Alert::to_event).collect(),
+                        Some(&record.token),
+                    ));
+                }
+                if pipeline.record_verdicts && carries_run(&item.event.event.body) {
+                    let verdict = EventVerdict {
+                        alerts: record
+                            .alerts
+                            .iter()
+                            .map(|a| format!("{} {}", a.rule, a.status))
+                            .collect(),
+                        failed: record.failed.clone(),
+                    };
+                    writes.push(Write::State {
+                        key: verdict_key(id),
+                        value: Some(serde_json::to_vec(&verdict).expect("a verdict serialises")),
+                    });
+                }
+                let done = Evaluated {
+                    event: id,
+                    at_ms: clock.now_ms(),
+                    updated_ms: changed_ms,
+                };
+                writes.push(Write::State {
+                    key: format!("{EVALUATED_PREFIX}{key}"),
+                    value: Some(serde_json::to_vec(&done).expect("a mark serialises")),
+                });
+                writes.push(mark(Outcome::Delivered { status: 200 }));
+                if !commit(&writer, writes).await {
+                    break;
+                }
+                info!(
+                    event = id,
+                    entity,
+                    "pipeline: took over another instance's judgement of event {id} (its alert-state write landed, it did not finish); re-sent its {} alerts (the stream drops any it already published)",
+                    record.alerts.len()
+                );
+                if record.untold > 0 {
+                    error!(
+                        event = id,
+                        entity,
+                        "pipeline: {} alerts of that judgement were too large to keep in the cluster's alert state (over {JUDGED_BYTES} bytes) and cannot be re-sent: they are lost",
+                        record.untold
+                    );
+                }
+                for alert in &record.alerts {
+                    info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
+                    count_alert(alert);
+                }
+                evaluated.insert(key.clone(), done);
+                cursor = item.seq;
+                continue;
+            }
             if let Some((key, done)) = subject
                 .as_ref()
                 .and_then(|key| Some((key, evaluated.get(key)?)))
@@ -319,7 +423,7 @@ pub async fn run(
                 break;
             };
             // Whether the rules judged the event (so it must never be judged again).
-            let (mut writes, new_states, alerts, judged) = match evaluation {
+            let (mut writes, new_states, alerts, judged, failed_now) = match evaluation {
                 Evaluation::NotPort(reason) => {
                     tracing::debug!(event = id, "pipeline: not a Port event ({reason})");
                     (
@@ -327,6 +431,7 @@ pub async fn run(
                         Default::default(),
                         Vec::new(),
                         false,
+                        Vec::new(),
                     )
                 }
                 Evaluation::Rejected(e) => {
@@ -344,6 +449,7 @@ pub async fn run(
                         Vec::new(),
                         // Never judged: a replay (after fixing the secret, say) may judge it.
                         false,
+                        Vec::new(),
                     )
                 }
                 Evaluation::Evaluated {
@@ -400,7 +506,7 @@ pub async fn run(
                         });
                     }
                     writes.push(mark(Outcome::Delivered { status: 200 }));
-                    (writes, new_states, alerts, true)
+                    (writes, new_states, alerts, true, failed_now)
                 }
             };
             let done = subject.clone().filter(|_| judged).map(|key| {
@@ -438,12 +544,26 @@ pub async fn run(
                     .as_deref()
                     .or_else(|| new_states.keys().next().map(String::as_str))
                     .map_or(0, shard_of);
+                let record = judged_as
+                    .clone()
+                    .map(|of| (of, alerts.clone(), failed_now.clone()));
                 match view
-                    .store(n, new_states.clone(), newer_mark.clone(), &cancel)
+                    .store(n, new_states.clone(), newer_mark.clone(), record, &cancel)
                     .await
                 {
                     Stored::Landed(landed) => token = Some(landed),
                     Stored::Lost => break,
+                }
+                // Test-only (debug builds, `SMEE_RELAY_FAULT`): a crash right here, the
+                // write landed and nothing committed locally.
+                #[cfg(debug_assertions)]
+                if alerts
+                    .iter()
+                    .any(|a| a.status == super::AlertStatus::Firing)
+                    && crate::cluster::fault("abort-after-alert-state-write").is_some()
+                {
+                    eprintln!("fault injected: abort after the alert-state write of event {id}");
+                    std::process::abort();
                 }
             }
             if !alerts.is_empty() {
@@ -590,7 +710,17 @@ async fn judge_snapshot(
                 .filter(|a| shard_of(&super::state_key(&a.rule, &a.entity)) == n)
                 .collect();
             let token = match view
-                .store(n, changes.clone(), shard_marks.clone(), cancel)
+                .store(
+                    n,
+                    changes.clone(),
+                    shard_marks.clone(),
+                    Some((
+                        RECONCILED.to_string(),
+                        alerts.iter().map(|a| (*a).clone()).collect(),
+                        Vec::new(),
+                    )),
+                    cancel,
+                )
                 .await
             {
                 Stored::Landed(token) => token,
@@ -739,6 +869,115 @@ struct SharedAlerts {
     /// reads the value again and finds its own token if its write landed.
     #[serde(default)]
     writes: Vec<String>,
+    /// What the latest writes judged, and the alerts each implies (bounded: those of the
+    /// last [`WRITE_TOKENS`] writes, at most [`JUDGED_BYTES`] of alerts): an instance that
+    /// takes over a judgement whose writer did not finish re-sends them under the same names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    judged: Vec<Judged>,
+}
+
+/// One judgement a shard write landed, recorded beside the state it wrote.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Judged {
+    /// What was judged, named alike on every instance ([`judged_as`]).
+    of: String,
+    /// The token of the write: its alerts are named by it (`alerts@<token>#<n>`).
+    token: String,
+    /// The alerts the write implies, in their order in the commit ([`alert_append`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    alerts: Vec<Alert>,
+    /// How many alerts it implied beyond what a record keeps ([`JUDGED_BYTES`]): a takeover
+    /// cannot re-send those, and says so.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    untold: usize,
+    /// When it was written (ms since the epoch, the writer's clock): a record of a held alert
+    /// or a reconciliation is re-sent by the instances that read it only while the stream
+    /// still drops a repeat ([`ClusterView::resend_within`]).
+    #[serde(default)]
+    at_ms: u64,
+    /// Rules whose condition failed on a live event (`rule x failed: why`): a takeover records
+    /// the same verdict for the actions route's run report ([`EventVerdict`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    failed: Vec<String>,
+}
+
+/// [`Judged::of`] for held alerts (`for`) coming due, judged without a stream message.
+const HELD: &str = "held";
+
+/// [`Judged::of`] for a reconciliation snapshot's alerts, judged without a stream message.
+const RECONCILED: &str = "reconciled";
+
+/// Commit the alerts of the held alerts and reconciliations other instances judged, as
+/// [`ClusterView::replace`] found them, under their writers' names: the stream stores each
+/// once whoever publishes it, so an alert whose writer died before its commit, or stalled or
+/// stopped before its publish, is sent anyway, and before any change this instance judges
+/// after reading it. False (logged) if the commit failed; they are tried again.
+async fn resend_recorded(view: &mut ClusterView, writer: &SpoolWriter) -> bool {
+    if view.resend.is_empty() {
+        return true;
+    }
+    let records = std::mem::take(&mut view.resend);
+    let writes: Vec<Write> = records
+        .iter()
+        .filter(|record| !record.alerts.is_empty())
+        .map(|record| {
+            alert_append(
+                record.alerts.iter().map(Alert::to_event).collect(),
+                Some(&record.token),
+            )
+        })
+        .collect();
+    if !writes.is_empty() && !commit(writer, writes).await {
+        view.resend = records;
+        return false;
+    }
+    for record in records.iter().filter(|record| record.untold > 0) {
+        // Sent by their writer unless it died first: this instance cannot tell, nor re-send.
+        warn!(
+            "{} alerts of a held alert or reconciliation another instance judged were too large to keep in the cluster's alert state (over {JUDGED_BYTES} bytes): if that instance stopped before publishing them, they are lost",
+            record.untold
+        );
+    }
+    tracing::debug!(
+        "queued again {} alerts of held alerts or reconciliations another instance judged (the stream drops those it already has)",
+        records.iter().map(|r| r.alerts.len()).sum::<usize>()
+    );
+    true
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The most bytes of alerts (as JSON) a shard keeps in its [`Judged`] records: the records
+/// fill at most this much of a shard (NATS caps a value at `max_payload`, 1 MiB by default).
+/// The oldest records go first; a judgement whose own alerts are over it keeps only its count.
+const JUDGED_BYTES: usize = 64 * 1024;
+
+/// What a live event from the cluster is, the same on every instance that takes it: its stream
+/// sequence, and a hash of its body (a stream created again restarts its sequences). None for
+/// an event that did not come from the cluster's pipeline route.
+fn judged_as(cluster: Option<&Cluster>, event: &crate::event::Event) -> Option<String> {
+    use sha2::Digest as _;
+    let seq = cluster?.stream_seq(PIPELINE_ROUTE, event)?;
+    let digest = sha2::Sha256::digest(&event.body);
+    Some(format!("live {seq} {}", hex::encode(&digest[..6])))
+}
+
+/// Keep the records of writes still among `writes`, newest first within [`JUDGED_BYTES`].
+fn trim_judged(judged: &mut Vec<Judged>, writes: &[String]) {
+    judged.retain(|record| writes.contains(&record.token));
+    let mut total = 0;
+    let mut keep = judged.len();
+    for (at, record) in judged.iter().enumerate().rev() {
+        total += serde_json::to_vec(&record.alerts).map_or(0, |bytes| bytes.len());
+        if total > JUDGED_BYTES {
+            break;
+        }
+        keep = at;
+    }
+    judged.drain(..keep);
 }
 
 /// How long the cluster keeps an entity's change time ([`SharedAlerts::changed`]): far longer
@@ -781,6 +1020,13 @@ struct ClusterView {
     writes: u64,
     /// Whether a shard too large to store was reported (once, not per attempt).
     too_large_said: HashSet<usize>,
+    /// Records of held alerts and reconciliations that other instances (or an earlier run of
+    /// this one) wrote, read for the first time: their alerts are queued again
+    /// ([`resend_recorded`]).
+    resend: Vec<Judged>,
+    /// How recent such a record must be to be re-sent: the stream's `dedupe_window` less the
+    /// `ack_wait` and a minute, so the stream still drops the repeat.
+    resend_within: Duration,
 }
 
 /// What [`judge_snapshot`] needs in a cluster.
@@ -802,7 +1048,7 @@ enum Stored {
 }
 
 impl ClusterView {
-    fn new(shared: SharedState) -> ClusterView {
+    fn new(shared: SharedState, resend_within: Duration) -> ClusterView {
         let mut bytes = [0u8; 8];
         // No randomness at all is not worth stopping for: the time tells runs apart too.
         if getrandom::fill(&mut bytes).is_err() {
@@ -817,6 +1063,8 @@ impl ClusterView {
             instance: hex::encode(bytes),
             writes: 0,
             too_large_said: HashSet::new(),
+            resend: Vec::new(),
+            resend_within,
         }
     }
 
@@ -832,6 +1080,19 @@ impl ClusterView {
         if old.revision == self.parts[n].revision && old.revision != 0 {
             return;
         }
+        let now = crate::clock::now_ms();
+        let own = format!("{}-", self.instance);
+        for record in &self.parts[n].alerts.judged {
+            let fresh = !old.alerts.judged.iter().any(|o| o.token == record.token);
+            if fresh
+                && (!record.alerts.is_empty() || record.untold > 0)
+                && (record.of == HELD || record.of == RECONCILED)
+                && !record.token.starts_with(&own)
+                && now.saturating_sub(record.at_ms) < self.resend_within.as_millis() as u64
+            {
+                self.resend.push(record.clone());
+            }
+        }
         let union = Arc::make_mut(states);
         for key in old.alerts.states.keys() {
             union.remove(key);
@@ -842,6 +1103,15 @@ impl ClusterView {
         let new = &self.parts[n].alerts;
         union.extend(new.states.iter().map(|(k, v)| (k.clone(), v.clone())));
         changed.extend(new.changed.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+
+    /// The record of judgement `of` in shard `n` as last read, if a write of it landed.
+    fn judged(&self, n: usize, of: &str) -> Option<&Judged> {
+        self.parts[n]
+            .alerts
+            .judged
+            .iter()
+            .find(|record| record.of == of)
     }
 
     /// Read shard `n`; `None` (logged) if NATS cannot say.
@@ -1021,6 +1291,7 @@ impl ClusterView {
         n: usize,
         changes: impl IntoIterator<Item = (String, AlertState)>,
         marks: impl IntoIterator<Item = (String, u64)>,
+        judged: Option<(String, Vec<Alert>, Vec<String>)>,
         cancel: &CancellationToken,
     ) -> Stored {
         let part = &self.parts[n];
@@ -1051,6 +1322,23 @@ impl ClusterView {
         next.writes.push(token.clone());
         let excess = next.writes.len().saturating_sub(WRITE_TOKENS);
         next.writes.drain(..excess);
+        if let Some((of, alerts, failed)) = judged {
+            let size = serde_json::to_vec(&alerts).map_or(0, |bytes| bytes.len());
+            let (alerts, untold) = if size > JUDGED_BYTES {
+                (Vec::new(), alerts.len())
+            } else {
+                (alerts, 0)
+            };
+            next.judged.push(Judged {
+                of,
+                token: token.clone(),
+                alerts,
+                untold,
+                at_ms: crate::clock::now_ms(),
+                failed,
+            });
+        }
+        trim_judged(&mut next.judged, &next.writes);
         let bytes = serde_json::to_vec(&next).expect("states serialise");
         let target = self.shared.part(&n.to_string());
         match target.try_store(bytes.into(), revision).await {
@@ -1324,6 +1612,68 @@ mod tests {
             serde_json::from_str(r#"{"states":{},"changed":{"x":1}}"#).unwrap();
         assert_eq!(read.changed.get("x"), Some(&1));
         assert!(read.writes.is_empty());
+        assert!(read.judged.is_empty());
+    }
+
+    fn alert(entity: &str, note_bytes: usize) -> Alert {
+        Alert {
+            status: super::super::AlertStatus::Firing,
+            rule: "cpu-high".into(),
+            severity: "warning".into(),
+            entity: entity.into(),
+            title: entity.into(),
+            blueprint: None,
+            property: None,
+            threshold: "above 80".into(),
+            other_changes: vec![],
+            action: "UPDATE".into(),
+            triggered_by: None,
+            triggered_at: None,
+            entity_url: None,
+            links: vec![],
+            note: Some("x".repeat(note_bytes)),
+        }
+    }
+
+    #[test]
+    fn a_shard_keeps_the_judgements_of_its_last_writes_within_their_byte_bound() {
+        let record = |n: usize, bytes: usize| Judged {
+            of: format!("live {n} ab"),
+            token: format!("t-{n}"),
+            alerts: vec![alert("svc", bytes)],
+            untold: 0,
+            at_ms: 0,
+            failed: vec![],
+        };
+        // Only writes whose token the shard still keeps.
+        let mut judged: Vec<Judged> = (0..40).map(|n| record(n, 10)).collect();
+        let writes: Vec<String> = (8..40).map(|n| format!("t-{n}")).collect();
+        trim_judged(&mut judged, &writes);
+        assert_eq!(judged.len(), WRITE_TOKENS);
+        assert_eq!(judged[0].token, "t-8");
+        // Within the byte bound, the newest kept.
+        let mut judged: Vec<Judged> = (0..8).map(|n| record(n, JUDGED_BYTES / 3)).collect();
+        let writes: Vec<String> = (0..8).map(|n| format!("t-{n}")).collect();
+        trim_judged(&mut judged, &writes);
+        let kept: Vec<&str> = judged.iter().map(|j| j.token.as_str()).collect();
+        assert_eq!(kept, ["t-6", "t-7"]);
+        // A record rebuilds the alert events the judging instance committed, byte for byte
+        // (the stream's dedupe compares them by a hash of the whole event).
+        let one = alert("svc", 5);
+        let shard = SharedAlerts {
+            judged: vec![Judged {
+                of: "live 1 ab".into(),
+                token: "t-1".into(),
+                alerts: vec![one.clone()],
+                untold: 0,
+                at_ms: 0,
+                failed: vec![],
+            }],
+            ..Default::default()
+        };
+        let read: SharedAlerts =
+            serde_json::from_slice(&serde_json::to_vec(&shard).unwrap()).unwrap();
+        assert_eq!(read.judged[0].alerts[0].to_event(), one.to_event());
     }
 
     async fn settled(spool: &Spool) {

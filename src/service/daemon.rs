@@ -431,6 +431,16 @@ impl Sink for Publish {
         Result<delivery::forward::Delivered, delivery::forward::ForwardError>,
     > {
         Box::pin(async move {
+            // Test-only (debug builds, `SMEE_RELAY_FAULT`): hold the alerts' publish.
+            #[cfg(debug_assertions)]
+            if self.produced
+                && self.channel_key == crate::cluster::produced_key(ALERT_ROUTE)
+                && let Some(path) = crate::cluster::fault("hold-alert-publish")
+            {
+                while std::path::Path::new(&path).exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             let started = std::time::Instant::now();
             let id = if self.produced {
                 crate::cluster::produced_message_id(
@@ -829,15 +839,11 @@ impl Runtime {
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
                         let cancel = self.cancel.child_token();
-                        let shared = self
-                            .cluster
-                            .as_ref()
-                            .map(|cluster| cluster.shared_state("alert-states"));
                         let (handle, done) = spawn_local(runner::run(
                             self.spool.clone(),
                             self.writer.clone(),
                             rules_rx,
-                            shared,
+                            self.cluster.clone(),
                             cancel.clone(),
                         ));
                         let mut task = Task {
@@ -845,7 +851,7 @@ impl Runtime {
                             handles: vec![handle],
                             done,
                         };
-                        self.feed(&mut task, PIPELINE_ROUTE, pipeline_subjects.clone());
+                        self.feed_pipeline(&mut task, pipeline_subjects.clone());
                         (task, rules, pipeline_lock.clone().expect("taken in step 1"))
                     }
                 };
@@ -1144,6 +1150,27 @@ impl Runtime {
             task.cancel.clone(),
             task.done.clone(),
         )));
+    }
+
+    /// In a cluster: feed the pipeline route from its NATS consumer, acking each event once
+    /// the alerts its judgement produced are published ([`Cluster::feed_producing`]).
+    fn feed_pipeline(&self, task: &mut Task, subjects: Vec<String>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        if subjects.is_empty() {
+            return;
+        }
+        task.handles
+            .push(tokio::spawn(cluster.clone().feed_producing(
+                PIPELINE_ROUTE.to_string(),
+                subjects,
+                crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE)),
+                self.spool.clone(),
+                self.writer.clone(),
+                task.cancel.clone(),
+                task.done.clone(),
+            )));
     }
 
     /// The route delivering what this relay produces (alerts, Port reports) to `sink`. In a

@@ -182,3 +182,81 @@ ack_wait = "{ACK_WAIT}"
 "#
     )
 }
+
+/// A TCP proxy between one relay and a nats-server that a test can freeze: nothing moves
+/// either way while frozen, and the sockets stay open (a stalled network, not a dropped one:
+/// neither side notices until its own timeouts run out).
+pub struct FreezableProxy {
+    /// `nats://127.0.0.1:PORT` of the proxy, for that relay's `nats_url`.
+    pub url: String,
+    /// Whether traffic is held; every pump watches it.
+    frozen: tokio::sync::watch::Sender<bool>,
+    /// The accept loop, ended with the proxy.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    /// Proxy to the nats-server on `port` (on 127.0.0.1).
+    pub async fn start(port: u16) -> FreezableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, watch.clone()));
+                tokio::spawn(pump(server_read, client_write, watch.clone()));
+            }
+        });
+        FreezableProxy { url, frozen, task }
+    }
+
+    /// Stop forwarding, both ways; what is in flight waits in the proxy.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Forward again, starting with what waited.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copy `from` to `to` while not frozen; a chunk read just before a freeze waits for the thaw.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            // Frozen meanwhile: stop reading (a read is cancel-safe).
+            _ = frozen.wait_for(|frozen| *frozen) => continue,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|frozen| !frozen).await.is_err()
+            || to.write_all(&buf[..n]).await.is_err()
+        {
+            return;
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The two windows that used to break "each alert once, in order" in cluster mode, each forced
+//! at its exact point with a debug-only fault hook (`SMEE_RELAY_FAULT`, see `cluster`'s module
+//! header), against a real nats-server and real relay processes:
+//!
+//! - lost: the instance judging a change dies after its alert-state write landed, before its
+//!   local commit; another instance takes the change over and must send the alert that write
+//!   implies (it finds the judgement recorded beside the state, and re-sends its alerts);
+//! - out of order: the instance judging a change commits the FIRING locally and then stalls
+//!   before publishing it; the next change (its RESOLVED) must not overtake it.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::nats::{FAILOVER_PATIENCE, FreezableProxy, NatsServer};
+use support::{FakeChannel, FakeSlack, LogWatch, smee_relay, spawn_logged};
+
+/// A relay process of the cluster.
+struct Instance {
+    child: tokio::process::Child,
+    logs: LogWatch,
+    /// Kept so the state dir outlives the process.
+    _dir: tempfile::TempDir,
+}
+
+fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
+    let dir = support::temp_dir();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config_body).unwrap();
+    let mut command = smee_relay();
+    command
+        .args(["run", "--config"])
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env(
+            "RUST_LOG",
+            "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
+        );
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let (child, logs) = spawn_logged(&mut command);
+    Instance {
+        child,
+        logs,
+        _dir: dir,
+    }
+}
+
+/// Start an instance and wait until it joined the cluster and subscribed to `channel`.
+async fn join(channel: &FakeChannel, config_body: &str, env: &[(&str, &str)]) -> Instance {
+    let before = channel.connections();
+    let instance = start_instance(config_body, env);
+    instance.logs.wait_for(&["joined the cluster"]).await;
+    channel.wait_connections(before + 1).await;
+    instance
+}
+
+/// A smee frame carrying one of the Port fixtures (one entity, cpu changes).
+fn change(file: &str) -> String {
+    format!(
+        r#"{{"content-type":"application/json","body":{}}}"#,
+        support::port_fixture("automation", file)
+    )
+}
+
+/// The next Slack headline, within a failover's patience.
+async fn next_headline(slack: &mut FakeSlack, what: &str) -> String {
+    let Some(request) = slack.try_next(FAILOVER_PATIENCE).await else {
+        panic!("no {what} reached Slack within {FAILOVER_PATIENCE:?}");
+    };
+    support::slack_header(&request)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_alert_state_write_before_the_local_commit_loses_no_alert() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = support::nats::alerts_config(
+        &channel.url("ch"),
+        &slack.webhook_url(),
+        &nats.url,
+        "window1",
+    );
+    // Both carry the fault: whichever judges the FIRING dies right after its state write
+    // landed. The other one takes the change over (and judges the RESOLVED, no FIRING).
+    let fault = [("SMEE_RELAY_FAULT", "abort-after-alert-state-write")];
+    let mut instances = [
+        join(&channel, &body, &fault).await,
+        join(&channel, &body, &fault).await,
+    ];
+
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    let aborted = support::wait_for(
+        FAILOVER_PATIENCE,
+        "an instance aborting after its alert-state write",
+        || {
+            let found = instances
+                .iter()
+                .position(|i| i.logs.find(&["fault injected: abort after"]).is_some());
+            std::future::ready(found)
+        },
+    )
+    .await;
+    // Gone for good (SIGABRT), as a kill -9 would leave it.
+    instances[aborted].child.wait().await.unwrap();
+
+    let firing = next_headline(&mut slack, "FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+    let survivor = &instances[1 - aborted];
+    let line = survivor
+        .logs
+        .wait_for(&["took over another instance's judgement"])
+        .await;
+    assert!(line.contains("re-sent its 1 alert"), "{line}");
+
+    channel.send_webhook(3, &change("06-cpu-75-to-60"));
+    let resolved = next_headline(&mut slack, "RESOLVED").await;
+    assert!(resolved.starts_with("RESOLVED cpu-high"), "{resolved}");
+    slack.assert_quiet(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_between_the_local_commit_and_the_publish_keeps_the_alerts_in_order() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    let body = |nats_url: &str| {
+        support::nats::alerts_config(
+            &channel.url("ch"),
+            &slack.webhook_url(),
+            nats_url,
+            "window2",
+        )
+    };
+    // The alerts' publish of instance A is held (debug-only hook) until the file goes: A
+    // commits its FIRING locally, and its network stalls before it publishes it.
+    let dir = support::temp_dir();
+    let hold = dir.path().join("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let fault = format!("hold-alert-publish={}", hold.display());
+    let a = join(&channel, &body(&proxy.url), &[("SMEE_RELAY_FAULT", &fault)]).await;
+
+    // Alone in the cluster, A judges both changes: the FIRING is committed, not published.
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    a.logs.wait_for(&["FIRING cpu-high"]).await;
+    let b = join(&channel, &body(&nats.url), &[]).await;
+    proxy.freeze();
+    release(&hold);
+
+    // The next change of the same rule and entity, received (and published) by B alone.
+    channel.send_webhook(3, &change("06-cpu-75-to-60"));
+    let first = next_headline(&mut slack, "the first alert").await;
+    assert!(
+        first.starts_with("FIRING cpu-high"),
+        "the FIRING first, not the RESOLVED that ends it: {first:?}"
+    );
+    let second = next_headline(&mut slack, "the second alert").await;
+    assert!(second.starts_with("RESOLVED cpu-high"), "{second:?}");
+    // A's network comes back: its publish of the FIRING is a repeat the stream drops.
+    proxy.thaw();
+    slack.assert_quiet(Duration::from_secs(4)).await;
+    assert!(
+        b.logs
+            .find(&["took over another instance's judgement"])
+            .is_some(),
+        "B re-sent A's FIRING:\n{}",
+        b.logs.all()
+    );
+}
+
+/// Let the held publish go.
+fn release(hold: &Path) {
+    std::fs::remove_file(hold).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_an_alert_committed_but_unpublished_hands_it_over_at_once() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body =
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "stop");
+    let dir = support::temp_dir();
+    let hold = dir.path().join("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let fault = format!("hold-alert-publish={}", hold.display());
+    let mut a = join(&channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    a.logs.wait_for(&["FIRING cpu-high"]).await;
+    let b = join(&channel, &body, &[]).await;
+
+    // Stopped with its FIRING committed and not published: it hands the change back, and B
+    // sends the FIRING without waiting for A to come back (nor for the ack wait).
+    support::signal(&a.child, "TERM");
+    a.logs
+        .wait_for(&["handing the delivery back to the cluster"])
+        .await;
+    a.child.wait().await.unwrap();
+    let firing = next_headline(&mut slack, "FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+    b.logs
+        .wait_for(&["took over another instance's judgement"])
+        .await;
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    release(&hold);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_held_alert_s_write_before_its_local_commit_loses_no_alert() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body =
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "held")
+            .replace("clear_below = 70\n", "clear_below = 70\nfor = \"1s\"\n");
+    assert!(body.contains("for = \"1s\""), "the rule is held: {body}");
+    // Whichever instance's write of the held FIRING lands first dies right after it; the
+    // other one (its own timer then finds the alert fired) sends it from the record.
+    let fault = [("SMEE_RELAY_FAULT", "abort-after-held-alert-write")];
+    let mut instances = [
+        join(&channel, &body, &fault).await,
+        join(&channel, &body, &fault).await,
+    ];
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    let aborted = support::wait_for(
+        FAILOVER_PATIENCE,
+        "an instance aborting after a held alert's write",
+        || {
+            let found = instances
+                .iter()
+                .position(|i| i.logs.find(&["fault injected: abort after"]).is_some());
+            std::future::ready(found)
+        },
+    )
+    .await;
+    instances[aborted].child.wait().await.unwrap();
+
+    let firing = next_headline(&mut slack, "the held FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+    slack.assert_quiet(Duration::from_secs(3)).await;
+}
