@@ -593,7 +593,9 @@ fn certificate(
 
 fn trusting(cert: &std::path::Path) -> reqwest::Client {
     let pem = std::fs::read(cert).unwrap();
+    // reqwest's own TLS set-up, not the process's shared config: this client trusts the test CA.
     smee_relay::http::client_builder()
+        .tls_backend_rustls()
         .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
         .pool_max_idle_per_host(0)
         .build()
