@@ -1530,9 +1530,7 @@ pub fn event_kind(event: &Event) -> Option<String> {
     }
     // Without an `action` key there is no label: most bodies (a plain webhook) are not parsed
     // at all, which was most of the cost of a delivery's log line.
-    if memchr::memmem::find(&event.body, b"\"action\"").is_none() {
-        return None;
-    }
+    memchr::memmem::find(&event.body, b"\"action\"")?;
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct PortShape {
