@@ -5,13 +5,25 @@
 //! [`client_builder`] does it, so no caller can forget.
 //!
 //! TLS trust is set once for the process ([`set_trust`]: `--cacert`, `--insecure`), before any
-//! client is built, so every client (channels, https targets, Slack) trusts alike. Proxy
+//! client is built, so every client (channels, https targets, Slack) trusts alike. Every client
+//! shares one rustls config built here, whose verifier reads the system's CA certificates on the
+//! first TLS handshake (once per process), not when a client is built: reading and parsing them
+//! was most of the start-up's instructions, and an all-http relay never needs them. A failure to
+//! read them fails that handshake (and is tried again on the next one), as it failed the
+//! client's build before. Proxy
 //! variables (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`) are honoured by every client
 //! built here, as reqwest reads them; plain-http targets go through hyper directly, without a
 //! proxy (they are local services).
 
-use std::sync::{Once, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 /// How smee-relay names itself to the servers it calls.
 pub const USER_AGENT: &str = concat!("smee-relay/", env!("CARGO_PKG_VERSION"));
@@ -21,22 +33,177 @@ pub const USER_AGENT: &str = concat!("smee-relay/", env!("CARGO_PKG_VERSION"));
 /// Redirects are not followed because every caller here either must see them (`new` reads the
 /// `Location` of smee's redirect) or must not silently turn a POST into a GET (forwarding).
 pub fn client_builder() -> reqwest::ClientBuilder {
-    static INSTALL_PROVIDER: Once = Once::new();
-    INSTALL_PROVIDER.call_once(|| {
-        // Fails only if another provider was installed first, which is just as good.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    let mut builder = reqwest::Client::builder()
+    reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
-        .user_agent(USER_AGENT);
-    if let Some(trust) = TRUST.get() {
-        for cert in &trust.extra_roots {
-            builder = builder.add_root_certificate(cert.clone());
+        .user_agent(USER_AGENT)
+        .tls_backend_preconfigured(tls_config())
+}
+
+/// The rustls config of every client: TLS 1.2 and 1.3, ALPN h2 and http/1.1 (what reqwest sets
+/// up itself), and the process's trust ([`set_trust`]) behind a verifier that loads the system's
+/// roots only when a handshake first needs them. Built once; a clone shares the verifier.
+fn tls_config() -> rustls::ClientConfig {
+    static CONFIG: OnceLock<rustls::ClientConfig> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            static INSTALL_PROVIDER: Once = Once::new();
+            INSTALL_PROVIDER.call_once(|| {
+                // Fails only if another provider was installed first, which is just as good.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            });
+            let provider = CryptoProvider::get_default()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+            let verifier: Arc<dyn ServerCertVerifier> = match TRUST.get() {
+                Some(trust) if trust.insecure => Arc::new(AcceptAnything(provider.clone())),
+                trust => Arc::new(LazyRoots {
+                    provider: provider.clone(),
+                    extra: trust.map(|t| t.extra_roots.clone()).unwrap_or_default(),
+                    loaded: Mutex::new(None),
+                }),
+            };
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports TLS 1.2 and 1.3")
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            config
+        })
+        .clone()
+}
+
+/// How many times this process has read the system's CA certificates (tests, and the debug log
+/// line that says so, show that an all-http relay never does).
+static ROOT_LOADS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times this process has read the system's CA certificates.
+pub fn system_roots_loaded() -> usize {
+    ROOT_LOADS.load(Ordering::Relaxed)
+}
+
+/// reqwest's own verifier (rustls-platform-verifier: the system's CA certificates plus
+/// `--cacert`), built on the first certificate to verify rather than with each client.
+#[derive(Debug)]
+struct LazyRoots {
+    /// The crypto provider, for the signature checks that need no roots.
+    provider: Arc<CryptoProvider>,
+    /// `--cacert`'s certificates, trusted beside the system's.
+    extra: Vec<CertificateDer<'static>>,
+    /// The verifier once built; `None` until then, and again after a failed load, so that a
+    /// trust store installed later is read on the next handshake.
+    loaded: Mutex<Option<Arc<rustls_platform_verifier::Verifier>>>,
+}
+
+impl LazyRoots {
+    fn verifier(&self) -> Result<Arc<rustls_platform_verifier::Verifier>, rustls::Error> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(verifier) = &*loaded {
+            return Ok(verifier.clone());
         }
-        builder = builder.danger_accept_invalid_certs(trust.insecure);
+        ROOT_LOADS.fetch_add(1, Ordering::Relaxed);
+        let verifier = Arc::new(rustls_platform_verifier::Verifier::new_with_extra_roots(
+            self.extra.iter().cloned(),
+            self.provider.clone(),
+        )?);
+        tracing::debug!("loaded the system's CA certificates for the first TLS connection");
+        *loaded = Some(verifier.clone());
+        Ok(verifier)
     }
-    builder
+}
+
+impl ServerCertVerifier for LazyRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verifier()?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// `--insecure`: nothing is verified, as reqwest's own `danger_accept_invalid_certs` did.
+#[derive(Debug)]
+struct AcceptAnything(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Why an answer's body could not be read whole.
@@ -74,7 +241,7 @@ pub async fn read_capped(
 /// What every TLS client trusts beyond the system's roots.
 struct Trust {
     /// From `--cacert FILE` (PEM, one or more certificates): a private CA.
-    extra_roots: Vec<reqwest::Certificate>,
+    extra_roots: Vec<CertificateDer<'static>>,
     /// `--insecure`: no certificate is verified (a development proxy). Loudly warned about.
     insecure: bool,
 }
@@ -94,14 +261,15 @@ pub enum TrustError {
     Parse {
         path: String,
         #[source]
-        source: reqwest::Error,
+        source: rustls::pki_types::pem::Error,
     },
     #[error("--cacert {path} holds no PEM certificate")]
     Empty { path: String },
 }
 
 /// Trust `cacert`'s certificates too, or (insecure) nothing at all, in every client built from
-/// now on. Call once, before building clients; later calls are ignored.
+/// now on. Call once, before building clients; later calls (and calls after the first client)
+/// are ignored.
 pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(), TrustError> {
     let mut extra_roots = Vec::new();
     if let Some(path) = cacert {
@@ -110,8 +278,9 @@ pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(),
             path: shown.clone(),
             source,
         })?;
-        extra_roots =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| TrustError::Parse {
+        extra_roots = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TrustError::Parse {
                 path: shown.clone(),
                 source,
             })?;
@@ -130,4 +299,87 @@ pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(),
         insecure,
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for 127.0.0.1 signed by itself (no CA anyone trusts), PEM: (cert, key).
+    fn self_signed(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+            ])
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package openssl) makes the test certificate");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        (
+            std::fs::read(dir.join("cert.pem")).unwrap(),
+            std::fs::read(dir.join("key.pem")).unwrap(),
+        )
+    }
+
+    /// The roots are read lazily, but an https URL is verified as before: a server whose
+    /// certificate no trusted CA signed is refused with a certificate error.
+    #[tokio::test]
+    async fn an_https_url_is_still_verified_once_the_roots_load_lazily() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let certs = CertificateDer::pem_slice_iter(&cert)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshakes = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            // The client aborts the handshake: the server sees an error.
+            acceptor.accept(stream).await.err()
+        });
+
+        let client = client_builder().build().unwrap();
+        let error = client
+            .get(format!("https://{addr}/"))
+            .send()
+            .await
+            .expect_err("a self-signed certificate is not trusted");
+        let chain = crate::error::chain(&error);
+        assert!(chain.contains("invalid peer certificate"), "{chain}");
+        assert!(chain.contains("UnknownIssuer"), "{chain}");
+        assert!(handshakes.await.unwrap().is_some());
+        assert!(system_roots_loaded() >= 1);
+    }
 }

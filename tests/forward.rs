@@ -220,6 +220,25 @@ async fn bad_frames_are_logged_with_their_id_and_skipped() {
     );
 }
 
+/// Reading the system's CA certificates was most of a relay's start-up; a relay whose channel and
+/// target are plain http never needs them, so it never reads them (the debug line says when).
+#[tokio::test]
+async fn an_http_only_relay_never_reads_the_ca_certificates() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let (_child, logs) =
+        spawn_forward(&[&channel.url("abcdef"), "-t", &target.url("/hook"), "-v"]).await;
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &webhook(1));
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+    logs.wait_for(&[&format!("POST {}/hook -> 200", target.addr)])
+        .await;
+    // Debug lines are on (-v), so the line would be there had the roots been read.
+    assert!(logs.find(&["DEBUG"]).is_some(), "{}", logs.all());
+    assert!(logs.find(&["CA certificates"]).is_none(), "{}", logs.all());
+}
+
 #[tokio::test]
 async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
     let channel = FakeChannel::start().await;

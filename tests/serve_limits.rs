@@ -593,7 +593,9 @@ fn certificate(
 
 fn trusting(cert: &std::path::Path) -> reqwest::Client {
     let pem = std::fs::read(cert).unwrap();
+    // reqwest's own TLS set-up, not the process's shared config: this client trusts the test CA.
     smee_relay::http::client_builder()
+        .tls_backend_rustls()
         .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
         .pool_max_idle_per_host(0)
         .build()
@@ -655,5 +657,53 @@ async fn tls_serves_https_and_a_reload_picks_up_a_new_certificate() {
         "{location}"
     );
     assert_eq!(location.rsplit('/').next().unwrap().len(), 22);
+    cancel.cancel();
+}
+
+/// The relay reads the system's CA certificates only when a TLS connection first needs them,
+/// and still trusts `--cacert` beside them: a relay subscribes to a `serve --tls-cert` channel
+/// signed by a private CA, relays an event, and reads the certificates once.
+#[tokio::test]
+async fn a_relay_trusting_cacert_relays_from_an_https_channel_reading_the_roots_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate(dir.path(), "relay");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let config = ServeConfig {
+        tls: Some(smee_relay::server::TlsFiles { cert, key }),
+        ..ServeConfig::default()
+    };
+    tokio::spawn(serve_with_reload(
+        listener,
+        config,
+        cancel.clone(),
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    ));
+    let mut target = support::FakeTarget::start().await;
+    let channel = format!("https://{addr}/relayed");
+    let (_child, logs) = support::spawn_logged(
+        support::smee_relay()
+            .arg("forward")
+            .arg(&channel)
+            .args(["-t", &target.url("/hook"), "--cacert"])
+            .arg(&ca)
+            .arg("-v"),
+    );
+    logs.wait_for(&["connected to channel"]).await;
+    let sent = trusting(&ca)
+        .post(&channel)
+        .header("content-type", "application/json")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(sent.status().is_success(), "{}", sent.status());
+    assert_eq!(target.next().await.body, r#"{"n":1}"#);
+    let loads = logs
+        .all()
+        .matches("loaded the system's CA certificates")
+        .count();
+    assert_eq!(loads, 1, "{}", logs.all());
     cancel.cancel();
 }
