@@ -7,6 +7,8 @@
 //! - e: 100 events of 1 KiB at 5 per second (each its own commit: per-event instruction counts
 //!   under callgrind, where the relay runs too slowly for b's rate).
 //!
+//! `BENCH_COUNT=N` sends N events instead of the workload's count.
+//!
 //! Prints one JSON line: the target's report plus the time the load took.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -38,6 +40,11 @@ async fn main() {
         "e" => (100, 1024, Some(5)),
         other => panic!("unknown workload {other}"),
     };
+    // A shorter run of the same workload (a slow path, a quick look).
+    let count = std::env::var("BENCH_COUNT")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(count);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     client.post(format!("{target}/reset")).send().await.unwrap();

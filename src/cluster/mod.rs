@@ -24,6 +24,40 @@
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
 //!
+//! # The floor, and what a message costs
+//!
+//! Each route keeps its floor in KV (`floor.route_<hash>`): the last stream sequence delivered
+//! on it. A NATS server that crashed may forget acks it confirmed (consumer state is flushed
+//! lazily) and redeliver what was delivered; a message at or below the floor is acked, not
+//! delivered. With one message in flight cluster-wide, a route's throughput is one over the
+//! time a message takes end to end, so what a message waits on is kept to what a guarantee
+//! needs ([`Cluster::handle`]):
+//!
+//! - **The floor is read from KV for every message**, though a first delivery (`delivered ==
+//!   1`) from a server that kept its state is above every delivered message (the consumer
+//!   hands messages out in stream order, one at a time). A copy cached by the feed cannot
+//!   stand in for the read: a message sits in the client's buffer from the moment the server
+//!   sends it, and if this instance stalls (a paused VM, swap) past the ack wait, the server
+//!   gives it to another instance, which delivers it and moves the floor; the stalled copy
+//!   still says `delivered == 1` when this instance gets to it, and nothing local tells how
+//!   long it waited. Only the floor read after taking it does (a stall between the read and
+//!   the delivery repeats the message in flight, as a kill -9 does).
+//! - **The ack goes out right behind the floor's put**, not after its confirmation (one round
+//!   trip less per message). Once NATS stored the put, an ack it loses costs a redelivery the
+//!   floor skips, as before. If NATS dies before storing it, the message repeats whether the
+//!   ack went out or not, as before (it is the message in flight when NATS died). New is only
+//!   a put NATS refuses (or does not confirm) while taking the ack: the floor is then raised
+//!   again before the next message (compare-and-set, so that it never lowers a floor another
+//!   instance already moved past it), and only if that fails too and NATS also forgets the
+//!   ack does this one message repeat.
+//! - **The local copy is committed at once** ([`SpoolWriter::commit_now`]), not after the
+//!   writer's pace behind the intake's group commits; it is as durable as before (its own
+//!   fsync). It cannot skip the fsync: redb refuses non-durable commits in the multi-process
+//!   mode the spool is opened in (so that `smee-relay events` works beside a running relay),
+//!   and the route reads its queue from the file. Keeping it durable also keeps
+//!   [`hand_back`] as it is: a copy the route did not finish before a crash is found at the
+//!   next start and given back to NATS, which redelivers it.
+//!
 //! How an event travels in a stream message (its body raw, or in the cluster's object store
 //! when the message would exceed the server's `max_payload`) is in [`envelope`].
 //!
@@ -757,11 +791,12 @@ impl Cluster {
         let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
         let stream_seq = message.info().map(|info| info.stream_sequence).ok();
         // Where a message's time goes (debug log at the end): the floor read, the local
-        // queue and delivery, and the floor write and ack.
+        // queue (its commit) and delivery, and the floor write and ack.
         let took = std::time::Instant::now();
         // A NATS server that crashed may forget acks it confirmed (consumer state is flushed
         // lazily); the route's floor (the last stream sequence delivered, kept in KV beside
-        // the message data) says what was delivered whatever the consumer remembers.
+        // the message data) says what was delivered whatever the consumer remembers. Read on
+        // every message: see "The floor" in the module header for why no cached copy will do.
         if let Some(seq) = stream_seq
             && let Ok(Some(floor)) = self.kv.get(floor_key).await
             && let Some(floor) = std::str::from_utf8(&floor)
@@ -833,6 +868,7 @@ impl Cluster {
                 writer,
                 route_done,
                 &mut finished,
+                took,
             )
             .await;
         let taken = self.in_flight.lock().expect("not poisoned").remove(route);
@@ -865,37 +901,137 @@ impl Cluster {
                 .await;
         }
         let delivered = took.elapsed();
-        let floored = match stream_seq {
-            Some(seq) => match self.kv.put(floor_key, seq.to_string().into()).await {
-                Ok(_) => true,
-                Err(e) => {
-                    warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
-                    false
+        match stream_seq {
+            Some(seq) => self.floor_and_ack(names, &message, seq).await,
+            None => {
+                if let Err(e) = message.double_ack().await {
+                    warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
                 }
-            },
-            None => false,
-        };
-        if floored {
-            // The floor (confirmed) already says it was delivered: an ack NATS loses costs a
-            // redelivery that the floor skips, not a repeat, so the ack is not waited for.
-            if let Err(e) = message.ack().await {
-                warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
             }
-        } else if let Err(e) = message.double_ack().await {
-            warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
         }
         tracing::debug!(
             route = %label,
             stream_seq,
             checked_us = checked.as_micros() as u64,
+            queued_us = done.map_or(0, |(_, queued)| (queued - checked).as_micros() as u64),
             delivered_us = (delivered - checked).as_micros() as u64,
             acked_us = (took.elapsed() - delivered).as_micros() as u64,
             "cluster delivery done"
         );
     }
 
+    /// Record `seq` as the route's floor and ack the message. The ack goes out right behind
+    /// the floor's put, before its confirmation (one round trip less per message); a put that
+    /// is not confirmed is written again here before the next message (see "The floor" in
+    /// the module header for what that leaves).
+    async fn floor_and_ack(&self, names: &RouteNames, message: &jetstream::Message, seq: u64) {
+        let (label, floor_key) = (names.label.as_str(), names.floor_key.as_str());
+        let value = Bytes::from(seq.to_string());
+        let mut ack_sent = false;
+        let mut floored = false;
+        if let Some(subject) = self.floor_subject(floor_key)
+            && let Ok(confirmation) = self.js.publish(subject, value.clone()).await
+        {
+            if let Err(e) = message.ack().await {
+                warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
+            }
+            ack_sent = true;
+            match confirmation.await {
+                Ok(_) => floored = true,
+                Err(e) => {
+                    warn!(route = %label, "the route's delivered floor was not confirmed ({e}); writing it again");
+                }
+            }
+        }
+        if ack_sent && !floored {
+            // A lost floor now only matters if NATS also forgets the ack: it is tried again
+            // before the next message rather than given up at once.
+            floored = self.raise_floor(label, floor_key, seq).await;
+        } else if !floored {
+            match self.kv.put(floor_key, value).await {
+                Ok(_) => floored = true,
+                Err(e) => {
+                    warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
+                }
+            }
+        }
+        if !ack_sent {
+            if floored {
+                // The floor (confirmed) already says it was delivered: an ack NATS loses
+                // costs a redelivery that the floor skips, not a repeat.
+                if let Err(e) = message.ack().await {
+                    warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
+                }
+            } else if let Err(e) = message.double_ack().await {
+                warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
+            }
+        }
+    }
+
+    /// Raise the floor at `floor_key` to `seq` unless it is there already: with the ack out,
+    /// the next message of the route may already be delivered by another instance and its
+    /// floor written, which a plain put of `seq` would lower. Compare-and-set on the
+    /// revision, a few tries; whether the floor is at `seq` or above.
+    async fn raise_floor(&self, label: &str, floor_key: &str, seq: u64) -> bool {
+        let mut last = String::new();
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let (current, revision) = match self.kv.entry(floor_key).await {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => (
+                    std::str::from_utf8(&entry.value)
+                        .ok()
+                        .and_then(|f| f.parse::<u64>().ok()),
+                    entry.revision,
+                ),
+                Ok(Some(entry)) => (None, entry.revision),
+                Ok(None) => (None, 0),
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            if current.is_some_and(|floor| floor >= seq) {
+                return true;
+            }
+            let value = Bytes::from(seq.to_string());
+            let stored = if revision == 0 {
+                self.kv
+                    .create(floor_key, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                self.kv
+                    .update(floor_key, value, revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            match stored {
+                Ok(()) => return true,
+                Err(e) => last = e,
+            }
+        }
+        warn!(route = %label, "cannot record the route's delivered floor ({last}); if NATS also loses the ack, it is delivered once more");
+        false
+    }
+
+    /// The subject a put of KV key `key` is published on, for [`Cluster::floor_and_ack`] to
+    /// send it without waiting; None when the bucket is reached through a JetStream domain
+    /// prefix (then the plain `put` is used).
+    fn floor_subject(&self, key: &str) -> Option<String> {
+        if self.kv.use_jetstream_prefix {
+            return None;
+        }
+        let prefix = self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix);
+        Some(format!("{prefix}{key}"))
+    }
+
     /// Queue `envelope` on the local route and wait until it is finished there (delivered or
-    /// dead): its local event id. None: not finished here (handed back to the cluster).
+    /// dead): its local event id, and when (since `took`) it was queued. None: not finished
+    /// here (handed back to the cluster).
     #[allow(clippy::too_many_arguments)]
     async fn deliver_locally(
         &self,
@@ -906,7 +1042,8 @@ impl Cluster {
         writer: &SpoolWriter,
         route_done: &CancellationToken,
         finished: &mut tokio::sync::broadcast::Receiver<(String, u64)>,
-    ) -> Option<u64> {
+        took: std::time::Instant,
+    ) -> Option<(u64, Duration)> {
         let (label, route) = (names.label.as_str(), names.route.as_str());
         let write = Write::Append {
             channel: envelope.channel,
@@ -914,8 +1051,9 @@ impl Cluster {
             events: Arc::from(vec![envelope.event]),
             cursor: None,
         };
+        // Not paced behind the intake's group commits: the route's next message waits on it.
         let id = {
-            match writer.commit(vec![write]).await {
+            match writer.commit_now(vec![write]).await {
                 Ok(ids) => match ids.first().and_then(|ids| ids.first()).copied().flatten() {
                     Some(id) => id,
                     None => {
@@ -936,6 +1074,7 @@ impl Cluster {
                 }
             }
         };
+        let queued = took.elapsed();
         // Renew the lease well within the ack wait.
         let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
         let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
@@ -970,7 +1109,7 @@ impl Cluster {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return None;
         }
-        Some(id)
+        Some((id, queued))
     }
 
     /// Wait until local `outbox` has published (or given up on) everything queued on it now,

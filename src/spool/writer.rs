@@ -33,6 +33,9 @@ struct Job {
     /// How many of the writes are marks also recorded in the journal: once committed, the
     /// journal may forget them.
     journaled: usize,
+    /// Someone waits on it with nothing else to do ([`SpoolWriter::commit_now`]): committed as
+    /// soon as the writer is free, not after `COMMIT_PACE`.
+    urgent: bool,
 }
 
 /// How long finished deliveries may wait for a commit that someone waits for (an append) to
@@ -73,6 +76,16 @@ impl SpoolWriter {
     /// Start the writer thread. First applies the journals of relays that died (so their
     /// finished deliveries are not repeated), then starts this process's journal.
     pub fn start(spool: Arc<Spool>, limits: Limits) -> (SpoolWriter, std::thread::JoinHandle<()>) {
+        Self::start_paced(spool, limits, COMMIT_PACE)
+    }
+
+    /// [`SpoolWriter::start`] with another `COMMIT_PACE` (tests make the pace long, so that
+    /// what waits for it shows).
+    fn start_paced(
+        spool: Arc<Spool>,
+        limits: Limits,
+        pace: Duration,
+    ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
         let dir = spool.path().parent().map(std::path::Path::to_owned);
         let journal = match dir.map(|dir| Journal::start(&dir)) {
             Some(Ok((journal, orphans))) => {
@@ -109,6 +122,7 @@ impl SpoolWriter {
         let (appended_tx, appended) = watch::channel(0u64);
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let thread = WriterThread {
+            pace,
             spool,
             limits,
             jobs,
@@ -135,11 +149,24 @@ impl SpoolWriter {
     /// Commit `writes` together and wait until they are on disk. Returns, per `Append`, each
     /// event's id, or `None` if the spool was full.
     pub async fn commit(&self, writes: Vec<Write>) -> Result<Appended, SpoolError> {
+        self.commit_with(writes, false).await
+    }
+
+    /// [`SpoolWriter::commit`] for a caller whose whole pipeline waits on this one commit (a
+    /// cluster delivery: one in flight per route cluster-wide): committed as soon as the
+    /// commit in progress, if any, is done, without waiting out `COMMIT_PACE`. Whatever else
+    /// is queued rides along. Exactly as durable as `commit`: only the wait differs.
+    pub async fn commit_now(&self, writes: Vec<Write>) -> Result<Appended, SpoolError> {
+        self.commit_with(writes, true).await
+    }
+
+    async fn commit_with(&self, writes: Vec<Write>, urgent: bool) -> Result<Appended, SpoolError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             writes,
             reply: Some(reply),
             journaled: 0,
+            urgent,
         };
         let marks: Vec<(String, u64)> = writes_finished(&job.writes).collect();
         self.jobs.send(job).map_err(|_| SpoolError::WriterStopped)?;
@@ -227,6 +254,7 @@ impl SpoolWriter {
             writes,
             reply: None,
             journaled,
+            urgent: false,
         };
         if self.jobs.send(job).is_err() {
             error!("the spool writer has stopped: attempts were not recorded");
@@ -250,6 +278,8 @@ fn writes_finished(writes: &[Write]) -> impl Iterator<Item = (String, u64)> + '_
 /// The thread that owns every write to the spool (redb is blocking, and one writer at a time
 /// is what lets it group commits).
 struct WriterThread {
+    /// `COMMIT_PACE` (another in tests).
+    pace: Duration,
     spool: Arc<Spool>,
     limits: Limits,
     jobs: std::sync::mpsc::Receiver<Job>,
@@ -274,7 +304,14 @@ impl WriterThread {
             // Wait for work: anything, if the batch is empty; otherwise only until the batch is
             // due (a job someone awaits is due once the pace allows, marks when marks_due).
             let awaited = batch.iter().any(|job| job.reply.is_some());
-            let due = if awaited { gather_until } else { marks_due };
+            let urgent = batch.iter().any(|job| job.urgent);
+            let due = if urgent {
+                None
+            } else if awaited {
+                gather_until
+            } else {
+                marks_due
+            };
             let received = match (due, batch.is_empty()) {
                 (None, true) => self.jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 (None, false) => Err(RecvTimeoutError::Timeout),
@@ -296,8 +333,9 @@ impl WriterThread {
                         }
                     }
                     let awaited = batch.iter().any(|job| job.reply.is_some());
+                    let urgent = batch.iter().any(|job| job.urgent);
                     let paced = gather_until.is_some_and(|until| Instant::now() < until);
-                    if !awaited || (paced && batch.len() < MAX_BATCH) {
+                    if !awaited || (paced && !urgent && batch.len() < MAX_BATCH) {
                         continue;
                     }
                 }
@@ -319,7 +357,7 @@ impl WriterThread {
             match self.commit(std::mem::take(&mut batch)) {
                 Ok(events) => {
                     marks_due = None;
-                    gather_until = (events > 1).then(|| started + COMMIT_PACE);
+                    gather_until = (events > 1).then(|| started + self.pace);
                 }
                 Err(kept) => {
                     marks_due = (!kept.is_empty()).then(|| Instant::now() + RETRY_DELAY);
@@ -515,6 +553,49 @@ mod tests {
             .await
             .expect("the intake stops within its bound")
             .unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn commit_now_is_not_held_behind_the_pace_and_is_as_durable_as_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        // A pace far longer than the deadlines below: whatever waits for it shows.
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            Duration::from_secs(60),
+        );
+        let append = |n: u64| Write::Append {
+            channel: "c".into(),
+            routes: vec!["r".into()],
+            events: Arc::from(vec![event(n)]),
+            cursor: None,
+        };
+        // A commit of several events: the next awaited commit waits out the pace.
+        writer
+            .commit(vec![append(0), append(1)])
+            .await
+            .expect("committed");
+        let mut paced = Box::pin(writer.commit(vec![append(2)]));
+        // Polled once: its job is with the writer (which holds it for the pace).
+        assert!(futures::poll!(&mut paced).is_pending());
+        // The one that cannot wait goes at once, and takes what waits along.
+        let ids = tokio::time::timeout(Duration::from_secs(20), writer.commit_now(vec![append(3)]))
+            .await
+            .expect("commit_now does not wait out the pace")
+            .expect("committed");
+        assert!(ids[0][0].is_some(), "{ids:?}");
+        tokio::time::timeout(Duration::from_secs(20), paced)
+            .await
+            .expect("the waiting commit rode along")
+            .expect("committed");
+        // On disk, in order, before it returned: a fresh read of the file has it all.
+        assert_eq!(
+            bodies(&spool),
+            [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]
+        );
         drop(writer);
         thread.join().unwrap();
     }
