@@ -1529,3 +1529,49 @@ async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_
         out.stdout
     );
 }
+
+/// Regression: while NATS was down each instance logged `NATS publish (cluster …) failed:
+/// cannot reach target: NATS: timed out…` at every attempt (NATS is no target). Now NATS's
+/// words, paced: the first at once, then one a minute with a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_nats_outage_logged_every_publish_attempt_as_a_target_failure() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let metrics = support::unused_addr();
+    let body = format!(
+        "metrics_listen = \"{metrics}\"\n{}",
+        forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url)
+    );
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+    let (_store, _port) = nats.stop().await;
+    one.logs.wait_for(&["NATS connection lost"]).await;
+    channel.send_webhook(1, &frame(0));
+    // Three attempts at publishing it failed.
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let url = format!("http://{metrics}/metrics");
+    support::wait_for(FAILOVER_PATIENCE * 2, "three failed publishes", || async {
+        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        let retries: f64 = text
+            .lines()
+            .find(|l| l.starts_with("smee_relay_retries_total") && l.contains("nats-outbox"))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (retries >= 3.0).then_some(())
+    })
+    .await;
+    let all = one.logs.all();
+    let failed: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("NATS publish (cluster test) failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "one line for three attempts: {failed:?}");
+    assert!(
+        failed[0].contains("failed: NATS") && !failed[0].contains("target"),
+        "NATS's words: {}",
+        failed[0]
+    );
+}

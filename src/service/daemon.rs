@@ -422,6 +422,18 @@ impl Sink for Publish {
         format!("NATS publish (cluster {})", self.cluster.settings().name)
     }
 
+    /// NATS's error as NATS said it (not "cannot reach target": NATS is not a target), paced:
+    /// during an outage every attempt fails alike.
+    fn failure(&self, error: &delivery::forward::ForwardError) -> Option<String> {
+        match error {
+            delivery::forward::ForwardError::Connection(cause) => crate::cluster::paced(
+                &format!("publish {}", self.channel_key),
+                cause,
+            ),
+            other => Some(other.to_string()),
+        }
+    }
+
     fn deliver<'a>(
         &'a self,
         event: &'a spool::StoredEvent,
