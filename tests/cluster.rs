@@ -1530,6 +1530,52 @@ async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_
     );
 }
 
+/// Regression: `events replay --since` in cluster mode re-queued the alert message on the
+/// alerts route with the frames, and Slack got an old alert again ("Replay never re-alerts").
+/// Now the received frames only: the forward target gets them again, Slack nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_since_in_cluster_mode_re_sent_an_old_slack_alert() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url).replace(
+        "pipeline = true\n",
+        &format!("pipeline = true\nforward = [\"{}\"]\n", target.url("/hook")),
+    );
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+    channel.send_webhook(
+        1,
+        &port_frame(&support::port_fixture("automation", "01-create")),
+    );
+    channel.send_webhook(
+        2,
+        &port_frame(&support::port_fixture("automation", "02-cpu-25-to-87")),
+    );
+    let headline = slack.next_headline().await;
+    assert!(headline.contains("FIRING"), "{headline}");
+    target.take(2).await;
+    // Two frames and the alert in the stream, each delivered on every route.
+    wait_published(&nats, 3).await;
+    support::wait_for(support::PATIENCE, "every row delivered", || async {
+        let rows = cluster_rows(one).await;
+        (rows.len() == 5 && rows.iter().all(|r| r["status"] == "delivered")).then_some(())
+    })
+    .await;
+
+    let out = events_on(one, &["replay", "--since", "1h"]).await;
+    // The two frames, on the forward target and the pipeline; not the alert.
+    assert!(
+        out.stdout.contains("queued 4 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    let again = target.take(2).await;
+    assert_eq!(again.len(), 2);
+    slack.assert_quiet(Duration::from_secs(4)).await;
+}
+
 /// Regression: while NATS was down each instance logged `NATS publish (cluster …) failed:
 /// cannot reach target: NATS: timed out…` at every attempt (NATS is no target). Now NATS's
 /// words, paced: the first at once, then one a minute with a count.

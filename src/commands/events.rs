@@ -19,6 +19,14 @@ use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
 use crate::url::TargetUrl;
 
+/// The routes whose messages the relay produces (in cluster mode published under
+/// [`crate::cluster::produced_key`]): `replay --since` skips them.
+const PRODUCED: [&str; 2] = [crate::pipeline::ALERT_ROUTE, crate::actions::REPORT_ROUTE];
+
+/// The channels the relay's own messages are stored under in the local spool (alerts, Port
+/// reports): never a received frame's, which is a URL.
+const PRODUCED_CHANNELS: [&str; 2] = [crate::pipeline::PIPELINE_ROUTE, crate::actions::ACTIONS_ROUTE];
+
 /// Run one `events` subcommand against the spool in the state directory, or in cluster mode
 /// against the cluster.
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
@@ -126,17 +134,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             }
         }
         EventsCommand::Replay {
-            which: EventSelection { ids, dead, since },
-            to: None,
-            ..
+            which, to: None, ..
         } => {
-            let which = match (dead, since) {
-                (true, _) => Replay::Dead,
-                (false, Some(since)) => Replay::ReceivedSince(
-                    crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
-                ),
-                (false, None) => Replay::Ids(ids),
-            };
+            let which = local_replay(&spool, which)?;
             let queued = spool.replay(which)?;
             println!(
                 "queued {} again",
@@ -213,9 +213,10 @@ async fn run_cluster(
         } => {
             let which = match (dead, since) {
                 (true, _) => Which::Dead,
-                (false, Some(since)) => Which::ReceivedSince(
-                    crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
-                ),
+                (false, Some(since)) => Which::ReceivedSince {
+                    since_ms: crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
+                    produced: PRODUCED.iter().map(|r| r.to_string()).collect(),
+                },
                 (false, None) => Which::Ids(ids),
             };
             let queued = cluster.replay(which).await?;
@@ -340,6 +341,17 @@ fn show_cluster(
     out
 }
 
+/// What `events replay` without `--to` re-queues in this machine's spool. `--since` picks the
+/// frames received in the window, not what the relay produced (as in cluster mode), each on
+/// every route done with it.
+fn local_replay(spool: &Spool, which: EventSelection) -> anyhow::Result<Replay> {
+    Ok(match (which.dead, which.since) {
+        (true, _) => Replay::Dead,
+        (false, Some(_)) => Replay::Ids(select(spool, &which)?),
+        (false, None) => Replay::Ids(which.ids),
+    })
+}
+
 /// The ids of every event in the spool, oldest first.
 fn all_ids(spool: &Spool) -> anyhow::Result<Vec<u64>> {
     let mut ids: Vec<u64> = spool.list(None, usize::MAX)?.iter().map(|r| r.id).collect();
@@ -360,7 +372,13 @@ fn select(spool: &Spool, which: &EventSelection) -> anyhow::Result<Vec<u64>> {
             spool
                 .list(status, usize::MAX)?
                 .iter()
-                .filter(|row| since.is_none_or(|since| row.received_ms >= since))
+                // `--since` picks received frames: never what the relay produced (alerts,
+                // Port reports), which would re-alert. Their ids pick them.
+                .filter(|row| {
+                    since.is_none_or(|since| {
+                        row.received_ms >= since && !PRODUCED_CHANNELS.contains(&row.channel.as_str())
+                    })
+                })
                 .map(|row| row.id),
         );
     }
@@ -649,6 +667,70 @@ mod tests {
             kind: Some("x-github-event=push".into()),
             recovered: None,
         }
+    }
+
+    /// `events replay --since` re-queued the relay's own alerts (the `alerts` route) with the
+    /// frames, re-sending old Slack messages: "Replay never re-alerts". Now the frames only,
+    /// each on every route done with it; an alert's id still replays it (asked for).
+    #[test]
+    fn regression_replay_since_re_sent_the_relay_s_own_alerts() {
+        use crate::spool::{Limits, Outcome, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let room = Limits { max_bytes: u64::MAX };
+        let append = |channel: &str, routes: &[&str]| {
+            let write = Write::Append {
+                channel: channel.into(),
+                routes: routes.iter().map(|r| r.to_string()).collect(),
+                events: vec![crate::event::Event::default()].into(),
+                cursor: None,
+            };
+            spool.write(&[write], room).unwrap().appended[0][0].unwrap()
+        };
+        let target = "ch http://127.0.0.1:3000/";
+        let pipeline = crate::pipeline::PIPELINE_ROUTE;
+        let alerts = crate::pipeline::ALERT_ROUTE;
+        let frame = append("https://smee.io/abc…", &[target, pipeline]);
+        let alert = append(pipeline, &[alerts]);
+        let report = append(crate::actions::ACTIONS_ROUTE, &[crate::actions::REPORT_ROUTE]);
+        for route in [target, pipeline, alerts, crate::actions::REPORT_ROUTE] {
+            for queued in spool.pending(route, 0, 10).unwrap() {
+                let mark = Write::Mark {
+                    route: route.into(),
+                    seq: queued.seq,
+                    event: queued.event.id,
+                    outcome: Outcome::Delivered { status: 200 },
+                };
+                spool.write(&[mark], room).unwrap();
+            }
+        }
+        let since = |since: u64| EventSelection {
+            ids: vec![],
+            dead: false,
+            since: Some(Duration::from_secs(since)),
+        };
+        let queued = spool.replay(local_replay(&spool, since(60)).unwrap()).unwrap();
+        assert_eq!(queued, 2, "the frame, on its target and the pipeline");
+        let pending = |route: &str| -> Vec<u64> {
+            spool
+                .pending(route, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|q| q.event.id)
+                .collect()
+        };
+        assert_eq!(pending(target), [frame]);
+        assert_eq!(pending(pipeline), [frame]);
+        assert!(pending(alerts).is_empty(), "no alert re-sent");
+        assert!(pending(crate::actions::REPORT_ROUTE).is_empty());
+        // Asked for by id, an alert is sent again.
+        let which = EventSelection {
+            ids: vec![alert, report],
+            dead: false,
+            since: None,
+        };
+        assert_eq!(spool.replay(local_replay(&spool, which).unwrap()).unwrap(), 2);
+        assert_eq!(pending(alerts), [alert]);
     }
 
     #[test]
