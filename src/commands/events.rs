@@ -56,13 +56,24 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         };
         return run_cluster(&cluster, args.command).await;
     }
-    let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
+    // As `run` chooses it: the flag, else the config's `state_dir`, else the default.
+    let (dir, from_config) = match (&args.state.state_dir, config_state_dir(&args)?) {
+        (Some(flag), _) => (flag.clone(), false),
+        (None, Some(file)) => (file, true),
+        (None, None) => (spool::lock::state_dir(None), false),
+    };
     // Opening creates a spool: a mistyped --state-dir would show an empty one and look like
     // "nothing queued".
     let file = dir.join(spool::FILE_NAME);
     if !file.exists() {
+        if from_config {
+            anyhow::bail!(
+                "no spool at {}: that is the `state_dir` of --config; has the relay run with this config yet (or does it run with another --state-dir)?",
+                file.display()
+            );
+        }
         anyhow::bail!(
-            "no spool at {}: is --state-dir the relay's state directory (see `smee-relay forward --help`)?",
+            "no spool at {}: give --state-dir (the relay's state directory, see `smee-relay forward --help`) or --config (the relay's config: its `state_dir`, and with `[cluster]` the cluster's events)",
             file.display()
         );
     }
@@ -152,6 +163,24 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `state_dir` of `--config`, if it names one. Only that key and `[cluster]` are read: the rest
+/// of the file, and the secrets it names, are left alone.
+fn config_state_dir(args: &EventsArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+    /// The one key wanted; the others are left unread.
+    #[derive(serde::Deserialize)]
+    struct StateDirOnly {
+        state_dir: Option<std::path::PathBuf>,
+    }
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let file: StateDirOnly =
+        toml::from_str(&text).with_context(|| format!("{}: not a valid config", path.display()))?;
+    Ok(file.state_dir)
 }
 
 /// `[cluster]` from `--config`, with `--nats-url` on top (alone, it names cluster `default`,
