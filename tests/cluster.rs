@@ -1530,6 +1530,77 @@ async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_
     );
 }
 
+/// `smee-relay events ARGS` on `instance`'s state directory WITHOUT its config: what a user
+/// types who knows only `--state-dir`.
+async fn events_without_config(instance: &Instance, args: &[&str]) -> support::Output {
+    support::run_to_end(
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(instance._dir.path().join("state"))
+            .env_remove("SMEE_RELAY_CONFIG")
+            .env_remove("SMEE_RELAY_NATS_URL"),
+    )
+    .await
+}
+
+/// Regression: `events replay 1 --state-dir DIR` without `--config`, on a cluster instance's
+/// state directory, re-queued this machine's copy and delivered it outside the cluster (and
+/// local id 1 need not be the cluster's event 1). The spool now knows its cluster: replay
+/// without `--to` and purge are refused with what to give instead, and `list` says whose ids
+/// these are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_without_config_on_a_cluster_spool_delivered_outside_the_cluster() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(one, 1).await;
+
+    for args in [
+        &["replay", "1"][..],
+        &["replay", "--since", "1h"],
+        &["replay", "--dead"],
+    ] {
+        let out = events_without_config(one, args).await;
+        assert_ne!(out.code, Some(0), "{args:?} refused: {}", out.stdout);
+        assert!(
+            out.stderr.contains("cluster test")
+                && out.stderr.contains("--config")
+                && out.stderr.contains("--local --to URL"),
+            "{args:?} names the cluster and what to do: {}",
+            out.stderr
+        );
+    }
+    let out = events_without_config(one, &["purge", "--dead"]).await;
+    assert_ne!(out.code, Some(0), "purge refused: {}", out.stdout);
+    assert!(
+        out.stderr.contains("cluster test") && out.stderr.contains("--local"),
+        "{}",
+        out.stderr
+    );
+    // Nothing was queued locally: nothing delivered outside the cluster.
+    target.assert_quiet(Duration::from_secs(2)).await;
+
+    // `list` still works, and says these are this instance's local ids.
+    let out = events_without_config(one, &["list"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("local ids") && out.stderr.contains("cluster test"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("delivered"), "{}", out.stdout);
+    // Asked for explicitly, this machine's copies may still go elsewhere, or be forgotten.
+    let out = events_without_config(one, &["purge", "--dead", "--local"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
 /// Regression: `events replay --since` in cluster mode re-queued the alert message on the
 /// alerts route with the frames, and Slack got an old alert again ("Replay never re-alerts").
 /// Now the received frames only: the forward target gets them again, Slack nothing.

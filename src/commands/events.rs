@@ -4,7 +4,8 @@
 //!
 //! In cluster mode (`[cluster]` in `--config`, or `--nats-url`; not with `--local`), `list`,
 //! `show`, `replay` and `purge --dead` are the cluster's (see `cluster::inspect`): the same
-//! answer from every instance.
+//! answer from every instance. A cluster instance's spool says so ([`Spool::cluster`]): without
+//! the cluster's settings, `events` refuses to re-queue or purge its local copies.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -25,7 +26,10 @@ const PRODUCED: [&str; 2] = [crate::pipeline::ALERT_ROUTE, crate::actions::REPOR
 
 /// The channels the relay's own messages are stored under in the local spool (alerts, Port
 /// reports): never a received frame's, which is a URL.
-const PRODUCED_CHANNELS: [&str; 2] = [crate::pipeline::PIPELINE_ROUTE, crate::actions::ACTIONS_ROUTE];
+const PRODUCED_CHANNELS: [&str; 2] = [
+    crate::pipeline::PIPELINE_ROUTE,
+    crate::actions::ACTIONS_ROUTE,
+];
 
 /// Run one `events` subcommand against the spool in the state directory, or in cluster mode
 /// against the cluster.
@@ -78,6 +82,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         );
     }
     let spool = Spool::open(&dir)?;
+    if let Some(cluster) = spool.cluster()? {
+        cluster_spool_guard(&cluster, &args)?;
+    }
     match args.command {
         EventsCommand::List {
             status,
@@ -161,6 +168,28 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 super::count(purged, "dead letter", "dead letters")
             );
         }
+    }
+    Ok(())
+}
+
+/// This machine's spool is a cluster instance's (`cluster`, recorded by the relay at start):
+/// what `events` may do with it without the cluster. Its ids are local (the same number is
+/// another event in the cluster), and its deliveries are copies of the cluster's: queued again
+/// here they would be delivered outside the cluster, and forgetting its dead letters leaves the
+/// cluster's (which `--dead` replays) as they are.
+fn cluster_spool_guard(cluster: &str, args: &EventsArgs) -> anyhow::Result<()> {
+    // With --local and [cluster] given, the refusal above has said it already.
+    match &args.command {
+        EventsCommand::Replay { to: None, .. } => anyhow::bail!(
+            "this spool belongs to an instance of cluster {cluster}: its ids are this machine's local copies of the cluster's deliveries, and `events replay` without --to would re-queue them here, delivering them outside the cluster. Replay through the cluster with --config (the relay's config, with [cluster]; ids from `smee-relay events list --config FILE`), or POST this machine's copies elsewhere with `--local --to URL`"
+        ),
+        EventsCommand::Purge { .. } if !args.local => anyhow::bail!(
+            "this spool belongs to an instance of cluster {cluster}: its dead letters are this machine's copies, and the cluster's own (which `replay --dead` replays) would stay. Purge the cluster's with --config (the relay's config, with [cluster]), or add --local to forget only this machine's copies"
+        ),
+        EventsCommand::List { .. } | EventsCommand::Show { .. } if !args.local => eprintln!(
+            "note: these are this instance's local ids in cluster {cluster} (not the cluster's); --config with the relay's config shows the cluster's view"
+        ),
+        _ => {}
     }
     Ok(())
 }
@@ -405,7 +434,8 @@ fn select(spool: &Spool, which: &EventSelection) -> anyhow::Result<Vec<u64>> {
                 // Port reports), which would re-alert. Their ids pick them.
                 .filter(|row| {
                     since.is_none_or(|since| {
-                        row.received_ms >= since && !PRODUCED_CHANNELS.contains(&row.channel.as_str())
+                        row.received_ms >= since
+                            && !PRODUCED_CHANNELS.contains(&row.channel.as_str())
                     })
                 })
                 .map(|row| row.id),
@@ -706,7 +736,9 @@ mod tests {
         use crate::spool::{Limits, Outcome, Write};
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
-        let room = Limits { max_bytes: u64::MAX };
+        let room = Limits {
+            max_bytes: u64::MAX,
+        };
         let append = |channel: &str, routes: &[&str]| {
             let write = Write::Append {
                 channel: channel.into(),
@@ -721,7 +753,10 @@ mod tests {
         let alerts = crate::pipeline::ALERT_ROUTE;
         let frame = append("https://smee.io/abc…", &[target, pipeline]);
         let alert = append(pipeline, &[alerts]);
-        let report = append(crate::actions::ACTIONS_ROUTE, &[crate::actions::REPORT_ROUTE]);
+        let report = append(
+            crate::actions::ACTIONS_ROUTE,
+            &[crate::actions::REPORT_ROUTE],
+        );
         for route in [target, pipeline, alerts, crate::actions::REPORT_ROUTE] {
             for queued in spool.pending(route, 0, 10).unwrap() {
                 let mark = Write::Mark {
@@ -738,7 +773,9 @@ mod tests {
             dead: false,
             since: Some(Duration::from_secs(since)),
         };
-        let queued = spool.replay(local_replay(&spool, since(60)).unwrap()).unwrap();
+        let queued = spool
+            .replay(local_replay(&spool, since(60)).unwrap())
+            .unwrap();
         assert_eq!(queued, 2, "the frame, on its target and the pipeline");
         let pending = |route: &str| -> Vec<u64> {
             spool
@@ -758,7 +795,10 @@ mod tests {
             dead: false,
             since: None,
         };
-        assert_eq!(spool.replay(local_replay(&spool, which).unwrap()).unwrap(), 2);
+        assert_eq!(
+            spool.replay(local_replay(&spool, which).unwrap()).unwrap(),
+            2
+        );
         assert_eq!(pending(alerts), [alert]);
     }
 

@@ -179,6 +179,8 @@ pub async fn run(
     };
     let spool = Arc::new(Spool::open(&plan.state_dir)?);
     info!(spool = %spool.path().display(), "spool open");
+    // So that `smee-relay events` on this state directory knows its ids are local copies.
+    spool.set_cluster(plan.cluster.as_ref().map(|c| c.name.as_str()))?;
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
     let health = Arc::new(Health {
         channels: Default::default(),
