@@ -214,7 +214,9 @@ async fn regression_events_local_with_config_ignored_its_state_dir_and_no_spool_
     assert_ne!(out.status.code(), Some(0), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("no spool at") && stderr.contains("--state-dir") && stderr.contains("--config"),
+        stderr.contains("no spool at")
+            && stderr.contains("--state-dir")
+            && stderr.contains("--config"),
         "{stderr}"
     );
 

@@ -1134,8 +1134,7 @@ impl ClusterView {
                 }
             },
             Err(e) => {
-                if let Some(line) =
-                    crate::cluster::paced("alert states", &crate::error::chain(&e))
+                if let Some(line) = crate::cluster::paced("alert states", &crate::error::chain(&e))
                 {
                     warn!("cannot read the cluster's alert states, waiting: {line}");
                 }
@@ -1176,8 +1175,7 @@ impl ClusterView {
         let at = match self.shared.bucket_revision().await {
             Ok(at) => at,
             Err(e) => {
-                if let Some(line) =
-                    crate::cluster::paced("alert states", &crate::error::chain(&e))
+                if let Some(line) = crate::cluster::paced("alert states", &crate::error::chain(&e))
                 {
                     warn!("cannot read the cluster's alert states, waiting: {line}");
                 }
@@ -1221,8 +1219,7 @@ impl ClusterView {
             Ok((Some(bytes), revision)) => (bytes, revision),
             Ok((None, _)) => return true,
             Err(e) => {
-                if let Some(line) =
-                    crate::cluster::paced("alert states", &crate::error::chain(&e))
+                if let Some(line) = crate::cluster::paced("alert states", &crate::error::chain(&e))
                 {
                     warn!("cannot read the cluster's alert states, waiting: {line}");
                 }

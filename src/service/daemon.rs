@@ -428,10 +428,9 @@ impl Sink for Publish {
     /// during an outage every attempt fails alike.
     fn failure(&self, error: &delivery::forward::ForwardError) -> Option<String> {
         match error {
-            delivery::forward::ForwardError::Connection(cause) => crate::cluster::paced(
-                &format!("publish {}", self.channel_key),
-                cause,
-            ),
+            delivery::forward::ForwardError::Connection(cause) => {
+                crate::cluster::paced(&format!("publish {}", self.channel_key), cause)
+            }
             other => Some(other.to_string()),
         }
     }
