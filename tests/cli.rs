@@ -200,6 +200,64 @@ async fn regression_events_with_a_state_dir_holding_no_spool_says_so() {
     assert!(!dir.path().join("typo").exists());
 }
 
+/// Regression: `events list` with no spool named only --state-dir as the way to find it; and
+/// `events show ID --local --config FILE` ignored the config's `state_dir`, looking in the
+/// default state directory.
+#[tokio::test]
+async fn regression_events_local_with_config_ignored_its_state_dir_and_no_spool_did_not_mention_config()
+ {
+    // No spool, no flag: the hint names --config too.
+    let out = tokio::time::timeout(PATIENCE, smee_relay().args(["events", "list"]).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no spool at")
+            && stderr.contains("--state-dir")
+            && stderr.contains("--config"),
+        "{stderr}"
+    );
+
+    // A config naming the spool's directory: `--local` reads it.
+    let state_dir = spool_with_two_events().await;
+    let dir = support::temp_dir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n\n[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:9/\"]\n",
+            state_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    for args in [&["show", "1", "--local"][..], &["show", "1"], &["list"]] {
+        let out = tokio::time::timeout(
+            PATIENCE,
+            smee_relay()
+                .arg("events")
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                // As `run`, the flag (or its variable) wins over the config.
+                .env_remove("SMEE_RELAY_STATE_DIR")
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("x-github-event"), "{args:?}: {stdout}");
+    }
+}
+
 #[tokio::test]
 async fn ignore_event_skips_those_events_by_name_and_relays_the_rest() {
     let channel = FakeChannel::start().await;

@@ -1529,3 +1529,166 @@ async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_
         out.stdout
     );
 }
+
+/// `smee-relay events ARGS` on `instance`'s state directory WITHOUT its config: what a user
+/// types who knows only `--state-dir`.
+async fn events_without_config(instance: &Instance, args: &[&str]) -> support::Output {
+    support::run_to_end(
+        smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(instance._dir.path().join("state"))
+            .env_remove("SMEE_RELAY_CONFIG")
+            .env_remove("SMEE_RELAY_NATS_URL"),
+    )
+    .await
+}
+
+/// Regression: `events replay 1 --state-dir DIR` without `--config`, on a cluster instance's
+/// state directory, re-queued this machine's copy and delivered it outside the cluster (and
+/// local id 1 need not be the cluster's event 1). The spool now knows its cluster: replay
+/// without `--to` and purge are refused with what to give instead, and `list` says whose ids
+/// these are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_without_config_on_a_cluster_spool_delivered_outside_the_cluster() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(one, 1).await;
+
+    for args in [
+        &["replay", "1"][..],
+        &["replay", "--since", "1h"],
+        &["replay", "--dead"],
+    ] {
+        let out = events_without_config(one, args).await;
+        assert_ne!(out.code, Some(0), "{args:?} refused: {}", out.stdout);
+        assert!(
+            out.stderr.contains("cluster test")
+                && out.stderr.contains("--config")
+                && out.stderr.contains("--local --to URL"),
+            "{args:?} names the cluster and what to do: {}",
+            out.stderr
+        );
+    }
+    let out = events_without_config(one, &["purge", "--dead"]).await;
+    assert_ne!(out.code, Some(0), "purge refused: {}", out.stdout);
+    assert!(
+        out.stderr.contains("cluster test") && out.stderr.contains("--local"),
+        "{}",
+        out.stderr
+    );
+    // Nothing was queued locally: nothing delivered outside the cluster.
+    target.assert_quiet(Duration::from_secs(2)).await;
+
+    // `list` still works, and says these are this instance's local ids.
+    let out = events_without_config(one, &["list"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("local ids") && out.stderr.contains("cluster test"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("delivered"), "{}", out.stdout);
+    // Asked for explicitly, this machine's copies may still go elsewhere, or be forgotten.
+    let out = events_without_config(one, &["purge", "--dead", "--local"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+/// Regression: `events replay --since` in cluster mode re-queued the alert message on the
+/// alerts route with the frames, and Slack got an old alert again ("Replay never re-alerts").
+/// Now the received frames only: the forward target gets them again, Slack nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_since_in_cluster_mode_re_sent_an_old_slack_alert() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url).replace(
+        "pipeline = true\n",
+        &format!("pipeline = true\nforward = [\"{}\"]\n", target.url("/hook")),
+    );
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+    channel.send_webhook(
+        1,
+        &port_frame(&support::port_fixture("automation", "01-create")),
+    );
+    channel.send_webhook(
+        2,
+        &port_frame(&support::port_fixture("automation", "02-cpu-25-to-87")),
+    );
+    let headline = slack.next_headline().await;
+    assert!(headline.contains("FIRING"), "{headline}");
+    target.take(2).await;
+    // Two frames and the alert in the stream, each delivered on every route.
+    wait_published(&nats, 3).await;
+    support::wait_for(support::PATIENCE, "every row delivered", || async {
+        let rows = cluster_rows(one).await;
+        (rows.len() == 5 && rows.iter().all(|r| r["status"] == "delivered")).then_some(())
+    })
+    .await;
+
+    let out = events_on(one, &["replay", "--since", "1h"]).await;
+    // The two frames, on the forward target and the pipeline; not the alert.
+    assert!(
+        out.stdout.contains("queued 4 deliveries again"),
+        "{}",
+        out.stdout
+    );
+    let again = target.take(2).await;
+    assert_eq!(again.len(), 2);
+    slack.assert_quiet(Duration::from_secs(4)).await;
+}
+
+/// Regression: while NATS was down each instance logged `NATS publish (cluster …) failed:
+/// cannot reach target: NATS: timed out…` at every attempt (NATS is no target). Now NATS's
+/// words, paced: the first at once, then one a minute with a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_nats_outage_logged_every_publish_attempt_as_a_target_failure() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let metrics = support::unused_addr();
+    let body = format!(
+        "metrics_listen = \"{metrics}\"\n{}",
+        forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url)
+    );
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    let one = &instances[0];
+    let (_store, _port) = nats.stop().await;
+    one.logs.wait_for(&["NATS connection lost"]).await;
+    channel.send_webhook(1, &frame(0));
+    // Three attempts at publishing it failed.
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let url = format!("http://{metrics}/metrics");
+    support::wait_for(FAILOVER_PATIENCE * 2, "three failed publishes", || async {
+        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        let retries: f64 = text
+            .lines()
+            .find(|l| l.starts_with("smee_relay_retries_total") && l.contains("nats-outbox"))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (retries >= 3.0).then_some(())
+    })
+    .await;
+    let all = one.logs.all();
+    let failed: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("NATS publish (cluster test) failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "one line for three attempts: {failed:?}");
+    assert!(
+        failed[0].contains("failed: NATS") && !failed[0].contains("target"),
+        "NATS's words: {}",
+        failed[0]
+    );
+}

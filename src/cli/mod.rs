@@ -231,7 +231,7 @@ pub struct EventsArgs {
 
     /// The relay's config: with `[cluster]` in it, the events are the cluster's (from NATS:
     /// every frame once, ids are stream sequences), not this machine's spool. Only
-    /// `[cluster]` is read.
+    /// `[cluster]` and `state_dir` (this machine's spool, unless --state-dir) are read.
     #[arg(long, env = "SMEE_RELAY_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
 

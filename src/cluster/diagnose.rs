@@ -141,6 +141,29 @@ impl Repeats {
     }
 }
 
+/// The other warnings an outage repeats (a publish timing out, a consumer missing its
+/// heartbeats, the alert states unreadable), each paced as the client's errors: per `what`
+/// (the warning and whose it is, so that routes do not reset each other), the first at once,
+/// then at most one a minute with a count. Process-wide, as the log is; the connection coming
+/// back ([`calm`]) makes the next outage's first warning news again.
+static PACED: std::sync::Mutex<Option<std::collections::HashMap<String, Repeats>>> =
+    std::sync::Mutex::new(None);
+
+/// The line to log for warning `what` saying `line` now, if any (see [`PACED`]).
+pub fn paced(what: &str, line: &str) -> Option<String> {
+    let mut paced = PACED.lock().unwrap_or_else(|p| p.into_inner());
+    paced
+        .get_or_insert_with(Default::default)
+        .entry(what.to_string())
+        .or_default()
+        .note(line, Instant::now())
+}
+
+/// NATS is back: every paced warning is news again.
+pub(super) fn calm() {
+    *PACED.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
 fn count(n: u64) -> String {
     if n == 1 {
         "1 time".into()

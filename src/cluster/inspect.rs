@@ -156,8 +156,16 @@ pub enum Which {
     Ids(Vec<u64>),
     /// Every dead letter not yet replayed.
     Dead,
-    /// Every event received since (ms since the epoch), on every route done with it.
-    ReceivedSince(u64),
+    /// Every frame received since `since_ms` (ms since the epoch), on every route done with
+    /// it. Never what the relay produced (alerts, Port reports, published under
+    /// [`super::produced_key`] of each of `produced`): replaying received frames must not
+    /// re-alert, and an alert is re-sent only when its id is asked for.
+    ReceivedSince {
+        since_ms: u64,
+        /// The routes whose produced messages are skipped (`alerts`, `port-reports`): named
+        /// by the caller, since this module must not know the pipeline's routes.
+        produced: Vec<String>,
+    },
 }
 
 /// Why a cluster `events` command failed.
@@ -442,7 +450,14 @@ impl Cluster {
                     pick(event, &mut chosen);
                 }
             }
-            Which::ReceivedSince(since) => {
+            Which::ReceivedSince {
+                since_ms: since,
+                produced,
+            } => {
+                let produced: Vec<String> = produced
+                    .iter()
+                    .map(|route| self.subject(&super::produced_key(route)))
+                    .collect();
                 let (first, last) = self.bounds().await?;
                 let mut events = Vec::new();
                 let mut seq = last;
@@ -452,6 +467,10 @@ impl Cluster {
                         // in the stream: it neither counts as received in the window (its
                         // original does, and is replayed itself) nor says where to stop.
                         Some(event) if event.replay_of.is_some() => {}
+                        // What the relay produced is not a received frame. Its receive time is
+                        // when it was produced, which says nothing of where received frames
+                        // stop: skipped before the stop check.
+                        Some(event) if produced.contains(&event.subject) => {}
                         // Originals are in receipt order, give or take the instances' clocks:
                         // the scan goes that much further back before it stops.
                         Some(event) if event.received_ms < since.saturating_sub(CLOCK_SKEW) => {

@@ -74,6 +74,7 @@
 
 mod diagnose;
 mod envelope;
+pub use diagnose::paced;
 pub mod inspect;
 
 use std::collections::HashMap;
@@ -328,6 +329,7 @@ impl Cluster {
                 match event {
                     async_nats::Event::Connected => {
                         repeats.lock().unwrap_or_else(|p| p.into_inner()).reset();
+                        diagnose::calm();
                         if !status.connected.swap(true, Ordering::Relaxed) {
                             info!("NATS connection is back");
                         }
@@ -727,7 +729,10 @@ impl Cluster {
                     Some(Ok(message)) => message,
                     Some(Err(e)) => {
                         // Heartbeats missed (NATS down) and the like: pull again.
-                        warn!(route = %label, "NATS consumer: {e}; pulling again");
+                        // Paced: while NATS is down this comes every few seconds.
+                        if let Some(line) = paced(&format!("consumer {label}"), &e.to_string()) {
+                            warn!(route = %label, "NATS consumer: {line}; pulling again");
+                        }
                         break;
                     }
                     None => break,

@@ -4,7 +4,8 @@
 //!
 //! In cluster mode (`[cluster]` in `--config`, or `--nats-url`; not with `--local`), `list`,
 //! `show`, `replay` and `purge --dead` are the cluster's (see `cluster::inspect`): the same
-//! answer from every instance.
+//! answer from every instance. A cluster instance's spool says so ([`Spool::cluster`]): without
+//! the cluster's settings, `events` refuses to re-queue or purge its local copies.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -18,6 +19,17 @@ use crate::delivery::forward::Forwarder;
 use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
 use crate::url::TargetUrl;
+
+/// The routes whose messages the relay produces (in cluster mode published under
+/// [`crate::cluster::produced_key`]): `replay --since` skips them.
+const PRODUCED: [&str; 2] = [crate::pipeline::ALERT_ROUTE, crate::actions::REPORT_ROUTE];
+
+/// The channels the relay's own messages are stored under in the local spool (alerts, Port
+/// reports): never a received frame's, which is a URL.
+const PRODUCED_CHANNELS: [&str; 2] = [
+    crate::pipeline::PIPELINE_ROUTE,
+    crate::actions::ACTIONS_ROUTE,
+];
 
 /// Run one `events` subcommand against the spool in the state directory, or in cluster mode
 /// against the cluster.
@@ -48,17 +60,31 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         };
         return run_cluster(&cluster, args.command).await;
     }
-    let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
+    // As `run` chooses it: the flag, else the config's `state_dir`, else the default.
+    let (dir, from_config) = match (&args.state.state_dir, config_state_dir(&args)?) {
+        (Some(flag), _) => (flag.clone(), false),
+        (None, Some(file)) => (file, true),
+        (None, None) => (spool::lock::state_dir(None), false),
+    };
     // Opening creates a spool: a mistyped --state-dir would show an empty one and look like
     // "nothing queued".
     let file = dir.join(spool::FILE_NAME);
     if !file.exists() {
+        if from_config {
+            anyhow::bail!(
+                "no spool at {}: that is the `state_dir` of --config; has the relay run with this config yet (or does it run with another --state-dir)?",
+                file.display()
+            );
+        }
         anyhow::bail!(
-            "no spool at {}: is --state-dir the relay's state directory (see `smee-relay forward --help`)?",
+            "no spool at {}: give --state-dir (the relay's state directory, see `smee-relay forward --help`) or --config (the relay's config: its `state_dir`, and with `[cluster]` the cluster's events)",
             file.display()
         );
     }
     let spool = Spool::open(&dir)?;
+    if let Some(cluster) = spool.cluster()? {
+        cluster_spool_guard(&cluster, &args)?;
+    }
     match args.command {
         EventsCommand::List {
             status,
@@ -126,17 +152,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             }
         }
         EventsCommand::Replay {
-            which: EventSelection { ids, dead, since },
-            to: None,
-            ..
+            which, to: None, ..
         } => {
-            let which = match (dead, since) {
-                (true, _) => Replay::Dead,
-                (false, Some(since)) => Replay::ReceivedSince(
-                    crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
-                ),
-                (false, None) => Replay::Ids(ids),
-            };
+            let which = local_replay(&spool, which)?;
             let queued = spool.replay(which)?;
             println!(
                 "queued {} again",
@@ -152,6 +170,46 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// This machine's spool is a cluster instance's (`cluster`, recorded by the relay at start):
+/// what `events` may do with it without the cluster. Its ids are local (the same number is
+/// another event in the cluster), and its deliveries are copies of the cluster's: queued again
+/// here they would be delivered outside the cluster, and forgetting its dead letters leaves the
+/// cluster's (which `--dead` replays) as they are.
+fn cluster_spool_guard(cluster: &str, args: &EventsArgs) -> anyhow::Result<()> {
+    // With --local and [cluster] given, the refusal above has said it already.
+    match &args.command {
+        EventsCommand::Replay { to: None, .. } => anyhow::bail!(
+            "this spool belongs to an instance of cluster {cluster}: its ids are this machine's local copies of the cluster's deliveries, and `events replay` without --to would re-queue them here, delivering them outside the cluster. Replay through the cluster with --config (the relay's config, with [cluster]; ids from `smee-relay events list --config FILE`), or POST this machine's copies elsewhere with `--local --to URL`"
+        ),
+        EventsCommand::Purge { .. } if !args.local => anyhow::bail!(
+            "this spool belongs to an instance of cluster {cluster}: its dead letters are this machine's copies, and the cluster's own (which `replay --dead` replays) would stay. Purge the cluster's with --config (the relay's config, with [cluster]), or add --local to forget only this machine's copies"
+        ),
+        EventsCommand::List { .. } | EventsCommand::Show { .. } if !args.local => eprintln!(
+            "note: these are this instance's local ids in cluster {cluster} (not the cluster's); --config with the relay's config shows the cluster's view"
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `state_dir` of `--config`, if it names one. Only that key and `[cluster]` are read: the rest
+/// of the file, and the secrets it names, are left alone.
+fn config_state_dir(args: &EventsArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+    /// The one key wanted; the others are left unread.
+    #[derive(serde::Deserialize)]
+    struct StateDirOnly {
+        state_dir: Option<std::path::PathBuf>,
+    }
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let file: StateDirOnly =
+        toml::from_str(&text).with_context(|| format!("{}: not a valid config", path.display()))?;
+    Ok(file.state_dir)
 }
 
 /// `[cluster]` from `--config`, with `--nats-url` on top (alone, it names cluster `default`,
@@ -213,9 +271,10 @@ async fn run_cluster(
         } => {
             let which = match (dead, since) {
                 (true, _) => Which::Dead,
-                (false, Some(since)) => Which::ReceivedSince(
-                    crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
-                ),
+                (false, Some(since)) => Which::ReceivedSince {
+                    since_ms: crate::clock::now_ms().saturating_sub(since.as_millis() as u64),
+                    produced: PRODUCED.iter().map(|r| r.to_string()).collect(),
+                },
                 (false, None) => Which::Ids(ids),
             };
             let queued = cluster.replay(which).await?;
@@ -340,6 +399,17 @@ fn show_cluster(
     out
 }
 
+/// What `events replay` without `--to` re-queues in this machine's spool. `--since` picks the
+/// frames received in the window, not what the relay produced (as in cluster mode), each on
+/// every route done with it.
+fn local_replay(spool: &Spool, which: EventSelection) -> anyhow::Result<Replay> {
+    Ok(match (which.dead, which.since) {
+        (true, _) => Replay::Dead,
+        (false, Some(_)) => Replay::Ids(select(spool, &which)?),
+        (false, None) => Replay::Ids(which.ids),
+    })
+}
+
 /// The ids of every event in the spool, oldest first.
 fn all_ids(spool: &Spool) -> anyhow::Result<Vec<u64>> {
     let mut ids: Vec<u64> = spool.list(None, usize::MAX)?.iter().map(|r| r.id).collect();
@@ -360,7 +430,14 @@ fn select(spool: &Spool, which: &EventSelection) -> anyhow::Result<Vec<u64>> {
             spool
                 .list(status, usize::MAX)?
                 .iter()
-                .filter(|row| since.is_none_or(|since| row.received_ms >= since))
+                // `--since` picks received frames: never what the relay produced (alerts,
+                // Port reports), which would re-alert. Their ids pick them.
+                .filter(|row| {
+                    since.is_none_or(|since| {
+                        row.received_ms >= since
+                            && !PRODUCED_CHANNELS.contains(&row.channel.as_str())
+                    })
+                })
                 .map(|row| row.id),
         );
     }
@@ -649,6 +726,80 @@ mod tests {
             kind: Some("x-github-event=push".into()),
             recovered: None,
         }
+    }
+
+    /// `events replay --since` re-queued the relay's own alerts (the `alerts` route) with the
+    /// frames, re-sending old Slack messages: "Replay never re-alerts". Now the frames only,
+    /// each on every route done with it; an alert's id still replays it (asked for).
+    #[test]
+    fn regression_replay_since_re_sent_the_relay_s_own_alerts() {
+        use crate::spool::{Limits, Outcome, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let room = Limits {
+            max_bytes: u64::MAX,
+        };
+        let append = |channel: &str, routes: &[&str]| {
+            let write = Write::Append {
+                channel: channel.into(),
+                routes: routes.iter().map(|r| r.to_string()).collect(),
+                events: vec![crate::event::Event::default()].into(),
+                cursor: None,
+            };
+            spool.write(&[write], room).unwrap().appended[0][0].unwrap()
+        };
+        let target = "ch http://127.0.0.1:3000/";
+        let pipeline = crate::pipeline::PIPELINE_ROUTE;
+        let alerts = crate::pipeline::ALERT_ROUTE;
+        let frame = append("https://smee.io/abc…", &[target, pipeline]);
+        let alert = append(pipeline, &[alerts]);
+        let report = append(
+            crate::actions::ACTIONS_ROUTE,
+            &[crate::actions::REPORT_ROUTE],
+        );
+        for route in [target, pipeline, alerts, crate::actions::REPORT_ROUTE] {
+            for queued in spool.pending(route, 0, 10).unwrap() {
+                let mark = Write::Mark {
+                    route: route.into(),
+                    seq: queued.seq,
+                    event: queued.event.id,
+                    outcome: Outcome::Delivered { status: 200 },
+                };
+                spool.write(&[mark], room).unwrap();
+            }
+        }
+        let since = |since: u64| EventSelection {
+            ids: vec![],
+            dead: false,
+            since: Some(Duration::from_secs(since)),
+        };
+        let queued = spool
+            .replay(local_replay(&spool, since(60)).unwrap())
+            .unwrap();
+        assert_eq!(queued, 2, "the frame, on its target and the pipeline");
+        let pending = |route: &str| -> Vec<u64> {
+            spool
+                .pending(route, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|q| q.event.id)
+                .collect()
+        };
+        assert_eq!(pending(target), [frame]);
+        assert_eq!(pending(pipeline), [frame]);
+        assert!(pending(alerts).is_empty(), "no alert re-sent");
+        assert!(pending(crate::actions::REPORT_ROUTE).is_empty());
+        // Asked for by id, an alert is sent again.
+        let which = EventSelection {
+            ids: vec![alert, report],
+            dead: false,
+            since: None,
+        };
+        assert_eq!(
+            spool.replay(local_replay(&spool, which).unwrap()).unwrap(),
+            2
+        );
+        assert_eq!(pending(alerts), [alert]);
     }
 
     #[test]

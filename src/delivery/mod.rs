@@ -55,6 +55,11 @@ pub trait Sink: Send + Sync {
     fn cluster_seq(&self, _event: &StoredEvent) -> Option<u64> {
         None
     }
+    /// What the warning for a failed attempt says after `failed: `, or `None` to leave this one
+    /// out (a sink that fails alike many times a second paces its warnings).
+    fn failure(&self, error: &ForwardError) -> Option<String> {
+        Some(error.to_string())
+    }
 }
 
 impl Sink for Forwarder {
@@ -103,7 +108,11 @@ pub fn log_delivery(
             done.status.as_u16(),
             done.elapsed.as_millis()
         ),
-        Err(e) => warn!("{what} failed: {e} ({about})"),
+        Err(e) => {
+            if let Some(e) = sink.failure(e) {
+                warn!("{what} failed: {e} ({about})")
+            }
+        }
     }
 }
 

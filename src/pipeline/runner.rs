@@ -1134,10 +1134,10 @@ impl ClusterView {
                 }
             },
             Err(e) => {
-                warn!(
-                    "cannot read the cluster's alert states, waiting: {}",
-                    crate::error::chain(&e)
-                );
+                if let Some(line) = crate::cluster::paced("alert states", &crate::error::chain(&e))
+                {
+                    warn!("cannot read the cluster's alert states, waiting: {line}");
+                }
                 None
             }
         }
@@ -1175,10 +1175,10 @@ impl ClusterView {
         let at = match self.shared.bucket_revision().await {
             Ok(at) => at,
             Err(e) => {
-                warn!(
-                    "cannot read the cluster's alert states, waiting: {}",
-                    crate::error::chain(&e)
-                );
+                if let Some(line) = crate::cluster::paced("alert states", &crate::error::chain(&e))
+                {
+                    warn!("cannot read the cluster's alert states, waiting: {line}");
+                }
                 return false;
             }
         };
@@ -1219,10 +1219,10 @@ impl ClusterView {
             Ok((Some(bytes), revision)) => (bytes, revision),
             Ok((None, _)) => return true,
             Err(e) => {
-                warn!(
-                    "cannot read the cluster's alert states, waiting: {}",
-                    crate::error::chain(&e)
-                );
+                if let Some(line) = crate::cluster::paced("alert states", &crate::error::chain(&e))
+                {
+                    warn!("cannot read the cluster's alert states, waiting: {line}");
+                }
                 return false;
             }
         };

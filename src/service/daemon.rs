@@ -179,6 +179,8 @@ pub async fn run(
     };
     let spool = Arc::new(Spool::open(&plan.state_dir)?);
     info!(spool = %spool.path().display(), "spool open");
+    // So that `smee-relay events` on this state directory knows its ids are local copies.
+    spool.set_cluster(plan.cluster.as_ref().map(|c| c.name.as_str()))?;
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
     let health = Arc::new(Health {
         channels: Default::default(),
@@ -420,6 +422,17 @@ struct Publish {
 impl Sink for Publish {
     fn describe(&self) -> String {
         format!("NATS publish (cluster {})", self.cluster.settings().name)
+    }
+
+    /// NATS's error as NATS said it (not "cannot reach target": NATS is not a target), paced:
+    /// during an outage every attempt fails alike.
+    fn failure(&self, error: &delivery::forward::ForwardError) -> Option<String> {
+        match error {
+            delivery::forward::ForwardError::Connection(cause) => {
+                crate::cluster::paced(&format!("publish {}", self.channel_key), cause)
+            }
+            other => Some(other.to_string()),
+        }
     }
 
     fn deliver<'a>(

@@ -15,6 +15,7 @@
 //! | `pending`  | (queue, seq)        | event id: the per-queue FIFO            |
 //! | `alert_states` | rule and entity | the pipeline's alert state (JSON)       |
 //! | `cursors`  | channel key         | the last SSE id stored, for `Last-Event-ID` after a restart |
+//! | `cursors`  | `cluster`           | the cluster the relay last ran in, if any ([`Spool::cluster`]) |
 //!
 //! A queue is named by [`route_key`]: the channel's key and the target URL, so two relays that
 //! share a state directory and a target never deliver each other's events. The pipeline's and
@@ -78,6 +79,10 @@ const NEXT_SEQ: &str = "next_seq";
 const STORED_BYTES: &str = "stored_bytes";
 const INSTANCE: &str = "instance";
 const FORMAT: &str = "format";
+/// The `cursors` key naming the cluster a relay runs in with this state directory. In
+/// `cursors` (text values), not `meta` (numbers), and never a channel key (those are 16 hex
+/// digits): a build that does not know it never reads it, so the format stays as it was.
+const CLUSTER: &str = "cluster";
 /// Set while a version-1 spool still has deliveries under queue names of that version.
 const LEGACY: &str = "legacy_queues";
 
@@ -943,6 +948,32 @@ impl Spool {
         })
     }
 
+    /// The cluster the relay using this spool last ran in (`[cluster] name`), or `None` if it
+    /// ran on its own: in cluster mode the local spool holds copies of the cluster's
+    /// deliveries, with local ids, and `events` says so.
+    pub fn cluster(&self) -> Result<Option<String>, SpoolError> {
+        self.cursor(CLUSTER)
+    }
+
+    /// Record (at start) whether the relay runs in a cluster, and which. Writes only when it
+    /// changed.
+    pub fn set_cluster(&self, name: Option<&str>) -> Result<(), SpoolError> {
+        if self.cluster()?.as_deref() == name {
+            return Ok(());
+        }
+        self.update(|t| {
+            match name {
+                Some(name) => {
+                    t.cursors.insert(CLUSTER, name)?;
+                }
+                None => {
+                    t.cursors.remove(CLUSTER)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Every stored pipeline state.
     pub fn states(&self) -> Result<Vec<(String, Vec<u8>)>, SpoolError> {
         self.read(|txn| {
@@ -1586,6 +1617,20 @@ mod tests {
             outcome,
         };
         spool.write(&[write], ROOM).unwrap();
+    }
+
+    /// The cluster a relay ran in is kept across opens, and forgotten when it runs alone.
+    #[test]
+    fn the_cluster_a_relay_runs_in_is_recorded_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.cluster().unwrap(), None);
+        spool.set_cluster(Some("prod")).unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.cluster().unwrap().as_deref(), Some("prod"));
+        spool.set_cluster(None).unwrap();
+        assert_eq!(spool.cluster().unwrap(), None);
     }
 
     #[test]
