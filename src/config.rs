@@ -521,7 +521,7 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
 /// takeover takes beyond the ack wait (reading the judgement back, committing, publishing).
-const DEDUPE_MARGIN: Duration = Duration::from_secs(60);
+const DEDUPE_MARGIN: Duration = crate::cluster::DEDUPE_MARGIN;
 
 /// Where `[cluster]`'s URL comes from, for [`cluster_settings`].
 enum ClusterUrlEnv<'a> {

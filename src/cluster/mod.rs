@@ -215,6 +215,23 @@ pub enum ClusterError {
         "no cluster {0:?} on this NATS ({1} not found): is [cluster] name the relays' name, and have they run?"
     )]
     NoCluster(String, String, #[source] async_nats::Error),
+    /// The key, its value in the cluster, this instance's value, what to do; what NATS said.
+    #[error("cannot change the cluster's {0} from {1} to this instance's {2}{3}")]
+    Adopt(
+        &'static str,
+        String,
+        String,
+        String,
+        #[source] async_nats::Error,
+    ),
+    /// The stream's duplicate window and the ack wait, as they hold after joining.
+    #[error(
+        "the cluster's dedupe_window ({0}) is shorter than its ack_wait ({1}) plus {margin}: an \
+         alert re-sent after a takeover would be stored twice; set dedupe_window to at least \
+         ack_wait plus {margin} in [cluster] on every instance",
+        margin = humantime::format_duration(DEDUPE_MARGIN)
+    )]
+    Dedupe(String, String),
 }
 
 /// A JetStream operation that failed (the caller retries).
@@ -247,6 +264,133 @@ pub struct Cluster {
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+}
+
+/// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
+/// takeover takes beyond the ack wait (reading the judgement back, committing, publishing).
+pub const DEDUPE_MARGIN: Duration = Duration::from_secs(60);
+
+/// What every instance must share, said with each change.
+const SAME_EVERYWHERE: &str = "every instance of the cluster must use the same [cluster] settings";
+
+/// Join an existing stream: the cluster's settings are what its stream (dedupe_window,
+/// max_age, replicas) and its route consumers (ack_wait) hold. Where this instance's
+/// `[cluster]` differs, its values replace them (a rolling restart with a new config takes
+/// effect), each change logged once with the old and new value; then the stream's window
+/// must still cover the ack wait (it does, both being this instance's, unless NATS kept
+/// another). A change NATS refuses stops the start, with what to do.
+async fn adopt_settings(
+    js: &jetstream::Context,
+    mut existing: stream::Stream,
+    settings: &Settings,
+) -> Result<(), ClusterError> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let current = existing.cached_info().config.clone();
+    let mut changed = current.clone();
+    let mut changes: Vec<(&'static str, String, String)> = Vec::new();
+    if current.duplicate_window != settings.dedupe_window {
+        changes.push((
+            "dedupe_window",
+            show(current.duplicate_window),
+            show(settings.dedupe_window),
+        ));
+        changed.duplicate_window = settings.dedupe_window;
+    }
+    if current.max_age != settings.max_age {
+        changes.push(("max_age", show(current.max_age), show(settings.max_age)));
+        changed.max_age = settings.max_age;
+    }
+    if current.num_replicas != settings.replicas {
+        changes.push((
+            "replicas",
+            current.num_replicas.to_string(),
+            settings.replicas.to_string(),
+        ));
+        changed.num_replicas = settings.replicas;
+    }
+    if !changes.is_empty() {
+        let updated = js.update_stream(changed).await.map_err(|e| {
+            let (key, old, new) = changes.last().cloned().expect("not empty");
+            let keys: Vec<&str> = changes.iter().map(|(k, ..)| *k).collect();
+            let mut hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+            hint.push_str(&format!(
+                " (NATS refused the change of {}: set [cluster] {} back to the cluster's value \
+                 on this instance, {}, or change it where NATS allows it)",
+                keys.join(", "),
+                keys.join(", "),
+                changes
+                    .iter()
+                    .map(|(k, old, _)| format!("{k} = {old}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            ClusterError::Adopt(key, old, new, hint, e.into())
+        })?;
+        for (key, old, new) in &changes {
+            warn!(
+                "[cluster] {key} was {old} in the cluster, this instance's config says {new}: \
+                 applied ({SAME_EVERYWHERE})"
+            );
+        }
+        let name = updated.config.name;
+        existing = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| ClusterError::Stream(name.clone(), String::new(), e.into()))?;
+    }
+    // The route consumers' ack wait (`route_<hash>`, see `Cluster::consumer`).
+    let mut consumers = existing.consumers();
+    let mut old_waits: Vec<Duration> = Vec::new();
+    while let Some(info) = consumers.next().await {
+        let info = info.map_err(|e| {
+            ClusterError::Adopt(
+                "ack_wait",
+                "?".into(),
+                show(settings.ack_wait),
+                String::new(),
+                e.into(),
+            )
+        })?;
+        if !info.name.starts_with("route_") || info.config.ack_wait == settings.ack_wait {
+            continue;
+        }
+        let old = info.config.ack_wait;
+        existing
+            .update_consumer(consumer::Config {
+                ack_wait: settings.ack_wait,
+                ..info.config.clone()
+            })
+            .await
+            .map_err(|e| {
+                ClusterError::Adopt(
+                    "ack_wait",
+                    show(old),
+                    show(settings.ack_wait),
+                    String::new(),
+                    e.into(),
+                )
+            })?;
+        if !old_waits.contains(&old) {
+            old_waits.push(old);
+        }
+    }
+    if !old_waits.is_empty() {
+        let old: Vec<String> = old_waits.into_iter().map(show).collect();
+        warn!(
+            "[cluster] ack_wait was {} in the cluster, this instance's config says {}: applied \
+             ({SAME_EVERYWHERE})",
+            old.join(" and "),
+            show(settings.ack_wait)
+        );
+    }
+    let window = existing
+        .get_info()
+        .await
+        .map_or(settings.dedupe_window, |i| i.config.duplicate_window);
+    if window < settings.ack_wait + DEDUPE_MARGIN {
+        return Err(ClusterError::Dedupe(show(window), show(settings.ack_wait)));
+    }
+    Ok(())
 }
 
 impl Cluster {
@@ -343,7 +487,7 @@ impl Cluster {
                 ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
             })?;
         }
-        js.get_or_create_stream(stream::Config {
+        let wanted = stream::Config {
             name: stream_name.clone(),
             subjects: vec![format!("smee.{}.>", settings.name)],
             storage: stream::StorageType::File,
@@ -351,12 +495,21 @@ impl Cluster {
             max_age: settings.max_age,
             num_replicas: settings.replicas,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
-            ClusterError::Stream(stream_name.clone(), hint, e.into())
-        })?;
+        };
+        match js.get_stream(&stream_name).await {
+            // An instance joining (not a command reading): the cluster's settings are what
+            // the stream and the consumers hold; this instance's `[cluster]` replaces them.
+            Ok(existing) if create => {
+                adopt_settings(&js, existing, &settings).await?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                js.get_or_create_stream(wanted).await.map_err(|e| {
+                    let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+                    ClusterError::Stream(stream_name.clone(), hint, e.into())
+                })?;
+            }
+        }
         let bucket = format!("smee_{}_alerts", settings.name);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
