@@ -164,3 +164,58 @@ async fn regression_the_last_instance_to_start_set_ack_wait_silently_and_dedupe_
         out.stderr
     );
 }
+
+/// A target added on reload was sent the whole stream history (up to `max_age`, 7 days):
+/// its consumer was new and started at the stream's first message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_target_added_on_reload_was_sent_the_whole_stream_history() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let before = channel.connections();
+    let dir = support::temp_dir();
+    let one = [target.url("/hook")];
+    let both = [target.url("/hook"), target.url("/hook2")];
+    let extra = format!("ack_wait = \"{ACK_WAIT}\"\n");
+    let (child, logs) = start_in(
+        dir.path(),
+        &cluster_config(&channel.url("ch"), &one, &nats.url, &extra),
+    );
+    logs.wait_for(&["joined the cluster"]).await;
+    channel.wait_connections(before + 1).await;
+    for n in 0..3 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    target.wait_arrived(3).await;
+
+    config(
+        dir.path(),
+        &cluster_config(&channel.url("ch"), &both, &nats.url, &extra),
+    );
+    support::signal(&child, "HUP");
+    logs.wait_for(&["config reloaded", "hook2"]).await;
+    for n in 3..5 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    support::wait_until(Duration::from_secs(30), "events 3 and 4 at both", || {
+        let got = |path: &str| {
+            target
+                .arrivals()
+                .iter()
+                .filter(|r| r.uri == path)
+                .map(|r| n_of(&r.body))
+                .collect::<Vec<_>>()
+        };
+        got("/hook").len() >= 5 && got("/hook2").len() >= 2
+    })
+    .await;
+    while target.try_next(Duration::ZERO).await.is_some() {}
+    target.assert_quiet(Duration::from_secs(2)).await;
+    let hook2: Vec<usize> = target
+        .arrivals()
+        .iter()
+        .filter(|r| r.uri == "/hook2")
+        .map(|r| n_of(&r.body))
+        .collect();
+    assert_eq!(hook2, vec![3, 4], "the new target gets what came after it");
+}

@@ -264,6 +264,10 @@ pub struct Cluster {
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+    /// How many routes of this instance wait for their consumer: while any does, nothing is
+    /// published ([`Cluster::publish_as`]), so a route whose consumer is new (it starts after
+    /// the stream's last message) misses nothing this instance receives after the route began.
+    starting: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
@@ -556,6 +560,7 @@ impl Cluster {
             bodies,
             status,
             in_flight: Default::default(),
+            starting: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -638,6 +643,8 @@ impl Cluster {
         event: &Event,
         received_ms: u64,
     ) -> Result<bool, PublishError> {
+        // The routes started with this instance (or a reload) have their consumers first.
+        let _ = self.starting.subscribe().wait_for(|n| *n == 0).await;
         let envelope = Envelope {
             channel: channel.to_string(),
             received_ms,
@@ -696,7 +703,7 @@ impl Cluster {
     /// message, queue it on the local spool, wait until the local route finished it (durably),
     /// then ack it. While it is being delivered the lease is renewed (progress acks), so a
     /// slow target never hands it to another instance; a dead instance stops renewing.
-    pub async fn feed(
+    pub fn feed(
         self,
         route: String,
         subjects: Vec<String>,
@@ -704,7 +711,7 @@ impl Cluster {
         writer: SpoolWriter,
         cancel: CancellationToken,
         route_done: CancellationToken,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
         self.feed_paced(
             route,
             subjects,
@@ -714,7 +721,6 @@ impl Cluster {
             route_done,
             Duration::ZERO,
         )
-        .await
     }
 
     /// [`Cluster::feed`] for a route whose sink is paced (Slack: `pace` between two messages).
@@ -724,7 +730,7 @@ impl Cluster {
     /// ack then waits the pace out here, so a stop (a reload, a shutdown) that hands the route
     /// to another instance does not hand it over early either.
     #[allow(clippy::too_many_arguments)]
-    pub async fn feed_paced(
+    pub fn feed_paced(
         self,
         route: String,
         subjects: Vec<String>,
@@ -733,11 +739,15 @@ impl Cluster {
         cancel: CancellationToken,
         route_done: CancellationToken,
         pace: Duration,
-    ) {
-        self.feed_with(
-            route, subjects, spool, writer, cancel, route_done, pace, None,
-        )
-        .await
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let starting = self.starting(&route, &subjects);
+        async move {
+            starting.ready(&self, &cancel).await;
+            self.feed_with(
+                route, subjects, spool, writer, cancel, route_done, pace, None,
+            )
+            .await
+        }
     }
 
     /// [`Cluster::feed`] for a route whose deliveries produce something onto local outbox
@@ -746,7 +756,7 @@ impl Cluster {
     /// stalls before publishing it has not acked it, so another takes the message over, in
     /// order, before the next one (which must not overtake what this one produced).
     #[allow(clippy::too_many_arguments)]
-    pub async fn feed_producing(
+    pub fn feed_producing(
         self,
         route: String,
         subjects: Vec<String>,
@@ -755,18 +765,37 @@ impl Cluster {
         writer: SpoolWriter,
         cancel: CancellationToken,
         route_done: CancellationToken,
-    ) {
-        self.feed_with(
-            route,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let starting = self.starting(&route, &subjects);
+        async move {
+            starting.ready(&self, &cancel).await;
+            self.feed_with(
+                route,
+                subjects,
+                spool,
+                writer,
+                cancel,
+                route_done,
+                Duration::ZERO,
+                Some(outbox),
+            )
+            .await
+        }
+    }
+
+    /// Count local `route` as waiting for its consumer, from now (the call, not the task's
+    /// first poll: the daemon starts a route before the channels whose frames it reads).
+    fn starting(&self, route: &str, subjects: &[String]) -> Starting {
+        self.starting.send_modify(|n| *n += 1);
+        let hash = short_hash(route);
+        let mut subjects = subjects.to_vec();
+        subjects.push(self.replay_subject(&hash));
+        Starting {
+            gate: self.starting.clone(),
+            durable: format!("route_{hash}"),
+            label: crate::spool::route_name(route).to_string(),
             subjects,
-            spool,
-            writer,
-            cancel,
-            route_done,
-            Duration::ZERO,
-            Some(outbox),
-        )
-        .await
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1175,6 +1204,11 @@ impl Cluster {
         true
     }
 
+    /// The route's durable consumer, created if no instance made it yet. A new one starts
+    /// after the stream's last message: a route new to the cluster (a target added on reload,
+    /// or at an instance's start) gets what arrives from now on, as a new smee client would,
+    /// not the stream's history (up to `max_age`). One that exists keeps where it starts (NATS
+    /// cannot change that) and takes this instance's filter and ack wait.
     async fn consumer(
         &self,
         durable: &str,
@@ -1200,10 +1234,32 @@ impl Cluster {
             [one] => config.filter_subject = one.clone(),
             many => config.filter_subjects = many.to_vec(),
         }
-        stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| NatsError(e.into()))
+        // Twice at most: another instance may create it between the look and the creation
+        // (with another start); the second look finds it.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match stream.consumer_info(durable).await {
+                Ok(info) => config.deliver_policy = info.config.deliver_policy,
+                Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                    let last = stream
+                        .get_info()
+                        .await
+                        .map_err(|e| NatsError(e.into()))?
+                        .state
+                        .last_sequence;
+                    config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    };
+                }
+                Err(e) => return Err(NatsError(e.into())),
+            }
+            match stream.create_consumer(config.clone()).await {
+                Ok(consumer) => return Ok(consumer),
+                Err(_) if attempt < 2 => continue,
+                Err(e) => return Err(NatsError(e.into())),
+            }
+        }
     }
 
     /// The subject `events replay` re-queues a route's events on (read by that route only).
@@ -1296,6 +1352,43 @@ struct RouteNames {
     /// The local outbox what the route's deliveries produce goes to, if the ack waits for it
     /// to be published ([`Cluster::feed_producing`]).
     outbox: Option<String>,
+}
+
+/// A route waiting for its consumer (see [`Cluster::starting`]); counted until dropped.
+struct Starting {
+    /// The instance's count of routes waiting.
+    gate: Arc<tokio::sync::watch::Sender<usize>>,
+    /// The consumer's name, description and subjects, as `feed_with` makes them.
+    durable: String,
+    label: String,
+    subjects: Vec<String>,
+}
+
+impl Starting {
+    /// Make the route's consumer (retrying while NATS is away), then stop counting.
+    async fn ready(self, cluster: &Cluster, cancel: &CancellationToken) {
+        let mut said = false;
+        while !cancel.is_cancelled() {
+            match cluster
+                .consumer(&self.durable, &self.label, &self.subjects)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    if !std::mem::replace(&mut said, true) {
+                        warn!(route = %self.label, "cannot create the route's NATS consumer, retrying (nothing is published until it exists): {}", crate::error::chain(&e));
+                    }
+                    sleep(cancel, Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.gate.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// The local events queued on `route` now (none if the spool cannot say: nothing to wait for).
