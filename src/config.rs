@@ -1294,6 +1294,30 @@ when = '.properties.locked == true'
         assert!(!shown.contains("s3cret"), "{shown}");
     }
 
+    /// systemd/config.example.toml had no `[cluster]` section: a user had to find its keys in
+    /// the README. Its commented one, uncommented, loads (a bare host:port URL included).
+    #[test]
+    fn regression_the_example_config_had_no_cluster_section() {
+        let example = include_str!("../systemd/config.example.toml");
+        let at = example
+            .find("# [cluster]")
+            .expect("a commented [cluster] section");
+        let block: String = example[at..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = format!(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n{block}"
+        );
+        let env = |name: &str| (name == "NATS_URL").then(|| "10.0.0.1:4222".to_string());
+        let config = parse(&text, "c.toml", &env).unwrap();
+        let cluster = config.cluster.expect("[cluster] read");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.shown_url(), "10.0.0.1:4222");
+    }
+
     #[test]
     fn regression_debug_of_a_config_shows_no_secret() {
         let text = r#"
