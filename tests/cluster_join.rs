@@ -219,3 +219,64 @@ async fn regression_a_target_added_on_reload_was_sent_the_whole_stream_history()
         .collect();
     assert_eq!(hook2, vec![3, 4], "the new target gets what came after it");
 }
+
+/// Instances with different routes or rules judged and delivered differently, and nothing said
+/// so: each now records a fingerprint of its routes and rules in KV, and warns about a live
+/// instance whose fingerprint differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_instances_with_different_routes_ran_side_by_side_without_a_warning() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let extra = format!("ack_wait = \"{ACK_WAIT}\"\n");
+    let first = support::temp_dir();
+    let (_one, one_logs) = start_in(
+        first.path(),
+        &cluster_config(&channel.url("ch"), &[target.url("/a")], &nats.url, &extra),
+    );
+    one_logs.wait_for(&["joined the cluster"]).await;
+    // The same config: nothing to say.
+    let same = support::temp_dir();
+    let (_same, same_logs) = start_in(
+        same.path(),
+        &cluster_config(&channel.url("ch"), &[target.url("/a")], &nats.url, &extra),
+    );
+    same_logs.wait_for(&["joined the cluster"]).await;
+    let second = support::temp_dir();
+    let (_two, two_logs) = start_in(
+        second.path(),
+        &cluster_config(
+            &channel.url("ch"),
+            &[target.url("/a"), target.url("/b")],
+            &nats.url,
+            &extra,
+        ),
+    );
+    let line = two_logs
+        .wait_for(&[
+            "WARN",
+            "runs other forward targets or rules than this one",
+            "use the same config on every instance",
+        ])
+        .await;
+    assert!(line.contains("of cluster join"), "{line}");
+    // Once for each of the two other instances.
+    let warnings = || {
+        two_logs
+            .all()
+            .matches("runs other forward targets or rules")
+            .count()
+    };
+    support::wait_until(
+        Duration::from_secs(30),
+        "a warning per other instance",
+        || warnings() >= 2,
+    )
+    .await;
+    assert_eq!(warnings(), 2, "{}", two_logs.all());
+    assert!(
+        same_logs.find(&["runs other forward targets"]).is_none(),
+        "{}",
+        same_logs.all()
+    );
+}

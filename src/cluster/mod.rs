@@ -40,6 +40,7 @@
 
 mod diagnose;
 mod envelope;
+mod fingerprint;
 pub mod inspect;
 
 use std::collections::HashMap;
@@ -61,6 +62,7 @@ use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 pub use envelope::PublishError;
 use envelope::{Envelope, OpenError};
+pub use fingerprint::fingerprint as config_fingerprint;
 
 /// How many messages each pull asks for. One is in flight per route cluster-wide whatever
 /// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.

@@ -124,6 +124,32 @@ fn cluster_changes(
     }
 }
 
+/// What the instances of a cluster must agree on, hashed (see `cluster::config_fingerprint`):
+/// the routes (channel and target) and the rules (not where in the file they are written).
+fn plan_fingerprint(plan: &Plan) -> String {
+    let mut parts = Vec::new();
+    for channel in &plan.channels {
+        parts.extend(
+            channel
+                .forward
+                .iter()
+                .map(|t| format!("route {}", route_key(channel, t))),
+        );
+        if channel.pipeline {
+            parts.push(format!("pipeline {}", channel_key(channel)));
+        }
+    }
+    if let Some((pipeline, _)) = &plan.pipeline {
+        parts.extend(pipeline.rules.iter().map(|r| {
+            format!(
+                "rule {:?} {:?} {:?} {:?} {:?}",
+                r.name, r.blueprint, r.condition, r.hold, r.severity
+            )
+        }));
+    }
+    crate::cluster::config_fingerprint(parts)
+}
+
 /// Events received but not yet stored; beyond this a source waits (backpressure).
 const QUEUE_DEPTH: usize = 8192;
 
@@ -232,7 +258,11 @@ pub async fn run(
         cancel.clone(),
         plan.retry.shutdown_timeout + SHUTDOWN_MARGIN,
     );
+    let fingerprint = plan_fingerprint(&plan);
     runtime.apply(plan).await?;
+    if let Some(cluster) = &runtime.cluster {
+        cluster.announce_config(fingerprint);
+    }
     let background = [
         tokio::spawn(spool::intake::prune_periodically(
             spool.clone(),
@@ -255,7 +285,12 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             Some(plan) = reloads.recv() => {
                 systemd::notify(&[sd_notify::NotifyState::Reloading]);
-                match runtime.apply(plan).await {
+                let fingerprint = plan_fingerprint(&plan);
+                let applied = runtime.apply(plan).await;
+                if let (Ok(_), Some(cluster)) = (&applied, &runtime.cluster) {
+                    cluster.announce_config(fingerprint);
+                }
+                match applied {
                     Ok(changes) if changes.is_empty() => info!("config reloaded: nothing changed"),
                     Ok(changes) => info!("config reloaded: {}", changes.join("; ")),
                     Err(e) => error!(
