@@ -1242,7 +1242,22 @@ impl Cluster {
         loop {
             attempt += 1;
             match stream.consumer_info(durable).await {
-                Ok(info) => config.deliver_policy = info.config.deliver_policy,
+                Ok(info) => {
+                    config.deliver_policy = info.config.deliver_policy;
+                    // Applied at join (`adopt_settings`); one that differs now is another
+                    // instance's, which joined since and said so: not set back silently.
+                    if info.config.ack_wait != self.settings.ack_wait {
+                        warn!(
+                            route = %label,
+                            "the cluster's ack_wait is {} (another instance's), this instance's \
+                             config says {}: the cluster's holds (every instance of the cluster \
+                             must use the same [cluster] settings)",
+                            humantime::format_duration(info.config.ack_wait),
+                            humantime::format_duration(self.settings.ack_wait)
+                        );
+                        config.ack_wait = info.config.ack_wait;
+                    }
+                }
                 Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                     let last = stream
                         .get_info()
