@@ -62,7 +62,8 @@ pub struct ClusterConfig {
     pub nats_url: Option<Spanned<SecretString>>,
     /// The environment variable holding the URL.
     pub nats_url_env: Option<Spanned<String>>,
-    /// Relays with the same name share the work. Letters, digits, `-`, `_`. Default `default`.
+    /// Relays with the same name share the work. Letters, digits, `-`, `_`. Required: without
+    /// it an instance would run a cluster of its own on the same channels.
     pub name: Option<Spanned<String>>,
     /// A NATS credentials file (`.creds`: JWT and nkey seed).
     pub credentials_file: Option<PathBuf>,
@@ -521,7 +522,7 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
 /// takeover takes beyond the ack wait (reading the judgement back, committing, publishing).
-const DEDUPE_MARGIN: Duration = Duration::from_secs(60);
+const DEDUPE_MARGIN: Duration = crate::cluster::DEDUPE_MARGIN;
 
 /// Where `[cluster]`'s URL comes from, for [`cluster_settings`].
 enum ClusterUrlEnv<'a> {
@@ -535,6 +536,7 @@ enum ClusterUrlEnv<'a> {
 /// a file with several mistakes shows them all at once.
 fn cluster_settings(
     c: &ClusterConfig,
+    table_at: usize,
     env: ClusterUrlEnv<'_>,
     at_line: &dyn Fn(usize, String) -> String,
 ) -> (crate::cluster::Settings, Vec<String>) {
@@ -596,7 +598,15 @@ fn cluster_settings(
             }
             name.get_ref().clone()
         }
-        None => "default".to_string(),
+        // Without it an instance would join a cluster of its own (`default`) on the same
+        // channels: a second, independent cluster, and every alert sent twice.
+        None => {
+            problem(
+                table_at,
+                "needs name = \"...\", the same on every instance of the cluster".into(),
+            );
+            String::new()
+        }
     };
     let mut settings = crate::cluster::Settings::new(
         url.unwrap_or_else(|| SecretString::from(String::new())),
@@ -682,6 +692,22 @@ fn cluster_settings(
     (settings, problems.into_iter().map(|(_, p)| p).collect())
 }
 
+/// Where table `[name]`'s header is in `text` (its offset; 0 when it is not written as one:
+/// an inline table), for a problem of the table as a whole.
+fn table_offset(text: &str, name: &str) -> usize {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let header = line.trim().split('#').next().unwrap_or("").trim();
+        if let Some(inner) = header.strip_prefix('[').and_then(|h| h.strip_suffix(']'))
+            && inner.trim() == name
+        {
+            return offset;
+        }
+        offset += line.len();
+    }
+    0
+}
+
 /// `[cluster]` with `--nats-url` / `SMEE_RELAY_NATS_URL` on top, for `run` and `events`: the flag
 /// alone joins cluster `default`. The flag is checked as the config's URL is (not by clap, whose
 /// message would repeat the value, password and all). `Ok(None)`: no cluster asked for.
@@ -741,7 +767,12 @@ pub fn load_cluster(
     };
     let at_line =
         |offset: usize, message: String| format!("{origin}:{}: {message}", line_of(offset));
-    let (settings, problems) = cluster_settings(&c, ClusterUrlEnv::Optional(env), &at_line);
+    let (settings, problems) = cluster_settings(
+        &c,
+        table_offset(&text, "cluster"),
+        ClusterUrlEnv::Optional(env),
+        &at_line,
+    );
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -925,7 +956,12 @@ pub fn parse(
         },
     };
     let cluster = file.cluster.as_ref().map(|c| {
-        let (settings, found) = cluster_settings(c, ClusterUrlEnv::Required(env), &at_line);
+        let (settings, found) = cluster_settings(
+            c,
+            table_offset(text, "cluster"),
+            ClusterUrlEnv::Required(env),
+            &at_line,
+        );
         problems.extend(found);
         settings
     });
@@ -1256,6 +1292,30 @@ when = '.properties.locked == true'
         let shown = format!("{config:?}");
         assert!(!shown.contains("hooks.slack.com/services/T/B/X"), "{shown}");
         assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    /// systemd/config.example.toml had no `[cluster]` section: a user had to find its keys in
+    /// the README. Its commented one, uncommented, loads (a bare host:port URL included).
+    #[test]
+    fn regression_the_example_config_had_no_cluster_section() {
+        let example = include_str!("../systemd/config.example.toml");
+        let at = example
+            .find("# [cluster]")
+            .expect("a commented [cluster] section");
+        let block: String = example[at..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = format!(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n{block}"
+        );
+        let env = |name: &str| (name == "NATS_URL").then(|| "10.0.0.1:4222".to_string());
+        let config = parse(&text, "c.toml", &env).unwrap();
+        let cluster = config.cluster.expect("[cluster] read");
+        assert_eq!(cluster.name, "prod");
+        assert_eq!(cluster.shown_url(), "10.0.0.1:4222");
     }
 
     #[test]
@@ -1675,7 +1735,7 @@ above = 80
     fn a_dedupe_window_that_cannot_cover_a_takeover_is_refused() {
         let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
                     [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"30s\"\n\
-                    dedupe_window = \"80s\"\n";
+                    dedupe_window = \"80s\"\nname = \"prod\"\n";
         let all = parse(text, "c.toml", &no_env)
             .unwrap_err()
             .problems
@@ -1702,10 +1762,35 @@ above = 80
         );
     }
 
+    /// `[cluster]` without `name` joined cluster `default`: an instance whose file forgot it ran
+    /// a second, independent cluster on the same channels, and every alert was sent twice.
+    #[test]
+    fn regression_a_cluster_table_without_name_silently_joined_cluster_default() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    \n  [cluster]  # shared\nnats_url = \"nats://10.0.0.1:4222\"\n";
+        let want = "c.toml:5: [cluster] needs name = \"...\", the same on every instance of the \
+                    cluster";
+        let all = parse(text, "c.toml", &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert_eq!(all, want);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = load_cluster(&path, &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(e.ends_with(&want[6..]), "{e}");
+        assert!(parse(&format!("{text}name = \"prod\"\n"), "c.toml", &no_env).is_ok());
+    }
+
     #[test]
     fn an_ack_wait_under_the_slack_pace_is_refused() {
         let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
-                    [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"600ms\"\n";
+                    [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"600ms\"\n\
+                    name = \"prod\"\n";
         let all = parse(text, "c.toml", &no_env)
             .unwrap_err()
             .problems

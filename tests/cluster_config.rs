@@ -62,6 +62,33 @@ async fn regression_check_says_ok_for_a_nats_url_run_refuses() {
     }
 }
 
+/// `[cluster]` without `name` joined cluster `default`: an instance whose file forgot it ran a
+/// second, independent cluster on the same channels, and every alert was sent twice. Now
+/// `check` and `run` refuse it at the table's line, exit 2, before connecting.
+#[tokio::test]
+async fn regression_a_cluster_table_without_name_silently_joined_cluster_default() {
+    let dir = support::temp_dir();
+    let body = cluster_config(
+        "https://smee.io/abc",
+        "http://127.0.0.1:1/",
+        "nats://h:4222",
+        "",
+    )
+    .replace("name = \"prod\"\n", "");
+    let path = config(dir.path(), &body);
+    let check = support::run_to_end(smee_relay().args(["check", "--config"]).arg(&path)).await;
+    let run = run_once(&path, &dir.path().join("state")).await;
+    for out in [check, run] {
+        assert_eq!(out.code, Some(2), "{}", out.stderr);
+        let expected = format!(
+            "{}:5: [cluster] needs name = \"...\", the same on every instance of the cluster",
+            path.display()
+        );
+        assert!(out.stderr.contains(&expected), "{}", out.stderr);
+        assert!(!out.stderr.contains("cannot connect"), "{}", out.stderr);
+    }
+}
+
 /// `Connection refused (os error 111): Connection refused (os error 111)`: the error line
 /// repeated a cause the text before it already held.
 #[tokio::test]

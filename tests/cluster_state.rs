@@ -260,7 +260,7 @@ async fn a_reload_changing_any_cluster_setting_says_it_takes_a_restart() {
     .unwrap();
     support::signal(&child, "HUP");
     let line = logs
-        .wait_for(&["[cluster] changed; that takes a restart"])
+        .wait_for(&["[cluster] changed (ack_wait); that takes a restart"])
         .await;
     assert!(!line.contains("config reloaded"), "{line}");
     assert!(logs.find(&["config reloaded"]).is_none(), "nothing applied");

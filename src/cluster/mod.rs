@@ -74,6 +74,7 @@
 
 mod diagnose;
 mod envelope;
+mod fingerprint;
 pub use diagnose::paced;
 pub mod inspect;
 
@@ -96,6 +97,7 @@ use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 pub use envelope::PublishError;
 use envelope::{Envelope, OpenError};
+pub use fingerprint::fingerprint as config_fingerprint;
 
 /// How many messages each pull asks for. One is in flight per route cluster-wide whatever
 /// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.
@@ -250,6 +252,23 @@ pub enum ClusterError {
         "no cluster {0:?} on this NATS ({1} not found): is [cluster] name the relays' name, and have they run?"
     )]
     NoCluster(String, String, #[source] async_nats::Error),
+    /// The key, its value in the cluster, this instance's value, what to do; what NATS said.
+    #[error("cannot change the cluster's {0} from {1} to this instance's {2}{3}")]
+    Adopt(
+        &'static str,
+        String,
+        String,
+        String,
+        #[source] async_nats::Error,
+    ),
+    /// The stream's duplicate window and the ack wait, as they hold after joining.
+    #[error(
+        "the cluster's dedupe_window ({0}) is shorter than its ack_wait ({1}) plus {margin}: an \
+         alert re-sent after a takeover would be stored twice; set dedupe_window to at least \
+         ack_wait plus {margin} in [cluster] on every instance",
+        margin = humantime::format_duration(DEDUPE_MARGIN)
+    )]
+    Dedupe(String, String),
 }
 
 /// A JetStream operation that failed (the caller retries).
@@ -282,6 +301,137 @@ pub struct Cluster {
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+    /// How many routes of this instance wait for their consumer: while any does, nothing is
+    /// published ([`Cluster::publish_as`]), so a route whose consumer is new (it starts after
+    /// the stream's last message) misses nothing this instance receives after the route began.
+    starting: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
+/// takeover takes beyond the ack wait (reading the judgement back, committing, publishing).
+pub const DEDUPE_MARGIN: Duration = Duration::from_secs(60);
+
+/// What every instance must share, said with each change.
+const SAME_EVERYWHERE: &str = "every instance of the cluster must use the same [cluster] settings";
+
+/// Join an existing stream: the cluster's settings are what its stream (dedupe_window,
+/// max_age, replicas) and its route consumers (ack_wait) hold. Where this instance's
+/// `[cluster]` differs, its values replace them (a rolling restart with a new config takes
+/// effect), each change logged once with the old and new value; then the stream's window
+/// must still cover the ack wait (it does, both being this instance's, unless NATS kept
+/// another). A change NATS refuses stops the start, with what to do.
+async fn adopt_settings(
+    js: &jetstream::Context,
+    mut existing: stream::Stream,
+    settings: &Settings,
+) -> Result<(), ClusterError> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    let current = existing.cached_info().config.clone();
+    let mut changed = current.clone();
+    let mut changes: Vec<(&'static str, String, String)> = Vec::new();
+    if current.duplicate_window != settings.dedupe_window {
+        changes.push((
+            "dedupe_window",
+            show(current.duplicate_window),
+            show(settings.dedupe_window),
+        ));
+        changed.duplicate_window = settings.dedupe_window;
+    }
+    if current.max_age != settings.max_age {
+        changes.push(("max_age", show(current.max_age), show(settings.max_age)));
+        changed.max_age = settings.max_age;
+    }
+    if current.num_replicas != settings.replicas {
+        changes.push((
+            "replicas",
+            current.num_replicas.to_string(),
+            settings.replicas.to_string(),
+        ));
+        changed.num_replicas = settings.replicas;
+    }
+    if !changes.is_empty() {
+        let updated = js.update_stream(changed).await.map_err(|e| {
+            let (key, old, new) = changes.last().cloned().expect("not empty");
+            let keys: Vec<&str> = changes.iter().map(|(k, ..)| *k).collect();
+            let mut hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+            hint.push_str(&format!(
+                " (NATS refused the change of {}: set [cluster] {} back to the cluster's value \
+                 on this instance, {}, or change it where NATS allows it)",
+                keys.join(", "),
+                keys.join(", "),
+                changes
+                    .iter()
+                    .map(|(k, old, _)| format!("{k} = {old}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            ClusterError::Adopt(key, old, new, hint, e.into())
+        })?;
+        for (key, old, new) in &changes {
+            warn!(
+                "[cluster] {key} was {old} in the cluster, this instance's config says {new}: \
+                 applied ({SAME_EVERYWHERE})"
+            );
+        }
+        let name = updated.config.name;
+        existing = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| ClusterError::Stream(name.clone(), String::new(), e.into()))?;
+    }
+    // The route consumers' ack wait (`route_<hash>`, see `Cluster::consumer`).
+    let mut consumers = existing.consumers();
+    let mut old_waits: Vec<Duration> = Vec::new();
+    while let Some(info) = consumers.next().await {
+        let info = info.map_err(|e| {
+            ClusterError::Adopt(
+                "ack_wait",
+                "?".into(),
+                show(settings.ack_wait),
+                String::new(),
+                e.into(),
+            )
+        })?;
+        if !info.name.starts_with("route_") || info.config.ack_wait == settings.ack_wait {
+            continue;
+        }
+        let old = info.config.ack_wait;
+        existing
+            .update_consumer(consumer::Config {
+                ack_wait: settings.ack_wait,
+                ..info.config.clone()
+            })
+            .await
+            .map_err(|e| {
+                ClusterError::Adopt(
+                    "ack_wait",
+                    show(old),
+                    show(settings.ack_wait),
+                    String::new(),
+                    e.into(),
+                )
+            })?;
+        if !old_waits.contains(&old) {
+            old_waits.push(old);
+        }
+    }
+    if !old_waits.is_empty() {
+        let old: Vec<String> = old_waits.into_iter().map(show).collect();
+        warn!(
+            "[cluster] ack_wait was {} in the cluster, this instance's config says {}: applied \
+             ({SAME_EVERYWHERE})",
+            old.join(" and "),
+            show(settings.ack_wait)
+        );
+    }
+    let window = existing
+        .get_info()
+        .await
+        .map_or(settings.dedupe_window, |i| i.config.duplicate_window);
+    if window < settings.ack_wait + DEDUPE_MARGIN {
+        return Err(ClusterError::Dedupe(show(window), show(settings.ack_wait)));
+    }
+    Ok(())
 }
 
 impl Cluster {
@@ -379,7 +529,7 @@ impl Cluster {
                 ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
             })?;
         }
-        js.get_or_create_stream(stream::Config {
+        let wanted = stream::Config {
             name: stream_name.clone(),
             subjects: vec![format!("smee.{}.>", settings.name)],
             storage: stream::StorageType::File,
@@ -387,12 +537,21 @@ impl Cluster {
             max_age: settings.max_age,
             num_replicas: settings.replicas,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
-            ClusterError::Stream(stream_name.clone(), hint, e.into())
-        })?;
+        };
+        match js.get_stream(&stream_name).await {
+            // An instance joining (not a command reading): the cluster's settings are what
+            // the stream and the consumers hold; this instance's `[cluster]` replaces them.
+            Ok(existing) if create => {
+                adopt_settings(&js, existing, &settings).await?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                js.get_or_create_stream(wanted).await.map_err(|e| {
+                    let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+                    ClusterError::Stream(stream_name.clone(), hint, e.into())
+                })?;
+            }
+        }
         let bucket = format!("smee_{}_alerts", settings.name);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -439,6 +598,7 @@ impl Cluster {
             bodies,
             status,
             in_flight: Default::default(),
+            starting: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -521,6 +681,8 @@ impl Cluster {
         event: &Event,
         received_ms: u64,
     ) -> Result<bool, PublishError> {
+        // The routes started with this instance (or a reload) have their consumers first.
+        let _ = self.starting.subscribe().wait_for(|n| *n == 0).await;
         let envelope = Envelope {
             channel: channel.to_string(),
             received_ms,
@@ -579,7 +741,7 @@ impl Cluster {
     /// message, queue it on the local spool, wait until the local route finished it (durably),
     /// then ack it. While it is being delivered the lease is renewed (progress acks), so a
     /// slow target never hands it to another instance; a dead instance stops renewing.
-    pub async fn feed(
+    pub fn feed(
         self,
         route: String,
         subjects: Vec<String>,
@@ -587,7 +749,7 @@ impl Cluster {
         writer: SpoolWriter,
         cancel: CancellationToken,
         route_done: CancellationToken,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
         self.feed_paced(
             route,
             subjects,
@@ -597,7 +759,6 @@ impl Cluster {
             route_done,
             Duration::ZERO,
         )
-        .await
     }
 
     /// [`Cluster::feed`] for a route whose sink is paced (Slack: `pace` between two messages).
@@ -607,7 +768,7 @@ impl Cluster {
     /// ack then waits the pace out here, so a stop (a reload, a shutdown) that hands the route
     /// to another instance does not hand it over early either.
     #[allow(clippy::too_many_arguments)]
-    pub async fn feed_paced(
+    pub fn feed_paced(
         self,
         route: String,
         subjects: Vec<String>,
@@ -616,11 +777,15 @@ impl Cluster {
         cancel: CancellationToken,
         route_done: CancellationToken,
         pace: Duration,
-    ) {
-        self.feed_with(
-            route, subjects, spool, writer, cancel, route_done, pace, None,
-        )
-        .await
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let starting = self.starting(&route, &subjects);
+        async move {
+            starting.ready(&self, &cancel).await;
+            self.feed_with(
+                route, subjects, spool, writer, cancel, route_done, pace, None,
+            )
+            .await
+        }
     }
 
     /// [`Cluster::feed`] for a route whose deliveries produce something onto local outbox
@@ -629,7 +794,7 @@ impl Cluster {
     /// stalls before publishing it has not acked it, so another takes the message over, in
     /// order, before the next one (which must not overtake what this one produced).
     #[allow(clippy::too_many_arguments)]
-    pub async fn feed_producing(
+    pub fn feed_producing(
         self,
         route: String,
         subjects: Vec<String>,
@@ -638,18 +803,37 @@ impl Cluster {
         writer: SpoolWriter,
         cancel: CancellationToken,
         route_done: CancellationToken,
-    ) {
-        self.feed_with(
-            route,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let starting = self.starting(&route, &subjects);
+        async move {
+            starting.ready(&self, &cancel).await;
+            self.feed_with(
+                route,
+                subjects,
+                spool,
+                writer,
+                cancel,
+                route_done,
+                Duration::ZERO,
+                Some(outbox),
+            )
+            .await
+        }
+    }
+
+    /// Count local `route` as waiting for its consumer, from now (the call, not the task's
+    /// first poll: the daemon starts a route before the channels whose frames it reads).
+    fn starting(&self, route: &str, subjects: &[String]) -> Starting {
+        self.starting.send_modify(|n| *n += 1);
+        let hash = short_hash(route);
+        let mut subjects = subjects.to_vec();
+        subjects.push(self.replay_subject(&hash));
+        Starting {
+            gate: self.starting.clone(),
+            durable: format!("route_{hash}"),
+            label: crate::spool::route_name(route).to_string(),
             subjects,
-            spool,
-            writer,
-            cancel,
-            route_done,
-            Duration::ZERO,
-            Some(outbox),
-        )
-        .await
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1166,6 +1350,11 @@ impl Cluster {
         true
     }
 
+    /// The route's durable consumer, created if no instance made it yet. A new one starts
+    /// after the stream's last message: a route new to the cluster (a target added on reload,
+    /// or at an instance's start) gets what arrives from now on, as a new smee client would,
+    /// not the stream's history (up to `max_age`). One that exists keeps where it starts (NATS
+    /// cannot change that) and takes this instance's filter and ack wait.
     async fn consumer(
         &self,
         durable: &str,
@@ -1191,10 +1380,47 @@ impl Cluster {
             [one] => config.filter_subject = one.clone(),
             many => config.filter_subjects = many.to_vec(),
         }
-        stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| NatsError(e.into()))
+        // Twice at most: another instance may create it between the look and the creation
+        // (with another start); the second look finds it.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match stream.consumer_info(durable).await {
+                Ok(info) => {
+                    config.deliver_policy = info.config.deliver_policy;
+                    // Applied at join (`adopt_settings`); one that differs now is another
+                    // instance's, which joined since and said so: not set back silently.
+                    if info.config.ack_wait != self.settings.ack_wait {
+                        warn!(
+                            route = %label,
+                            "the cluster's ack_wait is {} (another instance's), this instance's \
+                             config says {}: the cluster's holds (every instance of the cluster \
+                             must use the same [cluster] settings)",
+                            humantime::format_duration(info.config.ack_wait),
+                            humantime::format_duration(self.settings.ack_wait)
+                        );
+                        config.ack_wait = info.config.ack_wait;
+                    }
+                }
+                Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                    let last = stream
+                        .get_info()
+                        .await
+                        .map_err(|e| NatsError(e.into()))?
+                        .state
+                        .last_sequence;
+                    config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    };
+                }
+                Err(e) => return Err(NatsError(e.into())),
+            }
+            match stream.create_consumer(config.clone()).await {
+                Ok(consumer) => return Ok(consumer),
+                Err(_) if attempt < 2 => continue,
+                Err(e) => return Err(NatsError(e.into())),
+            }
+        }
     }
 
     /// The subject `events replay` re-queues a route's events on (read by that route only).
@@ -1287,6 +1513,43 @@ struct RouteNames {
     /// The local outbox what the route's deliveries produce goes to, if the ack waits for it
     /// to be published ([`Cluster::feed_producing`]).
     outbox: Option<String>,
+}
+
+/// A route waiting for its consumer (see [`Cluster::starting`]); counted until dropped.
+struct Starting {
+    /// The instance's count of routes waiting.
+    gate: Arc<tokio::sync::watch::Sender<usize>>,
+    /// The consumer's name, description and subjects, as `feed_with` makes them.
+    durable: String,
+    label: String,
+    subjects: Vec<String>,
+}
+
+impl Starting {
+    /// Make the route's consumer (retrying while NATS is away), then stop counting.
+    async fn ready(self, cluster: &Cluster, cancel: &CancellationToken) {
+        let mut said = false;
+        while !cancel.is_cancelled() {
+            match cluster
+                .consumer(&self.durable, &self.label, &self.subjects)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    if !std::mem::replace(&mut said, true) {
+                        warn!(route = %self.label, "cannot create the route's NATS consumer, retrying (nothing is published until it exists): {}", crate::error::chain(&e));
+                    }
+                    sleep(cancel, Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.gate.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// The local events queued on `route` now (none if the spool cannot say: nothing to wait for).

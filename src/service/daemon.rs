@@ -77,19 +77,22 @@ pub enum DaemonError {
     Metrics(#[source] metrics_exporter_prometheus::BuildError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
-    #[error("[cluster] changed; that takes a restart")]
-    ClusterChanged,
+    /// The keys that changed (or `added`, `removed`).
+    #[error("[cluster] changed ({0}); that takes a restart")]
+    ClusterChanged(String),
 }
 
-/// Whether two `[cluster]` tables are the same in every setting (secrets compared, not
-/// shown).
-fn same_cluster(
+/// Which settings of two `[cluster]` tables differ, by their key in the file (secrets
+/// compared, not shown); empty when they are the same.
+fn cluster_changes(
     a: Option<&crate::cluster::Settings>,
     b: Option<&crate::cluster::Settings>,
-) -> bool {
+) -> Vec<&'static str> {
     use crate::secret::ExposeSecret;
     match (a, b) {
-        (None, None) => true,
+        (None, None) => Vec::new(),
+        (Some(_), None) => vec!["added"],
+        (None, Some(_)) => vec!["removed"],
         (Some(a), Some(b)) => {
             // Destructured, so a setting added later cannot be forgotten here.
             let crate::cluster::Settings {
@@ -103,18 +106,48 @@ fn same_cluster(
                 max_age,
                 replicas,
             } = a;
-            url.expose_secret() == b.url.expose_secret()
-                && *name == b.name
-                && *credentials == b.credentials
-                && *ca == b.ca
-                && *ack_wait == b.ack_wait
-                && *health_grace == b.health_grace
-                && *dedupe_window == b.dedupe_window
-                && *max_age == b.max_age
-                && *replicas == b.replicas
+            [
+                (url.expose_secret() != b.url.expose_secret(), "nats_url"),
+                (*name != b.name, "name"),
+                (*credentials != b.credentials, "credentials_file"),
+                (*ca != b.ca, "ca_file"),
+                (*ack_wait != b.ack_wait, "ack_wait"),
+                (*health_grace != b.health_grace, "health_grace"),
+                (*dedupe_window != b.dedupe_window, "dedupe_window"),
+                (*max_age != b.max_age, "max_age"),
+                (*replicas != b.replicas, "replicas"),
+            ]
+            .into_iter()
+            .filter_map(|(changed, key)| changed.then_some(key))
+            .collect()
         }
-        _ => false,
     }
+}
+
+/// What the instances of a cluster must agree on, hashed (see `cluster::config_fingerprint`):
+/// the routes (channel and target) and the rules (not where in the file they are written).
+fn plan_fingerprint(plan: &Plan) -> String {
+    let mut parts = Vec::new();
+    for channel in &plan.channels {
+        parts.extend(
+            channel
+                .forward
+                .iter()
+                .map(|t| format!("route {}", route_key(channel, t))),
+        );
+        if channel.pipeline {
+            parts.push(format!("pipeline {}", channel_key(channel)));
+        }
+    }
+    if let Some((pipeline, _)) = &plan.pipeline {
+        parts.extend(pipeline.rules.iter().map(|r| {
+            format!(
+                "rule {:?} {:?} {:?} {:?} {:?}",
+                r.name, r.blueprint, r.condition, r.hold, r.severity
+            )
+        }));
+    }
+    crate::cluster::config_fingerprint(parts)
 }
 
 /// Events received but not yet stored; beyond this a source waits (backpressure).
@@ -227,7 +260,11 @@ pub async fn run(
         cancel.clone(),
         plan.retry.shutdown_timeout + SHUTDOWN_MARGIN,
     );
+    let fingerprint = plan_fingerprint(&plan);
     runtime.apply(plan).await?;
+    if let Some(cluster) = &runtime.cluster {
+        cluster.announce_config(fingerprint);
+    }
     let background = [
         tokio::spawn(spool::intake::prune_periodically(
             spool.clone(),
@@ -250,7 +287,12 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             Some(plan) = reloads.recv() => {
                 systemd::notify(&[sd_notify::NotifyState::Reloading]);
-                match runtime.apply(plan).await {
+                let fingerprint = plan_fingerprint(&plan);
+                let applied = runtime.apply(plan).await;
+                if let (Ok(_), Some(cluster)) = (&applied, &runtime.cluster) {
+                    cluster.announce_config(fingerprint);
+                }
+                match applied {
                     Ok(changes) if changes.is_empty() => info!("config reloaded: nothing changed"),
                     Ok(changes) => info!("config reloaded: {}", changes.join("; ")),
                     Err(e) => error!(
@@ -653,11 +695,12 @@ impl Runtime {
         }
         // Every setting, the URL's password included (compared, never shown): the cluster
         // connection was made with them, and none of them changes without a restart.
-        if !same_cluster(
+        let changed = cluster_changes(
             plan.cluster.as_ref(),
             self.cluster.as_ref().map(|c| c.settings()),
-        ) {
-            return Err(DaemonError::ClusterChanged);
+        );
+        if !changed.is_empty() {
+            return Err(DaemonError::ClusterChanged(changed.join(", ")));
         }
         // Routes: one per (channel, target), so relays sharing a state dir never mix queues.
         let mut targets: BTreeMap<String, TargetUrl> = BTreeMap::new();
@@ -1404,4 +1447,29 @@ fn gap_spacing() -> Duration {
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
         .unwrap_or(reconcile::MIN_GAP_SPACING)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload changing `[cluster]` was refused with `[cluster] changed; that takes a
+    /// restart`, not saying which setting: the user had to diff the file.
+    #[test]
+    fn regression_the_cluster_reload_refusal_did_not_name_the_changed_keys() {
+        let running =
+            crate::cluster::Settings::new("nats://h:4222".to_string().into(), "prod".into());
+        let mut new = running.clone();
+        assert!(cluster_changes(Some(&new), Some(&running)).is_empty());
+        new.ack_wait = Duration::from_secs(5);
+        new.url = "nats://other:4222".to_string().into();
+        let changed = cluster_changes(Some(&new), Some(&running));
+        assert_eq!(changed, ["nats_url", "ack_wait"]);
+        assert_eq!(
+            DaemonError::ClusterChanged(changed.join(", ")).to_string(),
+            "[cluster] changed (nats_url, ack_wait); that takes a restart"
+        );
+        assert_eq!(cluster_changes(Some(&new), None), ["added"]);
+        assert_eq!(cluster_changes(None, Some(&running)), ["removed"]);
+    }
 }
