@@ -664,7 +664,9 @@ fn cluster_settings(
                     "{key} = {:?}: dedupe_window ({}) must be at least ack_wait ({}) plus {} \
                      (an alert another instance re-sends after a takeover comes up to ack_wait \
                      after the first, and the stream drops it as a repeat only within \
-                     dedupe_window)",
+                     dedupe_window; other instances re-send a held alert or a reconciliation's \
+                     alerts only while their record is younger than dedupe_window less ack_wait \
+                     and 1m, which must leave them at least a minute)",
                     value.get_ref(),
                     humantime::format_duration(settings.dedupe_window),
                     humantime::format_duration(settings.ack_wait),
@@ -1735,22 +1737,22 @@ above = 80
     fn a_dedupe_window_that_cannot_cover_a_takeover_is_refused() {
         let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
                     [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"30s\"\n\
-                    dedupe_window = \"80s\"\nname = \"prod\"\n";
+                    dedupe_window = \"140s\"\nname = \"prod\"\n";
         let all = parse(text, "c.toml", &no_env)
             .unwrap_err()
             .problems
             .join("\n");
         assert!(
             all.contains(
-                "c.toml:7: [cluster] dedupe_window = \"80s\": dedupe_window (1m 20s) must be at \
-                 least ack_wait (30s) plus 1m"
+                "c.toml:7: [cluster] dedupe_window = \"140s\": dedupe_window (2m 20s) must be at \
+                 least ack_wait (30s) plus 2m"
             ),
             "{all}"
         );
-        assert!(parse(&text.replace("80s", "90s"), "c.toml", &no_env).is_ok());
+        assert!(parse(&text.replace("140s", "150s"), "c.toml", &no_env).is_ok());
         // The default window (2h) against a longer ack_wait: said at ack_wait.
         let long = text
-            .replace("dedupe_window = \"80s\"\n", "")
+            .replace("dedupe_window = \"140s\"\n", "")
             .replace("30s", "3h");
         let all = parse(&long, "c.toml", &no_env)
             .unwrap_err()
@@ -1784,6 +1786,29 @@ above = 80
             .join("\n");
         assert!(e.ends_with(&want[6..]), "{e}");
         assert!(parse(&format!("{text}name = \"prod\"\n"), "c.toml", &no_env).is_ok());
+    }
+
+    /// Regression (adv3 review, finding 2): the smallest window accepted (ack_wait + 1m) left
+    /// the re-send window of held alerts and reconciliations at zero, so a held FIRING whose
+    /// writer died right after its write was never sent by another instance.
+    #[test]
+    fn a_dedupe_window_leaving_no_resend_window_for_held_alerts_is_refused() {
+        let text = "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n\
+                    [cluster]\nnats_url = \"nats://10.0.0.1:4222\"\nack_wait = \"2s\"\n\
+                    dedupe_window = \"62s\"\nname = \"prod\"\n";
+        let all = parse(text, "c.toml", &no_env)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(
+            all.contains(
+                "c.toml:7: [cluster] dedupe_window = \"62s\": dedupe_window (1m 2s) must be at \
+                 least ack_wait (2s) plus 2m"
+            ),
+            "{all}"
+        );
+        // A minute of re-send window left: accepted.
+        assert!(parse(&text.replace("62s", "122s"), "c.toml", &no_env).is_ok());
     }
 
     #[test]

@@ -665,3 +665,32 @@ async fn config_nonsense_is_refused_by_check_and_run_with_exit_2() {
         );
     }
 }
+
+/// Regression (adv3 review, finding 3): the route waited out Slack's pace (a second) before
+/// journaling the delivery, so a `kill -9` up to a second after Slack answered repeated the
+/// alert after the restart. It is journaled as soon as Slack answered (and the delivery's log
+/// line is said once it is), then paced.
+#[tokio::test]
+async fn a_kill_9_right_after_slack_answered_does_not_repeat_the_alert() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let dir = support::fresh_state_dir();
+    let config = write_config(&dir, &channel.url("PipelineChannel"), "");
+    let state = dir.join("state");
+    let mut daemon = start(&config, &state, &slack.webhook_url(), &channel).await;
+    for (n, file) in ["01-create", "02-cpu-25-to-87"].iter().enumerate() {
+        channel.send_webhook(n as u64 + 1, &frame(&fixture("automation", file), &[]));
+    }
+    assert_eq!(
+        slack.next_headline().await,
+        "FIRING cpu-high: Notification Service Production"
+    );
+    // Slack answered, and the relay says so: killed at once, well inside the pace.
+    daemon.logs.wait_for(&["slack -> 200"]).await;
+    daemon.child.start_kill().unwrap();
+    daemon.child.wait().await.unwrap();
+
+    let daemon = start(&config, &state, &slack.webhook_url(), &channel).await;
+    slack.assert_quiet(Duration::from_secs(3)).await;
+    stop(daemon).await;
+}

@@ -482,3 +482,181 @@ async fn check_refuses_a_reconcile_interval_under_a_minute() {
         out.stdout
     );
 }
+
+/// A cluster instance with `[port]` reconciliation, started and joined.
+async fn join_cluster(
+    config: &str,
+    channel: &FakeChannel,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, LogWatch, tempfile::TempDir) {
+    let dir = support::temp_dir();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let before = channel.connections();
+    let mut command = smee_relay();
+    command
+        .args(["run", "--config"])
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("TEST_PORT_SECRET", "test-secret")
+        .env(
+            "RUST_LOG",
+            "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
+        );
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let (child, logs) = support::spawn_logged(&mut command);
+    logs.wait_for(&["joined the cluster"]).await;
+    channel.wait_connections(before + 1).await;
+    (child, logs, dir)
+}
+
+/// Regression (adv3 review, finding 1): instance A judged a live FIRING (its alert-state write
+/// landed, its record with it) and has not published it yet (its publish is held); B starts
+/// and reconciles against Port's newer state, back to normal. B sent the RESOLVED at once,
+/// and A's FIRING (its own publish, or a takeover's re-send) followed it: Slack said RESOLVED
+/// then FIRING, and the entity looked FIRING for good. A judgement now queues the entity's
+/// earlier recorded alerts (under their own names) before its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_does_not_overtake_a_live_firing_not_yet_published() {
+    use support::nats::{FAILOVER_PATIENCE, NatsServer};
+    let nats = NatsServer::start().await;
+    let port = FakePort::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let config = format!(
+        "{}\n[port]\nclient_id = \"test-client\"\nclient_secret_env = \"TEST_PORT_SECRET\"\napi_url = \"{}\"\nreconcile = \"1h\"\n",
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "recon"),
+        port.url()
+    );
+    let dir = support::temp_dir();
+    let hold = dir.path().join("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let fault = format!("hold-alert-publish={}", hold.display());
+    let (_a, a_logs, _a_dir) =
+        join_cluster(&config, &channel, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    // Port knows no entity yet: A's reconciliation at start finds nothing.
+    a_logs
+        .wait_for(&["reconciliation of blueprint DeploymentConfig"])
+        .await;
+
+    // With Port credentials the pipeline checks signatures: signed as Port signs.
+    let change = |file: &str| signed_port_frame(&support::port_fixture("automation", file));
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    // Committed on A (its alert-state write landed first), its publish held.
+    a_logs.wait_for(&["FIRING cpu-high"]).await;
+
+    // Meanwhile Port's entity went back to 25 (after the change A judged): B reconciles.
+    port.set_cpu("notification-service-prod", 25, 5);
+    let (_b, b_logs, _b_dir) = join_cluster(&config, &channel, &[]).await;
+    b_logs
+        .wait_for(&["reconciliation of blueprint DeploymentConfig"])
+        .await;
+
+    let mut next = async |what: &str| {
+        let Some(request) = slack.try_next(FAILOVER_PATIENCE).await else {
+            panic!("no {what} reached Slack within {FAILOVER_PATIENCE:?}");
+        };
+        support::slack_header(&request)
+    };
+    let first = next("the first alert").await;
+    assert!(
+        first.starts_with("FIRING cpu-high"),
+        "the FIRING first, not the RESOLVED that ends it: {first:?}\nB:\n{}",
+        b_logs.all()
+    );
+    let second = next("the second alert").await;
+    assert!(second.starts_with("RESOLVED cpu-high"), "{second:?}");
+    // A's publish goes on: a repeat the stream drops.
+    std::fs::remove_file(&hold).unwrap();
+    slack.assert_quiet(std::time::Duration::from_secs(4)).await;
+}
+
+/// Regression (adv3 review, finding 1, the crash variant): instance A judged a live FIRING and
+/// died right after its alert-state write landed (nothing published); B starts and
+/// reconciles against Port's newer state. B sent the RESOLVED at once and the FIRING only
+/// when it took A's event over, an ack wait later: RESOLVED then FIRING. Now B's
+/// reconciliation queues A's recorded FIRING (under its name) before its RESOLVED, and the
+/// takeover's re-send is a repeat the stream drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_after_a_crash_after_the_write_sends_the_firing_first() {
+    use support::nats::{FAILOVER_PATIENCE, NatsServer};
+    let nats = NatsServer::start().await;
+    let port = FakePort::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    // A long ack wait: B's reconciliation at start comes well before it takes A's event over.
+    let cluster = support::nats::alerts_config(
+        &channel.url("ch"),
+        &slack.webhook_url(),
+        &nats.url,
+        "reconcrash",
+    )
+    .replace("ack_wait = \"2s\"", "ack_wait = \"10s\"");
+    assert!(cluster.contains("ack_wait = \"10s\""), "{cluster}");
+    let config = format!(
+        "{cluster}\n[port]\nclient_id = \"test-client\"\nclient_secret_env = \"TEST_PORT_SECRET\"\napi_url = \"{}\"\nreconcile = \"1h\"\n",
+        port.url()
+    );
+    let (mut a, a_logs, _a_dir) = join_cluster(
+        &config,
+        &channel,
+        &[("SMEE_RELAY_FAULT", "abort-after-alert-state-write")],
+    )
+    .await;
+    a_logs
+        .wait_for(&["reconciliation of blueprint DeploymentConfig"])
+        .await;
+    let change = |file: &str| signed_port_frame(&support::port_fixture("automation", file));
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    a_logs
+        .wait_for(&["fault injected: abort after the alert-state write"])
+        .await;
+    a.wait().await.unwrap();
+
+    port.set_cpu("notification-service-prod", 25, 5);
+    let (_b, b_logs, _b_dir) = join_cluster(&config, &channel, &[]).await;
+    let mut next = async |what: &str| {
+        let Some(request) = slack.try_next(FAILOVER_PATIENCE).await else {
+            panic!("no {what} reached Slack within {FAILOVER_PATIENCE:?}");
+        };
+        support::slack_header(&request)
+    };
+    let first = next("the first alert").await;
+    assert!(
+        first.starts_with("FIRING cpu-high"),
+        "the FIRING first, not the RESOLVED that ends it: {first:?}\nB:\n{}",
+        b_logs.all()
+    );
+    let second = next("the second alert").await;
+    assert!(second.starts_with("RESOLVED cpu-high"), "{second:?}");
+    // B takes A's event over (an ack wait later): its re-send is a repeat the stream drops.
+    b_logs
+        .wait_for(&["took over another instance's judgement"])
+        .await;
+    slack.assert_quiet(std::time::Duration::from_secs(3)).await;
+}
+
+/// A smee frame carrying a Port change signed with the test's client secret.
+fn signed_port_frame(body: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"test-secret").unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    let signature = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    format!(
+        r#"{{"x-port-timestamp":"{timestamp}","x-port-signature":"{signature}","content-type":"application/json","body":{body}}}"#
+    )
+}

@@ -19,7 +19,8 @@
 //! What a relay produces (alerts, Port run reports) travels the same way under a key of its
 //! own ([`produced_key`]): a local outbox publishes it, and the alert (reports) route is fed
 //! from its consumer, so whichever instance is alive delivers it. A paced route (Slack) acks
-//! only after its pace wait ([`Cluster::feed_paced`]): the pace holds cluster-wide.
+//! only once its pace has passed since the delivery started ([`Cluster::feed_paced`]): the
+//! pace holds cluster-wide.
 //!
 //! It must not deliver anything itself (the local routes do), nor decide what an alert is (the
 //! pipeline does; this module only stores its bytes with compare-and-set).
@@ -307,9 +308,14 @@ pub struct Cluster {
     starting: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
-/// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a
-/// takeover takes beyond the ack wait (reading the judgement back, committing, publishing).
-pub const DEDUPE_MARGIN: Duration = Duration::from_secs(60);
+/// How much longer than `ack_wait` the cluster's `dedupe_window` must be: a minute for what a
+/// takeover takes beyond the ack wait (reading the judgement back, committing, publishing),
+/// and at least another during which the other instances re-send a held alert's or a
+/// reconciliation's recorded alerts (the pipeline re-sends a record only while it is younger
+/// than `dedupe_window` less `ack_wait` and a minute; instances read moved shards every
+/// second). With one minute alone that re-send window was empty: a held FIRING whose writer
+/// died right after its write was never sent.
+pub const DEDUPE_MARGIN: Duration = Duration::from_secs(120);
 
 /// What every instance must share, said with each change.
 const SAME_EVERYWHERE: &str = "every instance of the cluster must use the same [cluster] settings";
@@ -624,6 +630,18 @@ impl Cluster {
             .map(|taken| taken.seq)
     }
 
+    /// Told by local `route`'s target that an attempt at `event` starts now: a paced route's
+    /// ack waits until the pace has passed since the last attempt started ([`Paced`]).
+    pub fn attempt_started(&self, route: &str, event: &Event) {
+        let mut in_flight = self.in_flight.lock().expect("not poisoned");
+        if let Some(taken) = in_flight
+            .get_mut(route)
+            .filter(|taken| taken.event == *event)
+        {
+            taken.started = Some(tokio::time::Instant::now());
+        }
+    }
+
     /// Told by local `route`'s target of each attempt at `event`: `Err` holds the target's
     /// status, if it answered, and why it failed. A cluster delivery that the route finishes
     /// after a failed attempt was given up on: [`Cluster::feed`] records it as a dead letter.
@@ -762,11 +780,12 @@ impl Cluster {
     }
 
     /// [`Cluster::feed`] for a route whose sink is paced (Slack: `pace` between two messages).
-    /// With one message in flight cluster-wide and the ack sent only after the local route's
-    /// pace wait, the next delivery of the route, whichever instance takes it, starts at least
-    /// `pace` after this one started. The route cuts its pace wait short when told to stop; the
-    /// ack then waits the pace out here, so a stop (a reload, a shutdown) that hands the route
-    /// to another instance does not hand it over early either.
+    /// With one message in flight cluster-wide and the ack sent only once `pace` has passed
+    /// since the delivery's last attempt started (waited out here: the route records the
+    /// delivery as soon as Slack answered, and paces after that, or not at all when told to
+    /// stop), the next delivery of the route, whichever instance takes it, starts at least
+    /// `pace` after this one started, a stop (a reload, a shutdown) that hands the route to
+    /// another instance included.
     #[allow(clippy::too_many_arguments)]
     pub fn feed_paced(
         self,
@@ -925,10 +944,7 @@ impl Cluster {
                     info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
                     continue;
                 }
-                let paced = Paced {
-                    pace,
-                    cancel: &cancel,
-                };
+                let paced = Paced { pace };
                 self.handle(&names, message, &spool, &writer, &route_done, paced)
                     .await;
             }
@@ -968,7 +984,7 @@ impl Cluster {
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
         route_done: &CancellationToken,
-        paced: Paced<'_>,
+        paced: Paced,
     ) {
         let RouteNames {
             label,
@@ -1041,6 +1057,7 @@ impl Cluster {
                 delivery_id: format!("{}-{hash}-{seq}", self.settings.name),
                 attempts: 0,
                 failed: None,
+                started: None,
             };
             self.in_flight
                 .lock()
@@ -1072,10 +1089,13 @@ impl Cluster {
         {
             return;
         }
-        if !paced.pace.is_zero() && paced.cancel.is_cancelled() {
-            // The route skipped its pace wait (told to stop): wait it out before the ack
-            // lets another instance send the next one.
-            tokio::time::sleep(paced.pace).await;
+        // The route records a delivery as soon as the target answered and paces after that
+        // (and not at all once told to stop): the ack, which lets another instance send the
+        // next one, waits until the pace has passed since the last attempt started.
+        if !paced.pace.is_zero()
+            && let Some(started) = taken.as_ref().and_then(|taken| taken.started)
+        {
+            tokio::time::sleep_until(started + paced.pace).await;
         }
         // Finished after a failed attempt: given up on. Recorded in the cluster before the
         // ack, so that whichever instance runs `events list` sees it, and any can replay it.
@@ -1477,12 +1497,13 @@ impl Cluster {
     }
 }
 
-/// A fed route's pacing: the least time between two of its deliveries, cluster-wide.
-struct Paced<'a> {
+/// A fed route's pacing: the least time between two of its deliveries, cluster-wide. The
+/// route records a delivery as soon as its target answered and paces only after that (not at
+/// all once told to stop), so the ack waits the pace out itself, from when the last attempt
+/// started ([`InFlight::started`]).
+struct Paced {
     /// The sink's least interval (zero: not paced).
     pace: Duration,
-    /// The feed's (and the route's) stop: once it fired, the route no longer paced.
-    cancel: &'a CancellationToken,
 }
 
 /// The cluster delivery a local route is delivering now.
@@ -1498,6 +1519,9 @@ struct InFlight {
     /// How the last attempt failed (the target's status, if it answered, and why); None after
     /// a success.
     failed: Option<(Option<u16>, String)>,
+    /// When the last attempt started ([`Cluster::attempt_started`]): a paced route's ack waits
+    /// the pace out from there.
+    started: Option<tokio::time::Instant>,
 }
 
 /// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.

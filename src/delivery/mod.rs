@@ -79,19 +79,38 @@ impl Sink for Forwarder {
     }
 }
 
-/// One line per attempt: `POST 127.0.0.1:3000/hook -> 200 in 3 ms (event 12, x-github-event=push)`.
-pub fn log_delivery(
+/// One line per attempt: `POST 127.0.0.1:3000/hook -> 200 in 3 ms (event 12, x-github-event=push)`,
+/// made before the delivery is recorded (a cluster delivery's stream sequence is known only
+/// until then) and said after ([`DeliveryLine::say`]).
+enum DeliveryLine {
+    /// The target took it (info).
+    Delivered(String),
+    /// The attempt failed (warn).
+    Failed(String),
+}
+
+impl DeliveryLine {
+    fn say(self) {
+        match self {
+            DeliveryLine::Delivered(line) => info!("{line}"),
+            DeliveryLine::Failed(line) => warn!("{line}"),
+        }
+    }
+}
+
+/// The [`DeliveryLine`] of one attempt; `None` when its level is off.
+fn delivery_line(
     sink: &dyn Sink,
     event: &StoredEvent,
     outcome: &Result<Delivered, ForwardError>,
-) {
+) -> Option<DeliveryLine> {
     // Describing the event may parse its body: skip it when the line would not be written.
     let written = match outcome {
         Ok(_) => tracing::enabled!(tracing::Level::INFO),
         Err(_) => tracing::enabled!(tracing::Level::WARN),
     };
     if !written {
-        return;
+        return None;
     }
     let id = match sink.cluster_seq(event) {
         Some(seq) => format!("event {seq} in the cluster (local {})", event.id),
@@ -102,18 +121,15 @@ pub fn log_delivery(
         None => id,
     };
     let what = sink.describe();
-    match outcome {
-        Ok(done) => info!(
+    Some(match outcome {
+        Ok(done) => DeliveryLine::Delivered(format!(
             "{what} -> {} in {} ms ({about})",
             done.status.as_u16(),
             done.elapsed.as_millis()
-        ),
-        Err(e) => {
-            if let Some(e) = sink.failure(e) {
-                warn!("{what} failed: {e} ({about})")
-            }
-        }
-    }
+        )),
+        // `None`: the sink paces this failure's line (a NATS outage repeats it).
+        Err(e) => DeliveryLine::Failed(format!("{what} failed: {} ({about})", sink.failure(e)?)),
+    })
 }
 
 /// How a route retries.
@@ -362,28 +378,27 @@ impl Delivery<'_> {
                 }
             };
             attempts += 1;
-            log_delivery(self.sink, &item.event, &outcome);
-            // Pace deliveries the sink asks to be paced (Slack: one message a second). Only
-            // then: even an elapsed timer costs a turn of tokio's 1 ms timer wheel, which
-            // capped delivery at 1,000 events/s (bench/run.sh).
-            let pace = self.sink.min_interval();
-            if !pace.is_zero() {
-                // Not past a stop: the next delivery will not come from this route.
-                tokio::select! {
-                    _ = tokio::time::sleep_until(started + pace) => {}
-                    _ = self.cancel.cancelled() => {}
-                }
-            }
+            let line = delivery_line(self.sink, &item.event, &outcome);
             let error = match outcome {
                 Ok(done) => {
+                    // Recorded as soon as the target answered, and only then paced: a crash
+                    // from here on does not repeat it (the line says so once it is true).
                     self.counters.delivered(self.label, done.elapsed);
                     let status = done.status.as_u16();
-                    return self
+                    let finished = self
                         .finish(mark(self.route, item, Outcome::Delivered { status }))
                         .await;
+                    if let Some(line) = line {
+                        line.say();
+                    }
+                    self.pace(started).await;
+                    return finished;
                 }
                 Err(error) => error,
             };
+            if let Some(line) = line {
+                line.say();
+            }
             let status = error.status().map(|s| s.as_u16());
             let age = spool::age(item.event.received_ms);
             if !error.is_retryable() || age > self.policy.max_age {
@@ -409,10 +424,13 @@ impl Delivery<'_> {
                         item.event.id
                     ),
                 }
-                return self
+                let finished = self
                     .finish(mark(self.route, item, Outcome::Dead { status, error: why }))
                     .await;
+                self.pace(started).await;
+                return finished;
             }
+            self.pace(started).await;
             self.counters.retried(self.label);
             let delay = self
                 .policy
@@ -446,6 +464,21 @@ impl Delivery<'_> {
 }
 
 impl Delivery<'_> {
+    /// Pace deliveries the sink asks to be paced (Slack: one message a second): the next one
+    /// starts at least the pace after `started`. Only then: even an elapsed timer costs a turn
+    /// of tokio's 1 ms timer wheel, which capped delivery at 1,000 events/s (bench/run.sh).
+    /// Cut short by a stop (the next delivery will not come from this route); a cluster
+    /// route's ack waits the pace out itself (`cluster`'s `Paced`).
+    async fn pace(&self, started: tokio::time::Instant) {
+        let pace = self.sink.min_interval();
+        if !pace.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + pace) => {}
+                _ = self.cancel.cancelled() => {}
+            }
+        }
+    }
+
     /// Record a finished delivery before the route goes on. While that fails (the disk is
     /// full), the route waits rather than deliver more than a crash could account for; false if
     /// shutdown came first (the delivery is then repeated after the restart).

@@ -26,6 +26,12 @@
 //! that reads their record queues its alerts again under the same names, so whatever becomes
 //! of their writer, they are published, and before any later change of the entity.
 //!
+//! Every judgement that queues alerts for an entity (live, held, reconciled, a takeover) first
+//! queues again that entity's alerts of the shard's earlier records still within the re-send
+//! window, under their own names and in write order ([`ClusterView::earlier_alerts`]): an
+//! earlier alert not yet published (its writer stalled, or died after its write) then goes
+//! out before the newer one whoever publishes first, and the stream drops those published.
+//!
 //! Test-only: debug builds abort the process right after an alert-state write when
 //! `SMEE_RELAY_FAULT` asks (see `cluster`'s module header).
 //!
@@ -136,7 +142,7 @@ pub async fn run(
         }
         let mut lost = false;
         for (n, matured) in groups {
-            let token = match &mut view {
+            let (token, earlier) = match &mut view {
                 Some(view) => {
                     let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
                     let record = (
@@ -153,7 +159,10 @@ pub async fn run(
                                 eprintln!("fault injected: abort after a held alert's write");
                                 std::process::abort();
                             }
-                            Some(token)
+                            let own: Vec<Alert> =
+                                matured.iter().map(|(_, _, alert)| alert.clone()).collect();
+                            let earlier = view.earlier_alerts(n, &own, Some(&token));
+                            (Some(token), earlier)
                         }
                         Stored::Lost => {
                             // Another instance moved first (it fires them) or NATS is away:
@@ -163,15 +172,21 @@ pub async fn run(
                         }
                     }
                 }
-                None => None,
+                None => (None, Vec::new()),
             };
             let mut writes = Vec::new();
             let mut alerts = Vec::new();
             for (key, state, alert) in &matured {
                 writes.push(state_write(key, state));
-                alerts.push(Alert::to_event(alert));
+                alerts.push(alert.clone());
             }
-            writes.push(alert_append(alerts, token.as_deref()));
+            match &token {
+                Some(token) => writes.extend(alert_appends(earlier, &alerts, token)),
+                None => writes.push(alert_append(
+                    alerts.iter().map(Alert::to_event).collect(),
+                    None,
+                )),
+            }
             if commit(&writer, writes).await {
                 let states = Arc::make_mut(&mut states);
                 for (key, state, alert) in matured {
@@ -313,12 +328,10 @@ pub async fn run(
                     .filter(|(k, _)| k.split_once('\u{1f}').is_some_and(|(_, e)| e == entity))
                     .map(|(k, s)| state_write(k, s))
                     .collect();
-                if !record.alerts.is_empty() {
-                    writes.push(alert_append(
-                        record.alerts.iter().map(Alert::to_event).collect(),
-                        Some(&record.token),
-                    ));
-                }
+                // The earlier alerts of the entity first, as any judgement does.
+                let earlier =
+                    view.earlier_alerts(shard_of(key), &record.alerts, Some(&record.token));
+                writes.extend(alert_appends(earlier, &record.alerts, &record.token));
                 if pipeline.record_verdicts && carries_run(&item.event.event.body) {
                     let verdict = EventVerdict {
                         alerts: record
@@ -535,6 +548,7 @@ pub async fn run(
                 _ => Vec::new(),
             };
             let mut token = None;
+            let mut earlier = Vec::new();
             if let Some(view) = &mut view
                 // Alerts always make a write: its token names them (`alert_append`).
                 && (!new_states.is_empty() || !newer_mark.is_empty() || !alerts.is_empty())
@@ -551,7 +565,10 @@ pub async fn run(
                     .store(n, new_states.clone(), newer_mark.clone(), record, &cancel)
                     .await
                 {
-                    Stored::Landed(landed) => token = Some(landed),
+                    Stored::Landed(landed) => {
+                        earlier = view.earlier_alerts(n, &alerts, Some(&landed));
+                        token = Some(landed);
+                    }
                     Stored::Lost => break,
                 }
                 // Test-only (debug builds, `SMEE_RELAY_FAULT`): a crash right here, the
@@ -566,11 +583,13 @@ pub async fn run(
                     std::process::abort();
                 }
             }
-            if !alerts.is_empty() {
-                writes.push(alert_append(
+            match &token {
+                Some(token) => writes.extend(alert_appends(earlier, &alerts, token)),
+                None if !alerts.is_empty() => writes.push(alert_append(
                     alerts.iter().map(Alert::to_event).collect(),
-                    token.as_deref(),
-                ));
+                    None,
+                )),
+                None => {}
             }
             if !commit(&writer, writes).await {
                 // Not recorded: stop here and read the queue again from this event.
@@ -709,16 +728,13 @@ async fn judge_snapshot(
                 .iter()
                 .filter(|a| shard_of(&super::state_key(&a.rule, &a.entity)) == n)
                 .collect();
+            let own: Vec<Alert> = alerts.iter().map(|a| (*a).clone()).collect();
             let token = match view
                 .store(
                     n,
                     changes.clone(),
                     shard_marks.clone(),
-                    Some((
-                        RECONCILED.to_string(),
-                        alerts.iter().map(|a| (*a).clone()).collect(),
-                        Vec::new(),
-                    )),
+                    Some((RECONCILED.to_string(), own.clone(), Vec::new())),
                     cancel,
                 )
                 .await
@@ -727,12 +743,8 @@ async fn judge_snapshot(
                 Stored::Lost => return None,
             };
             let mut writes: Vec<Write> = changes.iter().map(|(k, s)| state_write(k, s)).collect();
-            if !alerts.is_empty() {
-                writes.push(alert_append(
-                    alerts.iter().map(|a| Alert::to_event(a)).collect(),
-                    Some(&token),
-                ));
-            }
+            let earlier = view.earlier_alerts(n, &own, Some(&token));
+            writes.extend(alert_appends(earlier, &own, &token));
             if !commit(writer, writes).await {
                 return None;
             }
@@ -965,19 +977,25 @@ fn judged_as(cluster: Option<&Cluster>, event: &crate::event::Event) -> Option<S
     Some(format!("live {seq} {}", hex::encode(&digest[..6])))
 }
 
-/// Keep the records of writes still among `writes`, newest first within [`JUDGED_BYTES`].
+/// Keep the records of writes still among `writes`, within [`JUDGED_BYTES`] of alerts. The
+/// newest is always kept (its own alerts are within the bound, [`ClusterView::store`]). Over
+/// the bound, held alerts' and reconciliations' records go first, oldest first, and a live
+/// event's only once none of those is left: a live record is the only way a takeover re-sends
+/// what its writer did not publish, while every other instance reads a held or reconciled
+/// record (within a second) and queues its alerts again itself. So a large reconciliation
+/// landing in a shard never pushes out the small live records before it.
 fn trim_judged(judged: &mut Vec<Judged>, writes: &[String]) {
     judged.retain(|record| writes.contains(&record.token));
-    let mut total = 0;
-    let mut keep = judged.len();
-    for (at, record) in judged.iter().enumerate().rev() {
-        total += serde_json::to_vec(&record.alerts).map_or(0, |bytes| bytes.len());
-        if total > JUDGED_BYTES {
-            break;
-        }
-        keep = at;
+    let size = |record: &Judged| serde_json::to_vec(&record.alerts).map_or(0, |b| b.len());
+    let mut total: usize = judged.iter().map(size).sum();
+    while total > JUDGED_BYTES && judged.len() > 1 {
+        let older = judged.len() - 1;
+        let at = judged[..older]
+            .iter()
+            .position(|record| record.of == HELD || record.of == RECONCILED)
+            .unwrap_or(0);
+        total -= size(&judged.remove(at));
     }
-    judged.drain(..keep);
 }
 
 /// How long the cluster keeps an entity's change time ([`SharedAlerts::changed`]): far longer
@@ -1103,6 +1121,42 @@ impl ClusterView {
         let new = &self.parts[n].alerts;
         union.extend(new.states.iter().map(|(k, v)| (k.clone(), v.clone())));
         changed.extend(new.changed.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+
+    /// The alerts, for the entities `alerts` name, of the records in shard `n` written before
+    /// the one with token `before` (all of them when it is not there), still within
+    /// [`ClusterView::resend_within`], in write order and under their own names: queued again
+    /// ahead of a judgement's own alerts, so an earlier alert of the same entity whose writer
+    /// has not published it yet (stalled, or dead before its commit) goes out before the newer
+    /// one, whoever publishes first; one already published is a repeat the stream drops.
+    fn earlier_alerts(
+        &self,
+        n: usize,
+        alerts: &[Alert],
+        before: Option<&str>,
+    ) -> Vec<crate::event::Event> {
+        let entities: HashSet<&str> = alerts.iter().map(|a| a.entity.as_str()).collect();
+        let mut earlier = Vec::new();
+        if entities.is_empty() {
+            return earlier;
+        }
+        let now = crate::clock::now_ms();
+        for record in &self.parts[n].alerts.judged {
+            if before == Some(record.token.as_str()) {
+                break;
+            }
+            if now.saturating_sub(record.at_ms) >= self.resend_within.as_millis() as u64 {
+                continue;
+            }
+            for (at, alert) in record.alerts.iter().enumerate() {
+                if entities.contains(alert.entity.as_str()) {
+                    let mut event = alert.to_event();
+                    event.sse_id = Some(alert_name(&record.token, at));
+                    earlier.push(event);
+                }
+            }
+        }
+        earlier
     }
 
     /// The record of judgement `of` in shard `n` as last read, if a write of it landed.
@@ -1537,7 +1591,7 @@ fn alert_append(mut alerts: Vec<crate::event::Event>, cluster_write: Option<&str
     let route = match cluster_write {
         Some(token) => {
             for (n, alert) in alerts.iter_mut().enumerate() {
-                alert.sse_id = Some(format!("alerts@{token}#{n}"));
+                alert.sse_id = Some(alert_name(token, n));
             }
             crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE))
         }
@@ -1549,6 +1603,37 @@ fn alert_append(mut alerts: Vec<crate::event::Event>, cluster_write: Option<&str
         events: alerts.into(),
         cursor: None,
     }
+}
+
+/// The cluster-wide name of the `n`th alert of the write with token `token` (its stream
+/// message id: the stream stores it once, whoever publishes it).
+fn alert_name(token: &str, n: usize) -> String {
+    format!("alerts@{token}#{n}")
+}
+
+/// A cluster judgement's alerts to queue, in this order: the earlier alerts of the same
+/// entities ([`ClusterView::earlier_alerts`], already named) and then its own, named by
+/// `token`. Nothing when it has no alerts of its own.
+fn alert_appends(earlier: Vec<crate::event::Event>, own: &[Alert], token: &str) -> Vec<Write> {
+    if own.is_empty() {
+        return Vec::new();
+    }
+    let mut writes = Vec::new();
+    if !earlier.is_empty() {
+        writes.push(Write::Append {
+            channel: PIPELINE_ROUTE.into(),
+            routes: vec![crate::cluster::outbox_route(&crate::cluster::produced_key(
+                ALERT_ROUTE,
+            ))],
+            events: earlier.into(),
+            cursor: None,
+        });
+    }
+    writes.push(alert_append(
+        own.iter().map(Alert::to_event).collect(),
+        Some(token),
+    ));
+    writes
 }
 
 /// Commit and wait; false (logged) if it failed.
@@ -1674,6 +1759,40 @@ mod tests {
         let read: SharedAlerts =
             serde_json::from_slice(&serde_json::to_vec(&shard).unwrap()).unwrap();
         assert_eq!(read.judged[0].alerts[0].to_event(), one.to_event());
+    }
+
+    /// Regression (adv3 review): a large reconciliation (or held) record landing in a shard
+    /// pushed the small live records before it out of the byte bound, and with them the only
+    /// way a takeover re-sends a live judgement's alerts.
+    #[test]
+    fn a_large_reconciliation_record_does_not_push_out_the_live_records_before_it() {
+        let record = |of: &str, n: usize, bytes: usize| Judged {
+            of: of.into(),
+            token: format!("t-{n}"),
+            alerts: vec![alert("svc", bytes)],
+            untold: 0,
+            at_ms: 0,
+            failed: vec![],
+        };
+        let mut judged = vec![
+            record(HELD, 0, JUDGED_BYTES / 4),
+            record("live 1 ab", 1, 100),
+            record(RECONCILED, 2, JUDGED_BYTES / 4),
+            record("live 3 ab", 3, 100),
+            record(RECONCILED, 4, JUDGED_BYTES - 1000),
+        ];
+        let writes: Vec<String> = (0..5).map(|n| format!("t-{n}")).collect();
+        trim_judged(&mut judged, &writes);
+        let kept: Vec<&str> = judged.iter().map(|j| j.token.as_str()).collect();
+        assert_eq!(kept, ["t-1", "t-3", "t-4"]);
+        // Live records alone over the bound: the oldest go, the newest stays.
+        let mut judged: Vec<Judged> = (0..4)
+            .map(|n| record("live", n, JUDGED_BYTES / 3))
+            .collect();
+        let writes: Vec<String> = (0..4).map(|n| format!("t-{n}")).collect();
+        trim_judged(&mut judged, &writes);
+        let kept: Vec<&str> = judged.iter().map(|j| j.token.as_str()).collect();
+        assert_eq!(kept, ["t-2", "t-3"]);
     }
 
     async fn settled(spool: &Spool) {

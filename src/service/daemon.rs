@@ -571,6 +571,8 @@ impl Sink for ClusterDeliveryId {
         Result<delivery::forward::Delivered, delivery::forward::ForwardError>,
     > {
         Box::pin(async move {
+            // The cluster's ack of a paced route waits the pace out from here.
+            self.cluster.attempt_started(&self.route, &event.event);
             let id = self.cluster.delivery_id(&self.route, &event.event);
             let outcome = self
                 .inner
