@@ -94,6 +94,12 @@ async fn start_cluster(
         .collect();
     for instance in &instances {
         instance.logs.wait_for(&["joined the cluster"]).await;
+        // Its routes' consumers exist only then (debug line): until they do it publishes
+        // nothing, so a test that stops NATS earlier would see no publish at all.
+        instance
+            .logs
+            .wait_for(&["the route's NATS consumer is ready"])
+            .await;
     }
     channel.wait_connections(before + count).await;
     instances

@@ -1558,7 +1558,10 @@ impl Starting {
                 .consumer(&self.durable, &self.label, &self.subjects)
                 .await
             {
-                Ok(_) => return,
+                Ok(_) => {
+                    tracing::debug!(route = %self.label, "the route's NATS consumer is ready");
+                    return;
+                }
                 Err(e) => {
                     if !std::mem::replace(&mut said, true) {
                         warn!(route = %self.label, "cannot create the route's NATS consumer, retrying (nothing is published until it exists): {}", crate::error::chain(&e));
