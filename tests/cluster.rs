@@ -6,11 +6,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use support::nats::{FAILOVER_PATIENCE, NatsServer};
-use support::{FakeChannel, FakeSlack, FakeTarget, LogWatch, smee_relay, spawn_logged};
+use support::nats::{
+    FAILOVER_PATIENCE, Instance, NatsServer, restart, start_instance, write_config,
+};
+use support::{FakeChannel, FakeSlack, FakeTarget, smee_relay};
 
 /// A smee frame whose body says which event it is.
 fn frame(n: usize) -> String {
@@ -21,59 +22,6 @@ fn frame(n: usize) -> String {
 fn n_of(body: &[u8]) -> usize {
     let value: serde_json::Value = serde_json::from_slice(body).expect("a JSON body");
     value["n"].as_u64().expect("an n") as usize
-}
-
-/// A relay process of the cluster.
-struct Instance {
-    child: tokio::process::Child,
-    logs: LogWatch,
-    /// Kept so the state dir outlives the process.
-    _dir: tempfile::TempDir,
-}
-
-fn config(dir: &std::path::Path, body: &str) -> PathBuf {
-    let path = dir.join("config.toml");
-    std::fs::write(&path, body).unwrap();
-    path
-}
-
-fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
-    let dir = support::temp_dir();
-    let (child, logs) = start_in(dir.path(), config_body, env);
-    Instance {
-        child,
-        logs,
-        _dir: dir,
-    }
-}
-
-/// Start `instance` again (after a kill), on the same state directory.
-fn restart(instance: &mut Instance, config_body: &str) {
-    let (child, logs) = start_in(instance._dir.path(), config_body, &[]);
-    instance.child = child;
-    instance.logs = logs;
-}
-
-fn start_in(
-    dir: &std::path::Path,
-    config_body: &str,
-    env: &[(&str, &str)],
-) -> (tokio::process::Child, LogWatch) {
-    let path = config(dir, config_body);
-    let mut command = smee_relay();
-    command
-        .args(["run", "--config"])
-        .arg(&path)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .env(
-            "RUST_LOG",
-            "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
-        );
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    spawn_logged(&mut command)
 }
 
 /// This file's forwarding config (cluster `test`).
@@ -309,7 +257,7 @@ async fn nats_unreachable_at_start_exits_2_with_the_reason() {
     let target = FakeTarget::start().await;
     let unused = support::unused_addr();
     let dir = support::temp_dir();
-    let path = config(
+    let path = write_config(
         dir.path(),
         &forward_config(
             &channel.url("ch"),
@@ -340,7 +288,7 @@ async fn the_nats_url_flag_joins_and_hides_its_password() {
     let channel = FakeChannel::start().await;
     let target = FakeTarget::start().await;
     let unused = support::unused_addr();
-    let path = config(
+    let path = write_config(
         dir.path(),
         &format!(
             "[[channel]]\nurl = \"{}\"\nforward = [\"{}\"]\n",
@@ -890,7 +838,7 @@ async fn wait_published(nats: &NatsServer, count: usize) {
 /// `smee-relay events ARGS` as run on `instance`'s machine: its config (with `[cluster]`) and
 /// its state directory.
 async fn events_on(instance: &Instance, args: &[&str]) -> support::Output {
-    let dir = instance._dir.path();
+    let dir = instance.dir.path();
     let out = support::run_to_end(
         smee_relay()
             .arg("events")
@@ -1273,7 +1221,7 @@ async fn regression_replay_local_without_to_is_refused_in_cluster_mode() {
     one.logs
         .wait_for(&["dead letter recorded in the cluster"])
         .await;
-    let dir = one._dir.path();
+    let dir = one.dir.path();
     let out = support::run_to_end(
         smee_relay()
             .args(["events", "replay", "--dead", "--local", "--config"])
@@ -1396,7 +1344,7 @@ async fn regression_events_commands_stay_quiet_on_stderr_and_suggest_local_when_
         "http://127.0.0.1:9/hook",
         &nats.url,
     );
-    let path = config(dir.path(), &body);
+    let path = write_config(dir.path(), &body);
     let events_list = || async {
         support::run_to_end(
             smee_relay()
@@ -1440,12 +1388,12 @@ async fn regression_a_route_stopped_by_a_reload_does_not_deliver_its_copy_locall
     target.hold();
     channel.send_webhook(1, &frame(0));
     target.wait_arrived(1).await;
-    config(one._dir.path(), &elsewhere);
+    write_config(one.dir.path(), &elsewhere);
     support::signal(&one.child, "HUP");
     one.logs.wait_for(&["config reloaded", "removed"]).await;
     target.release();
     // The route comes back: the cluster redelivers the event, and only the cluster.
-    config(one._dir.path(), &body);
+    write_config(one.dir.path(), &body);
     support::signal(&one.child, "HUP");
     support::wait_until(FAILOVER_PATIENCE, "the redelivery", || {
         target
@@ -1544,7 +1492,7 @@ async fn events_without_config(instance: &Instance, args: &[&str]) -> support::O
             .arg("events")
             .args(args)
             .arg("--state-dir")
-            .arg(instance._dir.path().join("state"))
+            .arg(instance.dir.path().join("state"))
             .env_remove("SMEE_RELAY_CONFIG")
             .env_remove("SMEE_RELAY_NATS_URL"),
     )

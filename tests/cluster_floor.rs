@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use support::nats::{FAILOVER_PATIENCE, NatsServer};
-use support::{FakeChannel, FakeTarget, LogWatch, smee_relay, spawn_logged};
+use support::nats::{FAILOVER_PATIENCE, Instance, NatsServer, start_instance};
+use support::{FakeChannel, FakeTarget};
 
 /// This file's cluster name.
 const NAME: &str = "floor";
@@ -25,33 +25,6 @@ fn frame(n: usize) -> String {
 fn n_of(body: &[u8]) -> usize {
     let value: serde_json::Value = serde_json::from_slice(body).expect("a JSON body");
     value["n"].as_u64().expect("an n") as usize
-}
-
-/// A relay process of the cluster.
-struct Instance {
-    _child: tokio::process::Child,
-    logs: LogWatch,
-    /// Kept so the state dir outlives the process.
-    _dir: tempfile::TempDir,
-}
-
-fn start_instance(config_body: &str) -> Instance {
-    let dir = support::temp_dir();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config_body).unwrap();
-    let (child, logs) = spawn_logged(
-        smee_relay()
-            .args(["run", "--config"])
-            .arg(&path)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("RUST_LOG", "info,smee_relay::cluster=debug"),
-    );
-    Instance {
-        _child: child,
-        logs,
-        _dir: dir,
-    }
 }
 
 /// Take requests until every event of `wanted` arrived; every body's `n`, in arrival order.
@@ -131,7 +104,7 @@ async fn nats_forgetting_the_acks_it_took_repeats_nothing_the_floor_records() {
     let body =
         support::nats::forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url, NAME);
     let before = channel.connections();
-    let instances: Vec<Instance> = (0..2).map(|_| start_instance(&body)).collect();
+    let instances: Vec<Instance> = (0..2).map(|_| start_instance(&body, &[])).collect();
     for instance in &instances {
         instance.logs.wait_for(&["joined the cluster"]).await;
     }

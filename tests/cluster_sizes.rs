@@ -10,35 +10,8 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use support::nats::NatsServer;
-use support::{FakeChannel, FakeTarget, LogWatch, smee_relay, spawn_logged};
-
-/// A relay process of the cluster.
-struct Instance {
-    _child: tokio::process::Child,
-    logs: LogWatch,
-    /// Kept so the state dir outlives the process.
-    _dir: tempfile::TempDir,
-}
-
-fn start_instance(config_body: &str) -> Instance {
-    let dir = support::temp_dir();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config_body).unwrap();
-    let (child, logs) = spawn_logged(
-        smee_relay()
-            .args(["run", "--config"])
-            .arg(&path)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("RUST_LOG", "info,smee_relay::cluster=debug"),
-    );
-    Instance {
-        _child: child,
-        logs,
-        _dir: dir,
-    }
-}
+use support::nats::{Instance, NatsServer, start_instance};
+use support::{FakeChannel, FakeTarget};
 
 /// This file's forwarding config (cluster `sizes`).
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
@@ -47,7 +20,9 @@ fn forward_config(channel: &str, target: &str, nats: &str) -> String {
 
 async fn start_cluster(count: usize, channel: &FakeChannel, config_body: &str) -> Vec<Instance> {
     let before = channel.connections();
-    let instances: Vec<Instance> = (0..count).map(|_| start_instance(config_body)).collect();
+    let instances: Vec<Instance> = (0..count)
+        .map(|_| start_instance(config_body, &[]))
+        .collect();
     for instance in &instances {
         instance.logs.wait_for(&["joined the cluster"]).await;
     }

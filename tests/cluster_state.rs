@@ -3,43 +3,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use support::nats::NatsServer;
-use support::{FakeChannel, FakeSlack, LogWatch, smee_relay, spawn_logged};
-
-/// A relay process of the cluster.
-struct Instance {
-    _child: tokio::process::Child,
-    logs: LogWatch,
-    /// Kept so the state dir outlives the process.
-    _dir: tempfile::TempDir,
-}
-
-fn start_instance(config_body: &str) -> Instance {
-    let dir = support::temp_dir();
-    let path: PathBuf = dir.path().join("config.toml");
-    std::fs::write(&path, config_body).unwrap();
-    let mut command = smee_relay();
-    command
-        .args(["run", "--config"])
-        .arg(&path)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env(
-            "RUST_LOG",
-            "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
-        );
-    let (child, logs) = spawn_logged(&mut command);
-    Instance {
-        _child: child,
-        logs,
-        _dir: dir,
-    }
-}
+use support::nats::{Instance, NatsServer, start_instance};
+use support::{FakeChannel, FakeSlack, smee_relay, spawn_logged};
 
 /// This file's pipeline config (cluster `state`).
 fn alerts_config(channel: &str, slack: &str, nats: &str) -> String {
@@ -57,11 +26,10 @@ fn frame_for(fixture: &str, entity: &str) -> String {
 async fn one_instance(nats: &str) -> (FakeChannel, FakeSlack, Instance) {
     let channel = FakeChannel::start().await;
     let slack = FakeSlack::start().await;
-    let instance = start_instance(&alerts_config(
-        &channel.url("ch"),
-        &slack.webhook_url(),
-        nats,
-    ));
+    let instance = start_instance(
+        &alerts_config(&channel.url("ch"), &slack.webhook_url(), nats),
+        &[],
+    );
     instance.logs.wait_for(&["joined the cluster"]).await;
     channel.wait_connections(1).await;
     (channel, slack, instance)

@@ -13,41 +13,8 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::nats::{FAILOVER_PATIENCE, FreezableProxy, NatsServer};
-use support::{FakeChannel, FakeSlack, LogWatch, smee_relay, spawn_logged};
-
-/// A relay process of the cluster.
-struct Instance {
-    child: tokio::process::Child,
-    logs: LogWatch,
-    /// Kept so the state dir outlives the process.
-    _dir: tempfile::TempDir,
-}
-
-fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
-    let dir = support::temp_dir();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, config_body).unwrap();
-    let mut command = smee_relay();
-    command
-        .args(["run", "--config"])
-        .arg(&path)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env(
-            "RUST_LOG",
-            "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
-        );
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let (child, logs) = spawn_logged(&mut command);
-    Instance {
-        child,
-        logs,
-        _dir: dir,
-    }
-}
+use support::nats::{FAILOVER_PATIENCE, FreezableProxy, Instance, NatsServer, start_instance};
+use support::{FakeChannel, FakeSlack};
 
 /// Start an instance and wait until it joined the cluster and subscribed to `channel`.
 async fn join(channel: &FakeChannel, config_body: &str, env: &[(&str, &str)]) -> Instance {

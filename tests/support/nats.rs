@@ -260,3 +260,57 @@ async fn pump(
         }
     }
 }
+
+/// A relay process of a cluster test: `run --config DIR/config.toml --state-dir DIR/state`.
+pub struct Instance {
+    /// The process, to kill or signal.
+    pub child: tokio::process::Child,
+    /// Its stderr, line by line.
+    pub logs: super::LogWatch,
+    /// `DIR`: kept so the state directory outlives the process (and a restart reuses it).
+    pub dir: tempfile::TempDir,
+}
+
+/// Start a relay of `config_body` in a new directory, `env` set on top of the cluster's and
+/// the pipeline's debug logs (which the tests wait on).
+pub fn start_instance(config_body: &str, env: &[(&str, &str)]) -> Instance {
+    let dir = super::temp_dir();
+    let (child, logs) = start_in(dir.path(), config_body, env);
+    Instance { child, logs, dir }
+}
+
+/// Start `instance` again (after a kill), with `config_body`, on the same state directory.
+pub fn restart(instance: &mut Instance, config_body: &str) {
+    let (child, logs) = start_in(instance.dir.path(), config_body, &[]);
+    instance.child = child;
+    instance.logs = logs;
+}
+
+/// Write `body` as `dir/config.toml`: its path.
+pub fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn start_in(
+    dir: &std::path::Path,
+    config_body: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, super::LogWatch) {
+    let path = write_config(dir, config_body);
+    let mut command = super::smee_relay();
+    command
+        .args(["run", "--config"])
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env(
+            "RUST_LOG",
+            "info,smee_relay::cluster=debug,smee_relay::pipeline::runner=debug",
+        );
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    super::spawn_logged(&mut command)
+}
