@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use support::nats::{
-    FAILOVER_PATIENCE, Instance, NatsServer, restart, start_instance, write_config,
+    FAILOVER_PATIENCE, Instance, NatsServer, restart, start_cluster, write_config,
 };
 use support::{FakeChannel, FakeSlack, FakeTarget, smee_relay};
 
@@ -27,30 +27,6 @@ fn n_of(body: &[u8]) -> usize {
 /// This file's forwarding config (cluster `test`).
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
     support::nats::forward_config(channel, target, nats, "test")
-}
-
-/// Start `count` instances and wait until each is subscribed and has joined the cluster.
-async fn start_cluster(
-    count: usize,
-    channel: &FakeChannel,
-    config_body: &str,
-    env: &[(&str, &str)],
-) -> Vec<Instance> {
-    let before = channel.connections();
-    let instances: Vec<Instance> = (0..count)
-        .map(|_| start_instance(config_body, env))
-        .collect();
-    for instance in &instances {
-        instance.logs.wait_for(&["joined the cluster"]).await;
-        // Its routes' consumers exist only then (debug line): until they do it publishes
-        // nothing, so a test that stops NATS earlier would see no publish at all.
-        instance
-            .logs
-            .wait_for(&["the route's NATS consumer is ready"])
-            .await;
-    }
-    channel.wait_connections(before + count).await;
-    instances
 }
 
 /// Take requests until every event of `wanted` arrived; return every body's `n`, in arrival

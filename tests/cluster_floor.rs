@@ -159,3 +159,50 @@ async fn nats_forgetting_the_acks_it_took_repeats_nothing_the_floor_records() {
     target.assert_quiet(Duration::from_secs(3)).await;
     assert_eq!(seen, (0..15).collect::<Vec<_>>(), "each once, in order");
 }
+
+/// An instance overtaken mid-delivery (its NATS connection stalled past the ack wait while
+/// another instance delivered the message and moved the floor on) wrote its older floor over
+/// the newer one when it finished; NATS then forgetting acks would deliver again what the
+/// newer floor said was done. Here the test itself moves the floor on while the delivery is
+/// held at the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_an_overtaken_instance_moved_the_route_s_floor_backwards() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body =
+        support::nats::forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url, NAME);
+    let instance = start_instance(&body, &[]);
+    instance.logs.wait_for(&["joined the cluster"]).await;
+    channel.wait_connections(1).await;
+
+    target.hold();
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(1).await;
+    // Meanwhile "another instance" delivered it and 99 more.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let kv = js
+        .get_key_value(format!("smee_{NAME}_alerts"))
+        .await
+        .unwrap();
+    // The route's floor key is named after its consumer.
+    let stream = js.get_stream(format!("SMEE_{NAME}")).await.unwrap();
+    let consumers: Vec<String> = stream
+        .consumer_names()
+        .filter_map(|name| async { name.ok() })
+        .collect()
+        .await;
+    let consumer = consumers.iter().find(|n| n.starts_with("route_")).unwrap();
+    let key = format!("floor.{consumer}");
+    kv.put(&key, "100".into()).await.unwrap();
+    target.release();
+    assert_eq!(n_of(&target.next().await.body), 0);
+    instance.logs.wait_for(&["cluster delivery done"]).await;
+    let floor = kv.get(&key).await.unwrap().unwrap();
+    assert_eq!(
+        std::str::from_utf8(&floor).unwrap(),
+        "100",
+        "the floor only moves forward"
+    );
+}

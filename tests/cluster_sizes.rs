@@ -10,24 +10,12 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use support::nats::{Instance, NatsServer, start_instance};
+use support::nats::{NatsServer, start_cluster};
 use support::{FakeChannel, FakeTarget};
 
 /// This file's forwarding config (cluster `sizes`).
 fn forward_config(channel: &str, target: &str, nats: &str) -> String {
     support::nats::forward_config(channel, target, nats, "sizes")
-}
-
-async fn start_cluster(count: usize, channel: &FakeChannel, config_body: &str) -> Vec<Instance> {
-    let before = channel.connections();
-    let instances: Vec<Instance> = (0..count)
-        .map(|_| start_instance(config_body, &[]))
-        .collect();
-    for instance in &instances {
-        instance.logs.wait_for(&["joined the cluster"]).await;
-    }
-    channel.wait_connections(before + count).await;
-    instances
 }
 
 /// A nats-server whose `max_payload` is `bytes` (a config file: there is no flag for it).
@@ -85,7 +73,7 @@ async fn a_frame_over_nats_max_payload_no_longer_blocks_the_cluster() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     let config = forward_config(&channel.url("big"), &target.url("/hook"), &nats.url);
-    let instances = start_cluster(2, &channel, &config).await;
+    let instances = start_cluster(2, &channel, &config, &[]).await;
 
     let small = body(0, 10);
     let big = body(1, 3 * 1024 * 1024);
@@ -126,7 +114,7 @@ async fn frames_chunked_through_a_small_max_payload_arrive_whole() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     let config = forward_config(&channel.url("chunks"), &target.url("/hook"), &nats.url);
-    let _instances = start_cluster(1, &channel, &config).await;
+    let _instances = start_cluster(1, &channel, &config, &[]).await;
 
     // Just under, just over, and many chunks over the limit.
     let bodies = [
@@ -169,7 +157,7 @@ async fn a_frame_nats_can_never_take_is_a_dead_letter_and_the_queue_behind_it_pr
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     let config = forward_config(&channel.url("refused"), &target.url("/hook"), &nats.url);
-    let instances = start_cluster(1, &channel, &config).await;
+    let instances = start_cluster(1, &channel, &config, &[]).await;
 
     // Its headers alone (they travel in the message, not in the object store) exceed it.
     let huge_header = "h".repeat(10 * 1024);
@@ -224,7 +212,7 @@ async fn frames_published_before_the_upgrade_are_still_delivered() {
     );
     // The stream is the relay's: the first instance creates it, then stops publishing nothing
     // of its own until the channel sends.
-    let instances = start_cluster(1, &channel, &config).await;
+    let instances = start_cluster(1, &channel, &config, &[]).await;
     let client = async_nats::connect(&nats.url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     js.publish(subject, serde_json::to_vec(&envelope).unwrap().into())
@@ -258,7 +246,7 @@ async fn a_body_larger_than_nats_may_store_is_a_dead_letter_and_the_queue_behind
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     let config = forward_config(&channel.url("nospace"), &target.url("/hook"), &nats.url);
-    let instances = start_cluster(1, &channel, &config).await;
+    let instances = start_cluster(1, &channel, &config, &[]).await;
 
     channel.send_webhook(1, &frame(&body(0, 3 * 1024 * 1024)));
     let next = body(1, 10);

@@ -1002,11 +1002,27 @@ impl Cluster {
         // lazily); the route's floor (the last stream sequence delivered, kept in KV beside
         // the message data) says what was delivered whatever the consumer remembers. Read on
         // every message: see "The floor" in the module header for why no cached copy will do.
+        // The floor's KV revision as read: the floor's write after the delivery expects it,
+        // so that an instance overtaken meanwhile (another delivered this message and moved
+        // the floor on) never writes its older floor over the newer one.
+        let mut floor_revision = None;
+        let mut floor = None;
+        if stream_seq.is_some() {
+            match self.kv.entry(floor_key).await {
+                Ok(Some(entry)) => {
+                    floor_revision = Some(entry.revision);
+                    if entry.operation == kv::Operation::Put {
+                        floor = std::str::from_utf8(&entry.value)
+                            .ok()
+                            .and_then(|f| f.parse::<u64>().ok());
+                    }
+                }
+                Ok(None) => floor_revision = Some(0),
+                Err(_) => {}
+            }
+        }
         if let Some(seq) = stream_seq
-            && let Ok(Some(floor)) = self.kv.get(floor_key).await
-            && let Some(floor) = std::str::from_utf8(&floor)
-                .ok()
-                .and_then(|f| f.parse::<u64>().ok())
+            && let Some(floor) = floor
             && seq <= floor
         {
             info!(route = %label, stream_seq = seq, "already delivered (NATS forgot its ack); not delivering it again");
@@ -1111,7 +1127,10 @@ impl Cluster {
         }
         let delivered = took.elapsed();
         match stream_seq {
-            Some(seq) => self.floor_and_ack(names, &message, seq).await,
+            Some(seq) => {
+                self.floor_and_ack(names, &message, seq, floor_revision)
+                    .await
+            }
             None => {
                 if let Err(e) = message.double_ack().await {
                     warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
@@ -1132,14 +1151,32 @@ impl Cluster {
     /// Record `seq` as the route's floor and ack the message. The ack goes out right behind
     /// the floor's put, before its confirmation (one round trip less per message); a put that
     /// is not confirmed is written again here before the next message (see "The floor" in
-    /// the module header for what that leaves).
-    async fn floor_and_ack(&self, names: &RouteNames, message: &jetstream::Message, seq: u64) {
+    /// the module header for what that leaves). The put expects the floor's revision as read
+    /// before the delivery (`revision`; unknown: no such put): if another instance wrote the
+    /// floor since, it fails, and the floor is only ever raised ([`Cluster::raise_floor`]).
+    async fn floor_and_ack(
+        &self,
+        names: &RouteNames,
+        message: &jetstream::Message,
+        seq: u64,
+        revision: Option<u64>,
+    ) {
         let (label, floor_key) = (names.label.as_str(), names.floor_key.as_str());
         let value = Bytes::from(seq.to_string());
         let mut ack_sent = false;
         let mut floored = false;
         if let Some(subject) = self.floor_subject(floor_key)
-            && let Ok(confirmation) = self.js.publish(subject, value.clone()).await
+            && let Some(revision) = revision
+            && let Ok(confirmation) = {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    revision.to_string().as_str(),
+                );
+                self.js
+                    .publish_with_headers(subject, headers, value.clone())
+                    .await
+            }
         {
             if let Err(e) = message.ack().await {
                 warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
@@ -1157,12 +1194,7 @@ impl Cluster {
             // before the next message rather than given up at once.
             floored = self.raise_floor(label, floor_key, seq).await;
         } else if !floored {
-            match self.kv.put(floor_key, value).await {
-                Ok(_) => floored = true,
-                Err(e) => {
-                    warn!(route = %label, "cannot record the route's delivered floor ({e}); if NATS also loses the ack, it is delivered once more");
-                }
-            }
+            floored = self.raise_floor(label, floor_key, seq).await;
         }
         if !ack_sent {
             if floored {

@@ -314,3 +314,28 @@ fn start_in(
     }
     super::spawn_logged(&mut command)
 }
+
+/// Start `count` instances of `config_body` and wait until each joined the cluster, its
+/// routes' consumers exist (until then it publishes nothing, and a consumer made after a
+/// message was published starts after it: a test publishing to the stream itself must wait
+/// for them) and it is subscribed to `channel`.
+pub async fn start_cluster(
+    count: usize,
+    channel: &super::FakeChannel,
+    config_body: &str,
+    env: &[(&str, &str)],
+) -> Vec<Instance> {
+    let before = channel.connections();
+    let instances: Vec<Instance> = (0..count)
+        .map(|_| start_instance(config_body, env))
+        .collect();
+    for instance in &instances {
+        instance.logs.wait_for(&["joined the cluster"]).await;
+        instance
+            .logs
+            .wait_for(&["the route's NATS consumer is ready"])
+            .await;
+    }
+    channel.wait_connections(before + count).await;
+    instances
+}
