@@ -215,3 +215,69 @@ async fn a_crash_after_a_held_alert_s_write_before_its_local_commit_loses_no_ale
     assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
     slack.assert_quiet(Duration::from_secs(3)).await;
 }
+
+/// The highest route floor in the cluster's KV, and the stream's last sequence.
+async fn top_floor_and_last(nats: &NatsServer, cluster: &str) -> Option<(u64, u64)> {
+    use futures::StreamExt as _;
+    let client = async_nats::connect(&nats.url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(format!("SMEE_{cluster}")).await.ok()?;
+    let last = stream.info().await.ok()?.state.last_sequence;
+    let kv = js
+        .get_key_value(format!("smee_{cluster}_alerts"))
+        .await
+        .ok()?;
+    let mut keys = kv.keys().await.ok()?;
+    let mut top = 0;
+    while let Some(Ok(key)) = keys.next().await {
+        if key.starts_with("floor.") {
+            let value = kv.get(&key).await.ok()??;
+            top = top.max(std::str::from_utf8(&value).ok()?.parse::<u64>().ok()?);
+        }
+    }
+    Some((top, last))
+}
+
+/// A `kill -9` of the instance sending an alert, after Slack answered but within the 1 s pace
+/// wait, repeated the alert from another instance: the route's floor was written only after
+/// the pace wait, so the redelivered alert did not read as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_kill_within_the_slack_pace_repeated_the_alert_from_another_instance() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body =
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "pace");
+    let mut instances = [
+        join(&channel, &body, &[]).await,
+        join(&channel, &body, &[]).await,
+    ];
+
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    let firing = next_headline(&mut slack, "FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+    let sender = support::wait_for(FAILOVER_PATIENCE, "the sender's delivery line", || {
+        std::future::ready(
+            instances
+                .iter()
+                .position(|i| i.logs.find(&["-> 200"]).is_some()),
+        )
+    })
+    .await;
+    // Within the pace (1 s from the attempt's start): as soon as the alert's floor is
+    // written, or 600 ms after Slack answered if it is not.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+    while tokio::time::Instant::now() < deadline {
+        if let Some((top, last)) = top_floor_and_last(&nats, "pace").await
+            && top >= last
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    instances[sender].child.start_kill().unwrap();
+    instances[sender].child.wait().await.unwrap();
+    // The other instance takes the alert over after the ack wait and skips it.
+    slack.assert_quiet(Duration::from_secs(5)).await;
+}

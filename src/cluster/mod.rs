@@ -1107,12 +1107,13 @@ impl Cluster {
         }
         // The route records a delivery as soon as the target answered and paces after that
         // (and not at all once told to stop): the ack, which lets another instance send the
-        // next one, waits until the pace has passed since the last attempt started.
-        if !paced.pace.is_zero()
-            && let Some(started) = taken.as_ref().and_then(|taken| taken.started)
-        {
-            tokio::time::sleep_until(started + paced.pace).await;
-        }
+        // next one, waits until the pace has passed since the last attempt started. The
+        // floor is written before that wait, so that an instance killed during it hands over
+        // a message the next instance skips (already delivered) rather than sends again.
+        let ack_at = (!paced.pace.is_zero())
+            .then(|| taken.as_ref().and_then(|taken| taken.started))
+            .flatten()
+            .map(|started| started + paced.pace);
         // Finished after a failed attempt: given up on. Recorded in the cluster before the
         // ack, so that whichever instance runs `events list` sees it, and any can replay it.
         if let Some(seq) = stream_seq
@@ -1128,10 +1129,11 @@ impl Cluster {
         let delivered = took.elapsed();
         match stream_seq {
             Some(seq) => {
-                self.floor_and_ack(names, &message, seq, floor_revision)
+                self.floor_and_ack(names, &message, seq, floor_revision, ack_at)
                     .await
             }
             None => {
+                wait_until(ack_at).await;
                 if let Err(e) = message.double_ack().await {
                     warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
                 }
@@ -1160,6 +1162,7 @@ impl Cluster {
         message: &jetstream::Message,
         seq: u64,
         revision: Option<u64>,
+        ack_at: Option<tokio::time::Instant>,
     ) {
         let (label, floor_key) = (names.label.as_str(), names.floor_key.as_str());
         let value = Bytes::from(seq.to_string());
@@ -1178,6 +1181,7 @@ impl Cluster {
                     .await
             }
         {
+            wait_until(ack_at).await;
             if let Err(e) = message.ack().await {
                 warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
             }
@@ -1197,6 +1201,7 @@ impl Cluster {
             floored = self.raise_floor(label, floor_key, seq).await;
         }
         if !ack_sent {
+            wait_until(ack_at).await;
             if floored {
                 // The floor (confirmed) already says it was delivered: an ack NATS loses
                 // costs a redelivery that the floor skips, not a repeat.
@@ -1608,6 +1613,13 @@ impl Starting {
 impl Drop for Starting {
     fn drop(&mut self) {
         self.gate.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Sleep until `at`, if given (the ack of a paced route).
+async fn wait_until(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 
