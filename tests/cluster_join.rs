@@ -280,3 +280,24 @@ async fn regression_instances_with_different_routes_ran_side_by_side_without_a_w
         same_logs.all()
     );
 }
+
+/// A relay with `nats_url = "nats://USER:PASSWORD@host"` was refused ("authorization
+/// violation") by a server that takes that user: the client does not send a URL's own
+/// userinfo, and only `serve` gave it as options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_user_and_password_in_the_cluster_s_nats_url_were_not_sent() {
+    let nats = NatsServer::start_with(&["--user", "relay", "--pass", "s3cr%t"]).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let url = nats.url.replace("nats://", "nats://relay:s3cr%25t@");
+    let body =
+        support::nats::forward_config(&channel.url("ch"), &target.url("/hook"), &url, "auth");
+    let instances = support::nats::start_cluster(1, &channel, &body, &[]).await;
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    let logs = instances[0].logs.all();
+    assert!(
+        !logs.contains("s3cr"),
+        "the password is never logged: {logs}"
+    );
+}

@@ -247,6 +247,9 @@ pub enum ClusterError {
     /// The bucket's name, and a hint chosen from what NATS said.
     #[error("cannot create the JetStream KV bucket {0}{1}")]
     Bucket(String, String, #[source] async_nats::Error),
+    /// The URL (redacted) and why it is not one.
+    #[error("invalid NATS URL {0}: {1}")]
+    Url(String, &'static str),
     #[error("invalid cluster name {0:?}: use letters, digits, '-' and '_'")]
     Name(String),
     #[error(
@@ -270,6 +273,71 @@ pub enum ClusterError {
         margin = humantime::format_duration(DEDUPE_MARGIN)
     )]
     Dedupe(String, String),
+}
+
+/// Credentials a NATS URL carried in its userinfo.
+#[derive(Debug, PartialEq)]
+pub enum UrlAuth {
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://TOKEN@host`.
+    Token(String),
+}
+
+/// NATS URLs (comma-separated), split: the servers without their userinfo (so the client never
+/// logs a password with the address), and the credentials, given to the client as options (it
+/// does not send a URL's own userinfo). `Err`: why the text is not one, for a message that
+/// shows the URL redacted.
+pub fn split_urls(
+    urls: &str,
+) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlAuth>), &'static str> {
+    let bad = |why: &'static str| why;
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| bad("its user or password is not UTF-8 once percent-decoded"))
+    };
+    let mut addrs = Vec::new();
+    let mut auth: Option<UrlAuth> = None;
+    for one in urls.split(',').map(str::trim) {
+        if one.is_empty() {
+            return Err(bad(
+                "a server in the list is empty (comma-separate nats://HOST:PORT)",
+            ));
+        }
+        let (scheme, rest) = match one.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, one),
+        };
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, rest),
+        };
+        if let Some(userinfo) = userinfo {
+            let this = match userinfo.split_once(':') {
+                Some((user, password)) => UrlAuth::UserPassword(decode(user)?, decode(password)?),
+                None => UrlAuth::Token(decode(userinfo)?),
+            };
+            match &auth {
+                Some(earlier) if *earlier != this => {
+                    return Err(bad(
+                        "its servers carry different credentials; give them once",
+                    ));
+                }
+                _ => auth = Some(this),
+            }
+        }
+        let bare = match scheme {
+            Some(scheme) => format!("{scheme}://{host}"),
+            None => host.to_string(),
+        };
+        let addr = bare
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|_| bad("not a server address (nats://HOST:PORT, tls://HOST:PORT)"))?;
+        addrs.push(addr);
+    }
+    Ok((addrs, auth))
 }
 
 /// A JetStream operation that failed (the caller retries).
@@ -515,14 +583,18 @@ impl Cluster {
             }
         });
         let shown = settings.shown_url();
-        // `nats://a:4222,nats://b:4222`: the client fails over between the servers.
-        let servers: Vec<&str> = settings
-            .url
-            .expose_secret()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
+        // `nats://a:4222,nats://b:4222`: the client fails over between the servers. A URL's
+        // user and password (or token) go to the client as options: it does not send a URL's
+        // own userinfo.
+        let (servers, auth) = split_urls(settings.url.expose_secret())
+            .map_err(|why| ClusterError::Url(shown.clone(), why))?;
+        match auth {
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token),
+            None => {}
+        }
         let client = options
             .connect(servers)
             .await

@@ -28,6 +28,7 @@ use futures::StreamExt as _;
 use tracing::{debug, info, warn};
 
 use super::hub::Hub;
+use crate::cluster::UrlAuth;
 use crate::secret::{ExposeSecret as _, SecretString};
 
 /// The head and framing a stored event adds to its body, at most: a body is refused (413)
@@ -186,66 +187,9 @@ fn valid_stream_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Credentials a `--nats-url` carried in its userinfo.
-#[derive(Debug, PartialEq)]
-enum UrlAuth {
-    /// `nats://user:password@host`.
-    UserPassword(String, String),
-    /// `nats://TOKEN@host`.
-    Token(String),
-}
-
-/// `--nats-url`, split: the servers without their userinfo (so the client never logs a
-/// password with the address), and the credentials, given to the client as options (it does
-/// not send a URL's own userinfo).
+/// `--nats-url`, split into servers and credentials ([`crate::cluster::split_urls`]).
 fn parse_urls(urls: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlAuth>), NatsError> {
-    let bad = |why| NatsError::Url(redact_url(urls), why);
-    let decode = |part: &str| {
-        percent_encoding::percent_decode_str(part)
-            .decode_utf8()
-            .map(|s| s.into_owned())
-            .map_err(|_| bad("its user or password is not UTF-8 once percent-decoded"))
-    };
-    let mut addrs = Vec::new();
-    let mut auth: Option<UrlAuth> = None;
-    for one in urls.split(',').map(str::trim) {
-        if one.is_empty() {
-            return Err(bad(
-                "a server in the list is empty (comma-separate nats://HOST:PORT)",
-            ));
-        }
-        let (scheme, rest) = match one.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme), rest),
-            None => (None, one),
-        };
-        let (userinfo, host) = match rest.rsplit_once('@') {
-            Some((userinfo, host)) => (Some(userinfo), host),
-            None => (None, rest),
-        };
-        if let Some(userinfo) = userinfo {
-            let this = match userinfo.split_once(':') {
-                Some((user, password)) => UrlAuth::UserPassword(decode(user)?, decode(password)?),
-                None => UrlAuth::Token(decode(userinfo)?),
-            };
-            match &auth {
-                Some(earlier) if *earlier != this => {
-                    return Err(bad(
-                        "its servers carry different credentials; give them once",
-                    ));
-                }
-                _ => auth = Some(this),
-            }
-        }
-        let bare = match scheme {
-            Some(scheme) => format!("{scheme}://{host}"),
-            None => host.to_string(),
-        };
-        let addr = bare
-            .parse::<async_nats::ServerAddr>()
-            .map_err(|_| bad("not a server address (nats://HOST:PORT, tls://HOST:PORT)"))?;
-        addrs.push(addr);
-    }
-    Ok((addrs, auth))
+    crate::cluster::split_urls(urls).map_err(|why| NatsError::Url(redact_url(urls), why))
 }
 
 /// What to check when the connection failed, by how it failed.
