@@ -79,7 +79,9 @@ async fn wait_floors_at_the_stream_end(nats: &NatsServer) {
             let kv = js.get_key_value(format!("smee_{NAME}_alerts")).await.ok()?;
             let mut keys = kv.keys().await.ok()?;
             let mut floors = Vec::new();
-            while let Some(Ok(key)) = keys.next().await {
+            // A listing error retries the whole check; it never cuts the list short.
+            while let Some(key) = keys.next().await {
+                let key = key.ok()?;
                 if key.starts_with("floor.") {
                     let value = kv.get(&key).await.ok()??;
                     floors.push(
@@ -190,10 +192,13 @@ async fn regression_an_overtaken_instance_moved_the_route_s_floor_backwards() {
     let stream = js.get_stream(format!("SMEE_{NAME}")).await.unwrap();
     let consumers: Vec<String> = stream
         .consumer_names()
-        .filter_map(|name| async { name.ok() })
+        .map(|name| name.expect("list the stream's consumers"))
         .collect()
         .await;
-    let consumer = consumers.iter().find(|n| n.starts_with("route_")).unwrap();
+    let consumer = consumers
+        .iter()
+        .find(|n| n.starts_with("route_"))
+        .unwrap_or_else(|| panic!("no route consumer among {consumers:?}"));
     let key = format!("floor.{consumer}");
     kv.put(&key, "100".into()).await.unwrap();
     target.release();

@@ -229,7 +229,9 @@ async fn top_floor_and_last(nats: &NatsServer, cluster: &str) -> Option<(u64, u6
         .ok()?;
     let mut keys = kv.keys().await.ok()?;
     let mut top = 0;
-    while let Some(Ok(key)) = keys.next().await {
+    // A listing error is no answer (the caller asks again); it never cuts the list short.
+    while let Some(key) = keys.next().await {
+        let key = key.ok()?;
         if key.starts_with("floor.") {
             let value = kv.get(&key).await.ok()??;
             top = top.max(std::str::from_utf8(&value).ok()?.parse::<u64>().ok()?);
@@ -267,7 +269,8 @@ async fn regression_a_kill_within_the_slack_pace_repeated_the_alert_from_another
     .await;
     // Within the pace (1 s from the attempt's start): as soon as the alert's floor is
     // written, or 600 ms after Slack answered if it is not.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+    let answered = tokio::time::Instant::now();
+    let deadline = answered + Duration::from_millis(600);
     while tokio::time::Instant::now() < deadline {
         if let Some((top, last)) = top_floor_and_last(&nats, "pace").await
             && top >= last
@@ -277,6 +280,13 @@ async fn regression_a_kill_within_the_slack_pace_repeated_the_alert_from_another
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     instances[sender].child.start_kill().unwrap();
+    // The kill must land within the pace (1 s from the attempt's start, before the ack), or
+    // this would test nothing.
+    assert!(
+        answered.elapsed() < Duration::from_millis(900),
+        "killed {:?} after Slack's answer was seen: not within the pace",
+        answered.elapsed()
+    );
     instances[sender].child.wait().await.unwrap();
     // The other instance takes the alert over after the ack wait and skips it.
     slack.assert_quiet(Duration::from_secs(5)).await;
