@@ -6,9 +6,15 @@
 //! so that a crash of the process before their group commit forgets none of them. A commit that
 //! fails (disk full) keeps the marks it carried and tries them again; appends are answered with
 //! the error and their senders retry.
+//!
+//! Writes reach the thread through one queue ([`Queue`]), in the order they were sent. A write
+//! someone waits for wakes the thread; a mark nobody waits for wakes it only if it has no
+//! `MARK_DELAY` deadline set yet, and otherwise rides along with the next commit: at everyday
+//! rates each delivery's mark used to cost the thread a wakeup of its own only to be queued.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -56,7 +62,8 @@ const COMMIT_PACE: Duration = Duration::from_millis(8);
 /// handle is dropped, after applying what was sent.
 #[derive(Clone)]
 pub struct SpoolWriter {
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// Where writes queue for the thread; the last handle dropped tells it to stop.
+    jobs: Arc<Sender>,
     /// False after a failed commit, true after a good one (for `/healthz`).
     writable: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped after every commit that appended events, to wake idle routes.
@@ -69,6 +76,72 @@ pub struct SpoolWriter {
     finished: tokio::sync::broadcast::Sender<(String, u64)>,
 }
 
+/// The writes on their way to the writer thread, and what its senders must know to decide
+/// whether to wake it.
+struct Queue {
+    /// Jobs not yet taken by the thread, oldest first.
+    jobs: VecDeque<Job>,
+    /// The thread holds unawaited marks and has a deadline to commit them by: a mark queued
+    /// meanwhile is taken along by then (or sooner, with an append), so it need not wake it.
+    marks_armed: bool,
+    /// The thread is asleep on [`Shared::wake`] (a sender that finds it busy need not notify:
+    /// it looks at the queue before it sleeps again).
+    waiting: bool,
+    /// Every [`SpoolWriter`] is gone: the thread commits what is queued and ends.
+    closed: bool,
+    /// The thread has ended (or panicked): nothing sent now would be written.
+    stopped: bool,
+}
+
+/// What the handles and the thread share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the thread: a job someone waits for, a first mark, or the last handle dropped.
+    wake: Condvar,
+    /// How many times the thread woke from a wait (tests pin that marks do not wake it).
+    #[cfg(test)]
+    wakeups: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves a queue that is still consistent (pushes and
+        // drains are single calls), so a poisoned lock is taken as is.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The sending side, shared by every clone of a [`SpoolWriter`]; dropping the last one closes
+/// the queue.
+struct Sender {
+    shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Queue `job`, waking the thread only if it needs to know now. Err: the thread has ended.
+    fn send(&self, job: Job) -> Result<(), Job> {
+        let mut queue = self.shared.lock();
+        if queue.stopped {
+            return Err(job);
+        }
+        let wake = queue.waiting && (job.reply.is_some() || !queue.marks_armed);
+        queue.jobs.push_back(job);
+        if wake {
+            // Once is enough until it looks at the queue again.
+            queue.waiting = false;
+            self.shared.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
 /// How many finished deliveries a slow listener of [`SpoolWriter::finished`] may fall behind.
 const FINISHED_BACKLOG: usize = 1024;
 
@@ -76,15 +149,16 @@ impl SpoolWriter {
     /// Start the writer thread. First applies the journals of relays that died (so their
     /// finished deliveries are not repeated), then starts this process's journal.
     pub fn start(spool: Arc<Spool>, limits: Limits) -> (SpoolWriter, std::thread::JoinHandle<()>) {
-        Self::start_paced(spool, limits, COMMIT_PACE)
+        Self::start_paced(spool, limits, COMMIT_PACE, MARK_DELAY)
     }
 
-    /// [`SpoolWriter::start`] with another `COMMIT_PACE` (tests make the pace long, so that
-    /// what waits for it shows).
+    /// [`SpoolWriter::start`] with another `COMMIT_PACE` and `MARK_DELAY` (tests make them
+    /// long, so that what waits for them shows).
     fn start_paced(
         spool: Arc<Spool>,
         limits: Limits,
         pace: Duration,
+        mark_delay: Duration,
     ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
         let dir = spool.path().parent().map(std::path::Path::to_owned);
         let journal = match dir.map(|dir| Journal::start(&dir)) {
@@ -118,14 +192,26 @@ impl SpoolWriter {
             }
             None => None,
         };
-        let (jobs_tx, jobs) = std::sync::mpsc::channel::<Job>();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                marks_armed: false,
+                waiting: false,
+                closed: false,
+                stopped: false,
+            }),
+            wake: Condvar::new(),
+            #[cfg(test)]
+            wakeups: 0.into(),
+        });
         let (appended_tx, appended) = watch::channel(0u64);
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let thread = WriterThread {
             pace,
             spool,
             limits,
-            jobs,
+            mark_delay,
+            shared: shared.clone(),
             appended: appended_tx,
             writable: writable.clone(),
             journal: journal.clone(),
@@ -136,7 +222,7 @@ impl SpoolWriter {
             .expect("the spool writer thread starts");
         (
             SpoolWriter {
-                jobs: jobs_tx,
+                jobs: Arc::new(Sender { shared }),
                 writable,
                 appended,
                 journal,
@@ -242,7 +328,7 @@ impl SpoolWriter {
     }
 
     /// Record attempts that did not finish a delivery (and empty `marks`) without waiting:
-    /// they are committed with the next append, or within `MARK_DELAY`.
+    /// they are committed with the next commit (an append), or within `MARK_DELAY`.
     pub fn flush(&self, marks: &mut Vec<Write>) {
         if !marks.is_empty() {
             self.send(std::mem::take(marks), 0);
@@ -282,7 +368,10 @@ struct WriterThread {
     pace: Duration,
     spool: Arc<Spool>,
     limits: Limits,
-    jobs: std::sync::mpsc::Receiver<Job>,
+    /// `MARK_DELAY` (another in tests).
+    mark_delay: Duration,
+    /// The queue it takes jobs from.
+    shared: Arc<Shared>,
     /// Bumped after a commit that appended events.
     appended: watch::Sender<u64>,
     /// The last commit's outcome, for `/healthz`.
@@ -293,71 +382,70 @@ struct WriterThread {
 
 impl WriterThread {
     fn run(self) {
-        use std::sync::mpsc::RecvTimeoutError;
+        // Whatever way this ends (a panic too), senders learn that nothing more is written.
+        struct Stopped<'a>(&'a Shared);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                let mut queue = self.0.lock();
+                queue.stopped = true;
+                queue.marks_armed = false;
+            }
+        }
+        let _stopped = Stopped(&self.shared);
         let mut batch: Vec<Job> = Vec::new();
-        // When the batch's unawaited marks are due: MARK_DELAY after the oldest arrived, or
+        // When the batch's unawaited marks are due: `mark_delay` after the oldest arrived, or
         // RETRY_DELAY after a commit of them failed.
         let mut marks_due: Option<Instant> = None;
         // Until when to let writes gather before the next commit (COMMIT_PACE).
         let mut gather_until: Option<Instant> = None;
+        let mut queue = self.shared.lock();
         loop {
-            // Wait for work: anything, if the batch is empty; otherwise only until the batch is
-            // due (a job someone awaits is due once the pace allows, marks when marks_due).
+            // Take what is queued; only then decide, under the same lock the senders take, so a
+            // sender that did not wake the thread is sure its job is seen before it sleeps.
+            let room = MAX_BATCH.saturating_sub(batch.len());
+            let take = queue.jobs.len().min(room);
+            batch.extend(queue.jobs.drain(..take));
+            if marks_due.is_none() && batch.iter().any(|job| job.reply.is_none()) {
+                marks_due = Some(Instant::now() + self.mark_delay);
+            }
+            queue.marks_armed = marks_due.is_some();
+            if batch.is_empty() {
+                if queue.closed {
+                    break;
+                }
+                queue = self.sleep(queue, None);
+                continue;
+            }
+            // The batch is due at once if someone cannot wait, it is full, or the writer is
+            // stopping; if someone waits, once the pace allows; marks alone at `marks_due`.
             let awaited = batch.iter().any(|job| job.reply.is_some());
             let urgent = batch.iter().any(|job| job.urgent);
-            let due = if urgent {
+            let due = if urgent || batch.len() >= MAX_BATCH || queue.closed {
                 None
             } else if awaited {
                 gather_until
             } else {
                 marks_due
             };
-            let received = match (due, batch.is_empty()) {
-                (None, true) => self.jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                (None, false) => Err(RecvTimeoutError::Timeout),
-                (Some(due), _) => self
-                    .jobs
-                    .recv_timeout(due.saturating_duration_since(Instant::now())),
-            };
-            match received {
-                Ok(job) => {
-                    if job.reply.is_none() && marks_due.is_none() {
-                        marks_due = Some(Instant::now() + MARK_DELAY);
-                    }
-                    batch.push(job);
-                    // Take what else is queued, without waiting.
-                    while batch.len() < MAX_BATCH {
-                        match self.jobs.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    let awaited = batch.iter().any(|job| job.reply.is_some());
-                    let urgent = batch.iter().any(|job| job.urgent);
-                    let paced = gather_until.is_some_and(|until| Instant::now() < until);
-                    if !awaited || (paced && !urgent && batch.len() < MAX_BATCH) {
-                        continue;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    if !batch.is_empty() && self.commit(std::mem::take(&mut batch)).is_err() {
-                        error!(
-                            "stopping with finished deliveries not committed to the spool; \
-                             they are in the delivery journal and applied on the next start"
-                        );
-                    }
-                    if let Some(journal) = &self.journal {
-                        journal.close();
-                    }
-                    return;
-                }
+            if let Some(due) = due.filter(|due| Instant::now() < *due) {
+                queue = self.sleep(queue, Some(due));
+                continue;
             }
+            let stopping = queue.closed && queue.jobs.is_empty();
+            drop(queue);
             let started = Instant::now();
             match self.commit(std::mem::take(&mut batch)) {
                 Ok(events) => {
                     marks_due = None;
                     gather_until = (events > 1).then(|| started + self.pace);
+                }
+                Err(_) if stopping => {
+                    error!(
+                        "stopping with finished deliveries not committed to the spool; \
+                         they are in the delivery journal and applied on the next start"
+                    );
+                    queue = self.shared.lock();
+                    break;
                 }
                 Err(kept) => {
                     marks_due = (!kept.is_empty()).then(|| Instant::now() + RETRY_DELAY);
@@ -365,7 +453,41 @@ impl WriterThread {
                     batch = kept;
                 }
             }
+            queue = self.shared.lock();
         }
+        drop(queue);
+        if let Some(journal) = &self.journal {
+            journal.close();
+        }
+    }
+
+    /// Wait for a job that needs the thread (or `until`), with `queue` locked; the lock is
+    /// held again on return.
+    fn sleep<'a>(
+        &'a self,
+        mut queue: MutexGuard<'a, Queue>,
+        until: Option<Instant>,
+    ) -> MutexGuard<'a, Queue> {
+        queue.waiting = true;
+        let mut queue = match until {
+            None => self
+                .shared
+                .wake
+                .wait(queue)
+                .unwrap_or_else(|e| e.into_inner()),
+            Some(until) => {
+                let left = until.saturating_duration_since(Instant::now());
+                self.shared
+                    .wake
+                    .wait_timeout(queue, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+        queue.waiting = false;
+        #[cfg(test)]
+        self.shared.wakeups.fetch_add(1, Ordering::Relaxed);
+        queue
     }
 
     /// Apply `batch` in one transaction and answer each job. Returns how many events it
@@ -385,6 +507,12 @@ impl WriterThread {
                     );
                 }
                 let events = report.appended.iter().map(Vec::len).sum();
+                // Routes are told before the appenders are answered: both wake the same event
+                // loop, and two wakes in a row usually cost it one wakeup, where a wake after
+                // the answer often found it gone back to sleep.
+                if events > 0 {
+                    self.appended.send_modify(|n| *n += 1);
+                }
                 let mut appended = report.appended.into_iter();
                 let mut journaled = 0;
                 for job in batch {
@@ -401,9 +529,6 @@ impl WriterThread {
                 }
                 if let Some(journal) = &self.journal {
                     journal.committed(journaled);
-                }
-                if events > 0 {
-                    self.appended.send_modify(|n| *n += 1);
                 }
                 Ok(events)
             }
@@ -566,6 +691,7 @@ mod tests {
             spool.clone(),
             Limits { max_bytes: 1 << 30 },
             Duration::from_secs(60),
+            MARK_DELAY,
         );
         let append = |n: u64| Write::Append {
             channel: "c".into(),
@@ -596,6 +722,122 @@ mod tests {
             bodies(&spool),
             [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]
         );
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Whether the writer thread sleeps with its marks' deadline set (or with nothing to do).
+    fn asleep(writer: &SpoolWriter, armed: bool) -> bool {
+        let queue = writer.jobs.shared.lock();
+        queue.waiting && queue.marks_armed == armed
+    }
+
+    fn wakeups(writer: &SpoolWriter) -> u64 {
+        writer.jobs.shared.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// Each finished delivery's mark woke the writer thread only to be queued for a commit due
+    /// later anyway: at everyday rates, a wakeup (two context switches) per event for nothing.
+    #[tokio::test]
+    async fn marks_do_not_wake_the_writer_and_a_commit_waits_for_the_marks_queued_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        // A mark delay far longer than the test: only a commit can take the marks along.
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            COMMIT_PACE,
+            Duration::from_secs(600),
+        );
+        let events: Arc<[Event]> = (0..3).map(event).collect();
+        writer
+            .append("c", &["r".into()], events, None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        let mark = |n: usize, outcome: Outcome| Write::Mark {
+            route: "r".into(),
+            seq: queued[n].seq,
+            event: queued[n].event.id,
+            outcome,
+        };
+        let retry = || Outcome::Retry {
+            status: Some(503),
+            error: "busy".into(),
+        };
+        until("the writer idle", || asleep(&writer, false)).await;
+        let idle = wakeups(&writer);
+
+        // The first mark wakes it once, to set the marks' deadline.
+        writer.flush(&mut vec![mark(1, retry())]);
+        until("the marks' deadline set", || asleep(&writer, true)).await;
+        assert_eq!(wakeups(&writer), idle + 1);
+
+        // Every mark after it waits for the next commit without waking the thread, in order.
+        for _ in 0..49 {
+            writer.flush(&mut vec![mark(1, retry())]);
+        }
+        writer
+            .finish(mark(0, Outcome::Delivered { status: 200 }))
+            .unwrap();
+        writer
+            .finish(mark(1, Outcome::Delivered { status: 200 }))
+            .unwrap();
+        writer.flush(&mut vec![mark(1, retry())]);
+        assert!(asleep(&writer, true), "the thread still sleeps");
+        assert_eq!(wakeups(&writer), idle + 1, "no mark woke it");
+        assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 3);
+
+        // A commit waits for the marks queued before it (what a route does before it stops).
+        writer.commit(Vec::new()).await.unwrap();
+        assert_eq!(wakeups(&writer), idle + 2, "the commit woke it once");
+        let record = |n: usize| {
+            let (_, routes) = spool.get(queued[n].event.id).unwrap();
+            routes.into_iter().next().unwrap().1
+        };
+        assert_eq!(record(0).status, crate::spool::Status::Delivered);
+        assert_eq!(record(0).attempts, 1);
+        // 50 retries, then delivered; the retry after it is stale (the marks kept their order).
+        assert_eq!(record(1).status, crate::spool::Status::Delivered);
+        assert_eq!(record(1).attempts, 51);
+        assert_eq!(record(2).status, crate::spool::Status::Pending);
+        assert_eq!(
+            spool.pending("r", 0, usize::MAX).unwrap().len(),
+            1,
+            "on disk when the commit returned"
+        );
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Marks nobody waits for are still committed on their own, within the mark delay.
+    #[tokio::test]
+    async fn marks_alone_are_committed_within_the_mark_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let events: Arc<[Event]> = (0..2).map(event).collect();
+        writer
+            .append("c", &["r".into()], events, None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        until("the writer idle", || asleep(&writer, false)).await;
+        for item in &queued {
+            writer
+                .finish(Write::Mark {
+                    route: "r".into(),
+                    seq: item.seq,
+                    event: item.event.id,
+                    outcome: Outcome::Delivered { status: 200 },
+                })
+                .unwrap();
+        }
+        until("the marks committed", || {
+            spool.pending("r", 0, usize::MAX).unwrap().is_empty()
+        })
+        .await;
+        until("the writer idle again", || asleep(&writer, false)).await;
         drop(writer);
         thread.join().unwrap();
     }
