@@ -218,57 +218,82 @@ pub async fn run_route(
     // The spool file as it was before the last read: an idle route reads again only once it
     // changed (another process's write has no other way to wake it).
     let mut seen = spool::Seen::default();
+    // What this process's writer queued, handed over with each append (`spool::Enqueued`).
+    let mut enqueued = writer.enqueued();
+    // While `drained`: the spool's seq counter up to which this route knows its whole queue
+    // (all of it delivered). An append that queued from exactly there hands the route its
+    // whole queue, with no read; anything else queued meanwhile (by `events replay` in another
+    // process too) moved the counter, and the route reads.
+    let mut known: Option<u64> = None;
     while !cancel.is_cancelled() {
-        if std::mem::take(&mut drained)
+        let was_drained = std::mem::take(&mut drained);
+        if was_drained
             && !appended.has_changed().unwrap_or(true)
             && !idle(&spool, &mut appended, &seen, &cancel).await
         {
-            return;
+            // Stopped while idle: what it finished last may not be committed yet (below).
+            break;
         }
         // Seen before reading: an append from here on is either in this read or wakes the next
         // wait, and another process's write from here on changes the file after `seen`.
         appended.borrow_and_update();
-        seen = spool.look();
-        let read = {
-            let (spool, route) = (spool.clone(), route.clone());
-            tokio::task::spawn_blocking(move || spool.pending(&route, cursor, READ_AHEAD)).await
+        let handed = match was_drained.then(|| known).flatten() {
+            Some(from) => handed_over(&mut enqueued, &route, from),
+            None => None,
         };
-        let queued = match read {
-            Ok(Ok(queued)) => {
-                if std::mem::take(&mut said) {
-                    info!(route = spool::route_name(&route), "the spool reads again");
+        let (queued, next_known) = match handed {
+            // `seen` stays as it was: the file changed since, so an idle route reads once more
+            // (a write by another process after this commit is not missed).
+            Some(handed) => handed,
+            None => {
+                seen = spool.look();
+                // What `enqueued` holds now is in this read (or older): not to be taken again.
+                enqueued.borrow_and_update();
+                let read = {
+                    let (spool, route) = (spool.clone(), route.clone());
+                    tokio::task::spawn_blocking(move || {
+                        spool.pending_known(&route, cursor, READ_AHEAD)
+                    })
+                    .await
+                };
+                match read {
+                    Ok(Ok(read)) => {
+                        if std::mem::take(&mut said) {
+                            info!(route = spool::route_name(&route), "the spool reads again");
+                        }
+                        read
+                    }
+                    Ok(Err(e)) => {
+                        if std::mem::replace(&mut said, true) {
+                            wait(&cancel, Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        error!(
+                            route = spool::route_name(&route),
+                            "cannot read the spool, retrying in 1s: {}",
+                            crate::error::chain(&e)
+                        );
+                        wait(&cancel, Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        error!(
+                            route = spool::route_name(&route),
+                            "spool reader failed: {e}"
+                        );
+                        return;
+                    }
                 }
-                queued
-            }
-            Ok(Err(e)) => {
-                if std::mem::replace(&mut said, true) {
-                    wait(&cancel, Duration::from_secs(1)).await;
-                    continue;
-                }
-                error!(
-                    route = spool::route_name(&route),
-                    "cannot read the spool, retrying in 1s: {}",
-                    crate::error::chain(&e)
-                );
-                wait(&cancel, Duration::from_secs(1)).await;
-                continue;
-            }
-            Err(e) => {
-                error!(
-                    route = spool::route_name(&route),
-                    "spool reader failed: {e}"
-                );
-                return;
             }
         };
-        if queued.is_empty() {
-            if !idle(&spool, &mut appended, &seen, &cancel).await {
-                return;
-            }
-            continue;
-        }
         let bytes: usize = queued.iter().map(|q| q.event.event.body.len()).sum();
         let whole_queue = queued.len() < READ_AHEAD && bytes < spool::READ_BYTES;
+        known = whole_queue.then_some(next_known);
+        if queued.is_empty() {
+            // Nothing to deliver: wait (at the top) for an append or a change of the file.
+            drained = true;
+            continue;
+        }
         // Attempts that did not finish a delivery (retries) ride along with the next commit.
         let mut marks = Vec::new();
         let mut interrupted = false;
@@ -305,6 +330,31 @@ pub async fn run_route(
             "cannot record the last deliveries: {e}; they may be repeated"
         );
     }
+}
+
+/// The whole queue of `route` past what it has delivered, if this process's last append
+/// queued from `from` (the seq counter up to which the route knows its queue) and has not been
+/// taken yet; with the counter it leaves the route knowing up to. `None`: read it.
+fn handed_over(
+    enqueued: &mut tokio::sync::watch::Receiver<Option<Arc<spool::Enqueued>>>,
+    route: &str,
+    from: u64,
+) -> Option<(Vec<Queued>, u64)> {
+    let last = enqueued.borrow_and_update();
+    if !last.has_changed() {
+        return None;
+    }
+    let last = last.as_ref()?;
+    if last.seq_before != from {
+        return None;
+    }
+    let queued = last
+        .routes
+        .iter()
+        .find(|(r, _)| r == route)
+        .map(|(_, queued)| queued.clone())
+        .unwrap_or_default();
+    Some((queued, last.seq_after))
 }
 
 /// Wait until there may be something to read: an append by this process, or a change of the
@@ -771,6 +821,168 @@ mod tests {
 
     /// Regression: a long Retry-After (within --max-retry-after) parked the queue past the
     /// event's --max-retry-age; the wait now ends when the retry age does.
+    /// A sink that answers 200 and notes each body it was given, in order.
+    #[derive(Default)]
+    struct Recording {
+        bodies: Mutex<Vec<String>>,
+        delivered: tokio::sync::watch::Sender<usize>,
+    }
+
+    impl Sink for Recording {
+        fn describe(&self) -> String {
+            "recording".into()
+        }
+        fn deliver<'a>(
+            &'a self,
+            event: &'a StoredEvent,
+            _delivery_id: &'a str,
+        ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+            let body = String::from_utf8_lossy(&event.event.body).into_owned();
+            self.bodies.lock().unwrap().push(body);
+            self.delivered.send_modify(|n| *n += 1);
+            Box::pin(async {
+                Ok(Delivered {
+                    status: StatusCode::OK,
+                    elapsed: Duration::ZERO,
+                })
+            })
+        }
+    }
+
+    fn numbered(n: usize) -> Event {
+        Event {
+            body: format!("{n}").into(),
+            ..one_event()
+        }
+    }
+
+    /// Wait (real time, with a deadline) until the sink has `n` deliveries.
+    async fn delivered(sink: &Recording, n: usize) {
+        let mut delivered = sink.delivered.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), delivered.wait_for(|d| *d >= n))
+            .await
+            .unwrap_or_else(|_| panic!("{n} deliveries within the deadline"))
+            .unwrap();
+    }
+
+    /// At everyday rates a drained route read every appended event back from the spool: a
+    /// blocking-pool handoff, a read transaction and a `statx` per event. It now takes what
+    /// this process's writer queued from the append itself.
+    #[tokio::test]
+    async fn a_drained_route_takes_what_this_process_appends_without_reading_it_back() {
+        let (_dir, spool, writer, thread) = spool_with(0).await;
+        let sink = Arc::new(Recording::default());
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        writer
+            .append("c", &["r".into()], vec![numbered(0)].into(), None)
+            .await
+            .unwrap();
+        delivered(&sink, 1).await;
+        let reads = spool.reads();
+        for n in 1..=20 {
+            writer
+                .append("c", &["r".into()], vec![numbered(n)].into(), None)
+                .await
+                .unwrap();
+            delivered(&sink, n + 1).await;
+        }
+        // An idle second (`IDLE_POLL`) under a loaded machine may add a read; one per event
+        // was the old cost.
+        assert!(
+            spool.reads() - reads <= 3,
+            "{} reads for 20 events",
+            spool.reads() - reads
+        );
+        let expected: Vec<String> = (0..=20).map(|n| n.to_string()).collect();
+        assert_eq!(*sink.bodies.lock().unwrap(), expected);
+        // What it took over is marked delivered like anything read.
+        cancel.cancel();
+        route.await.unwrap();
+        let left = spool.pending("r", 0, usize::MAX).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A route stopped while idle returned without waiting for its last finished delivery to
+    /// be committed (marks wait up to `MARK_DELAY` for a commit): a route that took over at once
+    /// (a reload) read it as pending and delivered it again.
+    #[tokio::test]
+    async fn regression_a_route_stopped_while_idle_commits_what_it_finished() {
+        let (_dir, spool, writer, thread) = spool_with(0).await;
+        let sink = Arc::new(Recording::default());
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        writer
+            .append("c", &["r".into()], vec![numbered(0)].into(), None)
+            .await
+            .unwrap();
+        delivered(&sink, 1).await;
+        cancel.cancel();
+        route.await.unwrap();
+        let left = spool.pending("r", 0, usize::MAX).unwrap();
+        assert!(
+            left.is_empty(),
+            "still pending after the route stopped: {left:?}"
+        );
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A route that takes appends over must not skip what another process queued in between
+    /// (`smee-relay events replay`, or any write to the file that bypasses this writer): it
+    /// reads then, and delivers in queue order.
+    #[tokio::test]
+    async fn an_event_queued_by_another_process_between_two_appends_is_delivered_in_order() {
+        let (_dir, spool, writer, thread) = spool_with(0).await;
+        let sink = Arc::new(Recording::default());
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        writer
+            .append("c", &["r".into()], vec![numbered(0)].into(), None)
+            .await
+            .unwrap();
+        delivered(&sink, 1).await;
+        writer
+            .append("c", &["r".into()], vec![numbered(1)].into(), None)
+            .await
+            .unwrap();
+        delivered(&sink, 2).await;
+        // Another process's transaction: it queues behind what is there, and wakes nobody here.
+        let other = Write::Append {
+            channel: "c".into(),
+            routes: vec!["r".into()],
+            events: vec![numbered(2)].into(),
+            cursor: None,
+        };
+        spool
+            .write(&[other], Limits { max_bytes: 1 << 20 })
+            .unwrap();
+        // This process appends next: its append must not be taken for the whole queue.
+        writer
+            .append("c", &["r".into()], vec![numbered(3)].into(), None)
+            .await
+            .unwrap();
+        delivered(&sink, 4).await;
+        // A replay by another process, then an append here: the same.
+        let id = spool.list(None, 100).unwrap()[0].id;
+        assert_eq!(
+            spool.replay(crate::spool::Replay::Ids(vec![id])).unwrap(),
+            1
+        );
+        writer
+            .append("c", &["r".into()], vec![numbered(4)].into(), None)
+            .await
+            .unwrap();
+        delivered(&sink, 6).await;
+        assert_eq!(*sink.bodies.lock().unwrap(), ["0", "1", "2", "3", "0", "4"]);
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn regression_a_retry_after_never_waits_past_max_retry_age() {
         let (_dir, spool, writer, thread) = spool_with(1).await;

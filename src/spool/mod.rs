@@ -280,7 +280,7 @@ struct EventHeaderRef<'a> {
 }
 
 /// One pending delivery, as a route reads it off its queue.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Queued {
     pub seq: u64,
     pub event: StoredEvent,
@@ -336,7 +336,30 @@ pub struct WriteReport {
     pub appended: Vec<Vec<Option<u64>>>,
     /// Delivered events pruned to make room.
     pub pruned: u64,
+    /// What the write queued, for routes to take without reading it back; `None` if it queued
+    /// nothing or more than one read would return.
+    pub enqueued: Option<Enqueued>,
 }
+
+/// The deliveries one committed write queued, as [`Spool::pending`] would read them back, and
+/// where they stand in the spool's sequence. A route whose last whole read (or last
+/// `Enqueued`) left it knowing its queue up to `seq_before` knows from this its whole queue up
+/// to `seq_after`: every queueing, by any process, takes the next seqs in its transaction, so
+/// nothing else can have been queued in between.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The spool's next-seq counter before the write.
+    pub seq_before: u64,
+    /// ... and after it.
+    pub seq_after: u64,
+    /// Per route, what it queued there, in order.
+    pub routes: Vec<(String, Vec<Queued>)>,
+}
+
+/// Up to how many body bytes a write hands its routes in [`Enqueued`] (beyond, they read it
+/// back, within their read limits). Small: the writer keeps the last one until the next
+/// append, and a burst of events is read back at little cost per event anyway.
+const ENQUEUED_BYTES: usize = 64 << 10;
 
 /// Size limits the spool enforces on append.
 #[derive(Clone, Copy, Debug)]
@@ -586,6 +609,9 @@ impl Spool {
         self.update(|t| {
             let mut report = WriteReport::default();
             let now = now_ms();
+            let seq_before = t.counter(NEXT_SEQ)?;
+            let mut enqueued = Vec::<(String, Vec<Queued>)>::new();
+            let mut enqueued_bytes = 0;
             for write in writes {
                 match write {
                     Write::Append {
@@ -616,8 +642,29 @@ impl Spool {
                             let id = t.bump(NEXT_EVENT, 1)? + 1;
                             t.put_event(id, &row)?;
                             t.bump(STORED_BYTES, size)?;
+                            enqueued_bytes += event.body.len() * routes.len();
                             for route in routes {
-                                t.enqueue(id, route, now)?;
+                                let seq = t.enqueue(id, route, now)?;
+                                if enqueued_bytes > ENQUEUED_BYTES {
+                                    continue;
+                                }
+                                let at = match enqueued.iter().position(|(r, _)| r == route) {
+                                    Some(at) => at,
+                                    None => {
+                                        enqueued.push((route.clone(), Vec::new()));
+                                        enqueued.len() - 1
+                                    }
+                                };
+                                enqueued[at].1.push(Queued {
+                                    seq,
+                                    event: StoredEvent {
+                                        id,
+                                        received_ms: now,
+                                        channel: channel.clone(),
+                                        event: event.clone(),
+                                    },
+                                    attempts: 0,
+                                });
                             }
                             ids.push(Some(id));
                         }
@@ -639,6 +686,14 @@ impl Spool {
                     },
                 }
             }
+            let seq_after = t.counter(NEXT_SEQ)?;
+            if seq_after != seq_before && enqueued_bytes <= ENQUEUED_BYTES {
+                report.enqueued = Some(Enqueued {
+                    seq_before,
+                    seq_after,
+                    routes: enqueued,
+                });
+            }
             Ok(report)
         })
     }
@@ -652,7 +707,21 @@ impl Spool {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Queued>, SpoolError> {
+        Ok(self.pending_known(route, after_seq, limit)?.0)
+    }
+
+    /// [`Spool::pending`], and the spool's next-seq counter as of the read (see [`Enqueued`]).
+    pub fn pending_known(
+        &self,
+        route: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<(Vec<Queued>, u64), SpoolError> {
         self.read(|txn| {
+            let next_seq = txn
+                .open_table(META)?
+                .get(NEXT_SEQ)?
+                .map_or(0, |v| v.value());
             let pending = txn.open_table(PENDING)?;
             let events = txn.open_table(EVENTS)?;
             let chunks = txn.open_table(BODY_CHUNKS)?;
@@ -675,7 +744,7 @@ impl Spool {
                     break;
                 }
             }
-            Ok(out)
+            Ok((out, next_seq))
         })
     }
 
@@ -913,6 +982,11 @@ impl Spool {
                 {
                     t.pending.insert((key.as_str(), record.seq), *id)?;
                 }
+            }
+            if !moving.is_empty() {
+                // Every change to what is queued moves the seq counter: a route that knows its
+                // queue up to a seq (`Enqueued`) then knows it must read again.
+                t.bump(NEXT_SEQ, 1)?;
             }
             if !left {
                 t.meta.remove(LEGACY)?;
@@ -1354,7 +1428,8 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Put event `id` at the tail of `route`'s queue.
-    fn enqueue(&mut self, id: u64, route: &str, now: u64) -> Result<(), redb::Error> {
+    /// Queue event `id` on `route`; returns its seq.
+    fn enqueue(&mut self, id: u64, route: &str, now: u64) -> Result<u64, redb::Error> {
         let seq = self.bump(NEXT_SEQ, 1)? + 1;
         self.pending.insert((route, seq), id)?;
         let record = DeliveryRecord {
@@ -1365,7 +1440,8 @@ impl<'txn> Tables<'txn> {
             updated_ms: now,
             seq,
         };
-        self.put_record(id, route, &record)
+        self.put_record(id, route, &record)?;
+        Ok(seq)
     }
 
     fn put_record(

@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::journal::Journal;
-use super::{Limits, Spool, SpoolError, Write};
+use super::{Enqueued, Limits, Spool, SpoolError, Write};
 use crate::event::Event;
 
 /// Most writes in one transaction; more wait for the next commit.
@@ -68,6 +68,10 @@ pub struct SpoolWriter {
     writable: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped after every commit that appended events, to wake idle routes.
     appended: watch::Receiver<u64>,
+    /// What the last commit that appended events queued, so that a route that had its whole
+    /// queue takes it without reading it back (a blocking-pool handoff and a read transaction
+    /// per event at everyday rates). Set before `appended` is bumped.
+    enqueued: watch::Receiver<Option<Arc<Enqueued>>>,
     /// Where finished deliveries are recorded before their commit; `None` if it could not be
     /// created (then a crash repeats what finished since the last commit).
     journal: Option<Arc<Journal>>,
@@ -205,6 +209,7 @@ impl SpoolWriter {
             wakeups: 0.into(),
         });
         let (appended_tx, appended) = watch::channel(0u64);
+        let (enqueued_tx, enqueued) = watch::channel(None);
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let thread = WriterThread {
             pace,
@@ -213,6 +218,7 @@ impl SpoolWriter {
             mark_delay,
             shared: shared.clone(),
             appended: appended_tx,
+            enqueued: enqueued_tx,
             writable: writable.clone(),
             journal: journal.clone(),
         };
@@ -225,6 +231,7 @@ impl SpoolWriter {
                 jobs: Arc::new(Sender { shared }),
                 writable,
                 appended,
+                enqueued,
                 journal,
                 finished: tokio::sync::broadcast::channel(FINISHED_BACKLOG).0,
             },
@@ -301,6 +308,12 @@ impl SpoolWriter {
         self.appended.clone()
     }
 
+    /// What the last commit that appended events queued (`None`: too much to hand over, read
+    /// it). Up to date whenever [`SpoolWriter::appended`] has changed.
+    pub fn enqueued(&self) -> watch::Receiver<Option<Arc<Enqueued>>> {
+        self.enqueued.clone()
+    }
+
     /// Record a finished delivery (a `Write::Mark` that delivered or gave up): in the journal
     /// now, so that a crash of the process from here on does not repeat it, and in the spool
     /// with the next commit (within `MARK_DELAY`). Call it before starting the next delivery
@@ -374,6 +387,8 @@ struct WriterThread {
     shared: Arc<Shared>,
     /// Bumped after a commit that appended events.
     appended: watch::Sender<u64>,
+    /// Set, before `appended` is bumped, to what that commit queued.
+    enqueued: watch::Sender<Option<Arc<Enqueued>>>,
     /// The last commit's outcome, for `/healthz`.
     writable: Arc<std::sync::atomic::AtomicBool>,
     /// Told how many journaled marks each commit made durable.
@@ -511,6 +526,7 @@ impl WriterThread {
                 // loop, and two wakes in a row usually cost it one wakeup, where a wake after
                 // the answer often found it gone back to sleep.
                 if events > 0 {
+                    self.enqueued.send_replace(report.enqueued.map(Arc::new));
                     self.appended.send_modify(|n| *n += 1);
                 }
                 let mut appended = report.appended.into_iter();
