@@ -11,6 +11,8 @@
 //! someone waits for wakes the thread; a mark nobody waits for wakes it only if it has no
 //! `MARK_DELAY` deadline set yet, and otherwise rides along with the next commit: at everyday
 //! rates each delivery's mark used to cost the thread a wakeup of its own only to be queued.
+//! After a commit that appended events, the routes are told ([`Tell`]) by the appender that
+//! waited for it, from its own event loop, so the thread wakes that loop once, not twice.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -33,15 +35,44 @@ pub type Appended = Vec<Vec<Option<u64>>>;
 /// Writes that commit together, in one transaction.
 struct Job {
     writes: Vec<Write>,
-    /// Where to say the job is committed: per `Append` in it, the ids given. `None` for
-    /// delivery marks, which nobody waits for.
-    reply: Option<oneshot::Sender<Result<Appended, SpoolError>>>,
+    /// Where to say the job is committed: per `Append` in it, the ids given, and what to tell
+    /// the routes. `None` for delivery marks, which nobody waits for.
+    reply: Option<oneshot::Sender<Result<(Appended, Option<Told>), SpoolError>>>,
     /// How many of the writes are marks also recorded in the journal: once committed, the
     /// journal may forget them.
     journaled: usize,
     /// Someone waits on it with nothing else to do ([`SpoolWriter::commit_now`]): committed as
     /// soon as the writer is free, not after `COMMIT_PACE`.
     urgent: bool,
+}
+
+/// A commit that appended events, for its appenders to tell the routes of ([`Tell::tell`]): its
+/// number (commits are numbered in order) and what it queued.
+type Told = (u64, Option<Arc<Enqueued>>);
+
+/// How routes learn of appends. The appender that was waiting for the commit tells them, on its
+/// own event loop, once it has its answer: the writer thread then wakes that loop once per
+/// commit (the answer) rather than twice (the answer and the routes' watch).
+struct Tell {
+    /// Bumped after every commit that appended events, to wake idle routes.
+    appended: watch::Sender<u64>,
+    /// Set, before `appended` is bumped, to what that commit queued.
+    enqueued: watch::Sender<Option<Arc<Enqueued>>>,
+    /// The number of the last commit told: several appenders of one commit, or answers taken
+    /// out of order, tell each commit once and never go back to an older one.
+    told: Mutex<u64>,
+}
+
+impl Tell {
+    fn tell(&self, (commit, enqueued): Told) {
+        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        if commit <= *told {
+            return;
+        }
+        *told = commit;
+        self.enqueued.send_replace(enqueued);
+        self.appended.send_modify(|n| *n += 1);
+    }
 }
 
 /// How long finished deliveries may wait for a commit that someone waits for (an append) to
@@ -66,12 +97,10 @@ pub struct SpoolWriter {
     jobs: Arc<Sender>,
     /// False after a failed commit, true after a good one (for `/healthz`).
     writable: Arc<std::sync::atomic::AtomicBool>,
-    /// Bumped after every commit that appended events, to wake idle routes.
-    appended: watch::Receiver<u64>,
-    /// What the last commit that appended events queued, so that a route that had its whole
-    /// queue takes it without reading it back (a blocking-pool handoff and a read transaction
-    /// per event at everyday rates). Set before `appended` is bumped.
-    enqueued: watch::Receiver<Option<Arc<Enqueued>>>,
+    /// Tells routes of appends: `appended` wakes idle ones, `enqueued` hands over what the
+    /// commit queued, so that a route that had its whole queue takes it without reading it
+    /// back (a blocking-pool handoff and a read transaction per event at everyday rates).
+    tell: Arc<Tell>,
     /// Where finished deliveries are recorded before their commit; `None` if it could not be
     /// created (then a crash repeats what finished since the last commit).
     journal: Option<Arc<Journal>>,
@@ -208,8 +237,11 @@ impl SpoolWriter {
             #[cfg(test)]
             wakeups: 0.into(),
         });
-        let (appended_tx, appended) = watch::channel(0u64);
-        let (enqueued_tx, enqueued) = watch::channel(None);
+        let tell = Arc::new(Tell {
+            appended: watch::Sender::new(0),
+            enqueued: watch::Sender::new(None),
+            told: Mutex::new(0),
+        });
         let writable = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let thread = WriterThread {
             pace,
@@ -217,8 +249,8 @@ impl SpoolWriter {
             limits,
             mark_delay,
             shared: shared.clone(),
-            appended: appended_tx,
-            enqueued: enqueued_tx,
+            tell: tell.clone(),
+            commits: 0.into(),
             writable: writable.clone(),
             journal: journal.clone(),
         };
@@ -230,8 +262,7 @@ impl SpoolWriter {
             SpoolWriter {
                 jobs: Arc::new(Sender { shared }),
                 writable,
-                appended,
-                enqueued,
+                tell,
                 journal,
                 finished: tokio::sync::broadcast::channel(FINISHED_BACKLOG).0,
             },
@@ -263,7 +294,10 @@ impl SpoolWriter {
         };
         let marks: Vec<(String, u64)> = writes_finished(&job.writes).collect();
         self.jobs.send(job).map_err(|_| SpoolError::WriterStopped)?;
-        let appended = answer.await.map_err(|_| SpoolError::WriterStopped)??;
+        let (appended, told) = answer.await.map_err(|_| SpoolError::WriterStopped)??;
+        if let Some(told) = told {
+            self.tell.tell(told);
+        }
         for mark in marks {
             let _ = self.finished.send(mark);
         }
@@ -305,13 +339,13 @@ impl SpoolWriter {
 
     /// A receiver that changes after every commit that appended events.
     pub fn appended(&self) -> watch::Receiver<u64> {
-        self.appended.clone()
+        self.tell.appended.subscribe()
     }
 
     /// What the last commit that appended events queued (`None`: too much to hand over, read
     /// it). Up to date whenever [`SpoolWriter::appended`] has changed.
     pub fn enqueued(&self) -> watch::Receiver<Option<Arc<Enqueued>>> {
-        self.enqueued.clone()
+        self.tell.enqueued.subscribe()
     }
 
     /// Record a finished delivery (a `Write::Mark` that delivered or gave up): in the journal
@@ -385,10 +419,11 @@ struct WriterThread {
     mark_delay: Duration,
     /// The queue it takes jobs from.
     shared: Arc<Shared>,
-    /// Bumped after a commit that appended events.
-    appended: watch::Sender<u64>,
-    /// Set, before `appended` is bumped, to what that commit queued.
-    enqueued: watch::Sender<Option<Arc<Enqueued>>>,
+    /// Told of each commit that appended events, by an appender of it, or by the thread if
+    /// none of them is still waiting for its answer.
+    tell: Arc<Tell>,
+    /// Commits so far, to number them for [`Tell`].
+    commits: std::cell::Cell<u64>,
     /// The last commit's outcome, for `/healthz`.
     writable: Arc<std::sync::atomic::AtomicBool>,
     /// Told how many journaled marks each commit made durable.
@@ -521,14 +556,12 @@ impl WriterThread {
                         "spool full: pruned delivered events early"
                     );
                 }
-                let events = report.appended.iter().map(Vec::len).sum();
-                // Routes are told before the appenders are answered: both wake the same event
-                // loop, and two wakes in a row usually cost it one wakeup, where a wake after
-                // the answer often found it gone back to sleep.
-                if events > 0 {
-                    self.enqueued.send_replace(report.enqueued.map(Arc::new));
-                    self.appended.send_modify(|n| *n += 1);
-                }
+                let events: usize = report.appended.iter().map(Vec::len).sum();
+                self.commits.set(self.commits.get() + 1);
+                let told =
+                    (events > 0).then(|| (self.commits.get(), report.enqueued.map(Arc::new)));
+                // Whether an appender took the answer, and with it the telling.
+                let mut telling = false;
                 let mut appended = report.appended.into_iter();
                 let mut journaled = 0;
                 for job in batch {
@@ -540,8 +573,11 @@ impl WriterThread {
                         .count();
                     let ids: Vec<_> = appended.by_ref().take(appends).collect();
                     if let Some(reply) = job.reply {
-                        let _ = reply.send(Ok(ids));
+                        telling |= reply.send(Ok((ids, told.clone()))).is_ok() && told.is_some();
                     }
+                }
+                if let (Some(told), false) = (told, telling) {
+                    self.tell.tell(told);
                 }
                 if let Some(journal) = &self.journal {
                     journal.committed(journaled);
