@@ -162,6 +162,12 @@ impl Sender {
         if wake {
             // Once is enough until it looks at the queue again.
             queue.waiting = false;
+        }
+        // Notified after the lock is let go: woken while it is held, the thread would at once
+        // sleep again on the lock (one more context switch per commit). It cannot miss this:
+        // `waiting` was true, so it is inside its wait.
+        drop(queue);
+        if wake {
             self.shared.wake.notify_one();
         }
         Ok(())
