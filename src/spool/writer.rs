@@ -464,14 +464,20 @@ impl WriterThread {
             if marks_due.is_none() && batch.iter().any(|job| job.reply.is_none()) {
                 marks_due = Some(Instant::now() + self.mark_delay);
             }
-            queue.marks_armed = marks_due.is_some();
             if batch.is_empty() {
                 if queue.closed {
                     break;
                 }
-                queue = self.sleep(queue, None);
+                // A deadline with no marks yet was set for those of the deliveries of the last
+                // append; once it passes with none come, sleep until someone needs the thread.
+                if marks_due.is_some_and(|due| due <= Instant::now()) {
+                    marks_due = None;
+                }
+                queue.marks_armed = marks_due.is_some();
+                queue = self.sleep(queue, marks_due);
                 continue;
             }
+            queue.marks_armed = marks_due.is_some();
             // The batch is due at once if someone cannot wait, it is full, or the writer is
             // stopping; if someone waits, once the pace allows; marks alone at `marks_due`.
             let awaited = batch.iter().any(|job| job.reply.is_some());
@@ -492,7 +498,10 @@ impl WriterThread {
             let started = Instant::now();
             match self.commit(std::mem::take(&mut batch)) {
                 Ok(events) => {
-                    marks_due = None;
+                    // Appended events are delivered next, and each delivery's mark comes here:
+                    // with a deadline already set for them, they wait for the next append (or
+                    // the deadline) without waking the thread one by one.
+                    marks_due = (events > 0).then(|| Instant::now() + self.mark_delay);
                     gather_until = (events > 1).then(|| started + self.pace);
                 }
                 Err(_) if stopping => {
@@ -796,10 +805,23 @@ mod tests {
 
     /// Each finished delivery's mark woke the writer thread only to be queued for a commit due
     /// later anyway: at everyday rates, a wakeup (two context switches) per event for nothing.
+    /// After an append, the marks of its deliveries wake it not at all; the first mark into an
+    /// idle writer wakes it once, to set their deadline.
     #[tokio::test]
     async fn marks_do_not_wake_the_writer_and_a_commit_waits_for_the_marks_queued_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        // Queued by another process (no commit of this writer): the writer starts idle.
+        let events: Arc<[Event]> = (0..4).map(event).collect();
+        let other = Write::Append {
+            channel: "c".into(),
+            routes: vec!["r".into()],
+            events,
+            cursor: None,
+        };
+        spool
+            .write(&[other], Limits { max_bytes: 1 << 30 })
+            .unwrap();
         // A mark delay far longer than the test: only a commit can take the marks along.
         let (writer, thread) = SpoolWriter::start_paced(
             spool.clone(),
@@ -807,11 +829,6 @@ mod tests {
             COMMIT_PACE,
             Duration::from_secs(600),
         );
-        let events: Arc<[Event]> = (0..3).map(event).collect();
-        writer
-            .append("c", &["r".into()], events, None)
-            .await
-            .unwrap();
         let queued = spool.pending("r", 0, usize::MAX).unwrap();
         let mark = |n: usize, outcome: Outcome| Write::Mark {
             route: "r".into(),
@@ -823,10 +840,11 @@ mod tests {
             status: Some(503),
             error: "busy".into(),
         };
+        let delivered = || Outcome::Delivered { status: 200 };
         until("the writer idle", || asleep(&writer, false)).await;
         let idle = wakeups(&writer);
 
-        // The first mark wakes it once, to set the marks' deadline.
+        // The first mark into an idle writer wakes it once, to set the marks' deadline.
         writer.flush(&mut vec![mark(1, retry())]);
         until("the marks' deadline set", || asleep(&writer, true)).await;
         assert_eq!(wakeups(&writer), idle + 1);
@@ -835,16 +853,12 @@ mod tests {
         for _ in 0..49 {
             writer.flush(&mut vec![mark(1, retry())]);
         }
-        writer
-            .finish(mark(0, Outcome::Delivered { status: 200 }))
-            .unwrap();
-        writer
-            .finish(mark(1, Outcome::Delivered { status: 200 }))
-            .unwrap();
+        writer.finish(mark(0, delivered())).unwrap();
+        writer.finish(mark(1, delivered())).unwrap();
         writer.flush(&mut vec![mark(1, retry())]);
         assert!(asleep(&writer, true), "the thread still sleeps");
         assert_eq!(wakeups(&writer), idle + 1, "no mark woke it");
-        assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 3);
+        assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 4);
 
         // A commit waits for the marks queued before it (what a route does before it stops).
         writer.commit(Vec::new()).await.unwrap();
@@ -861,9 +875,25 @@ mod tests {
         assert_eq!(record(2).status, crate::spool::Status::Pending);
         assert_eq!(
             spool.pending("r", 0, usize::MAX).unwrap().len(),
-            1,
+            2,
             "on disk when the commit returned"
         );
+
+        // After an append, the marks of what it appended wake the thread not at all: it set
+        // their deadline with the commit.
+        writer
+            .append("c", &["r".into()], Arc::from(vec![event(9)]), None)
+            .await
+            .unwrap();
+        until("the marks' deadline set", || asleep(&writer, true)).await;
+        let appended = wakeups(&writer);
+        writer.finish(mark(2, delivered())).unwrap();
+        writer.finish(mark(3, delivered())).unwrap();
+        assert!(asleep(&writer, true), "the thread still sleeps");
+        assert_eq!(wakeups(&writer), appended, "no mark woke it");
+        // ... and they ride along with the next commit.
+        writer.commit(Vec::new()).await.unwrap();
+        assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 1);
         drop(writer);
         thread.join().unwrap();
     }
