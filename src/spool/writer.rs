@@ -313,7 +313,8 @@ impl WriterThread {
                 marks_due
             };
             let received = match (due, batch.is_empty()) {
-                (None, true) => self.jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                // Idle: still look every SHARE_POLL for another process asking to share the file.
+                (None, true) => self.jobs.recv_timeout(super::SHARE_POLL),
                 (None, false) => Err(RecvTimeoutError::Timeout),
                 (Some(due), _) => self
                     .jobs
@@ -338,6 +339,10 @@ impl WriterThread {
                     if !awaited || (paced && !urgent && batch.len() < MAX_BATCH) {
                         continue;
                     }
+                }
+                Err(RecvTimeoutError::Timeout) if batch.is_empty() => {
+                    self.spool.share_poll();
+                    continue;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -365,6 +370,8 @@ impl WriterThread {
                     batch = kept;
                 }
             }
+            // Between commits (it looks at most once per SHARE_POLL).
+            self.spool.share_poll();
         }
     }
 
