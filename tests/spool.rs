@@ -475,3 +475,118 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     let got = target.take(20).await;
     assert_eq!(seqs(&got), expected(0..20));
 }
+
+/// A relay has its spool to itself (redb's exclusive-writer mode: one fsync per commit and no
+/// file locks, BENCHMARKS.md). `smee-relay events` run meanwhile asks it to share the file; the
+/// relay does within a second, the command answers, and once it is done the relay has the file
+/// to itself again. Events before, during and after all go out, in order.
+#[tokio::test]
+async fn a_relay_shares_its_spool_with_an_events_command_then_has_it_alone_again() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let state = support::temp_dir();
+    let (mut child, logs) = support::spawn_logged(
+        smee_relay()
+            .args([
+                "forward",
+                &channel.url("abcdef"),
+                "-t",
+                &target.url("/hook"),
+                "-v",
+            ])
+            .arg("--state-dir")
+            .arg(state.path()),
+    );
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &webhook(0));
+    assert_eq!(seqs(&[target.next().await]), expected(0..1));
+
+    let started = Instant::now();
+    let listed = events_json(state.path(), &["list", "--json"]).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the command waited {:?} for the relay to share",
+        started.elapsed()
+    );
+    logs.wait_for(&["the spool is now open shared"]).await;
+    channel.send_webhook(2, &webhook(1));
+    assert_eq!(seqs(&[target.next().await]), expected(1..2));
+    logs.wait_for(&["the spool is now open alone"]).await;
+    channel.send_webhook(3, &webhook(2));
+    assert_eq!(seqs(&[target.next().await]), expected(2..3));
+
+    support::signal(&child, "TERM");
+    assert_eq!(
+        support::exit_code(&mut child).await,
+        Some(0),
+        "{}",
+        logs.all()
+    );
+    let left: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("share"))
+        .collect();
+    assert!(left.is_empty(), "requests left behind: {left:?}");
+}
+
+/// A relay killed with `kill -9` while it had its spool to itself leaves a file redb must
+/// repair (exclusive-writer mode does not save its allocator state on every commit): `events
+/// list` reads it, and a restarted relay delivers what was left, in order.
+#[tokio::test]
+async fn after_a_kill_9_of_a_relay_holding_its_spool_alone_events_and_a_restart_read_it() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let state = support::temp_dir();
+    let (channel_url, target_url) = (channel.url("abcdef"), target.url("/hook"));
+    let forward = || {
+        let mut command = smee_relay();
+        command
+            .args(["forward", &channel_url, "-t", &target_url])
+            .arg("--state-dir")
+            .arg(state.path());
+        command
+    };
+    let (mut child, logs) = support::spawn_logged(forward().arg("-v"));
+    logs.wait_for(&["connected to channel"]).await;
+    target.hold();
+    for n in 0..5 {
+        channel.send_webhook(n + 1, &webhook(n));
+    }
+    target.wait_arrived(1).await;
+    support::wait_for(support::PATIENCE, "the five events stored", || async {
+        let listed = events_json(state.path(), &["list", "--json"]).await;
+        (listed.as_array().map(Vec::len) == Some(5)).then_some(())
+    })
+    .await;
+    // Killed while it has the file to itself again, after the last command.
+    support::wait_until(
+        support::PATIENCE,
+        "the relay has its spool alone again",
+        || {
+            let all = logs.all();
+            let shared = all.matches("the spool is now open shared").count();
+            shared > 0 && all.matches("the spool is now open alone").count() == shared
+        },
+    )
+    .await;
+    support::signal(&child, "KILL");
+    let _ = support::exit_code(&mut child).await;
+    target.release();
+
+    let listed = events_json(state.path(), &["list", "--json"]).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(5), "{listed}");
+    let (_child, logs) = support::spawn_logged(&mut forward());
+    logs.wait_for(&["connected to channel"]).await;
+    // The killed relay's one request in flight, then the restarted relay's five.
+    target.wait_arrived(6).await;
+    let got = seqs(&target.arrivals());
+    assert_eq!(
+        got[1..],
+        expected(0..5),
+        "all five, in order, the first one again"
+    );
+    assert_eq!(got[0], expected(0..1)[0]);
+}

@@ -137,7 +137,7 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<Found> {
                 file.display()
             )));
         }
-        let spool = Spool::open(&dir)?;
+        let spool = Spool::open_shared(&dir)?;
         let key = spool::lock::channel_key(channel.expose().as_str());
         let routes = spool.channel_routes(&key)?;
         if routes.is_empty() {
@@ -191,7 +191,7 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<Found> {
     if args.dry_run && !exists {
         return Ok((None, to, block, dir));
     }
-    let spool = Spool::open(&dir)?;
+    let spool = Spool::open_shared(&dir)?;
     Ok((Some(Arc::new(spool)), to, block, dir))
 }
 

@@ -81,7 +81,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             file.display()
         );
     }
-    let spool = Spool::open(&dir)?;
+    let spool = Spool::open_shared(&dir)?;
     if let Some(cluster) = spool.cluster()? {
         cluster_spool_guard(&cluster, &args)?;
     }

@@ -27,9 +27,11 @@
 //! Format versions (`meta.format`): 1 named a forward queue by the target URL alone; 2 (this
 //! one) by [`route_key`]. A version-1 spool is upgraded in place: its queued deliveries keep
 //! their `seq` (so their order) and move to the new key when the relay of their channel starts
-//! ([`Spool::adopt_legacy`]). A newer version than this build knows is refused. The database is opened in redb's multi-writer mode so
-//! that `smee-relay events` can read and re-queue while the relay runs; two relays for the same
-//! channel are kept apart by a lock file instead (see [`lock::ChannelLock`]).
+//! ([`Spool::adopt_legacy`]). A newer version than this build knows is refused. A relay opens
+//! the database in redb's exclusive-writer mode (one fsync per commit) while no other process
+//! uses it, and shares it (multi-writer mode) while `smee-relay events`, `catch-up` or a relay
+//! of another channel does ([`share`]); two relays for the same channel are kept apart by a
+//! lock file instead (see [`lock::ChannelLock`]).
 //!
 //! Writes are grouped: [`Spool::write`] applies a batch of appends and marks in one transaction
 //! with one fsync. The [`writer`] thread feeds it whatever queued up during the last
@@ -62,6 +64,7 @@ pub mod export;
 pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
+mod share;
 pub mod writer;
 
 pub use crate::clock::age;
@@ -155,6 +158,13 @@ pub enum SpoolError {
         #[source]
         source: redb::Error,
     },
+    #[error(
+        "the spool {path} is open in another process that did not share it within {}s: an \
+         older smee-relay, or one that is stuck; stop it and try again",
+        SHARE_WAIT.as_secs(),
+        path = path.display()
+    )]
+    InUse { path: PathBuf },
     #[error("the spool is being opened again after a failed write; try again")]
     Reopening,
     #[error("the spool writer has stopped")]
@@ -175,7 +185,10 @@ impl SpoolError {
     /// Whether the user must act before smee-relay can run (exit code 2): a damaged spool, a
     /// state directory another relay holds.
     pub fn needs_the_user(&self) -> bool {
-        matches!(self, SpoolError::Damaged { .. } | SpoolError::Locked { .. })
+        matches!(
+            self,
+            SpoolError::Damaged { .. } | SpoolError::Locked { .. } | SpoolError::InUse { .. }
+        )
     }
 }
 
@@ -386,7 +399,40 @@ pub struct Spool {
     instance: u64,
     /// Read transactions begun, so tests can pin that an idle relay does not read.
     reads: std::sync::atomic::AtomicU64,
+    /// Whether this process would rather have the file alone (a relay, whose every event is a
+    /// commit) than shared (a command, which is brief): see [`share`].
+    prefer_alone: bool,
+    /// In which of redb's modes the file is open, and this process's request while shared.
+    /// Declared after `db`, so that on drop the file is closed before the request goes.
+    sharing: std::sync::Mutex<Sharing>,
 }
+
+/// How the spool file is open ([`share`]): alone, in redb's exclusive-writer mode, or shared
+/// with other processes, in its multi-writer mode. The two exclude each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Alone,
+    Shared,
+}
+
+/// The spool's side of sharing.
+#[derive(Debug)]
+struct Sharing {
+    mode: Mode,
+    /// This process's request while the file is open shared: other processes see from it that
+    /// the file is in use, and a relay holding it alone that it must share it.
+    request: Option<share::Request>,
+    /// When the requests were last looked at ([`Spool::share_poll`]).
+    looked: std::time::Instant,
+}
+
+/// How long an open waits for the process holding the spool alone to share it: that one looks
+/// every [`SHARE_POLL`].
+const SHARE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often a relay looks for other processes asking to share its spool (and, while shared,
+/// whether they are done): the longest a command like `smee-relay events list` waits for it.
+pub(crate) const SHARE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How recent a modification time must be for a [`Seen`] to be trusted not to hide a later
 /// write: a file system stamps times from a coarse clock, so two writes within one tick (a few
@@ -407,15 +453,31 @@ pub(crate) struct Seen {
 }
 
 impl Spool {
-    /// Open (or create) the spool in `state_dir`.
+    /// Open (or create) the spool in `state_dir` for a relay: alone if no other process uses
+    /// it, else shared ([`share`]; the relay's writer thread calls [`Spool::share_poll`]).
     pub fn open(state_dir: &Path) -> Result<Spool, SpoolError> {
         Self::open_with(state_dir, backend::Factory::file())
     }
 
-    /// Open (or create) the spool in `state_dir` through `backend`.
+    /// Open (or create) the spool in `state_dir` for a brief command (`smee-relay events`,
+    /// `catch-up`): always shared, so that a relay starting meanwhile is not kept waiting; a
+    /// relay holding it alone is asked to share it, and this waits for that (about a second).
+    pub fn open_shared(state_dir: &Path) -> Result<Spool, SpoolError> {
+        Self::open_as(state_dir, backend::Factory::file(), false)
+    }
+
+    /// Open (or create) the spool in `state_dir` through `backend`, as a relay.
     pub(crate) fn open_with(
         state_dir: &Path,
         backend: backend::Factory,
+    ) -> Result<Spool, SpoolError> {
+        Self::open_as(state_dir, backend, true)
+    }
+
+    fn open_as(
+        state_dir: &Path,
+        backend: backend::Factory,
+        prefer_alone: bool,
     ) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
             path: state_dir.to_owned(),
@@ -425,7 +487,7 @@ impl Spool {
         if !path.exists() {
             create_new(&path, &backend)?;
         }
-        let (db, instance) = open_existing(&path, &backend)?;
+        let (db, instance, sharing) = open_sharing(&path, &backend, prefer_alone, None)?;
         Ok(Spool {
             db: std::sync::RwLock::new(Some(db)),
             needs_reopen: false.into(),
@@ -434,7 +496,66 @@ impl Spool {
             path,
             instance,
             reads: 0.into(),
+            prefer_alone,
+            sharing: std::sync::Mutex::new(sharing),
         })
+    }
+
+    /// For a relay's writer thread, between commits and at least every [`SHARE_POLL`] while
+    /// idle: if the spool is open alone and another process asks to share it, open it shared;
+    /// if it is open shared and nobody else uses it any more, open it alone again. Looks at
+    /// most once per `SHARE_POLL`. A failure leaves it shared (always safe) and is retried.
+    pub(crate) fn share_poll(&self) {
+        if !self.prefer_alone {
+            return;
+        }
+        let sharing = self.sharing.lock().expect("not poisoned");
+        if sharing.looked.elapsed() >= SHARE_POLL {
+            self.share_look(sharing);
+        }
+    }
+
+    /// [`Spool::share_poll`]'s look, now.
+    fn share_look(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>) {
+        sharing.looked = std::time::Instant::now();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let others = share::others(dir, sharing.request.as_ref());
+        let wanted = if others > 0 {
+            Mode::Shared
+        } else {
+            Mode::Alone
+        };
+        if wanted == sharing.mode {
+            return;
+        }
+        let mut db = self.db.write().expect("not poisoned");
+        // Close first: the file cannot be open twice in one process in these modes.
+        drop(db.take());
+        let mine = sharing.request.take();
+        match open_sharing(&self.path, &self.backend, wanted == Mode::Alone, mine) {
+            Ok((fresh, _, now)) => {
+                *db = Some(fresh);
+                self.needs_reopen
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(
+                    spool = %self.path.display(),
+                    others,
+                    "the spool is now open {}",
+                    if now.mode == Mode::Alone { "alone (exclusive-writer mode)" } else { "shared (multi-writer mode)" }
+                );
+                *sharing = now;
+            }
+            Err(e) => {
+                // The next read or write opens it again (shared: see `reopen`), and says so.
+                self.needs_reopen
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                sharing.mode = Mode::Shared;
+                tracing::warn!(
+                    "cannot open the spool again to share it or have it alone: {}; retrying",
+                    crate::error::chain(&e)
+                );
+            }
+        }
     }
 
     /// Look at the spool file now: take this before a read, so that any write after the read
@@ -474,12 +595,24 @@ impl Spool {
         self.write_error.lock().expect("not poisoned").clone()
     }
 
-    /// Open the database again (after a failed write left redb refusing every later one).
+    /// Open the database again (after a failed write left redb refusing every later one), in
+    /// the mode it was in (shared, if a switch of modes failed).
     fn reopen(&self) -> Result<(), SpoolError> {
+        let mut sharing = self.sharing.lock().expect("not poisoned");
         let mut db = self.db.write().expect("not poisoned");
         // Close the old handle first: the file cannot be opened twice in one process.
         drop(db.take());
-        let (fresh, _) = open_existing(&self.path, &self.backend)?;
+        let alone = sharing.mode == Mode::Alone;
+        let mine = sharing.request.take();
+        let (fresh, _, now) = match open_sharing(&self.path, &self.backend, alone, mine) {
+            Ok(opened) => opened,
+            Err(e) => {
+                // `open_sharing` dropped the request with its error: shared is safe to retry.
+                sharing.mode = Mode::Shared;
+                return Err(e);
+            }
+        };
+        *sharing = now;
         *db = Some(fresh);
         self.needs_reopen
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -1082,11 +1215,14 @@ impl Spool {
     }
 }
 
-/// The builder every open uses.
-fn builder() -> redb::Builder {
+/// The builder every open uses, for `mode` ([`share`]).
+fn builder(mode: Mode) -> redb::Builder {
     let mut builder = Database::builder();
     builder
-        .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+        .set_concurrency_mode(match mode {
+            Mode::Alone => redb::ConcurrencyMode::ExclusiveWriter,
+            Mode::Shared => redb::ConcurrencyMode::MultiWriter,
+        })
         // The spool is written once and read about once per event, soon after, while the
         // kernel's page cache still has it: a small cache serves it. redb's default (1 GiB)
         // would let resident memory grow with the file, and a larger cache measured no CPU
@@ -1118,7 +1254,8 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
         .create_new(true)
         .open(&fresh)
         .map_err(|e| io(redb::Error::Io(e)))?;
-    let db = builder()
+    // Nobody else sees the file under its temporary name.
+    let db = builder(Mode::Alone)
         .create_with_backend(backend.wrap(file).map_err(|e| io(e.into()))?)
         .map_err(|e| io(e.into()))?;
     let init = || -> Result<(), redb::Error> {
@@ -1145,7 +1282,11 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
 
 /// Open the spool at `path`, which exists; returns it and its instance id. Damage (an empty
 /// file, a file redb cannot read or panics on, a newer format) is refused, never started over.
-fn open_existing(path: &Path, backend: &backend::Factory) -> Result<(Database, u64), SpoolError> {
+fn open_existing(
+    path: &Path,
+    backend: &backend::Factory,
+    mode: Mode,
+) -> Result<(Database, u64), SpoolError> {
     let damaged = |why| SpoolError::Damaged {
         path: path.to_owned(),
         why,
@@ -1165,9 +1306,13 @@ fn open_existing(path: &Path, backend: &backend::Factory) -> Result<(Database, u
     let backend = backend.wrap(file).map_err(|e| io(e.into()))?;
     // Heavy damage makes redb panic rather than return an error; catch it, to name the file.
     let opened = catch_panic(move || -> Result<(Database, u64), SpoolError> {
-        let db = builder()
+        let db = builder(mode)
             .create_with_backend(backend)
             .map_err(|e| match e {
+                // Open in another process, in a mode that excludes this one ([`share`]).
+                redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
+                    path: path.to_owned(),
+                },
                 // An error from the system (disk full, permissions) is about the disk; what
                 // else redb says (a bad magic number, a checksum) is about the contents.
                 redb::DatabaseError::Storage(redb::StorageError::Io(e))
@@ -1187,6 +1332,56 @@ fn open_existing(path: &Path, backend: &backend::Factory) -> Result<(Database, u
         Ok((db, instance))
     });
     opened.unwrap_or_else(|panic| Err(damaged(Damage::Panic(panic.0))))
+}
+
+/// Open the spool at `path`, which exists: alone if `alone` is wanted and no other process
+/// asks to share it, else shared, with a request of this process's (`mine`, or a new one) so
+/// that a relay holding it alone shares it: waits up to [`SHARE_WAIT`] for that.
+fn open_sharing(
+    path: &Path,
+    backend: &backend::Factory,
+    alone: bool,
+    mut mine: Option<share::Request>,
+) -> Result<(Database, u64, Sharing), SpoolError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let sharing = |mode, request| Sharing {
+        mode,
+        request,
+        looked: std::time::Instant::now(),
+    };
+    if alone && share::others(dir, mine.as_ref()) == 0 {
+        match open_existing(path, backend, Mode::Alone) {
+            Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Alone, None))),
+            // Open shared by a process that made no request (an older smee-relay): join it.
+            Err(SpoolError::InUse { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let request = match mine.take() {
+        Some(request) => request,
+        None => share::Request::make(dir).map_err(|source| SpoolError::LockFile {
+            path: dir.join("spool-share.*"),
+            source,
+        })?,
+    };
+    let started = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match open_existing(path, backend, Mode::Shared) {
+            Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Shared, Some(request)))),
+            Err(SpoolError::InUse { .. }) if started.elapsed() < SHARE_WAIT => {
+                if !said && started.elapsed() >= 2 * SHARE_POLL {
+                    said = true;
+                    tracing::info!(
+                        spool = %path.display(),
+                        "waiting for the relay that has the spool open to share it"
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 enum UpgradeError {
@@ -1660,6 +1855,7 @@ pub fn event_kind(event: &Event) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const ROUTE: &str = "http://127.0.0.1:9/";
     const ROOM: Limits = Limits { max_bytes: 1 << 20 };
@@ -1693,6 +1889,122 @@ mod tests {
             outcome,
         };
         spool.write(&[write], ROOM).unwrap();
+    }
+
+    fn mode(spool: &Spool) -> Mode {
+        spool.sharing.lock().unwrap().mode
+    }
+
+    /// A relay's writer thread, for what sharing needs of it: it calls `share_poll` often.
+    struct Poller {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Poller {
+        fn start(spool: std::sync::Arc<Spool>) -> Poller {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = std::thread::spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    spool.share_poll();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            Poller { stop, thread }
+        }
+
+        fn stop(self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.thread.join().unwrap();
+        }
+    }
+
+    /// What the relay's writer thread does every SHARE_POLL, now.
+    fn look(spool: &Spool) {
+        spool.share_look(spool.sharing.lock().unwrap());
+    }
+
+    /// A relay has its spool alone; a command opening it meanwhile gets it shared once the
+    /// relay looks ([`Spool::share_poll`]), both write, and the relay has it alone again once
+    /// the command is done. Nothing written by either is lost.
+    #[test]
+    fn a_relay_shares_its_spool_while_a_command_uses_it_then_has_it_alone_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = std::sync::Arc::new(Spool::open(dir.path()).unwrap());
+        assert_eq!(mode(&relay), Mode::Alone);
+        let before = append(&relay, vec![event(1)]);
+        // The relay's writer thread, in short: it looks while idle.
+        let poller = Poller::start(relay.clone());
+        let command = Spool::open_shared(dir.path()).unwrap();
+        assert_eq!(mode(&command), Mode::Shared);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while mode(&relay) != Mode::Shared {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay never shared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let by_command = append(&command, vec![event(2)]);
+        let by_relay = append(&relay, vec![event(3)]);
+        assert_eq!(command.pending(ROUTE, 0, 10).unwrap().len(), 3);
+        drop(command);
+        while mode(&relay) != Mode::Alone {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay never had it alone again"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        poller.stop();
+        let ids: Vec<u64> = relay
+            .pending(ROUTE, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.event.id)
+            .collect();
+        assert_eq!(ids, [before, by_command, by_relay].concat());
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "only the spool, no request left: {files:?}");
+    }
+
+    /// A command finding the spool held alone by a process that never looks (an older
+    /// smee-relay, or one stuck) gives up after SHARE_WAIT with what to do, instead of hanging.
+    #[test]
+    fn a_command_gives_up_on_a_spool_held_alone_by_a_process_that_never_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let _holder = Spool::open(dir.path()).unwrap();
+        let started = std::time::Instant::now();
+        let Err(e) = Spool::open_shared(dir.path()) else {
+            panic!("opened a spool held alone");
+        };
+        assert!(started.elapsed() >= SHARE_WAIT);
+        assert!(matches!(e, SpoolError::InUse { .. }), "{e}");
+        assert!(e.needs_the_user());
+        assert!(e.to_string().contains("stop it and try again"), "{e}");
+    }
+
+    /// Two relays (of different channels) on one state directory: the second finds the first
+    /// alone, asks, and both run shared; when one stops, the other has it alone again.
+    #[test]
+    fn two_relays_on_one_state_directory_share_it_and_the_last_has_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = std::sync::Arc::new(Spool::open(dir.path()).unwrap());
+        let poller = Poller::start(first.clone());
+        let second = Spool::open(dir.path()).unwrap();
+        assert_eq!(mode(&second), Mode::Shared);
+        poller.stop();
+        assert_eq!(mode(&first), Mode::Shared);
+        // Neither goes alone while the other is there.
+        look(&first);
+        look(&second);
+        assert_eq!((mode(&first), mode(&second)), (Mode::Shared, Mode::Shared));
+        append(&second, vec![event(1)]);
+        drop(first);
+        look(&second);
+        assert_eq!(mode(&second), Mode::Alone);
+        assert_eq!(second.pending(ROUTE, 0, 10).unwrap().len(), 1);
     }
 
     /// The cluster a relay ran in is kept across opens, and forgotten when it runs alone.

@@ -131,7 +131,8 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Wakes the thread: a job someone waits for, a first mark, or the last handle dropped.
     wake: Condvar,
-    /// How many times the thread woke from a wait (tests pin that marks do not wake it).
+    /// How many times the thread was woken from a wait, not by its deadline (tests pin that
+    /// marks do not wake it).
     #[cfg(test)]
     wakeups: std::sync::atomic::AtomicU64,
 }
@@ -474,7 +475,15 @@ impl WriterThread {
                     marks_due = None;
                 }
                 queue.marks_armed = marks_due.is_some();
-                queue = self.sleep(queue, marks_due);
+                // Idle: still look every SHARE_POLL for another process asking to share the
+                // file (with the queue's lock let go: sharing reopens the file).
+                let poll = Instant::now() + super::SHARE_POLL;
+                queue = self.sleep(queue, Some(marks_due.map_or(poll, |due| due.min(poll))));
+                if queue.jobs.is_empty() {
+                    drop(queue);
+                    self.spool.share_poll();
+                    queue = self.shared.lock();
+                }
                 continue;
             }
             queue.marks_armed = marks_due.is_some();
@@ -518,6 +527,8 @@ impl WriterThread {
                     batch = kept;
                 }
             }
+            // Between commits (it looks at most once per SHARE_POLL).
+            self.spool.share_poll();
             queue = self.shared.lock();
         }
         drop(queue);
@@ -542,11 +553,17 @@ impl WriterThread {
                 .unwrap_or_else(|e| e.into_inner()),
             Some(until) => {
                 let left = until.saturating_duration_since(Instant::now());
-                self.shared
+                let (queue, waited) = self
+                    .shared
                     .wake
                     .wait_timeout(queue, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
+                    .unwrap_or_else(|e| e.into_inner());
+                if waited.timed_out() {
+                    let mut queue = queue;
+                    queue.waiting = false;
+                    return queue;
+                }
+                queue
             }
         };
         queue.waiting = false;
