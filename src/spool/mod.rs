@@ -1622,8 +1622,7 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    /// Put event `id` at the tail of `route`'s queue.
-    /// Queue event `id` on `route`; returns its seq.
+    /// Put event `id` at the tail of `route`'s queue; returns its seq.
     fn enqueue(&mut self, id: u64, route: &str, now: u64) -> Result<u64, redb::Error> {
         let seq = self.bump(NEXT_SEQ, 1)? + 1;
         self.pending.insert((route, seq), id)?;
