@@ -237,7 +237,7 @@ pub async fn run_route(
         // Seen before reading: an append from here on is either in this read or wakes the next
         // wait, and another process's write from here on changes the file after `seen`.
         appended.borrow_and_update();
-        let handed = match was_drained.then(|| known).flatten() {
+        let handed = match was_drained.then_some(known).flatten() {
             Some(from) => handed_over(&mut enqueued, &route, from),
             None => None,
         };

@@ -37,7 +37,7 @@ struct Job {
     writes: Vec<Write>,
     /// Where to say the job is committed: per `Append` in it, the ids given, and what to tell
     /// the routes. `None` for delivery marks, which nobody waits for.
-    reply: Option<oneshot::Sender<Result<(Appended, Option<Told>), SpoolError>>>,
+    reply: Option<oneshot::Sender<Answer>>,
     /// How many of the writes are marks also recorded in the journal: once committed, the
     /// journal may forget them.
     journaled: usize,
@@ -45,6 +45,10 @@ struct Job {
     /// soon as the writer is free, not after `COMMIT_PACE`.
     urgent: bool,
 }
+
+/// What a job someone waits for is answered: per `Append`, the ids given, and the commit to
+/// tell the routes of (if it appended events); or why it failed.
+type Answer = Result<(Appended, Option<Told>), SpoolError>;
 
 /// A commit that appended events, for its appenders to tell the routes of ([`Tell::tell`]): its
 /// number (commits are numbered in order) and what it queued.
