@@ -887,10 +887,10 @@ mod tests {
                 .unwrap();
             delivered(&sink, n + 1).await;
         }
-        // An idle second (`IDLE_POLL`) under a loaded machine may add a read; one per event
+        // A stalled second (`IDLE_POLL`) on a loaded machine may add a read; one per event
         // was the old cost.
         assert!(
-            spool.reads() - reads <= 3,
+            spool.reads() - reads <= 6,
             "{} reads for 20 events",
             spool.reads() - reads
         );
