@@ -819,8 +819,6 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// Regression: a long Retry-After (within --max-retry-after) parked the queue past the
-    /// event's --max-retry-age; the wait now ends when the retry age does.
     /// A sink that answers 200 and notes each body it was given, in order.
     #[derive(Default)]
     struct Recording {
@@ -983,6 +981,8 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// Regression: a long Retry-After (within --max-retry-after) parked the queue past the
+    /// event's --max-retry-age; the wait now ends when the retry age does.
     #[tokio::test(start_paused = true)]
     async fn regression_a_retry_after_never_waits_past_max_retry_age() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
