@@ -165,6 +165,16 @@ pub enum SpoolError {
         path = path.display()
     )]
     InUse { path: PathBuf },
+    #[error(
+        "a relay has the spool in {dir} to itself, and this process cannot ask it to share: no \
+         request file can be made there; run this as the relay's user (or root)",
+        dir = dir.display()
+    )]
+    CannotAsk {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the spool is being opened again after a failed write; try again")]
     Reopening,
     #[error("the spool writer has stopped")]
@@ -187,7 +197,10 @@ impl SpoolError {
     pub fn needs_the_user(&self) -> bool {
         matches!(
             self,
-            SpoolError::Damaged { .. } | SpoolError::Locked { .. } | SpoolError::InUse { .. }
+            SpoolError::Damaged { .. }
+                | SpoolError::Locked { .. }
+                | SpoolError::InUse { .. }
+                | SpoolError::CannotAsk { .. }
         )
     }
 }
@@ -424,7 +437,14 @@ struct Sharing {
     request: Option<share::Request>,
     /// When the requests were last looked at ([`Spool::share_poll`]).
     looked: std::time::Instant,
+    /// When an open alone was last refused though nobody asked to share: a process that makes
+    /// no requests (an older smee-relay) has the file open. Tried again only after
+    /// [`ALONE_RETRY`], not at every look (each try closes and opens the file).
+    refused: Option<std::time::Instant>,
 }
+
+/// How long after a refused open alone ([`Sharing::refused`]) a relay tries again.
+const ALONE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long an open waits for the process holding the spool alone to share it: that one looks
 /// every [`SHARE_POLL`].
@@ -525,7 +545,8 @@ impl Spool {
         } else {
             Mode::Alone
         };
-        if wanted == sharing.mode {
+        let refused_lately = sharing.refused.is_some_and(|at| at.elapsed() < ALONE_RETRY);
+        if wanted == sharing.mode || (wanted == Mode::Alone && refused_lately) {
             return;
         }
         let mut db = self.db.write().expect("not poisoned");
@@ -1246,6 +1267,30 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
         path: fresh.clone(),
         source,
     };
+    // Two processes starting at once on a new state directory (two relays of different
+    // channels) must not build it side by side: one removed the other's file under it. The
+    // second waits here, then finds the spool made.
+    let creating = path.with_extension("redb.creating");
+    let lock = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&creating)
+        .and_then(|file| file.lock().map(|()| file))
+        .map_err(|source| SpoolError::LockFile {
+            path: creating.clone(),
+            source,
+        })?;
+    // Removed while still locked: whoever waits on it finds the spool made, and it is not
+    // left behind in the state directory.
+    let unlock = || {
+        let _ = std::fs::remove_file(&creating);
+        drop(lock);
+    };
+    if path.exists() {
+        unlock();
+        return Ok(());
+    }
     // A leftover from a crash during an earlier creation never held events.
     let _ = std::fs::remove_file(&fresh);
     let file = std::fs::File::options()
@@ -1254,7 +1299,7 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
         .create_new(true)
         .open(&fresh)
         .map_err(|e| io(redb::Error::Io(e)))?;
-    // Nobody else sees the file under its temporary name.
+    // Nobody else opens the file under its temporary name (creators take turns above).
     let db = builder(Mode::Alone)
         .create_with_backend(backend.wrap(file).map_err(|e| io(e.into()))?)
         .map_err(|e| io(e.into()))?;
@@ -1277,6 +1322,7 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
     {
         let _ = dir.sync_all();
     }
+    unlock();
     Ok(())
 }
 
@@ -1341,34 +1387,66 @@ fn open_sharing(
     path: &Path,
     backend: &backend::Factory,
     alone: bool,
-    mut mine: Option<share::Request>,
+    mine: Option<share::Request>,
 ) -> Result<(Database, u64, Sharing), SpoolError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let sharing = |mode, request| Sharing {
+    open_sharing_in(path, backend, alone, mine, dir)
+}
+
+/// [`open_sharing`], with the requests in `dir` (tests give one where none can be made).
+fn open_sharing_in(
+    path: &Path,
+    backend: &backend::Factory,
+    alone: bool,
+    mut mine: Option<share::Request>,
+    dir: &Path,
+) -> Result<(Database, u64, Sharing), SpoolError> {
+    let mut refused = None;
+    let sharing = |mode, request, refused| Sharing {
         mode,
         request,
         looked: std::time::Instant::now(),
+        refused,
     };
     if alone && share::others(dir, mine.as_ref()) == 0 {
         match open_existing(path, backend, Mode::Alone) {
-            Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Alone, None))),
-            // Open shared by a process that made no request (an older smee-relay): join it.
-            Err(SpoolError::InUse { .. }) => {}
+            Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Alone, None, None))),
+            // Open shared by a process that made no request (an older smee-relay): join it,
+            // and do not try again at every look.
+            Err(SpoolError::InUse { .. }) => refused = Some(std::time::Instant::now()),
             Err(e) => return Err(e),
         }
     }
-    let request = match mine.take() {
-        Some(request) => request,
-        None => share::Request::make(dir).map_err(|source| SpoolError::LockFile {
-            path: dir.join("spool-share.*"),
-            source,
-        })?,
+    // Without a request (no right to create one in the directory, no free inode) the file can
+    // still be opened shared, unless a relay has it alone: that one would never be asked.
+    let (request, cannot_ask) = match mine.take() {
+        Some(request) => (Some(request), None),
+        None => match share::Request::make(dir) {
+            Ok(request) => (Some(request), None),
+            Err(e) => (None, Some(e)),
+        },
     };
     let started = std::time::Instant::now();
     let mut said = false;
+    let mut tries = 0;
     loop {
+        tries += 1;
         match open_existing(path, backend, Mode::Shared) {
-            Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Shared, Some(request)))),
+            Ok((db, instance)) => {
+                // Refused alone, then let in at once: the file is open shared by a process
+                // that makes no request. Let in only after waiting: a relay that had it alone
+                // shared it when asked, nothing to remember.
+                if tries > 1 {
+                    refused = None;
+                }
+                return Ok((db, instance, sharing(Mode::Shared, request, refused)));
+            }
+            Err(SpoolError::InUse { .. }) if cannot_ask.is_some() => {
+                return Err(SpoolError::CannotAsk {
+                    dir: dir.to_owned(),
+                    source: cannot_ask.expect("checked"),
+                });
+            }
             Err(SpoolError::InUse { .. }) if started.elapsed() < SHARE_WAIT => {
                 if !said && started.elapsed() >= 2 * SHARE_POLL {
                     said = true;
@@ -1966,6 +2044,89 @@ mod tests {
         assert_eq!(ids, [before, by_command, by_relay].concat());
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(files.len(), 1, "only the spool, no request left: {files:?}");
+    }
+
+    /// A relay beside an older smee-relay (which opens the file shared and makes no request)
+    /// found nobody asking, so it closed the file and tried to have it alone at every look,
+    /// once a second, blocking reads and writes each time. A refusal is now remembered.
+    #[test]
+    fn regression_a_relay_beside_one_that_makes_no_request_tried_to_be_alone_every_second() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Spool::open(dir.path()).unwrap());
+        // An older smee-relay: the file open shared, no request.
+        let older = redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(dir.path().join(FILE_NAME))
+            .unwrap();
+        let relay = Spool::open(dir.path()).unwrap();
+        assert_eq!(mode(&relay), Mode::Shared);
+        let refused = relay.sharing.lock().unwrap().refused;
+        assert!(refused.is_some());
+        look(&relay);
+        assert_eq!(
+            relay.sharing.lock().unwrap().refused,
+            refused,
+            "not tried again at once"
+        );
+        append(&relay, vec![event(1)]);
+        drop(older);
+    }
+
+    /// A command that may not create files in the state directory (a user with read access
+    /// to the spool only) could not open the spool at all: it now opens it shared without a
+    /// request, and says at once what to do if a relay has it alone (it would never be asked).
+    #[test]
+    fn regression_a_command_that_cannot_make_a_request_could_not_open_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Spool::open(dir.path()).unwrap());
+        let path = dir.path().join(FILE_NAME);
+        let nowhere = dir.path().join("no-such-directory");
+        let (db, _, sharing) =
+            open_sharing_in(&path, &backend::Factory::file(), false, None, &nowhere).unwrap();
+        assert_eq!(sharing.mode, Mode::Shared);
+        assert!(sharing.request.is_none());
+        drop(db);
+        let _relay = Spool::open(dir.path()).unwrap();
+        let started = std::time::Instant::now();
+        let Err(e) = open_sharing_in(&path, &backend::Factory::file(), false, None, &nowhere)
+        else {
+            panic!("opened a spool held alone without asking");
+        };
+        assert!(matches!(e, SpoolError::CannotAsk { .. }), "{e}");
+        assert!(started.elapsed() < SHARE_POLL, "said at once");
+        assert!(
+            e.to_string().contains("run this as the relay's user"),
+            "{e}"
+        );
+    }
+
+    /// Two relays starting at once on a new state directory: each built the new spool under
+    /// the same temporary name and removed the other's file under it, so one of them exited
+    /// ("No such file or directory" or "File exists"). Creators now take turns.
+    #[test]
+    fn regression_two_processes_creating_a_new_spool_at_once_made_one_of_them_fail() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(FILE_NAME);
+            let barrier = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                let creators: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            create_new(&path, &backend::Factory::file())
+                        })
+                    })
+                    .collect();
+                for creator in creators {
+                    creator.join().unwrap().unwrap();
+                }
+            });
+            let spool = Spool::open(dir.path()).unwrap();
+            assert_eq!(append(&spool, vec![event(1)]).len(), 1);
+            let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+            assert_eq!(files.len(), 1, "only the spool: {files:?}");
+        }
     }
 
     /// A command finding the spool held alone by a process that never looks (an older

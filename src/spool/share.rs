@@ -8,7 +8,7 @@
 //! exclude each other, so a process that finds the file held exclusively asks for it to be
 //! shared, and the holder switches at its next look ([`super::Spool::share_poll`]).
 //!
-//! A request is a file `spool-share.PID.N` in the state directory, locked (`flock`) by the
+//! A request is a file `spool-share.PID.N.RANDOM` in the state directory, locked (`flock`) by the
 //! process that made it for as long as it keeps the spool open shared. A request whose lock is
 //! free belongs to a process that ended (even by `kill -9`) and is removed by whoever finds it.
 //! The file is made under a temporary name, locked, then renamed, so a live request is never
@@ -48,21 +48,25 @@ impl Drop for Request {
 impl Request {
     /// Ask, in `state_dir`, for the spool to be shared.
     pub(super) fn make(state_dir: &Path) -> std::io::Result<Request> {
-        // Unique within the process too: a test may open one spool twice.
+        use std::os::unix::fs::PermissionsExt as _;
+        // Unique within the process (a test may open one spool twice) and across processes
+        // that see the same pid (two containers sharing a volume are each pid 1).
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
-            "{}.{}",
+            "{}.{}.{:08x}",
             std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..)
         );
         let making = state_dir.join(format!("{MAKING}{name}"));
         let path = state_dir.join(format!("{PREFIX}{name}"));
-        let file = File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&making)?;
-        let made = file.lock().and_then(|()| std::fs::rename(&making, &path));
+        let file = File::options().write(true).create_new(true).open(&making)?;
+        // Readable by all whatever the umask: the relay may run as another user than a command
+        // (root), and it must open the file to see that its maker is alive.
+        let made = file
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .and_then(|()| file.lock())
+            .and_then(|()| std::fs::rename(&making, &path));
         if let Err(e) = made {
             let _ = std::fs::remove_file(&making);
             return Err(e);
@@ -90,7 +94,7 @@ pub(super) fn others(state_dir: &Path, mine: Option<&Request>) -> usize {
                 .ok()
                 .and_then(|at| at.elapsed().ok())
                 .is_some_and(|age| age > MAKING_STALE);
-            if old && !alive(&path) {
+            if old && alive(&path) == Some(false) {
                 let _ = std::fs::remove_file(&path);
             }
             continue;
@@ -98,26 +102,45 @@ pub(super) fn others(state_dir: &Path, mine: Option<&Request>) -> usize {
         if !name.starts_with(PREFIX) || mine.is_some_and(|mine| mine.path == path) {
             continue;
         }
-        if alive(&path) {
-            live += 1;
-        } else {
-            let _ = std::fs::remove_file(&path);
+        match alive(&path) {
+            Some(true) => live += 1,
+            Some(false) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            None => {}
         }
     }
     live
 }
 
-/// Whether the request at `path` is held by a live process (its lock is taken). A file that
-/// cannot be opened is gone (withdrawn meanwhile), so not alive.
-fn alive(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else {
-        return false;
-    };
-    match file.try_lock() {
-        Ok(()) => false,
-        Err(std::fs::TryLockError::WouldBlock) => true,
-        // Cannot tell (a file system without locks): count it, sharing is always safe.
-        Err(std::fs::TryLockError::Error(_)) => true,
+/// Whether the request at `path` is held by a live process (its lock is taken). Only a file
+/// that is gone (withdrawn meanwhile) or whose lock is free counts as not alive: one that cannot
+/// be opened or locked (another user's, a file system without locks) counts as alive, since
+/// sharing is always safe and removing a live request is not. What is not a plain file (a
+/// FIFO, whose open would block) is nobody's request: not counted, not touched.
+fn alive(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return None,
+        Err(_) => return Some(false),
+    }
+    let opened = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    Some(held(opened))
+}
+
+/// Whether a request file, as its open went, is held by a live process.
+fn held(opened: std::io::Result<File>) -> bool {
+    match opened {
+        Ok(file) => match file.try_lock() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(_)) => true,
+        },
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     }
 }
 
@@ -151,9 +174,62 @@ mod tests {
     fn the_request_of_a_process_that_died_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         // What `kill -9` leaves: the file, with nobody holding its lock.
-        let dead = dir.path().join(format!("{PREFIX}999999.0"));
+        let dead = dir.path().join(format!("{PREFIX}999999.0.00000000"));
         std::fs::write(&dead, b"").unwrap();
         assert_eq!(others(dir.path(), None), 0);
         assert!(!dead.exists());
+    }
+}
+
+#[cfg(test)]
+mod regression_tests {
+    use super::*;
+
+    /// A command run as root under `umask 077` made a request the relay (another user) could
+    /// not open; the relay took that for a dead request, removed it and never shared, and the
+    /// command gave up after 10 s saying the relay was stuck. A request is now readable by all,
+    /// and one that cannot be opened counts as alive.
+    #[test]
+    fn regression_a_request_the_relay_cannot_open_was_taken_for_a_dead_one() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let request = Request::make(dir.path()).unwrap();
+        let mode = std::fs::metadata(&request.path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        // What the relay meets when it may not open another user's file.
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(held(Err(denied)), "counted as alive, not removed");
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!held(Err(gone)));
+        drop(request);
+    }
+
+    /// Two relays in separate pid namespaces (containers on one volume, both pid 1) made the
+    /// same request name and each took the other's for its own, switching every second.
+    #[test]
+    fn regression_two_makers_with_the_same_pid_made_the_same_request_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Request::make(dir.path()).unwrap();
+        let second = Request::make(dir.path()).unwrap();
+        assert_ne!(first.path, second.path);
+        let name = |r: &Request| r.path.file_name().unwrap().to_string_lossy().into_owned();
+        // pid, counter, and a random part that a second namespace's pid 1 does not share.
+        assert_eq!(name(&first).split('.').count(), 4, "{}", name(&first));
+    }
+
+    /// A FIFO named like a request (anyone who may write the state directory can make one)
+    /// blocked the relay's writer thread for good in its open.
+    #[test]
+    fn regression_a_fifo_named_like_a_request_hung_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join(format!("{PREFIX}7.0.00000000"));
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        assert_eq!(others(dir.path(), None), 0);
+        assert!(fifo.exists(), "not a request: left alone");
     }
 }
