@@ -21,6 +21,14 @@ use crate::event::Event;
 /// Most writes in one transaction; more wait for the next commit.
 pub(crate) const MAX_BATCH: usize = 4096;
 
+/// Most event bytes ([`Event::held_bytes`]) appended in one transaction, give or take the last
+/// job taken: redb holds a transaction's pages in memory until its commit, so a burst commits
+/// in slices of this size rather than all at once. An event larger than this is committed
+/// alone. 1 MiB is about a thousand 1 KiB webhooks, far past where a larger commit saves CPU
+/// (the fsync and redb's allocator record are per commit, a few hundred µs), and a commit of
+/// it takes milliseconds, so the window between reading an event and its commit stays short.
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// Per `Append` in a job, each event's id (`None`: refused, the spool is full).
 pub type Appended = Vec<Vec<Option<u64>>>;
 
@@ -36,6 +44,19 @@ struct Job {
     /// Someone waits on it with nothing else to do ([`SpoolWriter::commit_now`]): committed as
     /// soon as the writer is free, not after `COMMIT_PACE`.
     urgent: bool,
+    /// The bytes of the events it appends, for [`MAX_BATCH_BYTES`].
+    bytes: usize,
+}
+
+/// The bytes of the events `writes` append.
+fn appended_bytes(writes: &[Write]) -> usize {
+    writes
+        .iter()
+        .map(|write| match write {
+            Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// How long finished deliveries may wait for a commit that someone waits for (an append) to
@@ -163,6 +184,7 @@ impl SpoolWriter {
     async fn commit_with(&self, writes: Vec<Write>, urgent: bool) -> Result<Appended, SpoolError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
+            bytes: appended_bytes(&writes),
             writes,
             reply: Some(reply),
             journaled: 0,
@@ -251,6 +273,7 @@ impl SpoolWriter {
 
     fn send(&self, writes: Vec<Write>, journaled: usize) {
         let job = Job {
+            bytes: appended_bytes(&writes),
             writes,
             reply: None,
             journaled,
@@ -326,16 +349,22 @@ impl WriterThread {
                     }
                     batch.push(job);
                     // Take what else is queued, without waiting.
-                    while batch.len() < MAX_BATCH {
+                    let mut bytes: usize = batch.iter().map(|job| job.bytes).sum();
+                    let full =
+                        |jobs: usize, bytes: usize| jobs >= MAX_BATCH || bytes >= MAX_BATCH_BYTES;
+                    while !full(batch.len(), bytes) {
                         match self.jobs.try_recv() {
-                            Ok(job) => batch.push(job),
+                            Ok(job) => {
+                                bytes += job.bytes;
+                                batch.push(job);
+                            }
                             Err(_) => break,
                         }
                     }
                     let awaited = batch.iter().any(|job| job.reply.is_some());
                     let urgent = batch.iter().any(|job| job.urgent);
                     let paced = gather_until.is_some_and(|until| Instant::now() < until);
-                    if !awaited || (paced && !urgent && batch.len() < MAX_BATCH) {
+                    if !awaited || (paced && !urgent && !full(batch.len(), bytes)) {
                         continue;
                     }
                 }
@@ -485,7 +514,7 @@ mod tests {
         };
         let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = crate::source::queue::channel(1 << 20);
         let intake = tokio::spawn(intake::intake(
             rx,
             writer.clone(),
