@@ -71,9 +71,9 @@ pub async fn intake_saving(
                             ))
                         );
                     }
+                    counters.received(ids.len() as u64);
                     // Committed: the source may read as much again.
                     events.stored();
-                    counters.received(ids.len() as u64);
                     let received_ms = crate::clock::now_ms();
                     for (event, id) in batch.iter().zip(&ids) {
                         if let (Some(save), Some(id)) = (&save, id) {

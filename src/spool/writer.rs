@@ -629,6 +629,84 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// A burst larger than the queue's byte bound: the source waits until commits give the
+    /// room back (never more unstored than the bound), and everything is stored, whole and in
+    /// order; then one event larger than every bound (the queue's and a commit's) passes alone.
+    #[tokio::test]
+    async fn a_burst_larger_than_the_byte_bound_waits_for_commits_and_is_stored_whole_in_order() {
+        use crate::source::queue;
+        const BOUND: usize = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (tx, rx) = queue::channel(BOUND);
+        let counters = Arc::new(Counters::default());
+        let intake = tokio::spawn(intake::intake(
+            rx,
+            writer.clone(),
+            "c".into(),
+            None,
+            watch::channel(vec!["r".to_string()]).1,
+            counters.clone(),
+        ));
+        let padded = |n: u64, pad: usize| Event {
+            body: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(pad)).into(),
+            ..event(n)
+        };
+        let weight = padded(0, 4000).held_bytes();
+        let fit = BOUND / weight;
+        let burst = 4 * fit as u64;
+        assert!(
+            burst as usize * weight > 3 * BOUND,
+            "the burst is larger than the bound"
+        );
+        let mut peak = 0;
+        for n in 0..burst {
+            tx.send(padded(n, 4000)).await.unwrap();
+            // Counted only after the commit: what was sent and is not counted is not on disk.
+            let stored = counters.received.load(Ordering::Relaxed);
+            let unstored = (n + 1 - stored) as usize;
+            assert!(unstored <= fit, "{unstored} events not stored, bound {fit}");
+            assert!(tx.in_flight() <= BOUND);
+            peak = peak.max(unstored);
+        }
+        assert_eq!(peak, fit, "the sender filled the bound and waited");
+
+        // Larger than the queue's bound and a commit's: charged the whole bound, committed alone.
+        let huge = padded(burst, MAX_BATCH_BYTES + BOUND);
+        assert!(huge.held_bytes() > MAX_BATCH_BYTES);
+        tx.send(huge.clone()).await.unwrap();
+        tx.send(padded(burst + 1, 10)).await.unwrap();
+        until("everything stored", || {
+            counters.received.load(Ordering::Relaxed) == burst + 2
+        })
+        .await;
+        // Read in pages: a read stops at its byte bound.
+        let mut stored = Vec::new();
+        loop {
+            let after = stored.last().map_or(0, |q: &crate::spool::Queued| q.seq);
+            let page = spool.pending("r", after, usize::MAX).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            stored.extend(page);
+        }
+        let ns: Vec<u64> = stored
+            .iter()
+            .map(|q| {
+                let body: serde_json::Value = serde_json::from_slice(&q.event.event.body).unwrap();
+                body["n"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(ns, (0..burst + 2).collect::<Vec<_>>(), "all, in order");
+        assert_eq!(stored[burst as usize].event.event.body, huge.body, "whole");
+        assert_eq!(tx.in_flight(), 0);
+        drop(tx);
+        intake.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
     /// `intake::GIVE_UP_AFTER_STOP` plus a retry and slack.
     const GIVE_UP_BOUND: Duration = Duration::from_secs(10);
 }
