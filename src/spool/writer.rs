@@ -629,6 +629,48 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// Appends that together reach `MAX_BATCH_BYTES` are committed at once, not held for the
+    /// pace to gather more: a commit's bytes are bounded, like its number of writes.
+    #[tokio::test]
+    async fn appends_that_fill_a_commit_s_bytes_are_not_held_behind_the_pace() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            Duration::from_secs(60),
+        );
+        let append = |n: u64, pad: usize| Write::Append {
+            channel: "c".into(),
+            routes: vec!["r".into()],
+            events: Arc::from(vec![Event {
+                body: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(pad)).into(),
+                ..event(n)
+            }]),
+            cursor: None,
+        };
+        // A commit of several events: the next awaited commit waits out the pace.
+        writer
+            .commit(vec![append(0, 0), append(1, 0)])
+            .await
+            .expect("committed");
+        let mut first = Box::pin(writer.commit(vec![append(2, MAX_BATCH_BYTES * 2 / 3)]));
+        assert!(futures::poll!(&mut first).is_pending());
+        // Together past the byte bound: committed without waiting out the 60 s pace.
+        let second = writer.commit(vec![append(3, MAX_BATCH_BYTES * 2 / 3)]);
+        let (first, second) = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::future::join(first, second),
+        )
+        .await
+        .expect("a commit full of bytes goes at once");
+        first.expect("committed");
+        second.expect("committed");
+        assert_eq!(spool.stats().unwrap().events, 4);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
     /// A burst larger than the queue's byte bound: the source waits until commits give the
     /// room back (never more unstored than the bound), and everything is stored, whole and in
     /// order; then one event larger than every bound (the queue's and a commit's) passes alone.
