@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use smee_relay::counters::Counters;
 use smee_relay::event::Event;
+use smee_relay::source::queue;
 use smee_relay::spool::intake;
 use smee_relay::spool::writer::SpoolWriter;
 use smee_relay::spool::{Limits, Spool};
-use tokio::sync::mpsc;
 
 const EVENTS: usize = 50_000;
 const BODY: usize = 1024;
@@ -39,7 +39,8 @@ async fn main() {
     let spool = Arc::new(Spool::open(dir.path()).unwrap());
     let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 34 });
     let counters = Arc::new(Counters::default());
-    let (tx, rx) = mpsc::channel(8192);
+    // The relay's bound (`QUEUE_BYTES` in `service::daemon`).
+    let (tx, rx) = queue::channel(2 << 20);
     let intake = tokio::spawn(intake::intake(
         rx,
         writer.clone(),

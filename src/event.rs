@@ -35,6 +35,27 @@ impl Event {
             .map(|(_, v)| v.as_str())
     }
 
+    /// About how many bytes of memory this event holds: its body, its strings, and a fixed
+    /// share for the struct and each allocation. What bounds the events read but not yet
+    /// stored (`source::queue`) and the size of a spool commit; an estimate, never zero, so
+    /// that a flood of empty events is bounded too.
+    pub fn held_bytes(&self) -> usize {
+        /// The struct itself and its allocations' headers, per event and per string pair.
+        const PER_EVENT: usize = 128;
+        const PER_PAIR: usize = 64;
+        let pairs = |pairs: &[(String, String)]| -> usize {
+            pairs
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + PER_PAIR)
+                .sum()
+        };
+        PER_EVENT
+            + self.body.len()
+            + self.sse_id.as_ref().map_or(0, String::len)
+            + pairs(&self.headers)
+            + pairs(&self.query)
+    }
+
     /// A short label for logs: the event kind a human would look for first
     /// (`x-github-event=push`), if the sender said one.
     pub fn kind(&self) -> Option<String> {

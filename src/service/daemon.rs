@@ -150,8 +150,12 @@ fn plan_fingerprint(plan: &Plan) -> String {
     crate::cluster::config_fingerprint(parts)
 }
 
-/// Events received but not yet stored; beyond this a source waits (backpressure).
-const QUEUE_DEPTH: usize = 8192;
+/// Bytes of a channel's events received but not yet committed to the spool (queued, and in
+/// the commit under way); beyond this its source waits and stops reading (backpressure to the
+/// kernel's socket buffer and the server). Two commits' worth (`MAX_BATCH_BYTES`): one is
+/// committed while the next is read, so the writer never waits on the network, and no more
+/// than that sits in memory in a burst.
+const QUEUE_BYTES: usize = 2 << 20;
 
 /// One channel and where its events go.
 #[derive(Clone, Debug)]
@@ -1001,7 +1005,7 @@ impl Runtime {
         };
         let status = source.status();
         let (routes_tx, routes_rx) = watch::channel(routes);
-        let (events_tx, events_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (events_tx, events_rx) = crate::source::queue::channel(QUEUE_BYTES);
         let cancel = self.cancel.child_token();
         // Subscribed before the source runs, so its first connection counts as a gap's end.
         let catch_up = channel.source.github_catch_up.clone().map(|config| {

@@ -20,6 +20,7 @@
 //! characters, non-ASCII) is never kept as the resume point.
 
 pub mod github;
+pub mod queue;
 pub mod status;
 pub mod transport;
 pub mod wire;
@@ -29,7 +30,6 @@ use std::time::Duration;
 
 use eventsource_client::{Client as _, ClientBuilder, ReconnectOptions, SSE};
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
@@ -222,7 +222,7 @@ impl Source {
     }
 
     /// Receive events and send them to `events` until `cancel` fires or the receiver is dropped.
-    pub async fn run(mut self, events: mpsc::Sender<Event>, cancel: CancellationToken) {
+    pub async fn run(mut self, events: queue::Sender, cancel: CancellationToken) {
         let channel = self.config.channel.clone();
         let mut backoff = self.config.reconnect.start();
         let mut resume = false;
@@ -292,7 +292,7 @@ impl Source {
 
     /// One connection (or, with `resume`, the rest of the open one after a bad frame), from
     /// request to its end.
-    async fn connect_once(&mut self, events: &mpsc::Sender<Event>, resume: bool) -> Ended {
+    async fn connect_once(&mut self, events: &queue::Sender, resume: bool) -> Ended {
         let lost = |this: &Self, reason: String| Ended::Lost {
             reason,
             connected_for: this.connected_for(),
@@ -354,11 +354,7 @@ impl Source {
     }
 
     /// Act on one event. Returns false if the consumer is gone.
-    async fn handle(
-        &mut self,
-        frame: eventsource_client::Event,
-        events: &mpsc::Sender<Event>,
-    ) -> bool {
+    async fn handle(&mut self, frame: eventsource_client::Event, events: &queue::Sender) -> bool {
         let id = match frame.id {
             Some(id) if sendable_id(&id) => {
                 self.last_event_id = Some(id.clone());
@@ -574,12 +570,15 @@ mod tests {
 
     /// Run `source` until an event with id `last` arrives; return every event before it.
     async fn events_until(source: Source, last: &str) -> Vec<Event> {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = queue::channel(1 << 20);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(source.run(tx, cancel.clone()));
         let mut events = Vec::new();
         let collect = async {
-            while let Some(event) = rx.recv().await {
+            let mut one = Vec::new();
+            while rx.recv_batch(&mut one, 1, usize::MAX).await > 0 {
+                rx.stored();
+                let event = one.pop().expect("one event");
                 if event.sse_id.as_deref() == Some(last) {
                     return;
                 }

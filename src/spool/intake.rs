@@ -1,17 +1,20 @@
 //! The intake: takes events from a source and appends them to the spool in batches. An event
 //! is on disk before any route can see it; if the disk refuses, the batch is kept and retried.
+//! A batch is at most [`MAX_BATCH`] events and [`MAX_BATCH_BYTES`] bytes (one larger event goes
+//! alone); the source's queue gets the room back only once the batch is committed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Spool;
-use super::writer::{MAX_BATCH, SpoolWriter};
+use super::writer::{MAX_BATCH, MAX_BATCH_BYTES, SpoolWriter};
 use crate::counters::Counters;
 use crate::event::Event;
+use crate::source::queue;
 
 /// After the source has stopped (shutdown), how long the intake still tries to store what it
 /// holds while the spool refuses writes, before it gives up on it (and says how much).
@@ -21,7 +24,7 @@ const GIVE_UP_AFTER_STOP: Duration = Duration::from_secs(5);
 /// done. Nothing taken is dropped while the relay runs: a failed append (disk full) pauses the
 /// intake, says so once, and is retried every second until the spool takes writes again.
 pub async fn intake(
-    events: mpsc::Receiver<Event>,
+    events: queue::Receiver,
     writer: SpoolWriter,
     channel: String,
     cursor_key: Option<String>,
@@ -34,7 +37,7 @@ pub async fn intake(
 /// [`intake`], and each event stored is also offered to `save` (`forward --save-dir`), which
 /// never makes the intake wait.
 pub async fn intake_saving(
-    mut events: mpsc::Receiver<Event>,
+    mut events: queue::Receiver,
     writer: SpoolWriter,
     channel: String,
     cursor_key: Option<String>,
@@ -43,7 +46,11 @@ pub async fn intake_saving(
     save: Option<super::export::SaveDir>,
 ) {
     let mut received = Vec::new();
-    while events.recv_many(&mut received, MAX_BATCH).await > 0 {
+    while events
+        .recv_batch(&mut received, MAX_BATCH, MAX_BATCH_BYTES)
+        .await
+        > 0
+    {
         let batch: Arc<[Event]> = std::mem::take(&mut received).into();
         // The routes as of now: a reload may change them between batches.
         let routes = routes.borrow().clone();
@@ -65,6 +72,8 @@ pub async fn intake_saving(
                         );
                     }
                     counters.received(ids.len() as u64);
+                    // Committed: the source may read as much again.
+                    events.stored();
                     let received_ms = crate::clock::now_ms();
                     for (event, id) in batch.iter().zip(&ids) {
                         if let (Some(save), Some(id)) = (&save, id) {

@@ -29,6 +29,19 @@ use crate::event::Event;
 /// Most writes in one transaction; more wait for the next commit.
 pub(crate) const MAX_BATCH: usize = 4096;
 
+/// Most event bytes ([`Event::held_bytes`]) appended in one transaction, give or take the last
+/// job taken: redb holds a transaction's pages in memory until its commit, so a burst commits
+/// in slices of this size rather than all at once. An event larger than this is committed
+/// alone. 1 MiB is about a thousand 1 KiB webhooks, far past where a larger commit saves CPU
+/// (the fsync and redb's allocator record are per commit, a few hundred µs), and a commit of
+/// it takes milliseconds, so the window between reading an event and its commit stays short.
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Whether a batch of `jobs` writes appending `bytes` of events takes no more.
+fn full(jobs: usize, bytes: usize) -> bool {
+    jobs >= MAX_BATCH || bytes >= MAX_BATCH_BYTES
+}
+
 /// Per `Append` in a job, each event's id (`None`: refused, the spool is full).
 pub type Appended = Vec<Vec<Option<u64>>>;
 
@@ -44,6 +57,19 @@ struct Job {
     /// Someone waits on it with nothing else to do ([`SpoolWriter::commit_now`]): committed as
     /// soon as the writer is free, not after `COMMIT_PACE`.
     urgent: bool,
+    /// The bytes of the events it appends, for [`MAX_BATCH_BYTES`].
+    bytes: usize,
+}
+
+/// The bytes of the events `writes` append.
+fn appended_bytes(writes: &[Write]) -> usize {
+    writes
+        .iter()
+        .map(|write| match write {
+            Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// What a job someone waits for is answered: per `Append`, the ids given, and the commit to
@@ -298,6 +324,7 @@ impl SpoolWriter {
     async fn commit_with(&self, writes: Vec<Write>, urgent: bool) -> Result<Appended, SpoolError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
+            bytes: appended_bytes(&writes),
             writes,
             reply: Some(reply),
             journaled: 0,
@@ -395,6 +422,7 @@ impl SpoolWriter {
 
     fn send(&self, writes: Vec<Write>, journaled: usize) {
         let job = Job {
+            bytes: appended_bytes(&writes),
             writes,
             reply: None,
             journaled,
@@ -463,9 +491,16 @@ impl WriterThread {
         loop {
             // Take what is queued; only then decide, under the same lock the senders take, so a
             // sender that did not wake the thread is sure its job is seen before it sleeps.
-            let room = MAX_BATCH.saturating_sub(batch.len());
-            let take = queue.jobs.len().min(room);
-            batch.extend(queue.jobs.drain(..take));
+            // Up to MAX_BATCH writes and MAX_BATCH_BYTES of appended events (the last job taken
+            // may go past the bytes: one event larger than the bound is committed alone).
+            let mut bytes: usize = batch.iter().map(|job| job.bytes).sum();
+            while !full(batch.len(), bytes) {
+                let Some(job) = queue.jobs.pop_front() else {
+                    break;
+                };
+                bytes += job.bytes;
+                batch.push(job);
+            }
             if marks_due.is_none() && batch.iter().any(|job| job.reply.is_none()) {
                 marks_due = Some(Instant::now() + self.mark_delay);
             }
@@ -495,7 +530,7 @@ impl WriterThread {
             // stopping; if someone waits, once the pace allows; marks alone at `marks_due`.
             let awaited = batch.iter().any(|job| job.reply.is_some());
             let urgent = batch.iter().any(|job| job.urgent);
-            let due = if urgent || batch.len() >= MAX_BATCH || queue.closed {
+            let due = if urgent || full(batch.len(), bytes) || queue.closed {
                 None
             } else if awaited {
                 gather_until
@@ -698,7 +733,7 @@ mod tests {
         };
         let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = crate::source::queue::channel(1 << 20);
         let intake = tokio::spawn(intake::intake(
             rx,
             writer.clone(),
@@ -953,4 +988,125 @@ mod tests {
 
     /// `intake::GIVE_UP_AFTER_STOP` plus a retry and slack.
     const GIVE_UP_BOUND: Duration = Duration::from_secs(10);
+
+    /// Appends that together reach `MAX_BATCH_BYTES` are committed at once, not held for the
+    /// pace to gather more: a commit's bytes are bounded, like its number of writes.
+    #[tokio::test]
+    async fn appends_that_fill_a_commit_s_bytes_are_not_held_behind_the_pace() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            Duration::from_secs(60),
+            MARK_DELAY,
+        );
+        let append = |n: u64, pad: usize| Write::Append {
+            channel: "c".into(),
+            routes: vec!["r".into()],
+            events: Arc::from(vec![Event {
+                body: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(pad)).into(),
+                ..event(n)
+            }]),
+            cursor: None,
+        };
+        // A commit of several events: the next awaited commit waits out the pace.
+        writer
+            .commit(vec![append(0, 0), append(1, 0)])
+            .await
+            .expect("committed");
+        let mut first = Box::pin(writer.commit(vec![append(2, MAX_BATCH_BYTES * 2 / 3)]));
+        assert!(futures::poll!(&mut first).is_pending());
+        // Together past the byte bound: committed without waiting out the 60 s pace.
+        let second = writer.commit(vec![append(3, MAX_BATCH_BYTES * 2 / 3)]);
+        let (first, second) = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::future::join(first, second),
+        )
+        .await
+        .expect("a commit full of bytes goes at once");
+        first.expect("committed");
+        second.expect("committed");
+        assert_eq!(spool.stats().unwrap().events, 4);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A burst larger than the queue's byte bound: the source waits until commits give the
+    /// room back (never more unstored than the bound), and everything is stored, whole and in
+    /// order; then one event larger than every bound (the queue's and a commit's) passes alone.
+    #[tokio::test]
+    async fn a_burst_larger_than_the_byte_bound_waits_for_commits_and_is_stored_whole_in_order() {
+        use crate::source::queue;
+        const BOUND: usize = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (tx, rx) = queue::channel(BOUND);
+        let counters = Arc::new(Counters::default());
+        let intake = tokio::spawn(intake::intake(
+            rx,
+            writer.clone(),
+            "c".into(),
+            None,
+            watch::channel(vec!["r".to_string()]).1,
+            counters.clone(),
+        ));
+        let padded = |n: u64, pad: usize| Event {
+            body: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(pad)).into(),
+            ..event(n)
+        };
+        let weight = padded(0, 4000).held_bytes();
+        let fit = BOUND / weight;
+        let burst = 4 * fit as u64;
+        assert!(
+            burst as usize * weight > 3 * BOUND,
+            "the burst is larger than the bound"
+        );
+        let mut peak = 0;
+        for n in 0..burst {
+            tx.send(padded(n, 4000)).await.unwrap();
+            // Counted only after the commit: what was sent and is not counted is not on disk.
+            let stored = counters.received.load(Ordering::Relaxed);
+            let unstored = (n + 1 - stored) as usize;
+            assert!(unstored <= fit, "{unstored} events not stored, bound {fit}");
+            assert!(tx.in_flight() <= BOUND);
+            peak = peak.max(unstored);
+        }
+        assert_eq!(peak, fit, "the sender filled the bound and waited");
+
+        // Larger than the queue's bound and a commit's: charged the whole bound, committed alone.
+        let huge = padded(burst, MAX_BATCH_BYTES + BOUND);
+        assert!(huge.held_bytes() > MAX_BATCH_BYTES);
+        tx.send(huge.clone()).await.unwrap();
+        tx.send(padded(burst + 1, 10)).await.unwrap();
+        until("everything stored", || {
+            counters.received.load(Ordering::Relaxed) == burst + 2
+        })
+        .await;
+        // Read in pages: a read stops at its byte bound.
+        let mut stored = Vec::new();
+        loop {
+            let after = stored.last().map_or(0, |q: &crate::spool::Queued| q.seq);
+            let page = spool.pending("r", after, usize::MAX).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            stored.extend(page);
+        }
+        let ns: Vec<u64> = stored
+            .iter()
+            .map(|q| {
+                let body: serde_json::Value = serde_json::from_slice(&q.event.event.body).unwrap();
+                body["n"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(ns, (0..burst + 2).collect::<Vec<_>>(), "all, in order");
+        assert_eq!(stored[burst as usize].event.event.body, huge.body, "whole");
+        assert_eq!(tx.in_flight(), 0);
+        drop(tx);
+        intake.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
 }
