@@ -863,44 +863,86 @@ mod tests {
             .unwrap();
     }
 
+    /// A route `r` on a fresh spool, delivering to a [`Recording`] sink.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        thread: std::thread::JoinHandle<()>,
+        sink: Arc<Recording>,
+        cancel: CancellationToken,
+        route: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Harness {
+        async fn start() -> Harness {
+            let (_dir, spool, writer, thread) = spool_with(0).await;
+            let sink = Arc::new(Recording::default());
+            let cancel = CancellationToken::new();
+            let route = Some(start_route(&spool, &writer, sink.clone(), &cancel));
+            Harness {
+                _dir,
+                spool,
+                writer,
+                thread,
+                sink,
+                cancel,
+                route,
+            }
+        }
+
+        /// Append event `n` (its body is `n`) through this process's writer.
+        async fn append(&self, n: usize) {
+            self.writer
+                .append("c", &["r".into()], vec![numbered(n)].into(), None)
+                .await
+                .unwrap();
+        }
+
+        async fn stop_route(&mut self) {
+            self.cancel.cancel();
+            if let Some(route) = self.route.take() {
+                route.await.unwrap();
+            }
+        }
+
+        async fn stop(mut self) {
+            self.stop_route().await;
+            drop(self.writer);
+            self.thread.join().unwrap();
+        }
+    }
+
     /// At everyday rates a drained route read every appended event back from the spool: a
     /// blocking-pool handoff, a read transaction and a `statx` per event. It now takes what
     /// this process's writer queued from the append itself.
     #[tokio::test]
     async fn a_drained_route_takes_what_this_process_appends_without_reading_it_back() {
-        let (_dir, spool, writer, thread) = spool_with(0).await;
-        let sink = Arc::new(Recording::default());
-        let cancel = CancellationToken::new();
-        let route = start_route(&spool, &writer, sink.clone(), &cancel);
-        writer
-            .append("c", &["r".into()], vec![numbered(0)].into(), None)
-            .await
-            .unwrap();
-        delivered(&sink, 1).await;
-        let reads = spool.reads();
+        let mut h = Harness::start().await;
+        h.append(0).await;
+        delivered(&h.sink, 1).await;
+        let reads = h.spool.reads();
         for n in 1..=20 {
-            writer
+            h.writer
                 .append("c", &["r".into()], vec![numbered(n)].into(), None)
                 .await
                 .unwrap();
-            delivered(&sink, n + 1).await;
+            delivered(&h.sink, n + 1).await;
         }
         // A stalled second (`IDLE_POLL`) on a loaded machine may add a read; one per event
         // was the old cost.
         assert!(
-            spool.reads() - reads <= 6,
+            h.spool.reads() - reads <= 6,
             "{} reads for 20 events",
-            spool.reads() - reads
+            h.spool.reads() - reads
         );
         let expected: Vec<String> = (0..=20).map(|n| n.to_string()).collect();
-        assert_eq!(*sink.bodies.lock().unwrap(), expected);
+        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
         // What it took over is marked delivered like anything read.
-        cancel.cancel();
-        route.await.unwrap();
-        let left = spool.pending("r", 0, usize::MAX).unwrap();
+        h.stop_route().await;
+        let left = h.spool.pending("r", 0, usize::MAX).unwrap();
         assert!(left.is_empty(), "{left:?}");
-        drop(writer);
-        thread.join().unwrap();
+        h.stop().await;
     }
 
     /// A route stopped while idle returned without waiting for its last finished delivery to
@@ -908,24 +950,16 @@ mod tests {
     /// (a reload) read it as pending and delivered it again.
     #[tokio::test]
     async fn regression_a_route_stopped_while_idle_commits_what_it_finished() {
-        let (_dir, spool, writer, thread) = spool_with(0).await;
-        let sink = Arc::new(Recording::default());
-        let cancel = CancellationToken::new();
-        let route = start_route(&spool, &writer, sink.clone(), &cancel);
-        writer
-            .append("c", &["r".into()], vec![numbered(0)].into(), None)
-            .await
-            .unwrap();
-        delivered(&sink, 1).await;
-        cancel.cancel();
-        route.await.unwrap();
-        let left = spool.pending("r", 0, usize::MAX).unwrap();
+        let mut h = Harness::start().await;
+        h.append(0).await;
+        delivered(&h.sink, 1).await;
+        h.stop_route().await;
+        let left = h.spool.pending("r", 0, usize::MAX).unwrap();
         assert!(
             left.is_empty(),
             "still pending after the route stopped: {left:?}"
         );
-        drop(writer);
-        thread.join().unwrap();
+        h.stop().await;
     }
 
     /// A route that takes appends over must not skip what another process queued in between
@@ -933,20 +967,11 @@ mod tests {
     /// reads then, and delivers in queue order.
     #[tokio::test]
     async fn an_event_queued_by_another_process_between_two_appends_is_delivered_in_order() {
-        let (_dir, spool, writer, thread) = spool_with(0).await;
-        let sink = Arc::new(Recording::default());
-        let cancel = CancellationToken::new();
-        let route = start_route(&spool, &writer, sink.clone(), &cancel);
-        writer
-            .append("c", &["r".into()], vec![numbered(0)].into(), None)
-            .await
-            .unwrap();
-        delivered(&sink, 1).await;
-        writer
-            .append("c", &["r".into()], vec![numbered(1)].into(), None)
-            .await
-            .unwrap();
-        delivered(&sink, 2).await;
+        let mut h = Harness::start().await;
+        h.append(0).await;
+        delivered(&h.sink, 1).await;
+        h.append(1).await;
+        delivered(&h.sink, 2).await;
         // Another process's transaction: it queues behind what is there, and wakes nobody here.
         let other = Write::Append {
             channel: "c".into(),
@@ -954,31 +979,26 @@ mod tests {
             events: vec![numbered(2)].into(),
             cursor: None,
         };
-        spool
+        h.spool
             .write(&[other], Limits { max_bytes: 1 << 20 })
             .unwrap();
         // This process appends next: its append must not be taken for the whole queue.
-        writer
-            .append("c", &["r".into()], vec![numbered(3)].into(), None)
-            .await
-            .unwrap();
-        delivered(&sink, 4).await;
+        h.append(3).await;
+        delivered(&h.sink, 4).await;
         // A replay by another process, then an append here: the same.
-        let id = spool.list(None, 100).unwrap()[0].id;
+        let id = h.spool.list(None, 100).unwrap()[0].id;
         assert_eq!(
-            spool.replay(crate::spool::Replay::Ids(vec![id])).unwrap(),
+            h.spool.replay(crate::spool::Replay::Ids(vec![id])).unwrap(),
             1
         );
-        writer
-            .append("c", &["r".into()], vec![numbered(4)].into(), None)
-            .await
-            .unwrap();
-        delivered(&sink, 6).await;
-        assert_eq!(*sink.bodies.lock().unwrap(), ["0", "1", "2", "3", "0", "4"]);
-        cancel.cancel();
-        route.await.unwrap();
-        drop(writer);
-        thread.join().unwrap();
+        h.append(4).await;
+        delivered(&h.sink, 6).await;
+        assert_eq!(
+            *h.sink.bodies.lock().unwrap(),
+            ["0", "1", "2", "3", "0", "4"]
+        );
+        h.stop_route().await;
+        h.stop().await;
     }
 
     /// Regression: a long Retry-After (within --max-retry-after) parked the queue past the
