@@ -14,7 +14,8 @@
 //! (or reports) route's consumer.
 //!
 //! `forward` is a plan with one channel and one target; `run --config` is a plan from the
-//! config file. Shutdown runs the pipe dry from the front: sources stop, intakes store what they
+//! config file. Shutdown runs the pipe dry from the front: sources read what their connection
+//! already holds and stop (at most 2 s: `source::DRAIN_MAX`), intakes store what they
 //! took, routes finish the delivery in flight (cut off at `--shutdown-timeout`), the writer
 //! commits the last marks; a backstop exits the process if that ever takes much longer.
 //!

@@ -213,7 +213,18 @@ enum Ended {
     /// A frame was refused (by the crate, or over the size limit): skip it and go on reading
     /// the same connection.
     BadFrame { reason: String, kind: &'static str },
+    /// Asked to stop, and what the connection already held was read ([`DRAIN_IDLE`]).
+    Stopped,
 }
+
+/// On a stop, the connection is read on until it has nothing for this long (what the server
+/// had already sent sits in the socket's buffers, and smee.io sends nothing twice: closing the
+/// connection at once would lose it), at most [`DRAIN_MAX`] after the stop.
+const DRAIN_IDLE: Duration = Duration::from_millis(200);
+
+/// The longest a stopping source reads on (a busy channel is never idle for [`DRAIN_IDLE`]):
+/// well within the process's own shutdown bound.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 impl Source {
     /// This source's liveness, shared with whoever reports on it.
@@ -230,16 +241,10 @@ impl Source {
             if !resume {
                 info!(%channel, "connecting to channel");
             }
-            let ended = tokio::select! {
-                _ = cancel.cancelled() => {
-                    self.transport.close();
-                    return;
-                }
-                ended = self.connect_once(&events, resume) => ended,
-            };
+            let ended = self.connect_once(&events, resume, &cancel).await;
             resume = false;
             let (reason, connected_for) = match ended {
-                Ended::ConsumerGone => {
+                Ended::ConsumerGone | Ended::Stopped => {
                     self.transport.close();
                     return;
                 }
@@ -292,7 +297,12 @@ impl Source {
 
     /// One connection (or, with `resume`, the rest of the open one after a bad frame), from
     /// request to its end.
-    async fn connect_once(&mut self, events: &queue::Sender, resume: bool) -> Ended {
+    async fn connect_once(
+        &mut self,
+        events: &queue::Sender,
+        resume: bool,
+        cancel: &CancellationToken,
+    ) -> Ended {
         let lost = |this: &Self, reason: String| Ended::Lost {
             reason,
             connected_for: this.connected_for(),
@@ -304,7 +314,29 @@ impl Source {
         let mut stream = client.stream();
         // Set when the crate refused a frame: what it still holds is read out before we go on.
         let mut refused: Option<Ended> = None;
-        while let Some(item) = stream.next().await {
+        // Once stopping: until when the connection is read on (see `DRAIN_IDLE`).
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let item = match drain_until {
+                None => tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {
+                        drain_until = Some(Instant::now() + DRAIN_MAX);
+                        continue;
+                    }
+                    item = stream.next() => item,
+                },
+                Some(until) => {
+                    let idle = (Instant::now() + DRAIN_IDLE).min(until);
+                    match tokio::time::timeout_at(idle, stream.next()).await {
+                        Ok(item) => item,
+                        Err(_) => return Ended::Stopped,
+                    }
+                }
+            };
+            let Some(item) = item else {
+                break;
+            };
             let frame = match item {
                 Ok(SSE::Connected(details)) => {
                     let response = details.response();
@@ -346,9 +378,39 @@ impl Source {
                     other => return other,
                 },
             };
-            if !self.handle(frame, events).await {
+            // Waits for room in the queue (the intake stores what it holds meanwhile); a stop
+            // meanwhile lets it wait on, until the drain's end (then the event is not stored).
+            let handled = {
+                let handling = self.handle(frame, events);
+                tokio::pin!(handling);
+                loop {
+                    match drain_until {
+                        None => tokio::select! {
+                            biased;
+                            handled = &mut handling => break Some(handled),
+                            _ = cancel.cancelled() => drain_until = Some(Instant::now() + DRAIN_MAX),
+                        },
+                        Some(until) => {
+                            break tokio::time::timeout_at(until, &mut handling).await.ok();
+                        }
+                    }
+                }
+            };
+            let Some(handled) = handled else {
+                warn!(
+                    channel = %self.config.channel,
+                    "stopping: an event read from the channel was not stored (the spool took \
+                     nothing for {}); it is lost unless the channel server sends it again",
+                    humantime::format_duration(DRAIN_MAX)
+                );
+                return Ended::Stopped;
+            };
+            if !handled {
                 return Ended::ConsumerGone;
             }
+        }
+        if drain_until.is_some() {
+            return Ended::Stopped;
         }
         refused.unwrap_or_else(|| lost(self, "the server closed the stream".into()))
     }
@@ -591,6 +653,41 @@ mod tests {
         cancel.cancel();
         task.await.unwrap();
         events
+    }
+
+    /// A stop while the queue was full (the spool behind the channel) closed the connection at
+    /// once: what the server had already sent, waiting in the socket's buffers, was lost, and
+    /// smee.io sends nothing twice. The source now reads on what the connection holds (and
+    /// waits for room for it) before it lets go.
+    #[tokio::test]
+    async fn regression_a_stop_while_the_queue_was_full_lost_what_the_connection_held() {
+        let frames: String = (0..50).map(|n| webhook(&n.to_string(), n)).collect();
+        let source = source_with(vec![vec![Bytes::from(frames)]], 1 << 20);
+        // Room for one event at a time (each is larger than the bound): the source waits for
+        // room for the next until the one handed out is stored.
+        let (tx, mut rx) = queue::channel(1);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(source.run(tx, cancel.clone()));
+        let mut got = Vec::new();
+        assert!(rx.recv_batch(&mut got, usize::MAX, usize::MAX).await > 0);
+        // Held, not yet stored, so the source soon waits for room: now stop it.
+        assert!(got.len() < 50, "the bound holds the source back");
+        cancel.cancel();
+        let drain = async {
+            loop {
+                rx.stored();
+                if rx.recv_batch(&mut got, usize::MAX, usize::MAX).await == 0 {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), drain)
+            .await
+            .expect("the source lets go");
+        task.await.unwrap();
+        let ids: Vec<_> = got.iter().map(|e| e.sse_id.clone().unwrap()).collect();
+        let want: Vec<_> = (0..50).map(|n| n.to_string()).collect();
+        assert_eq!(ids, want, "everything the connection held, in order");
     }
 
     fn webhook(id: &str, n: u32) -> String {
