@@ -115,7 +115,9 @@ pub async fn intake_saving(
                                 channel,
                                 events = waiting,
                                 "stopping while the spool refuses writes: {waiting} received events \
-                                 were never stored and are lost"
+                                 were never stored; they are lost unless the channel server sends \
+                                 them again (smee-relay serve does, from Last-Event-ID; smee.io \
+                                 does not)"
                             );
                             return;
                         }

@@ -637,7 +637,9 @@ impl Spool {
         *db = Some(fresh);
         self.needs_reopen
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(spool = %self.path.display(), "spool opened again after a failed write");
+        // Debug: while the disk stays full this repeats with every retry; the user-facing lines
+        // are the writer's ERROR and "the spool takes writes again".
+        tracing::debug!(spool = %self.path.display(), "spool opened again after a failed write");
         Ok(())
     }
 
