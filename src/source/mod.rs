@@ -243,6 +243,12 @@ impl Source {
             }
             let ended = self.connect_once(&events, resume, &cancel).await;
             resume = false;
+            // Stopping: however the connection ended (a channel server stopping with us closes
+            // it), there is nothing to reconnect to or warn about.
+            if cancel.is_cancelled() {
+                self.transport.close();
+                return;
+            }
             let (reason, connected_for) = match ended {
                 Ended::ConsumerGone | Ended::Stopped => {
                     self.transport.close();
