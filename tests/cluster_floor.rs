@@ -2,7 +2,7 @@
 //! again with its consumer state rolled back (as a crash loses consumer state flushed lazily),
 //! two real relay processes, one fake channel and one fake target. Each route's floor in KV
 //! (the last stream sequence delivered, written right before the ack goes out) makes the
-//! instances skip what NATS redelivers, so nothing is delivered twice.
+//! instances pass over what NATS redelivers, so nothing is delivered twice.
 
 mod support;
 
@@ -141,7 +141,7 @@ async fn nats_forgetting_the_acks_it_took_repeats_nothing_the_floor_records() {
     // NATS hands out again what it forgot; the floor says it was delivered.
     support::wait_for(
         FAILOVER_PATIENCE,
-        "an instance skipping a redelivery",
+        "an instance passing over a redelivery",
         || async {
             instances
                 .iter()
