@@ -39,10 +39,17 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 # Only the examples this run uses: each is a separate (fat-)LTO link of minutes.
 examples=(--example bench_load --example bench_target --example floor)
 [ "${BENCH_PARTS:-0}" = 1 ] && examples+=(--example http_client_cost)
-[ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --profile "$profile" --locked --bin smee-relay "${examples[@]}" >/dev/null
+# The binary alone, as packaging/build-deb.sh builds it (built with the examples, the
+# dependencies' features would differ, and with them the binary's function order: build.rs).
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+  cargo build --profile "$profile" --locked --bin smee-relay >/dev/null
+  cargo build --profile "$profile" --locked "${examples[@]}" >/dev/null
+fi
 dir=target/$profile
 [ "$profile" = dev ] && dir=target/debug
 relay=${BENCH_RELAY:-$dir/smee-relay}
+# A stale function order only costs memory; say so rather than stop.
+[ "$profile" = dist ] && { packaging/symbol-order.sh check "$relay" || true; }
 compare_name="smee-relay (${BENCH_COMPARE_LABEL:-compare})"
 peers=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$peers"' EXIT

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The `dist` binary's function order (build.rs, packaging/symbol-order.txt).
+#
+#   packaging/symbol-order.sh generate   build `dist`, run a relay under callgrind (start,
+#                                        connect, 1,000 events in a burst, 20 at 5/s, stop),
+#                                        write the functions that ran, hottest first, then
+#                                        link `dist` again with the new list
+#   packaging/symbol-order.sh check [BIN] how many of the list's names BIN (default the `dist`
+#                                        binary) has; exits 1 below 90 %
+#
+# Regenerate after a Cargo.lock change, a version bump or a change to the `dist` profile: the
+# names carry hashes of those. Needs valgrind (generate) and nm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+list=packaging/symbol-order.txt
+
+check() {
+  local binary=$1 total found
+  total=$(sort -u "$list" | wc -l)
+  found=$(comm -12 <(nm "$binary" | awk '{ print $NF }' | sort -u) <(sort -u "$list") | wc -l)
+  echo "symbol order: $found of $total listed functions are in $binary" >&2
+  if [ $((found * 10)) -lt $((total * 9)) ]; then
+    echo "symbol order: the list is stale (resident code grows by megabytes): run $0 generate" >&2
+    return 1
+  fi
+}
+
+case ${1:-} in
+  check) check "${2:-target/dist/smee-relay}" ;;
+  generate)
+    # The binary alone, as packaging/build-deb.sh builds it: built together with the examples,
+    # the dependencies' features (and so every name's hash) would differ.
+    cargo build --locked --profile dist --bin smee-relay >/dev/null
+    cargo build --locked --profile dist --example bench_load --example bench_target >/dev/null
+    relay=target/dist/smee-relay
+    work=$(mktemp -d)
+    trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+    "$relay" serve --smee-wire --listen 127.0.0.1:0 >/dev/null 2>"$work/serve.log" &
+    for _ in $(seq 50); do grep -q 'serving smee channels' "$work/serve.log" && break; sleep 0.1; done
+    server="http://$(sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' "$work/serve.log" | head -1)"
+    target/dist/examples/bench_target >"$work/target.port" &
+    for _ in $(seq 50); do [ -s "$work/target.port" ] && break; sleep 0.1; done
+    target="http://127.0.0.1:$(cat "$work/target.port")"
+    channel="$server/order"
+    # The relay as it runs by default (logging to stderr), under callgrind.
+    SMEE_RELAY_STATE_DIR="$work/state" valgrind --tool=callgrind --demangle=no --dump-instr=no \
+      --callgrind-out-file="$work/callgrind.out" "$relay" forward "$channel" "$target/hook" \
+      >"$work/relay.log" 2>&1 &
+    valgrind=$!
+    for _ in $(seq 600); do grep -q 'connected' "$work/relay.log" && break; sleep 0.1; done
+    BENCH_COUNT=1000 target/dist/examples/bench_load "$channel" "$target" a >/dev/null
+    BENCH_COUNT=20 target/dist/examples/bench_load "$channel" "$target" e >/dev/null
+    kill -TERM $valgrind
+    wait $valgrind
+    python3 packaging/symbol_order.py "$work/callgrind.out" "$relay" "$list"
+    # The list changed: link again (build.rs reruns; only the binary's link step).
+    cargo build --locked --profile dist --bin smee-relay >/dev/null
+    check "$relay"
+    ;;
+  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+esac
