@@ -525,21 +525,49 @@ impl Spool {
     /// idle: if the spool is open alone and another process asks to share it, open it shared;
     /// if it is open shared and nobody else uses it any more, open it alone again. Looks at
     /// most once per `SHARE_POLL`. A failure leaves it shared (always safe) and is retried.
-    pub(crate) fn share_poll(&self) {
+    ///
+    /// Before it shares, it calls `before_sharing`, with no lock of the spool's held (so that
+    /// it may write; a write may reopen the file, which takes them): the writer thread commits
+    /// there the marks it holds (finished deliveries that are only in its journal and queue).
+    /// The process asking reads the file as soon as it is shared (`smee-relay events replay
+    /// ID` right after ID's delivery) and must find them done.
+    pub(crate) fn share_poll(&self, before_sharing: impl FnOnce()) {
         if !self.prefer_alone {
             return;
         }
-        let sharing = self.sharing.lock().expect("not poisoned");
-        if sharing.looked.elapsed() >= SHARE_POLL {
-            self.share_look(sharing);
+        let mut sharing = self.sharing.lock().expect("not poisoned");
+        if sharing.looked.elapsed() < SHARE_POLL {
+            return;
         }
+        sharing.looked = std::time::Instant::now();
+        let others = self.others(&sharing);
+        if others > 0 && sharing.mode == Mode::Alone {
+            drop(sharing);
+            before_sharing();
+            sharing = self.sharing.lock().expect("not poisoned");
+        }
+        // A request withdrawn meanwhile only makes it share once more than needed: the next
+        // look has it alone again.
+        self.share_switch(sharing, others);
+    }
+
+    /// How many other processes ask to share the file.
+    fn others(&self, sharing: &Sharing) -> usize {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        share::others(dir, sharing.request.as_ref())
     }
 
     /// [`Spool::share_poll`]'s look, now.
+    #[cfg(test)]
     fn share_look(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>) {
         sharing.looked = std::time::Instant::now();
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let others = share::others(dir, sharing.request.as_ref());
+        let others = self.others(&sharing);
+        self.share_switch(sharing, others);
+    }
+
+    /// Open the file in the mode `others` (processes asking to share it) calls for, if it is
+    /// not open so already.
+    fn share_switch(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>, others: usize) {
         let wanted = if others > 0 {
             Mode::Shared
         } else {
@@ -1986,7 +2014,7 @@ mod tests {
             let stopped = stop.clone();
             let thread = std::thread::spawn(move || {
                 while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    spool.share_poll();
+                    spool.share_poll(|| ());
                     std::thread::sleep(Duration::from_millis(10));
                 }
             });
