@@ -105,6 +105,107 @@ impl StateLock {
     }
 }
 
+/// A relay holding a state directory's lock: what a command that finds the spool held alone
+/// and never shared can tell the user of who holds it ([`SpoolError::InUse`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The pid its lock file says.
+    pub pid: u32,
+    /// Whether the process is stopped (SIGSTOP, Ctrl-Z, a debugger): the likeliest reason it
+    /// never shares, and one with a one-command fix.
+    pub stopped: bool,
+}
+
+/// The relays holding the locks of `state_dir` now (`channel-*.lock`, `pipeline.lock`), by the
+/// pids their files hold, each once. A lock file whose lock is free (left by a relay that
+/// stopped: they are not removed) names nobody. Reads the files and looks at the locks without
+/// taking one: taking one, even briefly, could make a relay starting meanwhile think its
+/// channel taken.
+pub fn holders(state_dir: &Path) -> Vec<Holder> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let locked = locked_inodes();
+    let mut found: Vec<Holder> = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let lock_file =
+            (name.starts_with("channel-") && name.ends_with(".lock")) || name == "pipeline.lock";
+        if !lock_file || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let held = match &locked {
+            Some(inodes) => {
+                use std::os::unix::fs::MetadataExt as _;
+                entry
+                    .metadata()
+                    .is_ok_and(|meta| inodes.contains(&meta.ino()))
+            }
+            // No /proc/locks (not Linux): a live process counts.
+            None => process_state(pid).is_some(),
+        };
+        if held && !found.iter().any(|h| h.pid == pid) {
+            found.push(Holder {
+                pid,
+                stopped: process_state(pid).is_some_and(|state| state == 'T' || state == 't'),
+            });
+        }
+    }
+    found.sort_by_key(|h| h.pid);
+    found
+}
+
+/// The inodes of the files someone holds a `flock` on (`/proc/locks`; `None` where there is
+/// none). A line is `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`; one with `->` is a
+/// process waiting for the lock, not holding it.
+fn locked_inodes() -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(
+        text.lines()
+            .filter(|line| !line.contains("->"))
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.nth(1)? == "FLOCK").then_some(())?;
+                fields.nth(3)?.rsplit(':').next()?.parse().ok()
+            })
+            .collect(),
+    )
+}
+
+/// The state letter of process `pid` (`/proc/PID/stat`: `R`, `S`, `T` for stopped...), or
+/// `None` if there is no such process (or no `/proc`).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which is in parentheses and may hold anything.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// [`holders`] for a message: `smee-relay pid 1234 (stopped)`, or empty if none is known.
+pub(super) fn describe(holders: &[Holder]) -> String {
+    match holders {
+        [] => String::new(),
+        [one] => format!("smee-relay pid {}{}", one.pid, stopped(one)),
+        many => {
+            let pids: Vec<String> = many
+                .iter()
+                .map(|h| format!("{}{}", h.pid, stopped(h)))
+                .collect();
+            format!("one of smee-relay pids {}", pids.join(", "))
+        }
+    }
+}
+
+fn stopped(holder: &Holder) -> &'static str {
+    if holder.stopped { " (stopped)" } else { "" }
+}
+
 /// The state directory: the flag or `SMEE_RELAY_STATE_DIR` (given as `explicit`), else
 /// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/smee-relay`, else
 /// `~/.local/state/smee-relay`.

@@ -159,12 +159,17 @@ pub enum SpoolError {
         source: redb::Error,
     },
     #[error(
-        "the spool {path} is open in another process that did not share it within {}s: an \
-         older smee-relay, or one that is stuck; stop it and try again",
+        "the spool {path} is open in another process that did not share it within {}s: {}",
         SHARE_WAIT.as_secs(),
+        in_use_hint(holders),
         path = path.display()
     )]
-    InUse { path: PathBuf },
+    InUse {
+        path: PathBuf,
+        /// The relays holding the state directory's locks ([`lock::holders`]), to name in the
+        /// message (found only once the wait is over: empty until then).
+        holders: Vec<lock::Holder>,
+    },
     #[error(
         "a relay has the spool in {dir} to itself, and this process cannot ask it to share: no \
          request file can be made there; run this as the relay's user (or root)",
@@ -189,6 +194,28 @@ pub enum SpoolError {
     },
     #[error("no event {0} in the spool (it may have been pruned)")]
     NoSuchEvent(u64),
+}
+
+/// What to do about a spool held alone and never shared, naming who holds it if known (pids
+/// only: lock file names derive from channel URLs, which are secret).
+fn in_use_hint(holders: &[lock::Holder]) -> String {
+    if holders.is_empty() {
+        return "an older smee-relay, or one that is stuck; stop it and try again".into();
+    }
+    let pids: Vec<String> = holders.iter().map(|h| h.pid.to_string()).collect();
+    let pids = pids.join(" ");
+    let who = lock::describe(holders);
+    if holders.iter().all(|h| h.stopped) {
+        format!(
+            "held by {who} (its lock file in the state directory says so), which is stopped \
+             (SIGSTOP or Ctrl-Z); resume it (`kill -CONT {pids}`) and try again"
+        )
+    } else {
+        format!(
+            "held by {who} (its lock file in the state directory says so); is it stopped \
+             (SIGSTOP) or hung? Resume it (`kill -CONT {pids}`) or stop it, and try again"
+        )
+    }
 }
 
 impl SpoolError {
@@ -1388,6 +1415,7 @@ fn open_existing(
                 // Open in another process, in a mode that excludes this one ([`share`]).
                 redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
                     path: path.to_owned(),
+                    holders: Vec::new(),
                 },
                 // An error from the system (disk full, permissions) is about the disk; what
                 // else redb says (a bad magic number, a checksum) is about the contents.
@@ -1486,6 +1514,12 @@ fn open_sharing_in(
                     );
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(SpoolError::InUse { path, .. }) => {
+                return Err(SpoolError::InUse {
+                    path,
+                    holders: lock::holders(dir),
+                });
             }
             Err(e) => return Err(e),
         }
@@ -2173,6 +2207,71 @@ mod tests {
         assert!(matches!(e, SpoolError::InUse { .. }), "{e}");
         assert!(e.needs_the_user());
         assert!(e.to_string().contains("stop it and try again"), "{e}");
+    }
+
+    /// A command that gave up on a spool held alone by a relay that never shared (stopped with
+    /// SIGSTOP, hung) said "an older smee-relay, or one that is stuck", and the user had to
+    /// find which process. It names the pid from the state directory's lock files now (not a
+    /// stale file's, not the channel), and says when that process is stopped.
+    #[test]
+    fn regression_a_command_giving_up_on_a_stuck_relay_did_not_name_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stale lock file: its relay stopped (the lock is free), its pid no longer means it.
+        std::fs::write(dir.path().join("channel-00000000000000aa.lock"), "999999\n").unwrap();
+        let channel = "https://smee.io/SecretChannelId";
+        let _lock = lock::StateLock::acquire(dir.path(), channel, "https://smee.io/Sec…").unwrap();
+        let _holder = Spool::open(dir.path()).unwrap();
+        let Err(e) = Spool::open_shared(dir.path()) else {
+            panic!("opened a spool held alone");
+        };
+        let message = e.to_string();
+        let pid = std::process::id();
+        assert!(
+            message.contains(&format!("held by smee-relay pid {pid} ")),
+            "{message}"
+        );
+        assert!(message.contains("SIGSTOP"), "{message}");
+        assert!(message.contains(&format!("kill -CONT {pid}")), "{message}");
+        assert!(!message.contains("999999"), "a stale lock's pid: {message}");
+        assert!(!message.contains("SecretChannelId"), "{message}");
+        assert!(!message.contains(&lock::channel_key(channel)), "{message}");
+        assert!(e.needs_the_user());
+
+        // A stopped relay is said to be stopped: a child stands in for it (the lock held here,
+        // its pid in the file, as a relay writes it).
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let child_pid = child.id();
+        let stand_in = dir.path().join("pipeline.lock");
+        let held = std::fs::File::create(&stand_in).unwrap();
+        held.lock().unwrap();
+        std::fs::write(&stand_in, format!("{child_pid}\n")).unwrap();
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(child_pid as i32, libc::SIGSTOP) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let stopped = lock::Holder {
+            pid: child_pid,
+            stopped: true,
+        };
+        while !lock::holders(dir.path()).contains(&stopped) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                lock::holders(dir.path())
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let hint = in_use_hint(&lock::holders(dir.path()));
+        assert!(hint.contains(&format!("{child_pid} (stopped)")), "{hint}");
+        assert!(
+            hint.contains(&format!("kill -CONT {pid} {child_pid}"))
+                || hint.contains(&format!("kill -CONT {child_pid} {pid}")),
+            "{hint}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Two relays (of different channels) on one state directory: the second finds the first
