@@ -491,3 +491,68 @@ async fn forward_save_dir_writes_each_event_in_gosmees_layout_and_failures_never
         logs.all()
     );
 }
+
+/// Regression: a command on another user's state directory (the relay's, run as its own user)
+/// exited 1 with only "spool …: I/O error: Permission denied (os error 13)", or "no spool at …"
+/// when it could not even look into the directory. It now names the file and what to do (run
+/// as the owner, or --state-dir), and exits 2, as for a spool another relay holds. Real
+/// denials: as root (whom permission bits do not stop) the command runs as `nobody`.
+#[tokio::test]
+async fn regression_permission_denied_on_the_spool_exited_1_with_no_hint() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let state_dir = spool_with_two_events().await;
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let as_other = |args: &[&str], dir: &std::path::Path| {
+        let mut command = smee_relay();
+        command.arg("events").args(args).arg("--state-dir").arg(dir);
+        if root {
+            command.uid(65534).gid(65534);
+        }
+        command.output()
+    };
+    let set = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let check = |out: std::process::Output, file: &std::path::Path| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        for needle in [
+            format!("permission denied on the spool {}", file.display()),
+            "run this as the user the relay runs as".into(),
+            "--state-dir".into(),
+            "Permission denied (os error 13)".into(),
+        ] {
+            assert!(stderr.contains(&needle), "{needle:?} in {stderr}");
+        }
+        if root {
+            assert!(stderr.contains("belongs to root, uid 0)"), "{stderr}");
+        }
+    };
+
+    // A directory this user may not enter (a relay's state directory is 0700).
+    if !root {
+        set(&state_dir, 0o000);
+    }
+    let out = tokio::time::timeout(PATIENCE, as_other(&["list"], &state_dir))
+        .await
+        .unwrap()
+        .unwrap();
+    if !root {
+        set(&state_dir, 0o700);
+    }
+    check(out, &state_dir.join("spool.redb"));
+
+    // A spool file this user may read but not write (redb opens it for writing).
+    let open = tempfile::tempdir().unwrap();
+    set(open.path(), 0o755);
+    let file = open.path().join("spool.redb");
+    std::fs::copy(state_dir.join("spool.redb"), &file).unwrap();
+    set(&file, if root { 0o644 } else { 0o444 });
+    let out = tokio::time::timeout(PATIENCE, as_other(&["list"], open.path()))
+        .await
+        .unwrap()
+        .unwrap();
+    set(&file, 0o644);
+    check(out, &file);
+}

@@ -69,7 +69,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     // Opening creates a spool: a mistyped --state-dir would show an empty one and look like
     // "nothing queued".
     let file = dir.join(spool::FILE_NAME);
-    if !file.exists() {
+    if !Spool::exists(&dir)? {
         if from_config {
             anyhow::bail!(
                 "no spool at {}: that is the `state_dir` of --config; has the relay run with this config yet (or does it run with another --state-dir)?",

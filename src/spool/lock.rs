@@ -73,9 +73,12 @@ impl StateLock {
     }
 
     fn take(state_dir: &Path, path: PathBuf, what: String) -> Result<Self, SpoolError> {
-        let io = |source: std::io::Error| SpoolError::LockFile {
-            path: path.clone(),
-            source,
+        let io = |source: std::io::Error| {
+            SpoolError::LockFile {
+                path: path.clone(),
+                source,
+            }
+            .or_denied(&state_dir.join(super::FILE_NAME))
         };
         let mut file = File::options()
             .create(true)

@@ -180,6 +180,21 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "permission denied on the spool {path}{owner}: run this as the user the relay runs as \
+         (the state directory's owner, e.g. `sudo -u smee-relay smee-relay …`), or give it a \
+         state directory of its own (--state-dir DIR)",
+        path = path.display(),
+        owner = owner.as_ref().map(|o| format!(" (its state directory belongs to {o})")).unwrap_or_default()
+    )]
+    PermissionDenied {
+        path: PathBuf,
+        /// Who owns the state directory (`root, uid 0`), if it can be looked at: who to run
+        /// as instead.
+        owner: Option<String>,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the spool is being opened again after a failed write; try again")]
     Reopening,
     #[error("the spool writer has stopped")]
@@ -228,8 +243,58 @@ impl SpoolError {
                 | SpoolError::Locked { .. }
                 | SpoolError::InUse { .. }
                 | SpoolError::CannotAsk { .. }
+                | SpoolError::PermissionDenied { .. }
         )
     }
+
+    /// This error, or [`SpoolError::PermissionDenied`] about the spool `file` if the system
+    /// refused this process the file or its directory (another user's state directory): the
+    /// plain I/O error said only "Permission denied (os error 13)", not what to do.
+    pub(crate) fn or_denied(self, file: &Path) -> SpoolError {
+        let io = match &self {
+            SpoolError::Io {
+                source: redb::Error::Io(e),
+                ..
+            } => e,
+            SpoolError::StateDir { source, .. } | SpoolError::LockFile { source, .. } => source,
+            _ => return self,
+        };
+        if io.kind() != std::io::ErrorKind::PermissionDenied {
+            return self;
+        }
+        denied(file, std::io::Error::new(io.kind(), io.to_string()))
+    }
+}
+
+/// Permission denied on the spool `file` ([`SpoolError::PermissionDenied`]).
+pub(crate) fn denied(file: &Path, source: std::io::Error) -> SpoolError {
+    SpoolError::PermissionDenied {
+        path: file.to_owned(),
+        owner: owner_of(file.parent().unwrap_or(Path::new("."))),
+        source,
+    }
+}
+
+/// Who owns `dir`, or the nearest of its parents this process may look at: `name, uid N`.
+fn owner_of(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = dir
+        .ancestors()
+        .find_map(|p| std::fs::metadata(p).ok())?
+        .uid();
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+        });
+    Some(match name {
+        Some(name) => format!("{name}, uid {uid}"),
+        None => format!("uid {uid}"),
+    })
 }
 
 /// What is wrong with a damaged spool.
@@ -522,6 +587,27 @@ impl Spool {
     }
 
     fn open_as(
+        state_dir: &Path,
+        backend: backend::Factory,
+        prefer_alone: bool,
+    ) -> Result<Spool, SpoolError> {
+        Self::open_in(state_dir, backend, prefer_alone)
+            .map_err(|e| e.or_denied(&state_dir.join(FILE_NAME)))
+    }
+
+    /// Whether `state_dir` holds a spool (for commands, which do not create one). Err: this
+    /// process may not look ([`SpoolError::PermissionDenied`]); another error counts as
+    /// there being one, for the open to say what is wrong with it.
+    pub fn exists(state_dir: &Path) -> Result<bool, SpoolError> {
+        let file = state_dir.join(FILE_NAME);
+        match file.try_exists() {
+            Ok(exists) => Ok(exists),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(denied(&file, e)),
+            Err(_) => Ok(true),
+        }
+    }
+
+    fn open_in(
         state_dir: &Path,
         backend: backend::Factory,
         prefer_alone: bool,
