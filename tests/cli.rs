@@ -556,3 +556,50 @@ async fn regression_permission_denied_on_the_spool_exited_1_with_no_hint() {
     set(&file, 0o644);
     check(out, &file);
 }
+
+/// Regression: the dead-letter hint of a relay with a state directory of its own said
+/// `smee-relay events replay 1`, which, run as told, looks in the default state directory and
+/// finds no spool there. It names the relay's `--state-dir` now, and only when not the default.
+#[tokio::test]
+async fn regression_the_dead_letter_hint_left_out_a_non_default_state_dir() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let homes = support::temp_dir();
+    for (n, own_dir) in [(1, true), (2, false)] {
+        let state_dir = homes.path().join(format!("state {n}"));
+        let xdg = homes.path().join(format!("xdg{n}"));
+        let mut command = smee_relay();
+        command
+            .args([
+                "forward",
+                &channel.url(&format!("Chan{n}")),
+                &target.url("/"),
+            ])
+            .env_remove("SMEE_RELAY_STATE_DIR")
+            .env("XDG_STATE_HOME", &xdg)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        if own_dir {
+            command.arg("--state-dir").arg(&state_dir);
+        }
+        let before = channel.connections();
+        let mut child = command.spawn().unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        channel.wait_connections(before + 1).await;
+        // Refused for good: a dead letter at once.
+        target.answer_with(&[400]);
+        channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+        let line = logs.wait_for(&["dead letter:"]).await;
+        let hint = if own_dir {
+            format!(
+                "`smee-relay events replay 1 --state-dir '{}'`",
+                state_dir.display()
+            )
+        } else {
+            assert!(xdg.join("smee-relay/spool.redb").exists());
+            "`smee-relay events replay 1`".to_string()
+        };
+        assert!(line.contains(&hint), "{hint} in {line}");
+        child.kill().await.unwrap();
+    }
+}

@@ -470,8 +470,14 @@ impl Delivery<'_> {
                     ),
                     None => warn!(
                         event = item.event.id,
-                        "dead letter: {why}; replay it with `smee-relay events replay {}`",
-                        item.event.id
+                        "dead letter: {why}; replay it with `smee-relay events replay {}{}`",
+                        item.event.id,
+                        // The relay's state directory, unless `events` finds it by itself.
+                        self.spool
+                            .path()
+                            .parent()
+                            .map(spool::lock::state_dir_arg)
+                            .unwrap_or_default()
                     ),
                 }
                 let finished = self

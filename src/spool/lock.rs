@@ -231,12 +231,44 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
             .to_string();
         return PathBuf::from(first);
     }
+    shell_default()
+}
+
+/// The state directory a command given neither `--state-dir` nor `$STATE_DIRECTORY` uses:
+/// `$XDG_STATE_HOME/smee-relay`, else `~/.local/state/smee-relay`.
+fn shell_default() -> PathBuf {
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = env("XDG_STATE_HOME") {
         return dir.join("smee-relay");
     }
     env("HOME")
         .unwrap_or_else(|| PathBuf::from("."))
         .join(".local/state/smee-relay")
+}
+
+/// ` --state-dir DIR`, for a hint that names a command to run on the state directory `dir`
+/// (`smee-relay events replay 7 --state-dir /srv/relay`), or nothing where that command, run
+/// in a shell, looks by default. systemd's `$STATE_DIRECTORY` does not count as a default: a
+/// shell does not have it. The path is absolute and quoted for a shell if it needs to be.
+pub fn state_dir_arg(dir: &Path) -> String {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let dir = absolute(dir);
+    if dir == absolute(&shell_default()) {
+        return String::new();
+    }
+    let text = dir.to_string_lossy();
+    let plain = text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c));
+    if plain {
+        format!(" --state-dir {text}")
+    } else {
+        format!(" --state-dir '{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +297,21 @@ mod tests {
         ] {
             assert_ne!(channel_key(other), key, "{other}");
         }
+    }
+
+    #[test]
+    fn state_dir_arg_is_absolute_quoted_and_left_out_for_the_default() {
+        assert_eq!(state_dir_arg(&shell_default()), "");
+        assert_eq!(
+            state_dir_arg(Path::new("/srv/relay state/it's")),
+            r#" --state-dir '/srv/relay state/it'\''s'"#
+        );
+        assert_eq!(
+            state_dir_arg(Path::new("/var/lib/smee-relay")),
+            " --state-dir /var/lib/smee-relay"
+        );
+        let relative = state_dir_arg(Path::new("state"));
+        assert!(relative.starts_with(" --state-dir /"), "{relative}");
     }
 
     #[test]
