@@ -603,3 +603,40 @@ async fn regression_the_dead_letter_hint_left_out_a_non_default_state_dir() {
         child.kill().await.unwrap();
     }
 }
+
+/// Regression: `smee-relay events export | head -1` ended with a panic, "failed printing to
+/// stdout: Broken pipe" (exit 101), once `head` had closed the pipe. A closed stdout ends
+/// `list`, `export` and `show` quietly with success, as other tools do.
+#[tokio::test]
+async fn regression_events_export_into_a_closed_pipe_panicked_with_broken_pipe() {
+    let state_dir = spool_with_two_events().await;
+    for args in [
+        &["export"][..],
+        &["list"],
+        &["list", "--json"],
+        &["show", "1"],
+        &["--help"],
+    ] {
+        // A pipe whose reader is gone before the command writes: every write fails (EPIPE).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        // Not `output()`: it would pipe stdout itself.
+        let child = smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.stdout.is_empty(), "stdout was the closed pipe");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: quietly: {stderr}");
+    }
+}
