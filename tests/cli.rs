@@ -640,3 +640,15 @@ async fn regression_events_export_into_a_closed_pipe_panicked_with_broken_pipe()
         assert!(stderr.is_empty(), "{args:?}: quietly: {stderr}");
     }
 }
+
+/// Regression: `events show` said "Delivered, 1 attempts" (and log lines "gave up after 1
+/// attempts", "1 deliveries", "1 alerts"): a count now agrees with its noun.
+#[tokio::test]
+async fn regression_events_show_said_1_attempts() {
+    let state_dir = spool_with_two_events().await;
+    let out = events(&state_dir, &["show", "1"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains(": Delivered, 1 attempt\n"), "{stdout}");
+    assert!(!stdout.contains("1 attempts"), "{stdout}");
+}

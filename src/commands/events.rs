@@ -686,9 +686,9 @@ fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)]) -> String {
     for (route, record) in records {
         let _ = writeln!(
             out,
-            "  -> {route}: {:?}, {} attempts{}",
+            "  -> {route}: {:?}, {}{}",
             record.status,
-            record.attempts,
+            crate::error::count(record.attempts as usize, "attempt", "attempts"),
             record
                 .last_error
                 .as_deref()

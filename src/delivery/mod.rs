@@ -454,7 +454,8 @@ impl Delivery<'_> {
             if !error.is_retryable() || age > self.policy.max_age {
                 let why = if error.is_retryable() {
                     format!(
-                        "gave up after {attempts} attempts over {} (--max-retry-age): {error}",
+                        "gave up after {} over {} (--max-retry-age): {error}",
+                        crate::error::count(attempts as usize, "attempt", "attempts"),
                         humantime::format_duration(Duration::from_secs(age.as_secs()))
                     )
                 } else {
