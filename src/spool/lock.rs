@@ -20,6 +20,11 @@ use super::SpoolError;
 /// sharing one: each holds an exclusive lock on a file (for a channel, named after a hash of its
 /// identity, not the URL: it is secret), with its pid written in it for the message the second
 /// one gets.
+///
+/// The file is never removed, not even on a clean stop: a process that opened it just before
+/// the removal would lock the removed file (`flock` locks the open file, not the name) while the
+/// next one made and locked a new file by the same name, and both would relay the channel. A
+/// stale file is harmless: the next holder takes it over and writes its own pid.
 #[derive(Debug)]
 pub struct StateLock {
     /// The lock is held while this file is open.
@@ -312,6 +317,32 @@ mod tests {
         );
         let relative = state_dir_arg(Path::new("state"));
         assert!(relative.starts_with(" --state-dir /"), "{relative}");
+    }
+
+    /// Lock files stay after their relay stops (removing them races with a relay taking the
+    /// lock: see [`StateLock`]); one left behind is taken over, with the new holder's pid, and
+    /// names nobody as a holder meanwhile.
+    #[test]
+    fn a_lock_file_left_by_a_stopped_relay_is_harmless_and_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join(format!("channel-{}.lock", channel_key("http://h/C")));
+        drop(StateLock::acquire(dir.path(), "http://h/C", "x").unwrap());
+        assert!(path.exists(), "left in place on stop");
+        // As a relay that stopped long ago left it: another process's pid.
+        std::fs::write(&path, "999999\n").unwrap();
+        assert_eq!(holders(dir.path()), [], "a free lock names nobody");
+        let _again = StateLock::acquire(dir.path(), "http://h/C", "x").unwrap();
+        let pid = std::process::id();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{pid}\n"));
+        assert_eq!(
+            holders(dir.path()),
+            [Holder {
+                pid,
+                stopped: false
+            }]
+        );
     }
 
     #[test]
