@@ -226,8 +226,8 @@ pub struct StateDirArg {
 
 /// Said under `--help` of the commands that open the spool beside a running relay.
 const SHARE_WAIT_HELP: &str = "While a relay runs on the same state directory, this waits up to \
-about a second for the relay to share the spool with it (up to 10 s before it gives up, saying \
-which relay to look at).";
+about a second for the relay to share the spool with it and to record what it has delivered \
+(up to 10 s before it gives up, saying which relay to look at).";
 
 #[derive(Debug, Args)]
 #[command(after_help = SHARE_WAIT_HELP)]

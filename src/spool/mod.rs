@@ -542,6 +542,10 @@ const ALONE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 /// every [`SHARE_POLL`].
 const SHARE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a command opening a spool already shared waits for the relays sharing it to answer
+/// its request ([`share::wait_for_relays`]): each looks every [`SHARE_POLL`].
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often a relay looks for other processes asking to share its spool (and, while shared,
 /// whether they are done): the longest a command like `smee-relay events list` waits for it.
 pub(crate) const SHARE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -620,7 +624,23 @@ impl Spool {
         if !path.exists() {
             create_new(&path, &backend)?;
         }
-        let (db, instance, sharing) = open_sharing(&path, &backend, prefer_alone, None)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        // A relay starting holds no marks yet: it answers every request there is at once.
+        let answer = prefer_alone.then(|| share::others(dir, None));
+        let (db, instance, sharing) =
+            open_sharing(&path, &backend, prefer_alone, None, answer.as_deref())?;
+        // A command on a spool already shared: the relays sharing it may hold marks of
+        // deliveries they finished; they commit them and say so within a SHARE_POLL.
+        if let (false, Some(mine)) = (prefer_alone, &sharing.request)
+            && !share::wait_for_relays(dir, mine, ANSWER_WAIT)
+        {
+            tracing::info!(
+                spool = %path.display(),
+                "a relay sharing the spool did not answer within {}s (stopped or hung?): \
+                 deliveries it finished last may show as pending",
+                ANSWER_WAIT.as_secs()
+            );
+        }
         Ok(Spool {
             db: std::sync::RwLock::new(Some(db)),
             needs_reopen: false.into(),
@@ -643,7 +663,9 @@ impl Spool {
     /// it may write; a write may reopen the file, which takes them): the writer thread commits
     /// there the marks it holds (finished deliveries that are only in its journal and queue).
     /// The process asking reads the file as soon as it is shared (`smee-relay events replay
-    /// ID` right after ID's delivery) and must find them done.
+    /// ID` right after ID's delivery) and must find them done. While shared, it does the same
+    /// for each new request before it answers it ([`share`]): a command opening a spool already
+    /// shared waits for that answer.
     pub(crate) fn share_poll(&self, before_sharing: impl FnOnce()) {
         if !self.prefer_alone {
             return;
@@ -654,18 +676,26 @@ impl Spool {
         }
         sharing.looked = std::time::Instant::now();
         let others = self.others(&sharing);
-        if others > 0 && sharing.mode == Mode::Alone {
+        let to_answer = !others.is_empty()
+            && match sharing.mode {
+                Mode::Alone => true,
+                Mode::Shared => sharing
+                    .request
+                    .as_ref()
+                    .is_some_and(|mine| mine.to_answer(&others)),
+            };
+        if to_answer {
             drop(sharing);
             before_sharing();
             sharing = self.sharing.lock().expect("not poisoned");
         }
         // A request withdrawn meanwhile only makes it share once more than needed: the next
         // look has it alone again.
-        self.share_switch(sharing, others);
+        self.share_switch(sharing, &others);
     }
 
-    /// How many other processes ask to share the file.
-    fn others(&self, sharing: &Sharing) -> usize {
+    /// The other processes' requests to share the file.
+    fn others(&self, sharing: &Sharing) -> Vec<String> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         share::others(dir, sharing.request.as_ref())
     }
@@ -675,33 +705,49 @@ impl Spool {
     fn share_look(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>) {
         sharing.looked = std::time::Instant::now();
         let others = self.others(&sharing);
-        self.share_switch(sharing, others);
+        self.share_switch(sharing, &others);
     }
 
-    /// Open the file in the mode `others` (processes asking to share it) calls for, if it is
-    /// not open so already.
-    fn share_switch(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>, others: usize) {
-        let wanted = if others > 0 {
-            Mode::Shared
-        } else {
+    /// Open the file in the mode `others` (the requests of processes asking to share it) calls
+    /// for, if it is not open so already, answering them (a relay's: called once what it holds
+    /// is committed).
+    fn share_switch(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>, others: &[String]) {
+        let wanted = if others.is_empty() {
             Mode::Alone
+        } else {
+            Mode::Shared
         };
         let refused_lately = sharing.refused.is_some_and(|at| at.elapsed() < ALONE_RETRY);
         if wanted == sharing.mode || (wanted == Mode::Alone && refused_lately) {
+            if let Some(mine) = sharing.request.as_mut()
+                && let Err(e) = mine.answer(others)
+            {
+                // Those asking wait a little longer (`ANSWER_WAIT`), then read anyway.
+                tracing::debug!("cannot answer the requests to share the spool: {e}");
+            }
             return;
         }
         let mut db = self.db.write().expect("not poisoned");
         // Close first: the file cannot be open twice in one process in these modes.
         drop(db.take());
         let mine = sharing.request.take();
-        match open_sharing(&self.path, &self.backend, wanted == Mode::Alone, mine) {
+        // Going alone, a request made after all (someone asked meanwhile) answers nobody yet:
+        // what this holds is not committed for them.
+        let answer = if wanted == Mode::Shared { others } else { &[] };
+        match open_sharing(
+            &self.path,
+            &self.backend,
+            wanted == Mode::Alone,
+            mine,
+            Some(answer),
+        ) {
             Ok((fresh, _, now)) => {
                 *db = Some(fresh);
                 self.needs_reopen
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(
                     spool = %self.path.display(),
-                    others,
+                    others = others.len(),
                     "the spool is now open {}",
                     if now.mode == Mode::Alone { "alone (exclusive-writer mode)" } else { "shared (multi-writer mode)" }
                 );
@@ -766,7 +812,9 @@ impl Spool {
         drop(db.take());
         let alone = sharing.mode == Mode::Alone;
         let mine = sharing.request.take();
-        let (fresh, _, now) = match open_sharing(&self.path, &self.backend, alone, mine) {
+        // A relay's new request answers nobody yet: its next look does.
+        let answer = self.prefer_alone.then_some(&[][..]);
+        let (fresh, _, now) = match open_sharing(&self.path, &self.backend, alone, mine, answer) {
             Ok(opened) => opened,
             Err(e) => {
                 // `open_sharing` dropped the request with its error: shared is safe to retry.
@@ -1526,15 +1574,17 @@ fn open_existing(
 
 /// Open the spool at `path`, which exists: alone if `alone` is wanted and no other process
 /// asks to share it, else shared, with a request of this process's (`mine`, or a new one) so
-/// that a relay holding it alone shares it: waits up to [`SHARE_WAIT`] for that.
+/// that a relay holding it alone shares it: waits up to [`SHARE_WAIT`] for that. `answer`: a
+/// relay's (a new request answers these: [`share::Request::make`]); `None`: a command's.
 fn open_sharing(
     path: &Path,
     backend: &backend::Factory,
     alone: bool,
     mine: Option<share::Request>,
+    answer: Option<&[String]>,
 ) -> Result<(Database, u64, Sharing), SpoolError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    open_sharing_in(path, backend, alone, mine, dir)
+    open_sharing_in(path, backend, alone, mine, answer, dir)
 }
 
 /// [`open_sharing`], with the requests in `dir` (tests give one where none can be made).
@@ -1543,6 +1593,7 @@ fn open_sharing_in(
     backend: &backend::Factory,
     alone: bool,
     mut mine: Option<share::Request>,
+    answer: Option<&[String]>,
     dir: &Path,
 ) -> Result<(Database, u64, Sharing), SpoolError> {
     let mut refused = None;
@@ -1552,7 +1603,7 @@ fn open_sharing_in(
         looked: std::time::Instant::now(),
         refused,
     };
-    if alone && share::others(dir, mine.as_ref()) == 0 {
+    if alone && share::others(dir, mine.as_ref()).is_empty() {
         match open_existing(path, backend, Mode::Alone) {
             Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Alone, None, None))),
             // Open shared by a process that made no request (an older smee-relay): join it,
@@ -1565,7 +1616,7 @@ fn open_sharing_in(
     // still be opened shared, unless a relay has it alone: that one would never be asked.
     let (request, cannot_ask) = match mine.take() {
         Some(request) => (Some(request), None),
-        None => match share::Request::make(dir) {
+        None => match share::Request::make(dir, answer) {
             Ok(request) => (Some(request), None),
             Err(e) => (None, Some(e)),
         },
@@ -2231,15 +2282,28 @@ mod tests {
         drop(Spool::open(dir.path()).unwrap());
         let path = dir.path().join(FILE_NAME);
         let nowhere = dir.path().join("no-such-directory");
-        let (db, _, sharing) =
-            open_sharing_in(&path, &backend::Factory::file(), false, None, &nowhere).unwrap();
+        let (db, _, sharing) = open_sharing_in(
+            &path,
+            &backend::Factory::file(),
+            false,
+            None,
+            None,
+            &nowhere,
+        )
+        .unwrap();
         assert_eq!(sharing.mode, Mode::Shared);
         assert!(sharing.request.is_none());
         drop(db);
         let _relay = Spool::open(dir.path()).unwrap();
         let started = std::time::Instant::now();
-        let Err(e) = open_sharing_in(&path, &backend::Factory::file(), false, None, &nowhere)
-        else {
+        let Err(e) = open_sharing_in(
+            &path,
+            &backend::Factory::file(),
+            false,
+            None,
+            None,
+            &nowhere,
+        ) else {
             panic!("opened a spool held alone without asking");
         };
         assert!(matches!(e, SpoolError::CannotAsk { .. }), "{e}");

@@ -518,7 +518,9 @@ impl WriterThread {
                 // file (with the queue's lock let go: sharing reopens the file).
                 let poll = Instant::now() + super::SHARE_POLL;
                 queue = self.sleep(queue, Some(marks_due.map_or(poll, |due| due.min(poll))));
-                if queue.jobs.is_empty() {
+                // Also with jobs come meanwhile (marks, which do not wake it), when the look is
+                // due: a process waiting for an answer must get it within a SHARE_POLL.
+                if queue.jobs.is_empty() || Instant::now() >= poll {
                     drop(queue);
                     self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
                     queue = self.shared.lock();
@@ -1053,6 +1055,58 @@ mod tests {
         assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
         assert!(command.pending("r", 0, usize::MAX).unwrap().is_empty());
         drop(command);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// The same on a spool the relay already shared (with a command run a moment before, or a
+    /// relay of another channel): the command opened it at once and read it while the relay
+    /// still held the mark, for up to `MARK_DELAY`. A relay now answers each new request once
+    /// what it holds is committed, and a command waits for the answers.
+    #[tokio::test]
+    async fn regression_a_command_on_a_spool_already_shared_saw_a_finished_delivery_as_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            COMMIT_PACE,
+            Duration::from_secs(600),
+        );
+        let open_shared = || {
+            let state = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || Spool::open_shared(&state))
+        };
+        // A command keeps the spool shared.
+        let first = open_shared().await.unwrap().expect("shared");
+        until("the relay shares the spool", || {
+            spool.sharing.lock().unwrap().mode == crate::spool::Mode::Shared
+        })
+        .await;
+        writer
+            .append("c", &["r".into()], Arc::from(vec![event(1)]), None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        writer
+            .finish(Write::Mark {
+                route: "r".into(),
+                seq: queued[0].seq,
+                event: queued[0].event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            })
+            .unwrap();
+        until("the writer asleep with the mark held", || {
+            asleep(&writer, true)
+        })
+        .await;
+        assert_eq!(first.pending("r", 0, usize::MAX).unwrap().len(), 1);
+
+        let second = open_shared().await.unwrap().expect("shared");
+        let (_, routes) = second.get(queued[0].event.id).unwrap();
+        let record = routes.into_iter().next().unwrap().1;
+        assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
+        drop((first, second));
         drop(writer);
         thread.join().unwrap();
     }
