@@ -17,6 +17,12 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// `1 channel`, `2 channels`, `0 rules`: a count as a sentence says it ("1 attempts" read as a
+/// slip in every message that printed one).
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// A value that is not acceptable, and why, in words. For validation (a flag, a config value, a
 /// handler's output line), where the message is the whole story: there is no underlying cause
 /// to keep, unlike an I/O or HTTP error, which keeps its source.
@@ -39,6 +45,13 @@ impl From<&str> for Invalid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regression_a_count_of_one_took_the_plural_1_attempts() {
+        assert_eq!(count(1, "attempt", "attempts"), "1 attempt");
+        assert_eq!(count(0, "attempt", "attempts"), "0 attempts");
+        assert_eq!(count(2, "delivery", "deliveries"), "2 deliveries");
+    }
 
     /// `cannot connect to NATS ...: IO error: Connection refused (os error 111): Connection
     /// refused (os error 111)`: async-nats's error shows its I/O cause in its own text, and

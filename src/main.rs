@@ -26,7 +26,11 @@ fn main() -> ExitCode {
     let cli = match smee_relay::cli::parse(std::env::args_os()) {
         Ok(Invocation::Run(cli)) => cli,
         Ok(Invocation::Print(text)) => {
-            print!("{text}");
+            // Not print!: it panics when stdout is a closed pipe (`--help | head -1`).
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush());
             return ExitCode::SUCCESS;
         }
         Err(e) if e.use_stderr() => {
@@ -54,6 +58,9 @@ fn main() -> ExitCode {
     };
     let code = match runtime.block_on(smee_relay::commands::run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read the output stopped (`smee-relay events export | head -1`): done, as
+        // for other tools that write to a pipe; nothing to say, and nowhere to say it.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
             // Not eprintln!: it panics when stderr is a closed pipe.
             let _ = writeln!(std::io::stderr(), "{e}");
@@ -72,6 +79,15 @@ fn main() -> ExitCode {
     };
     logging::flush();
     code
+}
+
+/// Whether `e` is writing to stdout after its reader closed it.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// A damaged spool, a channel or pipeline another relay holds, or `serve` unable to join its

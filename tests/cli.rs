@@ -491,3 +491,164 @@ async fn forward_save_dir_writes_each_event_in_gosmees_layout_and_failures_never
         logs.all()
     );
 }
+
+/// Regression: a command on another user's state directory (the relay's, run as its own user)
+/// exited 1 with only "spool …: I/O error: Permission denied (os error 13)", or "no spool at …"
+/// when it could not even look into the directory. It now names the file and what to do (run
+/// as the owner, or --state-dir), and exits 2, as for a spool another relay holds. Real
+/// denials: as root (whom permission bits do not stop) the command runs as `nobody`.
+#[tokio::test]
+async fn regression_permission_denied_on_the_spool_exited_1_with_no_hint() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let state_dir = spool_with_two_events().await;
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let as_other = |args: &[&str], dir: &std::path::Path| {
+        let mut command = smee_relay();
+        command.arg("events").args(args).arg("--state-dir").arg(dir);
+        if root {
+            command.uid(65534).gid(65534);
+        }
+        command.output()
+    };
+    let set = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let check = |out: std::process::Output, file: &std::path::Path| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        for needle in [
+            format!("permission denied on the spool {}", file.display()),
+            "run this as the user the relay runs as".into(),
+            "--state-dir".into(),
+            "Permission denied (os error 13)".into(),
+        ] {
+            assert!(stderr.contains(&needle), "{needle:?} in {stderr}");
+        }
+        if root {
+            assert!(stderr.contains("belongs to root, uid 0)"), "{stderr}");
+        }
+    };
+
+    // A directory this user may not enter (a relay's state directory is 0700).
+    if !root {
+        set(&state_dir, 0o000);
+    }
+    let out = tokio::time::timeout(PATIENCE, as_other(&["list"], &state_dir))
+        .await
+        .unwrap()
+        .unwrap();
+    if !root {
+        set(&state_dir, 0o700);
+    }
+    check(out, &state_dir.join("spool.redb"));
+
+    // A spool file this user may read but not write (redb opens it for writing).
+    let open = tempfile::tempdir().unwrap();
+    set(open.path(), 0o755);
+    let file = open.path().join("spool.redb");
+    std::fs::copy(state_dir.join("spool.redb"), &file).unwrap();
+    set(&file, if root { 0o644 } else { 0o444 });
+    let out = tokio::time::timeout(PATIENCE, as_other(&["list"], open.path()))
+        .await
+        .unwrap()
+        .unwrap();
+    set(&file, 0o644);
+    check(out, &file);
+}
+
+/// Regression: the dead-letter hint of a relay with a state directory of its own said
+/// `smee-relay events replay 1`, which, run as told, looks in the default state directory and
+/// finds no spool there. It names the relay's `--state-dir` now, and only when not the default.
+#[tokio::test]
+async fn regression_the_dead_letter_hint_left_out_a_non_default_state_dir() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let homes = support::temp_dir();
+    for (n, own_dir) in [(1, true), (2, false)] {
+        let state_dir = homes.path().join(format!("state {n}"));
+        let xdg = homes.path().join(format!("xdg{n}"));
+        let mut command = smee_relay();
+        command
+            .args([
+                "forward",
+                &channel.url(&format!("Chan{n}")),
+                &target.url("/"),
+            ])
+            .env_remove("SMEE_RELAY_STATE_DIR")
+            .env("XDG_STATE_HOME", &xdg)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        if own_dir {
+            command.arg("--state-dir").arg(&state_dir);
+        }
+        let before = channel.connections();
+        let mut child = command.spawn().unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        channel.wait_connections(before + 1).await;
+        // Refused for good: a dead letter at once.
+        target.answer_with(&[400]);
+        channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+        let line = logs.wait_for(&["dead letter:"]).await;
+        let hint = if own_dir {
+            format!(
+                "`smee-relay events replay 1 --state-dir '{}'`",
+                state_dir.display()
+            )
+        } else {
+            assert!(xdg.join("smee-relay/spool.redb").exists());
+            "`smee-relay events replay 1`".to_string()
+        };
+        assert!(line.contains(&hint), "{hint} in {line}");
+        child.kill().await.unwrap();
+    }
+}
+
+/// Regression: `smee-relay events export | head -1` ended with a panic, "failed printing to
+/// stdout: Broken pipe" (exit 101), once `head` had closed the pipe. A closed stdout ends
+/// `list`, `export` and `show` quietly with success, as other tools do.
+#[tokio::test]
+async fn regression_events_export_into_a_closed_pipe_panicked_with_broken_pipe() {
+    let state_dir = spool_with_two_events().await;
+    for args in [
+        &["export"][..],
+        &["list"],
+        &["list", "--json"],
+        &["show", "1"],
+        &["--help"],
+    ] {
+        // A pipe whose reader is gone before the command writes: every write fails (EPIPE).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        // Not `output()`: it would pipe stdout itself.
+        let child = smee_relay()
+            .arg("events")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.stdout.is_empty(), "stdout was the closed pipe");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: quietly: {stderr}");
+    }
+}
+
+/// Regression: `events show` said "Delivered, 1 attempts" (and log lines "gave up after 1
+/// attempts", "1 deliveries", "1 alerts"): a count now agrees with its noun.
+#[tokio::test]
+async fn regression_events_show_said_1_attempts() {
+    let state_dir = spool_with_two_events().await;
+    let out = events(&state_dir, &["show", "1"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains(": Delivered, 1 attempt\n"), "{stdout}");
+    assert!(!stdout.contains("1 attempts"), "{stdout}");
+}

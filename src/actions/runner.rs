@@ -904,7 +904,8 @@ async fn run_forward(
             return Some((
                 Terminal::Failure,
                 format!(
-                    "{problem}; gave up after {attempts} attempts over {}",
+                    "{problem}; gave up after {} over {}",
+                    crate::error::count(attempts as usize, "attempt", "attempts"),
                     humantime::format_duration(Duration::from_secs(age.as_secs()))
                 ),
                 Finish::default(),

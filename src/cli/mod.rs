@@ -224,7 +224,13 @@ pub struct StateDirArg {
     pub state_dir: Option<std::path::PathBuf>,
 }
 
+/// Said under `--help` of the commands that open the spool beside a running relay.
+const SHARE_WAIT_HELP: &str = "While a relay runs on the same state directory, this waits up to \
+about a second for the relay to share the spool with it and to record what it has delivered \
+(up to 10 s before it gives up, saying which relay to look at).";
+
 #[derive(Debug, Args)]
+#[command(after_help = SHARE_WAIT_HELP)]
 pub struct EventsArgs {
     #[command(flatten)]
     pub state: StateDirArg,
@@ -266,6 +272,7 @@ pub enum ListStatus {
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
     /// List events and how their deliveries stand (the most recent last).
+    #[command(after_help = SHARE_WAIT_HELP)]
     List {
         /// Only deliveries with this status (in-flight, replayed and purged: cluster mode).
         #[arg(long, value_enum)]
@@ -278,12 +285,14 @@ pub enum EventsCommand {
         json: bool,
     },
     /// Show one event: its deliveries, headers and body.
+    #[command(after_help = SHARE_WAIT_HELP)]
     Show {
         /// The event id (from `events list`).
         id: u64,
     },
     /// Queue events again, at the tail, in order; with --to, POST them to another URL now.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "dead", "since"])))]
+    #[command(after_help = SHARE_WAIT_HELP)]
     Replay {
         #[command(flatten)]
         which: EventSelection,
@@ -297,6 +306,7 @@ pub enum EventsCommand {
     },
     /// Write events out: NDJSON (one object per line), or gosmee's layout (for each event a
     /// `<timestamp>.json` body and an executable `<timestamp>.sh` that replays it with curl).
+    #[command(after_help = SHARE_WAIT_HELP)]
     Export {
         #[command(flatten)]
         which: EventSelection,
@@ -315,6 +325,7 @@ pub enum EventsCommand {
         target: TargetUrl,
     },
     /// Delete dead letters.
+    #[command(after_help = SHARE_WAIT_HELP)]
     Purge {
         /// Delete every dead letter (required: say what to delete).
         #[arg(long, required = true)]
@@ -333,6 +344,7 @@ pub enum CatchUpCommand {
     /// Compare a GitHub hook's recent deliveries with the spool and queue the missing ones,
     /// oldest first, marked `x-smee-relay-recovered: github` (payload re-serialised as compact
     /// JSON, `x-hub-signature*` dropped: GitHub's API does not return the signed bytes).
+    #[command(after_help = SHARE_WAIT_HELP)]
     Github(GithubCatchUpArgs),
 }
 
@@ -786,6 +798,34 @@ mod tests {
             forward.target_url().unwrap().to_string(),
             "http://127.0.0.1:9/x"
         );
+    }
+
+    /// `events` commands beside a running relay seemed to hang for a second or more: their
+    /// `--help` did not say that they wait for the relay to share the spool (about a second, up
+    /// to 10 s).
+    #[test]
+    fn regression_events_help_did_not_say_it_may_wait_for_the_relay() {
+        for sub in [
+            &["events"][..],
+            &["events", "list"],
+            &["events", "show"],
+            &["events", "replay"],
+            &["events", "export"],
+            &["events", "purge"],
+            &["catch-up", "github"],
+        ] {
+            let line = format!("smee-relay {} --help", sub.join(" "));
+            let help = match parse(args(&line)) {
+                Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => e.to_string(),
+                _ => panic!("{line}: no help"),
+            };
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(
+                help.contains("waits up to about a second for the relay to share the spool")
+                    && help.contains("up to 10 s before it gives up"),
+                "{line}: {help}"
+            );
+        }
     }
 
     #[test]

@@ -131,7 +131,7 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<Found> {
         };
         let dir = spool::lock::state_dir(args.state.state_dir.as_deref());
         let file = dir.join(spool::FILE_NAME);
-        if !file.exists() {
+        if !Spool::exists(&dir)? {
             return Err(usage(format!(
                 "no spool at {}: is --state-dir the relay's state directory? (or give --config)",
                 file.display()

@@ -20,6 +20,24 @@ use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
 use crate::url::TargetUrl;
 
+/// `print!` and `println!` that return the error instead of panicking, for `?`: `smee-relay
+/// events export | head -1` closes stdout early, and the command then ends quietly (`main.rs`
+/// takes a broken pipe for success).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, $($arg)*).and_then(|()| stdout.flush())
+    }};
+}
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, $($arg)*).and_then(|()| stdout.flush())
+    }};
+}
+
 /// The routes whose messages the relay produces (in cluster mode published under
 /// [`crate::cluster::produced_key`]): `replay --since` skips them.
 const PRODUCED: [&str; 2] = [crate::pipeline::ALERT_ROUTE, crate::actions::REPORT_ROUTE];
@@ -69,7 +87,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     // Opening creates a spool: a mistyped --state-dir would show an empty one and look like
     // "nothing queued".
     let file = dir.join(spool::FILE_NAME);
-    if !file.exists() {
+    if !Spool::exists(&dir)? {
         if from_config {
             anyhow::bail!(
                 "no spool at {}: that is the `state_dir` of --config; has the relay run with this config yet (or does it run with another --state-dir)?",
@@ -108,18 +126,18 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             };
             let rows = spool.list(status, limit)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
-                print!("{}", table(&rows));
-                print!(
+                out!("{}", table(&rows))?;
+                out!(
                     "{}",
                     crate::actions::runs_table(&crate::actions::stored_runs(&spool)?)
-                );
+                )?;
             }
         }
         EventsCommand::Show { id } => {
             let (event, records) = spool.get(id)?;
-            print!("{}", show(&event, &records));
+            out!("{}", show(&event, &records))?;
         }
         EventsCommand::Replay {
             which,
@@ -156,17 +174,17 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         } => {
             let which = local_replay(&spool, which)?;
             let queued = spool.replay(which)?;
-            println!(
+            outln!(
                 "queued {} again",
                 super::count(queued, "delivery", "deliveries")
-            );
+            )?;
         }
         EventsCommand::Purge { .. } => {
             let purged = spool.purge_dead()?;
-            println!(
+            outln!(
                 "purged {}",
                 super::count(purged, "dead letter", "dead letters")
-            );
+            )?;
         }
     }
     Ok(())
@@ -255,14 +273,14 @@ async fn run_cluster(
             });
             let rows = cluster.list(status, limit).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
-                print!("{}", cluster_table(&rows));
+                out!("{}", cluster_table(&rows))?;
             }
         }
         EventsCommand::Show { id } => {
             let (event, rows) = cluster.show(id).await?;
-            print!("{}", show_cluster(&event, &rows));
+            out!("{}", show_cluster(&event, &rows))?;
         }
         EventsCommand::Replay {
             which: EventSelection { ids, dead, since },
@@ -278,22 +296,22 @@ async fn run_cluster(
                 (false, None) => Which::Ids(ids),
             };
             let queued = cluster.replay(which).await?;
-            println!(
+            outln!(
                 "queued {} again (cluster {name})",
                 super::count(queued, "delivery", "deliveries")
-            );
+            )?;
         }
         EventsCommand::Purge { .. } => {
             let done = cluster.purge_dead().await?;
-            println!(
+            outln!(
                 "purged {} (cluster {name})",
                 super::count(done.purged, "dead letter", "dead letters")
-            );
+            )?;
             if done.forgotten > 0 {
-                println!(
+                outln!(
                     "forgot {} whose event the stream no longer holds",
                     super::count(done.forgotten, "dead letter", "dead letters")
-                );
+                )?;
             }
         }
         EventsCommand::Replay { to: Some(_), .. } | EventsCommand::Export { .. } => {
@@ -469,7 +487,8 @@ async fn replay_to(
     // Each line above the bar on a terminal; plain lines otherwise (a hidden bar prints nothing).
     let say = |line: String| {
         if progress.is_hidden() {
-            println!("{line}");
+            // A closed stdout does not stop the replay: the POSTs are what was asked for.
+            let _ = outln!("{line}");
         } else {
             progress.println(line);
         }
@@ -501,11 +520,11 @@ async fn replay_to(
         progress.inc(1);
     }
     progress.finish_and_clear();
-    println!(
+    outln!(
         "replayed {} of {} to {to}",
         ids.len() - failed,
         super::count(ids.len(), "event", "events")
-    );
+    )?;
     if failed > 0 {
         anyhow::bail!(
             "{failed} of {} not accepted by {to}",
@@ -546,7 +565,9 @@ fn export(
                 "smee-relay events export --format gosmee",
             )?,
             _ => {
-                serde_json::to_writer(&mut ndjson, &ndjson_line(&event))?;
+                // As an io::Error: a closed stdout (`| head -1`) must show as a broken pipe.
+                serde_json::to_writer(&mut ndjson, &ndjson_line(&event))
+                    .map_err(std::io::Error::from)?;
                 ndjson.write_all(b"\n")?;
             }
         }
@@ -665,9 +686,9 @@ fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)]) -> String {
     for (route, record) in records {
         let _ = writeln!(
             out,
-            "  -> {route}: {:?}, {} attempts{}",
+            "  -> {route}: {:?}, {}{}",
             record.status,
-            record.attempts,
+            crate::error::count(record.attempts as usize, "attempt", "attempts"),
             record
                 .last_error
                 .as_deref()

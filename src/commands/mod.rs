@@ -18,10 +18,7 @@ use crate::config::{self, ConfigError};
 use crate::delivery::RetryPolicy;
 use crate::service::systemd;
 
-/// `1 channel`, `2 channels`, `0 rules`: a count as a sentence says it.
-pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
+pub(crate) use crate::error::count;
 
 /// Run one command to its end.
 pub async fn run(command: Command) -> anyhow::Result<()> {

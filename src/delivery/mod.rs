@@ -454,7 +454,8 @@ impl Delivery<'_> {
             if !error.is_retryable() || age > self.policy.max_age {
                 let why = if error.is_retryable() {
                     format!(
-                        "gave up after {attempts} attempts over {} (--max-retry-age): {error}",
+                        "gave up after {} over {} (--max-retry-age): {error}",
+                        crate::error::count(attempts as usize, "attempt", "attempts"),
                         humantime::format_duration(Duration::from_secs(age.as_secs()))
                     )
                 } else {
@@ -470,8 +471,14 @@ impl Delivery<'_> {
                     ),
                     None => warn!(
                         event = item.event.id,
-                        "dead letter: {why}; replay it with `smee-relay events replay {}`",
-                        item.event.id
+                        "dead letter: {why}; replay it with `smee-relay events replay {}{}`",
+                        item.event.id,
+                        // The relay's state directory, unless `events` finds it by itself.
+                        self.spool
+                            .path()
+                            .parent()
+                            .map(spool::lock::state_dir_arg)
+                            .unwrap_or_default()
                     ),
                 }
                 let finished = self

@@ -788,8 +788,9 @@ pub async fn run(
                     reason = ?why.kind,
                     blueprints = blueprints.len(),
                     entities = read,
-                    "Port reconciliation: read {read} entities of {} blueprints; the pipeline compares them with the alert state",
-                    blueprints.len()
+                    "Port reconciliation: read {} of {}; the pipeline compares them with the alert state",
+                    crate::error::count(read, "entity", "entities"),
+                    crate::error::count(blueprints.len(), "blueprint", "blueprints")
                 );
                 backoff.reset();
                 store_alive(&writer, now).await;
@@ -859,11 +860,11 @@ pub fn report(blueprint: &str, id: u64, outcome: &Outcome) {
         .increment(1);
     }
     let line = format!(
-        "reconciliation of blueprint {blueprint} (event {id}): {} entities compared, {} gone from Port, {} left to newer live events, {} alerts found",
-        outcome.compared,
+        "reconciliation of blueprint {blueprint} (event {id}): {} compared, {} gone from Port, {} left to newer live events, {} found",
+        crate::error::count(outcome.compared, "entity", "entities"),
         outcome.deleted,
         outcome.newer_live,
-        outcome.alerts.len()
+        crate::error::count(outcome.alerts.len(), "alert", "alerts")
     );
     if outcome.alerts.is_empty() {
         info!(event = id, "{line}");

@@ -362,15 +362,15 @@ pub async fn run(
                 info!(
                     event = id,
                     entity,
-                    "pipeline: took over another instance's judgement of event {id} (its alert-state write landed, it did not finish); re-sent its {} alerts (the stream drops any it already published)",
-                    record.alerts.len()
+                    "pipeline: took over another instance's judgement of event {id} (its alert-state write landed, it did not finish); re-sent its {} (the stream drops any it already published)",
+                    crate::error::count(record.alerts.len(), "alert", "alerts")
                 );
                 if record.untold > 0 {
                     error!(
                         event = id,
                         entity,
-                        "pipeline: {} alerts of that judgement were too large to keep in the cluster's alert state (over {JUDGED_BYTES} bytes) and cannot be re-sent: they are lost",
-                        record.untold
+                        "pipeline: {} of that judgement (too large to keep in the cluster's alert state, over {JUDGED_BYTES} bytes) cannot be re-sent: lost",
+                        crate::error::count(record.untold, "alert", "alerts")
                     );
                 }
                 for alert in &record.alerts {
@@ -947,13 +947,17 @@ async fn resend_recorded(view: &mut ClusterView, writer: &SpoolWriter) -> bool {
     for record in records.iter().filter(|record| record.untold > 0) {
         // Sent by their writer unless it died first: this instance cannot tell, nor re-send.
         warn!(
-            "{} alerts of a held alert or reconciliation another instance judged were too large to keep in the cluster's alert state (over {JUDGED_BYTES} bytes): if that instance stopped before publishing them, they are lost",
-            record.untold
+            "{} of a held alert or reconciliation another instance judged (too large to keep in the cluster's alert state, over {JUDGED_BYTES} bytes): if that instance stopped before publishing them, they are lost",
+            crate::error::count(record.untold, "alert", "alerts")
         );
     }
     tracing::debug!(
-        "queued again {} alerts of held alerts or reconciliations another instance judged (the stream drops those it already has)",
-        records.iter().map(|r| r.alerts.len()).sum::<usize>()
+        "queued again {} of held alerts or reconciliations another instance judged (the stream drops those it already has)",
+        crate::error::count(
+            records.iter().map(|r| r.alerts.len()).sum::<usize>(),
+            "alert",
+            "alerts"
+        )
     );
     true
 }

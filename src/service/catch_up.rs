@@ -258,15 +258,15 @@ pub async fn after_gaps(
                 metrics::counter!("smee_relay_catch_up_runs_total", "source" => "github", "outcome" => "ok")
                     .increment(1);
                 if report.failures() > 0 {
-                    warn!(channel = %to.channel, "GitHub catch-up: {} deliveries from {} could not be recovered (see above); run `smee-relay catch-up github` to see which",
-                        report.failures(), client.describe());
+                    warn!(channel = %to.channel, "GitHub catch-up: {} from {} could not be recovered (see above); run `smee-relay catch-up github` to see which",
+                        crate::error::count(report.failures(), "delivery", "deliveries"), client.describe());
                 }
                 if report.recovered.is_empty() {
-                    info!(channel = %to.channel, "GitHub catch-up: {} missed nothing ({} deliveries since {})",
-                        client.describe(), report.guids, humantime::format_duration(config.since));
+                    info!(channel = %to.channel, "GitHub catch-up: {} missed nothing ({} since {})",
+                        client.describe(), crate::error::count(report.guids, "delivery", "deliveries"), humantime::format_duration(config.since));
                 } else {
-                    info!(channel = %to.channel, "GitHub catch-up: recovered {} deliveries the channel missed from {} (events {})",
-                        report.recovered.len(), client.describe(), ids(&report.recovered));
+                    info!(channel = %to.channel, "GitHub catch-up: recovered {} the channel missed from {} (events {})",
+                        crate::error::count(report.recovered.len(), "delivery", "deliveries"), client.describe(), ids(&report.recovered));
                 }
             }
             Err(e) => {

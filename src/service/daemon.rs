@@ -886,8 +886,8 @@ impl Runtime {
             (Some((pipeline, sink)), old) => {
                 let sink: Arc<dyn Sink> = Arc::new(sink);
                 changes.push(format!(
-                    "pipeline on ({} rules, alerts to {})",
-                    pipeline.rules.len(),
+                    "pipeline on ({}, alerts to {})",
+                    crate::error::count(pipeline.rules.len(), "rule", "rules"),
                     sink.describe()
                 ));
                 let pipeline = Arc::new(pipeline);

@@ -20,6 +20,11 @@ use super::SpoolError;
 /// sharing one: each holds an exclusive lock on a file (for a channel, named after a hash of its
 /// identity, not the URL: it is secret), with its pid written in it for the message the second
 /// one gets.
+///
+/// The file is never removed, not even on a clean stop: a process that opened it just before
+/// the removal would lock the removed file (`flock` locks the open file, not the name) while the
+/// next one made and locked a new file by the same name, and both would relay the channel. A
+/// stale file is harmless: the next holder takes it over and writes its own pid.
 #[derive(Debug)]
 pub struct StateLock {
     /// The lock is held while this file is open.
@@ -73,9 +78,12 @@ impl StateLock {
     }
 
     fn take(state_dir: &Path, path: PathBuf, what: String) -> Result<Self, SpoolError> {
-        let io = |source: std::io::Error| SpoolError::LockFile {
-            path: path.clone(),
-            source,
+        let io = |source: std::io::Error| {
+            SpoolError::LockFile {
+                path: path.clone(),
+                source,
+            }
+            .or_denied(&state_dir.join(super::FILE_NAME))
         };
         let mut file = File::options()
             .create(true)
@@ -105,6 +113,107 @@ impl StateLock {
     }
 }
 
+/// A relay holding a state directory's lock: what a command that finds the spool held alone
+/// and never shared can tell the user of who holds it ([`SpoolError::InUse`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The pid its lock file says.
+    pub pid: u32,
+    /// Whether the process is stopped (SIGSTOP, Ctrl-Z, a debugger): the likeliest reason it
+    /// never shares, and one with a one-command fix.
+    pub stopped: bool,
+}
+
+/// The relays holding the locks of `state_dir` now (`channel-*.lock`, `pipeline.lock`), by the
+/// pids their files hold, each once. A lock file whose lock is free (left by a relay that
+/// stopped: they are not removed) names nobody. Reads the files and looks at the locks without
+/// taking one: taking one, even briefly, could make a relay starting meanwhile think its
+/// channel taken.
+pub fn holders(state_dir: &Path) -> Vec<Holder> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let locked = locked_inodes();
+    let mut found: Vec<Holder> = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let lock_file =
+            (name.starts_with("channel-") && name.ends_with(".lock")) || name == "pipeline.lock";
+        if !lock_file || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let held = match &locked {
+            Some(inodes) => {
+                use std::os::unix::fs::MetadataExt as _;
+                entry
+                    .metadata()
+                    .is_ok_and(|meta| inodes.contains(&meta.ino()))
+            }
+            // No /proc/locks (not Linux): a live process counts.
+            None => process_state(pid).is_some(),
+        };
+        if held && !found.iter().any(|h| h.pid == pid) {
+            found.push(Holder {
+                pid,
+                stopped: process_state(pid).is_some_and(|state| state == 'T' || state == 't'),
+            });
+        }
+    }
+    found.sort_by_key(|h| h.pid);
+    found
+}
+
+/// The inodes of the files someone holds a `flock` on (`/proc/locks`; `None` where there is
+/// none). A line is `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`; one with `->` is a
+/// process waiting for the lock, not holding it.
+fn locked_inodes() -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(
+        text.lines()
+            .filter(|line| !line.contains("->"))
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.nth(1)? == "FLOCK").then_some(())?;
+                fields.nth(3)?.rsplit(':').next()?.parse().ok()
+            })
+            .collect(),
+    )
+}
+
+/// The state letter of process `pid` (`/proc/PID/stat`: `R`, `S`, `T` for stopped...), or
+/// `None` if there is no such process (or no `/proc`).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which is in parentheses and may hold anything.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// [`holders`] for a message: `smee-relay pid 1234 (stopped)`, or empty if none is known.
+pub(super) fn describe(holders: &[Holder]) -> String {
+    match holders {
+        [] => String::new(),
+        [one] => format!("smee-relay pid {}{}", one.pid, stopped(one)),
+        many => {
+            let pids: Vec<String> = many
+                .iter()
+                .map(|h| format!("{}{}", h.pid, stopped(h)))
+                .collect();
+            format!("one of smee-relay pids {}", pids.join(", "))
+        }
+    }
+}
+
+fn stopped(holder: &Holder) -> &'static str {
+    if holder.stopped { " (stopped)" } else { "" }
+}
+
 /// The state directory: the flag or `SMEE_RELAY_STATE_DIR` (given as `explicit`), else
 /// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/smee-relay`, else
 /// `~/.local/state/smee-relay`.
@@ -127,12 +236,44 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
             .to_string();
         return PathBuf::from(first);
     }
+    shell_default()
+}
+
+/// The state directory a command given neither `--state-dir` nor `$STATE_DIRECTORY` uses:
+/// `$XDG_STATE_HOME/smee-relay`, else `~/.local/state/smee-relay`.
+fn shell_default() -> PathBuf {
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = env("XDG_STATE_HOME") {
         return dir.join("smee-relay");
     }
     env("HOME")
         .unwrap_or_else(|| PathBuf::from("."))
         .join(".local/state/smee-relay")
+}
+
+/// ` --state-dir DIR`, for a hint that names a command to run on the state directory `dir`
+/// (`smee-relay events replay 7 --state-dir /srv/relay`), or nothing where that command, run
+/// in a shell, looks by default. systemd's `$STATE_DIRECTORY` does not count as a default: a
+/// shell does not have it. The path is absolute and quoted for a shell if it needs to be.
+pub fn state_dir_arg(dir: &Path) -> String {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let dir = absolute(dir);
+    if dir == absolute(&shell_default()) {
+        return String::new();
+    }
+    let text = dir.to_string_lossy();
+    let plain = text
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c));
+    if plain {
+        format!(" --state-dir {text}")
+    } else {
+        format!(" --state-dir '{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +302,47 @@ mod tests {
         ] {
             assert_ne!(channel_key(other), key, "{other}");
         }
+    }
+
+    #[test]
+    fn state_dir_arg_is_absolute_quoted_and_left_out_for_the_default() {
+        assert_eq!(state_dir_arg(&shell_default()), "");
+        assert_eq!(
+            state_dir_arg(Path::new("/srv/relay state/it's")),
+            r#" --state-dir '/srv/relay state/it'\''s'"#
+        );
+        assert_eq!(
+            state_dir_arg(Path::new("/var/lib/smee-relay")),
+            " --state-dir /var/lib/smee-relay"
+        );
+        let relative = state_dir_arg(Path::new("state"));
+        assert!(relative.starts_with(" --state-dir /"), "{relative}");
+    }
+
+    /// Lock files stay after their relay stops (removing them races with a relay taking the
+    /// lock: see [`StateLock`]); one left behind is taken over, with the new holder's pid, and
+    /// names nobody as a holder meanwhile.
+    #[test]
+    fn a_lock_file_left_by_a_stopped_relay_is_harmless_and_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join(format!("channel-{}.lock", channel_key("http://h/C")));
+        drop(StateLock::acquire(dir.path(), "http://h/C", "x").unwrap());
+        assert!(path.exists(), "left in place on stop");
+        // As a relay that stopped long ago left it: another process's pid.
+        std::fs::write(&path, "999999\n").unwrap();
+        assert_eq!(holders(dir.path()), [], "a free lock names nobody");
+        let _again = StateLock::acquire(dir.path(), "http://h/C", "x").unwrap();
+        let pid = std::process::id();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{pid}\n"));
+        assert_eq!(
+            holders(dir.path()),
+            [Holder {
+                pid,
+                stopped: false
+            }]
+        );
     }
 
     #[test]

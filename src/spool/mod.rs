@@ -159,12 +159,17 @@ pub enum SpoolError {
         source: redb::Error,
     },
     #[error(
-        "the spool {path} is open in another process that did not share it within {}s: an \
-         older smee-relay, or one that is stuck; stop it and try again",
+        "the spool {path} is open in another process that did not share it within {}s: {}",
         SHARE_WAIT.as_secs(),
+        in_use_hint(holders),
         path = path.display()
     )]
-    InUse { path: PathBuf },
+    InUse {
+        path: PathBuf,
+        /// The relays holding the state directory's locks ([`lock::holders`]), to name in the
+        /// message (found only once the wait is over: empty until then).
+        holders: Vec<lock::Holder>,
+    },
     #[error(
         "a relay has the spool in {dir} to itself, and this process cannot ask it to share: no \
          request file can be made there; run this as the relay's user (or root)",
@@ -172,6 +177,21 @@ pub enum SpoolError {
     )]
     CannotAsk {
         dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "permission denied on the spool {path}{owner}: run this as the user the relay runs as \
+         (the state directory's owner, e.g. `sudo -u smee-relay smee-relay …`), or give it a \
+         state directory of its own (--state-dir DIR)",
+        path = path.display(),
+        owner = owner.as_ref().map(|o| format!(" (its state directory belongs to {o})")).unwrap_or_default()
+    )]
+    PermissionDenied {
+        path: PathBuf,
+        /// Who owns the state directory (`root, uid 0`), if it can be looked at: who to run
+        /// as instead.
+        owner: Option<String>,
         #[source]
         source: std::io::Error,
     },
@@ -191,6 +211,28 @@ pub enum SpoolError {
     NoSuchEvent(u64),
 }
 
+/// What to do about a spool held alone and never shared, naming who holds it if known (pids
+/// only: lock file names derive from channel URLs, which are secret).
+fn in_use_hint(holders: &[lock::Holder]) -> String {
+    if holders.is_empty() {
+        return "an older smee-relay, or one that is stuck; stop it and try again".into();
+    }
+    let pids: Vec<String> = holders.iter().map(|h| h.pid.to_string()).collect();
+    let pids = pids.join(" ");
+    let who = lock::describe(holders);
+    if holders.iter().all(|h| h.stopped) {
+        format!(
+            "held by {who} (its lock file in the state directory says so), which is stopped \
+             (SIGSTOP or Ctrl-Z); resume it (`kill -CONT {pids}`) and try again"
+        )
+    } else {
+        format!(
+            "held by {who} (its lock file in the state directory says so); is it stopped \
+             (SIGSTOP) or hung? Resume it (`kill -CONT {pids}`) or stop it, and try again"
+        )
+    }
+}
+
 impl SpoolError {
     /// Whether the user must act before smee-relay can run (exit code 2): a damaged spool, a
     /// state directory another relay holds.
@@ -201,8 +243,58 @@ impl SpoolError {
                 | SpoolError::Locked { .. }
                 | SpoolError::InUse { .. }
                 | SpoolError::CannotAsk { .. }
+                | SpoolError::PermissionDenied { .. }
         )
     }
+
+    /// This error, or [`SpoolError::PermissionDenied`] about the spool `file` if the system
+    /// refused this process the file or its directory (another user's state directory): the
+    /// plain I/O error said only "Permission denied (os error 13)", not what to do.
+    pub(crate) fn or_denied(self, file: &Path) -> SpoolError {
+        let io = match &self {
+            SpoolError::Io {
+                source: redb::Error::Io(e),
+                ..
+            } => e,
+            SpoolError::StateDir { source, .. } | SpoolError::LockFile { source, .. } => source,
+            _ => return self,
+        };
+        if io.kind() != std::io::ErrorKind::PermissionDenied {
+            return self;
+        }
+        denied(file, std::io::Error::new(io.kind(), io.to_string()))
+    }
+}
+
+/// Permission denied on the spool `file` ([`SpoolError::PermissionDenied`]).
+pub(crate) fn denied(file: &Path, source: std::io::Error) -> SpoolError {
+    SpoolError::PermissionDenied {
+        path: file.to_owned(),
+        owner: owner_of(file.parent().unwrap_or(Path::new("."))),
+        source,
+    }
+}
+
+/// Who owns `dir`, or the nearest of its parents this process may look at: `name, uid N`.
+fn owner_of(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = dir
+        .ancestors()
+        .find_map(|p| std::fs::metadata(p).ok())?
+        .uid();
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+        });
+    Some(match name {
+        Some(name) => format!("{name}, uid {uid}"),
+        None => format!("uid {uid}"),
+    })
 }
 
 /// What is wrong with a damaged spool.
@@ -450,6 +542,10 @@ const ALONE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 /// every [`SHARE_POLL`].
 const SHARE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a command opening a spool already shared waits for the relays sharing it to answer
+/// its request ([`share::wait_for_relays`]): each looks every [`SHARE_POLL`].
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often a relay looks for other processes asking to share its spool (and, while shared,
 /// whether they are done): the longest a command like `smee-relay events list` waits for it.
 pub(crate) const SHARE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -499,6 +595,27 @@ impl Spool {
         backend: backend::Factory,
         prefer_alone: bool,
     ) -> Result<Spool, SpoolError> {
+        Self::open_in(state_dir, backend, prefer_alone)
+            .map_err(|e| e.or_denied(&state_dir.join(FILE_NAME)))
+    }
+
+    /// Whether `state_dir` holds a spool (for commands, which do not create one). Err: this
+    /// process may not look ([`SpoolError::PermissionDenied`]); another error counts as
+    /// there being one, for the open to say what is wrong with it.
+    pub fn exists(state_dir: &Path) -> Result<bool, SpoolError> {
+        let file = state_dir.join(FILE_NAME);
+        match file.try_exists() {
+            Ok(exists) => Ok(exists),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(denied(&file, e)),
+            Err(_) => Ok(true),
+        }
+    }
+
+    fn open_in(
+        state_dir: &Path,
+        backend: backend::Factory,
+        prefer_alone: bool,
+    ) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
             path: state_dir.to_owned(),
             source,
@@ -507,7 +624,23 @@ impl Spool {
         if !path.exists() {
             create_new(&path, &backend)?;
         }
-        let (db, instance, sharing) = open_sharing(&path, &backend, prefer_alone, None)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        // A relay starting holds no marks yet: it answers every request there is at once.
+        let answer = prefer_alone.then(|| share::others(dir, None));
+        let (db, instance, sharing) =
+            open_sharing(&path, &backend, prefer_alone, None, answer.as_deref())?;
+        // A command on a spool already shared: the relays sharing it may hold marks of
+        // deliveries they finished; they commit them and say so within a SHARE_POLL.
+        if let (false, Some(mine)) = (prefer_alone, &sharing.request)
+            && !share::wait_for_relays(dir, mine, ANSWER_WAIT)
+        {
+            tracing::info!(
+                spool = %path.display(),
+                "a relay sharing the spool did not answer within {}s (stopped or hung?): \
+                 deliveries it finished last may show as pending",
+                ANSWER_WAIT.as_secs()
+            );
+        }
         Ok(Spool {
             db: std::sync::RwLock::new(Some(db)),
             needs_reopen: false.into(),
@@ -525,42 +658,96 @@ impl Spool {
     /// idle: if the spool is open alone and another process asks to share it, open it shared;
     /// if it is open shared and nobody else uses it any more, open it alone again. Looks at
     /// most once per `SHARE_POLL`. A failure leaves it shared (always safe) and is retried.
-    pub(crate) fn share_poll(&self) {
+    ///
+    /// Before it shares, it calls `before_sharing`, with no lock of the spool's held (so that
+    /// it may write; a write may reopen the file, which takes them): the writer thread commits
+    /// there the marks it holds (finished deliveries that are only in its journal and queue).
+    /// The process asking reads the file as soon as it is shared (`smee-relay events replay
+    /// ID` right after ID's delivery) and must find them done. While shared, it does the same
+    /// for each new request before it answers it ([`share`]): a command opening a spool already
+    /// shared waits for that answer.
+    pub(crate) fn share_poll(&self, before_sharing: impl FnOnce()) {
         if !self.prefer_alone {
             return;
         }
-        let sharing = self.sharing.lock().expect("not poisoned");
-        if sharing.looked.elapsed() >= SHARE_POLL {
-            self.share_look(sharing);
+        let mut sharing = self.sharing.lock().expect("not poisoned");
+        if sharing.looked.elapsed() < SHARE_POLL {
+            return;
         }
+        sharing.looked = std::time::Instant::now();
+        let others = self.others(&sharing);
+        let to_answer = !others.is_empty()
+            && match sharing.mode {
+                Mode::Alone => true,
+                Mode::Shared => sharing
+                    .request
+                    .as_ref()
+                    .is_some_and(|mine| mine.to_answer(&others)),
+            };
+        if to_answer {
+            drop(sharing);
+            before_sharing();
+            sharing = self.sharing.lock().expect("not poisoned");
+        }
+        // A request withdrawn meanwhile only makes it share once more than needed: the next
+        // look has it alone again.
+        self.share_switch(sharing, &others);
+    }
+
+    /// The other processes' requests to share the file.
+    fn others(&self, sharing: &Sharing) -> Vec<String> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        share::others(dir, sharing.request.as_ref())
     }
 
     /// [`Spool::share_poll`]'s look, now.
+    #[cfg(test)]
     fn share_look(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>) {
         sharing.looked = std::time::Instant::now();
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let others = share::others(dir, sharing.request.as_ref());
-        let wanted = if others > 0 {
-            Mode::Shared
-        } else {
+        let others = self.others(&sharing);
+        self.share_switch(sharing, &others);
+    }
+
+    /// Open the file in the mode `others` (the requests of processes asking to share it) calls
+    /// for, if it is not open so already, answering them (a relay's: called once what it holds
+    /// is committed).
+    fn share_switch(&self, mut sharing: std::sync::MutexGuard<'_, Sharing>, others: &[String]) {
+        let wanted = if others.is_empty() {
             Mode::Alone
+        } else {
+            Mode::Shared
         };
         let refused_lately = sharing.refused.is_some_and(|at| at.elapsed() < ALONE_RETRY);
         if wanted == sharing.mode || (wanted == Mode::Alone && refused_lately) {
+            if let Some(mine) = sharing.request.as_mut()
+                && let Err(e) = mine.answer(others)
+            {
+                // Those asking wait a little longer (`ANSWER_WAIT`), then read anyway.
+                tracing::debug!("cannot answer the requests to share the spool: {e}");
+            }
             return;
         }
         let mut db = self.db.write().expect("not poisoned");
         // Close first: the file cannot be open twice in one process in these modes.
         drop(db.take());
         let mine = sharing.request.take();
-        match open_sharing(&self.path, &self.backend, wanted == Mode::Alone, mine) {
+        // Going alone, a request made after all (someone asked meanwhile) answers nobody yet:
+        // what this holds is not committed for them.
+        let answer = if wanted == Mode::Shared { others } else { &[] };
+        match open_sharing(
+            &self.path,
+            &self.backend,
+            wanted == Mode::Alone,
+            mine,
+            Some(answer),
+        ) {
             Ok((fresh, _, now)) => {
                 *db = Some(fresh);
                 self.needs_reopen
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(
                     spool = %self.path.display(),
-                    others,
+                    others = others.len(),
                     "the spool is now open {}",
                     if now.mode == Mode::Alone { "alone (exclusive-writer mode)" } else { "shared (multi-writer mode)" }
                 );
@@ -625,7 +812,9 @@ impl Spool {
         drop(db.take());
         let alone = sharing.mode == Mode::Alone;
         let mine = sharing.request.take();
-        let (fresh, _, now) = match open_sharing(&self.path, &self.backend, alone, mine) {
+        // A relay's new request answers nobody yet: its next look does.
+        let answer = self.prefer_alone.then_some(&[][..]);
+        let (fresh, _, now) = match open_sharing(&self.path, &self.backend, alone, mine, answer) {
             Ok(opened) => opened,
             Err(e) => {
                 // `open_sharing` dropped the request with its error: shared is safe to retry.
@@ -1360,6 +1549,7 @@ fn open_existing(
                 // Open in another process, in a mode that excludes this one ([`share`]).
                 redb::DatabaseError::DatabaseAlreadyOpen => SpoolError::InUse {
                     path: path.to_owned(),
+                    holders: Vec::new(),
                 },
                 // An error from the system (disk full, permissions) is about the disk; what
                 // else redb says (a bad magic number, a checksum) is about the contents.
@@ -1384,15 +1574,17 @@ fn open_existing(
 
 /// Open the spool at `path`, which exists: alone if `alone` is wanted and no other process
 /// asks to share it, else shared, with a request of this process's (`mine`, or a new one) so
-/// that a relay holding it alone shares it: waits up to [`SHARE_WAIT`] for that.
+/// that a relay holding it alone shares it: waits up to [`SHARE_WAIT`] for that. `answer`: a
+/// relay's (a new request answers these: [`share::Request::make`]); `None`: a command's.
 fn open_sharing(
     path: &Path,
     backend: &backend::Factory,
     alone: bool,
     mine: Option<share::Request>,
+    answer: Option<&[String]>,
 ) -> Result<(Database, u64, Sharing), SpoolError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    open_sharing_in(path, backend, alone, mine, dir)
+    open_sharing_in(path, backend, alone, mine, answer, dir)
 }
 
 /// [`open_sharing`], with the requests in `dir` (tests give one where none can be made).
@@ -1401,6 +1593,7 @@ fn open_sharing_in(
     backend: &backend::Factory,
     alone: bool,
     mut mine: Option<share::Request>,
+    answer: Option<&[String]>,
     dir: &Path,
 ) -> Result<(Database, u64, Sharing), SpoolError> {
     let mut refused = None;
@@ -1410,7 +1603,7 @@ fn open_sharing_in(
         looked: std::time::Instant::now(),
         refused,
     };
-    if alone && share::others(dir, mine.as_ref()) == 0 {
+    if alone && share::others(dir, mine.as_ref()).is_empty() {
         match open_existing(path, backend, Mode::Alone) {
             Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Alone, None, None))),
             // Open shared by a process that made no request (an older smee-relay): join it,
@@ -1423,7 +1616,7 @@ fn open_sharing_in(
     // still be opened shared, unless a relay has it alone: that one would never be asked.
     let (request, cannot_ask) = match mine.take() {
         Some(request) => (Some(request), None),
-        None => match share::Request::make(dir) {
+        None => match share::Request::make(dir, answer) {
             Ok(request) => (Some(request), None),
             Err(e) => (None, Some(e)),
         },
@@ -1458,6 +1651,12 @@ fn open_sharing_in(
                     );
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(SpoolError::InUse { path, .. }) => {
+                return Err(SpoolError::InUse {
+                    path,
+                    holders: lock::holders(dir),
+                });
             }
             Err(e) => return Err(e),
         }
@@ -1986,7 +2185,7 @@ mod tests {
             let stopped = stop.clone();
             let thread = std::thread::spawn(move || {
                 while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    spool.share_poll();
+                    spool.share_poll(|| ());
                     std::thread::sleep(Duration::from_millis(10));
                 }
             });
@@ -2083,15 +2282,28 @@ mod tests {
         drop(Spool::open(dir.path()).unwrap());
         let path = dir.path().join(FILE_NAME);
         let nowhere = dir.path().join("no-such-directory");
-        let (db, _, sharing) =
-            open_sharing_in(&path, &backend::Factory::file(), false, None, &nowhere).unwrap();
+        let (db, _, sharing) = open_sharing_in(
+            &path,
+            &backend::Factory::file(),
+            false,
+            None,
+            None,
+            &nowhere,
+        )
+        .unwrap();
         assert_eq!(sharing.mode, Mode::Shared);
         assert!(sharing.request.is_none());
         drop(db);
         let _relay = Spool::open(dir.path()).unwrap();
         let started = std::time::Instant::now();
-        let Err(e) = open_sharing_in(&path, &backend::Factory::file(), false, None, &nowhere)
-        else {
+        let Err(e) = open_sharing_in(
+            &path,
+            &backend::Factory::file(),
+            false,
+            None,
+            None,
+            &nowhere,
+        ) else {
             panic!("opened a spool held alone without asking");
         };
         assert!(matches!(e, SpoolError::CannotAsk { .. }), "{e}");
@@ -2145,6 +2357,71 @@ mod tests {
         assert!(matches!(e, SpoolError::InUse { .. }), "{e}");
         assert!(e.needs_the_user());
         assert!(e.to_string().contains("stop it and try again"), "{e}");
+    }
+
+    /// A command that gave up on a spool held alone by a relay that never shared (stopped with
+    /// SIGSTOP, hung) said "an older smee-relay, or one that is stuck", and the user had to
+    /// find which process. It names the pid from the state directory's lock files now (not a
+    /// stale file's, not the channel), and says when that process is stopped.
+    #[test]
+    fn regression_a_command_giving_up_on_a_stuck_relay_did_not_name_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stale lock file: its relay stopped (the lock is free), its pid no longer means it.
+        std::fs::write(dir.path().join("channel-00000000000000aa.lock"), "999999\n").unwrap();
+        let channel = "https://smee.io/SecretChannelId";
+        let _lock = lock::StateLock::acquire(dir.path(), channel, "https://smee.io/Sec…").unwrap();
+        let _holder = Spool::open(dir.path()).unwrap();
+        let Err(e) = Spool::open_shared(dir.path()) else {
+            panic!("opened a spool held alone");
+        };
+        let message = e.to_string();
+        let pid = std::process::id();
+        assert!(
+            message.contains(&format!("held by smee-relay pid {pid} ")),
+            "{message}"
+        );
+        assert!(message.contains("SIGSTOP"), "{message}");
+        assert!(message.contains(&format!("kill -CONT {pid}")), "{message}");
+        assert!(!message.contains("999999"), "a stale lock's pid: {message}");
+        assert!(!message.contains("SecretChannelId"), "{message}");
+        assert!(!message.contains(&lock::channel_key(channel)), "{message}");
+        assert!(e.needs_the_user());
+
+        // A stopped relay is said to be stopped: a child stands in for it (the lock held here,
+        // its pid in the file, as a relay writes it).
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let child_pid = child.id();
+        let stand_in = dir.path().join("pipeline.lock");
+        let held = std::fs::File::create(&stand_in).unwrap();
+        held.lock().unwrap();
+        std::fs::write(&stand_in, format!("{child_pid}\n")).unwrap();
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(child_pid as i32, libc::SIGSTOP) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let stopped = lock::Holder {
+            pid: child_pid,
+            stopped: true,
+        };
+        while !lock::holders(dir.path()).contains(&stopped) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                lock::holders(dir.path())
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let hint = in_use_hint(&lock::holders(dir.path()));
+        assert!(hint.contains(&format!("{child_pid} (stopped)")), "{hint}");
+        assert!(
+            hint.contains(&format!("kill -CONT {pid} {child_pid}"))
+                || hint.contains(&format!("kill -CONT {child_pid} {pid}")),
+            "{hint}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Two relays (of different channels) on one state directory: the second finds the first

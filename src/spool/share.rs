@@ -13,8 +13,18 @@
 //! free belongs to a process that ended (even by `kill -9`) and is removed by whoever finds it.
 //! The file is made under a temporary name, locked, then renamed, so a live request is never
 //! seen unlocked. Owns nothing else: which mode the spool is in is [`super::Spool`]'s.
+//!
+//! A relay's request also answers the others: it starts with [`RELAY`], then names, one a line,
+//! the requests whose makers may read every delivery the relay finished before it saw them
+//! (it commits the marks it holds first: [`super::Spool::share_poll`]). A command that opens a
+//! spool already shared waits, briefly, to be named by each relay sharing it
+//! ([`wait_for_relays`]): otherwise it read the file while a relay still held marks of
+//! deliveries it had finished (for up to its `MARK_DELAY`), and `events replay ID` right after
+//! ID's delivery found it pending. A request with no such line (a command's, or an older
+//! smee-relay's) answers nobody and is waited for by nobody.
 
 use std::fs::File;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,6 +34,9 @@ const PREFIX: &str = "spool-share.";
 /// What a request's file is called while it is being made (before it is locked).
 const MAKING: &str = ".spool-share-making.";
 
+/// What a relay's request starts with (see the module header).
+const RELAY: &str = "relay\n";
+
 /// A leftover of a request made by a process that died before renaming it is removed after
 /// this long (a live one is renamed within microseconds).
 const MAKING_STALE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -31,10 +44,12 @@ const MAKING_STALE: std::time::Duration = std::time::Duration::from_secs(60);
 /// This process's request: the spool stays shared while it exists. Dropping it withdraws it.
 #[derive(Debug)]
 pub(super) struct Request {
-    /// Holds the lock that says the request's maker is alive.
-    _file: File,
+    /// Holds the lock that says the request's maker is alive; a relay appends its answers to it.
+    file: File,
     /// Where it is, to remove it when withdrawn.
     path: PathBuf,
+    /// A relay's: the requests it has answered (named in the file). `None`: a command's.
+    answered: Option<std::collections::HashSet<String>>,
 }
 
 impl Drop for Request {
@@ -46,8 +61,9 @@ impl Drop for Request {
 }
 
 impl Request {
-    /// Ask, in `state_dir`, for the spool to be shared.
-    pub(super) fn make(state_dir: &Path) -> std::io::Result<Request> {
+    /// Ask, in `state_dir`, for the spool to be shared. `answer`: a relay's request, answering
+    /// these requests at once (everything it finished before they were made is committed).
+    pub(super) fn make(state_dir: &Path, answer: Option<&[String]>) -> std::io::Result<Request> {
         use std::os::unix::fs::PermissionsExt as _;
         // Unique within the process (a test may open one spool twice) and across processes
         // that see the same pid (two containers sharing a volume are each pid 1).
@@ -63,26 +79,132 @@ impl Request {
         let file = File::options().write(true).create_new(true).open(&making)?;
         // Readable by all whatever the umask: the relay may run as another user than a command
         // (root), and it must open the file to see that its maker is alive.
+        // Its answers are there before anyone sees it.
+        let text = answer.map(|names| {
+            let mut text = RELAY.to_string();
+            for name in names {
+                text.push_str(name);
+                text.push('\n');
+            }
+            text
+        });
         let made = file
             .set_permissions(std::fs::Permissions::from_mode(0o644))
             .and_then(|()| file.lock())
+            .and_then(|()| match &text {
+                Some(text) => (&file).write_all(text.as_bytes()),
+                None => Ok(()),
+            })
             .and_then(|()| std::fs::rename(&making, &path));
         if let Err(e) = made {
             let _ = std::fs::remove_file(&making);
             return Err(e);
         }
-        Ok(Request { _file: file, path })
+        Ok(Request {
+            file,
+            path,
+            answered: answer.map(|names| names.iter().cloned().collect()),
+        })
+    }
+
+    /// The request's file name, as others' answers name it.
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether this is a relay's request and `names` holds one it has not answered yet.
+    pub(super) fn to_answer(&self, names: &[String]) -> bool {
+        self.answered
+            .as_ref()
+            .is_some_and(|answered| names.iter().any(|name| !answered.contains(name)))
+    }
+
+    /// A relay's: answer `names` (call it once everything it finished before they were made is
+    /// committed). Appended, never rewritten: a reader never sees a name that was not written.
+    pub(super) fn answer(&mut self, names: &[String]) -> std::io::Result<()> {
+        let Some(answered) = &mut self.answered else {
+            return Ok(());
+        };
+        let mut text = String::new();
+        for name in names {
+            if answered.insert(name.clone()) {
+                text.push_str(name);
+                text.push('\n');
+            }
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        (&self.file).write_all(text.as_bytes())
     }
 }
 
-/// How many live requests other than `mine` there are in `state_dir`. Removes those whose maker
-/// ended. An error reading the directory counts as one request: sharing is always safe, only
-/// slower.
-pub(super) fn others(state_dir: &Path, mine: Option<&Request>) -> usize {
+/// Wait, up to `patience`, until every live relay's request in `state_dir` answers `mine`
+/// (see the module header). False if one did not in time (a relay stopped or hung): what it
+/// finished last may then show as pending.
+pub(super) fn wait_for_relays(
+    state_dir: &Path,
+    mine: &Request,
+    patience: std::time::Duration,
+) -> bool {
+    let me = mine.name();
+    let started = std::time::Instant::now();
+    loop {
+        if unanswered(state_dir, mine, &me) == 0 {
+            return true;
+        }
+        if started.elapsed() >= patience {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How many live relays' requests in `state_dir` do not answer `me` yet.
+fn unanswered(state_dir: &Path, mine: &Request, me: &str) -> usize {
     let Ok(entries) = std::fs::read_dir(state_dir) else {
-        return 1;
+        return 0;
     };
-    let mut live = 0;
+    let mut waiting = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let relay_request = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(PREFIX))
+            && path != mine.path
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if !relay_request {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Some(answers) = text.strip_prefix(RELAY) else {
+            continue;
+        };
+        // Whole lines only: a line being appended is not an answer until its newline.
+        let answered = answers
+            .split_inclusive('\n')
+            .any(|line| line.strip_suffix('\n') == Some(me));
+        if !answered && alive(&path) == Some(true) {
+            waiting += 1;
+        }
+    }
+    waiting
+}
+
+/// The names of the live requests other than `mine` in `state_dir`. Removes those whose maker
+/// ended. An error reading the directory counts as one request (named ""): sharing is always
+/// safe, only slower.
+pub(super) fn others(state_dir: &Path, mine: Option<&Request>) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return vec![String::new()];
+    };
+    let mut live = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -103,7 +225,7 @@ pub(super) fn others(state_dir: &Path, mine: Option<&Request>) -> usize {
             continue;
         }
         match alive(&path) {
-            Some(true) => live += 1,
+            Some(true) => live.push(name.to_string()),
             Some(false) => {
                 let _ = std::fs::remove_file(&path);
             }
@@ -151,17 +273,17 @@ mod tests {
     #[test]
     fn a_request_counts_for_others_until_it_is_withdrawn() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(others(dir.path(), None), 0);
-        let first = Request::make(dir.path()).unwrap();
-        let second = Request::make(dir.path()).unwrap();
-        assert_eq!(others(dir.path(), None), 2);
+        assert!(others(dir.path(), None).is_empty());
+        let first = Request::make(dir.path(), None).unwrap();
+        let second = Request::make(dir.path(), None).unwrap();
+        assert_eq!(others(dir.path(), None).len(), 2);
         assert_eq!(
             others(dir.path(), Some(&first)),
-            1,
+            [second.name()],
             "its own is not counted"
         );
         drop(second);
-        assert_eq!(others(dir.path(), Some(&first)), 0);
+        assert!(others(dir.path(), Some(&first)).is_empty());
         drop(first);
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
@@ -171,12 +293,46 @@ mod tests {
     }
 
     #[test]
+    fn a_command_waits_for_each_live_relay_to_answer_its_request_and_for_nobody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let quick = std::time::Duration::from_millis(100);
+        // A command's request and an older smee-relay's (no answers): nobody waits for them.
+        let _other_command = Request::make(dir.path(), None).unwrap();
+        let mut relay = Request::make(dir.path(), Some(&[])).unwrap();
+        let command = Request::make(dir.path(), None).unwrap();
+        assert!(
+            !wait_for_relays(dir.path(), &command, quick),
+            "not answered yet"
+        );
+        let names = others(dir.path(), Some(&relay));
+        assert_eq!(names.len(), 2);
+        assert!(relay.to_answer(&names));
+        relay.answer(&names).unwrap();
+        assert!(!relay.to_answer(&names));
+        assert!(wait_for_relays(dir.path(), &command, quick));
+        // A relay made after the command answers it when made.
+        let later = Request::make(dir.path(), None).unwrap();
+        let answering = Request::make(dir.path(), Some(&[later.name()])).unwrap();
+        assert!(
+            !wait_for_relays(dir.path(), &later, quick),
+            "the first relay has not"
+        );
+        relay.answer(&[later.name()]).unwrap();
+        assert!(wait_for_relays(dir.path(), &later, quick));
+        // A relay that ended is not waited for.
+        let fresh = Request::make(dir.path(), None).unwrap();
+        drop(relay);
+        drop(answering);
+        assert!(wait_for_relays(dir.path(), &fresh, quick));
+    }
+
+    #[test]
     fn the_request_of_a_process_that_died_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         // What `kill -9` leaves: the file, with nobody holding its lock.
         let dead = dir.path().join(format!("{PREFIX}999999.0.00000000"));
         std::fs::write(&dead, b"").unwrap();
-        assert_eq!(others(dir.path(), None), 0);
+        assert!(others(dir.path(), None).is_empty());
         assert!(!dead.exists());
     }
 }
@@ -193,7 +349,7 @@ mod regression_tests {
     fn regression_a_request_the_relay_cannot_open_was_taken_for_a_dead_one() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let request = Request::make(dir.path()).unwrap();
+        let request = Request::make(dir.path(), None).unwrap();
         let mode = std::fs::metadata(&request.path)
             .unwrap()
             .permissions()
@@ -212,8 +368,8 @@ mod regression_tests {
     #[test]
     fn regression_two_makers_with_the_same_pid_made_the_same_request_name() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Request::make(dir.path()).unwrap();
-        let second = Request::make(dir.path()).unwrap();
+        let first = Request::make(dir.path(), None).unwrap();
+        let second = Request::make(dir.path(), None).unwrap();
         assert_ne!(first.path, second.path);
         let name = |r: &Request| r.path.file_name().unwrap().to_string_lossy().into_owned();
         // pid, counter, and a random part that a second namespace's pid 1 does not share.
@@ -229,7 +385,7 @@ mod regression_tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-        assert_eq!(others(dir.path(), None), 0);
+        assert!(others(dir.path(), None).is_empty());
         assert!(fifo.exists(), "not a request: left alone");
     }
 }

@@ -518,9 +518,11 @@ impl WriterThread {
                 // file (with the queue's lock let go: sharing reopens the file).
                 let poll = Instant::now() + super::SHARE_POLL;
                 queue = self.sleep(queue, Some(marks_due.map_or(poll, |due| due.min(poll))));
-                if queue.jobs.is_empty() {
+                // Also with jobs come meanwhile (marks, which do not wake it), when the look is
+                // due: a process waiting for an answer must get it within a SHARE_POLL.
+                if queue.jobs.is_empty() || Instant::now() >= poll {
                     drop(queue);
-                    self.spool.share_poll();
+                    self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
                     queue = self.shared.lock();
                 }
                 continue;
@@ -538,7 +540,15 @@ impl WriterThread {
                 marks_due
             };
             if let Some(due) = due.filter(|due| Instant::now() < *due) {
-                queue = self.sleep(queue, Some(due));
+                // Marks held for their deadline still let another process that asks to share
+                // the file in within a SHARE_POLL (committed first: `share_poll`).
+                let poll = Instant::now() + super::SHARE_POLL;
+                queue = self.sleep(queue, Some(due.min(poll)));
+                if Instant::now() >= poll {
+                    drop(queue);
+                    self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
+                    queue = self.shared.lock();
+                }
                 continue;
             }
             let stopping = queue.closed && queue.jobs.is_empty();
@@ -567,13 +577,56 @@ impl WriterThread {
                 }
             }
             // Between commits (it looks at most once per SHARE_POLL).
-            self.spool.share_poll();
+            self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
             queue = self.shared.lock();
         }
         drop(queue);
         if let Some(journal) = &self.journal {
             journal.close();
         }
+    }
+
+    /// [`Spool::share_poll`], with the queue's lock let go. If it is about to share the file
+    /// with a process that asked, what is queued (with `batch`, what the thread holds: marks
+    /// waiting for their deadline, or kept after a failed commit) is committed first, in one
+    /// commit of at most a batch's size, so that the process finds every delivery finished
+    /// before it asked recorded as done. Only commits sooner than otherwise: no write waits
+    /// longer, and the journal keeps each mark until its commit as before.
+    fn share_poll(
+        &self,
+        batch: &mut Vec<Job>,
+        marks_due: &mut Option<Instant>,
+        gather_until: &mut Option<Instant>,
+    ) {
+        self.spool.share_poll(|| {
+            {
+                let mut queue = self.shared.lock();
+                let mut bytes: usize = batch.iter().map(|job| job.bytes).sum();
+                while !full(batch.len(), bytes) {
+                    let Some(job) = queue.jobs.pop_front() else {
+                        break;
+                    };
+                    bytes += job.bytes;
+                    batch.push(job);
+                }
+            }
+            if batch.is_empty() {
+                return;
+            }
+            let started = Instant::now();
+            match self.commit(std::mem::take(batch)) {
+                Ok(events) => {
+                    // As after any commit (`run`).
+                    *marks_due = (events > 0).then(|| Instant::now() + self.mark_delay);
+                    *gather_until = (events > 1).then(|| started + self.pace);
+                }
+                Err(kept) => {
+                    *marks_due = (!kept.is_empty()).then(|| Instant::now() + RETRY_DELAY);
+                    *gather_until = None;
+                    *batch = kept;
+                }
+            }
+        });
     }
 
     /// Wait for a job that needs the thread (or `until`), with `queue` locked; the lock is
@@ -950,6 +1003,110 @@ mod tests {
         // ... and they ride along with the next commit.
         writer.commit(Vec::new()).await.unwrap();
         assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 1);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// `smee-relay events replay ID` run within `MARK_DELAY` of ID's delivery by a running relay
+    /// said "queued 0 deliveries again": the delivery's mark was only in the relay's journal
+    /// and writer queue when the relay shared the spool, and the command, reading at once,
+    /// found the delivery pending. (With marks held past a `SHARE_POLL`, the relay did not
+    /// share at all, and the command gave up after 10 s.) The writer now commits what it holds
+    /// before it shares.
+    #[tokio::test]
+    async fn regression_a_command_opening_the_spool_saw_a_delivery_the_relay_had_finished_as_pending()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        // A mark delay far longer than the test: only sharing can commit the mark in time.
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            COMMIT_PACE,
+            Duration::from_secs(600),
+        );
+        writer
+            .append("c", &["r".into()], Arc::from(vec![event(1)]), None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        writer
+            .finish(Write::Mark {
+                route: "r".into(),
+                seq: queued[0].seq,
+                event: queued[0].event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            })
+            .unwrap();
+        until("the writer asleep with the mark held", || {
+            asleep(&writer, true)
+        })
+        .await;
+        assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 1);
+
+        // The command, in another process in real life: it asks the relay to share and reads.
+        let state = dir.path().to_owned();
+        let command = tokio::task::spawn_blocking(move || Spool::open_shared(&state))
+            .await
+            .unwrap()
+            .expect("the relay shared the spool");
+        let (_, routes) = command.get(queued[0].event.id).unwrap();
+        let record = routes.into_iter().next().unwrap().1;
+        assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
+        assert!(command.pending("r", 0, usize::MAX).unwrap().is_empty());
+        drop(command);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// The same on a spool the relay already shared (with a command run a moment before, or a
+    /// relay of another channel): the command opened it at once and read it while the relay
+    /// still held the mark, for up to `MARK_DELAY`. A relay now answers each new request once
+    /// what it holds is committed, and a command waits for the answers.
+    #[tokio::test]
+    async fn regression_a_command_on_a_spool_already_shared_saw_a_finished_delivery_as_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            COMMIT_PACE,
+            Duration::from_secs(600),
+        );
+        let open_shared = || {
+            let state = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || Spool::open_shared(&state))
+        };
+        // A command keeps the spool shared.
+        let first = open_shared().await.unwrap().expect("shared");
+        until("the relay shares the spool", || {
+            spool.sharing.lock().unwrap().mode == crate::spool::Mode::Shared
+        })
+        .await;
+        writer
+            .append("c", &["r".into()], Arc::from(vec![event(1)]), None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        writer
+            .finish(Write::Mark {
+                route: "r".into(),
+                seq: queued[0].seq,
+                event: queued[0].event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            })
+            .unwrap();
+        until("the writer asleep with the mark held", || {
+            asleep(&writer, true)
+        })
+        .await;
+        assert_eq!(first.pending("r", 0, usize::MAX).unwrap().len(), 1);
+
+        let second = open_shared().await.unwrap().expect("shared");
+        let (_, routes) = second.get(queued[0].event.id).unwrap();
+        let record = routes.into_iter().next().unwrap().1;
+        assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
+        drop((first, second));
         drop(writer);
         thread.join().unwrap();
     }
