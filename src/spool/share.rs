@@ -37,6 +37,10 @@ const MAKING: &str = ".spool-share-making.";
 /// What a relay's request starts with (see the module header).
 const RELAY: &str = "relay\n";
 
+/// How long a relay's request may grow with answers before it is made again with only the
+/// live ones ([`Request::answer`]).
+const ANSWERS_MAX: u64 = 16 << 10;
+
 /// A leftover of a request made by a process that died before renaming it is removed after
 /// this long (a live one is renamed within microseconds).
 const MAKING_STALE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -122,12 +126,26 @@ impl Request {
             .is_some_and(|answered| names.iter().any(|name| !answered.contains(name)))
     }
 
-    /// A relay's: answer `names` (call it once everything it finished before they were made is
-    /// committed). Appended, never rewritten: a reader never sees a name that was not written.
+    /// A relay's: answer `names`, the live requests (call it once everything it finished
+    /// before they were made is committed). Appended, never rewritten: a reader never sees a
+    /// name that was not written. Past [`ANSWERS_MAX`] the request is made again, naming only
+    /// `names`: a relay that shares for months answers every command run beside it.
     pub(super) fn answer(&mut self, names: &[String]) -> std::io::Result<()> {
         let Some(answered) = &mut self.answered else {
             return Ok(());
         };
+        // A withdrawn request is never seen again (names are unique): forget it.
+        answered.retain(|name| names.contains(name));
+        if names.iter().all(|name| answered.contains(name)) {
+            return Ok(());
+        }
+        if self.file.metadata()?.len() > ANSWERS_MAX {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            // Made (whole, under another name) before this one is withdrawn: a reader sees
+            // every answer in one of the two.
+            *self = Request::make(dir, Some(names))?;
+            return Ok(());
+        }
         let mut text = String::new();
         for name in names {
             if answered.insert(name.clone()) {
@@ -324,6 +342,28 @@ mod tests {
         drop(relay);
         drop(answering);
         assert!(wait_for_relays(dir.path(), &fresh, quick));
+    }
+
+    #[test]
+    fn regression_a_relay_s_request_grew_with_every_command_it_answered() {
+        // A relay sharing for months (beside a relay of another channel) answers each command
+        // run beside it; its request kept every name, in its file and in memory.
+        let dir = tempfile::tempdir().unwrap();
+        let quick = std::time::Duration::from_millis(100);
+        let mut relay = Request::make(dir.path(), Some(&[])).unwrap();
+        for _ in 0..1_000 {
+            let command = Request::make(dir.path(), None).unwrap();
+            relay.answer(&others(dir.path(), Some(&relay))).unwrap();
+            assert!(wait_for_relays(dir.path(), &command, quick));
+        }
+        let len = std::fs::metadata(&relay.path).unwrap().len();
+        assert!(len <= ANSWERS_MAX + 100, "the request is {len} bytes long");
+        assert!(relay.answered.as_ref().unwrap().len() <= 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "only the relay's request is left"
+        );
     }
 
     #[test]
