@@ -36,6 +36,9 @@ fn main() {
     }
     let order = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/symbol-order.txt");
     if !order.is_file() {
+        // A list put back with its old mtime (`mv`, `cp -p`) would not look changed to
+        // rerun-if-changed on the file; the folder's entry changes.
+        println!("cargo:rerun-if-changed=packaging");
         println!(
             "cargo:warning=symbol order off: {} is missing, so the relay's code stays scattered \
              over the binary (megabytes more resident); `packaging/symbol-order.sh generate` \
