@@ -6,7 +6,8 @@
 #                                        write the functions that ran, hottest first, then
 #                                        link `dist` again with the new list
 #   packaging/symbol-order.sh check [BIN] how many of the list's names BIN (default the `dist`
-#                                        binary) has; exits 1 below 90 %
+#                                        binary) has, and whether they are laid out in
+#                                        list order; exits 1 below 90 % of either
 #
 # Regenerate after a Cargo.lock change, a version bump or a change to the `dist` profile: the
 # names carry hashes of those. Needs valgrind (generate) and nm.
@@ -15,12 +16,30 @@ cd "$(dirname "$0")/.."
 list=packaging/symbol-order.txt
 
 check() {
-  local binary=$1 total found
-  total=$(sort -u "$list" | wc -l)
-  found=$(comm -12 <(nm "$binary" | awk '{ print $NF }' | sort -u) <(sort -u "$list") | wc -l)
+  local binary=$1 symbols names total found ascending
+  # nm's failure (or a stripped binary) would read as "0 names found: stale", which it is not.
+  symbols=$(nm "$binary" 2>&1) && [[ $symbols != *": no symbols" ]] || {
+    echo "symbol order: cannot read the symbols of $binary (check it before stripping): $symbols" >&2
+    return 1
+  }
+  names=$(tr -d '\r' <"$list" | grep -v '^$' | sort -u)
+  total=$(wc -l <<<"$names")
+  found=$(comm -12 <(awk '{ print $NF }' <<<"$symbols" | sort -u) <(cat <<<"$names") | wc -l)
   echo "symbol order: $found of $total listed functions are in $binary" >&2
   if [ $((found * 10)) -lt $((total * 9)) ]; then
     echo "symbol order: the list is stale (resident code grows by megabytes): run $0 generate" >&2
+    return 1
+  fi
+  # Present is not applied: a binary linked without the order (SMEE_RELAY_NO_SYMBOL_ORDER,
+  # another linker, another profile) has every name too. Applied, the listed functions follow
+  # one another in list order; nm's addresses are fixed-width hex, so they compare as text.
+  ascending=$(awk '$2 ~ /^[tTwW]$/ { print $3, $1 }' <<<"$symbols" | awk '
+    NR == FNR { addr[$1] = $2; next }
+    { sub(/\r$/, "") }
+    $1 in addr { if (n++ && addr[$1] > prev) up++; prev = addr[$1] }
+    END { print (n > 1 ? int(100 * up / (n - 1)) : 0) }' - "$list")
+  if [ "$ascending" -lt 90 ]; then
+    echo "symbol order: not applied to $binary (only $ascending % of the listed functions are in list order): built with SMEE_RELAY_NO_SYMBOL_ORDER, a linker other than lld, or not the dist profile (build.rs)" >&2
     return 1
   fi
 }
@@ -57,5 +76,5 @@ case ${1:-} in
     cargo build --locked --profile dist --bin smee-relay >/dev/null
     check "$relay"
     ;;
-  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
 esac
