@@ -2,15 +2,19 @@
 # The `dist` binary's function order (build.rs, packaging/symbol-order.txt).
 #
 #   packaging/symbol-order.sh generate   build `dist`, run a relay under callgrind (start,
-#                                        connect, 1,000 events in a burst, 20 at 5/s, stop),
-#                                        write the functions that ran, hottest first, then
-#                                        link `dist` again with the new list
+#                                        connect, 1,000 events in a burst, 20 at 5/s, a
+#                                        /metrics scrape, stop) and then `demo` (serve, the
+#                                        Port pipeline, alerts, an action run), write the
+#                                        functions that ran (the relay's first, hottest
+#                                        first, then the demo's others), then build
+#                                        `dist` again with the new list
 #   packaging/symbol-order.sh check [BIN] how many of the list's names BIN (default the `dist`
 #                                        binary) has, and whether they are laid out in
 #                                        list order; exits 1 below 90 % of either
 #
-# Regenerate after a Cargo.lock change, a version bump or a change to the `dist` profile: the
-# names carry hashes of those. Needs valgrind (generate) and nm.
+# Regenerate after a Cargo.lock change, a version bump, a new toolchain or a change to the `dist`
+# profile (the names carry hashes of those), and after changes to the code a relay runs (new
+# functions are not listed). Needs valgrind and curl (generate) and nm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 list=packaging/symbol-order.txt
@@ -61,20 +65,28 @@ case ${1:-} in
     for _ in $(seq 50); do [ -s "$work/target.port" ] && break; sleep 0.1; done
     target="http://127.0.0.1:$(cat "$work/target.port")"
     channel="$server/order"
-    # The relay as it runs by default (logging to stderr), under callgrind.
+    # The relay as it runs by default (logging to stderr), with /healthz and /metrics, under
+    # callgrind.
     SMEE_RELAY_STATE_DIR="$work/state" valgrind --tool=callgrind --demangle=no --dump-instr=no \
-      --callgrind-out-file="$work/callgrind.out" "$relay" forward "$channel" "$target/hook" \
-      >"$work/relay.log" 2>&1 &
+      --callgrind-out-file="$work/forward.callgrind" "$relay" forward "$channel" "$target/hook" \
+      --metrics-listen 127.0.0.1:0 >"$work/relay.log" 2>&1 &
     valgrind=$!
-    for _ in $(seq 600); do grep -q 'connected' "$work/relay.log" && break; sleep 0.1; done
+    for _ in $(seq 600); do grep -q ' connected' "$work/relay.log" && break; sleep 0.1; done
+    metrics="http://$(sed -n 's/.*serving \/healthz and \/metrics.*addr=\([0-9.:]*\).*/\1/p' "$work/relay.log" | head -1)"
     BENCH_COUNT=1000 target/dist/examples/bench_load "$channel" "$target" a >/dev/null
     BENCH_COUNT=20 target/dist/examples/bench_load "$channel" "$target" e >/dev/null
+    curl -fsS "$metrics/metrics" >/dev/null
+    curl -fsS "$metrics/healthz" >/dev/null
     kill -TERM $valgrind
     wait $valgrind
-    python3 packaging/symbol_order.py "$work/callgrind.out" "$relay" "$list"
-    # The list changed: link again (build.rs reruns; only the binary's link step).
+    # `run --config`'s paths (the Port pipeline, rules, alerts, action runs) and `serve`'s, as
+    # the demo runs them in one process.
+    (cd "$work" && valgrind --tool=callgrind --demangle=no --dump-instr=no \
+      --callgrind-out-file="$work/demo.callgrind" "$OLDPWD/$relay" demo >/dev/null 2>&1)
+    python3 packaging/symbol_order.py "$relay" "$list" "$work/forward.callgrind" "$work/demo.callgrind"
+    # The list changed: build.rs reruns, and the crate is compiled and linked again.
     cargo build --locked --profile dist --bin smee-relay >/dev/null
     check "$relay"
     ;;
-  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac
