@@ -222,8 +222,8 @@ fn in_use_hint(holders: &[lock::Holder]) -> String {
     let who = lock::describe(holders);
     if holders.iter().all(|h| h.stopped) {
         format!(
-            "held by {who} (its lock file in the state directory says so), which is stopped \
-             (SIGSTOP or Ctrl-Z); resume it (`kill -CONT {pids}`) and try again"
+            "held by {who} (its lock file in the state directory says so; stopped by SIGSTOP \
+             or Ctrl-Z): resume it (`kill -CONT {pids}`) and try again"
         )
     } else {
         format!(
@@ -533,6 +533,9 @@ struct Sharing {
     /// no requests (an older smee-relay) has the file open. Tried again only after
     /// [`ALONE_RETRY`], not at every look (each try closes and opens the file).
     refused: Option<std::time::Instant>,
+    /// A relay's: its request could not be made again while shared, and it said so (once, not
+    /// at every look).
+    unasked: bool,
 }
 
 /// How long after a refused open alone ([`Sharing::refused`]) a relay tries again.
@@ -632,12 +635,22 @@ impl Spool {
         // A command on a spool already shared: the relays sharing it may hold marks of
         // deliveries they finished; they commit them and say so within a SHARE_POLL.
         if let (false, Some(mine)) = (prefer_alone, &sharing.request)
-            && !share::wait_for_relays(dir, mine, ANSWER_WAIT)
+            && let Err(silent) = share::wait_for_relays(dir, mine, ANSWER_WAIT)
         {
+            // Named by the pids in their requests' names, if they hold the directory's locks
+            // (a pid from another pid namespace names nobody here).
+            let holders: Vec<_> = lock::holders(dir)
+                .into_iter()
+                .filter(|h| silent.contains(&h.pid))
+                .collect();
+            let who = match holders.as_slice() {
+                [] => "a relay sharing the spool".to_string(),
+                some => lock::describe(some),
+            };
             tracing::info!(
                 spool = %path.display(),
-                "a relay sharing the spool did not answer within {}s (stopped or hung?): \
-                 deliveries it finished last may show as pending",
+                "{who} did not answer within {}s (stopped or hung?): deliveries it finished \
+                 last may show as pending",
                 ANSWER_WAIT.as_secs()
             );
         }
@@ -679,10 +692,12 @@ impl Spool {
         let to_answer = !others.is_empty()
             && match sharing.mode {
                 Mode::Alone => true,
+                // No request (it could not be made, or someone removed it) is made again,
+                // answering them all.
                 Mode::Shared => sharing
                     .request
                     .as_ref()
-                    .is_some_and(|mine| mine.to_answer(&others)),
+                    .is_none_or(|mine| !mine.in_place() || mine.to_answer(&others)),
             };
         if to_answer {
             drop(sharing);
@@ -719,6 +734,28 @@ impl Spool {
         };
         let refused_lately = sharing.refused.is_some_and(|at| at.elapsed() < ALONE_RETRY);
         if wanted == sharing.mode || (wanted == Mode::Alone && refused_lately) {
+            if wanted == Mode::Shared && !sharing.request.as_ref().is_some_and(|r| r.in_place()) {
+                // Shared without a request of its own: commands would not wait for this
+                // relay's marks, and another relay would keep trying to have the file alone.
+                let dir = self.path.parent().unwrap_or(Path::new("."));
+                match share::Request::make(dir, Some(others)) {
+                    Ok(request) => {
+                        sharing.request = Some(request);
+                        sharing.unasked = false;
+                    }
+                    Err(e) if !sharing.unasked => {
+                        sharing.unasked = true;
+                        tracing::warn!(
+                            "cannot make this relay's request to share the spool in {}: {e}; \
+                             commands beside it may show what it delivered last as pending; \
+                             retrying every second",
+                            dir.display()
+                        );
+                    }
+                    Err(e) => tracing::debug!("still cannot make the request to share: {e}"),
+                }
+                return;
+            }
             if let Some(mine) = sharing.request.as_mut()
                 && let Err(e) = mine.answer(others)
             {
@@ -1602,6 +1639,7 @@ fn open_sharing_in(
         request,
         looked: std::time::Instant::now(),
         refused,
+        unasked: false,
     };
     if alone && share::others(dir, mine.as_ref()).is_empty() {
         match open_existing(path, backend, Mode::Alone) {
@@ -1614,7 +1652,8 @@ fn open_sharing_in(
     }
     // Without a request (no right to create one in the directory, no free inode) the file can
     // still be opened shared, unless a relay has it alone: that one would never be asked.
-    let (request, cannot_ask) = match mine.take() {
+    // One removed from the directory (by hand) asks nothing of anyone: made again.
+    let (request, cannot_ask) = match mine.take().filter(share::Request::in_place) {
         Some(request) => (Some(request), None),
         None => match share::Request::make(dir, answer) {
             Ok(request) => (Some(request), None),
@@ -2444,6 +2483,40 @@ mod tests {
         look(&second);
         assert_eq!(mode(&second), Mode::Alone);
         assert_eq!(second.pending(ROUTE, 0, 10).unwrap().len(), 1);
+    }
+
+    /// Two relays sharing a state directory, their requests removed (by hand, or never made:
+    /// a full disk): neither made one again, so commands no longer waited for their marks
+    /// (`events show ID` right after ID's delivery said pending) and each kept trying to have
+    /// the file alone.
+    #[test]
+    fn regression_a_sharing_relay_without_its_request_never_made_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let requests = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("spool-share."))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        let first = std::sync::Arc::new(Spool::open(dir.path()).unwrap());
+        let poller = Poller::start(first.clone());
+        let second = Spool::open(dir.path()).unwrap();
+        poller.stop();
+        assert_eq!((mode(&first), mode(&second)), (Mode::Shared, Mode::Shared));
+        assert_eq!(requests().len(), 2);
+        for request in requests() {
+            std::fs::remove_file(request).unwrap();
+        }
+        look(&first);
+        look(&second);
+        assert_eq!((mode(&first), mode(&second)), (Mode::Shared, Mode::Shared));
+        assert_eq!(requests().len(), 2, "each made its request again");
+        drop(first);
+        look(&second);
+        assert_eq!(mode(&second), Mode::Alone);
+        assert!(requests().is_empty());
     }
 
     /// The cluster a relay ran in is kept across opens, and forgotten when it runs alone.

@@ -111,6 +111,16 @@ impl Request {
         })
     }
 
+    /// Whether the request's file is still where it was made: one removed (by hand) asks
+    /// nothing of anyone, and is made again ([`super::Spool::share_poll`]).
+    pub(super) fn in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        match (self.file.metadata(), std::fs::symlink_metadata(&self.path)) {
+            (Ok(open), Ok(named)) => open.ino() == named.ino() && open.dev() == named.dev(),
+            _ => false,
+        }
+    }
+
     /// The request's file name, as others' answers name it.
     fn name(&self) -> String {
         self.path
@@ -161,40 +171,50 @@ impl Request {
 }
 
 /// Wait, up to `patience`, until every live relay's request in `state_dir` answers `mine`
-/// (see the module header). False if one did not in time (a relay stopped or hung): what it
-/// finished last may then show as pending.
+/// (see the module header). Otherwise the pids (from their requests' names) of the relays that
+/// did not answer in time (stopped or hung): what they finished last may then show as pending.
 pub(super) fn wait_for_relays(
     state_dir: &Path,
     mine: &Request,
     patience: std::time::Duration,
-) -> bool {
+) -> Result<(), Vec<u32>> {
     let me = mine.name();
     let started = std::time::Instant::now();
     loop {
-        if unanswered(state_dir, mine, &me) == 0 {
-            return true;
+        let silent = unanswered(state_dir, mine, &me);
+        if silent.is_empty() {
+            return Ok(());
         }
         if started.elapsed() >= patience {
-            return false;
+            return Err(silent
+                .iter()
+                .filter_map(|name| name.strip_prefix(PREFIX)?.split('.').next()?.parse().ok())
+                .collect());
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
-/// How many live relays' requests in `state_dir` do not answer `me` yet.
-fn unanswered(state_dir: &Path, mine: &Request, me: &str) -> usize {
+/// A relay's request is never longer than its answers before it is made again
+/// ([`ANSWERS_MAX`]) plus one look's new ones; a longer file is not one (and is not read).
+const REQUEST_MAX: u64 = 1 << 20;
+
+/// The names of the live relays' requests in `state_dir` that do not answer `me` yet.
+fn unanswered(state_dir: &Path, mine: &Request, me: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(state_dir) else {
-        return 0;
+        return Vec::new();
     };
-    let mut waiting = 0;
+    let mut waiting = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        let relay_request = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|name| name.starts_with(PREFIX))
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let relay_request = name.starts_with(PREFIX)
             && path != mine.path
-            && entry.file_type().is_ok_and(|t| t.is_file());
+            && entry
+                .metadata()
+                .is_ok_and(|meta| meta.is_file() && meta.len() <= REQUEST_MAX);
         if !relay_request {
             continue;
         }
@@ -209,7 +229,7 @@ fn unanswered(state_dir: &Path, mine: &Request, me: &str) -> usize {
             .split_inclusive('\n')
             .any(|line| line.strip_suffix('\n') == Some(me));
         if !answered && alive(&path) == Some(true) {
-            waiting += 1;
+            waiting.push(name);
         }
     }
     waiting
@@ -318,30 +338,31 @@ mod tests {
         let _other_command = Request::make(dir.path(), None).unwrap();
         let mut relay = Request::make(dir.path(), Some(&[])).unwrap();
         let command = Request::make(dir.path(), None).unwrap();
-        assert!(
-            !wait_for_relays(dir.path(), &command, quick),
-            "not answered yet"
+        assert_eq!(
+            wait_for_relays(dir.path(), &command, quick),
+            Err(vec![std::process::id()]),
+            "not answered yet: the relay is named by its pid"
         );
         let names = others(dir.path(), Some(&relay));
         assert_eq!(names.len(), 2);
         assert!(relay.to_answer(&names));
         relay.answer(&names).unwrap();
         assert!(!relay.to_answer(&names));
-        assert!(wait_for_relays(dir.path(), &command, quick));
+        assert!(wait_for_relays(dir.path(), &command, quick).is_ok());
         // A relay made after the command answers it when made.
         let later = Request::make(dir.path(), None).unwrap();
         let answering = Request::make(dir.path(), Some(&[later.name()])).unwrap();
         assert!(
-            !wait_for_relays(dir.path(), &later, quick),
+            wait_for_relays(dir.path(), &later, quick).is_err(),
             "the first relay has not"
         );
         relay.answer(&[later.name()]).unwrap();
-        assert!(wait_for_relays(dir.path(), &later, quick));
+        assert!(wait_for_relays(dir.path(), &later, quick).is_ok());
         // A relay that ended is not waited for.
         let fresh = Request::make(dir.path(), None).unwrap();
         drop(relay);
         drop(answering);
-        assert!(wait_for_relays(dir.path(), &fresh, quick));
+        assert!(wait_for_relays(dir.path(), &fresh, quick).is_ok());
     }
 
     #[test]
@@ -354,7 +375,7 @@ mod tests {
         for _ in 0..1_000 {
             let command = Request::make(dir.path(), None).unwrap();
             relay.answer(&others(dir.path(), Some(&relay))).unwrap();
-            assert!(wait_for_relays(dir.path(), &command, quick));
+            assert!(wait_for_relays(dir.path(), &command, quick).is_ok());
         }
         let len = std::fs::metadata(&relay.path).unwrap().len();
         assert!(len <= ANSWERS_MAX + 100, "the request is {len} bytes long");
@@ -364,6 +385,20 @@ mod tests {
             1,
             "only the relay's request is left"
         );
+    }
+
+    #[test]
+    fn regression_a_huge_file_named_like_a_request_was_read_whole_at_every_look() {
+        // A live "request" of megabytes (no relay's is): each waiting command read it whole
+        // every 20 ms, and waited for it.
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..40_000)
+            .map(|n| format!("{PREFIX}{n}.0.0123456789abcdef"))
+            .collect();
+        let _huge = Request::make(dir.path(), Some(&names)).unwrap();
+        let command = Request::make(dir.path(), None).unwrap();
+        let quick = std::time::Duration::from_millis(100);
+        assert_eq!(wait_for_relays(dir.path(), &command, quick), Ok(()));
     }
 
     #[test]
