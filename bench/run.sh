@@ -52,7 +52,9 @@ relay=${BENCH_RELAY:-$dir/smee-relay}
 [ "$profile" = dist ] && { packaging/symbol-order.sh check "$relay" || true; }
 compare_name="smee-relay (${BENCH_COMPARE_LABEL:-compare})"
 peers=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$peers"' EXIT
+# The channel servers start inside `$(...)`, so they are not this shell's jobs: their pids are
+# kept in a file (each run left its two `serve` processes behind before).
+trap 'kill $(jobs -p) $(cat "$peers/servers" 2>/dev/null) 2>/dev/null || true; rm -rf "$peers"' EXIT
 echo "installing smee-client 5 and pysmee into $peers" >&2
 npm install --silent --no-audit --no-fund --prefix "$peers/npm" smee-client@5 >/dev/null 2>&1
 python3 -m venv "$peers/py" && "$peers/py/bin/pip" install -q pysmee >/dev/null
@@ -60,6 +62,7 @@ python3 -m venv "$peers/py" && "$peers/py/bin/pip" install -q pysmee >/dev/null
 start_server() { # log-name [serve flags...]
   local log="$peers/$1.log"; shift
   "$relay" serve --listen 127.0.0.1:0 "$@" >/dev/null 2>"$log" &
+  echo $! >>"$peers/servers"
   for _ in $(seq 50); do grep -q 'serving smee channels' "$log" && break; sleep 0.1; done
   echo "http://$(sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' "$log" | head -1)"
 }
