@@ -1007,6 +1007,36 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// Append one event to route "r" and finish its delivery; returns its id once the writer
+    /// sleeps with the mark held (not committed: the writer's mark delay is long).
+    async fn deliver_one_holding_its_mark(writer: &SpoolWriter, spool: &Spool) -> u64 {
+        writer
+            .append("c", &["r".into()], Arc::from(vec![event(1)]), None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        writer
+            .finish(Write::Mark {
+                route: "r".into(),
+                seq: queued[0].seq,
+                event: queued[0].event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            })
+            .unwrap();
+        until("the writer asleep with the mark held", || {
+            asleep(writer, true)
+        })
+        .await;
+        queued[0].event.id
+    }
+
+    /// That `reader` (another process's handle, in real life) sees event `id` delivered.
+    fn assert_delivered(reader: &Spool, id: u64) {
+        let (_, routes) = reader.get(id).unwrap();
+        let record = routes.into_iter().next().unwrap().1;
+        assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
+    }
+
     /// `smee-relay events replay ID` run within `MARK_DELAY` of ID's delivery by a running relay
     /// said "queued 0 deliveries again": the delivery's mark was only in the relay's journal
     /// and writer queue when the relay shared the spool, and the command, reading at once,
@@ -1025,23 +1055,7 @@ mod tests {
             COMMIT_PACE,
             Duration::from_secs(600),
         );
-        writer
-            .append("c", &["r".into()], Arc::from(vec![event(1)]), None)
-            .await
-            .unwrap();
-        let queued = spool.pending("r", 0, usize::MAX).unwrap();
-        writer
-            .finish(Write::Mark {
-                route: "r".into(),
-                seq: queued[0].seq,
-                event: queued[0].event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            })
-            .unwrap();
-        until("the writer asleep with the mark held", || {
-            asleep(&writer, true)
-        })
-        .await;
+        let id = deliver_one_holding_its_mark(&writer, &spool).await;
         assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 1);
 
         // The command, in another process in real life: it asks the relay to share and reads.
@@ -1050,9 +1064,7 @@ mod tests {
             .await
             .unwrap()
             .expect("the relay shared the spool");
-        let (_, routes) = command.get(queued[0].event.id).unwrap();
-        let record = routes.into_iter().next().unwrap().1;
-        assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
+        assert_delivered(&command, id);
         assert!(command.pending("r", 0, usize::MAX).unwrap().is_empty());
         drop(command);
         drop(writer);
@@ -1083,29 +1095,11 @@ mod tests {
             spool.sharing.lock().unwrap().mode == crate::spool::Mode::Shared
         })
         .await;
-        writer
-            .append("c", &["r".into()], Arc::from(vec![event(1)]), None)
-            .await
-            .unwrap();
-        let queued = spool.pending("r", 0, usize::MAX).unwrap();
-        writer
-            .finish(Write::Mark {
-                route: "r".into(),
-                seq: queued[0].seq,
-                event: queued[0].event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            })
-            .unwrap();
-        until("the writer asleep with the mark held", || {
-            asleep(&writer, true)
-        })
-        .await;
+        let id = deliver_one_holding_its_mark(&writer, &spool).await;
         assert_eq!(first.pending("r", 0, usize::MAX).unwrap().len(), 1);
 
         let second = open_shared().await.unwrap().expect("shared");
-        let (_, routes) = second.get(queued[0].event.id).unwrap();
-        let record = routes.into_iter().next().unwrap().1;
-        assert_eq!(record.status, crate::spool::Status::Delivered, "{record:?}");
+        assert_delivered(&second, id);
         drop((first, second));
         drop(writer);
         thread.join().unwrap();
