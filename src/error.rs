@@ -23,6 +23,20 @@ pub fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// Writing to standard output failed. Its own type so that `main` can tell a reader that
+/// stopped reading (`smee-relay events export | head -1`: a broken pipe, ended quietly) from a
+/// broken pipe anywhere else (a target's or a server's socket), which is a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to standard output")]
+pub struct Stdout(#[source] pub std::io::Error);
+
+impl Stdout {
+    /// Whether whoever read standard output stopped reading.
+    pub fn reader_left(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
 /// A value that is not acceptable, and why, in words. For validation (a flag, a config value, a
 /// handler's output line), where the message is the whole story: there is no underlying cause
 /// to keep, unlike an I/O or HTTP error, which keeps its source.

@@ -81,12 +81,13 @@ fn main() -> ExitCode {
     code
 }
 
-/// Whether `e` is writing to stdout after its reader closed it.
+/// Whether `e` is writing to stdout after its reader closed it. Only stdout's: a broken pipe
+/// to a target or a server is a failure like any other.
 fn broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            .downcast_ref::<smee_relay::error::Stdout>()
+            .is_some_and(smee_relay::error::Stdout::reader_left)
     })
 }
 
@@ -117,4 +118,29 @@ fn needs_the_user(e: &anyhow::Error) -> bool {
         });
         spool.is_some_and(SpoolError::needs_the_user)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error with a broken pipe anywhere in its chain ended the process with success:
+    /// a relay or `events replay --to` failing on a target's closed socket exited 0 (systemd's
+    /// `Restart=on-failure` would not restart it). Only stdout's reader leaving is success.
+    #[test]
+    fn regression_a_broken_pipe_to_anything_but_stdout_was_taken_for_success() {
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let target = anyhow::Error::from(pipe()).context("delivering to http://127.0.0.1:3000/");
+        assert!(!broken_pipe(&target));
+        let stdout = anyhow::Error::from(smee_relay::error::Stdout(pipe())).context("export");
+        assert!(broken_pipe(&stdout));
+        let full = anyhow::Error::from(smee_relay::error::Stdout(std::io::Error::from(
+            std::io::ErrorKind::StorageFull,
+        )));
+        assert!(!broken_pipe(&full));
+        assert_eq!(
+            smee_relay::error::chain(full.as_ref()),
+            "cannot write to standard output: no storage space"
+        );
+    }
 }

@@ -527,6 +527,8 @@ async fn regression_permission_denied_on_the_spool_exited_1_with_no_hint() {
         }
         if root {
             assert!(stderr.contains("belongs to root, uid 0)"), "{stderr}");
+            // The example names the owner (it said `sudo -u smee-relay` whoever owned it).
+            assert!(stderr.contains("`sudo -u root smee-relay …`"), "{stderr}");
         }
     };
 

@@ -22,19 +22,19 @@ use crate::url::TargetUrl;
 
 /// `print!` and `println!` that return the error instead of panicking, for `?`: `smee-relay
 /// events export | head -1` closes stdout early, and the command then ends quietly (`main.rs`
-/// takes a broken pipe for success).
+/// takes a broken pipe on stdout, [`crate::error::Stdout`], for success).
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let mut stdout = std::io::stdout().lock();
-        write!(stdout, $($arg)*).and_then(|()| stdout.flush())
+        write!(stdout, $($arg)*).and_then(|()| stdout.flush()).map_err(crate::error::Stdout)
     }};
 }
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, $($arg)*).and_then(|()| stdout.flush())
+        writeln!(stdout, $($arg)*).and_then(|()| stdout.flush()).map_err(crate::error::Stdout)
     }};
 }
 
@@ -555,6 +555,14 @@ fn export(
         }
         _ => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    // Writes to stdout fail as such (a closed pipe ends the command quietly); to a file, as
+    // they are.
+    let written = |e: std::io::Error| -> anyhow::Error {
+        match dir {
+            None => crate::error::Stdout(e).into(),
+            Some(_) => e.into(),
+        }
+    };
     for &id in ids {
         let (event, _) = spool.get(id)?;
         match (format, dir) {
@@ -567,12 +575,12 @@ fn export(
             _ => {
                 // As an io::Error: a closed stdout (`| head -1`) must show as a broken pipe.
                 serde_json::to_writer(&mut ndjson, &ndjson_line(&event))
-                    .map_err(std::io::Error::from)?;
-                ndjson.write_all(b"\n")?;
+                    .map_err(|e| written(e.into()))?;
+                ndjson.write_all(b"\n").map_err(written)?;
             }
         }
     }
-    ndjson.flush()?;
+    ndjson.flush().map_err(written)?;
     Ok(ids.len())
 }
 

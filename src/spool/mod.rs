@@ -182,10 +182,12 @@ pub enum SpoolError {
     },
     #[error(
         "permission denied on the spool {path}{owner}: run this as the user the relay runs as \
-         (the state directory's owner, e.g. `sudo -u smee-relay smee-relay …`), or give it a \
+         (the state directory's owner, e.g. `sudo -u {user} smee-relay …`), or give it a \
          state directory of its own (--state-dir DIR)",
         path = path.display(),
-        owner = owner.as_ref().map(|o| format!(" (its state directory belongs to {o})")).unwrap_or_default()
+        owner = owner.as_ref().map(|o| format!(" (its state directory belongs to {o})")).unwrap_or_default(),
+        // `root, uid 0` -> root; the packaged service's user when the owner is unknown.
+        user = owner.as_deref().and_then(|o| o.split(',').next()).unwrap_or("smee-relay")
     )]
     PermissionDenied {
         path: PathBuf,
