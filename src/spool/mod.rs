@@ -2210,6 +2210,12 @@ mod tests {
         spool.write(&[write], ROOM).unwrap();
     }
 
+    /// The ids of the first events queued for `route` (up to 10), in order.
+    fn pending_ids(spool: &Spool, route: &str) -> Vec<u64> {
+        let queued = spool.pending(route, 0, 10).unwrap();
+        queued.iter().map(|q| q.event.id).collect()
+    }
+
     fn mode(spool: &Spool) -> Mode {
         spool.sharing.lock().unwrap().mode
     }
@@ -2277,12 +2283,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         poller.stop();
-        let ids: Vec<u64> = relay
-            .pending(ROUTE, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|q| q.event.id)
-            .collect();
+        let ids = pending_ids(&relay, ROUTE);
         assert_eq!(ids, [before, by_command, by_relay].concat());
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(files.len(), 1, "only the spool, no request left: {files:?}");
@@ -2576,12 +2577,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(ids, [None, Some(2), None, Some(3)]);
-        let queued: Vec<u64> = spool
-            .pending(&route, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|q| q.event.id)
-            .collect();
+        let queued = pending_ids(&spool, &route);
         assert_eq!(queued, [2, 3]);
         assert_eq!(
             spool.header_values(channel, "x-github-delivery").unwrap(),
@@ -2688,12 +2684,7 @@ mod tests {
         );
         mark(&spool, &queued[1], Outcome::Delivered { status: 200 });
 
-        let pending: Vec<u64> = spool
-            .pending(ROUTE, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|q| q.event.id)
-            .collect();
+        let pending = pending_ids(&spool, ROUTE);
         assert_eq!(pending, [3]);
         let (_, records) = spool.get(1).unwrap();
         assert_eq!(records[0].1.status, Status::Dead);
@@ -2701,12 +2692,7 @@ mod tests {
         assert_eq!(records[0].1.last_status, Some(400));
 
         assert_eq!(spool.replay(Replay::Dead).unwrap(), 1);
-        let pending: Vec<u64> = spool
-            .pending(ROUTE, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|q| q.event.id)
-            .collect();
+        let pending = pending_ids(&spool, ROUTE);
         assert_eq!(pending, [3, 1], "a replay goes to the tail");
         assert!(matches!(
             spool.replay(Replay::Ids(vec![99])),
@@ -2872,19 +2858,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(moved, 3);
-        let ids: Vec<u64> = spool
-            .pending(&mine, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|q| q.event.id)
-            .collect();
+        let ids = pending_ids(&spool, &mine);
         assert_eq!(ids, [1, 3, 4], "the channel's events, in their order");
-        let theirs: Vec<u64> = spool
-            .pending(&target, 0, 10)
-            .unwrap()
-            .iter()
-            .map(|q| q.event.id)
-            .collect();
+        let theirs = pending_ids(&spool, &target);
         assert_eq!(
             theirs,
             [2],

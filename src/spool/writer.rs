@@ -741,6 +741,21 @@ mod tests {
     use crate::spool::{Outcome, intake};
     use std::sync::atomic::AtomicBool;
 
+    /// A writer on `spool` with room for anything, `pace` between commits and `mark_delay` for
+    /// marks alone (tests make them long, so that what waits for them shows).
+    fn writer_on(
+        spool: &Arc<Spool>,
+        pace: Duration,
+        mark_delay: Duration,
+    ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
+        SpoolWriter::start_paced(
+            spool.clone(),
+            Limits { max_bytes: 1 << 30 },
+            pace,
+            mark_delay,
+        )
+    }
+
     fn event(n: u64) -> Event {
         Event {
             sse_id: Some(n.to_string()),
@@ -785,7 +800,7 @@ mod tests {
             })
         };
         let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
-        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
         let (tx, rx) = crate::source::queue::channel(1 << 20);
         let intake = tokio::spawn(intake::intake(
             rx,
@@ -863,12 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         // A pace far longer than the deadlines below: whatever waits for it shows.
-        let (writer, thread) = SpoolWriter::start_paced(
-            spool.clone(),
-            Limits { max_bytes: 1 << 30 },
-            Duration::from_secs(60),
-            MARK_DELAY,
-        );
+        let (writer, thread) = writer_on(&spool, Duration::from_secs(60), MARK_DELAY);
         let append = |n: u64| Write::Append {
             channel: "c".into(),
             routes: vec!["r".into()],
@@ -932,12 +942,7 @@ mod tests {
             .write(&[other], Limits { max_bytes: 1 << 30 })
             .unwrap();
         // A mark delay far longer than the test: only a commit can take the marks along.
-        let (writer, thread) = SpoolWriter::start_paced(
-            spool.clone(),
-            Limits { max_bytes: 1 << 30 },
-            COMMIT_PACE,
-            Duration::from_secs(600),
-        );
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::from_secs(600));
         let queued = spool.pending("r", 0, usize::MAX).unwrap();
         let mark = |n: usize, outcome: Outcome| Write::Mark {
             route: "r".into(),
@@ -1049,12 +1054,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         // A mark delay far longer than the test: only sharing can commit the mark in time.
-        let (writer, thread) = SpoolWriter::start_paced(
-            spool.clone(),
-            Limits { max_bytes: 1 << 30 },
-            COMMIT_PACE,
-            Duration::from_secs(600),
-        );
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::from_secs(600));
         let id = deliver_one_holding_its_mark(&writer, &spool).await;
         assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 1);
 
@@ -1079,12 +1079,7 @@ mod tests {
     async fn regression_a_command_on_a_spool_already_shared_saw_a_finished_delivery_as_pending() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = SpoolWriter::start_paced(
-            spool.clone(),
-            Limits { max_bytes: 1 << 30 },
-            COMMIT_PACE,
-            Duration::from_secs(600),
-        );
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::from_secs(600));
         let open_shared = || {
             let state = dir.path().to_owned();
             tokio::task::spawn_blocking(move || Spool::open_shared(&state))
@@ -1110,7 +1105,7 @@ mod tests {
     async fn marks_alone_are_committed_within_the_mark_delay() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
         let events: Arc<[Event]> = (0..2).map(event).collect();
         writer
             .append("c", &["r".into()], events, None)
@@ -1146,12 +1141,7 @@ mod tests {
     async fn appends_that_fill_a_commit_s_bytes_are_not_held_behind_the_pace() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = SpoolWriter::start_paced(
-            spool.clone(),
-            Limits { max_bytes: 1 << 30 },
-            Duration::from_secs(60),
-            MARK_DELAY,
-        );
+        let (writer, thread) = writer_on(&spool, Duration::from_secs(60), MARK_DELAY);
         let append = |n: u64, pad: usize| Write::Append {
             channel: "c".into(),
             routes: vec!["r".into()],
@@ -1192,7 +1182,7 @@ mod tests {
         const BOUND: usize = 64 << 10;
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
         let (tx, rx) = queue::channel(BOUND);
         let counters = Arc::new(Counters::default());
         let intake = tokio::spawn(intake::intake(
