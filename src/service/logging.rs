@@ -4,10 +4,10 @@
 //! colour and no timestamp (journald adds its own) and start with a syslog priority (`<3>` for
 //! errors, `<4>` warnings, `<6>` info, `<7>` debug), so `journalctl -p err` works.
 //!
-//! Logging never stops delivery. Lines go to stderr from a thread of their own
-//! (`tracing-appender`, lossy: past [`QUEUED_LINES`] queued lines new ones are dropped rather than
-//! waited for), through a writer that ignores write errors: a log reader that exited (EPIPE) or a
-//! stalled one costs log lines, never a panic in a task or a blocked event loop.
+//! Logging never stops delivery. Lines go to stderr from a thread of their own, a batch per wake
+//! ([`super::log_writer`]: past 256 KiB queued, new lines are dropped and counted rather than
+//! waited for), and write errors are ignored: a log reader that exited (EPIPE) or a stalled one
+//! costs log lines, never a panic in a task or a blocked event loop.
 //!
 //! Every text line is one line of printable text: control characters in messages and fields
 //! (an SSE id, an event name, an entity id: whatever a sender chose) are escaped by
@@ -15,8 +15,10 @@
 //! JSON lines are escaped by JSON itself.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::IsTerminal as _;
-use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
@@ -24,6 +26,8 @@ use tracing_subscriber::field::MakeExt as _;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
+
+use super::log_writer::{Linger, LogWriter};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,14 +38,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// How many lines may wait for the log thread before new ones are dropped. The queue's slots are
-/// allocated and touched up front: tracing-appender's default (128,000) held 4 MB resident, a
-/// third of the relay's memory budget. 8,192 lines (256 KiB) is over a second of lines at full
-/// speed (one per delivery) for a stalled reader to catch up.
-const QUEUED_LINES: usize = 8_192;
+/// How long the log thread lets lines gather before writing them, when stderr is not a terminal
+/// (journald, a file, a pipe): one wake and one `write` per 25 ms at most while lines keep coming,
+/// instead of one per line. On a terminal lines are written as they come.
+const LINGER: Duration = Duration::from_millis(25);
 
-/// Keeps the log thread's queue flushed at exit; taken by [`flush`].
-static GUARD: Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = Mutex::new(None);
+/// The log thread, kept to write out its queue at exit ([`flush`]).
+static WRITER: OnceLock<LogWriter<std::io::Stderr>> = OnceLock::new();
 
 /// Install the global subscriber. `verbosity` is the count of `-v` minus the count of `-q`;
 /// `RUST_LOG`, when set, overrides it. Call [`flush`] before the process ends.
@@ -69,30 +72,35 @@ pub fn init(verbosity: i8, format: LogFormat) {
         Err(_) => EnvFilter::new(default),
     };
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("log-writer")
-        .finish(Forgiving(std::io::stderr()));
-    if let Ok(mut slot) = GUARD.lock() {
-        *slot = Some(guard);
-    }
+    let terminal = std::io::stderr().is_terminal();
+    let linger = Linger(if terminal { Duration::ZERO } else { LINGER });
+    let writer = match WRITER.get() {
+        Some(writer) => writer.clone(),
+        None => match LogWriter::start(std::io::stderr(), linger) {
+            Ok(writer) => WRITER.get_or_init(|| writer).clone(),
+            Err(e) => {
+                // No thread (a limit on threads or memory): nothing will be logged; say so once.
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "smee-relay: no logging: cannot start the log thread: {e}"
+                );
+                return;
+            }
+        },
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .log_internal_errors(false)
         .with_target(false)
-        .with_ansi(
-            !journal && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
-        );
+        .with_ansi(!journal && terminal && std::env::var_os("NO_COLOR").is_none());
     let fields = || {
         tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-            let text = format!("{value:?}");
-            if field.name() == "message" {
-                writer.write_str(&escape_control(&text))
-            } else {
-                write!(writer, "{}={}", field.name(), escape_control(&text))
+            if field.name() != "message" {
+                write!(writer, "{}=", field.name())?;
             }
+            write!(Escaping(writer), "{value:?}")
         })
         .delimited(" ")
     };
@@ -106,10 +114,12 @@ pub fn init(verbosity: i8, format: LogFormat) {
     }
 }
 
-/// Write out the lines still queued (waiting a moment at most). Before the process ends.
+/// Write out the lines still queued (waiting a second at most for a stalled stderr), before the
+/// process ends or writes to stderr itself. Lines logged afterwards are written at once.
 pub fn flush() {
-    let guard = GUARD.lock().ok().and_then(|mut slot| slot.take());
-    drop(guard);
+    if let Some(writer) = WRITER.get() {
+        writer.close();
+    }
 }
 
 /// End the process now with `code`, after writing out the queued log lines.
@@ -143,18 +153,13 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// stderr that never fails: a closed pipe or a full disk loses the line, nothing else.
-struct Forgiving<W>(W);
+/// Writes text through [`escape_control`] as it is formatted, with no copy of the whole value.
+/// Formatting hands over whole `str`s, so no character is split between two calls.
+struct Escaping<'a, 'w>(&'a mut Writer<'w>);
 
-impl<W: std::io::Write> std::io::Write for Forgiving<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = self.0.write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = self.0.flush();
-        Ok(())
+impl std::fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.write_str(&escape_control(text))
     }
 }
 
@@ -208,21 +213,5 @@ mod tests {
             escape_control("a\u{1b}[31mred\u{7}\r\nfake line\u{9b}\u{202e}"),
             "a\\x1b[31mred\\x07\\r\\nfake line\\u{9b}\\u{202e}"
         );
-    }
-
-    #[test]
-    fn a_failing_writer_is_forgiven() {
-        struct Broken;
-        impl std::io::Write for Broken {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                Err(std::io::ErrorKind::BrokenPipe.into())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Err(std::io::ErrorKind::BrokenPipe.into())
-            }
-        }
-        let mut w = Forgiving(Broken);
-        assert_eq!(std::io::Write::write(&mut w, b"line\n").unwrap(), 5);
-        assert!(std::io::Write::flush(&mut w).is_ok());
     }
 }

@@ -8,5 +8,6 @@
 pub mod catch_up;
 pub mod daemon;
 pub mod health;
+mod log_writer;
 pub mod logging;
 pub mod systemd;
