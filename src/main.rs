@@ -44,7 +44,11 @@ fn main() -> ExitCode {
     };
     // The demo's output is its alerts: keep its logs to warnings unless asked.
     let quieter = i8::from(matches!(cli.command, Command::Demo(_)));
-    logging::init(cli.verbosity() - quieter, cli.log_format);
+    let daemon = matches!(
+        cli.command,
+        Command::Forward(_) | Command::Run(_) | Command::Serve(_)
+    );
+    logging::init(cli.verbosity() - quieter, cli.log_format, daemon);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
         // for other tools that write to a pipe; nothing to say, and nowhere to say it.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            // After the lines logged before it.
+            logging::flush();
             // Not eprintln!: it panics when stderr is a closed pipe.
             let _ = writeln!(std::io::stderr(), "{e}");
             ExitCode::from(USAGE_ERROR)

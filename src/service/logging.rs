@@ -38,17 +38,20 @@ pub enum LogFormat {
     Json,
 }
 
-/// How long the log thread lets lines gather before writing them, when stderr is not a terminal
-/// (journald, a file, a pipe): one wake and one `write` per 25 ms at most while lines keep coming,
-/// instead of one per line. On a terminal lines are written as they come.
+/// How long a relay's or server's log thread lets lines gather before writing them, when stderr
+/// is not a terminal (journald, a file, a pipe): one wake per 25 ms at most while lines keep
+/// coming, instead of one per line. On a terminal, and for commands, lines are written as they
+/// come.
 const LINGER: Duration = Duration::from_millis(25);
 
 /// The log thread, kept to write out its queue at exit ([`flush`]).
 static WRITER: OnceLock<LogWriter<std::io::Stderr>> = OnceLock::new();
 
 /// Install the global subscriber. `verbosity` is the count of `-v` minus the count of `-q`;
-/// `RUST_LOG`, when set, overrides it. Call [`flush`] before the process ends.
-pub fn init(verbosity: i8, format: LogFormat) {
+/// `RUST_LOG`, when set, overrides it. `daemon`: a relay or server, whose lines may be batched
+/// ([`LINGER`]); a command's lines are written as they come, in step with what it prints. Call
+/// [`flush`] before the process ends.
+pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
     let ours = match verbosity {
         i8::MIN..=-2 => "error",
         -1 => "warn",
@@ -73,10 +76,20 @@ pub fn init(verbosity: i8, format: LogFormat) {
     };
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let terminal = std::io::stderr().is_terminal();
-    let linger = Linger(if terminal { Duration::ZERO } else { LINGER });
+    let linger = Linger(if daemon && !terminal {
+        LINGER
+    } else {
+        Duration::ZERO
+    });
     let writer = match WRITER.get() {
         Some(writer) => writer.clone(),
-        None => match LogWriter::start(std::io::stderr(), linger) {
+        None => match LogWriter::start(std::io::stderr(), linger, |dropped| {
+            tracing::warn!(
+                "{dropped} log line{} dropped here: the log queue was full (stderr is read \
+                 more slowly than lines come)",
+                if dropped == 1 { "" } else { "s" }
+            );
+        }) {
             Ok(writer) => WRITER.get_or_init(|| writer).clone(),
             Err(e) => {
                 // No thread (a limit on threads or memory): nothing will be logged; say so once.
