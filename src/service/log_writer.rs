@@ -14,9 +14,10 @@
 //!   whole, so processes sharing a log pipe (`serve` and `forward` into one `logger`) do not
 //!   split each other's lines.
 //! - Once [`QUEUE_BYTES`] are queued, new lines are dropped and counted, and the queue takes no
-//!   more until the thread has taken it: then the drop notice (a line in the log's own format,
-//!   made by the `notice` callback) sits exactly where the lines went missing. A line is taken
-//!   whatever its size while the queue holds less.
+//!   more until the thread has taken it. The thread then makes the drop notice (a line in the
+//!   log's own format, from the `notice` callback) and puts it first in the fresh queue, so it
+//!   sits exactly where the lines went missing; lines logged meanwhile are taken. A line is
+//!   taken whatever its size while the queue holds less.
 //! - Write errors are ignored: a log reader that left costs log lines, nothing else.
 //! - [`LogWriter::close`] writes out what is queued (waiting a second at most for a stalled
 //!   stderr); lines logged after the thread has ended are written at once by whoever logs them.
@@ -26,10 +27,10 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// How many bytes of lines may wait before new ones are dropped: about 10,000 text lines, over a
+/// How many bytes of lines may wait before new ones are dropped: about 5,000 text lines, half a
 /// second of lines at full speed (one per delivery) for a stalled reader to catch up. Grown only
-/// as used.
-pub(super) const QUEUE_BYTES: usize = 1 << 20;
+/// as used; with the batch being written, a stalled reader costs about twice this in memory.
+pub(super) const QUEUE_BYTES: usize = 512 << 10;
 
 /// The largest write a pipe keeps whole (POSIX's minimum `PIPE_BUF`, Linux's value).
 const PIPE_BUF: usize = 4096;
@@ -46,7 +47,7 @@ const KEEP_CAPACITY: usize = 64 << 10;
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 thread_local! {
-    /// Set on the log thread: its drop notice joins the queue even while the queue is sealed.
+    /// Set on the log thread: what it logs is its drop notice, which goes first in the queue.
     static LOG_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -65,8 +66,11 @@ struct State {
     /// Lines dropped and not yet told of.
     dropped: u64,
     /// A line was dropped since the thread last took the queue: later lines are dropped too, so
-    /// that the notice, at the end of the queue, is where the gap is.
+    /// that everything queued was logged before the gap.
     sealed: bool,
+    /// The thread took a sealed queue and is making its notice: the notice goes before the
+    /// lines logged since.
+    notice_first: bool,
     /// The thread waits for a line: the next one must wake it. While it writes or lingers
     /// nobody wakes it, which is the point.
     parked: bool,
@@ -105,6 +109,7 @@ impl<W: Write + Send + 'static> LogWriter<W> {
                 lines: Vec::new(),
                 dropped: 0,
                 sealed: false,
+                notice_first: false,
                 parked: false,
                 closed: false,
                 finished: false,
@@ -151,7 +156,17 @@ impl<W: Write> Write for LogWriter<W> {
             write_in_pieces(&mut *lock(&self.out), line);
             return Ok(line.len());
         }
-        if LOG_THREAD.get() || (state.lines.len() < QUEUE_BYTES && !state.sealed) {
+        if LOG_THREAD.get() && state.notice_first {
+            state.notice_first = false;
+            state.lines.splice(0..0, line.iter().copied());
+        } else if LOG_THREAD.get() || (state.lines.len() < QUEUE_BYTES && !state.sealed) {
+            // Grown by doubling, but not far past the bound: the queue's memory stays near it.
+            let needed = state.lines.len() + line.len();
+            if needed > state.lines.capacity() {
+                let grown = (state.lines.capacity() * 2).clamp(needed, needed.max(QUEUE_BYTES));
+                let len = state.lines.len();
+                state.lines.reserve_exact(grown - len);
+            }
             state.lines.extend_from_slice(line);
         } else {
             state.dropped += 1;
@@ -192,14 +207,6 @@ fn run<W: Write>(queue: &Queue, out: &Mutex<W>, linger: Linger, notice: impl Fn(
                 .unwrap_or_else(PoisonError::into_inner);
         }
         state.parked = false;
-        if state.dropped > 0 {
-            // The queue is sealed: what it holds was logged before the lines dropped. The notice
-            // goes at its end (the queue takes it from this thread even sealed).
-            let dropped = std::mem::take(&mut state.dropped);
-            drop(state);
-            notice(dropped);
-            state = lock(&queue.state);
-        }
         if state.lines.is_empty() && state.dropped == 0 && state.closed {
             // Under the lock: a line logged from now on is written by whoever logs it.
             state.finished = true;
@@ -208,9 +215,16 @@ fn run<W: Write>(queue: &Queue, out: &Mutex<W>, linger: Linger, notice: impl Fn(
         }
         let closed = state.closed;
         let mut batch = std::mem::replace(&mut state.lines, std::mem::take(&mut spare));
-        // Lines dropped after the notice was queued are told of next, before any line after them.
-        state.sealed = state.dropped > 0;
+        // A sealed queue holds the lines logged before the gap: the notice starts the next one.
+        let dropped = std::mem::take(&mut state.dropped);
+        state.sealed = false;
+        state.notice_first = dropped > 0;
         drop(state);
+        if dropped > 0 {
+            notice(dropped);
+            // The notice may have been filtered out.
+            lock(&queue.state).notice_first = false;
+        }
 
         write_in_pieces(&mut *lock(out), &batch);
         batch.clear();
@@ -284,9 +298,20 @@ mod tests {
 
     /// A writer whose notice is the line `dropped N` (the real one logs a warning).
     fn start<W: Write + Send + 'static>(out: W, linger: Duration) -> LogWriter<W> {
+        start_slow_notice(out, linger, Duration::ZERO)
+    }
+
+    /// [`start`], with a notice that takes `making` to make (a tracing event being formatted,
+    /// slowly in a debug build or on a busy machine).
+    fn start_slow_notice<W: Write + Send + 'static>(
+        out: W,
+        linger: Duration,
+        making: Duration,
+    ) -> LogWriter<W> {
         let me: Arc<OnceLock<LogWriter<W>>> = Arc::default();
         let notice_to = Arc::clone(&me);
         let writer = LogWriter::start(out, Linger(linger), move |n| {
+            std::thread::sleep(making);
             if let Some(writer) = notice_to.get() {
                 log(writer, &format!("dropped {n}\n"));
             }
@@ -461,6 +486,39 @@ mod tests {
             format!("first\n{}dropped 11\n", line.repeat(fit)),
             "the lines kept, then the notice of the 11 dropped after them"
         );
+    }
+
+    #[test]
+    fn regression_lines_logged_while_the_notice_was_made_kept_the_queue_sealed() {
+        // The queue stayed sealed while the thread made its notice, so lines logged meanwhile
+        // were dropped, which called for another notice, and so on: with lines coming faster
+        // than a notice is made, the log was notices only, with stderr fast again.
+        let out = Recorder::default();
+        let stalled = Stalled(Arc::default(), out.clone());
+        let writer = start_slow_notice(stalled.clone(), Duration::ZERO, Duration::from_millis(20));
+        log(&writer, "first\n");
+        until_taken(&writer);
+        let line = format!("{}\n", "x".repeat(1_023));
+        for _ in 0..QUEUE_BYTES.div_ceil(line.len()) + 10 {
+            log(&writer, &line);
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for n in 0..20_000 {
+                    log(&writer, &format!("after {n}\n"));
+                }
+            });
+            stalled.release();
+        });
+        writer.close();
+        let text = out.text();
+        assert_eq!(
+            text.matches("dropped ").count(),
+            1,
+            "notices: {}",
+            text.matches("dropped ").count()
+        );
+        assert!(text.ends_with("after 19999\n"), "the last line is missing");
     }
 
     #[test]

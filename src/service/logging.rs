@@ -5,8 +5,9 @@
 //! errors, `<4>` warnings, `<6>` info, `<7>` debug), so `journalctl -p err` works.
 //!
 //! Logging never stops delivery. Lines go to stderr from a thread of their own, a batch per wake
-//! ([`super::log_writer`]: past 256 KiB queued, new lines are dropped and counted rather than
-//! waited for), and write errors are ignored: a log reader that exited (EPIPE) or a stalled one
+//! ([`super::log_writer`]: past 512 KiB queued, new lines are dropped and counted rather than
+//! waited for, and a warning says how many where they went missing, whatever the filter), and
+//! write errors are ignored: a log reader that exited (EPIPE) or a stalled one
 //! costs log lines, never a panic in a task or a blocked event loop.
 //!
 //! Every text line is one line of printable text: control characters in messages and fields
@@ -44,36 +45,19 @@ pub enum LogFormat {
 /// come.
 const LINGER: Duration = Duration::from_millis(25);
 
+/// The target of the warning that lines were dropped: always on (at WARN), whatever the filter
+/// says of the rest, or a gap in the log would go unexplained.
+const DROPPED_TARGET: &str = "smee_relay::log_dropped";
+
 /// The log thread, kept to write out its queue at exit ([`flush`]).
 static WRITER: OnceLock<LogWriter<std::io::Stderr>> = OnceLock::new();
 
 /// Install the global subscriber. `verbosity` is the count of `-v` minus the count of `-q`;
 /// `RUST_LOG`, when set, overrides it. `daemon`: a relay or server, whose lines may be batched
-/// ([`LINGER`]); a command's lines are written as they come, in step with what it prints. Call
-/// [`flush`] before the process ends.
+/// ([`LINGER`]); a command's lines are written as they come. Call [`flush`] before the process
+/// ends.
 pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
-    let ours = match verbosity {
-        i8::MIN..=-2 => "error",
-        -1 => "warn",
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    // async-nats logs its server addresses (with a URL's userinfo) and connection details at
-    // DEBUG: whatever -v or RUST_LOG say, it never logs below INFO.
-    let default = format!(
-        "{base},smee_relay={ours},async_nats={base_nats}",
-        base = if verbosity > 1 { "debug" } else { "warn" },
-        base_nats = if verbosity > 1 { "info" } else { "warn" },
-    );
-    let filter = match EnvFilter::try_from_default_env() {
-        Ok(from_env) => from_env.add_directive(
-            "async_nats=info"
-                .parse()
-                .expect("a constant, valid directive"),
-        ),
-        Err(_) => EnvFilter::new(default),
-    };
+    let filter = filter(verbosity, std::env::var("RUST_LOG").ok().as_deref());
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let terminal = std::io::stderr().is_terminal();
     let linger = Linger(if daemon && !terminal {
@@ -85,6 +69,7 @@ pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
         Some(writer) => writer.clone(),
         None => match LogWriter::start(std::io::stderr(), linger, |dropped| {
             tracing::warn!(
+                target: DROPPED_TARGET,
                 "{dropped} log line{} dropped here: the log queue was full (stderr is read \
                  more slowly than lines come)",
                 if dropped == 1 { "" } else { "s" }
@@ -125,6 +110,38 @@ pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
             .init(),
         (LogFormat::Text, false) => builder.fmt_fields(fields()).init(),
     }
+}
+
+/// What is logged: `RUST_LOG` (`rust_log`) when set and valid, else the level `verbosity` gives
+/// our lines; async-nats never below INFO; the dropped-lines warning always.
+fn filter(verbosity: i8, rust_log: Option<&str>) -> EnvFilter {
+    let ours = match verbosity {
+        i8::MIN..=-2 => "error",
+        -1 => "warn",
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    // async-nats logs its server addresses (with a URL's userinfo) and connection details at
+    // DEBUG: whatever -v or RUST_LOG say, it never logs below INFO.
+    let default = format!(
+        "{base},smee_relay={ours},async_nats={base_nats}",
+        base = if verbosity > 1 { "debug" } else { "warn" },
+        base_nats = if verbosity > 1 { "info" } else { "warn" },
+    );
+    match rust_log.map(EnvFilter::try_new) {
+        Some(Ok(from_env)) => from_env.add_directive(
+            "async_nats=info"
+                .parse()
+                .expect("a constant, valid directive"),
+        ),
+        _ => EnvFilter::new(default),
+    }
+    .add_directive(
+        format!("{DROPPED_TARGET}=warn")
+            .parse()
+            .expect("a constant, valid directive"),
+    )
 }
 
 /// Write out the lines still queued (waiting a second at most for a stalled stderr), before the
@@ -215,6 +232,31 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[test]
+    fn regression_the_dropped_lines_warning_was_filtered_out_with_the_rest() {
+        // RUST_LOG naming one module (or -qq) filtered the warning out: a gap with no word.
+        for (verbosity, rust_log) in [
+            (0, Some("smee_relay::delivery=info")),
+            (-2, None),
+            (0, Some("error")),
+            (0, None),
+        ] {
+            let subscriber = tracing_subscriber::registry().with(filter(verbosity, rust_log));
+            tracing::subscriber::with_default(subscriber, || {
+                assert!(
+                    tracing::enabled!(target: DROPPED_TARGET, Level::WARN),
+                    "filtered out with {verbosity} and {rust_log:?}"
+                );
+            });
+        }
+        // The rest still obeys the filter.
+        let subscriber = tracing_subscriber::registry().with(filter(-2, None));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(!tracing::enabled!(target: "smee_relay::delivery", Level::WARN));
+        });
+    }
 
     #[test]
     fn control_characters_are_escaped_and_plain_text_is_borrowed() {
