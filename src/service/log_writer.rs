@@ -298,27 +298,29 @@ mod tests {
 
     /// A writer whose notice is the line `dropped N` (the real one logs a warning).
     fn start<W: Write + Send + 'static>(out: W, linger: Duration) -> LogWriter<W> {
-        start_slow_notice(out, linger, Duration::ZERO)
+        start_slow_notice(out, linger, Duration::ZERO).0
     }
 
     /// [`start`], with a notice that takes `making` to make (a tracing event being formatted,
-    /// slowly in a debug build or on a busy machine).
+    /// slowly in a debug build or on a busy machine), and a count of the notices made.
     fn start_slow_notice<W: Write + Send + 'static>(
         out: W,
         linger: Duration,
         making: Duration,
-    ) -> LogWriter<W> {
+    ) -> (LogWriter<W>, Arc<AtomicUsize>) {
         let me: Arc<OnceLock<LogWriter<W>>> = Arc::default();
-        let notice_to = Arc::clone(&me);
+        let notices = Arc::new(AtomicUsize::new(0));
+        let (notice_to, made) = (Arc::clone(&me), Arc::clone(&notices));
         let writer = LogWriter::start(out, Linger(linger), move |n| {
             std::thread::sleep(making);
             if let Some(writer) = notice_to.get() {
                 log(writer, &format!("dropped {n}\n"));
             }
+            made.fetch_add(1, Ordering::SeqCst);
         })
         .unwrap();
         let _ = me.set(writer.clone());
-        writer
+        (writer, notices)
     }
 
     fn log<W: Write>(writer: &LogWriter<W>, line: &str) {
@@ -495,30 +497,41 @@ mod tests {
         // than a notice is made, the log was notices only, with stderr fast again.
         let out = Recorder::default();
         let stalled = Stalled(Arc::default(), out.clone());
-        let writer = start_slow_notice(stalled.clone(), Duration::ZERO, Duration::from_millis(20));
+        let (writer, notices) =
+            start_slow_notice(stalled.clone(), Duration::ZERO, Duration::from_millis(5));
         log(&writer, "first\n");
         until_taken(&writer);
         let line = format!("{}\n", "x".repeat(1_023));
         for _ in 0..QUEUE_BYTES.div_ceil(line.len()) + 10 {
             log(&writer, &line);
         }
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                for n in 0..20_000 {
+        // Lines all along: dropped while the queue is sealed, then logged while the thread makes
+        // its notice (the window of the bug), then 100 more once it is made.
+        let last = std::thread::scope(|scope| {
+            let logger = scope.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut n = 0;
+                while notices.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
                     log(&writer, &format!("after {n}\n"));
+                    n += 1;
                 }
+                for _ in 0..100 {
+                    log(&writer, &format!("after {n}\n"));
+                    n += 1;
+                }
+                n - 1
             });
             stalled.release();
+            logger.join().unwrap()
         });
         writer.close();
         let text = out.text();
-        assert_eq!(
-            text.matches("dropped ").count(),
-            1,
-            "notices: {}",
-            text.matches("dropped ").count()
+        let made = text.matches("dropped ").count();
+        assert_eq!(made, 1, "{made} notices");
+        assert!(
+            text.ends_with(&format!("after {last}\n")),
+            "the last line is missing"
         );
-        assert!(text.ends_with("after 19999\n"), "the last line is missing");
     }
 
     #[test]
