@@ -18,7 +18,7 @@ use crate::url::TargetUrl;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {what} {}", .path.display())]
 pub struct ExportError {
-    /// `write`, `make executable`, `create`.
+    /// `write`, `make executable`, `rename`, `create`.
     what: &'static str,
     path: PathBuf,
     #[source]
@@ -51,13 +51,23 @@ pub fn write_gosmee(
     };
     let json = dir.join(format!("{stem}.json"));
     std::fs::write(&json, &event.event.body).map_err(failed("write", &json))?;
+    // Written whole and made executable under a hidden name, then renamed: whoever watches the
+    // directory (or a test) never sees a script half written or not yet executable.
     let script = dir.join(format!("{stem}.sh"));
-    std::fs::write(&script, gosmee_script(event, &stem, target, by))
-        .map_err(failed("write", &script))?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
-        .map_err(failed("make executable", &script))?;
-    Ok(())
+    let partial = dir.join(format!(".{stem}.sh.partial"));
+    let written = std::fs::write(&partial, gosmee_script(event, &stem, target, by))
+        .map_err(failed("write", &partial))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+                .map_err(failed("make executable", &partial))
+        })
+        .and_then(|()| std::fs::rename(&partial, &script).map_err(failed("rename", &partial)));
+    if written.is_err() {
+        // A full disk: no half-written file left behind.
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 fn gosmee_script(event: &StoredEvent, stem: &str, target: &TargetUrl, by: &str) -> String {
