@@ -63,11 +63,9 @@ struct Queue {
 struct State {
     /// Whole lines, in the order they were logged.
     lines: Vec<u8>,
-    /// Lines dropped and not yet told of.
+    /// Lines dropped since the thread last took the queue. While any were, later lines are
+    /// dropped too (the queue is sealed), so that everything queued was logged before the gap.
     dropped: u64,
-    /// A line was dropped since the thread last took the queue: later lines are dropped too, so
-    /// that everything queued was logged before the gap.
-    sealed: bool,
     /// The thread took a sealed queue and is making its notice: the notice goes before the
     /// lines logged since.
     notice_first: bool,
@@ -108,7 +106,6 @@ impl<W: Write + Send + 'static> LogWriter<W> {
             state: Mutex::new(State {
                 lines: Vec::new(),
                 dropped: 0,
-                sealed: false,
                 notice_first: false,
                 parked: false,
                 closed: false,
@@ -159,7 +156,7 @@ impl<W: Write> Write for LogWriter<W> {
         if LOG_THREAD.get() && state.notice_first {
             state.notice_first = false;
             state.lines.splice(0..0, line.iter().copied());
-        } else if LOG_THREAD.get() || (state.lines.len() < QUEUE_BYTES && !state.sealed) {
+        } else if LOG_THREAD.get() || (state.lines.len() < QUEUE_BYTES && state.dropped == 0) {
             // Grown by doubling, but not far past the bound: the queue's memory stays near it.
             let needed = state.lines.len() + line.len();
             if needed > state.lines.capacity() {
@@ -170,7 +167,6 @@ impl<W: Write> Write for LogWriter<W> {
             state.lines.extend_from_slice(line);
         } else {
             state.dropped += 1;
-            state.sealed = true;
         }
         if state.parked {
             state.parked = false;
@@ -217,7 +213,6 @@ fn run<W: Write>(queue: &Queue, out: &Mutex<W>, linger: Linger, notice: impl Fn(
         let mut batch = std::mem::replace(&mut state.lines, std::mem::take(&mut spare));
         // A sealed queue holds the lines logged before the gap: the notice starts the next one.
         let dropped = std::mem::take(&mut state.dropped);
-        state.sealed = false;
         state.notice_first = dropped > 0;
         drop(state);
         if dropped > 0 {
