@@ -5,7 +5,9 @@
 # re-serialised, whatever the subscriber asks for) to one counting target, all on loopback, one
 # client after another. smee-relay's raw mode (exact bodies, from a second `serve` that honours
 # the opt-in) is a separate row, "smee-relay (raw)". "floor" is examples/floor.rs: the same SSE
-# stack, frame decoder and HTTP client as the relay in a bare read-then-POST loop, with no spool.
+# stack, frame decoder and HTTP client as the relay in a bare read-then-POST loop, with no spool;
+# "floor (fsync)" is the same loop appending each group of frames to a file and fdatasync'ing it
+# before the POSTs: the least any relay that keeps the spool's promise can cost on this machine.
 # Per client and workload: delivered, out of order, p50/p99 end-to-end latency, CPU microseconds
 # per event (utime+stime from /proc), peak RSS (VmHWM) and its growth over the RSS before the
 # load. Then the CPU each client burns idle for 60 s with a connected stream (all at once, in the
@@ -94,6 +96,8 @@ start_client() { # name channel tag; prints the pid
     "$compare_name")
       SMEE_RELAY_STATE_DIR="$peers/state-$tag" "$BENCH_COMPARE" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
     floor) "$dir/examples/floor" "$channel" "$target/hook" >/dev/null 2>"$peers/floor-$tag.err" & ;;
+    "floor (fsync)") "$dir/examples/floor" "$channel" "$target/hook" --durable "$peers/floor-$tag.log" \
+      >/dev/null 2>"$peers/floor-$tag.err" & ;;
     smee-client) "$peers/npm/node_modules/.bin/smee" -u "$channel" -t "$target/hook" >/dev/null 2>&1 & ;;
     pysmee) "$peers/py/bin/pysmee" forward "$channel" "$target/hook" >/dev/null 2>&1 & ;;
   esac
@@ -160,9 +164,9 @@ for workload in "${workloads[@]}"; do
     printf '%s\n' "${idle_rows[@]}" >&2
     continue
   fi
-  clients=(smee-relay floor smee-client pysmee)
-  [ "$workload" = c ] && clients=(smee-relay floor smee-client)
-  [ -x "$dir/examples/floor" ] || clients=("${clients[@]/floor}")
+  clients=(smee-relay floor "floor (fsync)" smee-client pysmee)
+  [ "$workload" = c ] && clients=(smee-relay floor "floor (fsync)" smee-client)
+  [ -x "$dir/examples/floor" ] || clients=("${clients[@]/floor*}")
   [ "$workload" != c ] && clients+=("smee-relay (raw)")
   [ -n "${BENCH_COMPARE:-}" ] && clients=("${clients[0]}" "$compare_name" "${clients[@]:1}")
   if [ -n "${BENCH_CLIENTS:-}" ]; then
@@ -242,6 +246,14 @@ for w in "abcd":
         print(f"| ({w}) overhead over the floor (no budget) | {ours['cpu']:.0f} µs vs "
               f"{floor['cpu']:.0f} µs ({ours['cpu'] / floor['cpu']:.2f}x, "
               f"+{ours['cpu'] - floor['cpu']:.0f} µs/event) | |")
+# Whether a CPU budget is within reach at all of a relay that fsyncs before it delivers.
+for w, share in (("a", 20), ("b", 4)):
+    durable, peer = rows.get(("floor (fsync)", w)), rows.get(("smee-client", w))
+    if durable and peer:
+        budget = peer["cpu"] / share
+        print(f"| ({w}) the fsync floor against the budget (1/{share} of smee-client's) | "
+              f"{durable['cpu']:.0f} µs vs {budget:.0f} µs | "
+              f"{'within reach' if durable['cpu'] <= budget else 'out of reach of any relay that fsyncs before it delivers'} |")
 PY
 )
 
@@ -253,7 +265,9 @@ report() {
   echo "Run: \`bench/run.sh ${workloads[*]}\` on $(date -u +%Y-%m-%d), $relay (peers: profile \`$profile\`), $(nproc) cores, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -sr), load average (1, 5, 15 min) at the start $load_before: other builds ran on the machine meanwhile."
   echo "All clients on smee.io's wire format (\`serve --smee-wire\`: \`{...headers, body, query, timestamp}\`,"
   echo "body re-serialised) except \"smee-relay (raw)\" (exact bodies, the raw opt-in of \`serve\`). \"floor\" is"
-  echo "\`examples/floor.rs\`: the relay's SSE stack, frame decoder and HTTP client in a bare loop, no spool."
+  echo "\`examples/floor.rs\`: the relay's SSE stack, frame decoder and HTTP client in a bare loop, no spool;"
+  echo "\"floor (fsync)\" is that loop appending each group of frames read to a file and fdatasync'ing it before"
+  echo "the POSTs: the least a relay that keeps the spool's promise (on disk before delivered) costs here."
   if [ "${BENCH_WIRE_PROXY:-0}" = 1 ]; then
     echo "smee.io's wire through \`bench/smee_wire_proxy.py\` in front of \`serve\` (this binary predates \`--smee-wire\`); every client but the raw row subscribes through it."
   fi
