@@ -31,10 +31,6 @@ use forward::{Delivered, ForwardError, Forwarder};
 /// How many queued deliveries a route reads from disk at once.
 const READ_AHEAD: usize = 256;
 
-/// How often an idle route looks at the spool file for events queued by another process
-/// (`smee-relay events replay`): one `statx`, and a read only if the file changed.
-const IDLE_POLL: Duration = Duration::from_secs(1);
-
 /// Somewhere a route delivers to: an HTTP target, Slack, stdout.
 pub trait Sink: Send + Sync {
     /// How delivery lines name it: `POST 127.0.0.1:3000/hook`, `slack`. Never a secret.
@@ -218,6 +214,8 @@ pub async fn run_route(
     // The spool file as it was before the last read: an idle route reads again only once it
     // changed (another process's write has no other way to wake it).
     let mut seen = spool::Seen::default();
+    // Wakes the idle wait for writes the writer does not tell of (`Spool::changed`).
+    let mut nudges = spool.nudges();
     // What this process's writer queued, handed over with each append (`spool::Enqueued`).
     let mut enqueued = writer.enqueued();
     // While `drained`: the spool's seq counter up to which this route knows its whole queue
@@ -229,7 +227,7 @@ pub async fn run_route(
         let was_drained = std::mem::take(&mut drained);
         if was_drained
             && !appended.has_changed().unwrap_or(true)
-            && !idle(&spool, &mut appended, &seen, &cancel).await
+            && !idle(&spool, &mut appended, &mut nudges, &seen, &cancel).await
         {
             // Stopped while idle: what it finished last may not be committed yet (below).
             break;
@@ -246,6 +244,7 @@ pub async fn run_route(
             // (a write by another process after this commit is not missed).
             Some(handed) => handed,
             None => {
+                nudges.mark();
                 seen = spool.look();
                 // What `enqueued` holds now is in this read (or older): not to be taken again.
                 enqueued.borrow_and_update();
@@ -357,26 +356,23 @@ fn handed_over(
     Some((queued, last.seq_after))
 }
 
-/// Wait until there may be something to read: an append by this process, or a change of the
-/// spool file since `seen` (looked at every [`IDLE_POLL`]). False if cancelled first. An idle
-/// route thus costs a timer and a `statx` a second, not a read transaction on the blocking pool.
+/// Wait until there may be something to read: an append by this process's writer, or any
+/// other change of the spool file since `seen` ([`Spool::changed`]: looked at every second
+/// while other processes share the file, not at all while this one has it alone). False if
+/// cancelled first. An idle route thus costs no read transaction, and on a spool held alone
+/// no wake-up at all.
 async fn idle(
     spool: &Spool,
     appended: &mut tokio::sync::watch::Receiver<u64>,
+    nudges: &mut spool::Nudges,
     seen: &spool::Seen,
     cancel: &CancellationToken,
 ) -> bool {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return false,
-            // Once the writer is gone, only the file tells.
-            Ok(()) = appended.changed() => return true,
-            _ = tokio::time::sleep(IDLE_POLL) => {
-                if spool.changed_since(seen) {
-                    return true;
-                }
-            }
-        }
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        // Once the writer is gone, only the file tells.
+        Ok(()) = appended.changed() => true,
+        () = spool.changed(nudges, seen) => true,
     }
 }
 
@@ -572,6 +568,9 @@ mod tests {
 
     use http::StatusCode;
     use tokio::time::Instant;
+
+    /// How often an idle route looks at a spool file it shares with other processes.
+    const IDLE_POLL: Duration = crate::spool::LOOK_EVERY;
 
     /// A sink that answers from a script and notes when each attempt came.
     struct Scripted {
@@ -775,11 +774,11 @@ mod tests {
         file.set_modified(old).unwrap();
     }
 
-    /// An idle route does not read the spool (one `statx` a second instead of a read
-    /// transaction), and an event another process queues (`smee-relay events replay`, which
-    /// does not wake this process) is still delivered within about [`IDLE_POLL`].
+    /// An idle route on a spool its relay holds alone neither reads it nor looks at it (no
+    /// timer at all: no other process can write it), and an event queued in this process
+    /// outside the writer (a catch-up's appends, a replay) is still delivered at once.
     #[tokio::test(start_paused = true)]
-    async fn an_idle_route_reads_nothing_yet_sees_another_process_replay() {
+    async fn an_idle_route_reads_nothing_yet_sees_a_replay_outside_the_writer() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
         let ok = || {
             Ok(Delivered {
@@ -797,14 +796,19 @@ mod tests {
         age_the_file(&spool);
         // One read may follow: the file changed since the route last looked.
         tokio::time::sleep(IDLE_POLL * 3).await;
-        let reads = spool.reads();
+        let (reads, looks) = (spool.reads(), spool.looks());
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert_eq!(
             spool.reads(),
             reads,
             "an idle route read the spool during 10 minutes in which nobody wrote it"
         );
-        // Another process re-queues the event: a write to the file, no wake-up in this one.
+        assert_eq!(
+            spool.looks(),
+            looks,
+            "an idle route looked at a spool file no other process can write"
+        );
+        // Re-queued here, not through the writer: the spool nudges the route.
         let queued_at = tokio::time::Instant::now();
         let id = spool.list(None, 10).unwrap()[0].id;
         assert_eq!(
@@ -820,6 +824,36 @@ mod tests {
             "delivered {:?} after the replay",
             queued_at.elapsed()
         );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// An event another process queues (`smee-relay events replay`, which wakes nothing in
+    /// this one) once the relay shares its spool with it is delivered: the route looks at the
+    /// shared file every second.
+    #[tokio::test]
+    async fn an_idle_route_sees_an_event_another_process_replays() {
+        let (dir, spool, writer, thread) = spool_with(1).await;
+        let sink = Arc::new(Recording::default());
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        delivered(&sink, 1).await;
+        // The command: it asks the relay to share the file (the writer thread's next look),
+        // then re-queues the event in its own transaction.
+        let state = dir.path().to_owned();
+        let command = tokio::task::spawn_blocking(move || Spool::open_shared(&state))
+            .await
+            .unwrap()
+            .unwrap();
+        let id = command.list(None, 10).unwrap()[0].id;
+        assert_eq!(
+            command.replay(crate::spool::Replay::Ids(vec![id])).unwrap(),
+            1
+        );
+        delivered(&sink, 2).await;
+        drop(command);
         cancel.cancel();
         route.await.unwrap();
         drop(writer);

@@ -55,8 +55,8 @@ use crate::cluster::{Cluster, SharedState, StoreError};
 use crate::spool::writer::SpoolWriter;
 use crate::spool::{Outcome, Spool, Write};
 
-/// How often an idle pipeline looks at the spool file for events queued by another process
-/// (`smee-relay events replay`): one `statx`, and a read only if the file changed.
+/// How often an idle pipeline in a cluster reads the states again (they live in NATS and may
+/// change on any instance).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// A clock that follows tokio's (so tests can pause and advance it) from the wall-clock time
@@ -114,6 +114,8 @@ pub async fn run(
     // One error line per (rule, kind of failure): a hostile rule fails on every event.
     let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
     let mut appended = writer.appended();
+    // Wakes the idle wait for writes the writer does not tell of (`Spool::changed`).
+    let mut nudges = spool.nudges();
     let mut cursor = 0;
     // In a cluster, per entity, Port's time of the latest change any instance judged (the
     // shared counterpart of `evaluated`'s `updated_ms`).
@@ -201,7 +203,8 @@ pub async fn run(
         }
 
         // Before the read: another process's write from here on (`events replay`) changes the
-        // file after `seen`.
+        // file after `seen`, and a nudge from here on wakes the wait below.
+        nudges.mark();
         let seen = spool.look();
         let queued = {
             let spool = spool.clone();
@@ -216,27 +219,23 @@ pub async fn run(
             Err(_) => return,
         };
         if queued.is_empty() {
-            // Wait for an append, a held alert's time, or (looked at every second, one `statx`)
-            // a write by another process. In a cluster the states live in NATS and may change
-            // anywhere: read again every second as before.
-            loop {
-                let now = clock.now_ms();
-                let due = pipeline
-                    .next_due(states.iter())
-                    .map(|due| Duration::from_millis(due.saturating_sub(now)));
-                let wait = due.map_or(IDLE_POLL, |due| due.min(IDLE_POLL));
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = appended.changed() => break,
-                    _ = tokio::time::sleep(wait) => {
-                        if view.is_some()
-                            || due.is_some_and(|due| due <= wait)
-                            || spool.changed_since(&seen)
-                        {
-                            break;
-                        }
-                    }
-                }
+            // Wait for an append, a held alert's time, or a write by another process
+            // (`Spool::changed`). In a cluster the states live in NATS and may change anywhere:
+            // read again every second as before.
+            let now = clock.now_ms();
+            let due = pipeline
+                .next_due(states.iter())
+                .map(|due| Duration::from_millis(due.saturating_sub(now)));
+            let wait = if view.is_some() {
+                Some(due.map_or(IDLE_POLL, |due| due.min(IDLE_POLL)))
+            } else {
+                due
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = appended.changed() => {}
+                () = spool.changed(&mut nudges, &seen) => {}
+                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
             }
             continue;
         }
@@ -1885,8 +1884,8 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// An idle pipeline does not read the spool while nobody writes it (one `statx` a second),
-    /// and still takes an event appended later.
+    /// An idle pipeline does not read the spool while nobody writes it, nor look at it while
+    /// it holds it alone, and still takes an event appended later.
     #[tokio::test(start_paused = true)]
     async fn an_idle_pipeline_reads_nothing_until_the_spool_changes() {
         let dir = tempfile::tempdir().unwrap();
@@ -1913,9 +1912,10 @@ mod tests {
             cancel.clone(),
         ));
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let reads = spool.reads();
+        let (reads, looks) = (spool.reads(), spool.looks());
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert_eq!(spool.reads(), reads, "read during 10 idle minutes");
+        assert_eq!(spool.looks(), looks, "looked at the file it holds alone");
         let body = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"

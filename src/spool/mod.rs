@@ -506,6 +506,17 @@ pub struct Spool {
     instance: u64,
     /// Read transactions begun, so tests can pin that an idle relay does not read.
     reads: std::sync::atomic::AtomicU64,
+    /// Looks at the file (`statx`, [`Spool::changed_since`]), so tests can pin that an idle
+    /// relay holding the file alone does not look.
+    looks: std::sync::atomic::AtomicU64,
+    /// Whether the file is open alone (redb's exclusive-writer mode): then no other process can
+    /// write it, and readers waiting for a change need not look at it ([`Spool::changed`]).
+    /// Cleared before the file is closed to be shared, set once it is open alone again.
+    alone: std::sync::atomic::AtomicBool,
+    /// Wakes readers waiting in [`Spool::changed`]: bumped when [`Spool::alone`] changes and
+    /// after a write in this process that queues deliveries outside the writer thread (a
+    /// catch-up's appends, a replay), which does not tell them otherwise.
+    nudges: tokio::sync::watch::Sender<u64>,
     /// Whether this process would rather have the file alone (a relay, whose every event is a
     /// commit) than shared (a command, which is brief): see [`share`].
     prefer_alone: bool,
@@ -572,6 +583,21 @@ pub(crate) struct Seen {
     /// changed, since a write in the same clock tick would leave the same stamp.
     at: Option<SystemTime>,
 }
+
+/// A reader's side of [`Spool::changed`]'s wake-ups ([`Spool::nudges`]).
+pub(crate) struct Nudges(tokio::sync::watch::Receiver<u64>);
+
+impl Nudges {
+    /// Call before a read: a nudge from here on wakes the next [`Spool::changed`], one before
+    /// is in the read.
+    pub(crate) fn mark(&mut self) {
+        self.0.borrow_and_update();
+    }
+}
+
+/// How often a reader waiting in [`Spool::changed`] looks at a file shared with other
+/// processes.
+pub(crate) const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Spool {
     /// Open (or create) the spool in `state_dir` for a relay: alone if no other process uses
@@ -664,6 +690,9 @@ impl Spool {
             path,
             instance,
             reads: 0.into(),
+            looks: 0.into(),
+            alone: (sharing.mode == Mode::Alone).into(),
+            nudges: tokio::sync::watch::Sender::new(0),
             prefer_alone,
             sharing: std::sync::Mutex::new(sharing),
         })
@@ -767,6 +796,8 @@ impl Spool {
             return;
         }
         let mut db = self.db.write().expect("not poisoned");
+        // Readers look at the file from now on: once closed here, others may write it.
+        self.set_alone(false);
         // Close first: the file cannot be open twice in one process in these modes.
         drop(db.take());
         let mine = sharing.request.take();
@@ -791,6 +822,7 @@ impl Spool {
                     if now.mode == Mode::Alone { "alone (exclusive-writer mode)" } else { "shared (multi-writer mode)" }
                 );
                 *sharing = now;
+                self.set_alone(sharing.mode == Mode::Alone);
             }
             Err(e) => {
                 // The next read or write opens it again (shared: see `reopen`), and says so.
@@ -820,8 +852,59 @@ impl Spool {
         let (Some(stamp), Some(at)) = (seen.stamp, seen.at) else {
             return true;
         };
+        self.looks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let settled = at.duration_since(stamp.0).is_ok_and(|old| old >= RACY);
         !settled || self.stamp() != Some(stamp)
+    }
+
+    /// For a reader that waits in [`Spool::changed`]: take it before the first read, and
+    /// [`Nudges::mark`] it before each (with the [`Seen`] of that read).
+    pub(crate) fn nudges(&self) -> Nudges {
+        Nudges(self.nudges.subscribe())
+    }
+
+    /// Returns once the file may have changed since `seen` by a write that this process's
+    /// writer thread does not tell of (its appends come through [`writer::SpoolWriter`]): one
+    /// by another process (`smee-relay events replay`), or one here outside the writer (a
+    /// catch-up's appends). While the file is open alone no other process can write it, and
+    /// this waits for a nudge without looking at the file; shared, it looks every [`LOOK_EVERY`]
+    /// (one `statx`). An idle relay holding its spool alone so wakes for none of this.
+    pub(crate) async fn changed(&self, nudges: &mut Nudges, seen: &Seen) {
+        loop {
+            let shared = !self.alone.load(std::sync::atomic::Ordering::Acquire);
+            tokio::select! {
+                nudged = nudges.0.changed() => {
+                    if nudged.is_err() {
+                        // The spool is gone (it cannot be while borrowed here).
+                        std::future::pending::<()>().await;
+                    }
+                }
+                _ = tokio::time::sleep(LOOK_EVERY), if shared => {}
+            }
+            if self.changed_since(seen) {
+                return;
+            }
+        }
+    }
+
+    /// Whether the file is open alone; readers waiting in [`Spool::changed`] hear of a change.
+    fn set_alone(&self, alone: bool) {
+        let was = self.alone.swap(alone, std::sync::atomic::Ordering::AcqRel);
+        if was != alone {
+            self.nudge();
+        }
+    }
+
+    /// Wake readers waiting in [`Spool::changed`] (after a write outside the writer thread).
+    fn nudge(&self) {
+        self.nudges.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// How many times the file was looked at (tests pin that an idle relay does not look).
+    #[cfg(test)]
+    pub(crate) fn looks(&self) -> u64 {
+        self.looks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The spool file's modification time, size and inode.
@@ -847,9 +930,11 @@ impl Spool {
     fn reopen(&self) -> Result<(), SpoolError> {
         let mut sharing = self.sharing.lock().expect("not poisoned");
         let mut db = self.db.write().expect("not poisoned");
+        let alone = sharing.mode == Mode::Alone;
+        // As in `share_switch`: another process may take the file while it is closed.
+        self.set_alone(false);
         // Close the old handle first: the file cannot be opened twice in one process.
         drop(db.take());
-        let alone = sharing.mode == Mode::Alone;
         let mine = sharing.request.take();
         // A relay's new request answers nobody yet: its next look does.
         let answer = self.prefer_alone.then_some(&[][..]);
@@ -863,6 +948,7 @@ impl Spool {
         };
         *sharing = now;
         *db = Some(fresh);
+        self.set_alone(sharing.mode == Mode::Alone);
         self.needs_reopen
             .store(false, std::sync::atomic::Ordering::Relaxed);
         // Debug: while the disk stays full this repeats with every retry; the user-facing lines
@@ -1226,6 +1312,7 @@ impl Spool {
             }
             Ok(chosen.len())
         })
+        .inspect(|_| self.nudge())
     }
 
     /// Forget every dead letter. Returns how many deliveries were removed.
@@ -1311,6 +1398,7 @@ impl Spool {
             }
             Ok(ids)
         })
+        .inspect(|_| self.nudge())
     }
 
     /// Move the version-1 deliveries of one channel to their version-2 queues: those queued
@@ -1377,6 +1465,7 @@ impl Spool {
             }
             Ok(moving.len())
         })
+        .inspect(|_| self.nudge())
     }
 
     /// Remove delivered events received before `older_than_ms`. Returns how many.
