@@ -6,9 +6,10 @@
 //! (a GUID once, however often GitHub redelivered it) and appends them, oldest first, to the
 //! channel's queues in bounded batches, each one transaction that checks the GUIDs again (two
 //! runs at once add each once). A delivery that cannot be fetched is skipped and reported; the
-//! others are recovered in order. Routes of a running relay pick them up as they do `events replay`'s (an idle route
-//! looks at its queue every second), so `smee-relay catch-up` works whether the daemon runs or
-//! not. The daemon runs it itself after every gap of a channel that has a
+//! others are recovered in order. Routes of a running relay pick them up as they do `events replay`'s
+//! (`Spool::changed`: the daemon's own appends nudge its routes; a command's are seen within a
+//! second, the relay sharing the file with it), so `smee-relay catch-up` works whether the
+//! daemon runs or not. The daemon runs it itself after every gap of a channel that has a
 //! `[channel.github_catch_up]` block ([`after_gaps`]).
 //!
 //! This module does not decide which channel or routes: the command and the daemon say.

@@ -77,8 +77,21 @@ fn appended_bytes(writes: &[Write]) -> usize {
 type Answer = Result<(Appended, Option<Told>), SpoolError>;
 
 /// A commit that appended events, for its appenders to tell the routes of ([`Tell::tell`]): its
-/// number (commits are numbered in order) and what it queued.
-type Told = (u64, Option<Arc<Enqueued>>);
+/// number (commits are numbered in order) and what it queued. Told when dropped: by the appender
+/// that took the answer, normally; by whoever drops it otherwise (an appender cancelled after
+/// the commit, such as a reconciliation stopped by a reload), so no append goes untold and an
+/// idle route on a spool held alone, which waits for nothing else, still wakes.
+struct Told {
+    tell: Arc<Tell>,
+    commit: u64,
+    enqueued: Option<Arc<Enqueued>>,
+}
+
+impl Drop for Told {
+    fn drop(&mut self) {
+        self.tell.tell(self.commit, self.enqueued.take());
+    }
+}
 
 /// How routes learn of appends. The appender that was waiting for the commit tells them, on its
 /// own event loop, once it has its answer: the writer thread then wakes that loop once per
@@ -94,7 +107,7 @@ struct Tell {
 }
 
 impl Tell {
-    fn tell(&self, (commit, enqueued): Told) {
+    fn tell(&self, commit: u64, enqueued: Option<Arc<Enqueued>>) {
         let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
         if commit <= *told {
             return;
@@ -333,9 +346,8 @@ impl SpoolWriter {
         let marks: Vec<(String, u64)> = writes_finished(&job.writes).collect();
         self.jobs.send(job).map_err(|_| SpoolError::WriterStopped)?;
         let (appended, told) = answer.await.map_err(|_| SpoolError::WriterStopped)??;
-        if let Some(told) = told {
-            self.tell.tell(told);
-        }
+        // Tells the routes, here, on the appender's event loop.
+        drop(told);
         for mark in marks {
             let _ = self.finished.send(mark);
         }
@@ -697,11 +709,16 @@ impl WriterThread {
                         .count();
                     let ids: Vec<_> = appended.by_ref().take(appends).collect();
                     if let Some(reply) = job.reply {
-                        telling |= reply.send(Ok((ids, told.clone()))).is_ok() && told.is_some();
+                        let told = told.as_ref().map(|(commit, enqueued)| Told {
+                            tell: self.tell.clone(),
+                            commit: *commit,
+                            enqueued: enqueued.clone(),
+                        });
+                        telling |= reply.send(Ok((ids, told))).is_ok();
                     }
                 }
-                if let (Some(told), false) = (told, telling) {
-                    self.tell.tell(told);
+                if let (Some((commit, enqueued)), false) = (told, telling) {
+                    self.tell.tell(commit, enqueued);
                 }
                 if let Some(journal) = &self.journal {
                     journal.committed(journaled);
@@ -754,6 +771,47 @@ mod tests {
             pace,
             mark_delay,
         )
+    }
+
+    /// An appender dropped after its commit, before it took the answer (a reconciliation
+    /// stopped by a reload), took the telling with it: idle routes were not woken, and on a
+    /// spool held alone nothing else wakes them (the pipeline's snapshot waited for the next
+    /// append). The answer now tells when it is dropped.
+    #[tokio::test]
+    async fn regression_an_appender_dropped_after_its_commit_did_not_tell_the_routes() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
+        let mut appended = writer.appended();
+        let routes = ["r".to_string()];
+        let mut append = Box::pin(writer.append("c", &routes, vec![event(1)].into(), None));
+        // Sent, then answered (the answer wakes the appender), but never taken.
+        let answered = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = std::task::Waker::from(answered.clone());
+        let polled = append
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !answered.0.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "no answer");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(append);
+        assert!(
+            appended.has_changed().unwrap(),
+            "the routes were not told of an append whose appender went away"
+        );
+        assert_eq!(spool.pending("r", 0, 10).unwrap().len(), 1);
+        appended.borrow_and_update();
+        drop(writer);
+        thread.join().unwrap();
     }
 
     fn event(n: u64) -> Event {
