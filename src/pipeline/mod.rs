@@ -347,6 +347,9 @@ impl Pipeline {
         states: impl Iterator<Item = (&'a String, &'a AlertState)>,
     ) -> Option<u64> {
         states
+            // Without a draft a held state never fires ([`Pipeline::mature`]): counted due, it
+            // kept the runner waking at once, forever (a state stored by hand or damaged).
+            .filter(|(_, state)| state.draft.is_some())
             .filter_map(|(key, state)| {
                 let rule = key.split('\u{1f}').next()?;
                 let rule = self.rules.iter().find(|r| r.name == rule)?;
@@ -586,6 +589,21 @@ pub(crate) mod tests {
         assert!(alerts.is_empty());
         states.extend(new);
         assert!(pipeline.mature(states.iter(), t0 + 3_600_000).is_empty());
+    }
+
+    /// A held state without its draft (stored by hand, or damaged) never fires, yet it was
+    /// counted due: the runner's wait for it was zero, and it read the spool in a loop.
+    #[test]
+    fn regression_a_held_state_without_a_draft_was_always_due() {
+        let pipeline =
+            with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n");
+        let bare = AlertState {
+            phase: Phase::Pending { since_ms: 1 },
+            ..Default::default()
+        };
+        let states: HashMap<String, AlertState> = [(state_key("hot", "e"), bare)].into();
+        assert!(pipeline.mature(states.iter(), u64::MAX).is_empty());
+        assert_eq!(pipeline.next_due(states.iter()), None);
     }
 
     #[test]

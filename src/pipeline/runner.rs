@@ -85,7 +85,7 @@ impl Clock {
 pub async fn run(
     spool: Arc<Spool>,
     writer: SpoolWriter,
-    rules: watch::Receiver<Arc<Pipeline>>,
+    mut rules: watch::Receiver<Arc<Pipeline>>,
     cluster: Option<Cluster>,
     cancel: CancellationToken,
 ) {
@@ -121,8 +121,9 @@ pub async fn run(
     // shared counterpart of `evaluated`'s `updated_ms`).
     let mut changed: HashMap<String, u64> = HashMap::new();
     while !cancel.is_cancelled() {
-        // The rules as of now: a reload swaps them between events.
-        let pipeline = rules.borrow().clone();
+        // The rules as of now: a reload swaps them between events (and wakes the idle wait
+        // below: a held alert's time may have moved).
+        let pipeline = rules.borrow_and_update().clone();
         if let Some(view) = &mut view
             && (!view.refresh_all(false, &mut states, &mut changed).await
                 || !resend_recorded(view, &writer).await)
@@ -235,6 +236,7 @@ pub async fn run(
                 _ = cancel.cancelled() => return,
                 _ = appended.changed() => {}
                 () = spool.changed(&mut nudges, &seen) => {}
+                Ok(()) = rules.changed() => {}
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
             }
             continue;
@@ -1809,44 +1811,70 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn for_holds_the_alert_on_the_paused_clock() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-        let pipeline = super::super::tests::with_rules(
-            "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n",
-        );
-        let body = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
-        ))
-        .unwrap();
-        let event = crate::event::Event {
-            sse_id: None,
-            timestamp_ms: None,
-            headers: vec![],
-            query: vec![],
-            body: body.into(),
-        };
-        writer
-            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event].into(), None)
-            .await
+    /// A pipeline running `rules` (a watch the test may reload) on a fresh spool, with the
+    /// fixture's CPU change (25 to 87) queued and judged.
+    struct Held {
+        _dir: tempfile::TempDir,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        thread: std::thread::JoinHandle<()>,
+        rules: watch::Sender<Arc<Pipeline>>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Held {
+        async fn start(rules: &str) -> Held {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Arc::new(Spool::open(dir.path()).unwrap());
+            let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+            let body = std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
+            ))
             .unwrap();
-        let cancel = CancellationToken::new();
-        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = tokio::spawn(run(
-            spool.clone(),
-            writer.clone(),
-            rules_rx,
-            None,
-            cancel.clone(),
-        ));
-        let alerts = |spool: &Spool| spool.pending(ALERT_ROUTE, 0, 10).unwrap();
-        // The writer is a thread: what it commits is waited for in real time, inside a
-        // blocking task, which also keeps the paused clock from jumping ahead meanwhile.
-        let wait_real = |what: &'static str, cond: fn(&Spool) -> bool| {
-            let spool = spool.clone();
+            let event = crate::event::Event {
+                body: body.into(),
+                ..Default::default()
+            };
+            writer
+                .append("c", &[PIPELINE_ROUTE.to_string()], vec![event].into(), None)
+                .await
+                .unwrap();
+            let cancel = CancellationToken::new();
+            let (rules, rules_rx) =
+                watch::channel(Arc::new(super::super::tests::with_rules(rules)));
+            let task = tokio::spawn(run(
+                spool.clone(),
+                writer.clone(),
+                rules_rx,
+                None,
+                cancel.clone(),
+            ));
+            let held = Held {
+                _dir: dir,
+                spool,
+                writer,
+                thread,
+                rules,
+                cancel,
+                task,
+            };
+            held.wait_real("the event evaluated", |spool| {
+                spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
+            })
+            .await;
+            held
+        }
+
+        fn alerts(&self) -> Vec<crate::spool::Queued> {
+            self.spool.pending(ALERT_ROUTE, 0, 10).unwrap()
+        }
+
+        /// The writer is a thread: what it commits is waited for in real time, inside a
+        /// blocking task, which also keeps the paused clock from jumping ahead meanwhile.
+        async fn wait_real(&self, what: &'static str, cond: fn(&Spool) -> bool) {
+            let spool = self.spool.clone();
             tokio::task::spawn_blocking(move || {
                 let deadline = std::time::Instant::now() + Duration::from_secs(20);
                 while !cond(&spool) {
@@ -1858,30 +1886,61 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             })
-        };
-        wait_real("the event evaluated", |spool| {
-            spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
-        })
-        .await
-        .unwrap();
-        assert!(alerts(&spool).is_empty(), "held: nothing yet");
+            .await
+            .unwrap();
+        }
+
+        async fn fired(&self) -> Alert {
+            self.wait_real("the held alert committed", |spool| {
+                !spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty()
+            })
+            .await;
+            let sent = self.alerts();
+            assert_eq!(sent.len(), 1, "fired once");
+            serde_json::from_slice(&sent[0].event.event.body).unwrap()
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.task.await.unwrap();
+            drop(self.writer);
+            self.thread.join().unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn for_holds_the_alert_on_the_paused_clock() {
+        let held = Held::start(
+            "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n",
+        )
+        .await;
+        assert!(held.alerts().is_empty(), "held: nothing yet");
         // The paused clock: these return when tokio's time has moved on, at once in real time.
         tokio::time::sleep(Duration::from_secs(4 * 60)).await;
-        assert!(alerts(&spool).is_empty(), "still held after 4 minutes");
+        assert!(held.alerts().is_empty(), "still held after 4 minutes");
         tokio::time::sleep(Duration::from_secs(61)).await;
-        wait_real("the held alert committed", |spool| {
-            !spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty()
-        })
-        .await
-        .unwrap();
-        let sent = alerts(&spool);
-        assert_eq!(sent.len(), 1, "fired once the 5 minutes were over");
-        let alert: Alert = serde_json::from_slice(&sent[0].event.event.body).unwrap();
+        let alert = held.fired().await;
         assert_eq!(alert.note.as_deref(), Some("held for 5m"));
-        cancel.cancel();
-        task.await.unwrap();
-        drop(writer);
-        thread.join().unwrap();
+        held.stop().await;
+    }
+
+    /// A reload while the pipeline waited for a held alert's time did not wake it: it fired at
+    /// the old rule's time (a hold shortened from 5m to 1m still waited 5 minutes).
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_reload_while_an_alert_was_held_kept_the_old_hold() {
+        let rule = |hold: &str| {
+            format!(
+                "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"{hold}\"\n"
+            )
+        };
+        let held = Held::start(&rule("5m")).await;
+        held.rules
+            .send(Arc::new(super::super::tests::with_rules(&rule("1m"))))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let alert = held.fired().await;
+        assert_eq!(alert.note.as_deref(), Some("held for 1m"));
+        held.stop().await;
     }
 
     /// An idle pipeline does not read the spool while nobody writes it, nor look at it while
