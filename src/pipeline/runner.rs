@@ -1811,6 +1811,32 @@ mod tests {
         }
     }
 
+    /// Queue [`hot_event`] for the pipeline.
+    async fn queue_hot(writer: &SpoolWriter) {
+        writer
+            .append(
+                "c",
+                &[PIPELINE_ROUTE.to_string()],
+                vec![hot_event()].into(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The fixture's CPU change of one entity, 25 to 87 (an Automation webhook).
+    fn hot_event() -> crate::event::Event {
+        let body = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
+        ))
+        .unwrap();
+        crate::event::Event {
+            body: body.into(),
+            ..Default::default()
+        }
+    }
+
     /// A pipeline running `rules` (a watch the test may reload) on a fresh spool, with the
     /// fixture's CPU change (25 to 87) queued and judged.
     struct Held {
@@ -1828,19 +1854,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let spool = Arc::new(Spool::open(dir.path()).unwrap());
             let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-            let body = std::fs::read(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
-            ))
-            .unwrap();
-            let event = crate::event::Event {
-                body: body.into(),
-                ..Default::default()
-            };
-            writer
-                .append("c", &[PIPELINE_ROUTE.to_string()], vec![event].into(), None)
-                .await
-                .unwrap();
+            queue_hot(&writer).await;
             let cancel = CancellationToken::new();
             let (rules, rules_rx) =
                 watch::channel(Arc::new(super::super::tests::with_rules(rules)));
@@ -1975,19 +1989,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert_eq!(spool.reads(), reads, "read during 10 idle minutes");
         assert_eq!(spool.looks(), looks, "looked at the file it holds alone");
-        let body = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
-        ))
-        .unwrap();
-        let event = crate::event::Event {
-            body: body.into(),
-            ..Default::default()
-        };
-        writer
-            .append("c", &[PIPELINE_ROUTE.to_string()], vec![event].into(), None)
-            .await
-            .unwrap();
+        queue_hot(&writer).await;
         // Real time: the evaluation and the writer are threads.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while spool.pending(ALERT_ROUTE, 0, 10).unwrap().is_empty() {
