@@ -1070,7 +1070,10 @@ impl Spool {
         }
     }
 
-    /// Apply `writes` in one transaction (one fsync).
+    /// Apply `writes` in one transaction (one fsync). In a relay, only its writer thread
+    /// calls this: the writer tells the routes of what it appended. Anything else in the relay's
+    /// process that queues deliveries must [`Spool::nudge`] them (as `append_missing` and
+    /// `replay` do), or an idle route on a spool held alone never hears of it.
     pub fn write<'w>(
         &self,
         writes: impl IntoIterator<Item = &'w Write>,
