@@ -511,7 +511,9 @@ pub struct Spool {
     looks: std::sync::atomic::AtomicU64,
     /// Whether the file is open alone (redb's exclusive-writer mode): then no other process can
     /// write it, and readers waiting for a change need not look at it ([`Spool::changed`]).
-    /// Cleared before the file is closed to be shared, set once it is open alone again.
+    /// Cleared before the file is closed to be shared, set once it is open alone again: so it
+    /// leads `sharing`'s mode rather than copying it, and an async reader takes no lock for it
+    /// (`sharing`'s is held through a reopen).
     alone: std::sync::atomic::AtomicBool,
     /// Wakes readers waiting in [`Spool::changed`]: bumped when [`Spool::alone`] changes and
     /// after a write in this process that queues deliveries outside the writer thread (a
