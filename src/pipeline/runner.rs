@@ -1811,6 +1811,22 @@ mod tests {
         }
     }
 
+    /// The pipeline on `spool`, outside a cluster, until `cancel`.
+    fn spawn_pipeline(
+        spool: &Arc<Spool>,
+        writer: &SpoolWriter,
+        rules: watch::Receiver<Arc<Pipeline>>,
+        cancel: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            rules,
+            None,
+            cancel.clone(),
+        ))
+    }
+
     /// Queue [`hot_event`] for the pipeline.
     async fn queue_hot(writer: &SpoolWriter) {
         writer
@@ -1858,13 +1874,7 @@ mod tests {
             let cancel = CancellationToken::new();
             let (rules, rules_rx) =
                 watch::channel(Arc::new(super::super::tests::with_rules(rules)));
-            let task = tokio::spawn(run(
-                spool.clone(),
-                writer.clone(),
-                rules_rx,
-                None,
-                cancel.clone(),
-            ));
+            let task = spawn_pipeline(&spool, &writer, rules_rx, &cancel);
             let held = Held {
                 _dir: dir,
                 spool,
@@ -1977,13 +1987,7 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = tokio::spawn(run(
-            spool.clone(),
-            writer.clone(),
-            rules_rx,
-            None,
-            cancel.clone(),
-        ));
+        let task = spawn_pipeline(&spool, &writer, rules_rx, &cancel);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (reads, looks) = (spool.reads(), spool.looks());
         tokio::time::sleep(Duration::from_secs(600)).await;
@@ -2044,13 +2048,7 @@ mod tests {
         let (older, hot) = (ids[0].unwrap(), ids[1].unwrap());
         let cancel = CancellationToken::new();
         let (rules, rules_rx) = watch::channel(Arc::new(strict));
-        let task = tokio::spawn(run(
-            spool.clone(),
-            writer.clone(),
-            rules_rx,
-            None,
-            cancel.clone(),
-        ));
+        let task = spawn_pipeline(&spool, &writer, rules_rx, &cancel);
         settled(&spool).await;
         let dead = spool.list(Some(crate::spool::Status::Dead), 10).unwrap();
         assert_eq!(dead.len(), 2, "unsigned: both rejected");
@@ -2128,13 +2126,7 @@ mod tests {
             .unwrap();
         let cancel = CancellationToken::new();
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = tokio::spawn(run(
-            spool.clone(),
-            writer.clone(),
-            rules_rx,
-            None,
-            cancel.clone(),
-        ));
+        let task = spawn_pipeline(&spool, &writer, rules_rx, &cancel);
         settled(&spool).await;
         let said = |spool: &Spool| -> Vec<String> {
             spool
