@@ -5,7 +5,8 @@
 //! A backend stands between redb and the file and stops after a random number of writes (the
 //! crash). The file as the disk would have it then (what was synced, plus a random prefix of
 //! the writes since) is opened as a fresh spool and compared with a model of what was
-//! acknowledged.
+//! acknowledged. With the write-ahead log, its file is taken as it is at the crash (a record
+//! counts only once synced).
 
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
@@ -151,12 +152,15 @@ enum Step {
     Append(usize),
     /// The head of this route is delivered (or, with `false`, given up on).
     Finish(usize, bool),
+    /// What the write-ahead log holds goes into the file ([`Spool::checkpoint`]).
+    Checkpoint,
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (1usize..4).prop_map(Step::Append),
         (0usize..2, any::<bool>()).prop_map(|(r, ok)| Step::Finish(r, ok)),
+        Just(Step::Checkpoint),
     ]
 }
 
@@ -204,9 +208,10 @@ fn queues(spool: &Spool) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Run `steps` until the crash; returns the queues acknowledged before the step that failed,
-/// and what they would be had it succeeded.
-fn run(spool: &Spool, steps: &[Step]) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+/// Run `steps` until the crash, each write through the write-ahead log if `logged` (as the
+/// writer thread writes); returns the queues acknowledged before the step that failed, and
+/// what they would be had it succeeded.
+fn run(spool: &Spool, steps: &[Step], logged: bool) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
     let mut model: Vec<Vec<usize>> = vec![Vec::new(), Vec::new()];
     let mut next = 0;
     for step in steps {
@@ -247,8 +252,19 @@ fn run(spool: &Spool, steps: &[Step]) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
                     },
                 }
             }
+            Step::Checkpoint => {
+                if spool.checkpoint().is_err() {
+                    return (model.clone(), model);
+                }
+                continue;
+            }
         };
-        if spool.write(&[write], ROOM).is_err() {
+        let written = if logged {
+            spool.write_logged(&[write], ROOM).map(drop)
+        } else {
+            spool.write(&[write], ROOM).map(drop)
+        };
+        if written.is_err() {
             return (model, after);
         }
         model = after;
@@ -264,6 +280,7 @@ proptest! {
         steps in proptest::collection::vec(step(), 1..24),
         crash_after in 0usize..400,
         kept_fraction in 0.0f64..=1.0,
+        logged in any::<bool>(),
     ) {
         let live = tempfile::tempdir().unwrap();
         let disk = Arc::new(Mutex::new(Disk::default()));
@@ -282,16 +299,19 @@ proptest! {
         };
         let spool = Spool::open_with(live.path(), factory).unwrap();
         disk.lock().unwrap().writes_left = Some(crash_after);
-        let (before, after) = run(&spool, &steps);
+        let (before, after) = run(&spool, &steps, logged);
 
         let image = {
             let disk = disk.lock().unwrap();
             let kept = (disk.unsynced.len() as f64 * kept_fraction) as usize;
             disk.image(kept)
         };
+        // The log as the crash leaves it: its writes are synced before they count.
+        let log = std::fs::read(live.path().join(super::wal::FILE_NAME)).unwrap();
         drop(spool);
         let restarted = tempfile::tempdir().unwrap();
         std::fs::write(restarted.path().join(super::FILE_NAME), image).unwrap();
+        std::fs::write(restarted.path().join(super::wal::FILE_NAME), log).unwrap();
         let spool = Spool::open(restarted.path()).unwrap();
         let found = queues(&spool);
         prop_assert!(

@@ -65,6 +65,9 @@ pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
 mod share;
+mod wal;
+#[cfg(test)]
+mod wal_tests;
 pub mod writer;
 
 pub use crate::clock::age;
@@ -82,6 +85,8 @@ const NEXT_SEQ: &str = "next_seq";
 const STORED_BYTES: &str = "stored_bytes";
 const INSTANCE: &str = "instance";
 const FORMAT: &str = "format";
+/// The number of the last record of the write-ahead log applied ([`wal`]).
+const WAL_SEQ: &str = "wal_seq";
 /// The `cursors` key naming the cluster a relay runs in with this state directory. In
 /// `cursors` (text values), not `meta` (numbers), and never a channel key (those are 16 hex
 /// digits): a build that does not know it never reads it, so the format stays as it was.
@@ -208,6 +213,18 @@ pub enum SpoolError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot write the spool's write-ahead log {path}", path = path.display())]
+    Wal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot apply the spool's write-ahead log {path} (what it holds is not lost: it is applied at the next open)", path = path.display())]
+    Replay {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
     },
     #[error("no event {0} in the spool (it may have been pruned)")]
     NoSuchEvent(u64),
@@ -525,6 +542,9 @@ pub struct Spool {
     /// In which of redb's modes the file is open, and this process's request while shared.
     /// Declared after `db`, so that on drop the file is closed before the request goes.
     sharing: std::sync::Mutex<Sharing>,
+    /// The write-ahead log, while the file is open alone ([`wal`]; `None` if it could not be
+    /// opened: then every commit is synced to the file itself). Locked after `db`.
+    wal: std::sync::Mutex<Option<wal::Wal>>,
 }
 
 /// How the spool file is open ([`share`]): alone, in redb's exclusive-writer mode, or shared
@@ -660,7 +680,7 @@ impl Spool {
         let dir = path.parent().unwrap_or(Path::new("."));
         // A relay starting holds no marks yet: it answers every request there is at once.
         let answer = prefer_alone.then(|| share::others(dir, None));
-        let (db, instance, sharing) =
+        let (opened, sharing) =
             open_sharing(&path, &backend, prefer_alone, None, answer.as_deref())?;
         // A command on a spool already shared: the relays sharing it may hold marks of
         // deliveries they finished; they commit them and say so within a SHARE_POLL.
@@ -684,19 +704,21 @@ impl Spool {
                 ANSWER_WAIT.as_secs()
             );
         }
+        let wal = opened.wal(&path, sharing.mode);
         Ok(Spool {
-            db: std::sync::RwLock::new(Some(db)),
+            db: std::sync::RwLock::new(Some(opened.db)),
             needs_reopen: false.into(),
             write_error: Default::default(),
             backend,
             path,
-            instance,
+            instance: opened.instance,
             reads: 0.into(),
             looks: 0.into(),
             alone: (sharing.mode == Mode::Alone).into(),
             nudges: tokio::sync::watch::Sender::new(0),
             prefer_alone,
             sharing: std::sync::Mutex::new(sharing),
+            wal: std::sync::Mutex::new(wal),
         })
     }
 
@@ -798,6 +820,18 @@ impl Spool {
             return;
         }
         let mut db = self.db.write().expect("not poisoned");
+        // What only the write-ahead log holds goes into the file before others may read it.
+        // Should that fail, the log keeps it, and the open below applies it.
+        if let Some(open) = db.as_ref()
+            && self.logged() > 0
+            && let Err(e) = self.transact(open, redb::Durability::Immediate, |_| Ok(()), |_| true)
+        {
+            tracing::warn!(
+                "cannot commit the spool's write-ahead log to the file before sharing it: {}",
+                crate::error::chain(&e)
+            );
+        }
+        *self.wal.lock().expect("not poisoned") = None;
         // Readers look at the file from now on: once closed here, others may write it.
         self.set_alone(false);
         // Close first: the file cannot be open twice in one process in these modes.
@@ -813,8 +847,9 @@ impl Spool {
             mine,
             Some(answer),
         ) {
-            Ok((fresh, _, now)) => {
-                *db = Some(fresh);
+            Ok((fresh, now)) => {
+                *self.wal.lock().expect("not poisoned") = fresh.wal(&self.path, now.mode);
+                *db = Some(fresh.db);
                 self.needs_reopen
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(
@@ -903,6 +938,14 @@ impl Spool {
         self.nudges.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// Make writes to the write-ahead log fail (or work again).
+    #[cfg(test)]
+    pub(crate) fn break_wal(&self, broken: bool) {
+        if let Some(log) = self.wal.lock().unwrap().as_mut() {
+            log.break_writes(broken);
+        }
+    }
+
     /// How many times the file was looked at (tests pin that an idle relay does not look).
     #[cfg(test)]
     pub(crate) fn looks(&self) -> u64 {
@@ -935,12 +978,14 @@ impl Spool {
         let alone = sharing.mode == Mode::Alone;
         // As in `share_switch`: another process may take the file while it is closed.
         self.set_alone(false);
+        // The write-ahead log keeps what the old handle held only in memory: the open applies it.
+        *self.wal.lock().expect("not poisoned") = None;
         // Close the old handle first: the file cannot be opened twice in one process.
         drop(db.take());
         let mine = sharing.request.take();
         // A relay's new request answers nobody yet: its next look does.
         let answer = self.prefer_alone.then_some(&[][..]);
-        let (fresh, _, now) = match open_sharing(&self.path, &self.backend, alone, mine, answer) {
+        let (fresh, now) = match open_sharing(&self.path, &self.backend, alone, mine, answer) {
             Ok(opened) => opened,
             Err(e) => {
                 // `open_sharing` dropped the request with its error: shared is safe to retry.
@@ -949,7 +994,8 @@ impl Spool {
             }
         };
         *sharing = now;
-        *db = Some(fresh);
+        *self.wal.lock().expect("not poisoned") = fresh.wal(&self.path, sharing.mode);
+        *db = Some(fresh.db);
         self.set_alone(sharing.mode == Mode::Alone);
         self.needs_reopen
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -976,9 +1022,7 @@ impl Spool {
     ) -> Result<T, SpoolError> {
         use std::sync::atomic::Ordering::Relaxed;
         // After a failed write, redb refuses reads too until the database is opened again.
-        if self.needs_reopen.load(Relaxed) {
-            self.reopen().inspect_err(|e| self.failed(e))?;
-        }
+        self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
         self.reads.fetch_add(1, Relaxed);
@@ -1009,28 +1053,54 @@ impl Spool {
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
         wrote: impl FnOnce(&T) -> bool,
     ) -> Result<T, SpoolError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.needs_reopen.load(Relaxed) {
-            self.reopen().inspect_err(|e| self.failed(e))?;
-        }
+        self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
+        self.transact(db, redb::Durability::Immediate, f, wrote)
+    }
+
+    /// After a failed write, open the database again first (redb refuses every later one).
+    fn reopen_if_needed(&self) -> Result<(), SpoolError> {
+        if self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed) {
+            self.reopen().inspect_err(|e| self.failed(e))?;
+        }
+        Ok(())
+    }
+
+    /// [`Spool::update_if`] on `db`, committed with `durability`. A synced commit makes what
+    /// the write-ahead log holds durable in the file: the log starts over.
+    fn transact<T>(
+        &self,
+        db: &Database,
+        durability: redb::Durability,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
+        wrote: impl FnOnce(&T) -> bool,
+    ) -> Result<T, SpoolError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let synced = matches!(durability, redb::Durability::Immediate);
         let run = || {
-            let txn = db.begin_write()?;
+            let mut txn = db.begin_write()?;
+            txn.set_durability(durability)?;
             let mut tables = Tables::open(&txn)?;
             let out = f(&mut tables)?;
             if !wrote(&out) {
                 drop(tables);
                 txn.abort()?;
-                return Ok(out);
+                return Ok((out, None));
             }
+            let logged = tables.counter(WAL_SEQ)?;
             tables.store_counters()?;
             drop(tables);
             txn.commit()?;
-            Ok(out)
+            Ok((out, synced.then_some(logged)))
         };
         match run() {
-            Ok(out) => {
+            Ok((out, persisted)) => {
+                if let Some(persisted) = persisted
+                    && let Some(log) = self.wal.lock().expect("not poisoned").as_mut()
+                {
+                    log.persisted(persisted);
+                }
                 if self
                     .write_error
                     .lock()
@@ -1081,96 +1151,88 @@ impl Spool {
         writes: impl IntoIterator<Item = &'w Write>,
         limits: Limits,
     ) -> Result<WriteReport, SpoolError> {
-        self.update(|t| {
-            let mut report = WriteReport::default();
-            let now = now_ms();
-            let seq_before = t.counter(NEXT_SEQ)?;
-            let mut enqueued = Vec::<(String, Vec<Queued>)>::new();
-            let mut enqueued_bytes = 0;
-            for write in writes {
-                match write {
-                    Write::Append {
-                        channel,
-                        routes,
-                        events,
-                        cursor,
-                    } => {
-                        if let Some((key, id)) = cursor {
-                            t.cursors.insert(key.as_str(), id.as_str())?;
-                        }
-                        let mut ids = Vec::with_capacity(events.len());
-                        for event in events.iter() {
-                            let row = EventRow::new(now, channel, event);
-                            let size = row.stored_size();
-                            if t.counter(STORED_BYTES)? + size > limits.max_bytes {
-                                // Make room for more than this one event, so that a full spool
-                                // does not scan on every append.
-                                let headroom = limits.max_bytes / 10 + size;
-                                let target = limits.max_bytes.saturating_sub(headroom);
-                                report.pruned +=
-                                    t.prune_delivered(u64::MAX, Some(target), &mut None)?;
-                            }
-                            if t.counter(STORED_BYTES)? + size > limits.max_bytes {
-                                ids.push(None);
-                                continue;
-                            }
-                            let id = t.bump(NEXT_EVENT, 1)? + 1;
-                            t.put_event(id, &row)?;
-                            t.bump(STORED_BYTES, size)?;
-                            enqueued_bytes += event.body.len() * routes.len();
-                            for route in routes {
-                                let seq = t.enqueue(id, route, now)?;
-                                if enqueued_bytes > ENQUEUED_BYTES {
-                                    continue;
-                                }
-                                let at = match enqueued.iter().position(|(r, _)| r == route) {
-                                    Some(at) => at,
-                                    None => {
-                                        enqueued.push((route.clone(), Vec::new()));
-                                        enqueued.len() - 1
-                                    }
-                                };
-                                enqueued[at].1.push(Queued {
-                                    seq,
-                                    event: StoredEvent {
-                                        id,
-                                        received_ms: now,
-                                        channel: channel.clone(),
-                                        event: event.clone(),
-                                    },
-                                    attempts: 0,
-                                });
-                            }
-                            ids.push(Some(id));
-                        }
-                        report.appended.push(ids);
-                    }
-                    Write::Mark {
-                        route,
-                        seq,
-                        event,
-                        outcome,
-                    } => t.mark(route, *seq, *event, outcome, now)?,
-                    Write::State { key, value } => match value {
-                        Some(value) => {
-                            t.states.insert(key.as_str(), value.as_slice())?;
-                        }
-                        None => {
-                            t.states.remove(key.as_str())?;
-                        }
-                    },
-                }
-            }
-            let seq_after = t.counter(NEXT_SEQ)?;
-            if seq_after != seq_before && enqueued_bytes <= ENQUEUED_BYTES {
-                report.enqueued = Some(Enqueued {
-                    seq_before,
-                    seq_after,
-                    routes: enqueued,
-                });
-            }
-            Ok(report)
-        })
+        let now = now_ms();
+        self.update(|t| apply(t, writes, now, limits))
+    }
+
+    /// [`Spool::write`], for the writer thread: while the file is open alone, a small batch of
+    /// appends and marks is made durable by a record in the write-ahead log ([`wal`]) and
+    /// applied in a commit that is not synced; anything else (a large batch, a pipeline state,
+    /// a spool shared or a log that is full) is committed and synced as `write` does, which
+    /// also makes everything logged before it durable in the file.
+    pub(crate) fn write_logged<'w>(
+        &self,
+        writes: impl IntoIterator<Item = &'w Write>,
+        limits: Limits,
+    ) -> Result<WriteReport, SpoolError> {
+        let writes: Vec<&Write> = writes.into_iter().collect();
+        let bytes: usize = writes
+            .iter()
+            .map(|write| match write {
+                Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
+                _ => 0,
+            })
+            .sum();
+        self.reopen_if_needed()?;
+        let db = self.db.read().expect("not poisoned");
+        let db = db.as_ref().ok_or(SpoolError::Reopening)?;
+        let now = now_ms();
+        let mut log = self.wal.lock().expect("not poisoned");
+        let record = log
+            .as_ref()
+            .filter(|_| bytes <= wal::MAX_LOGGED_BYTES)
+            .and_then(|log| wal::encode(log.next_seq(), now, limits, &writes))
+            .filter(|record| log.as_ref().is_some_and(|log| log.takes(record.len())));
+        let (Some(record), Some(log)) = (record, log.as_mut()) else {
+            drop(log);
+            return self.transact(
+                db,
+                redb::Durability::Immediate,
+                |t| apply(t, writes, now, limits),
+                |_| true,
+            );
+        };
+        let seq = log.next_seq();
+        let at = log.append(&record).map_err(|source| {
+            let e = SpoolError::Wal {
+                path: log.path().to_owned(),
+                source,
+            };
+            self.failed(&e);
+            e
+        })?;
+        let applied = self.transact(
+            db,
+            redb::Durability::None,
+            |t| {
+                let report = apply(t, writes, now, limits)?;
+                t.set(WAL_SEQ, seq)?;
+                Ok(report)
+            },
+            |_| true,
+        );
+        if applied.is_err() {
+            log.undo(at);
+        }
+        applied
+    }
+
+    /// Make everything written through the write-ahead log durable in the file itself (one
+    /// synced commit), so the log starts over. Nothing to do if nothing was logged since.
+    pub(crate) fn checkpoint(&self) -> Result<(), SpoolError> {
+        if self.logged() == 0 {
+            return Ok(());
+        }
+        self.update(|_| Ok(()))
+    }
+
+    /// Records in the write-ahead log not yet made durable in the file ([`Spool::checkpoint`]).
+    pub(crate) fn logged(&self) -> usize {
+        self.wal
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map_or(0, wal::Wal::records)
     }
 
     /// Up to `limit` deliveries queued on `route` after `after_seq`, in order, and no more
@@ -1560,6 +1622,102 @@ impl Spool {
     }
 }
 
+/// Apply `writes` at `now` under `limits` in `t` (what [`Spool::write`] and a replay of the
+/// write-ahead log commit).
+fn apply<'w>(
+    t: &mut Tables<'_>,
+    writes: impl IntoIterator<Item = &'w Write>,
+    now: u64,
+    limits: Limits,
+) -> Result<WriteReport, redb::Error> {
+    let mut report = WriteReport::default();
+    let seq_before = t.counter(NEXT_SEQ)?;
+    let mut enqueued = Vec::<(String, Vec<Queued>)>::new();
+    let mut enqueued_bytes = 0;
+    for write in writes {
+        match write {
+            Write::Append {
+                channel,
+                routes,
+                events,
+                cursor,
+            } => {
+                if let Some((key, id)) = cursor {
+                    t.cursors.insert(key.as_str(), id.as_str())?;
+                }
+                let mut ids = Vec::with_capacity(events.len());
+                for event in events.iter() {
+                    let row = EventRow::new(now, channel, event);
+                    let size = row.stored_size();
+                    if t.counter(STORED_BYTES)? + size > limits.max_bytes {
+                        // Make room for more than this one event, so that a full spool
+                        // does not scan on every append.
+                        let headroom = limits.max_bytes / 10 + size;
+                        let target = limits.max_bytes.saturating_sub(headroom);
+                        report.pruned += t.prune_delivered(u64::MAX, Some(target), &mut None)?;
+                    }
+                    if t.counter(STORED_BYTES)? + size > limits.max_bytes {
+                        ids.push(None);
+                        continue;
+                    }
+                    let id = t.bump(NEXT_EVENT, 1)? + 1;
+                    t.put_event(id, &row)?;
+                    t.bump(STORED_BYTES, size)?;
+                    enqueued_bytes += event.body.len() * routes.len();
+                    for route in routes {
+                        let seq = t.enqueue(id, route, now)?;
+                        if enqueued_bytes > ENQUEUED_BYTES {
+                            continue;
+                        }
+                        let at = match enqueued.iter().position(|(r, _)| r == route) {
+                            Some(at) => at,
+                            None => {
+                                enqueued.push((route.clone(), Vec::new()));
+                                enqueued.len() - 1
+                            }
+                        };
+                        enqueued[at].1.push(Queued {
+                            seq,
+                            event: StoredEvent {
+                                id,
+                                received_ms: now,
+                                channel: channel.clone(),
+                                event: event.clone(),
+                            },
+                            attempts: 0,
+                        });
+                    }
+                    ids.push(Some(id));
+                }
+                report.appended.push(ids);
+            }
+            Write::Mark {
+                route,
+                seq,
+                event,
+                outcome,
+            } => t.mark(route, *seq, *event, outcome, now)?,
+            Write::State { key, value } => match value {
+                Some(value) => {
+                    t.states.insert(key.as_str(), value.as_slice())?;
+                }
+                None => {
+                    t.states.remove(key.as_str())?;
+                }
+            },
+        }
+    }
+    let seq_after = t.counter(NEXT_SEQ)?;
+    if seq_after != seq_before && enqueued_bytes <= ENQUEUED_BYTES {
+        report.enqueued = Some(Enqueued {
+            seq_before,
+            seq_after,
+            routes: enqueued,
+        });
+    }
+    Ok(report)
+}
+
 /// The builder every open uses, for `mode` ([`share`]).
 fn builder(mode: Mode) -> redb::Builder {
     let mut builder = Database::builder();
@@ -1656,7 +1814,7 @@ fn open_existing(
     path: &Path,
     backend: &backend::Factory,
     mode: Mode,
-) -> Result<(Database, u64), SpoolError> {
+) -> Result<Opened, SpoolError> {
     let damaged = |why| SpoolError::Damaged {
         path: path.to_owned(),
         why,
@@ -1675,7 +1833,7 @@ fn open_existing(
     }
     let backend = backend.wrap(file).map_err(|e| io(e.into()))?;
     // Heavy damage makes redb panic rather than return an error; catch it, to name the file.
-    let opened = catch_panic(move || -> Result<(Database, u64), SpoolError> {
+    let opened = catch_panic(move || -> Result<Opened, SpoolError> {
         let db = builder(mode)
             .create_with_backend(backend)
             .map_err(|e| match e {
@@ -1700,9 +1858,91 @@ fn open_existing(
             }
             UpgradeError::Redb(e) => damaged(Damage::Redb(e.to_string())),
         })?;
-        Ok((db, instance))
+        let (chain, applied) = replay(&db, path, mode).map_err(|source| SpoolError::Replay {
+            path: wal::path(path),
+            source,
+        })?;
+        Ok(Opened {
+            db,
+            instance,
+            chain,
+            applied,
+        })
     });
     opened.unwrap_or_else(|panic| Err(damaged(Damage::Panic(panic.0))))
+}
+
+/// An open spool file, as [`open_existing`] leaves it.
+struct Opened {
+    db: Database,
+    /// `meta.instance`.
+    instance: u64,
+    /// What the write-ahead log held, applied ([`replay`]).
+    chain: wal::Chain,
+    /// The last record of it that is durable in the file (`meta.wal_seq`): opened alone, the
+    /// ones after it were applied in memory only, and stay in the log until a checkpoint.
+    applied: u64,
+}
+
+impl Opened {
+    /// The write-ahead log to write to, for a file open alone; `None` (every commit synced to
+    /// the file) if it cannot be opened, which is said.
+    fn wal(&self, spool: &Path, mode: Mode) -> Option<wal::Wal> {
+        if mode != Mode::Alone {
+            return None;
+        }
+        wal::Wal::open(spool, &self.chain, self.applied)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "cannot open the spool's write-ahead log {}: {e}; every commit is synced to \
+                     the spool file instead (more CPU per event, nothing less durable)",
+                    wal::path(spool).display()
+                )
+            })
+            .ok()
+    }
+}
+
+/// Apply the records of the write-ahead log of the spool at `spool` that `db` does not hold
+/// yet (a relay that held the file alone stopped without a checkpoint: a crash). Opened alone,
+/// in a commit that is not synced (so an open needs no room on the disk: the records stay in
+/// the log until the next checkpoint); shared, in a synced one (other processes may write the
+/// file next). Returns what the log held and the last record durable in the file.
+fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), redb::Error> {
+    let chain = wal::read(&wal::path(spool))?;
+    let mut txn = db.begin_write()?;
+    if mode == Mode::Alone {
+        txn.set_durability(redb::Durability::None)?;
+    }
+    let mut t = Tables::open(&txn)?;
+    let applied = t.counter(WAL_SEQ)?;
+    let (mut records, mut events) = (0, 0);
+    for record in chain.records.iter().filter(|r| r.seq > applied) {
+        let report = apply(&mut t, &record.writes, record.now_ms, record.limits)?;
+        t.set(WAL_SEQ, record.seq)?;
+        records += 1;
+        events += report.appended.iter().map(Vec::len).sum::<usize>();
+    }
+    if records == 0 {
+        drop(t);
+        txn.abort()?;
+        return Ok((chain, applied));
+    }
+    t.store_counters()?;
+    drop(t);
+    txn.commit()?;
+    tracing::info!(
+        spool = %spool.display(),
+        records,
+        events,
+        "applied what the spool's write-ahead log held beyond the spool file (the relay that \
+         held it stopped without a checkpoint)"
+    );
+    let durable = match mode {
+        Mode::Alone => applied,
+        Mode::Shared => chain.records.last().map_or(applied, |r| r.seq),
+    };
+    Ok((chain, durable))
 }
 
 /// Open the spool at `path`, which exists: alone if `alone` is wanted and no other process
@@ -1715,7 +1955,7 @@ fn open_sharing(
     alone: bool,
     mine: Option<share::Request>,
     answer: Option<&[String]>,
-) -> Result<(Database, u64, Sharing), SpoolError> {
+) -> Result<(Opened, Sharing), SpoolError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     open_sharing_in(path, backend, alone, mine, answer, dir)
 }
@@ -1728,7 +1968,7 @@ fn open_sharing_in(
     mut mine: Option<share::Request>,
     answer: Option<&[String]>,
     dir: &Path,
-) -> Result<(Database, u64, Sharing), SpoolError> {
+) -> Result<(Opened, Sharing), SpoolError> {
     let mut refused = None;
     let sharing = |mode, request, refused| Sharing {
         mode,
@@ -1739,7 +1979,7 @@ fn open_sharing_in(
     };
     if alone && share::others(dir, mine.as_ref()).is_empty() {
         match open_existing(path, backend, Mode::Alone) {
-            Ok((db, instance)) => return Ok((db, instance, sharing(Mode::Alone, None, None))),
+            Ok(opened) => return Ok((opened, sharing(Mode::Alone, None, None))),
             // Open shared by a process that made no request (an older smee-relay): join it,
             // and do not try again at every look.
             Err(SpoolError::InUse { .. }) => refused = Some(std::time::Instant::now()),
@@ -1762,14 +2002,14 @@ fn open_sharing_in(
     loop {
         tries += 1;
         match open_existing(path, backend, Mode::Shared) {
-            Ok((db, instance)) => {
+            Ok(opened) => {
                 // Refused alone, then let in at once: the file is open shared by a process
                 // that makes no request. Let in only after waiting: a relay that had it alone
                 // shared it when asked, nothing to remember.
                 if tries > 1 {
                     refused = None;
                 }
-                return Ok((db, instance, sharing(Mode::Shared, request, refused)));
+                return Ok((opened, sharing(Mode::Shared, request, refused)));
             }
             Err(SpoolError::InUse { .. }) if cannot_ask.is_some() => {
                 return Err(SpoolError::CannotAsk {
@@ -2007,6 +2247,12 @@ impl<'txn> Tables<'txn> {
         let before = slot.1;
         *slot = (name, before.wrapping_add(by), true);
         Ok(before)
+    }
+
+    /// Set a counter.
+    fn set(&mut self, name: &'static str, value: u64) -> Result<(), redb::Error> {
+        *self.slot(name)? = (name, value, true);
+        Ok(())
     }
 
     fn shrink(&mut self, name: &'static str, by: u64) -> Result<(), redb::Error> {
@@ -2314,6 +2560,16 @@ mod tests {
         spool.sharing.lock().unwrap().mode
     }
 
+    /// The names of the files in a state directory, sorted.
+    fn state_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// A relay's writer thread, for what sharing needs of it: it calls `share_poll` often.
     struct Poller {
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -2379,8 +2635,11 @@ mod tests {
         poller.stop();
         let ids = pending_ids(&relay, ROUTE);
         assert_eq!(ids, [before, by_command, by_relay].concat());
-        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
-        assert_eq!(files.len(), 1, "only the spool, no request left: {files:?}");
+        assert_eq!(
+            state_files(dir.path()),
+            [FILE_NAME, wal::FILE_NAME],
+            "only the spool and its log, no request left"
+        );
     }
 
     /// A relay beside an older smee-relay (which opens the file shared and makes no request)
@@ -2418,7 +2677,7 @@ mod tests {
         drop(Spool::open(dir.path()).unwrap());
         let path = dir.path().join(FILE_NAME);
         let nowhere = dir.path().join("no-such-directory");
-        let (db, _, sharing) = open_sharing_in(
+        let (db, sharing) = open_sharing_in(
             &path,
             &backend::Factory::file(),
             false,
@@ -2474,8 +2733,11 @@ mod tests {
             });
             let spool = Spool::open(dir.path()).unwrap();
             assert_eq!(append(&spool, vec![event(1)]).len(), 1);
-            let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
-            assert_eq!(files.len(), 1, "only the spool: {files:?}");
+            assert_eq!(
+                state_files(dir.path()),
+                [FILE_NAME, wal::FILE_NAME],
+                "only the spool and its log"
+            );
         }
     }
 

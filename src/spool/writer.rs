@@ -533,7 +533,13 @@ impl WriterThread {
                 // Also with jobs come meanwhile (marks, which do not wake it), when the look is
                 // due: a process waiting for an answer must get it within a SHARE_POLL.
                 if queue.jobs.is_empty() || Instant::now() >= poll {
+                    let idle = queue.jobs.is_empty();
                     drop(queue);
+                    // Idle: what the write-ahead log holds goes into the file (one synced
+                    // commit per quiet spell, on a wake the thread makes anyway).
+                    if idle {
+                        self.checkpoint();
+                    }
                     self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
                     queue = self.shared.lock();
                 }
@@ -593,8 +599,26 @@ impl WriterThread {
             queue = self.shared.lock();
         }
         drop(queue);
+        self.checkpoint();
         if let Some(journal) = &self.journal {
             journal.close();
+        }
+    }
+
+    /// [`Spool::checkpoint`]; a failure is said like a failed commit's (the log keeps what it
+    /// holds, and the next start applies it).
+    fn checkpoint(&self) {
+        match self.spool.checkpoint() {
+            Ok(()) => {}
+            Err(e) => {
+                if self.writable.swap(false, Ordering::Relaxed) {
+                    error!(
+                        "cannot write to the spool: {}; what its write-ahead log holds stays \
+                         there, and new events wait once it is full",
+                        crate::error::chain(&e)
+                    );
+                }
+            }
         }
     }
 
@@ -682,7 +706,7 @@ impl WriterThread {
         // The jobs keep their writes, in case they must be kept for another try.
         let result = self
             .spool
-            .write(batch.iter().flat_map(|job| &job.writes), self.limits);
+            .write_logged(batch.iter().flat_map(|job| &job.writes), self.limits);
         let was_writable = self.writable.swap(result.is_ok(), Ordering::Relaxed);
         match result {
             Ok(report) => {

@@ -1,0 +1,241 @@
+//! The write-ahead log in the spool ([`super::wal`]): what only the log holds survives a crash
+//! with the ids and queue places it was given, is applied once, goes into the file at a
+//! checkpoint, and a write the log refuses stores nothing.
+//!
+//! A crash is a copy of the state directory taken while the spool is open: redb keeps the
+//! commits it did not sync in memory, so the copy of `spool.redb` holds only what a `kill -9`
+//! would leave of it, and the log what was synced (its writes are synced before they count).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Limits, Outcome, Spool, SpoolError, Write, wal};
+use crate::event::Event;
+
+const A: &str = "0123456789abcdef http://127.0.0.1:9/a";
+const B: &str = "0123456789abcdef http://127.0.0.1:9/b";
+const ROOM: Limits = Limits { max_bytes: 1 << 30 };
+
+fn event(n: u64) -> Event {
+    Event {
+        sse_id: Some(format!("sse-{n}")),
+        timestamp_ms: Some(n),
+        headers: vec![("x-n".into(), n.to_string())],
+        query: vec![],
+        body: Bytes::from(format!("{{\"n\":{n}}}")),
+    }
+}
+
+fn appending(from: u64, n: u64) -> Write {
+    Write::Append {
+        channel: "https://smee.io/abc".into(),
+        routes: vec![A.into(), B.into()],
+        events: (from..from + n).map(event).collect::<Vec<_>>().into(),
+        cursor: Some(("0123456789abcdef".into(), format!("sse-{}", from + n - 1))),
+    }
+}
+
+/// Write through the log, as the writer thread does; the ids given.
+fn logged(spool: &Spool, write: Write) -> Vec<u64> {
+    let report = spool.write_logged(&[write], ROOM).unwrap();
+    report.appended.concat().into_iter().flatten().collect()
+}
+
+/// What a reader of the spool sees: each queue as (seq, event id, body), the cursor, and the
+/// spool's counts of events and pending deliveries.
+type View = (Vec<Vec<(u64, u64, Bytes)>>, Option<String>, u64, u64);
+
+fn view(spool: &Spool) -> View {
+    let queues = [A, B]
+        .iter()
+        .map(|route| {
+            spool
+                .pending(route, 0, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|q| (q.seq, q.event.id, q.event.event.body))
+                .collect()
+        })
+        .collect();
+    let stats = spool.stats().unwrap();
+    (
+        queues,
+        spool.cursor("0123456789abcdef").unwrap(),
+        stats.events,
+        stats.pending,
+    )
+}
+
+/// A copy of the state directory as it is now (what a crash would leave), with or without the
+/// log.
+fn crash_copy(from: &Path, with_log: bool) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        from.join(super::FILE_NAME),
+        to.path().join(super::FILE_NAME),
+    )
+    .unwrap();
+    if with_log {
+        std::fs::copy(from.join(wal::FILE_NAME), to.path().join(wal::FILE_NAME)).unwrap();
+    }
+    to
+}
+
+/// A spool with three logged batches: appends on two routes with the channel's cursor, and
+/// the head of one route finished.
+fn spool_with_logged_writes(dir: &Path) -> Spool {
+    let spool = Spool::open(dir).unwrap();
+    assert_eq!(logged(&spool, appending(1, 3)), [1, 2, 3]);
+    let head = spool.pending(A, 0, 1).unwrap().remove(0);
+    logged(
+        &spool,
+        Write::Mark {
+            route: A.into(),
+            seq: head.seq,
+            event: head.event.id,
+            outcome: Outcome::Delivered { status: 200 },
+        },
+    );
+    assert_eq!(logged(&spool, appending(4, 1)), [4]);
+    assert_eq!(spool.logged(), 3, "each batch went through the log");
+    spool
+}
+
+#[test]
+fn what_only_the_log_holds_survives_a_crash_with_its_ids_and_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let seen = view(&spool);
+    assert_eq!(seen.0[0].len(), 3, "A's head was delivered");
+    assert_eq!(seen.0[1].len(), 4);
+    assert_eq!(seen.1.as_deref(), Some("sse-4"));
+
+    // Without the log, the file alone holds none of it: the log is what made it durable.
+    let without = crash_copy(dir.path(), false);
+    let reopened = Spool::open(without.path()).unwrap();
+    assert_eq!(view(&reopened).2, 0);
+    drop(reopened);
+
+    let crashed = crash_copy(dir.path(), true);
+    let reopened = Spool::open(crashed.path()).unwrap();
+    assert_eq!(view(&reopened), seen);
+    drop(reopened);
+    // Applied once: a second start finds the same, and new events take the next ids.
+    let reopened = Spool::open(crashed.path()).unwrap();
+    assert_eq!(view(&reopened), seen);
+    assert_eq!(logged(&reopened, appending(5, 1)), [5]);
+}
+
+#[test]
+fn a_command_opening_after_a_crash_applies_the_log_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let seen = view(&spool);
+    let crashed = crash_copy(dir.path(), true);
+    // A command opens it shared: other processes may write the file next, so what the log
+    // held is synced to the file at once.
+    let command = Spool::open_shared(crashed.path()).unwrap();
+    assert_eq!(view(&command), seen);
+    drop(command);
+    std::fs::remove_file(crashed.path().join(wal::FILE_NAME)).unwrap();
+    let reopened = Spool::open(crashed.path()).unwrap();
+    assert_eq!(view(&reopened), seen);
+}
+
+#[test]
+fn a_checkpoint_puts_it_in_the_file_and_the_log_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    spool.checkpoint().unwrap();
+    assert_eq!(spool.logged(), 0);
+    let seen = view(&spool);
+    let without = crash_copy(dir.path(), false);
+    assert_eq!(view(&Spool::open(without.path()).unwrap()), seen);
+
+    // The next record goes at the start of the log, over the old ones, which a start after a
+    // crash must not apply again.
+    assert_eq!(logged(&spool, appending(5, 1)), [5]);
+    assert_eq!(spool.logged(), 1);
+    let seen = view(&spool);
+    let crashed = crash_copy(dir.path(), true);
+    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), seen);
+}
+
+#[test]
+fn what_the_log_does_not_take_is_synced_to_the_file_and_starts_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    logged(&spool, appending(1, 1));
+    assert_eq!(spool.logged(), 1);
+    // A pipeline state: synced, with what the log held before it.
+    let state = Write::State {
+        key: "rule\u{0}entity".into(),
+        value: Some(b"{}".to_vec()),
+    };
+    spool.write_logged(&[state], ROOM).unwrap();
+    assert_eq!(spool.logged(), 0);
+    // A large batch (past MAX_LOGGED_BYTES): synced too.
+    logged(&spool, appending(2, 1));
+    let big = Write::Append {
+        channel: "c".into(),
+        routes: vec![A.into()],
+        events: Arc::from(vec![Event {
+            body: Bytes::from(vec![b'x'; wal::MAX_LOGGED_BYTES]),
+            ..event(3)
+        }]),
+        cursor: None,
+    };
+    logged(&spool, big);
+    assert_eq!(spool.logged(), 0);
+    let seen = view(&spool);
+    let without = crash_copy(dir.path(), false);
+    assert_eq!(view(&Spool::open(without.path()).unwrap()), seen);
+}
+
+#[test]
+fn a_full_log_makes_the_next_commit_a_synced_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    for n in 0..wal::CHECKPOINT_RECORDS as u64 {
+        logged(&spool, appending(n + 1, 1));
+    }
+    assert_eq!(spool.logged(), wal::CHECKPOINT_RECORDS);
+    logged(&spool, appending(100, 1));
+    assert_eq!(spool.logged(), 0);
+    let seen = view(&spool);
+    assert_eq!(seen.2, wal::CHECKPOINT_RECORDS as u64 + 1);
+    let without = crash_copy(dir.path(), false);
+    assert_eq!(view(&Spool::open(without.path()).unwrap()), seen);
+}
+
+#[test]
+fn a_log_write_that_fails_stores_nothing_and_the_retry_stores_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    logged(&spool, appending(1, 1));
+    let before = view(&spool);
+    spool.break_wal(true);
+    let refused = spool.write_logged(&[appending(2, 1)], ROOM);
+    assert!(
+        matches!(refused, Err(SpoolError::Wal { .. })),
+        "{refused:?}"
+    );
+    assert!(
+        spool.write_error().unwrap().contains("spool.wal"),
+        "the health line names the log: {:?}",
+        spool.write_error()
+    );
+    assert_eq!(view(&spool), before, "nothing of it applied");
+    let crashed = crash_copy(dir.path(), true);
+    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), before);
+
+    spool.break_wal(false);
+    assert_eq!(logged(&spool, appending(2, 1)), [2]);
+    assert_eq!(spool.write_error(), None);
+    let seen = view(&spool);
+    assert_eq!(seen.2, 2, "stored once");
+    let crashed = crash_copy(dir.path(), true);
+    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), seen);
+}
