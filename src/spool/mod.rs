@@ -8,7 +8,7 @@
 //!
 //! | table      | key                 | value                                   |
 //! |------------|---------------------|-----------------------------------------|
-//! | `meta`     | name                | counters: next event id, next seq, bytes |
+//! | `meta`     | name                | counters: next event id, next seq, bytes, last log record |
 //! | `events`   | event id            | header JSON length, header JSON, body (if small) |
 //! | `body_chunks` | (event id, n)    | a large body, in pieces of [`BODY_CHUNK`] |
 //! | `records`  | (event id, queue)   | delivery record JSON: status, attempts  |
@@ -36,6 +36,10 @@
 //! Writes are grouped: [`Spool::write`] applies a batch of appends and marks in one transaction
 //! with one fsync. The [`writer`] thread feeds it whatever queued up during the last
 //! commit (group commit), which is what makes thousands of durable events per second possible.
+//! At everyday rates a commit holds one event or a few, and a small one is made durable by one
+//! synced record in the write-ahead log ([`wal`]) instead of redb's sync of a dozen pages: redb
+//! commits it in memory, and a synced commit (a checkpoint) every 64 records or on an idle
+//! second puts it in the file.
 //! Finished deliveries are also written at once to a small per-process [`journal`], so that a
 //! process crash forgets none of them even before their group commit.
 //!
@@ -214,13 +218,7 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write the spool's write-ahead log {path}", path = path.display())]
-    Wal {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot apply the spool's write-ahead log {path} (what it holds is not lost: it is applied at the next open)", path = path.display())]
+    #[error("cannot apply the spool's write-ahead log {path} to the spool file: what it holds stays in it; free disk space or fix the files' permissions and start again (moving it aside loses the events only it holds)", path = path.display())]
     Replay {
         path: PathBuf,
         #[source]
@@ -821,17 +819,23 @@ impl Spool {
         }
         let mut db = self.db.write().expect("not poisoned");
         // What only the write-ahead log holds goes into the file before others may read it.
-        // Should that fail, the log keeps it, and the open below applies it.
+        // Should that fail (a full disk), the file stays alone: shared, it could be read only
+        // after a synced replay of the log, which would fail the same way, and stop this
+        // relay's reads too. Those asking wait, then give up with what to do.
         if let Some(open) = db.as_ref()
             && self.logged() > 0
             && let Err(e) = self.transact(open, redb::Durability::Immediate, |_| Ok(()), |_| true)
         {
             tracing::warn!(
-                "cannot commit the spool's write-ahead log to the file before sharing it: {}",
-                crate::error::chain(&e)
+                "cannot share the spool: what its write-ahead log holds cannot be committed to \
+                 the file first ({}); it stays open alone, and a command asking for it gives up \
+                 after {}s",
+                crate::error::chain(&e),
+                SHARE_WAIT.as_secs()
             );
+            return;
         }
-        *self.wal.lock().expect("not poisoned") = None;
+        *self.log() = None;
         // Readers look at the file from now on: once closed here, others may write it.
         self.set_alone(false);
         // Close first: the file cannot be open twice in one process in these modes.
@@ -848,7 +852,7 @@ impl Spool {
             Some(answer),
         ) {
             Ok((fresh, now)) => {
-                *self.wal.lock().expect("not poisoned") = fresh.wal(&self.path, now.mode);
+                *self.log() = fresh.wal(&self.path, now.mode);
                 *db = Some(fresh.db);
                 self.needs_reopen
                     .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -941,7 +945,7 @@ impl Spool {
     /// Make writes to the write-ahead log fail (or work again).
     #[cfg(test)]
     pub(crate) fn break_wal(&self, broken: bool) {
-        if let Some(log) = self.wal.lock().unwrap().as_mut() {
+        if let Some(log) = self.log().as_mut() {
             log.break_writes(broken);
         }
     }
@@ -979,7 +983,7 @@ impl Spool {
         // As in `share_switch`: another process may take the file while it is closed.
         self.set_alone(false);
         // The write-ahead log keeps what the old handle held only in memory: the open applies it.
-        *self.wal.lock().expect("not poisoned") = None;
+        *self.log() = None;
         // Close the old handle first: the file cannot be opened twice in one process.
         drop(db.take());
         let mine = sharing.request.take();
@@ -994,7 +998,7 @@ impl Spool {
             }
         };
         *sharing = now;
-        *self.wal.lock().expect("not poisoned") = fresh.wal(&self.path, sharing.mode);
+        *self.log() = fresh.wal(&self.path, sharing.mode);
         *db = Some(fresh.db);
         self.set_alone(sharing.mode == Mode::Alone);
         self.needs_reopen
@@ -1076,7 +1080,6 @@ impl Spool {
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
         wrote: impl FnOnce(&T) -> bool,
     ) -> Result<T, SpoolError> {
-        use std::sync::atomic::Ordering::Relaxed;
         let synced = matches!(durability, redb::Durability::Immediate);
         let run = || {
             let mut txn = db.begin_write()?;
@@ -1097,30 +1100,46 @@ impl Spool {
         match run() {
             Ok((out, persisted)) => {
                 if let Some(persisted) = persisted
-                    && let Some(log) = self.wal.lock().expect("not poisoned").as_mut()
+                    && let Some(log) = self.log().as_mut()
                 {
                     log.persisted(persisted);
                 }
-                if self
-                    .write_error
-                    .lock()
-                    .expect("not poisoned")
-                    .take()
-                    .is_some()
-                {
-                    tracing::info!(spool = %self.path.display(), "the spool takes writes again");
-                }
+                self.writes_again();
                 Ok(out)
             }
-            Err(e) => {
-                // Whatever failed, redb may now refuse every later write (PreviousIo): open it
-                // again before the next one. An open of a healthy file is cheap.
-                self.needs_reopen.store(true, Relaxed);
-                let e = self.io(e);
-                self.failed(&e);
-                Err(e)
-            }
+            Err(e) => Err(self.commit_failed(e)),
         }
+    }
+
+    /// A commit succeeded: if writes failed before, say that they work again.
+    fn writes_again(&self) {
+        if self
+            .write_error
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .is_some()
+        {
+            tracing::info!(spool = %self.path.display(), "the spool takes writes again");
+        }
+    }
+
+    /// A commit failed with `e`: whatever failed, redb may now refuse every later write
+    /// (PreviousIo), so the file is opened again before the next one (an open of a healthy file
+    /// is cheap).
+    fn commit_failed(&self, e: redb::Error) -> SpoolError {
+        self.needs_reopen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = self.io(e);
+        self.failed(&e);
+        e
+    }
+
+    /// The write-ahead log. A panic while it was held (redb's, on damage) leaves it as
+    /// consistent as the file it mirrors: taken as is, and the reopen that follows the failed
+    /// write starts it again from the file.
+    fn log(&self) -> std::sync::MutexGuard<'_, Option<wal::Wal>> {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A panic in redb while reading or writing: damage the open did not find.
@@ -1177,13 +1196,8 @@ impl Spool {
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
         let now = now_ms();
-        let mut log = self.wal.lock().expect("not poisoned");
-        let record = log
-            .as_ref()
-            .filter(|_| bytes <= wal::MAX_LOGGED_BYTES)
-            .and_then(|log| wal::encode(log.next_seq(), now, limits, &writes))
-            .filter(|record| log.as_ref().is_some_and(|log| log.takes(record.len())));
-        let (Some(record), Some(log)) = (record, log.as_mut()) else {
+        let mut log = self.log();
+        let Some(log) = log.as_mut().filter(|_| bytes <= wal::MAX_LOGGED_BYTES) else {
             drop(log);
             return self.transact(
                 db,
@@ -1192,29 +1206,60 @@ impl Spool {
                 |_| true,
             );
         };
-        let seq = log.next_seq();
-        let at = log.append(&record).map_err(|source| {
-            let e = SpoolError::Wal {
-                path: log.path().to_owned(),
-                source,
+        // The record is written inside the transaction, so that what it expects of the spool
+        // (read here) is what it is applied to: no other commit can come between.
+        let mut logged_at = None;
+        let run = || -> Result<(WriteReport, Option<u64>), redb::Error> {
+            let mut txn = db.begin_write()?;
+            let expect = {
+                let meta = txn.open_table(META)?;
+                let get = |name| -> Result<u64, redb::Error> {
+                    Ok(meta.get(name)?.map_or(0, |v| v.value()))
+                };
+                wal::Expect {
+                    instance: self.instance,
+                    next_event: get(NEXT_EVENT)?,
+                    next_seq: get(NEXT_SEQ)?,
+                }
             };
-            self.failed(&e);
-            e
-        })?;
-        let applied = self.transact(
-            db,
-            redb::Durability::None,
-            |t| {
-                let report = apply(t, writes, now, limits)?;
+            let seq = log.next_seq();
+            logged_at = match wal::encode(seq, expect, now, limits, &writes) {
+                Some(record) if log.takes(record.len()) => log.append(&record),
+                // Not taken by the log (a pipeline state, a full log), or it could not be
+                // written: synced to the file, with everything logged before.
+                _ => None,
+            };
+            if logged_at.is_some() {
+                txn.set_durability(redb::Durability::None)?;
+            }
+            let mut t = Tables::open(&txn)?;
+            let report = apply(&mut t, writes, now, limits)?;
+            if logged_at.is_some() {
                 t.set(WAL_SEQ, seq)?;
+            }
+            let persisted = t.counter(WAL_SEQ)?;
+            t.store_counters()?;
+            drop(t);
+            txn.commit()?;
+            Ok((report, logged_at.is_none().then_some(persisted)))
+        };
+        match run() {
+            Ok((report, persisted)) => {
+                if let Some(persisted) = persisted {
+                    log.persisted(persisted);
+                }
+                self.writes_again();
                 Ok(report)
-            },
-            |_| true,
-        );
-        if applied.is_err() {
-            log.undo(at);
+            }
+            Err(e) => {
+                // Its appenders are told it failed, and try again: the record must not be
+                // applied by the reopen that follows, nor by a start after a crash.
+                if let Some(at) = logged_at {
+                    log.undo(at);
+                }
+                Err(self.commit_failed(e))
+            }
         }
-        applied
     }
 
     /// Make everything written through the write-ahead log durable in the file itself (one
@@ -1228,11 +1273,7 @@ impl Spool {
 
     /// Records in the write-ahead log not yet made durable in the file ([`Spool::checkpoint`]).
     pub(crate) fn logged(&self) -> usize {
-        self.wal
-            .lock()
-            .expect("not poisoned")
-            .as_ref()
-            .map_or(0, wal::Wal::records)
+        self.log().as_ref().map_or(0, wal::Wal::records)
     }
 
     /// Up to `limit` deliveries queued on `route` after `after_seq`, in order, and no more
@@ -1908,39 +1949,75 @@ impl Opened {
 /// in a commit that is not synced (so an open needs no room on the disk: the records stay in
 /// the log until the next checkpoint); shared, in a synced one (other processes may write the
 /// file next). Returns what the log held and the last record durable in the file.
+///
+/// A record is applied only to the spool it was written for, as it was then
+/// ([`wal::Expect`]). One that does not follow (the spool restored from a backup or made anew
+/// beside an old log, or written meanwhile by an older smee-relay) ends the replay: what was
+/// applied is synced, and the log is kept aside, named in a warning, rather than applied to a
+/// spool it does not belong to.
 fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), redb::Error> {
-    let chain = wal::read(&wal::path(spool))?;
+    let path = wal::path(spool);
+    let chain = wal::read(&path)?;
     let mut txn = db.begin_write()?;
     if mode == Mode::Alone {
         txn.set_durability(redb::Durability::None)?;
     }
     let mut t = Tables::open(&txn)?;
-    let applied = t.counter(WAL_SEQ)?;
-    let (mut records, mut events) = (0, 0);
-    for record in chain.records.iter().filter(|r| r.seq > applied) {
+    let instance = t.counter(INSTANCE)?;
+    let durable = t.counter(WAL_SEQ)?;
+    let mut applied = durable;
+    let (mut records, mut events, mut foreign) = (0, 0, 0);
+    for record in chain.records.iter().filter(|r| r.seq > durable) {
+        let expected = wal::Expect {
+            instance,
+            next_event: t.counter(NEXT_EVENT)?,
+            next_seq: t.counter(NEXT_SEQ)?,
+        };
+        if foreign > 0 || record.seq != applied + 1 || record.expect != expected {
+            foreign += 1;
+            continue;
+        }
         let report = apply(&mut t, &record.writes, record.now_ms, record.limits)?;
         t.set(WAL_SEQ, record.seq)?;
+        applied = record.seq;
         records += 1;
         events += report.appended.iter().map(Vec::len).sum::<usize>();
     }
-    if records == 0 {
-        drop(t);
-        txn.abort()?;
-        return Ok((chain, applied));
-    }
     t.store_counters()?;
     drop(t);
-    txn.commit()?;
-    tracing::info!(
-        spool = %spool.display(),
-        records,
-        events,
-        "applied what the spool's write-ahead log held beyond the spool file (the relay that \
-         held it stopped without a checkpoint)"
-    );
+    if records == 0 {
+        txn.abort()?;
+    } else {
+        if foreign > 0 {
+            // The log is about to go: what came from it must be in the file.
+            txn.set_durability(redb::Durability::Immediate)?;
+        }
+        txn.commit()?;
+        tracing::info!(
+            spool = %spool.display(),
+            records,
+            events,
+            "applied what the spool's write-ahead log held beyond the spool file (the relay \
+             that held it stopped without a checkpoint)"
+        );
+    }
+    if foreign > 0 {
+        let aside =
+            path.with_file_name(format!("{}.unapplied-{}", wal::FILE_NAME, now_ms() / 1000));
+        std::fs::rename(&path, &aside)?;
+        tracing::warn!(
+            spool = %spool.display(),
+            records = foreign,
+            kept = %aside.display(),
+            "the spool's write-ahead log holds records that do not follow this spool file (it \
+             was restored from a backup or made anew beside an old log, or an older \
+             smee-relay wrote it meanwhile): they were not applied, and the log is kept aside"
+        );
+        return Ok((wal::Chain::default(), applied));
+    }
     let durable = match mode {
-        Mode::Alone => applied,
-        Mode::Shared => chain.records.last().map_or(applied, |r| r.seq),
+        Mode::Shared => applied,
+        Mode::Alone => durable,
     };
     Ok((chain, durable))
 }

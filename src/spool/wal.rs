@@ -67,6 +67,22 @@ pub(super) struct Wal {
     last: u64,
     /// Records written since the log started over: how many a checkpoint would make durable.
     records: usize,
+    /// The last write failed (said once; commits are synced to the spool file meanwhile).
+    failing: bool,
+}
+
+/// What a record expects of the spool it is applied to, as the spool was when the record was
+/// written: a record is applied again after a crash only to the same spool in the same state
+/// (not to one restored from a backup, made anew beside an old log, or written meanwhile by an
+/// older smee-relay that does not know the log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Expect {
+    /// `meta.instance`.
+    pub(super) instance: u64,
+    /// `meta.next_event`.
+    pub(super) next_event: u64,
+    /// `meta.next_seq`.
+    pub(super) next_seq: u64,
 }
 
 /// What [`read`] found: the records in order, and where the last ends.
@@ -80,6 +96,7 @@ pub(super) struct Chain {
 #[derive(Debug)]
 pub(super) struct Record {
     pub(super) seq: u64,
+    pub(super) expect: Expect,
     pub(super) now_ms: u64,
     pub(super) limits: Limits,
     pub(super) writes: Vec<Write>,
@@ -109,11 +126,11 @@ impl Wal {
             let zeros = vec![0; (CAPACITY - len) as usize];
             file.write_all_at(&zeros, len)?;
             file.sync_all()?;
-            if len == 0
-                && let Some(dir) = path.parent()
-            {
-                File::open(dir)?.sync_all()?;
-            }
+        }
+        // The file's name is durable before any record in it counts (cheap; also when an
+        // earlier open made it and a power loss may have come before its directory's sync).
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
         }
         let unapplied = chain.records.iter().filter(|r| r.seq > applied).count();
         let last = chain.records.last().map_or(applied, |r| r.seq.max(applied));
@@ -123,9 +140,11 @@ impl Wal {
             end: if unapplied > 0 { chain.end } else { 0 },
             last,
             records: unapplied,
+            failing: false,
         })
     }
 
+    #[cfg(test)]
     pub(super) fn path(&self) -> &Path {
         &self.path
     }
@@ -147,9 +166,10 @@ impl Wal {
     }
 
     /// Write `record` (numbered [`Wal::next_seq`]) and sync it. Returns where it starts, for
-    /// [`Wal::undo`]. On an error nothing of it counts: what may have reached the disk is
-    /// overwritten with zeros, as far as that is possible.
-    pub(super) fn append(&mut self, record: &[u8]) -> std::io::Result<u64> {
+    /// [`Wal::undo`]; `None` if it could not be written (said once until a write succeeds
+    /// again): nothing of it counts, what may have reached the disk is overwritten with zeros
+    /// as far as that is possible, and the caller syncs its commit to the spool file instead.
+    pub(super) fn append(&mut self, record: &[u8]) -> Option<u64> {
         let at = self.end;
         let written = self
             .file
@@ -157,12 +177,24 @@ impl Wal {
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             self.erase(at);
-            return Err(e);
+            if !self.failing {
+                self.failing = true;
+                tracing::warn!(
+                    wal = %self.path.display(),
+                    "cannot write the spool's write-ahead log: {e}; commits are synced to the \
+                     spool file instead (more CPU per event, nothing less durable) until it \
+                     takes writes again"
+                );
+            }
+            return None;
+        }
+        if std::mem::take(&mut self.failing) {
+            tracing::info!(wal = %self.path.display(), "the spool's write-ahead log takes writes again");
         }
         self.end += record.len() as u64;
         self.last += 1;
         self.records += 1;
-        Ok(at)
+        Some(at)
     }
 
     /// The record written at `at` (the last) was not applied (the commit failed): erase it, so
@@ -181,12 +213,13 @@ impl Wal {
             .write_all_at(&[0; HEADER], at)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = erased {
-            // Only a record that was never answered can be left: a start may apply it, and its
+            // Only a record that was never answered can be left: the next open of the file
+            // (after a crash, or the reopen that follows a failed commit) may apply it, and its
             // appenders' retry then stores its events a second time (repeated, not lost).
             tracing::error!(
                 wal = %self.path.display(),
                 "cannot erase a record of the spool's write-ahead log whose commit failed: {e}; \
-                 after a crash its events may be stored twice"
+                 its events may be stored twice"
             );
         }
     }
@@ -206,6 +239,7 @@ impl Wal {
 #[derive(Serialize, Deserialize)]
 struct Head<'a> {
     seq: u64,
+    expect: Expect,
     now_ms: u64,
     max_bytes: u64,
     #[serde(borrow)]
@@ -242,9 +276,16 @@ struct LoggedEvent<'a> {
     body: u64,
 }
 
-/// `writes` as a record numbered `seq`, applied at `now_ms` under `limits`; `None` if one of
-/// them is not taken by the log (a pipeline state: those commits are synced as they are).
-pub(super) fn encode(seq: u64, now_ms: u64, limits: Limits, writes: &[&Write]) -> Option<Vec<u8>> {
+/// `writes` as a record numbered `seq`, applied at `now_ms` under `limits` to the spool as
+/// `expect` says; `None` if one of them is not taken by the log (a pipeline state: those
+/// commits are synced as they are).
+pub(super) fn encode(
+    seq: u64,
+    expect: Expect,
+    now_ms: u64,
+    limits: Limits,
+    writes: &[&Write],
+) -> Option<Vec<u8>> {
     let mut bodies: Vec<&Bytes> = Vec::new();
     let mut logged = Vec::with_capacity(writes.len());
     for write in writes {
@@ -288,6 +329,7 @@ pub(super) fn encode(seq: u64, now_ms: u64, limits: Limits, writes: &[&Write]) -
     }
     let head = Head {
         seq,
+        expect,
         now_ms,
         max_bytes: limits.max_bytes,
         writes: logged,
@@ -400,6 +442,7 @@ fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
     }
     let record = Record {
         seq: head.seq,
+        expect: head.expect,
         now_ms: head.now_ms,
         limits: Limits {
             max_bytes: head.max_bytes,
@@ -451,9 +494,15 @@ mod tests {
         }
     }
 
+    const EXPECT: Expect = Expect {
+        instance: 3,
+        next_event: 4,
+        next_seq: 5,
+    };
+
     fn record(seq: u64, writes: &[Write]) -> Vec<u8> {
         let writes: Vec<&Write> = writes.iter().collect();
-        encode(seq, 7, Limits { max_bytes: 99 }, &writes).unwrap()
+        encode(seq, EXPECT, 7, Limits { max_bytes: 99 }, &writes).unwrap()
     }
 
     /// What a write looks like, for comparing (`Write` has no `PartialEq`).
@@ -471,6 +520,7 @@ mod tests {
         assert_eq!(chain.end, log.len() as u64);
         assert_eq!(chain.records[0].seq, 5);
         assert_eq!(chain.records[0].now_ms, 7);
+        assert_eq!(chain.records[0].expect, EXPECT);
         assert_eq!(chain.records[0].limits.max_bytes, 99);
         assert_eq!(shown(&chain.records[0].writes), shown(&first));
         assert_eq!(shown(&chain.records[1].writes), shown(&second));
@@ -497,7 +547,7 @@ mod tests {
             value: Some(vec![1]),
         };
         let writes = [&state];
-        assert!(encode(1, 1, Limits { max_bytes: 1 }, &writes).is_none());
+        assert!(encode(1, EXPECT, 1, Limits { max_bytes: 1 }, &writes).is_none());
     }
 
     #[test]

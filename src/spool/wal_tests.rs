@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Limits, Outcome, Spool, SpoolError, Write, wal};
+use super::{Limits, Outcome, Spool, Write, wal};
 use crate::event::Event;
 
 const A: &str = "0123456789abcdef http://127.0.0.1:9/a";
@@ -211,31 +211,153 @@ fn a_full_log_makes_the_next_commit_a_synced_one() {
 }
 
 #[test]
-fn a_log_write_that_fails_stores_nothing_and_the_retry_stores_it_once() {
+fn a_log_that_cannot_be_written_leaves_each_commit_synced_to_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path()).unwrap();
     logged(&spool, appending(1, 1));
-    let before = view(&spool);
     spool.break_wal(true);
-    let refused = spool.write_logged(&[appending(2, 1)], ROOM);
-    assert!(
-        matches!(refused, Err(SpoolError::Wal { .. })),
-        "{refused:?}"
+    assert_eq!(logged(&spool, appending(2, 1)), [2], "stored all the same");
+    assert_eq!(
+        spool.logged(),
+        0,
+        "synced to the file, with what the log held"
     );
-    assert!(
-        spool.write_error().unwrap().contains("spool.wal"),
-        "the health line names the log: {:?}",
-        spool.write_error()
-    );
-    assert_eq!(view(&spool), before, "nothing of it applied");
-    let crashed = crash_copy(dir.path(), true);
-    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), before);
-
-    spool.break_wal(false);
-    assert_eq!(logged(&spool, appending(2, 1)), [2]);
     assert_eq!(spool.write_error(), None);
     let seen = view(&spool);
-    assert_eq!(seen.2, 2, "stored once");
+    assert_eq!(seen.2, 2);
+    let without = crash_copy(dir.path(), false);
+    assert_eq!(view(&Spool::open(without.path()).unwrap()), seen);
+    spool.break_wal(false);
+    logged(&spool, appending(3, 1));
+    assert_eq!(spool.logged(), 1, "logged again once it takes writes");
+}
+
+#[test]
+fn a_relay_started_after_a_crash_goes_on_logging_and_survives_a_second_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let first = crash_copy(dir.path(), true);
+    drop(spool);
+    let restarted = Spool::open(first.path()).unwrap();
+    assert_eq!(
+        restarted.logged(),
+        3,
+        "applied in memory; still only in the log"
+    );
+    assert_eq!(logged(&restarted, appending(5, 2)), [5, 6]);
+    let seen = view(&restarted);
+    let second = crash_copy(first.path(), true);
+    assert_eq!(view(&Spool::open(second.path()).unwrap()), seen);
+}
+
+#[test]
+fn a_synced_commit_outside_the_writer_between_records_keeps_ids_and_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    logged(&spool, appending(1, 2));
+    // A catch-up's append, say: synced, with what the log held before it.
+    spool.write(&[appending(3, 1)], ROOM).unwrap();
+    assert_eq!(spool.logged(), 0);
+    logged(&spool, appending(4, 1));
+    logged(&spool, appending(5, 1));
+    let seen = view(&spool);
+    assert_eq!(
+        seen.0[1].iter().map(|q| q.1).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
     let crashed = crash_copy(dir.path(), true);
     assert_eq!(view(&Spool::open(crashed.path()).unwrap()), seen);
+}
+
+/// The README's way out of a damaged spool is to move `spool.redb` aside and start again: the
+/// new spool must not be given the old log's records (they would be delivered again).
+#[test]
+fn a_new_spool_beside_an_old_log_is_not_given_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let crashed = crash_copy(dir.path(), true);
+    drop(spool);
+    std::fs::rename(
+        crashed.path().join(super::FILE_NAME),
+        crashed.path().join("spool.redb.damaged"),
+    )
+    .unwrap();
+    let fresh = Spool::open(crashed.path()).unwrap();
+    assert_eq!(view(&fresh).2, 0, "nothing of the old log applied");
+    let aside: Vec<_> = std::fs::read_dir(crashed.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("spool.wal.unapplied-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the old log is kept aside");
+    assert_eq!(
+        wal::read(&crashed.path().join(&aside[0]))
+            .unwrap()
+            .records
+            .len(),
+        3
+    );
+    assert_eq!(logged(&fresh, appending(1, 1)), [1]);
+    drop(fresh);
+    assert_eq!(view(&Spool::open(crashed.path()).unwrap()).2, 1);
+}
+
+/// A spool file restored from a backup older than the log's records: they expect a spool that
+/// is not there, and are kept aside, not applied to it.
+#[test]
+fn a_spool_restored_from_an_older_backup_is_not_given_the_logs_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    logged(&spool, appending(1, 1));
+    let backup = crash_copy(dir.path(), false);
+    spool.checkpoint().unwrap();
+    logged(&spool, appending(2, 1));
+    logged(&spool, appending(3, 1));
+    std::fs::copy(
+        dir.path().join(wal::FILE_NAME),
+        backup.path().join(wal::FILE_NAME),
+    )
+    .unwrap();
+    let restored = Spool::open(backup.path()).unwrap();
+    assert_eq!(view(&restored).2, 0, "the backup's own contents only");
+}
+
+/// Before it shares the file, a relay commits what only its log holds. When that fails (a
+/// full disk) it keeps the file alone: shared, the log could only be applied by a synced
+/// commit, which would fail the same way, and the relay could not open the file again.
+#[test]
+fn a_relay_that_cannot_commit_its_log_keeps_the_file_alone() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let full = Arc::new(AtomicBool::new(false));
+    let factory = {
+        let full = full.clone();
+        let allocated = Arc::default();
+        super::backend::Factory::wrapping(move |inner| {
+            Box::new(super::backend::DiskFull {
+                inner,
+                full: full.clone(),
+                allocated: Arc::clone(&allocated),
+            })
+        })
+    };
+    let relay = Spool::open_with(dir.path(), factory).unwrap();
+    logged(&relay, appending(1, 1));
+    let seen = view(&relay);
+    full.store(true, Ordering::SeqCst);
+    let request = super::share::Request::make(dir.path(), None).unwrap();
+    relay.share_look(relay.sharing.lock().unwrap());
+    assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
+    assert_eq!(relay.logged(), 1);
+    // With room again, the next read opens the file again (as after any failed commit),
+    // applying the log, and the next look shares it.
+    full.store(false, Ordering::SeqCst);
+    assert_eq!(view(&relay), seen);
+    relay.share_look(relay.sharing.lock().unwrap());
+    assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Shared);
+    assert_eq!(view(&relay), seen);
+    drop(request);
+    drop(relay);
+    std::fs::remove_file(dir.path().join(wal::FILE_NAME)).unwrap();
+    assert_eq!(view(&Spool::open(dir.path()).unwrap()), seen);
 }

@@ -533,10 +533,11 @@ impl WriterThread {
                 // Also with jobs come meanwhile (marks, which do not wake it), when the look is
                 // due: a process waiting for an answer must get it within a SHARE_POLL.
                 if queue.jobs.is_empty() || Instant::now() >= poll {
-                    let idle = queue.jobs.is_empty();
+                    // Idle, with no deliveries' marks awaited either (they follow an append
+                    // within MARK_DELAY): what the write-ahead log holds goes into the file, one
+                    // synced commit per quiet spell, on a wake the thread makes anyway.
+                    let idle = queue.jobs.is_empty() && marks_due.is_none();
                     drop(queue);
-                    // Idle: what the write-ahead log holds goes into the file (one synced
-                    // commit per quiet spell, on a wake the thread makes anyway).
                     if idle {
                         self.checkpoint();
                     }
@@ -846,6 +847,30 @@ mod tests {
             query: vec![],
             body: format!("{{\"n\":{n}}}").into(),
         }
+    }
+
+    /// A lone append goes through the write-ahead log; once the writer is idle (no marks
+    /// awaited either), what the log holds is committed to the file, and the log starts over.
+    #[tokio::test]
+    async fn an_idle_writer_commits_the_log_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::from_millis(50));
+        let routes = ["r".to_string()];
+        writer
+            .append("c", &routes, vec![event(1)].into(), None)
+            .await
+            .unwrap();
+        // Checked before the first idle look (a second away) could have come.
+        assert_eq!(spool.logged(), 1, "the append went through the log");
+        until("the idle checkpoint", || spool.logged() == 0).await;
+        writer
+            .append("c", &routes, vec![event(2)].into(), None)
+            .await
+            .unwrap();
+        drop(writer);
+        thread.join().unwrap();
+        assert_eq!(spool.logged(), 0, "a stop commits the log too");
     }
 
     /// Wait for `done`, up to a deadline.
