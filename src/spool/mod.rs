@@ -571,6 +571,19 @@ struct Sharing {
     unasked: bool,
 }
 
+impl Sharing {
+    /// Open alone, asking nothing of anyone.
+    fn alone() -> Sharing {
+        Sharing {
+            mode: Mode::Alone,
+            request: None,
+            looked: std::time::Instant::now(),
+            refused: None,
+            unasked: false,
+        }
+    }
+}
+
 /// How long after a refused open alone ([`Sharing::refused`]) a relay tries again.
 const ALONE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -982,15 +995,34 @@ impl Spool {
         let alone = sharing.mode == Mode::Alone;
         // As in `share_switch`: another process may take the file while it is closed.
         self.set_alone(false);
-        // The write-ahead log keeps what the old handle held only in memory: the open applies it.
-        *self.log() = None;
+        // The write-ahead log keeps what the old handle held only in memory: the open applies
+        // it. While it holds such records the file is opened alone again, whoever asks: shared,
+        // they could be applied only by a synced commit, which fails the same way as the one
+        // that brought this here (a full disk), and every read would fail with it.
+        let log = self.log().take();
+        let keep_alone = alone && log.as_ref().is_some_and(|log| log.records() > 0);
         // Close the old handle first: the file cannot be opened twice in one process.
         drop(db.take());
         let mine = sharing.request.take();
         // A relay's new request answers nobody yet: its next look does.
         let answer = self.prefer_alone.then_some(&[][..]);
-        let (fresh, now) = match open_sharing(&self.path, &self.backend, alone, mine, answer) {
+        let opened = match keep_alone {
+            true => match open_existing(&self.path, &self.backend, Mode::Alone) {
+                // Taken meanwhile by a command (which could apply the log, synced): join it.
+                Err(SpoolError::InUse { .. }) => {
+                    open_sharing(&self.path, &self.backend, alone, mine, answer)
+                }
+                opened => opened.map(|opened| (opened, Sharing::alone())),
+            },
+            false => open_sharing(&self.path, &self.backend, alone, mine, answer),
+        };
+        let (fresh, now) = match opened {
             Ok(opened) => opened,
+            Err(e) if keep_alone => {
+                // Tried alone again next time, the log's records still counted.
+                *self.log() = log;
+                return Err(e);
+            }
             Err(e) => {
                 // `open_sharing` dropped the request with its error: shared is safe to retry.
                 sharing.mode = Mode::Shared;
@@ -1220,21 +1252,30 @@ impl Spool {
                     instance: self.instance,
                     next_event: get(NEXT_EVENT)?,
                     next_seq: get(NEXT_SEQ)?,
+                    stored_bytes: get(STORED_BYTES)?,
                 }
             };
             let seq = log.next_seq();
-            logged_at = match wal::encode(seq, expect, now, limits, &writes) {
-                Some(record) if log.takes(record.len()) => log.append(&record),
-                // Not taken by the log (a pipeline state, a full log), or it could not be
-                // written: synced to the file, with everything logged before.
-                _ => None,
-            };
+            // Not taken by the log (a pipeline state, a full log): synced to the file, with
+            // everything logged before.
+            let mut numbered = false;
+            if let Some(record) = wal::encode(seq, expect, now, limits, &writes)
+                .filter(|record| log.takes(record.len()))
+            {
+                numbered = true;
+                match log.append(&record) {
+                    Some(at) => logged_at = Some(at),
+                    // Not written (it said why): synced to the file, under the record's number,
+                    // so that whatever of the record reached the disk is never applied again.
+                    None => log.burn(),
+                }
+            }
             if logged_at.is_some() {
                 txn.set_durability(redb::Durability::None)?;
             }
             let mut t = Tables::open(&txn)?;
             let report = apply(&mut t, writes, now, limits)?;
-            if logged_at.is_some() {
+            if numbered {
                 t.set(WAL_SEQ, seq)?;
             }
             let persisted = t.counter(WAL_SEQ)?;
@@ -1243,21 +1284,33 @@ impl Spool {
             txn.commit()?;
             Ok((report, logged_at.is_none().then_some(persisted)))
         };
-        match run() {
-            Ok((report, persisted)) => {
+        // A panic in redb (damage the open did not find) fails the write like an error does.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+        match ran {
+            Ok(Ok((report, persisted))) => {
                 if let Some(persisted) = persisted {
                     log.persisted(persisted);
                 }
                 self.writes_again();
                 Ok(report)
             }
-            Err(e) => {
+            failed => {
                 // Its appenders are told it failed, and try again: the record must not be
                 // applied by the reopen that follows, nor by a start after a crash.
                 if let Some(at) = logged_at {
                     log.undo(at);
                 }
-                Err(self.commit_failed(e))
+                Err(match failed {
+                    Ok(Err(e)) => self.commit_failed(e),
+                    Err(panic) => {
+                        self.needs_reopen
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        let e = self.panicked(panic);
+                        self.failed(&e);
+                        e
+                    }
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                })
             }
         }
     }
@@ -1972,6 +2025,7 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
             instance,
             next_event: t.counter(NEXT_EVENT)?,
             next_seq: t.counter(NEXT_SEQ)?,
+            stored_bytes: t.counter(STORED_BYTES)?,
         };
         if foreign > 0 || record.seq != applied + 1 || record.expect != expected {
             foreign += 1;
@@ -2002,8 +2056,7 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
         );
     }
     if foreign > 0 {
-        let aside =
-            path.with_file_name(format!("{}.unapplied-{}", wal::FILE_NAME, now_ms() / 1000));
+        let aside = path.with_file_name(format!("{}.unapplied-{}", wal::FILE_NAME, now_ms()));
         std::fs::rename(&path, &aside)?;
         tracing::warn!(
             spool = %spool.display(),
@@ -2056,7 +2109,7 @@ fn open_sharing_in(
     };
     if alone && share::others(dir, mine.as_ref()).is_empty() {
         match open_existing(path, backend, Mode::Alone) {
-            Ok(opened) => return Ok((opened, sharing(Mode::Alone, None, None))),
+            Ok(opened) => return Ok((opened, Sharing::alone())),
             // Open shared by a process that made no request (an older smee-relay): join it,
             // and do not try again at every look.
             Err(SpoolError::InUse { .. }) => refused = Some(std::time::Instant::now()),

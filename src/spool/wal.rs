@@ -83,6 +83,8 @@ pub(super) struct Expect {
     pub(super) next_event: u64,
     /// `meta.next_seq`.
     pub(super) next_seq: u64,
+    /// `meta.stored_bytes` (changed by marks and pruning, which the two above are not).
+    pub(super) stored_bytes: u64,
 }
 
 /// What [`read`] found: the records in order, and where the last ends.
@@ -162,7 +164,7 @@ impl Wal {
     /// Whether a record of `len` bytes may be written now (else the batch is committed to redb
     /// directly, which starts the log over).
     pub(super) fn takes(&self, len: usize) -> bool {
-        self.records < CHECKPOINT_RECORDS && self.end + len as u64 <= CAPACITY
+        self.records < CHECKPOINT_RECORDS && self.end + (len + HEADER) as u64 <= CAPACITY
     }
 
     /// Write `record` (numbered [`Wal::next_seq`]) and sync it. Returns where it starts, for
@@ -171,9 +173,14 @@ impl Wal {
     /// as far as that is possible, and the caller syncs its commit to the spool file instead.
     pub(super) fn append(&mut self, record: &[u8]) -> Option<u64> {
         let at = self.end;
+        // Followed by an empty header, in the same write: a start reading the log stops right
+        // after the last record, never running on into what an older one left there.
+        let mut bytes = Vec::with_capacity(record.len() + HEADER);
+        bytes.extend_from_slice(record);
+        bytes.extend_from_slice(&[0; HEADER]);
         let written = self
             .file
-            .write_all_at(record, at)
+            .write_all_at(&bytes, at)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             self.erase(at);
@@ -195,6 +202,13 @@ impl Wal {
         self.last += 1;
         self.records += 1;
         Some(at)
+    }
+
+    /// The number [`Wal::next_seq`] gave a record that could not be written goes to the synced
+    /// commit made instead (as `meta.wal_seq`), so that no open applies what of it may be on
+    /// the disk; the next record gets the next number.
+    pub(super) fn burn(&mut self) {
+        self.last += 1;
     }
 
     /// The record written at `at` (the last) was not applied (the commit failed): erase it, so
@@ -498,6 +512,7 @@ mod tests {
         instance: 3,
         next_event: 4,
         next_seq: 5,
+        stored_bytes: 6,
     };
 
     fn record(seq: u64, writes: &[Write]) -> Vec<u8> {

@@ -361,3 +361,64 @@ fn a_relay_that_cannot_commit_its_log_keeps_the_file_alone() {
     std::fs::remove_file(dir.path().join(wal::FILE_NAME)).unwrap();
     assert_eq!(view(&Spool::open(dir.path()).unwrap()), seen);
 }
+
+/// A relay whose checkpoint failed (a full disk) opens its file again before its next read.
+/// With a command's request waiting it opened it shared, where the log could only be applied
+/// by a synced commit: every reopen then failed that way, until the disk had room again. It
+/// now opens it alone again while its log holds what the file does not.
+#[test]
+fn regression_a_failed_checkpoint_with_a_command_waiting_reopened_the_spool_shared() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let full = Arc::new(AtomicBool::new(false));
+    let factory = {
+        let full = full.clone();
+        let allocated = Arc::default();
+        super::backend::Factory::wrapping(move |inner| {
+            Box::new(super::backend::DiskFull {
+                inner,
+                full: full.clone(),
+                allocated: Arc::clone(&allocated),
+            })
+        })
+    };
+    let relay = Spool::open_with(dir.path(), factory).unwrap();
+    logged(&relay, appending(1, 2));
+    let seen = view(&relay);
+    full.store(true, Ordering::SeqCst);
+    assert!(relay.checkpoint().is_err());
+    let _request = super::share::Request::make(dir.path(), None).unwrap();
+    // The reopen before the read, on the full disk.
+    let _ = relay.pending(A, 0, 10);
+    assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
+    assert_eq!(relay.logged(), 1, "the log's records still counted");
+    full.store(false, Ordering::SeqCst);
+    assert_eq!(view(&relay), seen);
+    assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
+}
+
+/// A spool file restored from a backup taken after the log's last checkpoint, but written to
+/// since (a synced append): the log's next records expect counters the file no longer has.
+#[test]
+fn a_spool_restored_from_a_backup_that_differs_is_not_given_the_logs_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    logged(&spool, appending(1, 1));
+    spool.checkpoint().unwrap();
+    let backup = crash_copy(dir.path(), false);
+    // The backup is then written to on its own (by the same instance: same id in the file).
+    {
+        let diverged = Spool::open(backup.path()).unwrap();
+        diverged.write(&[appending(50, 1)], ROOM).unwrap();
+    }
+    logged(&spool, appending(2, 1));
+    logged(&spool, appending(3, 1));
+    std::fs::copy(
+        dir.path().join(wal::FILE_NAME),
+        backup.path().join(wal::FILE_NAME),
+    )
+    .unwrap();
+    let restored = Spool::open(backup.path()).unwrap();
+    let events: Vec<u64> = view(&restored).0[1].iter().map(|q| q.1).collect();
+    assert_eq!(events, [1, 2], "the backup's own events only");
+}

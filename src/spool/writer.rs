@@ -610,7 +610,9 @@ impl WriterThread {
     /// holds, and the next start applies it).
     fn checkpoint(&self) {
         match self.spool.checkpoint() {
-            Ok(()) => {}
+            // As after a good commit: `/healthz` must not stay 503 after an idle spell's
+            // failed checkpoint (the spool says "takes writes again").
+            Ok(()) => self.writable.store(true, Ordering::Relaxed),
             Err(e) => {
                 if self.writable.swap(false, Ordering::Relaxed) {
                     error!(
@@ -868,6 +870,7 @@ mod tests {
             .append("c", &routes, vec![event(2)].into(), None)
             .await
             .unwrap();
+        assert_eq!(spool.logged(), 1);
         drop(writer);
         thread.join().unwrap();
         assert_eq!(spool.logged(), 0, "a stop commits the log too");
