@@ -130,9 +130,10 @@ pub const FILE_NAME: &str = "spool.redb";
 pub enum SpoolError {
     #[error(
         "the spool {path} is damaged: {why}. smee-relay does not start over a spool that held \
-         events. Stop it, move the file aside (mv {path} {path}.damaged) and start again; to see \
-         what is still readable in it, put it alone in a directory as spool.redb and run \
-         `smee-relay events list --state-dir THAT_DIR`",
+         events. Stop it, move the file and its log aside (mv {path} {path}.damaged; mv \
+         spool.wal spool.wal.damaged, in the same directory) and start again; to see what is \
+         still readable in it, put them in a directory of their own as spool.redb and spool.wal \
+         and run `smee-relay events list --state-dir THAT_DIR`",
         path = path.display()
     )]
     Damaged { path: PathBuf, why: Damage },
@@ -2019,7 +2020,9 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
     let instance = t.counter(INSTANCE)?;
     let durable = t.counter(WAL_SEQ)?;
     let mut applied = durable;
-    let (mut records, mut events, mut foreign) = (0, 0, 0);
+    // Records, events and marks applied, and of those that do not follow.
+    let (mut records, mut events, mut marks) = (0, 0, 0);
+    let (mut foreign, mut foreign_events, mut foreign_marks) = (0, 0, 0);
     for record in chain.records.iter().filter(|r| r.seq > durable) {
         let expected = wal::Expect {
             instance,
@@ -2027,15 +2030,19 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
             next_seq: t.counter(NEXT_SEQ)?,
             stored_bytes: t.counter(STORED_BYTES)?,
         };
+        let (appended, marked) = record.counts();
         if foreign > 0 || record.seq != applied + 1 || record.expect != expected {
             foreign += 1;
+            foreign_events += appended;
+            foreign_marks += marked;
             continue;
         }
-        let report = apply(&mut t, &record.writes, record.now_ms, record.limits)?;
+        apply(&mut t, &record.writes, record.now_ms, record.limits)?;
         t.set(WAL_SEQ, record.seq)?;
         applied = record.seq;
         records += 1;
-        events += report.appended.iter().map(Vec::len).sum::<usize>();
+        events += appended;
+        marks += marked;
     }
     t.store_counters()?;
     drop(t);
@@ -2049,23 +2056,28 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
         txn.commit()?;
         tracing::info!(
             spool = %spool.display(),
-            records,
-            events,
-            "applied what the spool's write-ahead log held beyond the spool file (the relay \
-             that held it stopped without a checkpoint)"
+            "applied {records} records ({events} events, {marks} delivery marks) from the \
+             spool's write-ahead log that were not yet in {FILE_NAME} (the relay holding it \
+             stopped without a checkpoint; nothing is lost)"
         );
     }
     if foreign > 0 {
-        let aside = path.with_file_name(format!("{}.unapplied-{}", wal::FILE_NAME, now_ms()));
-        std::fs::rename(&path, &aside)?;
-        tracing::warn!(
-            spool = %spool.display(),
-            records = foreign,
-            kept = %aside.display(),
-            "the spool's write-ahead log holds records that do not follow this spool file (it \
-             was restored from a backup or made anew beside an old log, or an older \
-             smee-relay wrote it meanwhile): they were not applied, and the log is kept aside"
+        let aside = set_aside(&path)?;
+        let said = format!(
+            "the spool's write-ahead log held {foreign} records ({foreign_events} events, \
+             {foreign_marks} delivery marks) that do not follow this spool file: it was made \
+             anew beside an old log (after mv {FILE_NAME} ...), restored from a backup, or \
+             written meanwhile by an older smee-relay. They were not applied, so those events \
+             are not delivered from here; the log is kept as {}. To read them, put it as \
+             spool.wal beside the spool file it came with, in a directory of their own, and run \
+             `smee-relay events list --state-dir THAT_DIR`",
+            aside.display()
         );
+        if foreign_events > 0 {
+            tracing::warn!(spool = %spool.display(), "{said}");
+        } else {
+            tracing::info!(spool = %spool.display(), "{said}");
+        }
         return Ok((wal::Chain::default(), applied));
     }
     let durable = match mode {
@@ -2073,6 +2085,24 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
         Mode::Alone => durable,
     };
     Ok((chain, durable))
+}
+
+/// Rename the log at `path` to `spool.wal.unapplied-<UTC time>` (with `.N` after it if that
+/// is taken) and return the new name.
+fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let time: String = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    let mut aside = path.with_file_name(format!("{}.unapplied-{time}", wal::FILE_NAME));
+    let mut n = 0;
+    while aside.exists() {
+        n += 1;
+        aside = path.with_file_name(format!("{}.unapplied-{time}.{n}", wal::FILE_NAME));
+    }
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
 }
 
 /// Open the spool at `path`, which exists: alone if `alone` is wanted and no other process

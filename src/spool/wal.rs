@@ -104,6 +104,19 @@ pub(super) struct Record {
     pub(super) writes: Vec<Write>,
 }
 
+impl Record {
+    /// How many events it appends and how many delivery marks it makes.
+    pub(super) fn counts(&self) -> (usize, usize) {
+        self.writes
+            .iter()
+            .fold((0, 0), |(events, marks), write| match write {
+                Write::Append { events: e, .. } => (events + e.len(), marks),
+                Write::Mark { .. } => (events, marks + 1),
+                Write::State { .. } => (events, marks),
+            })
+    }
+}
+
 /// The log's path for the spool at `spool`.
 pub(super) fn path(spool: &Path) -> PathBuf {
     spool.with_file_name(FILE_NAME)
@@ -136,6 +149,9 @@ impl Wal {
         }
         let unapplied = chain.records.iter().filter(|r| r.seq > applied).count();
         let last = chain.records.last().map_or(applied, |r| r.seq.max(applied));
+        if unapplied == 0 && !chain.records.is_empty() {
+            erase_spent(&file);
+        }
         Ok(Wal {
             file,
             path,
@@ -243,10 +259,21 @@ impl Wal {
     /// only the records that follow each other from there).
     pub(super) fn persisted(&mut self, persisted: u64) {
         if persisted >= self.last {
+            if self.end > 0 {
+                erase_spent(&self.file);
+            }
             self.end = 0;
             self.records = 0;
         }
     }
+}
+
+/// Zero the first record's header of a log whose records are all in the spool file: they no
+/// longer count, and a spool file made anew beside the log (`mv spool.redb ...` after damage)
+/// is not warned about them. Not synced, and a failure is harmless: a start skips records the
+/// file holds by their number.
+fn erase_spent(file: &File) {
+    let _ = file.write_all_at(&[0; HEADER], 0);
 }
 
 /// The JSON head of a record.

@@ -422,3 +422,29 @@ fn a_spool_restored_from_a_backup_that_differs_is_not_given_the_logs_records() {
     let events: Vec<u64> = view(&restored).0[1].iter().map(|q| q.1).collect();
     assert_eq!(events, [1, 2], "the backup's own events only");
 }
+
+/// A relay stopped cleanly leaves a log whose records are all in the spool file: a spool made
+/// anew beside it (the README's way out of damage) took them for records of another spool and
+/// warned that they were not applied. They are now erased from the log at each checkpoint.
+#[test]
+fn regression_a_new_spool_beside_a_cleanly_stopped_relays_log_warned_of_unapplied_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    spool.checkpoint().unwrap();
+    drop(spool);
+    std::fs::rename(
+        dir.path().join(super::FILE_NAME),
+        dir.path().join("spool.redb.damaged"),
+    )
+    .unwrap();
+    let fresh = Spool::open(dir.path()).unwrap();
+    assert_eq!(view(&fresh).2, 0);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|name| name.contains("unapplied")),
+        "nothing set aside: {names:?}"
+    );
+}
