@@ -137,9 +137,15 @@ impl Wal {
         let len = file.metadata()?.len();
         if len < CAPACITY {
             // Zeros, written: a later record over them changes no block map or size, so its
-            // sync is one data write.
-            let zeros = vec![0; (CAPACITY - len) as usize];
-            file.write_all_at(&zeros, len)?;
+            // sync is one data write. In pieces: a relay's peak memory is small, and this comes
+            // at its start.
+            let zeros = [0; 64 << 10];
+            let mut at = len;
+            while at < CAPACITY {
+                let n = (CAPACITY - at).min(zeros.len() as u64);
+                file.write_all_at(&zeros[..n as usize], at)?;
+                at += n;
+            }
             file.sync_all()?;
         }
         // The file's name is durable before any record in it counts (cheap; also when an
@@ -392,21 +398,42 @@ pub(super) fn encode(
 }
 
 /// The records of the log at `path`, from its start for as long as they follow each other
-/// (see the module header); an empty chain if there is no log.
+/// (see the module header); an empty chain if there is no log. Read record by record, not
+/// whole: the log is 1 MiB, and this comes at a relay's start.
 pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    let file = match File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Chain::default()),
         Err(e) => return Err(e),
     };
-    Ok(chain(&bytes))
+    let len = file.metadata()?.len();
+    let mut buf = Vec::new();
+    Ok(chain_with(|at| {
+        let mut header = [0; HEADER];
+        file.read_exact_at(&mut header, at).ok()?;
+        let payload = u64::from(u32::from_le_bytes(header[..4].try_into().ok()?));
+        if at + HEADER as u64 + payload > len {
+            return None;
+        }
+        buf.clear();
+        buf.extend_from_slice(&header);
+        buf.resize(HEADER + payload as usize, 0);
+        file.read_exact_at(&mut buf[HEADER..], at + HEADER as u64).ok()?;
+        decode(&buf)
+    }))
 }
 
 /// [`read`] on the log's bytes.
+#[cfg(test)]
 fn chain(bytes: &[u8]) -> Chain {
+    chain_with(|at| decode(bytes.get(usize::try_from(at).ok()?..)?))
+}
+
+/// The chain of records `next` finds: `next(at)` is the record at offset `at` and its length,
+/// if one is there whole.
+fn chain_with(mut next: impl FnMut(u64) -> Option<(Record, usize)>) -> Chain {
     let mut chain = Chain::default();
-    let mut at = 0usize;
-    while let Some((record, len)) = decode(&bytes[at..]) {
+    while let Some((record, len)) = next(chain.end) {
         if chain
             .records
             .last()
@@ -415,9 +442,8 @@ fn chain(bytes: &[u8]) -> Chain {
             break;
         }
         chain.records.push(record);
-        at += len;
+        chain.end += len as u64;
     }
-    chain.end = at as u64;
     chain
 }
 
