@@ -418,7 +418,8 @@ pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
         buf.clear();
         buf.extend_from_slice(&header);
         buf.resize(HEADER + payload as usize, 0);
-        file.read_exact_at(&mut buf[HEADER..], at + HEADER as u64).ok()?;
+        file.read_exact_at(&mut buf[HEADER..], at + HEADER as u64)
+            .ok()?;
         decode(&buf)
     }))
 }
