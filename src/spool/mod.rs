@@ -836,10 +836,13 @@ impl Spool {
         // Should that fail (a full disk), the file stays alone: shared, it could be read only
         // after a synced replay of the log, which would fail the same way, and stop this
         // relay's reads too. Those asking wait, then give up with what to do.
-        if let Some(open) = db.as_ref()
-            && self.logged() > 0
-            && let Err(e) = self.transact(open, redb::Durability::Immediate, |_| Ok(()), |_| true)
-        {
+        let committed = match db.as_ref() {
+            _ if self.logged() == 0 => Ok(()),
+            Some(open) => self.transact(open, redb::Durability::Immediate, |_| Ok(()), |_| true),
+            // Closed after a failed reopen: it holds nothing the log does not.
+            None => Err(SpoolError::Reopening),
+        };
+        if let Err(e) = committed {
             tracing::warn!(
                 "cannot share the spool: what its write-ahead log holds cannot be committed to \
                  the file first ({}); it stays open alone, and a command asking for it gives up \
@@ -1318,11 +1321,12 @@ impl Spool {
 
     /// Make everything written through the write-ahead log durable in the file itself (one
     /// synced commit), so the log starts over. Nothing to do if nothing was logged since.
-    pub(crate) fn checkpoint(&self) -> Result<(), SpoolError> {
+    /// Returns whether it committed.
+    pub(crate) fn checkpoint(&self) -> Result<bool, SpoolError> {
         if self.logged() == 0 {
-            return Ok(());
+            return Ok(false);
         }
-        self.update(|_| Ok(()))
+        self.update(|_| Ok(())).map(|()| true)
     }
 
     /// Records in the write-ahead log not yet made durable in the file ([`Spool::checkpoint`]).
@@ -2061,19 +2065,31 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
              stopped without a checkpoint; nothing is lost)"
         );
     }
-    if foreign > 0 {
-        let aside = set_aside(&path)?;
+    if chain.unreadable && foreign == 0 {
+        foreign = chain.records.iter().filter(|r| r.seq > applied).count();
+    }
+    if chain.unreadable || foreign > 0 {
+        let Some(aside) = set_aside(&path)? else {
+            // Another process opening the file at the same moment set it aside (and said so).
+            return Ok((wal::Chain::default(), applied));
+        };
         let said = format!(
             "the spool's write-ahead log held {foreign} records ({foreign_events} events, \
-             {foreign_marks} delivery marks) that do not follow this spool file: it was made \
+             {foreign_marks} delivery marks){} that do not follow this spool file: it was made \
              anew beside an old log (after mv {FILE_NAME} ...), restored from a backup, or \
-             written meanwhile by an older smee-relay. They were not applied, so those events \
-             are not delivered from here; the log is kept as {}. To read them, put it as \
-             spool.wal beside the spool file it came with, in a directory of their own, and run \
-             `smee-relay events list --state-dir THAT_DIR`",
+             written meanwhile by an older or newer smee-relay. They were not applied, so those \
+             events are not delivered from here; the log is kept as {}. To read them, put it \
+             as spool.wal beside the spool file it came with, in a directory of their own, and \
+             run `smee-relay events list --state-dir THAT_DIR` with the smee-relay that wrote \
+             it",
+            if chain.unreadable {
+                ", and then a record this smee-relay cannot read"
+            } else {
+                ""
+            },
             aside.display()
         );
-        if foreign_events > 0 {
+        if foreign_events > 0 || chain.unreadable {
             tracing::warn!(spool = %spool.display(), "{said}");
         } else {
             tracing::info!(spool = %spool.display(), "{said}");
@@ -2087,22 +2103,33 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
     Ok((chain, durable))
 }
 
-/// Rename the log at `path` to `spool.wal.unapplied-<UTC time>` (with `.N` after it if that
-/// is taken) and return the new name.
-fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+/// Move the log at `path` to `spool.wal.unapplied-<UTC time>` (with `.N` after it if that is
+/// taken: never over another) and return the new name; `None` if it is gone already (another
+/// process opening the spool at the same moment set it aside).
+fn set_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
     let time: String = humantime::format_rfc3339_seconds(SystemTime::now())
         .to_string()
         .chars()
         .filter(|c| !matches!(c, '-' | ':'))
         .collect();
-    let mut aside = path.with_file_name(format!("{}.unapplied-{time}", wal::FILE_NAME));
     let mut n = 0;
-    while aside.exists() {
-        n += 1;
-        aside = path.with_file_name(format!("{}.unapplied-{time}.{n}", wal::FILE_NAME));
+    loop {
+        let name = match n {
+            0 => format!("{}.unapplied-{time}", wal::FILE_NAME),
+            n => format!("{}.unapplied-{time}.{n}", wal::FILE_NAME),
+        };
+        let aside = path.with_file_name(name);
+        // A link fails rather than replace a file of that name; the log then goes.
+        match std::fs::hard_link(path, &aside) {
+            Ok(()) => {
+                std::fs::remove_file(path)?;
+                return Ok(Some(aside));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
     }
-    std::fs::rename(path, &aside)?;
-    Ok(aside)
 }
 
 /// Open the spool at `path`, which exists: alone if `alone` is wanted and no other process

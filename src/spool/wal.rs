@@ -92,6 +92,9 @@ pub(super) struct Expect {
 pub(super) struct Chain {
     pub(super) records: Vec<Record>,
     pub(super) end: u64,
+    /// After the last, a whole record (its checksum passes) that this build cannot read (one
+    /// written by another version): the log must not be written over.
+    pub(super) unreadable: bool,
 }
 
 /// One record read back.
@@ -408,33 +411,57 @@ pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
     };
     let len = file.metadata()?.len();
     let mut buf = Vec::new();
-    Ok(chain_with(|at| {
+    chain_with(|at| {
+        // Past the end, or a record longer than the log can hold: the log ends here. A read
+        // that fails otherwise is an error, not an end (records after it may count).
         let mut header = [0; HEADER];
-        file.read_exact_at(&mut header, at).ok()?;
-        let payload = u64::from(u32::from_le_bytes(header[..4].try_into().ok()?));
-        if at + HEADER as u64 + payload > len {
-            return None;
+        if at + HEADER as u64 > len {
+            return Ok(Decoded::End);
+        }
+        file.read_exact_at(&mut header, at)?;
+        let payload = u64::from(u32::from_le_bytes(
+            header[..4].try_into().expect("four bytes"),
+        ));
+        if payload > CAPACITY || at + HEADER as u64 + payload > len {
+            return Ok(Decoded::End);
         }
         buf.clear();
         buf.extend_from_slice(&header);
         buf.resize(HEADER + payload as usize, 0);
-        file.read_exact_at(&mut buf[HEADER..], at + HEADER as u64)
-            .ok()?;
-        decode(&buf)
-    }))
+        file.read_exact_at(&mut buf[HEADER..], at + HEADER as u64)?;
+        Ok(decode(&buf))
+    })
 }
 
 /// [`read`] on the log's bytes.
 #[cfg(test)]
 fn chain(bytes: &[u8]) -> Chain {
-    chain_with(|at| decode(bytes.get(usize::try_from(at).ok()?..)?))
+    let at = |at: u64| usize::try_from(at).ok().and_then(|at| bytes.get(at..));
+    chain_with(|offset| Ok(at(offset).map_or(Decoded::End, decode))).expect("no I/O")
 }
 
-/// The chain of records `next` finds: `next(at)` is the record at offset `at` and its length,
-/// if one is there whole.
-fn chain_with(mut next: impl FnMut(u64) -> Option<(Record, usize)>) -> Chain {
+/// What is at an offset of the log.
+enum Decoded {
+    /// A record, and its length.
+    Record(Record, usize),
+    /// A whole record this build cannot read.
+    Unreadable,
+    /// No whole record: the log ends.
+    End,
+}
+
+/// The chain of records `next` finds: `next(at)` is what is at offset `at`.
+fn chain_with(mut next: impl FnMut(u64) -> std::io::Result<Decoded>) -> std::io::Result<Chain> {
     let mut chain = Chain::default();
-    while let Some((record, len)) = next(chain.end) {
+    loop {
+        let (record, len) = match next(chain.end)? {
+            Decoded::Record(record, len) => (record, len),
+            Decoded::Unreadable => {
+                chain.unreadable = true;
+                break;
+            }
+            Decoded::End => break,
+        };
         if chain
             .records
             .last()
@@ -445,17 +472,28 @@ fn chain_with(mut next: impl FnMut(u64) -> Option<(Record, usize)>) -> Chain {
         chain.records.push(record);
         chain.end += len as u64;
     }
-    chain
+    Ok(chain)
 }
 
-/// The record at the start of `bytes` and its length, if one is there whole.
-fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
-    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let sum = u64::from_le_bytes(bytes.get(4..HEADER)?.try_into().ok()?);
-    let payload = bytes.get(HEADER..HEADER.checked_add(len)?)?;
-    if len == 0 || super::journal::fnv1a(payload) != sum {
-        return None;
+/// What is at the start of `bytes`.
+fn decode(bytes: &[u8]) -> Decoded {
+    let whole = || {
+        let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let sum = u64::from_le_bytes(bytes.get(4..HEADER)?.try_into().ok()?);
+        let payload = bytes.get(HEADER..HEADER.checked_add(len)?)?;
+        (len > 0 && super::journal::fnv1a(payload) == sum).then_some(payload)
+    };
+    let Some(payload) = whole() else {
+        return Decoded::End;
+    };
+    match decode_payload(payload) {
+        Some(record) => Decoded::Record(record, HEADER + payload.len()),
+        None => Decoded::Unreadable,
     }
+}
+
+/// The record in a payload that passed its checksum, if this build can read it.
+fn decode_payload(payload: &[u8]) -> Option<Record> {
     let head_len = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize;
     let head: Head<'_> =
         serde_json::from_slice(payload.get(4..4usize.checked_add(head_len)?)?).ok()?;
@@ -517,7 +555,7 @@ fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
         },
         writes,
     };
-    Some((record, HEADER + len))
+    Some(record)
 }
 
 #[cfg(test)]
@@ -607,6 +645,25 @@ mod tests {
         let mut damaged = record(5, &first);
         *damaged.last_mut().unwrap() ^= 1;
         assert!(super::chain(&damaged).records.is_empty());
+    }
+
+    /// A whole record this build cannot read (another version's) is not taken for the end of
+    /// the log: the log must not be written over.
+    #[test]
+    fn a_whole_record_that_cannot_be_read_is_said_not_taken_for_the_end() {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&9u32.to_le_bytes());
+        payload.extend_from_slice(b"{\"seq\":2}");
+        let mut unknown = Vec::new();
+        unknown.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        unknown.extend_from_slice(&super::super::journal::fnv1a(&payload).to_le_bytes());
+        unknown.extend_from_slice(&payload);
+        let log = [record(1, &[mark(1)]), unknown.clone()].concat();
+        let chain = chain(&log);
+        assert_eq!(chain.records.len(), 1);
+        assert!(chain.unreadable);
+        // Cut, the same bytes are only the end.
+        assert!(!super::chain(&unknown[..unknown.len() - 1]).unreadable);
     }
 
     #[test]

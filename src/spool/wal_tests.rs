@@ -148,7 +148,8 @@ fn a_command_opening_after_a_crash_applies_the_log_to_the_file() {
 fn a_checkpoint_puts_it_in_the_file_and_the_log_starts_over() {
     let dir = tempfile::tempdir().unwrap();
     let spool = spool_with_logged_writes(dir.path());
-    spool.checkpoint().unwrap();
+    assert!(spool.checkpoint().unwrap(), "committed");
+    assert!(!spool.checkpoint().unwrap(), "nothing left to commit");
     assert_eq!(spool.logged(), 0);
     let seen = view(&spool);
     let without = crash_copy(dir.path(), false);
@@ -447,4 +448,50 @@ fn regression_a_new_spool_beside_a_cleanly_stopped_relays_log_warned_of_unapplie
         !names.iter().any(|name| name.contains("unapplied")),
         "nothing set aside: {names:?}"
     );
+}
+
+/// A log holding a record this build cannot read (written by another version) is kept aside,
+/// not written over as if it ended there.
+#[test]
+fn a_log_with_a_record_this_build_cannot_read_is_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let seen = view(&spool);
+    let crashed = crash_copy(dir.path(), true);
+    drop(spool);
+    // The third record's head, changed as another version might write it, checksum and all.
+    let path = crashed.path().join(wal::FILE_NAME);
+    let mut log = std::fs::read(&path).unwrap();
+    let chain = wal::read(&path).unwrap();
+    assert_eq!(chain.records.len(), 3);
+    let third = {
+        let mut at = 0usize;
+        for _ in 0..2 {
+            at += 12 + u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+        }
+        at
+    };
+    let len = u32::from_le_bytes(log[third..third + 4].try_into().unwrap()) as usize;
+    let payload = third + 12..third + 12 + len;
+    let key = log[payload.clone()]
+        .windows(5)
+        .position(|w| w == b"\"seq\"")
+        .unwrap();
+    log[payload.start + key + 1] = b'S';
+    let sum = super::journal::fnv1a(&log[payload]);
+    log[third + 4..third + 12].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(&path, log).unwrap();
+
+    let reopened = Spool::open(crashed.path()).unwrap();
+    let found = view(&reopened);
+    assert_eq!(found.0[1].len(), 3, "the two records before it applied");
+    assert_ne!(found, seen);
+    let aside = std::fs::read_dir(crashed.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("spool.wal.unapplied-")
+        })
+        .count();
+    assert_eq!(aside, 1, "the log is kept aside");
 }

@@ -612,7 +612,9 @@ impl WriterThread {
         match self.spool.checkpoint() {
             // As after a good commit: `/healthz` must not stay 503 after an idle spell's
             // failed checkpoint (the spool says "takes writes again").
-            Ok(()) => self.writable.store(true, Ordering::Relaxed),
+            Ok(true) => self.writable.store(true, Ordering::Relaxed),
+            // Nothing to commit: says nothing about whether writes work.
+            Ok(false) => {}
             Err(e) => {
                 if self.writable.swap(false, Ordering::Relaxed) {
                     error!(
