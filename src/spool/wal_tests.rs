@@ -8,6 +8,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 
 use bytes::Bytes;
 
@@ -83,6 +85,21 @@ fn crash_copy(from: &Path, with_log: bool) -> tempfile::TempDir {
     to
 }
 
+/// A new spool in a directory of its own.
+fn opened() -> (tempfile::TempDir, Spool) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    (dir, spool)
+}
+
+/// What `spool` shows now is what a crash now would leave of it: the file (and the log, if
+/// `with_log`), opened as a new spool, show the same.
+fn assert_survives_a_crash(spool: &Spool, dir: &Path, with_log: bool) {
+    let seen = view(spool);
+    let crashed = crash_copy(dir, with_log);
+    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), seen);
+}
+
 /// A spool with three logged batches: appends on two routes with the channel's cursor, and
 /// the head of one route finished.
 fn spool_with_logged_writes(dir: &Path) -> Spool {
@@ -151,23 +168,18 @@ fn a_checkpoint_puts_it_in_the_file_and_the_log_starts_over() {
     assert!(spool.checkpoint().unwrap(), "committed");
     assert!(!spool.checkpoint().unwrap(), "nothing left to commit");
     assert_eq!(spool.logged(), 0);
-    let seen = view(&spool);
-    let without = crash_copy(dir.path(), false);
-    assert_eq!(view(&Spool::open(without.path()).unwrap()), seen);
+    assert_survives_a_crash(&spool, dir.path(), false);
 
     // The next record goes at the start of the log, over the old ones, which a start after a
     // crash must not apply again.
     assert_eq!(logged(&spool, appending(5, 1)), [5]);
     assert_eq!(spool.logged(), 1);
-    let seen = view(&spool);
-    let crashed = crash_copy(dir.path(), true);
-    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), seen);
+    assert_survives_a_crash(&spool, dir.path(), true);
 }
 
 #[test]
 fn what_the_log_does_not_take_is_synced_to_the_file_and_starts_it_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
+    let (dir, spool) = opened();
     logged(&spool, appending(1, 1));
     assert_eq!(spool.logged(), 1);
     // A pipeline state: synced, with what the log held before it.
@@ -190,15 +202,12 @@ fn what_the_log_does_not_take_is_synced_to_the_file_and_starts_it_over() {
     };
     logged(&spool, big);
     assert_eq!(spool.logged(), 0);
-    let seen = view(&spool);
-    let without = crash_copy(dir.path(), false);
-    assert_eq!(view(&Spool::open(without.path()).unwrap()), seen);
+    assert_survives_a_crash(&spool, dir.path(), false);
 }
 
 #[test]
 fn a_full_log_makes_the_next_commit_a_synced_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
+    let (dir, spool) = opened();
     for n in 0..wal::CHECKPOINT_RECORDS as u64 {
         logged(&spool, appending(n + 1, 1));
     }
@@ -213,8 +222,7 @@ fn a_full_log_makes_the_next_commit_a_synced_one() {
 
 #[test]
 fn a_log_that_cannot_be_written_leaves_each_commit_synced_to_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
+    let (dir, spool) = opened();
     logged(&spool, appending(1, 1));
     spool.break_wal(true);
     assert_eq!(logged(&spool, appending(2, 1)), [2], "stored all the same");
@@ -246,15 +254,12 @@ fn a_relay_started_after_a_crash_goes_on_logging_and_survives_a_second_crash() {
         "applied in memory; still only in the log"
     );
     assert_eq!(logged(&restarted, appending(5, 2)), [5, 6]);
-    let seen = view(&restarted);
-    let second = crash_copy(first.path(), true);
-    assert_eq!(view(&Spool::open(second.path()).unwrap()), seen);
+    assert_survives_a_crash(&restarted, first.path(), true);
 }
 
 #[test]
 fn a_synced_commit_outside_the_writer_between_records_keeps_ids_and_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
+    let (dir, spool) = opened();
     logged(&spool, appending(1, 2));
     // A catch-up's append, say: synced, with what the log held before it.
     spool.write(&[appending(3, 1)], ROOM).unwrap();
@@ -303,33 +308,30 @@ fn a_new_spool_beside_an_old_log_is_not_given_its_records() {
     assert_eq!(view(&Spool::open(crashed.path()).unwrap()).2, 1);
 }
 
+/// Two more records logged in `spool` (in `dir`), then its log put beside the `backup` of its
+/// file, which is opened: a restore from that backup after a crash.
+fn restore_beside_new_records(spool: &Spool, dir: &Path, backup: &Path) -> Spool {
+    logged(spool, appending(2, 1));
+    logged(spool, appending(3, 1));
+    std::fs::copy(dir.join(wal::FILE_NAME), backup.join(wal::FILE_NAME)).unwrap();
+    Spool::open(backup).unwrap()
+}
+
 /// A spool file restored from a backup older than the log's records: they expect a spool that
 /// is not there, and are kept aside, not applied to it.
 #[test]
 fn a_spool_restored_from_an_older_backup_is_not_given_the_logs_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
+    let (dir, spool) = opened();
     logged(&spool, appending(1, 1));
     let backup = crash_copy(dir.path(), false);
     spool.checkpoint().unwrap();
-    logged(&spool, appending(2, 1));
-    logged(&spool, appending(3, 1));
-    std::fs::copy(
-        dir.path().join(wal::FILE_NAME),
-        backup.path().join(wal::FILE_NAME),
-    )
-    .unwrap();
-    let restored = Spool::open(backup.path()).unwrap();
+    let restored = restore_beside_new_records(&spool, dir.path(), backup.path());
     assert_eq!(view(&restored).2, 0, "the backup's own contents only");
 }
 
-/// Before it shares the file, a relay commits what only its log holds. When that fails (a
-/// full disk) it keeps the file alone: shared, the log could only be applied by a synced
-/// commit, which would fail the same way, and the relay could not open the file again.
-#[test]
-fn a_relay_that_cannot_commit_its_log_keeps_the_file_alone() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = tempfile::tempdir().unwrap();
+/// A relay's spool on a disk that is full while the flag is set (redb's writes fail; the log,
+/// written before, still takes records).
+fn on_a_disk_that_fills(dir: &Path) -> (Spool, Arc<AtomicBool>) {
     let full = Arc::new(AtomicBool::new(false));
     let factory = {
         let full = full.clone();
@@ -342,17 +344,26 @@ fn a_relay_that_cannot_commit_its_log_keeps_the_file_alone() {
             })
         })
     };
-    let relay = Spool::open_with(dir.path(), factory).unwrap();
+    (Spool::open_with(dir, factory).unwrap(), full)
+}
+
+/// Before it shares the file, a relay commits what only its log holds. When that fails (a
+/// full disk) it keeps the file alone: shared, the log could only be applied by a synced
+/// commit, which would fail the same way, and the relay could not open the file again.
+#[test]
+fn a_relay_that_cannot_commit_its_log_keeps_the_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, full) = on_a_disk_that_fills(dir.path());
     logged(&relay, appending(1, 1));
     let seen = view(&relay);
-    full.store(true, Ordering::SeqCst);
+    full.store(true, SeqCst);
     let request = super::share::Request::make(dir.path(), None).unwrap();
     relay.share_look(relay.sharing.lock().unwrap());
     assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
     assert_eq!(relay.logged(), 1);
     // With room again, the next read opens the file again (as after any failed commit),
     // applying the log, and the next look shares it.
-    full.store(false, Ordering::SeqCst);
+    full.store(false, SeqCst);
     assert_eq!(view(&relay), seen);
     relay.share_look(relay.sharing.lock().unwrap());
     assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Shared);
@@ -369,31 +380,18 @@ fn a_relay_that_cannot_commit_its_log_keeps_the_file_alone() {
 /// now opens it alone again while its log holds what the file does not.
 #[test]
 fn regression_a_failed_checkpoint_with_a_command_waiting_reopened_the_spool_shared() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let full = Arc::new(AtomicBool::new(false));
-    let factory = {
-        let full = full.clone();
-        let allocated = Arc::default();
-        super::backend::Factory::wrapping(move |inner| {
-            Box::new(super::backend::DiskFull {
-                inner,
-                full: full.clone(),
-                allocated: Arc::clone(&allocated),
-            })
-        })
-    };
-    let relay = Spool::open_with(dir.path(), factory).unwrap();
+    let (relay, full) = on_a_disk_that_fills(dir.path());
     logged(&relay, appending(1, 2));
     let seen = view(&relay);
-    full.store(true, Ordering::SeqCst);
+    full.store(true, SeqCst);
     assert!(relay.checkpoint().is_err());
     let _request = super::share::Request::make(dir.path(), None).unwrap();
     // The reopen before the read, on the full disk.
     let _ = relay.pending(A, 0, 10);
     assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
     assert_eq!(relay.logged(), 1, "the log's records still counted");
-    full.store(false, Ordering::SeqCst);
+    full.store(false, SeqCst);
     assert_eq!(view(&relay), seen);
     assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
 }
@@ -402,8 +400,7 @@ fn regression_a_failed_checkpoint_with_a_command_waiting_reopened_the_spool_shar
 /// since (a synced append): the log's next records expect counters the file no longer has.
 #[test]
 fn a_spool_restored_from_a_backup_that_differs_is_not_given_the_logs_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path()).unwrap();
+    let (dir, spool) = opened();
     logged(&spool, appending(1, 1));
     spool.checkpoint().unwrap();
     let backup = crash_copy(dir.path(), false);
@@ -412,14 +409,7 @@ fn a_spool_restored_from_a_backup_that_differs_is_not_given_the_logs_records() {
         let diverged = Spool::open(backup.path()).unwrap();
         diverged.write(&[appending(50, 1)], ROOM).unwrap();
     }
-    logged(&spool, appending(2, 1));
-    logged(&spool, appending(3, 1));
-    std::fs::copy(
-        dir.path().join(wal::FILE_NAME),
-        backup.path().join(wal::FILE_NAME),
-    )
-    .unwrap();
-    let restored = Spool::open(backup.path()).unwrap();
+    let restored = restore_beside_new_records(&spool, dir.path(), backup.path());
     let events: Vec<u64> = view(&restored).0[1].iter().map(|q| q.1).collect();
     assert_eq!(events, [1, 2], "the backup's own events only");
 }
