@@ -265,7 +265,7 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
     let stderr = output.stderr;
     assert_eq!(output.code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("spool.redb") && stderr.contains("move the file aside"),
+        stderr.contains("spool.redb") && stderr.contains("move the file and its log aside"),
         "{stderr}"
     );
 }
@@ -312,9 +312,11 @@ async fn assert_refused(dir: &std::path::Path, why: &str) {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?} ({why}): {stderr}");
+        let log = dir.join("spool.wal");
         assert!(
             stderr.contains(&file.display().to_string())
-                && stderr.contains("move the file aside")
+                && stderr.contains("move the file and its log aside")
+                && stderr.contains(&format!("mv {} {}.damaged", log.display(), log.display()))
                 && !stderr.contains("panicked"),
             "{args:?} ({why}): {stderr}"
         );

@@ -130,11 +130,12 @@ pub const FILE_NAME: &str = "spool.redb";
 pub enum SpoolError {
     #[error(
         "the spool {path} is damaged: {why}. smee-relay does not start over a spool that held \
-         events. Stop it, move the file and its log aside (mv {path} {path}.damaged; mv \
-         spool.wal spool.wal.damaged, in the same directory) and start again; to see what is \
-         still readable in it, put them in a directory of their own as spool.redb and spool.wal \
-         and run `smee-relay events list --state-dir THAT_DIR`",
-        path = path.display()
+         events. Stop it, move the file and its log aside (mv {path} {path}.damaged; mv {wal} \
+         {wal}.damaged) and start again; to see what is still readable in it, put them in a \
+         directory of their own as spool.redb and spool.wal and run `smee-relay events list \
+         --state-dir THAT_DIR`",
+        path = path.display(),
+        wal = wal::path(path).display()
     )]
     Damaged { path: PathBuf, why: Damage },
     #[error("cannot create the state directory {path}", path = path.display())]
