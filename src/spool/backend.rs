@@ -104,6 +104,22 @@ pub(crate) struct DiskFull {
 impl DiskFull {
     const BLOCK: u64 = 4096;
 
+    /// A factory of such backends, and the flag that fills the disk (shared by every open of
+    /// the file, as the blocks written are).
+    pub(crate) fn factory() -> (Factory, Arc<std::sync::atomic::AtomicBool>) {
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = full.clone();
+        let allocated = Arc::default();
+        let factory = Factory::wrapping(move |inner| {
+            Box::new(DiskFull {
+                inner,
+                full: full.clone(),
+                allocated: Arc::clone(&allocated),
+            })
+        });
+        (factory, flag)
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<(), std::io::Error> {
         let blocks = offset / Self::BLOCK..(offset + len as u64).div_ceil(Self::BLOCK);
         let mut allocated = self.allocated.lock().expect("not poisoned");

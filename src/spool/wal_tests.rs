@@ -332,18 +332,7 @@ fn a_spool_restored_from_an_older_backup_is_not_given_the_logs_records() {
 /// A relay's spool on a disk that is full while the flag is set (redb's writes fail; the log,
 /// written before, still takes records).
 fn on_a_disk_that_fills(dir: &Path) -> (Spool, Arc<AtomicBool>) {
-    let full = Arc::new(AtomicBool::new(false));
-    let factory = {
-        let full = full.clone();
-        let allocated = Arc::default();
-        super::backend::Factory::wrapping(move |inner| {
-            Box::new(super::backend::DiskFull {
-                inner,
-                full: full.clone(),
-                allocated: Arc::clone(&allocated),
-            })
-        })
-    };
+    let (factory, full) = super::backend::DiskFull::factory();
     (Spool::open_with(dir, factory).unwrap(), full)
 }
 

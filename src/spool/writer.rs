@@ -783,7 +783,7 @@ impl WriterThread {
 mod tests {
     use super::*;
     use crate::counters::Counters;
-    use crate::spool::backend::{DiskFull, Factory};
+    use crate::spool::backend::DiskFull;
     use crate::spool::{Outcome, intake};
     use std::sync::atomic::AtomicBool;
 
@@ -899,18 +899,7 @@ mod tests {
     #[tokio::test]
     async fn disk_full_pauses_intake_keeps_what_was_stored_and_resumes_when_space_returns() {
         let dir = tempfile::tempdir().unwrap();
-        let full = Arc::new(AtomicBool::new(false));
-        let factory = {
-            let full = full.clone();
-            let allocated = Arc::default();
-            Factory::wrapping(move |inner| {
-                Box::new(DiskFull {
-                    inner,
-                    full: full.clone(),
-                    allocated: Arc::clone(&allocated),
-                })
-            })
-        };
+        let (factory, full) = DiskFull::factory();
         let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
         let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
         let (tx, rx) = crate::source::queue::channel(1 << 20);
