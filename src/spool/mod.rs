@@ -1248,17 +1248,13 @@ impl Spool {
         let mut logged_at = None;
         let run = || -> Result<(WriteReport, Option<u64>), redb::Error> {
             let mut txn = db.begin_write()?;
-            let expect = {
-                let meta = txn.open_table(META)?;
-                let get = |name| -> Result<u64, redb::Error> {
-                    Ok(meta.get(name)?.map_or(0, |v| v.value()))
-                };
-                wal::Expect {
-                    instance: self.instance,
-                    next_event: get(NEXT_EVENT)?,
-                    next_seq: get(NEXT_SEQ)?,
-                    stored_bytes: get(STORED_BYTES)?,
-                }
+            let mut t = Tables::open(&txn)?;
+            // Read once, and kept for `apply` (counters are cached per transaction).
+            let expect = wal::Expect {
+                instance: self.instance,
+                next_event: t.counter(NEXT_EVENT)?,
+                next_seq: t.counter(NEXT_SEQ)?,
+                stored_bytes: t.counter(STORED_BYTES)?,
             };
             let seq = log.next_seq();
             // Not taken by the log (a pipeline state, a full log): synced to the file, with
@@ -1275,10 +1271,6 @@ impl Spool {
                     None => log.burn(),
                 }
             }
-            if logged_at.is_some() {
-                txn.set_durability(redb::Durability::None)?;
-            }
-            let mut t = Tables::open(&txn)?;
             let report = apply(&mut t, writes, now, limits)?;
             if numbered {
                 t.set(WAL_SEQ, seq)?;
@@ -1286,6 +1278,11 @@ impl Spool {
             let persisted = t.counter(WAL_SEQ)?;
             t.store_counters()?;
             drop(t);
+            // Decided at the end (redb takes it at the commit): logged, the record is what
+            // makes it durable.
+            if logged_at.is_some() {
+                txn.set_durability(redb::Durability::None)?;
+            }
             txn.commit()?;
             Ok((report, logged_at.is_none().then_some(persisted)))
         };
