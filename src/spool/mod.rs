@@ -839,7 +839,7 @@ impl Spool {
         // relay's reads too. Those asking wait, then give up with what to do.
         let committed = match db.as_ref() {
             _ if self.logged() == 0 => Ok(()),
-            Some(open) => self.transact(open, redb::Durability::Immediate, |_| Ok(()), |_| true),
+            Some(open) => self.transact(open, |_| Ok(()), |_| true),
             // Closed after a failed reopen: it holds nothing the log does not.
             None => Err(SpoolError::Reopening),
         };
@@ -1097,7 +1097,7 @@ impl Spool {
         self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
-        self.transact(db, redb::Durability::Immediate, f, wrote)
+        self.transact(db, f, wrote)
     }
 
     /// After a failed write, open the database again first (redb refuses every later one).
@@ -1108,19 +1108,16 @@ impl Spool {
         Ok(())
     }
 
-    /// [`Spool::update_if`] on `db`, committed with `durability`. A synced commit makes what
-    /// the write-ahead log holds durable in the file: the log starts over.
+    /// [`Spool::update_if`] on `db` (a synced commit). It makes what the write-ahead log holds
+    /// durable in the file: the log starts over.
     fn transact<T>(
         &self,
         db: &Database,
-        durability: redb::Durability,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
         wrote: impl FnOnce(&T) -> bool,
     ) -> Result<T, SpoolError> {
-        let synced = matches!(durability, redb::Durability::Immediate);
         let run = || {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(durability)?;
+            let txn = db.begin_write()?;
             let mut tables = Tables::open(&txn)?;
             let out = f(&mut tables)?;
             if !wrote(&out) {
@@ -1132,7 +1129,7 @@ impl Spool {
             tables.store_counters()?;
             drop(tables);
             txn.commit()?;
-            Ok((out, synced.then_some(logged)))
+            Ok((out, Some(logged)))
         };
         match run() {
             Ok((out, persisted)) => {
@@ -1236,12 +1233,7 @@ impl Spool {
         let mut log = self.log();
         let Some(log) = log.as_mut().filter(|_| bytes <= wal::MAX_LOGGED_BYTES) else {
             drop(log);
-            return self.transact(
-                db,
-                redb::Durability::Immediate,
-                |t| apply(t, writes, now, limits),
-                |_| true,
-            );
+            return self.transact(db, |t| apply(t, writes, now, limits), |_| true);
         };
         // The record is written inside the transaction, so that what it expects of the spool
         // (read here) is what it is applied to: no other commit can come between.
