@@ -1319,6 +1319,25 @@ impl Spool {
         self.update(|_| Ok(())).map(|()| true)
     }
 
+    /// Whether a batch appending `bytes` of events would now be made durable by a record in
+    /// the write-ahead log ([`Spool::write_logged`]) rather than by a synced commit. A guess
+    /// for the writer's inline commits (the record's exact size is known only once encoded),
+    /// which never waits: false while someone else holds the log.
+    pub(crate) fn would_log(&self, bytes: usize) -> bool {
+        if bytes > wal::MAX_LOGGED_BYTES
+            || self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return false;
+        }
+        let log = match self.wal.try_lock() {
+            Ok(log) => log,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        log.as_ref()
+            .is_some_and(|log| log.takes(bytes + wal::RECORD_SLACK))
+    }
+
     /// Records in the write-ahead log not yet made durable in the file ([`Spool::checkpoint`]).
     pub(crate) fn logged(&self) -> usize {
         self.log().as_ref().map_or(0, wal::Wal::records)

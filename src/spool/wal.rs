@@ -54,6 +54,10 @@ pub(super) const MAX_LOGGED_BYTES: usize = 64 << 10;
 /// Length and checksum.
 const HEADER: usize = 4 + 8;
 
+/// What a record adds to the events' bytes it carries, generously: its header, its head's
+/// JSON and the batch's routes and marks. For guesses made before encoding it.
+pub(super) const RECORD_SLACK: usize = 16 << 10;
+
 /// The open log of a spool held alone.
 #[derive(Debug)]
 pub(super) struct Wal {
