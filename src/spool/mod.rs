@@ -513,6 +513,10 @@ pub struct Spool {
     db: std::sync::RwLock<Option<Database>>,
     /// Set by a failed write: the next write opens the database again first.
     needs_reopen: std::sync::atomic::AtomicBool,
+    /// Held across every write transaction, from its start to its commit: what a writer that
+    /// must not wait ([`Spool::try_write_logged`]) tries, rather than block in redb behind a
+    /// prune's scan.
+    writing: std::sync::Mutex<()>,
     /// Why the last write failed, until one succeeds (for systemd's STATUS= line).
     write_error: std::sync::Mutex<Option<String>>,
     /// How the file is opened: the plain file, or in tests a backend that injects faults.
@@ -721,6 +725,7 @@ impl Spool {
         Ok(Spool {
             db: std::sync::RwLock::new(Some(opened.db)),
             needs_reopen: false.into(),
+            writing: std::sync::Mutex::new(()),
             write_error: Default::default(),
             backend,
             path,
@@ -1117,6 +1122,7 @@ impl Spool {
         wrote: impl FnOnce(&T) -> bool,
     ) -> Result<T, SpoolError> {
         let run = || {
+            let _writing = self.writing();
             let txn = db.begin_write()?;
             let mut tables = Tables::open(&txn)?;
             let out = f(&mut tables)?;
@@ -1176,6 +1182,12 @@ impl Spool {
         self.wal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The lock of write transactions ([`Spool::writing`]); it guards no data, so a panic
+    /// while it was held leaves nothing to mend.
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A panic in redb while reading or writing: damage the open did not find.
     fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> SpoolError {
         SpoolError::Damaged {
@@ -1219,22 +1231,57 @@ impl Spool {
         limits: Limits,
     ) -> Result<WriteReport, SpoolError> {
         let writes: Vec<&Write> = writes.into_iter().collect();
-        let bytes: usize = writes
-            .iter()
-            .map(|write| match write {
-                Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
-                _ => 0,
-            })
-            .sum();
         self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
         let now = now_ms();
         let mut log = self.log();
-        let Some(log) = log.as_mut().filter(|_| bytes <= wal::MAX_LOGGED_BYTES) else {
+        let Some(log) = log
+            .as_mut()
+            .filter(|_| appended_bytes(&writes) <= wal::MAX_LOGGED_BYTES)
+        else {
             drop(log);
             return self.transact(db, |t| apply(t, writes, now, limits), |_| true);
         };
+        self.log_and_apply(db, log, self.writing(), &writes, now, limits)
+    }
+
+    /// [`Spool::write_logged`] for a writer that must not wait (an appender, on its event
+    /// loop): `None`, having done nothing, unless the batch goes to the write-ahead log at once.
+    /// That takes the file open alone and not being opened again, the log free, working and
+    /// with room for the batch, and no other write transaction under way (a prune's scan).
+    pub(crate) fn try_write_logged(
+        &self,
+        writes: &[&Write],
+        limits: Limits,
+    ) -> Option<Result<WriteReport, SpoolError>> {
+        let bytes = appended_bytes(writes);
+        if bytes > wal::MAX_LOGGED_BYTES
+            || self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let db = self.db.try_read().ok()?;
+        let db = db.as_ref()?;
+        let mut log = self.wal.try_lock().ok()?;
+        let log = log
+            .as_mut()
+            .filter(|log| !log.failing() && log.takes(bytes + wal::RECORD_SLACK))?;
+        let writing = self.writing.try_lock().ok()?;
+        Some(self.log_and_apply(db, log, writing, writes, now_ms(), limits))
+    }
+
+    /// The write of [`Spool::write_logged`] when the log is there for it, with the lock of
+    /// write transactions (`_writing`) taken.
+    fn log_and_apply(
+        &self,
+        db: &Database,
+        log: &mut wal::Wal,
+        _writing: std::sync::MutexGuard<'_, ()>,
+        writes: &[&Write],
+        now: u64,
+        limits: Limits,
+    ) -> Result<WriteReport, SpoolError> {
         // The record is written inside the transaction, so that what it expects of the spool
         // (read here) is what it is applied to: no other commit can come between.
         let mut logged_at = None;
@@ -1252,7 +1299,7 @@ impl Spool {
             // Not taken by the log (a pipeline state, a full log): synced to the file, with
             // everything logged before.
             let mut numbered = false;
-            if let Some(record) = wal::encode(seq, expect, now, limits, &writes)
+            if let Some(record) = wal::encode(seq, expect, now, limits, writes)
                 .filter(|record| log.takes(record.len()))
             {
                 numbered = true;
@@ -1263,7 +1310,7 @@ impl Spool {
                     None => log.burn(),
                 }
             }
-            let report = apply(&mut t, writes, now, limits)?;
+            let report = apply(&mut t, writes.iter().copied(), now, limits)?;
             if numbered {
                 t.set(WAL_SEQ, seq)?;
             }
@@ -1317,25 +1364,6 @@ impl Spool {
             return Ok(false);
         }
         self.update(|_| Ok(())).map(|()| true)
-    }
-
-    /// Whether a batch appending `bytes` of events would now be made durable by a record in
-    /// the write-ahead log ([`Spool::write_logged`]) rather than by a synced commit. A guess
-    /// for the writer's inline commits (the record's exact size is known only once encoded),
-    /// which never waits: false while someone else holds the log.
-    pub(crate) fn would_log(&self, bytes: usize) -> bool {
-        if bytes > wal::MAX_LOGGED_BYTES
-            || self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return false;
-        }
-        let log = match self.wal.try_lock() {
-            Ok(log) => log,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-        };
-        log.as_ref()
-            .is_some_and(|log| log.takes(bytes + wal::RECORD_SLACK))
     }
 
     /// Records in the write-ahead log not yet made durable in the file ([`Spool::checkpoint`]).
@@ -2017,6 +2045,17 @@ impl Opened {
 /// the log until the next checkpoint); shared, in a synced one (other processes may write the
 /// file next). Returns what the log held and the last record durable in the file.
 ///
+/// The bytes of the events `writes` append ([`Event::held_bytes`]).
+fn appended_bytes(writes: &[&Write]) -> usize {
+    writes
+        .iter()
+        .map(|write| match write {
+            Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// A record is applied only to the spool it was written for, as it was then
 /// ([`wal::Expect`]). One that does not follow (the spool restored from a backup or made anew
 /// beside an old log, or written meanwhile by an older smee-relay) ends the replay: what was

@@ -146,6 +146,10 @@ const INLINE_SLOW: Duration = Duration::from_millis(20);
 /// work. At 200 events a second an append comes about 4 ms after the last commit ended.
 const INLINE_GAP: Duration = Duration::from_millis(2);
 
+/// The most queued marks an inline commit takes along; with more, the append goes through the
+/// thread (their commit is not the trickle's short one).
+const MAX_RIDE: usize = 64;
+
 /// How long commits go through the thread after a slow inline commit.
 const INLINE_OFF: Duration = Duration::from_secs(60);
 
@@ -412,11 +416,14 @@ impl SpoolWriter {
             return Some(job);
         }
         let shared = &self.jobs.shared;
+        // Held throughout: the thread takes no job meanwhile, so none overtakes the marks taken
+        // along, and what a failed commit gives back is first in line again.
         let mut queue = shared.lock();
         if !queue.waiting
             || queue.holding
             || queue.closed
             || queue.stopped
+            || queue.jobs.len() > MAX_RIDE
             || queue.jobs.iter().any(|job| job.reply.is_some())
         {
             return Some(job);
@@ -425,16 +432,34 @@ impl SpoolWriter {
         let Ok(mut commits) = committer.commits.try_lock() else {
             return Some(job);
         };
-        if !committer.spool.would_log(job.bytes) {
-            return Some(job);
-        }
-        let ride = queue.jobs.len().min(MAX_BATCH - 1);
-        let mut batch: Vec<Job> = queue.jobs.drain(..ride).collect();
-        drop(queue);
+        let mut batch: Vec<Job> = queue.jobs.drain(..).collect();
         batch.push(job);
+        let writes: Vec<&Write> = batch.iter().flat_map(|job| &job.writes).collect();
         let started = Instant::now();
-        let result = committer.commit(&mut commits, batch);
+        let Some(written) = committer.spool.try_write_logged(&writes, committer.limits) else {
+            // Another write is under way, or the log would not take it: all as it was.
+            drop(writes);
+            let job = batch.pop();
+            for taken in batch.into_iter().rev() {
+                queue.jobs.push_front(taken);
+            }
+            return job;
+        };
+        drop(writes);
+        let answered = committer.answer(&mut commits, batch, written);
         drop(commits);
+        let mut wake = false;
+        if let Err(kept) = answered {
+            // Back to the thread, first in its queue, as its own failed commit keeps them.
+            for taken in kept.into_iter().rev() {
+                queue.jobs.push_front(taken);
+            }
+            wake = std::mem::take(&mut queue.waiting);
+        }
+        drop(queue);
+        if wake {
+            shared.wake.notify_one();
+        }
         let took = started.elapsed();
         let mut gate = committer.gate();
         if took > gate.slow {
@@ -446,18 +471,6 @@ impl SpoolWriter {
                 took.as_millis(),
                 humantime::format_duration(INLINE_OFF)
             );
-        }
-        if let Err(kept) = result {
-            // Back to the thread, first in its queue, as its own failed commit keeps them.
-            let mut queue = shared.lock();
-            for job in kept.into_iter().rev() {
-                queue.jobs.push_front(job);
-            }
-            let wake = std::mem::take(&mut queue.waiting);
-            drop(queue);
-            if wake {
-                shared.wake.notify_one();
-            }
         }
         None
     }
@@ -576,7 +589,8 @@ struct WriterThread {
     mark_delay: Duration,
     /// The queue it takes jobs from.
     shared: Arc<Shared>,
-    /// What commits its batches (and, while the thread is idle, an appender's: [`Inline`]).
+    /// What commits its batches (and, while the thread is idle, an appender's:
+    /// [`SpoolWriter::inline`]).
     committer: Arc<Committer>,
 }
 
@@ -879,6 +893,17 @@ impl Committer {
         let result = self
             .spool
             .write_logged(batch.iter().flat_map(|job| &job.writes), self.limits);
+        self.answer(commits, batch, result)
+    }
+
+    /// Answer each job of `batch` with `result`, its write's outcome, as [`Committer::commit`]
+    /// returns.
+    fn answer(
+        &self,
+        commits: &mut u64,
+        batch: Vec<Job>,
+        result: Result<super::WriteReport, SpoolError>,
+    ) -> Result<usize, Vec<Job>> {
         self.gate().last_end = Some(Instant::now());
         let was_writable = self.writable.swap(result.is_ok(), Ordering::Relaxed);
         match result {
@@ -1704,6 +1729,52 @@ mod tests {
         writer.commit(Vec::new()).await.unwrap();
         assert_delivered(&spool, queued[0].event.id);
         append_one(&writer, 3).await;
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// An inline commit waited in redb behind any other write transaction, such as a prune's
+    /// scan of a large spool (every minute), and the appender's whole event loop with it. It
+    /// now leaves the append to the thread when another write is under way.
+    #[tokio::test]
+    async fn regression_an_inline_commit_stalled_the_event_loop_behind_another_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
+        gate(&writer, Duration::ZERO, INLINE_SLOW);
+        until("the writer idle", || asleep(&writer, false)).await;
+        // A write transaction of 2 s on another thread (as a prune's is, on the blocking pool).
+        let (held, holding) = std::sync::mpsc::channel();
+        let other = {
+            let spool = spool.clone();
+            std::thread::spawn(move || {
+                spool
+                    .update(|_| {
+                        held.send(()).unwrap();
+                        std::thread::sleep(Duration::from_secs(2));
+                        Ok(())
+                    })
+                    .unwrap();
+            })
+        };
+        holding.recv().unwrap();
+        let before = wakeups(&writer);
+        let mut append = Box::pin(append_one(&writer, 1));
+        let polled = Instant::now();
+        assert!(
+            futures::poll!(&mut append).is_pending(),
+            "left to the thread"
+        );
+        assert!(
+            polled.elapsed() < Duration::from_secs(1),
+            "the appender waited {:?} for the other write",
+            polled.elapsed()
+        );
+        until("the thread woken", || wakeups(&writer) == before + 1).await;
+        tokio::time::timeout(Duration::from_secs(20), append)
+            .await
+            .expect("stored once the other write is done");
+        other.join().unwrap();
         drop(writer);
         thread.join().unwrap();
     }
