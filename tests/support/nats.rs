@@ -21,6 +21,9 @@ pub struct NatsServer {
     child: tokio::process::Child,
     /// JetStream's store; kept across [`NatsServer::restart`] so streams survive it.
     store: tempfile::TempDir,
+    /// How many times the server said it reloaded its config: a reload is asynchronous to the
+    /// signal that asks for it, and a test must not act before it took effect.
+    reloads: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The nats-server binary, or a panic that says how to get one.
@@ -56,6 +59,8 @@ impl NatsServer {
 
     /// Make the server reload its config file (`-c`, given to [`NatsServer::start_with`]).
     pub async fn reload(&self) {
+        let mut reloads = self.reloads.clone();
+        let before = *reloads.borrow_and_update();
         let pid = self.child.id().expect("nats-server runs");
         let status = tokio::process::Command::new(nats_server_bin())
             .arg("--signal")
@@ -64,6 +69,10 @@ impl NatsServer {
             .await
             .expect("run nats-server --signal");
         assert!(status.success(), "nats-server --signal reload failed");
+        tokio::time::timeout(super::PATIENCE, reloads.wait_for(|n| *n > before))
+            .await
+            .expect("nats-server did not say it reloaded its config")
+            .expect("nats-server's log ended");
     }
 
     /// Kill the server (as a crash would) and start it again on the same port and store.
@@ -121,13 +130,21 @@ impl NatsServer {
                 super::PATIENCE
             ),
         };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stderr so the server never blocks on a full pipe, counting reloads.
+        let (reloaded, reloads) = tokio::sync::watch::channel(0);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Reloaded server configuration") {
+                    reloaded.send_modify(|n| *n += 1);
+                }
+            }
+        });
         NatsServer {
             url: format!("nats://127.0.0.1:{port}"),
             port,
             child,
             store,
+            reloads,
         }
     }
 }
