@@ -1238,7 +1238,7 @@ impl Spool {
         let mut log = self.log();
         let Some(log) = log
             .as_mut()
-            .filter(|_| appended_bytes(&writes) <= wal::MAX_LOGGED_BYTES)
+            .filter(|_| appended_bytes(writes.iter().copied()) <= wal::MAX_LOGGED_BYTES)
         else {
             drop(log);
             return self.transact(db, |t| apply(t, writes, now, limits), |_| true);
@@ -1255,7 +1255,7 @@ impl Spool {
         writes: &[&Write],
         limits: Limits,
     ) -> Option<Result<WriteReport, SpoolError>> {
-        let bytes = appended_bytes(writes);
+        let bytes = appended_bytes(writes.iter().copied());
         if bytes > wal::MAX_LOGGED_BYTES
             || self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed)
         {
@@ -2039,16 +2039,11 @@ impl Opened {
     }
 }
 
-/// Apply the records of the write-ahead log of the spool at `spool` that `db` does not hold
-/// yet (a relay that held the file alone stopped without a checkpoint: a crash). Opened alone,
-/// in a commit that is not synced (so an open needs no room on the disk: the records stay in
-/// the log until the next checkpoint); shared, in a synced one (other processes may write the
-/// file next). Returns what the log held and the last record durable in the file.
-///
-/// The bytes of the events `writes` append ([`Event::held_bytes`]).
-fn appended_bytes(writes: &[&Write]) -> usize {
+/// The bytes of the events `writes` append ([`Event::held_bytes`]): what the log's and a
+/// commit's bounds count.
+fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
     writes
-        .iter()
+        .into_iter()
         .map(|write| match write {
             Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
             _ => 0,
@@ -2056,6 +2051,12 @@ fn appended_bytes(writes: &[&Write]) -> usize {
         .sum()
 }
 
+/// Apply the records of the write-ahead log of the spool at `spool` that `db` does not hold
+/// yet (a relay that held the file alone stopped without a checkpoint: a crash). Opened alone,
+/// in a commit that is not synced (so an open needs no room on the disk: the records stay in
+/// the log until the next checkpoint); shared, in a synced one (other processes may write the
+/// file next). Returns what the log held and the last record durable in the file.
+///
 /// A record is applied only to the spool it was written for, as it was then
 /// ([`wal::Expect`]). One that does not follow (the spool restored from a backup or made anew
 /// beside an old log, or written meanwhile by an older smee-relay) ends the replay: what was

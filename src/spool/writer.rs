@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::journal::Journal;
-use super::{Enqueued, Limits, Spool, SpoolError, Write};
+use super::{Enqueued, Limits, Spool, SpoolError, Write, appended_bytes};
 use crate::event::Event;
 
 /// Most writes in one transaction; more wait for the next commit.
@@ -64,17 +64,6 @@ struct Job {
     urgent: bool,
     /// The bytes of the events it appends, for [`MAX_BATCH_BYTES`].
     bytes: usize,
-}
-
-/// The bytes of the events `writes` append.
-fn appended_bytes(writes: &[Write]) -> usize {
-    writes
-        .iter()
-        .map(|write| match write {
-            Write::Append { events, .. } => events.iter().map(Event::held_bytes).sum(),
-            _ => 0,
-        })
-        .sum()
 }
 
 /// What a job someone waits for is answered: per `Append`, the ids given, and the commit to
@@ -1551,6 +1540,20 @@ mod tests {
         gate.slow = slow;
     }
 
+    /// [`writer_on`] with the inline commits' `gap` and `slow` ([`Gate`]), once its thread
+    /// sleeps idle.
+    async fn idle_inline_writer(
+        spool: &Arc<Spool>,
+        mark_delay: Duration,
+        gap: Duration,
+        slow: Duration,
+    ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
+        let (writer, thread) = writer_on(spool, COMMIT_PACE, mark_delay);
+        gate(&writer, gap, slow);
+        until("the writer idle", || asleep(&writer, false)).await;
+        (writer, thread)
+    }
+
     /// Append one event to route "r"; returns its id.
     async fn append_one(writer: &SpoolWriter, n: u64) -> u64 {
         let ids = writer
@@ -1567,9 +1570,8 @@ mod tests {
     async fn a_lone_event_on_an_idle_writer_is_committed_inline_and_a_batch_by_the_thread() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
-        gate(&writer, Duration::ZERO, INLINE_SLOW);
-        until("the writer idle", || asleep(&writer, false)).await;
+        let (writer, thread) =
+            idle_inline_writer(&spool, MARK_DELAY, Duration::ZERO, INLINE_SLOW).await;
         let idle = wakeups(&writer);
         append_one(&writer, 1).await;
         assert_eq!(wakeups(&writer), idle, "the thread was woken");
@@ -1641,9 +1643,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         // A mark delay far longer than the test: only a commit takes marks along.
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::from_secs(600));
-        gate(&writer, Duration::ZERO, INLINE_SLOW);
-        until("the writer idle", || asleep(&writer, false)).await;
+        let (writer, thread) = idle_inline_writer(
+            &spool,
+            Duration::from_secs(600),
+            Duration::ZERO,
+            INLINE_SLOW,
+        )
+        .await;
         // Inline; its mark wakes the idle thread, which holds it.
         let first = deliver_one_holding_its_mark(&writer, &spool).await;
         let holding = wakeups(&writer);
@@ -1680,9 +1686,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (factory, full) = DiskFull::factory();
         let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::from_secs(600));
-        gate(&writer, Duration::ZERO, INLINE_SLOW);
-        until("the writer idle", || asleep(&writer, false)).await;
+        let (writer, thread) = idle_inline_writer(
+            &spool,
+            Duration::from_secs(600),
+            Duration::ZERO,
+            INLINE_SLOW,
+        )
+        .await;
         // Two events: by the thread, which then sleeps with the marks' deadline set and
         // nothing held, so that a mark waits in the queue.
         writer
@@ -1740,9 +1750,8 @@ mod tests {
     async fn regression_an_inline_commit_stalled_the_event_loop_behind_another_write() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
-        gate(&writer, Duration::ZERO, INLINE_SLOW);
-        until("the writer idle", || asleep(&writer, false)).await;
+        let (writer, thread) =
+            idle_inline_writer(&spool, MARK_DELAY, Duration::ZERO, INLINE_SLOW).await;
         // A write transaction of 2 s on another thread (as a prune's is, on the blocking pool).
         let (held, holding) = std::sync::mpsc::channel();
         let other = {
