@@ -113,7 +113,8 @@ pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
 }
 
 /// What is logged: `RUST_LOG` (`rust_log`) when set and valid, else the level `verbosity` gives
-/// our lines; async-nats never below INFO; the dropped-lines warning always.
+/// our lines (and eventsource-client's only errors unless `-v`); async-nats never below INFO;
+/// the dropped-lines warning always.
 fn filter(verbosity: i8, rust_log: Option<&str>) -> EnvFilter {
     let ours = match verbosity {
         i8::MIN..=-2 => "error",
@@ -124,10 +125,13 @@ fn filter(verbosity: i8, rust_log: Option<&str>) -> EnvFilter {
     };
     // async-nats logs its server addresses (with a URL's userinfo) and connection details at
     // DEBUG: whatever -v or RUST_LOG say, it never logs below INFO.
+    // eventsource-client warns of each failed connection attempt, which the source says in its
+    // own words (and with the channel's name) a line later: by default, only its errors.
     let default = format!(
-        "{base},smee_relay={ours},async_nats={base_nats}",
+        "{base},smee_relay={ours},async_nats={base_nats},eventsource_client={base_sse}",
         base = if verbosity > 1 { "debug" } else { "warn" },
         base_nats = if verbosity > 1 { "info" } else { "warn" },
+        base_sse = if verbosity > 0 { "info" } else { "error" },
     );
     match rust_log.map(EnvFilter::try_new) {
         Some(Ok(from_env)) => from_env.add_directive(
@@ -255,6 +259,22 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(filter(-2, None));
         tracing::subscriber::with_default(subscriber, || {
             assert!(!tracing::enabled!(target: "smee_relay::delivery", Level::WARN));
+        });
+    }
+
+    /// A new user saw two WARN lines for each failed reconnect: eventsource-client's (with the
+    /// path of the crate's source on the build machine) and the source's own.
+    #[test]
+    fn regression_each_failed_reconnect_was_warned_twice() {
+        let subscriber = tracing_subscriber::registry().with(filter(0, None));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(!tracing::enabled!(target: "eventsource_client::client", Level::WARN));
+            assert!(tracing::enabled!(target: "eventsource_client::client", Level::ERROR));
+            assert!(tracing::enabled!(target: "smee_relay::source", Level::WARN));
+        });
+        let subscriber = tracing_subscriber::registry().with(filter(1, None));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(tracing::enabled!(target: "eventsource_client::client", Level::INFO));
         });
     }
 
