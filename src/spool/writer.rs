@@ -265,8 +265,8 @@ impl SpoolWriter {
                             // changes nothing): "marks=438" read as 438 deliveries lost.
                             info!(
                                 "applied the delivery journal of a relay that stopped: {} \
-                                 finished deliveries it recorded (most were already in the \
-                                 spool, and stay as they were)",
+                                 finished deliveries it recorded (usually most were already \
+                                 committed; those stay as they were)",
                                 orphans.marks.len()
                             );
                             orphans.remove();
