@@ -1234,22 +1234,26 @@ impl Spool {
         self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
-        let now = now_ms();
         let mut log = self.log();
         let Some(log) = log
             .as_mut()
             .filter(|_| appended_bytes(writes.iter().copied()) <= wal::MAX_LOGGED_BYTES)
         else {
             drop(log);
+            let now = now_ms();
             return self.transact(db, |t| apply(t, writes, now, limits), |_| true);
         };
-        self.log_and_apply(db, log, self.writing(), &writes, now, limits)
+        self.log_and_apply(db, log, self.writing(), &writes, limits, false)
+            .expect("a write that may wait is always done")
     }
 
     /// [`Spool::write_logged`] for a writer that must not wait (an appender, on its event
-    /// loop): `None`, having done nothing, unless the batch goes to the write-ahead log at once.
-    /// That takes the file open alone and not being opened again, the log free, working and
-    /// with room for the batch, and no other write transaction under way (a prune's scan).
+    /// loop): `None`, having done nothing, unless the batch goes to the write-ahead log at once
+    /// and is applied without a scan. That takes the file open alone and not being opened
+    /// again, the log free, working and with room for the record, no other write transaction
+    /// under way (a prune's scan), and the spool not near `limits.max_bytes` (where an append
+    /// prunes first, a scan of every delivery record). Only a log write that fails is still
+    /// followed by a synced commit here, as in [`Spool::write_logged`].
     pub(crate) fn try_write_logged(
         &self,
         writes: &[&Write],
@@ -1261,31 +1265,45 @@ impl Spool {
         {
             return None;
         }
-        let db = self.db.try_read().ok()?;
+        // A lock poisoned by a panic guards nothing broken (see `log` and `writing`).
+        fn free<G>(tried: std::sync::TryLockResult<G>) -> Option<G> {
+            match tried {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+        let db = free(self.db.try_read())?;
+        // Again, under the lock a reopen takes: a reader may have failed meanwhile.
+        if self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let db = db.as_ref()?;
-        let mut log = self.wal.try_lock().ok()?;
+        let mut log = free(self.wal.try_lock())?;
         let log = log
             .as_mut()
             .filter(|log| !log.failing() && log.takes(bytes + wal::RECORD_SLACK))?;
-        let writing = self.writing.try_lock().ok()?;
-        Some(self.log_and_apply(db, log, writing, writes, now_ms(), limits))
+        let writing = free(self.writing.try_lock())?;
+        self.log_and_apply(db, log, writing, writes, limits, true)
     }
 
     /// The write of [`Spool::write_logged`] when the log is there for it, with the lock of
-    /// write transactions (`_writing`) taken.
+    /// write transactions (`_writing`) taken. `quick` ([`Spool::try_write_logged`]): `None`,
+    /// with nothing written, if the log would not take the record or the spool is near full.
     fn log_and_apply(
         &self,
         db: &Database,
         log: &mut wal::Wal,
         _writing: std::sync::MutexGuard<'_, ()>,
         writes: &[&Write],
-        now: u64,
         limits: Limits,
-    ) -> Result<WriteReport, SpoolError> {
+        quick: bool,
+    ) -> Option<Result<WriteReport, SpoolError>> {
+        let now = now_ms();
         // The record is written inside the transaction, so that what it expects of the spool
         // (read here) is what it is applied to: no other commit can come between.
         let mut logged_at = None;
-        let run = || -> Result<(WriteReport, Option<u64>), redb::Error> {
+        let run = || -> Result<Option<(WriteReport, Option<u64>)>, redb::Error> {
             let mut txn = db.begin_write()?;
             let mut t = Tables::open(&txn)?;
             // Read once, and kept for `apply` (counters are cached per transaction).
@@ -1296,12 +1314,20 @@ impl Spool {
                 stored_bytes: t.counter(STORED_BYTES)?,
             };
             let seq = log.next_seq();
+            let record =
+                wal::encode(seq, expect, now, limits, writes).filter(|r| log.takes(r.len()));
+            // Rows count about twice what an event holds in memory (headers as JSON, the
+            // body): well short of full, no append prunes.
+            let room = (2 * appended_bytes(writes.iter().copied()) + wal::RECORD_SLACK) as u64;
+            if quick && (record.is_none() || expect.stored_bytes + room > limits.max_bytes) {
+                drop(t);
+                txn.abort()?;
+                return Ok(None);
+            }
             // Not taken by the log (a pipeline state, a full log): synced to the file, with
             // everything logged before.
             let mut numbered = false;
-            if let Some(record) = wal::encode(seq, expect, now, limits, writes)
-                .filter(|record| log.takes(record.len()))
-            {
+            if let Some(record) = record {
                 numbered = true;
                 match log.append(&record) {
                     Some(at) => logged_at = Some(at),
@@ -1323,12 +1349,13 @@ impl Spool {
                 txn.set_durability(redb::Durability::None)?;
             }
             txn.commit()?;
-            Ok((report, logged_at.is_none().then_some(persisted)))
+            Ok(Some((report, logged_at.is_none().then_some(persisted))))
         };
         // A panic in redb (damage the open did not find) fails the write like an error does.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
-        match ran {
-            Ok(Ok((report, persisted))) => {
+        Some(match ran {
+            Ok(Ok(None)) => return None,
+            Ok(Ok(Some((report, persisted)))) => {
                 if let Some(persisted) = persisted {
                     log.persisted(persisted);
                 }
@@ -1353,7 +1380,7 @@ impl Spool {
                     Ok(Ok(_)) => unreachable!("matched above"),
                 })
             }
-        }
+        })
     }
 
     /// Make everything written through the write-ahead log durable in the file itself (one

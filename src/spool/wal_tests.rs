@@ -474,3 +474,59 @@ fn a_log_with_a_record_this_build_cannot_read_is_kept_aside() {
         .count();
     assert_eq!(aside, 1, "the log is kept aside");
 }
+
+/// A retry of the first delivery on route A, its error `len` bytes long: a large record with
+/// no event in it.
+fn retried(spool: &Spool, len: usize) -> Write {
+    let queued = spool.pending(A, 0, 1).unwrap().remove(0);
+    Write::Mark {
+        route: A.into(),
+        seq: queued.seq,
+        event: queued.event.id,
+        outcome: Outcome::Retry {
+            status: Some(503),
+            error: "x".repeat(len),
+        },
+    }
+}
+
+/// An inline commit (`try_write_logged`, on an appender's event loop) on a spool near its
+/// `--max-spool-size` pruned first, a scan of every delivery record, on the event loop. It now
+/// does nothing and leaves the write to the writer thread, which may wait.
+#[test]
+fn regression_a_quick_write_near_a_full_spool_pruned_on_the_event_loop() {
+    let (_dir, spool) = opened();
+    let small = Limits { max_bytes: 10_000 };
+    let write = appending(1, 1);
+    assert!(spool.try_write_logged(&[&write], small).is_none());
+    assert_eq!(spool.logged(), 0, "nothing written");
+    assert_eq!(view(&spool).2, 0, "nothing stored");
+    spool.write_logged(&[write], small).unwrap();
+    assert_eq!(view(&spool).2, 1);
+    // Far from full, it is done at once.
+    assert!(spool.try_write_logged(&[&appending(2, 1)], ROOM).is_some());
+    assert_eq!(view(&spool).2, 2);
+}
+
+/// A quick write whose record the log had no room for (the estimate counts events, not the
+/// marks riding along) was synced to the file instead, on the event loop. It now does nothing.
+#[test]
+fn regression_a_quick_write_the_log_had_no_room_for_was_synced_on_the_event_loop() {
+    let (_dir, spool) = opened();
+    logged(&spool, appending(1, 1));
+    // Nine marks of 110 KB: about 60 KB of the log's 1 MiB left.
+    for _ in 0..9 {
+        spool
+            .write_logged(&[retried(&spool, 110_000)], ROOM)
+            .unwrap();
+    }
+    let before = spool.logged();
+    let seen = view(&spool);
+    let large = retried(&spool, 100_000);
+    assert!(spool.try_write_logged(&[&large], ROOM).is_none());
+    assert_eq!(spool.logged(), before, "no checkpoint, no record");
+    assert_eq!(view(&spool), seen);
+    // A write that may wait takes it: synced to the file, and the log starts over.
+    spool.write_logged(&[large], ROOM).unwrap();
+    assert_eq!(spool.logged(), 0);
+}

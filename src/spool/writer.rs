@@ -411,7 +411,8 @@ impl SpoolWriter {
         }
         let shared = &self.jobs.shared;
         // Held throughout: the thread takes no job meanwhile, so none overtakes the marks taken
-        // along, and what a failed commit gives back is first in line again.
+        // along, and what a failed commit gives back is first in line again. A sender on
+        // another thread waits for the commit too (the relay sends from its one event loop).
         let mut queue = shared.lock();
         if !queue.waiting
             || queue.holding
