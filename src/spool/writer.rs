@@ -321,6 +321,7 @@ impl SpoolWriter {
                 off_until: None,
                 gap: INLINE_GAP,
                 slow: INLINE_SLOW,
+                said_slow: false,
             }),
         });
         let thread = WriterThread {
@@ -459,13 +460,22 @@ impl SpoolWriter {
         let mut gate = committer.gate();
         if took > gate.slow {
             gate.off_until = Some(Instant::now() + INLINE_OFF);
+            // On a slow disk this comes back each minute: said once, then only with -v.
+            let first = !std::mem::replace(&mut gate.said_slow, true);
             drop(gate);
-            info!(
-                "a commit to the spool took {} ms: for {}, commits are left to its writer \
-                 thread, so the event loop does not wait for the disk",
-                took.as_millis(),
-                humantime::format_duration(INLINE_OFF)
-            );
+            let ms = took.as_millis();
+            let off = humantime::format_duration(INLINE_OFF);
+            if first {
+                info!(
+                    "a commit to the spool took {ms} ms: for {off} (and after each commit this \
+                     slow), commits are left to its writer thread, so the event loop does not \
+                     wait for the disk"
+                );
+            } else {
+                tracing::debug!(
+                    "a commit to the spool took {ms} ms: left to its writer thread for {off}"
+                );
+            }
         }
         None
     }
@@ -622,6 +632,8 @@ struct Gate {
     gap: Duration,
     /// [`INLINE_SLOW`] (another in tests).
     slow: Duration,
+    /// Whether a slow inline commit was said already (at INFO; later ones at DEBUG).
+    said_slow: bool,
 }
 
 impl WriterThread {
