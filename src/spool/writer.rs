@@ -382,16 +382,18 @@ impl SpoolWriter {
     }
 
     /// Commit `job` here, on the caller's thread, if it appends one event (a trickle), the
-    /// writer thread is asleep with nothing queued that someone waits for, and the write-ahead
-    /// log takes the job: one record and its sync, as the thread would write it, without the
-    /// two thread hand-offs (the thread's wake and the answer's), which at everyday rates cost
-    /// the relay a fifth of its CPU. Marks queued ride along, as they would with the thread's
-    /// commit, and keep their order: none while the thread holds marks of its own. Otherwise
-    /// returns the job, for the thread: a batch (a burst is relayed faster
-    /// when the thread's commits overlap the event loop's reads and deliveries), an append
-    /// less than [`INLINE_GAP`] after the last commit, a synced commit, and for
-    /// [`INLINE_OFF`] after an inline commit slower than [`INLINE_SLOW`]: a slow disk must not
-    /// stall the caller's event loop on every event.
+    /// writer thread is asleep with nothing queued that someone waits for, and the spool takes
+    /// it at once ([`Spool::try_write_logged`]): one record in the write-ahead log and its sync,
+    /// as the thread would write it, without the two thread hand-offs (the thread's wake and
+    /// the answer's), which at everyday rates cost the relay 13 to 18 % of its CPU. Marks
+    /// queued ride along, as they would with the thread's commit, and keep their order: none
+    /// while the thread holds marks of its own. Otherwise returns the job, for the thread:
+    /// - a batch: a burst is relayed faster when the thread's commits overlap the event loop's
+    ///   reads and deliveries;
+    /// - an append less than [`INLINE_GAP`] after the last commit, part of a burst too;
+    /// - anything that would wait, scan or sync to the file;
+    /// - anything, for [`INLINE_OFF`] after an inline commit slower than [`INLINE_SLOW`]: a
+    ///   slow disk must not stall the caller's event loop on every event.
     fn inline(&self, job: Job) -> Option<Job> {
         let committer = &self.committer;
         // One event: a trickle. A batch of them is a burst, relayed faster by the thread.
@@ -425,8 +427,11 @@ impl SpoolWriter {
             return Some(job);
         }
         // Not waited for: the thread holds it for a commit, a checkpoint or a look at sharing.
-        let Ok(mut commits) = committer.commits.try_lock() else {
-            return Some(job);
+        let mut commits = match committer.commits.try_lock() {
+            Ok(commits) => commits,
+            // The count is right after a panic (`Committer::lock`).
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Some(job),
         };
         let mut batch: Vec<Job> = queue.jobs.drain(..).collect();
         batch.push(job);
