@@ -1316,13 +1316,15 @@ impl Spool {
             let seq = log.next_seq();
             let record =
                 wal::encode(seq, expect, now, limits, writes).filter(|r| log.takes(r.len()));
-            // Rows count about twice what an event holds in memory (headers as JSON, the
-            // body): well short of full, no append prunes.
-            let room = (2 * appended_bytes(writes.iter().copied()) + wal::RECORD_SLACK) as u64;
-            if quick && (record.is_none() || expect.stored_bytes + room > limits.max_bytes) {
-                drop(t);
-                txn.abort()?;
-                return Ok(None);
+            if quick {
+                // Rows count about twice what an event holds in memory (headers as JSON, the
+                // body): well short of full, no append prunes.
+                let room = (2 * appended_bytes(writes.iter().copied()) + wal::RECORD_SLACK) as u64;
+                if record.is_none() || expect.stored_bytes + room > limits.max_bytes {
+                    drop(t);
+                    txn.abort()?;
+                    return Ok(None);
+                }
             }
             // Not taken by the log (a pipeline state, a full log): synced to the file, with
             // everything logged before.

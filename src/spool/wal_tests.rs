@@ -277,22 +277,28 @@ fn a_synced_commit_outside_the_writer_between_records_keeps_ids_and_order() {
 
 /// The README's way out of a damaged spool is to move `spool.redb` aside and start again: the
 /// new spool must not be given the old log's records (they would be delivered again).
+/// The README's way out of a damaged spool in `dir`: the file moved aside, a new one opened
+/// beside the old log. The new spool, and the names in `dir` then.
+fn a_new_spool_beside_the_old(dir: &Path) -> (Spool, Vec<String>) {
+    std::fs::rename(dir.join(super::FILE_NAME), dir.join("spool.redb.damaged")).unwrap();
+    let fresh = Spool::open(dir).unwrap();
+    let names = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    (fresh, names)
+}
+
 #[test]
 fn a_new_spool_beside_an_old_log_is_not_given_its_records() {
     let dir = tempfile::tempdir().unwrap();
     let spool = spool_with_logged_writes(dir.path());
     let crashed = crash_copy(dir.path(), true);
     drop(spool);
-    std::fs::rename(
-        crashed.path().join(super::FILE_NAME),
-        crashed.path().join("spool.redb.damaged"),
-    )
-    .unwrap();
-    let fresh = Spool::open(crashed.path()).unwrap();
+    let (fresh, names) = a_new_spool_beside_the_old(crashed.path());
     assert_eq!(view(&fresh).2, 0, "nothing of the old log applied");
-    let aside: Vec<_> = std::fs::read_dir(crashed.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let aside: Vec<_> = names
+        .into_iter()
         .filter(|name| name.starts_with("spool.wal.unapplied-"))
         .collect();
     assert_eq!(aside.len(), 1, "the old log is kept aside");
@@ -412,17 +418,8 @@ fn regression_a_new_spool_beside_a_cleanly_stopped_relays_log_warned_of_unapplie
     let spool = spool_with_logged_writes(dir.path());
     spool.checkpoint().unwrap();
     drop(spool);
-    std::fs::rename(
-        dir.path().join(super::FILE_NAME),
-        dir.path().join("spool.redb.damaged"),
-    )
-    .unwrap();
-    let fresh = Spool::open(dir.path()).unwrap();
+    let (fresh, names) = a_new_spool_beside_the_old(dir.path());
     assert_eq!(view(&fresh).2, 0);
-    let names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
     assert!(
         !names.iter().any(|name| name.contains("unapplied")),
         "nothing set aside: {names:?}"

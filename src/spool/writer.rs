@@ -1138,14 +1138,7 @@ mod tests {
         };
         assert!(!health.problems().is_empty(), "/healthz turns 503");
         // A delivery that finishes meanwhile is kept (journal) and committed later.
-        writer
-            .finish(Write::Mark {
-                route: "r".into(),
-                seq: first.seq,
-                event: first.event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            })
-            .unwrap();
+        writer.finish(delivered(&first)).unwrap();
 
         // Space returns: without a restart, what was stored is all there, the held event is
         // stored and the mark committed. (Meanwhile reads fail too: redb needs room to open
@@ -1325,14 +1318,7 @@ mod tests {
             .await
             .unwrap();
         let queued = spool.pending("r", 0, usize::MAX).unwrap();
-        writer
-            .finish(Write::Mark {
-                route: "r".into(),
-                seq: queued[0].seq,
-                event: queued[0].event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            })
-            .unwrap();
+        writer.finish(delivered(&queued[0])).unwrap();
         until("the writer asleep with the mark held", || {
             asleep(writer, true)
         })
@@ -1419,14 +1405,7 @@ mod tests {
         let queued = spool.pending("r", 0, usize::MAX).unwrap();
         until("the writer idle", || asleep(&writer, false)).await;
         for item in &queued {
-            writer
-                .finish(Write::Mark {
-                    route: "r".into(),
-                    seq: item.seq,
-                    event: item.event.id,
-                    outcome: Outcome::Delivered { status: 200 },
-                })
-                .unwrap();
+            writer.finish(delivered(item)).unwrap();
         }
         until("the marks committed", || {
             spool.pending("r", 0, usize::MAX).unwrap().is_empty()
@@ -1577,6 +1556,16 @@ mod tests {
         (writer, thread)
     }
 
+    /// The mark of `queued`'s delivery on route "r", delivered.
+    fn delivered(queued: &crate::spool::Queued) -> Write {
+        Write::Mark {
+            route: "r".into(),
+            seq: queued.seq,
+            event: queued.event.id,
+            outcome: Outcome::Delivered { status: 200 },
+        }
+    }
+
     /// Append one event to route "r"; returns its id.
     async fn append_one(writer: &SpoolWriter, n: u64) -> u64 {
         let ids = writer
@@ -1685,14 +1674,7 @@ mod tests {
         until("the writer asleep, armed", || asleep(&writer, true)).await;
         let queued = spool.pending("r", 0, usize::MAX).unwrap();
         assert_eq!(queued.len(), 1);
-        writer
-            .finish(Write::Mark {
-                route: "r".into(),
-                seq: queued[0].seq,
-                event: queued[0].event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            })
-            .unwrap();
+        writer.finish(delivered(&queued[0])).unwrap();
         let before = wakeups(&writer);
         append_one(&writer, 3).await;
         assert_eq!(wakeups(&writer), before, "inline");
@@ -1733,14 +1715,7 @@ mod tests {
         .await;
         let queued = spool.pending("r", 0, usize::MAX).unwrap();
         let before = wakeups(&writer);
-        writer
-            .finish(Write::Mark {
-                route: "r".into(),
-                seq: queued[0].seq,
-                event: queued[0].event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            })
-            .unwrap();
+        writer.finish(delivered(&queued[0])).unwrap();
         assert_eq!(writer.jobs.shared.lock().jobs.len(), 1, "the mark queued");
 
         // The disk fills, and the log cannot be written either: the commit fails.
