@@ -1021,9 +1021,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
+        // As on CI's run that failed: the thread already asleep when the append comes.
+        until("the writer idle", || asleep(&writer, false)).await;
         let mut appended = writer.appended();
         let routes = ["r".to_string()];
-        let mut append = Box::pin(writer.append("c", &routes, vec![event(1)].into(), None));
+        // Two events: a lone one may be committed inline, by the poll itself, when the thread
+        // already sleeps (`SpoolWriter::inline`); this is about the thread's answer.
+        let mut append =
+            Box::pin(writer.append("c", &routes, vec![event(1), event(2)].into(), None));
         // Sent, then answered (the answer wakes the appender), but never taken.
         let answered = Arc::new(Flag(AtomicBool::new(false)));
         let waker = std::task::Waker::from(answered.clone());
@@ -1041,7 +1046,7 @@ mod tests {
             appended.has_changed().unwrap(),
             "the routes were not told of an append whose appender went away"
         );
-        assert_eq!(spool.pending("r", 0, 10).unwrap().len(), 1);
+        assert_eq!(spool.pending("r", 0, 10).unwrap().len(), 2);
         appended.borrow_and_update();
         drop(writer);
         thread.join().unwrap();
