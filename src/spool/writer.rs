@@ -992,18 +992,23 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     /// A writer on `spool` with room for anything, `pace` between commits and `mark_delay` for
-    /// marks alone (tests make them long, so that what waits for them shows).
+    /// marks alone (tests make them long, so that what waits for them shows). Its thread makes
+    /// every commit: inline commits are off until a test turns them on ([`gate`]). Whether a
+    /// lone append is committed inline hangs on the time since the last commit, which a loaded
+    /// machine stretches; the thread's tests would see one or the other.
     fn writer_on(
         spool: &Arc<Spool>,
         pace: Duration,
         mark_delay: Duration,
     ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
-        SpoolWriter::start_paced(
+        let (writer, thread) = SpoolWriter::start_paced(
             spool.clone(),
             Limits { max_bytes: 1 << 30 },
             pace,
             mark_delay,
-        )
+        );
+        writer.committer.gate().off_until = Some(Instant::now() + Duration::from_secs(86_400));
+        (writer, thread)
     }
 
     /// An appender dropped after its commit, before it took the answer (a reconciliation
@@ -1025,8 +1030,8 @@ mod tests {
         until("the writer idle", || asleep(&writer, false)).await;
         let mut appended = writer.appended();
         let routes = ["r".to_string()];
-        // Two events: a lone one may be committed inline, by the poll itself, when the thread
-        // already sleeps (`SpoolWriter::inline`); this is about the thread's answer.
+        // Two events: never committed inline, by the poll itself (`SpoolWriter::inline`),
+        // whatever the gate says; this is about the thread's answer.
         let mut append =
             Box::pin(writer.append("c", &routes, vec![event(1), event(2)].into(), None));
         // Sent, then answered (the answer wakes the appender), but never taken.
@@ -1540,9 +1545,10 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// Set the inline commits' `gap` and `slow` ([`Gate`]).
+    /// Turn inline commits on, with `gap` and `slow` ([`Gate`]).
     fn gate(writer: &SpoolWriter, gap: Duration, slow: Duration) {
         let mut gate = writer.committer.gate();
+        gate.off_until = None;
         gate.gap = gap;
         gate.slow = slow;
     }
