@@ -367,6 +367,19 @@ async fn the_demo_shows_the_six_alerts_and_exits_0() {
         .collect();
     assert_eq!(headlines, smee_relay::commands::demo::EXPECTED);
     assert!(stdout.contains("cpuUtil: 25 -> 87") && stdout.contains("note:      entity deleted"));
+    // The relay part: a refusal, then each webhook in order, checked by the app itself.
+    let relayed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("  app ")).collect();
+    assert_eq!(
+        relayed,
+        [
+            "  app answered 503 to push: smee-relay keeps it in its spool and tries again; the others wait behind it.",
+            "  app is up again.",
+            "  app got push (156 bytes): the body byte for byte, signature valid.",
+            "  app got pull_request (88 bytes): the body byte for byte, signature valid.",
+            "  app got issues (67 bytes): the body byte for byte, signature valid.",
+        ],
+        "{stdout}"
+    );
 }
 
 /// smee-client 5 (the `smee` command at `$SMEE_CLIENT_BIN`) relays through `serve` exactly

@@ -1,6 +1,11 @@
 //! `smee-relay demo`: the whole product in one process, with no account and no network.
 //!
-//! It starts `serve` on a free loopback port, subscribes the pipeline to a fresh channel with
+//! It starts `serve` on a free loopback port. First the relay: three GitHub-style webhooks
+//! (signed, with bodies a re-serialiser would change) are posted to a channel forwarded to a
+//! local app that answers 503 until the first one has reached it; the app then checks that each
+//! arrives in order, byte for byte, with a signature that verifies.
+//!
+//! Then the pipeline: it subscribes to a fresh channel with
 //! the example rules (cpu-high and unhealthy), posts the DeploymentConfig sequence (the Port
 //! fixtures, embedded in the binary), and prints every alert the pipeline sends, one block per
 //! alert. With `--slack-webhook` it sends them to Slack as well. Everything goes through the
@@ -95,6 +100,190 @@ pub enum DemoError {
     Incomplete { got: usize, within: Duration },
     #[error("the action run's final status did not reach the fake Port API within 10s")]
     ActionRun,
+    #[error("only {got} of {} webhooks reached the local app within {}", WEBHOOKS.len(), humantime::format_duration(*.within))]
+    Undelivered { got: usize, within: Duration },
+    #[error("the local app got {got} where {sent} was sent (#{n}): {how}")]
+    Mangled {
+        n: usize,
+        sent: &'static str,
+        got: String,
+        how: &'static str,
+    },
+}
+
+/// The secret the demo's GitHub webhooks are signed with (`x-hub-signature-256`).
+const GITHUB_SECRET: &str = "demo-github-secret";
+
+/// The relay part's webhooks: event names and bodies as a sender wrote them. Spacing, `\u`
+/// escapes, `1.0` and an integer past 2^64 are what a client that re-serialises the body
+/// changes, and with them the signature.
+const WEBHOOKS: [(&str, &str); 3] = [
+    (
+        "push",
+        r#"{"ref": "refs/heads/main", "after": "9f2c1e07", "size": 1.0,
+ "head_commit": {"message": "caf\u00e9: fix the na\u00efve retry", "id": 18446744073709551617}}"#,
+    ),
+    (
+        "pull_request",
+        r#"{"action":"opened","number":42,"pull_request":{"title":"Keep \/ escapes","draft":false}}"#,
+    ),
+    (
+        "issues",
+        r#"{ "action" : "closed", "issue" : { "number" : 7, "labels" : [ ] } }"#,
+    ),
+];
+
+/// POST a JSON `body` with `headers` to the demo `channel`, as its sender would; `what` names
+/// it in an error.
+async fn post(
+    channel: &str,
+    headers: &[(&'static str, String)],
+    body: &'static str,
+    what: &str,
+) -> Result<(), DemoError> {
+    let mut request = crate::http::client_builder()
+        .build()
+        .map_err(|e| DemoError::Post(e.to_string()))?
+        .post(channel)
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| DemoError::Post(e.without_url().to_string()))?;
+    if !response.status().is_success() {
+        return Err(DemoError::Post(format!("{what}: {}", response.status())));
+    }
+    Ok(())
+}
+
+/// The `x-hub-signature-256` GitHub sends with `body`.
+fn github_signature(body: &[u8]) -> String {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(GITHUB_SECRET.as_bytes())
+        .expect("HMAC takes any key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// What the demo's local app saw of one request.
+struct AppSaw {
+    /// `x-github-event`.
+    event: String,
+    body: bytes::Bytes,
+    /// Whether `x-hub-signature-256` verified over the body as it arrived.
+    signed: bool,
+    /// Whether the app answered 503 (it was down).
+    refused: bool,
+}
+
+/// The demo's local app on a loopback port: answers 503 while `up` is false, then 200, and
+/// reports every request. Returns its webhook URL.
+async fn local_app(
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<(String, tokio::sync::mpsc::UnboundedReceiver<AppSaw>)> {
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let router = axum::Router::new().route(
+        "/webhook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: bytes::Bytes| async move {
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let refused = !up.load(Ordering::SeqCst);
+                let _ = tx.send(AppSaw {
+                    event: header("x-github-event"),
+                    signed: header("x-hub-signature-256") == github_signature(&body),
+                    body,
+                    refused,
+                });
+                if refused {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((format!("http://{addr}/webhook"), rx))
+}
+
+/// Post the webhooks to `channel`; print what the app sees: the refusal, then each webhook,
+/// checked against what was sent.
+async fn relay_part(
+    channel: &str,
+    app: &str,
+    up: &std::sync::atomic::AtomicBool,
+    saw: &mut tokio::sync::mpsc::UnboundedReceiver<AppSaw>,
+) -> Result<(), DemoError> {
+    println!(
+        "The relay: {} GitHub webhooks to a local app ({app}) that is down when they arrive.\n",
+        WEBHOOKS.len()
+    );
+    for (n, (event, body)) in WEBHOOKS.iter().enumerate() {
+        let headers = [
+            ("x-github-event", event.to_string()),
+            ("x-github-delivery", format!("demo-{}", n + 1)),
+            ("x-hub-signature-256", github_signature(body.as_bytes())),
+        ];
+        post(channel, &headers, body, event).await?;
+    }
+    // The first try waits for the route's retry (1 s, then doubling): 15 s leaves room for two.
+    let within = Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = 0;
+    while got < WEBHOOKS.len() {
+        let Ok(Some(seen)) = tokio::time::timeout_at(deadline, saw.recv()).await else {
+            return Err(DemoError::Undelivered { got, within });
+        };
+        if seen.refused {
+            println!(
+                "  app answered 503 to {}: smee-relay keeps it in its spool and tries again; the others wait behind it.",
+                seen.event
+            );
+            println!("  app is up again.");
+            up.store(true, std::sync::atomic::Ordering::SeqCst);
+            continue;
+        }
+        let (event, body) = WEBHOOKS[got];
+        got += 1;
+        let mangled = |how| DemoError::Mangled {
+            n: got,
+            sent: event,
+            got: seen.event.clone(),
+            how,
+        };
+        if seen.event != event {
+            return Err(mangled("out of order"));
+        }
+        if seen.body != body.as_bytes() {
+            return Err(mangled("the body changed"));
+        }
+        if !seen.signed {
+            return Err(mangled("the signature does not verify"));
+        }
+        println!(
+            "  app got {event} ({} bytes): the body byte for byte, signature valid.",
+            seen.body.len()
+        );
+    }
+    println!(
+        "  (Through smee.io itself, a body arrives byte for byte only if it is JSON as JSON.stringify writes it, as GitHub's real ones are: smee.io re-serialises bodies. The README's \"Which bodies survive smee.io\" says more.)\n"
+    );
+    Ok(())
 }
 
 /// The demo's Port client secret: signs the action run and authenticates to the fake API.
@@ -213,24 +402,11 @@ async fn action_run(channel: &str, recorded: &mut Recorded) -> Result<(), DemoEr
         "v1,{}",
         base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
     );
-    let client = crate::http::client_builder()
-        .build()
-        .map_err(|e| DemoError::Post(e.to_string()))?;
-    let response = client
-        .post(channel)
-        .header("content-type", "application/json")
-        .header("x-port-timestamp", &timestamp)
-        .header("x-port-signature", signature)
-        .body(ACTION_RUN)
-        .send()
-        .await
-        .map_err(|e| DemoError::Post(e.without_url().to_string()))?;
-    if !response.status().is_success() {
-        return Err(DemoError::Post(format!(
-            "action run: {}",
-            response.status()
-        )));
-    }
+    let headers = [
+        ("x-port-timestamp", timestamp),
+        ("x-port-signature", signature),
+    ];
+    post(channel, &headers, ACTION_RUN, "action run").await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(deadline, recorded.recv()).await {
@@ -260,9 +436,12 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         cancel.clone(),
     ));
     let channel = format!("http://{addr}/demo");
+    let relay_channel = format!("http://{addr}/demo-relay");
     println!(
-        "smee-relay demo: a channel server on {addr}, the example rules, and a DeploymentConfig entity changing 9 times.\n"
+        "smee-relay demo: `smee-relay serve` on {addr} is the channel server (in smee.io's place); everything runs on this machine.\n"
     );
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (app, mut saw) = local_app(up.clone()).await.map_err(DemoError::Serve)?;
 
     let rules = crate::config::parse(
         &format!("[[channel]]\nurl = \"{channel}\"\npipeline = true\n{RULES}"),
@@ -290,21 +469,32 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         stdout: false,
         delivered: Some(delivered_tx),
     };
-    let mut source = SourceConfig::new(channel.parse().expect("a loopback URL"));
-    // The server keeps what is posted: start from the beginning of the channel.
-    source.last_event_id = Some("0".into());
+    // The server keeps what is posted: each source starts from the beginning of its channel.
+    let source = |url: &str| {
+        let mut source = SourceConfig::new(url.parse().expect("a loopback URL"));
+        source.last_event_id = Some("0".into());
+        source
+    };
     let state_dir = std::env::temp_dir().join(format!(
         "smee-relay-demo-{}-{}",
         std::process::id(),
         fastrand::u32(..)
     ));
     let plan = Plan {
-        channels: vec![ChannelPlan {
-            source,
-            forward: vec![],
-            pipeline: true,
-            save_dir: None,
-        }],
+        channels: vec![
+            ChannelPlan {
+                source: source(&relay_channel),
+                forward: vec![app.parse().expect("a loopback URL")],
+                pipeline: false,
+                save_dir: None,
+            },
+            ChannelPlan {
+                source: source(&channel),
+                forward: vec![],
+                pipeline: true,
+                save_dir: None,
+            },
+        ],
         pipeline: Some((
             Pipeline {
                 rules,
@@ -330,7 +520,10 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
     let relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));
 
-    let mut outcome = post_and_collect(&channel, &mut delivered).await;
+    let mut outcome = relay_part(&relay_channel, &app, &up, &mut saw).await;
+    if outcome.is_ok() {
+        outcome = post_and_collect(&channel, &mut delivered).await;
+    }
     if outcome.is_ok()
         && let Err(e) = action_run(&channel, &mut recorded).await
     {
@@ -343,15 +536,18 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     if let Ok(Err(e)) = relayed {
         return Err(e.into());
     }
-    let got = outcome?;
+    outcome?;
     println!(
-        "{got} alerts from 9 changes and one action run reported to Port, in {} ms: FIRING when a rule starts to hold, RESOLVED when it stops, nothing in between.",
+        "{} webhooks relayed unchanged and in order through an outage, {EXPECTED_ALERTS} alerts from 9 changes (FIRING when a rule starts to hold, RESOLVED when it stops, nothing in between) and one action run reported to Port, in {} ms.",
+        WEBHOOKS.len(),
         started.elapsed().as_millis()
     );
     println!(
-        "Next: the example config reads its secrets from the environment; with the example's \
-         values: `(set -a; . systemd/smee-relay.env.example; smee-relay check --config \
-         systemd/config.example.toml)`, then `smee-relay run --config ...` with your own."
+        "Next: relay your own channel with `smee-relay forward https://smee.io/YOUR_CHANNEL \
+         --port 3000`. For the pipeline and actions, a source checkout's example config reads \
+         its secrets from the environment: `(set -a; . systemd/smee-relay.env.example; \
+         smee-relay check --config systemd/config.example.toml)`, then `smee-relay run \
+         --config ...` with your own."
     );
     Ok(())
 }
@@ -360,22 +556,12 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
 async fn post_and_collect(
     channel: &str,
     delivered: &mut tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::Alert>,
-) -> Result<usize, DemoError> {
-    let client = crate::http::client_builder()
-        .build()
-        .map_err(|e| DemoError::Post(e.to_string()))?;
+) -> Result<(), DemoError> {
+    println!(
+        "The pipeline: a DeploymentConfig entity in Port changes 9 times; the example rules alert when its CPU is high or its health degrades.\n"
+    );
     for (name, body) in SEQUENCE {
-        let response = client
-            .post(channel)
-            .header("content-type", "application/json")
-            .header("x-demo-change", name)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| DemoError::Post(e.without_url().to_string()))?;
-        if !response.status().is_success() {
-            return Err(DemoError::Post(format!("{name}: {}", response.status())));
-        }
+        post(channel, &[("x-demo-change", name.to_string())], body, name).await?;
     }
     // Slack allows about one message a second: six alerts take about six seconds.
     let within = Duration::from_secs(9);
@@ -390,5 +576,5 @@ async fn post_and_collect(
             _ => return Err(DemoError::Incomplete { got, within }),
         }
     }
-    Ok(got)
+    Ok(())
 }
