@@ -143,6 +143,20 @@ async fn bodies_arrive_byte_exact_whatever_their_type() {
     }
 }
 
+/// `?a=1&a=2` reached the target as `?a=2`: `serve` kept the last value of a repeated name,
+/// where smee.io (Express's `req.query`) sends an array of them all.
+#[tokio::test]
+async fn regression_a_repeated_query_parameter_kept_only_its_last_value() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/query");
+    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+
+    let posted = format!("{channel}?a=1&b=x%20y&a=2&a=3");
+    assert_eq!(post(&posted, "application/json", b"{}").await, 200);
+    assert_eq!(target.next().await.uri, "/hook?a=1&a=2&a=3&b=x+y");
+}
+
 #[tokio::test]
 async fn with_smee_wire_the_raw_opt_in_is_ignored_as_on_smee_io() {
     let config = ServeConfig {

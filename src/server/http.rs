@@ -316,10 +316,7 @@ async fn post(
         tracing::debug!(dropped, "dropped headers that are not UTF-8 text");
     }
     let content_type = text(&headers, "content-type").unwrap_or("").to_string();
-    let mut params = serde_json::Map::new();
-    for (k, v) in query {
-        params.insert(k, v.into());
-    }
+    let params = query_object(query);
     if let Some(cluster) = &hub.cluster {
         return post_to_stream(&hub, cluster, &name, kept, params, content_type, body).await;
     }
@@ -613,6 +610,23 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
         &[("", u64::from(s.store_healthy.load(Ordering::Relaxed)))],
     );
     out
+}
+
+/// smee's `query` object from the POST's parameters, as Express's `req.query` makes it on
+/// smee.io: a name given more than once gets an array of its values, in order (a later value
+/// replaced the earlier ones before, and `?a=1&a=2` reached the target as `a=2`).
+fn query_object(query: Vec<(String, String)>) -> serde_json::Map<String, serde_json::Value> {
+    let mut params = serde_json::Map::new();
+    for (name, value) in query {
+        match params.get_mut(&name) {
+            Some(serde_json::Value::Array(values)) => values.push(value.into()),
+            Some(first) => *first = serde_json::Value::Array(vec![first.take(), value.into()]),
+            None => {
+                params.insert(name, value.into());
+            }
+        }
+    }
+    params
 }
 
 #[cfg(test)]
