@@ -40,6 +40,34 @@ pub fn client_builder() -> reqwest::ClientBuilder {
         .tls_backend_preconfigured(tls_config())
 }
 
+/// [`client_builder`] for requests to `url`. A request to this machine (a loopback address or
+/// `localhost`) never goes through a proxy named in the environment (`HTTPS_PROXY`,
+/// `ALL_PROXY`, ...), as in Go's net/http (and so gosmee): a proxy elsewhere cannot reach this
+/// machine's loopback, and with a proxy set a local `serve` channel or Port stand-in failed.
+pub fn client_builder_for(url: &reqwest::Url) -> reqwest::ClientBuilder {
+    if is_loopback(url) {
+        client_builder().no_proxy()
+    } else {
+        client_builder()
+    }
+}
+
+/// Whether `url` names this machine: a loopback address, `localhost` or a name under it.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // An IPv6 host comes with its brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
+}
+
 /// The rustls config of every client: TLS 1.2 and 1.3, ALPN h2 and http/1.1 (what reqwest sets
 /// up itself), and the process's trust ([`set_trust`]) behind a verifier that loads the system's
 /// roots only when a handshake first needs them. Built once; a clone shares the verifier.
@@ -303,6 +331,25 @@ pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(),
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loopback_urls_are_told_from_others() {
+        for (url, loopback) in [
+            ("http://127.0.0.1:3000/x", true),
+            ("http://127.8.9.1/", true),
+            ("http://[::1]:8080/", true),
+            ("http://localhost/", true),
+            ("http://LocalHost./", true),
+            ("http://api.localhost:9/", true),
+            ("https://smee.io/abc", false),
+            ("http://10.0.0.1/", false),
+            ("http://[::2]/", false),
+            ("http://localhost.example.com/", false),
+        ] {
+            let parsed: reqwest::Url = url.parse().unwrap();
+            assert_eq!(super::is_loopback(&parsed), loopback, "{url}");
+        }
+    }
+
     use super::*;
 
     /// A certificate for 127.0.0.1 signed by itself (no CA anyone trusts), PEM: (cert, key).

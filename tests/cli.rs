@@ -49,6 +49,41 @@ async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
     slack.assert_quiet(Duration::from_millis(200)).await;
 }
 
+/// With a proxy in the environment (a corporate laptop), the demo failed at once: "cannot post
+/// to the demo channel: error sending request", as its client, the relay's channel client and
+/// its Port client all sent loopback requests to the proxy. Loopback is now reached directly.
+#[tokio::test]
+async fn regression_the_demo_failed_with_a_proxy_in_the_environment() {
+    // A proxy that refuses every connection: anything sent to it fails.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let output = tokio::time::timeout(
+        PATIENCE * 3,
+        smee_relay()
+            .arg("demo")
+            .env("HTTP_PROXY", &proxy)
+            .env("HTTPS_PROXY", &proxy)
+            .env("ALL_PROXY", &proxy)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output(),
+    )
+    .await
+    .expect("the demo finished in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("app got issues") && stdout.contains("status: {\"status\":\"SUCCESS\"")
+    );
+}
+
 /// A spool with two delivered events in it (a query, a header with a quote), and its directory.
 async fn spool_with_two_events() -> std::path::PathBuf {
     let channel = FakeChannel::start().await;

@@ -141,7 +141,7 @@ async fn post(
     body: &'static str,
     what: &str,
 ) -> Result<(), DemoError> {
-    let mut request = crate::http::client_builder()
+    let mut request = crate::http::client_builder_for(&channel.parse().expect("a loopback URL"))
         .build()
         .map_err(|e| DemoError::Post(e.to_string()))?
         .post(channel)

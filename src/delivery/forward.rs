@@ -137,8 +137,11 @@ impl Forwarder {
                 .build(connector);
             Engine::Plain(Box::new(client))
         } else {
-            // https targets and Slack honour HTTPS_PROXY/NO_PROXY (crate::http).
-            let client = crate::http::client_builder().timeout(timeout).build()?;
+            // https targets and Slack honour HTTPS_PROXY/NO_PROXY, unless on this machine
+            // (crate::http::client_builder_for).
+            let client = crate::http::client_builder_for(&target.with_query(&[]))
+                .timeout(timeout)
+                .build()?;
             Engine::Tls(client)
         };
         Ok(Self {

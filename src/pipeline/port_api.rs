@@ -70,9 +70,12 @@ pub struct Answer {
 
 impl PortClient {
     pub fn new(api: PortApi) -> Result<Self, reqwest::Error> {
-        let client = crate::http::client_builder()
-            .timeout(CALL_TIMEOUT)
-            .build()?;
+        // An API URL that does not parse fails each call, saying so.
+        let builder = match api.api_url.parse() {
+            Ok(url) => crate::http::client_builder_for(&url),
+            Err(_) => crate::http::client_builder(),
+        };
+        let client = builder.timeout(CALL_TIMEOUT).build()?;
         Ok(Self {
             api,
             client,

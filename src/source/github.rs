@@ -276,7 +276,7 @@ pub struct HookClient {
 
 impl HookClient {
     pub fn new(config: HookConfig) -> Result<Self, GithubError> {
-        let http = crate::http::client_builder()
+        let http = crate::http::client_builder_for(&config.api_url)
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(GithubError::Client)?;

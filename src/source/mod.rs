@@ -139,7 +139,7 @@ impl SourceConfig {
         {
             return Err(SourceError::InvalidToken);
         }
-        let client = crate::http::client_builder().build()?;
+        let client = crate::http::client_builder_for(self.channel.expose()).build()?;
         let status = Arc::new(ChannelStatus::new(
             self.channel.to_string(),
             self.idle_timeout,
@@ -593,7 +593,7 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         server: server.to_string(),
         reason,
     };
-    let client = crate::http::client_builder().build()?;
+    let client = crate::http::client_builder_for(server).build()?;
     let new = server.join("new").map_err(|e| fail(e.to_string()))?;
     let response = client
         .head(new)
