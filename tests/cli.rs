@@ -84,6 +84,44 @@ async fn regression_the_demo_failed_with_a_proxy_in_the_environment() {
     );
 }
 
+/// A demo stopped by SIGTERM (or Ctrl-C) left its state directory in the temporary directory:
+/// it had no signal handler, and its clean-up never ran.
+#[tokio::test]
+async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = smee_relay()
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let entries = || std::fs::read_dir(tmp.path()).unwrap().count();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while entries() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no state directory made"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = demo.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(killed.unwrap().success());
+    let status = tokio::time::timeout(PATIENCE, demo.wait())
+        .await
+        .expect("the demo stopped")
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "stopped by its own handler, saying so"
+    );
+    assert_eq!(entries(), 0, "the state directory was left behind");
+}
+
 /// A spool with two delivered events in it (a query, a header with a quote), and its directory.
 async fn spool_with_two_events() -> std::path::PathBuf {
     let channel = FakeChannel::start().await;

@@ -100,6 +100,15 @@ pub enum DemoError {
     Incomplete { got: usize, within: Duration },
     #[error("the action run's final status did not reach the fake Port API within 10s")]
     ActionRun,
+    #[error("cannot make the demo's state directory {}: {source} (TMPDIR names where it goes)", .dir.display())]
+    StateDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("the relay stopped before the demo ended")]
+    RelayEnded,
     #[error("only {got} of {} webhooks reached the local app within {}", WEBHOOKS.len(), humantime::format_duration(*.within))]
     Undelivered { got: usize, within: Duration },
     #[error("the local app got {got} where {sent} was sent (#{n}): {how}")]
@@ -426,6 +435,8 @@ async fn action_run(channel: &str, recorded: &mut Recorded) -> Result<(), DemoEr
 pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     let started = Instant::now();
     let cancel = CancellationToken::new();
+    // Ctrl-C or SIGTERM stops the demo as it stops a relay, and its state directory goes too.
+    crate::service::systemd::cancel_on_signals(cancel.clone()).map_err(DemoError::Serve)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(DemoError::Serve)?;
@@ -480,6 +491,12 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         std::process::id(),
         fastrand::u32(..)
     ));
+    // Made here, not with its parents by the relay: a TMPDIR that does not exist is an error,
+    // not a directory left behind.
+    std::fs::create_dir(&state_dir).map_err(|e| DemoError::StateDir {
+        dir: state_dir.clone(),
+        source: e,
+    })?;
     let plan = Plan {
         channels: vec![
             ChannelPlan {
@@ -518,19 +535,29 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         cluster: None,
     };
     let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
-    let relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));
+    let mut relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));
 
-    let mut outcome = relay_part(&relay_channel, &app, &up, &mut saw).await;
-    if outcome.is_ok() {
-        outcome = post_and_collect(&channel, &mut delivered).await;
-    }
-    if outcome.is_ok()
-        && let Err(e) = action_run(&channel, &mut recorded).await
-    {
-        outcome = Err(e);
-    }
+    let parts = async {
+        relay_part(&relay_channel, &app, &up, &mut saw).await?;
+        post_and_collect(&channel, &mut delivered).await?;
+        action_run(&channel, &mut recorded).await
+    };
+    // A relay that ends early (it cannot use its state directory, say) is said at once, not
+    // after a part's deadline.
+    let mut relayed = None;
+    let outcome = tokio::select! {
+        outcome = parts => outcome,
+        () = cancel.cancelled() => Err(DemoError::Interrupted),
+        ended = &mut relay => {
+            relayed = Some(ended);
+            Err(DemoError::RelayEnded)
+        }
+    };
     cancel.cancel();
-    let relayed = relay.await;
+    let relayed = match relayed {
+        Some(ended) => ended,
+        None => relay.await,
+    };
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&state_dir);
     if let Ok(Err(e)) = relayed {
