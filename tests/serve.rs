@@ -143,6 +143,21 @@ async fn bodies_arrive_byte_exact_whatever_their_type() {
     }
 }
 
+/// A POST with no body reached the target with neither `content-length` nor
+/// `transfer-encoding` (hyper leaves an empty body's length out); a strict server answers 411.
+#[tokio::test]
+async fn regression_an_empty_body_reached_the_target_without_a_length() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/empty");
+    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+
+    assert_eq!(post(&channel, "text/plain", b"").await, 200);
+    let got = target.next().await;
+    assert!(got.body.is_empty(), "{:?}", got.body);
+    assert_eq!(got.header("content-length"), Some("0"));
+}
+
 /// `?a=1&a=2` reached the target as `?a=2`: `serve` kept the last value of a repeated name,
 /// where smee.io (Express's `req.query`) sends an array of them all.
 #[tokio::test]

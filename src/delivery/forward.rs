@@ -168,6 +168,10 @@ impl Forwarder {
         if let Some(authorization) = &self.authorization {
             headers.insert(http::header::AUTHORIZATION, authorization.clone());
         }
+        // hyper sends an empty POST body with no length at all; a strict server answers 411.
+        if event.body.is_empty() {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
         let answer = match &self.engine {
             Engine::Plain(client) => {
                 let exchange = post_plain(client, url.as_str(), headers, event.body.clone());
