@@ -26,6 +26,31 @@ async fn regression_a_channel_answering_401_says_a_token_is_needed() {
     assert!(!line.contains("Private1"), "channel id leaked: {line}");
 }
 
+/// A relay that never reached its channel logged "disconnected from channel" and a cryptic
+/// `resume_after=-`: it now says it cannot connect, and names no event it has not seen.
+#[tokio::test]
+async fn regression_a_relay_that_never_connected_said_disconnected() {
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let channel = format!("http://{}/never", dead.local_addr().unwrap());
+    drop(dead);
+    let target = FakeTarget::start().await;
+    let mut child = smee_relay()
+        .args(["forward", &channel, &target.url("/")])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let line = logs
+        .wait_for(&["cannot connect to channel", "retry_in="])
+        .await;
+    assert!(
+        !line.contains("disconnected") && !line.contains("resume_after"),
+        "{line}"
+    );
+}
+
 #[tokio::test]
 async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
     let mut slack = FakeTarget::start().await;

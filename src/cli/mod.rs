@@ -21,11 +21,11 @@ use crate::url::{ChannelUrl, TargetUrl, parse_http_url};
 #[command(name = "smee-relay", version, propagate_version = true)]
 pub struct Cli {
     /// More log detail (-v debug, -vv trace). RUST_LOG overrides it.
-    #[arg(short, long, action = ArgAction::Count, global = true)]
+    #[arg(short, long, action = ArgAction::Count, global = true, help_heading = "Logging")]
     pub verbose: u8,
 
     /// Less log detail (-q warnings and errors only, -qq errors only).
-    #[arg(short, long, action = ArgAction::Count, global = true)]
+    #[arg(short, long, action = ArgAction::Count, global = true, help_heading = "Logging")]
     pub quiet: u8,
 
     /// Log line format.
@@ -34,7 +34,8 @@ pub struct Cli {
         value_enum,
         default_value = "text",
         global = true,
-        env = "SMEE_RELAY_LOG_FORMAT"
+        env = "SMEE_RELAY_LOG_FORMAT",
+        help_heading = "Logging"
     )]
     pub log_format: LogFormat,
 

@@ -277,19 +277,26 @@ impl Source {
                 } => (reason, connected_for),
             };
             self.transport.close();
-            self.connected_at = None;
+            let was_connected = self.connected_at.take().is_some();
             self.status.set_connected(false);
             self.status.reconnecting();
             if connected_for >= HEALTHY_AFTER {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
-            warn!(
-                %channel,
-                retry_in = %humantime::format_duration(round_to_ms(delay)),
-                resume_after = %self.last_event_id.as_deref().unwrap_or("-"),
-                "disconnected from channel: {reason}"
-            );
+            let retry_in = humantime::format_duration(round_to_ms(delay));
+            let what = if was_connected {
+                "disconnected from channel"
+            } else {
+                "cannot connect to channel"
+            };
+            // The event it resumes after, once it has seen one.
+            match self.last_event_id.as_deref() {
+                Some(after) => {
+                    warn!(%channel, %retry_in, resume_after = %after, "{what}: {reason}")
+                }
+                None => warn!(%channel, %retry_in, "{what}: {reason}"),
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
