@@ -8,18 +8,31 @@ use std::time::Duration;
 
 use support::{FakeChannel, FakeTarget, LogWatch, PATIENCE, smee_relay};
 
-#[tokio::test]
-async fn regression_a_channel_answering_401_says_a_token_is_needed() {
-    let channel = FakeChannel::start().await;
-    channel.refuse_with(401, "text/plain");
-    let target = FakeTarget::start().await;
+/// `smee-relay forward ARGS...`, its stderr watched.
+fn forward_watched(args: &[&str]) -> (tokio::process::Child, LogWatch) {
     let mut child = smee_relay()
-        .args(["forward", &channel.url("Private1"), &target.url("/")])
+        .arg("forward")
+        .args(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let logs = LogWatch::new(child.stderr.take().unwrap());
+    (child, logs)
+}
+
+/// An `http://127.0.0.1:PORT` that refuses connections: nothing listens on the port.
+fn refusing_url() -> String {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", dead.local_addr().unwrap())
+}
+
+#[tokio::test]
+async fn regression_a_channel_answering_401_says_a_token_is_needed() {
+    let channel = FakeChannel::start().await;
+    channel.refuse_with(401, "text/plain");
+    let target = FakeTarget::start().await;
+    let (_child, logs) = forward_watched(&[&channel.url("Private1"), &target.url("/")]);
     let line = logs
         .wait_for(&["401", "the channel requires a token: --token or token_env"])
         .await;
@@ -30,18 +43,9 @@ async fn regression_a_channel_answering_401_says_a_token_is_needed() {
 /// `resume_after=-`: it now says it cannot connect, and names no event it has not seen.
 #[tokio::test]
 async fn regression_a_relay_that_never_connected_said_disconnected() {
-    // A port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let channel = format!("http://{}/never", dead.local_addr().unwrap());
-    drop(dead);
+    let channel = format!("{}/never", refusing_url());
     let target = FakeTarget::start().await;
-    let mut child = smee_relay()
-        .args(["forward", &channel, &target.url("/")])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (_child, logs) = forward_watched(&[&channel, &target.url("/")]);
     let line = logs
         .wait_for(&["cannot connect to channel", "retry_in="])
         .await;
@@ -80,9 +84,7 @@ async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
 #[tokio::test]
 async fn regression_the_demo_failed_with_a_proxy_in_the_environment() {
     // A proxy that refuses every connection: anything sent to it fails.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let proxy = refusing_url();
     let output = tokio::time::timeout(
         PATIENCE * 3,
         smee_relay()
@@ -360,14 +362,14 @@ async fn regression_events_local_with_config_ignored_its_state_dir_and_no_spool_
 async fn ignore_event_skips_those_events_by_name_and_relays_the_rest() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
-    let mut child = smee_relay()
-        .args(["forward", &channel.url("Chan1"), &target.url("/hook")])
-        .args(["--ignore-event", "ping", "--ignore-event", "ISSUES"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _logs = LogWatch::new(child.stderr.take().unwrap());
+    let (_child, _logs) = forward_watched(&[
+        &channel.url("Chan1"),
+        &target.url("/hook"),
+        "--ignore-event",
+        "ping",
+        "--ignore-event",
+        "ISSUES",
+    ]);
     channel.wait_connections(1).await;
     for (id, header, name) in [
         (1, "x-github-event", "ping"),
@@ -420,18 +422,7 @@ async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
 async fn insecure_is_loudly_warned_about() {
     let channel = FakeChannel::start().await;
     let target = FakeTarget::start().await;
-    let mut child = smee_relay()
-        .args([
-            "forward",
-            &channel.url("Chan2"),
-            &target.url("/"),
-            "--insecure",
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (_child, logs) = forward_watched(&[&channel.url("Chan2"), &target.url("/"), "--insecure"]);
     let line = logs.wait_for(&["WARN", "--insecure", "NOT verified"]).await;
     assert!(line.contains("--cacert"), "{line}");
 }

@@ -112,12 +112,37 @@ async fn start_relay_with(
     relay
 }
 
+/// What [`relayed_channel`] starts; dropping it stops them. Bind `_relay` and `_stop` by name:
+/// a pattern with `..` drops them, and with them the relay and the server, at once.
+struct Relayed {
+    channel: String,
+    target: FakeTarget,
+    _relay: support::Relay,
+    _stop: CancellationToken,
+}
+
+/// A default `serve`, a target, and a relay of the channel `name` on it, subscribed.
+async fn relayed_channel(name: &str) -> Relayed {
+    let (server, stop) = start_server(ServeConfig::default()).await;
+    let mut target = FakeTarget::start().await;
+    let channel = format!("{server}/{name}");
+    let relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+    Relayed {
+        channel,
+        target,
+        _relay: relay,
+        _stop: stop,
+    }
+}
+
 #[tokio::test]
 async fn bodies_arrive_byte_exact_whatever_their_type() {
-    let (server, _stop) = start_server(ServeConfig::default()).await;
-    let mut target = FakeTarget::start().await;
-    let channel = format!("{server}/exact");
-    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+    let Relayed {
+        channel,
+        mut target,
+        _relay,
+        _stop,
+    } = relayed_channel("exact").await;
 
     let cases: [(&str, &[u8]); 4] = [
         (
@@ -147,10 +172,12 @@ async fn bodies_arrive_byte_exact_whatever_their_type() {
 /// `transfer-encoding` (hyper leaves an empty body's length out); a strict server answers 411.
 #[tokio::test]
 async fn regression_an_empty_body_reached_the_target_without_a_length() {
-    let (server, _stop) = start_server(ServeConfig::default()).await;
-    let mut target = FakeTarget::start().await;
-    let channel = format!("{server}/empty");
-    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+    let Relayed {
+        channel,
+        mut target,
+        _relay,
+        _stop,
+    } = relayed_channel("empty").await;
 
     assert_eq!(post(&channel, "text/plain", b"").await, 200);
     let got = target.next().await;
@@ -162,10 +189,12 @@ async fn regression_an_empty_body_reached_the_target_without_a_length() {
 /// where smee.io (Express's `req.query`) sends an array of them all.
 #[tokio::test]
 async fn regression_a_repeated_query_parameter_kept_only_its_last_value() {
-    let (server, _stop) = start_server(ServeConfig::default()).await;
-    let mut target = FakeTarget::start().await;
-    let channel = format!("{server}/query");
-    let _relay = start_relay(options_for(&channel, &target), &channel, &mut target).await;
+    let Relayed {
+        channel,
+        mut target,
+        _relay,
+        _stop,
+    } = relayed_channel("query").await;
 
     let posted = format!("{channel}?a=1&b=x%20y&a=2&a=3");
     assert_eq!(post(&posted, "application/json", b"{}").await, 200);
