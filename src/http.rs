@@ -52,7 +52,9 @@ pub fn client_builder_for(url: &reqwest::Url) -> reqwest::ClientBuilder {
     }
 }
 
-/// Whether `url` names this machine: a loopback address, `localhost` or a name under it.
+/// Whether `url` names this machine: a loopback address (an IPv4 one mapped into IPv6 too) or
+/// `localhost`. Names under `localhost` are left to the proxy, as Go does: not every resolver
+/// keeps them on this machine.
 fn is_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;
@@ -60,11 +62,8 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     // An IPv6 host comes with its brackets.
     let host = host.trim_start_matches('[').trim_end_matches(']');
     match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => {
-            let name = host.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost" || name.ends_with(".localhost")
-        }
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => host.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -339,7 +338,8 @@ mod tests {
             ("http://[::1]:8080/", true),
             ("http://localhost/", true),
             ("http://LocalHost./", true),
-            ("http://api.localhost:9/", true),
+            ("http://[::ffff:127.0.0.1]:9/", true),
+            ("http://api.localhost:9/", false),
             ("https://smee.io/abc", false),
             ("http://10.0.0.1/", false),
             ("http://[::2]/", false),

@@ -164,7 +164,7 @@ impl Posted {
                 .sum::<usize>()
             + query
                 .iter()
-                .map(|(k, v)| k.len() + v.as_str().map_or(16, str::len) + 48)
+                .map(|(k, v)| k.len() + value_bytes(v) + 48)
                 .sum::<usize>();
         Self {
             id,
@@ -940,6 +940,25 @@ pub(super) fn warn_evicting(stats: &Stats) {
     }
 }
 
+/// About what a query value holds in memory: its text, and each element's slot of an array. A
+/// name repeated 30,000 times in one POST (`?a&a&...`, within the 64 KiB head) holds megabytes
+/// in its array; it was charged 16 bytes, and posts of it got past `--max-memory`.
+fn value_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.len(),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| std::mem::size_of::<Value>() + value_bytes(item))
+            .sum(),
+        Value::Object(fields) => fields
+            .iter()
+            .map(|(name, item)| name.len() + 48 + value_bytes(item))
+            .sum(),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 16,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -954,6 +973,22 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
             None,
         ))
+    }
+
+    /// `?a&a&...` 30,000 times: one array of 30,000 values, charged 16 bytes before.
+    #[test]
+    fn regression_a_repeated_query_name_was_charged_as_one_value() {
+        let stats = Arc::new(Stats::default());
+        let mut query = serde_json::Map::new();
+        query.insert("a".into(), vec![serde_json::Value::from(""); 30_000].into());
+        let posted = Posted::new(&stats, 1, 0, vec![], query, String::new(), Bytes::new());
+        let held = stats.held.load(Ordering::Relaxed);
+        assert!(
+            held >= 30_000 * std::mem::size_of::<serde_json::Value>(),
+            "charged {held} bytes"
+        );
+        drop(posted);
+        assert_eq!(stats.held.load(Ordering::Relaxed), 0);
     }
 
     #[test]
