@@ -330,6 +330,8 @@ pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(),
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn loopback_urls_are_told_from_others() {
         for (url, loopback) in [
@@ -346,11 +348,9 @@ mod tests {
             ("http://localhost.example.com/", false),
         ] {
             let parsed: reqwest::Url = url.parse().unwrap();
-            assert_eq!(super::is_loopback(&parsed), loopback, "{url}");
+            assert_eq!(is_loopback(&parsed), loopback, "{url}");
         }
     }
-
-    use super::*;
 
     /// A certificate for 127.0.0.1 signed by itself (no CA anyone trusts), PEM: (cert, key).
     fn self_signed(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {

@@ -190,13 +190,13 @@ impl Wal {
         self.records
     }
 
-    /// Whether a record of `len` bytes may be written now (else the batch is committed to redb
-    /// directly, which starts the log over).
     /// Whether the last write failed: the next is likely to fail too.
     pub(super) fn failing(&self) -> bool {
         self.failing
     }
 
+    /// Whether a record of `len` bytes may be written now (else the batch is committed to redb
+    /// directly, which starts the log over).
     pub(super) fn takes(&self, len: usize) -> bool {
         self.records < CHECKPOINT_RECORDS && self.end + (len + HEADER) as u64 <= CAPACITY
     }
