@@ -145,14 +145,13 @@ const WEBHOOKS: [(&str, &str); 3] = [
 /// POST a JSON `body` with `headers` to the demo `channel`, as its sender would; `what` names
 /// it in an error.
 async fn post(
+    client: &reqwest::Client,
     channel: &str,
     headers: &[(&'static str, String)],
     body: &'static str,
     what: &str,
 ) -> Result<(), DemoError> {
-    let mut request = crate::http::client_builder_for(&channel.parse().expect("a loopback URL"))
-        .build()
-        .map_err(|e| DemoError::Post(e.to_string()))?
+    let mut request = client
         .post(channel)
         .header("content-type", "application/json")
         .body(body);
@@ -169,13 +168,18 @@ async fn post(
     Ok(())
 }
 
+/// HMAC-SHA256 of `message` with `key`: what GitHub and Port sign with.
+fn hmac_sha256(key: &str, message: &[u8]) -> Vec<u8> {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key");
+    mac.update(message);
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// The `x-hub-signature-256` GitHub sends with `body`.
 fn github_signature(body: &[u8]) -> String {
-    use hmac::{KeyInit as _, Mac as _};
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(GITHUB_SECRET.as_bytes())
-        .expect("HMAC takes any key");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!("sha256={}", hex::encode(hmac_sha256(GITHUB_SECRET, body)))
 }
 
 /// What the demo's local app saw of one request.
@@ -233,6 +237,7 @@ async fn local_app(
 /// Post the webhooks to `channel`; print what the app sees: the refusal, then each webhook,
 /// checked against what was sent.
 async fn relay_part(
+    client: &reqwest::Client,
     channel: &str,
     app: &str,
     up: &std::sync::atomic::AtomicBool,
@@ -248,7 +253,7 @@ async fn relay_part(
             ("x-github-delivery", format!("demo-{}", n + 1)),
             ("x-hub-signature-256", github_signature(body.as_bytes())),
         ];
-        post(channel, &headers, body, event).await?;
+        post(client, channel, &headers, body, event).await?;
     }
     // The first try waits for the route's retry (1 s, then doubling): 15 s leaves room for two.
     let within = Duration::from_secs(15);
@@ -397,25 +402,26 @@ fn demo_actions(
 }
 
 /// Post a signed action run and print what the fake Port API records, until its final status.
-async fn action_run(channel: &str, recorded: &mut Recorded) -> Result<(), DemoError> {
+async fn action_run(
+    client: &reqwest::Client,
+    channel: &str,
+    recorded: &mut Recorded,
+) -> Result<(), DemoError> {
     use base64::Engine as _;
-    use hmac::{KeyInit as _, Mac as _};
     println!(
         "Now a self-service action run: Port's `restart_deployment` button, handled by a local command.\n"
     );
     let timestamp = (crate::clock::now_ms() / 1000).to_string();
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(DEMO_SECRET.as_bytes())
-        .expect("HMAC takes any key");
-    mac.update(format!("{timestamp}.{ACTION_RUN}").as_bytes());
+    let mac = hmac_sha256(DEMO_SECRET, format!("{timestamp}.{ACTION_RUN}").as_bytes());
     let signature = format!(
         "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        base64::engine::general_purpose::STANDARD.encode(mac)
     );
     let headers = [
         ("x-port-timestamp", timestamp),
         ("x-port-signature", signature),
     ];
-    post(channel, &headers, ACTION_RUN, "action run").await?;
+    post(client, channel, &headers, ACTION_RUN, "action run").await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(deadline, recorded.recv()).await {
@@ -451,6 +457,11 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     println!(
         "smee-relay demo: `smee-relay serve` on {addr} is the channel server (in smee.io's place); everything runs on this machine.\n"
     );
+    // One client for every POST; all of them go to this machine, never through a proxy.
+    let client = crate::http::client_builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| DemoError::Post(e.to_string()))?;
     let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (app, mut saw) = local_app(up.clone()).await.map_err(DemoError::Serve)?;
 
@@ -538,9 +549,9 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     let mut relay = tokio::spawn(daemon::run(plan, reloads, cancel.clone()));
 
     let parts = async {
-        relay_part(&relay_channel, &app, &up, &mut saw).await?;
-        post_and_collect(&channel, &mut delivered).await?;
-        action_run(&channel, &mut recorded).await
+        relay_part(&client, &relay_channel, &app, &up, &mut saw).await?;
+        post_and_collect(&client, &channel, &mut delivered).await?;
+        action_run(&client, &channel, &mut recorded).await
     };
     // A relay that ends early (it cannot use its state directory, say) is said at once, not
     // after a part's deadline.
@@ -581,6 +592,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
 
 /// Post the sequence, then print alerts as they are delivered until all have come.
 async fn post_and_collect(
+    client: &reqwest::Client,
     channel: &str,
     delivered: &mut tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::Alert>,
 ) -> Result<(), DemoError> {
@@ -588,7 +600,14 @@ async fn post_and_collect(
         "The pipeline: a DeploymentConfig entity in Port changes 9 times; the example rules alert when its CPU is high or its health degrades.\n"
     );
     for (name, body) in SEQUENCE {
-        post(channel, &[("x-demo-change", name.to_string())], body, name).await?;
+        post(
+            client,
+            channel,
+            &[("x-demo-change", name.to_string())],
+            body,
+            name,
+        )
+        .await?;
     }
     // Slack allows about one message a second: six alerts take about six seconds.
     let within = Duration::from_secs(9);
