@@ -39,7 +39,10 @@
 //! At everyday rates a commit holds one event or a few, and a small one is made durable by one
 //! synced record in the write-ahead log ([`wal`]) instead of redb's sync of a dozen pages: redb
 //! commits it in memory, and a synced commit (a checkpoint) every 64 records or on an idle
-//! second puts it in the file.
+//! second puts it in the file. An appender's lone event (an inline commit, [`writer`]) is not
+//! even applied to redb at once: its record is answered from the spool's counters, and the next
+//! transaction (a read, a checkpoint) applies a run of such records together
+//! ([`wal::Wal::defer`]).
 //! Finished deliveries are also written at once to a small per-process [`journal`], so that a
 //! process crash forgets none of them even before their group commit.
 //!
@@ -497,6 +500,11 @@ pub struct Enqueued {
 /// back, within their read limits). Small: the writer keeps the last one until the next
 /// append, and a burst of events is read back at little cost per event anyway.
 const ENQUEUED_BYTES: usize = 64 << 10;
+
+/// Most event bytes held by records whose apply is deferred ([`wal::Wal::defer`]): they stay
+/// in memory until applied. Two of the log's largest records; at everyday rates, a checkpoint's
+/// 64 records of a 1 KiB event each.
+const DEFERRED_BYTES: usize = 2 * wal::MAX_LOGGED_BYTES;
 
 /// Size limits the spool enforces on append.
 #[derive(Clone, Copy, Debug)]
@@ -1071,6 +1079,8 @@ impl Spool {
         self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
+        // What only the log holds yet is applied first: a reader sees every answered write.
+        self.apply_logged(db)?;
         self.reads.fetch_add(1, Relaxed);
         let run = || f(&db.begin_read()?);
         // Damage that the open did not see can make redb panic on a read: name the file.
@@ -1121,27 +1131,33 @@ impl Spool {
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
         wrote: impl FnOnce(&T) -> bool,
     ) -> Result<T, SpoolError> {
+        // The log before the lock of write transactions, as every writer takes them.
+        let mut log = self.log();
+        let _writing = self.writing();
+        let deferred = log.as_ref().map_or(&[][..], wal::Wal::deferred);
         let run = || {
-            let _writing = self.writing();
             let txn = db.begin_write()?;
             let mut tables = Tables::open(&txn)?;
+            apply_deferred(&mut tables, deferred)?;
             let out = f(&mut tables)?;
-            if !wrote(&out) {
+            if !wrote(&out) && deferred.is_empty() {
                 drop(tables);
                 txn.abort()?;
                 return Ok((out, None));
             }
             let logged = tables.counter(WAL_SEQ)?;
+            let after = counters(&mut tables, self.instance)?;
             tables.store_counters()?;
             drop(tables);
             txn.commit()?;
-            Ok((out, Some(logged)))
+            Ok((out, Some((logged, after))))
         };
         match run() {
-            Ok((out, persisted)) => {
-                if let Some(persisted) = persisted
-                    && let Some(log) = self.log().as_mut()
+            Ok((out, committed)) => {
+                if let Some((persisted, after)) = committed
+                    && let Some(log) = log.as_mut()
                 {
+                    log.applied(Some(after));
                     log.persisted(persisted);
                 }
                 self.writes_again();
@@ -1300,19 +1316,23 @@ impl Spool {
         quick: bool,
     ) -> Option<Result<WriteReport, SpoolError>> {
         let now = now_ms();
+        // Only an appender's (a trickle): the writer thread's batches are larger, and their
+        // apply runs beside the event loop, where a deferred one would fall to the next read.
+        let was_failing = log.failing();
+        if quick && let Some(report) = log_only(log, writes, limits, now) {
+            return Some(Ok(report));
+        }
+        // The record's write just failed there (it said why): not tried twice.
+        let failed_now = log.failing() && !was_failing;
         // The record is written inside the transaction, so that what it expects of the spool
         // (read here) is what it is applied to: no other commit can come between.
         let mut logged_at = None;
-        let run = || -> Result<Option<(WriteReport, Option<u64>)>, redb::Error> {
+        let run = || -> Result<Option<(WriteReport, Option<u64>, wal::Expect)>, redb::Error> {
             let mut txn = db.begin_write()?;
             let mut t = Tables::open(&txn)?;
+            apply_deferred(&mut t, log.deferred())?;
             // Read once, and kept for `apply` (counters are cached per transaction).
-            let expect = wal::Expect {
-                instance: self.instance,
-                next_event: t.counter(NEXT_EVENT)?,
-                next_seq: t.counter(NEXT_SEQ)?,
-                stored_bytes: t.counter(STORED_BYTES)?,
-            };
+            let expect = counters(&mut t, self.instance)?;
             let seq = log.next_seq();
             let record =
                 wal::encode(seq, expect, now, limits, writes).filter(|r| log.takes(r.len()));
@@ -1321,6 +1341,7 @@ impl Spool {
                 // body): well short of full, no append prunes.
                 let room = (2 * appended_bytes(writes.iter().copied()) + wal::RECORD_SLACK) as u64;
                 if record.is_none() || expect.stored_bytes + room > limits.max_bytes {
+                    // What this transaction applied of the deferred records waits on.
                     drop(t);
                     txn.abort()?;
                     return Ok(None);
@@ -1331,7 +1352,7 @@ impl Spool {
             let mut numbered = false;
             if let Some(record) = record {
                 numbered = true;
-                match log.append(&record) {
+                match (!failed_now).then(|| log.append(&record)).flatten() {
                     Some(at) => logged_at = Some(at),
                     // Not written (it said why): synced to the file, under the record's number,
                     // so that whatever of the record reached the disk is never applied again.
@@ -1343,6 +1364,7 @@ impl Spool {
                 t.set(WAL_SEQ, seq)?;
             }
             let persisted = t.counter(WAL_SEQ)?;
+            let after = counters(&mut t, self.instance)?;
             t.store_counters()?;
             drop(t);
             // Decided at the end (redb takes it at the commit): logged, the record is what
@@ -1351,13 +1373,18 @@ impl Spool {
                 txn.set_durability(redb::Durability::None)?;
             }
             txn.commit()?;
-            Ok(Some((report, logged_at.is_none().then_some(persisted))))
+            Ok(Some((
+                report,
+                logged_at.is_none().then_some(persisted),
+                after,
+            )))
         };
         // A panic in redb (damage the open did not find) fails the write like an error does.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
         Some(match ran {
             Ok(Ok(None)) => return None,
-            Ok(Ok(Some((report, persisted)))) => {
+            Ok(Ok(Some((report, persisted, after)))) => {
+                log.applied(Some(after));
                 if let Some(persisted) = persisted {
                     log.persisted(persisted);
                 }
@@ -1366,7 +1393,8 @@ impl Spool {
             }
             failed => {
                 // Its appenders are told it failed, and try again: the record must not be
-                // applied by the reopen that follows, nor by a start after a crash.
+                // applied by the reopen that follows, nor by a start after a crash. (Deferred
+                // records stay in the log: the reopen applies them.)
                 if let Some(at) = logged_at {
                     log.undo(at);
                 }
@@ -1385,6 +1413,41 @@ impl Spool {
         })
     }
 
+    /// Apply what the write-ahead log holds and redb does not yet ([`wal::Wal::defer`]), in a
+    /// commit that is not synced: before a read, which must see it.
+    fn apply_logged(&self, db: &Database) -> Result<(), SpoolError> {
+        let mut log = self.log();
+        let Some(log) = log.as_mut().filter(|log| !log.deferred().is_empty()) else {
+            return Ok(());
+        };
+        let _writing = self.writing();
+        let run = || -> Result<wal::Expect, redb::Error> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None)?;
+            let mut t = Tables::open(&txn)?;
+            apply_deferred(&mut t, log.deferred())?;
+            let after = counters(&mut t, self.instance)?;
+            t.store_counters()?;
+            drop(t);
+            txn.commit()?;
+            Ok(after)
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(Ok(after)) => {
+                log.applied(Some(after));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.commit_failed(e)),
+            Err(panic) => {
+                self.needs_reopen
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let e = self.panicked(panic);
+                self.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
     /// Make everything written through the write-ahead log durable in the file itself (one
     /// synced commit), so the log starts over. Nothing to do if nothing was logged since.
     /// Returns whether it committed.
@@ -1398,6 +1461,12 @@ impl Spool {
     /// Records in the write-ahead log not yet made durable in the file ([`Spool::checkpoint`]).
     pub(crate) fn logged(&self) -> usize {
         self.log().as_ref().map_or(0, wal::Wal::records)
+    }
+
+    /// Records in the write-ahead log not yet applied to redb at all ([`wal::Wal::defer`]).
+    #[cfg(test)]
+    fn deferred(&self) -> usize {
+        self.log().as_ref().map_or(0, |log| log.deferred().len())
     }
 
     /// Up to `limit` deliveries queued on `route` after `after_seq`, in order, and no more
@@ -1797,8 +1866,7 @@ fn apply<'w>(
 ) -> Result<WriteReport, redb::Error> {
     let mut report = WriteReport::default();
     let seq_before = t.counter(NEXT_SEQ)?;
-    let mut enqueued = Vec::<(String, Vec<Queued>)>::new();
-    let mut enqueued_bytes = 0;
+    let mut queuing = Queuing::default();
     for write in writes {
         match write {
             Write::Append {
@@ -1828,29 +1896,10 @@ fn apply<'w>(
                     let id = t.bump(NEXT_EVENT, 1)? + 1;
                     t.put_event(id, &row)?;
                     t.bump(STORED_BYTES, size)?;
-                    enqueued_bytes += event.body.len() * routes.len();
+                    queuing.event(event, routes.len());
                     for route in routes {
                         let seq = t.enqueue(id, route, now)?;
-                        if enqueued_bytes > ENQUEUED_BYTES {
-                            continue;
-                        }
-                        let at = match enqueued.iter().position(|(r, _)| r == route) {
-                            Some(at) => at,
-                            None => {
-                                enqueued.push((route.clone(), Vec::new()));
-                                enqueued.len() - 1
-                            }
-                        };
-                        enqueued[at].1.push(Queued {
-                            seq,
-                            event: StoredEvent {
-                                id,
-                                received_ms: now,
-                                channel: channel.clone(),
-                                event: event.clone(),
-                            },
-                            attempts: 0,
-                        });
+                        queuing.push(route, seq, id, now, channel, event);
                     }
                     ids.push(Some(id));
                 }
@@ -1872,15 +1921,163 @@ fn apply<'w>(
             },
         }
     }
-    let seq_after = t.counter(NEXT_SEQ)?;
-    if seq_after != seq_before && enqueued_bytes <= ENQUEUED_BYTES {
-        report.enqueued = Some(Enqueued {
-            seq_before,
-            seq_after,
-            routes: enqueued,
+    report.enqueued = queuing.finish(seq_before, t.counter(NEXT_SEQ)?);
+    Ok(report)
+}
+
+/// What [`apply`] would report for `writes` and leave in the counters, on a spool whose
+/// counters are `before`, worked out without redb: for a record whose apply is deferred
+/// ([`wal::Wal::defer`]). `None` where that cannot be known so: a pipeline state, or an event
+/// that would not fit under `limits` as it is (`apply` prunes then, a scan, or refuses it).
+/// A delivery mark changes no counter.
+fn predict(
+    before: wal::Expect,
+    writes: &[&Write],
+    now: u64,
+    limits: Limits,
+) -> Option<(WriteReport, wal::Expect)> {
+    let mut after = before;
+    let mut report = WriteReport::default();
+    let mut queuing = Queuing::default();
+    for write in writes {
+        match write {
+            Write::Append {
+                channel,
+                routes,
+                events,
+                ..
+            } => {
+                let mut ids = Vec::with_capacity(events.len());
+                for event in events.iter() {
+                    let size = EventRow::new(now, channel, event).stored_size();
+                    if after.stored_bytes + size > limits.max_bytes {
+                        return None;
+                    }
+                    after.next_event += 1;
+                    after.stored_bytes += size;
+                    queuing.event(event, routes.len());
+                    for route in routes {
+                        after.next_seq += 1;
+                        queuing.push(route, after.next_seq, after.next_event, now, channel, event);
+                    }
+                    ids.push(Some(after.next_event));
+                }
+                report.appended.push(ids);
+            }
+            Write::Mark { .. } => {}
+            Write::State { .. } => return None,
+        }
+    }
+    report.enqueued = queuing.finish(before.next_seq, after.next_seq);
+    Some((report, after))
+}
+
+/// Write `writes` to the log as a record whose apply to redb is deferred
+/// ([`wal::Wal::defer`]): at everyday rates, the spool's next transaction (a checkpoint, the
+/// next read, a commit that cannot be deferred) applies a run of them together, where each
+/// would otherwise cost a transaction of its own. Answered from [`predict`], so only while the
+/// spool's counters are known and the writes' outcome follows from them. `None`, with nothing
+/// written (or a write of the log that failed, [`wal::Wal::failing`]), where they must be
+/// applied now.
+fn log_only(
+    log: &mut wal::Wal,
+    writes: &[&Write],
+    limits: Limits,
+    now: u64,
+) -> Option<WriteReport> {
+    let before = log.known().filter(|_| !log.failing())?;
+    let bytes = appended_bytes(writes.iter().copied());
+    if log.deferred_bytes() + bytes > DEFERRED_BYTES {
+        return None;
+    }
+    let (report, after) = predict(before, writes, now, limits)?;
+    let seq = log.next_seq();
+    let record = wal::encode(seq, before, now, limits, writes).filter(|r| log.takes(r.len()))?;
+    // Not written (it said why): the commit that follows is synced, under this number.
+    log.append(&record)?;
+    let record = wal::Record {
+        seq,
+        expect: before,
+        now_ms: now,
+        limits,
+        writes: writes.iter().map(|&write| write.clone()).collect(),
+    };
+    log.defer(record, bytes, after);
+    Some(report)
+}
+
+/// The deliveries a write queues, gathered for its report ([`WriteReport::enqueued`]) while
+/// they fit in [`ENQUEUED_BYTES`].
+#[derive(Default)]
+struct Queuing {
+    routes: Vec<(String, Vec<Queued>)>,
+    /// The bodies' bytes queued so far, on every route.
+    bytes: usize,
+}
+
+impl Queuing {
+    /// An event is queued on `routes` routes.
+    fn event(&mut self, event: &Event, routes: usize) {
+        self.bytes += event.body.len() * routes;
+    }
+
+    /// ... on `route`, at `seq`, as event `id`.
+    fn push(&mut self, route: &str, seq: u64, id: u64, now: u64, channel: &str, event: &Event) {
+        if self.bytes > ENQUEUED_BYTES {
+            return;
+        }
+        let at = match self.routes.iter().position(|(r, _)| r == route) {
+            Some(at) => at,
+            None => {
+                self.routes.push((route.to_string(), Vec::new()));
+                self.routes.len() - 1
+            }
+        };
+        self.routes[at].1.push(Queued {
+            seq,
+            event: StoredEvent {
+                id,
+                received_ms: now,
+                channel: channel.to_string(),
+                event: event.clone(),
+            },
+            attempts: 0,
         });
     }
-    Ok(report)
+
+    /// What the write queued, if anything and all of it is here.
+    fn finish(self, seq_before: u64, seq_after: u64) -> Option<Enqueued> {
+        (seq_after != seq_before && self.bytes <= ENQUEUED_BYTES).then_some(Enqueued {
+            seq_before,
+            seq_after,
+            routes: self.routes,
+        })
+    }
+}
+
+/// Apply the records whose apply was deferred ([`wal::Wal::defer`]), in order, as a start
+/// after a crash would ([`replay`]); first in every transaction of the spool.
+fn apply_deferred(t: &mut Tables<'_>, deferred: &[wal::Record]) -> Result<(), redb::Error> {
+    for record in deferred {
+        debug_assert_eq!(
+            counters(t, record.expect.instance)?,
+            record.expect,
+            "a deferred record applies to the spool it was predicted on"
+        );
+        apply(t, &record.writes, record.now_ms, record.limits)?;
+        t.set(WAL_SEQ, record.seq)?;
+    }
+    Ok(())
+}
+
+/// The counters a log record expects ([`wal::Expect`]), as `t` has them now.
+fn counters(t: &mut Tables<'_>, instance: u64) -> Result<wal::Expect, redb::Error> {
+    Ok(wal::Expect {
+        instance,
+        next_event: t.counter(NEXT_EVENT)?,
+        next_seq: t.counter(NEXT_SEQ)?,
+        stored_bytes: t.counter(STORED_BYTES)?,
+    })
 }
 
 /// The builder every open uses, for `mode` ([`share`]).
@@ -3555,5 +3752,94 @@ mod tests {
             0,
             "left as it was"
         );
+    }
+
+    /// A step of [`predict_answers_as_apply_does`]: append events of these body sizes to
+    /// one or both routes, or mark the head of a route.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Append(Vec<usize>, bool),
+        Mark(bool, bool),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (
+                proptest::collection::vec(0usize..2_000, 1..4),
+                any::<bool>()
+            )
+                .prop_map(|(sizes, both)| Step::Append(sizes, both)),
+            (any::<bool>(), any::<bool>()).prop_map(|(second, ok)| Step::Mark(second, ok)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// A record whose apply is deferred is answered from `predict`: whenever it answers,
+        /// its report and counters are what `apply` gives; where it does not, `apply` prunes or
+        /// refuses an event.
+        #[test]
+        fn predict_answers_as_apply_does(
+            steps in proptest::collection::vec(proptest::collection::vec(step(), 1..4), 1..16),
+            max_bytes in 2_000u64..20_000,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Spool::open(dir.path()).unwrap();
+            let limits = Limits { max_bytes };
+            let routes = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"];
+            for batch in steps {
+                let mut writes = Vec::new();
+                for step in batch {
+                    match step {
+                        Step::Append(sizes, both) => writes.push(Write::Append {
+                            channel: "c".into(),
+                            routes: routes[..1 + usize::from(both)].iter().map(|r| r.to_string()).collect(),
+                            events: sizes
+                                .iter()
+                                .map(|&n| Event { body: Bytes::from(vec![b'x'; n]), ..event(1) })
+                                .collect::<Vec<_>>()
+                                .into(),
+                            cursor: None,
+                        }),
+                        Step::Mark(second, ok) => {
+                            let route = routes[usize::from(second)];
+                            if let Some(head) = spool.pending(route, 0, 1).unwrap().pop() {
+                                writes.push(Write::Mark {
+                                    route: route.into(),
+                                    seq: head.seq,
+                                    event: head.event.id,
+                                    outcome: match ok {
+                                        true => Outcome::Delivered { status: 200 },
+                                        false => Outcome::Dead { status: None, error: "no".into() },
+                                    },
+                                });
+                            }
+                        }
+                    }
+                }
+                let refs: Vec<&Write> = writes.iter().collect();
+                let now = 1_700_000_000_000;
+                let instance = spool.instance;
+                let (predicted, applied, after) = spool
+                    .update(|t| {
+                        let predicted = predict(counters(t, instance)?, &refs, now, limits);
+                        let applied = apply(t, refs.iter().copied(), now, limits)?;
+                        Ok((predicted, applied, counters(t, instance)?))
+                    })
+                    .unwrap();
+                match predicted {
+                    Some(predicted) => proptest::prop_assert_eq!(predicted, (applied, after)),
+                    None => proptest::prop_assert!(
+                        applied.pruned > 0 || applied.appended.concat().contains(&None),
+                        "predict gave up, yet apply stored everything without pruning: {applied:?}"
+                    ),
+                }
+            }
+        }
     }
 }

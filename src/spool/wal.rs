@@ -5,7 +5,8 @@
 //! events a second that sync is most of a relay's CPU. While a relay holds the spool alone, its
 //! writer thread instead writes a small batch as one record here and syncs that (one write into
 //! space written before, so the sync writes no file metadata), then applies the batch to redb in
-//! a commit redb keeps in memory ([`redb::Durability::None`]). Every [`CHECKPOINT_RECORDS`]
+//! a commit redb keeps in memory ([`redb::Durability::None`]); an appender's own record, with
+//! the spool's next transaction ([`Wal::defer`]). Every [`CHECKPOINT_RECORDS`]
 //! records, at the writer's next idle look (within a second), before the file is shared and at
 //! a clean stop, an ordinary synced commit makes all of it durable in `spool.redb`, and the log
 //! starts over at its beginning.
@@ -73,6 +74,17 @@ pub(super) struct Wal {
     records: usize,
     /// The last write failed (said once; commits are synced to the spool file meanwhile).
     failing: bool,
+    /// Records written and synced whose apply to redb waits for the spool's next transaction
+    /// ([`Wal::defer`]): a trickle of records is then applied in one transaction, not one each.
+    /// Every transaction of the spool applies them first, in order, and a crash leaves them
+    /// to the open after it, as it leaves any record not yet in the file.
+    deferred: Vec<Record>,
+    /// The bytes of the events they append: held in memory until applied.
+    deferred_bytes: usize,
+    /// The spool's counters once every record written is applied, while this process knows
+    /// them without reading redb: what the next record expects. Unknown after an open until a
+    /// transaction has read them.
+    known: Option<Expect>,
 }
 
 /// What a record expects of the spool it is applied to, as the spool was when the record was
@@ -101,7 +113,7 @@ pub(super) struct Chain {
     pub(super) unreadable: bool,
 }
 
-/// One record read back.
+/// One record: read back, or written and waiting for its apply ([`Wal::defer`]).
 #[derive(Debug)]
 pub(super) struct Record {
     pub(super) seq: u64,
@@ -172,6 +184,9 @@ impl Wal {
             last,
             records: unapplied,
             failing: false,
+            deferred: Vec::new(),
+            deferred_bytes: 0,
+            known: None,
         })
     }
 
@@ -188,6 +203,38 @@ impl Wal {
     /// Records written since the log started over.
     pub(super) fn records(&self) -> usize {
         self.records
+    }
+
+    /// The records whose apply waits ([`Wal::defer`]), in order.
+    pub(super) fn deferred(&self) -> &[Record] {
+        &self.deferred
+    }
+
+    /// The bytes of the events the deferred records append.
+    pub(super) fn deferred_bytes(&self) -> usize {
+        self.deferred_bytes
+    }
+
+    /// The spool's counters once every record written is applied, if known.
+    pub(super) fn known(&self) -> Option<Expect> {
+        self.known
+    }
+
+    /// The record just written ([`Wal::append`]) is applied by the spool's next transaction,
+    /// not now; `bytes`: its events' bytes; `after`: the counters it leaves.
+    pub(super) fn defer(&mut self, record: Record, bytes: usize, after: Expect) {
+        debug_assert_eq!(record.seq, self.last, "the record just written");
+        self.deferred.push(record);
+        self.deferred_bytes += bytes;
+        self.known = Some(after);
+    }
+
+    /// A transaction applied the deferred records and committed, leaving the spool's counters
+    /// at `after` (`None`: not read).
+    pub(super) fn applied(&mut self, after: Option<Expect>) {
+        self.deferred.clear();
+        self.deferred_bytes = 0;
+        self.known = after;
     }
 
     /// Whether the last write failed: the next is likely to fail too.
@@ -276,6 +323,10 @@ impl Wal {
     /// record written, the log starts over at its beginning (nothing to write: a start reads
     /// only the records that follow each other from there).
     pub(super) fn persisted(&mut self, persisted: u64) {
+        debug_assert!(
+            self.deferred.is_empty(),
+            "a synced commit applies them first"
+        );
         if persisted >= self.last {
             if self.end > 0 {
                 erase_spent(&self.file);

@@ -45,6 +45,20 @@ fn logged(spool: &Spool, write: Write) -> Vec<u64> {
     report.appended.concat().into_iter().flatten().collect()
 }
 
+/// Write through the log as an appender does ([`Spool::try_write_logged`]); the ids given.
+fn inline(spool: &Spool, write: Write) -> Vec<u64> {
+    let report = spool
+        .try_write_logged(&[&write], ROOM)
+        .expect("taken at once");
+    report
+        .unwrap()
+        .appended
+        .concat()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// What a reader of the spool sees: each queue as (seq, event id, body), the cursor, and the
 /// spool's counts of events and pending deliveries.
 type View = (Vec<Vec<(u64, u64, Bytes)>>, Option<String>, u64, u64);
@@ -143,6 +157,119 @@ fn what_only_the_log_holds_survives_a_crash_with_its_ids_and_places() {
     let reopened = Spool::open(crashed.path()).unwrap();
     assert_eq!(view(&reopened), seen);
     assert_eq!(logged(&reopened, appending(5, 1)), [5]);
+}
+
+/// At everyday rates an appender's write is a record of its own; redb applies a run of them
+/// in the spool's next transaction (a read, a checkpoint), not one transaction each. Until
+/// then the log alone holds them, and they keep the ids and places they were answered with:
+/// the same as a spool written without the log gives.
+#[test]
+fn records_applied_together_later_keep_their_ids_and_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(inline(&spool, appending(1, 2)), [1, 2]);
+    assert_eq!(
+        spool.deferred(),
+        0,
+        "the first write learns the spool's counters"
+    );
+    let report = spool
+        .try_write_logged(&[&appending(3, 1)], ROOM)
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.appended, [[Some(3)]]);
+    let enqueued = report.enqueued.expect("the routes are told");
+    assert_eq!((enqueued.seq_before, enqueued.seq_after), (4, 6));
+    let places: Vec<(&str, u64, u64)> = enqueued
+        .routes
+        .iter()
+        .flat_map(|(route, queued)| queued.iter().map(|q| (route.as_str(), q.seq, q.event.id)))
+        .collect();
+    assert_eq!(places, [(A, 5, 3), (B, 6, 3)]);
+    // A's head, marked along with the next append, without a read first (as a route marks
+    // what it was told).
+    let head = Write::Mark {
+        route: A.into(),
+        seq: 1,
+        event: 1,
+        outcome: Outcome::Delivered { status: 200 },
+    };
+    let report = spool.try_write_logged(&[&head, &appending(4, 1)], ROOM);
+    assert_eq!(report.unwrap().unwrap().appended, [[Some(4)]]);
+    assert_eq!(spool.deferred(), 2, "two records wait for one transaction");
+
+    // A crash now: the file holds only the first write; the log, the rest.
+    let crashed = crash_copy(dir.path(), true);
+    let seen = view(&spool);
+    assert_eq!(spool.deferred(), 0, "the read applied them");
+    assert_eq!(view(&Spool::open(crashed.path()).unwrap()), seen);
+
+    // The same writes, each committed to the file at once.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = Spool::open(plain_dir.path()).unwrap();
+    for writes in [
+        vec![appending(1, 2)],
+        vec![appending(3, 1)],
+        vec![head, appending(4, 1)],
+    ] {
+        plain.write(&writes, ROOM).unwrap();
+    }
+    assert_eq!(view(&plain), seen);
+    assert_eq!(seen.0[0].len(), 3, "A's head was delivered");
+
+    // A checkpoint after more deferred records puts them in the file.
+    assert_eq!(inline(&spool, appending(5, 1)), [5]);
+    assert_eq!(inline(&spool, appending(6, 1)), [6]);
+    assert_eq!(
+        spool.deferred(),
+        2,
+        "the read's transaction taught the counters"
+    );
+    spool.checkpoint().unwrap();
+    assert_eq!(spool.deferred(), 0);
+    assert_survives_a_crash(&spool, dir.path(), false);
+}
+
+/// A checkpoint that fails (a full disk) with records not yet applied to redb: they are in the
+/// log, and the open that follows the failure applies them.
+#[test]
+fn deferred_records_survive_a_failed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, full) = on_a_disk_that_fills(dir.path());
+    inline(&relay, appending(1, 1));
+    inline(&relay, appending(2, 1));
+    inline(&relay, appending(3, 2));
+    assert_eq!(relay.deferred(), 2);
+    full.store(true, SeqCst);
+    assert!(relay.checkpoint().is_err());
+    full.store(false, SeqCst);
+    let seen = view(&relay);
+    assert_eq!(seen.2, 4, "every answered event is there");
+    assert_eq!(
+        seen.0[1].iter().map(|q| q.1).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(logged(&relay, appending(5, 1)), [5]);
+    assert_survives_a_crash(&relay, dir.path(), true);
+}
+
+/// An appender's record whose write fails is not answered from: the append is committed and
+/// synced to the file, with the records deferred before it.
+#[test]
+fn a_deferred_record_that_cannot_be_written_is_synced_to_the_file() {
+    let (dir, spool) = opened();
+    inline(&spool, appending(1, 1));
+    assert_eq!(inline(&spool, appending(2, 1)), [2]);
+    spool.break_wal(true);
+    assert_eq!(inline(&spool, appending(3, 1)), [3]);
+    assert_eq!(spool.deferred(), 0, "applied with it, in a synced commit");
+    spool.break_wal(false);
+    assert_survives_a_crash(&spool, dir.path(), false);
+    assert_eq!(view(&spool).2, 3);
+    // The thread's next write finds the log working again, and appenders defer again.
+    assert_eq!(logged(&spool, appending(4, 1)), [4]);
+    assert_eq!(inline(&spool, appending(5, 1)), [5]);
+    assert_eq!(spool.deferred(), 1);
 }
 
 #[test]
