@@ -557,6 +557,10 @@ pub struct Spool {
     /// The write-ahead log, while the file is open alone ([`wal`]; `None` if it could not be
     /// opened: then every commit is synced to the file itself). Locked after `db`.
     wal: std::sync::Mutex<Option<wal::Wal>>,
+    /// Whether the log holds records not yet applied to redb ([`wal::Wal::defer`]): set before
+    /// their appenders are answered, so a reader that finds it clear has nothing to apply and
+    /// need not wait for the log's lock (held through a sync, or a checkpoint's commit).
+    deferring: std::sync::atomic::AtomicBool,
 }
 
 /// How the spool file is open ([`share`]): alone, in redb's exclusive-writer mode, or shared
@@ -740,6 +744,7 @@ impl Spool {
             instance: opened.instance,
             reads: 0.into(),
             looks: 0.into(),
+            deferring: false.into(),
             alone: (sharing.mode == Mode::Alone).into(),
             nudges: tokio::sync::watch::Sender::new(0),
             prefer_alone,
@@ -1157,7 +1162,7 @@ impl Spool {
                 if let Some((persisted, after)) = committed
                     && let Some(log) = log.as_mut()
                 {
-                    log.applied(Some(after));
+                    self.applied(log, after);
                     log.persisted(persisted);
                 }
                 self.writes_again();
@@ -1319,7 +1324,14 @@ impl Spool {
         // Only an appender's (a trickle): the writer thread's batches are larger, and their
         // apply runs beside the event loop, where a deferred one would fall to the next read.
         let was_failing = log.failing();
+        // Checked again under the log's lock: a commit that failed since the caller looked may
+        // have reached the disk in part, and only the reopen knows the counters then.
+        if quick && self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         if quick && let Some(report) = log_only(log, writes, limits, now) {
+            self.deferring
+                .store(true, std::sync::atomic::Ordering::Release);
             return Some(Ok(report));
         }
         // The record's write just failed there (it said why): not tried twice.
@@ -1384,7 +1396,7 @@ impl Spool {
         Some(match ran {
             Ok(Ok(None)) => return None,
             Ok(Ok(Some((report, persisted, after)))) => {
-                log.applied(Some(after));
+                self.applied(log, after);
                 if let Some(persisted) = persisted {
                     log.persisted(persisted);
                 }
@@ -1413,11 +1425,25 @@ impl Spool {
         })
     }
 
+    /// A commit applied `log`'s deferred records (and whatever else), leaving the counters at
+    /// `after`. Called with the log's lock held, as every deferral is made.
+    fn applied(&self, log: &mut wal::Wal, after: wal::Expect) {
+        log.applied(after);
+        self.deferring
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// Apply what the write-ahead log holds and redb does not yet ([`wal::Wal::defer`]), in a
     /// commit that is not synced: before a read, which must see it.
     fn apply_logged(&self, db: &Database) -> Result<(), SpoolError> {
+        if !self.deferring.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let mut log = self.log();
         let Some(log) = log.as_mut().filter(|log| !log.deferred().is_empty()) else {
+            // Applied meanwhile, or the log was opened again (a reopen applies what it held).
+            self.deferring
+                .store(false, std::sync::atomic::Ordering::Release);
             return Ok(());
         };
         let _writing = self.writing();
@@ -1434,7 +1460,7 @@ impl Spool {
         };
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
             Ok(Ok(after)) => {
-                log.applied(Some(after));
+                self.applied(log, after);
                 Ok(())
             }
             Ok(Err(e)) => Err(self.commit_failed(e)),

@@ -230,11 +230,11 @@ impl Wal {
     }
 
     /// A transaction applied the deferred records and committed, leaving the spool's counters
-    /// at `after` (`None`: not read).
-    pub(super) fn applied(&mut self, after: Option<Expect>) {
+    /// at `after`.
+    pub(super) fn applied(&mut self, after: Expect) {
         self.deferred.clear();
         self.deferred_bytes = 0;
-        self.known = after;
+        self.known = Some(after);
     }
 
     /// Whether the last write failed: the next is likely to fail too.

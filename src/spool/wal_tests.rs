@@ -272,6 +272,35 @@ fn a_deferred_record_that_cannot_be_written_is_synced_to_the_file() {
     assert_eq!(spool.deferred(), 1);
 }
 
+/// An appender checks that no commit failed before it takes the log's lock. A commit failing
+/// in between (it may have reached the disk in part, so only the reopen knows the counters)
+/// still let it defer its record on the counters from before, and answer from them.
+#[test]
+fn regression_an_appender_deferred_a_record_after_a_commit_failed() {
+    let (_dir, spool) = opened();
+    inline(&spool, appending(1, 1));
+    // What the appender finds once it holds the log: a commit failed since it looked.
+    spool.needs_reopen.store(true, SeqCst);
+    let db = spool.db.read().unwrap();
+    let mut log = spool.log();
+    let write = appending(2, 1);
+    let tried = spool.log_and_apply(
+        db.as_ref().unwrap(),
+        log.as_mut().unwrap(),
+        spool.writing(),
+        &[&write],
+        ROOM,
+        true,
+    );
+    assert!(
+        tried.is_none(),
+        "left to the thread, which opens the file again first"
+    );
+    assert!(log.as_ref().unwrap().deferred().is_empty());
+    drop((log, db));
+    assert_eq!(view(&spool).2, 1);
+}
+
 #[test]
 fn a_command_opening_after_a_crash_applies_the_log_to_the_file() {
     let dir = tempfile::tempdir().unwrap();
