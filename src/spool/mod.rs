@@ -502,8 +502,8 @@ pub struct Enqueued {
 const ENQUEUED_BYTES: usize = 64 << 10;
 
 /// Most event bytes held by records whose apply is deferred ([`wal::Wal::defer`]): they stay
-/// in memory until applied. Two of the log's largest records; at everyday rates, a checkpoint's
-/// 64 records of a 1 KiB event each.
+/// in memory until applied. Two of the log's largest records, and room for a checkpoint's 64
+/// records of an event up to 2 KiB each.
 const DEFERRED_BYTES: usize = 2 * wal::MAX_LOGGED_BYTES;
 
 /// Size limits the spool enforces on append.
@@ -555,11 +555,13 @@ pub struct Spool {
     /// Declared after `db`, so that on drop the file is closed before the request goes.
     sharing: std::sync::Mutex<Sharing>,
     /// The write-ahead log, while the file is open alone ([`wal`]; `None` if it could not be
-    /// opened: then every commit is synced to the file itself). Locked after `db`.
+    /// opened: then every commit is synced to the file itself). Locked after `db`, before
+    /// `writing`.
     wal: std::sync::Mutex<Option<wal::Wal>>,
     /// Whether the log holds records not yet applied to redb ([`wal::Wal::defer`]): set before
     /// their appenders are answered, so a reader that finds it clear has nothing to apply and
-    /// need not wait for the log's lock (held through a sync, or a checkpoint's commit).
+    /// need not wait for the log's lock. One that finds it set may wait for a whole write (a
+    /// log sync, a checkpoint's commit, a prune's scan): the relay reads on its blocking pool.
     deferring: std::sync::atomic::AtomicBool,
 }
 
@@ -1107,8 +1109,9 @@ impl Spool {
         self.update_if(f, |_| true)
     }
 
-    /// Run `f` in a write transaction; commit it if `wrote` says `f` changed anything, else
-    /// abort it (no write, no fsync: an idle file keeps its stamp, see [`Spool::look`]).
+    /// Run `f` in a write transaction; commit it if `wrote` says `f` changed anything or the
+    /// log holds records not yet applied (the transaction applies them first), else abort it
+    /// (no write, no fsync: an idle file keeps its stamp, see [`Spool::look`]).
     fn update_if<T>(
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
@@ -1157,8 +1160,9 @@ impl Spool {
             txn.commit()?;
             Ok((out, Some((logged, after))))
         };
-        match run() {
-            Ok((out, committed)) => {
+        // A panic in redb (damage the open did not find) fails the write like an error does.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(Ok((out, committed))) => {
                 if let Some((persisted, after)) = committed
                     && let Some(log) = log.as_mut()
                 {
@@ -1168,7 +1172,8 @@ impl Spool {
                 self.writes_again();
                 Ok(out)
             }
-            Err(e) => Err(self.commit_failed(e)),
+            Ok(Err(e)) => Err(self.commit_failed(e)),
+            Err(panic) => Err(self.write_panicked(panic)),
         }
     }
 
@@ -1215,6 +1220,16 @@ impl Spool {
             path: self.path.clone(),
             why: Damage::Panic(panic_message(&*panic)),
         }
+    }
+
+    /// A panic in redb while writing: as [`Spool::commit_failed`], the file is opened again
+    /// before the next write (redb's state after it is unknown).
+    fn write_panicked(&self, panic: Box<dyn std::any::Any + Send>) -> SpoolError {
+        self.needs_reopen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = self.panicked(panic);
+        self.failed(&e);
+        e
     }
 
     fn failed(&self, e: &SpoolError) {
@@ -1270,7 +1285,8 @@ impl Spool {
 
     /// [`Spool::write_logged`] for a writer that must not wait (an appender, on its event
     /// loop): `None`, having done nothing, unless the batch goes to the write-ahead log at once
-    /// and is applied without a scan. That takes the file open alone and not being opened
+    /// and is applied without a scan, or its apply deferred to the spool's next transaction
+    /// ([`log_only`]). That takes the file open alone and not being opened
     /// again, the log free, working and with room for the record, no other write transaction
     /// under way (a prune's scan), and the spool not near `limits.max_bytes` (where an append
     /// prunes first, a scan of every delivery record). Only a log write that fails is still
@@ -1309,8 +1325,10 @@ impl Spool {
     }
 
     /// The write of [`Spool::write_logged`] when the log is there for it, with the lock of
-    /// write transactions (`_writing`) taken. `quick` ([`Spool::try_write_logged`]): `None`,
-    /// with nothing written, if the log would not take the record or the spool is near full.
+    /// write transactions (`_writing`) taken. `quick` ([`Spool::try_write_logged`]): the
+    /// record's apply is deferred where it can be ([`log_only`]); `None`, with nothing written,
+    /// if the log would not take the record, the spool is near full, or a commit failed since
+    /// the caller looked.
     fn log_and_apply(
         &self,
         db: &Database,
@@ -1321,14 +1339,14 @@ impl Spool {
         quick: bool,
     ) -> Option<Result<WriteReport, SpoolError>> {
         let now = now_ms();
-        // Only an appender's (a trickle): the writer thread's batches are larger, and their
-        // apply runs beside the event loop, where a deferred one would fall to the next read.
         let was_failing = log.failing();
         // Checked again under the log's lock: a commit that failed since the caller looked may
         // have reached the disk in part, and only the reopen knows the counters then.
         if quick && self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
+        // Only an appender's (a trickle): the writer thread's batches are larger, and their
+        // apply runs beside the event loop, where a deferred one would fall to the next read.
         if quick && let Some(report) = log_only(log, writes, limits, now) {
             self.deferring
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -1412,13 +1430,7 @@ impl Spool {
                 }
                 Err(match failed {
                     Ok(Err(e)) => self.commit_failed(e),
-                    Err(panic) => {
-                        self.needs_reopen
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                        let e = self.panicked(panic);
-                        self.failed(&e);
-                        e
-                    }
+                    Err(panic) => self.write_panicked(panic),
                     Ok(Ok(_)) => unreachable!("matched above"),
                 })
             }
@@ -1464,13 +1476,7 @@ impl Spool {
                 Ok(())
             }
             Ok(Err(e)) => Err(self.commit_failed(e)),
-            Err(panic) => {
-                self.needs_reopen
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                let e = self.panicked(panic);
-                self.failed(&e);
-                Err(e)
-            }
+            Err(panic) => Err(self.write_panicked(panic)),
         }
     }
 
@@ -1802,7 +1808,8 @@ impl Spool {
 
     /// [`Spool::prune`], also returning when the oldest delivered event left was received
     /// (`None`: none is left), so that the caller knows when the next prune can find anything
-    /// while nobody writes. Nothing pruned, nothing is committed.
+    /// while nobody writes. Nothing pruned, nothing is committed (unless records deferred in
+    /// the log are: [`Spool::update_if`]).
     pub(crate) fn prune_due(&self, older_than_ms: u64) -> Result<(u64, Option<u64>), SpoolError> {
         self.update_if(
             |t| {
@@ -2019,7 +2026,8 @@ fn log_only(
     let (report, after) = predict(before, writes, now, limits)?;
     let seq = log.next_seq();
     let record = wal::encode(seq, before, now, limits, writes).filter(|r| log.takes(r.len()))?;
-    // Not written (it said why): the commit that follows is synced, under this number.
+    // Not written (it said why): the commit that follows is synced under this number, or (if
+    // it does not follow: the spool near full) the next record takes the number and its place.
     log.append(&record)?;
     let record = wal::Record {
         seq,
@@ -3867,5 +3875,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A panic inside a synced commit (redb's, on damage the open did not find) escaped
+    /// `transact`, the one write path without a catch, and took the caller's thread down with
+    /// the log's lock held. It now fails the write, naming the file, and the next write opens
+    /// the file again.
+    #[test]
+    fn regression_a_panic_in_a_synced_commit_escaped_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let failed = spool.update(|_| -> Result<(), redb::Error> { panic!("a damaged page") });
+        assert!(
+            matches!(
+                &failed,
+                Err(SpoolError::Damaged { why: Damage::Panic(why), .. }) if why.contains("a damaged page")
+            ),
+            "{failed:?}"
+        );
+        assert_eq!(append(&spool, vec![event(1)]), [1]);
     }
 }
