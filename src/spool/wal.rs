@@ -5,8 +5,9 @@
 //! events a second that sync is most of a relay's CPU. While a relay holds the spool alone, its
 //! writer thread instead writes a small batch as one record here and syncs that (one write into
 //! space written before, so the sync writes no file metadata), then applies the batch to redb in
-//! a commit redb keeps in memory ([`redb::Durability::None`]); an appender's own record, with
-//! the spool's next transaction ([`Wal::defer`]). Every [`CHECKPOINT_RECORDS`]
+//! a commit redb keeps in memory ([`redb::Durability::None`]). An appender committing a lone
+//! event itself (see `writer`) syncs its record the same way but leaves the apply to the
+//! spool's next transaction, which applies a run of them at once ([`Wal::defer`]). Every [`CHECKPOINT_RECORDS`]
 //! records, at the writer's next idle look (within a second), before the file is shared and at
 //! a clean stop, an ordinary synced commit makes all of it durable in `spool.redb`, and the log
 //! starts over at its beginning.
