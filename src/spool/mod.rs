@@ -3832,7 +3832,10 @@ mod tests {
                     match step {
                         Step::Append(sizes, both) => writes.push(Write::Append {
                             channel: "c".into(),
-                            routes: routes[..1 + usize::from(both)].iter().map(|r| r.to_string()).collect(),
+                            routes: routes[..1 + usize::from(both)]
+                                .iter()
+                                .map(|r| r.to_string())
+                                .collect(),
                             events: sizes
                                 .iter()
                                 .map(|&n| Event { body: Bytes::from(vec![b'x'; n]), ..event(1) })
@@ -3889,7 +3892,8 @@ mod tests {
         assert!(
             matches!(
                 &failed,
-                Err(SpoolError::Damaged { why: Damage::Panic(why), .. }) if why.contains("a damaged page")
+                Err(SpoolError::Damaged { why: Damage::Panic(why), .. })
+                    if why.contains("a damaged page")
             ),
             "{failed:?}"
         );

@@ -7,10 +7,10 @@
 //! space written before, so the sync writes no file metadata), then applies the batch to redb in
 //! a commit redb keeps in memory ([`redb::Durability::None`]). An appender committing a lone
 //! event itself (see `writer`) syncs its record the same way but leaves the apply to the
-//! spool's next transaction, which applies a run of them at once ([`Wal::defer`]). Every [`CHECKPOINT_RECORDS`]
-//! records, at the writer's next idle look (within a second), before the file is shared and at
-//! a clean stop, an ordinary synced commit makes all of it durable in `spool.redb`, and the log
-//! starts over at its beginning.
+//! spool's next transaction, which applies a run of them at once ([`Wal::defer`]). Every
+//! [`CHECKPOINT_RECORDS`] records, at the writer's next idle look (within a second), before the
+//! file is shared and at a clean stop, an ordinary synced commit makes all of it durable in
+//! `spool.redb`, and the log starts over at its beginning.
 //!
 //! Records are numbered: each commit that applies one stores its number (`meta.wal_seq`). After
 //! a crash, redb opens at its last synced commit, and the records after the number it holds are
@@ -84,7 +84,7 @@ pub(super) struct Wal {
     deferred_bytes: usize,
     /// The spool's counters once every record written is applied, while this process knows
     /// them without reading redb: what the next record expects. Unknown after an open until a
-    /// transaction has read them.
+    /// commit of the spool has read them.
     known: Option<Expect>,
 }
 

@@ -41,22 +41,20 @@ fn appending(from: u64, n: u64) -> Write {
 
 /// Write through the log, as the writer thread does; the ids given.
 fn logged(spool: &Spool, write: Write) -> Vec<u64> {
-    let report = spool.write_logged(&[write], ROOM).unwrap();
-    report.appended.concat().into_iter().flatten().collect()
+    ids(spool.write_logged(&[write], ROOM).unwrap())
 }
 
 /// Write through the log as an appender does ([`Spool::try_write_logged`]); the ids given.
 fn inline(spool: &Spool, write: Write) -> Vec<u64> {
-    let report = spool
+    ids(spool
         .try_write_logged(&[&write], ROOM)
-        .expect("taken at once");
-    report
-        .unwrap()
-        .appended
-        .concat()
-        .into_iter()
-        .flatten()
-        .collect()
+        .expect("taken at once")
+        .unwrap())
+}
+
+/// The ids a write gave its events.
+fn ids(report: super::WriteReport) -> Vec<u64> {
+    report.appended.concat().into_iter().flatten().collect()
 }
 
 /// What a reader of the spool sees: each queue as (seq, event id, body), the cursor, and the
