@@ -8,7 +8,8 @@
 # stack, frame decoder and HTTP client as the relay in a bare read-then-POST loop, with no spool;
 # "floor (fsync)" is the same loop appending each group of frames to a file and fdatasync'ing it
 # before the POSTs: the least any relay that keeps the spool's promise can cost on this machine.
-# Per client and workload: delivered, out of order, p50/p99 end-to-end latency, CPU microseconds
+# Per client and workload (the median of BENCH_ROUNDS rounds; delivered and out of order the worst
+# round's): delivered, out of order, p50/p99 end-to-end latency, CPU microseconds
 # per event (utime+stime from /proc), peak RSS (VmHWM) and its growth over the RSS before the
 # load. Then the CPU each client burns idle for 60 s with a connected stream (all at once, in the
 # same minute), and a check of the budgets (issue 19; docs: BENCHMARKS.md).
@@ -25,7 +26,8 @@
 # BENCH_WIRE_PROXY=1 (smee.io's wire through bench/smee_wire_proxy.py, for a `serve` without
 # --smee-wire), BENCH_COMPARE (a second smee-relay binary, e.g. target/release/smee-relay,
 # measured in the same run as the row "smee-relay (BENCH_COMPARE_LABEL)", default label
-# "compare"), BENCH_CLIENTS (which clients, space-separated; default all), BENCH_PARTS=1 to also run
+# "compare"), BENCH_CLIENTS (which clients, space-separated; default all), BENCH_ROUNDS (rounds
+# per workload, default 3; each row is the median of its rounds), BENCH_PARTS=1 to also run
 # the spool and pipeline benches and the HTTP client cost, BENCH_OUT (default BENCHMARKS.md; `-`
 # prints the report instead of writing it).
 # Writes the results to the top of BENCH_OUT (above the line the script keeps as a marker; the
@@ -81,6 +83,7 @@ fi
 for _ in $(seq 50); do [ -s "$peers/target.port" ] && break; sleep 0.1; done
 target="http://127.0.0.1:$(cat "$peers/target.port")"
 ticks=$(getconf CLK_TCK)
+rounds=${BENCH_ROUNDS:-3}
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 status_kib() { awk -v key="$2:" '$1 == key { print $2 }' "/proc/$1/status"; }
@@ -136,6 +139,11 @@ print(f"| {name} | {workload} | {delivered}/{r['sent']} | {rep['out_of_order']} 
 PY
 }
 
+# One row per client from its rounds' rows (stdin), in the order of the clients named: the
+# median of each figure, and of delivered and out of order the worst round, so that a loss in
+# any round shows.
+median_rows() { python3 bench/median_rows.py "$@"; }
+
 # Idle: every client connected to its own channel at once, CPU over the same 60 s (user+system
 # in clock ticks, converted to ms). The server pings every 30 s, as smee.io does.
 run_idle() {
@@ -176,11 +184,20 @@ for workload in "${workloads[@]}"; do
     done
     clients=("${wanted[@]}")
   fi
-  for client in "${clients[@]}"; do
-    [ -n "$client" ] || continue
-    rows+=("$(run_client "$client" "$workload")")
-    echo "${rows[-1]}" >&2
+  # Rounds, the clients in turn in each, the order turned by one each round: no client always
+  # runs first after the servers start (or after the page cache was dropped) or right after
+  # the heaviest peer. Each row is the median of its rounds (`median_rows`).
+  runs=()
+  for round in $(seq "$rounds"); do
+    for i in "${!clients[@]}"; do
+      client=${clients[$(( (i + round - 1) % ${#clients[@]} ))]}
+      [ -n "$client" ] || continue
+      runs+=("$(run_client "$client" "$workload")")
+      echo "${runs[-1]} (round $round of $rounds)" >&2
+    done
   done
+  mapfile -t medians < <(printf '%s\n' "${runs[@]}" | median_rows "${clients[@]}")
+  rows+=("${medians[@]}")
 done
 
 parts=()
@@ -273,7 +290,8 @@ report() {
   fi
   echo "Workloads: (a) 5,000 events of 1 KiB as fast as the server takes them; (b) 1,000 of 1 KiB at 200/s;"
   echo "(c) 200 of 1 MiB; (d) one of 10 MiB. One \`smee-relay serve\` and one counting target on loopback;"
-  echo "each client relays the same workload in turn. CPU is the client process's user+system time per"
+  echo "each client relays the same workload in turn, for $rounds rounds (the order turned by one each round);"
+  echo "each figure is the median of the rounds, delivered and out of order the worst round's. CPU is the client process's user+system time per"
   echo "delivered event; peak RSS is its VmHWM, growth that minus its RSS just before the load."
   echo "smee-relay runs with its spool (fsync before delivery) and default logging; all clients log to /dev/null."
   echo
