@@ -111,32 +111,46 @@ async fn regression_the_demo_failed_with_a_proxy_in_the_environment() {
     );
 }
 
-/// A demo stopped by SIGTERM (or Ctrl-C) left its state directory in the temporary directory:
-/// it had no signal handler, and its clean-up never ran.
-#[tokio::test]
-async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
+/// A `demo` with its temporary directory in a directory of its own, once it made its state
+/// directory there; and how many entries that directory holds.
+async fn demo_with_its_state_directory() -> (tempfile::TempDir, tokio::process::Child) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut demo = smee_relay()
+    let demo = smee_relay()
         .arg("demo")
         .env("TMPDIR", tmp.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let entries = || std::fs::read_dir(tmp.path()).unwrap().count();
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while entries() == 0 {
+    while entries(tmp.path()) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no state directory made"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pid = demo.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+    (tmp, demo)
+}
+
+fn entries(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
         .status();
-    assert!(killed.unwrap().success());
+    assert!(sent.unwrap().success(), "kill -{name} {pid}");
+}
+
+/// A demo stopped by SIGTERM (or Ctrl-C) left its state directory in the temporary directory:
+/// it had no signal handler, and its clean-up never ran.
+#[tokio::test]
+async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
+    let (tmp, mut demo) = demo_with_its_state_directory().await;
+    signal(&demo, "TERM");
     let status = tokio::time::timeout(PATIENCE, demo.wait())
         .await
         .expect("the demo stopped")
@@ -146,7 +160,56 @@ async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
         Some(1),
         "stopped by its own handler, saying so"
     );
-    assert_eq!(entries(), 0, "the state directory was left behind");
+    assert_eq!(
+        entries(tmp.path()),
+        0,
+        "the state directory was left behind"
+    );
+}
+
+/// Closing the demo's terminal (SIGHUP) killed it where it stood, its state directory left in
+/// the temporary directory: it now stops as on Ctrl-C.
+#[tokio::test]
+async fn regression_a_demo_whose_terminal_closed_left_its_state_directory() {
+    let (tmp, mut demo) = demo_with_its_state_directory().await;
+    signal(&demo, "HUP");
+    let status = tokio::time::timeout(PATIENCE, demo.wait())
+        .await
+        .expect("the demo stopped")
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "stopped by its own handler: {status}"
+    );
+    assert_eq!(
+        entries(tmp.path()),
+        0,
+        "the state directory was left behind"
+    );
+}
+
+/// Ctrl-C pressed twice exits at once (130), and no destructor runs then: the demo's state
+/// directory was left behind.
+#[tokio::test]
+async fn regression_a_demo_stopped_twice_left_its_state_directory() {
+    let (tmp, mut demo) = demo_with_its_state_directory().await;
+    // Two signals that reach it at once, so that the second comes before the first's stop
+    // can finish (the same signal twice would be one while it is stopped).
+    signal(&demo, "STOP");
+    signal(&demo, "INT");
+    signal(&demo, "TERM");
+    signal(&demo, "CONT");
+    let status = tokio::time::timeout(PATIENCE, demo.wait())
+        .await
+        .expect("the demo stopped")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "exited at the second signal");
+    assert_eq!(
+        entries(tmp.path()),
+        0,
+        "the state directory was left behind"
+    );
 }
 
 /// A spool with two delivered events in it (a query, a header with a quote), and its directory.

@@ -441,8 +441,24 @@ async fn action_run(
 pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     let started = Instant::now();
     let cancel = CancellationToken::new();
-    // Ctrl-C or SIGTERM stops the demo as it stops a relay, and its state directory goes too.
-    crate::service::systemd::cancel_on_signals(cancel.clone()).map_err(DemoError::Serve)?;
+    let state_dir = std::env::temp_dir().join(format!(
+        "smee-relay-demo-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    // Ctrl-C, SIGTERM or the terminal closing (SIGHUP) stops the demo as Ctrl-C stops a relay,
+    // and its state directory goes too; a second signal removes the directory before it exits.
+    let leftover = state_dir.clone();
+    crate::service::systemd::stop_on(
+        cancel.clone(),
+        crate::service::systemd::Stops {
+            hangup: true,
+            before_forced_exit: Some(Box::new(move || {
+                let _ = std::fs::remove_dir_all(leftover);
+            })),
+        },
+    )
+    .map_err(DemoError::Serve)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(DemoError::Serve)?;
@@ -497,11 +513,6 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         source.last_event_id = Some("0".into());
         source
     };
-    let state_dir = std::env::temp_dir().join(format!(
-        "smee-relay-demo-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
     // Made here, not with its parents by the relay: a TMPDIR that does not exist is an error,
     // not a directory left behind.
     std::fs::create_dir(&state_dir).map_err(|e| DemoError::StateDir {

@@ -6,7 +6,8 @@
 //! Without `NOTIFY_SOCKET` (not under systemd) every notification is a no-op.
 //!
 //! SIGHUP never kills a long-running mode: `run` reloads its config ([`reload_requests`]);
-//! a mode with nothing to reload says so and goes on ([`ignore_hangups`]).
+//! a mode with nothing to reload says so and goes on ([`ignore_hangups`]). The demo, which
+//! belongs to its terminal, stops on it ([`Stops::hangup`]).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -17,13 +18,37 @@ const FORCED_EXIT: i32 = 130;
 
 /// Cancel `cancel` on the first SIGINT/SIGTERM; exit the process on the second.
 pub fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
+    stop_on(cancel, Stops::default())
+}
+
+/// Besides SIGINT and SIGTERM, what stops a process ([`stop_on`]), and what it must do before a
+/// second signal's exit at once: the demo's.
+#[derive(Default)]
+pub struct Stops {
+    /// SIGHUP stops it too: a process the terminal owns, with nothing to reload (`demo`), so
+    /// that closing the terminal stops it as Ctrl-C does.
+    pub hangup: bool,
+    /// Run before a second signal's exit (no destructor runs then): what a stop would have
+    /// removed, such as the demo's state directory.
+    pub before_forced_exit: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// Cancel `cancel` on the first of the `stops` signals; on the second, run its
+/// `before_forced_exit` and exit the process.
+pub fn stop_on(cancel: CancellationToken, stops: Stops) -> std::io::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = match stops.hangup {
+        true => Some(signal(SignalKind::hangup())?),
+        false => None,
+    };
+    let mut before_forced_exit = stops.before_forced_exit;
     tokio::spawn(async move {
         for round in 0.. {
             let name = tokio::select! {
                 _ = interrupt.recv() => "SIGINT",
                 _ = terminate.recv() => "SIGTERM",
+                Some(()) = async { hangup.as_mut()?.recv().await } => "SIGHUP",
             };
             if round == 0 {
                 info!(signal = name, "shutting down");
@@ -31,6 +56,9 @@ pub fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
                 cancel.cancel();
             } else {
                 warn!(signal = name, "second signal: exiting now");
+                if let Some(before) = before_forced_exit.take() {
+                    before();
+                }
                 super::logging::exit(FORCED_EXIT);
             }
         }
