@@ -63,6 +63,15 @@ echo "installing smee-client 5 and pysmee into $peers" >&2
 npm install --silent --no-audit --no-fund --prefix "$peers/npm" smee-client@5 >/dev/null 2>&1
 python3 -m venv "$peers/py" && "$peers/py/bin/pip" install -q pysmee >/dev/null
 
+# How much of a binary's code a process holds depends on how the file sits in the page cache:
+# read through the process's own faults (after a boot), 64 KiB per fault; in the large folios
+# that a copy or a plain read leaves (Linux 6.18, ext4), up to 1 MiB per fault, a megabyte or
+# more for the same relay. Every run starts from the first state: the relays' cached pages are
+# dropped (those no running process maps).
+for binary in "$relay" ${BENCH_COMPARE:+"$BENCH_COMPARE"}; do
+  dd if="$binary" iflag=nocache count=0 status=none
+done
+
 start_server() { # log-name [serve flags...]
   local log="$peers/$1.log"; shift
   "$relay" serve --listen 127.0.0.1:0 "$@" >/dev/null 2>"$log" &
@@ -84,6 +93,10 @@ for _ in $(seq 50); do [ -s "$peers/target.port" ] && break; sleep 0.1; done
 target="http://127.0.0.1:$(cat "$peers/target.port")"
 ticks=$(getconf CLK_TCK)
 rounds=${BENCH_ROUNDS:-3}
+if ! [[ $rounds =~ ^[1-9][0-9]*$ ]]; then
+  echo "bench: BENCH_ROUNDS must be a whole number of rounds, 1 or more, not '$rounds'" >&2
+  exit 2
+fi
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 status_kib() { awk -v key="$2:" '$1 == key { print $2 }' "/proc/$1/status"; }
@@ -184,19 +197,23 @@ for workload in "${workloads[@]}"; do
     done
     clients=("${wanted[@]}")
   fi
-  # Rounds, the clients in turn in each, the order turned by one each round: no client always
-  # runs first after the servers start (or after the page cache was dropped) or right after
-  # the heaviest peer. Each row is the median of its rounds (`median_rows`).
+  present=() # without the slots of clients left out
+  for client in "${clients[@]}"; do [ -n "$client" ] && present+=("$client"); done
+  # Rounds, the clients in turn in each: the order turned by one each round, and every other
+  # round backwards, so that no client always runs first after the servers start, nor always
+  # after the same neighbour. Each row is the median of its rounds (`median_rows`).
   runs=()
   for round in $(seq "$rounds"); do
-    for i in "${!clients[@]}"; do
-      client=${clients[$(( (i + round - 1) % ${#clients[@]} ))]}
-      [ -n "$client" ] || continue
-      runs+=("$(run_client "$client" "$workload")")
+    n=${#present[@]}
+    for i in "${!present[@]}"; do
+      j=$(( (i + round - 1) % n ))
+      (( round % 2 == 0 )) && j=$(( n - 1 - j ))
+      runs+=("$(run_client "${present[$j]}" "$workload")")
       echo "${runs[-1]} (round $round of $rounds)" >&2
     done
   done
-  mapfile -t medians < <(printf '%s\n' "${runs[@]}" | median_rows "${clients[@]}")
+  medians=$(printf '%s\n' "${runs[@]}" | median_rows "${present[@]}")
+  mapfile -t medians <<<"$medians"
   rows+=("${medians[@]}")
 done
 
@@ -290,9 +307,10 @@ report() {
   fi
   echo "Workloads: (a) 5,000 events of 1 KiB as fast as the server takes them; (b) 1,000 of 1 KiB at 200/s;"
   echo "(c) 200 of 1 MiB; (d) one of 10 MiB. One \`smee-relay serve\` and one counting target on loopback;"
-  echo "each client relays the same workload in turn, for $rounds rounds (the order turned by one each round);"
+  echo "each client relays the same workload in turn, for $rounds rounds (the order turned each round);"
   echo "each figure is the median of the rounds, delivered and out of order the worst round's. CPU is the client process's user+system time per"
-  echo "delivered event; peak RSS is its VmHWM, growth that minus its RSS just before the load."
+  echo "delivered event; peak RSS is its VmHWM, growth that minus its RSS just before the load; the"
+  echo "smee-relay binaries' page cache is dropped at the start, so their code is read through their own faults."
   echo "smee-relay runs with its spool (fsync before delivery) and default logging; all clients log to /dev/null."
   echo
   echo "| client | workload | delivered | out of order | p50 ms | p99 ms | CPU µs/event | peak RSS MiB | RSS growth MiB |"

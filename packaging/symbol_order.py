@@ -47,6 +47,36 @@ def add_costs(profile, cost):
                     cost[current] += int(counted.group(1))
 
 
+# Functions chosen at run time by the CPU's features, valgrind's CPU having fewer: the profile
+# shows the variant valgrind ran (the first pattern), while a relay on a CPU with SHA extensions
+# or AVX-512 runs another (the second, `{}` the first's group), left scattered in the binary
+# unless listed beside it. Patterns of mangled names, before their hash (`17h...E`; the
+# numbers are the lengths of the parts of the path that follow them).
+VARIANTS = [
+    (r'_ZN4redb10tree_store10page_store4xxh3\d+hash(64|128)_large_avx2',
+     r'_ZN4redb10tree_store10page_store4xxh3\d+hash{}_large_avx512'),
+    (r'_ZN4sha26sha25611compress256()', r'_ZN4sha26sha2567x86_sha8compress{}'),
+]
+HASH = r'\d+h[0-9a-f]{16}E'
+
+
+def with_variants(ordered, symbols):
+    """`ordered`, each function followed by the binary's other variants of it (VARIANTS)."""
+    out, seen = [], set(ordered)
+    for name in ordered:
+        out.append(name)
+        for ran, other in VARIANTS:
+            matched = re.fullmatch(ran + HASH, name)
+            if not matched:
+                continue
+            wanted = re.compile(other.format(matched.group(1)) + HASH)
+            for symbol in sorted(symbols - seen):
+                if wanted.fullmatch(symbol):
+                    seen.add(symbol)
+                    out.append(symbol)
+    return out
+
+
 def main():
     binary, out, profiles = sys.argv[1], sys.argv[2], sys.argv[3:]
     symbols = set()
@@ -68,6 +98,7 @@ def main():
             if name not in listed:
                 listed.add(name)
                 ordered.append(name)
+    ordered = with_variants(ordered, symbols)
     with open(out, 'w') as f:
         f.writelines(name + '\n' for name in ordered)
     print(f'{len(ordered)} functions of {binary} ran; listed in {out}', file=sys.stderr)
