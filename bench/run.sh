@@ -49,8 +49,8 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   cargo build --profile "$profile" --locked --bin smee-relay >/dev/null
   cargo build --profile "$profile" --locked "${examples[@]}" >/dev/null
 fi
-dir=target/$profile
-[ "$profile" = dev ] && dir=target/debug
+dir=${CARGO_TARGET_DIR:-target}/$profile
+[ "$profile" = dev ] && dir=${CARGO_TARGET_DIR:-target}/debug
 relay=${BENCH_RELAY:-$dir/smee-relay}
 # A stale function order only costs memory; say so rather than stop.
 [ "$profile" = dist ] && { packaging/symbol-order.sh check "$relay" || true; }

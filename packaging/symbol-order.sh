@@ -23,13 +23,21 @@
 # functions are not listed: `resident` tells). Needs valgrind and curl (generate), curl
 # (resident) and nm.
 set -euo pipefail
+# A BIN given is resolved where the caller stands, before the cd below.
+bin_arg=${2:+$(realpath -m -- "$2")}
 cd "$(dirname "$0")/.."
 list=packaging/symbol-order.txt
+# Where cargo builds (CARGO_TARGET_DIR, as cargo itself reads it).
+dist=${CARGO_TARGET_DIR:-target}/dist
 # The relays these commands start read nothing of the caller's environment but these.
 clean=(env -i "PATH=$PATH" "HOME=${HOME:-/}" "TMPDIR=${TMPDIR:-/tmp}")
 
 check() {
   local binary=$1 symbols names total found ascending
+  if [ ! -f "$binary" ]; then
+    echo "symbol order: no binary $binary (cargo build --locked --profile dist --bin smee-relay)" >&2
+    return 1
+  fi
   # nm's failure (or a stripped binary) would read as "0 names found: stale", which it is not.
   symbols=$(nm "$binary" 2>&1) && [[ $symbols != *": no symbols" ]] || {
     echo "symbol order: cannot read the symbols of $binary (check it before stripping): $symbols" >&2
@@ -55,6 +63,7 @@ check() {
     echo "symbol order: not applied to $binary (only $ascending % of the listed functions are in list order): built with SMEE_RELAY_NO_SYMBOL_ORDER, a linker other than lld, or not the dist profile (build.rs)" >&2
     return 1
   fi
+  echo "symbol order: $ascending % of them are laid out in list order" >&2
 }
 
 # The most code (KiB) a relay may hold resident after `resident`'s burst, its binary read
@@ -66,6 +75,10 @@ RESIDENT_KIB=4096
 
 resident() {
   local relay server target metrics pid code delivered=0 inode per_fault
+  if [ ! -f "$1" ]; then
+    echo "symbol order: no binary $1 (cargo build --locked --profile dist --bin smee-relay)" >&2
+    return 1
+  fi
   relay=$(readlink -f "$1")
   work=$(mktemp -d) # not local: the trap runs at exit
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$work"' EXIT
@@ -165,20 +178,20 @@ PY
 }
 
 case ${1:-} in
-  check) check "${2:-target/dist/smee-relay}" ;;
-  resident) resident "${2:-target/dist/smee-relay}" ;;
+  check) check "${bin_arg:-$dist/smee-relay}" ;;
+  resident) resident "${bin_arg:-$dist/smee-relay}" ;;
   generate)
     # The binary alone, as packaging/build-deb.sh builds it: built together with the examples,
     # the dependencies' features (and so every name's hash) would differ.
     cargo build --locked --profile dist --bin smee-relay >/dev/null
     cargo build --locked --profile dist --example bench_load --example bench_target >/dev/null
-    relay=target/dist/smee-relay
+    relay=$dist/smee-relay
     work=$(mktemp -d)
     trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
     "${clean[@]}" "$relay" serve --smee-wire --listen 127.0.0.1:0 >/dev/null 2>"$work/serve.log" &
     for _ in $(seq 50); do grep -q 'serving smee channels' "$work/serve.log" && break; sleep 0.1; done
     server="http://$(sed -n 's/.*addr=\([0-9.:]*\).*/\1/p' "$work/serve.log" | head -1)"
-    target/dist/examples/bench_target >"$work/target.port" &
+    "$dist/examples/bench_target" >"$work/target.port" &
     for _ in $(seq 50); do [ -s "$work/target.port" ] && break; sleep 0.1; done
     target="http://127.0.0.1:$(cat "$work/target.port")"
     channel="$server/order"
@@ -190,8 +203,8 @@ case ${1:-} in
     valgrind=$!
     for _ in $(seq 600); do grep -q ' connected' "$work/relay.log" && break; sleep 0.1; done
     metrics="http://$(sed -n 's/.*serving \/healthz and \/metrics.*addr=\([0-9.:]*\).*/\1/p' "$work/relay.log" | head -1)"
-    BENCH_COUNT=1000 target/dist/examples/bench_load "$channel" "$target" a >/dev/null
-    BENCH_COUNT=20 target/dist/examples/bench_load "$channel" "$target" e >/dev/null
+    BENCH_COUNT=1000 "$dist/examples/bench_load" "$channel" "$target" a >/dev/null
+    BENCH_COUNT=20 "$dist/examples/bench_load" "$channel" "$target" e >/dev/null
     curl -fsS "$metrics/metrics" >/dev/null
     curl -fsS "$metrics/healthz" >/dev/null
     kill -TERM $valgrind

@@ -63,6 +63,8 @@ async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
         smee_relay()
             .arg("demo")
             .env("SLACK_WEBHOOK_URL", slack.url("/services/T/B/X"))
+            // As an installed binary runs (`cargo run` sets CARGO, and so does `cargo test`).
+            .env_remove("CARGO")
             .output(),
     )
     .await
@@ -74,7 +76,12 @@ async fn regression_demo_ignores_slack_webhook_url_in_the_environment() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("FIRING cpu-high"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("FIRING cpu-high"));
+    assert!(
+        stdout.contains("`smee-relay forward https://smee.io/YOUR_CHANNEL --port 3000`"),
+        "{stdout}"
+    );
     slack.assert_quiet(Duration::from_millis(200)).await;
 }
 
@@ -94,6 +101,7 @@ async fn regression_the_demo_failed_with_a_proxy_in_the_environment() {
             .env("ALL_PROXY", &proxy)
             .env_remove("NO_PROXY")
             .env_remove("no_proxy")
+            .env("CARGO", "cargo")
             .output(),
     )
     .await
@@ -108,6 +116,12 @@ async fn regression_the_demo_failed_with_a_proxy_in_the_environment() {
     );
     assert!(
         stdout.contains("app got issues") && stdout.contains("status: {\"status\":\"SUCCESS\"")
+    );
+    // Run under cargo (CARGO set, as by `cargo run`), the demo ended by naming `smee-relay`,
+    // which was on no PATH: its next commands are cargo's.
+    assert!(
+        stdout.contains("`cargo run --release -- forward https://smee.io/YOUR_CHANNEL"),
+        "{stdout}"
     );
 }
 

@@ -18,7 +18,14 @@ use crate::url::{ChannelUrl, TargetUrl, parse_http_url};
 /// Relay webhooks from a smee.io channel to a local service, without losing, reordering or
 /// mangling them.
 #[derive(Debug, Parser)]
-#[command(name = "smee-relay", version, propagate_version = true)]
+#[command(
+    name = "smee-relay",
+    version,
+    propagate_version = true,
+    after_help = "smee-client's command line works too: `smee-relay -u CHANNEL_URL -t TARGET_URL` \
+                  is `forward` (-q and -v keep their meaning here), and the binary linked as \
+                  `smee` takes smee-client 5's flags exactly."
+)]
 pub struct Cli {
     /// More log detail (-v debug, -vv trace). RUST_LOG overrides it.
     #[arg(short, long, action = ArgAction::Count, global = true, help_heading = "Logging")]
@@ -306,7 +313,8 @@ pub enum EventsCommand {
         timeout: Duration,
     },
     /// Write events out: NDJSON (one object per line), or gosmee's layout (for each event a
-    /// `<timestamp>.json` body and an executable `<timestamp>.sh` that replays it with curl).
+    /// `<received time>-<id>.json` body and an executable `<received time>-<id>.sh` that
+    /// replays it with curl).
     #[command(after_help = SHARE_WAIT_HELP)]
     Export {
         #[command(flatten)]
@@ -416,7 +424,8 @@ pub struct EventSelection {
 pub enum ExportFormat {
     /// One JSON object per line: id, received, channel, headers, query, body (text, or base64).
     Ndjson,
-    /// gosmee's --saveDir layout: `<timestamp>.json` and an executable `<timestamp>.sh`.
+    /// gosmee's --saveDir layout: `<received time>-<id>.json` and an executable
+    /// `<received time>-<id>.sh`.
     Gosmee,
 }
 
@@ -461,9 +470,10 @@ pub struct ForwardArgs {
     #[arg(long, value_name = "NAME")]
     pub ignore_event: Vec<String>,
 
-    /// Also write each received event into DIR, in gosmee's --saveDir layout (the same as
-    /// `events export --format gosmee`): `<timestamp>.json` and an executable `<timestamp>.sh`
-    /// that replays it with curl. A failed write is a warning; delivery never waits for it.
+    /// Also write each received event into DIR, in gosmee's --saveDir layout (as `events
+    /// export --format gosmee` writes it): `<received time>-<id>.json` and an executable
+    /// `<received time>-<id>.sh` that replays it with curl, such as
+    /// `2026-12-01T04-04-52.265Z-1.sh`. A failed write is a warning; delivery never waits for it.
     #[arg(long, value_name = "DIR", alias = "saveDir")]
     pub save_dir: Option<std::path::PathBuf>,
 

@@ -591,12 +591,17 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         WEBHOOKS.len(),
         started.elapsed().as_millis()
     );
+    // Run by `cargo run` (which sets CARGO), the binary is not on the PATH: the commands say so.
+    let me = match std::env::var_os("CARGO") {
+        Some(_) => "cargo run --release --",
+        None => "smee-relay",
+    };
     println!(
-        "Next: relay your own channel with `smee-relay forward https://smee.io/YOUR_CHANNEL \
+        "Next: relay your own channel with `{me} forward https://smee.io/YOUR_CHANNEL \
          --port 3000`. For the pipeline and actions, a source checkout's example config reads \
          its secrets from the environment: `(set -a; . systemd/smee-relay.env.example; \
-         smee-relay check --config systemd/config.example.toml)`, then `smee-relay run \
-         --config ...` with your own."
+         {me} check --config systemd/config.example.toml)`, then `{me} run --config ...` with \
+         your own."
     );
     Ok(())
 }
