@@ -159,71 +159,51 @@ fn signal(child: &tokio::process::Child, name: &str) {
     assert!(sent.unwrap().success(), "kill -{name} {pid}");
 }
 
-/// A demo stopped by SIGTERM (or Ctrl-C) left its state directory in the temporary directory:
-/// it had no signal handler, and its clean-up never ran.
-#[tokio::test]
-async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
+/// Once `signals` are sent to a demo whose state directory is made: that it exits with `code`
+/// and leaves its temporary directory empty.
+async fn demo_stops_clean(signals: &[&str], code: i32, why: &str) {
     let (tmp, mut demo) = demo_with_its_state_directory().await;
-    signal(&demo, "TERM");
+    for name in signals {
+        signal(&demo, name);
+    }
     let status = tokio::time::timeout(PATIENCE, demo.wait())
         .await
         .expect("the demo stopped")
         .unwrap();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "stopped by its own handler, saying so"
-    );
+    assert_eq!(status.code(), Some(code), "{why}: {status}");
     assert_eq!(
         entries(tmp.path()),
         0,
         "the state directory was left behind"
     );
+}
+
+/// A demo stopped by SIGTERM (or Ctrl-C) left its state directory in the temporary directory:
+/// it had no signal handler, and its clean-up never ran.
+#[tokio::test]
+async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
+    demo_stops_clean(&["TERM"], 1, "stopped by its own handler, saying so").await;
 }
 
 /// Closing the demo's terminal (SIGHUP) killed it where it stood, its state directory left in
 /// the temporary directory: it now stops as on Ctrl-C.
 #[tokio::test]
 async fn regression_a_demo_whose_terminal_closed_left_its_state_directory() {
-    let (tmp, mut demo) = demo_with_its_state_directory().await;
-    signal(&demo, "HUP");
-    let status = tokio::time::timeout(PATIENCE, demo.wait())
-        .await
-        .expect("the demo stopped")
-        .unwrap();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "stopped by its own handler: {status}"
-    );
-    assert_eq!(
-        entries(tmp.path()),
-        0,
-        "the state directory was left behind"
-    );
+    demo_stops_clean(&["HUP"], 1, "stopped by its own handler").await;
 }
 
 /// Ctrl-C pressed twice exits at once (130), and no destructor runs then: the demo's state
 /// directory was left behind.
 #[tokio::test]
 async fn regression_a_demo_stopped_twice_left_its_state_directory() {
-    let (tmp, mut demo) = demo_with_its_state_directory().await;
     // Two signals that reach it at once, so that the second comes before the first's stop
     // can finish (the same signal twice would be one while it is stopped).
-    signal(&demo, "STOP");
-    signal(&demo, "INT");
-    signal(&demo, "TERM");
-    signal(&demo, "CONT");
-    let status = tokio::time::timeout(PATIENCE, demo.wait())
-        .await
-        .expect("the demo stopped")
-        .unwrap();
-    assert_eq!(status.code(), Some(130), "exited at the second signal");
-    assert_eq!(
-        entries(tmp.path()),
-        0,
-        "the state directory was left behind"
-    );
+    demo_stops_clean(
+        &["STOP", "INT", "TERM", "CONT"],
+        130,
+        "exited at the second signal",
+    )
+    .await;
 }
 
 /// A spool with two delivered events in it (a query, a header with a quote), and its directory.
