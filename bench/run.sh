@@ -36,6 +36,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 workloads=("$@")
 [ $# -eq 0 ] && workloads=(a b d idle)
+rounds=${BENCH_ROUNDS:-3}
+if ! [[ $rounds =~ ^[1-9][0-9]*$ ]]; then
+  echo "bench: BENCH_ROUNDS must be a whole number of rounds, 1 or more, not '$rounds'" >&2
+  exit 2
+fi
 profile=${BENCH_PROFILE:-dist}
 out=${BENCH_OUT:-BENCHMARKS.md}
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -92,11 +97,6 @@ fi
 for _ in $(seq 50); do [ -s "$peers/target.port" ] && break; sleep 0.1; done
 target="http://127.0.0.1:$(cat "$peers/target.port")"
 ticks=$(getconf CLK_TCK)
-rounds=${BENCH_ROUNDS:-3}
-if ! [[ $rounds =~ ^[1-9][0-9]*$ ]]; then
-  echo "bench: BENCH_ROUNDS must be a whole number of rounds, 1 or more, not '$rounds'" >&2
-  exit 2
-fi
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 status_kib() { awk -v key="$2:" '$1 == key { print $2 }' "/proc/$1/status"; }
@@ -198,7 +198,7 @@ for workload in "${workloads[@]}"; do
     clients=("${wanted[@]}")
   fi
   present=() # without the slots of clients left out
-  for client in "${clients[@]}"; do [ -n "$client" ] && present+=("$client"); done
+  for client in "${clients[@]}"; do [ -z "$client" ] || present+=("$client"); done
   # Rounds, the clients in turn in each: the order turned by one each round, and every other
   # round backwards, so that no client always runs first after the servers start, nor always
   # after the same neighbour. Each row is the median of its rounds (`median_rows`).
@@ -206,8 +206,8 @@ for workload in "${workloads[@]}"; do
   for round in $(seq "$rounds"); do
     n=${#present[@]}
     for i in "${!present[@]}"; do
-      j=$(( (i + round - 1) % n ))
-      (( round % 2 == 0 )) && j=$(( n - 1 - j ))
+      # Odd rounds: the order turned by round - 1; even ones: turned by round, then reversed.
+      if (( round % 2 )); then j=$(( (i + round - 1) % n )); else j=$(( (n - 1 - i + round) % n )); fi
       runs+=("$(run_client "${present[$j]}" "$workload")")
       echo "${runs[-1]} (round $round of $rounds)" >&2
     done

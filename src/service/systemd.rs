@@ -38,9 +38,10 @@ pub struct Stops {
 pub fn stop_on(cancel: CancellationToken, stops: Stops) -> std::io::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = match stops.hangup {
-        true => Some(signal(SignalKind::hangup())?),
-        false => None,
+    let mut hangup = if stops.hangup {
+        Some(signal(SignalKind::hangup())?)
+    } else {
+        None
     };
     let mut before_forced_exit = stops.before_forced_exit;
     tokio::spawn(async move {
