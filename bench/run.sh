@@ -68,11 +68,9 @@ echo "installing smee-client 5 and pysmee into $peers" >&2
 npm install --silent --no-audit --no-fund --prefix "$peers/npm" smee-client@5 >/dev/null 2>&1
 python3 -m venv "$peers/py" && "$peers/py/bin/pip" install -q pysmee >/dev/null
 
-# How much of a binary's code a process holds depends on how the file sits in the page cache:
-# read through the process's own faults (after a boot), 64 KiB per fault; in the large folios
-# that a copy or a plain read leaves (Linux 6.18, ext4), up to 1 MiB per fault, a megabyte or
-# more for the same relay. Every run starts from the first state: the relays' cached pages are
-# dropped (those no running process maps).
+# Peak RSS depends on how a binary's file sits in the page cache (large folios map up to 1 MiB
+# per fault: packaging/symbol-order.sh, `resident`). Every run starts as after a boot: the
+# relays' cached pages are dropped (those no running process maps).
 for binary in "$relay" ${BENCH_COMPARE:+"$BENCH_COMPARE"}; do
   dd if="$binary" iflag=nocache count=0 status=none
 done

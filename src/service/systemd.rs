@@ -7,7 +7,7 @@
 //!
 //! SIGHUP never kills a long-running mode: `run` reloads its config ([`reload_requests`]);
 //! a mode with nothing to reload says so and goes on ([`ignore_hangups`]). The demo, which
-//! belongs to its terminal, stops on it ([`Stops::hangup`]).
+//! belongs to its terminal, stops on it (`Stops::hangup`).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -24,18 +24,18 @@ pub fn cancel_on_signals(cancel: CancellationToken) -> std::io::Result<()> {
 /// Besides SIGINT and SIGTERM, what stops a process ([`stop_on`]), and what it must do before a
 /// second signal's exit at once: the demo's.
 #[derive(Default)]
-pub struct Stops {
+pub(crate) struct Stops {
     /// SIGHUP stops it too: a process the terminal owns, with nothing to reload (`demo`), so
     /// that closing the terminal stops it as Ctrl-C does.
-    pub hangup: bool,
+    pub(crate) hangup: bool,
     /// Run before a second signal's exit (no destructor runs then): what a stop would have
     /// removed, such as the demo's state directory.
-    pub before_forced_exit: Option<Box<dyn FnOnce() + Send>>,
+    pub(crate) before_forced_exit: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Cancel `cancel` on the first of the `stops` signals; on the second, run its
 /// `before_forced_exit` and exit the process.
-pub fn stop_on(cancel: CancellationToken, stops: Stops) -> std::io::Result<()> {
+pub(crate) fn stop_on(cancel: CancellationToken, stops: Stops) -> std::io::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = if stops.hangup {
