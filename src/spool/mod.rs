@@ -767,12 +767,15 @@ impl Spool {
     /// ID` right after ID's delivery) and must find them done. While shared, it does the same
     /// for each new request before it answers it ([`share`]): a command opening a spool already
     /// shared waits for that answer.
-    pub(crate) fn share_poll(&self, before_sharing: impl FnOnce()) {
+    ///
+    /// `now`: look even if it looked less than a `SHARE_POLL` ago ([`Spool::watch_requests`]
+    /// told of a request).
+    pub(crate) fn share_poll(&self, now: bool, before_sharing: impl FnOnce()) {
         if !self.prefer_alone {
             return;
         }
         let mut sharing = self.sharing.lock().expect("not poisoned");
-        if sharing.looked.elapsed() < SHARE_POLL {
+        if !now && sharing.looked.elapsed() < SHARE_POLL {
             return;
         }
         sharing.looked = std::time::Instant::now();
@@ -795,6 +798,32 @@ impl Spool {
         // A request withdrawn meanwhile only makes it share once more than needed: the next
         // look has it alone again.
         self.share_switch(sharing, &others);
+    }
+
+    /// For a relay's writer thread: call `tell` (on a thread of the watch's) whenever another
+    /// process may have asked to share the file, so that it calls [`Spool::share_poll`] then
+    /// instead of every [`SHARE_POLL`] ([`share::Watch`]). `None` for a command's spool (it
+    /// never looks), or if the directory cannot be watched (said at debug level: the writer
+    /// then looks every `SHARE_POLL`, as it did before).
+    fn watch_requests(&self, tell: impl Fn() + Send + 'static) -> Option<share::Watch> {
+        if !self.prefer_alone {
+            return None;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        share::Watch::start(dir, tell)
+            .inspect_err(|e| {
+                tracing::debug!(
+                    "cannot watch {} for requests to share the spool ({e}); looking every {}s",
+                    dir.display(),
+                    SHARE_POLL.as_secs()
+                );
+            })
+            .ok()
+    }
+
+    /// Whether the file is open alone (no other process may write it).
+    fn is_alone(&self) -> bool {
+        self.alone.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The other processes' requests to share the file.
@@ -3078,7 +3107,7 @@ mod tests {
             let stopped = stop.clone();
             let thread = std::thread::spawn(move || {
                 while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    spool.share_poll(|| ());
+                    spool.share_poll(false, || ());
                     std::thread::sleep(Duration::from_millis(10));
                 }
             });

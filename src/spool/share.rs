@@ -25,8 +25,10 @@
 
 use std::fs::File;
 use std::io::Write as _;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What a request's file name starts with.
 const PREFIX: &str = "spool-share.";
@@ -235,6 +237,128 @@ fn unanswered(state_dir: &Path, mine: &Request, me: &str) -> Vec<String> {
     waiting
 }
 
+/// Tells a relay of requests as they are made, so that while it holds the spool alone it need
+/// not look at the directory every [`super::SHARE_POLL`] to find them: idle, it then wakes for
+/// nothing (each look was a wake of its writer thread, 60 a minute: issue 19's idle budget). An
+/// inotify watch on the state directory, read by a thread of its own that blocks until
+/// something happens there. Dropping it ends the thread.
+pub(super) struct Watch {
+    /// The inotify instance; shared with the thread, which reads it.
+    fd: Arc<OwnedFd>,
+    /// The directory's watch, removed on drop: the kernel then queues `IN_IGNORED`, which ends
+    /// the thread's blocking read (closing the descriptor would not).
+    wd: i32,
+    /// Cleared when the thread ends (the directory was removed or a read failed): from then on
+    /// only looking finds requests.
+    live: Arc<AtomicBool>,
+}
+
+/// File systems on which inotify sees only this host's changes (`statfs`'s `f_type`): NFS,
+/// SMB/CIFS, FUSE (sshfs and the like), 9p, Ceph, AFS, Lustre, GPFS, OCFS2, GFS2. A command on
+/// another host sharing the state directory there would not be told; the relay looks instead.
+const REMOTE: [u32; 13] = [
+    0x6969,
+    0x517b,
+    0xff53_4d42,
+    0xfe53_4d42,
+    0x6573_5546,
+    0x0102_1997,
+    0x00c3_6400,
+    0x5346_414f,
+    0x6b41_4653,
+    0x0bd0_0bd0,
+    0x4750_4653,
+    0x7461_636f,
+    0x0116_1970,
+];
+
+impl Watch {
+    /// Watch `state_dir`, calling `tell` on the thread for each request that appears (made in
+    /// place or renamed into place), for an overflow of the kernel's queue (which may hide
+    /// one), and once when the watch ends. Fails where inotify does (too many instances for
+    /// the user: `fs.inotify.max_user_instances`); the caller then keeps looking.
+    pub(super) fn start(
+        state_dir: &Path,
+        tell: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Watch> {
+        use rustix::fs::inotify;
+        // The magic number is a `long`: truncated, as the kernel's 32-bit ones are meant.
+        let kind = rustix::fs::statfs(state_dir)?.f_type as u32;
+        if REMOTE.contains(&kind) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "a network file system (type {kind:#x}): inotify does not see what other \
+                     hosts write"
+                ),
+            ));
+        }
+        let fd = Arc::new(inotify::init(inotify::CreateFlags::CLOEXEC)?);
+        let wd = inotify::add_watch(
+            &*fd,
+            state_dir,
+            inotify::WatchFlags::CREATE
+                | inotify::WatchFlags::MOVED_TO
+                | inotify::WatchFlags::ONLYDIR,
+        )?;
+        let live = Arc::new(AtomicBool::new(true));
+        let (reader, alive) = (fd.clone(), live.clone());
+        std::thread::Builder::new()
+            .name("spool-watch".into())
+            // It only reads and calls `tell`: the default 2 MiB of stack is address space only,
+            // but a small one says what it needs.
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+                let mut events = inotify::Reader::new(&*reader, &mut buf);
+                loop {
+                    match events.next() {
+                        Ok(event) if event.events().contains(inotify::ReadFlags::IGNORED) => break,
+                        Ok(event) => {
+                            let request = event
+                                .file_name()
+                                .is_some_and(|name| name.to_bytes().starts_with(PREFIX.as_bytes()));
+                            if request
+                                || event.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW)
+                            {
+                                tell();
+                            }
+                        }
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => {
+                            tracing::debug!(
+                                "stopped watching for requests to share the spool: {e}"
+                            );
+                            break;
+                        }
+                    }
+                }
+                alive.store(false, Ordering::Release);
+                tell();
+            })?;
+        Ok(Watch { fd, wd, live })
+    }
+
+    /// Whether it still tells of requests.
+    pub(super) fn live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Fails only if the watch is gone already (its directory removed), and then the thread
+        // has ended by itself.
+        let _ = rustix::fs::inotify::remove_watch(&*self.fd, self.wd);
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("live", &self.live()).finish()
+    }
+}
+
 /// The names of the live requests other than `mine` in `state_dir`. Removes those whose maker
 /// ended. An error reading the directory counts as one request (named ""): sharing is always
 /// safe, only slower.
@@ -307,6 +431,70 @@ fn held(opened: std::io::Result<File>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits for `rx`'s next message, failing after a deadline.
+    fn next_tell(rx: &std::sync::mpsc::Receiver<()>, what: &str) {
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("no tell for {what}: {e}"));
+    }
+
+    #[test]
+    fn a_watch_tells_of_each_request_made_and_of_nothing_else_in_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (told, tells) = std::sync::mpsc::channel();
+        let watch = Watch::start(dir.path(), move || told.send(()).unwrap()).unwrap();
+        assert!(watch.live());
+        // A relay's own files come and go in the same directory.
+        std::fs::write(dir.path().join("journal-1-abc.log"), b"").unwrap();
+        std::fs::rename(
+            dir.path().join("journal-1-abc.log"),
+            dir.path().join("spool.wal"),
+        )
+        .unwrap();
+        let request = Request::make(dir.path(), None).unwrap();
+        next_tell(&tells, "the request");
+        // Events come in order: the files above were seen before the request, and told nothing.
+        assert!(
+            tells.try_recv().is_err(),
+            "told of a file that is no request"
+        );
+        drop(request);
+        // Dropped, the watch ends its thread (telling once more, as it ends), which drops
+        // `tell` with it.
+        drop(watch);
+        next_tell(&tells, "the end of the watch");
+        let ended = tells.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(
+            ended,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+            "the thread still runs"
+        );
+    }
+
+    #[test]
+    fn a_watch_whose_directory_is_removed_says_so_and_tells_once_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let (told, tells) = std::sync::mpsc::channel();
+        let watch = Watch::start(&state, move || told.send(()).unwrap()).unwrap();
+        std::fs::remove_dir(&state).unwrap();
+        next_tell(&tells, "the end of the watch");
+        assert!(
+            !watch.live(),
+            "a watch of a removed directory counts as live"
+        );
+        drop(watch);
+    }
+
+    #[test]
+    fn a_watch_of_what_is_no_directory_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("spool.redb");
+        std::fs::write(&file, b"").unwrap();
+        assert!(Watch::start(&file, || {}).is_err());
+        assert!(Watch::start(&dir.path().join("missing"), || {}).is_err());
+    }
 
     #[test]
     fn a_request_counts_for_others_until_it_is_withdrawn() {

@@ -176,6 +176,10 @@ struct Queue {
     holding: bool,
     /// Every [`SpoolWriter`] is gone: the thread commits what is queued and ends.
     closed: bool,
+    /// Another process may have asked to share the spool (its [`super::share::Watch`] told):
+    /// the thread looks at the requests when next idle, even if it looked less than a
+    /// `SHARE_POLL` ago. Set at the start too, for a request made before the watch was.
+    look: bool,
     /// The thread has ended (or panicked): nothing sent now would be written.
     stopped: bool,
 }
@@ -299,6 +303,7 @@ impl SpoolWriter {
                 holding: false,
                 closed: false,
                 stopped: false,
+                look: true,
             }),
             wake: Condvar::new(),
             #[cfg(test)]
@@ -324,11 +329,26 @@ impl SpoolWriter {
                 said_slow: false,
             }),
         });
+        // Made before the thread starts, which then looks once (`Queue::look`): a request made
+        // between the spool's open and the watch is found by that look, any later one told.
+        let watch = committer.spool.watch_requests({
+            let shared = shared.clone();
+            move || {
+                let mut queue = shared.lock();
+                queue.look = true;
+                let wake = std::mem::take(&mut queue.waiting);
+                drop(queue);
+                if wake {
+                    shared.wake.notify_one();
+                }
+            }
+        });
         let thread = WriterThread {
             pace,
             mark_delay,
             shared: shared.clone(),
             committer: committer.clone(),
+            watch,
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -602,6 +622,10 @@ struct WriterThread {
     /// What commits its batches (and, while the thread is idle, an appender's:
     /// [`SpoolWriter::inline`]).
     committer: Arc<Committer>,
+    /// Tells of requests to share the spool as they come, so that idle, holding the spool
+    /// alone, the thread sleeps until someone needs it instead of looking every `SHARE_POLL`.
+    /// `None` (a command's spool, or inotify refused): it looks.
+    watch: Option<super::share::Watch>,
 }
 
 /// What a commit needs, shared by the writer thread and the appenders that commit inline.
@@ -686,14 +710,23 @@ impl WriterThread {
                     marks_due = None;
                 }
                 queue.marks_armed = marks_due.is_some();
-                // Idle: still look every SHARE_POLL for another process asking to share the
-                // file (with the queue's lock let go: sharing reopens the file).
-                let poll = Instant::now() + super::SHARE_POLL;
+                // Idle: look for another process asking to share the file (with the queue's
+                // lock let go: sharing reopens the file) when told to, and every SHARE_POLL
+                // unless a watch tells (`must_poll`).
+                let poll = self.must_poll().then(|| Instant::now() + super::SHARE_POLL);
                 queue.holding = false;
-                queue = self.sleep(queue, Some(marks_due.map_or(poll, |due| due.min(poll))));
+                if !queue.look {
+                    let until = match (marks_due, poll) {
+                        (Some(due), Some(poll)) => Some(due.min(poll)),
+                        (due, poll) => due.or(poll),
+                    };
+                    queue = self.sleep(queue, until);
+                }
+                let look = std::mem::take(&mut queue.look);
                 // Also with jobs come meanwhile (marks, which do not wake it), when the look is
                 // due: a process waiting for an answer must get it within a SHARE_POLL.
-                if queue.jobs.is_empty() || Instant::now() >= poll {
+                if queue.jobs.is_empty() || look || poll.is_some_and(|poll| Instant::now() >= poll)
+                {
                     // Idle, with no deliveries' marks awaited either (they follow an append
                     // within MARK_DELAY): what the write-ahead log holds goes into the file, one
                     // synced commit per quiet spell, on a wake the thread makes anyway.
@@ -702,7 +735,7 @@ impl WriterThread {
                     if idle {
                         self.checkpoint();
                     }
-                    self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
+                    self.share_poll(look, &mut batch, &mut marks_due, &mut gather_until);
                     queue = self.shared.lock();
                 }
                 continue;
@@ -724,10 +757,13 @@ impl WriterThread {
                 // the file in within a SHARE_POLL (committed first: `share_poll`).
                 let poll = Instant::now() + super::SHARE_POLL;
                 queue.holding = true;
-                queue = self.sleep(queue, Some(due.min(poll)));
-                if Instant::now() >= poll {
+                if !queue.look {
+                    queue = self.sleep(queue, Some(due.min(poll)));
+                }
+                let look = std::mem::take(&mut queue.look);
+                if look || Instant::now() >= poll {
                     drop(queue);
-                    self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
+                    self.share_poll(look, &mut batch, &mut marks_due, &mut gather_until);
                     queue = self.shared.lock();
                 }
                 continue;
@@ -757,8 +793,9 @@ impl WriterThread {
                     batch = kept;
                 }
             }
-            // Between commits (it looks at most once per SHARE_POLL).
-            self.share_poll(&mut batch, &mut marks_due, &mut gather_until);
+            // Between commits (it looks at most once per SHARE_POLL, watched or not: busy, it
+            // is awake anyway).
+            self.share_poll(false, &mut batch, &mut marks_due, &mut gather_until);
             queue = self.shared.lock();
         }
         drop(queue);
@@ -766,6 +803,18 @@ impl WriterThread {
         if let Some(journal) = &self.committer.journal {
             journal.close();
         }
+    }
+
+    /// Whether the idle thread must wake every `SHARE_POLL`: to look for requests to share the
+    /// spool, unless its watch tells of them and the spool is open alone (shared, it looks
+    /// whether those it shares with are done, which no watch tells: one killed leaves its
+    /// request behind); and to checkpoint what the write-ahead log holds, on the first idle
+    /// wake. An idle relay holding its spool alone, checkpointed, so sleeps until woken.
+    fn must_poll(&self) -> bool {
+        let spool = &self.committer.spool;
+        self.watch.as_ref().is_none_or(|watch| !watch.live())
+            || !spool.is_alone()
+            || spool.logged() > 0
     }
 
     /// [`Spool::checkpoint`]; a failure is said like a failed commit's (the log keeps what it
@@ -799,13 +848,14 @@ impl WriterThread {
     /// longer, and the journal keeps each mark until its commit as before.
     fn share_poll(
         &self,
+        now: bool,
         batch: &mut Vec<Job>,
         marks_due: &mut Option<Instant>,
         gather_until: &mut Option<Instant>,
     ) {
         // Held throughout: no appender commits inline while the file may change hands.
         let mut commits = self.committer.lock();
-        self.committer.spool.share_poll(|| {
+        self.committer.spool.share_poll(now, || {
             {
                 let mut queue = self.shared.lock();
                 let mut bytes: usize = batch.iter().map(|job| job.bytes).sum();
@@ -1749,6 +1799,54 @@ mod tests {
         writer.commit(Vec::new()).await.unwrap();
         assert_delivered(&spool, queued[0].event.id);
         append_one(&writer, 3).await;
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// An idle relay's writer thread woke every second to look for other processes asking to
+    /// share its spool: 60 wakes a minute, most of an idle relay's CPU (issue 19's idle
+    /// budget). Holding its spool alone, checkpointed, it now sleeps until a request is told
+    /// by its watch, and a command's open is still answered at once.
+    #[tokio::test]
+    async fn regression_an_idle_writer_woke_every_second_to_look_for_requests_to_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
+        assert!(writer.committer.spool.is_alone());
+        append_one(&writer, 1).await;
+        until("the write-ahead log checkpointed", || spool.logged() == 0).await;
+        until("the writer idle", || asleep(&writer, false)).await;
+        let looked = spool.sharing.lock().unwrap().looked;
+        // Two and a half looks' worth of idleness (each was a wake: absence takes time to see).
+        tokio::time::sleep(super::super::SHARE_POLL * 5 / 2).await;
+        assert_eq!(
+            spool.sharing.lock().unwrap().looked,
+            looked,
+            "the idle writer looked for requests"
+        );
+        // A command asks: with no look due for as long as the writer is idle, only the watch
+        // can tell it (else the command gives up after SHARE_WAIT, 10 s).
+        let asked = Instant::now();
+        let command = {
+            let dir = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || Spool::open_shared(&dir))
+        };
+        let command = tokio::time::timeout(Duration::from_secs(60), command)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the command's open is answered");
+        assert!(!spool.is_alone(), "the relay did not share its spool");
+        assert!(
+            asked.elapsed() < super::super::SHARE_WAIT,
+            "answered only after {:?}",
+            asked.elapsed()
+        );
+        // Shared, it looks every SHARE_POLL again (a command killed leaves its request), and
+        // once the command is done it has the file alone again.
+        drop(command);
+        until("the spool alone again", || spool.is_alone()).await;
+        append_one(&writer, 2).await;
         drop(writer);
         thread.join().unwrap();
     }
