@@ -270,20 +270,21 @@ pub async fn run(
     if let Some(cluster) = &runtime.cluster {
         cluster.announce_config(fingerprint);
     }
-    let background = [
-        tokio::spawn(spool::intake::prune_periodically(
-            spool.clone(),
-            retain,
-            cancel.clone(),
-        )),
-        tokio::spawn(report_status(
+    let mut background = vec![tokio::spawn(spool::intake::prune_periodically(
+        spool.clone(),
+        retain,
+        cancel.clone(),
+    ))];
+    // Only for someone who reads it: otherwise a wake every few seconds for nothing.
+    if runtime.metrics_listen.is_some() || systemd::notifying() {
+        background.push(tokio::spawn(report_status(
             spool.clone(),
             health,
             runtime.counters.clone(),
             runtime.cluster.clone(),
             cancel.clone(),
-        )),
-    ];
+        )));
+    }
     systemd::notify(&[sd_notify::NotifyState::Ready]);
     systemd::spawn_watchdog(cancel.clone());
 

@@ -68,6 +68,11 @@ pub(crate) fn stop_on(cancel: CancellationToken, stops: Stops) -> std::io::Resul
 }
 
 /// Tell systemd something; failures are logged, never fatal.
+/// Whether this runs under systemd (or anything else that listens on `NOTIFY_SOCKET`).
+pub(crate) fn notifying() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         warn!("cannot notify systemd: {e}");
