@@ -67,12 +67,12 @@ pub(crate) fn stop_on(cancel: CancellationToken, stops: Stops) -> std::io::Resul
     Ok(())
 }
 
-/// Tell systemd something; failures are logged, never fatal.
 /// Whether this runs under systemd (or anything else that listens on `NOTIFY_SOCKET`).
 pub(crate) fn notifying() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
+/// Tell systemd something; failures are logged, never fatal.
 pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         warn!("cannot notify systemd: {e}");

@@ -1524,6 +1524,18 @@ impl Spool {
         self.log().as_ref().map_or(0, wal::Wal::records)
     }
 
+    /// [`Spool::logged`] unless a write holds the log (`None`): for a caller that must not wait
+    /// for a whole write (a prune's scan), holding a lock others need.
+    pub(crate) fn logged_now(&self) -> Option<usize> {
+        match self.wal.try_lock() {
+            Ok(log) => Some(log.as_ref().map_or(0, wal::Wal::records)),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                Some(e.into_inner().as_ref().map_or(0, wal::Wal::records))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Records in the write-ahead log not yet applied to redb at all ([`wal::Wal::defer`]).
     #[cfg(test)]
     fn deferred(&self) -> usize {

@@ -240,14 +240,12 @@ fn unanswered(state_dir: &Path, mine: &Request, me: &str) -> Vec<String> {
 /// Tells a relay of requests as they are made, so that while it holds the spool alone it need
 /// not look at the directory every [`super::SHARE_POLL`] to find them: idle, it then wakes for
 /// nothing (each look was a wake of its writer thread, 60 a minute: issue 19's idle budget). An
-/// inotify watch on the state directory, read by a thread of its own that blocks until
-/// something happens there. Dropping it ends the thread.
+/// inotify watch on the state directory, read by a thread of its own that sleeps in `poll`
+/// until something happens there. Dropping it ends the thread.
 pub(super) struct Watch {
-    /// The inotify instance; shared with the thread, which reads it.
-    fd: Arc<OwnedFd>,
-    /// The directory's watch, removed on drop: the kernel then queues `IN_IGNORED`, which ends
-    /// the thread's blocking read (closing the descriptor would not).
-    wd: i32,
+    /// Written on drop, to end the thread: it waits on this beside the watch. (Removing the
+    /// watch would queue `IN_IGNORED` instead, which the kernel drops when the queue is full.)
+    stop: Arc<OwnedFd>,
     /// Cleared when the thread ends (the directory was removed or a read failed): from then on
     /// only looking finds requests.
     live: Arc<AtomicBool>,
@@ -276,11 +274,13 @@ impl Watch {
     /// Watch `state_dir`, calling `tell` on the thread for each request that appears (made in
     /// place or renamed into place), for an overflow of the kernel's queue (which may hide
     /// one), and once when the watch ends. Fails where inotify does (too many instances for
-    /// the user: `fs.inotify.max_user_instances`); the caller then keeps looking.
+    /// the user: `fs.inotify.max_user_instances`) or would not see other hosts' requests (a
+    /// network file system); the caller then keeps looking.
     pub(super) fn start(
         state_dir: &Path,
         tell: impl Fn() + Send + 'static,
     ) -> std::io::Result<Watch> {
+        use rustix::event::{EventfdFlags, PollFd, PollFlags};
         use rustix::fs::inotify;
         // The magic number is a `long`: truncated, as the kernel's 32-bit ones are meant.
         let kind = rustix::fs::statfs(state_dir)?.f_type as u32;
@@ -293,50 +293,72 @@ impl Watch {
                 ),
             ));
         }
-        let fd = Arc::new(inotify::init(inotify::CreateFlags::CLOEXEC)?);
-        let wd = inotify::add_watch(
-            &*fd,
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        inotify::add_watch(
+            &fd,
             state_dir,
             inotify::WatchFlags::CREATE
                 | inotify::WatchFlags::MOVED_TO
                 | inotify::WatchFlags::ONLYDIR,
         )?;
+        let stop = Arc::new(rustix::event::eventfd(
+            0,
+            EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+        )?);
         let live = Arc::new(AtomicBool::new(true));
-        let (reader, alive) = (fd.clone(), live.clone());
+        let (stopped, alive) = (stop.clone(), live.clone());
         std::thread::Builder::new()
             .name("spool-watch".into())
-            // It only reads and calls `tell`: the default 2 MiB of stack is address space only,
-            // but a small one says what it needs.
+            // It only waits, reads and calls `tell`: the default 2 MiB of stack is address
+            // space only, but a small one says what it needs.
             .stack_size(256 << 10)
             .spawn(move || {
                 let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
-                let mut events = inotify::Reader::new(&*reader, &mut buf);
-                loop {
-                    match events.next() {
-                        Ok(event) if event.events().contains(inotify::ReadFlags::IGNORED) => break,
-                        Ok(event) => {
-                            let request = event
-                                .file_name()
-                                .is_some_and(|name| name.to_bytes().starts_with(PREFIX.as_bytes()));
-                            if request
-                                || event.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW)
-                            {
-                                tell();
-                            }
-                        }
-                        Err(rustix::io::Errno::INTR) => {}
+                let mut events = inotify::Reader::new(&fd, &mut buf);
+                'watch: loop {
+                    let mut waits = [
+                        PollFd::new(&fd, PollFlags::IN),
+                        PollFd::new(&*stopped, PollFlags::IN),
+                    ];
+                    match rustix::event::poll(&mut waits, None) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
                         Err(e) => {
-                            tracing::debug!(
-                                "stopped watching for requests to share the spool: {e}"
-                            );
+                            tracing::debug!("stopped watching for requests to share: {e}");
                             break;
+                        }
+                    }
+                    if !waits[1].revents().is_empty() {
+                        break;
+                    }
+                    // Everything queued, then wait again.
+                    loop {
+                        match events.next() {
+                            Ok(event) if event.events().contains(inotify::ReadFlags::IGNORED) => {
+                                break 'watch;
+                            }
+                            Ok(event) => {
+                                let request = event.file_name().is_some_and(|name| {
+                                    name.to_bytes().starts_with(PREFIX.as_bytes())
+                                });
+                                let overflow =
+                                    event.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW);
+                                if request || overflow {
+                                    tell();
+                                }
+                            }
+                            Err(rustix::io::Errno::AGAIN) => break,
+                            Err(rustix::io::Errno::INTR) => {}
+                            Err(e) => {
+                                tracing::debug!("stopped watching for requests to share: {e}");
+                                break 'watch;
+                            }
                         }
                     }
                 }
                 alive.store(false, Ordering::Release);
                 tell();
             })?;
-        Ok(Watch { fd, wd, live })
+        Ok(Watch { stop, live })
     }
 
     /// Whether it still tells of requests.
@@ -347,9 +369,8 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        // Fails only if the watch is gone already (its directory removed), and then the thread
-        // has ended by itself.
-        let _ = rustix::fs::inotify::remove_watch(&*self.fd, self.wd);
+        // Cannot fail short of 2^64 - 1 stops; the thread may have ended by itself already.
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
     }
 }
 
@@ -485,6 +506,51 @@ mod tests {
             "a watch of a removed directory counts as live"
         );
         drop(watch);
+    }
+
+    /// A watch ended its thread by removing itself, which queues `IN_IGNORED` for the thread's
+    /// blocking read. With the kernel's queue full (a flood of files while the thread was held
+    /// up in `tell`), that event was dropped, and the thread read on forever (found by review).
+    #[test]
+    fn regression_a_watch_dropped_with_its_queue_full_kept_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (told, tells) = std::sync::mpsc::channel();
+        let (entered, inside) = std::sync::mpsc::channel();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Mutex::new(Some(held));
+        let watch = Watch::start(dir.path(), move || {
+            // The first tell is held up, as by a writer holding the queue's lock.
+            if let Some(held) = held.lock().unwrap().take() {
+                entered.send(()).unwrap();
+                let _ = held.recv();
+            }
+            let _ = told.send(());
+        })
+        .unwrap();
+        std::fs::write(dir.path().join("spool-share.first"), b"").unwrap();
+        inside
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap();
+        let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        for n in 0..max + 16 {
+            std::fs::write(dir.path().join(format!("junk{n}")), b"").unwrap();
+        }
+        drop(watch);
+        release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match tells.recv_timeout(std::time::Duration::from_millis(100)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                _ => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the watch's thread still runs 20 s after its drop"
+                ),
+            }
+        }
     }
 
     #[test]

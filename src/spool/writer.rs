@@ -171,6 +171,10 @@ struct Queue {
     /// The thread is asleep on [`Shared::wake`] (a sender that finds it busy need not notify:
     /// it looks at the queue before it sleeps again).
     waiting: bool,
+    /// The thread sleeps with no deadline (idle, alone, checkpointed: `must_poll`): an inline
+    /// commit, which puts a record in the write-ahead log, wakes it to checkpoint that record
+    /// after its quiet second, as the thread's own commits are.
+    unbounded: bool,
     /// The thread sleeps holding jobs it took from the queue (marks waiting for their deadline,
     /// or kept after a failed commit): an inline commit would overtake them, so there is none.
     holding: bool,
@@ -247,16 +251,19 @@ impl SpoolWriter {
     /// Start the writer thread. First applies the journals of relays that died (so their
     /// finished deliveries are not repeated), then starts this process's journal.
     pub fn start(spool: Arc<Spool>, limits: Limits) -> (SpoolWriter, std::thread::JoinHandle<()>) {
-        Self::start_paced(spool, limits, COMMIT_PACE, MARK_DELAY)
+        Self::start_paced(spool, limits, COMMIT_PACE, MARK_DELAY, true)
     }
 
     /// [`SpoolWriter::start`] with another `COMMIT_PACE` and `MARK_DELAY` (tests make them
-    /// long, so that what waits for them shows).
+    /// long, so that what waits for them shows), and without a watch for requests to share if
+    /// not `watched` (tests that count the thread's wakes: it then looks every `SHARE_POLL`,
+    /// as where inotify is refused, and an inline commit never wakes it).
     fn start_paced(
         spool: Arc<Spool>,
         limits: Limits,
         pace: Duration,
         mark_delay: Duration,
+        watched: bool,
     ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
         let dir = spool.path().parent().map(std::path::Path::to_owned);
         let journal = match dir.map(|dir| Journal::start(&dir)) {
@@ -300,6 +307,7 @@ impl SpoolWriter {
                 jobs: VecDeque::new(),
                 marks_armed: false,
                 waiting: false,
+                unbounded: false,
                 holding: false,
                 closed: false,
                 stopped: false,
@@ -331,24 +339,26 @@ impl SpoolWriter {
         });
         // Made before the thread starts, which then looks once (`Queue::look`): a request made
         // between the spool's open and the watch is found by that look, any later one told.
-        let watch = committer.spool.watch_requests({
-            let shared = shared.clone();
-            move || {
-                let mut queue = shared.lock();
-                queue.look = true;
-                let wake = std::mem::take(&mut queue.waiting);
-                drop(queue);
-                if wake {
-                    shared.wake.notify_one();
+        let watch = watched.then(|| {
+            committer.spool.watch_requests({
+                let shared = shared.clone();
+                move || {
+                    let mut queue = shared.lock();
+                    queue.look = true;
+                    let wake = std::mem::take(&mut queue.waiting);
+                    drop(queue);
+                    if wake {
+                        shared.wake.notify_one();
+                    }
                 }
-            }
+            })
         });
         let thread = WriterThread {
             pace,
             mark_delay,
             shared: shared.clone(),
             committer: committer.clone(),
-            watch,
+            watch: watch.flatten(),
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -475,6 +485,10 @@ impl SpoolWriter {
             for taken in kept.into_iter().rev() {
                 queue.jobs.push_front(taken);
             }
+            wake = std::mem::take(&mut queue.waiting);
+        } else if std::mem::take(&mut queue.unbounded) {
+            // The log holds a record now: the thread, asleep until someone needs it, must
+            // checkpoint it (once a quiet spell: later inline commits find it with a deadline).
             wake = std::mem::take(&mut queue.waiting);
         }
         drop(queue);
@@ -715,14 +729,21 @@ impl WriterThread {
                 // unless a watch tells (`must_poll`).
                 let poll = self.must_poll().then(|| Instant::now() + super::SHARE_POLL);
                 queue.holding = false;
+                let mut until_told = false;
                 if !queue.look {
                     let until = match (marks_due, poll) {
                         (Some(due), Some(poll)) => Some(due.min(poll)),
                         (due, poll) => due.or(poll),
                     };
+                    until_told = until.is_none();
                     queue = self.sleep(queue, until);
                 }
                 let look = std::mem::take(&mut queue.look);
+                if until_told && !look && queue.jobs.is_empty() {
+                    // Woken by an inline commit (or spuriously): its record's checkpoint is
+                    // due after a quiet second, not now (`must_poll` sets that deadline).
+                    continue;
+                }
                 // Also with jobs come meanwhile (marks, which do not wake it), when the look is
                 // due: a process waiting for an answer must get it within a SHARE_POLL.
                 if queue.jobs.is_empty() || look || poll.is_some_and(|poll| Instant::now() >= poll)
@@ -810,11 +831,13 @@ impl WriterThread {
     /// whether those it shares with are done, which no watch tells: one killed leaves its
     /// request behind); and to checkpoint what the write-ahead log holds, on the first idle
     /// wake. An idle relay holding its spool alone, checkpointed, so sleeps until woken.
+    /// Called with the queue's lock held, so it does not wait for the log's: a write holding it
+    /// (a prune's scan) would stall every sender with it; a log busy counts as not empty.
     fn must_poll(&self) -> bool {
         let spool = &self.committer.spool;
         self.watch.as_ref().is_none_or(|watch| !watch.live())
             || !spool.is_alone()
-            || spool.logged() > 0
+            || spool.logged_now().is_none_or(|records| records > 0)
     }
 
     /// [`Spool::checkpoint`]; a failure is said like a failed commit's (the log keeps what it
@@ -894,6 +917,7 @@ impl WriterThread {
         until: Option<Instant>,
     ) -> MutexGuard<'a, Queue> {
         queue.waiting = true;
+        queue.unbounded = until.is_none();
         let mut queue = match until {
             None => self
                 .shared
@@ -916,6 +940,7 @@ impl WriterThread {
             }
         };
         queue.waiting = false;
+        queue.unbounded = false;
         #[cfg(test)]
         self.shared.wakeups.fetch_add(1, Ordering::Relaxed);
         queue
@@ -1051,11 +1076,22 @@ mod tests {
         pace: Duration,
         mark_delay: Duration,
     ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
+        writer_watched(spool, pace, mark_delay, false)
+    }
+
+    /// [`writer_on`], with a watch for requests to share if `watched`, as a relay's is.
+    fn writer_watched(
+        spool: &Arc<Spool>,
+        pace: Duration,
+        mark_delay: Duration,
+        watched: bool,
+    ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
         let (writer, thread) = SpoolWriter::start_paced(
             spool.clone(),
             Limits { max_bytes: 1 << 30 },
             pace,
             mark_delay,
+            watched,
         );
         writer.committer.gate().off_until = Some(Instant::now() + Duration::from_secs(86_400));
         (writer, thread)
@@ -1811,7 +1847,7 @@ mod tests {
     async fn regression_an_idle_writer_woke_every_second_to_look_for_requests_to_share() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
+        let (writer, thread) = writer_watched(&spool, COMMIT_PACE, MARK_DELAY, true);
         assert!(writer.committer.spool.is_alone());
         append_one(&writer, 1).await;
         until("the write-ahead log checkpointed", || spool.logged() == 0).await;
@@ -1819,10 +1855,11 @@ mod tests {
         let looked = spool.sharing.lock().unwrap().looked;
         // Two and a half looks' worth of idleness (each was a wake: absence takes time to see).
         tokio::time::sleep(super::super::SHARE_POLL * 5 / 2).await;
+        let looked_since = spool.sharing.lock().unwrap().looked;
         assert_eq!(
-            spool.sharing.lock().unwrap().looked,
-            looked,
-            "the idle writer looked for requests"
+            looked_since, looked,
+            "the idle writer looked for requests (it does where it cannot watch the directory: \
+             is fs.inotify.max_user_instances used up?)"
         );
         // A command asks: with no look due for as long as the writer is idle, only the watch
         // can tell it (else the command gives up after SHARE_WAIT, 10 s).
@@ -1847,6 +1884,77 @@ mod tests {
         drop(command);
         until("the spool alone again", || spool.is_alone()).await;
         append_one(&writer, 2).await;
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// An idle writer thread that sleeps until told (no deadline) was not woken by an inline
+    /// commit, so the record it put in the write-ahead log waited for the next wake (a mark,
+    /// another process) for its checkpoint, "one synced commit per quiet spell" (review).
+    #[tokio::test]
+    async fn regression_an_inline_commit_into_a_writer_asleep_until_told_was_not_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = writer_watched(&spool, COMMIT_PACE, MARK_DELAY, true);
+        gate(&writer, Duration::ZERO, NEVER_SLOW);
+        until("the writer asleep until told", || {
+            writer.jobs.shared.lock().unbounded
+        })
+        .await;
+        let idle = wakeups(&writer);
+        append_one(&writer, 1).await;
+        assert_eq!(spool.logged(), 1, "committed inline, through the log");
+        // No mark follows (a delivery still running): the checkpoint comes all the same.
+        until("the log checkpointed", || spool.logged() == 0).await;
+        assert_eq!(wakeups(&writer), idle + 1, "woken once, for the checkpoint");
+        until("the writer asleep until told", || {
+            writer.jobs.shared.lock().unbounded
+        })
+        .await;
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// The idle writer thread asked the write-ahead log how many records it holds with the
+    /// queue's lock held, so while any write held the log (a prune's scan of a large spool,
+    /// every minute) every sender on the event loop waited for the scan too (review).
+    #[tokio::test]
+    async fn regression_a_long_write_stalled_senders_on_the_idle_writer_s_queue_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) =
+            writer_watched(&spool, COMMIT_PACE, Duration::from_millis(300), true);
+        let routes = ["r".to_string()];
+        writer
+            .append("c", &routes, Arc::from(vec![event(1), event(2)]), None)
+            .await
+            .unwrap();
+        let queued = spool.pending("r", 0, usize::MAX).unwrap();
+        // A write transaction of 5 s, as a prune's scan of a large spool.
+        let scan = {
+            let spool = spool.clone();
+            std::thread::spawn(move || {
+                spool
+                    .update(|_| {
+                        std::thread::sleep(Duration::from_secs(5));
+                        Ok(())
+                    })
+                    .unwrap();
+            })
+        };
+        until("the scan holds the log", || spool.wal.try_lock().is_err()).await;
+        // The marks' deadline (300 ms) passes meanwhile, and the writer goes idle. Not waited
+        // for by looking at the queue: that takes the very lock a stalled writer holds.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        // What a route's delivery calls on the event loop.
+        writer.finish(delivered(&queued[0])).unwrap();
+        let took = started.elapsed();
+        scan.join().unwrap();
+        assert!(
+            took < Duration::from_secs(2),
+            "a sender waited {took:?} for another write"
+        );
         drop(writer);
         thread.join().unwrap();
     }
