@@ -7,6 +7,12 @@
 //! itself ([`SpoolWriter::inline`]), with the marks queued, under the same lock the thread
 //! commits under ([`Committer`]), so commits still come one at a time and in order.
 //!
+//! Idle, the thread wakes only when needed: for marks' deadlines, a second after a commit to
+//! checkpoint the write-ahead log, and when another process asks to share the spool, which a
+//! watch of the state directory tells ([`super::share::Watch`]; without one, it looks every
+//! second). An inline commit into a thread asleep until told wakes it once, for that
+//! checkpoint's deadline.
+//!
 //! Finished deliveries also go to the process's [`Journal`] at once ([`SpoolWriter::finish`]),
 //! so that a crash of the process before their group commit forgets none of them. A commit that
 //! fails (disk full) keeps the marks it carried and tries them again; appends are answered with
