@@ -233,9 +233,10 @@ pub struct StateDirArg {
 }
 
 /// Said under `--help` of the commands that open the spool beside a running relay.
-const SHARE_WAIT_HELP: &str = "While a relay runs on the same state directory, this waits up to \
-about a second for the relay to share the spool with it and to record what it has delivered \
-(up to 10 s before it gives up, saying which relay to look at).";
+const SHARE_WAIT_HELP: &str = "While a relay runs on the same state directory, this waits for the \
+relay to share the spool with it and to record what it has delivered: usually tens of \
+milliseconds, up to about a second where the relay cannot watch the directory (up to 10 s before \
+it gives up, saying which relay to look at).";
 
 #[derive(Debug, Args)]
 #[command(after_help = SHARE_WAIT_HELP)]
@@ -832,7 +833,8 @@ mod tests {
             };
             let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
             assert!(
-                help.contains("waits up to about a second for the relay to share the spool")
+                help.contains("waits for the relay to share the spool")
+                    && help.contains("up to about a second where the relay cannot watch")
                     && help.contains("up to 10 s before it gives up"),
                 "{line}: {help}"
             );

@@ -661,7 +661,8 @@ impl Spool {
 
     /// Open (or create) the spool in `state_dir` for a brief command (`smee-relay events`,
     /// `catch-up`): always shared, so that a relay starting meanwhile is not kept waiting; a
-    /// relay holding it alone is asked to share it, and this waits for that (about a second).
+    /// relay holding it alone is asked to share it, and this waits for that (tens of ms; up to
+    /// about a second from a relay that cannot watch the directory and looks every second).
     pub fn open_shared(state_dir: &Path) -> Result<Spool, SpoolError> {
         Self::open_as(state_dir, backend::Factory::file(), false)
     }
@@ -803,7 +804,7 @@ impl Spool {
     /// For a relay's writer thread: call `tell` (on a thread of the watch's) whenever another
     /// process may have asked to share the file, so that it calls [`Spool::share_poll`] then
     /// instead of every [`SHARE_POLL`] ([`share::Watch`]). `None` for a command's spool (it
-    /// never looks), or if the directory cannot be watched (said at debug level: the writer
+    /// never looks), or if the directory cannot be watched (said at INFO: the writer
     /// then looks every `SHARE_POLL`, as it did before).
     fn watch_requests(&self, tell: impl Fn() + Send + 'static) -> Option<share::Watch> {
         if !self.prefer_alone {
@@ -812,8 +813,9 @@ impl Spool {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         share::Watch::start(dir, tell)
             .inspect_err(|e| {
-                tracing::debug!(
-                    "cannot watch {} for requests to share the spool ({e}); looking every {}s",
+                tracing::info!(
+                    "cannot watch {} for commands asking to share the spool ({e}); looking \
+                     every {}s instead, so a command beside this relay may wait that long",
                     dir.display(),
                     SHARE_POLL.as_secs()
                 );
