@@ -251,10 +251,12 @@ pub(super) struct Watch {
     live: Arc<AtomicBool>,
 }
 
-/// File systems on which inotify sees only this host's changes (`statfs`'s `f_type`): NFS,
-/// SMB/CIFS, FUSE (sshfs and the like), 9p, Ceph, AFS, Lustre, GPFS, OCFS2, GFS2. A command on
-/// another host sharing the state directory there would not be told; the relay looks instead.
-const REMOTE: [u32; 13] = [
+/// File systems on which inotify may see only this host's changes (`statfs`'s `f_type`): NFS,
+/// SMB/CIFS, FUSE (sshfs and the like; also a local fuse-overlayfs, which only costs it the
+/// watch), 9p, Ceph, AFS, Lustre, GPFS, OCFS2, GFS2, VirtualBox's shared folders, Coda,
+/// OrangeFS, BeeGFS. A command on another host (or the VM's host) sharing the state directory
+/// there would not be told; the relay looks instead.
+const REMOTE: [u32; 17] = [
     0x6969,
     0x517b,
     0xff53_4d42,
@@ -268,6 +270,10 @@ const REMOTE: [u32; 13] = [
     0x4750_4653,
     0x7461_636f,
     0x0116_1970,
+    0x786f_4256,
+    0x7375_7245,
+    0x2003_0528,
+    0x1983_0326,
 ];
 
 impl Watch {
@@ -288,8 +294,8 @@ impl Watch {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
                 format!(
-                    "a network file system (type {kind:#x}): inotify does not see what other \
-                     hosts write"
+                    "a network or FUSE file system (type {kind:#x}): inotify may not see what \
+                     other hosts write there"
                 ),
             ));
         }

@@ -10,8 +10,8 @@
 //! Idle, the thread wakes only when needed: for marks' deadlines, a second after a commit to
 //! checkpoint the write-ahead log, and when another process asks to share the spool, which a
 //! watch of the state directory tells ([`super::share::Watch`]; without one, it looks every
-//! second). An inline commit into a thread asleep until told wakes it once, for that
-//! checkpoint's deadline.
+//! second). An inline commit into a thread asleep until told wakes it once, to set that
+//! checkpoint's deadline a second later.
 //!
 //! Finished deliveries also go to the process's [`Journal`] at once ([`SpoolWriter::finish`]),
 //! so that a crash of the process before their group commit forgets none of them. A commit that
@@ -178,8 +178,8 @@ struct Queue {
     /// it looks at the queue before it sleeps again).
     waiting: bool,
     /// The thread sleeps with no deadline (idle, alone, checkpointed: `must_poll`): an inline
-    /// commit, which puts a record in the write-ahead log, wakes it to checkpoint that record
-    /// after its quiet second, as the thread's own commits are.
+    /// commit, which puts a record in the write-ahead log, wakes it, so that it checkpoints the
+    /// log a second later (a `SHARE_POLL` deadline, not moved by later inline commits).
     unbounded: bool,
     /// The thread sleeps holding jobs it took from the queue (marks waiting for their deadline,
     /// or kept after a failed commit): an inline commit would overtake them, so there is none.
@@ -203,6 +203,21 @@ struct Shared {
     /// marks do not wake it).
     #[cfg(test)]
     wakeups: std::sync::atomic::AtomicU64,
+    /// How many waits of the thread ended, by a wake or by their deadline (tests pin that an
+    /// idle thread does not wake at all).
+    #[cfg(test)]
+    naps: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a wait of the thread as it ends ([`Shared::naps`]).
+#[cfg(test)]
+struct Nap<'a>(&'a std::sync::atomic::AtomicU64);
+
+#[cfg(test)]
+impl Drop for Nap<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -322,6 +337,8 @@ impl SpoolWriter {
             wake: Condvar::new(),
             #[cfg(test)]
             wakeups: 0.into(),
+            #[cfg(test)]
+            naps: 0.into(),
         });
         let tell = Arc::new(Tell {
             appended: watch::Sender::new(0),
@@ -747,7 +764,8 @@ impl WriterThread {
                 let look = std::mem::take(&mut queue.look);
                 if until_told && !look && queue.jobs.is_empty() {
                     // Woken by an inline commit (or spuriously): its record's checkpoint is
-                    // due after a quiet second, not now (`must_poll` sets that deadline).
+                    // due a second from now, not now (`must_poll` sets that deadline); a
+                    // checkpoint per inline commit would undo what the log saves.
                     continue;
                 }
                 // Also with jobs come meanwhile (marks, which do not wake it), when the look is
@@ -820,9 +838,10 @@ impl WriterThread {
                     batch = kept;
                 }
             }
-            // Between commits (it looks at most once per SHARE_POLL, watched or not: busy, it
-            // is awake anyway).
-            self.share_poll(false, &mut batch, &mut marks_due, &mut gather_until);
+            // Between commits: at once if the watch told of a request (a command is waiting),
+            // else at most once per SHARE_POLL (busy, it is awake anyway).
+            let look = std::mem::take(&mut self.shared.lock().look);
+            self.share_poll(look, &mut batch, &mut marks_due, &mut gather_until);
             queue = self.shared.lock();
         }
         drop(queue);
@@ -924,6 +943,8 @@ impl WriterThread {
     ) -> MutexGuard<'a, Queue> {
         queue.waiting = true;
         queue.unbounded = until.is_none();
+        #[cfg(test)]
+        let _nap = Nap(&self.shared.naps);
         let mut queue = match until {
             None => self
                 .shared
@@ -1859,6 +1880,7 @@ mod tests {
         until("the write-ahead log checkpointed", || spool.logged() == 0).await;
         until("the writer idle", || asleep(&writer, false)).await;
         let looked = spool.sharing.lock().unwrap().looked;
+        let naps = writer.jobs.shared.naps.load(Ordering::Relaxed);
         // Two and a half looks' worth of idleness (each was a wake: absence takes time to see).
         tokio::time::sleep(super::super::SHARE_POLL * 5 / 2).await;
         let looked_since = spool.sharing.lock().unwrap().looked;
@@ -1866,6 +1888,11 @@ mod tests {
             looked_since, looked,
             "the idle writer looked for requests (it does where it cannot watch the directory: \
              is fs.inotify.max_user_instances used up?)"
+        );
+        assert_eq!(
+            writer.jobs.shared.naps.load(Ordering::Relaxed),
+            naps,
+            "the idle writer woke"
         );
         // A command asks: with no look due for as long as the writer is idle, only the watch
         // can tell it (else the command gives up after SHARE_WAIT, 10 s).
@@ -1909,10 +1936,20 @@ mod tests {
         .await;
         let idle = wakeups(&writer);
         append_one(&writer, 1).await;
-        assert_eq!(spool.logged(), 1, "committed inline, through the log");
+        until("the thread woken", || wakeups(&writer) == idle + 1).await;
+        until("the writer asleep again", || asleep(&writer, false)).await;
+        // Woken, it set the checkpoint's deadline and did not checkpoint at once: that would
+        // be a synced commit of redb per event at everyday rates, which the log is there to
+        // save. The next inline commit finds it asleep with that deadline, and wakes nobody.
+        append_one(&writer, 2).await;
+        assert_eq!(spool.logged(), 2, "checkpointed at the wake");
         // No mark follows (a delivery still running): the checkpoint comes all the same.
         until("the log checkpointed", || spool.logged() == 0).await;
-        assert_eq!(wakeups(&writer), idle + 1, "woken once, for the checkpoint");
+        assert_eq!(
+            wakeups(&writer),
+            idle + 1,
+            "woken once, for the checkpoint's deadline"
+        );
         until("the writer asleep until told", || {
             writer.jobs.shared.lock().unbounded
         })
