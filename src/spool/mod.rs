@@ -810,7 +810,7 @@ impl Spool {
         if !self.prefer_alone {
             return None;
         }
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = self.dir();
         share::Watch::start(dir, tell)
             .inspect_err(|e| {
                 tracing::info!(
@@ -823,6 +823,11 @@ impl Spool {
             .ok()
     }
 
+    /// The state directory the file is in (where requests to share it are made).
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// Whether the file is open alone (no other process may write it).
     fn is_alone(&self) -> bool {
         self.alone.load(std::sync::atomic::Ordering::Acquire)
@@ -830,8 +835,7 @@ impl Spool {
 
     /// The other processes' requests to share the file.
     fn others(&self, sharing: &Sharing) -> Vec<String> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        share::others(dir, sharing.request.as_ref())
+        share::others(self.dir(), sharing.request.as_ref())
     }
 
     /// [`Spool::share_poll`]'s look, now.
@@ -856,7 +860,7 @@ impl Spool {
             if wanted == Mode::Shared && !sharing.request.as_ref().is_some_and(|r| r.in_place()) {
                 // Shared without a request of its own: commands would not wait for this
                 // relay's marks, and another relay would keep trying to have the file alone.
-                let dir = self.path.parent().unwrap_or(Path::new("."));
+                let dir = self.dir();
                 match share::Request::make(dir, Some(others)) {
                     Ok(request) => {
                         sharing.request = Some(request);
@@ -1529,13 +1533,13 @@ impl Spool {
     /// [`Spool::logged`] unless a write holds the log (`None`): for a caller that must not wait
     /// for a whole write (a prune's scan), holding a lock others need.
     pub(crate) fn logged_now(&self) -> Option<usize> {
-        match self.wal.try_lock() {
-            Ok(log) => Some(log.as_ref().map_or(0, wal::Wal::records)),
-            Err(std::sync::TryLockError::Poisoned(e)) => {
-                Some(e.into_inner().as_ref().map_or(0, wal::Wal::records))
-            }
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        let log = match self.wal.try_lock() {
+            Ok(log) => log,
+            // As `log()` takes it.
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(log.as_ref().map_or(0, wal::Wal::records))
     }
 
     /// Records in the write-ahead log not yet applied to redb at all ([`wal::Wal::defer`]).

@@ -380,12 +380,6 @@ impl Drop for Watch {
     }
 }
 
-impl std::fmt::Debug for Watch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch").field("live", &self.live()).finish()
-    }
-}
-
 /// The names of the live requests other than `mine` in `state_dir`. Removes those whose maker
 /// ended. An error reading the directory counts as one request (named ""): sharing is always
 /// safe, only slower.

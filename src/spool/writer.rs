@@ -814,6 +814,8 @@ impl WriterThread {
                 continue;
             }
             let stopping = queue.closed && queue.jobs.is_empty();
+            // Taken with the lock held anyway; one told during the commit waits for the next.
+            let look = std::mem::take(&mut queue.look);
             drop(queue);
             let started = Instant::now();
             match self.commit(std::mem::take(&mut batch)) {
@@ -840,7 +842,6 @@ impl WriterThread {
             }
             // Between commits: at once if the watch told of a request (a command is waiting),
             // else at most once per SHARE_POLL (busy, it is awake anyway).
-            let look = std::mem::take(&mut self.shared.lock().look);
             self.share_poll(look, &mut batch, &mut marks_due, &mut gather_until);
             queue = self.shared.lock();
         }
