@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::counters::Counters;
 use crate::retry::BackoffPolicy;
-use crate::spool::{self, Outcome, Queued, Spool, StoredEvent, Write, writer::SpoolWriter};
+use crate::spool::{self, Outcome, Queued, Spool, StoredEvent, Taken, Write, writer::SpoolWriter};
 use forward::{Delivered, ForwardError, Forwarder};
 
 /// How many queued deliveries a route reads from disk at once.
@@ -207,28 +207,28 @@ pub async fn run_route(
     let mut cursor = 0;
     // Whether the spool's refusal to be read was logged (once per outage, e.g. a full disk).
     let mut said = false;
-    // Whether the last read took the whole queue and nothing was appended since: then the
-    // route waits for the next append without reading an empty queue again (at everyday rates
-    // that second read was one more blocking-pool handoff and read transaction per event).
+    // Whether the route delivered its whole queue as far as it knows it: then it waits for the
+    // next append without reading an empty queue again (at everyday rates that second read
+    // was one more blocking-pool handoff and read transaction per event).
     let mut drained = false;
     // The spool file as it was before the last read: an idle route reads again only once it
     // changed (another process's write has no other way to wake it).
     let mut seen = spool::Seen::default();
     // Wakes the idle wait for writes the writer does not tell of (`Spool::changed`).
     let mut nudges = spool.nudges();
-    // What this process's writer queued, handed over with each append (`spool::Enqueued`).
-    let mut enqueued = writer.enqueued();
-    // While `drained`: the spool's seq counter up to which this route knows its whole queue
-    // (all of it delivered). An append that queued from exactly there hands the route its
-    // whole queue, with no read; anything else queued meanwhile (by `events replay` in another
-    // process too) moved the counter, and the route reads.
+    // What this process's writer queued, handed over with each append (`spool::Handover`).
+    let handover = writer.handover();
+    // The spool's seq counter up to which this route knows its whole queue and delivered all
+    // of it (`None` after a read that stopped at its limits, or a delivery interrupted). What
+    // this process's commits queued from exactly there is taken from `handover`, with no read;
+    // anything else queued meanwhile (by `events replay` in another process too) moved the
+    // counter, and the route reads.
     let mut known: Option<u64> = None;
     while !cancel.is_cancelled() {
-        let was_drained = std::mem::take(&mut drained);
-        // Woken by a change the writer did not tell of: the read below must see it, so what
-        // the last append handed over is not taken for the whole queue.
+        // Woken by a change the writer did not tell of: the read below must see it, so the
+        // handover is not taken for the whole queue.
         let mut changed = false;
-        if was_drained && !appended.has_changed().unwrap_or(true) {
+        if std::mem::take(&mut drained) && !appended.has_changed().unwrap_or(true) {
             match idle(&spool, &mut appended, &mut nudges, &seen, &cancel).await {
                 // Stopped while idle: what it finished last may not be committed yet (below).
                 Woken::Cancelled => break,
@@ -236,23 +236,34 @@ pub async fn run_route(
                 Woken::Changed => changed = true,
             }
         }
-        // Seen before reading: an append from here on is either in this read or wakes the next
-        // wait, and another process's write from here on changes the file after `seen`.
+        // Seen before taking or reading: an append from here on is either in this take or
+        // read, or wakes the next wait, and another process's write from here on changes the
+        // file after `seen`.
         appended.borrow_and_update();
-        let handed = match (was_drained && !changed).then_some(known).flatten() {
-            Some(from) => handed_over(&mut enqueued, &route, from),
-            None => None,
+        let from = known.take().filter(|_| !changed);
+        let taken = match from {
+            Some(from) => handover.take(&route, from, READ_AHEAD, spool::READ_BYTES),
+            None => Taken::Read,
         };
-        let (queued, next_known) = match handed {
+        // What to deliver, the counter up to which it is the route's whole queue (if it is),
+        // and whether more is known to follow it.
+        let (queued, whole, more) = match taken {
             // `seen` stays as it was, and the nudges unmarked: a write outside the writer since
             // the last read (another process's, a catch-up's) still wakes the next wait, which
             // then reads.
-            Some(handed) => handed,
-            None => {
+            Taken::Queue {
+                queued,
+                known,
+                more,
+            } => (queued, Some(known), more),
+            Taken::Nothing => {
+                (known, drained) = (from, true);
+                continue;
+            }
+            Taken::Read => {
                 nudges.mark();
                 seen = spool.look();
-                // What `enqueued` holds now is in this read (or older): not to be taken again.
-                enqueued.borrow_and_update();
+                handover.reading(&route);
                 let read = {
                     let (spool, route) = (spool.clone(), route.clone());
                     tokio::task::spawn_blocking(move || {
@@ -261,11 +272,15 @@ pub async fn run_route(
                     .await
                 };
                 match read {
-                    Ok(Ok(read)) => {
+                    Ok(Ok((queued, next_known))) => {
                         if std::mem::take(&mut said) {
                             info!(route = spool::route_name(&route), "the spool reads again");
                         }
-                        read
+                        let bytes: usize = queued.iter().map(|q| q.event.event.body.len()).sum();
+                        let whole = queued.len() < READ_AHEAD && bytes < spool::READ_BYTES;
+                        let whole = whole.then_some(next_known);
+                        handover.read(&route, whole);
+                        (queued, whole, whole.is_none())
                     }
                     Ok(Err(e)) => {
                         if std::mem::replace(&mut said, true) {
@@ -285,19 +300,12 @@ pub async fn run_route(
                             route = spool::route_name(&route),
                             "spool reader failed: {e}"
                         );
+                        handover.leave(&route);
                         return;
                     }
                 }
             }
         };
-        let bytes: usize = queued.iter().map(|q| q.event.event.body.len()).sum();
-        let whole_queue = queued.len() < READ_AHEAD && bytes < spool::READ_BYTES;
-        known = whole_queue.then_some(next_known);
-        if queued.is_empty() {
-            // Nothing to deliver: wait (at the top) for an append or a change of the file.
-            drained = true;
-            continue;
-        }
         // Attempts that did not finish a delivery (retries) ride along with the next commit.
         let mut marks = Vec::new();
         let mut interrupted = false;
@@ -324,8 +332,13 @@ pub async fn run_route(
             cursor = item.seq;
         }
         writer.flush(&mut marks);
-        drained = whole_queue && !interrupted;
+        if !interrupted {
+            known = whole;
+            // Nothing more known: wait (at the top) for an append or a change of the file.
+            drained = !more;
+        }
     }
+    handover.leave(&route);
     // Wait until what this route finished is on disk (a commit waits for the marks queued
     // before it): a route that takes over after a reload must not deliver them again.
     if let Err(e) = writer.commit(Vec::new()).await {
@@ -336,35 +349,10 @@ pub async fn run_route(
     }
 }
 
-/// The whole queue of `route` past what it has delivered, if this process's last append
-/// queued from `from` (the seq counter up to which the route knows its queue) and has not been
-/// taken yet; with the counter it leaves the route knowing up to. `None`: read it.
-fn handed_over(
-    enqueued: &mut tokio::sync::watch::Receiver<Option<Arc<spool::Enqueued>>>,
-    route: &str,
-    from: u64,
-) -> Option<(Vec<Queued>, u64)> {
-    let last = enqueued.borrow_and_update();
-    if !last.has_changed() {
-        return None;
-    }
-    let last = last.as_ref()?;
-    if last.seq_before != from {
-        return None;
-    }
-    let queued = last
-        .routes
-        .iter()
-        .find(|(r, _)| r == route)
-        .map(|(_, queued)| queued.clone())
-        .unwrap_or_default();
-    Some((queued, last.seq_after))
-}
-
 /// What ended an idle route's wait ([`idle`]).
 enum Woken {
     Cancelled,
-    /// This process's writer appended events (it hands them over: `Enqueued`).
+    /// This process's writer appended events (it hands them over: `spool::Handover`).
     Appended,
     /// The file changed otherwise ([`Spool::changed`]).
     Changed,
@@ -873,11 +861,13 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// A sink that answers 200 and notes each body it was given, in order.
+    /// A sink that answers 200 and notes each body it was given, in order; while `held` is
+    /// locked for writing, a delivery waits (a slow target, for a route to fall behind).
     #[derive(Default)]
     struct Recording {
         bodies: Mutex<Vec<String>>,
         delivered: tokio::sync::watch::Sender<usize>,
+        held: tokio::sync::RwLock<()>,
     }
 
     impl Sink for Recording {
@@ -889,10 +879,11 @@ mod tests {
             event: &'a StoredEvent,
             _delivery_id: &'a str,
         ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
-            let body = String::from_utf8_lossy(&event.event.body).into_owned();
-            self.bodies.lock().unwrap().push(body);
-            self.delivered.send_modify(|n| *n += 1);
             Box::pin(async {
+                drop(self.held.read().await);
+                let body = String::from_utf8_lossy(&event.event.body).into_owned();
+                self.bodies.lock().unwrap().push(body);
+                self.delivered.send_modify(|n| *n += 1);
                 Ok(Delivered {
                     status: StatusCode::OK,
                     elapsed: Duration::ZERO,
@@ -996,6 +987,67 @@ mod tests {
         h.stop_route().await;
         let left = h.spool.pending("r", 0, usize::MAX).unwrap();
         assert!(left.is_empty(), "{left:?}");
+        h.stop().await;
+    }
+
+    /// A route behind its appends by several commits (a slow target in a burst) read its
+    /// backlog back from the spool: the writer handed over only its last commit. It now takes
+    /// every commit since what it delivered from the handover chain.
+    #[tokio::test]
+    async fn a_route_behind_by_several_commits_takes_them_without_reading_them_back() {
+        let mut h = Harness::start().await;
+        h.append(0).await;
+        delivered(&h.sink, 1).await;
+        let reads = h.spool.reads();
+        for round in 0..12 {
+            let held = h.sink.held.write().await;
+            for n in 1 + round * 4..=4 + round * 4 {
+                h.append(n).await;
+            }
+            drop(held);
+            delivered(&h.sink, 5 + round * 4).await;
+        }
+        // One read per round was the old cost; see the test above for the tolerance.
+        assert!(
+            h.spool.reads() - reads <= 4,
+            "{} reads for 12 backlogs",
+            h.spool.reads() - reads
+        );
+        let expected: Vec<String> = (0..=48).map(|n| n.to_string()).collect();
+        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
+        h.stop_route().await;
+        let left = h.spool.pending("r", 0, usize::MAX).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        h.stop().await;
+    }
+
+    /// The chain of commits a route takes from has a gap where another process queued: the
+    /// route reads there, and delivers in queue order (with nothing else to wake it: the
+    /// appends after the gap were told before the route got to them).
+    #[tokio::test]
+    async fn a_backlog_with_another_process_write_in_it_is_read_in_order() {
+        let mut h = Harness::start().await;
+        h.append(0).await;
+        delivered(&h.sink, 1).await;
+        let held = h.sink.held.write().await;
+        h.append(1).await;
+        h.append(2).await;
+        let other = Write::Append {
+            channel: "c".into(),
+            routes: vec!["r".into()],
+            events: vec![numbered(3)].into(),
+            cursor: None,
+        };
+        h.spool
+            .write(&[other], Limits { max_bytes: 1 << 20 })
+            .unwrap();
+        h.append(4).await;
+        h.append(5).await;
+        drop(held);
+        delivered(&h.sink, 6).await;
+        let expected: Vec<String> = (0..=5).map(|n| n.to_string()).collect();
+        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
+        h.stop_route().await;
         h.stop().await;
     }
 

@@ -68,6 +68,7 @@ mod backend;
 #[cfg(test)]
 mod crash_tests;
 pub mod export;
+mod handover;
 pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
@@ -78,6 +79,7 @@ mod wal_tests;
 pub mod writer;
 
 pub use crate::clock::age;
+pub use handover::{Handover, Taken};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -476,16 +478,16 @@ pub struct WriteReport {
     pub appended: Vec<Vec<Option<u64>>>,
     /// Delivered events pruned to make room.
     pub pruned: u64,
-    /// What the write queued, for routes to take without reading it back; `None` if it queued
-    /// nothing or more than one read would return.
+    /// What the write queued, for routes to take without reading it back ([`Handover`]);
+    /// `None` if it queued more than [`handover::HANDOVER_BYTES`] of events.
     pub enqueued: Option<Enqueued>,
 }
 
 /// The deliveries one committed write queued, as [`Spool::pending`] would read them back, and
-/// where they stand in the spool's sequence. A route whose last whole read (or last
-/// `Enqueued`) left it knowing its queue up to `seq_before` knows from this its whole queue up
-/// to `seq_after`: every queueing, by any process, takes the next seqs in its transaction, so
-/// nothing else can have been queued in between.
+/// where they stand in the spool's sequence (equal if it queued nothing). A route whose last
+/// whole read (or take from the [`Handover`]) left it knowing its queue up to `seq_before` knows
+/// from this its whole queue up to `seq_after`: every queueing, by any process, takes the next
+/// seqs in its transaction, so nothing else can have been queued in between.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Enqueued {
     /// The spool's next-seq counter before the write.
@@ -495,11 +497,6 @@ pub struct Enqueued {
     /// Per route, what it queued there, in order.
     pub routes: Vec<(String, Vec<Queued>)>,
 }
-
-/// Up to how many body bytes a write hands its routes in [`Enqueued`] (beyond, they read it
-/// back, within their read limits). Small: the writer keeps the last one until the next
-/// append, and a burst of events is read back at little cost per event anyway.
-const ENQUEUED_BYTES: usize = 64 << 10;
 
 /// Most event bytes held by records whose apply is deferred ([`wal::Wal::defer`]): they stay
 /// in memory until applied. Two of the log's largest records, and room for a checkpoint's 64
@@ -1560,7 +1557,9 @@ impl Spool {
         Ok(self.pending_known(route, after_seq, limit)?.0)
     }
 
-    /// [`Spool::pending`], and the spool's next-seq counter as of the read (see [`Enqueued`]).
+    /// [`Spool::pending`], and the spool's next-seq counter as of the read (see [`Enqueued`]):
+    /// up to it, the route's whole queue is in the read if the read returned less than `limit`
+    /// events and [`READ_BYTES`].
     pub fn pending_known(
         &self,
         route: &str,
@@ -1837,7 +1836,7 @@ impl Spool {
             }
             if !moving.is_empty() {
                 // Every change to what is queued moves the seq counter: a route that knows its
-                // queue up to a seq (`Enqueued`) then knows it must read again.
+                // queue up to a seq ([`Handover`]) then knows it must read again.
                 t.bump(NEXT_SEQ, 1)?;
             }
             if !left {
@@ -2088,23 +2087,23 @@ fn log_only(
 }
 
 /// The deliveries a write queues, gathered for its report ([`WriteReport::enqueued`]) while
-/// they fit in [`ENQUEUED_BYTES`].
+/// they fit in [`handover::HANDOVER_BYTES`].
 #[derive(Default)]
 struct Queuing {
     routes: Vec<(String, Vec<Queued>)>,
-    /// The bodies' bytes queued so far, on every route.
+    /// The bytes queued so far ([`Event::held_bytes`]), on every route.
     bytes: usize,
 }
 
 impl Queuing {
     /// An event is queued on `routes` routes.
     fn event(&mut self, event: &Event, routes: usize) {
-        self.bytes += event.body.len() * routes;
+        self.bytes += event.held_bytes() * routes;
     }
 
     /// ... on `route`, at `seq`, as event `id`.
     fn push(&mut self, route: &str, seq: u64, id: u64, now: u64, channel: &str, event: &Event) {
-        if self.bytes > ENQUEUED_BYTES {
+        if self.bytes > handover::HANDOVER_BYTES {
             return;
         }
         let at = match self.routes.iter().position(|(r, _)| r == route) {
@@ -2126,9 +2125,9 @@ impl Queuing {
         });
     }
 
-    /// What the write queued, if anything and all of it is here.
+    /// What the write queued, if all of it is here.
     fn finish(self, seq_before: u64, seq_after: u64) -> Option<Enqueued> {
-        (seq_after != seq_before && self.bytes <= ENQUEUED_BYTES).then_some(Enqueued {
+        (self.bytes <= handover::HANDOVER_BYTES).then_some(Enqueued {
             seq_before,
             seq_after,
             routes: self.routes,

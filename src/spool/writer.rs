@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::journal::Journal;
-use super::{Enqueued, Limits, Spool, SpoolError, Write, appended_bytes};
+use super::{Enqueued, Handover, Limits, Spool, SpoolError, Write, appended_bytes};
 use crate::event::Event;
 
 /// Most writes in one transaction; more wait for the next commit.
@@ -99,8 +99,8 @@ impl Drop for Told {
 struct Tell {
     /// Bumped after every commit that appended events, to wake idle routes.
     appended: watch::Sender<u64>,
-    /// Set, before `appended` is bumped, to what that commit queued.
-    enqueued: watch::Sender<Option<Arc<Enqueued>>>,
+    /// Handed, before `appended` is bumped, what that commit queued.
+    handover: Arc<Handover>,
     /// The number of the last commit told: several appenders of one commit, or answers taken
     /// out of order, tell each commit once and never go back to an older one.
     told: Mutex<u64>,
@@ -113,7 +113,7 @@ impl Tell {
             return;
         }
         *told = commit;
-        self.enqueued.send_replace(enqueued);
+        self.handover.push(enqueued);
         self.appended.send_modify(|n| *n += 1);
     }
 }
@@ -156,8 +156,8 @@ pub struct SpoolWriter {
     jobs: Arc<Sender>,
     /// What commits, shared with the thread: its `writable` is false after a failed commit,
     /// true after a good one (for `/healthz`); its `tell` wakes idle routes (`appended`) and
-    /// hands over what the commit queued (`enqueued`), so that a route that had its whole
-    /// queue takes it without reading it back; its `journal` records finished deliveries
+    /// hands over what the commit queued (`handover`), so that a route that had its whole
+    /// queue takes what follows without reading it back; its `journal` records finished deliveries
     /// before their commit (`None` if it could not be created: then a crash repeats what
     /// finished since the last commit).
     committer: Arc<Committer>,
@@ -342,7 +342,7 @@ impl SpoolWriter {
         });
         let tell = Arc::new(Tell {
             appended: watch::Sender::new(0),
-            enqueued: watch::Sender::new(None),
+            handover: Arc::default(),
             told: Mutex::new(0),
         });
         let committer = Arc::new(Committer {
@@ -580,10 +580,10 @@ impl SpoolWriter {
         self.committer.tell.appended.subscribe()
     }
 
-    /// What the last commit that appended events queued (`None`: too much to hand over, read
-    /// it). Up to date whenever [`SpoolWriter::appended`] has changed.
-    pub fn enqueued(&self) -> watch::Receiver<Option<Arc<Enqueued>>> {
-        self.committer.tell.enqueued.subscribe()
+    /// What this writer's latest commits queued, for routes to take without reading it back.
+    /// Up to date whenever [`SpoolWriter::appended`] has changed.
+    pub fn handover(&self) -> Arc<Handover> {
+        self.committer.tell.handover.clone()
     }
 
     /// Record a finished delivery (a `Write::Mark` that delivered or gave up): in the journal
