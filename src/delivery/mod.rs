@@ -1051,6 +1051,60 @@ mod tests {
         h.stop().await;
     }
 
+    /// Found by review: commit N (events for `r`) is told after commit N+1, an event queued on
+    /// no route (its `Tell` is then skipped: an older commit). N+1 handed over nothing and left
+    /// the chain's end before N, so the woken route was told nothing was queued and waited
+    /// idle, N's events queued, until some later append.
+    #[tokio::test]
+    async fn regression_a_commit_told_after_one_that_queued_nothing_was_left_queued() {
+        let mut h = Harness::start().await;
+        h.append(0).await;
+        delivered(&h.sink, 1).await;
+        let routes = vec!["r".to_string()];
+        // Commit N, polled once: the job goes to the writer thread, its answer is not taken
+        // yet. (If the answer was there at the first poll already, that commit was told in
+        // order: again.)
+        let mut n = 1;
+        let pending = loop {
+            let events = vec![numbered(n), numbered(n + 1)].into();
+            let mut append = Box::pin(h.writer.append("c", &routes, events, None));
+            if tokio::time::timeout(Duration::ZERO, &mut append)
+                .await
+                .is_err()
+            {
+                break append;
+            }
+            n += 2;
+            delivered(&h.sink, n).await;
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let last = (n + 1).to_string();
+        let committed = |q: &Queued| q.event.event.body == last.as_bytes();
+        while !h.spool.pending("r", 0, 100).unwrap().iter().any(committed) {
+            assert!(Instant::now() < deadline, "commit N not made");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Commit N+1: an event for no route, told at once.
+        let events = vec![numbered(999)].into();
+        h.writer.append("c", &[], events, None).await.unwrap();
+        // Room for the route to take N+1's tell and go idle (nothing to wait on from here:
+        // the fixed relay reads instead, and passes either way).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Now N's appender takes its answer (its tell is skipped: N+1 was told).
+        pending.await.unwrap();
+        let mut delivered = h.sink.delivered.subscribe();
+        let got =
+            tokio::time::timeout(Duration::from_secs(5), delivered.wait_for(|d| *d >= n + 2)).await;
+        assert!(
+            got.is_ok(),
+            "events {n} and {} still queued after 5 s; delivered: {:?}",
+            n + 1,
+            h.sink.bodies.lock().unwrap()
+        );
+        h.stop_route().await;
+        h.stop().await;
+    }
+
     /// A catch-up after a gap appends outside the writer (and nudges routes) right after a live
     /// event's append. A route woken by the nudge took what the live append handed over for its
     /// whole queue, and the catch-up's events waited for the next append: on a spool held alone

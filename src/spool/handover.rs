@@ -112,18 +112,17 @@ impl Handover {
             *chain = Chain::default();
             return;
         };
-        if enqueued.seq_after == enqueued.seq_before {
-            // It queued nothing: the chain goes on from where it ended.
-            return;
-        }
         // Commits are handed over in their order; one out of it would break the search below.
         if chain.end.is_some_and(|end| end > enqueued.seq_before) {
             *chain = Chain::default();
         }
+        // Also a commit that queued nothing moves the end: past a gap before it (a commit told
+        // out of order, another process's), a route that knew its queue up to the old end
+        // must read, not take it for nothing queued.
         chain.end = Some(enqueued.seq_after);
-        if chain.takers.is_empty() {
-            // Every route reads (or none has read yet): a route's next read reaches past this
-            // entry, and after that read it takes what follows it.
+        if enqueued.seq_after == enqueued.seq_before || chain.takers.is_empty() {
+            // Nothing to keep; or every route reads (or none has read yet): a route's next
+            // read reaches past this entry, and after that read it takes what follows it.
             return;
         }
         chain.bytes += bytes(&enqueued);
@@ -382,6 +381,28 @@ mod tests {
         assert_eq!(handover.chain().entries.len(), 1);
         handover.leave("a");
         assert_eq!(handover.chain().entries.len(), 0);
+    }
+
+    /// Found by review: a commit that queued nothing, handed over after a gap (an older
+    /// commit told after it, so never handed over), left the chain's end before the gap, and a
+    /// route that knew its queue up to there was told nothing was queued: it waited idle with
+    /// the gap's events queued.
+    #[test]
+    fn regression_a_commit_that_queued_nothing_after_a_gap_hid_the_gap() {
+        let handover = taking(&[("r", 0)]);
+        handover.push(Some(entry(0, "r", &[1], 10)));
+        assert_eq!(
+            ids(&handover.take("r", 0, 256, 1 << 20)),
+            (vec![1], 1, false)
+        );
+        // Seq 1 -> 2 queued on "r" by a commit never handed over; then a commit that appended
+        // an event queued on no route.
+        handover.push(Some(Arc::new(Enqueued {
+            seq_before: 2,
+            seq_after: 2,
+            routes: vec![],
+        })));
+        assert_eq!(handover.take("r", 1, 256, 1 << 20), Taken::Read);
     }
 
     #[test]
