@@ -956,6 +956,16 @@ mod tests {
             drop(self.writer);
             self.thread.join().unwrap();
         }
+
+        /// Stop, once events `0..=last` were delivered in order and nothing is left queued.
+        async fn stop_all_delivered(mut self, last: usize) {
+            let expected: Vec<String> = (0..=last).map(|n| n.to_string()).collect();
+            assert_eq!(*self.sink.bodies.lock().unwrap(), expected);
+            self.stop_route().await;
+            let left = self.spool.pending("r", 0, usize::MAX).unwrap();
+            assert!(left.is_empty(), "{left:?}");
+            self.stop().await;
+        }
     }
 
     /// At everyday rates a drained route read every appended event back from the spool: a
@@ -963,7 +973,7 @@ mod tests {
     /// this process's writer queued from the append itself.
     #[tokio::test]
     async fn a_drained_route_takes_what_this_process_appends_without_reading_it_back() {
-        let mut h = Harness::start().await;
+        let h = Harness::start().await;
         h.append(0).await;
         delivered(&h.sink, 1).await;
         let reads = h.spool.reads();
@@ -981,13 +991,8 @@ mod tests {
             "{} reads for 20 events",
             h.spool.reads() - reads
         );
-        let expected: Vec<String> = (0..=20).map(|n| n.to_string()).collect();
-        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
         // What it took over is marked delivered like anything read.
-        h.stop_route().await;
-        let left = h.spool.pending("r", 0, usize::MAX).unwrap();
-        assert!(left.is_empty(), "{left:?}");
-        h.stop().await;
+        h.stop_all_delivered(20).await;
     }
 
     /// A route behind its appends by several commits (a slow target in a burst) read its
@@ -995,7 +1000,7 @@ mod tests {
     /// every commit since what it delivered from the handover chain.
     #[tokio::test]
     async fn a_route_behind_by_several_commits_takes_them_without_reading_them_back() {
-        let mut h = Harness::start().await;
+        let h = Harness::start().await;
         h.append(0).await;
         delivered(&h.sink, 1).await;
         let reads = h.spool.reads();
@@ -1013,12 +1018,7 @@ mod tests {
             "{} reads for 12 backlogs",
             h.spool.reads() - reads
         );
-        let expected: Vec<String> = (0..=48).map(|n| n.to_string()).collect();
-        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
-        h.stop_route().await;
-        let left = h.spool.pending("r", 0, usize::MAX).unwrap();
-        assert!(left.is_empty(), "{left:?}");
-        h.stop().await;
+        h.stop_all_delivered(48).await;
     }
 
     /// The chain of commits a route takes from has a gap where another process queued: the
