@@ -45,7 +45,7 @@ pub struct Handover {
 struct Chain {
     /// Oldest first; each entry starts at or after where the one before ended.
     entries: VecDeque<Arc<Enqueued>>,
-    /// The bytes the entries hold ([`HANDOVER_BYTES`]), on every route.
+    /// The bytes the entries hold ([`Enqueued::held_bytes`]), at most [`HANDOVER_BYTES`].
     bytes: usize,
     /// Where the last entry handed over ended (also once it is let go): a route that knows its
     /// queue up to there has nothing to take. `None` before the first entry and after a commit
@@ -75,7 +75,7 @@ impl Chain {
             if needed.is_some_and(|needed| first.seq_after > needed) {
                 break;
             }
-            self.bytes -= bytes(first);
+            self.bytes -= first.held_bytes;
             gone.extend(self.entries.pop_front());
         }
         gone
@@ -125,13 +125,13 @@ impl Handover {
             // read reaches past this entry, and after that read it takes what follows it.
             return;
         }
-        chain.bytes += bytes(&enqueued);
+        chain.bytes += enqueued.held_bytes;
         chain.entries.push_back(enqueued);
         while chain.bytes > HANDOVER_BYTES {
             let Some(oldest) = chain.entries.pop_front() else {
                 break;
             };
-            chain.bytes -= bytes(&oldest);
+            chain.bytes -= oldest.held_bytes;
         }
     }
 
@@ -226,12 +226,6 @@ fn theirs<'a>(entry: &'a Enqueued, route: &str) -> &'a [Queued] {
     theirs.map_or(&[], |(_, queued)| queued)
 }
 
-/// The bytes an entry holds.
-fn bytes(enqueued: &Enqueued) -> usize {
-    let queued = enqueued.routes.iter().flat_map(|(_, queued)| queued);
-    queued.map(|q| q.event.event.held_bytes()).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,10 +250,11 @@ mod tests {
                 },
                 attempts: 0,
             })
-            .collect();
+            .collect::<Vec<_>>();
         Arc::new(Enqueued {
             seq_before,
             seq_after: seq_before + ids.len() as u64,
+            held_bytes: queued.iter().map(|q| q.event.event.held_bytes()).sum(),
             routes: vec![(route.to_string(), queued)],
         })
     }
@@ -271,6 +266,11 @@ mod tests {
             handover.read(route, Some(known));
         }
         handover
+    }
+
+    /// What `route` takes from `from` on, within a read's usual limits.
+    fn take(handover: &Handover, route: &str, from: u64) -> Taken {
+        handover.take(route, from, 256, 1 << 20)
     }
 
     fn ids(taken: &Taken) -> (Vec<u64>, u64, bool) {
@@ -295,15 +295,15 @@ mod tests {
             handover
         };
         let handover = chain();
-        let taken = handover.take("r", 0, 256, 1 << 20);
+        let taken = take(&handover, "r", 0);
         assert_eq!(ids(&taken), (vec![1, 2, 3, 5], 5, false));
-        assert_eq!(handover.take("r", 5, 256, 1 << 20), Taken::Nothing);
+        assert_eq!(take(&handover, "r", 5), Taken::Nothing);
         let handover = chain();
-        let taken = handover.take("r", 2, 256, 1 << 20);
+        let taken = take(&handover, "r", 2);
         assert_eq!(ids(&taken), (vec![3, 5], 5, false));
         // An entry of other routes only still moves what the route knows.
         let handover = chain();
-        let taken = handover.take("other", 4, 256, 1 << 20);
+        let taken = take(&handover, "other", 4);
         assert_eq!(ids(&taken), (vec![], 5, false));
     }
 
@@ -327,26 +327,26 @@ mod tests {
     #[test]
     fn a_gap_or_an_unknown_start_means_a_read() {
         let handover = Handover::default();
-        assert_eq!(handover.take("r", 0, 256, 1 << 20), Taken::Read);
+        assert_eq!(take(&handover, "r", 0), Taken::Read);
         handover.read("r", Some(0));
         handover.push(Some(entry(0, "r", &[1], 10)));
         // Another process queued seqs 1 and 2: this entry starts past them.
         handover.push(Some(entry(3, "r", &[4], 10)));
-        let taken = handover.take("r", 0, 256, 1 << 20);
+        let taken = take(&handover, "r", 0);
         assert_eq!(ids(&taken), (vec![1], 1, true));
         // A route that knows its queue up to 3 takes past the gap.
-        let taken = handover.take("s", 3, 256, 1 << 20);
+        let taken = take(&handover, "s", 3);
         assert_eq!(ids(&taken), (vec![], 4, false));
-        assert_eq!(handover.take("r", 1, 256, 1 << 20), Taken::Read);
-        assert_eq!(handover.take("t", 2, 256, 1 << 20), Taken::Read);
+        assert_eq!(take(&handover, "r", 1), Taken::Read);
+        assert_eq!(take(&handover, "t", 2), Taken::Read);
         // Once "r" has read up to 4, it has nothing to take.
-        assert_eq!(handover.take("r", 4, 256, 1 << 20), Taken::Nothing);
+        assert_eq!(take(&handover, "r", 4), Taken::Nothing);
         // A commit that queued nothing changes nothing.
         handover.push(Some(entry(4, "r", &[], 10)));
-        assert_eq!(handover.take("r", 4, 256, 1 << 20), Taken::Nothing);
+        assert_eq!(take(&handover, "r", 4), Taken::Nothing);
         // A commit too large to hand over: everything before it is no use any more.
         handover.push(None);
-        assert_eq!(handover.take("r", 4, 256, 1 << 20), Taken::Read);
+        assert_eq!(take(&handover, "r", 4), Taken::Read);
     }
 
     #[test]
@@ -354,26 +354,17 @@ mod tests {
         let handover = taking(&[("a", 0)]);
         handover.push(Some(entry(0, "a", &[1], 10)));
         handover.push(Some(entry(1, "b", &[2], 10)));
-        assert_eq!(
-            ids(&handover.take("a", 0, 256, 1 << 20)),
-            (vec![1], 2, false)
-        );
+        assert_eq!(ids(&take(&handover, "a", 0)), (vec![1], 2, false));
         // Only "a" takes so far: what it took is let go, though "b" (which reads) had some.
         assert_eq!(handover.chain().entries.len(), 0);
         assert_eq!(handover.chain().bytes, 0);
-        assert_eq!(handover.take("a", 2, 256, 1 << 20), Taken::Nothing);
+        assert_eq!(take(&handover, "a", 2), Taken::Nothing);
         handover.push(Some(entry(2, "b", &[3], 10)));
         handover.push(Some(entry(3, "a", &[4], 10)));
-        assert_eq!(
-            ids(&handover.take("b", 2, 256, 1 << 20)),
-            (vec![3], 4, false)
-        );
+        assert_eq!(ids(&take(&handover, "b", 2)), (vec![3], 4, false));
         // "a" has not taken 2..4 yet: kept for it.
         assert_eq!(handover.chain().entries.len(), 2);
-        assert_eq!(
-            ids(&handover.take("a", 2, 256, 1 << 20)),
-            (vec![4], 4, false)
-        );
+        assert_eq!(ids(&take(&handover, "a", 2)), (vec![4], 4, false));
         assert_eq!(handover.chain().entries.len(), 0);
         // A route that stopped holds nothing back.
         handover.push(Some(entry(4, "a", &[5], 10)));
@@ -391,18 +382,15 @@ mod tests {
     fn regression_a_commit_that_queued_nothing_after_a_gap_hid_the_gap() {
         let handover = taking(&[("r", 0)]);
         handover.push(Some(entry(0, "r", &[1], 10)));
-        assert_eq!(
-            ids(&handover.take("r", 0, 256, 1 << 20)),
-            (vec![1], 1, false)
-        );
+        assert_eq!(ids(&take(&handover, "r", 0)), (vec![1], 1, false));
         // Seq 1 -> 2 queued on "r" by a commit never handed over; then a commit that appended
         // an event queued on no route.
         handover.push(Some(Arc::new(Enqueued {
             seq_before: 2,
             seq_after: 2,
-            routes: vec![],
+            ..Enqueued::default()
         })));
-        assert_eq!(handover.take("r", 1, 256, 1 << 20), Taken::Read);
+        assert_eq!(take(&handover, "r", 1), Taken::Read);
     }
 
     #[test]
@@ -412,7 +400,7 @@ mod tests {
         assert_eq!(handover.chain().entries.len(), 0);
         // Its read reached past seq 1.
         handover.read("r", Some(1));
-        assert_eq!(handover.take("r", 1, 256, 1 << 20), Taken::Nothing);
+        assert_eq!(take(&handover, "r", 1), Taken::Nothing);
         handover.push(Some(entry(1, "r", &[2], 10)));
         assert_eq!(handover.chain().entries.len(), 1);
         // A read that stopped at its limits: the route reads again next.
@@ -430,10 +418,7 @@ mod tests {
         // Committed after the read's transaction began: not in the read.
         handover.push(Some(entry(1, "r", &[2], 10)));
         handover.read("r", Some(1));
-        assert_eq!(
-            ids(&handover.take("r", 1, 256, 1 << 20)),
-            (vec![2], 2, false)
-        );
+        assert_eq!(ids(&take(&handover, "r", 1)), (vec![2], 2, false));
     }
 
     #[test]
@@ -442,7 +427,7 @@ mod tests {
         let held = entry(0, "r", &[1, 2], 10);
         handover.push(Some(held.clone()));
         handover.push(Some(entry(2, "r", &[3], 10)));
-        let taken = handover.take("r", 0, 256, 1 << 20);
+        let taken = take(&handover, "r", 0);
         assert_eq!(ids(&taken), (vec![1, 2, 3], 3, false));
         assert_eq!(held.routes[0].1.len(), 2);
     }
@@ -470,17 +455,14 @@ mod tests {
     fn a_route_that_reads_holds_nothing_back() {
         let handover = taking(&[("r", 0)]);
         handover.push(Some(entry(0, "r", &[1], 10)));
-        assert_eq!(
-            ids(&handover.take("r", 0, 256, 1 << 20)),
-            (vec![1], 1, false)
-        );
+        assert_eq!(ids(&take(&handover, "r", 0)), (vec![1], 1, false));
         handover.push(Some(entry(2, "r", &[3], 10)));
         // Another process queued seq 1: "r" reads; what is handed over until its read is
         // done is kept, and let go once the read reached past it.
-        assert_eq!(handover.take("r", 1, 256, 1 << 20), Taken::Read);
+        assert_eq!(take(&handover, "r", 1), Taken::Read);
         assert_eq!(handover.chain().entries.len(), 1);
         handover.read("r", Some(3));
         assert_eq!(handover.chain().entries.len(), 0);
-        assert_eq!(handover.take("r", 3, 256, 1 << 20), Taken::Nothing);
+        assert_eq!(take(&handover, "r", 3), Taken::Nothing);
     }
 }

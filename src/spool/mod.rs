@@ -496,6 +496,9 @@ pub struct Enqueued {
     pub seq_after: u64,
     /// Per route, what it queued there, in order.
     pub routes: Vec<(String, Vec<Queued>)>,
+    /// The bytes those events hold ([`Event::held_bytes`], once per route), counted as they
+    /// were queued: what bounds the [`Handover`].
+    pub held_bytes: usize,
 }
 
 /// Most event bytes held by records whose apply is deferred ([`wal::Wal::defer`]): they stay
@@ -2131,6 +2134,7 @@ impl Queuing {
             seq_before,
             seq_after,
             routes: self.routes,
+            held_bytes: self.bytes,
         })
     }
 }
