@@ -1026,7 +1026,7 @@ mod tests {
     /// appends after the gap were told before the route got to them).
     #[tokio::test]
     async fn a_backlog_with_another_process_write_in_it_is_read_in_order() {
-        let mut h = Harness::start().await;
+        let h = Harness::start().await;
         h.append(0).await;
         delivered(&h.sink, 1).await;
         let held = h.sink.held.write().await;
@@ -1045,10 +1045,7 @@ mod tests {
         h.append(5).await;
         drop(held);
         delivered(&h.sink, 6).await;
-        let expected: Vec<String> = (0..=5).map(|n| n.to_string()).collect();
-        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
-        h.stop_route().await;
-        h.stop().await;
+        h.stop_all_delivered(5).await;
     }
 
     /// Found by review: commit N (events for `r`) is told after commit N+1, an event queued on
@@ -1112,7 +1109,7 @@ mod tests {
     /// ready, is a draw: rounds make it certain.)
     #[tokio::test]
     async fn regression_a_nudge_right_after_an_append_left_the_nudged_events_queued() {
-        let mut h = Harness::start().await;
+        let h = Harness::start().await;
         h.append(0).await;
         delivered(&h.sink, 1).await;
         for round in 0..24 {
@@ -1123,10 +1120,7 @@ mod tests {
                 .unwrap();
             delivered(&h.sink, live + 2).await;
         }
-        let expected: Vec<String> = (0..49).map(|n| n.to_string()).collect();
-        assert_eq!(*h.sink.bodies.lock().unwrap(), expected);
-        h.stop_route().await;
-        h.stop().await;
+        h.stop_all_delivered(48).await;
     }
 
     /// A route stopped while idle returned without waiting for its last finished delivery to
