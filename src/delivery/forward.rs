@@ -15,6 +15,9 @@
 //! [`ForwardError`] sorts failures into retryable (the target is down, slow, or says "later")
 //! and permanent (it refused this request), which is all a retry loop needs to know.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -104,6 +107,52 @@ pub struct Forwarder {
     timeout: Duration,
     /// `Basic ...` from the URL's credentials, computed once (sensitive: Debug hides it).
     authorization: Option<HeaderValue>,
+    /// The timer that bounds a plain-http delivery, kept for the next one.
+    deadline: DeadlineTimer,
+}
+
+/// A delivery's deadline timer, kept from one delivery to the next. tokio wakes its event loop
+/// (a write to an eventfd, and one more turn of the loop) whenever a timer is registered earlier
+/// than the loop's next wake, which a new timer for each delivery is, every time: a system call
+/// per event at everyday rates. A kept timer moved later is extended in place, with no wake.
+/// A route delivers one event at a time; were two deliveries to overlap, the second would make
+/// its own timer.
+#[derive(Default)]
+struct DeadlineTimer(Mutex<Option<Pin<Box<tokio::time::Sleep>>>>);
+
+impl DeadlineTimer {
+    /// Run `work` until it is done (`Some`) or `timeout` has passed (`None`).
+    async fn bound<F: Future>(&self, timeout: Duration, work: F) -> Option<F::Output> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut sleep = match kept {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let done = tokio::select! {
+            biased;
+            done = work => Some(done),
+            () = sleep.as_mut() => None,
+        };
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(sleep);
+        done
+    }
+}
+
+/// A clone (a route's copy of a sink) keeps its own timer.
+impl Clone for DeadlineTimer {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for DeadlineTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeadlineTimer")
+    }
 }
 
 /// The HTTP client for one target, by scheme.
@@ -149,6 +198,7 @@ impl Forwarder {
             target,
             engine,
             timeout,
+            deadline: DeadlineTimer::default(),
         })
     }
 
@@ -175,9 +225,9 @@ impl Forwarder {
         let answer = match &self.engine {
             Engine::Plain(client) => {
                 let exchange = post_plain(client, url.as_str(), headers, event.body.clone());
-                match tokio::time::timeout(self.timeout, exchange).await {
-                    Ok(answer) => answer?,
-                    Err(_) => return Err(ForwardError::Timeout(self.timeout)),
+                match self.deadline.bound(self.timeout, exchange).await {
+                    Some(answer) => answer?,
+                    None => return Err(ForwardError::Timeout(self.timeout)),
                 }
             }
             Engine::Tls(client) => post_tls(client, url, headers, event.body.clone())
@@ -499,6 +549,44 @@ mod tests {
             "{error}"
         );
         assert!(error.is_retryable());
+    }
+
+    /// The deadline timer is kept from one delivery to the next (moved later, not made
+    /// anew): it must bound each delivery from its own start, after a quick one and after one
+    /// that timed out alike.
+    #[tokio::test]
+    async fn each_delivery_has_its_own_deadline_with_the_timer_kept_between_them() {
+        let app = Router::new().route(
+            "/hook",
+            post(|headers: http::HeaderMap| async move {
+                if headers.contains_key("x-hold") {
+                    std::future::pending::<()>().await;
+                }
+                "ok"
+            }),
+        );
+        let port = serve(app).await;
+        let timeout = Duration::from_millis(300);
+        let target = forwarder(&format!("http://127.0.0.1:{port}/hook"), timeout);
+        let plain = event(&[]);
+        let quick = || target.deliver(&plain, &[]);
+        let held = || target.deliver(&plain, &[("x-hold", "1")]);
+        quick().await.unwrap();
+        // Longer than the timeout in all, each well within it: the deadline moved every time.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            quick().await.unwrap();
+        }
+        let started = Instant::now();
+        let error = held().await.unwrap_err();
+        assert!(matches!(error, ForwardError::Timeout(_)), "{error}");
+        assert!(started.elapsed() >= timeout, "not before its own deadline");
+        // After a timeout (the kept timer has fired), the next delivery gets a whole timeout
+        // again, and another hold times out again.
+        quick().await.unwrap();
+        let started = Instant::now();
+        assert!(matches!(held().await, Err(ForwardError::Timeout(_))));
+        assert!(started.elapsed() >= timeout);
     }
 
     #[tokio::test]
