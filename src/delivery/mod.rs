@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::counters::Counters;
+use crate::counters::{Counters, RouteCounters};
 use crate::retry::BackoffPolicy;
 use crate::spool::{self, Outcome, Queued, Spool, StoredEvent, Taken, Write, writer::SpoolWriter};
 use forward::{Delivered, ForwardError, Forwarder};
@@ -94,12 +94,15 @@ impl DeliveryLine {
     }
 }
 
-/// The [`DeliveryLine`] of one attempt; `None` when its level is off.
+/// The [`DeliveryLine`] of one attempt to `sink` (described as `described`, once per route);
+/// `None` when its level is off. Written into one string: this runs once per event.
 fn delivery_line(
     sink: &dyn Sink,
+    described: &str,
     event: &StoredEvent,
     outcome: &Result<Delivered, ForwardError>,
 ) -> Option<DeliveryLine> {
+    use std::fmt::Write as _;
     // Describing the event may parse its body: skip it when the line would not be written.
     let written = match outcome {
         Ok(_) => tracing::enabled!(tracing::Level::INFO),
@@ -108,23 +111,30 @@ fn delivery_line(
     if !written {
         return None;
     }
-    let id = match sink.cluster_seq(event) {
-        Some(seq) => format!("event {seq} in the cluster (local {})", event.id),
-        None => format!("event {}", event.id),
-    };
-    let about = match spool::event_kind(&event.event) {
-        Some(kind) => format!("{id}, {kind}"),
-        None => id,
-    };
-    let what = sink.describe();
-    Some(match outcome {
-        Ok(done) => DeliveryLine::Delivered(format!(
-            "{what} -> {} in {} ms ({about})",
+    let mut line = String::with_capacity(described.len() + 64);
+    line.push_str(described);
+    // (`write!` into a String cannot fail.)
+    let _ = match outcome {
+        Ok(done) => write!(
+            line,
+            " -> {} in {} ms (",
             done.status.as_u16(),
             done.elapsed.as_millis()
-        )),
+        ),
         // `None`: the sink paces this failure's line (a NATS outage repeats it).
-        Err(e) => DeliveryLine::Failed(format!("{what} failed: {} ({about})", sink.failure(e)?)),
+        Err(e) => write!(line, " failed: {} (", sink.failure(e)?),
+    };
+    let _ = match sink.cluster_seq(event) {
+        Some(seq) => write!(line, "event {seq} in the cluster (local {})", event.id),
+        None => write!(line, "event {}", event.id),
+    };
+    if let Some(kind) = spool::event_kind(&event.event) {
+        let _ = write!(line, ", {kind}");
+    }
+    line.push(')');
+    Some(match outcome {
+        Ok(_) => DeliveryLine::Delivered(line),
+        Err(_) => DeliveryLine::Failed(line),
     })
 }
 
@@ -224,6 +234,9 @@ pub async fn run_route(
     // anything else queued meanwhile (by `events replay` in another process too) moved the
     // counter, and the route reads.
     let mut known: Option<u64> = None;
+    // For the delivery lines and metrics: a route's sink does not change while it runs.
+    let described = sink.describe();
+    let route_counters = counters.route(spool::route_name(&route));
     while !cancel.is_cancelled() {
         // Woken by a change the writer did not tell of: the read below must see it, so the
         // handover is not taken for the whole queue.
@@ -319,10 +332,11 @@ pub async fn run_route(
                 spool: &spool,
                 writer: &writer,
                 sink: sink.as_ref(),
+                described: &described,
                 route: &route,
                 label: spool::route_name(&route),
                 policy,
-                counters: &counters,
+                counters: &route_counters,
                 cancel: &cancel,
             };
             if !delivery.run(&item, &mut marks).await {
@@ -390,12 +404,14 @@ struct Delivery<'a> {
     spool: &'a Spool,
     writer: &'a SpoolWriter,
     sink: &'a dyn Sink,
+    /// What delivery lines call the sink ([`Sink::describe`], made once per route).
+    described: &'a str,
     /// The queue's key, for marks.
     route: &'a str,
     /// What logs and metrics call the route: its target (no channel key in labels).
     label: &'a str,
     policy: RetryPolicy,
-    counters: &'a Counters,
+    counters: &'a RouteCounters<'a>,
     cancel: &'a CancellationToken,
 }
 
@@ -425,12 +441,12 @@ impl Delivery<'_> {
                 }
             };
             attempts += 1;
-            let line = delivery_line(self.sink, &item.event, &outcome);
+            let line = delivery_line(self.sink, self.described, &item.event, &outcome);
             let error = match outcome {
                 Ok(done) => {
                     // Recorded as soon as the target answered, and only then paced: a crash
                     // from here on does not repeat it (the line says so once it is true).
-                    self.counters.delivered(self.label, done.elapsed);
+                    self.counters.delivered(done.elapsed);
                     let status = done.status.as_u16();
                     let finished = self
                         .finish(mark(self.route, item, Outcome::Delivered { status }))
@@ -458,7 +474,7 @@ impl Delivery<'_> {
                 } else {
                     error.to_string()
                 };
-                self.counters.dead(self.label);
+                self.counters.dead();
                 match self.sink.cluster_seq(&item.event) {
                     // `events replay` takes the cluster's ids in cluster mode.
                     Some(seq) => warn!(
@@ -485,7 +501,7 @@ impl Delivery<'_> {
                 return finished;
             }
             self.pace(started).await;
-            self.counters.retried(self.label);
+            self.counters.retried();
             let delay = self
                 .policy
                 .delay(error.retry_after(), &mut backoff, item.event.id);
@@ -613,6 +629,55 @@ mod tests {
             retry_after: retry_after.map(Duration::from_secs),
             body: String::new(),
         })
+    }
+
+    /// The delivery line users read (and grep) for each attempt, word for word: written into
+    /// one string, with the sink described once per route.
+    #[test]
+    fn delivery_lines_read_as_documented() {
+        let at = |level| {
+            tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::sink)
+                .finish()
+        };
+        let event = StoredEvent {
+            id: 12,
+            received_ms: 0,
+            channel: "https://smee.io/x".into(),
+            event: Event {
+                headers: vec![("x-github-event".into(), "push".into())],
+                body: bytes::Bytes::from_static(b"{}"),
+                ..Event::default()
+            },
+        };
+        let sink = Scripted::new(Vec::new());
+        let text = |outcome: &Result<Delivered, ForwardError>| {
+            tracing::subscriber::with_default(at(tracing::Level::INFO), || {
+                match delivery_line(&sink, "POST 127.0.0.1:3000/hook", &event, outcome) {
+                    Some(DeliveryLine::Delivered(line)) => format!("info: {line}"),
+                    Some(DeliveryLine::Failed(line)) => format!("warn: {line}"),
+                    None => "none".into(),
+                }
+            })
+        };
+        let done = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::from_millis(3),
+        });
+        assert_eq!(
+            text(&done),
+            "info: POST 127.0.0.1:3000/hook -> 200 in 3 ms (event 12, x-github-event=push)"
+        );
+        assert_eq!(
+            text(&status(503, None)),
+            "warn: POST 127.0.0.1:3000/hook failed: target answered 503 Service Unavailable \
+             (event 12, x-github-event=push)"
+        );
+        // Off at the level: nothing is made.
+        tracing::subscriber::with_default(at(tracing::Level::ERROR), || {
+            assert!(delivery_line(&sink, "x", &event, &done).is_none());
+        });
     }
 
     #[tokio::test(start_paused = true)]
