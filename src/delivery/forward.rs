@@ -52,8 +52,8 @@ pub enum ForwardError {
         /// The start of the response body, for the log.
         body: String,
     },
-    /// No answer within the target timeout.
-    #[error("target did not answer within {}", humantime::format_duration(*.0))]
+    /// No whole answer (status, headers and body) within the target timeout.
+    #[error("target did not answer in full within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     /// Could not connect, or the connection broke.
     #[error("cannot reach target: {0}")]
