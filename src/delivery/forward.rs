@@ -589,6 +589,33 @@ mod tests {
         assert!(started.elapsed() >= timeout);
     }
 
+    /// A target that sends its status and then stalls the body times out like one that never
+    /// answers, and the message does not claim it never answered (it said "did not answer").
+    #[tokio::test]
+    async fn regression_a_stalled_body_is_a_timeout_that_says_the_answer_was_not_whole() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0; 4096];
+                let _ = socket.read(&mut request).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
+                socket.write_all(head).await.unwrap();
+                held.push(socket);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let target = forwarder(&format!("http://127.0.0.1:{port}/hook"), timeout);
+        let error = target.deliver(&event(&[]), &[]).await.unwrap_err();
+        assert!(matches!(error, ForwardError::Timeout(_)), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "target did not answer in full within 300ms"
+        );
+    }
+
     #[tokio::test]
     async fn a_closed_port_is_a_retryable_connection_error_over_http_and_https() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
