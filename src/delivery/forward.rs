@@ -526,7 +526,7 @@ mod tests {
         let quick = || target.deliver(&plain, &[]);
         let held = || target.deliver(&plain, &[("x-hold", "1")]);
         quick().await.unwrap();
-        // Longer than the timeout in all, each well within it: the deadline moved every time.
+        // Longer than the timeout in all, each well within it.
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             quick().await.unwrap();
@@ -535,8 +535,8 @@ mod tests {
         let error = held().await.unwrap_err();
         assert!(matches!(error, ForwardError::Timeout(_)), "{error}");
         assert!(started.elapsed() >= timeout, "not before its own deadline");
-        // After a timeout (the kept timer has fired), the next delivery gets a whole timeout
-        // again, and another hold times out again.
+        // After a timeout, the next delivery gets a whole timeout again, and another hold
+        // times out again.
         quick().await.unwrap();
         let started = Instant::now();
         assert!(matches!(held().await, Err(ForwardError::Timeout(_))));
