@@ -484,17 +484,29 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_target_that_never_answers_times_out() {
+    /// A target that accepts connections and holds them open, after writing `answer` (if any)
+    /// once it has read the request: a hung target, or one that stalls mid-answer. Its port.
+    async fn holding_target(answer: Option<&'static [u8]>) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        // Accept and hold connections without ever answering.
         tokio::spawn(async move {
             let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                if let Some(answer) = answer {
+                    let mut request = [0; 4096];
+                    let _ = socket.read(&mut request).await;
+                    socket.write_all(answer).await.unwrap();
+                }
                 held.push(socket);
             }
         });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_target_that_never_answers_times_out() {
+        let port = holding_target(None).await;
         let timeout = Duration::from_millis(200);
         let target = forwarder(&format!("http://127.0.0.1:{port}/hook"), timeout);
         let error = target.deliver(&event(&[]), &[]).await.unwrap_err();
@@ -560,19 +572,7 @@ mod tests {
     /// answers, and the message does not claim it never answered (it said "did not answer").
     #[tokio::test]
     async fn regression_a_stalled_body_is_a_timeout_that_says_the_answer_was_not_whole() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let mut request = [0; 4096];
-                let _ = socket.read(&mut request).await;
-                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
-                socket.write_all(head).await.unwrap();
-                held.push(socket);
-            }
-        });
+        let port = holding_target(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")).await;
         let timeout = Duration::from_millis(300);
         let target = forwarder(&format!("http://127.0.0.1:{port}/hook"), timeout);
         let error = target.deliver(&event(&[]), &[]).await.unwrap_err();
