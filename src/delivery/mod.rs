@@ -94,7 +94,7 @@ impl DeliveryLine {
     }
 }
 
-/// The [`DeliveryLine`] of one attempt to `sink` (described as `described`, once per route);
+/// The [`DeliveryLine`] of one attempt to `sink` (described as `described`, made once per route);
 /// `None` when its level is off. Written into one string: this runs once per event.
 fn delivery_line(
     sink: &dyn Sink,
@@ -234,9 +234,22 @@ pub async fn run_route(
     // anything else queued meanwhile (by `events replay` in another process too) moved the
     // counter, and the route reads.
     let mut known: Option<u64> = None;
-    // For the delivery lines and metrics: a route's sink does not change while it runs.
+    // What logs and metrics call the route, and the sink's description: fixed while it runs,
+    // so made once here, with everything else an attempt needs but the event.
+    let label = spool::route_name(&route);
     let described = sink.describe();
-    let route_counters = counters.route(spool::route_name(&route));
+    let route_counters = counters.route(label);
+    let delivery = Delivery {
+        spool: &spool,
+        writer: &writer,
+        sink: sink.as_ref(),
+        described: &described,
+        route: &route,
+        label,
+        policy,
+        counters: &route_counters,
+        cancel: &cancel,
+    };
     while !cancel.is_cancelled() {
         // Woken by a change the writer did not tell of: the read below must see it, so the
         // handover is not taken for the whole queue.
@@ -287,7 +300,7 @@ pub async fn run_route(
                 match read {
                     Ok(Ok((queued, next_known))) => {
                         if std::mem::take(&mut said) {
-                            info!(route = spool::route_name(&route), "the spool reads again");
+                            info!(route = label, "the spool reads again");
                         }
                         let bytes: usize = queued.iter().map(|q| q.event.event.body.len()).sum();
                         let whole = queued.len() < READ_AHEAD && bytes < spool::READ_BYTES;
@@ -301,7 +314,7 @@ pub async fn run_route(
                             continue;
                         }
                         error!(
-                            route = spool::route_name(&route),
+                            route = label,
                             "cannot read the spool, retrying in 1s: {}",
                             crate::error::chain(&e)
                         );
@@ -309,10 +322,7 @@ pub async fn run_route(
                         continue;
                     }
                     Err(e) => {
-                        error!(
-                            route = spool::route_name(&route),
-                            "spool reader failed: {e}"
-                        );
+                        error!(route = label, "spool reader failed: {e}");
                         handover.leave(&route);
                         return;
                     }
@@ -328,17 +338,6 @@ pub async fn run_route(
                 interrupted = true;
                 break;
             }
-            let delivery = Delivery {
-                spool: &spool,
-                writer: &writer,
-                sink: sink.as_ref(),
-                described: &described,
-                route: &route,
-                label: spool::route_name(&route),
-                policy,
-                counters: &route_counters,
-                cancel: &cancel,
-            };
             if !delivery.run(&item, &mut marks).await {
                 interrupted = true;
                 break;
@@ -399,12 +398,12 @@ async fn wait(cancel: &CancellationToken, delay: Duration) {
     }
 }
 
-/// One queued event's way through its attempts.
+/// A route's way of delivering one queued event through its attempts (made once per route).
 struct Delivery<'a> {
     spool: &'a Spool,
     writer: &'a SpoolWriter,
     sink: &'a dyn Sink,
-    /// What delivery lines call the sink ([`Sink::describe`], made once per route).
+    /// What delivery lines call the sink ([`Sink::describe`]).
     described: &'a str,
     /// The queue's key, for marks.
     route: &'a str,
