@@ -24,10 +24,14 @@
 //! reads its queue from `pending` in `seq` order; replaying an event adds it again at the tail
 //! with a new `seq`.
 //!
-//! Format versions (`meta.format`): 1 named a forward queue by the target URL alone; 2 (this
-//! one) by [`route_key`]. A version-1 spool is upgraded in place: its queued deliveries keep
-//! their `seq` (so their order) and move to the new key when the relay of their channel starts
-//! ([`Spool::adopt_legacy`]). A newer version than this build knows is refused. A relay opens
+//! Format versions (`meta.format`): 1 named a forward queue by the target URL alone; 2 by
+//! [`route_key`]; 3 (this one) writes `records` rows in a binary layout ([`record`]) where 2
+//! wrote JSON. A version-1 spool is upgraded in place: its queued deliveries keep their `seq`
+//! (so their order) and move to the new key when the relay of their channel starts
+//! ([`Spool::adopt_legacy`]). A version-2 spool is upgraded by setting the number: its JSON rows
+//! are read as they are, and rewritten in the new layout when their delivery next changes; an
+//! older build then refuses the spool rather than misread the new rows. A newer version than
+//! this build knows is refused. A relay opens
 //! the database in redb's exclusive-writer mode (one fsync per commit) while no other process
 //! uses it, and shares it (multi-writer mode) while `smee-relay events`, `catch-up` or a relay
 //! of another channel does ([`share`]); two relays for the same channel are kept apart by a
@@ -72,6 +76,7 @@ mod handover;
 pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
+mod record;
 mod share;
 mod wal;
 #[cfg(test)]
@@ -104,7 +109,7 @@ const CLUSTER: &str = "cluster";
 const LEGACY: &str = "legacy_queues";
 
 /// The spool format this build writes (see the module header).
-pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_VERSION: u64 = 3;
 
 /// The queue of deliveries from the channel with key `channel_key` ([`lock::channel_key`]) to
 /// `target`. A URL has no spaces, so the key splits back unambiguously.
@@ -1612,7 +1617,7 @@ impl Spool {
             let mut routes = Vec::new();
             for entry in records.range((id, "")..(id + 1, ""))? {
                 let (key, value) = entry?;
-                if let Ok(record) = serde_json::from_slice(value.value()) {
+                if let Some(record) = record::decode(value.value()) {
                     routes.push((route_name(key.value().1).to_string(), record));
                 }
             }
@@ -1633,7 +1638,7 @@ impl Spool {
                 }
                 let (key, value) = entry?;
                 let (id, route) = key.value();
-                let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
+                let Some(record) = record::decode(value.value()) else {
                     continue;
                 };
                 if status.is_some_and(|s| s != record.status) {
@@ -1673,7 +1678,7 @@ impl Spool {
             for entry in t.records.iter()? {
                 let (key, value) = entry?;
                 let (id, route) = key.value();
-                let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) else {
+                let Some(record) = record::decode(value.value()) else {
                     continue;
                 };
                 let wanted = record.status != Status::Pending
@@ -1704,9 +1709,7 @@ impl Spool {
             for entry in t.records.iter()? {
                 let (key, value) = entry?;
                 let (id, route) = key.value();
-                if serde_json::from_slice::<DeliveryRecord>(value.value())
-                    .is_ok_and(|r| r.status == Status::Dead)
-                {
+                if record::status(value.value()) == Some(Status::Dead) {
                     dead.push((id, route.to_string()));
                 }
             }
@@ -1823,7 +1826,7 @@ impl Spool {
                     left = true;
                     continue;
                 }
-                if let Ok(record) = serde_json::from_slice::<DeliveryRecord>(value.value()) {
+                if let Some(record) = record::decode(value.value()) {
                     moving.push((id, route.to_string(), record));
                 }
             }
@@ -2613,6 +2616,10 @@ fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
             if !t.records.is_empty()? {
                 meta.insert(LEGACY, 1)?;
             }
+        } else if format.is_some_and(|v| v < FORMAT_VERSION) {
+            // Version 2's JSON rows are read as they are (see the module header).
+            changed = true;
+            meta.insert(FORMAT, FORMAT_VERSION)?;
         }
         let instance = meta.get(INSTANCE)?.map(|v| v.value());
         match instance {
@@ -2722,7 +2729,7 @@ fn read_record(
 ) -> Result<Option<DeliveryRecord>, redb::Error> {
     Ok(records
         .get((id, route))?
-        .and_then(|r| serde_json::from_slice(r.value()).ok()))
+        .and_then(|r| record::decode(r.value())))
 }
 
 /// Which events `replay` queues again.
@@ -2850,8 +2857,8 @@ impl<'txn> Tables<'txn> {
         route: &str,
         record: &DeliveryRecord,
     ) -> Result<(), redb::Error> {
-        let json = serde_json::to_vec(record).expect("a record always serialises");
-        self.records.insert((id, route), json.as_slice())?;
+        self.records
+            .insert((id, route), record::encode(record).as_slice())?;
         Ok(())
     }
 
@@ -2908,8 +2915,7 @@ impl<'txn> Tables<'txn> {
         for entry in self.records.iter()? {
             let (key, value) = entry?;
             let id = key.value().0;
-            let delivered = serde_json::from_slice::<DeliveryRecord>(value.value())
-                .is_ok_and(|r| r.status == Status::Delivered);
+            let delivered = record::status(value.value()) == Some(Status::Delivered);
             match &mut current {
                 Some((cur, all)) if *cur == id => *all &= delivered,
                 _ => {
@@ -3807,7 +3813,93 @@ mod tests {
             panic!("opened a newer spool");
         };
         assert!(e.needs_the_user());
-        assert!(e.to_string().contains("format version 3"), "{e}");
+        let said = format!("format version {}", FORMAT_VERSION + 1);
+        assert!(e.to_string().contains(&said), "{e}");
+    }
+
+    /// What version 2 left: every `records` row as JSON, and `meta.format` 2.
+    fn as_version_2(dir: &Path) {
+        let db = Database::create(dir.join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut records = txn.open_table(RECORDS).unwrap();
+            let rows: Vec<((u64, String), Vec<u8>)> = records
+                .iter()
+                .unwrap()
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    let (id, route) = k.value();
+                    let json = serde_json::to_vec(&record::decode(v.value()).unwrap()).unwrap();
+                    ((id, route.to_string()), json)
+                })
+                .collect();
+            assert!(!rows.is_empty());
+            for ((id, route), json) in rows {
+                records
+                    .insert((id, route.as_str()), json.as_slice())
+                    .unwrap();
+            }
+            txn.open_table(META).unwrap().insert(FORMAT, 2).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_version_2_spool_keeps_its_json_records_and_is_marked_version_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let route = ROUTE.to_string();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            append(&spool, vec![event(1), event(2), event(3)]);
+            let queued = spool.pending(&route, 0, 10).unwrap();
+            mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
+            let error = "target refused: 503".to_string();
+            let retry = Outcome::Retry {
+                status: Some(503),
+                error,
+            };
+            mark(&spool, &queued[1], retry);
+        }
+        as_version_2(dir.path());
+
+        let spool = Spool::open(dir.path()).unwrap();
+        let format = spool
+            .read(|txn| Ok(txn.open_table(META)?.get(FORMAT)?.map(|v| v.value())))
+            .unwrap();
+        assert_eq!(format, Some(FORMAT_VERSION));
+        // The JSON rows read as they were written.
+        let queued = spool.pending(&route, 0, 10).unwrap();
+        assert_eq!(queued.len(), 2);
+        assert_eq!(queued[0].attempts, 1, "the retried one keeps its attempt");
+        let (_, records) = spool.get(queued[0].event.id).unwrap();
+        assert_eq!(
+            records[0].1.last_error.as_deref(),
+            Some("target refused: 503")
+        );
+        let statuses: Vec<Status> = spool
+            .list(None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.record.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            [Status::Delivered, Status::Pending, Status::Pending]
+        );
+        // A mark still applies to a JSON row, and rewrites it in the new layout.
+        mark(&spool, &queued[0], Outcome::Delivered { status: 200 });
+        let row = spool
+            .read(|txn| {
+                let records = txn.open_table(RECORDS)?;
+                let row = records.get((queued[0].event.id, route.as_str()))?;
+                Ok(row.map(|r| r.value().to_vec()))
+            })
+            .unwrap()
+            .unwrap();
+        assert_ne!(row.first(), Some(&b'{'));
+        let record = record::decode(&row).unwrap();
+        assert_eq!((record.status, record.attempts), (Status::Delivered, 2));
+        assert_eq!(spool.pending(&route, 0, 10).unwrap().len(), 1);
     }
 
     #[test]
