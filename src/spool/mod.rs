@@ -73,6 +73,7 @@ mod backend;
 mod crash_tests;
 pub mod export;
 mod handover;
+mod header;
 pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
@@ -398,8 +399,8 @@ pub struct StoredEvent {
     pub event: Event,
 }
 
-/// The part of a stored event that is not the body, serialised as JSON.
-#[derive(Serialize, Deserialize)]
+/// The part of a stored event that is not the body ([`header`]; JSON before format 3).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct EventHeader {
     received_ms: u64,
     channel: String,
@@ -413,8 +414,7 @@ struct EventHeader {
 }
 
 /// [`EventHeader`] as it is written: borrowed from the event, so that storing one copies
-/// nothing before serialising (same fields, same order, same JSON).
-#[derive(Serialize)]
+/// nothing before encoding it.
 struct EventHeaderRef<'a> {
     received_ms: u64,
     channel: &'a str,
@@ -422,7 +422,6 @@ struct EventHeaderRef<'a> {
     timestamp_ms: Option<u64>,
     headers: &'a [(String, String)],
     query: &'a [(String, String)],
-    #[serde(skip_serializing_if = "Option::is_none")]
     chunked_len: Option<u64>,
 }
 
@@ -2993,10 +2992,10 @@ impl<'a> EventRow<'a> {
             chunked_len: chunked.then_some(event.body.len() as u64),
         };
         let inline: &[u8] = if chunked { &[] } else { &event.body };
-        // The header is serialised in place, after room for its length: one buffer per event.
+        // The header is encoded in place, after room for its length: one buffer per event.
         let mut row = Vec::with_capacity(256 + inline.len());
         row.extend_from_slice(&[0; 4]);
-        serde_json::to_writer(&mut row, &header).expect("a header always serialises");
+        header::encode(&header, &mut row);
         let len = (row.len() - 4) as u32;
         row[..4].copy_from_slice(&len.to_le_bytes());
         row.extend_from_slice(inline);
@@ -3015,7 +3014,7 @@ impl<'a> EventRow<'a> {
 /// An event from its row; for a body stored in pieces, its length (the body is left empty).
 fn decode(id: u64, bytes: &[u8]) -> Option<(StoredEvent, Option<u64>)> {
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let header: EventHeader = serde_json::from_slice(bytes.get(4..4 + len)?).ok()?;
+    let header = header::decode(bytes.get(4..4 + len)?)?;
     let event = StoredEvent {
         id,
         received_ms: header.received_ms,
@@ -3817,7 +3816,7 @@ mod tests {
         assert!(e.to_string().contains(&said), "{e}");
     }
 
-    /// What version 2 left: every `records` row as JSON, and `meta.format` 2.
+    /// What version 2 left: every `records` row and `events` header as JSON, `meta.format` 2.
     fn as_version_2(dir: &Path) {
         let db = Database::create(dir.join(FILE_NAME)).unwrap();
         let txn = db.begin_write().unwrap();
@@ -3839,13 +3838,32 @@ mod tests {
                     .insert((id, route.as_str()), json.as_slice())
                     .unwrap();
             }
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let rows: Vec<(u64, Vec<u8>)> = events
+                .iter()
+                .unwrap()
+                .map(|e| {
+                    let (id, row) = e.unwrap();
+                    let row = row.value();
+                    let len = u32::from_le_bytes(row[..4].try_into().unwrap()) as usize;
+                    let header = header::decode(&row[4..4 + len]).unwrap();
+                    let json = serde_json::to_vec(&header).unwrap();
+                    let mut old = (json.len() as u32).to_le_bytes().to_vec();
+                    old.extend_from_slice(&json);
+                    old.extend_from_slice(&row[4 + len..]);
+                    (id.value(), old)
+                })
+                .collect();
+            for (id, row) in rows {
+                events.insert(id, row.as_slice()).unwrap();
+            }
             txn.open_table(META).unwrap().insert(FORMAT, 2).unwrap();
         }
         txn.commit().unwrap();
     }
 
     #[test]
-    fn a_version_2_spool_keeps_its_json_records_and_is_marked_version_3() {
+    fn a_version_2_spool_keeps_its_json_rows_and_is_marked_version_3() {
         let dir = tempfile::tempdir().unwrap();
         let route = ROUTE.to_string();
         {
@@ -3870,6 +3888,9 @@ mod tests {
         // The JSON rows read as they were written.
         let queued = spool.pending(&route, 0, 10).unwrap();
         assert_eq!(queued.len(), 2);
+        assert_eq!(queued[0].event.event, event(2));
+        assert_eq!(queued[1].event.event, event(3));
+        assert_eq!(queued[0].event.channel, "http://x/abcd…");
         assert_eq!(queued[0].attempts, 1, "the retried one keeps its attempt");
         let (_, records) = spool.get(queued[0].event.id).unwrap();
         assert_eq!(
