@@ -1997,10 +1997,10 @@ fn apply<'w>(
             } => t.mark(route, *seq, *event, outcome, now)?,
             Write::State { key, value } => match value {
                 Some(value) => {
-                    t.states.insert(key.as_str(), value.as_slice())?;
+                    t.states()?.insert(key.as_str(), value.as_slice())?;
                 }
                 None => {
-                    t.states.remove(key.as_str())?;
+                    t.states()?.remove(key.as_str())?;
                 }
             },
         }
@@ -2236,7 +2236,10 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
     let init = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         {
-            let t = Tables::open(&txn)?;
+            let mut t = Tables::open(&txn)?;
+            // Every table exists from the start: readers open them without creating them.
+            t.chunks()?;
+            t.states()?;
             let mut meta = t.meta;
             meta.insert(INSTANCE, new_instance())?;
             meta.insert(FORMAT, FORMAT_VERSION)?;
@@ -2750,12 +2753,16 @@ pub struct SpoolStats {
 
 /// The tables of one write transaction, with the operations that keep them consistent.
 struct Tables<'txn> {
+    /// For the tables opened when first used ([`Tables::chunks`], [`Tables::states`]): most
+    /// transactions (an event or a mark) touch neither, and opening a table costs a lookup in
+    /// redb's table of tables, several per transaction at a few events a second.
+    txn: &'txn redb::WriteTransaction,
     meta: redb::Table<'txn, &'static str, u64>,
     events: redb::Table<'txn, u64, &'static [u8]>,
-    chunks: redb::Table<'txn, (u64, u32), &'static [u8]>,
+    chunks: Option<redb::Table<'txn, (u64, u32), &'static [u8]>>,
     records: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     pending: redb::Table<'txn, (&'static str, u64), u64>,
-    states: redb::Table<'txn, &'static str, &'static [u8]>,
+    states: Option<redb::Table<'txn, &'static str, &'static [u8]>>,
     cursors: redb::Table<'txn, &'static str, &'static str>,
     /// The `meta` counters this transaction read or changed, written back once at the end: a
     /// batch of events then costs one read and one write of each, not several per event.
@@ -2765,15 +2772,34 @@ struct Tables<'txn> {
 impl<'txn> Tables<'txn> {
     fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, redb::Error> {
         Ok(Self {
+            txn,
             meta: txn.open_table(META)?,
             events: txn.open_table(EVENTS)?,
-            chunks: txn.open_table(BODY_CHUNKS)?,
+            chunks: None,
             records: txn.open_table(RECORDS)?,
             pending: txn.open_table(PENDING)?,
-            states: txn.open_table(ALERT_STATES)?,
+            states: None,
             cursors: txn.open_table(CURSORS)?,
             counters: Vec::new(),
         })
+    }
+
+    /// `body_chunks`, opened on first use.
+    fn chunks(&mut self) -> Result<&mut redb::Table<'txn, (u64, u32), &'static [u8]>, redb::Error> {
+        if self.chunks.is_none() {
+            self.chunks = Some(self.txn.open_table(BODY_CHUNKS)?);
+        }
+        Ok(self.chunks.as_mut().expect("opened above"))
+    }
+
+    /// `alert_states`, opened on first use.
+    fn states(
+        &mut self,
+    ) -> Result<&mut redb::Table<'txn, &'static str, &'static [u8]>, redb::Error> {
+        if self.states.is_none() {
+            self.states = Some(self.txn.open_table(ALERT_STATES)?);
+        }
+        Ok(self.states.as_mut().expect("opened above"))
     }
 
     /// A counter's slot in `counters`, read from `meta` the first time.
@@ -2828,7 +2854,7 @@ impl<'txn> Tables<'txn> {
         self.events.insert(id, row.row.as_slice())?;
         if let Some(body) = row.chunked_body {
             for (n, piece) in body.chunks(BODY_CHUNK).enumerate() {
-                self.chunks.insert((id, n as u32), piece)?;
+                self.chunks()?.insert((id, n as u32), piece)?;
             }
         }
         Ok(())
@@ -2963,7 +2989,7 @@ impl<'txn> Tables<'txn> {
                 None => (0, None),
             };
             if chunked_len.is_some() {
-                self.chunks
+                self.chunks()?
                     .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
             }
             self.shrink(STORED_BYTES, row_len + chunked_len.unwrap_or(0))?;
