@@ -4,14 +4,15 @@
 //! (BENCHMARKS.md, "Issue 19, seventeenth session").
 //!
 //! Rows written before format version 3 hold the header as JSON (`{"received_ms":…}`); they are
-//! still read. A binary header starts with [`TAG`], a byte no JSON document starts with. Then,
-//! integers little-endian and each text as a `u32` length and its UTF-8:
+//! still read. A binary header starts with [`TAG`], a byte no JSON document starts with. Then
+//! ([`super::bin`]: integers little-endian, each text as a `u32` length and its UTF-8):
 //!
 //! `received_ms` u64, a flags byte (bit 0: an SSE id follows, bit 1: a smee timestamp, bit 2: a
 //! body stored in pieces, its length), the timestamp (u64) and the length (u64) where flagged,
 //! the channel, the SSE id where flagged, the number of headers (u32) and each name and value,
 //! the number of query pairs (u32) and each name and value.
 
+use super::bin::{Reader, put_pairs, put_text};
 use super::{EventHeader, EventHeaderRef};
 
 /// The first byte of a binary header.
@@ -45,24 +46,12 @@ pub(super) fn encode(header: &EventHeaderRef<'_>, out: &mut Vec<u8>) {
     if let Some(len) = header.chunked_len {
         out.extend_from_slice(&len.to_le_bytes());
     }
-    text(out, header.channel);
+    put_text(out, header.channel);
     if let Some(id) = header.sse_id {
-        text(out, id);
+        put_text(out, id);
     }
-    for pairs in [header.headers, header.query] {
-        // Bounded by what a frame can carry, far below 4 Gi pairs.
-        out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-        for (name, value) in pairs {
-            text(out, name);
-            text(out, value);
-        }
-    }
-}
-
-fn text(out: &mut Vec<u8>, s: &str) {
-    // A header row holds texts from one frame, bounded far below 4 GiB by the frame limit.
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
+    put_pairs(out, header.headers);
+    put_pairs(out, header.query);
 }
 
 /// A header in either layout; `None` if it is neither (damaged).
@@ -72,7 +61,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<EventHeader> {
     }
     let mut r = Reader(&bytes[1..]);
     let received_ms = r.u64()?;
-    let flags = r.take(1)?[0];
+    let flags = r.u8()?;
     let timestamp_ms = if flags & HAS_TIMESTAMP != 0 {
         Some(r.u64()?)
     } else {
@@ -100,40 +89,6 @@ pub(super) fn decode(bytes: &[u8]) -> Option<EventHeader> {
         query,
         chunked_len,
     })
-}
-
-/// What is left of a header being decoded.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    fn text(&mut self) -> Option<String> {
-        let len = self.u32()? as usize;
-        Some(std::str::from_utf8(self.take(len)?).ok()?.to_string())
-    }
-
-    fn pairs(&mut self) -> Option<Vec<(String, String)>> {
-        let n = self.u32()? as usize;
-        // Each pair takes at least 8 bytes: a damaged count cannot reserve more than the row.
-        let mut pairs = Vec::with_capacity(n.min(self.0.len() / 8));
-        for _ in 0..n {
-            pairs.push((self.text()?, self.text()?));
-        }
-        Some(pairs)
-    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ use crate::clock::now_ms;
 use crate::event::Event;
 
 mod backend;
+mod bin;
 #[cfg(test)]
 mod crash_tests;
 pub mod export;
