@@ -7,7 +7,7 @@
 //! - e: 100 events of 1 KiB at 5 per second (each its own commit: per-event instruction counts
 //!   under callgrind, where the relay runs too slowly for b's rate).
 //!
-//! `BENCH_COUNT=N` sends N events instead of the workload's count.
+//! `BENCH_COUNT=N` sends N events instead of the workload's count; `BENCH_RATE=R`, R per second.
 //!
 //! Prints one JSON line: the target's report plus the time the load took.
 
@@ -45,6 +45,12 @@ async fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(count);
+    // Another rate for the same events (a paced workload under callgrind, which runs the relay
+    // tens of times slower than b's rate allows).
+    let rate = std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .or(rate);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     client.post(format!("{target}/reset")).send().await.unwrap();
