@@ -592,7 +592,13 @@ impl SpoolWriter {
     /// of the same route. An error means the journal could not be written (disk full): the
     /// mark was not sent, and the caller should try again rather than go on.
     pub fn finish(&self, mark: Write) -> Result<(), SpoolError> {
-        let done: Vec<(String, u64)> = writes_finished(std::slice::from_ref(&mark)).collect();
+        // Only for listeners (a cluster's consumers): a relay alone has none, and made a copy
+        // of the route's name per delivery for nobody.
+        let done: Vec<(String, u64)> = if self.finished.receiver_count() > 0 {
+            writes_finished(std::slice::from_ref(&mark)).collect()
+        } else {
+            Vec::new()
+        };
         let Some(journal) = &self.committer.journal else {
             // Durable only once committed: listeners find it in the spool then.
             self.send(vec![mark], 0);
