@@ -2087,6 +2087,7 @@ fn log_only(
         now_ms: now,
         limits,
         writes: writes.iter().map(|&write| write.clone()).collect(),
+        before_format_3: false,
     };
     log.defer(record, bytes, after);
     Some(report)
@@ -2400,7 +2401,7 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
             stored_bytes: t.counter(STORED_BYTES)?,
         };
         let (appended, marked) = record.counts();
-        if foreign > 0 || record.seq != applied + 1 || record.expect != expected {
+        if foreign > 0 || record.seq != applied + 1 || !expected.matches(record) {
             foreign += 1;
             foreign_events += appended;
             foreign_marks += marked;

@@ -107,6 +107,24 @@ pub(super) struct Expect {
     pub(super) stored_bytes: u64,
 }
 
+impl Expect {
+    /// Whether `record` expects the spool as `now` is: the same instance and counters, but for
+    /// a record from before format 3 the stored bytes (a relay upgraded after a crash applies
+    /// the older one's records, whose expected sizes count JSON rows). Without the stored bytes
+    /// the ids and queue places still follow; only the size limit can judge an append
+    /// differently, and then only for more room, never less.
+    pub(super) fn matches(&self, record: &Record) -> bool {
+        if record.before_format_3 {
+            Expect {
+                stored_bytes: self.stored_bytes,
+                ..record.expect
+            } == *self
+        } else {
+            record.expect == *self
+        }
+    }
+}
+
 /// What [`read`] found: the records in order, and where the last ends.
 #[derive(Debug, Default)]
 pub(super) struct Chain {
@@ -125,6 +143,10 @@ pub(super) struct Record {
     pub(super) now_ms: u64,
     pub(super) limits: Limits,
     pub(super) writes: Vec<Write>,
+    /// Written by a smee-relay before format 3: it expects the spool's stored bytes as that
+    /// version counted them (JSON rows, larger than ours), so after the first event applied
+    /// here they no longer match ([`Expect::matches`]).
+    pub(super) before_format_3: bool,
 }
 
 impl Record {
@@ -749,6 +771,7 @@ fn decode_binary(mut r: Reader<'_>, mut bodies: &[u8]) -> Option<Record> {
         now_ms,
         limits: Limits { max_bytes },
         writes,
+        before_format_3: false,
     })
 }
 
@@ -810,8 +833,76 @@ fn decode_json(head: Head<'_>, mut bodies: &[u8]) -> Option<Record> {
             max_bytes: head.max_bytes,
         },
         writes,
+        before_format_3: true,
     };
     Some(record)
+}
+
+/// A record as smee-relay wrote it before format 3: a JSON head, an FNV-1a checksum.
+#[cfg(test)]
+pub(super) fn encode_before_format_3(
+    seq: u64,
+    expect: Expect,
+    now_ms: u64,
+    limits: Limits,
+    writes: &[Write],
+) -> Vec<u8> {
+    let mut bodies = Vec::new();
+    let logged = writes
+        .iter()
+        .map(|write| match write {
+            Write::Append {
+                channel,
+                routes,
+                events,
+                cursor,
+            } => LoggedWrite::Append {
+                channel: Cow::Borrowed(channel),
+                routes: Cow::Borrowed(routes),
+                cursor: cursor.as_ref().map(Cow::Borrowed),
+                events: events
+                    .iter()
+                    .map(|event| {
+                        bodies.extend_from_slice(&event.body);
+                        LoggedEvent {
+                            sse_id: event.sse_id.as_deref().map(Cow::Borrowed),
+                            timestamp_ms: event.timestamp_ms,
+                            headers: Cow::Borrowed(&event.headers),
+                            query: Cow::Borrowed(&event.query),
+                            body: event.body.len() as u64,
+                        }
+                    })
+                    .collect(),
+            },
+            Write::Mark {
+                route,
+                seq,
+                event,
+                outcome,
+            } => LoggedWrite::Mark {
+                route: Cow::Borrowed(route),
+                seq: *seq,
+                event: *event,
+                outcome: Cow::Borrowed(outcome),
+            },
+            Write::State { .. } => unreachable!("not logged"),
+        })
+        .collect();
+    let head = Head {
+        seq,
+        expect,
+        now_ms,
+        max_bytes: limits.max_bytes,
+        writes: logged,
+    };
+    let head = serde_json::to_vec(&head).unwrap();
+    let mut payload = (head.len() as u32).to_le_bytes().to_vec();
+    payload.extend_from_slice(&head);
+    payload.extend_from_slice(&bodies);
+    let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(&super::journal::fnv1a(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    record
 }
 
 #[cfg(test)]
@@ -922,64 +1013,8 @@ mod tests {
         assert!(!super::chain(&unknown[..unknown.len() - 1]).unreadable);
     }
 
-    /// A record as smee-relay wrote it before format 3: a JSON head, an FNV-1a checksum.
     fn record_before_format_3(seq: u64, writes: &[Write]) -> Vec<u8> {
-        let mut bodies = Vec::new();
-        let logged = writes
-            .iter()
-            .map(|write| match write {
-                Write::Append {
-                    channel,
-                    routes,
-                    events,
-                    cursor,
-                } => LoggedWrite::Append {
-                    channel: Cow::Borrowed(channel),
-                    routes: Cow::Borrowed(routes),
-                    cursor: cursor.as_ref().map(Cow::Borrowed),
-                    events: events
-                        .iter()
-                        .map(|event| {
-                            bodies.extend_from_slice(&event.body);
-                            LoggedEvent {
-                                sse_id: event.sse_id.as_deref().map(Cow::Borrowed),
-                                timestamp_ms: event.timestamp_ms,
-                                headers: Cow::Borrowed(&event.headers),
-                                query: Cow::Borrowed(&event.query),
-                                body: event.body.len() as u64,
-                            }
-                        })
-                        .collect(),
-                },
-                Write::Mark {
-                    route,
-                    seq,
-                    event,
-                    outcome,
-                } => LoggedWrite::Mark {
-                    route: Cow::Borrowed(route),
-                    seq: *seq,
-                    event: *event,
-                    outcome: Cow::Borrowed(outcome),
-                },
-                Write::State { .. } => unreachable!("not logged"),
-            })
-            .collect();
-        let head = Head {
-            seq,
-            expect: EXPECT,
-            now_ms: 7,
-            max_bytes: 99,
-            writes: logged,
-        };
-        let head = serde_json::to_vec(&head).unwrap();
-        let mut payload = (head.len() as u32).to_le_bytes().to_vec();
-        payload.extend_from_slice(&head);
-        payload.extend_from_slice(&bodies);
-        let mut record = (payload.len() as u32).to_le_bytes().to_vec();
-        record.extend_from_slice(&super::super::journal::fnv1a(&payload).to_le_bytes());
-        record.extend_from_slice(&payload);
-        record
+        encode_before_format_3(seq, EXPECT, 7, Limits { max_bytes: 99 }, writes)
     }
 
     /// A relay upgraded after a crash applies what the older one logged, and logs on after it.

@@ -678,3 +678,81 @@ fn regression_a_quick_write_the_log_had_no_room_for_was_synced_on_the_event_loop
     spool.write_logged(&[large], ROOM).unwrap();
     assert_eq!(spool.logged(), 0);
 }
+
+/// Found upgrading after a crash: the older relay's log records expect the spool's stored bytes
+/// as its JSON rows counted them. The first record applied here stores a smaller row, and every
+/// record after it was set aside as not following this spool: those events were lost.
+#[test]
+fn regression_a_log_of_several_records_from_before_format_3_was_applied_only_in_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let counters = |spool: &Spool| {
+        spool
+            .read(|txn| {
+                let meta = txn.open_table(super::META)?;
+                let get = |name| -> Result<u64, redb::Error> {
+                    Ok(meta.get(name)?.map_or(0, |v| v.value()))
+                };
+                Ok((
+                    wal::Expect {
+                        instance: get(super::INSTANCE)?,
+                        next_event: get(super::NEXT_EVENT)?,
+                        next_seq: get(super::NEXT_SEQ)?,
+                        stored_bytes: get(super::STORED_BYTES)?,
+                    },
+                    get(super::WAL_SEQ)?,
+                ))
+            })
+            .unwrap()
+    };
+    let (mut expect, applied) = counters(&spool);
+    let path = spool.path().to_owned();
+    drop(spool);
+
+    // What the older relay logged before it was killed: two appends, each expecting the spool
+    // as the one before left it, with the row sizes of that version (a JSON header).
+    let mut log = wal::Wal::open(&path, &wal::Chain::default(), applied).unwrap();
+    let now = 1_000;
+    for n in 1..=2 {
+        let write = Write::Append {
+            channel: "https://smee.io/abc".into(),
+            routes: vec![A.into(), B.into()],
+            events: vec![event(n)].into(),
+            cursor: None,
+        };
+        let record = wal::encode_before_format_3(log.next_seq(), expect, now, ROOM, &[write]);
+        log.append(&record).unwrap();
+        let e = event(n);
+        let header = super::EventHeader {
+            received_ms: now,
+            channel: "https://smee.io/abc".into(),
+            sse_id: e.sse_id.clone(),
+            timestamp_ms: e.timestamp_ms,
+            headers: e.headers.clone(),
+            query: e.query.clone(),
+            chunked_len: None,
+        };
+        let json_row = 4 + serde_json::to_vec(&header).unwrap().len() + e.body.len();
+        expect.next_event += 1;
+        expect.next_seq += 2;
+        expect.stored_bytes += json_row as u64;
+    }
+    drop(log);
+
+    let upgraded = Spool::open(dir.path()).unwrap();
+    let (queues, _, events, pending) = view(&upgraded);
+    assert_eq!(events, 2, "both records applied");
+    assert_eq!(pending, 4);
+    for queue in &queues {
+        let bodies: Vec<&Bytes> = queue.iter().map(|(_, _, body)| body).collect();
+        assert_eq!(bodies, [&event(1).body, &event(2).body]);
+    }
+    let unapplied = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("spool.wal.unapplied-")
+        })
+        .count();
+    assert_eq!(unapplied, 0, "nothing set aside");
+}
