@@ -150,6 +150,13 @@ pub enum SpoolError {
         wal = wal::path(path).display()
     )]
     Damaged { path: PathBuf, why: Damage },
+    #[error(
+        "the spool {path} was written by a newer smee-relay (format {version}; this one reads up \
+         to {FORMAT_VERSION}). It is not damaged: do not move it. Run the newer smee-relay on \
+         it; there is no downgrade",
+        path = path.display()
+    )]
+    Newer { path: PathBuf, version: u64 },
     #[error("cannot create the state directory {path}", path = path.display())]
     StateDir {
         path: PathBuf,
@@ -271,6 +278,7 @@ impl SpoolError {
         matches!(
             self,
             SpoolError::Damaged { .. }
+                | SpoolError::Newer { .. }
                 | SpoolError::Locked { .. }
                 | SpoolError::InUse { .. }
                 | SpoolError::CannotAsk { .. }
@@ -337,10 +345,6 @@ pub enum Damage {
     Redb(String),
     #[error("reading it crashed the database library ({0})")]
     Panic(String),
-    #[error(
-        "its format version {0} is newer than this smee-relay writes ({FORMAT_VERSION}); use a newer smee-relay"
-    )]
-    NewerFormat(u64),
 }
 
 /// Where a delivery stands.
@@ -563,6 +567,9 @@ pub struct Spool {
     /// opened: then every commit is synced to the file itself). Locked after `db`, before
     /// `writing`.
     wal: std::sync::Mutex<Option<wal::Wal>>,
+    /// The file is of an older format ([`upgrade`]): the next transaction that writes raises
+    /// its number ([`Spool::mark_current`]). Until then an older relay may still use it.
+    behind: std::sync::atomic::AtomicBool,
     /// Whether the log holds records not yet applied to redb ([`wal::Wal::defer`]): set before
     /// their appenders are answered, so a reader that finds it clear has nothing to apply and
     /// need not wait for the log's lock. One that finds it set may wait for a whole write (a
@@ -742,6 +749,7 @@ impl Spool {
             );
         }
         let wal = opened.wal(&path, sharing.mode);
+        let behind = opened.behind.into();
         Ok(Spool {
             db: std::sync::RwLock::new(Some(opened.db)),
             needs_reopen: false.into(),
@@ -758,6 +766,7 @@ impl Spool {
             prefer_alone,
             sharing: std::sync::Mutex::new(sharing),
             wal: std::sync::Mutex::new(wal),
+            behind,
         })
     }
 
@@ -1096,6 +1105,8 @@ impl Spool {
         };
         *sharing = now;
         *self.log() = fresh.wal(&self.path, sharing.mode);
+        self.behind
+            .store(fresh.behind, std::sync::atomic::Ordering::Relaxed);
         *db = Some(fresh.db);
         self.set_alone(sharing.mode == Mode::Alone);
         self.needs_reopen
@@ -1193,11 +1204,13 @@ impl Spool {
                 txn.abort()?;
                 return Ok((out, None));
             }
+            let marked = self.mark_current(&mut tables)?;
             let logged = tables.counter(WAL_SEQ)?;
             let after = counters(&mut tables, self.instance)?;
             tables.store_counters()?;
             drop(tables);
             txn.commit()?;
+            self.marked_current(marked);
             Ok((out, Some((logged, after))))
         };
         // A panic in redb (damage the open did not find) fails the write like an error does.
@@ -1214,6 +1227,31 @@ impl Spool {
             }
             Ok(Err(e)) => Err(self.commit_failed(e)),
             Err(panic) => Err(self.write_panicked(panic)),
+        }
+    }
+
+    /// In a transaction that writes: if the file is of an older format, raise its number (its
+    /// rows are now partly of this one). Returns whether it did, for [`Spool::marked_current`].
+    fn mark_current(&self, t: &mut Tables<'_>) -> Result<bool, redb::Error> {
+        if !self.behind.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
+        mark_current(t)?;
+        Ok(true)
+    }
+
+    /// The transaction that raised the format's number committed: said once.
+    fn marked_current(&self, marked: bool) {
+        if marked
+            && self
+                .behind
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(
+                spool = %self.path.display(),
+                "upgraded the spool to format {FORMAT_VERSION}: smee-relay builds from before \
+                 2026-12-02 no longer open it (they refuse it as newer; there is no downgrade)"
+            );
         }
     }
 
@@ -1433,16 +1471,20 @@ impl Spool {
             if numbered {
                 t.set(WAL_SEQ, seq)?;
             }
+            let marked = self.mark_current(&mut t)?;
             let persisted = t.counter(WAL_SEQ)?;
             let after = counters(&mut t, self.instance)?;
             t.store_counters()?;
             drop(t);
             // Decided at the end (redb takes it at the commit): logged, the record is what
-            // makes it durable.
-            if logged_at.is_some() {
+            // makes it durable. Not the commit that raises the format's number: an older
+            // relay started after a crash must find the file refusing it, not a log it
+            // cannot read.
+            if logged_at.is_some() && !marked {
                 txn.set_durability(redb::Durability::None)?;
             }
             txn.commit()?;
+            self.marked_current(marked);
             Ok(Some((
                 report,
                 logged_at.is_none().then_some(persisted),
@@ -2304,22 +2346,27 @@ fn open_existing(
                 }
                 e => damaged(Damage::Redb(e.to_string())),
             })?;
-        let instance = upgrade(&db).map_err(|e| match e {
-            UpgradeError::Newer(v) => damaged(Damage::NewerFormat(v)),
+        let (instance, behind) = upgrade(&db).map_err(|e| match e {
+            UpgradeError::Newer(version) => SpoolError::Newer {
+                path: path.to_owned(),
+                version,
+            },
             UpgradeError::Redb(redb::Error::Io(e)) if e.raw_os_error().is_some() => {
                 io(redb::Error::Io(e))
             }
             UpgradeError::Redb(e) => damaged(Damage::Redb(e.to_string())),
         })?;
-        let (chain, applied) = replay(&db, path, mode).map_err(|source| SpoolError::Replay {
-            path: wal::path(path),
-            source,
-        })?;
+        let (chain, applied, behind) =
+            replay(&db, path, mode, behind).map_err(|source| SpoolError::Replay {
+                path: wal::path(path),
+                source,
+            })?;
         Ok(Opened {
             db,
             instance,
             chain,
             applied,
+            behind,
         })
     });
     opened.unwrap_or_else(|panic| Err(damaged(Damage::Panic(panic.0))))
@@ -2335,6 +2382,8 @@ struct Opened {
     /// The last record of it that is durable in the file (`meta.wal_seq`): opened alone, the
     /// ones after it were applied in memory only, and stay in the log until a checkpoint.
     applied: u64,
+    /// The file is of an older format whose number the first write raises ([`upgrade`]).
+    behind: bool,
 }
 
 impl Opened {
@@ -2379,7 +2428,12 @@ fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
 /// beside an old log, or written meanwhile by an older smee-relay) ends the replay: what was
 /// applied is synced, and the log is kept aside, named in a warning, rather than applied to a
 /// spool it does not belong to.
-fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), redb::Error> {
+fn replay(
+    db: &Database,
+    spool: &Path,
+    mode: Mode,
+    behind: bool,
+) -> Result<(wal::Chain, u64, bool), redb::Error> {
     let path = wal::path(spool);
     let chain = wal::read(&path)?;
     let mut txn = db.begin_write()?;
@@ -2414,6 +2468,11 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
         events += appended;
         marks += marked;
     }
+    // Applied here, the records' rows are of this format: the file says so from this commit on.
+    let behind = behind && records == 0;
+    if records > 0 {
+        mark_current(&mut t)?;
+    }
     t.store_counters()?;
     drop(t);
     if records == 0 {
@@ -2437,7 +2496,7 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
     if chain.unreadable || foreign > 0 {
         let Some(aside) = set_aside(&path)? else {
             // Another process opening the file at the same moment set it aside (and said so).
-            return Ok((wal::Chain::default(), applied));
+            return Ok((wal::Chain::default(), applied, behind));
         };
         let said = format!(
             "the spool's write-ahead log held {foreign} records ({foreign_events} events, \
@@ -2460,13 +2519,20 @@ fn replay(db: &Database, spool: &Path, mode: Mode) -> Result<(wal::Chain, u64), 
         } else {
             tracing::info!(spool = %spool.display(), "{said}");
         }
-        return Ok((wal::Chain::default(), applied));
+        return Ok((wal::Chain::default(), applied, behind));
     }
     let durable = match mode {
         Mode::Shared => applied,
         Mode::Alone => durable,
     };
-    Ok((chain, durable))
+    Ok((chain, durable, behind))
+}
+
+/// Raise the file's format number to this build's, in the transaction that writes its first
+/// rows of this format (see [`upgrade`]).
+fn mark_current(t: &mut Tables<'_>) -> Result<(), redb::Error> {
+    t.meta.insert(FORMAT, FORMAT_VERSION)?;
+    Ok(())
 }
 
 /// Move the log at `path` to `spool.wal.unapplied-<UTC time>` (with `.N` after it if that is
@@ -2604,29 +2670,29 @@ impl<E: Into<redb::Error>> From<E> for UpgradeError {
 
 /// Check the format version and record it; returns the instance id. A spool without a
 /// version is version 1: its forward queues are adopted later ([`Spool::adopt_legacy`]).
-fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
+/// Returns `meta.instance`, and whether the spool is of version 2: its JSON rows are read as
+/// they are, and its number is raised by the first write ([`Spool::mark_current`]), not here, so
+/// that a command that only reads (`events list`) leaves it to the older relay still using it.
+fn upgrade(db: &Database) -> Result<(u64, bool), UpgradeError> {
     let txn = db.begin_write()?;
     let mut changed = false;
-    let instance = {
+    let (instance, behind) = {
         let t = Tables::open(&txn)?;
         let mut meta = t.meta;
         let format = meta.get(FORMAT)?.map(|v| v.value());
         if let Some(v) = format.filter(|v| *v > FORMAT_VERSION) {
             return Err(UpgradeError::Newer(v));
         }
+        let behind = format.is_some_and(|v| v < FORMAT_VERSION);
         if format.is_none() {
             changed = true;
             meta.insert(FORMAT, FORMAT_VERSION)?;
             if !t.records.is_empty()? {
                 meta.insert(LEGACY, 1)?;
             }
-        } else if format.is_some_and(|v| v < FORMAT_VERSION) {
-            // Version 2's JSON rows are read as they are (see the module header).
-            changed = true;
-            meta.insert(FORMAT, FORMAT_VERSION)?;
         }
         let instance = meta.get(INSTANCE)?.map(|v| v.value());
-        match instance {
+        let instance = match instance {
             Some(id) => id,
             None => {
                 changed = true;
@@ -2634,7 +2700,8 @@ fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
                 meta.insert(INSTANCE, id)?;
                 id
             }
-        }
+        };
+        (instance, behind)
     };
     // An open that changes nothing costs no commit (and no fsync): `events list` opens often.
     if changed {
@@ -2642,7 +2709,7 @@ fn upgrade(db: &Database) -> Result<u64, UpgradeError> {
     } else {
         txn.abort()?;
     }
-    Ok(instance)
+    Ok((instance, behind))
 }
 
 /// Run `f`, turning a panic into its message. The panic hook is silenced meanwhile: the caller
@@ -3840,8 +3907,9 @@ mod tests {
             panic!("opened a newer spool");
         };
         assert!(e.needs_the_user());
-        let said = format!("format version {}", FORMAT_VERSION + 1);
+        let said = format!("newer smee-relay (format {}", FORMAT_VERSION + 1);
         assert!(e.to_string().contains(&said), "{e}");
+        assert!(e.to_string().contains("not damaged: do not move it"), "{e}");
     }
 
     /// What version 2 left: every `records` row and `events` header as JSON, `meta.format` 2.
@@ -3891,7 +3959,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_2_spool_keeps_its_json_rows_and_is_marked_version_3() {
+    fn a_version_2_spool_keeps_its_json_rows_and_is_marked_version_3_by_its_first_write() {
         let dir = tempfile::tempdir().unwrap();
         let route = ROUTE.to_string();
         {
@@ -3909,10 +3977,13 @@ mod tests {
         as_version_2(dir.path());
 
         let spool = Spool::open(dir.path()).unwrap();
-        let format = spool
-            .read(|txn| Ok(txn.open_table(META)?.get(FORMAT)?.map(|v| v.value())))
-            .unwrap();
-        assert_eq!(format, Some(FORMAT_VERSION));
+        let format = |spool: &Spool| {
+            spool
+                .read(|txn| Ok(txn.open_table(META)?.get(FORMAT)?.map(|v| v.value())))
+                .unwrap()
+        };
+        // Opening and reading change nothing: an older relay may still be using it.
+        assert_eq!(format(&spool), Some(2));
         // The JSON rows read as they were written.
         let queued = spool.pending(&route, 0, 10).unwrap();
         assert_eq!(queued.len(), 2);
@@ -3946,6 +4017,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_ne!(row.first(), Some(&b'{'));
+        // The first write marks the file: its rows are now partly of this format.
+        assert_eq!(format(&spool), Some(FORMAT_VERSION));
         let record = record::decode(&row).unwrap();
         assert_eq!((record.status, record.attempts), (Status::Delivered, 2));
         assert_eq!(spool.pending(&route, 0, 10).unwrap().len(), 1);
