@@ -44,6 +44,20 @@ impl<'a> Reader<'a> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 
+    /// A u64 that is there only if `present` (a flag read before it): `Some(None)` if not.
+    pub(super) fn u64_if(&mut self, present: bool) -> Option<Option<u64>> {
+        present
+            .then(|| self.u64())
+            .map_or(Some(None), |v| v.map(Some))
+    }
+
+    /// A text that is there only if `present`, as [`Reader::u64_if`].
+    pub(super) fn text_if(&mut self, present: bool) -> Option<Option<String>> {
+        present
+            .then(|| self.text())
+            .map_or(Some(None), |v| v.map(Some))
+    }
+
     pub(super) fn text(&mut self) -> Option<String> {
         let len = self.u32()? as usize;
         Some(std::str::from_utf8(self.take(len)?).ok()?.to_string())

@@ -62,22 +62,10 @@ pub(super) fn decode(bytes: &[u8]) -> Option<EventHeader> {
     let mut r = Reader(&bytes[1..]);
     let received_ms = r.u64()?;
     let flags = r.u8()?;
-    let timestamp_ms = if flags & HAS_TIMESTAMP != 0 {
-        Some(r.u64()?)
-    } else {
-        None
-    };
-    let chunked_len = if flags & HAS_CHUNKED_LEN != 0 {
-        Some(r.u64()?)
-    } else {
-        None
-    };
+    let timestamp_ms = r.u64_if(flags & HAS_TIMESTAMP != 0)?;
+    let chunked_len = r.u64_if(flags & HAS_CHUNKED_LEN != 0)?;
     let channel = r.text()?;
-    let sse_id = if flags & HAS_SSE_ID != 0 {
-        Some(r.text()?)
-    } else {
-        None
-    };
+    let sse_id = r.text_if(flags & HAS_SSE_ID != 0)?;
     let headers = r.pairs()?;
     let query = r.pairs()?;
     r.0.is_empty().then_some(EventHeader {

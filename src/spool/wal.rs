@@ -703,16 +703,8 @@ fn decode_binary(mut r: Reader<'_>, mut bodies: &[u8]) -> Option<Record> {
                 let mut events = Vec::with_capacity(count);
                 for _ in 0..count {
                     let flags = r.u8()?;
-                    let timestamp_ms = if flags & HAS_TIMESTAMP != 0 {
-                        Some(r.u64()?)
-                    } else {
-                        None
-                    };
-                    let sse_id = if flags & HAS_SSE_ID != 0 {
-                        Some(r.text()?)
-                    } else {
-                        None
-                    };
+                    let timestamp_ms = r.u64_if(flags & HAS_TIMESTAMP != 0)?;
+                    let sse_id = r.text_if(flags & HAS_SSE_ID != 0)?;
                     let headers = r.pairs()?;
                     let query = r.pairs()?;
                     let len = usize::try_from(r.u64()?).ok()?;
