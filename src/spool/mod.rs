@@ -2677,7 +2677,13 @@ fn upgrade(db: &Database) -> Result<(u64, bool), UpgradeError> {
     let txn = db.begin_write()?;
     let mut changed = false;
     let (instance, behind) = {
-        let t = Tables::open(&txn)?;
+        let mut t = Tables::open(&txn)?;
+        // Every table exists from here on, as readers expect ([`create_new`]): spools made
+        // before `body_chunks` and `alert_states` existed lack them. Opened in a write
+        // transaction, a missing table is made (and committed with a version-1 upgrade, the
+        // only spools without them).
+        t.chunks()?;
+        t.states()?;
         let mut meta = t.meta;
         let format = meta.get(FORMAT)?.map(|v| v.value());
         if let Some(v) = format.filter(|v| *v > FORMAT_VERSION) {
@@ -3910,6 +3916,31 @@ mod tests {
         let said = format!("newer smee-relay (format {}", FORMAT_VERSION + 1);
         assert!(e.to_string().contains(&said), "{e}");
         assert!(e.to_string().contains("not damaged: do not move it"), "{e}");
+    }
+
+    /// Found by review: a version-1 spool from before `body_chunks` and `alert_states` existed
+    /// was opened without them once the tables were opened lazily, and every read of its queue
+    /// failed ("Table 'body_chunks' does not exist").
+    #[test]
+    fn regression_a_spool_from_before_body_chunks_existed_could_not_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(META).unwrap();
+                txn.open_table(EVENTS).unwrap();
+                txn.open_table(RECORDS).unwrap();
+                txn.open_table(PENDING).unwrap();
+                txn.open_table(CURSORS).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool.pending(ROUTE, 0, 10).unwrap().is_empty());
+        assert!(spool.states().unwrap().is_empty());
+        append(&spool, vec![event(1)]);
+        assert_eq!(spool.pending(ROUTE, 0, 10).unwrap().len(), 1);
     }
 
     /// What version 2 left: every `records` row and `events` header as JSON, `meta.format` 2.
