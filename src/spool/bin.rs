@@ -2,6 +2,13 @@
 //! little-endian, and each text as a `u32` length and its UTF-8. Decoding never panics: a
 //! layout cut short or damaged reads as `None`.
 
+/// A flags byte: the `bit` of each `(set, bit)` that is set.
+pub(super) fn flags(bits: &[(bool, u8)]) -> u8 {
+    bits.iter()
+        .filter(|(set, _)| *set)
+        .fold(0, |flags, (_, bit)| flags | bit)
+}
+
 /// Append `s` as a length and its bytes.
 pub(super) fn put_text(out: &mut Vec<u8>, s: &str) {
     // Texts come from one frame or one delivery, bounded far below 4 GiB by the frame limit.

@@ -12,7 +12,7 @@
 //! the channel, the SSE id where flagged, the number of headers (u32) and each name and value,
 //! the number of query pairs (u32) and each name and value.
 
-use super::bin::{Reader, put_pairs, put_text};
+use super::bin::{Reader, flags, put_pairs, put_text};
 use super::{EventHeader, EventHeaderRef};
 
 /// The first byte of a binary header.
@@ -24,19 +24,11 @@ const HAS_CHUNKED_LEN: u8 = 4;
 
 /// Append `header` to `out`.
 pub(super) fn encode(header: &EventHeaderRef<'_>, out: &mut Vec<u8>) {
-    let flags = if header.sse_id.is_some() {
-        HAS_SSE_ID
-    } else {
-        0
-    } | if header.timestamp_ms.is_some() {
-        HAS_TIMESTAMP
-    } else {
-        0
-    } | if header.chunked_len.is_some() {
-        HAS_CHUNKED_LEN
-    } else {
-        0
-    };
+    let flags = flags(&[
+        (header.sse_id.is_some(), HAS_SSE_ID),
+        (header.timestamp_ms.is_some(), HAS_TIMESTAMP),
+        (header.chunked_len.is_some(), HAS_CHUNKED_LEN),
+    ]);
     out.push(TAG);
     out.extend_from_slice(&header.received_ms.to_le_bytes());
     out.push(flags);

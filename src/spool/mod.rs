@@ -28,10 +28,12 @@
 //! [`route_key`]; 3 (this one) writes `records` rows in a binary layout ([`record`]) where 2
 //! wrote JSON. A version-1 spool is upgraded in place: its queued deliveries keep their `seq`
 //! (so their order) and move to the new key when the relay of their channel starts
-//! ([`Spool::adopt_legacy`]). A version-2 spool is upgraded by setting the number: its JSON rows
-//! are read as they are, and rewritten in the new layout when their delivery next changes; an
-//! older build then refuses the spool rather than misread the new rows. A newer version than
-//! this build knows is refused. A relay opens
+//! ([`Spool::adopt_legacy`]). A version-2 spool is used as it is: its JSON rows are read, and
+//! rewritten in the new layout when their delivery next changes. The first transaction that
+//! writes raises its number to 3 ([`Spool::mark_current`]), so that an older build, which would
+//! misread the new rows, refuses it from then on; an open or a read leaves it as it is, for an
+//! older relay that may still be using it. A newer version than this build knows is refused. A
+//! relay opens
 //! the database in redb's exclusive-writer mode (one fsync per commit) while no other process
 //! uses it, and shares it (multi-writer mode) while `smee-relay events`, `catch-up` or a relay
 //! of another channel does ([`share`]); two relays for the same channel are kept apart by a
@@ -404,8 +406,10 @@ pub struct StoredEvent {
     pub event: Event,
 }
 
-/// The part of a stored event that is not the body ([`header`]; JSON before format 3).
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// The part of a stored event that is not the body ([`header`]; JSON before format 3, which is
+/// still read, and written only by tests that make such a spool).
+#[derive(Debug, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct EventHeader {
     received_ms: u64,
     channel: String,
@@ -1231,12 +1235,13 @@ impl Spool {
     }
 
     /// In a transaction that writes: if the file is of an older format, raise its number (its
-    /// rows are now partly of this one). Returns whether it did, for [`Spool::marked_current`].
+    /// rows are now partly of this one; written back with the counters, as `meta` values).
+    /// Returns whether it did, for [`Spool::marked_current`].
     fn mark_current(&self, t: &mut Tables<'_>) -> Result<bool, redb::Error> {
         if !self.behind.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(false);
         }
-        mark_current(t)?;
+        t.set(FORMAT, FORMAT_VERSION)?;
         Ok(true)
     }
 
@@ -2471,7 +2476,7 @@ fn replay(
     // Applied here, the records' rows are of this format: the file says so from this commit on.
     let behind = behind && records == 0;
     if records > 0 {
-        mark_current(&mut t)?;
+        t.set(FORMAT, FORMAT_VERSION)?;
     }
     t.store_counters()?;
     drop(t);
@@ -2526,13 +2531,6 @@ fn replay(
         Mode::Alone => durable,
     };
     Ok((chain, durable, behind))
-}
-
-/// Raise the file's format number to this build's, in the transaction that writes its first
-/// rows of this format (see [`upgrade`]).
-fn mark_current(t: &mut Tables<'_>) -> Result<(), redb::Error> {
-    t.meta.insert(FORMAT, FORMAT_VERSION)?;
-    Ok(())
 }
 
 /// Move the log at `path` to `spool.wal.unapplied-<UTC time>` (with `.N` after it if that is

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::bin::{Reader, put_pairs, put_text};
+use super::bin::{Reader, flags, put_pairs, put_text};
 use super::{Limits, Outcome, Write};
 use crate::event::Event;
 
@@ -371,8 +371,10 @@ fn erase_spent(file: &File) {
     let _ = file.write_all_at(&[0; HEADER], 0);
 }
 
-/// The JSON head of a record written before format 3 (read, not written: [`decode_json`]).
-#[derive(Serialize, Deserialize)]
+/// The JSON head of a record written before format 3 (read, not written but by tests that make
+/// such a log: [`decode_json`]).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Head<'a> {
     seq: u64,
     expect: Expect,
@@ -383,7 +385,8 @@ struct Head<'a> {
 }
 
 /// A write, its events' bodies left out (they follow the head, in order).
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 enum LoggedWrite<'a> {
     Append {
         #[serde(borrow)]
@@ -402,7 +405,8 @@ enum LoggedWrite<'a> {
 }
 
 /// An event, its body left out: only its length.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct LoggedEvent<'a> {
     #[serde(borrow)]
     sse_id: Option<Cow<'a, str>>,
@@ -422,9 +426,6 @@ pub(super) fn encode(
     limits: Limits,
     writes: &[&Write],
 ) -> Option<Vec<u8>> {
-    if writes.iter().any(|w| matches!(w, Write::State { .. })) {
-        return None;
-    }
     let body_len: usize = writes
         .iter()
         .map(|w| match w {
@@ -434,7 +435,7 @@ pub(super) fn encode(
         .sum();
     let mut record = Vec::with_capacity(HEADER + 4 + 512 + body_len);
     record.extend_from_slice(&[0; HEADER + 4]);
-    encode_head(&mut record, seq, expect, now_ms, limits, writes);
+    encode_head(&mut record, seq, expect, now_ms, limits, writes)?;
     let head_len = (record.len() - HEADER - 4) as u32;
     record[HEADER..HEADER + 4].copy_from_slice(&head_len.to_le_bytes());
     for write in writes {
@@ -486,7 +487,7 @@ fn encode_head(
     now_ms: u64,
     limits: Limits,
     writes: &[&Write],
-) {
+) -> Option<()> {
     out.push(TAG);
     for n in [
         seq,
@@ -521,15 +522,10 @@ fn encode_head(
                 }
                 out.extend_from_slice(&(events.len() as u32).to_le_bytes());
                 for event in events.iter() {
-                    let flags = if event.sse_id.is_some() {
-                        HAS_SSE_ID
-                    } else {
-                        0
-                    } | if event.timestamp_ms.is_some() {
-                        HAS_TIMESTAMP
-                    } else {
-                        0
-                    };
+                    let flags = flags(&[
+                        (event.sse_id.is_some(), HAS_SSE_ID),
+                        (event.timestamp_ms.is_some(), HAS_TIMESTAMP),
+                    ]);
                     out.push(flags);
                     if let Some(t) = event.timestamp_ms {
                         out.extend_from_slice(&t.to_le_bytes());
@@ -566,9 +562,11 @@ fn encode_head(
                     put_text(out, error.map_or("", String::as_str));
                 }
             }
-            Write::State { .. } => unreachable!("refused by `encode`"),
+            // Not taken by the log (see `encode`).
+            Write::State { .. } => return None,
         }
     }
+    Some(())
 }
 
 /// The records of the log at `path`, from its start for as long as they follow each other

@@ -39,6 +39,17 @@ fn appending(from: u64, n: u64) -> Write {
     }
 }
 
+/// How many logs were set aside in `dir` (`spool.wal.unapplied-<time>`).
+fn set_aside(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("spool.wal.unapplied-")
+        })
+        .count()
+}
+
 /// Write through the log, as the writer thread does; the ids given.
 fn logged(spool: &Spool, write: Write) -> Vec<u64> {
     ids(spool.write_logged(&[write], ROOM).unwrap())
@@ -613,13 +624,7 @@ fn a_log_with_a_record_this_build_cannot_read_is_kept_aside() {
     let found = view(&reopened);
     assert_eq!(found.0[1].len(), 3, "the two records before it applied");
     assert_ne!(found, seen);
-    let aside = std::fs::read_dir(crashed.path())
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            name.to_string_lossy().starts_with("spool.wal.unapplied-")
-        })
-        .count();
+    let aside = set_aside(crashed.path());
     assert_eq!(aside, 1, "the log is kept aside");
 }
 
@@ -747,12 +752,6 @@ fn regression_a_log_of_several_records_from_before_format_3_was_applied_only_in_
         let bodies: Vec<&Bytes> = queue.iter().map(|(_, _, body)| body).collect();
         assert_eq!(bodies, [&event(1).body, &event(2).body]);
     }
-    let unapplied = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            name.to_string_lossy().starts_with("spool.wal.unapplied-")
-        })
-        .count();
+    let unapplied = set_aside(dir.path());
     assert_eq!(unapplied, 0, "nothing set aside");
 }
