@@ -113,9 +113,19 @@ enum Engine {
     /// reqwest itself is built on, without reqwest's per-request layers (redirect and retry
     /// policies that parse the URL twice, boxed bodies, timeouts). `examples/http_client_cost.rs`
     /// measures the difference on loopback; BENCHMARKS.md has the figures.
-    Plain(Box<Client<HttpConnector, Full<Bytes>>>),
+    Plain(Box<Plain>),
     /// https (Slack, a remote target): reqwest, for rustls and the platform's certificates.
     Tls(reqwest::Client),
+}
+
+/// The plain-http engine.
+#[derive(Clone, Debug)]
+struct Plain {
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// The target as hyper takes it, parsed once: an event with no query (nearly every one)
+    /// is posted to it as it is, without copying and parsing the URL again. `None` if it does
+    /// not parse, which each delivery then reports.
+    uri: Option<http::Uri>,
 }
 
 /// A target's answer, whichever engine fetched it.
@@ -135,7 +145,8 @@ impl Forwarder {
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .build(connector);
-            Engine::Plain(Box::new(client))
+            let uri = target.with_query(&[]).as_str().parse().ok();
+            Engine::Plain(Box::new(Plain { client, uri }))
         } else {
             // https targets and Slack honour HTTPS_PROXY/NO_PROXY, unless on this machine
             // (crate::http::client_builder_for).
@@ -163,7 +174,6 @@ impl Forwarder {
         extra: &[(&str, &str)],
     ) -> Result<Delivered, ForwardError> {
         let started = Instant::now();
-        let url = self.target.with_query(&event.query);
         let mut headers = headers(event, extra);
         if let Some(authorization) = &self.authorization {
             headers.insert(http::header::AUTHORIZATION, authorization.clone());
@@ -173,8 +183,12 @@ impl Forwarder {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         }
         let answer = match &self.engine {
-            Engine::Plain(client) => {
-                let exchange = post_plain(client, url.as_str(), headers, event.body.clone());
+            Engine::Plain(plain) => {
+                let uri = match &plain.uri {
+                    Some(uri) if event.query.is_empty() => Ok(uri.clone()),
+                    _ => self.target.with_query(&event.query).as_str().parse(),
+                };
+                let exchange = post_plain(&plain.client, uri, headers, event.body.clone());
                 // A timer per delivery, dropped with it. Keeping one for the next delivery saves
                 // tokio's wake of its own loop per event (a new timer earlier than its next
                 // wake), but then fires after the last delivery of a lull and wakes an idle relay
@@ -184,9 +198,12 @@ impl Forwarder {
                     Err(_) => return Err(ForwardError::Timeout(self.timeout)),
                 }
             }
-            Engine::Tls(client) => post_tls(client, url, headers, event.body.clone())
-                .await
-                .map_err(|e| self.classify(e))?,
+            Engine::Tls(client) => {
+                let url = self.target.with_query(&event.query);
+                post_tls(client, url, headers, event.body.clone())
+                    .await
+                    .map_err(|e| self.classify(e))?
+            }
         };
         if answer.status.is_success() {
             return Ok(Delivered {
@@ -220,7 +237,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// One POST over plain http. The answer is read to the end so the connection can be reused.
 async fn post_plain(
     client: &Client<HttpConnector, Full<Bytes>>,
-    url: &str,
+    uri: Result<http::Uri, http::uri::InvalidUri>,
     mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<Answer, ForwardError> {
@@ -233,7 +250,7 @@ async fn post_plain(
     }
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = url.parse().map_err(|e| broken(&e))?;
+    *request.uri_mut() = uri.map_err(|e| broken(&e))?;
     *request.headers_mut() = headers;
     let response = client.request(request).await.map_err(|e| broken(&e))?;
     let (parts, body) = response.into_parts();
@@ -393,6 +410,33 @@ mod tests {
         target.deliver(&event(&[]), &[]).await.unwrap();
         assert_eq!(rx.recv().await.unwrap(), "GitHub-Hookshot/abc");
         assert_eq!(rx.recv().await.unwrap(), crate::http::USER_AGENT);
+    }
+
+    #[tokio::test]
+    async fn the_targets_own_query_is_kept_with_and_without_the_events() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = Router::new().route(
+            "/hook",
+            post(move |uri: http::Uri| {
+                let tx = tx.clone();
+                async move { tx.send(uri.to_string()).unwrap() }
+            }),
+        );
+        let port = serve(app).await;
+        let target = forwarder(
+            &format!("http://127.0.0.1:{port}/hook?token=t"),
+            Duration::from_secs(5),
+        );
+        let with_query = Event {
+            query: vec![("a".into(), "1 2".into())],
+            ..event(&[])
+        };
+        target.deliver(&event(&[]), &[]).await.unwrap();
+        target.deliver(&with_query, &[]).await.unwrap();
+        target.deliver(&event(&[]), &[]).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), "/hook?token=t");
+        assert_eq!(rx.recv().await.unwrap(), "/hook?token=t&a=1+2");
+        assert_eq!(rx.recv().await.unwrap(), "/hook?token=t");
     }
 
     #[test]
