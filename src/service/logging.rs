@@ -91,6 +91,7 @@ pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
         .with_env_filter(filter)
         .with_writer(writer)
         .log_internal_errors(false)
+        .with_timer(Clock)
         .with_target(false)
         .with_ansi(!journal && terminal && std::env::var_os("NO_COLOR").is_none());
     let fields = || {
@@ -187,6 +188,22 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The time at the start of a line: tracing-subscriber's own `SystemTime` text
+/// (`2026-12-03T08:27:11.123456Z`, UTC, microseconds), written by humantime from digits rather
+/// than through `fmt` field by field, which cost about 2,500 instructions a line: half of a
+/// delivery line's cost, once per event (BENCHMARKS.md, "Issue 19, eighteenth session").
+struct Clock;
+
+impl tracing_subscriber::fmt::time::FormatTime for Clock {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        write_time(w, std::time::SystemTime::now())
+    }
+}
+
+fn write_time(w: &mut impl std::fmt::Write, at: std::time::SystemTime) -> std::fmt::Result {
+    write!(w, "{}", humantime::format_rfc3339_micros(at))
+}
+
 /// Writes text through [`escape_control`] as it is formatted, with no copy of the whole value.
 /// Formatting hands over whole `str`s, so no character is split between two calls.
 struct Escaping<'a, 'w>(&'a mut Writer<'w>);
@@ -236,7 +253,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing_subscriber::fmt::time::FormatTime as _;
     use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[test]
+    fn lines_carry_the_same_time_text_as_tracing_subscribers_own_clock() {
+        let at = std::time::UNIX_EPOCH + Duration::from_micros(1_796_286_431_000_042);
+        let mut text = String::new();
+        write_time(&mut text, at).unwrap();
+        assert_eq!(text, "2026-12-03T08:27:11.000042Z");
+        // The shape of what the default clock writes, at nearly the same moment.
+        let (mut ours, mut theirs) = (String::new(), String::new());
+        Clock.format_time(&mut Writer::new(&mut ours)).unwrap();
+        tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut Writer::new(&mut theirs))
+            .unwrap();
+        let shape = |s: &str| s.replace(|c: char| c.is_ascii_digit(), "0");
+        assert_eq!(shape(&ours), shape(&theirs));
+    }
 
     #[test]
     fn regression_the_dropped_lines_warning_was_filtered_out_with_the_rest() {
