@@ -10,6 +10,13 @@
 //! relay to start applies its marks to the spool and deletes it. Applying a mark twice is
 //! harmless (a mark names its queue position, and a finished delivery ignores later marks).
 //!
+//! A mark is a binary record: [`TAG`], the payload's length (u32 LE), its checksum (u64 LE,
+//! the write-ahead log's) and the mark's fields as the log holds them (`wal::put_mark`).
+//! Journals written before (JSON lines with an FNV-1a checksum, by a relay that died before an
+//! upgrade) are still read. A journal is read from its start for as long as records pass their
+//! checksum: a record cut by a crash ends it. A compaction writes the marks it keeps into a new
+//! file and renames it over the old, so a crash leaves one or the other, whole.
+//!
 //! This module only keeps the file; the writer thread decides when marks are committed.
 
 use std::collections::VecDeque;
@@ -21,12 +28,19 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Outcome, Write};
+use super::bin::Reader;
+use super::{Outcome, Write, wal};
 
 /// Past this size, the journal is rewritten with only the marks not yet committed.
 const COMPACT_AT: u64 = 64 << 10;
 
-/// One finished delivery, as a line of the journal.
+/// The first byte of a record; a journal written before them holds JSON lines (`{`).
+const TAG: u8 = 1;
+
+/// A record's tag, length and checksum.
+const HEADER: usize = 1 + 4 + 8;
+
+/// One finished delivery, as a line of a journal written before records (JSON).
 #[derive(Serialize, Deserialize)]
 struct Entry<'a> {
     route: std::borrow::Cow<'a, str>,
@@ -76,16 +90,8 @@ impl Journal {
         // Collect orphans first: our own file must not be among them.
         let orphans = orphans(dir)?;
         let name = format!("journal-{}-{:08x}", std::process::id(), fastrand::u32(..));
-        let tmp = dir.join(format!("{name}.tmp"));
         let path = dir.join(format!("{name}.log"));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        // Locked before it gets a name that others look for: nobody takes it for an orphan.
-        file.lock()?;
-        std::fs::rename(&tmp, &path)?;
+        let file = locked_file(&path, &[])?;
         let journal = Journal {
             inner: Mutex::new(Inner {
                 file,
@@ -114,13 +120,7 @@ impl Journal {
         else {
             return Ok(then());
         };
-        let entry = Entry {
-            route: route.as_str().into(),
-            seq: *seq,
-            event: *event,
-            outcome: std::borrow::Cow::Borrowed(outcome),
-        };
-        let line = encode(&entry);
+        let line = encode(route, *seq, *event, outcome);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.file.write_all_at(&line, inner.len)?;
         inner.len += line.len() as u64;
@@ -148,18 +148,16 @@ impl Journal {
             return;
         }
         let keep: Vec<u8> = inner.uncommitted.iter().flatten().copied().collect();
-        // Rewritten in place, from the start: only when what is kept is at most half the file,
-        // so the new lines never overwrite the old copies of themselves. A crash in between
-        // leaves stale lines, which are harmless when applied again.
+        // Only once it saves half: a backlog of uncommitted marks is not rewritten per commit.
         if keep.len() as u64 > inner.len / 2 {
             return;
         }
-        let rewrite = inner
-            .file
-            .write_all_at(&keep, 0)
-            .and_then(|()| inner.file.set_len(keep.len() as u64));
-        match rewrite {
-            Ok(()) => inner.len = keep.len() as u64,
+        match locked_file(&self.path, &keep) {
+            Ok(file) => {
+                // The old file's lock goes with it; the new one is locked already.
+                inner.file = file;
+                inner.len = keep.len() as u64;
+            }
             Err(e) => {
                 tracing::warn!(journal = %self.path.display(), "cannot compact the delivery journal: {e}")
             }
@@ -167,19 +165,79 @@ impl Journal {
     }
 }
 
-/// A line: the entry's JSON, a tab, a checksum of the JSON (a line cut by a crash or a
-/// compaction does not pass it), a newline.
-fn encode(entry: &Entry<'_>) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut line = Vec::with_capacity(160);
-    serde_json::to_writer(&mut line, entry).expect("an entry always serialises");
-    let sum = fnv1a(&line);
-    // Into the line itself: a `format!` here was a second allocation per delivery.
-    writeln!(line, "\t{sum:016x}").expect("a Vec takes every write");
-    line
+/// A journal file at `path` holding `contents`, exclusively locked: made under another name,
+/// locked and written there, then renamed to `path` (over the file there, if any). Locked
+/// before it gets a name that others look for, so nobody takes it for an orphan; whole before
+/// it replaces a journal, so a crash leaves the old one or the new one.
+fn locked_file(path: &Path, contents: &[u8]) -> std::io::Result<File> {
+    let tmp = path.with_extension("tmp");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let made = file
+        .lock()
+        .and_then(|()| file.write_all_at(contents, 0))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made.map(|()| file)
 }
 
-fn decode(line: &[u8]) -> Option<Write> {
+/// A mark's record (see the module header).
+fn encode(route: &str, seq: u64, event: u64, outcome: &Outcome) -> Vec<u8> {
+    let mut record = Vec::with_capacity(HEADER + route.len() + 32);
+    record.push(TAG);
+    record.extend_from_slice(&[0; HEADER - 1]);
+    wal::put_mark(&mut record, route, seq, event, outcome);
+    let payload = &record[HEADER..];
+    let (len, sum) = (payload.len() as u32, wal::checksum(payload));
+    record[1..5].copy_from_slice(&len.to_le_bytes());
+    record[5..HEADER].copy_from_slice(&sum.to_le_bytes());
+    record
+}
+
+/// The marks in a journal's bytes, from its start for as long as they are whole: records, or
+/// the lines of a journal written before them.
+fn decode_all(bytes: &[u8]) -> Vec<Write> {
+    if bytes.first() == Some(&b'{') {
+        return bytes
+            .split(|b| *b == b'\n')
+            .filter_map(decode_line)
+            .collect();
+    }
+    let mut marks = Vec::new();
+    let mut rest = bytes;
+    while let Some((mark, len)) = decode_record(rest) {
+        marks.push(mark);
+        rest = &rest[len..];
+    }
+    marks
+}
+
+/// The record at the start of `bytes`, and its length.
+fn decode_record(bytes: &[u8]) -> Option<(Write, usize)> {
+    let mut r = Reader(bytes);
+    if r.u8()? != TAG {
+        return None;
+    }
+    let len = usize::try_from(r.u32()?).ok()?;
+    let sum = r.u64()?;
+    let payload = r.take(len)?;
+    if wal::checksum(payload) != sum {
+        return None;
+    }
+    let mut fields = Reader(payload);
+    let mark = wal::read_mark(&mut fields)?;
+    fields.0.is_empty().then_some((mark, HEADER + len))
+}
+
+/// A line of a journal written before records: the entry's JSON, a tab, an FNV-1a checksum of
+/// the JSON, a newline.
+fn decode_line(line: &[u8]) -> Option<Write> {
     let tab = line.iter().rposition(|b| *b == b'\t')?;
     let (json, sum) = (&line[..tab], std::str::from_utf8(&line[tab + 1..]).ok()?);
     if u64::from_str_radix(sum.trim(), 16).ok()? != fnv1a(json) {
@@ -222,9 +280,7 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        found
-            .marks
-            .extend(bytes.split(|b| *b == b'\n').filter_map(decode));
+        found.marks.extend(decode_all(&bytes));
         found.files.push((path, file));
     }
     Ok(found)
@@ -268,12 +324,16 @@ mod tests {
         let (second, found) = Journal::start(dir.path()).unwrap();
         assert!(found.marks.is_empty());
         drop(second);
-        // A torn last line (a crash in the middle of a write) is skipped.
+        // A torn last record (a power loss in the middle of a write) is skipped.
         {
             let inner = first.inner.lock().unwrap();
+            let Write::Mark { outcome, .. } = mark(4) else {
+                unreachable!()
+            };
+            let torn = encode("k http://127.0.0.1:9/", 4, 40, &outcome);
             inner
                 .file
-                .write_all_at(b"{\"route\":\"x", inner.len)
+                .write_all_at(&torn[..torn.len() - 3], inner.len)
                 .unwrap();
         }
         let path = first.path().to_owned();
@@ -285,6 +345,73 @@ mod tests {
         );
         found.remove();
         assert!(!path.exists());
+    }
+
+    /// A line as journals were written before records.
+    fn json_line(mark: &Write) -> Vec<u8> {
+        let Write::Mark {
+            route,
+            seq,
+            event,
+            outcome,
+        } = mark
+        else {
+            unreachable!()
+        };
+        let entry = Entry {
+            route: route.as_str().into(),
+            seq: *seq,
+            event: *event,
+            outcome: std::borrow::Cow::Borrowed(outcome),
+        };
+        let mut line = serde_json::to_vec(&entry).unwrap();
+        let sum = fnv1a(&line);
+        line.extend_from_slice(format!("\t{sum:016x}\n").as_bytes());
+        line
+    }
+
+    #[test]
+    fn a_journal_of_json_lines_left_by_a_relay_before_records_is_still_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = Vec::new();
+        for seq in 1..=3 {
+            old.extend(json_line(&mark(seq)));
+        }
+        // Its last line cut by a crash.
+        old.extend_from_slice(&json_line(&mark(4))[..20]);
+        let path = dir.path().join("journal-1-0000abcd.log");
+        std::fs::write(&path, old).unwrap();
+        let (_journal, found) = Journal::start(dir.path()).unwrap();
+        assert_eq!(seqs(&found.marks), [1, 2, 3]);
+        assert!(
+            matches!(&found.marks[2], Write::Mark { outcome: Outcome::Dead { error, status: Some(400) }, .. } if error == "bad\tinput\n")
+        );
+        found.remove();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_record_inside_a_targets_error_text_is_not_read_as_a_mark() {
+        // A target that answers with the bytes of a record that would mark another delivery
+        // done: they are the error's text, read as part of the record that holds them. (An
+        // error is text: the forger picks a status and an event that make the record UTF-8.)
+        let forged = (1..1_000_000)
+            .map(|event| {
+                let done = Outcome::Delivered { status: 299 };
+                encode("k http://127.0.0.1:9/", 7, event, &done)
+            })
+            .find_map(|record| String::from_utf8(record).ok())
+            .unwrap();
+        assert_eq!(seqs(&decode_all(forged.as_bytes())), [7], "a record");
+        let outcome = Outcome::Retry {
+            status: Some(503),
+            error: forged,
+        };
+        let mut bytes = encode("k http://127.0.0.1:9/", 1, 10, &outcome);
+        assert_eq!(seqs(&decode_all(&bytes)), [1]);
+        // Cut, the record holding it ends the journal; nothing inside it is taken.
+        bytes.truncate(bytes.len() - 1);
+        assert!(decode_all(&bytes).is_empty());
     }
 
     #[test]

@@ -478,8 +478,7 @@ const HAS_TIMESTAMP: u8 = 2;
 /// append ([`APPEND`], the channel, the routes (count and texts), a flag byte and the cursor's
 /// key and id if set, the events (count, then per event a flags byte, the timestamp and SSE id
 /// where flagged, the headers, the query and the body's length (u64))) or a mark ([`MARK`],
-/// the route, seq and event id (u64), the outcome ([`DELIVERED`] and a status (u16), or
-/// [`RETRY`] or [`DEAD`], a flag byte, the status if set and the error)).
+/// the mark's fields: [`put_mark`]).
 fn encode_head(
     out: &mut Vec<u8>,
     seq: u64,
@@ -545,28 +544,63 @@ fn encode_head(
                 outcome,
             } => {
                 out.push(MARK);
-                put_text(out, route);
-                out.extend_from_slice(&seq.to_le_bytes());
-                out.extend_from_slice(&event.to_le_bytes());
-                let (kind, status, error) = match outcome {
-                    Outcome::Delivered { status } => (DELIVERED, Some(*status), None),
-                    Outcome::Retry { status, error } => (RETRY, *status, Some(error)),
-                    Outcome::Dead { status, error } => (DEAD, *status, Some(error)),
-                };
-                out.push(kind);
-                if kind == DELIVERED {
-                    out.extend_from_slice(&status.unwrap_or(0).to_le_bytes());
-                } else {
-                    out.push(u8::from(status.is_some()));
-                    out.extend_from_slice(&status.unwrap_or(0).to_le_bytes());
-                    put_text(out, error.map_or("", String::as_str));
-                }
+                put_mark(out, route, *seq, *event, outcome);
             }
             // Not taken by the log (see `encode`).
             Write::State { .. } => return None,
         }
     }
     Some(())
+}
+
+/// A mark's fields, as a binary head holds them after [`MARK`] (and the delivery journal as
+/// its record): the route, seq and event id (u64), the outcome ([`DELIVERED`] and a status
+/// (u16), or [`RETRY`] or [`DEAD`], a flag byte, the status if set and the error).
+pub(super) fn put_mark(out: &mut Vec<u8>, route: &str, seq: u64, event: u64, outcome: &Outcome) {
+    put_text(out, route);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&event.to_le_bytes());
+    let (kind, status, error) = match outcome {
+        Outcome::Delivered { status } => (DELIVERED, Some(*status), None),
+        Outcome::Retry { status, error } => (RETRY, *status, Some(error)),
+        Outcome::Dead { status, error } => (DEAD, *status, Some(error)),
+    };
+    out.push(kind);
+    if kind == DELIVERED {
+        out.extend_from_slice(&status.unwrap_or(0).to_le_bytes());
+    } else {
+        out.push(u8::from(status.is_some()));
+        out.extend_from_slice(&status.unwrap_or(0).to_le_bytes());
+        put_text(out, error.map_or("", String::as_str));
+    }
+}
+
+/// What [`put_mark`] wrote.
+pub(super) fn read_mark(r: &mut Reader<'_>) -> Option<Write> {
+    let route = r.text()?;
+    let seq = r.u64()?;
+    let event = r.u64()?;
+    let outcome = match r.u8()? {
+        DELIVERED => Outcome::Delivered { status: r.u16()? },
+        kind @ (RETRY | DEAD) => {
+            let has_status = r.u8()? != 0;
+            let status = r.u16()?;
+            let status = has_status.then_some(status);
+            let error = r.text()?;
+            if kind == RETRY {
+                Outcome::Retry { status, error }
+            } else {
+                Outcome::Dead { status, error }
+            }
+        }
+        _ => return None,
+    };
+    Some(Write::Mark {
+        route,
+        seq,
+        event,
+        outcome,
+    })
 }
 
 /// The records of the log at `path`, from its start for as long as they follow each other
@@ -723,32 +757,7 @@ fn decode_binary(mut r: Reader<'_>, mut bodies: &[u8]) -> Option<Record> {
                     cursor,
                 }
             }
-            MARK => {
-                let route = r.text()?;
-                let seq = r.u64()?;
-                let event = r.u64()?;
-                let outcome = match r.u8()? {
-                    DELIVERED => Outcome::Delivered { status: r.u16()? },
-                    kind @ (RETRY | DEAD) => {
-                        let has_status = r.u8()? != 0;
-                        let status = r.u16()?;
-                        let status = has_status.then_some(status);
-                        let error = r.text()?;
-                        if kind == RETRY {
-                            Outcome::Retry { status, error }
-                        } else {
-                            Outcome::Dead { status, error }
-                        }
-                    }
-                    _ => return None,
-                };
-                Write::Mark {
-                    route,
-                    seq,
-                    event,
-                    outcome,
-                }
-            }
+            MARK => read_mark(&mut r)?,
             _ => return None,
         });
     }
