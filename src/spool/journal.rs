@@ -111,16 +111,10 @@ impl Journal {
     /// thread) under the same lock, so that the journal's lines and the writer's marks are in
     /// the same order.
     pub(crate) fn record<T>(&self, mark: &Write, then: impl FnOnce() -> T) -> std::io::Result<T> {
-        let Write::Mark {
-            route,
-            seq,
-            event,
-            outcome,
-        } = mark
-        else {
+        let Some((route, seq, event, outcome)) = fields(mark) else {
             return Ok(then());
         };
-        let line = encode(route, *seq, *event, outcome);
+        let line = encode(route, seq, event, outcome);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.file.write_all_at(&line, inner.len)?;
         inner.len += line.len() as u64;
@@ -185,6 +179,19 @@ fn locked_file(path: &Path, contents: &[u8]) -> std::io::Result<File> {
         let _ = std::fs::remove_file(&tmp);
     }
     made.map(|()| file)
+}
+
+/// A mark's route, seq, event id and outcome; `None` for any other write.
+fn fields(mark: &Write) -> Option<(&str, u64, u64, &Outcome)> {
+    match mark {
+        Write::Mark {
+            route,
+            seq,
+            event,
+            outcome,
+        } => Some((route, *seq, *event, outcome)),
+        _ => None,
+    }
 }
 
 /// A mark's record (see the module header).
@@ -349,19 +356,11 @@ mod tests {
 
     /// A line as journals were written before records.
     fn json_line(mark: &Write) -> Vec<u8> {
-        let Write::Mark {
-            route,
+        let (route, seq, event, outcome) = fields(mark).unwrap();
+        let entry = Entry {
+            route: route.into(),
             seq,
             event,
-            outcome,
-        } = mark
-        else {
-            unreachable!()
-        };
-        let entry = Entry {
-            route: route.as_str().into(),
-            seq: *seq,
-            event: *event,
             outcome: std::borrow::Cow::Borrowed(outcome),
         };
         let mut line = serde_json::to_vec(&entry).unwrap();
@@ -429,5 +428,40 @@ mod tests {
         drop(journal);
         let (_, found) = Journal::start(dir.path()).unwrap();
         assert_eq!(seqs(&found.marks), [seq - 1, seq, seq + 1]);
+    }
+
+    proptest::proptest! {
+        /// Whatever a journal holds, reading it never panics.
+        #[test]
+        fn any_bytes_read_without_a_panic(bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..512)) {
+            let _ = decode_all(&bytes);
+            let mut tagged = vec![TAG];
+            tagged.extend(&bytes);
+            let _ = decode_all(&tagged);
+        }
+
+        /// Marks read back as written, in order; cut anywhere, the whole ones before the cut.
+        #[test]
+        fn marks_read_back_as_written_and_a_cut_keeps_the_whole_ones(
+            errors in proptest::collection::vec("\\PC{0,40}", 1..6),
+            cut in proptest::arbitrary::any::<proptest::sample::Index>(),
+        ) {
+            let mut bytes = Vec::new();
+            let mut ends = Vec::new();
+            for (n, error) in errors.iter().enumerate() {
+                let outcome = Outcome::Dead { status: None, error: error.clone() };
+                bytes.extend(encode("k http://127.0.0.1:9/", n as u64, 10 * n as u64, &outcome));
+                ends.push(bytes.len());
+            }
+            let all = decode_all(&bytes);
+            proptest::prop_assert_eq!(seqs(&all), (0..errors.len() as u64).collect::<Vec<_>>());
+            for (mark, error) in all.iter().zip(&errors) {
+                let is_it = matches!(mark, Write::Mark { outcome: Outcome::Dead { error: e, .. }, .. } if e == error);
+                proptest::prop_assert!(is_it);
+            }
+            let at = cut.index(bytes.len());
+            let whole = ends.iter().filter(|end| **end <= at).count();
+            proptest::prop_assert_eq!(decode_all(&bytes[..at]).len(), whole);
+        }
     }
 }
