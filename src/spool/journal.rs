@@ -424,6 +424,15 @@ mod tests {
         }
         journal.committed(seq as usize - 2);
         assert!(journal.inner.lock().unwrap().len < 1024, "compacted");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "the new file replaced the old: {names:?}");
+        assert!(names[0].ends_with(".log"));
+        // Still locked: another start does not take it for a dead relay's.
+        let (_other, found) = Journal::start(dir.path()).unwrap();
+        assert!(found.marks.is_empty());
         journal.record(&mark(seq + 1), || ()).unwrap();
         drop(journal);
         let (_, found) = Journal::start(dir.path()).unwrap();
