@@ -5,16 +5,16 @@
 //! is repeated. It is not synced: after a power loss, the marks of the last group-commit
 //! interval can be missing, as before.
 //!
-//! Each process has its own journal (`journal-PID-RANDOM.log` in the state directory, locked
+//! Each process has its own journal (`journal-PID-RANDOM.marks` in the state directory, locked
 //! while it runs); a journal whose lock is free belongs to a process that died, and the next
 //! relay to start applies its marks to the spool and deletes it. Applying a mark twice is
 //! harmless (a mark names its queue position, and a finished delivery ignores later marks).
 //!
 //! A mark is a binary record: [`TAG`], the payload's length (u32 LE), its checksum (u64 LE,
 //! the write-ahead log's) and the mark's fields as the log holds them (`wal::put_mark`).
-//! Journals written before (JSON lines with an FNV-1a checksum, by a relay that died before an
-//! upgrade) are still read. A journal is read from its start for as long as records pass their
-//! checksum: a record cut by a crash ends it. A compaction writes the marks it keeps into a new
+//! Journals written before (JSON lines with an FNV-1a checksum, named `.log`, by a relay that
+//! died before an upgrade) are still read. A journal is read from its start for as long as
+//! records pass their checksum: a record cut by a crash ends it. A compaction writes the marks it keeps into a new
 //! file and renames it over the old, so a crash leaves one or the other, whole.
 //!
 //! This module only keeps the file; the writer thread decides when marks are committed.
@@ -34,7 +34,16 @@ use super::{Outcome, Write, wal};
 /// Past this size, the journal is rewritten with only the marks not yet committed.
 const COMPACT_AT: u64 = 64 << 10;
 
-/// The first byte of a record; a journal written before them holds JSON lines (`{`).
+/// A journal's file name ends in this: `journal-PID-RANDOM.marks`.
+const EXTENSION: &str = "marks";
+
+/// How journals of JSON lines, written before records, were named (`journal-PID-RANDOM.log`).
+/// Records have a name of their own because an older relay reads every `.log` as lines: in
+/// records, a target's error text is held raw, and one holding a newline and a line with a
+/// valid checksum would be read by it as a mark.
+const LINES_EXTENSION: &str = "log";
+
+/// The first byte of a record.
 const TAG: u8 = 1;
 
 /// A record's tag, length and checksum.
@@ -90,7 +99,7 @@ impl Journal {
         // Collect orphans first: our own file must not be among them.
         let orphans = orphans(dir)?;
         let name = format!("journal-{}-{:08x}", std::process::id(), fastrand::u32(..));
-        let path = dir.join(format!("{name}.log"));
+        let path = dir.join(format!("{name}.{EXTENSION}"));
         let file = locked_file(&path, &[])?;
         let journal = Journal {
             inner: Mutex::new(Inner {
@@ -116,7 +125,13 @@ impl Journal {
         };
         let line = encode(route, seq, event, outcome);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.file.write_all_at(&line, inner.len)?;
+        if let Err(e) = inner.file.write_all_at(&line, inner.len) {
+            // A part written (the disk filled up) must not stay past the end: the next record
+            // would go over its start, and a reader after a crash would go on into the rest of
+            // it, an error text a target chose. Shrinking takes no space.
+            let _ = inner.file.set_len(inner.len);
+            return Err(e);
+        }
         inner.len += line.len() as u64;
         inner.uncommitted.push_back(line);
         Ok(then())
@@ -207,15 +222,27 @@ fn encode(route: &str, seq: u64, event: u64, outcome: &Outcome) -> Vec<u8> {
     record
 }
 
-/// The marks in a journal's bytes, from its start for as long as they are whole: records, or
-/// the lines of a journal written before them.
+/// Whether `file` is the file at `path` now.
+fn same_file(file: &File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let open = file.metadata()?;
+    Ok(match std::fs::metadata(path) {
+        Ok(named) => open.dev() == named.dev() && open.ino() == named.ino(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    })
+}
+
+/// The marks of a journal of lines (written before records).
+fn decode_lines(bytes: &[u8]) -> Vec<Write> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter_map(decode_line)
+        .collect()
+}
+
+/// The marks in a journal's records, from its start for as long as they are whole.
 fn decode_all(bytes: &[u8]) -> Vec<Write> {
-    if bytes.first() == Some(&b'{') {
-        return bytes
-            .split(|b| *b == b'\n')
-            .filter_map(decode_line)
-            .collect();
-    }
     let mut marks = Vec::new();
     let mut rest = bytes;
     while let Some((mark, len)) = decode_record(rest) {
@@ -274,7 +301,9 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !(name.starts_with("journal-") && name.ends_with(".log")) {
+        let lines = path.extension().is_some_and(|e| e == LINES_EXTENSION);
+        let records = path.extension().is_some_and(|e| e == EXTENSION);
+        if !(name.starts_with("journal-") && (lines || records)) {
             continue;
         }
         let Ok(mut file) = File::options().read(true).write(true).open(&path) else {
@@ -285,9 +314,20 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
             Err(std::fs::TryLockError::WouldBlock) => continue, // a live relay's
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
+        // The file opened may have been replaced meanwhile by its relay's compaction, which
+        // frees the old file's lock once the new one has its name: the lock taken is then a
+        // live relay's old file's, and its name the live journal's. Only the file still under
+        // that name, locked by us, is a dead relay's (a live one always holds the file there).
+        if !same_file(&file, &path)? {
+            continue;
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        found.marks.extend(decode_all(&bytes));
+        if lines {
+            found.marks.extend(decode_lines(&bytes));
+        } else {
+            found.marks.extend(decode_all(&bytes));
+        }
         found.files.push((path, file));
     }
     Ok(found)
@@ -378,7 +418,9 @@ mod tests {
         }
         // Its last line cut by a crash.
         old.extend_from_slice(&json_line(&mark(4))[..20]);
-        let path = dir.path().join("journal-1-0000abcd.log");
+        let path = dir
+            .path()
+            .join(format!("journal-1-0000abcd.{LINES_EXTENSION}"));
         std::fs::write(&path, old).unwrap();
         let (_journal, found) = Journal::start(dir.path()).unwrap();
         assert_eq!(seqs(&found.marks), [1, 2, 3]);
@@ -429,7 +471,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 1, "the new file replaced the old: {names:?}");
-        assert!(names[0].ends_with(".log"));
+        assert!(names[0].ends_with(".marks"));
         // Still locked: another start does not take it for a dead relay's.
         let (_other, found) = Journal::start(dir.path()).unwrap();
         assert!(found.marks.is_empty());
@@ -437,6 +479,78 @@ mod tests {
         drop(journal);
         let (_, found) = Journal::start(dir.path()).unwrap();
         assert_eq!(seqs(&found.marks), [seq - 1, seq, seq + 1]);
+    }
+
+    #[test]
+    fn regression_an_orphan_scan_racing_a_compaction_took_the_live_journal_and_removed_it() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::start(dir.path()).unwrap();
+        let live = journal.path().to_owned();
+        let (stop, compactions) = (AtomicBool::new(false), AtomicUsize::new(0));
+        let taken = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for seq in 1.. {
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    let before = journal.inner.lock().unwrap().len;
+                    journal.record(&mark(seq), || ()).unwrap();
+                    journal.committed(1);
+                    if journal.inner.lock().unwrap().len < before {
+                        compactions.fetch_add(1, Relaxed);
+                    }
+                }
+            });
+            // Scan while it compacts, 1,000 times (the bug showed within a few hundred).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut taken = 0;
+            while compactions.load(Relaxed) < 1000 && std::time::Instant::now() < deadline {
+                let found = orphans(dir.path()).unwrap();
+                taken += found.files.len();
+                found.remove();
+            }
+            stop.store(true, Relaxed);
+            taken
+        });
+        assert!(
+            compactions.load(Relaxed) > 0,
+            "the journal compacted meanwhile"
+        );
+        assert_eq!(taken, 0, "a live journal was taken for a dead relay's");
+        assert!(live.exists(), "the live journal's name was removed");
+    }
+
+    #[test]
+    fn regression_an_older_relay_read_a_journal_of_records_as_lines() {
+        // A target's error text held raw in a record, with a newline and a line an older relay
+        // reads as a mark of another delivery done (it reads every `journal-*.log` as lines).
+        let forged = json_line(&Write::Mark {
+            route: "victim http://127.0.0.1:9/".into(),
+            seq: 42,
+            event: 4242,
+            outcome: Outcome::Delivered { status: 200 },
+        });
+        let error = format!(
+            "target answered 400: x\n{}x",
+            String::from_utf8(forged).unwrap()
+        );
+        let outcome = Outcome::Dead {
+            status: Some(400),
+            error,
+        };
+        let record = encode("k http://127.0.0.1:9/", 1, 10, &outcome);
+        assert_eq!(
+            seqs(&decode_lines(&record)),
+            [42],
+            "read as lines, it forges"
+        );
+        assert_eq!(seqs(&decode_all(&record)), [1]);
+        // So records never go into a file an older relay reads as lines.
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::start(dir.path()).unwrap();
+        let extension = journal.path().extension().unwrap();
+        assert_ne!(extension, LINES_EXTENSION);
     }
 
     proptest::proptest! {
