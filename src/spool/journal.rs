@@ -1,4 +1,4 @@
-//! The delivery journal: each finished delivery (delivered or dead) is appended here, one line,
+//! The delivery journal: each finished delivery (delivered or dead) is appended here, one record,
 //! before its route starts the next one, and before its mark reaches the spool's group commit.
 //! A `write` into the kernel's page cache survives the death of the process (`kill -9`, a
 //! panic, the OOM killer), so after a process crash at most the delivery in flight on each route
@@ -14,8 +14,9 @@
 //! the write-ahead log's) and the mark's fields as the log holds them (`wal::put_mark`).
 //! Journals written before (JSON lines with an FNV-1a checksum, named `.log`, by a relay that
 //! died before an upgrade) are still read. A journal is read from its start for as long as
-//! records pass their checksum: a record cut by a crash ends it. A compaction writes the marks it keeps into a new
-//! file and renames it over the old, so a crash leaves one or the other, whole.
+//! records pass their checksum: a record cut by a crash ends it. A compaction writes the marks
+//! it keeps into a new file and renames it over the old, so a crash leaves one or the other,
+//! whole.
 //!
 //! This module only keeps the file; the writer thread decides when marks are committed.
 
@@ -26,7 +27,9 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+#[cfg(test)]
+use serde::Serialize;
 
 use super::bin::Reader;
 use super::{Outcome, Write, wal};
@@ -49,8 +52,10 @@ const TAG: u8 = 1;
 /// A record's tag, length and checksum.
 const HEADER: usize = 1 + 4 + 8;
 
-/// One finished delivery, as a line of a journal written before records (JSON).
-#[derive(Serialize, Deserialize)]
+/// One finished delivery, as a line of a journal written before records (JSON; written by tests
+/// only, as an older relay wrote it).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Entry<'a> {
     route: std::borrow::Cow<'a, str>,
     seq: u64,
@@ -72,7 +77,7 @@ struct Inner {
     file: File,
     /// Bytes in the file.
     len: u64,
-    /// The lines written whose marks are not known to be committed yet, oldest first: what a
+    /// The records written whose marks are not known to be committed yet, oldest first: what a
     /// compaction keeps.
     uncommitted: VecDeque<Vec<u8>>,
 }
@@ -117,7 +122,7 @@ impl Journal {
     }
 
     /// Append `mark` (a `Write::Mark`), then call `then` (which hands the mark to the writer
-    /// thread) under the same lock, so that the journal's lines and the writer's marks are in
+    /// thread) under the same lock, so that the journal's records and the writer's marks are in
     /// the same order.
     pub(crate) fn record<T>(&self, mark: &Write, then: impl FnOnce() -> T) -> std::io::Result<T> {
         let Some((route, seq, event, outcome)) = fields(mark) else {
@@ -242,7 +247,7 @@ fn decode_lines(bytes: &[u8]) -> Vec<Write> {
 }
 
 /// The marks in a journal's records, from its start for as long as they are whole.
-fn decode_all(bytes: &[u8]) -> Vec<Write> {
+fn decode_records(bytes: &[u8]) -> Vec<Write> {
     let mut marks = Vec::new();
     let mut rest = bytes;
     while let Some((mark, len)) = decode_record(rest) {
@@ -301,9 +306,9 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let lines = path.extension().is_some_and(|e| e == LINES_EXTENSION);
-        let records = path.extension().is_some_and(|e| e == EXTENSION);
-        if !(name.starts_with("journal-") && (lines || records)) {
+        let extension = path.extension().and_then(|e| e.to_str());
+        let lines = extension == Some(LINES_EXTENSION);
+        if !(name.starts_with("journal-") && (lines || extension == Some(EXTENSION))) {
             continue;
         }
         let Ok(mut file) = File::options().read(true).write(true).open(&path) else {
@@ -326,7 +331,7 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
         if lines {
             found.marks.extend(decode_lines(&bytes));
         } else {
-            found.marks.extend(decode_all(&bytes));
+            found.marks.extend(decode_records(&bytes));
         }
         found.files.push((path, file));
     }
@@ -443,16 +448,16 @@ mod tests {
             })
             .find_map(|record| String::from_utf8(record).ok())
             .unwrap();
-        assert_eq!(seqs(&decode_all(forged.as_bytes())), [7], "a record");
+        assert_eq!(seqs(&decode_records(forged.as_bytes())), [7], "a record");
         let outcome = Outcome::Retry {
             status: Some(503),
             error: forged,
         };
         let mut bytes = encode("k http://127.0.0.1:9/", 1, 10, &outcome);
-        assert_eq!(seqs(&decode_all(&bytes)), [1]);
+        assert_eq!(seqs(&decode_records(&bytes)), [1]);
         // Cut, the record holding it ends the journal; nothing inside it is taken.
         bytes.truncate(bytes.len() - 1);
-        assert!(decode_all(&bytes).is_empty());
+        assert!(decode_records(&bytes).is_empty());
     }
 
     #[test]
@@ -545,7 +550,7 @@ mod tests {
             [42],
             "read as lines, it forges"
         );
-        assert_eq!(seqs(&decode_all(&record)), [1]);
+        assert_eq!(seqs(&decode_records(&record)), [1]);
         // So records never go into a file an older relay reads as lines.
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = Journal::start(dir.path()).unwrap();
@@ -557,10 +562,10 @@ mod tests {
         /// Whatever a journal holds, reading it never panics.
         #[test]
         fn any_bytes_read_without_a_panic(bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..512)) {
-            let _ = decode_all(&bytes);
+            let _ = decode_records(&bytes);
             let mut tagged = vec![TAG];
             tagged.extend(&bytes);
-            let _ = decode_all(&tagged);
+            let _ = decode_records(&tagged);
         }
 
         /// Marks read back as written, in order; cut anywhere, the whole ones before the cut.
@@ -576,7 +581,7 @@ mod tests {
                 bytes.extend(encode("k http://127.0.0.1:9/", n as u64, 10 * n as u64, &outcome));
                 ends.push(bytes.len());
             }
-            let all = decode_all(&bytes);
+            let all = decode_records(&bytes);
             proptest::prop_assert_eq!(seqs(&all), (0..errors.len() as u64).collect::<Vec<_>>());
             for (mark, error) in all.iter().zip(&errors) {
                 let is_it = matches!(mark, Write::Mark { outcome: Outcome::Dead { error: e, .. }, .. } if e == error);
@@ -584,7 +589,7 @@ mod tests {
             }
             let at = cut.index(bytes.len());
             let whole = ends.iter().filter(|end| **end <= at).count();
-            proptest::prop_assert_eq!(decode_all(&bytes[..at]).len(), whole);
+            proptest::prop_assert_eq!(decode_records(&bytes[..at]).len(), whole);
         }
     }
 }

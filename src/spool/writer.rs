@@ -292,7 +292,7 @@ impl SpoolWriter {
                 if !orphans.marks.is_empty() {
                     match spool.write(&orphans.marks, limits) {
                         Ok(_) => {
-                            // The journal keeps lines until it is compacted, so most of them
+                            // The journal keeps records until it is compacted, so most of them
                             // were committed before the relay stopped (a mark applied again
                             // changes nothing): "marks=438" read as 438 deliveries lost.
                             info!(
