@@ -13,7 +13,8 @@
 //! carry, because the operator who wrote the URL meant them for this target.
 //!
 //! [`ForwardError`] sorts failures into retryable (the target is down, slow, or says "later")
-//! and permanent (it refused this request), which is all a retry loop needs to know.
+//! and permanent (it refused this request, or the event cannot be made into one), which is all
+//! a retry loop needs to know.
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,10 @@ pub enum ForwardError {
     /// Could not connect, or the connection broke.
     #[error("cannot reach target: {0}")]
     Connection(String),
+    /// The event itself cannot be made into a request (its query makes the URL longer than a
+    /// request line may be): no later attempt can send it either.
+    #[error("cannot send this event to the target: {0}")]
+    Request(String),
 }
 
 fn preview_suffix(body: &str) -> String {
@@ -73,6 +78,7 @@ impl ForwardError {
                 status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429)
             }
             ForwardError::Timeout(_) | ForwardError::Connection(_) => true,
+            ForwardError::Request(_) => false,
         }
     }
 
@@ -222,6 +228,8 @@ impl Forwarder {
     fn classify(&self, error: reqwest::Error) -> ForwardError {
         if error.is_timeout() {
             ForwardError::Timeout(self.timeout)
+        } else if error.is_builder() {
+            ForwardError::Request(crate::error::chain(&error.without_url()))
         } else {
             ForwardError::Connection(crate::error::chain(&error.without_url()))
         }
@@ -250,7 +258,7 @@ async fn post_plain(
     }
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = uri.map_err(|e| broken(&e))?;
+    *request.uri_mut() = uri.map_err(|e| ForwardError::Request(crate::error::chain(&e)))?;
     *request.headers_mut() = headers;
     let response = client.request(request).await.map_err(|e| broken(&e))?;
     let (parts, body) = response.into_parts();
@@ -437,6 +445,39 @@ mod tests {
         assert_eq!(rx.recv().await.unwrap(), "/hook?token=t");
         assert_eq!(rx.recv().await.unwrap(), "/hook?token=t&a=1+2");
         assert_eq!(rx.recv().await.unwrap(), "/hook?token=t");
+    }
+
+    /// Regression: an event whose query made the URL longer than an HTTP request line may be
+    /// (a hostile or broken frame) was a "cannot reach target" error, retried for a whole
+    /// --max-retry-age while every event queued behind it waited.
+    #[tokio::test]
+    async fn an_event_whose_url_cannot_be_sent_is_refused_at_once_not_retried() {
+        let app = Router::new().route("/hook", post(|| async {}));
+        let port = serve(app).await;
+        let huge = Event {
+            query: vec![("q".into(), "x".repeat(70_000))],
+            ..event(&[])
+        };
+        for url in [
+            format!("http://127.0.0.1:{port}/hook"),
+            // Nothing listens there: the request fails before any connection is tried.
+            "https://127.0.0.1:9/hook".to_string(),
+        ] {
+            let target = forwarder(&url, Duration::from_secs(5));
+            let error = target.deliver(&huge, &[]).await.unwrap_err();
+            assert!(!error.is_retryable(), "{url}: {error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("cannot send this event to the target: "),
+                "{url}: {error}"
+            );
+        }
+        let target = forwarder(
+            &format!("http://127.0.0.1:{port}/hook"),
+            Duration::from_secs(5),
+        );
+        target.deliver(&event(&[]), &[]).await.unwrap();
     }
 
     #[test]

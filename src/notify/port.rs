@@ -176,6 +176,7 @@ impl Sink for PortReporter {
                     ForwardError::Status { .. } => "4xx",
                     ForwardError::Timeout(_) => "timeout",
                     ForwardError::Connection(_) => "network",
+                    ForwardError::Request(_) => "request",
                 })
             })?;
             if status.is_success()
@@ -194,6 +195,7 @@ impl Sink for PortReporter {
 
 /// A report Port did not take (`smee_relay_action_report_errors_total{kind}`): `5xx`, `429`,
 /// `4xx`, `timeout`, `network` for a failed call (retried or dead by the route's rules),
+/// `request` for one that cannot be made into a request (dead at once),
 /// `ended` when a 404 or 422 ends a run's reporting, `entity_refused` for an entity Port refused.
 fn count_error(kind: &'static str) {
     metrics::counter!("smee_relay_action_report_errors_total", "kind" => kind).increment(1);

@@ -553,6 +553,7 @@ fn port_reason(error: &ForwardError) -> String {
         // The client's own messages (refused credentials) already name Port.
         ForwardError::Connection(message) if message.starts_with("Port ") => message.clone(),
         ForwardError::Connection(message) => format!("cannot reach Port: {message}"),
+        ForwardError::Request(message) => format!("cannot send this call to Port: {message}"),
     }
 }
 
