@@ -35,6 +35,8 @@ pub mod http;
 pub mod memory;
 pub mod retry;
 pub mod secret;
+#[cfg(test)]
+mod test_logs;
 pub mod url;
 
 pub mod source;

@@ -738,38 +738,12 @@ mod tests {
         assert_eq!(status.reconnects.load(Ordering::Relaxed), 0, "no reconnect");
     }
 
-    /// A tracing subscriber for this thread that keeps what is logged.
-    fn capture_logs() -> (
-        Arc<std::sync::Mutex<Vec<u8>>>,
-        tracing::subscriber::DefaultGuard,
-    ) {
-        #[derive(Clone)]
-        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf(Default::default());
-        let kept = buf.0.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || buf.clone())
-            .finish();
-        (kept, tracing::subscriber::set_default(subscriber))
-    }
-
     /// Bug: an event of a type the relay does not know was skipped with a debug line only, so
     /// events a newer server sends differently vanished unnoticed. It is warned about once per
     /// type, and counted with the skipped frames.
     #[tokio::test]
     async fn events_of_an_unknown_type_are_warned_once_per_type_and_counted() {
-        let (logs, _guard) = capture_logs();
+        let (logs, _guard) = crate::test_logs::capture();
         let stream = [
             webhook("1", 1).as_bytes(),
             b"event: webhook2\nid: 2\ndata: {\"body\":{\"n\":2}}\n\n",

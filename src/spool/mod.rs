@@ -2473,6 +2473,13 @@ fn replay(
         events += appended;
         marks += marked;
     }
+    // Sound records past a damaged one (see [`wal::Chain::stranded`]): answered, so their
+    // events were promised; not applied, as what they expect followed the damaged record.
+    let stranded: Vec<_> = chain
+        .stranded
+        .iter()
+        .filter(|r| r.seq > applied.max(durable))
+        .collect();
     // Applied here, the records' rows are of this format: the file says so from this commit on.
     let behind = behind && records == 0;
     if records > 0 {
@@ -2483,7 +2490,7 @@ fn replay(
     if records == 0 {
         txn.abort()?;
     } else {
-        if foreign > 0 {
+        if foreign > 0 || !stranded.is_empty() {
             // The log is about to go: what came from it must be in the file.
             txn.set_durability(redb::Durability::Immediate)?;
         }
@@ -2492,8 +2499,33 @@ fn replay(
             spool = %spool.display(),
             "applied {records} records ({events} events, {marks} delivery marks) from the \
              spool's write-ahead log that were not yet in {FILE_NAME} (the relay holding it \
-             stopped without a checkpoint; nothing is lost)"
+             stopped without a checkpoint){}",
+            if stranded.is_empty() { "; nothing is lost" } else { "" }
         );
+    }
+    if !stranded.is_empty() {
+        let (events, marks) = stranded.iter().fold((0, 0), |(e, m), r| {
+            let (events, marks) = r.counts();
+            (e + events, m + marks)
+        });
+        let Some(aside) = set_aside(&path)? else {
+            return Ok((wal::Chain::default(), applied, behind));
+        };
+        tracing::error!(
+            spool = %spool.display(),
+            "the spool's write-ahead log is damaged: its record {} (at byte {} of {}) fails its \
+             checksum, and {} after it ({events} events, {marks} delivery marks) cannot be \
+             applied without it. The events of the damaged record and of those after it are \
+             not in the spool, so they are not delivered; the log is kept as {}. The disk may \
+             be failing: check it (dmesg, smartctl); those events are lost to this relay, and \
+             smee.io keeps no copy, so ask their senders to send them again if they matter",
+            applied.max(chain.records.last().map_or(0, |r| r.seq)) + 1,
+            chain.end,
+            wal::FILE_NAME,
+            crate::error::count(stranded.len(), "record", "records"),
+            aside.display()
+        );
+        return Ok((wal::Chain::default(), applied, behind));
     }
     if chain.unreadable && foreign == 0 {
         foreign = chain.records.iter().filter(|r| r.seq > applied).count();

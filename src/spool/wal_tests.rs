@@ -755,3 +755,73 @@ fn regression_a_log_of_several_records_from_before_format_3_was_applied_only_in_
     let unapplied = set_aside(dir.path());
     assert_eq!(unapplied, 0, "nothing set aside");
 }
+
+/// The offset of record `n` (from 0) in the log `log`.
+fn record_at(log: &[u8], n: usize) -> usize {
+    let mut at = 0usize;
+    for _ in 0..n {
+        at += 12 + u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+    }
+    at
+}
+
+/// Regression: a record damaged on the disk after its sync ended the log's chain there, and
+/// the records after it (answered, so their events promised) were dropped without a word: the
+/// start said it applied the records before it and that nothing was lost.
+#[test]
+fn regression_records_after_a_damaged_one_were_dropped_without_a_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let crashed = crash_copy(dir.path(), true);
+    drop(spool);
+    let path = crashed.path().join(wal::FILE_NAME);
+    let mut log = std::fs::read(&path).unwrap();
+    // A bit of the second record's payload flipped, as a failing disk would.
+    let second = record_at(&log, 1);
+    log[second + 12 + 30] ^= 0x10;
+    std::fs::write(&path, log).unwrap();
+
+    let (logs, guard) = crate::test_logs::capture();
+    let reopened = Spool::open(crashed.path()).unwrap();
+    drop(guard);
+    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        said.contains("ERROR")
+            && said.contains("write-ahead log is damaged: its record 2")
+            && said.contains("1 record after it (1 events, 0 delivery marks)"),
+        "{said}"
+    );
+    assert_eq!(set_aside(crashed.path()), 1, "the damaged log is kept");
+    assert_eq!(
+        view(&reopened).2,
+        3,
+        "the first record's events are applied"
+    );
+    // The relay goes on, with a new log.
+    assert_eq!(logged(&reopened, appending(10, 1)), [4]);
+}
+
+/// A record cut by a crash (its sync never returned, so nothing after it was answered) ends
+/// the log quietly, as before: the records before it are applied, the log is not set aside.
+#[test]
+fn a_record_cut_by_a_crash_ends_the_log_without_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_with_logged_writes(dir.path());
+    let crashed = crash_copy(dir.path(), true);
+    drop(spool);
+    let path = crashed.path().join(wal::FILE_NAME);
+    let mut log = std::fs::read(&path).unwrap();
+    let third = record_at(&log, 2);
+    let end = record_at(&log, 3);
+    // The last record's second half never reached the disk.
+    log[(third + end) / 2..end].fill(0);
+    std::fs::write(&path, log).unwrap();
+
+    let (logs, guard) = crate::test_logs::capture();
+    let reopened = Spool::open(crashed.path()).unwrap();
+    drop(guard);
+    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(said.is_empty(), "{said}");
+    assert_eq!(set_aside(crashed.path()), 0);
+    assert_eq!(view(&reopened).2, 3, "the first two records' events");
+}
