@@ -224,6 +224,7 @@ pub async fn run(
         channels: Default::default(),
         spool_writable: writer.writable(),
         cluster: cluster.clone(),
+        ..Default::default()
     });
     if let Some(addr) = plan.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -354,12 +355,17 @@ struct Task {
     done: CancellationToken,
 }
 
-/// Spawn what consumes a local queue; the token fires once it has returned.
+/// Spawn what consumes a local queue, watched by `health` under the name `what` (it must run
+/// until `cancel`); the token returned fires once it has returned.
 fn spawn_local(
+    health: &Arc<Health>,
+    what: String,
+    cancel: &CancellationToken,
     work: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (tokio::task::JoinHandle<()>, CancellationToken) {
     let done = CancellationToken::new();
     let fired = done.clone();
+    let work = health.watch(what, cancel.clone(), work);
     let handle = tokio::spawn(async move {
         work.await;
         fired.cancel();
@@ -368,6 +374,11 @@ fn spawn_local(
 }
 
 impl Task {
+    /// Whether the task consuming its queue has ended (only ever unasked while it is kept).
+    fn ended(&self) -> bool {
+        self.handles.first().is_some_and(|h| h.is_finished())
+    }
+
     async fn stop(self) {
         self.cancel.cancel();
         for handle in self.handles {
@@ -728,7 +739,11 @@ impl Runtime {
         }
         let mut new_routes = Vec::new();
         for (name, target) in &targets {
-            if self.routes.get(name).is_some_and(|r| r.target == *target) {
+            if self
+                .routes
+                .get(name)
+                .is_some_and(|r| r.target == *target && !r.task.ended())
+            {
                 continue;
             }
             let forwarder = Forwarder::new(target.clone(), plan.target_timeout)
@@ -738,7 +753,8 @@ impl Runtime {
         let stale_routes: Vec<String> = self
             .routes
             .iter()
-            .filter(|(name, r)| targets.get(*name) != Some(&r.target))
+            // A route whose task ended unasked ([`Health::watch`]) is started again.
+            .filter(|(name, r)| targets.get(*name) != Some(&r.target) || r.task.ended())
             .map(|(name, _)| name.clone())
             .collect();
 
@@ -903,13 +919,18 @@ impl Runtime {
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
                         let cancel = self.cancel.child_token();
-                        let (handle, done) = spawn_local(runner::run(
-                            self.spool.clone(),
-                            self.writer.clone(),
-                            rules_rx,
-                            self.cluster.clone(),
-                            cancel.clone(),
-                        ));
+                        let (handle, done) = spawn_local(
+                            &self.health,
+                            "the pipeline".into(),
+                            &cancel,
+                            runner::run(
+                                self.spool.clone(),
+                                self.writer.clone(),
+                                rules_rx,
+                                self.cluster.clone(),
+                                cancel.clone(),
+                            ),
+                        );
                         let mut task = Task {
                             cancel,
                             handles: vec![handle],
@@ -1116,12 +1137,17 @@ impl Runtime {
                     None => {
                         let (config, config_rx) = watch::channel(actions);
                         let cancel = self.cancel.child_token();
-                        let (handle, done) = spawn_local(runner::run(
-                            self.spool.clone(),
-                            self.writer.clone(),
-                            config_rx,
-                            cancel.clone(),
-                        ));
+                        let (handle, done) = spawn_local(
+                            &self.health,
+                            "the actions runner".into(),
+                            &cancel,
+                            runner::run(
+                                self.spool.clone(),
+                                self.writer.clone(),
+                                config_rx,
+                                cancel.clone(),
+                            ),
+                        );
                         let mut task = Task {
                             cancel,
                             handles: vec![handle],
@@ -1277,14 +1303,19 @@ impl Runtime {
             channel_key: key,
             produced: true,
         });
-        task.handles.push(tokio::spawn(delivery::run_route(
-            self.spool.clone(),
-            self.writer.clone(),
-            outbox,
-            publish,
-            outbox_policy(self.shutdown_timeout),
-            self.counters.clone(),
+        let what = format!("outbox {}", spool::route_name(&outbox));
+        task.handles.push(tokio::spawn(self.health.watch(
+            what,
             task.cancel.clone(),
+            delivery::run_route(
+                self.spool.clone(),
+                self.writer.clone(),
+                outbox,
+                publish,
+                outbox_policy(self.shutdown_timeout),
+                self.counters.clone(),
+                task.cancel.clone(),
+            ),
         )));
         task
     }
@@ -1299,15 +1330,21 @@ impl Runtime {
 
     fn route(&self, name: String, sink: Arc<dyn Sink>, retry: RetryPolicy) -> Task {
         let cancel = self.cancel.child_token();
-        let (handle, done) = spawn_local(delivery::run_route(
-            self.spool.clone(),
-            self.writer.clone(),
-            name,
-            sink,
-            retry,
-            self.counters.clone(),
-            cancel.clone(),
-        ));
+        let what = format!("route {}", spool::route_name(&name));
+        let (handle, done) = spawn_local(
+            &self.health,
+            what,
+            &cancel,
+            delivery::run_route(
+                self.spool.clone(),
+                self.writer.clone(),
+                name,
+                sink,
+                retry,
+                self.counters.clone(),
+                cancel.clone(),
+            ),
+        );
         Task {
             cancel,
             handles: vec![handle],

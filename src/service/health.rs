@@ -1,6 +1,7 @@
 //! Health and metrics: what `/healthz` judges, the Prometheus recorder, and the small HTTP server
 //! that serves both (`--metrics-listen`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -31,7 +32,8 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         .install_recorder()
 }
 
-/// What `/healthz` looks at: each channel's liveness and whether the spool takes writes.
+/// What `/healthz` looks at: each channel's liveness, whether the spool takes writes, and
+/// whether every task that consumes a queue still runs.
 #[derive(Default)]
 pub struct Health {
     pub channels: std::sync::Mutex<Vec<Arc<ChannelStatus>>>,
@@ -39,9 +41,66 @@ pub struct Health {
     pub spool_writable: Arc<AtomicBool>,
     /// In a cluster: NATS unreachable past the grace period is a problem.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// The watched tasks ([`Health::watch`]) that ended before they were asked to, and how:
+    /// a queue nobody consumes fills up unseen, so it is a problem until a task of that name
+    /// starts again (a reload that restarts it).
+    pub(crate) stopped: std::sync::Mutex<BTreeMap<String, &'static str>>,
+}
+
+/// Says, once dropped, that its task ended before its token asked it to ([`Health::watch`]).
+struct Watched {
+    health: Arc<Health>,
+    what: String,
+    cancel: CancellationToken,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let how = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "stopped"
+        };
+        tracing::error!(
+            "{} {how}: its queue is no longer delivered (nothing in it is lost); /healthz \
+             reports it until it runs again. Restart the relay, or reload it (a reload starts a \
+             route that ended again), and report the lines before this one",
+            self.what
+        );
+        lock(&self.health.stopped).insert(std::mem::take(&mut self.what), how);
+    }
+}
+
+/// A lock that a panic elsewhere does not make unusable: what it guards stays consistent.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Health {
+    /// `work`, watched: if it ends (returns or panics) before `cancel` asks it to, an error
+    /// says so and `/healthz` reports `what` (such as "route x") until a task of that name is
+    /// watched again.
+    pub fn watch(
+        self: &Arc<Self>,
+        what: String,
+        cancel: CancellationToken,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        lock(&self.stopped).remove(&what);
+        let watched = Watched {
+            health: self.clone(),
+            what,
+            cancel,
+        };
+        async move {
+            let _watched = watched;
+            work.await;
+        }
+    }
+
     /// Why the relay is unhealthy, if it is.
     pub fn problems(&self) -> Vec<String> {
         let now = crate::clock::now_ms();
@@ -65,6 +124,9 @@ impl Health {
         }
         if !self.spool_writable.load(Ordering::Relaxed) {
             problems.push("the spool does not take writes (see the log)".into());
+        }
+        for (what, how) in lock(&self.stopped).iter() {
+            problems.push(format!("{what} {how} (see the log)"));
         }
         problems
     }
@@ -112,4 +174,59 @@ async fn render_metrics(State(handle): State<PrometheusHandle>) -> impl IntoResp
         )],
         handle.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> Arc<Health> {
+        Arc::new(Health {
+            spool_writable: Arc::new(AtomicBool::new(true)),
+            ..Health::default()
+        })
+    }
+
+    /// Regression: a route whose task ended (its spool reader panicked, say) left its queue
+    /// undelivered while `/healthz` said ok, so nothing restarted or paged anyone.
+    #[tokio::test]
+    async fn regression_a_route_task_that_ended_left_healthz_ok() {
+        let health = healthy();
+        let cancel = CancellationToken::new();
+        tokio::spawn(health.watch("route a".into(), cancel.clone(), async {}))
+            .await
+            .unwrap();
+        let panicked = tokio::spawn(health.watch("route b".into(), cancel.clone(), async {
+            panic!("a reader's panic");
+        }))
+        .await;
+        assert!(panicked.is_err());
+        assert_eq!(
+            health.problems(),
+            [
+                "route a stopped (see the log)",
+                "route b panicked (see the log)"
+            ]
+        );
+
+        // Started again (a reload), it is healthy again.
+        let again = tokio::spawn(health.watch("route a".into(), cancel.clone(), async {
+            std::future::pending::<()>().await
+        }));
+        assert_eq!(health.problems(), ["route b panicked (see the log)"]);
+        again.abort();
+    }
+
+    #[tokio::test]
+    async fn a_task_that_ends_when_asked_to_is_no_problem() {
+        let health = healthy();
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let task = tokio::spawn(health.watch("route a".into(), cancel.clone(), async move {
+            stop.cancelled().await;
+        }));
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(health.problems().is_empty(), "{:?}", health.problems());
+    }
 }

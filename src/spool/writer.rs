@@ -1264,7 +1264,7 @@ mod tests {
         let health = crate::service::health::Health {
             channels: Default::default(),
             spool_writable: writer.writable(),
-            cluster: None,
+            ..Default::default()
         };
         assert!(!health.problems().is_empty(), "/healthz turns 503");
         // A delivery that finishes meanwhile is kept (journal) and committed later.
