@@ -184,6 +184,7 @@ impl Journal {
 /// before it gets a name that others look for, so nobody takes it for an orphan; whole before
 /// it replaces a journal, so a crash leaves the old one or the new one.
 fn locked_file(path: &Path, contents: &[u8]) -> std::io::Result<File> {
+    // A crash may leave it: the next start's orphan scan removes it once its lock is free.
     let tmp = path.with_extension("tmp");
     let file = File::options()
         .read(true)
@@ -297,6 +298,16 @@ pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// How old a journal's `.tmp` file must be before a start takes it for a crash's.
+const LEFT_BEHIND: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether the file at `path` was last changed longer than `age` ago (not if that is unknown).
+fn older_than(path: &Path, age: std::time::Duration) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|at| at.elapsed().is_ok_and(|elapsed| elapsed > age))
+}
+
 /// The journals in `dir` whose process is gone (their lock is free), locked by us now.
 fn orphans(dir: &Path) -> std::io::Result<Orphans> {
     let mut found = Orphans {
@@ -308,7 +319,14 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let extension = path.extension().and_then(|e| e.to_str());
         let lines = extension == Some(LINES_EXTENSION);
-        if !(name.starts_with("journal-") && (lines || extension == Some(EXTENSION))) {
+        // A new journal file that a crash left before its rename (a compaction's holds only
+        // what is still in the journal it was made from): only removed. Not while it is
+        // young: a live relay's is unlocked for the moment between its making and its lock.
+        let made = extension == Some("tmp");
+        if made && !older_than(&path, LEFT_BEHIND) {
+            continue;
+        }
+        if !(name.starts_with("journal-") && (lines || made || extension == Some(EXTENSION))) {
             continue;
         }
         let Ok(mut file) = File::options().read(true).write(true).open(&path) else {
@@ -327,10 +345,11 @@ fn orphans(dir: &Path) -> std::io::Result<Orphans> {
             continue;
         }
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
         if lines {
+            file.read_to_end(&mut bytes)?;
             found.marks.extend(decode_lines(&bytes));
-        } else {
+        } else if !made {
+            file.read_to_end(&mut bytes)?;
             found.marks.extend(decode_records(&bytes));
         }
         found.files.push((path, file));
@@ -362,6 +381,40 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect()
+    }
+
+    /// A crash between a compaction's making of its new file and its rename left the file
+    /// (`journal-*.tmp`) in the state directory for good.
+    #[test]
+    fn regression_a_compactions_file_left_by_a_crash_stayed_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join("journal-1-0000beef.tmp");
+        let young = dir.path().join("journal-2-0000cafe.tmp");
+        let held = dir.path().join("journal-3-0000f00d.tmp");
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for path in [&left, &held] {
+            let file = File::create(path).unwrap();
+            file.write_all_at(&encode("r", 1, 1, &Outcome::Delivered { status: 200 }), 0)
+                .unwrap();
+            file.set_modified(hour_ago).unwrap();
+        }
+        File::create(&young).unwrap();
+        // A live relay's, locked (as it is from just after its making until its rename).
+        let holder = File::open(&held).unwrap();
+        holder.lock().unwrap();
+
+        let (journal, found) = Journal::start(dir.path()).unwrap();
+        assert!(
+            found.marks.is_empty(),
+            "what it holds is in the journal it came from"
+        );
+        found.remove();
+        assert!(!left.exists());
+        assert!(
+            young.exists() && held.exists(),
+            "a live relay's is left alone"
+        );
+        drop(journal);
     }
 
     #[test]
