@@ -26,7 +26,7 @@
 //! replacement starts from where it stopped: a route, the alert route, a channel whose settings
 //! changed (it keeps its lock). Two owners of one queue never run at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -737,13 +737,17 @@ impl Runtime {
                 };
             }
         }
+        // Routes whose task ended unasked ([`Health::watch`]) are started again; looked at
+        // once, so a route is either kept or stopped and started.
+        let ended: HashSet<String> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.task.ended())
+            .map(|(name, _)| name.clone())
+            .collect();
         let mut new_routes = Vec::new();
         for (name, target) in &targets {
-            if self
-                .routes
-                .get(name)
-                .is_some_and(|r| r.target == *target && !r.task.ended())
-            {
+            if !ended.contains(name) && self.routes.get(name).is_some_and(|r| r.target == *target) {
                 continue;
             }
             let forwarder = Forwarder::new(target.clone(), plan.target_timeout)
@@ -753,8 +757,7 @@ impl Runtime {
         let stale_routes: Vec<String> = self
             .routes
             .iter()
-            // A route whose task ended unasked ([`Health::watch`]) is started again.
-            .filter(|(name, r)| targets.get(*name) != Some(&r.target) || r.task.ended())
+            .filter(|(name, r)| targets.get(*name) != Some(&r.target) || ended.contains(*name))
             .map(|(name, _)| name.clone())
             .collect();
 
@@ -1047,21 +1050,31 @@ impl Runtime {
             )
         });
         let mut handles = vec![
-            tokio::spawn(source.run(events_tx, cancel.clone())),
-            tokio::spawn(spool::intake::intake_saving(
-                events_rx,
-                self.writer.clone(),
-                url.to_string(),
-                Some(cursor_key),
-                routes_rx,
-                self.counters.clone(),
-                // The scripts POST to the channel's first target by default.
-                channel
-                    .save_dir
-                    .clone()
-                    .zip(channel.forward.first().cloned())
-                    .map(|(dir, target)| spool::export::SaveDir::start(dir, target)),
+            tokio::spawn(self.health.watch(
+                format!("channel {}", status.name),
+                cancel.clone(),
+                source.run(events_tx, cancel.clone()),
             )),
+            tokio::spawn(
+                self.health.watch(
+                    format!("the intake of channel {}", status.name),
+                    cancel.clone(),
+                    spool::intake::intake_saving(
+                        events_rx,
+                        self.writer.clone(),
+                        url.to_string(),
+                        Some(cursor_key),
+                        routes_rx,
+                        self.counters.clone(),
+                        // The scripts POST to the channel's first target by default.
+                        channel
+                            .save_dir
+                            .clone()
+                            .zip(channel.forward.first().cloned())
+                            .map(|(dir, target)| spool::export::SaveDir::start(dir, target)),
+                    ),
+                ),
+            ),
         ];
         handles.extend(catch_up.map(tokio::spawn));
         if channel.pipeline {
@@ -1081,14 +1094,19 @@ impl Runtime {
                 channel_key: channel_key(channel),
                 produced: false,
             });
-            handles.push(tokio::spawn(delivery::run_route(
-                self.spool.clone(),
-                self.writer.clone(),
-                outbox,
-                sink,
-                outbox_policy(self.shutdown_timeout),
-                self.counters.clone(),
+            let what = format!("outbox {}", spool::route_name(&outbox));
+            handles.push(tokio::spawn(self.health.watch(
+                what,
                 cancel.clone(),
+                delivery::run_route(
+                    self.spool.clone(),
+                    self.writer.clone(),
+                    outbox,
+                    sink,
+                    outbox_policy(self.shutdown_timeout),
+                    self.counters.clone(),
+                    cancel.clone(),
+                ),
             )));
         }
         Some(ChannelTask {

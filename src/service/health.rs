@@ -41,10 +41,11 @@ pub struct Health {
     pub spool_writable: Arc<AtomicBool>,
     /// In a cluster: NATS unreachable past the grace period is a problem.
     pub cluster: Option<crate::cluster::Cluster>,
-    /// The watched tasks ([`Health::watch`]) that ended before they were asked to, and how:
-    /// a queue nobody consumes fills up unseen, so it is a problem until a task of that name
-    /// starts again (a reload that restarts it).
-    pub(crate) stopped: std::sync::Mutex<BTreeMap<String, &'static str>>,
+    /// The watched tasks ([`Health::watch`]) that ended before they were asked to, how, and
+    /// their token: a queue nobody consumes fills up unseen, so it is a problem until a task
+    /// of that name starts again, or the token fires (the task's part was stopped on purpose:
+    /// a reload removed its target, a shutdown).
+    pub(crate) stopped: std::sync::Mutex<BTreeMap<String, (&'static str, CancellationToken)>>,
 }
 
 /// Says, once dropped, that its task ended before its token asked it to ([`Health::watch`]).
@@ -65,12 +66,13 @@ impl Drop for Watched {
             "stopped"
         };
         tracing::error!(
-            "{} {how}: its queue is no longer delivered (nothing in it is lost); /healthz \
-             reports it until it runs again. Restart the relay, or reload it (a reload starts a \
-             route that ended again), and report the lines before this one",
+            "{} {how}: what it takes care of waits (in the spool, nothing is lost); /healthz \
+             reports it until it runs again. Restart the relay (a reload also starts a \
+             forward route that ended again), and report the lines before this one",
             self.what
         );
-        lock(&self.health.stopped).insert(std::mem::take(&mut self.what), how);
+        lock(&self.health.stopped)
+            .insert(std::mem::take(&mut self.what), (how, self.cancel.clone()));
     }
 }
 
@@ -125,7 +127,9 @@ impl Health {
         if !self.spool_writable.load(Ordering::Relaxed) {
             problems.push("the spool does not take writes (see the log)".into());
         }
-        for (what, how) in lock(&self.stopped).iter() {
+        let mut stopped = lock(&self.stopped);
+        stopped.retain(|_, (_, cancel)| !cancel.is_cancelled());
+        for (what, (how, _)) in stopped.iter() {
             problems.push(format!("{what} {how} (see the log)"));
         }
         problems
@@ -215,6 +219,10 @@ mod tests {
         }));
         assert_eq!(health.problems(), ["route b panicked (see the log)"]);
         again.abort();
+        // Stopped on purpose afterwards (a reload removed its target, a shutdown): no longer
+        // a problem.
+        cancel.cancel();
+        assert!(health.problems().is_empty(), "{:?}", health.problems());
     }
 
     #[tokio::test]

@@ -2473,17 +2473,28 @@ fn replay(
         events += appended;
         marks += marked;
     }
-    // Sound records past a damaged one (see [`wal::Chain::stranded`]): answered, so their
-    // events were promised; not applied, as what they expect followed the damaged record.
-    // The log started over after record `durable`, and takes at most CHECKPOINT_RECORDS before
-    // it starts over again: a number beyond that (twice, for slack) is no record of this log's
-    // (a webhook body made to look like one).
+    // Sound records past a damaged or missing one ([`wal::stranded`]): answered, so their
+    // events were promised; not applied, as what they expect followed the damaged record. The
+    // log started over after record `durable`, and takes at most CHECKPOINT_RECORDS before it
+    // starts over again (twice that, for slack).
     let numbers = applied.max(durable) + 1..=durable + 2 * wal::CHECKPOINT_RECORDS as u64;
-    let stranded: Vec<_> = chain
-        .stranded
-        .iter()
-        .filter(|r| numbers.contains(&r.seq))
-        .collect();
+    let stranded = match chain.unreadable {
+        true => Vec::new(),
+        false => wal::stranded(&path, chain.end, instance, numbers).map_err(redb::Error::from)?,
+    };
+    // Their events may have been delivered already, under their ids and queue places: those
+    // are never given again (a target that drops repeats by delivery id would drop new ones).
+    for record in &stranded {
+        let (events, places) = record.takes();
+        let next_event = record.expect.next_event.saturating_add(events);
+        let next_seq = record.expect.next_seq.saturating_add(places);
+        if next_event > t.counter(NEXT_EVENT)? {
+            t.set(NEXT_EVENT, next_event)?;
+        }
+        if next_seq > t.counter(NEXT_SEQ)? {
+            t.set(NEXT_SEQ, next_seq)?;
+        }
+    }
     // Applied here, the records' rows are of this format: the file says so from this commit on.
     let behind = behind && records == 0;
     if records > 0 {
@@ -2491,8 +2502,12 @@ fn replay(
     }
     t.store_counters()?;
     drop(t);
-    if records == 0 {
+    if records == 0 && stranded.is_empty() {
         txn.abort()?;
+    } else if records == 0 {
+        // The counters, past the stranded records' ids, before the log goes.
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.commit()?;
     } else {
         if foreign > 0 || !stranded.is_empty() {
             // The log is about to go: what came from it must be in the file.
@@ -2517,8 +2532,8 @@ fn replay(
         };
         tracing::error!(
             spool = %spool.display(),
-            "the spool's write-ahead log is damaged: its record {} (at byte {} of {}) fails its \
-             checksum, and {} after it ({events} events, {marks} delivery marks) cannot be \
+            "the spool's write-ahead log is damaged: its record {} (at byte {} of {}) is \
+             missing or fails its checksum, and {} after it ({events} events, {marks} delivery marks) cannot be \
              applied without it. The events of the damaged record and of those after it are \
              not in the spool, so they are not delivered; the log is kept as {}. The disk may \
              be failing: check it (dmesg, smartctl); those events are lost to this relay, and \

@@ -25,10 +25,10 @@
 //! Records written before format 3 (see `spool`) have a JSON head and an FNV-1a checksum; they
 //! are still read, so a relay upgraded after a crash applies what the older one logged. The log is read from its start for as
 //! long as records pass their checksum and number one more than the last: a record cut by a
-//! crash, zeros, or what is left of a record from before the log started over ends it. Where
-//! it ends on anything but an empty header, the rest is searched for sound records numbered past
-//! the end ([`Chain::stranded`]): only a record damaged after its sync leaves any, and the spool
-//! reports them rather than start over on them unsaid.
+//! crash, zeros, or what is left of a record from before the log started over ends it. The rest
+//! is then searched for sound records numbered past the end ([`stranded`]): only a record
+//! damaged after its sync leaves any, and the spool reports them rather than start over on
+//! them unsaid.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -136,10 +136,6 @@ pub(super) struct Chain {
     /// After the last, a whole record (its checksum passes) that this build cannot read (one
     /// written by another version): the log must not be written over.
     pub(super) unreadable: bool,
-    /// Sound records found further on, numbered past the last (all found, if there is none):
-    /// the chain ended on a damaged record, not at the log's end ([`stranded`]). Never applied
-    /// (what they expect of the spool followed the damaged one); the spool says what they held.
-    pub(super) stranded: Vec<Record>,
 }
 
 /// One record: read back, or written and waiting for its apply ([`Wal::defer`]).
@@ -157,6 +153,19 @@ pub(super) struct Record {
 }
 
 impl Record {
+    /// At most how many event ids and queue places it takes (fewer if the spool refuses some).
+    pub(super) fn takes(&self) -> (u64, u64) {
+        self.writes
+            .iter()
+            .fold((0, 0), |(ids, places), write| match write {
+                Write::Append { events, routes, .. } => (
+                    ids + events.len() as u64,
+                    places + (events.len() * routes.len()) as u64,
+                ),
+                _ => (ids, places),
+            })
+    }
+
     /// How many events it appends and how many delivery marks it makes.
     pub(super) fn counts(&self) -> (usize, usize) {
         self.writes
@@ -621,7 +630,7 @@ pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
     };
     let len = file.metadata()?.len();
     let mut buf = Vec::new();
-    let mut chain = chain_with(|at| {
+    chain_with(|at| {
         // Past the end, or a record longer than the log can hold: the log ends here. A read
         // that fails otherwise is an error, not an end (records after it may count).
         let mut header = [0; HEADER];
@@ -640,50 +649,58 @@ pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
         buf.resize(HEADER + payload as usize, 0);
         file.read_exact_at(&mut buf[HEADER..], at + HEADER as u64)?;
         Ok(decode(&buf))
-    })?;
-    // Where a log ends normally, an empty header follows the last record (or the file ends).
-    let mut after = [0; 4];
-    let ended_clean = chain.end + 4 > len || {
-        file.read_exact_at(&mut after, chain.end)?;
-        after == [0; 4]
-    };
-    if !ended_clean && !chain.unreadable {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes)?;
-        let above = chain.records.last().map_or(0, |r| r.seq);
-        chain.stranded = stranded(&bytes, chain.end, above);
-    }
-    Ok(chain)
+    })
 }
 
-/// Most payload bytes [`stranded`] checksums: 64 times the log, a few ms. Past it (bytes built
-/// to look like records), the search stops; what it found stands.
-const STRANDED_HASHED: usize = 64 * CAPACITY as usize;
+/// The sound records of this spool's (`instance`) log at `path` that lie past `from` (where
+/// [`read`]'s chain ended) numbered within `numbers` (those of the log's present cycle past the
+/// chain), in the order found. Only a record damaged on the disk after its sync (or a write of
+/// it lost) leaves any: a crash cuts only the last record, and what older cycles left is
+/// numbered below. Each offset whose bytes start like such a record (a binary head, a number
+/// in range, the spool's instance, which a webhook body cannot know) is checked; a record found
+/// is skipped over. The spool reports them ([`super::replay`]); they are never applied, as what
+/// they expect of the spool followed the damaged record.
+pub(super) fn stranded(
+    path: &Path,
+    from: u64,
+    instance: u64,
+    numbers: std::ops::RangeInclusive<u64>,
+) -> std::io::Result<Vec<Record>> {
+    let log = match std::fs::read(path) {
+        Ok(log) => log,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(search(&log, from, instance, &numbers))
+}
 
-/// The sound records in `log` after `from` numbered above `above`, in the order found. The
-/// chain ends at `from` on something that is not an empty header: a record cut by a crash (its
-/// appenders were never answered, nothing follows it) or one damaged on the disk after its
-/// sync, whose successors were answered too. Only these are told apart here; the search tries
-/// every offset whose bytes look like a record's start (a binary head, a number above
-/// `above`), and skips over each record it finds.
-fn stranded(log: &[u8], from: u64, above: u64) -> Vec<Record> {
+/// [`stranded`] on the log's bytes.
+fn search(
+    log: &[u8],
+    from: u64,
+    instance: u64,
+    numbers: &std::ops::RangeInclusive<u64>,
+) -> Vec<Record> {
+    // A binary record's header, head length, tag, number and instance.
+    const START: usize = HEADER + 4 + 1 + 8 + 8;
+    let u64_at = |at: usize| u64::from_le_bytes(log[at..at + 8].try_into().expect("eight bytes"));
     let mut found = Vec::new();
-    let mut hashed = 0;
-    let mut at = usize::try_from(from).map_or(log.len(), |from| from + 1);
-    // A binary record's header, head length, tag and number.
-    const START: usize = HEADER + 4 + 1 + 8;
-    while at + START <= log.len() && hashed < STRANDED_HASHED {
+    let mut at = usize::try_from(from).map_or(log.len(), |from| from.saturating_add(1));
+    while at.saturating_add(START) <= log.len() {
         let len = u32::from_le_bytes(log[at..at + 4].try_into().expect("four bytes")) as usize;
-        let seq = u64::from_le_bytes(log[at + START - 8..at + START].try_into().expect("eight"));
-        let looks =
-            len > 0 && log[at + HEADER + 4] == TAG && seq > above && at + HEADER + len <= log.len();
-        if looks {
-            hashed += len;
-            if let Decoded::Record(record, whole) = decode(&log[at..]) {
-                found.push(record);
-                at += whole;
-                continue;
-            }
+        let looks = len > 0
+            && log[at + HEADER + 4] == TAG
+            && numbers.contains(&u64_at(at + HEADER + 5))
+            && u64_at(at + HEADER + 13) == instance
+            && at + HEADER + len <= log.len();
+        let payload = &log[at + HEADER..][..if looks { len } else { 0 }];
+        if looks
+            && checksum(payload) == u64_at(at + 4)
+            && let Some(record) = decode_payload(payload)
+        {
+            found.push(record);
+            at += HEADER + len;
+            continue;
         }
         at += 1;
     }
@@ -1181,10 +1198,11 @@ mod tests {
         fn any_bytes_searched_without_a_panic(
             bytes in proptest::collection::vec(any::<u8>(), 0..512),
             from in any::<u64>(),
-            above in any::<u64>(),
+            instance in any::<u64>(),
         ) {
-            let _ = stranded(&bytes, from % 600, above % 4);
-            let _ = stranded(&bytes, from, above);
+            let _ = search(&bytes, from % 600, instance % 4, &(0..=u64::MAX));
+            let _ = search(&bytes, from, instance, &(0..=u64::MAX));
+            let _ = search(&bytes, u64::MAX, instance, &(0..=u64::MAX));
         }
 
         #[test]
