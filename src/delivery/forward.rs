@@ -192,7 +192,15 @@ impl Forwarder {
             Engine::Plain(plain) => {
                 let uri = match &plain.uri {
                     Some(uri) if event.query.is_empty() => Ok(uri.clone()),
-                    _ => self.target.with_query(&event.query).as_str().parse(),
+                    _ => {
+                        let url = self.target.with_query(&event.query);
+                        url.as_str().parse().map_err(|e: http::uri::InvalidUri| {
+                            ForwardError::Request(format!(
+                                "{e}: the target URL with this event's query is {} bytes",
+                                url.as_str().len()
+                            ))
+                        })
+                    }
                 };
                 let exchange = post_plain(&plain.client, uri, headers, event.body.clone());
                 // A timer per delivery, dropped with it. Keeping one for the next delivery saves
@@ -245,7 +253,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// One POST over plain http. The answer is read to the end so the connection can be reused.
 async fn post_plain(
     client: &Client<HttpConnector, Full<Bytes>>,
-    uri: Result<http::Uri, http::uri::InvalidUri>,
+    uri: Result<http::Uri, ForwardError>,
     mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<Answer, ForwardError> {
@@ -258,7 +266,7 @@ async fn post_plain(
     }
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = uri.map_err(|e| ForwardError::Request(crate::error::chain(&e)))?;
+    *request.uri_mut() = uri?;
     *request.headers_mut() = headers;
     let response = client.request(request).await.map_err(|e| broken(&e))?;
     let (parts, body) = response.into_parts();
@@ -466,6 +474,14 @@ mod tests {
             let target = forwarder(&url, Duration::from_secs(5));
             let error = target.deliver(&huge, &[]).await.unwrap_err();
             assert!(!error.is_retryable(), "{url}: {error}");
+            if url.starts_with("http:") {
+                assert!(
+                    error.to_string().ends_with(
+                        "uri too long: the target URL with this event's query is 70030 bytes"
+                    ),
+                    "{error}"
+                );
+            }
             assert!(
                 error
                     .to_string()

@@ -474,23 +474,29 @@ impl Delivery<'_> {
                     error.to_string()
                 };
                 self.counters.dead();
-                match self.sink.cluster_seq(&item.event) {
+                // The relay's state directory, unless `events` finds it by itself.
+                let state_dir = self
+                    .spool
+                    .path()
+                    .parent()
+                    .map(spool::lock::state_dir_arg)
+                    .unwrap_or_default();
+                let id = item.event.id;
+                match (&error, self.sink.cluster_seq(&item.event)) {
+                    // A replay would fail the same way: how to see it instead.
+                    (ForwardError::Request(_), _) => warn!(
+                        event = id,
+                        "dead letter: {why}; it cannot be sent as it is: see it with `smee-relay events show {id}{state_dir}`"
+                    ),
                     // `events replay` takes the cluster's ids in cluster mode.
-                    Some(seq) => warn!(
-                        event = item.event.id,
+                    (_, Some(seq)) => warn!(
+                        event = id,
                         stream_seq = seq,
                         "dead letter: {why}; replay it with `smee-relay events replay {seq}` (the cluster's id, from any instance)"
                     ),
-                    None => warn!(
-                        event = item.event.id,
-                        "dead letter: {why}; replay it with `smee-relay events replay {}{}`",
-                        item.event.id,
-                        // The relay's state directory, unless `events` finds it by itself.
-                        self.spool
-                            .path()
-                            .parent()
-                            .map(spool::lock::state_dir_arg)
-                            .unwrap_or_default()
+                    (_, None) => warn!(
+                        event = id,
+                        "dead letter: {why}; replay it with `smee-relay events replay {id}{state_dir}`"
                     ),
                 }
                 let finished = self

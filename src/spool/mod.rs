@@ -2478,8 +2478,8 @@ fn replay(
     // log started over after record `durable`, and takes at most CHECKPOINT_RECORDS before it
     // starts over again (twice that, for slack).
     let numbers = applied.max(durable) + 1..=durable + 2 * wal::CHECKPOINT_RECORDS as u64;
-    let stranded = match chain.unreadable {
-        true => Vec::new(),
+    let (stranded, cut) = match chain.unreadable {
+        true => (Vec::new(), false),
         false => wal::stranded(&path, chain.end, instance, numbers).map_err(redb::Error::from)?,
     };
     // Their events may have been delivered already, under their ids and queue places: those
@@ -2519,7 +2519,21 @@ fn replay(
             "applied {records} records ({events} events, {marks} delivery marks) from the \
              spool's write-ahead log that were not yet in {FILE_NAME} (the relay holding it \
              stopped without a checkpoint){}",
-            if stranded.is_empty() { "; nothing is lost" } else { "" }
+            if stranded.is_empty() && !cut {
+                "; nothing is lost"
+            } else {
+                ""
+            }
+        );
+    }
+    if cut && stranded.is_empty() {
+        tracing::info!(
+            spool = %spool.display(),
+            "the spool's write-ahead log ends on a record cut short at byte {} of {}: the relay \
+             stopped while writing it, before its events counted as stored (the crash window in \
+             the README), or the disk damaged it since",
+            chain.end,
+            wal::FILE_NAME
         );
     }
     if !stranded.is_empty() {
@@ -2533,11 +2547,13 @@ fn replay(
         tracing::error!(
             spool = %spool.display(),
             "the spool's write-ahead log is damaged: its record {} (at byte {} of {}) is \
-             missing or fails its checksum, and {} after it ({events} events, {marks} delivery marks) cannot be \
-             applied without it. The events of the damaged record and of those after it are \
-             not in the spool, so they are not delivered; the log is kept as {}. The disk may \
-             be failing: check it (dmesg, smartctl); those events are lost to this relay, and \
-             smee.io keeps no copy, so ask their senders to send them again if they matter",
+             missing or fails its checksum, and {} after it ({events} events, {marks} delivery \
+             marks, besides what the damaged record held) cannot be applied without it. Those \
+             events are not in the spool: any not delivered before the stop (the delivery \
+             journal's line below counts those that were) will not be, and their ids are not \
+             given again. The log is kept as {}. The disk may be failing: check it (dmesg, \
+             smartctl). A smee.io channel keeps no copy: ask the senders to send again what \
+             matters",
             applied.max(chain.records.last().map_or(0, |r| r.seq)) + 1,
             chain.end,
             wal::FILE_NAME,

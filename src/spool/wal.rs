@@ -659,19 +659,24 @@ pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
 /// numbered below. Each offset whose bytes start like such a record (a binary head, a number
 /// in range, the spool's instance, which a webhook body cannot know) is checked; a record found
 /// is skipped over. The spool reports them ([`super::replay`]); they are never applied, as what
-/// they expect of the spool followed the damaged record.
+/// they expect of the spool followed the damaged record. Also whether the chain ended on a
+/// header that is not empty: a record cut short (or damaged).
 pub(super) fn stranded(
     path: &Path,
     from: u64,
     instance: u64,
     numbers: std::ops::RangeInclusive<u64>,
-) -> std::io::Result<Vec<Record>> {
+) -> std::io::Result<(Vec<Record>, bool)> {
     let log = match std::fs::read(path) {
         Ok(log) => log,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
         Err(e) => return Err(e),
     };
-    Ok(search(&log, from, instance, &numbers))
+    let cut = usize::try_from(from)
+        .ok()
+        .and_then(|from| log.get(from..from.checked_add(4)?))
+        .is_some_and(|len| len != [0; 4]);
+    Ok((search(&log, from, instance, &numbers), cut))
 }
 
 /// [`stranded`] on the log's bytes.
