@@ -765,6 +765,20 @@ fn record_at(log: &[u8], n: usize) -> usize {
     at
 }
 
+/// The spool in `crashed` opened after `damage` was done to its log's bytes, and what its open
+/// warned of.
+fn reopened_after(crashed: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> (Spool, String) {
+    let path = crashed.join(wal::FILE_NAME);
+    let mut log = std::fs::read(&path).unwrap();
+    damage(&mut log);
+    std::fs::write(&path, log).unwrap();
+    let (logs, guard) = crate::test_logs::capture();
+    let reopened = Spool::open(crashed).unwrap();
+    drop(guard);
+    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    (reopened, said)
+}
+
 /// Regression: a record damaged on the disk after its sync ended the log's chain there, and
 /// the records after it (answered, so their events promised) were dropped without a word: the
 /// start said it applied the records before it and that nothing was lost.
@@ -774,17 +788,11 @@ fn regression_records_after_a_damaged_one_were_dropped_without_a_word() {
     let spool = spool_with_logged_writes(dir.path());
     let crashed = crash_copy(dir.path(), true);
     drop(spool);
-    let path = crashed.path().join(wal::FILE_NAME);
-    let mut log = std::fs::read(&path).unwrap();
     // A bit of the second record's payload flipped, as a failing disk would.
-    let second = record_at(&log, 1);
-    log[second + 12 + 30] ^= 0x10;
-    std::fs::write(&path, log).unwrap();
-
-    let (logs, guard) = crate::test_logs::capture();
-    let reopened = Spool::open(crashed.path()).unwrap();
-    drop(guard);
-    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let (reopened, said) = reopened_after(crashed.path(), |log| {
+        let second = record_at(log, 1);
+        log[second + 12 + 30] ^= 0x10;
+    });
     assert!(
         said.contains("ERROR")
             && said.contains("write-ahead log is damaged: its record 2")
@@ -810,18 +818,11 @@ fn a_record_cut_by_a_crash_ends_the_log_without_a_warning() {
     let spool = spool_with_logged_writes(dir.path());
     let crashed = crash_copy(dir.path(), true);
     drop(spool);
-    let path = crashed.path().join(wal::FILE_NAME);
-    let mut log = std::fs::read(&path).unwrap();
-    let third = record_at(&log, 2);
-    let end = record_at(&log, 3);
     // The last record's second half never reached the disk.
-    log[(third + end) / 2..end].fill(0);
-    std::fs::write(&path, log).unwrap();
-
-    let (logs, guard) = crate::test_logs::capture();
-    let reopened = Spool::open(crashed.path()).unwrap();
-    drop(guard);
-    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let (reopened, said) = reopened_after(crashed.path(), |log| {
+        let (third, end) = (record_at(log, 2), record_at(log, 3));
+        log[(third + end) / 2..end].fill(0);
+    });
     assert!(said.is_empty(), "no warning: {said}");
     assert_eq!(set_aside(crashed.path()), 0);
     assert_eq!(view(&reopened).2, 3, "the first two records' events");
@@ -841,16 +842,10 @@ fn records_after_one_whose_write_the_disk_lost_are_reported() {
     assert_eq!(logged(&spool, appending(3, 1)), [3]);
     let crashed = crash_copy(dir.path(), true);
     drop(spool);
-    let path = crashed.path().join(wal::FILE_NAME);
-    let mut log = std::fs::read(&path).unwrap();
-    let page = record_at(&log, 1) / 4096 * 4096;
-    log[page..page + 4096].copy_from_slice(&before[page..page + 4096]);
-    std::fs::write(&path, log).unwrap();
-
-    let (logs, guard) = crate::test_logs::capture();
-    let reopened = Spool::open(crashed.path()).unwrap();
-    drop(guard);
-    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let (reopened, said) = reopened_after(crashed.path(), |log| {
+        let page = record_at(log, 1) / 4096 * 4096;
+        log[page..page + 4096].copy_from_slice(&before[page..page + 4096]);
+    });
     assert!(
         said.contains("its record 2 (at byte")
             && said.contains("1 record after it (1 events, 0 delivery marks,"),
@@ -900,16 +895,10 @@ fn a_record_made_up_in_a_webhook_past_a_cut_end_is_not_taken_for_damage() {
     assert_eq!(logged(&spool, appending(3, 1)), [3]);
     let crashed = crash_copy(dir.path(), true);
     drop(spool);
-    let path = crashed.path().join(wal::FILE_NAME);
-    let mut log = std::fs::read(&path).unwrap();
-    let end = record_at(&log, 2);
-    log[end - 1] ^= 1;
-    std::fs::write(&path, log).unwrap();
-
-    let (logs, guard) = crate::test_logs::capture();
-    let reopened = Spool::open(crashed.path()).unwrap();
-    drop(guard);
-    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let (reopened, said) = reopened_after(crashed.path(), |log| {
+        let end = record_at(log, 2);
+        log[end - 1] ^= 1;
+    });
     assert!(said.is_empty(), "{said}");
     assert_eq!(set_aside(crashed.path()), 0);
     assert_eq!(view(&reopened).2, 2, "the carrier and record 2's event");
