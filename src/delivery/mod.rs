@@ -484,7 +484,12 @@ impl Delivery<'_> {
                 let id = item.event.id;
                 match (&error, self.sink.cluster_seq(&item.event)) {
                     // A replay would fail the same way: how to see it instead.
-                    (ForwardError::Request(_), _) => warn!(
+                    (ForwardError::Request(_), Some(seq)) => warn!(
+                        event = id,
+                        stream_seq = seq,
+                        "dead letter: {why}; it cannot be sent as it is: see it with `smee-relay events show {seq}` (the cluster's id, from any instance)"
+                    ),
+                    (ForwardError::Request(_), None) => warn!(
                         event = id,
                         "dead letter: {why}; it cannot be sent as it is: see it with `smee-relay events show {id}{state_dir}`"
                     ),

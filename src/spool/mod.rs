@@ -2473,26 +2473,34 @@ fn replay(
         events += appended;
         marks += marked;
     }
-    // Sound records past a damaged or missing one ([`wal::stranded`]): answered, so their
-    // events were promised; not applied, as what they expect followed the damaged record. The
-    // log started over after record `durable`, and takes at most CHECKPOINT_RECORDS before it
-    // starts over again (twice that, for slack).
+    // Sound records past a damaged one ([`wal::stranded`]): answered, so their events were
+    // promised; not applied, as what they expect followed the damaged record. The log started
+    // over after record `durable`, and takes at most CHECKPOINT_RECORDS before it starts over
+    // again (twice that, for slack). Not looked for in a log that does not follow this spool
+    // (the warning below says what it is).
     let numbers = applied.max(durable) + 1..=durable + 2 * wal::CHECKPOINT_RECORDS as u64;
-    let (stranded, cut) = match chain.unreadable {
+    let (stranded, cut) = match chain.unreadable || foreign > 0 {
         true => (Vec::new(), false),
         false => wal::stranded(&path, chain.end, instance, numbers).map_err(redb::Error::from)?,
     };
     // Their events may have been delivered already, under their ids and queue places: those
     // are never given again (a target that drops repeats by delivery id would drop new ones).
+    // What a record says it expects is taken only within what a log can hold past the
+    // counters (a record made up to look like one cannot move them far).
+    let bound = [
+        t.counter(NEXT_EVENT)?.saturating_add(wal::MOST_TAKEN),
+        t.counter(NEXT_SEQ)?.saturating_add(wal::MOST_TAKEN),
+    ];
     for record in &stranded {
         let (events, places) = record.takes();
-        let next_event = record.expect.next_event.saturating_add(events);
-        let next_seq = record.expect.next_seq.saturating_add(places);
-        if next_event > t.counter(NEXT_EVENT)? {
-            t.set(NEXT_EVENT, next_event)?;
-        }
-        if next_seq > t.counter(NEXT_SEQ)? {
-            t.set(NEXT_SEQ, next_seq)?;
+        for (counter, expected, took, bound) in [
+            (NEXT_EVENT, record.expect.next_event, events, bound[0]),
+            (NEXT_SEQ, record.expect.next_seq, places, bound[1]),
+        ] {
+            let past = expected.saturating_add(took).min(bound);
+            if past > t.counter(counter)? {
+                t.set(counter, past)?;
+            }
         }
     }
     // Applied here, the records' rows are of this format: the file says so from this commit on.

@@ -25,10 +25,10 @@
 //! Records written before format 3 (see `spool`) have a JSON head and an FNV-1a checksum; they
 //! are still read, so a relay upgraded after a crash applies what the older one logged. The log is read from its start for as
 //! long as records pass their checksum and number one more than the last: a record cut by a
-//! crash, zeros, or what is left of a record from before the log started over ends it. The rest
-//! is then searched for sound records numbered past the end ([`stranded`]): only a record
-//! damaged after its sync leaves any, and the spool reports them rather than start over on
-//! them unsaid.
+//! crash, zeros, or what is left of a record from before the log started over ends it. Where it
+//! ends on a header that is not empty, the rest is searched for sound records numbered past the
+//! end ([`stranded`]): only a record damaged after its sync leaves any, and the spool reports
+//! them rather than start over on them unsaid.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -61,6 +61,10 @@ pub(super) const MAX_LOGGED_BYTES: usize = 64 << 10;
 
 /// Length and checksum.
 const HEADER: usize = 4 + 8;
+
+/// More event ids or queue places than one log's records can take (each event in a record
+/// takes more than a byte of it).
+pub(super) const MOST_TAKEN: u64 = CAPACITY;
 
 /// What a record adds to the events' bytes it carries, generously: its header, its head's
 /// JSON and the batch's routes and marks. For guesses made before encoding it.
@@ -652,15 +656,19 @@ pub(super) fn read(path: &Path) -> std::io::Result<Chain> {
     })
 }
 
-/// The sound records of this spool's (`instance`) log at `path` that lie past `from` (where
-/// [`read`]'s chain ended) numbered within `numbers` (those of the log's present cycle past the
-/// chain), in the order found. Only a record damaged on the disk after its sync (or a write of
-/// it lost) leaves any: a crash cuts only the last record, and what older cycles left is
-/// numbered below. Each offset whose bytes start like such a record (a binary head, a number
-/// in range, the spool's instance, which a webhook body cannot know) is checked; a record found
-/// is skipped over. The spool reports them ([`super::replay`]); they are never applied, as what
-/// they expect of the spool followed the damaged record. Also whether the chain ended on a
-/// header that is not empty: a record cut short (or damaged).
+/// Whether the chain of the log at `path` ends at `from` on a header that is not empty (a
+/// record cut short, or damaged), and if so the sound records of this spool's (`instance`) log
+/// past it numbered within `numbers` (those of the log's present cycle past the chain), in the
+/// order found. Only a record damaged on the disk after its sync leaves any: a crash cuts only
+/// the last record, and what older cycles left is numbered below. Each offset whose bytes
+/// start like such a record (a binary head, a number in range, the spool's instance) is
+/// checked; a record found is skipped over. The spool reports them ([`super::replay`]); they
+/// are never applied, as what they expect of the spool followed the damaged record.
+///
+/// Not searched past an empty header: a clean end (a write the disk lost entirely looks the
+/// same, and goes unseen). The instance is no secret (delivery ids carry it), so a webhook
+/// body could hold a made-up record; searched only after a cut, it can at worst raise a false
+/// alarm after a crash, and move the counters by no more than [`MOST_TAKEN`].
 pub(super) fn stranded(
     path: &Path,
     from: u64,
@@ -676,6 +684,9 @@ pub(super) fn stranded(
         .ok()
         .and_then(|from| log.get(from..from.checked_add(4)?))
         .is_some_and(|len| len != [0; 4]);
+    if !cut {
+        return Ok((Vec::new(), false));
+    }
     Ok((search(&log, from, instance, &numbers), cut))
 }
 

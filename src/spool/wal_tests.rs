@@ -828,36 +828,38 @@ fn a_record_cut_by_a_crash_ends_the_log_without_a_warning() {
     assert_eq!(view(&reopened).2, 3, "the first two records' events");
 }
 
-/// A write of a record that the disk lost (its page kept what was there before) ends the chain
-/// where an empty header follows the record before it, as a clean end does: the records after
-/// it are still found and reported.
+/// A record made up in a webhook's body with this spool's instance (delivery ids carry it) and
+/// absurd counters: after a clean stop the log is not searched at all; after a cut end it can
+/// raise a false alarm, but move the counters no further than a log could.
 #[test]
-fn records_after_one_whose_write_the_disk_lost_are_reported() {
+fn a_record_made_up_with_the_spools_instance_cannot_move_its_counters_far() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path()).unwrap();
-    let path = dir.path().join(wal::FILE_NAME);
-    assert_eq!(logged(&spool, appending(1, 1)), [1]);
-    let before = std::fs::read(&path).unwrap();
-    assert_eq!(logged(&spool, carrying(2, vec![b'x'; 9000])), [2]);
-    assert_eq!(logged(&spool, appending(3, 1)), [3]);
-    let crashed = crash_copy(dir.path(), true);
+    let forged = wal::Expect {
+        instance: spool.instance,
+        next_event: u64::MAX - 1,
+        next_seq: u64::MAX - 1,
+        stored_bytes: 0,
+    };
+    let mut body = vec![b' '; 3000];
+    for seq in 2..=20 {
+        body.extend(wal::encode(seq, forged, 0, ROOM, &[&appending(100, 1)]).unwrap());
+    }
+    assert_eq!(logged(&spool, carrying(1, body)), [1]);
+    spool.checkpoint().unwrap();
     drop(spool);
-    let (reopened, said) = reopened_after(crashed.path(), |log| {
-        let page = record_at(log, 1) / 4096 * 4096;
-        log[page..page + 4096].copy_from_slice(&before[page..page + 4096]);
+    let (reopened, said) = reopened_after(dir.path(), |_| {});
+    assert!(said.is_empty(), "a clean stop: {said}");
+    assert_eq!(logged(&reopened, appending(2, 1)), [2]);
+    assert_eq!(logged(&reopened, appending(3, 1)), [3]);
+    let crashed = crash_copy(dir.path(), true);
+    drop(reopened);
+    let (reopened, _) = reopened_after(crashed.path(), |log| {
+        let end = record_at(log, 2);
+        log[end - 1] ^= 1;
     });
-    assert!(
-        said.contains("its record 2 (at byte")
-            && said.contains("1 record after it (1 events, 0 delivery marks,"),
-        "{said}"
-    );
-    assert_eq!(set_aside(crashed.path()), 1);
-    assert_eq!(view(&reopened).2, 1);
-    assert_eq!(
-        logged(&reopened, appending(4, 1)),
-        [4],
-        "past the ids 2 and 3 gave"
-    );
+    let next = logged(&reopened, appending(4, 1))[0];
+    assert!(next <= 3 + wal::MOST_TAKEN + 1, "{next}");
 }
 
 /// One event `n` whose body is `body`.
