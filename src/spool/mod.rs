@@ -2512,16 +2512,15 @@ fn replay(
     drop(t);
     if records == 0 && stranded.is_empty() {
         txn.abort()?;
-    } else if records == 0 {
-        // The counters, past the stranded records' ids, before the log goes.
-        txn.set_durability(redb::Durability::Immediate)?;
-        txn.commit()?;
     } else {
         if foreign > 0 || !stranded.is_empty() {
-            // The log is about to go: what came from it must be in the file.
+            // The log is about to go: what came from it (and the counters past the stranded
+            // records' ids) must be in the file.
             txn.set_durability(redb::Durability::Immediate)?;
         }
         txn.commit()?;
+    }
+    if records > 0 {
         tracing::info!(
             spool = %spool.display(),
             "applied {records} records ({events} events, {marks} delivery marks) from the \

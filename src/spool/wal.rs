@@ -687,7 +687,7 @@ pub(super) fn stranded(
     if !cut {
         return Ok((Vec::new(), false));
     }
-    Ok((search(&log, from, instance, &numbers), cut))
+    Ok((search(&log, from, instance, &numbers), true))
 }
 
 /// [`stranded`] on the log's bytes.
