@@ -383,6 +383,93 @@ async fn regression_sigterm_ends_within_the_shutdown_timeout_against_a_hanging_t
     stop(child).await;
 }
 
+/// Regression: a relay started again with another target left the old target's queue in the
+/// spool without a word, so its events looked lost. Now the start says how many wait there,
+/// for which target, and how to deliver or see them.
+#[tokio::test]
+async fn regression_a_relay_started_with_another_target_said_nothing_of_the_old_queue() {
+    let channel = FakeChannel::start().await;
+    let state = tempfile::tempdir().unwrap();
+    // Nothing listens there: the event waits in the spool for it.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let old = format!("http://{}/old", gone.local_addr().unwrap());
+    drop(gone);
+    let mut target = FakeTarget::start().await;
+    let spawn = |to: &str| {
+        let mut child = smee_relay()
+            .args(["forward", &channel.url("Moved"), to])
+            .arg("--state-dir")
+            .arg(state.path())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        (child, logs)
+    };
+    let (child, logs) = spawn(&old);
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &seq(1));
+    logs.wait_for(&["retrying in"]).await;
+    assert!(!logs.all().contains("still queued for"), "{}", logs.all());
+    stop(child).await;
+
+    let (child, logs) = spawn(&target.url("/new"));
+    logs.wait_for(&[
+        "1 event from this channel is still queued for",
+        &old,
+        "events list --status pending",
+    ])
+    .await;
+    // What comes now goes to the new target.
+    channel.send_webhook(2, &seq(2));
+    assert_eq!(target.next().await.body, r#"{"seq":2}"#);
+    stop(child).await;
+}
+
+/// ... and a reload that removed a target said its events "stay in the spool" at INFO, with no
+/// count and nothing to do about them.
+#[tokio::test]
+async fn a_reload_that_removes_a_target_says_what_still_waits_for_it() {
+    let channel = FakeChannel::start().await;
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let old = format!("http://{}/old", gone.local_addr().unwrap());
+    drop(gone);
+    let mut target = FakeTarget::start().await;
+    let new = target.url("/new");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let write = |targets: &[&str]| {
+        let targets = targets
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>();
+        let body = format!(
+            "[[channel]]\nurl = \"{}\"\nforward = [{}]\n",
+            channel.url("Removed"),
+            targets.join(", ")
+        );
+        std::fs::write(&config, body).unwrap();
+    };
+    write(&[&old, &new]);
+    let (child, logs) = spawn_run(&config, "http://127.0.0.1:1/unused", false);
+    logs.wait_for(&["connected to channel"]).await;
+    for n in 1..=2 {
+        channel.send_webhook(n, &seq(n));
+        assert_eq!(target.next().await.body, format!(r#"{{"seq":{n}}}"#));
+    }
+    write(&[&new]);
+    signal(&child, "HUP");
+    logs.wait_for(&["config reloaded", "removed"]).await;
+    logs.wait_for(&["2 events from this channel are still queued for", &old])
+        .await;
+    // Removing a target that has nothing waiting is one INFO line.
+    write(&[&target.url("/other")]);
+    signal(&child, "HUP");
+    logs.wait_for(&["target removed; nothing was queued for it", &new])
+        .await;
+    stop(child).await;
+}
+
 /// Regression (item 4): SIGHUP ended `forward` (exit 129). It is logged and ignored.
 #[tokio::test]
 async fn regression_sighup_does_not_end_forward() {

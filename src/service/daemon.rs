@@ -847,8 +847,25 @@ impl Runtime {
             let old = self.routes.remove(&name).expect("listed");
             old.task.stop().await;
             if !targets.contains_key(&name) {
-                info!(target = %spool::route_name(&name), "target removed; its queued events stay in the spool");
                 changes.push(format!("target {} removed", spool::route_name(&name)));
+                let key = name.split_once(' ').map_or("", |(key, _)| key);
+                let served: Vec<String> = targets.keys().cloned().collect();
+                let waiting = match self.spool.unserved_queues(key, &served) {
+                    Ok(queues) => queues.into_iter().find(|(queue, _)| *queue == name),
+                    Err(e) => {
+                        warn!(target = %spool::route_name(&name), "target removed; cannot count what is still queued for it: {}", crate::error::chain(&e));
+                        continue;
+                    }
+                };
+                match waiting {
+                    Some((queue, pending)) => {
+                        let channel = wanted.values().find(|c| channel_key(c) == key);
+                        say_unserved_queue(channel.map(|c| &c.source.channel), &queue, pending);
+                    }
+                    None => {
+                        info!(target = %spool::route_name(&name), "target removed; nothing was queued for it")
+                    }
+                }
             }
         }
         if let Some(cluster) = &self.cluster
@@ -982,6 +999,25 @@ impl Runtime {
         Ok(changes)
     }
 
+    /// Say which of `channel`'s queues in the spool still hold deliveries that no route of this
+    /// relay takes (a relay started again with another target, or a target a reload removed):
+    /// they are kept, not delivered, and without a word they would look lost.
+    fn say_unserved(&self, channel: &ChannelPlan, key: &str, routes: &[String]) {
+        let mut served = routes.to_vec();
+        // In a cluster its forward queues are fed from the cluster, not from `routes`.
+        served.extend(channel.forward.iter().map(|t| route_key(channel, t)));
+        let unserved = match self.spool.unserved_queues(key, &served) {
+            Ok(unserved) => unserved,
+            Err(e) => {
+                warn!(channel = %channel.source.channel, "cannot look for deliveries queued for other targets: {}", crate::error::chain(&e));
+                return;
+            }
+        };
+        for (queue, pending) in unserved {
+            say_unserved_queue(Some(&channel.source.channel), &queue, pending);
+        }
+    }
+
     /// Subscribe to a channel, resuming after the last event stored (for servers that replay,
     /// such as smee-relay serve). `None` (logged) if its source cannot be built.
     fn start_channel(
@@ -1013,6 +1049,7 @@ impl Runtime {
                 crate::error::chain(&e)
             ),
         }
+        self.say_unserved(channel, &cursor_key, &routes);
         let mut source_config = channel.source.clone();
         match self.spool.cursor(&cursor_key) {
             Ok(Some(stored)) => source_config.last_event_id = Some(stored),
@@ -1369,6 +1406,26 @@ impl Runtime {
             done,
         }
     }
+}
+
+/// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
+/// relay takes: kept, not delivered, and what to do.
+fn say_unserved_queue(channel: Option<&impl std::fmt::Display>, queue: &str, pending: u64) {
+    let (events, are) = if pending == 1 {
+        ("event", "is")
+    } else {
+        ("events", "are")
+    };
+    warn!(
+        channel = channel.map(tracing::field::display),
+        queued = pending,
+        "{pending} {events} from this channel {are} still queued for {}, which this relay does \
+         not deliver to: kept in the spool, not delivered. To deliver what waits there, run a \
+         relay with that target again; to see it, `smee-relay events list --status pending`; to \
+         POST it elsewhere, `smee-relay events replay --to URL ID...` (it stays queued for that \
+         target)",
+        spool::route_name(queue)
+    );
 }
 
 /// In a cluster, the local route the Port reporter delivers from (fed from the cluster);

@@ -1795,6 +1795,38 @@ impl Spool {
         })
     }
 
+    /// The queues of the channel with key `channel_key` that hold pending deliveries, other
+    /// than `served`, with how many each holds: what a relay started with other targets
+    /// leaves undelivered. A look per queue, and a count only of those not served.
+    pub fn unserved_queues(
+        &self,
+        channel_key: &str,
+        served: &[String],
+    ) -> Result<Vec<(String, u64)>, SpoolError> {
+        let prefix = format!("{channel_key} ");
+        self.read(|txn| {
+            let pending = txn.open_table(PENDING)?;
+            let mut out = Vec::new();
+            let mut from = prefix.clone();
+            loop {
+                let route = match pending.range((from.as_str(), 0)..)?.next() {
+                    Some(entry) => entry?.0.value().0.to_string(),
+                    None => break,
+                };
+                if !route.starts_with(&prefix) {
+                    break;
+                }
+                if !served.contains(&route) {
+                    let queued = pending.range((route.as_str(), 0)..=(route.as_str(), u64::MAX))?;
+                    out.push((route.clone(), queued.count() as u64));
+                }
+                // Past every place in this queue: the least name after it.
+                from = route + "\0";
+            }
+            Ok(out)
+        })
+    }
+
     /// Append `events` from `channel` to each of `routes`, in order, except those whose header
     /// `name` has a value already stored for the channel (checked in the same transaction, so
     /// two runs at once cannot both add one). Returns per event its new id, or `None` when it
@@ -3675,6 +3707,59 @@ mod tests {
         assert_eq!(other, [Some(4)]);
         assert_eq!(spool.channel_routes("k").unwrap(), [route]);
         assert!(spool.channel_routes("other").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_queues_a_relay_does_not_serve_are_found_with_what_they_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let queue = |key: &str, target: &str| route_key(key, target);
+        let (old, old_sub, new) = (
+            queue("k", "http://127.0.0.1:1/a"),
+            // A name that starts with another's: a queue of its own.
+            queue("k", "http://127.0.0.1:1/a/b"),
+            queue("k", "http://127.0.0.1:2/"),
+        );
+        let other = queue("kk", "http://127.0.0.1:3/");
+        let append_on = |routes: &[&String], n: u8| {
+            let write = Write::Append {
+                channel: "http://x/abcd…".into(),
+                routes: routes.iter().map(|r| r.to_string()).collect(),
+                events: vec![event(n), event(n + 1), event(n + 2)].into(),
+                cursor: None,
+            };
+            spool.write(&[write], ROOM).unwrap();
+        };
+        append_on(&[&old, &other], 0);
+        append_on(&[&old_sub, &new], 3);
+        // Delivered on `old_sub`: nothing is left there.
+        for queued in spool.pending(&old_sub, 0, 10).unwrap() {
+            let write = Write::Mark {
+                route: old_sub.clone(),
+                seq: queued.seq,
+                event: queued.event.id,
+                outcome: Outcome::Delivered { status: 200 },
+            };
+            spool.write(&[write], ROOM).unwrap();
+        }
+        let served = [new.clone()];
+        assert_eq!(
+            spool.unserved_queues("k", &served).unwrap(),
+            [(old.clone(), 3)]
+        );
+        append_on(&[&old_sub], 6);
+        assert_eq!(
+            spool.unserved_queues("k", &served).unwrap(),
+            [(old.clone(), 3), (old_sub.clone(), 3)]
+        );
+        assert_eq!(
+            spool
+                .unserved_queues("k", &[old.clone(), old_sub, new])
+                .unwrap(),
+            []
+        );
+        assert_eq!(spool.unserved_queues("kk", &[]).unwrap(), [(other, 3)]);
+        assert_eq!(spool.unserved_queues("none", &[]).unwrap(), []);
     }
 
     #[test]
