@@ -470,6 +470,37 @@ async fn a_reload_that_removes_a_target_says_what_still_waits_for_it() {
     stop(child).await;
 }
 
+/// Regression: an idle timeout below the server's 30 s ping reconnected an idle channel again
+/// and again, with `/healthz` 503 most of the time, and nothing said why.
+#[tokio::test]
+async fn regression_an_idle_timeout_below_the_ping_interval_was_not_questioned() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let spawn = |extra: &[&str]| {
+        let mut child = smee_relay()
+            .args(["forward", &channel.url("Idle"), &target.url("/hook")])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = LogWatch::new(child.stderr.take().unwrap());
+        (child, logs)
+    };
+    let (child, logs) = spawn(&["--idle-timeout", "10s"]);
+    logs.wait_for(&[
+        "WARN",
+        "idle timeout 10s is shorter than smee.io's ping interval (30s)",
+        "at least 45s",
+    ])
+    .await;
+    stop(child).await;
+    // The default (90 s) is not questioned.
+    let (child, logs) = spawn(&[]);
+    logs.wait_for(&["connected to channel"]).await;
+    assert!(!logs.all().contains("ping interval"), "{}", logs.all());
+    stop(child).await;
+}
+
 /// Regression (item 4): SIGHUP ended `forward` (exit 129). It is logged and ignored.
 #[tokio::test]
 async fn regression_sighup_does_not_end_forward() {

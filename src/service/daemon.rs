@@ -1029,6 +1029,18 @@ impl Runtime {
         let url = channel.source.channel.clone();
         let routes = routes_of(channel, actions_on, self.cluster.is_some());
         info!(channel = %url, routes = ?routes, "subscribing");
+        let idle = channel.source.idle_timeout;
+        if idle < SMEE_PING {
+            warn!(
+                channel = %url,
+                "idle timeout {} is shorter than smee.io's ping interval ({}): an idle channel \
+                 is taken for dead, reconnected and reported by /healthz every {} unless its \
+                 server pings more often; give --idle-timeout (idle_timeout) at least 45s",
+                humantime::format_duration(idle),
+                humantime::format_duration(SMEE_PING),
+                humantime::format_duration(idle)
+            );
+        }
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
         // A spool from before queues were per channel: this channel's share moves over.
         let legacy_key = spool::lock::legacy_channel_key(url.expose().as_str());
@@ -1407,6 +1419,10 @@ impl Runtime {
         }
     }
 }
+
+/// How often smee.io (and `smee-relay serve`) sends an idle channel a ping: an idle timeout
+/// shorter than this reconnects an idle channel again and again.
+const SMEE_PING: Duration = Duration::from_secs(30);
 
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
 /// relay takes: kept, not delivered, and what to do.
