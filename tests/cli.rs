@@ -330,7 +330,7 @@ async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("1 of 2 events were not accepted"),
+        stderr.contains("of 2 events, 1 refused by"),
         "{stderr}"
     );
     // Regression: without a terminal the progress bar is hidden, and the per-event lines went

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 
 use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat, ListStatus};
-use crate::delivery::forward::Forwarder;
+use crate::delivery::forward::{ForwardError, Forwarder};
 use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
 use crate::url::TargetUrl;
@@ -495,7 +495,7 @@ async fn replay_to(
     };
     // A new delivery id for every replay, so a target that drops repeats takes this one.
     let run = crate::clock::now_ms();
-    let mut failed = 0usize;
+    let mut failed = Failed::default();
     for &id in ids {
         let (event, _) = spool.get(id)?;
         let delivery = format!("replay-{id}-{run}");
@@ -509,7 +509,7 @@ async fn replay_to(
                 done.status.as_u16()
             )),
             Err(e) => {
-                failed += 1;
+                failed.count(&e);
                 say(format!(
                     "event {id}: POST {} failed: {}",
                     to.path(),
@@ -522,16 +522,64 @@ async fn replay_to(
     progress.finish_and_clear();
     outln!(
         "replayed {} of {} to {to}",
-        ids.len() - failed,
+        ids.len() - failed.total(),
         super::count(ids.len(), "event", "events")
     )?;
-    if failed > 0 {
-        anyhow::bail!(
-            "{failed} of {} not accepted by {to}",
-            super::count(ids.len(), "event was", "events were")
-        );
+    if failed.total() > 0 {
+        anyhow::bail!("{}", failed.say(ids.len(), &to));
     }
     Ok(())
+}
+
+/// The POSTs of `events replay --to` that failed, by whose doing: a target that answered no
+/// is not one that was never reached, nor an event that cannot be sent at all.
+#[derive(Debug, Default)]
+struct Failed {
+    /// Answered, but not with 2xx.
+    refused: usize,
+    /// Not reached, or no answer in time.
+    unreached: usize,
+    /// Never sent: the event cannot be made into a request.
+    unsendable: usize,
+}
+
+impl Failed {
+    fn count(&mut self, error: &ForwardError) {
+        match error {
+            ForwardError::Status { .. } => self.refused += 1,
+            ForwardError::Timeout(_) | ForwardError::Connection(_) => self.unreached += 1,
+            ForwardError::Request(_) => self.unsendable += 1,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.refused + self.unreached + self.unsendable
+    }
+
+    /// The command's error: of `of` events, what failed and why (each has its line above).
+    fn say(&self, of: usize, to: &TargetUrl) -> String {
+        let mut parts = Vec::new();
+        if self.refused > 0 {
+            parts.push(format!("{} refused by {to}", self.refused));
+        }
+        if self.unreached > 0 {
+            parts.push(format!(
+                "{} not delivered: {to} could not be reached or did not answer in time",
+                self.unreached
+            ));
+        }
+        if self.unsendable > 0 {
+            parts.push(format!(
+                "{} never sent: the event cannot be made into a request as it is",
+                self.unsendable
+            ));
+        }
+        format!(
+            "of {}, {} (each event's line above says why)",
+            super::count(of, "event", "events"),
+            parts.join("; ")
+        )
+    }
 }
 
 /// Write the events out; returns how many.
@@ -737,6 +785,33 @@ fn short_age(age: Duration) -> String {
 mod tests {
     use super::*;
     use crate::spool::Status;
+
+    /// Regression: `events replay --to` said every failure was "not accepted by" the target,
+    /// also for a request never sent (an event whose query is too long for a URL) and for a
+    /// target that was not running.
+    #[test]
+    fn regression_replay_to_blamed_the_target_for_what_it_never_saw() {
+        let to: TargetUrl = "http://127.0.0.1:4000/hook".parse().unwrap();
+        let mut failed = Failed::default();
+        failed.count(&ForwardError::Request("uri too long".into()));
+        assert_eq!(
+            failed.say(3, &to),
+            "of 3 events, 1 never sent: the event cannot be made into a request as it is \
+             (each event's line above says why)"
+        );
+        failed.count(&ForwardError::Connection("connection refused".into()));
+        failed.count(&ForwardError::Status {
+            status: reqwest::StatusCode::BAD_REQUEST,
+            retry_after: None,
+            body: String::new(),
+        });
+        assert_eq!(failed.total(), 3);
+        let said = failed.say(3, &to);
+        assert!(
+            said.starts_with("of 3 events, 1 refused by http://127.0.0.1:4000/hook; 1 not delivered: http://127.0.0.1:4000/hook could not be reached"),
+            "{said}"
+        );
+    }
 
     fn row(id: u64, route: &str, channel: &str, error: Option<&str>) -> Row {
         Row {
