@@ -426,6 +426,50 @@ async fn regression_a_relay_started_with_another_target_said_nothing_of_the_old_
     stop(child).await;
 }
 
+/// ... and events left in a channel's cluster outbox, found by a relay started without the
+/// cluster, are named as such: no target to start again, but the cluster's config.
+#[tokio::test]
+async fn events_left_in_a_cluster_outbox_are_named_at_a_start_without_the_cluster() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let url = channel.url("Outboxed");
+    {
+        let spool = smee_relay::spool::Spool::open(state.path()).unwrap();
+        let key = smee_relay::spool::lock::channel_key(&url);
+        let write = smee_relay::spool::Write::Append {
+            channel: url.clone(),
+            routes: vec![smee_relay::cluster::outbox_route(&key)],
+            events: vec![smee_relay::event::Event {
+                sse_id: Some("1".into()),
+                timestamp_ms: None,
+                headers: vec![],
+                query: vec![],
+                body: b"{}".to_vec().into(),
+            }]
+            .into(),
+            cursor: None,
+        };
+        let room = smee_relay::spool::Limits { max_bytes: 1 << 30 };
+        spool.write(&[write], room).unwrap();
+    }
+    let mut child = smee_relay()
+        .args(["forward", &url, &target.url("/hook")])
+        .arg("--state-dir")
+        .arg(state.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    logs.wait_for(&[
+        "1 event from this channel is still in its cluster outbox",
+        "[cluster]",
+    ])
+    .await;
+    assert!(!logs.all().contains("still queued for"), "{}", logs.all());
+    stop(child).await;
+}
+
 /// ... and a reload that removed a target said its events "stay in the spool" at INFO, with no
 /// count and nothing to do about them.
 #[tokio::test]

@@ -1432,6 +1432,17 @@ fn say_unserved_queue(channel: Option<&impl std::fmt::Display>, queue: &str, pen
     } else {
         ("events", "are")
     };
+    if crate::cluster::is_outbox(queue) {
+        warn!(
+            channel = channel.map(tracing::field::display),
+            queued = pending,
+            "{pending} {events} from this channel {are} still in its cluster outbox, not yet \
+             published to the cluster, and this relay runs without one: kept in the spool, not \
+             delivered. To publish them, start a relay with the cluster's config (`[cluster]`); \
+             to see them, `smee-relay events list --status pending`"
+        );
+        return;
+    }
     warn!(
         channel = channel.map(tracing::field::display),
         queued = pending,
