@@ -414,15 +414,42 @@ async fn regression_a_relay_started_with_another_target_said_nothing_of_the_old_
     stop(child).await;
 
     let (child, logs) = spawn(&target.url("/new"));
+    let state_dir = format!(" --state-dir {}", state.path().display());
+    let list = format!("events list --status pending{state_dir}`");
+    let purge = format!("events purge --queued-for {old}{state_dir}`");
     logs.wait_for(&[
         "1 event from this channel is still queued for",
         &old,
-        "events list --status pending",
+        &list,
+        &purge,
     ])
     .await;
     // What comes now goes to the new target.
+    logs.wait_for(&["connected to channel"]).await;
     channel.send_webhook(2, &seq(2));
     assert_eq!(target.next().await.body, r#"{"seq":2}"#);
+
+    // The line's advice, taken while the relay runs: what waited for the old target is
+    // dropped, and the next start has nothing to say.
+    let purged = smee_relay()
+        .args(["events", "purge", "--queued-for", &old])
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&purged.stdout);
+    assert!(purged.status.success(), "{purged:?}");
+    assert!(
+        said.contains(&format!("purged 1 delivery queued for {old}")),
+        "{said}"
+    );
+    stop(child).await;
+    let (child, logs) = spawn(&target.url("/new"));
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(3, &seq(3));
+    assert_eq!(target.next().await.body, r#"{"seq":3}"#);
+    assert!(!logs.all().contains("still queued for"), "{}", logs.all());
     stop(child).await;
 }
 
@@ -482,32 +509,35 @@ async fn a_reload_that_removes_a_target_says_what_still_waits_for_it() {
     let new = target.url("/new");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    let write = |targets: &[&str]| {
+    let write = |targets: &[&str], idle: &str| {
         let targets = targets
             .iter()
             .map(|t| format!("\"{t}\""))
             .collect::<Vec<_>>();
         let body = format!(
-            "[[channel]]\nurl = \"{}\"\nforward = [{}]\n",
+            "[[channel]]\nurl = \"{}\"\nforward = [{}]\nidle_timeout = \"{idle}\"\n",
             channel.url("Removed"),
             targets.join(", ")
         );
         std::fs::write(&config, body).unwrap();
     };
-    write(&[&old, &new]);
+    write(&[&old, &new], "90s");
     let (child, logs) = spawn_run(&config, "http://127.0.0.1:1/unused", false);
     logs.wait_for(&["connected to channel"]).await;
     for n in 1..=2 {
         channel.send_webhook(n, &seq(n));
         assert_eq!(target.next().await.body, format!(r#"{{"seq":{n}}}"#));
     }
-    write(&[&new]);
+    // The channel restarts too (its idle timeout changed): still one line for the queue.
+    write(&[&new], "60s");
     signal(&child, "HUP");
     logs.wait_for(&["config reloaded", "removed"]).await;
     logs.wait_for(&["2 events from this channel are still queued for", &old])
         .await;
+    wait_count(&logs, "connected to channel", 2).await;
+    assert_eq!(count(&logs, "still queued for"), 1, "{}", logs.all());
     // Removing a target that has nothing waiting is one INFO line.
-    write(&[&target.url("/other")]);
+    write(&[&target.url("/other")], "60s");
     signal(&child, "HUP");
     logs.wait_for(&["target removed; nothing was queued for it", &new])
         .await;
@@ -530,10 +560,11 @@ async fn regression_an_idle_timeout_below_the_ping_interval_was_not_questioned()
         let logs = LogWatch::new(child.stderr.take().unwrap());
         (child, logs)
     };
-    let (child, logs) = spawn(&["--idle-timeout", "10s"]);
+    // As long as the ping interval: expires just before each ping.
+    let (child, logs) = spawn(&["--idle-timeout", "30s"]);
     logs.wait_for(&[
         "WARN",
-        "idle timeout 10s is shorter than smee.io's ping interval (30s)",
+        "idle timeout 30s leaves little or no room over the 30s between the pings",
         "at least 45s",
     ])
     .await;

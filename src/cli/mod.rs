@@ -334,12 +334,19 @@ pub enum EventsCommand {
         #[arg(long, default_value = "http://127.0.0.1:3000/")]
         target: TargetUrl,
     },
-    /// Delete dead letters.
+    /// Delete dead letters, or what waits for a target no relay delivers to.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["dead", "queued_for"])))]
     #[command(after_help = SHARE_WAIT_HELP)]
     Purge {
-        /// Delete every dead letter (required: say what to delete).
-        #[arg(long, required = true)]
+        /// Delete every dead letter.
+        #[arg(long)]
         dead: bool,
+        /// Delete the deliveries still queued for this target URL, from every channel: for a
+        /// target no relay delivers to any more (a relay started with another target says how
+        /// many wait there). They are never delivered there; events still needed by another
+        /// target, or kept as delivered history, stay.
+        #[arg(long, value_name = "URL")]
+        queued_for: Option<TargetUrl>,
     },
 }
 

@@ -178,8 +178,25 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 "queued {} again",
                 super::count(queued, "delivery", "deliveries")
             )?;
+            if queued == 0 {
+                eprintln!(
+                    "note: replay queues again only finished deliveries (delivered, or dead letters); a delivery still pending stays where it is in its queue (`smee-relay events list --status pending` shows them and their targets)"
+                );
+            }
         }
-        EventsCommand::Purge { .. } => {
+        EventsCommand::Purge {
+            queued_for: Some(target),
+            ..
+        } => {
+            let purged = spool.purge_queued(&target.to_string())?;
+            outln!(
+                "purged {} queued for {target}",
+                super::count(purged, "delivery", "deliveries")
+            )?;
+        }
+        EventsCommand::Purge {
+            queued_for: None, ..
+        } => {
             let purged = spool.purge_dead()?;
             outln!(
                 "purged {}",
@@ -201,7 +218,9 @@ fn cluster_spool_guard(cluster: &str, args: &EventsArgs) -> anyhow::Result<()> {
         EventsCommand::Replay { to: None, .. } => anyhow::bail!(
             "this spool belongs to an instance of cluster {cluster}: its ids are this machine's local copies of the cluster's deliveries, and `events replay` without --to would re-queue them here, delivering them outside the cluster. Replay through the cluster with --config (the relay's config, with [cluster]; ids from `smee-relay events list --config FILE`), or POST this machine's copies elsewhere with `--local --to URL`"
         ),
-        EventsCommand::Purge { .. } if !args.local => anyhow::bail!(
+        EventsCommand::Purge {
+            queued_for: None, ..
+        } if !args.local => anyhow::bail!(
             "this spool belongs to an instance of cluster {cluster}: its dead letters are this machine's copies, and the cluster's own (which `replay --dead` replays) would stay. Purge the cluster's with --config (the relay's config, with [cluster]), or add --local to forget only this machine's copies"
         ),
         EventsCommand::List { .. } | EventsCommand::Show { .. } if !args.local => eprintln!(
@@ -300,6 +319,14 @@ async fn run_cluster(
                 "queued {} again (cluster {name})",
                 super::count(queued, "delivery", "deliveries")
             )?;
+        }
+        EventsCommand::Purge {
+            queued_for: Some(_),
+            ..
+        } => {
+            anyhow::bail!(
+                "in cluster mode, `events purge --queued-for` works on this machine's spool: add --local (a relay without the cluster left that queue there)"
+            );
         }
         EventsCommand::Purge { .. } => {
             let done = cluster.purge_dead().await?;
@@ -560,11 +587,12 @@ impl Failed {
     fn say(&self, of: usize, to: &TargetUrl) -> String {
         let mut parts = Vec::new();
         if self.refused > 0 {
-            parts.push(format!("{} refused by {to}", self.refused));
+            parts.push(format!("{} answered with an error status", self.refused));
         }
         if self.unreached > 0 {
             parts.push(format!(
-                "{} not delivered: {to} could not be reached or did not answer in time",
+                "{} got no answer (not reached, the connection broke, or no answer within \
+                 --timeout)",
                 self.unreached
             ));
         }
@@ -575,7 +603,7 @@ impl Failed {
             ));
         }
         format!(
-            "of {}, {} (each event's line above says why)",
+            "of {} POSTed to {to}: {} (each event's line above says why)",
             super::count(of, "event", "events"),
             parts.join("; ")
         )
@@ -796,8 +824,8 @@ mod tests {
         failed.count(&ForwardError::Request("uri too long".into()));
         assert_eq!(
             failed.say(3, &to),
-            "of 3 events, 1 never sent: the event cannot be made into a request as it is \
-             (each event's line above says why)"
+            "of 3 events POSTed to http://127.0.0.1:4000/hook: 1 never sent: the event cannot \
+             be made into a request as it is (each event's line above says why)"
         );
         failed.count(&ForwardError::Connection("connection refused".into()));
         failed.count(&ForwardError::Status {
@@ -808,7 +836,7 @@ mod tests {
         assert_eq!(failed.total(), 3);
         let said = failed.say(3, &to);
         assert!(
-            said.starts_with("of 3 events, 1 refused by http://127.0.0.1:4000/hook; 1 not delivered: http://127.0.0.1:4000/hook could not be reached"),
+            said.starts_with("of 3 events POSTed to http://127.0.0.1:4000/hook: 1 answered with an error status; 1 got no answer (not reached"),
             "{said}"
         );
     }

@@ -824,6 +824,8 @@ impl Runtime {
             .filter(|key| !wanted.contains_key(*key) || to_start.iter().any(|(k, ..)| k == *key))
             .cloned()
             .collect();
+        // Channels removed, by their key in the spool: for what their queues still hold.
+        let mut removed: HashMap<String, String> = HashMap::new();
         for key in stopping {
             let old = self.channels.remove(&key).expect("listed");
             let shown = old.source.channel.to_string();
@@ -833,6 +835,7 @@ impl Runtime {
                 kept_locks.insert(key, lock);
             } else {
                 changes.push(format!("channel {shown} removed"));
+                removed.insert(spool::lock::channel_key(&key), shown);
             }
         }
         let actions_on = plan.actions.is_some();
@@ -849,22 +852,28 @@ impl Runtime {
             if !targets.contains_key(&name) {
                 changes.push(format!("target {} removed", spool::route_name(&name)));
                 let key = name.split_once(' ').map_or("", |(key, _)| key);
-                let served: Vec<String> = targets.keys().cloned().collect();
-                let waiting = match self.spool.unserved_queues(key, &served) {
-                    Ok(queues) => queues.into_iter().find(|(queue, _)| *queue == name),
-                    Err(e) => {
-                        warn!(target = %spool::route_name(&name), "target removed; cannot count what is still queued for it: {}", crate::error::chain(&e));
-                        continue;
-                    }
-                };
-                match waiting {
-                    Some((queue, pending)) => {
-                        let channel = wanted.values().find(|c| channel_key(c) == key);
-                        say_unserved_queue(channel.map(|c| &c.source.channel), &queue, pending);
-                    }
-                    None => {
+                let shown = (wanted.values().find(|c| channel_key(c) == key))
+                    .map(|c| c.source.channel.to_string())
+                    .or_else(|| removed.get(key).cloned());
+                let spool = self.spool.clone();
+                let queue = name.clone();
+                let counted = tokio::task::spawn_blocking(move || spool.queued(&queue)).await;
+                match counted {
+                    Ok(Ok(0)) => {
                         info!(target = %spool::route_name(&name), "target removed; nothing was queued for it")
                     }
+                    Ok(Ok(pending)) => {
+                        say_unserved_queue(shown.as_deref(), &name, pending, &self.unserved_hint())
+                    }
+                    Ok(Err(e)) => warn!(
+                        target = %spool::route_name(&name),
+                        "target removed; cannot count what is still queued for it: {}",
+                        crate::error::chain(&e)
+                    ),
+                    Err(e) => warn!(
+                        target = %spool::route_name(&name),
+                        "target removed; cannot count what is still queued for it: {e}"
+                    ),
                 }
             }
         }
@@ -987,7 +996,7 @@ impl Runtime {
             let Some(lock) = lock.or_else(|| kept_locks.remove(&key)) else {
                 continue;
             };
-            if let Some(running) = self.start_channel(&channel, lock, actions_on) {
+            if let Some(running) = self.start_channel(&channel, lock, actions_on, is_new) {
                 if is_new {
                     changes.push(format!("channel {} added", channel.source.channel));
                 }
@@ -1001,44 +1010,64 @@ impl Runtime {
 
     /// Say which of `channel`'s queues in the spool still hold deliveries that no route of this
     /// relay takes (a relay started again with another target, or a target a reload removed):
-    /// they are kept, not delivered, and without a word they would look lost.
+    /// they are kept, not delivered, and without a word they would look lost. Looked at off
+    /// the event loop: a count over a long queue takes a while.
     fn say_unserved(&self, channel: &ChannelPlan, key: &str, routes: &[String]) {
         let mut served = routes.to_vec();
         // In a cluster its forward queues are fed from the cluster, not from `routes`.
         served.extend(channel.forward.iter().map(|t| route_key(channel, t)));
-        let unserved = match self.spool.unserved_queues(key, &served) {
-            Ok(unserved) => unserved,
-            Err(e) => {
-                warn!(channel = %channel.source.channel, "cannot look for deliveries queued for other targets: {}", crate::error::chain(&e));
-                return;
+        let (spool, key, hint) = (self.spool.clone(), key.to_string(), self.unserved_hint());
+        let shown = channel.source.channel.to_string();
+        tokio::task::spawn_blocking(move || match spool.unserved_queues(&key, &served) {
+            Ok(unserved) => {
+                for (queue, pending) in unserved {
+                    say_unserved_queue(Some(&shown), &queue, pending, &hint);
+                }
             }
+            Err(e) => warn!(
+                channel = %shown,
+                "cannot look for deliveries queued for other targets: {}",
+                crate::error::chain(&e)
+            ),
+        });
+    }
+
+    /// What the commands a line about an unserved queue names need: this state directory, and
+    /// in a cluster this machine's spool.
+    fn unserved_hint(&self) -> String {
+        let local = if self.cluster.is_some() {
+            " --local"
+        } else {
+            ""
         };
-        for (queue, pending) in unserved {
-            say_unserved_queue(Some(&channel.source.channel), &queue, pending);
-        }
+        format!("{}{local}", spool::lock::state_dir_arg(&self.state_dir))
     }
 
     /// Subscribe to a channel, resuming after the last event stored (for servers that replay,
     /// such as smee-relay serve). `None` (logged) if its source cannot be built.
+    /// `is_new`: not a restart by a reload, which says nothing new of its old queues.
     fn start_channel(
         &self,
         channel: &ChannelPlan,
         lock: ChannelLock,
         actions_on: bool,
+        is_new: bool,
     ) -> Option<ChannelTask> {
         let url = channel.source.channel.clone();
         let routes = routes_of(channel, actions_on, self.cluster.is_some());
         info!(channel = %url, routes = ?routes, "subscribing");
         let idle = channel.source.idle_timeout;
-        if idle < SMEE_PING {
+        if idle < SHORTEST_IDLE {
             warn!(
                 channel = %url,
-                "idle timeout {} is shorter than smee.io's ping interval ({}): an idle channel \
-                 is taken for dead, reconnected and reported by /healthz every {} unless its \
-                 server pings more often; give --idle-timeout (idle_timeout) at least 45s",
+                "idle timeout {} leaves little or no room over the {} between the pings smee.io \
+                 and `smee-relay serve` send an idle channel: unless its server pings more \
+                 often, an idle channel is taken for dead whenever a ping is a little late (or \
+                 always, if shorter), reconnected, and /healthz answers 503 meanwhile; give \
+                 --idle-timeout (idle_timeout) at least {}",
                 humantime::format_duration(idle),
                 humantime::format_duration(SMEE_PING),
-                humantime::format_duration(idle)
+                humantime::format_duration(SHORTEST_IDLE)
             );
         }
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
@@ -1061,7 +1090,9 @@ impl Runtime {
                 crate::error::chain(&e)
             ),
         }
-        self.say_unserved(channel, &cursor_key, &routes);
+        if is_new {
+            self.say_unserved(channel, &cursor_key, &routes);
+        }
         let mut source_config = channel.source.clone();
         match self.spool.cursor(&cursor_key) {
             Ok(Some(stored)) => source_config.last_event_id = Some(stored),
@@ -1424,34 +1455,38 @@ impl Runtime {
 /// shorter than this reconnects an idle channel again and again.
 const SMEE_PING: Duration = Duration::from_secs(30);
 
+/// The shortest idle timeout not questioned at the start: a ping, and half a ping's room.
+const SHORTEST_IDLE: Duration = Duration::from_secs(45);
+
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
-/// relay takes: kept, not delivered, and what to do.
-fn say_unserved_queue(channel: Option<&impl std::fmt::Display>, queue: &str, pending: u64) {
-    let (events, are) = if pending == 1 {
-        ("event", "is")
-    } else {
-        ("events", "are")
+/// relay takes: kept, not delivered, and what to do. `hint`: what the commands named need
+/// ([`Runtime::unserved_hint`]).
+fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &str) {
+    let (count, events, are) = match pending {
+        1 => ("1".to_string(), "event", "is"),
+        spool::MOST_COUNTED.. => (format!("{pending} or more"), "events", "are"),
+        _ => (pending.to_string(), "events", "are"),
     };
     if crate::cluster::is_outbox(queue) {
         warn!(
-            channel = channel.map(tracing::field::display),
+            channel,
             queued = pending,
-            "{pending} {events} from this channel {are} still in its cluster outbox, not yet \
+            "{count} {events} from this channel {are} still in its cluster outbox, not yet \
              published to the cluster, and this relay runs without one: kept in the spool, not \
              delivered. To publish them, start a relay with the cluster's config (`[cluster]`); \
-             to see them, `smee-relay events list --status pending`"
+             to see them, `smee-relay events list --status pending{hint}`"
         );
         return;
     }
+    let target = spool::route_name(queue);
     warn!(
-        channel = channel.map(tracing::field::display),
+        channel,
         queued = pending,
-        "{pending} {events} from this channel {are} still queued for {}, which this relay does \
-         not deliver to: kept in the spool, not delivered. To deliver what waits there, run a \
-         relay with that target again; to see it, `smee-relay events list --status pending`; to \
-         POST it elsewhere, `smee-relay events replay --to URL ID...` (it stays queued for that \
-         target)",
-        spool::route_name(queue)
+        "{count} {events} from this channel {are} still queued for {target}, which this relay \
+         does not deliver to: kept in the spool, not delivered. To deliver them, give the relay \
+         that target again (on its command line, or in `forward` in its config and reload); to \
+         see them, `smee-relay events list --status pending{hint}`; to drop them, `smee-relay \
+         events purge --queued-for {target}{hint}`"
     );
 }
 

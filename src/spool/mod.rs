@@ -1768,6 +1768,34 @@ impl Spool {
         })
     }
 
+    /// How many deliveries wait on `route`, counted up to [`MOST_COUNTED`].
+    pub fn queued(&self, route: &str) -> Result<u64, SpoolError> {
+        self.read(|txn| count_queued(&txn.open_table(PENDING)?, route))
+    }
+
+    /// Forget the deliveries still queued for `target` (as [`route_name`] shows it), on every
+    /// channel's queue: for a target no relay delivers to any more. Events no other delivery
+    /// needs go with them. Returns how many deliveries.
+    pub fn purge_queued(&self, target: &str) -> Result<usize, SpoolError> {
+        self.update(|t| {
+            let mut queued = Vec::new();
+            for entry in t.pending.iter()? {
+                let (key, id) = entry?;
+                let (route, seq) = key.value();
+                // A queue of a channel (`route_key`), not the state directory's own.
+                if route.contains(' ') && route_name(route) == target {
+                    queued.push((route.to_string(), seq, id.value()));
+                }
+            }
+            for (route, seq, id) in &queued {
+                t.pending.remove((route.as_str(), *seq))?;
+                t.records.remove((*id, route.as_str()))?;
+                t.drop_event_if_unreferenced(*id)?;
+            }
+            Ok(queued.len())
+        })
+    }
+
     /// The values of header `name` on the stored events from `channel` (as shown, redacted):
     /// e.g. the GitHub delivery GUIDs the spool already has. Events pruned are not seen.
     pub fn header_values(
@@ -1796,8 +1824,9 @@ impl Spool {
     }
 
     /// The queues of the channel with key `channel_key` that hold pending deliveries, other
-    /// than `served`, with how many each holds: what a relay started with other targets
-    /// leaves undelivered. A look per queue, and a count only of those not served.
+    /// than `served`, with how many each holds (counted up to [`MOST_COUNTED`]): what a relay
+    /// started with other targets leaves undelivered. A look per queue, and a count only of
+    /// those not served.
     pub fn unserved_queues(
         &self,
         channel_key: &str,
@@ -1817,8 +1846,7 @@ impl Spool {
                     break;
                 }
                 if !served.contains(&route) {
-                    let queued = pending.range((route.as_str(), 0)..=(route.as_str(), u64::MAX))?;
-                    out.push((route.clone(), queued.count() as u64));
+                    out.push((route.clone(), count_queued(&pending, &route)?));
                 }
                 // Past every place in this queue: the least name after it.
                 from = route + "\0";
@@ -2018,6 +2046,19 @@ impl Spool {
             })
         })
     }
+}
+
+/// Most deliveries counted on one queue ([`Spool::queued`]): a count for a message, which
+/// must not hold a relay's start for long over a queue of millions.
+pub const MOST_COUNTED: u64 = 100_000;
+
+/// The deliveries waiting on `route` in `pending`, up to [`MOST_COUNTED`].
+fn count_queued(
+    pending: &impl ReadableTable<(&'static str, u64), u64>,
+    route: &str,
+) -> Result<u64, redb::Error> {
+    let queued = pending.range((route, 0)..=(route, u64::MAX))?;
+    Ok(queued.take(MOST_COUNTED as usize).count() as u64)
 }
 
 /// Apply `writes` at `now` under `limits` in `t` (what [`Spool::write`] and a replay of the
@@ -3760,6 +3801,49 @@ mod tests {
         );
         assert_eq!(spool.unserved_queues("kk", &[]).unwrap(), [(other, 3)]);
         assert_eq!(spool.unserved_queues("none", &[]).unwrap(), []);
+    }
+
+    #[test]
+    fn what_waits_for_a_target_is_purged_on_every_channel_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let old = "http://127.0.0.1:1/old";
+        let (a_old, b_old, a_new) = (
+            route_key("a", old),
+            route_key("b", old),
+            route_key("a", "http://127.0.0.1:2/new"),
+        );
+        let append_on = |routes: &[&String], n: u8| {
+            let write = Write::Append {
+                channel: "http://x/abcd…".into(),
+                routes: routes.iter().map(|r| r.to_string()).collect(),
+                events: vec![event(n)].into(),
+                cursor: None,
+            };
+            spool.write(&[write], ROOM).unwrap().appended[0][0].unwrap()
+        };
+        let only_old = append_on(&[&a_old], 0);
+        let shared = append_on(&[&a_old, &a_new], 1);
+        let other_channel = append_on(&[&b_old], 2);
+        let elsewhere = append_on(&[&a_new], 3);
+        let bytes = spool.stats().unwrap().stored_bytes;
+        assert_eq!(spool.purge_queued(old).unwrap(), 3);
+        assert!(spool.pending(&a_old, 0, 10).unwrap().is_empty());
+        assert!(spool.pending(&b_old, 0, 10).unwrap().is_empty());
+        // The new target's queue is as it was; an event it still needs stays.
+        assert_eq!(pending_ids(&spool, &a_new), [shared, elsewhere]);
+        assert!(matches!(
+            spool.get(only_old),
+            Err(SpoolError::NoSuchEvent(_))
+        ));
+        assert!(matches!(
+            spool.get(other_channel),
+            Err(SpoolError::NoSuchEvent(_))
+        ));
+        assert_eq!(spool.get(shared).unwrap().1.len(), 1);
+        assert!(spool.stats().unwrap().stored_bytes < bytes);
+        assert!(spool.unserved_queues("a", &[a_new]).unwrap().is_empty());
+        assert_eq!(spool.purge_queued(old).unwrap(), 0);
     }
 
     #[test]
