@@ -515,6 +515,40 @@ ignore_events = ["ping", "issues"]
     );
 }
 
+/// Regression: `check` said `ok` for an idle timeout shorter than the server's pings, which
+/// makes an idle channel reconnect again and again; the relay's start warns, `check` did not.
+#[tokio::test]
+async fn regression_check_was_silent_on_an_idle_timeout_below_the_pings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let write = |idle: &str| {
+        let text = format!(
+            "[[channel]]\nurl = \"https://smee.io/AbCdEfGh\"\nforward = [\"http://127.0.0.1:3000/hook\"]\nidle_timeout = \"{idle}\"\n"
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    let check = || async {
+        let out = smee_relay()
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    write("10s");
+    let said = check().await;
+    assert!(
+        said.contains("warning: idle timeout 10s leaves little or no room")
+            && said.contains("at least 45s"),
+        "{said}"
+    );
+    write("90s");
+    let said = check().await;
+    assert!(!said.contains("warning"), "{said}");
+}
+
 /// Waits until `dir` holds `n` files ending in `.sh`, and returns them sorted.
 async fn scripts_in(dir: &std::path::Path, n: usize) -> Vec<std::path::PathBuf> {
     support::wait_for(PATIENCE, "the saved events", || async {

@@ -38,6 +38,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             );
         }
         for channel in &config.channels {
+            if let Some(problem) = crate::source::idle_timeout_problem(channel.idle_timeout) {
+                println!("channel {}: warning: {problem}", channel.url);
+            }
             if let Some(catch_up) = &channel.github_catch_up {
                 println!(
                     "channel {}: GitHub catch-up from hook {} of {} after every gap, looking back {}",

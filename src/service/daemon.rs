@@ -1056,19 +1056,8 @@ impl Runtime {
         let url = channel.source.channel.clone();
         let routes = routes_of(channel, actions_on, self.cluster.is_some());
         info!(channel = %url, routes = ?routes, "subscribing");
-        let idle = channel.source.idle_timeout;
-        if idle < SHORTEST_IDLE {
-            warn!(
-                channel = %url,
-                "idle timeout {} leaves little or no room over the {} between the pings smee.io \
-                 and `smee-relay serve` send an idle channel: unless its server pings more \
-                 often, an idle channel is taken for dead whenever a ping is a little late (or \
-                 always, if shorter), reconnected, and /healthz answers 503 meanwhile; give \
-                 --idle-timeout (idle_timeout) at least {}",
-                humantime::format_duration(idle),
-                humantime::format_duration(SMEE_PING),
-                humantime::format_duration(SHORTEST_IDLE)
-            );
+        if let Some(problem) = crate::source::idle_timeout_problem(channel.source.idle_timeout) {
+            warn!(channel = %url, "{problem}");
         }
         let cursor_key = spool::lock::channel_key(url.expose().as_str());
         // A spool from before queues were per channel: this channel's share moves over.
@@ -1450,13 +1439,6 @@ impl Runtime {
         }
     }
 }
-
-/// How often smee.io (and `smee-relay serve`) sends an idle channel a ping: an idle timeout
-/// shorter than this reconnects an idle channel again and again.
-const SMEE_PING: Duration = Duration::from_secs(30);
-
-/// The shortest idle timeout not questioned at the start: a ping, and half a ping's room.
-const SHORTEST_IDLE: Duration = Duration::from_secs(45);
 
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
 /// relay takes: kept, not delivered, and what to do. `hint`: what the commands named need

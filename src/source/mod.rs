@@ -47,6 +47,29 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// The default frame size limit (`--max-frame`, `max_frame`).
 pub const DEFAULT_MAX_FRAME: usize = 128 << 20;
 
+/// How often smee.io (and `smee-relay serve`) sends an idle channel a ping.
+const SMEE_PING: Duration = Duration::from_secs(30);
+
+/// The shortest idle timeout not questioned: a ping, and half a ping's room.
+const SHORTEST_IDLE: Duration = Duration::from_secs(45);
+
+/// What is wrong with `idle` as an idle timeout, if anything: one shorter than the pings
+/// leave room for reconnects an idle channel again and again, and `/healthz` is 503 meanwhile.
+pub fn idle_timeout_problem(idle: Duration) -> Option<String> {
+    (idle < SHORTEST_IDLE).then(|| {
+        format!(
+            "idle timeout {} leaves little or no room over the {} between the pings smee.io and \
+             `smee-relay serve` send an idle channel: unless its server pings more often, an \
+             idle channel is taken for dead whenever a ping is a little late (or always, if \
+             shorter), reconnected, and /healthz answers 503 meanwhile; give --idle-timeout \
+             (idle_timeout) at least {}",
+            humantime::format_duration(idle),
+            humantime::format_duration(SMEE_PING),
+            humantime::format_duration(SHORTEST_IDLE)
+        )
+    })
+}
+
 /// Errors that stop a source before it starts. Once running, a source never fails: it
 /// reconnects.
 #[derive(Debug, thiserror::Error)]
