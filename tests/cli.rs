@@ -501,18 +501,19 @@ ignore_events = ["ping", "issues"]
 "#,
     )
     .unwrap();
+    check_ok(&config).await;
+}
+
+/// `smee-relay check --config CONFIG`, which must pass; its stdout.
+async fn check_ok(config: &std::path::Path) -> String {
     let out = smee_relay()
         .args(["check", "--config"])
-        .arg(&config)
+        .arg(config)
         .output()
         .await
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Regression: `check` said `ok` for an idle timeout shorter than the server's pings, which
@@ -527,25 +528,15 @@ async fn regression_check_was_silent_on_an_idle_timeout_below_the_pings() {
         );
         std::fs::write(&config, text).unwrap();
     };
-    let check = || async {
-        let out = smee_relay()
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .await
-            .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     write("10s");
-    let said = check().await;
+    let said = check_ok(&config).await;
     assert!(
         said.contains("warning: idle timeout 10s leaves little or no room")
             && said.contains("at least 45s"),
         "{said}"
     );
     write("90s");
-    let said = check().await;
+    let said = check_ok(&config).await;
     assert!(!said.contains("warning"), "{said}");
 }
 

@@ -29,20 +29,27 @@ fn fixture_frame(file: &str) -> String {
     format!(r#"{{"content-type":"application/json","body":{body}}}"#)
 }
 
+/// Start `command` with its stderr watched.
+fn watched(command: &mut tokio::process::Command) -> (tokio::process::Child, LogWatch) {
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = LogWatch::new(child.stderr.take().unwrap());
+    (child, logs)
+}
+
 /// `smee-relay run --config` with stderr watched.
 fn spawn_run(config: &Path, slack: &str, journal: bool) -> (tokio::process::Child, LogWatch) {
     let mut command = smee_relay();
     command
         .args(["run", "--config"])
         .arg(config)
-        .env("TEST_SLACK_WEBHOOK", slack)
-        .stderr(std::process::Stdio::piped());
+        .env("TEST_SLACK_WEBHOOK", slack);
     if journal {
         command.env("JOURNAL_STREAM", "8:12345");
     }
-    let mut child = command.spawn().unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
-    (child, logs)
+    watched(&mut command)
 }
 
 fn count(logs: &LogWatch, needle: &str) -> usize {
@@ -334,21 +341,18 @@ async fn regression_sigterm_ends_within_the_shutdown_timeout_against_a_hanging_t
     let state = tempfile::tempdir().unwrap();
     let url = format!("http://{}/slow", target.addr);
     let spawn = || {
-        let mut child = smee_relay()
-            .args([
-                "forward",
-                &channel.url("Bounded"),
-                &url,
-                "--shutdown-timeout",
-                "1s",
-            ])
-            .arg("--state-dir")
-            .arg(state.path())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = LogWatch::new(child.stderr.take().unwrap());
-        (child, logs)
+        watched(
+            smee_relay()
+                .args([
+                    "forward",
+                    &channel.url("Bounded"),
+                    &url,
+                    "--shutdown-timeout",
+                    "1s",
+                ])
+                .arg("--state-dir")
+                .arg(state.path()),
+        )
     };
     let (mut child, logs) = spawn();
     channel.wait_connections(1).await;
@@ -396,15 +400,12 @@ async fn regression_a_relay_started_with_another_target_said_nothing_of_the_old_
     drop(gone);
     let mut target = FakeTarget::start().await;
     let spawn = |to: &str| {
-        let mut child = smee_relay()
-            .args(["forward", &channel.url("Moved"), to])
-            .arg("--state-dir")
-            .arg(state.path())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = LogWatch::new(child.stderr.take().unwrap());
-        (child, logs)
+        watched(
+            smee_relay()
+                .args(["forward", &channel.url("Moved"), to])
+                .arg("--state-dir")
+                .arg(state.path()),
+        )
     };
     let (child, logs) = spawn(&old);
     logs.wait_for(&["connected to channel"]).await;
@@ -480,14 +481,12 @@ async fn events_left_in_a_cluster_outbox_are_named_at_a_start_without_the_cluste
         let room = smee_relay::spool::Limits { max_bytes: 1 << 30 };
         spool.write(&[write], room).unwrap();
     }
-    let mut child = smee_relay()
-        .args(["forward", &url, &target.url("/hook")])
-        .arg("--state-dir")
-        .arg(state.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) = watched(
+        smee_relay()
+            .args(["forward", &url, &target.url("/hook")])
+            .arg("--state-dir")
+            .arg(state.path()),
+    );
     logs.wait_for(&[
         "1 event from this channel is still in its cluster outbox",
         "[cluster]",
@@ -551,14 +550,11 @@ async fn regression_an_idle_timeout_below_the_ping_interval_was_not_questioned()
     let channel = FakeChannel::start().await;
     let target = FakeTarget::start().await;
     let spawn = |extra: &[&str]| {
-        let mut child = smee_relay()
-            .args(["forward", &channel.url("Idle"), &target.url("/hook")])
-            .args(extra)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = LogWatch::new(child.stderr.take().unwrap());
-        (child, logs)
+        watched(
+            smee_relay()
+                .args(["forward", &channel.url("Idle"), &target.url("/hook")])
+                .args(extra),
+        )
     };
     // As long as the ping interval: expires just before each ping.
     let (child, logs) = spawn(&["--idle-timeout", "30s"]);
@@ -581,12 +577,8 @@ async fn regression_an_idle_timeout_below_the_ping_interval_was_not_questioned()
 async fn regression_sighup_does_not_end_forward() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
-    let mut child = smee_relay()
-        .args(["forward", &channel.url("Hangup"), &target.url("/hook")])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (mut child, logs) =
+        watched(smee_relay().args(["forward", &channel.url("Hangup"), &target.url("/hook")]));
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
     for round in 1..=3 {
@@ -644,20 +636,18 @@ async fn regression_target_credentials_go_as_basic_auth_and_are_never_shown() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("http://alice:pa%24%24word@{}/hook", target.addr);
     let metrics = support::unused_addr().to_string();
-    let mut child = smee_relay()
-        .args([
-            "forward",
-            &channel.url("Creds"),
-            &url,
-            "--metrics-listen",
-            &metrics,
-        ])
-        .arg("--state-dir")
-        .arg(state.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) = watched(
+        smee_relay()
+            .args([
+                "forward",
+                &channel.url("Creds"),
+                &url,
+                "--metrics-listen",
+                &metrics,
+            ])
+            .arg("--state-dir")
+            .arg(state.path()),
+    );
     channel.wait_connections(1).await;
     channel.send_webhook(1, &seq(1));
     let request = target.next().await;
@@ -708,12 +698,8 @@ async fn regression_target_credentials_go_as_basic_auth_and_are_never_shown() {
 async fn regression_control_characters_from_events_are_escaped_in_logs() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
-    let mut child = smee_relay()
-        .args(["forward", &channel.url("Escapes"), &target.url("/hook")])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) =
+        watched(smee_relay().args(["forward", &channel.url("Escapes"), &target.url("/hook")]));
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
     // A bad frame whose id clears the screen, and a Port-shaped body whose action paints red
@@ -746,13 +732,11 @@ async fn regression_a_huge_retry_after_waits_max_retry_after_and_is_logged() {
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     target.answer_with_retry_after(503, 999_999_999);
-    let mut child = smee_relay()
-        .args(["forward", &channel.url("Capped"), &target.url("/hook")])
-        .args(["--max-retry-after", "1s"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let logs = LogWatch::new(child.stderr.take().unwrap());
+    let (child, logs) = watched(
+        smee_relay()
+            .args(["forward", &channel.url("Capped"), &target.url("/hook")])
+            .args(["--max-retry-after", "1s"]),
+    );
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
     channel.send_webhook(1, &seq(1));
