@@ -244,6 +244,43 @@ async fn events(state_dir: &std::path::Path, args: &[&str]) -> std::process::Out
     .unwrap()
 }
 
+/// `events purge --queue` takes a queue's name as the relay gives it, and refuses what is not
+/// one, and a cluster instance's spool (its queues are copies of the cluster's deliveries).
+#[tokio::test]
+async fn events_purge_queue_refuses_a_name_that_is_not_a_queue_and_a_cluster_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(smee_relay::spool::Spool::open(dir.path()).unwrap());
+    let out = events(
+        dir.path(),
+        &["purge", "--queue", "http://127.0.0.1:3000/old"],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        said.contains("is not a queue's name") && said.contains("16 hex digits"),
+        "{said}"
+    );
+    let queue = "0123456789abcdef http://127.0.0.1:3000/old";
+    let out = events(dir.path(), &["purge", "--queue", queue]).await;
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("purged 0 deliveries queued for http://127.0.0.1:3000/old"),
+        "{said}"
+    );
+    let spool = smee_relay::spool::Spool::open(dir.path()).unwrap();
+    spool.set_cluster(Some("prod")).unwrap();
+    drop(spool);
+    let out = events(dir.path(), &["purge", "--queue", queue, "--local"]).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        said.contains("cluster prod") && said.contains("copies"),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn events_export_gosmee_writes_scripts_that_replay_the_same_request() {
     let state_dir = spool_with_two_events().await;

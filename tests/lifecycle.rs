@@ -417,35 +417,47 @@ async fn regression_a_relay_started_with_another_target_said_nothing_of_the_old_
     let (child, logs) = spawn(&target.url("/new"));
     let state_dir = format!(" --state-dir {}", state.path().display());
     let list = format!("events list --status pending{state_dir}`");
-    let purge = format!("events purge --queued-for {old}{state_dir}`");
-    logs.wait_for(&[
-        "1 event from this channel is still queued for",
-        &old,
-        &list,
-        &purge,
-    ])
-    .await;
+    let line = logs
+        .wait_for(&["1 event from this channel is still queued for", &old, &list])
+        .await;
+    // The purge the line gives, a queue's name quoted as one shell word.
+    let (_, purge) = line.split_once("run `").expect("a purge command");
+    let (purge, _) = purge.split_once('`').unwrap();
+    assert!(
+        purge.starts_with("smee-relay events purge --queue '"),
+        "{line}"
+    );
+    assert!(purge.ends_with(&format!(" {old}'{state_dir}")), "{line}");
     // What comes now goes to the new target.
     logs.wait_for(&["connected to channel"]).await;
     channel.send_webhook(2, &seq(2));
     assert_eq!(target.next().await.body, r#"{"seq":2}"#);
 
-    // The line's advice, taken while the relay runs: what waited for the old target is
-    // dropped, and the next start has nothing to say.
-    let purged = smee_relay()
-        .args(["events", "purge", "--queued-for", &old])
-        .arg("--state-dir")
-        .arg(state.path())
-        .output()
-        .await
-        .unwrap();
+    let run_purge = || async {
+        let mut shell = tokio::process::Command::new("sh");
+        shell
+            .arg("-c")
+            .arg(purge.replacen("smee-relay", env!("CARGO_BIN_EXE_smee-relay"), 1));
+        shell.output().await.unwrap()
+    };
+    // Not while the relay runs that channel: it would deliver what it had read all the same.
+    let refused = run_purge().await;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        said.contains("runs this queue's channel") && said.contains("Stop it"),
+        "{said}"
+    );
+    stop(child).await;
+    // Stopped, the line's advice is taken as printed, through a shell: the queue is dropped,
+    // and the next start has nothing to say.
+    let purged = run_purge().await;
     let said = String::from_utf8_lossy(&purged.stdout);
     assert!(purged.status.success(), "{purged:?}");
     assert!(
         said.contains(&format!("purged 1 delivery queued for {old}")),
         "{said}"
     );
-    stop(child).await;
     let (child, logs) = spawn(&target.url("/new"));
     logs.wait_for(&["connected to channel"]).await;
     channel.send_webhook(3, &seq(3));

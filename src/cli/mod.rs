@@ -334,19 +334,20 @@ pub enum EventsCommand {
         #[arg(long, default_value = "http://127.0.0.1:3000/")]
         target: TargetUrl,
     },
-    /// Delete dead letters, or what waits for a target no relay delivers to.
-    #[command(group(clap::ArgGroup::new("what").required(true).args(["dead", "queued_for"])))]
+    /// Delete dead letters, or a queue no relay delivers from.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["dead", "queue"])))]
     #[command(after_help = SHARE_WAIT_HELP)]
     Purge {
         /// Delete every dead letter.
         #[arg(long)]
         dead: bool,
-        /// Delete the deliveries still queued for this target URL, from every channel: for a
-        /// target no relay delivers to any more (a relay started with another target says how
-        /// many wait there). They are never delivered there; events still needed by another
-        /// target, or kept as delivered history, stay.
-        #[arg(long, value_name = "URL")]
-        queued_for: Option<TargetUrl>,
+        /// Delete the deliveries still waiting on this queue: `CHANNEL-KEY TARGET`, as the
+        /// relay's start names a queue whose target it no longer has. They are never
+        /// delivered; events still needed by another queue, or kept as delivered history,
+        /// stay. Refused while a relay runs that channel on this state directory (it may be
+        /// delivering from the queue): stop it first.
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
     },
 }
 

@@ -173,30 +173,49 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             which, to: None, ..
         } => {
             let which = local_replay(&spool, which)?;
+            let named = match &which {
+                Replay::Ids(ids) => ids.len(),
+                _ => 0,
+            };
             let queued = spool.replay(which)?;
             outln!(
                 "queued {} again",
                 super::count(queued, "delivery", "deliveries")
             )?;
-            if queued == 0 {
+            if queued == 0 || queued < named {
                 eprintln!(
-                    "note: replay queues again only finished deliveries (delivered, or dead letters); a delivery still pending stays where it is in its queue (`smee-relay events list --status pending` shows them and their targets)"
+                    "note: replay queues again only finished deliveries (delivered, or dead letters); a delivery still pending stays where it is in its queue (`smee-relay events list --status pending{}` shows them and their targets)",
+                    spool::lock::state_dir_arg(&dir)
                 );
             }
         }
         EventsCommand::Purge {
-            queued_for: Some(target),
-            ..
+            queue: Some(queue), ..
         } => {
-            let purged = spool.purge_queued(&target.to_string())?;
+            let Some((key, target)) = queue
+                .split_once(' ')
+                .filter(|(key, _)| key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+            else {
+                anyhow::bail!(
+                    "{queue:?} is not a queue's name: a name is the channel's key (16 hex digits), a space and the target, as the relay's start gives it (`... still queued for ...`) and its `subscribing` line lists them; quote it as one argument"
+                );
+            };
+            // Held while purging: no relay starts on this channel meanwhile.
+            let _lock = spool::lock::ChannelLock::of_key(&dir, key).map_err(|e| match e {
+                spool::SpoolError::Locked { pid, .. } => anyhow::anyhow!(
+                    "a relay{} runs this queue's channel on {}: it may be delivering from the queue, and what it has read would go out all the same. Stop it, purge, and start it again",
+                    pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    dir.display()
+                ),
+                other => other.into(),
+            })?;
+            let purged = spool.purge_queue(&queue)?;
             outln!(
                 "purged {} queued for {target}",
                 super::count(purged, "delivery", "deliveries")
             )?;
         }
-        EventsCommand::Purge {
-            queued_for: None, ..
-        } => {
+        EventsCommand::Purge { queue: None, .. } => {
             let purged = spool.purge_dead()?;
             outln!(
                 "purged {}",
@@ -218,9 +237,10 @@ fn cluster_spool_guard(cluster: &str, args: &EventsArgs) -> anyhow::Result<()> {
         EventsCommand::Replay { to: None, .. } => anyhow::bail!(
             "this spool belongs to an instance of cluster {cluster}: its ids are this machine's local copies of the cluster's deliveries, and `events replay` without --to would re-queue them here, delivering them outside the cluster. Replay through the cluster with --config (the relay's config, with [cluster]; ids from `smee-relay events list --config FILE`), or POST this machine's copies elsewhere with `--local --to URL`"
         ),
-        EventsCommand::Purge {
-            queued_for: None, ..
-        } if !args.local => anyhow::bail!(
+        EventsCommand::Purge { queue: Some(_), .. } => anyhow::bail!(
+            "this spool belongs to an instance of cluster {cluster}: its queues hold this machine's copies of the cluster's deliveries, and the cluster would take a purged one for delivered. `events purge --queue` is for a relay's own queues"
+        ),
+        EventsCommand::Purge { queue: None, .. } if !args.local => anyhow::bail!(
             "this spool belongs to an instance of cluster {cluster}: its dead letters are this machine's copies, and the cluster's own (which `replay --dead` replays) would stay. Purge the cluster's with --config (the relay's config, with [cluster]), or add --local to forget only this machine's copies"
         ),
         EventsCommand::List { .. } | EventsCommand::Show { .. } if !args.local => eprintln!(
@@ -320,12 +340,9 @@ async fn run_cluster(
                 super::count(queued, "delivery", "deliveries")
             )?;
         }
-        EventsCommand::Purge {
-            queued_for: Some(_),
-            ..
-        } => {
+        EventsCommand::Purge { queue: Some(_), .. } => {
             anyhow::bail!(
-                "in cluster mode, `events purge --queued-for` works on this machine's spool: add --local (a relay without the cluster left that queue there)"
+                "in cluster mode, `events purge --queue` is refused: this machine's queues hold copies of the cluster's deliveries"
             );
         }
         EventsCommand::Purge { .. } => {
@@ -603,7 +620,7 @@ impl Failed {
             ));
         }
         format!(
-            "of {} POSTed to {to}: {} (each event's line above says why)",
+            "of {} for {to}: {} (each event's line above says why)",
             super::count(of, "event", "events"),
             parts.join("; ")
         )
@@ -824,8 +841,8 @@ mod tests {
         failed.count(&ForwardError::Request("uri too long".into()));
         assert_eq!(
             failed.say(3, &to),
-            "of 3 events POSTed to http://127.0.0.1:4000/hook: 1 never sent: the event cannot \
-             be made into a request as it is (each event's line above says why)"
+            "of 3 events for http://127.0.0.1:4000/hook: 1 never sent: the event cannot be made \
+             into a request as it is (each event's line above says why)"
         );
         failed.count(&ForwardError::Connection("connection refused".into()));
         failed.count(&ForwardError::Status {
@@ -836,7 +853,7 @@ mod tests {
         assert_eq!(failed.total(), 3);
         let said = failed.say(3, &to);
         assert!(
-            said.starts_with("of 3 events POSTed to http://127.0.0.1:4000/hook: 1 answered with an error status; 1 got no answer (not reached"),
+            said.starts_with("of 3 events for http://127.0.0.1:4000/hook: 1 answered with an error status; 1 got no answer (not reached"),
             "{said}"
         );
     }

@@ -1446,9 +1446,15 @@ impl Runtime {
 fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &str) {
     let (count, events, are) = match pending {
         1 => ("1".to_string(), "event", "is"),
-        spool::MOST_COUNTED.. => (format!("{pending} or more"), "events", "are"),
+        n if n > spool::MOST_COUNTED => (
+            format!("more than {}", spool::MOST_COUNTED),
+            "events",
+            "are",
+        ),
         _ => (pending.to_string(), "events", "are"),
     };
+    // One shell word, whatever the target holds (`&`, `?`, `*`).
+    let name = format!("'{}'", queue.replace('\'', r"'\''"));
     if crate::cluster::is_outbox(queue) {
         warn!(
             channel,
@@ -1456,7 +1462,8 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &s
             "{count} {events} from this channel {are} still in its cluster outbox, not yet \
              published to the cluster, and this relay runs without one: kept in the spool, not \
              delivered. To publish them, start a relay with the cluster's config (`[cluster]`); \
-             to see them, `smee-relay events list --status pending{hint}`"
+             to see them, `smee-relay events list --status pending{hint}`; to drop them, stop \
+             the relay and run `smee-relay events purge --queue {name}{hint}`"
         );
         return;
     }
@@ -1466,9 +1473,10 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &s
         queued = pending,
         "{count} {events} from this channel {are} still queued for {target}, which this relay \
          does not deliver to: kept in the spool, not delivered. To deliver them, give the relay \
-         that target again (on its command line, or in `forward` in its config and reload); to \
-         see them, `smee-relay events list --status pending{hint}`; to drop them, `smee-relay \
-         events purge --queued-for {target}{hint}`"
+         that target for this channel again (on its command line, or in the channel's `forward` \
+         in its config, and reload); to \
+         see them, `smee-relay events list --status pending{hint}`; to drop them, stop the \
+         relay and run `smee-relay events purge --queue {name}{hint}`"
     );
 }
 

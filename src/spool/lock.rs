@@ -67,6 +67,17 @@ impl StateLock {
         Self::take(state_dir, path, format!("relays {shown}"))
     }
 
+    /// [`StateLock::acquire`] by the channel's key ([`channel_key`]), for a command that knows
+    /// only that (a queue's name): no relay starts on that channel while it holds it.
+    pub fn of_key(state_dir: &Path, key: &str) -> Result<Self, SpoolError> {
+        let path = state_dir.join(format!("channel-{key}.lock"));
+        Self::take(
+            state_dir,
+            path,
+            format!("relays the channel with key {key}"),
+        )
+    }
+
     /// Take the lock of the state directory's pipeline: its alert state and its `pipeline` and
     /// `alerts` queues belong to one relay at a time.
     pub fn pipeline(state_dir: &Path) -> Result<Self, SpoolError> {

@@ -1768,28 +1768,23 @@ impl Spool {
         })
     }
 
-    /// How many deliveries wait on `route`, counted up to [`MOST_COUNTED`].
+    /// How many deliveries wait on `route`, counted up to one past [`MOST_COUNTED`].
     pub fn queued(&self, route: &str) -> Result<u64, SpoolError> {
         self.read(|txn| count_queued(&txn.open_table(PENDING)?, route))
     }
 
-    /// Forget the deliveries still queued for `target` (as [`route_name`] shows it), on every
-    /// channel's queue: for a target no relay delivers to any more. Events no other delivery
-    /// needs go with them. Returns how many deliveries.
-    pub fn purge_queued(&self, target: &str) -> Result<usize, SpoolError> {
+    /// Forget the deliveries still waiting on `route`: a queue no relay delivers from. Events
+    /// no other delivery needs go with them. Returns how many deliveries.
+    pub fn purge_queue(&self, route: &str) -> Result<usize, SpoolError> {
         self.update(|t| {
             let mut queued = Vec::new();
-            for entry in t.pending.iter()? {
+            for entry in t.pending.range((route, 0)..=(route, u64::MAX))? {
                 let (key, id) = entry?;
-                let (route, seq) = key.value();
-                // A queue of a channel (`route_key`), not the state directory's own.
-                if route.contains(' ') && route_name(route) == target {
-                    queued.push((route.to_string(), seq, id.value()));
-                }
+                queued.push((key.value().1, id.value()));
             }
-            for (route, seq, id) in &queued {
-                t.pending.remove((route.as_str(), *seq))?;
-                t.records.remove((*id, route.as_str()))?;
+            for (seq, id) in &queued {
+                t.pending.remove((route, *seq))?;
+                t.records.remove((*id, route))?;
                 t.drop_event_if_unreferenced(*id)?;
             }
             Ok(queued.len())
@@ -1824,7 +1819,7 @@ impl Spool {
     }
 
     /// The queues of the channel with key `channel_key` that hold pending deliveries, other
-    /// than `served`, with how many each holds (counted up to [`MOST_COUNTED`]): what a relay
+    /// than `served`, with how many each holds (up to one past [`MOST_COUNTED`]): what a relay
     /// started with other targets leaves undelivered. A look per queue, and a count only of
     /// those not served.
     pub fn unserved_queues(
@@ -2048,8 +2043,8 @@ impl Spool {
     }
 }
 
-/// Most deliveries counted on one queue ([`Spool::queued`]): a count for a message, which
-/// must not hold a relay's start for long over a queue of millions.
+/// Most deliveries counted on one queue ([`Spool::queued`]; past it, one more is returned): a
+/// count for a message, which must not hold a relay's start for long over a queue of millions.
 pub const MOST_COUNTED: u64 = 100_000;
 
 /// The deliveries waiting on `route` in `pending`, up to [`MOST_COUNTED`].
@@ -2058,7 +2053,7 @@ fn count_queued(
     route: &str,
 ) -> Result<u64, redb::Error> {
     let queued = pending.range((route, 0)..=(route, u64::MAX))?;
-    Ok(queued.take(MOST_COUNTED as usize).count() as u64)
+    Ok(queued.take(MOST_COUNTED as usize + 1).count() as u64)
 }
 
 /// Apply `writes` at `now` under `limits` in `t` (what [`Spool::write`] and a replay of the
@@ -3804,7 +3799,7 @@ mod tests {
     }
 
     #[test]
-    fn what_waits_for_a_target_is_purged_on_every_channel_and_nothing_else() {
+    fn a_purged_queue_loses_its_deliveries_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let old = "http://127.0.0.1:1/old";
@@ -3824,26 +3819,23 @@ mod tests {
         };
         let only_old = append_on(&[&a_old], 0);
         let shared = append_on(&[&a_old, &a_new], 1);
+        // The same target from another channel: another queue.
         let other_channel = append_on(&[&b_old], 2);
         let elsewhere = append_on(&[&a_new], 3);
         let bytes = spool.stats().unwrap().stored_bytes;
-        assert_eq!(spool.purge_queued(old).unwrap(), 3);
+        assert_eq!(spool.purge_queue(&a_old).unwrap(), 2);
         assert!(spool.pending(&a_old, 0, 10).unwrap().is_empty());
-        assert!(spool.pending(&b_old, 0, 10).unwrap().is_empty());
+        assert_eq!(pending_ids(&spool, &b_old), [other_channel]);
         // The new target's queue is as it was; an event it still needs stays.
         assert_eq!(pending_ids(&spool, &a_new), [shared, elsewhere]);
         assert!(matches!(
             spool.get(only_old),
             Err(SpoolError::NoSuchEvent(_))
         ));
-        assert!(matches!(
-            spool.get(other_channel),
-            Err(SpoolError::NoSuchEvent(_))
-        ));
         assert_eq!(spool.get(shared).unwrap().1.len(), 1);
         assert!(spool.stats().unwrap().stored_bytes < bytes);
         assert!(spool.unserved_queues("a", &[a_new]).unwrap().is_empty());
-        assert_eq!(spool.purge_queued(old).unwrap(), 0);
+        assert_eq!(spool.purge_queue(&a_old).unwrap(), 0);
     }
 
     #[test]
