@@ -859,6 +859,10 @@ impl Runtime {
                 let queue = name.clone();
                 let counted = tokio::task::spawn_blocking(move || spool.queued(&queue)).await;
                 match counted {
+                    // In a cluster the backlog is in the cluster's stream, not here.
+                    _ if self.cluster.is_some() => {
+                        info!(target = %spool::route_name(&name), "target removed; this instance no longer delivers to it (what the cluster holds for it is not counted here)")
+                    }
                     Ok(Ok(0)) => {
                         info!(target = %spool::route_name(&name), "target removed; nothing was queued for it")
                     }
@@ -1032,15 +1036,12 @@ impl Runtime {
         });
     }
 
-    /// What the commands a line about an unserved queue names need: this state directory, and
-    /// in a cluster this machine's spool.
-    fn unserved_hint(&self) -> String {
-        let local = if self.cluster.is_some() {
-            " --local"
-        } else {
-            ""
-        };
-        format!("{}{local}", spool::lock::state_dir_arg(&self.state_dir))
+    /// What the commands a line about an unserved queue names need.
+    fn unserved_hint(&self) -> Hint {
+        Hint {
+            state_dir: spool::lock::state_dir_arg(&self.state_dir),
+            cluster: self.cluster.is_some(),
+        }
     }
 
     /// Subscribe to a channel, resuming after the last event stored (for servers that replay,
@@ -1440,10 +1441,18 @@ impl Runtime {
     }
 }
 
+/// What the commands a line about an unserved queue names need ([`say_unserved_queue`]).
+struct Hint {
+    /// ` --state-dir DIR`, unless it is the default ([`spool::lock::state_dir_arg`]).
+    state_dir: String,
+    /// The relay runs in a cluster: `events` reads this machine's spool with `--local`, and
+    /// refuses to purge its queues (copies of the cluster's deliveries).
+    cluster: bool,
+}
+
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
-/// relay takes: kept, not delivered, and what to do. `hint`: what the commands named need
-/// ([`Runtime::unserved_hint`]).
-fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &str) {
+/// relay takes: kept, not delivered, and what to do.
+fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &Hint) {
     let (count, events, are) = match pending {
         1 => ("1".to_string(), "event", "is"),
         n if n > spool::MOST_COUNTED => (
@@ -1453,8 +1462,21 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &s
         ),
         _ => (pending.to_string(), "events", "are"),
     };
+    let list = if hint.cluster {
+        format!("{} --local", hint.state_dir)
+    } else {
+        hint.state_dir.clone()
+    };
     // One shell word, whatever the target holds (`&`, `?`, `*`).
     let name = format!("'{}'", queue.replace('\'', r"'\''"));
+    let drop = if hint.cluster {
+        String::new()
+    } else {
+        format!(
+            "; to drop them, stop the relay and run `smee-relay events purge --queue {name}{}`",
+            hint.state_dir
+        )
+    };
     if crate::cluster::is_outbox(queue) {
         warn!(
             channel,
@@ -1462,8 +1484,7 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &s
             "{count} {events} from this channel {are} still in its cluster outbox, not yet \
              published to the cluster, and this relay runs without one: kept in the spool, not \
              delivered. To publish them, start a relay with the cluster's config (`[cluster]`); \
-             to see them, `smee-relay events list --status pending{hint}`; to drop them, stop \
-             the relay and run `smee-relay events purge --queue {name}{hint}`"
+             to see them, `smee-relay events list --status pending{list}`{drop}"
         );
         return;
     }
@@ -1474,9 +1495,8 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &s
         "{count} {events} from this channel {are} still queued for {target}, which this relay \
          does not deliver to: kept in the spool, not delivered. To deliver them, give the relay \
          that target for this channel again (on its command line, or in the channel's `forward` \
-         in its config, and reload); to \
-         see them, `smee-relay events list --status pending{hint}`; to drop them, stop the \
-         relay and run `smee-relay events purge --queue {name}{hint}`"
+         in its config, and reload); to see them, `smee-relay events list --status \
+         pending{list}`{drop}"
     );
 }
 
