@@ -192,14 +192,22 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         EventsCommand::Purge {
             queue: Some(queue), ..
         } => {
-            let Some((key, target)) = queue
-                .split_once(' ')
-                .filter(|(key, _)| key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit()))
-            else {
+            let Some((key, target)) = queue.split_once(' ').filter(|(key, target)| {
+                key.len() == 16
+                    && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                    && !target.is_empty()
+            }) else {
                 anyhow::bail!(
-                    "{queue:?} is not a queue's name: a name is the channel's key (16 hex digits), a space and the target, as the relay's start gives it (`... still queued for ...`) and its `subscribing` line lists them; quote it as one argument"
+                    "{queue:?} is not a queue's name: a name is the channel's key (16 hex digits, lower case), a space and the target, quoted as one argument, as the purge command in the relay's line about the queue (`... still queued for ...`) gives it"
                 );
             };
+            // Nothing to purge: said, and no lock file made for a name that is not a queue.
+            if spool.queued(&queue)? == 0 {
+                eprintln!(
+                    "note: no delivery waits on the queue {queue:?}; purged nothing. Copy the name from the relay's line about the queue (a target's password is written `***` there, as the queue is named)"
+                );
+                return Ok(());
+            }
             // Held while purging: no relay starts on this channel meanwhile.
             let _lock = spool::lock::ChannelLock::of_key(&dir, key).map_err(|e| match e {
                 spool::SpoolError::Locked { pid, .. } => anyhow::anyhow!(

@@ -1493,10 +1493,10 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &H
         channel,
         queued = pending,
         "{count} {events} from this channel {are} still queued for {target}, which this relay \
-         does not deliver to: kept in the spool, not delivered. To deliver them, give the relay \
-         that target for this channel again (on its command line, or in the channel's `forward` \
-         in its config, and reload); to see them, `smee-relay events list --status \
-         pending{list}`{drop}"
+         does not deliver this channel's events to: kept in the spool, not delivered. To \
+         deliver them, give the relay that target for this channel again (on its command line, \
+         or in the channel's `forward` in its config, and reload); to see them, `smee-relay \
+         events list --status pending{list}`{drop}"
     );
 }
 
