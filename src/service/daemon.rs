@@ -855,30 +855,7 @@ impl Runtime {
                 let shown = (wanted.values().find(|c| channel_key(c) == key))
                     .map(|c| c.source.channel.to_string())
                     .or_else(|| removed.get(key).cloned());
-                let spool = self.spool.clone();
-                let queue = name.clone();
-                let counted = tokio::task::spawn_blocking(move || spool.queued(&queue)).await;
-                match counted {
-                    // In a cluster the backlog is in the cluster's stream, not here.
-                    _ if self.cluster.is_some() => {
-                        info!(target = %spool::route_name(&name), "target removed; this instance no longer delivers to it (what the cluster holds for it is not counted here)")
-                    }
-                    Ok(Ok(0)) => {
-                        info!(target = %spool::route_name(&name), "target removed; nothing was queued for it")
-                    }
-                    Ok(Ok(pending)) => {
-                        say_unserved_queue(shown.as_deref(), &name, pending, &self.unserved_hint())
-                    }
-                    Ok(Err(e)) => warn!(
-                        target = %spool::route_name(&name),
-                        "target removed; cannot count what is still queued for it: {}",
-                        crate::error::chain(&e)
-                    ),
-                    Err(e) => warn!(
-                        target = %spool::route_name(&name),
-                        "target removed; cannot count what is still queued for it: {e}"
-                    ),
-                }
+                self.say_removed_target(&name, shown.as_deref()).await;
             }
         }
         if let Some(cluster) = &self.cluster
@@ -1034,6 +1011,30 @@ impl Runtime {
                 crate::error::chain(&e)
             ),
         });
+    }
+
+    /// A reload removed the target of queue `name` (of channel `channel`, if known): say what
+    /// still waits on it.
+    async fn say_removed_target(&self, name: &str, channel: Option<&str>) {
+        let target = spool::route_name(name);
+        // In a cluster the backlog is in the cluster's stream, not in this spool.
+        if self.cluster.is_some() {
+            info!(%target, "target removed; this instance no longer delivers to it (what the cluster holds for it is not counted here)");
+            return;
+        }
+        let (spool, queue) = (self.spool.clone(), name.to_string());
+        match tokio::task::spawn_blocking(move || spool.queued(&queue)).await {
+            Ok(Ok(0)) => info!(%target, "target removed; nothing was queued for it"),
+            Ok(Ok(pending)) => say_unserved_queue(channel, name, pending, &self.unserved_hint()),
+            Ok(Err(e)) => warn!(
+                %target,
+                "target removed; cannot count what is still queued for it: {}",
+                crate::error::chain(&e)
+            ),
+            Err(e) => {
+                warn!(%target, "target removed; cannot count what is still queued for it: {e}")
+            }
+        }
     }
 
     /// What the commands a line about an unserved queue names need.
