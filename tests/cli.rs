@@ -266,7 +266,7 @@ async fn events_purge_queue_refuses_a_name_that_is_not_a_queue_and_a_cluster_spo
     assert!(out.status.success(), "{out:?}");
     // No such queue: said, and no lock file made for it.
     let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("no delivery waits on the queue"), "{said}");
+    assert!(said.contains("no delivery waits on that queue"), "{said}");
     assert!(!dir.path().join("channel-0123456789abcdef.lock").exists());
     let out = events(
         dir.path(),

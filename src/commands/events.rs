@@ -198,13 +198,13 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                     && !target.is_empty()
             }) else {
                 anyhow::bail!(
-                    "{queue:?} is not a queue's name: a name is the channel's key (16 hex digits, lower case), a space and the target, quoted as one argument, as the purge command in the relay's line about the queue (`... still queued for ...`) gives it"
+                    "that is not a queue's name: a name is the channel's key (16 hex digits, lower case), a space and the target, quoted as one argument, as the purge command in the relay's line about the queue (`... still queued for ...`) gives it"
                 );
             };
             // Nothing to purge: said, and no lock file made for a name that is not a queue.
             if spool.queued(&queue)? == 0 {
                 eprintln!(
-                    "note: no delivery waits on the queue {queue:?}; purged nothing. Copy the name from the relay's line about the queue (a target's password is written `***` there, as the queue is named)"
+                    "note: no delivery waits on that queue; purged nothing. Copy the name from the relay's line about the queue (a target's password is written `***` there, as the queue is named)"
                 );
                 return Ok(());
             }
