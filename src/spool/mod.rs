@@ -2047,7 +2047,8 @@ impl Spool {
 /// count for a message, which must not hold a relay's start for long over a queue of millions.
 pub const MOST_COUNTED: u64 = 100_000;
 
-/// The deliveries waiting on `route` in `pending`, up to [`MOST_COUNTED`].
+/// The deliveries waiting on `route` in `pending`, up to one past [`MOST_COUNTED`] (so that a
+/// message can say "more than").
 fn count_queued(
     pending: &impl ReadableTable<(&'static str, u64), u64>,
     route: &str,
@@ -3322,9 +3323,14 @@ mod tests {
     }
 
     fn append(spool: &Spool, events: Vec<Event>) -> Vec<u64> {
+        append_on(spool, &[ROUTE], events)
+    }
+
+    /// Append `events` to each of `routes`; their ids.
+    fn append_on(spool: &Spool, routes: &[&str], events: Vec<Event>) -> Vec<u64> {
         let write = Write::Append {
             channel: "http://x/abcd…".into(),
-            routes: vec![ROUTE.into()],
+            routes: routes.iter().map(|r| r.to_string()).collect(),
             events: events.into(),
             cursor: None,
         };
@@ -3333,8 +3339,13 @@ mod tests {
     }
 
     fn mark(spool: &Spool, queued: &Queued, outcome: Outcome) {
+        mark_on(spool, ROUTE, queued, outcome);
+    }
+
+    /// Record an attempt at `queued`, on `route`.
+    fn mark_on(spool: &Spool, route: &str, queued: &Queued, outcome: Outcome) {
         let write = Write::Mark {
-            route: ROUTE.into(),
+            route: route.into(),
             seq: queued.seq,
             event: queued.event.id,
             outcome,
@@ -3757,33 +3768,24 @@ mod tests {
             queue("k", "http://127.0.0.1:2/"),
         );
         let other = queue("kk", "http://127.0.0.1:3/");
-        let append_on = |routes: &[&String], n: u8| {
-            let write = Write::Append {
-                channel: "http://x/abcd…".into(),
-                routes: routes.iter().map(|r| r.to_string()).collect(),
-                events: vec![event(n), event(n + 1), event(n + 2)].into(),
-                cursor: None,
-            };
-            spool.write(&[write], ROOM).unwrap();
-        };
-        append_on(&[&old, &other], 0);
-        append_on(&[&old_sub, &new], 3);
+        let three = |n: u8| vec![event(n), event(n + 1), event(n + 2)];
+        append_on(&spool, &[&old, &other], three(0));
+        append_on(&spool, &[&old_sub, &new], three(3));
         // Delivered on `old_sub`: nothing is left there.
         for queued in spool.pending(&old_sub, 0, 10).unwrap() {
-            let write = Write::Mark {
-                route: old_sub.clone(),
-                seq: queued.seq,
-                event: queued.event.id,
-                outcome: Outcome::Delivered { status: 200 },
-            };
-            spool.write(&[write], ROOM).unwrap();
+            mark_on(
+                &spool,
+                &old_sub,
+                &queued,
+                Outcome::Delivered { status: 200 },
+            );
         }
         let served = [new.clone()];
         assert_eq!(
             spool.unserved_queues("k", &served).unwrap(),
             [(old.clone(), 3)]
         );
-        append_on(&[&old_sub], 6);
+        append_on(&spool, &[&old_sub], three(6));
         assert_eq!(
             spool.unserved_queues("k", &served).unwrap(),
             [(old.clone(), 3), (old_sub.clone(), 3)]
@@ -3808,20 +3810,12 @@ mod tests {
             route_key("b", old),
             route_key("a", "http://127.0.0.1:2/new"),
         );
-        let append_on = |routes: &[&String], n: u8| {
-            let write = Write::Append {
-                channel: "http://x/abcd…".into(),
-                routes: routes.iter().map(|r| r.to_string()).collect(),
-                events: vec![event(n)].into(),
-                cursor: None,
-            };
-            spool.write(&[write], ROOM).unwrap().appended[0][0].unwrap()
-        };
-        let only_old = append_on(&[&a_old], 0);
-        let shared = append_on(&[&a_old, &a_new], 1);
+        let one_on = |routes: &[&str], n: u8| append_on(&spool, routes, vec![event(n)])[0];
+        let only_old = one_on(&[&a_old], 0);
+        let shared = one_on(&[&a_old, &a_new], 1);
         // The same target from another channel: another queue.
-        let other_channel = append_on(&[&b_old], 2);
-        let elsewhere = append_on(&[&a_new], 3);
+        let other_channel = one_on(&[&b_old], 2);
+        let elsewhere = one_on(&[&a_new], 3);
         let bytes = spool.stats().unwrap().stored_bytes;
         assert_eq!(spool.purge_queue(&a_old).unwrap(), 2);
         assert!(spool.pending(&a_old, 0, 10).unwrap().is_empty());
