@@ -387,6 +387,42 @@ async fn events_replay_to_posts_every_event_in_order_and_fails_when_refused() {
     );
 }
 
+/// Regression: `events replay ID... --to` stopped at an id not in the spool (never stored, or
+/// pruned by the relay while a long replay ran) with "no event N in the spool": the events
+/// after it were not sent, and no summary said what had been.
+#[tokio::test]
+async fn regression_replay_to_stopped_at_an_event_no_longer_in_the_spool() {
+    let state_dir = spool_with_two_events().await;
+    let listed = events(&state_dir, &["list", "--json"]).await;
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 2, "{rows:?}");
+    let missing = (ids[1] + 1000).to_string();
+    let mut other = FakeTarget::start().await;
+    let to = other.url("/again");
+    let (first, second) = (ids[0].to_string(), ids[1].to_string());
+    let out = events(
+        &state_dir,
+        &["replay", &first, &missing, &second, "--to", &to],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Both stored events went, in order, past the missing one between them.
+    let got = other.take(2).await;
+    assert_eq!(got[0].uri, "/again?a=1+2");
+    assert_eq!(&got[1].body[..], b"[2]");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("event {missing}: not in the spool")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("replayed 2 of 3 events"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 not in the spool"), "{stderr}");
+}
+
 /// Regression: `events list` with a mistyped --state-dir created an empty spool there and
 /// showed an empty table, which reads as "nothing queued".
 #[tokio::test]

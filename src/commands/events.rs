@@ -549,7 +549,20 @@ async fn replay_to(
     let run = crate::clock::now_ms();
     let mut failed = Failed::default();
     for &id in ids {
-        let (event, _) = spool.get(id)?;
+        // An id typed that was never stored, or an event pruned since it was selected (the
+        // relay prunes while a long replay runs): the rest still go, and the summary counts it.
+        let event = match spool.get(id) {
+            Ok((event, _)) => event,
+            Err(spool::SpoolError::NoSuchEvent(_)) => {
+                failed.gone += 1;
+                say(format!(
+                    "event {id}: not in the spool (pruned since it was selected, or no such id)"
+                ));
+                progress.inc(1);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let delivery = format!("replay-{id}-{run}");
         match forwarder
             .deliver(&event.event, &[("x-smee-relay-delivery", &delivery)])
@@ -593,6 +606,8 @@ struct Failed {
     unreached: usize,
     /// Never sent: the event cannot be made into a request.
     unsendable: usize,
+    /// Never sent: not in the spool (an id that was never stored, or pruned meanwhile).
+    gone: usize,
 }
 
 impl Failed {
@@ -605,7 +620,7 @@ impl Failed {
     }
 
     fn total(&self) -> usize {
-        self.refused + self.unreached + self.unsendable
+        self.refused + self.unreached + self.unsendable + self.gone
     }
 
     /// The command's error: of `of` events, what failed and why (each has its line above).
@@ -625,6 +640,12 @@ impl Failed {
             parts.push(format!(
                 "{} never sent: the event cannot be made into a request as it is",
                 self.unsendable
+            ));
+        }
+        if self.gone > 0 {
+            parts.push(format!(
+                "{} not in the spool (`events list` shows what it holds)",
+                self.gone
             ));
         }
         format!(
