@@ -24,6 +24,7 @@ pub struct ConfigFile {
     /// Where the spool and alert state live. Default: as for `--state-dir`.
     pub state_dir: Option<PathBuf>,
     /// Serve `/healthz` and `/metrics` on this address (`--metrics-listen` wins).
+    #[serde(default, deserialize_with = "listen")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Also trust this PEM file's CA certificates (`--cacert` wins). Read at start.
     pub cacert: Option<PathBuf>,
@@ -139,6 +140,15 @@ fn parse_positive_duration(text: &str) -> Result<Duration, crate::error::Invalid
         return Err(format!("{text:?}: must be more than zero").into());
     }
     Ok(duration)
+}
+
+/// An address to listen on, with [`crate::url::parse_listen`]'s hint when it is not one.
+fn listen<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    crate::url::parse_listen(&String::deserialize(d)?)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// A threshold: a finite number (`nan` never compares, `inf` is never crossed).
@@ -781,6 +791,28 @@ pub fn load_cluster(
     Ok(Some(settings))
 }
 
+/// serde's "unknown field `idle_timout`, expected one of `url`, ..." with the known field
+/// nearest to the one typed, when one is near: a typo is the usual cause.
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((typed, known)) = rest.split_once("`, expected ") else {
+        return message.to_string();
+    };
+    let nearest = known
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (strsim::jaro_winkler(typed, name), name))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match nearest {
+        Some((_, name)) => format!("{message}; did you mean `{name}`?"),
+        None => message.to_string(),
+    }
+}
+
 /// Validate config `text` (from `origin`, for messages).
 pub fn parse(
     text: &str,
@@ -788,11 +820,14 @@ pub fn parse(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError {
-        problems: vec![match e.span() {
-            Some(span) => format!("{origin}:{}: {}", line_of(span.start), e.message()),
-            None => format!("{origin}: {}", e.message()),
-        }],
+    let file: ConfigFile = toml::from_str(text).map_err(|e| {
+        let message = with_suggestion(e.message());
+        ConfigError {
+            problems: vec![match e.span() {
+                Some(span) => format!("{origin}:{}: {message}", line_of(span.start)),
+                None => format!("{origin}: {message}"),
+            }],
+        }
     })?;
     let mut problems = Vec::new();
     let at_line =
@@ -846,7 +881,8 @@ pub fn parse(
                             )),
                         }
                     }
-                    if forward.is_empty() && !c.pipeline {
+                    // Targets given but refused are already said, each at its line.
+                    if c.forward.is_empty() && !c.pipeline {
                         problems.push(at_line(at, "this channel has no forward targets and pipeline = false: nothing would use it".into()));
                     }
                     let token = match secret(&c.token, &c.token_env, "token") {
@@ -1442,6 +1478,41 @@ above = 80
         .unwrap_err()
         .to_string();
         assert!(e.contains("c.toml:4: invalid type"), "{e}");
+    }
+
+    /// Regression: a mistyped key got serde's list of every key, without the one meant; and a
+    /// channel whose targets were all refused was also said to have none ("no forward
+    /// targets"), after each target's own error.
+    #[test]
+    fn regression_a_mistyped_key_got_no_suggestion_and_refused_targets_were_called_none() {
+        let e = parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://x/\"]\n\
+             idle_timout = \"60s\"\n",
+            "c.toml",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.toml:4: unknown field `idle_timout`"), "{e}");
+        assert!(e.ends_with("did you mean `idle_timeout`?"), "{e}");
+        // Nothing near: no guess.
+        assert_eq!(
+            with_suggestion("unknown field `zzz`, expected `url` or `forward`"),
+            "unknown field `zzz`, expected `url` or `forward`"
+        );
+
+        let e = parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"localhost:3000/hook\"]\n",
+            "c.toml",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("c.toml:3: forward target \"localhost:3000/hook\""),
+            "{e}"
+        );
+        assert!(!e.contains("no forward targets"), "{e}");
     }
 
     /// Regression: `check` passed two spellings of one channel, which `run` then refused with

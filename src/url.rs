@@ -17,6 +17,13 @@ use reqwest::Url;
 pub enum UrlError {
     #[error("not a URL ({0})")]
     Parse(String),
+    /// Written without `http://` (`localhost:3000/hook`, `127.0.0.1:3000`): the text is not
+    /// echoed, since a channel URL is a secret.
+    #[error(
+        "not a full URL: it needs http:// or https:// in front (such as \
+         http://127.0.0.1:3000/hook)"
+    )]
+    NoScheme,
     #[error("scheme must be http or https, not {0}")]
     Scheme(String),
     #[error("the URL has no host")]
@@ -27,7 +34,26 @@ pub enum UrlError {
 
 /// Parse an absolute http(s) URL with a host and a usable port.
 pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
-    let url = Url::parse(text).map_err(|e| UrlError::Parse(e.to_string()))?;
+    // `host:port/path` parses as a URL whose scheme is the host (or, for an IP address or a
+    // bare host, not at all): what is missing then is the scheme. `mailto:x` has one.
+    let no_scheme = |e: String| {
+        if text.contains("://") || text.trim().is_empty() {
+            UrlError::Parse(e)
+        } else {
+            UrlError::NoScheme
+        }
+    };
+    let url = Url::parse(text).map_err(|e| no_scheme(e.to_string()))?;
+    // The URL parser drops leading spaces and control characters before the scheme.
+    let trimmed = text.trim_start_matches(|c: char| c <= ' ');
+    let after_scheme = trimmed.get(url.scheme().len()..).unwrap_or("");
+    if !text.contains("://")
+        && after_scheme
+            .strip_prefix(':')
+            .is_some_and(|port| port.starts_with(|c: char| c.is_ascii_digit()))
+    {
+        return Err(UrlError::NoScheme);
+    }
     if !matches!(url.scheme(), "http" | "https") {
         return Err(UrlError::Scheme(url.scheme().to_string()));
     }
@@ -38,6 +64,24 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
         return Err(UrlError::PortZero);
     }
     Ok(url)
+}
+
+/// A listening address (`--listen`, `--metrics-listen`, `metrics_listen`): an IP address and
+/// a port. A host name is refused with the form to use, not resolved: which of its addresses
+/// would be bound is not for a resolver to decide.
+pub fn parse_listen(text: &str) -> Result<std::net::SocketAddr, crate::error::Invalid> {
+    text.trim().parse().map_err(|_| {
+        let form = match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                format!(" (for this host on all interfaces 0.0.0.0:{port}, for loopback only 127.0.0.1:{port})")
+            }
+            _ => String::new(),
+        };
+        format!(
+            "{text:?} is not an IP address and port such as 127.0.0.1:9464 or [::1]:9464{form}"
+        )
+        .into()
+    })
 }
 
 /// Check a NATS server list as `async-nats` reads it (`nats://a:4222,tls://b:4222`; a bare
@@ -304,14 +348,57 @@ mod tests {
             Err(UrlError::Scheme("ftp".into()))
         );
         assert!(matches!(
-            "nope".parse::<TargetUrl>(),
+            "http://".parse::<TargetUrl>(),
             Err(UrlError::Parse(_))
         ));
+        assert_eq!("nope".parse::<TargetUrl>(), Err(UrlError::NoScheme));
+        assert_eq!(
+            " \u{1}localhost:1".parse::<TargetUrl>(),
+            Err(UrlError::NoScheme)
+        );
+        assert_eq!(
+            "mailto:me@example.com".parse::<TargetUrl>(),
+            Err(UrlError::Scheme("mailto".into()))
+        );
         assert_eq!(
             "http://127.0.0.1:0/".parse::<TargetUrl>(),
             Err(UrlError::PortZero)
         );
         assert_eq!(TargetUrl::local(0, "/"), Err(UrlError::PortZero));
+    }
+
+    /// Regression: `-t localhost:3000/hook` was refused with "scheme must be http or https,
+    /// not localhost", and `-t 127.0.0.1:3000/hook` with "relative URL without a base": neither
+    /// says that `http://` is missing.
+    #[test]
+    fn regression_a_url_without_its_scheme_was_not_said_to_lack_one() {
+        for text in [
+            "localhost:4567/hook",
+            "10.0.0.5:4567/hook",
+            "smee.io/AbCd1234",
+        ] {
+            let said = text.parse::<TargetUrl>().unwrap_err().to_string();
+            assert!(
+                said.contains("needs http:// or https:// in front"),
+                "{text}: {said}"
+            );
+            // A channel URL is a secret: the message does not repeat it.
+            let said = text.parse::<ChannelUrl>().unwrap_err().to_string();
+            assert!(!said.contains(text), "{said}");
+        }
+    }
+
+    /// Regression: `--metrics-listen localhost:9464` said only "invalid socket address syntax".
+    #[test]
+    fn regression_a_host_name_to_listen_on_got_no_hint() {
+        let said = parse_listen("localhost:9464").unwrap_err().to_string();
+        assert!(said.contains("127.0.0.1:9464"), "{said}");
+        assert!(said.contains("\"localhost:9464\""), "{said}");
+        assert_eq!(
+            parse_listen("[::1]:80").unwrap(),
+            "[::1]:80".parse::<std::net::SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("9464").is_err());
     }
 
     #[test]

@@ -103,7 +103,8 @@ pub enum Generated {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:3333", env = "SMEE_RELAY_LISTEN")]
+    #[arg(long, default_value = "127.0.0.1:3333", env = "SMEE_RELAY_LISTEN",
+          value_parser = crate::url::parse_listen)]
     pub listen: std::net::SocketAddr,
 
     /// Largest POST body accepted (413 beyond).
@@ -528,7 +529,8 @@ pub struct DeliveryArgs {
     pub max_retry_age: Duration,
 
     /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 127.0.0.1:9464.
-    #[arg(long, value_name = "ADDR", env = "SMEE_RELAY_METRICS_LISTEN")]
+    #[arg(long, value_name = "ADDR", env = "SMEE_RELAY_METRICS_LISTEN",
+          value_parser = crate::url::parse_listen)]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// The longest Retry-After obeyed (seconds or an HTTP-date); a longer one waits this long.
