@@ -27,16 +27,29 @@ fn refusing_url() -> String {
     format!("http://{}", dead.local_addr().unwrap())
 }
 
-#[tokio::test]
-async fn regression_a_channel_answering_401_says_a_token_is_needed() {
+/// That a relay whose channel answers `status` says `hint` in its retry line, without the
+/// channel's id (a secret).
+async fn refusal_hints(status: u16, hint: &str) {
     let channel = FakeChannel::start().await;
-    channel.refuse_with(401, "text/plain");
+    channel.refuse_with(status, "text/plain");
     let target = FakeTarget::start().await;
     let (_child, logs) = forward_watched(&[&channel.url("Private1"), &target.url("/")]);
     let line = logs
-        .wait_for(&["401", "the channel requires a token: --token or token_env"])
+        .wait_for(&[&status.to_string(), hint, "retry_in="])
         .await;
     assert!(!line.contains("Private1"), "channel id leaked: {line}");
+}
+
+#[tokio::test]
+async fn regression_a_channel_answering_401_says_a_token_is_needed() {
+    refusal_hints(401, "the channel requires a token: --token or token_env").await;
+}
+
+/// Regression: a URL that is no channel (a server root, a mistyped path, a server that is not
+/// a smee server) was retried forever with a bare "the server answered 404 Not Found".
+#[tokio::test]
+async fn regression_a_channel_url_answering_404_got_no_hint() {
+    refusal_hints(404, "is it a smee channel URL").await;
 }
 
 /// A relay that never reached its channel logged "disconnected from channel" and a cryptic
@@ -421,6 +434,30 @@ async fn regression_replay_to_stopped_at_an_event_no_longer_in_the_spool() {
     assert!(stdout.contains("replayed 2 of 3 events"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("1 not in the spool"), "{stderr}");
+}
+
+/// Regression: a `--state-dir` naming a file was refused with "cannot create the state
+/// directory X: File exists", as if the directory were there.
+#[tokio::test]
+async fn regression_a_state_dir_that_is_a_file_was_said_to_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = smee_relay()
+        .args([
+            "forward",
+            "http://127.0.0.1:9/ch",
+            "http://127.0.0.1:9/hook",
+        ])
+        .arg("--state-dir")
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is a file, not a directory"), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
 }
 
 /// Regression: `events list` with a mistyped --state-dir created an empty spool there and
@@ -900,6 +937,6 @@ async fn regression_events_show_said_1_attempts() {
     let out = events(&state_dir, &["show", "1"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(stdout.contains(": Delivered, 1 attempt\n"), "{stdout}");
+    assert!(stdout.contains(": delivered, 1 attempt\n"), "{stdout}");
     assert!(!stdout.contains("1 attempts"), "{stdout}");
 }

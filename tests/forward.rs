@@ -201,12 +201,13 @@ async fn bad_frames_are_logged_with_their_id_and_skipped() {
 
     let bodies: Vec<_> = target.take(3).await.into_iter().map(|r| r.body).collect();
     assert_eq!(bodies, [r#"{"n":4}"#, r#"{"n":5}"#, r#"{"n":7}"#]);
-    logs.wait_for(&["event=1", "not valid JSON"]).await;
-    logs.wait_for(&["event=2", "JSON array, expected an object"])
+    logs.wait_for(&["frame_id=1", "not valid JSON"]).await;
+    logs.wait_for(&["frame_id=2", "JSON array, expected an object"])
         .await;
-    logs.wait_for(&["event=3", "not valid JSON"]).await;
-    logs.wait_for(&["event=4", "x-count", "not a string"]).await;
-    logs.wait_for(&["event=5", "x-evil", "CR, LF"]).await;
+    logs.wait_for(&["frame_id=3", "not valid JSON"]).await;
+    logs.wait_for(&["frame_id=4", "x-count", "not a string"])
+        .await;
+    logs.wait_for(&["frame_id=5", "x-evil", "CR, LF"]).await;
     // The target is named host:port/path, so two local services are told apart.
     let line = format!("POST 127.0.0.1:{port}/hook -> 200");
     logs.wait_for(&[&line, "x-github-event=push"]).await;

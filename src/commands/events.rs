@@ -173,16 +173,19 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             which, to: None, ..
         } => {
             let which = local_replay(&spool, which)?;
-            let named = match &which {
-                Replay::Ids(ids) => ids.len(),
-                _ => 0,
+            let (named, dead) = match &which {
+                Replay::Ids(ids) => (ids.len(), false),
+                Replay::Dead => (0, true),
+                Replay::ReceivedSince(_) => (0, false),
             };
             let queued = spool.replay(which)?;
             outln!(
                 "queued {} again",
                 super::count(queued, "delivery", "deliveries")
             )?;
-            if queued == 0 || queued < named {
+            if queued == 0 && dead {
+                eprintln!("note: there are no dead letters to replay");
+            } else if queued == 0 || queued < named {
                 eprintln!(
                     "note: replay queues again only finished deliveries (delivered, or dead letters); a delivery still pending stays where it is in its queue (`smee-relay events list --status pending{}` shows them and their targets)",
                     spool::lock::state_dir_arg(&dir)
@@ -649,7 +652,8 @@ impl Failed {
             ));
         }
         format!(
-            "of {} for {to}: {} (each event's line above says why)",
+            "{} of {} not replayed to {to}: {} (each event's line above says why)",
+            self.total(),
             super::count(of, "event", "events"),
             parts.join("; ")
         )
@@ -741,7 +745,7 @@ fn table(rows: &[Row]) -> String {
             [
                 row.id.to_string(),
                 format!("{} ago", short_age(spool::age(row.received_ms))),
-                format!("{:?}", row.record.status).to_lowercase(),
+                row.record.status.name().to_string(),
                 row.record.attempts.to_string(),
                 row.route.clone(),
                 row.channel.clone(),
@@ -816,8 +820,8 @@ fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)]) -> String {
     for (route, record) in records {
         let _ = writeln!(
             out,
-            "  -> {route}: {:?}, {}{}",
-            record.status,
+            "  -> {route}: {}, {}{}",
+            record.status.name(),
             crate::error::count(record.attempts as usize, "attempt", "attempts"),
             record
                 .last_error
@@ -870,8 +874,8 @@ mod tests {
         failed.count(&ForwardError::Request("uri too long".into()));
         assert_eq!(
             failed.say(3, &to),
-            "of 3 events for http://127.0.0.1:4000/hook: 1 never sent: the event cannot be made \
-             into a request as it is (each event's line above says why)"
+            "1 of 3 events not replayed to http://127.0.0.1:4000/hook: 1 never sent: the event \
+             cannot be made into a request as it is (each event's line above says why)"
         );
         failed.count(&ForwardError::Connection("connection refused".into()));
         failed.count(&ForwardError::Status {
@@ -882,7 +886,7 @@ mod tests {
         assert_eq!(failed.total(), 3);
         let said = failed.say(3, &to);
         assert!(
-            said.starts_with("of 3 events for http://127.0.0.1:4000/hook: 1 answered with an error status; 1 got no answer (not reached"),
+            said.starts_with("3 of 3 events not replayed to http://127.0.0.1:4000/hook: 1 answered with an error status; 1 got no answer (not reached"),
             "{said}"
         );
     }

@@ -206,10 +206,7 @@ pub async fn run(
     mut reloads: mpsc::Receiver<Plan>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&plan.state_dir).map_err(|source| spool::SpoolError::StateDir {
-        path: plan.state_dir.clone(),
-        source,
-    })?;
+    spool::create_state_dir(&plan.state_dir)?;
     // NATS first: unreachable at start is the user's to fix (exit 2), before anything runs.
     let cluster = match &plan.cluster {
         Some(settings) => Some(Cluster::connect(settings.clone()).await?),

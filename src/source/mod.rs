@@ -137,6 +137,17 @@ fn refused(status: http::StatusCode, has_token: bool) -> String {
         (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN, true) => format!(
             "the server answered {status}: the channel refused the token; check --token or token_env"
         ),
+        // A server root, a mistyped path, or a server that is not a smee server: retried
+        // (a proxy in front of a channel server can answer so for a while), with what to check.
+        (
+            http::StatusCode::NOT_FOUND
+            | http::StatusCode::METHOD_NOT_ALLOWED
+            | http::StatusCode::NOT_IMPLEMENTED,
+            _,
+        ) => format!(
+            "the server answered {status}: no event stream at this URL; is it a smee channel URL, \
+             with the channel's id as its path (such as https://smee.io/AbCd1234)?"
+        ),
         _ => format!("the server answered {status}"),
     }
 }
@@ -526,13 +537,13 @@ impl Source {
         match wire::decode(id.as_deref(), &data) {
             Ok(decoded) => {
                 for dropped in &decoded.dropped {
-                    warn!(event = %shown, "{dropped}");
+                    warn!(frame_id = %shown, "{dropped}");
                 }
                 Some(decoded.event)
             }
             Err(e) => {
                 self.status.bad_frame("malformed");
-                warn!(event = %shown, "skipping malformed event: {e}");
+                warn!(frame_id = %shown, "skipping malformed event: {e}");
                 None
             }
         }

@@ -159,6 +159,12 @@ pub enum SpoolError {
         path = path.display()
     )]
     Newer { path: PathBuf, version: u64 },
+    #[error(
+        "the state directory {path} is a file, not a directory: give --state-dir (or state_dir) \
+         a directory, or move the file away",
+        path = path.display()
+    )]
+    NotADirectory { path: PathBuf },
     #[error("cannot create the state directory {path}", path = path.display())]
     StateDir {
         path: PathBuf,
@@ -285,6 +291,7 @@ impl SpoolError {
                 | SpoolError::InUse { .. }
                 | SpoolError::CannotAsk { .. }
                 | SpoolError::PermissionDenied { .. }
+                | SpoolError::NotADirectory { .. }
         )
     }
 
@@ -305,6 +312,23 @@ impl SpoolError {
         }
         denied(file, std::io::Error::new(io.kind(), io.to_string()))
     }
+}
+
+/// Create the state directory if it is missing. A file in its place is said as such: the
+/// system's own "File exists" reads as if the directory were there.
+pub fn create_state_dir(state_dir: &Path) -> Result<(), SpoolError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| {
+        if state_dir.exists() && !state_dir.is_dir() {
+            SpoolError::NotADirectory {
+                path: state_dir.to_owned(),
+            }
+        } else {
+            SpoolError::StateDir {
+                path: state_dir.to_owned(),
+                source,
+            }
+        }
+    })
 }
 
 /// Permission denied on the spool `file` ([`SpoolError::PermissionDenied`]).
@@ -359,6 +383,17 @@ pub enum Status {
     Delivered,
     /// Given up on: a permanent refusal, or too old to keep retrying. Replayable.
     Dead,
+}
+
+impl Status {
+    /// As `events list` and `show` print it (and JSON spells it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+        }
+    }
 }
 
 /// The state of one event's delivery to one route.
@@ -717,10 +752,7 @@ impl Spool {
         backend: backend::Factory,
         prefer_alone: bool,
     ) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| SpoolError::StateDir {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        create_state_dir(state_dir)?;
         let path = state_dir.join(FILE_NAME);
         if !path.exists() {
             create_new(&path, &backend)?;
