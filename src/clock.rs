@@ -1,4 +1,5 @@
-//! Wall-clock time in milliseconds, the unit the spool and the wire use.
+//! Wall-clock time in milliseconds, the unit the spool and the wire use; and durations as
+//! people write them (`90s`, `5m`), bounded so that no setting overflows a clock.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,4 +13,58 @@ pub fn now_ms() -> u64 {
 /// How long ago `ms` was, for people.
 pub fn age(ms: u64) -> Duration {
     Duration::from_millis(now_ms().saturating_sub(ms))
+}
+
+/// The longest duration any setting takes. Far beyond any sensible value (a retention of
+/// decades is still in reach), and far below what overflows a deadline: `300000000000y`
+/// parses, and a clock's `now + that` panics.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // humantime's 100y
+
+/// A duration such as `90s`, `5m` or `1h 30m`, zero allowed, at most [`MAX_DURATION`].
+pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 30s, 5m or 1h: {e}"))?;
+    if duration > MAX_DURATION {
+        return Err(format!("{text:?} is longer than 100 years, which no setting needs").into());
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration`] for a config field read by serde.
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `--idle-timeout 300000000000y` (or the same in a config) was taken, and the
+    /// first deadline made from it panicked (`overflow when adding duration to instant`): the
+    /// channel's task died at every start, and `serve --read-timeout` so failed every request.
+    #[test]
+    fn regression_a_duration_of_billions_of_years_overflowed_a_deadline() {
+        let said = parse_duration("300000000000y").unwrap_err().to_string();
+        assert!(said.contains("longer than 100 years"), "{said}");
+        assert_eq!(parse_duration("100y").unwrap(), MAX_DURATION);
+        assert!(parse_duration("100y 1s").is_err());
+        assert!(
+            std::time::Instant::now()
+                .checked_add(MAX_DURATION)
+                .is_some()
+        );
+        assert!(
+            tokio::time::Instant::now()
+                .checked_add(MAX_DURATION)
+                .is_some()
+        );
+        assert_eq!(parse_duration(" 0s ").unwrap(), Duration::ZERO);
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .to_string()
+                .contains("like 30s")
+        );
+    }
 }

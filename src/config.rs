@@ -134,8 +134,7 @@ fn positive_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration,
 
 /// [`positive_duration`] on a value already read.
 fn parse_positive_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like \"30s\": {e}"))?;
+    let duration = crate::clock::parse_duration(text)?;
     if duration.is_zero() {
         return Err(format!("{text:?}: must be more than zero").into());
     }
@@ -445,7 +444,11 @@ pub struct RuleConfig {
     pub when: Option<Spanned<String>>,
     /// Hold: the condition must last this long before the alert fires; if it recovers first,
     /// nothing is sent.
-    #[serde(rename = "for", default, with = "humantime_serde")]
+    #[serde(
+        rename = "for",
+        default,
+        deserialize_with = "crate::clock::deserialize_duration"
+    )]
     pub hold: Duration,
     /// Shown in alerts: `info`, `warning`, `critical`, ...
     #[serde(default = "default_severity")]
@@ -1049,13 +1052,10 @@ fn reconcile_config(
         Some(text) => {
             let at = text.span().start;
             let value = text.get_ref();
-            let interval = match humantime::parse_duration(value.trim()) {
+            let interval = match crate::clock::parse_duration(value) {
                 Ok(interval) => interval,
                 Err(e) => {
-                    problems.push(at_line(
-                        at,
-                        format!("[port] reconcile = {value:?} is not a duration like \"15m\" or \"off\": {e}"),
-                    ));
+                    problems.push(at_line(at, format!("[port] reconcile: {e} (or \"off\")")));
                     return None;
                 }
             };
@@ -1782,7 +1782,7 @@ above = 80
                 "c.toml:7: [cluster] replicas = 0: must be 1 to 5 (1 on a single NATS server, 3 \
                  on a 3-node NATS cluster)",
                 r#"c.toml:8: [cluster] ack_wait: "0s": must be more than zero"#,
-                r#"c.toml:9: [cluster] health_grace: "soon" is not a duration like "30s": expected number at 0"#,
+                r#"c.toml:9: [cluster] health_grace: "soon" is not a duration like 30s, 5m or 1h: expected number at 0"#,
             ]
         );
         let e = refused(&text.replace("\"0s\"", "\"100ms\""), &no_env);

@@ -269,8 +269,22 @@ async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[tokio::test]
 async fn bad_arguments_exit_2_naming_the_argument_and_the_problem() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["forward", "not a url"], "CHANNEL_URL"),
+        // Regression: taken, then every deadline made from it panicked.
+        (
+            &[
+                "forward",
+                "https://smee.io/x",
+                "--idle-timeout",
+                "300000000000y",
+            ],
+            "longer than 100 years",
+        ),
+        (
+            &["serve", "--read-timeout", "300000000000y"],
+            "longer than 100 years",
+        ),
         (
             &["forward", "ftp://smee.io/x"],
             "scheme must be http or https",

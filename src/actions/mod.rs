@@ -60,7 +60,10 @@ pub struct ActionConfig {
     /// Or: a local HTTP handler the body is POSTed to.
     pub forward: Option<String>,
     /// Bounds a command's run, and each answer of a forward handler.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "crate::clock::deserialize_duration"
+    )]
     pub timeout: Duration,
     /// What a restart does to a run that was executing.
     #[serde(default)]

@@ -702,10 +702,9 @@ fn parse_nats_url(value: &str) -> Result<crate::secret::SecretString, crate::err
 
 /// A duration such as `90s`, `5m` or `1h 30m`, rejecting zero.
 pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(format!("{e} (write it like 30s, 5m or 1h)").into()),
+    match crate::clock::parse_duration(text)? {
+        d if d.is_zero() => Err("must be longer than zero".into()),
+        d => Ok(d),
     }
 }
 

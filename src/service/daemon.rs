@@ -1635,7 +1635,7 @@ async fn report_status(
 fn gap_spacing() -> Duration {
     std::env::var("SMEE_RELAY_RECONCILE_GAP_SPACING")
         .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
+        .and_then(|v| crate::clock::parse_duration(&v).ok())
         .unwrap_or(reconcile::MIN_GAP_SPACING)
 }
 
