@@ -166,7 +166,8 @@ impl RetryPolicy {
     };
 
     /// The wait before the next attempt: what the target asked for (capped, and the cap
-    /// logged), else the next backoff delay.
+    /// logged), else the next backoff delay. An ask below the backoff's least delay (`0`, or a
+    /// date already past) counts as none: answered again and again, it retried in a tight loop.
     fn delay(
         &self,
         asked: Option<Duration>,
@@ -183,8 +184,8 @@ impl RetryPolicy {
                 );
                 self.max_retry_after
             }
-            Some(asked) => asked,
-            None => backoff.next_delay(),
+            Some(asked) if asked >= self.backoff.min => asked,
+            _ => backoff.next_delay(),
         }
     }
 }
@@ -1283,6 +1284,28 @@ mod tests {
         route.await.unwrap();
         drop(writer);
         thread.join().unwrap();
+    }
+
+    /// Regression: `Retry-After: 0` (or a date already past) was waited as asked, so a target
+    /// answering `429` with it again and again was retried in a tight loop (thousands of
+    /// requests a second, each with a log line). Such an ask now waits the backoff's delay.
+    #[test]
+    fn regression_a_retry_after_of_zero_retried_in_a_tight_loop() {
+        let policy = RetryPolicy::DEFAULT;
+        let mut backoff = policy.backoff.start();
+        let waits: Vec<Duration> = (0..4)
+            .map(|_| policy.delay(Some(Duration::ZERO), &mut backoff, 1))
+            .collect();
+        assert!(waits[0] >= Duration::from_secs(1), "{waits:?}");
+        assert!(
+            waits[3] >= Duration::from_secs(8),
+            "the backoff grows: {waits:?}"
+        );
+        let mut backoff = policy.backoff.start();
+        assert_eq!(
+            policy.delay(Some(Duration::from_secs(7)), &mut backoff, 1),
+            Duration::from_secs(7)
+        );
     }
 
     /// Regression (issue 16, item 7): `Retry-After: 999999999` parked a route for decades.
