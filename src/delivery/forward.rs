@@ -287,17 +287,39 @@ async fn post_plain(
     *request.headers_mut() = headers;
     let response = client.request(request).await.map_err(|e| broken(&e))?;
     let (parts, body) = response.into_parts();
-    // A body that breaks off is reported by its status alone.
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
     Ok(Answer {
         status: parts.status,
         retry_after: retry_after(&parts.headers),
-        body,
+        body: answer_kept(body).await,
     })
+}
+
+/// How much of a target's answer is read. Only an error's first [`ERROR_BODY_PREVIEW`] bytes
+/// are used; a small answer is read to its end so that its connection can be used again.
+const ANSWER_KEPT: usize = 16 << 10;
+
+/// The first [`ANSWER_KEPT`] bytes of an answer's body; the rest is not read (its connection is
+/// then closed, not reused). A body that breaks off is what arrived before. Reading it whole
+/// let a target answering with gigabytes (again at every retry) take the relay's memory.
+async fn answer_kept<B>(mut body: B) -> Bytes
+where
+    B: hyper::body::Body + Unpin,
+    B::Data: bytes::Buf,
+{
+    let mut kept = bytes::BytesMut::new();
+    while kept.len() < ANSWER_KEPT {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(mut data) = frame.into_data() {
+                    use bytes::Buf as _;
+                    let take = data.remaining().min(ANSWER_KEPT - kept.len());
+                    kept.extend_from_slice(&data.copy_to_bytes(take));
+                }
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    kept.freeze()
 }
 
 /// One POST over https with reqwest (its client adds the user agent).
@@ -310,8 +332,7 @@ async fn post_tls(
     let response = client.post(url).headers(headers).body(body).send().await?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    // A body that breaks off is reported by its status alone.
-    let body = response.bytes().await.unwrap_or_default();
+    let body = answer_kept(http::Response::from(response).into_body()).await;
     Ok(Answer {
         status,
         retry_after,
@@ -697,6 +718,46 @@ mod tests {
             error.to_string(),
             "target did not answer in full within 300ms"
         );
+    }
+
+    /// Regression: a target's answer was read whole to keep 200 bytes of it, so one answering
+    /// `500` with an endless (or a gigabytes long) body took the relay's memory, again at every
+    /// retry, and its refusal was reported as a timeout. Both engines.
+    #[tokio::test]
+    async fn regression_an_endless_answer_was_read_whole() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let head = b"HTTP/1.1 500 Internal Server Error\r\n\
+                                 content-length: 1099511627776\r\n\r\n";
+                    let _ = socket.write_all(head).await;
+                    let chunk = vec![b'x'; 64 << 10];
+                    // Until the relay stops reading and closes the connection.
+                    while socket.write_all(&chunk).await.is_ok() {}
+                });
+            }
+        });
+        let timeout = Duration::from_secs(20);
+        let plain = forwarder(&format!("http://127.0.0.1:{port}/hook"), timeout);
+        let tls = Forwarder {
+            target: plain.target.clone(),
+            ..forwarder("https://127.0.0.1:1/hook", timeout)
+        };
+        for target in [plain, tls] {
+            let started = Instant::now();
+            let error = target.deliver(&event(&[]), &[]).await.unwrap_err();
+            assert!(
+                matches!(&error, ForwardError::Status { status, body, .. }
+                    if status.as_u16() == 500 && body.len() == ERROR_BODY_PREVIEW),
+                "{error}"
+            );
+            assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+        }
     }
 
     #[tokio::test]
