@@ -655,6 +655,41 @@ async fn regression_check_was_silent_on_an_idle_timeout_below_the_pings() {
     assert!(!said.contains("warning"), "{said}");
 }
 
+/// Regression: `check --event` said of a rule whose `when` failed on the event (an error, or
+/// over its memory or time bound) "condition does not hold: nothing to send", and exited 0;
+/// the relay logs an error for it and keeps the rule's state.
+#[tokio::test]
+async fn regression_check_event_called_a_failed_condition_one_that_does_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[[channel]]\nurl = \"https://smee.io/AbCdEfGh\"\npipeline = true\n\
+         [[rule]]\nname = \"boom\"\nblueprint = \"DeploymentConfig\"\nwhen = 'error(\"boom\")'\n\
+         [[rule]]\nname = \"fine\"\nblueprint = \"DeploymentConfig\"\nwhen = '.properties.cpuUtil > 80'\n",
+    )
+    .unwrap();
+    let event = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/port/deployment-config/legacy/02-cpu-25-to-87.json");
+    let out = smee_relay()
+        .args(["check", "--config"])
+        .arg(&config)
+        .arg("--event")
+        .arg(&event)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("rule boom: condition failed (error): ") && stdout.contains("boom"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rule fine: would send"), "{stdout}");
+    assert!(stderr.contains("1 rule failed on"), "{stderr}");
+}
+
 /// Waits until `dir` holds `n` files ending in `.sh`, and returns them sorted.
 async fn scripts_in(dir: &std::path::Path, n: usize) -> Vec<std::path::PathBuf> {
     support::wait_for(PATIENCE, "the saved events", || async {

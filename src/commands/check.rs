@@ -54,9 +54,18 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
-    print!("{}", check_event(&config, &jq, &body));
+    let (said, failed) = check_event(&config, &jq, &body);
+    print!("{said}");
     if !config.actions.is_empty() {
         print!("\n{}", crate::actions::explain(&config.actions, &body, &jq));
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{} failed on {} (said above): the relay would log an error for each and keep its \
+             alert state as it was",
+            crate::error::count(failed, "rule", "rules"),
+            event.display()
+        );
     }
     Ok(())
 }
@@ -121,21 +130,24 @@ fn probe_conditions(
 }
 
 /// `check --event`: the change, its diff, and what each rule would send for it, starting from
-/// no alert (no stored state, no signature check: a file has no headers).
+/// no alert (no stored state, no signature check: a file has no headers); and how many rules
+/// failed on it.
 fn check_event(
     config: &crate::config::Config,
     jq: &crate::pipeline::jq::JqEngine,
     body: &[u8],
-) -> String {
+) -> (String, usize) {
     use crate::pipeline::{Evaluation, Pipeline, diff, port};
 
     let mut out = String::new();
+    let mut failures = 0;
     let change = match port::decode(body) {
         Ok(change) => change,
         Err(e) => {
-            return format!(
+            let said = format!(
                 "not a Port entity change: {e}\nthe pipeline would ignore it (it is still forwarded)\n"
             );
+            return (said, 0);
         }
     };
     let _ = writeln!(
@@ -182,9 +194,19 @@ fn check_event(
                 alerts,
                 skipped,
                 states,
+                failed,
                 ..
             } => {
-                if let Some((_, _, reason)) = skipped.first() {
+                // Regression: a condition that failed (an error, or over its time or memory
+                // bound) was said not to hold, and `check` exited 0.
+                if let Some(failure) = failed.first() {
+                    failures += 1;
+                    let _ = writeln!(
+                        out,
+                        "condition failed ({}): {}",
+                        failure.kind, failure.reason
+                    );
+                } else if let Some((_, _, reason)) = skipped.first() {
                     let _ = writeln!(out, "cannot judge: {reason}");
                 } else if alerts.is_empty() && states.values().any(|s| s.draft.is_some()) {
                     let _ = writeln!(
@@ -206,7 +228,7 @@ fn check_event(
             }
         }
     }
-    out
+    (out, failures)
 }
 
 #[cfg(test)]
