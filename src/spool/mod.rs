@@ -371,6 +371,24 @@ pub enum Damage {
     Redb(String),
     #[error("reading it crashed the database library ({0})")]
     Panic(String),
+    /// The file is behind its own write-ahead log: commits it had made are gone.
+    #[error(
+        "it lost commits it had made: its write-ahead log's record {seq} follows event id \
+         {expected} and queue place {expected_seq}, but the file's next are {next} and \
+         {next_seq}. The log's {events} events cannot be applied to it, and what the lost \
+         commits held is gone from it. The database library falls back to its last sound commit \
+         when a newer one fails its checksum: the disk damaged the file (check it: dmesg, \
+         smartctl), or it was restored from an older copy of itself while its log was kept. \
+         Nothing was applied or set aside"
+    )]
+    LostCommits {
+        seq: u64,
+        expected: u64,
+        expected_seq: u64,
+        next: u64,
+        next_seq: u64,
+        events: usize,
+    },
 }
 
 /// Where a delivery stands.
@@ -2462,11 +2480,12 @@ fn open_existing(
             }
             UpgradeError::Redb(e) => damaged(Damage::Redb(e.to_string())),
         })?;
-        let (chain, applied, behind) =
-            replay(&db, path, mode, behind).map_err(|source| SpoolError::Replay {
+        let (chain, applied, behind) = replay(&db, path, mode, behind)
+            .map_err(|source| SpoolError::Replay {
                 path: wal::path(path),
                 source,
-            })?;
+            })?
+            .map_err(damaged)?;
         Ok(Opened {
             db,
             instance,
@@ -2523,6 +2542,10 @@ fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
         .sum()
 }
 
+/// What [`replay`] leaves: the log's records as read, the last record durable in the file, and
+/// whether the file is still of an older format.
+type Replayed = (wal::Chain, u64, bool);
+
 /// Apply the records of the write-ahead log of the spool at `spool` that `db` does not hold
 /// yet (a relay that held the file alone stopped without a checkpoint: a crash). Opened alone,
 /// in a commit that is not synced (so an open needs no room on the disk: the records stay in
@@ -2534,12 +2557,17 @@ fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
 /// beside an old log, or written meanwhile by an older smee-relay) ends the replay: what was
 /// applied is synced, and the log is kept aside, named in a warning, rather than applied to a
 /// spool it does not belong to.
+///
+/// A log whose next record was written for this very file (its instance) but expects more
+/// than the file holds means the file lost commits it had made ([`Damage::LostCommits`]):
+/// nothing is applied or set aside, and the open fails (it set the log aside as foreign, and
+/// the relay went on without the lost events and reused their ids).
 fn replay(
     db: &Database,
     spool: &Path,
     mode: Mode,
     behind: bool,
-) -> Result<(wal::Chain, u64, bool), redb::Error> {
+) -> Result<Result<Replayed, Damage>, redb::Error> {
     let path = wal::path(spool);
     let chain = wal::read(&path)?;
     let mut txn = db.begin_write()?;
@@ -2549,6 +2577,30 @@ fn replay(
     let mut t = Tables::open(&txn)?;
     let instance = t.counter(INSTANCE)?;
     let durable = t.counter(WAL_SEQ)?;
+    if let Some(next) = chain.records.iter().find(|r| r.seq > durable)
+        && next.expect.instance == instance
+    {
+        let (events, seqs) = (t.counter(NEXT_EVENT)?, t.counter(NEXT_SEQ)?);
+        if next.seq > durable + 1 || events < next.expect.next_event || seqs < next.expect.next_seq
+        {
+            let lost = Damage::LostCommits {
+                seq: next.seq,
+                expected: next.expect.next_event,
+                expected_seq: next.expect.next_seq,
+                next: events,
+                next_seq: seqs,
+                events: chain
+                    .records
+                    .iter()
+                    .filter(|r| r.seq > durable)
+                    .map(|r| r.counts().0)
+                    .sum(),
+            };
+            drop(t);
+            txn.abort()?;
+            return Ok(Err(lost));
+        }
+    }
     let mut applied = durable;
     // Records, events and marks applied, and of those that do not follow.
     let (mut records, mut events, mut marks) = (0, 0, 0);
@@ -2650,7 +2702,7 @@ fn replay(
             (e + events, m + marks)
         });
         let Some(aside) = set_aside(&path)? else {
-            return Ok((wal::Chain::default(), applied, behind));
+            return Ok(Ok((wal::Chain::default(), applied, behind)));
         };
         tracing::error!(
             spool = %spool.display(),
@@ -2668,7 +2720,7 @@ fn replay(
             crate::error::count(stranded.len(), "record", "records"),
             aside.display()
         );
-        return Ok((wal::Chain::default(), applied, behind));
+        return Ok(Ok((wal::Chain::default(), applied, behind)));
     }
     if chain.unreadable && foreign == 0 {
         foreign = chain.records.iter().filter(|r| r.seq > applied).count();
@@ -2676,7 +2728,7 @@ fn replay(
     if chain.unreadable || foreign > 0 {
         let Some(aside) = set_aside(&path)? else {
             // Another process opening the file at the same moment set it aside (and said so).
-            return Ok((wal::Chain::default(), applied, behind));
+            return Ok(Ok((wal::Chain::default(), applied, behind)));
         };
         let said = format!(
             "the spool's write-ahead log held {foreign} records ({foreign_events} events, \
@@ -2699,13 +2751,13 @@ fn replay(
         } else {
             tracing::info!(spool = %spool.display(), "{said}");
         }
-        return Ok((wal::Chain::default(), applied, behind));
+        return Ok(Ok((wal::Chain::default(), applied, behind)));
     }
     let durable = match mode {
         Mode::Shared => applied,
         Mode::Alone => durable,
     };
-    Ok((chain, durable, behind))
+    Ok(Ok((chain, durable, behind)))
 }
 
 /// Move the log at `path` to `spool.wal.unapplied-<UTC time>` (with `.N` after it if that is

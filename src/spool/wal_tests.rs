@@ -481,23 +481,55 @@ fn a_new_spool_beside_an_old_log_is_not_given_its_records() {
 
 /// Two more records logged in `spool` (in `dir`), then its log put beside the `backup` of its
 /// file, which is opened: a restore from that backup after a crash.
-fn restore_beside_new_records(spool: &Spool, dir: &Path, backup: &Path) -> Spool {
+fn restore_beside_new_records(
+    spool: &Spool,
+    dir: &Path,
+    backup: &Path,
+) -> Result<Spool, super::SpoolError> {
     logged(spool, appending(2, 1));
     logged(spool, appending(3, 1));
     std::fs::copy(dir.join(wal::FILE_NAME), backup.join(wal::FILE_NAME)).unwrap();
-    Spool::open(backup).unwrap()
+    Spool::open(backup)
 }
 
-/// A spool file restored from a backup older than the log's records: they expect a spool that
-/// is not there, and are kept aside, not applied to it.
+/// Regression: a spool file behind its own log (the same instance, older counters) was taken
+/// for a spool made anew: the log was set aside with a warning and the relay went on, its
+/// events lost and their ids given again. That is what a disk's damage looks like after redb's
+/// recovery (it falls back to its last sound commit when a newer one fails its checksum: one
+/// flipped bit took a relay back to an empty spool), as much as a restore of the file's own
+/// older copy. The open now fails as for a damaged spool (exit 2), and leaves the log in place.
 #[test]
-fn a_spool_restored_from_an_older_backup_is_not_given_the_logs_records() {
+fn regression_a_spool_behind_its_own_log_went_on_without_the_logs_events() {
     let (dir, spool) = opened();
     logged(&spool, appending(1, 1));
     let backup = crash_copy(dir.path(), false);
     spool.checkpoint().unwrap();
-    let restored = restore_beside_new_records(&spool, dir.path(), backup.path());
-    assert_eq!(view(&restored).2, 0, "the backup's own contents only");
+    let Err(error) = restore_beside_new_records(&spool, dir.path(), backup.path()) else {
+        panic!("a spool behind its own log was opened");
+    };
+    assert!(
+        matches!(
+            &error,
+            super::SpoolError::Damaged {
+                why: super::Damage::LostCommits { events: 2, .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.needs_the_user());
+    assert!(
+        error.to_string().contains("lost commits it had made"),
+        "{error}"
+    );
+    assert_eq!(set_aside(backup.path()), 0, "the log is left in place");
+    assert_eq!(
+        wal::read(&backup.path().join(wal::FILE_NAME))
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
 }
 
 /// A relay's spool on a disk that is full while the flag is set (redb's writes fail; the log,
@@ -569,7 +601,7 @@ fn a_spool_restored_from_a_backup_that_differs_is_not_given_the_logs_records() {
         let diverged = Spool::open(backup.path()).unwrap();
         diverged.write(&[appending(50, 1)], ROOM).unwrap();
     }
-    let restored = restore_beside_new_records(&spool, dir.path(), backup.path());
+    let restored = restore_beside_new_records(&spool, dir.path(), backup.path()).unwrap();
     let events: Vec<u64> = view(&restored).0[1].iter().map(|q| q.1).collect();
     assert_eq!(events, [1, 2], "the backup's own events only");
 }
