@@ -172,8 +172,9 @@ pub enum SpoolError {
         source: std::io::Error,
     },
     #[error(
-        "another smee-relay{holder} already {what} with state directory {dir}; stop it first, or \
-         give this one its own --state-dir",
+        "another smee-relay{holder} already {what} with state directory {dir}; stop it first. \
+         (Given its own --state-dir, this one would run beside it doing the same work: each \
+         event delivered, or alert sent, twice)",
         holder = pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
         dir = dir.display()
     )]
