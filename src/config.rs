@@ -807,7 +807,10 @@ fn with_suggestion(message: &str) -> String {
         .split('`')
         .skip(1)
         .step_by(2)
-        .map(|name| (strsim::jaro_winkler(typed, name), name))
+        .map(|name| {
+            let score = strsim::jaro_winkler(&typed.to_lowercase(), &name.to_lowercase());
+            (score, name)
+        })
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0));
     match nearest {
@@ -880,7 +883,10 @@ pub fn parse(
                             Ok(t) => forward.push(t),
                             Err(e) => problems.push(at_line(
                                 target.span().start,
-                                format!("forward target {:?}: {e}", target.get_ref()),
+                                format!(
+                                    "forward target {:?}: {e}",
+                                    crate::url::shown_text(target.get_ref(), false)
+                                ),
                             )),
                         }
                     }

@@ -47,10 +47,16 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
     // The URL parser drops leading spaces and control characters before the scheme.
     let trimmed = text.trim_start_matches(|c: char| c <= ' ');
     let after_scheme = trimmed.get(url.scheme().len()..).unwrap_or("");
+    // After the "scheme": a port, or a password followed by `@host` (`bob:pw@host/x`).
     if !text.contains("://")
-        && after_scheme
-            .strip_prefix(':')
-            .is_some_and(|port| port.starts_with(|c: char| c.is_ascii_digit()))
+        && after_scheme.strip_prefix(':').is_some_and(|rest| {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            // `mailto:me@example.com` has a scheme; `bob:pw@host:80` and `bob:pw@host/x` lack it.
+            rest.starts_with(|c: char| c.is_ascii_digit())
+                || authority
+                    .split_once('@')
+                    .is_some_and(|(_, host)| host.contains(':') || rest.len() > authority.len())
+        })
     {
         return Err(UrlError::NoScheme);
     }
@@ -64,6 +70,32 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
         return Err(UrlError::PortZero);
     }
     Ok(url)
+}
+
+/// Text given as a URL but refused, safe to repeat in a message: a password in it (`user:pw@`)
+/// shown as `***`, and, for a channel (`channel`: its id is a secret), the path cut to its first
+/// 4 characters, as [`ChannelUrl`] shows a valid one.
+pub fn shown_text(text: &str, channel: bool) -> String {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), text),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let path = match channel {
+        true if path.chars().count() > 5 => {
+            format!("{}…", path.chars().take(5).collect::<String>())
+        }
+        _ => path.to_string(),
+    };
+    format!("{scheme}{authority}{path}")
 }
 
 /// A listening address (`--listen`, `--metrics-listen`, `metrics_listen`): an IP address and
@@ -399,6 +431,30 @@ mod tests {
             "[::1]:80".parse::<std::net::SocketAddr>().unwrap()
         );
         assert!(parse_listen("9464").is_err());
+    }
+
+    /// Regression: a refused URL was repeated whole: `invalid value 'smee.io/AbCdSECRET' for
+    /// '[CHANNEL_URL]'`, `forward target "bob:hunter2@host/x"`: a channel's id and a target's
+    /// password in the terminal and the logs. And `bob:pw@host` was not seen to lack `http://`.
+    #[test]
+    fn regression_a_refused_url_was_repeated_with_its_secrets() {
+        assert_eq!(
+            shown_text("smee.io/AbCdSECRETSECRET", true),
+            "smee.io/AbCd…"
+        );
+        assert_eq!(
+            shown_text("bob:hunter2@127.0.0.1:21412/x", false),
+            "bob:***@127.0.0.1:21412/x"
+        );
+        assert_eq!(
+            shown_text("http://bob:hunter2@127.0.0.1:99999/x?q=1", false),
+            "http://bob:***@127.0.0.1:99999/x?q=1"
+        );
+        assert_eq!(shown_text("ftp://x/y", false), "ftp://x/y");
+        assert_eq!(
+            "bob:hunter2@127.0.0.1:21412/x".parse::<TargetUrl>(),
+            Err(UrlError::NoScheme)
+        );
     }
 
     #[test]

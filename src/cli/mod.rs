@@ -639,12 +639,34 @@ pub fn parse(
         .and_then(|n| n.to_str())
         .unwrap_or("smee-relay");
     if program == "smee" {
-        return smee::parse(args);
+        return smee::parse(args).map_err(without_secrets);
     }
     if let Some(at) = forward_flags_at(&args) {
         args.insert(at, "forward".into());
     }
-    Cli::try_parse_from(args).map(|cli| Invocation::Run(Box::new(cli)))
+    Cli::try_parse_from(args)
+        .map(|cli| Invocation::Run(Box::new(cli)))
+        .map_err(without_secrets)
+}
+
+/// clap's error for a refused value repeats the value: for a URL, with what is secret in it
+/// (a channel's id, a target's password) hidden as [`crate::url::shown_text`] does.
+fn without_secrets(mut error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        error.get(ContextKind::InvalidArg),
+        error.get(ContextKind::InvalidValue),
+    ) else {
+        return error;
+    };
+    let arg = arg.to_ascii_lowercase();
+    let channel = arg.contains("channel_url") || arg.starts_with("--url");
+    if !channel && !arg.contains("url") && !arg.contains("target") {
+        return error;
+    }
+    let shown = crate::url::shown_text(value, channel);
+    error.insert(ContextKind::InvalidValue, ContextValue::String(shown));
+    error
 }
 
 /// What a command line asks for.
@@ -713,9 +735,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
 /// a value of years is a typo.
 const MAX_RETRY_AFTER_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// `--max-retry-after`: a duration of at most [`MAX_RETRY_AFTER_LIMIT`].
+/// `--max-retry-after`: a duration of at least a second (a smaller cap made a target's every
+/// `Retry-After` a retry in a tight loop) and at most [`MAX_RETRY_AFTER_LIMIT`].
 pub fn parse_max_retry_after(text: &str) -> Result<Duration, crate::error::Invalid> {
     let duration = parse_duration(text)?;
+    if duration < Duration::from_secs(1) {
+        return Err(format!(
+            "{} is under the 1s floor: a target asking to wait would be asked again at once, \
+             over and over (write it like 1h or 1d)",
+            humantime::format_duration(duration)
+        )
+        .into());
+    }
     if duration > MAX_RETRY_AFTER_LIMIT {
         return Err(format!(
             "{} is longer than the 7d limit: a target asking to wait longer is down, and events older than --max-retry-age are dead letters anyway (write it like 1h or 1d)",
@@ -775,6 +806,26 @@ mod tests {
         assert!(matches!(cli.command, Command::Events(_)));
     }
 
+    /// Regression: clap's error repeated a refused URL whole: a channel's id (`invalid value
+    /// 'smee.io/AbCdSECRET' for '[CHANNEL_URL]'`) and a target's password, on the terminal.
+    #[test]
+    fn regression_a_refused_url_argument_was_repeated_with_its_secrets() {
+        for line in [
+            "smee-relay forward smee.io/AbCdSECRET",
+            "smee-relay -u smee.io/AbCdSECRET",
+            "smee-relay forward https://smee.io/AbCd bob:SECRET@127.0.0.1:1/x",
+            "smee-relay events replay 1 --to bob:SECRET@127.0.0.1:1/x",
+            "smee -u smee.io/AbCdSECRET",
+        ] {
+            let error = match parse(args(line)) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{line}: accepted"),
+            };
+            assert!(!error.contains("SECRET"), "{line}: {error}");
+            assert!(error.contains("not a full URL"), "{line}: {error}");
+        }
+    }
+
     /// Bug: `--max-retry-after` took absurd values (100 years) without a word. It is bounded
     /// at 7 days, with a clear error when parsed.
     #[test]
@@ -788,6 +839,13 @@ mod tests {
             error.contains("--max-retry-after") && error.contains("longer than the 7d limit"),
             "{error}"
         );
+        // Regression: `1ms` was taken, and a target answering `Retry-After: 60` was asked
+        // again every millisecond.
+        let error = match parse(args(&format!("{line} 1ms"))) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("1ms accepted"),
+        };
+        assert!(error.contains("under the 1s floor"), "{error}");
         let Ok(Invocation::Run(cli)) = parse(args(&format!("{line} 7d"))) else {
             panic!("7d refused")
         };

@@ -145,6 +145,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             timeout,
         } => {
             let ids = select(&spool, &which)?;
+            if ids.is_empty() && which.dead {
+                eprintln!("note: there are no dead letters to replay");
+            }
             replay_to(&spool, &ids, to, timeout).await?;
         }
         EventsCommand::Export {

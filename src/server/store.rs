@@ -17,6 +17,8 @@ const STORED: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition:
 pub enum StoreError {
     #[error("cannot create {0}")]
     CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("the state directory {0} is a file, not a directory: give --state-dir a directory")]
+    NotADirectory(PathBuf),
     #[error("cannot open {0}; if it is damaged, move it aside and start again")]
     Open(PathBuf, #[source] redb::DatabaseError),
     #[error("cannot write to {0}")]
@@ -88,7 +90,10 @@ pub(super) fn decode(stats: &Arc<Stats>, id: u64, bytes: &[u8]) -> Option<Posted
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir(dir.to_path_buf(), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| match dir.is_file() {
+            true => StoreError::NotADirectory(dir.to_path_buf()),
+            false => StoreError::CreateDir(dir.to_path_buf(), e),
+        })?;
         let path = dir.join("serve.redb");
         let file = path.clone();
         Self::open_with(path, Box::new(move || redb::Database::create(&file)))

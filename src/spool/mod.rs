@@ -374,9 +374,10 @@ pub enum Damage {
     Panic(String),
     /// The file is behind its own write-ahead log: commits it had made are gone.
     #[error(
-        "it lost commits it had made: its write-ahead log's record {seq} follows event id \
-         {expected} and queue place {expected_seq}, but the file's next are {next} and \
-         {next_seq}. The log's {events} events cannot be applied to it, and what the lost \
+        "it lost commits it had made: its write-ahead log's record {seq} was written when \
+         the file's event counter stood at {expected} and its queue counter at {expected_seq}, \
+         and they now stand at {next} and {next_seq}. The log's {events} events cannot be \
+         applied to it, and what the lost \
          commits held is gone from it. The database library falls back to its last sound commit \
          when a newer one fails its checksum: the disk damaged the file (check it: dmesg, \
          smartctl), or it was restored from an older copy of itself while its log was kept. \
