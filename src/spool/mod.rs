@@ -372,19 +372,27 @@ pub enum Damage {
     Redb(String),
     #[error("reading it crashed the database library ({0})")]
     Panic(String),
-    /// The file is behind its own write-ahead log: commits it had made are gone.
+    /// The file is behind its own write-ahead log, or behind the high-water mark its last
+    /// checkpoint left: commits it had made are gone.
     #[error(
-        "it lost commits it had made: its write-ahead log's record {seq} was written when \
-         the file's event counter stood at {expected} and its queue counter at {expected_seq}, \
-         and they now stand at {next} and {next_seq}. The log's {events} events cannot be \
-         applied to it, and what the lost \
-         commits held is gone from it. The database library falls back to its last sound commit \
-         when a newer one fails its checksum: the disk damaged the file (check it: dmesg, \
-         smartctl), or it was restored from an older copy of itself while its log was kept. \
-         Nothing was applied or set aside"
+        "it lost commits it had made: {known} the file's event counter at {expected} and its \
+         queue counter at {expected_seq}, and they now stand at {next} and {next_seq}. {held}\
+         What the lost commits held is gone from it. The database library falls back to its \
+         last sound commit when a newer one fails its checksum: the disk damaged the file \
+         (check it: dmesg, smartctl), or it was restored from an older copy of itself. Nothing \
+         was applied or set aside",
+        known = match seq {
+            Some(seq) => format!("its write-ahead log's record {seq} was written with"),
+            None => format!("its last checkpoint left (in {})", wal::HIGHWATER_FILE),
+        },
+        held = match events {
+            0 => String::new(),
+            n => format!("The log's {n} events cannot be applied to it. "),
+        }
     )]
     LostCommits {
-        seq: u64,
+        /// The log's next record; `None` when the high-water mark told.
+        seq: Option<u64>,
         expected: u64,
         expected_seq: u64,
         next: u64,
@@ -1276,7 +1284,7 @@ impl Spool {
                     && let Some(log) = log.as_mut()
                 {
                     self.applied(log, after);
-                    log.persisted(persisted);
+                    log.persisted(persisted, after);
                 }
                 self.writes_again();
                 Ok(out)
@@ -1555,7 +1563,7 @@ impl Spool {
             Ok(Ok(Some((report, persisted, after)))) => {
                 self.applied(log, after);
                 if let Some(persisted) = persisted {
-                    log.persisted(persisted);
+                    log.persisted(persisted, after);
                 }
                 self.writes_again();
                 Ok(report)
@@ -2579,16 +2587,27 @@ fn replay(
     let mut t = Tables::open(&txn)?;
     let instance = t.counter(INSTANCE)?;
     let durable = t.counter(WAL_SEQ)?;
-    if let Some(next) = chain.records.iter().find(|r| r.seq > durable)
-        && next.expect.instance == instance
+    // What the file held when it was last known: the log's next record, else the mark its
+    // last start-over left (a high-water mark) (a log that started over holds nothing of the file).
+    let known = match chain.records.iter().find(|r| r.seq > durable) {
+        Some(next) => Some((
+            next.seq,
+            next.expect.instance,
+            next.expect.next_event,
+            next.expect.next_seq,
+        )),
+        None => wal::read_highwater(&path).map(|(i, event, seq)| (durable + 1, i, event, seq)),
+    };
+    if let Some((seq, of, expected, expected_seq)) = known
+        && of == instance
     {
         let (events, seqs) = (t.counter(NEXT_EVENT)?, t.counter(NEXT_SEQ)?);
-        if next.seq > durable + 1 || events < next.expect.next_event || seqs < next.expect.next_seq
-        {
+        if seq > durable + 1 || events < expected || seqs < expected_seq {
+            let from_log = chain.records.iter().any(|r| r.seq > durable);
             let lost = Damage::LostCommits {
-                seq: next.seq,
-                expected: next.expect.next_event,
-                expected_seq: next.expect.next_seq,
+                seq: from_log.then_some(seq),
+                expected,
+                expected_seq,
                 next: events,
                 next_seq: seqs,
                 events: chain

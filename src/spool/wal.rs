@@ -365,10 +365,11 @@ impl Wal {
         }
     }
 
-    /// A synced commit of the spool stored `persisted` as `meta.wal_seq`: if that covers every
-    /// record written, the log starts over at its beginning (nothing to write: a start reads
-    /// only the records that follow each other from there).
-    pub(super) fn persisted(&mut self, persisted: u64) {
+    /// A synced commit of the spool stored `persisted` as `meta.wal_seq`, leaving its counters
+    /// at `after`: if that covers every record written, the log starts over at its beginning
+    /// (nothing to write: a start reads only the records that follow each other from there),
+    /// and the high-water mark beside it ([`write_highwater`]) keeps what the spent records said of the file.
+    pub(super) fn persisted(&mut self, persisted: u64, after: Expect) {
         debug_assert!(
             self.deferred.is_empty(),
             "a synced commit applies them first"
@@ -376,6 +377,7 @@ impl Wal {
         if persisted >= self.last {
             if self.end > 0 {
                 erase_spent(&self.file);
+                write_highwater(&self.path, after);
             }
             self.end = 0;
             self.records = 0;
@@ -389,6 +391,50 @@ impl Wal {
 /// file holds by their number.
 fn erase_spent(file: &File) {
     let _ = file.write_all_at(&[0; HEADER], 0);
+}
+
+/// The high-water mark's file name, beside the log.
+pub(super) const HIGHWATER_FILE: &str = "spool.highwater";
+
+/// What the high-water mark holds: `SMHW`, the instance, the next event id and seq, and their checksum.
+const HIGHWATER_LEN: usize = 4 + 3 * 8 + 8;
+
+/// Write the high-water mark: the spool's counters after the synced commit that spent the log's records.
+/// Once the log starts over, nothing else says what the file held: a file that comes back
+/// from a crash behind its high-water mark (redb fell back to an older commit after damage, or an older
+/// copy was put back) lost commits it had made ([`read_highwater`]). Written whole under a
+/// temporary name and renamed; not synced: the commit it follows is, so the file is never
+/// behind a high-water mark that reached the disk, and one that did not is an older one.
+/// A failure is harmless (only that check is lost) and said at debug level.
+fn write_highwater(log: &Path, after: Expect) {
+    let mut bytes = Vec::with_capacity(HIGHWATER_LEN);
+    bytes.extend_from_slice(b"SMHW");
+    for value in [after.instance, after.next_event, after.next_seq] {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    bytes.extend_from_slice(&checksum(&bytes).to_le_bytes());
+    let highwater = log.with_file_name(HIGHWATER_FILE);
+    let temporary = log.with_file_name(format!("{HIGHWATER_FILE}.tmp"));
+    if let Err(e) =
+        std::fs::write(&temporary, &bytes).and_then(|()| std::fs::rename(&temporary, &highwater))
+    {
+        tracing::debug!(file = %highwater.display(), "cannot write the spool's high-water mark: {e}");
+    }
+}
+
+/// The high-water mark beside the log at `log` ([`write_highwater`]): the instance, next event id and next seq
+/// of the file when its log last started over. `None` if there is none, or it is not whole.
+pub(super) fn read_highwater(log: &Path) -> Option<(u64, u64, u64)> {
+    let bytes = std::fs::read(log.with_file_name(HIGHWATER_FILE)).ok()?;
+    let (body, sum) = bytes.split_at_checked(HIGHWATER_LEN - 8)?;
+    if bytes.len() != HIGHWATER_LEN || !body.starts_with(b"SMHW") {
+        return None;
+    }
+    if checksum(body).to_le_bytes() != *sum {
+        return None;
+    }
+    let value = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+    Some((value(4), value(12), value(20)))
 }
 
 /// The JSON head of a record written before format 3 (read, not written but by tests that make

@@ -105,6 +105,11 @@ fn crash_copy(from: &Path, with_log: bool) -> tempfile::TempDir {
     if with_log {
         std::fs::copy(from.join(wal::FILE_NAME), to.path().join(wal::FILE_NAME)).unwrap();
     }
+    // The high-water mark, as a crash leaves it beside the file.
+    let highwater = from.join(wal::HIGHWATER_FILE);
+    if highwater.exists() {
+        std::fs::copy(highwater, to.path().join(wal::HIGHWATER_FILE)).unwrap();
+    }
     to
 }
 
@@ -490,6 +495,44 @@ fn restore_beside_new_records(
     logged(spool, appending(3, 1));
     std::fs::copy(dir.join(wal::FILE_NAME), backup.join(wal::FILE_NAME)).unwrap();
     Spool::open(backup)
+}
+
+/// Regression: once a checkpoint had started the log over, nothing said what the file held:
+/// after a crash, a file that redb's recovery took back to an older commit (one flipped bit
+/// after an idle checkpoint), or an older copy put back, opened without a word, its later
+/// events gone and their delivery ids given again to new events. The high-water mark the
+/// checkpoint leaves now finds it.
+#[test]
+fn regression_a_spool_behind_its_last_checkpoint_opened_without_a_word() {
+    let (dir, spool) = opened();
+    logged(&spool, appending(1, 1));
+    spool.checkpoint().unwrap();
+    let older = crash_copy(dir.path(), false);
+    logged(&spool, appending(2, 2));
+    spool.checkpoint().unwrap();
+    assert_eq!(spool.logged(), 0, "the log started over");
+    // A healthy crash now opens, the high-water mark beside it.
+    assert_survives_a_crash(&spool, dir.path(), true);
+    // The older file beside the present log and high-water mark.
+    for name in [wal::FILE_NAME, wal::HIGHWATER_FILE] {
+        std::fs::copy(dir.path().join(name), older.path().join(name)).unwrap();
+    }
+    let Err(error) = Spool::open(older.path()) else {
+        panic!("a spool behind its last checkpoint was opened");
+    };
+    assert!(
+        matches!(
+            &error,
+            super::SpoolError::Damaged {
+                why: super::Damage::LostCommits { events: 0, .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    // A spool made anew beside them (another instance) is not held to them.
+    let (fresh, _) = a_new_spool_beside_the_old(dir.path());
+    drop(fresh);
 }
 
 /// Regression: a spool file behind its own log (the same instance, older counters) was taken
