@@ -497,6 +497,22 @@ fn restore_beside_new_records(
     Spool::open(backup)
 }
 
+/// That `opened` failed as a spool that lost commits, with `events` in its log it cannot apply.
+fn assert_lost_commits(opened: Result<Spool, super::SpoolError>, events: usize) {
+    let Err(error) = opened else {
+        panic!("a spool that lost commits was opened");
+    };
+    assert!(
+        matches!(&error, super::SpoolError::Damaged { why: super::Damage::LostCommits { events: n, .. }, .. } if *n == events),
+        "{error}"
+    );
+    assert!(error.needs_the_user());
+    assert!(
+        error.to_string().contains("lost commits it had made"),
+        "{error}"
+    );
+}
+
 /// Regression: once a checkpoint had started the log over, nothing said what the file held:
 /// after a crash, a file that redb's recovery took back to an older commit (one flipped bit
 /// after an idle checkpoint), or an older copy put back, opened without a word, its later
@@ -517,19 +533,7 @@ fn regression_a_spool_behind_its_last_checkpoint_opened_without_a_word() {
     for name in [wal::FILE_NAME, wal::HIGHWATER_FILE] {
         std::fs::copy(dir.path().join(name), older.path().join(name)).unwrap();
     }
-    let Err(error) = Spool::open(older.path()) else {
-        panic!("a spool behind its last checkpoint was opened");
-    };
-    assert!(
-        matches!(
-            &error,
-            super::SpoolError::Damaged {
-                why: super::Damage::LostCommits { events: 0, .. },
-                ..
-            }
-        ),
-        "{error}"
-    );
+    assert_lost_commits(Spool::open(older.path()), 0);
     // A spool made anew beside them (another instance) is not held to them.
     let (fresh, _) = a_new_spool_beside_the_old(dir.path());
     drop(fresh);
@@ -547,23 +551,9 @@ fn regression_a_spool_behind_its_own_log_went_on_without_the_logs_events() {
     logged(&spool, appending(1, 1));
     let backup = crash_copy(dir.path(), false);
     spool.checkpoint().unwrap();
-    let Err(error) = restore_beside_new_records(&spool, dir.path(), backup.path()) else {
-        panic!("a spool behind its own log was opened");
-    };
-    assert!(
-        matches!(
-            &error,
-            super::SpoolError::Damaged {
-                why: super::Damage::LostCommits { events: 2, .. },
-                ..
-            }
-        ),
-        "{error}"
-    );
-    assert!(error.needs_the_user());
-    assert!(
-        error.to_string().contains("lost commits it had made"),
-        "{error}"
+    assert_lost_commits(
+        restore_beside_new_records(&spool, dir.path(), backup.path()),
+        2,
     );
     assert_eq!(set_aside(backup.path()), 0, "the log is left in place");
     assert_eq!(
