@@ -30,6 +30,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
     Ok(duration)
 }
 
+/// [`parse_duration`], refusing zero: a zero timeout, interval or tolerance would make a loop
+/// spin or refuse everything.
+pub fn parse_positive_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("{text:?}: must be more than zero").into()),
+        d => Ok(d),
+    }
+}
+
 /// [`parse_duration`] for a config field read by serde.
 pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = <String as serde::Deserialize>::deserialize(d)?;

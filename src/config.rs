@@ -129,16 +129,8 @@ fn jq_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 /// A duration like `90s` that is more than zero: a zero timeout or tolerance would make the
 /// relay reconnect in a loop or refuse every signature.
 fn positive_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    parse_positive_duration(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-}
-
-/// [`positive_duration`] on a value already read.
-fn parse_positive_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
-    let duration = crate::clock::parse_duration(text)?;
-    if duration.is_zero() {
-        return Err(format!("{text:?}: must be more than zero").into());
-    }
-    Ok(duration)
+    crate::clock::parse_positive_duration(&String::deserialize(d)?)
+        .map_err(serde::de::Error::custom)
 }
 
 /// An address to listen on, with [`crate::url::parse_listen`]'s hint when it is not one.
@@ -629,7 +621,7 @@ fn cluster_settings(
     let mut duration =
         |key: &str, value: &Option<Spanned<String>>, minimum: Duration, why: &str| {
             let value = value.as_ref()?;
-            match parse_positive_duration(value.get_ref()) {
+            match crate::clock::parse_positive_duration(value.get_ref()) {
                 Ok(d) if d < minimum => problem(
                     value.span().start,
                     format!(

@@ -73,8 +73,8 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
 }
 
 /// Text given as a URL but refused, safe to repeat in a message: a password in it (`user:pw@`)
-/// shown as `***`, and, for a channel (`channel`: its id is a secret), the path cut to its first
-/// 4 characters, as [`ChannelUrl`] shows a valid one.
+/// shown as `***`, and, for a channel (`channel`: its id is a secret), its last path segment
+/// [`redact`]ed and no query, as [`ChannelUrl`] shows a valid one.
 pub fn shown_text(text: &str, channel: bool) -> String {
     let (scheme, rest) = match text.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
@@ -90,10 +90,16 @@ pub fn shown_text(text: &str, channel: bool) -> String {
         None => authority.to_string(),
     };
     let path = match channel {
-        true if path.chars().count() > 5 => {
-            format!("{}…", path.chars().take(5).collect::<String>())
+        true => {
+            let path = path
+                .split(['?', '#'])
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('/');
+            let (parent, id) = path.rsplit_once('/').unwrap_or(("", path));
+            format!("{parent}/{}", redact(id))
         }
-        _ => path.to_string(),
+        false => path.to_string(),
     };
     format!("{scheme}{authority}{path}")
 }
@@ -441,6 +447,10 @@ mod tests {
         assert_eq!(
             shown_text("smee.io/AbCdSECRETSECRET", true),
             "smee.io/AbCd…"
+        );
+        assert_eq!(
+            shown_text("smee.io/x/AbCdSECRET/?token=SECRET", true),
+            "smee.io/x/AbCd…"
         );
         assert_eq!(
             shown_text("bob:hunter2@127.0.0.1:21412/x", false),

@@ -724,10 +724,7 @@ fn parse_nats_url(value: &str) -> Result<crate::secret::SecretString, crate::err
 
 /// A duration such as `90s`, `5m` or `1h 30m`, rejecting zero.
 pub fn parse_duration(text: &str) -> Result<Duration, crate::error::Invalid> {
-    match crate::clock::parse_duration(text)? {
-        d if d.is_zero() => Err("must be longer than zero".into()),
-        d => Ok(d),
-    }
+    crate::clock::parse_positive_duration(text)
 }
 
 /// The longest `--max-retry-after` accepted: a week. Past it, a wait is not a retry but an

@@ -146,7 +146,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         } => {
             let ids = select(&spool, &which)?;
             if ids.is_empty() && which.dead {
-                eprintln!("note: there are no dead letters to replay");
+                eprintln!("{NO_DEAD_LETTERS}");
             }
             replay_to(&spool, &ids, to, timeout).await?;
         }
@@ -187,7 +187,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 super::count(queued, "delivery", "deliveries")
             )?;
             if queued == 0 && dead {
-                eprintln!("note: there are no dead letters to replay");
+                eprintln!("{NO_DEAD_LETTERS}");
             } else if queued == 0 || queued < named {
                 eprintln!(
                     "note: replay queues again only finished deliveries (delivered, or dead letters); a delivery still pending stays where it is in its queue (`smee-relay events list --status pending{}` shows them and their targets)",
@@ -474,6 +474,9 @@ fn show_cluster(
     out.push_str(request);
     out
 }
+
+/// `events replay --dead`, with or without `--to`, when there are none.
+const NO_DEAD_LETTERS: &str = "note: there are no dead letters to replay";
 
 /// What `events replay` without `--to` re-queues in this machine's spool. `--since` picks the
 /// frames received in the window, not what the relay produced (as in cluster mode), each on

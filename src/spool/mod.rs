@@ -2587,25 +2587,21 @@ fn replay(
     let mut t = Tables::open(&txn)?;
     let instance = t.counter(INSTANCE)?;
     let durable = t.counter(WAL_SEQ)?;
-    // What the file held when it was last known: the log's next record, else the mark its
-    // last start-over left (a high-water mark) (a log that started over holds nothing of the file).
-    let known = match chain.records.iter().find(|r| r.seq > durable) {
-        Some(next) => Some((
-            next.seq,
-            next.expect.instance,
-            next.expect.next_event,
-            next.expect.next_seq,
-        )),
-        None => wal::read_highwater(&path).map(|(i, event, seq)| (durable + 1, i, event, seq)),
+    // What the file held when it was last known: the log's next record, else (a log that
+    // started over holds nothing of the file) the high-water mark its last start-over left.
+    let next = chain.records.iter().find(|r| r.seq > durable);
+    let known = match next {
+        Some(r) => Some((r.expect.instance, r.expect.next_event, r.expect.next_seq)),
+        None => wal::read_highwater(&path),
     };
-    if let Some((seq, of, expected, expected_seq)) = known
+    if let Some((of, expected, expected_seq)) = known
         && of == instance
     {
         let (events, seqs) = (t.counter(NEXT_EVENT)?, t.counter(NEXT_SEQ)?);
-        if seq > durable + 1 || events < expected || seqs < expected_seq {
-            let from_log = chain.records.iter().any(|r| r.seq > durable);
+        let gap = next.is_some_and(|r| r.seq > durable + 1);
+        if gap || events < expected || seqs < expected_seq {
             let lost = Damage::LostCommits {
-                seq: from_log.then_some(seq),
+                seq: next.map(|r| r.seq),
                 expected,
                 expected_seq,
                 next: events,

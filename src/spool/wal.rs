@@ -427,10 +427,8 @@ fn write_highwater(log: &Path, after: Expect) {
 pub(super) fn read_highwater(log: &Path) -> Option<(u64, u64, u64)> {
     let bytes = std::fs::read(log.with_file_name(HIGHWATER_FILE)).ok()?;
     let (body, sum) = bytes.split_at_checked(HIGHWATER_LEN - 8)?;
-    if bytes.len() != HIGHWATER_LEN || !body.starts_with(b"SMHW") {
-        return None;
-    }
-    if checksum(body).to_le_bytes() != *sum {
+    let whole = bytes.len() == HIGHWATER_LEN && body.starts_with(b"SMHW");
+    if !whole || checksum(body).to_le_bytes() != *sum {
         return None;
     }
     let value = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
