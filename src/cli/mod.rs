@@ -524,6 +524,11 @@ pub struct DeliveryArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_size, env = "SMEE_RELAY_MAX_SPOOL_SIZE")]
     pub max_spool_size: u64,
 
+    /// Disk space to leave free where the spool is. Short of it, the spool takes no more room:
+    /// delivered events are pruned early, then new events wait in memory. 0 turns it off.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size_or_zero, env = "SMEE_RELAY_KEEP_FREE")]
+    pub keep_free: u64,
+
     /// Stop retrying an event this old; it becomes a dead letter.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SMEE_RELAY_MAX_RETRY_AGE")]
     pub max_retry_age: Duration,
@@ -759,6 +764,17 @@ pub fn parse_size(text: &str) -> Result<u64, crate::error::Invalid> {
     crate::memory::parse_size(text)
 }
 
+/// [`parse_size`], or 0 (`0`, `0MiB`): for a size that 0 turns off.
+fn parse_size_or_zero(text: &str) -> Result<u64, crate::error::Invalid> {
+    let digits = text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    match digits.trim().parse::<u64>() {
+        Ok(0) => parse_size(&text.replacen('0', "1", 1)).map(|_| 0),
+        _ => parse_size(text),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,6 +784,10 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("10 MB"), Ok(10_000_000));
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("0MiB"), Ok(0));
+        assert_eq!(parse_size_or_zero("64MiB"), Ok(64 << 20));
+        assert!(parse_size_or_zero("0 parsecs").is_err());
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("1PiB").is_err());

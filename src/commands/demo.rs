@@ -551,6 +551,8 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         limits: crate::spool::Limits {
             max_bytes: 64 << 20,
         },
+        // A few events in a temporary directory: nothing to guard the disk from.
+        keep_free: 0,
         metrics_listen: None,
         actions: Some(demo_actions(&port_api)),
         reconcile: None,

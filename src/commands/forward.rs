@@ -34,6 +34,8 @@ pub struct ForwardOptions {
     pub retain: Duration,
     /// The spool's size limit.
     pub limits: Limits,
+    /// Disk room the spool leaves free on its file system (`--keep-free`; 0: none).
+    pub keep_free: u64,
     /// Where to serve `/healthz` and `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -70,6 +72,7 @@ pub async fn forward_saving(
         retry: options.retry,
         retain: options.retain,
         limits: options.limits,
+        keep_free: options.keep_free,
         metrics_listen: options.metrics_listen,
         actions: None,
         reconcile: None,
@@ -112,6 +115,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         limits: Limits {
             max_bytes: delivery.max_spool_size,
         },
+        keep_free: delivery.keep_free,
         metrics_listen: delivery.metrics_listen,
     };
     forward_saving(options, args.save_dir.clone(), cancel).await?;

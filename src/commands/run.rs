@@ -126,6 +126,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         limits: Limits {
             max_bytes: delivery.max_spool_size,
         },
+        keep_free: delivery.keep_free,
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
         actions,
         reconcile: config

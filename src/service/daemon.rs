@@ -179,6 +179,8 @@ pub struct Plan {
     pub retry: RetryPolicy,
     pub retain: Duration,
     pub limits: Limits,
+    /// Disk room the spool leaves free on its file system (`--keep-free`; 0: none).
+    pub keep_free: u64,
     /// Where to serve `/healthz` and `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Self-service action runs (on `pipeline` channels) and the Port API their reports go to.
@@ -217,6 +219,7 @@ pub async fn run(
     // So that `smee-relay events` on this state directory knows its ids are local copies.
     spool.set_cluster(plan.cluster.as_ref().map(|c| c.name.as_str()))?;
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
+    writer.keep_free(plan.keep_free);
     let health = Arc::new(Health {
         channels: Default::default(),
         spool_writable: writer.writable(),

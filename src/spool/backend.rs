@@ -98,6 +98,8 @@ pub(crate) struct DiskFull {
     pub(crate) full: Arc<std::sync::atomic::AtomicBool>,
     /// The 4 KiB blocks of the file that have been written (shared by every open of it).
     pub(crate) allocated: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    /// The disk's size in blocks, if it fills up by itself (the file alone on it).
+    pub(crate) capacity: Option<u64>,
 }
 
 #[cfg(test)]
@@ -115,9 +117,31 @@ impl DiskFull {
                 inner,
                 full: full.clone(),
                 allocated: Arc::clone(&allocated),
+                capacity: None,
             })
         });
         (factory, flag)
+    }
+
+    /// A factory of such backends on a disk of `bytes` that holds the file alone, and what is
+    /// free on it (bytes).
+    pub(crate) fn sized(bytes: u64) -> (Factory, Arc<dyn Fn() -> u64 + Send + Sync>) {
+        let capacity = bytes / Self::BLOCK;
+        let allocated: Arc<std::sync::Mutex<std::collections::HashSet<u64>>> = Arc::default();
+        let taken = Arc::clone(&allocated);
+        let free = Arc::new(move || {
+            let used = taken.lock().expect("not poisoned").len() as u64;
+            capacity.saturating_sub(used) * Self::BLOCK
+        });
+        let factory = Factory::wrapping(move |inner| {
+            Box::new(DiskFull {
+                inner,
+                full: Arc::default(),
+                allocated: Arc::clone(&allocated),
+                capacity: Some(capacity),
+            })
+        });
+        (factory, free)
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), std::io::Error> {
@@ -128,6 +152,12 @@ impl DiskFull {
                 return Ok(());
             }
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        if let Some(capacity) = self.capacity {
+            let new = blocks.clone().filter(|b| !allocated.contains(b)).count() as u64;
+            if allocated.len() as u64 + new > capacity {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
         }
         allocated.extend(blocks);
         Ok(())

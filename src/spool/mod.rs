@@ -81,6 +81,7 @@ pub mod intake;
 pub(crate) mod journal;
 pub mod lock;
 mod record;
+pub(crate) mod room;
 mod share;
 mod wal;
 #[cfg(test)]
@@ -256,6 +257,8 @@ pub enum SpoolError {
     },
     #[error("no event {0} in the spool (it may have been pruned)")]
     NoSuchEvent(u64),
+    #[error(transparent)]
+    NoRoom(room::NoRoom),
 }
 
 /// What to do about a spool held alone and never shared, naming who holds it if known (pids
@@ -2035,6 +2038,16 @@ impl Spool {
         )
     }
 
+    /// Prune delivered events, oldest first, until the spool's event bytes are at most
+    /// `target` (kept as long as `--retain` says otherwise): what an append does on a full
+    /// spool, for a disk short of room ([`room`]). Returns how many.
+    pub(crate) fn prune_early(&self, target: u64) -> Result<u64, SpoolError> {
+        self.update_if(
+            |t| t.prune_delivered(u64::MAX, Some(target), &mut None),
+            |pruned| *pruned > 0,
+        )
+    }
+
     /// The last SSE id stored for a channel (see [`channel_key`]).
     pub fn cursor(&self, key: &str) -> Result<Option<String>, SpoolError> {
         self.read(|txn| {
@@ -2091,6 +2104,16 @@ impl Spool {
     }
 
     /// Stored bytes and the number of pending deliveries.
+    /// The bytes the stored events count for (against `--max-spool-size`).
+    pub(crate) fn stored_bytes(&self) -> Result<u64, SpoolError> {
+        self.read(|txn| {
+            Ok(txn
+                .open_table(META)?
+                .get(STORED_BYTES)?
+                .map_or(0, |v| v.value()))
+        })
+    }
+
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
         self.read(|txn| {
             let meta = txn.open_table(META)?;

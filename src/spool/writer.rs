@@ -34,6 +34,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::journal::Journal;
+use super::room::Room;
 use super::{Enqueued, Handover, Limits, Spool, SpoolError, Write, appended_bytes};
 use crate::event::Event;
 
@@ -359,6 +360,8 @@ impl SpoolWriter {
                 slow: INLINE_SLOW,
                 said_slow: false,
             }),
+            room: std::sync::OnceLock::new(),
+            waiting_room: false.into(),
         });
         // Made before the thread starts, which then looks once (`Queue::look`): a request made
         // between the spool's open and the watch is found by that look, any later one told.
@@ -462,6 +465,7 @@ impl SpoolWriter {
         if events != 1
             || job.bytes > super::wal::MAX_LOGGED_BYTES
             || !committer.gate().open(Instant::now())
+            || committer.room.get().is_some_and(Room::short)
         {
             return Some(job);
         }
@@ -568,6 +572,16 @@ impl SpoolWriter {
         };
         let mut appended = self.commit(vec![write]).await?;
         Ok(appended.pop().unwrap_or_default())
+    }
+
+    /// Keep `bytes` of the spool's file system free: appends go no further once it is short
+    /// ([`Room`]). Set once, before the first append; later calls change nothing.
+    pub fn keep_free(&self, bytes: u64) {
+        if bytes > 0
+            && let Some(dir) = self.committer.spool.path().parent()
+        {
+            let _ = self.committer.room.set(Room::new(dir.to_owned(), bytes));
+        }
     }
 
     /// Whether the last commit succeeded.
@@ -688,6 +702,12 @@ struct Committer {
     journal: Option<Arc<Journal>>,
     /// When appenders may commit inline ([`SpoolWriter::inline`]).
     gate: Mutex<Gate>,
+    /// The disk room appends must leave (`--keep-free`), once the relay sets it
+    /// ([`SpoolWriter::keep_free`]).
+    room: std::sync::OnceLock<Room>,
+    /// Whether appends wait for room ([`Committer::make_room`]): the spool then does not take
+    /// writes as far as `/healthz` is concerned, though marks still commit.
+    waiting_room: std::sync::atomic::AtomicBool,
 }
 
 /// When appenders may commit inline: only a trickle of small appends on a fast disk, where the
@@ -1009,12 +1029,62 @@ impl Committer {
     /// Apply `batch` in one transaction and answer each job, with `commits` (its lock) held.
     /// Returns how many events it appended, or, if it failed, the jobs nobody waits for
     /// (marks), to try again.
-    fn commit(&self, commits: &mut u64, batch: Vec<Job>) -> Result<usize, Vec<Job>> {
+    fn commit(&self, commits: &mut u64, mut batch: Vec<Job>) -> Result<usize, Vec<Job>> {
+        if let Some(room) = self.room.get() {
+            batch = self.make_room(room, batch);
+            if batch.is_empty() {
+                return Ok(0);
+            }
+        }
         // The jobs keep their writes, in case they must be kept for another try.
         let result = self
             .spool
             .write_logged(batch.iter().flat_map(|job| &job.writes), self.limits);
         self.answer(commits, batch, result)
+    }
+
+    /// `batch`, less the jobs that append while the disk is short of room and the spool
+    /// holds all it may ([`Room::admit`]): those are answered that they must wait, and their
+    /// appenders try again (the intake's pause). The rest (marks, states) commits: recording
+    /// deliveries is what lets pruning make room.
+    fn make_room(&self, room: &Room, batch: Vec<Job>) -> Vec<Job> {
+        let appends = |job: &Job| {
+            job.writes
+                .iter()
+                .any(|write| matches!(write, Write::Append { .. }))
+        };
+        let bytes: usize = batch
+            .iter()
+            .filter(|job| appends(job))
+            .map(|job| job.bytes)
+            .sum();
+        if bytes == 0 {
+            return batch;
+        }
+        let admitted = room.admit(
+            bytes,
+            || self.spool.stored_bytes(),
+            |target| {
+                let pruned = self.spool.prune_early(target)?;
+                if pruned > 0 {
+                    warn!(pruned, "disk short of room: pruned delivered events early");
+                }
+                Ok(pruned)
+            },
+        );
+        self.waiting_room
+            .store(admitted.is_err(), Ordering::Relaxed);
+        let Err(no_room) = admitted else {
+            return batch;
+        };
+        self.writable.store(false, Ordering::Relaxed);
+        let (waiting, rest): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(appends);
+        for job in waiting {
+            if let Some(reply) = job.reply {
+                let _ = reply.send(Err(SpoolError::NoRoom(no_room.clone())));
+            }
+        }
+        rest
     }
 
     /// Answer each job of `batch` with `result`, its write's outcome, as [`Committer::commit`]
@@ -1026,7 +1096,8 @@ impl Committer {
         result: Result<super::WriteReport, SpoolError>,
     ) -> Result<usize, Vec<Job>> {
         self.gate().last_end = Some(Instant::now());
-        let was_writable = self.writable.swap(result.is_ok(), Ordering::Relaxed);
+        let writable = result.is_ok() && !self.waiting_room.load(Ordering::Relaxed);
+        let was_writable = self.writable.swap(writable, Ordering::Relaxed);
         match result {
             Ok(report) => {
                 if report.pruned > 0 {
@@ -1813,6 +1884,88 @@ mod tests {
         assert_eq!(wakeups(&writer), before, "inline");
         assert_delivered(&spool, queued[0].event.id);
         assert_eq!(spool.pending("r", 0, usize::MAX).unwrap().len(), 1);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A spool whose target was down filled its disk by itself: redb then could record no
+    /// delivery (copy on write needs new blocks, and so does opening the file again after the
+    /// failed write), so nothing was pruned and no event taken, for good. It now leaves
+    /// `--keep-free` on the disk: short of it, appends wait, deliveries are still recorded,
+    /// and the next append prunes them early and fits in the pages they freed.
+    #[tokio::test]
+    async fn regression_a_spool_that_filled_its_disk_could_record_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (factory, free) = DiskFull::sized(16 << 20);
+        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::ZERO);
+        let keep_free = 4 << 20;
+        assert!(free() > keep_free, "the test's disk has room to begin with");
+        let _ = writer
+            .committer
+            .room
+            .set(Room::fake(free.clone(), keep_free));
+        let routes = ["r".to_string()];
+        let batch = |from: u64| -> Arc<[Event]> {
+            (from..from + 16)
+                .map(|n| Event {
+                    body: bytes::Bytes::from(vec![b'x'; 4096 + n as usize % 7]),
+                    ..event(n)
+                })
+                .collect()
+        };
+
+        // The target is down: events pile up until the disk is short, then wait.
+        let mut n = 0;
+        let no_room = loop {
+            match writer.append("c", &routes, batch(n), None).await {
+                Ok(ids) => assert!(ids.iter().all(Option::is_some), "refused, not waiting"),
+                Err(e) => break e,
+            }
+            n += 16;
+            assert!(n < 100_000, "the disk never ran short");
+        };
+        assert!(matches!(no_room, SpoolError::NoRoom(_)), "{no_room}");
+        assert!(no_room.to_string().contains("--keep-free"), "{no_room}");
+        assert_eq!(
+            spool.write_error(),
+            None,
+            "the disk itself never refused a write"
+        );
+        assert!(
+            !writer.writable().load(Ordering::Relaxed),
+            "/healthz answers 503"
+        );
+        // Read in pages: a read holds a few MiB of bodies at most.
+        let mut stored: Vec<crate::spool::Queued> = Vec::new();
+        loop {
+            let after = stored.last().map_or(0, |queued| queued.seq);
+            let page = spool.pending("r", after, usize::MAX).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            stored.extend(page);
+        }
+        assert_eq!(stored.len() as u64, n);
+
+        // The target is back: every delivery is recorded, on the room kept.
+        for queued in &stored {
+            writer.finish(delivered(queued)).unwrap();
+        }
+        writer.commit(Vec::new()).await.unwrap();
+        assert!(spool.pending("r", 0, usize::MAX).unwrap().is_empty());
+        // And events are taken again (half as many: those delivered make room for them, the
+        // undelivered take it), in the pages of those delivered, pruned early.
+        for more in 0..(n / 32) {
+            let ids = writer
+                .append("c", &routes, batch(n + 16 * more), None)
+                .await
+                .unwrap();
+            assert!(ids.iter().all(Option::is_some));
+        }
+        assert!(writer.writable().load(Ordering::Relaxed));
+        assert_eq!(spool.write_error(), None);
+        assert!(free() > 0);
         drop(writer);
         thread.join().unwrap();
     }

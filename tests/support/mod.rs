@@ -720,6 +720,7 @@ pub fn relay_options_for(
         },
         retain: Duration::from_secs(3600),
         limits: smee_relay::spool::Limits { max_bytes: 1 << 30 },
+        keep_free: 0,
         metrics_listen: None,
     }
 }
