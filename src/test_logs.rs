@@ -5,6 +5,13 @@ use std::sync::{Arc, Mutex};
 /// A tracing subscriber for this thread that keeps what is logged at `WARN` and above; it is
 /// the thread's default until the guard is dropped.
 pub(crate) fn capture() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    capture_at(tracing::Level::WARN)
+}
+
+/// [`capture`], keeping what is logged at `level` and above.
+pub(crate) fn capture_at(
+    level: tracing::Level,
+) -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
     #[derive(Clone)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Buf {
@@ -19,7 +26,7 @@ pub(crate) fn capture() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGua
     let buf = Buf(Arc::default());
     let kept = buf.0.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer(move || buf.clone())
         .finish();

@@ -2575,6 +2575,12 @@ fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
         .sum()
 }
 
+/// The last replay of this process that applied records, said at `INFO`: the spool, its
+/// instance, and the log records it applied (after the one durable in the file, up to the
+/// last). Applying the same again is not news ([`replay`]).
+static LAST_REPLAY_SAID: std::sync::Mutex<Option<(PathBuf, u64, u64, u64)>> =
+    std::sync::Mutex::new(None);
+
 /// What [`replay`] leaves: the log's records as read, the last record durable in the file, and
 /// whether the file is still of an older format.
 type Replayed = (wal::Chain, u64, bool);
@@ -2713,12 +2719,25 @@ fn replay(
         }
         txn.commit()?;
     }
-    if records > 0 {
+    // The same records applied again by the same process (a relay that cannot write, on a full
+    // disk, opens the file again about twice a second): said once, not at every open.
+    let said = (spool.to_owned(), instance, durable, applied);
+    let again = records > 0 && {
+        let mut last = LAST_REPLAY_SAID.lock().unwrap_or_else(|e| e.into_inner());
+        last.replace(said.clone()) == Some(said)
+    };
+    if again {
+        tracing::debug!(
+            spool = %spool.display(),
+            records,
+            "applied the write-ahead log's records again (the file was opened again after a failed write)"
+        );
+    } else if records > 0 {
         tracing::info!(
             spool = %spool.display(),
             "applied {records} records ({events} events, {marks} delivery marks) from the \
              spool's write-ahead log that were not yet in {FILE_NAME} (the relay holding it \
-             stopped without a checkpoint){}",
+             stopped without a checkpoint, or could not make one: a full disk){}",
             if stranded.is_empty() && !cut {
                 "; nothing is lost"
             } else {

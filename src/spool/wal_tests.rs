@@ -621,6 +621,30 @@ fn regression_a_failed_checkpoint_with_a_command_waiting_reopened_the_spool_shar
     assert_eq!(relay.sharing.lock().unwrap().mode, super::Mode::Alone);
 }
 
+/// While the disk stays full, a relay opens its file again before each read and write, about
+/// twice a second, and each open applied the log's records again with an `INFO` line that said
+/// the relay "stopped without a checkpoint": the same line, untrue, for as long as the disk was
+/// full. The same records applied again are now said once.
+#[test]
+fn regression_each_reopen_on_a_full_disk_said_the_relay_had_stopped_without_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, full) = on_a_disk_that_fills(dir.path());
+    logged(&relay, appending(1, 2));
+    full.store(true, SeqCst);
+    assert!(relay.checkpoint().is_err());
+    let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+    for _ in 0..3 {
+        // The reopen before the read, on the full disk; then the next write fails again.
+        let _ = relay.pending(A, 0, 10);
+        assert!(relay.checkpoint().is_err());
+    }
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let said = logs.matches("stopped without a checkpoint").count();
+    assert_eq!(said, 1, "{logs}");
+    full.store(false, SeqCst);
+    relay.checkpoint().unwrap();
+}
+
 /// A spool file restored from a backup taken after the log's last checkpoint, but written to
 /// since (a synced append): the log's next records expect counters the file no longer has.
 #[test]
