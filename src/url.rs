@@ -305,6 +305,21 @@ impl TargetUrl {
         format!("{}{host}{port}{}", self.userinfo(), self.url.path())
     }
 
+    /// The URL as a person reads it in a summary, with `user:***@` for credentials and the
+    /// query left out (`?…`): a query often carries a token (`?token=...`).
+    pub fn shown(&self) -> String {
+        let mut url = self.url.clone();
+        let elided = url.query().is_some_and(|q| !q.is_empty());
+        url.set_query(None);
+        url.set_fragment(None);
+        let text = url.as_str();
+        let text = match text.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://{}{rest}", self.userinfo()),
+            None => text.to_owned(),
+        };
+        if elided { format!("{text}?…") } else { text }
+    }
+
     /// `Authorization: Basic ...` for the credentials in the URL, if it had any. Marked
     /// sensitive, so http's Debug does not print it.
     pub fn authorization(&self) -> Option<http::HeaderValue> {
@@ -369,6 +384,17 @@ impl fmt::Debug for TargetUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `events replay --to 'http://host/hook?token=SECRET'` printed the token in its summary.
+    #[test]
+    fn regression_a_token_in_a_replay_targets_query_was_printed() {
+        let to: TargetUrl = "http://bob:hunter2@127.0.0.1:4000/hook?token=SECRET#x"
+            .parse()
+            .unwrap();
+        assert_eq!(to.shown(), "http://bob:***@127.0.0.1:4000/hook?…");
+        let plain: TargetUrl = "https://example.com/hook".parse().unwrap();
+        assert_eq!(plain.shown(), "https://example.com/hook");
+    }
 
     #[test]
     fn channel_id_is_redacted_everywhere_it_prints() {

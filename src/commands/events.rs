@@ -595,9 +595,10 @@ async fn replay_to(
     }
     progress.finish_and_clear();
     outln!(
-        "replayed {} of {} to {to}",
+        "replayed {} of {} to {}",
         ids.len() - failed.total(),
-        super::count(ids.len(), "event", "events")
+        super::count(ids.len(), "event", "events"),
+        to.shown()
     )?;
     if failed.total() > 0 {
         anyhow::bail!("{}", failed.say(ids.len(), &to));
@@ -658,9 +659,10 @@ impl Failed {
             ));
         }
         format!(
-            "{} of {} not replayed to {to}: {} (each event's line above says why)",
+            "{} of {} not replayed to {}: {} (each event's line above says why)",
             self.total(),
             super::count(of, "event", "events"),
+            to.shown(),
             parts.join("; ")
         )
     }
@@ -875,12 +877,13 @@ mod tests {
     /// target that was not running.
     #[test]
     fn regression_replay_to_blamed_the_target_for_what_it_never_saw() {
-        let to: TargetUrl = "http://127.0.0.1:4000/hook".parse().unwrap();
+        // A token in the query is not printed.
+        let to: TargetUrl = "http://127.0.0.1:4000/hook?token=SECRET".parse().unwrap();
         let mut failed = Failed::default();
         failed.count(&ForwardError::Request("uri too long".into()));
         assert_eq!(
             failed.say(3, &to),
-            "1 of 3 events not replayed to http://127.0.0.1:4000/hook: 1 never sent: the event \
+            "1 of 3 events not replayed to http://127.0.0.1:4000/hook?…: 1 never sent: the event \
              cannot be made into a request as it is (each event's line above says why)"
         );
         failed.count(&ForwardError::Connection("connection refused".into()));
@@ -892,7 +895,7 @@ mod tests {
         assert_eq!(failed.total(), 3);
         let said = failed.say(3, &to);
         assert!(
-            said.starts_with("3 of 3 events not replayed to http://127.0.0.1:4000/hook: 1 answered with an error status; 1 got no answer (not reached"),
+            said.starts_with("3 of 3 events not replayed to http://127.0.0.1:4000/hook?…: 1 answered with an error status; 1 got no answer (not reached"),
             "{said}"
         );
     }
