@@ -497,6 +497,8 @@ async fn sighup_does_not_kill_serve() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    // The relay's shape (`{"ok":true}` before), so one health check fits both.
+    assert_eq!(health.text().await.unwrap(), r#"{"status":"ok"}"#);
     assert!(child.try_wait().unwrap().is_none(), "still running");
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGTERM) };

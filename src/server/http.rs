@@ -472,25 +472,32 @@ fn subscription_pings(every: std::time::Duration) -> tokio::time::Interval {
     pings
 }
 
+/// `/healthz`, in the relay's shape (`service::health`): `200 {"status":"ok"}`, or `503
+/// {"status":"unhealthy","reasons":[...]}`, so one check fits both.
 async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
+    let mut reasons = Vec::new();
     if let Some(cluster) = &hub.cluster
         && let Err(reason) = cluster.health()
     {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, reason);
+        reasons.push(reason.to_string());
     }
-    if hub.stats.store_healthy.load(Ordering::Relaxed) {
-        (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            r#"{"ok":true}"#,
-        )
-            .into_response()
+    if !hub.stats.store_healthy.load(Ordering::Relaxed) {
+        reasons.push("cannot write to --state-dir (disk full?); retried every second".to_owned());
+    }
+    let (status, body) = if reasons.is_empty() {
+        (StatusCode::OK, serde_json::json!({"status": "ok"}))
     } else {
-        json_error(
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            "cannot write to --state-dir (disk full?); retried every second",
+            serde_json::json!({"status": "unhealthy", "reasons": reasons}),
         )
-    }
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
