@@ -592,3 +592,27 @@ async fn after_a_kill_9_of_a_relay_holding_its_spool_alone_events_and_a_restart_
     );
     assert_eq!(got[0], expected(0..1)[0]);
 }
+
+/// A `--keep-free` of the whole file system or more was taken: the relay started, said it was
+/// healthy, and paused its intake for good at the first event. It is refused at start.
+#[tokio::test]
+async fn a_keep_free_beyond_the_whole_disk_is_refused_at_start() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let output = smee_relay()
+        .args([
+            "forward",
+            "http://127.0.0.1:9/channel",
+            "http://127.0.0.1:9/",
+        ])
+        .args(["--keep-free", "16777216GiB", "--state-dir"])
+        .arg(state_dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--keep-free 16384 TiB is at least the size of the whole file system"),
+        "{stderr}"
+    );
+}

@@ -524,8 +524,9 @@ pub struct DeliveryArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_size, env = "SMEE_RELAY_MAX_SPOOL_SIZE")]
     pub max_spool_size: u64,
 
-    /// Disk space to leave free where the spool is. Short of it, the spool takes no more room:
-    /// delivered events are pruned early, then new events wait in memory. 0 turns it off.
+    /// Disk space to leave free where the spool is (as df's Avail counts it). Short of it, the
+    /// spool takes no more room: delivered events are pruned early, then new events wait in
+    /// memory. 0 turns it off: a spool that fills its disk then stops until room is made.
     #[arg(long, default_value = "64MiB", value_parser = parse_size_or_zero, env = "SMEE_RELAY_KEEP_FREE")]
     pub keep_free: u64,
 

@@ -215,7 +215,22 @@ pub async fn run(
         None => None,
     };
     let spool = Arc::new(Spool::open(&plan.state_dir)?);
-    info!(spool = %spool.path().display(), "spool open");
+    let free = spool::room::check_at_start(&plan.state_dir, plan.keep_free)
+        .map_err(|e| DaemonError::Spool(spool::SpoolError::KeepFree(e)))?;
+    info!(
+        spool = %spool.path().display(),
+        keep_free = %spool::room::mib(plan.keep_free),
+        free = %free.map_or("unknown".into(), spool::room::mib),
+        "spool open"
+    );
+    if let Some(free) = free.filter(|&free| free < plan.keep_free) {
+        warn!(
+            "the disk holding the spool has {} free, already less than --keep-free ({}): the \
+             spool takes no more room than it holds now (free disk space, or lower --keep-free)",
+            spool::room::mib(free),
+            spool::room::mib(plan.keep_free)
+        );
+    }
     // So that `smee-relay events` on this state directory knows its ids are local copies.
     spool.set_cluster(plan.cluster.as_ref().map(|c| c.name.as_str()))?;
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
@@ -223,6 +238,7 @@ pub async fn run(
     let health = Arc::new(Health {
         channels: Default::default(),
         spool_writable: writer.writable(),
+        spool_waiting: writer.waiting_for_room(),
         cluster: cluster.clone(),
         ..Default::default()
     });

@@ -20,6 +20,10 @@ use crate::source::queue;
 /// holds while the spool refuses writes, before it gives up on it (and says how much).
 const GIVE_UP_AFTER_STOP: Duration = Duration::from_secs(5);
 
+/// A pause of the intake is said (`ERROR`, and `INFO` when it ends) at most once in this long:
+/// a disk short of room while deliveries catch up pauses and resumes it by turns.
+const PAUSES_SAID_EVERY: Duration = Duration::from_secs(60);
+
 /// Take events from the source and append them to the spool in batches, until the source is
 /// done. Nothing taken is dropped while the relay runs: a failed append (disk full) pauses the
 /// intake, says so once, and is retried every second until the spool takes writes again.
@@ -46,6 +50,9 @@ pub async fn intake_saving(
     save: Option<super::export::SaveDir>,
 ) {
     let mut received = Vec::new();
+    // When a pause was last said: one that comes within PAUSES_SAID_EVERY of it (a disk short
+    // of room while deliveries catch up pauses and resumes by turns) is not said again.
+    let mut pause_said: Option<std::time::Instant> = None;
     while events
         .recv_batch(&mut received, MAX_BATCH, MAX_BATCH_BYTES)
         .await
@@ -55,6 +62,8 @@ pub async fn intake_saving(
         // The routes as of now: a reload may change them between batches.
         let routes = routes.borrow().clone();
         let mut paused: Option<std::time::Instant> = None;
+        // Whether this pause was said (and so its end is).
+        let mut said = false;
         let mut stopped: Option<std::time::Instant> = None;
         loop {
             let appended = writer
@@ -62,7 +71,7 @@ pub async fn intake_saving(
                 .await;
             match appended {
                 Ok(ids) => {
-                    if let Some(since) = paused {
+                    if let Some(since) = paused.filter(|_| said) {
                         info!(
                             channel,
                             "the spool takes writes again: intake resumed after {}",
@@ -97,14 +106,19 @@ pub async fn intake_saving(
                 }
                 Err(e) => {
                     if paused.is_none() {
-                        paused = Some(std::time::Instant::now());
-                        error!(
-                            channel,
-                            events = batch.len(),
-                            "intake paused: cannot store events ({}); they are kept in memory \
-                             and stored when the spool takes writes again (tried every second)",
-                            crate::error::chain(&e)
-                        );
+                        let now = std::time::Instant::now();
+                        paused = Some(now);
+                        said = pause_said.is_none_or(|at| now >= at + PAUSES_SAID_EVERY);
+                        if said {
+                            pause_said = Some(now);
+                            error!(
+                                channel,
+                                events = batch.len(),
+                                "intake paused: cannot store events ({}); they are kept in memory \
+                                 and stored when the spool takes writes again (tried every second)",
+                                crate::error::chain(&e)
+                            );
+                        }
                     }
                     // Shutting down: the source is gone. Try a little longer, then say what is lost.
                     if events.is_closed() {

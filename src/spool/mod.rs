@@ -259,6 +259,8 @@ pub enum SpoolError {
     NoSuchEvent(u64),
     #[error(transparent)]
     NoRoom(room::NoRoom),
+    #[error(transparent)]
+    KeepFree(room::TooLarge),
 }
 
 /// What to do about a spool held alone and never shared, naming who holds it if known (pids
@@ -296,6 +298,7 @@ impl SpoolError {
                 | SpoolError::CannotAsk { .. }
                 | SpoolError::PermissionDenied { .. }
                 | SpoolError::NotADirectory { .. }
+                | SpoolError::KeepFree(_)
         )
     }
 

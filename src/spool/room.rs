@@ -15,7 +15,7 @@
 //! This module only decides; the writer thread ([`super::writer`]) asks it before each commit
 //! that appends.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -59,9 +59,10 @@ struct State {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "the disk holding the spool has {free} free, less than --keep-free ({keep_free}), and the \
-     spool holds all it may while the disk is short ({stored} of events, none delivered that \
-     could be pruned): free disk space, deliver or purge events (smee-relay events purge --dead), \
-     or lower --keep-free",
+     spool holds all the events it may while the disk is short ({stored} of them, none \
+     delivered that could be pruned): the events waiting must be delivered first (is a target \
+     down? `smee-relay events list` shows them), or free disk space (the spool's own file keeps \
+     its size), or restart with a lower --keep-free",
     free = mib(*free),
     keep_free = mib(*keep_free),
     stored = mib(*stored)
@@ -72,9 +73,57 @@ pub struct NoRoom {
     stored: u64,
 }
 
-/// Bytes, as a message shows them.
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+/// A `--keep-free` the file system could never give: every append would wait for good.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--keep-free {keep_free} is at least the size of the whole file system holding the spool \
+     ({total}, {dir}): no event could ever be stored; lower it (it is what the spool leaves \
+     free there), or 0 turns it off",
+    keep_free = mib(*keep_free),
+    total = mib(*total),
+    dir = dir.display()
+)]
+pub struct TooLarge {
+    keep_free: u64,
+    total: u64,
+    dir: PathBuf,
+}
+
+/// Check `keep_free` against the file system of `dir` at start: refused if it is at least the
+/// file system's size; otherwise the room there now, for the start's log line (`None`: it
+/// could not be measured).
+pub(crate) fn check_at_start(dir: &Path, keep_free: u64) -> Result<Option<u64>, TooLarge> {
+    let Ok(fs) = rustix::fs::statvfs(dir) else {
+        return Ok(None);
+    };
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    if keep_free > 0 && total > 0 && keep_free >= total {
+        return Err(TooLarge {
+            keep_free,
+            total,
+            dir: dir.to_owned(),
+        });
+    }
+    Ok(Some(fs.f_bavail.saturating_mul(fs.f_frsize)))
+}
+
+/// Bytes, as a message shows them: `64 MiB`, `7.5 MiB`, `1.5 GiB`, `12 KiB`.
+pub(crate) fn mib(bytes: u64) -> String {
+    let (unit, size) = [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ]
+    .into_iter()
+    .find(|(_, size)| bytes >= *size)
+    .unwrap_or(("bytes", 1));
+    let shown = bytes as f64 / size as f64;
+    if bytes.is_multiple_of(size) || shown >= 100.0 {
+        format!("{shown:.0} {unit}")
+    } else {
+        format!("{shown:.1} {unit}")
+    }
 }
 
 impl Room {
@@ -205,6 +254,15 @@ mod tests {
     }
 
     #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(mib(64 << 20), "64 MiB");
+        assert_eq!(mib(7_864_320), "7.5 MiB");
+        assert_eq!(mib(3 << 29), "1.5 GiB");
+        assert_eq!(mib(16_777_216 << 30), "16384 TiB");
+        assert_eq!(mib(100), "100 bytes");
+    }
+
+    #[test]
     fn with_room_every_append_goes() {
         let free = Arc::new(AtomicU64::new(1 << 30));
         let room = room(&free, 64 << 20);
@@ -234,7 +292,7 @@ mod tests {
         // Nothing to prune: it waits, and says why.
         held.store(100_000, Ordering::SeqCst);
         let e = room.admit(100, stored, |_| Ok(0)).unwrap_err();
-        assert!(e.to_string().contains("--keep-free (64.0 MiB)"), "{e}");
+        assert!(e.to_string().contains("--keep-free (64 MiB)"), "{e}");
         assert!(room.short());
         // The room back: no limit.
         free.store(65 << 20, Ordering::SeqCst);

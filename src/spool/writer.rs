@@ -362,6 +362,7 @@ impl SpoolWriter {
             }),
             room: std::sync::OnceLock::new(),
             waiting_room: false.into(),
+            room_why: Arc::default(),
         });
         // Made before the thread starts, which then looks once (`Queue::look`): a request made
         // between the spool's open and the watch is found by that look, any later one told.
@@ -584,6 +585,11 @@ impl SpoolWriter {
         }
     }
 
+    /// Why appends wait for room on the disk, while they do ([`Room`]).
+    pub fn waiting_for_room(&self) -> Arc<Mutex<Option<String>>> {
+        self.committer.room_why.clone()
+    }
+
     /// Whether the last commit succeeded.
     pub fn writable(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.committer.writable.clone()
@@ -708,6 +714,8 @@ struct Committer {
     /// Whether appends wait for room ([`Committer::make_room`]): the spool then does not take
     /// writes as far as `/healthz` is concerned, though marks still commit.
     waiting_room: std::sync::atomic::AtomicBool,
+    /// Why, while they do (for `/healthz`).
+    room_why: Arc<Mutex<Option<String>>>,
 }
 
 /// When appenders may commit inline: only a trickle of small appends on a fast disk, where the
@@ -1067,7 +1075,7 @@ impl Committer {
             |target| {
                 let pruned = self.spool.prune_early(target)?;
                 if pruned > 0 {
-                    warn!(pruned, "disk short of room: pruned delivered events early");
+                    info!(pruned, "disk short of room: pruned delivered events early");
                 }
                 Ok(pruned)
             },
