@@ -32,9 +32,18 @@ pub fn parse_size(text: &str) -> Result<u64, crate::error::Invalid> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
+    if text.starts_with('-') {
+        return Err(format!("{text:?}: a size cannot be negative").into());
+    }
+    if !number.is_empty() && unit.starts_with(['.', ',']) {
+        return Err(format!("{text:?}: whole numbers only (write 1536MiB, not 1.5GiB)").into());
+    }
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a size (write it like 512MiB or 1GiB)"))?;
+        .map_err(|e: std::num::ParseIntError| match e.kind() {
+            std::num::IntErrorKind::PosOverflow => format!("{text:?} is too large a size"),
+            _ => format!("{text:?} is not a size (write it like 512MiB or 1GiB)"),
+        })?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -43,10 +52,19 @@ pub fn parse_size(text: &str) -> Result<u64, crate::error::Invalid> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)").into()),
+        _ => {
+            return Err(format!(
+                "unknown size unit {:?} (use KiB, MiB or GiB; or KB, MB, GB for powers of 1000)",
+                unit.trim()
+            )
+            .into());
+        }
     };
     number
         .checked_mul(multiplier)
         .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?} is not a usable size").into())
+        .ok_or_else(|| match number {
+            0 => format!("{text:?} is not a usable size").into(),
+            _ => format!("{text:?} is too large a size").into(),
+        })
 }

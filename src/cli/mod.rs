@@ -793,6 +793,21 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("1PiB").is_err());
         assert!(parse_size("0").is_err());
+        // Each refusal says what is wrong (1.5GiB was "an unknown unit \".5gib\"").
+        let said = |text: &str| parse_size(text).unwrap_err().to_string();
+        assert!(
+            said("1.5GiB").contains("whole numbers only"),
+            "{}",
+            said("1.5GiB")
+        );
+        assert!(said("-1").contains("cannot be negative"));
+        assert!(said("18446744073709551616").contains("too large"));
+        assert!(said("99999999999GiB").contains("too large"));
+        assert!(
+            said("3 PiB").contains(r#"unknown size unit "PiB""#),
+            "{}",
+            said("3 PiB")
+        );
     }
 
     fn args(line: &str) -> Vec<std::ffi::OsString> {
