@@ -313,7 +313,10 @@ impl Source {
             self.transport.close();
             let was_connected = self.connected_at.take().is_some();
             self.status.set_connected(false);
-            self.status.reconnecting();
+            // A connection lost, as the metric says: not each failed attempt to make one.
+            if was_connected {
+                self.status.reconnecting();
+            }
             if connected_for >= HEALTHY_AFTER {
                 backoff.reset();
             }
@@ -750,6 +753,23 @@ mod tests {
             .iter()
             .map(|e| String::from_utf8_lossy(&e.body).into_owned())
             .collect()
+    }
+
+    /// `smee_relay_reconnects_total` ("connections lost") counted each failed attempt of a
+    /// channel that never connected.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_channel_that_never_connected_counted_reconnects() {
+        let source = source_with(vec![], DEFAULT_MAX_FRAME);
+        let status = source.status();
+        let (tx, _rx) = queue::channel(1 << 20);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(source.run(tx, cancel.clone()));
+        // Attempts every few (paused) milliseconds against a port nobody listens on.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(!status.connected.load(Ordering::Relaxed));
+        assert_eq!(status.reconnects.load(Ordering::Relaxed), 0);
     }
 
     /// A line that is not UTF-8 makes the crate refuse its frame. That frame is counted and
