@@ -2107,6 +2107,41 @@ impl Spool {
     }
 
     /// Stored bytes and the number of pending deliveries.
+    /// Give the file's free pages back to the disk (redb's compaction: pages moved to the front,
+    /// the file cut after them): what makes room on a disk the spool's own file holds
+    /// ([`room`]). Only while the file is open alone, and no transaction is under way (else
+    /// `Ok(None)`); it waits for reads and writes under way to end, and holds the next ones for
+    /// as long as it takes. Returns the file's size before and after.
+    pub(crate) fn compact(&self) -> Result<Option<(u64, u64)>, SpoolError> {
+        if !self.alone.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let size = || std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let mut db = self.db.write().expect("not poisoned");
+        let _writing = self.writing();
+        let Some(db) = db.as_mut() else {
+            return Ok(None);
+        };
+        let before = size();
+        let run = || -> Result<bool, redb::CompactionError> {
+            let mut compacted = false;
+            // Each call moves what it can; the next finds more until none is left.
+            while db.compact()? {
+                compacted = true;
+            }
+            Ok(compacted)
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(Ok(true)) => Ok(Some((before, size()))),
+            Ok(Ok(false)) | Ok(Err(redb::CompactionError::TransactionInProgress)) => Ok(None),
+            Ok(Err(e)) => {
+                // A failed write in it leaves redb refusing every later one, as after any.
+                Err(self.commit_failed(redb::Error::from(e)))
+            }
+            Err(panic) => Err(self.write_panicked(panic)),
+        }
+    }
+
     /// The bytes the stored events count for (against `--max-spool-size`).
     pub(crate) fn stored_bytes(&self) -> Result<u64, SpoolError> {
         self.read(|txn| {
@@ -4132,6 +4167,56 @@ mod tests {
         let seen = spool.look();
         assert!(spool.changed_since(&seen));
         assert!(spool.changed_since(&Seen::default()));
+    }
+
+    /// A spool file that grew while a target was down keeps its size once everything is
+    /// delivered and pruned; on a disk short of room it is compacted ([`room`]), which gives
+    /// its free pages back, and what it still holds stays as it was.
+    #[test]
+    fn compaction_gives_a_spools_free_pages_back_to_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let big = |n: u8| Event {
+            body: Bytes::from(vec![b'a' + n % 26; 64 << 10]),
+            ..event(n)
+        };
+        for n in 0..8u8 {
+            let write = Write::Append {
+                channel: "http://x/abcd…".into(),
+                routes: vec![ROUTE.to_string()],
+                events: (0..16).map(|i| big(n * 16 + i)).collect::<Vec<_>>().into(),
+                cursor: None,
+            };
+            spool
+                .write(&[write], Limits { max_bytes: 1 << 30 })
+                .unwrap();
+        }
+        let mut queued = Vec::new();
+        loop {
+            let after = queued.last().map_or(0, |q: &Queued| q.seq);
+            let page = spool.pending(ROUTE, after, usize::MAX).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            queued.extend(page);
+        }
+        assert_eq!(queued.len(), 128);
+        let (last, delivered) = queued.split_last().unwrap();
+        for q in delivered {
+            mark(&spool, q, Outcome::Delivered { status: 200 });
+        }
+        assert_eq!(spool.prune(u64::MAX).unwrap(), 127);
+        let (before, after) = spool.compact().unwrap().expect("compacted");
+        assert!(after * 2 < before, "{before} -> {after}");
+        let kept = spool.pending(ROUTE, 0, 10).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].event.id, last.event.id);
+        assert_eq!(
+            spool.get(last.event.id).unwrap().0.event.body,
+            big(127).body
+        );
+        // Writes go on after it.
+        append(&spool, vec![event(1)]);
     }
 
     #[test]

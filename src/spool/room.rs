@@ -24,6 +24,11 @@ use tracing::{info, warn};
 /// How often the file system's free room is measured, at most.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
 
+/// How often the spool's file is compacted, at most, while appends wait for room: a
+/// compaction holds the spool's reads and writes while it moves pages (a second or more for a
+/// large file).
+const COMPACT_EVERY: Duration = Duration::from_secs(60);
+
 /// The disk room an append must leave: see the module's header.
 pub(crate) struct Room {
     /// Where the room is measured.
@@ -53,6 +58,8 @@ struct State {
     cap: Option<u64>,
     /// Whether the room being short was said (once per spell).
     said: bool,
+    /// When the spool's file was last compacted to make room.
+    compacted: Option<Instant>,
 }
 
 /// Why an append must wait.
@@ -193,13 +200,22 @@ impl Room {
 
     /// Whether appends of `bytes` (events' [`crate::event::Event::held_bytes`]) may commit.
     /// `stored` reads the spool's event bytes; `prune` prunes delivered events down to the
-    /// bytes given and returns how many it pruned. Either failing lets the append go on (its
-    /// commit meets the same disk and says why).
+    /// bytes given and returns how many it pruned; `compact` gives the spool file's free pages
+    /// back to the disk and says whether it did. `stored` or `prune` failing lets the append go
+    /// on (its commit meets the same disk and says why).
+    ///
+    /// While the disk is short, an append must fit under what the spool held when it fell
+    /// short (the cap), and take at most half the room left, should the file grow by it all (a
+    /// large event takes pages in one run, which freed pages here and there may not give).
+    /// Past that, delivered events are pruned early; then the file is compacted (at most every
+    /// [`COMPACT_EVERY`]): a spool whose own file holds the disk (it grew while a target was
+    /// down, and never shrinks) gives its free pages back, and the room may be back.
     pub(crate) fn admit<E>(
         &self,
         bytes: usize,
         stored: impl Fn() -> Result<u64, E>,
         prune: impl FnOnce(u64) -> Result<u64, E>,
+        compact: impl FnOnce() -> bool,
     ) -> Result<(), NoRoom> {
         let mut state = self.state();
         let Some(free) = self.look(&mut state) else {
@@ -212,22 +228,43 @@ impl Room {
                 free = %mib(free),
                 keep_free = %mib(self.keep_free),
                 stored = %mib(cap),
-                "the disk holding the spool is short of room: the spool takes no more than it \
-                 holds now; delivered events are pruned early, and new events wait in memory if \
-                 that is not enough"
+                "the disk holding the spool is short of room: the spool takes no more events \
+                 than it holds now (their bytes, not its file's size); delivered events are \
+                 pruned early, and new events wait in memory if that is not enough"
             );
         }
         // Rows take about twice what an event holds in memory (headers as JSON, the body).
         let need = 2 * bytes as u64;
-        if now + need <= cap {
+        let fits = |stored: u64, cap: u64, free: u64| stored + need <= cap && need <= free / 2;
+        if fits(now, cap, free) {
             return Ok(());
         }
         // Room for more than this append, so that a short disk does not prune on every one.
         let target = cap.saturating_sub(cap / 10 + need);
-        if prune(target).is_ok_and(|pruned| pruned > 0)
-            && stored().is_ok_and(|after| after + need <= cap)
-        {
+        let pruned = prune(target).is_ok_and(|pruned| pruned > 0);
+        let now = match pruned {
+            true => stored().unwrap_or(now),
+            false => now,
+        };
+        if pruned && fits(now, cap, free) {
             return Ok(());
+        }
+        if state
+            .compacted
+            .is_none_or(|at| at.elapsed() >= COMPACT_EVERY)
+        {
+            state.compacted = Some(Instant::now());
+            if compact() {
+                state.looked = None;
+                let Some(free) = self.look(&mut state) else {
+                    return Ok(());
+                };
+                // Still short, the file holds little free: what it holds now is the most it may.
+                let cap = state.cap.insert(cap.max(now));
+                if fits(now, *cap, free) {
+                    return Ok(());
+                }
+            }
         }
         Err(NoRoom {
             free,
@@ -246,6 +283,10 @@ mod tests {
     fn room(free: &Arc<AtomicU64>, keep_free: u64) -> Room {
         let free = free.clone();
         Room::fake(Arc::new(move || free.load(Ordering::SeqCst)), keep_free)
+    }
+
+    fn no_compact() -> bool {
+        panic!("no compaction")
     }
 
     /// Waits out [`LOOK_EVERY`], so the next call measures again.
@@ -267,7 +308,10 @@ mod tests {
         let free = Arc::new(AtomicU64::new(1 << 30));
         let room = room(&free, 64 << 20);
         let stored = || Ok::<_, ()>(u64::MAX / 4);
-        assert!(room.admit(1 << 20, stored, |_| panic!("no prune")).is_ok());
+        assert!(
+            room.admit(1 << 20, stored, |_| panic!("no prune"), no_compact)
+                .is_ok()
+        );
         assert!(!room.short());
     }
 
@@ -284,28 +328,72 @@ mod tests {
             held.store(target, Ordering::SeqCst);
             Ok(3)
         };
-        assert!(room.admit(100, stored, prune).is_ok());
+        assert!(room.admit(100, stored, prune, no_compact).is_ok());
         assert_eq!(pruned_to.load(Ordering::SeqCst), 100_000 - 10_000 - 200);
         // Under it (pruned meanwhile): taken as it is.
         held.store(50_000, Ordering::SeqCst);
-        assert!(room.admit(20_000, stored, |_| panic!("no prune")).is_ok());
+        assert!(
+            room.admit(20_000, stored, |_| panic!("no prune"), no_compact)
+                .is_ok()
+        );
         // Nothing to prune: it waits, and says why.
         held.store(100_000, Ordering::SeqCst);
-        let e = room.admit(100, stored, |_| Ok(0)).unwrap_err();
+        let e = room.admit(100, stored, |_| Ok(0), || false).unwrap_err();
         assert!(e.to_string().contains("--keep-free (64 MiB)"), "{e}");
         assert!(room.short());
         // The room back: no limit.
         free.store(65 << 20, Ordering::SeqCst);
         later(&room);
-        assert!(room.admit(1 << 20, stored, |_| panic!("no prune")).is_ok());
+        assert!(
+            room.admit(1 << 20, stored, |_| panic!("no prune"), no_compact)
+                .is_ok()
+        );
         assert!(!room.short());
+    }
+
+    /// A relay restarted on a disk its spool's file had filled (all delivered, pruned since):
+    /// the cap was what the spool held then, nothing, and every append waited for good,
+    /// though the file was nearly all free pages. Compacting it gives them back.
+    #[test]
+    fn regression_an_empty_spool_whose_file_held_the_disk_waited_for_good() {
+        let free = Arc::new(AtomicU64::new(4 << 20));
+        let room = room(&free, 6 << 20);
+        let stored = || Ok::<_, ()>(0);
+        let compact = || {
+            free.store(18 << 20, Ordering::SeqCst);
+            true
+        };
+        assert!(room.admit(1000, stored, |_| Ok(0), compact).is_ok());
+        assert!(!room.short(), "the limit lifted");
+        // Short again (another program's files): compacted again only a while later.
+        free.store(4 << 20, Ordering::SeqCst);
+        later(&room);
+        assert!(room.admit(1000, stored, |_| Ok(0), no_compact).is_err());
+    }
+
+    /// A large event on a short disk took more than the room kept (its pages in one run, past
+    /// the file's end) and filled the disk. It now waits unless half the room left holds it.
+    #[test]
+    fn regression_an_event_larger_than_the_room_left_filled_the_disk() {
+        let free = Arc::new(AtomicU64::new(1 << 20));
+        let room = room(&free, 2 << 20);
+        let held = AtomicU64::new(10 << 20);
+        let stored = || Ok::<_, ()>(held.load(Ordering::SeqCst));
+        // Under the cap once pruned, but 3 MB on a disk with 1 MiB left: it waits.
+        let prune = |target| {
+            held.store(target, Ordering::SeqCst);
+            Ok(5)
+        };
+        assert!(room.admit(3 << 20, stored, prune, || false).is_err());
+        // A small one goes.
+        assert!(room.admit(100 << 10, stored, |_| Ok(0), no_compact).is_ok());
     }
 
     #[test]
     fn a_room_that_cannot_be_read_holds_nothing_back() {
         let free = Arc::new(AtomicU64::new(0));
         let room = room(&free, 64 << 20);
-        assert!(room.admit(1, || Err(()), |_| Err(())).is_ok());
+        assert!(room.admit(1, || Err(()), |_| Err(()), no_compact).is_ok());
     }
 
     #[test]

@@ -1079,6 +1079,25 @@ impl Committer {
                 }
                 Ok(pruned)
             },
+            || match self.spool.compact() {
+                Ok(Some((before, after))) => {
+                    info!(
+                        before = %super::room::mib(before),
+                        after = %super::room::mib(after),
+                        "disk short of room: compacted the spool's file to give its free pages \
+                         back to the disk"
+                    );
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    warn!(
+                        "cannot compact the spool's file: {}",
+                        crate::error::chain(&e)
+                    );
+                    false
+                }
+            },
         );
         self.waiting_room
             .store(admitted.is_err(), Ordering::Relaxed);
