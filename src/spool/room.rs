@@ -4,11 +4,16 @@
 //! delivery or pruning an event needs new blocks, and opening the file again after a failed
 //! write applies the write-ahead log, which needs them too. Nothing is delivered or taken until
 //! someone makes room. So the relay keeps `--keep-free` of the file system for those writes.
-//! Once the room left falls under it, the spool may hold no more event bytes than it held then:
-//! its file stops growing, since redb reuses the pages freed by pruning. An append that would go
-//! past that first prunes delivered events early (as a full `--max-spool-size` does); if that is
-//! not enough, its events wait in memory (the intake's pause, as on a full disk) until pruning
-//! or the disk makes room. Once the file system has `--keep-free` again, the limit is lifted.
+//!
+//! An append goes as it is if the room left after it is still `--keep-free`, counting what the
+//! file may grow by for it ([`growth`]: redb puts a large value in one run of pages, rounded up
+//! to a power of two, which the free pages here and there may not give). Otherwise the room is
+//! short: the spool may hold no more event bytes than it held then, and its file stops growing,
+//! since redb reuses the pages freed by pruning. An append that would go past that first prunes
+//! delivered events early (as a full `--max-spool-size` does); if that is not enough, its
+//! events wait in memory (the intake's pause, as on a full disk) until pruning or the disk
+//! makes room. The spell ends, and the limit is lifted, once the room would hold the last
+//! append that met it.
 //!
 //! What takes the room is measured (`statvfs`, blocks available to unprivileged users) at most
 //! every [`LOOK_EVERY`]: the keep-free room also absorbs what is written between two looks.
@@ -56,8 +61,11 @@ struct State {
     /// While the room is short: the event bytes the spool held when it fell short, the most it
     /// may hold until the room is back (`None` until an append needed it).
     cap: Option<u64>,
-    /// Whether the room being short was said (once per spell).
-    said: bool,
+    /// While the room is short (a spell, said once as it begins): the [`growth`] of the last
+    /// append that met it. The spell ends once the room left after that much is `--keep-free`:
+    /// ending it as soon as a small append fits would start it again at the next large one,
+    /// and say both each time.
+    short_for: Option<u64>,
     /// When the spool's file was last compacted to make room.
     compacted: Option<Instant>,
 }
@@ -65,17 +73,20 @@ struct State {
 /// Why an append must wait.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "the disk holding the spool has {free} free, less than --keep-free ({keep_free}), and the \
-     spool holds all the events it may while the disk is short ({stored} of them, none \
-     delivered that could be pruned): the events waiting must be delivered first (is a target \
-     down? `smee-relay events list` shows them), or free disk space (the spool's own file keeps \
-     its size), or restart with a lower --keep-free",
+    "the disk holding the spool has {free} free, too little to store the {waiting} of events \
+     waiting and leave --keep-free ({keep_free}), and the spool holds all the events it may \
+     while the disk is short ({stored} of them, none delivered that could be pruned): the \
+     events waiting must be delivered first (is a target down? `smee-relay events list` shows \
+     them), or free disk space (the spool's own file keeps its size), or restart with a lower \
+     --keep-free",
     free = mib(*free),
+    waiting = mib(*waiting),
     keep_free = mib(*keep_free),
     stored = mib(*stored)
 )]
 pub struct NoRoom {
     free: u64,
+    waiting: u64,
     keep_free: u64,
     stored: u64,
 }
@@ -161,24 +172,26 @@ impl Room {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Measure the room if the last look is older than [`LOOK_EVERY`]; lift the limit if it is
-    /// back. Returns the room (`None`: not measured, nothing held back).
+    /// The room as last measured, measured again if that is older than [`LOOK_EVERY`]; the
+    /// spell of short room ended if the room is back. `None`: not measured, nothing held back.
     fn look(&self, state: &mut State) -> Option<u64> {
         let now = Instant::now();
         if state.looked.is_none_or(|at| now >= at + LOOK_EVERY) {
             state.looked = Some(now);
             state.free = self.measure();
-            if state.free.is_none_or(|free| free >= self.keep_free) {
-                if std::mem::take(&mut state.said) {
-                    info!(
-                        free = %state.free.map_or("unknown".into(), mib),
-                        "the disk holding the spool has room again: appends are no longer limited"
-                    );
-                }
-                state.cap = None;
-            }
         }
-        state.free.filter(|&free| free < self.keep_free)
+        let free = state.free;
+        if let Some(growth) = state.short_for
+            && free.is_none_or(|free| free >= self.keep_free.saturating_add(growth))
+        {
+            info!(
+                free = %free.map_or("unknown".into(), mib),
+                "the disk holding the spool has room again: appends are no longer limited"
+            );
+            state.short_for = None;
+            state.cap = None;
+        }
+        free
     }
 
     fn measure(&self) -> Option<u64> {
@@ -191,11 +204,13 @@ impl Room {
         }
     }
 
-    /// Whether the room is short now (an appender's quick look, which sends its append to the
-    /// writer thread then).
-    pub(crate) fn short(&self) -> bool {
+    /// Whether an append of `bytes` would meet short room now (an appender's quick look,
+    /// which sends its append to the writer thread then).
+    pub(crate) fn short(&self, bytes: usize) -> bool {
         let mut state = self.state();
-        self.look(&mut state).is_some()
+        let free = self.look(&mut state);
+        state.short_for.is_some()
+            || free.is_some_and(|free| free < self.keep_free.saturating_add(growth(bytes)))
     }
 
     /// Whether appends of `bytes` (events' [`crate::event::Event::held_bytes`]) may commit.
@@ -204,12 +219,12 @@ impl Room {
     /// back to the disk and says whether it did. `stored` or `prune` failing lets the append go
     /// on (its commit meets the same disk and says why).
     ///
-    /// While the disk is short, an append must fit under what the spool held when it fell
-    /// short (the cap), and take at most half the room left, should the file grow by it all (a
-    /// large event takes pages in one run, which freed pages here and there may not give).
-    /// Past that, delivered events are pruned early; then the file is compacted (at most every
-    /// [`COMPACT_EVERY`]): a spool whose own file holds the disk (it grew while a target was
-    /// down, and never shrinks) gives its free pages back, and the room may be back.
+    /// An append goes if the room left after its [`growth`] is still `--keep-free`. Otherwise
+    /// it must fit under what the spool held when the room fell short (the cap), and its growth
+    /// take at most half the room left. Past that, delivered events are pruned early; then the
+    /// file is compacted (at most every [`COMPACT_EVERY`]): a spool whose own file holds the
+    /// disk (it grew while a target was down, and never shrinks) gives its free pages back, and
+    /// the room may be back.
     pub(crate) fn admit<E>(
         &self,
         bytes: usize,
@@ -218,15 +233,20 @@ impl Room {
         compact: impl FnOnce() -> bool,
     ) -> Result<(), NoRoom> {
         let mut state = self.state();
+        let growth = growth(bytes);
         let Some(free) = self.look(&mut state) else {
             return Ok(());
         };
+        if free >= self.keep_free.saturating_add(growth) {
+            return Ok(());
+        }
         let Ok(now) = stored() else { return Ok(()) };
         let cap = *state.cap.get_or_insert(now);
-        if !std::mem::replace(&mut state.said, true) {
+        if state.short_for.replace(growth).is_none() {
             warn!(
                 free = %mib(free),
                 keep_free = %mib(self.keep_free),
+                appending = %mib(bytes as u64),
                 stored = %mib(cap),
                 "the disk holding the spool is short of room: the spool takes no more events \
                  than it holds now (their bytes, not its file's size); delivered events are \
@@ -235,9 +255,14 @@ impl Room {
         }
         // Rows take about twice what an event holds in memory (headers as JSON, the body).
         let need = 2 * bytes as u64;
-        let fits = |stored: u64, cap: u64, free: u64| stored + need <= cap && need <= free / 2;
+        let fits = |stored: u64, cap: u64, free: u64| stored + need <= cap && growth <= free / 2;
+        let admitted = |state: &mut State| {
+            // This one went: the next append's size says when the spell ends.
+            state.short_for = Some(0);
+            Ok(())
+        };
         if fits(now, cap, free) {
-            return Ok(());
+            return admitted(&mut state);
         }
         // Room for more than this append, so that a short disk does not prune on every one.
         let target = cap.saturating_sub(cap / 10 + need);
@@ -247,7 +272,7 @@ impl Room {
             false => now,
         };
         if pruned && fits(now, cap, free) {
-            return Ok(());
+            return admitted(&mut state);
         }
         if state
             .compacted
@@ -259,19 +284,30 @@ impl Room {
                 let Some(free) = self.look(&mut state) else {
                     return Ok(());
                 };
+                if state.short_for.is_none() {
+                    return Ok(()); // The room is back, for this append too.
+                }
                 // Still short, the file holds little free: what it holds now is the most it may.
                 let cap = state.cap.insert(cap.max(now));
                 if fits(now, *cap, free) {
-                    return Ok(());
+                    return admitted(&mut state);
                 }
             }
         }
         Err(NoRoom {
             free,
+            waiting: bytes as u64,
             keep_free: self.keep_free,
             stored: now,
         })
     }
+}
+
+/// The most the spool's file may grow by for appends of `bytes` (events'
+/// [`crate::event::Event::held_bytes`]): rows take about twice that (headers as JSON, the
+/// body), and redb puts a large value in one run of pages rounded up to a power of two.
+fn growth(bytes: usize) -> u64 {
+    (2 * bytes as u64).next_power_of_two()
 }
 
 #[cfg(test)]
@@ -312,7 +348,7 @@ mod tests {
             room.admit(1 << 20, stored, |_| panic!("no prune"), no_compact)
                 .is_ok()
         );
-        assert!(!room.short());
+        assert!(!room.short(0));
     }
 
     #[test]
@@ -340,15 +376,15 @@ mod tests {
         held.store(100_000, Ordering::SeqCst);
         let e = room.admit(100, stored, |_| Ok(0), || false).unwrap_err();
         assert!(e.to_string().contains("--keep-free (64 MiB)"), "{e}");
-        assert!(room.short());
-        // The room back: no limit.
-        free.store(65 << 20, Ordering::SeqCst);
+        assert!(room.short(0));
+        // The room back (for the append and what it may grow the file by): no limit.
+        free.store(66 << 20, Ordering::SeqCst);
         later(&room);
         assert!(
             room.admit(1 << 20, stored, |_| panic!("no prune"), no_compact)
                 .is_ok()
         );
-        assert!(!room.short());
+        assert!(!room.short(0));
     }
 
     /// A relay restarted on a disk its spool's file had filled (all delivered, pruned since):
@@ -364,7 +400,7 @@ mod tests {
             true
         };
         assert!(room.admit(1000, stored, |_| Ok(0), compact).is_ok());
-        assert!(!room.short(), "the limit lifted");
+        assert!(!room.short(0), "the limit lifted");
         // Short again (another program's files): compacted again only a while later.
         free.store(4 << 20, Ordering::SeqCst);
         later(&room);
@@ -389,6 +425,41 @@ mod tests {
         assert!(room.admit(100 << 10, stored, |_| Ok(0), no_compact).is_ok());
     }
 
+    /// Events of a few MB on a disk with little more than `--keep-free` left: the room was
+    /// looked at only under `--keep-free`, and one append grew the file past it and past the
+    /// disk's end. An append now goes as it is only if the room left after its growth is
+    /// still `--keep-free`.
+    #[test]
+    fn regression_an_append_went_as_it_was_though_it_would_fill_the_room_kept() {
+        let free = Arc::new(AtomicU64::new(20 << 20));
+        let room = room(&free, 2 << 20);
+        let stored = || Ok::<_, ()>(30 << 20);
+        assert_eq!(growth(5_000_000), 16 << 20);
+        // 5 MB may grow the file by 16 MiB: 18 MiB must be free.
+        assert!(!room.short(5_000_000));
+        free.store(17 << 20, Ordering::SeqCst);
+        later(&room);
+        assert!(room.short(5_000_000));
+        let e = room
+            .admit(5_000_000, stored, |_| Ok(0), || false)
+            .unwrap_err();
+        assert!(e.to_string().contains("4.8 MiB of events waiting"), "{e}");
+        // Small ones still go, and the spell goes on while the large one waits.
+        assert!(
+            room.admit(1000, stored, |_| panic!("no prune"), no_compact)
+                .is_ok()
+        );
+        assert!(room.short(1000), "the spell ended at a small append");
+        // With room for it, the spell ends.
+        free.store(18 << 20, Ordering::SeqCst);
+        later(&room);
+        assert!(!room.short(1000));
+        assert!(
+            room.admit(5_000_000, stored, |_| panic!("no prune"), no_compact)
+                .is_ok()
+        );
+    }
+
     #[test]
     fn a_room_that_cannot_be_read_holds_nothing_back() {
         let free = Arc::new(AtomicU64::new(0));
@@ -401,6 +472,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let room = Room::new(dir.path().to_owned(), 1);
         assert!(room.measure().is_some_and(|free| free > 0));
-        assert!(!room.short());
+        assert!(!room.short(0));
     }
 }

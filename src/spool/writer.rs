@@ -466,7 +466,10 @@ impl SpoolWriter {
         if events != 1
             || job.bytes > super::wal::MAX_LOGGED_BYTES
             || !committer.gate().open(Instant::now())
-            || committer.room.get().is_some_and(Room::short)
+            || committer
+                .room
+                .get()
+                .is_some_and(|room| room.short(job.bytes))
         {
             return Some(job);
         }
@@ -1993,6 +1996,43 @@ mod tests {
         assert!(writer.writable().load(Ordering::Relaxed));
         assert_eq!(spool.write_error(), None);
         assert!(free() > 0);
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// With a small `--keep-free` and events of a few MB, the disk filled before the room was
+    /// ever seen short: an append was looked at only once the room was under `--keep-free`,
+    /// and one append grew the file past it and past the disk's end (redb puts a large value
+    /// in one run of pages, rounded up to a power of two). An append now goes as it is only if
+    /// the room left after it, grown so, is still `--keep-free`.
+    #[tokio::test]
+    async fn regression_events_larger_than_the_room_kept_filled_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (factory, free) = DiskFull::sized(24 << 20);
+        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::ZERO);
+        let _ = writer.committer.room.set(Room::fake(free.clone(), 2 << 20));
+        let routes = ["r".to_string()];
+        let big = |n: u64| -> Arc<[Event]> {
+            Arc::from(vec![Event {
+                body: bytes::Bytes::from(vec![b'x'; 5_000_000 + n as usize]),
+                ..event(n)
+            }])
+        };
+        // The target is down: events pile up until they wait for room.
+        let mut n = 0;
+        let no_room = loop {
+            match writer.append("c", &routes, big(n), None).await {
+                Ok(ids) => assert!(ids.iter().all(Option::is_some), "refused, not waiting"),
+                Err(e) => break e,
+            }
+            n += 1;
+            assert!(n < 100, "the disk never ran short");
+        };
+        assert!(matches!(no_room, SpoolError::NoRoom(_)), "{no_room}");
+        assert_eq!(spool.write_error(), None, "the disk refused a write");
+        assert!(n >= 1, "the disk took none");
+        assert!(free() >= 2 << 20, "{} left of the room kept", free());
         drop(writer);
         thread.join().unwrap();
     }
