@@ -238,7 +238,7 @@ pub async fn run(
     let health = Arc::new(Health {
         channels: Default::default(),
         spool_writable: writer.writable(),
-        spool_waiting: writer.waiting_for_room(),
+        spool_paused_why: writer.why_paused(),
         cluster: cluster.clone(),
         ..Default::default()
     });

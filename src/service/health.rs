@@ -39,9 +39,9 @@ pub struct Health {
     pub channels: std::sync::Mutex<Vec<Arc<ChannelStatus>>>,
     /// False after a failed spool commit, true again after a good one (set by the writer).
     pub spool_writable: Arc<AtomicBool>,
-    /// Why appends wait while the spool's disk is short of room (`--keep-free`), if they do
-    /// (set by the writer): `spool_writable` is false then, and this says why.
-    pub spool_waiting: Arc<std::sync::Mutex<Option<String>>>,
+    /// Why appends wait, if they do (set by the writer: the spool's disk short of room for
+    /// `--keep-free`, or a failed commit): `spool_writable` is false then, and this says why.
+    pub spool_paused_why: Arc<std::sync::Mutex<Option<String>>>,
     /// In a cluster: NATS unreachable past the grace period is a problem.
     pub cluster: Option<crate::cluster::Cluster>,
     /// The watched tasks ([`Health::watch`]) that ended before they were asked to, how, and
@@ -128,7 +128,7 @@ impl Health {
             problems.push(problem);
         }
         if !self.spool_writable.load(Ordering::Relaxed) {
-            let waiting = lock(&self.spool_waiting).clone();
+            let waiting = lock(&self.spool_paused_why).clone();
             problems.push(match waiting {
                 Some(why) => format!("intake paused: {why}"),
                 None => "the spool does not take writes (see the log)".into(),

@@ -362,7 +362,7 @@ impl SpoolWriter {
             }),
             room: std::sync::OnceLock::new(),
             waiting_room: false.into(),
-            room_why: Arc::default(),
+            paused_why: Arc::default(),
         });
         // Made before the thread starts, which then looks once (`Queue::look`): a request made
         // between the spool's open and the watch is found by that look, any later one told.
@@ -588,9 +588,9 @@ impl SpoolWriter {
         }
     }
 
-    /// Why appends wait for room on the disk, while they do ([`Room`]).
-    pub fn waiting_for_room(&self) -> Arc<Mutex<Option<String>>> {
-        self.committer.room_why.clone()
+    /// Why appends wait, while they do: the disk short of room ([`Room`]) or a failed commit.
+    pub fn why_paused(&self) -> Arc<Mutex<Option<String>>> {
+        self.committer.paused_why.clone()
     }
 
     /// Whether the last commit succeeded.
@@ -717,8 +717,9 @@ struct Committer {
     /// Whether appends wait for room ([`Committer::make_room`]): the spool then does not take
     /// writes as far as `/healthz` is concerned, though marks still commit.
     waiting_room: std::sync::atomic::AtomicBool,
-    /// Why, while they do (for `/healthz`).
-    room_why: Arc<Mutex<Option<String>>>,
+    /// Why appends wait, while they do (for `/healthz`): [`Committer::make_room`]'s answer, or
+    /// the last commit's error.
+    paused_why: Arc<Mutex<Option<String>>>,
 }
 
 /// When appenders may commit inline: only a trickle of small appends on a fast disk, where the
@@ -1108,6 +1109,7 @@ impl Committer {
             return batch;
         };
         self.writable.store(false, Ordering::Relaxed);
+        self.say_paused(Some(no_room.to_string()));
         let (waiting, rest): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(appends);
         for job in waiting {
             if let Some(reply) = job.reply {
@@ -1115,6 +1117,12 @@ impl Committer {
             }
         }
         rest
+    }
+
+    /// Set why appends wait (`None`: they do not), for `/healthz`.
+    fn say_paused(&self, why: Option<String>) {
+        // A plain value: nothing a panic could leave half-changed.
+        *self.paused_why.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     /// Answer each job of `batch` with `result`, its write's outcome, as [`Committer::commit`]
@@ -1128,6 +1136,14 @@ impl Committer {
         self.gate().last_end = Some(Instant::now());
         let writable = result.is_ok() && !self.waiting_room.load(Ordering::Relaxed);
         let was_writable = self.writable.swap(writable, Ordering::Relaxed);
+        match &result {
+            Err(e) => self.say_paused(Some(format!(
+                "cannot write to the spool: {}",
+                crate::error::chain(e)
+            ))),
+            Ok(_) if writable => self.say_paused(None),
+            Ok(_) => {}
+        }
         match result {
             Ok(report) => {
                 if report.pruned > 0 {
@@ -1966,6 +1982,9 @@ mod tests {
             !writer.writable().load(Ordering::Relaxed),
             "/healthz answers 503"
         );
+        // And says why (it said "see the log": nothing ever set the reason).
+        let why = writer.why_paused().lock().unwrap().clone();
+        assert!(why.is_some_and(|why| why.contains("--keep-free")));
         // Read in pages: a read holds a few MiB of bodies at most.
         let mut stored: Vec<crate::spool::Queued> = Vec::new();
         loop {
@@ -1994,6 +2013,7 @@ mod tests {
             assert!(ids.iter().all(Option::is_some));
         }
         assert!(writer.writable().load(Ordering::Relaxed));
+        assert_eq!(*writer.why_paused().lock().unwrap(), None);
         assert_eq!(spool.write_error(), None);
         assert!(free() > 0);
         drop(writer);
@@ -2082,11 +2102,14 @@ mod tests {
         })
         .await;
         assert!(!writer.writable().load(Ordering::Relaxed));
+        let why = writer.why_paused().lock().unwrap().clone();
+        assert!(why.is_some_and(|why| why.starts_with("cannot write to the spool: ")));
 
         // Room again: the thread's next commit takes the mark along.
         full.store(false, Ordering::SeqCst);
         spool.break_wal(false);
         writer.commit(Vec::new()).await.unwrap();
+        assert_eq!(*writer.why_paused().lock().unwrap(), None);
         assert_delivered(&spool, queued[0].event.id);
         append_one(&writer, 3).await;
         drop(writer);
