@@ -6,7 +6,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{FakeChannel, FakeTarget, LogWatch, PATIENCE, smee_relay};
+use support::{FakeChannel, FakeTarget, LogWatch, PATIENCE, refused, smee_relay};
 
 /// `smee-relay forward ARGS...`, its stderr watched.
 fn forward_watched(args: &[&str]) -> (tokio::process::Child, LogWatch) {
@@ -443,19 +443,17 @@ async fn regression_a_state_dir_that_is_a_file_was_said_to_exist() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("state");
     std::fs::write(&file, b"not a directory").unwrap();
-    let out = smee_relay()
-        .args([
-            "forward",
-            "http://127.0.0.1:9/ch",
-            "http://127.0.0.1:9/hook",
-        ])
-        .arg("--state-dir")
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(
+        smee_relay()
+            .args([
+                "forward",
+                "http://127.0.0.1:9/ch",
+                "http://127.0.0.1:9/hook",
+            ])
+            .arg("--state-dir")
+            .arg(&file),
+    )
+    .await;
     assert!(stderr.contains("is a file, not a directory"), "{stderr}");
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
 }

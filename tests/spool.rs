@@ -5,7 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{FakeChannel, FakeTarget, LogWatch, Relay, relay_options, smee_relay, unused_addr};
+use support::{
+    FakeChannel, FakeTarget, LogWatch, Relay, refused, relay_options, smee_relay, unused_addr,
+};
 
 fn webhook(seq: u64) -> String {
     format!(r#"{{"content-type":"application/json","body":{{"seq":{seq}}}}}"#)
@@ -303,15 +305,7 @@ async fn assert_refused(dir: &std::path::Path, why: &str) {
         vec!["events", "list"],
         vec!["forward", "http://127.0.0.1:9/Chan", "http://127.0.0.1:9/"],
     ] {
-        let output = smee_relay()
-            .args(&args)
-            .arg("--state-dir")
-            .arg(dir)
-            .output()
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?} ({why}): {stderr}");
+        let stderr = refused(smee_relay().args(&args).arg("--state-dir").arg(dir)).await;
         let log = dir.join("spool.wal");
         assert!(
             stderr.contains(&file.display().to_string())
@@ -411,15 +405,13 @@ async fn another_spelling_of_a_running_channel_exits_2_naming_the_holder_pid() {
         "HTTP://127.0.0.1:{}/TestChannel123/?x=1",
         channel.addr.port()
     );
-    let output = smee_relay()
-        .args(["forward", &spelling, &target.url("/")])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let stderr = refused(
+        smee_relay()
+            .args(["forward", &spelling, &target.url("/")])
+            .arg("--state-dir")
+            .arg(&state_dir),
+    )
+    .await;
     assert!(
         stderr.contains(&format!(
             "another smee-relay (pid {}) already relays",
@@ -598,19 +590,17 @@ async fn after_a_kill_9_of_a_relay_holding_its_spool_alone_events_and_a_restart_
 #[tokio::test]
 async fn a_keep_free_beyond_the_whole_disk_is_refused_at_start() {
     let state_dir = tempfile::tempdir().unwrap();
-    let output = smee_relay()
-        .args([
-            "forward",
-            "http://127.0.0.1:9/channel",
-            "http://127.0.0.1:9/",
-        ])
-        .args(["--keep-free", "16777216GiB", "--state-dir"])
-        .arg(state_dir.path())
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let stderr = refused(
+        smee_relay()
+            .args([
+                "forward",
+                "http://127.0.0.1:9/channel",
+                "http://127.0.0.1:9/",
+            ])
+            .args(["--keep-free", "16777216GiB", "--state-dir"])
+            .arg(state_dir.path()),
+    )
+    .await;
     assert!(
         stderr.contains("--keep-free 16384 TiB is at least the size of the whole file system"),
         "{stderr}"

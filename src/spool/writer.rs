@@ -1230,6 +1230,55 @@ mod tests {
         writer_watched(spool, pace, mark_delay, false)
     }
 
+    /// Append `batch(0)`, `batch(1)`, ... to route `r` until the spool answers that they must
+    /// wait for room; returns how many were stored, and that answer.
+    async fn append_until_no_room(
+        writer: &SpoolWriter,
+        batch: impl Fn(u64) -> Arc<[Event]>,
+    ) -> (u64, SpoolError) {
+        let routes = ["r".to_string()];
+        for n in 0..10_000 {
+            match writer.append("c", &routes, batch(n), None).await {
+                Ok(ids) => assert!(ids.iter().all(Option::is_some), "refused, not waiting"),
+                Err(e) => {
+                    assert!(matches!(e, SpoolError::NoRoom(_)), "{e}");
+                    return (n, e);
+                }
+            }
+        }
+        panic!("the disk never ran short");
+    }
+
+    /// A writer on a spool on a test's disk, keeping some of it free ([`on_a_small_disk`]).
+    struct SmallDisk {
+        /// Removed when the test ends.
+        _dir: tempfile::TempDir,
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        thread: std::thread::JoinHandle<()>,
+        /// What the disk has free.
+        free: Arc<dyn Fn() -> u64 + Send + Sync>,
+    }
+
+    /// A writer on a spool on a test's disk of `size` bytes, keeping `keep_free` of it free.
+    fn on_a_small_disk(size: u64, keep_free: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let (factory, free) = DiskFull::sized(size);
+        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::ZERO);
+        let _ = writer
+            .committer
+            .room
+            .set(Room::fake(free.clone(), keep_free));
+        SmallDisk {
+            _dir: dir,
+            spool,
+            writer,
+            thread,
+            free,
+        }
+    }
+
     /// [`writer_on`], with a watch for requests to share if `watched`, as a relay's is.
     fn writer_watched(
         spool: &Arc<Spool>,
@@ -1941,16 +1990,12 @@ mod tests {
     /// and the next append prunes them early and fits in the pages they freed.
     #[tokio::test]
     async fn regression_a_spool_that_filled_its_disk_could_record_nothing_more() {
-        let dir = tempfile::tempdir().unwrap();
-        let (factory, free) = DiskFull::sized(16 << 20);
-        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::ZERO);
         let keep_free = 4 << 20;
-        assert!(free() > keep_free, "the test's disk has room to begin with");
-        let _ = writer
-            .committer
-            .room
-            .set(Room::fake(free.clone(), keep_free));
+        let disk = on_a_small_disk(16 << 20, keep_free);
+        assert!(
+            (disk.free)() > keep_free,
+            "the test's disk has room to begin with"
+        );
         let routes = ["r".to_string()];
         let batch = |from: u64| -> Arc<[Event]> {
             (from..from + 16)
@@ -1962,34 +2007,26 @@ mod tests {
         };
 
         // The target is down: events pile up until the disk is short, then wait.
-        let mut n = 0;
-        let no_room = loop {
-            match writer.append("c", &routes, batch(n), None).await {
-                Ok(ids) => assert!(ids.iter().all(Option::is_some), "refused, not waiting"),
-                Err(e) => break e,
-            }
-            n += 16;
-            assert!(n < 100_000, "the disk never ran short");
-        };
-        assert!(matches!(no_room, SpoolError::NoRoom(_)), "{no_room}");
+        let (batches, no_room) = append_until_no_room(&disk.writer, |n| batch(16 * n)).await;
+        let n = 16 * batches;
         assert!(no_room.to_string().contains("--keep-free"), "{no_room}");
         assert_eq!(
-            spool.write_error(),
+            disk.spool.write_error(),
             None,
             "the disk itself never refused a write"
         );
         assert!(
-            !writer.writable().load(Ordering::Relaxed),
+            !disk.writer.writable().load(Ordering::Relaxed),
             "/healthz answers 503"
         );
         // And says why (it said "see the log": nothing ever set the reason).
-        let why = writer.why_paused().lock().unwrap().clone();
+        let why = disk.writer.why_paused().lock().unwrap().clone();
         assert!(why.is_some_and(|why| why.contains("--keep-free")));
         // Read in pages: a read holds a few MiB of bodies at most.
         let mut stored: Vec<crate::spool::Queued> = Vec::new();
         loop {
             let after = stored.last().map_or(0, |queued| queued.seq);
-            let page = spool.pending("r", after, usize::MAX).unwrap();
+            let page = disk.spool.pending("r", after, usize::MAX).unwrap();
             if page.is_empty() {
                 break;
             }
@@ -1999,25 +2036,26 @@ mod tests {
 
         // The target is back: every delivery is recorded, on the room kept.
         for queued in &stored {
-            writer.finish(delivered(queued)).unwrap();
+            disk.writer.finish(delivered(queued)).unwrap();
         }
-        writer.commit(Vec::new()).await.unwrap();
-        assert!(spool.pending("r", 0, usize::MAX).unwrap().is_empty());
+        disk.writer.commit(Vec::new()).await.unwrap();
+        assert!(disk.spool.pending("r", 0, usize::MAX).unwrap().is_empty());
         // And events are taken again (half as many: those delivered make room for them, the
         // undelivered take it), in the pages of those delivered, pruned early.
         for more in 0..(n / 32) {
-            let ids = writer
+            let ids = disk
+                .writer
                 .append("c", &routes, batch(n + 16 * more), None)
                 .await
                 .unwrap();
             assert!(ids.iter().all(Option::is_some));
         }
-        assert!(writer.writable().load(Ordering::Relaxed));
-        assert_eq!(*writer.why_paused().lock().unwrap(), None);
-        assert_eq!(spool.write_error(), None);
-        assert!(free() > 0);
-        drop(writer);
-        thread.join().unwrap();
+        assert!(disk.writer.writable().load(Ordering::Relaxed));
+        assert_eq!(*disk.writer.why_paused().lock().unwrap(), None);
+        assert_eq!(disk.spool.write_error(), None);
+        assert!((disk.free)() > 0);
+        drop(disk.writer);
+        disk.thread.join().unwrap();
     }
 
     /// With a small `--keep-free` and events of a few MB, the disk filled before the room was
@@ -2027,12 +2065,7 @@ mod tests {
     /// the room left after it, grown so, is still `--keep-free`.
     #[tokio::test]
     async fn regression_events_larger_than_the_room_kept_filled_the_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let (factory, free) = DiskFull::sized(24 << 20);
-        let spool = Arc::new(Spool::open_with(dir.path(), factory).unwrap());
-        let (writer, thread) = writer_on(&spool, COMMIT_PACE, Duration::ZERO);
-        let _ = writer.committer.room.set(Room::fake(free.clone(), 2 << 20));
-        let routes = ["r".to_string()];
+        let disk = on_a_small_disk(24 << 20, 2 << 20);
         let big = |n: u64| -> Arc<[Event]> {
             Arc::from(vec![Event {
                 body: bytes::Bytes::from(vec![b'x'; 5_000_000 + n as usize]),
@@ -2040,21 +2073,16 @@ mod tests {
             }])
         };
         // The target is down: events pile up until they wait for room.
-        let mut n = 0;
-        let no_room = loop {
-            match writer.append("c", &routes, big(n), None).await {
-                Ok(ids) => assert!(ids.iter().all(Option::is_some), "refused, not waiting"),
-                Err(e) => break e,
-            }
-            n += 1;
-            assert!(n < 100, "the disk never ran short");
-        };
-        assert!(matches!(no_room, SpoolError::NoRoom(_)), "{no_room}");
-        assert_eq!(spool.write_error(), None, "the disk refused a write");
+        let (n, _) = append_until_no_room(&disk.writer, big).await;
+        assert_eq!(disk.spool.write_error(), None, "the disk refused a write");
         assert!(n >= 1, "the disk took none");
-        assert!(free() >= 2 << 20, "{} left of the room kept", free());
-        drop(writer);
-        thread.join().unwrap();
+        assert!(
+            (disk.free)() >= 2 << 20,
+            "{} left of the room kept",
+            (disk.free)()
+        );
+        drop(disk.writer);
+        disk.thread.join().unwrap();
     }
 
     /// An inline commit that fails tells its appender, as the thread's does, and gives the

@@ -590,6 +590,15 @@ pub fn smee_relay() -> tokio::process::Command {
     command
 }
 
+/// Run `command` to its end: it must refuse to start (exit 2, a usage or setup error).
+/// Returns its stderr, which says why.
+pub async fn refused(command: &mut tokio::process::Command) -> String {
+    let output = command.output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{command:?}: {stderr}");
+    stderr
+}
+
 /// Collects a child's stderr lines so a test can wait for a log line.
 pub struct LogWatch {
     lines: Arc<Mutex<Vec<String>>>,
