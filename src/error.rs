@@ -17,6 +17,29 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether `error` or one of its causes is the file system saying it is full (`ENOSPC`, or a
+/// quota: `EDQUOT`).
+pub fn disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        // redb's error holds the I/O error without giving it as its source.
+        let io = match error.downcast_ref::<redb::Error>() {
+            Some(redb::Error::Io(io)) => Some(io),
+            _ => error.downcast_ref::<std::io::Error>(),
+        };
+        if io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        }) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// `1 channel`, `2 channels`, `0 rules`: a count as a sentence says it ("1 attempts" read as a
 /// slip in every message that printed one).
 pub fn count(n: usize, one: &str, many: &str) -> String {

@@ -607,8 +607,14 @@ pub struct Spool {
     /// must not wait ([`Spool::try_write_logged`]) tries, rather than block in redb behind a
     /// prune's scan.
     writing: std::sync::Mutex<()>,
-    /// Why the last write failed, until one succeeds (for systemd's STATUS= line).
+    /// Why the last write failed, until one succeeds (for systemd's STATUS= line); after a
+    /// failed append, until an append succeeds.
     write_error: std::sync::Mutex<Option<String>>,
+    /// Whether a write that appended events failed since writes last worked: a write that
+    /// appends nothing (a delivery recorded in pages already written) may succeed on a disk too
+    /// full for events, and is not the end of the outage (it said "takes writes again", and
+    /// the next append failed again, by turns).
+    appends_refused: std::sync::atomic::AtomicBool,
     /// How the file is opened: the plain file, or in tests a backend that injects faults.
     backend: backend::Factory,
     /// For messages.
@@ -825,6 +831,7 @@ impl Spool {
             needs_reopen: false.into(),
             writing: std::sync::Mutex::new(()),
             write_error: Default::default(),
+            appends_refused: Default::default(),
             backend,
             path,
             instance: opened.instance,
@@ -978,7 +985,7 @@ impl Spool {
         // relay's reads too. Those asking wait, then give up with what to do.
         let committed = match db.as_ref() {
             _ if self.logged() == 0 => Ok(()),
-            Some(open) => self.transact(open, |_| Ok(()), |_| true),
+            Some(open) => self.transact(open, |_| Ok(()), |_| true, false),
             // Closed after a failed reopen: it holds nothing the log does not.
             None => Err(SpoolError::Reopening),
         };
@@ -1131,6 +1138,11 @@ impl Spool {
         self.write_error.lock().expect("not poisoned").clone()
     }
 
+    /// Whether writes succeed (the last one did, and so did the last that appended).
+    pub(crate) fn takes_writes(&self) -> bool {
+        self.write_error.lock().expect("not poisoned").is_none()
+    }
+
     /// Open the database again (after a failed write left redb refusing every later one), in
     /// the mode it was in (shared, if a switch of modes failed).
     fn reopen(&self) -> Result<(), SpoolError> {
@@ -1241,7 +1253,7 @@ impl Spool {
         self.reopen_if_needed()?;
         let db = self.db.read().expect("not poisoned");
         let db = db.as_ref().ok_or(SpoolError::Reopening)?;
-        self.transact(db, f, wrote)
+        self.transact(db, f, wrote, false)
     }
 
     /// After a failed write, open the database again first (redb refuses every later one).
@@ -1253,12 +1265,13 @@ impl Spool {
     }
 
     /// [`Spool::update_if`] on `db` (a synced commit). It makes what the write-ahead log holds
-    /// durable in the file: the log starts over.
+    /// durable in the file: the log starts over. `appends`: whether `f` appends events.
     fn transact<T>(
         &self,
         db: &Database,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, redb::Error>,
         wrote: impl FnOnce(&T) -> bool,
+        appends: bool,
     ) -> Result<T, SpoolError> {
         // The log before the lock of write transactions, as every writer takes them.
         let mut log = self.log();
@@ -1292,11 +1305,17 @@ impl Spool {
                     self.applied(log, after);
                     log.persisted(persisted, after);
                 }
-                self.writes_again();
+                self.writes_again(appends);
                 Ok(out)
             }
-            Ok(Err(e)) => Err(self.commit_failed(e)),
-            Err(panic) => Err(self.write_panicked(panic)),
+            failed => {
+                self.write_refused(appends);
+                Err(match failed {
+                    Ok(Err(e)) => self.commit_failed(e),
+                    Err(panic) => self.write_panicked(panic),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                })
+            }
         }
     }
 
@@ -1326,8 +1345,22 @@ impl Spool {
         }
     }
 
-    /// A commit succeeded: if writes failed before, say that they work again.
-    fn writes_again(&self) {
+    /// A commit failed; it appended events if `appends`.
+    fn write_refused(&self, appends: bool) {
+        if appends {
+            self.appends_refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A commit succeeded (one that appended events if `appends`): if writes failed before,
+    /// say that they work again; after a failed append, only once an append succeeds.
+    fn writes_again(&self, appends: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !appends && self.appends_refused.load(Relaxed) {
+            return;
+        }
+        self.appends_refused.store(false, Relaxed);
         if self
             .write_error
             .lock()
@@ -1426,7 +1459,8 @@ impl Spool {
         else {
             drop(log);
             let now = now_ms();
-            return self.transact(db, |t| apply(t, writes, now, limits), |_| true);
+            let appends = appended_bytes(writes.iter().copied()) > 0;
+            return self.transact(db, |t| apply(t, writes, now, limits), |_| true, appends);
         };
         self.log_and_apply(db, log, self.writing(), &writes, limits, false)
             .expect("a write that may wait is always done")
@@ -1488,6 +1522,7 @@ impl Spool {
         quick: bool,
     ) -> Option<Result<WriteReport, SpoolError>> {
         let now = now_ms();
+        let appends = appended_bytes(writes.iter().copied()) > 0;
         let was_failing = log.failing();
         // Checked again under the log's lock: a commit that failed since the caller looked may
         // have reached the disk in part, and only the reopen knows the counters then.
@@ -1571,10 +1606,11 @@ impl Spool {
                 if let Some(persisted) = persisted {
                     log.persisted(persisted, after);
                 }
-                self.writes_again();
+                self.writes_again(appends);
                 Ok(report)
             }
             failed => {
+                self.write_refused(appends);
                 // Its appenders are told it failed, and try again: the record must not be
                 // applied by the reopen that follows, nor by a start after a crash. (Deferred
                 // records stay in the log: the reopen applies them.)
@@ -2613,11 +2649,10 @@ fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
         .sum()
 }
 
-/// The last replay of this process that applied records, said at `INFO`: the spool, its
-/// instance, and the log records it applied (after the one durable in the file, up to the
-/// last). Applying the same again is not news ([`replay`]).
-static LAST_REPLAY_SAID: std::sync::Mutex<Option<(PathBuf, u64, u64, u64)>> =
-    std::sync::Mutex::new(None);
+/// The spools (and their instance) of which this process said at `INFO` that it applied
+/// records of the log ([`replay`]). After that, a replay is a reopen after a failed write (the
+/// disk full), applying what this process logged: not news, however many times it happens.
+static REPLAYS_SAID: std::sync::Mutex<Vec<(PathBuf, u64)>> = std::sync::Mutex::new(Vec::new());
 
 /// What [`replay`] leaves: the log's records as read, the last record durable in the file, and
 /// whether the file is still of an older format.
@@ -2757,12 +2792,16 @@ fn replay(
         }
         txn.commit()?;
     }
-    // The same records applied again by the same process (a relay that cannot write, on a full
-    // disk, opens the file again about twice a second): said once, not at every open.
-    let said = (spool.to_owned(), instance, durable, applied);
+    // Records applied again by the same process (a relay that cannot write, on a full disk,
+    // opens the file again about twice a second, and logs deliveries meanwhile): said once.
     let again = records > 0 && {
-        let mut last = LAST_REPLAY_SAID.lock().unwrap_or_else(|e| e.into_inner());
-        last.replace(said.clone()) == Some(said)
+        let mut said = REPLAYS_SAID.lock().unwrap_or_else(|e| e.into_inner());
+        let this = (spool.to_owned(), instance);
+        let again = said.contains(&this);
+        if !again {
+            said.push(this);
+        }
+        again
     };
     if again {
         tracing::debug!(

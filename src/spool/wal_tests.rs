@@ -645,6 +645,75 @@ fn regression_each_reopen_on_a_full_disk_said_the_relay_had_stopped_without_a_ch
     relay.checkpoint().unwrap();
 }
 
+/// The same, with a new record logged between two failed writes (a delivery recorded while
+/// appends fail on a disk too full for them): each reopen applied records not applied before,
+/// and said so at `INFO`, about once a second for as long as the disk was full. Records applied
+/// by a reopen of the process's own spool are said once.
+#[test]
+fn regression_each_reopen_on_a_full_disk_said_so_again_when_a_record_was_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, full) = on_a_disk_that_fills(dir.path());
+    let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+    for n in 0..3 {
+        full.store(false, SeqCst);
+        logged(&relay, appending(10 * n + 1, 1));
+        full.store(true, SeqCst);
+        assert!(relay.checkpoint().is_err());
+        // The reopen before the read applies the record, on the full disk.
+        let _ = relay.pending(A, 0, 10);
+    }
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let said = logs.matches("stopped without a checkpoint").count();
+    assert_eq!(said, 1, "{logs}");
+    full.store(false, SeqCst);
+    relay.checkpoint().unwrap();
+    assert_eq!(view(&relay).0[0].len(), 3, "every record applied");
+}
+
+/// On a disk too full for events, a delivery recorded in pages already written succeeded:
+/// the spool said "takes writes again", the relay's health went back to 200, and the next
+/// append failed with the same ERROR, by turns, about once a second. After a failed append,
+/// the spool takes writes again only once an append succeeds.
+#[test]
+fn regression_a_delivery_recorded_on_a_disk_too_full_for_events_said_it_took_writes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, full) = on_a_disk_that_fills(dir.path());
+    for n in 0..20 {
+        spool.write(&[appending(10 * n + 1, 5)], ROOM).unwrap();
+    }
+    spool.checkpoint().unwrap();
+    full.store(true, SeqCst);
+    let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+    let large = || Write::Append {
+        channel: "https://smee.io/abc".into(),
+        routes: vec![A.into()],
+        events: vec![Event {
+            body: Bytes::from(vec![b'x'; 1 << 20]),
+            ..event(500)
+        }]
+        .into(),
+        cursor: None,
+    };
+    assert!(spool.write_logged(&[large()], ROOM).is_err());
+    let head = spool.pending(A, 0, 1).unwrap().remove(0);
+    let mark = Write::Mark {
+        route: A.into(),
+        seq: head.seq,
+        event: head.event.id,
+        outcome: Outcome::Delivered { status: 200 },
+    };
+    spool
+        .write_logged(&[mark], ROOM)
+        .expect("a mark fits in pages written");
+    assert!(spool.write_error().is_some(), "appends still fail");
+    assert!(!spool.takes_writes());
+    full.store(false, SeqCst);
+    logged(&spool, large());
+    assert!(spool.takes_writes());
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert_eq!(logs.matches("takes writes again").count(), 1, "{logs}");
+}
+
 /// A spool file restored from a backup taken after the log's last checkpoint, but written to
 /// since (a synced append): the log's next records expect counters the file no longer has.
 #[test]

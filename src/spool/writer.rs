@@ -1134,13 +1134,14 @@ impl Committer {
         result: Result<super::WriteReport, SpoolError>,
     ) -> Result<usize, Vec<Job>> {
         self.gate().last_end = Some(Instant::now());
-        let writable = result.is_ok() && !self.waiting_room.load(Ordering::Relaxed);
+        // A commit of marks alone may succeed while appends fail (a disk too full for
+        // events): the spool still refuses writes then, as far as appenders are concerned.
+        let writable = result.is_ok()
+            && !self.waiting_room.load(Ordering::Relaxed)
+            && self.spool.takes_writes();
         let was_writable = self.writable.swap(writable, Ordering::Relaxed);
         match &result {
-            Err(e) => self.say_paused(Some(format!(
-                "cannot write to the spool: {}",
-                crate::error::chain(e)
-            ))),
+            Err(e) => self.say_paused(Some(cannot_write(e))),
             Ok(_) if writable => self.say_paused(None),
             Ok(_) => {}
         }
@@ -1188,9 +1189,9 @@ impl Committer {
                 // Once per outage, not once per try: the spool tells when it takes writes again.
                 if was_writable {
                     error!(
-                        "cannot write to the spool: {}; new events wait (intake paused) and \
-                         /healthz answers 503 until it takes writes again",
-                        crate::error::chain(&e)
+                        "{}; new events wait (intake paused) and /healthz answers 503 until it \
+                         takes writes again",
+                        cannot_write(&e)
                     );
                 }
                 let e = Arc::new(e);
@@ -1207,6 +1208,21 @@ impl Committer {
             }
         }
     }
+}
+
+/// Why the spool refused a commit, and on a full disk what to do.
+fn cannot_write(e: &SpoolError) -> String {
+    let full = match crate::error::disk_full(e) {
+        true => {
+            "; the disk holding the spool is full: free space there (the relay resumes by \
+             itself, and nothing it received is lost)"
+        }
+        false => "",
+    };
+    format!(
+        "cannot write to the spool: {}{full}",
+        crate::error::chain(e)
+    )
 }
 
 #[cfg(test)]
@@ -2131,15 +2147,20 @@ mod tests {
         .await;
         assert!(!writer.writable().load(Ordering::Relaxed));
         let why = writer.why_paused().lock().unwrap().clone();
-        assert!(why.is_some_and(|why| why.starts_with("cannot write to the spool: ")));
+        let why = why.unwrap_or_default();
+        assert!(
+            why.starts_with("cannot write to the spool: ")
+                && why.contains("the disk holding the spool is full: free space there"),
+            "{why}"
+        );
 
         // Room again: the thread's next commit takes the mark along.
         full.store(false, Ordering::SeqCst);
         spool.break_wal(false);
         writer.commit(Vec::new()).await.unwrap();
-        assert_eq!(*writer.why_paused().lock().unwrap(), None);
         assert_delivered(&spool, queued[0].event.id);
         append_one(&writer, 3).await;
+        assert_eq!(*writer.why_paused().lock().unwrap(), None);
         drop(writer);
         thread.join().unwrap();
     }
