@@ -571,9 +571,17 @@ impl Delivery<'_> {
                 Err(e) => {
                     if !said {
                         said = true;
+                        let full = match crate::error::disk_full(&e) {
+                            true => {
+                                " (the disk holding the spool is full: free space there; the \
+                                 route resumes by itself)"
+                            }
+                            false => "",
+                        };
                         error!(
                             route = self.label,
-                            "cannot record a finished delivery, pausing this route until it can: {}",
+                            "cannot record a finished delivery, pausing this route until it \
+                             can: {}{full}",
                             crate::error::chain(&e)
                         );
                     }

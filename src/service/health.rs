@@ -110,12 +110,15 @@ impl Health {
     pub fn problems(&self) -> Vec<String> {
         let now = crate::clock::now_ms();
         let mut problems = Vec::new();
+        // A paused intake stops reading the channels once their queues are full: their
+        // silence is then the pause's (said below), not theirs.
+        let paused = !self.spool_writable.load(Ordering::Relaxed);
         for channel in self.channels.lock().expect("not poisoned").iter() {
             let last = channel.last_bytes_ms.load(Ordering::Relaxed);
             let silent = Duration::from_millis(now.saturating_sub(last));
             if last == 0 {
                 problems.push(format!("channel {} has not connected yet", channel.name));
-            } else if silent > channel.idle_timeout {
+            } else if silent > channel.idle_timeout && !paused {
                 problems.push(format!(
                     "channel {} has sent nothing for {} (idle timeout {})",
                     channel.name,
@@ -127,7 +130,7 @@ impl Health {
         if let Some(problem) = self.cluster.as_ref().and_then(|c| c.problem()) {
             problems.push(problem);
         }
-        if !self.spool_writable.load(Ordering::Relaxed) {
+        if paused {
             let waiting = lock(&self.spool_paused_why).clone();
             problems.push(match waiting {
                 Some(why) => format!("intake paused: {why}"),
@@ -230,6 +233,31 @@ mod tests {
         // a problem.
         cancel.cancel();
         assert!(health.problems().is_empty(), "{:?}", health.problems());
+    }
+
+    /// While the intake was paused (a full disk), the channels it no longer read were also
+    /// reported, as having sent nothing past their idle timeout: the user went to debug a
+    /// channel server that was fine.
+    #[test]
+    fn regression_a_paused_intake_blamed_the_channels_it_did_not_read() {
+        let health = healthy();
+        let channel = Arc::new(ChannelStatus::new(
+            "http://x/ch".into(),
+            Duration::from_secs(90),
+        ));
+        let long_ago = crate::clock::now_ms() - 120_000;
+        channel.last_bytes_ms.store(long_ago, Ordering::Relaxed);
+        health.channels.lock().unwrap().push(channel);
+        assert_eq!(
+            health.problems(),
+            ["channel http://x/ch has sent nothing for 2m (idle timeout 1m 30s)"]
+        );
+        health.spool_writable.store(false, Ordering::Relaxed);
+        *lock(&health.spool_paused_why) = Some("cannot write to the spool: full".into());
+        assert_eq!(
+            health.problems(),
+            ["intake paused: cannot write to the spool: full"]
+        );
     }
 
     #[tokio::test]

@@ -2142,17 +2142,20 @@ impl Spool {
         })
     }
 
-    /// Stored bytes and the number of pending deliveries.
     /// Give the file's free pages back to the disk (redb's compaction: pages moved to the front,
     /// the file cut after them): what makes room on a disk the spool's own file holds
     /// ([`room`]). Only while the file is open alone, and no transaction is under way (else
     /// `Ok(None)`); it waits for reads and writes under way to end, and holds the next ones for
-    /// as long as it takes. Returns the file's size before and after.
+    /// as long as it takes. Returns what the file took on the disk before and after.
     pub(crate) fn compact(&self) -> Result<Option<(u64, u64)>, SpoolError> {
         if !self.alone.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
         }
-        let size = || std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        // What the file takes on the disk (blocks): redb sizes it ahead, with holes.
+        let size = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&self.path).map_or(0, |m| m.blocks() * 512)
+        };
         let mut db = self.db.write().expect("not poisoned");
         let _writing = self.writing();
         let Some(db) = db.as_mut() else {

@@ -58,6 +58,10 @@ struct State {
     looked: Option<Instant>,
     /// The room then (bytes), `None` if it could not be measured (then nothing is held back).
     free: Option<u64>,
+    /// The [`growth`] of the appends let through since: the room is taken to be `free` less
+    /// this, and measured again once that is near `--keep-free` (a fast disk takes several
+    /// batches in one [`LOOK_EVERY`], and a look that old let them fill it).
+    spent: u64,
     /// While the room is short: the event bytes the spool held when it fell short, the most it
     /// may hold until the room is back (`None` until an append needed it).
     cap: Option<u64>,
@@ -73,22 +77,38 @@ struct State {
 /// Why an append must wait.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "the disk holding the spool has {free} free, too little to store the {waiting} of events \
-     waiting and leave --keep-free ({keep_free}), and the spool holds all the events it may \
-     while the disk is short ({stored} of them, none delivered that could be pruned): the \
-     events waiting must be delivered first (is a target down? `smee-relay events list` shows \
-     them), or free disk space (the spool's own file keeps its size), or restart with a lower \
-     --keep-free",
+    "the disk holding the spool has {free} free: the {waiting} of events waiting may take \
+     {growth} of it (a large event goes in one run of pages, rounded up to a power of two), \
+     which would leave less than --keep-free ({keep_free}), {why}",
     free = mib(*free),
     waiting = mib(*waiting),
+    growth = mib(*growth),
     keep_free = mib(*keep_free),
-    stored = mib(*stored)
+    why = match held {
+        true => format!(
+            "and the spool holds all the events it may while the disk is short ({} of them, \
+             none delivered that could be pruned): the events waiting must be delivered first \
+             (is a target down? `smee-relay events list` shows them), or free disk space \
+             (deleting events does not shrink the spool's file), or restart with a lower \
+             --keep-free",
+            mib(*stored)
+        ),
+        false => "more than half of what is free: free disk space, or restart with a lower \
+                  --keep-free (the relay also compacts the spool's file at most once a minute, \
+                  which may give room back)"
+            .into(),
+    }
 )]
 pub struct NoRoom {
     free: u64,
     waiting: u64,
+    /// What the file may grow by for them ([`growth`]).
+    growth: u64,
     keep_free: u64,
     stored: u64,
+    /// Whether the spool holds all it may (the cap), rather than the growth taking more than
+    /// half the room.
+    held: bool,
 }
 
 /// A `--keep-free` the file system could never give: every append would wait for good.
@@ -172,15 +192,19 @@ impl Room {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The room as last measured, measured again if that is older than [`LOOK_EVERY`]; the
-    /// spell of short room ended if the room is back. `None`: not measured, nothing held back.
-    fn look(&self, state: &mut State) -> Option<u64> {
+    /// The room: as last measured, less what was let through since; measured again if that
+    /// is older than [`LOOK_EVERY`] or would not leave `--keep-free` after `growth`. The spell
+    /// of short room ended if the room is back. `None`: not measured, nothing held back.
+    fn look(&self, state: &mut State, growth: u64) -> Option<u64> {
+        let room = |state: &State| state.free.map(|free| free.saturating_sub(state.spent));
+        let near = room(state).is_some_and(|free| free < self.keep_free.saturating_add(growth));
         let now = Instant::now();
-        if state.looked.is_none_or(|at| now >= at + LOOK_EVERY) {
+        if near || state.looked.is_none_or(|at| now >= at + LOOK_EVERY) {
             state.looked = Some(now);
             state.free = self.measure();
+            state.spent = 0;
         }
-        let free = state.free;
+        let free = room(state);
         if let Some(growth) = state.short_for
             && free.is_none_or(|free| free >= self.keep_free.saturating_add(growth))
         {
@@ -205,12 +229,18 @@ impl Room {
     }
 
     /// Whether an append of `bytes` would meet short room now (an appender's quick look,
-    /// which sends its append to the writer thread then).
+    /// which sends its append to the writer thread then); if not, the append is counted as
+    /// let through (it commits at once, without [`Room::admit`]).
     pub(crate) fn short(&self, bytes: usize) -> bool {
         let mut state = self.state();
-        let free = self.look(&mut state);
-        state.short_for.is_some()
-            || free.is_some_and(|free| free < self.keep_free.saturating_add(growth(bytes)))
+        let growth = growth(bytes);
+        let free = self.look(&mut state, growth);
+        let short = state.short_for.is_some()
+            || free.is_some_and(|free| free < self.keep_free.saturating_add(growth));
+        if !short {
+            state.spent = state.spent.saturating_add(growth);
+        }
+        short
     }
 
     /// Whether appends of `bytes` (events' [`crate::event::Event::held_bytes`]) may commit.
@@ -234,10 +264,11 @@ impl Room {
     ) -> Result<(), NoRoom> {
         let mut state = self.state();
         let growth = growth(bytes);
-        let Some(free) = self.look(&mut state) else {
+        let Some(free) = self.look(&mut state, growth) else {
             return Ok(());
         };
         if free >= self.keep_free.saturating_add(growth) {
+            state.spent = state.spent.saturating_add(growth);
             return Ok(());
         }
         let Ok(now) = stored() else { return Ok(()) };
@@ -257,8 +288,7 @@ impl Room {
         let need = 2 * bytes as u64;
         let fits = |stored: u64, cap: u64, free: u64| stored + need <= cap && growth <= free / 2;
         let admitted = |state: &mut State| {
-            // This one went: the next append's size says when the spell ends.
-            state.short_for = Some(0);
+            state.spent = state.spent.saturating_add(growth);
             Ok(())
         };
         if fits(now, cap, free) {
@@ -281,7 +311,7 @@ impl Room {
             state.compacted = Some(Instant::now());
             if compact() {
                 state.looked = None;
-                let Some(free) = self.look(&mut state) else {
+                let Some(free) = self.look(&mut state, growth) else {
                     return Ok(());
                 };
                 if state.short_for.is_none() {
@@ -297,8 +327,10 @@ impl Room {
         Err(NoRoom {
             free,
             waiting: bytes as u64,
+            growth,
             keep_free: self.keep_free,
             stored: now,
+            held: now + need > state.cap.unwrap_or(cap),
         })
     }
 }
@@ -376,6 +408,7 @@ mod tests {
         held.store(100_000, Ordering::SeqCst);
         let e = room.admit(100, stored, |_| Ok(0), || false).unwrap_err();
         assert!(e.to_string().contains("--keep-free (64 MiB)"), "{e}");
+        assert!(e.to_string().contains("holds all the events it may"), "{e}");
         assert!(room.short(0));
         // The room back (for the append and what it may grow the file by): no limit.
         free.store(66 << 20, Ordering::SeqCst);
@@ -420,7 +453,11 @@ mod tests {
             held.store(target, Ordering::SeqCst);
             Ok(5)
         };
-        assert!(room.admit(3 << 20, stored, prune, || false).is_err());
+        let e = room.admit(3 << 20, stored, prune, || false).unwrap_err();
+        assert!(
+            e.to_string().contains("more than half of what is free"),
+            "{e}"
+        );
         // A small one goes.
         assert!(room.admit(100 << 10, stored, |_| Ok(0), no_compact).is_ok());
     }
@@ -443,7 +480,11 @@ mod tests {
         let e = room
             .admit(5_000_000, stored, |_| Ok(0), || false)
             .unwrap_err();
-        assert!(e.to_string().contains("4.8 MiB of events waiting"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the 4.8 MiB of events waiting may take 16 MiB"),
+            "{e}"
+        );
         // Small ones still go, and the spell goes on while the large one waits.
         assert!(
             room.admit(1000, stored, |_| panic!("no prune"), no_compact)
@@ -458,6 +499,32 @@ mod tests {
             room.admit(5_000_000, stored, |_| panic!("no prune"), no_compact)
                 .is_ok()
         );
+    }
+
+    /// On a fast disk, the writer commits several batches in one [`LOOK_EVERY`]: all were
+    /// let through on a look taken before the first, and they filled the disk to its last
+    /// byte. What is let through now counts against the room until the next look, and a room
+    /// near `--keep-free` is measured again.
+    #[test]
+    fn regression_batches_let_through_on_an_old_look_filled_the_disk() {
+        let free = Arc::new(AtomicU64::new(20 << 20));
+        let room = room(&free, 2 << 20);
+        let stored = || Ok::<_, ()>(1 << 30);
+        for n in 0..20 {
+            let let_through = match n % 2 {
+                0 => room.admit(1 << 20, stored, |_| Ok(0), || false).is_ok(),
+                _ => !room.short(1 << 20),
+            };
+            if let_through {
+                // The commit takes what it may.
+                free.fetch_sub(growth(1 << 20), Ordering::SeqCst);
+            }
+            assert!(
+                free.load(Ordering::SeqCst) >= 2 << 20,
+                "append {n} left {}",
+                free.load(Ordering::SeqCst)
+            );
+        }
     }
 
     #[test]
