@@ -28,10 +28,13 @@ pub const RAW_OPT_IN: &str = "x-smee-relay-raw";
 const SMEE_KEYS: [&str; 5] = ["body", "query", "timestamp", "rawdata", "bodyB"];
 
 /// Headers that must not be replayed: hop-by-hop headers belong to the connection the channel
-/// server saw, `host` names the channel server, `content-length` is recomputed for the new body.
-pub(crate) const NEVER_FORWARDED: [&str; 8] = [
+/// server saw, `host` names the channel server, `content-length` is recomputed for the new body,
+/// and `expect` (curl's `100-continue` for a large body) was the channel server's to answer:
+/// the body is whole now, and a target may answer it with 417.
+pub(crate) const NEVER_FORWARDED: [&str; 9] = [
     "host",
     "content-length",
+    "expect",
     "connection",
     "keep-alive",
     "transfer-encoding",
@@ -336,6 +339,7 @@ mod tests {
     fn smee_keys_and_hop_by_hop_headers_are_not_headers() {
         let e = event(
             r#"{"host":"smee.io","content-length":"9","connection":"close","transfer-encoding":"chunked",
+               "expect":"100-continue",
                "proxy-authorization":"x","te":"trailers","x-github-event":"push","timestamp":1700000000000,
                "query":{},"body":{}}"#,
         );

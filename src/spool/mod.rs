@@ -2652,6 +2652,18 @@ fn appended_bytes<'w>(writes: impl IntoIterator<Item = &'w Write>) -> usize {
         .sum()
 }
 
+/// `1 record (2 events, 0 delivery marks)`: records of the write-ahead log, as messages say
+/// them.
+fn records_holding(records: usize, events: usize, marks: usize) -> String {
+    use crate::error::count;
+    format!(
+        "{} ({}, {})",
+        count(records, "record", "records"),
+        count(events, "event", "events"),
+        count(marks, "delivery mark", "delivery marks")
+    )
+}
+
 /// The spools (and their instance) of which this process said at `INFO` that it applied
 /// records of the log ([`replay`]). After that, a replay is a reopen after a failed write (the
 /// disk full), applying what this process logged: not news, however many times it happens.
@@ -2815,9 +2827,10 @@ fn replay(
     } else if records > 0 {
         tracing::info!(
             spool = %spool.display(),
-            "applied {records} records ({events} events, {marks} delivery marks) from the \
-             spool's write-ahead log that were not yet in {FILE_NAME} (the relay holding it \
-             stopped without a checkpoint, or could not make one: a full disk){}",
+            "applied {} from the spool's write-ahead log that were not yet in {FILE_NAME} (the \
+             relay holding it stopped without a checkpoint, or could not make one: a full \
+             disk){}",
+            records_holding(records, events, marks),
             if stranded.is_empty() && !cut {
                 "; nothing is lost"
             } else {
@@ -2870,14 +2883,14 @@ fn replay(
             return Ok(Ok((wal::Chain::default(), applied, behind)));
         };
         let said = format!(
-            "the spool's write-ahead log held {foreign} records ({foreign_events} events, \
-             {foreign_marks} delivery marks){} that do not follow this spool file: it was made \
+            "the spool's write-ahead log held {}{} that do not follow this spool file: it was made \
              anew beside an old log (after mv {FILE_NAME} ...), restored from a backup, or \
              written meanwhile by an older or newer smee-relay. They were not applied, so those \
              events are not delivered from here; the log is kept as {}. To read them, put it \
              as spool.wal beside the spool file it came with, in a directory of their own, and \
              run `smee-relay events list --state-dir THAT_DIR` with the smee-relay that wrote \
              it",
+            records_holding(foreign, foreign_events, foreign_marks),
             if chain.unreadable {
                 ", and then a record this smee-relay cannot read"
             } else {
@@ -4209,6 +4222,19 @@ mod tests {
         let seen = spool.look();
         assert!(spool.changed_since(&seen));
         assert!(spool.changed_since(&Seen::default()));
+    }
+
+    /// Regression: a full disk's reopen said "applied 1 records (0 events, 1 delivery marks)".
+    #[test]
+    fn regression_the_log_s_records_were_counted_as_1_records() {
+        assert_eq!(
+            records_holding(1, 2, 0),
+            "1 record (2 events, 0 delivery marks)"
+        );
+        assert_eq!(
+            records_holding(3, 1, 1),
+            "3 records (1 event, 1 delivery mark)"
+        );
     }
 
     /// A spool file that grew while a target was down keeps its size once everything is
