@@ -222,6 +222,7 @@ async fn metrics_count_what_happened() {
         format!("smee_relay_retries_total{{route=\"{route}\"}} 1"),
         "smee_relay_channel_connected{channel=\"http://".to_string(),
         format!("smee_relay_delivery_seconds_count{{route=\"{route}\"}} 5"),
+        "smee_relay_intake_paused 0".to_string(),
     ];
     let client = smee_relay::http::client_builder().build().unwrap();
     let what = format!("/metrics showing {expected:?}");

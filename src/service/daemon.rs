@@ -247,6 +247,12 @@ pub async fn run(
             .await
             .map_err(|e| DaemonError::Listen(addr, e))?;
         let handle = health::install_metrics().map_err(DaemonError::Metrics)?;
+        // Set by the writer when it changes; there from the start, so an alert sees a 0.
+        let paused = health
+            .spool_paused_why
+            .lock()
+            .is_ok_and(|why| why.is_some());
+        metrics::gauge!("smee_relay_intake_paused").set(if paused { 1.0 } else { 0.0 });
         let bound = listener
             .local_addr()
             .map_err(|e| DaemonError::Listen(addr, e))?;

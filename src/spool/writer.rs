@@ -1121,8 +1121,15 @@ impl Committer {
 
     /// Set why appends wait (`None`: they do not), for `/healthz`.
     fn say_paused(&self, why: Option<String>) {
+        let paused = why.is_some();
         // A plain value: nothing a panic could leave half-changed.
-        *self.paused_why.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        let was = std::mem::replace(
+            &mut *self.paused_why.lock().unwrap_or_else(|e| e.into_inner()),
+            why,
+        );
+        if was.is_some() != paused {
+            metrics::gauge!("smee_relay_intake_paused").set(if paused { 1.0 } else { 0.0 });
+        }
     }
 
     /// Answer each job of `batch` with `result`, its write's outcome, as [`Committer::commit`]
@@ -1142,7 +1149,7 @@ impl Committer {
         let was_writable = self.writable.swap(writable, Ordering::Relaxed);
         match &result {
             Err(e) => self.say_paused(Some(cannot_write(e))),
-            Ok(_) if writable => self.say_paused(None),
+            Ok(_) if writable && !was_writable => self.say_paused(None),
             Ok(_) => {}
         }
         match result {
