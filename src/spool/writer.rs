@@ -912,11 +912,13 @@ impl WriterThread {
         match committer.spool.checkpoint() {
             // As after a good commit: `/healthz` must not stay 503 after an idle spell's
             // failed checkpoint (the spool says "takes writes again").
-            Ok(true) => committer.writable.store(true, Ordering::Relaxed),
+            Ok(true) => {
+                committer.wrote(Ok(()));
+            }
             // Nothing to commit: says nothing about whether writes work.
             Ok(false) => {}
             Err(e) => {
-                if committer.writable.swap(false, Ordering::Relaxed) {
+                if committer.wrote(Err(&e)) {
                     error!(
                         "cannot write to the spool: {}; what its write-ahead log holds stays \
                          there, and new events wait once it is full",
@@ -1119,6 +1121,23 @@ impl Committer {
         rest
     }
 
+    /// A commit (or checkpoint) ended with `result`: whether the spool takes writes, and why
+    /// not, for `/healthz`. Returns whether it took them before.
+    fn wrote(&self, result: Result<(), &SpoolError>) -> bool {
+        // A commit of marks alone may succeed while appends fail (a disk too full for
+        // events): the spool still refuses writes then, as far as appenders are concerned.
+        let writable = result.is_ok()
+            && !self.waiting_room.load(Ordering::Relaxed)
+            && self.spool.takes_writes();
+        let was_writable = self.writable.swap(writable, Ordering::Relaxed);
+        match result {
+            Err(e) => self.say_paused(Some(cannot_write(e))),
+            Ok(()) if writable && !was_writable => self.say_paused(None),
+            Ok(()) => {}
+        }
+        was_writable
+    }
+
     /// Set why appends wait (`None`: they do not), for `/healthz`.
     fn say_paused(&self, why: Option<String>) {
         let paused = why.is_some();
@@ -1141,17 +1160,7 @@ impl Committer {
         result: Result<super::WriteReport, SpoolError>,
     ) -> Result<usize, Vec<Job>> {
         self.gate().last_end = Some(Instant::now());
-        // A commit of marks alone may succeed while appends fail (a disk too full for
-        // events): the spool still refuses writes then, as far as appenders are concerned.
-        let writable = result.is_ok()
-            && !self.waiting_room.load(Ordering::Relaxed)
-            && self.spool.takes_writes();
-        let was_writable = self.writable.swap(writable, Ordering::Relaxed);
-        match &result {
-            Err(e) => self.say_paused(Some(cannot_write(e))),
-            Ok(_) if writable && !was_writable => self.say_paused(None),
-            Ok(_) => {}
-        }
+        let was_writable = self.wrote(result.as_ref().map(|_| ()));
         match result {
             Ok(report) => {
                 if report.pruned > 0 {
