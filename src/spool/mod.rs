@@ -1534,6 +1534,8 @@ impl Spool {
         if quick && let Some(report) = log_only(log, writes, limits, now) {
             self.deferring
                 .store(true, std::sync::atomic::Ordering::Release);
+            // In the log, synced: stored as much as a commit's events are.
+            self.writes_again(appends);
             return Some(Ok(report));
         }
         // The record's write just failed there (it said why): not tried twice.

@@ -714,6 +714,37 @@ fn regression_a_delivery_recorded_on_a_disk_too_full_for_events_said_it_took_wri
     assert_eq!(logs.matches("takes writes again").count(), 1, "{logs}");
 }
 
+/// The same, and the first append after it was an appender's, kept in the log with its apply
+/// deferred: no commit, so the spool never said it took writes again, and `/healthz` stayed 503
+/// while events were stored (a CI run under load found it).
+#[test]
+fn regression_an_append_kept_in_the_log_alone_did_not_end_the_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, full) = on_a_disk_that_fills(dir.path());
+    logged(&spool, appending(1, 1));
+    full.store(true, SeqCst);
+    spool.break_wal(true);
+    assert!(spool.write_logged(&[appending(2, 1)], ROOM).is_err());
+    assert!(!spool.takes_writes());
+    full.store(false, SeqCst);
+    spool.break_wal(false);
+    // A delivery recorded first (the writer thread's), which does not end the outage.
+    let head = spool.pending(A, 0, 1).unwrap().remove(0);
+    logged(
+        &spool,
+        Write::Mark {
+            route: A.into(),
+            seq: head.seq,
+            event: head.event.id,
+            outcome: Outcome::Delivered { status: 200 },
+        },
+    );
+    assert!(!spool.takes_writes());
+    inline(&spool, appending(3, 1));
+    assert!(spool.deferring.load(SeqCst), "kept in the log alone");
+    assert!(spool.takes_writes());
+}
+
 /// A spool file restored from a backup taken after the log's last checkpoint, but written to
 /// since (a synced append): the log's next records expect counters the file no longer has.
 #[test]
