@@ -363,6 +363,7 @@ impl SpoolWriter {
             room: std::sync::OnceLock::new(),
             waiting_room: false.into(),
             paused_why: Arc::default(),
+            pruned_for_room: Mutex::default(),
         });
         // Made before the thread starts, which then looks once (`Queue::look`): a request made
         // between the spool's open and the watch is found by that look, any later one told.
@@ -720,6 +721,9 @@ struct Committer {
     /// Why appends wait, while they do (for `/healthz`): [`Committer::make_room`]'s answer, or
     /// the last commit's error.
     paused_why: Arc<Mutex<Option<String>>>,
+    /// Delivered events pruned early for room, said at most once a minute (near the limit,
+    /// every append prunes one).
+    pruned_for_room: Mutex<Tally>,
 }
 
 /// When appenders may commit inline: only a trickle of small appends on a fast disk, where the
@@ -1080,8 +1084,16 @@ impl Committer {
             || self.spool.stored_bytes(),
             |target| {
                 let pruned = self.spool.prune_early(target)?;
-                if pruned > 0 {
-                    info!(pruned, "disk short of room: pruned delivered events early");
+                let mut tally = self
+                    .pruned_for_room
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(pruned) = tally.add(pruned, Instant::now()) {
+                    info!(
+                        pruned,
+                        "disk short of room: pruned delivered events early (said at most once a \
+                         minute)"
+                    );
                 }
                 Ok(pruned)
             },
@@ -1226,6 +1238,31 @@ impl Committer {
     }
 }
 
+/// How often pruning for room is said, at most.
+const PRUNES_SAID_EVERY: Duration = Duration::from_secs(60);
+
+/// A count said at most every [`PRUNES_SAID_EVERY`]: what was added since it was last said.
+#[derive(Default)]
+struct Tally {
+    count: u64,
+    said: Option<Instant>,
+}
+
+impl Tally {
+    /// Add `n` at `now`; returns the count to say, if it is time to say it.
+    fn add(&mut self, n: u64, now: Instant) -> Option<u64> {
+        self.count += n;
+        let due = self
+            .said
+            .is_none_or(|said| now.duration_since(said) >= PRUNES_SAID_EVERY);
+        if self.count == 0 || !due {
+            return None;
+        }
+        self.said = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 /// Why the spool refused a commit, and on a full disk what to do.
 fn cannot_write(e: &SpoolError) -> String {
     let full = match crate::error::disk_full(e) {
@@ -1279,6 +1316,24 @@ mod tests {
             }
         }
         panic!("the disk never ran short");
+    }
+
+    /// Near `--keep-free`, each append pruned a delivered event, and each said so at `INFO`: a
+    /// line an event. Now at most one a minute, with the count since.
+    #[test]
+    fn regression_pruning_for_room_was_said_at_every_append() {
+        let mut tally = Tally::default();
+        let start = Instant::now();
+        assert_eq!(tally.add(1, start), Some(1));
+        for n in 1..60 {
+            assert_eq!(tally.add(1, start + Duration::from_millis(900 * n)), None);
+        }
+        assert_eq!(tally.add(0, start + Duration::from_secs(61)), Some(59));
+        assert_eq!(
+            tally.add(0, start + Duration::from_secs(200)),
+            None,
+            "nothing to say"
+        );
     }
 
     /// A writer on a spool on a test's disk, keeping some of it free ([`on_a_small_disk`]).
