@@ -6,14 +6,13 @@
 //! someone makes room. So the relay keeps `--keep-free` of the file system for those writes.
 //!
 //! An append goes as it is if the room left after it is still `--keep-free`, counting what the
-//! file may grow by for it ([`growth`]: its rows, and the tables' pages written anew, which
-//! the free pages in the file may not give). Otherwise the room is
-//! short: the spool may hold no more event bytes than it held then, and its file stops growing,
-//! since redb reuses the pages freed by pruning. An append that would go past that first prunes
-//! delivered events early (as a full `--max-spool-size` does); if that is not enough, its
-//! events wait in memory (the intake's pause, as on a full disk) until pruning or the disk
-//! makes room. The spell ends, and the limit is lifted, once the room would hold the last
-//! append that met it.
+//! file may grow by for it ([`growth`]: its rows, and the tables' pages written anew, which the
+//! free pages in the file may not give). Otherwise the room is short: the spool may hold no
+//! more event bytes than it held then, and its file stops growing, since redb reuses the pages
+//! freed by pruning. An append that would go past that first prunes delivered events early (as
+//! a full `--max-spool-size` does); if that is not enough, its events wait in memory (the
+//! intake's pause, as on a full disk) until pruning or the disk makes room. The spell ends, and
+//! the limit is lifted, once the room would hold the last append that met it.
 //!
 //! What takes the room is measured (`statvfs`, blocks available to unprivileged users) at most
 //! every [`LOOK_EVERY`]: the keep-free room also absorbs what is written between two looks.
@@ -78,8 +77,8 @@ struct State {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "the disk holding the spool has {free} free: the {waiting} of events waiting may take \
-     {growth} of it (its rows, and the spool's pages written anew), \
-     which would leave less than --keep-free ({keep_free}), {why}",
+     {growth} of it (its rows, and the spool's pages written anew), which would leave less \
+     than --keep-free ({keep_free}), {why}",
     free = mib(*free),
     waiting = mib(*waiting),
     growth = mib(*growth),
