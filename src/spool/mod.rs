@@ -1276,6 +1276,10 @@ impl Spool {
         // The log before the lock of write transactions, as every writer takes them.
         let mut log = self.log();
         let _writing = self.writing();
+        // A synced commit also carries what the log holds into the file: events, as far as
+        // the outage is concerned (a relay restarted on a full disk failed its checkpoint, and
+        // a delivery recorded next in the log said it took writes again).
+        let appends = appends || log.as_ref().is_some_and(|log| log.records() > 0);
         let deferred = log.as_ref().map_or(&[][..], wal::Wal::deferred);
         let run = || {
             let txn = db.begin_write()?;
@@ -1523,6 +1527,8 @@ impl Spool {
     ) -> Option<Result<WriteReport, SpoolError>> {
         let now = now_ms();
         let appends = appended_bytes(writes.iter().copied()) > 0;
+        // A commit synced to the file carries what the log holds into it (as `transact`'s).
+        let logged_before = log.records() > 0;
         let was_failing = log.failing();
         // Checked again under the log's lock: a commit that failed since the caller looked may
         // have reached the disk in part, and only the reopen knows the counters then.
@@ -1605,14 +1611,15 @@ impl Spool {
             Ok(Ok(None)) => return None,
             Ok(Ok(Some((report, persisted, after)))) => {
                 self.applied(log, after);
+                let synced = persisted.is_some();
                 if let Some(persisted) = persisted {
                     log.persisted(persisted, after);
                 }
-                self.writes_again(appends);
+                self.writes_again(appends || (synced && logged_before));
                 Ok(report)
             }
             failed => {
-                self.write_refused(appends);
+                self.write_refused(appends || (logged_at.is_none() && logged_before));
                 // Its appenders are told it failed, and try again: the record must not be
                 // applied by the reopen that follows, nor by a start after a crash. (Deferred
                 // records stay in the log: the reopen applies them.)

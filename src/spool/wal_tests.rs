@@ -1094,3 +1094,63 @@ fn a_record_made_up_in_a_webhook_past_a_cut_end_is_not_taken_for_damage() {
     assert_eq!(set_aside(crashed.path()), 0);
     assert_eq!(view(&reopened).2, 2, "the carrier and record 2's event");
 }
+
+/// A relay restarted on a disk already full after a crash: its open applied the log in memory,
+/// its first checkpoint failed, and a delivery recorded next (in pages written) said "the spool
+/// takes writes again", just before the first append failed again.
+#[test]
+fn regression_a_relay_restarted_on_a_full_disk_said_it_took_writes_again_before_an_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let (factory, full) = super::backend::DiskFull::factory();
+    let before = Spool::open_with(dir.path(), factory.clone()).unwrap();
+    for n in 0..20 {
+        before.write(&[appending(10 * n + 1, 5)], ROOM).unwrap();
+    }
+    before.checkpoint().unwrap();
+    logged(&before, appending(500, 3));
+    let crashed = crash_copy(dir.path(), true);
+    drop(before);
+    full.store(true, SeqCst);
+    let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+    let relay = Spool::open_with(crashed.path(), factory).unwrap();
+    let checkpointed = relay.checkpoint();
+    let head = relay.pending(A, 0, 1).unwrap().remove(0);
+    let mark = Write::Mark {
+        route: A.into(),
+        seq: head.seq,
+        event: head.event.id,
+        outcome: Outcome::Delivered { status: 200 },
+    };
+    let marked = relay.write_logged(&[mark], ROOM).map(|_| ());
+    let large = Write::Append {
+        channel: "https://smee.io/abc".into(),
+        routes: vec![A.into()],
+        events: vec![Event {
+            body: Bytes::from(vec![b'x'; 1 << 20]),
+            ..event(900)
+        }]
+        .into(),
+        cursor: None,
+    };
+    let appended = relay.write_logged(&[large], ROOM).map(|_| ());
+    assert!(checkpointed.is_err() && marked.is_ok() && appended.is_err());
+    assert!(!relay.takes_writes());
+    let said =
+        |logs: &std::sync::Mutex<Vec<u8>>| String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        said(&logs).matches("takes writes again").count(),
+        0,
+        "{}",
+        said(&logs)
+    );
+    // With room again, the idle checkpoint (the writer thread's) ends the outage.
+    full.store(false, SeqCst);
+    assert!(relay.checkpoint().unwrap());
+    assert!(relay.takes_writes());
+    assert_eq!(
+        said(&logs).matches("takes writes again").count(),
+        1,
+        "{}",
+        said(&logs)
+    );
+}
