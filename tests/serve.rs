@@ -352,26 +352,106 @@ async fn regression_a_resume_past_evicted_events_is_told_not_silent() {
     for body in [&b"[1]"[..], b"[2]", b"[3]", b"[4]", b"[5]"] {
         assert_eq!(post(&channel, "application/json", body).await, 200);
     }
+    let seen = resume(&channel, "1", "[5]").await;
+    let gap = seen.find("event: gap\ndata: {\"after\":1,\"upto\":");
+    let ready = seen.find("event: ready");
+    assert!(gap.is_some() && ready < gap, "{seen}");
+    assert!(!seen.contains("[3]") && seen.contains("[4]"), "{seen}");
+}
+
+/// What a subscriber resuming after `last_event_id` reads of `channel`, until `until`.
+async fn resume(channel: &str, last_event_id: &str, until: &str) -> String {
     let mut stream = client()
-        .get(&channel)
+        .get(channel)
         .header("accept", "text/event-stream")
-        .header("last-event-id", "1")
+        .header("last-event-id", last_event_id)
         .send()
         .await
         .unwrap();
     let mut seen = String::new();
     tokio::time::timeout(support::PATIENCE, async {
-        while !seen.contains("[5]") {
+        while !seen.contains(until) {
             let chunk = stream.chunk().await.unwrap().expect("the stream goes on");
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
     })
     .await
-    .expect("the kept events arrive");
+    .unwrap_or_else(|_| panic!("{until} did not arrive: {seen}"));
+    seen
+}
+
+/// Regression (an adversary's run): a server restarted with `--state-dir` forgot what it had
+/// evicted, so a relay that resumed from before those events got the rest in silence, with no
+/// `event: gap` (it said so when the server had not restarted).
+#[tokio::test]
+async fn regression_a_restarted_server_forgot_what_it_had_evicted() {
+    let dir = support::temp_dir();
+    let config = ServeConfig {
+        max_events: 2,
+        state_dir: Some(dir.path().join("server")),
+        ..ServeConfig::default()
+    };
+    let (server, stop, task) = start_server_task(config.clone()).await;
+    let channel = format!("{server}/evicting");
+    for body in [&b"[1]"[..], b"[2]", b"[3]", b"[4]", b"[5]"] {
+        assert_eq!(post(&channel, "application/json", body).await, 200);
+    }
+    stop.cancel();
+    tokio::time::timeout(support::PATIENCE, task)
+        .await
+        .expect("the server stopped in time")
+        .unwrap();
+    let (server, _stop) = start_server(config).await;
+    let seen = resume(&format!("{server}/evicting"), "1", "[5]").await;
     let gap = seen.find("event: gap\ndata: {\"after\":1,\"upto\":");
     let ready = seen.find("event: ready");
     assert!(gap.is_some() && ready < gap, "{seen}");
-    assert!(!seen.contains("[3]") && seen.contains("[4]"), "{seen}");
+    assert!(!seen.contains("[2]"), "{seen}");
+}
+
+/// The same for a channel dropped by `--channel-ttl` and made anew by a post: the events it
+/// dropped with it are a gap for a subscriber resuming from before them, also after a restart.
+#[tokio::test]
+async fn a_resume_into_a_channel_made_anew_after_it_expired_is_told_of_the_gap() {
+    let dir = support::temp_dir();
+    let config = ServeConfig {
+        channel_ttl: Duration::from_millis(100),
+        state_dir: Some(dir.path().join("server")),
+        ..ServeConfig::default()
+    };
+    let (server, stop, task) = start_server_task(config.clone()).await;
+    let channel = format!("{server}/expiring");
+    for body in [&b"[1]"[..], b"[2]"] {
+        assert_eq!(post(&channel, "application/json", body).await, 200);
+    }
+    let metrics = format!("{server}/metrics");
+    support::wait_for(support::PATIENCE, "the channel expired", || async {
+        let text = client()
+            .get(&metrics)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("smee_relay_serve_channels_expired_total 1")
+            .then_some(())
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(support::PATIENCE, task)
+        .await
+        .expect("the server stopped in time")
+        .unwrap();
+    let (server, _stop) = start_server(config).await;
+    let channel = format!("{server}/expiring");
+    assert_eq!(post(&channel, "application/json", b"[3]").await, 200);
+    let seen = resume(&channel, "1", "[3]").await;
+    assert!(
+        seen.contains("event: gap\ndata: {\"after\":1,\"upto\":"),
+        "{seen}"
+    );
+    assert!(!seen.contains("[2]"), "{seen}");
 }
 
 #[tokio::test]

@@ -271,6 +271,20 @@ impl Channel {
     }
 }
 
+/// Note that the expired channel `name` had evicted events up to `upto`, forgetting the
+/// oldest note past [`super::store::EXPIRED_KEPT`] (the store forgets it at the next start).
+fn remember_expired(expired: &mut HashMap<Arc<str>, u64>, name: Arc<str>, upto: u64) {
+    if expired.len() >= super::store::EXPIRED_KEPT
+        && let Some(oldest) = expired
+            .iter()
+            .min_by_key(|(_, upto)| **upto)
+            .map(|(name, _)| name.clone())
+    {
+        expired.remove(&oldest);
+    }
+    expired.insert(name, upto);
+}
+
 /// Why an event left the replay buffer (a `/metrics` label).
 #[derive(Clone, Copy)]
 enum Reason {
@@ -290,6 +304,10 @@ pub(super) struct Channels {
     unseen: super::nats::Unseen,
     /// With `--nats-url`: the last stream sequence fed, so a new channel's first id is above it.
     last_fed: u64,
+    /// Channels expired (`--channel-ttl`) that had evicted events: the highest id evicted, so
+    /// that one made anew under the name tells a subscriber resuming from before it of the gap.
+    /// At most [`super::store::EXPIRED_KEPT`], the newest.
+    expired: HashMap<Arc<str>, u64>,
     /// With `--nats-url`: the highest id handed out from a stream that was since reset. A
     /// Last-Event-ID above what was fed and at most this is from the old stream: told as a
     /// gap and replayed from the new stream's start.
@@ -319,7 +337,7 @@ impl Hub {
         config: ServeConfig,
         store: Option<Arc<Store>>,
         stats: Arc<Stats>,
-        restored: Vec<(String, Vec<Posted>)>,
+        restored: super::store::Restored,
         shutdown: tokio_util::sync::CancellationToken,
         cluster: Option<Arc<super::nats::Cluster>>,
     ) -> Self {
@@ -330,12 +348,18 @@ impl Hub {
             unstored: Vec::new(),
             unseen: Default::default(),
             last_fed: 0,
+            expired: restored
+                .expired
+                .into_iter()
+                .map(|(name, upto)| (name.into(), upto))
+                .collect(),
             reset_upto: 0,
         };
         let mut all = Vec::new();
-        for (name, events) in restored {
+        for (name, evicted_upto, events) in restored.channels {
             let name: Arc<str> = name.into();
             let mut channel = Channel::new(&stats, &name);
+            channel.evicted_upto = evicted_upto;
             for event in events {
                 channel.next_id = channel.next_id.max(event.id + 1);
                 all.push((event.received_ms, name.clone(), event.id));
@@ -484,6 +508,7 @@ impl Hub {
             }
             let key: Arc<str> = name.into();
             let mut channel = Channel::new(&self.stats, name);
+            channel.evicted_upto = channels.expired.remove(name).unwrap_or(0);
             if self.cluster.is_some() {
                 // Ids are stream sequences: the next one is above everything fed so far.
                 channel.next_id = channels.last_fed + 1;
@@ -583,6 +608,7 @@ impl Hub {
         channels.reset_upto = channels.reset_upto.max(upto);
         channels.last_fed = 0;
         channels.unseen = super::nats::Unseen::default();
+        channels.expired.clear();
         channels.order.clear();
         for channel in channels.map.values_mut() {
             channel.events.clear();
@@ -660,7 +686,11 @@ impl Hub {
                         .iter()
                         .map(|e| (name.clone(), e.id))
                         .collect();
+                    let upto = ids.last().map_or(channel.evicted_upto, |&(_, id)| id);
                     channels.unstored.extend(ids);
+                    if upto > 0 {
+                        remember_expired(&mut channels.expired, name, upto);
+                    }
                 }
             }
             if channels.order.len()
@@ -969,7 +999,7 @@ mod tests {
             ServeConfig::default(),
             None,
             stats,
-            Vec::new(),
+            Default::default(),
             tokio_util::sync::CancellationToken::new(),
             None,
         ))

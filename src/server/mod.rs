@@ -181,14 +181,14 @@ pub async fn serve_with_reload(
         None => None,
     };
     let (store, restored) = match &config.state_dir {
-        Some(_) if cluster.is_some() => (None, Vec::new()),
+        Some(_) if cluster.is_some() => (None, Default::default()),
         Some(dir) => {
             let store = store::Store::open(dir).map_err(ServeError::Store)?;
             let restored = store.load(&stats).map_err(ServeError::Store)?;
-            info!(path = %store.path.display(), channels = restored.len(), "server buffers restored");
+            info!(path = %store.path.display(), channels = restored.channels.len(), "server buffers restored");
             (Some(Arc::new(store)), restored)
         }
-        None => (None, Vec::new()),
+        None => (None, Default::default()),
     };
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
@@ -293,6 +293,9 @@ pub async fn serve_with_reload(
         );
         connections.shutdown().await;
     }
+    // Evictions since the last sweep leave the disk too (and are noted, for the gaps a
+    // restarted server tells): else the next start would restore them as kept.
+    hub.sweep().await;
     Ok(())
 }
 

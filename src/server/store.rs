@@ -12,6 +12,26 @@ use super::hub::{Posted, Stats};
 
 const STORED: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("posted");
 
+/// Per channel, the highest id evicted from it: a restarted server must still tell a
+/// subscriber that resumes from before it of the gap (kept after the channel expires, too).
+const EVICTED: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("evicted_upto");
+
+/// How many expired channels' highest evicted ids a server remembers (the newest): a channel
+/// made anew under a name it remembers tells a resuming subscriber of the gap; an older one
+/// is forgotten (about 100 bytes each).
+pub(super) const EXPIRED_KEPT: usize = 10_000;
+
+/// What a restarted server had on disk.
+#[derive(Default)]
+pub(super) struct Restored {
+    /// Channels with events, in name order: their events oldest first, and the highest id
+    /// evicted from each (0 if none).
+    pub channels: Vec<(String, u64, Vec<Posted>)>,
+    /// Channels without events that had evicted some (expired, or emptied): the highest id
+    /// evicted, at most [`EXPIRED_KEPT`] of them (the newest).
+    pub expired: Vec<(String, u64)>,
+}
+
 /// Why the store could not open, read or write.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -110,10 +130,11 @@ impl Store {
         })
     }
 
-    /// Run `work` in a write transaction, reopening a handle a failed write left unusable.
+    /// Run `work` in a write transaction and commit it, reopening a handle a failed write
+    /// left unusable.
     fn write(
         &self,
-        work: impl FnOnce(&mut redb::Table<'_, (&str, u64), &[u8]>) -> Result<(), redb::Error>,
+        work: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
         let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
         if db.is_none() {
@@ -122,10 +143,7 @@ impl Store {
         let handle = db.as_ref().expect("opened above");
         let result = (|| -> Result<(), redb::Error> {
             let txn = handle.begin_write()?;
-            {
-                let mut table = txn.open_table(STORED)?;
-                work(&mut table)?;
-            }
+            work(&txn)?;
             txn.commit()?;
             Ok(())
         })();
@@ -137,35 +155,69 @@ impl Store {
         Ok(())
     }
 
-    pub(super) fn load(
-        &self,
-        stats: &Arc<Stats>,
-    ) -> Result<Vec<(String, Vec<Posted>)>, StoreError> {
+    /// What the server had: its channels' events and what each evicted. The notes of expired
+    /// channels past [`EXPIRED_KEPT`] (the oldest) are deleted.
+    pub(super) fn load(&self, stats: &Arc<Stats>) -> Result<Restored, StoreError> {
         use redb::{ReadableDatabase as _, ReadableTable as _};
         let read = |e: redb::Error| StoreError::Read(self.path.clone(), e);
-        let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(db) = db.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let txn = db.begin_read().map_err(|e| read(e.into()))?;
-        let mut channels: Vec<(String, Vec<Posted>)> = Vec::new();
-        let table = match txn.open_table(STORED) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(channels),
-            Err(e) => return Err(read(e.into())),
-        };
-        for entry in table.iter().map_err(|e| read(e.into()))? {
-            let (key, value) = entry.map_err(|e| read(e.into()))?;
-            let (name, id) = key.value();
-            let Some(posted) = decode(stats, id, value.value()) else {
-                continue;
+        let mut restored = Restored::default();
+        let mut upto = std::collections::BTreeMap::new();
+        {
+            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(db) = db.as_ref() else {
+                return Ok(restored);
             };
-            if channels.last().is_none_or(|(last, _)| last != name) {
-                channels.push((name.to_string(), Vec::new()));
+            let txn = db.begin_read().map_err(|e| read(e.into()))?;
+            match txn.open_table(EVICTED) {
+                Ok(table) => {
+                    for entry in table.iter().map_err(|e| read(e.into()))? {
+                        let (name, id) = entry.map_err(|e| read(e.into()))?;
+                        upto.insert(name.value().to_string(), id.value());
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(read(e.into())),
             }
-            channels.last_mut().expect("pushed").1.push(posted);
+            let channels = &mut restored.channels;
+            match txn.open_table(STORED) {
+                Ok(table) => {
+                    for entry in table.iter().map_err(|e| read(e.into()))? {
+                        let (key, value) = entry.map_err(|e| read(e.into()))?;
+                        let (name, id) = key.value();
+                        let Some(posted) = decode(stats, id, value.value()) else {
+                            continue;
+                        };
+                        if channels.last().is_none_or(|(last, ..)| last != name) {
+                            let evicted = upto.remove(name).unwrap_or(0);
+                            channels.push((name.to_string(), evicted, Vec::new()));
+                        }
+                        channels.last_mut().expect("pushed").2.push(posted);
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(read(e.into())),
+            }
         }
-        Ok(channels)
+        let mut expired: Vec<(String, u64)> = upto.into_iter().collect();
+        // Ids grow with the clock: the newest notes are the highest.
+        expired.sort_by_key(|(_, id)| std::cmp::Reverse(*id));
+        let forgotten = expired.split_off(expired.len().min(EXPIRED_KEPT));
+        if !forgotten.is_empty() {
+            self.forget(forgotten.iter().map(|(name, _)| name.as_str()))?;
+        }
+        restored.expired = expired;
+        Ok(restored)
+    }
+
+    /// Delete the notes of what these channels evicted.
+    fn forget<'a>(&self, channels: impl Iterator<Item = &'a str>) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut upto = txn.open_table(EVICTED)?;
+            for name in channels {
+                upto.remove(name)?;
+            }
+            Ok(())
+        })
     }
 
     /// Store `posted` and delete `evicted`, in one transaction.
@@ -176,24 +228,35 @@ impl Store {
         evicted: &[(Arc<str>, u64)],
     ) -> Result<(), StoreError> {
         let value = encode(posted).map_err(StoreError::Encode)?;
-        self.write(|table| {
-            table.insert((name, posted.id), value.as_slice())?;
-            for (channel, id) in evicted {
-                table.remove((&**channel, *id))?;
-            }
-            Ok(())
+        self.write(|txn| {
+            txn.open_table(STORED)?
+                .insert((name, posted.id), value.as_slice())?;
+            drop_evicted(txn, evicted)
         })
     }
 
     /// Delete `evicted` (also a probe that the disk takes writes again).
     pub(super) fn remove(&self, evicted: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
-        self.write(|table| {
-            for (channel, id) in evicted {
-                table.remove((&**channel, *id))?;
-            }
-            Ok(())
-        })
+        self.write(|txn| drop_evicted(txn, evicted))
     }
+}
+
+/// Delete `evicted`, noting the highest id evicted from each of their channels.
+fn drop_evicted(
+    txn: &redb::WriteTransaction,
+    evicted: &[(Arc<str>, u64)],
+) -> Result<(), redb::Error> {
+    use redb::ReadableTable as _;
+    let mut table = txn.open_table(STORED)?;
+    let mut upto = txn.open_table(EVICTED)?;
+    for (channel, id) in evicted {
+        table.remove((&**channel, *id))?;
+        let was = upto.get(&**channel)?.map_or(0, |v| v.value());
+        if *id > was {
+            upto.insert(&**channel, *id)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -327,7 +390,7 @@ mod tests {
 
         let reopened = faulty_store(path, full);
         let loaded = reopened.load(&stats).unwrap();
-        let ids: Vec<u64> = loaded[0].1.iter().map(|e| e.id).collect();
+        let ids: Vec<u64> = loaded.channels[0].2.iter().map(|e| e.id).collect();
         assert_eq!(
             ids,
             [1, 4],
