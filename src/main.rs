@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Command::Forward(_) | Command::Run(_) | Command::Serve(_)
     );
     logging::init(cli.verbosity() - quieter, cli.log_format, daemon);
+    logging::log_panics();
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

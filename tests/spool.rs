@@ -322,6 +322,39 @@ async fn assert_refused(dir: &std::path::Path, why: &str) {
     }
 }
 
+/// Regression (an adversary's run): damage the open does not find (64 bits flipped in a
+/// cleanly stopped spool, `tests/fixtures/spool-damaged-at-run`) made redb panic once the relay
+/// read the file. The relay printed raw panics beside its log (every second, with a backtrace)
+/// and went on failing every read and write instead of stopping. It now stops as damage found
+/// at its start stops it: exit status 2, the file named, what to do, and every line a log line.
+#[tokio::test]
+async fn regression_damage_found_while_running_looped_with_raw_panics_instead_of_exit_2() {
+    let dir = support::temp_dir();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/spool-damaged-at-run");
+    for file in ["spool.redb", "spool.highwater"] {
+        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
+    }
+    let mut relay = smee_relay();
+    relay
+        .args(["forward", "http://127.0.0.1:9/chanEEEEEEEEEEEEEEEEEE"])
+        .args(["http://127.0.0.1:9/hook", "--log-format", "json"])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .kill_on_drop(true);
+    let stderr = tokio::time::timeout(support::PATIENCE, support::refused(&mut relay))
+        .await
+        .expect("the relay stopped on the damage");
+    assert!(
+        stderr.contains("is damaged") && stderr.contains("move the file and its log aside"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().all(|line| line.starts_with('{')),
+        "only log lines, no raw panic: {stderr}"
+    );
+}
+
 #[tokio::test]
 async fn an_empty_spool_file_is_refused_not_started_over() {
     let dir = support::fresh_state_dir();

@@ -311,9 +311,20 @@ pub async fn run(
     systemd::notify(&[sd_notify::NotifyState::Ready]);
     systemd::spawn_watchdog(cancel.clone());
 
+    // Damage found in the spool while running stops the relay as damage found at its start
+    // does (exit status 2, with what to do): every read and write would fail on from here.
+    let mut damage = spool.damage();
+    let mut damaged = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
+            why = damage_found(&mut damage) => {
+                error!("the spool is damaged: stopping (exit status 2): {why}");
+                damaged = Some(spool.damaged(why));
+                // As a signal does: what runs beside the loop stops on it.
+                cancel.cancel();
+                break;
+            }
             Some(plan) = reloads.recv() => {
                 systemd::notify(&[sd_notify::NotifyState::Reloading]);
                 let fingerprint = plan_fingerprint(&plan);
@@ -365,7 +376,23 @@ pub async fn run(
     }
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    Ok(())
+    match damaged {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// The first damage the spool finds while the relay runs ([`Spool::damage`]).
+async fn damage_found(damage: &mut watch::Receiver<Option<spool::Damage>>) -> spool::Damage {
+    let found = damage
+        .wait_for(Option::is_some)
+        .await
+        .map(|why| why.clone().expect("waited for"));
+    match found {
+        Ok(why) => why,
+        // The spool is gone (never while the relay holds it): nothing more to find.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// A task that can be stopped on its own.

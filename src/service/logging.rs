@@ -149,6 +149,35 @@ fn filter(verbosity: i8, rust_log: Option<&str>) -> EnvFilter {
     )
 }
 
+/// Say panics in the log, in its format, rather than raw on stderr beside it (`--log-format
+/// json` stays one object a line): redb panics on a damaged page, which the spool catches
+/// and reports as damage, and a task's panic is reported by what watches it. With
+/// `RUST_BACKTRACE` set, the backtrace follows. A panic of the main thread ends the process:
+/// its line is written out first.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let what = info
+            .payload_as_str()
+            .unwrap_or("(a panic without a message)");
+        let at = info
+            .location()
+            .map_or_else(String::new, |at| format!(" at {at}"));
+        let trace = std::backtrace::Backtrace::capture();
+        let trace = match trace.status() {
+            std::backtrace::BacktraceStatus::Captured => format!("\n{trace}"),
+            _ => String::new(),
+        };
+        tracing::error!(
+            "thread '{}' panicked{at}: {what}{trace}",
+            thread.name().unwrap_or("unnamed")
+        );
+        if thread.name() == Some("main") {
+            flush();
+        }
+    }));
+}
+
 /// Write out the lines still queued (waiting a second at most for a stalled stderr), before the
 /// process ends or writes to stderr itself. Lines logged afterwards are written at once.
 pub fn flush() {

@@ -370,7 +370,7 @@ fn owner_of(dir: &Path) -> Option<String> {
 }
 
 /// What is wrong with a damaged spool.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Damage {
     #[error("the file is empty (0 bytes), but a spool is never empty once created")]
     Empty,
@@ -636,6 +636,10 @@ pub struct Spool {
     /// after a write in this process that queues deliveries outside the writer thread (a
     /// catch-up's appends, a replay), which does not tell them otherwise.
     nudges: tokio::sync::watch::Sender<u64>,
+    /// The first damage found while the file is open (redb panicked on a page, or called the
+    /// file corrupted): a relay stops on it ([`Spool::damage`]), as it does when the open finds
+    /// damage, rather than go on failing every read and write.
+    damage: tokio::sync::watch::Sender<Option<Damage>>,
     /// Whether this process would rather have the file alone (a relay, whose every event is a
     /// commit) than shared (a command, which is brief): see [`share`].
     prefer_alone: bool,
@@ -840,6 +844,7 @@ impl Spool {
             deferring: false.into(),
             alone: (sharing.mode == Mode::Alone).into(),
             nudges: tokio::sync::watch::Sender::new(0),
+            damage: tokio::sync::watch::Sender::new(None),
             prefer_alone,
             sharing: std::sync::Mutex::new(sharing),
             wal: std::sync::Mutex::new(wal),
@@ -1259,7 +1264,12 @@ impl Spool {
     /// After a failed write, open the database again first (redb refuses every later one).
     fn reopen_if_needed(&self) -> Result<(), SpoolError> {
         if self.needs_reopen.load(std::sync::atomic::Ordering::Relaxed) {
-            self.reopen().inspect_err(|e| self.failed(e))?;
+            self.reopen().inspect_err(|e| {
+                if let SpoolError::Damaged { why, .. } = e {
+                    self.found(why.clone());
+                }
+                self.failed(e)
+            })?;
         }
         Ok(())
     }
@@ -1402,9 +1412,35 @@ impl Spool {
 
     /// A panic in redb while reading or writing: damage the open did not find.
     fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> SpoolError {
+        let why = Damage::Panic(panic_message(&*panic));
+        self.found(why.clone());
         SpoolError::Damaged {
             path: self.path.clone(),
-            why: Damage::Panic(panic_message(&*panic)),
+            why,
+        }
+    }
+
+    /// Note damage found while open (the first is kept): see [`Spool::damage`].
+    fn found(&self, why: Damage) {
+        self.damage.send_if_modified(|damage| {
+            let first = damage.is_none();
+            damage.get_or_insert(why);
+            first
+        });
+    }
+
+    /// Damage found in the file since it was opened (redb panicked reading a page, or said the
+    /// file is corrupted, or a reopen after a failed write refused it): what a relay stops on,
+    /// with the same message and exit status as when its start finds damage.
+    pub fn damage(&self) -> tokio::sync::watch::Receiver<Option<Damage>> {
+        self.damage.subscribe()
+    }
+
+    /// [`Spool::damage`] as the error a start that found it returns.
+    pub fn damaged(&self, why: Damage) -> SpoolError {
+        SpoolError::Damaged {
+            path: self.path.clone(),
+            why,
         }
     }
 
@@ -1423,6 +1459,11 @@ impl Spool {
     }
 
     fn io(&self, source: redb::Error) -> SpoolError {
+        if let redb::Error::Corrupted(why) = &source {
+            self.found(Damage::Redb(format!(
+                "the database library calls it corrupted: {why}"
+            )));
+        }
         SpoolError::Io {
             path: self.path.clone(),
             source,
