@@ -290,7 +290,11 @@ impl SpoolWriter {
         let dir = spool.path().parent().map(std::path::Path::to_owned);
         let journal = match dir.map(|dir| Journal::start(&dir)) {
             Some(Ok((journal, orphans))) => {
-                if !orphans.marks.is_empty() {
+                if orphans.marks.is_empty() {
+                    // Dead relays' journals with nothing in them (killed before a delivery):
+                    // nothing to apply, and kept they would pile up, one a crash.
+                    orphans.remove();
+                } else {
                     match spool.write(&orphans.marks, limits) {
                         Ok(_) => {
                             // The journal keeps records until it is compacted, so most of them
@@ -1382,6 +1386,23 @@ mod tests {
         );
         writer.committer.gate().off_until = Some(Instant::now() + Duration::from_secs(86_400));
         (writer, thread)
+    }
+
+    /// Regression (an adversary's run): a relay killed before it finished a delivery left its
+    /// empty journal, and no later start removed it: one more file in the state directory for
+    /// each crash, for good.
+    #[test]
+    fn regression_empty_journals_of_dead_relays_piled_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let left: Vec<_> = (0..3)
+            .map(|_| Journal::start(dir.path()).unwrap().0.path().to_owned())
+            .collect();
+        assert!(left.iter().all(|path| path.exists()));
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = SpoolWriter::start(spool, Limits { max_bytes: 1 << 30 });
+        assert!(left.iter().all(|path| !path.exists()), "{left:?}");
+        drop(writer);
+        thread.join().unwrap();
     }
 
     /// An appender dropped after its commit, before it took the answer (a reconciliation
