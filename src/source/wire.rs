@@ -63,6 +63,9 @@ pub enum WireError {
     /// `bodyB` or `rawdata` is present but is not a string.
     #[error("{0} is not a string")]
     RawBodyNotString(&'static str),
+    /// `bodyB` or `rawdata` is a string with an escape that is no character (`\ud800`).
+    #[error("{0} is a JSON string that is not Unicode: {LONE_SURROGATE}")]
+    RawBodyNotUnicode(&'static str),
 }
 
 /// A header (or query parameter) that was in the frame but will not be replayed.
@@ -84,6 +87,14 @@ pub enum Dropped {
 impl fmt::Display for Dropped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Dropped::NonStringHeader {
+                name,
+                json: "string",
+            } => write!(
+                f,
+                "header {name:?} dropped: its value is a JSON string that is not Unicode: \
+                 {LONE_SURROGATE}"
+            ),
             Dropped::NonStringHeader { name, json } => {
                 write!(
                     f,
@@ -160,14 +171,14 @@ pub fn decode(sse_id: Option<&str>, data: &str) -> Result<Decoded, WireError> {
     }
 
     let body = if let Some(raw) = body_b {
-        let text = json_string(raw).ok_or(WireError::RawBodyNotString("bodyB"))?;
+        let text = raw_body_text(raw, "bodyB")?;
         Bytes::from(
             base64::engine::general_purpose::STANDARD
                 .decode(text.as_bytes())
                 .map_err(WireError::BadBodyB)?,
         )
     } else if let Some(raw) = rawdata {
-        let text = json_string(raw).ok_or(WireError::RawBodyNotString("rawdata"))?;
+        let text = raw_body_text(raw, "rawdata")?;
         Bytes::from(text.into_owned())
     } else if let Some(raw) = body_text {
         Bytes::copy_from_slice(raw.get().as_bytes())
@@ -257,6 +268,18 @@ fn parse_timestamp(raw: &RawValue) -> Option<u64> {
         _ => None,
     }
 }
+
+/// The text of `bodyB` or `rawdata` (`field`), which must be a JSON string.
+fn raw_body_text<'a>(raw: &'a RawValue, field: &'static str) -> Result<Cow<'a, str>, WireError> {
+    json_string(raw).ok_or(match json_kind(raw) {
+        "string" => WireError::RawBodyNotUnicode(field),
+        _ => WireError::RawBodyNotString(field),
+    })
+}
+
+/// Why a JSON string may not decode: serde_json refuses an escaped surrogate without its pair.
+const LONE_SURROGATE: &str =
+    "an escape of half a character (a lone surrogate such as \\ud800) that nothing can decode";
 
 /// The decoded text of a JSON string, or `None` when the value is not a string.
 /// A JSON string's text: borrowed from the frame when it has no escapes (as base64 never
@@ -443,6 +466,19 @@ mod tests {
             decode(None, r#"{"rawdata":3}"#),
             Err(WireError::RawBodyNotString(_))
         ));
+        // Said as what it is, not "not a string" (an adversary's run found both said so).
+        let lone = decode(None, r#"{"rawdata":"\ud800"}"#).unwrap_err();
+        assert!(matches!(lone, WireError::RawBodyNotUnicode("rawdata")));
+        assert!(lone.to_string().contains("lone surrogate"), "{lone}");
+        let header = decode(None, r#"{"x-sur":"\ud800","body":{}}"#)
+            .unwrap()
+            .dropped;
+        assert_eq!(header.len(), 1);
+        let said = header[0].to_string();
+        assert!(
+            said.contains("lone surrogate") && !said.contains("not a string"),
+            "{said}"
+        );
         assert!(matches!(decode(None, ""), Err(WireError::NotJson(_))));
     }
 }
