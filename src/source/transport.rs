@@ -54,6 +54,16 @@ pub struct FrameTooLarge {
     pub limit: usize,
 }
 
+/// The server closed the stream after part of a frame, at a line end (no blank line ended it).
+/// The crate drops what it had of the frame and reports a plain end of stream, so the cut
+/// frame would go unsaid; a cut in the middle of a line it reports itself.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server closed the stream in the middle of a frame (the partial frame is discarded; a \
+     server that replays sends it again after the reconnect)"
+)]
+pub struct CutFrame;
+
 /// A reqwest error with its URL removed (the URL holds the channel id, a secret), shown with
 /// its causes: "error sending request" alone does not say "connection refused".
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +345,9 @@ impl Body {
                 }
                 Poll::Ready(None) => {
                     self.ended = true;
+                    if !self.at_frame_end && !self.skipping {
+                        return Poll::Ready(Some(Err(TransportError::new(CutFrame))));
+                    }
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
@@ -467,6 +480,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What a body of `chunks` that then ends hands on: the pieces, then how it ends.
+    async fn hand_on(chunks: &[&'static [u8]]) -> (Vec<u8>, Option<String>) {
+        let raw: RawBody = Box::pin(futures::stream::iter(
+            chunks
+                .iter()
+                .map(|c| Ok(Bytes::from_static(c)))
+                .collect::<Vec<_>>(),
+        ));
+        let mut body = Body::new(raw, Duration::from_secs(60), 1 << 20);
+        let mut bytes = Vec::new();
+        loop {
+            match std::future::poll_fn(|cx| body.poll_next(cx)).await {
+                Some(Ok(piece)) => bytes.extend_from_slice(&piece),
+                Some(Err(e)) => return (bytes, Some(e.to_string())),
+                None => return (bytes, None),
+            }
+        }
+    }
+
+    /// Regression (an adversary's run): a stream closed right after a frame's last line, with no
+    /// blank line after it, ended as a plain close: the crate drops the frame it was building
+    /// without a word. Closed in the middle of a line, the crate said so.
+    #[tokio::test]
+    async fn regression_a_frame_cut_at_a_line_end_by_the_close_went_unsaid() {
+        let (bytes, end) = hand_on(&[b"id: 2\ndata: {}\n\n", b"id: 3\ndata: {}\n"]).await;
+        assert_eq!(bytes, b"id: 2\ndata: {}\n\nid: 3\ndata: {}\n");
+        assert!(end.is_some_and(|e| e.contains("middle of a frame")));
+        // Closed after whole frames: a plain end.
+        assert_eq!(hand_on(&[b"data: {}\r\n\r\n"]).await.1, None);
+        assert_eq!(hand_on(&[b"data: {}\r\r"]).await.1, None);
+        assert_eq!(hand_on(&[]).await.1, None);
     }
 
     fn frame_end_offsets(chunks: &[&[u8]]) -> Vec<usize> {
