@@ -166,6 +166,56 @@ async fn regression_a_reload_that_changes_idle_timeout_keeps_the_channel() {
     stop(child).await;
 }
 
+/// Regression (a new user's run): a reload that added `ignore_events` said only what else
+/// changed (or "nothing changed"), and the channel went on with its old list: every change
+/// must take effect or the reload be refused whole.
+#[tokio::test]
+async fn regression_a_reload_that_changed_ignore_events_was_ignored() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let hook = target.url("/hook");
+    let write = |ignored: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[channel]]\nurl = \"{}\"\nforward = [\"{}\"]\n{ignored}",
+                channel.url("IgnoreChange"),
+                hook
+            ),
+        )
+        .unwrap();
+    };
+    write("");
+    let (child, logs) = spawn_run(&config, "http://127.0.0.1:1/unused", false);
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    let ping = |id: u64, n: u64| {
+        channel.send_webhook(
+            id,
+            &format!(r#"{{"x-github-event":"ping","body":{{"n":{n}}}}}"#),
+        )
+    };
+    ping(1, 1);
+    assert_eq!(target.next().await.body, r#"{"n":1}"#);
+
+    write("ignore_events = [\"Ping\"]\n");
+    signal(&child, "HUP");
+    logs.wait_for(&["config reloaded", "reconnects with its new settings"])
+        .await;
+    channel.wait_connections(2).await;
+    wait_count(&logs, "connected to channel", 2).await;
+    ping(2, 2);
+    channel.send_webhook(3, r#"{"body":{"n":3}}"#);
+    assert_eq!(
+        target.next().await.body,
+        r#"{"n":3}"#,
+        "the ping is skipped"
+    );
+    stop(child).await;
+}
+
 /// Regression (item 1): a changed channel `token` was ignored until a restart.
 #[tokio::test]
 async fn regression_a_changed_token_takes_effect_on_reload() {

@@ -671,7 +671,18 @@ fn same_source(running: &SourceConfig, new: &SourceConfig) -> bool {
     running.idle_timeout == new.idle_timeout
         && expose(&running.token) == expose(&new.token)
         && running.reconnect == new.reconnect
+        && running.max_frame == new.max_frame
+        && ignored(running) == ignored(new)
         && catch_up_settings(running) == catch_up_settings(new)
+}
+
+/// A channel's `ignore_events`, comparable (matched ignoring case and order).
+fn ignored(source: &SourceConfig) -> std::collections::BTreeSet<String> {
+    source
+        .ignore_events
+        .iter()
+        .map(|name| name.to_ascii_lowercase())
+        .collect()
 }
 
 /// A channel's GitHub catch-up settings, comparable (a change restarts the channel with them).
