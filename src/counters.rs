@@ -16,6 +16,14 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Show the relay's own counters at 0 before their first event (once a recorder is
+    /// installed): an alert on `increase()` sees the first one only if the series was there
+    /// before it.
+    pub fn register(&self) {
+        metrics::counter!("smee_relay_events_received_total").increment(0);
+        metrics::counter!("smee_relay_events_refused_total").increment(0);
+    }
+
     pub fn received(&self, n: u64) {
         self.received.fetch_add(n, Ordering::Relaxed);
         metrics::counter!("smee_relay_events_received_total").increment(n);
@@ -30,8 +38,9 @@ impl Counters {
     pub fn route<'a>(&'a self, route: &'a str) -> RouteCounters<'a> {
         RouteCounters {
             counters: self,
-            route,
             deliveries: metrics::counter!("smee_relay_deliveries_total", "route" => route.to_string()),
+            retries: metrics::counter!("smee_relay_retries_total", "route" => route.to_string()),
+            dead: metrics::counter!("smee_relay_dead_letters_total", "route" => route.to_string()),
             seconds: metrics::histogram!("smee_relay_delivery_seconds", "route" => route.to_string()),
         }
     }
@@ -41,9 +50,10 @@ impl Counters {
 /// a delivery then costs no label allocation or registry lookup (it cost two of each).
 pub struct RouteCounters<'a> {
     counters: &'a Counters,
-    /// The `route` label of the rarer metrics, registered when they happen.
-    route: &'a str,
     deliveries: metrics::Counter,
+    /// Registered with the others, so that they show 0 before the first retry or dead letter.
+    retries: metrics::Counter,
+    dead: metrics::Counter,
     seconds: metrics::Histogram,
 }
 
@@ -56,13 +66,11 @@ impl RouteCounters<'_> {
 
     pub fn retried(&self) {
         self.counters.retried.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("smee_relay_retries_total", "route" => self.route.to_string())
-            .increment(1);
+        self.retries.increment(1);
     }
 
     pub fn dead(&self) {
         self.counters.dead.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("smee_relay_dead_letters_total", "route" => self.route.to_string())
-            .increment(1);
+        self.dead.increment(1);
     }
 }

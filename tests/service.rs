@@ -223,6 +223,12 @@ async fn metrics_count_what_happened() {
         "smee_relay_channel_connected{channel=\"http://".to_string(),
         format!("smee_relay_delivery_seconds_count{{route=\"{route}\"}} 5"),
         "smee_relay_intake_paused 0".to_string(),
+        // Regression (a new user's run): the counters of what has not happened yet were
+        // missing until the first one, so `increase()` alerts missed it.
+        format!("smee_relay_dead_letters_total{{route=\"{route}\"}} 0"),
+        "smee_relay_events_refused_total 0".to_string(),
+        "smee_relay_reconnects_total{channel=\"http://".to_string(),
+        "smee_relay_bad_frames_total{channel=\"http://".to_string(),
     ];
     let client = smee_relay::http::client_builder().build().unwrap();
     let what = format!("/metrics showing {expected:?}");

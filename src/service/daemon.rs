@@ -264,10 +264,12 @@ pub async fn run(
             cancel.clone(),
         ));
     }
+    let counters = Arc::new(Counters::default());
+    counters.register();
     let mut runtime = Runtime {
         spool: spool.clone(),
         writer,
-        counters: Arc::new(Counters::default()),
+        counters,
         health: health.clone(),
         cancel: cancel.clone(),
         state_dir: plan.state_dir.clone(),

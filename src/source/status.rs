@@ -25,8 +25,18 @@ pub struct ChannelStatus {
     disconnected_at_ms: AtomicU64,
 }
 
+/// The kinds of `smee_relay_bad_frames_total`, each shown from the channel's start at 0.
+const BAD_FRAME_KINDS: [&str; 5] = ["refused", "too_large", "malformed", "unknown_type", "gap"];
+
 impl ChannelStatus {
     pub fn new(name: String, idle_timeout: Duration) -> Self {
+        // There at 0 from the start, as `deliveries_total` is: an alert on `increase()` must
+        // see the first one, and a series that appears with it has no value before to compare.
+        metrics::counter!("smee_relay_reconnects_total", "channel" => name.clone()).increment(0);
+        for kind in BAD_FRAME_KINDS {
+            metrics::counter!("smee_relay_bad_frames_total", "channel" => name.clone(), "kind" => kind)
+                .increment(0);
+        }
         Self {
             name,
             idle_timeout,
