@@ -7,6 +7,7 @@
 //! answer from every instance. A cluster instance's spool says so ([`Spool::cluster`]): without
 //! the cluster's settings, `events` refuses to re-queue or purge its local copies.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
@@ -137,7 +138,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
         EventsCommand::Show { id } => {
             let (event, records) = spool.get(id)?;
-            out!("{}", show(&event, &records))?;
+            out!("{}", show(&event, &records, Output::of_stdout()))?;
         }
         EventsCommand::Replay {
             which,
@@ -468,7 +469,7 @@ fn show_cluster(
         );
     }
     // The request, as the local `show` prints it.
-    let request = show(&stored, &[]);
+    let request = show(&stored, &[], Output::of_stdout());
     let request = request.split_once('\n').map_or("", |(_, rest)| rest);
     let request = request.split_once('\n').map_or("", |(_, rest)| rest);
     out.push_str(request);
@@ -816,7 +817,45 @@ fn kind_cell(row: &Row) -> String {
 }
 
 /// `events show`: deliveries, then the request as it would be replayed.
-fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)]) -> String {
+/// Where `events show` writes, which decides how it shows a body.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Output {
+    /// A terminal: a body's control characters are shown as escapes (a sender must not drive
+    /// the terminal of whoever looks at its event), and a body that is not text is described.
+    Terminal,
+    /// A pipe or a file: the body as text, for whatever reads it (`events export` has the
+    /// bytes).
+    Pipe,
+}
+
+impl Output {
+    fn of_stdout() -> Output {
+        use std::io::IsTerminal as _;
+        match std::io::stdout().is_terminal() {
+            true => Output::Terminal,
+            false => Output::Pipe,
+        }
+    }
+}
+
+/// A body as `events show` prints it to `output`.
+fn shown_body(id: u64, body: &[u8], output: Output) -> Cow<'_, str> {
+    match (output, std::str::from_utf8(body)) {
+        (Output::Pipe, _) => String::from_utf8_lossy(body),
+        // Line by line, so that its lines stay lines.
+        (Output::Terminal, Ok(text)) => {
+            let lines: Vec<Cow<'_, str>> = text.split('\n').map(escape_control).collect();
+            Cow::Owned(lines.join("\n"))
+        }
+        (Output::Terminal, Err(_)) => Cow::Owned(format!(
+            "({}, not text: not shown on a terminal; `smee-relay events export {id}` writes \
+             it, base64 in its JSON)",
+            crate::error::count(body.len(), "byte", "bytes")
+        )),
+    }
+}
+
+fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)], output: Output) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "event {}", event.id);
     let _ = writeln!(
@@ -852,7 +891,7 @@ fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)]) -> String {
         let _ = writeln!(out, "{name}: {value}");
     }
     let _ = writeln!(out);
-    out.push_str(&String::from_utf8_lossy(&event.event.body));
+    out.push_str(&shown_body(event.id, &event.event.body, output));
     out.push('\n');
     out
 }
@@ -871,6 +910,27 @@ fn short_age(age: Duration) -> String {
 mod tests {
     use super::*;
     use crate::spool::Status;
+
+    /// Regression (a new user's run): `events show` wrote a body's escape sequences to the
+    /// terminal as they were (`\x1b]0;pwned\x07` retitled it) and a binary body as megabytes of
+    /// garbage. On a terminal they are now escapes, and a binary body is described; into a
+    /// pipe the body goes as before.
+    #[test]
+    fn regression_events_show_let_a_body_drive_the_terminal() {
+        let hostile = b"{\"x\":\"\x1b[31mRED\x1b]0;pwned\x07\"}\nline two";
+        let shown = shown_body(7, hostile, Output::Terminal);
+        assert_eq!(
+            shown,
+            "{\"x\":\"\\x1b[31mRED\\x1b]0;pwned\\x07\"}\nline two"
+        );
+        let binary = [0xff, 0x00, 0x1b, b'[', b'2', b'J'];
+        let shown = shown_body(7, &binary, Output::Terminal);
+        assert!(
+            shown.starts_with("(6 bytes, not text") && shown.contains("events export 7"),
+            "{shown}"
+        );
+        assert_eq!(shown_body(7, hostile, Output::Pipe).as_bytes(), hostile);
+    }
 
     /// Regression: `events replay --to` said every failure was "not accepted by" the target,
     /// also for a request never sent (an event whose query is too long for a URL) and for a
