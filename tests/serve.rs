@@ -30,6 +30,15 @@ async fn start_server_task(
     (format!("http://{addr}"), cancel, task)
 }
 
+/// Stop a server [`start_server_task`] started, and wait until it has stopped.
+async fn stopped(stop: CancellationToken, task: tokio::task::JoinHandle<()>) {
+    stop.cancel();
+    tokio::time::timeout(support::PATIENCE, task)
+        .await
+        .expect("the server stopped in time")
+        .unwrap();
+}
+
 fn client() -> reqwest::Client {
     smee_relay::http::client_builder().build().unwrap()
 }
@@ -396,11 +405,7 @@ async fn regression_a_restarted_server_forgot_what_it_had_evicted() {
     for body in [&b"[1]"[..], b"[2]", b"[3]", b"[4]", b"[5]"] {
         assert_eq!(post(&channel, "application/json", body).await, 200);
     }
-    stop.cancel();
-    tokio::time::timeout(support::PATIENCE, task)
-        .await
-        .expect("the server stopped in time")
-        .unwrap();
+    stopped(stop, task).await;
     let (server, _stop) = start_server(config).await;
     let seen = resume(&format!("{server}/evicting"), "1", "[5]").await;
     let gap = seen.find("event: gap\ndata: {\"after\":1,\"upto\":");
@@ -438,11 +443,7 @@ async fn a_resume_into_a_channel_made_anew_after_it_expired_is_told_of_the_gap()
             .then_some(())
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(support::PATIENCE, task)
-        .await
-        .expect("the server stopped in time")
-        .unwrap();
+    stopped(stop, task).await;
     let (server, _stop) = start_server(config).await;
     let channel = format!("{server}/expiring");
     assert_eq!(post(&channel, "application/json", b"[3]").await, 200);
@@ -579,11 +580,7 @@ async fn with_a_state_dir_the_server_survives_its_own_restart() {
             200
         );
     }
-    stop.cancel();
-    tokio::time::timeout(support::PATIENCE, task)
-        .await
-        .expect("the server stopped in time")
-        .unwrap();
+    stopped(stop, task).await;
 
     let (server, _stop) = start_server(config).await;
     let mut target = FakeTarget::start().await;
