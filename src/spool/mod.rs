@@ -148,7 +148,8 @@ pub enum SpoolError {
          events. Stop it, move the file and its log aside (mv {path} {path}.damaged; mv {wal} \
          {wal}.damaged) and start again; to see what is still readable in it, put them in a \
          directory of their own as spool.redb and spool.wal and run `smee-relay events list \
-         --state-dir THAT_DIR`",
+         --state-dir THAT_DIR` (a listing that meets the damage stops there: then read events \
+         one by one, `smee-relay events show ID --state-dir THAT_DIR`)",
         path = path.display(),
         wal = wal::path(path).display()
     )]
