@@ -590,11 +590,8 @@ fn classify(error: eventsource_client::Error, has_token: bool) -> Ended {
             Err(_) => lost(format!("the server answered {}", response.status())),
         },
         E::Eof => lost("the server closed the stream".into()),
-        E::UnexpectedEof => lost(
-            "the server closed the stream in the middle of a frame (the partial frame is \
-             discarded)"
-                .into(),
-        ),
+        // Cut mid-line, the crate says so itself; cut at a line end, the transport does.
+        E::UnexpectedEof => lost(transport::CutFrame.to_string()),
         E::InvalidLine(line) => Ended::BadFrame {
             reason: format!("the SSE parser refused a line ({line})"),
             kind: "refused",

@@ -1415,10 +1415,7 @@ impl Spool {
     fn panicked(&self, panic: Box<dyn std::any::Any + Send>) -> SpoolError {
         let why = Damage::Panic(panic_message(&*panic));
         self.found(why.clone());
-        SpoolError::Damaged {
-            path: self.path.clone(),
-            why,
-        }
+        self.damaged(why)
     }
 
     /// Note damage found while open (the first is kept): see [`Spool::damage`].
