@@ -506,6 +506,7 @@ impl Source {
                     return true;
                 };
                 if is_ignored(&event, &self.config.ignore_events) {
+                    self.status.ignored();
                     debug!(kind = ?event.kind(), "ignoring event (--ignore-event)");
                 } else if events.send(event).await.is_err() {
                     return false;

@@ -33,6 +33,8 @@ impl ChannelStatus {
         // There at 0 from the start, as `deliveries_total` is: an alert on `increase()` must
         // see the first one, and a series that appears with it has no value before to compare.
         metrics::counter!("smee_relay_reconnects_total", "channel" => name.clone()).increment(0);
+        metrics::counter!("smee_relay_events_ignored_total", "channel" => name.clone())
+            .increment(0);
         for kind in BAD_FRAME_KINDS {
             metrics::counter!("smee_relay_bad_frames_total", "channel" => name.clone(), "kind" => kind)
                 .increment(0);
@@ -85,6 +87,12 @@ impl ChannelStatus {
     }
 
     /// A frame was skipped; `kind` says why (`refused`, `too_large`, `malformed`).
+    /// An event skipped as asked (`--ignore-event`): not lost, but not silent either.
+    pub fn ignored(&self) {
+        metrics::counter!("smee_relay_events_ignored_total", "channel" => self.name.clone())
+            .increment(1);
+    }
+
     pub fn bad_frame(&self, kind: &'static str) {
         self.bad_frames.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(
