@@ -1125,19 +1125,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 30 });
-        let config = crate::config::parse(
-            &format!(
-                "[[channel]]\nurl = \"http://127.0.0.1:1/c\"\npipeline = true\n{}",
-                include_str!("../../tests/fixtures/port/rules.toml")
-            ),
-            "test",
-            &|_| None,
-        )
-        .unwrap();
         let verifier =
             crate::pipeline::signature::Verifier::new(SECRET.into(), Duration::from_secs(300));
         let pipeline = Pipeline {
-            rules: config.rules,
+            rules: crate::pipeline::tests::fixture_rules(),
             verifier: Some(verifier.clone()),
             app_url: "https://app.getport.io".into(),
             jq: crate::pipeline::jq::JqEngine::here(),
