@@ -157,6 +157,39 @@ async fn idle_watchdog_drops_a_silent_connection() {
     assert_eq!(target.next().await.body, r#"{"seq":1}"#);
 }
 
+/// Regression (an adversary's finding): a channel that redirected to another host got the
+/// channel token sent there too (and the channel URL, in `Referer`); a relative `Location`
+/// failed every connection, and a 302 was not followed at all.
+#[tokio::test]
+async fn regression_a_redirect_to_another_host_does_not_carry_the_token() {
+    let elsewhere = FakeChannel::start().await;
+    let channel = FakeChannel::start().await;
+    // Same server, relative Location (302), then another host (307).
+    channel.redirect("Start", 302, "/Moved");
+    channel.redirect("Moved", 307, &elsewhere.url("Final"));
+    let mut target = FakeTarget::start().await;
+    let mut options = support::relay_options_for(&channel.url("Start"), &target.url("/hook"));
+    options.source.token = Some("s3cret-token".into());
+    let _relay = support::Relay::start(&elsewhere, options).await;
+
+    assert_eq!(channel.request_channel(1), "Moved");
+    assert_eq!(
+        channel.request_header(1, "authorization").as_deref(),
+        Some("Bearer s3cret-token"),
+        "the same server still gets the token"
+    );
+    assert_eq!(elsewhere.request_channel(0), "Final");
+    assert_eq!(elsewhere.request_header(0, "authorization"), None);
+    assert_eq!(elsewhere.request_header(0, "referer"), None);
+    assert_eq!(
+        elsewhere.accept(0).as_deref(),
+        Some("text/event-stream"),
+        "the redirected request is still a subscription"
+    );
+    elsewhere.send_webhook(1, &webhook(1));
+    assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+}
+
 #[tokio::test]
 async fn a_page_that_is_not_an_event_stream_is_not_mistaken_for_one() {
     let channel = FakeChannel::start().await;

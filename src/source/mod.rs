@@ -128,6 +128,28 @@ fn is_ignored(event: &Event, ignored: &[String]) -> bool {
         })
 }
 
+/// How the subscription follows a redirect: reqwest follows 301, 302, 303, 307 and 308, resolves
+/// a relative `Location`, and drops `Authorization` (the channel token) when the next URL is on
+/// another scheme, host or port. (`eventsource-client` would follow only 301 and 307, with every
+/// header, so the SSE client is told to follow none: see [`Source::sse_client`].) A channel that
+/// moved is said in the log: its new URL belongs in the configuration.
+fn follow_redirects() -> reqwest::redirect::Policy {
+    const LIMIT: usize = 10;
+    reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.previous().len() > LIMIT {
+            return attempt.error(format!("more than {LIMIT} redirects"));
+        }
+        let to = (attempt.url().as_str().parse::<ChannelUrl>())
+            .map_or_else(|e| e.to_string(), |url| url.to_string());
+        warn!(
+            "the channel URL redirects ({}) to {to}; following it (a token is sent only to the \
+             same scheme, host and port); put the new URL in the configuration",
+            attempt.status()
+        );
+        attempt.follow()
+    })
+}
+
 /// Why the server refused the subscription, with a hint when a token is the likely cause.
 fn refused(status: http::StatusCode, has_token: bool) -> String {
     match (status, has_token) {
@@ -173,7 +195,11 @@ impl SourceConfig {
         {
             return Err(SourceError::InvalidToken);
         }
-        let client = crate::http::client_builder_for(self.channel.expose()).build()?;
+        let client = crate::http::client_builder_for(self.channel.expose())
+            .redirect(follow_redirects())
+            // `Referer` would carry the channel URL, a secret, to wherever a redirect points.
+            .referer(false)
+            .build()?;
         let status = Arc::new(ChannelStatus::new(
             self.channel.to_string(),
             self.idle_timeout,
@@ -560,6 +586,8 @@ impl Source {
     ) -> Result<impl eventsource_client::Client + use<>, eventsource_client::Error> {
         let mut builder = ClientBuilder::for_url(self.config.channel.expose().as_str())?
             .header(wire::RAW_OPT_IN, "1")?
+            // The transport follows redirects (see [`follow_redirects`]).
+            .redirect_limit(0)
             .reconnect(
                 ReconnectOptions::reconnect(false)
                     .retry_initial(false)
@@ -590,6 +618,11 @@ fn classify(error: eventsource_client::Error, has_token: bool) -> Ended {
             Ok(status) => lost(refused(status, has_token)),
             Err(_) => lost(format!("the server answered {}", response.status())),
         },
+        // Redirects that could be followed were (see `follow_redirects`): this one has no
+        // usable `Location`.
+        E::MaxRedirectLimitReached(_) | E::MalformedLocationHeader(_) => {
+            lost("the server answered a redirect without a usable Location header".into())
+        }
         E::Eof => lost("the server closed the stream".into()),
         // Cut mid-line, the crate says so itself; cut at a line end, the transport does.
         E::UnexpectedEof => lost(transport::CutFrame.to_string()),

@@ -142,10 +142,12 @@ async fn serve_on(addr: SocketAddr, router: Router) -> SocketAddr {
 struct ChannelState {
     /// One sender per open subscriber connection.
     subscribers: Vec<mpsc::UnboundedSender<Bytes>>,
-    /// Every subscription request seen: its `Accept` and `Last-Event-ID`.
-    requests: Vec<(Option<String>, Option<String>)>,
+    /// Every subscription request seen: its channel (path) and headers.
+    requests: Vec<(String, HeaderMap)>,
     /// What to answer instead of a stream, if set: (status, content type).
     refuse_with: Option<(u16, &'static str)>,
+    /// Channels that answer with a redirect instead: channel -> (status, `Location`).
+    redirects: std::collections::HashMap<String, (u16, String)>,
 }
 
 /// A smee-like channel server. The test writes frames; the server sends them to every
@@ -207,14 +209,34 @@ impl FakeChannel {
         self.state.lock().unwrap().requests.len()
     }
 
+    /// Header `name` of subscription request `n` (0-based).
+    pub fn request_header(&self, n: usize, name: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        let value = state.requests[n].1.get(name)?;
+        Some(value.to_str().unwrap().to_owned())
+    }
+
+    /// The channel (path without the leading `/`) of subscription request `n`.
+    pub fn request_channel(&self, n: usize) -> String {
+        self.state.lock().unwrap().requests[n].0.clone()
+    }
+
     /// The `Last-Event-ID` of subscription request `n` (0-based).
     pub fn last_event_id(&self, n: usize) -> Option<String> {
-        self.state.lock().unwrap().requests[n].1.clone()
+        self.request_header(n, "last-event-id")
     }
 
     /// The `Accept` header of subscription request `n`.
     pub fn accept(&self, n: usize) -> Option<String> {
-        self.state.lock().unwrap().requests[n].0.clone()
+        self.request_header(n, "accept")
+    }
+
+    /// Answer subscriptions to `channel` with a redirect (`status`) to `location`.
+    pub fn redirect(&self, channel: &str, status: u16, location: &str) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .redirects
+            .insert(channel.to_owned(), (status, location.to_owned()));
     }
 
     /// Wait until at least `n` subscribers have connected in total.
@@ -246,19 +268,25 @@ async fn new_channel(headers: HeaderMap) -> Response {
 
 async fn subscribe(
     State((state, connected)): State<ChannelShared>,
-    axum::extract::Path(_channel): axum::extract::Path<String>,
+    axum::extract::Path(channel): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let redirect = {
+        let mut state = state.lock().unwrap();
+        state.requests.push((channel.clone(), headers));
+        state.redirects.get(&channel).cloned()
+    };
+    if let Some((status, location)) = redirect {
+        connected.notify_waiters();
+        return (
+            StatusCode::from_u16(status).unwrap(),
+            [(header::LOCATION, location)],
+        )
+            .into_response();
+    }
     let refuse = {
         let mut state = state.lock().unwrap();
-        state.requests.push((text("accept"), text("last-event-id")));
         if state.refuse_with.is_none() {
             let _ = tx.send(Bytes::from_static(b"id: 0\nevent: ready\ndata: {}\n\n"));
             state.subscribers.push(tx);
