@@ -906,15 +906,11 @@ async fn port_down_for_a_while_then_back_delays_the_reports_and_loses_nothing() 
         .port
         .wait("two refused attempts", |s| s.refused_while_down >= 2)
         .await;
-    // Back, but rate-limited once: 429 with a reset a second away.
-    let reset = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 1;
+    // Back, but rate-limited once: 429 with a reset a second away (Port sends the seconds
+    // until the reset).
     setup.port.with(|s| {
         s.down = false;
-        s.script.push_back((429, Some(reset)));
+        s.script.push_back((429, Some(1)));
     });
     setup.port.wait_finished(&["r_act01legacy"]).await;
     assert_eq!(executions(&setup.dir), ["r_act01legacy"]);

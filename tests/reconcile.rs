@@ -108,15 +108,10 @@ async fn entities(
     let mut state = state.lock().unwrap();
     if let Some(status) = state.failures.pop_front() {
         let status = StatusCode::from_u16(status).unwrap();
-        let reset = (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 1)
-        .to_string();
+        // Port sends the seconds until the reset.
         return (
             status,
-            [("x-ratelimit-reset", reset)],
+            [("x-ratelimit-reset", "1")],
             Json(json!({"ok": false, "error": "scripted", "message": "try later"})),
         )
             .into_response();

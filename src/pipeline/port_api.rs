@@ -243,10 +243,16 @@ fn usable_for(lifetime: Duration) -> Duration {
 /// The longest a token is kept, whatever `expiresIn` says.
 const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 
-/// `x-ratelimit-reset` is the epoch second the window resets at.
+/// Port's `x-ratelimit-reset` is the number of seconds until the window resets. A value that
+/// can only be an epoch second (after 2001; some gateways send that) is read as one.
 fn rate_limit_wait(value: &str) -> Option<Duration> {
-    let reset_ms = value.trim().parse::<u64>().ok()?.checked_mul(1000)?;
-    let wait = Duration::from_millis(reset_ms.saturating_sub(crate::clock::now_ms()));
+    const EPOCH_SECONDS_FROM: u64 = 1_000_000_000;
+    let seconds = value.trim().parse::<u64>().ok()?;
+    let wait = if seconds >= EPOCH_SECONDS_FROM {
+        Duration::from_millis((seconds.saturating_mul(1000)).saturating_sub(crate::clock::now_ms()))
+    } else {
+        Duration::from_secs(seconds)
+    };
     Some(wait.clamp(Duration::from_millis(100), Duration::from_secs(300)))
 }
 
@@ -303,6 +309,16 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         assert!(usable_for(Duration::from_secs(u64::MAX)) <= MAX_TOKEN_LIFE);
+    }
+
+    /// Regression (an adversary's finding): Port's `x-ratelimit-reset` is the seconds until the
+    /// reset; read as an epoch second it was always past, so a rate-limited call was repeated
+    /// every 100 ms.
+    #[test]
+    fn regression_x_ratelimit_reset_is_seconds_until_the_reset() {
+        assert_eq!(rate_limit_wait("3"), Some(Duration::from_secs(3)));
+        assert_eq!(rate_limit_wait(" 42 "), Some(Duration::from_secs(42)));
+        assert_eq!(rate_limit_wait("86400"), Some(Duration::from_secs(300)));
     }
 
     #[test]
