@@ -120,3 +120,17 @@ fn many_evaluations_reuse_one_worker() {
         started.elapsed()
     );
 }
+
+/// Regression (an adversary's finding): the worker inherited the daemon's whole environment,
+/// so a rule could read `env.PORT_CLIENT_SECRET` into an alert. It starts with none (this
+/// process has `PATH`; the worker must not see it: it has only `RUST_BACKTRACE`, set for it).
+#[test]
+fn regression_a_rule_cannot_read_the_daemons_environment() {
+    let jq = engine(Duration::from_secs(10));
+    let entity = json!({});
+    assert!(
+        jq.holds(&condition(r#"env | keys == ["RUST_BACKTRACE"]"#), &entity)
+            .unwrap(),
+        "the worker sees an environment"
+    );
+}

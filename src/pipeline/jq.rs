@@ -467,6 +467,9 @@ impl Worker {
         let mut child = Command::new(program)
             .arg(WORKER_ARG)
             .arg(limits.max_memory.to_string())
+            // Rules can read the environment (`env`): the daemon's holds secrets (Port's client
+            // secret, tokens), so the worker gets none of it.
+            .env_clear()
             // Its last words (why it died) go into one log line: no backtrace.
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::piped())
