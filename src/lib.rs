@@ -37,6 +37,7 @@ pub mod retry;
 pub mod secret;
 #[cfg(test)]
 mod test_logs;
+pub mod text;
 pub mod url;
 
 pub mod source;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// The flow, upstream first. Modules of one rank (the leaves) may use each other.
 const ORDER: &[&[&str]] = &[
     &[
-        "clock", "error", "url", "event", "counters", "retry", "http", "memory", "secret",
+        "clock", "error", "url", "event", "counters", "retry", "http", "memory", "secret", "text",
     ],
     &["source"],
     &["spool"],

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::event::Event;
 use crate::pipeline::jq::JqCondition;
+use crate::text::escape_control;
 
 /// The route action runs are read from (queued for `pipeline = true` channels when there is an
 /// `[[action]]`).
@@ -459,9 +460,13 @@ pub fn runs_table(runs: &[(String, RunState)]) -> String {
             ),
             RunPhase::Done { status, summary } => (status.to_string(), summary.clone()),
         };
+        // The run id and the summary come from Port's payload and a handler's output.
         out.push_str(&format!(
-            "{run:<24}  {:<24}  {:>6}  {status:<9}  {summary}\n",
-            state.action, state.event
+            "{:<24}  {:<24}  {:>6}  {status:<9}  {}\n",
+            escape_control(run),
+            escape_control(&state.action),
+            state.event,
+            escape_control(&summary),
         ));
     }
     out
@@ -476,12 +481,14 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
     let Some(run) = decode_run(&value) else {
         return "action run: none (no context.runId, run.id or port_context.runId)".into();
     };
+    let shown =
+        |field: &Option<String>| escape_control(field.as_deref().unwrap_or("-")).into_owned();
     let mut out = format!(
         "action run {} (action {}, entity {}, blueprint {})\n",
-        run.run_id,
-        run.action.as_deref().unwrap_or("-"),
-        run.entity.as_deref().unwrap_or("-"),
-        run.blueprint.as_deref().unwrap_or("-"),
+        escape_control(&run.run_id),
+        shown(&run.action),
+        shown(&run.entity),
+        shown(&run.blueprint),
     );
     let (found, errors) = find_action(actions, &run, &value, jq);
     for e in errors {
@@ -518,6 +525,46 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (an adversary's finding): `events list` printed a run id as Port's payload
+    /// had it, control characters and bidi overrides included, driving the terminal of whoever
+    /// looked (ARCHITECTURE.md promises them escaped). So did `check --event`.
+    #[test]
+    fn regression_run_ids_from_a_sender_are_escaped_on_the_terminal() {
+        let hostile = "r_\u{1b}[2J\nforged row\u{202e}x";
+        let state = RunState {
+            action: "deploy".into(),
+            event: 7,
+            started_ms: 0,
+            run_phase: RunPhase::Done {
+                status: Terminal::Failure,
+                summary: "exit 1: \u{1b}]0;title\u{7}".into(),
+            },
+        };
+        let table = runs_table(&[(hostile.to_string(), state)]);
+        assert!(
+            !table.contains(['\u{1b}', '\u{202e}', '\u{7}']),
+            "{table:?}"
+        );
+        assert_eq!(
+            table.lines().count(),
+            3,
+            "a blank line, the header, one row: {table:?}"
+        );
+        assert!(
+            table.contains(r"r_\x1b[2J\nforged row\u{202e}x"),
+            "{table:?}"
+        );
+
+        let body =
+            serde_json::json!({"context": {"runId": hostile}, "action": {"identifier": "a\u{1b}"}});
+        let explained = explain(
+            &[],
+            body.to_string().as_bytes(),
+            &crate::pipeline::jq::JqEngine::here(),
+        );
+        assert!(!explained.contains(['\u{1b}', '\u{202e}']), "{explained:?}");
+    }
 
     fn fixture(name: &str) -> Value {
         let path = format!(

@@ -292,5 +292,5 @@ fn summary(
 
 /// What GitHub said, safe for a terminal.
 fn escape(text: &str) -> String {
-    crate::service::logging::escape_control(text).into_owned()
+    crate::text::escape_control(text).into_owned()
 }

@@ -17,8 +17,8 @@ use base64::Engine as _;
 
 use crate::cli::{EventSelection, EventsArgs, EventsCommand, ExportFormat, ListStatus};
 use crate::delivery::forward::{ForwardError, Forwarder};
-use crate::service::logging::escape_control;
 use crate::spool::{self, DeliveryRecord, Replay, Row, Spool, Status, StoredEvent};
+use crate::text::escape_control;
 use crate::url::TargetUrl;
 
 /// `print!` and `println!` that return the error instead of panicking, for `?`: `smee-relay

@@ -15,7 +15,6 @@
 //! [`escape_control`], so no sender can move the cursor, recolour a terminal or forge a line.
 //! JSON lines are escaped by JSON itself.
 
-use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::sync::OnceLock;
@@ -27,6 +26,8 @@ use tracing_subscriber::field::MakeExt as _;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
+
+use crate::text::escape_control;
 
 use super::log_writer::{Linger, LogWriter};
 
@@ -192,31 +193,6 @@ pub fn exit(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Text as it may appear in a log line or on a terminal: control characters (C0, DEL, C1),
-/// line and paragraph separators and bidi overrides become visible escapes (`\x1b`, `\n`,
-/// `\u{202e}`); everything else, `\` included, is left as it is.
-pub fn escape_control(text: &str) -> Cow<'_, str> {
-    fn hostile(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
-    if !text.chars().any(hostile) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if hostile(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if hostile(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
-}
-
 /// The time at the start of a line: tracing-subscriber's own `SystemTime` text
 /// (`2026-12-03T08:27:11.123456Z`, UTC, microseconds), written by humantime from digits rather
 /// than through `fmt` field by field, which cost about 2,500 instructions a line: half of a
@@ -339,17 +315,5 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             assert!(tracing::enabled!(target: "eventsource_client::client", Level::INFO));
         });
-    }
-
-    #[test]
-    fn control_characters_are_escaped_and_plain_text_is_borrowed() {
-        assert!(matches!(
-            escape_control("push ok ünïcode \\x"),
-            Cow::Borrowed(_)
-        ));
-        assert_eq!(
-            escape_control("a\u{1b}[31mred\u{7}\r\nfake line\u{9b}\u{202e}"),
-            "a\\x1b[31mred\\x07\\r\\nfake line\\u{9b}\\u{202e}"
-        );
     }
 }

@@ -1,0 +1,46 @@
+//! Text that a sender chose, made safe to show: in a log line or on a terminal, no sender may
+//! move the cursor, recolour the screen, forge a line or reverse the text after it.
+
+use std::borrow::Cow;
+
+/// Text as it may appear in a log line or on a terminal: control characters (C0, DEL, C1),
+/// line and paragraph separators and bidi overrides become visible escapes (`\x1b`, `\n`,
+/// `\u{202e}`); everything else, `\` included, is left as it is.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    fn hostile(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(hostile) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if hostile(c) && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if hostile(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_borrowed() {
+        assert!(matches!(
+            escape_control("push ok ünïcode \\x"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape_control("a\u{1b}[31mred\u{7}\r\nfake line\u{9b}\u{202e}"),
+            "a\\x1b[31mred\\x07\\r\\nfake line\\u{9b}\\u{202e}"
+        );
+    }
+}
