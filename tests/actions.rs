@@ -682,6 +682,40 @@ async fn a_failing_handler_reports_failure_with_its_exit_code() {
     assert!(setup.port.logs("r_act02trigger").contains("pod not found"));
 }
 
+/// Regression (an adversary's finding): an action whose `when` failed (a jq error, or past its
+/// bound) counted as "does not match", so a later `[[action]]` ran the run with the wrong
+/// handler. The run fails instead, naming the condition, and no handler runs.
+#[tokio::test]
+async fn regression_a_failing_when_fails_the_run_and_runs_no_later_handler() {
+    let setup = Setup::new(
+        r#"
+[jq]
+timeout = "1s"
+
+[[action]]
+when = 'last(repeat(1)) == 1'
+command = ["DIR/restart.sh"]
+
+[[action]]
+when = '.port_context.runId != null'
+command = ["DIR/restart.sh"]
+"#,
+    )
+    .await;
+    handler(&setup.dir, "restart.sh", "exit 0");
+    let _daemon = setup.start().await;
+    setup.send(1, "03-port-context");
+    setup.port.wait_finished(&["r_act03context"]).await;
+    let finish = &setup.port.finishes("r_act03context")[0];
+    assert_eq!(finish["status"], "FAILURE", "{finish}");
+    let summary = finish["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("when last(repeat(1)) == 1") && summary.contains("1s budget"),
+        "{summary}"
+    );
+    assert!(executions(&setup.dir).is_empty(), "no handler runs");
+}
+
 #[tokio::test]
 async fn a_handler_that_overruns_its_timeout_is_killed_with_its_children() {
     let setup = Setup::new(

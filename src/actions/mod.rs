@@ -258,31 +258,27 @@ pub fn decode_run(body: &Value) -> Option<RunInfo> {
     })
 }
 
-/// The first action that handles this run. A `when` that fails to evaluate does not match
-/// (the error is returned beside, for the log).
+/// The first action that handles this run, or none. A `when` that fails to evaluate (a jq
+/// error, or past a `[jq]` bound) ends the search with that failure: the run may have been
+/// meant for that action, so no later one may take it.
 pub fn find_action<'a>(
     actions: &'a [ActionSpec],
     run: &RunInfo,
     body: &Value,
     jq: &crate::pipeline::jq::JqEngine,
-) -> (Option<&'a ActionSpec>, Vec<String>) {
-    let mut errors = Vec::new();
+) -> Result<Option<&'a ActionSpec>, String> {
     for action in actions {
         let hit = match &action.matcher {
             Matcher::Identifier(id) => run.action.as_deref() == Some(id.as_str()),
-            Matcher::When(condition) => match jq.holds(condition, body) {
-                Ok(hit) => hit,
-                Err(e) => {
-                    errors.push(format!("action {:?}: {e}", action.name));
-                    false
-                }
-            },
+            Matcher::When(condition) => jq
+                .holds(condition, body)
+                .map_err(|e| format!("[[action]] {}: the condition failed: {e}", action.name))?,
         };
         if hit {
-            return (Some(action), errors);
+            return Ok(Some(action));
         }
     }
-    (None, errors)
+    Ok(None)
 }
 
 /// SUCCESS or FAILURE: how a run ends in Port.
@@ -481,31 +477,35 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
     let Some(run) = decode_run(&value) else {
         return "action run: none (no context.runId, run.id or port_context.runId)".into();
     };
-    let shown =
-        |field: &Option<String>| escape_control(field.as_deref().unwrap_or("-")).into_owned();
+    // As the handler's environment has it (unset: empty), and as the header line shows it.
+    let env = |field: &Option<String>| escape_control(field.as_deref().unwrap_or("")).into_owned();
+    let shown = |field: &Option<String>| match env(field) {
+        empty if empty.is_empty() => "-".to_string(),
+        value => value,
+    };
+    let run_id = escape_control(&run.run_id);
     let mut out = format!(
         "action run {} (action {}, entity {}, blueprint {})\n",
-        escape_control(&run.run_id),
+        run_id,
         shown(&run.action),
         shown(&run.entity),
         shown(&run.blueprint),
     );
-    let (found, errors) = find_action(actions, &run, &value, jq);
-    for e in errors {
-        out.push_str(&format!("  warning: {e}\n"));
-    }
-    match found {
-        None => out.push_str("  no [[action]] matches: nothing runs, nothing is reported\n"),
-        Some(action) => {
+    match find_action(actions, &run, &value, jq) {
+        Err(e) => out.push_str(&format!(
+            "  {e}\n  no handler runs; the run is reported to Port as FAILURE\n"
+        )),
+        Ok(None) => out.push_str("  no [[action]] matches: nothing runs, nothing is reported\n"),
+        Ok(Some(action)) => {
             match &action.handler {
                 Handler::Command(argv) => out.push_str(&format!(
                     "  handler: command {:?} (timeout {}), body on stdin, env PORT_RUN_ID={} PORT_ACTION={} PORT_ENTITY={} PORT_BLUEPRINT={}\n",
                     argv,
                     humantime::format_duration(action.timeout),
-                    run.run_id,
-                    run.action.as_deref().unwrap_or(""),
-                    run.entity.as_deref().unwrap_or(""),
-                    run.blueprint.as_deref().unwrap_or(""),
+                    run_id,
+                    env(&run.action),
+                    env(&run.entity),
+                    env(&run.blueprint),
                 )),
                 Handler::Forward { url, .. } => out.push_str(&format!(
                     "  handler: POST {url} (timeout {})\n",
@@ -514,7 +514,7 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
             }
             out.push_str(&format!(
                 "  reported to Port: each output line as a log of run {0}; then PATCH /v1/actions/runs/{0} with SUCCESS (exit 0 / 2xx) or FAILURE\n",
-                run.run_id
+                run_id
             ));
             out.push_str("  (the run executes only if x-port-signature verifies)\n");
         }

@@ -125,25 +125,22 @@ pub async fn run(
             };
             // `when` matchers run in the jq worker and block for up to its time budget: off
             // the async workers, as the pipeline's rules are.
-            let (found, errors) = {
+            let found = {
                 let (specs, run, body) = (actions.clone(), run.clone(), body.clone());
                 match tokio::task::spawn_blocking(move || {
-                    let (found, errors) = find_action(&specs.actions, &run, &body, &specs.jq);
-                    (found.map(|a| a.name.clone()), errors)
+                    find_action(&specs.actions, &run, &body, &specs.jq)
+                        .map(|found| found.map(|a| a.name.clone()))
                 })
                 .await
                 {
-                    Ok((name, errors)) => (
-                        name.and_then(|n| actions.actions.iter().find(|a| a.name == n)),
-                        errors,
-                    ),
-                    Err(e) => (None, vec![format!("matching actions failed: {e}")]),
+                    Ok(Ok(name)) => {
+                        Ok(name.and_then(|n| actions.actions.iter().find(|a| a.name == n)))
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(format!("matching actions failed: {e}")),
                 }
             };
-            for e in errors {
-                warn!(event = id, run = %run.run_id, "{e}");
-            }
-            if found.is_none()
+            if matches!(found, Ok(None))
                 && let Some(alerts_to) = &actions.automation_runs
                 && !runs.contains_key(&run.run_id)
                 && crate::pipeline::port::decode(&event.body).is_ok()
@@ -165,43 +162,35 @@ pub async fn run(
                 };
                 let status = finish.status.unwrap_or(Terminal::Failure);
                 info!(event = id, run = %run.run_id, "automation run: {status}: {}", finish.summary.as_deref().unwrap_or(""));
-                let state = RunState {
-                    action: "automation".into(),
-                    event: id,
-                    started_ms: crate::clock::now_ms(),
-                    run_phase: RunPhase::Done {
-                        status,
-                        summary: finish.summary.clone().unwrap_or_default(),
-                    },
-                };
-                let report = Report::Finish {
-                    run: run.run_id.clone(),
-                    finish,
-                };
-                let writes = vec![
-                    reports_append(vec![report]),
-                    state_write(&run.run_id, &state),
+                let (phase, mut writes) = finished(&run.run_id, "automation", id, finish);
+                writes.extend([
                     // Read: the pipeline's verdict has served.
                     Write::State {
                         key: crate::pipeline::runner::verdict_key(id),
                         value: None,
                     },
                     done,
-                ];
+                ]);
                 if !commit(&writer, writes).await {
                     break;
                 }
-                runs.insert(run.run_id.clone(), state.run_phase);
+                runs.insert(run.run_id.clone(), phase);
                 cursor = item.seq;
                 continue;
             }
-            let Some(spec) = found else {
-                debug!(event = id, run = %run.run_id, "actions: no [[action]] handles this run");
-                if !commit(&writer, vec![done]).await {
-                    break;
+            // A `when` that failed is reported to Port as the run's failure, once the run is
+            // known to be Port's (below).
+            let spec = match found {
+                Ok(Some(spec)) => Ok(spec),
+                Ok(None) => {
+                    debug!(event = id, run = %run.run_id, "actions: no [[action]] handles this run");
+                    if !commit(&writer, vec![done]).await {
+                        break;
+                    }
+                    cursor = item.seq;
+                    continue;
                 }
-                cursor = item.seq;
-                continue;
+                Err(e) => Err(e),
             };
             // Only a run that would execute is judged: other events on the channel are not
             // this route's business (the pipeline checks their signatures itself).
@@ -239,6 +228,25 @@ pub async fn run(
                 cursor = item.seq;
                 continue;
             }
+            let spec = match spec {
+                Ok(spec) => spec,
+                Err(reason) => {
+                    warn!(event = id, run = %run.run_id, "{reason}; no handler runs, the run is reported as FAILURE");
+                    let finish = Finish {
+                        status: Some(Terminal::Failure),
+                        summary: Some(reason),
+                        ..Finish::default()
+                    };
+                    let (phase, mut writes) = finished(&run.run_id, "-", id, finish);
+                    writes.push(done);
+                    if !commit(&writer, writes).await {
+                        break;
+                    }
+                    runs.insert(run.run_id.clone(), phase);
+                    cursor = item.seq;
+                    continue;
+                }
+            };
             let state = RunState {
                 action: spec.name.clone(),
                 event: id,
@@ -1046,6 +1054,26 @@ async fn map_answer(
         format!("handler answered {status} in {{took}}"),
         finish,
     )
+}
+
+/// The writes that end a run that never executed (an Automation run, or one whose `when`
+/// failed): its terminal status queued for Port, and its state, done. With the phase stored.
+fn finished(run_id: &str, action: &str, event: u64, finish: Finish) -> (RunPhase, Vec<Write>) {
+    let state = RunState {
+        action: action.into(),
+        event,
+        started_ms: crate::clock::now_ms(),
+        run_phase: RunPhase::Done {
+            status: finish.status.unwrap_or(Terminal::Failure),
+            summary: finish.summary.clone().unwrap_or_default(),
+        },
+    };
+    let report = Report::Finish {
+        run: run_id.to_string(),
+        finish,
+    };
+    let writes = vec![reports_append(vec![report]), state_write(run_id, &state)];
+    (state.run_phase, writes)
 }
 
 fn reports_append(reports: Vec<Report>) -> Write {
