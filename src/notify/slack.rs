@@ -80,13 +80,14 @@ pub fn message(alert: &Alert) -> Value {
         details.push(json!({"type": "actions", "elements": buttons}));
     }
     let title = alert.headline();
-    let fallback = match &alert.property {
+    // Slack reads the notification text as mrkdwn: escaped, as the blocks are.
+    let fallback = escape(&match &alert.property {
         Some(p) => format!(
             "{title} ({} {} → {}, {})",
             p.property, p.before, p.after, alert.threshold
         ),
         None => format!("{title} ({})", alert.threshold),
-    };
+    });
     let mut header = vec![json!({"type": "header", "text": {"type": "plain_text", "text": title}})];
     fit_blocks(&mut header);
     fit_blocks(&mut details);
@@ -250,6 +251,28 @@ mod tests {
 
     fn details(message: &Value) -> &Vec<Value> {
         message["attachments"][0]["blocks"].as_array().unwrap()
+    }
+
+    /// Regression (an adversary's finding): the notification text (`text`, and the
+    /// attachment's `fallback`) carried an entity's title and values unescaped; Slack reads it
+    /// as mrkdwn, so a title of `<!channel>` pinged everyone and `<https://x|y>` made a link.
+    #[test]
+    fn regression_the_notification_text_is_escaped_like_the_blocks() {
+        let mut alert = alert();
+        alert.title = "<!channel> & <https://evil.example|click>".into();
+        alert.property.as_mut().unwrap().after = "<@U123>".into();
+        let message = message(&alert);
+        for text in [&message["text"], &message["attachments"][0]["fallback"]] {
+            let text = text.as_str().unwrap();
+            assert!(!text.contains(['<', '>']), "{text}");
+            assert!(
+                text.contains("&lt;!channel&gt; &amp; &lt;https://evil.example|click&gt;")
+                    && text.contains("&lt;@U123&gt;"),
+                "{text}"
+            );
+        }
+        // The header is plain text, which Slack shows as it is.
+        assert_eq!(message["blocks"][0]["text"]["text"], alert.headline());
     }
 
     #[test]
