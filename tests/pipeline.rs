@@ -213,6 +213,45 @@ async fn the_slack_message_carries_what_people_need() {
     }
 }
 
+/// Regression (an adversary's finding): a signed Port event that is valid JSON beyond what the
+/// parser takes (a number past f64, nesting past 128) was dropped with a DEBUG line: its rules
+/// silently never judged it. It is a WARN naming the limit; the event is still forwarded.
+#[tokio::test]
+async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence() {
+    let (channel, mut slack, daemon) =
+        setup("[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let huge =
+        fixture("automation", "02-cpu-25-to-87").replace("\"cpuUtil\":87", "\"cpuUtil\":1e309");
+    let deep = format!(
+        r#"{{"action":"UPDATE","x":{}1{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    for (id, body) in [(1, &huge), (2, &deep)] {
+        let signature = sign("test-secret", &now, body);
+        let headers = [
+            ("x-port-timestamp", now.as_str()),
+            ("x-port-signature", signature.as_str()),
+        ];
+        channel.send_webhook(id, &frame(body, &headers));
+    }
+    daemon
+        .logs
+        .wait_for(&["WARN", "event=1", "number out of range"])
+        .await;
+    daemon
+        .logs
+        .wait_for(&["WARN", "event=2", "recursion limit exceeded"])
+        .await;
+    let logs = stop_when_done(daemon, &mut slack, 2, 0).await;
+    assert!(logs.find(&["WARN", "not JSON"]).is_none(), "{}", logs.all());
+}
+
 #[tokio::test]
 async fn signed_events_pass_and_a_tampered_one_is_rejected() {
     let (channel, mut slack, daemon) =

@@ -471,8 +471,9 @@ pub fn runs_table(runs: &[(String, RunState)]) -> String {
 /// What `check --event` shows for one body: the handler that would run and what would be
 /// reported, or why nothing would.
 pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::JqEngine) -> String {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return "action run: the body is not JSON: no handler runs".into();
+    let value = match crate::pipeline::port::read_json(body) {
+        Ok(value) => value,
+        Err(e) => return format!("action run: {e}: no handler runs"),
     };
     let Some(run) = decode_run(&value) else {
         return "action run: none (no context.runId, run.id or port_context.runId)".into();

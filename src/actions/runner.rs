@@ -113,7 +113,17 @@ pub async fn run(
             };
             let done = mark(Outcome::Delivered { status: 200 });
             let event = &item.event.event;
-            let body: Option<serde_json::Value> = serde_json::from_slice(&event.body).ok();
+            let body = match crate::pipeline::port::read_json(&event.body) {
+                Ok(body) => Some(body),
+                Err(e @ crate::pipeline::port::NotPort::BeyondLimits(_)) => {
+                    warn!(
+                        event = id,
+                        "actions: {e}; if it is an action run, nothing runs and nothing is reported"
+                    );
+                    None
+                }
+                Err(_) => None,
+            };
             let run = body.as_ref().and_then(decode_run);
             let (Some(body), Some(run)) = (body, run) else {
                 debug!(event = id, "actions: not an action run");

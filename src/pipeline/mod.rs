@@ -144,6 +144,8 @@ pub fn state_key(rule: &str, entity: &str) -> String {
 pub enum Evaluation {
     /// Not a Port entity change: nothing to do (it is still forwarded).
     NotPort(String),
+    /// JSON the parser cannot take (see [`port::NotPort::BeyondLimits`]): not judged, and said.
+    Unreadable(String),
     /// The signature did not verify: never evaluated.
     Rejected(SignatureError),
     Evaluated {
@@ -227,6 +229,9 @@ impl Pipeline {
         }
         let change = match port::decode(&event.body) {
             Ok(change) => change,
+            Err(e @ port::NotPort::BeyondLimits(_)) => {
+                return Evaluation::Unreadable(e.to_string());
+            }
             Err(e) => return Evaluation::NotPort(e.to_string()),
         };
         if change.entity().is_none() {

@@ -437,17 +437,24 @@ pub async fn run(
                 break;
             };
             // Whether the rules judged the event (so it must never be judged again).
-            let (mut writes, new_states, alerts, judged, failed_now) = match evaluation {
+            match &evaluation {
                 Evaluation::NotPort(reason) => {
                     tracing::debug!(event = id, "pipeline: not a Port event ({reason})");
-                    (
-                        vec![mark(Outcome::Delivered { status: 200 })],
-                        Default::default(),
-                        Vec::new(),
-                        false,
-                        Vec::new(),
-                    )
                 }
+                Evaluation::Unreadable(reason) => warn!(
+                    event = id,
+                    "pipeline: {reason}; its rules do not judge it (it is still forwarded)"
+                ),
+                _ => {}
+            }
+            let (mut writes, new_states, alerts, judged, failed_now) = match evaluation {
+                Evaluation::NotPort(_) | Evaluation::Unreadable(_) => (
+                    vec![mark(Outcome::Delivered { status: 200 })],
+                    Default::default(),
+                    Vec::new(),
+                    false,
+                    Vec::new(),
+                ),
                 Evaluation::Rejected(e) => {
                     warn!(
                         event = id,
