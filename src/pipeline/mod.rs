@@ -134,9 +134,25 @@ pub struct AlertState {
     pub fired: Option<Alert>,
 }
 
-/// The key of an alert state: rule and entity.
+/// The key of an alert state: rule and entity. Every key has the entity after its first
+/// `<US>` (the cluster shards by it); what comes before starts with the rule's name.
 pub fn state_key(rule: &str, entity: &str) -> String {
     format!("{rule}\u{1f}{entity}")
+}
+
+/// The key of `rule`'s state for `entity` of `blueprint`. An identifier is unique only within
+/// its blueprint: a rule without `blueprint` watches them all, so its key names the blueprint
+/// too (`rule<GS>blueprint<US>entity`). A rule with one needs not, and keeps [`state_key`].
+fn rule_state_key(rule: &Rule, blueprint: Option<&str>, entity: &str) -> String {
+    match (&rule.blueprint, blueprint) {
+        (None, Some(blueprint)) => state_key(&format!("{}\u{1d}{blueprint}", rule.name), entity),
+        _ => state_key(&rule.name, entity),
+    }
+}
+
+/// The rule's name in a state key.
+fn rule_of(key: &str) -> &str {
+    key.split(['\u{1d}', '\u{1f}']).next().unwrap_or("")
 }
 
 /// What the pipeline made of one event.
@@ -262,8 +278,19 @@ impl Pipeline {
         let mut skipped = Vec::new();
         let mut failed = Vec::new();
         for rule in self.rules.iter().filter(|r| r.watches(&change)) {
-            let key = state_key(&rule.name, &entity);
+            let key = rule_state_key(rule, change.blueprint(), &entity);
             let mut state = current(&key);
+            let legacy = state_key(&rule.name, &entity);
+            let mut moved = false;
+            if key != legacy && state == AlertState::default() {
+                // Stored before states were kept per blueprint: taken over, and moved.
+                let old = current(&legacy);
+                if old != AlertState::default() {
+                    state = old;
+                    states.insert(legacy, AlertState::default());
+                    moved = true;
+                }
+            }
             let draft = self.alert(rule, &change, &changed, AlertStatus::Firing);
             let (phase, transition) = if change.action == Action::Delete {
                 state::entity_deleted(state.phase)
@@ -303,7 +330,7 @@ impl Pipeline {
                     state.draft = matches!(phase, Phase::Pending { .. }).then_some(draft);
                 }
             }
-            if state != before {
+            if state != before || moved {
                 states.insert(key, state);
             }
         }
@@ -316,6 +343,14 @@ impl Pipeline {
         }
     }
 
+    /// The key of the state `alert` was judged under (its rule's, for its entity).
+    pub fn alert_state_key(&self, alert: &Alert) -> String {
+        match self.rules.iter().find(|r| r.name == alert.rule) {
+            Some(rule) => rule_state_key(rule, alert.blueprint.as_deref(), &alert.entity),
+            None => state_key(&alert.rule, &alert.entity),
+        }
+    }
+
     /// Pending alerts whose hold is over at `now_ms`: the alerts and their new states.
     pub fn mature<'a>(
         &self,
@@ -324,7 +359,7 @@ impl Pipeline {
     ) -> Vec<(String, AlertState, Alert)> {
         let mut out = Vec::new();
         for (key, state) in states {
-            let rule = key.split('\u{1f}').next().unwrap_or("");
+            let rule = rule_of(key);
             let Some(rule) = self.rules.iter().find(|r| r.name == rule) else {
                 continue;
             };
@@ -356,7 +391,7 @@ impl Pipeline {
             // kept the runner waking at once, forever (a state stored by hand or damaged).
             .filter(|(_, state)| state.draft.is_some())
             .filter_map(|(key, state)| {
-                let rule = key.split('\u{1f}').next()?;
+                let rule = rule_of(key);
                 let rule = self.rules.iter().find(|r| r.name == rule)?;
                 state::due_at(state.phase, rule.hold)
             })
@@ -564,6 +599,65 @@ pub(crate) mod tests {
             jq: jq::JqEngine::here(),
             record_verdicts: false,
         }
+    }
+
+    /// Regression (an adversary's finding): a rule without `blueprint` kept one alert state per
+    /// entity identifier, but identifiers are unique only within a blueprint: `svc` firing in
+    /// one blueprint kept `svc` of another from ever alerting (and its recovery resolved the
+    /// other's alert). A state stored the old way still counts, for the first blueprint that
+    /// comes (the upgrade neither repeats an alert nor forgets one).
+    #[test]
+    fn regression_a_rule_without_blueprint_keeps_one_state_per_blueprint() {
+        let pipeline = with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\n");
+        let mut states: HashMap<String, AlertState> = HashMap::new();
+        let evaluate = |states: &mut HashMap<String, AlertState>, blueprint: &str, cpu: u32| {
+            let body =
+                update(&format!(r#"{{"cpu":{cpu}}}"#)).replace("DeploymentConfig", blueprint);
+            let current = |k: &str| states.get(k).cloned().unwrap_or_default();
+            let Evaluation::Evaluated {
+                alerts,
+                states: new,
+                ..
+            } = pipeline.evaluate(&event(&body), &current, 1, 1)
+            else {
+                panic!()
+            };
+            for (key, state) in new {
+                if state == AlertState::default() {
+                    states.remove(&key);
+                } else {
+                    states.insert(key, state);
+                }
+            }
+            alerts.iter().map(Alert::headline).collect::<Vec<_>>()
+        };
+        assert_eq!(evaluate(&mut states, "Service", 90), ["FIRING hot: Svc"]);
+        assert_eq!(
+            evaluate(&mut states, "Cluster", 95),
+            ["FIRING hot: Svc"],
+            "another blueprint's svc"
+        );
+        assert_eq!(evaluate(&mut states, "Service", 50), ["RESOLVED hot: Svc"]);
+        assert_eq!(
+            evaluate(&mut states, "Cluster", 96),
+            Vec::<String>::new(),
+            "still firing"
+        );
+        assert_eq!(evaluate(&mut states, "Cluster", 40), ["RESOLVED hot: Svc"]);
+
+        // A state stored before the fix, under the rule and identifier alone.
+        let fired = AlertState {
+            phase: Phase::Firing { since_ms: 1 },
+            ..Default::default()
+        };
+        states.insert(state_key("hot", "svc"), fired);
+        assert_eq!(
+            evaluate(&mut states, "Service", 91),
+            Vec::<String>::new(),
+            "not fired again"
+        );
+        assert!(!states.contains_key(&state_key("hot", "svc")), "moved");
+        assert_eq!(evaluate(&mut states, "Service", 10), ["RESOLVED hot: Svc"]);
     }
 
     #[test]

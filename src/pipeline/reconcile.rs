@@ -325,7 +325,7 @@ pub fn judge_snapshot(
         let judged = pipeline.judge(change, &|k| current(k, &out), now_ms);
         for mut alert in judged.alerts {
             if alert.status == AlertStatus::Resolved
-                && let Some(fired) = current(&super::state_key(&alert.rule, identifier), &out)
+                && let Some(fired) = current(&pipeline.alert_state_key(&alert), &out)
                     .fired
                     .and_then(|f| f.property)
                 && let Some(property) = alert.property.as_mut()
@@ -392,7 +392,7 @@ pub fn judge_snapshot(
         for mut alert in judged.alerts {
             // What fired, for "before" (as for an UPDATE above): the value the alert was about.
             if alert.status == AlertStatus::Resolved
-                && let Some(fired) = current(&super::state_key(&alert.rule, &entity), &out)
+                && let Some(fired) = current(&pipeline.alert_state_key(&alert), &out)
                     .fired
                     .and_then(|f| f.property)
                 && let Some(property) = alert.property.as_mut()
