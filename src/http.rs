@@ -275,46 +275,66 @@ struct Trust {
 
 static TRUST: OnceLock<Trust> = OnceLock::new();
 
-/// Why `--cacert` could not be used.
+/// Why a CA file (`--cacert`, or `cacert` in the config) could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    #[error("cannot read --cacert {path}")]
+    #[error("cannot read {setting} {path}")]
     Read {
+        setting: &'static str,
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("--cacert {path} holds no PEM certificate")]
+    #[error("{setting} {path} holds no PEM certificate")]
     Parse {
+        setting: &'static str,
         path: String,
         #[source]
         source: rustls::pki_types::pem::Error,
     },
-    #[error("--cacert {path} holds no PEM certificate")]
-    Empty { path: String },
+    #[error("{setting} {path} holds no PEM certificate")]
+    Empty { setting: &'static str, path: String },
 }
 
-/// Trust `cacert`'s certificates too, or (insecure) nothing at all, in every client built from
-/// now on. Call once, before building clients; later calls (and calls after the first client)
-/// are ignored.
-pub fn set_trust(cacert: Option<&std::path::Path>, insecure: bool) -> Result<(), TrustError> {
-    let mut extra_roots = Vec::new();
-    if let Some(path) = cacert {
-        let shown = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|source| TrustError::Read {
+/// A CA file's certificates (PEM, one or more); `setting` names where the path came from
+/// (`--cacert`, `the config's cacert`), for the error.
+pub fn read_ca_file(
+    path: &std::path::Path,
+    setting: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TrustError> {
+    let shown = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| TrustError::Read {
+        setting,
+        path: shown.clone(),
+        source,
+    })?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TrustError::Parse {
+            setting,
             path: shown.clone(),
             source,
         })?;
-        extra_roots = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| TrustError::Parse {
-                path: shown.clone(),
-                source,
-            })?;
-        if extra_roots.is_empty() {
-            return Err(TrustError::Empty { path: shown });
-        }
+    if roots.is_empty() {
+        return Err(TrustError::Empty {
+            setting,
+            path: shown,
+        });
     }
+    Ok(roots)
+}
+
+/// Trust `cacert`'s certificates too (the file, and the setting it came from), or (insecure)
+/// nothing at all, in every client built from now on. Call once, before building clients;
+/// later calls (and calls after the first client) are ignored.
+pub fn set_trust(
+    cacert: Option<(&std::path::Path, &'static str)>,
+    insecure: bool,
+) -> Result<(), TrustError> {
+    let extra_roots = match cacert {
+        Some((path, setting)) => read_ca_file(path, setting)?,
+        None => Vec::new(),
+    };
     if insecure {
         tracing::warn!(
             "--insecure: TLS certificates are NOT verified; anyone on the path can read and change \

@@ -104,6 +104,11 @@ fn needs_the_user(e: &anyhow::Error) -> bool {
     use smee_relay::service::daemon::DaemonError;
     use smee_relay::spool::SpoolError;
     e.chain().any(|cause| {
+        // A CA file that cannot be used, a `PORT` that is not a port: settings to fix.
+        if cause.is::<smee_relay::http::TrustError>() || cause.is::<smee_relay::cli::TargetError>()
+        {
+            return true;
+        }
         if cause
             .downcast_ref::<smee_relay::server::ServeError>()
             .is_some_and(smee_relay::server::ServeError::needs_the_user)

@@ -582,7 +582,8 @@ async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
         .unwrap()
         .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        // The user's to fix: exit 2, as for any bad setting.
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(needle), "{stderr}");
         assert!(stderr.contains(&*file.display().to_string()), "{stderr}");
     }
@@ -601,10 +602,18 @@ async fn insecure_is_loudly_warned_about() {
 async fn config_takes_ignore_events_cacert_and_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
+    // `check` reads the CA file: a PEM block (its DER is for TLS to judge, at the first use).
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     std::fs::write(
         &config,
-        r#"
-cacert = "/etc/smee-relay/ca.pem"
+        format!(
+            r#"
+cacert = "{}"
 insecure = false
 
 [[channel]]
@@ -612,6 +621,8 @@ url = "https://smee.io/AbCdEfGh"
 forward = ["http://127.0.0.1:3000/hook"]
 ignore_events = ["ping", "issues"]
 "#,
+            ca.display()
+        ),
     )
     .unwrap();
     check_ok(&config).await;

@@ -342,6 +342,48 @@ async fn bad_arguments_exit_2_naming_the_argument_and_the_problem() {
     }
 }
 
+/// Regression (a new user's finding): a `PORT` that is not a port and an unreadable CA file
+/// exited 1, as a runtime failure does, and a config's `cacert` that does not exist passed
+/// `check`, then `run` blamed `--cacert`. Each is the user's to fix: exit 2, naming the setting.
+#[tokio::test]
+async fn regression_a_bad_port_variable_or_ca_file_exits_2_naming_it() {
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["forward", "https://smee.io/x"])
+            .env("PORT", "web"),
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("PORT in the environment"),
+        "{}",
+        out.stderr
+    );
+
+    // `--cacert`: tests/cli.rs, `cacert_that_is_missing_or_not_pem_is_refused_with_its_path`.
+    let dir = support::temp_dir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "cacert = \"/nonexistent/ca.pem\"\n[[channel]]\nurl = \"https://smee.io/x\"\nforward = [\"http://127.0.0.1:9/\"]\n",
+    )
+    .unwrap();
+    for command in ["check", "run"] {
+        let mut invocation = smee_relay();
+        invocation.args([command, "--config"]).arg(&config);
+        if command == "run" {
+            invocation.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        let out = support::run_to_end(&mut invocation).await;
+        assert_eq!(out.code, Some(2), "{command}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("cacert /nonexistent/ca.pem") && !out.stderr.contains("--cacert"),
+            "{command}: {}",
+            out.stderr
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_runtime_failure_exits_1() {
     // A port nobody listens on: bind one, note it, close it.

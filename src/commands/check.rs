@@ -9,6 +9,9 @@ use crate::cli::CheckArgs;
 /// Validate the file; with `--event`, evaluate that event against every rule.
 pub fn run(args: CheckArgs) -> anyhow::Result<()> {
     let config = super::load_config(&args.config)?;
+    if let Some(cacert) = &config.cacert {
+        crate::http::read_ca_file(cacert, super::run::CONFIG_CACERT)?;
+    }
     let jq = crate::pipeline::jq::JqEngine::new(config.jq);
     probe_conditions(&config, &jq)?;
     let Some(event) = args.event else {

@@ -40,16 +40,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a config's `cacert` is named in an error.
+pub(super) const CONFIG_CACERT: &str = "the config's cacert";
+
 /// The runtime plan `run` carries out: the config file, with the flags on top.
 fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let config = load_config(&args.config)?;
     let delivery = &args.delivery;
     // TLS trust is set once, at start; a reload cannot change it.
     let tls = &delivery.tls;
-    crate::http::set_trust(
-        tls.cacert.as_deref().or(config.cacert.as_deref()),
-        tls.insecure || config.insecure,
-    )?;
+    let cacert = match (&tls.cacert, &config.cacert) {
+        (Some(flag), _) => Some((flag.as_path(), "--cacert")),
+        (None, Some(file)) => Some((file.as_path(), CONFIG_CACERT)),
+        (None, None) => None,
+    };
+    crate::http::set_trust(cacert, tls.insecure || config.insecure)?;
     let state_dir = match (&delivery.state.state_dir, &config.state_dir) {
         (Some(flag), _) => flag.clone(),
         (None, Some(file)) => file.clone(),
