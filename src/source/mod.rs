@@ -315,13 +315,19 @@ impl Source {
                     return;
                 }
                 Ended::BadFrame { reason, kind } => {
-                    self.status.bad_frame(kind);
+                    if kind != NOTHING {
+                        self.status.bad_frame(kind);
+                    }
                     if self.transport.resume_next() {
                         let after = self.last_event_id.as_deref().unwrap_or("-");
-                        if kind == "too_large" {
-                            error!(%channel, after_event = %after, "skipping {reason}");
-                        } else {
-                            warn!(%channel, after_event = %after, "skipping a bad frame: {reason}");
+                        match kind {
+                            "too_large" => {
+                                error!(%channel, after_event = %after, "skipping {reason}");
+                            }
+                            NOTHING => debug!(%channel, after_event = %after, "{reason}"),
+                            _ => {
+                                warn!(%channel, after_event = %after, "skipping a bad frame: {reason}");
+                            }
                         }
                         resume = true;
                         continue;
@@ -606,6 +612,10 @@ impl Source {
     }
 }
 
+/// The [`Ended::BadFrame`] kind of a frame that is not bad at all, only empty: skipped
+/// quietly, not counted.
+const NOTHING: &str = "nothing";
+
 /// A disconnect reason a person can act on, or a bad frame to skip.
 fn classify(error: eventsource_client::Error, has_token: bool) -> Ended {
     use eventsource_client::Error as E;
@@ -630,9 +640,12 @@ fn classify(error: eventsource_client::Error, has_token: bool) -> Ended {
             reason: format!("the SSE parser refused a line ({line})"),
             kind: "refused",
         },
+        // A frame of fields the spec ignores (a `retry:` that is no number, an unknown field,
+        // an empty `event:`) before any id: legal, and it dispatches nothing; the crate refuses
+        // it all the same.
         E::InvalidEvent => Ended::BadFrame {
-            reason: "the SSE parser refused an empty frame".into(),
-            kind: "refused",
+            reason: "a frame with nothing to dispatch (only ignored fields)".into(),
+            kind: NOTHING,
         },
         E::Transport(e) => {
             if let Some(too_large) = e.inner().downcast_ref::<transport::FrameTooLarge>() {
@@ -821,6 +834,31 @@ mod tests {
         assert_eq!(bodies(&events), [r#"{"n":1}"#, r#"{"n":3}"#]);
         assert_eq!(status.bad_frames.load(Ordering::Relaxed), 1);
         assert_eq!(status.reconnects.load(Ordering::Relaxed), 0, "no reconnect");
+    }
+
+    /// Regression (an adversary's finding): a frame that carries no data, only fields the SSE
+    /// spec says to ignore (a `retry:` that is not a number or overflows, an unknown field, an
+    /// empty `event:`), was counted and logged as a bad frame when no id had come yet. It is a
+    /// legal frame that dispatches nothing.
+    #[tokio::test]
+    async fn regression_a_frame_of_ignored_fields_is_not_a_bad_frame() {
+        let (logs, _guard) = crate::test_logs::capture();
+        let stream = [
+            b"retry: 99999999999999999999999\n\n".as_slice(),
+            b"retry: soon\n\n",
+            b"unknown: field\n\n",
+            b"event:\n\n",
+            webhook("1", 1).as_bytes(),
+            webhook("end", 0).as_bytes(),
+        ]
+        .concat();
+        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
+        let status = source.status();
+        let events = events_until(source, "end").await;
+        assert_eq!(bodies(&events), [r#"{"n":1}"#]);
+        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 0);
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(logs.is_empty(), "{logs}");
     }
 
     /// Bug: an event of a type the relay does not know was skipped with a debug line only, so
