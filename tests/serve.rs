@@ -368,6 +368,25 @@ async fn regression_a_resume_past_evicted_events_is_told_not_silent() {
     assert!(!seen.contains("[3]") && seen.contains("[4]"), "{seen}");
 }
 
+/// Regression (an adversary's finding): a subscriber resuming after an id above any this
+/// channel handed out (another server's, or one from before the clock was set back) got
+/// nothing, live events included, and no word of it: its cursor was above them all. It is
+/// told of a gap and given what the channel keeps, then the live events.
+#[tokio::test]
+async fn regression_a_resume_after_an_id_from_elsewhere_still_gets_the_events() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let channel = format!("{server}/ahead");
+    assert_eq!(post(&channel, "application/json", b"[1]").await, 200);
+    let reading = tokio::spawn({
+        let channel = channel.clone();
+        async move { resume(&channel, "18000000000000000000", "[2]").await }
+    });
+    assert_eq!(post(&channel, "application/json", b"[2]").await, 200);
+    let seen = reading.await.unwrap();
+    assert!(seen.contains("[1]"), "{seen}");
+    assert!(seen.contains("event: gap"), "{seen}");
+}
+
 /// What a subscriber resuming after `last_event_id` reads of `channel`, until `until`.
 async fn resume(channel: &str, last_event_id: &str, until: &str) -> String {
     let mut stream = client()

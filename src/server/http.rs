@@ -433,8 +433,16 @@ async fn subscribe(
         && (headers.contains_key(crate::source::wire::RAW_OPT_IN)
             || query.get("raw").is_some_and(|v| v == "1"));
     let replay_all = query.get("replay").is_some_and(|v| v == "all");
-    let last_seen: Option<u64> =
-        text(&headers, "last-event-id").and_then(|v| v.trim().parse().ok());
+    let sent_id = text(&headers, "last-event-id").filter(|v| !v.trim().is_empty());
+    let last_seen: Option<u64> = sent_id.and_then(|v| v.trim().parse().ok());
+    if let Some(sent) = sent_id.filter(|_| last_seen.is_none()) {
+        tracing::warn!(
+            channel = %crate::url::redact(&name),
+            "a subscriber resumed after {:?}, not an event id of this server: it gets new \
+             events only",
+            crate::text::escape_control(&sent.chars().take(64).collect::<String>())
+        );
+    }
     // With `--nats-url`, an id above everything fed may be from a stream since reset: ask the
     // stream where it is (a lagging replica's feed is merely behind it).
     let stream_last = match (&hub.cluster, last_seen) {

@@ -754,6 +754,7 @@ impl Hub {
         // from before them missed them: it is told (an `event: gap` frame, which smee-client
         // ignores and smee-relay's client logs) and so is this log, never silence.
         let evicted_upto = channel.evicted_upto;
+        let newest = channel.next_id.saturating_sub(1);
         let gap = last_seen.filter(|_| !replay_all).and_then(|seen| {
             // With `--nats-url`, also sequences this replica never saw (which channel they
             // were is unknown: told as a possible gap rather than kept quiet).
@@ -763,20 +764,33 @@ impl Hub {
         // With `--nats-url`: a Last-Event-ID above every sequence fed that is from a stream
         // since reset (or above the stream's own last sequence, `stream_last`) will never
         // come: the subscriber is told of the reset and gets the new stream's events.
+        // Without it, this channel alone hands out ids: one above its newest is not its own
+        // (another server's, or from before the clock was set back) and would hide every
+        // event to come; the subscriber is told of a gap and gets what is kept.
         let reset_gap = match last_seen {
             Some(seen) if self.cluster.is_some() && !replay_all && seen > channels.last_fed => {
                 seen <= channels.reset_upto || stream_last.is_some_and(|last| seen > last)
             }
+            Some(seen) if self.cluster.is_none() && !replay_all => seen > newest,
             _ => false,
         };
         let (_, channel) = self.channel_mut(&mut channels, name)?;
         if reset_gap {
-            warn!(
-                channel = %crate::url::redact(name),
-                "a subscriber resumed after event {}, beyond the stream's sequence (it was \
-                 reset): told of a gap, and given the channel's events from the new stream",
-                last_seen.unwrap_or(0)
-            );
+            let seen = last_seen.unwrap_or(0);
+            if self.cluster.is_some() {
+                warn!(
+                    channel = %crate::url::redact(name),
+                    "a subscriber resumed after event {seen}, beyond the stream's sequence (it \
+                     was reset): told of a gap, and given the channel's events from the new stream"
+                );
+            } else {
+                warn!(
+                    channel = %crate::url::redact(name),
+                    "a subscriber resumed after event {seen}, beyond this channel's newest \
+                     ({newest}): not an id of this server (another server's, or the clock was \
+                     set back); told of a gap, and given the events the channel keeps"
+                );
+            }
         }
         if let Some((seen, upto)) = gap {
             warn!(
