@@ -210,6 +210,38 @@ async fn regression_a_repeated_query_parameter_kept_only_its_last_value() {
     assert_eq!(target.next().await.uri, "/hook?a=1&a=2&a=3&b=x+y");
 }
 
+/// Regression (a new user's finding): a header sent twice reached the target with only its
+/// last value. smee.io (Node's `req.headers`) joins the values with `, ` (`cookie` with `; `)
+/// and keeps the first of a header that may appear once (`user-agent`, `content-type`, ...).
+#[tokio::test]
+async fn regression_a_repeated_header_kept_only_its_last_value() {
+    let Relayed {
+        channel,
+        mut target,
+        _relay,
+        _stop,
+    } = relayed_channel("headers").await;
+    let status = client()
+        .post(&channel)
+        .header("content-type", "application/json")
+        .header("x-multi", "a")
+        .header("x-multi", "b")
+        .header("cookie", "c=1")
+        .header("cookie", "d=2")
+        .header("user-agent", "first")
+        .header("user-agent", "second")
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let got = target.next().await;
+    assert_eq!(got.header("x-multi"), Some("a, b"));
+    assert_eq!(got.header("cookie"), Some("c=1; d=2"));
+    assert_eq!(got.header("user-agent"), Some("first"));
+}
+
 #[tokio::test]
 async fn with_smee_wire_the_raw_opt_in_is_ignored_as_on_smee_io() {
     let config = ServeConfig {

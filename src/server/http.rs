@@ -96,6 +96,44 @@ fn unauthorized() -> Response {
     )
 }
 
+/// Add one received header to `kept`, a repeated one as smee.io (Node's `req.headers`) does:
+/// the values joined with `, ` (`cookie` with `; `), or the first kept for a header that may
+/// appear once. The frame's headers are a JSON object: one value per name.
+fn merge_repeated(
+    mut kept: Vec<(String, String)>,
+    (name, value): (&str, &str),
+) -> Vec<(String, String)> {
+    const FIRST_WINS: [&str; 18] = [
+        "age",
+        "authorization",
+        "content-length",
+        "content-type",
+        "etag",
+        "expires",
+        "from",
+        "host",
+        "if-modified-since",
+        "if-unmodified-since",
+        "last-modified",
+        "location",
+        "max-forwards",
+        "proxy-authorization",
+        "referer",
+        "retry-after",
+        "server",
+        "user-agent",
+    ];
+    match kept.iter_mut().find(|(kept, _)| kept == name) {
+        None => kept.push((name.to_string(), value.to_string())),
+        Some(_) if FIRST_WINS.contains(&name) => {}
+        Some((_, joined)) => {
+            joined.push_str(if name == "cookie" { "; " } else { ", " });
+            joined.push_str(value);
+        }
+    }
+    kept
+}
+
 fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -302,13 +340,13 @@ async fn post(
             _ => true,
         })
         .filter_map(|(name, value)| match value.to_str() {
-            Ok(value) => Some((name.to_string(), value.to_string())),
+            Ok(value) => Some((name.as_str(), value)),
             Err(_) => {
                 dropped += 1;
                 None
             }
         })
-        .collect();
+        .fold(Vec::new(), merge_repeated);
     if dropped > 0 {
         hub.stats
             .headers_dropped
