@@ -1152,6 +1152,29 @@ async fn a_forward_handler_is_retried_on_5xx_then_fails_at_the_retry_age() {
     );
 }
 
+/// Regression (an adversary's finding): a forward handler that took longer than the action's
+/// `timeout` was sent the run again and again (each retry a new execution: a deploy run four
+/// times). Once the request is sent, nobody knows whether it ran: FAILURE at once, not retried.
+#[tokio::test]
+async fn regression_a_forward_handler_that_times_out_is_not_sent_the_run_again() {
+    let mut target = support::FakeTarget::start().await;
+    let setup = Setup::new(&format!(
+        "[[action]]\nidentifier = \"restart_deployment\"\nforward = \"{}\"\ntimeout = \"300ms\"\n",
+        target.url("/restart"),
+    ))
+    .await;
+    target.delay(Duration::from_secs(2));
+    let _daemon = setup.start_with(&["--max-retry-age", "1m"]).await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "FAILURE", "{finish}");
+    let summary = finish["summary"].as_str().unwrap();
+    assert!(summary.contains("not sent again"), "{summary}");
+    target.drain(Duration::from_millis(500)).await;
+    assert_eq!(target.arrived(), 1, "sent once");
+}
+
 /// Bug: `[action.report]` mappings ran in the daemon with jaq and no bound, so a mapping that
 /// loops froze the actions route (and one that grows without end took the daemon's memory).
 /// They run in the jq worker now, within `[jq]`'s time and memory bounds and a size limit on

@@ -911,10 +911,32 @@ async fn run_forward(
                 }
                 format!("handler answered {}", status.as_u16())
             }
-            Err(e) => {
+            // No connection: nothing was sent, so trying again runs nothing twice.
+            Err(e) if e.is_connect() => {
                 let e = crate::error::chain(&e);
                 logs.line(&format!("POST {shown} failed: {e}")).await;
                 format!("cannot reach the handler: {e}")
+            }
+            // Sent, then no answer (the timeout, or the connection lost): the handler may be
+            // running it. Sending it again could run it twice (a deploy, twice).
+            Err(e) => {
+                let why = if e.is_timeout() {
+                    format!(
+                        "no answer within the action's timeout ({})",
+                        humantime::format_duration(x.spec.timeout)
+                    )
+                } else {
+                    format!("no answer: {}", crate::error::chain(&e))
+                };
+                logs.line(&format!("POST {shown}: {why}")).await;
+                return Some((
+                    Terminal::Failure,
+                    format!(
+                        "{why}; the run was delivered and may be running: not sent again (the \
+                         handler can tell a repeat by x-port-run-id)"
+                    ),
+                    Finish::default(),
+                ));
             }
         };
         let age = crate::spool::age(x.received_ms);
