@@ -636,7 +636,10 @@ async fn check_event_shows_the_handler_and_what_would_be_reported() {
             .args(["check", "--config"])
             .arg(&setup.config)
             .arg("--event")
-            .arg(format!("{fixtures}/{file}.json"))
+            .arg(match file.starts_with('/') {
+                true => file.to_string(),
+                false => format!("{fixtures}/{file}.json"),
+            })
             .env("TEST_PORT_SECRET", SECRET)
             .env("TEST_PORT_CLIENT_ID", CLIENT_ID);
         async move {
@@ -666,6 +669,14 @@ async fn check_event_shows_the_handler_and_what_would_be_reported() {
     );
     let out = check("03-port-context").await;
     assert!(out.contains("action run r_act03context"), "{out}");
+    // Regression (a new user's finding): the last line had no newline when no run was found,
+    // so the shell's prompt followed it on the same line.
+    assert!(out.ends_with('\n') && !out.ends_with("\n\n"), "{out:?}");
+    let plain = setup.dir.join("plain.json");
+    std::fs::write(&plain, r#"{"ref":"main"}"#).unwrap();
+    let out = check(plain.to_str().unwrap()).await;
+    assert!(out.contains("action run: none"), "{out}");
+    assert!(out.ends_with('\n') && !out.ends_with("\n\n"), "{out:?}");
 }
 
 #[tokio::test]

@@ -60,7 +60,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
     let (said, failed) = check_event(&config, &jq, &body);
     print!("{said}");
     if !config.actions.is_empty() {
-        print!("\n{}", crate::actions::explain(&config.actions, &body, &jq));
+        let explained = crate::actions::explain(&config.actions, &body, &jq);
+        // Every line ends, the last one too (the shell prompt starts on its own line).
+        print!("\n{}", explained.trim_end_matches('\n'));
+        println!();
     }
     if failed > 0 {
         anyhow::bail!(
