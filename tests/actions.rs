@@ -851,14 +851,16 @@ on_interrupt = "rerun"
 "#,
     )
     .await;
-    // The first execution hangs; the second finishes.
+    // The first execution hangs (a shell waiting on a child); the second finishes.
     let marker = setup.dir.join("first-done");
+    let pids = setup.dir.join("pids");
     handler(
         &setup.dir,
         "restart.sh",
         &format!(
-            "if [ -e {m} ]; then exit 0; fi; touch {m}; sleep 60",
-            m = marker.display()
+            "if [ -e {m} ]; then exit 0; fi; sleep 60 & echo \"$$ $!\" > {p}; touch {m}; wait",
+            m = marker.display(),
+            p = pids.display()
         ),
     );
     let mut daemon = setup.start().await;
@@ -867,11 +869,31 @@ on_interrupt = "rerun"
     daemon.child.kill().await.unwrap();
     daemon.child.wait().await.unwrap();
 
-    let _daemon = setup.start().await;
+    let daemon = setup.start().await;
     setup.port.wait_finished(&["r_act01legacy"]).await;
     assert_eq!(executions(&setup.dir), ["r_act01legacy", "r_act01legacy"]);
     let finish = &setup.port.finishes("r_act01legacy")[0];
     assert_eq!(finish["status"], "SUCCESS");
+    // Regression (an adversary's finding): the first execution, and what it started, outlived
+    // the relay's kill -9 and ran on beside the rerun. The restart kills its process group.
+    let pids = std::fs::read_to_string(&pids).unwrap();
+    for pid in pids.split_whitespace() {
+        wait_until(
+            &format!("process {pid} of the first execution ended"),
+            || {
+                // Gone, or a zombie nobody has reaped yet: either way no longer running.
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                })
+            },
+        )
+        .await;
+    }
+    daemon
+        .logs
+        .wait_for(&["WARN", "still running", "killed"])
+        .await;
 }
 
 #[tokio::test]

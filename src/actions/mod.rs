@@ -404,6 +404,45 @@ pub struct RunState {
     /// When execution started (ms since the epoch).
     pub started_ms: u64,
     pub run_phase: RunPhase,
+    /// A command handler's process while it runs: found still running at the next start
+    /// (after a kill -9 of the relay), its process group is killed before the run is reported
+    /// or run again, so two executions never overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<HandlerProcess>,
+}
+
+/// A handler process, told apart from a later process that reuses its pid by its start time.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HandlerProcess {
+    /// Its pid, which is also its process group's id (it leads its own group).
+    pub pid: u32,
+    /// Its start time, in clock ticks after boot (`/proc/<pid>/stat`, field 22).
+    pub started: u64,
+}
+
+impl HandlerProcess {
+    /// The process `pid`, if it runs (not a zombie).
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name (in parentheses, which may hold anything): state, then
+        // fields 4 onwards; the start time is field 22.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let mut fields = rest.split_whitespace();
+        if fields.next()? == "Z" {
+            return None;
+        }
+        let started = fields.nth(18)?.parse().ok()?;
+        Some(Self { pid, started })
+    }
+
+    /// Kill its process group if it is still this process (the pid not reused); whether it was.
+    pub fn kill_if_running(&self) -> bool {
+        if Self::of(self.pid) != Some(*self) {
+            return false;
+        }
+        // SAFETY: kill(2) with a negative pid signals the process group the handler leads.
+        unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) == 0 }
+    }
 }
 
 /// Executing, or done with its terminal status queued for Port.
@@ -541,6 +580,7 @@ mod tests {
                 status: Terminal::Failure,
                 summary: "exit 1: \u{1b}]0;title\u{7}".into(),
             },
+            process: None,
         };
         let table = runs_table(&[(hostile.to_string(), state)]);
         assert!(

@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    ACTIONS_ROUTE, ActionSpec, ENV_ALLOW, Finish, Handler, Links, REPORT_ROUTE, Report,
-    ReportMapping, RunInfo, RunPhase, RunState, Terminal, decode_run, find_action, parse_directive,
-    state_key, stored_runs,
+    ACTIONS_ROUTE, ActionSpec, ENV_ALLOW, Finish, Handler, HandlerProcess, Links, REPORT_ROUTE,
+    Report, ReportMapping, RunInfo, RunPhase, RunState, Terminal, decode_run, find_action,
+    parse_directive, state_key, stored_runs,
 };
 use crate::delivery::RetryPolicy;
 use crate::pipeline::signature::Verifier;
@@ -262,6 +262,7 @@ pub async fn run(
                 event: id,
                 started_ms: crate::clock::now_ms(),
                 run_phase: RunPhase::Running,
+                process: None,
             };
             let writes = vec![state_write(&run.run_id, &state), done];
             if !commit(&writer, writes).await {
@@ -305,9 +306,16 @@ async fn recover(
     let Ok(stored) = stored_runs(spool) else {
         return;
     };
-    for (run_id, state) in stored {
+    for (run_id, mut state) in stored {
         if state.run_phase != RunPhase::Running {
             continue;
+        }
+        // Its handler may outlive the relay (kill -9): it must not run beside a rerun, nor
+        // go on after its run is reported interrupted.
+        if let Some(process) = state.process.take()
+            && process.kill_if_running()
+        {
+            warn!(run = %run_id, pid = process.pid, "the run's handler was still running, left by the previous process: killed, with its process group");
         }
         let spec = actions.actions.iter().find(|a| a.name == state.action);
         let rerun = spec.filter(|s| s.on_interrupt == super::OnInterrupt::Rerun);
@@ -656,6 +664,7 @@ async fn finish_writes_commit(
     });
     let done = RunState {
         run_phase: RunPhase::Done { status, summary },
+        process: None,
         ..state.clone()
     };
     let writes = vec![reports_append(reports), state_write(run_id, &done)];
@@ -704,6 +713,14 @@ async fn run_command(
         }
     };
     let pid = child.id();
+    // Stored, so that a relay killed meanwhile kills it at its next start (see `recover`).
+    if let Some(process) = pid.and_then(HandlerProcess::of) {
+        let running = RunState {
+            process: Some(process),
+            ..x.state.clone()
+        };
+        commit(&x.writer, vec![state_write(&x.run.run_id, &running)]).await;
+    }
     if let Some(mut stdin) = child.stdin.take() {
         let body = x.body.clone();
         // A handler that does not read stdin closes it: that is not an error.
@@ -1099,6 +1116,7 @@ fn finished(run_id: &str, action: &str, event: u64, finish: Finish) -> (RunPhase
             status: finish.status.unwrap_or(Terminal::Failure),
             summary: finish.summary.clone().unwrap_or_default(),
         },
+        process: None,
     };
     let report = Report::Finish {
         run: run_id.to_string(),
