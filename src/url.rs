@@ -282,6 +282,11 @@ impl TargetUrl {
         url
     }
 
+    /// Whether the URL holds a password (which nothing writes to disk or shows).
+    pub fn has_password(&self) -> bool {
+        self.credentials.as_ref().is_some_and(|c| c.has_password)
+    }
+
     /// Whether requests to it go in the clear (`http`), as to a port on this machine.
     pub fn is_plain_http(&self) -> bool {
         self.url.scheme() == "http"

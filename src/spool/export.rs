@@ -89,9 +89,23 @@ fn gosmee_script(event: &StoredEvent, stem: &str, target: &TargetUrl, by: &str) 
         rfc3339(event.received_ms),
         event.channel
     );
-    let _ = writeln!(out, "# Usage: ./{stem}.sh [TARGET_URL]");
-    let _ = writeln!(out, "set -euo pipefail");
-    let _ = writeln!(out, "target=${{1:-{}}}", quote(&target.to_string()));
+    if target.has_password() {
+        // The password is never written to disk; the URL as shown (`user:***@`) would be
+        // refused. The script asks for the URL.
+        let _ = writeln!(out, "# Usage: ./{stem}.sh TARGET_URL");
+        let _ = writeln!(out, "set -euo pipefail");
+        let _ = writeln!(
+            out,
+            "target=${{1:?{}}}",
+            quote(&format!(
+                "give the target URL with its password ({target}; the password is not saved here)"
+            ))
+        );
+    } else {
+        let _ = writeln!(out, "# Usage: ./{stem}.sh [TARGET_URL]");
+        let _ = writeln!(out, "set -euo pipefail");
+        let _ = writeln!(out, "target=${{1:-{}}}", quote(&target.to_string()));
+    }
     let _ = writeln!(out, "cd \"$(dirname \"$0\")\"");
     let _ = write!(out, "exec curl -sS --fail-with-body -X POST");
     if query.is_empty() {
@@ -188,5 +202,46 @@ impl SaveDir {
             // The writer is gone (shutting down): nothing to save to.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (a new user's finding): for a target with a password, the saved script's
+    /// default target was the URL as shown, `user:***@host`: curl sent `***` as the password
+    /// and the replay failed with a 401. The password is never written; the script asks for
+    /// the URL instead, and says why.
+    #[test]
+    fn regression_a_saved_script_for_a_target_with_a_password_asks_for_the_url() {
+        let event = StoredEvent {
+            id: 7,
+            received_ms: 0,
+            channel: "https://smee.io/AbCd…".into(),
+            event: crate::event::Event {
+                sse_id: None,
+                timestamp_ms: None,
+                headers: vec![],
+                query: vec![],
+                body: bytes::Bytes::from_static(b"{}"),
+            },
+        };
+        let secret: TargetUrl = "http://bob:hunter2@127.0.0.1:4000/hook".parse().unwrap();
+        let script = gosmee_script(&event, "e7", &secret, "test");
+        assert!(
+            !script.contains("hunter2") && !script.contains("${1:-"),
+            "{script}"
+        );
+        assert!(
+            script.contains("target=${1:?") && script.contains("password is not saved"),
+            "{script}"
+        );
+        let plain: TargetUrl = "http://127.0.0.1:4000/hook".parse().unwrap();
+        let script = gosmee_script(&event, "e7", &plain, "test");
+        assert!(
+            script.contains("target=${1:-'http://127.0.0.1:4000/hook'}"),
+            "{script}"
+        );
     }
 }
