@@ -423,14 +423,25 @@ fn write_highwater(log: &Path, after: Expect) {
 }
 
 /// The high-water mark beside the log at `log` ([`write_highwater`]): the instance, next event id and next seq
-/// of the file when its log last started over. `None` if there is none, or it is not whole.
+/// of the file when its log last started over. `None` if there is none, or it is not whole
+/// (warned: it is only ever written whole, so something else changed it).
 pub(super) fn read_highwater(log: &Path) -> Option<(u64, u64, u64)> {
-    let bytes = std::fs::read(log.with_file_name(HIGHWATER_FILE)).ok()?;
-    let (body, sum) = bytes.split_at_checked(HIGHWATER_LEN - 8)?;
-    let whole = bytes.len() == HIGHWATER_LEN && body.starts_with(b"SMHW");
-    if !whole || checksum(body).to_le_bytes() != *sum {
+    let file = log.with_file_name(HIGHWATER_FILE);
+    let bytes = std::fs::read(&file).ok()?;
+    let whole = bytes.len() == HIGHWATER_LEN
+        && bytes.starts_with(b"SMHW")
+        && checksum(&bytes[..HIGHWATER_LEN - 8]).to_le_bytes() == bytes[HIGHWATER_LEN - 8..];
+    if !whole {
+        tracing::warn!(
+            file = %file.display(),
+            "the spool's high-water mark is damaged (smee-relay writes it whole, so something \
+             else changed it): the check that the spool did not come back from a crash behind \
+             its last commits is skipped this time; the file is written anew when the \
+             write-ahead log next starts over"
+        );
         return None;
     }
+    let body = &bytes[..HIGHWATER_LEN - 8];
     let value = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
     Some((value(4), value(12), value(20)))
 }

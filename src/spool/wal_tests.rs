@@ -1154,3 +1154,32 @@ fn regression_a_relay_restarted_on_a_full_disk_said_it_took_writes_again_before_
         said(&logs)
     );
 }
+
+/// Regression (an adversary's finding): a `spool.highwater` that is not whole (damaged, or
+/// written by something else) was ignored in silence, and with it the check that the spool
+/// did not come back from a crash behind its last commits. It is a warning now; the spool
+/// still opens, and the file is written anew when the log next starts over.
+#[test]
+fn regression_a_damaged_highwater_file_was_ignored_in_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        logged(&spool, appending(1, 3));
+        assert!(spool.checkpoint().unwrap(), "the log starts over");
+    }
+    let highwater = dir.path().join(wal::HIGHWATER_FILE);
+    assert!(
+        highwater.exists(),
+        "the log's start-over leaves the high-water mark"
+    );
+    std::fs::write(&highwater, b"not a high-water mark").unwrap();
+    let (logs, guard) = crate::test_logs::capture();
+    let reopened = Spool::open(dir.path()).unwrap();
+    drop(guard);
+    let said = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        said.contains("WARN") && said.contains("spool.highwater") && said.contains("damaged"),
+        "{said}"
+    );
+    assert_eq!(view(&reopened).2, 3, "the spool opens whole");
+}
