@@ -679,6 +679,55 @@ async fn check_event_shows_the_handler_and_what_would_be_reported() {
     assert!(out.ends_with('\n') && !out.ends_with("\n\n"), "{out:?}");
 }
 
+/// Regression (an adversary's finding): `check` said ok for a command handler that does not
+/// exist or cannot be executed; the first run then failed with "cannot start". It is a
+/// warning (the daemon's environment may differ from the shell's, so not an error).
+#[tokio::test]
+async fn regression_check_warns_of_a_command_handler_that_cannot_run() {
+    let setup = Setup::new(
+        r#"
+[[action]]
+identifier = "restart_deployment"
+command = ["DIR/missing.sh"]
+
+[[action]]
+identifier = "scaffold_service"
+command = ["DIR/not-executable.sh"]
+
+[[action]]
+when = '.port_context.runId != null'
+command = ["no-such-program-anywhere", "--flag"]
+"#,
+    )
+    .await;
+    std::fs::write(setup.dir.join("not-executable.sh"), "#!/bin/sh\n").unwrap();
+    let out = smee_relay()
+        .args(["check", "--config"])
+        .arg(&setup.config)
+        .env("TEST_PORT_SECRET", SECRET)
+        .env("TEST_PORT_CLIENT_ID", CLIENT_ID)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for (action, problem) in [
+        ("restart_deployment", "missing.sh: no such file"),
+        ("scaffold_service", "not-executable.sh: not executable"),
+        (
+            "when .port_context.runId != null",
+            "no-such-program-anywhere: not found in PATH",
+        ),
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(action) && l.contains("warning") && l.contains(problem)),
+            "{action}: {stdout}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_failing_handler_reports_failure_with_its_exit_code() {
     let setup = Setup::new(ALL_FOUR).await;

@@ -132,6 +132,30 @@ pub struct ActionSpec {
     pub env: Vec<String>,
 }
 
+/// Why a command handler's program cannot run here, if it cannot: a path that is missing or
+/// not executable, or a bare name not found in `PATH` (as it is here: the daemon's may differ).
+pub fn command_problem(argv: &[String]) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = argv.first()?;
+    let runnable = |path: &std::path::Path| {
+        std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return match runnable(std::path::Path::new(program)) {
+            Ok(true) => None,
+            Ok(false) => Some(format!("{program}: not executable")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("{program}: no such file"))
+            }
+            Err(e) => Some(format!("{program}: {e}")),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found =
+        std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)).unwrap_or(false));
+    (!found).then(|| format!("{program}: not found in PATH"))
+}
+
 /// Environment variables a command inherits from the relay when set: what programs need to
 /// run at all, nothing that could carry a credential.
 pub const ENV_ALLOW: &[&str] = &[

@@ -26,6 +26,13 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                 )
             );
         }
+        for action in &config.actions {
+            if let crate::actions::Handler::Command(argv) = &action.handler
+                && let Some(problem) = crate::actions::command_problem(argv)
+            {
+                println!("[[action]] {}: warning: {problem}", action.name);
+            }
+        }
         let watched = config.rules.iter().any(|r| r.blueprint.is_some());
         let pipelines = config.channels.iter().any(|c| c.pipeline);
         if let Some(interval) = config.reconcile {
