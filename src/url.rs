@@ -24,6 +24,18 @@ pub enum UrlError {
          http://127.0.0.1:3000/hook)"
     )]
     NoScheme,
+    /// A channel written without `http://`: its example is a channel's.
+    #[error(
+        "not a full URL: it needs https:// or http:// in front (such as \
+         https://smee.io/YourChannelId)"
+    )]
+    ChannelNoScheme,
+    /// A server's `/new`, which makes a new channel for each request (so each reconnect).
+    #[error(
+        "this is the server's /new, which makes a new channel for every connection: run \
+         `smee-relay new --server URL` once and use the channel URL it prints"
+    )]
+    NewPage,
     #[error("scheme must be http or https, not {0}")]
     Scheme(String),
     #[error("the URL has no host")]
@@ -213,7 +225,18 @@ pub fn redact(secret: &str) -> String {
 impl FromStr for ChannelUrl {
     type Err = UrlError;
     fn from_str(text: &str) -> Result<Self, UrlError> {
-        parse_http_url(text).map(ChannelUrl)
+        let url = parse_http_url(text).map_err(|e| match e {
+            UrlError::NoScheme => UrlError::ChannelNoScheme,
+            e => e,
+        })?;
+        if url
+            .path_segments()
+            .and_then(|mut s| s.rfind(|s| !s.is_empty()))
+            == Some("new")
+        {
+            return Err(UrlError::NewPage);
+        }
+        Ok(ChannelUrl(url))
     }
 }
 

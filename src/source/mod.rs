@@ -143,7 +143,8 @@ fn follow_redirects() -> reqwest::redirect::Policy {
             .map_or_else(|e| e.to_string(), |url| url.to_string());
         warn!(
             "the channel URL redirects ({}) to {to}; following it (a token is sent only to the \
-             same scheme, host and port); put the new URL in the configuration",
+             same scheme, host and port); use the new URL instead (`curl -sI` on the old one \
+             shows it whole: the log shortens channel ids, which are secrets)",
             attempt.status()
         );
         attempt.follow()
