@@ -522,7 +522,19 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         problems: vec![format!("{}: cannot read: {e}", path.display())],
     })?;
-    parse(&text, &path.display().to_string(), env)
+    let mut config = parse(&text, &path.display().to_string(), env)?;
+    // A relative path in the file is relative to the file, not to wherever the relay was
+    // started (systemd starts it in `/`).
+    let beside = |file: &mut Option<PathBuf>| {
+        if let (Some(file), Some(dir)) = (file.as_mut(), path.parent())
+            && file.is_relative()
+        {
+            *file = dir.join(&*file);
+        }
+    };
+    beside(&mut config.cacert);
+    beside(&mut config.state_dir);
+    Ok(config)
 }
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a

@@ -278,40 +278,41 @@ static TRUST: OnceLock<Trust> = OnceLock::new();
 /// Why a CA file (`--cacert`, or `cacert` in the config) could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    #[error("cannot read {setting} {path}")]
+    #[error("cannot read {path} ({setting})")]
     Read {
-        setting: &'static str,
+        setting: String,
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{setting} {path} holds no PEM certificate")]
+    #[error("{path} ({setting}) holds no PEM certificate")]
     Parse {
-        setting: &'static str,
+        setting: String,
         path: String,
         #[source]
         source: rustls::pki_types::pem::Error,
     },
-    #[error("{setting} {path} holds no PEM certificate")]
-    Empty { setting: &'static str, path: String },
+    #[error("{path} ({setting}) holds no PEM certificate")]
+    Empty { setting: String, path: String },
 }
 
 /// A CA file's certificates (PEM, one or more); `setting` names where the path came from
 /// (`--cacert`, `the config's cacert`), for the error.
 pub fn read_ca_file(
     path: &std::path::Path,
-    setting: &'static str,
+    setting: &str,
 ) -> Result<Vec<CertificateDer<'static>>, TrustError> {
     let shown = path.display().to_string();
+    let setting = setting.to_string();
     let pem = std::fs::read(path).map_err(|source| TrustError::Read {
-        setting,
+        setting: setting.clone(),
         path: shown.clone(),
         source,
     })?;
     let roots = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TrustError::Parse {
-            setting,
+            setting: setting.clone(),
             path: shown.clone(),
             source,
         })?;
@@ -328,7 +329,7 @@ pub fn read_ca_file(
 /// nothing at all, in every client built from now on. Call once, before building clients;
 /// later calls (and calls after the first client) are ignored.
 pub fn set_trust(
-    cacert: Option<(&std::path::Path, &'static str)>,
+    cacert: Option<(&std::path::Path, &str)>,
     insecure: bool,
 ) -> Result<(), TrustError> {
     let extra_roots = match cacert {

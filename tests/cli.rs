@@ -563,7 +563,7 @@ async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
     let not_pem = dir.path().join("ca.txt");
     std::fs::write(&not_pem, "not a certificate").unwrap();
     for (file, needle) in [
-        (dir.path().join("missing.pem"), "cannot read --cacert"),
+        (dir.path().join("missing.pem"), "(--cacert)"),
         (not_pem, "holds no PEM certificate"),
     ] {
         let out = tokio::time::timeout(

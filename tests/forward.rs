@@ -381,12 +381,33 @@ async fn regression_a_bad_port_variable_or_ca_file_exits_2_naming_it() {
         }
         let out = support::run_to_end(&mut invocation).await;
         assert_eq!(out.code, Some(2), "{command}: {}", out.stderr);
+        let said = format!("/nonexistent/ca.pem (cacert in {})", config.display());
         assert!(
-            out.stderr.contains("cacert /nonexistent/ca.pem") && !out.stderr.contains("--cacert"),
+            out.stderr.contains(&said) && !out.stderr.contains("--cacert"),
             "{command}: {}",
             out.stderr
         );
     }
+    // Regression (a new user's finding): a relative `cacert` was looked for in the directory
+    // the command ran in (`/` under systemd), not beside the config.
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        "cacert = \"ca.pem\"\n[[channel]]\nurl = \"https://smee.io/x\"\nforward = [\"http://127.0.0.1:9/\"]\n",
+    )
+    .unwrap();
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&config)
+            .current_dir("/"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
 }
 
 #[tokio::test]

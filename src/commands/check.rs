@@ -10,7 +10,7 @@ use crate::cli::CheckArgs;
 pub fn run(args: CheckArgs) -> anyhow::Result<()> {
     let config = super::load_config(&args.config)?;
     if let Some(cacert) = &config.cacert {
-        crate::http::read_ca_file(cacert, super::run::CONFIG_CACERT)?;
+        crate::http::read_ca_file(cacert, &super::run::config_cacert(&args.config))?;
     }
     let jq = crate::pipeline::jq::JqEngine::new(config.jq);
     probe_conditions(&config, &jq)?;

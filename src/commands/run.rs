@@ -40,8 +40,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How a config's `cacert` is named in an error.
-pub(super) const CONFIG_CACERT: &str = "the config's cacert";
+/// How the `cacert` of the config at `config` is named in an error.
+pub(super) fn config_cacert(config: &std::path::Path) -> String {
+    format!("cacert in {}", config.display())
+}
 
 /// The runtime plan `run` carries out: the config file, with the flags on top.
 fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
@@ -49,9 +51,10 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let delivery = &args.delivery;
     // TLS trust is set once, at start; a reload cannot change it.
     let tls = &delivery.tls;
+    let config_cacert = config_cacert(&args.config);
     let cacert = match (&tls.cacert, &config.cacert) {
         (Some(flag), _) => Some((flag.as_path(), "--cacert")),
-        (None, Some(file)) => Some((file.as_path(), CONFIG_CACERT)),
+        (None, Some(file)) => Some((file.as_path(), config_cacert.as_str())),
         (None, None) => None,
     };
     crate::http::set_trust(cacert, tls.insecure || config.insecure)?;
