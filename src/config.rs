@@ -523,18 +523,18 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         problems: vec![format!("{}: cannot read: {e}", path.display())],
     })?;
     let mut config = parse(&text, &path.display().to_string(), env)?;
-    // A relative path in the file is relative to the file, not to wherever the relay was
-    // started (systemd starts it in `/`).
-    let beside = |file: &mut Option<PathBuf>| {
-        if let (Some(file), Some(dir)) = (file.as_mut(), path.parent())
-            && file.is_relative()
-        {
-            *file = dir.join(&*file);
-        }
-    };
-    beside(&mut config.cacert);
-    beside(&mut config.state_dir);
+    config.cacert = config.cacert.map(|file| beside(path, file));
+    config.state_dir = config.state_dir.map(|dir| beside(path, dir));
     Ok(config)
+}
+
+/// A path the config file at `config` names: a relative one is relative to the file's
+/// directory, not to wherever the command was started (systemd starts the relay in `/`).
+pub fn beside(config: &Path, file: PathBuf) -> PathBuf {
+    match config.parent() {
+        Some(dir) if file.is_relative() => dir.join(file),
+        _ => file,
+    }
 }
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: the time a

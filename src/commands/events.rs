@@ -285,7 +285,7 @@ fn config_state_dir(args: &EventsArgs) -> anyhow::Result<Option<std::path::PathB
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let file: StateDirOnly =
         toml::from_str(&text).with_context(|| format!("{}: not a valid config", path.display()))?;
-    Ok(file.state_dir)
+    Ok(file.state_dir.map(|dir| crate::config::beside(path, dir)))
 }
 
 /// `[cluster]` from `--config`, with `--nats-url` on top (alone, it names cluster `default`,
