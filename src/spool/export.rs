@@ -113,7 +113,13 @@ fn gosmee_script(event: &StoredEvent, stem: &str, target: &TargetUrl, by: &str) 
     } else {
         let _ = write!(out, " \"$target\"{}", quote(&format!("?{query}")));
     }
+    // As delivery does: a target with credentials gets them as `Authorization`, in place of
+    // the sender's (curl sends the URL's; an explicit header would win over them).
+    let replaced = target.authorization().is_some();
     for (name, value) in &event.event.headers {
+        if replaced && name.eq_ignore_ascii_case("authorization") {
+            continue;
+        }
         let _ = write!(out, " \\\n  -H {}", quote(&format!("{name}: {value}")));
     }
     let _ = writeln!(
@@ -222,7 +228,7 @@ mod tests {
             event: crate::event::Event {
                 sse_id: None,
                 timestamp_ms: None,
-                headers: vec![],
+                headers: vec![("authorization".into(), "token xyz".into())],
                 query: vec![],
                 body: bytes::Bytes::from_static(b"{}"),
             },
@@ -237,6 +243,9 @@ mod tests {
             script.contains("target=${1:?") && script.contains("password is not saved"),
             "{script}"
         );
+        // Regression (a new user's finding): the sender's `authorization` stayed in the
+        // script, and curl sent it instead of the target's credentials (delivery replaces it).
+        assert!(!script.contains("token xyz"), "{script}");
         let plain: TargetUrl = "http://127.0.0.1:4000/hook".parse().unwrap();
         let script = gosmee_script(&event, "e7", &plain, "test");
         assert!(
