@@ -208,6 +208,18 @@ async fn spawn_forward(args: &[&str]) -> (tokio::process::Child, LogWatch) {
     support::spawn_logged(smee_relay().arg("forward").args(args))
 }
 
+/// Regression (a new user's finding): `https://` to a server that speaks plain HTTP was
+/// retried forever with rustls's "received corrupt message of type InvalidContentType", which
+/// does not say what to change.
+#[tokio::test]
+async fn regression_https_to_a_plain_http_server_says_so() {
+    let channel = FakeChannel::start().await;
+    let https = channel.url("Chan").replacen("http://", "https://", 1);
+    let (_child, logs) = spawn_forward(&[&https, "http://127.0.0.1:9/"]).await;
+    logs.wait_for(&["WARN", "plain HTTP", "http:// instead of https://"])
+        .await;
+}
+
 #[tokio::test]
 async fn bad_frames_are_logged_with_their_id_and_skipped() {
     let channel = FakeChannel::start().await;

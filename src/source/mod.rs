@@ -655,7 +655,15 @@ fn classify(error: eventsource_client::Error, has_token: bool) -> Ended {
                     kind: "too_large",
                 };
             }
-            lost(e.inner().to_string())
+            let reason = e.inner().to_string();
+            // rustls's words for a TLS handshake answered in plain HTTP.
+            if reason.contains("InvalidContentType") {
+                return lost(format!(
+                    "{reason}: the server speaks plain HTTP, not TLS; use http:// instead of \
+                     https://"
+                ));
+            }
+            lost(reason)
         }
         other => lost(other.to_string()),
     }
