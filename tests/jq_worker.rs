@@ -134,3 +134,14 @@ fn regression_a_rule_cannot_read_the_daemons_environment() {
         "the worker sees an environment"
     );
 }
+
+/// Regression (a new user's finding): an error raised in the worker said "jq error: jq error:
+/// ..." (the worker's words, then the daemon's again).
+#[test]
+fn regression_an_error_in_the_worker_said_jq_error_twice() {
+    let jq = engine(Duration::from_secs(10));
+    let failure = jq
+        .holds(&condition(r#"error("boom")"#), &json!({}))
+        .unwrap_err();
+    assert_eq!(failure.to_string(), r#"jq error: "boom""#);
+}

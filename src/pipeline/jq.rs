@@ -650,6 +650,8 @@ pub fn worker_main(args: &[String]) -> i32 {
                     Err(JqFailure::NoOutput) => Answer::NoOutput,
                     Err(JqFailure::Input(e)) => Answer::Input(e),
                     Err(JqFailure::OutputTooLarge { len, .. }) => Answer::TooLarge(len),
+                    // The message alone: the daemon says "jq error: " itself.
+                    Err(JqFailure::Runtime(e)) => Answer::Runtime(e),
                     Err(other) => Answer::Runtime(other.to_string()),
                 }
             }
@@ -803,10 +805,14 @@ mod tests {
             Err(JqFailure::NoOutput)
         ));
         let error = JqCondition::new(r#"error("boom")"#).unwrap();
-        assert!(matches!(
-            jq.holds(&error, &json!(1)),
-            Err(JqFailure::Runtime(e)) if e.contains("boom")
-        ));
+        let failure = jq.holds(&error, &json!(1)).unwrap_err();
+        assert!(
+            matches!(&failure, JqFailure::Runtime(e) if e.contains("boom")),
+            "{failure}"
+        );
+        // Regression (a new user's finding): said "jq error: jq error: ..." (jaq's words, then
+        // ours).
+        assert_eq!(failure.to_string(), r#"jq error: "boom""#);
     }
 
     #[test]
