@@ -157,9 +157,10 @@ fn check_event(
     let change = match port::decode(body) {
         Ok(change) => change,
         Err(e) => {
-            let said = format!(
-                "not a Port entity change: {e}\nthe pipeline would ignore it (it is still forwarded)\n"
-            );
+            let mut said = format!("not a Port entity change: {e}\n");
+            if config.channels.iter().any(|c| c.pipeline) {
+                said.push_str("the alert pipeline would ignore it (it is still forwarded)\n");
+            }
             return (said, 0);
         }
     };
@@ -183,7 +184,18 @@ fn check_event(
     }
     for rule in &config.rules {
         if !rule.watches(&change) {
-            let _ = writeln!(out, "\nrule {}: does not watch this entity", rule.name);
+            let why = if change.resource_type != "entity" {
+                format!(
+                    "does not judge this change: a {} change, not an entity's",
+                    change.resource_type
+                )
+            } else {
+                format!(
+                    "does not watch this entity (it watches blueprint {})",
+                    rule.blueprint.as_deref().unwrap_or("-")
+                )
+            };
+            let _ = writeln!(out, "\nrule {}: {why}", rule.name);
             continue;
         }
         let one = Pipeline {
@@ -254,6 +266,33 @@ mod tests {
 
     /// `check` said `ok (1 channels, 0 rules)` for a config with `[cluster]`: a wrong plural,
     /// and not a word about the cluster it checked (or that it did not contact NATS).
+    /// Regression (a new user's finding): `check --event` on an action run said each rule
+    /// "does not watch this entity" (a rule without `blueprint` watches every entity: this is
+    /// a run, not an entity change), and on a config with no pipeline that "the pipeline would
+    /// ignore" a payload.
+    #[test]
+    fn regression_check_event_said_the_wrong_reason_a_rule_does_not_judge() {
+        let channel = "[[channel]]\nurl = \"https://smee.io/abc\"\n";
+        let with_rule = config(&format!(
+            "{channel}pipeline = true\n[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\n"
+        ));
+        let run = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/port/actions/01-legacy-run-message.json"
+        ))
+        .unwrap();
+        let jq = crate::pipeline::jq::JqEngine::here();
+        let (said, _) = check_event(&with_rule, &jq, &run);
+        assert!(
+            said.contains("rule hot: does not judge this change: a run change, not an entity's"),
+            "{said}"
+        );
+        let no_pipeline = config(&format!("{channel}forward = [\"http://127.0.0.1:1/\"]\n"));
+        let (said, _) = check_event(&no_pipeline, &jq, br#"{"ref":"main"}"#);
+        assert!(said.starts_with("not a Port entity change"), "{said}");
+        assert!(!said.contains("pipeline"), "{said}");
+    }
+
     #[test]
     fn regression_check_says_1_channels_and_nothing_of_the_cluster() {
         let one =
