@@ -563,7 +563,10 @@ async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
     let not_pem = dir.path().join("ca.txt");
     std::fs::write(&not_pem, "not a certificate").unwrap();
     for (file, needle) in [
-        (dir.path().join("missing.pem"), "(--cacert)"),
+        (
+            dir.path().join("missing.pem"),
+            "(--cacert or SMEE_RELAY_CACERT)",
+        ),
         (not_pem, "holds no PEM certificate"),
     ] {
         let out = tokio::time::timeout(

@@ -377,7 +377,22 @@ async fn regression_a_bad_port_variable_or_ca_file_exits_2_naming_it() {
         out.stderr
     );
 
-    // `--cacert`: tests/cli.rs, `cacert_that_is_missing_or_not_pem_is_refused_with_its_path`.
+    // `--cacert`: tests/cli.rs, `cacert_that_is_missing_or_not_pem_is_refused_with_its_path`;
+    // `new` takes it too (a self-hosted server with a private CA).
+    let out = support::run_to_end(smee_relay().args([
+        "new",
+        "--server",
+        "https://127.0.0.1:9",
+        "--cacert",
+        "/nonexistent/ca.pem",
+    ]))
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/ca.pem (--cacert"),
+        "{}",
+        out.stderr
+    );
     let dir = support::temp_dir();
     let config = dir.path().join("config.toml");
     std::fs::write(

@@ -565,6 +565,18 @@ pub struct TlsArgs {
     pub insecure: bool,
 }
 
+impl TlsArgs {
+    /// Make these the process's TLS trust ([`crate::http::set_trust`]).
+    pub fn set_trust(&self) -> Result<(), crate::http::TrustError> {
+        crate::http::set_trust(
+            self.cacert
+                .as_deref()
+                .map(|path| (path, "--cacert or SMEE_RELAY_CACERT")),
+            self.insecure,
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The config file (TOML).
@@ -713,6 +725,10 @@ pub struct NewArgs {
     /// The smee server to create the channel on.
     #[arg(long, default_value = "https://smee.io", value_parser = parse_http_url, env = "SMEE_RELAY_SERVER")]
     pub server: Url,
+
+    /// TLS trust for the server (a self-hosted `serve` with a private CA).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `--nats-url`: not empty (an empty `SMEE_RELAY_NATS_URL=` would otherwise be looked up as a

@@ -32,10 +32,7 @@ fn usage(message: String) -> anyhow::Error {
 }
 
 async fn run_github(args: GithubCatchUpArgs) -> anyhow::Result<()> {
-    crate::http::set_trust(
-        args.tls.cacert.as_deref().map(|p| (p, "--cacert")),
-        args.tls.insecure,
-    )?;
+    args.tls.set_trust()?;
     let (spool, to, block, dir) = destination(&args)?;
     let block = block.as_ref();
     let owner = match (args.repo.clone().or_else(|| args.org.clone()), block) {

@@ -90,7 +90,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         .context("cannot install the SIGHUP handler")?;
     let target = args.target_url().context("invalid target")?;
     let tls = &args.delivery.tls;
-    crate::http::set_trust(tls.cacert.as_deref().map(|p| (p, "--cacert")), tls.insecure)?;
+    tls.set_trust()?;
     let channel = match args.channel_url() {
         Some(channel) => channel,
         None => {

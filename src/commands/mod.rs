@@ -24,6 +24,7 @@ pub(crate) use crate::error::count;
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::New(args) => {
+            args.tls.set_trust()?;
             let channel = crate::source::create_channel(&args.server).await?;
             // The one place the full channel URL is printed: the user asked for it.
             println!("{}", channel.expose());

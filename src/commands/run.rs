@@ -53,7 +53,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let tls = &delivery.tls;
     let config_cacert = config_cacert(&args.config);
     let cacert = match (&tls.cacert, &config.cacert) {
-        (Some(flag), _) => Some((flag.as_path(), "--cacert")),
+        (Some(flag), _) => Some((flag.as_path(), "--cacert or SMEE_RELAY_CACERT")),
         (None, Some(file)) => Some((file.as_path(), config_cacert.as_str())),
         (None, None) => None,
     };
