@@ -2,6 +2,7 @@
 //! move the cursor, recolour the screen, forge a line or reverse the text after it.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 /// Text as it may appear in a log line or on a terminal: control characters (C0, DEL, C1),
 /// line and paragraph separators and bidi overrides become visible escapes (`\x1b`, `\n`,
@@ -26,6 +27,42 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// `rows` under `header`, each column as wide as its widest cell (in characters), two spaces
+/// apart; a column marked in `right` is right-aligned (numbers), the others left-aligned, and
+/// the last column has no trailing spaces. Cells are shown as given: escape what a sender
+/// chose first ([`escape_control`]), which also keeps one row per line.
+pub fn table<const N: usize>(header: [&str; N], right: [bool; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header = header.map(String::from);
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = " ".repeat(widths[i] - cell.chars().count());
+            if right[i] {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                // The last column needs no trailing spaces.
+                if i + 1 < row.len() {
+                    line.push_str(&pad);
+                }
+            }
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    out
 }
 
 #[cfg(test)]

@@ -500,35 +500,38 @@ pub fn runs_table(runs: &[(String, RunState)]) -> String {
     if runs.is_empty() {
         return String::new();
     }
-    let mut out = format!(
-        "\n{:<24}  {:<24}  {:>6}  {:<9}  SUMMARY\n",
-        "ACTION RUN", "ACTION", "EVENT", "STATUS"
-    );
     let mut runs: Vec<&(String, RunState)> = runs.iter().collect();
     runs.sort_by_key(|(_, state)| state.started_ms);
-    for (run, state) in runs {
-        let (status, summary) = match &state.run_phase {
-            RunPhase::Running => (
-                "running".to_string(),
-                format!(
-                    "started {} ago",
-                    humantime::format_duration(Duration::from_secs(
-                        crate::clock::age(state.started_ms).as_secs()
-                    ))
+    let rows: Vec<[String; 5]> = runs
+        .into_iter()
+        .map(|(run, state)| {
+            let (status, summary) = match &state.run_phase {
+                RunPhase::Running => (
+                    "running".to_string(),
+                    format!(
+                        "started {} ago",
+                        humantime::format_duration(Duration::from_secs(
+                            crate::clock::age(state.started_ms).as_secs()
+                        ))
+                    ),
                 ),
-            ),
-            RunPhase::Done { status, summary } => (status.to_string(), summary.clone()),
-        };
-        // The run id and the summary come from Port's payload and a handler's output.
-        out.push_str(&format!(
-            "{:<24}  {:<24}  {:>6}  {status:<9}  {}\n",
-            escape_control(run),
-            escape_control(&state.action),
-            state.event,
-            escape_control(&summary),
-        ));
-    }
-    out
+                RunPhase::Done { status, summary } => (status.to_string(), summary.clone()),
+            };
+            // The run id and the summary come from Port's payload and a handler's output.
+            [
+                escape_control(run).into_owned(),
+                escape_control(&state.action).into_owned(),
+                state.event.to_string(),
+                status,
+                escape_control(&summary).into_owned(),
+            ]
+        })
+        .collect();
+    let header = ["ACTION RUN", "ACTION", "EVENT", "STATUS", "SUMMARY"];
+    format!(
+        "\n{}",
+        crate::text::table(header, [false, false, true, false, false], &rows)
+    )
 }
 
 /// What `check --event` shows for one body: the handler that would run and what would be
@@ -619,6 +622,22 @@ mod tests {
         assert!(
             table.contains(r"r_\x1b[2J\nforged row\u{202e}x"),
             "{table:?}"
+        );
+        // Regression (a new user's finding): an action named by a long `when` broke the
+        // columns; each is as wide as its widest cell now.
+        let long = RunState {
+            action: "when .port_context.runId != null".into(),
+            event: 8,
+            started_ms: 1,
+            run_phase: RunPhase::Running,
+            process: None,
+        };
+        let table = runs_table(&[("r_1".into(), long.clone()), ("r_22".into(), long)]);
+        let lines: Vec<&str> = table.lines().skip(1).collect();
+        let status = lines[0].find("STATUS");
+        assert!(
+            status.is_some() && lines[1..].iter().all(|l| l.find("running") == status),
+            "{table}"
         );
 
         let body =

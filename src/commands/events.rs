@@ -777,35 +777,7 @@ fn layout(cells: &[[String; 8]]) -> String {
     ];
     // Numbers read right-aligned; words left-aligned.
     const RIGHT: [bool; 8] = [true, true, false, true, false, false, false, false];
-    let mut widths = HEADER.map(|h| h.chars().count());
-    for row in cells {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let header = HEADER.map(String::from);
-    for row in std::iter::once(&header).chain(cells) {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i > 0 {
-                line.push_str("  ");
-            }
-            let pad = " ".repeat(widths[i] - cell.chars().count());
-            if RIGHT[i] {
-                line.push_str(&pad);
-                line.push_str(cell);
-            } else {
-                line.push_str(cell);
-                // The last column needs no trailing spaces.
-                if i + 1 < row.len() {
-                    line.push_str(&pad);
-                }
-            }
-        }
-        let _ = writeln!(out, "{line}");
-    }
-    out
+    crate::text::table(HEADER, RIGHT, cells)
 }
 
 /// The KIND cell: the event's kind, and `(recovered: github)` for an event catch-up recovered
