@@ -907,7 +907,10 @@ on_interrupt = "rerun"
         &setup.dir,
         "restart.sh",
         &format!(
-            "if [ -e {m} ]; then exit 0; fi; sleep 60 & echo \"$$ $!\" > {p}; touch {m}; wait",
+            // It writes on: once the relay is gone, a write kills the shell (a closed pipe),
+            // and only its child is left of the group.
+            "if [ -e {m} ]; then exit 0; fi; sleep 60 & echo \"$$ $!\" > {p}; touch {m}; \
+             while true; do echo tick; sleep 0.1; done",
             m = marker.display(),
             p = pids.display()
         ),
@@ -917,6 +920,20 @@ on_interrupt = "rerun"
     wait_until("the handler started", || marker.exists()).await;
     daemon.child.kill().await.unwrap();
     daemon.child.wait().await.unwrap();
+    // Gone, or a zombie nobody has reaped yet: either way no longer running.
+    let ended = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    let pids = std::fs::read_to_string(&pids).unwrap();
+    let (shell, child) = pids.trim().split_once(' ').unwrap();
+    wait_until("the handler's shell died writing to the dead relay", || {
+        ended(shell)
+    })
+    .await;
+    assert!(!ended(child), "its child runs on");
 
     let daemon = setup.start().await;
     setup.port.wait_finished(&["r_act01legacy"]).await;
@@ -924,21 +941,9 @@ on_interrupt = "rerun"
     let finish = &setup.port.finishes("r_act01legacy")[0];
     assert_eq!(finish["status"], "SUCCESS");
     // Regression (an adversary's finding): the first execution, and what it started, outlived
-    // the relay's kill -9 and ran on beside the rerun. The restart kills its process group.
-    let pids = std::fs::read_to_string(&pids).unwrap();
-    for pid in pids.split_whitespace() {
-        wait_until(
-            &format!("process {pid} of the first execution ended"),
-            || {
-                // Gone, or a zombie nobody has reaped yet: either way no longer running.
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
-                    stat.rsplit_once(')')
-                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-                })
-            },
-        )
-        .await;
-    }
+    // the relay's kill -9 and ran on beside the rerun. The restart kills its process group,
+    // also when its leader has died meanwhile (its next write, to the dead relay's pipe).
+    wait_until("the first execution's child ended", || ended(child)).await;
     daemon
         .logs
         .wait_for(&["WARN", "still running", "killed"])

@@ -459,12 +459,16 @@ impl HandlerProcess {
         Some(Self { pid, started })
     }
 
-    /// Kill its process group if it is still this process (the pid not reused); whether it was.
+    /// Kill its process group if any of it runs; whether something was signalled. The leader
+    /// may be gone with the group left (it died writing to the dead relay's pipe): Linux gives
+    /// no new process a pid that is still a group's id, so a group of that id is this one's,
+    /// unless its pid now belongs to another process (another start time), which leads a group
+    /// of its own: then nothing is signalled.
     pub fn kill_if_running(&self) -> bool {
-        if Self::of(self.pid) != Some(*self) {
+        if Self::of(self.pid).is_some_and(|now| now != *self) {
             return false;
         }
-        // SAFETY: kill(2) with a negative pid signals the process group the handler leads.
+        // SAFETY: kill(2) with a negative pid signals the process group the handler led.
         unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) == 0 }
     }
 }
