@@ -283,9 +283,14 @@ impl Pipeline {
             let legacy = state_key(&rule.name, &entity);
             let mut moved = false;
             if key != legacy && state == AlertState::default() {
-                // Stored before states were kept per blueprint: taken over, and moved.
+                // Stored before states were kept per blueprint: taken over, and moved, by an
+                // entity of the blueprint its alert names (any, if it names none).
                 let old = current(&legacy);
-                if old != AlertState::default() {
+                let of = old.fired.as_ref().or(old.draft.as_ref());
+                let ours = of
+                    .and_then(|alert| alert.blueprint.as_deref())
+                    .is_none_or(|blueprint| change.blueprint() == Some(blueprint));
+                if old != AlertState::default() && ours {
                     state = old;
                     states.insert(legacy, AlertState::default());
                     moved = true;
@@ -645,12 +650,24 @@ pub(crate) mod tests {
         );
         assert_eq!(evaluate(&mut states, "Cluster", 40), ["RESOLVED hot: Svc"]);
 
-        // A state stored before the fix, under the rule and identifier alone.
+        // A state stored before the fix, under the rule and identifier alone; the alert it
+        // fired names its blueprint, so only that blueprint's entity takes it over (another's
+        // fires and resolves on its own: a second adversary's finding).
+        let mut fired_alert = None;
+        evaluate(&mut states, "Service", 90);
+        for (key, state) in states.drain() {
+            if key.contains("Service") {
+                fired_alert = state.fired;
+            }
+        }
         let fired = AlertState {
             phase: Phase::Firing { since_ms: 1 },
+            fired: fired_alert,
             ..Default::default()
         };
         states.insert(state_key("hot", "svc"), fired);
+        assert_eq!(evaluate(&mut states, "Cluster", 95), ["FIRING hot: Svc"]);
+        assert!(states.contains_key(&state_key("hot", "svc")), "not taken");
         assert_eq!(
             evaluate(&mut states, "Service", 91),
             Vec::<String>::new(),
