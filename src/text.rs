@@ -29,6 +29,21 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// [`escape_control`] for each line of `text`: its line breaks stay, nothing else can drive the
+/// terminal (for output made of a sender's values, line by line).
+pub fn escape_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (line, end) = match line.strip_suffix('\n') {
+            Some(line) => (line, "\n"),
+            None => (line, ""),
+        };
+        out.push_str(&escape_control(line));
+        out.push_str(end);
+    }
+    out
+}
+
 /// `rows` under `header`, each column as wide as its widest cell (in characters), two spaces
 /// apart; a column marked in `right` is right-aligned (numbers), the others left-aligned, and
 /// the last column has no trailing spaces. Cells are shown as given: escape what a sender

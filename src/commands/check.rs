@@ -161,7 +161,7 @@ fn check_event(
             if config.channels.iter().any(|c| c.pipeline) {
                 said.push_str("the alert pipeline would ignore it (it is still forwarded)\n");
             }
-            return (said, 0);
+            return (crate::text::escape_lines(&said), 0);
         }
     };
     let _ = writeln!(
@@ -253,7 +253,8 @@ fn check_event(
             }
         }
     }
-    (out, failures)
+    // What Port's payload holds (titles, identifiers, values) goes to a terminal.
+    (crate::text::escape_lines(&out), failures)
 }
 
 #[cfg(test)]
@@ -266,6 +267,30 @@ mod tests {
 
     /// `check` said `ok (1 channels, 0 rules)` for a config with `[cluster]`: a wrong plural,
     /// and not a word about the cluster it checked (or that it did not contact NATS).
+    /// Regression (an adversary's finding): `check --event` printed an entity's identifier,
+    /// title, property names and values as Port's payload had them, terminal escapes and bidi
+    /// overrides included.
+    #[test]
+    fn regression_check_event_printed_a_payloads_escapes() {
+        let rules = config(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n[[rule]]\nname = \"hot\"\nproperty = \"cpu\\u001b\"\nabove = 80\n",
+        );
+        let body = serde_json::json!({
+            "action": "UPDATE",
+            "resourceType": "entity",
+            "context": {"blueprint": "B\u{202e}", "entity": "e\u{1b}[2J"},
+            "diff": {
+                "before": {"identifier": "e\u{1b}[2J", "properties": {"cpu\u{1b}": 1}},
+                "after": {"identifier": "e\u{1b}[2J", "title": "T\u{7}", "properties": {"cpu\u{1b}": 90}}
+            }
+        });
+        let jq = crate::pipeline::jq::JqEngine::here();
+        let (said, _) = check_event(&rules, &jq, body.to_string().as_bytes());
+        assert!(said.contains("would send"), "{said}");
+        assert!(!said.contains(['\u{1b}', '\u{7}', '\u{202e}']), "{said:?}");
+        assert!(said.lines().count() > 3, "line breaks stay: {said}");
+    }
+
     /// Regression (a new user's finding): `check --event` on an action run said each rule
     /// "does not watch this entity" (a rule without `blueprint` watches every entity: this is
     /// a run, not an entity change), and on a config with no pipeline that "the pipeline would
