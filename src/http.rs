@@ -294,6 +294,16 @@ pub enum TrustError {
     },
     #[error("{path} ({setting}) holds no PEM certificate")]
     Empty { setting: String, path: String },
+    /// A PEM block that is not a certificate TLS can use as a root.
+    #[error("{path} ({setting}): certificate {number} is not a valid CA certificate")]
+    Invalid {
+        setting: String,
+        path: String,
+        /// 1-based, in the file's order.
+        number: usize,
+        #[source]
+        source: rustls::Error,
+    },
 }
 
 /// A CA file's certificates (PEM, one or more); `setting` names where the path came from
@@ -321,6 +331,18 @@ pub fn read_ca_file(
             setting,
             path: shown,
         });
+    }
+    // As the verifier will read them: one it cannot use would fail every TLS connection later,
+    // blaming the server.
+    for (i, root) in roots.iter().enumerate() {
+        rustls::RootCertStore::empty()
+            .add(root.clone())
+            .map_err(|source| TrustError::Invalid {
+                setting: setting.clone(),
+                path: shown.clone(),
+                number: i + 1,
+                source,
+            })?;
     }
     Ok(roots)
 }

@@ -562,12 +562,25 @@ async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let not_pem = dir.path().join("ca.txt");
     std::fs::write(&not_pem, "not a certificate").unwrap();
+    // Regression (an adversary's finding): a PEM block that is no certificate was taken, and
+    // every TLS connection then failed blaming the server ("invalid peer certificate").
+    let (good, _, _) = support::certificate(dir.path(), "good");
+    let not_der = dir.path().join("broken.pem");
+    std::fs::write(
+        &not_der,
+        format!(
+            "{}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            std::fs::read_to_string(&good).unwrap()
+        ),
+    )
+    .unwrap();
     for (file, needle) in [
         (
             dir.path().join("missing.pem"),
             "(--cacert or SMEE_RELAY_CACERT)",
         ),
         (not_pem, "holds no PEM certificate"),
+        (not_der, "certificate 2 is not a valid CA certificate"),
     ] {
         let out = tokio::time::timeout(
             PATIENCE,
@@ -605,13 +618,8 @@ async fn insecure_is_loudly_warned_about() {
 async fn config_takes_ignore_events_cacert_and_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    // `check` reads the CA file: a PEM block (its DER is for TLS to judge, at the first use).
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(
-        &ca,
-        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
+    // `check` reads the CA file.
+    let (ca, _, _) = support::certificate(dir.path(), "config");
     std::fs::write(
         &config,
         format!(

@@ -417,11 +417,8 @@ async fn regression_a_bad_port_variable_or_ca_file_exits_2_naming_it() {
     }
     // Regression (a new user's finding): a relative `cacert` was looked for in the directory
     // the command ran in (`/` under systemd), not beside the config.
-    std::fs::write(
-        dir.path().join("ca.pem"),
-        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
+    let (ca, _, _) = support::certificate(dir.path(), "beside");
+    std::fs::rename(ca, dir.path().join("ca.pem")).unwrap();
     std::fs::write(
         &config,
         "cacert = \"ca.pem\"\n[[channel]]\nurl = \"https://smee.io/x\"\nforward = [\"http://127.0.0.1:9/\"]\n",

@@ -509,90 +509,6 @@ async fn sighup_does_not_kill_serve() {
     assert!(status.success(), "{status:?}");
 }
 
-/// A CA and a leaf for 127.0.0.1 signed by it, from the openssl tool: (CA cert, leaf cert,
-/// leaf key), PEM.
-fn certificate(
-    dir: &std::path::Path,
-    name: &str,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let file = |suffix: &str| dir.join(format!("{name}.{suffix}"));
-    let openssl = |args: &[&str]| {
-        let made = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (Debian package openssl) makes the test certificates");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-    };
-    let (ca, ca_key, csr, leaf, key) = (
-        format!("{name}-ca.crt"),
-        format!("{name}-ca.key"),
-        format!("{name}.csr"),
-        format!("{name}.crt"),
-        format!("{name}.key"),
-    );
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut args = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca,
-    ];
-    args.extend(ec);
-    openssl(&args);
-    let mut args = vec![
-        "req",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ];
-    args.extend(ec);
-    openssl(&args);
-    std::fs::write(
-        file("ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
-    )
-    .unwrap();
-    let ext = format!("{name}.ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-        "-out",
-        &leaf,
-    ]);
-    (dir.join(ca), dir.join(leaf), dir.join(key))
-}
-
 fn trusting(cert: &std::path::Path) -> reqwest::Client {
     let pem = std::fs::read(cert).unwrap();
     // reqwest's own TLS set-up, not the process's shared config: this client trusts the test CA.
@@ -607,8 +523,8 @@ fn trusting(cert: &std::path::Path) -> reqwest::Client {
 #[tokio::test]
 async fn tls_serves_https_and_a_reload_picks_up_a_new_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let (first_ca, first_cert, first_key) = certificate(dir.path(), "first");
-    let (second_ca, second_cert, second_key) = certificate(dir.path(), "second");
+    let (first_ca, first_cert, first_key) = support::certificate(dir.path(), "first");
+    let (second_ca, second_cert, second_key) = support::certificate(dir.path(), "second");
     let (cert, key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
     std::fs::copy(&first_cert, &cert).unwrap();
     std::fs::copy(&first_key, &key).unwrap();
@@ -668,7 +584,7 @@ async fn tls_serves_https_and_a_reload_picks_up_a_new_certificate() {
 #[tokio::test]
 async fn a_relay_trusting_cacert_relays_from_an_https_channel_reading_the_roots_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificate(dir.path(), "relay");
+    let (ca, cert, key) = support::certificate(dir.path(), "relay");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cancel = CancellationToken::new();

@@ -851,3 +851,91 @@ pub fn slack_header(request: &Received) -> String {
         .unwrap()
         .to_string()
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+/// A CA and a leaf for 127.0.0.1 signed by it, from the openssl tool: (CA cert, leaf cert,
+/// leaf key), PEM.
+pub fn certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let file = |suffix: &str| dir.join(format!("{name}.{suffix}"));
+    let openssl = |args: &[&str]| {
+        let made = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package openssl) makes the test certificates");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    };
+    let (ca, ca_key, csr, leaf, key) = (
+        format!("{name}-ca.crt"),
+        format!("{name}-ca.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.key"),
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ];
+    args.extend(ec);
+    openssl(&args);
+    let mut args = vec![
+        "req",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ];
+    args.extend(ec);
+    openssl(&args);
+    std::fs::write(
+        file("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    let ext = format!("{name}.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+        "-out",
+        &leaf,
+    ]);
+    (dir.join(ca), dir.join(leaf), dir.join(key))
+}
