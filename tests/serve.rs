@@ -417,6 +417,12 @@ async fn regression_a_resume_after_an_id_from_elsewhere_still_gets_the_events() 
     let seen = reading.await.unwrap();
     assert!(seen.contains("[1]"), "{seen}");
     assert!(seen.contains("event: gap"), "{seen}");
+    // Digits past u64 (an adversary's finding: taken for no id, live events only).
+    let seen = resume(&channel, "18446744073709551616", "[2]").await;
+    assert!(
+        seen.contains("[1]") && seen.contains("event: gap"),
+        "{seen}"
+    );
 }
 
 /// What a subscriber resuming after `last_event_id` reads of `channel`, until `until`.

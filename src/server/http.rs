@@ -472,7 +472,12 @@ async fn subscribe(
             || query.get("raw").is_some_and(|v| v == "1"));
     let replay_all = query.get("replay").is_some_and(|v| v == "all");
     let sent_id = text(&headers, "last-event-id").filter(|v| !v.trim().is_empty());
-    let last_seen: Option<u64> = sent_id.and_then(|v| v.trim().parse().ok());
+    // Digits past u64 are an id from elsewhere too (above any of ours): told as such.
+    let last_seen: Option<u64> = sent_id.map(str::trim).and_then(|v| {
+        v.parse()
+            .ok()
+            .or_else(|| v.bytes().all(|b| b.is_ascii_digit()).then_some(u64::MAX))
+    });
     if let Some(sent) = sent_id.filter(|_| last_seen.is_none()) {
         tracing::warn!(
             channel = %crate::url::redact(&name),

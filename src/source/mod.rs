@@ -526,12 +526,26 @@ impl Source {
             // `smee-relay serve` says so when it evicted events this relay had not taken.
             "gap" => {
                 self.status.bad_frame("gap");
-                warn!(
-                    channel = %self.config.channel,
-                    "the channel server no longer had events posted since this relay last took \
-                     one ({}): they are lost; raise its --max-events, --retain or --max-memory",
-                    frame.data.chars().take(200).collect::<String>()
-                );
+                // `upto: 0`: the server never handed out the id this relay resumed after
+                // (another server's, or from a stream since reset); it replays all it keeps.
+                let unknown = serde_json::from_str::<serde_json::Value>(&frame.data)
+                    .is_ok_and(|gap| gap["upto"] == 0);
+                let shown = frame.data.chars().take(200).collect::<String>();
+                if unknown {
+                    warn!(
+                        channel = %self.config.channel,
+                        "the channel server does not know the event this relay last took ({shown}): \
+                         another server's, or its stream was reset; it sends every event it \
+                         keeps, and events posted before those are lost"
+                    );
+                } else {
+                    warn!(
+                        channel = %self.config.channel,
+                        "the channel server no longer had events posted since this relay last \
+                         took one ({shown}): they are lost; raise its --max-events, --retain or \
+                         --max-memory"
+                    );
+                }
             }
             "message" => {
                 let data = frame.data;
@@ -868,6 +882,25 @@ mod tests {
         assert_eq!(status.bad_frames.load(Ordering::Relaxed), 0);
         let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
         assert!(logs.is_empty(), "{logs}");
+    }
+
+    /// Regression (an adversary's finding): a gap for an id the server never handed out (the
+    /// relay came from another server) advised raising the server's --max-events, which
+    /// changes nothing there.
+    #[tokio::test]
+    async fn regression_a_gap_for_an_unknown_id_says_so() {
+        let (logs, _guard) = crate::test_logs::capture();
+        let stream = [
+            b"event: gap\ndata: {\"after\":99,\"upto\":0}\n\n".as_slice(),
+            b"event: gap\ndata: {\"after\":1,\"upto\":5}\n\n",
+            webhook("end", 0).as_bytes(),
+        ]
+        .concat();
+        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
+        events_until(source, "end").await;
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert_eq!(logs.matches("raise its --max-events").count(), 1, "{logs}");
+        assert!(logs.contains("does not know the event"), "{logs}");
     }
 
     /// Bug: an event of a type the relay does not know was skipped with a debug line only, so
