@@ -24,7 +24,10 @@ async fn start_server_task(
     let task = tokio::spawn({
         let cancel = cancel.clone();
         async move {
-            let _ = serve(listener, config, cancel).await;
+            // A server that cannot start says why (its listener, dropped, resets connections).
+            if let Err(e) = serve(listener, config, cancel).await {
+                panic!("serve failed: {e}");
+            }
         }
     });
     (format!("http://{addr}"), cancel, task)

@@ -206,7 +206,7 @@ pub async fn serve_with_reload(
         stop.clone(),
         cluster.clone(),
     ));
-    tokio::spawn(hub::sweeper(hub.clone(), Duration::from_secs(1)));
+    let sweeper = tokio::spawn(hub::sweeper(hub.clone(), Duration::from_secs(1)));
     if let Some(cluster) = cluster {
         tokio::spawn(nats::feed(cluster, hub.clone()));
     }
@@ -296,6 +296,9 @@ pub async fn serve_with_reload(
     // Evictions since the last sweep leave the disk too (and are noted, for the gaps a
     // restarted server tells): else the next start would restore them as kept.
     hub.sweep().await;
+    // The sweeper holds the hub, and so the store's file: returned, the server has let go of
+    // it (a server started again at once on the same --state-dir found it still open).
+    let _ = sweeper.await;
     Ok(())
 }
 
