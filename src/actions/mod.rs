@@ -447,30 +447,42 @@ pub struct HandlerProcess {
 impl HandlerProcess {
     /// The process `pid`, if it runs (not a zombie).
     pub fn of(pid: u32) -> Option<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // After the command name (in parentheses, which may hold anything): state, then
-        // fields 4 onwards; the start time is field 22.
-        let (_, rest) = stat.rsplit_once(')')?;
-        let mut fields = rest.split_whitespace();
-        if fields.next()? == "Z" {
-            return None;
+        match stat(pid)? {
+            (_, true) => None,
+            (started, false) => Some(Self { pid, started }),
         }
-        let started = fields.nth(18)?.parse().ok()?;
-        Some(Self { pid, started })
     }
 
-    /// Kill its process group if any of it runs; whether something was signalled. The leader
-    /// may be gone with the group left (it died writing to the dead relay's pipe): Linux gives
-    /// no new process a pid that is still a group's id, so a group of that id is this one's,
-    /// unless its pid now belongs to another process (another start time), which leads a group
-    /// of its own: then nothing is signalled.
+    /// Kill its process group if any of it may run; whether something was signalled.
     pub fn kill_if_running(&self) -> bool {
-        if Self::of(self.pid).is_some_and(|now| now != *self) {
+        if !self.may_be_ours(stat(self.pid)) {
             return false;
         }
         // SAFETY: kill(2) with a negative pid signals the process group the handler led.
         unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) == 0 }
     }
+
+    /// Whether a process group with this pid's id can be this handler's, given what
+    /// `/proc/<pid>/stat` holds now (start time, zombie). The leader may be gone with its
+    /// group left (it died writing to the dead relay's pipe): Linux gives no new process a
+    /// pid that is still a group's id, so that group is this one. A process with the pid and
+    /// another start time, running or a zombie, is someone else's, and so is its group.
+    fn may_be_ours(&self, now: Option<(u64, bool)>) -> bool {
+        now.is_none_or(|(started, _)| started == self.started)
+    }
+}
+
+/// A process's start time (clock ticks after boot, field 22 of `/proc/<pid>/stat`) and
+/// whether it is a zombie; `None` if there is no such process.
+fn stat(pid: u32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold anything): state, then fields 4
+    // onwards; the start time is field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let zombie = fields.next()? == "Z";
+    let started = fields.nth(18)?.parse().ok()?;
+    Some((started, zombie))
 }
 
 /// Executing, or done with its terminal status queued for Port.
@@ -596,6 +608,27 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (an adversary's finding): a restart killed the process group of whatever
+    /// process reused a gone handler's pid, if that process was a zombie by then (a zombie was
+    /// taken for "no process", and no start time was compared).
+    #[test]
+    fn regression_a_zombie_that_reused_the_pid_is_not_the_handler() {
+        let handler = HandlerProcess {
+            pid: 4242,
+            started: 100,
+        };
+        assert!(handler.may_be_ours(None), "gone: its group may be left");
+        assert!(handler.may_be_ours(Some((100, false))), "it runs");
+        assert!(handler.may_be_ours(Some((100, true))), "its zombie");
+        assert!(!handler.may_be_ours(Some((200, false))), "another process");
+        assert!(
+            !handler.may_be_ours(Some((200, true))),
+            "another process's zombie"
+        );
+        let me = HandlerProcess::of(std::process::id()).unwrap();
+        assert_eq!(stat(me.pid), Some((me.started, false)));
+    }
 
     /// Regression (an adversary's finding): `events list` printed a run id as Port's payload
     /// had it, control characters and bidi overrides included, driving the terminal of whoever
