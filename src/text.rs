@@ -10,7 +10,18 @@ use std::fmt::Write as _;
 pub fn escape_control(text: &str) -> Cow<'_, str> {
     fn hostile(c: char) -> bool {
         c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(
+                c,
+                // Line and paragraph separators; bidi embeddings, overrides and isolates; bidi
+                // and zero-width marks, joiners and invisible operators, which can reorder or
+                // hide what is shown.
+                '\u{061c}'
+                    | '\u{200b}'..='\u{200f}'
+                    | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'..='\u{2064}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{feff}'
+            )
     }
     if !text.chars().any(hostile) {
         return Cow::Borrowed(text);
@@ -93,6 +104,12 @@ mod tests {
         assert_eq!(
             escape_control("a\u{1b}[31mred\u{7}\r\nfake line\u{9b}\u{202e}"),
             "a\\x1b[31mred\\x07\\r\\nfake line\\u{9b}\\u{202e}"
+        );
+        // Regression (an adversary's finding): bidi marks and zero-width characters were
+        // shown as they were.
+        assert_eq!(
+            escape_control("a\u{200f}b\u{61c}c\u{200b}d\u{feff}e\u{2060}"),
+            "a\\u{200f}b\\u{61c}c\\u{200b}d\\u{feff}e\\u{2060}"
         );
     }
 }

@@ -232,7 +232,8 @@ impl FromStr for ChannelUrl {
         if url
             .path_segments()
             .and_then(|mut s| s.rfind(|s| !s.is_empty()))
-            == Some("new")
+            // Any case: Express (smee.io's older server) routes `/NEW` to `/new` too.
+            .is_some_and(|last| last.eq_ignore_ascii_case("new"))
         {
             return Err(UrlError::NewPage);
         }

@@ -314,10 +314,11 @@ async fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
 
 #[tokio::test]
 async fn bad_arguments_exit_2_naming_the_argument_and_the_problem() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         // Regression (a new user's finding): a server's /new was taken for a channel, and made
         // a new one (that nobody posts to) at each connection.
         (&["forward", "https://smee.io/new"], "smee-relay new"),
+        (&["forward", "https://smee.io/NEW/"], "smee-relay new"),
         // Regression (same): a channel without a scheme was told of a target's example.
         (&["forward", "smee.io/AbCd1234"], "such as https://smee.io/"),
         (&["forward", "not a url"], "CHANNEL_URL"),
