@@ -439,6 +439,22 @@ api_url = "{api}"
         Daemon { child, logs }
     }
 
+    /// `smee-relay check --config` on this setup's config with `args`, which must pass: its
+    /// stdout.
+    async fn check(&self, args: &[&str]) -> String {
+        let out = smee_relay()
+            .args(["check", "--config"])
+            .arg(&self.config)
+            .args(args)
+            .env("TEST_PORT_SECRET", SECRET)
+            .env("TEST_PORT_CLIENT_ID", CLIENT_ID)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn send(&self, id: u64, fixture_name: &str) {
         self.channel
             .send_webhook(id, &signed_frame(&fixture(fixture_name), SECRET));
@@ -630,23 +646,13 @@ async fn the_four_fixtures_each_run_their_handler_once_and_report_logs_and_one_s
 async fn check_event_shows_the_handler_and_what_would_be_reported() {
     let setup = Setup::new(ALL_FOUR).await;
     let fixtures = format!("{}/tests/fixtures/port/actions", env!("CARGO_MANIFEST_DIR"));
+    let setup = &setup;
     let check = |file: &str| {
-        let mut command = smee_relay();
-        command
-            .args(["check", "--config"])
-            .arg(&setup.config)
-            .arg("--event")
-            .arg(match file.starts_with('/') {
-                true => file.to_string(),
-                false => format!("{fixtures}/{file}.json"),
-            })
-            .env("TEST_PORT_SECRET", SECRET)
-            .env("TEST_PORT_CLIENT_ID", CLIENT_ID);
-        async move {
-            let out = command.output().await.unwrap();
-            assert!(out.status.success(), "{out:?}");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
+        let event = match file.starts_with('/') {
+            true => file.to_string(),
+            false => format!("{fixtures}/{file}.json"),
+        };
+        async move { setup.check(&["--event", &event]).await }
     };
     let out = check("01-legacy-run-message").await;
     assert!(
@@ -701,16 +707,7 @@ command = ["no-such-program-anywhere", "--flag"]
     )
     .await;
     std::fs::write(setup.dir.join("not-executable.sh"), "#!/bin/sh\n").unwrap();
-    let out = smee_relay()
-        .args(["check", "--config"])
-        .arg(&setup.config)
-        .env("TEST_PORT_SECRET", SECRET)
-        .env("TEST_PORT_CLIENT_ID", CLIENT_ID)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{out:?}");
+    let stdout = setup.check(&[]).await;
     for (action, problem) in [
         ("restart_deployment", "missing.sh: no such file"),
         ("scaffold_service", "not-executable.sh: not executable"),

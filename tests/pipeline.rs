@@ -40,6 +40,23 @@ fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     )
 }
 
+/// The time now as Port stamps a signature: seconds since the epoch.
+fn now_secs() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string()
+}
+
+/// The headers of a body signed at `timestamp` with `signature`.
+fn signed<'a>(timestamp: &'a str, signature: &'a str) -> [(&'static str, &'a str); 2] {
+    [
+        ("x-port-timestamp", timestamp),
+        ("x-port-signature", signature),
+    ]
+}
+
 fn write_config(dir: &Path, channel: &str, extra: &str) -> PathBuf {
     let path = dir.join("config.toml");
     let rules = include_str!("fixtures/port/rules.toml");
@@ -220,11 +237,7 @@ async fn the_slack_message_carries_what_people_need() {
 async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence() {
     let (channel, mut slack, daemon) =
         setup("[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n").await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
+    let now = now_secs();
     let huge =
         fixture("automation", "02-cpu-25-to-87").replace("\"cpuUtil\":87", "\"cpuUtil\":1e309");
     let deep = format!(
@@ -234,11 +247,7 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
     );
     for (id, body) in [(1, &huge), (2, &deep)] {
         let signature = sign("test-secret", &now, body);
-        let headers = [
-            ("x-port-timestamp", now.as_str()),
-            ("x-port-signature", signature.as_str()),
-        ];
-        channel.send_webhook(id, &frame(body, &headers));
+        channel.send_webhook(id, &frame(body, &signed(&now, &signature)));
     }
     daemon
         .logs
@@ -256,20 +265,13 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
 async fn signed_events_pass_and_a_tampered_one_is_rejected() {
     let (channel, mut slack, daemon) =
         setup("[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n").await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
+    let now = now_secs();
 
     // Tampered: signed, then the cpu value changed. Rejected, so no FIRING.
     let body = fixture("automation", "02-cpu-25-to-87");
     let signature = sign("test-secret", &now, &body);
     let tampered = body.replace("\"cpuUtil\":87", "\"cpuUtil\":99");
-    let headers = [
-        ("x-port-timestamp", now.as_str()),
-        ("x-port-signature", signature.as_str()),
-    ];
+    let headers = signed(&now, &signature);
     channel.send_webhook(1, &frame(&tampered, &headers));
     daemon.logs.wait_for(&["rejected", "does not match"]).await;
     // Unsigned: rejected too.

@@ -458,8 +458,7 @@ impl HandlerProcess {
         if !self.may_be_ours(stat(self.pid)) {
             return false;
         }
-        // SAFETY: kill(2) with a negative pid signals the process group the handler led.
-        unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) == 0 }
+        kill_group(self.pid)
     }
 
     /// Whether a process group with this pid's id can be this handler's, given what
@@ -470,6 +469,13 @@ impl HandlerProcess {
     fn may_be_ours(&self, now: Option<(u64, bool)>) -> bool {
         now.is_none_or(|(started, _)| started == self.started)
     }
+}
+
+/// SIGKILL the process group `pid` leads (a handler and whatever it started); whether a
+/// process was signalled.
+pub fn kill_group(pid: u32) -> bool {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) == 0 }
 }
 
 /// A process's start time (clock ticks after boot, field 22 of `/proc/<pid>/stat`) and

@@ -738,10 +738,7 @@ async fn run_command(
     drop(lines_tx);
     let kill_group = || {
         if let Some(pid) = pid {
-            // SAFETY: kill(2) with a negative pid signals the process group we created.
-            unsafe {
-                libc::kill(-(pid as i32), libc::SIGKILL);
-            }
+            super::kill_group(pid);
         }
     };
     let mut said = Said::default();

@@ -822,6 +822,19 @@ mod tests {
             .collect()
     }
 
+    /// Relay `frames` (then an `end` webhook) on one connection: the events that arrived, the
+    /// bad frames counted, and what was logged at WARN and above.
+    async fn relay_logged(frames: &[&[u8]]) -> (Vec<Event>, u64, String) {
+        let (logs, _guard) = crate::test_logs::capture();
+        let end = webhook("end", 0);
+        let stream = [frames, &[end.as_bytes()]].concat().concat();
+        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
+        let status = source.status();
+        let events = events_until(source, "end").await;
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        (events, status.bad_frames.load(Ordering::Relaxed), logs)
+    }
+
     /// `smee_relay_reconnects_total` ("connections lost") counted each failed attempt of a
     /// channel that never connected.
     #[tokio::test(start_paused = true)]
@@ -865,22 +878,17 @@ mod tests {
     /// legal frame that dispatches nothing.
     #[tokio::test]
     async fn regression_a_frame_of_ignored_fields_is_not_a_bad_frame() {
-        let (logs, _guard) = crate::test_logs::capture();
-        let stream = [
-            b"retry: 99999999999999999999999\n\n".as_slice(),
+        let one = webhook("1", 1);
+        let (events, bad_frames, logs) = relay_logged(&[
+            b"retry: 99999999999999999999999\n\n",
             b"retry: soon\n\n",
             b"unknown: field\n\n",
             b"event:\n\n",
-            webhook("1", 1).as_bytes(),
-            webhook("end", 0).as_bytes(),
-        ]
-        .concat();
-        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
-        let status = source.status();
-        let events = events_until(source, "end").await;
+            one.as_bytes(),
+        ])
+        .await;
         assert_eq!(bodies(&events), [r#"{"n":1}"#]);
-        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 0);
-        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert_eq!(bad_frames, 0);
         assert!(logs.is_empty(), "{logs}");
     }
 
@@ -889,16 +897,11 @@ mod tests {
     /// changes nothing there.
     #[tokio::test]
     async fn regression_a_gap_for_an_unknown_id_says_so() {
-        let (logs, _guard) = crate::test_logs::capture();
-        let stream = [
-            b"event: gap\ndata: {\"after\":99,\"upto\":0}\n\n".as_slice(),
+        let (_, _, logs) = relay_logged(&[
+            b"event: gap\ndata: {\"after\":99,\"upto\":0}\n\n",
             b"event: gap\ndata: {\"after\":1,\"upto\":5}\n\n",
-            webhook("end", 0).as_bytes(),
-        ]
-        .concat();
-        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
-        events_until(source, "end").await;
-        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        ])
+        .await;
         assert_eq!(logs.matches("raise its --max-events").count(), 1, "{logs}");
         assert!(logs.contains("does not know the event"), "{logs}");
     }
@@ -908,21 +911,16 @@ mod tests {
     /// type, and counted with the skipped frames.
     #[tokio::test]
     async fn events_of_an_unknown_type_are_warned_once_per_type_and_counted() {
-        let (logs, _guard) = crate::test_logs::capture();
-        let stream = [
-            webhook("1", 1).as_bytes(),
+        let one = webhook("1", 1);
+        let (events, bad_frames, logs) = relay_logged(&[
+            one.as_bytes(),
             b"event: webhook2\nid: 2\ndata: {\"body\":{\"n\":2}}\n\n",
             b"event: webhook2\nid: 3\ndata: {\"body\":{\"n\":3}}\n\n",
             b"event: other\nid: 4\ndata: {}\n\n",
-            webhook("end", 0).as_bytes(),
-        ]
-        .concat();
-        let source = source_with(vec![chunks(&[&stream])], DEFAULT_MAX_FRAME);
-        let status = source.status();
-        let events = events_until(source, "end").await;
+        ])
+        .await;
         assert_eq!(bodies(&events), [r#"{"n":1}"#]);
-        assert_eq!(status.bad_frames.load(Ordering::Relaxed), 3);
-        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert_eq!(bad_frames, 3);
         assert_eq!(
             logs.matches("skipping events of unknown type \"webhook2\"")
                 .count(),
