@@ -1208,6 +1208,56 @@ echo '::port:: {"entity": {"blueprint": "Refused", "identifier": "nope"}}'"#,
 }
 
 #[tokio::test]
+async fn regression_a_runaway_handlers_output_is_capped_and_its_directives_still_count() {
+    let setup = Setup::new(ALL_FOUR).await;
+    // 10 MiB of output in lines of 1 KiB (newline included), then a directive.
+    handler(
+        &setup.dir,
+        "restart.sh",
+        r#"head -c 10485760 /dev/zero | tr '\0' x | fold -w 1023; echo
+echo '::port:: {"summary": "made it"}'"#,
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let logs = setup.port.logs("r_act01legacy");
+    // The handler template's two lines come first, then 10,251 lines of x (the last short).
+    let taken: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.starts_with("run r_act01") || l.starts_with("to stderr") || l.starts_with('x')
+        })
+        .collect();
+    let taken_bytes: usize = taken.iter().map(|l| l.len() + 1).sum();
+    assert!(
+        taken_bytes <= 8 << 20 && taken_bytes > (8 << 20) - 1024,
+        "8 MiB of output taken, not {taken_bytes} bytes"
+    );
+    let note = logs
+        .lines()
+        .find(|l| l.contains("more output lines"))
+        .unwrap_or_else(|| panic!("no note: {}", &logs[logs.len().saturating_sub(500)..]));
+    let left: usize = note
+        .trim_start_matches("smee-relay: ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{note}"));
+    assert_eq!(
+        taken.len() + left,
+        2 + 10_251,
+        "every output line taken or counted: {note}"
+    );
+    assert!(
+        note.ends_with("not sent: a run's log is capped at 8 MiB"),
+        "{note}"
+    );
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "SUCCESS");
+    assert_eq!(finish["summary"], "made it", "{finish}");
+}
+
+#[tokio::test]
 async fn a_forward_handler_is_retried_on_5xx_then_fails_at_the_retry_age() {
     let mut target = support::FakeTarget::start().await;
     let setup = Setup::new(&format!(

@@ -53,6 +53,9 @@ pub struct Actions {
 const LOG_BATCH: usize = 128 << 10;
 /// A longer output line is cut here.
 const MAX_LINE: usize = 16 << 10;
+/// A handler's output past this much is not sent: a runaway handler would otherwise fill the
+/// spool and Port's log view. The relay's own notes still go through.
+const MAX_RUN_OUTPUT: usize = 8 << 20;
 /// Log lines are sent at most this often per run (Port rate-limits its API).
 const LOG_PACE: Duration = Duration::from_secs(1);
 /// After a command exits, how long its output may still be read (a background child may keep
@@ -485,6 +488,10 @@ struct LogBatch {
     run: String,
     text: String,
     last_sent: tokio::time::Instant,
+    /// Bytes of handler output taken so far, against [`MAX_RUN_OUTPUT`].
+    output: usize,
+    /// Handler output lines and bytes left out past [`MAX_RUN_OUTPUT`].
+    left_out: (u64, usize),
 }
 
 impl LogBatch {
@@ -494,6 +501,34 @@ impl LogBatch {
             run,
             text: String::new(),
             last_sent: tokio::time::Instant::now() - LOG_PACE,
+            output: 0,
+            left_out: (0, 0),
+        }
+    }
+
+    /// A line of the handler's own output: taken up to [`MAX_RUN_OUTPUT`], counted after.
+    async fn output(&mut self, line: &str) {
+        self.output += line.len() + 1;
+        if self.output > MAX_RUN_OUTPUT {
+            if self.left_out.0 == 0 {
+                warn!(run = %self.run, "the handler's output passed {} MiB: the rest is not sent to Port", MAX_RUN_OUTPUT >> 20);
+            }
+            self.left_out.0 += 1;
+            self.left_out.1 += line.len() + 1;
+            return;
+        }
+        self.line(line).await;
+    }
+
+    /// Say how much output was left out, if any (once the handler is done).
+    async fn close(&mut self) {
+        let (lines, bytes) = std::mem::take(&mut self.left_out);
+        if lines > 0 {
+            self.line(&format!(
+                "smee-relay: {lines} more output lines ({bytes} bytes) not sent: a run's log is capped at {} MiB",
+                MAX_RUN_OUTPUT >> 20
+            ))
+            .await;
         }
     }
 
@@ -618,6 +653,7 @@ async fn execute(x: Execution) {
         Handler::Command(argv) => run_command(&x, argv, &mut logs).await,
         Handler::Forward { url, report } => run_forward(&x, url, report, &mut logs).await,
     };
+    logs.close().await;
     let Some((status, summary, mut finish)) = outcome else {
         // Stopped: the run stays "running" for on_interrupt at the next start.
         logs.send().await;
@@ -754,9 +790,9 @@ async fn run_command(
         tokio::select! {
             line = lines.recv(), if output_open => match line {
                 Some(line) => match said.apply(&line, &x.run.run_id) {
-                    None => logs.line(&line).await,
+                    None => logs.output(&line).await,
                     Some(Err(problem)) => {
-                        logs.line(&line).await;
+                        logs.output(&line).await;
                         logs.line(&format!("smee-relay: {problem}")).await;
                     }
                     Some(Ok(Some(entity))) => {
