@@ -926,6 +926,7 @@ mod tests {
         failed.count(&ForwardError::Status {
             status: reqwest::StatusCode::BAD_REQUEST,
             retry_after: None,
+            location: None,
             body: String::new(),
         });
         assert_eq!(failed.total(), 3);

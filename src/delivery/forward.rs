@@ -42,11 +42,15 @@ pub struct Delivered {
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     /// The target answered, but not with 2xx.
-    #[error("target answered {status}{}", preview_suffix(.body))]
+    #[error("target answered {status}{}{}", moved_suffix(.location), preview_suffix(.body))]
     Status {
         status: StatusCode,
         /// How long `Retry-After` asked us to wait, if it did.
         retry_after: Option<Duration>,
+        /// Where a 3xx answer points (a password in it shown as `***`): a redirect is not
+        /// followed (the event would be posted somewhere the config never named), so the
+        /// message says where to point the target instead.
+        location: Option<String>,
         /// The start of the response body, for the log.
         body: String,
     },
@@ -60,6 +64,15 @@ pub enum ForwardError {
     /// request line may be): no later attempt can send it either.
     #[error("cannot send this event to the target: {0}")]
     Request(String),
+}
+
+fn moved_suffix(location: &Option<String>) -> String {
+    match location {
+        Some(location) => format!(
+            " to {location} (redirects are not followed: if that is the target, configure it)"
+        ),
+        None => String::new(),
+    }
 }
 
 fn preview_suffix(body: &str) -> String {
@@ -138,6 +151,8 @@ struct Plain {
 struct Answer {
     status: StatusCode,
     retry_after: Option<Duration>,
+    /// `Location` of a 3xx answer, for the error.
+    location: Option<String>,
     body: Bytes,
 }
 
@@ -228,6 +243,7 @@ impl Forwarder {
         Err(ForwardError::Status {
             status: answer.status,
             retry_after: answer.retry_after,
+            location: answer.location,
             body: String::from_utf8_lossy(body).trim().to_string(),
         })
     }
@@ -290,6 +306,7 @@ async fn post_plain(
     Ok(Answer {
         status: parts.status,
         retry_after: retry_after(&parts.headers),
+        location: location(parts.status, &parts.headers),
         body: answer_kept(body).await,
     })
 }
@@ -332,12 +349,24 @@ async fn post_tls(
     let response = client.post(url).headers(headers).body(body).send().await?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
+    let location = location(status, response.headers());
     let body = answer_kept(http::Response::from(response).into_body()).await;
     Ok(Answer {
         status,
         retry_after,
+        location,
         body,
     })
+}
+
+/// Where a redirect points, escaped and with any password hidden, for the error message.
+fn location(status: StatusCode, headers: &HeaderMap) -> Option<String> {
+    if !status.is_redirection() {
+        return None;
+    }
+    let value = headers.get(http::header::LOCATION)?;
+    let text = String::from_utf8_lossy(value.as_bytes());
+    Some(crate::text::escape_control(&crate::url::shown_text(&text, false)).into_owned())
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -410,6 +439,35 @@ mod tests {
 
     fn forwarder(url: &str, timeout: Duration) -> Forwarder {
         Forwarder::new(url.parse().unwrap(), timeout).unwrap()
+    }
+
+    /// A target that moved answered 301 and the dead letter did not say where to.
+    #[tokio::test]
+    async fn regression_a_redirect_names_its_location_with_the_password_hidden() {
+        let app = Router::new().route(
+            "/hook",
+            post(|| async {
+                (
+                    http::StatusCode::MOVED_PERMANENTLY,
+                    [("location", "http://bob:hunter2@127.0.0.1:1/new-hook")],
+                    "",
+                )
+            }),
+        );
+        let port = serve(app).await;
+        let error = forwarder(
+            &format!("http://127.0.0.1:{port}/hook"),
+            Duration::from_secs(5),
+        )
+        .deliver(&event(&[]), &[])
+        .await
+        .unwrap_err();
+        assert!(!error.is_retryable());
+        assert_eq!(
+            error.to_string(),
+            "target answered 301 Moved Permanently to http://bob:***@127.0.0.1:1/new-hook \
+             (redirects are not followed: if that is the target, configure it)"
+        );
     }
 
     #[tokio::test]

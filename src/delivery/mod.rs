@@ -646,6 +646,7 @@ mod tests {
         Err(ForwardError::Status {
             status: StatusCode::from_u16(code).unwrap(),
             retry_after: retry_after.map(Duration::from_secs),
+            location: None,
             body: String::new(),
         })
     }

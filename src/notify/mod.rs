@@ -95,6 +95,7 @@ fn from_outbox<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&event.event.body).map_err(|e| ForwardError::Status {
         status: StatusCode::UNPROCESSABLE_ENTITY,
         retry_after: None,
+        location: None,
         body: format!("not {what}: {e}"),
     })
 }

@@ -116,6 +116,7 @@ impl PortClient {
                 status => ForwardError::Status {
                     status: answer.status,
                     retry_after: answer.retry_after,
+                    location: None,
                     body: format!(
                         "from the token endpoint (its answer is not shown: it may echo the \
                          credentials){}",
@@ -222,6 +223,7 @@ pub fn status_error(answer: Answer) -> ForwardError {
     ForwardError::Status {
         status: answer.status,
         retry_after: answer.retry_after,
+        location: None,
         body: preview(&answer.body),
     }
 }

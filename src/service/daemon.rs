@@ -595,6 +595,7 @@ impl Sink for Publish {
                         delivery::forward::ForwardError::Status {
                             status: reqwest::StatusCode::PAYLOAD_TOO_LARGE,
                             retry_after: None,
+                            location: None,
                             body: format!(
                                 "NATS cannot take event {} ({} bytes{}): {e}",
                                 event.id,
