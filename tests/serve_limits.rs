@@ -407,6 +407,18 @@ async fn bad_input_gets_json_errors_and_odd_headers_are_counted() {
     )
     .await;
     assert_eq!(status, 405);
+    // A webhook posted to /new (a sender's URL copied from the wrong place) was told that
+    // channels take POST.
+    let (status, reason) =
+        error_of(post(&format!("{}/new", server.url), b"{}".to_vec()).await).await;
+    assert_eq!(status, 405);
+    assert_eq!(
+        reason,
+        "/new takes GET (it redirects to a fresh channel); post webhooks to a channel's URL, /CHANNEL"
+    );
+    let (status, reason) =
+        error_of(post(&format!("{}/healthz", server.url), b"{}".to_vec()).await).await;
+    assert_eq!((status, reason.as_str()), (405, "/healthz takes GET"));
 
     let mut subscriber = raw_subscriber(&server, "/odd", None).await;
     read_until(&mut subscriber, "event: ready").await;

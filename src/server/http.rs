@@ -49,11 +49,17 @@ async fn not_found() -> Response {
     )
 }
 
-async fn method_not_allowed() -> Response {
-    json_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "channels take GET (subscribe, or the page in a browser) and POST (a webhook)",
-    )
+/// A method a route does not take: the answer says what the route is for.
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    let reason = match uri.path() {
+        "/new" => {
+            "/new takes GET (it redirects to a fresh channel); post webhooks to a channel's URL, /CHANNEL"
+        }
+        "/metrics" => "/metrics takes GET",
+        "/healthz" => "/healthz takes GET",
+        _ => "channels take GET (subscribe, or the page in a browser) and POST (a webhook)",
+    };
+    json_error(StatusCode::METHOD_NOT_ALLOWED, reason)
 }
 
 fn valid_name(name: &str) -> bool {
