@@ -220,6 +220,21 @@ async fn regression_https_to_a_plain_http_server_says_so() {
         .await;
 }
 
+/// Regression (an adversary's finding): a redirect loop logged a WARN for each of its ten
+/// hops, on every connection attempt.
+#[tokio::test]
+async fn regression_a_redirect_loop_warns_once_per_attempt() {
+    let channel = FakeChannel::start().await;
+    channel.redirect("Ping", 302, "/Pong");
+    channel.redirect("Pong", 302, "/Ping");
+    let (_child, logs) = spawn_forward(&[&channel.url("Ping"), "http://127.0.0.1:9/"]).await;
+    logs.wait_for(&["more than 10 redirects"]).await;
+    let all = logs.all();
+    let hops = all.matches("the channel URL redirects").count();
+    let attempts = all.matches("more than 10 redirects").count();
+    assert_eq!(hops, attempts, "one WARN per attempt:\n{all}");
+}
+
 #[tokio::test]
 async fn bad_frames_are_logged_with_their_id_and_skipped() {
     let channel = FakeChannel::start().await;

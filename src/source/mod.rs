@@ -141,6 +141,11 @@ fn follow_redirects() -> reqwest::redirect::Policy {
         }
         let to = (attempt.url().as_str().parse::<ChannelUrl>())
             .map_or_else(|e| e.to_string(), |url| url.to_string());
+        if attempt.previous().len() > 1 {
+            // The first hop was said; a loop would say it ten times per connection attempt.
+            debug!("... and on ({}) to {to}", attempt.status());
+            return attempt.follow();
+        }
         warn!(
             "the channel URL redirects ({}) to {to}; following it (a token is sent only to the \
              same scheme, host and port); use the new URL instead (`curl -sI` on the old one \
