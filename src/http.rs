@@ -285,15 +285,23 @@ pub enum TrustError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} ({setting}) holds no PEM certificate")]
+    #[error("{path} ({setting}) is not valid PEM: {reason}")]
     Parse {
         setting: String,
         path: String,
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        /// The PEM reader's complaint, in words (its own shows byte values).
+        reason: String,
     },
-    #[error("{path} ({setting}) holds no PEM certificate")]
-    Empty { setting: String, path: String },
+    #[error(
+        "{path} ({setting}) holds no PEM certificate (-----BEGIN CERTIFICATE-----){}",
+        if others.is_empty() { String::new() } else { format!(", only: {}", others.join(", ")) }
+    )]
+    Empty {
+        setting: String,
+        path: String,
+        /// The labels of the PEM blocks it does hold (`PRIVATE KEY`), to tell a mixed-up file.
+        others: Vec<String>,
+    },
     /// A PEM block that is not a certificate TLS can use as a root.
     #[error("{path} ({setting}): certificate {number} is not a valid CA certificate")]
     Invalid {
@@ -321,15 +329,16 @@ pub fn read_ca_file(
     })?;
     let roots = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TrustError::Parse {
+        .map_err(|e| TrustError::Parse {
             setting: setting.clone(),
             path: shown.clone(),
-            source,
+            reason: pem_reason(e),
         })?;
     if roots.is_empty() {
         return Err(TrustError::Empty {
             setting,
             path: shown,
+            others: pem_labels(&pem),
         });
     }
     // As the verifier will read them: one it cannot use would fail every TLS connection later,
@@ -345,6 +354,38 @@ pub fn read_ca_file(
             })?;
     }
     Ok(roots)
+}
+
+/// A PEM reading error in words: its `Display` prints the lines it means as byte values.
+fn pem_reason(error: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    let text =
+        |bytes: &[u8]| crate::text::escape_control(&String::from_utf8_lossy(bytes)).into_owned();
+    match error {
+        Error::MissingSectionEnd { end_marker } => {
+            format!("a block has no end line: -----END {}-----", text(&end_marker))
+        }
+        Error::IllegalSectionStart { line } => format!("a bad BEGIN line: {}", text(&line)),
+        other => other.to_string(),
+    }
+}
+
+/// The labels of a file's PEM blocks (`-----BEGIN <label>-----`), in order, each once.
+fn pem_labels(pem: &[u8]) -> Vec<String> {
+    let mut labels: Vec<String> = Vec::new();
+    for line in String::from_utf8_lossy(pem).lines() {
+        if let Some(label) = line
+            .trim()
+            .strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+        {
+            let label = crate::text::escape_control(label).into_owned();
+            if !labels.contains(&label) {
+                labels.push(label);
+            }
+        }
+    }
+    labels
 }
 
 /// Trust `cacert`'s certificates too (the file, and the setting it came from), or (insecure)

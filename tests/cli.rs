@@ -574,13 +574,34 @@ async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
         ),
     )
     .unwrap();
+    // Regression (an adversary's finding): an unterminated block was reported as a list of
+    // byte values, and a file of other PEM blocks (a key) only as "no PEM certificate".
+    let unterminated = dir.path().join("cut.pem");
+    std::fs::write(&unterminated, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let key = dir.path().join("key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     for (file, needle) in [
         (
             dir.path().join("missing.pem"),
             "(--cacert or SMEE_RELAY_CACERT)",
         ),
-        (not_pem, "holds no PEM certificate"),
+        (
+            not_pem,
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        ),
         (not_der, "certificate 2 is not a valid CA certificate"),
+        (
+            unterminated,
+            "is not valid PEM: a block has no end line: -----END CERTIFICATE-----",
+        ),
+        (
+            key,
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----), only: PRIVATE KEY",
+        ),
     ] {
         let out = tokio::time::timeout(
             PATIENCE,
