@@ -881,12 +881,30 @@ pub fn parse(
                             ),
                         ));
                     }
-                    let mut forward = Vec::new();
+                    let mut forward: Vec<TargetUrl> = Vec::new();
                     for target in &c.forward {
+                        let at = target.span().start;
                         match target.get_ref().parse::<TargetUrl>() {
+                            Ok(t) if t.is_channel(&url) => problems.push(at_line(
+                                at,
+                                "forward target: this is the channel itself: each event would be \
+                                 posted back to it, forever"
+                                    .into(),
+                            )),
+                            // One queue per name: a second would deliver every event again.
+                            Ok(t) if forward.iter().any(|f| f.to_string() == t.to_string()) => {
+                                problems.push(at_line(
+                                    at,
+                                    format!(
+                                        "forward target {} is given twice: give it once (each \
+                                         event would be sent to it twice)",
+                                        t.shown()
+                                    ),
+                                ))
+                            }
                             Ok(t) => forward.push(t),
                             Err(e) => problems.push(at_line(
-                                target.span().start,
+                                at,
                                 format!(
                                     "forward target {:?}: {e}",
                                     crate::url::shown_text(target.get_ref(), false)
@@ -1536,6 +1554,23 @@ above = 80
             e.contains("c.toml:4: this channel is the one at line 1 again"),
             "{e}"
         );
+    }
+
+    /// Regression (a new user's finding): a target listed twice got every event twice, under
+    /// two delivery ids, and a target that is the channel posted each event back forever.
+    #[test]
+    fn regression_a_target_given_twice_or_the_channel_itself_is_refused() {
+        let text = "[[channel]]\nurl = \"https://smee.io/loopch\"\nforward = [\n  \"http://127.0.0.1:3000/a\",\n  \"http://127.0.0.1:3000/a\",\n  \"https://SMEE.io/loopch/?x=1\",\n]\n";
+        let e = parse(text, "c.toml", &no_env).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml:5: forward target http://127.0.0.1:3000/a is given twice"),
+            "{e}"
+        );
+        assert!(
+            e.contains("c.toml:6: forward target: this is the channel itself"),
+            "{e}"
+        );
+        assert!(!e.contains("loopch"), "the channel id is a secret: {e}");
     }
 
     #[test]

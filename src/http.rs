@@ -363,7 +363,10 @@ fn pem_reason(error: rustls::pki_types::pem::Error) -> String {
         |bytes: &[u8]| crate::text::escape_control(&String::from_utf8_lossy(bytes)).into_owned();
     match error {
         Error::MissingSectionEnd { end_marker } => {
-            format!("a block has no end line: -----END {}-----", text(&end_marker))
+            format!(
+                "a block has no end line: -----END {}-----",
+                text(&end_marker)
+            )
         }
         Error::IllegalSectionStart { line } => format!("a bad BEGIN line: {}", text(&line)),
         other => other.to_string(),

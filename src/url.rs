@@ -84,6 +84,19 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
     Ok(url)
 }
 
+/// What makes two URLs one channel (the spool's lock keys on it): scheme, host (any case),
+/// port (a default one or not) and path (a trailing slash or not); never the query.
+pub fn identity(url: &Url) -> String {
+    // `Url` already lower-cases the scheme and a domain host and drops a default port.
+    let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+    let port = url
+        .port_or_known_default()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let path = url.path().trim_end_matches('/');
+    format!("{}://{host}{port}{path}", url.scheme())
+}
+
 /// Text given as a URL but refused, safe to repeat in a message: a password in it (`user:pw@`)
 /// shown as `***`, and, for a channel (`channel`: its id is a secret), its last path segment
 /// [`redact`]ed and no query, as [`ChannelUrl`] shows a valid one.
@@ -304,6 +317,11 @@ impl TargetUrl {
             url.query_pairs_mut().extend_pairs(query);
         }
         url
+    }
+
+    /// Whether requests to it would go to `channel` itself (a loop: each event posted back).
+    pub fn is_channel(&self, channel: &ChannelUrl) -> bool {
+        identity(&self.url) == identity(channel.expose())
     }
 
     /// Whether the URL holds a password (which nothing writes to disk or shows).

@@ -557,6 +557,32 @@ async fn ignore_event_skips_those_events_by_name_and_relays_the_rest() {
     target.assert_quiet(Duration::from_millis(300)).await;
 }
 
+/// Regression (a new user's finding): `forward CHANNEL CHANNEL` posted each event back to the
+/// channel, 1,409 POSTs in 3 s, and logged the channel's secret id as the target.
+#[tokio::test]
+async fn regression_forwarding_a_channel_to_itself_is_refused() {
+    let out = tokio::time::timeout(
+        PATIENCE,
+        smee_relay()
+            .args([
+                "forward",
+                "http://127.0.0.1:9/SelfLoopChannel",
+                "http://127.0.0.1:9/SelfLoopChannel/",
+            ])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the target is the channel itself"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("SelfLoopChannel"), "{stderr}");
+}
+
 #[tokio::test]
 async fn cacert_that_is_missing_or_not_pem_is_refused_with_its_path() {
     let dir = tempfile::tempdir().unwrap();

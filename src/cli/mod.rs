@@ -631,6 +631,8 @@ pub enum TargetError {
     EnvPort(String),
     #[error(transparent)]
     Url(#[from] crate::url::UrlError),
+    #[error("the target is the channel itself: each event would be posted back to it, forever")]
+    IsTheChannel,
 }
 
 /// The default port: `$PORT` when set (as smee-client reads it), else 3000.

@@ -99,6 +99,9 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
             channel
         }
     };
+    if target.is_channel(&channel) {
+        return Err(crate::cli::TargetError::IsTheChannel).context("invalid target");
+    }
     let mut source = SourceConfig::new(channel);
     source.idle_timeout = args.idle_timeout;
     source.token = args.token.clone();

@@ -36,17 +36,10 @@ pub type ChannelLock = StateLock;
 
 /// What identifies a channel (see the module header), as text.
 pub fn channel_identity(channel_url: &str) -> String {
-    let Ok(url) = reqwest::Url::parse(channel_url) else {
-        return channel_url.to_string();
-    };
-    // `Url` already lower-cases the scheme and a domain host and drops a default port.
-    let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-    let port = url
-        .port_or_known_default()
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
-    let path = url.path().trim_end_matches('/');
-    format!("{}://{host}{port}{path}", url.scheme())
+    match reqwest::Url::parse(channel_url) {
+        Ok(url) => crate::url::identity(&url),
+        Err(_) => channel_url.to_string(),
+    }
 }
 
 /// A channel's name on disk: a hash of its identity ([`channel_identity`]; the URL itself is a
