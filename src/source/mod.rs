@@ -300,6 +300,14 @@ impl Source {
 
     /// Receive events and send them to `events` until `cancel` fires or the receiver is dropped.
     pub async fn run(mut self, events: queue::Sender, cancel: CancellationToken) {
+        self.relay(&events, &cancel).await;
+        self.transport.close();
+        // A stopped channel (a reload removed it, or shutdown) is not connected: `/metrics`
+        // would otherwise show it so for good.
+        self.status.set_connected(false);
+    }
+
+    async fn relay(&mut self, events: &queue::Sender, cancel: &CancellationToken) {
         let channel = self.config.channel.clone();
         let mut backoff = self.config.reconnect.start();
         let mut resume = false;
@@ -307,19 +315,15 @@ impl Source {
             if !resume {
                 info!(%channel, "connecting to channel");
             }
-            let ended = self.connect_once(&events, resume, &cancel).await;
+            let ended = self.connect_once(events, resume, cancel).await;
             resume = false;
             // Stopping: however the connection ended (a channel server stopping with us closes
             // it), there is nothing to reconnect to or warn about.
             if cancel.is_cancelled() {
-                self.transport.close();
                 return;
             }
             let (reason, connected_for) = match ended {
-                Ended::ConsumerGone | Ended::Stopped => {
-                    self.transport.close();
-                    return;
-                }
+                Ended::ConsumerGone | Ended::Stopped => return,
                 Ended::BadFrame { reason, kind } => {
                     if kind != NOTHING {
                         self.status.bad_frame(kind);
@@ -775,6 +779,23 @@ mod tests {
         cancel.cancel();
         task.await.unwrap();
         events
+    }
+
+    /// Regression (a new user's finding): a channel a reload removed stayed "connected" in
+    /// `/metrics` (`smee_relay_channel_connected` 1) for good.
+    #[tokio::test]
+    async fn regression_a_stopped_source_is_no_longer_connected() {
+        let source = source_with(vec![vec![Bytes::from(webhook("1", 1))]], 1 << 20);
+        let status = source.status();
+        let (tx, mut rx) = queue::channel(1 << 20);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(source.run(tx, cancel.clone()));
+        let mut got = Vec::new();
+        assert!(rx.recv_batch(&mut got, 1, usize::MAX).await > 0);
+        assert!(status.is_connected());
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(!status.is_connected());
     }
 
     /// A stop while the queue was full (the spool behind the channel) closed the connection at

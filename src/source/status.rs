@@ -57,6 +57,11 @@ impl ChannelStatus {
             .store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 
+    #[cfg(test)]
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
     pub fn set_connected(&self, connected: bool) {
         let was = self.connected.swap(connected, Ordering::Relaxed);
         metrics::gauge!("smee_relay_channel_connected", "channel" => self.name.clone())
