@@ -15,10 +15,21 @@ const USAGE_ERROR: u8 = 2;
 #[global_allocator]
 static ALLOCATOR: smee_relay::pipeline::jq::BoundedAlloc = smee_relay::pipeline::jq::BoundedAlloc;
 
+/// Before `main` and the runtime's start: a reload sent as a daemon starts must not end it.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static HOLD_HANGUPS: extern "C" fn() = {
+    extern "C" fn hold() {
+        smee_relay::service::systemd::hold_hangups();
+    }
+    hold
+};
+
 fn main() -> ExitCode {
     // The bounded jq worker the pipeline starts is this binary (see pipeline::jq).
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(smee_relay::pipeline::jq::WORKER_ARG) {
+        smee_relay::service::systemd::release_hangups();
         return ExitCode::from(smee_relay::pipeline::jq::worker_main(&args[1..]) as u8);
     }
     smee_relay::memory::return_large_buffers();
@@ -48,6 +59,10 @@ fn main() -> ExitCode {
         cli.command,
         Command::Forward(_) | Command::Run(_) | Command::Serve(_)
     );
+    // The daemons take SIGHUP themselves; other commands (the demo too) end on it.
+    if !daemon {
+        smee_relay::service::systemd::release_hangups();
+    }
     logging::init(cli.verbosity() - quieter, cli.log_format, daemon);
     logging::log_panics();
 

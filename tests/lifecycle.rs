@@ -653,6 +653,40 @@ async fn regression_sighup_does_not_end_forward() {
     stop(child).await;
 }
 
+/// Regression (an adversary's finding): a SIGHUP in the first milliseconds after the program
+/// started, before its handler was installed, ended it (exit 129), 10 times in 10. Made
+/// deterministic here: the relay starts with SIGHUP blocked, so the one sent at once waits,
+/// pending, for whatever the program does first (it used to keep it blocked: no reload ever).
+#[tokio::test]
+async fn regression_a_sighup_right_after_start_does_not_end_it() {
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let mut command = smee_relay();
+    command.args(["forward", &channel.url("EarlyHup"), &target.url("/hook")]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let mut hangup: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut hangup);
+            libc::sigaddset(&mut hangup, libc::SIGHUP);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &hangup, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let (mut child, logs) = watched(&mut command);
+    signal(&child, "HUP");
+    logs.wait_for(&["connected to channel"]).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "ended by an early SIGHUP:\n{}",
+        logs.all()
+    );
+    // And later ones reach it.
+    signal(&child, "HUP");
+    wait_count(&logs, "SIGHUP", 1).await;
+    stop(child).await;
+}
+
 /// Regression (item 10): with stderr a closed pipe (the log reader exited), logging panicked
 /// in tasks: deliveries stopped and SIGTERM was ignored.
 #[tokio::test]

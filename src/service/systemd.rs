@@ -96,6 +96,61 @@ pub fn spawn_watchdog(cancel: CancellationToken) {
     });
 }
 
+/// How SIGHUP was set up when the program started (its action, and whether it was blocked),
+/// for [`release_hangups`] to put back.
+static STARTED_WITH: std::sync::Mutex<Option<(libc::sigaction, bool)>> =
+    std::sync::Mutex::new(None);
+
+/// Hold off SIGHUP from before `main` until the command installs its own handler: a reload
+/// sent as a daemon starts (`systemctl reload` right after `start`, a supervisor's HUP) ended
+/// it, exit 129. The window left is the dynamic loader's, before any of this program runs.
+///
+/// A handler that does nothing, not `SIG_IGN`: a handler is reset to the default in the
+/// programs this one starts (action handlers, the jq worker), where `SIG_IGN` would be
+/// inherited. SIGHUP is also unblocked: a daemon started with it blocked would never reload. A
+/// hangup held off is not a reload (the config is read after it anyway). Commands that do not
+/// take SIGHUP call [`release_hangups`].
+pub fn hold_hangups() {
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: plain sigaction/sigprocmask calls on one signal, before any other thread exists;
+    // the handler does nothing, so it is async-signal-safe.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = nothing as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        let mut previous: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, &action, &mut previous);
+        let mut hangup: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut hangup);
+        libc::sigaddset(&mut hangup, libc::SIGHUP);
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &hangup, &mut mask);
+        let blocked = libc::sigismember(&mask, libc::SIGHUP) == 1;
+        if let Ok(mut started) = STARTED_WITH.lock() {
+            *started = Some((previous, blocked));
+        }
+    }
+}
+
+/// SIGHUP as the program started with it ([`hold_hangups`]): for a command-line tool, the
+/// default (it ends the process), or ignored under `nohup`.
+pub fn release_hangups() {
+    let Some((previous, blocked)) = STARTED_WITH.lock().ok().and_then(|mut s| s.take()) else {
+        return;
+    };
+    // SAFETY: puts back the action and mask this process started with, for one signal.
+    unsafe {
+        libc::sigaction(libc::SIGHUP, &previous, std::ptr::null_mut());
+        if blocked {
+            let mut hangup: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut hangup);
+            libc::sigaddset(&mut hangup, libc::SIGHUP);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &hangup, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Take SIGHUP (whose default action ends the process, exit 129) and only log it: for modes
 /// with no config file to reload. `mode` names the command in the line.
 pub fn ignore_hangups(mode: &'static str) -> std::io::Result<()> {
