@@ -77,8 +77,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// See the whole product work in one process, with no account and no network.
     Demo(DemoArgs),
-    /// Write shell completions or man pages (for packagers).
-    #[command(hide = true)]
+    /// Write shell completions or man pages (the packages ship them; for a `cargo install`)
     Generate(GenerateArgs),
 }
 
