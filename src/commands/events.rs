@@ -567,7 +567,7 @@ async fn replay_to(
         // relay prunes while a long replay runs): the rest still go, and the summary counts it.
         let event = match spool.get(id) {
             Ok((event, _)) => event,
-            Err(spool::SpoolError::NoSuchEvent(_)) => {
+            Err(spool::SpoolError::NoSuchEvent(_) | spool::SpoolError::NotYet { .. }) => {
                 failed.gone += 1;
                 say(format!(
                     "event {id}: not in the spool (pruned since it was selected, or no such id)"

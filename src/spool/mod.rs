@@ -258,6 +258,8 @@ pub enum SpoolError {
     },
     #[error("no event {0} in the spool (it may have been pruned)")]
     NoSuchEvent(u64),
+    #[error("no event {id} in the spool yet: the newest is {newest}")]
+    NotYet { id: u64, newest: u64 },
     #[error(transparent)]
     NoRoom(room::NoRoom),
     #[error(transparent)]
@@ -1809,7 +1811,12 @@ impl Spool {
             let chunks = txn.open_table(BODY_CHUNKS)?;
             let records = txn.open_table(RECORDS)?;
             let Some(event) = read_full_event(&events, &chunks, id)? else {
-                return Ok(None);
+                // Pruned, or not received yet: the error says which.
+                let newest = txn
+                    .open_table(META)?
+                    .get(NEXT_EVENT)?
+                    .map_or(0, |v| v.value());
+                return Ok(Err(newest));
             };
             let mut routes = Vec::new();
             for entry in records.range((id, "")..(id + 1, ""))? {
@@ -1818,9 +1825,12 @@ impl Spool {
                     routes.push((route_name(key.value().1).to_string(), record));
                 }
             }
-            Ok(Some((event, routes)))
+            Ok(Ok((event, routes)))
         })?
-        .ok_or(SpoolError::NoSuchEvent(id))
+        .map_err(|newest| match id > newest {
+            true => SpoolError::NotYet { id, newest },
+            false => SpoolError::NoSuchEvent(id),
+        })
     }
 
     /// The last `limit` rows (oldest first), optionally only those with `status`.
@@ -4215,7 +4225,7 @@ mod tests {
         assert_eq!(pending, [3, 1], "a replay goes to the tail");
         assert!(matches!(
             spool.replay(Replay::Ids(vec![99])),
-            Err(SpoolError::NoSuchEvent(99))
+            Err(SpoolError::NotYet { id: 99, .. })
         ));
 
         // A mark for the old queue position is stale and changes nothing.
@@ -4363,6 +4373,11 @@ mod tests {
             "only the delivered event goes"
         );
         assert!(matches!(spool.get(1), Err(SpoolError::NoSuchEvent(1))));
+        // Regression (an adversary's finding): an id not received yet "may have been pruned".
+        assert_eq!(
+            spool.get(99).unwrap_err().to_string(),
+            "no event 99 in the spool yet: the newest is 3"
+        );
         assert_eq!(spool.purge_dead().unwrap(), 1);
         let stats = spool.stats().unwrap();
         assert_eq!(stats.events, 1);
