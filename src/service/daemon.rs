@@ -286,10 +286,7 @@ pub async fn run(
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
-    let _backstop = backstop(
-        cancel.clone(),
-        plan.retry.shutdown_timeout + SHUTDOWN_MARGIN,
-    );
+    let _backstop = backstop(cancel.clone(), shutdown_bound(plan.retry.shutdown_timeout));
     let fingerprint = plan_fingerprint(&plan);
     runtime.apply(plan).await?;
     if let Some(cluster) = &runtime.cluster {
@@ -468,6 +465,21 @@ struct RouteTask {
 /// How much longer than `--shutdown-timeout` a shutdown may take before the process exits
 /// regardless: recording the last marks and closing the spool take milliseconds, not seconds.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+
+/// A stop while the spool refuses writes (a full disk) takes this long whatever
+/// `--shutdown-timeout` says: the source reads on what the connection holds, then the intake
+/// tries to store it, a second apart, before it says how many events are lost.
+const FULL_DISK_STOP: Duration = crate::source::DRAIN_MAX
+    .saturating_add(crate::spool::intake::GIVE_UP_AFTER_STOP)
+    .saturating_add(Duration::from_secs(1));
+
+/// How long a shutdown may take before the process exits regardless ([`backstop`]): a full
+/// disk's stop gets to say what it lost.
+fn shutdown_bound(shutdown_timeout: Duration) -> Duration {
+    shutdown_timeout
+        .max(FULL_DISK_STOP)
+        .saturating_add(SHUTDOWN_MARGIN)
+}
 
 /// Once `cancel` fires, exit the process if it is still running `bound` later. The wait is on a
 /// thread of its own, so a task that blocks the event loop during shutdown (a hung disk) cannot
@@ -1707,6 +1719,22 @@ fn gap_spacing() -> Duration {
 
 #[cfg(test)]
 mod tests {
+    /// Regression (an adversary's finding): stopped on a full disk, the relay was cut off by
+    /// the backstop (exit 1, at `--shutdown-timeout` + 3 s) before the intake said how many
+    /// received events were never stored (2 s of drain and 5 s of tries after the stop).
+    #[test]
+    fn regression_the_backstop_waits_for_a_full_disks_stop_to_say_what_it_lost() {
+        for timeout in [0, 1, 5] {
+            let bound = super::shutdown_bound(Duration::from_secs(timeout));
+            assert!(
+                bound >= Duration::from_secs(8) + super::SHUTDOWN_MARGIN,
+                "{bound:?}"
+            );
+        }
+        let long = Duration::from_secs(60);
+        assert_eq!(super::shutdown_bound(long), long + super::SHUTDOWN_MARGIN);
+    }
+
     use super::*;
 
     /// A reload changing `[cluster]` was refused with `[cluster] changed; that takes a

@@ -290,7 +290,7 @@ const DRAIN_IDLE: Duration = Duration::from_millis(200);
 
 /// The longest a stopping source reads on (a busy channel is never idle for [`DRAIN_IDLE`]):
 /// well within the process's own shutdown bound.
-const DRAIN_MAX: Duration = Duration::from_secs(2);
+pub(crate) const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 impl Source {
     /// This source's liveness, shared with whoever reports on it.

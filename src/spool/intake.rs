@@ -18,7 +18,7 @@ use crate::source::queue;
 
 /// After the source has stopped (shutdown), how long the intake still tries to store what it
 /// holds while the spool refuses writes, before it gives up on it (and says how much).
-const GIVE_UP_AFTER_STOP: Duration = Duration::from_secs(5);
+pub(crate) const GIVE_UP_AFTER_STOP: Duration = Duration::from_secs(5);
 
 /// A pause of the intake is said (`ERROR`, and `INFO` when it ends) at most once in this long:
 /// a disk short of room while deliveries catch up pauses and resumes it by turns.
