@@ -2514,9 +2514,12 @@ fn builder(mode: Mode) -> redb::Builder {
         // kernel's page cache still has it: a small cache serves it. redb's default (1 GiB)
         // would let resident memory grow with the file, and a larger cache measured no CPU
         // saved (BENCHMARKS.md).
-        .set_cache_size(1 << 20);
+        .set_cache_size(CACHE_SIZE);
     builder
 }
+
+/// redb's cache ([`builder`]).
+const CACHE_SIZE: usize = 1 << 20;
 
 /// A fresh random instance id.
 fn new_instance() -> u64 {
@@ -2595,12 +2598,50 @@ fn create_new(path: &Path, backend: &backend::Factory) -> Result<(), SpoolError>
     Ok(())
 }
 
+/// redb's cache for an open that applies the write-ahead log on a full disk, per byte of the
+/// log: the pages the records change stay in its write buffer (half the cache), which is then
+/// never written out before a checkpoint can be. A full log (1 MiB) of large or of small events
+/// fit a cache of twice its size in the tests; six times leaves room.
+const FULL_DISK_CACHE_PER_LOGGED_BYTE: u64 = 6;
+
 /// Open the spool at `path`, which exists; returns it and its instance id. Damage (an empty
 /// file, a file redb cannot read or panics on, a newer format) is refused, never started over.
+///
+/// Opened alone on a full disk, the log is applied in memory only: if what it changes does not
+/// fit redb's usual cache (whose overflow is written to the file), the open is made again with
+/// a cache large enough to hold it, for the life of this handle (about 6 MiB more resident at
+/// most, once reads fill it), rather than refusing to start until there is space.
 fn open_existing(
     path: &Path,
     backend: &backend::Factory,
     mode: Mode,
+) -> Result<Opened, SpoolError> {
+    match open_existing_cached(path, backend, mode, CACHE_SIZE) {
+        Err(SpoolError::Replay {
+            source: redb::Error::Io(e),
+            ..
+        }) if mode == Mode::Alone && e.raw_os_error() == Some(libc::ENOSPC) => {
+            let logged = std::fs::metadata(wal::path(path)).map_or(0, |m| m.len());
+            let cache = usize::try_from(logged * FULL_DISK_CACHE_PER_LOGGED_BYTE)
+                .unwrap_or(usize::MAX)
+                .max(CACHE_SIZE);
+            tracing::warn!(
+                spool = %path.display(),
+                "the disk is full: the write-ahead log is applied in memory ({} MiB of cache) until \
+                 it can be written to the spool file",
+                cache >> 20
+            );
+            open_existing_cached(path, backend, mode, cache)
+        }
+        other => other,
+    }
+}
+
+fn open_existing_cached(
+    path: &Path,
+    backend: &backend::Factory,
+    mode: Mode,
+    cache: usize,
 ) -> Result<Opened, SpoolError> {
     let damaged = |why| SpoolError::Damaged {
         path: path.to_owned(),
@@ -2622,6 +2663,7 @@ fn open_existing(
     // Heavy damage makes redb panic rather than return an error; catch it, to name the file.
     let opened = catch_panic(move || -> Result<Opened, SpoolError> {
         let db = builder(mode)
+            .set_cache_size(cache)
             .create_with_backend(backend)
             .map_err(|e| match e {
                 // Open in another process, in a mode that excludes this one ([`share`]).

@@ -1095,6 +1095,51 @@ fn a_record_made_up_in_a_webhook_past_a_cut_end_is_not_taken_for_damage() {
     assert_eq!(view(&reopened).2, 2, "the carrier and record 2's event");
 }
 
+/// Regression (an adversary's finding): a relay stopped on a full disk could not start again
+/// until space was freed (exit 1, "cannot apply the spool's write-ahead log"): a log of a
+/// megabyte took more pages than redb keeps in memory, and writing them out needs the disk.
+#[test]
+fn regression_a_full_log_is_applied_at_an_open_on_a_full_disk() {
+    // A few large events a record, and many small ones (more pages per byte).
+    for (per_record, size) in [(1, 15 << 10), (40, 300)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (factory, full) = super::backend::DiskFull::factory();
+        let before = Spool::open_with(dir.path(), factory.clone()).unwrap();
+        before.write(&[appending(1, 5)], ROOM).unwrap();
+        before.checkpoint().unwrap();
+        // Records until the log is nearly full.
+        let mut next = 100;
+        while before.logged() < 60 {
+            let events: Vec<Event> = (next..next + per_record)
+                .map(|n| Event {
+                    body: Bytes::from(vec![b'x'; size]),
+                    ..event(n)
+                })
+                .collect();
+            logged(
+                &before,
+                Write::Append {
+                    channel: "https://smee.io/abc".into(),
+                    routes: vec![A.into(), B.into()],
+                    events: events.into(),
+                    cursor: None,
+                },
+            );
+            next += per_record;
+        }
+        let crashed = crash_copy(dir.path(), true);
+        drop(before);
+        full.store(true, SeqCst);
+        let relay = Spool::open_with(crashed.path(), factory)
+            .unwrap_or_else(|e| panic!("{}", crate::error::chain(&e)));
+        assert_eq!(
+            view(&relay).2,
+            5 + next - 100,
+            "every logged event is there"
+        );
+    }
+}
+
 /// A relay restarted on a disk already full after a crash: its open applied the log in memory,
 /// its first checkpoint failed, and a delivery recorded next (in pages written) said "the spool
 /// takes writes again", just before the first append failed again.
