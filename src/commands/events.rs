@@ -128,7 +128,11 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             let rows = spool.list(status, limit)?;
             if rows.len() >= limit {
                 // Said, as the table starts past the first rows without a word otherwise.
-                eprintln!("note: the last {limit} deliveries are shown; --limit N shows more");
+                let shown = match limit {
+                    1 => "the last delivery is shown".to_string(),
+                    n => format!("the last {n} deliveries are shown"),
+                };
+                eprintln!("note: {shown}; --limit N shows more");
             }
             if json {
                 outln!("{}", serde_json::to_string_pretty(&rows)?)?;
