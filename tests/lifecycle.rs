@@ -560,6 +560,39 @@ async fn events_left_in_a_cluster_outbox_are_named_at_a_start_without_the_cluste
 
 /// ... and a reload that removed a target said its events "stay in the spool" at INFO, with no
 /// count and nothing to do about them.
+/// Regression (a new user's finding): once a target was back, nothing made the relay retry an
+/// event it waited on (up to 5 min of backoff, or an hour a `Retry-After` asked): a reload now
+/// does, as a restart did.
+#[tokio::test]
+async fn regression_a_reload_retries_a_waiting_delivery_now() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    target.answer_with_retry_after(503, 3600);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[channel]]\nurl = \"{}\"\nforward = [\"{}\"]\n",
+            channel.url("RetryNow"),
+            target.url("/hook")
+        ),
+    )
+    .unwrap();
+    let (child, logs) = spawn_run(&config, "http://127.0.0.1:1/unused", false);
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &seq(1));
+    logs.wait_for(&["retrying in 1h"]).await;
+    signal(&child, "HUP");
+    logs.wait_for(&["retrying now (the config was reloaded)"])
+        .await;
+    // The first request was the refused one; the retry is the second.
+    for _ in 0..2 {
+        assert_eq!(target.next().await.body, r#"{"seq":1}"#);
+    }
+    stop(child).await;
+}
+
 #[tokio::test]
 async fn a_reload_that_removes_a_target_says_what_still_waits_for_it() {
     let channel = FakeChannel::start().await;

@@ -200,8 +200,28 @@ fn mark(route: &str, queued: &Queued, outcome: Outcome) -> Write {
     }
 }
 
-/// Deliver `route`'s queue in order until `cancel` fires; the delivery in flight then has
-/// the policy's `shutdown_timeout` to finish. On return, every attempt it finished is
+/// How whoever runs a route steers it.
+#[derive(Clone, Default)]
+pub struct RouteControl {
+    /// Stops it: the delivery in flight then has the policy's `shutdown_timeout` to finish.
+    pub cancel: CancellationToken,
+    /// Cuts a wait between attempts short, and starts the backoff over: a reload (the
+    /// operator may have fixed the target) says "retry now" to every route.
+    pub retry_now: Arc<tokio::sync::Notify>,
+}
+
+impl RouteControl {
+    /// Stopped by `cancel`; nothing cuts its waits short.
+    pub fn new(cancel: CancellationToken) -> Self {
+        Self {
+            cancel,
+            retry_now: Arc::default(),
+        }
+    }
+}
+
+/// Deliver `route`'s queue in order until `control.cancel` fires; the delivery in flight then
+/// has the policy's `shutdown_timeout` to finish. On return, every attempt it finished is
 /// committed.
 pub async fn run_route(
     spool: Arc<Spool>,
@@ -210,8 +230,9 @@ pub async fn run_route(
     sink: Arc<dyn Sink>,
     policy: RetryPolicy,
     counters: Arc<Counters>,
-    cancel: CancellationToken,
+    control: RouteControl,
 ) {
+    let RouteControl { cancel, retry_now } = control;
     let mut appended = writer.appended();
     // The last seq this task finished with. Marks are committed asynchronously, so the
     // spool may still list it as pending for a moment; the cursor skips it.
@@ -250,6 +271,7 @@ pub async fn run_route(
         policy,
         counters: &route_counters,
         cancel: &cancel,
+        retry_now: &retry_now,
     };
     while !cancel.is_cancelled() {
         // Woken by a change the writer did not tell of: the read below must see it, so the
@@ -413,6 +435,8 @@ struct Delivery<'a> {
     policy: RetryPolicy,
     counters: &'a RouteCounters<'a>,
     cancel: &'a CancellationToken,
+    /// Ends a wait between attempts ([`RouteControl::retry_now`]).
+    retry_now: &'a tokio::sync::Notify,
 }
 
 impl Delivery<'_> {
@@ -536,7 +560,13 @@ impl Delivery<'_> {
                 },
             ));
             self.writer.flush(marks);
-            wait(self.cancel, delay).await;
+            tokio::select! {
+                _ = wait(self.cancel, delay) => {}
+                _ = self.retry_now.notified() => {
+                    info!(event = item.event.id, "retrying now (the config was reloaded)");
+                    backoff = self.policy.backoff.start();
+                }
+            }
             if self.cancel.is_cancelled() {
                 return false;
             }
@@ -736,7 +766,7 @@ mod tests {
             sink.clone(),
             RetryPolicy::DEFAULT,
             Arc::new(Counters::default()),
-            cancel.clone(),
+            RouteControl::new(cancel.clone()),
         ));
         // On the paused clock: the route's backoff timers are what move time on; the deadline
         // is far beyond the 1 + 2 + 4 (+ jitter) + 7 s the script takes.
@@ -845,7 +875,7 @@ mod tests {
             sink,
             policy,
             Arc::new(Counters::default()),
-            cancel.clone(),
+            RouteControl::new(cancel.clone()),
         ))
     }
 

@@ -283,6 +283,7 @@ pub async fn run(
         cluster,
         handed_back: false,
         shutdown_timeout: plan.retry.shutdown_timeout,
+        retry_now: Arc::default(),
     };
     let retain = plan.retain;
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
@@ -328,6 +329,8 @@ pub async fn run(
                 systemd::notify(&[sd_notify::NotifyState::Reloading]);
                 let fingerprint = plan_fingerprint(&plan);
                 let applied = runtime.apply(plan).await;
+                // The operator may have fixed what a route waits on (its target is back).
+                runtime.retry_now.notify_waiters();
                 if let (Ok(_), Some(cluster)) = (&applied, &runtime.cluster) {
                     cluster.announce_config(fingerprint);
                 }
@@ -753,6 +756,8 @@ struct Runtime {
     gaps: Arc<Gaps>,
     /// The Port reconciler, when it runs.
     reconciler: Option<ReconcilerTask>,
+    /// Told on each reload: every route waiting between attempts tries again now.
+    retry_now: Arc<tokio::sync::Notify>,
 }
 
 /// The running reconciler and what it was started with (a reload that changes it restarts it).
@@ -1251,7 +1256,7 @@ impl Runtime {
                     sink,
                     outbox_policy(self.shutdown_timeout),
                     self.counters.clone(),
-                    cancel.clone(),
+                    delivery::RouteControl::new(cancel.clone()),
                 ),
             )));
         }
@@ -1478,7 +1483,7 @@ impl Runtime {
                 publish,
                 outbox_policy(self.shutdown_timeout),
                 self.counters.clone(),
-                task.cancel.clone(),
+                delivery::RouteControl::new(task.cancel.clone()),
             ),
         )));
         task
@@ -1506,7 +1511,10 @@ impl Runtime {
                 sink,
                 retry,
                 self.counters.clone(),
-                cancel.clone(),
+                delivery::RouteControl {
+                    cancel: cancel.clone(),
+                    retry_now: self.retry_now.clone(),
+                },
             ),
         );
         Task {
