@@ -257,6 +257,49 @@ async fn events(state_dir: &std::path::Path, args: &[&str]) -> std::process::Out
     .unwrap()
 }
 
+/// Regression (a new user's finding): `purge --queue` needed the channel's key, which no
+/// `events` command shows; a target alone is now enough when one queue of it holds deliveries,
+/// and a target with none lists the queues that do.
+#[tokio::test]
+async fn regression_events_purge_queue_takes_a_target_alone() {
+    let channel = FakeChannel::start().await;
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}/hook", gone.local_addr().unwrap());
+    drop(gone);
+    let relay = support::Relay::start(&channel, support::relay_options(&channel, &down)).await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    let state_dir = relay.state_dir.clone();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let out = events(&state_dir, &["list", "--status", "pending"]).await;
+        if String::from_utf8_lossy(&out.stdout).contains("pending") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await;
+
+    let out = events(
+        &state_dir,
+        &["purge", "--queue", "http://127.0.0.1:1/other"],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        said.contains("no queue of http://127.0.0.1:1/other holds deliveries")
+            && said.contains(&format!("{down} (1 delivery)")),
+        "{said}"
+    );
+    let out = events(&state_dir, &["purge", "--queue", &down]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("purged 1 delivery queued for {down}")
+    );
+}
+
 /// `events purge --queue` takes a queue's name as the relay gives it, and refuses what is not
 /// one, and a cluster instance's spool (its queues are copies of the cluster's deliveries).
 #[tokio::test]
@@ -271,7 +314,7 @@ async fn events_purge_queue_refuses_a_name_that_is_not_a_queue_and_a_cluster_spo
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
-        said.contains("is not a queue's name") && said.contains("16 hex digits"),
+        said.contains("no queue of http://127.0.0.1:3000/old holds deliveries"),
         "{said}"
     );
     let queue = "0123456789abcdef http://127.0.0.1:3000/old";

@@ -341,8 +341,9 @@ pub enum EventsCommand {
         /// Delete every dead letter.
         #[arg(long)]
         dead: bool,
-        /// Delete the deliveries still waiting on this queue: `CHANNEL-KEY TARGET`, as the
-        /// relay's start names a queue whose target it no longer has. They are never
+        /// Delete the deliveries still waiting on this queue: its target when one channel's
+        /// queue of it holds deliveries, else `CHANNEL-KEY TARGET`, as the relay's start names
+        /// a queue whose target it no longer has. They are never
         /// delivered; events still needed by another queue, or kept as delivered history,
         /// stay. Refused while a relay runs that channel on this state directory (it may be
         /// delivering from the queue): stop it first.

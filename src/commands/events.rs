@@ -207,15 +207,8 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         EventsCommand::Purge {
             queue: Some(queue), ..
         } => {
-            let Some((key, target)) = queue.split_once(' ').filter(|(key, target)| {
-                key.len() == 16
-                    && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                    && !target.is_empty()
-            }) else {
-                anyhow::bail!(
-                    "that is not a queue's name: a name is the channel's key (16 hex digits, lower case), a space and the target, quoted as one argument, as the purge command in the relay's line about the queue (`... still queued for ...`) gives it"
-                );
-            };
+            let queue = queue_named(&spool, &queue)?;
+            let (key, target) = queue.split_once(' ').expect("a queue's name");
             // Nothing to purge: said, and no lock file made for a name that is not a queue.
             if spool.queued(&queue)? == 0 {
                 eprintln!(
@@ -247,6 +240,60 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The queue `name` names: a queue's full name (the channel's key, a space, the target, as the
+/// relay's line about the queue gives it), or a target alone when one queue of it holds
+/// deliveries (`events list` shows targets, not channel keys).
+fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
+    let full = name.split_once(' ').is_some_and(|(key, target)| {
+        key.len() == 16
+            && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && !target.is_empty()
+    });
+    if full {
+        return Ok(name.to_string());
+    }
+    let queues = spool.pending_queues()?;
+    let target = name.trim_end_matches('/');
+    let of_target: Vec<&String> = queues
+        .iter()
+        .map(|(queue, _)| queue)
+        .filter(|queue| spool::route_name(queue).trim_end_matches('/') == target)
+        .collect();
+    match of_target[..] {
+        [one] => Ok(one.clone()),
+        [] => {
+            let listed: Vec<String> = queues
+                .iter()
+                .map(|(queue, n)| {
+                    format!(
+                        "{} ({})",
+                        spool::route_name(queue),
+                        super::count(*n as usize, "delivery", "deliveries")
+                    )
+                })
+                .collect();
+            anyhow::bail!(
+                "no queue of {} holds deliveries; {}",
+                crate::text::escape_control(name),
+                match listed.is_empty() {
+                    true => "no queue does".to_string(),
+                    false => format!("these do: {}", listed.join(", ")),
+                }
+            )
+        }
+        _ => anyhow::bail!(
+            "{} is the target of {} queues (one per channel): give the queue's whole name, quoted: {}",
+            crate::text::escape_control(name),
+            of_target.len(),
+            of_target
+                .iter()
+                .map(|q| format!("'{q}'"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ),
+    }
 }
 
 /// This machine's spool is a cluster instance's (`cluster`, recorded by the relay at start):

@@ -1933,6 +1933,31 @@ impl Spool {
         self.read(|txn| count_queued(&txn.open_table(PENDING)?, route))
     }
 
+    /// Every queue that holds pending deliveries, by name, with how many (counted up to one
+    /// past [`MOST_COUNTED`]).
+    pub fn pending_queues(&self) -> Result<Vec<(String, u64)>, SpoolError> {
+        self.read(|txn| {
+            let pending = txn.open_table(PENDING)?;
+            let mut queues: Vec<(String, u64)> = Vec::new();
+            loop {
+                // Past the last queue found: no delivery has seq u64::MAX.
+                let next = match queues.last() {
+                    None => pending.first()?,
+                    Some((route, _)) => pending
+                        .range((route.as_str(), u64::MAX)..)?
+                        .next()
+                        .transpose()?,
+                };
+                let Some((key, _)) = next else {
+                    return Ok(queues);
+                };
+                let route = key.value().0.to_string();
+                let count = count_queued(&pending, &route)?;
+                queues.push((route, count));
+            }
+        })
+    }
+
     /// Forget the deliveries still waiting on `route`: a queue no relay delivers from. Events
     /// no other delivery needs go with them. Returns how many deliveries.
     pub fn purge_queue(&self, route: &str) -> Result<usize, SpoolError> {
