@@ -501,6 +501,39 @@ async fn regression_a_state_dir_that_is_a_file_was_said_to_exist() {
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
 }
 
+/// Regression (a new user's finding): `check` said `ok` for a `state_dir` that cannot be
+/// made, and `run` then exited 1, which the shipped unit restarts every 5 s for good.
+#[tokio::test]
+async fn regression_a_state_dir_that_cannot_be_made_is_warned_by_check_and_refused_by_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), b"").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "state_dir = \"file/state\"\n[[channel]]\nurl = \"https://smee.io/AbCdEfGh\"\nforward = [\"http://127.0.0.1:3000/hook\"]\n",
+    )
+    .unwrap();
+    let said = check_ok(&config).await;
+    assert!(
+        said.contains("warning: state_dir")
+            && said.contains("file/state cannot be made")
+            && said.contains("is not a directory"),
+        "{said}"
+    );
+    // The config's state_dir, not the tests' own (SMEE_RELAY_STATE_DIR would win).
+    let mut run = smee_relay();
+    run.env_remove("SMEE_RELAY_STATE_DIR")
+        .args(["run", "--config"])
+        .arg(&config);
+    let stderr = tokio::time::timeout(PATIENCE, refused(&mut run))
+        .await
+        .expect("refused at once");
+    assert!(
+        stderr.contains("cannot create the state directory"),
+        "{stderr}"
+    );
+}
+
 /// Regression: `events list` with a mistyped --state-dir created an empty spool there and
 /// showed an empty table, which reads as "nothing queued".
 #[tokio::test]

@@ -47,6 +47,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                  blueprints the rules name; add blueprint = \"...\" to a rule)"
             );
         }
+        let state_dir = crate::spool::lock::state_dir(config.state_dir.as_deref());
+        if let Some(problem) = crate::spool::lock::state_dir_problem(&state_dir) {
+            println!("warning: state_dir {problem}");
+        }
         for channel in &config.channels {
             if let Some(problem) = crate::source::idle_timeout_problem(channel.idle_timeout) {
                 println!("channel {}: warning: {problem}", channel.url);

@@ -243,6 +243,33 @@ pub fn state_dir(explicit: Option<&Path>) -> PathBuf {
     shell_default()
 }
 
+/// Why this process could not use `dir` as its state directory, if it can tell before trying
+/// (`check`): a file in its place or in its path, or a directory it may not write. Another user
+/// (the service's) may fare otherwise.
+pub fn state_dir_problem(dir: &Path) -> Option<String> {
+    let writable = |p: &Path| rustix::fs::access(p, rustix::fs::Access::WRITE_OK).is_ok();
+    if dir.exists() {
+        return match (dir.is_dir(), writable(dir)) {
+            (false, _) => Some(format!("{} is a file, not a directory", dir.display())),
+            (true, false) => Some(format!("{} is not writable by this user", dir.display())),
+            (true, true) => None,
+        };
+    }
+    // The nearest part of the path that exists is where the rest would be made.
+    let base = dir.ancestors().skip(1).find(|a| a.exists())?;
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
+    let why = match (base.is_dir(), writable(base)) {
+        (false, _) => format!("{} is not a directory", base.display()),
+        (true, false) => format!("{} is not writable by this user", base.display()),
+        (true, true) => return None,
+    };
+    Some(format!("{} cannot be made: {why}", dir.display()))
+}
+
 /// The state directory a command given neither `--state-dir` nor `$STATE_DIRECTORY` uses:
 /// `$XDG_STATE_HOME/smee-relay`, else `~/.local/state/smee-relay`.
 fn shell_default() -> PathBuf {

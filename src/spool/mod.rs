@@ -302,6 +302,13 @@ impl SpoolError {
                 | SpoolError::PermissionDenied { .. }
                 | SpoolError::NotADirectory { .. }
                 | SpoolError::KeepFree(_)
+        ) || matches!(
+            // A path that cannot be made whatever the wait (a full disk can: not here).
+            self,
+            SpoolError::StateDir { source, .. } if matches!(
+                source.raw_os_error(),
+                Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::ENOTDIR | libc::ENOENT)
+            )
         )
     }
 
