@@ -121,15 +121,23 @@ pub fn hold_hangups() {
         libc::sigemptyset(&mut action.sa_mask);
         let mut previous: libc::sigaction = std::mem::zeroed();
         libc::sigaction(libc::SIGHUP, &action, &mut previous);
-        let mut hangup: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut hangup);
-        libc::sigaddset(&mut hangup, libc::SIGHUP);
         let mut mask: libc::sigset_t = std::mem::zeroed();
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &hangup, &mut mask);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &hangup_set(), &mut mask);
         let blocked = libc::sigismember(&mask, libc::SIGHUP) == 1;
         if let Ok(mut started) = STARTED_WITH.lock() {
             *started = Some((previous, blocked));
         }
+    }
+}
+
+/// A signal set of SIGHUP alone, to block or unblock it.
+fn hangup_set() -> libc::sigset_t {
+    // SAFETY: a zeroed sigset_t is valid storage; sigemptyset initialises it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
     }
 }
 
@@ -143,10 +151,7 @@ pub fn release_hangups() {
     unsafe {
         libc::sigaction(libc::SIGHUP, &previous, std::ptr::null_mut());
         if blocked {
-            let mut hangup: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut hangup);
-            libc::sigaddset(&mut hangup, libc::SIGHUP);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &hangup, std::ptr::null_mut());
+            libc::pthread_sigmask(libc::SIG_BLOCK, &hangup_set(), std::ptr::null_mut());
         }
     }
 }
