@@ -291,3 +291,64 @@ async fn regression_a_kill_within_the_slack_pace_repeated_the_alert_from_another
     // The other instance takes the alert over after the ack wait and skips it.
     slack.assert_quiet(Duration::from_secs(5)).await;
 }
+
+/// An instance whose network stalled kept retrying a delivery the cluster had given to
+/// another: its lease renewals (progress acks) went nowhere, the ack wait ran out, and
+/// another instance delivered the event; once the target was back, the stalled instance
+/// delivered it again, after the other (and after events the other sent since). An instance
+/// now attempts again only while NATS confirms its lease, and hands the delivery over once
+/// NATS says another instance has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stalled_instance_retried_a_delivery_the_cluster_gave_to_another() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    // Down until the other instance has the delivery.
+    let target_addr = support::unused_addr();
+    let target_url = format!("http://{target_addr}/hook");
+    let body = |nats_url: &str| {
+        support::nats::forward_config(&channel.url("ch"), &target_url, nats_url, "stall")
+    };
+    let a = join(&channel, &body(&proxy.url), &[]).await;
+    a.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+
+    // A alone takes the event, and retries it: the target is down.
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    a.logs.wait_for(&["failed: cannot reach target"]).await;
+    let b = join(&channel, &body(&nats.url), &[]).await;
+    b.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+
+    // A's network stalls: its lease runs out and B takes the delivery over.
+    proxy.freeze();
+    b.logs
+        .wait_for(&["taking over a delivery another instance did not finish"])
+        .await;
+    let mut target = support::FakeTarget::start_on(target_addr).await;
+    let first = target
+        .try_next(FAILOVER_PATIENCE)
+        .await
+        .expect("B's delivery");
+    assert_eq!(&first.body[..], br#"{"n":1}"#);
+    b.logs.wait_for(&["/hook -> 200"]).await;
+
+    // A's network comes back: it learns that B has the delivery, and does not send it.
+    proxy.thaw();
+    let line = support::wait_for(FAILOVER_PATIENCE, "A's next word on the delivery", || {
+        std::future::ready(
+            a.logs
+                .find(&["/hook -> 200"])
+                .or_else(|| a.logs.find(&["another instance has it"])),
+        )
+    })
+    .await;
+    assert!(
+        line.contains("another instance has it"),
+        "A delivered the event B had delivered: {line}\n{}",
+        a.logs.all()
+    );
+    assert_eq!(target.arrived(), 1, "{:?}", target.arrivals());
+}

@@ -76,6 +76,7 @@
 mod diagnose;
 mod envelope;
 mod fingerprint;
+mod lease;
 pub use diagnose::paced;
 pub mod inspect;
 
@@ -370,6 +371,9 @@ pub struct Cluster {
     /// Per local route, the cluster delivery it is delivering now and the id targets see for
     /// it in `x-smee-relay-delivery` (see [`Cluster::delivery_id`]).
     in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+    /// Told whenever a lease in `in_flight` changes ([`lease`]): routes waiting to attempt
+    /// a cluster delivery look again.
+    leases: Arc<tokio::sync::Notify>,
     /// How many routes of this instance wait for their consumer: while any does, nothing is
     /// published ([`Cluster::publish_as`]), so a route whose consumer is new (it starts after
     /// the stream's last message) misses nothing this instance receives after the route began.
@@ -676,6 +680,7 @@ impl Cluster {
             bodies,
             status,
             in_flight: Default::default(),
+            leases: Default::default(),
             starting: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
@@ -1017,8 +1022,16 @@ impl Cluster {
                     continue;
                 }
                 let paced = Paced { pace };
-                self.handle(&names, message, &spool, &writer, &route_done, paced)
-                    .await;
+                self.handle(
+                    &names,
+                    &consumer,
+                    message,
+                    &spool,
+                    &writer,
+                    &route_done,
+                    paced,
+                )
+                .await;
             }
         }
     }
@@ -1049,9 +1062,11 @@ impl Cluster {
     }
 
     /// One message: into the local queue, wait for its delivery, ack.
+    #[allow(clippy::too_many_arguments)]
     async fn handle(
         &self,
         names: &RouteNames,
+        consumer: &consumer::PullConsumer,
         message: jetstream::Message,
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
@@ -1146,6 +1161,8 @@ impl Cluster {
                 attempts: 0,
                 failed: None,
                 started: None,
+                lease: lease::Lease::taken(),
+                withdrawn: false,
             };
             self.in_flight
                 .lock()
@@ -1156,6 +1173,7 @@ impl Cluster {
         let done = self
             .deliver_locally(
                 names,
+                consumer,
                 &message,
                 envelope,
                 spool,
@@ -1166,7 +1184,7 @@ impl Cluster {
             )
             .await;
         let taken = self.in_flight.lock().expect("not poisoned").remove(route);
-        if done.is_none() {
+        if done.is_none() || taken.as_ref().is_some_and(|taken| taken.withdrawn) {
             return;
         }
         // What the delivery produced is published before the ack (see `feed_producing`).
@@ -1354,6 +1372,7 @@ impl Cluster {
     async fn deliver_locally(
         &self,
         names: &RouteNames,
+        consumer: &consumer::PullConsumer,
         message: &jetstream::Message,
         envelope: Envelope,
         spool: &Arc<Spool>,
@@ -1393,7 +1412,8 @@ impl Cluster {
             }
         };
         let queued = took.elapsed();
-        // Renew the lease well within the ack wait.
+        // Renew the lease well within the ack wait; the route attempts again only while
+        // renewals are confirmed ([`lease`]).
         let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
         let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
         // Told to stop, the local route finishes the delivery in flight within its shutdown
@@ -1411,7 +1431,7 @@ impl Cluster {
                 _ = renew_every.tick() => {
                     // The spool may have it (no journal: marks come with commits).
                     if finished_in_spool(spool, route, id).await { break true; }
-                    let _ = message.ack_with(AckKind::Progress).await;
+                    self.renew_lease(route, consumer, message, renew).await;
                 }
                 _ = route_done.cancelled() => {
                     break finished_in_spool(spool, route, id).await;
@@ -1631,6 +1651,11 @@ struct InFlight {
     /// When the last attempt started ([`Cluster::attempt_started`]): a paced route's ack waits
     /// the pace out from there.
     started: Option<tokio::time::Instant>,
+    /// This instance's hold on it ([`lease`]).
+    lease: lease::Lease,
+    /// The local route finished it without delivering it: NATS gave it to another instance
+    /// ([`Cluster::claim`]), so it is neither acked nor recorded as delivered here.
+    withdrawn: bool,
 }
 
 /// How a fed route is named: in logs and metrics, in the local spool, and its floor in KV.

@@ -56,6 +56,18 @@ pub trait Sink: Send + Sync {
     fn failure(&self, error: &ForwardError) -> Option<String> {
         Some(error.to_string())
     }
+    /// For a sink that shares its deliveries with others (a cluster route): what to wait on
+    /// before each attempt at `event`. It ends with `Ok` once this route may attempt it, or
+    /// with why it must not at all (another instance has it): the route then finishes it
+    /// without delivering it. `None`: always attempt.
+    fn claim<'a>(&'a self, _event: &'a StoredEvent) -> Option<BoxFuture<'a, Result<(), String>>> {
+        None
+    }
+    /// Ends once `event` is no longer this route's to deliver (see [`Sink::claim`]); a wait
+    /// between attempts then ends early. `None`: never.
+    fn taken_away<'a>(&'a self, _event: &'a StoredEvent) -> Option<BoxFuture<'a, ()>> {
+        None
+    }
 }
 
 impl Sink for Forwarder {
@@ -413,6 +425,14 @@ async fn idle(
     }
 }
 
+/// Ends once `sink` says `event` is no longer this route's to deliver ([`Sink::taken_away`]).
+async fn taken_away(sink: &dyn Sink, event: &StoredEvent) {
+    match sink.taken_away(event) {
+        Some(taken) => taken.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sleep, or return early on cancel.
 async fn wait(cancel: &CancellationToken, delay: Duration) {
     tokio::select! {
@@ -448,6 +468,26 @@ impl Delivery<'_> {
         let mut attempts = item.attempts;
         let delivery_id = self.spool.delivery_id(item.seq);
         loop {
+            if let Some(claim) = self.sink.claim(&item.event) {
+                let claimed = tokio::select! {
+                    claimed = claim => claimed,
+                    _ = self.cancel.cancelled() => return false,
+                };
+                if let Err(why) = claimed {
+                    // Not a dead letter: it is delivered, elsewhere.
+                    info!(event = item.event.id, "{why}");
+                    return self
+                        .finish(mark(
+                            self.route,
+                            item,
+                            Outcome::Dead {
+                                status: None,
+                                error: why,
+                            },
+                        ))
+                        .await;
+                }
+            }
             let started = tokio::time::Instant::now();
             let grace_over = async {
                 self.cancel.cancelled().await;
@@ -566,6 +606,8 @@ impl Delivery<'_> {
                     info!(event = item.event.id, "retrying now (the config was reloaded)");
                     backoff = self.policy.backoff.start();
                 }
+                // The claim at the top of the loop says why.
+                _ = taken_away(self.sink, &item.event) => {}
             }
             if self.cancel.is_cancelled() {
                 return false;

@@ -682,6 +682,20 @@ impl Sink for ClusterDeliveryId {
     fn cluster_seq(&self, event: &spool::StoredEvent) -> Option<u64> {
         self.cluster.stream_seq(&self.route, &event.event)
     }
+
+    fn claim<'a>(
+        &'a self,
+        event: &'a spool::StoredEvent,
+    ) -> Option<futures::future::BoxFuture<'a, Result<(), String>>> {
+        Some(Box::pin(self.cluster.claim(&self.route, &event.event)))
+    }
+
+    fn taken_away<'a>(
+        &'a self,
+        event: &'a spool::StoredEvent,
+    ) -> Option<futures::future::BoxFuture<'a, ()>> {
+        Some(Box::pin(self.cluster.taken_away(&self.route, &event.event)))
+    }
 }
 
 /// Whether a running source can keep going with `new`'s settings.
