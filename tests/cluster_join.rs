@@ -255,7 +255,7 @@ async fn regression_instances_with_different_routes_ran_side_by_side_without_a_w
     let line = two_logs
         .wait_for(&[
             "WARN",
-            "runs other forward targets or rules than this one",
+            "runs other forward targets, rules or Slack webhook than this one",
             "use the same config on every instance",
         ])
         .await;
@@ -264,7 +264,7 @@ async fn regression_instances_with_different_routes_ran_side_by_side_without_a_w
     let warnings = || {
         two_logs
             .all()
-            .matches("runs other forward targets or rules")
+            .matches("runs other forward targets, rules or Slack webhook")
             .count()
     };
     support::wait_until(
@@ -299,5 +299,57 @@ async fn regression_a_user_and_password_in_the_cluster_s_nats_url_were_not_sent(
     assert!(
         !logs.contains("s3cr"),
         "the password is never logged: {logs}"
+    );
+}
+
+/// Instances alerting to different Slack webhooks ran side by side without a warning: each
+/// alert went to the webhook of whichever instance took it. The webhook is now part of the
+/// fingerprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_instances_with_different_slack_webhooks_ran_side_by_side_without_a_warning() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let config = |webhook: &str| {
+        support::nats::alerts_config(&channel.url("ch"), webhook, &nats.url, "slacks")
+    };
+    let one = support::nats::start_instance(&config(&slack.url("/one")), &[]);
+    one.logs.wait_for(&["config fingerprints compared"]).await;
+    let two = support::nats::start_instance(&config(&slack.url("/two")), &[]);
+    let line = two
+        .logs
+        .wait_for(&["WARN", "runs other forward targets, rules or Slack webhook"])
+        .await;
+    assert!(line.contains("[slack] webhook_url"), "{line}");
+    assert!(!line.contains("/one") && !line.contains("/two"), "{line}");
+}
+
+/// An instance stopped cleanly left its fingerprint record behind, live for 3 minutes: a
+/// rolling restart with a new config warned about the old process as if it still ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_cleanly_stopped_instance_was_warned_about_as_running_other_routes() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let config = |path: &str| {
+        support::nats::forward_config(&channel.url("ch"), &target.url(path), &nats.url, "rolling")
+    };
+    let mut old = support::nats::start_instance(&config("/old"), &[]);
+    old.logs.wait_for(&["config fingerprints compared"]).await;
+    support::signal(&old.child, "TERM");
+    assert_eq!(
+        support::exit_code(&mut old.child).await,
+        Some(0),
+        "{}",
+        old.logs.all()
+    );
+
+    let new = support::nats::start_instance(&config("/new"), &[]);
+    let compared = new.logs.wait_for(&["config fingerprints compared"]).await;
+    assert!(compared.contains("others=0"), "{compared}");
+    assert!(
+        new.logs.find(&["runs other forward targets"]).is_none(),
+        "{}",
+        new.logs.all()
     );
 }

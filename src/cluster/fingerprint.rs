@@ -1,8 +1,9 @@
 //! Whether the instances of a cluster run the same routes and rules. Each instance records a
 //! fingerprint of its own (a hash of its forward routes and pipeline rules, computed by the
 //! daemon) in the cluster's KV bucket under `config.<instance>`, at start and on each reload,
-//! and refreshes it every minute; it warns, once per instance and fingerprint, when another
-//! live instance (one that refreshed within the last 3 minutes) records another fingerprint:
+//! and refreshes it every minute, and removes it when it stops cleanly; it warns, once per
+//! instance and fingerprint, when another live instance (one that refreshed within the last 3
+//! minutes) records another fingerprint:
 //! instances with different rules judge the same event differently, with different targets
 //! deliver differently, and nothing else would say so.
 //!
@@ -10,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -27,6 +29,20 @@ const FORGOTTEN: Duration = Duration::from_secs(24 * 3600);
 
 /// The fingerprint this process announces; the task announcing it starts with the first.
 static ANNOUNCED: OnceLock<watch::Sender<String>> = OnceLock::new();
+/// Set once this process removed its record ([`Cluster::leave_config`]): it writes no more.
+static LEFT: AtomicBool = AtomicBool::new(false);
+
+/// This process's name among the records (`config.<me>`): its pid and start, hashed.
+fn me() -> &'static str {
+    static ME: OnceLock<String> = OnceLock::new();
+    ME.get_or_init(|| {
+        short_hash(&format!(
+            "{}-{}",
+            std::process::id(),
+            crate::clock::now_ms()
+        ))
+    })
+}
 
 /// What an instance records.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -61,12 +77,19 @@ impl Cluster {
         }
     }
 
+    /// Remove this instance's record, as it stops cleanly: a restarted instance with a new
+    /// config is not warned about its predecessor for the 3 minutes its record would stay
+    /// live. Waits at most a second (NATS may be down: the record then ages out).
+    pub async fn leave_config(&self) {
+        if ANNOUNCED.get().is_none() || LEFT.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let gone = self.kv.delete(format!("config.{}", me()));
+        let _ = tokio::time::timeout(Duration::from_secs(1), gone).await;
+    }
+
     async fn announce(self, mut fingerprint: watch::Receiver<String>) {
-        let me = short_hash(&format!(
-            "{}-{}",
-            std::process::id(),
-            crate::clock::now_ms()
-        ));
+        let me = me();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
@@ -79,6 +102,9 @@ impl Cluster {
                 pid: std::process::id(),
                 at_ms: crate::clock::now_ms(),
             };
+            if LEFT.load(Ordering::SeqCst) {
+                return;
+            }
             if let Ok(bytes) = serde_json::to_vec(&record)
                 && self
                     .kv
@@ -86,7 +112,7 @@ impl Cluster {
                     .await
                     .is_ok()
             {
-                self.compare(&me, &mine, &mut warned).await;
+                self.compare(me, &mine, &mut warned).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH) => {}
@@ -105,6 +131,7 @@ impl Cluster {
             return;
         };
         let now = crate::clock::now_ms();
+        let mut live = 0;
         while let Some(Ok(key)) = keys.next().await {
             let Some(other) = key.strip_prefix("config.") else {
                 continue;
@@ -123,18 +150,27 @@ impl Cluster {
                 let _ = self.kv.delete(&key).await;
                 continue;
             }
-            if age > LIVE.as_millis() as u64 || record.fingerprint == mine {
+            if age > LIVE.as_millis() as u64 {
+                continue;
+            }
+            live += 1;
+            if record.fingerprint == mine {
                 continue;
             }
             if warned.insert((other.to_string(), record.fingerprint.clone())) {
                 warn!(
-                    "instance {} (pid {}) of cluster {} runs other forward targets or rules than \
-                     this one (config fingerprint {} there, {mine} here): instances with different \
-                     [[channel]] forward lists or [[rule]]s deliver and judge the same events \
-                     differently; use the same config on every instance",
+                    "instance {} (pid {}) of cluster {} runs other forward targets, rules or Slack \
+                     webhook than this one (config fingerprint {} there, {mine} here): instances \
+                     with different [[channel]] forward lists, [[rule]]s or [slack] webhook_url \
+                     deliver and judge the same events differently; use the same config on every \
+                     instance",
                     record.host, record.pid, self.settings.name, record.fingerprint
                 );
             }
         }
+        tracing::debug!(
+            others = live,
+            "config fingerprints compared with the other live instances"
+        );
     }
 }

@@ -126,7 +126,8 @@ fn cluster_changes(
 }
 
 /// What the instances of a cluster must agree on, hashed (see `cluster::config_fingerprint`):
-/// the routes (channel and target) and the rules (not where in the file they are written).
+/// the routes (channel and target), the rules (not where in the file they are written) and
+/// the Slack webhook (whichever instance takes an alert sends it to its own).
 fn plan_fingerprint(plan: &Plan) -> String {
     let mut parts = Vec::new();
     for channel in &plan.channels {
@@ -140,7 +141,11 @@ fn plan_fingerprint(plan: &Plan) -> String {
             parts.push(format!("pipeline {}", channel_key(channel)));
         }
     }
-    if let Some((pipeline, _)) = &plan.pipeline {
+    if let Some((pipeline, alerts)) = &plan.pipeline {
+        // Hashed with the rest: the webhook URL is a secret.
+        if let Some(slack) = &alerts.slack {
+            parts.push(format!("slack {}", slack.target().with_query(&[])));
+        }
         parts.extend(pipeline.rules.iter().map(|r| {
             format!(
                 "rule {:?} {:?} {:?} {:?} {:?}",
@@ -354,6 +359,7 @@ pub async fn run(
         pipeline,
         actions,
         reconciler,
+        cluster,
         ..
     } = runtime;
     for channel in channels.into_values() {
@@ -375,6 +381,9 @@ pub async fn run(
     }
     for task in background {
         let _ = task.await;
+    }
+    if let Some(cluster) = cluster {
+        cluster.leave_config().await;
     }
     drop(writer);
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
