@@ -352,3 +352,51 @@ async fn regression_a_stalled_instance_retried_a_delivery_the_cluster_gave_to_an
     );
     assert_eq!(target.arrived(), 1, "{:?}", target.arrivals());
 }
+
+/// The one repeat a stall leaves: an attempt already under way when an instance's network
+/// stalls reaches the target beside the other instance's (same delivery id). The stalled
+/// instance's floor write then finds the floor already moved by the other, which is as it
+/// should be, but it warned "the route's delivered floor was not confirmed (wrong last
+/// sequence: wrong last sequence: ...)" as if something had failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_floor_the_instance_taking_over_wrote_first_was_warned_about_as_unconfirmed() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    let target = support::FakeTarget::start().await;
+    target.hold();
+    let target_url = target.url("/hook");
+    let body = |nats_url: &str| {
+        support::nats::forward_config(&channel.url("ch"), &target_url, nats_url, "underway")
+    };
+    let a = join(&channel, &body(&proxy.url), &[]).await;
+    a.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    target.wait_arrived(1).await;
+    let b = join(&channel, &body(&nats.url), &[]).await;
+    b.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+
+    // A's request is under way when its network stalls: B takes the delivery over.
+    proxy.freeze();
+    target.wait_arrived(2).await;
+    target.release();
+    b.logs.wait_for(&["cluster delivery done"]).await;
+    let ids: Vec<_> = target
+        .arrivals()
+        .iter()
+        .map(|r| r.header("x-smee-relay-delivery").map(str::to_string))
+        .collect();
+    assert_eq!(ids[0], ids[1], "one delivery id for both");
+
+    proxy.thaw();
+    a.logs.wait_for(&["cluster delivery done"]).await;
+    assert!(
+        a.logs.find(&["WARN", "floor"]).is_none(),
+        "{}",
+        a.logs.all()
+    );
+}
