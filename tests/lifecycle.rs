@@ -756,6 +756,59 @@ async fn metrics_text(addr: &str) -> String {
         .unwrap()
 }
 
+/// The relay's `/metrics` had no `# HELP` lines (the serve command's had): Prometheus and
+/// Grafana showed each series with no word on what it counts.
+#[tokio::test]
+async fn regression_relay_metrics_had_no_help_lines() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let metrics = support::unused_addr().to_string();
+    let (child, _logs) = watched(
+        smee_relay()
+            .args([
+                "forward",
+                &channel.url("Help"),
+                &target.url("/hook"),
+                "--metrics-listen",
+                &metrics,
+            ])
+            .arg("--state-dir")
+            .arg(state.path()),
+    );
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, &seq(1));
+    target.next().await;
+    let text = tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let text = metrics_text(&metrics).await;
+            if text.contains("smee_relay_deliveries_total{") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a delivery shows in /metrics");
+    stop(child).await;
+    for name in text
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+    {
+        // A histogram's series are NAME_bucket, NAME_sum and NAME_count.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|family| text.contains(&format!("# HELP {family} ")))
+            .unwrap_or(name);
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "no # HELP for {name}:\n{text}"
+        );
+    }
+}
+
 /// Regression (item 16): credentials in a target URL were printed in logs, `/metrics` and
 /// `events list`, and never sent. They go as Basic auth now, and show as `user:***`.
 #[tokio::test]

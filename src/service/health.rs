@@ -16,9 +16,181 @@ use tokio_util::sync::CancellationToken;
 
 use crate::source::status::ChannelStatus;
 
+/// What each of the relay's metrics counts: its `# HELP` line in `/metrics` (the README's table
+/// says more; a test keeps the two lists the same).
+const DESCRIBED: &[(&str, Kind, &str)] = &[
+    (
+        "smee_relay_events_received_total",
+        Kind::Counter,
+        "Events stored in the spool.",
+    ),
+    (
+        "smee_relay_events_refused_total",
+        Kind::Counter,
+        "Events refused because the spool was full.",
+    ),
+    (
+        "smee_relay_deliveries_total",
+        Kind::Counter,
+        "Successful deliveries, per route.",
+    ),
+    (
+        "smee_relay_retries_total",
+        Kind::Counter,
+        "Failed attempts that will be retried, per route.",
+    ),
+    (
+        "smee_relay_dead_letters_total",
+        Kind::Counter,
+        "Deliveries given up on, per route.",
+    ),
+    (
+        "smee_relay_delivery_seconds",
+        Kind::Histogram,
+        "Time of successful deliveries, per route.",
+    ),
+    (
+        "smee_relay_spool_pending",
+        Kind::Gauge,
+        "Deliveries waiting in the spool.",
+    ),
+    (
+        "smee_relay_spool_bytes",
+        Kind::Gauge,
+        "Stored event bytes (compare with --max-spool-size).",
+    ),
+    (
+        "smee_relay_intake_paused",
+        Kind::Gauge,
+        "1 while new events wait in memory because the spool does not take them.",
+    ),
+    (
+        "smee_relay_channel_connected",
+        Kind::Gauge,
+        "1 while the channel is connected.",
+    ),
+    (
+        "smee_relay_reconnects_total",
+        Kind::Counter,
+        "Channel connections lost.",
+    ),
+    (
+        "smee_relay_events_ignored_total",
+        Kind::Counter,
+        "Events skipped as ignore_events asks.",
+    ),
+    (
+        "smee_relay_bad_frames_total",
+        Kind::Counter,
+        "Frames skipped, by kind (refused, too_large, malformed, unknown_type, gap).",
+    ),
+    (
+        "smee_relay_catch_up_runs_total",
+        Kind::Counter,
+        "Catch-ups run after a gap, by outcome.",
+    ),
+    (
+        "smee_relay_catch_up_recovered_total",
+        Kind::Counter,
+        "Events catch-ups recovered and queued.",
+    ),
+    (
+        "smee_relay_alerts_total",
+        Kind::Counter,
+        "Alerts produced, by rule and status (FIRING, RESOLVED).",
+    ),
+    (
+        "smee_relay_rule_errors_total",
+        Kind::Counter,
+        "Failed rule evaluations, by rule and kind.",
+    ),
+    (
+        "smee_relay_pipeline_refused_total",
+        Kind::Counter,
+        "Events the pipeline refused as bad input, by reason.",
+    ),
+    (
+        "smee_relay_reconciliations_total",
+        Kind::Counter,
+        "Reconciliations with Port, by result.",
+    ),
+    (
+        "smee_relay_reconcile_entities_total",
+        Kind::Counter,
+        "Entities compared with the alert state by reconciliation.",
+    ),
+    (
+        "smee_relay_reconcile_newer_live_total",
+        Kind::Counter,
+        "Entities a reconciliation left to a newer live change.",
+    ),
+    (
+        "smee_relay_reconcile_alerts_total",
+        Kind::Counter,
+        "Alerts found by reconciliation, by rule and status.",
+    ),
+    (
+        "smee_relay_reconcile_last_success_seconds",
+        Kind::Gauge,
+        "When the last reconciliation read Port (Unix seconds).",
+    ),
+    (
+        "smee_relay_action_runs_started_total",
+        Kind::Counter,
+        "Action handlers started, per action.",
+    ),
+    (
+        "smee_relay_action_runs_finished_total",
+        Kind::Counter,
+        "Action runs ended, per action and outcome.",
+    ),
+    (
+        "smee_relay_action_run_seconds",
+        Kind::Histogram,
+        "How long action handlers took, per action.",
+    ),
+    (
+        "smee_relay_action_report_errors_total",
+        Kind::Counter,
+        "Reports Port did not take, by kind.",
+    ),
+    (
+        "smee_relay_cluster_connected",
+        Kind::Gauge,
+        "1 while connected to the cluster's NATS.",
+    ),
+    (
+        "smee_relay_cluster_consumer_lag",
+        Kind::Gauge,
+        "Cluster messages not yet delivered (in flight included), per route.",
+    ),
+    (
+        "smee_relay_cluster_consumer_redelivered",
+        Kind::Gauge,
+        "Messages the route's consumer redelivered, per route.",
+    ),
+    (
+        "smee_relay_cluster_redeliveries_total",
+        Kind::Counter,
+        "Deliveries this instance took over from another, per route.",
+    ),
+    (
+        "smee_relay_cluster_skipped_total",
+        Kind::Counter,
+        "Repeats a crashed NATS offered, not delivered, per route.",
+    ),
+];
+
+/// A metric's type, for [`DESCRIBED`].
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
 /// Start recording metrics; the handle renders them in Prometheus text format.
 pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ])?
@@ -29,7 +201,15 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
                 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
             ],
         )?
-        .install_recorder()
+        .install_recorder()?;
+    for (name, kind, help) in DESCRIBED {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
+    Ok(handle)
 }
 
 /// What `/healthz` looks at: each channel's liveness, whether the spool takes writes, and
@@ -199,6 +379,21 @@ mod tests {
             spool_writable: Arc::new(AtomicBool::new(true)),
             ..Health::default()
         })
+    }
+
+    /// The `# HELP` lines and the README's metric list name the same metrics (the serve
+    /// command's, `smee_relay_serve_*`, are its own).
+    #[test]
+    fn every_metric_the_readme_lists_is_described_and_no_other() {
+        let readme = include_str!("../../README.md");
+        let listed: std::collections::BTreeSet<&str> = readme
+            .split('`')
+            .filter(|word| word.starts_with("smee_relay_") && !word.starts_with("smee_relay_serve"))
+            .filter_map(|word| word.split('{').next())
+            .collect();
+        let described: std::collections::BTreeSet<&str> =
+            DESCRIBED.iter().map(|(name, _, _)| *name).collect();
+        assert_eq!(listed, described);
     }
 
     /// Regression: a route whose task ended (its spool reader panicked, say) left its queue
