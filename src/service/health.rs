@@ -296,14 +296,27 @@ impl Health {
         for channel in self.channels.lock().expect("not poisoned").iter() {
             let last = channel.last_bytes_ms.load(Ordering::Relaxed);
             let silent = Duration::from_millis(now.saturating_sub(last));
+            // What the source last met, if it is not connected: the cause, not only the silence.
+            let because = channel
+                .down_because()
+                .map(|why| format!(": {why}"))
+                .unwrap_or_default();
             if last == 0 {
-                problems.push(format!("channel {} has not connected yet", channel.name));
+                problems.push(format!(
+                    "channel {} has not connected yet{because}",
+                    channel.name
+                ));
             } else if silent > channel.idle_timeout && !paused {
                 problems.push(format!(
-                    "channel {} has sent nothing for {} (idle timeout {})",
+                    "channel {} has sent nothing for {} (idle timeout {}){}",
                     channel.name,
                     humantime::format_duration(Duration::from_secs(silent.as_secs())),
-                    humantime::format_duration(channel.idle_timeout)
+                    humantime::format_duration(channel.idle_timeout),
+                    if because.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; not connected{because}")
+                    }
                 ));
             }
         }
@@ -428,6 +441,37 @@ mod tests {
         // a problem.
         cancel.cancel();
         assert!(health.problems().is_empty(), "{:?}", health.problems());
+    }
+
+    /// `/healthz` said a channel "has sent nothing for 2m" while the source knew why: the
+    /// server refused it (404), or nothing listened. The cause is said now.
+    #[test]
+    fn regression_healthz_said_a_channel_was_silent_not_why_it_was_down() {
+        let health = healthy();
+        let channel = Arc::new(ChannelStatus::new(
+            "http://x/ch".into(),
+            Duration::from_secs(90),
+        ));
+        health.channels.lock().unwrap().push(channel.clone());
+        channel.lost("connection refused");
+        assert_eq!(
+            health.problems(),
+            ["channel http://x/ch has not connected yet: connection refused"]
+        );
+        channel.set_connected(true);
+        let long_ago = crate::clock::now_ms() - 120_000;
+        channel.last_bytes_ms.store(long_ago, Ordering::Relaxed);
+        assert_eq!(
+            health.problems(),
+            ["channel http://x/ch has sent nothing for 2m (idle timeout 1m 30s)"]
+        );
+        channel.lost("the server answered 404 Not Found");
+        assert_eq!(
+            health.problems(),
+            [
+                "channel http://x/ch has sent nothing for 2m (idle timeout 1m 30s); not connected: the server answered 404 Not Found"
+            ]
+        );
     }
 
     /// While the intake was paused (a full disk), the channels it no longer read were also

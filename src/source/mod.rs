@@ -354,7 +354,7 @@ impl Source {
             };
             self.transport.close();
             let was_connected = self.connected_at.take().is_some();
-            self.status.set_connected(false);
+            self.status.lost(&reason);
             // A connection lost, as the metric says: not each failed attempt to make one.
             if was_connected {
                 self.status.reconnecting();

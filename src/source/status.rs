@@ -23,6 +23,9 @@ pub struct ChannelStatus {
     /// When the last connection ended (ms since the epoch; 0: none has), so a gap can say
     /// since when it lasted.
     disconnected_at_ms: AtomicU64,
+    /// Why the last connection (or attempt) ended, while not connected: `/healthz` says it
+    /// rather than only how long the channel has been silent.
+    down_because: std::sync::Mutex<Option<String>>,
 }
 
 /// The kinds of `smee_relay_bad_frames_total`, each shown from the channel's start at 0.
@@ -48,6 +51,7 @@ impl ChannelStatus {
             bad_frames: AtomicU64::new(0),
             connections: tokio::sync::watch::Sender::new(0),
             disconnected_at_ms: AtomicU64::new(0),
+            down_because: std::sync::Mutex::new(None),
         }
     }
 
@@ -69,10 +73,26 @@ impl ChannelStatus {
         if connected {
             self.saw_bytes();
             self.connections.send_modify(|n| *n += 1);
+            *self.down_because.lock().expect("not poisoned") = None;
         } else if was {
             self.disconnected_at_ms
                 .store(crate::clock::now_ms(), Ordering::Relaxed);
         }
+    }
+
+    /// The connection (or the attempt to make one) ended: `reason` says why until the next
+    /// connection.
+    pub fn lost(&self, reason: &str) {
+        self.set_connected(false);
+        *self.down_because.lock().expect("not poisoned") = Some(reason.to_string());
+    }
+
+    /// Why the channel is not connected, if it is not and the source said.
+    pub fn down_because(&self) -> Option<String> {
+        if self.connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.down_because.lock().expect("not poisoned").clone()
     }
 
     /// Watch the number of connections made so far: it changes on every (re)connection.
