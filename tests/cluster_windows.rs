@@ -25,6 +25,17 @@ async fn join(channel: &FakeChannel, config_body: &str, env: &[(&str, &str)]) ->
     instance
 }
 
+/// Join (see [`join`]) with a forward route, and wait until the route's consumer exists (one
+/// made after an event was published starts after it).
+async fn join_route(channel: &FakeChannel, config_body: &str) -> Instance {
+    let instance = join(channel, config_body, &[]).await;
+    instance
+        .logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+    instance
+}
+
 /// A smee frame carrying one of the Port fixtures (one entity, cpu changes).
 fn change(file: &str) -> String {
     format!(
@@ -309,18 +320,12 @@ async fn regression_a_stalled_instance_retried_a_delivery_the_cluster_gave_to_an
     let body = |nats_url: &str| {
         support::nats::forward_config(&channel.url("ch"), &target_url, nats_url, "stall")
     };
-    let a = join(&channel, &body(&proxy.url), &[]).await;
-    a.logs
-        .wait_for(&["the route's NATS consumer is ready"])
-        .await;
+    let a = join_route(&channel, &body(&proxy.url)).await;
 
     // A alone takes the event, and retries it: the target is down.
     channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
     a.logs.wait_for(&["failed: cannot reach target"]).await;
-    let b = join(&channel, &body(&nats.url), &[]).await;
-    b.logs
-        .wait_for(&["the route's NATS consumer is ready"])
-        .await;
+    let b = join_route(&channel, &body(&nats.url)).await;
 
     // A's network stalls: its lease runs out and B takes the delivery over.
     proxy.freeze();
@@ -369,16 +374,10 @@ async fn regression_a_floor_the_instance_taking_over_wrote_first_was_warned_abou
     let body = |nats_url: &str| {
         support::nats::forward_config(&channel.url("ch"), &target_url, nats_url, "underway")
     };
-    let a = join(&channel, &body(&proxy.url), &[]).await;
-    a.logs
-        .wait_for(&["the route's NATS consumer is ready"])
-        .await;
+    let a = join_route(&channel, &body(&proxy.url)).await;
     channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
     target.wait_arrived(1).await;
-    let b = join(&channel, &body(&nats.url), &[]).await;
-    b.logs
-        .wait_for(&["the route's NATS consumer is ready"])
-        .await;
+    let b = join_route(&channel, &body(&nats.url)).await;
 
     // A's request is under way when its network stalls: B takes the delivery over.
     proxy.freeze();

@@ -743,6 +743,36 @@ async fn regression_a_closed_stderr_stops_neither_delivery_nor_shutdown() {
     stop(child).await;
 }
 
+/// `forward CHANNEL TARGET` serving `/metrics` on `metrics`, its spool in `state`.
+fn forward_with_metrics(
+    channel: &str,
+    target: &str,
+    metrics: &str,
+    state: &std::path::Path,
+) -> (tokio::process::Child, support::LogWatch) {
+    watched(
+        smee_relay()
+            .args(["forward", channel, target, "--metrics-listen", metrics])
+            .arg("--state-dir")
+            .arg(state),
+    )
+}
+
+/// `/metrics` of the relay at `addr` once it shows `needle` (within the patience).
+async fn metrics_showing(addr: &str, needle: &str) -> String {
+    tokio::time::timeout(support::PATIENCE, async {
+        loop {
+            let text = metrics_text(addr).await;
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{needle} shows in /metrics"))
+}
+
 async fn metrics_text(addr: &str) -> String {
     smee_relay::http::client_builder()
         .build()
@@ -764,32 +794,16 @@ async fn regression_relay_metrics_had_no_help_lines() {
     let mut target = FakeTarget::start().await;
     let state = tempfile::tempdir().unwrap();
     let metrics = support::unused_addr().to_string();
-    let (child, _logs) = watched(
-        smee_relay()
-            .args([
-                "forward",
-                &channel.url("Help"),
-                &target.url("/hook"),
-                "--metrics-listen",
-                &metrics,
-            ])
-            .arg("--state-dir")
-            .arg(state.path()),
+    let (child, _logs) = forward_with_metrics(
+        &channel.url("Help"),
+        &target.url("/hook"),
+        &metrics,
+        state.path(),
     );
     channel.wait_connections(1).await;
     channel.send_webhook(1, &seq(1));
     target.next().await;
-    let text = tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let text = metrics_text(&metrics).await;
-            if text.contains("smee_relay_deliveries_total{") {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("a delivery shows in /metrics");
+    let text = metrics_showing(&metrics, "smee_relay_deliveries_total{").await;
     stop(child).await;
     for name in text
         .lines()
@@ -818,18 +832,7 @@ async fn regression_target_credentials_go_as_basic_auth_and_are_never_shown() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("http://alice:pa%24%24word@{}/hook", target.addr);
     let metrics = support::unused_addr().to_string();
-    let (child, logs) = watched(
-        smee_relay()
-            .args([
-                "forward",
-                &channel.url("Creds"),
-                &url,
-                "--metrics-listen",
-                &metrics,
-            ])
-            .arg("--state-dir")
-            .arg(state.path()),
-    );
+    let (child, logs) = forward_with_metrics(&channel.url("Creds"), &url, &metrics, state.path());
     channel.wait_connections(1).await;
     channel.send_webhook(1, &seq(1));
     let request = target.next().await;
@@ -842,17 +845,7 @@ async fn regression_target_credentials_go_as_basic_auth_and_are_never_shown() {
     logs.wait_for(&[&format!("POST {shown} -> 200")]).await;
 
     let route = format!("route=\"http://{shown}\"");
-    let text = tokio::time::timeout(support::PATIENCE, async {
-        loop {
-            let text = metrics_text(&metrics).await;
-            if text.contains(&route) {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the route label shows in /metrics");
+    let text = metrics_showing(&metrics, &route).await;
     let list = smee_relay()
         .args(["events", "list", "--state-dir"])
         .arg(state.path())
