@@ -221,7 +221,12 @@ fn redact_url(urls: &str) -> String {
 
 fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // Shown as the client reads it (`check` said `at x` for `NATS_URL=x`, which is a
+        // host name): `nats://`, and port 4222 when none is given.
+        let default_port = reqwest::Url::parse(&format!("nats://{url}"))
+            .is_ok_and(|parsed| parsed.port().is_none() && parsed.host_str().is_some());
+        let port = if default_port { ":4222" } else { "" };
+        return redact_one(&format!("nats://{url}{port}"));
     };
     let (auth, host) = match rest.rsplit_once('@') {
         Some(split) => split,
@@ -1992,6 +1997,9 @@ mod tests {
             "nats://***@nats.example"
         );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        // A bare host, as the client reads it.
+        assert_eq!(redact_url("x"), "nats://x:4222");
+        assert_eq!(redact_url("u:pw@h:1"), "nats://u:***@h:1");
         assert_eq!(
             redact_url("nats://u:p1@a:4222, nats://u:p2@b:4222"),
             "nats://u:***@a:4222,nats://u:***@b:4222"
