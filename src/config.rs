@@ -1381,7 +1381,8 @@ when = '.properties.locked == true'
         let config = parse(&text, "c.toml", &env).unwrap();
         let cluster = config.cluster.expect("[cluster] read");
         assert_eq!(cluster.name, "prod");
-        assert_eq!(cluster.shown_url(), "10.0.0.1:4222");
+        // A bare host:port, shown as the client reads it.
+        assert_eq!(cluster.shown_url(), "nats://10.0.0.1:4222");
     }
 
     #[test]

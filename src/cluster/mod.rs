@@ -220,6 +220,10 @@ fn redact_url(urls: &str) -> String {
 }
 
 fn redact_one(url: &str) -> String {
+    if url.is_empty() {
+        // No URL yet (`events` asks for one with --nats-url): nothing to show.
+        return String::new();
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         // Shown as the client reads it (`check` said `at x` for `NATS_URL=x`, which is a
         // host name): `nats://`, and port 4222 when none is given.
