@@ -8,7 +8,9 @@
 //! So renewals here are confirmed by NATS, and each is followed by asking the consumer whether
 //! it delivered the message again since ([`Cluster::renew_lease`]). A local route attempts a
 //! cluster delivery only while a renewal was confirmed within two thirds of the ack wait
-//! ([`Cluster::claim`]; the first attempt, made as the message arrives, counts its arrival),
+//! ([`Cluster::claim`]; the first attempt counts from when the message was queued locally,
+//! which is after the floor's KV read: a stall that begins as the message arrives delays that
+//! read, a known gap stated in ARCHITECTURE.md),
 //! and one NATS gave to another instance is withdrawn from the local route, not attempted
 //! ([`Cluster::taken_away`]). While NATS cannot be asked, the route waits.
 //!
@@ -27,7 +29,8 @@ use crate::event::Event;
 
 /// What this instance knows of its hold on the cluster delivery a local route has in flight.
 pub(super) struct Lease {
-    /// When the last renewal NATS confirmed was sent (at first, when the message was taken):
+    /// When the last renewal NATS confirmed was sent (at first, when the message was queued
+    /// locally, after the floor read):
     /// NATS holds the message for this instance until at least the ack wait after it.
     confirmed: Instant,
     /// NATS delivered the message again since (to another instance, or to this one, which
