@@ -297,26 +297,22 @@ impl Health {
             let last = channel.last_bytes_ms.load(Ordering::Relaxed);
             let silent = Duration::from_millis(now.saturating_sub(last));
             // What the source last met, if it is not connected: the cause, not only the silence.
-            let because = channel
-                .down_because()
-                .map(|why| format!(": {why}"))
-                .unwrap_or_default();
+            let down = channel.down_because();
             if last == 0 {
+                let because = down.map(|why| format!(": {why}")).unwrap_or_default();
                 problems.push(format!(
                     "channel {} has not connected yet{because}",
                     channel.name
                 ));
             } else if silent > channel.idle_timeout && !paused {
+                let because = down
+                    .map(|why| format!("; not connected: {why}"))
+                    .unwrap_or_default();
                 problems.push(format!(
-                    "channel {} has sent nothing for {} (idle timeout {}){}",
+                    "channel {} has sent nothing for {} (idle timeout {}){because}",
                     channel.name,
                     humantime::format_duration(Duration::from_secs(silent.as_secs())),
                     humantime::format_duration(channel.idle_timeout),
-                    if because.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; not connected{because}")
-                    }
                 ));
             }
         }
@@ -394,6 +390,16 @@ mod tests {
         })
     }
 
+    /// A channel `health` watches, `http://x/ch` with an idle timeout of 90 s.
+    fn watched_channel(health: &Health) -> Arc<ChannelStatus> {
+        let channel = Arc::new(ChannelStatus::new(
+            "http://x/ch".into(),
+            Duration::from_secs(90),
+        ));
+        health.channels.lock().unwrap().push(channel.clone());
+        channel
+    }
+
     /// The `# HELP` lines and the README's metric list name the same metrics (the serve
     /// command's, `smee_relay_serve_*`, are its own).
     #[test]
@@ -448,11 +454,7 @@ mod tests {
     #[test]
     fn regression_healthz_said_a_channel_was_silent_not_why_it_was_down() {
         let health = healthy();
-        let channel = Arc::new(ChannelStatus::new(
-            "http://x/ch".into(),
-            Duration::from_secs(90),
-        ));
-        health.channels.lock().unwrap().push(channel.clone());
+        let channel = watched_channel(&health);
         channel.lost("connection refused");
         assert_eq!(
             health.problems(),
@@ -480,13 +482,9 @@ mod tests {
     #[test]
     fn regression_a_paused_intake_blamed_the_channels_it_did_not_read() {
         let health = healthy();
-        let channel = Arc::new(ChannelStatus::new(
-            "http://x/ch".into(),
-            Duration::from_secs(90),
-        ));
+        let channel = watched_channel(&health);
         let long_ago = crate::clock::now_ms() - 120_000;
         channel.last_bytes_ms.store(long_ago, Ordering::Relaxed);
-        health.channels.lock().unwrap().push(channel);
         assert_eq!(
             health.problems(),
             ["channel http://x/ch has sent nothing for 2m (idle timeout 1m 30s)"]
