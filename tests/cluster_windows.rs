@@ -399,3 +399,103 @@ async fn regression_a_floor_the_instance_taking_over_wrote_first_was_warned_abou
         a.logs.all()
     );
 }
+
+/// A stall as a delivery arrives (helper-105): the instance's floor read hung, the ack wait
+/// ran out meanwhile, and another instance took the delivery over; the lease counted only
+/// from after the read, so the first instance attempted it too, beside or after the other's
+/// (its Slack FIRING after the RESOLVED the other sent since). The lease now counts from the
+/// message's publication (a first delivery cannot have been sent before it), and a delivery
+/// that may have run out is attempted only once NATS confirms it is still this instance's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_delivery_held_up_as_it_arrived_was_attempted_after_another_instance_took_it()
+{
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = support::FakeTarget::start().await;
+    target.hold();
+    let target_url = target.url("/hook");
+    let body = support::nats::forward_config(&channel.url("ch"), &target_url, &nats.url, "arrival");
+    let dir = support::temp_dir();
+    let hold = dir.path().join("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let fault = format!("hold-on-arrival={}", hold.display());
+    let a = join(&channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    a.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+
+    // A takes the event and is held before its floor read: it sends no renewal, the ack
+    // wait runs out, and B takes the delivery over (its attempt waits at the target).
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    a.logs
+        .wait_for(&["fault injected: holding a delivery on arrival"])
+        .await;
+    let b = join_route(&channel, &body).await;
+    b.logs
+        .wait_for(&["taking over a delivery another instance did not finish"])
+        .await;
+    target.wait_arrived(1).await;
+
+    // A goes on: it must learn that B has the delivery, not attempt it.
+    release(&hold);
+    let word = support::wait_for(FAILOVER_PATIENCE, "A's next word on the delivery", || {
+        std::future::ready(if target.arrived() > 1 {
+            Some("A attempted it".to_string())
+        } else {
+            a.logs.find(&["another instance has it"])
+        })
+    })
+    .await;
+    assert!(
+        word.contains("another instance has it"),
+        "A attempted the delivery B had taken: {word}\n{}",
+        a.logs.all()
+    );
+    target.release();
+    b.logs.wait_for(&["cluster delivery done"]).await;
+    assert_eq!(target.arrived(), 1, "{:?}", target.arrivals());
+}
+
+/// A stall of only the way back (helper-105): the instance's lease renewals reached NATS and
+/// kept the delivery its own, but no answer came back, so it could not attempt it either;
+/// the route stood still cluster-wide until the client's pings gave the connection up
+/// (about 3 minutes). Renewals now stop once a whole ack wait passed without an answer, and
+/// another instance takes the delivery over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stall_of_only_the_answers_held_the_route_until_the_connection_dropped() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    // Down until A's answers stall.
+    let target_addr = support::unused_addr();
+    let target_url = format!("http://{target_addr}/hook");
+    let body = |nats_url: &str| {
+        support::nats::forward_config(&channel.url("ch"), &target_url, nats_url, "oneway")
+    };
+    let a = join_route(&channel, &body(&proxy.url)).await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    a.logs.wait_for(&["failed: cannot reach target"]).await;
+    let b = join_route(&channel, &body(&nats.url)).await;
+
+    // A's answers stall; it waits for NATS before attempting again (so that what reaches the
+    // target below is B's), while its renewals still get through.
+    proxy.freeze_answers();
+    a.logs
+        .wait_for(&["cannot confirm with NATS that this instance still holds the delivery"])
+        .await;
+    let mut target = support::FakeTarget::start_on(target_addr).await;
+    let first = target
+        .try_next(FAILOVER_PATIENCE)
+        .await
+        .expect("B's delivery, within the failover patience");
+    assert_eq!(&first.body[..], br#"{"n":1}"#);
+    b.logs
+        .wait_for(&["taking over a delivery another instance did not finish"])
+        .await;
+    b.logs.wait_for(&["cluster delivery done"]).await;
+
+    // A's answers come back: it learns that B has the delivery, and does not send it.
+    proxy.thaw();
+    a.logs.wait_for(&["another instance has it"]).await;
+    assert_eq!(target.arrived(), 1, "{:?}", target.arrivals());
+}

@@ -40,9 +40,9 @@
 //!   stand in for the read: a message sits in the client's buffer from the moment the server
 //!   sends it, and if this instance stalls (a paused VM, swap) past the ack wait, the server
 //!   gives it to another instance, which delivers it and moves the floor; the stalled copy
-//!   still says `delivered == 1` when this instance gets to it, and nothing local tells how
-//!   long it waited. Only the floor read after taking it does (a stall between the read and
-//!   the delivery repeats the message in flight, as a kill -9 does).
+//!   still says `delivered == 1` when this instance gets to it. Only what NATS says after it
+//!   is taken tells: the floor read, and the lease, which counts from the message's
+//!   publication and asks NATS when that leaves too little ([`lease`]).
 //! - **The ack goes out right behind the floor's put**, not after its confirmation (one round
 //!   trip less per message). Once NATS stored the put, an ack it loses costs a redelivery the
 //!   floor skips, as before. If NATS dies before storing it, the message repeats whether the
@@ -70,7 +70,9 @@
 //! to stop an instance at an exact point (`abort-after-alert-state-write`: the pipeline aborts
 //! the process right after a FIRING's alert-state write landed, before its local commit;
 //! `abort-after-held-alert-write`: the same after a held alert's write;
-//! `hold-alert-publish=<path>`: the alerts' outbox does not publish while `<path>` exists).
+//! `hold-alert-publish=<path>`: the alerts' outbox does not publish while `<path>` exists;
+//! `hold-on-arrival=<path>`: a route's delivery waits before its floor read while `<path>`
+//! exists, as it does when the network stalls as the delivery arrives).
 //! Release builds have no such hook.
 
 mod diagnose;
@@ -1026,15 +1028,16 @@ impl Cluster {
                     }
                     None => break,
                 };
-                if self.overtaken(&consumer, &message).await {
+                let Some(lease) = self.arrive(&consumer, &message).await else {
                     info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
                     continue;
-                }
+                };
                 let paced = Paced { pace };
                 self.handle(
                     &names,
                     &consumer,
                     message,
+                    lease,
                     &spool,
                     &writer,
                     &route_done,
@@ -1045,31 +1048,6 @@ impl Cluster {
         }
     }
 
-    /// Whether `message` reached this instance after its ack wait ran out (its connection
-    /// stalled with the message on the way): the consumer delivered since (one in flight
-    /// cluster-wide: the message again, to another instance), so delivering it here too would
-    /// repeat it, beside or after the other's. Asked of the server only for a message
-    /// published longer than the ack wait ago: a fresher one cannot have run out.
-    async fn overtaken(
-        &self,
-        consumer: &consumer::PullConsumer,
-        message: &jetstream::Message,
-    ) -> bool {
-        let Ok(info) = message.info() else {
-            return false;
-        };
-        // A second's margin for the clocks of this machine and the server's to differ.
-        let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-        let age_ms = (crate::clock::now_ms() as i64).saturating_sub(published_ms);
-        if age_ms.saturating_add(1000) < self.settings.ack_wait.as_millis() as i64 {
-            return false;
-        }
-        match consumer.get_info().await {
-            Ok(now) => now.delivered.consumer_sequence > info.consumer_sequence,
-            Err(_) => false,
-        }
-    }
-
     /// One message: into the local queue, wait for its delivery, ack.
     #[allow(clippy::too_many_arguments)]
     async fn handle(
@@ -1077,6 +1055,7 @@ impl Cluster {
         names: &RouteNames,
         consumer: &consumer::PullConsumer,
         message: jetstream::Message,
+        lease: lease::Lease,
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
         route_done: &CancellationToken,
@@ -1103,6 +1082,15 @@ impl Cluster {
         // the floor on) never writes its older floor over the newer one.
         let mut floor_revision = None;
         let mut floor = None;
+        // Test-only (debug builds, `SMEE_RELAY_FAULT`): hold the delivery here, where a
+        // network that stalls as it arrives holds up the floor read.
+        #[cfg(debug_assertions)]
+        if let Some(path) = fault("hold-on-arrival") {
+            info!(route = %label, "fault injected: holding a delivery on arrival");
+            while std::path::Path::new(&path).exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         if stream_seq.is_some() {
             match self.kv.entry(floor_key).await {
                 Ok(Some(entry)) => {
@@ -1170,7 +1158,7 @@ impl Cluster {
                 attempts: 0,
                 failed: None,
                 started: None,
-                lease: lease::Lease::taken(),
+                lease,
                 withdrawn: false,
             };
             self.in_flight
@@ -1426,8 +1414,8 @@ impl Cluster {
         let queued = took.elapsed();
         // Renew the lease well within the ack wait; the route attempts again only while
         // renewals are confirmed ([`lease`]).
-        let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
-        let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
+        let mut renew_every = tokio::time::interval_at(self.renewal_due(route), self.renew_every());
+        renew_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Told to stop, the local route finishes the delivery in flight within its shutdown
         // timeout, or leaves it queued; once it has returned, the spool says which.
         let done = loop {
@@ -1443,7 +1431,7 @@ impl Cluster {
                 _ = renew_every.tick() => {
                     // The spool may have it (no journal: marks come with commits).
                     if finished_in_spool(spool, route, id).await { break true; }
-                    self.renew_lease(route, consumer, message, renew).await;
+                    self.renew_lease(route, consumer, message).await;
                 }
                 _ = route_done.cancelled() => {
                     break finished_in_spool(spool, route, id).await;
@@ -1476,7 +1464,7 @@ impl Cluster {
         finished: &mut tokio::sync::broadcast::Receiver<(String, u64)>,
     ) -> bool {
         let mut left = pending_ids(spool, outbox).await;
-        let renew = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
+        let renew = self.renew_every();
         let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
         while !left.is_empty() {
             tokio::select! {

@@ -206,8 +206,10 @@ ack_wait = "{ACK_WAIT}"
 pub struct FreezableProxy {
     /// `nats://127.0.0.1:PORT` of the proxy, for that relay's `nats_url`.
     pub url: String,
-    /// Whether traffic is held; every pump watches it.
-    frozen: tokio::sync::watch::Sender<bool>,
+    /// Whether traffic to the server is held; the pumps that way watch it.
+    up: tokio::sync::watch::Sender<bool>,
+    /// Whether traffic from the server is held; the pumps that way watch it.
+    down: tokio::sync::watch::Sender<bool>,
     /// The accept loop, ended with the proxy.
     task: tokio::task::JoinHandle<()>,
 }
@@ -217,7 +219,8 @@ impl FreezableProxy {
     pub async fn start(port: u16) -> FreezableProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("nats://{}", listener.local_addr().unwrap());
-        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let (up, up_watch) = tokio::sync::watch::channel(false);
+        let (down, down_watch) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
@@ -225,21 +228,34 @@ impl FreezableProxy {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(pump(client_read, server_write, watch.clone()));
-                tokio::spawn(pump(server_read, client_write, watch.clone()));
+                tokio::spawn(pump(client_read, server_write, up_watch.clone()));
+                tokio::spawn(pump(server_read, client_write, down_watch.clone()));
             }
         });
-        FreezableProxy { url, frozen, task }
+        FreezableProxy {
+            url,
+            up,
+            down,
+            task,
+        }
     }
 
     /// Stop forwarding, both ways; what is in flight waits in the proxy.
     pub fn freeze(&self) {
-        self.frozen.send_replace(true);
+        self.up.send_replace(true);
+        self.down.send_replace(true);
     }
 
-    /// Forward again, starting with what waited.
+    /// Stop forwarding from the server only: what the relay sends gets through, no answer
+    /// comes back.
+    pub fn freeze_answers(&self) {
+        self.down.send_replace(true);
+    }
+
+    /// Forward again, both ways, starting with what waited.
     pub fn thaw(&self) {
-        self.frozen.send_replace(false);
+        self.up.send_replace(false);
+        self.down.send_replace(false);
     }
 }
 
