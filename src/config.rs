@@ -714,17 +714,35 @@ fn cluster_settings(
 /// Where table `[name]`'s header is in `text` (its offset; 0 when it is not written as one:
 /// an inline table), for a problem of the table as a whole.
 fn table_offset(text: &str, name: &str) -> usize {
+    key_offset(text, name, None).unwrap_or(0)
+}
+
+/// Where `key` of table `[table]` is written in `text` (the offset of its line), else the
+/// table's header; None when the table is not written as one (absent, or inline). For a
+/// problem the parsed value carries no span for (a secret looked up, a default).
+fn key_offset(text: &str, table: &str, key: Option<&str>) -> Option<usize> {
     let mut offset = 0;
+    let mut header_at = None;
     for line in text.split_inclusive('\n') {
-        let header = line.trim().split('#').next().unwrap_or("").trim();
-        if let Some(inner) = header.strip_prefix('[').and_then(|h| h.strip_suffix(']'))
-            && inner.trim() == name
+        let code = line.trim().split('#').next().unwrap_or("").trim();
+        if let Some(inner) = code.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            if header_at.is_some() {
+                break;
+            }
+            if inner.trim() == table {
+                header_at = Some(offset);
+            }
+        } else if header_at.is_some()
+            && let Some(key) = key
+            && code
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
         {
-            return offset;
+            return Some(offset);
         }
         offset += line.len();
     }
-    0
+    header_at
 }
 
 /// `[cluster]` with `--nats-url` / `SMEE_RELAY_NATS_URL` on top, for `run` and `events`: the flag
@@ -760,10 +778,12 @@ pub fn cluster_with_flag(
 }
 
 /// Only `[cluster]` of the config at `path` (for `smee-relay events`, which needs nothing
-/// else: the rest of the file, and the secrets it names, are not read).
+/// else: the rest of the file, and the secrets it names, are not read). `url_given`: the
+/// command line gives the URL (`--nats-url`), so a `nats_url_env` not set here is fine.
 pub fn load_cluster(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    url_given: bool,
 ) -> Result<Option<crate::cluster::Settings>, ConfigError> {
     /// The one table wanted; the others are left unread.
     #[derive(Deserialize)]
@@ -789,7 +809,11 @@ pub fn load_cluster(
     let (settings, problems) = cluster_settings(
         &c,
         table_offset(&text, "cluster"),
-        ClusterUrlEnv::Optional(env),
+        if url_given {
+            ClusterUrlEnv::Optional(env)
+        } else {
+            ClusterUrlEnv::Required(env)
+        },
         &at_line,
     );
     if !problems.is_empty() {
@@ -842,6 +866,12 @@ pub fn parse(
     let mut problems = Vec::new();
     let at_line =
         |offset: usize, message: String| format!("{origin}:{}: {message}", line_of(offset));
+    // A problem of a table's key, at the key's line where the file has one.
+    let at_key = |table: &str, key: &str, message: String| match key_offset(text, table, Some(key))
+    {
+        Some(offset) => at_line(offset, message),
+        None => format!("{origin}: {message}"),
+    };
 
     let secret = |literal: &Option<SecretString>,
                   var: &Option<String>,
@@ -998,31 +1028,37 @@ pub fn parse(
         Ok(Some(secret)) => Some(Verifier::new(secret, file.port.signature_tolerance)),
         Ok(None) => None,
         Err(e) => {
-            problems.push(format!("{origin}: [port] {e}"));
+            let key = secret_key(&file.port.client_secret_env, "client_secret");
+            problems.push(at_key("port", &key, format!("[port] {e}")));
             None
         }
     };
     let slack = match &file.slack {
         None => None,
-        Some(s) => match secret(&s.webhook_url, &s.webhook_url_env, "webhook_url") {
-            Ok(Some(url)) => match crate::url::parse_http_url(url.expose_secret()) {
-                Ok(url) => Some(SecretUrl(url)),
-                Err(e) => {
-                    problems.push(format!("{origin}: [slack] webhook_url: {e}"));
+        Some(s) => {
+            let key = secret_key(&s.webhook_url_env, "webhook_url");
+            match secret(&s.webhook_url, &s.webhook_url_env, "webhook_url") {
+                Ok(Some(url)) => match crate::url::parse_http_url(url.expose_secret()) {
+                    Ok(url) => Some(SecretUrl(url)),
+                    Err(e) => {
+                        problems.push(at_key("slack", &key, format!("[slack] webhook_url: {e}")));
+                        None
+                    }
+                },
+                Ok(None) => {
+                    problems.push(at_key(
+                        "slack",
+                        &key,
+                        "[slack] needs webhook_url or webhook_url_env".into(),
+                    ));
                     None
                 }
-            },
-            Ok(None) => {
-                problems.push(format!(
-                    "{origin}: [slack] needs webhook_url or webhook_url_env"
-                ));
-                None
+                Err(e) => {
+                    problems.push(at_key("slack", &key, format!("[slack] {e}")));
+                    None
+                }
             }
-            Err(e) => {
-                problems.push(format!("{origin}: [slack] {e}"));
-                None
-            }
-        },
+        }
     };
     let cluster = file.cluster.as_ref().map(|c| {
         let (settings, found) = cluster_settings(
@@ -1034,9 +1070,10 @@ pub fn parse(
         problems.extend(found);
         settings
     });
-    let (actions, port_api) = actions_config(&file, &at_line, &secret, &mut problems, origin);
+    let (actions, port_api) =
+        actions_config(&file, &at_line, &at_key, &secret, &mut problems, origin);
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
-        problems.push(format!("{origin}: [port] app_url: {e}"));
+        problems.push(at_key("port", "app_url", format!("[port] app_url: {e}")));
     }
     let reconcile = reconcile_config(&file, port_api.is_some(), &rules, &at_line, &mut problems);
 
@@ -1119,10 +1156,19 @@ type SecretLookup<'a> = dyn Fn(
     ) -> Result<Option<SecretString>, crate::error::Invalid>
     + 'a;
 
+/// The key a literal-or-`_env` secret's problem is at: `{what}_env` when that is given.
+fn secret_key(var: &Option<String>, what: &str) -> String {
+    match var {
+        Some(_) => format!("{what}_env"),
+        None => what.to_string(),
+    }
+}
+
 /// `[[action]]`s and Port's API credentials.
 fn actions_config(
     file: &ConfigFile,
     at_line: &dyn Fn(usize, String) -> String,
+    at_key: &dyn Fn(&str, &str, String) -> String,
     secret: &SecretLookup<'_>,
     problems: &mut Vec<String>,
     origin: &str,
@@ -1145,14 +1191,15 @@ fn actions_config(
     ) {
         Ok(id) => id,
         Err(e) => {
-            problems.push(format!("{origin}: [port] {e}"));
+            let key = secret_key(&port.client_id_env, "client_id");
+            problems.push(at_key("port", &key, format!("[port] {e}")));
             None
         }
     };
     let api_url = match crate::url::parse_http_url(&port.api_url) {
         Ok(url) => url.as_str().trim_end_matches('/').to_string(),
         Err(e) => {
-            problems.push(format!("{origin}: [port] api_url: {e}"));
+            problems.push(at_key("port", "api_url", format!("[port] api_url: {e}")));
             String::new()
         }
     };
@@ -1165,8 +1212,10 @@ fn actions_config(
         _ => None,
     };
     if port.report_automation_runs && (port_api.is_none() || !client_secret_given(port)) {
-        problems.push(format!(
-            "{origin}: [port] report_automation_runs needs client_id (or client_id_env) and client_secret (or client_secret_env)"
+        problems.push(at_key(
+            "port",
+            "report_automation_runs",
+            "[port] report_automation_runs needs client_id (or client_id_env) and client_secret (or client_secret_env)".into(),
         ));
     }
     let secret_vars: Vec<&str> = [&port.client_secret_env, &port.client_id_env]
@@ -1577,9 +1626,16 @@ above = 80
     #[test]
     fn problems_name_their_line() {
         let e = parse(GOOD, "c.toml", &no_env).unwrap_err().to_string();
+        // Secrets looked up in the environment carry no span: the key's line is found.
         assert!(
             e.contains(
-                "c.toml: [port] client_secret_env names PORT_CLIENT_SECRET, which is not set"
+                "c.toml:10: [port] client_secret_env names PORT_CLIENT_SECRET, which is not set"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "c.toml:15: [slack] webhook_url_env names SLACK_WEBHOOK_URL, which is not set"
             ),
             "{e}"
         );
@@ -1840,7 +1896,7 @@ above = 80
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[cluster]\n\nname = \"prod.eu\"\n").unwrap();
-        let e = load_cluster(&path, &no_env)
+        let e = load_cluster(&path, &no_env, false)
             .unwrap_err()
             .problems
             .join("\n");
@@ -1897,7 +1953,7 @@ above = 80
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
-        let e = load_cluster(&path, &no_env)
+        let e = load_cluster(&path, &no_env, false)
             .unwrap_err()
             .problems
             .join("\n");
@@ -1990,16 +2046,25 @@ above = 80
         )
         .unwrap();
         let env = |name: &str| (name == "NATS_URL").then(|| "nats://10.0.0.1:4222".to_string());
-        let cluster = load_cluster(&path, &env).unwrap().expect("[cluster] read");
+        let cluster = load_cluster(&path, &env, false)
+            .unwrap()
+            .expect("[cluster] read");
         assert_eq!(cluster.name, "prod");
         assert_eq!(cluster.shown_url(), "nats://10.0.0.1:4222");
-        // Unset here: an empty URL, which `events` asks for with --nats-url.
-        let cluster = load_cluster(&path, &no_env).unwrap().unwrap();
+        // Unset here, and --nats-url gives it: an empty URL, the flag's to fill.
+        let cluster = load_cluster(&path, &no_env, true).unwrap().unwrap();
         assert!(cluster.shown_url().is_empty());
+        // Unset and no flag: the variable is named, at its line (it said only that
+        // `[cluster] needs nats_url or nats_url_env`).
+        let e = load_cluster(&path, &no_env, false).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml:7: [cluster] nats_url_env names NATS_URL, which is not set"),
+            "{e}"
+        );
         std::fs::write(&path, "[[channel]]\nurl = \"https://smee.io/abc\"\n").unwrap();
-        assert!(load_cluster(&path, &no_env).unwrap().is_none());
+        assert!(load_cluster(&path, &no_env, false).unwrap().is_none());
         std::fs::write(&path, "[cluster]\nname = \"no spaces\"\n").unwrap();
-        let e = load_cluster(&path, &no_env).unwrap_err();
+        let e = load_cluster(&path, &no_env, false).unwrap_err();
         assert!(
             e.problems.join("\n").contains("name \"no spaces\""),
             "{e:?}"

@@ -347,15 +347,18 @@ fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::
         .map_err(|e| anyhow::anyhow!("{e}; --local shows this machine's spool instead"))
 }
 
-/// `[cluster]` of `--config`, if it has one (its URL may be empty: `nats_url_env` unset).
+/// `[cluster]` of `--config`, if it has one (its URL may be empty: `nats_url_env` unset, and
+/// `--nats-url` given).
 fn config_cluster(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
     let Some(path) = &args.config else {
         return Ok(None);
     };
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-    Ok(crate::config::load_cluster(path, &|name| {
-        super::secret(name, credentials.as_deref())
-    })?)
+    Ok(crate::config::load_cluster(
+        path,
+        &|name| super::secret(name, credentials.as_deref()),
+        args.nats_url.is_some(),
+    )?)
 }
 
 /// One `events` subcommand against the cluster.
