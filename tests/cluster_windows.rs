@@ -499,3 +499,39 @@ async fn regression_a_stall_of_only_the_answers_held_the_route_until_the_connect
     a.logs.wait_for(&["another instance has it"]).await;
     assert_eq!(target.arrived(), 1, "{:?}", target.arrivals());
 }
+
+/// A clean stop while the instance's NATS connection stalls (helper-105): the stop waited on
+/// NATS (the alerts route's floor, raised again and again; the pipeline's read of the alert
+/// states) until the backstop ended the process ("shutdown did not finish", exit 1). A stop
+/// now waits on a NATS that does not answer only for a short grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_clean_stop_during_a_stall_hit_the_shutdown_backstop() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    let body =
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &proxy.url, "stop");
+    let mut a = join(&channel, &body, &[]).await;
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    let firing = next_headline(&mut slack, "FIRING").await;
+    assert!(firing.starts_with("FIRING cpu-high"), "{firing}");
+
+    // The alerts route's ack and floor, and the next change, wait on the stalled connection.
+    proxy.freeze();
+    channel.send_webhook(3, &change("06-cpu-75-to-60"));
+    a.logs
+        .wait_for(&["the route's delivered floor was not confirmed"])
+        .await;
+    support::signal(&a.child, "TERM");
+    let status = a.child.wait().await.unwrap();
+    assert!(
+        status.success() && a.logs.find(&["shutdown did not finish"]).is_none(),
+        "{status}:\n{}",
+        a.logs.all()
+    );
+    a.logs
+        .wait_for(&["stopping before NATS confirmed this delivery's ack"])
+        .await;
+}

@@ -103,6 +103,11 @@ pub use envelope::PublishError;
 use envelope::{Envelope, OpenError};
 pub use fingerprint::fingerprint as config_fingerprint;
 
+/// How long a stopping route still waits for NATS to take the ack of a delivery it finished
+/// (the floor's write, the ack): enough for a NATS that answers, well within the shutdown's
+/// bound for one that does not.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// How many messages each pull asks for. One is in flight per route cluster-wide whatever
 /// this is (`max_ack_pending = 1`); more keeps a request waiting at the server.
 const PULL_BATCH: usize = 4;
@@ -1201,29 +1206,44 @@ impl Cluster {
             .then(|| taken.as_ref().and_then(|taken| taken.started))
             .flatten()
             .map(|started| started + paced.pace);
-        // Finished after a failed attempt: given up on. Recorded in the cluster before the
-        // ack, so that whichever instance runs `events list` sees it, and any can replay it.
-        if let Some(seq) = stream_seq
-            && let Some(InFlight {
-                attempts,
-                failed: Some((status, error)),
-                ..
-            }) = taken
-        {
-            self.record_dead(hash, label, seq, status, error, attempts)
-                .await;
-        }
         let delivered = took.elapsed();
-        match stream_seq {
-            Some(seq) => {
-                self.floor_and_ack(names, &message, seq, floor_revision, ack_at)
-                    .await
+        let settle = async {
+            // Finished after a failed attempt: given up on. Recorded in the cluster before the
+            // ack, so that whichever instance runs `events list` sees it, and any can replay it.
+            if let Some(seq) = stream_seq
+                && let Some(InFlight {
+                    attempts,
+                    failed: Some((status, error)),
+                    ..
+                }) = taken
+            {
+                self.record_dead(hash, label, seq, status, error, attempts)
+                    .await;
             }
-            None => {
-                wait_until(ack_at).await;
-                if let Err(e) = message.double_ack().await {
-                    warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
+            match stream_seq {
+                Some(seq) => {
+                    self.floor_and_ack(names, &message, seq, floor_revision, ack_at)
+                        .await
                 }
+                None => {
+                    wait_until(ack_at).await;
+                    if let Err(e) = message.double_ack().await {
+                        warn!(route = %label, "delivered, but NATS did not record the ack ({e}); it may be delivered once more");
+                    }
+                }
+            }
+        };
+        // A stop does not wait on a NATS that does not answer (a stall) past a short grace:
+        // the retries of the floor would outlast the process's own shutdown bound.
+        let stopping = async {
+            route_done.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::select! {
+            () = settle => {}
+            () = stopping => {
+                warn!(route = %label, stream_seq, "stopping before NATS confirmed this delivery's ack (it does not answer): another instance may deliver it again after the ack wait, with the same x-smee-relay-delivery");
+                return;
             }
         }
         tracing::debug!(

@@ -124,8 +124,13 @@ pub async fn run(
         // The rules as of now: a reload swaps them between events (and wakes the idle wait
         // below: a held alert's time may have moved).
         let pipeline = rules.borrow_and_update().clone();
+        // A read of the cluster's states waits on NATS, which a stop does not (a stall would
+        // hold it up to the request timeout, past the shutdown's bound).
         if let Some(view) = &mut view
-            && (!view.refresh_all(false, &mut states, &mut changed).await
+            && (!cancel
+                .run_until_cancelled(view.refresh_all(false, &mut states, &mut changed))
+                .await
+                .unwrap_or(false)
                 || !resend_recorded(view, &writer).await)
         {
             wait(&cancel, Duration::from_secs(1)).await;
@@ -246,13 +251,17 @@ pub async fn run(
             // In a cluster, each event is judged against the states as they are now: its
             // entity's shard (a snapshot: every shard) read again.
             if let Some(view) = &mut view {
-                let read = if reconcile::is_snapshot(&item.event) {
-                    view.refresh_all(true, &mut states, &mut changed).await
-                } else if let Some((key, _)) = subject(&item.event.event) {
-                    view.refresh_one(&key, &mut states, &mut changed).await
-                } else {
-                    true
-                };
+                let read = cancel.run_until_cancelled(async {
+                    if reconcile::is_snapshot(&item.event) {
+                        view.refresh_all(true, &mut states, &mut changed).await
+                    } else if let Some((key, _)) = subject(&item.event.event) {
+                        view.refresh_one(&key, &mut states, &mut changed).await
+                    } else {
+                        true
+                    }
+                });
+                // Stopping: the event stays queued, unjudged.
+                let Some(read) = read.await else { return };
                 if !read || !resend_recorded(view, &writer).await {
                     break;
                 }
