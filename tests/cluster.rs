@@ -1159,10 +1159,11 @@ async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the
     channel.send_webhook(1, &frame(0));
     assert_eq!(n_of(&target.next().await.body), 0);
     let line = one.logs.wait_for(&["dead letter:"]).await;
-    assert!(
-        line.contains("`smee-relay events replay 1`"),
-        "the hint names the stream sequence: {line}"
-    );
+    // The hint names the stream sequence, and the config that finds the cluster (it named
+    // no config, and `events` run as printed did not know where the cluster was).
+    let config = one.dir.path().join("config.toml");
+    let hint = format!("`smee-relay events replay 1 --config {}`", config.display());
+    assert!(line.contains(&hint), "{line}");
     let delivery = one.logs.wait_for(&["failed:", "(event "]).await;
     assert!(
         delivery.contains("event 1 in the cluster"),
@@ -1172,11 +1173,13 @@ async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the
     one.logs
         .wait_for(&["dead letter recorded in the cluster"])
         .await;
-    let out = events_on(one, &["replay", "1"]).await;
+    let printed: Vec<&str> = hint.trim_matches('`').split(' ').skip(1).collect();
+    let out = support::run_to_end(smee_relay().args(&printed)).await;
     assert!(
-        out.stdout.contains("queued 1 delivery again"),
-        "{}",
-        out.stdout
+        out.code == Some(0) && out.stdout.contains("queued 1 delivery again"),
+        "{printed:?}: {}{}",
+        out.stdout,
+        out.stderr
     );
     assert_eq!(n_of(&target.next().await.body), 0);
 }

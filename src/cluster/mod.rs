@@ -181,6 +181,9 @@ pub struct Settings {
     /// Copies of the stream and the KV bucket across NATS servers: 3 on a 3-node NATS
     /// cluster, so losing one server loses no frame, ack or alert state.
     pub replicas: usize,
+    /// The config file the relay runs (`run --config`), absolute: the commands its logs
+    /// suggest name it, or `smee-relay events` would not know which cluster to ask.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -196,12 +199,22 @@ impl Settings {
             dedupe_window: Duration::from_secs(2 * 3600),
             max_age: Duration::from_secs(7 * 24 * 3600),
             replicas: 1,
+            config_file: None,
         }
     }
 
     /// The URL for logs: the password, if any, redacted.
     pub fn shown_url(&self) -> String {
         redact_url(self.url.expose_secret())
+    }
+
+    /// What a command the logs suggest (`smee-relay events replay N`) needs to find this
+    /// cluster: ` --config FILE`, or nothing when the relay runs without a file.
+    pub fn events_args(&self) -> String {
+        self.config_file
+            .as_ref()
+            .map(|file| format!(" --config {}", file.display()))
+            .unwrap_or_default()
     }
 }
 

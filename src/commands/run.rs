@@ -142,6 +142,11 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             .clone()
             .zip(config.reconcile)
             .map(|(api, interval)| crate::service::daemon::ReconcilePlan { api, interval }),
-        cluster: crate::config::cluster_with_flag(args.nats_url.as_ref(), config.cluster)?,
+        cluster: crate::config::cluster_with_flag(args.nats_url.as_ref(), config.cluster)?.map(
+            |mut cluster| {
+                cluster.config_file = std::path::absolute(&args.config).ok();
+                cluster
+            },
+        ),
     })
 }

@@ -51,6 +51,11 @@ pub trait Sink: Send + Sync {
     fn cluster_seq(&self, _event: &StoredEvent) -> Option<u64> {
         None
     }
+    /// What `smee-relay events` needs, after a cluster id, to find the cluster (` --config
+    /// FILE`): the dead-letter line's command works as printed.
+    fn cluster_args(&self) -> String {
+        String::new()
+    }
     /// What the warning for a failed attempt says after `failed: `, or `None` to leave this one
     /// out (a sink that fails alike many times a second paces its warnings).
     fn failure(&self, error: &ForwardError) -> Option<String> {
@@ -547,12 +552,13 @@ impl Delivery<'_> {
                     .map(spool::lock::state_dir_arg)
                     .unwrap_or_default();
                 let id = item.event.id;
+                let cluster = self.sink.cluster_args();
                 match (&error, self.sink.cluster_seq(&item.event)) {
                     // A replay would fail the same way: how to see it instead.
                     (ForwardError::Request(_), Some(seq)) => warn!(
                         event = id,
                         stream_seq = seq,
-                        "dead letter: {why}; it cannot be sent as it is: see it with `smee-relay events show {seq}` (the cluster's id, from any instance)"
+                        "dead letter: {why}; it cannot be sent as it is: see it with `smee-relay events show {seq}{cluster}` (the cluster's id, from any instance)"
                     ),
                     (ForwardError::Request(_), None) => warn!(
                         event = id,
@@ -562,7 +568,7 @@ impl Delivery<'_> {
                     (_, Some(seq)) => warn!(
                         event = id,
                         stream_seq = seq,
-                        "dead letter: {why}; replay it with `smee-relay events replay {seq}` (the cluster's id, from any instance)"
+                        "dead letter: {why}; replay it with `smee-relay events replay {seq}{cluster}` (the cluster's id, from any instance)"
                     ),
                     (_, None) => warn!(
                         event = id,

@@ -106,6 +106,8 @@ fn cluster_changes(
                 dedupe_window,
                 max_age,
                 replicas,
+                // The same file on a reload (`run --config` does not change).
+                config_file: _,
             } = a;
             [
                 (url.expose_secret() != b.url.expose_secret(), "nats_url"),
@@ -690,6 +692,10 @@ impl Sink for ClusterDeliveryId {
 
     fn cluster_seq(&self, event: &spool::StoredEvent) -> Option<u64> {
         self.cluster.stream_seq(&self.route, &event.event)
+    }
+
+    fn cluster_args(&self) -> String {
+        self.cluster.settings().events_args()
     }
 
     fn claim<'a>(
