@@ -353,3 +353,34 @@ async fn regression_a_cleanly_stopped_instance_was_warned_about_as_running_other
         new.logs.all()
     );
 }
+
+/// A second instance started on the first one's state directory (helper-108) was told that,
+/// given a state directory of its own, it "would run beside it doing the same work: each event
+/// delivered twice", which is false in a cluster (instances share the work): it is now told to
+/// give each instance its own state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_cluster_instance_on_a_taken_state_dir_was_warned_off_its_own() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let dir = support::temp_dir();
+    let body = cluster_config(&channel.url("ch"), &[target.url("/a")], &nats.url, "");
+    let (_one, one_logs) = start_in(dir.path(), &body);
+    one_logs.wait_for(&["connected to channel"]).await;
+    let out = support::run_to_end(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(dir.path().join("config.toml"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state")),
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("In a cluster, give each instance its own state directory")
+            && !out.stderr.contains("twice"),
+        "{}",
+        out.stderr
+    );
+}

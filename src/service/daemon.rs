@@ -891,7 +891,8 @@ impl Runtime {
                         &self.state_dir,
                         url.expose().as_str(),
                         &url.to_string(),
-                    )?;
+                    )
+                    .map_err(|e| e.in_cluster(self.cluster.is_some()))?;
                     channel.source.clone().build()?;
                     to_start.push((key.clone(), channel.clone(), Some(lock)));
                 }
@@ -918,7 +919,10 @@ impl Runtime {
 
         // One relay with a pipeline per state dir: its alert state and queues are the dir's.
         let pipeline_lock = match (&plan.pipeline, &self.pipeline) {
-            (Some(_), None) => Some(Arc::new(ChannelLock::pipeline(&self.state_dir)?)),
+            (Some(_), None) => Some(Arc::new(
+                ChannelLock::pipeline(&self.state_dir)
+                    .map_err(|e| e.in_cluster(self.cluster.is_some()))?,
+            )),
             _ => None,
         };
 

@@ -105,6 +105,7 @@ impl StateLock {
                     what,
                     dir: state_dir.to_owned(),
                     pid: text.trim().parse().ok(),
+                    in_cluster: false,
                 });
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),

@@ -175,10 +175,16 @@ pub enum SpoolError {
     },
     #[error(
         "another smee-relay{holder} already {what} with state directory {dir}; stop it first. \
-         (Given its own --state-dir, this one would run beside it doing the same work: each \
-         event delivered, or alert sent, twice)",
+         ({beside})",
         holder = pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-        dir = dir.display()
+        dir = dir.display(),
+        beside = if *in_cluster {
+            "In a cluster, give each instance its own state directory (state_dir or \
+             --state-dir): the instances then share the work"
+        } else {
+            "Given its own --state-dir, this one would run beside it doing the same work: each \
+             event delivered, or alert sent, twice"
+        }
     )]
     Locked {
         /// `relays CHANNEL` or `runs the pipeline`.
@@ -186,6 +192,9 @@ pub enum SpoolError {
         dir: PathBuf,
         /// The holder's pid, as it wrote it into the lock file.
         pid: Option<u32>,
+        /// The relay refused is a cluster instance: another state directory is the way to run
+        /// beside the holder, not a mistake ([`SpoolError::in_cluster`]).
+        in_cluster: bool,
     },
     #[error("lock file {path}", path = path.display())]
     LockFile {
@@ -289,6 +298,21 @@ fn in_use_hint(holders: &[lock::Holder]) -> String {
 }
 
 impl SpoolError {
+    /// The same, told that the relay refused is a cluster instance (`cluster`): a state
+    /// directory another relay holds then calls for one of its own, which is how instances
+    /// share a machine.
+    pub fn in_cluster(self, cluster: bool) -> SpoolError {
+        match self {
+            SpoolError::Locked { what, dir, pid, .. } => SpoolError::Locked {
+                what,
+                dir,
+                pid,
+                in_cluster: cluster,
+            },
+            other => other,
+        }
+    }
+
     /// Whether the user must act before smee-relay can run (exit code 2): a damaged spool, a
     /// state directory another relay holds.
     pub fn needs_the_user(&self) -> bool {
