@@ -384,3 +384,29 @@ async fn regression_a_cluster_instance_on_a_taken_state_dir_was_warned_off_its_o
         out.stderr
     );
 }
+
+/// A stop that cut a cluster delivery off said "it stays queued" (helper-108), while the copy
+/// went back to the cluster and another instance delivered it again, the target getting it
+/// twice: the line now says where it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_cluster_delivery_cut_off_by_a_stop_was_said_to_stay_queued() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    target.hold();
+    let dir = support::temp_dir();
+    let body = cluster_config(&channel.url("ch"), &[target.url("/a")], &nats.url, "");
+    let (one, logs) = start_in(dir.path(), &body);
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &frame(1));
+    target.wait_arrived(1).await;
+    support::signal(&one, "TERM");
+    let line = logs
+        .wait_for(&["stopping: the delivery in flight did not finish within 1s"])
+        .await;
+    assert!(
+        line.contains("it goes back to the cluster, and another instance delivers event 1"),
+        "{line}"
+    );
+    target.release();
+}

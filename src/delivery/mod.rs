@@ -501,9 +501,15 @@ impl Delivery<'_> {
             let outcome = tokio::select! {
                 outcome = self.sink.deliver(&item.event, &delivery_id) => outcome,
                 _ = grace_over => {
+                    // In a cluster the copy left is handed back, and another instance
+                    // delivers it: again, if this attempt reached the target.
+                    let left = match self.sink.cluster_seq(&item.event) {
+                        Some(seq) => format!("it goes back to the cluster, and another instance delivers event {seq} (again, if this attempt reached the target: same x-smee-relay-delivery)"),
+                        None => "it stays queued (delivered again at the next start, if this attempt reached the target)".into(),
+                    };
                     warn!(
                         event = item.event.id,
-                        "stopping: the delivery in flight did not finish within {} (--shutdown-timeout); it stays queued",
+                        "stopping: the delivery in flight did not finish within {} (--shutdown-timeout); {left}",
                         humantime::format_duration(self.policy.shutdown_timeout)
                     );
                     return false;
