@@ -367,6 +367,14 @@ async fn regression_a_cluster_instance_on_a_taken_state_dir_was_warned_off_its_o
     let body = cluster_config(&channel.url("ch"), &[target.url("/a")], &nats.url, "");
     let (_one, one_logs) = start_in(dir.path(), &body);
     one_logs.wait_for(&["connected to channel"]).await;
+    // At INFO, the log names the target (helper-108: it showed only the channel's outbox).
+    one_logs
+        .wait_for(&[
+            "INFO",
+            "the route's NATS consumer is ready",
+            &target.url("/a"),
+        ])
+        .await;
     let out = support::run_to_end(
         smee_relay()
             .args(["run", "--config"])

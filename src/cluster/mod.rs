@@ -1726,7 +1726,9 @@ impl Starting {
                 .await
             {
                 Ok(_) => {
-                    tracing::debug!(route = %self.label, "the route's NATS consumer is ready");
+                    // INFO: in a cluster the channel's own routes are its outbox, so this is
+                    // where the log shows what the instance delivers to.
+                    info!(route = %self.label, "the route's NATS consumer is ready: this instance takes the route's deliveries from the cluster");
                     return;
                 }
                 Err(e) => {
