@@ -322,6 +322,18 @@ async fn regression_instances_with_different_slack_webhooks_ran_side_by_side_wit
         .await;
     assert!(line.contains("[slack] webhook_url"), "{line}");
     assert!(!line.contains("/one") && !line.contains("/two"), "{line}");
+    // How long ago the other instance was heard from: it may have died since (helper-108).
+    assert!(line.contains("last heard from"), "{line}");
+
+    // The two agree again after a reload, and the warning instance says so (it never did).
+    support::nats::write_config(two.dir.path(), &config(&slack.url("/one")));
+    support::signal(&two.child, "HUP");
+    two.logs
+        .wait_for(&[
+            "INFO",
+            "now runs the same forward targets, rules and Slack webhook as this one",
+        ])
+        .await;
 }
 
 /// An instance stopped cleanly left its fingerprint record behind, live for 3 minutes: a

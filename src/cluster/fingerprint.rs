@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{Cluster, short_hash};
 
@@ -155,15 +155,28 @@ impl Cluster {
             }
             live += 1;
             if record.fingerprint == mine {
+                // Warned about before (one of the two was reloaded since): said to agree now.
+                let before = warned.len();
+                warned.retain(|(instance, _)| instance != other);
+                if warned.len() < before {
+                    info!(
+                        "instance {} (pid {}) of cluster {} now runs the same forward targets, \
+                         rules and Slack webhook as this one",
+                        record.host, record.pid, self.settings.name
+                    );
+                }
                 continue;
             }
             if warned.insert((other.to_string(), record.fingerprint.clone())) {
+                // Its age: a record stays live for 3 minutes after its instance's last word,
+                // so the instance named may have stopped (a kill -9) since.
+                let seen = humantime::format_duration(Duration::from_secs(age / 1000));
                 warn!(
-                    "instance {} (pid {}) of cluster {} runs other forward targets, rules or Slack \
-                     webhook than this one (config fingerprint {} there, {mine} here): instances \
-                     with different [[channel]] forward lists, [[rule]]s or [slack] webhook_url \
-                     deliver and judge the same events differently; use the same config on every \
-                     instance",
+                    "instance {} (pid {}, last heard from {seen} ago) of cluster {} runs other \
+                     forward targets, rules or Slack webhook than this one (config fingerprint \
+                     {} there, {mine} here): instances with different [[channel]] forward lists, \
+                     [[rule]]s or [slack] webhook_url deliver and judge the same events \
+                     differently; use the same config on every instance",
                     record.host, record.pid, self.settings.name, record.fingerprint
                 );
             }
