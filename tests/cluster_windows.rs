@@ -475,6 +475,8 @@ async fn regression_a_stall_of_only_the_answers_held_the_route_until_the_connect
     let a = join_route(&channel, &body(&proxy.url)).await;
     channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
     a.logs.wait_for(&["failed: cannot reach target"]).await;
+    // The retry line names the cluster's id too (helper-108: only the local one).
+    a.logs.wait_for(&["retrying in", "stream_seq=1"]).await;
     let b = join_route(&channel, &body(&nats.url)).await;
 
     // A's answers stall; it waits for NATS before attempting again (so that what reaches the

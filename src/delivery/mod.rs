@@ -598,6 +598,8 @@ impl Delivery<'_> {
             let delay = delay.min(left.max(Duration::from_secs(1)));
             info!(
                 event = item.event.id,
+                // In a cluster, the id `events` takes (the line above names both).
+                stream_seq = self.sink.cluster_seq(&item.event),
                 attempt = attempts,
                 "retrying in {}",
                 humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
