@@ -430,3 +430,41 @@ async fn regression_a_cluster_delivery_cut_off_by_a_stop_was_said_to_stay_queued
     );
     target.release();
 }
+
+/// A target a reload removed in cluster mode left its consumer and the events waiting on it in
+/// the cluster, for good, and the reload said only "what the cluster holds for it is not
+/// counted here" (helper-108): it now counts them and names the command that removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_target_removed_in_a_cluster_left_its_events_without_a_word() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let kept = FakeTarget::start().await;
+    let removed = FakeTarget::start().await;
+    removed.hold();
+    let dir = support::temp_dir();
+    let both = [kept.url("/a"), removed.url("/b")];
+    let (child, logs) = start_in(
+        dir.path(),
+        &cluster_config(&channel.url("ch"), &both, &nats.url, ""),
+    );
+    logs.wait_for(&["connected to channel"]).await;
+    for n in 0..3 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    kept.wait_arrived(3).await;
+    removed.wait_arrived(1).await;
+
+    config(
+        dir.path(),
+        &cluster_config(&channel.url("ch"), &[kept.url("/a")], &nats.url, ""),
+    );
+    support::signal(&child, "HUP");
+    let line = logs.wait_for(&["target removed"]).await;
+    assert!(
+        line.contains("WARN")
+            && line.contains("The cluster keeps")
+            && line.contains("`nats consumer rm SMEE_join route_"),
+        "{line}"
+    );
+    removed.release();
+}

@@ -1532,6 +1532,17 @@ impl Cluster {
         true
     }
 
+    /// What the cluster still holds for local `route` (a route a reload removed here): its
+    /// consumer's name and stream, and how many events wait on it (pending and in flight).
+    /// None: no such consumer, or NATS cannot say.
+    pub async fn route_backlog(&self, route: &str) -> Option<(String, String, u64)> {
+        let durable = format!("route_{}", short_hash(route));
+        let stream = self.js.get_stream(&self.stream_name).await.ok()?;
+        let info = stream.consumer_info(&durable).await.ok()?;
+        let waiting = info.num_pending + info.num_ack_pending as u64;
+        Some((self.stream_name.clone(), durable, waiting))
+    }
+
     /// The route's durable consumer, created if no instance made it yet. A new one starts
     /// after the stream's last message: a route new to the cluster (a target added on reload,
     /// or at an instance's start) gets what arrives from now on, as a new smee client would,

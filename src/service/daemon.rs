@@ -1130,9 +1130,26 @@ impl Runtime {
     /// still waits on it.
     async fn say_removed_target(&self, name: &str, channel: Option<&str>) {
         let target = spool::route_name(name);
-        // In a cluster the backlog is in the cluster's stream, not in this spool.
-        if self.cluster.is_some() {
-            info!(%target, "target removed; this instance no longer delivers to it (what the cluster holds for it is not counted here)");
+        // In a cluster the backlog is in the cluster's stream, not in this spool; asked off the
+        // reload (NATS may be slow to answer).
+        if let Some(cluster) = &self.cluster {
+            let (cluster, name, target) = (cluster.clone(), name.to_string(), target.to_string());
+            tokio::spawn(async move {
+                match cluster.route_backlog(&name).await {
+                    Some((stream, consumer, waiting)) if waiting > 0 => warn!(
+                        %target,
+                        "target removed; this instance no longer delivers to it. The cluster keeps {waiting} event(s) for it: an instance that still has this target delivers them; if none does, nothing will, and `nats consumer rm {stream} {consumer}` removes them (and the target's consumer)"
+                    ),
+                    Some((stream, consumer, _)) => info!(
+                        %target,
+                        "target removed; this instance no longer delivers to it, and nothing waits for it in the cluster (once no instance has this target, `nats consumer rm {stream} {consumer}` removes its consumer)"
+                    ),
+                    None => info!(
+                        %target,
+                        "target removed; this instance no longer delivers to it (NATS did not say what the cluster holds for it)"
+                    ),
+                }
+            });
             return;
         }
         let (spool, queue) = (self.spool.clone(), name.to_string());
