@@ -73,6 +73,16 @@ pub enum Verdict {
 }
 
 impl Rule {
+    /// What the rule judges, as text: everything but its name and where it is written. Two
+    /// rules with the same meaning judge alike (the cluster's config fingerprint, a reload's
+    /// account of what changed).
+    pub fn meaning(&self) -> String {
+        format!(
+            "{:?} {:?} {:?} {:?}",
+            self.blueprint, self.condition, self.hold, self.severity
+        )
+    }
+
     /// Whether this rule watches the entity of `change`.
     pub fn watches(&self, change: &Change) -> bool {
         change.resource_type == "entity"

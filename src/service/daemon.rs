@@ -148,14 +148,40 @@ fn plan_fingerprint(plan: &Plan) -> String {
         if let Some(slack) = &alerts.slack {
             parts.push(format!("slack {}", slack.target().with_query(&[])));
         }
-        parts.extend(pipeline.rules.iter().map(|r| {
-            format!(
-                "rule {:?} {:?} {:?} {:?} {:?}",
-                r.name, r.blueprint, r.condition, r.hold, r.severity
-            )
-        }));
+        parts.extend(
+            pipeline
+                .rules
+                .iter()
+                .map(|r| format!("rule {:?} {}", r.name, r.meaning())),
+        );
     }
     crate::cluster::config_fingerprint(parts)
+}
+
+/// What a reload changed in the rules, by name: `rule cpu-high changed`, `rule x added`, ...
+fn rule_changes(
+    old: &[crate::pipeline::rules::Rule],
+    new: &[crate::pipeline::rules::Rule],
+) -> Vec<String> {
+    let find = |rules: &[crate::pipeline::rules::Rule], name: &str| {
+        rules.iter().find(|r| r.name == name).map(|r| r.meaning())
+    };
+    let mut changes = Vec::new();
+    for rule in new {
+        match find(old, &rule.name) {
+            None => changes.push(format!("rule {} added", rule.name)),
+            Some(was) if was != rule.meaning() => {
+                changes.push(format!("rule {} changed", rule.name))
+            }
+            Some(_) => {}
+        }
+    }
+    changes.extend(
+        old.iter()
+            .filter(|r| find(new, &r.name).is_none())
+            .map(|r| format!("rule {} removed", r.name)),
+    );
+    changes
 }
 
 /// Bytes of a channel's events received but not yet committed to the spool (queued, and in
@@ -1030,6 +1056,9 @@ impl Runtime {
                     crate::error::count(pipeline.rules.len(), "rule", "rules"),
                     sink.describe()
                 ));
+                if let Some(old) = &old {
+                    changes.extend(rule_changes(&old.rules.borrow().rules, &pipeline.rules));
+                }
                 let pipeline = Arc::new(pipeline);
                 let (task, rules, lock) = match old {
                     Some(old) => {
@@ -1777,6 +1806,47 @@ fn gap_spacing() -> Duration {
 
 #[cfg(test)]
 mod tests {
+    /// A reload that changed a rule said only "pipeline on (2 rules, ...)" (helper-106): it
+    /// now names each rule added, changed (not merely moved in the file) or removed.
+    #[test]
+    fn regression_a_reload_did_not_say_which_rules_changed() {
+        use crate::pipeline::rules::{Condition, Rule};
+        let rule = |name: &str, above: f64, origin: &str| Rule {
+            name: name.into(),
+            blueprint: None,
+            condition: Condition::Above {
+                property: "cpu".into(),
+                above,
+                clear_below: above - 10.0,
+            },
+            hold: Duration::ZERO,
+            severity: "warning".into(),
+            origin: origin.into(),
+        };
+        let old = [
+            rule("cpu-high", 80.0, "c.toml:3"),
+            rule("gone", 1.0, "c.toml:9"),
+        ];
+        let new = [
+            rule("cpu-high", 90.0, "c.toml:3"),
+            rule("moved", 5.0, "c.toml:20"),
+        ];
+        assert_eq!(
+            super::rule_changes(&old, &new),
+            [
+                "rule cpu-high changed",
+                "rule moved added",
+                "rule gone removed"
+            ]
+        );
+        // Moved in the file, same meaning: nothing to say.
+        let moved = [
+            rule("cpu-high", 80.0, "c.toml:30"),
+            rule("gone", 1.0, "c.toml:2"),
+        ];
+        assert!(super::rule_changes(&old, &moved).is_empty());
+    }
+
     /// Regression (an adversary's finding): stopped on a full disk, the relay was cut off by
     /// the backstop (exit 1, at `--shutdown-timeout` + 3 s) before the intake said how many
     /// received events were never stored (2 s of drain and 5 s of tries after the stop).
