@@ -1080,6 +1080,16 @@ async fn regression_a_killed_instance_restarting_does_not_deliver_its_handed_bac
         2,
         "event 0: the held delivery and its one repeat: {ids:?}"
     );
+    // Its local copy lists as handed back, not as a dead letter (helper-106: "this instance
+    // stopped", whatever stopped the route).
+    let local = events_on(&instances[holder], &["list", "--local", "--status", "dead"]).await;
+    assert!(
+        local
+            .stdout
+            .contains("handed back to the cluster, not a dead letter"),
+        "{}",
+        local.stdout
+    );
 }
 
 /// Wait until `events list` on `instance` shows stream event `id` delivered.

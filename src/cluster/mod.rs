@@ -1874,8 +1874,9 @@ async fn hand_back_one(spool: &Arc<Spool>, writer: &SpoolWriter, route: &str, ev
 
 /// Why a local copy of a cluster delivery is marked dead when handed back ([`hand_back`]): it is
 /// not a dead letter, and no local replay may deliver it (the cluster does).
-const HANDED_BACK: &str =
-    "handed back to the cluster: this instance stopped before finishing it; NATS redelivers it";
+const HANDED_BACK: &str = "handed back to the cluster, not a dead letter: this instance's route \
+     stopped (a stop, a reload, a crash) before finishing it; the cluster delivers it (events \
+     list --config shows where it stands)";
 
 /// Stored once, whichever instance publishes it: a hash of the channel and the frame as
 /// received (for smee.io, its data line holds smee's receive timestamp, so two posts of the
