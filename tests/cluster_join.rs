@@ -428,6 +428,11 @@ async fn regression_a_cluster_delivery_cut_off_by_a_stop_was_said_to_stay_queued
         line.contains("it goes back to the cluster, and another instance delivers event 1"),
         "{line}"
     );
+    // And the shutdown says it handed the delivery back, and that it is over.
+    logs.wait_for(&["handed back to the cluster", "stream_seq=1"])
+        .await;
+    logs.wait_for(&["stopped; what this instance did not deliver, the cluster gives"])
+        .await;
     target.release();
 }
 

@@ -427,6 +427,9 @@ async fn regression_sigterm_ends_within_the_shutdown_timeout_against_a_hanging_t
     );
     logs.wait_for(&["did not finish within 1s", "stays queued"])
         .await;
+    // The last word says the stop is over (helper-108: the log ended at "shutting down").
+    logs.wait_for(&["stopped; what was not delivered waits in the spool for the next start"])
+        .await;
 
     // Nothing was lost: after a restart all three go out, in order.
     target.hang.store(false, Ordering::SeqCst);

@@ -1478,6 +1478,7 @@ impl Cluster {
             // (A crash leaves it to [`hand_back`] at the next start.)
             hand_back_one(spool, writer, route, id).await;
             let _ = message.ack_with(AckKind::Nak(None)).await;
+            info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "the route stopped before finishing this delivery: handed back to the cluster, which gives it to another instance at once");
             return None;
         }
         Some((id, queued))

@@ -410,6 +410,7 @@ pub async fn run(
     for task in background {
         let _ = task.await;
     }
+    let clustered = cluster.is_some();
     if let Some(cluster) = cluster {
         cluster.leave_config().await;
     }
@@ -417,7 +418,14 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     match damaged {
         Some(e) => Err(e.into()),
-        None => Ok(()),
+        None => {
+            if clustered {
+                info!("stopped; what this instance did not deliver, the cluster gives to another");
+            } else {
+                info!("stopped; what was not delivered waits in the spool for the next start");
+            }
+            Ok(())
+        }
     }
 }
 
