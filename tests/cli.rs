@@ -1113,3 +1113,51 @@ async fn regression_events_show_said_1_attempts() {
     assert!(stdout.contains(": delivered, 1 attempt\n"), "{stdout}");
     assert!(!stdout.contains("1 attempts"), "{stdout}");
 }
+
+/// The README showed no Port payload (helper-106); the one it shows now, run through
+/// `check --event` with the example config's `cpu-high` rule, gives the output printed beside
+/// it.
+#[tokio::test]
+async fn the_readme_s_port_change_example_is_what_check_says() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("<!-- example: a Port change and what check --event says of it")
+        .expect("the example's marker");
+    let block = |from: usize, fence: &str| {
+        let open = readme[from..].find(fence).unwrap() + from + fence.len();
+        let close = readme[open..].find("\n```").unwrap() + open;
+        (
+            readme[open..close].trim_start_matches('\n').to_string(),
+            close,
+        )
+    };
+    let (payload, after) = block(start, "```json");
+    let (shown, _) = block(after, "```text");
+    let want = shown
+        .strip_prefix("$ smee-relay check --config config.toml --event change.json\n")
+        .expect("the command line first");
+
+    let example = include_str!("../systemd/config.example.toml");
+    let rule_at = example.find("name = \"cpu-high\"").unwrap();
+    let rule = &example[rule_at..example[rule_at..].find("\n\n").unwrap() + rule_at];
+    let dir = support::temp_dir();
+    std::fs::write(dir.path().join("change.json"), &payload).unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n\n[slack]\n\
+             webhook_url = \"https://hooks.slack.com/services/T0/B0/X\"\n\n[[rule]]\n{rule}\n"
+        ),
+    )
+    .unwrap();
+    let out = support::run_to_end(smee_relay().current_dir(dir.path()).args([
+        "check",
+        "--config",
+        "config.toml",
+        "--event",
+        "change.json",
+    ]))
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.trim_end(), want.trim_end());
+}
