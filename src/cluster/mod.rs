@@ -1021,10 +1021,13 @@ impl Cluster {
             said = false;
             let mut lag_every = tokio::time::interval(Duration::from_secs(5));
             loop {
+                // Biased: the stop first (the lag tick, missed while a delivery took long, is
+                // ready at once, and NATS may be slow to answer it).
                 let next = tokio::select! {
+                    biased;
                     _ = cancel.cancelled() => return,
                     _ = lag_every.tick() => {
-                        if let Ok(info) = consumer.get_info().await {
+                        if let Some(Ok(info)) = cancel.run_until_cancelled(consumer.get_info()).await {
                             metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => label.clone())
                                 .set((info.num_pending + info.num_ack_pending as u64) as f64);
                             metrics::gauge!("smee_relay_cluster_consumer_redelivered", "route" => label.clone())
@@ -1452,7 +1455,9 @@ impl Cluster {
         // Told to stop, the local route finishes the delivery in flight within its shutdown
         // timeout, or leaves it queued; once it has returned, the spool says which.
         let done = loop {
+            // Biased: a delivery finished is seen first, then a stop, then a renewal due.
             tokio::select! {
+                biased;
                 signal = finished.recv() => match signal {
                     Ok((r, e)) if r == route && e == id => break true,
                     Ok(_) => {}
@@ -1461,13 +1466,14 @@ impl Cluster {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break false,
                 },
+                _ = route_done.cancelled() => {
+                    break finished_in_spool(spool, route, id).await;
+                }
                 _ = renew_every.tick() => {
                     // The spool may have it (no journal: marks come with commits).
                     if finished_in_spool(spool, route, id).await { break true; }
-                    self.renew_lease(route, consumer, message).await;
-                }
-                _ = route_done.cancelled() => {
-                    break finished_in_spool(spool, route, id).await;
+                    // Not waited on past a stop: NATS may be slow to answer.
+                    route_done.run_until_cancelled(self.renew_lease(route, consumer, message)).await;
                 }
             }
         };
