@@ -1635,3 +1635,31 @@ async fn regression_a_nats_outage_logged_every_publish_attempt_as_a_target_failu
         failed[0]
     );
 }
+
+/// `events list` showed an event stuck in flight as `in-flight` with no attempts and no error
+/// (helper-106, helper-108: its holder failing on and on), so finding why meant reading every
+/// instance's log. The holder now records its attempts and last failure in the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_an_event_stuck_in_flight_was_listed_without_its_last_error() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    target.answer_with(&[503, 503, 503, 503, 503, 503, 503, 503]);
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(2, &channel, &body, &[]).await;
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(2).await;
+    let row = support::wait_for(support::PATIENCE, "the in-flight row's error", || async {
+        let rows = cluster_rows(&instances[0]).await;
+        rows.into_iter()
+            .find(|r| r["status"] == "in-flight" && r["last_status"] == 503)
+    })
+    .await;
+    assert!(row["attempts"].as_u64() >= Some(1), "{row}");
+    assert!(
+        row["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "{row}"
+    );
+}

@@ -3,7 +3,9 @@
 //! route whether each is delivered (at or below the route's floor: its consumer's ack floor or
 //! the floor kept in KV), in flight (the one message its consumer has out), pending, or dead (a
 //! dead letter the instance that gave up recorded in KV under `dead.<route>.<stream seq>`, so
-//! every instance sees it). A replay publishes a copy on the route's own replay subject: it
+//! every instance sees it). An event in flight shows the attempts of the instance holding it
+//! and its last failure, which that instance records after each failed attempt under
+//! `trying.<route>` (one in flight per route). A replay publishes a copy on the route's own replay subject: it
 //! goes behind what is queued, and the route's consumer (one message in flight cluster-wide)
 //! has exactly one instance deliver it.
 //!
@@ -30,6 +32,25 @@ const CLOCK_SKEW: u64 = 60_000;
 /// The KV key of the dead letter of stream message `seq` on the route hashed `hash`.
 pub(super) fn dead_key(hash: &str, seq: u64) -> String {
     format!("dead.{hash}.{seq}")
+}
+
+/// The KV key of the attempts at the delivery in flight on the route hashed `hash`.
+pub(super) fn trying_key(hash: &str) -> String {
+    format!("trying.{hash}")
+}
+
+/// How the delivery in flight on a route is going, as the instance holding it recorded after
+/// its last failed attempt: `events list` on any instance says why an event is stuck.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Trying {
+    /// The stream message it is about: a record of an earlier one is not shown.
+    pub stream_seq: u64,
+    /// Attempts made by the instance holding it.
+    pub attempts: u32,
+    /// The target's last answer, if it answered.
+    pub status: Option<u16>,
+    /// Why the last attempt failed.
+    pub error: String,
 }
 
 /// A delivery a route gave up on, as recorded in the cluster.
@@ -133,7 +154,8 @@ pub struct Row {
     /// The route as shown.
     pub route: String,
     pub status: State,
-    /// For a dead letter: the attempts made, the target's last answer and why.
+    /// For a dead letter, or one in flight that failed: the attempts made, the target's last
+    /// answer and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +211,8 @@ struct Route {
     floor: u64,
     /// The stream sequence out with an instance, if any.
     in_flight: Option<u64>,
+    /// Its holder's attempts so far, if one failed.
+    trying: Option<Trying>,
 }
 
 /// The routes and the dead letters, read once per command.
@@ -215,15 +239,23 @@ impl View {
                     None if route.in_flight == Some(event.seq) => State::InFlight,
                     None => State::Pending,
                 };
+                let trying = route
+                    .trying
+                    .as_ref()
+                    .filter(|t| status == State::InFlight && t.stream_seq == event.seq);
                 Row {
                     id: event.seq,
                     received_ms: event.received_ms,
                     channel: event.channel.clone(),
                     route: route.label.clone(),
                     status,
-                    attempts: dead.map(|(d, _)| d.attempts),
-                    last_status: dead.and_then(|(d, _)| d.status),
-                    last_error: dead.map(|(d, _)| d.error.clone()),
+                    attempts: dead.map(|(d, _)| d.attempts).or(trying.map(|t| t.attempts)),
+                    last_status: dead
+                        .and_then(|(d, _)| d.status)
+                        .or(trying.and_then(|t| t.status)),
+                    last_error: dead
+                        .map(|(d, _)| d.error.clone())
+                        .or(trying.map(|t| t.error.clone())),
                     kind: kind.clone(),
                     replay_of: event.replay_of,
                     replayed_as: dead.and_then(|(d, _)| d.replayed_as),
@@ -259,6 +291,15 @@ impl Cluster {
                 Ok(None) => 0,
                 Err(e) => return Err(nats(e)),
             };
+            let in_flight = (info.num_ack_pending > 0).then_some(info.delivered.stream_sequence);
+            let trying = match in_flight {
+                Some(_) => match self.kv.get(trying_key(hash)).await {
+                    Ok(Some(value)) => serde_json::from_slice::<Trying>(&value).ok(),
+                    Ok(None) => None,
+                    Err(e) => return Err(nats(e)),
+                },
+                None => None,
+            };
             routes.push(Route {
                 label: info
                     .config
@@ -268,7 +309,8 @@ impl Cluster {
                 hash: hash.to_string(),
                 subjects,
                 floor: kept.max(info.ack_floor.stream_sequence),
-                in_flight: (info.num_ack_pending > 0).then_some(info.delivered.stream_sequence),
+                in_flight,
+                trying,
             });
         }
         routes.sort_by(|a, b| a.label.cmp(&b.label));
@@ -630,6 +672,7 @@ mod tests {
             subjects: subjects.iter().map(|s| s.to_string()).collect(),
             floor,
             in_flight,
+            trying: None,
         }
     }
 

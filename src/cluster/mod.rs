@@ -764,6 +764,23 @@ impl Cluster {
         {
             taken.attempts += 1;
             taken.failed = outcome.err();
+            // For `events list` on any instance (a put per failed attempt: retries are paced
+            // by their backoff). Not waited on: a lost record only leaves the list less said.
+            if let Some((status, error)) = &taken.failed {
+                let trying = inspect::Trying {
+                    stream_seq: taken.seq,
+                    attempts: taken.attempts,
+                    status: *status,
+                    error: error.clone(),
+                };
+                if let Ok(value) = serde_json::to_vec(&trying) {
+                    let (kv, key) = (self.kv.clone(), inspect::trying_key(&short_hash(route)));
+                    tokio::spawn(async move {
+                        let put = kv.put(key, value.into());
+                        let _ = tokio::time::timeout(Duration::from_secs(5), put).await;
+                    });
+                }
+            }
         }
     }
 
