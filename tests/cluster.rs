@@ -1663,3 +1663,53 @@ async fn regression_an_event_stuck_in_flight_was_listed_without_its_last_error()
         "{row}"
     );
 }
+
+/// helper-107: Slack got two alerts 0.16 s apart across the cluster. A copy of an alert that
+/// waited at one instance (a stall) while another took it over found the floor the other had
+/// written, logged "already delivered (NATS forgot its ack)" and acked it: NATS took the ack
+/// of the late copy, and the route's next alert went out during the other instance's pace.
+/// A late copy now leaves the ack to the instance that holds the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_late_copy_s_ack_released_the_slack_pace_early() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
+    // A holds each delivery as it arrives, and sends no renewal: B takes them over.
+    let dir = support::temp_dir();
+    let hold = dir.path().join("hold");
+    std::fs::write(&hold, b"").unwrap();
+    let fault = format!("hold-on-arrival={}", hold.display());
+    let a = start_cluster(1, &channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let b = start_cluster(1, &channel, &body, &[]).await;
+    const ALERTS: usize = 3;
+    for n in 0..ALERTS {
+        channel.send_webhook(n as u64 + 1, &firing_frame(n));
+    }
+    // B delivers the first alert A was given, writes the floor, and waits out its pace: A's
+    // late copy goes on then.
+    b[0].logs
+        .wait_for(&["the route's floor is written", "route=alerts"])
+        .await;
+    std::fs::remove_file(&hold).unwrap();
+    let mut received = Vec::new();
+    for _ in 0..ALERTS {
+        received.push(slack.next().await);
+    }
+    let entities: Vec<usize> = received.iter().map(entity_of).collect();
+    assert_eq!(
+        entities,
+        (0..ALERTS).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    let gaps: Vec<Duration> = received
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
+        "paced at one a second: {gaps:?}\n{}",
+        a[0].logs.all()
+    );
+    slack.assert_quiet(Duration::from_secs(3)).await;
+}

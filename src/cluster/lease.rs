@@ -276,17 +276,52 @@ impl Cluster {
         }
         // A renewal is confirmed whether or not the message is still this instance's (NATS
         // renews whichever delivery of it is pending): the consumer tells.
-        let Ok(Ok(now)) = tokio::time::timeout(patience, consumer.get_info()).await else {
-            return Renewal::Failed;
-        };
-        if now.delivered.consumer_sequence > ours {
-            Renewal::Lost
-        } else if extend {
-            Renewal::Confirmed { sent }
-        } else {
+        match self.ours(consumer, ours).await {
+            None => Renewal::Failed,
+            Some(false) => Renewal::Lost,
+            Some(true) if extend => Renewal::Confirmed { sent },
             // Not extended: NATS gives it to another (or again to this instance) once the
             // ack wait runs out, and a renewal then learns so.
-            Renewal::Failed
+            Some(true) => Renewal::Failed,
         }
+    }
+
+    /// Whether this instance's delivery of `message` is still the consumer's last one (None:
+    /// NATS did not answer in time).
+    pub(super) async fn still_ours(
+        &self,
+        consumer: &consumer::PullConsumer,
+        message: &jetstream::Message,
+    ) -> Option<bool> {
+        let ours = message.info().ok()?.consumer_sequence;
+        self.ours(consumer, ours).await
+    }
+
+    /// Whether the consumer delivered nothing after its delivery number `ours`.
+    async fn ours(&self, consumer: &consumer::PullConsumer, ours: u64) -> Option<bool> {
+        let asked = tokio::time::timeout(self.renew_every(), consumer.get_info());
+        let Ok(Ok(now)) = asked.await else {
+            return None;
+        };
+        Some(now.delivered.consumer_sequence <= ours)
+    }
+
+    /// Whether the ack of `message`, delivered here under `lease`, would be another's to give:
+    /// NATS gave the message to another instance since (a stall), which delivers it and
+    /// paces its ack; this one's would release the route early. Asked of NATS only when the
+    /// lease does not tell (it was not confirmed lately).
+    pub(super) async fn acked_by_another(
+        &self,
+        lease: &Lease,
+        consumer: &consumer::PullConsumer,
+        message: &jetstream::Message,
+    ) -> bool {
+        if lease.lost {
+            return true;
+        }
+        if lease.held(self.settings.ack_wait) {
+            return false;
+        }
+        self.still_ours(consumer, message).await == Some(false)
     }
 }

@@ -1147,10 +1147,24 @@ impl Cluster {
             && let Some(floor) = floor
             && seq <= floor
         {
-            info!(route = %label, stream_seq = seq, "already delivered (NATS forgot its ack); not delivering it again");
             metrics::counter!("smee_relay_cluster_skipped_total", "route" => label.to_string())
                 .increment(1);
-            let _ = message.double_ack().await;
+            // Delivered already, by whom tells what to do with this copy. NATS forgot its ack
+            // (a crash): this is its one delivery, acked here. Or another instance took it
+            // over while this copy waited (a stall) and delivered it: that one acks it, after
+            // its pace, and this copy's ack would release the route early.
+            match self.still_ours(consumer, &message).await {
+                Some(true) => {
+                    info!(route = %label, stream_seq = seq, "already delivered (NATS forgot its ack); not delivering it again");
+                    let _ = message.double_ack().await;
+                }
+                Some(false) => {
+                    info!(route = %label, stream_seq = seq, "already delivered by another instance, which took it over while this copy waited (a stall); not delivering it, nor acking it");
+                }
+                None => {
+                    info!(route = %label, stream_seq = seq, "already delivered; NATS cannot say whether this copy is still the one out, so it is left to NATS (it comes again, and is skipped)");
+                }
+            }
             return;
         }
         if let Ok(info) = message.info() {
@@ -1240,6 +1254,20 @@ impl Cluster {
             .flatten()
             .map(|started| started + paced.pace);
         let delivered = took.elapsed();
+        // Delivered here after NATS gave the message to another instance (an attempt under
+        // way as a stall began): the other one acks it, after its pace; the floor is still
+        // raised (it was delivered).
+        if let (Some(seq), Some(taken)) = (stream_seq, &taken)
+            && self
+                .acked_by_another(&taken.lease, consumer, &message)
+                .await
+        {
+            info!(route = %label, stream_seq = seq, "delivered here after the cluster gave it to another instance (a stall); that instance acks it");
+            route_done
+                .run_until_cancelled(self.raise_floor(label, floor_key, seq))
+                .await;
+            return;
+        }
         let settle = async {
             // Finished after a failed attempt: given up on. Recorded in the cluster before the
             // ack, so that whichever instance runs `events list` sees it, and any can replay it.
@@ -1321,6 +1349,7 @@ impl Cluster {
                     .await
             }
         {
+            tracing::debug!(route = %label, stream_seq = seq, "the route's floor is written; acking after the pace");
             wait_until(ack_at).await;
             if let Err(e) = message.ack().await {
                 warn!(route = %label, "delivered, but the ack did not go out ({e}); the route's floor skips its redelivery");
