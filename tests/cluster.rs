@@ -398,6 +398,27 @@ fn alert_deliverers(instances: &[Instance]) -> usize {
         .count()
 }
 
+/// The next `n` Slack messages: one per entity 0..n, once each, in order, and one a second
+/// per webhook cluster-wide (the route's next delivery, whichever instance takes it, starts a
+/// pace after the last one started; a little slack for the loopback's own jitter).
+async fn next_alerts_paced(slack: &mut FakeSlack, n: usize) {
+    let mut received = Vec::new();
+    for _ in 0..n {
+        received.push(slack.next().await);
+    }
+    let entities: Vec<usize> = received.iter().map(entity_of).collect();
+    assert_eq!(entities, (0..n).collect::<Vec<_>>(), "once each, in order");
+    let gaps: Vec<Duration> = received
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    eprintln!("gaps between Slack messages: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
+        "paced at one a second: {gaps:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_pacing_holds_across_two_instances_and_each_alert_arrives_once_in_order() {
     let nats = NatsServer::start().await;
@@ -410,28 +431,7 @@ async fn slack_pacing_holds_across_two_instances_and_each_alert_arrives_once_in_
     for n in 0..ALERTS {
         channel.send_webhook(n as u64 + 1, &firing_frame(n));
     }
-    let mut received = Vec::new();
-    for _ in 0..ALERTS {
-        received.push(slack.next().await);
-    }
-    let entities: Vec<usize> = received.iter().map(entity_of).collect();
-    assert_eq!(
-        entities,
-        (0..ALERTS).collect::<Vec<_>>(),
-        "once each, in order"
-    );
-    // One message a second per webhook, cluster-wide: the route's next delivery, whichever
-    // instance takes it, starts a pace after the last one started. (A little slack for the
-    // loopback's own jitter between two arrivals.)
-    let gaps: Vec<Duration> = received
-        .windows(2)
-        .map(|w| w[1].at.duration_since(w[0].at))
-        .collect();
-    eprintln!("gaps between Slack messages: {gaps:?}");
-    assert!(
-        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
-        "paced at one a second: {gaps:?}"
-    );
+    next_alerts_paced(&mut slack, ALERTS).await;
     slack.assert_quiet(Duration::from_secs(3)).await;
     let deliverers = alert_deliverers(&instances);
     eprintln!("instances that delivered alerts: {deliverers}");
@@ -1680,7 +1680,7 @@ async fn regression_a_late_copy_s_ack_released_the_slack_pace_early() {
     let hold = dir.path().join("hold");
     std::fs::write(&hold, b"").unwrap();
     let fault = format!("hold-on-arrival={}", hold.display());
-    let a = start_cluster(1, &channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let _a = start_cluster(1, &channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
     let b = start_cluster(1, &channel, &body, &[]).await;
     const ALERTS: usize = 3;
     for n in 0..ALERTS {
@@ -1692,24 +1692,6 @@ async fn regression_a_late_copy_s_ack_released_the_slack_pace_early() {
         .wait_for(&["the route's floor is written", "route=alerts"])
         .await;
     std::fs::remove_file(&hold).unwrap();
-    let mut received = Vec::new();
-    for _ in 0..ALERTS {
-        received.push(slack.next().await);
-    }
-    let entities: Vec<usize> = received.iter().map(entity_of).collect();
-    assert_eq!(
-        entities,
-        (0..ALERTS).collect::<Vec<_>>(),
-        "once each, in order"
-    );
-    let gaps: Vec<Duration> = received
-        .windows(2)
-        .map(|w| w[1].at.duration_since(w[0].at))
-        .collect();
-    assert!(
-        gaps.iter().all(|gap| *gap >= Duration::from_millis(950)),
-        "paced at one a second: {gaps:?}\n{}",
-        a[0].logs.all()
-    );
+    next_alerts_paced(&mut slack, ALERTS).await;
     slack.assert_quiet(Duration::from_secs(3)).await;
 }
