@@ -20,6 +20,12 @@
 //! count uses the two machines' clocks: one running behind NATS's makes it start later, at
 //! the arrival at worst.
 //!
+//! A copy that ends up delivered here anyway (the attempt under way as a stall began), or
+//! that finds the route's floor past it because another instance delivered it meanwhile, is
+//! not acked here: NATS takes the ack of any delivery of a message, and a late one would
+//! release the route while the holder waits out its pace ([`Cluster::acked_by_another`],
+//! [`Cluster::still_ours`]).
+//!
 //! What this leaves: an attempt already under way when the network stalls may still reach the
 //! target beside the other instance's (as the delivery in flight at a `kill -9` does); the
 //! delivery id (`x-smee-relay-delivery`) is the same on both.
