@@ -1060,7 +1060,7 @@ impl Cluster {
                         // Heartbeats missed (NATS down) and the like: pull again.
                         // Paced: while NATS is down this comes every few seconds.
                         if let Some(line) = paced(&format!("consumer {label}"), &e.to_string()) {
-                            warn!(route = %label, "NATS consumer: {line}; pulling again");
+                            warn!(route = %label, "NATS consumer: {line} (no word from NATS: the connection is slow or down); asking it for the route's messages again");
                         }
                         break;
                     }
