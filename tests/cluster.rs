@@ -1695,3 +1695,37 @@ async fn regression_a_late_copy_s_ack_released_the_slack_pace_early() {
     next_alerts_paced(&mut slack, ALERTS).await;
     slack.assert_quiet(Duration::from_secs(3)).await;
 }
+
+/// `events list --nats-url URL` without a config knew only cluster `default`, and there was no
+/// way to name another (helper-108): `--cluster NAME` names it, and the error says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_events_with_only_a_nats_url_could_not_name_the_cluster() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    channel.send_webhook(1, &frame(0));
+    assert_eq!(n_of(&target.next().await.body), 0);
+    wait_delivered(&instances[0], 1).await;
+
+    let list = |extra: &[&str]| {
+        let mut command = smee_relay();
+        command
+            .args(["events", "list", "--json", "--nats-url", &nats.url])
+            .args(extra)
+            .env_remove("SMEE_RELAY_CONFIG");
+        async move { support::run_to_end(&mut command).await }
+    };
+    let out = list(&[]).await;
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("--cluster NAME"), "{}", out.stderr);
+    let out = list(&["--cluster", "test"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["id"] == 1 && r["status"] == "delivered"),
+        "{rows:?}"
+    );
+}

@@ -254,6 +254,11 @@ pub struct EventsArgs {
     #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg, global = true)]
     pub nats_url: Option<crate::secret::SecretString>,
 
+    /// The cluster's name (its `[cluster] name`), over the config's; with `--nats-url` and no
+    /// config, without it the cluster is `default`, as for `run`.
+    #[arg(long, value_name = "NAME", global = true)]
+    pub cluster: Option<String>,
+
     /// This machine's spool, even in cluster mode (the deliveries this instance made).
     #[arg(long, global = true)]
     pub local: bool,

@@ -283,7 +283,7 @@ pub enum ClusterError {
     #[error("invalid cluster name {0:?}: use letters, digits, '-' and '_'")]
     Name(String),
     #[error(
-        "no cluster {0:?} on this NATS ({1} not found): is [cluster] name the relays' name, and have they run?"
+        "no cluster {0:?} on this NATS ({1} not found): is [cluster] name (or `events --cluster NAME`) the relays' name, and have they run?"
     )]
     NoCluster(String, String, #[source] async_nats::Error),
     /// The key, its value in the cluster, this instance's value, what to do; what NATS said.

@@ -343,8 +343,14 @@ fn config_state_dir(args: &EventsArgs) -> anyhow::Result<Option<std::path::PathB
 /// as for `run`).
 fn cluster_settings(args: &EventsArgs) -> anyhow::Result<Option<crate::cluster::Settings>> {
     let file = config_cluster(args)?;
-    crate::config::cluster_with_flag(args.nats_url.as_ref(), file)
-        .map_err(|e| anyhow::anyhow!("{e}; --local shows this machine's spool instead"))
+    let settings = crate::config::cluster_with_flag(args.nats_url.as_ref(), file)
+        .map_err(|e| anyhow::anyhow!("{e}; --local shows this machine's spool instead"))?;
+    Ok(settings.map(|mut settings| {
+        if let Some(name) = &args.cluster {
+            settings.name = name.clone();
+        }
+        settings
+    }))
 }
 
 /// `[cluster]` of `--config`, if it has one (its URL may be empty: `nats_url_env` unset, and
