@@ -1605,12 +1605,23 @@ async fn regression_a_nats_outage_logged_every_publish_attempt_as_a_target_failu
     );
     let instances = start_cluster(1, &channel, &body, &[]).await;
     let one = &instances[0];
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let url = format!("http://{metrics}/metrics");
+    // The route's cluster counters have a sample at zero before anything happened to them
+    // (helper-108: none until the first skip or redelivery).
+    let zero = format!(
+        "smee_relay_cluster_skipped_total{{route=\"{}\"}} 0",
+        target.url("/hook")
+    );
+    support::wait_for(support::PATIENCE, "the skipped counter at zero", || async {
+        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        text.lines().any(|l| l == zero).then_some(())
+    })
+    .await;
     let (_store, _port) = nats.stop().await;
     one.logs.wait_for(&["NATS connection lost"]).await;
     channel.send_webhook(1, &frame(0));
     // Three attempts at publishing it failed.
-    let client = smee_relay::http::client_builder().build().unwrap();
-    let url = format!("http://{metrics}/metrics");
     support::wait_for(FAILOVER_PATIENCE * 2, "three failed publishes", || async {
         let text = client.get(&url).send().await.ok()?.text().await.ok()?;
         let retries: f64 = text

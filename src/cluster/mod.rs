@@ -1000,6 +1000,14 @@ impl Cluster {
             hash: hash.clone(),
             outbox,
         };
+        // At zero from the start, so that a dashboard sees the series before the first skip or
+        // redelivery (helper-108: no sample until then).
+        for counter in [
+            "smee_relay_cluster_skipped_total",
+            "smee_relay_cluster_redeliveries_total",
+        ] {
+            metrics::counter!(counter, "route" => label.clone()).increment(0);
+        }
         // The route also reads its own replay subject: `events replay` re-queues there.
         let mut subjects = subjects;
         subjects.push(self.replay_subject(&hash));
