@@ -1740,3 +1740,45 @@ async fn regression_events_with_only_a_nats_url_could_not_name_the_cluster() {
         "{rows:?}"
     );
 }
+
+/// helper-109: Slack got two alerts 0.67 s apart. An instance whose attempt finished while
+/// NATS's answers to it were stalled (its lease no longer confirmed) asked whether the
+/// message was still its own, took no answer for "yes", and acked: its ack reached NATS,
+/// which had given the message to another instance, and the route's next message could go
+/// out during that one's pace. It now asks until NATS answers (bounded by a stop), and
+/// leaves the ack to the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_late_attempt_acked_when_nats_did_not_answer() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let proxy = support::nats::FreezableProxy::start(nats.port).await;
+    target.hold();
+    let config =
+        |nats_url: &str| forward_config(&channel.url("ch"), &target.url("/hook"), nats_url);
+    let a = start_cluster(1, &channel, &config(&proxy.url), &[]).await;
+    channel.send_webhook(1, &frame(0));
+    target.wait_arrived(1).await;
+    let b = start_cluster(1, &channel, &config(&nats.url), &[]).await;
+
+    // A's answers stall while its attempt is under way: B takes the delivery over.
+    proxy.freeze_answers();
+    target.wait_arrived(2).await;
+    target.release();
+    b[0].logs.wait_for(&["cluster delivery done"]).await;
+    // A's attempt ended too, NATS not answering it: it must not ack (for 5 s of no answer).
+    a[0].logs.wait_for(&["/hook -> 200"]).await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < quiet_until {
+        if let Some(line) = a[0].logs.find(&["the route's floor is written"]) {
+            panic!("A acked without NATS's word: {line}\n{}", a[0].logs.all());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // NATS answers again: A learns that B has it, and leaves the ack to B.
+    proxy.thaw();
+    a[0].logs
+        .wait_for(&["delivered here after the cluster gave it to another instance"])
+        .await;
+    assert_eq!(target.arrived(), 2, "the one repeat under way");
+}

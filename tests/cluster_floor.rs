@@ -147,7 +147,7 @@ async fn nats_forgetting_the_acks_it_took_repeats_nothing_the_floor_records() {
                 .iter()
                 .any(|i| {
                     i.logs
-                        .find(&["already delivered (NATS forgot its ack)"])
+                        .find(&["already delivered (NATS did not get or forgot the ack"])
                         .is_some()
                 })
                 .then_some(())

@@ -315,7 +315,9 @@ impl Cluster {
     /// Whether the ack of `message`, delivered here under `lease`, would be another's to give:
     /// NATS gave the message to another instance since (a stall), which delivers it and
     /// paces its ack; this one's would release the route early. Asked of NATS only when the
-    /// lease does not tell (it was not confirmed lately).
+    /// lease does not tell (it was not confirmed lately), and again each second while NATS
+    /// does not answer: until it does, nobody can say whose ack it is (helper-109: taking no
+    /// answer for "ours" acked a late copy). The caller bounds the wait by its stop.
     pub(super) async fn acked_by_another(
         &self,
         lease: &Lease,
@@ -328,6 +330,11 @@ impl Cluster {
         if lease.held(self.settings.ack_wait) {
             return false;
         }
-        self.still_ours(consumer, message).await == Some(false)
+        loop {
+            if let Some(ours) = self.still_ours(consumer, message).await {
+                return !ours;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }

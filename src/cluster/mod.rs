@@ -1163,7 +1163,7 @@ impl Cluster {
             // its pace, and this copy's ack would release the route early.
             match self.still_ours(consumer, &message).await {
                 Some(true) => {
-                    info!(route = %label, stream_seq = seq, "already delivered (NATS forgot its ack); not delivering it again");
+                    info!(route = %label, stream_seq = seq, "already delivered (NATS did not get or forgot the ack of its earlier delivery); not delivering it again");
                     let _ = message.double_ack().await;
                 }
                 Some(false) => {
@@ -1262,21 +1262,17 @@ impl Cluster {
             .flatten()
             .map(|started| started + paced.pace);
         let delivered = took.elapsed();
-        // Delivered here after NATS gave the message to another instance (an attempt under
-        // way as a stall began): the other one acks it, after its pace; the floor is still
-        // raised (it was delivered).
-        if let (Some(seq), Some(taken)) = (stream_seq, &taken)
-            && self
-                .acked_by_another(&taken.lease, consumer, &message)
-                .await
-        {
-            info!(route = %label, stream_seq = seq, "delivered here after the cluster gave it to another instance (a stall); that instance acks it");
-            route_done
-                .run_until_cancelled(self.raise_floor(label, floor_key, seq))
-                .await;
-            return;
-        }
         let settle = async {
+            // Delivered here after NATS gave the message to another instance (an attempt under
+            // way as a stall began): the other one acks it, after its pace; the floor is still
+            // raised (it was delivered).
+            if let (Some(seq), Some(held)) = (stream_seq, &taken)
+                && self.acked_by_another(&held.lease, consumer, &message).await
+            {
+                info!(route = %label, stream_seq = seq, "delivered here after the cluster gave it to another instance (a stall); that instance acks it");
+                self.raise_floor(label, floor_key, seq).await;
+                return;
+            }
             // Finished after a failed attempt: given up on. Recorded in the cluster before the
             // ack, so that whichever instance runs `events list` sees it, and any can replay it.
             if let Some(seq) = stream_seq
