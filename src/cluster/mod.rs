@@ -1074,9 +1074,18 @@ impl Cluster {
                     }
                     None => break,
                 };
-                let Some(lease) = self.arrive(&consumer, &message).await else {
-                    info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
-                    continue;
+                // Not waited on past a stop: a message that arrives with too little lease left
+                // is renewed first, which waits on NATS (it goes back to NATS unacked).
+                let lease = match cancel
+                    .run_until_cancelled(self.arrive(&consumer, &message))
+                    .await
+                {
+                    None => return,
+                    Some(Some(lease)) => lease,
+                    Some(None) => {
+                        info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
+                        continue;
+                    }
                 };
                 let paced = Paced { pace };
                 self.handle(
