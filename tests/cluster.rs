@@ -1687,11 +1687,8 @@ async fn regression_a_late_copy_s_ack_released_the_slack_pace_early() {
     let mut slack = FakeSlack::start().await;
     let body = alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url);
     // A holds each delivery as it arrives, and sends no renewal: B takes them over.
-    let dir = support::temp_dir();
-    let hold = dir.path().join("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let fault = format!("hold-on-arrival={}", hold.display());
-    let _a = start_cluster(1, &channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let hold = support::nats::HeldFault::new("hold-on-arrival");
+    let _a = start_cluster(1, &channel, &body, &hold.env()).await;
     let b = start_cluster(1, &channel, &body, &[]).await;
     const ALERTS: usize = 3;
     for n in 0..ALERTS {
@@ -1702,7 +1699,7 @@ async fn regression_a_late_copy_s_ack_released_the_slack_pace_early() {
     b[0].logs
         .wait_for(&["the route's floor is written", "route=alerts"])
         .await;
-    std::fs::remove_file(&hold).unwrap();
+    hold.release();
     next_alerts_paced(&mut slack, ALERTS).await;
     slack.assert_quiet(Duration::from_secs(3)).await;
 }

@@ -10,10 +10,11 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
-use support::nats::{FAILOVER_PATIENCE, FreezableProxy, Instance, NatsServer, start_instance};
+use support::nats::{
+    FAILOVER_PATIENCE, FreezableProxy, HeldFault, Instance, NatsServer, start_instance,
+};
 use support::{FakeChannel, FakeSlack};
 
 /// Start an instance and wait until it joined the cluster and subscribed to `channel`.
@@ -139,11 +140,8 @@ async fn a_stall_between_the_local_commit_and_the_publish_keeps_the_alerts_in_or
     };
     // The alerts' publish of instance A is held (debug-only hook) until the file goes: A
     // commits its FIRING locally, and its network stalls before it publishes it.
-    let dir = support::temp_dir();
-    let hold = dir.path().join("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let fault = format!("hold-alert-publish={}", hold.display());
-    let a = join(&channel, &body(&proxy.url), &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let hold = HeldFault::new("hold-alert-publish");
+    let a = join(&channel, &body(&proxy.url), &hold.env()).await;
 
     // Alone in the cluster, A judges both changes: the FIRING is committed, not published.
     channel.send_webhook(1, &change("01-create"));
@@ -151,7 +149,7 @@ async fn a_stall_between_the_local_commit_and_the_publish_keeps_the_alerts_in_or
     a.logs.wait_for(&["FIRING cpu-high"]).await;
     let b = join(&channel, &body(&nats.url), &[]).await;
     proxy.freeze();
-    release(&hold);
+    hold.release();
 
     // The next change of the same rule and entity, received (and published) by B alone.
     channel.send_webhook(3, &change("06-cpu-75-to-60"));
@@ -174,11 +172,6 @@ async fn a_stall_between_the_local_commit_and_the_publish_keeps_the_alerts_in_or
     );
 }
 
-/// Let the held publish go.
-fn release(hold: &Path) {
-    std::fs::remove_file(hold).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_an_alert_committed_but_unpublished_hands_it_over_at_once() {
     let nats = NatsServer::start().await;
@@ -186,11 +179,8 @@ async fn a_stop_with_an_alert_committed_but_unpublished_hands_it_over_at_once() 
     let mut slack = FakeSlack::start().await;
     let body =
         support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "stop");
-    let dir = support::temp_dir();
-    let hold = dir.path().join("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let fault = format!("hold-alert-publish={}", hold.display());
-    let mut a = join(&channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let hold = HeldFault::new("hold-alert-publish");
+    let mut a = join(&channel, &body, &hold.env()).await;
     channel.send_webhook(1, &change("01-create"));
     channel.send_webhook(2, &change("02-cpu-25-to-87"));
     a.logs.wait_for(&["FIRING cpu-high"]).await;
@@ -209,7 +199,7 @@ async fn a_stop_with_an_alert_committed_but_unpublished_hands_it_over_at_once() 
         .wait_for(&["took over another instance's judgement"])
         .await;
     slack.assert_quiet(Duration::from_secs(3)).await;
-    release(&hold);
+    hold.release();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,11 +422,8 @@ async fn regression_a_delivery_held_up_as_it_arrived_was_attempted_after_another
     target.hold();
     let target_url = target.url("/hook");
     let body = support::nats::forward_config(&channel.url("ch"), &target_url, &nats.url, "arrival");
-    let dir = support::temp_dir();
-    let hold = dir.path().join("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let fault = format!("hold-on-arrival={}", hold.display());
-    let a = join(&channel, &body, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let hold = HeldFault::new("hold-on-arrival");
+    let a = join(&channel, &body, &hold.env()).await;
     a.logs
         .wait_for(&["the route's NATS consumer is ready"])
         .await;
@@ -454,7 +441,7 @@ async fn regression_a_delivery_held_up_as_it_arrived_was_attempted_after_another
     target.wait_arrived(1).await;
 
     // A goes on: it must learn that B has the delivery, not attempt it.
-    release(&hold);
+    hold.release();
     let word = support::wait_for(FAILOVER_PATIENCE, "A's next word on the delivery", || {
         std::future::ready(if target.arrived() > 1 {
             Some("A attempted it".to_string())

@@ -526,12 +526,8 @@ async fn a_reconciliation_does_not_overtake_a_live_firing_not_yet_published() {
         support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), &nats.url, "recon"),
         port.url()
     );
-    let dir = support::temp_dir();
-    let hold = dir.path().join("hold");
-    std::fs::write(&hold, b"").unwrap();
-    let fault = format!("hold-alert-publish={}", hold.display());
-    let (_a, a_logs, _a_dir) =
-        join_cluster(&config, &channel, &[("SMEE_RELAY_FAULT", &fault)]).await;
+    let hold = support::nats::HeldFault::new("hold-alert-publish");
+    let (_a, a_logs, _a_dir) = join_cluster(&config, &channel, &hold.env()).await;
     // Port knows no entity yet: A's reconciliation at start finds nothing.
     a_logs
         .wait_for(&["reconciliation of blueprint DeploymentConfig"])
@@ -566,7 +562,7 @@ async fn a_reconciliation_does_not_overtake_a_live_firing_not_yet_published() {
     let second = next("the second alert").await;
     assert!(second.starts_with("RESOLVED cpu-high"), "{second:?}");
     // A's publish goes on: a repeat the stream drops.
-    std::fs::remove_file(&hold).unwrap();
+    hold.release();
     slack.assert_quiet(std::time::Duration::from_secs(4)).await;
 }
 

@@ -294,6 +294,41 @@ async fn pump(
     }
 }
 
+/// A debug-only fault that holds a relay at one point while a file exists
+/// (`SMEE_RELAY_FAULT=<name>=<file>`, see `cluster`'s module header): made held.
+pub struct HeldFault {
+    /// Keeps the file's directory for the fault's life.
+    _dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+    /// `<name>=<file>`, the value of `SMEE_RELAY_FAULT`.
+    value: String,
+}
+
+impl HeldFault {
+    /// Fault `name` (`hold-alert-publish`, `hold-on-arrival`), held until [`HeldFault::release`].
+    pub fn new(name: &str) -> HeldFault {
+        let dir = super::temp_dir();
+        let file = dir.path().join("hold");
+        std::fs::write(&file, b"").unwrap();
+        let value = format!("{name}={}", file.display());
+        HeldFault {
+            _dir: dir,
+            file,
+            value,
+        }
+    }
+
+    /// The environment that gives a relay the fault.
+    pub fn env(&self) -> [(&str, &str); 1] {
+        [("SMEE_RELAY_FAULT", self.value.as_str())]
+    }
+
+    /// Let what it holds go on.
+    pub fn release(&self) {
+        std::fs::remove_file(&self.file).unwrap();
+    }
+}
+
 /// A relay process of a cluster test: `run --config DIR/config.toml --state-dir DIR/state`.
 pub struct Instance {
     /// The process, to kill or signal.
