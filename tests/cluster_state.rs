@@ -134,15 +134,21 @@ async fn cutting_proxy(nats_port: u16, trigger: &'static [u8], armed: Arc<Atomic
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
-                        let hit = buf[..n].windows(trigger.len()).any(|w| w == trigger);
+                        let hit = buf[..n].windows(trigger.len()).any(|w| w == trigger)
+                            && armed.swap(false, Ordering::SeqCst);
+                        if hit {
+                            // Stop passing answers before the write goes on: notified after
+                            // it, the answer could slip through first on a busy machine
+                            // (CI, 2026-12-06), and the write looked answered.
+                            cut2.notify_one();
+                        }
                         if sw.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
-                        if hit && armed.swap(false, Ordering::SeqCst) {
-                            // Stop passing answers at once; give the server the moment it
-                            // takes to apply the write before the connection goes (a reset
-                            // could discard it unread): fault injection, not a wait.
-                            cut2.notify_one();
+                        if hit {
+                            // Give the server the moment it takes to apply the write before
+                            // the connection goes (a reset could discard it unread): fault
+                            // injection, not a wait.
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             return;
                         }
@@ -152,6 +158,8 @@ async fn cutting_proxy(nats_port: u16, trigger: &'static [u8], armed: Arc<Atomic
                     let mut buf = vec![0u8; 65536];
                     loop {
                         tokio::select! {
+                            // The cut first, whatever else is ready.
+                            biased;
                             _ = cut.notified() => return,
                             read = sr.read(&mut buf) => {
                                 let n = match read {
