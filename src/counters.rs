@@ -1,6 +1,9 @@
 //! Counters the relay keeps about itself, shared by the stages that count (intake, routes) and
-//! read back by the service (the systemd status line). Each bump is also a Prometheus metric.
+//! read back by the service (the systemd status line, `/healthz`). Each bump is also a
+//! Prometheus metric.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -13,6 +16,21 @@ pub struct Counters {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
+    /// The routes whose event at the head of the queue failed its last attempt, by label: the
+    /// target is down or refuses it, and everything behind it waits. Only a delivered (or
+    /// given up) event, or the route's end, takes a route off.
+    failing: Mutex<BTreeMap<String, Failing>>,
+}
+
+/// A route whose head event failed its last attempt ([`Counters::failing`]).
+#[derive(Debug, Clone)]
+struct Failing {
+    /// When the run of failed attempts began (Unix ms).
+    since_ms: u64,
+    /// Failed attempts in the run, across the events it spans.
+    attempts: u64,
+    /// What the last attempt met.
+    last_error: String,
 }
 
 impl Counters {
@@ -34,10 +52,33 @@ impl Counters {
         metrics::counter!("smee_relay_events_refused_total").increment(1);
     }
 
+    /// Routes whose head event keeps failing, one line each (`/healthz` warnings, the status
+    /// line): `route http://127.0.0.1:3000/hook failing for 2m 5s (7 attempts; last: ...)`.
+    pub fn failing(&self, now_ms: u64) -> Vec<String> {
+        lock(&self.failing)
+            .iter()
+            .map(|(route, failing)| {
+                let for_ = Duration::from_secs(now_ms.saturating_sub(failing.since_ms) / 1000);
+                format!(
+                    "route {route} failing for {} ({}; last: {})",
+                    humantime::format_duration(for_),
+                    crate::error::count(failing.attempts as usize, "attempt", "attempts"),
+                    failing.last_error
+                )
+            })
+            .collect()
+    }
+
     /// The counters of the route `route` (its target, as metrics label it).
     pub fn route<'a>(&'a self, route: &'a str) -> RouteCounters<'a> {
+        let failing = metrics::gauge!("smee_relay_route_failing", "route" => route.to_string());
+        // There at 0 from the start: an alert on it sees the first failure.
+        failing.set(0.0);
         RouteCounters {
             counters: self,
+            route,
+            failing,
+            is_failing: Default::default(),
             deliveries: metrics::counter!("smee_relay_deliveries_total", "route" => route.to_string()),
             retries: metrics::counter!("smee_relay_retries_total", "route" => route.to_string()),
             dead: metrics::counter!("smee_relay_dead_letters_total", "route" => route.to_string()),
@@ -50,6 +91,12 @@ impl Counters {
 /// a delivery then costs no label allocation or registry lookup (it cost two of each).
 pub struct RouteCounters<'a> {
     counters: &'a Counters,
+    /// The route's label, its key in [`Counters::failing`].
+    route: &'a str,
+    /// 1 while the route is in [`Counters::failing`].
+    failing: metrics::Gauge,
+    /// Whether it is: a delivery then looks at the shared map only after a failure.
+    is_failing: std::sync::atomic::AtomicBool,
     deliveries: metrics::Counter,
     /// Registered with the others, so that they show 0 before the first retry or dead letter.
     retries: metrics::Counter,
@@ -62,15 +109,90 @@ impl RouteCounters<'_> {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         self.deliveries.increment(1);
         self.seconds.record(elapsed.as_secs_f64());
+        self.moved_on();
     }
 
-    pub fn retried(&self) {
+    /// An attempt failed, and will be retried: the route is failing until one succeeds.
+    pub fn retried(&self, error: &dyn std::fmt::Display) {
         self.counters.retried.fetch_add(1, Ordering::Relaxed);
         self.retries.increment(1);
+        let mut failing = lock(&self.counters.failing);
+        let entry = failing
+            .entry(self.route.to_string())
+            .or_insert_with(|| Failing {
+                since_ms: crate::clock::now_ms(),
+                attempts: 0,
+                last_error: String::new(),
+            });
+        entry.attempts += 1;
+        entry.last_error = error.to_string();
+        self.failing.set(1.0);
+        self.is_failing.store(true, Ordering::Relaxed);
     }
 
+    /// Given up on: a dead letter (its own counter and warning), and the route goes on.
     pub fn dead(&self) {
         self.counters.dead.fetch_add(1, Ordering::Relaxed);
         self.dead.increment(1);
+        self.moved_on();
+    }
+
+    /// The head event is done with: the route no longer waits on its target.
+    fn moved_on(&self) {
+        if self.is_failing.swap(false, Ordering::Relaxed) {
+            lock(&self.counters.failing).remove(self.route);
+            self.failing.set(0.0);
+        }
+    }
+}
+
+impl Drop for RouteCounters<'_> {
+    /// A route that ends (a reload removed it, a stop) is not failing any more: what waits
+    /// for it is the next run's.
+    fn drop(&mut self) {
+        self.moved_on();
+    }
+}
+
+/// A lock that a panic elsewhere does not make unusable: the map stays consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_fails_from_its_first_failed_attempt_until_one_succeeds() {
+        let counters = Counters::default();
+        let route = counters.route("http://127.0.0.1:9/hook");
+        route.retried(&"cannot reach target: connection refused");
+        route.retried(&"target answered 503 Service Unavailable");
+        let now = crate::clock::now_ms() + 65_000;
+        assert_eq!(
+            counters.failing(now),
+            [
+                "route http://127.0.0.1:9/hook failing for 1m 5s (2 attempts; last: target answered 503 Service Unavailable)"
+            ]
+        );
+        route.delivered(Duration::from_millis(3));
+        assert!(counters.failing(now).is_empty());
+        // A dead letter moves the route on too; its own counter and warning tell of it.
+        route.retried(&"x");
+        route.dead();
+        assert!(counters.failing(now).is_empty());
+    }
+
+    #[test]
+    fn a_route_that_ends_is_not_failing_any_more() {
+        let counters = Counters::default();
+        counters.route("a").retried(&"x");
+        assert!(counters.failing(0).is_empty(), "dropped at once");
+        let b = counters.route("b");
+        b.retried(&"x");
+        assert_eq!(counters.failing(0).len(), 1);
+        drop(b);
+        assert!(counters.failing(0).is_empty());
     }
 }

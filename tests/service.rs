@@ -203,6 +203,61 @@ async fn healthz_turns_503_when_the_channel_goes_silent() {
     );
 }
 
+/// A target that was down said nothing to `/healthz`: a watcher saw "ok" while every event
+/// waited. It is a warning, not a 503 (the relay is fine and a restart would not help), and it
+/// goes once the target takes the event.
+#[tokio::test]
+async fn healthz_warns_of_a_failing_target_until_it_takes_the_event() {
+    let channel = FakeChannel::start().await;
+    let down = unused_addr();
+    let route = format!("http://{down}/w");
+    let (_child, addr) = with_metrics(&["forward", &channel.url("FailingTarget"), &route]).await;
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let get = |path: &str| {
+        let request = client.get(format!("http://{addr}{path}"));
+        async move {
+            let response = request.send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    let body = support::wait_for(support::PATIENCE, "a warning on /healthz", || {
+        let answer = get("/healthz");
+        async move {
+            let (status, body) = answer.await?;
+            body.contains("warnings").then_some((status, body))
+        }
+    })
+    .await;
+    assert_eq!(body.0, 200, "the relay itself is healthy: {}", body.1);
+    let json: serde_json::Value = serde_json::from_str(&body.1).unwrap();
+    assert_eq!(json["status"], "ok");
+    let warning = json["warnings"][0].as_str().unwrap();
+    let expected = format!("route {route} failing for ");
+    assert!(
+        warning.starts_with(&expected) && warning.contains("last: cannot reach target"),
+        "{warning}"
+    );
+    let (_, metrics) = get("/metrics").await.unwrap();
+    let gauge = format!("smee_relay_route_failing{{route=\"{route}\"}} 1");
+    assert!(metrics.contains(&gauge), "{metrics}");
+
+    let mut target = FakeTarget::start_on(down).await;
+    target.next().await;
+    support::wait_for(support::PATIENCE, "the warning gone", || {
+        let answer = get("/healthz");
+        async move {
+            let (status, body) = answer.await?;
+            (status == 200 && !body.contains("warnings")).then_some(())
+        }
+    })
+    .await;
+    let (_, metrics) = get("/metrics").await.unwrap();
+    let gauge = format!("smee_relay_route_failing{{route=\"{route}\"}} 0");
+    assert!(metrics.contains(&gauge), "{metrics}");
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let channel = FakeChannel::start().await;
@@ -235,6 +290,8 @@ async fn metrics_count_what_happened() {
         // missing until the first one, so `increase()` alerts missed it.
         format!("smee_relay_dead_letters_total{{route=\"{route}\"}} 0"),
         "smee_relay_events_refused_total 0".to_string(),
+        // Its one failure is behind it.
+        format!("smee_relay_route_failing{{route=\"{route}\"}} 0"),
         "smee_relay_reconnects_total{channel=\"http://".to_string(),
         "smee_relay_bad_frames_total{channel=\"http://".to_string(),
     ];

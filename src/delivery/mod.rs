@@ -588,7 +588,7 @@ impl Delivery<'_> {
                 return finished;
             }
             self.pace(started).await;
-            self.counters.retried();
+            self.counters.retried(&error);
             let delay = self
                 .policy
                 .delay(error.retry_after(), &mut backoff, item.event.id);

@@ -268,11 +268,13 @@ pub async fn run(
     spool.set_cluster(plan.cluster.as_ref().map(|c| c.name.as_str()))?;
     let (writer, writer_thread) = SpoolWriter::start(spool.clone(), plan.limits);
     writer.keep_free(plan.keep_free);
+    let counters = Arc::new(Counters::default());
     let health = Arc::new(Health {
         channels: Default::default(),
         spool_writable: writer.writable(),
         spool_paused_why: writer.why_paused(),
         cluster: cluster.clone(),
+        counters: counters.clone(),
         ..Default::default()
     });
     if let Some(addr) = plan.metrics_listen {
@@ -297,7 +299,6 @@ pub async fn run(
             cancel.clone(),
         ));
     }
-    let counters = Arc::new(Counters::default());
     counters.register();
     let mut runtime = Runtime {
         spool: spool.clone(),
@@ -1787,8 +1788,14 @@ async fn report_status(
             }
             None => String::new(),
         };
+        // A target that keeps failing holds its route's queue: said first, as a pause is.
+        let failing: String = counters
+            .failing(crate::clock::now_ms())
+            .into_iter()
+            .map(|route| route + "; ")
+            .collect();
         let line = format!(
-            "{paused}{cluster_part}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
+            "{paused}{failing}{cluster_part}{up}/{all} channels connected; {} received, {} delivered, {} retried, {} dead; {pending} pending",
             counters.received.load(Relaxed),
             counters.delivered.load(Relaxed),
             counters.retried.load(Relaxed),

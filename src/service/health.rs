@@ -50,6 +50,11 @@ const DESCRIBED: &[(&str, Kind, &str)] = &[
         "Time of successful deliveries, per route.",
     ),
     (
+        "smee_relay_route_failing",
+        Kind::Gauge,
+        "1 while the event at the head of the route's queue is being retried, per route.",
+    ),
+    (
         "smee_relay_spool_pending",
         Kind::Gauge,
         "Deliveries waiting in the spool.",
@@ -229,6 +234,8 @@ pub struct Health {
     /// of that name starts again, or the token fires (the task's part was stopped on purpose:
     /// a reload removed its target, a shutdown).
     pub(crate) stopped: std::sync::Mutex<BTreeMap<String, (&'static str, CancellationToken)>>,
+    /// The routes' failing targets, for [`Health::warnings`].
+    pub counters: Arc<crate::counters::Counters>,
 }
 
 /// Says, once dropped, that its task ended before its token asked it to ([`Health::watch`]).
@@ -335,6 +342,16 @@ impl Health {
     }
 }
 
+impl Health {
+    /// What `/healthz` reports without failing: routes whose target keeps refusing or not
+    /// answering. Their events wait safely in the spool and a restart of the relay would not
+    /// help (a watchdog acting on a 503 would only restart it), but whoever watches should
+    /// know that deliveries stand still.
+    pub fn warnings(&self) -> Vec<String> {
+        self.counters.failing(crate::clock::now_ms())
+    }
+}
+
 /// Serve `/healthz` and `/metrics` on `listener` until `cancel`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -357,7 +374,7 @@ pub async fn serve(
 
 async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let problems = health.problems();
-    let (status, body) = if problems.is_empty() {
+    let (status, mut body) = if problems.is_empty() {
         (StatusCode::OK, serde_json::json!({"status": "ok"}))
     } else {
         (
@@ -365,6 +382,10 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
             serde_json::json!({"status": "unhealthy", "reasons": problems}),
         )
     };
+    let warnings = health.warnings();
+    if !warnings.is_empty() {
+        body["warnings"] = serde_json::json!(warnings);
+    }
     (status, axum::Json(body))
 }
 
