@@ -536,3 +536,60 @@ async fn regression_a_clean_stop_during_a_stall_hit_the_shutdown_backstop() {
         .wait_for(&["stopping before NATS confirmed this delivery's ack"])
         .await;
 }
+
+/// A stop while NATS stalls, with a message just arrived (its floor not read yet): the stop
+/// waited out NATS's request timeout (5 s) on the floor read, and then on the event's body.
+/// Nothing is queued at that point, so the stop hands the message back at once; the next
+/// instance delivers it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stop_waited_on_a_stalled_floor_read() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = support::FakeTarget::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    let config = |nats_url: &str| {
+        support::nats::forward_config(
+            &channel.url("ch"),
+            &target.url("/hook"),
+            nats_url,
+            "floorstop",
+        )
+    };
+    let hold = HeldFault::new("hold-on-arrival");
+    let mut a = join(&channel, &config(&proxy.url), &hold.env()).await;
+    a.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    a.logs
+        .wait_for(&["fault injected: holding a delivery on arrival"])
+        .await;
+
+    // The floor read meets a stalled connection; the stop comes meanwhile.
+    proxy.freeze();
+    hold.release();
+    support::signal(&a.child, "TERM");
+    let status = a.child.wait().await.unwrap();
+    assert!(
+        status.success() && a.logs.find(&["shutdown did not finish"]).is_none(),
+        "{status}:\n{}",
+        a.logs.all()
+    );
+    assert!(
+        a.logs
+            .find(&["stopping before this delivery was queued"])
+            .is_some(),
+        "the stop waited on NATS:\n{}",
+        a.logs.all()
+    );
+    assert_eq!(target.arrived(), 0);
+
+    // Handed back, not lost: the next instance delivers it.
+    proxy.thaw();
+    let _b = join_route(&channel, &config(&nats.url)).await;
+    let delivered = target
+        .try_next(FAILOVER_PATIENCE)
+        .await
+        .expect("the event, delivered by the next instance");
+    assert_eq!(&delivered.body[..], br#"{"n":1}"#);
+}

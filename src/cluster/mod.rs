@@ -1146,8 +1146,20 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        // A stop does not wait on NATS here (a stall would hold it for the request timeout):
+        // nothing is queued yet, and the message goes back to NATS unacked.
+        let stopped = || {
+            info!(route = %label, stream_seq, "stopping before this delivery was queued (NATS is slow to answer): it goes back to the cluster unacked, and is delivered after the ack wait");
+        };
         if stream_seq.is_some() {
-            match self.kv.entry(floor_key).await {
+            let Some(read) = route_done
+                .run_until_cancelled(self.kv.entry(floor_key))
+                .await
+            else {
+                stopped();
+                return;
+            };
+            match read {
                 Ok(Some(entry)) => {
                     floor_revision = Some(entry.revision);
                     if entry.operation == kv::Operation::Put {
@@ -1199,18 +1211,22 @@ impl Cluster {
             .lock()
             .expect("not poisoned")
             .insert(label.to_string(), crate::clock::now_ms());
-        let envelope = match self
-            .open_envelope(message.headers.as_ref(), &message.payload)
-            .await
-        {
-            Ok(envelope) => envelope,
-            Err(OpenError::Invalid(why)) => {
+        let opened = route_done
+            .run_until_cancelled(self.open_envelope(message.headers.as_ref(), &message.payload))
+            .await;
+        let envelope = match opened {
+            None => {
+                stopped();
+                return;
+            }
+            Some(Ok(envelope)) => envelope,
+            Some(Err(OpenError::Invalid(why))) => {
                 // No instance could ever deliver it.
                 error!(route = %label, stream_seq, "a message in the cluster stream cannot be delivered: {why}; it is not delivered (terminated)");
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 warn!(route = %label, stream_seq, "cannot read a cluster delivery: {}; handing it back", crate::error::chain(&e));
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
