@@ -593,3 +593,54 @@ async fn regression_a_stop_waited_on_a_stalled_floor_read() {
         .expect("the event, delivered by the next instance");
     assert_eq!(&delivered.body[..], br#"{"n":1}"#);
 }
+
+/// A stall of only the way back while the alerts a change produced waited to be published:
+/// the change's lease renewals (unconfirmed progress acks) still reached NATS, so no other
+/// instance could take the change over, and the pipeline stood still cluster-wide until the
+/// connection dropped (minutes). They are now confirmed, and stop after a whole ack wait
+/// without an answer, as a delivery's do: B takes the change over and the alerts go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_one_way_stall_while_alerts_waited_to_be_published_held_the_pipeline() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    let body = |nats_url: &str| {
+        support::nats::alerts_config(
+            &channel.url("ch"),
+            &slack.webhook_url(),
+            nats_url,
+            "oneway2",
+        )
+    };
+    let hold = HeldFault::new("hold-alert-publish");
+    let a = join(&channel, &body(&proxy.url), &hold.env()).await;
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    a.logs.wait_for(&["FIRING cpu-high"]).await;
+    let b = join(&channel, &body(&nats.url), &[]).await;
+
+    // A's publish goes out, but nothing NATS says reaches A any more.
+    proxy.freeze_answers();
+    hold.release();
+    channel.send_webhook(3, &change("06-cpu-75-to-60"));
+    let mut next = async || {
+        let message = slack.try_next(FAILOVER_PATIENCE).await;
+        let message =
+            message.unwrap_or_else(|| panic!("the pipeline stood still\n{}", a.logs.all()));
+        support::slack_header(&message)
+    };
+    let first = next().await;
+    assert!(first.starts_with("FIRING cpu-high"), "{first:?}");
+    let second = next().await;
+    assert!(second.starts_with("RESOLVED cpu-high"), "{second:?}");
+    assert!(
+        b.logs
+            .find(&["taking over a delivery another instance did not finish"])
+            .is_some(),
+        "{}",
+        b.logs.all()
+    );
+    proxy.thaw();
+    slack.assert_quiet(Duration::from_secs(4)).await;
+}

@@ -73,6 +73,16 @@ impl Lease {
         let heard = self.confirmed.map_or(self.arrived, |c| c.max(self.arrived));
         heard.elapsed() < ack_wait
     }
+
+    /// Take in what a renewal learned; whether that changed anything.
+    fn learn(&mut self, renewal: Renewal) -> bool {
+        match renewal {
+            Renewal::Confirmed { sent } => self.confirmed = Some(sent),
+            Renewal::Lost => self.lost = true,
+            Renewal::Failed => return false,
+        }
+        true
+    }
 }
 
 /// What one renewal learned.
@@ -246,18 +256,30 @@ impl Cluster {
             taken.lease.extends(self.settings.ack_wait)
         };
         let renewal = self.renew(consumer, message, extend).await;
-        {
+        let learned = {
             let mut in_flight = self.in_flight.lock().expect("not poisoned");
-            let Some(taken) = in_flight.get_mut(route) else {
-                return;
-            };
-            match renewal {
-                Renewal::Confirmed { sent } => taken.lease.confirmed = Some(sent),
-                Renewal::Lost => taken.lease.lost = true,
-                Renewal::Failed => return,
-            }
+            in_flight
+                .get_mut(route)
+                .is_some_and(|taken| taken.lease.learn(renewal))
+        };
+        if learned {
+            self.leases.notify_waiters();
         }
-        self.leases.notify_waiters();
+    }
+
+    /// Renew `lease` on `message` once the local route is done with it (the alerts it
+    /// produced wait to be published), as [`Cluster::renew_lease`] does before: confirmed,
+    /// and no longer extended after a whole ack wait without an answer. False once NATS gave
+    /// the message to another delivery.
+    pub(super) async fn renew_own(
+        &self,
+        lease: &mut Lease,
+        consumer: &consumer::PullConsumer,
+        message: &jetstream::Message,
+    ) -> bool {
+        let extend = lease.extends(self.settings.ack_wait);
+        lease.learn(self.renew(consumer, message, extend).await);
+        !lease.lost
     }
 
     /// One renewal of `message`: a progress ack NATS confirms (unless not to `extend`), then

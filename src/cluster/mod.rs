@@ -1265,14 +1265,23 @@ impl Cluster {
                 took,
             )
             .await;
-        let taken = self.in_flight.lock().expect("not poisoned").remove(route);
+        let mut taken = self.in_flight.lock().expect("not poisoned").remove(route);
         if done.is_none() || taken.as_ref().is_some_and(|taken| taken.withdrawn) {
             return;
         }
         // What the delivery produced is published before the ack (see `feed_producing`).
         if let Some(outbox) = &names.outbox
             && !self
-                .wait_published(label, outbox, &message, spool, route_done, &mut finished)
+                .wait_published(
+                    label,
+                    outbox,
+                    consumer,
+                    &message,
+                    taken.as_mut().map(|taken| &mut taken.lease),
+                    spool,
+                    route_done,
+                    &mut finished,
+                )
                 .await
         {
             return;
@@ -1566,14 +1575,20 @@ impl Cluster {
     }
 
     /// Wait until local `outbox` has published (or given up on) everything queued on it now,
-    /// renewing the lease of `message` meanwhile. False: the route stopped first, and the
+    /// renewing the `lease` of `message` meanwhile. False: the route stopped first, and the
     /// message is handed back (nak) so another instance takes it over at once; it finds the
     /// judgement recorded in the cluster and publishes the same alerts under the same names.
+    /// Or NATS gave the message to another instance (a stall: renewals are confirmed and
+    /// stop extending after a whole ack wait without an answer, as a delivery's do), which
+    /// does the same; this one's outbox still publishes, and the stream drops the repeats.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_published(
         &self,
         label: &str,
         outbox: &str,
+        consumer: &consumer::PullConsumer,
         message: &jetstream::Message,
+        mut lease: Option<&mut lease::Lease>,
         spool: &Arc<Spool>,
         route_done: &CancellationToken,
         finished: &mut tokio::sync::broadcast::Receiver<(String, u64)>,
@@ -1581,6 +1596,8 @@ impl Cluster {
         let mut left = pending_ids(spool, outbox).await;
         let renew = self.renew_every();
         let mut renew_every = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
+        // A renewal NATS is slow to answer is not followed by a burst of them.
+        renew_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !left.is_empty() {
             tokio::select! {
                 signal = finished.recv() => match signal {
@@ -1595,8 +1612,20 @@ impl Cluster {
                 _ = renew_every.tick() => {
                     let now = pending_ids(spool, outbox).await;
                     left.retain(|id| now.contains(id));
-                    if !left.is_empty() {
-                        let _ = message.ack_with(AckKind::Progress).await;
+                    if left.is_empty() {
+                        continue;
+                    }
+                    let Some(lease) = lease.as_deref_mut() else {
+                        // Not a JetStream message: nothing to lease.
+                        continue;
+                    };
+                    // Not waited on past a stop (handled below, on the next turn).
+                    let renewed = route_done
+                        .run_until_cancelled(self.renew_own(lease, consumer, message))
+                        .await;
+                    if renewed == Some(false) {
+                        info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "the cluster gave this delivery to another instance while what it produced waited to be published (a stall); that instance takes it over, and publishes the same alerts under the same names");
+                        return false;
                     }
                 }
                 _ = route_done.cancelled() => {
