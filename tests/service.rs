@@ -258,6 +258,33 @@ async fn healthz_warns_of_a_failing_target_until_it_takes_the_event() {
     assert!(metrics.contains(&gauge), "{metrics}");
 }
 
+/// SIGHUP to `forward` was logged and ignored: after the target came back, its event waited out
+/// the backoff (up to 5 minutes, or an hour of `Retry-After`) with no way to say "now" short of
+/// a restart. It now retries at once, as a reload does for `run`.
+#[tokio::test]
+async fn sighup_makes_forward_retry_now() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    // Asked to come back in an hour: only a retry on demand delivers it within the test.
+    target.answer_with_retry_after(503, 3600);
+    let (child, logs) = support::spawn_logged(smee_relay().args([
+        "forward",
+        &channel.url("HupChannel"),
+        &target.url("/h"),
+    ]));
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    target.next().await;
+    logs.wait_for(&["retrying in 1h"]).await;
+    kill(&child, "HUP");
+    let retried = target.next().await;
+    assert_eq!(&retried.body[..], br#"{"n":1}"#);
+    logs.wait_for(&["retrying now (SIGHUP)"]).await;
+    logs.wait_for(&["SIGHUP: retrying now what waits for its target"])
+        .await;
+    assert!(logs.find(&["shutting down"]).is_none(), "{}", logs.all());
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let channel = FakeChannel::start().await;

@@ -45,13 +45,16 @@ pub async fn forward(
     options: ForwardOptions,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
-    forward_saving(options, None, cancel).await
+    forward_saving(options, None, None, cancel).await
 }
 
-/// [`forward`], also writing each received event into `save_dir` in gosmee's layout.
-pub async fn forward_saving(
+/// [`forward`], also writing each received event into `save_dir` in gosmee's layout, and
+/// retrying now what waits for the target on each of `hangups` (SIGHUP: `forward` has no
+/// config file to reload, and a target back up need not wait out the backoff).
+async fn forward_saving(
     options: ForwardOptions,
     save_dir: Option<PathBuf>,
+    hangups: Option<tokio::sync::mpsc::Receiver<()>>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
     info!(
@@ -78,16 +81,24 @@ pub async fn forward_saving(
         reconcile: None,
         cluster: None,
     };
-    // `forward` has no config file to reload.
-    let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
+    let (retry_tx, reloads) = tokio::sync::mpsc::channel(1);
+    if let Some(mut hangups) = hangups {
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                if retry_tx.send(None).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     daemon::run(plan, reloads, cancel).await
 }
 
 pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     // First, so no SIGHUP can end the process from here on.
     let cancel = stop_on_signals()?;
-    crate::service::systemd::ignore_hangups("forward")
-        .context("cannot install the SIGHUP handler")?;
+    let hangups =
+        crate::service::systemd::reload_requests().context("cannot install the SIGHUP handler")?;
     let target = args.target_url().context("invalid target")?;
     let tls = &args.delivery.tls;
     tls.set_trust()?;
@@ -121,6 +132,6 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         keep_free: delivery.keep_free,
         metrics_listen: delivery.metrics_listen,
     };
-    forward_saving(options, args.save_dir.clone(), cancel).await?;
+    forward_saving(options, args.save_dir.clone(), Some(hangups), cancel).await?;
     Ok(())
 }

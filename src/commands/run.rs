@@ -25,7 +25,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::info!(config = %args.config.display(), "SIGHUP: reloading the config");
             match plan_from_config(&args) {
                 Ok(plan) => {
-                    if reload_tx.send(plan).await.is_err() {
+                    if reload_tx.send(Some(plan)).await.is_err() {
                         return;
                     }
                 }

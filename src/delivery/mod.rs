@@ -617,7 +617,7 @@ impl Delivery<'_> {
             tokio::select! {
                 _ = wait(self.cancel, delay) => {}
                 _ = self.retry_now.notified() => {
-                    info!(event = item.event.id, "retrying now (the config was reloaded)");
+                    info!(event = item.event.id, "retrying now (SIGHUP)");
                     backoff = self.policy.backoff.start();
                 }
                 // The claim at the top of the loop says why.

@@ -236,9 +236,10 @@ pub struct ReconcilePlan {
 
 /// Run `plan` until `cancel` fires. Each plan received on `reloads` replaces the running one
 /// (SIGHUP): channels that stay keep their connection, targets and rules are swapped in place.
+/// `None` there (SIGHUP to `forward`, which has no config file) only retries now what waits.
 pub async fn run(
     plan: Plan,
-    mut reloads: mpsc::Receiver<Plan>,
+    mut reloads: mpsc::Receiver<Option<Plan>>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
     spool::create_state_dir(&plan.state_dir)?;
@@ -359,7 +360,12 @@ pub async fn run(
                 cancel.cancel();
                 break;
             }
-            Some(plan) = reloads.recv() => {
+            Some(reload) = reloads.recv() => {
+                let Some(plan) = reload else {
+                    info!("SIGHUP: retrying now what waits for its target (`forward` has no config file to reload)");
+                    runtime.retry_now.notify_waiters();
+                    continue;
+                };
                 systemd::notify(&[sd_notify::NotifyState::Reloading]);
                 let fingerprint = plan_fingerprint(&plan);
                 let applied = runtime.apply(plan).await;

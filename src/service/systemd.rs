@@ -5,9 +5,9 @@
 //! second one means "now" and exits at once, as users expect from Ctrl-C pressed twice.
 //! Without `NOTIFY_SOCKET` (not under systemd) every notification is a no-op.
 //!
-//! SIGHUP never kills a long-running mode: `run` reloads its config ([`reload_requests`]);
-//! a mode with nothing to reload says so and goes on ([`ignore_hangups`]). The demo, which
-//! belongs to its terminal, stops on it (`Stops::hangup`).
+//! SIGHUP never kills a long-running mode: `run` reloads its config and `forward` retries
+//! now what waits ([`reload_requests`]). The demo, which belongs to its terminal, stops on it
+//! (`Stops::hangup`).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -154,20 +154,6 @@ pub fn release_hangups() {
             libc::pthread_sigmask(libc::SIG_BLOCK, &hangup_set(), std::ptr::null_mut());
         }
     }
-}
-
-/// Take SIGHUP (whose default action ends the process, exit 129) and only log it: for modes
-/// with no config file to reload. `mode` names the command in the line.
-pub fn ignore_hangups(mode: &'static str) -> std::io::Result<()> {
-    let mut hangup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            info!(
-                "SIGHUP: `{mode}` has no config file to reload and logs to stderr; ignored, still running"
-            );
-        }
-    });
-    Ok(())
 }
 
 /// SIGHUP, as a stream of reload requests.
