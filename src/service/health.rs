@@ -347,8 +347,30 @@ impl Health {
     /// answering. Their events wait safely in the spool and a restart of the relay would not
     /// help (a watchdog acting on a 503 would only restart it), but whoever watches should
     /// know that deliveries stand still.
+    /// A channel that lost its connection is one too, until its silence passes the idle
+    /// timeout and it becomes a problem ([`Health::problems`]): a reconnect usually comes
+    /// first, and events sent meanwhile wait on the server (smee.io keeps none, and a
+    /// GitHub catch-up fetches them back).
     pub fn warnings(&self) -> Vec<String> {
-        self.counters.failing(crate::clock::now_ms())
+        let now = crate::clock::now_ms();
+        let mut warnings = Vec::new();
+        for channel in self.channels.lock().expect("not poisoned").iter() {
+            let last = channel.last_bytes_ms.load(Ordering::Relaxed);
+            let silent = Duration::from_millis(now.saturating_sub(last));
+            // Not connected yet, or silent too long: said among the problems.
+            if last == 0 || silent > channel.idle_timeout {
+                continue;
+            }
+            if let Some(why) = channel.down_because() {
+                warnings.push(format!(
+                    "channel {} not connected, reconnecting: {why} (a problem after {} without a word)",
+                    channel.name,
+                    humantime::format_duration(channel.idle_timeout),
+                ));
+            }
+        }
+        warnings.extend(self.counters.failing(now));
+        warnings
     }
 }
 
@@ -529,5 +551,25 @@ mod tests {
         cancel.cancel();
         task.await.unwrap();
         assert!(health.problems().is_empty(), "{:?}", health.problems());
+    }
+
+    /// A new user's run: with the channel server gone, `/healthz` said "ok" and nothing else
+    /// until the idle timeout (90 s) had passed; only the metric showed it at once.
+    #[test]
+    fn a_channel_that_lost_its_connection_is_a_warning_until_the_idle_timeout() {
+        let health = healthy();
+        let channel = watched_channel(&health);
+        channel.set_connected(true);
+        assert!(health.warnings().is_empty());
+        channel.lost("the server closed the stream");
+        assert!(health.problems().is_empty(), "{:?}", health.problems());
+        assert_eq!(
+            health.warnings(),
+            [
+                "channel http://x/ch not connected, reconnecting: the server closed the stream (a problem after 1m 30s without a word)"
+            ]
+        );
+        channel.set_connected(true);
+        assert!(health.warnings().is_empty());
     }
 }
