@@ -20,6 +20,11 @@ pub struct Counters {
     /// target is down or refuses it, and everything behind it waits. Only a delivered (or
     /// given up) event, or the route's end, takes a route off.
     failing: Mutex<BTreeMap<String, Failing>>,
+    /// Queues holding deliveries that no route of this relay takes (a target a reload
+    /// removed, a relay started again with another one), by label: how many wait. The log
+    /// says so once, with what to do; `/healthz` goes on saying it until a route for the
+    /// queue starts.
+    unserved: Mutex<BTreeMap<String, u64>>,
 }
 
 /// A route whose head event failed its last attempt ([`Counters::failing`]).
@@ -69,8 +74,28 @@ impl Counters {
             .collect()
     }
 
-    /// The counters of the route `route` (its target, as metrics label it).
+    /// `pending` deliveries wait on queue `label`, which no route of this relay takes.
+    pub fn unserved(&self, label: &str, pending: u64) {
+        lock(&self.unserved).insert(label.to_string(), pending);
+    }
+
+    /// The queues no route takes, one line each (`/healthz` warnings).
+    pub fn unserved_lines(&self) -> Vec<String> {
+        lock(&self.unserved)
+            .iter()
+            .map(|(label, pending)| {
+                format!(
+                    "{} queued for {label}, which this relay does not deliver to: kept, not delivered (the log's warning about it says what to do)",
+                    crate::error::count(*pending as usize, "event", "events")
+                )
+            })
+            .collect()
+    }
+
+    /// The counters of the route `route` (its target, as metrics label it). A route that
+    /// starts takes its queue: not unserved any more.
     pub fn route<'a>(&'a self, route: &'a str) -> RouteCounters<'a> {
+        lock(&self.unserved).remove(route);
         let failing = metrics::gauge!("smee_relay_route_failing", "route" => route.to_string());
         // There at 0 from the start: an alert on it sees the first failure.
         failing.set(0.0);

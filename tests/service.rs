@@ -285,6 +285,93 @@ async fn sighup_makes_forward_retry_now() {
     assert!(logs.find(&["shutting down"]).is_none(), "{}", logs.all());
 }
 
+/// The warnings `/healthz` at `addr` gives (none: not answering).
+async fn healthz_warnings(client: reqwest::Client, addr: String) -> Option<Vec<String>> {
+    let body = client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let warnings = json["warnings"].as_array().cloned().unwrap_or_default();
+    Some(
+        warnings
+            .iter()
+            .map(|w| w.as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+/// A new user's run: a reload removed a target with events still queued for it; the log said
+/// so once, and `/healthz` went on saying "ok" with nothing else. It is a warning now, until a
+/// route for the queue starts again. The removed route's "failing" warning goes with it.
+#[tokio::test]
+async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let new = target.url("/new");
+    let old = format!("http://{}/old", unused_addr());
+    let dir = support::temp_dir();
+    let config = dir.path().join("config.toml");
+    let write = |targets: &[&str]| {
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let body = format!(
+            "state_dir = \"state\"\n[[channel]]\nurl = \"{}\"\nforward = [{}]\n",
+            channel.url("Unserved"),
+            targets.join(", ")
+        );
+        std::fs::write(&config, body).unwrap();
+    };
+    write(&[&old, &new]);
+    let (child, addr) = with_metrics(&["run", "--config", config.to_str().unwrap()]).await;
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    target.next().await;
+    let client = smee_relay::http::client_builder().build().unwrap();
+    support::wait_for(support::PATIENCE, "the old target failing", || {
+        let answer = healthz_warnings(client.clone(), addr.clone());
+        let old = &old;
+        async move {
+            answer.await.filter(|w| {
+                w.iter()
+                    .any(|w| w.contains(&format!("route {old} failing")))
+            })
+        }
+    })
+    .await;
+
+    write(&[&new]);
+    kill(&child, "HUP");
+    let expected = format!("1 event queued for {old}, which this relay does not deliver to");
+    let said = support::wait_for(support::PATIENCE, "the queue left behind", || {
+        let answer = healthz_warnings(client.clone(), addr.clone());
+        let expected = &expected;
+        async move {
+            answer
+                .await
+                .filter(|w| w.iter().any(|w| w.starts_with(expected.as_str())))
+        }
+    })
+    .await;
+    assert_eq!(said.len(), 1, "the removed route fails no more: {said:?}");
+
+    // The target back in the config: its route takes the queue again.
+    write(&[&old, &new]);
+    kill(&child, "HUP");
+    support::wait_for(support::PATIENCE, "the queue served again", || {
+        let answer = healthz_warnings(client.clone(), addr.clone());
+        async move {
+            answer
+                .await
+                .filter(|w| !w.iter().any(|w| w.contains("does not deliver to")))
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let channel = FakeChannel::start().await;

@@ -1214,6 +1214,7 @@ impl Runtime {
     /// What the commands a line about an unserved queue names need.
     fn unserved_hint(&self) -> Hint {
         Hint {
+            counters: self.counters.clone(),
             state_dir: spool::lock::state_dir_arg(&self.state_dir),
             cluster: self.cluster.is_some(),
         }
@@ -1621,6 +1622,8 @@ impl Runtime {
 
 /// What the commands a line about an unserved queue names need ([`say_unserved_queue`]).
 struct Hint {
+    /// Where `/healthz` learns of the queue ([`Counters::unserved`]).
+    counters: Arc<Counters>,
     /// ` --state-dir DIR`, unless it is the default ([`spool::lock::state_dir_arg`]).
     state_dir: String,
     /// The relay runs in a cluster: `events` reads this machine's spool with `--local`, and
@@ -1631,6 +1634,7 @@ struct Hint {
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
 /// relay takes: kept, not delivered, and what to do.
 fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &Hint) {
+    hint.counters.unserved(spool::route_name(queue), pending);
     let (count, events, are) = match pending {
         1 => ("1".to_string(), "event", "is"),
         n if n > spool::MOST_COUNTED => (
