@@ -263,3 +263,30 @@ async fn a_body_larger_than_nats_may_store_is_a_dead_letter_and_the_queue_behind
         "says why and what to do: {line}"
     );
 }
+
+/// helper-107: a body fetch (object store) slower than the ack wait let NATS give the message
+/// to another delivery meanwhile; the fetching instance then withdrew its copy, and the next
+/// fetch was as slow: the route never delivered it. The lease is renewed during the fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_body_fetch_slower_than_the_ack_wait_never_delivered() {
+    let (nats, _conf) = nats_with_max_payload(16 * 1024).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let config = forward_config(&channel.url("slowfetch"), &target.url("/hook"), &nats.url);
+    // Each fetch takes twice the ack wait (2s).
+    let instances = start_cluster(
+        1,
+        &channel,
+        &config,
+        &[("SMEE_RELAY_FAULT", "slow-body-fetch=4000")],
+    )
+    .await;
+    let sent = body(1, 64 * 1024);
+    channel.send_webhook(1, &frame(&sent));
+    let got = target
+        .try_next(support::nats::FAILOVER_PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("never delivered:\n{}", instances[0].logs.all()));
+    assert!(got.body == sent.as_bytes(), "byte-exact");
+    target.assert_quiet(Duration::from_secs(3)).await;
+}

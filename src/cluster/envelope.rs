@@ -412,6 +412,11 @@ impl Cluster {
     /// A body stored apart (checked against its SHA-256 digest by the client as it reads,
     /// and against the length the message says).
     async fn fetch_body(&self, name: &str, expected: Option<usize>) -> Result<Bytes, OpenError> {
+        // Test-only (debug builds, `SMEE_RELAY_FAULT=slow-body-fetch=<ms>`): a slow link.
+        #[cfg(debug_assertions)]
+        if let Some(ms) = super::fault("slow-body-fetch").and_then(|ms| ms.parse().ok()) {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         let mut object = match self.bodies.get(name).await {
             Ok(object) => object,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {

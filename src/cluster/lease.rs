@@ -85,6 +85,14 @@ impl Lease {
     }
 }
 
+/// Why [`Cluster::renewing`] did not finish its work.
+pub(super) enum Interrupted {
+    /// The stop came first.
+    Stopped,
+    /// NATS gave the message to another delivery.
+    Lost,
+}
+
 /// What one renewal learned.
 enum Renewal {
     /// NATS confirmed it, and the message is still this instance's: held from `sent`.
@@ -311,6 +319,42 @@ impl Cluster {
             // Not extended: NATS gives it to another (or again to this instance) once the
             // ack wait runs out, and a renewal then learns so.
             Some(true) => Renewal::Failed,
+        }
+    }
+
+    /// Run `work` (a body fetch) while keeping `lease` on `message` renewed as
+    /// [`Cluster::renew_own`] does: a fetch slower than the ack wait (a large body, a slow
+    /// link) otherwise let NATS give the message to another instance, whose fetch was as
+    /// slow, and so on, the route never delivering it (helper-107). `Err` if `stop` came
+    /// first, or NATS gave the message to another delivery meanwhile.
+    pub(super) async fn renewing<T>(
+        &self,
+        lease: &mut Lease,
+        consumer: &consumer::PullConsumer,
+        message: &jetstream::Message,
+        stop: &tokio_util::sync::CancellationToken,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Interrupted> {
+        let every = self.renew_every();
+        let mut renew = tokio::time::interval_at(Instant::now() + every, every);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Err(Interrupted::Stopped),
+                done = &mut work => return Ok(done),
+                _ = renew.tick() => {
+                    let renewed = stop
+                        .run_until_cancelled(self.renew_own(lease, consumer, message))
+                        .await;
+                    match renewed {
+                        None => return Err(Interrupted::Stopped),
+                        Some(false) => return Err(Interrupted::Lost),
+                        Some(true) => {}
+                    }
+                }
+            }
         }
     }
 

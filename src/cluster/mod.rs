@@ -72,8 +72,9 @@
 //! `abort-after-held-alert-write`: the same after a held alert's write;
 //! `hold-alert-publish=<path>`: the alerts' outbox does not publish while `<path>` exists;
 //! `hold-on-arrival=<path>`: a route's delivery waits before its floor read while `<path>`
-//! exists, as it does when the network stalls as the delivery arrives).
-//! Release builds have no such hook.
+//! exists, as it does when the network stalls as the delivery arrives;
+//! `slow-body-fetch=<ms>`: each fetch of a body stored apart takes that much longer, as on a
+//! slow link). Release builds have no such hook.
 
 mod diagnose;
 mod envelope;
@@ -1110,7 +1111,7 @@ impl Cluster {
         names: &RouteNames,
         consumer: &consumer::PullConsumer,
         message: jetstream::Message,
-        lease: lease::Lease,
+        mut lease: lease::Lease,
         spool: &Arc<Spool>,
         writer: &SpoolWriter,
         route_done: &CancellationToken,
@@ -1211,22 +1212,28 @@ impl Cluster {
             .lock()
             .expect("not poisoned")
             .insert(label.to_string(), crate::clock::now_ms());
-        let opened = route_done
-            .run_until_cancelled(self.open_envelope(message.headers.as_ref(), &message.payload))
+        // A body stored apart is fetched first, the lease renewed meanwhile.
+        let opening = self.open_envelope(message.headers.as_ref(), &message.payload);
+        let opened = self
+            .renewing(&mut lease, consumer, &message, route_done, opening)
             .await;
         let envelope = match opened {
-            None => {
+            Err(lease::Interrupted::Stopped) => {
                 stopped();
                 return;
             }
-            Some(Ok(envelope)) => envelope,
-            Some(Err(OpenError::Invalid(why))) => {
+            Err(lease::Interrupted::Lost) => {
+                info!(route = %label, stream_seq, "the cluster gave this delivery to another instance while its body was fetched; not delivering it here");
+                return;
+            }
+            Ok(Ok(envelope)) => envelope,
+            Ok(Err(OpenError::Invalid(why))) => {
                 // No instance could ever deliver it.
                 error!(route = %label, stream_seq, "a message in the cluster stream cannot be delivered: {why}; it is not delivered (terminated)");
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
-            Some(Err(e)) => {
+            Ok(Err(e)) => {
                 warn!(route = %label, stream_seq, "cannot read a cluster delivery: {}; handing it back", crate::error::chain(&e));
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
