@@ -111,6 +111,45 @@ async fn it_tells_systemd_ready_watchdog_status_and_stopping() {
     assert_eq!(support::exit_code(&mut child).await, Some(0));
 }
 
+/// helper-110: the status line quotes a failing target's error body, and its newlines split
+/// the notify datagram into fields of their own: a target answering `...\nSTOPPING=1\n
+/// WATCHDOG=trigger` spoke to systemd in the relay's name.
+#[tokio::test]
+async fn regression_a_target_s_error_body_injected_systemd_notify_fields() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let channel = FakeChannel::start().await;
+    let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}/hook", hostile.local_addr().unwrap());
+    tokio::spawn(async move {
+        let body = "busy\nSTOPPING=1\nWATCHDOG=trigger\r\nSTATUS=INJECTED\n";
+        while let Ok((mut socket, _)) = hostile.accept().await {
+            let mut request = vec![0u8; 64 * 1024];
+            let _ = socket.read(&mut request).await;
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    let dir = support::temp_dir();
+    let systemd = FakeSystemd::new(dir.path());
+    let child = smee_relay()
+        .args(["forward", &channel.url("InjectChannel"), &target])
+        .env("NOTIFY_SOCKET", &systemd.path)
+        .spawn()
+        .unwrap();
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    let status = tokio::task::spawn_blocking(move || systemd.wait_for("failing for"))
+        .await
+        .unwrap();
+    let fields: Vec<&str> = status.lines().collect();
+    assert_eq!(fields.len(), 1, "one STATUS field: {fields:?}");
+    assert!(fields[0].starts_with("STATUS=route "), "{status}");
+    kill(&child, "TERM");
+}
+
 #[tokio::test]
 async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken() {
     let channel = FakeChannel::start().await;

@@ -1811,7 +1811,7 @@ async fn report_status(
             counters.retried.load(Relaxed),
             counters.dead.load(Relaxed),
         );
-        systemd::notify(&[sd_notify::NotifyState::Status(&line)]);
+        systemd::status(&line);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

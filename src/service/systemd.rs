@@ -79,6 +79,21 @@ pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// Set the status line `systemctl status` shows. It quotes what others sent (a target's
+/// error body): each newline would start a notify field of its own (`WATCHDOG=trigger`,
+/// `STOPPING=1`: helper-110), so control characters go, each as a space.
+pub fn status(line: &str) {
+    let line = one_line(line);
+    notify(&[sd_notify::NotifyState::Status(&line)]);
+}
+
+/// `text` without control characters (each a space): one notify field's value.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// Ping the systemd watchdog at half its interval for as long as this task runs. It runs on
 /// the event loop, so a stuck loop stops the pings and systemd restarts the service.
 pub fn spawn_watchdog(cancel: CancellationToken) {
