@@ -644,3 +644,39 @@ async fn regression_a_one_way_stall_while_alerts_waited_to_be_published_held_the
     proxy.thaw();
     slack.assert_quiet(Duration::from_secs(4)).await;
 }
+
+/// helper-110: a reload that added a target while NATS stalled, then a stop: the new route's
+/// consumer creation waited out NATS's request timeout, and the stop took 11 s (the
+/// backstop's edge; "cannot create the route's NATS consumer" logged after the signal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stop_waited_on_a_stalled_consumer_creation() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = support::FakeTarget::start().await;
+    let proxy = FreezableProxy::start(nats.port).await;
+    let body = support::nats::forward_config(
+        &channel.url("ch"),
+        &target.url("/one"),
+        &proxy.url,
+        "consumerstop",
+    );
+    let mut a = join_route(&channel, &body).await;
+    proxy.freeze();
+    let added = body.replace(
+        "forward = [\"",
+        &format!("forward = [\"{}\", \"", target.url("/two")),
+    );
+    support::nats::write_config(a.dir.path(), &added);
+    support::signal(&a.child, "HUP");
+    a.logs.wait_for(&["config reloaded"]).await;
+    support::signal(&a.child, "TERM");
+    let status = a.child.wait().await.unwrap();
+    assert!(status.success(), "{status}:\n{}", a.logs.all());
+    assert!(
+        a.logs
+            .find(&["cannot create the route's NATS consumer"])
+            .is_none(),
+        "the stop waited on NATS:\n{}",
+        a.logs.all()
+    );
+}

@@ -1014,7 +1014,14 @@ impl Cluster {
         subjects.push(self.replay_subject(&hash));
         let mut said = false;
         while !cancel.is_cancelled() {
-            let consumer = match self.consumer(&durable, &label, &subjects).await {
+            // Not waited on past a stop (NATS may be stalled): see `Starting::ready`.
+            let made = cancel
+                .run_until_cancelled(self.consumer(&durable, &label, &subjects))
+                .await;
+            let Some(made) = made else {
+                return;
+            };
+            let consumer = match made {
                 Ok(consumer) => consumer,
                 Err(e) => {
                     if !std::mem::replace(&mut said, true) {
@@ -1032,8 +1039,10 @@ impl Cluster {
                 .max_messages_per_batch(PULL_BATCH)
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(10))
-                .messages()
-                .await;
+                .messages();
+            let Some(messages) = cancel.run_until_cancelled(messages).await else {
+                return;
+            };
             let mut messages = match messages {
                 Ok(messages) => messages,
                 Err(e) => {
@@ -1850,10 +1859,15 @@ impl Starting {
     async fn ready(self, cluster: &Cluster, cancel: &CancellationToken) {
         let mut said = false;
         while !cancel.is_cancelled() {
-            match cluster
-                .consumer(&self.durable, &self.label, &self.subjects)
-                .await
-            {
+            // Not waited on past a stop: a stalled NATS answers nothing until its request
+            // timeout (helper-110: a stop then took 11 s, at the backstop's edge).
+            let made = cancel
+                .run_until_cancelled(cluster.consumer(&self.durable, &self.label, &self.subjects))
+                .await;
+            let Some(made) = made else {
+                return;
+            };
+            match made {
                 Ok(_) => {
                     // INFO: in a cluster the channel's own routes are its outbox, so this is
                     // where the log shows what the instance delivers to.
