@@ -16,12 +16,13 @@ pub struct Counters {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
-    /// The routes whose event at the head of the queue failed its last attempt, by label: the
-    /// target is down or refuses it, and everything behind it waits. Only a delivered (or
-    /// given up) event, or the route's end, takes a route off.
+    /// The routes whose event at the head of the queue failed its last attempt, by queue (two
+    /// channels' queues may share a target, and so a label): the target is down or refuses
+    /// it, and everything behind it waits. Only a delivered (or given up, or handed over)
+    /// event, or the route's end, takes a route off.
     failing: Mutex<BTreeMap<String, Failing>>,
     /// Queues holding deliveries that no route of this relay takes (a target a reload
-    /// removed, a relay started again with another one), by label: how many wait. The log
+    /// removed, a relay started again with another one), by queue: how many wait. The log
     /// says so once, with what to do; `/healthz` goes on saying it until a route for the
     /// queue starts.
     unserved: Mutex<BTreeMap<String, u64>>,
@@ -30,6 +31,8 @@ pub struct Counters {
 /// A route whose head event failed its last attempt ([`Counters::failing`]).
 #[derive(Debug, Clone)]
 struct Failing {
+    /// What logs and metrics call the route (its target).
+    label: String,
     /// When the run of failed attempts began (Unix ms).
     since_ms: u64,
     /// Failed attempts in the run, across the events it spans.
@@ -61,11 +64,12 @@ impl Counters {
     /// line): `route http://127.0.0.1:3000/hook failing for 2m 5s (7 attempts; last: ...)`.
     pub fn failing(&self, now_ms: u64) -> Vec<String> {
         lock(&self.failing)
-            .iter()
-            .map(|(route, failing)| {
+            .values()
+            .map(|failing| {
                 let for_ = Duration::from_secs(now_ms.saturating_sub(failing.since_ms) / 1000);
                 format!(
-                    "route {route} failing for {} ({}; last: {})",
+                    "route {} failing for {} ({}; last: {})",
+                    failing.label,
                     humantime::format_duration(for_),
                     crate::error::count(failing.attempts as usize, "attempt", "attempts"),
                     failing.last_error
@@ -74,40 +78,44 @@ impl Counters {
             .collect()
     }
 
-    /// `pending` deliveries wait on queue `label`, which no route of this relay takes.
-    pub fn unserved(&self, label: &str, pending: u64) {
-        lock(&self.unserved).insert(label.to_string(), pending);
+    /// `pending` deliveries wait on `queue`, which no route of this relay takes.
+    pub fn unserved(&self, queue: &str, pending: u64) {
+        lock(&self.unserved).insert(queue.to_string(), pending);
     }
 
     /// The queues no route takes, one line each (`/healthz` warnings).
     pub fn unserved_lines(&self) -> Vec<String> {
         lock(&self.unserved)
             .iter()
-            .map(|(label, pending)| {
+            .map(|(queue, pending)| {
                 format!(
-                    "{} queued for {label}, which this relay does not deliver to: kept, not delivered (the log's warning about it says what to do)",
-                    crate::error::count(*pending as usize, "event", "events")
+                    "{} queued for {}, which this relay does not deliver to: kept, not delivered (the log's warning about it says what to do)",
+                    crate::error::count(*pending as usize, "event", "events"),
+                    crate::spool::route_name(queue)
                 )
             })
             .collect()
     }
 
-    /// The counters of the route `route` (its target, as metrics label it). A route that
-    /// starts takes its queue: not unserved any more.
-    pub fn route<'a>(&'a self, route: &'a str) -> RouteCounters<'a> {
-        lock(&self.unserved).remove(route);
-        let failing = metrics::gauge!("smee_relay_route_failing", "route" => route.to_string());
-        // There at 0 from the start: an alert on it sees the first failure.
-        failing.set(0.0);
+    /// The counters of the route of `queue`, labelled `label` (its target, as metrics label
+    /// it). A route that starts takes its queue: not unserved any more.
+    pub fn route<'a>(&'a self, queue: &'a str, label: &'a str) -> RouteCounters<'a> {
+        lock(&self.unserved).remove(queue);
+        let failing = metrics::gauge!("smee_relay_route_failing", "route" => label.to_string());
+        // There at 0 from the start (an alert on it sees the first failure), unless another
+        // queue with this target is failing.
+        let failing_now = lock(&self.failing).values().any(|f| f.label == label);
+        failing.set(if failing_now { 1.0 } else { 0.0 });
         RouteCounters {
             counters: self,
-            route,
+            queue,
+            label,
             failing,
             is_failing: Default::default(),
-            deliveries: metrics::counter!("smee_relay_deliveries_total", "route" => route.to_string()),
-            retries: metrics::counter!("smee_relay_retries_total", "route" => route.to_string()),
-            dead: metrics::counter!("smee_relay_dead_letters_total", "route" => route.to_string()),
-            seconds: metrics::histogram!("smee_relay_delivery_seconds", "route" => route.to_string()),
+            deliveries: metrics::counter!("smee_relay_deliveries_total", "route" => label.to_string()),
+            retries: metrics::counter!("smee_relay_retries_total", "route" => label.to_string()),
+            dead: metrics::counter!("smee_relay_dead_letters_total", "route" => label.to_string()),
+            seconds: metrics::histogram!("smee_relay_delivery_seconds", "route" => label.to_string()),
         }
     }
 }
@@ -116,9 +124,11 @@ impl Counters {
 /// a delivery then costs no label allocation or registry lookup (it cost two of each).
 pub struct RouteCounters<'a> {
     counters: &'a Counters,
-    /// The route's label, its key in [`Counters::failing`].
-    route: &'a str,
-    /// 1 while the route is in [`Counters::failing`].
+    /// The route's queue, its key in [`Counters::failing`].
+    queue: &'a str,
+    /// What logs and metrics call it.
+    label: &'a str,
+    /// 1 while a route with this label is in [`Counters::failing`].
     failing: metrics::Gauge,
     /// Whether it is: a delivery then looks at the shared map only after a failure.
     is_failing: std::sync::atomic::AtomicBool,
@@ -143,8 +153,9 @@ impl RouteCounters<'_> {
         self.retries.increment(1);
         let mut failing = lock(&self.counters.failing);
         let entry = failing
-            .entry(self.route.to_string())
+            .entry(self.queue.to_string())
             .or_insert_with(|| Failing {
+                label: self.label.to_string(),
                 since_ms: crate::clock::now_ms(),
                 attempts: 0,
                 last_error: String::new(),
@@ -162,11 +173,16 @@ impl RouteCounters<'_> {
         self.moved_on();
     }
 
-    /// The head event is done with: the route no longer waits on its target.
-    fn moved_on(&self) {
+    /// The head event is done with (delivered, given up on, or handed over to another
+    /// instance of the cluster): the route no longer waits on its target.
+    pub fn moved_on(&self) {
         if self.is_failing.swap(false, Ordering::Relaxed) {
-            lock(&self.counters.failing).remove(self.route);
-            self.failing.set(0.0);
+            let mut failing = lock(&self.counters.failing);
+            failing.remove(self.queue);
+            // Another queue with this target may still be failing.
+            if !failing.values().any(|f| f.label == self.label) {
+                self.failing.set(0.0);
+            }
         }
     }
 }
@@ -191,7 +207,7 @@ mod tests {
     #[test]
     fn a_route_fails_from_its_first_failed_attempt_until_one_succeeds() {
         let counters = Counters::default();
-        let route = counters.route("http://127.0.0.1:9/hook");
+        let route = counters.route("k http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook");
         route.retried(&"cannot reach target: connection refused");
         route.retried(&"target answered 503 Service Unavailable");
         let now = crate::clock::now_ms() + 65_000;
@@ -212,12 +228,28 @@ mod tests {
     #[test]
     fn a_route_that_ends_is_not_failing_any_more() {
         let counters = Counters::default();
-        counters.route("a").retried(&"x");
+        counters.route("k a", "a").retried(&"x");
         assert!(counters.failing(0).is_empty(), "dropped at once");
-        let b = counters.route("b");
+        let b = counters.route("k b", "b");
         b.retried(&"x");
         assert_eq!(counters.failing(0).len(), 1);
         drop(b);
         assert!(counters.failing(0).is_empty());
+    }
+
+    /// helper-110: two channels' queues with the same target shared one entry: one of them
+    /// delivering took the other, still failing, off (and reset its count).
+    #[test]
+    fn two_queues_with_one_target_fail_apart() {
+        let counters = Counters::default();
+        let a = counters.route("a http://t/h", "http://t/h");
+        let b = counters.route("b http://t/h", "http://t/h");
+        a.retried(&"x");
+        b.retried(&"y");
+        b.delivered(Duration::ZERO);
+        assert_eq!(
+            counters.failing(0),
+            ["route http://t/h failing for 0s (1 attempt; last: x)"]
+        );
     }
 }

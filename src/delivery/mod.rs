@@ -277,7 +277,7 @@ pub async fn run_route(
     // so made once here, with everything else an attempt needs but the event.
     let label = spool::route_name(&route);
     let described = sink.describe();
-    let route_counters = counters.route(label);
+    let route_counters = counters.route(&route, label);
     let delivery = Delivery {
         spool: &spool,
         writer: &writer,
@@ -479,8 +479,10 @@ impl Delivery<'_> {
                     _ = self.cancel.cancelled() => return false,
                 };
                 if let Err(why) = claimed {
-                    // Not a dead letter: it is delivered, elsewhere.
+                    // Not a dead letter: it is delivered, elsewhere. Nor this route's failure
+                    // any more (helper-110: it stayed "failing" here).
                     info!(event = item.event.id, "{why}");
+                    self.counters.moved_on();
                     return self
                         .finish(mark(
                             self.route,
@@ -843,6 +845,78 @@ mod tests {
             gaps[3],
             Duration::from_secs(7),
             "Retry-After: 7 is waited exactly"
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// A cluster route's sink whose target fails once, after which the cluster gives the
+    /// delivery to another instance (its claim says so).
+    struct HandedOver {
+        claims: tokio::sync::watch::Sender<usize>,
+    }
+
+    impl Sink for HandedOver {
+        fn describe(&self) -> String {
+            "handed over".into()
+        }
+        fn deliver<'a>(
+            &'a self,
+            _event: &'a StoredEvent,
+            _delivery_id: &'a str,
+        ) -> BoxFuture<'a, Result<Delivered, ForwardError>> {
+            Box::pin(async { status(503, None) })
+        }
+        fn claim<'a>(
+            &'a self,
+            _event: &'a StoredEvent,
+        ) -> Option<BoxFuture<'a, Result<(), String>>> {
+            self.claims.send_modify(|n| *n += 1);
+            let first = *self.claims.borrow() == 1;
+            Some(Box::pin(async move {
+                if first {
+                    Ok(())
+                } else {
+                    Err("another instance has it".into())
+                }
+            }))
+        }
+    }
+
+    /// helper-110: a cluster delivery another instance took over left this instance's route
+    /// "failing" (on `/healthz` and the gauge) until it happened to deliver a later one.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_delivery_handed_over_left_the_route_failing() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let sink = Arc::new(HandedOver {
+            claims: tokio::sync::watch::Sender::new(0),
+        });
+        let mut claims = sink.claims.subscribe();
+        let counters = Arc::new(Counters::default());
+        let cancel = CancellationToken::new();
+        let route = tokio::spawn(run_route(
+            spool.clone(),
+            writer.clone(),
+            "r".into(),
+            sink.clone(),
+            RetryPolicy::DEFAULT,
+            counters.clone(),
+            RouteControl::new(cancel.clone()),
+        ));
+        claims.wait_for(|n| *n == 1).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), claims.wait_for(|n| *n == 2))
+            .await
+            .expect("the second claim, after the backoff")
+            .unwrap();
+        // The route finishes the delivery right after the claim's answer.
+        writer.commit(Vec::new()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            counters.failing(crate::clock::now_ms()).is_empty(),
+            "{:?}",
+            counters.failing(crate::clock::now_ms())
         );
         cancel.cancel();
         route.await.unwrap();
