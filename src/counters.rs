@@ -24,8 +24,8 @@ pub struct Counters {
     /// Queues holding deliveries that no route of this relay takes (a target a reload
     /// removed, a relay started again with another one), by queue: how many wait. The log
     /// says so once, with what to do; `/healthz` goes on saying it until a route for the
-    /// queue starts.
-    unserved: Mutex<BTreeMap<String, u64>>,
+    /// queue starts. By queue: its target, as logs name it, and how many wait.
+    unserved: Mutex<BTreeMap<String, (String, u64)>>,
 }
 
 /// A route whose head event failed its last attempt ([`Counters::failing`]).
@@ -78,20 +78,21 @@ impl Counters {
             .collect()
     }
 
-    /// `pending` deliveries wait on `queue`, which no route of this relay takes.
-    pub fn unserved(&self, queue: &str, pending: u64) {
-        lock(&self.unserved).insert(queue.to_string(), pending);
+    /// `pending` deliveries wait on `queue` (whose target logs call `target`), which no route
+    /// of this relay takes.
+    pub fn unserved(&self, queue: &str, target: &str, pending: u64) {
+        lock(&self.unserved).insert(queue.to_string(), (target.to_string(), pending));
     }
 
     /// The queues no route takes, one line each (`/healthz` warnings).
     pub fn unserved_lines(&self) -> Vec<String> {
         lock(&self.unserved)
-            .iter()
-            .map(|(queue, pending)| {
+            .values()
+            .map(|(target, pending)| {
                 format!(
                     "{} queued for {}, which this relay does not deliver to: kept, not delivered (the log's warning about it says what to do)",
                     crate::error::count(*pending as usize, "event", "events"),
-                    crate::spool::route_name(queue)
+                    target
                 )
             })
             .collect()

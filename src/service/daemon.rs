@@ -1634,7 +1634,7 @@ struct Hint {
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
 /// relay takes: kept, not delivered, and what to do.
 fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &Hint) {
-    hint.counters.unserved(queue, pending);
+    hint.counters.unserved(queue, spool::route_name(queue), pending);
     let (count, events, are) = match pending {
         1 => ("1".to_string(), "event", "is"),
         n if n > spool::MOST_COUNTED => (
