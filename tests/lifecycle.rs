@@ -869,6 +869,34 @@ async fn regression_target_credentials_go_as_basic_auth_and_are_never_shown() {
     }
 }
 
+/// Regression (helper-110): a token in a target's query (`/hook?token=...`) was sent, as it
+/// should be, but also named every log line and `/metrics` label of the route. It shows as
+/// `/hook?…` there now; `events list` (the spool's owner, on the machine) still shows it whole.
+#[tokio::test]
+async fn regression_a_token_in_a_target_s_query_named_the_route_in_logs_and_metrics() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    target.answer_with(&[503]);
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/hook?token=Tok3nS3cret", target.addr);
+    let metrics = support::unused_addr().to_string();
+    let (child, logs) = forward_with_metrics(&channel.url("Query"), &url, &metrics, state.path());
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, &seq(1));
+    // Refused once, then taken: both attempts carry the token.
+    for _ in 0..2 {
+        let request = target.next().await;
+        assert_eq!(request.uri, "/hook?token=Tok3nS3cret");
+    }
+    logs.wait_for(&["-> 200"]).await;
+    let route = format!("route=\"http://{}/hook?…\"", target.addr);
+    let text = metrics_showing(&metrics, &route).await;
+    stop(child).await;
+    for (what, text) in [("logs", logs.all()), ("/metrics", text)] {
+        assert!(!text.contains("Tok3n"), "{what} shows the token:\n{text}");
+    }
+}
+
 /// Regression (item 16): control characters in event-derived text (an SSE id, an event name)
 /// reached the logs raw, so a sender could drive the reader's terminal or forge lines.
 #[tokio::test]

@@ -259,7 +259,7 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
     let of_target: Vec<&String> = queues
         .iter()
         .map(|(queue, _)| queue)
-        .filter(|queue| spool::route_name(queue).trim_end_matches('/') == target)
+        .filter(|queue| spool::route_target(queue).trim_end_matches('/') == target)
         .collect();
     match of_target[..] {
         [one] => Ok(one.clone()),
@@ -269,7 +269,7 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
                 .map(|(queue, n)| {
                     format!(
                         "{} ({})",
-                        spool::route_name(queue),
+                        spool::route_target(queue),
                         super::count(*n as usize, "delivery", "deliveries")
                     )
                 })

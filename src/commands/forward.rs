@@ -59,7 +59,7 @@ async fn forward_saving(
 ) -> Result<(), DaemonError> {
     info!(
         channel = %options.source.channel,
-        target = %options.target,
+        target = %options.target.shown(),
         "forwarding"
     );
     let plan = Plan {

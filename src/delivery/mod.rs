@@ -276,6 +276,7 @@ pub async fn run_route(
     // What logs and metrics call the route, and the sink's description: fixed while it runs,
     // so made once here, with everything else an attempt needs but the event.
     let label = spool::route_name(&route);
+    let label: &str = &label;
     let described = sink.describe();
     let route_counters = counters.route(&route, label);
     let delivery = Delivery {

@@ -1232,7 +1232,14 @@ impl Runtime {
     ) -> Option<ChannelTask> {
         let url = channel.source.channel.clone();
         let routes = routes_of(channel, actions_on, self.cluster.is_some());
-        info!(channel = %url, routes = ?routes, "subscribing");
+        // Named as the queue's line names it, a target's query left out.
+        let shown: Vec<String> = (routes.iter())
+            .map(|r| match r.split_once(' ') {
+                Some((key, _)) => format!("{key} {}", spool::route_name(r)),
+                None => r.clone(),
+            })
+            .collect();
+        info!(channel = %url, routes = ?shown, "subscribing");
         if let Some(problem) = crate::source::idle_timeout_problem(channel.source.idle_timeout) {
             warn!(channel = %url, "{problem}");
         }
@@ -1634,7 +1641,8 @@ struct Hint {
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
 /// relay takes: kept, not delivered, and what to do.
 fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &Hint) {
-    hint.counters.unserved(queue, spool::route_name(queue), pending);
+    hint.counters
+        .unserved(queue, &spool::route_name(queue), pending);
     let (count, events, are) = match pending {
         1 => ("1".to_string(), "event", "is"),
         n if n > spool::MOST_COUNTED => (
@@ -1649,8 +1657,12 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &H
     } else {
         hint.state_dir.clone()
     };
-    // One shell word, whatever the target holds (`&`, `?`, `*`).
-    let name = format!("'{}'", queue.replace('\'', r"'\''"));
+    // One shell word, whatever the target holds (`&`, `?`, `*`). A query stays out of the log
+    // (it often carries a token): the user writes the target as they gave it.
+    let name = match spool::route_name(queue) {
+        std::borrow::Cow::Borrowed(_) => format!("'{}'", queue.replace('\'', r"'\''")),
+        std::borrow::Cow::Owned(_) => "'TARGET-AS-GIVEN (query and all)'".to_string(),
+    };
     let drop = if hint.cluster {
         String::new()
     } else {

@@ -122,9 +122,21 @@ pub fn route_key(channel_key: &str, target: &str) -> String {
     format!("{channel_key} {target}")
 }
 
-/// What a queue is shown as: the target of a forward queue, or `pipeline` / `alerts`.
-pub fn route_name(key: &str) -> &str {
+/// The target of a forward queue as the queue's key holds it (query and all), or `pipeline` /
+/// `alerts`: what `events` matches and shows to the spool's owner.
+pub fn route_target(key: &str) -> &str {
     key.split_once(' ').map_or(key, |(_, target)| target)
+}
+
+/// What logs, `/metrics` and `/healthz` call a queue: [`route_target`] with its query left out
+/// (`?…`), since a query often carries a token (`/hook?token=...`) and those lines reach
+/// journals, dashboards and whoever can reach the health port.
+pub fn route_name(key: &str) -> std::borrow::Cow<'_, str> {
+    let target = route_target(key);
+    match target.split_once('?') {
+        Some((before, _)) => format!("{before}?…").into(),
+        None => target.into(),
+    }
 }
 
 /// Bodies larger than this are stored apart, in pieces of this size. redb keeps a value in one
@@ -1853,7 +1865,7 @@ impl Spool {
             for entry in records.range((id, "")..(id + 1, ""))? {
                 let (key, value) = entry?;
                 if let Some(record) = record::decode(value.value()) {
-                    routes.push((route_name(key.value().1).to_string(), record));
+                    routes.push((route_target(key.value().1).to_string(), record));
                 }
             }
             Ok(Ok((event, routes)))
@@ -1889,7 +1901,7 @@ impl Spool {
                     id,
                     received_ms: event.received_ms,
                     channel: event.channel.clone(),
-                    route: route_name(route).to_string(),
+                    route: route_target(route).to_string(),
                     record,
                     kind: event_kind(&event.event),
                     recovered: event
@@ -3712,6 +3724,15 @@ mod tests {
             query: vec![],
             body: Bytes::from(vec![b'a' + n; 100]),
         }
+    }
+
+    #[test]
+    fn a_queue_is_named_without_its_targets_query() {
+        let key = route_key("0123456789abcdef", "http://h:1/hook?token=T&x=1");
+        assert_eq!(route_target(&key), "http://h:1/hook?token=T&x=1");
+        assert_eq!(route_name(&key), "http://h:1/hook?…");
+        assert_eq!(route_name(&route_key("k", ROUTE)), ROUTE);
+        assert_eq!(route_name("pipeline"), "pipeline");
     }
 
     fn append(spool: &Spool, events: Vec<Event>) -> Vec<u64> {
