@@ -58,6 +58,29 @@ async fn a_retrying_then_b(
     (a, b, target_addr)
 }
 
+/// Two instances of cluster `name` alerting to `slack`: A, whose NATS connection goes through
+/// `proxy` and whose alerts' publish `hold` holds (debug-only hook) until released, judged the
+/// first two changes alone, so its FIRING is committed locally, not published; B joined after,
+/// straight to NATS.
+async fn a_holding_a_firing_then_b(
+    nats: &NatsServer,
+    channel: &FakeChannel,
+    slack: &FakeSlack,
+    proxy: &FreezableProxy,
+    hold: &HeldFault,
+    name: &str,
+) -> (Instance, Instance) {
+    let body = |nats_url: &str| {
+        support::nats::alerts_config(&channel.url("ch"), &slack.webhook_url(), nats_url, name)
+    };
+    let a = join(channel, &body(&proxy.url), &hold.env()).await;
+    channel.send_webhook(1, &change("01-create"));
+    channel.send_webhook(2, &change("02-cpu-25-to-87"));
+    a.logs.wait_for(&["FIRING cpu-high"]).await;
+    let b = join(channel, &body(&nats.url), &[]).await;
+    (a, b)
+}
+
 /// A smee frame carrying one of the Port fixtures (one entity, cpu changes).
 fn change(file: &str) -> String {
     format!(
@@ -130,24 +153,10 @@ async fn a_stall_between_the_local_commit_and_the_publish_keeps_the_alerts_in_or
     let channel = FakeChannel::start().await;
     let mut slack = FakeSlack::start().await;
     let proxy = FreezableProxy::start(nats.port).await;
-    let body = |nats_url: &str| {
-        support::nats::alerts_config(
-            &channel.url("ch"),
-            &slack.webhook_url(),
-            nats_url,
-            "window2",
-        )
-    };
-    // The alerts' publish of instance A is held (debug-only hook) until the file goes: A
-    // commits its FIRING locally, and its network stalls before it publishes it.
+    // A commits its FIRING locally, and its network stalls before it publishes it.
     let hold = HeldFault::new("hold-alert-publish");
-    let a = join(&channel, &body(&proxy.url), &hold.env()).await;
-
-    // Alone in the cluster, A judges both changes: the FIRING is committed, not published.
-    channel.send_webhook(1, &change("01-create"));
-    channel.send_webhook(2, &change("02-cpu-25-to-87"));
-    a.logs.wait_for(&["FIRING cpu-high"]).await;
-    let b = join(&channel, &body(&nats.url), &[]).await;
+    let (_a, b) =
+        a_holding_a_firing_then_b(&nats, &channel, &slack, &proxy, &hold, "window2").await;
     proxy.freeze();
     hold.release();
 
@@ -605,20 +614,8 @@ async fn regression_a_one_way_stall_while_alerts_waited_to_be_published_held_the
     let channel = FakeChannel::start().await;
     let mut slack = FakeSlack::start().await;
     let proxy = FreezableProxy::start(nats.port).await;
-    let body = |nats_url: &str| {
-        support::nats::alerts_config(
-            &channel.url("ch"),
-            &slack.webhook_url(),
-            nats_url,
-            "oneway2",
-        )
-    };
     let hold = HeldFault::new("hold-alert-publish");
-    let a = join(&channel, &body(&proxy.url), &hold.env()).await;
-    channel.send_webhook(1, &change("01-create"));
-    channel.send_webhook(2, &change("02-cpu-25-to-87"));
-    a.logs.wait_for(&["FIRING cpu-high"]).await;
-    let b = join(&channel, &body(&nats.url), &[]).await;
+    let (a, b) = a_holding_a_firing_then_b(&nats, &channel, &slack, &proxy, &hold, "oneway2").await;
 
     // A's publish goes out, but nothing NATS says reaches A any more.
     proxy.freeze_answers();
