@@ -818,15 +818,7 @@ mod tests {
         ]));
         let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
-        let route = tokio::spawn(run_route(
-            spool.clone(),
-            writer.clone(),
-            "r".into(),
-            sink.clone(),
-            RetryPolicy::DEFAULT,
-            Arc::new(Counters::default()),
-            RouteControl::new(cancel.clone()),
-        ));
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
         // On the paused clock: the route's backoff timers are what move time on; the deadline
         // is far beyond the 1 + 2 + 4 (+ jitter) + 7 s the script takes.
         tokio::time::timeout(Duration::from_secs(120), attempted.wait_for(|n| *n >= 5))
@@ -897,15 +889,8 @@ mod tests {
         let mut claims = sink.claims.subscribe();
         let counters = Arc::new(Counters::default());
         let cancel = CancellationToken::new();
-        let route = tokio::spawn(run_route(
-            spool.clone(),
-            writer.clone(),
-            "r".into(),
-            sink.clone(),
-            RetryPolicy::DEFAULT,
-            counters.clone(),
-            RouteControl::new(cancel.clone()),
-        ));
+        let policy = RetryPolicy::DEFAULT;
+        let route = start_route_with(&spool, &writer, sink.clone(), &cancel, policy, &counters);
         claims.wait_for(|n| *n == 1).await.unwrap();
         tokio::time::timeout(Duration::from_secs(60), claims.wait_for(|n| *n == 2))
             .await
@@ -989,7 +974,8 @@ mod tests {
         sink: Arc<dyn Sink>,
         cancel: &CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        start_route_with(spool, writer, sink, cancel, RetryPolicy::DEFAULT)
+        let counters = Arc::new(Counters::default());
+        start_route_with(spool, writer, sink, cancel, RetryPolicy::DEFAULT, &counters)
     }
 
     fn start_route_with(
@@ -998,6 +984,7 @@ mod tests {
         sink: Arc<dyn Sink>,
         cancel: &CancellationToken,
         policy: RetryPolicy,
+        counters: &Arc<Counters>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(run_route(
             spool.clone(),
@@ -1005,7 +992,7 @@ mod tests {
             "r".into(),
             sink,
             policy,
-            Arc::new(Counters::default()),
+            counters.clone(),
             RouteControl::new(cancel.clone()),
         ))
     }
@@ -1440,7 +1427,8 @@ mod tests {
             max_age: Duration::from_secs(600),
             ..RetryPolicy::DEFAULT
         };
-        let route = start_route_with(&spool, &writer, sink.clone(), &cancel, policy);
+        let counters = Arc::new(Counters::default());
+        let route = start_route_with(&spool, &writer, sink.clone(), &cancel, policy, &counters);
         while sink.attempts.lock().unwrap().len() < 2 {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
