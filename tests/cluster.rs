@@ -1614,7 +1614,7 @@ async fn regression_a_nats_outage_logged_every_publish_attempt_as_a_target_failu
         target.url("/hook")
     );
     support::wait_for(support::PATIENCE, "the skipped counter at zero", || async {
-        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        let text = support::get_text(&client, &url).await?;
         text.lines().any(|l| l == zero).then_some(())
     })
     .await;
@@ -1623,7 +1623,7 @@ async fn regression_a_nats_outage_logged_every_publish_attempt_as_a_target_failu
     channel.send_webhook(1, &frame(0));
     // Three attempts at publishing it failed.
     support::wait_for(FAILOVER_PATIENCE * 2, "three failed publishes", || async {
-        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        let text = support::get_text(&client, &url).await?;
         let retries: f64 = text
             .lines()
             .find(|l| l.starts_with("smee_relay_retries_total") && l.contains("nats-outbox"))?

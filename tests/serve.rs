@@ -491,14 +491,7 @@ async fn a_resume_into_a_channel_made_anew_after_it_expired_is_told_of_the_gap()
     }
     let metrics = format!("{server}/metrics");
     support::wait_for(support::PATIENCE, "the channel expired", || async {
-        let text = client()
-            .get(&metrics)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = support::get_text(&client(), &metrics).await?;
         text.contains("smee_relay_serve_channels_expired_total 1")
             .then_some(())
     })

@@ -326,14 +326,7 @@ async fn sighup_makes_forward_retry_now() {
 
 /// The warnings `/healthz` at `addr` gives (none: not answering).
 async fn healthz_warnings(client: reqwest::Client, addr: String) -> Option<Vec<String>> {
-    let body = client
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let body = support::get_text(&client, &format!("http://{addr}/healthz")).await?;
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     let warnings = json["warnings"].as_array().cloned().unwrap_or_default();
     Some(

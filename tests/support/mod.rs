@@ -72,6 +72,12 @@ where
     }
 }
 
+/// The body of a GET of `url`, or `None` while it cannot be had (not listening yet, cut off):
+/// the probe of a [`wait_for`] on an endpoint.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> Option<String> {
+    client.get(url).send().await.ok()?.text().await.ok()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Temp dirs
 // ---------------------------------------------------------------------------------------------
