@@ -99,7 +99,8 @@ pub fn identity(url: &Url) -> String {
 
 /// Text given as a URL but refused, safe to repeat in a message: a password in it (`user:pw@`)
 /// shown as `***`, and, for a channel (`channel`: its id is a secret), its last path segment
-/// [`redact`]ed and no query, as [`ChannelUrl`] shows a valid one.
+/// [`redact`]ed and no query, as [`ChannelUrl`] shows a valid one; for a target, its query
+/// elided (`?…`).
 pub fn shown_text(text: &str, channel: bool) -> String {
     let (scheme, rest) = match text.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
@@ -124,7 +125,11 @@ pub fn shown_text(text: &str, channel: bool) -> String {
             let (parent, id) = path.rsplit_once('/').unwrap_or(("", path));
             format!("{parent}/{}", redact(id))
         }
-        false => path.to_string(),
+        // A target's query often carries a token: left out, as [`TargetUrl::shown`] does.
+        false => match path.split_once('?') {
+            Some((before, _)) => format!("{before}?…"),
+            None => path.to_string(),
+        },
     };
     format!("{scheme}{authority}{path}")
 }
@@ -515,6 +520,7 @@ mod tests {
     /// Regression: a refused URL was repeated whole: `invalid value 'smee.io/AbCdSECRET' for
     /// '[CHANNEL_URL]'`, `forward target "bob:hunter2@host/x"`: a channel's id and a target's
     /// password in the terminal and the logs. And `bob:pw@host` was not seen to lack `http://`.
+    /// Then (helper-113): a refused target, or a redirect's `Location`, kept its query (a token).
     #[test]
     fn regression_a_refused_url_was_repeated_with_its_secrets() {
         assert_eq!(
@@ -531,7 +537,7 @@ mod tests {
         );
         assert_eq!(
             shown_text("http://bob:hunter2@127.0.0.1:99999/x?q=1", false),
-            "http://bob:***@127.0.0.1:99999/x?q=1"
+            "http://bob:***@127.0.0.1:99999/x?…"
         );
         assert_eq!(shown_text("ftp://x/y", false), "ftp://x/y");
         assert_eq!(
