@@ -24,7 +24,8 @@ pub struct Counters {
     /// Queues holding deliveries that no route of this relay takes (a target a reload
     /// removed, a relay started again with another one), by queue: how many wait. The log
     /// says so once, with what to do; `/healthz` goes on saying it until a route for the
-    /// queue starts. By queue: its target, as logs name it, and how many wait.
+    /// queue starts or the queue is found empty (purged). By queue: its target, as logs name
+    /// it, and how many wait.
     unserved: Mutex<BTreeMap<String, (String, u64)>>,
 }
 
@@ -82,6 +83,28 @@ impl Counters {
     /// of this relay takes.
     pub fn unserved(&self, queue: &str, target: &str, pending: u64) {
         lock(&self.unserved).insert(queue.to_string(), (target.to_string(), pending));
+    }
+
+    /// The queues said to be unserved ([`Counters::unserved`]), to count again.
+    pub fn unserved_queues(&self) -> Vec<String> {
+        lock(&self.unserved).keys().cloned().collect()
+    }
+
+    /// `queue`, said unserved, was counted again: `pending` wait on it. None (`events purge`
+    /// emptied it while the relay ran) and it is not said any more.
+    pub fn unserved_recounted(&self, queue: &str, pending: u64) {
+        let mut unserved = lock(&self.unserved);
+        match pending {
+            0 => {
+                unserved.remove(queue);
+            }
+            // Only while still said: a route that started meanwhile took the queue.
+            n => {
+                if let Some(said) = unserved.get_mut(queue) {
+                    said.1 = n;
+                }
+            }
+        }
     }
 
     /// The queues no route takes, one line each (`/healthz` warnings).

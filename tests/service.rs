@@ -404,6 +404,81 @@ async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
     .await;
 }
 
+/// Regression (helper-113): a reload removed a channel whose target still had an event queued;
+/// `events purge` of that queue, allowed while the relay runs (the channel is not running any
+/// more), emptied it, and `/healthz` went on warning of the event until the relay restarted.
+#[tokio::test]
+async fn regression_a_purged_queue_was_still_said_unserved() {
+    let kept = FakeChannel::start().await;
+    let gone = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let old = format!("http://{}/old", unused_addr());
+    let dir = support::temp_dir();
+    let config = dir.path().join("config.toml");
+    let kept_part = format!(
+        "[[channel]]\nurl = \"{}\"\nforward = [\"{}\"]\n",
+        kept.url("Kept"),
+        target.url("/hook")
+    );
+    let gone_part = format!(
+        "[[channel]]\nurl = \"{}\"\nforward = [\"{old}\"]\n",
+        gone.url("Gone")
+    );
+    std::fs::write(&config, format!("{kept_part}{gone_part}")).unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let (child, addr) = with_metrics(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state,
+    ])
+    .await;
+    gone.wait_connections(1).await;
+    gone.send_webhook(1, r#"{"body":{"n":1}}"#);
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let warned = |needle: String| {
+        let (client, addr) = (client.clone(), addr.clone());
+        move || {
+            let answer = healthz_warnings(client.clone(), addr.clone());
+            let needle = needle.clone();
+            async move {
+                (answer.await?.iter())
+                    .any(|w| w.contains(&needle))
+                    .then_some(())
+            }
+        }
+    };
+    let failing = format!("route {old} failing");
+    support::wait_for(support::PATIENCE, "the old target failing", warned(failing)).await;
+
+    std::fs::write(&config, &kept_part).unwrap();
+    kill(&child, "HUP");
+    let unserved = format!("1 event queued for {old}, which this relay does not deliver to");
+    support::wait_for(support::PATIENCE, "the queue left behind", warned(unserved)).await;
+
+    let purged = support::run_to_end(smee_relay().args([
+        "events",
+        "purge",
+        "--queue",
+        &old,
+        "--state-dir",
+        state,
+    ]))
+    .await;
+    assert_eq!(purged.code, Some(0), "{}", purged.stderr);
+    support::wait_for(support::PATIENCE, "the warning gone", || {
+        let answer = healthz_warnings(client.clone(), addr.clone());
+        async move {
+            answer
+                .await
+                .filter(|w| !w.iter().any(|w| w.contains("does not deliver to")))
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let channel = FakeChannel::start().await;

@@ -1752,8 +1752,18 @@ async fn report_status(
             _ => {
                 let seen = spool.look();
                 let stats = {
-                    let spool = spool.clone();
-                    tokio::task::spawn_blocking(move || spool.stats()).await
+                    let (spool, counters) = (spool.clone(), counters.clone());
+                    tokio::task::spawn_blocking(move || {
+                        // A queue said unserved may have been purged since (`events purge`
+                        // runs beside the relay once the queue's channel is gone).
+                        for queue in counters.unserved_queues() {
+                            if let Ok(pending) = spool.queued(&queue) {
+                                counters.unserved_recounted(&queue, pending);
+                            }
+                        }
+                        spool.stats()
+                    })
+                    .await
                 };
                 // While the spool cannot be read (a full disk), the line still says why.
                 match stats {
