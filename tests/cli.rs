@@ -300,6 +300,48 @@ async fn regression_events_purge_queue_takes_a_target_alone() {
     );
 }
 
+/// Regression (helper-113): a target with a password and a query could not be purged as given
+/// (the queue names it with the password as `***`, as the relay's line asking for the target
+/// "as given" does not say), and the refusal repeated the password given in clear.
+#[tokio::test]
+async fn regression_events_purge_took_a_target_with_a_password_only_as_the_queue_names_it() {
+    let channel = FakeChannel::start().await;
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = gone.local_addr().unwrap();
+    drop(gone);
+    let target = format!("http://bob:hunter2@{addr}/hook?token=SECRET");
+    let relay = support::Relay::start(&channel, support::relay_options(&channel, &target)).await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    let state_dir = relay.state_dir.clone();
+    support::wait_for(PATIENCE, "the delivery queued", || {
+        let state_dir = state_dir.clone();
+        async move {
+            let out = events(&state_dir, &["list", "--status", "pending"]).await;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("pending")
+                .then_some(())
+        }
+    })
+    .await;
+    relay.stop().await;
+
+    let wrong = format!("http://bob:wrongpass@{addr}/other?token=SECRET");
+    let out = events(&state_dir, &["purge", "--queue", &wrong]).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        said.contains(&format!("no queue of http://bob:***@{addr}/other?… holds")),
+        "{said}"
+    );
+    assert!(!said.contains("wrongpass"), "{said}");
+    let out = events(&state_dir, &["purge", "--queue", &target]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("purged 1 delivery queued for http://bob:***@{addr}/hook?token=SECRET")
+    );
+}
+
 /// `events purge --queue` takes a queue's name as the relay gives it, and refuses what is not
 /// one, and a cluster instance's spool (its queues are copies of the cluster's deliveries).
 #[tokio::test]

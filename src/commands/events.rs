@@ -251,11 +251,14 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
             && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             && !target.is_empty()
     });
-    if full {
-        return Ok(name.to_string());
+    if let (true, Some((key, target))) = (full, name.split_once(' ')) {
+        return Ok(format!("{key} {}", as_queued(target)));
     }
     let queues = spool.pending_queues()?;
-    let target = name.trim_end_matches('/');
+    let queued = as_queued(name);
+    let target = queued.trim_end_matches('/');
+    // Said back without its password or query, as the relay's lines show a target.
+    let shown = crate::text::escape_control(&crate::url::shown_text(name, false)).into_owned();
     let of_target: Vec<&String> = queues
         .iter()
         .map(|(queue, _)| queue)
@@ -276,7 +279,7 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
                 .collect();
             anyhow::bail!(
                 "no queue of {} holds deliveries; {}",
-                crate::text::escape_control(name),
+                shown,
                 match listed.is_empty() {
                     true => "no queue does".to_string(),
                     false => format!("these do: {}", listed.join(", ")),
@@ -285,7 +288,7 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
         }
         _ => anyhow::bail!(
             "{} is the target of {} queues (one per channel): give the queue's whole name, quoted: {}",
-            crate::text::escape_control(name),
+            shown,
             of_target.len(),
             of_target
                 .iter()
@@ -293,6 +296,16 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
                 .collect::<Vec<_>>()
                 .join(" or ")
         ),
+    }
+}
+
+/// `target` as a queue's name holds it: its password written `***` (the relay names queues as
+/// it shows targets), so the target as given in the relay's config names its queue too. Text
+/// that is not a target stays as it is (to be said unknown).
+fn as_queued(target: &str) -> String {
+    match target.parse::<crate::url::TargetUrl>() {
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => target.to_string(),
     }
 }
 
