@@ -1093,7 +1093,7 @@ impl Cluster {
                     None => return,
                     Some(Some(lease)) => lease,
                     Some(None) => {
-                        info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
+                        info!(route = %label, stream_seq = stream_seq(&message), "a delivery reached this instance after its ack wait ran out (its NATS connection stalled); another instance has it, not delivering it here");
                         continue;
                     }
                 };
@@ -1134,7 +1134,7 @@ impl Cluster {
             ..
         } = names;
         let (label, route, floor_key) = (label.as_str(), route.as_str(), floor_key.as_str());
-        let stream_seq = message.info().map(|info| info.stream_sequence).ok();
+        let stream_seq = stream_seq(&message);
         // Where a message's time goes (debug log at the end): the floor read, the local
         // queue (its commit) and delivery, and the floor write and ack.
         let took = std::time::Instant::now();
@@ -1584,7 +1584,7 @@ impl Cluster {
             // (A crash leaves it to [`hand_back`] at the next start.)
             hand_back_one(spool, writer, route, id).await;
             let _ = message.ack_with(AckKind::Nak(None)).await;
-            info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "the route stopped before finishing this delivery: handed back to the cluster, which gives it to another instance at once");
+            info!(route = %label, stream_seq = stream_seq(message), "the route stopped before finishing this delivery: handed back to the cluster, which gives it to another instance at once");
             return None;
         }
         Some((id, queued))
@@ -1640,7 +1640,7 @@ impl Cluster {
                         .run_until_cancelled(self.renew_own(lease, consumer, message))
                         .await;
                     if renewed == Some(false) {
-                        info!(route = %label, stream_seq = message.info().map(|i| i.stream_sequence).ok(), "the cluster gave this delivery to another instance while what it produced waited to be published (a stall); that instance takes it over, and publishes the same alerts under the same names");
+                        info!(route = %label, stream_seq = stream_seq(message), "the cluster gave this delivery to another instance while what it produced waited to be published (a stall); that instance takes it over, and publishes the same alerts under the same names");
                         return false;
                     }
                 }
@@ -2151,6 +2151,12 @@ impl SharedState {
             Err(e @ StoreError::TooLarge { .. }) => Err(NatsError(e.to_string().into())),
         }
     }
+}
+
+/// A message's sequence number in its stream, for a log line (none if NATS's reply subject
+/// does not carry it).
+fn stream_seq(message: &jetstream::Message) -> Option<u64> {
+    message.info().map(|info| info.stream_sequence).ok()
 }
 
 #[cfg(test)]
