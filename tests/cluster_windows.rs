@@ -37,6 +37,20 @@ async fn join_route(channel: &FakeChannel, config_body: &str) -> Instance {
     instance
 }
 
+/// Join with `hold` (`hold-on-arrival`, a debug-only hook) and a forward route, and send event
+/// 1: the instance takes it and is held as it arrives, before its floor read, until released.
+async fn a_held_on_arrival(channel: &FakeChannel, config_body: &str, hold: &HeldFault) -> Instance {
+    let a = join(channel, config_body, &hold.env()).await;
+    a.logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    a.logs
+        .wait_for(&["fault injected: holding a delivery on arrival"])
+        .await;
+    a
+}
+
 /// Two instances of cluster `name` forwarding to a target that is down (its address is
 /// returned, for the test to start it when a delivery should land): A, whose NATS connection
 /// goes through `proxy`, took event 1 alone and retries it; B joined after.
@@ -432,17 +446,9 @@ async fn regression_a_delivery_held_up_as_it_arrived_was_attempted_after_another
     let target_url = target.url("/hook");
     let body = support::nats::forward_config(&channel.url("ch"), &target_url, &nats.url, "arrival");
     let hold = HeldFault::new("hold-on-arrival");
-    let a = join(&channel, &body, &hold.env()).await;
-    a.logs
-        .wait_for(&["the route's NATS consumer is ready"])
-        .await;
-
     // A takes the event and is held before its floor read: it sends no renewal, the ack
     // wait runs out, and B takes the delivery over (its attempt waits at the target).
-    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
-    a.logs
-        .wait_for(&["fault injected: holding a delivery on arrival"])
-        .await;
+    let a = a_held_on_arrival(&channel, &body, &hold).await;
     let b = join_route(&channel, &body).await;
     b.logs
         .wait_for(&["taking over a delivery another instance did not finish"])
@@ -565,14 +571,7 @@ async fn regression_a_stop_waited_on_a_stalled_floor_read() {
         )
     };
     let hold = HeldFault::new("hold-on-arrival");
-    let mut a = join(&channel, &config(&proxy.url), &hold.env()).await;
-    a.logs
-        .wait_for(&["the route's NATS consumer is ready"])
-        .await;
-    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
-    a.logs
-        .wait_for(&["fault injected: holding a delivery on arrival"])
-        .await;
+    let mut a = a_held_on_arrival(&channel, &config(&proxy.url), &hold).await;
 
     // The floor read meets a stalled connection; the stop comes meanwhile.
     proxy.freeze();

@@ -324,18 +324,32 @@ async fn sighup_makes_forward_retry_now() {
     assert!(logs.find(&["shutting down"]).is_none(), "{}", logs.all());
 }
 
-/// The warnings `/healthz` at `addr` gives (none: not answering).
-async fn healthz_warnings(client: reqwest::Client, addr: String) -> Option<Vec<String>> {
-    let body = support::get_text(&client, &format!("http://{addr}/healthz")).await?;
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let warnings = json["warnings"].as_array().cloned().unwrap_or_default();
-    Some(
-        warnings
+/// Wait until the warnings `/healthz` at `addr` gives meet `until`; returns them.
+async fn wait_warnings(
+    client: &reqwest::Client,
+    addr: &str,
+    what: &str,
+    until: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let url = format!("http://{addr}/healthz");
+    support::wait_for(support::PATIENCE, what, || async {
+        let body = support::get_text(client, &url).await?;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let warnings: Vec<String> = (json["warnings"].as_array().cloned().unwrap_or_default())
             .iter()
             .map(|w| w.as_str().unwrap().to_string())
-            .collect(),
-    )
+            .collect();
+        until(&warnings).then_some(warnings)
+    })
+    .await
 }
+
+/// Whether one of `warnings` contains `needle`.
+fn warns(warnings: &[String], needle: &str) -> bool {
+    warnings.iter().any(|w| w.contains(needle))
+}
+
+const UNSERVED: &str = "which this relay does not deliver to";
 
 /// A new user's run: a reload removed a target with events still queued for it; the log said
 /// so once, and `/healthz` went on saying "ok" with nothing else. It is a warning now, until a
@@ -363,29 +377,17 @@ async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
     channel.send_webhook(1, r#"{"body":{"n":1}}"#);
     target.next().await;
     let client = smee_relay::http::client_builder().build().unwrap();
-    support::wait_for(support::PATIENCE, "the old target failing", || {
-        let answer = healthz_warnings(client.clone(), addr.clone());
-        let old = &old;
-        async move {
-            answer.await.filter(|w| {
-                w.iter()
-                    .any(|w| w.contains(&format!("route {old} failing")))
-            })
-        }
+    let failing = format!("route {old} failing");
+    wait_warnings(&client, &addr, "the old target failing", |w| {
+        warns(w, &failing)
     })
     .await;
 
     write(&[&new]);
     kill(&child, "HUP");
-    let expected = format!("1 event queued for {old}, which this relay does not deliver to");
-    let said = support::wait_for(support::PATIENCE, "the queue left behind", || {
-        let answer = healthz_warnings(client.clone(), addr.clone());
-        let expected = &expected;
-        async move {
-            answer
-                .await
-                .filter(|w| w.iter().any(|w| w.starts_with(expected.as_str())))
-        }
+    let expected = format!("1 event queued for {old}, {UNSERVED}");
+    let said = wait_warnings(&client, &addr, "the queue left behind", |w| {
+        warns(w, &expected)
     })
     .await;
     assert_eq!(said.len(), 1, "the removed route fails no more: {said:?}");
@@ -393,13 +395,8 @@ async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
     // The target back in the config: its route takes the queue again.
     write(&[&old, &new]);
     kill(&child, "HUP");
-    support::wait_for(support::PATIENCE, "the queue served again", || {
-        let answer = healthz_warnings(client.clone(), addr.clone());
-        async move {
-            answer
-                .await
-                .filter(|w| !w.iter().any(|w| w.contains("does not deliver to")))
-        }
+    wait_warnings(&client, &addr, "the queue served again", |w| {
+        !warns(w, UNSERVED)
     })
     .await;
 }
@@ -438,25 +435,19 @@ async fn regression_a_purged_queue_was_still_said_unserved() {
     gone.wait_connections(1).await;
     gone.send_webhook(1, r#"{"body":{"n":1}}"#);
     let client = smee_relay::http::client_builder().build().unwrap();
-    let warned = |needle: String| {
-        let (client, addr) = (client.clone(), addr.clone());
-        move || {
-            let answer = healthz_warnings(client.clone(), addr.clone());
-            let needle = needle.clone();
-            async move {
-                (answer.await?.iter())
-                    .any(|w| w.contains(&needle))
-                    .then_some(())
-            }
-        }
-    };
     let failing = format!("route {old} failing");
-    support::wait_for(support::PATIENCE, "the old target failing", warned(failing)).await;
+    wait_warnings(&client, &addr, "the old target failing", |w| {
+        warns(w, &failing)
+    })
+    .await;
 
     std::fs::write(&config, &kept_part).unwrap();
     kill(&child, "HUP");
-    let unserved = format!("1 event queued for {old}, which this relay does not deliver to");
-    support::wait_for(support::PATIENCE, "the queue left behind", warned(unserved)).await;
+    let unserved = format!("1 event queued for {old}, {UNSERVED}");
+    wait_warnings(&client, &addr, "the queue left behind", |w| {
+        warns(w, &unserved)
+    })
+    .await;
 
     let purged = support::run_to_end(smee_relay().args([
         "events",
@@ -468,15 +459,7 @@ async fn regression_a_purged_queue_was_still_said_unserved() {
     ]))
     .await;
     assert_eq!(purged.code, Some(0), "{}", purged.stderr);
-    support::wait_for(support::PATIENCE, "the warning gone", || {
-        let answer = healthz_warnings(client.clone(), addr.clone());
-        async move {
-            answer
-                .await
-                .filter(|w| !w.iter().any(|w| w.contains("does not deliver to")))
-        }
-    })
-    .await;
+    wait_warnings(&client, &addr, "the warning gone", |w| !warns(w, UNSERVED)).await;
 }
 
 #[tokio::test]
