@@ -63,6 +63,8 @@ fn main() -> ExitCode {
     if !daemon {
         smee_relay::service::systemd::release_hangups();
     }
+    // A command (not a daemon) with text logs says its failure as command-line tools do.
+    let plain_errors = !daemon && matches!(cli.log_format, logging::LogFormat::Text);
     logging::init(cli.verbosity() - quieter, cli.log_format, daemon);
     logging::log_panics();
 
@@ -89,18 +91,31 @@ fn main() -> ExitCode {
             ExitCode::from(USAGE_ERROR)
         }
         Err(e) if needs_the_user(&e) => {
-            tracing::error!("{}", smee_relay::error::chain(e.as_ref()));
+            report(&e, plain_errors);
             ExitCode::from(USAGE_ERROR)
         }
         Err(e) => {
-            // The whole chain on one line: `delivering to ...: connection refused (os error 111)`,
-            // each cause once (anyhow's `{:#}` repeats a cause its error's text already holds).
-            tracing::error!("{}", smee_relay::error::chain(e.as_ref()));
+            report(&e, plain_errors);
             ExitCode::FAILURE
         }
     };
     logging::flush();
     code
+}
+
+/// Say why the run failed, the whole chain on one line (`delivering to ...: connection refused
+/// (os error 111)`, each cause once: anyhow's `{:#}` repeats a cause its error's text already
+/// holds). `plain`: `error: ...` on stderr, as a command-line tool says it; else a log line (a
+/// daemon's, which journald files with its priority, or JSON asked for).
+fn report(e: &anyhow::Error, plain: bool) {
+    let text = smee_relay::error::chain(e.as_ref());
+    if plain {
+        // After the lines logged before it. Not eprintln!: it panics when stderr is a closed pipe.
+        logging::flush();
+        let _ = writeln!(std::io::stderr(), "error: {text}");
+    } else {
+        tracing::error!("{text}");
+    }
 }
 
 /// Whether `e` is writing to stdout after its reader closed it. Only stdout's: a broken pipe

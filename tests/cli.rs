@@ -342,6 +342,22 @@ async fn regression_events_purge_took_a_target_with_a_password_only_as_the_queue
     );
 }
 
+/// Regression (helper-111): a command's error came as a daemon's log line
+/// (`2026-12-06T10:00:00.000000Z ERROR no queue of ...`); a command says it as command-line tools
+/// do, and a daemon still logs it.
+#[tokio::test]
+async fn regression_a_command_s_error_was_a_timestamped_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(smee_relay::spool::Spool::open(dir.path()).unwrap());
+    let out = events(dir.path(), &["purge", "--queue", "http://127.0.0.1:3000/x"]).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        said.starts_with("error: no queue of http://127.0.0.1:3000/x holds deliveries"),
+        "{said}"
+    );
+}
+
 /// `events purge --queue` takes a queue's name as the relay gives it, and refuses what is not
 /// one, and a cluster instance's spool (its queues are copies of the cluster's deliveries).
 #[tokio::test]
