@@ -794,12 +794,9 @@ pub fn load_cluster(
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         problems: vec![format!("{origin}: cannot read: {e}")],
     })?;
-    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let line_of = |offset: usize| line_of(&text, offset);
     let file: ClusterOnly = toml::from_str(&text).map_err(|e| ConfigError {
-        problems: vec![match e.span() {
-            Some(span) => format!("{origin}:{}: {}", line_of(span.start), e.message()),
-            None => format!("{origin}: {}", e.message()),
-        }],
+        problems: vec![toml_problem(&origin, &text, &e)],
     })?;
     let Some(c) = file.cluster else {
         return Ok(None);
@@ -847,21 +844,58 @@ fn with_suggestion(message: &str) -> String {
     }
 }
 
+/// TOML's or serde's `message` without the string values it quotes (`invalid type: string
+/// "http://bob:pw@h/x", expected a sequence`): a value refused for its type may be a URL with
+/// a password or a token, and the line named already says where it is.
+fn without_values(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let value = &rest[at + QUOTED.len()..];
+        // To the closing quote, past escaped ones (`\"`); unclosed, to the end.
+        let mut escaped = false;
+        let end = value.char_indices().find_map(|(i, c)| {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => return Some(i + 1),
+                _ => {}
+            }
+            None
+        });
+        rest = &value[end.unwrap_or(value.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A TOML error in config `text` (from `origin`): its line, and what serde said, with a guess
+/// at a mistyped key and without the values it quotes.
+pub(crate) fn toml_problem(origin: &str, text: &str, e: &toml::de::Error) -> String {
+    let message = without_values(&with_suggestion(e.message()));
+    match e.span() {
+        Some(span) => format!("{origin}:{}: {message}", line_of(text, span.start)),
+        None => format!("{origin}: {message}"),
+    }
+}
+
+/// The line of `text` at byte `offset` (1-based).
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
 /// Validate config `text` (from `origin`, for messages).
 pub fn parse(
     text: &str,
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: ConfigFile = toml::from_str(text).map_err(|e| {
-        let message = with_suggestion(e.message());
-        ConfigError {
-            problems: vec![match e.span() {
-                Some(span) => format!("{origin}:{}: {message}", line_of(span.start)),
-                None => format!("{origin}: {message}"),
-            }],
-        }
+    let line_of = |offset: usize| line_of(text, offset);
+    let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError {
+        problems: vec![toml_problem(origin, text, &e)],
     })?;
     let mut problems = Vec::new();
     let at_line =
@@ -1591,6 +1625,38 @@ above = 80
             "{e}"
         );
         assert!(!e.contains("no forward targets"), "{e}");
+    }
+
+    /// Regression (helper-114): a value refused for its type was repeated whole:
+    /// `invalid type: string "http://bob:pw@h/x?token=T", expected a sequence` (a `forward`
+    /// given as a string, not a list) put a target's password and token in the reload's log.
+    #[test]
+    fn regression_a_value_of_the_wrong_type_was_repeated_with_its_secrets() {
+        let e = parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\n\
+             forward = \"http://bob:hunter2@h/x?token=T0KEN\"\n",
+            "c.toml",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("c.toml:3: invalid type: a string, expected a sequence"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2") && !e.contains("T0KEN"), "{e}");
+        // A line TOML cannot read is not quoted either (`events --config` said it whole).
+        let text = "[[channel]]\nforward = \"http://bob:hunter2@h/x\n";
+        let e = toml::from_str::<toml::Value>(text).unwrap_err();
+        let said = toml_problem("c.toml", text, &e);
+        assert!(
+            said.starts_with("c.toml:2: ") && !said.contains("hunter2"),
+            "{said}"
+        );
+        assert_eq!(
+            without_values(r#"invalid value: string "a \"quoted\" one", expected x; string "b""#),
+            "invalid value: a string, expected x; a string"
+        );
     }
 
     /// Regression: `check` passed two spellings of one channel, which `run` then refused with

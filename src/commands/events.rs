@@ -347,8 +347,10 @@ fn config_state_dir(args: &EventsArgs) -> anyhow::Result<Option<std::path::PathB
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    let file: StateDirOnly =
-        toml::from_str(&text).with_context(|| format!("{}: not a valid config", path.display()))?;
+    let file: StateDirOnly = toml::from_str(&text).map_err(|e| {
+        let problem = crate::config::toml_problem(&path.display().to_string(), &text, &e);
+        anyhow::anyhow!("not a valid config: {problem}")
+    })?;
     Ok(file.state_dir.map(|dir| crate::config::beside(path, dir)))
 }
 
