@@ -106,14 +106,29 @@ pub fn shown_text(text: &str, channel: bool) -> String {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), text),
     };
+    // Where the userinfo ends. In a URL that parses, the authority ends at the first `/`, `?`
+    // or `#`; in one that does not, a password may hold them unencoded (a base64 token's `/`),
+    // so the last `@` with a `:` before it ends the userinfo, whatever comes between.
+    let (userinfo, rest) = if Url::parse(text).is_ok() {
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        match rest[..end].rsplit_once('@') {
+            Some((userinfo, _)) => (Some(userinfo), &rest[userinfo.len() + 1..]),
+            None => (None, rest),
+        }
+    } else {
+        match rest.rsplit_once('@') {
+            Some((userinfo, after)) if userinfo.contains(':') => (Some(userinfo), after),
+            _ => (None, rest),
+        }
+    };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
+    let (host, path) = rest.split_at(end);
+    let authority = match userinfo {
+        Some(userinfo) => match userinfo.split_once(':') {
             Some((user, _)) => format!("{user}:***@{host}"),
             None => format!("{userinfo}@{host}"),
         },
-        None => authority.to_string(),
+        None => host.to_string(),
     };
     let path = match channel {
         true => {
@@ -515,6 +530,31 @@ mod tests {
             "[::1]:80".parse::<std::net::SocketAddr>().unwrap()
         );
         assert!(parse_listen("9464").is_err());
+    }
+
+    /// Regression (helper-114): a refused target whose password held `/`, `#` or `?` (a base64
+    /// token's `/`) was cut at it, taken for the host, and shown; so was a scheme-relative
+    /// redirect's (`//user:pw@host/`).
+    #[test]
+    fn regression_a_password_with_a_slash_was_shown() {
+        for (given, shown) in [
+            ("http://bob:BAD/PW4@h/x?token=T", "http://bob:***@h/x?…"),
+            ("http://bob:BAD#PW9@h/x?token=T", "http://bob:***@h/x?…"),
+            ("http://bob:BAD?PW@h/x", "http://bob:***@h/x"),
+            (
+                "http://ruser:RPW6/x@127.0.0.1/",
+                "http://ruser:***@127.0.0.1/",
+            ),
+            (
+                "//ruser:RPW1@127.0.0.1:1/x?token=T",
+                "//ruser:***@127.0.0.1:1/x?…",
+            ),
+            // A URL that parses keeps its `@` in the path or query where it is.
+            ("http://h:8080/a@b?email=a@b", "http://h:8080/a@b?…"),
+            ("http://h/users/@me", "http://h/users/@me"),
+        ] {
+            assert_eq!(shown_text(given, false), shown, "{given}");
+        }
     }
 
     /// Regression: a refused URL was repeated whole: `invalid value 'smee.io/AbCdSECRET' for
