@@ -399,6 +399,36 @@ impl TargetUrl {
         Some(value)
     }
 
+    /// What an answer of the target may echo that no log may show, longest first: its
+    /// password, its Basic credentials, its query whole and each value in it of four bytes or
+    /// more (as sent and decoded). A debug page or an echo service repeats the request.
+    pub fn secrets(&self) -> Vec<String> {
+        use base64::Engine as _;
+        let mut secrets = Vec::new();
+        if let Some(c) = self.credentials.as_ref().filter(|c| c.has_password) {
+            secrets.push(c.password.clone());
+            secrets.push(
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", c.user, c.password)),
+            );
+        }
+        if let Some(query) = self.url.query() {
+            secrets.push(query.to_string());
+            for pair in query.split('&') {
+                let value = pair.split_once('=').map_or("", |(_, value)| value);
+                secrets.push(value.to_string());
+                let decoded = percent_encoding::percent_decode_str(&value.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned();
+                secrets.push(decoded);
+            }
+        }
+        secrets.retain(|s| s.len() >= 4);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        secrets
+    }
+
     /// `user:***@`, `user@` or nothing.
     fn userinfo(&self) -> String {
         match &self.credentials {

@@ -26,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::event::Event;
+use crate::secret::{ExposeSecret as _, SecretString};
 use crate::url::TargetUrl;
 
 /// How much of an error response body goes into the log.
@@ -123,6 +124,9 @@ pub struct Forwarder {
     timeout: Duration,
     /// `Basic ...` from the URL's credentials, computed once (sensitive: Debug hides it).
     authorization: Option<HeaderValue>,
+    /// What the target's error answers may echo that the log must not show
+    /// ([`TargetUrl::secrets`]), computed once.
+    secrets: Vec<SecretString>,
 }
 
 /// The HTTP client for one target, by scheme.
@@ -178,6 +182,11 @@ impl Forwarder {
         };
         Ok(Self {
             authorization: target.authorization(),
+            secrets: target
+                .secrets()
+                .into_iter()
+                .map(SecretString::from)
+                .collect(),
             target,
             engine,
             timeout,
@@ -239,13 +248,34 @@ impl Forwarder {
                 elapsed: started.elapsed(),
             });
         }
-        let body = &answer.body[..answer.body.len().min(ERROR_BODY_PREVIEW)];
         Err(ForwardError::Status {
             status: answer.status,
             retry_after: answer.retry_after,
             location: answer.location,
-            body: String::from_utf8_lossy(body).trim().to_string(),
+            body: self.preview(&answer.body),
         })
+    }
+
+    /// The start of an error answer's `body`, for the log: its first [`ERROR_BODY_PREVIEW`]
+    /// bytes, with the target's secrets it echoes written `***`. Looked for in a window one
+    /// secret longer, so that none is cut in half and shown in part.
+    fn preview(&self, body: &[u8]) -> String {
+        let longest = (self.secrets.iter())
+            .map(|s| s.expose_secret().len())
+            .max()
+            .unwrap_or(0);
+        let window = &body[..body.len().min(ERROR_BODY_PREVIEW + longest)];
+        let mut text = String::from_utf8_lossy(window).into_owned();
+        for secret in &self.secrets {
+            if text.contains(secret.expose_secret()) {
+                text = text.replace(secret.expose_secret(), "***");
+            }
+        }
+        let mut end = text.len().min(ERROR_BODY_PREVIEW);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].trim().to_string()
     }
 
     fn classify(&self, error: reqwest::Error) -> ForwardError {
@@ -471,6 +501,38 @@ mod tests {
             error.to_string(),
             "target answered 301 Moved Permanently to http://bob:***@127.0.0.1:1/new-hook?… \
              (redirects are not followed: if that is the target, configure it)"
+        );
+    }
+
+    /// Regression (helper-114): a target that answered 500 with a page echoing the request
+    /// (`Cannot POST /in?token=... auth=Basic ...`) put its own token and Basic credentials in
+    /// the WARN line, `/healthz` and `events list`.
+    #[tokio::test]
+    async fn regression_an_error_page_echoing_the_request_showed_the_target_s_secrets() {
+        let app = Router::new().route(
+            "/in",
+            post(|uri: http::Uri, headers: HeaderMap| async move {
+                let auth = headers["authorization"].to_str().unwrap().to_string();
+                let page = format!("{}Cannot POST {uri} auth={auth}", "x".repeat(150));
+                (http::StatusCode::INTERNAL_SERVER_ERROR, page)
+            }),
+        );
+        let port = serve(app).await;
+        let error = forwarder(
+            &format!("http://carol:CAROL%2FPW@127.0.0.1:{port}/in?token=CAROLTOK&team=platform"),
+            Duration::from_secs(5),
+        )
+        .deliver(&event(&[]), &[])
+        .await
+        .unwrap_err();
+        let said = error.to_string();
+        for secret in ["CAROL", "CAROLTOK", "Y2Fyb2w6Q0FST0wvUFc=", "platform"] {
+            assert!(!said.contains(secret), "{secret} in {said}");
+        }
+        // The preview is as long as before, and says where the secrets were.
+        assert!(
+            said.contains("Cannot POST /in?*** auth=Basic ***"),
+            "{said}"
         );
     }
 
