@@ -289,7 +289,7 @@ async fn regression_events_purge_queue_takes_a_target_alone() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         said.contains("no queue of http://127.0.0.1:1/other holds deliveries")
-            && said.contains(&format!("{down} (1 delivery)")),
+            && said.contains(&format!(" {down}' (1 delivery)")),
         "{said}"
     );
     let out = events(&state_dir, &["purge", "--queue", &down]).await;
@@ -302,7 +302,8 @@ async fn regression_events_purge_queue_takes_a_target_alone() {
 
 /// Regression (helper-113): a target with a password and a query could not be purged as given
 /// (the queue names it with the password as `***`, as the relay's line asking for the target
-/// "as given" does not say), and the refusal repeated the password given in clear.
+/// "as given" does not say), and the refusal repeated the password given in clear, and
+/// (helper-114) the query of the queues it listed.
 #[tokio::test]
 async fn regression_events_purge_took_a_target_with_a_password_only_as_the_queue_names_it() {
     let channel = FakeChannel::start().await;
@@ -334,11 +335,19 @@ async fn regression_events_purge_took_a_target_with_a_password_only_as_the_queue
         "{said}"
     );
     assert!(!said.contains("wrongpass"), "{said}");
+    // Nor the query of the queues it lists (helper-114): each by its whole name, the query
+    // elided, and what to write in its place.
+    assert!(!said.contains("SECRET"), "{said}");
+    assert!(
+        said.contains(&format!(" http://bob:***@{addr}/hook?…' (1 delivery)"))
+            && said.contains("write the target as configured in its place"),
+        "{said}"
+    );
     let out = events(&state_dir, &["purge", "--queue", &target]).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("purged 1 delivery queued for http://bob:***@{addr}/hook?token=SECRET")
+        format!("purged 1 delivery queued for http://bob:***@{addr}/hook?…")
     );
 }
 

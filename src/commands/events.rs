@@ -227,8 +227,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             })?;
             let purged = spool.purge_queue(&queue)?;
             outln!(
-                "purged {} queued for {target}",
-                super::count(purged, "delivery", "deliveries")
+                "purged {} queued for {}",
+                super::count(purged, "delivery", "deliveries"),
+                spool::route_name(target)
             )?;
         }
         EventsCommand::Purge { queue: None, .. } => {
@@ -272,30 +273,49 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
                 .map(|(queue, n)| {
                     format!(
                         "{} ({})",
-                        spool::route_target(queue),
+                        queue_shown(queue),
                         super::count(*n as usize, "delivery", "deliveries")
                     )
                 })
                 .collect();
             anyhow::bail!(
-                "no queue of {} holds deliveries; {}",
+                "no queue of {} holds deliveries; {}{}",
                 shown,
                 match listed.is_empty() {
                     true => "no queue does".to_string(),
                     false => format!("these do: {}", listed.join(", ")),
-                }
+                },
+                query_note(queues.iter().map(|(queue, _)| queue))
             )
         }
         _ => anyhow::bail!(
-            "{} is the target of {} queues (one per channel): give the queue's whole name, quoted: {}",
+            "{} is the target of {} queues (one per channel): give the queue's whole name, quoted: {}{}",
             shown,
             of_target.len(),
             of_target
                 .iter()
-                .map(|q| format!("'{q}'"))
+                .map(|q| queue_shown(q))
                 .collect::<Vec<_>>()
-                .join(" or ")
+                .join(" or "),
+            query_note(of_target.iter().copied())
         ),
+    }
+}
+
+/// A queue's whole name as `purge` says it, quoted: its target's query left out (`?…`), as the
+/// relay's lines show it, since a query often carries a token.
+fn queue_shown(queue: &str) -> String {
+    match queue.split_once(' ') {
+        Some((key, _)) => format!("'{key} {}'", spool::route_name(queue)),
+        None => format!("'{queue}'"),
+    }
+}
+
+/// What to write for a query [`queue_shown`] left out, if it left one out of `queues`.
+fn query_note<'a>(mut queues: impl Iterator<Item = &'a String>) -> &'static str {
+    match queues.any(|queue| spool::route_target(queue).contains('?')) {
+        true => " (a target's query shows as `?…`: write the target as configured in its place)",
+        false => "",
     }
 }
 

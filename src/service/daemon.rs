@@ -1658,16 +1658,23 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &H
         hint.state_dir.clone()
     };
     // One shell word, whatever the target holds (`&`, `?`, `*`). A query stays out of the log
-    // (it often carries a token): the user writes the target as they gave it.
-    let name = match spool::route_name(queue) {
-        std::borrow::Cow::Borrowed(_) => format!("'{}'", queue.replace('\'', r"'\''")),
-        std::borrow::Cow::Owned(_) => "'TARGET-AS-GIVEN (query and all)'".to_string(),
+    // (it often carries a token): the user writes the target as they gave it, after the
+    // channel's key (which tells this queue from another channel's of the same target).
+    let (name, note) = match spool::route_name(queue) {
+        std::borrow::Cow::Borrowed(_) => (format!("'{}'", queue.replace('\'', r"'\''")), ""),
+        std::borrow::Cow::Owned(_) => {
+            let key = queue.split_once(' ').map_or("", |(key, _)| key);
+            (
+                format!("'{key} TARGET'"),
+                " (TARGET: the target as configured, query and all)",
+            )
+        }
     };
     let drop = if hint.cluster {
         String::new()
     } else {
         format!(
-            "; to drop them, stop the relay and run `smee-relay events purge --queue {name}{}`",
+            "; to drop them, stop the relay and run `smee-relay events purge --queue {name}{}`{note}",
             hint.state_dir
         )
     };
