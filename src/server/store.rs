@@ -111,7 +111,7 @@ pub(super) fn decode(stats: &Arc<Stats>, id: u64, bytes: &[u8]) -> Option<Posted
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         // As the spool's `create_state_dir` says it: anything but a directory in its place.
-        std::fs::create_dir_all(dir).map_err(|e| match dir.exists() && !dir.is_dir() {
+        crate::spool::create_private_dir(dir).map_err(|e| match dir.exists() && !dir.is_dir() {
             true => StoreError::NotADirectory(dir.to_path_buf()),
             false => StoreError::CreateDir(dir.to_path_buf(), e),
         })?;

@@ -370,7 +370,7 @@ impl SpoolError {
 /// Create the state directory if it is missing. A file in its place is said as such: the
 /// system's own "File exists" reads as if the directory were there.
 pub fn create_state_dir(state_dir: &Path) -> Result<(), SpoolError> {
-    std::fs::create_dir_all(state_dir).map_err(|source| {
+    create_private_dir(state_dir).map_err(|source| {
         if state_dir.exists() && !state_dir.is_dir() {
             SpoolError::NotADirectory {
                 path: state_dir.to_owned(),
@@ -382,6 +382,17 @@ pub fn create_state_dir(state_dir: &Path) -> Result<(), SpoolError> {
             }
         }
     })
+}
+
+/// Create `dir` and its missing parents readable by their owner alone (0700, as systemd's
+/// `StateDirectoryMode` makes it): what is kept there (events, targets' queries) is no other
+/// user's. A directory already there is left as its owner made it.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Permission denied on the spool `file` ([`SpoolError::PermissionDenied`]).
@@ -4036,6 +4047,28 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Regression (helper-114): outside systemd (whose unit makes it 0700), the state
+    /// directory was made 0755 under the usual umask, and the spool in it (events, and the
+    /// targets' queries) readable by every user of the machine.
+    #[test]
+    fn regression_the_state_directory_was_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("made").join("state");
+        create_state_dir(&state).unwrap();
+        for made in [&state, &dir.path().join("made")] {
+            let mode = std::fs::metadata(made).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+        }
+        // One already there is left as its owner made it.
+        let there = dir.path().join("there");
+        std::fs::create_dir(&there).unwrap();
+        std::fs::set_permissions(&there, std::fs::Permissions::from_mode(0o750)).unwrap();
+        create_state_dir(&there).unwrap();
+        let mode = std::fs::metadata(&there).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
     }
 
     /// Two relays (of different channels) on one state directory: the second finds the first
