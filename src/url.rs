@@ -42,10 +42,19 @@ pub enum UrlError {
     NoHost,
     #[error("port 0 is not a port you can connect to")]
     PortZero,
+    /// A newline, tab or other control character inside it: the parser would drop it silently.
+    #[error("the URL holds a control character (a stray newline or tab?): remove it")]
+    Control,
 }
 
 /// Parse an absolute http(s) URL with a host and a usable port.
 pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
+    // The parser drops a tab or newline inside without a word (and encodes other control
+    // characters): a URL other than the one written.
+    // (Around it, as the parser does, C0 controls and spaces are trimmed.)
+    if (text.trim_matches(|c: char| c <= ' ').chars()).any(char::is_control) {
+        return Err(UrlError::Control);
+    }
     // `host:port/path` parses as a URL whose scheme is the host (or, for an IP address or a
     // bare host, not at all): what is missing then is the scheme. `mailto:x` has one.
     let no_scheme = |e: String| {
@@ -560,6 +569,22 @@ mod tests {
             "[::1]:80".parse::<std::net::SocketAddr>().unwrap()
         );
         assert!(parse_listen("9464").is_err());
+    }
+
+    /// Regression (helper-114): a control character inside a URL (a stray newline in a config
+    /// string, `\u0001`) was dropped or percent-encoded by the URL parser without a word, so
+    /// the relay posted somewhere the user never wrote; the README says it is refused.
+    #[test]
+    fn regression_a_control_character_inside_a_url_was_taken() {
+        for text in [
+            "http://127.0.0.1:3000/a\nb",
+            "http://127.0.0.1:3000/a\u{1}b",
+            "http://127.0.\t0.1/",
+        ] {
+            assert_eq!(parse_http_url(text), Err(UrlError::Control), "{text:?}");
+        }
+        // Around it, blanks are trimmed as before.
+        assert!(parse_http_url(" http://127.0.0.1:3000/a\n").is_ok());
     }
 
     /// Regression (helper-114): a refused target whose password held `/`, `#` or `?` (a base64
