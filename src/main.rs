@@ -63,8 +63,10 @@ fn main() -> ExitCode {
     if !daemon {
         smee_relay::service::systemd::release_hangups();
     }
-    // A command (not a daemon) with text logs says its failure as command-line tools do.
-    let plain_errors = !daemon && matches!(cli.log_format, logging::LogFormat::Text);
+    // A command (not a daemon) with text logs says its failure as command-line tools do;
+    // under the journal, as a line with its priority.
+    let plain_errors =
+        !daemon && matches!(cli.log_format, logging::LogFormat::Text) && !logging::under_journal();
     logging::init(cli.verbosity() - quieter, cli.log_format, daemon);
     logging::log_panics();
 

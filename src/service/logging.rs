@@ -53,13 +53,19 @@ const DROPPED_TARGET: &str = "smee_relay::log_dropped";
 /// The log thread, kept to write out its queue at exit ([`flush`]).
 static WRITER: OnceLock<LogWriter<std::io::Stderr>> = OnceLock::new();
 
+/// Whether stderr goes to systemd's journal (`JOURNAL_STREAM` set): lines then carry their
+/// priority, not a timestamp.
+pub fn under_journal() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some()
+}
+
 /// Install the global subscriber. `verbosity` is the count of `-v` minus the count of `-q`;
 /// `RUST_LOG`, when set, overrides it. `daemon`: a relay or server, whose lines may be batched
 /// ([`LINGER`]); a command's lines are written as they come. Call [`flush`] before the process
 /// ends.
 pub fn init(verbosity: i8, format: LogFormat, daemon: bool) {
     let filter = filter(verbosity, std::env::var("RUST_LOG").ok().as_deref());
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journal = under_journal();
     let terminal = std::io::stderr().is_terminal();
     let linger = Linger(if daemon && !terminal {
         LINGER
