@@ -23,9 +23,10 @@ pub struct Counters {
     failing: Mutex<BTreeMap<String, Failing>>,
     /// Queues holding deliveries that no route of this relay takes (a target a reload
     /// removed, a relay started again with another one), by queue: how many wait. The log
-    /// says so once, with what to do; `/healthz` goes on saying it until a route for the
-    /// queue starts or the queue is found empty (purged). By queue: its target, as logs name
-    /// it, and how many wait.
+    /// says so once, with what to do; `/healthz` says it while the queue holds any (counted
+    /// again when the spool changes: a purge empties it, a replay fills it) until a route
+    /// for the queue starts. A target a reload removed is here, at 0, from then on. By queue:
+    /// its target, as logs name it, and how many wait.
     unserved: Mutex<BTreeMap<String, (String, u64)>>,
 }
 
@@ -90,20 +91,18 @@ impl Counters {
         lock(&self.unserved).keys().cloned().collect()
     }
 
-    /// `queue`, said unserved, was counted again: `pending` wait on it. None (`events purge`
-    /// emptied it while the relay ran) and it is not said any more.
-    pub fn unserved_recounted(&self, queue: &str, pending: u64) {
-        let mut unserved = lock(&self.unserved);
-        match pending {
-            0 => {
-                unserved.remove(queue);
+    /// `queue`, known unserved, was counted again: `pending` wait on it. None (`events purge`
+    /// emptied it while the relay ran) and it is not said; some where there were none
+    /// (`events replay` queued them again) and it is, and the caller is told (true) to log it.
+    /// Kept until a route takes the queue.
+    pub fn unserved_recounted(&self, queue: &str, pending: u64) -> bool {
+        // Only while still known: a route that started meanwhile took the queue.
+        match lock(&self.unserved).get_mut(queue) {
+            Some(said) => {
+                let was = std::mem::replace(&mut said.1, pending);
+                was == 0 && pending > 0
             }
-            // Only while still said: a route that started meanwhile took the queue.
-            n => {
-                if let Some(said) = unserved.get_mut(queue) {
-                    said.1 = n;
-                }
-            }
+            None => false,
         }
     }
 
@@ -111,6 +110,7 @@ impl Counters {
     pub fn unserved_lines(&self) -> Vec<String> {
         lock(&self.unserved)
             .values()
+            .filter(|(_, pending)| *pending > 0)
             .map(|(target, pending)| {
                 format!(
                     "{} queued for {}, which this relay does not deliver to: kept, not delivered (the log's warning about it says what to do)",

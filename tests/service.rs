@@ -10,6 +10,12 @@ use support::{FakeChannel, FakeSlack, FakeTarget, smee_relay, unused_addr};
 
 /// Start `smee-relay` with `--metrics-listen 127.0.0.1:0`; returns it and the address it bound.
 async fn with_metrics(args: &[&str]) -> (tokio::process::Child, String) {
+    let (child, addr, _) = with_metrics_logged(args).await;
+    (child, addr)
+}
+
+/// [`with_metrics`], and its log.
+async fn with_metrics_logged(args: &[&str]) -> (tokio::process::Child, String, support::LogWatch) {
     let (child, logs) = support::spawn_logged(
         smee_relay()
             .args(args)
@@ -17,7 +23,7 @@ async fn with_metrics(args: &[&str]) -> (tokio::process::Child, String) {
     );
     let line = logs.wait_for(&["serving /healthz and /metrics"]).await;
     let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
-    (child, addr)
+    (child, addr, logs)
 }
 
 use support::signal as kill;
@@ -460,6 +466,72 @@ async fn regression_a_purged_queue_was_still_said_unserved() {
     .await;
     assert_eq!(purged.code, Some(0), "{}", purged.stderr);
     wait_warnings(&client, &addr, "the warning gone", |w| !warns(w, UNSERVED)).await;
+}
+
+/// Regression (helper-114): a reload removed a target with nothing queued for it ("nothing was
+/// queued"); `events replay --dead` then queued its dead letter again, for a target no route
+/// takes, and `/healthz` never said so.
+#[tokio::test]
+async fn regression_a_replay_into_a_removed_target_s_queue_was_not_said() {
+    let channel = FakeChannel::start().await;
+    let mut kept = FakeTarget::start().await;
+    let mut refusing = FakeTarget::start().await;
+    refusing.answer_with(&[400]);
+    let dir = support::temp_dir();
+    let config = dir.path().join("config.toml");
+    let write = |targets: &[&str]| {
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let body = format!(
+            "[[channel]]\nurl = \"{}\"\nforward = [{}]\n",
+            channel.url("Replayed"),
+            targets.join(", ")
+        );
+        std::fs::write(&config, body).unwrap();
+    };
+    let (kept_url, refusing_url) = (kept.url("/kept"), refusing.url("/refusing"));
+    write(&[&kept_url, &refusing_url]);
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let (child, addr, logs) = with_metrics_logged(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state,
+    ])
+    .await;
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    kept.next().await;
+    refusing.next().await;
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let metrics = format!("http://{addr}/metrics");
+    support::wait_for(support::PATIENCE, "the dead letter", || async {
+        let text = support::get_text(&client, &metrics).await?;
+        (text.lines())
+            .any(|l| l.starts_with("smee_relay_dead_letters_total") && l.ends_with(" 1"))
+            .then_some(())
+    })
+    .await;
+
+    write(&[&kept_url]);
+    kill(&child, "HUP");
+    logs.wait_for(&["target removed; nothing was queued for it"])
+        .await;
+    let replayed = support::run_to_end(smee_relay().args([
+        "events",
+        "replay",
+        "--dead",
+        "--state-dir",
+        state,
+    ]))
+    .await;
+    assert_eq!(replayed.code, Some(0), "{}", replayed.stderr);
+    let unserved = format!("1 event queued for {refusing_url}, {UNSERVED}");
+    wait_warnings(&client, &addr, "the replayed queue said", |w| {
+        warns(w, &unserved)
+    })
+    .await;
 }
 
 #[tokio::test]

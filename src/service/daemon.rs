@@ -1198,7 +1198,11 @@ impl Runtime {
         }
         let (spool, queue) = (self.spool.clone(), name.to_string());
         match tokio::task::spawn_blocking(move || spool.queued(&queue)).await {
-            Ok(Ok(0)) => info!(%target, "target removed; nothing was queued for it"),
+            Ok(Ok(0)) => {
+                info!(%target, "target removed; nothing was queued for it");
+                // Known, at 0: an `events replay` may queue some for it again.
+                self.counters.unserved(name, &target, 0);
+            }
             Ok(Ok(pending)) => say_unserved_queue(channel, name, pending, &self.unserved_hint()),
             Ok(Err(e)) => warn!(
                 %target,
@@ -1761,11 +1765,23 @@ async fn report_status(
                 let stats = {
                     let (spool, counters) = (spool.clone(), counters.clone());
                     tokio::task::spawn_blocking(move || {
-                        // A queue said unserved may have been purged since (`events purge`
-                        // runs beside the relay once the queue's channel is gone).
+                        // A queue no route takes may have been purged since (`events purge`
+                        // runs beside the relay once the queue's channel is gone), or filled
+                        // again (`events replay`).
                         for queue in counters.unserved_queues() {
-                            if let Ok(pending) = spool.queued(&queue) {
-                                counters.unserved_recounted(&queue, pending);
+                            let Ok(pending) = spool.queued(&queue) else {
+                                continue;
+                            };
+                            if counters.unserved_recounted(&queue, pending) {
+                                warn!(
+                                    target = %spool::route_name(&queue),
+                                    queued = pending,
+                                    "deliveries were queued again (`events replay`) for a \
+                                     target this relay no longer delivers to: kept, not \
+                                     delivered, until a relay with that target runs or they \
+                                     are purged (`smee-relay events list --status pending` \
+                                     shows them)"
+                                );
                             }
                         }
                         spool.stats()
