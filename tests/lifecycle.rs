@@ -505,6 +505,7 @@ async fn the_old_queue_is_said_and_purged_as_said(query: &str) {
         purge.starts_with("smee-relay events purge --queue '"),
         "{line}"
     );
+    let as_printed = purge.to_string();
     let purge = match query {
         "" => purge.to_string(),
         _ => purge.replacen(" TARGET'", &format!(" {old}'"), 1),
@@ -515,13 +516,14 @@ async fn the_old_queue_is_said_and_purged_as_said(query: &str) {
     channel.send_webhook(2, &seq(2));
     assert_eq!(target.next().await.body, r#"{"seq":2}"#);
 
-    let run_purge = || async {
+    let run = |purge: String| async move {
         let mut shell = tokio::process::Command::new("sh");
         shell
             .arg("-c")
             .arg(purge.replacen("smee-relay", env!("CARGO_BIN_EXE_smee-relay"), 1));
         shell.output().await.unwrap()
     };
+    let run_purge = || run(purge.clone());
     // Not while the relay runs that channel: it would deliver what it had read all the same.
     let refused = run_purge().await;
     let said = String::from_utf8_lossy(&refused.stderr);
@@ -531,6 +533,26 @@ async fn the_old_queue_is_said_and_purged_as_said(query: &str) {
         "{said}"
     );
     stop(child).await;
+    if !query.is_empty() {
+        // Regression (helper-116): run with `TARGET` left in, or with the name as the line
+        // shows it (`?…`), the purge said "no delivery waits on that queue" and exited 0.
+        for (given, hint) in [
+            (as_printed.clone(), "in place of TARGET"),
+            (
+                as_printed.replacen(" TARGET'", &format!(" {shown}'"), 1),
+                "stands for a query",
+            ),
+        ] {
+            let out = run(given).await;
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+            assert!(
+                said.starts_with("error: no queue named '") && said.contains(hint),
+                "{said}"
+            );
+            assert!(said.contains(&format!(" {shown}' (1 delivery)")), "{said}");
+        }
+    }
     // Stopped, the line's advice is taken as printed, through a shell: the queue is dropped,
     // and the next start has nothing to say.
     let purged = run_purge().await;

@@ -252,17 +252,23 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
             && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             && !target.is_empty()
     });
-    if let (true, Some((key, target))) = (full, name.split_once(' ')) {
-        return Ok(format!("{key} {}", as_queued(target)));
-    }
     let queues = spool.pending_queues()?;
-    let queued = as_queued(name);
+    let (key, given) = match name.split_once(' ') {
+        Some((key, target)) if full => (Some(key), target),
+        _ => (None, name),
+    };
+    let queued = as_queued(given);
     let target = queued.trim_end_matches('/');
     // Said back without its password or query, as the relay's lines show a target.
-    let shown = crate::text::escape_control(&crate::url::shown_text(name, false)).into_owned();
+    let shown = crate::text::escape_control(&crate::url::shown_text(given, false)).into_owned();
+    let shown = match key {
+        Some(key) => format!("'{key} {shown}'"),
+        None => shown,
+    };
     let of_target: Vec<&String> = queues
         .iter()
         .map(|(queue, _)| queue)
+        .filter(|queue| key.is_none_or(|key| queue.split_once(' ').is_some_and(|(k, _)| k == key)))
         .filter(|queue| spool::route_target(queue).trim_end_matches('/') == target)
         .collect();
     match of_target[..] {
@@ -278,9 +284,20 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
                     )
                 })
                 .collect();
+            // Copied from a line that left the query out, or with its placeholder kept.
+            let copied = match (given.contains("?…"), given.starts_with("TARGET")) {
+                (true, _) => {
+                    " (`?…` stands for a query the log leaves out: write the target's query in its place)"
+                }
+                (_, true) => " (write the target, as configured, in place of TARGET)",
+                _ => "",
+            };
             anyhow::bail!(
-                "no queue of {} holds deliveries; {}{}",
-                shown,
+                "no queue {} holds deliveries{copied}; {}{}",
+                match key {
+                    Some(_) => format!("named {shown}"),
+                    None => format!("of {shown}"),
+                },
                 match listed.is_empty() {
                     true => "no queue does".to_string(),
                     false => format!("these do: {}", listed.join(", ")),
@@ -303,7 +320,7 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
 }
 
 /// A queue's whole name as `purge` says it, quoted: its target's query left out (`?…`), as the
-/// relay's lines show it, since a query often carries a token.
+/// relay's lines show it, since a query often carries a token (`events list` shows it whole).
 fn queue_shown(queue: &str) -> String {
     match queue.split_once(' ') {
         Some((key, _)) => format!("'{key} {}'", spool::route_name(queue)),
@@ -314,7 +331,9 @@ fn queue_shown(queue: &str) -> String {
 /// What to write for a query [`queue_shown`] left out, if it left one out of `queues`.
 fn query_note<'a>(mut queues: impl Iterator<Item = &'a String>) -> &'static str {
     match queues.any(|queue| spool::route_target(queue).contains('?')) {
-        true => " (a target's query shows as `?…`: write the target as configured in its place)",
+        true => {
+            " (a target's query shows as `?…`: write the target as configured in its place; `events list` shows targets whole)"
+        }
         false => "",
     }
 }

@@ -1670,7 +1670,7 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &H
             let key = queue.split_once(' ').map_or("", |(key, _)| key);
             (
                 format!("'{key} TARGET'"),
-                " (TARGET: the target as configured, query and all)",
+                " (TARGET: the target, query and all, as configured or as `events list` shows it)",
             )
         }
     };
