@@ -876,10 +876,22 @@ fn without_values(message: &str) -> String {
 /// at a mistyped key and without the values it quotes.
 pub(crate) fn toml_problem(origin: &str, text: &str, e: &toml::de::Error) -> String {
     let message = without_values(&with_suggestion(e.message()));
-    match e.span() {
-        Some(span) => format!("{origin}:{}: {message}", line_of(text, span.start)),
-        None => format!("{origin}: {message}"),
-    }
+    let Some(span) = e.span() else {
+        return format!("{origin}: {message}");
+    };
+    let line = line_of(text, span.start);
+    // One value where a list is wanted (`forward = "http://..."`): the usual first mistake.
+    let key = (text.lines().nth(line - 1))
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.contains(['"', '[', '{']));
+    let hint = match key {
+        Some(key) if message.ends_with("expected a sequence") => {
+            format!(": `{key}` takes a list, even of one: {key} = [\"...\"]")
+        }
+        _ => String::new(),
+    };
+    format!("{origin}:{line}: {message}{hint}")
 }
 
 /// The line of `text` at byte `offset` (1-based).
@@ -1641,7 +1653,10 @@ above = 80
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("c.toml:3: invalid type: a string, expected a sequence"),
+            e.contains(
+                "c.toml:3: invalid type: a string, expected a sequence: `forward` takes a list, \
+                 even of one: forward = [\"...\"]"
+            ),
             "{e}"
         );
         assert!(!e.contains("hunter2") && !e.contains("T0KEN"), "{e}");
