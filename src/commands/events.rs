@@ -954,16 +954,19 @@ fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)], output: Outpu
         short_age(spool::age(event.received_ms)),
         event.channel
     );
+    // What a sender or a target wrote (a query, an error answer) as escapes, whatever the
+    // output: a line of its own each, and nothing that drives a terminal.
     for (route, record) in records {
         let _ = writeln!(
             out,
-            "  -> {route}: {}, {}{}",
+            "  -> {}: {}, {}{}",
+            escape_control(route),
             record.status.name(),
             crate::error::count(record.attempts as usize, "attempt", "attempts"),
             record
                 .last_error
                 .as_deref()
-                .map(|e| format!(", last: {e}"))
+                .map(|e| format!(", last: {}", escape_control(e)))
                 .unwrap_or_default()
         );
     }
@@ -972,13 +975,13 @@ fn show(event: &StoredEvent, records: &[(String, DeliveryRecord)], output: Outpu
         .event
         .query
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| format!("{}={}", escape_control(k), escape_control(v)))
         .collect();
     if !query.is_empty() {
         let _ = writeln!(out, "query: {}", query.join("&"));
     }
     for (name, value) in &event.event.headers {
-        let _ = writeln!(out, "{name}: {value}");
+        let _ = writeln!(out, "{name}: {}", escape_control(value));
     }
     let _ = writeln!(out);
     out.push_str(&shown_body(event.id, &event.event.body, output));
@@ -1020,6 +1023,32 @@ mod tests {
             "{shown}"
         );
         assert_eq!(shown_body(7, hostile, Output::Pipe).as_bytes(), hostile);
+    }
+
+    /// Regression (helper-115): `events show` escaped the body but printed a delivery's last
+    /// error (a target's answer), and the event's query, as they were: `\x1b]0;pwned\x07`
+    /// retitled the terminal, a `\r\n` forged a line.
+    #[test]
+    fn regression_events_show_printed_a_target_s_answer_raw() {
+        let mut event = crate::event::Event::default();
+        event.query = vec![("q".into(), "\x1b[31mQ".into())];
+        let stored = StoredEvent {
+            id: 3,
+            received_ms: crate::clock::now_ms(),
+            channel: "http://127.0.0.1:1/ch".into(),
+            event,
+        };
+        let record = row(
+            3,
+            "k http://t/h",
+            "c",
+            Some("answered 500: \x1b]0;pwned\x07\r\nFAKE"),
+        )
+        .record;
+        let shown = show(&stored, &[("http://t/h".into(), record)], Output::Pipe);
+        assert!(!shown.contains(['\x1b', '\x07', '\r']), "{shown}");
+        assert!(shown.contains("\\x1b]0;pwned\\x07\\r\\nFAKE"), "{shown}");
+        assert!(shown.contains("query: q=\\x1b[31mQ"), "{shown}");
     }
 
     /// Regression: `events replay --to` said every failure was "not accepted by" the target,

@@ -257,7 +257,8 @@ impl Forwarder {
     }
 
     /// The start of an error answer's `body`, for the log: its first [`ERROR_BODY_PREVIEW`]
-    /// bytes, with the target's secrets it echoes written `***`. Looked for in a window one
+    /// bytes, with the target's secrets it echoes written `***` and control characters as
+    /// escapes (it reaches terminals through `events show`). Looked for in a window one
     /// secret longer, so that none is cut in half and shown in part.
     fn preview(&self, body: &[u8]) -> String {
         let longest = (self.secrets.iter())
@@ -275,7 +276,7 @@ impl Forwarder {
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        text[..end].trim().to_string()
+        crate::text::escape_control(text[..end].trim()).into_owned()
     }
 
     fn classify(&self, error: reqwest::Error) -> ForwardError {
@@ -513,7 +514,10 @@ mod tests {
             "/in",
             post(|uri: http::Uri, headers: HeaderMap| async move {
                 let auth = headers["authorization"].to_str().unwrap().to_string();
-                let page = format!("{}Cannot POST {uri} auth={auth}", "x".repeat(150));
+                let page = format!(
+                    "{}Cannot POST {uri} auth={auth}\x1b]0;t\x07",
+                    "x".repeat(140)
+                );
                 (http::StatusCode::INTERNAL_SERVER_ERROR, page)
             }),
         );
@@ -529,9 +533,10 @@ mod tests {
         for secret in ["CAROL", "CAROLTOK", "Y2Fyb2w6Q0FST0wvUFc=", "platform"] {
             assert!(!said.contains(secret), "{secret} in {said}");
         }
-        // The preview is as long as before, and says where the secrets were.
+        // The preview is as long as before, and says where the secrets were; a control
+        // character in it is an escape (it reaches `events show` and `replay --to` as is).
         assert!(
-            said.contains("Cannot POST /in?*** auth=Basic ***"),
+            said.contains("Cannot POST /in?*** auth=Basic ***\\x1b]0;t\\x07"),
             "{said}"
         );
     }
