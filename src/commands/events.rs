@@ -1030,8 +1030,10 @@ mod tests {
     /// retitled the terminal, a `\r\n` forged a line.
     #[test]
     fn regression_events_show_printed_a_target_s_answer_raw() {
-        let mut event = crate::event::Event::default();
-        event.query = vec![("q".into(), "\x1b[31mQ".into())];
+        let event = crate::event::Event {
+            query: vec![("q".into(), "\x1b[31mQ".into())],
+            ..Default::default()
+        };
         let stored = StoredEvent {
             id: 3,
             received_ms: crate::clock::now_ms(),
