@@ -409,8 +409,9 @@ impl TargetUrl {
     }
 
     /// What an answer of the target may echo that no log may show, longest first: its
-    /// password, its Basic credentials, its query whole and each value in it of four bytes or
-    /// more (as sent and decoded). A debug page or an echo service repeats the request.
+    /// password, its Basic credentials, its query whole and each value in it (or key alone)
+    /// of four bytes or more (as sent and decoded). A debug page or an echo service repeats
+    /// the request.
     pub fn secrets(&self) -> Vec<String> {
         use base64::Engine as _;
         let mut secrets = Vec::new();
@@ -424,7 +425,8 @@ impl TargetUrl {
         if let Some(query) = self.url.query() {
             secrets.push(query.to_string());
             for pair in query.split('&') {
-                let value = pair.split_once('=').map_or("", |(_, value)| value);
+                // A key alone (`?S3cretToken`) is the token.
+                let value = pair.split_once('=').map_or(pair, |(_, value)| value);
                 secrets.push(value.to_string());
                 let decoded = percent_encoding::percent_decode_str(&value.replace('+', " "))
                     .decode_utf8_lossy()
@@ -436,6 +438,16 @@ impl TargetUrl {
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
         secrets
+    }
+
+    /// The path's segments of four bytes or more, for a URL whose path is the secret (a Slack
+    /// webhook's `/services/T…/B…/X…`): what [`TargetUrl::secrets`] leaves out of an ordinary
+    /// target.
+    pub fn path_secrets(&self) -> Vec<String> {
+        (self.url.path().split('/'))
+            .filter(|segment| segment.len() >= 4)
+            .map(String::from)
+            .collect()
     }
 
     /// `user:***@`, `user@` or nothing.

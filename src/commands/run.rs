@@ -68,10 +68,14 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
     let jq = crate::pipeline::jq::JqEngine::new(config.jq);
     let pipeline = if uses_pipeline {
         let sink = match &config.slack {
-            Some(url) => AlertSink::slack(Forwarder::new(
-                url.0.as_str().parse().context("slack webhook_url")?,
-                delivery.target_timeout,
-            )?),
+            // Its path is the secret: hidden in what an error answer echoes.
+            Some(url) => AlertSink::slack(
+                Forwarder::new(
+                    url.0.as_str().parse().context("slack webhook_url")?,
+                    delivery.target_timeout,
+                )?
+                .with_secret_path(),
+            ),
             None => AlertSink::stdout(),
         };
         let pipeline = Pipeline {

@@ -182,15 +182,22 @@ impl Forwarder {
         };
         Ok(Self {
             authorization: target.authorization(),
-            secrets: target
-                .secrets()
-                .into_iter()
-                .map(SecretString::from)
-                .collect(),
+            secrets: spellings(target.secrets()),
             target,
             engine,
             timeout,
         })
+    }
+
+    /// The target's path is a secret too (a Slack webhook's): its segments are hidden in
+    /// what an error answer echoes, as its password and query are.
+    pub fn with_secret_path(mut self) -> Self {
+        let mut secrets: Vec<String> = (self.secrets.iter())
+            .map(|s| s.expose_secret().to_string())
+            .collect();
+        secrets.extend(self.target.path_secrets());
+        self.secrets = spellings(secrets);
+        self
     }
 
     pub fn target(&self) -> &TargetUrl {
@@ -251,9 +258,32 @@ impl Forwarder {
         Err(ForwardError::Status {
             status: answer.status,
             retry_after: answer.retry_after,
-            location: answer.location,
+            location: answer.location.map(|location| self.hidden(location)),
             body: self.preview(&answer.body),
         })
+    }
+
+    /// `text` with each of the target's secrets in it written `***`, ASCII case ignored (a
+    /// percent-encoding echoed in lower-case hex).
+    fn hidden(&self, mut text: String) -> String {
+        for secret in &self.secrets {
+            let secret = secret.expose_secret().to_ascii_lowercase();
+            let lower = text.to_ascii_lowercase();
+            if !lower.contains(&secret) {
+                continue;
+            }
+            // The same byte offsets in both: only ASCII letters changed case.
+            let mut out = String::with_capacity(text.len());
+            let mut last = 0;
+            for (at, _) in lower.match_indices(&secret) {
+                out.push_str(&text[last..at]);
+                out.push_str("***");
+                last = at + secret.len();
+            }
+            out.push_str(&text[last..]);
+            text = out;
+        }
+        text
     }
 
     /// The start of an error answer's `body`, for the log: its first [`ERROR_BODY_PREVIEW`]
@@ -266,12 +296,7 @@ impl Forwarder {
             .max()
             .unwrap_or(0);
         let window = &body[..body.len().min(ERROR_BODY_PREVIEW + longest)];
-        let mut text = String::from_utf8_lossy(window).into_owned();
-        for secret in &self.secrets {
-            if text.contains(secret.expose_secret()) {
-                text = text.replace(secret.expose_secret(), "***");
-            }
-        }
+        let text = self.hidden(String::from_utf8_lossy(window).into_owned());
         let mut end = text.len().min(ERROR_BODY_PREVIEW);
         while !text.is_char_boundary(end) {
             end -= 1;
@@ -286,6 +311,27 @@ impl Forwarder {
             ForwardError::Connection(crate::error::chain(&error.without_url()))
         }
     }
+}
+
+/// Each of `secrets` as an answer may spell it: as it is, JSON-escaped (`\/`, as PHP's
+/// `json_encode` writes `/`) and HTML-escaped (`&amp;`); longest first, so that a secret
+/// holding another is hidden whole.
+fn spellings(secrets: Vec<String>) -> Vec<SecretString> {
+    let mut all: Vec<String> = Vec::with_capacity(secrets.len() * 3);
+    for secret in secrets {
+        let json = (secret.replace('\\', "\\\\"))
+            .replace('/', "\\/")
+            .replace('"', "\\\"");
+        let html = (secret.replace('&', "&amp;"))
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&#39;");
+        all.extend([json, html, secret]);
+    }
+    all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    all.dedup();
+    all.into_iter().map(SecretString::from).collect()
 }
 
 /// The longest URL an HTTP request may carry here (hyper's limit, `http::Uri`'s).
@@ -539,6 +585,41 @@ mod tests {
             said.contains("Cannot POST /in?*** auth=Basic ***\\x1b]0;t\\x07"),
             "{said}"
         );
+    }
+
+    /// Regression (helper-115): an echo spelled otherwise got through: JSON-escaped
+    /// (`a\/b`), percent-encoded in lower-case hex, HTML-escaped, a query key alone, a
+    /// redirect's `Location`; and a Slack webhook's path (its secret) was not hidden at all.
+    #[test]
+    fn regression_an_echo_spelled_otherwise_showed_the_target_s_secrets() {
+        let target =
+            "http://bob:Sup3r%2Fpw@127.0.0.1:1/in?token=a%2Fb%2Bc%3Dd&h=x%3Cy%26zz&S3cretKeyOnly";
+        let forwarder = forwarder(target, Duration::from_secs(1));
+        for echo in [
+            r#"{"pw":"Sup3r\/pw","q":"a\/b+c=d"}"#,
+            "token=a%2fb%2bc%3dd",
+            "h=x&lt;y&amp;zz",
+            "keys: S3cretKeyOnly",
+            "Location: /new/Sup3r/pw",
+        ] {
+            let hidden = forwarder.hidden(echo.to_string());
+            for secret in ["Sup3r", "a%2f", "a\\/b", "x&lt;y", "S3cretKeyOnly"] {
+                assert!(
+                    !hidden.contains(secret),
+                    "{secret} in {hidden} (from {echo})"
+                );
+            }
+        }
+        let slack = forwarder_with_path("http://127.0.0.1:1/services/T0ABC/B0DEF/XXXXSLACKSECRET");
+        let hidden = slack.hidden("Cannot POST /services/T0ABC/B0DEF/XXXXSLACKSECRET".into());
+        assert!(
+            !hidden.contains("XXXXSLACKSECRET") && !hidden.contains("B0DEF"),
+            "{hidden}"
+        );
+    }
+
+    fn forwarder_with_path(url: &str) -> Forwarder {
+        forwarder(url, Duration::from_secs(1)).with_secret_path()
     }
 
     #[tokio::test]
