@@ -42,6 +42,13 @@ pub enum UrlError {
     NoHost,
     #[error("port 0 is not a port you can connect to")]
     PortZero,
+    /// `http://bob:1234/S3cret@host/`: a password holding `/` makes the URL another one (host
+    /// `bob`, port 1234), which would get the events.
+    #[error(
+        "the path holds an `@`: a password with `/` in it? Write `/` in a password as %2F (and \
+         an `@` meant in the path as %40)"
+    )]
+    AtInPath,
     /// A newline, tab or other control character inside it: the parser would drop it silently.
     #[error("the URL holds a control character (a stray newline or tab?): remove it")]
     Control,
@@ -115,14 +122,17 @@ pub fn shown_text(text: &str, channel: bool) -> String {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), text),
     };
-    // Where the userinfo ends. In a URL that parses, the authority ends at the first `/`, `?`
-    // or `#`; in one that does not, a password may hold them unencoded (a base64 token's `/`),
-    // so the last `@` with a `:` before it ends the userinfo, whatever comes between.
+    // Where the userinfo ends: at the last `@` with a `:` before it, since a password may
+    // hold `/`, `#` or `?` unencoded (a base64 token's `/`); in a URL that parses, looked for
+    // before its query only (`bob:1234/S3cret@host` parses, as host `bob`, port 1234). An
+    // `@` in a path after a port (`h:8080/a@b`) is taken for one too: hidden, not shown.
     let (userinfo, rest) = if Url::parse(text).is_ok() {
-        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let end = rest.find(['?', '#']).unwrap_or(rest.len());
         match rest[..end].rsplit_once('@') {
-            Some((userinfo, _)) => (Some(userinfo), &rest[userinfo.len() + 1..]),
-            None => (None, rest),
+            Some((userinfo, _)) if userinfo.contains(':') || !userinfo.contains('/') => {
+                (Some(userinfo), &rest[userinfo.len() + 1..])
+            }
+            _ => (None, rest),
         }
     } else {
         match rest.rsplit_once('@') {
@@ -464,6 +474,9 @@ impl FromStr for TargetUrl {
     type Err = UrlError;
     fn from_str(text: &str) -> Result<Self, UrlError> {
         let mut url = parse_http_url(text)?;
+        if url.path().contains('@') {
+            return Err(UrlError::AtInPath);
+        }
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
@@ -583,6 +596,26 @@ mod tests {
         assert!(parse_listen("9464").is_err());
     }
 
+    /// Regression (helper-115): `http://bob:1234/S3cret@127.0.0.1:1/x` (a password holding
+    /// `/`) parsed as host `bob`, port 1234: logged whole, and the events sent there.
+    #[test]
+    fn regression_a_password_with_a_slash_made_another_valid_url() {
+        assert_eq!(
+            "http://bob:1234/S3cret@127.0.0.1:1/x".parse::<TargetUrl>(),
+            Err(UrlError::AtInPath)
+        );
+        assert!(
+            "http://bob:1234%2FS3cret@127.0.0.1:1/x"
+                .parse::<TargetUrl>()
+                .is_ok()
+        );
+        assert!(
+            "http://127.0.0.1:1/users/%40me"
+                .parse::<TargetUrl>()
+                .is_ok()
+        );
+    }
+
     /// Regression (helper-114): a control character inside a URL (a stray newline in a config
     /// string, `\u0001`) was dropped or percent-encoded by the URL parser without a word, so
     /// the relay posted somewhere the user never wrote; the README says it is refused.
@@ -617,7 +650,11 @@ mod tests {
                 "//ruser:***@127.0.0.1:1/x?…",
             ),
             // A URL that parses keeps its `@` in the path or query where it is.
-            ("http://h:8080/a@b?email=a@b", "http://h:8080/a@b?…"),
+            ("http://h/a@b?email=a@b", "http://h/a@b?…"),
+            (
+                "http://bob:1234/S3cret@127.0.0.1:1/x",
+                "http://bob:***@127.0.0.1:1/x",
+            ),
             ("http://h/users/@me", "http://h/users/@me"),
         ] {
             assert_eq!(shown_text(given, false), shown, "{given}");
