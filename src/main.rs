@@ -62,6 +62,14 @@ fn main() -> ExitCode {
     // The daemons take SIGHUP themselves; other commands (the demo too) end on it.
     if !daemon {
         smee_relay::service::systemd::release_hangups();
+    } else {
+        // What a relay or server writes (the spool: events and targets' queries; saved
+        // events) is its owner's alone, in a directory that was already there too: as
+        // systemd's unit has it (`UMask=0077`), handlers it starts included.
+        // SAFETY: umask(2) only sets the process's file mode mask; it cannot fail.
+        unsafe {
+            libc::umask(0o077);
+        }
     }
     // A command (not a daemon) with text logs says its failure as command-line tools do;
     // under the journal, as a line with its priority.

@@ -948,8 +948,9 @@ async fn forward_save_dir_writes_each_event_in_gosmees_layout_and_failures_never
     let scripts = scripts_in(&save_dir, 2).await;
     use std::os::unix::fs::PermissionsExt as _;
     for script in &scripts {
+        // Its owner's alone (a relay's umask is 077), and executable.
         let mode = std::fs::metadata(script).unwrap().permissions().mode();
-        assert_eq!(mode & 0o111, 0o111, "{script:?} is not executable");
+        assert_eq!(mode & 0o777, 0o700, "{script:?} is {mode:o}");
     }
     assert_eq!(
         std::fs::read(scripts[1].with_extension("json")).unwrap(),
@@ -1233,4 +1234,41 @@ async fn the_readme_s_port_change_example_is_what_check_says() {
     .await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stdout.trim_end(), want.trim_end());
+}
+
+/// Regression (helper-115): in a state directory that was already there, 0755, a relay made
+/// its spool 0644 under the usual umask: events, and targets' queries, readable by every user
+/// of the machine. A relay or server makes its files as systemd's unit does (`UMask=0077`).
+#[tokio::test]
+async fn regression_a_relay_s_spool_was_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let channel = FakeChannel::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let save = dir.path().join("saved");
+    let (mut child, logs) = support::spawn_logged(
+        smee_relay()
+            .args([
+                "forward",
+                &channel.url("Private"),
+                "http://127.0.0.1:9/hook",
+            ])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("--save-dir")
+            .arg(&save),
+    );
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    support::wait_until(PATIENCE, "the event saved", || {
+        std::fs::read_dir(&save).is_ok_and(|mut d| d.next().is_some())
+    })
+    .await;
+    child.kill().await.unwrap();
+    let mut files = vec![dir.path().join("spool.redb"), save.clone()];
+    files.extend(std::fs::read_dir(&save).unwrap().map(|e| e.unwrap().path()));
+    for file in files {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", file.display());
+    }
 }

@@ -58,9 +58,16 @@ pub fn write_gosmee(
     let written = std::fs::write(&partial, gosmee_script(event, &stem, target, by))
         .map_err(failed("write", &partial))
         .and_then(|()| {
+            // Executable by whoever may read it, as `chmod +x` under the umask makes it
+            // (a relay's own is 077: the script holds the target's query).
             use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
-                .map_err(failed("make executable", &partial))
+            let made = std::fs::metadata(&partial).map_err(failed("make executable", &partial))?;
+            let mode = made.permissions().mode();
+            std::fs::set_permissions(
+                &partial,
+                std::fs::Permissions::from_mode(mode | ((mode & 0o444) >> 2)),
+            )
+            .map_err(failed("make executable", &partial))
         })
         .and_then(|()| std::fs::rename(&partial, &script).map_err(failed("rename", &partial)));
     if written.is_err() {
