@@ -848,20 +848,29 @@ fn with_suggestion(message: &str) -> String {
 /// "http://bob:pw@h/x", expected a sequence`): a value refused for its type may be a URL with
 /// a password or a token, and the line named already says where it is.
 fn without_values(message: &str) -> String {
-    const QUOTED: &str = "string \"";
+    // serde's words for a value it quotes, what to write instead, and the quote that ends it.
+    const QUOTED: [(&str, &str, char); 4] = [
+        ("string \"", "a string", '"'),
+        ("integer `", "an integer", '`'),
+        ("floating point `", "a number", '`'),
+        ("character `", "a character", '`'),
+    ];
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while let Some(at) = rest.find(QUOTED) {
+    while let Some((at, (opening, instead, closing))) = (QUOTED.iter())
+        .filter_map(|quoted| rest.find(quoted.0).map(|at| (at, quoted)))
+        .min_by_key(|(at, _)| *at)
+    {
         out.push_str(&rest[..at]);
-        out.push_str("a string");
-        let value = &rest[at + QUOTED.len()..];
+        out.push_str(instead);
+        let value = &rest[at + opening.len()..];
         // To the closing quote, past escaped ones (`\"`); unclosed, to the end.
         let mut escaped = false;
         let end = value.char_indices().find_map(|(i, c)| {
             match (escaped, c) {
                 (true, _) => escaped = false,
                 (false, '\\') => escaped = true,
-                (false, '"') => return Some(i + 1),
+                (false, c) if c == *closing => return Some(i + 1),
                 _ => {}
             }
             None
@@ -1671,6 +1680,24 @@ above = 80
         assert_eq!(
             without_values(r#"invalid value: string "a \"quoted\" one", expected x; string "b""#),
             "invalid value: a string, expected x; a string"
+        );
+        // Nor a number (a token written without quotes).
+        let e = parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://x/\"]\n\
+             token = 98765432101234\n",
+            "c.toml",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("c.toml:4: invalid type: an integer, expected"),
+            "{e}"
+        );
+        assert!(!e.contains("98765432101234"), "{e}");
+        assert_eq!(
+            without_values("floating point `1.5`, expected"),
+            "a number, expected"
         );
     }
 
