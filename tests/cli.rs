@@ -1272,3 +1272,19 @@ async fn regression_a_relay_s_spool_was_readable_by_others() {
         assert_eq!(mode & 0o077, 0, "{} is {mode:o}", file.display());
     }
 }
+
+/// Regression (helper-115): a target refused for a newline in it was repeated with the newline
+/// as it was, breaking the message in two.
+#[tokio::test]
+async fn regression_a_refused_url_s_newline_broke_the_message() {
+    let said = refused(smee_relay().args([
+        "forward",
+        "http://127.0.0.1:1/ch",
+        "http://127.0.0.1:2/a\nb",
+    ]))
+    .await;
+    assert!(
+        said.starts_with("error: invalid value 'http://127.0.0.1:2/a\\nb' for '[TARGET_URL]': the URL holds a control character"),
+        "{said}"
+    );
+}

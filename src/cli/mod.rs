@@ -689,7 +689,8 @@ fn without_secrets(mut error: clap::Error) -> clap::Error {
     if !channel && !arg.contains("url") && !arg.contains("target") {
         return error;
     }
-    let shown = crate::url::shown_text(value, channel);
+    // A control character (refused in a URL) as an escape, not a line break in the message.
+    let shown = crate::text::escape_control(&crate::url::shown_text(value, channel)).into_owned();
     error.insert(ContextKind::InvalidValue, ContextValue::String(shown));
     error
 }
