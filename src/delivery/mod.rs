@@ -604,6 +604,8 @@ impl Delivery<'_> {
                 // In a cluster, the id `events` takes (the line above names both).
                 stream_seq = self.sink.cluster_seq(&item.event),
                 attempt = attempts,
+                // Routes to several targets each retry their own event 1 (helper-116).
+                route = self.label,
                 "retrying in {}",
                 humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
             );
@@ -620,7 +622,7 @@ impl Delivery<'_> {
             tokio::select! {
                 _ = wait(self.cancel, delay) => {}
                 _ = self.retry_now.notified() => {
-                    info!(event = item.event.id, "retrying now (SIGHUP)");
+                    info!(event = item.event.id, route = self.label, "retrying now (SIGHUP)");
                     backoff = self.policy.backoff.start();
                 }
                 // The claim at the top of the loop says why.
