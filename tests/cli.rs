@@ -601,8 +601,10 @@ async fn regression_a_state_dir_that_cannot_be_made_is_warned_by_check_and_refus
     let stderr = tokio::time::timeout(PATIENCE, refused(&mut run))
         .await
         .expect("refused at once");
+    // Which setting to change (helper-116: it said only the path and the system's error).
     assert!(
-        stderr.contains("cannot create the state directory"),
+        stderr.contains("cannot create the state directory")
+            && stderr.contains("give --state-dir, or state_dir in the config, a directory"),
         "{stderr}"
     );
 }

@@ -179,7 +179,11 @@ pub enum SpoolError {
         path = path.display()
     )]
     NotADirectory { path: PathBuf },
-    #[error("cannot create the state directory {path}", path = path.display())]
+    #[error(
+        "cannot create the state directory {path} (give --state-dir, or state_dir in the \
+         config, a directory this user can create)",
+        path = path.display()
+    )]
     StateDir {
         path: PathBuf,
         #[source]
