@@ -1290,3 +1290,14 @@ async fn regression_a_refused_url_s_newline_broke_the_message() {
         "{said}"
     );
 }
+
+/// Regression (helper-116): `events show abc` answered with Rust's own "invalid digit found
+/// in string".
+#[tokio::test]
+async fn regression_an_event_id_that_is_not_a_number_got_rust_s_parse_error() {
+    for args in [&["show", "abc"][..], &["replay", "1", "x2"]] {
+        let said = refused(smee_relay().arg("events").args(args)).await;
+        assert!(said.contains("an event id is a number"), "{said}");
+        assert!(!said.contains("invalid digit"), "{said}");
+    }
+}

@@ -302,6 +302,7 @@ pub enum EventsCommand {
     #[command(after_help = SHARE_WAIT_HELP)]
     Show {
         /// The event id (from `events list`).
+        #[arg(value_parser = event_id)]
         id: u64,
     },
     /// Queue events again, at the tail, in order; with --to, POST them to another URL now.
@@ -425,6 +426,7 @@ pub struct GithubCatchUpArgs {
 #[derive(Debug, Args)]
 pub struct EventSelection {
     /// Event ids.
+    #[arg(value_parser = event_id)]
     pub ids: Vec<u64>,
     /// Every dead letter.
     #[arg(long)]
@@ -693,6 +695,14 @@ fn without_secrets(mut error: clap::Error) -> clap::Error {
     let shown = crate::text::escape_control(&crate::url::shown_text(value, channel)).into_owned();
     error.insert(ContextKind::InvalidValue, ContextValue::String(shown));
     error
+}
+
+/// An event id: a number, as `events list` shows them (clap's own word was Rust's "invalid
+/// digit found in string").
+fn event_id(text: &str) -> Result<u64, String> {
+    text.parse().map_err(|_| {
+        "an event id is a number, as `events list` shows them (its first column)".into()
+    })
 }
 
 /// What a command line asks for.
