@@ -96,8 +96,12 @@ fn main() -> ExitCode {
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
             // After the lines logged before it.
             logging::flush();
-            // Not eprintln!: it panics when stderr is a closed pipe.
-            let _ = writeln!(std::io::stderr(), "{e}");
+            // One line per problem, each said as an error (`error: c.toml:3: ...`). Not
+            // eprintln!: it panics when stderr is a closed pipe.
+            let lines: String = (e.to_string().lines())
+                .map(|line| format!("error: {line}\n"))
+                .collect();
+            let _ = std::io::stderr().write_all(lines.as_bytes());
             ExitCode::from(USAGE_ERROR)
         }
         Err(e) if needs_the_user(&e) => {

@@ -1301,3 +1301,30 @@ async fn regression_an_event_id_that_is_not_a_number_got_rust_s_parse_error() {
         assert!(!said.contains("invalid digit"), "{said}");
     }
 }
+
+/// Regression (helper-115): a config's problems came without `error:`, unlike every other
+/// command's failure; each is one line, said as an error.
+#[tokio::test]
+async fn regression_a_config_s_problems_were_not_said_as_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[[channel]]\nurl = \"https://smee.io/abc\"\nforwad = []\nx = 1\n",
+    )
+    .unwrap();
+    let said = refused(smee_relay().args(["check", "--config"]).arg(&config)).await;
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(!lines.is_empty(), "{said}");
+    assert!(lines.iter().all(|l| l.starts_with("error: ")), "{said}");
+    let said = refused(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(dir.path().join("nope.toml")),
+    )
+    .await;
+    assert!(
+        said.starts_with("error: ") && said.contains("nope.toml: cannot read"),
+        "{said}"
+    );
+}
