@@ -257,28 +257,35 @@ async fn events(state_dir: &std::path::Path, args: &[&str]) -> std::process::Out
     .unwrap()
 }
 
+/// A relay forwarding to `target`, which is down, took one event, queued it, and stopped: its
+/// state directory.
+async fn one_queued_for(target: &str) -> std::path::PathBuf {
+    let channel = FakeChannel::start().await;
+    let relay = support::Relay::start(&channel, support::relay_options(&channel, target)).await;
+    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
+    let state_dir = relay.state_dir.clone();
+    support::wait_for(PATIENCE, "the delivery queued", || {
+        let state_dir = state_dir.clone();
+        async move {
+            let out = events(&state_dir, &["list", "--status", "pending"]).await;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("pending")
+                .then_some(())
+        }
+    })
+    .await;
+    relay.stop().await;
+    state_dir
+}
+
 /// Regression (a new user's finding): `purge --queue` needed the channel's key, which no
 /// `events` command shows; a target alone is now enough when one queue of it holds deliveries,
 /// and a target with none lists the queues that do.
 #[tokio::test]
 async fn regression_events_purge_queue_takes_a_target_alone() {
-    let channel = FakeChannel::start().await;
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = format!("http://{}/hook", gone.local_addr().unwrap());
-    drop(gone);
-    let relay = support::Relay::start(&channel, support::relay_options(&channel, &down)).await;
-    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
-    let state_dir = relay.state_dir.clone();
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let out = events(&state_dir, &["list", "--status", "pending"]).await;
-        if String::from_utf8_lossy(&out.stdout).contains("pending") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    relay.stop().await;
+    let addr = support::unused_addr();
+    let down = format!("http://{addr}/hook");
+    let state_dir = one_queued_for(&down).await;
 
     let out = events(
         &state_dir,
@@ -306,25 +313,9 @@ async fn regression_events_purge_queue_takes_a_target_alone() {
 /// (helper-114) the query of the queues it listed.
 #[tokio::test]
 async fn regression_events_purge_took_a_target_with_a_password_only_as_the_queue_names_it() {
-    let channel = FakeChannel::start().await;
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = gone.local_addr().unwrap();
-    drop(gone);
+    let addr = support::unused_addr();
     let target = format!("http://bob:hunter2@{addr}/hook?token=SECRET");
-    let relay = support::Relay::start(&channel, support::relay_options(&channel, &target)).await;
-    channel.send_webhook(1, r#"{"content-type":"application/json","body":{"n":1}}"#);
-    let state_dir = relay.state_dir.clone();
-    support::wait_for(PATIENCE, "the delivery queued", || {
-        let state_dir = state_dir.clone();
-        async move {
-            let out = events(&state_dir, &["list", "--status", "pending"]).await;
-            String::from_utf8_lossy(&out.stdout)
-                .contains("pending")
-                .then_some(())
-        }
-    })
-    .await;
-    relay.stop().await;
+    let state_dir = one_queued_for(&target).await;
 
     let wrong = format!("http://bob:wrongpass@{addr}/other?token=SECRET");
     let out = events(&state_dir, &["purge", "--queue", &wrong]).await;

@@ -350,6 +350,16 @@ async fn wait_warnings(
     .await
 }
 
+/// Write `config`: one channel, `channel`, forwarding to `targets`.
+fn write_forward(config: &Path, channel: &str, targets: &[&str]) {
+    let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+    let body = format!(
+        "[[channel]]\nurl = \"{channel}\"\nforward = [{}]\n",
+        targets.join(", ")
+    );
+    std::fs::write(config, body).unwrap();
+}
+
 /// Whether one of `warnings` contains `needle`.
 fn warns(warnings: &[String], needle: &str) -> bool {
     warnings.iter().any(|w| w.contains(needle))
@@ -368,15 +378,7 @@ async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
     let old = format!("http://{}/old", unused_addr());
     let dir = support::temp_dir();
     let config = dir.path().join("config.toml");
-    let write = |targets: &[&str]| {
-        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-        let body = format!(
-            "state_dir = \"state\"\n[[channel]]\nurl = \"{}\"\nforward = [{}]\n",
-            channel.url("Unserved"),
-            targets.join(", ")
-        );
-        std::fs::write(&config, body).unwrap();
-    };
+    let write = |targets: &[&str]| write_forward(&config, &channel.url("Unserved"), targets);
     write(&[&old, &new]);
     let (child, addr) = with_metrics(&["run", "--config", config.to_str().unwrap()]).await;
     channel.wait_connections(1).await;
@@ -479,15 +481,7 @@ async fn regression_a_replay_into_a_removed_target_s_queue_was_not_said() {
     refusing.answer_with(&[400]);
     let dir = support::temp_dir();
     let config = dir.path().join("config.toml");
-    let write = |targets: &[&str]| {
-        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-        let body = format!(
-            "[[channel]]\nurl = \"{}\"\nforward = [{}]\n",
-            channel.url("Replayed"),
-            targets.join(", ")
-        );
-        std::fs::write(&config, body).unwrap();
-    };
+    let write = |targets: &[&str]| write_forward(&config, &channel.url("Replayed"), targets);
     let (kept_url, refusing_url) = (kept.url("/kept"), refusing.url("/refusing"));
     write(&[&kept_url, &refusing_url]);
     let state = dir.path().join("state");
