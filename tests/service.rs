@@ -350,6 +350,15 @@ async fn wait_warnings(
     .await
 }
 
+/// `run --config CONFIG --state-dir STATE` with `/healthz` and `/metrics` ([`with_metrics`]).
+async fn run_with_metrics(
+    config: &Path,
+    state: &str,
+) -> (tokio::process::Child, String, support::LogWatch) {
+    let config = config.to_str().unwrap();
+    with_metrics_logged(&["run", "--config", config, "--state-dir", state]).await
+}
+
 /// Write `config`: one channel, `channel`, forwarding to `targets`.
 fn write_forward(config: &Path, channel: &str, targets: &[&str]) {
     let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
@@ -432,14 +441,7 @@ async fn regression_a_purged_queue_was_still_said_unserved() {
     std::fs::write(&config, format!("{kept_part}{gone_part}")).unwrap();
     let state = dir.path().join("state");
     let state = state.to_str().unwrap();
-    let (child, addr) = with_metrics(&[
-        "run",
-        "--config",
-        config.to_str().unwrap(),
-        "--state-dir",
-        state,
-    ])
-    .await;
+    let (child, addr, _) = run_with_metrics(&config, state).await;
     gone.wait_connections(1).await;
     gone.send_webhook(1, r#"{"body":{"n":1}}"#);
     let client = smee_relay::http::client_builder().build().unwrap();
@@ -486,14 +488,7 @@ async fn regression_a_replay_into_a_removed_target_s_queue_was_not_said() {
     write(&[&kept_url, &refusing_url]);
     let state = dir.path().join("state");
     let state = state.to_str().unwrap();
-    let (child, addr, logs) = with_metrics_logged(&[
-        "run",
-        "--config",
-        config.to_str().unwrap(),
-        "--state-dir",
-        state,
-    ])
-    .await;
+    let (child, addr, logs) = run_with_metrics(&config, state).await;
     channel.wait_connections(1).await;
     channel.send_webhook(1, r#"{"body":{"n":1}}"#);
     kept.next().await;
