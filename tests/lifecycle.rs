@@ -427,17 +427,20 @@ async fn regression_sigterm_ends_within_the_shutdown_timeout_against_a_hanging_t
     );
     logs.wait_for(&["did not finish within 1s", "stays queued"])
         .await;
-    // The last word says the stop is over (helper-108: the log ended at "shutting down").
-    logs.wait_for(&["stopped; what was not delivered waits in the spool for the next start"])
+    // The last word says the stop is over (helper-108: the log ended at "shutting down"), and
+    // how much is left for the next start.
+    logs.wait_for(&["stopped; 3 deliveries wait in the spool for the next start"])
         .await;
 
     // Nothing was lost: after a restart all three go out, in order.
     target.hang.store(false, Ordering::SeqCst);
-    let (child, _logs) = spawn();
+    let (child, logs) = spawn();
     for n in 1..=3 {
         assert_eq!(target.next().await, format!(r#"{{"seq":{n}}}"#));
     }
     stop(child).await;
+    logs.wait_for(&["stopped; nothing waits: everything received was delivered"])
+        .await;
 }
 
 /// Regression: a relay started again with another target left the old target's queue in the

@@ -429,10 +429,31 @@ pub async fn run(
             if clustered {
                 info!("stopped; what this instance did not deliver, the cluster gives to another");
             } else {
-                info!("stopped; what was not delivered waits in the spool for the next start");
+                info!("stopped; {}", waiting_line(&spool));
             }
             Ok(())
         }
+    }
+}
+
+/// What the stop line says is left: how many deliveries wait for the next start, so that a
+/// stop with work left is told apart from one with none.
+fn waiting_line(spool: &Spool) -> String {
+    match spool.pending_queues() {
+        Ok(queues) => match queues.iter().map(|(_, n)| n).sum::<u64>() {
+            0 => "nothing waits: everything received was delivered".into(),
+            1 => "1 delivery waits in the spool for the next start".into(),
+            n => format!(
+                "{}{n} deliveries wait in the spool for the next start",
+                if queues.iter().any(|&(_, n)| n > spool::MOST_COUNTED) {
+                    "at least "
+                } else {
+                    ""
+                }
+            ),
+        },
+        // Counting is a courtesy: the spool's own error was said where it happened.
+        Err(_) => "what was not delivered waits in the spool for the next start".into(),
     }
 }
 
