@@ -171,6 +171,9 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
     );
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
+    // Which file runs is said once (it was not: with several configs about, which one?).
+    let loaded = logs.wait_for(&["config loaded"]).await;
+    assert!(loaded.contains(&config.display().to_string()), "{loaded}");
 
     // Add cpu-high and reload: it takes effect without a new connection.
     rules_config(

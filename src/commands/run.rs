@@ -17,6 +17,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cancel = stop_on_signals()?;
     let mut hangups = systemd::reload_requests().context("cannot install the SIGHUP handler")?;
     let plan = plan_from_config(&args)?;
+    // Which file, said once: with several configs about, the journal shows which one runs.
+    tracing::info!(config = %args.config.display(), "config loaded");
     let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
     // SIGHUP: read the file again; an invalid file is refused whole, with its reasons on the
     // one log line (journald shows it at priority err), and the running config stays.
