@@ -1319,3 +1319,23 @@ async fn regression_a_config_s_problems_were_not_said_as_errors() {
         "{said}"
     );
 }
+
+/// Regression (left open since helper-116): `events --help` listed the cluster flags among the
+/// options every user needs; they have a heading of their own.
+#[tokio::test]
+async fn regression_events_help_mixed_the_cluster_flags_with_the_others() {
+    let out = smee_relay()
+        .args(["events", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let (common, cluster) = help.split_once("Cluster mode:").expect(&help);
+    for flag in ["--nats-url", "--cluster <NAME>", "--local"] {
+        assert!(cluster.contains(flag), "{flag} under its heading:\n{help}");
+        assert!(
+            !common.contains(flag),
+            "{flag} not among the others:\n{help}"
+        );
+    }
+}

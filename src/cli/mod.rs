@@ -251,16 +251,21 @@ pub struct EventsArgs {
     pub config: Option<std::path::PathBuf>,
 
     /// The cluster's NATS (cluster mode, as `run --nats-url`); wins over the config's URL.
-    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg, global = true)]
+    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg, global = true, help_heading = "Cluster mode")]
     pub nats_url: Option<crate::secret::SecretString>,
 
     /// The cluster's name (its `[cluster] name`), over the config's; with `--nats-url` and no
     /// config, without it the cluster is `default`, as for `run`.
-    #[arg(long, value_name = "NAME", global = true)]
+    #[arg(
+        long,
+        value_name = "NAME",
+        global = true,
+        help_heading = "Cluster mode"
+    )]
     pub cluster: Option<String>,
 
     /// This machine's spool, even in cluster mode (the deliveries this instance made).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Cluster mode")]
     pub local: bool,
 
     #[command(subcommand)]
