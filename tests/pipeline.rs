@@ -735,3 +735,26 @@ async fn a_kill_9_right_after_slack_answered_does_not_repeat_the_alert() {
     slack.assert_quiet(Duration::from_secs(3)).await;
     stop(daemon).await;
 }
+
+/// Regression (helper-117): "one warning per (rule, entity, reason)" warned once per value: a
+/// metric sent as a string ("95", then "96", then "97") warned on every change. The value is
+/// named in the one warning, and is not part of what makes it new.
+#[tokio::test]
+async fn regression_a_string_metric_warned_once_per_value() {
+    let (channel, mut slack, daemon) = setup("").await;
+    let body = fixture("automation", "02-cpu-25-to-87");
+    for (n, value) in [(1, "95"), (2, "96"), (3, "97")] {
+        let body = body
+            .replace("\"cpuUtil\":87", &format!("\"cpuUtil\":\"{value}\""))
+            .replace("10:01:00.000Z", &format!("10:0{n}:30.000Z"));
+        channel.send_webhook(n, &frame(&body, &[]));
+    }
+    let logs = stop_when_done(daemon, &mut slack, 3, 0).await;
+    let warnings = logs.all();
+    let said: Vec<&str> = warnings
+        .lines()
+        .filter(|l| l.contains("rule cannot judge"))
+        .collect();
+    assert_eq!(said.len(), 1, "{warnings}");
+    assert!(said[0].contains(r#"not a number ("95")"#), "{}", said[0]);
+}

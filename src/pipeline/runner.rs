@@ -109,7 +109,8 @@ pub async fn run(
     };
     // Shared with the blocking evaluation; the copy-on-write below is free once it returned.
     let mut states = Arc::new(loaded);
-    // One warning per (rule, entity, reason), not one per event.
+    // One warning per (rule, entity, reason), not one per event; the reason without the value
+    // it quotes, or a string metric that changes often would warn on every change.
     let mut warned: HashSet<(String, String, String)> = HashSet::new();
     // One error line per (rule, kind of failure): a hostile rule fails on every event.
     let mut failed_once: HashSet<(String, &'static str)> = HashSet::new();
@@ -490,10 +491,9 @@ pub async fn run(
                     ..
                 } => {
                     for (rule, entity, reason) in skipped {
-                        let key = (rule, entity, reason);
-                        if !warned.contains(&key) {
-                            warn!(rule = %key.0, entity = %key.1, "rule cannot judge: {}; its state is unchanged", key.2);
-                            warned.insert(key);
+                        let kind = reason.split(" (").next().unwrap_or(&reason).to_string();
+                        if warned.insert((rule.clone(), entity.clone(), kind)) {
+                            warn!(rule = %rule, entity = %entity, "rule cannot judge: {reason}; its state is unchanged (said once per rule, entity and reason)");
                         }
                     }
                     let failed_now: Vec<String> = failed
