@@ -1632,3 +1632,34 @@ async fn in_a_cluster_a_port_report_over_nats_max_payload_no_longer_stalls_the_r
         "nothing given up on"
     );
 }
+
+/// Regression (helper-117): a run of an action no `[[action]]` handles (a typo in
+/// `identifier`) was silent at the default log level, and stayed in progress on Port's side
+/// with nothing to say why. The relay says it, naming the run and the action.
+#[tokio::test]
+async fn regression_a_run_no_action_handles_was_silent() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    let daemon = setup.start().await;
+    let typo = fixture("02-trigger-data")
+        .replace("\"restart_deployment\"", "\"restart_deploymnet\"")
+        .replace("r_act02trigger", "r_typo");
+    setup.channel.send_webhook(1, &signed_frame(&typo, SECRET));
+    let said = daemon
+        .logs
+        .wait_for(&["INFO", "r_typo", "no [[action]] here handles it"])
+        .await;
+    assert!(said.contains("action restart_deploymnet"), "{said}");
+    // Nothing ran and nothing was reported for it; a run after it goes through.
+    setup.send(2, "02-trigger-data");
+    setup.port.wait_finished(&["r_act02trigger"]).await;
+    assert_eq!(executions(&setup.dir), ["r_act02trigger"]);
+    assert!(
+        setup
+            .port
+            .calls()
+            .iter()
+            .all(|c| !c.path.contains("r_typo"))
+    );
+    daemon.stop().await;
+}

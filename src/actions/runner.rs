@@ -196,7 +196,20 @@ pub async fn run(
             let spec = match found {
                 Ok(Some(spec)) => Ok(spec),
                 Ok(None) => {
-                    debug!(event = id, run = %run.run_id, "actions: no [[action]] handles this run");
+                    // An Automation's webhook (its `event` is the entity change) is the
+                    // pipeline's; a self-service run nothing here handles stays in progress on
+                    // Port's side (unless another relay handles it), so that is said.
+                    if body.get("event").is_some_and(serde_json::Value::is_object) {
+                        debug!(event = id, run = %run.run_id, "actions: an Automation run no [[action]] handles");
+                    } else {
+                        info!(
+                            event = id,
+                            run = %run.run_id,
+                            "action run {} ({}): no [[action]] here handles it, so nothing runs and nothing is reported to Port (the run stays in progress there unless another relay handles it; `smee-relay check --event FILE` shows how each [[action]] matches)",
+                            crate::text::escape_control(&run.run_id),
+                            run.action.as_deref().map_or("no action identifier in the body".into(), |a| format!("action {}", crate::text::escape_control(a)))
+                        );
+                    }
                     if !commit(&writer, vec![done]).await {
                         break;
                     }
