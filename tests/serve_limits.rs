@@ -637,3 +637,58 @@ async fn a_relay_trusting_cacert_relays_from_an_https_channel_reading_the_roots_
     assert_eq!(loads, 1, "{}", logs.all());
     cancel.cancel();
 }
+
+/// Regression (helper-118): bodies being read were charged to `--max-memory` without bound, so
+/// uploads that never finish (anyone may post) filled the budget, and every event posted after
+/// them was evicted as soon as it was stored, before a subscriber took it: a connected relay
+/// lost events the server had answered 200 for. Bodies being read now hold half the budget at
+/// most; past it a new upload gets 503, and the replay data keeps the other half.
+#[tokio::test]
+async fn regression_unfinished_uploads_evicted_the_events_just_posted() {
+    let limit = 1 << 20;
+    let server = start(ServeConfig {
+        max_memory: limit,
+        read_timeout: Duration::from_secs(60),
+        ..ServeConfig::default()
+    })
+    .await;
+    // Five uploads that declare 400 KiB, send 200 KiB, and stall.
+    let mut stalls = Vec::new();
+    for n in 0..5 {
+        let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        socket
+            .write_all(
+                format!("POST /stall{n} HTTP/1.1\r\nHost: x\r\nContent-Length: 409600\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // The server may refuse partway (and close): what matters is what it holds.
+        let _ = socket.write_all(&vec![b'x'; 200 << 10]).await;
+        stalls.push(socket);
+    }
+    wait_metric(&server, "smee_relay_serve_bytes_held", |held| {
+        held >= (400 << 10) as f64
+    })
+    .await;
+    let reading = wait_metric(&server, "smee_relay_serve_bytes_reading", |n| n > 0.0).await;
+    assert!(reading <= (limit / 2) as f64, "{reading} bytes being read");
+    assert!(metric(&server, "smee_relay_serve_refused_total{reason=\"memory\"}").await >= 1.0);
+
+    // Posted meanwhile: each stored and kept for the subscriber that comes for them.
+    for n in 1..=5 {
+        let sent = post(&format!("{}/live", server.url), vec![b'7'; 16 << 10]).await;
+        assert_eq!(sent.status().as_u16(), 200, "post {n}");
+    }
+    let mut replay = raw_subscriber(&server, "/live", Some("0")).await;
+    let mut seen = read_until(&mut replay, "event: ready").await;
+    while seen.matches("\nid: ").count() < 5 && !seen.contains("event: gap") {
+        seen.push_str(&read_until(&mut replay, "\n\n").await);
+    }
+    assert!(
+        !seen.contains("event: gap"),
+        "the five were evicted before they were read"
+    );
+    drop(stalls);
+    server.cancel.cancel();
+}

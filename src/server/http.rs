@@ -224,6 +224,7 @@ fn hub_error(error: HubError) -> Response {
         HubError::TooManyChannels(_)
         | HubError::TooManySubscribers(_)
         | HubError::MemoryFull
+        | HubError::ReadingFull
         | HubError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     json_error(status, crate::error::chain(&error))
@@ -599,6 +600,12 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
         "gauge",
         "Bytes held for clients (replay, frames, channels, subscribers, bodies being read).",
         &[("", s.held.load(Ordering::Relaxed) as u64)],
+    );
+    metric(
+        "smee_relay_serve_bytes_reading",
+        "gauge",
+        "Of the bytes held, bodies still being read (at most half of --max-memory).",
+        &[("", s.reading.load(Ordering::Relaxed) as u64)],
     );
     metric(
         "smee_relay_serve_memory_limit_bytes",

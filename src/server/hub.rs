@@ -43,6 +43,11 @@ pub(super) enum HubError {
     TooManySubscribers(usize),
     #[error("the server's memory budget (--max-memory) is full even after evicting replay data")]
     MemoryFull,
+    #[error(
+        "bodies being read hold half of the server's memory budget (--max-memory), all they may; \
+         try again shortly"
+    )]
+    ReadingFull,
     #[error("cannot store the event")]
     Store(#[source] StoreError),
 }
@@ -54,6 +59,10 @@ pub(super) enum HubError {
 pub(super) struct Stats {
     /// Bytes held now, all charges together.
     pub held: AtomicUsize,
+    /// Of those, bytes of bodies still being read: kept under half the budget, so that
+    /// uploads that never finish cannot evict the events just posted before their
+    /// subscribers take them.
+    pub reading: AtomicUsize,
     pub channels: AtomicUsize,
     pub subscribers: AtomicUsize,
     pub connections: AtomicUsize,
@@ -84,6 +93,8 @@ pub(super) struct Charge {
     stats: Arc<Stats>,
     /// How many bytes this charge stands for now.
     bytes: usize,
+    /// A body being read: counted in [`Stats::reading`] too.
+    reading: bool,
 }
 
 impl Charge {
@@ -92,11 +103,15 @@ impl Charge {
         Self {
             stats: stats.clone(),
             bytes,
+            reading: false,
         }
     }
 
     pub(super) fn grow(&mut self, bytes: usize) {
         self.stats.held.fetch_add(bytes, Ordering::Relaxed);
+        if self.reading {
+            self.stats.reading.fetch_add(bytes, Ordering::Relaxed);
+        }
         self.bytes += bytes;
     }
 }
@@ -104,6 +119,9 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.stats.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.reading {
+            self.stats.reading.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -460,20 +478,32 @@ impl Hub {
         channels.unstored.push((name.clone(), id));
     }
 
-    /// Charge `bytes` for a body being read, evicting replay data to make room.
+    /// Charge `bytes` for a body being read, evicting replay data to make room. Bodies being
+    /// read may hold half the budget at most: bodies that never finish (a slow or hostile
+    /// sender) would otherwise evict every event posted as soon as it is stored, before its
+    /// subscribers could take it.
     pub(super) fn reserve(
         &self,
         charge: &mut Option<Charge>,
         bytes: usize,
     ) -> Result<(), HubError> {
         let mut channels = self.lock();
+        if self.stats.reading.load(Ordering::Relaxed) + bytes > self.limit() / 2 {
+            self.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
+            return Err(HubError::ReadingFull);
+        }
         if !self.trim(&mut channels, bytes) {
             self.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
             return Err(HubError::MemoryFull);
         }
         match charge {
             Some(charge) => charge.grow(bytes),
-            None => *charge = Some(Charge::new(&self.stats, bytes)),
+            None => {
+                let mut new = Charge::new(&self.stats, 0);
+                new.reading = true;
+                new.grow(bytes);
+                *charge = Some(new);
+            }
         }
         Ok(())
     }
