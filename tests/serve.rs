@@ -350,6 +350,23 @@ async fn tokens_keep_strangers_out() {
     assert_eq!(got.body, r#"{"ok":1}"#);
     // The post token is the server's, never passed on to the target.
     assert_eq!(got.header("authorization"), None);
+    // Regression (helper-118): the scheme's name is case-insensitive; `bearer` was refused.
+    for (given, status_wanted) in [
+        ("bearer post-secret", 200),
+        ("BEARER post-secret", 200),
+        ("bearer post-secreT", 401),
+        ("bearerpost-secret", 401),
+    ] {
+        let sent = c
+            .post(&channel)
+            .header("authorization", given)
+            .header("content-type", "application/json")
+            .body(r#"{"ok":2}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status(sent), status_wanted, "{given}");
+    }
     relay.stop().await;
 }
 

@@ -83,7 +83,12 @@ fn authorized(headers: &HeaderMap, token: &Option<SecretString>) -> bool {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme's name is case-insensitive (RFC 9110, 11.1): `bearer` is `Bearer`.
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        });
     // Constant-time compare: a token is a secret.
     given.is_some_and(|given| {
         given.len() == token.len()
