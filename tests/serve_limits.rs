@@ -392,7 +392,8 @@ async fn bad_input_gets_json_errors_and_odd_headers_are_counted() {
         error_of(post(&format!("{}/big", server.url), vec![b'x'; 2048]).await).await;
     assert_eq!(status, 413);
     assert!(reason.contains("--max-body"), "{reason}");
-    for bad in ["bad.name", "%00", &"x".repeat(65)] {
+    // `%ff` (not UTF-8) was a plain-text 400 from the router (helper-118).
+    for bad in ["bad.name", "%00", "%ff", &"x".repeat(65)] {
         let (status, reason) =
             error_of(post(&format!("{}/{bad}", server.url), b"{}".to_vec()).await).await;
         assert_eq!(status, 404, "{bad}");
@@ -423,17 +424,30 @@ async fn bad_input_gets_json_errors_and_odd_headers_are_counted() {
     let mut subscriber = raw_subscriber(&server, "/odd", None).await;
     read_until(&mut subscriber, "event: ready").await;
     let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
-    raw.write_all(b"POST /odd HTTP/1.1\r\nHost: x\r\nX-Good: yes\r\nX-Bad: \xff\xfe\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    // Regression (helper-118): a value in UTF-8 beyond ASCII was dropped as "not UTF-8", and a
+    // header named `rawdata` stood beside the frame's body, where a client took it for the body.
+    raw.write_all("POST /odd HTTP/1.1\r\nHost: x\r\nX-Good: yes\r\nX-Utf8: café\r\nRawdata: REPLACED\r\nBody: also\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n".as_bytes())
         .await
         .unwrap();
+    raw.write_all(b"X-Bad: \xff\xfe\r\n\r\n{}").await.unwrap();
     let mut answer = Vec::new();
     raw.read_to_end(&mut answer).await.unwrap();
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
-    let event = read_until(&mut subscriber, "x-good").await;
+    let event = read_until(&mut subscriber, "timestamp").await;
+    assert!(event.contains(r#""x-good":"yes""#), "{event}");
+    assert!(event.contains(r#""x-utf8":"café""#), "{event}");
     assert!(!event.contains("x-bad"), "{event}");
+    assert!(
+        !event.contains("rawdata") && !event.contains("REPLACED"),
+        "{event}"
+    );
+    assert!(
+        event.contains(r#""body":{}"#) && !event.contains("also"),
+        "{event}"
+    );
     assert_eq!(
         metric(&server, "smee_relay_serve_headers_dropped_total").await,
-        1.0
+        3.0
     );
     server.cancel.cancel();
 }

@@ -77,6 +77,28 @@ fn bad_name() -> Response {
     )
 }
 
+/// A valid channel name from the path. Anything else, a path that is not UTF-8 included, is
+/// no channel: the JSON 404 of any bad name, not axum's plain-text 400.
+struct ChannelName(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ChannelName {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(name)) if valid_name(&name) => Ok(Self(name)),
+            _ => Err(bad_name()),
+        }
+    }
+}
+
+/// The fields of smee's frame besides the headers (lower-case, as header names arrive): a
+/// posted header of one of these names is dropped, never set beside them.
+const FRAME_FIELDS: [&str; 5] = ["body", "bodyb", "query", "timestamp", "rawdata"];
+
 fn authorized(headers: &HeaderMap, token: &Option<SecretString>) -> bool {
     let Some(token) = token else { return true };
     let token = token.expose_secret();
@@ -281,14 +303,11 @@ async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), Bod
 async fn post(
     State(hub): State<Arc<Hub>>,
     axum::Extension(peer): axum::Extension<Peer>,
-    Path(name): Path<String>,
+    ChannelName(name): ChannelName,
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !valid_name(&name) {
-        return bad_name();
-    }
     if !hub.config.allow_post_from.is_empty() {
         let ip = client_ip(&hub, &peer, &headers);
         if !hub
@@ -351,19 +370,27 @@ async fn post(
             "authorization" => !ours,
             _ => true,
         })
-        .filter_map(|(name, value)| match value.to_str() {
-            Ok(value) => Some((name.as_str(), value)),
-            Err(_) => {
-                dropped += 1;
-                None
-            }
-        })
+        // A header named as one of the frame's own fields would stand beside it in smee's
+        // shape, and a client may take it for the body (`rawdata`); a value that is not UTF-8
+        // cannot be a JSON string. (UTF-8 beyond ASCII is text, and kept.)
+        .filter_map(
+            |(name, value)| match std::str::from_utf8(value.as_bytes()) {
+                Ok(value) if !FRAME_FIELDS.contains(&name.as_str()) => Some((name.as_str(), value)),
+                _ => {
+                    dropped += 1;
+                    None
+                }
+            },
+        )
         .fold(Vec::new(), merge_repeated);
     if dropped > 0 {
         hub.stats
             .headers_dropped
             .fetch_add(dropped, Ordering::Relaxed);
-        tracing::debug!(dropped, "dropped headers that are not UTF-8 text");
+        tracing::debug!(
+            dropped,
+            "dropped headers that are not UTF-8 text or are named as a frame's own field"
+        );
     }
     let content_type = text(&headers, "content-type").unwrap_or("").to_string();
     let params = query_object(query);
@@ -464,13 +491,10 @@ async fn post_to_stream(
 async fn subscribe(
     State(hub): State<Arc<Hub>>,
     axum::Extension(peer): axum::Extension<Peer>,
-    Path(name): Path<String>,
+    ChannelName(name): ChannelName,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if !valid_name(&name) {
-        return bad_name();
-    }
     let wants_stream = text(&headers, "accept").is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
         // The page holds no events itself; its stream asks for the token like any subscriber.
@@ -670,7 +694,7 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
     metric(
         "smee_relay_serve_headers_dropped_total",
         "counter",
-        "Posted headers dropped because their value is not UTF-8 text.",
+        "Posted headers dropped: a value that is not UTF-8 text, or a name that is one of the frame's own fields.",
         &[("", get(&s.headers_dropped))],
     );
     metric(
