@@ -26,13 +26,7 @@ impl Replica {
             .args(["serve", "--listen", "127.0.0.1:0", "--nats-url", nats])
             .args(extra);
         let (child, logs) = support::spawn_logged(&mut command);
-        let line = logs.wait_for(&["serving smee channels", "addr="]).await;
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("the address in the log line")
-            .to_string();
+        let addr = support::serve_address(&logs).await;
         let replica = Replica {
             child,
             logs,

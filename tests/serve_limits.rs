@@ -706,3 +706,71 @@ async fn regression_unfinished_uploads_evicted_the_events_just_posted() {
     drop(stalls);
     server.cancel.cancel();
 }
+
+/// The peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        * 1024
+}
+
+/// Regression (helper-118): smee's frame (the body parsed, as smee-client and `--smee-wire`
+/// subscribers get it) was built through a `serde_json::Value`: one post of 25 MiB of
+/// `[0,0,...]` took the server past a gigabyte. The body is re-serialised token by token now:
+/// a post of 8 MiB of it costs tens of MiB, not hundreds.
+#[tokio::test]
+async fn regression_one_json_post_took_the_server_past_a_gigabyte() {
+    let (mut child, logs) = support::spawn_logged(support::smee_relay().args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--smee-wire",
+    ]));
+    let addr = support::serve_address(&logs).await;
+    let server = Server {
+        url: format!("http://{addr}"),
+        addr,
+        cancel: CancellationToken::new(),
+        done: tokio::spawn(async {}),
+    };
+    let mut subscriber = raw_subscriber(&server, "/zeros", None).await;
+    read_until(&mut subscriber, "event: ready").await;
+    let before = peak_rss(child.id().unwrap());
+    let mut body = b"[0".to_vec();
+    body.extend(std::iter::repeat_n(*b",0", 4 << 20).flatten());
+    body.push(b']');
+    assert_eq!(
+        post(&format!("{}/zeros", server.url), body)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    // The frame is made when the subscriber is sent it: read to its end.
+    let mut tail = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    tokio::time::timeout(support::PATIENCE, async {
+        while !tail.ends_with(b"}\n\n") && !tail.ends_with(b"}\n\n\r\n") {
+            let n = subscriber.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the frame ended");
+            tail.extend_from_slice(&buf[..n]);
+            let keep = tail.len().saturating_sub(16);
+            tail.drain(..keep);
+        }
+    })
+    .await
+    .expect("the frame arrived whole");
+    let grew = peak_rss(child.id().unwrap()).saturating_sub(before);
+    eprintln!("the peak grew by {} MiB for an 8 MiB post", grew >> 20);
+    assert!(
+        grew < 96 << 20,
+        "the peak grew by {} MiB for an 8 MiB post",
+        grew >> 20
+    );
+    support::signal(&child, "TERM");
+    let _ = child.wait().await;
+}

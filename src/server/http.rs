@@ -16,7 +16,7 @@ use axum::routing::get;
 use http_body_util::BodyExt as _;
 
 use super::Peer;
-use super::hub::{Charge, Hub, HubError, Posted, Stats};
+use super::hub::{Charge, FRAME_FIELDS, Hub, HubError, Posted, Stats};
 use crate::secret::{ExposeSecret as _, SecretString};
 
 /// The channel page: one file, no build step, no CDN.
@@ -94,10 +94,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ChannelName {
         }
     }
 }
-
-/// The fields of smee's frame besides the headers (lower-case, as header names arrive): a
-/// posted header of one of these names is dropped, never set beside them.
-const FRAME_FIELDS: [&str; 5] = ["body", "bodyb", "query", "timestamp", "rawdata"];
 
 fn authorized(headers: &HeaderMap, token: &Option<SecretString>) -> bool {
     let Some(token) = token else { return true };

@@ -200,22 +200,37 @@ impl Posted {
     /// The smee `data:` payload: headers, `query`, `timestamp`, and the body: as `body` (smee's
     /// parsed form), or with `raw` as `bodyB` (the exact bytes) instead. Not both: a raw
     /// subscriber never reads `body`, and sending it too would more than double each frame.
+    /// Written straight out, never through a `serde_json::Value`: a tree of a 25 MiB body of
+    /// `[0,0,...]` takes over a gigabyte.
     pub(super) fn data(&self, raw: bool) -> String {
-        let mut map = serde_json::Map::new();
-        for (name, value) in &self.headers {
-            map.insert(name.clone(), value.clone().into());
+        let mut out: Vec<u8> = Vec::with_capacity(self.body.len() + 256);
+        out.push(b'{');
+        // A header named as a frame field (kept by an older server) is not set beside it.
+        for (name, value) in self
+            .headers
+            .iter()
+            .filter(|(name, _)| !FRAME_FIELDS.contains(&name.as_str()))
+        {
+            push_json(&mut out, name.as_str());
+            out.push(b':');
+            push_json(&mut out, value.as_str());
+            out.push(b',');
         }
-        let body = if raw {
-            base64::engine::general_purpose::STANDARD
-                .encode(&self.body)
-                .into()
+        if raw {
+            out.extend_from_slice(b"\"bodyB\":\"");
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&self.body);
+            out.extend_from_slice(encoded.as_bytes());
+            out.push(b'"');
         } else {
-            parsed_body(&self.content_type, &self.body)
-        };
-        map.insert((if raw { "bodyB" } else { "body" }).into(), body);
-        map.insert("query".into(), self.query.clone().into());
-        map.insert("timestamp".into(), self.received_ms.into());
-        serde_json::Value::Object(map).to_string()
+            out.extend_from_slice(b"\"body\":");
+            push_smee_body(&mut out, &self.content_type, &self.body);
+        }
+        out.extend_from_slice(b",\"query\":");
+        push_json(&mut out, &self.query);
+        out.extend_from_slice(format!(",\"timestamp\":{}}}", self.received_ms).as_bytes());
+        // serde_json writes UTF-8 only, and every piece above is its output or ASCII.
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// The whole SSE frame, shared.
@@ -233,12 +248,29 @@ impl Posted {
     }
 }
 
-/// `body` as smee shows it: parsed JSON, form fields as an object, else the text.
-fn parsed_body(content_type: &str, body: &[u8]) -> serde_json::Value {
-    if content_type.contains("json")
-        && let Ok(value) = serde_json::from_slice(body)
-    {
-        return value;
+/// The fields of smee's frame besides the headers (lower-case, as header names arrive): a
+/// posted header of one of these names is dropped, never set beside them.
+pub(super) const FRAME_FIELDS: [&str; 5] = ["body", "bodyb", "query", "timestamp", "rawdata"];
+
+/// `value` as JSON at the end of `out`.
+fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Writing into a Vec fails only for a value that cannot be JSON, and strings and maps of
+    // JSON values always can.
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// `body` as smee shows it: parsed JSON (re-serialised, compact), form fields as an object,
+/// else the text. JSON goes from the body to `out` token by token, with no tree between.
+fn push_smee_body(out: &mut Vec<u8>, content_type: &str, body: &[u8]) {
+    if content_type.contains("json") {
+        let mark = out.len();
+        let mut from = serde_json::Deserializer::from_slice(body);
+        let mut to = serde_json::Serializer::new(&mut *out);
+        if serde_transcode::transcode(&mut from, &mut to).is_ok() && from.end().is_ok() {
+            return;
+        }
+        // Not JSON after all (or past serde_json's nesting limit): shown as text below.
+        out.truncate(mark);
     }
     if content_type.starts_with("application/x-www-form-urlencoded") {
         let fields: serde_json::Map<String, serde_json::Value> = reqwest::Url::parse("http://x/")
@@ -250,9 +282,10 @@ fn parsed_body(content_type: &str, body: &[u8]) -> serde_json::Value {
                     .collect()
             })
             .unwrap_or_default();
-        return fields.into();
+        push_json(out, &fields);
+        return;
     }
-    String::from_utf8_lossy(body).into_owned().into()
+    push_json(out, &*String::from_utf8_lossy(body));
 }
 
 pub(super) struct Channel {

@@ -945,3 +945,13 @@ pub fn certificate(
     ]);
     (dir.join(ca), dir.join(leaf), dir.join(key))
 }
+
+/// The address a `smee-relay serve --listen 127.0.0.1:0` child said it listens on.
+pub async fn serve_address(logs: &LogWatch) -> String {
+    let line = logs.wait_for(&["serving smee channels", "addr="]).await;
+    line.split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the address in the log line")
+        .to_string()
+}
