@@ -774,3 +774,35 @@ async fn regression_one_json_post_took_the_server_past_a_gigabyte() {
     support::signal(&child, "TERM");
     let _ = child.wait().await;
 }
+
+/// Regression (helper-118): once `--max-channels` was reached (anyone who may post can reach
+/// it), every new channel was refused for days with nothing in the log; only a counter said
+/// so. The first refusal is a warning naming the flag and what to do.
+#[tokio::test]
+async fn regression_the_channel_cap_was_reached_without_a_word() {
+    let (mut child, logs) = support::spawn_logged(support::smee_relay().args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-channels",
+        "2",
+    ]));
+    let url = format!("http://{}", support::serve_address(&logs).await);
+    for (name, status) in [("a", 200), ("b", 200), ("c", 503), ("d", 503)] {
+        let sent = post(&format!("{url}/{name}"), b"{}".to_vec()).await;
+        assert_eq!(sent.status().as_u16(), status, "{name}");
+    }
+    logs.wait_for(&[
+        "WARN",
+        "maximum of 2 channels (--max-channels)",
+        "--post-token",
+    ])
+    .await;
+    support::signal(&child, "TERM");
+    let _ = child.wait().await;
+    assert_eq!(
+        logs.all().matches("maximum of 2 channels").count(),
+        1,
+        "said once"
+    );
+}

@@ -564,9 +564,20 @@ impl Hub {
     ) -> Result<(Arc<str>, &'a mut Channel), HubError> {
         if !channels.map.contains_key(name) {
             if !force && channels.map.len() >= self.config.max_channels {
-                self.stats
+                let refused = self
+                    .stats
                     .refused_channel_cap
                     .fetch_add(1, Ordering::Relaxed);
+                // Said at the first refusal and every 1,000th after: new channels are refused
+                // for as long as `--channel-ttl` keeps the old ones, which anyone who may post
+                // can bring about.
+                if refused.is_multiple_of(1000) {
+                    warn!(
+                        "the server holds its maximum of {} channels (--max-channels): new ones are refused until unused ones expire (--channel-ttl); {} refused so far (if strangers made them, see --post-token and --allow-post-from)",
+                        self.config.max_channels,
+                        refused + 1
+                    );
+                }
                 return Err(HubError::TooManyChannels(self.config.max_channels));
             }
             let key: Arc<str> = name.into();
