@@ -1156,7 +1156,9 @@ async fn automation_runs_get_the_pipelines_outcome_reported() {
     assert_eq!(created["summary"], "no rule matched");
     let fired = &setup.port.finishes("r_fixture01")[0];
     assert_eq!(fired["status"], "SUCCESS");
-    assert_eq!(fired["summary"], "cpu-high FIRING sent to stdout");
+    // Queued, not "sent" (helper-117: Port was told "sent to Slack" of an alert Slack refused):
+    // the run is reported when the pipeline has judged the event; delivery comes after.
+    assert_eq!(fired["summary"], "cpu-high FIRING queued for stdout");
     // Judged after the two before it, on the same ordered route: nothing for the forged run.
     setup.send(4, "02-trigger-data");
     setup.port.wait_finished(&["r_act02trigger"]).await;
@@ -1662,4 +1664,45 @@ async fn regression_a_run_no_action_handles_was_silent() {
             .all(|c| !c.path.contains("r_typo"))
     );
     daemon.stop().await;
+}
+
+/// Regression (helper-117): an Automation run whose event started a rule's `for` hold, or that
+/// a rule could not judge (a string where a number is wanted), was reported "no rule matched".
+#[tokio::test]
+async fn regression_a_held_or_unjudged_automation_run_was_reported_no_rule_matched() {
+    let held = "[[rule]]\nname = \"cpu-held\"\nproperty = \"cpuUtil\"\nabove = 50\nfor = \"1h\"\n";
+    let setup = Setup::new(&format!(
+        "{ALL_FOUR}\n{}\n{held}",
+        include_str!("fixtures/port/rules.toml")
+    ))
+    .await;
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
+    std::fs::write(&setup.config, config).unwrap();
+    let _daemon = setup.start().await;
+    let fired = support::port_fixture("automation", "02-cpu-25-to-87");
+    setup.channel.send_webhook(1, &signed_frame(&fired, SECRET));
+    let text = fired
+        .replace("\"cpuUtil\":87", "\"cpuUtil\":\"90\"")
+        .replace("10:01:00.000Z", "10:01:30.000Z")
+        .replace("r_fixture01", "r_string");
+    setup.channel.send_webhook(2, &signed_frame(&text, SECRET));
+    setup.port.wait_finished(&["r_fixture01", "r_string"]).await;
+    let summary = |run: &str| {
+        setup.port.finishes(run)[0]["summary"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        summary("r_fixture01"),
+        "cpu-high FIRING queued for stdout; cpu-held PENDING (fires if it holds for its `for`)"
+    );
+    let unjudged = summary("r_string");
+    assert!(
+        unjudged.contains(r#"cpu-high cannot judge: property cpuUtil is not a number ("90")"#),
+        "{unjudged}"
+    );
+    assert_eq!(setup.port.finishes("r_string")[0]["status"], "SUCCESS");
 }

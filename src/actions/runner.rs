@@ -441,22 +441,33 @@ async fn automation_outcome(
             ..Finish::default()
         });
     };
-    let sent = (!verdict.alerts.is_empty())
-        .then(|| format!("{} sent to {alerts_to}", verdict.alerts.join(", ")));
-    if !verdict.failed.is_empty() {
-        let mut summary = verdict.failed.join("; ");
-        if let Some(sent) = sent {
-            summary = format!("{summary}; {sent}");
-        }
-        return Some(Finish {
-            status: Some(Terminal::Failure),
-            summary: Some(summary),
-            ..Finish::default()
-        });
+    // What the pipeline did, in order of weight. Alerts are queued when the run is reported:
+    // their delivery is the alert route's (`events list`), and may come later.
+    let mut said: Vec<String> = verdict.failed.clone();
+    if !verdict.alerts.is_empty() {
+        said.push(format!(
+            "{} queued for {alerts_to}",
+            verdict.alerts.join(", ")
+        ));
     }
+    if !verdict.held.is_empty() {
+        said.push(format!(
+            "{} (fires if it holds for its `for`)",
+            verdict.held.join(", ")
+        ));
+    }
+    said.extend(verdict.unjudged.iter().cloned());
+    if said.is_empty() {
+        said.push("no rule matched".into());
+    }
+    let status = if verdict.failed.is_empty() {
+        Terminal::Success
+    } else {
+        Terminal::Failure
+    };
     Some(Finish {
-        status: Some(Terminal::Success),
-        summary: Some(sent.unwrap_or_else(|| "no rule matched".to_string())),
+        status: Some(status),
+        summary: Some(said.join("; ")),
         ..Finish::default()
     })
 }
@@ -1269,20 +1280,20 @@ mod tests {
         // Port's): 369 events, all stored before anything is evaluated.
         let fixtures = [
             ("01-create", "no rule matched"),
-            ("02-cpu-25-to-87", "cpu-high FIRING sent to stdout"),
+            ("02-cpu-25-to-87", "cpu-high FIRING queued for stdout"),
             ("03-cpu-87-to-91", "no rule matched"),
             (
                 "04-health-healthy-to-degraded",
-                "unhealthy FIRING sent to stdout",
+                "unhealthy FIRING queued for stdout",
             ),
             ("05-cpu-91-to-75", "no rule matched"),
-            ("06-cpu-75-to-60", "cpu-high RESOLVED sent to stdout"),
+            ("06-cpu-75-to-60", "cpu-high RESOLVED queued for stdout"),
             (
                 "07-health-degraded-to-healthy",
-                "unhealthy RESOLVED sent to stdout",
+                "unhealthy RESOLVED queued for stdout",
             ),
-            ("08-cpu-60-to-95", "cpu-high FIRING sent to stdout"),
-            ("09-delete", "cpu-high RESOLVED sent to stdout"),
+            ("08-cpu-60-to-95", "cpu-high FIRING queued for stdout"),
+            ("09-delete", "cpu-high RESOLVED queued for stdout"),
         ];
         let mut events = Vec::new();
         for (name, _) in fixtures {

@@ -351,6 +351,8 @@ pub async fn run(
                             .map(|a| format!("{} {}", a.rule, a.status))
                             .collect(),
                         failed: record.failed.clone(),
+                        // The judging instance kept only what it sent and what failed.
+                        ..EventVerdict::default()
                     };
                     writes.push(Write::State {
                         key: verdict_key(id),
@@ -490,11 +492,13 @@ pub async fn run(
                     failed,
                     ..
                 } => {
+                    let mut unjudged = Vec::new();
                     for (rule, entity, reason) in skipped {
                         let kind = reason.split(" (").next().unwrap_or(&reason).to_string();
                         if warned.insert((rule.clone(), entity.clone(), kind)) {
                             warn!(rule = %rule, entity = %entity, "rule cannot judge: {reason}; its state is unchanged (said once per rule, entity and reason)");
                         }
+                        unjudged.push(format!("{rule} cannot judge: {reason}"));
                     }
                     let failed_now: Vec<String> = failed
                         .iter()
@@ -527,6 +531,13 @@ pub async fn run(
                                 .map(|a| format!("{} {}", a.rule, a.status))
                                 .collect(),
                             failed: failed_now.clone(),
+                            held: new_states
+                                .values()
+                                .filter(|s| matches!(s.phase, super::state::Phase::Pending { .. }))
+                                .filter_map(|s| s.draft.as_ref())
+                                .map(|a| format!("{} PENDING", a.rule))
+                                .collect(),
+                            unjudged,
                         };
                         writes.push(Write::State {
                             key: verdict_key(id),
@@ -830,6 +841,12 @@ pub struct EventVerdict {
     pub alerts: Vec<String>,
     /// Rules whose condition failed on it (`rule x failed: why`): the run failed.
     pub failed: Vec<String>,
+    /// Rules it started holding (`cpu-high PENDING`): they fire after their `for`.
+    #[serde(default)]
+    pub held: Vec<String>,
+    /// Rules that could not judge it (`cpu-high cannot judge: property cpuUtil is missing`).
+    #[serde(default)]
+    pub unjudged: Vec<String>,
 }
 
 /// The state key of an event's [`EventVerdict`]: a prefix no alert state or run state has.
