@@ -203,6 +203,29 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
         1,
         "reloads never dropped the connection"
     );
+
+    // Regression (helper-117): a rule removed (or renamed) left its firing alerts open in
+    // Slack for ever. The reload resolves them, once.
+    rules_config(dir, &channel.url("ReloadChannel"), CPU_HIGH);
+    kill(&child, "HUP");
+    logs.wait_for(&["config reloaded", "rule unhealthy removed"])
+        .await;
+    assert_eq!(
+        slack.next_headline().await,
+        "RESOLVED unhealthy: Notification Service Production"
+    );
+    kill(&child, "HUP");
+    support::wait_for(support::PATIENCE, "a third reload", || async {
+        (logs.all().matches("config reloaded").count() == 3).then_some(())
+    })
+    .await;
+    channel.send_webhook(3, &fixture_frame("legacy", "05-cpu-91-to-75"));
+    channel.send_webhook(4, &fixture_frame("legacy", "06-cpu-75-to-60"));
+    assert_eq!(
+        slack.next_headline().await,
+        "RESOLVED cpu-high: Notification Service Production",
+        "the removed rule's alert was resolved once"
+    );
 }
 
 #[tokio::test]

@@ -356,7 +356,9 @@ impl Pipeline {
         }
     }
 
-    /// Pending alerts whose hold is over at `now_ms`: the alerts and their new states.
+    /// Pending alerts whose hold is over at `now_ms`, and firing alerts of rules no longer in
+    /// the config (a rule removed or renamed: otherwise open in Slack for ever): the alerts and
+    /// their new states.
     pub fn mature<'a>(
         &self,
         states: impl Iterator<Item = (&'a String, &'a AlertState)>,
@@ -366,6 +368,12 @@ impl Pipeline {
         for (key, state) in states {
             let rule = rule_of(key);
             let Some(rule) = self.rules.iter().find(|r| r.name == rule) else {
+                if let (Phase::Firing { .. }, Some(fired)) = (state.phase, &state.fired) {
+                    let mut resolved = fired.clone();
+                    resolved.status = AlertStatus::Resolved;
+                    resolved.note = Some("its rule was removed from the config".into());
+                    out.push((key.clone(), AlertState::default(), resolved));
+                }
                 continue;
             };
             if let (phase, Some(Transition::Fire)) = state::tick(state.phase, rule.hold, now_ms)
