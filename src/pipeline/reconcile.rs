@@ -106,13 +106,21 @@ pub enum WhyKind {
 }
 
 impl Why {
-    /// Fold another reason into this one: the strongest kind, the earliest start of the gap.
+    /// Fold another reason into this one: the strongest kind, with the start of its gap (the
+    /// earliest, between two of a kind). A reconnect's note names when the channel dropped,
+    /// not when the interval's count began (helper-117: "disconnected since" the last
+    /// reconciliation).
     pub fn merge(&mut self, other: Why) {
-        self.kind = self.kind.max(other.kind);
-        self.since_ms = match (self.since_ms, other.since_ms) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        use std::cmp::Ordering;
+        self.since_ms = match other.kind.cmp(&self.kind) {
+            Ordering::Greater => other.since_ms.or(self.since_ms),
+            Ordering::Less => self.since_ms.or(other.since_ms),
+            Ordering::Equal => match (self.since_ms, other.since_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
         };
+        self.kind = self.kind.max(other.kind);
         for channel in other.channels {
             if !self.channels.contains(&channel) {
                 self.channels.push(channel);
@@ -1430,6 +1438,42 @@ mod tests {
         assert!(alive_since(&spool).is_some());
         drop(writer);
         thread.join().unwrap();
+    }
+
+    /// Regression (helper-117): a channel that reconnected after a reconciliation said
+    /// "disconnected since" the reconciliation's time (the interval's count, merged as the
+    /// earlier start), not since it dropped.
+    #[test]
+    fn regression_a_reconnect_after_a_reconciliation_said_it_dropped_at_the_reconciliation() {
+        let mut why = Why {
+            kind: WhyKind::Interval,
+            since_ms: Some(1_000),
+            channels: Vec::new(),
+        };
+        why.merge(Why {
+            kind: WhyKind::Reconnect,
+            since_ms: Some(21_000),
+            channels: vec!["http://x/A…".into()],
+        });
+        assert_eq!((why.kind, why.since_ms), (WhyKind::Reconnect, Some(21_000)));
+        // Two reconnects: the earlier drop. A later interval changes nothing.
+        why.merge(Why {
+            kind: WhyKind::Reconnect,
+            since_ms: Some(11_000),
+            channels: vec!["http://x/B…".into()],
+        });
+        why.merge(Why {
+            kind: WhyKind::Interval,
+            since_ms: Some(500),
+            channels: Vec::new(),
+        });
+        assert_eq!((why.kind, why.since_ms), (WhyKind::Reconnect, Some(11_000)));
+        assert!(
+            why.note(81_000)
+                .contains("disconnected since 1970-01-01T00:00:11Z (1m 10s"),
+            "{}",
+            why.note(81_000)
+        );
     }
 
     /// Every connection of a pipeline channel is a gap to close: the first one since the relay
