@@ -28,6 +28,9 @@ pub struct Counters {
     /// for the queue starts. A target a reload removed is here, at 0, from then on. By queue:
     /// its target, as logs name it, and how many wait.
     unserved: Mutex<BTreeMap<String, (String, u64)>>,
+    /// Reconciliation with Port's API, while its attempts fail (Port down, credentials
+    /// refused): alerts missed in a gap wait for it, so `/healthz` says so.
+    reconcile_failing: Mutex<Option<Failing>>,
 }
 
 /// A route whose head event failed its last attempt ([`Counters::failing`]).
@@ -78,6 +81,38 @@ impl Counters {
                 )
             })
             .collect()
+    }
+
+    /// A reconciliation with Port failed with `error`: one more attempt in the failing run.
+    pub fn reconcile_failed(&self, error: &str) {
+        let mut failing = lock(&self.reconcile_failing);
+        let run = failing.get_or_insert_with(|| Failing {
+            label: "Port reconciliation".into(),
+            since_ms: crate::clock::now_ms(),
+            attempts: 0,
+            last_error: String::new(),
+        });
+        run.attempts += 1;
+        run.last_error = error.to_string();
+    }
+
+    /// A reconciliation went through (or stopped): no longer failing.
+    pub fn reconcile_ok(&self) {
+        *lock(&self.reconcile_failing) = None;
+    }
+
+    /// The failing reconciliation, if it is (`/healthz` warnings).
+    pub fn reconcile_line(&self, now_ms: u64) -> Option<String> {
+        lock(&self.reconcile_failing).as_ref().map(|failing| {
+            let for_ = Duration::from_secs(now_ms.saturating_sub(failing.since_ms) / 1000);
+            format!(
+                "{} failing for {} ({}; last: {}): alerts a gap missed wait for it",
+                failing.label,
+                humantime::format_duration(for_),
+                crate::error::count(failing.attempts as usize, "attempt", "attempts"),
+                failing.last_error
+            )
+        })
     }
 
     /// `pending` deliveries wait on `queue` (whose target logs call `target`), which no route

@@ -49,6 +49,10 @@ impl PortApi {
     }
 }
 
+/// How the client says the token endpoint refused the credentials (401, 403): retried, since a
+/// reload may fix them, and told apart from an outage by these words.
+pub(crate) const CREDENTIALS_REFUSED: &str = "Port refused the credentials";
+
 /// An HTTP client for Port's API with a cached access token.
 pub struct PortClient {
     /// Where to call and with which credentials.
@@ -109,7 +113,7 @@ impl PortClient {
             return Err(match answer.status.as_u16() {
                 // Wrong credentials may be fixed by a reload: retry, with a hint.
                 401 | 403 => ForwardError::Connection(format!(
-                    "Port refused the credentials ({}): check [port] client_id and client_secret",
+                    "{CREDENTIALS_REFUSED} ({}): check [port] client_id and client_secret",
                     answer.status.as_u16()
                 )),
                 // Never the body: a token endpoint's error may echo the credentials sent.

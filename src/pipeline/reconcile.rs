@@ -520,18 +520,38 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
-    /// Whether Port refused the request itself (a 4xx other than 401, 403 and 429: the
-    /// blueprint does not exist, say): a configuration problem, not an outage to retry.
-    pub fn is_configuration(&self) -> bool {
-        let status = match self {
-            ReconcileError::Status { status, .. } => *status,
+    /// The status Port answered, if it answered one.
+    fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            ReconcileError::Status { status, .. } => Some(*status),
             ReconcileError::Call {
                 cause: ForwardError::Status { status, .. },
                 ..
-            } => *status,
-            _ => return false,
-        };
-        status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 429)
+            } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether Port refused the request itself (a 4xx other than 401, 403 and 429: the
+    /// blueprint does not exist, say): a configuration problem, not an outage to retry.
+    pub fn is_configuration(&self) -> bool {
+        self.status().is_some_and(|status| {
+            status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 429)
+        })
+    }
+
+    /// Whether Port refused the client's credentials: 401 or 403 from the entities, or from
+    /// the token endpoint (which the client says in [`CREDENTIALS_REFUSED`]'s words).
+    fn is_credentials(&self) -> bool {
+        match self {
+            ReconcileError::Call {
+                cause: ForwardError::Connection(why),
+                ..
+            } => why.starts_with(crate::pipeline::port_api::CREDENTIALS_REFUSED),
+            _ => self
+                .status()
+                .is_some_and(|status| matches!(status.as_u16(), 401 | 403)),
+        }
     }
 
     /// How long Port asked to wait, if it did.
@@ -734,8 +754,17 @@ pub async fn run(
     gap_spacing: Duration,
     rules: watch::Receiver<Arc<Pipeline>>,
     gaps: Arc<Gaps>,
+    health: Arc<crate::counters::Counters>,
     cancel: CancellationToken,
 ) {
+    // A stop, or a reconciler replaced by a reload, leaves no failing run behind.
+    struct Clear(Arc<crate::counters::Counters>);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            self.0.reconcile_ok();
+        }
+    }
+    let _clear = Clear(health.clone());
     let started_since = {
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || alive_since(&spool))
@@ -802,6 +831,7 @@ pub async fn run(
                     crate::error::count(blueprints.len(), "blueprint", "blueprints")
                 );
                 backoff.reset();
+                health.reconcile_ok();
                 store_alive(&writer, now).await;
                 why = Why {
                     kind: WhyKind::Interval,
@@ -814,11 +844,21 @@ pub async fn run(
                 metrics::counter!("smee_relay_reconciliations_total", "result" => "error")
                     .increment(1);
                 let wait = e.retry_after().unwrap_or_else(|| backoff.next_delay());
-                warn!(
-                    "Port reconciliation failed: {}; retrying in {} (alerts missed meanwhile are found then)",
-                    crate::error::chain(&e),
-                    humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
-                );
+                let said = crate::error::chain(&e);
+                let retry =
+                    humantime::format_duration(Duration::from_millis(wait.as_millis() as u64));
+                // Refused credentials are the user's to fix (a reload applies the fix): an
+                // error, where an outage of Port is a warning.
+                if e.is_credentials() {
+                    error!(
+                        "Port reconciliation failed: {said}; retrying in {retry} (alerts missed meanwhile are found then)"
+                    );
+                } else {
+                    warn!(
+                        "Port reconciliation failed: {said}; retrying in {retry} (alerts missed meanwhile are found then)"
+                    );
+                }
+                health.reconcile_failed(&said);
                 wait
             }
         };
@@ -1223,6 +1263,7 @@ mod tests {
         });
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
         let gaps = Arc::new(Gaps::default());
+        let health = Arc::new(crate::counters::Counters::default());
         let cancel = CancellationToken::new();
         let interval = Duration::from_secs(15 * 60);
         let t0 = tokio::time::Instant::now();
@@ -1234,6 +1275,7 @@ mod tests {
             MIN_GAP_SPACING,
             rules_rx,
             gaps.clone(),
+            health.clone(),
             cancel.clone(),
         ));
         // At start (after waiting the grace for a first connection none reports); a 500 backs
@@ -1246,10 +1288,19 @@ mod tests {
             "{:?}",
             second - first
         );
+        // Regression (helper-117): failing, the reconciliation was only a log line; /healthz
+        // says it now, until one goes through.
+        let said = health.reconcile_line(crate::clock::now_ms());
+        assert!(
+            said.as_deref()
+                .is_some_and(|s| s.starts_with("Port reconciliation failing for")),
+            "{said:?}"
+        );
         let third = asked.recv().await.unwrap();
         assert_eq!(third - second, Duration::from_secs(7));
         // Then every interval.
         let fourth = asked.recv().await.unwrap();
+        assert_eq!(health.reconcile_line(crate::clock::now_ms()), None);
         assert_eq!(fourth - third, interval);
         // A gap (a channel reconnected) reconciles at once, whatever the interval says.
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -1305,6 +1356,7 @@ mod tests {
         });
         let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
         let gaps = Arc::new(Gaps::default());
+        let health = Arc::new(crate::counters::Counters::default());
         let cancel = CancellationToken::new();
         let t0 = tokio::time::Instant::now();
         let task = tokio::spawn(run(
@@ -1315,6 +1367,7 @@ mod tests {
             MIN_GAP_SPACING,
             rules_rx,
             gaps.clone(),
+            health.clone(),
             cancel.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -1427,6 +1480,7 @@ mod tests {
             MIN_GAP_SPACING,
             rules_rx,
             Arc::new(Gaps::default()),
+            Arc::default(),
             cancel.clone(),
         ));
         tokio::task::yield_now().await;

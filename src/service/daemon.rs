@@ -1508,6 +1508,7 @@ impl Runtime {
             gap_spacing(),
             pipeline.rules.subscribe(),
             self.gaps.clone(),
+            self.counters.clone(),
             cancel.clone(),
         ));
         self.reconciler = Some(ReconcilerTask {

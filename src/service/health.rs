@@ -370,6 +370,7 @@ impl Health {
             }
         }
         warnings.extend(self.counters.failing(now));
+        warnings.extend(self.counters.reconcile_line(now));
         warnings.extend(self.counters.unserved_lines());
         warnings
     }
