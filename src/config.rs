@@ -498,6 +498,8 @@ pub struct Config {
     /// `[port] reconcile`: how often to reconcile alert state with Port, when it is on (Port
     /// API credentials, a pipeline channel and a rule with a blueprint).
     pub reconcile: Option<Duration>,
+    /// The config says `reconcile = "off"`: `check` does not explain why it does not run.
+    pub reconcile_off: bool,
     /// `[cluster]`, validated (its URL a secret).
     pub cluster: Option<crate::cluster::Settings>,
 }
@@ -881,10 +883,29 @@ fn without_values(message: &str) -> String {
     out
 }
 
+/// serde's names of Rust types (`expected f64`) in words a config's author knows.
+fn plain_types(message: &str) -> String {
+    const TYPES: [(&str, &str); 8] = [
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number, 0 or more"),
+        ("expected u8", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+    ];
+    TYPES
+        .iter()
+        .fold(message.to_string(), |text, (rust, plain)| {
+            text.replace(rust, plain)
+        })
+}
+
 /// A TOML error in config `text` (from `origin`): its line, and what serde said, with a guess
 /// at a mistyped key and without the values it quotes.
 pub(crate) fn toml_problem(origin: &str, text: &str, e: &toml::de::Error) -> String {
-    let message = without_values(&with_suggestion(e.message()));
+    let message = plain_types(&without_values(&with_suggestion(e.message())));
     let Some(span) = e.span() else {
         return format!("{origin}: {message}");
     };
@@ -1130,7 +1151,18 @@ pub fn parse(
     if let Err(e) = crate::url::parse_http_url(&file.port.app_url) {
         problems.push(at_key("port", "app_url", format!("[port] app_url: {e}")));
     }
-    let reconcile = reconcile_config(&file, port_api.is_some(), &rules, &at_line, &mut problems);
+    // Credentials named but not usable (a variable not set) are their own problem, already
+    // said: not also "set client_id and client_secret" for reconcile.
+    let port = &file.port;
+    let named = (port.client_id.is_some() || port.client_id_env.is_some())
+        && (port.client_secret.is_some() || port.client_secret_env.is_some());
+    let reconcile = reconcile_config(
+        &file,
+        port_api.is_some() || named,
+        &rules,
+        &at_line,
+        &mut problems,
+    );
 
     if !problems.is_empty() {
         return Err(ConfigError { problems });
@@ -1154,6 +1186,11 @@ pub fn parse(
         port_api,
         report_automation_runs: file.port.report_automation_runs,
         reconcile,
+        reconcile_off: file
+            .port
+            .reconcile
+            .as_ref()
+            .is_some_and(|text| text.get_ref().trim() == "off"),
     })
 }
 
@@ -1699,6 +1736,19 @@ above = 80
             without_values("floating point `1.5`, expected"),
             "a number, expected"
         );
+        // Regression (helper-117): `above = "80"` said "expected f64", Rust's name for it.
+        let e = parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n\
+             [[rule]]\nname = \"r\"\nproperty = \"p\"\nabove = \"80\"\n",
+            "c.toml",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("c.toml:7: invalid type: a string, expected a number"),
+            "{e}"
+        );
     }
 
     /// Regression: `check` passed two spellings of one channel, which `run` then refused with
@@ -1729,6 +1779,40 @@ above = 80
             "{e}"
         );
         assert!(!e.contains("loopch"), "the channel id is a secret: {e}");
+    }
+
+    /// Regression (helper-117): credentials named through a variable that is not set were
+    /// said twice, the second time as "set client_id and client_secret" for `reconcile`, as if
+    /// none were configured. And `reconcile = "off"` is kept, so `check` does not explain why
+    /// reconciliation does not run.
+    #[test]
+    fn regression_a_missing_secret_variable_was_also_said_as_missing_credentials() {
+        let text = GOOD.replace(
+            "client_secret_env = \"PORT_CLIENT_SECRET\"",
+            "client_id = \"id\"\nclient_secret_env = \"PORT_CLIENT_SECRET\"\nreconcile = \"10m\"",
+        );
+        let e = parse(&text, "c.toml", &no_env).unwrap_err().to_string();
+        assert!(
+            e.contains("client_secret_env names PORT_CLIENT_SECRET"),
+            "{e}"
+        );
+        assert!(!e.contains("reconcile reads entities"), "{e}");
+        let env = |name: &str| {
+            Some(
+                if name == "SLACK_WEBHOOK_URL" {
+                    "https://hooks.slack.com/x"
+                } else {
+                    "x"
+                }
+                .to_string(),
+            )
+        };
+        let off = GOOD.replace(
+            "client_secret_env = \"PORT_CLIENT_SECRET\"",
+            "client_id = \"id\"\nclient_secret_env = \"PORT_CLIENT_SECRET\"\nreconcile = \"off\"",
+        );
+        let config = parse(&off, "c.toml", &env).unwrap();
+        assert!(config.reconcile_off && config.reconcile.is_none());
     }
 
     #[test]

@@ -405,7 +405,8 @@ pub struct Directive {
 
 /// One link or several.
 #[derive(Debug, PartialEq, Deserialize)]
-#[serde(untagged)]
+// Said when neither fits (serde's own words name the enum: "untagged enum Links").
+#[serde(untagged, expecting = "`link` takes a URL or a list of URLs")]
 pub enum Links {
     One(String),
     Many(Vec<String>),
@@ -748,6 +749,16 @@ mod tests {
         assert_eq!(d.status_label.as_deref(), Some("done"));
         assert!(parse_directive("::port:: {oops").unwrap().is_err());
         assert!(parse_directive(r#"::port:: {"nope": 1}"#).unwrap().is_err());
+        // Regression (helper-117): "data did not match any variant of untagged enum Links".
+        let wrong = parse_directive(r#"::port:: {"link": 42}"#)
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            wrong
+                .to_string()
+                .starts_with("`link` takes a URL or a list of URLs"),
+            "{wrong}"
+        );
     }
 
     #[test]

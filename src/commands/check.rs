@@ -40,7 +40,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                 "Port reconciliation every {}, at start and after every reconnect",
                 humantime::format_duration(interval)
             );
-        } else if config.port_api.is_some() && pipelines && !watched {
+        } else if config.port_api.is_some() && pipelines && !watched && !config.reconcile_off {
             // Credentials make reconciliation the default: say why it does not run.
             println!(
                 "Port reconciliation is not active: no rule names a blueprint (it reads the \
