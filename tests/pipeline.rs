@@ -391,7 +391,20 @@ async fn check_validates_and_explains() {
         "{stdout}"
     );
 
-    let broken = std::fs::read_to_string(&config).unwrap().replace(
+    // Regression (helper-117): a "transition" written over `.diff` passed `check` and never
+    // held (`when` sees the entity after the change). It is a warning now.
+    let good = std::fs::read_to_string(&config).unwrap();
+    let transition = format!(
+        "{good}\n[[rule]]\nname = \"went-bad\"\nwhen = '.diff.before.properties.healthStatus == \"Healthy\" and .properties.healthStatus == \"Degraded\"'\n"
+    );
+    std::fs::write(&config, transition).unwrap();
+    let (code, stdout, _) = run(vec!["check".into(), "--config".into(), config_arg.clone()]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("warning: rule \"went-bad\": `when` reads .diff, which it is never given"),
+        "{stdout}"
+    );
+    let broken = good.replace(
         "not_in = [\"Healthy\"]",
         "not_in = [\"Healthy\"]\nwhen = '.x =='",
     );

@@ -26,6 +26,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                 )
             );
         }
+        for hint in config.rules.iter().filter_map(|r| r.when_hint()) {
+            println!("warning: {hint}");
+        }
         for action in &config.actions {
             if let crate::actions::Handler::Command(argv) = &action.handler
                 && let Some(problem) = crate::actions::command_problem(argv)

@@ -66,6 +66,9 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         (None, None) => crate::spool::lock::state_dir(None),
     };
     let uses_pipeline = config.channels.iter().any(|c| c.pipeline);
+    for hint in config.rules.iter().filter_map(|r| r.when_hint()) {
+        tracing::warn!("{hint}");
+    }
     // One bounded jq worker for the rules' and the actions' `when` conditions.
     let jq = crate::pipeline::jq::JqEngine::new(config.jq);
     let pipeline = if uses_pipeline {

@@ -73,6 +73,34 @@ pub enum Verdict {
 }
 
 impl Rule {
+    /// A warning for a `when` that reads what it is never given: it sees the entity after the
+    /// change (`.properties`, `.identifier`...), not the webhook's body, so `.diff`, `.event`
+    /// or `.context` there are always null and the condition silently never holds.
+    pub fn when_hint(&self) -> Option<String> {
+        let Condition::When(condition) = &self.condition else {
+            return None;
+        };
+        let code = condition.code();
+        let read: Vec<&str> = [".diff", ".event", ".context", ".trigger"]
+            .into_iter()
+            .filter(|field| {
+                code.match_indices(field).any(|(at, _)| {
+                    code[at + field.len()..]
+                        .chars()
+                        .next()
+                        .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+                })
+            })
+            .collect();
+        (!read.is_empty()).then(|| {
+            format!(
+                "rule {:?}: `when` reads {}, which it is never given: it sees the entity after the change (`.properties.NAME`, `.identifier`), not the webhook's body, so this is null there; a rule fires on the way into its condition and resolves on the way out, which is the transition",
+                self.name,
+                read.join(", ")
+            )
+        })
+    }
+
     /// What the rule judges, as text: everything but its name and where it is written. Two
     /// rules with the same meaning judge alike (the cluster's config fingerprint, a reload's
     /// account of what changed).
