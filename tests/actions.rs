@@ -937,6 +937,13 @@ on_interrupt = "rerun"
     assert_eq!(executions(&setup.dir), ["r_act01legacy", "r_act01legacy"]);
     let finish = &setup.port.finishes("r_act01legacy")[0];
     assert_eq!(finish["status"], "SUCCESS");
+    // Regression (helper-117): the run's log showed the handler's output twice with nothing
+    // between; it says why it runs again.
+    let log = setup.port.logs("r_act01legacy");
+    assert!(
+        log.contains("smee-relay restarted while the handler was running; it runs again from the start (on_interrupt = \"rerun\")"),
+        "{log}"
+    );
     // Regression (an adversary's finding): the first execution, and what it started, outlived
     // the relay's kill -9 and ran on beside the rerun. The restart kills its process group,
     // also when its leader has died meanwhile (its next write, to the dead relay's pipe).

@@ -298,6 +298,7 @@ pub async fn run(
                 jq: actions.jq.clone(),
                 state,
                 cancel: cancel.clone(),
+                note: None,
             }));
         }
         // What finished meanwhile: known as done for duplicates that arrive later.
@@ -353,6 +354,7 @@ async fn recover(
                             jq: actions.jq.clone(),
                             state,
                             cancel: cancel.clone(),
+                            note: Some("smee-relay restarted while the handler was running; it runs again from the start (on_interrupt = \"rerun\")"),
                         }));
                         continue;
                     }
@@ -504,6 +506,9 @@ struct Execution {
     jq: crate::pipeline::jq::JqEngine,
     state: RunState,
     cancel: CancellationToken,
+    /// A first line for the run's log, before the handler's own (a rerun says why it runs
+    /// again, or Port shows the handler's output twice with nothing between).
+    note: Option<&'static str>,
 }
 
 /// Collects a run's log lines into paced messages under Port's size limit.
@@ -673,6 +678,9 @@ impl Said {
 async fn execute(x: Execution) {
     let started = tokio::time::Instant::now();
     let mut logs = LogBatch::new(x.writer.clone(), x.run.run_id.clone());
+    if let Some(note) = x.note {
+        logs.line(note).await;
+    }
     let outcome = match &x.spec.handler {
         Handler::Command(argv) => run_command(&x, argv, &mut logs).await,
         Handler::Forward { url, report } => run_forward(&x, url, report, &mut logs).await,
