@@ -516,6 +516,24 @@ async fn signature_age_is_judged_against_the_channels_receive_time() {
         "FIRING cpu-high: Notification Service Production"
     );
     slack.assert_quiet(Duration::from_millis(1000)).await;
+    // Regression (helper-117): an older change's signed body posted afresh was said to be "a
+    // time before the change" the pipeline had judged, not rejected for its signature.
+    let (timestamp, signature) = vector("deployment-config/automation/01-create.json");
+    let headers = [
+        ("x-port-timestamp", timestamp.as_str()),
+        ("x-port-signature", signature.as_str()),
+    ];
+    let older = fixture("automation", "01-create");
+    channel.send_webhook(3, &frame_at(&older, &headers, now_ms));
+    support::wait_for(support::PATIENCE, "a second rejection", || async {
+        (daemon.logs.all().matches("beyond the 5m tolerance").count() == 2).then_some(())
+    })
+    .await;
+    let logs = daemon.logs.all();
+    assert!(
+        !logs.contains("changes the entity at a time before"),
+        "{logs}"
+    );
     stop(daemon).await;
 }
 

@@ -222,6 +222,19 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The event's signature, judged at `received_ms` (fine when no secret is configured).
+    pub fn check_signature(&self, event: &Event, received_ms: u64) -> Result<(), SignatureError> {
+        match &self.verifier {
+            Some(verifier) => verifier.verify(
+                event.header("x-port-signature"),
+                event.header("x-port-timestamp"),
+                &event.body,
+                received_ms,
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// Evaluate one event against the current states at `now_ms`. `received_ms` is when the
     /// event reached the channel: the signature's age is judged against it, not against now,
     /// so an event delayed by an outage, a backlog or a replay still verifies, while an old
@@ -233,14 +246,7 @@ impl Pipeline {
         now_ms: u64,
         received_ms: u64,
     ) -> Evaluation {
-        if let Some(verifier) = &self.verifier
-            && let Err(e) = verifier.verify(
-                event.header("x-port-signature"),
-                event.header("x-port-timestamp"),
-                &event.body,
-                received_ms,
-            )
-        {
+        if let Err(e) = self.check_signature(event, received_ms) {
             return Evaluation::Rejected(e);
         }
         let change = match port::decode(&event.body) {

@@ -394,11 +394,20 @@ pub async fn run(
                 cursor = item.seq;
                 continue;
             }
+            // An event is said to be an older change only if its signature holds: a forged
+            // body, or an old signed one posted afresh, is rejected for that (helper-117).
+            let received = super::received_ms(&item.event.event, item.event.received_ms);
+            let signed = || {
+                pipeline
+                    .check_signature(&item.event.event, received)
+                    .is_ok()
+            };
             if let Some((key, done)) = subject
                 .as_ref()
                 .and_then(|key| Some((key, evaluated.get(key)?)))
                 && (id <= done.event
-                    || matches!((changed_ms, done.updated_ms), (Some(now), Some(then)) if now < then))
+                    || (matches!((changed_ms, done.updated_ms), (Some(now), Some(then)) if now < then)
+                        && signed()))
             {
                 say_skipped(id, key, done);
                 if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
@@ -413,6 +422,7 @@ pub async fn run(
                 && let Some(key) = &subject
                 && let (Some(now), Some(then)) = (changed_ms, changed.get(key).copied())
                 && now < then
+                && signed()
             {
                 let entity = key.split('\u{1f}').nth(1).unwrap_or(key);
                 info!(
@@ -430,7 +440,6 @@ pub async fn run(
                 continue;
             }
             let now = clock.now_ms();
-            let received = super::received_ms(&item.event.event, item.event.received_ms);
             let evaluation = {
                 let (pipeline, states, event) =
                     (pipeline.clone(), states.clone(), item.event.event.clone());
