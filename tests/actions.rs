@@ -1713,3 +1713,25 @@ async fn regression_a_held_or_unjudged_automation_run_was_reported_no_rule_match
     );
     assert_eq!(setup.port.finishes("r_string")[0]["status"], "SUCCESS");
 }
+
+/// Regression (helper-117): a reload that renamed an `[[action]]` said only "actions on (N)".
+/// It names what was added and removed.
+#[tokio::test]
+async fn regression_a_reload_did_not_say_which_actions_changed() {
+    let setup = Setup::new(ALL_FOUR).await;
+    let daemon = setup.start().await;
+    let renamed = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("\"scaffold_service\"", "\"scaffold_service_v2\"");
+    std::fs::write(&setup.config, renamed).unwrap();
+    support::signal(&daemon.child, "HUP");
+    daemon
+        .logs
+        .wait_for(&[
+            "config reloaded",
+            "[[action]] scaffold_service_v2 added",
+            "[[action]] scaffold_service removed",
+        ])
+        .await;
+    daemon.stop().await;
+}

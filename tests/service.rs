@@ -226,6 +226,20 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
         "RESOLVED cpu-high: Notification Service Production",
         "the removed rule's alert was resolved once"
     );
+
+    // Regression (helper-117): a new Slack webhook was applied without a word in the reload's
+    // line (which names the change, never the URL: it is a secret).
+    let moved = format!("{}/moved", slack.webhook_url());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "webhook_url_env = \"TEST_SLACK_WEBHOOK\"",
+        &format!("webhook_url = \"{moved}\""),
+    );
+    std::fs::write(&config, text).unwrap();
+    kill(&child, "HUP");
+    let line = logs
+        .wait_for(&["config reloaded", "[slack] webhook_url changed"])
+        .await;
+    assert!(!line.contains("/moved"), "{line}");
 }
 
 #[tokio::test]

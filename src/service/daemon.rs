@@ -815,6 +815,9 @@ struct PipelineTask {
     task: Task,
     rules: watch::Sender<Arc<Pipeline>>,
     alerts: Task,
+    /// The Slack webhook alerts go to, if any: a reload says when it changed (never what it
+    /// is: the URL is a secret).
+    slack: Option<crate::url::TargetUrl>,
     /// One pipeline per state dir: its alert state and queues are the state dir's.
     _lock: Arc<ChannelLock>,
 }
@@ -1086,6 +1089,7 @@ impl Runtime {
                 changes.push("pipeline off".into());
             }
             (Some((pipeline, sink)), old) => {
+                let slack = sink.slack.as_ref().map(|f| f.target().clone());
                 let sink: Arc<dyn Sink> = Arc::new(sink);
                 changes.push(format!(
                     "pipeline on ({}, alerts to {})",
@@ -1094,6 +1098,9 @@ impl Runtime {
                 ));
                 if let Some(old) = &old {
                     changes.extend(rule_changes(&old.rules.borrow().rules, &pipeline.rules));
+                    if old.slack.is_some() && slack.is_some() && old.slack != slack {
+                        changes.push("[slack] webhook_url changed".into());
+                    }
                 }
                 let pipeline = Arc::new(pipeline);
                 let (task, rules, lock) = match old {
@@ -1141,6 +1148,7 @@ impl Runtime {
                     task,
                     rules,
                     alerts,
+                    slack,
                     _lock: lock,
                 });
             }
@@ -1423,6 +1431,22 @@ impl Runtime {
             }
             (Some((actions, reporter)), old) => {
                 changes.push(format!("actions on ({})", actions.actions.len()));
+                if let Some(old) = &old {
+                    let names = |specs: &[crate::actions::ActionSpec]| -> Vec<String> {
+                        specs.iter().map(|a| a.name.clone()).collect()
+                    };
+                    let (was, now) = (names(&old.config.borrow().actions), names(&actions.actions));
+                    changes.extend(
+                        now.iter()
+                            .filter(|n| !was.contains(n))
+                            .map(|n| format!("[[action]] {n} added")),
+                    );
+                    changes.extend(
+                        was.iter()
+                            .filter(|n| !now.contains(n))
+                            .map(|n| format!("[[action]] {n} removed")),
+                    );
+                }
                 let actions = Arc::new(actions);
                 let (task, config) = match old {
                     Some(old) => {
