@@ -46,6 +46,19 @@ struct Failing {
     last_error: String,
 }
 
+impl Failing {
+    /// `failing for 2m 5s (7 attempts; last: ...)`, as of `now_ms`.
+    fn said(&self, now_ms: u64) -> String {
+        let for_ = Duration::from_secs(now_ms.saturating_sub(self.since_ms) / 1000);
+        format!(
+            "failing for {} ({}; last: {})",
+            humantime::format_duration(for_),
+            crate::error::count(self.attempts as usize, "attempt", "attempts"),
+            self.last_error
+        )
+    }
+}
+
 impl Counters {
     /// Show the relay's own counters at 0 before their first event (once a recorder is
     /// installed): an alert on `increase()` sees the first one only if the series was there
@@ -70,16 +83,7 @@ impl Counters {
     pub fn failing(&self, now_ms: u64) -> Vec<String> {
         lock(&self.failing)
             .values()
-            .map(|failing| {
-                let for_ = Duration::from_secs(now_ms.saturating_sub(failing.since_ms) / 1000);
-                format!(
-                    "route {} failing for {} ({}; last: {})",
-                    failing.label,
-                    humantime::format_duration(for_),
-                    crate::error::count(failing.attempts as usize, "attempt", "attempts"),
-                    failing.last_error
-                )
-            })
+            .map(|failing| format!("route {} {}", failing.label, failing.said(now_ms)))
             .collect()
     }
 
@@ -104,13 +108,10 @@ impl Counters {
     /// The failing reconciliation, if it is (`/healthz` warnings).
     pub fn reconcile_line(&self, now_ms: u64) -> Option<String> {
         lock(&self.reconcile_failing).as_ref().map(|failing| {
-            let for_ = Duration::from_secs(now_ms.saturating_sub(failing.since_ms) / 1000);
             format!(
-                "{} failing for {} ({}; last: {}): alerts a gap missed wait for it",
+                "{} {}: alerts a gap missed wait for it",
                 failing.label,
-                humantime::format_duration(for_),
-                crate::error::count(failing.attempts as usize, "attempt", "attempts"),
-                failing.last_error
+                failing.said(now_ms)
             )
         })
     }
