@@ -1651,6 +1651,12 @@ async fn in_a_cluster_a_port_report_over_nats_max_payload_no_longer_stalls_the_r
 async fn regression_a_run_no_action_handles_was_silent() {
     let setup = Setup::new(ALL_FOUR).await;
     handler(&setup.dir, "restart.sh", "");
+    // Regression (helper-120): with Automation runs reported, a legacy run message (resource
+    // type `run`) nothing handled was reported SUCCESS as an Automation run.
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
+    std::fs::write(&setup.config, config).unwrap();
     let daemon = setup.start().await;
     let typo = fixture("02-trigger-data")
         .replace("\"restart_deployment\"", "\"restart_deploymnet\"")
@@ -1661,8 +1667,25 @@ async fn regression_a_run_no_action_handles_was_silent() {
         .wait_for(&["INFO", "r_typo", "no [[action]] here handles it"])
         .await;
     assert!(said.contains("action restart_deploymnet"), "{said}");
-    // Nothing ran and nothing was reported for it; a run after it goes through.
+    let legacy = fixture("04-create-no-entity")
+        .replace("\"scaffold_service\"", "\"deploy_other\"")
+        .replace("r_act04create", "r_other");
+    setup
+        .channel
+        .send_webhook(3, &signed_frame(&legacy, SECRET));
+    daemon
+        .logs
+        .wait_for(&["INFO", "r_other", "no [[action]] here handles it"])
+        .await;
+    // Nothing ran and nothing was reported for them; a run after them goes through.
     only_the_next_run_goes_through(&setup, "r_typo").await;
+    assert!(
+        setup
+            .port
+            .calls()
+            .iter()
+            .all(|c| !c.path.contains("r_other"))
+    );
     daemon.stop().await;
 }
 

@@ -156,7 +156,7 @@ pub async fn run(
             if matches!(found, Ok(None))
                 && let Some(alerts_to) = &actions.automation_runs
                 && !runs.contains_key(&run.run_id)
-                && crate::pipeline::port::decode(&event.body).is_ok()
+                && is_automation_run(&event.body)
                 && actions.verifier.as_ref().is_some_and(|v| {
                     v.verify(
                         event.header("x-port-signature"),
@@ -199,7 +199,7 @@ pub async fn run(
                     // An Automation's webhook (its `event` is the entity change) is the
                     // pipeline's; a self-service run nothing here handles stays in progress on
                     // Port's side (unless another relay handles it), so that is said.
-                    if body.get("event").is_some_and(serde_json::Value::is_object) {
+                    if is_automation_run(&event.body) {
                         debug!(event = id, run = %run.run_id, "actions: an Automation run no [[action]] handles");
                     } else {
                         info!(
@@ -472,6 +472,13 @@ async fn automation_outcome(
         summary: Some(said.join("; ")),
         ..Finish::default()
     })
+}
+
+/// Whether a body carrying a run id is an Automation's (a Port change, bare or in `event`),
+/// not a self-service action run: those decode as a change too, of resource type `run`
+/// (helper-120: one no `[[action]]` handled was reported SUCCESS as an Automation run).
+fn is_automation_run(body: &[u8]) -> bool {
+    crate::pipeline::port::decode(body).is_ok_and(|change| change.resource_type != "run")
 }
 
 /// How a command's timeout summary starts (also how [`execute`] tells it apart, for metrics).
