@@ -355,7 +355,7 @@ pub struct PortConfig {
     #[serde(default = "default_api_url")]
     pub api_url: String,
     /// Report the outcome of Automation runs (webhook bodies with `run.id`) once the pipeline
-    /// has evaluated them: the alerts queued, rules held or unable to judge, or "no rule matched".
+    /// has evaluated them: the alerts queued, rules held or unable to judge, or "no alert: no rule's state changed".
     #[serde(default)]
     pub report_automation_runs: bool,
     /// How often to read the watched blueprints' entities from Port and judge them against the

@@ -1162,7 +1162,7 @@ async fn automation_runs_get_the_pipelines_outcome_reported() {
         .await;
     let created = &setup.port.finishes("r_fixture00")[0];
     assert_eq!(created["status"], "SUCCESS");
-    assert_eq!(created["summary"], "no rule matched");
+    assert_eq!(created["summary"], "no alert: no rule's state changed");
     let fired = &setup.port.finishes("r_fixture01")[0];
     assert_eq!(fired["status"], "SUCCESS");
     // Queued, not "sent" (helper-117: Port was told "sent to Slack" of an alert Slack refused):

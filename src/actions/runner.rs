@@ -460,7 +460,7 @@ async fn automation_outcome(
     }
     said.extend(verdict.unjudged.iter().cloned());
     if said.is_empty() {
-        said.push("no rule matched".into());
+        said.push("no alert: no rule's state changed".into());
     }
     let status = if verdict.failed.is_empty() {
         Terminal::Success
@@ -1294,14 +1294,14 @@ mod tests {
         // The nine Automation events of the fixtures, each followed by 40 other events (not
         // Port's): 369 events, all stored before anything is evaluated.
         let fixtures = [
-            ("01-create", "no rule matched"),
+            ("01-create", "no alert: no rule's state changed"),
             ("02-cpu-25-to-87", "cpu-high FIRING queued for stdout"),
-            ("03-cpu-87-to-91", "no rule matched"),
+            ("03-cpu-87-to-91", "no alert: no rule's state changed"),
             (
                 "04-health-healthy-to-degraded",
                 "unhealthy FIRING queued for stdout",
             ),
-            ("05-cpu-91-to-75", "no rule matched"),
+            ("05-cpu-91-to-75", "no alert: no rule's state changed"),
             ("06-cpu-75-to-60", "cpu-high RESOLVED queued for stdout"),
             (
                 "07-health-degraded-to-healthy",
