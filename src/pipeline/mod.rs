@@ -134,6 +134,17 @@ pub struct AlertState {
     pub fired: Option<Alert>,
 }
 
+/// Why `alert` (fired or held by `rule`) is no longer the rule's: it is on a blueprint the rule
+/// no longer watches (its `blueprint` changed), so no change will resolve or fire it.
+fn moved_away(rule: &Rule, alert: &Alert) -> Option<String> {
+    match (&rule.blueprint, &alert.blueprint) {
+        (Some(now), Some(was)) if now != was => {
+            Some(format!("its rule now watches blueprint {now}, not {was}"))
+        }
+        _ => None,
+    }
+}
+
 /// The key of an alert state: rule and entity. Every key has the entity after its first
 /// `<US>` (the cluster shards by it); what comes before starts with the rule's name.
 pub fn state_key(rule: &str, entity: &str) -> String {
@@ -373,13 +384,24 @@ impl Pipeline {
         let mut out = Vec::new();
         for (key, state) in states {
             let rule = rule_of(key);
-            let Some(rule) = self.rules.iter().find(|r| r.name == rule) else {
+            let rule = self.rules.iter().find(|r| r.name == rule);
+            // A rule gone, or one that no longer watches the blueprint its alert is on: no
+            // change of that entity will ever resolve the alert.
+            let orphaned = match (rule, state.fired.as_ref().or(state.draft.as_ref())) {
+                (None, _) => Some("its rule was removed from the config".to_string()),
+                (Some(rule), Some(alert)) => moved_away(rule, alert),
+                (Some(_), None) => None,
+            };
+            if let Some(note) = orphaned {
                 if let (Phase::Firing { .. }, Some(fired)) = (state.phase, &state.fired) {
                     let mut resolved = fired.clone();
                     resolved.status = AlertStatus::Resolved;
-                    resolved.note = Some("its rule was removed from the config".into());
+                    resolved.note = Some(note);
                     out.push((key.clone(), AlertState::default(), resolved));
                 }
+                continue;
+            }
+            let Some(rule) = rule else {
                 continue;
             };
             if let (phase, Some(Transition::Fire)) = state::tick(state.phase, rule.hold, now_ms)
@@ -412,6 +434,14 @@ impl Pipeline {
             .filter_map(|(key, state)| {
                 let rule = rule_of(key);
                 let rule = self.rules.iter().find(|r| r.name == rule)?;
+                // Never due: [`Pipeline::mature`] does not fire it (a wake at once, forever).
+                if state
+                    .draft
+                    .as_ref()
+                    .is_some_and(|d| moved_away(rule, d).is_some())
+                {
+                    return None;
+                }
                 state::due_at(state.phase, rule.hold)
             })
             .min()
@@ -719,6 +749,50 @@ pub(crate) mod tests {
         assert!(alerts.is_empty());
         states.extend(new);
         assert!(pipeline.mature(states.iter(), t0 + 3_600_000).is_empty());
+    }
+
+    /// Regression (helper-120): a rule whose `blueprint` changed left its alerts on the old
+    /// blueprint FIRING for ever (no change of theirs reaches the rule again), and a held one
+    /// would have fired later. The FIRING one is resolved, the held one never fires nor wakes.
+    #[test]
+    fn regression_a_rule_moved_to_another_blueprint_left_its_alerts_open() {
+        let on = |blueprint: &str| {
+            with_rules(&format!(
+                "[[rule]]\nname = \"hot\"\nblueprint = \"{blueprint}\"\nproperty = \"cpu\"\nabove = 80\n\
+                 [[rule]]\nname = \"held\"\nblueprint = \"{blueprint}\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n"
+            ))
+        };
+        let before = on("DeploymentConfig");
+        let current = |_: &str| AlertState::default();
+        let Evaluation::Evaluated { alerts, states, .. } =
+            before.evaluate(&event(&update(r#"{"cpu":90}"#)), &current, 1, 1)
+        else {
+            panic!("evaluated");
+        };
+        assert_eq!(alerts.len(), 1, "hot fires, held waits");
+        let states: HashMap<String, AlertState> = states.into_iter().collect();
+        let after = on("Other");
+        let matured = after.mature(states.iter(), 2);
+        assert_eq!(matured.len(), 1, "{matured:?}");
+        let (_, state, alert) = &matured[0];
+        assert_eq!(
+            (alert.rule.as_str(), alert.status),
+            ("hot", AlertStatus::Resolved)
+        );
+        assert_eq!(
+            alert.note.as_deref(),
+            Some("its rule now watches blueprint Other, not DeploymentConfig")
+        );
+        assert_eq!(*state, AlertState::default());
+        assert!(
+            after
+                .mature(states.iter(), u64::MAX)
+                .iter()
+                .all(|m| m.2.rule != "held")
+        );
+        assert_eq!(after.next_due(states.iter()), None);
+        // The same rules as before: nothing to resolve.
+        assert!(before.mature(states.iter(), 2).is_empty());
     }
 
     /// A held state without its draft (stored by hand, or damaged) never fires, yet it was
