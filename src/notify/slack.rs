@@ -81,13 +81,19 @@ pub fn message(alert: &Alert) -> Value {
     }
     let title = alert.headline();
     // Slack reads the notification text as mrkdwn: escaped, as the blocks are.
-    let fallback = escape(&match &alert.property {
+    let mut fallback = match &alert.property {
         Some(p) => format!(
             "{title} ({} {} → {}, {})",
             p.property, p.before, p.after, alert.threshold
         ),
         None => format!("{title} ({})", alert.threshold),
-    });
+    };
+    // Why it was sent when that is not the change itself ("entity deleted", "its rule was
+    // removed from the config", "found by reconciliation..."): a notification shows only this.
+    if let Some(note) = &alert.note {
+        fallback.push_str(&format!(": {note}"));
+    }
+    let fallback = escape(&fallback);
     let mut header = vec![json!({"type": "header", "text": {"type": "plain_text", "text": title}})];
     fit_blocks(&mut header);
     fit_blocks(&mut details);
@@ -273,6 +279,22 @@ mod tests {
         }
         // The header is plain text, which Slack shows as it is.
         assert_eq!(message["blocks"][0]["text"]["text"], alert.headline());
+    }
+
+    /// Regression (helper-120): an alert's note ("its rule was removed from the config",
+    /// "entity deleted") was only in a context block, not in the notification text.
+    #[test]
+    fn regression_the_note_was_missing_from_the_notification_text() {
+        let mut alert = alert();
+        alert.note = Some("its rule was removed from the config".into());
+        let message = message(&alert);
+        for text in [&message["text"], &message["attachments"][0]["fallback"]] {
+            let text = text.as_str().unwrap();
+            assert!(
+                text.ends_with(": its rule was removed from the config"),
+                "{text}"
+            );
+        }
     }
 
     #[test]
