@@ -354,6 +354,8 @@ async fn tokens_keep_strangers_out() {
     for (given, status_wanted) in [
         ("bearer post-secret", 200),
         ("BEARER post-secret", 200),
+        // One space or more after the scheme (helper-119).
+        ("Bearer  post-secret", 200),
         ("bearer post-secreT", 401),
         ("bearerpost-secret", 401),
     ] {

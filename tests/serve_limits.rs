@@ -449,6 +449,16 @@ async fn bad_input_gets_json_errors_and_odd_headers_are_counted() {
         metric(&server, "smee_relay_serve_headers_dropped_total").await,
         3.0
     );
+    // A content type with UTF-8 beyond ASCII in it still says JSON: the body is parsed
+    // (helper-119: it counted as none, and the body went out as a string).
+    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    raw.write_all("POST /odd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json; charset=\"utf-8é\"\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"real\":3}".as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let event = read_until(&mut subscriber, "timestamp").await;
+    assert!(event.contains(r#""body":{"real":3}"#), "{event}");
     server.cancel.cancel();
 }
 
@@ -805,4 +815,52 @@ async fn regression_the_channel_cap_was_reached_without_a_word() {
         1,
         "said once"
     );
+}
+
+/// Regression (helper-119): a body sent a byte at a time was kept as the pieces hyper handed
+/// over, each sharing (and so pinning) a read buffer of kilobytes: 200 such uploads took the
+/// server from 31 MiB to nearly 2 GiB while the budget counted under 1 MiB. Each piece is
+/// copied into the body's own buffer now, and the buffer's capacity is what is charged.
+#[tokio::test]
+async fn regression_a_body_sent_a_byte_at_a_time_pinned_a_read_buffer_per_byte() {
+    let (mut child, logs) =
+        support::spawn_logged(support::smee_relay().args(["serve", "--listen", "127.0.0.1:0"]));
+    let addr = support::serve_address(&logs).await;
+    let pid = child.id().unwrap();
+    let before = peak_rss(pid);
+    let mut drips = Vec::new();
+    for n in 0..20 {
+        let addr = addr.clone();
+        drips.push(tokio::spawn(async move {
+            let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            socket.set_nodelay(true).unwrap();
+            socket
+                .write_all(
+                    format!("POST /drip{n} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            for _ in 0..1500 {
+                if socket.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(300)).await;
+            }
+            socket
+        }));
+    }
+    let mut sockets = Vec::new();
+    for drip in drips {
+        sockets.push(drip.await.unwrap());
+    }
+    let grew = peak_rss(pid).saturating_sub(before);
+    eprintln!(
+        "the peak grew by {} MiB for 20 uploads of 1,500 bytes sent a byte at a time",
+        grew >> 20
+    );
+    assert!(grew < 64 << 20, "the peak grew by {} MiB", grew >> 20);
+    drop(sockets);
+    support::signal(&child, "TERM");
+    let _ = child.wait().await;
 }

@@ -100,12 +100,13 @@ fn authorized(headers: &HeaderMap, token: &Option<SecretString>) -> bool {
     let token = token.expose_secret();
     let given = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         // The scheme's name is case-insensitive (RFC 9110, 11.1): `bearer` is `Bearer`.
         .and_then(|v| {
             v.get(..7)
                 .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
-                .map(|_| &v[7..])
+                // One space or more after the scheme (RFC 9110, 11.4).
+                .map(|_| v[7..].trim_start_matches(' '))
         });
     // Constant-time compare: a token is a secret.
     given.is_some_and(|given| {
@@ -163,8 +164,12 @@ fn merge_repeated(
     kept
 }
 
+/// A header's value as text: UTF-8, as the frame keeps it (`to_str` takes ASCII only, so a
+/// `Content-Type` with `é` in it counted as none and a JSON body went out as a string).
 fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
+    headers
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
 }
 
 /// The client's address: the socket's, or with `--trust-proxy` the last one the proxy added
@@ -266,8 +271,10 @@ async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), Bod
     let deadline = tokio::time::Instant::now() + hub.config.read_timeout;
     let mut body = body;
     let mut charge = None;
-    let mut parts: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
+    // Each piece is copied in as it comes, and what is charged is the buffer's capacity: a
+    // piece hyper hands over may share its whole read buffer, so keeping pieces would pin
+    // kilobytes per byte of a body sent a byte at a time (helper-119), uncounted.
+    let mut joined: Vec<u8> = Vec::new();
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(BodyError::Timeout),
@@ -278,21 +285,23 @@ async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), Bod
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        len += data.len();
-        if len > hub.config.max_body {
+        if joined.len() + data.len() > hub.config.max_body {
             return Err(BodyError::TooLarge);
         }
-        hub.reserve(&mut charge, data.len())
-            .map_err(BodyError::Memory)?;
-        parts.push(data);
+        let had = joined.capacity();
+        if joined.len() + data.len() > had {
+            // Room for it, doubling as Vec does, but never past --max-body.
+            let want = (joined.len() + data.len())
+                .max(had * 2)
+                .min(hub.config.max_body);
+            hub.reserve(&mut charge, want - had)
+                .map_err(BodyError::Memory)?;
+            joined.reserve_exact(want - joined.len());
+        }
+        joined.extend_from_slice(&data);
     }
-    // Always a copy of exactly its size: a piece hyper hands over may share a larger read
-    // buffer, which the event would then pin for as long as it is kept, uncounted.
-    let mut joined = Vec::with_capacity(len);
-    for part in parts {
-        joined.extend_from_slice(&part);
-    }
-    let body = Bytes::from(joined);
+    // Kept at exactly its size: the event holds it as long as it is kept.
+    let body = Bytes::copy_from_slice(&joined);
     Ok((body, charge))
 }
 
