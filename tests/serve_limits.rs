@@ -802,6 +802,21 @@ async fn regression_the_channel_cap_was_reached_without_a_word() {
         let sent = post(&format!("{url}/{name}"), b"{}".to_vec()).await;
         assert_eq!(sent.status().as_u16(), status, "{name}");
     }
+    // `/new` refused at the cap is counted too (helper-119: it was neither said nor counted).
+    let new = client().get(format!("{url}/new")).send().await.unwrap();
+    assert_eq!(new.status().as_u16(), 503);
+    let metrics = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("smee_relay_serve_refused_total{reason=\"max_channels\"} 3"),
+        "{metrics}"
+    );
     logs.wait_for(&[
         "WARN",
         "maximum of 2 channels (--max-channels)",

@@ -212,11 +212,8 @@ async fn new_channel_redirect(
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
 ) -> Response {
-    if !hub.can_create() {
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            HubError::TooManyChannels(hub.config.max_channels),
-        );
+    if let Err(e) = hub.can_create() {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, e);
     }
     let scheme = if peer.tls { "https" } else { "http" };
     let (proto, host) = if hub.config.trust_proxy {

@@ -541,9 +541,31 @@ impl Hub {
         Ok(())
     }
 
-    /// Whether a new channel may be made now.
-    pub(super) fn can_create(&self) -> bool {
-        self.lock().map.len() < self.config.max_channels
+    /// Whether a new channel may be made now (`/new`); refused, as a post to a new name is.
+    pub(super) fn can_create(&self) -> Result<(), HubError> {
+        if self.lock().map.len() < self.config.max_channels {
+            Ok(())
+        } else {
+            Err(self.channel_cap_refusal())
+        }
+    }
+
+    /// A new channel refused at `--max-channels`: counted, and said at the first refusal and
+    /// every 1,000th after (new channels are refused for as long as `--channel-ttl` keeps the
+    /// old ones, which anyone who may post can bring about).
+    fn channel_cap_refusal(&self) -> HubError {
+        let refused = self
+            .stats
+            .refused_channel_cap
+            .fetch_add(1, Ordering::Relaxed);
+        if refused.is_multiple_of(1000) {
+            warn!(
+                "the server holds its maximum of {} channels (--max-channels): new ones are refused until unused ones expire (--channel-ttl); {} refused so far (if strangers made them, see --post-token and --allow-post-from)",
+                self.config.max_channels,
+                refused + 1
+            );
+        }
+        HubError::TooManyChannels(self.config.max_channels)
     }
 
     fn channel_mut<'a>(
@@ -564,21 +586,7 @@ impl Hub {
     ) -> Result<(Arc<str>, &'a mut Channel), HubError> {
         if !channels.map.contains_key(name) {
             if !force && channels.map.len() >= self.config.max_channels {
-                let refused = self
-                    .stats
-                    .refused_channel_cap
-                    .fetch_add(1, Ordering::Relaxed);
-                // Said at the first refusal and every 1,000th after: new channels are refused
-                // for as long as `--channel-ttl` keeps the old ones, which anyone who may post
-                // can bring about.
-                if refused.is_multiple_of(1000) {
-                    warn!(
-                        "the server holds its maximum of {} channels (--max-channels): new ones are refused until unused ones expire (--channel-ttl); {} refused so far (if strangers made them, see --post-token and --allow-post-from)",
-                        self.config.max_channels,
-                        refused + 1
-                    );
-                }
-                return Err(HubError::TooManyChannels(self.config.max_channels));
+                return Err(self.channel_cap_refusal());
             }
             let key: Arc<str> = name.into();
             let mut channel = Channel::new(&self.stats, name);
