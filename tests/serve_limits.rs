@@ -717,6 +717,24 @@ async fn regression_unfinished_uploads_evicted_the_events_just_posted() {
     server.cancel.cancel();
 }
 
+/// `smee-relay serve` as a child process on 127.0.0.1:0 with `extra` flags (its memory and
+/// its log are its own), and the server it is.
+async fn serve_child(extra: &[&str]) -> (tokio::process::Child, support::LogWatch, Server) {
+    let (child, logs) = support::spawn_logged(
+        support::smee_relay()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra),
+    );
+    let addr = support::serve_address(&logs).await;
+    let server = Server {
+        url: format!("http://{addr}"),
+        addr,
+        cancel: CancellationToken::new(),
+        done: tokio::spawn(async {}),
+    };
+    (child, logs, server)
+}
+
 /// The peak resident memory of process `pid` (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -734,19 +752,7 @@ fn peak_rss(pid: u32) -> u64 {
 /// a post of 8 MiB of it costs tens of MiB, not hundreds.
 #[tokio::test]
 async fn regression_one_json_post_took_the_server_past_a_gigabyte() {
-    let (mut child, logs) = support::spawn_logged(support::smee_relay().args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--smee-wire",
-    ]));
-    let addr = support::serve_address(&logs).await;
-    let server = Server {
-        url: format!("http://{addr}"),
-        addr,
-        cancel: CancellationToken::new(),
-        done: tokio::spawn(async {}),
-    };
+    let (mut child, _logs, server) = serve_child(&["--smee-wire"]).await;
     let mut subscriber = raw_subscriber(&server, "/zeros", None).await;
     read_until(&mut subscriber, "event: ready").await;
     let before = peak_rss(child.id().unwrap());
@@ -790,14 +796,8 @@ async fn regression_one_json_post_took_the_server_past_a_gigabyte() {
 /// so. The first refusal is a warning naming the flag and what to do.
 #[tokio::test]
 async fn regression_the_channel_cap_was_reached_without_a_word() {
-    let (mut child, logs) = support::spawn_logged(support::smee_relay().args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--max-channels",
-        "2",
-    ]));
-    let url = format!("http://{}", support::serve_address(&logs).await);
+    let (mut child, logs, server) = serve_child(&["--max-channels", "2"]).await;
+    let url = server.url;
     for (name, status) in [("a", 200), ("b", 200), ("c", 503), ("d", 503)] {
         let sent = post(&format!("{url}/{name}"), b"{}".to_vec()).await;
         assert_eq!(sent.status().as_u16(), status, "{name}");
@@ -838,9 +838,8 @@ async fn regression_the_channel_cap_was_reached_without_a_word() {
 /// copied into the body's own buffer now, and the buffer's capacity is what is charged.
 #[tokio::test]
 async fn regression_a_body_sent_a_byte_at_a_time_pinned_a_read_buffer_per_byte() {
-    let (mut child, logs) =
-        support::spawn_logged(support::smee_relay().args(["serve", "--listen", "127.0.0.1:0"]));
-    let addr = support::serve_address(&logs).await;
+    let (mut child, _logs, server) = serve_child(&[]).await;
+    let addr = server.addr;
     let pid = child.id().unwrap();
     let before = peak_rss(pid);
     let mut drips = Vec::new();
@@ -878,4 +877,26 @@ async fn regression_a_body_sent_a_byte_at_a_time_pinned_a_read_buffer_per_byte()
     drop(sockets);
     support::signal(&child, "TERM");
     let _ = child.wait().await;
+}
+
+/// Regression (helper-119): every subscription resuming from an id the server cannot serve
+/// (`Last-Event-ID: x`) logged a warning, so anyone could fill the log. Said at the first and
+/// every 1,000th, with the count.
+#[tokio::test]
+async fn regression_resume_warnings_could_fill_the_log() {
+    let (mut child, logs, server) = serve_child(&[]).await;
+    for n in 0..5 {
+        let mut subscriber = raw_subscriber(&server, &format!("/flood{n}"), Some("x")).await;
+        read_until(&mut subscriber, "event: ready").await;
+    }
+    logs.wait_for(&["WARN", "not an event id of this server", "1 so far"])
+        .await;
+    support::signal(&child, "TERM");
+    let _ = child.wait().await;
+    assert_eq!(
+        logs.all().matches("not an event id").count(),
+        1,
+        "{}",
+        logs.all()
+    );
 }

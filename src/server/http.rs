@@ -516,12 +516,15 @@ async fn subscribe(
             .ok()
             .or_else(|| v.bytes().all(|b| b.is_ascii_digit()).then_some(u64::MAX))
     });
-    if let Some(sent) = sent_id.filter(|_| last_seen.is_none()) {
+    if let Some(sent) = sent_id.filter(|_| last_seen.is_none())
+        && let Some(n) = hub.resume_warning()
+    {
         tracing::warn!(
             channel = %crate::url::redact(&name),
             "a subscriber resumed after {:?}, not an event id of this server: it gets new \
-             events only",
-            crate::text::escape_control(&sent.chars().take(64).collect::<String>())
+             events only ({}: {n} so far)",
+            crate::text::escape_control(&sent.chars().take(64).collect::<String>()),
+            super::hub::RESUME_WARNINGS
         );
     }
     // With `--nats-url`, an id above everything fed may be from a stream since reset: ask the

@@ -34,6 +34,9 @@ pub(super) const SUBSCRIBER_OVERHEAD: usize = 16 << 10;
 /// shared frame, never a private copy.
 const CHUNK: usize = 64 << 10;
 
+/// How a resume warning says it is not said every time.
+pub(super) const RESUME_WARNINGS: &str = "such warnings are said at the first and every 1,000th";
+
 /// Why a post or a subscription was refused.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum HubError {
@@ -81,6 +84,10 @@ pub(super) struct Stats {
     pub refused_subscriber_cap: AtomicU64,
     pub refused_memory: AtomicU64,
     pub refused_forbidden: AtomicU64,
+    /// Subscribers that resumed from an id this server cannot serve whole (not an id, above
+    /// its newest, or past what was evicted): the warning is said at the first and every
+    /// 1,000th, or anyone could fill the log.
+    pub resume_warnings: AtomicU64,
     pub headers_dropped: AtomicU64,
     pub store_errors: AtomicU64,
     /// False from a failed disk write until a write succeeds again.
@@ -550,6 +557,12 @@ impl Hub {
         }
     }
 
+    /// Whether to say this resume warning: the first and every 1,000th, with how many so far.
+    pub(super) fn resume_warning(&self) -> Option<u64> {
+        let n = self.stats.resume_warnings.fetch_add(1, Ordering::Relaxed);
+        n.is_multiple_of(1000).then_some(n + 1)
+    }
+
     /// A new channel refused at `--max-channels`: counted, and said at the first refusal and
     /// every 1,000th after (new channels are refused for as long as `--channel-ttl` keeps the
     /// old ones, which anyone who may post can bring about).
@@ -857,28 +870,33 @@ impl Hub {
             _ => false,
         };
         let (_, channel) = self.channel_mut(&mut channels, name)?;
-        if reset_gap {
+        if reset_gap && let Some(n) = self.resume_warning() {
             let seen = last_seen.unwrap_or(0);
             if self.cluster.is_some() {
                 warn!(
                     channel = %crate::url::redact(name),
                     "a subscriber resumed after event {seen}, beyond the stream's sequence (it \
-                     was reset): told of a gap, and given the channel's events from the new stream"
+                     was reset): told of a gap, and given the channel's events from the new stream \
+                     ({RESUME_WARNINGS}: {n} so far)"
                 );
             } else {
                 warn!(
                     channel = %crate::url::redact(name),
                     "a subscriber resumed after event {seen}, beyond this channel's newest \
                      ({newest}): not an id of this server (another server's, or the clock was \
-                     set back); told of a gap, and given the events the channel keeps"
+                     set back); told of a gap, and given the events the channel keeps \
+                     ({RESUME_WARNINGS}: {n} so far)"
                 );
             }
         }
-        if let Some((seen, upto)) = gap {
+        if let Some((seen, upto)) = gap
+            && let Some(n) = self.resume_warning()
+        {
             warn!(
                 channel = %crate::url::redact(name),
                 "a subscriber resumed after event {seen}, but events up to {upto} were already \
-                 evicted (--max-events, --retain, --max-memory or --channel-ttl): it missed them"
+                 evicted (--max-events, --retain, --max-memory or --channel-ttl): it missed them \
+                 ({RESUME_WARNINGS}: {n} so far)"
             );
         }
         let cursor = if reset_gap {
