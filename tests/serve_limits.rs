@@ -797,7 +797,7 @@ async fn regression_one_json_post_took_the_server_past_a_gigabyte() {
 #[tokio::test]
 async fn regression_the_channel_cap_was_reached_without_a_word() {
     let (mut child, logs, server) = serve_child(&["--max-channels", "2"]).await;
-    let url = server.url;
+    let url = server.url.clone();
     for (name, status) in [("a", 200), ("b", 200), ("c", 503), ("d", 503)] {
         let sent = post(&format!("{url}/{name}"), b"{}".to_vec()).await;
         assert_eq!(sent.status().as_u16(), status, "{name}");
@@ -805,17 +805,13 @@ async fn regression_the_channel_cap_was_reached_without_a_word() {
     // `/new` refused at the cap is counted too (helper-119: it was neither said nor counted).
     let new = client().get(format!("{url}/new")).send().await.unwrap();
     assert_eq!(new.status().as_u16(), 503);
-    let metrics = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("smee_relay_serve_refused_total{reason=\"max_channels\"} 3"),
-        "{metrics}"
+    assert_eq!(
+        metric(
+            &server,
+            "smee_relay_serve_refused_total{reason=\"max_channels\"}"
+        )
+        .await,
+        3.0
     );
     logs.wait_for(&[
         "WARN",
