@@ -866,12 +866,7 @@ async fn a_forged_signature_runs_nothing_and_reports_nothing() {
 #[tokio::test]
 async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again() {
     let setup = Setup::new(ALL_FOUR).await;
-    handler(&setup.dir, "restart.sh", "sleep 60");
-    let mut daemon = setup.start().await;
-    setup.send(1, "01-legacy-run-message");
-    wait_until("the handler started", || executions(&setup.dir).len() == 1).await;
-    daemon.child.kill().await.unwrap(); // SIGKILL
-    daemon.child.wait().await.unwrap();
+    kill_9_mid_run(&setup).await;
 
     let daemon = setup.start().await;
     setup.port.wait_finished(&["r_act01legacy"]).await;
@@ -886,6 +881,38 @@ async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again
         .await;
     assert_eq!(executions(&setup.dir), ["r_act01legacy"]);
     assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
+}
+
+/// A relay killed (SIGKILL) while the handler of run `r_act01legacy` runs (`sleep 60`).
+async fn kill_9_mid_run(setup: &Setup) {
+    handler(&setup.dir, "restart.sh", "sleep 60");
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || executions(&setup.dir).len() == 1).await;
+    daemon.child.kill().await.unwrap();
+    daemon.child.wait().await.unwrap();
+}
+
+/// Regression (helper-120): a run interrupted by a restart whose `[[action]]` was removed
+/// meanwhile was said not to run again for `on_interrupt = "fail"`, which it did not have.
+#[tokio::test]
+async fn regression_an_interrupted_run_of_a_removed_action_blamed_on_interrupt() {
+    let setup = Setup::new(ALL_FOUR).await;
+    kill_9_mid_run(&setup).await;
+    let without = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "identifier = \"restart_deployment\"",
+        "identifier = \"other_action\"",
+    );
+    std::fs::write(&setup.config, without).unwrap();
+    let _daemon = setup.start().await;
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let log = setup.port.logs("r_act01legacy");
+    assert!(
+        log.contains(
+            "it is not run again (its [[action]] restart_deployment is no longer in the config)"
+        ),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -362,7 +362,14 @@ async fn recover(
                 Err(e) => warn!(run = %run_id, "cannot run it again: {e}"),
             }
         }
-        warn!(run = %run_id, action = %state.action, "run was interrupted by a restart: reporting FAILURE");
+        // Why it is not run again: its `on_interrupt`, or its `[[action]]` gone from the
+        // config (helper-120: said to be `on_interrupt = "fail"` when it was "rerun").
+        let why = match (spec, rerun) {
+            (None, _) => format!("its [[action]] {} is no longer in the config", state.action),
+            (Some(_), None) => "on_interrupt = \"fail\"".to_string(),
+            (Some(_), Some(_)) => "its event could not be read again".to_string(),
+        };
+        warn!(run = %run_id, action = %state.action, "run was interrupted by a restart and is not run again ({why}): reporting FAILURE");
         count_finished(&state.action, "interrupted");
         let finish = Finish {
             status: Some(Terminal::Failure),
@@ -371,7 +378,9 @@ async fn recover(
         };
         let log = Report::Log {
             run: run_id.clone(),
-            message: "smee-relay restarted while the handler was running; it is not run again (on_interrupt = \"fail\")".into(),
+            message: format!(
+                "smee-relay restarted while the handler was running; it is not run again ({why})"
+            ),
         };
         finish_writes_commit(writer, &run_id, &state, vec![log], finish, cancel).await;
     }
