@@ -72,6 +72,27 @@ pub enum Verdict {
     },
 }
 
+/// For each byte of jq `code`, whether it is inside a string literal (`"..."`, with `\"`):
+/// the opening quote is not, the text and the closing quote are.
+fn in_string_literal(code: &str) -> Vec<bool> {
+    let (mut inside, mut escaped) = (false, false);
+    code.bytes()
+        .map(|b| {
+            let here = inside;
+            if !inside {
+                inside = b == b'"';
+            } else if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                inside = false;
+            }
+            here
+        })
+        .collect()
+}
+
 impl Rule {
     /// A warning for a `when` that reads what it is never given: it sees the entity after the
     /// change (`.properties`, `.identifier`...), not the webhook's body, so `.diff`, `.event`
@@ -81,15 +102,27 @@ impl Rule {
             return None;
         };
         let code = condition.code();
-        let read: Vec<&str> = [".diff", ".event", ".context", ".trigger"]
+        // `.diff` at the root of a path: not `.properties.diff` (a property may be named so),
+        // not inside a string literal; `.["diff"]` and `getpath(["diff", ...])` too.
+        let literal = in_string_literal(code);
+        let read: Vec<&str> = ["diff", "event", "context", "trigger"]
             .into_iter()
             .filter(|field| {
-                code.match_indices(field).any(|(at, _)| {
-                    code[at + field.len()..]
-                        .chars()
-                        .next()
-                        .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
-                })
+                let dotted = format!(".{field}");
+                let rooted = code.match_indices(&dotted).any(|(at, _)| {
+                    let before = code[..at].chars().next_back();
+                    let after = code[at + dotted.len()..].chars().next();
+                    !literal[at]
+                        && before.is_none_or(|c| !(c.is_alphanumeric() || "_]).\"?".contains(c)))
+                        && after.is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+                });
+                let indexed = [format!(".[\"{field}\"]"), format!("getpath([\"{field}\"")]
+                    .iter()
+                    .any(|form| {
+                        code.match_indices(form.as_str())
+                            .any(|(at, _)| !literal[at])
+                    });
+                rooted || indexed
             })
             .collect();
         (!read.is_empty()).then(|| {
@@ -223,5 +256,39 @@ impl Rule {
             }
         };
         judged.unwrap_or_else(|skip| skip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The warning of a rule whose `when` is `code` (helper-117's finding; helper-120's false
+    /// positives and misses).
+    fn hint(code: &str) -> Option<String> {
+        let pipeline = crate::pipeline::tests::with_rules(&format!(
+            "[[rule]]\nname = \"r\"\nwhen = '{code}'\n"
+        ));
+        pipeline.rules[0].when_hint()
+    }
+
+    #[test]
+    fn a_when_that_reads_the_body_warns_and_a_property_of_that_name_does_not() {
+        for reads in [
+            ".diff.before.properties.x == 1",
+            "(.event.action) == \"DELETE\"",
+            ".[\"diff\"] != null",
+            "getpath([\"event\",\"action\"]) == \"DELETE\"",
+            ".properties.x == 1 and .context != null",
+        ] {
+            assert!(hint(reads).is_some(), "{reads}");
+        }
+        for fine in [
+            ".properties.diff == true",
+            ".properties.event == \"x\"",
+            ".identifier == \"a.diff\"",
+            ".properties.differences > 1",
+            ".properties[\"event\"] == 1",
+        ] {
+            assert_eq!(hint(fine), None, "{fine}");
+        }
     }
 }
