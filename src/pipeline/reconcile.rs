@@ -755,6 +755,7 @@ pub async fn run(
     rules: watch::Receiver<Arc<Pipeline>>,
     gaps: Arc<Gaps>,
     health: Arc<crate::counters::Counters>,
+    restarted: bool,
     cancel: CancellationToken,
 ) {
     // A stop, or a reconciler replaced by a reload, leaves no failing run behind.
@@ -772,8 +773,15 @@ pub async fn run(
             .ok()
             .flatten()
     };
+    // Restarted by a reload (new credentials, a new interval), the relay was receiving all
+    // along: its first read is no start's, and says so (helper-120: "not receiving since" the
+    // reload).
     let mut why = Why {
-        kind: WhyKind::Start,
+        kind: if restarted {
+            WhyKind::Interval
+        } else {
+            WhyKind::Start
+        },
         since_ms: started_since,
         channels: Vec::new(),
     };
@@ -1276,6 +1284,7 @@ mod tests {
             rules_rx,
             gaps.clone(),
             health.clone(),
+            false,
             cancel.clone(),
         ));
         // At start (after waiting the grace for a first connection none reports); a 500 backs
@@ -1333,6 +1342,40 @@ mod tests {
             alive_since(&spool).is_some(),
             "a clean stop records when the relay was last up"
         );
+
+        // Regression (helper-120): restarted by a reload (new credentials), its first read
+        // said "smee-relay was not receiving since" the reload, as a start would.
+        let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
+        let catalog = Arc::new(Scripted {
+            answers: Mutex::new(VecDeque::from([Ok(vec![entity(
+                "a",
+                60,
+                "2026-11-20T10:00:00Z",
+            )])])),
+            asked: asked_tx,
+        });
+        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            catalog,
+            interval,
+            MIN_GAP_SPACING,
+            rules_rx,
+            gaps.clone(),
+            health.clone(),
+            true,
+            cancel.clone(),
+        ));
+        asked.recv().await.unwrap();
+        let queued = queued_at_least(&spool, 4).await;
+        let why: Why = serde_json::from_slice::<Snapshot>(&queued[3].event.event.body)
+            .unwrap()
+            .why;
+        assert_eq!(why.kind, WhyKind::Interval, "{why:?}");
+        cancel.cancel();
+        task.await.unwrap();
         drop(writer);
         thread.join().unwrap();
     }
@@ -1368,6 +1411,7 @@ mod tests {
             rules_rx,
             gaps.clone(),
             health.clone(),
+            false,
             cancel.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -1481,6 +1525,7 @@ mod tests {
             rules_rx,
             Arc::new(Gaps::default()),
             Arc::default(),
+            false,
             cancel.clone(),
         ));
         tokio::task::yield_now().await;
@@ -1492,6 +1537,19 @@ mod tests {
         assert!(alive_since(&spool).is_some());
         drop(writer);
         thread.join().unwrap();
+    }
+
+    /// The pipeline route's first `n` queued events, once there are `n` (the reconciler
+    /// stores its snapshot after its read; time is paused, so the wait advances it).
+    async fn queued_at_least(spool: &Spool, n: usize) -> Vec<crate::spool::Queued> {
+        for _ in 0..1000 {
+            let queued = spool.pending(PIPELINE_ROUTE, 0, 10).unwrap();
+            if queued.len() >= n {
+                return queued;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} snapshots queued");
     }
 
     /// Regression (helper-117): a channel that reconnected after a reconciliation said

@@ -1510,6 +1510,7 @@ impl Runtime {
             Reconcile::Off => None,
             Reconcile::Start(plan, client) => Some((plan, client)),
         };
+        let restarted = self.reconciler.is_some();
         if let Some(old) = self.reconciler.take() {
             old.task.stop().await;
             if start.is_none() {
@@ -1533,6 +1534,7 @@ impl Runtime {
             pipeline.rules.subscribe(),
             self.gaps.clone(),
             self.counters.clone(),
+            restarted,
             cancel.clone(),
         ));
         self.reconciler = Some(ReconcilerTask {
