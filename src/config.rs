@@ -1153,12 +1153,9 @@ pub fn parse(
     }
     // Credentials named but not usable (a variable not set) are their own problem, already
     // said: not also "set client_id and client_secret" for reconcile.
-    let port = &file.port;
-    let named = (port.client_id.is_some() || port.client_id_env.is_some())
-        && (port.client_secret.is_some() || port.client_secret_env.is_some());
     let reconcile = reconcile_config(
         &file,
-        port_api.is_some() || named,
+        port_api.is_some() || credentials_named(&file.port),
         &rules,
         &at_line,
         &mut problems,
@@ -1303,7 +1300,10 @@ fn actions_config(
         }),
         _ => None,
     };
-    if port.report_automation_runs && (port_api.is_none() || !client_secret_given(port)) {
+    // Credentials named through variables that are not set are their own problem, said
+    // already: not also "set client_id and client_secret" (helper-117, helper-120).
+    let named = credentials_named(port);
+    if port.report_automation_runs && !named {
         problems.push(at_key(
             "port",
             "report_automation_runs",
@@ -1334,9 +1334,12 @@ fn actions_config(
             Err(e) => problems.push(at_line(at, format!("[[action]]: {e}"))),
         }
     }
-    if !file.actions.is_empty() && port_api.is_none() {
-        problems.push(format!(
-            "{origin}: [[action]] reports runs to Port: set [port] client_id (or client_id_env) and client_secret (or client_secret_env)"
+    if let Some(first) = file.actions.first()
+        && !named
+    {
+        problems.push(at_line(
+            first.span().start,
+            "[[action]] reports runs to Port: set [port] client_id (or client_id_env) and client_secret (or client_secret_env)".into(),
         ));
     }
     if !file.actions.is_empty() && !file.channels.iter().any(|c| c.get_ref().pipeline) {
@@ -1349,6 +1352,12 @@ fn actions_config(
 
 fn client_secret_given(port: &PortConfig) -> bool {
     port.client_secret.is_some() || port.client_secret_env.is_some()
+}
+
+/// Whether `[port]` names a client id and a client secret (literally or by variable), set or
+/// not: a variable not set is said on its own.
+fn credentials_named(port: &PortConfig) -> bool {
+    (port.client_id.is_some() || port.client_id_env.is_some()) && client_secret_given(port)
 }
 
 /// Build a rule, or say what is wrong (with the offset of the `when` string for jq errors).
@@ -1797,6 +1806,20 @@ above = 80
             "{e}"
         );
         assert!(!e.contains("reconcile reads entities"), "{e}");
+        // Nor for reporting runs (helper-120).
+        let reporting = text.replace("reconcile = \"10m\"", "report_automation_runs = true")
+            + "\n[[action]]\nidentifier = \"a\"\nforward = \"http://127.0.0.1:1/a\"\n";
+        let e = parse(&reporting, "c.toml", &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("client_secret_env names PORT_CLIENT_SECRET"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("report_automation_runs needs") && !e.contains("reports runs to Port"),
+            "{e}"
+        );
         let env = |name: &str| {
             Some(
                 if name == "SLACK_WEBHOOK_URL" {
