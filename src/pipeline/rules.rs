@@ -105,7 +105,7 @@ impl Rule {
         // `.diff` at the root of a path: not `.properties.diff` (a property may be named so),
         // not inside a string literal; `.["diff"]` and `getpath(["diff", ...])` too.
         let literal = in_string_literal(code);
-        let read: Vec<&str> = ["diff", "event", "context", "trigger"]
+        let read: Vec<String> = ["diff", "event", "context", "trigger"]
             .into_iter()
             .filter(|field| {
                 let dotted = format!(".{field}");
@@ -124,6 +124,7 @@ impl Rule {
                     });
                 rooted || indexed
             })
+            .map(|field| format!(".{field}"))
             .collect();
         (!read.is_empty()).then(|| {
             format!(
