@@ -921,7 +921,14 @@ pub(crate) fn toml_problem(origin: &str, text: &str, e: &toml::de::Error) -> Str
         }
         _ => String::new(),
     };
-    format!("{origin}:{line}: {message}{hint}")
+    // A value of the wrong type names its key (helper-120: "invalid type: a string, expected
+    // a number" said the line only).
+    match key {
+        Some(key) if message.starts_with("invalid type") && hint.is_empty() => {
+            format!("{origin}:{line}: `{key}`: {message}")
+        }
+        _ => format!("{origin}:{line}: {message}{hint}"),
+    }
 }
 
 /// The line of `text` at byte `offset` (1-based).
@@ -1656,7 +1663,7 @@ above = 80
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("c.toml:4: invalid type"), "{e}");
+        assert!(e.contains("c.toml:4: `idle_timeout`: invalid type"), "{e}");
     }
 
     /// Regression: a mistyped key got serde's list of every key, without the one meant; and a
@@ -1737,7 +1744,7 @@ above = 80
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("c.toml:4: invalid type: an integer, expected"),
+            e.contains("c.toml:4: `token`: invalid type: an integer, expected"),
             "{e}"
         );
         assert!(!e.contains("98765432101234"), "{e}");
@@ -1755,7 +1762,7 @@ above = 80
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("c.toml:7: invalid type: a string, expected a number"),
+            e.contains("c.toml:7: `above`: invalid type: a string, expected a number"),
             "{e}"
         );
     }
