@@ -1765,7 +1765,8 @@ async fn regression_a_reload_did_not_say_which_actions_changed() {
     let daemon = setup.start().await;
     let renamed = std::fs::read_to_string(&setup.config)
         .unwrap()
-        .replace("\"scaffold_service\"", "\"scaffold_service_v2\"");
+        .replace("\"scaffold_service\"", "\"scaffold_service_v2\"")
+        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
     std::fs::write(&setup.config, renamed).unwrap();
     support::signal(&daemon.child, "HUP");
     daemon
@@ -1774,6 +1775,8 @@ async fn regression_a_reload_did_not_say_which_actions_changed() {
             "config reloaded",
             "[[action]] scaffold_service_v2 added",
             "[[action]] scaffold_service removed",
+            "actions on (3; Automation runs reported)",
+            "[port] report_automation_runs on",
         ])
         .await;
     daemon.stop().await;

@@ -1430,8 +1430,19 @@ impl Runtime {
                 changes.push("actions off; runs queued for them stay in the spool".into());
             }
             (Some((actions, reporter)), old) => {
-                changes.push(format!("actions on ({})", actions.actions.len()));
+                changes.push(match (actions.actions.len(), &actions.automation_runs) {
+                    (0, Some(_)) => "Automation runs reported (no [[action]])".to_string(),
+                    (n, Some(_)) => format!("actions on ({n}; Automation runs reported)"),
+                    (n, None) => format!("actions on ({n})"),
+                });
                 if let Some(old) = &old {
+                    let was = old.config.borrow().automation_runs.is_some();
+                    if was != actions.automation_runs.is_some() {
+                        changes.push(format!(
+                            "[port] report_automation_runs {}",
+                            if was { "off" } else { "on" }
+                        ));
+                    }
                     let names = |specs: &[crate::actions::ActionSpec]| -> Vec<String> {
                         specs.iter().map(|a| a.name.clone()).collect()
                     };
