@@ -1260,33 +1260,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-        let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
-        let catalog = Arc::new(Scripted {
-            answers: Mutex::new(VecDeque::from([
+        let gaps = Arc::new(Gaps::default());
+        let health = Arc::new(crate::counters::Counters::default());
+        let interval = Duration::from_secs(15 * 60);
+        let t0 = tokio::time::Instant::now();
+        let (task, cancel, mut asked) = spawn_reconciler(
+            (&spool, &writer, &gaps, &health),
+            vec![
                 Err(status(500, None)),
                 Err(status(429, Some(Duration::from_secs(7)))),
                 Ok(vec![entity("a", 60, "2026-11-20T10:00:00Z")]),
-            ])),
-            asked: asked_tx,
-        });
-        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
-        let gaps = Arc::new(Gaps::default());
-        let health = Arc::new(crate::counters::Counters::default());
-        let cancel = CancellationToken::new();
-        let interval = Duration::from_secs(15 * 60);
-        let t0 = tokio::time::Instant::now();
-        let task = tokio::spawn(run(
-            spool.clone(),
-            writer.clone(),
-            catalog,
+            ],
             interval,
-            MIN_GAP_SPACING,
-            rules_rx,
-            gaps.clone(),
-            health.clone(),
             false,
-            cancel.clone(),
-        ));
+        );
         // At start (after waiting the grace for a first connection none reports); a 500 backs
         // off 1 to 2 s (jitter); a 429 waits what it asked.
         let first = asked.recv().await.unwrap();
@@ -1345,29 +1332,12 @@ mod tests {
 
         // Regression (helper-120): restarted by a reload (new credentials), its first read
         // said "smee-relay was not receiving since" the reload, as a start would.
-        let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
-        let catalog = Arc::new(Scripted {
-            answers: Mutex::new(VecDeque::from([Ok(vec![entity(
-                "a",
-                60,
-                "2026-11-20T10:00:00Z",
-            )])])),
-            asked: asked_tx,
-        });
-        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline()));
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(
-            spool.clone(),
-            writer.clone(),
-            catalog,
+        let (task, cancel, mut asked) = spawn_reconciler(
+            (&spool, &writer, &gaps, &health),
+            vec![Ok(vec![entity("a", 60, "2026-11-20T10:00:00Z")])],
             interval,
-            MIN_GAP_SPACING,
-            rules_rx,
-            gaps.clone(),
-            health.clone(),
             true,
-            cancel.clone(),
-        ));
+        );
         asked.recv().await.unwrap();
         let queued = queued_at_least(&spool, 4).await;
         let why: Why = serde_json::from_slice::<Snapshot>(&queued[3].event.event.body)
@@ -1537,6 +1507,47 @@ mod tests {
         assert!(alive_since(&spool).is_some());
         drop(writer);
         thread.join().unwrap();
+    }
+
+    /// A reconciler on the spool (with its writer, gaps and health) whose calls to Port get
+    /// `answers` in turn, judging for the test pipeline: its task, what stops it, and when it
+    /// asked Port.
+    fn spawn_reconciler(
+        (spool, writer, gaps, health): (
+            &Arc<Spool>,
+            &SpoolWriter,
+            &Arc<Gaps>,
+            &Arc<crate::counters::Counters>,
+        ),
+        answers: Vec<Result<Vec<Value>, ReconcileError>>,
+        interval: Duration,
+        restarted: bool,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        CancellationToken,
+        tokio::sync::mpsc::UnboundedReceiver<tokio::time::Instant>,
+    ) {
+        let (asked_tx, asked) = tokio::sync::mpsc::unbounded_channel();
+        let catalog = Arc::new(Scripted {
+            answers: Mutex::new(VecDeque::from(answers)),
+            asked: asked_tx,
+        });
+        // The reconciler only borrows the rules: they stay readable once the sender is gone.
+        let (_, rules_rx) = watch::channel(Arc::new(pipeline()));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            spool.clone(),
+            writer.clone(),
+            catalog,
+            interval,
+            MIN_GAP_SPACING,
+            rules_rx,
+            gaps.clone(),
+            health.clone(),
+            restarted,
+            cancel.clone(),
+        ));
+        (task, cancel, asked)
     }
 
     /// The pipeline route's first `n` queued events, once there are `n` (the reconciler
