@@ -153,10 +153,11 @@ pub async fn run(
                     Err(e) => Err(format!("matching actions failed: {e}")),
                 }
             };
-            if matches!(found, Ok(None))
+            // Decoded once, and only for a run nothing here handles.
+            let automation = matches!(found, Ok(None)) && is_automation_run(&event.body);
+            if automation
                 && let Some(alerts_to) = &actions.automation_runs
                 && !runs.contains_key(&run.run_id)
-                && is_automation_run(&event.body)
                 && actions.verifier.as_ref().is_some_and(|v| {
                     v.verify(
                         event.header("x-port-signature"),
@@ -196,10 +197,10 @@ pub async fn run(
             let spec = match found {
                 Ok(Some(spec)) => Ok(spec),
                 Ok(None) => {
-                    // An Automation's webhook (its `event` is the entity change) is the
-                    // pipeline's; a self-service run nothing here handles stays in progress on
-                    // Port's side (unless another relay handles it), so that is said.
-                    if is_automation_run(&event.body) {
+                    // An Automation's webhook (a Port change) is the pipeline's; a
+                    // self-service run nothing here handles stays in progress on Port's side
+                    // (unless another relay handles it), so that is said.
+                    if automation {
                         debug!(event = id, run = %run.run_id, "actions: an Automation run no [[action]] handles");
                     } else {
                         info!(

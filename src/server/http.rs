@@ -297,8 +297,13 @@ async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), Bod
         }
         joined.extend_from_slice(&data);
     }
-    // Kept at exactly its size: the event holds it as long as it is kept.
-    let body = Bytes::copy_from_slice(&joined);
+    // Kept at exactly its size: the event holds it as long as it is kept (copied only when
+    // the buffer grew past it).
+    let body = if joined.capacity() == joined.len() {
+        Bytes::from(joined)
+    } else {
+        Bytes::copy_from_slice(&joined)
+    };
     Ok((body, charge))
 }
 
