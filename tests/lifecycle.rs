@@ -575,6 +575,67 @@ async fn the_old_queue_is_said_and_purged_as_said(query: &str) {
     stop(child).await;
 }
 
+/// Regression: a relay started again without one of its channels (another channel on its
+/// command line, or the channel taken out of its config while it was stopped) left that
+/// channel's queue in the spool without a word, so its events looked lost. Now the start says
+/// how many wait, from which channel, for which target; but not while another relay sharing
+/// the state directory runs that channel (it delivers them).
+#[tokio::test]
+async fn regression_a_relay_started_without_a_channel_said_nothing_of_its_queue() {
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let state = tempfile::tempdir().unwrap();
+    // Nothing listens there: the event waits in the spool for it.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}/down", gone.local_addr().unwrap());
+    drop(gone);
+    let spawn = |name: &str, to: &str| {
+        watched(
+            smee_relay()
+                .args(["forward", &channel.url(name), to])
+                .arg("--state-dir")
+                .arg(state.path()),
+        )
+    };
+    let (child, logs) = spawn("Dropped", &down);
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &seq(1));
+    logs.wait_for(&["retrying in"]).await;
+    // Beside it, a relay of another channel on the same state directory: the queue is served.
+    let (beside, beside_logs) = spawn("Beside", &target.url("/beside"));
+    beside_logs.wait_for(&["connected to channel"]).await;
+    stop(beside).await;
+    beside_logs.wait_for(&["stopped;"]).await;
+    assert!(
+        !beside_logs.all().contains("does not subscribe to"),
+        "{}",
+        beside_logs.all()
+    );
+    stop(child).await;
+
+    let (child, logs) = spawn("Kept", &target.url("/kept"));
+    let list = format!(
+        "events list --status pending --state-dir {}`",
+        state.path().display()
+    );
+    let line = logs
+        .wait_for(&[
+            "1 event from a channel this relay does not subscribe to is still queued for",
+            &down,
+            &list,
+        ])
+        .await;
+    assert!(
+        line.contains("/Drop…"),
+        "the channel is named (redacted): {line}"
+    );
+    // The channel it has is relayed as ever.
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(2, &seq(2));
+    assert_eq!(target.next().await.body, r#"{"seq":2}"#);
+    stop(child).await;
+}
+
 /// ... and events left in a channel's cluster outbox, found by a relay started without the
 /// cluster, are named as such: no target to start again, but the cluster's config.
 #[tokio::test]

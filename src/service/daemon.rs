@@ -324,7 +324,9 @@ pub async fn run(
     // Past the deadline the process exits, whatever is stuck (a hung disk, a wedged task).
     let _backstop = backstop(cancel.clone(), shutdown_bound(plan.retry.shutdown_timeout));
     let fingerprint = plan_fingerprint(&plan);
+    let configured = plan.channels.iter().map(channel_key).collect();
     runtime.apply(plan).await?;
+    runtime.say_unconfigured(configured);
     if let Some(cluster) = &runtime.cluster {
         cluster.announce_config(fingerprint);
     }
@@ -1188,7 +1190,7 @@ impl Runtime {
         tokio::task::spawn_blocking(move || match spool.unserved_queues(&key, &served) {
             Ok(unserved) => {
                 for (queue, pending) in unserved {
-                    say_unserved_queue(Some(&shown), &queue, pending, &hint);
+                    say_unserved_queue(Some(&shown), &queue, pending, Unserved::Target, &hint);
                 }
             }
             Err(e) => warn!(
@@ -1196,6 +1198,54 @@ impl Runtime {
                 "cannot look for deliveries queued for other targets: {}",
                 crate::error::chain(&e)
             ),
+        });
+    }
+
+    /// Say which queues in the spool still hold deliveries of channels that are not among
+    /// `configured` (channel keys) and that no other relay sharing the state directory holds:
+    /// a relay started again without one of its channels keeps that channel's backlog, and
+    /// without a word it would look lost. Once, at start (a reload that removes a channel says
+    /// so itself); looked at off the event loop.
+    fn say_unconfigured(&self, configured: Vec<String>) {
+        let (spool, hint, state_dir) = (
+            self.spool.clone(),
+            self.unserved_hint(),
+            self.state_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let queues = match spool.pending_queues() {
+                Ok(queues) => queues,
+                Err(e) => {
+                    return warn!(
+                        "cannot look for deliveries queued for channels not in the config: {}",
+                        crate::error::chain(&e)
+                    );
+                }
+            };
+            for (queue, pending) in queues {
+                // Channel queues only: `alerts`, `port-reports` and `produced/...` are the
+                // pipeline's and the actions', whose own starts speak of them.
+                let Some((key, _)) = queue.split_once(' ') else {
+                    continue;
+                };
+                let channel_queue = key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit());
+                // In a cluster a channel queue holds local copies the cluster gives to another
+                // instance; only an outbox holds what the cluster does not have yet.
+                if !channel_queue
+                    || (hint.cluster && !crate::cluster::is_outbox(&queue))
+                    || configured.iter().any(|k| k == key)
+                    || spool::lock::channel_held(&state_dir, key)
+                {
+                    continue;
+                }
+                // The channel as stored with its events (redacted): the key alone says nothing.
+                let shown = spool
+                    .pending(&queue, 0, 1)
+                    .ok()
+                    .and_then(|first| first.into_iter().next())
+                    .map(|q| q.event.channel);
+                say_unserved_queue(shown.as_deref(), &queue, pending, Unserved::Channel, &hint);
+            }
         });
     }
 
@@ -1232,7 +1282,13 @@ impl Runtime {
                 // Known, at 0: an `events replay` may queue some for it again.
                 self.counters.unserved(name, &target, 0);
             }
-            Ok(Ok(pending)) => say_unserved_queue(channel, name, pending, &self.unserved_hint()),
+            Ok(Ok(pending)) => say_unserved_queue(
+                channel,
+                name,
+                pending,
+                Unserved::Target,
+                &self.unserved_hint(),
+            ),
             Ok(Err(e)) => warn!(
                 %target,
                 "target removed; cannot count what is still queued for it: {}",
@@ -1701,9 +1757,24 @@ struct Hint {
     cluster: bool,
 }
 
+/// Why no route of this relay takes a queue ([`say_unserved_queue`]).
+#[derive(Clone, Copy)]
+enum Unserved {
+    /// The relay has the queue's channel but not its target (or not its cluster outbox).
+    Target,
+    /// The relay does not subscribe to the queue's channel at all.
+    Channel,
+}
+
 /// Say that `pending` deliveries of `channel` (if known) wait on `queue`, which no route of this
 /// relay takes: kept, not delivered, and what to do.
-fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &Hint) {
+fn say_unserved_queue(
+    channel: Option<&str>,
+    queue: &str,
+    pending: u64,
+    why: Unserved,
+    hint: &Hint,
+) {
     hint.counters
         .unserved(queue, &spool::route_name(queue), pending);
     let (count, events, are) = match pending {
@@ -1741,6 +1812,18 @@ fn say_unserved_queue(channel: Option<&str>, queue: &str, pending: u64, hint: &H
             hint.state_dir
         )
     };
+    if let Unserved::Channel = why {
+        let target = spool::route_name(queue);
+        warn!(
+            channel,
+            queued = pending,
+            "{count} {events} from a channel this relay does not subscribe to {are} still \
+             queued for {target}: kept in the spool, not delivered. To deliver them, run a \
+             relay for that channel with this state directory (or put the channel back in the \
+             config); to see them, `smee-relay events list --status pending{list}`{drop}"
+        );
+        return;
+    }
     if crate::cluster::is_outbox(queue) {
         warn!(
             channel,

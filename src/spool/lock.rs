@@ -175,6 +175,17 @@ pub fn holders(state_dir: &Path) -> Vec<Holder> {
     found
 }
 
+/// Whether a relay holds the lock of the channel with key `key` in `state_dir` now: another
+/// relay sharing the directory serves that channel's queues. Looks without taking the lock
+/// (see [`holders`]); `false` where locks cannot be seen (no `/proc/locks`).
+pub fn channel_held(state_dir: &Path, key: &str) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(state_dir.join(format!("channel-{key}.lock"))) else {
+        return false;
+    };
+    locked_inodes().is_some_and(|inodes| inodes.contains(&meta.ino()))
+}
+
 /// The inodes of the files someone holds a `flock` on (`/proc/locks`; `None` where there is
 /// none). A line is `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`; one with `->` is a
 /// process waiting for the lock, not holding it.
