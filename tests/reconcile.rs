@@ -402,6 +402,59 @@ async fn missed_changes_are_found_by_reconciliation_once_and_nothing_else_is_sen
     slack.assert_no_more();
 }
 
+/// Regression: a reload that restarted the reconciler (its interval changed) cleared the
+/// `/healthz` warning of a reconciliation that kept failing, until the new reconciler failed
+/// too: meanwhile a relay whose missed alerts wait on Port looked healthy.
+#[tokio::test]
+async fn regression_a_reload_cleared_the_failing_reconciliation_warning() {
+    let port = FakePort::start().await;
+    let channel = FakeChannel::start().await;
+    let slack = FakeSlack::start().await;
+    let dir = support::temp_dir();
+    let config = write_config(dir.path(), &channel.url("PipelineChannel"), &port.url());
+    port.with(|s| s.failures = std::iter::repeat_n(500, 1_000).collect());
+    let daemon = start(&config, &dir.path().join("state"), &slack, &channel).await;
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let warned = || {
+        let request = client.get(format!("http://{}/healthz", daemon.metrics));
+        async move {
+            let body = request.send().await.ok()?.text().await.ok()?;
+            body.contains("Port reconciliation failing for")
+                .then_some(())
+        }
+    };
+    support::wait_for(PATIENCE, "the failing reconciliation on /healthz", &warned).await;
+    // A new interval restarts the reconciler, which waits before its first try.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(r#"reconcile = "1h""#, r#"reconcile = "2h""#),
+    )
+    .unwrap();
+    support::signal(&daemon.child, "HUP");
+    daemon
+        .logs
+        .wait_for(&["config reloaded", "Port reconciliation every 2h"])
+        .await;
+    assert!(
+        warned().await.is_some(),
+        "nothing has gone through since: still failing"
+    );
+    // Reconciliation turned off: nothing is failing any more.
+    std::fs::write(
+        &config,
+        text.replace(r#"reconcile = "1h""#, r#"reconcile = "off""#),
+    )
+    .unwrap();
+    support::signal(&daemon.child, "HUP");
+    daemon
+        .logs
+        .wait_for(&["config reloaded", "Port reconciliation off"])
+        .await;
+    assert!(warned().await.is_none(), "reconciliation is off");
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn check_refuses_a_reconcile_interval_under_a_minute() {
     let dir = support::temp_dir();

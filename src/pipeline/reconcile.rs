@@ -758,14 +758,8 @@ pub async fn run(
     restarted: bool,
     cancel: CancellationToken,
 ) {
-    // A stop, or a reconciler replaced by a reload, leaves no failing run behind.
-    struct Clear(Arc<crate::counters::Counters>);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            self.0.reconcile_ok();
-        }
-    }
-    let _clear = Clear(health.clone());
+    // A failing run stays said while a reconciler replaced by a reload takes over (until one
+    // goes through); the daemon clears it when reconciliation stops for good.
     let started_since = {
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || alive_since(&spool))

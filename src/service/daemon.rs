@@ -1585,6 +1585,8 @@ impl Runtime {
             }
         }
         let (Some((plan, client)), Some(pipeline)) = (start, &self.pipeline) else {
+            // No reconciliation now: a failing run of the one stopped is nobody's to end.
+            self.counters.reconcile_ok();
             return;
         };
         changes.push(format!(
