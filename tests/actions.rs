@@ -419,6 +419,22 @@ api_url = "{api}"
         self.start_with(&[]).await
     }
 
+    /// Turn on `[port] report_automation_runs` in the config (for the next start or reload).
+    fn report_automation_runs(&self) {
+        self.edit_config(&[]);
+    }
+
+    /// Rewrite the config with each `(from, to)` replaced, and Automation runs reported.
+    fn edit_config(&self, replacements: &[(&str, &str)]) {
+        let mut config = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
+        for (from, to) in replacements {
+            config = config.replace(from, to);
+        }
+        std::fs::write(&self.config, config).unwrap();
+    }
+
     async fn start_with(&self, flags: &[&str]) -> Daemon {
         let before = self.channel.connections();
         let mut child = smee_relay()
@@ -1165,11 +1181,7 @@ async fn automation_runs_get_the_pipelines_outcome_reported() {
     ))
     .await;
     handler(&setup.dir, "restart.sh", "");
-    // `[port] report_automation_runs = true` goes in the [port] table of the header.
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
-    std::fs::write(&setup.config, config).unwrap();
+    setup.report_automation_runs();
     let _daemon = setup.start().await;
     let automation = |file: &str| support::port_fixture("automation", file);
     setup
@@ -1680,10 +1692,7 @@ async fn regression_a_run_no_action_handles_was_silent() {
     handler(&setup.dir, "restart.sh", "");
     // Regression (helper-120): with Automation runs reported, a legacy run message (resource
     // type `run`) nothing handled was reported SUCCESS as an Automation run.
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
-    std::fs::write(&setup.config, config).unwrap();
+    setup.report_automation_runs();
     let daemon = setup.start().await;
     let typo = fixture("02-trigger-data")
         .replace("\"restart_deployment\"", "\"restart_deploymnet\"")
@@ -1726,10 +1735,7 @@ async fn regression_a_held_or_unjudged_automation_run_was_reported_no_rule_match
         include_str!("fixtures/port/rules.toml")
     ))
     .await;
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
-    std::fs::write(&setup.config, config).unwrap();
+    setup.report_automation_runs();
     let _daemon = setup.start().await;
     let fired = support::port_fixture("automation", "02-cpu-25-to-87");
     setup.channel.send_webhook(1, &signed_frame(&fired, SECRET));
@@ -1763,11 +1769,7 @@ async fn regression_a_held_or_unjudged_automation_run_was_reported_no_rule_match
 async fn regression_a_reload_did_not_say_which_actions_changed() {
     let setup = Setup::new(ALL_FOUR).await;
     let daemon = setup.start().await;
-    let renamed = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("\"scaffold_service\"", "\"scaffold_service_v2\"")
-        .replace("[port]\n", "[port]\nreport_automation_runs = true\n");
-    std::fs::write(&setup.config, renamed).unwrap();
+    setup.edit_config(&[("\"scaffold_service\"", "\"scaffold_service_v2\"")]);
     support::signal(&daemon.child, "HUP");
     daemon
         .logs
