@@ -999,6 +999,61 @@ on_interrupt = "rerun"
         .await;
 }
 
+/// Regression: a run a kill -9 interrupted, found by a relay started with no `[[action]]` left
+/// (nor Automation runs reported), was never settled and never mentioned: Port showed it in
+/// progress forever, and its handler ran on unwatched. The start says so, naming the run, the
+/// action, the handler's pid and what to do.
+#[tokio::test]
+async fn regression_a_run_interrupted_before_its_action_was_removed_was_never_mentioned() {
+    let setup = Setup::new(
+        r#"
+[[action]]
+identifier = "restart_deployment"
+command = ["DIR/restart.sh"]
+"#,
+    )
+    .await;
+    let marker = setup.dir.join("started");
+    handler(
+        &setup.dir,
+        "restart.sh",
+        &format!("touch {}; exec sleep 60", marker.display()),
+    );
+    let mut daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || marker.exists()).await;
+    daemon.child.kill().await.unwrap();
+    daemon.child.wait().await.unwrap();
+
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    let (header, _) = config.split_once("[[action]]").unwrap();
+    // A pipeline channel needs something to do: a rule, now that the action is gone.
+    let rule = "[[rule]]\nname = \"cpu\"\nproperty = \"cpuUtil\"\nabove = 50\n";
+    std::fs::write(&setup.config, format!("{header}{rule}")).unwrap();
+    let daemon = setup.start().await;
+    let said = daemon
+        .logs
+        .wait_for(&[
+            "WARN",
+            "action run interrupted by the last stop, not settled",
+            "r_act01legacy",
+            "restart_deployment",
+            "may still run, unwatched",
+        ])
+        .await;
+    // The handler a kill -9 left behind, by the pid the line gives.
+    let pid = said
+        .split_once("(pid ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(pid, _)| pid.to_string())
+        .expect("a pid");
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("sleep")),
+        "{said}"
+    );
+    let _ = std::process::Command::new("kill").arg(&pid).status();
+}
+
 #[tokio::test]
 async fn an_expired_token_is_renewed_once_and_the_report_goes_through() {
     let setup = Setup::new(ALL_FOUR).await;

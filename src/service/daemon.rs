@@ -325,8 +325,12 @@ pub async fn run(
     let _backstop = backstop(cancel.clone(), shutdown_bound(plan.retry.shutdown_timeout));
     let fingerprint = plan_fingerprint(&plan);
     let configured = plan.channels.iter().map(channel_key).collect();
+    let actions_off = plan.actions.is_none();
     runtime.apply(plan).await?;
     runtime.say_unconfigured(configured);
+    if actions_off {
+        runtime.say_unsettled_runs();
+    }
     if let Some(cluster) = &runtime.cluster {
         cluster.announce_config(fingerprint);
     }
@@ -1245,6 +1249,67 @@ impl Runtime {
                     .and_then(|first| first.into_iter().next())
                     .map(|q| q.event.channel);
                 say_unserved_queue(shown.as_deref(), &queue, pending, Unserved::Channel, &hint);
+            }
+        });
+    }
+
+    /// Started with actions off (no `[[action]]`, Automation runs not reported): say what the
+    /// actions of an earlier run left unsettled, which nothing settles now: runs a stop
+    /// interrupted (Port shows them in progress; a handler a kill -9 left runs on unwatched)
+    /// and reports to Port still queued. Without a word, Port's page would be all there is.
+    fn say_unsettled_runs(&self) {
+        if self.cluster.is_some() {
+            // The cluster's instances share the runs: another may have them on.
+            return;
+        }
+        let (spool, state_dir) = (
+            self.spool.clone(),
+            spool::lock::state_dir_arg(&self.state_dir),
+        );
+        tokio::task::spawn_blocking(move || {
+            let interrupted: Vec<(String, crate::actions::RunState)> =
+                match crate::actions::stored_runs(&spool) {
+                    Ok(runs) => runs
+                        .into_iter()
+                        .filter(|(_, state)| state.run_phase == crate::actions::RunPhase::Running)
+                        .collect(),
+                    Err(e) => {
+                        return warn!(
+                            "cannot look for action runs left unsettled: {}",
+                            crate::error::chain(&e)
+                        );
+                    }
+                };
+            for (run, state) in &interrupted {
+                let handler = match &state.process {
+                    Some(process) => format!(
+                        "; its handler (pid {}) may still run, unwatched",
+                        process.pid
+                    ),
+                    None => String::new(),
+                };
+                warn!(
+                    run = %run,
+                    action = %state.action,
+                    "action run interrupted by the last stop, not settled: this relay has no \
+                     [[action]] (nor `report_automation_runs`), so nothing reports it and Port \
+                     shows it in progress{handler}. Start the relay with its [[action]] again \
+                     (its `on_interrupt` decides: run again, or FAILURE)"
+                );
+            }
+            match spool.queued(crate::actions::REPORT_ROUTE) {
+                Ok(0) => {}
+                Ok(n) => warn!(
+                    queued = n,
+                    "reports to Port (run logs and statuses) wait in the spool, unsent: this \
+                     relay has no [[action]] (nor `report_automation_runs`). They are sent when \
+                     it runs with them again; `smee-relay events list --status pending{state_dir}` \
+                     shows them"
+                ),
+                Err(e) => warn!(
+                    "cannot count the reports to Port left queued: {}",
+                    crate::error::chain(&e)
+                ),
             }
         });
     }
