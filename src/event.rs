@@ -59,9 +59,13 @@ impl Event {
     /// A short label for logs: the event kind a human would look for first
     /// (`x-github-event=push`), if the sender said one.
     pub fn kind(&self) -> Option<String> {
+        /// A sender chooses the value: one of 60 KB would fill every log line and `events
+        /// list` row of its delivery (helper-121).
+        const KIND_MAX: usize = 64;
         const KIND_HEADERS: [&str; 3] = ["x-github-event", "x-gitlab-event", "x-port-event"];
-        KIND_HEADERS
-            .iter()
-            .find_map(|name| self.header(name).map(|v| format!("{name}={v}")))
+        KIND_HEADERS.iter().find_map(|name| {
+            self.header(name)
+                .map(|v| format!("{name}={}", crate::text::cut(v, KIND_MAX)))
+        })
     }
 }

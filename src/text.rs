@@ -40,6 +40,19 @@ pub fn escape_control(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `text` cut to at most `max` characters, the last being `…` when it was cut: a value a
+/// sender chose, kept to a size a log line or a table cell can hold.
+pub fn cut(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        Some(_) => {
+            let mut kept: String = text.chars().take(max.saturating_sub(1)).collect();
+            kept.push('…');
+            Cow::Owned(kept)
+        }
+    }
+}
+
 /// [`escape_control`] for each line of `text`: its line breaks stay, nothing else can drive the
 /// terminal (for output made of a sender's values, line by line).
 pub fn escape_lines(text: &str) -> String {

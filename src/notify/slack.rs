@@ -202,11 +202,11 @@ fn escape(text: &str) -> String {
 /// `text` cut to at most `max` characters, the last being `…`. In mrkdwn the cut never splits
 /// an escape (`&amp;`) or a link (`<url|label>`): those are dropped whole.
 fn truncate(text: &str, max: usize, mrkdwn: bool) -> String {
-    if text.chars().count() <= max {
+    let std::borrow::Cow::Owned(mut kept) = crate::text::cut(text, max) else {
         return text.to_string();
-    }
-    let mut kept: String = text.chars().take(max.saturating_sub(1)).collect();
+    };
     if mrkdwn {
+        kept.pop(); // the `…`, put back after the cut is mended
         if let Some(amp) = kept.rfind('&')
             && !kept[amp..].contains(';')
         {
@@ -217,8 +217,8 @@ fn truncate(text: &str, max: usize, mrkdwn: bool) -> String {
         {
             kept.truncate(open);
         }
+        kept.push('…');
     }
-    kept.push('…');
     kept
 }
 

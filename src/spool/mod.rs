@@ -3716,9 +3716,17 @@ pub fn event_kind(event: &Event) -> Option<String> {
         Some(inner) => *inner,
         None => shape,
     };
+    // A label, not text: a word such as `UPDATE` or `opened`, kept short (helper-121: a body's
+    // 3,000-character `action` went whole into every log line of its delivery).
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.len() <= 64
+            && w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
     match (shape.action, shape.resource_type) {
-        (Some(a), Some(r)) => Some(format!("{a} {r}")),
-        (Some(a), None) => Some(a),
+        (Some(a), Some(r)) if word(&a) && word(&r) => Some(format!("{a} {r}")),
+        (Some(a), _) if word(&a) => Some(a),
         _ => None,
     }
 }
@@ -3730,6 +3738,40 @@ mod tests {
 
     const ROUTE: &str = "http://127.0.0.1:9/";
     const ROOM: Limits = Limits { max_bytes: 1 << 20 };
+
+    /// Regression (helper-121): a sender's 60 KB `x-github-event`, or a body's 3,000-character
+    /// `action`, went whole into every log line and `events list` row of its delivery.
+    #[test]
+    fn regression_a_senders_long_kind_filled_every_line() {
+        let with = |headers: Vec<(String, String)>, body: &str| Event {
+            sse_id: None,
+            timestamp_ms: None,
+            headers,
+            query: vec![],
+            body: Bytes::from(body.to_string()),
+        };
+        let long = "C".repeat(60_000);
+        let kind = event_kind(&with(vec![("x-github-event".into(), long.clone())], "{}")).unwrap();
+        assert_eq!(kind, format!("x-github-event={}…", "C".repeat(63)));
+        let push = with(vec![("x-github-event".into(), "push".into())], "{}");
+        assert_eq!(event_kind(&push).as_deref(), Some("x-github-event=push"));
+        let body = |json: &str| event_kind(&with(vec![], json));
+        assert_eq!(
+            body(r#"{"action":"UPDATE","resourceType":"entity"}"#).as_deref(),
+            Some("UPDATE entity")
+        );
+        assert_eq!(body(r#"{"action":"opened"}"#).as_deref(), Some("opened"));
+        // Not a word: no label, rather than the sender's text.
+        assert_eq!(
+            body(&format!(r#"{{"action":"{}"}}"#, "A".repeat(3_000))),
+            None
+        );
+        assert_eq!(body(r#"{"action":"rm -rf"}"#), None);
+        assert_eq!(
+            body(r#"{"action":"UPDATE","resourceType":"x y"}"#).as_deref(),
+            Some("UPDATE")
+        );
+    }
 
     fn event(n: u8) -> Event {
         Event {
