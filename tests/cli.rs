@@ -52,6 +52,41 @@ async fn regression_a_channel_url_answering_404_got_no_hint() {
     refusal_hints(404, "is it a smee channel URL").await;
 }
 
+/// Regression (helper-121): a target given with `--port` or `--path` got clap's bare "cannot
+/// be used with"; the refusal now says why, what to do, and that `smee` takes both.
+#[tokio::test]
+async fn regression_a_target_with_path_was_refused_without_a_reason() {
+    for line in [
+        &[
+            "-u",
+            "http://127.0.0.1:9/ch",
+            "-t",
+            "http://127.0.0.1:3000/",
+            "-P",
+            "/hook",
+        ][..],
+        &[
+            "forward",
+            "http://127.0.0.1:9/ch",
+            "http://127.0.0.1:3000/",
+            "-p",
+            "4000",
+        ],
+    ] {
+        let out = support::run_to_end(smee_relay().args(line)).await;
+        assert_eq!(out.code, Some(2), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("cannot be used with")
+                && out.stderr.contains("would go unused: put them in it")
+                && out
+                    .stderr
+                    .contains("`smee` (smee-client's command line) takes both"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
 /// A relay that never reached its channel logged "disconnected from channel" and a cryptic
 /// `resume_after=-`: it now says it cannot connect, and names no event it has not seen.
 #[tokio::test]

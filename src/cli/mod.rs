@@ -679,6 +679,36 @@ pub fn parse(
     Cli::try_parse_from(args)
         .map(|cli| Invocation::Run(Box::new(cli)))
         .map_err(without_secrets)
+        .map_err(target_with_port_or_path)
+}
+
+/// clap's "cannot be used with" for a target given with `--port` or `--path` said neither why
+/// nor what to do (helper-121): a tip says both, and that smee-client's `smee` line takes them.
+fn target_with_port_or_path(mut error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::ArgumentConflict {
+        return error;
+    }
+    let named = |kind| match error.get(kind) {
+        Some(ContextValue::String(arg)) => arg.clone(),
+        Some(ContextValue::Strings(args)) => args.join(" "),
+        _ => String::new(),
+    };
+    let (arg, prior) = (named(ContextKind::InvalidArg), named(ContextKind::PriorArg));
+    let target = |a: &str| a.contains("--target") || a.contains("TARGET_URL");
+    let port_or_path = |a: &str| a.contains("--port") || a.contains("--path");
+    if (target(&arg) && port_or_path(&prior)) || (port_or_path(&arg) && target(&prior)) {
+        error.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![
+                "a target is the whole URL, so --port and --path would go unused: put them in \
+                 it (http://127.0.0.1:3000/hook), or leave the target out"
+                    .into(),
+                "`smee` (smee-client's command line) takes both and lets the target win".into(),
+            ]),
+        );
+    }
+    error
 }
 
 /// clap's error for a refused value repeats the value: for a URL, with what is secret in it
