@@ -57,6 +57,10 @@ struct GithubState {
     loop_cursor: AtomicBool,
     /// The list answers a page of 5 MB.
     huge_list: AtomicBool,
+    /// The list answers 403 with the primary limit used up until an hour from now.
+    limit_for_an_hour: AtomicBool,
+    /// The list answers 403 for a token without the permission (no rate limit).
+    forbidden: AtomicBool,
     /// The ids of delivery details asked for, rate-limited ones included.
     detail_requests: Mutex<Vec<u64>>,
 }
@@ -98,6 +102,30 @@ async fn list(
     }
     let requests = state.list_requests.fetch_add(1, Ordering::SeqCst);
     assert_eq!(query.get("per_page").map(String::as_str), Some("100"));
+    if state.forbidden.load(Ordering::SeqCst) {
+        return (
+            StatusCode::FORBIDDEN,
+            [("x-ratelimit-remaining", "4999")],
+            r#"{"message":"Resource not accessible by personal access token"}"#,
+        )
+            .into_response();
+    }
+    if state.limit_for_an_hour.load(Ordering::SeqCst) {
+        let reset = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        return (
+            StatusCode::FORBIDDEN,
+            [
+                ("x-ratelimit-remaining", "0".to_string()),
+                ("x-ratelimit-reset", reset.to_string()),
+            ],
+            r#"{"message":"API rate limit exceeded"}"#,
+        )
+            .into_response();
+    }
     if state.huge_list.load(Ordering::SeqCst) {
         return (
             [("content-type", "application/json")],
@@ -568,6 +596,40 @@ async fn the_daemon_catches_up_when_the_channel_connects() {
     assert!(!logs.all().contains(TOKEN));
 }
 
+/// Regression (helper-121): the daemon's catch-up with a token GitHub refuses was a WARN that
+/// "the next gap tries again", naming command-line flags the config does not have. A refused
+/// token does not mend itself: an ERROR naming the config's keys.
+#[tokio::test]
+async fn regression_the_daemons_refused_token_was_a_warning_naming_flags() {
+    let github = FakeGithub::start(deliveries(2)).await;
+    let channel = FakeChannel::start().await;
+    let dir = temp_dir();
+    let extra = format!(
+        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
+         token_env = \"TEST_GITHUB_TOKEN\"\n",
+        github.url
+    );
+    let config = write_config(
+        dir.path(),
+        &channel.url("RefusedToken"),
+        "http://127.0.0.1:9/",
+        &extra,
+    );
+    let (_daemon, logs) = spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("TEST_GITHUB_TOKEN", "not-the-token"),
+    );
+    logs.wait_for(&[
+        "ERROR",
+        "GitHub catch-up cannot run until the token is fixed (then reload)",
+        "refused the token (401: Bad credentials)",
+        "`token_env` / `token_file` in the config",
+    ])
+    .await;
+}
+
 /// Regression: one delivery GitHub answers 404 for, or one list entry that does not decode,
 /// aborted the whole catch-up and recovered nothing. Now they are skipped and named, the rest
 /// recovered in order, and the exit code says something failed.
@@ -635,6 +697,57 @@ async fn a_cursor_loop_or_a_huge_list_page_is_a_clear_error() {
     let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("larger than"), "{}", out.stderr);
+}
+
+/// Regression (helper-121): a rate limit reset an hour away was logged "waiting 1h before
+/// trying again", and the run then gave up at once: the error alone says it now.
+#[tokio::test]
+async fn regression_a_rate_limit_too_long_to_wait_said_it_would_wait() {
+    let github = FakeGithub::start(deliveries(2)).await;
+    github.state.limit_for_an_hour.store(true, Ordering::SeqCst);
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/Limited",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rate limit allows the next request in")
+            && out.stderr.contains("run it again later"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("waiting"), "{}", out.stderr);
+}
+
+/// Regression (helper-121): a 403 for a token without the permission got no hint, where a
+/// 401 said what the token needs.
+#[tokio::test]
+async fn regression_a_token_without_the_permission_got_no_hint() {
+    let github = FakeGithub::start(deliveries(2)).await;
+    github.state.forbidden.store(true, Ordering::SeqCst);
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "https://smee.io/Forbidden",
+        "http://127.0.0.1:9/",
+        "",
+    );
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("refused the token (403: Resource not accessible by personal access token)")
+            && out
+                .stderr
+                .contains("`token_env` / `token_file` in the config")
+            && out.stderr.contains("admin:repo_hook"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// More missed deliveries than one batch: appended in bounded batches, still in order, each

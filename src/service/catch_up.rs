@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::source::github::{self, DELIVERY_HEADER, DeliverySummary, GithubError, HookClient};
 use crate::spool::{Spool, SpoolError};
@@ -273,8 +273,15 @@ pub async fn after_gaps(
             Err(e) => {
                 metrics::counter!("smee_relay_catch_up_runs_total", "source" => "github", "outcome" => "failed")
                     .increment(1);
-                warn!(channel = %to.channel, "GitHub catch-up failed, the next gap tries again \
-                      (or run `smee-relay catch-up github`): {}", crate::error::chain(&e));
+                // A refused token does not mend itself at the next gap (helper-121).
+                if let CatchUpError::Github(GithubError::Unauthorized { .. }) = e {
+                    error!(channel = %to.channel, "GitHub catch-up cannot run until the token \
+                           is fixed (then reload): {}", crate::error::chain(&e));
+                } else {
+                    warn!(channel = %to.channel, "GitHub catch-up failed, the next gap tries \
+                          again (or run `smee-relay catch-up github --config` with this \
+                          relay's config): {}", crate::error::chain(&e));
+                }
             }
         }
     }

@@ -165,8 +165,10 @@ pub enum GithubError {
         source: reqwest::Error,
     },
     #[error(
-        "the GitHub API refused the token ({status}{message}): check the token in --token-env / \
-         --token-file (it needs admin:repo_hook or admin:org_hook, or webhooks read access)"
+        "the GitHub API refused the token ({status}{message}): check the token (`--token-env` / \
+         `--token-file`, or `token_env` / `token_file` in the config's \
+         `[channel.github_catch_up]`); it needs admin:repo_hook or admin:org_hook, or webhooks \
+         read access"
     )]
     Unauthorized { status: u16, message: String },
     #[error("the GitHub API answered {status} for {url}{message}")]
@@ -478,6 +480,11 @@ impl HookClient {
             if let Some(wait) = rate_limit_wait(status, &headers, now_s)
                 && attempt < RATE_LIMITED_ATTEMPTS
             {
+                // Too long to wait: the error says so; a "waiting" line first contradicted it
+                // (helper-121).
+                if wait > MAX_RATE_WAIT {
+                    return Err(GithubError::RateLimited { wait });
+                }
                 self.limiter.wait_for(wait);
                 tracing::warn!(
                     "GitHub API rate limit ({status}): waiting {} before trying again",
@@ -487,7 +494,9 @@ impl HookClient {
             }
             let message = without_token(api_message(&body), self.config.token.expose_secret());
             return Err(match status {
-                401 => GithubError::Unauthorized { status, message },
+                // A 403 that is no rate limit: the token lacks the permission (helper-121: it
+                // came with no hint).
+                401 | 403 => GithubError::Unauthorized { status, message },
                 _ => GithubError::Status {
                     status,
                     url: shown(&url),
