@@ -630,6 +630,66 @@ async fn regression_the_daemons_refused_token_was_a_warning_naming_flags() {
     .await;
 }
 
+/// Regression (helper-121): catch-up for a `forward` relay (no config) failed until the relay
+/// had received an event, and told the user to give a config they do not have. `--target`
+/// names the relay's target; the running relay delivers what is recovered.
+#[tokio::test]
+async fn regression_catch_up_for_a_forward_relay_needed_an_event_first() {
+    let all = deliveries(2);
+    let github = FakeGithub::start(all.clone()).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let (channel_url, target_url) = (channel.url("ForwardCatchUp"), target.url("/hook"));
+    let (_relay, logs) = spawn_logged(
+        smee_relay()
+            .args(["forward", &channel_url, &target_url, "--state-dir"])
+            .arg(&state),
+    );
+    logs.wait_for(&["connected to channel"]).await;
+    let catch_up = |target: Option<&str>| {
+        let mut command = smee_relay();
+        command
+            .args([
+                "catch-up",
+                "github",
+                "--repo",
+                "octo-org/octo-repo",
+                "--hook",
+                "42",
+            ])
+            .args([
+                "--channel",
+                &channel_url,
+                "--api-url",
+                &github.url,
+                "--state-dir",
+            ])
+            .arg(&state)
+            .env("GITHUB_TOKEN", TOKEN)
+            .env_remove("GITHUB_API_URL");
+        if let Some(target) = target {
+            command.args(["--target", target]);
+        }
+        command
+    };
+    let out = run_to_end(&mut catch_up(None)).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("give the relay's target with --target URL"),
+        "{}",
+        out.stderr
+    );
+    let out = run_to_end(&mut catch_up(Some(&target_url))).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let delivered = target.take(2).await;
+    for (request, d) in delivered.iter().zip(&all) {
+        assert_eq!(request.body, compact(d).as_bytes());
+    }
+}
+
 /// Regression: one delivery GitHub answers 404 for, or one list entry that does not decode,
 /// aborted the whole catch-up and recovered nothing. Now they are skipped and named, the rest
 /// recovered in order, and the exit code says something failed.

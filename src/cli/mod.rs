@@ -421,6 +421,10 @@ pub struct GithubCatchUpArgs {
     /// required: its queues are those the spool has for it.
     #[arg(long, value_name = "URL")]
     pub channel: Option<ChannelUrl>,
+    /// Without --config: the relay's target, as given to `forward` (repeatable). Needed before
+    /// the channel's first event, when the spool knows none of its queues yet.
+    #[arg(long = "target", value_name = "URL", conflicts_with = "config")]
+    pub targets: Vec<TargetUrl>,
     #[command(flatten)]
     pub state: StateDirArg,
     #[command(flatten)]

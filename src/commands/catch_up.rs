@@ -139,11 +139,18 @@ fn destination(args: &GithubCatchUpArgs) -> anyhow::Result<Found> {
         }
         let spool = Spool::open_shared(&dir)?;
         let key = spool::lock::channel_key(channel.expose().as_str());
-        let routes = spool.channel_routes(&key)?;
+        // The targets given, named as the relay names their queues; else those the spool has.
+        let routes = match &args.targets[..] {
+            [] => spool.channel_routes(&key)?,
+            targets => targets
+                .iter()
+                .map(|t| spool::route_key(&key, &t.to_string()))
+                .collect(),
+        };
         if routes.is_empty() {
             return Err(usage(format!(
-                "the spool in {} has no queue for channel {channel}: give --config FILE so the \
-                 relay's targets are known",
+                "the spool in {} has no queue for channel {channel} yet (it has received no \
+                 event): give the relay's target with --target URL (or --config FILE)",
                 dir.display()
             )));
         }
