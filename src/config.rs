@@ -262,56 +262,79 @@ fn default_catch_up_since() -> Duration {
 }
 
 /// `[channel.github_catch_up]`, resolved: the hook, its API, the token.
+/// [`github_catch_up`]'s problem: the key it concerns (to say its line), and what is wrong.
+type CatchUpProblem = (&'static str, crate::error::Invalid);
+
 fn github_catch_up(
     c: &GithubCatchUpConfig,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<crate::source::github::CatchUp, crate::error::Invalid> {
+) -> Result<crate::source::github::CatchUp, CatchUpProblem> {
     use crate::source::github::{self, HookOwner};
     let owner = match (&c.repo, &c.org) {
-        (Some(repo), None) => HookOwner::repo(repo)?,
-        (None, Some(org)) => HookOwner::org(org)?,
-        _ => {
-            return Err(
+        (Some(repo), None) => HookOwner::repo(repo).map_err(|e| ("repo", e))?,
+        (None, Some(org)) => HookOwner::org(org).map_err(|e| ("org", e))?,
+        (Some(_), Some(_)) => {
+            return Err((
+                "org",
                 "github_catch_up: give repo = \"OWNER/REPO\" or org = \"ORG\" (one)".into(),
-            );
+            ));
+        }
+        (None, None) => {
+            return Err((
+                "hook",
+                "github_catch_up: give repo = \"OWNER/REPO\" or org = \"ORG\" (one)".into(),
+            ));
         }
     };
     if c.hook == 0 {
-        return Err(
+        return Err((
+            "hook",
             "github_catch_up: hook = 0 is not a hook id (the number in the hook's settings URL)"
                 .into(),
-        );
+        ));
     }
     let api_url = c
         .api_url
         .clone()
         .or_else(|| env("GITHUB_API_URL").filter(|v| !v.is_empty()))
         .unwrap_or_else(|| github::DEFAULT_API_URL.into());
-    let api_url = crate::url::parse_http_url(&api_url)
-        .map_err(|e| format!("github_catch_up api_url: {e}"))?;
+    let api_url = crate::url::parse_http_url(&api_url).map_err(|e| {
+        let e = match e {
+            crate::url::UrlError::NoScheme => crate::url::UrlError::ApiNoScheme,
+            e => e,
+        };
+        ("api_url", format!("github_catch_up api_url: {e}").into())
+    })?;
     let token = match (&c.token_file, &c.token_env) {
         (Some(_), Some(_)) => {
-            return Err("github_catch_up: give token_env or token_file, not both".into());
+            return Err((
+                "token_file",
+                "github_catch_up: give token_env or token_file, not both".into(),
+            ));
         }
         (Some(path), None) => {
             let credentials = env("CREDENTIALS_DIRECTORY").map(PathBuf::from);
             github::read_token_file(path, credentials.as_deref())
-                .map_err(|e| format!("github_catch_up: {e}"))?
+                .map_err(|e| ("token_file", format!("github_catch_up: {e}").into()))?
         }
         (None, name) => {
             let name = name.as_deref().unwrap_or("GITHUB_TOKEN");
             match env(name) {
                 Some(token) if token.trim().is_empty() => {
-                    return Err(
+                    return Err((
+                        "token_env",
                         format!("github_catch_up: the token variable {name} is empty").into(),
-                    );
+                    ));
                 }
                 Some(token) => SecretString::from(token.trim_end_matches(['\r', '\n']).to_string()),
                 None => {
-                    return Err(format!(
-                        "github_catch_up: the token variable {name} is not set (token_env, or token_file)"
-                    )
-                    .into());
+                    return Err((
+                        "token_env",
+                        format!(
+                            "github_catch_up: the token variable {name} is not set (token_env, or token_file)"
+                        )
+                        .into(),
+                    ));
                 }
             }
         }
@@ -1051,8 +1074,13 @@ pub fn parse(
                         match c.github_catch_up.as_ref().map(|g| github_catch_up(g, env)) {
                             None => None,
                             Some(Ok(catch_up)) => Some(catch_up),
-                            Some(Err(e)) => {
-                                problems.push(at_line(at, e.0));
+                            // At the key's line in this channel's block (a key the block
+                            // does not write, such as a default token variable: its header).
+                            Some(Err((key, e))) => {
+                                let block = "channel.github_catch_up";
+                                let key_at = key_offset(&text[at..], block, Some(key))
+                                    .map_or(at, |offset| at + offset);
+                                problems.push(at_line(key_at, e.0));
                                 None
                             }
                         };
@@ -1169,6 +1197,16 @@ pub fn parse(
     );
 
     if !problems.is_empty() {
+        // In file order (helper-121: a channel's problems came before the line 1 above it);
+        // a problem of the whole file, with no line, first.
+        let line = |p: &String| -> usize {
+            p.strip_prefix(origin)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(n, _)| n.parse().ok())
+                .unwrap_or(0)
+        };
+        problems.sort_by_key(line);
         return Err(ConfigError { problems });
     }
     Ok(Config {
@@ -1624,6 +1662,29 @@ above = 80
             let e = parse(&channel(block), "c.toml", &env).unwrap_err();
             assert!(e.to_string().contains(problem), "{block}: {e}");
         }
+    }
+
+    /// Regression (helper-121): a `[channel.github_catch_up]` problem was said at the channel's
+    /// line (1), after problems of later lines, and a URL without a scheme got a webhook
+    /// target's example.
+    #[test]
+    fn regression_catch_up_problems_were_said_at_the_channels_line() {
+        let text = "[slack]\nwebhook_url_env = \"NOPE\"\n\
+                    [[channel]]\nurl = \"https://smee.io/a\"\nforward = [\"http://127.0.0.1:3000/\"]\n\
+                    [[channel]]\nurl = \"https://smee.io/b\"\nforward = [\"127.0.0.1:3000/x\"]\n\
+                    [channel.github_catch_up]\nrepo = \"o/r\"\nhook = 7\napi_url = \"api.github.com\"\n";
+        let e = parse(text, "c.toml", &|name| (name != "NOPE").then(|| "t".into()))
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(lines[0].starts_with("c.toml:2: [slack]"), "{e}");
+        assert!(lines[1].starts_with("c.toml:8: forward target"), "{e}");
+        assert!(
+            lines[2].starts_with("c.toml:12: github_catch_up api_url: not a full URL")
+                && lines[2].contains("such as https://api.github.com"),
+            "{e}"
+        );
     }
 
     #[test]

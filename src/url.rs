@@ -30,6 +30,13 @@ pub enum UrlError {
          https://smee.io/YourChannelId)"
     )]
     ChannelNoScheme,
+    /// An API base URL written without `http://`: its example is an API's (a webhook target's
+    /// would mislead).
+    #[error(
+        "not a full URL: it needs https:// or http:// in front (such as https://api.github.com, \
+         or https://HOST/api/v3 for GitHub Enterprise Server)"
+    )]
+    ApiNoScheme,
     /// A server's `/new`, which makes a new channel for each request (so each reconnect).
     #[error(
         "this is the server's /new, which makes a new channel for every connection: run \
