@@ -87,6 +87,29 @@ async fn regression_a_target_with_path_was_refused_without_a_reason() {
     }
 }
 
+/// Regression (helper-121): an `events list` with nothing to list printed a bare header.
+#[tokio::test]
+async fn regression_an_empty_events_list_was_a_bare_header() {
+    let state = tempfile::tempdir().unwrap();
+    drop(smee_relay::spool::Spool::open(state.path()).unwrap());
+    for (status, note) in [
+        (Some("dead"), "note: no delivery is dead"),
+        (None, "note: the spool holds no events"),
+    ] {
+        let mut command = smee_relay();
+        command
+            .args(["events", "list", "--state-dir"])
+            .arg(state.path());
+        if let Some(status) = status {
+            command.args(["--status", status]);
+        }
+        let out = support::run_to_end(&mut command).await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(out.stderr.contains(note), "{}", out.stderr);
+        assert!(out.stdout.starts_with("ID  RECEIVED"), "{}", out.stdout);
+    }
+}
+
 /// A relay that never reached its channel logged "disconnected from channel" and a cryptic
 /// `resume_after=-`: it now says it cannot connect, and names no event it has not seen.
 #[tokio::test]

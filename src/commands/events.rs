@@ -134,6 +134,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 };
                 eprintln!("note: {shown}; --limit N shows more");
             }
+            if rows.is_empty() && !json {
+                eprintln!("{}", nothing_listed(status.map(|s| s.name())));
+            }
             if json {
                 outln!("{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
@@ -435,6 +438,9 @@ async fn run_cluster(
             json,
         } => {
             use crate::cluster::inspect::Filter;
+            let status_name = status.and_then(|s| {
+                clap::ValueEnum::to_possible_value(&s).map(|v| v.get_name().to_string())
+            });
             let status = status.map(|status| match status {
                 ListStatus::Pending => Filter::Pending,
                 ListStatus::InFlight => Filter::InFlight,
@@ -444,6 +450,9 @@ async fn run_cluster(
                 ListStatus::Purged => Filter::Purged,
             });
             let rows = cluster.list(status, limit).await?;
+            if rows.is_empty() && !json {
+                eprintln!("{}", nothing_listed(status_name.as_deref()));
+            }
             if json {
                 outln!("{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
@@ -596,6 +605,15 @@ fn show_cluster(
 
 /// `events replay --dead`, with or without `--to`, when there are none.
 const NO_DEAD_LETTERS: &str = "note: there are no dead letters to replay";
+
+/// What an empty `events list` says beside its bare header (helper-121: a header alone read
+/// as if something had gone wrong).
+fn nothing_listed(status: Option<&str>) -> String {
+    match status {
+        Some(status) => format!("note: no delivery is {status}"),
+        None => "note: the spool holds no events".into(),
+    }
+}
 
 /// What `events replay` without `--to` re-queues in this machine's spool. `--since` picks the
 /// frames received in the window, not what the relay produced (as in cluster mode), each on
