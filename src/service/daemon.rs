@@ -406,6 +406,8 @@ pub async fn run(
     for channel in channels.into_values() {
         channel.stop().await;
     }
+    // This relay's queues, for the stop line: another relay may share the state directory.
+    let served: Vec<String> = routes.keys().cloned().collect();
     if let Some(reconciler) = reconciler {
         reconciler.task.stop().await;
     }
@@ -435,7 +437,7 @@ pub async fn run(
             if clustered {
                 info!("stopped; what this instance did not deliver, the cluster gives to another");
             } else {
-                info!("stopped; {}", waiting_line(&spool));
+                info!("stopped; {}", waiting_line(&spool, &served));
             }
             Ok(())
         }
@@ -443,9 +445,17 @@ pub async fn run(
 }
 
 /// What the stop line says is left: how many deliveries wait for the next start, so that a
-/// stop with work left is told apart from one with none.
-fn waiting_line(spool: &Spool) -> String {
-    match spool.pending_queues() {
+/// stop with work left is told apart from one with none. Counts the channel queues in `served`
+/// (this relay's) and the queues of no channel (the pipeline's, the actions'), not those of
+/// another relay sharing the state directory.
+fn waiting_line(spool: &Spool, served: &[String]) -> String {
+    let ours = |queue: &str| channel_of_queue(queue).is_none() || served.iter().any(|s| s == queue);
+    match spool.pending_queues().map(|queues| {
+        queues
+            .into_iter()
+            .filter(|(queue, _)| ours(queue))
+            .collect::<Vec<_>>()
+    }) {
         Ok(queues) => match queues.iter().map(|(_, n)| n).sum::<u64>() {
             0 => "nothing waits: everything received was delivered".into(),
             1 => "1 delivery waits in the spool for the next start".into(),
@@ -1229,14 +1239,12 @@ impl Runtime {
             for (queue, pending) in queues {
                 // Channel queues only: `alerts`, `port-reports` and `produced/...` are the
                 // pipeline's and the actions', whose own starts speak of them.
-                let Some((key, _)) = queue.split_once(' ') else {
+                let Some(key) = channel_of_queue(&queue) else {
                     continue;
                 };
-                let channel_queue = key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit());
                 // In a cluster a channel queue holds local copies the cluster gives to another
                 // instance; only an outbox holds what the cluster does not have yet.
-                if !channel_queue
-                    || (hint.cluster && !crate::cluster::is_outbox(&queue))
+                if (hint.cluster && !crate::cluster::is_outbox(&queue))
                     || configured.iter().any(|k| k == key)
                     || spool::lock::channel_held(&state_dir, key)
                 {
@@ -1811,6 +1819,13 @@ impl Runtime {
             done,
         }
     }
+}
+
+/// The channel key of a channel's queue (`0123456789abcdef TARGET`); `None` for the queues of
+/// no channel (`pipeline`, `alerts`, `port-reports`, `produced/...`).
+fn channel_of_queue(queue: &str) -> Option<&str> {
+    let (key, _) = queue.split_once(' ')?;
+    (key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit())).then_some(key)
 }
 
 /// What the commands a line about an unserved queue names need ([`say_unserved_queue`]).
