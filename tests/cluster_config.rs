@@ -62,6 +62,41 @@ async fn regression_check_says_ok_for_a_nats_url_run_refuses() {
     }
 }
 
+/// Regression (helper-123): `check` took no `--nats-url` and, with SMEE_RELAY_NATS_URL set and
+/// no `[cluster]` in the file, said plain "ok" where `run` joins cluster `default`.
+#[tokio::test]
+async fn regression_check_did_not_see_the_nats_url_run_uses() {
+    let dir = support::temp_dir();
+    let path = config(
+        dir.path(),
+        "[[channel]]\nurl = \"https://smee.io/abc\"\nforward = [\"http://127.0.0.1:1/\"]\n",
+    );
+    let flag = support::run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&path)
+            .args(["--nats-url", "nats://127.0.0.1:4222"]),
+    )
+    .await;
+    let env = support::run_to_end(
+        smee_relay()
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("SMEE_RELAY_NATS_URL", "nats://127.0.0.1:4222"),
+    )
+    .await;
+    for out in [flag, env] {
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(
+            out.stdout
+                .contains("cluster \"default\" at nats://127.0.0.1:4222")
+                && out.stdout.contains("warning: no [cluster] in the file"),
+            "{}",
+            out.stdout
+        );
+    }
+}
+
 /// `[cluster]` without `name` joined cluster `default`: an instance whose file forgot it ran a
 /// second, independent cluster on the same channels, and every alert was sent twice. Now
 /// `check` and `run` refuse it at the table's line, exit 2, before connecting.
@@ -184,4 +219,78 @@ async fn regression_a_nats_outage_logs_a_client_error_every_2_s() {
     assert_eq!(all.matches("NATS: client error").count(), 1, "{all}");
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+/// Regression (helper-123): an instance in another cluster on the same NATS (a typo in `name`,
+/// or no `[cluster]` beside `SMEE_RELAY_NATS_URL`: cluster `default`) delivered every event a
+/// second time without a word, and `/healthz` said ok. Each instance now warns of the other
+/// cluster relaying its channel, in the log and on `/healthz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_second_cluster_on_the_same_channel_doubled_every_event_silently() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = support::temp_dir();
+    let body = cluster_config(&channel.url("ch"), &target.url("/hook"), &nats.url, "");
+    for sub in ["prod", "typo"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let prod = config(&dir.path().join("prod"), &body);
+    let typo = config(
+        &dir.path().join("typo"),
+        &body.replace("name = \"prod\"", "name = \"Prod\""),
+    );
+    let spawn = |path: &std::path::Path, state: &str| {
+        spawn_logged(
+            smee_relay()
+                .args(["run", "--config"])
+                .arg(path)
+                .arg("--state-dir")
+                .arg(dir.path().join(state))
+                .args(["--metrics-listen", "127.0.0.1:0"])
+                .env("SMEE_RELAY_NEIGHBOUR_LOOK", "200ms"),
+        )
+    };
+    let (mut a, a_logs) = spawn(&prod, "a");
+    let (mut b, b_logs) = spawn(&typo, "b");
+    for logs in [&a_logs, &b_logs] {
+        logs.wait_for(&["connected to channel"]).await;
+    }
+    channel.send_webhook(1, r#"{"body":{"n":1}}"#);
+    // What the bug did, still: each cluster delivers it.
+    target.take(2).await;
+    let line = a_logs
+        .wait_for(&["WARN", "cluster \"Prod\" on this NATS also relays channel"])
+        .await;
+    assert!(
+        line.contains("same [cluster] name (\"prod\" here)"),
+        "{line}"
+    );
+    b_logs
+        .wait_for(&["WARN", "cluster \"prod\" on this NATS also relays channel"])
+        .await;
+    let addr = a_logs.wait_for(&["serving /healthz and /metrics"]).await;
+    let addr = addr.rsplit("addr=").next().unwrap().trim().to_string();
+    let health = smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(health.contains("also relays channel"), "{health}");
+    // Once per cluster and channel, however often it has looked since (every 200 ms).
+    assert_eq!(
+        a_logs.all().matches("also relays channel").count(),
+        1,
+        "{}",
+        a_logs.all()
+    );
+    for child in [&mut a, &mut b] {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
 }

@@ -618,6 +618,11 @@ pub struct CheckArgs {
     /// send for it, starting from no alert.
     #[arg(long)]
     pub event: Option<std::path::PathBuf>,
+
+    /// The cluster's NATS, as `run --nats-url` takes it (the variable too): `check` then says
+    /// the cluster `run` would join, cluster `default` for a config without `[cluster]`.
+    #[arg(long, env = "SMEE_RELAY_NATS_URL", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    pub nats_url: Option<crate::secret::SecretString>,
 }
 
 impl ForwardArgs {

@@ -80,6 +80,7 @@ mod diagnose;
 mod envelope;
 mod fingerprint;
 mod lease;
+mod neighbours;
 pub use diagnose::paced;
 pub mod inspect;
 
@@ -404,6 +405,8 @@ pub struct Cluster {
     /// Told whenever a lease in `in_flight` changes ([`lease`]): routes waiting to attempt
     /// a cluster delivery look again.
     leases: Arc<tokio::sync::Notify>,
+    /// Other clusters on this NATS relaying this instance's channels ([`neighbours`]).
+    neighbours: neighbours::Shared,
     /// How many routes of this instance wait for their consumer: while any does, nothing is
     /// published ([`Cluster::publish_as`]), so a route whose consumer is new (it starts after
     /// the stream's last message) misses nothing this instance receives after the route began.
@@ -711,6 +714,7 @@ impl Cluster {
             status,
             in_flight: Default::default(),
             leases: Default::default(),
+            neighbours: Default::default(),
             starting: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }

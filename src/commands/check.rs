@@ -8,7 +8,15 @@ use crate::cli::CheckArgs;
 
 /// Validate the file; with `--event`, evaluate that event against every rule.
 pub fn run(args: CheckArgs) -> anyhow::Result<()> {
-    let config = super::load_config(&args.config)?;
+    let mut config = super::load_config(&args.config)?;
+    // The cluster `run` would join: `--nats-url` / SMEE_RELAY_NATS_URL wins over the file's URL,
+    // and alone joins cluster `default` (helper-123: `check` said nothing of it).
+    // Without it, a `[cluster]` with no URL is left as it is: the unit may set the variable
+    // where `run` starts, not in this shell.
+    let from_file = config.cluster.is_some();
+    if args.nats_url.is_some() {
+        config.cluster = crate::config::cluster_with_flag(args.nats_url.as_ref(), config.cluster)?;
+    }
     if let Some(cacert) = &config.cacert {
         crate::http::read_ca_file(cacert, &super::run::config_cacert(&args.config))?;
     }
@@ -16,6 +24,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
     probe_conditions(&config, &jq)?;
     let Some(event) = args.event else {
         println!("{}: ok ({})", args.config.display(), summary(&config));
+        if !from_file && let Some(cluster) = &config.cluster {
+            println!(
+                "warning: no [cluster] in the file, but --nats-url / SMEE_RELAY_NATS_URL is \
+                 given: `run` joins cluster {:?}, and an instance in another cluster on the \
+                 same channels delivers every event a second time",
+                cluster.name
+            );
+        }
         if !config.actions.is_empty() {
             println!(
                 "{}",

@@ -333,6 +333,7 @@ pub async fn run(
     }
     if let Some(cluster) = &runtime.cluster {
         cluster.announce_config(fingerprint);
+        cluster.watch_neighbours(runtime.channel_names());
     }
     let mut background = vec![tokio::spawn(spool::intake::prune_periodically(
         spool.clone(),
@@ -379,6 +380,7 @@ pub async fn run(
                 runtime.retry_now.notify_waiters();
                 if let (Ok(_), Some(cluster)) = (&applied, &runtime.cluster) {
                     cluster.announce_config(fingerprint);
+                    cluster.watch_neighbours(runtime.channel_names());
                 }
                 match applied {
                     Ok(changes) if changes.is_empty() => info!("config reloaded: nothing changed"),
@@ -1213,6 +1215,17 @@ impl Runtime {
                 crate::error::chain(&e)
             ),
         });
+    }
+
+    /// The channels running: their spool keys and their names as logs show them.
+    fn channel_names(&self) -> Vec<(String, String)> {
+        self.channels
+            .values()
+            .map(|c| {
+                let key = spool::lock::channel_key(c.source.channel.expose().as_str());
+                (key, c.source.channel.to_string())
+            })
+            .collect()
     }
 
     /// Say which queues in the spool still hold deliveries of channels that are not among

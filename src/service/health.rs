@@ -372,6 +372,9 @@ impl Health {
         warnings.extend(self.counters.failing(now));
         warnings.extend(self.counters.reconcile_line(now));
         warnings.extend(self.counters.unserved_lines());
+        if let Some(cluster) = &self.cluster {
+            warnings.extend(cluster.neighbour_lines());
+        }
         warnings
     }
 }
