@@ -13,6 +13,9 @@ use std::time::Duration;
 pub struct Counters {
     pub received: AtomicU64,
     pub refused: AtomicU64,
+    /// When an event was last refused (Unix ms, 0: never): `/healthz` fails while the spool
+    /// refuses events, since each one refused is lost.
+    refused_at_ms: AtomicU64,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
@@ -73,9 +76,24 @@ impl Counters {
         metrics::counter!("smee_relay_events_received_total").increment(n);
     }
 
-    pub fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+    /// An event refused (the spool full); returns how many so far.
+    pub fn refused(&self) -> u64 {
+        self.refused_at_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
         metrics::counter!("smee_relay_events_refused_total").increment(1);
+        self.refused.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The `/healthz` problem while events are being refused: one within the last minute.
+    pub fn refusing_line(&self, now_ms: u64) -> Option<String> {
+        let at = self.refused_at_ms.load(Ordering::Relaxed);
+        (at != 0 && now_ms.saturating_sub(at) < 60_000).then(|| {
+            format!(
+                "the spool is full (--max-spool-size): received events are refused and lost \
+                 ({} so far)",
+                self.refused.load(Ordering::Relaxed)
+            )
+        })
     }
 
     /// Routes whose head event keeps failing, one line each (`/healthz` warnings, the status

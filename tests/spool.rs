@@ -187,6 +187,9 @@ async fn a_refused_event_becomes_a_dead_letter_and_can_be_replayed() {
     relay.stop().await;
 }
 
+/// The spool refuses what does not fit, said at the first refusal (and every 1000th: helper-122
+/// found a line per event), counted apart from what it stored (refused events were counted as
+/// received), and `/healthz` fails while it refuses (it said ok while events were lost).
 #[tokio::test]
 async fn the_spool_refuses_new_events_when_full_and_says_so() {
     let channel = FakeChannel::start().await;
@@ -199,12 +202,20 @@ async fn the_spool_refuses_new_events_when_full_and_says_so() {
             &channel.url("FullChannel"),
             &format!("http://{addr}/"),
         ])
-        .args(["--max-spool-size", "4KiB", "--state-dir"])
+        .args([
+            "--max-spool-size",
+            "4KiB",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
         .arg(state_dir)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let logs = LogWatch::new(child.stderr.take().unwrap());
+    let line = logs.wait_for(&["serving /healthz and /metrics"]).await;
+    let metrics_addr = line.rsplit("addr=").next().unwrap().trim().to_string();
     channel.wait_connections(1).await;
     logs.wait_for(&["connected to channel"]).await;
 
@@ -212,16 +223,57 @@ async fn the_spool_refuses_new_events_when_full_and_says_so() {
     for n in 0..10 {
         channel.send_webhook(n + 1, &big);
     }
-    logs.wait_for(&["ERROR", "spool full: event refused", "event=10"])
+    logs.wait_for(&[
+        "ERROR",
+        "spool full (--max-spool-size): received event refused and lost (1 so far)",
+    ])
+    .await;
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let get = |path: &str| {
+        let request = client.get(format!("http://{metrics_addr}{path}"));
+        async move {
+            let response = request.send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    let counter = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (received, refused) =
+        support::wait_for(support::PATIENCE, "all 10 stored or refused", || {
+            let answer = get("/metrics");
+            async move {
+                let (_, text) = answer.await?;
+                let received = counter(&text, "smee_relay_events_received_total");
+                let refused = counter(&text, "smee_relay_events_refused_total");
+                (received + refused == 10).then_some((received, refused))
+            }
+        })
         .await;
+    assert!(refused > 0);
+    assert_eq!(
+        logs.all().matches("spool full").count(),
+        1,
+        "once, not per event: {}",
+        logs.all()
+    );
+    let (status, body) = get("/healthz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("the spool is full (--max-spool-size)"),
+        "{body}"
+    );
+    let _ = child.start_kill();
+    let _ = child.wait().await;
     let spool = smee_relay::spool::Spool::open(state_dir).unwrap();
     let stats = spool.stats().unwrap();
     assert!(stats.stored_bytes <= 4096, "{stats:?}");
-    let refused = logs.all().matches("spool full: event refused").count() as u64;
     assert_eq!(
-        stats.events + refused,
-        10,
-        "every event is either stored or refused out loud"
+        stats.events, received,
+        "what was counted received is what was stored"
     );
 }
 

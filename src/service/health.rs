@@ -326,6 +326,7 @@ impl Health {
         if let Some(problem) = self.cluster.as_ref().and_then(|c| c.problem()) {
             problems.push(problem);
         }
+        problems.extend(self.counters.refusing_line(crate::clock::now_ms()));
         if paused {
             let waiting = lock(&self.spool_paused_why).clone();
             problems.push(match waiting {

@@ -80,7 +80,8 @@ pub async fn intake_saving(
                             ))
                         );
                     }
-                    counters.received(ids.len() as u64);
+                    // Stored ones only (helper-122: refused ones were counted as stored).
+                    counters.received(ids.iter().flatten().count() as u64);
                     // Committed: the source may read as much again.
                     events.stored();
                     let received_ms = crate::clock::now_ms();
@@ -93,12 +94,20 @@ pub async fn intake_saving(
                                 event: event.clone(),
                             });
                         }
-                        if id.is_none() {
-                            counters.refused();
+                        // Said at the first and every 1000th (helper-122: a line per event).
+                        let refused = match id {
+                            Some(_) => 0,
+                            None => counters.refused(),
+                        };
+                        if refused == 1 || (refused != 0 && refused.is_multiple_of(1000)) {
                             error!(
                                 event = %event.sse_id.as_deref().unwrap_or("-"),
-                                "spool full: event refused; deliver, purge (smee-relay events purge --dead) \
-                                 or raise --max-spool-size"
+                                refused,
+                                "spool full (--max-spool-size): received event refused and lost \
+                                 ({refused} so far). The spool holds what its targets have not \
+                                 taken: is a target down (see /healthz)? Make room by delivering \
+                                 them, dropping dead letters (`smee-relay events purge --dead`) or \
+                                 raising --max-spool-size"
                             );
                         }
                     }
