@@ -384,8 +384,19 @@ pub struct ClusterStatus {
     pub connected: AtomicBool,
     /// When it went down (ms since the epoch), 0 while up.
     pub down_since_ms: AtomicU64,
+    /// When it last came back (ms since the epoch), 0 if it never went down.
+    pub back_at_ms: AtomicU64,
     /// Per route (display name): when this instance last took a message of it (ms).
     pub delivering: Mutex<HashMap<String, u64>>,
+}
+
+impl ClusterStatus {
+    /// Whether the connection is up and came back within the last 10 s: a consumer's missed
+    /// heartbeat said now is the outage's, not a new one.
+    fn just_back(&self, now_ms: u64) -> bool {
+        let back = self.back_at_ms.load(Ordering::Relaxed);
+        self.connected.load(Ordering::Relaxed) && back != 0 && now_ms.saturating_sub(back) < 10_000
+    }
 }
 
 /// A connection to the cluster.
@@ -593,6 +604,7 @@ impl Cluster {
                         diagnose::calm();
                         if !status.connected.swap(true, Ordering::Relaxed) {
                             info!("NATS connection is back");
+                            status.back_at_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
                         }
                         status.down_since_ms.store(0, Ordering::Relaxed);
                     }
@@ -1081,7 +1093,13 @@ impl Cluster {
                     Some(Err(e)) => {
                         // Heartbeats missed (NATS down) and the like: pull again.
                         // Paced: while NATS is down this comes every few seconds.
-                        if let Some(line) = paced(&format!("consumer {label}"), &e.to_string()) {
+                        // Just after a reconnect it is the outage's heartbeat, said late:
+                        // a WARN then read as the connection lost again (helper-123).
+                        if self.status.just_back(crate::clock::now_ms()) {
+                            info!(route = %label, "NATS consumer: {e} (during the outage that just ended); asking it for the route's messages again");
+                        } else if let Some(line) =
+                            paced(&format!("consumer {label}"), &e.to_string())
+                        {
                             warn!(route = %label, "NATS consumer: {line} (no word from NATS: the connection is slow or down); asking it for the route's messages again");
                         }
                         break;
@@ -2165,6 +2183,20 @@ fn stream_seq(message: &jetstream::Message) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Regression (helper-123): right after NATS came back, a consumer's heartbeat missed
+    /// during the outage was a WARN that the connection was "slow or down", read as a new loss.
+    #[test]
+    fn regression_a_heartbeat_missed_in_the_outage_was_said_as_a_new_one() {
+        let status = ClusterStatus::default();
+        status.connected.store(true, Ordering::Relaxed);
+        assert!(!status.just_back(50_000), "never went down");
+        status.back_at_ms.store(40_000, Ordering::Relaxed);
+        assert!(status.just_back(45_000));
+        assert!(!status.just_back(51_000), "long back: a new stall");
+        status.connected.store(false, Ordering::Relaxed);
+        assert!(!status.just_back(45_000), "down again");
+    }
     use super::*;
 
     #[test]
