@@ -108,7 +108,8 @@ pub fn parse_http_url(text: &str) -> Result<Url, UrlError> {
 }
 
 /// What makes two URLs one channel (the spool's lock keys on it): scheme, host (any case),
-/// port (a default one or not) and path (a trailing slash or not); never the query.
+/// port (a default one or not) and path (a trailing slash or not, an unreserved character
+/// percent-escaped or not); never the query.
 pub fn identity(url: &Url) -> String {
     // `Url` already lower-cases the scheme and a domain host and drops a default port.
     let host = url.host_str().unwrap_or("").to_ascii_lowercase();
@@ -116,8 +117,46 @@ pub fn identity(url: &Url) -> String {
         .port_or_known_default()
         .map(|p| format!(":{p}"))
         .unwrap_or_default();
-    let path = url.path().trim_end_matches('/');
+    let path = unreserved_unescaped(url.path());
+    let path = path.trim_end_matches('/');
     format!("{}://{host}{port}{path}", url.scheme())
+}
+
+/// `path` with each percent-escape of an unreserved character (`%6C` for `l`) written as the
+/// character, as RFC 3986 (6.2.2.2) says they are equivalent: a server reads `/ch%61nnel` as
+/// `/channel`, so the two must be one channel (helper-122: with the escape, a second relay of
+/// the same channel took the lock and every event went out twice). Other escapes stay (with
+/// their hex digits in upper case, as the URL parser leaves those it makes).
+fn unreserved_unescaped(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return path.into();
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => {
+                out.push(b as char);
+                i += 3;
+            }
+            Some(_) => {
+                out.push('%');
+                out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                i += 3;
+            }
+            None => {
+                let c = path[i..].chars().next().expect("within the path");
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    out.into()
 }
 
 /// Text given as a URL but refused, safe to repeat in a message: a password in it (`user:pw@`)

@@ -485,29 +485,35 @@ async fn another_spelling_of_a_running_channel_exits_2_naming_the_holder_pid() {
     let state_dir = options.state_dir.clone();
     let _first = Relay::start(&channel, options).await;
 
-    // Upper-case scheme and host, the default path's trailing slash, a query.
-    let spelling = format!(
-        "HTTP://127.0.0.1:{}/TestChannel123/?x=1",
-        channel.addr.port()
-    );
-    let stderr = refused(
-        smee_relay()
-            .args(["forward", &spelling, &target.url("/")])
-            .arg("--state-dir")
-            .arg(&state_dir),
-    )
-    .await;
-    assert!(
-        stderr.contains(&format!(
-            "another smee-relay (pid {}) already relays",
-            std::process::id()
-        )),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("TestChannel123"),
-        "the channel id is secret: {stderr}"
-    );
+    // Upper-case scheme and host, the default path's trailing slash, a query; and (regression,
+    // helper-122: it took a second lock, and every event went out twice) an unreserved
+    // character percent-escaped.
+    for spelling in [
+        format!(
+            "HTTP://127.0.0.1:{}/TestChannel123/?x=1",
+            channel.addr.port()
+        ),
+        format!("http://127.0.0.1:{}/Test%43hannel123", channel.addr.port()),
+    ] {
+        let stderr = refused(
+            smee_relay()
+                .args(["forward", &spelling, &target.url("/")])
+                .arg("--state-dir")
+                .arg(&state_dir),
+        )
+        .await;
+        assert!(
+            stderr.contains(&format!(
+                "another smee-relay (pid {}) already relays",
+                std::process::id()
+            )),
+            "{spelling}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("TestChannel123"),
+            "the channel id is secret: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //!
 //! A channel is identified by what reaches the same channel on the server, not by the exact URL
 //! text: the scheme and host in lower case (URLs do not distinguish their case), the port with
-//! the scheme's default filled in, and the path without trailing slashes. The query and the
+//! the scheme's default filled in, and the path without trailing slashes and with unreserved
+//! characters unescaped (`%6C` is `l`). The query and the
 //! fragment are left out (smee.io and `smee-relay serve` name a channel by its path alone, so
 //! `?x=1` reaches the same channel), and so are user name and password. The path keeps its case:
 //! channel ids are case-sensitive.
@@ -333,9 +334,22 @@ mod tests {
             "https://smee.io/AbCd1234?x=1",
             "https://smee.io/AbCd1234?b=2&a=1#top",
             "https://user:pw@smee.io/AbCd1234",
+            // Regression (helper-122): an unreserved character escaped, which the server reads
+            // as the character, took a second lock on the channel.
+            "https://smee.io/AbC%64%31234",
+            "https://smee.io/%41bCd1234",
         ] {
             assert_eq!(channel_key(same), key, "{same}");
         }
+        // An escaped `/` is not a `/`; an escape's hex digits in either case are one escape.
+        assert_ne!(
+            channel_key("https://smee.io/Ab%2FCd"),
+            channel_key("https://smee.io/Ab/Cd")
+        );
+        assert_eq!(
+            channel_key("https://smee.io/Ab%2fCd"),
+            channel_key("https://smee.io/Ab%2FCd")
+        );
         for other in [
             "https://smee.io/abcd1234",
             "http://smee.io/AbCd1234",
