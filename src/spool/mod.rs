@@ -2708,12 +2708,17 @@ fn open_existing(
             let cache = usize::try_from(logged * FULL_DISK_CACHE_PER_LOGGED_BYTE)
                 .unwrap_or(usize::MAX)
                 .max(CACHE_SIZE);
-            tracing::warn!(
-                spool = %path.display(),
-                "the disk is full: the write-ahead log is applied in memory ({} MiB of cache) until \
-                 it can be written to the spool file",
-                cache >> 20
-            );
+            // Said once a process: a relay opens the spool again at each switch between
+            // sharing it and having it alone (helper-122: 183 lines in 3 minutes).
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    spool = %path.display(),
+                    "the disk is full: the write-ahead log is applied in memory ({} MiB of cache) \
+                     until it can be written to the spool file",
+                    cache >> 20
+                );
+            }
             open_existing_cached(path, backend, mode, cache)
         }
         other => other,

@@ -1140,6 +1140,45 @@ fn regression_a_full_log_is_applied_at_an_open_on_a_full_disk() {
     }
 }
 
+/// Regression (helper-122): each open on a full disk that applied the log in memory warned
+/// again, and a relay opens its spool again at each switch between sharing it and having it
+/// alone: 183 lines in 3 minutes. Said once a process.
+#[test]
+fn regression_each_open_on_a_full_disk_warned_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (factory, full) = super::backend::DiskFull::factory();
+    let before = Spool::open_with(dir.path(), factory.clone()).unwrap();
+    before.write(&[appending(1, 5)], ROOM).unwrap();
+    before.checkpoint().unwrap();
+    let mut next = 100;
+    while before.logged() < 60 {
+        logged(
+            &before,
+            Write::Append {
+                channel: "https://smee.io/abc".into(),
+                routes: vec![A.into(), B.into()],
+                events: vec![Event {
+                    body: Bytes::from(vec![b'x'; 15 << 10]),
+                    ..event(next)
+                }]
+                .into(),
+                cursor: None,
+            },
+        );
+        next += 1;
+    }
+    let crashed = crash_copy(dir.path(), true);
+    drop(before);
+    full.store(true, SeqCst);
+    let (logs, _guard) = crate::test_logs::capture();
+    for _ in 0..3 {
+        drop(Spool::open_with(crashed.path(), factory.clone()).unwrap());
+    }
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    // Once at most: another test of this process may have said it first.
+    assert!(logs.matches("applied in memory").count() <= 1, "{logs}");
+}
+
 /// A relay restarted on a disk already full after a crash: its open applied the log in memory,
 /// its first checkpoint failed, and a delivery recorded next (in pages written) said "the spool
 /// takes writes again", just before the first append failed again.
