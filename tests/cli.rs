@@ -1143,6 +1143,51 @@ async fn regression_permission_denied_on_the_spool_exited_1_with_no_hint() {
     check(out, &file);
 }
 
+/// Regression (helper-122): a channel's lock file this user may not open (left by a relay run
+/// as another user) was said as "permission denied on the spool .../spool.redb", a file it
+/// could open: the lock file is named.
+#[tokio::test]
+async fn regression_a_denied_lock_file_was_said_as_the_spool() {
+    use std::os::unix::fs::PermissionsExt as _;
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let channel = "http://127.0.0.1:9/LockedChannel";
+    let lock = state.join(format!(
+        "channel-{}.lock",
+        smee_relay::spool::lock::channel_key(channel)
+    ));
+    std::fs::write(&lock, "1\n").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut command = smee_relay();
+    command
+        .args(["forward", channel, "http://127.0.0.1:9/", "--state-dir"])
+        .arg(&state);
+    if root {
+        // As `nobody`, in a state directory of its own, beside root's lock file.
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+        command.uid(65534).gid(65534);
+    } else {
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let out = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "permission denied on the spool {}",
+            lock.display()
+        )),
+        "{stderr}"
+    );
+}
+
 /// Regression: the dead-letter hint of a relay with a state directory of its own said
 /// `smee-relay events replay 1`, which, run as told, looks in the default state directory and
 /// finds no spool there. It names the relay's `--state-dir` now, and only when not the default.

@@ -83,12 +83,14 @@ impl StateLock {
     }
 
     fn take(state_dir: &Path, path: PathBuf, what: String) -> Result<Self, SpoolError> {
+        // The lock file named, not the spool's (helper-122: a lock file another user owns was
+        // said as "permission denied on the spool spool.redb").
         let io = |source: std::io::Error| {
             SpoolError::LockFile {
                 path: path.clone(),
                 source,
             }
-            .or_denied(&state_dir.join(super::FILE_NAME))
+            .or_denied(&path)
         };
         let mut file = File::options()
             .create(true)

@@ -288,7 +288,7 @@ impl SpoolWriter {
         watched: bool,
     ) -> (SpoolWriter, std::thread::JoinHandle<()>) {
         let dir = spool.path().parent().map(std::path::Path::to_owned);
-        let journal = match dir.map(|dir| Journal::start(&dir)) {
+        let journal = match dir.as_deref().map(Journal::start) {
             Some(Ok((journal, orphans))) => {
                 if orphans.marks.is_empty() {
                     // Dead relays' journals with nothing in them (killed before a delivery):
@@ -319,10 +319,13 @@ impl SpoolWriter {
                 Some(Arc::new(journal))
             }
             Some(Err(e)) => {
+                // Its own file in the state directory (helper-122: the spool's file was named).
                 warn!(
-                    "cannot start the delivery journal in {}: {e}; after a crash, deliveries \
-                     finished since the last commit are repeated",
-                    spool.path().display()
+                    "cannot start the delivery journal (a file of its own) in the state \
+                     directory {}: {e}; after a crash, deliveries finished since the last \
+                     commit are repeated",
+                    dir.as_deref()
+                        .map_or_else(String::new, |d| d.display().to_string())
                 );
                 None
             }
