@@ -735,27 +735,31 @@ async fn one_bad_delivery_does_not_abort_the_catch_up() {
     assert_eq!(recovered_in_order(&out.stdout), expected, "{}", out.stdout);
 }
 
+/// A dry run against a fake GitHub with two deliveries, `set` applied to its state first (a
+/// scripted failure): it must fail (exit 1); its output.
+async fn failing_dry_run(channel: &str, set: impl FnOnce(&GithubState)) -> support::Output {
+    let github = FakeGithub::start(deliveries(2)).await;
+    set(&github.state);
+    let dir = temp_dir();
+    let config = write_config(dir.path(), channel, "http://127.0.0.1:9/", "");
+    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    out
+}
+
 /// Regression: the delivery list's paging had no page cap and no repeated-cursor check (a
 /// cursor loop ran for ever), and a response body was read whole whatever its size.
 #[tokio::test]
 async fn a_cursor_loop_or_a_huge_list_page_is_a_clear_error() {
-    let github = FakeGithub::start(deliveries(2)).await;
-    github.state.loop_cursor.store(true, Ordering::SeqCst);
-    let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        "https://smee.io/LoopCh",
-        "http://127.0.0.1:9/",
-        "",
-    );
-    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let out = failing_dry_run("https://smee.io/LoopCh", |s| {
+        s.loop_cursor.store(true, Ordering::SeqCst)
+    })
+    .await;
     assert!(out.stderr.contains("twice (a loop)"), "{}", out.stderr);
-
-    let github = FakeGithub::start(deliveries(2)).await;
-    github.state.huge_list.store(true, Ordering::SeqCst);
-    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let out = failing_dry_run("https://smee.io/LoopCh", |s| {
+        s.huge_list.store(true, Ordering::SeqCst)
+    })
+    .await;
     assert!(out.stderr.contains("larger than"), "{}", out.stderr);
 }
 
@@ -763,17 +767,10 @@ async fn a_cursor_loop_or_a_huge_list_page_is_a_clear_error() {
 /// trying again", and the run then gave up at once: the error alone says it now.
 #[tokio::test]
 async fn regression_a_rate_limit_too_long_to_wait_said_it_would_wait() {
-    let github = FakeGithub::start(deliveries(2)).await;
-    github.state.limit_for_an_hour.store(true, Ordering::SeqCst);
-    let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        "https://smee.io/Limited",
-        "http://127.0.0.1:9/",
-        "",
-    );
-    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let out = failing_dry_run("https://smee.io/Limited", |s| {
+        s.limit_for_an_hour.store(true, Ordering::SeqCst)
+    })
+    .await;
     assert!(
         out.stderr.contains("rate limit allows the next request in")
             && out.stderr.contains("run it again later"),
@@ -787,17 +784,10 @@ async fn regression_a_rate_limit_too_long_to_wait_said_it_would_wait() {
 /// 401 said what the token needs.
 #[tokio::test]
 async fn regression_a_token_without_the_permission_got_no_hint() {
-    let github = FakeGithub::start(deliveries(2)).await;
-    github.state.forbidden.store(true, Ordering::SeqCst);
-    let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        "https://smee.io/Forbidden",
-        "http://127.0.0.1:9/",
-        "",
-    );
-    let out = run_to_end(catch_up(&config, &github).arg("--dry-run")).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let out = failing_dry_run("https://smee.io/Forbidden", |s| {
+        s.forbidden.store(true, Ordering::SeqCst)
+    })
+    .await;
     assert!(
         out.stderr
             .contains("refused the token (403: Resource not accessible by personal access token)")

@@ -271,14 +271,8 @@ async fn regression_a_second_cluster_on_the_same_channel_doubled_every_event_sil
         .await;
     let addr = a_logs.wait_for(&["serving /healthz and /metrics"]).await;
     let addr = addr.rsplit("addr=").next().unwrap().trim().to_string();
-    let health = smee_relay::http::client_builder()
-        .build()
-        .unwrap()
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let health = support::get_text(&client, &format!("http://{addr}/healthz"))
         .await
         .unwrap();
     assert!(health.contains("also relays channel"), "{health}");

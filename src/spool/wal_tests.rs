@@ -1102,42 +1102,53 @@ fn a_record_made_up_in_a_webhook_past_a_cut_end_is_not_taken_for_damage() {
 fn regression_a_full_log_is_applied_at_an_open_on_a_full_disk() {
     // A few large events a record, and many small ones (more pages per byte).
     for (per_record, size) in [(1, 15 << 10), (40, 300)] {
-        let dir = tempfile::tempdir().unwrap();
-        let (factory, full) = super::backend::DiskFull::factory();
-        let before = Spool::open_with(dir.path(), factory.clone()).unwrap();
-        before.write(&[appending(1, 5)], ROOM).unwrap();
-        before.checkpoint().unwrap();
-        // Records until the log is nearly full.
-        let mut next = 100;
-        while before.logged() < 60 {
-            let events: Vec<Event> = (next..next + per_record)
-                .map(|n| Event {
-                    body: Bytes::from(vec![b'x'; size]),
-                    ..event(n)
-                })
-                .collect();
-            logged(
-                &before,
-                Write::Append {
-                    channel: "https://smee.io/abc".into(),
-                    routes: vec![A.into(), B.into()],
-                    events: events.into(),
-                    cursor: None,
-                },
-            );
-            next += per_record;
-        }
-        let crashed = crash_copy(dir.path(), true);
-        drop(before);
+        let (crashed, factory, full, events) = crashed_with_a_nearly_full_log(per_record, size);
         full.store(true, SeqCst);
         let relay = Spool::open_with(crashed.path(), factory)
             .unwrap_or_else(|e| panic!("{}", crate::error::chain(&e)));
-        assert_eq!(
-            view(&relay).2,
-            5 + next - 100,
-            "every logged event is there"
-        );
+        assert_eq!(view(&relay).2, events, "every logged event is there");
     }
+}
+
+/// A crashed copy of a spool whose log is nearly full of appends of `per_record` events of
+/// `size` bytes, on a disk that fills when told; with its factory, the switch, and how many
+/// events it holds.
+fn crashed_with_a_nearly_full_log(
+    per_record: u64,
+    size: usize,
+) -> (
+    tempfile::TempDir,
+    super::backend::Factory,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    u64,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (factory, full) = super::backend::DiskFull::factory();
+    let before = Spool::open_with(dir.path(), factory.clone()).unwrap();
+    before.write(&[appending(1, 5)], ROOM).unwrap();
+    before.checkpoint().unwrap();
+    // Records until the log is nearly full.
+    let mut next = 100;
+    while before.logged() < 60 {
+        let events: Vec<Event> = (next..next + per_record)
+            .map(|n| Event {
+                body: Bytes::from(vec![b'x'; size]),
+                ..event(n)
+            })
+            .collect();
+        logged(
+            &before,
+            Write::Append {
+                channel: "https://smee.io/abc".into(),
+                routes: vec![A.into(), B.into()],
+                events: events.into(),
+                cursor: None,
+            },
+        );
+        next += per_record;
+    }
+    let crashed = crash_copy(dir.path(), true);
+    (crashed, factory, full, 5 + next - 100)
 }
 
 /// Regression (helper-122): each open on a full disk that applied the log in memory warned
@@ -1145,30 +1156,7 @@ fn regression_a_full_log_is_applied_at_an_open_on_a_full_disk() {
 /// alone: 183 lines in 3 minutes. Said once a process.
 #[test]
 fn regression_each_open_on_a_full_disk_warned_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let (factory, full) = super::backend::DiskFull::factory();
-    let before = Spool::open_with(dir.path(), factory.clone()).unwrap();
-    before.write(&[appending(1, 5)], ROOM).unwrap();
-    before.checkpoint().unwrap();
-    let mut next = 100;
-    while before.logged() < 60 {
-        logged(
-            &before,
-            Write::Append {
-                channel: "https://smee.io/abc".into(),
-                routes: vec![A.into(), B.into()],
-                events: vec![Event {
-                    body: Bytes::from(vec![b'x'; 15 << 10]),
-                    ..event(next)
-                }]
-                .into(),
-                cursor: None,
-            },
-        );
-        next += 1;
-    }
-    let crashed = crash_copy(dir.path(), true);
-    drop(before);
+    let (crashed, factory, full, _) = crashed_with_a_nearly_full_log(1, 15 << 10);
     full.store(true, SeqCst);
     let (logs, _guard) = crate::test_logs::capture();
     for _ in 0..3 {
