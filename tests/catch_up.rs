@@ -562,6 +562,30 @@ async fn a_bad_token_is_a_clear_error() {
     assert!(out.stdout.contains("would recover 3"), "{}", out.stdout);
 }
 
+/// A daemon (`run`) relaying `channel` to `target`, with a `[channel.github_catch_up]` block for
+/// `github` whose token variable holds `token`; and its directory (hold it).
+fn daemon_catching_up(
+    github: &FakeGithub,
+    channel: &str,
+    target: &str,
+    token: &str,
+) -> (tokio::process::Child, support::LogWatch, tempfile::TempDir) {
+    let dir = temp_dir();
+    let extra = format!(
+        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
+         token_env = \"TEST_GITHUB_TOKEN\"\nsince = \"2h\"\n",
+        github.url
+    );
+    let config = write_config(dir.path(), channel, target, &extra);
+    let (daemon, logs) = spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("TEST_GITHUB_TOKEN", token),
+    );
+    (daemon, logs, dir)
+}
+
 /// `[channel.github_catch_up]`: the daemon catches up by itself when the channel connects.
 #[tokio::test]
 async fn the_daemon_catches_up_when_the_channel_connects() {
@@ -569,23 +593,11 @@ async fn the_daemon_catches_up_when_the_channel_connects() {
     let github = FakeGithub::start(all.clone()).await;
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
-    let dir = temp_dir();
-    let extra = format!(
-        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
-         token_env = \"TEST_GITHUB_TOKEN\"\nsince = \"2h\"\n",
-        github.url
-    );
-    let config = write_config(
-        dir.path(),
+    let (_daemon, logs, _dir) = daemon_catching_up(
+        &github,
         &channel.url("DaemonCatchUp"),
         &target.url("/hook"),
-        &extra,
-    );
-    let (_daemon, logs) = spawn_logged(
-        smee_relay()
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("TEST_GITHUB_TOKEN", TOKEN),
+        TOKEN,
     );
     let delivered = target.take(4).await;
     for (request, d) in delivered.iter().zip(&all) {
@@ -603,23 +615,11 @@ async fn the_daemon_catches_up_when_the_channel_connects() {
 async fn regression_the_daemons_refused_token_was_a_warning_naming_flags() {
     let github = FakeGithub::start(deliveries(2)).await;
     let channel = FakeChannel::start().await;
-    let dir = temp_dir();
-    let extra = format!(
-        "[channel.github_catch_up]\nrepo = \"octo-org/octo-repo\"\nhook = 42\napi_url = {:?}\n\
-         token_env = \"TEST_GITHUB_TOKEN\"\n",
-        github.url
-    );
-    let config = write_config(
-        dir.path(),
+    let (_daemon, logs, _dir) = daemon_catching_up(
+        &github,
         &channel.url("RefusedToken"),
         "http://127.0.0.1:9/",
-        &extra,
-    );
-    let (_daemon, logs) = spawn_logged(
-        smee_relay()
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("TEST_GITHUB_TOKEN", "not-the-token"),
+        "not-the-token",
     );
     logs.wait_for(&[
         "ERROR",

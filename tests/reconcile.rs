@@ -424,33 +424,23 @@ async fn regression_a_reload_cleared_the_failing_reconciliation_warning() {
         }
     };
     support::wait_for(PATIENCE, "the failing reconciliation on /healthz", &warned).await;
-    // A new interval restarts the reconciler, which waits before its first try.
+    // Reload with `reconcile` set to `value`; wait for the reload line to say `said`.
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace(r#"reconcile = "1h""#, r#"reconcile = "2h""#),
-    )
-    .unwrap();
-    support::signal(&daemon.child, "HUP");
-    daemon
-        .logs
-        .wait_for(&["config reloaded", "Port reconciliation every 2h"])
-        .await;
+    let reload = |value: &str, said: &'static str| {
+        let with = text.replace(r#"reconcile = "1h""#, &format!("reconcile = {value:?}"));
+        std::fs::write(&config, with).unwrap();
+        support::signal(&daemon.child, "HUP");
+        let logs = &daemon.logs;
+        async move { logs.wait_for(&["config reloaded", said]).await }
+    };
+    // A new interval restarts the reconciler, which waits before its first try.
+    reload("2h", "Port reconciliation every 2h").await;
     assert!(
         warned().await.is_some(),
         "nothing has gone through since: still failing"
     );
     // Reconciliation turned off: nothing is failing any more.
-    std::fs::write(
-        &config,
-        text.replace(r#"reconcile = "1h""#, r#"reconcile = "off""#),
-    )
-    .unwrap();
-    support::signal(&daemon.child, "HUP");
-    daemon
-        .logs
-        .wait_for(&["config reloaded", "Port reconciliation off"])
-        .await;
+    reload("off", "Port reconciliation off").await;
     assert!(warned().await.is_none(), "reconciliation is off");
     daemon.stop().await;
 }
