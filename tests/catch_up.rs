@@ -310,6 +310,14 @@ fn write_config(dir: &Path, channel: &str, target: &str, extra: &str) -> std::pa
 }
 
 fn catch_up(config: &Path, github: &FakeGithub) -> tokio::process::Command {
+    let mut command = catch_up_hook_42(github);
+    command.arg("--config").arg(config);
+    command
+}
+
+/// `catch-up github` for hook 42 of the fake's repository, with the right token, and nothing
+/// else from the environment.
+fn catch_up_hook_42(github: &FakeGithub) -> tokio::process::Command {
     let mut command = smee_relay();
     command
         .args([
@@ -320,8 +328,6 @@ fn catch_up(config: &Path, github: &FakeGithub) -> tokio::process::Command {
             "--hook",
             "42",
         ])
-        .arg("--config")
-        .arg(config)
         .args(["--api-url", &github.url])
         .env("GITHUB_TOKEN", TOKEN)
         .env_remove("GITHUB_API_URL")
@@ -649,26 +655,10 @@ async fn regression_catch_up_for_a_forward_relay_needed_an_event_first() {
     );
     logs.wait_for(&["connected to channel"]).await;
     let catch_up = |target: Option<&str>| {
-        let mut command = smee_relay();
+        let mut command = catch_up_hook_42(&github);
         command
-            .args([
-                "catch-up",
-                "github",
-                "--repo",
-                "octo-org/octo-repo",
-                "--hook",
-                "42",
-            ])
-            .args([
-                "--channel",
-                &channel_url,
-                "--api-url",
-                &github.url,
-                "--state-dir",
-            ])
-            .arg(&state)
-            .env("GITHUB_TOKEN", TOKEN)
-            .env_remove("GITHUB_API_URL");
+            .args(["--channel", &channel_url, "--state-dir"])
+            .arg(&state);
         if let Some(target) = target {
             command.args(["--target", target]);
         }
