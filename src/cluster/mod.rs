@@ -399,6 +399,18 @@ impl ClusterStatus {
     }
 }
 
+/// The stream of cluster `name`: what its instances publish frames to.
+fn stream_name(name: &str) -> String {
+    format!("SMEE_{name}")
+}
+
+/// The subject cluster `cluster` publishes the frames of the channel with key `channel_key` on
+/// (the key hashed: it holds the channel id, a secret, and has characters a subject cannot).
+/// The hash is the same in every cluster ([`neighbours`]).
+fn channel_subject(cluster: &str, channel_key: &str) -> String {
+    format!("smee.{cluster}.ch.{}", short_hash(channel_key))
+}
+
 /// A connection to the cluster.
 #[derive(Clone)]
 pub struct Cluster {
@@ -650,7 +662,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Connect(shown.clone(), diagnose::connect_hint(&e), e))?;
         status.connected.store(true, Ordering::Relaxed);
         let js = jetstream::new(client.clone());
-        let stream_name = format!("SMEE_{}", settings.name);
+        let stream_name = stream_name(&settings.name);
         if !create {
             js.get_stream(&stream_name).await.map_err(|e| {
                 ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
@@ -808,7 +820,7 @@ impl Cluster {
     /// The subject a channel's frames are published on (the channel's key hashed: it holds
     /// the channel id, a secret, and has characters a subject cannot).
     pub fn subject(&self, channel_key: &str) -> String {
-        format!("smee.{}.ch.{}", self.settings.name, short_hash(channel_key))
+        channel_subject(&self.settings.name, channel_key)
     }
 
     /// Publish one received frame, stored once however many instances publish it (within the

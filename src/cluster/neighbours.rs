@@ -19,11 +19,15 @@ use futures::StreamExt as _;
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::{Cluster, short_hash};
+use super::{Cluster, channel_subject, stream_name};
 
 /// How often an instance looks (`SMEE_RELAY_NEIGHBOUR_LOOK` overrides it, for tests: a
 /// neighbour's first frame comes after both started, so the look at start finds none).
 const LOOK_EVERY: Duration = Duration::from_secs(60);
+
+/// A frame published this recently says its cluster relays the channel now (not long ago,
+/// under a name since changed: its frames stay until the stream's `max_age`).
+const RECENT: Duration = Duration::from_secs(15 * 60);
 
 fn look_every() -> Duration {
     std::env::var("SMEE_RELAY_NEIGHBOUR_LOOK")
@@ -31,9 +35,6 @@ fn look_every() -> Duration {
         .and_then(|v| crate::clock::parse_duration(&v).ok())
         .unwrap_or(LOOK_EVERY)
 }
-/// A frame published this recently says its cluster relays the channel now (not long ago,
-/// under a name since changed: its frames stay until the stream's `max_age`).
-const RECENT: Duration = Duration::from_secs(15 * 60);
 
 /// A channel of this instance: its spool key and its name as logs show it (redacted).
 pub type Channel = (String, String);
@@ -119,19 +120,19 @@ impl Cluster {
         let mut names = self.js.stream_names();
         let mut others = Vec::new();
         while let Some(Ok(name)) = names.next().await {
-            if let Some(other) = name.strip_prefix("SMEE_")
-                && other != self.settings.name
+            if name != self.stream_name
+                && let Some(other) = name.strip_prefix(&stream_name(""))
             {
                 others.push(other.to_string());
             }
         }
         let now_ms = crate::clock::now_ms();
         for other in others {
-            let Ok(stream) = self.js.get_stream(format!("SMEE_{other}")).await else {
+            let Ok(stream) = self.js.get_stream(stream_name(&other)).await else {
                 continue;
             };
             for (key, shown) in channels {
-                let subject = format!("smee.{other}.ch.{}", short_hash(key));
+                let subject = channel_subject(&other, key);
                 let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await else {
                     continue;
                 };
