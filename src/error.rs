@@ -79,6 +79,37 @@ impl From<&str> for Invalid {
     }
 }
 
+/// A listening socket that could not be bound, with what to do about the usual causes: the
+/// operating system's words alone ("Address already in use") leave the user to guess the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}{purpose}: {source}{}", listen_advice(*addr, source, flag))]
+pub struct Listen {
+    /// The address asked for.
+    pub addr: std::net::SocketAddr,
+    /// What the socket was for (` for /healthz and /metrics`), or empty.
+    pub purpose: &'static str,
+    /// The setting that chose the address, to name in the advice (`--listen`).
+    pub flag: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn listen_advice(addr: std::net::SocketAddr, error: &std::io::Error, flag: &str) -> String {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::AddrInUse => format!(
+            "; another program listens there (`ss -ltnp` names it): stop it, or choose another {flag}"
+        ),
+        ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "; a port below 1024 needs root or CAP_NET_BIND_SERVICE: choose a port above 1023 with {flag}, or grant the capability"
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "; no network interface of this machine has that address: choose one it has with {flag} (127.0.0.1 for this machine only, 0.0.0.0 for all)"
+        ),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +141,45 @@ mod tests {
             chain(e.as_ref()),
             format!("sending: {}", std::io::Error::from_raw_os_error(111))
         );
+    }
+
+    /// `cannot serve on 127.0.0.1:3333: cannot listen on 127.0.0.1:3333: Address already in
+    /// use (os error 98)`: the address twice, and nothing said of what to do.
+    #[test]
+    fn regression_a_port_in_use_was_said_without_what_to_do() {
+        let addr: std::net::SocketAddr = "127.0.0.1:3333".parse().unwrap();
+        let in_use = Listen {
+            addr,
+            purpose: "",
+            flag: "--listen",
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let line = chain(&in_use);
+        assert!(
+            line.starts_with("cannot listen on 127.0.0.1:3333: "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("stop it, or choose another --listen"),
+            "{line}"
+        );
+        assert_eq!(line.matches("127.0.0.1:3333").count(), 1, "{line}");
+        let low = Listen {
+            addr: "0.0.0.0:80".parse().unwrap(),
+            purpose: " for /healthz and /metrics",
+            flag: "--metrics-listen",
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(
+            chain(&low).contains("CAP_NET_BIND_SERVICE"),
+            "{}",
+            chain(&low)
+        );
+        // A cause with no known fix is said as it is.
+        let other = Listen {
+            source: std::io::Error::other("odd"),
+            ..in_use
+        };
+        assert_eq!(chain(&other), "cannot listen on 127.0.0.1:3333: odd");
     }
 }

@@ -400,6 +400,46 @@ async fn regression_events_purge_took_a_target_with_a_password_only_as_the_queue
     );
 }
 
+/// `cannot serve on 127.0.0.1:3333: cannot listen on 127.0.0.1:3333: Address already in use`:
+/// the address twice and no word of what to do. Still exit 1: under systemd, a port the
+/// previous process has not let go yet is worth the unit's retry.
+#[tokio::test]
+async fn regression_a_port_in_use_was_said_twice_without_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let state = tempfile::tempdir().unwrap();
+    let runs = [
+        (vec!["serve", "--listen", &addr], "--listen"),
+        (
+            vec![
+                "forward",
+                "-u",
+                "http://127.0.0.1:9/channel",
+                "-t",
+                "http://127.0.0.1:9/",
+                "--state-dir",
+                state.path().to_str().unwrap(),
+                "--metrics-listen",
+                &addr,
+            ],
+            "--metrics-listen",
+        ),
+    ];
+    for (args, flag) in runs {
+        let out = tokio::time::timeout(PATIENCE, smee_relay().args(&args).output())
+            .await
+            .expect("exits")
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert_eq!(said.matches(addr.as_str()).count(), 1, "{args:?}: {said}");
+        assert!(
+            said.contains(&format!("stop it, or choose another {flag}")),
+            "{args:?}: {said}"
+        );
+    }
+}
+
 /// Regression (helper-111): a command's error came as a daemon's log line
 /// (`2026-12-06T10:00:00.000000Z ERROR no queue of ...`); a command says it as command-line tools
 /// do, and a daemon still logs it.

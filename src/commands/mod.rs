@@ -87,9 +87,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             notify.notify_one();
         }
     });
-    crate::server::run(args.listen, config, stop_on_signals()?, reload)
-        .await
-        .with_context(|| format!("cannot serve on {}", args.listen))
+    match crate::server::run(args.listen, config, stop_on_signals()?, reload).await {
+        // Its own words name the address.
+        Err(e @ crate::server::ServeError::Bind(_)) => Err(e.into()),
+        other => other.with_context(|| format!("cannot serve on {}", args.listen)),
+    }
 }
 
 fn retry_policy(delivery: &DeliveryArgs) -> RetryPolicy {

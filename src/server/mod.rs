@@ -124,8 +124,8 @@ impl Default for ServeConfig {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {0}")]
-    Bind(SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Bind(crate::error::Listen),
     #[error("cannot read the listening address")]
     Address(#[source] std::io::Error),
     #[error("cannot open the server's buffers")]
@@ -367,6 +367,13 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| ServeError::Bind(addr, e))?;
+        .map_err(|source| {
+            ServeError::Bind(crate::error::Listen {
+                addr,
+                purpose: "",
+                flag: "--listen",
+                source,
+            })
+        })?;
     serve_with_reload(listener, config, cancel, reload).await
 }

@@ -72,8 +72,8 @@ pub enum DaemonError {
     },
     #[error("targets {0} differ only in their credentials; give each target once")]
     SameTarget(String),
-    #[error("cannot listen on {0} for /healthz and /metrics")]
-    Listen(std::net::SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Listen(crate::error::Listen),
     #[error("cannot start metrics")]
     Metrics(#[source] metrics_exporter_prometheus::BuildError),
     #[error(transparent)]
@@ -279,9 +279,17 @@ pub async fn run(
         ..Default::default()
     });
     if let Some(addr) = plan.metrics_listen {
+        let cannot_listen = |source| {
+            DaemonError::Listen(crate::error::Listen {
+                addr,
+                purpose: " for /healthz and /metrics",
+                flag: "--metrics-listen",
+                source,
+            })
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| DaemonError::Listen(addr, e))?;
+            .map_err(cannot_listen)?;
         let handle = health::install_metrics().map_err(DaemonError::Metrics)?;
         // Set by the writer when it changes; there from the start, so an alert sees a 0.
         let paused = health
@@ -289,9 +297,7 @@ pub async fn run(
             .lock()
             .is_ok_and(|why| why.is_some());
         metrics::gauge!("smee_relay_intake_paused").set(if paused { 1.0 } else { 0.0 });
-        let bound = listener
-            .local_addr()
-            .map_err(|e| DaemonError::Listen(addr, e))?;
+        let bound = listener.local_addr().map_err(cannot_listen)?;
         info!(addr = %bound, "serving /healthz and /metrics");
         tokio::spawn(health::serve(
             listener,
