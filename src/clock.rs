@@ -10,6 +10,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A time in ms since the epoch as people read it in a log line: RFC 3339, whole seconds, UTC.
+pub fn rfc3339_seconds(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 /// How long ago `ms` was, for people.
 pub fn age(ms: u64) -> Duration {
     Duration::from_millis(now_ms().saturating_sub(ms))

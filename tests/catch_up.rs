@@ -522,6 +522,53 @@ async fn a_dry_run_changes_nothing_since_is_respected_and_a_stopped_daemon_deliv
     }
 }
 
+/// `--since` beyond `--retain`: deliveries the relay delivered and then pruned looked missing,
+/// and each catch-up (the daemon's runs after every reconnect too) delivered them again.
+#[tokio::test]
+async fn regression_catch_up_beyond_retain_delivered_pruned_events_again() {
+    let all = deliveries(3);
+    let github = FakeGithub::start(all.clone()).await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        &channel.url("PrunedChannel"),
+        &target.url("/hook"),
+        "",
+    );
+    let out = run_to_end(&mut catch_up(&config, &github)).await;
+    assert!(
+        out.stdout.contains("recovered 3 deliveries"),
+        "{}",
+        out.stdout
+    );
+    let (mut daemon, _logs) = spawn_logged(smee_relay().args(["run", "--config"]).arg(&config));
+    target.take(3).await;
+    support::signal(&daemon, "TERM");
+    assert_eq!(support::exit_code(&mut daemon).await, Some(0));
+    // As `--retain` does, a day later.
+    let state = dir.path().join("state");
+    let spool = smee_relay::spool::Spool::open(&state).unwrap();
+    assert_eq!(spool.prune(smee_relay::clock::now_ms() + 1).unwrap(), 3);
+    drop(spool);
+
+    let out = run_to_end(&mut catch_up(&config, &github)).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("recovered 0 deliveries"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("3 deliveries made before ")
+            && out.stdout.contains("not checked: the spool has pruned"),
+        "{}",
+        out.stdout
+    );
+    assert!(listed(&state).await.is_empty());
+}
+
 /// A bad token: a clear error that says what to check, with GitHub's message, exit 1, and the
 /// token never shown. No token at all: a usage error, exit 2.
 #[tokio::test]

@@ -271,6 +271,14 @@ fn summary(
     for bad in &report.unreadable {
         let _ = writeln!(out, "  FAILED: {}", escape(bad));
     }
+    if let Some(from) = report.checked_from_ms {
+        let _ = writeln!(
+            out,
+            "  {} made before {} not checked: the spool has pruned what it received then (--retain); keep --since within --retain",
+            super::count(report.unchecked, "delivery", "deliveries"),
+            crate::clock::rfc3339_seconds(from)
+        );
+    }
     if args.dry_run {
         let _ = writeln!(
             out,

@@ -133,7 +133,7 @@ impl Why {
         let since = self.since_ms.map(|since| {
             format!(
                 "{} ({} before Port was read)",
-                rfc3339(since),
+                crate::clock::rfc3339_seconds(since),
                 humantime::format_duration(Duration::from_secs(at_ms.saturating_sub(since) / 1000))
             )
         });
@@ -155,10 +155,6 @@ impl Why {
             ),
         }
     }
-}
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Port's timestamps (`updatedAt`, ISO 8601) in ms since the epoch.
@@ -197,7 +193,7 @@ pub fn credible(ms: u64) -> u64 {
         warn!(
             "Port gave a time ({}) more than 5 minutes ahead of this host's clock; such times are \
              taken as now, so they cannot make later changes look stale (check the clocks)",
-            rfc3339(ms)
+            crate::clock::rfc3339_seconds(ms)
         );
     }
     now
@@ -322,7 +318,7 @@ pub fn judge_snapshot(
         let body = json!({
             "action": "UPDATE",
             "resourceType": "entity",
-            "trigger": {"origin": "smee-relay reconciliation", "at": rfc3339(snapshot.fetched_at_ms)},
+            "trigger": {"origin": "smee-relay reconciliation", "at": crate::clock::rfc3339_seconds(snapshot.fetched_at_ms)},
             "context": {"blueprint": blueprint, "entity": identifier},
             "diff": {"before": entity, "after": entity},
         });
@@ -388,7 +384,7 @@ pub fn judge_snapshot(
         let body = json!({
             "action": "DELETE",
             "resourceType": "entity",
-            "trigger": {"origin": "smee-relay reconciliation", "at": rfc3339(snapshot.fetched_at_ms)},
+            "trigger": {"origin": "smee-relay reconciliation", "at": crate::clock::rfc3339_seconds(snapshot.fetched_at_ms)},
             "context": {"blueprint": blueprint, "entity": entity},
             "diff": {"before": {"identifier": entity, "title": title}, "after": null},
         });
@@ -1199,7 +1195,7 @@ mod tests {
             &mut seen,
             5,
         );
-        let later = rfc3339(crate::clock::now_ms() + 1000);
+        let later = crate::clock::rfc3339_seconds(crate::clock::now_ms() + 1000);
         let out = judge(
             &pipeline,
             &snapshot(vec![entity("a", 95, &later)]),

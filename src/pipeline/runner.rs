@@ -429,9 +429,7 @@ pub async fn run(
                     event = id,
                     entity,
                     "pipeline: event {id} changes the entity at a time before the change of {} the cluster judged (or Port's state read by reconciliation); the newer one stands and no alert is sent",
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_millis(then)
-                    )
+                    crate::clock::rfc3339_seconds(then)
                 );
                 if !commit(&writer, vec![mark(Outcome::Delivered { status: 200 })]).await {
                     break;
@@ -1548,21 +1546,12 @@ fn subject(event: &crate::event::Event) -> Option<(String, Option<u64>)> {
 /// Say why a replayed event is not evaluated again.
 fn say_skipped(id: u64, subject: &str, done: &Evaluated) {
     let entity = subject.split('\u{1f}').nth(1).unwrap_or(subject);
-    let at = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_millis(done.at_ms),
-    );
+    let at = crate::clock::rfc3339_seconds(done.at_ms);
     if id > done.event {
         // The time that wins is Port's time of the change judged, not when it was judged.
         let winning = done.updated_ms.map_or_else(
             || format!("judged at {at}"),
-            |ms| {
-                format!(
-                    "of {}",
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_millis(ms)
-                    )
-                )
-            },
+            |ms| format!("of {}", crate::clock::rfc3339_seconds(ms)),
         );
         info!(
             event = id,

@@ -92,7 +92,16 @@ pub struct Report {
     /// List entries GitHub gave that could not be read (what was readable of them, and why):
     /// not compared, not recovered.
     pub unreadable: Vec<String>,
+    /// Not in the spool, but made before what it still remembers ([`Spool::pruned_through`],
+    /// plus [`CLOCK_MARGIN`]): pruned or never received, it cannot tell, so not recovered.
+    pub unchecked: usize,
+    /// The time (ms since the epoch) before which deliveries were not checked, if any were not.
+    pub checked_from_ms: Option<u64>,
 }
+
+/// GitHub's clock and this machine's may differ by this much: a delivery made this close
+/// after the newest pruned event was received may have been that event.
+const CLOCK_MARGIN: Duration = Duration::from_secs(300);
 
 impl Report {
     /// How many deliveries could not be recovered (failed details and unreadable list entries).
@@ -126,14 +135,22 @@ pub async fn github(
     }
     let listed = listing.deliveries;
     // No spool (a dry run before the relay ever ran): nothing is stored, all is missing.
-    let have = match spool {
+    let (have, pruned_through) = match spool {
         Some(spool) => {
             let (spool, channel) = (spool.clone(), to.channel.clone());
-            tokio::task::spawn_blocking(move || spool.header_values(&channel, DELIVERY_HEADER))
-                .await??
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, SpoolError>((
+                    spool.header_values(&channel, DELIVERY_HEADER)?,
+                    spool.pruned_through()?,
+                ))
+            })
+            .await??
         }
-        None => HashSet::new(),
+        None => (HashSet::new(), None),
     };
+    // Before this, a GUID absent from the spool may be one it delivered and pruned
+    // (`--since` beyond `--retain`): recovering it would deliver it again.
+    let checked_from = pruned_through.map(|ms| ms.saturating_add(CLOCK_MARGIN.as_millis() as u64));
     let mut report = Report {
         listed: listed.len(),
         unreadable: listing.unreadable,
@@ -142,9 +159,25 @@ pub async fn github(
     let mut seen = HashSet::new();
     for delivery in listed {
         // Oldest first: a GUID's first attempt stands for its redeliveries (same payload).
-        if seen.insert(delivery.guid.clone()) && !have.contains(&delivery.guid) {
-            report.missing.push(delivery);
+        if !seen.insert(delivery.guid.clone()) || have.contains(&delivery.guid) {
+            continue;
         }
+        if let Some(from) = checked_from
+            && delivery.delivered_ms().is_none_or(|ms| ms < from)
+        {
+            report.unchecked += 1;
+            report.checked_from_ms = Some(from);
+            continue;
+        }
+        report.missing.push(delivery);
+    }
+    if let Some(from) = report.checked_from_ms {
+        warn!(
+            channel = %to.channel,
+            "GitHub catch-up: {} made before {} not checked: the spool has pruned the events it received then (--retain), so their absence proves nothing and recovering them could deliver them again; keep `since` within --retain",
+            crate::error::count(report.unchecked, "delivery", "deliveries"),
+            crate::clock::rfc3339_seconds(from)
+        );
     }
     report.guids = seen.len();
     report.fates = vec![Fate::Pending; report.missing.len()];

@@ -112,6 +112,10 @@ const WAL_SEQ: &str = "wal_seq";
 const CLUSTER: &str = "cluster";
 /// Set while a version-1 spool still has deliveries under queue names of that version.
 const LEGACY: &str = "legacy_queues";
+/// When the newest event pruned so far was received (ms since the epoch): before it, the
+/// spool no longer knows what it had, so catch-up must not take an absence for a miss. A
+/// build that does not know the key never reads it.
+const PRUNED_THROUGH: &str = "pruned_through";
 
 /// The spool format this build writes (see the module header).
 pub const FORMAT_VERSION: u64 = 3;
@@ -2228,6 +2232,17 @@ impl Spool {
         )
     }
 
+    /// When the newest event pruned so far was received (ms since the epoch), if any was:
+    /// events received before it may be gone, so their absence proves nothing.
+    pub fn pruned_through(&self) -> Result<Option<u64>, SpoolError> {
+        self.read(|txn| {
+            Ok(txn
+                .open_table(META)?
+                .get(PRUNED_THROUGH)?
+                .map(|v| v.value()))
+        })
+    }
+
     /// The last SSE id stored for a channel (see [`channel_key`]).
     pub fn cursor(&self, key: &str) -> Result<Option<String>, SpoolError> {
         self.read(|txn| {
@@ -3593,7 +3608,7 @@ impl<'txn> Tables<'txn> {
         if let Some((done, true)) = current {
             candidates.push(done);
         }
-        let mut pruned = 0;
+        let (mut pruned, mut newest_pruned) = (0, 0);
         for id in candidates {
             if let Some(target) = target_bytes
                 && self.counter(STORED_BYTES)? <= target
@@ -3615,6 +3630,10 @@ impl<'txn> Tables<'txn> {
             }
             self.drop_event_if_unreferenced(id)?;
             pruned += 1;
+            newest_pruned = newest_pruned.max(received);
+        }
+        if pruned > 0 && newest_pruned > self.counter(PRUNED_THROUGH)? {
+            self.set(PRUNED_THROUGH, newest_pruned)?;
         }
         Ok(pruned)
     }
