@@ -1838,3 +1838,22 @@ async fn regression_a_reload_did_not_say_which_actions_changed() {
         .await;
     daemon.stop().await;
 }
+
+/// Regression (helper-126): a reload that changed an `[[action]]`'s handler or timeout said
+/// only "actions on (N)", as if nothing had changed.
+#[tokio::test]
+async fn regression_a_reload_did_not_say_an_action_was_changed() {
+    let setup = Setup::new(ALL_FOUR).await;
+    let daemon = setup.start().await;
+    setup.edit_config(&[(
+        "\"restart_deployment\"\n",
+        "\"restart_deployment\"\ntimeout = \"5m\"\n",
+    )]);
+    support::signal(&daemon.child, "HUP");
+    let line = daemon
+        .logs
+        .wait_for(&["config reloaded", "[[action]] restart_deployment changed"])
+        .await;
+    assert!(!line.contains("scaffold_service"), "{line}");
+    daemon.stop().await;
+}

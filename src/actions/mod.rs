@@ -93,7 +93,7 @@ pub struct ReportMappingConfig {
 }
 
 /// The jq mappings, compiled.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReportMapping {
     pub status: Option<JqCondition>,
     pub summary: Option<JqCondition>,
@@ -101,7 +101,7 @@ pub struct ReportMapping {
 }
 
 /// What runs an action.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Handler {
     /// argv; the body on stdin.
     Command(Vec<String>),
@@ -113,14 +113,14 @@ pub enum Handler {
 }
 
 /// How an action is recognised.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Matcher {
     Identifier(String),
     When(JqCondition),
 }
 
-/// A validated `[[action]]`.
-#[derive(Clone, Debug)]
+/// A validated `[[action]]`. Compared to tell a reload's changed actions.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActionSpec {
     /// Names the action in logs and in stored run state: its identifier, or its `when`.
     pub name: String,

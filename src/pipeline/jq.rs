@@ -36,7 +36,7 @@ pub struct JqError {
 }
 
 /// A jq condition that is known to compile.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JqCondition {
     /// The source, recompiled for each evaluation.
     code: String,

@@ -83,6 +83,37 @@ pub enum DaemonError {
     ClusterChanged(String),
 }
 
+/// What a reload did to the `[[action]]`s, by name: added, removed, or changed (its handler,
+/// timeout, `env` or `on_interrupt`). A run in progress finishes as it began.
+fn action_changes(
+    was: &[crate::actions::ActionSpec],
+    now: &[crate::actions::ActionSpec],
+) -> Vec<String> {
+    let find = |specs: &[crate::actions::ActionSpec], name: &str| {
+        specs.iter().position(|a| a.name == name)
+    };
+    let mut changes = Vec::new();
+    for action in now {
+        match find(was, &action.name) {
+            None => changes.push(format!("[[action]] {} added", action.name)),
+            Some(i) if was[i] != *action => changes.push(format!(
+                "[[action]] {} changed (a run in progress finishes as it began)",
+                action.name
+            )),
+            Some(_) => {}
+        }
+    }
+    changes.extend(
+        (was.iter().filter(|a| find(now, &a.name).is_none())).map(|a| {
+            format!(
+                "[[action]] {} removed (a run in progress finishes as it began)",
+                a.name
+            )
+        }),
+    );
+    changes
+}
+
 /// Which settings of two `[cluster]` tables differ, by their key in the file (secrets
 /// compared, not shown); empty when they are the same.
 fn cluster_changes(
@@ -1591,20 +1622,10 @@ impl Runtime {
                             if was { "off" } else { "on" }
                         ));
                     }
-                    let names = |specs: &[crate::actions::ActionSpec]| -> Vec<String> {
-                        specs.iter().map(|a| a.name.clone()).collect()
-                    };
-                    let (was, now) = (names(&old.config.borrow().actions), names(&actions.actions));
-                    changes.extend(
-                        now.iter()
-                            .filter(|n| !was.contains(n))
-                            .map(|n| format!("[[action]] {n} added")),
-                    );
-                    changes.extend(
-                        was.iter()
-                            .filter(|n| !now.contains(n))
-                            .map(|n| format!("[[action]] {n} removed")),
-                    );
+                    changes.extend(action_changes(
+                        &old.config.borrow().actions,
+                        &actions.actions,
+                    ));
                 }
                 let actions = Arc::new(actions);
                 let (task, config) = match old {
