@@ -145,3 +145,20 @@ fn regression_an_error_in_the_worker_said_jq_error_twice() {
         .unwrap_err();
     assert_eq!(failure.to_string(), r#"jq error: "boom""#);
 }
+
+/// Regression (helper-124): the worker died with the thread that started it (Linux's
+/// parent-death signal follows the thread, and the daemon's blocking threads end after 10 s
+/// idle), so a `when` rule's first evaluation after a quiet spell failed as "exceeded its
+/// memory or recursion bound" and its alert was lost.
+#[test]
+fn regression_the_worker_died_with_the_thread_that_started_it() {
+    let jq = std::sync::Arc::new(engine(Duration::from_secs(20)));
+    let cpu = condition(".properties.cpu > 80");
+    let entity = json!({"properties": {"cpu": 90}});
+    let (jq2, cpu2, entity2) = (jq.clone(), cpu.clone(), entity.clone());
+    std::thread::spawn(move || assert!(jq2.holds(&cpu2, &entity2).unwrap()))
+        .join()
+        .unwrap();
+    // The starting thread is gone (joined): the next evaluation uses the same worker.
+    assert!(jq.holds(&cpu, &entity).unwrap());
+}

@@ -403,6 +403,38 @@ impl JqEngine {
     }
 }
 
+/// Start `command` from a thread that lives as long as the process. The worker dies with its
+/// parent (`PR_SET_PDEATHSIG`), and Linux takes the parent to be the *thread* that forked it:
+/// started from one of tokio's blocking threads, which end after 10 s idle, the worker was
+/// killed after every quiet spell (helper-124). Should that thread not start, the worker is
+/// started here, and a failed evaluation starts another.
+fn spawn_from_a_lasting_thread(mut command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<Option<mpsc::Sender<Request>>> = std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("jq-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let Some(spawner) = spawner else {
+        return command.spawn();
+    };
+    let (reply, answer) = mpsc::channel();
+    match spawner.send((command, reply)) {
+        Ok(()) => answer
+            .recv()
+            .map_err(|_| std::io::Error::other("the worker spawner stopped"))?,
+        Err(mpsc::SendError((mut command, _))) => command.spawn(),
+    }
+}
+
 /// An answer of the other mode than asked: the worker is out of step.
 fn out_of_step() -> JqFailure {
     JqFailure::Worker(std::io::Error::other("the worker answered out of step"))
@@ -464,7 +496,8 @@ enum Answer {
 
 impl Worker {
     fn start(program: &Path, limits: JqLimits) -> Result<Worker, JqFailure> {
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .arg(WORKER_ARG)
             .arg(limits.max_memory.to_string())
             // Rules can read the environment (`env`): the daemon's holds secrets (Port's client
@@ -474,9 +507,8 @@ impl Worker {
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(JqFailure::Worker)?;
+            .stderr(Stdio::piped());
+        let mut child = spawn_from_a_lasting_thread(command).map_err(JqFailure::Worker)?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let mut err_pipe = child.stderr.take().expect("piped");
