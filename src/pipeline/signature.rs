@@ -27,6 +27,8 @@ pub enum SignatureError {
     OutsideWindow { skew: Duration, tolerance: Duration },
     #[error("x-port-signature has no v1 signature")]
     UnsupportedScheme,
+    #[error("x-port-signature's v1 signature is not base64 (damaged on the way, or not Port's)")]
+    NotBase64,
     #[error("x-port-signature does not match (wrong client secret, or the body was changed)")]
     Mismatch,
 }
@@ -72,13 +74,18 @@ impl Verifier {
                 tolerance: self.tolerance,
             });
         }
-        let candidates: Vec<Vec<u8>> = signature
+        let v1: Vec<&str> = signature
             .split_whitespace()
             .filter_map(|part| part.strip_prefix("v1,"))
+            .collect();
+        if v1.is_empty() {
+            return Err(SignatureError::UnsupportedScheme);
+        }
+        let candidates: Vec<Vec<u8>> = (v1.iter())
             .filter_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
             .collect();
         if candidates.is_empty() {
-            return Err(SignatureError::UnsupportedScheme);
+            return Err(SignatureError::NotBase64);
         }
         let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose_secret().as_bytes())
             .expect("HMAC takes any key");
@@ -108,6 +115,32 @@ mod tests {
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap()
+    }
+
+    /// Regression (helper-124): a v1 signature with one character changed (no longer canonical
+    /// base64) was refused as "has no v1 signature", though the header plainly had one.
+    #[test]
+    fn regression_a_damaged_v1_signature_was_said_to_be_missing() {
+        let verifier = Verifier::new("s".into(), Duration::from_secs(300));
+        for damaged in [
+            "v1,WLlZ2iShM/0+UYasX+iZzr2WWi58HTSYil04CqebZgX=",
+            "v1,not base64!",
+        ] {
+            assert_eq!(
+                verifier.verify(Some(damaged), Some("1700000000"), b"{}", 1_700_000_000_000),
+                Err(SignatureError::NotBase64),
+                "{damaged}"
+            );
+        }
+        assert_eq!(
+            verifier.verify(
+                Some("v2,AAAA"),
+                Some("1700000000"),
+                b"{}",
+                1_700_000_000_000
+            ),
+            Err(SignatureError::UnsupportedScheme)
+        );
     }
 
     #[test]
