@@ -717,6 +717,52 @@ async fn regression_unfinished_uploads_evicted_the_events_just_posted() {
     server.cancel.cancel();
 }
 
+/// Regression (helper-125): the budget evicted the globally oldest events, so anyone who may
+/// post filled it through channels of their own and the replay of a relay offline for a
+/// minute was gone when it came back (its sender had been told 200). The channel holding the
+/// most is evicted from first.
+#[tokio::test]
+async fn regression_posts_to_other_channels_evicted_a_quiet_channels_replay() {
+    let limit = 2 << 20;
+    let server = start(ServeConfig {
+        max_memory: limit,
+        ..ServeConfig::default()
+    })
+    .await;
+    for n in 0..5 {
+        let sent = post(
+            &format!("{}/quiet", server.url),
+            format!("{{\"n\":{n}}}").into(),
+        )
+        .await;
+        assert_eq!(sent.status().as_u16(), 200);
+    }
+    // Four times the budget, through channels no one subscribes to.
+    for i in 0..64 {
+        let sent = post(
+            &format!("{}/flood{}", server.url, i % 8),
+            vec![b'7'; 128 << 10],
+        )
+        .await;
+        assert_eq!(sent.status().as_u16(), 200);
+    }
+    assert!(
+        metric(
+            &server,
+            "smee_relay_serve_evicted_events_total{reason=\"memory\"}"
+        )
+        .await
+            > 0.0
+    );
+    let mut replay = raw_subscriber(&server, "/quiet", Some("0")).await;
+    let mut seen = read_until(&mut replay, "event: ready").await;
+    while seen.matches("\nid: ").count() < 5 && !seen.contains("event: gap") {
+        seen.push_str(&read_until(&mut replay, "\n\n").await);
+    }
+    assert!(!seen.contains("event: gap"), "{seen}");
+    server.cancel.cancel();
+}
+
 /// `smee-relay serve` as a child process on 127.0.0.1:0 with `extra` flags (its memory and
 /// its log are its own), and the server it is.
 async fn serve_child(extra: &[&str]) -> (tokio::process::Child, support::LogWatch, Server) {

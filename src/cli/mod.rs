@@ -119,7 +119,7 @@ pub struct ServeArgs {
     pub max_events: usize,
 
     /// Hold at most this much for clients: replay buffers, channels, subscribers and bodies
-    /// being read, all together. The oldest replay data is evicted first (counted in /metrics).
+    /// being read, all together. Replay data is evicted from the channel holding the most, oldest first (counted in /metrics).
     #[arg(long, alias = "max-buffer", default_value = "256MiB", value_parser = parse_size)]
     pub max_memory: u64,
 

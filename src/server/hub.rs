@@ -165,7 +165,7 @@ pub(super) struct Posted {
     /// (`[0]`) and the raw one with `bodyB` (`[1]`).
     frames: [OnceLock<Bytes>; 2],
     /// Budget for the fields above (frames carry their own).
-    _charge: Charge,
+    charge: Charge,
     /// For the frames' charges.
     stats: Arc<Stats>,
 }
@@ -199,7 +199,7 @@ impl Posted {
             content_type,
             body,
             frames: [OnceLock::new(), OnceLock::new()],
-            _charge: Charge::new(stats, size),
+            charge: Charge::new(stats, size),
             stats: stats.clone(),
         }
     }
@@ -298,8 +298,12 @@ fn push_smee_body(out: &mut Vec<u8>, content_type: &str, body: &[u8]) {
 pub(super) struct Channel {
     /// The id the next post gets.
     pub next_id: u64,
-    /// Replay buffer, oldest first, ids increasing.
+    /// Replay buffer, oldest first, ids increasing. Changed through `push`, `pop_front` and
+    /// `clear`, which keep `held`.
     pub events: VecDeque<Arc<Posted>>,
+    /// What `events` are charged (frames aside): the channel holding the most is evicted from
+    /// first when the budget is full.
+    held: usize,
     /// Highest id dropped from `events`: a subscriber whose cursor is below it lost events.
     evicted_upto: u64,
     /// The newest id, for waking subscribers (a watch cell is a few words; no ring).
@@ -320,12 +324,31 @@ impl Channel {
         Self {
             next_id: start,
             events: VecDeque::new(),
+            held: 0,
             evicted_upto: 0,
             live: watch::channel(0).0,
             watchers: Vec::new(),
             last_used_ms: crate::clock::now_ms(),
             _charge: Charge::new(stats, CHANNEL_OVERHEAD + name.len()),
         }
+    }
+}
+
+impl Channel {
+    fn push(&mut self, posted: Arc<Posted>) {
+        self.held += posted.charge.bytes;
+        self.events.push_back(posted);
+    }
+
+    fn pop_front(&mut self) -> Option<Arc<Posted>> {
+        let gone = self.events.pop_front()?;
+        self.held -= gone.charge.bytes;
+        Some(gone)
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.held = 0;
     }
 }
 
@@ -421,7 +444,7 @@ impl Hub {
             for event in events {
                 channel.next_id = channel.next_id.max(event.id + 1);
                 all.push((event.received_ms, name.clone(), event.id));
-                channel.events.push_back(Arc::new(event));
+                channel.push(Arc::new(event));
             }
             channels.map.insert(name, channel);
         }
@@ -460,21 +483,30 @@ impl Hub {
         self.config.max_memory
     }
 
-    /// Make room for `more` bytes: drop what is too old or too many, then the globally oldest
-    /// events while over the budget. False if the budget cannot take `more` even with every
-    /// replay buffer empty.
+    /// Make room for `more` bytes: drop what is too old, then, while over the budget, the
+    /// oldest event of the channel holding the most. Not the globally oldest: anyone who may
+    /// post can fill the budget through channels of their own, and would evict first the
+    /// replay that a relay offline for a minute is about to ask for (helper-125). False if
+    /// the budget cannot take `more` even with every replay buffer empty.
     pub(super) fn trim(&self, channels: &mut Channels, more: usize) -> bool {
         let cutoff = crate::clock::now_ms().saturating_sub(self.config.retain.as_millis() as u64);
-        while let Some((name, id, received)) = channels.order.front().cloned() {
-            let reason = if received < cutoff {
-                Reason::Age
-            } else if self.stats.held.load(Ordering::Relaxed) + more > self.limit() {
-                Reason::Memory
-            } else {
+        while let Some((name, id, _)) = (channels.order.front())
+            .filter(|(_, _, received)| *received < cutoff)
+            .cloned()
+        {
+            channels.order.pop_front();
+            self.drop_event(channels, &name, id, Reason::Age);
+        }
+        while self.stats.held.load(Ordering::Relaxed) + more > self.limit() {
+            // A scan of the channels (at most --max-channels) per event evicted.
+            let Some((name, id)) = (channels.map.iter())
+                .filter_map(|(name, c)| Some((c.held, name, c.events.front()?.id)))
+                .max_by_key(|(held, ..)| *held)
+                .map(|(_, name, id)| (name.clone(), id))
+            else {
                 break;
             };
-            channels.order.pop_front();
-            self.drop_event(channels, &name, id, reason);
+            self.drop_event(channels, &name, id, Reason::Memory);
         }
         self.stats.held.load(Ordering::Relaxed) + more <= self.limit()
     }
@@ -488,7 +520,7 @@ impl Hub {
         };
         let mut over = Vec::new();
         while channel.events.len() > max_events {
-            if let Some(gone) = channel.events.pop_front() {
+            if let Some(gone) = channel.pop_front() {
                 channel.evicted_upto = channel.evicted_upto.max(gone.id);
                 cut_lagging(channel, gone.id, &self.stats);
                 over.push((name.clone(), gone.id));
@@ -507,7 +539,7 @@ impl Hub {
         if channel.events.front().is_none_or(|e| e.id != id) {
             return; // already gone (count limit or expiry)
         }
-        channel.events.pop_front();
+        channel.pop_front();
         channel.evicted_upto = channel.evicted_upto.max(id);
         cut_lagging(channel, id, &self.stats);
         let counter = match reason {
@@ -655,7 +687,7 @@ impl Hub {
         }
         let mut channels = self.lock();
         let (key, channel) = self.channel_mut(&mut channels, name)?;
-        channel.events.push_back(posted.clone());
+        channel.push(posted.clone());
         channel.live.send_replace(posted.id);
         channels
             .order
@@ -683,7 +715,7 @@ impl Hub {
         let posted = Arc::new(posted);
         channel.next_id = posted.id + 1;
         channel.last_used_ms = crate::clock::now_ms();
-        channel.events.push_back(posted.clone());
+        channel.push(posted.clone());
         channel.live.send_replace(posted.id);
         channels
             .order
@@ -706,7 +738,7 @@ impl Hub {
         channels.expired.clear();
         channels.order.clear();
         for channel in channels.map.values_mut() {
-            channel.events.clear();
+            channel.clear();
             channel.evicted_upto = 0;
             channel.next_id = 1;
             for watcher in &channel.watchers {
@@ -1080,7 +1112,9 @@ pub(super) async fn sweeper(hub: Arc<Hub>, every: Duration) {
 pub(super) fn warn_evicting(stats: &Stats) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     if stats.evicted_memory.load(Ordering::Relaxed) > 0 && !WARNED.swap(true, Ordering::Relaxed) {
-        warn!("the memory budget (--max-memory) is full: the oldest replay data is being evicted");
+        warn!(
+            "the memory budget (--max-memory) is full: replay data is being evicted, from the channels holding the most"
+        );
     }
 }
 

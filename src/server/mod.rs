@@ -10,7 +10,7 @@
 //!   forward as a header. `--smee-wire` ([`ServeConfig::smee_wire`]) ignores the opt-in, so
 //!   that a relay (or the benchmark) sees exactly what smee.io would send it;
 //! - **one memory budget** (`--max-memory`) for replay buffers, channels, subscribers and bodies
-//!   being read ([`hub`]); oldest replay data is evicted first and counted; a subscriber that
+//!   being read ([`hub`]); replay data is evicted from the channel holding the most, oldest first, and counted; a subscriber that
 //!   loses events to eviction is disconnected and resumes with `Last-Event-ID`;
 //! - **hostile clients shed**: a cap on connections, channels and subscribers per channel, read
 //!   timeouts for heads and bodies, a write-stall timeout for sockets that stop reading;
@@ -54,7 +54,7 @@ pub struct ServeConfig {
     /// Most events kept per channel for replay.
     pub max_events: usize,
     /// Everything held for clients (replay buffers, channels, subscribers, bodies being read)
-    /// stays within this many bytes; the oldest replay data goes first.
+    /// stays within this many bytes; the oldest replay data of the channel holding the most goes first.
     pub max_memory: usize,
     /// How long an event is kept for replay.
     pub retain: Duration,
