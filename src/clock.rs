@@ -1,7 +1,7 @@
 //! Wall-clock time in milliseconds, the unit the spool and the wire use; and durations as
 //! people write them (`90s`, `5m`), bounded so that no setting overflows a clock.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {
@@ -13,6 +13,33 @@ pub fn now_ms() -> u64 {
 /// A time in ms since the epoch as people read it in a log line: RFC 3339, whole seconds, UTC.
 pub fn rfc3339_seconds(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// How often a [`Tally`] is said, at most.
+pub const TALLY_PERIOD: Duration = Duration::from_secs(60);
+
+/// A count of something too frequent to log each time (pruning for room, connections shed, a
+/// flood's refusals), said at most once per [`TALLY_PERIOD`]: what was added since it was last
+/// said. The first is said at once.
+#[derive(Debug, Default)]
+pub struct Tally {
+    count: u64,
+    said: Option<Instant>,
+}
+
+impl Tally {
+    /// Add `n` at `now`; returns the count to say, if it is time to say it.
+    pub fn add(&mut self, n: u64, now: Instant) -> Option<u64> {
+        self.count += n;
+        let due = self
+            .said
+            .is_none_or(|said| now.duration_since(said) >= TALLY_PERIOD);
+        if self.count == 0 || !due {
+            return None;
+        }
+        self.said = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
 }
 
 /// How long ago `ms` was, for people.

@@ -781,6 +781,78 @@ async fn serve_child(extra: &[&str]) -> (tokio::process::Child, support::LogWatc
     (child, logs, server)
 }
 
+/// Regression (helper-125): under the common soft open-file limit of 1024, `serve` ran out of
+/// files before `--max-connections` and said "cannot accept a connection" 20 times a second
+/// while new clients could not connect. It raises the soft limit to the hard one.
+#[tokio::test]
+async fn regression_the_open_file_limit_came_before_max_connections() {
+    let mut command = support::smee_relay();
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "100",
+    ]);
+    // SAFETY: between fork and exec only setrlimit, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 48.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let (_child, logs) = support::spawn_logged(&mut command);
+    let addr = support::serve_address(&logs).await;
+    let mut held = Vec::new();
+    for _ in 0..90 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let server = Server {
+        url: format!("http://{addr}"),
+        addr,
+        cancel: CancellationToken::new(),
+        done: tokio::spawn(async {}),
+    };
+    wait_metric(&server, "smee_relay_serve_connections", |n| n >= 90.0).await;
+    assert!(logs.find(&["cannot accept"]).is_none(), "{}", logs.all());
+}
+
+/// Regression (helper-125): connections shed by a flood and requests refused for their
+/// token left no line in the log (and refusals no metric): an operator saw nothing.
+#[tokio::test]
+async fn regression_floods_and_wrong_tokens_were_not_logged() {
+    let (_child, logs, server) =
+        serve_child(&["--max-connections", "3", "--post-token", "right"]).await;
+    for _ in 0..2 {
+        let refused = post(&format!("{}/ch", server.url), b"{}".to_vec()).await;
+        assert_eq!(refused.status().as_u16(), 401);
+    }
+    logs.wait_for(&[
+        "refused 1 request without the right token",
+        "from 127.0.0.1",
+    ])
+    .await;
+    assert_eq!(
+        metric(&server, "smee_relay_serve_refused_total{reason=\"token\"}").await,
+        2.0
+    );
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    logs.wait_for(&[
+        "shed 1 connection since the last report",
+        "--max-connections 3",
+    ])
+    .await;
+}
+
 /// The peak resident memory of process `pid` (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

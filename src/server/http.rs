@@ -331,6 +331,8 @@ async fn post(
         }
     }
     if !authorized(&headers, &hub.config.post_token) {
+        hub.stats
+            .say_refused_token(client_ip(&hub, &peer, &headers));
         return unauthorized();
     }
     let too_large = || {
@@ -508,6 +510,8 @@ async fn subscribe(
         return Html(PAGE).into_response();
     }
     if !authorized(&headers, &hub.config.subscribe_token) {
+        hub.stats
+            .say_refused_token(client_ip(&hub, &peer, &headers));
         return unauthorized();
     }
     let raw = !hub.config.smee_wire
@@ -699,6 +703,7 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
             ),
             ("{reason=\"memory\"}", get(&s.refused_memory)),
             ("{reason=\"allow_post_from\"}", get(&s.refused_forbidden)),
+            ("{reason=\"token\"}", get(&s.refused_token)),
         ],
     );
     metric(

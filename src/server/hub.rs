@@ -84,6 +84,13 @@ pub(super) struct Stats {
     pub refused_subscriber_cap: AtomicU64,
     pub refused_memory: AtomicU64,
     pub refused_forbidden: AtomicU64,
+    /// Requests without the `--post-token` or `--subscribe-token` asked for (401).
+    pub refused_token: AtomicU64,
+    /// Connections shed (at the cap, past the read timeout, a failed TLS handshake), said at
+    /// most once a minute: a flood is worth a line, not a line a connection.
+    pub shed_said: Mutex<crate::clock::Tally>,
+    /// Requests refused for their token, said at most once a minute.
+    pub refused_token_said: Mutex<crate::clock::Tally>,
     /// Subscribers that resumed from an id this server cannot serve whole (not an id, above
     /// its newest, or past what was evicted): the warning is said at the first and every
     /// 1,000th, or anyone could fill the log.
@@ -102,6 +109,37 @@ pub(super) struct Charge {
     bytes: usize,
     /// A body being read: counted in [`Stats::reading`] too.
     reading: bool,
+}
+
+impl Stats {
+    /// Count a connection shed for `why` (its counter, already counted) and say the count
+    /// since the last line, at most once a minute.
+    pub(super) fn say_shed(&self, why: &str) {
+        let said = self
+            .shed_said
+            .lock()
+            .map(|mut t| t.add(1, std::time::Instant::now()));
+        if let Ok(Some(n)) = said {
+            warn!(
+                "shed {} since the last report (the latest: {why}); many at once are a flood of connections, or too low a limit (smee_relay_serve_shed_connections_total counts them by reason)",
+                crate::error::count(n as usize, "connection", "connections")
+            );
+        }
+    }
+
+    /// Count a request refused for its token, and say the count since the last line (and who
+    /// sent the latest), at most once a minute.
+    pub(super) fn say_refused_token(&self, ip: std::net::IpAddr) {
+        self.refused_token.fetch_add(1, Ordering::Relaxed);
+        let said =
+            (self.refused_token_said.lock()).map(|mut t| t.add(1, std::time::Instant::now()));
+        if let Ok(Some(n)) = said {
+            warn!(
+                "refused {} without the right token since the last report (the latest from {ip})",
+                crate::error::count(n as usize, "request", "requests"),
+            );
+        }
+    }
 }
 
 impl Charge {

@@ -216,6 +216,7 @@ pub async fn serve_with_reload(
 
     let mut connections = tokio::task::JoinSet::new();
     let closing = CancellationToken::new();
+    let mut accept_errors = crate::clock::Tally::default();
     loop {
         let (socket, remote) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -233,8 +234,16 @@ pub async fn serve_with_reload(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of fds and the like: wait a little rather than spin.
-                    warn!("cannot accept a connection: {e}");
+                    // Out of fds and the like: wait a little rather than spin, and say it
+                    // once a minute, not 20 times a second for as long as a flood lasts.
+                    if let Some(n) = accept_errors.add(1, std::time::Instant::now()) {
+                        let hint = if e.raw_os_error() == Some(libc::EMFILE) {
+                            format!("; the open-file limit ({}) is too low for --max-connections {}: raise it (LimitNOFILE=, ulimit -n)", open_file_limit().map_or("?".into(), |n| n.to_string()), config.max_connections)
+                        } else {
+                            String::new()
+                        };
+                        warn!("cannot accept connections: {e} ({} since the last report){hint}", crate::error::count(n as usize, "time", "times"));
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -242,6 +251,10 @@ pub async fn serve_with_reload(
         };
         if stats.connections.load(Ordering::Relaxed) >= config.max_connections {
             stats.shed_max_connections.fetch_add(1, Ordering::Relaxed);
+            stats.say_shed(&format!(
+                "a new connection past --max-connections {}",
+                config.max_connections
+            ));
             debug!(%remote, "connection limit reached: closing a new connection");
             drop(socket);
             continue;
@@ -270,6 +283,10 @@ pub async fn serve_with_reload(
                         }
                         _ => {
                             stats.shed_tls_handshake.fetch_add(1, Ordering::Relaxed);
+                            stats.say_shed(&format!(
+                                "no TLS handshake within --read-timeout {}",
+                                humantime::format_duration(config.read_timeout)
+                            ));
                         }
                     }
                 }
@@ -351,10 +368,58 @@ async fn connection<S>(
     if let Err(e) = result {
         if e.is_timeout() {
             stats.shed_read_timeout.fetch_add(1, Ordering::Relaxed);
+            stats.say_shed(&format!(
+                "a request not read within --read-timeout {}",
+                humantime::format_duration(config.read_timeout)
+            ));
         } else if io::is_stall(&e) {
             stats.shed_write_stall.fetch_add(1, Ordering::Relaxed);
         }
         debug!("connection ended: {e}");
+    }
+}
+
+/// The soft open-file limit, if it can be read.
+fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
+}
+
+/// Raise the soft open-file limit to the hard one, as Go's runtime and nginx do: under the
+/// common soft limit of 1024, `--max-connections` 1024 is never reached, and connections past
+/// the limit fail to be accepted rather than being shed (helper-125). Said if still too low.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given, and this process's
+    // limit only; a refusal leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    // The server's own files: the listener, the store, the runtime's, a margin.
+    let needed = max_connections as u64 + 64;
+    if limit.rlim_cur < needed {
+        warn!(
+            "the open-file limit ({}) is below --max-connections {max_connections} plus the server's own files: connections past it fail to be accepted; raise it (LimitNOFILE= in the unit, ulimit -n) or lower --max-connections",
+            limit.rlim_cur
+        );
     }
 }
 
@@ -365,6 +430,7 @@ pub async fn run(
     cancel: CancellationToken,
     reload: Arc<Notify>,
 ) -> Result<(), ServeError> {
+    raise_open_file_limit(config.max_connections);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| {

@@ -730,7 +730,8 @@ struct Committer {
     paused_why: Arc<Mutex<Option<String>>>,
     /// Delivered events pruned early for room, said at most once a minute (near the limit,
     /// every append prunes one).
-    pruned_for_room: Mutex<Tally>,
+    /// (Said at most once a minute.)
+    pruned_for_room: Mutex<crate::clock::Tally>,
 }
 
 /// When appenders may commit inline: only a trickle of small appends on a fast disk, where the
@@ -1245,31 +1246,6 @@ impl Committer {
     }
 }
 
-/// How often pruning for room is said, at most.
-const PRUNES_SAID_EVERY: Duration = Duration::from_secs(60);
-
-/// A count said at most every [`PRUNES_SAID_EVERY`]: what was added since it was last said.
-#[derive(Default)]
-struct Tally {
-    count: u64,
-    said: Option<Instant>,
-}
-
-impl Tally {
-    /// Add `n` at `now`; returns the count to say, if it is time to say it.
-    fn add(&mut self, n: u64, now: Instant) -> Option<u64> {
-        self.count += n;
-        let due = self
-            .said
-            .is_none_or(|said| now.duration_since(said) >= PRUNES_SAID_EVERY);
-        if self.count == 0 || !due {
-            return None;
-        }
-        self.said = Some(now);
-        Some(std::mem::take(&mut self.count))
-    }
-}
-
 /// Why the spool refused a commit, and on a full disk what to do.
 fn cannot_write(e: &SpoolError) -> String {
     let full = match crate::error::disk_full(e) {
@@ -1329,7 +1305,7 @@ mod tests {
     /// line an event. Now at most one a minute, with the count since.
     #[test]
     fn regression_pruning_for_room_was_said_at_every_append() {
-        let mut tally = Tally::default();
+        let mut tally = crate::clock::Tally::default();
         let start = Instant::now();
         assert_eq!(tally.add(1, start), Some(1));
         for n in 1..60 {
