@@ -1014,3 +1014,28 @@ async fn regression_resume_warnings_could_fill_the_log() {
         logs.all()
     );
 }
+
+/// Regression (helper-125): gap warnings were said at the first and every 1,000th across the
+/// whole server, so a stranger's resume on a channel of their own used up the line, and a
+/// relay's real loss on another channel was never logged. Said per channel now, and counted.
+#[tokio::test]
+async fn regression_a_strangers_gap_hid_a_relays_loss_from_the_log() {
+    let (_child, logs, server) = serve_child(&["--max-events", "2"]).await;
+    for channel in ["/strangersChannel", "/relaysOwnChannel"] {
+        for n in 0..5 {
+            let sent = post(
+                &format!("{}{channel}", server.url),
+                format!("{{\"n\":{n}}}").into(),
+            )
+            .await;
+            assert_eq!(sent.status().as_u16(), 200);
+        }
+        let mut subscriber = raw_subscriber(&server, channel, Some("0")).await;
+        read_until(&mut subscriber, "event: gap").await;
+    }
+    support::wait_until(support::PATIENCE, "both gaps logged", || {
+        logs.all().matches("it missed them").count() == 2
+    })
+    .await;
+    assert_eq!(metric(&server, "smee_relay_serve_gaps_total").await, 2.0);
+}

@@ -707,6 +707,12 @@ fn render_metrics(s: &Stats, limit: usize) -> String {
         ],
     );
     metric(
+        "smee_relay_serve_gaps_total",
+        "counter",
+        "Subscribers told of a gap (event: gap): events evicted before they resumed, or an id not this server's.",
+        &[("", get(&s.gaps))],
+    );
+    metric(
         "smee_relay_serve_headers_dropped_total",
         "counter",
         "Posted headers dropped: a value that is not UTF-8 text, or a name that is one of the frame's own fields.",

@@ -95,6 +95,9 @@ pub(super) struct Stats {
     /// its newest, or past what was evicted): the warning is said at the first and every
     /// 1,000th, or anyone could fill the log.
     pub resume_warnings: AtomicU64,
+    /// Subscribers told of a gap (`event: gap`): events they missed, or an id not this
+    /// server's.
+    pub gaps: AtomicU64,
     pub headers_dropped: AtomicU64,
     pub store_errors: AtomicU64,
     /// False from a failed disk write until a write succeeds again.
@@ -352,6 +355,8 @@ pub(super) struct Channel {
     last_used_ms: u64,
     /// The channel's own budget.
     _charge: Charge,
+    /// Gaps told to this channel's subscribers, said at most once a minute.
+    gaps_said: crate::clock::Tally,
 }
 
 impl Channel {
@@ -368,6 +373,7 @@ impl Channel {
             watchers: Vec::new(),
             last_used_ms: crate::clock::now_ms(),
             _charge: Charge::new(stats, CHANNEL_OVERHEAD + name.len()),
+            gaps_said: crate::clock::Tally::default(),
         }
     }
 }
@@ -959,14 +965,20 @@ impl Hub {
                 );
             }
         }
+        if gap.is_some() || reset_gap {
+            self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        // Said per channel (the first, then at most once a minute): a stranger's resumes on
+        // channels of their own must not use up the line a relay's real loss is said in.
         if let Some((seen, upto)) = gap
-            && let Some(n) = self.resume_warning()
+            && let Some(n) = channel.gaps_said.add(1, std::time::Instant::now())
         {
             warn!(
                 channel = %crate::url::redact(name),
                 "a subscriber resumed after event {seen}, but events up to {upto} were already \
                  evicted (--max-events, --retain, --max-memory or --channel-ttl): it missed them \
-                 ({RESUME_WARNINGS}: {n} so far)"
+                 ({} on this channel since the last such warning, said at most once a minute)",
+                crate::error::count(n as usize, "gap", "gaps")
             );
         }
         let cursor = if reset_gap {
