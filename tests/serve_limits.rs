@@ -1039,3 +1039,42 @@ async fn regression_a_strangers_gap_hid_a_relays_loss_from_the_log() {
     .await;
     assert_eq!(metric(&server, "smee_relay_serve_gaps_total").await, 2.0);
 }
+
+/// Regression (helper-125): what a client sent went into `/new`'s redirect as it was
+/// (`Host: a b"<>`), and the channel page could be framed by any site. (A post framed both by
+/// Content-Length and Transfer-Encoding was safe already.)
+#[tokio::test]
+async fn regression_hostile_heads_were_taken_as_they_came() {
+    let server = start(ServeConfig::default()).await;
+    let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    socket
+        .write_all(b"GET /new HTTP/1.1\r\nHost: a b\"<>\r\nX-Forwarded-Proto: javascript\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut socket, "\r\n\r\n")
+        .await
+        .to_ascii_lowercase();
+    assert!(head.contains("location: http://localhost/"), "{head}");
+    // Framed both ways: hyper takes Transfer-Encoding and closes the connection after the
+    // answer (RFC 9112 6.3), so nothing after it can pass for a request of its own.
+    let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    socket
+        .write_all(
+            b"POST /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(support::PATIENCE, socket.read_to_string(&mut answer))
+        .await
+        .expect("the connection is closed")
+        .unwrap();
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    let page = client()
+        .get(format!("{}/somechannel", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    server.cancel.cancel();
+}

@@ -224,6 +224,17 @@ async fn new_channel_redirect(
     } else {
         (scheme, text(&headers, "host"))
     };
+    // A client's words go into the redirect only if they are what they claim: a host (and
+    // port), a scheme of the web's. Anything else is not echoed back.
+    let proto = if matches!(proto, "http" | "https") {
+        proto
+    } else {
+        scheme
+    };
+    let host = host.filter(|h| {
+        h.parse::<axum::http::uri::Authority>()
+            .is_ok_and(|a| a.as_str() == *h && !h.contains('@'))
+    });
     let id = match channel_id() {
         Ok(id) => id,
         Err(e) => {
@@ -507,7 +518,16 @@ async fn subscribe(
     let wants_stream = text(&headers, "accept").is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
         // The page holds no events itself; its stream asks for the token like any subscriber.
-        return Html(PAGE).into_response();
+        // Never in another site's frame: its Redeliver button posts for whoever is shown it.
+        return (
+            [
+                (header::X_FRAME_OPTIONS, "DENY"),
+                (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            Html(PAGE),
+        )
+            .into_response();
     }
     if !authorized(&headers, &hub.config.subscribe_token) {
         hub.stats
