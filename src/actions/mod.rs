@@ -69,7 +69,8 @@ pub struct ActionConfig {
     /// What a restart does to a run that was executing.
     #[serde(default)]
     pub on_interrupt: OnInterrupt,
-    /// More environment variables a command may see (beyond `PATH`, `HOME`, `LANG`, ...).
+    /// Names of the relay's own environment variables a command may see too (beyond `PATH`,
+    /// `HOME`, `LANG`, ...): passed through when set, never given values here.
     #[serde(default)]
     pub env: Vec<String>,
     /// jq over a forward handler's answer (`{status, body}`): what to report.
@@ -130,6 +131,16 @@ pub struct ActionSpec {
     pub on_interrupt: OnInterrupt,
     /// Extra variables passed through to a command.
     pub env: Vec<String>,
+}
+
+impl ActionSpec {
+    /// The variables `env` lists that this process's environment does not have: a handler
+    /// started by it would not get them.
+    pub fn unset_env(&self) -> impl Iterator<Item = &str> {
+        (self.env.iter())
+            .filter(|var| std::env::var_os(var).is_none())
+            .map(String::as_str)
+    }
 }
 
 /// Why a command handler's program cannot run here, if it cannot: a path that is missing or
@@ -219,6 +230,15 @@ impl ActionConfig {
             (None, None) => return Err("an action needs command or forward".into()),
         };
         for var in &self.env {
+            let name_like = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_like {
+                let name = var.split('=').next().unwrap_or(var);
+                return Err(format!(
+                    "env: {var:?} is not a variable name: env lists variables of the relay's own environment that the handler may see; to give it {name}, set {name} where the relay runs (the unit's EnvironmentFile) and list {name:?}"
+                )
+                .into());
+            }
             if var.starts_with("PORT_") || secret_vars.contains(&var.as_str()) {
                 return Err(format!(
                     "env: {var} may hold Port credentials or run variables; a handler never gets those"
@@ -761,12 +781,13 @@ mod tests {
         );
     }
 
+    fn parse(toml_text: &str, signed: bool) -> Result<ActionSpec, crate::error::Invalid> {
+        let config: ActionConfig = toml::from_str(toml_text).unwrap();
+        config.compile(signed, &["MY_SECRET"])
+    }
+
     #[test]
     fn identifier_xor_when_and_a_command_needs_a_secret() {
-        let parse = |toml_text: &str, signed| {
-            let config: ActionConfig = toml::from_str(toml_text).unwrap();
-            config.compile(signed, &["MY_SECRET"])
-        };
         assert!(parse("identifier = \"a\"\ncommand = [\"/bin/true\"]", true).is_ok());
         assert!(
             parse("identifier = \"a\"\ncommand = [\"/bin/true\"]", false)
@@ -802,6 +823,29 @@ mod tests {
                 true
             )
             .is_err()
+        );
+    }
+
+    /// Regression (helper-126): `env = ["FOO=bar"]` passed `check` and gave the handler
+    /// nothing: `env` names variables of the relay's environment, it does not set them.
+    #[test]
+    fn regression_env_took_a_value_and_passed_nothing() {
+        let e = parse(
+            "identifier = \"a\"\ncommand = [\"/bin/true\"]\nenv = [\"FOO=bar\"]",
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("FOO=bar") && e.0.contains("not a variable name"),
+            "{e}"
+        );
+        assert!(e.0.contains("list \"FOO\""), "{e}");
+        assert!(
+            parse(
+                "identifier = \"a\"\ncommand = [\"/bin/true\"]\nenv = [\"KUBECONFIG\", \"_X1\"]",
+                true
+            )
+            .is_ok()
         );
     }
 }

@@ -51,6 +51,12 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
             {
                 println!("[[action]] {}: warning: {problem}", action.name);
             }
+            for unset in action.unset_env() {
+                println!(
+                    "[[action]] {}: warning: env lists {unset}, which is not set here: the handler gets only what is set where the relay runs",
+                    action.name
+                );
+            }
         }
         let watched = config.rules.iter().any(|r| r.blueprint.is_some());
         let pipelines = config.channels.iter().any(|c| c.pipeline);

@@ -1614,6 +1614,14 @@ impl Runtime {
                     (n, Some(_)) => format!("actions on ({n}; Automation runs reported)"),
                     (n, None) => format!("actions on ({n})"),
                 });
+                for action in &actions.actions {
+                    for unset in action.unset_env() {
+                        warn!(
+                            "[[action]] {}: env lists {unset}, which is not set in the relay's environment: its handler does not get it",
+                            action.name
+                        );
+                    }
+                }
                 if let Some(old) = &old {
                     let was = old.config.borrow().automation_runs.is_some();
                     if was != actions.automation_runs.is_some() {
