@@ -550,6 +550,14 @@ pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let mut config = parse(&text, &path.display().to_string(), env)?;
     config.cacert = config.cacert.map(|file| beside(path, file));
     config.state_dir = config.state_dir.map(|dir| beside(path, dir));
+    // A program named by a relative path, as the other paths (a bare name is PATH's).
+    for action in &mut config.actions {
+        if let crate::actions::Handler::Command(argv) = &mut action.handler
+            && argv[0].contains('/')
+        {
+            argv[0] = beside(path, PathBuf::from(&argv[0])).display().to_string();
+        }
+    }
     Ok(config)
 }
 
@@ -1685,6 +1693,36 @@ above = 80
                 && lines[2].contains("such as https://api.github.com"),
             "{e}"
         );
+    }
+
+    /// Regression (helper-126): `command = ["handlers/run.sh"]` was looked up from wherever the
+    /// relay was started (`/` under systemd), not beside the config as `state_dir` is: every
+    /// run failed "No such file". A bare name is still looked up in PATH.
+    #[test]
+    fn regression_a_relative_command_was_not_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "[port]\nclient_id = \"i\"\nclient_secret = \"s\"\nreconcile = \"off\"\n\
+             [[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n\
+             [[action]]\nidentifier = \"a\"\ncommand = [\"handlers/run.sh\", \"x/y\"]\n\
+             [[action]]\nidentifier = \"b\"\ncommand = [\"bash\", \"-c\", \"true\"]\n",
+        )
+        .unwrap();
+        let config = load(&path, &no_env).unwrap();
+        let argv = |i: usize| match &config.actions[i].handler {
+            crate::actions::Handler::Command(argv) => argv.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            argv(0),
+            [
+                dir.path().join("handlers/run.sh").display().to_string(),
+                "x/y".into()
+            ]
+        );
+        assert_eq!(argv(1)[0], "bash");
     }
 
     #[test]
