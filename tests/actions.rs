@@ -1839,6 +1839,28 @@ async fn regression_a_reload_did_not_say_which_actions_changed() {
     daemon.stop().await;
 }
 
+/// Regression (helper-126): an `env` name the relay's environment does not have was dropped
+/// without a word, by `check` and at start.
+#[tokio::test]
+async fn regression_an_unset_env_name_was_dropped_without_a_word() {
+    let setup = Setup::new(&ALL_FOUR.replace(
+        "identifier = \"scaffold_service\"\n",
+        "identifier = \"scaffold_service\"\nenv = [\"SMEE_RELAY_TEST_SURELY_UNSET\"]\n",
+    ))
+    .await;
+    let said = setup.check(&[]).await;
+    assert!(
+        said.contains("[[action]] scaffold_service: warning: env lists SMEE_RELAY_TEST_SURELY_UNSET, which is not set here"),
+        "{said}"
+    );
+    let daemon = setup.start().await;
+    daemon
+        .logs
+        .wait_for(&["[[action]] scaffold_service: env lists SMEE_RELAY_TEST_SURELY_UNSET"])
+        .await;
+    daemon.stop().await;
+}
+
 /// Regression (helper-126): a reload that changed an `[[action]]`'s handler or timeout said
 /// only "actions on (N)", as if nothing had changed.
 #[tokio::test]
