@@ -1118,6 +1118,15 @@ async fn a_422_ends_reporting_for_that_run_with_one_warning() {
         .filter(|l| l.contains("reporting for this run ends"))
         .count();
     assert_eq!(warnings, 1, "{}", logs.all());
+    // Regression (helper-126): what was dropped after it was logged `port -> 204 in 0 ms`, a
+    // status Port never gave.
+    assert!(
+        logs.all()
+            .contains("port not sent: reporting for this run has ended (Port answered 404 or 422)"),
+        "{}",
+        logs.all()
+    );
+    assert!(!logs.all().contains("port -> 204"), "{}", logs.all());
 }
 
 #[tokio::test]

@@ -37,6 +37,9 @@ const ERROR_BODY_PREVIEW: usize = 200;
 pub struct Delivered {
     pub status: StatusCode,
     pub elapsed: Duration,
+    /// Taken as delivered without a call, and why (a Port report for a run whose reporting
+    /// ended): the delivery line says so rather than a status no one answered.
+    pub not_sent: Option<&'static str>,
 }
 
 /// A delivery that did not succeed.
@@ -253,6 +256,7 @@ impl Forwarder {
             return Ok(Delivered {
                 status: answer.status,
                 elapsed: started.elapsed(),
+                not_sent: None,
             });
         }
         Err(ForwardError::Status {

@@ -132,6 +132,10 @@ fn delivery_line(
     line.push_str(described);
     // (`write!` into a String cannot fail.)
     let _ = match outcome {
+        Ok(Delivered {
+            not_sent: Some(why),
+            ..
+        }) => write!(line, " not sent: {why} ("),
         Ok(done) => write!(
             line,
             " -> {} in {} ms (",
@@ -775,6 +779,7 @@ mod tests {
         let done = Ok(Delivered {
             status: StatusCode::OK,
             elapsed: Duration::from_millis(3),
+            not_sent: None,
         });
         assert_eq!(
             text(&done),
@@ -810,6 +815,7 @@ mod tests {
         let ok = Ok(Delivered {
             status: StatusCode::OK,
             elapsed: Duration::ZERO,
+            not_sent: None,
         });
         let sink = Arc::new(Scripted::new(vec![
             status(503, None),
@@ -935,6 +941,7 @@ mod tests {
                 Ok(Delivered {
                     status: StatusCode::OK,
                     elapsed: self.delay,
+                    not_sent: None,
                 })
             })
         }
@@ -1020,6 +1027,7 @@ mod tests {
             Ok(Delivered {
                 status: StatusCode::OK,
                 elapsed: Duration::ZERO,
+                not_sent: None,
             })
         };
         let sink = Arc::new(Scripted::new(vec![ok(), ok()]));
@@ -1122,6 +1130,7 @@ mod tests {
                 Ok(Delivered {
                     status: StatusCode::OK,
                     elapsed: Duration::ZERO,
+                    not_sent: None,
                 })
             })
         }
@@ -1422,6 +1431,7 @@ mod tests {
         let ok = Ok(Delivered {
             status: StatusCode::OK,
             elapsed: Duration::ZERO,
+            not_sent: None,
         });
         let sink = Arc::new(Scripted::new(vec![status(503, Some(3600)), ok]));
         let cancel = CancellationToken::new();
@@ -1475,6 +1485,7 @@ mod tests {
         let ok = Ok(Delivered {
             status: StatusCode::OK,
             elapsed: Duration::ZERO,
+            not_sent: None,
         });
         let sink = Arc::new(Scripted::new(vec![status(429, Some(999_999_999)), ok]));
         let cancel = CancellationToken::new();

@@ -130,6 +130,7 @@ impl Sink for AlertSink {
                 None => Delivered {
                     status: StatusCode::OK,
                     elapsed: started.elapsed(),
+                    not_sent: None,
                 },
             };
             if self.stdout {

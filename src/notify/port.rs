@@ -71,7 +71,8 @@ impl PortReporter {
         }
     }
 
-    async fn report(&self, report: &Report) -> Result<StatusCode, ForwardError> {
+    /// Report to Port; `None` when reporting for its run has ended (nothing is sent).
+    async fn report(&self, report: &Report) -> Result<Option<StatusCode>, ForwardError> {
         let run = report.run();
         if self.ended.lock().expect("not poisoned").contains(run) {
             debug!(
@@ -79,7 +80,7 @@ impl PortReporter {
                 "reporting for this run has ended: {} dropped",
                 report.kind()
             );
-            return Ok(StatusCode::NO_CONTENT);
+            return Ok(None);
         }
         let path_run = escape(run);
         let answer = match report {
@@ -136,17 +137,17 @@ impl PortReporter {
                     } else if !told.status.is_success() {
                         return Err(status_error(told));
                     }
-                    return Ok(answer.status);
+                    return Ok(Some(answer.status));
                 }
                 answer
             }
         };
         if answer.status.is_success() {
-            return Ok(answer.status);
+            return Ok(Some(answer.status));
         }
         if matches!(answer.status.as_u16(), 404 | 422) {
             self.end(run, &answer);
-            return Ok(answer.status);
+            return Ok(Some(answer.status));
         }
         Err(status_error(answer))
     }
@@ -179,15 +180,18 @@ impl Sink for PortReporter {
                     ForwardError::Request(_) => "request",
                 })
             })?;
-            if status.is_success()
-                && status != StatusCode::NO_CONTENT
+            if let Some(status) = status
+                && status.is_success()
                 && let Some(delivered) = &self.delivered
             {
                 let _ = delivered.send(report);
             }
             Ok(Delivered {
-                status,
+                status: status.unwrap_or(StatusCode::NO_CONTENT),
                 elapsed: started.elapsed(),
+                not_sent: status
+                    .is_none()
+                    .then_some("reporting for this run has ended (Port answered 404 or 422)"),
             })
         })
     }

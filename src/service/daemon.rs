@@ -730,6 +730,7 @@ impl Sink for Publish {
                 .map(|_| delivery::forward::Delivered {
                     status: reqwest::StatusCode::OK,
                     elapsed: started.elapsed(),
+                    not_sent: None,
                 })
                 .map_err(|e| {
                     if e.is_permanent() {
