@@ -899,6 +899,31 @@ async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again
     assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
 }
 
+/// Regression (helper-126): a stop while a handler ran said "nothing waits: everything
+/// received was delivered", though the run was interrupted and its FAILURE waited for the
+/// next start; that start reports it.
+#[tokio::test]
+async fn regression_a_stop_mid_run_said_everything_was_delivered() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "sleep 60");
+    let daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    wait_until("the handler started", || executions(&setup.dir).len() == 1).await;
+    let logs = daemon.stop().await;
+    let stopped = logs.wait_for(&["stopped;"]).await;
+    assert!(
+        stopped.contains("1 action run was interrupted, settled at the next start")
+            && !stopped.contains("everything received was delivered"),
+        "{stopped}"
+    );
+    let _daemon = setup.start().await;
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    assert_eq!(
+        setup.port.finishes("r_act01legacy")[0]["summary"],
+        "interrupted by restart"
+    );
+}
+
 /// A relay killed (SIGKILL) while the handler of run `r_act01legacy` runs (`sleep 60`).
 async fn kill_9_mid_run(setup: &Setup) {
     handler(&setup.dir, "restart.sh", "sleep 60");

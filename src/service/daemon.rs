@@ -488,6 +488,30 @@ pub async fn run(
 /// (this relay's) and the queues of no channel (the pipeline's, the actions'), not those of
 /// another relay sharing the state directory.
 fn waiting_line(spool: &Spool, served: &[String]) -> String {
+    // Runs a stop interrupted: nothing waits for them in a queue, but the next start settles
+    // them (helper-126: "everything received was delivered" read as all done).
+    let interrupted = crate::actions::stored_runs(spool).map_or(0, |runs| {
+        (runs.iter())
+            .filter(|(_, state)| state.run_phase == crate::actions::RunPhase::Running)
+            .count()
+    });
+    let queues = queues_line(spool, served);
+    match interrupted {
+        0 => queues,
+        n => format!(
+            "{}; {} interrupted, settled at the next start (Port shows {} in progress until then)",
+            queues.replace(
+                "nothing waits: everything received was delivered",
+                "no delivery waits in the spool"
+            ),
+            crate::error::count(n, "action run was", "action runs were"),
+            if n == 1 { "it" } else { "them" }
+        ),
+    }
+}
+
+/// What waits in this relay's queues, for the stop line.
+fn queues_line(spool: &Spool, served: &[String]) -> String {
     let ours = |queue: &str| channel_of_queue(queue).is_none() || served.iter().any(|s| s == queue);
     match spool.pending_queues().map(|queues| {
         queues
