@@ -743,7 +743,11 @@ reconcile = "1h"
     slack.assert_quiet(Duration::from_secs(3)).await;
     let left = instances
         .iter()
-        .filter(|i| i.logs.find(&["1 left to newer live events"]).is_some())
+        .filter(|i| {
+            i.logs
+                .find(&["1 left to newer changes judged already"])
+                .is_some()
+        })
         .count();
     assert_eq!(left, 2, "both left the entity to the newer live change");
 }

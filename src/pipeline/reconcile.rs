@@ -907,7 +907,7 @@ pub fn report(blueprint: &str, id: u64, outcome: &Outcome) {
         .increment(1);
     }
     let line = format!(
-        "reconciliation of blueprint {blueprint} (event {id}): {} compared, {} gone from Port, {} left to newer live events, {} found",
+        "reconciliation of blueprint {blueprint} (event {id}): {} compared, {} gone from Port, {} left to newer changes judged already, {} found",
         crate::error::count(outcome.compared, "entity", "entities"),
         outcome.deleted,
         outcome.newer_live,
