@@ -460,6 +460,36 @@ async fn a_runtime_failure_exits_1() {
     assert!(stderr.contains("cannot create a channel"), "{stderr}");
 }
 
+/// Regression (helper-125): a server refusing new channels (503 at `--max-channels`) got
+/// "it answered 503 Service Unavailable with no Location": its reason, in its body, was not read.
+#[tokio::test]
+async fn regression_new_dropped_the_servers_reason() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let config = smee_relay::server::ServeConfig {
+        max_channels: 1,
+        ..Default::default()
+    };
+    tokio::spawn(smee_relay::server::serve(listener, config, cancel.clone()));
+    let taken = smee_relay::http::client_builder()
+        .build()
+        .unwrap()
+        .post(format!("{server}/onlyChannel"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status().as_u16(), 200);
+    let (code, _, stderr) = run_to_end(&["new", "--server", &server]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("503") && stderr.contains("maximum of 1 channels"),
+        "{stderr}"
+    );
+    cancel.cancel();
+}
+
 #[tokio::test]
 async fn new_prints_a_fresh_channel_url() {
     let channel = FakeChannel::start().await;

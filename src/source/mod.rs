@@ -720,16 +720,35 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
         .send()
         .await
         .map_err(|e| fail(crate::error::chain(&e.without_url())))?;
-    let location = response
-        .headers()
-        .get(http::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            fail(format!(
-                "it answered {} with no Location",
-                response.status()
-            ))
-        })?;
+    let Some(location) =
+        (response.headers().get(http::header::LOCATION)).and_then(|v| v.to_str().ok())
+    else {
+        // A HEAD answer has no body: ask again to read the server's reason (`serve` says
+        // why in JSON: its channel cap, say). Nothing is made: only a redirect makes a channel.
+        let why = match client
+            .get(server.join("new").map_err(|e| fail(e.to_string()))?)
+            .send()
+            .await
+        {
+            Ok(answer) if answer.headers().get(http::header::LOCATION).is_none() => {
+                let text = answer.text().await.unwrap_or_default();
+                let reason = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(text);
+                let reason = crate::text::cut(reason.trim(), 300);
+                match reason.is_empty() {
+                    true => String::new(),
+                    false => format!(": {}", crate::text::escape_control(&reason)),
+                }
+            }
+            _ => String::new(),
+        };
+        return Err(fail(format!(
+            "it answered {} with no Location{why}",
+            response.status()
+        )));
+    };
     let url = server.join(location).map_err(|e| fail(e.to_string()))?;
     url.as_str().parse().map_err(|e| fail(format!("{e}")))
 }
