@@ -282,6 +282,11 @@ impl Posted {
     }
 
     /// The whole SSE frame, shared.
+    /// Whether the frame (`raw` or smee's) is made already.
+    fn has_frame(&self, raw: bool) -> bool {
+        self.frames[usize::from(raw)].get().is_some()
+    }
+
     fn frame(&self, raw: bool) -> Bytes {
         self.frames[usize::from(raw)]
             .get_or_init(|| {
@@ -295,6 +300,10 @@ impl Posted {
             .clone()
     }
 }
+
+/// Bodies larger than this have their frames made on a blocking thread, off the one thread
+/// that serves every connection.
+const BUILT_ASIDE: usize = 256 << 10;
 
 /// The fields of smee's frame besides the headers (lower-case, as header names arrive): a
 /// posted header of one of these names is dropped, never set beside them.
@@ -1113,7 +1122,16 @@ impl Subscription {
                 Next::Event(event) => {
                     self.cursor = event.id;
                     self.watcher.cursor.store(event.id, Ordering::Relaxed);
-                    self.pending = event.frame(self.raw);
+                    self.pending = if event.body.len() > BUILT_ASIDE && !event.has_frame(self.raw) {
+                        // Made on a blocking thread: smee's frame of a large body (up to 6
+                        // times it) took seconds on the one thread every request waits on.
+                        let (built, raw) = (event.clone(), self.raw);
+                        tokio::task::spawn_blocking(move || built.frame(raw))
+                            .await
+                            .unwrap_or_else(|_| event.frame(self.raw))
+                    } else {
+                        event.frame(self.raw)
+                    };
                     continue;
                 }
                 Next::Lagged => {
