@@ -899,6 +899,29 @@ async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again
     assert_eq!(setup.port.finishes("r_act01legacy").len(), 1);
 }
 
+/// Regression (helper-126): a malformed `::port::` line was in the run's log twice: as
+/// output, and again inside the note that said it was not valid.
+#[tokio::test]
+async fn regression_a_malformed_directive_was_logged_twice() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(
+        &setup.dir,
+        "restart.sh",
+        "echo '::port:: not json'; echo '::port:: {\"entity\": {\"identifier\": \"x\"}}'",
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let log = setup.port.logs("r_act01legacy");
+    assert_eq!(log.matches("::port:: not json").count(), 1, "{log}");
+    assert_eq!(log.matches("\"identifier\": \"x\"").count(), 1, "{log}");
+    assert!(
+        log.contains("smee-relay: the line above is not a valid ::port:: line")
+            && log.contains("smee-relay: the line above has an entity without \"blueprint\""),
+        "{log}"
+    );
+}
+
 /// Regression (helper-126): a stop while a handler ran said "nothing waits: everything
 /// received was delivered", though the run was interrupted and its FAILURE waited for the
 /// next start; that start reports it.

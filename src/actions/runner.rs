@@ -653,8 +653,9 @@ impl Said {
     ) -> Option<Result<Option<Report>, crate::error::Invalid>> {
         let directive = match parse_directive(line)? {
             Err(e) => {
+                // The line itself is in the log just before this note.
                 return Some(Err(format!(
-                    "not a valid {} line ({e}): {line}",
+                    "the line above is not a valid {} line ({e})",
                     super::DIRECTIVE
                 )
                 .into()));
@@ -677,10 +678,9 @@ impl Said {
         }
         if let Some(mut entity) = directive.entity {
             let Some(serde_json::Value::String(blueprint)) = entity.remove("blueprint") else {
-                return Some(Err(format!(
-                    "an entity needs \"blueprint\" (a string): {line}"
-                )
-                .into()));
+                return Some(Err(
+                    "the line above has an entity without \"blueprint\" (a string)".into(),
+                ));
             };
             return Some(Ok(Some(Report::Entity {
                 run: run.to_string(),
