@@ -1467,6 +1467,8 @@ async fn regression_a_forward_handler_that_times_out_is_not_sent_the_run_again()
     assert_eq!(finish["status"], "FAILURE", "{finish}");
     let summary = finish["summary"].as_str().unwrap();
     assert!(summary.contains("not sent again"), "{summary}");
+    // Regression (helper-126): Port's user read operator text ("... x-port-run-id").
+    assert!(!summary.contains("x-port-run-id"), "{summary}");
     target.drain(Duration::from_millis(500)).await;
     assert_eq!(target.arrived(), 1, "sent once");
 }

@@ -1030,9 +1030,9 @@ async fn run_forward(
                 logs.line(&format!("POST {shown}: {why}")).await;
                 return Some((
                     Terminal::Failure,
+                    // Port's user reads this: what happened, not how to code a handler.
                     format!(
-                        "{why}; the run was delivered and may be running: not sent again (the \
-                         handler can tell a repeat by x-port-run-id)"
+                        "{why}; the handler got the run and may still be working on it: not sent again, so that it does not run twice"
                     ),
                     Finish::default(),
                 ));
