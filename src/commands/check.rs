@@ -186,7 +186,15 @@ fn check_event(
     let change = match port::decode(body) {
         Ok(change) => change,
         Err(e) => {
-            let mut said = format!("not a Port entity change: {e}\n");
+            // An action run's body is no entity change: said as what it is, not as the
+            // decoder's complaint about its shape (helper-126).
+            let run = crate::pipeline::port::read_json(body)
+                .ok()
+                .and_then(|value| crate::actions::decode_run(&value));
+            let mut said = match run {
+                Some(_) => "not a Port entity change: an action run (see below)\n".to_string(),
+                None => format!("not a Port entity change: {e}\n"),
+            };
             if config.channels.iter().any(|c| c.pipeline) {
                 said.push_str("the alert pipeline would ignore it (it is still forwarded)\n");
             }
@@ -339,6 +347,18 @@ mod tests {
         let (said, _) = check_event(&with_rule, &jq, &run);
         assert!(
             said.contains("rule hot: does not judge this change: a run change, not an entity's"),
+            "{said}"
+        );
+        // Regression (helper-126): a run in the trigger-data shape was "not a Port event
+        // (invalid type: map, expected a string)".
+        let trigger = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/port/actions/02-trigger-data.json"
+        ))
+        .unwrap();
+        let (said, _) = check_event(&with_rule, &jq, &trigger);
+        assert!(
+            said.starts_with("not a Port entity change: an action run"),
             "{said}"
         );
         let no_pipeline = config(&format!("{channel}forward = [\"http://127.0.0.1:1/\"]\n"));
