@@ -309,6 +309,31 @@ fn write_config(dir: &Path, channel: &str, target: &str, extra: &str) -> std::pa
     path
 }
 
+/// A fake GitHub with `all`, a channel, a target, and a config relaying channel `name` to the
+/// target's `/hook`, in a fresh directory.
+struct Scene {
+    github: FakeGithub,
+    channel: FakeChannel,
+    target: FakeTarget,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+async fn scene(all: &[Delivery], name: &str) -> Scene {
+    let github = FakeGithub::start(all.to_vec()).await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let dir = temp_dir();
+    let config = write_config(dir.path(), &channel.url(name), &target.url("/hook"), "");
+    Scene {
+        github,
+        channel,
+        target,
+        dir,
+        config,
+    }
+}
+
 fn catch_up(config: &Path, github: &FakeGithub) -> tokio::process::Command {
     let mut command = catch_up_hook_42(github);
     command.arg("--config").arg(config);
@@ -361,17 +386,14 @@ async fn three_missed_deliveries_are_recovered_in_order_once_and_delivered_by_th
         age_s: 5,
         ..all[5].clone()
     });
-    let github = FakeGithub::start(all.clone()).await;
+    let Scene {
+        github,
+        channel,
+        mut target,
+        dir,
+        config,
+    } = scene(&all, "CatchUpChannel").await;
     github.state.limit_next_detail.store(true, Ordering::SeqCst);
-    let channel = FakeChannel::start().await;
-    let mut target = FakeTarget::start().await;
-    let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        &channel.url("CatchUpChannel"),
-        &target.url("/hook"),
-        "",
-    );
     let (_daemon, logs) = spawn_logged(smee_relay().args(["run", "--config"]).arg(&config));
     logs.wait_for(&["connected to channel"]).await;
 
@@ -462,16 +484,13 @@ async fn a_dry_run_changes_nothing_since_is_respected_and_a_stopped_daemon_deliv
     for (i, d) in all.iter_mut().take(2).enumerate() {
         d.age_s = 3 * 3600 + i as u64;
     }
-    let github = FakeGithub::start(all.clone()).await;
-    let channel = FakeChannel::start().await;
-    let mut target = FakeTarget::start().await;
-    let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        &channel.url("StoppedChannel"),
-        &target.url("/hook"),
-        "",
-    );
+    let Scene {
+        github,
+        channel: _channel,
+        mut target,
+        dir,
+        config,
+    } = scene(&all, "StoppedChannel").await;
     let org = || {
         let mut command = smee_relay();
         command
@@ -527,16 +546,13 @@ async fn a_dry_run_changes_nothing_since_is_respected_and_a_stopped_daemon_deliv
 #[tokio::test]
 async fn regression_catch_up_beyond_retain_delivered_pruned_events_again() {
     let all = deliveries(3);
-    let github = FakeGithub::start(all.clone()).await;
-    let channel = FakeChannel::start().await;
-    let mut target = FakeTarget::start().await;
-    let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        &channel.url("PrunedChannel"),
-        &target.url("/hook"),
-        "",
-    );
+    let Scene {
+        github,
+        channel: _channel,
+        mut target,
+        dir,
+        config,
+    } = scene(&all, "PrunedChannel").await;
     let out = run_to_end(&mut catch_up(&config, &github)).await;
     assert!(
         out.stdout.contains("recovered 3 deliveries"),
