@@ -995,7 +995,10 @@ pub fn parse(
             (Some(_), Some(_)) => Err(format!("give {what} or {what}_env, not both").into()),
             (Some(value), None) => Ok(Some(value.clone())),
             (None, Some(name)) => match env(name).filter(|v| !v.is_empty()) {
-                None => Err(format!("{what}_env names {name}, which is not set").into()),
+                None => Err(format!(
+                    "{what}_env names {name}, which is not set (set it where the relay runs: the unit's EnvironmentFile, or a systemd credential of that name)"
+                )
+                .into()),
                 Some(value) => match check_text(&value) {
                     Ok(()) => Ok(Some(SecretString::from(value))),
                     Err(e) => Err(format!("{what}_env: the value of {name} is {e}").into()),
@@ -1107,7 +1110,15 @@ pub fn parse(
                 Err(e) => problems.push(at_line(at, format!("channel url: {e}"))),
             },
             Ok(None) => problems.push(at_line(at, "a channel needs url or url_env".into())),
-            Err(e) => problems.push(at_line(at, e.0)),
+            // The variable's problem at its key's line (its channel's when given both).
+            Err(e) => {
+                let key_at = match (&c.url, &c.url_env) {
+                    (None, Some(_)) => key_offset(&text[at..], "[channel]", Some("url_env"))
+                        .map_or(at, |offset| at + offset),
+                    _ => at,
+                };
+                problems.push(at_line(key_at, e.0))
+            }
         }
     }
     if file.channels.is_empty() {
@@ -1947,6 +1958,14 @@ above = 80
     #[test]
     fn problems_name_their_line() {
         let e = parse(GOOD, "c.toml", &no_env).unwrap_err().to_string();
+        // Regression (helper-129): a channel's `url_env` was said at its `[[channel]]` line,
+        // and none of them said where the variable may come from.
+        let channel = "state_dir = \"/tmp/x\"\n[[channel]]\n# the channel\nurl_env = \"SMEE_URL\"\nforward = [\"http://127.0.0.1:3000/\"]\n";
+        let said = parse(channel, "c.toml", &no_env).unwrap_err().to_string();
+        assert_eq!(
+            said,
+            "c.toml:4: url_env names SMEE_URL, which is not set (set it where the relay runs: the unit's EnvironmentFile, or a systemd credential of that name)"
+        );
         // Secrets looked up in the environment carry no span: the key's line is found.
         assert!(
             e.contains(

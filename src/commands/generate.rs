@@ -35,7 +35,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let (what, where_to) = match args.what {
         Generated::Completions => (
             "bash, zsh and fish completions",
-            "bash looks, e.g. ~/.local/share/bash-completion/completions/",
+            "each shell looks: *.bash to ~/.local/share/bash-completion/completions/ (without \
+             .bash), _smee-relay and _smee to a directory in zsh's $fpath, *.fish to \
+             ~/.config/fish/completions/",
         ),
         Generated::Man => ("man pages", "man looks, e.g. ~/.local/share/man/man1/"),
     };
