@@ -504,6 +504,32 @@ async fn posts_only_from_allowed_networks() {
         .await
         .unwrap();
     assert_eq!(proxied.status(), 200, "the proxy's last hop is the client");
+    // Regression (helper-128): a last hop the server could not parse was passed over for an
+    // earlier one, which the client wrote: `--allow-post-from` was bypassed.
+    let send = |forwarded: &'static str| {
+        client()
+            .post(format!("{}/ch", server.url))
+            .header("x-forwarded-for", forwarded)
+            .body("{}")
+            .send()
+    };
+    for forged in [
+        "10.1.1.1, 203.0.113.5:443",
+        "10.1.1.1, unknown",
+        "10.1.1.1, unix:",
+        "10.1.1.1,",
+    ] {
+        let (status, reason) = error_of(send(forged).await.unwrap()).await;
+        assert_eq!(status, 403, "{forged}: {reason}");
+    }
+    // A proxy's own spellings of the client: with a port, and IPv4 mapped into IPv6.
+    for allowed in [
+        "192.0.2.1, 10.1.2.3:51000",
+        "[::ffff:10.1.2.3]:443",
+        "::ffff:10.1.2.3",
+    ] {
+        assert_eq!(send(allowed).await.unwrap().status(), 200, "{allowed}");
+    }
     server.cancel.cancel();
 }
 

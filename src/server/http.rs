@@ -173,20 +173,28 @@ fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The client's address: the socket's, or with `--trust-proxy` the last one the proxy added
-/// to `X-Forwarded-For`.
-fn client_ip(hub: &Hub, peer: &Peer, headers: &HeaderMap) -> IpAddr {
-    if hub.config.trust_proxy
-        && let Some(ip) = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|v| v.trim().parse::<IpAddr>().ok())
-            .next_back()
-    {
-        return ip;
+/// to `X-Forwarded-For` (with a port or mapped into IPv6 as proxies may write it). `Err` with
+/// the hop as sent when that last hop is no address (`unknown`, a unix socket, nothing): never
+/// an earlier hop, which the client may have written itself (helper-128).
+fn client_ip(hub: &Hub, peer: &Peer, headers: &HeaderMap) -> Result<IpAddr, String> {
+    // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`.
+    let own = peer.addr.to_canonical();
+    if !hub.config.trust_proxy {
+        return Ok(own);
     }
-    peer.addr
+    let Some(last) = headers.get_all("x-forwarded-for").iter().next_back() else {
+        return Ok(own);
+    };
+    let hop = std::str::from_utf8(last.as_bytes())
+        .map_err(|_| "(not text)".to_string())?
+        .rsplit(',')
+        .next()
+        .unwrap_or("")
+        .trim();
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| crate::text::escape_control(&crate::text::cut(hop, 64)).into_owned())
 }
 
 /// A channel id: 22 characters drawn from the OS CSPRNG (about 131 bits), as the URL is the
@@ -327,7 +335,18 @@ async fn post(
     body: Body,
 ) -> Response {
     if !hub.config.allow_post_from.is_empty() {
-        let ip = client_ip(&hub, &peer, &headers);
+        let ip = match client_ip(&hub, &peer, &headers) {
+            Ok(ip) => ip,
+            Err(hop) => {
+                hub.stats.refused_forbidden.fetch_add(1, Ordering::Relaxed);
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the last X-Forwarded-For hop ({hop:?}) is no address, so the sender cannot be checked against --allow-post-from"
+                    ),
+                );
+            }
+        };
         if !hub
             .config
             .allow_post_from
@@ -343,7 +362,7 @@ async fn post(
     }
     if !authorized(&headers, &hub.config.post_token) {
         hub.stats
-            .say_refused_token(client_ip(&hub, &peer, &headers));
+            .say_refused_token(client_ip(&hub, &peer, &headers).unwrap_or(peer.addr));
         return unauthorized();
     }
     let too_large = || {
@@ -531,7 +550,7 @@ async fn subscribe(
     }
     if !authorized(&headers, &hub.config.subscribe_token) {
         hub.stats
-            .say_refused_token(client_ip(&hub, &peer, &headers));
+            .say_refused_token(client_ip(&hub, &peer, &headers).unwrap_or(peer.addr));
         return unauthorized();
     }
     let raw = !hub.config.smee_wire
