@@ -159,10 +159,48 @@ impl Why {
 
 /// Port's timestamps (`updatedAt`, ISO 8601) in ms since the epoch.
 pub fn port_time_ms(text: &str) -> Option<u64> {
-    let at = humantime::parse_rfc3339_weak(text.trim_end_matches('Z'))
-        .or_else(|_| humantime::parse_rfc3339(text))
-        .ok()?;
-    Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+    let (local, offset_s) = utc_offset(text.trim());
+    let at = humantime::parse_rfc3339_weak(local).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i128;
+    u64::try_from(ms - i128::from(offset_s) * 1000).ok()
+}
+
+/// An RFC 3339 time split into its local part and its offset east of UTC in seconds: `Z` or
+/// `z`, `+01:00`, `-0130` (humantime reads UTC only: a time with another offset did not parse
+/// and was not compared, helper-127). No offset reads as UTC.
+fn utc_offset(text: &str) -> (&str, i64) {
+    if let Some(local) = text.strip_suffix(['Z', 'z']) {
+        return (local, 0);
+    }
+    for len in [6, 5] {
+        // After the date (`YYYY-MM-DD`), whose dashes are no offset.
+        let Some(at) = text.len().checked_sub(len).filter(|at| *at > 10) else {
+            continue;
+        };
+        let (local, offset) = text.split_at(at);
+        let sign = match offset.as_bytes()[0] {
+            b'+' => 1,
+            b'-' => -1,
+            _ => continue,
+        };
+        let digits = if len == 6 {
+            match offset[1..].split_once(':') {
+                Some((h, m)) if h.len() == 2 => format!("{h}{m}"),
+                _ => continue,
+            }
+        } else {
+            offset[1..].to_string()
+        };
+        if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let (h, m): (i64, i64) = (
+            digits[..2].parse().unwrap_or(0),
+            digits[2..].parse().unwrap_or(0),
+        );
+        return (local, sign * (h * 3600 + m * 60));
+    }
+    (text, 0)
 }
 
 /// When a change happened as Port says: the entity's `updatedAt` after it, or for a deletion
@@ -1212,6 +1250,28 @@ mod tests {
         assert_eq!(port_time_ms("1970-01-01T00:00:01.500Z"), Some(1_500));
         assert_eq!(port_time_ms("1970-01-01T00:01:00Z"), Some(60_000));
         assert_eq!(port_time_ms("yesterday"), None);
+    }
+
+    /// Regression (helper-127): a time with an offset other than `Z` (`+01:00`), or a
+    /// lower-case `z`, did not parse, so it was not compared: an older change won over a
+    /// newer one, and a stale snapshot fired.
+    #[test]
+    fn regression_a_time_with_an_offset_was_not_compared() {
+        let utc = port_time_ms("2026-12-07T06:20:00Z");
+        assert!(utc.is_some());
+        for same in [
+            "2026-12-07T07:20:00+01:00",
+            "2026-12-07T05:20:00-01:00",
+            "2026-12-07T06:20:00z",
+            "2026-12-07T06:20:00+00:00",
+            "2026-12-07T11:50:00+0530",
+        ] {
+            assert_eq!(port_time_ms(same), utc, "{same}");
+        }
+        assert_eq!(
+            port_time_ms("2026-12-07T06:20:00.250+01:00"),
+            utc.map(|ms| ms - 3_600_000 + 250)
+        );
     }
 
     /// A catalog that answers from a script and tells the test when it was asked.
