@@ -332,14 +332,37 @@ pub fn judge_snapshot(
     };
     let note = snapshot.why.note(snapshot.fetched_at_ms);
     let blueprint = snapshot.blueprint.as_str();
-    let mut present = BTreeSet::new();
-    for entity in &snapshot.entities {
+    // An entity listed twice (cursor paging over data that changes) is judged by its newest
+    // copy by `updatedAt`, the last listed among equals (helper-127: the first won).
+    let mut newest: HashMap<&str, (usize, Option<u64>)> = HashMap::new();
+    for (at, entity) in snapshot.entities.iter().enumerate() {
         let Some(identifier) = entity["identifier"].as_str() else {
             continue;
         };
-        if !present.insert(identifier.to_string()) {
+        let updated = entity["updatedAt"].as_str().and_then(port_time_ms);
+        match newest.entry(identifier) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((at, updated));
+            }
+            std::collections::hash_map::Entry::Occupied(mut slot) => {
+                if updated >= slot.get().1 {
+                    slot.insert((at, updated));
+                }
+            }
+        }
+    }
+    let mut present = BTreeSet::new();
+    for (at, entity) in snapshot.entities.iter().enumerate() {
+        let Some(identifier) = entity["identifier"].as_str() else {
+            continue;
+        };
+        if newest
+            .get(identifier)
+            .is_some_and(|(chosen, _)| *chosen != at)
+        {
             continue;
         }
+        present.insert(identifier.to_string());
         let key = subject(blueprint, identifier);
         let updated_ms = entity["updatedAt"]
             .as_str()
@@ -1243,6 +1266,30 @@ mod tests {
         );
         assert_eq!((out.compared, out.newer_live), (1, 0));
         assert_eq!(out.alerts.len(), 1, "{:?}", said(&out));
+    }
+
+    /// Regression (helper-127): an entity a snapshot listed twice (cursor paging over data
+    /// that changes) was judged by its first copy, even when that one was older.
+    #[test]
+    fn regression_an_entity_listed_twice_was_judged_by_its_older_copy() {
+        let pipeline = pipeline();
+        let (mut states, mut seen) = (HashMap::new(), HashMap::new());
+        let t = |s: u32| format!("2026-11-20T10:00:{s:02}Z");
+        let calm = snapshot(vec![entity("a", 10, &t(0)), entity("b", 10, &t(0))]);
+        judge(&pipeline, &calm, &mut states, &mut seen, 1);
+        let twice = snapshot(vec![
+            entity("a", 95, &t(1)),
+            entity("b", 10, &t(1)),
+            entity("a", 10, &t(5)),
+            entity("b", 95, &t(5)),
+        ]);
+        let out = judge(&pipeline, &twice, &mut states, &mut seen, 2);
+        let alerts = said(&out);
+        assert!(
+            alerts.iter().any(|a| a.ends_with(" b")) && !alerts.iter().any(|a| a.ends_with(" a")),
+            "{alerts:?}"
+        );
+        assert_eq!(out.compared, 2);
     }
 
     #[test]
