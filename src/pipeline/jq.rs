@@ -35,6 +35,10 @@ pub struct JqError {
     pub message: String,
 }
 
+/// How much of a jq error is said: it quotes the value it failed on, which may be a whole
+/// entity of megabytes (a log line, a run summary Port refuses past 1 MiB).
+const ERROR_SHOWN: usize = 500;
+
 /// A jq condition that is known to compile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JqCondition {
@@ -166,7 +170,8 @@ fn check_shape(code: &str) -> Result<(), JqError> {
 #[derive(Debug, thiserror::Error)]
 pub enum JqFailure {
     /// The condition raised an error for this input (e.g. a type error, `error("...")`).
-    #[error("jq error: {0}")]
+    /// Said cut to [`ERROR_SHOWN`] characters: jq's error quotes the value it failed on.
+    #[error("jq error: {}", crate::text::cut(.0, ERROR_SHOWN))]
     Runtime(String),
     /// The condition produced no value (e.g. `empty`, or `select` filtered everything out).
     #[error("the condition produced no value")]
@@ -810,6 +815,19 @@ unsafe impl std::alloc::GlobalAlloc for BoundedAlloc {
 
 #[cfg(test)]
 mod tests {
+
+    /// Regression (helper-127): a jq error quotes the value it failed on, whole: a 2 MB
+    /// entity made a 2 MB log line and an Automation run summary Port refused (413).
+    #[test]
+    fn regression_a_jq_error_quoted_the_whole_entity() {
+        let huge = format!(
+            "cannot use {{\"identifier\":\"{}\"}} as a number",
+            "x".repeat(2 << 20)
+        );
+        let said = JqFailure::Runtime(huge).to_string();
+        assert!(said.chars().count() <= 520, "{}", said.len());
+        assert!(said.starts_with("jq error: cannot use {") && said.ends_with('…'));
+    }
     use super::*;
     use serde_json::json;
 
