@@ -118,7 +118,10 @@ pub async fn run(
             let event = &item.event.event;
             let body = match crate::pipeline::port::read_json(&event.body) {
                 Ok(body) => Some(body),
-                Err(e @ crate::pipeline::port::NotPort::BeyondLimits(_)) => {
+                Err(
+                    e @ (crate::pipeline::port::NotPort::BeyondLimits(_)
+                    | crate::pipeline::port::NotPort::TooLarge(_)),
+                ) => {
                     warn!(
                         event = id,
                         "actions: {e}; if it is an action run, nothing runs and nothing is reported"

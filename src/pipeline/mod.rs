@@ -262,7 +262,7 @@ impl Pipeline {
         }
         let change = match port::decode(&event.body) {
             Ok(change) => change,
-            Err(e @ port::NotPort::BeyondLimits(_)) => {
+            Err(e @ (port::NotPort::BeyondLimits(_) | port::NotPort::TooLarge(_))) => {
                 return Evaluation::Unreadable(e.to_string());
             }
             Err(e) => return Evaluation::NotPort(e.to_string()),

@@ -176,10 +176,24 @@ pub enum NotPort {
     BeyondLimits(serde_json::Error),
     #[error("not a Port event ({0})")]
     Shape(serde_json::Error),
+    /// Past [`MAX_BODY`]: never read into a tree (whose cost is many times the text's).
+    #[error(
+        "body of {} is larger than any Port change (Port takes no request over 1 MiB): not read, past {}",
+        crate::source::mib(*.0),
+        crate::source::mib(MAX_BODY)
+    )]
+    TooLarge(usize),
 }
+
+/// The largest body read as JSON: twice what Port takes in a request (1 MiB). A tree of
+/// JSON values costs many times its text (a 16.7 MB body of small objects took 1.5 GB).
+pub const MAX_BODY: usize = 2 << 20;
 
 /// A body as JSON; a refusal says whether it is JSON at all or only past the parser's limits.
 pub fn read_json(body: &[u8]) -> Result<Value, NotPort> {
+    if body.len() > MAX_BODY {
+        return Err(NotPort::TooLarge(body.len()));
+    }
     serde_json::from_slice(body).map_err(|e| {
         // serde_json tells these apart only by message; `regression_…_beyond_the_json_limits`
         // (tests/pipeline.rs) holds it to them.
@@ -213,6 +227,20 @@ pub fn decode(body: &[u8]) -> Result<Change, NotPort> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Regression (helper-127): a 16.7 MB body of small objects took the daemon from 78 MB to
+    /// 1.5 GB (a tree of JSON values), and to 2.7 GB with the next, never given back. Port
+    /// takes no request over 1 MiB, so no entity change is larger: a body past twice that is
+    /// not read as one.
+    #[test]
+    fn regression_a_huge_body_was_read_into_a_tree_of_gigabytes() {
+        let many: Vec<String> = (0..200_000).map(|i| format!("{{\"k\":{i}}}")).collect();
+        let body = format!("{{\"arr\":[{}]}}", many.join(","));
+        assert!(body.len() > MAX_BODY);
+        let e = read_json(body.as_bytes()).unwrap_err();
+        assert!(matches!(e, NotPort::TooLarge(n) if n == body.len()), "{e}");
+        assert!(e.to_string().contains("larger than any Port change"), "{e}");
+    }
     use super::*;
 
     fn fixture(shape: &str, name: &str) -> Vec<u8> {
