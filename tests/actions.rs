@@ -922,6 +922,32 @@ async fn regression_a_malformed_directive_was_logged_twice() {
     );
 }
 
+/// Regression (helper-127): a `javascript:` link from a handler went to Port as the run's
+/// link (a button its users click); only http(s) links go, the others are said in the log.
+#[tokio::test]
+async fn regression_a_javascript_link_went_to_port() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(
+        &setup.dir,
+        "restart.sh",
+        r#"echo '::port:: {"link": ["javascript:alert(1)", "https://ci.example/1", "data:text/html,x"]}'"#,
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(
+        finish["link"],
+        serde_json::json!(["https://ci.example/1"]),
+        "{finish}"
+    );
+    let log = setup.port.logs("r_act01legacy");
+    assert!(
+        log.contains("smee-relay: the line above has 2 links that are not http(s): not sent"),
+        "{log}"
+    );
+}
+
 /// Regression (helper-126): a stop while a handler ran said "nothing waits: everything
 /// received was delivered", though the run was interrupted and its FAILURE waited for the
 /// next start; that start reports it.

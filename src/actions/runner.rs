@@ -668,11 +668,12 @@ impl Said {
         if directive.summary.is_some() {
             self.finish.summary = directive.summary;
         }
-        match directive.link {
-            Some(Links::One(link)) => self.finish.link.push(link),
-            Some(Links::Many(links)) => self.finish.link.extend(links),
-            None => {}
-        }
+        let links = match directive.link {
+            Some(Links::One(link)) => vec![link],
+            Some(Links::Many(links)) => links,
+            None => Vec::new(),
+        };
+        let not_web = keep_web_links(&mut self.finish.link, links);
         if directive.status_label.is_some() {
             self.finish.status_label = directive.status_label;
         }
@@ -691,8 +692,26 @@ impl Said {
                 entity: serde_json::Value::Object(entity),
             })));
         }
+        if not_web > 0 {
+            return Some(Err(format!(
+                "the line above has {} not http(s): not sent",
+                crate::error::count(not_web, "link that is", "links that are")
+            )
+            .into()));
+        }
         Some(Ok(None))
     }
+}
+
+/// Add the http(s) ones of `links` to `kept`; returns how many were not (`javascript:`,
+/// `data:`, not a URL). Port shows a run's links as buttons its users click: only web links
+/// go there, as only they go into Slack's buttons.
+fn keep_web_links(kept: &mut Vec<String>, links: Vec<String>) -> usize {
+    let (given, had) = (links.len(), kept.len());
+    kept.extend(links.into_iter().filter(|link| {
+        reqwest::Url::parse(link).is_ok_and(|url| matches!(url.scheme(), "http" | "https"))
+    }));
+    given - (kept.len() - had)
 }
 
 async fn execute(x: Execution) {
@@ -1152,12 +1171,23 @@ async fn map_answer(
     }
     if let Some(output) = link_out {
         match output {
-            Ok(serde_json::Value::String(s)) => finish.link.push(s),
-            Ok(serde_json::Value::Array(items)) => finish.link.extend(
-                items
-                    .into_iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned)),
-            ),
+            Ok(serde_json::Value::String(s)) => {
+                if keep_web_links(&mut finish.link, vec![s]) > 0 {
+                    problems.push("report.link gave a link that is not http(s): not sent".into());
+                }
+            }
+            Ok(serde_json::Value::Array(items)) => {
+                let links = (items.into_iter())
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect();
+                let not_web = keep_web_links(&mut finish.link, links);
+                if not_web > 0 {
+                    problems.push(format!(
+                        "report.link gave {} not http(s): not sent",
+                        crate::error::count(not_web, "link that is", "links that are")
+                    ));
+                }
+            }
             Ok(serde_json::Value::Null) => {}
             Ok(other) => problems.push(format!("report.link gave {other}, not a string or a list")),
             Err(e) => failed.push(("link", e)),
