@@ -201,22 +201,25 @@ fn check_event(
             return (crate::text::escape_lines(&said), 0);
         }
     };
+    // Port's values with their line breaks escaped too (the whole is escaped line by line
+    // below): an identifier must not print a line of its own (helper-127).
+    use crate::text::escape_control as e;
     let _ = writeln!(
         out,
         "change: {} {} {}/{} ({:?})",
-        change.action,
-        change.resource_type,
-        change.blueprint().unwrap_or("-"),
-        change.entity().unwrap_or("-"),
+        e(&change.action.to_string()),
+        e(&change.resource_type),
+        e(change.blueprint().unwrap_or("-")),
+        e(change.entity().unwrap_or("-")),
         change.title().unwrap_or("-")
     );
     for c in diff::properties(&change) {
         let _ = writeln!(
             out,
             "  {}: {} -> {}",
-            c.name,
-            diff::show(c.before.as_ref()),
-            diff::show(c.after.as_ref())
+            e(&c.name),
+            e(&diff::show(c.before.as_ref())),
+            e(&diff::show(c.after.as_ref()))
         );
     }
     for rule in &config.rules {
@@ -315,16 +318,18 @@ mod tests {
         let body = serde_json::json!({
             "action": "UPDATE",
             "resourceType": "entity",
-            "context": {"blueprint": "B\u{202e}", "entity": "e\u{1b}[2J"},
+            "context": {"blueprint": "B\u{202e}", "entity": "e\u{1b}[2J\nFAKE line"},
             "diff": {
-                "before": {"identifier": "e\u{1b}[2J", "properties": {"cpu\u{1b}": 1}},
-                "after": {"identifier": "e\u{1b}[2J", "title": "T\u{7}", "properties": {"cpu\u{1b}": 90}}
+                "before": {"identifier": "e\u{1b}[2J\nFAKE line", "properties": {"cpu\u{1b}": 1}},
+                "after": {"identifier": "e\u{1b}[2J\nFAKE line", "title": "T\u{7}", "properties": {"cpu\u{1b}": 90}}
             }
         });
         let jq = crate::pipeline::jq::JqEngine::here();
         let (said, _) = check_event(&rules, &jq, body.to_string().as_bytes());
         assert!(said.contains("would send"), "{said}");
         assert!(!said.contains(['\u{1b}', '\u{7}', '\u{202e}']), "{said:?}");
+        // Regression (helper-127): a line break in an identifier printed a forged line.
+        assert!(!said.lines().any(|l| l.starts_with("FAKE line")), "{said}");
         assert!(said.lines().count() > 3, "line breaks stay: {said}");
     }
 

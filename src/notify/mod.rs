@@ -17,42 +17,52 @@ use crate::event::Event;
 use crate::pipeline::Alert;
 use crate::spool::StoredEvent;
 
-/// An alert as a readable block of text (stdout, the demo).
+/// An alert as a readable block of text (stdout, the demo). Port's values are escaped: a
+/// line break or a bidi override in a title must not forge a line on a terminal.
 pub fn text(alert: &Alert) -> String {
+    use crate::text::escape_control as e;
     let mut out = String::new();
     let _ = writeln!(out, "{}", alert.headline());
     let _ = writeln!(
         out,
         "  entity:    {} ({})",
-        alert.entity,
-        alert.blueprint.as_deref().unwrap_or("-")
+        e(&alert.entity),
+        e(alert.blueprint.as_deref().unwrap_or("-"))
     );
     if let Some(p) = &alert.property {
-        let _ = writeln!(out, "  {}: {} -> {}", p.property, p.before, p.after);
+        let _ = writeln!(
+            out,
+            "  {}: {} -> {}",
+            e(&p.property),
+            e(&p.before),
+            e(&p.after)
+        );
     }
-    let _ = writeln!(out, "  condition: {}", alert.threshold);
-    let _ = writeln!(out, "  severity:  {}", alert.severity);
+    let _ = writeln!(out, "  condition: {}", e(&alert.threshold));
+    let _ = writeln!(out, "  severity:  {}", e(&alert.severity));
     if let Some(note) = &alert.note {
-        let _ = writeln!(out, "  note:      {note}");
+        let _ = writeln!(out, "  note:      {}", e(note));
     }
     for c in &alert.other_changes {
         let _ = writeln!(
             out,
             "  also:      {}: {} -> {}",
-            c.property, c.before, c.after
+            e(&c.property),
+            e(&c.before),
+            e(&c.after)
         );
     }
     let _ = writeln!(
         out,
         "  by:        {} at {}",
-        alert.triggered_by.as_deref().unwrap_or("-"),
-        alert.triggered_at.as_deref().unwrap_or("-")
+        e(alert.triggered_by.as_deref().unwrap_or("-")),
+        e(alert.triggered_at.as_deref().unwrap_or("-"))
     );
     if let Some(url) = &alert.entity_url {
-        let _ = writeln!(out, "  port:      {url}");
+        let _ = writeln!(out, "  port:      {}", e(url));
     }
     for (name, url) in &alert.links {
-        let _ = writeln!(out, "  {name}: {url}");
+        let _ = writeln!(out, "  {}: {}", e(name), e(url));
     }
     out
 }

@@ -192,9 +192,11 @@ fn field(name: &str, value: &str) -> Value {
     json!({"type": "mrkdwn", "text": format!("*{name}*\n{value}")})
 }
 
-/// Slack's mrkdwn needs `&`, `<` and `>` escaped.
+/// Slack's mrkdwn needs `&`, `<` and `>` escaped; and a value from Port shows no control or
+/// bidi characters (a forged line, reversed text), as in the logs.
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
+    crate::text::escape_control(text)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
@@ -279,6 +281,34 @@ mod tests {
         }
         // The header is plain text, which Slack shows as it is.
         assert_eq!(message["blocks"][0]["text"]["text"], alert.headline());
+    }
+
+    /// Regression (helper-127): an entity's title with a line break and a right-to-left
+    /// override reached Slack's header and notification text as they were (a forged second
+    /// line, reversed text), and the alert printed on stdout too.
+    #[test]
+    fn regression_control_characters_of_a_title_reached_slack() {
+        let mut alert = alert();
+        alert.title = "gnp.exe\u{202e}\nFIRING fake".into();
+        alert.entity = "id\nfake".into();
+        let message = message(&alert);
+        let said = [
+            message["blocks"][0]["text"]["text"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            message["text"].as_str().unwrap().to_string(),
+            message["blocks"][1].to_string(),
+            super::super::text(&alert),
+        ];
+        for text in said {
+            let body = text.trim_end_matches('\n');
+            assert!(!body.contains('\u{202e}'), "{text}");
+            assert!(
+                !body.contains("\nFIRING fake") && !body.contains("id\nfake"),
+                "{text}"
+            );
+        }
     }
 
     /// Regression (helper-120): an alert's note ("its rule was removed from the config",

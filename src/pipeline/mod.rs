@@ -101,7 +101,14 @@ pub const ALERT_ROUTE: &str = "alerts";
 impl Alert {
     /// The alert's one-line headline: `FIRING cpu-high: Notification Service Production`.
     pub fn headline(&self) -> String {
-        format!("{} {}: {}", self.status, self.rule, self.title)
+        // The title is Port's, anyone's who may edit the entity: no line breaks, no
+        // reversed text in a header or a notification (helper-127).
+        format!(
+            "{} {}: {}",
+            self.status,
+            self.rule,
+            crate::text::escape_control(&self.title)
+        )
     }
 
     /// An alert as it travels through the spool: JSON in an event body.
