@@ -922,6 +922,26 @@ async fn regression_a_malformed_directive_was_logged_twice() {
     );
 }
 
+/// Regression (helper-127): a run delivered again after it finished was said to be "still
+/// running" (what the runner last read, before it finished).
+#[tokio::test]
+async fn regression_a_finished_run_delivered_again_was_said_still_running() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    let daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    setup.send(2, "01-legacy-run-message");
+    let said = daemon
+        .logs
+        .wait_for(&["r_act01legacy", "run delivered again"])
+        .await;
+    assert!(
+        said.contains("run delivered again (done, SUCCESS)"),
+        "{said}"
+    );
+}
+
 /// Regression (helper-127): a `javascript:` link from a handler went to Port as the run's
 /// link (a button its users click); only http(s) links go, the others are said in the log.
 #[tokio::test]

@@ -246,7 +246,14 @@ pub async fn run(
                 cursor = item.seq;
                 continue;
             }
-            if let Some(phase) = runs.get(&run.run_id) {
+            if let Some(known) = runs.get(&run.run_id) {
+                // "Running" is as of the last read: it may have finished since (helper-127).
+                let stored = matches!(known, RunPhase::Running)
+                    .then(|| stored_runs(&spool).ok())
+                    .flatten()
+                    .and_then(|stored| stored.into_iter().find(|(id, _)| *id == run.run_id))
+                    .map(|(_, state)| state.run_phase);
+                let phase = stored.as_ref().unwrap_or(known);
                 let was = match phase {
                     RunPhase::Running => "still running".to_string(),
                     RunPhase::Done { status, .. } => format!("done, {status}"),
