@@ -162,3 +162,23 @@ fn regression_the_worker_died_with_the_thread_that_started_it() {
     // The starting thread is gone (joined): the next evaluation uses the same worker.
     assert!(jq.holds(&cpu, &entity).unwrap());
 }
+
+/// Regression (helper-127): `halt` and `halt_error` end the worker with an exit status, which
+/// was said as "exceeded its memory or recursion bound"; and an undefined `$ENV` was `$env`.
+#[test]
+fn regression_halt_was_said_as_a_memory_bound() {
+    let jq = engine(Duration::from_secs(20));
+    let entity = json!({"properties": {}});
+    for code in ["halt", "\"x\" | halt_error(4)"] {
+        let failure = jq.holds(&condition(code), &entity).unwrap_err();
+        let said = failure.to_string();
+        assert!(
+            said.contains("halt") && !said.contains("bound"),
+            "{code}: {said}"
+        );
+    }
+    // The next evaluation works (a fresh worker).
+    assert!(jq.holds(&condition("true"), &entity).unwrap());
+    let e = JqCondition::new("$ENV.HOME").unwrap_err();
+    assert!(e.message.contains("$ENV"), "{e}");
+}

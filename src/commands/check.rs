@@ -153,8 +153,9 @@ fn probe_conditions(
         let Condition::When(condition) = &rule.condition else {
             continue;
         };
-        if let Err(e @ (JqFailure::Timeout { .. } | JqFailure::Crashed { .. })) =
-            jq.holds(condition, &probe)
+        if let Err(
+            e @ (JqFailure::Timeout { .. } | JqFailure::Crashed { .. } | JqFailure::Halted { .. }),
+        ) = jq.holds(condition, &probe)
         {
             problems.push(format!(
                 "{}: rule {:?}: when: on an entity with no properties, {}",

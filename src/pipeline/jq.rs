@@ -105,7 +105,8 @@ fn compile(code: &str) -> Result<Filter, JqError> {
             match undefined {
                 Some((name, kind)) => JqError {
                     offset: at(name),
-                    message: format!("undefined {kind:?} {name}").to_lowercase(),
+                    // The name as written (`$ENV` was said `$env`).
+                    message: format!("undefined {} {name}", format!("{kind:?}").to_lowercase()),
                 },
                 None => JqError {
                     offset: 0,
@@ -186,6 +187,12 @@ pub enum JqFailure {
     /// than its bound.
     #[error("the condition exceeded its memory or recursion bound: the jq worker {status}{}", if .detail.is_empty() { String::new() } else { format!(" ({})", .detail) })]
     Crashed { status: String, detail: String },
+    /// The condition ended the worker itself (`halt`, `halt_error`): jq's way to end a
+    /// program, which a condition has no use for.
+    #[error(
+        "the condition ended the jq worker with exit status {status} (jq's halt or halt_error end a program: a condition must yield a value)"
+    )]
+    Halted { status: i32 },
     /// The worker could not be started or spoken to.
     #[error("the jq worker is unavailable")]
     Worker(#[source] std::io::Error),
@@ -203,6 +210,7 @@ impl JqFailure {
             JqFailure::Input(_) => "input",
             JqFailure::Timeout { .. } => "timeout",
             JqFailure::Crashed { .. } => "bound",
+            JqFailure::Halted { .. } => "halt",
             JqFailure::Worker(_) => "worker",
             JqFailure::OutputTooLarge { .. } => "output",
         }
@@ -396,7 +404,10 @@ impl JqEngine {
                 };
                 let outcome = worker.ask(&condition.code, &bytes, mode, limits.timeout);
                 if let Err(
-                    JqFailure::Timeout { .. } | JqFailure::Crashed { .. } | JqFailure::Worker(_),
+                    JqFailure::Timeout { .. }
+                    | JqFailure::Crashed { .. }
+                    | JqFailure::Halted { .. }
+                    | JqFailure::Worker(_),
                 ) = &outcome
                 {
                     // Killed, dead or out of step: the next evaluation gets a fresh one.
@@ -610,6 +621,11 @@ impl Worker {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
+        // Not its budget (`OVER_BUDGET`) nor its own refusal of its arguments (2): the
+        // condition's `halt` (0) or `halt_error` (5, or the status it gave).
+        if let Some(code) = status.code().filter(|c| *c != OVER_BUDGET && *c != 2) {
+            return Some(JqFailure::Halted { status: code });
+        }
         Some(JqFailure::Crashed {
             status: describe(status),
             detail,
