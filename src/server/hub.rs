@@ -825,6 +825,7 @@ impl Hub {
 
     fn store_failed(&self, e: &StoreError) {
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        // Said once per outage; the posts it refuses are counted (store_errors_total).
         if self.stats.store_healthy.swap(false, Ordering::Relaxed) {
             error!(
                 "cannot store posted events; posts get 503 and /healthz 503 until a write \
@@ -886,8 +887,10 @@ impl Hub {
             std::mem::take(&mut channels.unstored)
         };
         let Some(store) = &self.store else { return };
-        let healthy = self.stats.store_healthy.load(Ordering::Relaxed);
-        if unstored.is_empty() && healthy {
+        // Nothing to delete is no probe: an empty write succeeds on a disk that refuses every
+        // post, and said the store healthy again each second (helper-128). Recovery is a post
+        // stored, or deletions written.
+        if unstored.is_empty() {
             return;
         }
         let _in_order = self.post_order.lock().await;
@@ -1219,6 +1222,51 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
             None,
         ))
+    }
+
+    /// Regression (helper-128): on a full disk, the sweep's write of nothing succeeded each
+    /// second and said the store healthy again ("storing posted events again", /healthz ok)
+    /// while every post still got 503, and each post logged a warning of its own.
+    #[tokio::test]
+    async fn regression_a_full_disk_said_the_store_healthy_every_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = super::super::store::tests::full_disk_store(
+            dir.path().join("serve.redb"),
+            full.clone(),
+            true,
+        );
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new(Hub::new(
+            ServeConfig::default(),
+            Some(Arc::new(store)),
+            stats.clone(),
+            Default::default(),
+            tokio_util::sync::CancellationToken::new(),
+            None,
+        ));
+        let big = |id| {
+            Posted::new(
+                &stats,
+                id,
+                0,
+                vec![],
+                Default::default(),
+                String::new(),
+                Bytes::from(vec![b'x'; 1 << 20]),
+            )
+        };
+        full.store(true, Ordering::SeqCst);
+        assert!(hub.post("ch", big).await.is_err(), "the disk is full");
+        assert!(!stats.store_healthy.load(Ordering::Relaxed));
+        hub.sweep().await;
+        assert!(
+            !stats.store_healthy.load(Ordering::Relaxed),
+            "nothing stored, nothing deleted: not healthy again"
+        );
+        full.store(false, Ordering::SeqCst);
+        assert!(hub.post("ch", big).await.is_ok());
+        assert!(stats.store_healthy.load(Ordering::Relaxed));
     }
 
     /// `?a&a&...` 30,000 times: one array of 30,000 values, charged 16 bytes before.

@@ -260,7 +260,7 @@ fn drop_evicted(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::ops::Bound;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -268,11 +268,14 @@ mod tests {
 
     use super::*;
 
-    /// A file backend whose writes fail with "no space left" while `full` is set.
+    /// A file backend whose writes fail with "no space left" while `full` is set; with
+    /// `growth_only`, only what grows the file fails (a full disk: pages the file has take
+    /// writes).
     #[derive(Debug)]
     struct FullDisk {
         inner: redb::backends::FileBackend,
         full: Arc<AtomicBool>,
+        growth_only: bool,
     }
 
     fn enospc() -> std::io::Error {
@@ -293,13 +296,15 @@ mod tests {
             self.inner.set_len(len)
         }
         fn sync_data(&self) -> Result<(), std::io::Error> {
-            if self.full.load(Ordering::SeqCst) {
+            if self.full.load(Ordering::SeqCst) && !self.growth_only {
                 return Err(enospc());
             }
             self.inner.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-            if self.full.load(Ordering::SeqCst) {
+            if self.full.load(Ordering::SeqCst)
+                && (!self.growth_only || offset + data.len() as u64 > self.inner.len()?)
+            {
                 return Err(enospc());
             }
             self.inner.write(offset, data)
@@ -332,6 +337,15 @@ mod tests {
     }
 
     fn faulty_store(path: PathBuf, full: Arc<AtomicBool>) -> Store {
+        full_disk_store(path, full, false)
+    }
+
+    /// A store on [`FullDisk`].
+    pub(in crate::server) fn full_disk_store(
+        path: PathBuf,
+        full: Arc<AtomicBool>,
+        growth_only: bool,
+    ) -> Store {
         let file = path.clone();
         Store::open_with(
             path,
@@ -346,6 +360,7 @@ mod tests {
                 redb::Builder::new().create_with_backend(FullDisk {
                     inner: redb::backends::FileBackend::new(handle)?,
                     full: full.clone(),
+                    growth_only,
                 })
             }),
         )
