@@ -281,7 +281,11 @@ pub async fn serve_with_reload(
                         Ok(Ok(stream)) => {
                             connection(stream, service, &config, &stats, closing, kill).await
                         }
-                        _ => {
+                        Ok(Err(_)) => {
+                            stats.shed_tls_handshake.fetch_add(1, Ordering::Relaxed);
+                            stats.say_shed("a failed TLS handshake (not TLS, or broken off)");
+                        }
+                        Err(_) => {
                             stats.shed_tls_handshake.fetch_add(1, Ordering::Relaxed);
                             stats.say_shed(&format!(
                                 "no TLS handshake within --read-timeout {}",
