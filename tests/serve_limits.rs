@@ -1081,6 +1081,8 @@ async fn regression_hostile_heads_were_taken_as_they_came() {
         .await
         .to_ascii_lowercase();
     assert!(head.contains("location: http://localhost/"), "{head}");
+    // Never cached: each client gets a fresh channel.
+    assert!(head.contains("cache-control: no-store"), "{head}");
     // Framed both ways: hyper takes Transfer-Encoding and closes the connection after the
     // answer (RFC 9112 6.3), so nothing after it can pass for a request of its own.
     let mut socket = tokio::net::TcpStream::connect(&server.addr).await.unwrap();

@@ -224,13 +224,18 @@ async fn new_channel_redirect(
         return json_error(StatusCode::SERVICE_UNAVAILABLE, e);
     }
     let scheme = if peer.tls { "https" } else { "http" };
+    let valid_host = |h: &&str| {
+        h.parse::<axum::http::uri::Authority>()
+            .is_ok_and(|a| a.as_str() == *h && !h.contains('@'))
+    };
     let (proto, host) = if hub.config.trust_proxy {
         (
             text(&headers, "x-forwarded-proto").unwrap_or(scheme),
-            text(&headers, "x-forwarded-host").or(text(&headers, "host")),
+            (text(&headers, "x-forwarded-host").filter(valid_host))
+                .or(text(&headers, "host").filter(valid_host)),
         )
     } else {
-        (scheme, text(&headers, "host"))
+        (scheme, text(&headers, "host").filter(valid_host))
     };
     // A client's words go into the redirect only if they are what they claim: a host (and
     // port), a scheme of the web's. Anything else is not echoed back.
@@ -239,10 +244,6 @@ async fn new_channel_redirect(
     } else {
         scheme
     };
-    let host = host.filter(|h| {
-        h.parse::<axum::http::uri::Authority>()
-            .is_ok_and(|a| a.as_str() == *h && !h.contains('@'))
-    });
     let id = match channel_id() {
         Ok(id) => id,
         Err(e) => {
@@ -255,10 +256,14 @@ async fn new_channel_redirect(
     };
     (
         StatusCode::TEMPORARY_REDIRECT,
-        [(
-            header::LOCATION,
-            format!("{proto}://{}/{id}", host.unwrap_or("localhost")),
-        )],
+        [
+            (
+                header::LOCATION,
+                format!("{proto}://{}/{id}", host.unwrap_or("localhost")),
+            ),
+            // A fresh channel each time: never one a cache hands to the next client.
+            (header::CACHE_CONTROL, "no-store".to_string()),
+        ],
     )
         .into_response()
 }
