@@ -206,13 +206,21 @@ fn utc_offset(text: &str) -> (&str, i64) {
 /// When a change happened as Port says: the entity's `updatedAt` after it, or for a deletion
 /// the trigger's time (made [`credible`]).
 pub fn change_time_ms(change: &port::Change) -> Option<u64> {
-    change
-        .after
-        .as_ref()
+    let text = (change.after.as_ref())
         .and_then(|e| e.updated_at.as_deref())
-        .or(change.trigger.at.as_deref())
-        .and_then(port_time_ms)
-        .map(credible)
+        .or(change.trigger.at.as_deref())?;
+    let read = port_time_ms(text);
+    if read.is_none() {
+        // Warned once per process: every change of such a sender would say it again.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "a Port change's time {:?} is not an RFC 3339 time: such changes are judged without their order (said once)",
+                crate::text::cut(&crate::text::escape_control(text), 64)
+            );
+        }
+    }
+    read.map(credible)
 }
 
 /// How far ahead of this host's clock Port's time may be (clocks drift a little).

@@ -362,7 +362,7 @@ pub async fn run(
                 let done = Evaluated {
                     event: id,
                     at_ms: clock.now_ms(),
-                    updated_ms: changed_ms,
+                    updated_ms: newest(changed_ms, &evaluated, key),
                 };
                 writes.push(Write::State {
                     key: format!("{EVALUATED_PREFIX}{key}"),
@@ -558,12 +558,13 @@ pub async fn run(
                 }
             };
             let done = subject.clone().filter(|_| judged).map(|key| {
+                let updated_ms = newest(changed_ms, &evaluated, &key);
                 (
                     key,
                     Evaluated {
                         event: id,
                         at_ms: now,
-                        updated_ms: changed_ms,
+                        updated_ms,
                     },
                 )
             });
@@ -642,6 +643,17 @@ pub async fn run(
             cursor = item.seq;
         }
     }
+}
+
+/// The newest of Port's time of a change just judged and the newest judged before for the
+/// entity: a change with no readable time is judged (its order is unknown) but must not
+/// clear the time an older change is compared with (helper-130).
+fn newest(
+    changed_ms: Option<u64>,
+    evaluated: &HashMap<String, Evaluated>,
+    key: &str,
+) -> Option<u64> {
+    changed_ms.max(evaluated.get(key).and_then(|done| done.updated_ms))
 }
 
 /// Judge a reconciliation snapshot and commit what it found, like any event: the new states,
@@ -811,7 +823,7 @@ async fn judge_snapshot(
                 Evaluated {
                     event: id,
                     at_ms: now,
-                    updated_ms: *updated_ms,
+                    updated_ms: newest(*updated_ms, evaluated, key),
                 },
             )
         })
@@ -2106,89 +2118,129 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// A snapshot and live events share one queue: a live event older than what the snapshot
-    /// read (by Port's `updatedAt`) is stale and sends nothing; a newer one is judged.
-    #[tokio::test]
-    async fn a_live_event_older_than_the_snapshot_loses_and_a_newer_one_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::open(dir.path()).unwrap());
-        let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
-        let pipeline = super::super::tests::with_rules(
-            "[[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpuUtil\"\nabove = 80\n",
-        );
-        let entity = |cpu: u32, at: &str| {
-            serde_json::json!({"identifier": "svc", "blueprint": "DeploymentConfig",
-                "properties": {"cpuUtil": cpu}, "updatedAt": at})
-        };
-        let live = |cpu: u32, at: &str| crate::event::Event {
-            body: serde_json::json!({"action": "UPDATE", "resourceType": "entity",
-                "context": {"blueprint": "DeploymentConfig", "entity": "svc"},
-                "diff": {"before": entity(70, "2026-11-20T09:00:00Z"), "after": entity(cpu, at)}})
-            .to_string()
-            .into_bytes()
-            .into(),
-            ..Default::default()
-        };
-        let snapshot = reconcile::Snapshot {
-            blueprint: "DeploymentConfig".into(),
-            fetched_at_ms: 1,
-            why: reconcile::Why::default(),
-            entities: vec![entity(95, "2026-11-20T10:05:00Z")],
-        };
-        let routes = [PIPELINE_ROUTE.to_string()];
-        writer
-            .append(
-                reconcile::CHANNEL,
-                &routes,
-                vec![snapshot.to_event()].into(),
-                None,
-            )
-            .await
-            .unwrap();
-        // Posted before the snapshot's state, delivered after it: stale.
-        writer
-            .append(
-                "c",
-                &routes,
-                vec![live(50, "2026-11-20T10:03:00Z")].into(),
-                None,
-            )
-            .await
-            .unwrap();
-        let cancel = CancellationToken::new();
-        let (_rules, rules_rx) = watch::channel(Arc::new(pipeline));
-        let task = spawn_pipeline(&spool, &writer, rules_rx, &cancel);
-        settled(&spool).await;
-        let said = |spool: &Spool| -> Vec<String> {
-            spool
-                .pending(ALERT_ROUTE, 0, 10)
-                .unwrap()
-                .iter()
+    /// A spool whose pipeline route holds a snapshot of entity `svc` at 10:05 with cpuUtil 95
+    /// (rule `hot`: above 80), a runner on it, and live changes of `svc` to append.
+    struct Scene {
+        spool: Arc<Spool>,
+        writer: SpoolWriter,
+        thread: std::thread::JoinHandle<()>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        _rules: watch::Sender<Arc<Pipeline>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn svc(cpu: u32, at: &str) -> serde_json::Value {
+        serde_json::json!({"identifier": "svc", "blueprint": "DeploymentConfig",
+            "properties": {"cpuUtil": cpu}, "updatedAt": at})
+    }
+
+    impl Scene {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Arc::new(Spool::open(dir.path()).unwrap());
+            let (writer, thread) = SpoolWriter::start(spool.clone(), Limits { max_bytes: 1 << 20 });
+            let pipeline = super::super::tests::with_rules(
+                "[[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpuUtil\"\nabove = 80\n",
+            );
+            let snapshot = reconcile::Snapshot {
+                blueprint: "DeploymentConfig".into(),
+                fetched_at_ms: 1,
+                why: reconcile::Why::default(),
+                entities: vec![svc(95, "2026-11-20T10:05:00Z")],
+            };
+            let routes = [PIPELINE_ROUTE.to_string()];
+            writer
+                .append(
+                    reconcile::CHANNEL,
+                    &routes,
+                    vec![snapshot.to_event()].into(),
+                    None,
+                )
+                .await
+                .unwrap();
+            let cancel = CancellationToken::new();
+            let (rules, rules_rx) = watch::channel(Arc::new(pipeline));
+            let task = spawn_pipeline(&spool, &writer, rules_rx, &cancel);
+            Scene {
+                spool,
+                writer,
+                thread,
+                cancel,
+                task,
+                _rules: rules,
+                _dir: dir,
+            }
+        }
+
+        /// A live change of `svc` to `cpu` at Port's time `at`, once judged.
+        async fn live(&self, cpu: u32, at: &str) {
+            let event = crate::event::Event {
+                body: serde_json::json!({"action": "UPDATE", "resourceType": "entity",
+                    "context": {"blueprint": "DeploymentConfig", "entity": "svc"},
+                    "diff": {"before": svc(70, "2026-11-20T09:00:00Z"), "after": svc(cpu, at)}})
+                .to_string()
+                .into_bytes()
+                .into(),
+                ..Default::default()
+            };
+            let routes = [PIPELINE_ROUTE.to_string()];
+            self.writer
+                .append("c", &routes, vec![event].into(), None)
+                .await
+                .unwrap();
+            settled(&self.spool).await;
+        }
+
+        /// The alerts sent so far, as headlines.
+        fn said(&self) -> Vec<String> {
+            (self.spool.pending(ALERT_ROUTE, 0, 10).unwrap().iter())
                 .map(|q| {
                     let alert: Alert = serde_json::from_slice(&q.event.event.body).unwrap();
                     alert.headline()
                 })
                 .collect()
-        };
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.task.await.unwrap();
+            drop(self.writer);
+            self.thread.join().unwrap();
+        }
+    }
+
+    /// A snapshot and live events share one queue: a live event older than what the snapshot
+    /// read (by Port's `updatedAt`) is stale and sends nothing; a newer one is judged.
+    #[tokio::test]
+    async fn a_live_event_older_than_the_snapshot_loses_and_a_newer_one_wins() {
+        let scene = Scene::start().await;
+        // Posted before the snapshot's state, delivered after it: stale.
+        scene.live(50, "2026-11-20T10:03:00Z").await;
         assert_eq!(
-            said(&spool),
+            scene.said(),
             ["FIRING hot: svc"],
             "the stale event resolved nothing"
         );
-        writer
-            .append(
-                "c",
-                &routes,
-                vec![live(50, "2026-11-20T10:10:00Z")].into(),
-                None,
-            )
-            .await
-            .unwrap();
-        settled(&spool).await;
-        assert_eq!(said(&spool), ["FIRING hot: svc", "RESOLVED hot: svc"]);
-        cancel.cancel();
-        task.await.unwrap();
-        drop(writer);
-        thread.join().unwrap();
+        scene.live(50, "2026-11-20T10:10:00Z").await;
+        assert_eq!(scene.said(), ["FIRING hot: svc", "RESOLVED hot: svc"]);
+        scene.stop().await;
+    }
+
+    /// Regression (helper-130): a change whose `updatedAt` does not read as a time is judged
+    /// without its order, and it cleared the newest time judged: a change older than the
+    /// snapshot then fired again.
+    #[tokio::test]
+    async fn regression_an_unreadable_time_cleared_the_newest_time_judged() {
+        let scene = Scene::start().await;
+        scene.live(50, "yesterday").await;
+        assert_eq!(scene.said(), ["FIRING hot: svc", "RESOLVED hot: svc"]);
+        scene.live(95, "2026-11-20T10:03:00Z").await;
+        assert_eq!(
+            scene.said(),
+            ["FIRING hot: svc", "RESOLVED hot: svc"],
+            "older than the snapshot: stale"
+        );
+        scene.stop().await;
     }
 }
