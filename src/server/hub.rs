@@ -457,6 +457,9 @@ pub(super) struct Hub {
     pub stats: Arc<Stats>,
     /// The buffers on disk, with `--state-dir`.
     pub store: Option<Arc<Store>>,
+    /// The body size of the last post the store refused: what a probe of a failed store
+    /// writes, to know it takes posts again.
+    refused_bytes: std::sync::atomic::AtomicUsize,
     /// Posts are stored and published one at a time, so the global order is post order and
     /// live subscribers see ids in order.
     post_order: tokio::sync::Mutex<()>,
@@ -512,6 +515,7 @@ impl Hub {
             channels: Mutex::new(channels),
             stats,
             store,
+            refused_bytes: Default::default(),
             post_order: tokio::sync::Mutex::new(()),
             shutdown,
             cluster,
@@ -733,6 +737,8 @@ impl Hub {
                 .unwrap_or_else(|e| Err(StoreError::Task(e)));
             if let Err(e) = saved {
                 self.lock().unstored.extend(unstored);
+                self.refused_bytes
+                    .store(posted.body.len(), Ordering::Relaxed);
                 self.store_failed(&e);
                 return Err(HubError::Store(e));
             }
@@ -887,10 +893,24 @@ impl Hub {
             std::mem::take(&mut channels.unstored)
         };
         let Some(store) = &self.store else { return };
-        // Nothing to delete is no probe: an empty write succeeds on a disk that refuses every
-        // post, and said the store healthy again each second (helper-128). Recovery is a post
-        // stored, or deletions written.
+        let healthy = self.stats.store_healthy.load(Ordering::Relaxed);
         if unstored.is_empty() {
+            if healthy {
+                return;
+            }
+            // A probe as large as the post refused last: an empty write succeeds on a disk
+            // that refuses every post, and said the store healthy again each second
+            // (helper-128); no probe at all left /healthz failing until a post came, which a
+            // load balancer that reads it never sends (helper-130).
+            let bytes = self.refused_bytes.load(Ordering::Relaxed).max(4096);
+            let owned = store.clone();
+            let _in_order = self.post_order.lock().await;
+            let probed = tokio::task::spawn_blocking(move || owned.probe(bytes))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Task(e)));
+            if probed.is_ok() {
+                self.store_recovered();
+            }
             return;
         }
         let _in_order = self.post_order.lock().await;
@@ -1226,7 +1246,8 @@ mod tests {
 
     /// Regression (helper-128): on a full disk, the sweep's write of nothing succeeded each
     /// second and said the store healthy again ("storing posted events again", /healthz ok)
-    /// while every post still got 503, and each post logged a warning of its own.
+    /// while every post still got 503, and each post logged a warning of its own. Its probe
+    /// now writes as much as the refused post.
     #[tokio::test]
     async fn regression_a_full_disk_said_the_store_healthy_every_second() {
         let dir = tempfile::tempdir().unwrap();
@@ -1264,9 +1285,12 @@ mod tests {
             !stats.store_healthy.load(Ordering::Relaxed),
             "nothing stored, nothing deleted: not healthy again"
         );
+        // Room again: the sweep's probe (as large as the refused post) finds it, with no post
+        // (helper-130: a load balancer reading /healthz sends none while it fails).
         full.store(false, Ordering::SeqCst);
-        assert!(hub.post("ch", big).await.is_ok());
+        hub.sweep().await;
         assert!(stats.store_healthy.load(Ordering::Relaxed));
+        assert!(hub.post("ch", big).await.is_ok());
     }
 
     /// `?a&a&...` 30,000 times: one array of 30,000 values, charged 16 bytes before.

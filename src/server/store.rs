@@ -15,6 +15,8 @@ const STORED: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition:
 /// Per channel, the highest id evicted from it: a restarted server must still tell a
 /// subscriber that resumes from before it of the gap (kept after the channel expires, too).
 const EVICTED: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("evicted_upto");
+/// A write that proves the store takes posts again ([`Store::probe`]); always empty after it.
+const PROBE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("probe");
 
 /// How many expired channels' highest evicted ids a server remembers (the newest): a channel
 /// made anew under a name it remembers tells a resuming subscriber of the gap; an older one
@@ -236,6 +238,18 @@ impl Store {
     }
 
     /// Delete `evicted` (also a probe that the disk takes writes again).
+    /// Write `bytes` and take them back in one commit: what storing a post of that size needs
+    /// of the disk (its pages are allocated, the file grown if it must be), with nothing kept.
+    pub(super) fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+        let blob = vec![0u8; bytes];
+        self.write(|txn| {
+            let mut table = txn.open_table(PROBE)?;
+            table.insert(0, blob.as_slice())?;
+            table.remove(0)?;
+            Ok(())
+        })
+    }
+
     pub(super) fn remove(&self, evicted: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
         self.write(|txn| drop_evicted(txn, evicted))
     }
