@@ -88,9 +88,9 @@ pub(super) struct Stats {
     pub refused_token: AtomicU64,
     /// Connections shed (at the cap, past the read timeout, a failed TLS handshake), said at
     /// most once a minute: a flood is worth a line, not a line a connection.
-    pub shed_said: Mutex<crate::clock::Tally>,
+    pub shed_said: Mutex<(crate::clock::Tally, String)>,
     /// Requests refused for their token, said at most once a minute.
-    pub refused_token_said: Mutex<crate::clock::Tally>,
+    pub refused_token_said: Mutex<(crate::clock::Tally, Option<std::net::IpAddr>)>,
     /// Subscribers that resumed from an id this server cannot serve whole (not an id, above
     /// its newest, or past what was evicted): the warning is said at the first and every
     /// 1,000th, or anyone could fill the log.
@@ -118,15 +118,11 @@ impl Stats {
     /// Count a connection shed for `why` (its counter, already counted) and say the count
     /// since the last line, at most once a minute.
     pub(super) fn say_shed(&self, why: &str) {
-        let said = self
-            .shed_said
-            .lock()
-            .map(|mut t| t.add(1, std::time::Instant::now()));
-        if let Ok(Some(n)) = said {
-            warn!(
-                "shed {} since the last report (the latest: {why}); many at once are a flood of connections, or too low a limit (smee_relay_serve_shed_connections_total counts them by reason)",
-                crate::error::count(n as usize, "connection", "connections")
-            );
+        if let Ok(mut said) = self.shed_said.lock() {
+            said.1 = why.to_string();
+            if let Some(n) = said.0.add(1, std::time::Instant::now()) {
+                warn!("{}", shed_line(n, &said.1));
+            }
         }
     }
 
@@ -134,15 +130,45 @@ impl Stats {
     /// sent the latest), at most once a minute.
     pub(super) fn say_refused_token(&self, ip: std::net::IpAddr) {
         self.refused_token.fetch_add(1, Ordering::Relaxed);
-        let said =
-            (self.refused_token_said.lock()).map(|mut t| t.add(1, std::time::Instant::now()));
-        if let Ok(Some(n)) = said {
-            warn!(
-                "refused {} without the right token since the last report (the latest from {ip})",
-                crate::error::count(n as usize, "request", "requests"),
-            );
+        if let Ok(mut said) = self.refused_token_said.lock() {
+            said.1 = Some(ip);
+            if let Some(n) = said.0.add(1, std::time::Instant::now()) {
+                warn!("{}", refused_line(n, ip));
+            }
         }
     }
+
+    /// The counts of floods not said yet, once their minute is over (the sweep's, every
+    /// second): a flood that stopped is said a minute after its first line, not with the next
+    /// one's sender (helper-130).
+    pub(super) fn floods_due(&self, now: std::time::Instant) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Ok(mut said) = self.shed_said.lock()
+            && let Some(n) = said.0.add(0, now)
+        {
+            lines.push(shed_line(n, &said.1));
+        }
+        if let Ok(mut said) = self.refused_token_said.lock()
+            && let (Some(n), Some(ip)) = (said.0.add(0, now), said.1)
+        {
+            lines.push(refused_line(n, ip));
+        }
+        lines
+    }
+}
+
+fn shed_line(n: u64, why: &str) -> String {
+    format!(
+        "shed {} since the last report (the latest: {why}); many at once are a flood of connections, or too low a limit (smee_relay_serve_shed_connections_total counts them by reason)",
+        crate::error::count(n as usize, "connection", "connections")
+    )
+}
+
+fn refused_line(n: u64, ip: std::net::IpAddr) -> String {
+    format!(
+        "refused {} without the right token since the last report (the latest from {ip})",
+        crate::error::count(n as usize, "request", "requests"),
+    )
 }
 
 impl Charge {
@@ -850,6 +876,9 @@ impl Hub {
     /// Every second: age limits, expired channels, deletions owed to the disk, and a probe of
     /// a failed store so `/healthz` recovers without waiting for a post.
     pub(super) async fn sweep(&self) {
+        for line in self.stats.floods_due(std::time::Instant::now()) {
+            warn!("{line}");
+        }
         let now = crate::clock::now_ms();
         let ttl = self.config.channel_ttl.as_millis() as u64;
         let unstored = {
@@ -1291,6 +1320,36 @@ mod tests {
         hub.sweep().await;
         assert!(stats.store_healthy.load(Ordering::Relaxed));
         assert!(hub.post("ch", big).await.is_ok());
+    }
+
+    /// Regression (helper-130): a flood's count was said only with the next flood, with the
+    /// next one's sender; it is said once its minute is over.
+    #[test]
+    fn regression_a_floods_count_waited_for_the_next_flood() {
+        let stats = Stats::default();
+        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..3 {
+            stats.say_refused_token(ip);
+            stats.say_shed("a test");
+        }
+        assert!(
+            stats.floods_due(start).is_empty(),
+            "said at the first, then a minute"
+        );
+        let due = stats.floods_due(start + std::time::Duration::from_secs(61));
+        assert_eq!(
+            due,
+            [
+                shed_line(2, "a test"),
+                "refused 2 requests without the right token since the last report (the latest from 192.0.2.7)".to_string()
+            ]
+        );
+        assert!(
+            stats
+                .floods_due(start + std::time::Duration::from_secs(200))
+                .is_empty()
+        );
     }
 
     /// `?a&a&...` 30,000 times: one array of 30,000 values, charged 16 bytes before.
