@@ -91,6 +91,10 @@ pub(super) struct Stats {
     pub shed_said: Mutex<(crate::clock::Tally, String)>,
     /// Requests refused for their token, said at most once a minute.
     pub refused_token_said: Mutex<(crate::clock::Tally, Option<std::net::IpAddr>)>,
+    /// Gap warnings of all channels in the current minute: (when it began, said, not said). A
+    /// stranger's channels each get their first line too, so the lines are capped
+    /// ([`GAP_LINES_A_MINUTE`]) and the rest counted (helper-130).
+    pub gap_lines: Mutex<(Option<std::time::Instant>, u32, u64)>,
     /// Subscribers that resumed from an id this server cannot serve whole (not an id, above
     /// its newest, or past what was evicted): the warning is said at the first and every
     /// 1,000th, or anyone could fill the log.
@@ -138,6 +142,32 @@ impl Stats {
         }
     }
 
+    /// Whether a channel's gap warning may be said at `now`, within [`GAP_LINES_A_MINUTE`];
+    /// counted as not said if not.
+    pub(super) fn gap_line_allowed(&self, now: std::time::Instant) -> bool {
+        let Ok(mut lines) = self.gap_lines.lock() else {
+            return true;
+        };
+        let (began, said, unsaid) = &mut *lines;
+        if began.is_none_or(|at| now.duration_since(at) >= crate::clock::TALLY_PERIOD) {
+            if *unsaid == 0 {
+                *began = Some(now);
+                *said = 0;
+            } else {
+                // The count of the minute that ended goes first (see `floods_due`).
+                *unsaid += 1;
+                return false;
+            }
+        }
+        if *said < GAP_LINES_A_MINUTE {
+            *said += 1;
+            true
+        } else {
+            *unsaid += 1;
+            false
+        }
+    }
+
     /// The counts of floods not said yet, once their minute is over (the sweep's, every
     /// second): a flood that stopped is said a minute after its first line, not with the next
     /// one's sender (helper-130).
@@ -152,6 +182,18 @@ impl Stats {
             && let (Some(n), Some(ip)) = (said.0.add(0, now), said.1)
         {
             lines.push(refused_line(n, ip));
+        }
+        if let Ok(mut gaps) = self.gap_lines.lock() {
+            let (began, said, unsaid) = &mut *gaps;
+            if *unsaid > 0
+                && began.is_some_and(|at| now.duration_since(at) >= crate::clock::TALLY_PERIOD)
+            {
+                lines.push(format!(
+                    "{} not said in the last minute, past {GAP_LINES_A_MINUTE} lines (smee_relay_serve_gaps_total counts every gap)",
+                    crate::error::count(*unsaid as usize, "more gap warning", "more gap warnings")
+                ));
+                (*began, *said, *unsaid) = (Some(now), 0, 0);
+            }
         }
         lines
     }
@@ -326,6 +368,9 @@ impl Posted {
             .clone()
     }
 }
+
+/// At most this many gap warnings a minute, all channels together.
+const GAP_LINES_A_MINUTE: u32 = 10;
 
 /// Bodies larger than this have their frames made on a blocking thread, off the one thread
 /// that serves every connection.
@@ -1033,6 +1078,7 @@ impl Hub {
         // channels of their own must not use up the line a relay's real loss is said in.
         if let Some((seen, upto)) = gap
             && let Some(n) = channel.gaps_said.add(1, std::time::Instant::now())
+            && self.stats.gap_line_allowed(std::time::Instant::now())
         {
             warn!(
                 channel = %crate::url::redact(name),
@@ -1350,6 +1396,24 @@ mod tests {
                 .floods_due(start + std::time::Duration::from_secs(200))
                 .is_empty()
         );
+    }
+
+    /// Regression (helper-130): gap warnings said per channel let a stranger's channels buy a
+    /// line each (218 lines in 6 s); at most 10 a minute now, the rest counted in one line.
+    #[test]
+    fn regression_gap_warnings_of_many_channels_flooded_the_log() {
+        let stats = Stats::default();
+        let start = std::time::Instant::now();
+        let said = (0..12).filter(|_| stats.gap_line_allowed(start)).count();
+        assert_eq!(said, 10);
+        let later = start + std::time::Duration::from_secs(61);
+        assert_eq!(
+            stats.floods_due(later),
+            [
+                "2 more gap warnings not said in the last minute, past 10 lines (smee_relay_serve_gaps_total counts every gap)"
+            ]
+        );
+        assert!(stats.gap_line_allowed(later));
     }
 
     /// `?a&a&...` 30,000 times: one array of 30,000 values, charged 16 bytes before.
