@@ -484,10 +484,33 @@ async fn regression_new_dropped_the_servers_reason() {
     let (code, _, stderr) = run_to_end(&["new", "--server", &server]).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("503") && stderr.contains("maximum of 1 channels"),
+        stderr.contains("answered 503 Service Unavailable: the server holds its maximum of 1"),
         "{stderr}"
     );
     cancel.cancel();
+}
+
+/// Regression (helper-131): a server that takes only GET for `/new` (HEAD answered 501) made
+/// `new` fail, though its GET redirected to a fresh channel.
+#[tokio::test]
+async fn regression_new_failed_on_a_server_without_head() {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let router = axum::Router::new().route(
+        "/new",
+        get(|| async {
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [("location", "/GetOnlyChannel7")],
+            )
+        })
+        .head(|| async { axum::http::StatusCode::NOT_IMPLEMENTED }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let (code, stdout, stderr) = run_to_end(&["new", "--server", &server]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), format!("{server}/GetOnlyChannel7"));
 }
 
 #[tokio::test]

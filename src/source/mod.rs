@@ -715,41 +715,47 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
     };
     let client = crate::http::client_builder_for(server).build()?;
     let new = server.join("new").map_err(|e| fail(e.to_string()))?;
+    let location = |answer: &reqwest::Response| {
+        (answer.headers().get(http::header::LOCATION))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let response = client
-        .head(new)
+        .head(new.clone())
         .send()
         .await
         .map_err(|e| fail(crate::error::chain(&e.without_url())))?;
-    let Some(location) =
-        (response.headers().get(http::header::LOCATION)).and_then(|v| v.to_str().ok())
-    else {
-        // A HEAD answer has no body: ask again to read the server's reason (`serve` says
-        // why in JSON: its channel cap, say). Nothing is made: only a redirect makes a channel.
-        let why = match client
-            .get(server.join("new").map_err(|e| fail(e.to_string()))?)
-            .send()
-            .await
-        {
-            Ok(answer) if answer.headers().get(http::header::LOCATION).is_none() => {
-                let text = answer.text().await.unwrap_or_default();
-                let reason = serde_json::from_str::<serde_json::Value>(&text)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_string))
-                    .unwrap_or(text);
-                let reason = crate::text::cut(reason.trim(), 300);
-                match reason.is_empty() {
-                    true => String::new(),
-                    false => format!(": {}", crate::text::escape_control(&reason)),
+    // A HEAD answer has no body, and some servers take only GET (helper-131: a 501): ask
+    // again with GET, which makes the channel or says why not (`serve` says it in JSON: its
+    // channel cap, say).
+    let location = match location(&response) {
+        Some(location) => location,
+        None => {
+            let answer = client
+                .get(new)
+                .send()
+                .await
+                .map_err(|e| fail(crate::error::chain(&e.without_url())))?;
+            match location(&answer) {
+                Some(location) => location,
+                None => {
+                    let status = answer.status();
+                    let text = answer.text().await.unwrap_or_default();
+                    let reason = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v["error"].as_str().map(str::to_string))
+                        .unwrap_or(text);
+                    let reason = crate::text::cut(reason.trim(), 300);
+                    let why = match reason.is_empty() {
+                        true => " and no channel".to_string(),
+                        false => format!(": {}", crate::text::escape_control(&reason)),
+                    };
+                    return Err(fail(format!("it answered {status}{why}")));
                 }
             }
-            _ => String::new(),
-        };
-        return Err(fail(format!(
-            "it answered {} with no Location{why}",
-            response.status()
-        )));
+        }
     };
-    let url = server.join(location).map_err(|e| fail(e.to_string()))?;
+    let url = server.join(&location).map_err(|e| fail(e.to_string()))?;
     url.as_str().parse().map_err(|e| fail(format!("{e}")))
 }
 
