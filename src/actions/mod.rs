@@ -233,9 +233,20 @@ impl ActionConfig {
             let name_like = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                 && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !name_like {
-                let name = var.split('=').next().unwrap_or(var);
+                // The hint only for `NAME=value`, where the name is one (helper-131).
+                let hint = match var.split_once('=') {
+                    Some((name, _))
+                        if !name.is_empty()
+                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                    {
+                        format!(
+                            "; to give it {name}, set {name} where the relay runs (the unit's EnvironmentFile) and list {name:?}"
+                        )
+                    }
+                    _ => String::new(),
+                };
                 return Err(format!(
-                    "env: {var:?} is not a variable name: env lists variables of the relay's own environment that the handler may see; to give it {name}, set {name} where the relay runs (the unit's EnvironmentFile) and list {name:?}"
+                    "env: {var:?} is not a variable name (letters, digits and _): env lists variables of the relay's own environment that the handler may see{hint}"
                 )
                 .into());
             }
@@ -840,6 +851,15 @@ mod tests {
             "{e}"
         );
         assert!(e.0.contains("list \"FOO\""), "{e}");
+        // Regression (helper-131): the hint was made of any entry (`to give it , set  ...`).
+        for bad in ["", "A B"] {
+            let e = parse(
+                &format!("identifier = \"a\"\ncommand = [\"/bin/true\"]\nenv = [{bad:?}]"),
+                true,
+            )
+            .unwrap_err();
+            assert!(!e.0.contains("to give it"), "{e}");
+        }
         assert!(
             parse(
                 "identifier = \"a\"\ncommand = [\"/bin/true\"]\nenv = [\"KUBECONFIG\", \"_X1\"]",

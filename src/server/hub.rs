@@ -40,7 +40,7 @@ pub(super) const RESUME_WARNINGS: &str = "such warnings are said at the first an
 /// Why a post or a subscription was refused.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum HubError {
-    #[error("the server holds its maximum of {0} channels; use an existing channel or try later")]
+    #[error("the server holds its maximum of {}; use an existing channel or try later", crate::error::count(*.0, "channel", "channels"))]
     TooManyChannels(usize),
     #[error("this channel has its maximum of {0} subscribers")]
     TooManySubscribers(usize),
