@@ -1966,6 +1966,23 @@ async fn regression_an_unset_env_name_was_dropped_without_a_word() {
     daemon.stop().await;
 }
 
+/// Regression (helper-131): a handler program that is not there was warned by `check` only;
+/// a start (or a reload) said nothing until a run failed.
+#[tokio::test]
+async fn regression_a_missing_handler_was_said_only_by_check() {
+    let setup =
+        Setup::new(&ALL_FOUR.replace("DIR/scaffold.sh", "/nonexistent/smee-relay-handler.sh"))
+            .await;
+    let daemon = setup.start().await;
+    daemon
+        .logs
+        .wait_for(&[
+            "[[action]] scaffold_service: /nonexistent/smee-relay-handler.sh: no such file",
+        ])
+        .await;
+    daemon.stop().await;
+}
+
 /// Regression (helper-126): a reload that changed an `[[action]]`'s handler or timeout said
 /// only "actions on (N)", as if nothing had changed.
 #[tokio::test]

@@ -1640,6 +1640,15 @@ impl Runtime {
                     (n, None) => format!("actions on ({n})"),
                 });
                 for action in &actions.actions {
+                    // As `check` does: a program that is not there fails every run.
+                    if let crate::actions::Handler::Command(argv) = &action.handler
+                        && let Some(problem) = crate::actions::command_problem(argv)
+                    {
+                        warn!(
+                            "[[action]] {}: {problem}: its runs fail until it is there",
+                            action.name
+                        );
+                    }
                     for unset in action.unset_env() {
                         warn!(
                             "[[action]] {}: env lists {unset}, which is not set in the relay's environment: its handler does not get it",
