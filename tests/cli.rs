@@ -408,8 +408,22 @@ async fn regression_a_port_in_use_was_said_twice_without_what_to_do() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let state = tempfile::tempdir().unwrap();
+    // Regression (helper-131): set in the config, it was still called a flag.
+    let config = state.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nmetrics_listen = {addr:?}\n[[channel]]\nurl = \"http://127.0.0.1:9/channel\"\nforward = [\"http://127.0.0.1:9/\"]\n",
+            state.path().join("run")
+        ),
+    )
+    .unwrap();
     let runs = [
         (vec!["serve", "--listen", &addr], "--listen"),
+        (
+            vec!["run", "--config", config.to_str().unwrap()],
+            "metrics_listen in the config",
+        ),
         (
             vec![
                 "forward",

@@ -145,6 +145,10 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         },
         keep_free: delivery.keep_free,
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
+        metrics_listen_set_by: match delivery.metrics_listen {
+            None if config.metrics_listen.is_some() => "metrics_listen in the config",
+            _ => "--metrics-listen",
+        },
         actions,
         reconcile: config
             .port_api

@@ -247,6 +247,9 @@ pub struct Plan {
     pub keep_free: u64,
     /// Where to serve `/healthz` and `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How the user set `metrics_listen` (the flag or the config key), for the hint when the
+    /// address cannot be bound: a user who wrote it in the config looks for no flag.
+    pub metrics_listen_set_by: &'static str,
     /// Self-service action runs (on `pipeline` channels) and the Port API their reports go to.
     pub actions: Option<(
         crate::actions::runner::Actions,
@@ -314,7 +317,7 @@ pub async fn run(
             DaemonError::Listen(crate::error::Listen {
                 addr,
                 purpose: " for /healthz and /metrics",
-                flag: "--metrics-listen",
+                flag: plan.metrics_listen_set_by,
                 source,
             })
         };
