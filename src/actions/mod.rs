@@ -619,15 +619,18 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
         Ok(None) => out.push_str("  no [[action]] matches: nothing runs, nothing is reported\n"),
         Ok(Some(action)) => {
             match &action.handler {
-                Handler::Command(argv) => out.push_str(&format!(
-                    "  handler: command {:?} (timeout {}), body on stdin, env PORT_RUN_ID={} PORT_ACTION={} PORT_ENTITY={} PORT_BLUEPRINT={}\n",
-                    argv,
-                    humantime::format_duration(action.timeout),
-                    run_id,
-                    env(&run.action),
-                    env(&run.entity),
-                    env(&run.blueprint),
-                )),
+                Handler::Command(argv) => {
+                    out.push_str(&format!(
+                        "  handler: command {:?} (timeout {}), body on stdin, env PORT_RUN_ID={} PORT_ACTION={} PORT_ENTITY={} PORT_BLUEPRINT={}\n",
+                        argv,
+                        humantime::format_duration(action.timeout),
+                        run_id,
+                        env(&run.action),
+                        env(&run.entity),
+                        env(&run.blueprint),
+                    ));
+                    out.push_str(&passed_env(action));
+                }
                 Handler::Forward { url, .. } => out.push_str(&format!(
                     "  handler: POST {url} (timeout {})\n",
                     humantime::format_duration(action.timeout)
@@ -641,6 +644,27 @@ pub fn explain(actions: &[ActionSpec], body: &[u8], jq: &crate::pipeline::jq::Jq
         }
     }
     out
+}
+
+/// The `env` line of `check --event`: each variable the handler gets from the relay's own
+/// environment, by name only (values may be secrets), and which of them are unset here.
+fn passed_env(action: &ActionSpec) -> String {
+    if action.env.is_empty() {
+        return String::new();
+    }
+    let unset: Vec<&str> = action.unset_env().collect();
+    let mut line = format!(
+        "  and from the relay's environment: {}",
+        action.env.join(" ")
+    );
+    if !unset.is_empty() {
+        line.push_str(&format!(
+            " ({} unset here: the handler would not get {})",
+            unset.join(" "),
+            if unset.len() == 1 { "it" } else { "them" }
+        ));
+    }
+    line + "\n"
 }
 
 #[cfg(test)]
@@ -723,6 +747,33 @@ mod tests {
             &crate::pipeline::jq::JqEngine::here(),
         );
         assert!(!explained.contains(['\u{1b}', '\u{202e}']), "{explained:?}");
+    }
+
+    /// Regression (helper-131): `check --event` named the run's variables, not those `env`
+    /// passes from the relay's environment.
+    #[test]
+    fn regression_check_event_did_not_say_the_variables_env_passes() {
+        let action = parse(
+            "identifier = \"restart_deployment\"\ncommand = [\"/bin/true\"]\nenv = [\"PATH\", \"SMEE_RELAY_TEST_NEVER_SET\"]",
+            true,
+        )
+        .unwrap();
+        let body = std::fs::read(format!(
+            "{}/tests/fixtures/port/actions/02-trigger-data.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let explained = explain(&[action], &body, &crate::pipeline::jq::JqEngine::here());
+        assert!(
+            explained.contains(
+                "  and from the relay's environment: PATH SMEE_RELAY_TEST_NEVER_SET (SMEE_RELAY_TEST_NEVER_SET unset here: the handler would not get it)\n"
+            ),
+            "{explained}"
+        );
+        assert!(
+            !explained.contains("/usr/bin"),
+            "a value was shown: {explained}"
+        );
     }
 
     fn fixture(name: &str) -> Value {
