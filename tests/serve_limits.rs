@@ -533,6 +533,49 @@ async fn posts_only_from_allowed_networks() {
     server.cancel.cancel();
 }
 
+/// Regression (helper-130): behind a proxy, `/new` took the first `X-Forwarded-Host` and
+/// `-Proto`, which the client may have written itself; the proxy's are the last.
+#[tokio::test]
+async fn regression_new_took_the_clients_forwarded_host_before_the_proxys() {
+    let server = start(ServeConfig {
+        trust_proxy: true,
+        ..ServeConfig::default()
+    })
+    .await;
+    let new = |host: &'static str, proto: &'static str| {
+        client()
+            .head(format!("{}/new", server.url))
+            .header("x-forwarded-host", host)
+            .header("x-forwarded-proto", proto)
+            .send()
+    };
+    for (host, proto) in [
+        ("evil.example, hooks.example.org", "http, https"),
+        ("evil.example,hooks.example.org", "http,https"),
+    ] {
+        let answer = new(host, proto).await.unwrap();
+        let location = answer.headers()["location"].to_str().unwrap();
+        assert!(
+            location.starts_with("https://hooks.example.org/"),
+            "{host}: {location}"
+        );
+    }
+    // Two header lines: the proxy's is the last.
+    let answer = client()
+        .head(format!("{}/new", server.url))
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-host", "hooks.example.org:8443")
+        .send()
+        .await
+        .unwrap();
+    let location = answer.headers()["location"].to_str().unwrap();
+    assert!(
+        location.starts_with("http://hooks.example.org:8443/"),
+        "{location}"
+    );
+    server.cancel.cancel();
+}
+
 #[tokio::test]
 async fn sighup_does_not_kill_serve() {
     let mut child = support::smee_relay()

@@ -182,19 +182,27 @@ fn client_ip(hub: &Hub, peer: &Peer, headers: &HeaderMap) -> Result<IpAddr, Stri
     if !hub.config.trust_proxy {
         return Ok(own);
     }
-    let Some(last) = headers.get_all("x-forwarded-for").iter().next_back() else {
+    let Some(hop) = last_hop(headers, "x-forwarded-for") else {
         return Ok(own);
     };
-    let hop = std::str::from_utf8(last.as_bytes())
-        .map_err(|_| "(not text)".to_string())?
-        .rsplit(',')
-        .next()
-        .unwrap_or("")
-        .trim();
+    let hop = hop.map_err(|_| "(not text)".to_string())?;
     hop.parse::<IpAddr>()
         .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()))
         .map(|ip| ip.to_canonical())
         .map_err(|_| crate::text::escape_control(&crate::text::cut(hop, 64)).into_owned())
+}
+
+/// The value the last proxy added to a forwarded header (`X-Forwarded-For`, `-Host`, `-Proto`):
+/// the last item of its last line. Earlier ones the client may have written itself.
+fn last_hop<'a>(
+    headers: &'a HeaderMap,
+    name: &str,
+) -> Option<Result<&'a str, std::str::Utf8Error>> {
+    let last = headers.get_all(name).iter().next_back()?;
+    Some(std::str::from_utf8(last.as_bytes()).map(|line| {
+        let hop = line.rsplit(',').next().unwrap_or("");
+        hop.trim()
+    }))
 }
 
 /// A channel id: 22 characters drawn from the OS CSPRNG (about 131 bits), as the URL is the
@@ -224,14 +232,12 @@ async fn new_channel_redirect(
         return json_error(StatusCode::SERVICE_UNAVAILABLE, e);
     }
     let scheme = if peer.tls { "https" } else { "http" };
-    let valid_host = |h: &&str| {
-        h.parse::<axum::http::uri::Authority>()
-            .is_ok_and(|a| a.as_str() == *h && !h.contains('@'))
-    };
+    let valid_host = |h: &&str| is_host(h);
     let (proto, host) = if hub.config.trust_proxy {
         (
-            text(&headers, "x-forwarded-proto").unwrap_or(scheme),
-            (text(&headers, "x-forwarded-host").filter(valid_host))
+            (last_hop(&headers, "x-forwarded-proto").and_then(Result::ok)).unwrap_or(scheme),
+            (last_hop(&headers, "x-forwarded-host").and_then(Result::ok))
+                .filter(valid_host)
                 .or(text(&headers, "host").filter(valid_host)),
         )
     } else {
@@ -266,6 +272,20 @@ async fn new_channel_redirect(
         ],
     )
         .into_response()
+}
+
+/// Whether a client's `Host` (or `X-Forwarded-Host`) is one, as the redirect of `/new` may
+/// echo it: a host name or address and a port that is one, no user part.
+fn is_host(text: &str) -> bool {
+    let Ok(authority) = text.parse::<axum::http::uri::Authority>() else {
+        return false;
+    };
+    // The parser takes `host:abc` (its port then reads as none) and `a@b`.
+    let whole = match authority.port_u16() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_string(),
+    };
+    whole == text && !text.contains('@')
 }
 
 fn hub_error(error: HubError) -> Response {
@@ -801,6 +821,30 @@ fn query_object(query: Vec<(String, String)>) -> serde_json::Map<String, serde_j
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (helper-130): `Host: example.org:abc` went into `/new`'s redirect.
+    #[test]
+    fn regression_a_host_with_a_port_that_is_none_was_echoed() {
+        for host in [
+            "example.org",
+            "example.org:8080",
+            "127.0.0.1:3000",
+            "[::1]:8080",
+        ] {
+            assert!(is_host(host), "{host}");
+        }
+        for host in [
+            "example.org:abc",
+            "example.org:",
+            "example.org:99999",
+            "a@example.org",
+            "a b",
+            "",
+            "example.org/x",
+        ] {
+            assert!(!is_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn channel_ids_are_long_varied_and_url_safe() {
