@@ -459,7 +459,11 @@ async fn automation_outcome(
         // entity, or judged before reporting was turned on).
         return Some(Finish {
             status: Some(Terminal::Success),
-            summary: Some("not evaluated by the pipeline (already judged or replayed)".into()),
+            summary: Some(
+                "not evaluated by the pipeline: older than a change of its entity already \
+                 judged, or a replay"
+                    .into(),
+            ),
             ..Finish::default()
         });
     };
