@@ -513,6 +513,100 @@ async fn regression_new_failed_on_a_server_without_head() {
     assert_eq!(stdout.trim(), format!("{server}/GetOnlyChannel7"));
 }
 
+/// Regression (helper-132): `new` took any Location for a channel (the server's root, one on a
+/// 500), asked `/new` at the root of a server URL with a path, and read a body without a
+/// channel whole into memory (4 GiB for a server streaming one).
+#[tokio::test]
+async fn regression_new_took_what_was_no_channel() {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let redirect =
+        |to: &'static str| move || async move { (StatusCode::FOUND, [("location", to)]) };
+    let router = axum::Router::new()
+        .route("/root/new", get(redirect("/")))
+        .route("/empty/new", get(redirect("")))
+        .route("/loop/new", get(redirect("/loop/new")))
+        .route(
+            "/error/new",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, [("location", "/x1")]) }),
+        )
+        .route(
+            "/huge/new",
+            get(|| async {
+                let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+                let endless =
+                    futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+                axum::body::Body::from_stream(endless)
+            }),
+        )
+        .route("/prefix/new", get(redirect("UnderThePrefix9")));
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    for (path, said) in [
+        ("root", "redirected to \"/\", which names no channel"),
+        ("empty", "which names no channel"),
+        ("loop", "which names no channel"),
+        ("error", "answered 500 Internal Server Error and no channel"),
+        ("huge", "answered 200 OK and no channel"),
+    ] {
+        let (code, stdout, stderr) =
+            run_to_end(&["new", "--server", &format!("{server}/{path}")]).await;
+        assert_eq!(code, Some(1), "{path}: {stdout}{stderr}");
+        assert!(stderr.contains(said), "{path}: {stderr}");
+    }
+    let (code, stdout, stderr) =
+        run_to_end(&["new", "--server", &format!("{server}/prefix")]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), format!("{server}/prefix/UnderThePrefix9"));
+}
+
+/// Regression (helper-132): a server that took the connection and never answered held `new`
+/// for ever, and `forward --server` ignored a stop meanwhile.
+#[tokio::test(start_paused = true)]
+async fn regression_new_waited_for_ever_on_a_silent_server() {
+    // Accepted by the kernel (the backlog), never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server: reqwest::Url = format!("http://{}", silent.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let e = smee_relay::source::create_channel(&server)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().ends_with("no answer within 30s"), "{e}");
+}
+
+#[tokio::test]
+async fn regression_forward_ignored_a_stop_while_the_server_was_asked_for_a_channel() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", silent.local_addr().unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let (mut child, _logs) = spawn_forward(&[
+        "--server",
+        &server,
+        "-t",
+        "http://127.0.0.1:9/",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ])
+    .await;
+    // Once it has asked: the connection is there.
+    let asked = tokio::task::spawn_blocking(move || {
+        let connection = silent.accept();
+        (silent, connection)
+    });
+    let (_silent, _connection) = tokio::time::timeout(support::PATIENCE, asked)
+        .await
+        .expect("forward asks the server")
+        .unwrap();
+    support::signal(&child, "TERM");
+    let status = tokio::time::timeout(support::PATIENCE, child.wait())
+        .await
+        .expect("a stop ends it")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test]
 async fn new_prints_a_fresh_channel_url() {
     let channel = FakeChannel::start().await;

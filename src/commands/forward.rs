@@ -106,7 +106,11 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let channel = match args.channel_url() {
         Some(channel) => channel,
         None => {
-            let channel = crate::source::create_channel(&args.server).await?;
+            // A stop while the server is asked ends it (helper-132: it waited for the answer).
+            let channel = tokio::select! {
+                channel = crate::source::create_channel(&args.server) => channel?,
+                () = cancel.cancelled() => return Ok(()),
+            };
             println!("Forwarding {} to {target}", channel.expose());
             channel
         }

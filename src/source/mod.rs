@@ -707,56 +707,86 @@ fn round_to_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
+/// How long asking a server for a channel may take, each request whole: a server that takes
+/// the connection and never answers must not hold `new` (or `forward`'s start) for ever.
+const NEW_CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much of an answer without a channel is read for its reason: a few lines are said, and
+/// a server streaming gigabytes must not fill memory.
+const NEW_CHANNEL_REASON_BYTES: usize = 64 << 10;
+
 /// Create a new channel on a smee server (`HEAD /new`, which redirects to a fresh channel).
+/// `/new` is under the server URL's path (`https://host/smee` asks `https://host/smee/new`).
 pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceError> {
     let fail = |reason: String| SourceError::NewChannel {
         server: server.to_string(),
         reason,
     };
-    let client = crate::http::client_builder_for(server).build()?;
-    let new = server.join("new").map_err(|e| fail(e.to_string()))?;
-    let location = |answer: &reqwest::Response| {
-        (answer.headers().get(http::header::LOCATION))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+    let client = crate::http::client_builder_for(server)
+        .timeout(NEW_CHANNEL_TIMEOUT)
+        .build()?;
+    let mut base = server.clone();
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    let new = base.join("new").map_err(|e| fail(e.to_string()))?;
+    let asked = |e: reqwest::Error| {
+        let e = e.without_url();
+        match e.is_timeout() {
+            true => fail(format!(
+                "no answer within {}",
+                humantime::format_duration(NEW_CHANNEL_TIMEOUT)
+            )),
+            false => fail(crate::error::chain(&e)),
+        }
     };
-    let response = client
-        .head(new.clone())
-        .send()
-        .await
-        .map_err(|e| fail(crate::error::chain(&e.without_url())))?;
+    let response = client.head(new.clone()).send().await.map_err(asked)?;
     // A HEAD answer has no body, and some servers take only GET (helper-131: a 501): ask
     // again with GET, which makes the channel or says why not (`serve` says it in JSON: its
     // channel cap, say).
-    let location = match location(&response) {
-        Some(location) => location,
-        None => {
-            let answer = client
-                .get(new)
-                .send()
-                .await
-                .map_err(|e| fail(crate::error::chain(&e.without_url())))?;
-            match location(&answer) {
-                Some(location) => location,
-                None => {
-                    let status = answer.status();
-                    let text = answer.text().await.unwrap_or_default();
-                    let reason = serde_json::from_str::<serde_json::Value>(&text)
-                        .ok()
-                        .and_then(|v| v["error"].as_str().map(str::to_string))
-                        .unwrap_or(text);
-                    let reason = crate::text::cut(reason.trim(), 300);
-                    let why = match reason.is_empty() {
-                        true => " and no channel".to_string(),
-                        false => format!(": {}", crate::text::escape_control(&reason)),
-                    };
-                    return Err(fail(format!("it answered {status}{why}")));
-                }
-            }
-        }
+    let answer = match response.status().is_redirection() {
+        true => response,
+        false => client.get(new.clone()).send().await.map_err(asked)?,
     };
-    let url = server.join(&location).map_err(|e| fail(e.to_string()))?;
-    url.as_str().parse().map_err(|e| fail(format!("{e}")))
+    let status = answer.status();
+    if !status.is_redirection() {
+        let text = match crate::http::read_capped(answer, NEW_CHANNEL_REASON_BYTES).await {
+            Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+            Err(_) => String::new(),
+        };
+        let reason = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        let reason = crate::text::cut(reason.trim(), 300);
+        let why = match reason.is_empty() {
+            true => " and no channel".to_string(),
+            false => format!(": {}", crate::text::escape_control(&reason)),
+        };
+        return Err(fail(format!("it answered {status}{why}")));
+    }
+    let location = match answer.headers().get(http::header::LOCATION) {
+        None => return Err(fail(format!("it answered {status} with no Location"))),
+        Some(location) => location.to_str().map_err(|_| {
+            fail(format!(
+                "it answered {status} with a Location that is not text"
+            ))
+        })?,
+    };
+    let redirected = |why: &str| {
+        fail(format!(
+            "it redirected to {:?}, {why}",
+            crate::text::cut(location, 200)
+        ))
+    };
+    let url = new.join(location).map_err(|e| redirected(&e.to_string()))?;
+    // The server's root, or `/new` again: no channel (a proxy's fallback page, say).
+    if url.path() == base.path() || url.path().ends_with('/') || url == new {
+        return Err(redirected("which names no channel"));
+    }
+    url.as_str()
+        .parse()
+        .map_err(|e| redirected(&crate::error::chain(&e)))
 }
 
 #[cfg(test)]
