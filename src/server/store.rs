@@ -237,19 +237,23 @@ impl Store {
         })
     }
 
-    /// Delete `evicted` (also a probe that the disk takes writes again).
-    /// Write `bytes` and take them back in one commit: what storing a post of that size needs
-    /// of the disk (its pages are allocated, the file grown if it must be), with nothing kept.
+    /// Write `bytes` in a commit of their own and take them back in the next: what storing a
+    /// post of that size needs of the disk (its pages written, the file grown if it must be),
+    /// with nothing kept. In one commit the pages were freed before they were written, so the
+    /// probe passed on a disk that refused the post (helper-132: health flapped).
     pub(super) fn probe(&self, bytes: usize) -> Result<(), StoreError> {
         let blob = vec![0u8; bytes];
         self.write(|txn| {
-            let mut table = txn.open_table(PROBE)?;
-            table.insert(0, blob.as_slice())?;
-            table.remove(0)?;
+            txn.open_table(PROBE)?.insert(0, blob.as_slice())?;
+            Ok(())
+        })?;
+        self.write(|txn| {
+            txn.open_table(PROBE)?.remove(0)?;
             Ok(())
         })
     }
 
+    /// Delete `evicted` (also a probe that the disk takes writes again).
     pub(super) fn remove(&self, evicted: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
         self.write(|txn| drop_evicted(txn, evicted))
     }
@@ -283,13 +287,30 @@ pub(super) mod tests {
     use super::*;
 
     /// A file backend whose writes fail with "no space left" while `full` is set; with
-    /// `growth_only`, only what grows the file fails (a full disk: pages the file has take
-    /// writes).
+    /// `growth_only`, only writes to blocks never written fail, past the [`ROOM_LEFT`] a full
+    /// disk has: pages the file has take writes, and growing the file's length (sparse, as on
+    /// ext4 or tmpfs) allocates nothing.
     #[derive(Debug)]
     struct FullDisk {
         inner: redb::backends::FileBackend,
         full: Arc<AtomicBool>,
         growth_only: bool,
+        /// What the disk holds for the file (kept across reopenings, as the disk keeps it).
+        blocks: Arc<Mutex<Blocks>>,
+    }
+
+    /// What a full disk still takes in [`FullDisk`]'s `growth_only` mode.
+    const ROOM_LEFT: u64 = 64 << 10;
+
+    /// The disk's block: a write to a block the file has never written allocates it.
+    const BLOCK: u64 = 4096;
+
+    /// The blocks a file was given: those written, as a file's length is sparse (ext4, tmpfs).
+    #[derive(Debug, Default)]
+    struct Blocks {
+        written: std::collections::HashSet<u64>,
+        /// While full, the bytes of new blocks the disk still takes.
+        room: Option<u64>,
     }
 
     fn enospc() -> std::io::Error {
@@ -304,7 +325,7 @@ pub(super) mod tests {
             self.inner.read(offset, out)
         }
         fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-            if self.full.load(Ordering::SeqCst) && len > self.inner.len()? {
+            if self.full.load(Ordering::SeqCst) && !self.growth_only && len > self.inner.len()? {
                 return Err(enospc());
             }
             self.inner.set_len(len)
@@ -316,11 +337,22 @@ pub(super) mod tests {
             self.inner.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-            if self.full.load(Ordering::SeqCst)
-                && (!self.growth_only || offset + data.len() as u64 > self.inner.len()?)
-            {
-                return Err(enospc());
+            let mut blocks = self.blocks.lock().unwrap();
+            let touched = offset / BLOCK..(offset + data.len() as u64).div_ceil(BLOCK);
+            let new = touched
+                .clone()
+                .filter(|b| !blocks.written.contains(b))
+                .count() as u64;
+            if !self.full.load(Ordering::SeqCst) {
+                blocks.room = None;
+            } else {
+                let room = blocks.room.get_or_insert(ROOM_LEFT);
+                if !self.growth_only || new * BLOCK > *room {
+                    return Err(enospc());
+                }
+                *room -= new * BLOCK;
             }
+            blocks.written.extend(touched);
             self.inner.write(offset, data)
         }
         fn close(&self) -> Result<(), std::io::Error> {
@@ -361,6 +393,11 @@ pub(super) mod tests {
         growth_only: bool,
     ) -> Store {
         let file = path.clone();
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let blocks = Arc::new(Mutex::new(Blocks {
+            written: (0..len.div_ceil(BLOCK)).collect(),
+            room: None,
+        }));
         Store::open_with(
             path,
             Box::new(move || {
@@ -375,6 +412,7 @@ pub(super) mod tests {
                     inner: redb::backends::FileBackend::new(handle)?,
                     full: full.clone(),
                     growth_only,
+                    blocks: Arc::clone(&blocks),
                 })
             }),
         )
@@ -391,6 +429,37 @@ pub(super) mod tests {
             "application/json".into(),
             Bytes::from(format!("{{\"n\":{id}}}")),
         )
+    }
+
+    /// Regression (helper-132): on a full disk the probe (written and removed in one commit)
+    /// passed where a post of its size was refused, so health said the store took writes again
+    /// after every refused post.
+    #[test]
+    fn regression_the_probe_passed_where_a_post_of_its_size_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let store = full_disk_store(dir.path().join("serve.redb"), full.clone(), true);
+        store.save("ch", &event(&stats, 1), &[]).unwrap();
+        full.store(true, Ordering::SeqCst);
+        let size = 300 << 10;
+        let post = Posted::new(
+            &stats,
+            2,
+            2,
+            Vec::new(),
+            serde_json::Map::new(),
+            "application/octet-stream".into(),
+            Bytes::from(vec![b'x'; size]),
+        );
+        assert!(
+            store.save("ch", &post, &[]).is_err(),
+            "the file cannot grow"
+        );
+        assert!(store.probe(size).is_err(), "nor for the probe");
+        full.store(false, Ordering::SeqCst);
+        store.probe(size).unwrap();
+        store.save("ch", &post, &[]).unwrap();
     }
 
     /// Issue 16 item 12: after ENOSPC the store stayed unusable until restart.
