@@ -244,11 +244,18 @@ async fn new_channel_redirect(
         (scheme, text(&headers, "host").filter(valid_host))
     };
     // A client's words go into the redirect only if they are what they claim: a host (and
-    // port), a scheme of the web's. Anything else is not echoed back.
-    let proto = if matches!(proto, "http" | "https") {
-        proto
-    } else {
-        scheme
+    // port), a scheme of the web's. Anything else is not echoed back; with no host to name,
+    // the client is told so (a redirect to `localhost` would send it to its own machine).
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "http" => "http",
+        "https" => "https",
+        _ => scheme,
+    };
+    let Some(host) = host else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "the request's Host header names no host (and port): a channel URL cannot be made",
+        );
     };
     let id = match channel_id() {
         Ok(id) => id,
@@ -263,10 +270,7 @@ async fn new_channel_redirect(
     (
         StatusCode::TEMPORARY_REDIRECT,
         [
-            (
-                header::LOCATION,
-                format!("{proto}://{}/{id}", host.unwrap_or("localhost")),
-            ),
+            (header::LOCATION, format!("{proto}://{host}/{id}")),
             // A fresh channel each time: never one a cache hands to the next client.
             (header::CACHE_CONTROL, "no-store".to_string()),
         ],
@@ -282,6 +286,7 @@ fn is_host(text: &str) -> bool {
     };
     // The parser takes `host:abc` (its port then reads as none) and `a@b`.
     let whole = match authority.port_u16() {
+        Some(0) => return false,
         Some(port) => format!("{}:{port}", authority.host()),
         None => authority.host().to_string(),
     };
@@ -837,6 +842,7 @@ mod tests {
             "example.org:abc",
             "example.org:",
             "example.org:99999",
+            "example.org:0",
             "a@example.org",
             "a b",
             "",
