@@ -429,7 +429,8 @@ async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
     let config = dir.path().join("config.toml");
     let write = |targets: &[&str]| write_forward(&config, &channel.url("Unserved"), targets);
     write(&[&old, &new]);
-    let (child, addr) = with_metrics(&["run", "--config", config.to_str().unwrap()]).await;
+    let (child, addr, logs) =
+        with_metrics_logged(&["run", "--config", config.to_str().unwrap()]).await;
     channel.wait_connections(1).await;
     channel.send_webhook(1, r#"{"body":{"n":1}}"#);
     target.next().await;
@@ -455,6 +456,20 @@ async fn healthz_warns_of_events_left_queued_for_a_removed_target() {
     wait_warnings(&client, &addr, "the queue served again", |w| {
         !warns(w, UNSERVED)
     })
+    .await;
+
+    // Regression (helper-133): removed again and stopped, the stop line said "nothing waits:
+    // everything received was delivered".
+    write(&[&new]);
+    kill(&child, "HUP");
+    wait_warnings(&client, &addr, "the queue left behind again", |w| {
+        warns(w, &expected)
+    })
+    .await;
+    kill(&child, "TERM");
+    logs.wait_for(&[
+        "stopped; nothing waits for this relay's targets; 1 event stays queued for a target this relay no longer delivers to",
+    ])
     .await;
 }
 

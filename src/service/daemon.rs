@@ -513,29 +513,50 @@ fn waiting_line(spool: &Spool, served: &[String]) -> String {
     }
 }
 
-/// What waits in this relay's queues, for the stop line.
+/// What waits in this relay's queues, for the stop line; and what its channels keep queued
+/// for targets it no longer delivers to (helper-133: "nothing waits" with those kept).
 fn queues_line(spool: &Spool, served: &[String]) -> String {
     let ours = |queue: &str| channel_of_queue(queue).is_none() || served.iter().any(|s| s == queue);
-    match spool.pending_queues().map(|queues| {
-        queues
-            .into_iter()
-            .filter(|(queue, _)| ours(queue))
-            .collect::<Vec<_>>()
-    }) {
-        Ok(queues) => match queues.iter().map(|(_, n)| n).sum::<u64>() {
-            0 => "nothing waits: everything received was delivered".into(),
-            1 => "1 delivery waits in the spool for the next start".into(),
-            n => format!(
-                "{}{n} deliveries wait in the spool for the next start",
-                if queues.iter().any(|&(_, n)| n > spool::MOST_COUNTED) {
-                    "at least "
-                } else {
-                    ""
-                }
-            ),
-        },
+    let our_channel = |queue: &str| {
+        channel_of_queue(queue)
+            .is_some_and(|key| served.iter().any(|s| channel_of_queue(s) == Some(key)))
+    };
+    let Ok(all) = spool.pending_queues() else {
         // Counting is a courtesy: the spool's own error was said where it happened.
-        Err(_) => "what was not delivered waits in the spool for the next start".into(),
+        return "what was not delivered waits in the spool for the next start".into();
+    };
+    let kept: u64 = (all.iter())
+        .filter(|(queue, _)| !ours(queue) && our_channel(queue))
+        .map(|(_, n)| n)
+        .sum();
+    let queues: Vec<_> = all.into_iter().filter(|(queue, _)| ours(queue)).collect();
+    let line = waiting(&queues);
+    match kept {
+        0 => line,
+        n => format!(
+            "{}; {} queued for a target this relay no longer delivers to (its warning says what to do)",
+            line.replace(
+                "nothing waits: everything received was delivered",
+                "nothing waits for this relay's targets"
+            ),
+            crate::error::count(n as usize, "event stays", "events stay"),
+        ),
+    }
+}
+
+/// How many deliveries wait in `queues`, as the stop line says it.
+fn waiting(queues: &[(String, u64)]) -> String {
+    match queues.iter().map(|(_, n)| n).sum::<u64>() {
+        0 => "nothing waits: everything received was delivered".into(),
+        1 => "1 delivery waits in the spool for the next start".into(),
+        n => format!(
+            "{}{n} deliveries wait in the spool for the next start",
+            if queues.iter().any(|&(_, n)| n > spool::MOST_COUNTED) {
+                "at least "
+            } else {
+                ""
+            }
+        ),
     }
 }
 
