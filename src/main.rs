@@ -1,5 +1,5 @@
 //! The `smee-relay` binary: parse the command line, set up logging, run, and map the outcome to
-//! an exit code (0 success, 1 runtime failure, 2 usage or config error).
+//! an exit code (0 success, 1 runtime failure, 2 usage or config error, 130 a demo stopped).
 
 use std::process::ExitCode;
 
@@ -10,6 +10,9 @@ use smee_relay::config::ConfigError;
 use smee_relay::service::logging;
 
 const USAGE_ERROR: u8 = 2;
+
+/// A command stopped by a signal before it ended (128 + SIGINT, as shells report Ctrl-C).
+const STOPPED: u8 = 130;
 
 /// The system allocator, with the byte budget only the jq worker sets (see pipeline::jq).
 #[global_allocator]
@@ -103,6 +106,18 @@ fn main() -> ExitCode {
                 .collect();
             let _ = std::io::stderr().write_all(lines.as_bytes());
             ExitCode::from(USAGE_ERROR)
+        }
+        // Stopped by a signal before it ended: as a shell reports Ctrl-C.
+        Err(e)
+            if e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref(),
+                    Some(smee_relay::commands::demo::DemoError::Interrupted)
+                )
+            }) =>
+        {
+            report(&e, plain_errors);
+            ExitCode::from(STOPPED)
         }
         Err(e) if needs_the_user(&e) => {
             report(&e, plain_errors);

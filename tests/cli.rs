@@ -253,14 +253,15 @@ async fn demo_stops_clean(signals: &[&str], code: i32, why: &str) {
 /// it had no signal handler, and its clean-up never ran.
 #[tokio::test]
 async fn regression_a_demo_stopped_by_a_signal_left_its_state_directory() {
-    demo_stops_clean(&["TERM"], 1, "stopped by its own handler, saying so").await;
+    // 130 as for Ctrl-C (helper-133: it was 1, a failure).
+    demo_stops_clean(&["TERM"], 130, "stopped by its own handler, saying so").await;
 }
 
 /// Closing the demo's terminal (SIGHUP) killed it where it stood, its state directory left in
 /// the temporary directory: it now stops as on Ctrl-C.
 #[tokio::test]
 async fn regression_a_demo_whose_terminal_closed_left_its_state_directory() {
-    demo_stops_clean(&["HUP"], 1, "stopped by its own handler").await;
+    demo_stops_clean(&["HUP"], 130, "stopped by its own handler").await;
 }
 
 /// Ctrl-C pressed twice exits at once (130), and no destructor runs then: the demo's state

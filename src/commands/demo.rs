@@ -105,7 +105,7 @@ pub enum DemoError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("interrupted")]
+    #[error("the demo was stopped before it ended (its temporary directory is removed)")]
     Interrupted,
     #[error("the relay stopped before the demo ended")]
     RelayEnded,
