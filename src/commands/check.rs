@@ -223,6 +223,14 @@ fn check_event(
             e(&diff::show(c.after.as_ref()))
         );
     }
+    // Said once, before the rules (helper-133: a rule "would send FIRING" where the running
+    // relay, its alert already firing, sends nothing).
+    if !config.rules.is_empty() {
+        let _ = writeln!(
+            out,
+            "\neach rule as it judges this change from no alert (a running relay starts from the state it stored):"
+        );
+    }
     for rule in &config.rules {
         if !rule.watches(&change) {
             let why = if change.resource_type != "entity" {
