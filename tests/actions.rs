@@ -731,6 +731,10 @@ command = ["DIR/not-executable.sh"]
 [[action]]
 when = '.port_context.runId != null'
 command = ["no-such-program-anywhere", "--flag"]
+
+[[action]]
+identifier = "a_directory"
+command = ["DIR/"]
 "#,
     )
     .await;
@@ -743,6 +747,8 @@ command = ["no-such-program-anywhere", "--flag"]
             "when .port_context.runId != null",
             "no-such-program-anywhere: not found in PATH",
         ),
+        // Regression (helper-132): a directory was "not executable".
+        ("a_directory", ": a directory, not a program"),
     ] {
         assert!(
             stdout
@@ -751,6 +757,8 @@ command = ["no-such-program-anywhere", "--flag"]
             "{action}: {stdout}"
         );
     }
+    // Regression (helper-133): with no rules, advice on reconciling them.
+    assert!(!stdout.contains("reconciliation"), "{stdout}");
 }
 
 #[tokio::test]

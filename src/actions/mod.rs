@@ -154,6 +154,9 @@ pub fn command_problem(argv: &[String]) -> Option<String> {
     if program.contains('/') {
         return match runnable(std::path::Path::new(program)) {
             Ok(true) => None,
+            Ok(false) if std::path::Path::new(program).is_dir() => {
+                Some(format!("{program}: a directory, not a program"))
+            }
             Ok(false) => Some(format!("{program}: not executable")),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Some(format!("{program}: no such file"))

@@ -65,7 +65,13 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
                 "Port reconciliation every {}, at start and after every reconnect",
                 humantime::format_duration(interval)
             );
-        } else if config.port_api.is_some() && pipelines && !watched && !config.reconcile_off {
+        } else if config.port_api.is_some()
+            && pipelines
+            && !config.rules.is_empty()
+            && !watched
+            && !config.reconcile_off
+        {
+            // Only with rules: an actions-only config has nothing to reconcile (helper-133).
             // Credentials make reconciliation the default: say why it does not run.
             println!(
                 "Port reconciliation is not active: no rule names a blueprint (it reads the \

@@ -1669,7 +1669,7 @@ impl Runtime {
                         && let Some(problem) = crate::actions::command_problem(argv)
                     {
                         warn!(
-                            "[[action]] {}: {problem}: its runs fail until it is there",
+                            "[[action]] {}: {problem}: its runs fail until it can be run",
                             action.name
                         );
                     }
