@@ -301,10 +301,14 @@ impl SpoolWriter {
                             // were committed before the relay stopped (a mark applied again
                             // changes nothing): "marks=438" read as 438 deliveries lost.
                             info!(
-                                "applied the delivery journal of a relay that stopped: {} \
-                                 finished deliveries it recorded (usually most were already \
-                                 committed; those stay as they were)",
-                                orphans.marks.len()
+                                "applied the delivery journal of a relay that stopped: {} it \
+                                 recorded (usually most were already committed; those stay as \
+                                 they were)",
+                                crate::error::count(
+                                    orphans.marks.len(),
+                                    "finished delivery",
+                                    "finished deliveries"
+                                )
                             );
                             orphans.remove();
                         }
