@@ -1374,10 +1374,21 @@ fn actions_config(
             "[port] report_automation_runs needs client_id (or client_id_env) and client_secret (or client_secret_env)".into(),
         ));
     }
+    // Every variable the config names for a credential: a handler gets none of them
+    // (helper-132: a channel's URL, which lets anyone read its events, was allowed).
+    let channels = file.channels.iter().map(Spanned::get_ref);
     let secret_vars: Vec<&str> = [&port.client_secret_env, &port.client_id_env]
         .into_iter()
+        .chain(channels.clone().flat_map(|c| [&c.url_env, &c.token_env]))
+        .chain(channels.filter_map(|c| c.github_catch_up.as_ref().map(|g| &g.token_env)))
+        .chain(file.slack.as_ref().map(|s| &s.webhook_url_env))
         .flatten()
         .map(String::as_str)
+        .chain(
+            (file.cluster.as_ref())
+                .and_then(|c| c.nats_url_env.as_ref())
+                .map(|v| v.get_ref().as_str()),
+        )
         .collect();
     let mut actions: Vec<crate::actions::ActionSpec> = Vec::new();
     for spanned in &file.actions {
@@ -1597,6 +1608,42 @@ when = '.properties.locked == true'
         assert_eq!(cluster.name, "prod");
         // A bare host:port, shown as the client reads it.
         assert_eq!(cluster.shown_url(), "nats://10.0.0.1:4222");
+    }
+
+    /// Regression (helper-132, helper-133): an action's `env` could pass a channel's URL (or
+    /// token, Slack's URL, NATS's) to its handler, and only its first bad entry was said.
+    #[test]
+    fn regression_env_passed_the_configs_credentials_and_said_one_problem() {
+        let text = r#"
+[port]
+client_id_env = "PORT_ID"
+client_secret_env = "PORT_SECRET"
+[[channel]]
+url_env = "SMEE_URL"
+token_env = "SMEE_TOKEN"
+pipeline = true
+[slack]
+webhook_url_env = "SLACK_URL"
+[[action]]
+identifier = "deploy"
+command = ["/bin/true"]
+env = ["SMEE_URL", "SMEE_TOKEN", "SLACK_URL", "PORT_SECRET", "KUBECONFIG", "A=b"]
+"#;
+        let env = |name: &str| match name {
+            "SMEE_URL" => Some("https://smee.io/AbCdEfGh".to_string()),
+            "SLACK_URL" => Some("https://hooks.slack.com/services/T/B/X".to_string()),
+            _ => Some("s3cret".to_string()),
+        };
+        let e = parse(text, "c.toml", &env).unwrap_err().to_string();
+        assert!(!e.contains("not a full URL"), "{e}");
+        for var in ["SMEE_URL", "SMEE_TOKEN", "SLACK_URL", "PORT_SECRET"] {
+            assert!(
+                e.contains(&format!("env: {var} holds a credential")),
+                "{var}: {e}"
+            );
+        }
+        assert!(e.contains("env: \"A=b\" is not a variable name"), "{e}");
+        assert!(!e.contains("KUBECONFIG"), "{e}");
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl ActionConfig {
             (Some(_), Some(_)) => return Err("give command or forward, not both".into()),
             (None, None) => return Err("an action needs command or forward".into()),
         };
+        let mut problems = Vec::new();
         for var in &self.env {
             let name_like = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                 && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -248,17 +249,18 @@ impl ActionConfig {
                     }
                     _ => String::new(),
                 };
-                return Err(format!(
+                problems.push(format!(
                     "env: {var:?} is not a variable name (letters, digits and _): env lists variables of the relay's own environment that the handler may see{hint}"
-                )
-                .into());
+                ));
+            } else if var.starts_with("PORT_") || secret_vars.contains(&var.as_str()) {
+                problems.push(format!(
+                    "env: {var} holds a credential the config names (Port's, a channel's, Slack's, NATS's) or Port's run variables; a handler never gets those"
+                ));
             }
-            if var.starts_with("PORT_") || secret_vars.contains(&var.as_str()) {
-                return Err(format!(
-                    "env: {var} may hold Port credentials or run variables; a handler never gets those"
-                )
-                .into());
-            }
+        }
+        // Each bad entry said, not the first only (helper-133).
+        if !problems.is_empty() {
+            return Err(problems.join("; ").into());
         }
         if self.timeout.is_zero() {
             return Err("timeout must be more than 0s".into());
