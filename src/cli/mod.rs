@@ -854,6 +854,9 @@ fn parse_size_or_zero(text: &str) -> Result<u64, crate::error::Invalid> {
     }
 }
 
+/// How a hint names `--metrics-listen`: the flag, or its variable, either may have set it.
+pub const METRICS_LISTEN_FLAG: &str = "--metrics-listen (or SMEE_RELAY_METRICS_LISTEN)";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,7 +77,7 @@ async fn forward_saving(
         limits: options.limits,
         keep_free: options.keep_free,
         metrics_listen: options.metrics_listen,
-        metrics_listen_set_by: "--metrics-listen",
+        metrics_listen_set_by: crate::cli::METRICS_LISTEN_FLAG,
         actions: None,
         reconcile: None,
         cluster: None,

@@ -147,7 +147,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
         metrics_listen_set_by: match delivery.metrics_listen {
             None if config.metrics_listen.is_some() => "metrics_listen in the config",
-            _ => "--metrics-listen",
+            _ => crate::cli::METRICS_LISTEN_FLAG,
         },
         actions,
         reconcile: config
