@@ -614,6 +614,9 @@ async fn sighup_does_not_kill_serve() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+    // Regression (helper-133): no line said the stop had ended.
+    logs.wait_for(&["stopped; the channels' events were in memory only"])
+        .await;
 }
 
 fn trusting(cert: &std::path::Path) -> reqwest::Client {

@@ -320,6 +320,12 @@ pub async fn serve_with_reload(
     // The sweeper holds the hub, and so the store's file: returned, the server has let go of
     // it (a server started again at once on the same --state-dir found it still open).
     let _ = sweeper.await;
+    // As the relay's own stop line: a stop that ended is told apart from one cut short.
+    if hub.store.is_some() {
+        info!("stopped; the channels' events are kept for the next start");
+    } else {
+        info!("stopped; the channels' events were in memory only (no --state-dir)");
+    }
     Ok(())
 }
 
