@@ -1005,6 +1005,20 @@ async fn regression_check_event_called_a_failed_condition_one_that_does_not_hold
     );
     assert!(stdout.contains("rule fine: would send"), "{stdout}");
     assert!(stderr.contains("1 rule failed on"), "{stderr}");
+    // Regression (helper-133): an event file that is not there exited 1, a config's 2.
+    let out = smee_relay()
+        .args(["check", "--config"])
+        .arg(&config)
+        .args(["--event", "/nonexistent/event.json"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot read /nonexistent/event.json: "),
+        "{stderr}"
+    );
 }
 
 /// Waits until `dir` holds `n` files ending in `.sh`, and returns them sorted.

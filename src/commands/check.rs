@@ -2,7 +2,6 @@
 
 use std::fmt::Write as _;
 
-use anyhow::Context as _;
 
 use crate::cli::CheckArgs;
 
@@ -98,7 +97,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     };
-    let body = std::fs::read(&event).with_context(|| format!("cannot read {}", event.display()))?;
+    // A file that cannot be read is the user's to fix, as a config's is: exit 2 (helper-133).
+    let body = std::fs::read(&event).map_err(|e| crate::config::ConfigError {
+        problems: vec![format!("cannot read {}: {e}", event.display())],
+    })?;
     let (said, failed) = check_event(&config, &jq, &body);
     print!("{said}");
     if !config.actions.is_empty() {
