@@ -1374,22 +1374,29 @@ fn actions_config(
             "[port] report_automation_runs needs client_id (or client_id_env) and client_secret (or client_secret_env)".into(),
         ));
     }
-    // Every variable the config names for a credential: a handler gets none of them
-    // (helper-132: a channel's URL, which lets anyone read its events, was allowed).
-    let channels = file.channels.iter().map(Spanned::get_ref);
-    let secret_vars: Vec<&str> = [&port.client_secret_env, &port.client_id_env]
-        .into_iter()
-        .chain(channels.clone().flat_map(|c| [&c.url_env, &c.token_env]))
-        .chain(channels.filter_map(|c| c.github_catch_up.as_ref().map(|g| &g.token_env)))
-        .chain(file.slack.as_ref().map(|s| &s.webhook_url_env))
-        .flatten()
-        .map(String::as_str)
-        .chain(
-            (file.cluster.as_ref())
-                .and_then(|c| c.nats_url_env.as_ref())
-                .map(|v| v.get_ref().as_str()),
-        )
+    // Every variable the config names for a credential, with the key that names it: a
+    // handler gets none of them (helper-132: a channel's URL, which lets anyone read its
+    // events, was allowed).
+    let mut keys: Vec<(&Option<String>, &str)> = vec![
+        (&port.client_secret_env, "[port] client_secret_env"),
+        (&port.client_id_env, "[port] client_id_env"),
+    ];
+    for channel in file.channels.iter().map(Spanned::get_ref) {
+        keys.push((&channel.url_env, "a [[channel]]'s url_env"));
+        keys.push((&channel.token_env, "a [[channel]]'s token_env"));
+        if let Some(catch_up) = &channel.github_catch_up {
+            keys.push((&catch_up.token_env, "[channel.github_catch_up] token_env"));
+        }
+    }
+    if let Some(slack) = &file.slack {
+        keys.push((&slack.webhook_url_env, "[slack] webhook_url_env"));
+    }
+    let mut secret_vars: Vec<(&str, &str)> = (keys.into_iter())
+        .filter_map(|(var, key)| var.as_deref().map(|var| (var, key)))
         .collect();
+    if let Some(var) = file.cluster.as_ref().and_then(|c| c.nats_url_env.as_ref()) {
+        secret_vars.push((var.get_ref().as_str(), "[cluster] nats_url_env"));
+    }
     let mut actions: Vec<crate::actions::ActionSpec> = Vec::new();
     for spanned in &file.actions {
         let at = spanned.span().start;
@@ -1627,7 +1634,8 @@ webhook_url_env = "SLACK_URL"
 [[action]]
 identifier = "deploy"
 command = ["/bin/true"]
-env = ["SMEE_URL", "SMEE_TOKEN", "SLACK_URL", "PORT_SECRET", "KUBECONFIG", "A=b"]
+env = ["SMEE_URL", "SMEE_TOKEN", "SLACK_URL", "PORT_SECRET", "KUBECONFIG", "A=b", "PORT_X", "TZ", "TZ"]
+timeout = "0s"
 "#;
         let env = |name: &str| match name {
             "SMEE_URL" => Some("https://smee.io/AbCdEfGh".to_string()),
@@ -1636,13 +1644,25 @@ env = ["SMEE_URL", "SMEE_TOKEN", "SLACK_URL", "PORT_SECRET", "KUBECONFIG", "A=b"
         };
         let e = parse(text, "c.toml", &env).unwrap_err().to_string();
         assert!(!e.contains("not a full URL"), "{e}");
-        for var in ["SMEE_URL", "SMEE_TOKEN", "SLACK_URL", "PORT_SECRET"] {
+        for (var, key) in [
+            ("SMEE_URL", "a [[channel]]'s url_env"),
+            ("SMEE_TOKEN", "a [[channel]]'s token_env"),
+            ("SLACK_URL", "[slack] webhook_url_env"),
+            ("PORT_SECRET", "[port] client_secret_env"),
+        ] {
             assert!(
-                e.contains(&format!("env: {var} holds a credential")),
+                e.contains(&format!("env: {var} holds a credential ({key} names it)")),
                 "{var}: {e}"
             );
         }
         assert!(e.contains("env: \"A=b\" is not a variable name"), "{e}");
+        assert!(
+            e.contains("env: PORT_X: PORT_* names are the run's own"),
+            "{e}"
+        );
+        // Regression (helper-135): a duplicate passed, a bad timeout waited for the next check.
+        assert_eq!(e.matches("env: TZ is listed twice").count(), 1, "{e}");
+        assert!(e.contains("timeout must be more than 0s"), "{e}");
         assert!(!e.contains("KUBECONFIG"), "{e}");
     }
 

@@ -178,11 +178,12 @@ pub const ENV_ALLOW: &[&str] = &[
 
 impl ActionConfig {
     /// Validate into an [`ActionSpec`]; `signed`: whether `[port]` has a client secret;
-    /// `secret_vars`: the variables holding Port credentials (never passed to a handler).
+    /// `secret_vars`: the variables the config names for a credential, each with the key that
+    /// names it (never passed to a handler).
     pub fn compile(
         &self,
         signed: bool,
-        secret_vars: &[&str],
+        secret_vars: &[(&str, &str)],
     ) -> Result<ActionSpec, crate::error::Invalid> {
         let matcher = match (&self.identifier, &self.when) {
             (Some(id), None) if !id.is_empty() => Matcher::Identifier(id.clone()),
@@ -252,18 +253,28 @@ impl ActionConfig {
                 problems.push(format!(
                     "env: {var:?} is not a variable name (letters, digits and _): env lists variables of the relay's own environment that the handler may see{hint}"
                 ));
-            } else if var.starts_with("PORT_") || secret_vars.contains(&var.as_str()) {
+            } else if let Some((_, key)) = secret_vars.iter().find(|(name, _)| name == var) {
                 problems.push(format!(
-                    "env: {var} holds a credential the config names (Port's, a channel's, Slack's, NATS's) or Port's run variables; a handler never gets those"
+                    "env: {var} holds a credential ({key} names it); a handler never gets those"
                 ));
+            } else if var.starts_with("PORT_") {
+                problems.push(format!(
+                    "env: {var}: PORT_* names are the run's own variables, which the relay sets"
+                ));
+            } else if self.env.iter().filter(|v| *v == var).count() > 1
+                && !problems
+                    .iter()
+                    .any(|p| p.contains(&format!("env: {var} is listed")))
+            {
+                problems.push(format!("env: {var} is listed twice"));
             }
         }
-        // Each bad entry said, not the first only (helper-133).
+        if self.timeout.is_zero() {
+            problems.push("timeout must be more than 0s".into());
+        }
+        // Each problem said, not the first only (helper-133, helper-135).
         if !problems.is_empty() {
             return Err(problems.join("; ").into());
-        }
-        if self.timeout.is_zero() {
-            return Err("timeout must be more than 0s".into());
         }
         Ok(ActionSpec {
             name,
@@ -850,7 +861,7 @@ mod tests {
 
     fn parse(toml_text: &str, signed: bool) -> Result<ActionSpec, crate::error::Invalid> {
         let config: ActionConfig = toml::from_str(toml_text).unwrap();
-        config.compile(signed, &["MY_SECRET"])
+        config.compile(signed, &[("MY_SECRET", "client_secret_env")])
     }
 
     #[test]

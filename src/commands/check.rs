@@ -2,7 +2,6 @@
 
 use std::fmt::Write as _;
 
-
 use crate::cli::CheckArgs;
 
 /// Validate the file; with `--event`, evaluate that event against every rule.
