@@ -555,6 +555,22 @@ async fn regression_new_took_what_was_no_channel() {
         assert_eq!(code, Some(1), "{path}: {stdout}{stderr}");
         assert!(stderr.contains(said), "{path}: {stderr}");
     }
+    // Regression (helper-135): the URL asked was not said.
+    let (code, _, stderr) = run_to_end(&[
+        "new",
+        "--server",
+        &format!("http://u:pw@{}/nowhere", &server[7..]),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "http://u:***@{}/nowhere/new answered 404",
+            &server[7..]
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pw"), "{stderr}");
     let (code, stdout, stderr) =
         run_to_end(&["new", "--server", &format!("{server}/prefix")]).await;
     assert_eq!(code, Some(0), "{stderr}");

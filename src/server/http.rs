@@ -254,7 +254,7 @@ async fn new_channel_redirect(
     let Some(host) = host else {
         return json_error(
             StatusCode::BAD_REQUEST,
-            "the request's Host header names no host (and port): a channel URL cannot be made",
+            "the request names no host (and port) in its Host header (nor in X-Forwarded-Host, behind --trust-proxy): a channel URL cannot be made",
         );
     };
     let id = match channel_id() {

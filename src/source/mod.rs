@@ -718,8 +718,16 @@ const NEW_CHANNEL_REASON_BYTES: usize = 64 << 10;
 /// Create a new channel on a smee server (`HEAD /new`, which redirects to a fresh channel).
 /// `/new` is under the server URL's path (`https://host/smee` asks `https://host/smee/new`).
 pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceError> {
+    // A password in the server URL stays out of what is said.
+    let shown = |url: &reqwest::Url| {
+        let mut url = url.clone();
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        url.to_string()
+    };
     let fail = |reason: String| SourceError::NewChannel {
-        server: server.to_string(),
+        server: shown(server),
         reason,
     };
     let client = crate::http::client_builder_for(server)
@@ -763,7 +771,8 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
             true => " and no channel".to_string(),
             false => format!(": {}", crate::text::escape_control(&reason)),
         };
-        return Err(fail(format!("it answered {status}{why}")));
+        // The URL asked, as a server URL with a path may not be where `/new` is (helper-135).
+        return Err(fail(format!("{} answered {status}{why}", shown(&new))));
     }
     let location = match answer.headers().get(http::header::LOCATION) {
         None => return Err(fail(format!("it answered {status} with no Location"))),
