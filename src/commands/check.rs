@@ -235,7 +235,13 @@ fn check_event(
     if !config.rules.is_empty() {
         let _ = writeln!(
             out,
-            "\neach rule as it judges this change from no alert (a running relay starts from the state it stored):"
+            "\neach rule as it judges this change from no alert (a running relay starts from the state it stored{}):",
+            // A file has no headers (helper-135: an unsigned change looked judged).
+            if config.verifier.is_some() {
+                ", and judges it only if x-port-signature verifies"
+            } else {
+                ""
+            }
         );
     }
     for rule in &config.rules {
@@ -343,6 +349,22 @@ mod tests {
         let jq = crate::pipeline::jq::JqEngine::here();
         let (said, _) = check_event(&rules, &jq, body.to_string().as_bytes());
         assert!(said.contains("would send"), "{said}");
+        assert!(
+            !said.contains("x-port-signature"),
+            "no secret, no check: {said}"
+        );
+        // Regression (helper-135): with a secret, an unsigned file looked judged as it is.
+        let signed = crate::config::parse(
+            "[[channel]]\nurl = \"https://smee.io/abc\"\npipeline = true\n[port]\nclient_secret = \"s\"\n[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\n",
+            "c.toml",
+            &|_| None,
+        )
+        .unwrap();
+        let (said, _) = check_event(&signed, &jq, body.to_string().as_bytes());
+        assert!(
+            said.contains("and judges it only if x-port-signature verifies"),
+            "{said}"
+        );
         assert!(!said.contains(['\u{1b}', '\u{7}', '\u{202e}']), "{said:?}");
         // Regression (helper-127): a line break in an identifier printed a forged line.
         assert!(!said.lines().any(|l| l.starts_with("FAKE line")), "{said}");
