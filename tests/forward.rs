@@ -527,7 +527,11 @@ async fn regression_new_took_what_was_no_channel() {
     let router = axum::Router::new()
         .route("/root/new", get(redirect("/")))
         .route("/empty/new", get(redirect("")))
-        .route("/loop/new", get(redirect("/loop/new")))
+        .route("/loop/new", get(redirect("/loop/new?again=1")))
+        .route(
+            "/cached/new",
+            get(|| async { (StatusCode::NOT_MODIFIED, [("location", "/x1")]) }),
+        )
         .route(
             "/error/new",
             get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, [("location", "/x1")]) }),
@@ -548,6 +552,8 @@ async fn regression_new_took_what_was_no_channel() {
         ("empty", "which names no channel"),
         ("loop", "which names no channel"),
         ("error", "answered 500 Internal Server Error and no channel"),
+        // Regression (helper-134): a 304 with a Location was taken for a channel.
+        ("cached", "answered 304 Not Modified and no channel"),
         ("huge", "answered 200 OK and no channel"),
     ] {
         let (code, stdout, stderr) =

@@ -752,12 +752,16 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
     // A HEAD answer has no body, and some servers take only GET (helper-131: a 501): ask
     // again with GET, which makes the channel or says why not (`serve` says it in JSON: its
     // channel cap, say).
-    let answer = match response.status().is_redirection() {
+    // A redirect that names where to go: not 300 (a choice) or 304 (a cache's answer)
+    // (helper-134: both were taken for a channel).
+    let redirect =
+        |status: reqwest::StatusCode| matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+    let answer = match redirect(response.status()) {
         true => response,
         false => client.get(new.clone()).send().await.map_err(asked)?,
     };
     let status = answer.status();
-    if !status.is_redirection() {
+    if !redirect(status) {
         let text = match crate::http::read_capped(answer, NEW_CHANNEL_REASON_BYTES).await {
             Ok(body) => String::from_utf8_lossy(&body).into_owned(),
             Err(_) => String::new(),
@@ -784,18 +788,20 @@ pub async fn create_channel(server: &reqwest::Url) -> Result<ChannelUrl, SourceE
     };
     let redirected = |why: &str| {
         fail(format!(
-            "it redirected to {:?}, {why}",
+            "it redirected to {:?}{why}",
             crate::text::cut(location, 200)
         ))
     };
-    let url = new.join(location).map_err(|e| redirected(&e.to_string()))?;
+    let url = new
+        .join(location)
+        .map_err(|e| redirected(&format!(": {e}")))?;
     // The server's root, or `/new` again: no channel (a proxy's fallback page, say).
-    if url.path() == base.path() || url.path().ends_with('/') || url == new {
-        return Err(redirected("which names no channel"));
+    if url.path() == base.path() || url.path().ends_with('/') || url.path() == new.path() {
+        return Err(redirected(", which names no channel"));
     }
     url.as_str()
         .parse()
-        .map_err(|e| redirected(&crate::error::chain(&e)))
+        .map_err(|e| redirected(&format!(": {}", crate::error::chain(&e))))
 }
 
 #[cfg(test)]
