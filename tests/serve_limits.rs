@@ -562,6 +562,12 @@ async fn regression_new_took_the_clients_forwarded_host_before_the_proxys() {
             "{host}: {location}"
         );
     }
+    // Regression (helper-134): a last hop that is no host fell back to `Host`, the proxy's
+    // upstream name.
+    for host in ["hooks.example.org, host:abc", "hooks.example.org,", ""] {
+        let answer = new(host, "https").await.unwrap();
+        assert_eq!(answer.status(), 400, "{host:?}");
+    }
     // Two header lines: the proxy's is the last.
     let answer = client()
         .head(format!("{}/new", server.url))

@@ -234,11 +234,15 @@ async fn new_channel_redirect(
     let scheme = if peer.tls { "https" } else { "http" };
     let valid_host = |h: &&str| is_host(h);
     let (proto, host) = if hub.config.trust_proxy {
+        // The proxy's host, when it sends one: an invalid one is not passed over for `Host`,
+        // which behind a proxy is the proxy's own upstream name (helper-134).
+        let host = match last_hop(&headers, "x-forwarded-host") {
+            Some(hop) => hop.ok().filter(valid_host),
+            None => text(&headers, "host").filter(valid_host),
+        };
         (
             (last_hop(&headers, "x-forwarded-proto").and_then(Result::ok)).unwrap_or(scheme),
-            (last_hop(&headers, "x-forwarded-host").and_then(Result::ok))
-                .filter(valid_host)
-                .or(text(&headers, "host").filter(valid_host)),
+            host,
         )
     } else {
         (scheme, text(&headers, "host").filter(valid_host))
