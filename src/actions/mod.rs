@@ -234,7 +234,7 @@ impl ActionConfig {
             (None, None) => return Err("an action needs command or forward".into()),
         };
         let mut problems = Vec::new();
-        for var in &self.env {
+        for (i, var) in self.env.iter().enumerate() {
             let name_like = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                 && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !name_like {
@@ -261,11 +261,8 @@ impl ActionConfig {
                 problems.push(format!(
                     "env: {var}: PORT_* names are the run's own variables, which the relay sets"
                 ));
-            } else if self.env.iter().filter(|v| *v == var).count() > 1
-                && !problems
-                    .iter()
-                    .any(|p| p.contains(&format!("env: {var} is listed")))
-            {
+            } else if self.env[..i].iter().filter(|v| *v == var).count() == 1 {
+                // Said at its second listing, once.
                 problems.push(format!("env: {var} is listed twice"));
             }
         }
