@@ -498,66 +498,77 @@ fn waiting_line(spool: &Spool, served: &[String]) -> String {
             .filter(|(_, state)| state.run_phase == crate::actions::RunPhase::Running)
             .count()
     });
-    let queues = queues_line(spool, served);
-    match interrupted {
-        0 => queues,
-        n => format!(
-            "{}; {} interrupted, settled at the next start (Port shows {} in progress until then)",
-            queues.replace(
-                "nothing waits: everything received was delivered",
-                "no delivery waits in the spool"
-            ),
-            crate::error::count(n, "action run was", "action runs were"),
-            if n == 1 { "it" } else { "them" }
-        ),
-    }
-}
-
-/// What waits in this relay's queues, for the stop line; and what its channels keep queued
-/// for targets it no longer delivers to (helper-133: "nothing waits" with those kept).
-fn queues_line(spool: &Spool, served: &[String]) -> String {
     let ours = |queue: &str| channel_of_queue(queue).is_none() || served.iter().any(|s| s == queue);
     let our_channel = |queue: &str| {
         channel_of_queue(queue)
             .is_some_and(|key| served.iter().any(|s| channel_of_queue(s) == Some(key)))
     };
-    let Ok(all) = spool.pending_queues() else {
-        // Counting is a courtesy: the spool's own error was said where it happened.
-        return "what was not delivered waits in the spool for the next start".into();
-    };
-    let kept: u64 = (all.iter())
-        .filter(|(queue, _)| !ours(queue) && our_channel(queue))
-        .map(|(_, n)| n)
-        .sum();
-    let queues: Vec<_> = all.into_iter().filter(|(queue, _)| ours(queue)).collect();
-    let line = waiting(&queues);
-    match kept {
-        0 => line,
-        n => format!(
-            "{}; {} queued for a target this relay no longer delivers to (its warning says what to do)",
-            line.replace(
-                "nothing waits: everything received was delivered",
-                "nothing waits for this relay's targets"
-            ),
-            crate::error::count(n as usize, "event stays", "events stay"),
-        ),
-    }
+    // Counting is a courtesy: on an error the spool's own message was said where it happened.
+    let waiting = spool.pending_queues().ok().map(|all| {
+        // What this relay's channels keep queued for targets it no longer delivers to
+        // (helper-133: "nothing waits" with those kept).
+        let kept = (all.iter())
+            .filter(|(queue, _)| !ours(queue) && our_channel(queue))
+            .map(|(_, n)| n)
+            .sum();
+        let ours: Vec<_> = all.iter().filter(|(queue, _)| ours(queue)).collect();
+        Waiting {
+            deliveries: ours.iter().map(|(_, n)| n).sum(),
+            at_least: ours.iter().any(|&&(_, n)| n > spool::MOST_COUNTED),
+            kept,
+        }
+    });
+    stop_line(waiting, interrupted)
 }
 
-/// How many deliveries wait in `queues`, as the stop line says it.
-fn waiting(queues: &[(String, u64)]) -> String {
-    match queues.iter().map(|(_, n)| n).sum::<u64>() {
-        0 => "nothing waits: everything received was delivered".into(),
-        1 => "1 delivery waits in the spool for the next start".into(),
-        n => format!(
+/// What waits in the spool when the relay stops, as the stop line counts it.
+struct Waiting {
+    /// Deliveries queued for this relay's targets.
+    deliveries: u64,
+    /// A queue held more than the spool counts exactly, so `deliveries` is a lower bound.
+    at_least: bool,
+    /// Events its channels keep queued for targets it no longer delivers to.
+    kept: u64,
+}
+
+/// The stop line's words for what is left: `waiting` (`None` when the spool could not count
+/// it) and the action runs the stop interrupted. Worded in one place, so that each part says
+/// "nothing" only when nothing of any kind is left.
+fn stop_line(waiting: Option<Waiting>, interrupted: usize) -> String {
+    let kept = waiting.as_ref().map_or(0, |waiting| waiting.kept);
+    let mut parts = vec![match waiting {
+        None => "what was not delivered waits in the spool for the next start".into(),
+        Some(Waiting { deliveries: 0, .. }) if kept == 0 && interrupted == 0 => {
+            "nothing waits: everything received was delivered".into()
+        }
+        Some(Waiting { deliveries: 0, .. }) if kept == 0 => "no delivery waits in the spool".into(),
+        Some(Waiting { deliveries: 0, .. }) => "nothing waits for this relay's targets".into(),
+        Some(Waiting { deliveries: 1, .. }) => {
+            "1 delivery waits in the spool for the next start".into()
+        }
+        Some(Waiting {
+            deliveries: n,
+            at_least,
+            ..
+        }) => format!(
             "{}{n} deliveries wait in the spool for the next start",
-            if queues.iter().any(|&(_, n)| n > spool::MOST_COUNTED) {
-                "at least "
-            } else {
-                ""
-            }
+            if at_least { "at least " } else { "" }
         ),
+    }];
+    if kept > 0 {
+        parts.push(format!(
+            "{} queued for a target this relay no longer delivers to (its warning says what to do)",
+            crate::error::count(kept as usize, "event stays", "events stay"),
+        ));
     }
+    if interrupted > 0 {
+        parts.push(format!(
+            "{} interrupted, settled at the next start (Port shows {} in progress until then)",
+            crate::error::count(interrupted, "action run was", "action runs were"),
+            if interrupted == 1 { "it" } else { "them" }
+        ));
+    }
+    parts.join("; ")
 }
 
 /// The first damage the spool finds while the relay runs ([`Spool::damage`]).
@@ -2206,6 +2217,65 @@ fn gap_spacing() -> Duration {
 
 #[cfg(test)]
 mod tests {
+    /// The stop line says "nothing" only when nothing of any kind is left, and each kind of
+    /// leftover once (it was worded by replacing words of another line).
+    #[test]
+    fn stop_line_words_each_leftover_once() {
+        use super::{Waiting, stop_line};
+        let waiting = |deliveries, kept| {
+            Some(Waiting {
+                deliveries,
+                at_least: false,
+                kept,
+            })
+        };
+        let kept = "1 event stays queued for a target this relay no longer delivers to (its warning says what to do)";
+        let runs = "2 action runs were interrupted, settled at the next start (Port shows them in progress until then)";
+        for (waiting, interrupted, said) in [
+            (
+                waiting(0, 0),
+                0,
+                "nothing waits: everything received was delivered".to_string(),
+            ),
+            (
+                waiting(0, 0),
+                2,
+                format!("no delivery waits in the spool; {runs}"),
+            ),
+            (
+                waiting(0, 1),
+                0,
+                format!("nothing waits for this relay's targets; {kept}"),
+            ),
+            (
+                waiting(0, 1),
+                2,
+                format!("nothing waits for this relay's targets; {kept}; {runs}"),
+            ),
+            (
+                waiting(1, 1),
+                0,
+                format!("1 delivery waits in the spool for the next start; {kept}"),
+            ),
+            (
+                Some(Waiting {
+                    deliveries: 7,
+                    at_least: true,
+                    kept: 0,
+                }),
+                2,
+                format!("at least 7 deliveries wait in the spool for the next start; {runs}"),
+            ),
+            (
+                None,
+                2,
+                format!("what was not delivered waits in the spool for the next start; {runs}"),
+            ),
+        ] {
+            assert_eq!(stop_line(waiting, interrupted), said);
+        }
+    }
+
     /// A reload that changed a rule said only "pipeline on (2 rules, ...)" (helper-106): it
     /// now names each rule added, changed (not merely moved in the file) or removed.
     #[test]
