@@ -554,7 +554,6 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         // A few events in a temporary directory: nothing to guard the disk from.
         keep_free: 0,
         metrics_listen: None,
-        metrics_listen_set_by: crate::cli::METRICS_LISTEN_FLAG,
         actions: Some(demo_actions(&port_api)),
         reconcile: None,
         cluster: None,

@@ -76,8 +76,9 @@ async fn forward_saving(
         retain: options.retain,
         limits: options.limits,
         keep_free: options.keep_free,
-        metrics_listen: options.metrics_listen,
-        metrics_listen_set_by: crate::cli::METRICS_LISTEN_FLAG,
+        metrics_listen: options
+            .metrics_listen
+            .map(crate::service::daemon::MetricsListen::from_flag),
         actions: None,
         reconcile: None,
         cluster: None,

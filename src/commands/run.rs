@@ -7,7 +7,7 @@ use crate::cli::RunArgs;
 use crate::delivery::forward::Forwarder;
 use crate::notify::AlertSink;
 use crate::pipeline::Pipeline;
-use crate::service::daemon::{self, ChannelPlan, Plan};
+use crate::service::daemon::{self, ChannelPlan, MetricsListen, Plan};
 use crate::service::systemd;
 use crate::source::SourceConfig;
 use crate::spool::Limits;
@@ -144,10 +144,12 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
             max_bytes: delivery.max_spool_size,
         },
         keep_free: delivery.keep_free,
-        metrics_listen: delivery.metrics_listen.or(config.metrics_listen),
-        metrics_listen_set_by: match delivery.metrics_listen {
-            None if config.metrics_listen.is_some() => "metrics_listen in the config",
-            _ => crate::cli::METRICS_LISTEN_FLAG,
+        metrics_listen: match (delivery.metrics_listen, config.metrics_listen) {
+            (Some(addr), _) => Some(MetricsListen::from_flag(addr)),
+            (None, addr) => addr.map(|addr| MetricsListen {
+                addr,
+                set_by: "metrics_listen in the config",
+            }),
         },
         actions,
         reconcile: config

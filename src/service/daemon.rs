@@ -233,6 +233,25 @@ pub struct ChannelPlan {
     pub save_dir: Option<PathBuf>,
 }
 
+/// Where to serve `/healthz` and `/metrics`, and how the user said so.
+#[derive(Clone, Copy)]
+pub struct MetricsListen {
+    pub addr: std::net::SocketAddr,
+    /// The flag or the config key that set `addr`, for the hint when it cannot be bound: a
+    /// user who wrote it in the config looks for no flag.
+    pub set_by: &'static str,
+}
+
+impl MetricsListen {
+    /// An address given by `--metrics-listen` or its environment variable.
+    pub fn from_flag(addr: std::net::SocketAddr) -> Self {
+        MetricsListen {
+            addr,
+            set_by: crate::cli::METRICS_LISTEN_FLAG,
+        }
+    }
+}
+
 /// Everything the runtime needs.
 pub struct Plan {
     pub channels: Vec<ChannelPlan>,
@@ -246,10 +265,7 @@ pub struct Plan {
     /// Disk room the spool leaves free on its file system (`--keep-free`; 0: none).
     pub keep_free: u64,
     /// Where to serve `/healthz` and `/metrics`, if anywhere.
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    /// How the user set `metrics_listen` (the flag or the config key), for the hint when the
-    /// address cannot be bound: a user who wrote it in the config looks for no flag.
-    pub metrics_listen_set_by: &'static str,
+    pub metrics_listen: Option<MetricsListen>,
     /// Self-service action runs (on `pipeline` channels) and the Port API their reports go to.
     pub actions: Option<(
         crate::actions::runner::Actions,
@@ -312,12 +328,12 @@ pub async fn run(
         counters: counters.clone(),
         ..Default::default()
     });
-    if let Some(addr) = plan.metrics_listen {
+    if let Some(MetricsListen { addr, set_by }) = plan.metrics_listen {
         let cannot_listen = |source| {
             DaemonError::Listen(crate::error::Listen {
                 addr,
                 purpose: " for /healthz and /metrics",
-                flag: plan.metrics_listen_set_by,
+                flag: set_by,
                 source,
             })
         };
@@ -348,7 +364,7 @@ pub async fn run(
         health: health.clone(),
         cancel: cancel.clone(),
         state_dir: plan.state_dir.clone(),
-        metrics_listen: plan.metrics_listen,
+        metrics_listen: plan.metrics_listen.map(|m| m.addr),
         routes: HashMap::new(),
         channels: HashMap::new(),
         pipeline: None,
@@ -993,12 +1009,13 @@ impl Runtime {
                 to: plan.state_dir.display().to_string(),
             });
         }
-        if plan.metrics_listen != self.metrics_listen {
+        let metrics_listen = plan.metrics_listen.map(|m| m.addr);
+        if metrics_listen != self.metrics_listen {
             let show = |a: Option<std::net::SocketAddr>| a.map_or("none".into(), |a| a.to_string());
             return Err(DaemonError::NeedsRestart {
                 what: "metrics_listen",
                 from: show(self.metrics_listen),
-                to: show(plan.metrics_listen),
+                to: show(metrics_listen),
             });
         }
         // Every setting, the URL's password included (compared, never shown): the cluster
