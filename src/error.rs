@@ -46,6 +46,12 @@ pub fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// A command stopped by a signal before it ended: `main` exits 130 for it, as a shell reports
+/// Ctrl-C. The text says what was stopped, e.g. "the demo was stopped before it ended".
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Stopped(pub &'static str);
+
 /// Writing to standard output failed. Its own type so that `main` can tell a reader that
 /// stopped reading (`smee-relay events export | head -1`: a broken pipe, ended quietly) from a
 /// broken pipe anywhere else (a target's or a server's socket), which is a failure.

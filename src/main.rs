@@ -1,5 +1,5 @@
 //! The `smee-relay` binary: parse the command line, set up logging, run, and map the outcome to
-//! an exit code (0 success, 1 runtime failure, 2 usage or config error, 130 a demo stopped).
+//! an exit code (0 success, 1 runtime failure, 2 usage or config error, 130 stopped by a signal).
 
 use std::process::ExitCode;
 
@@ -108,14 +108,7 @@ fn main() -> ExitCode {
             ExitCode::from(USAGE_ERROR)
         }
         // Stopped by a signal before it ended: as a shell reports Ctrl-C.
-        Err(e)
-            if e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref(),
-                    Some(smee_relay::commands::demo::DemoError::Interrupted)
-                )
-            }) =>
-        {
+        Err(e) if e.chain().any(|c| c.is::<smee_relay::error::Stopped>()) => {
             report(&e, plain_errors);
             ExitCode::from(STOPPED)
         }

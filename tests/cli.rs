@@ -204,7 +204,7 @@ async fn demo_with_its_state_directory() -> (tempfile::TempDir, tokio::process::
         .arg("demo")
         .env("TMPDIR", tmp.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -231,17 +231,28 @@ fn signal(child: &tokio::process::Child, name: &str) {
 }
 
 /// Once `signals` are sent to a demo whose state directory is made: that it exits with `code`
-/// and leaves its temporary directory empty.
+/// and leaves its temporary directory empty; stopped by one signal, it says so once.
 async fn demo_stops_clean(signals: &[&str], code: i32, why: &str) {
-    let (tmp, mut demo) = demo_with_its_state_directory().await;
+    let (tmp, demo) = demo_with_its_state_directory().await;
     for name in signals {
         signal(&demo, name);
     }
-    let status = tokio::time::timeout(PATIENCE, demo.wait())
+    let output = tokio::time::timeout(PATIENCE, demo.wait_with_output())
         .await
         .expect("the demo stopped")
         .unwrap();
+    let status = output.status;
     assert_eq!(status.code(), Some(code), "{why}: {status}");
+    if signals.len() == 1 {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            stderr
+                .matches("the demo was stopped before it ended")
+                .count(),
+            1,
+            "{stderr}"
+        );
+    }
     assert_eq!(
         entries(tmp.path()),
         0,

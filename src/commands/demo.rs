@@ -105,8 +105,8 @@ pub enum DemoError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("the demo was stopped before it ended (its temporary directory is removed)")]
-    Interrupted,
+    #[error("{0}")]
+    Interrupted(#[source] crate::error::Stopped),
     #[error("the relay stopped before the demo ended")]
     RelayEnded,
     #[error("only {got} of {} webhooks reached the local app within {}", WEBHOOKS.len(), humantime::format_duration(*.within))]
@@ -571,7 +571,9 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     let mut relayed = None;
     let outcome = tokio::select! {
         outcome = parts => outcome,
-        () = cancel.cancelled() => Err(DemoError::Interrupted),
+        () = cancel.cancelled() => Err(DemoError::Interrupted(crate::error::Stopped(
+            "the demo was stopped before it ended (its temporary directory is removed)",
+        ))),
         ended = &mut relay => {
             relayed = Some(ended);
             Err(DemoError::RelayEnded)
