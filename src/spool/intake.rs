@@ -65,13 +65,18 @@ pub async fn intake_saving(
         // Whether this pause was said (and so its end is).
         let mut said = false;
         let mut stopped: Option<std::time::Instant> = None;
-        loop {
+        // The events of `batch` stored so far, and how many the next append takes: all of
+        // them, fewer once the disk is short of room for all (see `piece`).
+        let mut done = 0;
+        let mut size = batch.len();
+        while done < batch.len() {
+            let piece = piece(&batch, done, size);
             let appended = writer
-                .append(&channel, &routes, batch.clone(), cursor_key.as_deref())
+                .append(&channel, &routes, piece.clone(), cursor_key.as_deref())
                 .await;
             match appended {
                 Ok(ids) => {
-                    if let Some(since) = paused.filter(|_| said) {
+                    if let Some(since) = paused.take().filter(|_| said) {
                         info!(
                             channel,
                             "the spool takes writes again: intake resumed after {}",
@@ -80,39 +85,13 @@ pub async fn intake_saving(
                             ))
                         );
                     }
-                    // Stored ones only (helper-122: refused ones were counted as stored).
-                    counters.received(ids.iter().flatten().count() as u64);
-                    // Committed: the source may read as much again.
-                    events.stored();
-                    let received_ms = crate::clock::now_ms();
-                    for (event, id) in batch.iter().zip(&ids) {
-                        if let (Some(save), Some(id)) = (&save, id) {
-                            save.offer(super::StoredEvent {
-                                id: *id,
-                                received_ms,
-                                channel: channel.clone(),
-                                event: event.clone(),
-                            });
-                        }
-                        // Said at the first and every 1000th (helper-122: a line per event).
-                        let refused = match id {
-                            Some(_) => 0,
-                            None => counters.refused(),
-                        };
-                        if refused == 1 || (refused != 0 && refused.is_multiple_of(1000)) {
-                            error!(
-                                event = %event.sse_id.as_deref().unwrap_or("-"),
-                                refused,
-                                "spool full (--max-spool-size): received event refused and lost \
-                                 ({refused} so far). The spool holds what its targets have not \
-                                 taken: is a target down (see /healthz)? Make room by delivering \
-                                 them, dropping dead letters (`smee-relay events purge --dead`) or \
-                                 raising --max-spool-size"
-                            );
-                        }
-                    }
-                    break;
+                    done += piece.len();
+                    stored(&piece, &ids, &counters, &channel, save.as_ref());
                 }
+                // Room for some of the events, not for all (helper-137: 102 events of 20 KB
+                // waited for good 0.7 MiB above --keep-free, where 8 would have gone): fewer,
+                // at once, down to one; the pause is said only when one must wait.
+                Err(super::SpoolError::NoRoom(_)) if size > 1 => size = size.div_ceil(2),
                 Err(e) => {
                     if paused.is_none() {
                         let now = std::time::Instant::now();
@@ -122,7 +101,7 @@ pub async fn intake_saving(
                             pause_said = Some(now);
                             error!(
                                 channel,
-                                events = batch.len(),
+                                events = batch.len() - done,
                                 "intake paused: cannot store events ({}); they are kept in memory \
                                  and stored when the spool takes writes again (tried every second)",
                                 crate::error::chain(&e)
@@ -133,7 +112,7 @@ pub async fn intake_saving(
                     if events.is_closed() {
                         let since = *stopped.get_or_insert_with(std::time::Instant::now);
                         if since.elapsed() >= GIVE_UP_AFTER_STOP {
-                            let waiting = batch.len() + events.len();
+                            let waiting = batch.len() - done + events.len();
                             error!(
                                 channel,
                                 events = waiting,
@@ -146,8 +125,62 @@ pub async fn intake_saving(
                         }
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The room may be back for more than one.
+                    size = batch.len() - done;
                 }
             }
+        }
+        // Committed: the source may read as much again.
+        events.stored();
+    }
+}
+
+/// The next `size` events of `batch` from `done` on (fewer at its end): the whole batch,
+/// shared, while nothing was refused.
+fn piece(batch: &Arc<[Event]>, done: usize, size: usize) -> Arc<[Event]> {
+    let end = batch.len().min(done + size);
+    match (done, end) {
+        (0, end) if end == batch.len() => batch.clone(),
+        _ => batch[done..end].into(),
+    }
+}
+
+/// `piece` is committed, each event with its id in `ids` (`None`: refused, the spool full):
+/// count them, offer the stored ones to `save`, and say the refused ones.
+fn stored(
+    piece: &[Event],
+    ids: &[Option<u64>],
+    counters: &Counters,
+    channel: &str,
+    save: Option<&super::export::SaveDir>,
+) {
+    // Stored ones only (helper-122: refused ones were counted as stored).
+    counters.received(ids.iter().flatten().count() as u64);
+    let received_ms = crate::clock::now_ms();
+    for (event, id) in piece.iter().zip(ids) {
+        if let (Some(save), Some(id)) = (save, id) {
+            save.offer(super::StoredEvent {
+                id: *id,
+                received_ms,
+                channel: channel.to_string(),
+                event: event.clone(),
+            });
+        }
+        // Said at the first and every 1000th (helper-122: a line per event).
+        let refused = match id {
+            Some(_) => 0,
+            None => counters.refused(),
+        };
+        if refused == 1 || (refused != 0 && refused.is_multiple_of(1000)) {
+            error!(
+                event = %event.sse_id.as_deref().unwrap_or("-"),
+                refused,
+                "spool full (--max-spool-size): received event refused and lost \
+                 ({refused} so far). The spool holds what its targets have not \
+                 taken: is a target down (see /healthz)? Make room by delivering \
+                 them, dropping dead letters (`smee-relay events purge --dead`) or \
+                 raising --max-spool-size"
+            );
         }
     }
 }

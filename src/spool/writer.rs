@@ -1487,6 +1487,62 @@ mod tests {
             .collect()
     }
 
+    /// Regression (helper-137): with the disk 0.7 MiB above `--keep-free`, a burst of 20 KB
+    /// events read as one batch (1 MiB, which may grow the file by 1.3 MiB) waited for good:
+    /// the batch was refused whole, and the spool, holding nothing then, could hold nothing
+    /// more while the room was short, though 8 of the events would have gone. The intake now
+    /// tries fewer at once, down to one.
+    #[tokio::test]
+    async fn regression_a_batch_larger_than_the_room_left_stalled_the_intake() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (writer, thread) = writer_on(&spool, COMMIT_PACE, MARK_DELAY);
+        let keep_free: u64 = 64 << 20;
+        let _ = writer.committer.room.set(Room::fake(
+            Arc::new(move || keep_free + (700 << 10)),
+            keep_free,
+        ));
+        let (tx, rx) = crate::source::queue::channel(4 << 20);
+        let sent: Vec<String> = (0..100).map(|n| format!("{n:020000}")).collect();
+        for (n, body) in sent.iter().enumerate() {
+            let event = Event {
+                body: body.clone().into(),
+                ..event(n as u64)
+            };
+            tx.send(event).await.unwrap();
+        }
+        let intake = tokio::spawn(intake::intake(
+            rx,
+            writer.clone(),
+            "c".into(),
+            None,
+            watch::channel(vec!["r".to_string()]).1,
+            Arc::new(Counters::default()),
+        ));
+        // Read a page at a time: a read stops at READ_BYTES.
+        let all_bodies = || {
+            let mut all = Vec::new();
+            let mut after = 0;
+            while let Some(last) = spool.pending("r", after, usize::MAX).ok().and_then(|page| {
+                let last = page.last()?.seq;
+                all.extend(
+                    (page.iter())
+                        .map(|q| String::from_utf8_lossy(&q.event.event.body).into_owned()),
+                );
+                Some(last)
+            }) {
+                after = last;
+            }
+            all
+        };
+        until("the 100 events stored", || all_bodies().len() == 100).await;
+        assert!(all_bodies() == sent, "stored in the order received");
+        drop(tx);
+        intake.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
     #[tokio::test]
     async fn disk_full_pauses_intake_keeps_what_was_stored_and_resumes_when_space_returns() {
         let dir = tempfile::tempdir().unwrap();
