@@ -16,6 +16,10 @@ pub struct Counters {
     /// When an event was last refused (Unix ms, 0: never): `/healthz` fails while the spool
     /// refuses events, since each one refused is lost.
     refused_at_ms: AtomicU64,
+    /// Received events an intake gave up at a stop, the spool refusing writes: lost unless
+    /// the channel sends them again. The stop line counts them (helper-137: it said "nothing
+    /// waits: everything received was delivered" right below the error saying so).
+    pub never_stored: AtomicU64,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,

@@ -453,6 +453,7 @@ pub async fn run(
     // Sources stop at once; intakes then store what they took; routes finish what is in flight.
     let Runtime {
         writer,
+        counters,
         routes,
         channels,
         pipeline,
@@ -492,10 +493,19 @@ pub async fn run(
     match damaged {
         Some(e) => Err(e.into()),
         None => {
+            let never_stored = counters
+                .never_stored
+                .load(std::sync::atomic::Ordering::Relaxed);
             if clustered {
-                info!("stopped; what this instance did not deliver, the cluster gives to another");
+                info!(
+                    "stopped; what this instance did not deliver, the cluster gives to another{}",
+                    match never_stored {
+                        0 => String::new(),
+                        n => format!("; {}", never_stored_line(n)),
+                    }
+                );
             } else {
-                info!("stopped; {}", waiting_line(&spool, &served));
+                info!("stopped; {}", waiting_line(&spool, &served, never_stored));
             }
             Ok(())
         }
@@ -506,7 +516,7 @@ pub async fn run(
 /// stop with work left is told apart from one with none. Counts the channel queues in `served`
 /// (this relay's) and the queues of no channel (the pipeline's, the actions'), not those of
 /// another relay sharing the state directory.
-fn waiting_line(spool: &Spool, served: &[String]) -> String {
+fn waiting_line(spool: &Spool, served: &[String], never_stored: u64) -> String {
     // Runs a stop interrupted: nothing waits for them in a queue, but the next start settles
     // them (helper-126: "everything received was delivered" read as all done).
     let interrupted = crate::actions::stored_runs(spool).map_or(0, |runs| {
@@ -534,7 +544,7 @@ fn waiting_line(spool: &Spool, served: &[String]) -> String {
             kept,
         }
     });
-    stop_line(waiting, interrupted)
+    stop_line(waiting, interrupted, never_stored)
 }
 
 /// What waits in the spool when the relay stops, as the stop line counts it.
@@ -548,13 +558,16 @@ struct Waiting {
 }
 
 /// The stop line's words for what is left: `waiting` (`None` when the spool could not count
-/// it) and the action runs the stop interrupted. Worded in one place, so that each part says
-/// "nothing" only when nothing of any kind is left.
-fn stop_line(waiting: Option<Waiting>, interrupted: usize) -> String {
+/// it), the action runs the stop interrupted, and the received events an intake gave up
+/// ([`Counters::never_stored`]). Worded in one place, so that each part says "nothing" only
+/// when nothing of any kind is left.
+fn stop_line(waiting: Option<Waiting>, interrupted: usize, never_stored: u64) -> String {
     let kept = waiting.as_ref().map_or(0, |waiting| waiting.kept);
     let mut parts = vec![match waiting {
         None => "what was not delivered waits in the spool for the next start".into(),
-        Some(Waiting { deliveries: 0, .. }) if kept == 0 && interrupted == 0 => {
+        Some(Waiting { deliveries: 0, .. })
+            if kept == 0 && interrupted == 0 && never_stored == 0 =>
+        {
             "nothing waits: everything received was delivered".into()
         }
         Some(Waiting { deliveries: 0, .. }) if kept == 0 => "no delivery waits in the spool".into(),
@@ -584,7 +597,19 @@ fn stop_line(waiting: Option<Waiting>, interrupted: usize) -> String {
             if interrupted == 1 { "it" } else { "them" }
         ));
     }
+    if never_stored > 0 {
+        parts.push(never_stored_line(never_stored));
+    }
     parts.join("; ")
+}
+
+/// The stop line's words for received events an intake gave up (its error said why).
+fn never_stored_line(n: u64) -> String {
+    format!(
+        "{} never stored, the spool refusing writes (lost unless the channel sends {} again)",
+        crate::error::count(n as usize, "received event was", "received events were"),
+        if n == 1 { "it" } else { "them" }
+    )
 }
 
 /// The first damage the spool finds while the relay runs ([`Spool::damage`]).
@@ -2289,8 +2314,15 @@ mod tests {
                 format!("what was not delivered waits in the spool for the next start; {runs}"),
             ),
         ] {
-            assert_eq!(stop_line(waiting, interrupted), said);
+            assert_eq!(stop_line(waiting, interrupted, 0), said);
         }
+        // Regression (helper-137): "nothing waits: everything received was delivered" right
+        // below the error saying that 102 received events were never stored.
+        assert_eq!(
+            stop_line(waiting(0, 0), 0, 102),
+            "no delivery waits in the spool; 102 received events were never stored, the spool \
+             refusing writes (lost unless the channel sends them again)"
+        );
     }
 
     /// A reload that changed a rule said only "pipeline on (2 rules, ...)" (helper-106): it

@@ -113,6 +113,8 @@ pub async fn intake_saving(
                         let since = *stopped.get_or_insert_with(std::time::Instant::now);
                         if since.elapsed() >= GIVE_UP_AFTER_STOP {
                             let waiting = batch.len() - done + events.len();
+                            (counters.never_stored)
+                                .fetch_add(waiting as u64, std::sync::atomic::Ordering::Relaxed);
                             error!(
                                 channel,
                                 events = waiting,
