@@ -304,19 +304,20 @@ impl Pipeline {
         for rule in self.rules.iter().filter(|r| r.watches(&change)) {
             let key = rule_state_key(rule, change.blueprint(), &entity);
             let mut state = current(&key);
-            let legacy = state_key(&rule.name, &entity);
             let mut moved = false;
-            if key != legacy && state == AlertState::default() {
-                // Stored before states were kept per blueprint: taken over, and moved, by an
-                // entity of the blueprint its alert names (any, if it names none).
-                let old = current(&legacy);
+            if state == AlertState::default()
+                && let Some(other) = self.other_key(rule, change.blueprint(), &entity)
+            {
+                let old = current(&other);
+                // Its alert names the blueprint of this change (or none, as before alerts
+                // named one): it is this entity's.
                 let of = old.fired.as_ref().or(old.draft.as_ref());
                 let ours = of
                     .and_then(|alert| alert.blueprint.as_deref())
                     .is_none_or(|blueprint| change.blueprint() == Some(blueprint));
                 if old != AlertState::default() && ours {
                     state = old;
-                    states.insert(legacy, AlertState::default());
+                    states.insert(other, AlertState::default());
                     moved = true;
                 }
             }
@@ -369,6 +370,23 @@ impl Pipeline {
             states,
             skipped,
             failed,
+        }
+    }
+
+    /// Where `rule`'s state for `entity` of `blueprint` may be under the other form of key
+    /// ([`rule_state_key`]), to be taken over and moved by the entity's next change: a rule
+    /// that has no `blueprint` now may have a state stored before states were kept per
+    /// blueprint, or while it had one; a rule that has one now, a state stored while it had
+    /// none (helper-138: a rule given a blueprint forgot its FIRING alerts, which never
+    /// resolved, and fired again).
+    fn other_key(&self, rule: &Rule, blueprint: Option<&str>, entity: &str) -> Option<String> {
+        match (&rule.blueprint, blueprint) {
+            (None, Some(_)) => Some(state_key(&rule.name, entity)),
+            (Some(_), Some(blueprint)) => Some(state_key(
+                &format!("{}\u{1d}{blueprint}", rule.name),
+                entity,
+            )),
+            (_, None) => None,
         }
     }
 
@@ -726,6 +744,62 @@ pub(crate) mod tests {
         );
         assert!(!states.contains_key(&state_key("hot", "svc")), "moved");
         assert_eq!(evaluate(&mut states, "Service", 10), ["RESOLVED hot: Svc"]);
+    }
+
+    /// Regression (helper-138): a rule firing without `blueprint`, given one (a reload or a
+    /// restart), forgot its alert: the state stayed under the key of a rule without one, the
+    /// recovery sent no RESOLVED, the next rise a second FIRING; and the state, orphaned, came
+    /// back with a late RESOLVED once the blueprint was taken off again.
+    #[test]
+    fn regression_a_rule_given_a_blueprint_forgot_its_firing_alerts() {
+        let without = with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\n");
+        let with = with_rules(
+            "[[rule]]\nname = \"hot\"\nblueprint = \"DeploymentConfig\"\nproperty = \"cpu\"\nabove = 80\n",
+        );
+        let mut states: HashMap<String, AlertState> = HashMap::new();
+        let mut evaluate = |pipeline: &Pipeline, cpu: u32| {
+            let body = update(&format!(r#"{{"cpu":{cpu}}}"#));
+            let current = |k: &str| states.get(k).cloned().unwrap_or_default();
+            let Evaluation::Evaluated {
+                alerts,
+                states: new,
+                ..
+            } = pipeline.evaluate(&event(&body), &current, 1, 1)
+            else {
+                panic!()
+            };
+            for (key, state) in new {
+                if state == AlertState::default() {
+                    states.remove(&key);
+                } else {
+                    states.insert(key, state);
+                }
+            }
+            (
+                alerts.iter().map(Alert::headline).collect::<Vec<_>>(),
+                states.len(),
+            )
+        };
+        let none = Vec::<String>::new();
+        assert_eq!(evaluate(&without, 95), (vec!["FIRING hot: Svc".into()], 1));
+        assert_eq!(
+            evaluate(&with, 96),
+            (none.clone(), 1),
+            "still firing, moved"
+        );
+        assert_eq!(evaluate(&with, 20), (vec!["RESOLVED hot: Svc".into()], 0));
+        // And back: the rule's blueprint taken off.
+        assert_eq!(evaluate(&with, 95), (vec!["FIRING hot: Svc".into()], 1));
+        assert_eq!(
+            evaluate(&without, 96),
+            (none.clone(), 1),
+            "still firing, moved"
+        );
+        assert_eq!(evaluate(&with, 97), (none, 1), "and back again");
+        assert_eq!(
+            evaluate(&without, 20),
+            (vec!["RESOLVED hot: Svc".into()], 0)
+        );
     }
 
     #[test]
