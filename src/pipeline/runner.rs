@@ -137,9 +137,32 @@ pub async fn run(
             wait(&cancel, Duration::from_secs(1)).await;
             continue;
         }
+        // Before the read: another process's write from here on (`events replay`) changes the
+        // file after `seen`, and a nudge from here on wakes the wait below.
+        nudges.mark();
+        let seen = spool.look();
+        let queued = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.pending(PIPELINE_ROUTE, cursor, 64)).await
+        };
+        let queued = match queued {
+            Ok(Ok(queued)) => queued,
+            Ok(Err(e)) => {
+                error!("pipeline cannot read the spool: {e}");
+                Vec::new()
+            }
+            Err(_) => return,
+        };
         // Held alerts whose time has come; in a cluster, shard by shard, each written with
-        // compare-and-set before its alerts are committed.
-        let matured = pipeline.mature(states.iter(), clock.now_ms());
+        // compare-and-set before its alerts are committed. Not those due after the channel
+        // received the first event still to judge: it may end the hold (helper-138: a hold
+        // that ended while the relay was stopped fired at its start, and the recovery the
+        // channel had received during the hold, judged next, resolved it 2 ms later).
+        let now = clock.now_ms();
+        let judged_up_to = queued.first().map_or(now, |item| {
+            super::received_ms(&item.event.event, item.event.received_ms).min(now)
+        });
+        let matured = pipeline.mature(states.iter(), judged_up_to);
         let mut groups: std::collections::BTreeMap<usize, Vec<_>> = Default::default();
         for entry in matured {
             let n = if view.is_some() {
@@ -209,22 +232,6 @@ pub async fn run(
             continue;
         }
 
-        // Before the read: another process's write from here on (`events replay`) changes the
-        // file after `seen`, and a nudge from here on wakes the wait below.
-        nudges.mark();
-        let seen = spool.look();
-        let queued = {
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.pending(PIPELINE_ROUTE, cursor, 64)).await
-        };
-        let queued = match queued {
-            Ok(Ok(queued)) => queued,
-            Ok(Err(e)) => {
-                error!("pipeline cannot read the spool: {e}");
-                Vec::new()
-            }
-            Err(_) => return,
-        };
         if queued.is_empty() {
             // Wait for an append, a held alert's time, or a write by another process
             // (`Spool::changed`). In a cluster the states live in NATS and may change anywhere:
@@ -1988,6 +1995,83 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(61)).await;
         let alert = held.fired().await;
         assert_eq!(alert.note.as_deref(), Some("held for 5m"));
+        held.stop().await;
+    }
+
+    /// Regression (helper-138): a hold that ended while the relay was stopped fired at its
+    /// start, before the recovery the channel had received during the hold was judged; that
+    /// resolved it 2 ms later (FIRING and RESOLVED for a rise that never held). A hold now
+    /// fires first only if it ended before the channel received the next event to judge.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_hold_that_ended_while_stopped_fired_before_the_recovery_was_judged() {
+        let rule = "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n";
+        let Held {
+            _dir,
+            spool,
+            writer,
+            thread,
+            rules,
+            cancel,
+            task,
+        } = Held::start(rule).await;
+        cancel.cancel();
+        task.await.unwrap();
+        // The hold began 6 minutes ago and ended a minute ago, while the relay was stopped.
+        let now = crate::clock::now_ms();
+        let (key, mut state) = load_states(&spool).0.into_iter().next().expect("held");
+        assert!(
+            matches!(state.phase, crate::pipeline::Phase::Pending { .. }),
+            "{state:?}"
+        );
+        state.phase = crate::pipeline::Phase::Pending {
+            since_ms: now - 6 * 60_000,
+        };
+        writer
+            .commit(vec![state_write(&key, &state)])
+            .await
+            .unwrap();
+        // The channel received the recovery (91 to 75) 30 s into the hold.
+        let recovery = crate::event::Event {
+            body: std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"
+            ))
+            .unwrap()
+            .into(),
+            timestamp_ms: Some(now - 5 * 60_000 - 30_000),
+            ..Default::default()
+        };
+        (writer.append(
+            "c",
+            &[PIPELINE_ROUTE.to_string()],
+            vec![recovery].into(),
+            None,
+        ))
+        .await
+        .unwrap();
+        let cancel = CancellationToken::new();
+        let task = spawn_pipeline(&spool, &writer, rules.subscribe(), &cancel);
+        let held = Held {
+            _dir,
+            spool,
+            writer,
+            thread,
+            rules,
+            cancel,
+            task,
+        };
+        held.wait_real("the recovery judged", |spool| {
+            spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
+        })
+        .await;
+        assert!(
+            held.alerts().is_empty(),
+            "alerts for a rise that never held: {:?}",
+            (held.alerts().iter())
+                .map(|q| String::from_utf8_lossy(&q.event.event.body).into_owned())
+                .collect::<Vec<_>>()
+        );
+        assert!(load_states(&held.spool).0.is_empty(), "the hold ended");
         held.stop().await;
     }
 
