@@ -152,6 +152,15 @@ fn moved_away(rule: &Rule, alert: &Alert) -> Option<String> {
     }
 }
 
+/// Whether `draft`, held by `rule`, was judged under a condition the rule no longer has (a
+/// reload changed it while the alert was held). It does not fire when its time comes: the
+/// value it holds may not meet the rule now (helper-138: 87 fired "above 80" under a rule
+/// changed to above 90). The entity's next change is judged under the new condition, from the
+/// hold's start (a change to `for` alone applies to the held alert as it is).
+fn stale_condition(rule: &Rule, draft: &Alert) -> bool {
+    draft.threshold != rule.threshold()
+}
+
 /// The key of an alert state: rule and entity. Every key has the entity after its first
 /// `<US>` (the cluster shards by it); what comes before starts with the rule's name.
 pub fn state_key(rule: &str, entity: &str) -> String {
@@ -431,6 +440,7 @@ impl Pipeline {
             };
             if let (phase, Some(Transition::Fire)) = state::tick(state.phase, rule.hold, now_ms)
                 && let Some(mut alert) = state.draft.clone()
+                && !stale_condition(rule, &alert)
             {
                 alert.note = Some(format!(
                     "held for {}",
@@ -463,7 +473,7 @@ impl Pipeline {
                 if state
                     .draft
                     .as_ref()
-                    .is_some_and(|d| moved_away(rule, d).is_some())
+                    .is_some_and(|d| moved_away(rule, d).is_some() || stale_condition(rule, d))
                 {
                     return None;
                 }
@@ -874,6 +884,42 @@ pub(crate) mod tests {
         assert_eq!(after.next_due(states.iter()), None);
         // The same rules as before: nothing to resolve.
         assert!(before.mature(states.iter(), 2).is_empty());
+    }
+
+    /// Regression (helper-138): a held alert fired under the condition it was judged by
+    /// before a reload changed it (87 "above 80", the rule now above 90); a change to `for`
+    /// alone applies to it.
+    #[test]
+    fn regression_a_held_alert_fired_under_the_condition_a_reload_changed() {
+        let rule = |above: u32, hold: &str| {
+            with_rules(&format!(
+                "[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = {above}\nfor = \"{hold}\"\n"
+            ))
+        };
+        let current = |_: &str| AlertState::default();
+        let Evaluation::Evaluated { alerts, states, .. } =
+            rule(80, "5m").evaluate(&event(&update(r#"{"cpu":87}"#)), &current, 1, 1)
+        else {
+            panic!("evaluated");
+        };
+        assert!(alerts.is_empty(), "held");
+        let states: HashMap<String, AlertState> = states.into_iter().collect();
+        assert_eq!(rule(80, "1m").mature(states.iter(), 60_001).len(), 1);
+        let changed = rule(90, "5m");
+        assert!(changed.mature(states.iter(), u64::MAX).is_empty());
+        assert_eq!(changed.next_due(states.iter()), None, "never due");
+        // Its next change is judged under the new condition: 87 is not above 90.
+        let current = |k: &str| states.get(k).cloned().unwrap_or_default();
+        let Evaluation::Evaluated { alerts, states, .. } =
+            changed.evaluate(&event(&update(r#"{"cpu":88}"#)), &current, 2, 2)
+        else {
+            panic!("evaluated");
+        };
+        assert!(alerts.is_empty());
+        assert_eq!(
+            states.into_values().next().map(|s| s.phase),
+            Some(Phase::Ok)
+        );
     }
 
     /// A held state without its draft (stored by hand, or damaged) never fires, yet it was
