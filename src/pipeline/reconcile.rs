@@ -867,7 +867,7 @@ pub async fn run(
         let blueprints = watched_blueprints(&pipeline);
         if !warned_unwatched && pipeline.rules.iter().any(|r| r.blueprint.is_none()) {
             warn!(
-                "reconciliation covers only rules with a blueprint; rules without one are judged on live events only"
+                "reconciliation reads only the blueprints rules name; a rule without one is judged on their entities too, and on live events of any other blueprint"
             );
             warned_unwatched = true;
         }
