@@ -1183,10 +1183,14 @@ async fn regression_a_cluster_dead_letter_line_gives_the_stream_sequence_not_the
         delivery.contains("event 1 in the cluster"),
         "the delivery line names the stream sequence: {delivery}"
     );
-    // And the hint works: the replay it names is the cluster's.
-    one.logs
+    // And the hint works: the replay it names is the cluster's. The line saying the dead
+    // letter is recorded in the cluster names the same command (helper-136: without the
+    // config, it looked for a local spool and failed).
+    let recorded = one
+        .logs
         .wait_for(&["dead letter recorded in the cluster"])
         .await;
+    assert!(recorded.contains(&hint), "{recorded}");
     let printed: Vec<&str> = hint.trim_matches('`').split(' ').skip(1).collect();
     let out = support::run_to_end(smee_relay().args(&printed)).await;
     assert!(

@@ -1814,7 +1814,9 @@ impl Cluster {
             }
             match self.kv.put(&key, value.clone()).await {
                 Ok(_) => {
-                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay {seq}` (or `--dead`) on any instance re-queues it");
+                    // With the arguments that find the cluster (helper-136: without them the
+                    // command looked for a local spool and failed).
+                    info!(route = %label, stream_seq = seq, "dead letter recorded in the cluster; `smee-relay events replay {seq}{}` (or `--dead`) on any instance re-queues it", self.settings.events_args());
                     return;
                 }
                 Err(e) => last = Some(e),
