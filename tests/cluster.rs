@@ -1787,3 +1787,42 @@ async fn regression_a_late_attempt_acked_when_nats_did_not_answer() {
         .await;
     assert_eq!(target.arrived(), 2, "the one repeat under way");
 }
+
+/// Regression (helper-136): the instance delivering a route said its lag only between
+/// deliveries, and when it took a message: stuck on one delivery (the target slow or down),
+/// it said 0 while events waited behind it. The lag (in flight included) is now said every
+/// 5 s, whatever the route is doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_the_lag_of_a_route_stuck_on_a_delivery_read_0() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let target = FakeTarget::start().await;
+    let metrics = support::unused_addr();
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let watched = format!("metrics_listen = \"{metrics}\"\n{body}");
+    let _instances = start_cluster(1, &channel, &watched, &[]).await;
+    target.hold();
+    channel.send_webhook(1, &frame(0));
+    support::wait_for(support::PATIENCE, "the first delivery under way", || {
+        std::future::ready((target.arrived() == 1).then_some(()))
+    })
+    .await;
+    channel.send_webhook(2, &frame(1));
+    channel.send_webhook(3, &frame(2));
+    let client = smee_relay::http::client_builder().build().unwrap();
+    let url = format!("http://{metrics}/metrics");
+    let series = format!(
+        "smee_relay_cluster_consumer_lag{{route=\"{}\"}} 3",
+        target.url("/hook")
+    );
+    support::wait_for(
+        support::PATIENCE,
+        "the lag said while the delivery is held",
+        || async {
+            let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+            text.lines().any(|line| line == series).then_some(())
+        },
+    )
+    .await;
+    target.release();
+}

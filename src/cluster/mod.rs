@@ -568,6 +568,43 @@ async fn adopt_settings(
     Ok(())
 }
 
+/// Says a route's consumer lag (and redeliveries) every 5 s while it lives: also while a
+/// delivery takes long (helper-136: the instance stuck retrying a delivery said 0, the gauge
+/// set when it took the message and not since). Stopped when dropped.
+struct LagWatch(tokio::task::JoinHandle<()>);
+
+impl LagWatch {
+    fn start(consumer: consumer::PullConsumer, label: String) -> LagWatch {
+        LagWatch(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                if let Ok(info) = consumer.get_info().await {
+                    metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => label.clone())
+                        .set((info.num_pending + info.num_ack_pending as u64) as f64);
+                    metrics::gauge!("smee_relay_cluster_consumer_redelivered", "route" => label.clone())
+                        .set(info.num_redelivered as f64);
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LagWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sets a route's consumer lag to 0 when dropped: the route ended on this instance.
+struct LagZero(String);
+
+impl Drop for LagZero {
+    fn drop(&mut self) {
+        metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => self.0.clone()).set(0.0);
+    }
+}
+
 impl Cluster {
     /// Connect, and create the stream and the KV bucket if they do not exist. Fails (and the
     /// daemon exits 2) if NATS is unreachable now.
@@ -1037,6 +1074,9 @@ impl Cluster {
         ] {
             metrics::counter!(counter, "route" => label.clone()).increment(0);
         }
+        // This route's lag is no longer this instance's to say once it ends (helper-136: a
+        // target a reload removed showed 299 for good, delivered meanwhile by others).
+        let _zero = LagZero(label.clone());
         // The route also reads its own replay subject: `events replay` re-queues there.
         let mut subjects = subjects;
         subjects.push(self.replay_subject(&hash));
@@ -1082,22 +1122,11 @@ impl Cluster {
                 }
             };
             said = false;
-            let mut lag_every = tokio::time::interval(Duration::from_secs(5));
+            let _lag = LagWatch::start(consumer.clone(), label.clone());
             loop {
-                // Biased: the stop first (the lag tick, missed while a delivery took long, is
-                // ready at once, and NATS may be slow to answer it).
                 let next = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return,
-                    _ = lag_every.tick() => {
-                        if let Some(Ok(info)) = cancel.run_until_cancelled(consumer.get_info()).await {
-                            metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => label.clone())
-                                .set((info.num_pending + info.num_ack_pending as u64) as f64);
-                            metrics::gauge!("smee_relay_cluster_consumer_redelivered", "route" => label.clone())
-                                .set(info.num_redelivered as f64);
-                        }
-                        continue;
-                    }
                     next = messages.next() => next,
                 };
                 let message = match next {
@@ -1246,8 +1275,6 @@ impl Cluster {
                     .increment(1);
                 info!(route = %label, stream_seq = info.stream_sequence, attempt = info.delivered, "taking over a delivery another instance did not finish");
             }
-            metrics::gauge!("smee_relay_cluster_consumer_lag", "route" => label.to_string())
-                .set(info.pending as f64);
             tracing::debug!(route = %label, stream_seq = info.stream_sequence, "took a delivery from the cluster");
         }
         self.status
