@@ -43,6 +43,9 @@ use super::bin::{Reader, flags, put_pairs, put_text};
 use super::{Limits, Outcome, Write};
 use crate::event::Event;
 
+/// A failure to write the log is said at most once in this long, and its end only if it was.
+const FAILURES_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The log's name, beside `spool.redb`.
 pub(super) const FILE_NAME: &str = "spool.wal";
 
@@ -85,6 +88,10 @@ pub(super) struct Wal {
     records: usize,
     /// The last write failed (said once; commits are synced to the spool file meanwhile).
     failing: bool,
+    /// When a failure was last said, and whether the current one was (its end is said only
+    /// then): a disk at its last blocks fails and takes writes by turns, and each turn said
+    /// both lines, one a second (helper-137).
+    failure_said: (Option<std::time::Instant>, bool),
     /// Records written and synced whose apply to redb waits for the spool's next transaction
     /// ([`Wal::defer`]): a trickle of records is then applied in one transaction, not one each.
     /// Every transaction of the spool applies them first, in order, and a crash leaves them
@@ -230,6 +237,7 @@ impl Wal {
             last,
             records: unapplied,
             failing: false,
+            failure_said: (None, false),
             deferred: Vec::new(),
             deferred_bytes: 0,
             known: None,
@@ -311,8 +319,13 @@ impl Wal {
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             self.erase(at);
-            if !self.failing {
-                self.failing = true;
+            let now = std::time::Instant::now();
+            let say = !self.failing
+                && (self.failure_said.0)
+                    .is_none_or(|at| now.duration_since(at) >= FAILURES_SAID_EVERY);
+            self.failing = true;
+            if say {
+                self.failure_said = (Some(now), true);
                 tracing::warn!(
                     wal = %self.path.display(),
                     "cannot write the spool's write-ahead log: {e}; commits are synced to the \
@@ -322,7 +335,7 @@ impl Wal {
             }
             return None;
         }
-        if std::mem::take(&mut self.failing) {
+        if std::mem::take(&mut self.failing) && std::mem::take(&mut self.failure_said.1) {
             tracing::info!(wal = %self.path.display(), "the spool's write-ahead log takes writes again");
         }
         self.end += record.len() as u64;

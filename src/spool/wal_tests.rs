@@ -1255,3 +1255,31 @@ fn regression_a_damaged_highwater_file_was_ignored_in_silence() {
     );
     assert_eq!(view(&reopened).2, 3, "the spool opens whole");
 }
+
+/// Regression (helper-137): a disk at its last blocks failed the log's writes and took them by
+/// turns, and each turn said both "cannot write the spool's write-ahead log" and "takes writes
+/// again", about once a second. A failure is now said at most once a minute, and its end only
+/// if it was said.
+#[test]
+fn regression_a_log_failing_by_turns_said_each_turn() {
+    let (_dir, spool) = opened();
+    let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+    for n in 0..5 {
+        spool.break_wal(true);
+        inline(&spool, appending(2 * n + 1, 1));
+        spool.break_wal(false);
+        logged(&spool, appending(2 * n + 2, 1));
+    }
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        logs.matches("cannot write the spool's write-ahead log")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("write-ahead log takes writes again").count(),
+        1,
+        "{logs}"
+    );
+}
