@@ -80,6 +80,8 @@ pub enum Dropped {
     InvalidHeaderValue { name: String },
     /// A query parameter whose value is an object or null, which has no URL form.
     UnsupportedQueryValue { name: String },
+    /// `query` is not an object of parameters (a string, a number, an array): none is kept.
+    QueryNotAnObject { json: &'static str },
     /// A header only the relay may set (`x-smee-relay-*`): a sender posted it.
     OwnHeader { name: String },
 }
@@ -111,6 +113,10 @@ impl fmt::Display for Dropped {
             Dropped::OwnHeader { name } => write!(
                 f,
                 "header {name:?} dropped: only smee-relay itself sets x-smee-relay-* headers"
+            ),
+            Dropped::QueryNotAnObject { json } => write!(
+                f,
+                "query dropped: it is a JSON {json}, not an object of parameters (smee's shape)"
             ),
             Dropped::UnsupportedQueryValue { name } => {
                 write!(
@@ -243,6 +249,12 @@ fn decode_header(
 
 fn decode_query(raw: &RawValue, query: &mut Vec<(String, String)>, dropped: &mut Vec<Dropped>) {
     let Ok(serde_json::Value::Object(params)) = serde_json::from_str(raw.get()) else {
+        // `null` is no parameters; anything else was meant as some (helper-137: a query sent
+        // as a string was dropped without a word).
+        match json_kind(raw) {
+            "null" => {}
+            json => dropped.push(Dropped::QueryNotAnObject { json }),
+        }
         return;
     };
     for (name, value) in params {
@@ -428,6 +440,18 @@ mod tests {
         assert!(d.dropped.iter().all(
             |x| matches!(x, Dropped::OwnHeader { name } if name.starts_with("x-smee-relay-"))
         ));
+    }
+
+    #[test]
+    fn regression_a_query_that_is_no_object_was_dropped_without_a_word() {
+        let decoded = decode(Some("1"), r#"{"query":"x=1&y=2","body":{}}"#).unwrap();
+        assert!(decoded.event.query.is_empty());
+        assert_eq!(
+            decoded.dropped,
+            [Dropped::QueryNotAnObject { json: "string" }]
+        );
+        let decoded = decode(Some("1"), r#"{"query":null,"body":{}}"#).unwrap();
+        assert!(decoded.dropped.is_empty(), "null is no parameters");
     }
 
     #[test]
