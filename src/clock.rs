@@ -42,6 +42,56 @@ impl Tally {
     }
 }
 
+/// Lines about something that may come in a flood (a hostile channel's malformed frames):
+/// the first [`Said::PER_MINUTE`] of each minute said, the rest counted and said in one line
+/// when the next comes after the minute.
+#[derive(Debug, Default)]
+pub struct Said {
+    /// When the current minute began.
+    since: Option<Instant>,
+    /// Said in it.
+    said: u32,
+    /// Not said in it.
+    unsaid: u64,
+}
+
+/// Whether to say one of [`Said`]'s lines.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Say {
+    Yes,
+    /// Yes, the last of the minute: it says so.
+    Last,
+    No,
+}
+
+impl Said {
+    pub const PER_MINUTE: u32 = 10;
+
+    /// One more at `now`: whether to say it, and how many of the minute before went unsaid
+    /// (to say first).
+    pub fn next(&mut self, now: Instant) -> (Say, u64) {
+        let mut unsaid = 0;
+        if self
+            .since
+            .is_none_or(|since| now.duration_since(since) >= TALLY_PERIOD)
+        {
+            unsaid = std::mem::take(&mut self.unsaid);
+            self.since = Some(now);
+            self.said = 0;
+        }
+        let say = match self.said + 1 {
+            n if n < Self::PER_MINUTE => Say::Yes,
+            n if n == Self::PER_MINUTE => Say::Last,
+            _ => {
+                self.unsaid += 1;
+                return (Say::No, unsaid);
+            }
+        };
+        self.said += 1;
+        (say, unsaid)
+    }
+}
+
 /// How long ago `ms` was, for people.
 pub fn age(ms: u64) -> Duration {
     Duration::from_millis(now_ms().saturating_sub(ms))
@@ -107,5 +157,24 @@ mod tests {
                 .to_string()
                 .contains("like 30s")
         );
+    }
+}
+
+#[cfg(test)]
+mod said_tests {
+    use super::*;
+
+    /// Regression (helper-137): 500,000 malformed frames of a hostile channel made a line each.
+    /// The first ten of a minute are said, the rest counted into one line after it.
+    #[test]
+    fn regression_a_flood_of_malformed_frames_was_said_a_line_each() {
+        let mut said = Said::default();
+        let start = Instant::now();
+        let lines: Vec<_> = (0..1000).map(|_| said.next(start)).collect();
+        assert_eq!(lines.iter().filter(|(say, _)| *say == Say::Yes).count(), 9);
+        assert_eq!(lines[9], (Say::Last, 0));
+        assert!(lines[10..].iter().all(|line| *line == (Say::No, 0)));
+        assert_eq!(said.next(start + TALLY_PERIOD), (Say::Yes, 990));
+        assert_eq!(said.next(start + TALLY_PERIOD * 3), (Say::Yes, 0));
     }
 }

@@ -233,6 +233,7 @@ impl SourceConfig {
             connected_at: None,
             bad_id: None,
             unknown_types: Default::default(),
+            malformed: crate::clock::Said::default(),
         })
     }
 }
@@ -261,6 +262,9 @@ pub struct Source {
     /// Event types not understood and already warned about: one warning per type. At most
     /// [`UNKNOWN_TYPES_KEPT`], so a server inventing types cannot grow it.
     unknown_types: std::collections::HashSet<String>,
+    /// Malformed frames said this minute: a hostile channel sent 500,000 of them, a line each
+    /// (helper-137). Counted always, in `smee_relay_bad_frames_total`.
+    malformed: crate::clock::Said,
 }
 
 /// How many unknown event types are remembered (and warned about) per channel.
@@ -592,7 +596,7 @@ impl Source {
 
     /// Decode a webhook frame, logging (not failing on) anything wrong with it. The frame is
     /// dropped as soon as it is decoded, so a large one is not held next to its body.
-    fn decode_frame(&self, id: Option<String>, data: String) -> Option<Event> {
+    fn decode_frame(&mut self, id: Option<String>, data: String) -> Option<Event> {
         let shown = id.as_deref().unwrap_or("-");
         match wire::decode(id.as_deref(), &data) {
             Ok(decoded) => {
@@ -603,7 +607,27 @@ impl Source {
             }
             Err(e) => {
                 self.status.bad_frame("malformed");
-                warn!(frame_id = %shown, "skipping malformed event: {e}");
+                let (say, unsaid) = self.malformed.next(std::time::Instant::now());
+                if unsaid > 0 {
+                    warn!(
+                        "{} skipped in the last minute without a line each (counted in smee_relay_bad_frames_total{{kind=\"malformed\"}})",
+                        crate::error::count(
+                            unsaid as usize,
+                            "more malformed frame",
+                            "more malformed frames"
+                        )
+                    );
+                }
+                match say {
+                    crate::clock::Say::Yes => {
+                        warn!(frame_id = %shown, "skipping malformed event: {e}")
+                    }
+                    crate::clock::Say::Last => warn!(
+                        frame_id = %shown,
+                        "skipping malformed event: {e} (the last said this minute: more are counted, said in one line later)"
+                    ),
+                    crate::clock::Say::No => {}
+                }
                 None
             }
         }
