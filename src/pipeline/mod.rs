@@ -415,6 +415,9 @@ impl Pipeline {
         states: impl Iterator<Item = (&'a String, &'a AlertState)>,
         now_ms: u64,
     ) -> Vec<(String, AlertState, Alert)> {
+        // With when each became due (0: an orphan's RESOLVED), to send them in that order: the
+        // states are a map, in no order (helper-138: five holds that ended together at a
+        // restart reached Slack shuffled).
         let mut out = Vec::new();
         for (key, state) in states {
             let rule = rule_of(key);
@@ -431,7 +434,7 @@ impl Pipeline {
                     let mut resolved = fired.clone();
                     resolved.status = AlertStatus::Resolved;
                     resolved.note = Some(note);
-                    out.push((key.clone(), AlertState::default(), resolved));
+                    out.push((0, key.clone(), AlertState::default(), resolved));
                 }
                 continue;
             }
@@ -451,10 +454,14 @@ impl Pipeline {
                     draft: None,
                     fired: Some(alert.clone()),
                 };
-                out.push((key.clone(), next, alert));
+                let due = state::due_at(state.phase, rule.hold).unwrap_or(0);
+                out.push((due, key.clone(), next, alert));
             }
         }
-        out
+        out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        out.into_iter()
+            .map(|(_, key, state, alert)| (key, state, alert))
+            .collect()
     }
 
     /// The earliest time a pending alert is due, if any is pending.
@@ -920,6 +927,31 @@ pub(crate) mod tests {
             states.into_values().next().map(|s| s.phase),
             Some(Phase::Ok)
         );
+    }
+
+    /// Regression (helper-138): holds that ended together (a restart after they all ended)
+    /// fired in the order of a hash map, not in the order they began.
+    #[test]
+    fn regression_holds_that_ended_together_fired_shuffled() {
+        let pipeline =
+            with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n");
+        let mut states: HashMap<String, AlertState> = HashMap::new();
+        for n in 0..20u64 {
+            let body = update(r#"{"cpu":90}"#).replace("\"svc\"", &format!("\"svc{n:02}\""));
+            let current = |_: &str| AlertState::default();
+            let Evaluation::Evaluated { states: new, .. } =
+                pipeline.evaluate(&event(&body), &current, 1000 - n * 10, 1)
+            else {
+                panic!("evaluated");
+            };
+            assert_eq!(new.len(), 1, "{body}");
+            states.extend(new);
+        }
+        let fired: Vec<String> = (pipeline.mature(states.iter(), u64::MAX).into_iter())
+            .map(|(_, _, alert)| alert.entity)
+            .collect();
+        let began: Vec<String> = (0..20).rev().map(|n| format!("svc{n:02}")).collect();
+        assert_eq!(fired, began);
     }
 
     /// A held state without its draft (stored by hand, or damaged) never fires, yet it was
