@@ -78,7 +78,10 @@ async fn forward_saving(
         keep_free: options.keep_free,
         metrics_listen: options
             .metrics_listen
-            .map(crate::service::daemon::MetricsListen::from_flag),
+            .map(|addr| crate::service::daemon::MetricsListen {
+                addr,
+                set_by: crate::cli::METRICS_LISTEN_FLAG,
+            }),
         actions: None,
         reconcile: None,
         cluster: None,

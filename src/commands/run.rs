@@ -145,7 +145,10 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         },
         keep_free: delivery.keep_free,
         metrics_listen: match (delivery.metrics_listen, config.metrics_listen) {
-            (Some(addr), _) => Some(MetricsListen::from_flag(addr)),
+            (Some(addr), _) => Some(MetricsListen {
+                addr,
+                set_by: crate::cli::METRICS_LISTEN_FLAG,
+            }),
             (None, addr) => addr.map(|addr| MetricsListen {
                 addr,
                 set_by: "metrics_listen in the config",

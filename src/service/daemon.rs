@@ -242,16 +242,6 @@ pub struct MetricsListen {
     pub set_by: &'static str,
 }
 
-impl MetricsListen {
-    /// An address given by `--metrics-listen` or its environment variable.
-    pub fn from_flag(addr: std::net::SocketAddr) -> Self {
-        MetricsListen {
-            addr,
-            set_by: crate::cli::METRICS_LISTEN_FLAG,
-        }
-    }
-}
-
 /// Everything the runtime needs.
 pub struct Plan {
     pub channels: Vec<ChannelPlan>,
