@@ -680,6 +680,11 @@ pub struct Spool {
     /// full for events, and is not the end of the outage (it said "takes writes again", and
     /// the next append failed again, by turns).
     appends_refused: std::sync::atomic::AtomicBool,
+    /// When an outage (writes refused) was last said, and whether the current one was: a disk
+    /// at its last blocks refuses and takes writes by turns, and each turn said an ERROR and
+    /// "takes writes again", about every 1.5 s (helper-139). Said at most once a minute; its
+    /// end only if it was said.
+    outage_said: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
     /// How the file is opened: the plain file, or in tests a backend that injects faults.
     backend: backend::Factory,
     /// For messages.
@@ -901,6 +906,7 @@ impl Spool {
             writing: std::sync::Mutex::new(()),
             write_error: Default::default(),
             appends_refused: Default::default(),
+            outage_said: Default::default(),
             backend,
             path,
             instance: opened.instance,
@@ -1440,15 +1446,25 @@ impl Spool {
             return;
         }
         self.appends_refused.store(false, Relaxed);
-        if self
-            .write_error
-            .lock()
-            .expect("not poisoned")
-            .take()
-            .is_some()
-        {
+        let was_refused = (self.write_error.lock().expect("not poisoned").take()).is_some();
+        let said = std::mem::take(&mut self.outage_said.lock().expect("not poisoned").1);
+        if was_refused && said {
             tracing::info!(spool = %self.path.display(), "the spool takes writes again");
         }
+    }
+
+    /// Whether to say that writes are refused now, at the start of an outage (see
+    /// [`Spool::outage_said`]); if so, its end will be said too.
+    pub(crate) fn say_outage(&self) -> bool {
+        let mut said = self.outage_said.lock().expect("not poisoned");
+        let now = std::time::Instant::now();
+        let due = said
+            .0
+            .is_none_or(|at| now.duration_since(at) >= crate::clock::TALLY_PERIOD);
+        if due {
+            *said = (Some(now), true);
+        }
+        due
     }
 
     /// A commit failed with `e`: whatever failed, redb may now refuse every later write

@@ -695,6 +695,8 @@ fn regression_a_delivery_recorded_on_a_disk_too_full_for_events_said_it_took_wri
         cursor: None,
     };
     assert!(spool.write_logged(&[large()], ROOM).is_err());
+    // The writer said the outage (its end is said only then).
+    assert!(spool.say_outage());
     let head = spool.pending(A, 0, 1).unwrap().remove(0);
     let mark = Write::Mark {
         route: A.into(),
@@ -1206,6 +1208,8 @@ fn regression_a_relay_restarted_on_a_full_disk_said_it_took_writes_again_before_
     };
     let appended = relay.write_logged(&[large], ROOM).map(|_| ());
     assert!(checkpointed.is_err() && marked.is_ok() && appended.is_err());
+    // The writer said the outage (its end is said only then).
+    assert!(relay.say_outage());
     assert!(!relay.takes_writes());
     let said =
         |logs: &std::sync::Mutex<Vec<u8>>| String::from_utf8(logs.lock().unwrap().clone()).unwrap();
@@ -1279,6 +1283,38 @@ fn regression_a_log_failing_by_turns_said_each_turn() {
     );
     assert_eq!(
         logs.matches("write-ahead log takes writes again").count(),
+        1,
+        "{logs}"
+    );
+}
+
+/// Regression (helper-139): a disk at its last blocks refused and took writes by turns, and
+/// each turn said "cannot write to the spool" (the writer's, when [`Spool::say_outage`] lets
+/// it) and "the spool takes writes again", about every 1.5 s. An outage is said at most once a
+/// minute, and its end only if it was said.
+#[test]
+fn regression_a_disk_refusing_writes_by_turns_said_each_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, full) = on_a_disk_that_fills(dir.path());
+    let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+    let mut said = Vec::new();
+    for n in 0..5 {
+        full.store(true, SeqCst);
+        spool.break_wal(true);
+        assert!(
+            spool
+                .write_logged(&[appending(2 * n + 1, 1)], ROOM)
+                .is_err()
+        );
+        said.push(spool.say_outage());
+        full.store(false, SeqCst);
+        spool.break_wal(false);
+        logged(&spool, appending(2 * n + 2, 1));
+    }
+    assert_eq!(said, [true, false, false, false, false]);
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        logs.matches("the spool takes writes again").count(),
         1,
         "{logs}"
     );

@@ -934,7 +934,7 @@ impl WriterThread {
             // Nothing to commit: says nothing about whether writes work.
             Ok(false) => {}
             Err(e) => {
-                if committer.wrote(Err(&e)) {
+                if committer.wrote(Err(&e)) && committer.spool.say_outage() {
                     error!(
                         "cannot write to the spool: {}; what its write-ahead log holds stays \
                          there, and new events wait once it is full",
@@ -1226,8 +1226,9 @@ impl Committer {
                 Ok(events)
             }
             Err(e) => {
-                // Once per outage, not once per try: the spool tells when it takes writes again.
-                if was_writable {
+                // Once per outage, not once per try, and once a minute at most: the spool tells
+                // when it takes writes again.
+                if was_writable && self.spool.say_outage() {
                     error!(
                         "{}; new events wait (intake paused) and /healthz answers 503 until it \
                          takes writes again",
