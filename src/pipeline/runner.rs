@@ -59,6 +59,9 @@ use crate::spool::{Outcome, Spool, Write};
 /// change on any instance).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// How long after the start no held alert fires (see `holds_from` in [`run`]).
+const HOLDS_WAIT_AT_START: Duration = Duration::from_secs(10);
+
 /// A clock that follows tokio's (so tests can pause and advance it) from the wall-clock time
 /// at start.
 #[derive(Clone, Copy)]
@@ -90,6 +93,12 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let clock = Clock::new();
+    // No hold fires before this: one that ended while the relay was stopped waits for what
+    // the channels send on reconnecting (a server that keeps events, as `serve` does, sends
+    // those received meanwhile at once), which may end it (helper-139, helper-140: FIRING
+    // then RESOLVED for a rise that ended within its hold, the recovery replayed just after
+    // the start).
+    let holds_from = clock.now_ms() + HOLDS_WAIT_AT_START.as_millis() as u64;
     // `evaluated`: per entity, the last event evaluated for it; a replayed event at or below it
     // is skipped.
     let (loaded, mut evaluated) = load_states(&spool);
@@ -159,9 +168,11 @@ pub async fn run(
         // that ended while the relay was stopped fired at its start, and the recovery the
         // channel had received during the hold, judged next, resolved it 2 ms later).
         let now = clock.now_ms();
-        let judged_up_to = queued.first().map_or(now, |item| {
-            super::received_ms(&item.event.event, item.event.received_ms).min(now)
-        });
+        let judged_up_to = match queued.first() {
+            _ if now < holds_from => 0,
+            Some(item) => super::received_ms(&item.event.event, item.event.received_ms).min(now),
+            None => now,
+        };
         let matured = pipeline.mature(states.iter(), judged_up_to);
         let mut groups: std::collections::BTreeMap<usize, Vec<_>> = Default::default();
         for entry in matured {
@@ -239,7 +250,7 @@ pub async fn run(
             let now = clock.now_ms();
             let due = pipeline
                 .next_due(states.iter())
-                .map(|due| Duration::from_millis(due.saturating_sub(now)));
+                .map(|due| Duration::from_millis(due.max(holds_from).saturating_sub(now)));
             let wait = if view.is_some() {
                 Some(due.map_or(IDLE_POLL, |due| due.min(IDLE_POLL)))
             } else {
@@ -2072,6 +2083,82 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert!(load_states(&held.spool).0.is_empty(), "the hold ended");
+        held.stop().await;
+    }
+
+    /// Regression (helper-139, helper-140): the recovery a channel server kept while the relay
+    /// was stopped comes just after the start, when the relay reconnects; the hold that ended
+    /// meanwhile fired first. No hold fires in the first seconds after a start.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_hold_fired_before_the_recovery_the_server_replayed_at_the_start() {
+        let rule = "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n";
+        let Held {
+            _dir,
+            spool,
+            writer,
+            thread,
+            rules,
+            cancel,
+            task,
+        } = Held::start(rule).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let now = crate::clock::now_ms();
+        let (key, mut state) = load_states(&spool).0.into_iter().next().expect("held");
+        state.phase = crate::pipeline::Phase::Pending {
+            since_ms: now - 6 * 60_000,
+        };
+        writer
+            .commit(vec![state_write(&key, &state)])
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        let task = spawn_pipeline(&spool, &writer, rules.subscribe(), &cancel);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The server replays the recovery it received 30 s into the hold. Appended from a
+        // blocking task: the writer is a thread, and waiting on it here would let the paused
+        // clock jump ahead.
+        let recovery = crate::event::Event {
+            body: std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"
+            ))
+            .unwrap()
+            .into(),
+            timestamp_ms: Some(now - 5 * 60_000 - 30_000),
+            ..Default::default()
+        };
+        let appender = writer.clone();
+        tokio::task::spawn_blocking(move || {
+            futures::executor::block_on(appender.append(
+                "c",
+                &[PIPELINE_ROUTE.to_string()],
+                vec![recovery].into(),
+                None,
+            ))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let held = Held {
+            _dir,
+            spool,
+            writer,
+            thread,
+            rules,
+            cancel,
+            task,
+        };
+        held.wait_real("the recovery judged", |spool| {
+            spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
+        })
+        .await;
+        held.wait_real("the hold ended", |spool| load_states(spool).0.is_empty())
+            .await;
+        assert!(
+            held.alerts().is_empty(),
+            "alerts for a rise that never held"
+        );
         held.stop().await;
     }
 
