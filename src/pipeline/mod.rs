@@ -153,10 +153,10 @@ fn moved_away(rule: &Rule, alert: &Alert) -> Option<String> {
 }
 
 /// Whether `draft`, held by `rule`, was judged under a condition the rule no longer has (a
-/// reload changed it while the alert was held). It does not fire when its time comes: the
-/// value it holds may not meet the rule now (helper-138: 87 fired "above 80" under a rule
-/// changed to above 90). The entity's next change is judged under the new condition, from the
-/// hold's start (a change to `for` alone applies to the held alert as it is).
+/// reload changed it while the alert was held). It ends without firing when its time comes:
+/// the value it holds may not meet the rule now (helper-138: 87 fired "above 80" under a rule
+/// changed to above 90). The entity's next change is judged under the new condition (a change
+/// to `for` alone applies to the held alert as it is).
 fn stale_condition(rule: &Rule, draft: &Alert) -> bool {
     draft.threshold != rule.threshold()
 }
@@ -414,7 +414,7 @@ impl Pipeline {
         &self,
         states: impl Iterator<Item = (&'a String, &'a AlertState)>,
         now_ms: u64,
-    ) -> Vec<(String, AlertState, Alert)> {
+    ) -> Vec<(String, AlertState, Result<Alert, String>)> {
         // With when each became due (0: an orphan's RESOLVED), to send them in that order: the
         // states are a map, in no order (helper-138: five holds that ended together at a
         // restart reached Slack shuffled).
@@ -434,7 +434,7 @@ impl Pipeline {
                     let mut resolved = fired.clone();
                     resolved.status = AlertStatus::Resolved;
                     resolved.note = Some(note);
-                    out.push((0, key.clone(), AlertState::default(), resolved));
+                    out.push((0, key.clone(), AlertState::default(), Ok(resolved)));
                 }
                 continue;
             }
@@ -443,8 +443,23 @@ impl Pipeline {
             };
             if let (phase, Some(Transition::Fire)) = state::tick(state.phase, rule.hold, now_ms)
                 && let Some(mut alert) = state.draft.clone()
-                && !stale_condition(rule, &alert)
             {
+                let due = state::due_at(state.phase, rule.hold).unwrap_or(0);
+                if stale_condition(rule, &alert) {
+                    // Ended, not fired: a later reload putting the condition back must not
+                    // fire it either (helper-139).
+                    let why = format!(
+                        "held alert {}: {} ends without firing: its rule's condition changed \
+                         while it was held (judged {}, now {}); the entity's next change is \
+                         judged under the new one",
+                        alert.rule,
+                        alert.entity,
+                        alert.threshold,
+                        rule.threshold()
+                    );
+                    out.push((due, key.clone(), AlertState::default(), Err(why)));
+                    continue;
+                }
                 alert.note = Some(format!(
                     "held for {}",
                     humantime::format_duration(rule.hold)
@@ -454,8 +469,7 @@ impl Pipeline {
                     draft: None,
                     fired: Some(alert.clone()),
                 };
-                let due = state::due_at(state.phase, rule.hold).unwrap_or(0);
-                out.push((due, key.clone(), next, alert));
+                out.push((due, key.clone(), next, Ok(alert)));
             }
         }
         out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
@@ -480,7 +494,7 @@ impl Pipeline {
                 if state
                     .draft
                     .as_ref()
-                    .is_some_and(|d| moved_away(rule, d).is_some() || stale_condition(rule, d))
+                    .is_some_and(|d| moved_away(rule, d).is_some())
                 {
                     return None;
                 }
@@ -839,8 +853,9 @@ pub(crate) mod tests {
         assert!(pipeline.mature(states.iter(), t0 + 299_999).is_empty());
         let matured = pipeline.mature(states.iter(), t0 + 300_000);
         assert_eq!(matured.len(), 1);
-        assert_eq!(matured[0].2.status, AlertStatus::Firing);
-        assert_eq!(matured[0].2.note.as_deref(), Some("held for 5m"));
+        let fired = matured[0].2.as_ref().unwrap();
+        assert_eq!(fired.status, AlertStatus::Firing);
+        assert_eq!(fired.note.as_deref(), Some("held for 5m"));
 
         // Recovering within the hold sends nothing, ever.
         let (alerts, new) = evaluate(&states, &update(r#"{"cpu":50}"#), t0 + 60_000);
@@ -873,6 +888,7 @@ pub(crate) mod tests {
         let matured = after.mature(states.iter(), 2);
         assert_eq!(matured.len(), 1, "{matured:?}");
         let (_, state, alert) = &matured[0];
+        let alert = alert.as_ref().unwrap();
         assert_eq!(
             (alert.rule.as_str(), alert.status),
             ("hot", AlertStatus::Resolved)
@@ -886,7 +902,7 @@ pub(crate) mod tests {
             after
                 .mature(states.iter(), u64::MAX)
                 .iter()
-                .all(|m| m.2.rule != "held")
+                .all(|m| m.2.as_ref().unwrap().rule != "held")
         );
         assert_eq!(after.next_due(states.iter()), None);
         // The same rules as before: nothing to resolve.
@@ -913,9 +929,21 @@ pub(crate) mod tests {
         let states: HashMap<String, AlertState> = states.into_iter().collect();
         assert_eq!(rule(80, "1m").mature(states.iter(), 60_001).len(), 1);
         let changed = rule(90, "5m");
-        assert!(changed.mature(states.iter(), u64::MAX).is_empty());
-        assert_eq!(changed.next_due(states.iter()), None, "never due");
-        // Its next change is judged under the new condition: 87 is not above 90.
+        assert!(
+            changed.mature(states.iter(), 300_000).is_empty(),
+            "not before its time"
+        );
+        let ended = changed.mature(states.iter(), 300_001);
+        let [(_, state, Err(why))] = &ended[..] else {
+            panic!("ended without firing: {ended:?}");
+        };
+        assert_eq!(*state, AlertState::default());
+        assert!(
+            why.contains("ends without firing") && why.contains("judged above 80"),
+            "{why}"
+        );
+        // Its next change is judged under the new condition: 87 is not above 90 (had the
+        // state been kept, a reload back to above 80 would have fired it: helper-139).
         let current = |k: &str| states.get(k).cloned().unwrap_or_default();
         let Evaluation::Evaluated { alerts, states, .. } =
             changed.evaluate(&event(&update(r#"{"cpu":88}"#)), &current, 2, 2)
@@ -948,7 +976,7 @@ pub(crate) mod tests {
             states.extend(new);
         }
         let fired: Vec<String> = (pipeline.mature(states.iter(), u64::MAX).into_iter())
-            .map(|(_, _, alert)| alert.entity)
+            .map(|(_, _, alert)| alert.unwrap().entity)
             .collect();
         let began: Vec<String> = (0..20).rev().map(|n| format!("svc{n:02}")).collect();
         assert_eq!(fired, began);

@@ -190,7 +190,7 @@ pub async fn run(
                     let changes = matured.iter().map(|(k, s, _)| (k.clone(), s.clone()));
                     let record = (
                         HELD.to_string(),
-                        matured.iter().map(|(_, _, alert)| alert.clone()).collect(),
+                        fired(&matured).cloned().collect(),
                         Vec::new(),
                     );
                     match view.store(n, changes, [], Some(record), &cancel).await {
@@ -202,8 +202,7 @@ pub async fn run(
                                 eprintln!("fault injected: abort after a held alert's write");
                                 std::process::abort();
                             }
-                            let own: Vec<Alert> =
-                                matured.iter().map(|(_, _, alert)| alert.clone()).collect();
+                            let own: Vec<Alert> = fired(&matured).cloned().collect();
                             let earlier = view.earlier_alerts(n, &own, Some(&token));
                             (Some(token), earlier)
                         }
@@ -217,14 +216,13 @@ pub async fn run(
                 }
                 None => (None, Vec::new()),
             };
-            let mut writes = Vec::new();
-            let mut alerts = Vec::new();
-            for (key, state, alert) in &matured {
-                writes.push(state_write(key, state));
-                alerts.push(alert.clone());
-            }
+            let mut writes: Vec<Write> = (matured.iter())
+                .map(|(key, state, _)| state_write(key, state))
+                .collect();
+            let alerts: Vec<Alert> = fired(&matured).cloned().collect();
             match &token {
                 Some(token) => writes.extend(alert_appends(earlier, &alerts, token)),
+                None if alerts.is_empty() => {}
                 None => writes.push(alert_append(
                     alerts.iter().map(Alert::to_event).collect(),
                     None,
@@ -233,9 +231,18 @@ pub async fn run(
             if commit(&writer, writes).await {
                 let states = Arc::make_mut(&mut states);
                 for (key, state, alert) in matured {
-                    info!(rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
-                    count_alert(&alert);
-                    states.insert(key, state);
+                    match alert {
+                        Ok(alert) => {
+                            info!(rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
+                            count_alert(&alert);
+                        }
+                        Err(ended) => info!("{ended}"),
+                    }
+                    if state == AlertState::default() {
+                        states.remove(&key);
+                    } else {
+                        states.insert(key, state);
+                    }
                 }
             }
         }
@@ -1700,6 +1707,13 @@ fn alert_appends(earlier: Vec<crate::event::Event>, own: &[Alert], token: &str) 
         Some(token),
     ));
     writes
+}
+
+/// The alerts of matured holds that fire (not those that end without firing).
+fn fired(matured: &[(String, AlertState, Result<Alert, String>)]) -> impl Iterator<Item = &Alert> {
+    matured
+        .iter()
+        .filter_map(|(_, _, alert)| alert.as_ref().ok())
 }
 
 /// Commit and wait; false (logged) if it failed.
