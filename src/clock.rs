@@ -67,6 +67,22 @@ pub enum Say {
 impl Said {
     pub const PER_MINUTE: u32 = 10;
 
+    /// What went unsaid in a minute that is over at `now` (to say now: the flood ended);
+    /// 0 if none, or the minute is not over. Cheap when nothing went unsaid.
+    pub fn over(&mut self, now: impl FnOnce() -> Instant) -> u64 {
+        if self.unsaid == 0 {
+            return 0;
+        }
+        let now = now();
+        match self.since {
+            Some(since) if now.duration_since(since) < TALLY_PERIOD => 0,
+            _ => {
+                self.since = None;
+                std::mem::take(&mut self.unsaid)
+            }
+        }
+    }
+
     /// One more at `now`: whether to say it, and how many of the minute before went unsaid
     /// (to say first).
     pub fn next(&mut self, now: Instant) -> (Say, u64) {
@@ -176,5 +192,17 @@ mod said_tests {
         assert!(lines[10..].iter().all(|line| *line == (Say::No, 0)));
         assert_eq!(said.next(start + TALLY_PERIOD), (Say::Yes, 990));
         assert_eq!(said.next(start + TALLY_PERIOD * 3), (Say::Yes, 0));
+        // A flood that ends: its count is said at the next good frame after its minute
+        // (helper-139: only at the next bad one, which may never come).
+        for _ in 0..20 {
+            said.next(start + TALLY_PERIOD * 4);
+        }
+        assert_eq!(
+            said.over(|| start + TALLY_PERIOD * 4),
+            0,
+            "the minute not over"
+        );
+        assert_eq!(said.over(|| start + TALLY_PERIOD * 5), 10);
+        assert_eq!(said.over(|| start + TALLY_PERIOD * 6), 0, "said once");
     }
 }

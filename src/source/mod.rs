@@ -234,6 +234,7 @@ impl SourceConfig {
             bad_id: None,
             unknown_types: Default::default(),
             malformed: crate::clock::Said::default(),
+            dropped: crate::clock::Said::default(),
         })
     }
 }
@@ -265,6 +266,28 @@ pub struct Source {
     /// Malformed frames said this minute: a hostile channel sent 500,000 of them, a line each
     /// (helper-137). Counted always, in `smee_relay_bad_frames_total`.
     malformed: crate::clock::Said,
+    /// Headers and queries left out of frames, said this minute (as `malformed`).
+    dropped: crate::clock::Said,
+}
+
+/// What [`say_unsaid`] says of malformed frames, and of headers or queries left out.
+const UNSAID_MALFORMED: [&str; 3] = [
+    "more malformed frame skipped",
+    "more malformed frames skipped",
+    " (counted in smee_relay_bad_frames_total{kind=\"malformed\"})",
+];
+const UNSAID_DROPPED: [&str; 3] = [
+    "more header or query was left out of frames",
+    "more headers or queries were left out of frames",
+    "",
+];
+
+/// Say how many lines of a kind ([`crate::clock::Said`]) went unsaid in the last minute.
+fn say_unsaid(unsaid: u64, [one, many, counted]: [&str; 3]) {
+    warn!(
+        "{} in the last minute without a line each{counted}",
+        crate::error::count(unsaid as usize, one, many)
+    );
 }
 
 /// How many unknown event types are remembered (and warned about) per channel.
@@ -598,10 +621,32 @@ impl Source {
     /// dropped as soon as it is decoded, so a large one is not held next to its body.
     fn decode_frame(&mut self, id: Option<String>, data: String) -> Option<Event> {
         let shown = id.as_deref().unwrap_or("-");
+        // A flood's count is said at the next frame after its minute, whatever that frame is.
+        let unsaid = self.malformed.over(std::time::Instant::now);
+        if unsaid > 0 {
+            say_unsaid(unsaid, UNSAID_MALFORMED);
+        }
+        let unsaid = self.dropped.over(std::time::Instant::now);
+        if unsaid > 0 {
+            say_unsaid(unsaid, UNSAID_DROPPED);
+        }
         match wire::decode(id.as_deref(), &data) {
             Ok(decoded) => {
+                // Ten a minute, as malformed frames (helper-139: 500 frames with a string
+                // `query` made 500 lines).
                 for dropped in &decoded.dropped {
-                    warn!(frame_id = %shown, "{dropped}");
+                    let (say, unsaid) = self.dropped.next(std::time::Instant::now());
+                    if unsaid > 0 {
+                        say_unsaid(unsaid, UNSAID_DROPPED);
+                    }
+                    match say {
+                        crate::clock::Say::Yes => warn!(frame_id = %shown, "{dropped}"),
+                        crate::clock::Say::Last => warn!(
+                            frame_id = %shown,
+                            "{dropped} (the last said this minute: more are counted, said in one line later)"
+                        ),
+                        crate::clock::Say::No => {}
+                    }
                 }
                 Some(decoded.event)
             }
@@ -609,14 +654,7 @@ impl Source {
                 self.status.bad_frame("malformed");
                 let (say, unsaid) = self.malformed.next(std::time::Instant::now());
                 if unsaid > 0 {
-                    warn!(
-                        "{} skipped in the last minute without a line each (counted in smee_relay_bad_frames_total{{kind=\"malformed\"}})",
-                        crate::error::count(
-                            unsaid as usize,
-                            "more malformed frame",
-                            "more malformed frames"
-                        )
-                    );
+                    say_unsaid(unsaid, UNSAID_MALFORMED);
                 }
                 match say {
                     crate::clock::Say::Yes => {
