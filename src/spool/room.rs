@@ -76,7 +76,7 @@ struct State {
 /// Why an append must wait.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "the disk holding the spool has {free} free: the {waiting} of events waiting may take \
+    "the disk holding the spool has {free} free: the next {waiting} of events to store may take \
      {growth} of it (its rows, and the spool's pages written anew), which would leave less \
      than --keep-free ({keep_free}), {why}",
     free = mib(*free),
@@ -496,7 +496,7 @@ mod tests {
             .unwrap_err();
         assert!(
             e.to_string()
-                .contains("the 4.8 MiB of events waiting may take 6.0 MiB"),
+                .contains("the next 4.8 MiB of events to store may take 6.0 MiB"),
             "{e}"
         );
         // Small ones still go, and the spell goes on while the large one waits.
