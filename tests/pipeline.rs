@@ -456,6 +456,44 @@ async fn for_holds_the_alert_and_then_fires_it() {
     assert!(String::from_utf8_lossy(&request.body).contains("held for 2s"));
 }
 
+/// Regression (helper-140): a stop while an alert was held said "nothing waits: everything
+/// received was delivered", and nothing of the hold.
+#[tokio::test]
+async fn regression_a_stop_said_nothing_of_a_held_alert() {
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let config = dir.join("held.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[channel]]\nurl = \"{}\"\npipeline = true\n[slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n\
+             [[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"1h\"\n",
+            channel.url("HeldChannel")
+        ),
+    )
+    .unwrap();
+    let daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    daemon
+        .logs
+        .wait_for(&["PENDING cpu-high", "fires at"])
+        .await;
+    let logs = stop(daemon).await;
+    let line = logs.wait_for(&["stopped;"]).await;
+    assert!(
+        line.contains("1 alert is held (`for`): its hold goes on at the next start"),
+        "{line}"
+    );
+}
+
 /// The fixture's signature vector for `file` (under tests/fixtures/port): its timestamp (s)
 /// and signature.
 fn vector(file: &str) -> (String, String) {

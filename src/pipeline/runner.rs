@@ -660,6 +660,30 @@ pub async fn run(
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                 count_alert(alert);
             }
+            // A hold that begins is said (helper-140: nothing told of it until it fired).
+            for (key, state) in &new_states {
+                let began = !matches!(
+                    states.get(key).map(|s| s.phase),
+                    Some(super::Phase::Pending { .. })
+                );
+                if let (true, super::Phase::Pending { since_ms }, Some(draft)) =
+                    (began, state.phase, &state.draft)
+                {
+                    let hold = (pipeline.rules.iter())
+                        .find(|rule| rule.name == draft.rule)
+                        .map_or(Duration::ZERO, |rule| rule.hold);
+                    info!(
+                        event = id,
+                        rule = %draft.rule,
+                        entity = %draft.entity,
+                        "PENDING {}: {}: held (for {}), fires at {} unless a change ends it first",
+                        draft.rule,
+                        crate::text::escape_control(&draft.title),
+                        humantime::format_duration(hold),
+                        crate::clock::rfc3339_seconds(since_ms + hold.as_millis() as u64)
+                    );
+                }
+            }
             Arc::make_mut(&mut states).extend(new_states);
             changed.extend(newer_mark);
             if let Some((key, done)) = done {
@@ -1619,6 +1643,14 @@ fn count_alert(alert: &Alert) {
         "status" => alert.status.to_string()
     )
     .increment(1);
+}
+
+/// How many alerts `spool` holds (PENDING, a rule's `for` not over), for the stop line: their
+/// holds go on at the next start (helper-140: a stop said nothing of them).
+pub fn held_alerts(spool: &Spool) -> usize {
+    (load_states(spool).0.values())
+        .filter(|state| matches!(state.phase, super::Phase::Pending { .. }))
+        .count()
 }
 
 /// The alert states, and the per-entity "evaluated" marks.

@@ -534,7 +534,19 @@ fn waiting_line(spool: &Spool, served: &[String], never_stored: u64) -> String {
             kept,
         }
     });
-    stop_line(waiting, interrupted, never_stored)
+    let line = stop_line(waiting, interrupted, never_stored);
+    match crate::pipeline::runner::held_alerts(spool) {
+        0 => line,
+        n => format!(
+            "{line}; {} (`for`): {} at the next start",
+            crate::error::count(n, "alert is held", "alerts are held"),
+            if n == 1 {
+                "its hold goes on"
+            } else {
+                "their holds go on"
+            }
+        ),
+    }
 }
 
 /// What waits in the spool when the relay stops, as the stop line counts it.
