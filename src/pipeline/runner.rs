@@ -2055,146 +2055,79 @@ mod tests {
         held.stop().await;
     }
 
-    /// Regression (helper-138): a hold that ended while the relay was stopped fired at its
-    /// start, before the recovery the channel had received during the hold was judged; that
-    /// resolved it 2 ms later (FIRING and RESOLVED for a rise that never held). A hold now
-    /// fires first only if it ended before the channel received the next event to judge.
-    #[tokio::test(start_paused = true)]
-    async fn regression_a_hold_that_ended_while_stopped_fired_before_the_recovery_was_judged() {
-        let rule = "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n";
-        let Held {
-            _dir,
-            spool,
-            writer,
-            thread,
-            rules,
-            cancel,
-            task,
-        } = Held::start(rule).await;
-        cancel.cancel();
-        task.await.unwrap();
-        // The hold began 6 minutes ago and ended a minute ago, while the relay was stopped.
-        let now = crate::clock::now_ms();
-        let (key, mut state) = load_states(&spool).0.into_iter().next().expect("held");
-        assert!(
-            matches!(state.phase, crate::pipeline::Phase::Pending { .. }),
-            "{state:?}"
-        );
-        state.phase = crate::pipeline::Phase::Pending {
-            since_ms: now - 6 * 60_000,
-        };
-        writer
-            .commit(vec![state_write(&key, &state)])
-            .await
-            .unwrap();
-        // The channel received the recovery (91 to 75) 30 s into the hold.
-        let recovery = crate::event::Event {
-            body: std::fs::read(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"
-            ))
-            .unwrap()
-            .into(),
-            timestamp_ms: Some(now - 5 * 60_000 - 30_000),
-            ..Default::default()
-        };
-        (writer.append(
-            "c",
-            &[PIPELINE_ROUTE.to_string()],
-            vec![recovery].into(),
-            None,
-        ))
-        .await
-        .unwrap();
-        let cancel = CancellationToken::new();
-        let task = spawn_pipeline(&spool, &writer, rules.subscribe(), &cancel);
-        let held = Held {
-            _dir,
-            spool,
-            writer,
-            thread,
-            rules,
-            cancel,
-            task,
-        };
-        held.wait_real("the recovery judged", |spool| {
-            spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
-        })
-        .await;
-        assert!(
-            held.alerts().is_empty(),
-            "alerts for a rise that never held: {:?}",
-            (held.alerts().iter())
-                .map(|q| String::from_utf8_lossy(&q.event.event.body).into_owned())
-                .collect::<Vec<_>>()
-        );
-        assert!(load_states(&held.spool).0.is_empty(), "the hold ended");
-        held.stop().await;
+    /// A pipeline that held the fixture's rise (a 5m hold), stopped, its hold made to have
+    /// begun 6 minutes ago (ended a minute ago, while it was stopped); and the recovery (91 to
+    /// 75) its channel received 30 s into the hold. [`Restart::start`] starts it again.
+    struct Restart {
+        held: Held,
+        recovery: crate::event::Event,
     }
 
-    /// Regression (helper-139, helper-140): the recovery a channel server kept while the relay
-    /// was stopped comes just after the start, when the relay reconnects; the hold that ended
-    /// meanwhile fired first. No hold fires in the first seconds after a start.
-    #[tokio::test(start_paused = true)]
-    async fn regression_a_hold_fired_before_the_recovery_the_server_replayed_at_the_start() {
-        let rule = "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n";
-        let Held {
-            _dir,
-            spool,
-            writer,
-            thread,
-            rules,
-            cancel,
-            task,
-        } = Held::start(rule).await;
-        cancel.cancel();
-        task.await.unwrap();
-        let now = crate::clock::now_ms();
-        let (key, mut state) = load_states(&spool).0.into_iter().next().expect("held");
-        state.phase = crate::pipeline::Phase::Pending {
-            since_ms: now - 6 * 60_000,
-        };
-        writer
-            .commit(vec![state_write(&key, &state)])
-            .await
-            .unwrap();
-        let cancel = CancellationToken::new();
-        let task = spawn_pipeline(&spool, &writer, rules.subscribe(), &cancel);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        // The server replays the recovery it received 30 s into the hold. Appended from a
-        // blocking task: the writer is a thread, and waiting on it here would let the paused
-        // clock jump ahead.
-        let recovery = crate::event::Event {
-            body: std::fs::read(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"
-            ))
-            .unwrap()
-            .into(),
-            timestamp_ms: Some(now - 5 * 60_000 - 30_000),
-            ..Default::default()
-        };
-        let appender = writer.clone();
+    impl Restart {
+        async fn after_the_hold_ended() -> Restart {
+            let rule =
+                "[[rule]]\nname = \"hot\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n";
+            let mut held = Held::start(rule).await;
+            held.cancel.cancel();
+            (&mut held.task).await.unwrap();
+            let now = crate::clock::now_ms();
+            let (key, mut state) = load_states(&held.spool).0.into_iter().next().expect("held");
+            assert!(
+                matches!(state.phase, crate::pipeline::Phase::Pending { .. }),
+                "{state:?}"
+            );
+            state.phase = crate::pipeline::Phase::Pending {
+                since_ms: now - 6 * 60_000,
+            };
+            held.writer
+                .commit(vec![state_write(&key, &state)])
+                .await
+                .unwrap();
+            let recovery = crate::event::Event {
+                body: std::fs::read(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/port/deployment-config/automation/05-cpu-91-to-75.json"
+                ))
+                .unwrap()
+                .into(),
+                timestamp_ms: Some(now - 5 * 60_000 - 30_000),
+                ..Default::default()
+            };
+            Restart { held, recovery }
+        }
+
+        async fn queue_the_recovery(&self) {
+            queue(&self.held.writer, &self.recovery).await;
+        }
+
+        fn start(mut self) -> Held {
+            let held = &mut self.held;
+            held.cancel = CancellationToken::new();
+            held.task = spawn_pipeline(
+                &held.spool,
+                &held.writer,
+                held.rules.subscribe(),
+                &held.cancel,
+            );
+            self.held
+        }
+    }
+
+    /// Queue `event` for the pipeline, as a channel's source does. From a blocking task: the
+    /// writer is a thread, and waiting on it here would let the paused clock jump ahead.
+    async fn queue(writer: &SpoolWriter, event: &crate::event::Event) {
+        let (writer, event) = (writer.clone(), event.clone());
         tokio::task::spawn_blocking(move || {
-            futures::executor::block_on(appender.append(
-                "c",
-                &[PIPELINE_ROUTE.to_string()],
-                vec![recovery].into(),
-                None,
-            ))
+            let routes = [PIPELINE_ROUTE.to_string()];
+            futures::executor::block_on(writer.append("c", &routes, vec![event].into(), None))
         })
         .await
         .unwrap()
         .unwrap();
-        let held = Held {
-            _dir,
-            spool,
-            writer,
-            thread,
-            rules,
-            cancel,
-            task,
-        };
+    }
+
+    /// Once the recovery is judged: no alert was sent, and the hold ended.
+    async fn no_alert_once_the_recovery_is_judged(held: Held) {
         held.wait_real("the recovery judged", |spool| {
             spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
         })
@@ -2203,9 +2136,36 @@ mod tests {
             .await;
         assert!(
             held.alerts().is_empty(),
-            "alerts for a rise that never held"
+            "alerts for a rise that never held: {:?}",
+            (held.alerts().iter())
+                .map(|q| String::from_utf8_lossy(&q.event.event.body).into_owned())
+                .collect::<Vec<_>>()
         );
         held.stop().await;
+    }
+
+    /// Regression (helper-138): a hold that ended while the relay was stopped fired at its
+    /// start, before the recovery the channel had received during the hold was judged; that
+    /// resolved it 2 ms later (FIRING and RESOLVED for a rise that never held). A hold now
+    /// fires first only if it ended before the channel received the next event to judge.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_hold_that_ended_while_stopped_fired_before_the_recovery_was_judged() {
+        let restart = Restart::after_the_hold_ended().await;
+        restart.queue_the_recovery().await;
+        no_alert_once_the_recovery_is_judged(restart.start()).await;
+    }
+
+    /// Regression (helper-139, helper-140): the recovery a channel server kept while the relay
+    /// was stopped comes just after the start, when the relay reconnects; the hold that ended
+    /// meanwhile fired first. No hold fires in the first seconds after a start.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_hold_fired_before_the_recovery_the_server_replayed_at_the_start() {
+        let restart = Restart::after_the_hold_ended().await;
+        let recovery = restart.recovery.clone();
+        let held = restart.start();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        queue(&held.writer, &recovery).await;
+        no_alert_once_the_recovery_is_judged(held).await;
     }
 
     /// A reload while the pipeline waited for a held alert's time did not wake it: it fired at
