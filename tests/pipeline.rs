@@ -417,29 +417,32 @@ async fn check_validates_and_explains() {
     );
 }
 
-#[tokio::test]
-async fn for_holds_the_alert_and_then_fires_it() {
-    let channel = FakeChannel::start().await;
-    let mut slack = FakeTarget::start().await;
-    let dir = support::temp_dir();
-    let dir = dir.path();
+/// The daemon in `dir` with one rule, `cpu-high` above 80 held `hold`, on `channel`.
+async fn start_holding(
+    dir: &Path,
+    hold: &str,
+    channel: &FakeChannel,
+    slack: &FakeTarget,
+) -> Daemon {
     let config = dir.join("held.toml");
     std::fs::write(
         &config,
         format!(
             "[[channel]]\nurl = \"{}\"\npipeline = true\n[slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n\
-             [[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"2s\"\n",
+             [[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"{hold}\"\n",
             channel.url("HeldChannel")
         ),
     )
     .unwrap();
-    let _daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
+    start(&config, &dir.join("state"), &slack.url(SLACK_PATH), channel).await
+}
+
+#[tokio::test]
+async fn for_holds_the_alert_and_then_fires_it() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeTarget::start().await;
+    let dir = support::temp_dir();
+    let _daemon = start_holding(dir.path(), "2s", &channel, &slack).await;
 
     let sent_at = std::time::Instant::now();
     channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
@@ -463,24 +466,7 @@ async fn regression_a_stop_said_nothing_of_a_held_alert() {
     let channel = FakeChannel::start().await;
     let slack = FakeTarget::start().await;
     let dir = support::temp_dir();
-    let dir = dir.path();
-    let config = dir.join("held.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[channel]]\nurl = \"{}\"\npipeline = true\n[slack]\nwebhook_url_env = \"TEST_SLACK_WEBHOOK\"\n\
-             [[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\nfor = \"1h\"\n",
-            channel.url("HeldChannel")
-        ),
-    )
-    .unwrap();
-    let daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
+    let daemon = start_holding(dir.path(), "1h", &channel, &slack).await;
     channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
     daemon
         .logs
