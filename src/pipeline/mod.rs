@@ -172,8 +172,26 @@ pub fn state_key(rule: &str, entity: &str) -> String {
 /// too (`rule<GS>blueprint<US>entity`). A rule with one needs not, and keeps [`state_key`].
 fn rule_state_key(rule: &Rule, blueprint: Option<&str>, entity: &str) -> String {
     match (&rule.blueprint, blueprint) {
-        (None, Some(blueprint)) => state_key(&format!("{}\u{1d}{blueprint}", rule.name), entity),
+        (None, Some(blueprint)) => per_blueprint_key(&rule.name, blueprint, entity),
         _ => state_key(&rule.name, entity),
+    }
+}
+
+/// The key of a rule without `blueprint` for `entity` of `blueprint`: `rule<GS>blueprint<US>entity`.
+fn per_blueprint_key(rule: &str, blueprint: &str, entity: &str) -> String {
+    state_key(&format!("{rule}\u{1d}{blueprint}"), entity)
+}
+
+/// Where `rule`'s state for `entity` of `blueprint` may be under the other form of key
+/// ([`rule_state_key`]), to be taken over and moved by the entity's next change: a rule that
+/// has no `blueprint` now may have a state stored before states were kept per blueprint, or
+/// while it had one; a rule that has one now, a state stored while it had none (helper-138: a
+/// rule given a blueprint forgot its FIRING alerts, which never resolved, and fired again).
+fn other_state_key(rule: &Rule, blueprint: Option<&str>, entity: &str) -> Option<String> {
+    match (&rule.blueprint, blueprint) {
+        (None, Some(_)) => Some(state_key(&rule.name, entity)),
+        (Some(_), Some(blueprint)) => Some(per_blueprint_key(&rule.name, blueprint, entity)),
+        (_, None) => None,
     }
 }
 
@@ -315,7 +333,7 @@ impl Pipeline {
             let mut state = current(&key);
             let mut moved = false;
             if state == AlertState::default()
-                && let Some(other) = self.other_key(rule, change.blueprint(), &entity)
+                && let Some(other) = other_state_key(rule, change.blueprint(), &entity)
             {
                 let old = current(&other);
                 // Its alert names the blueprint of this change (or none, as before alerts
@@ -379,23 +397,6 @@ impl Pipeline {
             states,
             skipped,
             failed,
-        }
-    }
-
-    /// Where `rule`'s state for `entity` of `blueprint` may be under the other form of key
-    /// ([`rule_state_key`]), to be taken over and moved by the entity's next change: a rule
-    /// that has no `blueprint` now may have a state stored before states were kept per
-    /// blueprint, or while it had one; a rule that has one now, a state stored while it had
-    /// none (helper-138: a rule given a blueprint forgot its FIRING alerts, which never
-    /// resolved, and fired again).
-    fn other_key(&self, rule: &Rule, blueprint: Option<&str>, entity: &str) -> Option<String> {
-        match (&rule.blueprint, blueprint) {
-            (None, Some(_)) => Some(state_key(&rule.name, entity)),
-            (Some(_), Some(blueprint)) => Some(state_key(
-                &format!("{}\u{1d}{blueprint}", rule.name),
-                entity,
-            )),
-            (_, None) => None,
         }
     }
 
