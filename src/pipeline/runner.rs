@@ -163,14 +163,18 @@ pub async fn run(
             Err(_) => return,
         };
         // Held alerts whose time has come; in a cluster, shard by shard, each written with
-        // compare-and-set before its alerts are committed. Not those due after the channel
-        // received the first event still to judge: it may end the hold (helper-138: a hold
-        // that ended while the relay was stopped fired at its start, and the recovery the
-        // channel had received during the hold, judged next, resolved it 2 ms later).
+        // compare-and-set before its alerts are committed. In the order of time, as they would
+        // have come live: those due before the channel received the next event to judge (a
+        // recovery received during a hold ends it, helper-138; one received after the hold
+        // ended resolves the alert the hold fired, helper-141), and none before `holds_from`
+        // while nothing is queued (what a server replays on reconnecting may be on its way).
         let now = clock.now_ms();
+        let received = |item: &crate::spool::Queued| {
+            super::received_ms(&item.event.event, item.event.received_ms).min(now)
+        };
         let judged_up_to = match queued.first() {
-            _ if now < holds_from => 0,
-            Some(item) => super::received_ms(&item.event.event, item.event.received_ms).min(now),
+            Some(item) => received(item),
+            None if now < holds_from => 0,
             None => now,
         };
         let matured = pipeline.mature(states.iter(), judged_up_to);
@@ -272,7 +276,16 @@ pub async fn run(
             }
             continue;
         }
-        for item in queued {
+        for (n, item) in queued.into_iter().enumerate() {
+            // A hold due before the channel received this event fires first: read the queue
+            // again from here, after the step above.
+            if n > 0
+                && pipeline
+                    .next_due(states.iter())
+                    .is_some_and(|due| due <= received(&item))
+            {
+                break;
+            }
             let id = item.event.id;
             // In a cluster, each event is judged against the states as they are now: its
             // entity's shard (a snapshot: every shard) read again.
@@ -2166,6 +2179,48 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         queue(&held.writer, &recovery).await;
         no_alert_once_the_recovery_is_judged(held).await;
+    }
+
+    /// Regression (helper-141): the recovery the channel received after a hold had ended,
+    /// while the relay was stopped, was judged before the hold fired at the start, and ended
+    /// it: the alert a live relay sends (FIRING, then RESOLVED) was lost. Holds fire in the
+    /// order of time with the events queued, also behind another event of the same read.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_recovery_after_a_hold_ended_while_stopped_lost_its_alert() {
+        for other_first in [false, true] {
+            let restart = Restart::after_the_hold_ended().await;
+            let in_hold = restart.recovery.timestamp_ms.unwrap();
+            if other_first {
+                // Another webhook on the channel, within the hold: read with the recovery.
+                let other = crate::event::Event {
+                    body: r#"{"zen":"not a Port change"}"#.into(),
+                    timestamp_ms: Some(in_hold),
+                    ..Default::default()
+                };
+                queue(&restart.held.writer, &other).await;
+            }
+            // Received 30 s after the hold ended (it began 6 minutes ago, for 5).
+            let late = crate::event::Event {
+                timestamp_ms: Some(in_hold + 5 * 60_000),
+                ..restart.recovery.clone()
+            };
+            queue(&restart.held.writer, &late).await;
+            let held = restart.start();
+            held.wait_real("the recovery judged", |spool| {
+                spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
+            })
+            .await;
+            let sent: Vec<String> = (held.alerts().iter())
+                .map(|q| serde_json::from_slice::<Alert>(&q.event.event.body).unwrap())
+                .map(|alert| alert.status.to_string())
+                .collect();
+            assert_eq!(
+                sent,
+                ["FIRING", "RESOLVED"],
+                "another event first: {other_first}"
+            );
+            held.stop().await;
+        }
     }
 
     /// A reload while the pipeline waited for a held alert's time did not wake it: it fired at
