@@ -276,14 +276,15 @@ pub async fn run(
             }
             continue;
         }
+        // The first hold due after the step above. Walked once per read, not per event: a
+        // hold that begins below is due after `now`, so after every event of this read; one
+        // that ends below only costs a read again. In a cluster a state read below may be
+        // another instance's hold, so there it is walked again after each read of states.
+        let mut next_due = pipeline.next_due(states.iter());
         for (n, item) in queued.into_iter().enumerate() {
             // A hold due before the channel received this event fires first: read the queue
             // again from here, after the step above.
-            if n > 0
-                && pipeline
-                    .next_due(states.iter())
-                    .is_some_and(|due| due <= received(&item))
-            {
+            if n > 0 && next_due.is_some_and(|due| due <= received(&item)) {
                 break;
             }
             let id = item.event.id;
@@ -304,6 +305,7 @@ pub async fn run(
                 if !read || !resend_recorded(view, &writer).await {
                     break;
                 }
+                next_due = pipeline.next_due(states.iter());
             }
             let mark = |outcome| Write::Mark {
                 route: PIPELINE_ROUTE.into(),
