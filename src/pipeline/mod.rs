@@ -400,9 +400,14 @@ impl Pipeline {
         }
     }
 
+    /// The rule named `name`, if the config still has it.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|rule| rule.name == name)
+    }
+
     /// The key of the state `alert` was judged under (its rule's, for its entity).
     pub fn alert_state_key(&self, alert: &Alert) -> String {
-        match self.rules.iter().find(|r| r.name == alert.rule) {
+        match self.rule(&alert.rule) {
             Some(rule) => rule_state_key(rule, alert.blueprint.as_deref(), &alert.entity),
             None => state_key(&alert.rule, &alert.entity),
         }
@@ -422,7 +427,7 @@ impl Pipeline {
         let mut out = Vec::new();
         for (key, state) in states {
             let rule = rule_of(key);
-            let rule = self.rules.iter().find(|r| r.name == rule);
+            let rule = self.rule(rule);
             // A rule gone, or one that no longer watches the blueprint its alert is on: no
             // change of that entity will ever resolve the alert.
             let orphaned = match (rule, state.fired.as_ref().or(state.draft.as_ref())) {
@@ -490,7 +495,7 @@ impl Pipeline {
             .filter(|(_, state)| state.draft.is_some())
             .filter_map(|(key, state)| {
                 let rule = rule_of(key);
-                let rule = self.rules.iter().find(|r| r.name == rule)?;
+                let rule = self.rule(rule)?;
                 // Never due: [`Pipeline::mature`] does not fire it (a wake at once, forever).
                 if state
                     .draft

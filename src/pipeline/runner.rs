@@ -684,9 +684,10 @@ pub async fn run(
                 if let (true, super::Phase::Pending { since_ms }, Some(draft)) =
                     (began, state.phase, &state.draft)
                 {
-                    let hold = (pipeline.rules.iter())
-                        .find(|rule| rule.name == draft.rule)
-                        .map_or(Duration::ZERO, |rule| rule.hold);
+                    let hold = pipeline
+                        .rule(&draft.rule)
+                        .map_or(Duration::ZERO, |r| r.hold);
+                    let due = super::state::due_at(state.phase, hold).unwrap_or(since_ms);
                     info!(
                         event = id,
                         rule = %draft.rule,
@@ -695,7 +696,7 @@ pub async fn run(
                         draft.rule,
                         crate::text::escape_control(&draft.title),
                         humantime::format_duration(hold),
-                        crate::clock::rfc3339_seconds(since_ms + hold.as_millis() as u64)
+                        crate::clock::rfc3339_seconds(due)
                     );
                 }
             }
