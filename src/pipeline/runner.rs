@@ -101,7 +101,10 @@ pub async fn run(
     let holds_from = clock.now_ms() + HOLDS_WAIT_AT_START.as_millis() as u64;
     // `evaluated`: per entity, the last event evaluated for it; a replayed event at or below it
     // is skipped.
-    let (loaded, mut evaluated) = load_states(&spool);
+    let (loaded, mut evaluated) = load_states(&spool).unwrap_or_else(|e| {
+        error!("cannot read alert states, starting from OK: {e}");
+        Default::default()
+    });
     // In a cluster the states are the cluster's, read shard by shard below.
     let mut view = cluster.as_ref().map(|cluster| {
         let settings = cluster.settings();
@@ -1664,35 +1667,41 @@ fn count_alert(alert: &Alert) {
 /// How many alerts `spool` holds (PENDING, a rule's `for` not over), for the stop line: their
 /// holds go on at the next start (helper-140: a stop said nothing of them).
 pub fn held_alerts(spool: &Spool) -> usize {
-    (load_states(spool).0.values())
-        .filter(|state| matches!(state.phase, super::Phase::Pending { .. }))
-        .count()
+    match load_states(spool) {
+        Ok((states, _)) => (states.values())
+            .filter(|state| matches!(state.phase, super::Phase::Pending { .. }))
+            .count(),
+        Err(e) => {
+            // Only the stop line's count is missing: the states stay as stored.
+            warn!("cannot count the held alerts for the stop line: {e}");
+            0
+        }
+    }
 }
 
-/// The alert states, and the per-entity "evaluated" marks.
-fn load_states(spool: &Spool) -> (HashMap<String, AlertState>, HashMap<String, Evaluated>) {
+/// The alert states, and the per-entity "evaluated" marks; the caller words a failure (at a
+/// start the runner goes on from OK, at a stop only a count is missing).
+fn load_states(spool: &Spool) -> Result<States, crate::spool::SpoolError> {
     let mut states = HashMap::new();
     let mut evaluated = HashMap::new();
-    match spool.states() {
-        Ok(stored) => {
-            for (key, bytes) in stored {
-                if key.starts_with(VERDICT_PREFIX) {
-                    // The actions route's to read, not an alert state.
-                } else if let Some(subject) = key.strip_prefix(EVALUATED_PREFIX) {
-                    if let Ok(mark) = serde_json::from_slice(&bytes) {
-                        evaluated.insert(subject.to_string(), mark);
-                    }
-                } else if key.starts_with('\u{1e}') {
-                    // The reconciler's own records, not alert states.
-                } else if let Ok(state) = serde_json::from_slice(&bytes) {
-                    states.insert(key, state);
-                }
+    for (key, bytes) in spool.states()? {
+        if key.starts_with(VERDICT_PREFIX) {
+            // The actions route's to read, not an alert state.
+        } else if let Some(subject) = key.strip_prefix(EVALUATED_PREFIX) {
+            if let Ok(mark) = serde_json::from_slice(&bytes) {
+                evaluated.insert(subject.to_string(), mark);
             }
+        } else if key.starts_with('\u{1e}') {
+            // The reconciler's own records, not alert states.
+        } else if let Ok(state) = serde_json::from_slice(&bytes) {
+            states.insert(key, state);
         }
-        Err(e) => error!("cannot read alert states, starting from OK: {e}"),
     }
-    (states, evaluated)
+    Ok((states, evaluated))
 }
+
+/// What [`load_states`] reads: the alert states by key, the "evaluated" marks by entity.
+type States = (HashMap<String, AlertState>, HashMap<String, Evaluated>);
 
 fn state_write(key: &str, state: &AlertState) -> Write {
     let forget = *state == AlertState::default();
@@ -2087,7 +2096,12 @@ mod tests {
             held.cancel.cancel();
             (&mut held.task).await.unwrap();
             let now = crate::clock::now_ms();
-            let (key, mut state) = load_states(&held.spool).0.into_iter().next().expect("held");
+            let (key, mut state) = load_states(&held.spool)
+                .expect("states")
+                .0
+                .into_iter()
+                .next()
+                .expect("held");
             assert!(
                 matches!(state.phase, crate::pipeline::Phase::Pending { .. }),
                 "{state:?}"
@@ -2148,8 +2162,10 @@ mod tests {
             spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
         })
         .await;
-        held.wait_real("the hold ended", |spool| load_states(spool).0.is_empty())
-            .await;
+        held.wait_real("the hold ended", |spool| {
+            load_states(spool).expect("states").0.is_empty()
+        })
+        .await;
         assert!(
             held.alerts().is_empty(),
             "alerts for a rise that never held: {:?}",
