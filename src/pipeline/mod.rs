@@ -712,6 +712,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// Evaluates `body` against `states` and applies the new states, as the runner does; the
+    /// headlines of the alerts it sends.
+    fn evaluate_into(
+        pipeline: &Pipeline,
+        states: &mut HashMap<String, AlertState>,
+        body: &str,
+    ) -> Vec<String> {
+        let current = |k: &str| states.get(k).cloned().unwrap_or_default();
+        let Evaluation::Evaluated {
+            alerts,
+            states: new,
+            ..
+        } = pipeline.evaluate(&event(body), &current, 1, 1)
+        else {
+            panic!("not evaluated: {body}")
+        };
+        for (key, state) in new {
+            if state == AlertState::default() {
+                states.remove(&key);
+            } else {
+                states.insert(key, state);
+            }
+        }
+        alerts.iter().map(Alert::headline).collect()
+    }
+
     /// Regression (an adversary's finding): a rule without `blueprint` kept one alert state per
     /// entity identifier, but identifiers are unique only within a blueprint: `svc` firing in
     /// one blueprint kept `svc` of another from ever alerting (and its recovery resolved the
@@ -724,23 +750,7 @@ pub(crate) mod tests {
         let evaluate = |states: &mut HashMap<String, AlertState>, blueprint: &str, cpu: u32| {
             let body =
                 update(&format!(r#"{{"cpu":{cpu}}}"#)).replace("DeploymentConfig", blueprint);
-            let current = |k: &str| states.get(k).cloned().unwrap_or_default();
-            let Evaluation::Evaluated {
-                alerts,
-                states: new,
-                ..
-            } = pipeline.evaluate(&event(&body), &current, 1, 1)
-            else {
-                panic!()
-            };
-            for (key, state) in new {
-                if state == AlertState::default() {
-                    states.remove(&key);
-                } else {
-                    states.insert(key, state);
-                }
-            }
-            alerts.iter().map(Alert::headline).collect::<Vec<_>>()
+            evaluate_into(&pipeline, states, &body)
         };
         assert_eq!(evaluate(&mut states, "Service", 90), ["FIRING hot: Svc"]);
         assert_eq!(
@@ -796,26 +806,8 @@ pub(crate) mod tests {
         let mut states: HashMap<String, AlertState> = HashMap::new();
         let mut evaluate = |pipeline: &Pipeline, cpu: u32| {
             let body = update(&format!(r#"{{"cpu":{cpu}}}"#));
-            let current = |k: &str| states.get(k).cloned().unwrap_or_default();
-            let Evaluation::Evaluated {
-                alerts,
-                states: new,
-                ..
-            } = pipeline.evaluate(&event(&body), &current, 1, 1)
-            else {
-                panic!()
-            };
-            for (key, state) in new {
-                if state == AlertState::default() {
-                    states.remove(&key);
-                } else {
-                    states.insert(key, state);
-                }
-            }
-            (
-                alerts.iter().map(Alert::headline).collect::<Vec<_>>(),
-                states.len(),
-            )
+            let headlines = evaluate_into(pipeline, &mut states, &body);
+            (headlines, states.len())
         };
         let none = Vec::<String>::new();
         assert_eq!(evaluate(&without, 95), (vec!["FIRING hot: Svc".into()], 1));
