@@ -887,6 +887,41 @@ async fn a_forged_signature_runs_nothing_and_reports_nothing() {
     only_the_next_run_goes_through(&setup, "r_act01legacy").await;
 }
 
+/// Regression (helper-138, on the pipeline's twin): a run valid as JSON but beyond what the
+/// parser takes (a number past f64) ran nothing and reported nothing, rightly, yet
+/// `events list` showed it delivered to the actions route with 200: it is a dead letter
+/// there, naming the limit.
+#[tokio::test]
+async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    let daemon = setup.start().await;
+    let huge = fixture("01-legacy-run-message").replacen('{', r#"{"size":1e400,"#, 1);
+    setup.channel.send_webhook(1, &signed_frame(&huge, SECRET));
+    daemon
+        .logs
+        .wait_for(&["WARN", "event=1", "number out of range", "nothing runs"])
+        .await;
+    only_the_next_run_goes_through(&setup, "r_act01legacy").await;
+    daemon.stop().await;
+    let listed = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--json", "--state-dir"])
+            .arg(setup.dir.join("state")),
+    )
+    .await;
+    let rows: Value = serde_json::from_str(&listed.stdout).expect(&listed.stderr);
+    let row = (rows.as_array().into_iter().flatten())
+        .find(|row| row["id"] == 1 && row["route"] == "actions")
+        .unwrap_or_else(|| panic!("no actions row for event 1: {rows}"));
+    assert_eq!(row["status"], "dead", "{row}");
+    let error = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("not read: ") && error.contains("number out of range"),
+        "{row}"
+    );
+}
+
 #[tokio::test]
 async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again() {
     let setup = Setup::new(ALL_FOUR).await;

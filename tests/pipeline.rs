@@ -110,22 +110,7 @@ async fn stop_when_done(
         (rows.len(), finished)
     };
     let state_dir = daemon.state_dir.clone();
-    let list = || async {
-        let out = support::run_to_end(
-            smee_relay()
-                .args([
-                    "events",
-                    "list",
-                    "--json",
-                    "--limit",
-                    "10000",
-                    "--state-dir",
-                ])
-                .arg(&state_dir),
-        )
-        .await;
-        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap_or_default()
-    };
+    let list = || list_events(&state_dir);
     let what = format!("{events} events evaluated and {alerts} alerts delivered");
     support::wait_for(support::PATIENCE, &what, || async {
         let rows = list().await;
@@ -142,6 +127,24 @@ async fn stop_when_done(
         "alerts in the spool"
     );
     logs
+}
+
+/// `events list --json` of `state_dir`: one row per (event, route); null if it failed.
+async fn list_events(state_dir: &Path) -> serde_json::Value {
+    let out = support::run_to_end(
+        smee_relay()
+            .args([
+                "events",
+                "list",
+                "--json",
+                "--limit",
+                "10000",
+                "--state-dir",
+            ])
+            .arg(state_dir),
+    )
+    .await;
+    serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap_or_default()
 }
 
 async fn start(config: &Path, state_dir: &Path, slack: &str, channel: &FakeChannel) -> Daemon {
@@ -233,6 +236,8 @@ async fn the_slack_message_carries_what_people_need() {
 /// Regression (an adversary's finding): a signed Port event that is valid JSON beyond what the
 /// parser takes (a number past f64, nesting past 128) was dropped with a DEBUG line: its rules
 /// silently never judged it. It is a WARN naming the limit; the event is still forwarded.
+/// And (helper-138) `events list` showed it delivered to the pipeline with 200, as if judged:
+/// it is a dead letter of the pipeline route, naming the limit.
 #[tokio::test]
 async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence() {
     let (channel, mut slack, daemon) =
@@ -257,8 +262,32 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
         .logs
         .wait_for(&["WARN", "event=2", "recursion limit exceeded"])
         .await;
+    let state_dir = daemon.state_dir.clone();
     let logs = stop_when_done(daemon, &mut slack, 2, 0).await;
     assert!(logs.find(&["WARN", "not JSON"]).is_none(), "{}", logs.all());
+    let rows = list_events(&state_dir).await;
+    let pipeline: Vec<_> = (rows.as_array().into_iter().flatten())
+        .filter(|row| row["route"] == "pipeline")
+        .map(|row| {
+            (
+                row["id"].clone(),
+                row["status"].clone(),
+                row["last_error"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(pipeline.len(), 2, "{rows}");
+    for ((id, status, error), limit) in pipeline
+        .iter()
+        .zip(["number out of range", "recursion limit exceeded"])
+    {
+        assert_eq!(status, "dead", "event {id}: {rows}");
+        let error = error.as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("not judged: ") && error.contains(limit),
+            "event {id}: {error}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -114,7 +114,7 @@ pub async fn run(
                 event: id,
                 outcome,
             };
-            let done = mark(Outcome::Delivered { status: 200 });
+            let mut done = mark(Outcome::Delivered { status: 200 });
             let event = &item.event.event;
             let body = match crate::pipeline::port::read_json(&event.body) {
                 Ok(body) => Some(body),
@@ -124,8 +124,13 @@ pub async fn run(
                 ) => {
                     warn!(
                         event = id,
-                        "actions: {e}; if it is an action run, nothing runs and nothing is reported"
+                        "actions: {e}; if it is an action run, nothing runs and nothing is reported (a dead letter of the actions route)"
                     );
+                    // Not a delivery: `events list` showed it handled (helper-138's twin).
+                    done = mark(Outcome::Dead {
+                        status: None,
+                        error: format!("not read: {e}"),
+                    });
                     None
                 }
                 Err(_) => None,

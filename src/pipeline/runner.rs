@@ -505,35 +505,37 @@ pub async fn run(
                 }
                 Evaluation::Unreadable(reason) => warn!(
                     event = id,
-                    "pipeline: {reason}; its rules do not judge it (it is still forwarded)"
+                    "pipeline: {reason}; its rules do not judge it (a dead letter of the pipeline route; it is still forwarded)"
                 ),
                 _ => {}
             }
-            let (mut writes, new_states, alerts, judged, failed_now) = match evaluation {
-                Evaluation::NotPort(_) | Evaluation::Unreadable(_) => (
-                    vec![mark(Outcome::Delivered { status: 200 })],
+            // An event the rules never judged: only its mark, and a replay may judge it (after
+            // fixing the secret, say).
+            let unjudged = |outcome| {
+                (
+                    vec![mark(outcome)],
                     Default::default(),
                     Vec::new(),
                     false,
                     Vec::new(),
-                ),
+                )
+            };
+            let (mut writes, new_states, alerts, judged, failed_now) = match evaluation {
+                Evaluation::NotPort(_) => unjudged(Outcome::Delivered { status: 200 }),
+                // A dead letter, not a delivery: `events list` showed it judged (helper-138).
+                Evaluation::Unreadable(reason) => unjudged(Outcome::Dead {
+                    status: None,
+                    error: format!("not judged: {reason}"),
+                }),
                 Evaluation::Rejected(e) => {
                     warn!(
                         event = id,
                         "pipeline: rejected: {e}; the event is not evaluated"
                     );
-                    let error = format!("signature rejected: {e}");
-                    (
-                        vec![mark(Outcome::Dead {
-                            status: None,
-                            error,
-                        })],
-                        Default::default(),
-                        Vec::new(),
-                        // Never judged: a replay (after fixing the secret, say) may judge it.
-                        false,
-                        Vec::new(),
-                    )
+                    unjudged(Outcome::Dead {
+                        status: None,
+                        error: format!("signature rejected: {e}"),
+                    })
                 }
                 Evaluation::Evaluated {
                     alerts,
