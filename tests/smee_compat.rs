@@ -79,7 +79,7 @@ async fn relay_one(
 async fn smee_u_t_forwards_to_the_target() {
     let (_dir, programs) = programs();
     for program in &programs {
-        let (got, _child) = relay_one(
+        let (got, mut child) = relay_one(
             program,
             &["-u", "{channel}", "-t", "{target}/events"],
             &[],
@@ -89,7 +89,32 @@ async fn smee_u_t_forwards_to_the_target() {
         assert_eq!(got.uri, "/events", "{program:?}");
         assert_eq!(&got.body[..], br#"{"ok":true}"#);
         assert_eq!(got.header("x-github-event"), Some("push"));
+        // smee-client prints where it forwards with `-u` too (helper-144: nothing did here);
+        // the channel shortened as in the logs, since the user gave it.
+        let line = first_line(&mut child).await;
+        assert!(
+            line.starts_with("Forwarding http://127.0.0.1:")
+                && line.contains("/AbCd…")
+                && !line.contains("AbCdSecret")
+                && line.contains(" to http://127.0.0.1:")
+                && line.ends_with("/events"),
+            "{program:?}: {line}"
+        );
     }
+}
+
+/// The first line `child` printed on stdout.
+async fn first_line(child: &mut tokio::process::Child) -> String {
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        PATIENCE,
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+    )
+    .await
+    .expect("a line on stdout")
+    .unwrap();
+    line.trim_end().to_string()
 }
 
 #[tokio::test]

@@ -107,8 +107,13 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let target = args.target_url().context("invalid target")?;
     let tls = &args.delivery.tls;
     tls.set_trust()?;
+    // smee-client says where it forwards on stdout, either way (helper-144): a channel the
+    // user gave is shown as in the logs; a new one in full, since it is the user's to use.
     let channel = match args.channel_url() {
-        Some(channel) => channel,
+        Some(channel) => {
+            println!("Forwarding {channel} to {target}");
+            channel
+        }
         None => {
             // A stop while the server is asked ends it (helper-132: it waited for the answer).
             let channel = tokio::select! {
