@@ -182,7 +182,13 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
         &format!("{UNHEALTHY}{CPU_HIGH}"),
     );
     kill(&child, "HUP");
-    logs.wait_for(&["config reloaded"]).await;
+    let line = logs.wait_for(&["config reloaded"]).await;
+    // Regression (helper-144): each reload also said "pipeline on (2 rules, alerts to
+    // slack)", as if the pipeline had been off; a reload names what changed.
+    assert!(
+        line.contains("rule cpu-high added") && !line.contains("pipeline on"),
+        "{line}"
+    );
     channel.send_webhook(1, &fixture_frame("legacy", "02-cpu-25-to-87"));
     assert_eq!(
         slack.next_headline().await,
@@ -219,6 +225,12 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
         (logs.all().matches("config reloaded").count() == 3).then_some(())
     })
     .await;
+    let all = logs.all();
+    let third = all.lines().filter(|l| l.contains("config reloaded")).nth(2);
+    assert!(
+        third.is_some_and(|l| l.ends_with("config reloaded: nothing changed")),
+        "{third:?}"
+    );
     channel.send_webhook(3, &fixture_frame("legacy", "05-cpu-91-to-75"));
     channel.send_webhook(4, &fixture_frame("legacy", "06-cpu-75-to-60"));
     assert_eq!(

@@ -976,6 +976,8 @@ struct PipelineTask {
     /// The Slack webhook alerts go to, if any: a reload says when it changed (never what it
     /// is: the URL is a secret).
     slack: Option<crate::url::TargetUrl>,
+    /// Where alerts go (`slack`, `stdout`, ...): a reload says so only when it changed.
+    alerts_to: String,
     /// One pipeline per state dir: its alert state and queues are the state dir's.
     _lock: Arc<ChannelLock>,
 }
@@ -1250,11 +1252,18 @@ impl Runtime {
             (Some((pipeline, sink)), old) => {
                 let slack = sink.slack.as_ref().map(|f| f.target().clone());
                 let sink: Arc<dyn Sink> = Arc::new(sink);
-                changes.push(format!(
-                    "pipeline on ({}, alerts to {})",
-                    crate::error::count(pipeline.rules.len(), "rule", "rules"),
-                    sink.describe()
-                ));
+                let alerts_to = sink.describe();
+                // What changed, not what runs (helper-144: every reload said "pipeline on").
+                match &old {
+                    None => changes.push(format!(
+                        "pipeline on ({}, alerts to {alerts_to})",
+                        crate::error::count(pipeline.rules.len(), "rule", "rules"),
+                    )),
+                    Some(old) if old.alerts_to != alerts_to => {
+                        changes.push(format!("alerts to {alerts_to}"));
+                    }
+                    Some(_) => {}
+                }
                 if let Some(old) = &old {
                     changes.extend(rule_changes(&old.rules.borrow().rules, &pipeline.rules));
                     if old.slack.is_some() && slack.is_some() && old.slack != slack {
@@ -1308,6 +1317,7 @@ impl Runtime {
                     rules,
                     alerts,
                     slack,
+                    alerts_to,
                     _lock: lock,
                 });
             }
