@@ -477,6 +477,15 @@ impl Delivery<'_> {
         let mut backoff = self.policy.backoff.start();
         let mut attempts = item.attempts;
         let delivery_id = self.spool.delivery_id(item.seq);
+        if attempts > 0 {
+            // The log said "retrying in ..." last: what ended that wait (helper-140).
+            info!(
+                event = item.event.id,
+                route = self.label,
+                "retrying now: the route started (a start or a reload), {} before",
+                crate::error::count(attempts as usize, "attempt failed", "attempts failed")
+            );
+        }
         loop {
             if let Some(claim) = self.sink.claim(&item.event) {
                 let claimed = tokio::select! {
@@ -594,7 +603,6 @@ impl Delivery<'_> {
                 self.pace(started).await;
                 return finished;
             }
-            self.pace(started).await;
             self.counters.retried(&error);
             let delay = self
                 .policy
@@ -603,6 +611,9 @@ impl Delivery<'_> {
             // The attempt after that age decides (a dead letter if it fails).
             let left = self.policy.max_age.saturating_sub(age);
             let delay = delay.min(left.max(Duration::from_secs(1)));
+            // The sink's pace is part of the wait, not added to it (helper-140: Slack's
+            // `Retry-After: 3` was retried after 4 s, its line said a second late).
+            let delay = delay.max(self.pace_left(started));
             info!(
                 event = item.event.id,
                 // In a cluster, the id `events` takes (the line above names both).
@@ -628,6 +639,8 @@ impl Delivery<'_> {
                 _ = self.retry_now.notified() => {
                     info!(event = item.event.id, route = self.label, "retrying now (SIGHUP)");
                     backoff = self.policy.backoff.start();
+                    // Now, but never faster than the sink's pace.
+                    self.pace(started).await;
                 }
                 // The claim at the top of the loop says why.
                 _ = taken_away(self.sink, &item.event) => {}
@@ -653,6 +666,11 @@ impl Delivery<'_> {
                 _ = self.cancel.cancelled() => {}
             }
         }
+    }
+
+    /// What is left of the sink's pace after an attempt that began at `started`.
+    fn pace_left(&self, started: tokio::time::Instant) -> Duration {
+        (started + self.sink.min_interval()).saturating_duration_since(tokio::time::Instant::now())
     }
 
     /// Record a finished delivery before the route goes on. While that fails (the disk is
@@ -709,6 +727,8 @@ mod tests {
         attempts: Mutex<Vec<Instant>>,
         /// How many attempts so far, for the test to wait on.
         attempted: tokio::sync::watch::Sender<usize>,
+        /// Its [`Sink::min_interval`] (Slack's is 1 s).
+        pace: Duration,
     }
 
     impl Scripted {
@@ -717,6 +737,7 @@ mod tests {
                 answers: Mutex::new(answers),
                 attempts: Mutex::new(Vec::new()),
                 attempted: tokio::sync::watch::Sender::new(0),
+                pace: Duration::ZERO,
             }
         }
     }
@@ -724,6 +745,9 @@ mod tests {
     impl Sink for Scripted {
         fn describe(&self) -> String {
             "scripted".into()
+        }
+        fn min_interval(&self) -> Duration {
+            self.pace
         }
         fn deliver<'a>(
             &'a self,
@@ -1449,6 +1473,76 @@ mod tests {
             at[1] - at[0] <= Duration::from_secs(660),
             "waited {:?}, past the 10 min retry age",
             at[1] - at[0]
+        );
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Regression (helper-140, helper-144): a paced sink's retry (Slack's one message a
+    /// second) waited the pace, then the whole retry delay: `Retry-After: 3` was retried after
+    /// 4 s, and "retrying in 3s" was logged a second late. The pace is part of the delay.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_paced_retry_waited_the_pace_and_then_its_delay() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let ok = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+            not_sent: None,
+        });
+        let sink = Arc::new(Scripted {
+            pace: Duration::from_secs(1),
+            ..Scripted::new(vec![status(429, Some(3)), status(429, Some(3)), ok])
+        });
+        let mut attempted = sink.attempted.subscribe();
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, sink.clone(), &cancel);
+        tokio::time::timeout(Duration::from_secs(60), attempted.wait_for(|n| *n >= 3))
+            .await
+            .expect("three attempts")
+            .unwrap();
+        let at = sink.attempts.lock().unwrap().clone();
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps, [Duration::from_secs(3); 2]);
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Regression (helper-140, helper-144): a route started again (a restart, or a reload,
+    /// which starts the alert route anew) sent its failing head at once without a word: the
+    /// log said "retrying in 2s", then nothing, then the delivery.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_route_started_again_retried_its_failing_head_without_a_word() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let failing = Arc::new(Scripted::new(vec![status(503, Some(600))]));
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, failing.clone(), &cancel);
+        while spool.pending("r", 0, 1).unwrap()[0].attempts < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        route.await.unwrap();
+
+        let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
+        let ok = Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+            not_sent: None,
+        });
+        let back = Arc::new(Scripted::new(vec![ok]));
+        let mut attempted = back.attempted.subscribe();
+        let cancel = CancellationToken::new();
+        let route = start_route(&spool, &writer, back.clone(), &cancel);
+        attempted.wait_for(|n| *n >= 1).await.unwrap();
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(
+            logs.contains(
+                "retrying now: the route started (a start or a reload), 1 attempt failed before"
+            ),
+            "{logs}"
         );
         cancel.cancel();
         route.await.unwrap();
