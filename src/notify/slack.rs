@@ -81,12 +81,17 @@ pub fn message(alert: &Alert) -> Value {
     }
     let title = alert.headline();
     // Slack reads the notification text as mrkdwn: escaped, as the blocks are.
+    // A RESOLVED's condition is the one that no longer holds (helper-140: "91 → 75, above 80").
+    let condition = match alert.status {
+        AlertStatus::Resolved => format!("no longer {}", alert.threshold),
+        _ => alert.threshold.clone(),
+    };
     let mut fallback = match &alert.property {
         Some(p) => format!(
-            "{title} ({} {} → {}, {})",
-            p.property, p.before, p.after, alert.threshold
+            "{title} ({} {} → {}, {condition})",
+            p.property, p.before, p.after
         ),
-        None => format!("{title} ({})", alert.threshold),
+        None => format!("{title} ({condition})"),
     };
     // Why it was sent when that is not the change itself ("entity deleted", "its rule was
     // removed from the config", "found by reconciliation..."): a notification shows only this.
@@ -309,6 +314,28 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// Regression (helper-140): a RESOLVED's notification read "(cpuUtil 91 → 75, above
+    /// 80)", as if 75 were above 80: the condition it names is the one that no longer holds.
+    #[test]
+    fn regression_a_resolved_read_as_if_its_condition_held() {
+        let mut alert = alert();
+        let text = |alert: &Alert| message(alert)["text"].as_str().unwrap().to_string();
+        assert!(text(&alert).ends_with("(cpuUtil 60 → 95, above 80)"));
+        alert.status = AlertStatus::Resolved;
+        alert.property = Some(ShownChange {
+            property: "cpuUtil".into(),
+            before: "91".into(),
+            after: "75".into(),
+        });
+        assert!(
+            text(&alert).ends_with("(cpuUtil 91 → 75, no longer above 80)"),
+            "{}",
+            text(&alert)
+        );
+        alert.property = None;
+        assert!(text(&alert).ends_with("(no longer above 80)"));
     }
 
     /// Regression (helper-120): an alert's note ("its rule was removed from the config",
