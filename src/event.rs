@@ -26,6 +26,10 @@ pub struct Event {
     pub body: Bytes,
 }
 
+/// The header of an alert the pipeline made ("cpu-high FIRING"): the relay's own, never
+/// taken from a frame (the source drops `x-smee-relay-*` headers).
+pub const ALERT_HEADER: &str = "x-smee-relay-alert";
+
 impl Event {
     /// The first value of header `name` (lower-case), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -59,6 +63,11 @@ impl Event {
     /// A short label for logs: the event kind a human would look for first
     /// (`x-github-event=push`), if the sender said one.
     pub fn kind(&self) -> Option<String> {
+        // An alert the pipeline made is named as such ("cpu-high FIRING"), not by the entity
+        // change's `action` in its body (helper-138: alert rows read `UPDATE`).
+        if let Some(alert) = self.header(ALERT_HEADER) {
+            return Some(crate::text::cut(alert, 64).to_string());
+        }
         /// A sender chooses the value: one of 60 KB would fill every log line and `events
         /// list` row of its delivery (helper-121).
         const KIND_MAX: usize = 64;

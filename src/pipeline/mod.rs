@@ -119,7 +119,7 @@ impl Alert {
             headers: vec![
                 ("content-type".into(), "application/json".into()),
                 (
-                    "x-smee-relay-alert".into(),
+                    crate::event::ALERT_HEADER.into(),
                     format!("{} {}", self.rule, self.status),
                 ),
             ],

@@ -3813,6 +3813,20 @@ mod tests {
         );
     }
 
+    /// Regression (helper-138, helper-144): an alert's row in `events list`, and its delivery
+    /// lines ("slack failed: ... (event 6, UPDATE)"), were labelled by the entity change's
+    /// `action` inside it, not as the alert it is.
+    #[test]
+    fn regression_an_alert_was_labelled_by_the_change_it_came_from() {
+        let alert = Event {
+            headers: vec![(crate::event::ALERT_HEADER.into(), "cpu-high FIRING".into())],
+            body: Bytes::from_static(br#"{"action":"UPDATE","rule":"cpu-high"}"#),
+            ..Event::default()
+        };
+        assert_eq!(event_kind(&alert).as_deref(), Some("cpu-high FIRING"));
+        assert_eq!(alert.kind().as_deref(), Some("cpu-high FIRING"));
+    }
+
     fn event(n: u8) -> Event {
         Event {
             sse_id: Some(n.to_string()),
