@@ -292,6 +292,69 @@ async fn a_stalled_subscriber_is_cut_off_within_the_budget_and_resumes() {
     server.cancel.cancel();
 }
 
+/// Regression (helper-142): a subscriber that stopped reading in the middle of a large frame
+/// pinned that frame after its event was evicted: the budget stayed full, so every post to
+/// every channel got 503 until the write stall shed the socket (60 s), and nothing was said.
+/// Two subscribers and two posts of control characters (whose smee frame is six times the
+/// body) did it again every minute. Evicting an event now cuts the subscribers still sending
+/// its frame.
+#[tokio::test]
+async fn regression_a_stalled_subscriber_pinning_a_frame_refused_every_post() {
+    let limit = 16 << 20;
+    let server = start(ServeConfig {
+        max_memory: limit,
+        write_stall: Duration::from_secs(300),
+        ..ServeConfig::default()
+    })
+    .await;
+    // Two subscribers stop reading, each in the middle of a frame of about 12 MiB (2 MiB of
+    // control characters, each escaped in 6 bytes): 24 MiB pinned, past the budget.
+    let mut stalled = Vec::new();
+    for name in ["pin1", "pin2"] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut socket = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+        let head = format!("GET /{name} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+        socket.write_all(head.as_bytes()).await.unwrap();
+        read_until(&mut socket, "event: ready").await;
+        let sent = client()
+            .post(format!("{}/{name}", server.url))
+            .header("content-type", "text/plain")
+            .body(vec![1u8; 2 << 20])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 200);
+        stalled.push(socket);
+    }
+    wait_metric(&server, "smee_relay_serve_bytes_held", |held| {
+        held > (24 << 20) as f64
+    })
+    .await;
+    // Posts to another channel: each goes through, at most after a moment's refusal while
+    // the cut subscriber's frame is freed.
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)).into_bytes();
+    for n in 0..12 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = post(&format!("{}/victim", server.url), body.clone())
+                .await
+                .status();
+            if status == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "post {n} refused for 5 s: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let shed = "smee_relay_serve_shed_connections_total{reason=\"lagging_subscriber\"}";
+    assert!(metric(&server, shed).await >= 1.0);
+    server.cancel.cancel();
+}
+
 #[tokio::test]
 async fn slow_loris_heads_and_bodies_are_cut_at_the_read_timeout() {
     let server = start(ServeConfig {

@@ -662,6 +662,12 @@ async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
     if !hub.stats.store_healthy.load(Ordering::Relaxed) {
         reasons.push("cannot write to --state-dir (disk full?); retried every second".to_owned());
     }
+    if hub.stats.refusing_for_memory() {
+        reasons.push(format!(
+            "posts refused in the last {}: the memory budget (--max-memory) is full",
+            humantime::format_duration(super::hub::MEMORY_REFUSALS_UNHEALTHY)
+        ));
+    }
     let (status, body) = if reasons.is_empty() {
         (StatusCode::OK, serde_json::json!({"status": "ok"}))
     } else {

@@ -34,6 +34,9 @@ pub(super) const SUBSCRIBER_OVERHEAD: usize = 16 << 10;
 /// shared frame, never a private copy.
 const CHUNK: usize = 64 << 10;
 
+/// How long `/healthz` fails after a post is refused for memory.
+pub(super) const MEMORY_REFUSALS_UNHEALTHY: Duration = Duration::from_secs(10);
+
 /// How a resume warning says it is not said every time.
 pub(super) const RESUME_WARNINGS: &str = "such warnings are said at the first and every 1,000th";
 
@@ -89,6 +92,12 @@ pub(super) struct Stats {
     /// Connections shed (at the cap, past the read timeout, a failed TLS handshake), said at
     /// most once a minute: a flood is worth a line, not a line a connection.
     pub shed_said: Mutex<(crate::clock::Tally, String)>,
+    /// Posts refused for memory (503), said at most once a minute (helper-142: a full budget
+    /// refused every post for a minute without a line).
+    pub refused_memory_said: Mutex<(crate::clock::Tally, String)>,
+    /// When a post was last refused for memory (ms since the epoch; 0: never): `/healthz`
+    /// fails for [`MEMORY_REFUSALS_UNHEALTHY`] after it.
+    pub memory_refused_ms: AtomicU64,
     /// Requests refused for their token, said at most once a minute.
     pub refused_token_said: Mutex<(crate::clock::Tally, Option<std::net::IpAddr>)>,
     /// Gap warnings of all channels in the current minute: (when it began, said, not said). A
@@ -128,6 +137,28 @@ impl Stats {
                 warn!("{}", shed_line(n, &said.1));
             }
         }
+    }
+
+    /// Count a post refused for memory (`why`), and say the count since the last line, at most
+    /// once a minute.
+    fn say_refused_memory(&self, why: &HubError) {
+        self.refused_memory.fetch_add(1, Ordering::Relaxed);
+        self.memory_refused_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+        if let Ok(mut said) = self.refused_memory_said.lock() {
+            said.1 = why.to_string();
+            if let Some(n) = said.0.add(1, std::time::Instant::now()) {
+                warn!("{}", memory_line(n, &said.1));
+            }
+        }
+    }
+
+    /// Whether a post was refused for memory in the last [`MEMORY_REFUSALS_UNHEALTHY`].
+    pub(super) fn refusing_for_memory(&self) -> bool {
+        let at = self.memory_refused_ms.load(Ordering::Relaxed);
+        at != 0
+            && crate::clock::now_ms().saturating_sub(at)
+                < MEMORY_REFUSALS_UNHEALTHY.as_millis() as u64
     }
 
     /// Count a request refused for its token, and say the count since the last line (and who
@@ -183,6 +214,11 @@ impl Stats {
         {
             lines.push(refused_line(n, ip));
         }
+        if let Ok(mut said) = self.refused_memory_said.lock()
+            && let Some(n) = said.0.add(0, now)
+        {
+            lines.push(memory_line(n, &said.1));
+        }
         if let Ok(mut gaps) = self.gap_lines.lock() {
             let (began, said, unsaid) = &mut *gaps;
             if *unsaid > 0
@@ -203,6 +239,15 @@ fn shed_line(n: u64, why: &str) -> String {
     format!(
         "shed {} since the last report (the latest: {why}); many at once are a flood of connections, or too low a limit (smee_relay_serve_shed_connections_total counts them by reason)",
         crate::error::count(n as usize, "connection", "connections")
+    )
+}
+
+fn memory_line(n: u64, why: &str) -> String {
+    format!(
+        "refused {} (503) since the last report: {why}; smee_relay_serve_bytes_held shows what \
+         is held (subscribers that stopped reading in a frame are cut, and their memory comes \
+         back); raise --max-memory, or lower --max-body",
+        crate::error::count(n as usize, "post", "posts")
     )
 }
 
@@ -670,6 +715,9 @@ impl Hub {
         channel.pop_front();
         channel.evicted_upto = channel.evicted_upto.max(id);
         cut_lagging(channel, id, &self.stats);
+        if let Reason::Memory = reason {
+            cut_pinning(channel, id, &self.stats);
+        }
         let counter = match reason {
             Reason::Memory => &self.stats.evicted_memory,
             Reason::Age => &self.stats.evicted_age,
@@ -688,13 +736,16 @@ impl Hub {
         bytes: usize,
     ) -> Result<(), HubError> {
         let mut channels = self.lock();
-        if self.stats.reading.load(Ordering::Relaxed) + bytes > self.limit() / 2 {
-            self.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
-            return Err(HubError::ReadingFull);
-        }
-        if !self.trim(&mut channels, bytes) {
-            self.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
-            return Err(HubError::MemoryFull);
+        let refused = if self.stats.reading.load(Ordering::Relaxed) + bytes > self.limit() / 2 {
+            Some(HubError::ReadingFull)
+        } else if !self.trim(&mut channels, bytes) {
+            Some(HubError::MemoryFull)
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
+            self.stats.say_refused_memory(&refused);
+            return Err(refused);
         }
         match charge {
             Some(charge) => charge.grow(bytes),
@@ -1100,6 +1151,7 @@ impl Hub {
         };
         let watcher = Arc::new(Watcher {
             cursor: AtomicU64::new(cursor),
+            sending: AtomicU64::new(0),
             kill,
         });
         channel.watchers.push(watcher.clone());
@@ -1124,14 +1176,33 @@ impl Hub {
 pub(super) struct Watcher {
     /// Last id taken by the subscription.
     cursor: AtomicU64,
+    /// The id whose frame the subscription is still writing (0: none). That frame stays in
+    /// memory, charged, while its socket does not take it, even once the event is evicted.
+    sending: AtomicU64,
     /// Closes the subscription's connection.
     kill: tokio_util::sync::CancellationToken,
 }
 
 /// Cut the subscriptions of `channel` that had not yet taken event `id`, just evicted.
 fn cut_lagging(channel: &Channel, id: u64, stats: &Stats) {
+    cut_where(channel, stats, |watcher| {
+        watcher.cursor.load(Ordering::Relaxed) < id
+    });
+}
+
+/// Cut, besides, the subscriptions of `channel` still writing the frame of event `id`, just
+/// evicted for memory: their sockets stopped taking it, and it stays charged as long as they
+/// hold it (helper-142: two such frames held the budget full, and every post to every
+/// channel was refused until the write stall, a minute later).
+fn cut_pinning(channel: &Channel, id: u64, stats: &Stats) {
+    cut_where(channel, stats, |watcher| {
+        watcher.sending.load(Ordering::Relaxed) == id
+    });
+}
+
+fn cut_where(channel: &Channel, stats: &Stats, cut: impl Fn(&Watcher) -> bool) {
     for watcher in &channel.watchers {
-        if watcher.cursor.load(Ordering::Relaxed) < id && !watcher.kill.is_cancelled() {
+        if cut(watcher) && !watcher.kill.is_cancelled() {
             watcher.kill.cancel();
             stats.shed_lagging.fetch_add(1, Ordering::Relaxed);
         }
@@ -1200,6 +1271,8 @@ impl Subscription {
                 let n = self.pending.len().min(CHUNK);
                 return Some(self.pending.split_to(n));
             }
+            // Asked for more: the frame's last piece is written (or in hyper's hands).
+            self.watcher.sending.store(0, Ordering::Relaxed);
             if !self.ready_sent {
                 self.ready_sent = true;
                 return Some(Bytes::from_static(b"event: ready\ndata: {}\n\n"));
@@ -1220,6 +1293,7 @@ impl Subscription {
                 Next::Event(event) => {
                     self.cursor = event.id;
                     self.watcher.cursor.store(event.id, Ordering::Relaxed);
+                    self.watcher.sending.store(event.id, Ordering::Relaxed);
                     self.pending = if event.body.len() > BUILT_ASIDE && !event.has_frame(self.raw) {
                         // Made on a blocking thread: smee's frame of a large body (up to 6
                         // times it) took seconds on the one thread every request waits on.
@@ -1378,7 +1452,10 @@ mod tests {
         for _ in 0..3 {
             stats.say_refused_token(ip);
             stats.say_shed("a test");
+            // helper-142: posts refused for memory were counted, never said.
+            stats.say_refused_memory(&HubError::MemoryFull);
         }
+        assert!(stats.refusing_for_memory(), "/healthz fails meanwhile");
         assert!(
             stats.floods_due(start).is_empty(),
             "said at the first, then a minute"
@@ -1388,7 +1465,8 @@ mod tests {
             due,
             [
                 shed_line(2, "a test"),
-                "refused 2 requests without the right token since the last report (the latest from 192.0.2.7)".to_string()
+                "refused 2 requests without the right token since the last report (the latest from 192.0.2.7)".to_string(),
+                memory_line(2, &HubError::MemoryFull.to_string()),
             ]
         );
         assert!(

@@ -384,6 +384,11 @@ async fn connection<S>(
             ));
         } else if io::is_stall(&e) {
             stats.shed_write_stall.fetch_add(1, Ordering::Relaxed);
+            // Said as the other sheds are (helper-142: counted only).
+            stats.say_shed(&format!(
+                "a subscriber that took no bytes for --write-stall {}",
+                humantime::format_duration(config.write_stall)
+            ));
         }
         debug!("connection ended: {e}");
     }
