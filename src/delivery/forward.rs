@@ -88,6 +88,21 @@ fn preview_suffix(body: &str) -> String {
 }
 
 impl ForwardError {
+    /// What a failed request of reqwest's was: a timeout (after `timeout`), a request that
+    /// cannot be made at all (its URL no `http::Uri` takes: no later attempt can send it
+    /// either), or a connection that failed. Said without the URL, which may hold a secret or
+    /// a sender's 100 KB (helper-143: a run id that long made each line 100 KB, and retried
+    /// its report, and every report behind it, for a day as if Port were down).
+    pub fn from_reqwest(error: reqwest::Error, timeout: Duration) -> Self {
+        if error.is_timeout() {
+            ForwardError::Timeout(timeout)
+        } else if error.is_builder() {
+            ForwardError::Request(crate::error::chain(&error.without_url()))
+        } else {
+            ForwardError::Connection(crate::error::chain(&error.without_url()))
+        }
+    }
+
     /// Whether trying the same request later can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -249,7 +264,7 @@ impl Forwarder {
                 sendable(&url)?;
                 post_tls(client, url, headers, event.body.clone())
                     .await
-                    .map_err(|e| self.classify(e))?
+                    .map_err(|e| ForwardError::from_reqwest(e, self.timeout))?
             }
         };
         if answer.status.is_success() {
@@ -306,14 +321,6 @@ impl Forwarder {
             end -= 1;
         }
         crate::text::escape_control(text[..end].trim()).into_owned()
-    }
-
-    fn classify(&self, error: reqwest::Error) -> ForwardError {
-        if error.is_timeout() {
-            ForwardError::Timeout(self.timeout)
-        } else {
-            ForwardError::Connection(crate::error::chain(&error.without_url()))
-        }
     }
 }
 
@@ -972,6 +979,20 @@ mod tests {
             );
             assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
         }
+    }
+
+    /// Regression (helper-143): a URL no request can carry (a Port report's, with a run id of
+    /// 100 KB) failed as "cannot reach target: builder error for url (...)", retried as if
+    /// Port were down, each line carrying the URL whole.
+    #[tokio::test]
+    async fn regression_a_url_no_request_can_carry_was_retried_as_unreachable() {
+        let url = format!("http://127.0.0.1:1/{}", "R".repeat(70_000));
+        let client = crate::http::client_builder().build().unwrap();
+        let error = client.get(&url).send().await.unwrap_err();
+        let error = ForwardError::from_reqwest(error, Duration::from_secs(1));
+        assert!(matches!(error, ForwardError::Request(_)), "{error}");
+        assert!(!error.is_retryable());
+        assert!(!error.to_string().contains("RRRR"), "{error}");
     }
 
     #[tokio::test]

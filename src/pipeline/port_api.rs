@@ -178,13 +178,8 @@ impl PortClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Answer, ForwardError> {
-        let response = request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                ForwardError::Timeout(CALL_TIMEOUT)
-            } else {
-                ForwardError::Connection(crate::error::chain(&e))
-            }
-        })?;
+        let response =
+            (request.send().await).map_err(|e| ForwardError::from_reqwest(e, CALL_TIMEOUT))?;
         let status = response.status();
         let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
             response
