@@ -922,6 +922,71 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
     );
 }
 
+/// Regression (helper-143): a signed run whose id was 100 KB ran its handler, then its report
+/// could not be made into a request (no URL that long) and was retried as if Port were down,
+/// for a day, with every later run's reports queued behind it; a run naming an action without
+/// a run id went by with nothing said. Both are said, and dead letters; the next run goes on.
+#[tokio::test]
+async fn regression_a_run_with_an_unusable_id_held_every_report_back() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    let daemon = setup.start().await;
+    let long = fixture("01-legacy-run-message").replace("r_act01legacy", &"R".repeat(100_000));
+    setup.channel.send_webhook(1, &signed_frame(&long, SECRET));
+    daemon
+        .logs
+        .wait_for(&[
+            "WARN",
+            "event=1",
+            "looks like an action run",
+            "100000 bytes long, over the 256 taken",
+        ])
+        .await;
+    let without =
+        fixture("01-legacy-run-message").replace(r#""runId":"r_act01legacy""#, r#""other":"x""#);
+    assert!(
+        !without.contains("r_act01legacy"),
+        "the fixture's run id moved"
+    );
+    setup
+        .channel
+        .send_webhook(3, &signed_frame(&without, SECRET));
+    daemon
+        .logs
+        .wait_for(&[
+            "WARN",
+            "event=2",
+            "names [[action]] restart_deployment without a run id",
+        ])
+        .await;
+    only_the_next_run_goes_through(&setup, "r_act01legacy").await;
+    let logs = daemon.stop().await;
+    assert!(
+        !logs.all().contains(&"R".repeat(1000)),
+        "a line carried the id"
+    );
+    let listed = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--json", "--state-dir"])
+            .arg(setup.dir.join("state")),
+    )
+    .await;
+    let rows: Value = serde_json::from_str(&listed.stdout).expect(&listed.stderr);
+    for id in [1, 2] {
+        let row = (rows.as_array().into_iter().flatten())
+            .find(|row| row["id"] == id && row["route"] == "actions")
+            .unwrap_or_else(|| panic!("no actions row for event {id}: {rows}"));
+        assert_eq!(row["status"], "dead", "{row}");
+        assert!(
+            row["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("not a run: "),
+            "{row}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again() {
     let setup = Setup::new(ALL_FOUR).await;

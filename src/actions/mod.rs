@@ -303,12 +303,24 @@ fn text(value: &Value, path: &[&str]) -> Option<String> {
     at.as_str().filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
+/// Where a body carries its run id, first found first.
+const RUN_ID_AT: [[&str; 2]; 3] = [
+    ["context", "runId"],
+    ["run", "id"],
+    ["port_context", "runId"],
+];
+
+/// The longest run id taken. Port's are some 30 characters; one of kilobytes is not Port's,
+/// and past about 64 KiB it cannot even go in a report's URL (helper-143).
+pub const MAX_RUN_ID: usize = 256;
+
 /// Find the run in a body: its id at `context.runId`, `run.id` or `port_context.runId`.
-/// `None`: not an action run.
+/// `None`: not an action run ([`why_not_a_run`] says whether it looks meant as one).
 pub fn decode_run(body: &Value) -> Option<RunInfo> {
-    let run_id = text(body, &["context", "runId"])
-        .or_else(|| text(body, &["run", "id"]))
-        .or_else(|| text(body, &["port_context", "runId"]))?;
+    let run_id = RUN_ID_AT
+        .iter()
+        .find_map(|path| text(body, path))
+        .filter(|id| id.len() <= MAX_RUN_ID)?;
     let action = text(body, &["action"]).or_else(|| text(body, &["action", "identifier"]));
     let entity = text(body, &["context", "entity"])
         .or_else(|| text(body, &["entity", "identifier"]))
@@ -324,6 +336,38 @@ pub fn decode_run(body: &Value) -> Option<RunInfo> {
         entity,
         blueprint,
     })
+}
+
+/// Why `body`, which [`decode_run`] finds no run in, looks meant as one of `actions`' runs: a
+/// run id it cannot take (empty, not text, too long), or an action's identifier named without
+/// a run id. None: no sign of a run (most events on a channel are not).
+pub fn why_not_a_run(body: &Value, actions: &[ActionSpec]) -> Option<String> {
+    let found = RUN_ID_AT.iter().find_map(|path| {
+        let at = body.get(path[0])?.get(path[1])?;
+        Some((path.join("."), at))
+    });
+    match found {
+        Some((path, Value::String(id))) if id.is_empty() => {
+            Some(format!("its run id ({path}) is empty"))
+        }
+        Some((path, Value::String(id))) => Some(format!(
+            "its run id ({path}) is {} bytes long, over the {MAX_RUN_ID} taken",
+            id.len()
+        )),
+        Some((path, _)) => Some(format!("its run id ({path}) is not text")),
+        None => {
+            let named =
+                text(body, &["action"]).or_else(|| text(body, &["action", "identifier"]))?;
+            let action = actions.iter().find(
+                |action| matches!(&action.matcher, Matcher::Identifier(id) if *id == named),
+            )?;
+            Some(format!(
+                "it names [[action]] {} without a run id (at context.runId, run.id or \
+                 port_context.runId)",
+                action.name
+            ))
+        }
+    }
 }
 
 /// The first action that handles this run, or none. A `when` that fails to evaluate (a jq
@@ -832,6 +876,34 @@ mod tests {
             assert_eq!(run.entity.as_deref(), entity, "{file}");
         }
         assert!(decode_run(&serde_json::json!({"ref": "main"})).is_none());
+        assert_eq!(
+            why_not_a_run(&serde_json::json!({"ref": "main"}), &[]),
+            None
+        );
+    }
+
+    /// helper-143: a run id of kilobytes is no run (it cannot go in a report's URL), and a
+    /// run id that cannot be used is said, not taken for "not a run" in silence.
+    #[test]
+    fn a_run_id_that_cannot_be_used_is_said() {
+        let with = |id: serde_json::Value| serde_json::json!({"run": {"id": id}});
+        let longest = "r".repeat(MAX_RUN_ID);
+        assert_eq!(
+            decode_run(&with(longest.clone().into())).unwrap().run_id,
+            longest
+        );
+        for (id, why) in [
+            (
+                "r".repeat(MAX_RUN_ID + 1).into(),
+                "its run id (run.id) is 257 bytes long, over the 256 taken",
+            ),
+            ("".into(), "its run id (run.id) is empty"),
+            (12345.into(), "its run id (run.id) is not text"),
+        ] {
+            let body = with(id);
+            assert!(decode_run(&body).is_none(), "{body}");
+            assert_eq!(why_not_a_run(&body, &[]).as_deref(), Some(why));
+        }
     }
 
     #[test]

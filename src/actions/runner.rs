@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 use super::{
     ACTIONS_ROUTE, ActionSpec, ENV_ALLOW, Finish, Handler, HandlerProcess, Links, REPORT_ROUTE,
     Report, ReportMapping, RunInfo, RunPhase, RunState, Terminal, decode_run, find_action,
-    parse_directive, state_key, stored_runs,
+    parse_directive, state_key, stored_runs, why_not_a_run,
 };
 use crate::delivery::RetryPolicy;
 use crate::pipeline::signature::Verifier;
@@ -136,8 +136,26 @@ pub async fn run(
                 Err(_) => None,
             };
             let run = body.as_ref().and_then(decode_run);
+            let not_a_run = match (&body, &run) {
+                (Some(body), None) => why_not_a_run(body, &actions.actions),
+                _ => None,
+            };
             let (Some(body), Some(run)) = (body, run) else {
-                debug!(event = id, "actions: not an action run");
+                // Meant as a run, by the look of it: said, and a dead letter (helper-143: a run
+                // without its id went by silently, listed as delivered).
+                match not_a_run {
+                    Some(why) => {
+                        warn!(
+                            event = id,
+                            "actions: event {id} looks like an action run, but {why}: nothing runs and nothing is reported (a dead letter of the actions route)"
+                        );
+                        done = mark(Outcome::Dead {
+                            status: None,
+                            error: format!("not a run: {why}"),
+                        });
+                    }
+                    None => debug!(event = id, "actions: not an action run"),
+                }
                 if !commit(&writer, vec![done]).await {
                     break;
                 }
