@@ -997,6 +997,13 @@ async fn kill_9_mid_run_reports_interrupted_by_restart_and_does_not_run_it_again
     let finish = &setup.port.finishes("r_act01legacy")[0];
     assert_eq!(finish["status"], "FAILURE");
     assert_eq!(finish["summary"], "interrupted by restart");
+    // helper-143: it said "while the handler was running" of a forward handler still being
+    // retried, which may never have had it.
+    let log = setup.port.logs("r_act01legacy");
+    assert!(
+        log.contains("smee-relay restarted before the run finished; it is not run again (on_interrupt = \"fail\")"),
+        "{log}"
+    );
     // The smee channel may deliver it again (it is in the spool anyway): still not run again.
     setup.send(2, "01-legacy-run-message");
     daemon
@@ -1188,7 +1195,7 @@ on_interrupt = "rerun"
     // between; it says why it runs again.
     let log = setup.port.logs("r_act01legacy");
     assert!(
-        log.contains("smee-relay restarted while the handler was running; it runs again from the start (on_interrupt = \"rerun\")"),
+        log.contains("smee-relay restarted before the run finished; it runs again from the start (on_interrupt = \"rerun\")"),
         "{log}"
     );
     // Regression (an adversary's finding): the first execution, and what it started, outlived

@@ -388,7 +388,7 @@ async fn recover(
                             jq: actions.jq.clone(),
                             state,
                             cancel: cancel.clone(),
-                            note: Some("smee-relay restarted while the handler was running; it runs again from the start (on_interrupt = \"rerun\")"),
+                            note: Some("smee-relay restarted before the run finished; it runs again from the start (on_interrupt = \"rerun\")"),
                         }));
                         continue;
                     }
@@ -413,7 +413,7 @@ async fn recover(
         let log = Report::Log {
             run: run_id.clone(),
             message: format!(
-                "smee-relay restarted while the handler was running; it is not run again ({why})"
+                "smee-relay restarted before the run finished; it is not run again ({why})"
             ),
         };
         finish_writes_commit(writer, &run_id, &state, vec![log], finish, cancel).await;
