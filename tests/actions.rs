@@ -847,6 +847,45 @@ timeout = "1s"
     .await;
 }
 
+/// Regression (helper-143): a child the handler left running in its process group, its
+/// output closed, outlived the run (one holding the output was killed after 2 s); and the
+/// summary counted that wait as the handler's time. A run's end now ends its process group,
+/// as a CI job's end does, and the time is the handler's own.
+#[tokio::test]
+async fn regression_a_child_left_in_the_handlers_group_outlived_the_run() {
+    let setup = Setup::new(ALL_FOUR).await;
+    let pidfile = setup.dir.join("child.pid");
+    handler(
+        &setup.dir,
+        "restart.sh",
+        &format!(
+            "(exec >/dev/null 2>&1; sleep 300) & echo $! > {}; sleep 301 &",
+            pidfile.display()
+        ),
+    );
+    let _daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    setup.port.wait_finished(&["r_act01legacy"]).await;
+    let finish = &setup.port.finishes("r_act01legacy")[0];
+    assert_eq!(finish["status"], "SUCCESS");
+    // The `sleep 301` holding the output was waited for 2 s, then killed: not the handler's.
+    let summary = finish["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("exit 0 in ") && !summary.contains("2s"),
+        "{summary}"
+    );
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    wait_until("the handler's child is gone", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_run_delivered_twice_while_running_executes_once() {
     let setup = Setup::new(ALL_FOUR).await;

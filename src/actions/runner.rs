@@ -845,6 +845,7 @@ async fn run_command(
         // Its own process group: a timeout kills the handler and whatever it started.
         .process_group(0)
         .kill_on_drop(true);
+    let started = tokio::time::Instant::now();
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -889,6 +890,8 @@ async fn run_command(
     let drain = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(drain);
     let mut exited: Option<std::process::ExitStatus> = None;
+    // The handler's own time, not the wait for its output after it (helper-143).
+    let mut took = Duration::ZERO;
     let mut timed_out = false;
     let mut output_open = true;
     while output_open || exited.is_none() {
@@ -912,6 +915,7 @@ async fn run_command(
             _ = tick.tick() => logs.tick().await,
             status = child.wait(), if exited.is_none() => {
                 exited = Some(status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(1 << 8)));
+                took = started.elapsed();
                 drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             _ = &mut deadline, if exited.is_none() && !timed_out => {
@@ -932,25 +936,30 @@ async fn run_command(
         }
     }
     let status = exited.expect("the loop ends after exit");
+    // What the handler left in its group ends with the run, as a CI job's leftovers do
+    // (helper-143: a child that closed its output outlived the run); only one it moved out of
+    // the group (`setsid`) goes on.
+    kill_group();
     use std::os::unix::process::ExitStatusExt as _;
+    let took = humantime::format_duration(Duration::from_millis(took.as_millis() as u64));
     Some(if timed_out {
         let limit = humantime::format_duration(x.spec.timeout);
         let message = format!("{TIMED_OUT} {limit}; process group killed");
         logs.line(&format!("smee-relay: {message}")).await;
         (Terminal::Failure, message, said.finish)
     } else if status.success() {
-        (Terminal::Success, "exit 0 in {took}".into(), said.finish)
+        (Terminal::Success, format!("exit 0 in {took}"), said.finish)
     } else if let Some(code) = status.code() {
         (
             Terminal::Failure,
-            format!("exit code {code} after {{took}}"),
+            format!("exit code {code} after {took}"),
             said.finish,
         )
     } else {
         let signal = status.signal().unwrap_or(0);
         (
             Terminal::Failure,
-            format!("killed by signal {signal} after {{took}}"),
+            format!("killed by signal {signal} after {took}"),
             said.finish,
         )
     })
