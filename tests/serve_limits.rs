@@ -332,10 +332,10 @@ async fn regression_a_stalled_subscriber_pinning_a_frame_refused_every_post() {
     })
     .await;
     // Posts to another channel: each goes through, at most after a moment's refusal while
-    // the cut subscriber's frame is freed.
+    // the subscribers count as stopped (2 s without taking a piece) and are cut.
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)).into_bytes();
     for n in 0..12 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let status = post(&format!("{}/victim", server.url), body.clone())
                 .await
@@ -345,13 +345,107 @@ async fn regression_a_stalled_subscriber_pinning_a_frame_refused_every_post() {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "post {n} refused for 5 s: {status}"
+                "post {n} refused for 10 s: {status}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let shed = "smee_relay_serve_shed_connections_total{reason=\"lagging_subscriber\"}";
     assert!(metric(&server, shed).await >= 1.0);
+    server.cancel.cancel();
+}
+
+/// Regression (helper-145, of the fix above): a subscriber reading a large frame steadily, if
+/// slowly, was cut when its event was evicted for memory, and lost the event.
+#[tokio::test]
+async fn regression_a_slow_but_reading_subscriber_was_cut_mid_frame() {
+    let limit = 16 << 20;
+    let server = start(ServeConfig {
+        max_memory: limit,
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut reader = raw_subscriber(&server, "/steady", None).await;
+    read_until(&mut reader, "event: ready").await;
+    // 2 MiB of control characters: a frame of about 12 MiB, read steadily.
+    let sent = client()
+        .post(format!("{}/steady", server.url))
+        .header("content-type", "text/plain")
+        .body(vec![1u8; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200);
+    let read = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        // The frame's end, before the chunk's `\r\n` of HTTP/1.1.
+        let ended = |seen: &[u8]| seen.len() > 12 << 20 && seen.ends_with(b"}\n\n\r\n");
+        while !ended(&seen) {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0, "cut after {} bytes", seen.len());
+            seen.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        seen.len()
+    });
+    wait_metric(&server, "smee_relay_serve_bytes_held", |held| {
+        held > (12 << 20) as f64
+    })
+    .await;
+    // A post elsewhere that the frame being read leaves no room for: the event is evicted,
+    // and the post refused (the frame's memory is in use), not the reader cut.
+    let refused = post(&format!("{}/other", server.url), vec![b'x'; 5 << 20]).await;
+    assert_eq!(refused.status(), 503);
+    let evicted = "smee_relay_serve_evicted_events_total{reason=\"memory\"}";
+    assert!(
+        metric(&server, evicted).await >= 1.0,
+        "the event was evicted"
+    );
+    let got = tokio::time::timeout(support::PATIENCE, read)
+        .await
+        .expect("the frame read within the deadline")
+        .unwrap();
+    assert!(got > 12 << 20, "read {got} bytes");
+    let shed = "smee_relay_serve_shed_connections_total{reason=\"lagging_subscriber\"}";
+    assert_eq!(metric(&server, shed).await, 0.0);
+    server.cancel.cancel();
+}
+
+/// Regression (helper-145): a body over half of `--max-memory` (all that bodies being read may
+/// hold) could never be read, yet got 503 "try again shortly", which senders retry for ever,
+/// and failed `/healthz` for 10 s: it is 413, and the server healthy.
+#[tokio::test]
+async fn regression_a_body_over_half_the_budget_got_503_and_failed_healthz() {
+    let server = start(ServeConfig {
+        max_memory: 16 << 20,
+        ..ServeConfig::default()
+    })
+    .await;
+    let url = format!("{}/big", server.url);
+    for chunked in [false, true] {
+        let body = vec![b'x'; 9 << 20];
+        let request = client().post(&url).header("content-type", "text/plain");
+        let request = if chunked {
+            let piece = bytes::Bytes::from(body);
+            let stream = futures::stream::iter([Ok::<_, std::io::Error>(piece)]);
+            request.body(reqwest::Body::wrap_stream(stream))
+        } else {
+            request.body(body)
+        };
+        let (status, reason) = error_of(request.send().await.unwrap()).await;
+        assert_eq!(status, 413, "chunked {chunked}: {reason}");
+        assert!(
+            reason.contains("8388608 bytes") && reason.contains("half of --max-memory"),
+            "{reason}"
+        );
+    }
+    let health = client()
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
     server.cancel.cancel();
 }
 

@@ -342,15 +342,13 @@ async fn read_body(hub: &Hub, body: Body) -> Result<(Bytes, Option<Charge>), Bod
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if joined.len() + data.len() > hub.config.max_body {
+        if joined.len() + data.len() > hub.max_body() {
             return Err(BodyError::TooLarge);
         }
         let had = joined.capacity();
         if joined.len() + data.len() > had {
             // Room for it, doubling as Vec does, but never past --max-body.
-            let want = (joined.len() + data.len())
-                .max(had * 2)
-                .min(hub.config.max_body);
+            let want = (joined.len() + data.len()).max(had * 2).min(hub.max_body());
             hub.reserve(&mut charge, want - had)
                 .map_err(BodyError::Memory)?;
             joined.reserve_exact(want - joined.len());
@@ -410,13 +408,14 @@ async fn post(
         json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "the body is larger than this server's --max-body of {} bytes",
-                hub.config.max_body
+                "the body is larger than the {} bytes this server takes (--max-body, or half of \
+                 --max-memory if less)",
+                hub.max_body()
             ),
         )
     };
     let declared = text(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > hub.config.max_body as u64) {
+    if declared.is_some_and(|n| n > hub.max_body() as u64) {
         return too_large();
     }
     let (body, _reading) = match read_body(&hub, body).await {

@@ -143,8 +143,12 @@ impl Stats {
     /// once a minute.
     fn say_refused_memory(&self, why: &HubError) {
         self.refused_memory.fetch_add(1, Ordering::Relaxed);
-        self.memory_refused_ms
-            .store(crate::clock::now_ms(), Ordering::Relaxed);
+        // Uploads holding their half is a sender's doing, not a server that cannot take posts
+        // (helper-145: one post every 10 s kept /healthz failing).
+        if let HubError::MemoryFull = why {
+            self.memory_refused_ms
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
+        }
         if let Ok(mut said) = self.refused_memory_said.lock() {
             said.1 = why.to_string();
             if let Some(n) = said.0.add(1, std::time::Instant::now()) {
@@ -656,6 +660,13 @@ impl Hub {
         self.config.max_memory
     }
 
+    /// The largest body taken: `--max-body`, or what bodies being read may hold together (half
+    /// the budget) if less. A larger one could never be read, whatever waits (helper-145: it
+    /// got 503 "try again shortly", and senders retry that for ever).
+    pub(super) fn max_body(&self) -> usize {
+        self.config.max_body.min(self.limit() / 2)
+    }
+
     /// Make room for `more` bytes: drop what is too old, then, while over the budget, the
     /// oldest event of the channel holding the most. Not the globally oldest: anyone who may
     /// post can fill the budget through channels of their own, and would evict first the
@@ -681,7 +692,15 @@ impl Hub {
             };
             self.drop_event(channels, &name, id, Reason::Memory);
         }
-        self.stats.held.load(Ordering::Relaxed) + more <= self.limit()
+        let room = self.stats.held.load(Ordering::Relaxed) + more <= self.limit();
+        if !room {
+            // What is left is held by sockets: those that stopped reading let go, and a later
+            // post finds the room.
+            for channel in channels.map.values() {
+                cut_pinning(channel, &self.stats);
+            }
+        }
+        room
     }
 
     /// `--max-events` for one channel (only a post makes a channel longer). The global queue
@@ -715,9 +734,6 @@ impl Hub {
         channel.pop_front();
         channel.evicted_upto = channel.evicted_upto.max(id);
         cut_lagging(channel, id, &self.stats);
-        if let Reason::Memory = reason {
-            cut_pinning(channel, id, &self.stats);
-        }
         let counter = match reason {
             Reason::Memory => &self.stats.evicted_memory,
             Reason::Age => &self.stats.evicted_age,
@@ -1152,6 +1168,7 @@ impl Hub {
         let watcher = Arc::new(Watcher {
             cursor: AtomicU64::new(cursor),
             sending: AtomicU64::new(0),
+            took_ms: AtomicU64::new(crate::clock::now_ms()),
             kill,
         });
         channel.watchers.push(watcher.clone());
@@ -1179,6 +1196,9 @@ pub(super) struct Watcher {
     /// The id whose frame the subscription is still writing (0: none). That frame stays in
     /// memory, charged, while its socket does not take it, even once the event is evicted.
     sending: AtomicU64,
+    /// When its socket last took a piece of a frame (ms since the epoch): one that took none
+    /// for [`PINNING_IDLE`] stopped reading; one that takes pieces is reading, however slowly.
+    took_ms: AtomicU64,
     /// Closes the subscription's connection.
     kill: tokio_util::sync::CancellationToken,
 }
@@ -1190,23 +1210,43 @@ fn cut_lagging(channel: &Channel, id: u64, stats: &Stats) {
     });
 }
 
-/// Cut, besides, the subscriptions of `channel` still writing the frame of event `id`, just
-/// evicted for memory: their sockets stopped taking it, and it stays charged as long as they
-/// hold it (helper-142: two such frames held the budget full, and every post to every
-/// channel was refused until the write stall, a minute later).
-fn cut_pinning(channel: &Channel, id: u64, stats: &Stats) {
-    cut_where(channel, stats, |watcher| {
-        watcher.sending.load(Ordering::Relaxed) == id
+/// With the memory budget full and every replay buffer evicted: cut the subscriptions of
+/// `channel` still writing the frame of an event evicted already, whose sockets stopped taking
+/// it ([`PINNING_IDLE`]). The frame stays charged as long as they hold it (helper-142: two
+/// such frames held the budget full, and every post to every channel was refused until the
+/// write stall, a minute later). One still reading keeps its frame, and the post waits
+/// (helper-145: a reader at 1 MB/s was cut, and lost the event).
+fn cut_pinning(channel: &Channel, stats: &Stats) {
+    let idle_since = crate::clock::now_ms().saturating_sub(PINNING_IDLE.as_millis() as u64);
+    let cut = cut_where(channel, stats, |watcher| {
+        let sending = watcher.sending.load(Ordering::Relaxed);
+        sending != 0
+            && sending <= channel.evicted_upto
+            && watcher.took_ms.load(Ordering::Relaxed) <= idle_since
     });
+    for _ in 0..cut {
+        stats.say_shed(
+            "a subscriber that stopped reading in a frame the memory budget needed back; it \
+             resumes with Last-Event-ID",
+        );
+    }
 }
 
-fn cut_where(channel: &Channel, stats: &Stats, cut: impl Fn(&Watcher) -> bool) {
+/// How long a subscriber writing a frame may take no piece of it before it counts as stopped,
+/// when the memory budget needs that frame back: a reader of 32 KB/s takes one in 2 s.
+const PINNING_IDLE: Duration = Duration::from_secs(2);
+
+/// Cut the subscriptions of `channel` that `cut` picks; how many were cut.
+fn cut_where(channel: &Channel, stats: &Stats, cut: impl Fn(&Watcher) -> bool) -> usize {
+    let mut n = 0;
     for watcher in &channel.watchers {
         if cut(watcher) && !watcher.kill.is_cancelled() {
             watcher.kill.cancel();
             stats.shed_lagging.fetch_add(1, Ordering::Relaxed);
+            n += 1;
         }
     }
+    n
 }
 
 /// What comes after a cursor.
@@ -1269,6 +1309,7 @@ impl Subscription {
             }
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(CHUNK);
+                (self.watcher.took_ms).store(crate::clock::now_ms(), Ordering::Relaxed);
                 return Some(self.pending.split_to(n));
             }
             // Asked for more: the frame's last piece is written (or in hyper's hands).

@@ -213,6 +213,15 @@ pub async fn serve_with_reload(
     let router = http::router(hub.clone());
     let addr = listener.local_addr().map_err(ServeError::Address)?;
     info!(%addr, tls = tls.is_some(), "serving smee channels");
+    if hub.max_body() < hub.config.max_body {
+        warn!(
+            "--max-body {} is more than half of --max-memory {}, all that bodies being read may \
+             hold: bodies over {} get 413",
+            hub.config.max_body,
+            hub.config.max_memory,
+            hub.max_body()
+        );
+    }
 
     let mut connections = tokio::task::JoinSet::new();
     let closing = CancellationToken::new();
@@ -386,7 +395,7 @@ async fn connection<S>(
             stats.shed_write_stall.fetch_add(1, Ordering::Relaxed);
             // Said as the other sheds are (helper-142: counted only).
             stats.say_shed(&format!(
-                "a subscriber that took no bytes for --write-stall {}",
+                "a subscriber that took no bytes for {} (it stopped reading)",
                 humantime::format_duration(config.write_stall)
             ));
         }
