@@ -290,6 +290,44 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
     }
 }
 
+/// Regression (helper-146): an action run on an entity (resourceType `run`) counted as the
+/// entity's latest change, at its trigger's time: every later change of the entity stamped
+/// before the run was dropped as older ("the newer one stands and no alert is sent"), and the
+/// alert never resolved. A run is no change of its entity's state.
+#[tokio::test]
+async fn regression_an_action_run_muted_the_entitys_later_changes() {
+    let (channel, mut slack, daemon) = setup("").await;
+    channel.send_webhook(1, &frame(&fixture("automation", "01-create"), &[]));
+    channel.send_webhook(2, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    assert_eq!(
+        header(&slack.next().await),
+        "FIRING cpu-high: Notification Service Production"
+    );
+    let run = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/port/actions/01-legacy-run-message.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert!(run.contains(r#""resourceType":"run""#) && run.contains("2026-11-20T11:00:00"));
+    channel.send_webhook(3, &frame(&run, &[]));
+    // Stamped 10:05, before the run's 11:00.
+    // (Its health reads Degraded too: the unhealthy rule's first sight of it.)
+    channel.send_webhook(4, &frame(&fixture("automation", "06-cpu-75-to-60"), &[]));
+    assert_eq!(
+        slack.headlines(2).await,
+        [
+            "RESOLVED cpu-high: Notification Service Production",
+            "FIRING unhealthy: Notification Service Production"
+        ]
+    );
+    let logs = stop_when_done(daemon, &mut slack, 4, 3).await;
+    assert!(
+        logs.find(&["the newer one stands"]).is_none(),
+        "{}",
+        logs.all()
+    );
+}
+
 #[tokio::test]
 async fn signed_events_pass_and_a_tampered_one_is_rejected() {
     let (channel, mut slack, daemon) =

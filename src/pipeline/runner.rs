@@ -1619,6 +1619,12 @@ struct Evaluated {
 /// and Port's time of the change when it says.
 fn subject(event: &crate::event::Event) -> Option<(String, Option<u64>)> {
     let change = port::decode(&event.body).ok()?;
+    // A run (or any change not of the entity itself) is none of the entity's state: taken as
+    // its latest change, at its trigger's time, it muted every later change stamped before
+    // that (helper-146).
+    if change.resource_type != "entity" {
+        return None;
+    }
     Some((
         reconcile::subject(change.blueprint().unwrap_or(""), change.entity()?),
         reconcile::change_time_ms(&change),
