@@ -5,6 +5,7 @@ mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
+use std::time::Duration;
 
 use support::{FakeChannel, FakeSlack, FakeTarget, smee_relay, unused_addr};
 
@@ -153,6 +154,58 @@ async fn regression_a_target_s_error_body_injected_systemd_notify_fields() {
     let fields: Vec<&str> = status.lines().collect();
     assert_eq!(fields.len(), 1, "one STATUS field: {fields:?}");
     assert!(fields[0].starts_with("STATUS=route "), "{status}");
+    kill(&child, "TERM");
+}
+
+/// Regression (helper-145): every reload, one that changed nothing too, started the alert
+/// route anew, and a new route sent its failing head at once: three SIGHUPs sent three
+/// messages to Slack within a second, past its one a second and its `Retry-After`. A reload
+/// that leaves Slack as it was keeps the route; its wait ends (`retrying now (SIGHUP)`), never
+/// sooner than Slack's pace.
+#[tokio::test]
+async fn regression_reloads_sent_to_slack_faster_than_its_pace() {
+    let channel = FakeChannel::start().await;
+    let mut slack = FakeSlack::start().await;
+    for _ in 0..4 {
+        slack.answer_with_retry_after(429, 3);
+    }
+    let dir = support::temp_dir();
+    let dir = dir.path();
+    let config = rules_config(dir, &channel.url("PaceChannel"), CPU_HIGH);
+    let (child, logs) = support::spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("TEST_SLACK_WEBHOOK", slack.webhook_url()),
+    );
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    channel.send_webhook(1, &fixture_frame("legacy", "02-cpu-25-to-87"));
+    let first = slack.next().await;
+    for n in 1..=3 {
+        kill(&child, "HUP");
+        support::wait_for(support::PATIENCE, "the reload", || async {
+            (logs
+                .all()
+                .matches("config reloaded: nothing changed")
+                .count()
+                == n)
+                .then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let second = slack.next().await;
+    assert!(
+        second.at - first.at >= Duration::from_secs(1),
+        "{:?} between messages",
+        second.at - first.at
+    );
+    assert!(
+        logs.find(&["retrying now: the route started"]).is_none(),
+        "{}",
+        logs.all()
+    );
     kill(&child, "TERM");
 }
 

@@ -1271,13 +1271,23 @@ impl Runtime {
                     }
                 }
                 let pipeline = Arc::new(pipeline);
-                let (task, rules, lock) = match old {
+                // Alerts going where they went keep their route, with its pace and its wait
+                // (helper-145: a route started anew at each reload sent its failing head at
+                // once, three SIGHUPs three messages to Slack within a second).
+                let same_sink = (old.as_ref())
+                    .is_some_and(|old| old.slack == slack && old.alerts_to == alerts_to);
+                let (task, rules, lock, kept) = match old {
                     Some(old) => {
                         // The runner takes the new rules between events; the alert route
-                        // hands over to one with the new sink.
+                        // hands over to one with the new sink, if it changed.
                         old.rules.send_replace(pipeline);
-                        old.alerts.stop().await;
-                        (old.task, old.rules, old._lock)
+                        let kept = if same_sink {
+                            Some(old.alerts)
+                        } else {
+                            old.alerts.stop().await;
+                            None
+                        };
+                        (old.task, old.rules, old._lock, kept)
                     }
                     None => {
                         let (rules, rules_rx) = watch::channel(pipeline);
@@ -1300,18 +1310,22 @@ impl Runtime {
                             done,
                         };
                         self.feed_pipeline(&mut task, pipeline_subjects.clone());
-                        (task, rules, pipeline_lock.clone().expect("taken in step 1"))
+                        let lock = pipeline_lock.clone().expect("taken in step 1");
+                        (task, rules, lock, None)
                     }
                 };
                 // In a cluster the runner queues alerts on their outbox; the alert route is
                 // fed from the cluster.
-                let alerts = self.produced_route(
-                    ALERT_ROUTE.to_string(),
-                    crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE)),
-                    ALERT_ROUTE,
-                    sink,
-                    plan.retry,
-                );
+                let alerts = match kept {
+                    Some(alerts) => alerts,
+                    None => self.produced_route(
+                        ALERT_ROUTE.to_string(),
+                        crate::cluster::outbox_route(&crate::cluster::produced_key(ALERT_ROUTE)),
+                        ALERT_ROUTE,
+                        sink,
+                        plan.retry,
+                    ),
+                };
                 self.pipeline = Some(PipelineTask {
                     task,
                     rules,
