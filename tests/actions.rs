@@ -2091,11 +2091,22 @@ async fn regression_a_reload_did_not_say_which_actions_changed() {
             "config reloaded",
             "[[action]] scaffold_service_v2 added",
             "[[action]] scaffold_service removed",
-            "actions on (3; Automation runs reported)",
             "[port] report_automation_runs on",
         ])
         .await;
-    daemon.stop().await;
+    // Regression (helper-145, helper-146): a reload that changed nothing said "actions on
+    // (3; ...)", as every reload did.
+    support::signal(&daemon.child, "HUP");
+    daemon
+        .logs
+        .wait_for(&["config reloaded: nothing changed"])
+        .await;
+    let logs = daemon.stop().await;
+    assert!(
+        logs.find(&["config reloaded", "actions on"]).is_none(),
+        "{}",
+        logs.all()
+    );
 }
 
 /// Regression (helper-126): an `env` name the relay's environment does not have was dropped

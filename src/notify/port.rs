@@ -48,6 +48,11 @@ impl PortReporter {
         })
     }
 
+    /// Who it reports to Port as.
+    pub fn api(&self) -> &crate::pipeline::port_api::PortApi {
+        self.client.api()
+    }
+
     /// Call Port with the token; a 401 gets a fresh token and one more try.
     async fn call(
         &self,

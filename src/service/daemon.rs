@@ -1024,6 +1024,9 @@ struct ActionsTask {
     task: Task,
     config: watch::Sender<Arc<crate::actions::runner::Actions>>,
     reports: Task,
+    /// Who the reports go to Port as: a reload that keeps it keeps the reports' route, with
+    /// its wait and what Port refused.
+    api: crate::pipeline::port_api::PortApi,
 }
 
 impl Runtime {
@@ -1737,11 +1740,21 @@ impl Runtime {
                 changes.push("actions off; runs queued for them stay in the spool".into());
             }
             (Some((actions, reporter)), old) => {
-                changes.push(match (actions.actions.len(), &actions.automation_runs) {
-                    (0, Some(_)) => "Automation runs reported (no [[action]])".to_string(),
-                    (n, Some(_)) => format!("actions on ({n}; Automation runs reported)"),
-                    (n, None) => format!("actions on ({n})"),
-                });
+                // What changed, not what runs (helper-145, helper-146: every reload said
+                // "actions on (1)", and none said a new `api_url`).
+                let api = reporter.api().clone();
+                let same_api = old.as_ref().is_some_and(|old| old.api.same_as(&api));
+                match &old {
+                    None => changes.push(match (actions.actions.len(), &actions.automation_runs) {
+                        (0, Some(_)) => "Automation runs reported (no [[action]])".to_string(),
+                        (n, Some(_)) => format!("actions on ({n}; Automation runs reported)"),
+                        (n, None) => format!("actions on ({n})"),
+                    }),
+                    Some(_) if !same_api => changes.push(
+                        "[port] api_url or credentials changed: the reports go with them".into(),
+                    ),
+                    Some(_) => {}
+                }
                 for action in &actions.actions {
                     // As `check` does: a program that is not there fails every run.
                     if let crate::actions::Handler::Command(argv) = &action.handler
@@ -1773,11 +1786,16 @@ impl Runtime {
                     ));
                 }
                 let actions = Arc::new(actions);
-                let (task, config) = match old {
+                let (task, config, kept) = match old {
                     Some(old) => {
                         old.config.send_replace(actions);
-                        old.reports.stop().await;
-                        (old.task, old.config)
+                        let kept = if same_api {
+                            Some(old.reports)
+                        } else {
+                            old.reports.stop().await;
+                            None
+                        };
+                        (old.task, old.config, kept)
                     }
                     None => {
                         let (config, config_rx) = watch::channel(actions);
@@ -1803,14 +1821,15 @@ impl Runtime {
                             crate::actions::ACTIONS_ROUTE,
                             pipeline_subjects.to_vec(),
                         );
-                        (task, config)
+                        (task, config, None)
                     }
                 };
                 // In a cluster the runner's report queue is the outbox; the reporter's route
                 // is fed from the cluster.
-                let reports = match &self.cluster {
-                    None => self.route(REPORT_ROUTE.to_string(), Arc::new(reporter), retry),
-                    Some(_) => self.produced_route(
+                let reports = match (kept, &self.cluster) {
+                    (Some(reports), _) => reports,
+                    (None, None) => self.route(REPORT_ROUTE.to_string(), Arc::new(reporter), retry),
+                    (None, Some(_)) => self.produced_route(
                         reports_delivery_route(),
                         REPORT_ROUTE.to_string(),
                         REPORT_ROUTE,
@@ -1822,6 +1841,7 @@ impl Runtime {
                     task,
                     config,
                     reports,
+                    api,
                 });
             }
         }
