@@ -81,9 +81,14 @@ pub fn message(alert: &Alert) -> Value {
     }
     let title = alert.headline();
     // Slack reads the notification text as mrkdwn: escaped, as the blocks are.
-    // A RESOLVED's condition is the one that no longer holds (helper-140: "91 → 75, above 80").
-    let condition = match alert.status {
-        AlertStatus::Resolved => format!("no longer {}", alert.threshold),
+    // A RESOLVED's condition is the one that no longer holds (helper-140: "91 → 75, above
+    // 80"); one resolved for another reason (its note: the rule removed, the entity deleted)
+    // may hold still (helper-145: "50 → 91, no longer above 80").
+    let condition = match (alert.status, &alert.note) {
+        (AlertStatus::Resolved, None) => match alert.threshold.strip_prefix("when ") {
+            Some(jq) => format!("no longer true: {jq}"),
+            None => format!("no longer {}", alert.threshold),
+        },
         _ => alert.threshold.clone(),
     };
     let mut fallback = match &alert.property {
@@ -336,6 +341,21 @@ mod tests {
         );
         alert.property = None;
         assert!(text(&alert).ends_with("(no longer above 80)"));
+        // helper-146: "(no longer when .properties.healthStatus != ...)".
+        alert.threshold = "when .properties.healthStatus != \"Healthy\"".into();
+        assert!(
+            text(&alert).ends_with("(no longer true: .properties.healthStatus != \"Healthy\")"),
+            "{}",
+            text(&alert)
+        );
+        // helper-145: resolved because its rule was removed, the value still above.
+        alert.threshold = "above 80".into();
+        alert.note = Some("its rule was removed from the config".into());
+        assert!(
+            text(&alert).ends_with("(above 80): its rule was removed from the config"),
+            "{}",
+            text(&alert)
+        );
     }
 
     /// Regression (helper-120): an alert's note ("its rule was removed from the config",
