@@ -317,10 +317,11 @@ pub const MAX_RUN_ID: usize = 256;
 /// Find the run in a body: its id at `context.runId`, `run.id` or `port_context.runId`.
 /// `None`: not an action run ([`why_not_a_run`] says whether it looks meant as one).
 pub fn decode_run(body: &Value) -> Option<RunInfo> {
+    // The first id that can be used (helper-145: a bad one first hid a good one after it).
     let run_id = RUN_ID_AT
         .iter()
-        .find_map(|path| text(body, path))
-        .filter(|id| id.len() <= MAX_RUN_ID)?;
+        .filter_map(|path| text(body, path))
+        .find(|id| usable_run_id(id))?;
     let action = text(body, &["action"]).or_else(|| text(body, &["action", "identifier"]));
     let entity = text(body, &["context", "entity"])
         .or_else(|| text(body, &["entity", "identifier"]))
@@ -338,17 +339,23 @@ pub fn decode_run(body: &Value) -> Option<RunInfo> {
     })
 }
 
+/// Whether `id` can name a run: some text, within [`MAX_RUN_ID`].
+fn usable_run_id(id: &str) -> bool {
+    !id.trim().is_empty() && id.len() <= MAX_RUN_ID
+}
+
 /// Why `body`, which [`decode_run`] finds no run in, looks meant as one of `actions`' runs: a
-/// run id it cannot take (empty, not text, too long), or an action's identifier named without
-/// a run id. None: no sign of a run (most events on a channel are not).
-pub fn why_not_a_run(body: &Value, actions: &[ActionSpec]) -> Option<String> {
-    let found = RUN_ID_AT.iter().find_map(|path| {
+/// run id it cannot take (blank, not text, too long) in a body Port `signed` (another sender's
+/// `{"run": {"id": 42}}` is none of the actions' business, helper-145), or an action's
+/// identifier named without a run id. None: no sign of a run (most events are not).
+pub fn why_not_a_run(body: &Value, actions: &[ActionSpec], signed: bool) -> Option<String> {
+    let found = (RUN_ID_AT.iter()).filter(|_| signed).find_map(|path| {
         let at = body.get(path[0])?.get(path[1])?;
         Some((path.join("."), at))
     });
     match found {
-        Some((path, Value::String(id))) if id.is_empty() => {
-            Some(format!("its run id ({path}) is empty"))
+        Some((path, Value::String(id))) if id.trim().is_empty() => {
+            Some(format!("its run id ({path}) is blank"))
         }
         Some((path, Value::String(id))) => Some(format!(
             "its run id ({path}) is {} bytes long, over the {MAX_RUN_ID} taken",
@@ -877,7 +884,7 @@ mod tests {
         }
         assert!(decode_run(&serde_json::json!({"ref": "main"})).is_none());
         assert_eq!(
-            why_not_a_run(&serde_json::json!({"ref": "main"}), &[]),
+            why_not_a_run(&serde_json::json!({"ref": "main"}), &[], true),
             None
         );
     }
@@ -897,13 +904,20 @@ mod tests {
                 "r".repeat(MAX_RUN_ID + 1).into(),
                 "its run id (run.id) is 257 bytes long, over the 256 taken",
             ),
-            ("".into(), "its run id (run.id) is empty"),
+            ("".into(), "its run id (run.id) is blank"),
+            ("  ".into(), "its run id (run.id) is blank"),
             (12345.into(), "its run id (run.id) is not text"),
         ] {
             let body = with(id);
             assert!(decode_run(&body).is_none(), "{body}");
-            assert_eq!(why_not_a_run(&body, &[]).as_deref(), Some(why));
+            assert_eq!(why_not_a_run(&body, &[], true).as_deref(), Some(why));
+            // Not signed: another sender's, said nothing of (helper-145).
+            assert_eq!(why_not_a_run(&body, &[], false), None);
         }
+        // helper-145: a bad id first hid a good one after it.
+        let both =
+            serde_json::json!({"context": {"runId": "r".repeat(300)}, "run": {"id": "r_good"}});
+        assert_eq!(decode_run(&both).unwrap().run_id, "r_good");
     }
 
     #[test]

@@ -137,7 +137,11 @@ pub async fn run(
             };
             let run = body.as_ref().and_then(decode_run);
             let not_a_run = match (&body, &run) {
-                (Some(body), None) => why_not_a_run(body, &actions.actions),
+                (Some(body), None) => why_not_a_run(
+                    body,
+                    &actions.actions,
+                    event.header("x-port-signature").is_some(),
+                ),
                 _ => None,
             };
             let (Some(body), Some(run)) = (body, run) else {
