@@ -328,6 +328,53 @@ async fn regression_an_action_run_muted_the_entitys_later_changes() {
     );
 }
 
+/// Regression (helper-146): rejected signatures were only logged: a wrong client secret,
+/// rejecting every Port event, showed nowhere in `/metrics`.
+#[tokio::test]
+async fn regression_rejected_signatures_were_not_counted() {
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let config = write_config(
+        &dir,
+        &channel.url("PipelineChannel"),
+        "[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n",
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}")).unwrap();
+    let daemon = start(
+        &config,
+        &dir.join("state"),
+        &slack.url(SLACK_PATH),
+        &channel,
+    )
+    .await;
+    let line = daemon
+        .logs
+        .wait_for(&["serving /healthz and /metrics"])
+        .await;
+    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    for id in 1..=2 {
+        channel.send_webhook(id, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    }
+    let wanted = "smee_relay_pipeline_refused_total{reason=\"signature\"} 2";
+    support::wait_for(support::PATIENCE, wanted, || async {
+        let metrics = smee_relay::http::client_builder()
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics.contains(wanted).then_some(())
+    })
+    .await;
+    stop(daemon).await;
+}
+
 #[tokio::test]
 async fn signed_events_pass_and_a_tampered_one_is_rejected() {
     let (channel, mut slack, daemon) =

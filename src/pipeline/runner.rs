@@ -505,7 +505,7 @@ pub async fn run(
                 }
                 Evaluation::Unreadable(reason) => warn!(
                     event = id,
-                    "pipeline: {reason}; its rules do not judge it (a dead letter of the pipeline route; it is still forwarded)"
+                    "pipeline: {reason}; its rules do not judge it (a dead letter of the pipeline route; the channel's forward targets, if any, still get it)"
                 ),
                 _ => {}
             }
@@ -528,6 +528,9 @@ pub async fn run(
                     error: format!("not judged: {reason}"),
                 }),
                 Evaluation::Rejected(e) => {
+                    // Counted: a wrong client secret rejects every event (helper-146).
+                    metrics::counter!("smee_relay_pipeline_refused_total", "reason" => "signature")
+                        .increment(1);
                     warn!(
                         event = id,
                         "pipeline: rejected: {e}; the event is not evaluated"
