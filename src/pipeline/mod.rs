@@ -152,6 +152,18 @@ fn moved_away(rule: &Rule, alert: &Alert) -> Option<String> {
     }
 }
 
+/// `draft` of a rule whose hold began with `held`: its property's value from before the hold
+/// (helper-146: a change of another property during the hold made it read "cpuUtil 91 → 91").
+fn since_hold(held: Option<&Alert>, mut draft: Alert) -> Alert {
+    let began = held.and_then(|held| held.property.as_ref());
+    if let (Some(began), Some(now)) = (began, draft.property.as_mut())
+        && began.property == now.property
+    {
+        now.before = began.before.clone();
+    }
+    draft
+}
+
 /// Whether `draft`, held by `rule`, was judged under a condition the rule no longer has (a
 /// reload changed it while the alert was held). It ends without firing when its time comes:
 /// the value it holds may not meet the rule now (helper-138: 87 fired "above 80" under a rule
@@ -368,6 +380,10 @@ impl Pipeline {
                 state::step(state.phase, &verdict, rule.hold, now_ms)
             };
             let before = state.clone();
+            let draft = match before.phase {
+                Phase::Pending { .. } => since_hold(before.draft.as_ref(), draft),
+                _ => draft,
+            };
             state.phase = phase;
             match transition {
                 Some(Transition::Fire) => {
@@ -952,6 +968,48 @@ pub(crate) mod tests {
         assert_eq!(
             states.into_values().next().map(|s| s.phase),
             Some(Phase::Ok)
+        );
+    }
+
+    /// Regression (helper-146): a held alert showed the last change during its hold: another
+    /// property's change made it read "cpuUtil 91 → 91". It shows the watched property's value
+    /// before the hold began, and its value now.
+    #[test]
+    fn regression_a_held_alert_showed_the_last_change_not_the_rise() {
+        let pipeline =
+            with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"5m\"\n");
+        let change = |before: &str, after: &str| {
+            update(after).replace(
+                r#""before":{"identifier":"svc","properties":{}}"#,
+                &format!(r#""before":{{"identifier":"svc","properties":{before}}}"#),
+            )
+        };
+        let mut states = HashMap::new();
+        let said = |states: &mut HashMap<String, AlertState>, body: &str| {
+            evaluate_into(&pipeline, states, body)
+        };
+        assert!(said(&mut states, &change(r#"{"cpu":25}"#, r#"{"cpu":87}"#)).is_empty());
+        assert!(
+            said(
+                &mut states,
+                &change(r#"{"cpu":87,"h":1}"#, r#"{"cpu":91,"h":1}"#)
+            )
+            .is_empty()
+        );
+        assert!(
+            said(
+                &mut states,
+                &change(r#"{"cpu":91,"h":1}"#, r#"{"cpu":91,"h":2}"#)
+            )
+            .is_empty()
+        );
+        let fired: Vec<Alert> = (pipeline.mature(states.iter(), u64::MAX).into_iter())
+            .map(|(_, _, alert)| alert.unwrap())
+            .collect();
+        let property = fired[0].property.as_ref().unwrap();
+        assert_eq!(
+            (property.before.as_str(), property.after.as_str()),
+            ("25", "91")
         );
     }
 
