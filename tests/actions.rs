@@ -886,6 +886,31 @@ async fn regression_a_child_left_in_the_handlers_group_outlived_the_run() {
     .await;
 }
 
+/// Regression (helper-146): Port refusing the credentials was said "cannot reach target: Port
+/// refused the credentials": Port was reached. Still tried again (a reload may fix them).
+#[tokio::test]
+async fn regression_refused_credentials_were_said_unreachable() {
+    let setup = Setup::new(ALL_FOUR).await;
+    handler(&setup.dir, "restart.sh", "");
+    setup.edit_config(&[(
+        "client_id_env = \"TEST_PORT_CLIENT_ID\"",
+        "client_id = \"not-the-client\"",
+    )]);
+    let daemon = setup.start().await;
+    setup.send(1, "01-legacy-run-message");
+    let line = daemon
+        .logs
+        .wait_for(&[
+            "WARN",
+            "Port refused the credentials (401)",
+            "check [port] client_id",
+        ])
+        .await;
+    assert!(!line.contains("cannot reach"), "{line}");
+    daemon.logs.wait_for(&["retrying in"]).await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_run_delivered_twice_while_running_executes_once() {
     let setup = Setup::new(ALL_FOUR).await;

@@ -760,7 +760,7 @@ struct Failed {
 impl Failed {
     fn count(&mut self, error: &ForwardError) {
         match error {
-            ForwardError::Status { .. } => self.refused += 1,
+            ForwardError::Status { .. } | ForwardError::Refused(_) => self.refused += 1,
             ForwardError::Timeout(_) | ForwardError::Connection(_) => self.unreached += 1,
             ForwardError::Request(_) => self.unsendable += 1,
         }

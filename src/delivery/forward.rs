@@ -64,6 +64,11 @@ pub enum ForwardError {
     /// Could not connect, or the connection broke.
     #[error("cannot reach target: {0}")]
     Connection(String),
+    /// Reached, and refused for a reason the operator may fix without a restart (Port's API
+    /// refusing the credentials): tried again, as a connection failure is, but not said to be
+    /// one (helper-146: "cannot reach target: Port refused the credentials").
+    #[error("{0}")]
+    Refused(String),
     /// The event itself cannot be made into a request (its query makes the URL longer than a
     /// request line may be): no later attempt can send it either.
     #[error("cannot send this event to the target: {0}")]
@@ -109,7 +114,9 @@ impl ForwardError {
             ForwardError::Status { status, .. } => {
                 status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429)
             }
-            ForwardError::Timeout(_) | ForwardError::Connection(_) => true,
+            ForwardError::Timeout(_) | ForwardError::Connection(_) | ForwardError::Refused(_) => {
+                true
+            }
             ForwardError::Request(_) => false,
         }
     }

@@ -179,7 +179,7 @@ impl Sink for PortReporter {
                     {
                         "429"
                     }
-                    ForwardError::Status { .. } => "4xx",
+                    ForwardError::Status { .. } | ForwardError::Refused(_) => "4xx",
                     ForwardError::Timeout(_) => "timeout",
                     ForwardError::Connection(_) => "network",
                     ForwardError::Request(_) => "request",

@@ -112,7 +112,7 @@ impl PortClient {
         if !answer.status.is_success() {
             return Err(match answer.status.as_u16() {
                 // Wrong credentials may be fixed by a reload: retry, with a hint.
-                401 | 403 => ForwardError::Connection(format!(
+                401 | 403 => ForwardError::Refused(format!(
                     "{CREDENTIALS_REFUSED} ({}): check [port] client_id and client_secret",
                     answer.status.as_u16()
                 )),
@@ -135,7 +135,7 @@ impl PortClient {
         }
         let parsed: Value = serde_json::from_str(&answer.body).unwrap_or_default();
         let Some(token) = parsed["accessToken"].as_str() else {
-            return Err(ForwardError::Connection(
+            return Err(ForwardError::Refused(
                 "Port's token answer has no accessToken".into(),
             ));
         };
@@ -169,7 +169,7 @@ impl PortClient {
                 continue;
             }
             if answer.status == StatusCode::UNAUTHORIZED {
-                return Err(ForwardError::Connection(
+                return Err(ForwardError::Refused(
                     "Port answered 401 with a fresh token: check [port] client_id and client_secret".into(),
                 ));
             }

@@ -610,7 +610,7 @@ impl ReconcileError {
     fn is_credentials(&self) -> bool {
         match self {
             ReconcileError::Call {
-                cause: ForwardError::Connection(why),
+                cause: ForwardError::Refused(why),
                 ..
             } => why.starts_with(crate::pipeline::port_api::CREDENTIALS_REFUSED),
             _ => self
@@ -644,6 +644,7 @@ fn port_reason(error: &ForwardError) -> String {
             humantime::format_duration(*wait)
         ),
         // The client's own messages (refused credentials) already name Port.
+        ForwardError::Refused(message) => message.clone(),
         ForwardError::Connection(message) if message.starts_with("Port ") => message.clone(),
         ForwardError::Connection(message) => format!("cannot reach Port: {message}"),
         ForwardError::Request(message) => format!("cannot send this call to Port: {message}"),
