@@ -809,6 +809,17 @@ command = ["DIR/restart.sh"]
     assert!(executions(&setup.dir).is_empty(), "no handler runs");
 }
 
+/// Wait until the process whose pid `pidfile` holds is gone (or a zombie nobody reaps).
+async fn wait_gone(pidfile: &Path) {
+    let pid = std::fs::read_to_string(pidfile).unwrap().trim().to_string();
+    wait_until("the handler's child is gone", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_handler_that_overruns_its_timeout_is_killed_with_its_children() {
     let setup = Setup::new(
@@ -835,16 +846,7 @@ timeout = "1s"
         finish["summary"], "timed out after 1s; process group killed",
         "{finish}"
     );
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    wait_until("the handler's child is gone", || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-    })
-    .await;
+    wait_gone(&pidfile).await;
 }
 
 /// Regression (helper-143): a child the handler left running in its process group, its
@@ -874,16 +876,7 @@ async fn regression_a_child_left_in_the_handlers_group_outlived_the_run() {
         summary.starts_with("exit 0 in ") && !summary.contains("2s"),
         "{summary}"
     );
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    wait_until("the handler's child is gone", || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-    })
-    .await;
+    wait_gone(&pidfile).await;
 }
 
 /// Regression (helper-146): Port refusing the credentials was said "cannot reach target: Port

@@ -335,44 +335,45 @@ async fn regression_rejected_signatures_were_not_counted() {
     let channel = FakeChannel::start().await;
     let slack = FakeTarget::start().await;
     let dir = support::fresh_state_dir();
-    let config = write_config(
-        &dir,
-        &channel.url("PipelineChannel"),
-        "[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n",
-    );
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}")).unwrap();
-    let daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
-    let line = daemon
-        .logs
-        .wait_for(&["serving /healthz and /metrics"])
-        .await;
-    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    let extra = "[port]\nclient_secret_env = \"TEST_PORT_SECRET\"\n";
+    let (daemon, addr) = start_with_metrics(&dir, &channel, &slack, extra).await;
     for id in 1..=2 {
         channel.send_webhook(id, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
     }
     let wanted = "smee_relay_pipeline_refused_total{reason=\"signature\"} 2";
     support::wait_for(support::PATIENCE, wanted, || async {
-        let metrics = smee_relay::http::client_builder()
-            .build()
-            .unwrap()
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        metrics.contains(wanted).then_some(())
+        metrics_of(&addr).await.contains(wanted).then_some(())
     })
     .await;
     stop(daemon).await;
+}
+
+/// The daemon on `channel` with the rules and `extra`, serving `/metrics`: it, and where.
+async fn start_with_metrics(
+    dir: &Path,
+    channel: &FakeChannel,
+    slack: &FakeTarget,
+    extra: &str,
+) -> (Daemon, String) {
+    let config = write_config(dir, &channel.url("PipelineChannel"), extra);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}")).unwrap();
+    let daemon = start(&config, &dir.join("state"), &slack.url(SLACK_PATH), channel).await;
+    let line = daemon
+        .logs
+        .wait_for(&["serving /healthz and /metrics"])
+        .await;
+    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    (daemon, addr)
+}
+
+/// `/metrics` at `addr` (empty if it did not answer).
+async fn metrics_of(addr: &str) -> String {
+    let client = smee_relay::http::client_builder().build().unwrap();
+    match client.get(format!("http://{addr}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 #[tokio::test]
@@ -792,21 +793,7 @@ when = '[limit(1e9; repeat("x" * 10000))] | length > 0'
     // `run` keeps going with them.
     let channel = FakeChannel::start().await;
     let mut slack = FakeTarget::start().await;
-    let config = write_config(&dir, &channel.url("PipelineChannel"), hostile);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:0\"\n{text}")).unwrap();
-    let daemon = start(
-        &config,
-        &dir.join("state"),
-        &slack.url(SLACK_PATH),
-        &channel,
-    )
-    .await;
-    let line = daemon
-        .logs
-        .wait_for(&["serving /healthz and /metrics"])
-        .await;
-    let addr = line.rsplit("addr=").next().unwrap().trim().to_string();
+    let (daemon, addr) = start_with_metrics(&dir, &channel, &slack, hostile).await;
     for (n, file) in files().iter().enumerate() {
         channel.send_webhook(n as u64 + 1, &frame(&fixture("automation", file), &[]));
     }
@@ -826,16 +813,7 @@ when = '[limit(1e9; repeat("x" * 10000))] | length > 0'
             "{rule} logged {count} times: {logs}"
         );
     }
-    let metrics = smee_relay::http::client_builder()
-        .build()
-        .unwrap()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&addr).await;
     // Every event but the deletion, which resolves without judging.
     let events = files().len() - 1;
     assert!(

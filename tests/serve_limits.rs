@@ -103,6 +103,18 @@ async fn raw_subscriber(
     socket
 }
 
+/// A subscriber on `path`, ready, that reads nothing more: a small receive buffer, so the
+/// kernel does not read on its behalf for long.
+async fn stalled_subscriber(server: &Server, path: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut socket = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    socket.write_all(head.as_bytes()).await.unwrap();
+    read_until(&mut socket, "event: ready").await;
+    socket
+}
+
 /// Read from `socket` until `needle` has been seen (or panic after the deadline).
 async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
     let mut seen = Vec::new();
@@ -235,15 +247,7 @@ async fn a_stalled_subscriber_is_cut_off_within_the_budget_and_resumes() {
         ..ServeConfig::default()
     })
     .await;
-    // A small receive buffer, so the kernel does not read on its behalf for long.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = socket.connect(server.addr.parse().unwrap()).await.unwrap();
-    stalled
-        .write_all(b"GET /stall HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut stalled, "event: ready").await;
+    let mut stalled = stalled_subscriber(&server, "/stall").await;
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(32 << 10)).into_bytes();
     for i in 0..400 {
         assert_eq!(
@@ -311,12 +315,7 @@ async fn regression_a_stalled_subscriber_pinning_a_frame_refused_every_post() {
     // control characters, each escaped in 6 bytes): 24 MiB pinned, past the budget.
     let mut stalled = Vec::new();
     for name in ["pin1", "pin2"] {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut socket = socket.connect(server.addr.parse().unwrap()).await.unwrap();
-        let head = format!("GET /{name} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
-        socket.write_all(head.as_bytes()).await.unwrap();
-        read_until(&mut socket, "event: ready").await;
+        let socket = stalled_subscriber(&server, &format!("/{name}")).await;
         let sent = client()
             .post(format!("{}/{name}", server.url))
             .header("content-type", "text/plain")
