@@ -202,17 +202,8 @@ async fn smee_with_no_url_creates_a_channel_and_prints_it() {
             .spawn()
             .unwrap();
         let _logs = LogWatch::new(child.stderr.take().unwrap());
-        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        tokio::time::timeout(
-            PATIENCE,
-            tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
-        )
-        .await
-        .unwrap()
-        .unwrap();
         assert_eq!(
-            line.trim(),
+            first_line(&mut child).await,
             format!(
                 "Forwarding {} to http://127.0.0.1:{port}/",
                 channel.url("FreshChannel42")
