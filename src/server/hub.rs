@@ -1233,8 +1233,10 @@ fn cut_pinning(channel: &Channel, stats: &Stats) {
 }
 
 /// How long a subscriber writing a frame may take no piece of it before it counts as stopped,
-/// when the memory budget needs that frame back: a reader of 32 KB/s takes one in 2 s.
-const PINNING_IDLE: Duration = Duration::from_secs(2);
+/// when the memory budget needs that frame back. The socket takes pieces in bursts, as the
+/// kernel's send buffer (megabytes) drains: a reader of 320 KB/s went 3 s without one
+/// (helper-147, at 2 s). A minute is the write stall's; 10 s cuts a stopped reader sooner.
+const PINNING_IDLE: Duration = Duration::from_secs(10);
 
 /// Cut the subscriptions of `channel` that `cut` picks; how many were cut.
 fn cut_where(channel: &Channel, stats: &Stats, cut: impl Fn(&Watcher) -> bool) -> usize {
