@@ -634,9 +634,14 @@ impl Delivery<'_> {
                 },
             ));
             self.writer.flush(marks);
+            // A reload ends a wait (the operator may have fixed the target, even one that asked
+            // for an hour), never a rate limit's (helper-147: five SIGHUPs, five messages into
+            // Slack's 429 within its Retry-After).
+            let rate_limited = matches!(&error, ForwardError::Status { status, .. }
+                if status.as_u16() == 429);
             tokio::select! {
                 _ = wait(self.cancel, delay) => {}
-                _ = self.retry_now.notified() => {
+                _ = self.retry_now.notified(), if !rate_limited => {
                     info!(event = item.event.id, route = self.label, "retrying now (SIGHUP)");
                     backoff = self.policy.backoff.start();
                     // Now, but never faster than the sink's pace.
@@ -1505,6 +1510,61 @@ mod tests {
         let at = sink.attempts.lock().unwrap().clone();
         let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(gaps, [Duration::from_secs(3); 2]);
+        cancel.cancel();
+        route.await.unwrap();
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    /// Regression (helper-147): a SIGHUP ended every wait, one the target asked for with
+    /// `Retry-After` too: five reloads sent five messages into Slack's 429 in five seconds. It
+    /// ends backoff waits only (the operator may have fixed the target); a target's own ask
+    /// is kept.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_sighup_cut_short_a_wait_the_target_asked_for() {
+        let (_dir, spool, writer, thread) = spool_with(1).await;
+        let ok = || {
+            Ok(Delivered {
+                status: StatusCode::OK,
+                elapsed: Duration::ZERO,
+                not_sent: None,
+            })
+        };
+        let sink = Arc::new(Scripted::new(vec![
+            status(429, Some(10)),
+            status(503, None),
+            ok(),
+        ]));
+        let mut attempted = sink.attempted.subscribe();
+        let cancel = CancellationToken::new();
+        let control = RouteControl::new(cancel.clone());
+        let retry_now = control.retry_now.clone();
+        let route = tokio::spawn(run_route(
+            spool.clone(),
+            writer.clone(),
+            "r".into(),
+            sink.clone(),
+            RetryPolicy::DEFAULT,
+            Arc::new(Counters::default()),
+            control,
+        ));
+        attempted.wait_for(|n| *n >= 1).await.unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            retry_now.notify_waiters();
+        }
+        attempted.wait_for(|n| *n >= 2).await.unwrap();
+        // The 503's backoff wait is the operator's to end.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retry_now.notify_waiters();
+        attempted.wait_for(|n| *n >= 3).await.unwrap();
+        let at = sink.attempts.lock().unwrap().clone();
+        assert_eq!(at[1] - at[0], Duration::from_secs(10), "Retry-After kept");
+        assert!(
+            at[2] - at[1] < Duration::from_millis(200),
+            "{:?}",
+            at[2] - at[1]
+        );
         cancel.cancel();
         route.await.unwrap();
         drop(writer);
