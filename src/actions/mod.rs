@@ -339,17 +339,22 @@ pub fn decode_run(body: &Value) -> Option<RunInfo> {
     })
 }
 
-/// Whether `id` can name a run: some text, within [`MAX_RUN_ID`].
+/// Whether `id` can name a run: some text, within [`MAX_RUN_ID`], with no control character
+/// (helper-147: a run id with a line break went into a report's URL as `%0A`).
 fn usable_run_id(id: &str) -> bool {
-    !id.trim().is_empty() && id.len() <= MAX_RUN_ID
+    !id.trim().is_empty() && id.len() <= MAX_RUN_ID && !id.chars().any(char::is_control)
 }
 
-/// Why `body`, which [`decode_run`] finds no run in, looks meant as one of `actions`' runs: a
-/// run id it cannot take (blank, not text, too long) in a body Port `signed` (another sender's
-/// `{"run": {"id": 42}}` is none of the actions' business, helper-145), or an action's
-/// identifier named without a run id. None: no sign of a run (most events are not).
+/// Why `body`, which [`decode_run`] finds no run in, looks meant as one of `actions`' runs: in
+/// a body Port `signed`, a run id it cannot take (blank, not text, too long, with a control
+/// character), or an action's identifier named without a run id. Another sender's body (a
+/// `{"run": {"id": 42}}`) is none of the actions' business (helper-145, helper-147). None: no
+/// sign of a run (most events are not).
 pub fn why_not_a_run(body: &Value, actions: &[ActionSpec], signed: bool) -> Option<String> {
-    let found = (RUN_ID_AT.iter()).filter(|_| signed).find_map(|path| {
+    if !signed {
+        return None;
+    }
+    let found = RUN_ID_AT.iter().find_map(|path| {
         let at = body.get(path[0])?.get(path[1])?;
         Some((path.join("."), at))
     });
@@ -357,10 +362,13 @@ pub fn why_not_a_run(body: &Value, actions: &[ActionSpec], signed: bool) -> Opti
         Some((path, Value::String(id))) if id.trim().is_empty() => {
             Some(format!("its run id ({path}) is blank"))
         }
-        Some((path, Value::String(id))) => Some(format!(
+        Some((path, Value::String(id))) if id.len() > MAX_RUN_ID => Some(format!(
             "its run id ({path}) is {} bytes long, over the {MAX_RUN_ID} taken",
             id.len()
         )),
+        Some((path, Value::String(_))) => {
+            Some(format!("its run id ({path}) holds a control character"))
+        }
         Some((path, _)) => Some(format!("its run id ({path}) is not text")),
         None => {
             let named =
@@ -906,6 +914,10 @@ mod tests {
             ),
             ("".into(), "its run id (run.id) is blank"),
             ("  ".into(), "its run id (run.id) is blank"),
+            (
+                "r\nnl".into(),
+                "its run id (run.id) holds a control character",
+            ),
             (12345.into(), "its run id (run.id) is not text"),
         ] {
             let body = with(id);
