@@ -766,6 +766,15 @@ mod tests {
         }
     }
 
+    /// A 200 answer, at once.
+    fn answered_200() -> Result<Delivered, ForwardError> {
+        Ok(Delivered {
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+            not_sent: None,
+        })
+    }
+
     fn status(code: u16, retry_after: Option<u64>) -> Result<Delivered, ForwardError> {
         Err(ForwardError::Status {
             status: StatusCode::from_u16(code).unwrap(),
@@ -841,17 +850,12 @@ mod tests {
             .append("c", &["r".to_string()], vec![event].into(), None)
             .await
             .unwrap();
-        let ok = Ok(Delivered {
-            status: StatusCode::OK,
-            elapsed: Duration::ZERO,
-            not_sent: None,
-        });
         let sink = Arc::new(Scripted::new(vec![
             status(503, None),
             status(503, None),
             status(503, None),
             status(429, Some(7)),
-            ok,
+            answered_200(),
         ]));
         let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
@@ -1052,14 +1056,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_route_reads_nothing_yet_sees_a_replay_outside_the_writer() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
-        let ok = || {
-            Ok(Delivered {
-                status: StatusCode::OK,
-                elapsed: Duration::ZERO,
-                not_sent: None,
-            })
-        };
-        let sink = Arc::new(Scripted::new(vec![ok(), ok()]));
+        let sink = Arc::new(Scripted::new(vec![answered_200(), answered_200()]));
         let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
         let route = start_route(&spool, &writer, sink.clone(), &cancel);
@@ -1156,11 +1153,7 @@ mod tests {
                 let body = String::from_utf8_lossy(&event.event.body).into_owned();
                 self.bodies.lock().unwrap().push(body);
                 self.delivered.send_modify(|n| *n += 1);
-                Ok(Delivered {
-                    status: StatusCode::OK,
-                    elapsed: Duration::ZERO,
-                    not_sent: None,
-                })
+                answered_200()
             })
         }
     }
@@ -1457,12 +1450,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn regression_a_retry_after_never_waits_past_max_retry_age() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
-        let ok = Ok(Delivered {
-            status: StatusCode::OK,
-            elapsed: Duration::ZERO,
-            not_sent: None,
-        });
-        let sink = Arc::new(Scripted::new(vec![status(503, Some(3600)), ok]));
+        let sink = Arc::new(Scripted::new(vec![status(503, Some(3600)), answered_200()]));
         let cancel = CancellationToken::new();
         let policy = RetryPolicy {
             max_age: Duration::from_secs(600),
@@ -1491,14 +1479,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn regression_a_paced_retry_waited_the_pace_and_then_its_delay() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
-        let ok = Ok(Delivered {
-            status: StatusCode::OK,
-            elapsed: Duration::ZERO,
-            not_sent: None,
-        });
         let sink = Arc::new(Scripted {
             pace: Duration::from_secs(1),
-            ..Scripted::new(vec![status(429, Some(3)), status(429, Some(3)), ok])
+            ..Scripted::new(vec![
+                status(429, Some(3)),
+                status(429, Some(3)),
+                answered_200(),
+            ])
         });
         let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
@@ -1523,17 +1510,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn regression_a_sighup_cut_short_a_wait_the_target_asked_for() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
-        let ok = || {
-            Ok(Delivered {
-                status: StatusCode::OK,
-                elapsed: Duration::ZERO,
-                not_sent: None,
-            })
-        };
         let sink = Arc::new(Scripted::new(vec![
             status(429, Some(10)),
             status(503, None),
-            ok(),
+            answered_200(),
         ]));
         let mut attempted = sink.attempted.subscribe();
         let cancel = CancellationToken::new();
@@ -1587,12 +1567,7 @@ mod tests {
         route.await.unwrap();
 
         let (logs, _guard) = crate::test_logs::capture_at(tracing::Level::INFO);
-        let ok = Ok(Delivered {
-            status: StatusCode::OK,
-            elapsed: Duration::ZERO,
-            not_sent: None,
-        });
-        let back = Arc::new(Scripted::new(vec![ok]));
+        let back = Arc::new(Scripted::new(vec![answered_200()]));
         let mut attempted = back.attempted.subscribe();
         let cancel = CancellationToken::new();
         let route = start_route(&spool, &writer, back.clone(), &cancel);
@@ -1636,12 +1611,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn regression_a_huge_retry_after_is_capped_at_max_retry_after() {
         let (_dir, spool, writer, thread) = spool_with(1).await;
-        let ok = Ok(Delivered {
-            status: StatusCode::OK,
-            elapsed: Duration::ZERO,
-            not_sent: None,
-        });
-        let sink = Arc::new(Scripted::new(vec![status(429, Some(999_999_999)), ok]));
+        let sink = Arc::new(Scripted::new(vec![
+            status(429, Some(999_999_999)),
+            answered_200(),
+        ]));
         let cancel = CancellationToken::new();
         let route = start_route(&spool, &writer, sink.clone(), &cancel);
         while sink.attempts.lock().unwrap().len() < 2 {
