@@ -76,6 +76,23 @@ const UNHEALTHY: &str =
     "[[rule]]\nname = \"unhealthy\"\nproperty = \"healthStatus\"\nnot_in = [\"Healthy\"]\n";
 const CPU_HIGH: &str = "[[rule]]\nname = \"cpu-high\"\nproperty = \"cpuUtil\"\nabove = 80\n";
 
+/// `run --config config`, alerts to `slack`, once connected to `channel`.
+async fn run_connected(
+    config: &Path,
+    slack: &FakeSlack,
+    channel: &FakeChannel,
+) -> (tokio::process::Child, support::LogWatch) {
+    let (child, logs) = support::spawn_logged(
+        smee_relay()
+            .args(["run", "--config"])
+            .arg(config)
+            .env("TEST_SLACK_WEBHOOK", slack.webhook_url()),
+    );
+    channel.wait_connections(1).await;
+    logs.wait_for(&["connected to channel"]).await;
+    (child, logs)
+}
+
 fn fixture_frame(shape: &str, file: &str) -> String {
     let body = support::port_fixture(shape, file);
     format!(r#"{{"content-type":"application/json","body":{body}}}"#)
@@ -172,14 +189,7 @@ async fn regression_reloads_sent_to_slack_faster_than_its_pace() {
     let dir = support::temp_dir();
     let dir = dir.path();
     let config = rules_config(dir, &channel.url("PaceChannel"), CPU_HIGH);
-    let (child, logs) = support::spawn_logged(
-        smee_relay()
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("TEST_SLACK_WEBHOOK", slack.webhook_url()),
-    );
-    channel.wait_connections(1).await;
-    logs.wait_for(&["connected to channel"]).await;
+    let (child, logs) = run_connected(&config, &slack, &channel).await;
     channel.send_webhook(1, &fixture_frame("legacy", "02-cpu-25-to-87"));
     let first = slack.next().await;
     for n in 1..=3 {
@@ -216,14 +226,7 @@ async fn sighup_applies_a_new_config_and_keeps_the_old_one_if_the_new_is_broken(
     let dir = support::temp_dir();
     let dir = dir.path();
     let config = rules_config(dir, &channel.url("ReloadChannel"), UNHEALTHY);
-    let (child, logs) = support::spawn_logged(
-        smee_relay()
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("TEST_SLACK_WEBHOOK", slack.webhook_url()),
-    );
-    channel.wait_connections(1).await;
-    logs.wait_for(&["connected to channel"]).await;
+    let (child, logs) = run_connected(&config, &slack, &channel).await;
     // Which file runs is said once (it was not: with several configs about, which one?).
     let loaded = logs.wait_for(&["config loaded"]).await;
     assert!(loaded.contains(&config.display().to_string()), "{loaded}");
