@@ -947,7 +947,7 @@ async fn a_forged_signature_runs_nothing_and_reports_nothing() {
 /// Regression (helper-138, on the pipeline's twin): a run valid as JSON but beyond what the
 /// parser takes (a number past f64) ran nothing and reported nothing, rightly, yet
 /// `events list` showed it delivered to the actions route with 200: it is a dead letter
-/// there, naming the limit.
+/// there, naming the limit. So is (helper-146) a body signed as Port signs that is not JSON.
 #[tokio::test]
 async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
     let setup = Setup::new(ALL_FOUR).await;
@@ -959,6 +959,28 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
         .logs
         .wait_for(&["WARN", "event=1", "number out of range", "nothing runs"])
         .await;
+    let text = "not JSON {";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = sign(SECRET, &now.to_string(), text);
+    setup.channel.send_webhook(
+        3,
+        &format!(
+            r#"{{"x-port-timestamp":"{now}","x-port-signature":"{signature}","content-type":"text/plain","rawdata":{}}}"#,
+            serde_json::json!(text)
+        ),
+    );
+    daemon
+        .logs
+        .wait_for(&[
+            "WARN",
+            "event=2",
+            "signed, yet the body is not JSON",
+            "nothing runs",
+        ])
+        .await;
     only_the_next_run_goes_through(&setup, "r_act01legacy").await;
     daemon.stop().await;
     let listed = support::run_to_end(
@@ -968,15 +990,20 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
     )
     .await;
     let rows: Value = serde_json::from_str(&listed.stdout).expect(&listed.stderr);
-    let row = (rows.as_array().into_iter().flatten())
-        .find(|row| row["id"] == 1 && row["route"] == "actions")
-        .unwrap_or_else(|| panic!("no actions row for event 1: {rows}"));
-    assert_eq!(row["status"], "dead", "{row}");
-    let error = row["last_error"].as_str().unwrap_or_default();
-    assert!(
-        error.starts_with("not read: ") && error.contains("number out of range"),
-        "{row}"
-    );
+    for (id, why) in [
+        (1, "number out of range"),
+        (2, "signed, yet the body is not JSON"),
+    ] {
+        let row = (rows.as_array().into_iter().flatten())
+            .find(|row| row["id"] == id && row["route"] == "actions")
+            .unwrap_or_else(|| panic!("no actions row for event {id}: {rows}"));
+        assert_eq!(row["status"], "dead", "{row}");
+        let error = row["last_error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("not read: ") && error.contains(why),
+            "{row}"
+        );
+    }
 }
 
 /// Regression (helper-143): a signed run whose id was 100 KB ran its handler, then its report

@@ -237,7 +237,8 @@ async fn the_slack_message_carries_what_people_need() {
 /// parser takes (a number past f64, nesting past 128) was dropped with a DEBUG line: its rules
 /// silently never judged it. It is a WARN naming the limit; the event is still forwarded.
 /// And (helper-138) `events list` showed it delivered to the pipeline with 200, as if judged:
-/// it is a dead letter of the pipeline route, naming the limit.
+/// it is a dead letter of the pipeline route, naming the limit. So is (helper-146) a body Port
+/// signed that is not JSON at all: it went by as another sender's, listed delivered.
 #[tokio::test]
 async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence() {
     let (channel, mut slack, daemon) =
@@ -254,6 +255,15 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
         let signature = sign("test-secret", &now, body);
         channel.send_webhook(id, &frame(body, &signed(&now, &signature)));
     }
+    let text = "not JSON {";
+    let signature = sign("test-secret", &now, text);
+    channel.send_webhook(
+        3,
+        &format!(
+            r#"{{"x-port-timestamp":"{now}","x-port-signature":"{signature}","content-type":"text/plain","rawdata":{}}}"#,
+            serde_json::json!(text)
+        ),
+    );
     daemon
         .logs
         .wait_for(&["WARN", "event=1", "number out of range"])
@@ -262,9 +272,23 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
         .logs
         .wait_for(&["WARN", "event=2", "recursion limit exceeded"])
         .await;
+    daemon
+        .logs
+        .wait_for(&[
+            "WARN",
+            "event=3",
+            "signed by Port, yet the body is not JSON",
+        ])
+        .await;
     let state_dir = daemon.state_dir.clone();
-    let logs = stop_when_done(daemon, &mut slack, 2, 0).await;
-    assert!(logs.find(&["WARN", "not JSON"]).is_none(), "{}", logs.all());
+    let logs = stop_when_done(daemon, &mut slack, 3, 0).await;
+    for id in ["event=1", "event=2"] {
+        assert!(
+            logs.find(&["WARN", id, "not JSON"]).is_none(),
+            "{}",
+            logs.all()
+        );
+    }
     let rows = list_events(&state_dir).await;
     let pipeline: Vec<_> = (rows.as_array().into_iter().flatten())
         .filter(|row| row["route"] == "pipeline")
@@ -276,11 +300,12 @@ async fn regression_a_port_event_beyond_the_json_limits_is_a_warning_not_silence
             )
         })
         .collect();
-    assert_eq!(pipeline.len(), 2, "{rows}");
-    for ((id, status, error), limit) in pipeline
-        .iter()
-        .zip(["number out of range", "recursion limit exceeded"])
-    {
+    assert_eq!(pipeline.len(), 3, "{rows}");
+    for ((id, status, error), limit) in pipeline.iter().zip([
+        "number out of range",
+        "recursion limit exceeded",
+        "signed by Port, yet the body is not JSON",
+    ]) {
         assert_eq!(status, "dead", "event {id}: {rows}");
         let error = error.as_str().unwrap_or_default();
         assert!(

@@ -116,32 +116,35 @@ pub async fn run(
             };
             let mut done = mark(Outcome::Delivered { status: 200 });
             let event = &item.event.event;
+            let signed = event.header("x-port-signature").is_some();
             let body = match crate::pipeline::port::read_json(&event.body) {
                 Ok(body) => Some(body),
-                Err(
-                    e @ (crate::pipeline::port::NotPort::BeyondLimits(_)
-                    | crate::pipeline::port::NotPort::TooLarge(_)),
-                ) => {
-                    warn!(
-                        event = id,
-                        "actions: {e}; if it is an action run, nothing runs and nothing is reported (a dead letter of the actions route)"
-                    );
-                    // Not a delivery: `events list` showed it handled (helper-138's twin).
-                    done = mark(Outcome::Dead {
-                        status: None,
-                        error: format!("not read: {e}"),
-                    });
+                Err(e) => {
+                    use crate::pipeline::port::NotPort;
+                    // A body beyond the JSON limits, or Port's (by its header) and no JSON at
+                    // all, may be a run: said, and not a delivery (`events list` showed them
+                    // handled: helper-138's twin, helper-146).
+                    let unread = match e {
+                        NotPort::BeyondLimits(_) | NotPort::TooLarge(_) => Some(e.to_string()),
+                        NotPort::NotJson(_) if signed => Some(format!("signed, yet the {e}")),
+                        NotPort::NotJson(_) | NotPort::Shape(_) => None,
+                    };
+                    if let Some(unread) = unread {
+                        warn!(
+                            event = id,
+                            "actions: {unread}; if it is an action run, nothing runs and nothing is reported (a dead letter of the actions route)"
+                        );
+                        done = mark(Outcome::Dead {
+                            status: None,
+                            error: format!("not read: {unread}"),
+                        });
+                    }
                     None
                 }
-                Err(_) => None,
             };
             let run = body.as_ref().and_then(decode_run);
             let not_a_run = match (&body, &run) {
-                (Some(body), None) => why_not_a_run(
-                    body,
-                    &actions.actions,
-                    event.header("x-port-signature").is_some(),
-                ),
+                (Some(body), None) => why_not_a_run(body, &actions.actions, signed),
                 _ => None,
             };
             let (Some(body), Some(run)) = (body, run) else {

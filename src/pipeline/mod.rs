@@ -311,6 +311,11 @@ impl Pipeline {
             Err(e @ (port::NotPort::BeyondLimits(_) | port::NotPort::TooLarge(_))) => {
                 return Evaluation::Unreadable(e.to_string());
             }
+            // With a client secret, only a body Port signed gets here: Port's own event, which
+            // cannot be shrugged off as another sender's (helper-146: it was listed delivered).
+            Err(e @ port::NotPort::NotJson(_)) if self.verifier.is_some() => {
+                return Evaluation::Unreadable(format!("signed by Port, yet the {e}"));
+            }
             Err(e) => return Evaluation::NotPort(e.to_string()),
         };
         if change.entity().is_none() {
