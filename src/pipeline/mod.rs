@@ -27,7 +27,7 @@ pub mod runner;
 pub mod signature;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -506,6 +506,21 @@ impl Pipeline {
     }
 
     /// The earliest time a pending alert is due, if any is pending.
+    /// Whether `state` (under `key`) is a hold that came due only after Port's time of its
+    /// entity's state in `times` (by subject, a snapshot's: [`reconcile::entity_times`]). That
+    /// state stood when the hold came due: judged first, it fires the hold if its condition
+    /// still holds and ends it if not.
+    pub fn due_after(&self, key: &str, state: &AlertState, times: &HashMap<String, u64>) -> bool {
+        let (Some(draft), Some(rule)) = (&state.draft, self.rule(rule_of(key))) else {
+            return false;
+        };
+        let subject = reconcile::subject(draft.blueprint.as_deref().unwrap_or(""), &draft.entity);
+        match (state::due_at(state.phase, rule.hold), times.get(&subject)) {
+            (Some(due), Some(&changed)) => due > changed,
+            _ => false,
+        }
+    }
+
     pub fn next_due<'a>(
         &self,
         states: impl Iterator<Item = (&'a String, &'a AlertState)>,

@@ -282,6 +282,29 @@ pub fn is_snapshot(event: &crate::spool::StoredEvent) -> bool {
     event.channel == CHANNEL && event.event.header(HEADER).is_some()
 }
 
+/// Port's time of each entity's state in `event`, if it is a snapshot (by subject, the newest
+/// `updatedAt` of its copies); `None` for any other event, or a snapshot that cannot be read.
+pub fn entity_times(event: &crate::spool::StoredEvent) -> Option<HashMap<String, u64>> {
+    if !is_snapshot(event) {
+        return None;
+    }
+    let snapshot: Snapshot = serde_json::from_slice(&event.event.body).ok()?;
+    let mut times = HashMap::new();
+    for entity in &snapshot.entities {
+        let (Some(identifier), Some(at)) = (
+            entity["identifier"].as_str(),
+            entity["updatedAt"].as_str().and_then(port_time_ms),
+        ) else {
+            continue;
+        };
+        let time = times
+            .entry(subject(&snapshot.blueprint, identifier))
+            .or_insert(at);
+        *time = at.max(*time);
+    }
+    Some(times)
+}
+
 /// The last change judged for one entity, as the runner records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {

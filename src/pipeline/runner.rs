@@ -180,7 +180,25 @@ pub async fn run(
             None if now < holds_from => 0,
             None => now,
         };
-        let matured = pipeline.mature(states.iter(), judged_up_to);
+        // A snapshot at the head (the start's reconciliation, say) holds Port's state of its
+        // entities since their last change: a hold of one of them that came due after that
+        // change is the snapshot's to judge, not fired before it (helper-146: FIRING, then
+        // RESOLVED by the snapshot, for a rise Port had seen end within its hold).
+        let snapshot_times = queued
+            .first()
+            .filter(|_| {
+                pipeline
+                    .next_due(states.iter())
+                    .is_some_and(|due| due <= judged_up_to)
+            })
+            .and_then(|head| reconcile::entity_times(&head.event));
+        let matured = pipeline.mature(
+            states.iter().filter(|(key, state)| {
+                !(snapshot_times.as_ref())
+                    .is_some_and(|times| pipeline.due_after(key, state, times))
+            }),
+            judged_up_to,
+        );
         let mut groups: std::collections::BTreeMap<usize, Vec<_>> = Default::default();
         for entry in matured {
             let n = if view.is_some() {
@@ -2390,6 +2408,67 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
         _rules: watch::Sender<Arc<Pipeline>>,
         _dir: tempfile::TempDir,
+    }
+
+    impl Restart {
+        /// Queue a snapshot of the entity as the recovery's `side` (`before`: 91, `after`: 75)
+        /// shows it, changed by Port 30 s into the hold (which came due a minute ago), as the
+        /// start's reconciliation stores it.
+        async fn queue_a_snapshot(&self, side: &str) {
+            let mut entity: serde_json::Value =
+                serde_json::from_slice(&self.recovery.body).unwrap();
+            let mut entity = entity["event"]["diff"][side].take();
+            entity["updatedAt"] =
+                crate::clock::rfc3339_seconds(crate::clock::now_ms() - 5 * 60_000 - 30_000).into();
+            let snapshot = reconcile::Snapshot {
+                blueprint: "DeploymentConfig".into(),
+                fetched_at_ms: crate::clock::now_ms(),
+                why: reconcile::Why::default(),
+                entities: vec![entity],
+            };
+            let (writer, event) = (self.held.writer.clone(), snapshot.to_event());
+            tokio::task::spawn_blocking(move || {
+                let routes = [PIPELINE_ROUTE.to_string()];
+                futures::executor::block_on(writer.append(
+                    reconcile::CHANNEL,
+                    &routes,
+                    vec![event].into(),
+                    None,
+                ))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        }
+    }
+
+    /// Regression (helper-146): the start-up reconciliation's snapshot is stored when it is
+    /// read, so a hold that ended while the relay was stopped fired before it was judged, though
+    /// Port's state in it had changed (the recovery, 91 to 75) before the hold's time: FIRING
+    /// then RESOLVED for a rise that never held. A hold waits for the snapshot at the head of the
+    /// queue when its entity changed there before the hold was due.
+    #[tokio::test(start_paused = true)]
+    async fn regression_a_hold_that_ended_while_stopped_fired_before_the_snapshot_was_judged() {
+        let restart = Restart::after_the_hold_ended().await;
+        restart.queue_a_snapshot("after").await;
+        no_alert_once_the_recovery_is_judged(restart.start()).await;
+    }
+
+    /// The twin: the snapshot shows the rise still there (a change of another property), so
+    /// the hold held: it fires, once.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_the_snapshot_shows_still_held_fires_once() {
+        let restart = Restart::after_the_hold_ended().await;
+        restart.queue_a_snapshot("before").await;
+        let held = restart.start();
+        let alert = held.fired().await;
+        assert_eq!(alert.status, crate::pipeline::AlertStatus::Firing);
+        held.wait_real("the snapshot judged", |spool| {
+            spool.pending(PIPELINE_ROUTE, 0, 10).unwrap().is_empty()
+        })
+        .await;
+        assert_eq!(held.alerts().len(), 1, "fired once");
+        held.stop().await;
     }
 
     fn svc(cpu: u32, at: &str) -> serde_json::Value {
