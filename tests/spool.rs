@@ -514,6 +514,17 @@ async fn another_spelling_of_a_running_channel_exits_2_naming_the_holder_pid() {
             "the channel id is secret: {stderr}"
         );
     }
+    // Regression (helper-150): it said `Forwarding ... to ...` on stdout first, as a relay
+    // that starts does (smee-client's line), and a script reading stdout took it for success.
+    let output = smee_relay()
+        .args(["forward", &channel.url("TestChannel123"), &target.url("/")])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "");
 }
 
 #[tokio::test]

@@ -109,9 +109,15 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     tls.set_trust()?;
     // smee-client says where it forwards on stdout, either way (helper-144): a channel the
     // user gave is shown as in the logs; a new one in full, since it is the user's to use.
+    let state_dir = crate::spool::lock::state_dir(args.delivery.state.state_dir.as_deref());
     let channel = match args.channel_url() {
         Some(channel) => {
-            println!("Forwarding {channel} to {target}");
+            // Not while another relay holds the channel: this one stops at once with that
+            // error, and a script reading stdout took the line for success (helper-150).
+            let key = crate::spool::lock::channel_key(channel.expose().as_str());
+            if !crate::spool::lock::channel_held(&state_dir, &key) {
+                println!("Forwarding {channel} to {target}");
+            }
             channel
         }
         None => {
@@ -137,7 +143,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         source,
         target,
         target_timeout: delivery.target_timeout,
-        state_dir: crate::spool::lock::state_dir(delivery.state.state_dir.as_deref()),
+        state_dir,
         retry: retry_policy(delivery),
         retain: delivery.retain,
         limits: Limits {
