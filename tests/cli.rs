@@ -725,14 +725,19 @@ async fn regression_a_state_dir_that_cannot_be_made_is_warned_by_check_and_refus
 }
 
 /// Regression: `events list` with a mistyped --state-dir created an empty spool there and
-/// showed an empty table, which reads as "nothing queued".
+/// showed an empty table, which reads as "nothing queued". And (helper-150) it said "give
+/// --state-dir" to someone who had given it.
 #[tokio::test]
 async fn regression_events_with_a_state_dir_holding_no_spool_says_so() {
     let dir = support::temp_dir();
     let out = events(&dir.path().join("typo"), &["list"]).await;
     assert_ne!(out.status.code(), Some(0), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no spool at"), "{stderr}");
+    assert!(
+        stderr.contains("no spool at") && stderr.contains("no relay has run with that --state-dir"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("give --state-dir"), "{stderr}");
     assert!(!dir.path().join("typo").exists());
 }
 

@@ -95,6 +95,13 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 file.display()
             );
         }
+        // helper-150: "give --state-dir" read oddly to someone who had given it.
+        if args.state.state_dir.is_some() {
+            anyhow::bail!(
+                "no spool at {}: no relay has run with that --state-dir (is it the relay's state directory, as given to `forward` or `run`?)",
+                file.display()
+            );
+        }
         anyhow::bail!(
             "no spool at {}: give --state-dir (the relay's state directory, see `smee-relay forward --help`) or --config (the relay's config: its `state_dir`, and with `[cluster]` the cluster's events)",
             file.display()
