@@ -87,6 +87,22 @@ async fn regression_a_target_with_path_was_refused_without_a_reason() {
     }
 }
 
+/// Regression (helper-150): `smee-relay -v`, smee-client's version flag, met clap's bare
+/// "requires a subcommand": `-v` is `--verbose` here, and the refusal now names the version
+/// flag.
+#[tokio::test]
+async fn regression_v_alone_did_not_say_where_the_version_is() {
+    let out = support::run_to_end(smee_relay().arg("-v")).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("requires a subcommand")
+            && out.stderr.contains("-v is --verbose here")
+            && out.stderr.contains("`smee-relay --version` (or -V)"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// Regression (helper-121): an `events list` with nothing to list printed a bare header.
 #[tokio::test]
 async fn regression_an_empty_events_list_was_a_bare_header() {

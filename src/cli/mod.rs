@@ -685,10 +685,29 @@ pub fn parse(
     if let Some(at) = forward_flags_at(&args) {
         args.insert(at, "forward".into());
     }
+    let verbose_alone = args.len() > 1 && args[1..].iter().all(|a| a == "-v" || a == "-vv");
     Cli::try_parse_from(args)
         .map(|cli| Invocation::Run(Box::new(cli)))
         .map_err(without_secrets)
         .map_err(target_with_port_or_path)
+        .map_err(|e| version_tip(e, verbose_alone))
+}
+
+/// smee-client's `-v` is its version; here it is `--verbose`, and alone it met clap's bare
+/// "requires a subcommand" (helper-150): a tip names the version flag.
+fn version_tip(mut error: clap::Error, verbose_alone: bool) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if verbose_alone && error.kind() == ErrorKind::MissingSubcommand {
+        error.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![
+                "-v is --verbose here; the version is `smee-relay --version` (or -V), and \
+                 `smee -v` (smee-client's command line) prints it too"
+                    .into(),
+            ]),
+        );
+    }
+    error
 }
 
 /// clap's "cannot be used with" for a target given with `--port` or `--path` said neither why
