@@ -42,7 +42,11 @@ async fn refusal_hints(status: u16, hint: &str) {
 
 #[tokio::test]
 async fn regression_a_channel_answering_401_says_a_token_is_needed() {
-    refusal_hints(401, "the channel requires a token: --token or token_env").await;
+    refusal_hints(
+        401,
+        "the channel requires a token: --token (or SMEE_RELAY_TOKEN), or token_env in a config's [[channel]]",
+    )
+    .await;
 }
 
 /// Regression: a URL that is no channel (a server root, a mistyped path, a server that is not

@@ -1182,6 +1182,45 @@ async fn regression_the_channel_cap_was_reached_without_a_word() {
     );
 }
 
+/// Regression (helper-150): `--subscribe-token` and `--post-token` could be given only on the
+/// command line, in `ps` for anyone to read, while `--token` had its variable.
+#[tokio::test]
+async fn regression_the_post_and_subscribe_tokens_had_no_variable() {
+    let (child, logs) = support::spawn_logged(
+        support::smee_relay()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SMEE_RELAY_SERVE_POST_TOKEN", "post-secret")
+            .env("SMEE_RELAY_SERVE_SUBSCRIBE_TOKEN", "sub-secret"),
+    );
+    let url = format!("http://{}", support::serve_address(&logs).await);
+    assert_eq!(
+        post(&format!("{url}/ch"), b"{}".to_vec()).await.status(),
+        401
+    );
+    let posted = client()
+        .post(format!("{url}/ch"))
+        .bearer_auth("post-secret")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(posted.status().is_success(), "{}", posted.status());
+    let subscribe = |token: Option<&str>| {
+        let mut request = client()
+            .get(format!("{url}/ch"))
+            .header("accept", "text/event-stream");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(subscribe(None).await.unwrap().status(), 401);
+    assert_eq!(subscribe(Some("sub-secret")).await.unwrap().status(), 200);
+    support::signal(&child, "TERM");
+    assert!(!logs.all().contains("secret"), "{}", logs.all());
+}
+
 /// Regression (helper-119): a body sent a byte at a time was kept as the pieces hyper handed
 /// over, each sharing (and so pinning) a read buffer of kilobytes: 200 such uploads took the
 /// server from 31 MiB to nearly 2 GiB while the budget counted under 1 MiB. Each piece is

@@ -164,11 +164,11 @@ pub struct ServeArgs {
     pub token: Option<crate::secret::SecretString>,
 
     /// Require this token from subscribers only (overrides --token for them).
-    #[arg(long, hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_SERVE_SUBSCRIBE_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
     pub subscribe_token: Option<crate::secret::SecretString>,
 
     /// Require this token from posters only (overrides --token for them).
-    #[arg(long, hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_SERVE_POST_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
     pub post_token: Option<crate::secret::SecretString>,
 
     /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.

@@ -160,10 +160,10 @@ fn follow_redirects() -> reqwest::redirect::Policy {
 fn refused(status: http::StatusCode, has_token: bool) -> String {
     match (status, has_token) {
         (http::StatusCode::UNAUTHORIZED, false) => format!(
-            "the server answered {status}: the channel requires a token: --token or token_env"
+            "the server answered {status}: the channel requires a token: --token (or SMEE_RELAY_TOKEN), or token_env in a config's [[channel]]"
         ),
         (http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN, true) => format!(
-            "the server answered {status}: the channel refused the token; check --token or token_env"
+            "the server answered {status}: the channel refused the token; check --token (or SMEE_RELAY_TOKEN), or token_env in a config's [[channel]]"
         ),
         // A server root, a mistyped path, or a server that is not a smee server: retried
         // (a proxy in front of a channel server can answer so for a while), with what to check.
