@@ -1828,3 +1828,51 @@ async fn regression_the_lag_of_a_route_stuck_on_a_delivery_read_0() {
     .await;
     target.release();
 }
+
+/// Regression (helper-148): the stream deleted (`nats stream rm SMEE_...`) and created anew
+/// by an instance's start numbers its messages from 1 again, while each route's floor in KV
+/// still said the old stream's last delivered sequence: every new event below it was skipped
+/// as "already delivered" (and listed delivered), with nothing said above INFO. A floor names
+/// its stream now, and one of an earlier stream is said and counts as none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let mut instances = start_cluster(1, &channel, &body, &[]).await;
+    for n in 0..10 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    let first = take_until_seen(&mut target, 0..10, support::PATIENCE).await;
+    assert_eq!(first, (0..10).collect::<Vec<_>>());
+
+    instances[0].child.start_kill().unwrap();
+    instances[0].child.wait().await.unwrap();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream("SMEE_test")
+        .await
+        .unwrap();
+    let before = channel.connections();
+    restart(&mut instances[0], &body);
+    instances[0]
+        .logs
+        .wait_for(&["the route's NATS consumer is ready"])
+        .await;
+    channel.wait_connections(before + 1).await;
+    for n in 10..15 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    let rest = take_until_seen(&mut target, 10..15, support::PATIENCE).await;
+    assert_eq!(rest, (10..15).collect::<Vec<_>>(), "once each, in order");
+    instances[0]
+        .logs
+        .wait_for(&["WARN", "is of an earlier stream SMEE_test"])
+        .await;
+    assert!(
+        instances[0].logs.find(&["already delivered"]).is_none(),
+        "{}",
+        instances[0].logs.all()
+    );
+}

@@ -84,12 +84,9 @@ async fn wait_floors_at_the_stream_end(nats: &NatsServer) {
                 let key = key.ok()?;
                 if key.starts_with("floor.") {
                     let value = kv.get(&key).await.ok()??;
-                    floors.push(
-                        String::from_utf8(value.to_vec())
-                            .ok()?
-                            .parse::<u64>()
-                            .ok()?,
-                    );
+                    // `SEQ CREATED`: the sequence, then the stream it counts in.
+                    let text = String::from_utf8(value.to_vec()).ok()?;
+                    floors.push(text.split(' ').next()?.parse::<u64>().ok()?);
                 }
             }
             (!floors.is_empty() && floors.iter().all(|floor| *floor == last)).then_some(())

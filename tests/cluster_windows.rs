@@ -279,7 +279,9 @@ async fn top_floor_and_last(nats: &NatsServer, cluster: &str) -> Option<(u64, u6
         let key = key.ok()?;
         if key.starts_with("floor.") {
             let value = kv.get(&key).await.ok()??;
-            top = top.max(std::str::from_utf8(&value).ok()?.parse::<u64>().ok()?);
+            // `SEQ CREATED`: the sequence, then the stream it counts in.
+            let seq = std::str::from_utf8(&value).ok()?.split(' ').next()?;
+            top = top.max(seq.parse::<u64>().ok()?);
         }
     }
     Some((top, last))

@@ -272,6 +272,10 @@ fn nats(e: impl Into<async_nats::Error>) -> NatsError {
 impl Cluster {
     async fn view(&self) -> Result<View, NatsError> {
         let stream = self.js.get_stream(&self.stream_name).await.map_err(nats)?;
+        let (created, last) = (
+            super::floor::created_ns(stream.cached_info()),
+            stream.cached_info().state.last_sequence,
+        );
         let mut consumers = stream.consumers();
         let mut routes = Vec::new();
         while let Some(info) = consumers.next().await {
@@ -283,11 +287,11 @@ impl Cluster {
             if !info.config.filter_subject.is_empty() {
                 subjects.push(info.config.filter_subject.clone());
             }
+            // A floor of an earlier stream (created anew since) says nothing of this one's.
             let kept = match self.kv.get(format!("floor.{}", info.name)).await {
-                Ok(Some(floor)) => std::str::from_utf8(&floor)
-                    .ok()
-                    .and_then(|f| f.parse::<u64>().ok())
-                    .unwrap_or(0),
+                Ok(Some(floor)) => super::floor::Floor::parse(&floor)
+                    .filter(|floor| floor.of_stream(created, last))
+                    .map_or(0, |floor| floor.seq),
                 Ok(None) => 0,
                 Err(e) => return Err(nats(e)),
             };

@@ -30,7 +30,8 @@
 //! Each route keeps its floor in KV (`floor.route_<hash>`): the last stream sequence delivered
 //! on it. A NATS server that crashed may forget acks it confirmed (consumer state is flushed
 //! lazily) and redeliver what was delivered; a message at or below the floor is acked, not
-//! delivered. With one message in flight cluster-wide, a route's throughput is one over the
+//! delivered, if the floor counts in the stream as it is now ([`floor`]: a stream created anew
+//! numbers its messages from 1 again). With one message in flight cluster-wide, a route's throughput is one over the
 //! time a message takes end to end, so what a message waits on is kept to what a guarantee
 //! needs ([`Cluster::handle`]):
 //!
@@ -79,6 +80,7 @@
 mod diagnose;
 mod envelope;
 mod fingerprint;
+mod floor;
 mod lease;
 mod neighbours;
 pub use diagnose::paced;
@@ -104,6 +106,7 @@ use crate::spool::{Outcome, Spool, Write};
 pub use envelope::PublishError;
 use envelope::{Envelope, OpenError};
 pub use fingerprint::fingerprint as config_fingerprint;
+use floor::Floor;
 
 /// How long a stopping route still waits for NATS to take the ack of a delivery it finished
 /// (the floor's write, the ack): enough for a NATS that answers, well within the shutdown's
@@ -434,6 +437,9 @@ pub struct Cluster {
     /// published ([`Cluster::publish_as`]), so a route whose consumer is new (it starts after
     /// the stream's last message) misses nothing this instance receives after the route began.
     starting: Arc<tokio::sync::watch::Sender<usize>>,
+    /// The creation time of the stream as this instance last saw it (ns since the epoch; 0:
+    /// not known), which the floors it writes name ([`floor`]).
+    stream_created: Arc<AtomicU64>,
 }
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: a minute for what a
@@ -765,7 +771,7 @@ impl Cluster {
             // A command reading the cluster (`events`): its output is what it prints.
             tracing::debug!(nats = %shown, cluster = %settings.name, "joined the cluster");
         }
-        Ok(Cluster {
+        let cluster = Cluster {
             js,
             client,
             stream_name,
@@ -777,7 +783,50 @@ impl Cluster {
             leases: Default::default(),
             neighbours: Default::default(),
             starting: Arc::new(tokio::sync::watch::channel(0).0),
-        })
+            stream_created: Default::default(),
+        };
+        cluster.stream_now().await;
+        Ok(cluster)
+    }
+
+    /// The stream's creation time and last sequence, asked of NATS (and kept for the floors
+    /// this instance writes); None when NATS cannot say.
+    async fn stream_now(&self) -> Option<(u64, u64)> {
+        let stream = self.js.get_stream(&self.stream_name).await.ok()?;
+        let info = stream.cached_info();
+        let created = floor::created_ns(info);
+        self.stream_created.store(created, Ordering::Relaxed);
+        Some((created, info.state.last_sequence))
+    }
+
+    /// Whether `floor`, read from KV, counts in the stream as it is now. One of an earlier
+    /// stream (deleted and created anew) is said, and counts as none: its route's next
+    /// delivery writes a floor of the new stream over it ([`floor`]). When NATS cannot say,
+    /// it counts, as before floors named their stream.
+    async fn floor_counts(&self, label: &str, floor: &Floor) -> bool {
+        let Some((created, last)) = self.stream_now().await else {
+            return true;
+        };
+        if floor.of_stream(created, last) {
+            return true;
+        }
+        warn!(
+            route = %label,
+            "the route's delivered floor (stream sequence {}) is of an earlier stream {}: the stream was created anew (deleted, or NATS lost its data), and its sequences start again at 1; the floor starts over with it. What the old stream held undelivered is gone with it",
+            floor.seq,
+            self.stream_name
+        );
+        false
+    }
+
+    /// The creation time of the stream for a floor to name: learnt again from NATS when a
+    /// floor read names another (the stream was created anew since this instance last saw).
+    async fn floor_stream(&self, read: Option<&Floor>) -> u64 {
+        let known = self.stream_created.load(Ordering::Relaxed);
+        if read.and_then(|f| f.stream).is_some_and(|s| s != known) || known == 0 {
+            self.stream_now().await;
+        }
+        self.stream_created.load(Ordering::Relaxed)
     }
 
     /// The `x-smee-relay-delivery` of the cluster delivery `event` on local `route`, if it is
@@ -1209,7 +1258,7 @@ impl Cluster {
         // so that an instance overtaken meanwhile (another delivered this message and moved
         // the floor on) never writes its older floor over the newer one.
         let mut floor_revision = None;
-        let mut floor = None;
+        let mut floor: Option<Floor> = None;
         // Test-only (debug builds, `SMEE_RELAY_FAULT`): hold the delivery here, where a
         // network that stalls as it arrives holds up the floor read.
         #[cfg(debug_assertions)]
@@ -1236,18 +1285,40 @@ impl Cluster {
                 Ok(Some(entry)) => {
                     floor_revision = Some(entry.revision);
                     if entry.operation == kv::Operation::Put {
-                        floor = std::str::from_utf8(&entry.value)
-                            .ok()
-                            .and_then(|f| f.parse::<u64>().ok());
+                        floor = Floor::parse(&entry.value);
                     }
                 }
                 Ok(None) => floor_revision = Some(0),
                 Err(_) => {}
             }
         }
+        // A floor naming another stream than this instance knows: the stream was created
+        // anew since; learnt before this delivery's floor is written.
+        if route_done
+            .run_until_cancelled(self.floor_stream(floor.as_ref()))
+            .await
+            .is_none()
+        {
+            stopped();
+            return;
+        }
+        // At or below the floor: delivered already, if the floor is of this stream (one
+        // created anew starts its sequences again).
+        let below = match (stream_seq, &floor) {
+            (Some(seq), Some(floor)) if seq <= floor.seq => {
+                let Some(counts) = route_done
+                    .run_until_cancelled(self.floor_counts(label, floor))
+                    .await
+                else {
+                    stopped();
+                    return;
+                };
+                counts
+            }
+            _ => false,
+        };
         if let Some(seq) = stream_seq
-            && let Some(floor) = floor
-            && seq <= floor
+            && below
         {
             metrics::counter!("smee_relay_cluster_skipped_total", "route" => label.to_string())
                 .increment(1);
@@ -1448,7 +1519,7 @@ impl Cluster {
         ack_at: Option<tokio::time::Instant>,
     ) {
         let (label, floor_key) = (names.label.as_str(), names.floor_key.as_str());
-        let value = Bytes::from(seq.to_string());
+        let value = Floor::value(seq, self.stream_created.load(Ordering::Relaxed));
         let mut ack_sent = false;
         let mut floored = false;
         if let Some(subject) = self.floor_subject(floor_key)
@@ -1512,12 +1583,9 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             let (current, revision) = match self.kv.entry(floor_key).await {
-                Ok(Some(entry)) if entry.operation == kv::Operation::Put => (
-                    std::str::from_utf8(&entry.value)
-                        .ok()
-                        .and_then(|f| f.parse::<u64>().ok()),
-                    entry.revision,
-                ),
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                    (Floor::parse(&entry.value), entry.revision)
+                }
                 Ok(Some(entry)) => (None, entry.revision),
                 Ok(None) => (None, 0),
                 Err(e) => {
@@ -1525,10 +1593,14 @@ impl Cluster {
                     continue;
                 }
             };
-            if current.is_some_and(|floor| floor >= seq) {
+            // Never lowered, unless it is of an earlier stream (see [`floor`]).
+            let stream = self.floor_stream(current.as_ref()).await;
+            if current
+                .is_some_and(|floor| floor.seq >= seq && floor.stream.is_none_or(|s| s == stream))
+            {
                 return true;
             }
-            let value = Bytes::from(seq.to_string());
+            let value = Floor::value(seq, stream);
             let stored = if revision == 0 {
                 self.kv
                     .create(floor_key, value)
