@@ -572,6 +572,60 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     assert_eq!(seqs(&got), expected(0..20));
 }
 
+/// Regression (helper-149): `spool.redb` removed while the relay ran (its events in the file it
+/// had open, gone with the process): the stop line said "N deliveries wait in the spool for the
+/// next start", and the next start made a new, empty spool and said "nothing waits". The stop
+/// says the file was removed, and the start that finds only its high-water mark warns.
+#[tokio::test]
+async fn regression_a_spool_removed_while_running_was_said_to_wait_for_the_next_start() {
+    let channel = FakeChannel::start().await;
+    let addr = unused_addr();
+    let state_dir = support::temp_dir();
+    let state_dir = state_dir.path();
+    let spawn = || {
+        support::spawn_logged(
+            smee_relay()
+                .args([
+                    "forward",
+                    &channel.url("GoneChannel"),
+                    &format!("http://{addr}/"),
+                ])
+                .arg("--state-dir")
+                .arg(state_dir),
+        )
+    };
+    // The target is down: everything stays queued.
+    let (first, logs) = spawn();
+    channel.wait_connections(1).await;
+    for n in 0..5 {
+        channel.send_webhook(n + 1, &webhook(n));
+    }
+    logs.wait_for(&["failed", "event 1)"]).await;
+    // A clean stop and start first, so the log has started over once (its high-water mark
+    // written), as on any relay that ran a while.
+    support::signal(&first, "TERM");
+    logs.wait_for(&["stopped;", "5 deliveries wait"]).await;
+    let (first, logs) = spawn();
+    logs.wait_for(&["connected to channel"]).await;
+    std::fs::remove_file(state_dir.join("spool.redb")).unwrap();
+    support::signal(&first, "TERM");
+    let line = logs
+        .wait_for(&[
+            "ERROR",
+            "stopped;",
+            "was removed or replaced while the relay ran",
+        ])
+        .await;
+    assert!(line.contains("5 deliveries wait"), "{line}");
+    let (_second, logs) = spawn();
+    logs.wait_for(&[
+        "WARN",
+        "no spool here, yet the high-water mark",
+        "it was removed or moved",
+    ])
+    .await;
+}
+
 /// A relay has its spool to itself (redb's exclusive-writer mode: one fsync per commit and no
 /// file locks, BENCHMARKS.md). `smee-relay events` run meanwhile asks it to share the file; the
 /// relay does within a second, the command answers, and once it is done the relay has the file

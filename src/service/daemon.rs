@@ -494,6 +494,13 @@ pub async fn run(
                         n => format!("; {}", never_stored_line(n)),
                     }
                 );
+            } else if spool.file_gone() {
+                // What the open file holds leaves with this process (helper-149).
+                error!(
+                    "stopped; the spool file {} was removed or replaced while the relay ran: what was not delivered was in the file this relay had open, and is not in the state directory for the next start ({})",
+                    spool.path().display(),
+                    waiting_line(&spool, &served, never_stored)
+                );
             } else {
                 info!("stopped; {}", waiting_line(&spool, &served, never_stored));
             }

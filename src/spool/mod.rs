@@ -723,6 +723,9 @@ pub struct Spool {
     /// The file is of an older format ([`upgrade`]): the next transaction that writes raises
     /// its number ([`Spool::mark_current`]). Until then an older relay may still use it.
     behind: std::sync::atomic::AtomicBool,
+    /// The file's device and inode as opened, to tell whether the path still names it
+    /// ([`Spool::file_gone`]).
+    file_id: Option<(u64, u64)>,
     /// Whether the log holds records not yet applied to redb ([`wal::Wal::defer`]): set before
     /// their appenders are answered, so a reader that finds it clear has nothing to apply and
     /// need not wait for the log's lock. One that finds it set may wait for a whole write (a
@@ -869,6 +872,9 @@ impl Spool {
         create_state_dir(state_dir)?;
         let path = state_dir.join(FILE_NAME);
         if !path.exists() {
+            if prefer_alone {
+                say_spool_gone(&path);
+            }
             create_new(&path, &backend)?;
         }
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -900,6 +906,7 @@ impl Spool {
         }
         let wal = opened.wal(&path, sharing.mode);
         let behind = opened.behind.into();
+        let file_id = file_id(&path);
         Ok(Spool {
             db: std::sync::RwLock::new(Some(opened.db)),
             needs_reopen: false.into(),
@@ -920,7 +927,16 @@ impl Spool {
             sharing: std::sync::Mutex::new(sharing),
             wal: std::sync::Mutex::new(wal),
             behind,
+            file_id,
         })
+    }
+
+    /// Whether the spool's path no longer names the file this process opened (removed, or
+    /// replaced): what the open file holds then leaves with the process (helper-149: the stop
+    /// line said "200 deliveries wait in the spool for the next start" of a removed file).
+    pub fn file_gone(&self) -> bool {
+        self.file_id
+            .is_some_and(|id| file_id(&self.path) != Some(id))
     }
 
     /// For a relay's writer thread, between commits and at least every [`SHARE_POLL`] while
@@ -2898,6 +2914,27 @@ type Replayed = (wal::Chain, u64, bool);
 /// the log until the next checkpoint); shared, in a synced one (other processes may write the
 /// file next). Returns what the log held and the last record durable in the file.
 ///
+/// The device and inode of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A relay is about to make a new spool at `path`: if the high-water mark of an earlier one is
+/// still beside it, that spool was removed or moved, and what it held is not delivered from
+/// the new one; said (helper-149: the start said nothing, then "nothing waits").
+fn say_spool_gone(path: &Path) {
+    let Some((_, next_event, _)) = wal::read_highwater(&wal::path(path)) else {
+        return;
+    };
+    tracing::warn!(
+        spool = %path.display(),
+        "no spool here, yet the high-water mark beside it ({}) says a spool with events up to          id {} was: it was removed or moved. A new, empty spool is made; what the old one held          is not delivered from it. If it was moved, stop the relay, put it back, and start again",
+        wal::HIGHWATER_FILE,
+        next_event.saturating_sub(1)
+    );
+}
+
 /// A record is applied only to the spool it was written for, as it was then
 /// ([`wal::Expect`]). One that does not follow (the spool restored from a backup or made anew
 /// beside an old log, or written meanwhile by an older smee-relay) ends the replay: what was
