@@ -626,6 +626,45 @@ async fn regression_a_spool_removed_while_running_was_said_to_wait_for_the_next_
     .await;
 }
 
+/// Regression (helper-149): `spool.wal` removed after a `kill -9` took the last events' commits
+/// with it (they were only in the log), and the start said nothing of it ("nothing waits").
+/// It warns now; after a crash with the log in place, or a clean stop, it has nothing to say.
+#[tokio::test]
+async fn regression_a_log_removed_after_a_crash_lost_its_events_without_a_word() {
+    let channel = FakeChannel::start().await;
+    let addr = unused_addr();
+    let state_dir = support::temp_dir();
+    let state_dir = state_dir.path();
+    let spawn = || {
+        support::spawn_logged(
+            smee_relay()
+                .args([
+                    "forward",
+                    &channel.url("LogChannel"),
+                    &format!("http://{addr}/"),
+                ])
+                .arg("--state-dir")
+                .arg(state_dir),
+        )
+    };
+    let missing = ["WARN", "write-ahead log", "is missing"];
+    let (mut first, logs) = spawn();
+    channel.wait_connections(1).await;
+    channel.send_webhook(1, &webhook(0));
+    logs.wait_for(&["failed", "event 1)"]).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    // A crash, the log in place: nothing to say.
+    let (mut second, logs) = spawn();
+    logs.wait_for(&["connected to channel"]).await;
+    assert!(logs.find(&missing).is_none(), "{}", logs.all());
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+    std::fs::remove_file(state_dir.join("spool.wal")).unwrap();
+    let (_third, logs) = spawn();
+    logs.wait_for(&missing).await;
+}
+
 /// A relay has its spool to itself (redb's exclusive-writer mode: one fsync per commit and no
 /// file locks, BENCHMARKS.md). `smee-relay events` run meanwhile asks it to share the file; the
 /// relay does within a second, the command answers, and once it is done the relay has the file

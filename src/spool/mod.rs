@@ -2795,10 +2795,17 @@ fn open_existing_cached(
         return Err(damaged(Damage::Empty));
     }
     let backend = backend.wrap(file).map_err(|e| io(e.into()))?;
+    // Whether redb found the file not closed cleanly (a crash): see `log_gone` below.
+    let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let repairing = std::sync::Arc::clone(&repaired);
     // Heavy damage makes redb panic rather than return an error; catch it, to name the file.
     let opened = catch_panic(move || -> Result<Opened, SpoolError> {
+        let log_gone = !wal::path(path).exists();
         let db = builder(mode)
             .set_cache_size(cache)
+            .set_repair_callback(move |_| {
+                repairing.store(true, std::sync::atomic::Ordering::Relaxed);
+            })
             .create_with_backend(backend)
             .map_err(|e| match e {
                 // Open in another process, in a mode that excludes this one ([`share`]).
@@ -2831,6 +2838,19 @@ fn open_existing_cached(
                 source,
             })?
             .map_err(damaged)?;
+        // A relay that crashed had its last events' commits only in its log (applied to the
+        // file at a checkpoint): with the log gone they are lost, which nothing else can tell
+        // (helper-149: `rm spool.wal` after a kill -9; the start said "nothing waits").
+        if mode == Mode::Alone && log_gone && repaired.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                spool = %path.display(),
+                "the spool was not closed cleanly (a crash) and its write-ahead log {} is \
+                 missing: the events and deliveries its last relay had only in the log (those \
+                 of about its last second) are lost. If the log was moved, stop the relay, put \
+                 it back beside the spool, and start again",
+                wal::path(path).display()
+            );
+        }
         Ok(Opened {
             db,
             instance,
