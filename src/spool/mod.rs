@@ -162,12 +162,15 @@ pub enum SpoolError {
     #[error(
         "the spool {path} is damaged: {why}. smee-relay does not start over a spool that held \
          events. Stop it, move the file and its log aside (mv {path} {path}.damaged; mv {wal} \
-         {wal}.damaged) and start again; to see what is still readable in it, put them in a \
-         directory of their own as spool.redb and spool.wal and run `smee-relay events list \
-         --state-dir THAT_DIR` (a listing that meets the damage stops there: then read events \
-         one by one, `smee-relay events show ID --state-dir THAT_DIR`)",
+         {wal}.damaged) and start again (the new spool starts empty: what this one held is \
+         not delivered from it). To see what is still readable in it, put {salvage} in a \
+         directory of their own and run `smee-relay events list --state-dir THAT_DIR` (a \
+         listing that meets the damage stops there: then read events one by one, `smee-relay \
+         events show ID --state-dir THAT_DIR`); if that stops with this same message, the file \
+         cannot be read at all, and what it held is lost unless a backup has it",
         path = path.display(),
-        wal = wal::path(path).display()
+        wal = wal::path(path).display(),
+        salvage = why.salvage()
     )]
     Damaged { path: PathBuf, why: Damage },
     #[error(
@@ -470,6 +473,18 @@ pub enum Damage {
         next_seq: u64,
         events: usize,
     },
+}
+
+impl Damage {
+    /// What to copy to read what the file still holds: a file behind its log opens alone
+    /// (the log is what does not match it); any other, with its log (helper-149: the advice
+    /// was the same for both, and led back to itself).
+    fn salvage(&self) -> &'static str {
+        match self {
+            Damage::LostCommits { .. } => "the file alone, as spool.redb (without its log),",
+            _ => "the file and its log, as spool.redb and spool.wal,",
+        }
+    }
 }
 
 /// Where a delivery stands.

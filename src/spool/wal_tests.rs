@@ -513,6 +513,34 @@ fn assert_lost_commits(opened: Result<Spool, super::SpoolError>, events: usize) 
     );
 }
 
+/// Regression (helper-149): the damaged-spool message said to read what is left by copying
+/// the file and its log to a directory of their own; for a file behind its log that met the
+/// same refusal, leading back to itself. It says to copy the file alone, which opens.
+#[test]
+fn regression_the_salvage_advice_for_a_file_behind_its_log_led_back_to_itself() {
+    let (dir, spool) = opened();
+    logged(&spool, appending(1, 1));
+    let backup = crash_copy(dir.path(), false);
+    spool.checkpoint().unwrap();
+    let Err(error) = restore_beside_new_records(&spool, dir.path(), backup.path()) else {
+        panic!("a spool that lost commits was opened");
+    };
+    let said = error.to_string();
+    assert!(
+        said.contains("put the file alone, as spool.redb (without its log), in a directory"),
+        "{said}"
+    );
+    let salvage = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        backup.path().join(super::FILE_NAME),
+        salvage.path().join(super::FILE_NAME),
+    )
+    .unwrap();
+    // What the file holds is read (here nothing: its one event was in the log at the copy).
+    let read = Spool::open_shared(salvage.path()).expect("the file alone opens");
+    assert_eq!(view(&read).0[0].len(), 0);
+}
+
 /// Regression: once a checkpoint had started the log over, nothing said what the file held:
 /// after a crash, a file that redb's recovery took back to an older commit (one flipped bit
 /// after an idle checkpoint), or an older copy put back, opened without a word, its later
