@@ -270,6 +270,20 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    /// The file system refused a write (`EROFS`): said with what to do, and exit 2 (helper-149:
+    /// "I/O error: Read-only file system", exit 1).
+    #[error(
+        "the spool {path} is on a read-only file system, and a relay or a command writes to its \
+         state directory: give --state-dir (or state_dir) a writable directory. To read a spool \
+         on read-only media (a snapshot, a backup), copy it with its spool.wal to a writable \
+         directory first",
+        path = path.display()
+    )]
+    ReadOnly {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the spool is being opened again after a failed write; try again")]
     Reopening,
     #[error("the spool writer has stopped")]
@@ -347,6 +361,7 @@ impl SpoolError {
                 | SpoolError::InUse { .. }
                 | SpoolError::CannotAsk { .. }
                 | SpoolError::PermissionDenied { .. }
+                | SpoolError::ReadOnly { .. }
                 | SpoolError::NotADirectory { .. }
                 | SpoolError::KeepFree(_)
         ) || matches!(
@@ -371,6 +386,12 @@ impl SpoolError {
             SpoolError::StateDir { source, .. } | SpoolError::LockFile { source, .. } => source,
             _ => return self,
         };
+        if io.raw_os_error() == Some(libc::EROFS) {
+            return SpoolError::ReadOnly {
+                path: file.to_owned(),
+                source: std::io::Error::new(io.kind(), io.to_string()),
+            };
+        }
         if io.kind() != std::io::ErrorKind::PermissionDenied {
             return self;
         }
@@ -3850,6 +3871,34 @@ mod tests {
 
     const ROUTE: &str = "http://127.0.0.1:9/";
     const ROOM: Limits = Limits { max_bytes: 1 << 20 };
+
+    /// Regression (helper-149): a state directory on a read-only file system said only "I/O
+    /// error: Read-only file system (os error 30)" and exited 1, as a failure to try again; it
+    /// is a setting to fix (exit 2), said with what to do.
+    #[test]
+    fn regression_a_read_only_state_dir_said_only_the_systems_error() {
+        let erofs = || std::io::Error::from_raw_os_error(libc::EROFS);
+        for refused in [
+            SpoolError::Io {
+                path: "d/spool.redb.new".into(),
+                source: redb::Error::Io(erofs()),
+            },
+            SpoolError::LockFile {
+                path: "d/channel-x.lock".into(),
+                source: erofs(),
+            },
+        ] {
+            let said = refused.or_denied(Path::new("d/spool.redb"));
+            assert!(matches!(said, SpoolError::ReadOnly { .. }), "{said}");
+            assert!(said.needs_the_user());
+            let text = said.to_string();
+            assert!(
+                text.contains("d/spool.redb is on a read-only file system")
+                    && text.contains("give --state-dir (or state_dir) a writable directory"),
+                "{text}"
+            );
+        }
+    }
 
     /// Regression (helper-121): a sender's 60 KB `x-github-event`, or a body's 3,000-character
     /// `action`, went whole into every log line and `events list` row of its delivery.
