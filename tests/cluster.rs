@@ -1876,3 +1876,42 @@ async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() 
         instances[0].logs.all()
     );
 }
+
+/// Regression (helper-148): with the stream deleted while the instances ran, every outbox
+/// retried "no stream found" for ever (at INFO), and nothing was delivered until an instance
+/// restarted. A publish that finds no stream creates it anew, and the routes take up the new
+/// one, their floors of the old one counting as none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stream_deleted_under_running_instances_was_never_created_again() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(2, &channel, &body, &[]).await;
+    for n in 0..5 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    let first = take_until_seen(&mut target, 0..5, support::PATIENCE).await;
+    assert_eq!(first, (0..5).collect::<Vec<_>>());
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream("SMEE_test")
+        .await
+        .unwrap();
+    for n in 5..10 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    let rest = take_until_seen(&mut target, 5..10, FAILOVER_PATIENCE).await;
+    assert_eq!(
+        first_arrivals(&rest),
+        (5..10).collect::<Vec<_>>(),
+        "{rest:?}"
+    );
+    assert!(
+        instances.iter().any(|i| i
+            .logs
+            .find(&["WARN", "stream SMEE_test was gone"])
+            .is_some()),
+        "said"
+    );
+}

@@ -238,8 +238,15 @@ impl Cluster {
             .send_publish(subject, publish)
             .await
             .map_err(|e| PublishError::Nats(NatsError(e.into())))?;
-        ack.await
-            .map_err(|e| PublishError::Nats(NatsError(e.into())))
+        match ack.await {
+            Ok(ack) => Ok(ack),
+            Err(e) => {
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                    self.stream_gone().await;
+                }
+                Err(PublishError::Nats(NatsError(e.into())))
+            }
+        }
     }
 
     /// Store `body` (too large for one message) in the bodies' bucket under `id`'s object,

@@ -407,6 +407,19 @@ fn stream_name(name: &str) -> String {
     format!("SMEE_{name}")
 }
 
+/// The stream as an instance with `settings` creates it.
+fn stream_config(settings: &Settings) -> stream::Config {
+    stream::Config {
+        name: stream_name(&settings.name),
+        subjects: vec![format!("smee.{}.>", settings.name)],
+        storage: stream::StorageType::File,
+        duplicate_window: settings.dedupe_window,
+        max_age: settings.max_age,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
 /// The subject cluster `cluster` publishes the frames of the channel with key `channel_key` on
 /// (the key hashed: it holds the channel id, a secret, and has characters a subject cannot).
 /// The hash is the same in every cluster ([`neighbours`]).
@@ -711,15 +724,7 @@ impl Cluster {
                 ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
             })?;
         }
-        let wanted = stream::Config {
-            name: stream_name.clone(),
-            subjects: vec![format!("smee.{}.>", settings.name)],
-            storage: stream::StorageType::File,
-            duplicate_window: settings.dedupe_window,
-            max_age: settings.max_age,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        };
+        let wanted = stream_config(&settings);
         match js.get_stream(&stream_name).await {
             // An instance joining (not a command reading): the cluster's settings are what
             // the stream and the consumers hold; this instance's `[cluster]` replaces them.
@@ -797,6 +802,40 @@ impl Cluster {
         let created = floor::created_ns(info);
         self.stream_created.store(created, Ordering::Relaxed);
         Some((created, info.state.last_sequence))
+    }
+
+    /// A publish found no stream: it was deleted (`nats stream rm`) or lost with NATS's data
+    /// while this instance ran. Created anew, as a start would, and said (helper-148: every
+    /// running instance's outbox retried "no stream found" for ever at INFO). The routes'
+    /// consumers come back with it ([`Cluster::consumer`]), and their floors of the old
+    /// stream count as none ([`floor`]).
+    pub(crate) async fn stream_gone(&self) {
+        match self
+            .js
+            .get_or_create_stream(stream_config(&self.settings))
+            .await
+        {
+            Ok(stream) => {
+                self.stream_created
+                    .store(floor::created_ns(stream.cached_info()), Ordering::Relaxed);
+                warn!(
+                    "the cluster's stream {} was gone (deleted, or NATS lost its data): it is created anew; what it held undelivered is gone with it",
+                    self.stream_name
+                );
+            }
+            Err(e) => {
+                let hint = diagnose::stream_hint(&e.kind(), self.settings.replicas);
+                warn!(
+                    "the cluster's stream {} is gone (deleted, or NATS lost its data), and cannot be created anew: {}; receipts wait in the local outbox",
+                    self.stream_name,
+                    crate::error::chain(&ClusterError::Stream(
+                        self.stream_name.clone(),
+                        hint,
+                        e.into()
+                    ))
+                );
+            }
+        }
     }
 
     /// Whether `floor`, read from KV, counts in the stream as it is now. One of an earlier
@@ -1130,10 +1169,12 @@ impl Cluster {
         let mut subjects = subjects;
         subjects.push(self.replay_subject(&hash));
         let mut said = false;
+        // The stream the route's consumer was last taken of (see [`Cluster::consumer`]).
+        let mut seen = None;
         while !cancel.is_cancelled() {
             // Not waited on past a stop (NATS may be stalled): see `Starting::ready`.
             let made = cancel
-                .run_until_cancelled(self.consumer(&durable, &label, &subjects))
+                .run_until_cancelled(self.consumer(&durable, &label, &subjects, &mut seen))
                 .await;
             let Some(made) = made else {
                 return;
@@ -1808,17 +1849,27 @@ impl Cluster {
     /// or at an instance's start) gets what arrives from now on, as a new smee client would,
     /// not the stream's history (up to `max_age`). One that exists keeps where it starts (NATS
     /// cannot change that) and takes this instance's filter and ack wait.
+    ///
+    /// `seen`: the creation time of the stream the route last took a consumer of. A stream
+    /// created anew since (deleted under the running route) holds only what arrived since,
+    /// all of it the route's: its new consumer starts at its first message (helper-148:
+    /// after the last, it missed what was published before it was made).
     async fn consumer(
         &self,
         durable: &str,
         label: &str,
         subjects: &[String],
+        seen: &mut Option<u64>,
     ) -> Result<consumer::PullConsumer, NatsError> {
         let stream = self
             .js
             .get_stream(&self.stream_name)
             .await
             .map_err(|e| NatsError(e.into()))?;
+        let created = floor::created_ns(stream.cached_info());
+        let renewed = seen
+            .replace(created)
+            .is_some_and(|before| before != created);
         let mut config = consumer::pull::Config {
             durable_name: Some(durable.to_string()),
             // What `events list` calls the route (its target as shown, no channel key).
@@ -1854,6 +1905,12 @@ impl Cluster {
                         );
                         config.ack_wait = info.config.ack_wait;
                     }
+                }
+                Err(e)
+                    if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound
+                        && renewed =>
+                {
+                    config.deliver_policy = consumer::DeliverPolicy::All;
                 }
                 Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                     let last = stream
@@ -1997,7 +2054,12 @@ impl Starting {
             // Not waited on past a stop: a stalled NATS answers nothing until its request
             // timeout (helper-110: a stop then took 11 s, at the backstop's edge).
             let made = cancel
-                .run_until_cancelled(cluster.consumer(&self.durable, &self.label, &self.subjects))
+                .run_until_cancelled(cluster.consumer(
+                    &self.durable,
+                    &self.label,
+                    &self.subjects,
+                    &mut None,
+                ))
                 .await;
             let Some(made) = made else {
                 return;
