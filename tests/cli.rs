@@ -368,6 +368,27 @@ async fn one_queued_for(target: &str) -> std::path::PathBuf {
     state_dir
 }
 
+/// Regression (helper-150): `events replay ID` said only "queued 1 delivery again": queued for
+/// a target the relay no longer had (a new one in its config), the event waited unseen. Each
+/// target is named, and one whose channel no relay runs is said to wait for one.
+#[tokio::test]
+async fn regression_replay_did_not_say_for_which_target_it_queued() {
+    let state_dir = spool_with_two_events().await;
+    let out = events(&state_dir, &["replay", "1"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"queued 1 delivery again"), "{stdout}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("  1 for http://127.0.0.1:")
+                && l.contains("/hook")
+                && l.contains("no relay runs its channel now")),
+        "{stdout}"
+    );
+}
+
 /// Regression (a new user's finding): `purge --queue` needed the channel's key, which no
 /// `events` command shows; a target alone is now enough when one queue of it holds deliveries,
 /// and a target with none lists the queues that do.

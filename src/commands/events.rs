@@ -200,11 +200,32 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 Replay::Dead => (0, true),
                 Replay::ReceivedSince(_) => (0, false),
             };
-            let queued = spool.replay(which)?;
+            let routes = spool.replay_routes(which)?;
+            let queued = routes.len();
             outln!(
                 "queued {} again",
                 super::count(queued, "delivery", "deliveries")
             )?;
+            // Where each goes (helper-150: queued for a target the relay no longer had, and
+            // nothing said which).
+            let mut per_route: std::collections::BTreeMap<&str, usize> = Default::default();
+            for route in &routes {
+                *per_route.entry(route).or_default() += 1;
+            }
+            for (route, n) in per_route {
+                let idle = route
+                    .split_once(' ')
+                    .is_some_and(|(key, _)| !spool::lock::channel_held(&dir, key));
+                outln!(
+                    "  {n} for {}{}",
+                    spool::route_name(route),
+                    if idle {
+                        " (no relay runs its channel now: delivered when one starts)"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
             if queued == 0 && dead {
                 eprintln!("{NO_DEAD_LETTERS}");
             } else if queued == 0 || queued < named {

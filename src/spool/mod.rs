@@ -2005,6 +2005,11 @@ impl Spool {
     /// every event received since a time. Pending deliveries are left where they are. Returns
     /// how many deliveries were queued.
     pub fn replay(&self, which: Replay) -> Result<usize, SpoolError> {
+        self.replay_routes(which).map(|routes| routes.len())
+    }
+
+    /// [`Spool::replay`], returning the route (queue) of each delivery queued again.
+    pub fn replay_routes(&self, which: Replay) -> Result<Vec<String>, SpoolError> {
         if let Replay::Ids(ids) = &which {
             for id in ids {
                 self.get(*id)?;
@@ -2034,7 +2039,7 @@ impl Spool {
             for (id, route) in &chosen {
                 t.enqueue(*id, route, now)?;
             }
-            Ok(chosen.len())
+            Ok(chosen.into_iter().map(|(_, route)| route).collect())
         })
         .inspect(|_| self.nudge())
     }
