@@ -548,7 +548,7 @@ async fn events_purge_queue_refuses_a_name_that_is_not_a_queue_and_a_cluster_spo
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains(&format!(
-            "no queue named '{queue}' holds deliveries; no queue does"
+            "no queue named '{queue}' holds deliveries; nothing waits in any queue: there is nothing to purge"
         )),
         "{said}"
     );
@@ -775,7 +775,8 @@ async fn regression_events_with_a_state_dir_holding_no_spool_says_so() {
     assert_ne!(out.status.code(), Some(0), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("no spool at") && stderr.contains("no relay has run with that --state-dir"),
+        stderr.contains("no spool at")
+            && stderr.contains("no relay has run with that state directory (--state-dir"),
         "{stderr}"
     );
     assert!(!stderr.contains("give --state-dir"), "{stderr}");

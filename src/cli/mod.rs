@@ -848,9 +848,10 @@ pub fn parse_max_retry_after(text: &str) -> Result<Duration, crate::error::Inval
         .into());
     }
     if duration > MAX_RETRY_AFTER_LIMIT {
+        // As typed: humantime writes 8d back as "8days" (helper-150).
         return Err(format!(
             "{} is longer than the 7d limit: a target asking to wait longer is down, and events older than --max-retry-age are dead letters anyway (write it like 1h or 1d)",
-            humantime::format_duration(duration)
+            text.trim()
         )
         .into());
     }
@@ -972,6 +973,12 @@ mod tests {
             error.contains("--max-retry-after") && error.contains("longer than the 7d limit"),
             "{error}"
         );
+        // Regression (helper-150): said as humantime writes it back, `8days`.
+        let error = match parse(args(&format!("{line} 8d"))) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("8 days accepted"),
+        };
+        assert!(error.contains("8d is longer than the 7d limit"), "{error}");
         // Regression: `1ms` was taken, and a target answering `Retry-After: 60` was asked
         // again every millisecond.
         let error = match parse(args(&format!("{line} 1ms"))) {

@@ -98,7 +98,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         // helper-150: "give --state-dir" read oddly to someone who had given it.
         if args.state.state_dir.is_some() {
             anyhow::bail!(
-                "no spool at {}: no relay has run with that --state-dir (is it the relay's state directory, as given to `forward` or `run`?)",
+                "no spool at {}: no relay has run with that state directory (--state-dir, or SMEE_RELAY_STATE_DIR): is it the relay's, as given to `forward` or `run`? Or give --config (the relay's config: its `state_dir`, and with `[cluster]` the cluster's events)",
                 file.display()
             );
         }
@@ -330,7 +330,8 @@ fn queue_named(spool: &Spool, name: &str) -> anyhow::Result<String> {
                     None => format!("of {shown}"),
                 },
                 match listed.is_empty() {
-                    true => "no queue does".to_string(),
+                    // helper-150: "...; no queue does" read as a stammer.
+                    true => "nothing waits in any queue: there is nothing to purge".to_string(),
                     false => format!("these do: {}", listed.join(", ")),
                 },
                 query_note(queues.iter().map(|(queue, _)| queue))

@@ -78,7 +78,7 @@ pub enum ForwardError {
 fn moved_suffix(location: &Option<String>) -> String {
     match location {
         Some(location) => format!(
-            " to {location} (redirects are not followed: if that is the target, configure it)"
+            " to {location} (redirects are not followed: if events belong there, make it the target URL)"
         ),
         None => String::new(),
     }
@@ -565,7 +565,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "target answered 301 Moved Permanently to http://bob:***@127.0.0.1:1/new-hook?… \
-             (redirects are not followed: if that is the target, configure it)"
+             (redirects are not followed: if events belong there, make it the target URL)"
         );
     }
 
