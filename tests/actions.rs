@@ -981,6 +981,14 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
             "nothing runs",
         ])
         .await;
+    // A made-up signature header is no signature (helper-152: it made a dead letter too).
+    setup.channel.send_webhook(
+        4,
+        &format!(
+            r#"{{"x-port-timestamp":"{now}","x-port-signature":"v1,AAAA","content-type":"text/plain","rawdata":{}}}"#,
+            serde_json::json!(text)
+        ),
+    );
     only_the_next_run_goes_through(&setup, "r_act01legacy").await;
     daemon.stop().await;
     let listed = support::run_to_end(
@@ -990,6 +998,10 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
     )
     .await;
     let rows: Value = serde_json::from_str(&listed.stdout).expect(&listed.stderr);
+    let forged = (rows.as_array().into_iter().flatten())
+        .find(|row| row["id"] == 3 && row["route"] == "actions")
+        .unwrap_or_else(|| panic!("no actions row for event 3: {rows}"));
+    assert_eq!(forged["status"], "delivered", "{forged}");
     for (id, why) in [
         (1, "number out of range"),
         (2, "signed, yet the body is not JSON"),

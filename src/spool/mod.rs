@@ -2990,7 +2990,10 @@ fn say_spool_gone(path: &Path) {
     };
     tracing::warn!(
         spool = %path.display(),
-        "no spool here, yet the high-water mark beside it ({}) says a spool with events up to          id {} was: it was removed or moved. A new, empty spool is made; what the old one held          is not delivered from it. If it was moved, stop the relay, put it back, and start again",
+        "no spool here, yet the high-water mark beside it ({}) says a spool with events up to \
+         id {} was: it was removed or moved. A new, empty spool is made; what the old one held \
+         is not delivered from it. If it was set aside as damaged, that is expected; if it was \
+         moved by mistake, stop the relay, put it back, and start again",
         wal::HIGHWATER_FILE,
         next_event.saturating_sub(1)
     );
