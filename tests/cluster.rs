@@ -1915,3 +1915,51 @@ async fn regression_a_stream_deleted_under_running_instances_was_never_created_a
         "said"
     );
 }
+
+/// Regression (helper-151): with the stream deleted, a reload adding a target started a route
+/// that waited for its consumer, and so for the stream, while nothing was published until it
+/// had one: no publish came to create the stream, and the cluster stopped for good. A route
+/// that finds no stream creates it anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_reload_right_after_the_stream_was_deleted_stopped_the_cluster() {
+    let nats = NatsServer::start().await;
+    let channel = FakeChannel::start().await;
+    let mut target = FakeTarget::start().await;
+    let mut added = FakeTarget::start().await;
+    let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
+    let instances = start_cluster(1, &channel, &body, &[]).await;
+    channel.send_webhook(1, &frame(0));
+    take_until_seen(&mut target, 0..1, support::PATIENCE).await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream("SMEE_test")
+        .await
+        .unwrap();
+    let both = body.replace(
+        &format!(r#"forward = ["{}"]"#, target.url("/hook")),
+        &format!(
+            r#"forward = ["{}", "{}"]"#,
+            target.url("/hook"),
+            added.url("/b")
+        ),
+    );
+    assert_ne!(both, body);
+    write_config(instances[0].dir.path(), &both);
+    support::signal(&instances[0].child, "HUP");
+    instances[0].logs.wait_for(&["config reloaded"]).await;
+    for n in 1..4 {
+        channel.send_webhook(n as u64 + 1, &frame(n));
+    }
+    let seen = take_until_seen(&mut target, 1..4, FAILOVER_PATIENCE).await;
+    assert_eq!(
+        first_arrivals(&seen),
+        (1..4).collect::<Vec<_>>(),
+        "{seen:?}"
+    );
+    let seen = take_until_seen(&mut added, 1..4, FAILOVER_PATIENCE).await;
+    assert_eq!(
+        first_arrivals(&seen),
+        (1..4).collect::<Vec<_>>(),
+        "{seen:?}"
+    );
+}

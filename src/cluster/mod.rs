@@ -1861,11 +1861,19 @@ impl Cluster {
         subjects: &[String],
         seen: &mut Option<u64>,
     ) -> Result<consumer::PullConsumer, NatsError> {
-        let stream = self
-            .js
-            .get_stream(&self.stream_name)
-            .await
-            .map_err(|e| NatsError(e.into()))?;
+        let stream = match self.js.get_stream(&self.stream_name).await {
+            // Deleted under the running route: created anew, as a publish would (helper-151:
+            // a reload's new route waited for it, and held every publish back, for ever).
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                self.stream_gone().await;
+                self.js.get_stream(&self.stream_name).await
+            }
+            other => other,
+        }
+        .map_err(|e| NatsError(e.into()))?;
         let created = floor::created_ns(stream.cached_info());
         let renewed = seen
             .replace(created)
