@@ -191,7 +191,18 @@ pub async fn run(
                     .next_due(states.iter())
                     .is_some_and(|due| due <= judged_up_to)
             })
-            .and_then(|head| reconcile::entity_times(&head.event));
+            .and_then(|head| reconcile::entity_times(&head.event))
+            // Only a change newer than the last one judged (live, or in a cluster any
+            // instance's): the change that began the hold, seen again, tells nothing new, and
+            // the hold fires as it would have (helper-153: it fired as the snapshot's, "? → 95,
+            // found by reconciliation after a gap", for a change the relay had judged).
+            .map(|mut times| {
+                times.retain(|subject, at| {
+                    let judged = newest(changed.get(subject).copied(), &evaluated, subject);
+                    judged.is_none_or(|judged| *at > judged)
+                });
+                times
+            });
         let matured = pipeline.mature(
             states.iter().filter(|(key, state)| {
                 !(snapshot_times.as_ref())
@@ -2420,6 +2431,11 @@ mod tests {
             let mut entity = entity["event"]["diff"][side].take();
             entity["updatedAt"] =
                 crate::clock::rfc3339_seconds(crate::clock::now_ms() - 5 * 60_000 - 30_000).into();
+            self.queue_a_snapshot_of(entity).await;
+        }
+
+        /// Queue a snapshot of `entity`, as the start's reconciliation stores it.
+        async fn queue_a_snapshot_of(&self, entity: serde_json::Value) {
             let snapshot = reconcile::Snapshot {
                 blueprint: "DeploymentConfig".into(),
                 fetched_at_ms: crate::clock::now_ms(),
@@ -2452,6 +2468,29 @@ mod tests {
         let restart = Restart::after_the_hold_ended().await;
         restart.queue_a_snapshot("after").await;
         no_alert_once_the_recovery_is_judged(restart.start()).await;
+    }
+
+    /// Regression (helper-153): a snapshot showing the entity as the change that began the
+    /// hold left it (nothing new) made the hold wait for it, and fire as the snapshot's alert:
+    /// "? → 87, found by reconciliation after a gap". It fires first, as held.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_with_nothing_new_leaves_the_hold_to_fire_as_held() {
+        let restart = Restart::after_the_hold_ended().await;
+        let rise: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/port/deployment-config/automation/02-cpu-25-to-87.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        restart
+            .queue_a_snapshot_of(rise["event"]["diff"]["after"].clone())
+            .await;
+        let held = restart.start();
+        let alert = held.fired().await;
+        assert_eq!(alert.note.as_deref(), Some("held for 5m"), "{alert:?}");
+        held.stop().await;
     }
 
     /// The twin: the snapshot shows the rise still there (a change of another property), so
