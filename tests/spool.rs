@@ -579,6 +579,20 @@ async fn kill_9_loses_nothing_and_the_rest_goes_out_in_order_after_restart() {
     assert_eq!(seqs(&got), expected(0..20));
 }
 
+/// `smee-relay forward CHANNEL http://ADDR/ --state-dir DIR`, its log watched.
+fn forward_logged(
+    channel: &str,
+    addr: std::net::SocketAddr,
+    state_dir: &std::path::Path,
+) -> (tokio::process::Child, LogWatch) {
+    support::spawn_logged(
+        smee_relay()
+            .args(["forward", channel, &format!("http://{addr}/")])
+            .arg("--state-dir")
+            .arg(state_dir),
+    )
+}
+
 /// Regression (helper-149): `spool.redb` removed while the relay ran (its events in the file it
 /// had open, gone with the process): the stop line said "N deliveries wait in the spool for the
 /// next start", and the next start made a new, empty spool and said "nothing waits". The stop
@@ -589,18 +603,7 @@ async fn regression_a_spool_removed_while_running_was_said_to_wait_for_the_next_
     let addr = unused_addr();
     let state_dir = support::temp_dir();
     let state_dir = state_dir.path();
-    let spawn = || {
-        support::spawn_logged(
-            smee_relay()
-                .args([
-                    "forward",
-                    &channel.url("GoneChannel"),
-                    &format!("http://{addr}/"),
-                ])
-                .arg("--state-dir")
-                .arg(state_dir),
-        )
-    };
+    let spawn = || forward_logged(&channel.url("GoneChannel"), addr, state_dir);
     // The target is down: everything stays queued.
     let (first, logs) = spawn();
     channel.wait_connections(1).await;
@@ -642,18 +645,7 @@ async fn regression_a_log_removed_after_a_crash_lost_its_events_without_a_word()
     let addr = unused_addr();
     let state_dir = support::temp_dir();
     let state_dir = state_dir.path();
-    let spawn = || {
-        support::spawn_logged(
-            smee_relay()
-                .args([
-                    "forward",
-                    &channel.url("LogChannel"),
-                    &format!("http://{addr}/"),
-                ])
-                .arg("--state-dir")
-                .arg(state_dir),
-        )
-    };
+    let spawn = || forward_logged(&channel.url("LogChannel"), addr, state_dir);
     let missing = ["WARN", "write-ahead log", "is missing"];
     let (mut first, logs) = spawn();
     channel.wait_connections(1).await;
