@@ -31,9 +31,9 @@
 //! on it. A NATS server that crashed may forget acks it confirmed (consumer state is flushed
 //! lazily) and redeliver what was delivered; a message at or below the floor is acked, not
 //! delivered, if the floor counts in the stream as it is now ([`floor`]: a stream created anew
-//! numbers its messages from 1 again). With one message in flight cluster-wide, a route's throughput is one over the
-//! time a message takes end to end, so what a message waits on is kept to what a guarantee
-//! needs ([`Cluster::handle`]):
+//! numbers its messages from 1 again). With one message in flight cluster-wide, a route's
+//! throughput is one over the time a message takes end to end, so what a message waits on is
+//! kept to what a guarantee needs ([`Cluster::handle`]):
 //!
 //! - **The floor is read from KV for every message**, though a first delivery (`delivered ==
 //!   1`) from a server that kept its state is above every delivered message (the consumer
