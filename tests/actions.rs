@@ -328,6 +328,14 @@ fn sign(secret: &str, timestamp: &str, body: &str) -> String {
     )
 }
 
+/// A smee frame carrying the text `text` exactly (`rawdata`), with Port's signature headers.
+fn text_frame(text: &str, timestamp: u64, signature: &str) -> String {
+    format!(
+        r#"{{"x-port-timestamp":"{timestamp}","x-port-signature":"{signature}","content-type":"text/plain","rawdata":{}}}"#,
+        serde_json::json!(text)
+    )
+}
+
 /// A smee frame carrying `body`, signed with `secret` as Port signs (timestamp now).
 fn signed_frame(body: &str, secret: &str) -> String {
     let timestamp = std::time::SystemTime::now()
@@ -965,13 +973,9 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
         .unwrap()
         .as_secs();
     let signature = sign(SECRET, &now.to_string(), text);
-    setup.channel.send_webhook(
-        3,
-        &format!(
-            r#"{{"x-port-timestamp":"{now}","x-port-signature":"{signature}","content-type":"text/plain","rawdata":{}}}"#,
-            serde_json::json!(text)
-        ),
-    );
+    setup
+        .channel
+        .send_webhook(3, &text_frame(text, now, &signature));
     daemon
         .logs
         .wait_for(&[
@@ -982,13 +986,9 @@ async fn regression_a_run_beyond_the_json_limits_was_listed_as_delivered() {
         ])
         .await;
     // A made-up signature header is no signature (helper-152: it made a dead letter too).
-    setup.channel.send_webhook(
-        4,
-        &format!(
-            r#"{{"x-port-timestamp":"{now}","x-port-signature":"v1,AAAA","content-type":"text/plain","rawdata":{}}}"#,
-            serde_json::json!(text)
-        ),
-    );
+    setup
+        .channel
+        .send_webhook(4, &text_frame(text, now, "v1,AAAA"));
     only_the_next_run_goes_through(&setup, "r_act01legacy").await;
     daemon.stop().await;
     let listed = support::run_to_end(

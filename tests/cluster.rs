@@ -1829,6 +1829,15 @@ async fn regression_the_lag_of_a_route_stuck_on_a_delivery_read_0() {
     target.release();
 }
 
+/// Delete this file's cluster's stream, as `nats stream rm SMEE_test` does.
+async fn delete_the_stream(nats: &NatsServer) {
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream("SMEE_test")
+        .await
+        .unwrap();
+}
+
 /// Regression (helper-148): the stream deleted (`nats stream rm SMEE_...`) and created anew
 /// by an instance's start numbers its messages from 1 again, while each route's floor in KV
 /// still said the old stream's last delivered sequence: every new event below it was skipped
@@ -1849,11 +1858,7 @@ async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() 
 
     instances[0].child.start_kill().unwrap();
     instances[0].child.wait().await.unwrap();
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream("SMEE_test")
-        .await
-        .unwrap();
+    delete_the_stream(&nats).await;
     let before = channel.connections();
     restart(&mut instances[0], &body);
     instances[0]
@@ -1893,11 +1898,7 @@ async fn regression_a_stream_deleted_under_running_instances_was_never_created_a
     }
     let first = take_until_seen(&mut target, 0..5, support::PATIENCE).await;
     assert_eq!(first, (0..5).collect::<Vec<_>>());
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream("SMEE_test")
-        .await
-        .unwrap();
+    delete_the_stream(&nats).await;
     for n in 5..10 {
         channel.send_webhook(n as u64 + 1, &frame(n));
     }
@@ -1930,11 +1931,7 @@ async fn regression_a_reload_right_after_the_stream_was_deleted_stopped_the_clus
     let instances = start_cluster(1, &channel, &body, &[]).await;
     channel.send_webhook(1, &frame(0));
     take_until_seen(&mut target, 0..1, support::PATIENCE).await;
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream("SMEE_test")
-        .await
-        .unwrap();
+    delete_the_stream(&nats).await;
     let both = body.replace(
         &format!(r#"forward = ["{}"]"#, target.url("/hook")),
         &format!(
