@@ -36,16 +36,41 @@ async fn take_until_seen(
     wanted: std::ops::Range<usize>,
     patience: Duration,
 ) -> Vec<usize> {
-    let mut seen = Vec::new();
+    let taken = take_with_ids_until_seen(target, wanted, patience).await;
+    taken.into_iter().map(|(n, _)| n).collect()
+}
+
+/// [`take_until_seen`], each event with its `x-smee-relay-delivery`.
+async fn take_with_ids_until_seen(
+    target: &mut FakeTarget,
+    wanted: std::ops::Range<usize>,
+    patience: Duration,
+) -> Vec<(usize, String)> {
+    let mut seen: Vec<(usize, String)> = Vec::new();
     let deadline = tokio::time::Instant::now() + patience;
-    while !wanted.clone().all(|n| seen.contains(&n)) {
+    while !wanted.clone().all(|n| seen.iter().any(|(s, _)| *s == n)) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(request) = target.try_next(left).await else {
             panic!("not every event of {wanted:?} arrived within {patience:?}: {seen:?}");
         };
-        seen.push(n_of(&request.body));
+        let id = request.header("x-smee-relay-delivery").unwrap_or_default();
+        seen.push((n_of(&request.body), id.to_string()));
     }
     seen
+}
+
+/// Whether two deliveries of different events share an id (a target dropping repeats by id
+/// drops one of them).
+fn shared_ids(a: &[(usize, String)], b: &[(usize, String)]) -> Vec<(usize, usize, String)> {
+    let mut shared = Vec::new();
+    for (n, id) in a {
+        for (m, other) in b {
+            if id == other && n != m {
+                shared.push((*n, *m, id.clone()));
+            }
+        }
+    }
+    shared
 }
 
 /// The order of first arrivals.
@@ -1839,12 +1864,35 @@ async fn delete_the_stream(nats: &NatsServer) {
 }
 
 /// Regression (helper-148): the stream deleted (`nats stream rm SMEE_...`) and created anew
-/// by an instance's start numbers its messages from 1 again, while each route's floor in KV
-/// still said the old stream's last delivered sequence: every new event below it was skipped
-/// as "already delivered" (and listed delivered), with nothing said above INFO. A floor names
+/// by an operator numbers its messages from 1 again, while each route's floor in KV still
+/// said the old stream's last delivered sequence: every new event below it was skipped as
+/// "already delivered" (and listed delivered), with nothing said above INFO. A floor names
 /// its stream now, and one of an earlier stream is said and counts as none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() {
+    let (instances, _, _) = restart_on_a_new_stream(true).await;
+    instances[0]
+        .logs
+        .wait_for(&["WARN", "is of an earlier stream SMEE_test"])
+        .await;
+}
+
+/// Regression (helper-151): the stream deleted and created anew by an instance's start
+/// numbered its messages from 1 again, so its events took the ids (`x-smee-relay-delivery`)
+/// of the old stream's: a target dropping repeats by id dropped them. The stream an instance
+/// creates numbers on from the routes' floors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_stream_created_anew_gave_its_events_the_old_ids() {
+    let (_instances, first, rest) = restart_on_a_new_stream(false).await;
+    assert_eq!(shared_ids(&first, &rest), vec![], "{first:?} {rest:?}");
+}
+
+/// One instance delivers 0..10, is killed, the stream is deleted (and created again by hand,
+/// numbered from 1, if `by_hand`), the instance starts again and delivers 10..15: once each,
+/// in order, none skipped as delivered. Returns the instance and both deliveries with ids.
+async fn restart_on_a_new_stream(
+    by_hand: bool,
+) -> (Vec<Instance>, Vec<(usize, String)>, Vec<(usize, String)>) {
     let nats = NatsServer::start().await;
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
@@ -1853,12 +1901,24 @@ async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() 
     for n in 0..10 {
         channel.send_webhook(n as u64 + 1, &frame(n));
     }
-    let first = take_until_seen(&mut target, 0..10, support::PATIENCE).await;
-    assert_eq!(first, (0..10).collect::<Vec<_>>());
+    let first = take_with_ids_until_seen(&mut target, 0..10, support::PATIENCE).await;
+    let numbers: Vec<usize> = first.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (0..10).collect::<Vec<_>>());
 
     instances[0].child.start_kill().unwrap();
     instances[0].child.wait().await.unwrap();
     delete_the_stream(&nats).await;
+    if by_hand {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "SMEE_test".into(),
+                subjects: vec!["smee.test.>".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     let before = channel.connections();
     restart(&mut instances[0], &body);
     instances[0]
@@ -1869,17 +1929,15 @@ async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() 
     for n in 10..15 {
         channel.send_webhook(n as u64 + 1, &frame(n));
     }
-    let rest = take_until_seen(&mut target, 10..15, support::PATIENCE).await;
-    assert_eq!(rest, (10..15).collect::<Vec<_>>(), "once each, in order");
-    instances[0]
-        .logs
-        .wait_for(&["WARN", "is of an earlier stream SMEE_test"])
-        .await;
+    let rest = take_with_ids_until_seen(&mut target, 10..15, support::PATIENCE).await;
+    let numbers: Vec<usize> = rest.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (10..15).collect::<Vec<_>>(), "once each, in order");
     assert!(
         instances[0].logs.find(&["already delivered"]).is_none(),
         "{}",
         instances[0].logs.all()
     );
+    (instances, first, rest)
 }
 
 /// Regression (helper-148): with the stream deleted while the instances ran, every outbox
@@ -1896,18 +1954,22 @@ async fn regression_a_stream_deleted_under_running_instances_was_never_created_a
     for n in 0..5 {
         channel.send_webhook(n as u64 + 1, &frame(n));
     }
-    let first = take_until_seen(&mut target, 0..5, support::PATIENCE).await;
-    assert_eq!(first, (0..5).collect::<Vec<_>>());
+    let first = take_with_ids_until_seen(&mut target, 0..5, support::PATIENCE).await;
+    let numbers: Vec<usize> = first.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (0..5).collect::<Vec<_>>());
     delete_the_stream(&nats).await;
     for n in 5..10 {
         channel.send_webhook(n as u64 + 1, &frame(n));
     }
-    let rest = take_until_seen(&mut target, 5..10, FAILOVER_PATIENCE).await;
+    let rest = take_with_ids_until_seen(&mut target, 5..10, FAILOVER_PATIENCE).await;
+    let numbers: Vec<usize> = rest.iter().map(|(n, _)| *n).collect();
     assert_eq!(
-        first_arrivals(&rest),
+        first_arrivals(&numbers),
         (5..10).collect::<Vec<_>>(),
         "{rest:?}"
     );
+    // helper-151: the new stream numbered from 1 again, so its events had the old ones' ids.
+    assert_eq!(shared_ids(&first, &rest), vec![], "{first:?} {rest:?}");
     // Its line may still be in the instance's log thread when the target has the events.
     support::wait_for(support::PATIENCE, "the stream's loss said", || {
         let said = instances.iter().any(|i| {

@@ -239,7 +239,10 @@ impl Cluster {
             .await
             .map_err(|e| PublishError::Nats(NatsError(e.into())))?;
         match ack.await {
-            Ok(ack) => Ok(ack),
+            Ok(ack) => {
+                self.saw_seq(ack.sequence);
+                Ok(ack)
+            }
             Err(e) => {
                 if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
                     self.stream_gone().await;

@@ -30,8 +30,9 @@
 //! Each route keeps its floor in KV (`floor.route_<hash>`): the last stream sequence delivered
 //! on it. A NATS server that crashed may forget acks it confirmed (consumer state is flushed
 //! lazily) and redeliver what was delivered; a message at or below the floor is acked, not
-//! delivered, if the floor counts in the stream as it is now ([`floor`]: a stream created anew
-//! numbers its messages from 1 again). With one message in flight cluster-wide, a route's
+//! delivered, if the floor counts in the stream as it is now ([`floor`]: a stream an instance
+//! creates anew numbers on from the old one's, see [`create_stream`], but one created by hand
+//! numbers from 1 again). With one message in flight cluster-wide, a route's
 //! throughput is one over the time a message takes end to end, so what a message waits on is
 //! kept to what a guarantee needs ([`Cluster::handle`]):
 //!
@@ -427,6 +428,53 @@ fn channel_subject(cluster: &str, channel_key: &str) -> String {
     format!("smee.{cluster}.ch.{}", short_hash(channel_key))
 }
 
+/// Create the cluster's stream, numbering its messages on from stream sequence `after` (0:
+/// from 1). A stream deleted (`nats stream rm`) and created anew numbered from 1 again, so
+/// its events took the ids (`x-smee-relay-delivery`), dead letters and attempt records of
+/// the old stream's (helper-151: a target dropping repeats by id dropped new events).
+/// Another instance creating it at the same moment, from what it knew, wins: its stream is
+/// taken as it is.
+async fn create_stream(
+    js: &jetstream::Context,
+    settings: &Settings,
+    after: u64,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    let mut config = stream_config(settings);
+    config.first_sequence = (after > 0).then(|| after + 1);
+    match js.get_or_create_stream(config).await {
+        Ok(stream) => Ok(stream),
+        Err(e) => js
+            .get_stream(stream_name(&settings.name))
+            .await
+            .map_err(|_| e),
+    }
+}
+
+/// The highest sequence a target may have seen delivered, by the routes' floors in `kv` (0:
+/// no floor, or KV cannot say): what a stream created anew numbers on from. A floor is
+/// written after its delivery, so an instance killed in between delivered one sequence above
+/// its route's floor (a route delivers one at a time). Floors of an earlier stream count
+/// too: their numbers were given to events already.
+async fn highest_floor(kv: &kv::Store) -> u64 {
+    let Ok(keys) = kv.keys().await else {
+        return 0;
+    };
+    let keys: Vec<String> = keys
+        .filter_map(|key| std::future::ready(key.ok()))
+        .filter(|key| std::future::ready(key.starts_with("floor.")))
+        .collect()
+        .await;
+    let mut highest = 0;
+    for key in keys {
+        if let Ok(Some(value)) = kv.get(&key).await
+            && let Some(floor) = Floor::parse(&value)
+        {
+            highest = highest.max(floor.seq.saturating_add(1));
+        }
+    }
+    highest
+}
+
 /// A connection to the cluster.
 #[derive(Clone)]
 pub struct Cluster {
@@ -453,6 +501,9 @@ pub struct Cluster {
     /// The creation time of the stream as this instance last saw it (ns since the epoch; 0:
     /// not known), which the floors it writes name ([`floor`]).
     stream_created: Arc<AtomicU64>,
+    /// The highest stream sequence this instance has seen (published, taken, or read as the
+    /// stream's last): a stream created anew numbers on from it ([`Cluster::stream_gone`]).
+    stream_last: Arc<AtomicU64>,
 }
 
 /// How much longer than `ack_wait` the cluster's `dedupe_window` must be: a minute for what a
@@ -724,21 +775,6 @@ impl Cluster {
                 ClusterError::NoCluster(settings.name.clone(), stream_name.clone(), e.into())
             })?;
         }
-        let wanted = stream_config(&settings);
-        match js.get_stream(&stream_name).await {
-            // An instance joining (not a command reading): the cluster's settings are what
-            // the stream and the consumers hold; this instance's `[cluster]` replaces them.
-            Ok(existing) if create => {
-                adopt_settings(&js, existing, &settings).await?;
-            }
-            Ok(_) => {}
-            Err(_) => {
-                js.get_or_create_stream(wanted).await.map_err(|e| {
-                    let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
-                    ClusterError::Stream(stream_name.clone(), hint, e.into())
-                })?;
-            }
-        }
         let bucket = format!("smee_{}_alerts", settings.name);
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -763,6 +799,24 @@ impl Cluster {
                     ClusterError::Bucket(bucket.clone(), hint, e.into())
                 })?,
         };
+        match js.get_stream(&stream_name).await {
+            // An instance joining (not a command reading): the cluster's settings are what
+            // the stream and the consumers hold; this instance's `[cluster]` replaces them.
+            Ok(existing) if create => {
+                adopt_settings(&js, existing, &settings).await?;
+            }
+            Ok(_) => {}
+            // A first start, or the stream deleted since the last: numbered on from the
+            // floors the KV bucket kept (see `create_stream`).
+            Err(_) => {
+                create_stream(&js, &settings, highest_floor(&kv).await)
+                    .await
+                    .map_err(|e| {
+                        let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+                        ClusterError::Stream(stream_name.clone(), hint, e.into())
+                    })?;
+            }
+        }
         let bodies =
             envelope::bodies_bucket(&js, &settings.name, settings.max_age, settings.replicas)
                 .await
@@ -789,6 +843,7 @@ impl Cluster {
             neighbours: Default::default(),
             starting: Arc::new(tokio::sync::watch::channel(0).0),
             stream_created: Default::default(),
+            stream_last: Default::default(),
         };
         cluster.stream_now().await;
         Ok(cluster)
@@ -801,7 +856,13 @@ impl Cluster {
         let info = stream.cached_info();
         let created = floor::created_ns(info);
         self.stream_created.store(created, Ordering::Relaxed);
+        self.saw_seq(info.state.last_sequence);
         Some((created, info.state.last_sequence))
+    }
+
+    /// Note stream sequence `seq` as seen (see `stream_last`).
+    pub(crate) fn saw_seq(&self, seq: u64) {
+        self.stream_last.fetch_max(seq, Ordering::Relaxed);
     }
 
     /// A publish found no stream: it was deleted (`nats stream rm`) or lost with NATS's data
@@ -810,17 +871,18 @@ impl Cluster {
     /// consumers come back with it ([`Cluster::consumer`]), and their floors of the old
     /// stream count as none ([`floor`]).
     pub(crate) async fn stream_gone(&self) {
-        match self
-            .js
-            .get_or_create_stream(stream_config(&self.settings))
-            .await
-        {
+        let after = self
+            .stream_last
+            .load(Ordering::Relaxed)
+            .max(highest_floor(&self.kv).await);
+        match create_stream(&self.js, &self.settings, after).await {
             Ok(stream) => {
                 self.stream_created
                     .store(floor::created_ns(stream.cached_info()), Ordering::Relaxed);
                 warn!(
-                    "the cluster's stream {} was gone (deleted, or NATS lost its data): it is created anew; what it held undelivered is gone with it",
-                    self.stream_name
+                    "the cluster's stream {} was gone (deleted, or NATS lost its data): it is created anew, numbering on from sequence {}; what it held undelivered is gone with it",
+                    self.stream_name,
+                    stream.cached_info().config.first_sequence.unwrap_or(1)
                 );
             }
             Err(e) => {
@@ -851,7 +913,7 @@ impl Cluster {
         }
         warn!(
             route = %label,
-            "the route's delivered floor (stream sequence {}) is of an earlier stream {}: the stream was created anew (deleted, or NATS lost its data), and its sequences start again at 1; the floor starts over with it. What the old stream held undelivered is gone with it",
+            "the route's delivered floor (stream sequence {}) is of an earlier stream {}: the stream was created anew (deleted, or NATS lost its data), and its sequences started again below the floor (it was created by hand, or with NATS's data lost); the floor starts over with it. What the old stream held undelivered is gone with it",
             floor.seq,
             self.stream_name
         );
@@ -1382,6 +1444,7 @@ impl Cluster {
             return;
         }
         if let Ok(info) = message.info() {
+            self.saw_seq(info.stream_sequence);
             if info.delivered > 1 {
                 metrics::counter!("smee_relay_cluster_redeliveries_total", "route" => label.to_string())
                     .increment(1);
