@@ -10,3 +10,19 @@ pub use secrecy::{ExposeSecret, SecretString};
 pub fn parse_arg(value: &str) -> Result<SecretString, std::convert::Infallible> {
     Ok(SecretString::from(value))
 }
+
+/// [`parse_arg`] for a bearer token, which cannot be empty: `serve` given an empty one
+/// let in anyone who sent `Authorization: Bearer ` (helper-152: an empty
+/// `SMEE_RELAY_SERVE_POST_TOKEN`, as an env file's `KEY=` line makes, was taken, and for
+/// posters it overrides `--token`).
+pub fn parse_token(value: &str) -> Result<SecretString, String> {
+    if value.trim().is_empty() {
+        return Err(
+            "a token cannot be empty or blank (it would let in anyone who sends \
+                    `Authorization: Bearer `): give one, or remove the option or its \
+                    variable to require none"
+                .to_string(),
+        );
+    }
+    Ok(SecretString::from(value))
+}

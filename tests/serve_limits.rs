@@ -1221,6 +1221,43 @@ async fn regression_the_post_and_subscribe_tokens_had_no_variable() {
     assert!(!logs.all().contains("secret"), "{}", logs.all());
 }
 
+/// Regression (helper-152): an empty `SMEE_RELAY_SERVE_POST_TOKEN` (an env file's `KEY=`
+/// line) was taken as the posters' token, overriding `--token`: a post with
+/// `Authorization: Bearer ` and nothing after it was let in. An empty token is refused.
+#[tokio::test]
+async fn regression_an_empty_token_let_in_anyone() {
+    for (option, variable) in [
+        ("--token", "SMEE_RELAY_SERVE_TOKEN"),
+        ("--post-token", "SMEE_RELAY_SERVE_POST_TOKEN"),
+        ("--subscribe-token", "SMEE_RELAY_SERVE_SUBSCRIBE_TOKEN"),
+    ] {
+        let mut serve = support::smee_relay();
+        serve.args(["serve", "--listen", "127.0.0.1:0"]);
+        if option != "--token" {
+            serve.args(["--token", "real-secret"]);
+        }
+        let out = refused(serve.env(variable, "")).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{variable}: {stderr}");
+        assert!(stderr.contains("a token cannot be empty"), "{stderr}");
+        let out =
+            refused(support::smee_relay().args(["serve", "--listen", "127.0.0.1:0", option, " "]))
+                .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{option}: {stderr}");
+        assert!(stderr.contains(option), "{stderr}");
+    }
+}
+
+/// The output of `command`, which must exit on its own (a server that starts fails here).
+async fn refused(command: &mut tokio::process::Command) -> std::process::Output {
+    let output = command.kill_on_drop(true).output();
+    tokio::time::timeout(support::PATIENCE, output)
+        .await
+        .expect("the server started: the token was taken")
+        .unwrap()
+}
+
 /// Regression (helper-119): a body sent a byte at a time was kept as the pieces hyper handed
 /// over, each sharing (and so pinning) a read buffer of kilobytes: 200 such uploads took the
 /// server from 31 MiB to nearly 2 GiB while the budget counted under 1 MiB. Each piece is

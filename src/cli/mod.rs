@@ -160,15 +160,15 @@ pub struct ServeArgs {
     pub allow_post_from: Vec<ipnet::IpNet>,
 
     /// Require `Authorization: Bearer TOKEN` from subscribers and posters.
-    #[arg(long, env = "SMEE_RELAY_SERVE_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_SERVE_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_token)]
     pub token: Option<crate::secret::SecretString>,
 
     /// Require this token from subscribers only (overrides --token for them).
-    #[arg(long, env = "SMEE_RELAY_SERVE_SUBSCRIBE_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_SERVE_SUBSCRIBE_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_token)]
     pub subscribe_token: Option<crate::secret::SecretString>,
 
     /// Require this token from posters only (overrides --token for them).
-    #[arg(long, env = "SMEE_RELAY_SERVE_POST_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_SERVE_POST_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_token)]
     pub post_token: Option<crate::secret::SecretString>,
 
     /// Keep the buffers on disk here (serve.redb), so they survive a restart of the server.
@@ -509,7 +509,7 @@ pub struct ForwardArgs {
     pub query_forwarding: bool,
 
     /// Token for a `smee-relay serve --token` channel (sent as `Authorization: Bearer`).
-    #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_arg)]
+    #[arg(long, env = "SMEE_RELAY_TOKEN", hide_env_values = true, value_parser = crate::secret::parse_token)]
     pub token: Option<crate::secret::SecretString>,
 
     /// Skip (log and count) any SSE frame larger than this: the most memory one frame may
