@@ -329,6 +329,17 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
         stderr.contains("spool.redb") && stderr.contains("move the file and its log aside"),
         "{stderr}"
     );
+    // Regression (helper-152): `forward` said `Forwarding ... to ...` on stdout before the
+    // spool stopped it, and a script reading stdout took that for success.
+    let output = support::run_to_end(
+        smee_relay()
+            .args(["forward", "http://127.0.0.1:9/Chan", "http://127.0.0.1:9/"])
+            .arg("--state-dir")
+            .arg(dir),
+    )
+    .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    assert_eq!(output.stdout, "", "{}", output.stderr);
 }
 
 /// A spool with a few events in it, as a relay would have left it.

@@ -520,6 +520,7 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         source: e,
     })?;
     let plan = Plan {
+        announce: None,
         channels: vec![
             ChannelPlan {
                 source: source(&relay_channel),

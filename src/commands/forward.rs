@@ -45,14 +45,16 @@ pub async fn forward(
     options: ForwardOptions,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
-    forward_saving(options, None, None, cancel).await
+    forward_saving(options, None, None, None, cancel).await
 }
 
 /// [`forward`], also writing each received event into `save_dir` in gosmee's layout, and
 /// retrying now what waits for the target on each of `hangups` (SIGHUP: `forward` has no
-/// config file to reload, and a target back up need not wait out the backoff).
+/// config file to reload, and a target back up need not wait out the backoff). `announce`:
+/// the line for stdout once the relay runs (`Plan::announce`).
 async fn forward_saving(
     options: ForwardOptions,
+    announce: Option<String>,
     save_dir: Option<PathBuf>,
     hangups: Option<tokio::sync::mpsc::Receiver<()>>,
     cancel: CancellationToken,
@@ -85,6 +87,7 @@ async fn forward_saving(
         actions: None,
         reconcile: None,
         cluster: None,
+        announce,
     };
     let (retry_tx, reloads) = tokio::sync::mpsc::channel(1);
     if let Some(mut hangups) = hangups {
@@ -109,16 +112,12 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     tls.set_trust()?;
     // smee-client says where it forwards on stdout, either way (helper-144): a channel the
     // user gave is shown as in the logs; a new one in full, since it is the user's to use.
+    // Said once the relay runs (`Plan::announce`).
     let state_dir = crate::spool::lock::state_dir(args.delivery.state.state_dir.as_deref());
-    let channel = match args.channel_url() {
+    let (channel, announce) = match args.channel_url() {
         Some(channel) => {
-            // Not while another relay holds the channel: this one stops at once with that
-            // error, and a script reading stdout took the line for success (helper-150).
-            let key = crate::spool::lock::channel_key(channel.expose().as_str());
-            if !crate::spool::lock::channel_held(&state_dir, &key) {
-                println!("Forwarding {channel} to {target}");
-            }
-            channel
+            let line = format!("Forwarding {channel} to {target}");
+            (channel, line)
         }
         None => {
             // A stop while the server is asked ends it (helper-132: it waited for the answer).
@@ -126,8 +125,8 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
                 channel = crate::source::create_channel(&args.server) => channel?,
                 () = cancel.cancelled() => return Ok(()),
             };
-            println!("Forwarding {} to {target}", channel.expose());
-            channel
+            let line = format!("Forwarding {} to {target}", channel.expose());
+            (channel, line)
         }
     };
     if target.is_channel(&channel) {
@@ -152,6 +151,13 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         keep_free: delivery.keep_free,
         metrics_listen: delivery.metrics_listen,
     };
-    forward_saving(options, args.save_dir.clone(), Some(hangups), cancel).await?;
+    forward_saving(
+        options,
+        Some(announce),
+        args.save_dir.clone(),
+        Some(hangups),
+        cancel,
+    )
+    .await?;
     Ok(())
 }

@@ -134,6 +134,7 @@ fn plan_from_config(args: &RunArgs) -> anyhow::Result<Plan> {
         })
         .collect();
     Ok(Plan {
+        announce: None,
         channels,
         pipeline,
         state_dir,

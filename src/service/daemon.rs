@@ -265,6 +265,11 @@ pub struct Plan {
     pub reconcile: Option<ReconcilePlan>,
     /// `[cluster]`: share the work with other relays through NATS JetStream.
     pub cluster: Option<crate::cluster::Settings>,
+    /// A line for stdout once the relay runs, its spool open and its channels' locks taken
+    /// (`forward`'s `Forwarding X to Y`, as smee-client prints it). Not before: a script
+    /// reading stdout took it for success when another relay's lock (helper-150) or a damaged
+    /// or read-only spool (helper-152) then stopped the start.
+    pub announce: Option<String>,
 }
 
 /// What the reconciler needs: Port's API and how often to read it.
@@ -278,7 +283,7 @@ pub struct ReconcilePlan {
 /// (SIGHUP): channels that stay keep their connection, targets and rules are swapped in place.
 /// `None` there (SIGHUP to `forward`, which has no config file) only retries now what waits.
 pub async fn run(
-    plan: Plan,
+    mut plan: Plan,
     mut reloads: mpsc::Receiver<Option<Plan>>,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
@@ -372,7 +377,12 @@ pub async fn run(
     let fingerprint = plan_fingerprint(&plan);
     let configured = plan.channels.iter().map(channel_key).collect();
     let actions_off = plan.actions.is_none();
+    let announce = plan.announce.take();
     runtime.apply(plan).await?;
+    if let Some(line) = announce {
+        // A closed stdout is the reader's choice, not the relay's failure.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{line}\n").as_bytes());
+    }
     runtime.say_unconfigured(configured);
     if actions_off {
         runtime.say_unsettled_runs();
