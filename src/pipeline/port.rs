@@ -190,10 +190,14 @@ pub enum NotPort {
 pub const MAX_BODY: usize = 2 << 20;
 
 /// A body as JSON; a refusal says whether it is JSON at all or only past the parser's limits.
+/// A UTF-8 byte order mark before it is skipped, as RFC 8259 (8.1) lets a parser do: an
+/// editor or a script on Windows adds one, and serde_json refuses it (helper-152: a signed
+/// body with one was a dead letter "not JSON").
 pub fn read_json(body: &[u8]) -> Result<Value, NotPort> {
     if body.len() > MAX_BODY {
         return Err(NotPort::TooLarge(body.len()));
     }
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     serde_json::from_slice(body).map_err(|e| {
         // serde_json tells these apart only by message; `regression_…_beyond_the_json_limits`
         // (tests/pipeline.rs) holds it to them.
@@ -242,6 +246,21 @@ mod tests {
         assert!(e.to_string().contains("larger than any Port change"), "{e}");
     }
     use super::*;
+
+    /// Regression (helper-152): a body with a UTF-8 byte order mark before its JSON was
+    /// "not JSON" to both Port routes.
+    #[test]
+    fn regression_a_byte_order_mark_made_a_port_change_not_json() {
+        let body = fixture("automation", "02-cpu-25-to-87");
+        let mut marked = b"\xEF\xBB\xBF".to_vec();
+        marked.extend_from_slice(&body);
+        let change = decode(&marked).expect("read past the mark");
+        assert_eq!(change.entity(), decode(&body).unwrap().entity());
+        // Only before the JSON, once: elsewhere it is what it is, not JSON.
+        let mut twice = b"\xEF\xBB\xBF".to_vec();
+        twice.extend_from_slice(&marked);
+        assert!(matches!(read_json(&twice), Err(NotPort::NotJson(_))));
+    }
 
     fn fixture(shape: &str, name: &str) -> Vec<u8> {
         let path = format!(

@@ -981,7 +981,7 @@ const VERDICT_PREFIX: &str = "\u{1e}verdict\u{1f}";
 /// `context.runId`; a self-service run's `port_context.runId`): the places the actions route
 /// looks for one.
 fn carries_run(body: &[u8]) -> bool {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Ok(value) = super::port::read_json(body) else {
         return false;
     };
     ["/run/id", "/context/runId", "/port_context/runId"]
