@@ -353,6 +353,25 @@ async fn regression_an_action_run_muted_the_entitys_later_changes() {
     );
 }
 
+/// Regression (helper-153): `smee_relay_alerts_total{rule,status}` appeared with a rule's
+/// first alert, so an alert on its `increase()` never saw that one. Each rule's series is there
+/// at 0 from the start.
+#[tokio::test]
+async fn regression_alerts_total_was_absent_until_the_first_alert() {
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let dir = support::fresh_state_dir();
+    let (daemon, addr) = start_with_metrics(&dir, &channel, &slack, "").await;
+    for status in ["FIRING", "RESOLVED"] {
+        let wanted = format!("smee_relay_alerts_total{{rule=\"cpu-high\",status=\"{status}\"}} 0");
+        support::wait_for(support::PATIENCE, &wanted, || async {
+            metrics_of(&addr).await.contains(&wanted).then_some(())
+        })
+        .await;
+    }
+    stop(daemon).await;
+}
+
 /// Regression (helper-146): rejected signatures were only logged: a wrong client secret,
 /// rejecting every Port event, showed nowhere in `/metrics`.
 #[tokio::test]

@@ -1695,6 +1695,22 @@ fn say_skipped(id: u64, subject: &str, done: &Evaluated) {
     }
 }
 
+/// Show `smee_relay_alerts_total` of each of `rules` at 0 from the pipeline's start (and a
+/// reload adding a rule), as `deliveries_total` is: an alert on `increase()` must see the
+/// first one (helper-153: the series appeared with it, with no value before to compare).
+pub fn count_rules(rules: &[super::rules::Rule]) {
+    for rule in rules {
+        for status in [super::AlertStatus::Firing, super::AlertStatus::Resolved] {
+            metrics::counter!(
+                "smee_relay_alerts_total",
+                "rule" => rule.name.clone(),
+                "status" => status.to_string()
+            )
+            .increment(0);
+        }
+    }
+}
+
 fn count_alert(alert: &Alert) {
     metrics::counter!(
         "smee_relay_alerts_total",

@@ -1290,6 +1290,7 @@ impl Runtime {
                         changes.push("[slack] webhook_url changed".into());
                     }
                 }
+                crate::pipeline::runner::count_rules(&pipeline.rules);
                 let pipeline = Arc::new(pipeline);
                 // Alerts going where they went keep their route, with its pace and its wait
                 // (helper-145: a route started anew at each reload sent its failing head at
