@@ -35,14 +35,15 @@ pub fn message(alert: &Alert) -> Value {
     }
     fields.push(field("Condition", &escape(&alert.threshold)));
     fields.push(field("Severity", &escape(&alert.severity)));
-    fields.push(field(
-        "Triggered",
-        &format!(
-            "{} at {}",
-            escape(alert.triggered_by.as_deref().unwrap_or("-")),
-            escape(alert.triggered_at.as_deref().unwrap_or("-"))
-        ),
-    ));
+    // Only what is known (helper-153: a reconciliation's alert, by no one, read "- at ...").
+    let triggered = match (&alert.triggered_by, &alert.triggered_at) {
+        (Some(by), Some(at)) => Some(format!("{} at {}", escape(by), escape(at))),
+        (Some(one), None) | (None, Some(one)) => Some(escape(one)),
+        (None, None) => None,
+    };
+    if let Some(triggered) = triggered {
+        fields.push(field("Triggered", &triggered));
+    }
     let mut details = vec![json!({"type": "section", "fields": fields})];
     let mut context = Vec::new();
     if let Some(note) = &alert.note {
@@ -274,6 +275,32 @@ mod tests {
     /// Regression (an adversary's finding): the notification text (`text`, and the
     /// attachment's `fallback`) carried an entity's title and values unescaped; Slack reads it
     /// as mrkdwn, so a title of `<!channel>` pinged everyone and `<https://x|y>` made a link.
+    /// Regression (helper-153): an alert with no one who triggered it (a reconciliation's)
+    /// said "- at 2026-...", and one with neither "- at -".
+    #[test]
+    fn regression_the_triggered_field_said_dashes_for_what_is_not_known() {
+        let triggered = |alert: &Alert| {
+            let message = message(alert);
+            let fields = details(&message)[0]["fields"].as_array().unwrap().clone();
+            fields
+                .iter()
+                .map(|f| f["text"].as_str().unwrap().to_string())
+                .find(|t| t.starts_with("*Triggered*"))
+        };
+        let mut alert = alert();
+        assert_eq!(
+            triggered(&alert).as_deref(),
+            Some("*Triggered*\nalice at 2026-11-29T10:00:00Z")
+        );
+        alert.triggered_by = None;
+        assert_eq!(
+            triggered(&alert).as_deref(),
+            Some("*Triggered*\n2026-11-29T10:00:00Z")
+        );
+        alert.triggered_at = None;
+        assert_eq!(triggered(&alert), None);
+    }
+
     #[test]
     fn regression_the_notification_text_is_escaped_like_the_blocks() {
         let mut alert = alert();
