@@ -402,6 +402,32 @@ async fn missed_changes_are_found_by_reconciliation_once_and_nothing_else_is_sen
     slack.assert_no_more();
 }
 
+/// Regression (helper-153): a hold a reconciliation began was not said (a live change's is:
+/// `PENDING rule: title: held (for 1h), fires at ...`), so nothing told of it until it fired.
+#[tokio::test]
+async fn regression_a_hold_begun_by_reconciliation_was_not_said() {
+    let port = FakePort::start().await;
+    let channel = FakeChannel::start().await;
+    let slack = FakeSlack::start().await;
+    let dir = support::temp_dir();
+    let state = dir.path().join("state");
+    let config = write_config(dir.path(), &channel.url("PipelineChannel"), &port.url());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[rule]]\nname = \"cpu-held\"\nblueprint = \"DeploymentConfig\"\n\
+         property = \"cpuUtil\"\nabove = 80\nfor = \"1h\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    port.set_cpu("a", 95, 0);
+    let daemon = start(&config, &state, &slack, &channel).await;
+    daemon.wait_judged(1).await;
+    daemon
+        .logs
+        .wait_for(&["PENDING cpu-held: Service a: held (for 1h), fires at"])
+        .await;
+    daemon.stop().await;
+}
+
 /// Regression: a reload that restarted the reconciler (its interval changed) cleared the
 /// `/healthz` warning of a reconciliation that kept failing, until the new reconciler failed
 /// too: meanwhile a relay whose missed alerts wait on Port looked healthy.

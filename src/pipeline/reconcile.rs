@@ -434,7 +434,19 @@ pub fn judge_snapshot(
             alert.note = Some(note.clone());
             out.alerts.push(alert);
         }
-        out.states.extend(judged.states);
+        for (key, mut state) in judged.states {
+            // A hold this snapshot begins: its draft's "before" is the entity as it is (the
+            // snapshot is judged as a change from itself), not a value before (helper-153: it
+            // fired reading "87 → 87"). Unknown, as for the alerts above.
+            let began = !matches!(current(&key, &out).phase, Phase::Pending { .. });
+            if began
+                && matches!(state.phase, Phase::Pending { .. })
+                && let Some(property) = state.draft.as_mut().and_then(|d| d.property.as_mut())
+            {
+                property.before = "?".into();
+            }
+            out.states.insert(key, state);
+        }
         out.skipped.extend(judged.skipped);
         out.failed.extend(judged.failed);
         out.seen.push((key, updated_ms));
@@ -1239,6 +1251,28 @@ mod tests {
             judge(&pipeline, &deleted, &mut states, &mut seen, 7)
                 .alerts
                 .is_empty()
+        );
+    }
+
+    /// Regression (helper-153): a hold a snapshot began kept the snapshot's change from the
+    /// entity to itself as its draft, and fired reading "cpuUtil 87 → 87".
+    #[test]
+    fn regression_a_hold_begun_by_a_snapshot_fired_reading_87_to_87() {
+        let pipeline = super::super::tests::with_rules(
+            "[[rule]]\nname = \"cpu-high\"\nblueprint = \"DeploymentConfig\"\n\
+             property = \"cpuUtil\"\nabove = 80\nfor = \"5m\"\n",
+        );
+        let mut states = HashMap::new();
+        let mut seen = HashMap::new();
+        let hot = snapshot(vec![entity("a", 87, "2026-11-20T10:05:00Z")]);
+        let out = judge(&pipeline, &hot, &mut states, &mut seen, 1);
+        assert!(out.alerts.is_empty(), "held, not fired: {:?}", said(&out));
+        let held = &states[&super::super::state_key("cpu-high", "a")];
+        assert!(matches!(held.phase, Phase::Pending { .. }), "{held:?}");
+        let property = held.draft.as_ref().unwrap().property.as_ref().unwrap();
+        assert_eq!(
+            (property.before.as_str(), property.after.as_str()),
+            ("?", "87")
         );
     }
 

@@ -712,37 +712,47 @@ pub async fn run(
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                 count_alert(alert);
             }
-            // A hold that begins is said (helper-140: nothing told of it until it fired).
-            for (key, state) in &new_states {
-                let began = !matches!(
-                    states.get(key).map(|s| s.phase),
-                    Some(super::Phase::Pending { .. })
-                );
-                if let (true, super::Phase::Pending { since_ms }, Some(draft)) =
-                    (began, state.phase, &state.draft)
-                {
-                    let hold = pipeline
-                        .rule(&draft.rule)
-                        .map_or(Duration::ZERO, |r| r.hold);
-                    let due = super::state::due_at(state.phase, hold).unwrap_or(since_ms);
-                    info!(
-                        event = id,
-                        rule = %draft.rule,
-                        entity = %draft.entity,
-                        "PENDING {}: {}: held (for {}), fires at {} unless a change ends it first",
-                        draft.rule,
-                        crate::text::escape_control(&draft.title),
-                        humantime::format_duration(hold),
-                        crate::clock::rfc3339_seconds(due)
-                    );
-                }
-            }
+            say_holds_begun(&pipeline, id, &states, &new_states);
             Arc::make_mut(&mut states).extend(new_states);
             changed.extend(newer_mark);
             if let Some((key, done)) = done {
                 evaluated.insert(key, done);
             }
             cursor = item.seq;
+        }
+    }
+}
+
+/// Say each hold that begins among `new_states`, judged from `states` (helper-140: nothing
+/// told of one until it fired; helper-153: nor of one a reconciliation began).
+fn say_holds_begun<'a>(
+    pipeline: &Pipeline,
+    id: u64,
+    states: &HashMap<String, AlertState>,
+    new_states: impl IntoIterator<Item = (&'a String, &'a AlertState)>,
+) {
+    for (key, state) in new_states {
+        let began = !matches!(
+            states.get(key).map(|s| s.phase),
+            Some(super::Phase::Pending { .. })
+        );
+        if let (true, super::Phase::Pending { since_ms }, Some(draft)) =
+            (began, state.phase, &state.draft)
+        {
+            let hold = pipeline
+                .rule(&draft.rule)
+                .map_or(Duration::ZERO, |r| r.hold);
+            let due = super::state::due_at(state.phase, hold).unwrap_or(since_ms);
+            info!(
+                event = id,
+                rule = %draft.rule,
+                entity = %draft.entity,
+                "PENDING {}: {}: held (for {}), fires at {} unless a change ends it first",
+                draft.rule,
+                crate::text::escape_control(&draft.title),
+                humantime::format_duration(hold),
+                crate::clock::rfc3339_seconds(due)
+            );
         }
     }
 }
@@ -901,6 +911,7 @@ async fn judge_snapshot(
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                 count_alert(alert);
             }
+            say_holds_begun(pipeline, id, states, changes.iter().map(|(k, s)| (k, s)));
             Arc::make_mut(states).extend(changes);
             changed.extend(shard_marks);
             committed.insert(n);
@@ -946,6 +957,7 @@ async fn judge_snapshot(
             info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
             count_alert(alert);
         }
+        say_holds_begun(pipeline, id, states, &outcome.states);
         Arc::make_mut(states).extend(outcome.states);
     }
     evaluated.extend(marks);
