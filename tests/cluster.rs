@@ -1450,16 +1450,21 @@ async fn regression_a_route_stopped_by_a_reload_does_not_deliver_its_copy_locall
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_forever() {
+/// One instance with two dead letters (stream 1 and 2), the event of the first gone from the
+/// stream (as `max_age`, or the stream created anew, would let it go).
+async fn two_dead_letters_one_gone() -> (
+    NatsServer,
+    FakeChannel,
+    FakeTarget,
+    Vec<Instance>,
+    async_nats::jetstream::Context,
+) {
     let nats = NatsServer::start().await;
     let channel = FakeChannel::start().await;
     let mut target = FakeTarget::start().await;
     let body = forward_config(&channel.url("ch"), &target.url("/hook"), &nats.url);
     let instances = start_cluster(1, &channel, &body, &[]).await;
     let one = &instances[0];
-
-    // Two dead letters (stream 1 and 2).
     target.answer_with(&[400, 400]);
     channel.send_webhook(1, &frame(0));
     channel.send_webhook(2, &frame(1));
@@ -1468,12 +1473,37 @@ async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_
         (statuses(one, &["--status", "dead"]).await.len() == 2).then_some(())
     })
     .await;
-    // The stream lets message 1 go (as `max_age` would).
     let client = async_nats::connect(&nats.url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream("SMEE_test").await.unwrap();
     assert!(stream.delete_message(1).await.unwrap());
+    (nats, channel, target, instances, js)
+}
 
+/// Regression (helper-154): `events replay --dead` stopped at the first dead letter whose
+/// event the stream no longer holds (`no event 55 in the cluster's stream`, exit 1), and
+/// replayed none of the others. It replays the others and says what it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_replay_dead_failed_on_a_letter_whose_event_was_gone() {
+    let (_nats, _channel, mut target, instances, _js) = two_dead_letters_one_gone().await;
+    let out = events_on(&instances[0], &["replay", "--dead"]).await;
+    assert!(
+        out.stdout.contains("queued 1 delivery again")
+            && out.stdout.contains(
+                "left 1 dead letter: the stream no longer holds their event (it expired, or the stream was created anew)"
+            ),
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
+    let again = take_until_seen(&mut target, 1..2, support::PATIENCE).await;
+    assert_eq!(again, [1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_dead_letters_of_events_gone_from_the_stream_were_kept_in_kv_forever() {
+    let (_nats, _channel, _target, instances, js) = two_dead_letters_one_gone().await;
+    let one = &instances[0];
     let out = events_on(one, &["purge", "--dead"]).await;
     assert!(
         out.stdout.contains("purged 1 dead letter")

@@ -190,6 +190,15 @@ pub enum Which {
     },
 }
 
+/// What a cluster `events replay` did.
+#[derive(Debug)]
+pub struct Replayed {
+    /// Deliveries queued again.
+    pub queued: usize,
+    /// Dead letters not replayed: the stream no longer holds their event.
+    pub gone: usize,
+}
+
 /// Why a cluster `events` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -436,8 +445,10 @@ impl Cluster {
 
     /// `events replay` without `--to`: re-queue cluster-wide, behind what is queued, in order.
     /// A dead letter is claimed first (compare-and-set on its KV entry), so two people
-    /// replaying at once re-queue it once. Returns how many deliveries were re-queued.
-    pub async fn replay(&self, which: Which) -> Result<usize, InspectError> {
+    /// replaying at once re-queue it once. Returns how many deliveries were re-queued, and
+    /// with `--dead` how many dead letters were left because their event is gone.
+    pub async fn replay(&self, which: Which) -> Result<Replayed, InspectError> {
+        let mut gone = 0;
         let view = self.view().await?;
         // (route hash, the event), in stream order.
         let mut chosen: Vec<(String, ClusterEvent)> = Vec::new();
@@ -468,7 +479,20 @@ impl Cluster {
                 seqs.sort_unstable();
                 seqs.dedup();
                 for seq in seqs {
-                    let event = self.event(seq).await?.ok_or(InspectError::NoEvent(seq))?;
+                    // Expired, or the stream was created anew: said, and the rest replayed
+                    // (helper-154: one such letter failed the whole replay).
+                    let Some(event) = self.event(seq).await? else {
+                        gone += view
+                            .dead
+                            .values()
+                            .filter(|(d, _)| {
+                                d.stream_seq == seq
+                                    && d.replayed_as.is_none()
+                                    && d.purged_ms.is_none()
+                            })
+                            .count();
+                        continue;
+                    };
                     for row in view.rows(&event) {
                         if row.status == State::Dead && row.replayed_as.is_none() {
                             let hash = view
@@ -562,7 +586,7 @@ impl Cluster {
             }
             queued += 1;
         }
-        Ok(queued)
+        Ok(Replayed { queued, gone })
     }
 
     /// Publish a copy of `event` on the replay subject of the route hashed `hash`: its new

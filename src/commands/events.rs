@@ -505,11 +505,19 @@ async fn run_cluster(
                 },
                 (false, None) => Which::Ids(ids),
             };
-            let queued = cluster.replay(which).await?;
+            let done = cluster.replay(which).await?;
             outln!(
                 "queued {} again (cluster {name})",
-                super::count(queued, "delivery", "deliveries")
+                super::count(done.queued, "delivery", "deliveries")
             )?;
+            if done.gone > 0 {
+                outln!(
+                    "left {}: the stream no longer holds their event (it expired, or the stream \
+                     was created anew); they cannot be replayed, and `smee-relay events purge \
+                     --dead` forgets them",
+                    super::count(done.gone, "dead letter", "dead letters")
+                )?;
+            }
         }
         EventsCommand::Purge { queue: Some(_), .. } => {
             anyhow::bail!(
