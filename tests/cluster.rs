@@ -1913,8 +1913,17 @@ async fn regression_a_stream_created_anew_had_its_events_skipped_as_delivered() 
 /// creates numbers on from the routes' floors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_a_stream_created_anew_gave_its_events_the_old_ids() {
-    let (_instances, first, rest) = restart_on_a_new_stream(false).await;
+    let (instances, first, rest) = restart_on_a_new_stream(false).await;
     assert_eq!(shared_ids(&first, &rest), vec![], "{first:?} {rest:?}");
+    // helper-154: the start that created it anew said nothing of what was lost with it.
+    instances[0]
+        .logs
+        .wait_for(&[
+            "WARN",
+            "the cluster's stream SMEE_test was gone",
+            "numbering on from sequence",
+        ])
+        .await;
 }
 
 /// One instance delivers 0..10, is killed, the stream is deleted (and created again by hand,
@@ -2000,6 +2009,17 @@ async fn regression_a_stream_deleted_under_running_instances_was_never_created_a
     );
     // helper-151: the new stream numbered from 1 again, so its events had the old ones' ids.
     assert_eq!(shared_ids(&first, &rest), vec![], "{first:?} {rest:?}");
+    // helper-154: a consumer deleted with the stream was said as a connection slow or down.
+    for instance in &instances {
+        assert!(
+            instance
+                .logs
+                .find(&["the connection is slow or down"])
+                .is_none(),
+            "{}",
+            instance.logs.all()
+        );
+    }
     // Its line may still be in the instance's log thread when the target has the events.
     support::wait_for(support::PATIENCE, "the stream's loss said", || {
         let said = instances.iter().any(|i| {

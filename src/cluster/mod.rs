@@ -433,20 +433,45 @@ fn channel_subject(cluster: &str, channel_key: &str) -> String {
 /// its events took the ids (`x-smee-relay-delivery`), dead letters and attempt records of
 /// the old stream's (helper-151: a target dropping repeats by id dropped new events).
 /// Another instance creating it at the same moment, from what it knew, wins: its stream is
-/// taken as it is.
+/// taken as it is. Returns the stream and whether this call created it.
 async fn create_stream(
     js: &jetstream::Context,
     settings: &Settings,
     after: u64,
-) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+) -> Result<(stream::Stream, bool), jetstream::context::CreateStreamError> {
     let mut config = stream_config(settings);
     config.first_sequence = (after > 0).then(|| after + 1);
-    match js.get_or_create_stream(config).await {
-        Ok(stream) => Ok(stream),
+    let name = config.name.clone();
+    if let Ok(stream) = js.get_stream(&name).await {
+        return Ok((stream, false));
+    }
+    match js.create_stream(config).await {
+        Ok(stream) => Ok((stream, true)),
         Err(e) => js
-            .get_stream(stream_name(&settings.name))
+            .get_stream(&name)
             .await
+            .map(|s| (s, false))
             .map_err(|_| e),
+    }
+}
+
+/// Say that the cluster's stream was gone and is there anew, numbering from `stream`'s first
+/// sequence: a WARN from the instance that created it (`here`), what the old one held
+/// undelivered being lost; an INFO from the others (helper-154: every instance said it
+/// created the stream).
+fn say_created_anew(stream: &stream::Stream, here: bool) {
+    let info = stream.cached_info();
+    let first = info.config.first_sequence.unwrap_or(1);
+    if here {
+        warn!(
+            "the cluster's stream {} was gone (deleted, or NATS lost its data): it is created anew, numbering on from sequence {first}; what it held undelivered is gone with it",
+            info.config.name
+        );
+    } else {
+        info!(
+            "the cluster's stream {} was gone (deleted, or NATS lost its data); another instance created it anew, numbering on from sequence {first}",
+            info.config.name
+        );
     }
 }
 
@@ -809,12 +834,16 @@ impl Cluster {
             // A first start, or the stream deleted since the last: numbered on from the
             // floors the KV bucket kept (see `create_stream`).
             Err(_) => {
-                create_stream(&js, &settings, highest_floor(&kv).await)
-                    .await
-                    .map_err(|e| {
-                        let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
-                        ClusterError::Stream(stream_name.clone(), hint, e.into())
-                    })?;
+                let after = highest_floor(&kv).await;
+                let (stream, here) = create_stream(&js, &settings, after).await.map_err(|e| {
+                    let hint = diagnose::stream_hint(&e.kind(), settings.replicas);
+                    ClusterError::Stream(stream_name.clone(), hint, e.into())
+                })?;
+                // Floors in KV: the cluster ran before, and its stream is gone (helper-154:
+                // a start that created it anew said nothing of what was lost with it).
+                if after > 0 {
+                    say_created_anew(&stream, here);
+                }
             }
         }
         let bodies =
@@ -876,14 +905,10 @@ impl Cluster {
             .load(Ordering::Relaxed)
             .max(highest_floor(&self.kv).await);
         match create_stream(&self.js, &self.settings, after).await {
-            Ok(stream) => {
+            Ok((stream, here)) => {
                 self.stream_created
                     .store(floor::created_ns(stream.cached_info()), Ordering::Relaxed);
-                warn!(
-                    "the cluster's stream {} was gone (deleted, or NATS lost its data): it is created anew, numbering on from sequence {}; what it held undelivered is gone with it",
-                    self.stream_name,
-                    stream.cached_info().config.first_sequence.unwrap_or(1)
-                );
+                say_created_anew(&stream, here);
             }
             Err(e) => {
                 let hint = diagnose::stream_hint(&e.kind(), self.settings.replicas);
@@ -1290,6 +1315,10 @@ impl Cluster {
                         // a WARN then read as the connection lost again (helper-123).
                         if self.status.just_back(crate::clock::now_ms()) {
                             info!(route = %label, "NATS consumer: {e} (during the outage that just ended); asking it for the route's messages again");
+                        } else if e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted {
+                            // Not the connection (helper-154: it said "slow or down" when
+                            // the stream was deleted, taking its consumers with it).
+                            warn!(route = %label, "the route's NATS consumer was deleted (with the cluster's stream, or by hand); making it again");
                         } else if let Some(line) =
                             paced(&format!("consumer {label}"), &e.to_string())
                         {
