@@ -180,6 +180,43 @@ async fn bodies_arrive_byte_exact_whatever_their_type() {
     }
 }
 
+/// Regression (helper-150): a browser opening the server's address got a JSON 404 (`no such
+/// route`), where smee.io shows its home page with a way to a new channel.
+#[tokio::test]
+async fn regression_the_servers_address_was_a_json_404() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let home = client()
+        .get(format!("{server}/"))
+        .header("accept", "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(home.status(), 200);
+    assert_eq!(home.headers()["x-frame-options"], "DENY");
+    let page = home.text().await.unwrap();
+    assert!(
+        page.contains(r#"<a class="button" href="new">Start a new channel</a>"#),
+        "{page}"
+    );
+    let api = client().get(format!("{server}/")).send().await.unwrap();
+    assert_eq!(api.status(), 200);
+    let api: serde_json::Value = api.json().await.unwrap();
+    assert_eq!(api["new_channel"], "/new", "{api}");
+    let post = client()
+        .post(format!("{server}/"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+    assert!(
+        post.text()
+            .await
+            .unwrap()
+            .contains("post webhooks to a channel's URL")
+    );
+}
+
 /// A POST with no body reached the target with neither `content-length` nor
 /// `transfer-encoding` (hyper leaves an empty body's length out); a strict server answers 411.
 #[tokio::test]

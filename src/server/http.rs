@@ -22,11 +22,16 @@ use crate::secret::{ExposeSecret as _, SecretString};
 /// The channel page: one file, no build step, no CDN.
 const PAGE: &str = include_str!("page.html");
 
+/// The page at `/`: what this server is and a link to a new channel, as smee.io's home has
+/// (helper-150: a browser opening the server's address got a JSON 404).
+const HOME: &str = include_str!("home.html");
+
 /// Names that are routes, not channels.
 const RESERVED: [&str; 3] = ["new", "metrics", "healthz"];
 
 pub(super) fn router(hub: Arc<Hub>) -> Router {
     Router::new()
+        .route("/", get(home))
         .route("/new", get(new_channel_redirect).head(new_channel_redirect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -49,6 +54,39 @@ async fn not_found() -> Response {
     )
 }
 
+/// An HTML page of this server, never in another site's frame (the channel page's Redeliver
+/// button posts for whoever is shown it).
+fn page(html: &'static str) -> Response {
+    (
+        [
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+/// `/`: the home page in a browser; for anything else, where things are, in the JSON every
+/// other answer of this server is.
+async fn home(headers: HeaderMap) -> Response {
+    if text(&headers, "accept").is_some_and(|v| v.contains("text/html")) {
+        return page(HOME);
+    }
+    let body = serde_json::json!({
+        "service": "smee-relay serve",
+        "new_channel": "/new",
+        "channels": "/CHANNEL: POST a webhook; GET with Accept: text/event-stream to subscribe",
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 /// A method a route does not take: the answer says what the route is for.
 async fn method_not_allowed(uri: axum::http::Uri) -> Response {
     let reason = match uri.path() {
@@ -57,6 +95,7 @@ async fn method_not_allowed(uri: axum::http::Uri) -> Response {
         }
         "/metrics" => "/metrics takes GET",
         "/healthz" => "/healthz takes GET",
+        "/" => "/ takes GET (this server's home page); post webhooks to a channel's URL, /CHANNEL",
         _ => "channels take GET (subscribe, or the page in a browser) and POST (a webhook)",
     };
     json_error(StatusCode::METHOD_NOT_ALLOWED, reason)
@@ -574,16 +613,7 @@ async fn subscribe(
     let wants_stream = text(&headers, "accept").is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
         // The page holds no events itself; its stream asks for the token like any subscriber.
-        // Never in another site's frame: its Redeliver button posts for whoever is shown it.
-        return (
-            [
-                (header::X_FRAME_OPTIONS, "DENY"),
-                (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
-                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            ],
-            Html(PAGE),
-        )
-            .into_response();
+        return page(PAGE);
     }
     if !authorized(&headers, &hub.config.subscribe_token) {
         hub.stats
