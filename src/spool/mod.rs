@@ -270,6 +270,21 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    /// The system refused the change whoever asks (`EPERM`: an immutable file or directory, a
+    /// mount or a security policy): not the "run as the owner" of [`SpoolError::PermissionDenied`]
+    /// (helper-155: root was told to run as root).
+    #[error(
+        "the system does not permit changing the spool {path} or its state directory, whoever \
+         asks (EPERM): an immutable or append-only flag (`lsattr -d DIR` shows it, `chattr -i` \
+         removes it), or a mount or security policy that forbids writing there; give \
+         --state-dir (or state_dir) a directory the relay may write",
+        path = path.display()
+    )]
+    NotPermitted {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The file system refused a write (`EROFS`): said with what to do, and exit 2 (helper-149:
     /// "I/O error: Read-only file system", exit 1).
     #[error(
@@ -361,6 +376,7 @@ impl SpoolError {
                 | SpoolError::InUse { .. }
                 | SpoolError::CannotAsk { .. }
                 | SpoolError::PermissionDenied { .. }
+                | SpoolError::NotPermitted { .. }
                 | SpoolError::ReadOnly { .. }
                 | SpoolError::NotADirectory { .. }
                 | SpoolError::KeepFree(_)
@@ -395,7 +411,12 @@ impl SpoolError {
         if io.kind() != std::io::ErrorKind::PermissionDenied {
             return self;
         }
-        denied(file, std::io::Error::new(io.kind(), io.to_string()))
+        // The same error, its code kept (`EPERM` is told apart from `EACCES` by it).
+        let source = match io.raw_os_error() {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => std::io::Error::new(io.kind(), io.to_string()),
+        };
+        denied(file, source)
     }
 }
 
@@ -427,8 +448,15 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// Permission denied on the spool `file` ([`SpoolError::PermissionDenied`]).
+/// Permission denied on the spool `file` ([`SpoolError::PermissionDenied`]), or not permitted
+/// to anyone ([`SpoolError::NotPermitted`]).
 pub(crate) fn denied(file: &Path, source: std::io::Error) -> SpoolError {
+    if source.raw_os_error() == Some(libc::EPERM) {
+        return SpoolError::NotPermitted {
+            path: file.to_owned(),
+            source,
+        };
+    }
     SpoolError::PermissionDenied {
         path: file.to_owned(),
         owner: owner_of(file.parent().unwrap_or(Path::new("."))),
@@ -3879,6 +3907,44 @@ mod tests {
 
     const ROUTE: &str = "http://127.0.0.1:9/";
     const ROOM: Limits = Limits { max_bytes: 1 << 20 };
+
+    /// Regression (helper-155): an immutable state directory (`chattr +i`: EPERM, whoever
+    /// asks) was said as permission denied, "run this as the user the relay runs as (`sudo -u
+    /// root`)", to root.
+    #[test]
+    fn regression_root_was_told_to_run_as_root_on_an_immutable_state_dir() {
+        let eperm = || std::io::Error::from_raw_os_error(libc::EPERM);
+        for refused in [
+            SpoolError::Io {
+                path: "d/spool.redb".into(),
+                source: redb::Error::Io(eperm()),
+            },
+            SpoolError::LockFile {
+                path: "d/channel-x.lock".into(),
+                source: eperm(),
+            },
+        ] {
+            let said = refused.or_denied(Path::new("d/spool.redb"));
+            assert!(matches!(said, SpoolError::NotPermitted { .. }), "{said}");
+            assert!(said.needs_the_user());
+            let text = said.to_string();
+            assert!(
+                text.contains("whoever asks (EPERM)")
+                    && text.contains("chattr -i")
+                    && !text.contains("sudo"),
+                "{text}"
+            );
+        }
+        // EACCES stays a matter of the user.
+        let said = denied(
+            Path::new("d/spool.redb"),
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert!(
+            matches!(said, SpoolError::PermissionDenied { .. }),
+            "{said}"
+        );
+    }
 
     /// Regression (helper-149): a state directory on a read-only file system said only "I/O
     /// error: Read-only file system (os error 30)" and exited 1, as a failure to try again; it
