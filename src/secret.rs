@@ -19,8 +19,9 @@ pub fn parse_token(value: &str) -> Result<SecretString, String> {
     if value.trim().is_empty() {
         return Err(
             "a token cannot be empty or blank (it would let in anyone who sends \
-                    `Authorization: Bearer `): give one, or remove the option or its \
-                    variable to require none"
+                    `Authorization: Bearer `): give one. If it came from the option's \
+                    variable (an env file's `KEY=` line sets it empty; `--help` names it), \
+                    remove that line to require none"
                 .to_string(),
         );
     }

@@ -404,8 +404,22 @@ async fn tokens_keep_strangers_out() {
             .send()
             .await
             .unwrap();
-        assert_eq!(status(sent), status_wanted, "{given}");
+        if status_wanted == 200 {
+            assert_eq!(status(sent), 200, "{given}");
+        } else {
+            // Regression (helper-155): a wrong token read as none at all.
+            assert_eq!(sent.status().as_u16(), 401, "{given}");
+            let said = sent.text().await.unwrap();
+            assert!(said.contains("the token was refused"), "{given}: {said}");
+        }
     }
+    let none = c.post(&channel).body("{}").send().await.unwrap();
+    assert_eq!(none.status().as_u16(), 401);
+    let said = none.text().await.unwrap();
+    assert!(
+        said.contains("wants `Authorization: Bearer TOKEN`") && !said.contains("refused"),
+        "{said}"
+    );
     relay.stop().await;
 }
 

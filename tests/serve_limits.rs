@@ -1193,6 +1193,13 @@ async fn regression_the_post_and_subscribe_tokens_had_no_variable() {
             .env("SMEE_RELAY_SERVE_SUBSCRIBE_TOKEN", "sub-secret"),
     );
     let url = format!("http://{}", support::serve_address(&logs).await);
+    // helper-155: nothing said whether tokens were on.
+    assert!(
+        logs.find(&["serving smee channels", r#"tokens="posts and subscribers""#])
+            .is_some(),
+        "{}",
+        logs.all()
+    );
     assert_eq!(
         post(&format!("{url}/ch"), b"{}".to_vec()).await.status(),
         401

@@ -158,11 +158,14 @@ fn authorized(headers: &HeaderMap, token: &Option<SecretString>) -> bool {
     })
 }
 
-fn unauthorized() -> Response {
-    json_error(
-        StatusCode::UNAUTHORIZED,
-        "this server wants `Authorization: Bearer TOKEN`",
-    )
+/// 401, saying whether a token came at all (helper-155: a wrong token and none read the same).
+fn unauthorized(headers: &HeaderMap) -> Response {
+    let reason = if headers.contains_key(header::AUTHORIZATION) {
+        "the token was refused: this server wants `Authorization: Bearer TOKEN` with its token"
+    } else {
+        "this server wants `Authorization: Bearer TOKEN`"
+    };
+    json_error(StatusCode::UNAUTHORIZED, reason)
 }
 
 /// Add one received header to `kept`, a repeated one as smee.io (Node's `req.headers`) does:
@@ -441,7 +444,7 @@ async fn post(
     if !authorized(&headers, &hub.config.post_token) {
         hub.stats
             .say_refused_token(client_ip(&hub, &peer, &headers).unwrap_or(peer.addr));
-        return unauthorized();
+        return unauthorized(&headers);
     }
     let too_large = || {
         json_error(
@@ -618,7 +621,7 @@ async fn subscribe(
     if !authorized(&headers, &hub.config.subscribe_token) {
         hub.stats
             .say_refused_token(client_ip(&hub, &peer, &headers).unwrap_or(peer.addr));
-        return unauthorized();
+        return unauthorized(&headers);
     }
     let raw = !hub.config.smee_wire
         && (headers.contains_key(crate::source::wire::RAW_OPT_IN)

@@ -212,7 +212,17 @@ pub async fn serve_with_reload(
     }
     let router = http::router(hub.clone());
     let addr = listener.local_addr().map_err(ServeError::Address)?;
-    info!(%addr, tls = tls.is_some(), "serving smee channels");
+    // Whether anyone may post or subscribe, at a glance (helper-155: nothing said it).
+    let tokens = match (
+        config.post_token.is_some(),
+        config.subscribe_token.is_some(),
+    ) {
+        (true, true) => "posts and subscribers",
+        (true, false) => "posts",
+        (false, true) => "subscribers",
+        (false, false) => "none",
+    };
+    info!(%addr, tls = tls.is_some(), tokens, "serving smee channels");
     if hub.max_body() < hub.config.max_body {
         warn!(
             "--max-body {} is more than half of --max-memory {}, all that bodies being read may \
