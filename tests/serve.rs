@@ -111,8 +111,8 @@ async fn start_relay(
     start_relay_with(options, channel, target, None).await
 }
 
-/// As [`start_relay`], posting with `token`. A first-time client gets no backlog (as on
-/// smee.io), so probes are posted until one comes through: then it is subscribed.
+/// As [`start_relay`], posting with `token`. Probes are posted until one comes through: then
+/// it is subscribed (the channel's first follower also gets the probes posted before).
 async fn start_relay_with(
     options: smee_relay::commands::forward::ForwardOptions,
     channel: &str,
@@ -330,6 +330,43 @@ async fn with_smee_wire_the_raw_opt_in_is_ignored_as_on_smee_io() {
     assert!(!seen.contains("bodyB"), "{seen}");
     assert_eq!(target.next().await.body, r#"{"n":7}"#);
     target.assert_no_more();
+}
+
+/// Regression (helper-155): the README's `smee-relay new`, then `forward`: a webhook posted
+/// in between (GitHub's `ping` when the hook is made) was kept by `serve`, yet never sent to
+/// the relay, which subscribed with no `Last-Event-ID`. A channel's first follower gets what
+/// the channel keeps; a later one only what comes after it (as on smee.io), and the page
+/// (`replay=all`) does not count as one.
+#[tokio::test]
+async fn regression_webhooks_posted_before_the_first_relay_were_never_relayed() {
+    let (server, _stop) = start_server(ServeConfig::default()).await;
+    let channel = format!("{server}/early");
+    for body in [&b"{\"early\":1}"[..], b"{\"early\":2}"] {
+        assert_eq!(post(&channel, "application/json", body).await, 200);
+    }
+    // The page, opened first, shows them and takes nothing from the relay.
+    let page = client()
+        .get(format!("{channel}?replay=all"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    drop(page);
+    let mut target = FakeTarget::start().await;
+    let relay = support::Relay::spawn(options_for(&channel, &target));
+    assert_eq!(target.next().await.body, r#"{"early":1}"#);
+    assert_eq!(target.next().await.body, r#"{"early":2}"#);
+    relay.stop().await;
+    // A second relay (another machine) follows from its start, as on smee.io.
+    let mut other = FakeTarget::start().await;
+    let second = support::Relay::spawn(options_for(&channel, &other));
+    wait_subscribed(&channel, &mut other, None).await;
+    let seen: Vec<String> = (other.arrivals().iter())
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert!(!seen.iter().any(|b| b.contains("early")), "{seen:?}");
+    second.stop().await;
 }
 
 #[tokio::test]

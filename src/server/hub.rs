@@ -486,6 +486,11 @@ pub(super) struct Channel {
     _charge: Charge,
     /// Gaps told to this channel's subscribers, said at most once a minute.
     gaps_said: crate::clock::Tally,
+    /// Whether a subscriber that follows the channel (not the page, which asks for
+    /// `replay=all`) has come since this process holds it. Until one has, what was posted
+    /// waits for it: the first gets everything the channel keeps (helper-155: the README's
+    /// `new` then `forward` lost a webhook sent in between, GitHub's `ping` say).
+    followed: bool,
 }
 
 impl Channel {
@@ -503,6 +508,7 @@ impl Channel {
             last_used_ms: crate::clock::now_ms(),
             _charge: Charge::new(stats, CHANNEL_OVERHEAD + name.len()),
             gaps_said: crate::clock::Tally::default(),
+            followed: false,
         }
     }
 }
@@ -1089,7 +1095,10 @@ impl Hub {
             return Err(HubError::TooManySubscribers(max));
         }
         self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
-        let cursor = if replay_all {
+        // The channel's first follower with no place to resume from gets what waits for it.
+        let first = !channel.followed && last_seen.is_none();
+        channel.followed |= !replay_all;
+        let cursor = if replay_all || first {
             0
         } else {
             last_seen.unwrap_or(channel.next_id.saturating_sub(1))
