@@ -325,8 +325,15 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
     .await;
     let stderr = output.stderr;
     assert_eq!(output.code, Some(2), "{stderr}");
+    // Regression (helper-155): with no log there, the advice moved one too, and that `mv`
+    // failed.
+    let file = dir.join("spool.redb");
     assert!(
-        stderr.contains("spool.redb") && stderr.contains("move the file and its log aside"),
+        stderr.contains(&format!(
+            "move the file aside (mv {} {}.damaged)",
+            file.display(),
+            file.display()
+        )) && !stderr.contains("spool.wal"),
         "{stderr}"
     );
     // Regression (helper-152): `forward` said `Forwarding ... to ...` on stdout before the

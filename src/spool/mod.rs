@@ -161,16 +161,9 @@ pub const FILE_NAME: &str = "spool.redb";
 pub enum SpoolError {
     #[error(
         "the spool {path} is damaged: {why}. smee-relay does not start over a spool that held \
-         events. Stop it, move the file and its log aside (mv {path} {path}.damaged; mv {wal} \
-         {wal}.damaged) and start again (the new spool starts empty: what this one held is \
-         not delivered from it). To see what is still readable in it, put {salvage} in a \
-         directory of their own and run `smee-relay events list --state-dir THAT_DIR` (a \
-         listing that meets the damage stops there: then read events one by one, `smee-relay \
-         events show ID --state-dir THAT_DIR`); if that stops with this same message, the file \
-         cannot be read at all, and what it held is lost unless a backup has it",
+         events. {advice}",
         path = path.display(),
-        wal = wal::path(path).display(),
-        salvage = why.salvage()
+        advice = damaged_advice(path, why)
     )]
     Damaged { path: PathBuf, why: Damage },
     #[error(
@@ -522,6 +515,36 @@ pub enum Damage {
         next_seq: u64,
         events: usize,
     },
+}
+
+/// What to do about the damaged spool `path`: move it aside, with its log if there is one
+/// (helper-155: the advice had a `mv` of a log that was not there, which failed), and how
+/// to read what it still holds.
+fn damaged_advice(path: &Path, why: &Damage) -> String {
+    let wal = wal::path(path);
+    let (path, log) = (path.display(), wal.display());
+    let (what, moves, salvage) = if wal.exists() {
+        (
+            "the file and its log",
+            format!("mv {path} {path}.damaged; mv {log} {log}.damaged"),
+            why.salvage(),
+        )
+    } else {
+        (
+            "the file",
+            format!("mv {path} {path}.damaged"),
+            "the file, as spool.redb,",
+        )
+    };
+    format!(
+        "Stop it, move {what} aside ({moves}) and start again (the new spool starts empty: \
+         what this one held is not delivered from it). To see what is still readable in it, \
+         put {salvage} in a directory of its own and run `smee-relay events list --state-dir \
+         THAT_DIR` (a listing that meets the damage stops there: then read events one by one, \
+         `smee-relay events show ID --state-dir THAT_DIR`); if that stops with this same \
+         message, the file cannot be read at all, and what it held is lost unless a backup \
+         has it"
+    )
 }
 
 impl Damage {
