@@ -202,8 +202,11 @@ pub fn shown_text(text: &str, channel: bool) -> String {
                 .next()
                 .unwrap_or("")
                 .trim_end_matches('/');
-            let (parent, id) = path.rsplit_once('/').unwrap_or(("", path));
-            format!("{parent}/{}", redact(id))
+            // No path, no `/` (helper-155: `notaurl` was repeated as `notaurl/`).
+            match path.rsplit_once('/') {
+                Some((parent, id)) => format!("{parent}/{}", redact(id)),
+                None => String::new(),
+            }
         }
         // A target's query often carries a token: left out, as [`TargetUrl::shown`] does.
         false => match path.split_once('?') {
@@ -730,6 +733,9 @@ mod tests {
             "http://bob:***@127.0.0.1:99999/x?…"
         );
         assert_eq!(shown_text("ftp://x/y", false), "ftp://x/y");
+        // helper-155: a value with no path was repeated with a `/` the user never typed.
+        assert_eq!(shown_text("notaurl", true), "notaurl");
+        assert_eq!(shown_text("https://smee.io", true), "https://smee.io");
         assert_eq!(
             "bob:hunter2@127.0.0.1:21412/x".parse::<TargetUrl>(),
             Err(UrlError::NoScheme)
