@@ -349,6 +349,29 @@ async fn a_damaged_spool_is_reported_with_what_to_do() {
     assert_eq!(output.stdout, "", "{}", output.stderr);
 }
 
+/// Regression (helper-155): `--limit 3` noted "the last 3 deliveries are shown" over the
+/// deliveries of the 3 newest events, while a replay's (newer) delivery of an older event was
+/// not among them.
+#[tokio::test]
+async fn regression_the_limit_note_said_last_deliveries_for_newest_events() {
+    let dir = support::temp_dir();
+    spool_with_events(dir.path());
+    let output = support::run_to_end(
+        smee_relay()
+            .args(["events", "list", "--limit", "3", "--state-dir"])
+            .arg(dir.path()),
+    )
+    .await;
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(
+        output
+            .stderr
+            .contains("note: 3 deliveries of the newest events are shown; --limit N shows more"),
+        "{}",
+        output.stderr
+    );
+}
+
 /// A spool with a few events in it, as a relay would have left it.
 fn spool_with_events(dir: &std::path::Path) -> u64 {
     let spool = smee_relay::spool::Spool::open(dir).unwrap();

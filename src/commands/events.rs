@@ -135,9 +135,11 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             let rows = spool.list(status, limit)?;
             if rows.len() >= limit {
                 // Said, as the table starts past the first rows without a word otherwise.
+                // By event, newest received first: a replay is a new delivery of an old event,
+                // not a last one (helper-155 read "the last" as the newest deliveries).
                 let shown = match limit {
-                    1 => "the last delivery is shown".to_string(),
-                    n => format!("the last {n} deliveries are shown"),
+                    1 => "the delivery of the newest event is shown".to_string(),
+                    n => format!("{n} deliveries of the newest events are shown"),
                 };
                 eprintln!("note: {shown}; --limit N shows more");
             }

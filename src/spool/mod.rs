@@ -310,7 +310,10 @@ pub enum SpoolError {
         #[source]
         source: redb::Error,
     },
-    #[error("no event {0} in the spool (it may have been pruned)")]
+    #[error(
+        "no event {0} in the spool (delivered and older than --retain, it was pruned; or \
+         `events purge` removed it)"
+    )]
     NoSuchEvent(u64),
     #[error("no event {id} in the spool yet: the newest is {newest}")]
     NotYet { id: u64, newest: u64 },
@@ -4843,6 +4846,16 @@ mod tests {
             "only the delivered event goes"
         );
         assert!(matches!(spool.get(1), Err(SpoolError::NoSuchEvent(1))));
+        // helper-155: a purged event read "it may have been pruned" only.
+        assert!(
+            spool
+                .get(1)
+                .unwrap_err()
+                .to_string()
+                .contains("`events purge` removed it"),
+            "{}",
+            spool.get(1).unwrap_err()
+        );
         // Regression (an adversary's finding): an id not received yet "may have been pruned".
         assert_eq!(
             spool.get(99).unwrap_err().to_string(),
