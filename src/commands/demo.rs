@@ -438,6 +438,19 @@ async fn action_run(
 }
 
 /// Run the demo; print the alerts to stdout.
+/// Where the .deb installs the example config and environment file.
+const PACKAGED_EXAMPLES: &str = "/etc/smee-relay";
+
+/// Where the example config is, and whose it is: the package's in `packaged` when installed,
+/// else a source checkout's in systemd/ (helper-150: an installed relay named files only a
+/// checkout has).
+fn examples(packaged: &std::path::Path) -> (String, &'static str) {
+    match packaged.join("config.example.toml").exists() {
+        true => (packaged.display().to_string(), "the package's"),
+        false => ("systemd".to_string(), "a source checkout's"),
+    }
+}
+
 pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
     let started = Instant::now();
     let cancel = CancellationToken::new();
@@ -601,12 +614,12 @@ pub async fn run(slack: Option<reqwest::Url>) -> Result<(), DemoError> {
         Some(_) => "cargo run --release --",
         None => "smee-relay",
     };
+    let (examples, whose) = examples(std::path::Path::new(PACKAGED_EXAMPLES));
     println!(
         "Next: relay your own channel with `{me} forward https://smee.io/YOUR_CHANNEL \
-         --port 3000`. For the pipeline and actions, a source checkout's example config reads \
-         its secrets from the environment: `(set -a; . systemd/smee-relay.env.example; \
-         {me} check --config systemd/config.example.toml)`, then `{me} run --config ...` with \
-         your own."
+         --port 3000`. For the pipeline and actions, {whose} example config reads its secrets \
+         from the environment: `(set -a; . {examples}/smee-relay.env.example; {me} check \
+         --config {examples}/config.example.toml)`, then `{me} run --config ...` with your own."
     );
     Ok(())
 }
@@ -644,4 +657,25 @@ async fn post_and_collect(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (helper-150): the demo's last line named `systemd/config.example.toml` of a
+    /// source checkout to a user of the package, which installs it in /etc/smee-relay.
+    #[test]
+    fn regression_the_next_step_named_a_checkouts_files_to_a_package_user() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            examples(dir.path()),
+            ("systemd".to_string(), "a source checkout's")
+        );
+        std::fs::write(dir.path().join("config.example.toml"), "").unwrap();
+        assert_eq!(
+            examples(dir.path()),
+            (dir.path().display().to_string(), "the package's")
+        );
+    }
 }
