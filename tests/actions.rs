@@ -2124,8 +2124,10 @@ async fn regression_a_held_or_unjudged_automation_run_was_reported_no_rule_match
     };
     assert_eq!(
         summary("r_fixture01"),
-        "cpu-high FIRING queued for stdout; cpu-held PENDING (fires if it holds for its `for`)"
+        "cpu-high FIRING queued for stdout; cpu-held PENDING (held: it fires only if its condition lasts the rule's hold time)"
     );
+    // helper-153: Port shows the summary as text; it read "its `for`".
+    assert!(!summary("r_fixture01").contains('`'));
     let unjudged = summary("r_string");
     assert!(
         unjudged.contains(r#"cpu-high cannot judge: property cpuUtil is not a number ("90")"#),

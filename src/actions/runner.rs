@@ -519,7 +519,8 @@ async fn automation_outcome(
     }
     if !verdict.held.is_empty() {
         said.push(format!(
-            "{} (fires if it holds for its `for`)",
+            // Plain words: Port shows a run's summary as text (helper-153: backticks).
+            "{} (held: it fires only if its condition lasts the rule's hold time)",
             verdict.held.join(", ")
         ));
     }
