@@ -639,6 +639,27 @@ async fn regression_a_stop_said_nothing_of_a_held_alert() {
     );
 }
 
+/// Regression (helper-157): a hold said "fires at ... unless a change ends it first", and a
+/// change that ended it was said nowhere.
+#[tokio::test]
+async fn regression_a_hold_that_ended_unfired_was_not_said() {
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let dir = support::temp_dir();
+    let daemon = start_holding(dir.path(), "1h", &channel, &slack).await;
+    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    daemon
+        .logs
+        .wait_for(&["PENDING cpu-high", "fires at"])
+        .await;
+    channel.send_webhook(2, &frame(&fixture("automation", "06-cpu-75-to-60"), &[]));
+    daemon
+        .logs
+        .wait_for(&["held alert cpu-high: Notification Service Production ends without firing"])
+        .await;
+    stop(daemon).await;
+}
+
 /// The fixture's signature vector for `file` (under tests/fixtures/port): its timestamp (s)
 /// and signature.
 fn vector(file: &str) -> (String, String) {

@@ -30,7 +30,7 @@ pub fn message(alert: &Alert) -> Value {
     if let Some(p) = &alert.property {
         fields.push(field(
             &escape(&p.property),
-            &format!("{} → {}", escape(&p.before), escape(&p.after)),
+            &escape(&values(&p.before, &p.after)),
         ));
     }
     fields.push(field("Condition", &escape(&alert.threshold)));
@@ -85,17 +85,27 @@ pub fn message(alert: &Alert) -> Value {
     // A RESOLVED's condition is the one that no longer holds (helper-140: "91 → 75, above
     // 80"); one resolved for another reason (its note: the rule removed, the entity deleted)
     // may hold still (helper-145: "50 → 91, no longer above 80").
-    let condition = match (alert.status, &alert.note) {
-        (AlertStatus::Resolved, None) => match alert.threshold.strip_prefix("when ") {
-            Some(jq) => format!("no longer true: {jq}"),
-            None => format!("no longer {}", alert.threshold),
-        },
+    // One found by reconciliation is resolved by its condition too (helper-157: it read
+    // "85 → 50, above 80"); and a negated condition ends without a double negative.
+    let condition_ended =
+        (alert.note.as_deref()).is_none_or(|note| note.starts_with("found by reconciliation"));
+    let condition = match alert.status {
+        AlertStatus::Resolved if condition_ended => {
+            if let Some(jq) = alert.threshold.strip_prefix("when ") {
+                format!("no longer true: {jq}")
+            } else if let Some(holds) = alert.threshold.strip_prefix("not ") {
+                format!("{holds} again")
+            } else {
+                format!("no longer {}", alert.threshold)
+            }
+        }
         _ => alert.threshold.clone(),
     };
     let mut fallback = match &alert.property {
         Some(p) => format!(
-            "{title} ({} {} → {}, {condition})",
-            p.property, p.before, p.after
+            "{title} ({} {}, {condition})",
+            p.property,
+            values(&p.before, &p.after)
         ),
         None => format!("{title} ({condition})"),
     };
@@ -196,6 +206,15 @@ fn fit_text(object: &mut Value, max: usize) {
         && s.chars().count() > max
     {
         *text = Value::String(truncate(s, max, mrkdwn));
+    }
+}
+
+/// A property's values: `before → after`, or `value (unchanged)` when the rule judged a
+/// change of another property (helper-157: a rule added by a reload read "30 → 30").
+fn values(before: &str, after: &str) -> String {
+    match before == after {
+        true => format!("{after} (unchanged)"),
+        false => format!("{before} → {after}"),
     }
 }
 
@@ -301,6 +320,29 @@ mod tests {
         assert_eq!(triggered(&alert), None);
     }
 
+    /// Regression (helper-157): a rule judging a change of another property (added by a
+    /// reload while its property was already past the threshold) read "memoryUtil 30 → 30".
+    #[test]
+    fn regression_an_unchanged_value_read_as_a_change_to_itself() {
+        let mut alert = alert();
+        alert.property = Some(ShownChange {
+            property: "memoryUtil".into(),
+            before: "30".into(),
+            after: "30".into(),
+        });
+        let message = message(&alert);
+        let text = message["text"].as_str().unwrap();
+        assert!(
+            text.contains("(memoryUtil 30 (unchanged), above 80)"),
+            "{text}"
+        );
+        let fields = details(&message)[0]["fields"].to_string();
+        assert!(
+            fields.contains("30 (unchanged)") && !fields.contains("30 → 30"),
+            "{fields}"
+        );
+    }
+
     #[test]
     fn regression_the_notification_text_is_escaped_like_the_blocks() {
         let mut alert = alert();
@@ -372,6 +414,21 @@ mod tests {
         alert.threshold = "when .properties.healthStatus != \"Healthy\"".into();
         assert!(
             text(&alert).ends_with("(no longer true: .properties.healthStatus != \"Healthy\")"),
+            "{}",
+            text(&alert)
+        );
+        // helper-157: found by reconciliation, it read as if the condition still held; and
+        // a negated one read "no longer not in [Healthy]".
+        alert.threshold = "above 80".into();
+        alert.note = Some("found by reconciliation after a gap: ...".into());
+        assert!(
+            text(&alert).contains("(no longer above 80): found by reconciliation"),
+            "{}",
+            text(&alert)
+        );
+        alert.threshold = "not in [Healthy]".into();
+        assert!(
+            text(&alert).contains("(in [Healthy] again): found by reconciliation"),
             "{}",
             text(&alert)
         );

@@ -153,14 +153,22 @@ fn moved_away(rule: &Rule, alert: &Alert) -> Option<String> {
 }
 
 /// `draft` of a rule whose hold began with `held`: its property's value from before the hold
-/// (helper-146: a change of another property during the hold made it read "cpuUtil 91 → 91").
+/// (helper-146: a change of another property during the hold made it read "cpuUtil 91 → 91"),
+/// and who and when began it, with why it was sent (helper-157: a change during the hold, or
+/// the start's reconciliation of an unchanged Port, became "Triggered", and a hold begun by
+/// reconciliation lost its note).
 fn since_hold(held: Option<&Alert>, mut draft: Alert) -> Alert {
-    let began = held.and_then(|held| held.property.as_ref());
-    if let (Some(began), Some(now)) = (began, draft.property.as_mut())
+    let Some(held) = held else {
+        return draft;
+    };
+    if let (Some(began), Some(now)) = (held.property.as_ref(), draft.property.as_mut())
         && began.property == now.property
     {
         now.before = began.before.clone();
     }
+    draft.triggered_by = held.triggered_by.clone();
+    draft.triggered_at = held.triggered_at.clone();
+    draft.note = held.note.clone();
     draft
 }
 
@@ -487,10 +495,12 @@ impl Pipeline {
                     out.push((due, key.clone(), AlertState::default(), Err(why)));
                     continue;
                 }
-                alert.note = Some(format!(
-                    "held for {}",
-                    humantime::format_duration(rule.hold)
-                ));
+                let held = format!("held for {}", humantime::format_duration(rule.hold));
+                // Why the hold began, if not a live change ("found by reconciliation ...").
+                alert.note = Some(match alert.note.take() {
+                    Some(began) => format!("{held}; {began}"),
+                    None => held,
+                });
                 let next = AlertState {
                     phase,
                     draft: None,
@@ -1035,6 +1045,38 @@ pub(crate) mod tests {
 
     /// Regression (helper-138): holds that ended together (a restart after they all ended)
     /// fired in the order of a hash map, not in the order they began.
+    /// Regression (helper-157): a held alert said it was triggered by the last change during
+    /// its hold (or by the start's reconciliation of an unchanged Port), not by the change that
+    /// began it: "Triggered jane at 10:00:12" with "held for 30s", 18 s before it fired.
+    #[test]
+    fn regression_a_held_alert_named_the_last_change_as_its_trigger() {
+        let pipeline =
+            with_rules("[[rule]]\nname = \"hot\"\nproperty = \"cpu\"\nabove = 80\nfor = \"30s\"\n");
+        let by = |who: &str, at: &str, cpu: u32| {
+            update(&format!(r#"{{"cpu":{cpu}}}"#)).replace(
+                r#""action":"UPDATE","#,
+                &format!(
+                    r#""action":"UPDATE","trigger":{{"by":{{"userId":"{who}"}},"at":"{at}"}},"#
+                ),
+            )
+        };
+        let mut states = HashMap::new();
+        let began = by("jane", "2026-12-08T10:00:00Z", 87);
+        assert!(evaluate_into(&pipeline, &mut states, &began).is_empty());
+        let later = by("bob", "2026-12-08T10:00:12Z", 91);
+        assert!(evaluate_into(&pipeline, &mut states, &later).is_empty());
+        let fired: Vec<Alert> = (pipeline.mature(states.iter(), u64::MAX).into_iter())
+            .map(|(_, _, alert)| alert.unwrap())
+            .collect();
+        assert_eq!(fired[0].triggered_by.as_deref(), Some("jane"));
+        assert_eq!(
+            fired[0].triggered_at.as_deref(),
+            Some("2026-12-08T10:00:00Z")
+        );
+        assert_eq!(fired[0].property.as_ref().unwrap().after, "91");
+        assert_eq!(fired[0].note.as_deref(), Some("held for 30s"));
+    }
+
     #[test]
     fn regression_holds_that_ended_together_fired_shuffled() {
         let pipeline =

@@ -441,9 +441,13 @@ pub fn judge_snapshot(
             let began = !matches!(current(&key, &out).phase, Phase::Pending { .. });
             if began
                 && matches!(state.phase, Phase::Pending { .. })
-                && let Some(property) = state.draft.as_mut().and_then(|d| d.property.as_mut())
+                && let Some(draft) = state.draft.as_mut()
             {
-                property.before = "?".into();
+                if let Some(property) = draft.property.as_mut() {
+                    property.before = "?".into();
+                }
+                // Said when it fires, as an alert found at once is (helper-157).
+                draft.note = Some(note.clone());
             }
             out.states.insert(key, state);
         }
@@ -1274,6 +1278,22 @@ mod tests {
             (property.before.as_str(), property.after.as_str()),
             ("?", "87")
         );
+        // helper-157: it fired saying only "held for 5m", not how it was found.
+        let note = held.draft.as_ref().unwrap().note.as_deref().unwrap();
+        assert!(note.starts_with("found by reconciliation"), "{note}");
+        // The same Port read again (a restart mid-hold) keeps the hold's beginning.
+        let out = judge(&pipeline, &hot, &mut states, &mut seen, 2);
+        assert!(out.alerts.is_empty(), "{:?}", said(&out));
+        let held = &states[&super::super::state_key("cpu-high", "a")];
+        let draft = held.draft.as_ref().unwrap();
+        assert!(
+            draft
+                .note
+                .as_deref()
+                .unwrap()
+                .starts_with("found by reconciliation")
+        );
+        assert_eq!(draft.property.as_ref().unwrap().before, "?");
     }
 
     #[test]

@@ -712,7 +712,7 @@ pub async fn run(
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                 count_alert(alert);
             }
-            say_holds_begun(&pipeline, id, &states, &new_states);
+            say_holds(&pipeline, id, &states, &new_states);
             Arc::make_mut(&mut states).extend(new_states);
             changed.extend(newer_mark);
             if let Some((key, done)) = done {
@@ -723,15 +723,29 @@ pub async fn run(
     }
 }
 
-/// Say each hold that begins among `new_states`, judged from `states` (helper-140: nothing
-/// told of one until it fired; helper-153: nor of one a reconciliation began).
-fn say_holds_begun<'a>(
+/// Say each hold that begins or ends unfired among `new_states`, judged from `states`
+/// (helper-140: nothing told of one until it fired; helper-153: nor of one a reconciliation
+/// began; helper-157: one that ended unfired was never said after its "fires at").
+fn say_holds<'a>(
     pipeline: &Pipeline,
     id: u64,
     states: &HashMap<String, AlertState>,
     new_states: impl IntoIterator<Item = (&'a String, &'a AlertState)>,
 ) {
     for (key, state) in new_states {
+        if let (Some(before), super::Phase::Ok) = (states.get(key), state.phase)
+            && let (super::Phase::Pending { .. }, Some(draft)) = (before.phase, &before.draft)
+        {
+            info!(
+                event = id,
+                rule = %draft.rule,
+                entity = %draft.entity,
+                "held alert {}: {} ends without firing: its condition stopped holding before its hold time (or the entity was deleted)",
+                draft.rule,
+                crate::text::escape_control(&draft.title)
+            );
+            continue;
+        }
         let began = !matches!(
             states.get(key).map(|s| s.phase),
             Some(super::Phase::Pending { .. })
@@ -911,7 +925,7 @@ async fn judge_snapshot(
                 info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
                 count_alert(alert);
             }
-            say_holds_begun(pipeline, id, states, changes.iter().map(|(k, s)| (k, s)));
+            say_holds(pipeline, id, states, changes.iter().map(|(k, s)| (k, s)));
             Arc::make_mut(states).extend(changes);
             changed.extend(shard_marks);
             committed.insert(n);
@@ -957,7 +971,7 @@ async fn judge_snapshot(
             info!(event = id, rule = %alert.rule, entity = %alert.entity, "{}", alert.headline());
             count_alert(alert);
         }
-        say_holds_begun(pipeline, id, states, &outcome.states);
+        say_holds(pipeline, id, states, &outcome.states);
         Arc::make_mut(states).extend(outcome.states);
     }
     evaluated.extend(marks);
