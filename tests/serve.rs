@@ -369,6 +369,71 @@ async fn regression_webhooks_posted_before_the_first_relay_were_never_relayed() 
     second.stop().await;
 }
 
+/// Wait until `serve` at `server` counts `n` subscribers.
+async fn wait_subscribers(server: &str, n: u64) {
+    let wanted = format!("smee_relay_serve_subscribers {n}\n");
+    support::wait_for(support::PATIENCE, &wanted, || async {
+        let metrics = client()
+            .get(format!("{server}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics.contains(&wanted).then_some(())
+    })
+    .await;
+}
+
+/// Regression (helper-156): a `HEAD` of the channel (a monitor's probe), or a relay stopped
+/// before its first event (it then has no `Last-Event-ID` to resume from), made the channel
+/// followed: a webhook posted next never reached the relay started after. And a first
+/// follower given what was left after evictions was not told of the rest.
+#[tokio::test]
+async fn regression_a_probe_or_a_relay_stopped_before_its_first_event_lost_the_backlog() {
+    let (server, _stop) = start_server(ServeConfig {
+        max_events: 2,
+        ..ServeConfig::default()
+    })
+    .await;
+    let channel = format!("{server}/probed");
+    let head = client()
+        .head(&channel)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let mut target = FakeTarget::start().await;
+    let options = options_for(&channel, &target);
+    let relay = support::Relay::spawn(options.clone());
+    wait_subscribers(&server, 1).await;
+    relay.stop().await;
+    wait_subscribers(&server, 0).await;
+    for n in 1..=3 {
+        let body = format!(r#"{{"n":{n}}}"#).into_bytes().leak();
+        assert_eq!(post(&channel, "application/json", body).await, 200);
+    }
+    let relay = support::Relay::spawn(options);
+    // The two the channel keeps (--max-events 2); the first was evicted, and told.
+    assert_eq!(target.next().await.body, r#"{"n":2}"#);
+    assert_eq!(target.next().await.body, r#"{"n":3}"#);
+    relay.stop().await;
+    let metrics = client()
+        .get(format!("{server}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("smee_relay_serve_gaps_total 1"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn events_posted_while_the_client_was_stopped_arrive_after_it_restarts() {
     let (server, _stop) = start_server(ServeConfig::default()).await;

@@ -487,9 +487,12 @@ pub(super) struct Channel {
     /// Gaps told to this channel's subscribers, said at most once a minute.
     gaps_said: crate::clock::Tally,
     /// Whether a subscriber that follows the channel (not the page, which asks for
-    /// `replay=all`) has come since this process holds it. Until one has, what was posted
-    /// waits for it: the first gets everything the channel keeps (helper-155: the README's
-    /// `new` then `forward` lost a webhook sent in between, GitHub's `ping` say).
+    /// `replay=all`) has been handed an event since this process holds it. Until one has,
+    /// what was posted waits for it: a follower with no place to resume from gets everything
+    /// the channel keeps (helper-155: the README's `new` then `forward` lost a webhook sent in
+    /// between, GitHub's `ping` say). Set by an event handed out, not by a connection
+    /// (helper-156: a `HEAD`, or a relay stopped before its first event, which then has no
+    /// `Last-Event-ID` to resume from, used it up).
     followed: bool,
 }
 
@@ -1095,9 +1098,10 @@ impl Hub {
             return Err(HubError::TooManySubscribers(max));
         }
         self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
-        // The channel's first follower with no place to resume from gets what waits for it.
-        let first = !channel.followed && last_seen.is_none();
-        channel.followed |= !replay_all;
+        // A follower with no place to resume from, before any was handed an event, gets what
+        // waits for it, and is told of what was evicted before (helper-156: it got part of
+        // the backlog, said nowhere), as one resuming from the channel's start would be.
+        let first = !channel.followed && last_seen.is_none() && !replay_all;
         let cursor = if replay_all || first {
             0
         } else {
@@ -1108,12 +1112,15 @@ impl Hub {
         // ignores and smee-relay's client logs) and so is this log, never silence.
         let evicted_upto = channel.evicted_upto;
         let newest = channel.next_id.saturating_sub(1);
-        let gap = last_seen.filter(|_| !replay_all).and_then(|seen| {
-            // With `--nats-url`, also sequences this replica never saw (which channel they
-            // were is unknown: told as a possible gap rather than kept quiet).
-            let upto = evicted_upto.max(channels.unseen.after(seen).unwrap_or(0));
-            (seen < upto).then_some((seen, upto))
-        });
+        let gap = match last_seen.filter(|_| !replay_all) {
+            Some(seen) => {
+                // With `--nats-url`, also sequences this replica never saw (which channel
+                // they were is unknown: told as a possible gap rather than kept quiet).
+                let upto = evicted_upto.max(channels.unseen.after(seen).unwrap_or(0));
+                (seen < upto).then_some((seen, upto))
+            }
+            None => (first && evicted_upto > 0).then_some((0, evicted_upto)),
+        };
         // With `--nats-url`: a Last-Event-ID above every sequence fed that is from a stream
         // since reset (or above the stream's own last sequence, `stream_last`) will never
         // come: the subscriber is told of the reset and gets the new stream's events.
@@ -1190,6 +1197,7 @@ impl Hub {
             live: channel.live.subscribe(),
             pending: Bytes::new(),
             gap,
+            follows: !replay_all,
             ready_sent: false,
             final_sent: false,
             _charge: Charge::new(&self.stats, SUBSCRIBER_OVERHEAD),
@@ -1284,6 +1292,8 @@ pub(super) struct Subscription {
     /// Events this subscriber resumed after (`Last-Event-ID`) and the last one already
     /// evicted: told once, right after `ready`.
     gap: Option<(u64, u64)>,
+    /// Not the page (`replay=all`): the events it is handed make the channel followed.
+    follows: bool,
     /// The `ready` event went out.
     ready_sent: bool,
     /// The shutdown comment went out.
@@ -1294,8 +1304,8 @@ pub(super) struct Subscription {
 
 impl Subscription {
     fn next_event(&self) -> Next {
-        let channels = self.hub.lock();
-        let Some(channel) = channels.map.get(&self.name) else {
+        let mut channels = self.hub.lock();
+        let Some(channel) = channels.map.get_mut(&self.name) else {
             return Next::Lagged;
         };
         if channel.evicted_upto > self.cursor {
@@ -1303,7 +1313,10 @@ impl Subscription {
         }
         let start = channel.events.partition_point(|e| e.id <= self.cursor);
         match channel.events.get(start) {
-            Some(event) => Next::Event(event.clone()),
+            Some(event) => {
+                channel.followed |= self.follows;
+                Next::Event(event.clone())
+            }
             None => Next::Nothing,
         }
     }
