@@ -16,6 +16,17 @@ pub fn parse_arg(value: &str) -> Result<SecretString, std::convert::Infallible> 
 /// `SMEE_RELAY_SERVE_POST_TOKEN`, as an env file's `KEY=` line makes, was taken, and for
 /// posters it overrides `--token`).
 pub fn parse_token(value: &str) -> Result<SecretString, String> {
+    if value.trim() != value && !value.trim().is_empty() {
+        // No request can carry them: HTTP drops a header value's trailing spaces, and the
+        // server skips those after `Bearer` (helper-156: `abc\r` from a CRLF env file was
+        // taken, and every request refused).
+        return Err(
+            "a token cannot start or end with spaces, tabs or line ends (no request \
+                    could carry them; a `\\r` often comes from an env file saved with CRLF \
+                    line ends): remove them"
+                .to_string(),
+        );
+    }
     if value.trim().is_empty() {
         return Err(
             "a token cannot be empty or blank (it would let in anyone who sends \

@@ -193,10 +193,25 @@ async fn regression_the_servers_address_was_a_json_404() {
         .unwrap();
     assert_eq!(home.status(), 200);
     assert_eq!(home.headers()["x-frame-options"], "DENY");
+    // helper-156: chosen by `Accept`, so a cache must know it.
+    assert_eq!(home.headers()["vary"], "Accept");
     let page = home.text().await.unwrap();
     assert!(
         page.contains(r#"<a class="button" href="new">Start a new channel</a>"#),
         "{page}"
+    );
+    let shouted = client()
+        .get(format!("{server}/"))
+        .header("accept", "TEXT/HTML")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        shouted
+            .text()
+            .await
+            .unwrap()
+            .contains("Start a new channel")
     );
     let api = client().get(format!("{server}/")).send().await.unwrap();
     assert_eq!(api.status(), 200);
@@ -517,6 +532,8 @@ async fn tokens_keep_strangers_out() {
     }
     let none = c.post(&channel).body("{}").send().await.unwrap();
     assert_eq!(none.status().as_u16(), 401);
+    // helper-156: RFC 9110 asks a 401 to name the scheme.
+    assert_eq!(none.headers()["www-authenticate"], "Bearer");
     let said = none.text().await.unwrap();
     assert!(
         said.contains("wants `Authorization: Bearer TOKEN`") && !said.contains("refused"),

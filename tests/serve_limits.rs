@@ -1253,6 +1253,19 @@ async fn regression_an_empty_token_let_in_anyone() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{option}: {stderr}");
         assert!(stderr.contains(option), "{stderr}");
+        // helper-156: one with a `\r` (a CRLF env file) was taken, and no request matched it.
+        let out = refused(
+            support::smee_relay()
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .env(variable, "abc\r"),
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{variable}: {stderr}");
+        assert!(
+            stderr.contains("cannot start or end with spaces"),
+            "{stderr}"
+        );
     }
 }
 

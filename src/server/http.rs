@@ -59,6 +59,9 @@ async fn not_found() -> Response {
 fn page(html: &'static str) -> Response {
     (
         [
+            // Chosen by `Accept`: a cache must not hand it to a client that asked for the
+            // stream or JSON (helper-156).
+            (header::VARY, "Accept"),
             (header::X_FRAME_OPTIONS, "DENY"),
             (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
@@ -71,7 +74,7 @@ fn page(html: &'static str) -> Response {
 /// `/`: the home page in a browser; for anything else, where things are, in the JSON every
 /// other answer of this server is.
 async fn home(headers: HeaderMap) -> Response {
-    if text(&headers, "accept").is_some_and(|v| v.contains("text/html")) {
+    if text(&headers, "accept").is_some_and(|v| v.to_ascii_lowercase().contains("text/html")) {
         return page(HOME);
     }
     let body = serde_json::json!({
@@ -81,7 +84,10 @@ async fn home(headers: HeaderMap) -> Response {
     });
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::VARY, "Accept"),
+        ],
         body.to_string(),
     )
         .into_response()
@@ -165,7 +171,13 @@ fn unauthorized(headers: &HeaderMap) -> Response {
     } else {
         "this server wants `Authorization: Bearer TOKEN`"
     };
-    json_error(StatusCode::UNAUTHORIZED, reason)
+    let mut response = json_error(StatusCode::UNAUTHORIZED, reason);
+    // The scheme to use, as RFC 9110 (11.6.1) asks of a 401 (helper-156).
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
 }
 
 /// Add one received header to `kept`, a repeated one as smee.io (Node's `req.headers`) does:
