@@ -596,6 +596,19 @@ async fn start_holding(
     start(&config, &dir.join("state"), &slack.url(SLACK_PATH), channel).await
 }
 
+/// A daemon in `dir` holding `cpu-high` for an hour: fixture 02 sent, its PENDING said.
+async fn holding_an_alert(dir: &Path) -> (FakeChannel, FakeTarget, Daemon) {
+    let channel = FakeChannel::start().await;
+    let slack = FakeTarget::start().await;
+    let daemon = start_holding(dir, "1h", &channel, &slack).await;
+    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
+    daemon
+        .logs
+        .wait_for(&["PENDING cpu-high", "fires at"])
+        .await;
+    (channel, slack, daemon)
+}
+
 #[tokio::test]
 async fn for_holds_the_alert_and_then_fires_it() {
     let channel = FakeChannel::start().await;
@@ -622,15 +635,8 @@ async fn for_holds_the_alert_and_then_fires_it() {
 /// received was delivered", and nothing of the hold.
 #[tokio::test]
 async fn regression_a_stop_said_nothing_of_a_held_alert() {
-    let channel = FakeChannel::start().await;
-    let slack = FakeTarget::start().await;
     let dir = support::temp_dir();
-    let daemon = start_holding(dir.path(), "1h", &channel, &slack).await;
-    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
-    daemon
-        .logs
-        .wait_for(&["PENDING cpu-high", "fires at"])
-        .await;
+    let (_channel, _slack, daemon) = holding_an_alert(dir.path()).await;
     let logs = stop(daemon).await;
     let line = logs.wait_for(&["stopped;"]).await;
     assert!(
@@ -643,15 +649,8 @@ async fn regression_a_stop_said_nothing_of_a_held_alert() {
 /// change that ended it was said nowhere.
 #[tokio::test]
 async fn regression_a_hold_that_ended_unfired_was_not_said() {
-    let channel = FakeChannel::start().await;
-    let slack = FakeTarget::start().await;
     let dir = support::temp_dir();
-    let daemon = start_holding(dir.path(), "1h", &channel, &slack).await;
-    channel.send_webhook(1, &frame(&fixture("automation", "02-cpu-25-to-87"), &[]));
-    daemon
-        .logs
-        .wait_for(&["PENDING cpu-high", "fires at"])
-        .await;
+    let (channel, _slack, daemon) = holding_an_alert(dir.path()).await;
     channel.send_webhook(2, &frame(&fixture("automation", "06-cpu-75-to-60"), &[]));
     daemon
         .logs

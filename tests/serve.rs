@@ -387,16 +387,10 @@ async fn regression_webhooks_posted_before_the_first_relay_were_never_relayed() 
 /// Wait until `serve` at `server` counts `n` subscribers.
 async fn wait_subscribers(server: &str, n: u64) {
     let wanted = format!("smee_relay_serve_subscribers {n}\n");
+    let metrics = format!("{server}/metrics");
     support::wait_for(support::PATIENCE, &wanted, || async {
-        let metrics = client()
-            .get(format!("{server}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        metrics.contains(&wanted).then_some(())
+        let text = support::get_text(&client(), &metrics).await?;
+        text.contains(&wanted).then_some(())
     })
     .await;
 }
@@ -435,14 +429,8 @@ async fn regression_a_probe_or_a_relay_stopped_before_its_first_event_lost_the_b
     assert_eq!(target.next().await.body, r#"{"n":2}"#);
     assert_eq!(target.next().await.body, r#"{"n":3}"#);
     relay.stop().await;
-    let metrics = client()
-        .get(format!("{server}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::get_text(&client(), &format!("{server}/metrics")).await;
+    let metrics = metrics.expect("the metrics");
     assert!(
         metrics.contains("smee_relay_serve_gaps_total 1"),
         "{metrics}"

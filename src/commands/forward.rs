@@ -113,7 +113,6 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     // smee-client says where it forwards on stdout, either way (helper-144): a channel the
     // user gave is shown as in the logs; a new one in full, since it is the user's to use.
     // Said once the relay runs (`Plan::announce`).
-    let state_dir = crate::spool::lock::state_dir(args.delivery.state.state_dir.as_deref());
     let (channel, announce) = match args.channel_url() {
         Some(channel) => {
             let line = format!("Forwarding {channel} to {target}");
@@ -132,6 +131,7 @@ pub async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     if target.is_channel(&channel) {
         return Err(crate::cli::TargetError::IsTheChannel).context("invalid target");
     }
+    let state_dir = crate::spool::lock::state_dir(args.delivery.state.state_dir.as_deref());
     let mut source = SourceConfig::new(channel);
     source.idle_timeout = args.idle_timeout;
     source.token = args.token.clone();
