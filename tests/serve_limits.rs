@@ -1337,6 +1337,13 @@ async fn regression_resume_warnings_could_fill_the_log() {
     }
     logs.wait_for(&["WARN", "not an event id of this server", "1 so far"])
         .await;
+    // helper-156: it said "new events only" to one given the channel's backlog.
+    assert!(
+        logs.find(&["taken as one with no place to resume from"])
+            .is_some(),
+        "{}",
+        logs.all()
+    );
     support::signal(&child, "TERM");
     let _ = child.wait().await;
     assert_eq!(

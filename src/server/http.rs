@@ -651,8 +651,11 @@ async fn subscribe(
     {
         tracing::warn!(
             channel = %crate::url::redact(&name),
-            "a subscriber resumed after {:?}, not an event id of this server: it gets new \
-             events only ({}: {n} so far)",
+            // As one with no `Last-Event-ID` (helper-156: "new events only" was said of one
+            // given the backlog of a channel no follower had been handed an event of).
+            "a subscriber resumed after {:?}, not an event id of this server: taken as one \
+             with no place to resume from (what comes after it; what the channel keeps, if no \
+             follower has been handed an event of it yet) ({}: {n} so far)",
             crate::text::escape_control(&sent.chars().take(64).collect::<String>()),
             super::hub::RESUME_WARNINGS
         );
